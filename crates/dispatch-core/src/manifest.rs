@@ -1,0 +1,130 @@
+//! Manifests: multi-document YAML or JSON files of resources (`dispatch apply -f`).
+
+use serde_json::Value;
+
+use crate::resource::{API_VERSION, Kind, Object};
+use crate::ValidationError;
+
+/// apiVersion of dispatcher's JobTemplate, accepted as is once job templates land.
+pub const DISPATCHER_API_VERSION: &str = "dispatcher.ivan.vc/v1alpha1";
+
+/// One document of a manifest: the object plus the raw document, so that the CLI can read
+/// client-side fields (`spec.sourcePath`) before it sends the object.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub object: Object,
+    /// 1-based position of the document in the file, for messages.
+    pub index: usize,
+}
+
+/// Parses a YAML (multi-document, `---`) or JSON (one object, or an array of objects)
+/// manifest. Empty documents are skipped. Every document must have `apiVersion`, `kind`
+/// and `metadata.name`; specs are checked later by [`Object::validate`].
+pub fn parse_manifest(text: &str) -> Result<Vec<Document>, ValidationError> {
+    let trimmed = text.trim_start();
+    let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        match serde_json::from_str::<Value>(trimmed)
+            .map_err(|e| ValidationError::new(format!("manifest is not valid JSON: {e}")))?
+        {
+            Value::Array(items) => items,
+            v => vec![v],
+        }
+    } else {
+        serde_saphyr::from_multiple::<Value>(text)
+            .map_err(|e| ValidationError::new(format!("manifest is not valid YAML: {e}")))?
+    };
+    let mut out = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        let index = i + 1;
+        if doc.is_null() {
+            continue;
+        }
+        out.push(Document {
+            object: document_to_object(doc, index)?,
+            index,
+        });
+    }
+    if out.is_empty() {
+        return Err(ValidationError::new("manifest has no documents"));
+    }
+    Ok(out)
+}
+
+fn document_to_object(doc: Value, index: usize) -> Result<Object, ValidationError> {
+    let at = |msg: String| ValidationError::new(format!("document {index}: {msg}"));
+    let Value::Object(map) = &doc else {
+        return Err(at("is not a mapping with apiVersion, kind, metadata and spec".into()));
+    };
+    let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let kind_str = map.get("kind").and_then(Value::as_str).unwrap_or("");
+    if kind_str.is_empty() {
+        return Err(at("has no kind".into()));
+    }
+    if api_version == DISPATCHER_API_VERSION {
+        return Err(at(format!(
+            "kind {kind_str} of {DISPATCHER_API_VERSION} is not supported by this server yet"
+        )));
+    }
+    if api_version != API_VERSION {
+        return Err(at(format!(
+            "apiVersion {api_version:?} is not supported: use {API_VERSION}"
+        )));
+    }
+    let Some(kind) = Kind::parse(kind_str).filter(|k| k.as_str() == kind_str) else {
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        return Err(at(format!(
+            "kind {kind_str:?} is not known: use one of {}",
+            known.join(", ")
+        )));
+    };
+    let name = map
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if name.is_empty() {
+        return Err(at(format!("{kind} has no metadata.name")));
+    }
+    let obj: Object = serde_json::from_value(doc.clone())
+        .map_err(|e| at(format!("{kind} {name:?} is not valid: {e}")))?;
+    debug_assert_eq!(obj.kind, kind);
+    Ok(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_multi_document_yaml() {
+        let docs = parse_manifest(
+            "apiVersion: dispatch.dev/v1\nkind: Image\nmetadata:\n  name: python3\nspec:\n  baseImage: python3\n---\n---\napiVersion: dispatch.dev/v1\nkind: Endpoint\nmetadata: {name: e}\nspec: {function: hello, paths: [/hello]}\n",
+        )
+        .unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].object.kind, Kind::Image);
+        assert_eq!(docs[1].object.spec["paths"][0], "/hello");
+        assert_eq!(docs[1].index, 2);
+    }
+
+    #[test]
+    fn parses_json_object_and_array() {
+        let one = r#"{"apiVersion":"dispatch.dev/v1","kind":"Image","metadata":{"name":"a"},"spec":{"baseImage":"python3"}}"#;
+        assert_eq!(parse_manifest(one).unwrap().len(), 1);
+        assert_eq!(parse_manifest(&format!("[{one},{one}]")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_document() {
+        let err = parse_manifest("apiVersion: dispatch.dev/v1\nkind: Gadget\nmetadata: {name: a}\n")
+            .unwrap_err();
+        assert!(err.message.starts_with("document 1: kind \"Gadget\""), "{err}");
+        let err = parse_manifest("apiVersion: v1\nkind: Image\nmetadata: {name: a}\n").unwrap_err();
+        assert!(err.message.contains("apiVersion"), "{err}");
+        let err = parse_manifest("kind: [unclosed").unwrap_err();
+        assert!(err.message.contains("not valid YAML"), "{err}");
+        let err = parse_manifest("apiVersion: dispatch.dev/v1\nkind: Image\nmetadata: {}\n")
+            .unwrap_err();
+        assert!(err.message.contains("metadata.name"), "{err}");
+    }
+}

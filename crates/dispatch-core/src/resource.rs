@@ -1,0 +1,681 @@
+//! The resource model (DESIGN §3): every resource has the Kubernetes shape
+//! `apiVersion/kind/metadata/spec/status`, in the store, on the wire and in manifests.
+//!
+//! [`Object`] keeps `spec` as JSON so that the store and the API treat every kind alike;
+//! [`Object::validate`] parses it into the kind's typed spec (`deny_unknown_fields`, so a typo
+//! is an error, not a silently ignored field) and checks it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::ValidationError;
+use crate::duration::parse_duration;
+use crate::names::validate_name;
+
+/// The apiVersion of every Dispatch resource.
+pub const API_VERSION: &str = "dispatch.dev/v1";
+
+/// Resource kinds this server knows. Later kinds (Secret, Subscription, …) are added here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    BaseImage,
+    Image,
+    Function,
+    Endpoint,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::BaseImage, Kind::Image, Kind::Function, Kind::Endpoint];
+
+    /// The plural lower-case form used in API paths (`/v1/namespaces/{ns}/functions`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::BaseImage => "baseimages",
+            Kind::Image => "images",
+            Kind::Function => "functions",
+            Kind::Endpoint => "endpoints",
+        }
+    }
+
+    /// The CLI spelling (`base-image`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Kind::BaseImage => "base-image",
+            Kind::Image => "image",
+            Kind::Function => "function",
+            Kind::Endpoint => "endpoint",
+        }
+    }
+
+    /// The spelling in messages (`base image`).
+    pub fn human(self) -> &'static str {
+        match self {
+            Kind::BaseImage => "base image",
+            Kind::Image => "image",
+            Kind::Function => "function",
+            Kind::Endpoint => "endpoint",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::BaseImage => "BaseImage",
+            Kind::Image => "Image",
+            Kind::Function => "Function",
+            Kind::Endpoint => "Endpoint",
+        }
+    }
+
+    /// Parses any spelling users write: `Function`, `function`, `functions`, `base-image`,
+    /// `base-images`, `baseimage`, `baseimages`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        let norm: String = s
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let singular = norm.strip_suffix('s').unwrap_or(&norm);
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str().to_ascii_lowercase() == singular)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Dispatch's lifecycle states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Phase {
+    Initialized,
+    Creating,
+    Ready,
+    Error,
+    Updating,
+    Deleting,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Initialized => "INITIALIZED",
+            Phase::Creating => "CREATING",
+            Phase::Ready => "READY",
+            Phase::Error => "ERROR",
+            Phase::Updating => "UPDATING",
+            Phase::Deleting => "DELETING",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl Status {
+    pub fn phase(phase: Phase) -> Self {
+        Status {
+            phase: Some(phase),
+            ..Status::default()
+        }
+    }
+}
+
+/// One resource of any kind, with its spec as JSON. What the store keeps and the API moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Object {
+    pub api_version: String,
+    pub kind: Kind,
+    pub metadata: Metadata,
+    #[serde(default = "empty_spec")]
+    pub spec: serde_json::Value,
+    #[serde(default)]
+    pub status: Status,
+}
+
+fn empty_spec() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl Object {
+    /// A new object of `kind` named `name` in `namespace` with `spec`.
+    pub fn new(kind: Kind, namespace: &str, name: &str, spec: impl Serialize) -> Self {
+        Object {
+            api_version: API_VERSION.to_string(),
+            kind,
+            metadata: Metadata {
+                name: name.to_string(),
+                namespace: Some(namespace.to_string()),
+                ..Metadata::default()
+            },
+            spec: serde_json::to_value(spec).unwrap_or_else(|_| empty_spec()),
+            status: Status::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(crate::DEFAULT_NAMESPACE)
+    }
+
+    pub fn phase(&self) -> Option<Phase> {
+        self.status.phase
+    }
+
+    /// The spec parsed as `T`; unknown fields and wrong types are a [`ValidationError`]
+    /// that names the kind and the resource.
+    pub fn typed_spec<T: DeserializeOwned>(&self) -> Result<T, ValidationError> {
+        serde_json::from_value(self.spec.clone()).map_err(|e| {
+            ValidationError::new(format!(
+                "{} {:?} has an invalid spec: {e}",
+                self.kind.human(),
+                self.metadata.name
+            ))
+        })
+    }
+
+    /// Validates the name, apiVersion and spec, and writes the spec back in normal form
+    /// (defaults filled, methods upper-cased, language inferred): what the API stores.
+    pub fn validate(&mut self) -> Result<(), ValidationError> {
+        if self.api_version != API_VERSION {
+            return Err(ValidationError::new(format!(
+                "apiVersion {:?} is not supported for kind {}: use {API_VERSION}",
+                self.api_version, self.kind
+            )));
+        }
+        validate_name(self.kind.human(), &self.metadata.name)?;
+        if let Some(ns) = &self.metadata.namespace {
+            validate_name("namespace", ns)?;
+        }
+        let spec = match self.kind {
+            Kind::BaseImage => normal(self.typed_spec::<BaseImageSpec>()?.normalize(self)?),
+            Kind::Image => normal(self.typed_spec::<ImageSpec>()?.normalize()?),
+            Kind::Function => normal(self.typed_spec::<FunctionSpec>()?.normalize()?),
+            Kind::Endpoint => normal(self.typed_spec::<EndpointSpec>()?.normalize()?),
+        };
+        self.spec = spec;
+        Ok(())
+    }
+}
+
+fn normal(spec: impl Serialize) -> serde_json::Value {
+    serde_json::to_value(spec).unwrap_or_else(|_| empty_spec())
+}
+
+/// The language a base image runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Python3,
+    Nodejs,
+    Exec,
+}
+
+impl Language {
+    pub fn parse(s: &str) -> Option<Language> {
+        match s.to_ascii_lowercase().as_str() {
+            "python3" | "python" => Some(Language::Python3),
+            "nodejs" | "node" => Some(Language::Nodejs),
+            "exec" => Some(Language::Exec),
+            _ => None,
+        }
+    }
+
+    /// Infers the language from an image reference that names it
+    /// (`dispatchframework/python3-base:0.0.13` → python3, `node:20` → nodejs).
+    pub fn infer_from_image(reference: &str) -> Option<Language> {
+        let repo = reference.rsplit('/').next().unwrap_or(reference);
+        let repo = repo.split([':', '@']).next().unwrap_or(repo).to_ascii_lowercase();
+        if repo.contains("python") {
+            Some(Language::Python3)
+        } else if repo.contains("node") {
+            Some(Language::Nodejs)
+        } else {
+            None
+        }
+    }
+
+    /// The interpreter run in embedded mode when the base image names none.
+    pub fn default_interpreter(self) -> Option<&'static str> {
+        match self {
+            Language::Python3 => Some("python3"),
+            Language::Nodejs => Some("node"),
+            Language::Exec => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python3 => "python3",
+            Language::Nodejs => "nodejs",
+            Language::Exec => "exec",
+        }
+    }
+}
+
+impl fmt::Display for Language {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BaseImageSpec {
+    /// OCI reference (used as is by the Kubernetes backend).
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<Language>,
+    /// Embedded mode: interpreter path or name on PATH (default `python3` / `node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpreter: Option<String>,
+}
+
+impl BaseImageSpec {
+    fn normalize(mut self, obj: &Object) -> Result<Self, ValidationError> {
+        if self.image.trim().is_empty() {
+            return Err(ValidationError::new(format!(
+                "base image {:?} needs spec.image, an image reference such as python:3.11-slim",
+                obj.metadata.name
+            )));
+        }
+        if self.language.is_none() {
+            self.language = Language::infer_from_image(&self.image);
+        }
+        if self.language.is_none() {
+            return Err(ValidationError::new(format!(
+                "cannot tell the language of base image {:?} from {:?}: set the language \
+                 (--language python3|nodejs|exec, or spec.language)",
+                obj.metadata.name, self.image
+            )));
+        }
+        Ok(self)
+    }
+
+    /// The language; set by normalization, so always present on a stored base image.
+    pub fn lang(&self) -> Language {
+        self.language.unwrap_or(Language::Exec)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuntimeDependencies {
+    /// Text of requirements.txt (Python) or package.json (Node).
+    #[serde(default)]
+    pub manifest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSpec {
+    pub base_image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_dependencies: Option<RuntimeDependencies>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub system_dependencies: Vec<serde_json::Value>,
+}
+
+impl ImageSpec {
+    fn normalize(self) -> Result<Self, ValidationError> {
+        validate_name("base image", &self.base_image)?;
+        Ok(self)
+    }
+}
+
+/// Worker scaling of a function (DESIGN §5).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Concurrency {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+}
+
+/// Defaults: a function call may take 30 s (Dispatch's default), up to 4 warm workers per
+/// function (2 cores here; raise it per function), none kept warm, idle workers reaped after 5 min.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_WORKERS: u32 = 4;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Upper bound on `maxWorkers`, so that one spec cannot fork-bomb the host.
+pub const MAX_WORKERS_LIMIT: u32 = 256;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub image: String,
+    /// `module.function` (Python), `file.export` or `file` (Node), a path (exec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+    /// Digest of the uploaded source archive (`sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub concurrency: Concurrency,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+impl FunctionSpec {
+    fn normalize(self) -> Result<Self, ValidationError> {
+        validate_name("image", &self.image)?;
+        match &self.source {
+            None => {
+                return Err(ValidationError::new(
+                    "function has no source: upload it first (dispatch create function NAME PATH does)",
+                ));
+            }
+            Some(s) if !crate::digest::is_sha256(s) => {
+                return Err(ValidationError::new(format!(
+                    "spec.source {s:?} is not a source digest (sha256:<64 hex digits>)"
+                )));
+            }
+            Some(_) => {}
+        }
+        if let Some(h) = &self.handler {
+            if h.trim().is_empty() || h.contains('\0') {
+                return Err(ValidationError::new("spec.handler is empty"));
+            }
+        }
+        self.timeout()?;
+        self.idle_timeout()?;
+        let (min, max) = (self.min_workers(), self.max_workers());
+        if max == 0 || max > MAX_WORKERS_LIMIT {
+            return Err(ValidationError::new(format!(
+                "concurrency.maxWorkers must be between 1 and {MAX_WORKERS_LIMIT}, got {max}"
+            )));
+        }
+        if min > max {
+            return Err(ValidationError::new(format!(
+                "concurrency.minWorkers ({min}) is larger than maxWorkers ({max})"
+            )));
+        }
+        for key in self.env.keys() {
+            let ok = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(ValidationError::new(format!(
+                    "environment variable name {key:?} is not valid: use letters, digits and '_', not starting with a digit"
+                )));
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn timeout(&self) -> Result<Duration, ValidationError> {
+        let t = match &self.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(s) => parse_duration(s)
+                .map_err(|e| ValidationError::new(format!("spec.timeout: {e}")))?,
+        };
+        if t.is_zero() {
+            return Err(ValidationError::new("spec.timeout must be longer than 0s"));
+        }
+        Ok(t)
+    }
+
+    pub fn idle_timeout(&self) -> Result<Duration, ValidationError> {
+        match &self.concurrency.idle_timeout {
+            None => Ok(DEFAULT_IDLE_TIMEOUT),
+            Some(s) => parse_duration(s)
+                .map_err(|e| ValidationError::new(format!("concurrency.idleTimeout: {e}"))),
+        }
+    }
+
+    pub fn max_workers(&self) -> u32 {
+        self.concurrency.max_workers.unwrap_or(DEFAULT_MAX_WORKERS)
+    }
+
+    pub fn min_workers(&self) -> u32 {
+        self.concurrency.min_workers.unwrap_or(0)
+    }
+}
+
+/// HTTP methods an endpoint may route.
+pub const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub function: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cors: bool,
+}
+
+impl EndpointSpec {
+    fn normalize(mut self) -> Result<Self, ValidationError> {
+        validate_name("function", &self.function)?;
+        if self.methods.is_empty() {
+            self.methods.push("GET".to_string());
+        }
+        for m in &mut self.methods {
+            *m = m.to_ascii_uppercase();
+            if !HTTP_METHODS.contains(&m.as_str()) {
+                return Err(ValidationError::new(format!(
+                    "method {m:?} is not supported: use one of {}",
+                    HTTP_METHODS.join(", ")
+                )));
+            }
+        }
+        self.methods.sort();
+        self.methods.dedup();
+        if self.paths.is_empty() {
+            return Err(ValidationError::new(
+                "endpoint needs at least one path (--path /hello)",
+            ));
+        }
+        for p in &self.paths {
+            validate_path(p)?;
+        }
+        for h in &mut self.hosts {
+            *h = h.to_ascii_lowercase();
+            if h.is_empty() || h.contains(['/', ' ']) {
+                return Err(ValidationError::new(format!(
+                    "host {h:?} is not a host name"
+                )));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A route path: starts with `/`; segments are literals or `{param}`; a final `*` segment
+/// matches any rest (`/api/*`).
+fn validate_path(p: &str) -> Result<(), ValidationError> {
+    let bad = |why: &str| {
+        ValidationError::new(format!(
+            "path {p:?} is not valid: {why} (examples: /hello, /users/{{id}}, /api/*)"
+        ))
+    };
+    if !p.starts_with('/') {
+        return Err(bad("it must start with '/'"));
+    }
+    let segs: Vec<&str> = p[1..].split('/').collect();
+    for (i, s) in segs.iter().enumerate() {
+        if *s == "*" {
+            if i + 1 != segs.len() {
+                return Err(bad("'*' may only be the last segment"));
+            }
+        } else if s.starts_with('{') || s.ends_with('}') {
+            let name = s.trim_start_matches('{').trim_end_matches('}');
+            if !(s.starts_with('{') && s.ends_with('}'))
+                || name.is_empty()
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(bad("a parameter segment looks like {name}"));
+            }
+        } else if s.contains(['{', '}', '*', '?', '#', ' ']) {
+            return Err(bad("segments may not contain '{', '}', '*', '?', '#' or spaces"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn kinds_parse_from_every_spelling() {
+        for s in ["base-image", "base-images", "BaseImage", "baseimages"] {
+            assert_eq!(Kind::parse(s), Some(Kind::BaseImage), "{s}");
+        }
+        assert_eq!(Kind::parse("functions"), Some(Kind::Function));
+        assert_eq!(Kind::parse("Endpoint"), Some(Kind::Endpoint));
+        assert_eq!(Kind::parse("gadget"), None);
+    }
+
+    #[test]
+    fn base_image_language_is_inferred_or_required() {
+        let mut o = Object::new(
+            Kind::BaseImage,
+            "default",
+            "py",
+            json!({"image": "dispatchframework/python3-base:0.0.13-knative"}),
+        );
+        o.validate().unwrap();
+        assert_eq!(o.spec["language"], "python3");
+        let mut o = Object::new(Kind::BaseImage, "default", "x", json!({"image": "alpine:3"}));
+        let err = o.validate().unwrap_err();
+        assert!(err.message.contains("--language"), "{err}");
+    }
+
+    #[test]
+    fn unknown_spec_fields_are_rejected_with_the_resource_name() {
+        let mut o = Object::new(
+            Kind::Function,
+            "default",
+            "hello",
+            json!({"image": "python3", "source": crate::digest::sha256(b"x"), "retyr": 1}),
+        );
+        let err = o.validate().unwrap_err();
+        assert!(err.message.contains("function \"hello\""), "{err}");
+        assert!(err.message.contains("retyr"), "{err}");
+    }
+
+    #[test]
+    fn function_limits_are_checked() {
+        let src = crate::digest::sha256(b"x");
+        let mut o = Object::new(
+            Kind::Function,
+            "default",
+            "f",
+            json!({"image": "python3", "source": src, "concurrency": {"minWorkers": 5, "maxWorkers": 2}}),
+        );
+        assert!(o.validate().unwrap_err().message.contains("minWorkers"));
+        let mut o = Object::new(
+            Kind::Function,
+            "default",
+            "f",
+            json!({"image": "python3", "source": src, "timeout": "soon"}),
+        );
+        assert!(o.validate().unwrap_err().message.contains("spec.timeout"));
+        let mut o = Object::new(
+            Kind::Function,
+            "default",
+            "f",
+            json!({"image": "python3", "source": src, "env": {"1BAD": "x"}}),
+        );
+        assert!(o.validate().unwrap_err().message.contains("1BAD"));
+    }
+
+    #[test]
+    fn endpoints_normalize_methods_and_check_paths() {
+        let mut o = Object::new(
+            Kind::Endpoint,
+            "default",
+            "e",
+            json!({"function": "hello", "methods": ["post", "get"], "paths": ["/hello", "/u/{id}", "/api/*"]}),
+        );
+        o.validate().unwrap();
+        assert_eq!(o.spec["methods"], json!(["GET", "POST"]));
+        for bad in ["hello", "/a/*/b", "/u/{}", "/u/{id"] {
+            let mut o = Object::new(
+                Kind::Endpoint,
+                "default",
+                "e",
+                json!({"function": "hello", "paths": [bad]}),
+            );
+            assert!(o.validate().is_err(), "{bad}");
+        }
+        let mut o = Object::new(
+            Kind::Endpoint,
+            "default",
+            "e",
+            json!({"function": "hello", "methods": ["FETCH"], "paths": ["/x"]}),
+        );
+        assert!(o.validate().unwrap_err().message.contains("FETCH"));
+    }
+
+    #[test]
+    fn objects_round_trip_in_kubernetes_shape() {
+        let o = Object::new(Kind::Image, "default", "python3", json!({"baseImage": "python3"}));
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["apiVersion"], API_VERSION);
+        assert_eq!(v["kind"], "Image");
+        assert_eq!(v["metadata"]["name"], "python3");
+        let back: Object = serde_json::from_value(v).unwrap();
+        assert_eq!(back, o);
+    }
+}
