@@ -1,1 +1,68 @@
-//! placeholder
+//! Persistence for the embedded mode: the [`Store`] trait (resources and run records) with its
+//! SQLite implementation [`SqliteStore`] (WAL, migrations), and the on-disk content-addressed
+//! [`BlobStore`] for source archives.
+//!
+//! [`Store`] is synchronous on purpose: SQLite calls block, so the server runs them on the
+//! blocking pool (`spawn_blocking`), never on an async worker thread. A trait object
+//! (`Arc<dyn Store>`) is the seam where a fake or a second SQL backend plugs in.
+
+mod blobs;
+mod error;
+mod sqlite;
+
+use dispatch_core::{Kind, Object, Run, RunStatus, Status};
+
+pub use blobs::BlobStore;
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which runs to list, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub function: Option<String>,
+    pub status: Option<RunStatus>,
+    /// At most this many (default 100).
+    pub limit: Option<usize>,
+}
+
+/// Resources and run records. Every method is a short blocking call.
+pub trait Store: Send + Sync + 'static {
+    /// One resource, or `None`.
+    fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>>;
+
+    /// Every resource of `kind`, in `namespace` or in all namespaces, ordered by name.
+    fn list(&self, namespace: Option<&str>, kind: Kind) -> Result<Vec<Object>>;
+
+    /// Stores a new resource: sets uid, generation 1, timestamps and resourceVersion.
+    /// [`StoreError::AlreadyExists`] when the name is taken.
+    fn create(&self, object: Object) -> Result<Object>;
+
+    /// Replaces labels and spec. When `object.metadata.resourceVersion` is set it must match
+    /// the stored one ([`StoreError::Conflict`] otherwise). A changed spec bumps the
+    /// generation; the status is kept.
+    fn update(&self, object: Object) -> Result<Object>;
+
+    /// Replaces only the status (what controllers write).
+    fn update_status(
+        &self,
+        namespace: &str,
+        kind: Kind,
+        name: &str,
+        status: Status,
+    ) -> Result<Object>;
+
+    /// Removes a resource and returns it.
+    fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object>;
+
+    /// Inserts or replaces run records, in one transaction.
+    fn put_runs(&self, runs: &[Run]) -> Result<()>;
+
+    fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>>;
+
+    fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>>;
+
+    /// Deletes every run of a function (deleting a function deletes its runs).
+    fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64>;
+}

@@ -1,0 +1,297 @@
+//! [`Store`] on one SQLite file in WAL mode.
+//!
+//! One connection behind a `std::sync::Mutex`: every call is a short, blocking statement (the
+//! server runs them on the blocking pool), and SQLite serializes writers anyway. No lock is
+//! held across an `.await` because nothing here is async.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use dispatch_core::{Kind, Object, Run, Status};
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+
+use crate::{Result, RunFilter, Store, StoreError};
+
+const MIGRATIONS: &[M<'static>] = &[M::up(
+    "CREATE TABLE resources (
+        namespace TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        resource_version INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (namespace, kind, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        function TEXT NOT NULL,
+        status TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX runs_by_function ON runs (namespace, function, id);
+    CREATE INDEX runs_by_status ON runs (namespace, status, id);",
+)];
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, in WAL mode, and migrates it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory database (tests and benchmarks that need no file).
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self> {
+        // WAL lets readers run beside the writer; NORMAL is durable across process crashes
+        // (only an OS crash can lose the last commits), the usual WAL trade-off.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (statements are
+        // atomic), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn read_row(conn: &Connection, ns: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
+    let body: Option<String> = conn
+        .query_row(
+            "SELECT body FROM resources WHERE namespace = ?1 AND kind = ?2 AND name = ?3",
+            params![ns, kind.as_str(), name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match body {
+        Some(b) => Some(serde_json::from_str(&b)?),
+        None => None,
+    })
+}
+
+fn write_row(conn: &Connection, obj: &Object, rv: i64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO resources (namespace, kind, name, resource_version, body)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (namespace, kind, name)
+         DO UPDATE SET resource_version = excluded.resource_version, body = excluded.body",
+        params![
+            obj.namespace(),
+            obj.kind.as_str(),
+            obj.name(),
+            rv,
+            serde_json::to_string(obj)?
+        ],
+    )?;
+    Ok(())
+}
+
+fn not_found(kind: Kind, ns: &str, name: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    }
+}
+
+fn rv_of(obj: &Object) -> i64 {
+    obj.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Store for SqliteStore {
+    fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
+        read_row(&self.conn(), namespace, kind, name)
+    }
+
+    fn list(&self, namespace: Option<&str>, kind: Kind) -> Result<Vec<Object>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM resources WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2)
+             ORDER BY namespace, name",
+        )?;
+        let rows = stmt.query_map(params![kind.as_str(), namespace], |r| {
+            r.get::<_, String>(0)
+        })?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn create(&self, mut object: Object) -> Result<Object> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ns = object.namespace().to_string();
+        if read_row(&tx, &ns, object.kind, object.name())?.is_some() {
+            return Err(StoreError::AlreadyExists {
+                kind: object.kind,
+                namespace: ns,
+                name: object.metadata.name.clone(),
+            });
+        }
+        let now = Timestamp::now();
+        let m = &mut object.metadata;
+        m.namespace = Some(ns);
+        m.uid = Some(ulid::Ulid::new().to_string().to_ascii_lowercase());
+        m.generation = Some(1);
+        m.created_at = Some(now);
+        m.updated_at = Some(now);
+        m.resource_version = Some("1".to_string());
+        write_row(&tx, &object, 1)?;
+        tx.commit()?;
+        Ok(object)
+    }
+
+    fn update(&self, object: Object) -> Result<Object> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let ns = object.namespace().to_string();
+        let Some(mut stored) = read_row(&tx, &ns, object.kind, object.name())? else {
+            return Err(not_found(object.kind, &ns, object.name()));
+        };
+        let current = rv_of(&stored);
+        if let Some(expected) = &object.metadata.resource_version {
+            if *expected != current.to_string() {
+                return Err(StoreError::Conflict {
+                    kind: object.kind,
+                    name: object.metadata.name.clone(),
+                    expected: expected.clone(),
+                    actual: current.to_string(),
+                });
+            }
+        }
+        if stored.spec != object.spec {
+            stored.metadata.generation = Some(stored.metadata.generation.unwrap_or(0) + 1);
+        }
+        stored.spec = object.spec;
+        stored.metadata.labels = object.metadata.labels;
+        stored.metadata.updated_at = Some(Timestamp::now());
+        stored.metadata.resource_version = Some((current + 1).to_string());
+        write_row(&tx, &stored, current + 1)?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn update_status(
+        &self,
+        namespace: &str,
+        kind: Kind,
+        name: &str,
+        status: Status,
+    ) -> Result<Object> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let Some(mut stored) = read_row(&tx, namespace, kind, name)? else {
+            return Err(not_found(kind, namespace, name));
+        };
+        let next = rv_of(&stored) + 1;
+        stored.status = status;
+        stored.metadata.resource_version = Some(next.to_string());
+        write_row(&tx, &stored, next)?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let Some(stored) = read_row(&tx, namespace, kind, name)? else {
+            return Err(not_found(kind, namespace, name));
+        };
+        tx.execute(
+            "DELETE FROM resources WHERE namespace = ?1 AND kind = ?2 AND name = ?3",
+            params![namespace, kind.as_str(), name],
+        )?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn put_runs(&self, runs: &[Run]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR REPLACE INTO runs (id, namespace, function, status, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for run in runs {
+                stmt.execute(params![
+                    run.id,
+                    run.namespace,
+                    run.function,
+                    run.status.as_str(),
+                    serde_json::to_string(run)?
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
+        let body: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT body FROM runs WHERE namespace = ?1 AND id = ?2",
+                params![namespace, id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match body {
+            Some(b) => Some(serde_json::from_str(&b)?),
+            None => None,
+        })
+    }
+
+    fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM runs WHERE namespace = ?1
+               AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3)
+             ORDER BY id DESC LIMIT ?4",
+        )?;
+        let limit = filter.limit.unwrap_or(100) as i64;
+        let rows = stmt.query_map(
+            params![
+                namespace,
+                filter.function,
+                filter.status.map(|s| s.as_str()),
+                limit
+            ],
+            |r| r.get::<_, String>(0),
+        )?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM runs WHERE namespace = ?1 AND function = ?2",
+            params![namespace, function],
+        )?;
+        Ok(n as u64)
+    }
+}
