@@ -1,1 +1,17 @@
-//! placeholder
+//! Running functions on this host: the language bootstraps (`runtimes/`, embedded with
+//! `include_str!`), source archives, handler resolution, the worker protocol, worker
+//! processes, the warm worker pool, and the [`Backend`] seam with its embedded
+//! implementation [`LocalBackend`].
+//!
+//! Start reading at [`backend`] (what the server calls), then [`pool`] (how a call finds a
+//! worker) and [`worker`] (one process and its protocol).
+
+pub mod backend;
+pub mod handler;
+pub mod pool;
+pub mod protocol;
+pub mod source;
+pub mod worker;
+
+pub use backend::{Backend, BaseImageCheck, BuildError, FunctionDeploy, ImageBuild, InvokeError, LocalBackend};
+pub use pool::{CallOutcome, Pool, PoolError};

@@ -1,0 +1,283 @@
+//! The warm worker pool of one function build (DESIGN §5).
+//!
+//! At most `maxWorkers` calls run at once (a semaphore); each takes the most recently used
+//! idle worker (LIFO keeps few workers hot) or starts one (a cold start). Callers beyond that
+//! wait in a bounded queue; past its bound a call is refused ([`PoolError::Busy`], HTTP 429).
+//! Idle workers beyond `minWorkers` are reaped after `idleTimeout` ([`Pool::reap`]).
+//! A closed pool (its function was rebuilt or deleted) lets in-flight calls finish and kills
+//! each worker as it comes back: traffic moves to the new pool without failed calls.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dispatch_core::{Envelope, ErrorObject, Language, Logs, Timings};
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+use crate::worker::{StartError, Worker, WorkerSpec, run_exec};
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub language: Language,
+    pub worker: WorkerSpec,
+    pub timeout: Duration,
+    pub max_workers: u32,
+    pub min_workers: u32,
+    pub idle_timeout: Duration,
+    /// Calls allowed to wait for a worker beyond the running ones.
+    pub max_queue: usize,
+}
+
+/// The result of one call through a pool.
+#[derive(Debug)]
+pub struct CallOutcome {
+    pub envelope: Envelope,
+    pub cold: bool,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "function {function} is busy: {running} calls running and {waiting} waiting; retry later or raise concurrency.maxWorkers"
+    )]
+    Busy {
+        function: String,
+        running: u32,
+        waiting: usize,
+    },
+}
+
+pub struct Pool {
+    cfg: PoolConfig,
+    digest: String,
+    /// Idle workers, most recently used last. A std mutex: held only to push or pop.
+    idle: Mutex<Vec<Worker>>,
+    permits: Semaphore,
+    waiting: AtomicUsize,
+    /// Workers alive (idle or busy).
+    live: AtomicUsize,
+    closed: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig, digest: String) -> Self {
+        Pool {
+            permits: Semaphore::new(cfg.max_workers as usize),
+            cfg,
+            digest,
+            idle: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+        // Only Vec push/pop happen under this lock; a poisoned lock holds a valid Vec.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a worker of this pool (a cold start).
+    pub async fn start_worker(&self) -> Result<Worker, StartError> {
+        // Interpreters start in well under a second; a handler that imports something heavy
+        // gets the function's own timeout, but never less than 10 s.
+        let ready_within = self.cfg.timeout.max(Duration::from_secs(10));
+        let w = Worker::start(&self.cfg.worker, ready_within).await?;
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(w)
+    }
+
+    /// Hands a worker to the pool (after a call, or a worker started ahead of traffic).
+    pub fn put_idle(&self, mut w: Worker) {
+        if self.closed.load(Ordering::Acquire) {
+            self.discard(w);
+            return;
+        }
+        w.last_used = Instant::now();
+        self.idle().push(w);
+    }
+
+    fn discard(&self, w: Worker) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        drop(w); // kills its process group
+    }
+
+    /// Runs one call. Function and system errors come back inside the envelope; only
+    /// overload is an `Err`.
+    pub async fn call(
+        &self,
+        context: &RawValue,
+        payload: &RawValue,
+        deadline: Instant,
+    ) -> Result<CallOutcome, PoolError> {
+        let t0 = Instant::now();
+        let mut timings = Timings::default();
+        let permit = match self.permits.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                let waiting = self.waiting.fetch_add(1, Ordering::AcqRel);
+                if waiting >= self.cfg.max_queue {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return Err(PoolError::Busy {
+                        function: self.cfg.worker.label.clone(),
+                        running: self.cfg.max_workers,
+                        waiting,
+                    });
+                }
+                let got = tokio::time::timeout_at(deadline.into(), self.permits.acquire()).await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                match got {
+                    Ok(Ok(p)) => p,
+                    // The semaphore is never closed; treat it like a timeout all the same.
+                    Ok(Err(_)) | Err(_) => {
+                        timings.queued_ms = ms(t0.elapsed());
+                        return Ok(self.failed(
+                            ErrorObject::system(format!(
+                                "no worker became free within the function's timeout ({} waiting)",
+                                dispatch_core::duration::format_duration(self.cfg.timeout)
+                            )),
+                            false,
+                            timings,
+                        ));
+                    }
+                }
+            }
+        };
+        timings.queued_ms = ms(t0.elapsed());
+        let remaining = deadline.saturating_duration_since(Instant::now());
+
+        if self.cfg.language == Language::Exec {
+            let t1 = Instant::now();
+            let envelope = run_exec(&self.cfg.worker, context, payload, remaining).await;
+            timings.exec_ms = ms(t1.elapsed());
+            drop(permit);
+            return Ok(CallOutcome {
+                envelope,
+                cold: true,
+                timings,
+            });
+        }
+
+        let reused = self.idle().pop();
+        let (mut worker, cold) = match reused {
+            Some(w) => (w, false),
+            None => {
+                let t1 = Instant::now();
+                match self.start_worker().await {
+                    Ok(w) => {
+                        timings.cold_start_ms = ms(t1.elapsed());
+                        (w, true)
+                    }
+                    Err(e) => {
+                        timings.cold_start_ms = ms(t1.elapsed());
+                        return Ok(self.failed(e.to_error_object(), true, timings));
+                    }
+                }
+            }
+        };
+        let t2 = Instant::now();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let result = worker.call(context, payload, remaining, self.cfg.timeout).await;
+        timings.exec_ms = ms(t2.elapsed());
+        let envelope = match result {
+            Ok(env) => {
+                self.put_idle(worker);
+                env
+            }
+            Err(err) => {
+                self.discard(worker);
+                Envelope::error(err, Logs::default())
+            }
+        };
+        drop(permit);
+        Ok(CallOutcome {
+            envelope,
+            cold,
+            timings,
+        })
+    }
+
+    fn failed(&self, err: ErrorObject, cold: bool, timings: Timings) -> CallOutcome {
+        CallOutcome {
+            envelope: Envelope::error(err, Logs::default()),
+            cold,
+            timings,
+        }
+    }
+
+    /// Kills idle workers unused for `idleTimeout`, keeping `minWorkers` alive.
+    pub fn reap(&self, now: Instant) {
+        let victims: Vec<Worker> = {
+            let mut idle = self.idle();
+            let min = self.cfg.min_workers as usize;
+            let mut alive = self.live.load(Ordering::Relaxed);
+            let mut out = Vec::new();
+            // Oldest first: the front of the Vec was used least recently.
+            while alive > min
+                && idle
+                    .first()
+                    .is_some_and(|w| now.saturating_duration_since(w.last_used) >= self.cfg.idle_timeout)
+            {
+                out.push(idle.remove(0));
+                alive -= 1;
+            }
+            out
+        };
+        for w in victims {
+            self.discard(w);
+        }
+    }
+
+    /// Starts workers until `minWorkers` are alive (exec functions keep none).
+    pub async fn warm(&self) -> Result<(), StartError> {
+        if self.cfg.language == Language::Exec {
+            return Ok(());
+        }
+        while self.live.load(Ordering::Relaxed) < self.cfg.min_workers as usize
+            && !self.closed.load(Ordering::Acquire)
+        {
+            let w = self.start_worker().await?;
+            self.put_idle(w);
+        }
+        Ok(())
+    }
+
+    /// Stops taking workers back and kills the idle ones; busy ones die as they return.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let idle: Vec<Worker> = std::mem::take(&mut *self.idle());
+        for w in idle {
+            self.discard(w);
+        }
+    }
+
+    /// Workers alive (idle or busy).
+    pub fn live_workers(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Process ids of idle workers (tests check that they are gone after close).
+    pub fn idle_pids(&self) -> Vec<i32> {
+        self.idle().iter().filter_map(Worker::pid).collect()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}

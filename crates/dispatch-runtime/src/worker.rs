@@ -1,0 +1,391 @@
+//! One worker process and its end of the worker protocol.
+//!
+//! A worker is started with the protocol socket as its fd 0 (a `Stdio` made from one end of
+//! a Unix socket pair: no `unsafe` fd juggling), in its own process group, with a clean
+//! environment, cwd = the function directory. Its process-level stdout/stderr (output outside
+//! calls) are drained into a short tail used in crash messages.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dispatch_core::envelope::{EnvelopeContext, null_raw};
+use dispatch_core::{Envelope, ErrorObject, Logs};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::protocol::{self, Hello, Request, Response};
+
+/// Lines of process-level output kept for crash messages.
+const TAIL_LINES: usize = 20;
+
+/// Everything needed to start a worker of one function build.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The interpreter (Python, Node) or, for exec, the handler program itself.
+    pub program: PathBuf,
+    /// Arguments before the handler arguments (the bootstrap script; empty for exec).
+    pub prefix_args: Vec<String>,
+    /// The function directory; the bootstrap's first argument and the cwd.
+    pub dir: PathBuf,
+    /// Handler arguments (see [`crate::handler::ResolvedHandler`]).
+    pub handler_args: Vec<String>,
+    /// Declared environment; nothing else of the server's environment leaks in but PATH.
+    pub env: BTreeMap<String, String>,
+    /// `namespace/name`, for logs.
+    pub label: String,
+}
+
+impl WorkerSpec {
+    fn command(&self, with_dir_arg: bool) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.prefix_args);
+        if with_dir_arg {
+            cmd.arg(&self.dir);
+        }
+        cmd.args(&self.handler_args)
+            .current_dir(&self.dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+            .env("HOME", &self.dir)
+            .env("LANG", "C.UTF-8")
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(&self.env)
+            .process_group(0)
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("failed to start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", .0.message)]
+    HandlerLoad(ErrorObject),
+    #[error("worker exited before it was ready{}", tail_suffix(.0))]
+    Exited(Vec<String>),
+    #[error("worker did not become ready within {0:?}")]
+    Timeout(Duration),
+    #[error("worker spoke an unknown protocol: {0}")]
+    Protocol(String),
+}
+
+fn tail_suffix(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", tail.join("\n"))
+    }
+}
+
+impl StartError {
+    /// The error a call answers when its worker could not start.
+    pub fn to_error_object(&self) -> ErrorObject {
+        match self {
+            StartError::HandlerLoad(e) => e.clone(),
+            other => ErrorObject::system(other.to_string()),
+        }
+    }
+}
+
+type Tail = Arc<Mutex<VecDeque<String>>>;
+
+pub struct Worker {
+    child: Child,
+    pid: Option<Pid>,
+    sock: UnixStream,
+    next_id: u64,
+    tail: Tail,
+    /// When the worker was last handed back idle (for the reaper).
+    pub last_used: Instant,
+}
+
+impl Worker {
+    /// Starts a protocol worker and waits for its hello frame.
+    pub async fn start(spec: &WorkerSpec, ready_within: Duration) -> Result<Worker, StartError> {
+        let (host, child_end) = std::os::unix::net::UnixStream::pair().map_err(|source| {
+            StartError::Spawn {
+                program: "a socket pair".into(),
+                source,
+            }
+        })?;
+        let spawn_err = |source| StartError::Spawn {
+            program: spec.program.display().to_string(),
+            source,
+        };
+        host.set_nonblocking(true).map_err(spawn_err)?;
+        let sock = UnixStream::from_std(host).map_err(spawn_err)?;
+        let mut child = spec
+            .command(true)
+            .stdin(Stdio::from(OwnedFd::from(child_end)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        let pid = child.id().map(|p| Pid::from_raw(p as i32));
+        let tail: Tail = Arc::default();
+        if let Some(out) = child.stdout.take() {
+            drain(out, tail.clone(), spec.label.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            drain(err, tail.clone(), spec.label.clone());
+        }
+        let mut w = Worker {
+            child,
+            pid,
+            sock,
+            next_id: 0,
+            tail,
+            last_used: Instant::now(),
+        };
+        let hello = match tokio::time::timeout(ready_within, protocol::read_frame(&mut w.sock)).await {
+            Err(_) => return Err(StartError::Timeout(ready_within)),
+            Ok(Err(e)) => return Err(StartError::Protocol(e.to_string())),
+            Ok(Ok(None)) => return Err(StartError::Exited(w.wait_tail().await)),
+            Ok(Ok(Some(frame))) => serde_json::from_slice::<Hello>(&frame)
+                .map_err(|e| StartError::Protocol(e.to_string()))?,
+        };
+        if !hello.ready {
+            return Err(StartError::HandlerLoad(hello.error.unwrap_or_else(|| {
+                ErrorObject::function("handler failed to load")
+            })));
+        }
+        Ok(w)
+    }
+
+    /// Sends one call and waits at most `timeout` for the answer (`configured` is the
+    /// function's timeout, named in the message).
+    ///
+    /// `Ok` is the function's envelope (which may carry an InputError or FunctionError; the
+    /// worker stays usable). `Err` is a SystemError after which the worker must be dropped:
+    /// it crashed, timed out (its process group is killed) or broke the protocol.
+    pub async fn call(
+        &mut self,
+        context: &RawValue,
+        payload: &RawValue,
+        timeout: Duration,
+        configured: Duration,
+    ) -> Result<Envelope, ErrorObject> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let frame = serde_json::to_vec(&Request { id, context, payload })
+            .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
+        let exchange = async {
+            protocol::write_frame(&mut self.sock, &frame).await?;
+            protocol::read_frame(&mut self.sock).await
+        };
+        let answer = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => {
+                self.kill();
+                return Err(ErrorObject::system(format!(
+                    "function timed out after {}",
+                    dispatch_core::duration::format_duration(configured)
+                )));
+            }
+            Ok(Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                self.kill();
+                return Err(ErrorObject::system(format!("worker protocol error: {e}")));
+            }
+            Ok(Err(_)) | Ok(Ok(None)) => {
+                let tail = self.wait_tail().await;
+                return Err(ErrorObject::system(format!(
+                    "worker process exited unexpectedly{}",
+                    tail_suffix(&tail)
+                )));
+            }
+            Ok(Ok(Some(frame))) => frame,
+        };
+        let resp: Response = serde_json::from_slice(&answer).map_err(|e| {
+            self.kill();
+            ErrorObject::system(format!("worker sent a malformed answer: {e}"))
+        })?;
+        if resp.id != id {
+            self.kill();
+            return Err(ErrorObject::system(format!(
+                "worker answered request {} to request {id}",
+                resp.id
+            )));
+        }
+        Ok(Envelope {
+            context: resp.context,
+            payload: resp.payload.unwrap_or_else(null_raw),
+        })
+    }
+
+    /// Kills the worker's whole process group (grandchildren too).
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+        let _ = self.child.start_kill();
+    }
+
+    /// After the worker closed its socket: give it a moment to exit, so that the exit status
+    /// and its last output can go into the error message.
+    async fn wait_tail(&mut self) -> Vec<String> {
+        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        self.kill();
+        // Let the drain tasks read what is left in the pipes.
+        tokio::task::yield_now().await;
+        let mut tail: Vec<String> = lock(&self.tail).iter().cloned().collect();
+        if let Ok(Ok(st)) = status {
+            tail.push(format!("(exit {st})"));
+        }
+        tail
+    }
+
+    /// OS process id, while running.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.map(|p| p.as_raw())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn lock(t: &Tail) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn drain(r: impl AsyncRead + Unpin + Send + 'static, tail: Tail, label: String) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::debug!(worker = %label, "{line}");
+            let mut t = lock(&tail);
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    });
+}
+
+/// Largest stdout an exec handler may print (its result).
+const EXEC_MAX_OUTPUT: usize = 16 * 1024 * 1024;
+
+/// Runs an exec handler once: payload JSON on stdin, result JSON on stdout, stderr lines as
+/// logs; `DISPATCH_CONTEXT` holds the context JSON. Non-zero exit → FunctionError.
+pub async fn run_exec(
+    spec: &WorkerSpec,
+    context: &RawValue,
+    payload: &RawValue,
+    timeout: Duration,
+) -> Envelope {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cmd = spec.command(false);
+    cmd.env("DISPATCH_CONTEXT", context.get())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Envelope::error(
+                ErrorObject::system(format!("failed to start {}: {e}", spec.program.display())),
+                Logs::default(),
+            );
+        }
+    };
+    let pid = child.id().map(|p| Pid::from_raw(p as i32));
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let body = payload.get().as_bytes().to_vec();
+    let run = async {
+        let write = async {
+            if let Some(mut s) = stdin.take() {
+                // A program that does not read its input closes the pipe early: not an error.
+                let _ = s.write_all(&body).await;
+                let _ = s.shutdown().await;
+            }
+        };
+        let read_out = async {
+            let mut v = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.take(EXEC_MAX_OUTPUT as u64 + 1).read_to_end(&mut v).await;
+            }
+            v
+        };
+        let read_err = async {
+            let mut v = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.take(EXEC_MAX_OUTPUT as u64).read_to_end(&mut v).await;
+            }
+            v
+        };
+        let ((), out, err) = tokio::join!(write, read_out, read_err);
+        let status = child.wait().await;
+        (out, err, status)
+    };
+    let (out, err, status) = match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => {
+            if let Some(pid) = pid {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            return Envelope::error(
+                ErrorObject::system(format!(
+                    "function timed out after {}",
+                    dispatch_core::duration::format_duration(timeout)
+                )),
+                Logs::default(),
+            );
+        }
+    };
+    let logs = Logs {
+        stdout: Vec::new(),
+        stderr: String::from_utf8_lossy(&err).lines().map(str::to_string).collect(),
+    };
+    match status {
+        Ok(st) if st.success() => {}
+        Ok(st) => {
+            return Envelope::error(
+                ErrorObject::function(format!("handler exited with {st}")),
+                logs,
+            );
+        }
+        Err(e) => {
+            return Envelope::error(ErrorObject::system(format!("failed to wait for handler: {e}")), logs);
+        }
+    }
+    if out.len() > EXEC_MAX_OUTPUT {
+        return Envelope::error(ErrorObject::function("handler printed more than 16 MiB"), logs);
+    }
+    let text = String::from_utf8_lossy(&out);
+    let trimmed = text.trim();
+    let raw = if trimmed.is_empty() {
+        Ok(null_raw())
+    } else {
+        RawValue::from_string(trimmed.to_string())
+    };
+    match raw {
+        Ok(payload) => Envelope {
+            context: EnvelopeContext { logs, error: None },
+            payload,
+        },
+        Err(e) => Envelope::error(
+            ErrorObject::function(format!("handler printed output that is not JSON: {e}")),
+            Logs {
+                stdout: text.lines().map(str::to_string).collect(),
+                ..logs
+            },
+        ),
+    }
+}

@@ -1,0 +1,325 @@
+//! The runtime with real `python3` and `node` processes: deploy, call, errors, timeouts,
+//! crashes, scaling and rebuilds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dispatch_core::{ErrorType, Language};
+use dispatch_runtime::backend::{Backend, BaseImageCheck, FunctionDeploy, LocalBackend};
+use flate2::{Compression, write::GzEncoder};
+use serde_json::value::RawValue;
+
+fn archive(files: &[(&str, &str, u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    for (path, body, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(*mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, body.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+const HELLO_PY: &str = include_str!("../../../examples/python3/hello.py");
+const HELLO_JS: &str = include_str!("../../../examples/nodejs/hello.js");
+
+struct Fx {
+    _dir: tempfile::TempDir,
+    backend: Arc<LocalBackend>,
+}
+
+fn fx() -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = LocalBackend::new(dir.path()).unwrap();
+    Fx { _dir: dir, backend }
+}
+
+fn deploy(name: &str, lang: Language, files: &[(&str, &str, u32)], handler: Option<&str>) -> FunctionDeploy {
+    let archive = archive(files);
+    FunctionDeploy {
+        namespace: "default".into(),
+        name: name.into(),
+        digest: dispatch_core::digest::sha256_parts([archive.as_slice(), handler.unwrap_or("").as_bytes()]),
+        base: BaseImageCheck { language: lang, interpreter: None },
+        archive: Arc::new(archive),
+        handler: handler.map(str::to_string),
+        env: BTreeMap::new(),
+        timeout: Duration::from_secs(10),
+        max_workers: 2,
+        min_workers: 0,
+        idle_timeout: Duration::from_secs(300),
+    }
+}
+
+fn raw(s: &str) -> Box<RawValue> {
+    RawValue::from_string(s.to_string()).unwrap()
+}
+
+async fn call(b: &LocalBackend, name: &str, payload: &str) -> (serde_json::Value, bool) {
+    let ctx = raw(r#"{"secrets":{}}"#);
+    let out = b
+        .invoke("default", name, &ctx, &raw(payload), Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    (serde_json::to_value(&out.envelope).unwrap(), out.cold)
+}
+
+#[tokio::test]
+async fn python_hello_returns_the_envelope_and_reuses_the_warm_worker() {
+    let f = fx();
+    f.backend
+        .deploy_function(deploy("hello", Language::Python3, &[("hello.py", HELLO_PY, 0o644)], None))
+        .await
+        .unwrap();
+    let (env, cold) = call(&f.backend, "hello", r#"{"name":"user"}"#).await;
+    assert_eq!(env["payload"]["myField"], "Hello, user from Nowhere");
+    assert_eq!(env["context"]["logs"]["stdout"][0], "messages to stdout show up in logs");
+    assert_eq!(env["context"]["logs"]["stderr"], serde_json::json!([]));
+    assert!(env["context"]["error"].is_null());
+    assert!(!cold, "the validation worker stays warm");
+    let pool = f.backend.pool("default", "hello").unwrap();
+    let pid = pool.idle_pids();
+    let (_, cold) = call(&f.backend, "hello", "null").await;
+    assert!(!cold);
+    assert_eq!(pool.idle_pids(), pid, "the same worker served both calls");
+}
+
+#[tokio::test]
+async fn node_hello_works_with_module_export_and_named_handler() {
+    let f = fx();
+    f.backend
+        .deploy_function(deploy("hello-js", Language::Nodejs, &[("hello.js", HELLO_JS, 0o644)], None))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "hello-js", r#"{"name":"node"}"#).await;
+    assert_eq!(env["payload"]["myField"], "Hello, node from Nowhere");
+    assert_eq!(env["context"]["logs"]["stdout"][0], "messages to stdout show up in logs");
+    f.backend
+        .deploy_function(deploy("named", Language::Nodejs, &[("hello.js", HELLO_JS, 0o644)], Some("hello.handle")))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "named", "{}").await;
+    assert_eq!(env["payload"]["myField"], "Hello, Noone from Nowhere");
+}
+
+#[tokio::test]
+async fn python_errors_map_to_input_and_function_errors() {
+    let f = fx();
+    let src = "def handle(ctx, p):\n    if p == 'bad':\n        raise ValueError('bad input')\n    if p == 'boom':\n        raise RuntimeError('boom')\n    import sys\n    print('to stderr', file=sys.stderr)\n    return ctx['secrets']\n";
+    f.backend
+        .deploy_function(deploy("errs", Language::Python3, &[("errs.py", src, 0o644)], None))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "errs", r#""bad""#).await;
+    assert_eq!(env["context"]["error"]["type"], "InputError");
+    assert_eq!(env["context"]["error"]["message"], "bad input");
+    assert!(env["payload"].is_null());
+    let (env, _) = call(&f.backend, "errs", r#""boom""#).await;
+    assert_eq!(env["context"]["error"]["type"], "FunctionError");
+    let trace = env["context"]["error"]["stacktrace"].as_array().unwrap();
+    assert!(trace.iter().any(|l| l.as_str().unwrap().contains("errs.py")), "{trace:?}");
+    assert!(!trace.iter().any(|l| l.as_str().unwrap().contains("bootstrap.py")), "{trace:?}");
+    let (env, _) = call(&f.backend, "errs", "1").await;
+    assert_eq!(env["payload"], serde_json::json!({}));
+    assert_eq!(env["context"]["logs"]["stderr"][0], "to stderr");
+}
+
+#[tokio::test]
+async fn a_handler_that_does_not_load_fails_the_build_with_the_reason() {
+    let f = fx();
+    let err = f
+        .backend
+        .deploy_function(deploy("bad", Language::Python3, &[("bad.py", "def other(c, p):\n    pass\n", 0o644)], Some("bad.handle")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has no attribute 'handle'"), "{err}");
+    let err = f
+        .backend
+        .deploy_function(deploy("syntax", Language::Python3, &[("s.py", "def handle(:\n", 0o644)], None))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("SyntaxError"), "{err}");
+    let err = f
+        .backend
+        .deploy_function(deploy("nojs", Language::Nodejs, &[("x.js", "module.exports = 42;", 0o644)], None))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not export a function"), "{err}");
+    assert!(f.backend.pool("default", "bad").is_none());
+}
+
+#[tokio::test]
+async fn timeouts_kill_the_process_group_and_the_next_call_gets_a_new_worker() {
+    let f = fx();
+    let src = "import subprocess, time\ndef handle(ctx, p):\n    if p == 'sleep':\n        subprocess.Popen(['sleep', '300'])\n        time.sleep(300)\n    return 'ok'\n";
+    let mut d = deploy("slow", Language::Python3, &[("slow.py", src, 0o644)], None);
+    d.timeout = Duration::from_millis(500);
+    f.backend.deploy_function(d).await.unwrap();
+    let pool = f.backend.pool("default", "slow").unwrap();
+    let pid = pool.idle_pids()[0];
+    let ctx = raw("{}");
+    let out = f
+        .backend
+        .invoke("default", "slow", &ctx, &raw(r#""sleep""#), Instant::now() + Duration::from_millis(500))
+        .await
+        .unwrap();
+    let err = out.envelope.context.error.unwrap();
+    assert_eq!(err.kind, ErrorType::SystemError);
+    assert_eq!(err.message, "function timed out after 500ms");
+    // The worker and its grandchild are gone (same process group).
+    wait_until(|| !pid_alive(pid)).await;
+    assert!(!pgroup_has_members(pid), "the sleep grandchild must be killed too");
+    let (env, cold) = call(&f.backend, "slow", r#""fast""#).await;
+    assert_eq!(env["payload"], "ok");
+    assert!(cold);
+}
+
+#[tokio::test]
+async fn a_crashing_worker_is_a_system_error_and_is_replaced() {
+    let f = fx();
+    let src = "import os\ndef handle(ctx, p):\n    if p == 'die':\n        os._exit(3)\n    return 'alive'\n";
+    f.backend
+        .deploy_function(deploy("crash", Language::Python3, &[("crash.py", src, 0o644)], None))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "crash", r#""die""#).await;
+    assert_eq!(env["context"]["error"]["type"], "SystemError");
+    assert!(env["context"]["error"]["message"].as_str().unwrap().contains("exited unexpectedly"), "{env}");
+    let (env, cold) = call(&f.backend, "crash", "1").await;
+    assert_eq!(env["payload"], "alive");
+    assert!(cold);
+}
+
+#[tokio::test]
+async fn exec_handlers_read_stdin_and_write_json() {
+    let f = fx();
+    let script = "#!/bin/sh\nread -r input\necho \"got $input\" >&2\nprintf '{\"echo\": %s}' \"$input\"\n";
+    f.backend
+        .deploy_function(deploy("ex", Language::Exec, &[("run.sh", script, 0o755)], None))
+        .await
+        .unwrap();
+    let (env, cold) = call(&f.backend, "ex", r#"{"a":1}"#).await;
+    assert_eq!(env["payload"], serde_json::json!({"echo": {"a": 1}}));
+    assert_eq!(env["context"]["logs"]["stderr"][0], r#"got {"a":1}"#);
+    assert!(cold);
+    let bad = "#!/bin/sh\necho not json\nexit 0\n";
+    f.backend
+        .deploy_function(deploy("ex-bad", Language::Exec, &[("bad.sh", bad, 0o755)], None))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "ex-bad", "1").await;
+    assert_eq!(env["context"]["error"]["type"], "FunctionError");
+    let failing = "#!/bin/sh\necho oops >&2\nexit 4\n";
+    f.backend
+        .deploy_function(deploy("ex-fail", Language::Exec, &[("f.sh", failing, 0o755)], None))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "ex-fail", "1").await;
+    assert!(env["context"]["error"]["message"].as_str().unwrap().contains("exit status: 4"), "{env}");
+    assert_eq!(env["context"]["logs"]["stderr"][0], "oops");
+}
+
+#[tokio::test]
+async fn workers_get_only_the_declared_environment() {
+    let f = fx();
+    let src = "import os\ndef handle(ctx, p):\n    return {k: os.environ.get(k) for k in ['GREETING', 'CARGO', 'HOME']}\n";
+    let mut d = deploy("envf", Language::Python3, &[("envf.py", src, 0o644)], None);
+    d.env.insert("GREETING".into(), "hi".into());
+    f.backend.deploy_function(d).await.unwrap();
+    let (env, _) = call(&f.backend, "envf", "1").await;
+    assert_eq!(env["payload"]["GREETING"], "hi");
+    assert!(env["payload"]["CARGO"].is_null(), "server env must not leak: {env}");
+}
+
+#[tokio::test]
+async fn concurrency_is_bounded_by_max_workers() {
+    let f = fx();
+    let src = "import time, os\ndef handle(ctx, p):\n    time.sleep(0.2)\n    return os.getpid()\n";
+    f.backend
+        .deploy_function(deploy("conc", Language::Python3, &[("conc.py", src, 0o644)], None))
+        .await
+        .unwrap();
+    let b = f.backend.clone();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move { call(&b, "conc", "1").await.0["payload"].as_i64().unwrap() })
+        })
+        .collect();
+    let mut pids = Vec::new();
+    for c in calls {
+        pids.push(c.await.unwrap());
+    }
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 2, "maxWorkers=2 → at most two distinct workers: {pids:?}");
+    assert_eq!(f.backend.pool("default", "conc").unwrap().live_workers(), 2);
+}
+
+#[tokio::test]
+async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
+    let f = fx();
+    f.backend
+        .deploy_function(deploy("v", Language::Python3, &[("v.py", "def handle(c, p):\n    return 1\n", 0o644)], None))
+        .await
+        .unwrap();
+    let old_pid = f.backend.pool("default", "v").unwrap().idle_pids()[0];
+    f.backend
+        .deploy_function(deploy("v", Language::Python3, &[("v.py", "def handle(c, p):\n    return 2\n", 0o644)], None))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "v", "1").await;
+    assert_eq!(env["payload"], 2);
+    wait_until(|| !pid_alive(old_pid)).await;
+    f.backend.remove_function("default", "v").await;
+    assert!(f.backend.pool("default", "v").is_none());
+}
+
+#[tokio::test]
+async fn idle_workers_are_reaped_down_to_min_workers() {
+    let f = fx();
+    let mut d = deploy("idle", Language::Python3, &[("idle.py", "def handle(c, p):\n    return 1\n", 0o644)], None);
+    d.idle_timeout = Duration::from_millis(1);
+    f.backend.deploy_function(d).await.unwrap();
+    let pool = f.backend.pool("default", "idle").unwrap();
+    assert_eq!(pool.live_workers(), 1);
+    pool.reap(Instant::now() + Duration::from_secs(1));
+    assert_eq!(pool.live_workers(), 0, "scale to zero");
+    let mut d = deploy("warm", Language::Python3, &[("warm.py", "def handle(c, p):\n    return 1\n", 0o644)], None);
+    d.min_workers = 2;
+    d.idle_timeout = Duration::from_millis(1);
+    f.backend.deploy_function(d).await.unwrap();
+    let pool = f.backend.pool("default", "warm").unwrap();
+    assert_eq!(pool.live_workers(), 2);
+    pool.reap(Instant::now() + Duration::from_secs(1));
+    assert_eq!(pool.live_workers(), 2, "minWorkers stay warm");
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie still has /proc/PID; its state is Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .unwrap_or(false)
+}
+
+fn pgroup_has_members(pgid: i32) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
+            let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.len() > 3 && fields[2] == pgid.to_string() && fields[0] != "Z"
+        })
+    })
+}
+
+/// Polls `cond` until it holds, failing after 10 s.
+async fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "condition not met within 10 s");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,127 @@
+// Dispatch's Node worker bootstrap (no npm dependencies; embedded in the dispatch binary).
+//
+// Usage: node bootstrap.js FUNCTION_DIR MODULE_FILE [EXPORT]
+//
+// Speaks the worker protocol on fd 0, a Unix socket (DESIGN.md section 5): frames of a 4-byte
+// big-endian length followed by JSON. The first frame says whether the handler loaded:
+// {"ready": true} or {"ready": false, "error": {...}}. Then each request {"id", "context",
+// "payload"} is answered with {"id", "context": {"logs": {"stdout", "stderr"}, "error"},
+// "payload"}; what the handler writes to stdout/stderr during the call is captured.
+//
+// Errors: an error whose name is "InputError" (or that has `inputError: true`) is the
+// caller's fault -> InputError; anything else thrown -> FunctionError.
+'use strict';
+
+const net = require('net');
+const path = require('path');
+
+const [functionDir, moduleFile, exportName] = process.argv.slice(2);
+const sock = new net.Socket({ fd: 0, readable: true, writable: true });
+
+function send(obj) {
+  const body = Buffer.from(JSON.stringify(obj), 'utf8');
+  const head = Buffer.alloc(4);
+  head.writeUInt32BE(body.length, 0);
+  sock.write(Buffer.concat([head, body]));
+}
+
+function errorObject(type, err) {
+  const isErr = err instanceof Error;
+  const message = isErr ? err.message || err.name : String(err);
+  const stack = isErr && err.stack ? String(err.stack).split('\n') : [];
+  return { type, message, stacktrace: stack };
+}
+
+function loadHandler() {
+  const mod = require(path.resolve(functionDir, moduleFile));
+  if (exportName) {
+    if (typeof mod[exportName] === 'function') return mod[exportName];
+    // `module.exports = async function handle(...)` with handler `file.handle`.
+    if (typeof mod === 'function' && mod.name === exportName) return mod;
+    throw new TypeError(`${moduleFile} does not export a function named ${exportName}`);
+  }
+  if (typeof mod === 'function') return mod;
+  if (mod && typeof mod.handle === 'function') return mod.handle;
+  throw new TypeError(`${moduleFile} does not export a function (module.exports = async (context, payload) => ...)`);
+}
+
+// Per-call capture of stdout/stderr: calls are serialized per worker, so one target at a time.
+const realStdout = process.stdout.write.bind(process.stdout);
+const realStderr = process.stderr.write.bind(process.stderr);
+let capture = null;
+function capturer(key, real) {
+  return (chunk, encoding, cb) => {
+    if (!capture) return real(chunk, encoding, cb);
+    capture[key] += typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    if (typeof encoding === 'function') encoding();
+    else if (typeof cb === 'function') cb();
+    return true;
+  };
+}
+process.stdout.write = capturer('stdout', realStdout);
+process.stderr.write = capturer('stderr', realStderr);
+
+function lines(text) {
+  if (!text) return [];
+  const out = text.split('\n');
+  if (out[out.length - 1] === '') out.pop();
+  return out;
+}
+
+async function handle(fn, req) {
+  capture = { stdout: '', stderr: '' };
+  let error = null;
+  let payload = null;
+  try {
+    const result = await fn(req.context || {}, req.payload === undefined ? null : req.payload);
+    payload = result === undefined ? null : result;
+  } catch (err) {
+    const input = err && (err.name === 'InputError' || err.inputError === true);
+    error = errorObject(input ? 'InputError' : 'FunctionError', err);
+  }
+  const logs = { stdout: lines(capture.stdout), stderr: lines(capture.stderr) };
+  capture = null;
+  const resp = { id: req.id, context: { logs, error }, payload };
+  try {
+    send(resp);
+  } catch (err) {
+    resp.payload = null;
+    resp.context.error = {
+      type: 'FunctionError',
+      message: `handler returned a value that is not JSON: ${err.message}`,
+      stacktrace: [],
+    };
+    send(resp);
+  }
+}
+
+let fn;
+try {
+  process.chdir(functionDir);
+  fn = loadHandler();
+} catch (err) {
+  const e = errorObject('FunctionError', err);
+  e.message = `cannot load handler ${moduleFile}${exportName ? ' ' + exportName : ''}: ${e.message}`;
+  send(e && { ready: false, error: e });
+  sock.end();
+  process.exitCode = 1;
+  return;
+}
+send({ ready: true });
+
+// Frame reader: requests are handled one at a time, in order.
+let buf = Buffer.alloc(0);
+let chain = Promise.resolve();
+sock.on('data', (chunk) => {
+  buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
+  while (buf.length >= 4) {
+    const len = buf.readUInt32BE(0);
+    if (buf.length < 4 + len) break;
+    const body = buf.subarray(4, 4 + len);
+    buf = buf.subarray(4 + len);
+    const req = JSON.parse(body.toString('utf8'));
+    chain = chain.then(() => handle(fn, req));
+  }
+});
+sock.on('end', () => process.exit(0));
+sock.on('error', () => process.exit(0));
