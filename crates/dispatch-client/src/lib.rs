@@ -1,1 +1,326 @@
-//! placeholder
+//! Typed HTTP client of the `/v1` API (DESIGN §4), used by the CLI and by tests; plus
+//! [`pack`], which turns a file or folder into the tar.gz a function's source is.
+//!
+//! Every failure is a [`ClientError`] whose message is the server's own (`{"error":{"code",
+//! "message"}}`), or says plainly that the server could not be reached and how to point at it.
+
+pub mod pack;
+
+use std::time::Duration;
+
+use dispatch_core::{Envelope, Kind, Logs, Object, Run};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the dispatch server at {server}: is it running? (start one with `dispatch server`, or point at one with --server / DISPATCH_SERVER)"
+    )]
+    Unreachable {
+        server: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "the server answered {status} with a body that is not what this client expects: {detail}"
+    )]
+    Decode { status: StatusCode, detail: String },
+    #[error("request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{0:?} is not a server URL (expected http://host:port or https://host:port)")]
+    BadUrl(String),
+}
+
+impl ClientError {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } | ClientError::Decode { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The API's error code (`NotFound`, `AlreadyExists`, …), when the server answered one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Installs the one rustls crypto provider we ship (`ring`, DESIGN §11) unless one is
+/// already installed. reqwest needs it before building a client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Where to connect and as whom.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://127.0.0.1:8080`
+    pub server: String,
+    pub token: Option<String>,
+    pub namespace: String,
+    /// Accept any TLS certificate (a context's `insecure: true`).
+    pub insecure: bool,
+}
+
+/// The result of a sync exec.
+#[derive(Debug)]
+pub struct ExecResult {
+    pub run_id: Option<String>,
+    pub envelope: Envelope,
+}
+
+/// Filters of `GET …/runs`.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub function: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    namespace: String,
+}
+
+impl Client {
+    pub fn new(target: &Target) -> Result<Client> {
+        install_crypto_provider();
+        let base = target.server.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::BadUrl(target.server.clone()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .tls_danger_accept_invalid_certs(target.insecure)
+            .build()
+            .map_err(|source| ClientError::Http {
+                url: base.clone(),
+                source,
+            })?;
+        Ok(Client {
+            http,
+            base,
+            token: target.token.clone(),
+            namespace: target.namespace.clone(),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    fn ns_url(&self, ns: &str, rest: &str) -> String {
+        format!("{}/v1/namespaces/{ns}/{rest}", self.base)
+    }
+
+    fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
+        let mut rb = self.http.request(method, url);
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        rb
+    }
+
+    /// Sends a request and returns the response if it succeeded, the server's error if not.
+    async fn send(&self, rb: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response> {
+        let resp = rb.send().await.map_err(|source| {
+            if source.is_connect() || source.is_timeout() {
+                ClientError::Unreachable {
+                    server: self.base.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Http {
+                    url: url.to_string(),
+                    source,
+                }
+            }
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.unwrap_or_default();
+        #[derive(serde::Deserialize)]
+        struct Body {
+            error: ErrBody,
+        }
+        #[derive(serde::Deserialize)]
+        struct ErrBody {
+            code: String,
+            message: String,
+        }
+        Err(match serde_json::from_str::<Body>(&text) {
+            Ok(b) => ClientError::Api {
+                status,
+                code: b.error.code,
+                message: b.error.message,
+            },
+            Err(_) => ClientError::Api {
+                status,
+                code: status
+                    .canonical_reason()
+                    .unwrap_or("Error")
+                    .replace(' ', ""),
+                message: format!("{url}: {status}: {}", text.trim()),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder, url: &str) -> Result<T> {
+        let resp = self.send(rb, url).await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            url: url.to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            status,
+            detail: e.to_string(),
+        })
+    }
+
+    /// `GET /readyz` answered 200.
+    pub async fn ready(&self) -> bool {
+        let url = format!("{}/readyz", self.base);
+        matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success())
+    }
+
+    pub async fn version(&self) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/version", self.base);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    pub async fn list(&self, kind: Kind) -> Result<Vec<Object>> {
+        let url = self.ns_url(&self.namespace, kind.plural());
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<Object> {
+        let url = self.ns_url(&self.namespace, &format!("{}/{name}", kind.plural()));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// The object's namespace, or the client's when it has none.
+    fn ns_of<'a>(&'a self, o: &'a Object) -> &'a str {
+        o.metadata.namespace.as_deref().unwrap_or(&self.namespace)
+    }
+
+    pub async fn create(&self, o: &Object) -> Result<Object> {
+        let url = self.ns_url(self.ns_of(o), o.kind.plural());
+        self.json(self.request(Method::POST, &url).json(o), &url)
+            .await
+    }
+
+    pub async fn update(&self, o: &Object) -> Result<Object> {
+        let url = self.ns_url(self.ns_of(o), &format!("{}/{}", o.kind.plural(), o.name()));
+        self.json(self.request(Method::PUT, &url).json(o), &url)
+            .await
+    }
+
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<Object> {
+        self.delete_in(&self.namespace.clone(), kind, name).await
+    }
+
+    pub async fn delete_in(&self, ns: &str, kind: Kind, name: &str) -> Result<Object> {
+        let url = self.ns_url(ns, &format!("{}/{name}", kind.plural()));
+        self.json(self.request(Method::DELETE, &url), &url).await
+    }
+
+    /// Uploads a tar.gz source archive for `function` in `ns`; returns its digest.
+    pub async fn upload_source(
+        &self,
+        ns: &str,
+        function: &str,
+        archive: Vec<u8>,
+    ) -> Result<String> {
+        let url = self.ns_url(ns, &format!("functions/{function}/source"));
+        #[derive(serde::Deserialize)]
+        struct Uploaded {
+            digest: String,
+        }
+        let rb = self
+            .request(Method::POST, &url)
+            .header(reqwest::header::CONTENT_TYPE, "application/gzip")
+            .body(archive);
+        let u: Uploaded = self.json(rb, &url).await?;
+        Ok(u.digest)
+    }
+
+    /// Runs a function synchronously with `input` as its payload.
+    pub async fn exec(&self, function: &str, input: &RawValue) -> Result<ExecResult> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{function}/runs"));
+        let body = format!("{{\"input\":{}}}", input.get());
+        let rb = self
+            .request(Method::POST, &url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let resp = self.send(rb, &url).await?;
+        let run_id = resp
+            .headers()
+            .get("x-dispatch-run-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        let envelope = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            status,
+            detail: e.to_string(),
+        })?;
+        Ok(ExecResult { run_id, envelope })
+    }
+
+    pub async fn list_runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
+        let url = self.ns_url(&self.namespace, "runs");
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(f) = &q.function {
+            params.push(("function", f.clone()));
+        }
+        if let Some(s) = &q.status {
+            params.push(("status", s.clone()));
+        }
+        if let Some(l) = q.limit {
+            params.push(("limit", l.to_string()));
+        }
+        self.json(self.request(Method::GET, &url).query(&params), &url)
+            .await
+    }
+
+    pub async fn get_run(&self, id: &str) -> Result<Run> {
+        let url = self.ns_url(&self.namespace, &format!("runs/{id}"));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    pub async fn run_logs(&self, id: &str) -> Result<Logs> {
+        let url = self.ns_url(&self.namespace, &format!("runs/{id}/logs"));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+}

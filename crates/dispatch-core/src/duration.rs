@@ -50,7 +50,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValidationError> {
 /// Formats a duration the way [`parse_duration`] reads it back (`30s`, `1m30s`, `250ms`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut secs = d.as_secs();

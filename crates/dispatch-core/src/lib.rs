@@ -18,8 +18,8 @@ pub mod run;
 pub use envelope::{Envelope, ErrorObject, ErrorType, Logs};
 pub use error::ValidationError;
 pub use resource::{
-    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata, Object,
-    Phase, Status, API_VERSION,
+    API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata,
+    Object, Phase, Status,
 };
 pub use run::{Run, RunStatus, Timings, Trigger};
 

@@ -2,8 +2,8 @@
 
 use serde_json::Value;
 
-use crate::resource::{API_VERSION, Kind, Object};
 use crate::ValidationError;
+use crate::resource::{API_VERSION, Kind, Object};
 
 /// apiVersion of dispatcher's JobTemplate, accepted as is once job templates land.
 pub const DISPATCHER_API_VERSION: &str = "dispatcher.ivan.vc/v1alpha1";
@@ -53,7 +53,9 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Document>, ValidationError> {
 fn document_to_object(doc: Value, index: usize) -> Result<Object, ValidationError> {
     let at = |msg: String| ValidationError::new(format!("document {index}: {msg}"));
     let Value::Object(map) = &doc else {
-        return Err(at("is not a mapping with apiVersion, kind, metadata and spec".into()));
+        return Err(at(
+            "is not a mapping with apiVersion, kind, metadata and spec".into(),
+        ));
     };
     let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     let kind_str = map.get("kind").and_then(Value::as_str).unwrap_or("");
@@ -116,15 +118,19 @@ mod tests {
 
     #[test]
     fn errors_name_the_document() {
-        let err = parse_manifest("apiVersion: dispatch.dev/v1\nkind: Gadget\nmetadata: {name: a}\n")
-            .unwrap_err();
-        assert!(err.message.starts_with("document 1: kind \"Gadget\""), "{err}");
+        let err =
+            parse_manifest("apiVersion: dispatch.dev/v1\nkind: Gadget\nmetadata: {name: a}\n")
+                .unwrap_err();
+        assert!(
+            err.message.starts_with("document 1: kind \"Gadget\""),
+            "{err}"
+        );
         let err = parse_manifest("apiVersion: v1\nkind: Image\nmetadata: {name: a}\n").unwrap_err();
         assert!(err.message.contains("apiVersion"), "{err}");
         let err = parse_manifest("kind: [unclosed").unwrap_err();
         assert!(err.message.contains("not valid YAML"), "{err}");
-        let err = parse_manifest("apiVersion: dispatch.dev/v1\nkind: Image\nmetadata: {}\n")
-            .unwrap_err();
+        let err =
+            parse_manifest("apiVersion: dispatch.dev/v1\nkind: Image\nmetadata: {}\n").unwrap_err();
         assert!(err.message.contains("metadata.name"), "{err}");
     }
 }

@@ -9,9 +9,12 @@ pub const MAX_NAME_LEN: usize = 63;
 /// Checks that `name` is a DNS-1123 label: 1-63 characters, lower-case letters, digits and
 /// `-`, starting and ending with a letter or digit. `what` names the field in the message.
 pub fn validate_name(what: &str, name: &str) -> Result<(), ValidationError> {
-    let hint = "use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit";
+    let hint =
+        "use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit";
     if name.is_empty() {
-        return Err(ValidationError::new(format!("{what} name is empty: {hint}")));
+        return Err(ValidationError::new(format!(
+            "{what} name is empty: {hint}"
+        )));
     }
     if name.len() > MAX_NAME_LEN {
         return Err(ValidationError::new(format!(
@@ -43,7 +46,17 @@ mod tests {
 
     #[test]
     fn rejects_everything_else_with_a_hint() {
-        for bad in ["", "Hello", "-a", "a-", "a_b", "a.b", "a b", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "Hello",
+            "-a",
+            "a-",
+            "a_b",
+            "a.b",
+            "a b",
+            &"a".repeat(64),
+            "é",
+        ] {
             let err = validate_name("function", bad).unwrap_err();
             assert!(err.message.contains("lower-case"), "{bad}: {err}");
         }

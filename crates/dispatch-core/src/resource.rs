@@ -269,7 +269,11 @@ impl Language {
     /// (`dispatchframework/python3-base:0.0.13` → python3, `node:20` → nodejs).
     pub fn infer_from_image(reference: &str) -> Option<Language> {
         let repo = reference.rsplit('/').next().unwrap_or(reference);
-        let repo = repo.split([':', '@']).next().unwrap_or(repo).to_ascii_lowercase();
+        let repo = repo
+            .split([':', '@'])
+            .next()
+            .unwrap_or(repo)
+            .to_ascii_lowercase();
         if repo.contains("python") {
             Some(Language::Python3)
         } else if repo.contains("node") {
@@ -425,10 +429,10 @@ impl FunctionSpec {
             }
             Some(_) => {}
         }
-        if let Some(h) = &self.handler {
-            if h.trim().is_empty() || h.contains('\0') {
-                return Err(ValidationError::new("spec.handler is empty"));
-            }
+        if let Some(h) = &self.handler
+            && (h.trim().is_empty() || h.contains('\0'))
+        {
+            return Err(ValidationError::new("spec.handler is empty"));
         }
         self.timeout()?;
         self.idle_timeout()?;
@@ -459,8 +463,9 @@ impl FunctionSpec {
     pub fn timeout(&self) -> Result<Duration, ValidationError> {
         let t = match &self.timeout {
             None => DEFAULT_TIMEOUT,
-            Some(s) => parse_duration(s)
-                .map_err(|e| ValidationError::new(format!("spec.timeout: {e}")))?,
+            Some(s) => {
+                parse_duration(s).map_err(|e| ValidationError::new(format!("spec.timeout: {e}")))?
+            }
         };
         if t.is_zero() {
             return Err(ValidationError::new("spec.timeout must be longer than 0s"));
@@ -565,7 +570,9 @@ fn validate_path(p: &str) -> Result<(), ValidationError> {
                 return Err(bad("a parameter segment looks like {name}"));
             }
         } else if s.contains(['{', '}', '*', '?', '#', ' ']) {
-            return Err(bad("segments may not contain '{', '}', '*', '?', '#' or spaces"));
+            return Err(bad(
+                "segments may not contain '{', '}', '*', '?', '#' or spaces",
+            ));
         }
     }
     Ok(())
@@ -596,7 +603,12 @@ mod tests {
         );
         o.validate().unwrap();
         assert_eq!(o.spec["language"], "python3");
-        let mut o = Object::new(Kind::BaseImage, "default", "x", json!({"image": "alpine:3"}));
+        let mut o = Object::new(
+            Kind::BaseImage,
+            "default",
+            "x",
+            json!({"image": "alpine:3"}),
+        );
         let err = o.validate().unwrap_err();
         assert!(err.message.contains("--language"), "{err}");
     }
@@ -670,7 +682,12 @@ mod tests {
 
     #[test]
     fn objects_round_trip_in_kubernetes_shape() {
-        let o = Object::new(Kind::Image, "default", "python3", json!({"baseImage": "python3"}));
+        let o = Object::new(
+            Kind::Image,
+            "default",
+            "python3",
+            json!({"baseImage": "python3"}),
+        );
         let v = serde_json::to_value(&o).unwrap();
         assert_eq!(v["apiVersion"], API_VERSION);
         assert_eq!(v["kind"], "Image");

@@ -54,7 +54,9 @@ pub struct FunctionDeploy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("interpreter {name:?} was not found on the server's PATH: install it or set the base image's interpreter")]
+    #[error(
+        "interpreter {name:?} was not found on the server's PATH: install it or set the base image's interpreter"
+    )]
     InterpreterMissing { name: String },
     #[error("interpreter {name:?} does not run: {detail}")]
     InterpreterBroken { name: String, detail: String },
@@ -86,7 +88,10 @@ pub trait Backend: Send + Sync + 'static {
     fn validate_image(&self, build: &ImageBuild) -> Result<(), ValidationError>;
 
     /// Checks that a base image can run functions here.
-    fn check_base_image<'a>(&'a self, base: &'a BaseImageCheck) -> BoxFuture<'a, Result<(), BuildError>>;
+    fn check_base_image<'a>(
+        &'a self,
+        base: &'a BaseImageCheck,
+    ) -> BoxFuture<'a, Result<(), BuildError>>;
 
     /// Builds an image (its dependencies on top of its base).
     fn build_image<'a>(&'a self, build: &'a ImageBuild) -> BoxFuture<'a, Result<(), BuildError>>;
@@ -131,7 +136,10 @@ impl LocalBackend {
         let functions_dir = data_dir.join("builds").join("functions");
         std::fs::create_dir_all(&runtimes_dir)?;
         std::fs::create_dir_all(&functions_dir)?;
-        for (file, text) in [("bootstrap.py", PYTHON_BOOTSTRAP), ("bootstrap.js", NODE_BOOTSTRAP)] {
+        for (file, text) in [
+            ("bootstrap.py", PYTHON_BOOTSTRAP),
+            ("bootstrap.js", NODE_BOOTSTRAP),
+        ] {
             let path = runtimes_dir.join(file);
             if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
                 std::fs::write(&path, text)?;
@@ -192,12 +200,20 @@ impl LocalBackend {
             .ok_or(BuildError::InterpreterMissing { name })
     }
 
-    fn worker_spec(&self, d: &FunctionDeploy, dir: PathBuf, args: Vec<String>) -> Result<WorkerSpec, BuildError> {
+    fn worker_spec(
+        &self,
+        d: &FunctionDeploy,
+        dir: PathBuf,
+        args: Vec<String>,
+    ) -> Result<WorkerSpec, BuildError> {
         let label = format!("{}/{}", d.namespace, d.name);
         let (program, prefix_args) = match d.base.language {
             Language::Python3 => (
                 Self::interpreter(&d.base)?.unwrap_or_default(),
-                vec!["-u".into(), self.runtimes_dir.join("bootstrap.py").display().to_string()],
+                vec![
+                    "-u".into(),
+                    self.runtimes_dir.join("bootstrap.py").display().to_string(),
+                ],
             ),
             Language::Nodejs => (
                 Self::interpreter(&d.base)?.unwrap_or_default(),
@@ -205,7 +221,11 @@ impl LocalBackend {
             ),
             Language::Exec => (dir.join(&args[0]), Vec::new()),
         };
-        let handler_args = if d.base.language == Language::Exec { Vec::new() } else { args };
+        let handler_args = if d.base.language == Language::Exec {
+            Vec::new()
+        } else {
+            args
+        };
         Ok(WorkerSpec {
             program,
             prefix_args,
@@ -240,7 +260,11 @@ impl Backend for LocalBackend {
                 "system dependencies need the kubernetes backend (dispatch server --backend kubernetes); the embedded backend runs functions on this host's packages",
             ));
         }
-        if build.runtime_dependencies.as_deref().is_some_and(|m| !m.trim().is_empty()) {
+        if build
+            .runtime_dependencies
+            .as_deref()
+            .is_some_and(|m| !m.trim().is_empty())
+        {
             return Err(ValidationError::new(
                 "runtime dependencies (requirements.txt / package.json) are not built by this server version yet: create the image without them",
             ));
@@ -248,7 +272,10 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    fn check_base_image<'a>(&'a self, base: &'a BaseImageCheck) -> BoxFuture<'a, Result<(), BuildError>> {
+    fn check_base_image<'a>(
+        &'a self,
+        base: &'a BaseImageCheck,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
         Box::pin(async move {
             let Some(program) = Self::interpreter(base)? else {
                 return Ok(());
@@ -264,7 +291,10 @@ impl Backend for LocalBackend {
                     name,
                     detail: format!("--version exited with {}", o.status),
                 }),
-                Ok(Err(e)) => Err(BuildError::InterpreterBroken { name, detail: e.to_string() }),
+                Ok(Err(e)) => Err(BuildError::InterpreterBroken {
+                    name,
+                    detail: e.to_string(),
+                }),
                 Err(_) => Err(BuildError::InterpreterBroken {
                     name,
                     detail: "--version did not answer within 30s".into(),
@@ -283,12 +313,14 @@ impl Backend for LocalBackend {
 
     fn deploy_function(&self, d: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
         Box::pin(async move {
-            if let Some(current) = self.pool(&d.namespace, &d.name) {
-                if current.digest() == d.digest {
-                    return Ok(()); // already serving this build
-                }
+            if let Some(current) = self.pool(&d.namespace, &d.name)
+                && current.digest() == d.digest
+            {
+                return Ok(()); // already serving this build
             }
-            let dir = self.functions_dir.join(dispatch_core::digest::hex_part(&d.digest));
+            let dir = self
+                .functions_dir
+                .join(dispatch_core::digest::hex_part(&d.digest));
             let archive = d.archive.clone();
             let dir2 = dir.clone();
             // Unpacking is blocking file I/O.
@@ -345,10 +377,12 @@ impl Backend for LocalBackend {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
         Box::pin(async move {
-            let pool = self.pool(namespace, name).ok_or_else(|| InvokeError::NotDeployed {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-            })?;
+            let pool = self
+                .pool(namespace, name)
+                .ok_or_else(|| InvokeError::NotDeployed {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })?;
             Ok(pool.call(context, payload, deadline).await?)
         })
     }

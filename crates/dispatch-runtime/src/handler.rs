@@ -65,9 +65,14 @@ pub fn resolve(
         }
         Language::Nodejs => {
             let js = |m: &str| {
-                [m.to_string(), format!("{m}.js"), format!("{m}.cjs"), format!("{m}/index.js")]
-                    .into_iter()
-                    .find(|c| has(c))
+                [
+                    m.to_string(),
+                    format!("{m}.js"),
+                    format!("{m}.cjs"),
+                    format!("{m}/index.js"),
+                ]
+                .into_iter()
+                .find(|c| has(c))
             };
             if let Some(file) = js(&handler) {
                 return Ok(ResolvedHandler {
@@ -75,13 +80,13 @@ pub fn resolve(
                     handler,
                 });
             }
-            if let Some((module, export)) = handler.rsplit_once('.') {
-                if let Some(file) = js(module) {
-                    return Ok(ResolvedHandler {
-                        args: vec![file, export.to_string()],
-                        handler,
-                    });
-                }
+            if let Some((module, export)) = handler.rsplit_once('.')
+                && let Some(file) = js(module)
+            {
+                return Ok(ResolvedHandler {
+                    args: vec![file, export.to_string()],
+                    handler,
+                });
             }
             Err(ValidationError::new(format!(
                 "handler {handler:?}: the source has no such module (write file or file.export, \
@@ -110,7 +115,10 @@ pub fn resolve(
 
 /// The handler used when none is given: for a source with a single top-level file of the
 /// language, Python `<stem>.handle`, Node `<stem>` (the module's export), exec the file.
-pub fn default_handler(language: Language, files: &[SourceFile]) -> Result<String, ValidationError> {
+pub fn default_handler(
+    language: Language,
+    files: &[SourceFile],
+) -> Result<String, ValidationError> {
     let top: Vec<&SourceFile> = files.iter().filter(|f| !f.path.contains('/')).collect();
     let pick = |exts: &[&str]| -> Vec<&str> {
         top.iter()
@@ -123,7 +131,9 @@ pub fn default_handler(language: Language, files: &[SourceFile]) -> Result<Strin
             format!("{}.handle", p.trim_end_matches(".py"))
         }),
         Language::Nodejs => (pick(&[".js", ".cjs"]), |p| {
-            p.trim_end_matches(".js").trim_end_matches(".cjs").to_string()
+            p.trim_end_matches(".js")
+                .trim_end_matches(".cjs")
+                .to_string()
         }),
         Language::Exec => (pick(&[]), |p| p.to_string()),
     };
@@ -169,23 +179,41 @@ mod tests {
     #[test]
     fn node_resolves_module_and_export() {
         let f = files(&[("hello.js", false), ("lib/index.js", false)]);
-        assert_eq!(resolve(Language::Nodejs, None, &f).unwrap().args, ["hello.js"]);
         assert_eq!(
-            resolve(Language::Nodejs, Some("hello.handle"), &f).unwrap().args,
+            resolve(Language::Nodejs, None, &f).unwrap().args,
+            ["hello.js"]
+        );
+        assert_eq!(
+            resolve(Language::Nodejs, Some("hello.handle"), &f)
+                .unwrap()
+                .args,
             ["hello.js", "handle"]
         );
-        assert_eq!(resolve(Language::Nodejs, Some("lib"), &f).unwrap().args, ["lib/index.js"]);
+        assert_eq!(
+            resolve(Language::Nodejs, Some("lib"), &f).unwrap().args,
+            ["lib/index.js"]
+        );
         assert!(resolve(Language::Nodejs, Some("nope.handle"), &f).is_err());
     }
 
     #[test]
     fn exec_needs_an_executable_file() {
         let f = files(&[("run.sh", true), ("data.txt", false)]);
-        assert_eq!(resolve(Language::Exec, Some("./run.sh"), &f).unwrap().args, ["run.sh"]);
-        assert!(resolve(Language::Exec, Some("data.txt"), &f)
-            .unwrap_err()
-            .message
-            .contains("chmod +x"));
-        assert!(default_handler(Language::Exec, &f).unwrap_err().message.contains("several"));
+        assert_eq!(
+            resolve(Language::Exec, Some("./run.sh"), &f).unwrap().args,
+            ["run.sh"]
+        );
+        assert!(
+            resolve(Language::Exec, Some("data.txt"), &f)
+                .unwrap_err()
+                .message
+                .contains("chmod +x")
+        );
+        assert!(
+            default_handler(Language::Exec, &f)
+                .unwrap_err()
+                .message
+                .contains("several")
+        );
     }
 }

@@ -13,5 +13,7 @@ pub mod protocol;
 pub mod source;
 pub mod worker;
 
-pub use backend::{Backend, BaseImageCheck, BuildError, FunctionDeploy, ImageBuild, InvokeError, LocalBackend};
+pub use backend::{
+    Backend, BaseImageCheck, BuildError, FunctionDeploy, ImageBuild, InvokeError, LocalBackend,
+};
 pub use pool::{CallOutcome, Pool, PoolError};

@@ -187,7 +187,9 @@ impl Pool {
         };
         let t2 = Instant::now();
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let result = worker.call(context, payload, remaining, self.cfg.timeout).await;
+        let result = worker
+            .call(context, payload, remaining, self.cfg.timeout)
+            .await;
         timings.exec_ms = ms(t2.elapsed());
         let envelope = match result {
             Ok(env) => {
@@ -224,9 +226,9 @@ impl Pool {
             let mut out = Vec::new();
             // Oldest first: the front of the Vec was used least recently.
             while alive > min
-                && idle
-                    .first()
-                    .is_some_and(|w| now.saturating_duration_since(w.last_used) >= self.cfg.idle_timeout)
+                && idle.first().is_some_and(|w| {
+                    now.saturating_duration_since(w.last_used) >= self.cfg.idle_timeout
+                })
             {
                 out.push(idle.remove(0));
                 alive -= 1;

@@ -3,8 +3,8 @@
 
 use std::io;
 
-use dispatch_core::envelope::EnvelopeContext;
 use dispatch_core::ErrorObject;
+use dispatch_core::envelope::EnvelopeContext;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -72,16 +72,25 @@ pub fn inspect(archive: &[u8]) -> Result<Vec<SourceFile>, SourceError> {
                     executable: mode & 0o111 != 0,
                 });
             }
-        } else if kind.is_dir() || kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() || kind.is_gnu_longlink() {
+        } else if kind.is_dir()
+            || kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+        {
         } else if kind.is_symlink() {
-            let target = entry
-                .link_name()
-                .map_err(SourceError::Format)?
-                .ok_or(SourceError::Unsafe {
-                    path: shown.clone(),
-                    why: "symlink without a target",
-                })?;
-            let base = rel.as_deref().and_then(Path::parent).unwrap_or(Path::new(""));
+            let target =
+                entry
+                    .link_name()
+                    .map_err(SourceError::Format)?
+                    .ok_or(SourceError::Unsafe {
+                        path: shown.clone(),
+                        why: "symlink without a target",
+                    })?;
+            let base = rel
+                .as_deref()
+                .and_then(Path::parent)
+                .unwrap_or(Path::new(""));
             if target.is_absolute() || !stays_within(&base.join(&target)) {
                 return Err(SourceError::Unsafe {
                     path: shown,
@@ -224,8 +233,14 @@ pub(crate) mod tests {
         assert_eq!(
             files,
             vec![
-                SourceFile { path: "hello.py".into(), executable: false },
-                SourceFile { path: "bin/run".into(), executable: true },
+                SourceFile {
+                    path: "hello.py".into(),
+                    executable: false
+                },
+                SourceFile {
+                    path: "bin/run".into(),
+                    executable: true
+                },
             ]
         );
     }
@@ -247,18 +262,30 @@ pub(crate) mod tests {
         }
         let ok = raw_archive("d/link", tar::EntryType::Symlink, Some("../x"));
         inspect(&ok).unwrap();
-        assert!(matches!(inspect(b"not gzip").unwrap_err(), SourceError::Format(_)));
+        assert!(matches!(
+            inspect(b"not gzip").unwrap_err(),
+            SourceError::Format(_)
+        ));
     }
 
     #[test]
     fn unpacks_atomically_and_keeps_modes() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("fn");
-        let a = archive(&[("hello.py", "print(1)", 0o644), ("run.sh", "#!/bin/sh", 0o755)]);
+        let a = archive(&[
+            ("hello.py", "print(1)", 0o644),
+            ("run.sh", "#!/bin/sh", 0o755),
+        ]);
         unpack(&a, &dest).unwrap();
-        assert_eq!(std::fs::read_to_string(dest.join("hello.py")).unwrap(), "print(1)");
+        assert_eq!(
+            std::fs::read_to_string(dest.join("hello.py")).unwrap(),
+            "print(1)"
+        );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dest.join("run.sh")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dest.join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert!(mode & 0o111 != 0);
         // A second unpack of the same digest keeps the first tree.
         unpack(&a, &dest).unwrap();

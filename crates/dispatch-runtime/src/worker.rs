@@ -53,7 +53,10 @@ impl WorkerSpec {
         cmd.args(&self.handler_args)
             .current_dir(&self.dir)
             .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            )
             .env("HOME", &self.dir)
             .env("LANG", "C.UTF-8")
             .env("PYTHONUNBUFFERED", "1")
@@ -116,12 +119,11 @@ pub struct Worker {
 impl Worker {
     /// Starts a protocol worker and waits for its hello frame.
     pub async fn start(spec: &WorkerSpec, ready_within: Duration) -> Result<Worker, StartError> {
-        let (host, child_end) = std::os::unix::net::UnixStream::pair().map_err(|source| {
-            StartError::Spawn {
+        let (host, child_end) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| StartError::Spawn {
                 program: "a socket pair".into(),
                 source,
-            }
-        })?;
+            })?;
         let spawn_err = |source| StartError::Spawn {
             program: spec.program.display().to_string(),
             source,
@@ -151,13 +153,14 @@ impl Worker {
             tail,
             last_used: Instant::now(),
         };
-        let hello = match tokio::time::timeout(ready_within, protocol::read_frame(&mut w.sock)).await {
-            Err(_) => return Err(StartError::Timeout(ready_within)),
-            Ok(Err(e)) => return Err(StartError::Protocol(e.to_string())),
-            Ok(Ok(None)) => return Err(StartError::Exited(w.wait_tail().await)),
-            Ok(Ok(Some(frame))) => serde_json::from_slice::<Hello>(&frame)
-                .map_err(|e| StartError::Protocol(e.to_string()))?,
-        };
+        let hello =
+            match tokio::time::timeout(ready_within, protocol::read_frame(&mut w.sock)).await {
+                Err(_) => return Err(StartError::Timeout(ready_within)),
+                Ok(Err(e)) => return Err(StartError::Protocol(e.to_string())),
+                Ok(Ok(None)) => return Err(StartError::Exited(w.wait_tail().await)),
+                Ok(Ok(Some(frame))) => serde_json::from_slice::<Hello>(&frame)
+                    .map_err(|e| StartError::Protocol(e.to_string()))?,
+            };
         if !hello.ready {
             return Err(StartError::HandlerLoad(hello.error.unwrap_or_else(|| {
                 ErrorObject::function("handler failed to load")
@@ -181,8 +184,12 @@ impl Worker {
     ) -> Result<Envelope, ErrorObject> {
         self.next_id += 1;
         let id = self.next_id;
-        let frame = serde_json::to_vec(&Request { id, context, payload })
-            .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
+        let frame = serde_json::to_vec(&Request {
+            id,
+            context,
+            payload,
+        })
+        .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
         let exchange = async {
             protocol::write_frame(&mut self.sock, &frame).await?;
             protocol::read_frame(&mut self.sock).await
@@ -351,7 +358,10 @@ pub async fn run_exec(
     };
     let logs = Logs {
         stdout: Vec::new(),
-        stderr: String::from_utf8_lossy(&err).lines().map(str::to_string).collect(),
+        stderr: String::from_utf8_lossy(&err)
+            .lines()
+            .map(str::to_string)
+            .collect(),
     };
     match status {
         Ok(st) if st.success() => {}
@@ -362,11 +372,17 @@ pub async fn run_exec(
             );
         }
         Err(e) => {
-            return Envelope::error(ErrorObject::system(format!("failed to wait for handler: {e}")), logs);
+            return Envelope::error(
+                ErrorObject::system(format!("failed to wait for handler: {e}")),
+                logs,
+            );
         }
     }
     if out.len() > EXEC_MAX_OUTPUT {
-        return Envelope::error(ErrorObject::function("handler printed more than 16 MiB"), logs);
+        return Envelope::error(
+            ErrorObject::function("handler printed more than 16 MiB"),
+            logs,
+        );
     }
     let text = String::from_utf8_lossy(&out);
     let trimmed = text.trim();

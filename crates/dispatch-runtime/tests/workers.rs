@@ -36,13 +36,24 @@ fn fx() -> Fx {
     Fx { _dir: dir, backend }
 }
 
-fn deploy(name: &str, lang: Language, files: &[(&str, &str, u32)], handler: Option<&str>) -> FunctionDeploy {
+fn deploy(
+    name: &str,
+    lang: Language,
+    files: &[(&str, &str, u32)],
+    handler: Option<&str>,
+) -> FunctionDeploy {
     let archive = archive(files);
     FunctionDeploy {
         namespace: "default".into(),
         name: name.into(),
-        digest: dispatch_core::digest::sha256_parts([archive.as_slice(), handler.unwrap_or("").as_bytes()]),
-        base: BaseImageCheck { language: lang, interpreter: None },
+        digest: dispatch_core::digest::sha256_parts([
+            archive.as_slice(),
+            handler.unwrap_or("").as_bytes(),
+        ]),
+        base: BaseImageCheck {
+            language: lang,
+            interpreter: None,
+        },
         archive: Arc::new(archive),
         handler: handler.map(str::to_string),
         env: BTreeMap::new(),
@@ -60,7 +71,13 @@ fn raw(s: &str) -> Box<RawValue> {
 async fn call(b: &LocalBackend, name: &str, payload: &str) -> (serde_json::Value, bool) {
     let ctx = raw(r#"{"secrets":{}}"#);
     let out = b
-        .invoke("default", name, &ctx, &raw(payload), Instant::now() + Duration::from_secs(10))
+        .invoke(
+            "default",
+            name,
+            &ctx,
+            &raw(payload),
+            Instant::now() + Duration::from_secs(10),
+        )
         .await
         .unwrap();
     (serde_json::to_value(&out.envelope).unwrap(), out.cold)
@@ -70,12 +87,20 @@ async fn call(b: &LocalBackend, name: &str, payload: &str) -> (serde_json::Value
 async fn python_hello_returns_the_envelope_and_reuses_the_warm_worker() {
     let f = fx();
     f.backend
-        .deploy_function(deploy("hello", Language::Python3, &[("hello.py", HELLO_PY, 0o644)], None))
+        .deploy_function(deploy(
+            "hello",
+            Language::Python3,
+            &[("hello.py", HELLO_PY, 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, cold) = call(&f.backend, "hello", r#"{"name":"user"}"#).await;
     assert_eq!(env["payload"]["myField"], "Hello, user from Nowhere");
-    assert_eq!(env["context"]["logs"]["stdout"][0], "messages to stdout show up in logs");
+    assert_eq!(
+        env["context"]["logs"]["stdout"][0],
+        "messages to stdout show up in logs"
+    );
     assert_eq!(env["context"]["logs"]["stderr"], serde_json::json!([]));
     assert!(env["context"]["error"].is_null());
     assert!(!cold, "the validation worker stays warm");
@@ -90,14 +115,27 @@ async fn python_hello_returns_the_envelope_and_reuses_the_warm_worker() {
 async fn node_hello_works_with_module_export_and_named_handler() {
     let f = fx();
     f.backend
-        .deploy_function(deploy("hello-js", Language::Nodejs, &[("hello.js", HELLO_JS, 0o644)], None))
+        .deploy_function(deploy(
+            "hello-js",
+            Language::Nodejs,
+            &[("hello.js", HELLO_JS, 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "hello-js", r#"{"name":"node"}"#).await;
     assert_eq!(env["payload"]["myField"], "Hello, node from Nowhere");
-    assert_eq!(env["context"]["logs"]["stdout"][0], "messages to stdout show up in logs");
+    assert_eq!(
+        env["context"]["logs"]["stdout"][0],
+        "messages to stdout show up in logs"
+    );
     f.backend
-        .deploy_function(deploy("named", Language::Nodejs, &[("hello.js", HELLO_JS, 0o644)], Some("hello.handle")))
+        .deploy_function(deploy(
+            "named",
+            Language::Nodejs,
+            &[("hello.js", HELLO_JS, 0o644)],
+            Some("hello.handle"),
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "named", "{}").await;
@@ -109,7 +147,12 @@ async fn python_errors_map_to_input_and_function_errors() {
     let f = fx();
     let src = "def handle(ctx, p):\n    if p == 'bad':\n        raise ValueError('bad input')\n    if p == 'boom':\n        raise RuntimeError('boom')\n    import sys\n    print('to stderr', file=sys.stderr)\n    return ctx['secrets']\n";
     f.backend
-        .deploy_function(deploy("errs", Language::Python3, &[("errs.py", src, 0o644)], None))
+        .deploy_function(deploy(
+            "errs",
+            Language::Python3,
+            &[("errs.py", src, 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "errs", r#""bad""#).await;
@@ -119,8 +162,18 @@ async fn python_errors_map_to_input_and_function_errors() {
     let (env, _) = call(&f.backend, "errs", r#""boom""#).await;
     assert_eq!(env["context"]["error"]["type"], "FunctionError");
     let trace = env["context"]["error"]["stacktrace"].as_array().unwrap();
-    assert!(trace.iter().any(|l| l.as_str().unwrap().contains("errs.py")), "{trace:?}");
-    assert!(!trace.iter().any(|l| l.as_str().unwrap().contains("bootstrap.py")), "{trace:?}");
+    assert!(
+        trace
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("errs.py")),
+        "{trace:?}"
+    );
+    assert!(
+        !trace
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("bootstrap.py")),
+        "{trace:?}"
+    );
     let (env, _) = call(&f.backend, "errs", "1").await;
     assert_eq!(env["payload"], serde_json::json!({}));
     assert_eq!(env["context"]["logs"]["stderr"][0], "to stderr");
@@ -131,22 +184,43 @@ async fn a_handler_that_does_not_load_fails_the_build_with_the_reason() {
     let f = fx();
     let err = f
         .backend
-        .deploy_function(deploy("bad", Language::Python3, &[("bad.py", "def other(c, p):\n    pass\n", 0o644)], Some("bad.handle")))
+        .deploy_function(deploy(
+            "bad",
+            Language::Python3,
+            &[("bad.py", "def other(c, p):\n    pass\n", 0o644)],
+            Some("bad.handle"),
+        ))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("has no attribute 'handle'"), "{err}");
+    assert!(
+        err.to_string().contains("has no attribute 'handle'"),
+        "{err}"
+    );
     let err = f
         .backend
-        .deploy_function(deploy("syntax", Language::Python3, &[("s.py", "def handle(:\n", 0o644)], None))
+        .deploy_function(deploy(
+            "syntax",
+            Language::Python3,
+            &[("s.py", "def handle(:\n", 0o644)],
+            None,
+        ))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("SyntaxError"), "{err}");
     let err = f
         .backend
-        .deploy_function(deploy("nojs", Language::Nodejs, &[("x.js", "module.exports = 42;", 0o644)], None))
+        .deploy_function(deploy(
+            "nojs",
+            Language::Nodejs,
+            &[("x.js", "module.exports = 42;", 0o644)],
+            None,
+        ))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("does not export a function"), "{err}");
+    assert!(
+        err.to_string().contains("does not export a function"),
+        "{err}"
+    );
     assert!(f.backend.pool("default", "bad").is_none());
 }
 
@@ -162,7 +236,13 @@ async fn timeouts_kill_the_process_group_and_the_next_call_gets_a_new_worker() {
     let ctx = raw("{}");
     let out = f
         .backend
-        .invoke("default", "slow", &ctx, &raw(r#""sleep""#), Instant::now() + Duration::from_millis(500))
+        .invoke(
+            "default",
+            "slow",
+            &ctx,
+            &raw(r#""sleep""#),
+            Instant::now() + Duration::from_millis(500),
+        )
         .await
         .unwrap();
     let err = out.envelope.context.error.unwrap();
@@ -170,7 +250,10 @@ async fn timeouts_kill_the_process_group_and_the_next_call_gets_a_new_worker() {
     assert_eq!(err.message, "function timed out after 500ms");
     // The worker and its grandchild are gone (same process group).
     wait_until(|| !pid_alive(pid)).await;
-    assert!(!pgroup_has_members(pid), "the sleep grandchild must be killed too");
+    assert!(
+        !pgroup_has_members(pid),
+        "the sleep grandchild must be killed too"
+    );
     let (env, cold) = call(&f.backend, "slow", r#""fast""#).await;
     assert_eq!(env["payload"], "ok");
     assert!(cold);
@@ -181,12 +264,23 @@ async fn a_crashing_worker_is_a_system_error_and_is_replaced() {
     let f = fx();
     let src = "import os\ndef handle(ctx, p):\n    if p == 'die':\n        os._exit(3)\n    return 'alive'\n";
     f.backend
-        .deploy_function(deploy("crash", Language::Python3, &[("crash.py", src, 0o644)], None))
+        .deploy_function(deploy(
+            "crash",
+            Language::Python3,
+            &[("crash.py", src, 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "crash", r#""die""#).await;
     assert_eq!(env["context"]["error"]["type"], "SystemError");
-    assert!(env["context"]["error"]["message"].as_str().unwrap().contains("exited unexpectedly"), "{env}");
+    assert!(
+        env["context"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited unexpectedly"),
+        "{env}"
+    );
     let (env, cold) = call(&f.backend, "crash", "1").await;
     assert_eq!(env["payload"], "alive");
     assert!(cold);
@@ -195,9 +289,15 @@ async fn a_crashing_worker_is_a_system_error_and_is_replaced() {
 #[tokio::test]
 async fn exec_handlers_read_stdin_and_write_json() {
     let f = fx();
-    let script = "#!/bin/sh\nread -r input\necho \"got $input\" >&2\nprintf '{\"echo\": %s}' \"$input\"\n";
+    let script =
+        "#!/bin/sh\nread -r input\necho \"got $input\" >&2\nprintf '{\"echo\": %s}' \"$input\"\n";
     f.backend
-        .deploy_function(deploy("ex", Language::Exec, &[("run.sh", script, 0o755)], None))
+        .deploy_function(deploy(
+            "ex",
+            Language::Exec,
+            &[("run.sh", script, 0o755)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, cold) = call(&f.backend, "ex", r#"{"a":1}"#).await;
@@ -206,18 +306,34 @@ async fn exec_handlers_read_stdin_and_write_json() {
     assert!(cold);
     let bad = "#!/bin/sh\necho not json\nexit 0\n";
     f.backend
-        .deploy_function(deploy("ex-bad", Language::Exec, &[("bad.sh", bad, 0o755)], None))
+        .deploy_function(deploy(
+            "ex-bad",
+            Language::Exec,
+            &[("bad.sh", bad, 0o755)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "ex-bad", "1").await;
     assert_eq!(env["context"]["error"]["type"], "FunctionError");
     let failing = "#!/bin/sh\necho oops >&2\nexit 4\n";
     f.backend
-        .deploy_function(deploy("ex-fail", Language::Exec, &[("f.sh", failing, 0o755)], None))
+        .deploy_function(deploy(
+            "ex-fail",
+            Language::Exec,
+            &[("f.sh", failing, 0o755)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "ex-fail", "1").await;
-    assert!(env["context"]["error"]["message"].as_str().unwrap().contains("exit status: 4"), "{env}");
+    assert!(
+        env["context"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exit status: 4"),
+        "{env}"
+    );
     assert_eq!(env["context"]["logs"]["stderr"][0], "oops");
 }
 
@@ -230,7 +346,10 @@ async fn workers_get_only_the_declared_environment() {
     f.backend.deploy_function(d).await.unwrap();
     let (env, _) = call(&f.backend, "envf", "1").await;
     assert_eq!(env["payload"]["GREETING"], "hi");
-    assert!(env["payload"]["CARGO"].is_null(), "server env must not leak: {env}");
+    assert!(
+        env["payload"]["CARGO"].is_null(),
+        "server env must not leak: {env}"
+    );
 }
 
 #[tokio::test]
@@ -238,7 +357,12 @@ async fn concurrency_is_bounded_by_max_workers() {
     let f = fx();
     let src = "import time, os\ndef handle(ctx, p):\n    time.sleep(0.2)\n    return os.getpid()\n";
     f.backend
-        .deploy_function(deploy("conc", Language::Python3, &[("conc.py", src, 0o644)], None))
+        .deploy_function(deploy(
+            "conc",
+            Language::Python3,
+            &[("conc.py", src, 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let b = f.backend.clone();
@@ -254,7 +378,11 @@ async fn concurrency_is_bounded_by_max_workers() {
     }
     pids.sort();
     pids.dedup();
-    assert_eq!(pids.len(), 2, "maxWorkers=2 → at most two distinct workers: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        2,
+        "maxWorkers=2 → at most two distinct workers: {pids:?}"
+    );
     assert_eq!(f.backend.pool("default", "conc").unwrap().live_workers(), 2);
 }
 
@@ -262,12 +390,22 @@ async fn concurrency_is_bounded_by_max_workers() {
 async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
     let f = fx();
     f.backend
-        .deploy_function(deploy("v", Language::Python3, &[("v.py", "def handle(c, p):\n    return 1\n", 0o644)], None))
+        .deploy_function(deploy(
+            "v",
+            Language::Python3,
+            &[("v.py", "def handle(c, p):\n    return 1\n", 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let old_pid = f.backend.pool("default", "v").unwrap().idle_pids()[0];
     f.backend
-        .deploy_function(deploy("v", Language::Python3, &[("v.py", "def handle(c, p):\n    return 2\n", 0o644)], None))
+        .deploy_function(deploy(
+            "v",
+            Language::Python3,
+            &[("v.py", "def handle(c, p):\n    return 2\n", 0o644)],
+            None,
+        ))
         .await
         .unwrap();
     let (env, _) = call(&f.backend, "v", "1").await;
@@ -280,14 +418,24 @@ async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
 #[tokio::test]
 async fn idle_workers_are_reaped_down_to_min_workers() {
     let f = fx();
-    let mut d = deploy("idle", Language::Python3, &[("idle.py", "def handle(c, p):\n    return 1\n", 0o644)], None);
+    let mut d = deploy(
+        "idle",
+        Language::Python3,
+        &[("idle.py", "def handle(c, p):\n    return 1\n", 0o644)],
+        None,
+    );
     d.idle_timeout = Duration::from_millis(1);
     f.backend.deploy_function(d).await.unwrap();
     let pool = f.backend.pool("default", "idle").unwrap();
     assert_eq!(pool.live_workers(), 1);
     pool.reap(Instant::now() + Duration::from_secs(1));
     assert_eq!(pool.live_workers(), 0, "scale to zero");
-    let mut d = deploy("warm", Language::Python3, &[("warm.py", "def handle(c, p):\n    return 1\n", 0o644)], None);
+    let mut d = deploy(
+        "warm",
+        Language::Python3,
+        &[("warm.py", "def handle(c, p):\n    return 1\n", 0o644)],
+        None,
+    );
     d.min_workers = 2;
     d.idle_timeout = Duration::from_millis(1);
     f.backend.deploy_function(d).await.unwrap();
@@ -300,7 +448,7 @@ async fn idle_workers_are_reaped_down_to_min_workers() {
 fn pid_alive(pid: i32) -> bool {
     // A zombie still has /proc/PID; its state is Z.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 

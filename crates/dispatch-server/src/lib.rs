@@ -1,1 +1,196 @@
-//! placeholder
+//! The embedded server: the control-plane API (`/v1/…`), the gateway that routes user HTTP
+//! endpoints to functions, the controller that builds resources into running functions, and
+//! the recorder that writes run records off the hot path.
+//!
+//! Start reading at [`Server::start`] (how the pieces are wired), then [`api`] (the routes of
+//! DESIGN §4), [`invoke`] (one function call, shared by the API and the gateway) and
+//! [`controller`] (phases INITIALIZED → CREATING → READY | ERROR).
+
+pub mod api;
+pub mod controller;
+mod error;
+pub mod gateway;
+pub mod invoke;
+pub mod recorder;
+pub mod routes;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_runtime::{Backend, LocalBackend};
+use dispatch_store::{BlobStore, SqliteStore, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+pub use state::AppState;
+
+/// How long in-flight calls may take to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// SQLite database, blobs, builds and runtimes live here.
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("failed to create the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to open the store in {path}")]
+    Store {
+        path: String,
+        #[source]
+        source: dispatch_store::StoreError,
+    },
+    #[error("failed to prepare the local runtimes in {path}")]
+    Runtime {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "failed to listen on {addr} ({what}): is another server running there? pick another address"
+    )]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {what} listener failed")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running server. Dropping it does not stop it: call [`Server::stop`].
+pub struct Server {
+    pub api_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    gateway: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Opens the store in `config.data_dir`, binds both listeners, starts the controller and
+    /// serves. Returns once the server accepts connections (`/readyz` answers 200 as soon as
+    /// every stored resource has been handed to the controller).
+    pub async fn start(config: &Config) -> Result<Server, ServerError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let store_err = |source| ServerError::Store {
+            path: dir.display().to_string(),
+            source,
+        };
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.join("dispatch.db")).map_err(store_err)?);
+        let blobs = BlobStore::open(dir.join("blobs")).map_err(store_err)?;
+        let local = LocalBackend::new(dir).map_err(|source| ServerError::Runtime {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        local.spawn_reaper();
+        let backend: Arc<dyn Backend> = local;
+        let api = bind("api", config.api_addr).await?;
+        let gateway = bind("gateway", config.gateway_addr).await?;
+        Ok(Self::serve(store, blobs, backend, api, gateway).await)
+    }
+
+    /// Serves on listeners the caller bound, with the given parts (tests inject their own).
+    pub async fn serve(
+        store: Arc<dyn Store>,
+        blobs: BlobStore,
+        backend: Arc<dyn Backend>,
+        api: TcpListener,
+        gateway: TcpListener,
+    ) -> Server {
+        let state = AppState::start(store, blobs, backend).await;
+        let (shutdown, rx) = watch::channel(false);
+        let api_addr = api
+            .local_addr()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+        let gateway_addr = gateway
+            .local_addr()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+        let api_task = tokio::spawn(serve_one(api, api::router(state.clone()), rx.clone()));
+        let gw_task = tokio::spawn(serve_one(gateway, gateway::router(state.clone()), rx));
+        tracing::info!(%api_addr, %gateway_addr, backend = state.backend.name(), "dispatch server ready");
+        Server {
+            api_addr,
+            gateway_addr,
+            state,
+            shutdown,
+            api: api_task,
+            gateway: gw_task,
+        }
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight calls finish (bounded), stop the
+    /// controller, kill every worker, flush run records.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            let api = self.api.await;
+            let gw = self.gateway.await;
+            (api, gw)
+        })
+        .await;
+        self.state.stop().await;
+        match drained {
+            Ok((api, gw)) => {
+                for (what, res) in [("api", api), ("gateway", gw)] {
+                    if let Ok(Err(source)) = res {
+                        return Err(ServerError::Serve { what, source });
+                    }
+                }
+            }
+            Err(_) => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs a server until `shutdown` completes, then stops it gracefully.
+pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    let server = Server::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight calls");
+    server.stop().await
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+async fn serve_one(
+    listener: TcpListener,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}

@@ -128,9 +128,7 @@ impl Store for SqliteStore {
             "SELECT body FROM resources WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2)
              ORDER BY namespace, name",
         )?;
-        let rows = stmt.query_map(params![kind.as_str(), namespace], |r| {
-            r.get::<_, String>(0)
-        })?;
+        let rows = stmt.query_map(params![kind.as_str(), namespace], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for body in rows {
             out.push(serde_json::from_str(&body?)?);
@@ -170,15 +168,15 @@ impl Store for SqliteStore {
             return Err(not_found(object.kind, &ns, object.name()));
         };
         let current = rv_of(&stored);
-        if let Some(expected) = &object.metadata.resource_version {
-            if *expected != current.to_string() {
-                return Err(StoreError::Conflict {
-                    kind: object.kind,
-                    name: object.metadata.name.clone(),
-                    expected: expected.clone(),
-                    actual: current.to_string(),
-                });
-            }
+        if let Some(expected) = &object.metadata.resource_version
+            && *expected != current.to_string()
+        {
+            return Err(StoreError::Conflict {
+                kind: object.kind,
+                name: object.metadata.name.clone(),
+                expected: expected.clone(),
+                actual: current.to_string(),
+            });
         }
         if stored.spec != object.spec {
             stored.metadata.generation = Some(stored.metadata.generation.unwrap_or(0) + 1);

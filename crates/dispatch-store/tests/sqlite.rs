@@ -12,7 +12,12 @@ fn store() -> (tempfile::TempDir, SqliteStore) {
 }
 
 fn image(name: &str) -> Object {
-    Object::new(Kind::Image, "default", name, json!({"baseImage": "python3"}))
+    Object::new(
+        Kind::Image,
+        "default",
+        name,
+        json!({"baseImage": "python3"}),
+    )
 }
 
 fn run(id: &str, function: &str, status: RunStatus) -> Run {
@@ -125,5 +130,8 @@ fn runs_filter_by_function_and_status_newest_first() {
     assert!(s.get_run("default", "01A").unwrap().is_some());
     assert!(s.get_run("other-ns", "01A").unwrap().is_none());
     assert_eq!(s.delete_runs_of("default", "hello").unwrap(), 2);
-    assert_eq!(s.list_runs("default", &RunFilter::default()).unwrap().len(), 1);
+    assert_eq!(
+        s.list_runs("default", &RunFilter::default()).unwrap().len(),
+        1
+    );
 }

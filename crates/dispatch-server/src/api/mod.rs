@@ -1,0 +1,99 @@
+//! The control-plane API (default 127.0.0.1:8080, DESIGN §4): health, version, resource CRUD
+//! under `/v1/namespaces/{ns}/{kind}`, source upload, sync exec and run records.
+
+mod resources;
+mod runs;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use dispatch_core::{API_VERSION, BaseImageSpec, Kind, Language, Object, Phase, Status};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Largest source archive accepted (compressed).
+pub const MAX_SOURCE_BYTES: usize = 64 * 1024 * 1024;
+/// Exec bodies carry the payload plus a small wrapper.
+const MAX_EXEC_BODY: usize = dispatch_core::MAX_PAYLOAD_BYTES + 64 * 1024;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let ns = "/v1/namespaces/{ns}";
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/version", get(version))
+        .route(&format!("{ns}/runs"), get(runs::list))
+        .route(&format!("{ns}/runs/{{id}}"), get(runs::get_one))
+        .route(&format!("{ns}/runs/{{id}}/logs"), get(runs::logs))
+        .route(
+            &format!("{ns}/functions/{{name}}/source"),
+            post(runs::upload_source).layer(DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
+        )
+        .route(
+            &format!("{ns}/functions/{{name}}/runs"),
+            post(runs::exec).layer(DefaultBodyLimit::max(MAX_EXEC_BODY)),
+        )
+        .route(
+            &format!("{ns}/{{kind}}"),
+            get(resources::list).post(resources::create),
+        )
+        .route(
+            &format!("{ns}/{{kind}}/{{name}}"),
+            get(resources::get_one)
+                .put(resources::update)
+                .patch(resources::patch)
+                .delete(resources::delete),
+        )
+        .fallback(|| async {
+            ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
+        })
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if state.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "apiVersion": API_VERSION,
+        "backend": state.backend.name(),
+    }))
+}
+
+/// Names of the base images every namespace has.
+pub const BUILTIN_BASE_IMAGES: [&str; 2] = ["python3", "nodejs"];
+
+/// The built-in base image `name` of namespace `ns` (`python3`, `nodejs`), if it is one.
+pub fn builtin_base_image(ns: &str, name: &str) -> Option<Object> {
+    let (image, language) = match name {
+        "python3" => ("python:3-slim", Language::Python3),
+        "nodejs" => ("node:20-slim", Language::Nodejs),
+        _ => return None,
+    };
+    let spec = BaseImageSpec {
+        image: image.into(),
+        language: Some(language),
+        interpreter: None,
+    };
+    let mut o = Object::new(Kind::BaseImage, ns, name, spec);
+    o.metadata
+        .labels
+        .insert("dispatch.dev/builtin".into(), "true".into());
+    o.status = Status::phase(Phase::Ready);
+    Some(o)
+}
+
+pub(crate) fn check_namespace(ns: &str) -> Result<(), ApiError> {
+    dispatch_core::names::validate_name("namespace", ns).map_err(ApiError::from)
+}

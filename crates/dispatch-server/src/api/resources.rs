@@ -1,0 +1,368 @@
+//! Resource CRUD: `/v1/namespaces/{ns}/{kind}[/{name}]`. Every write is admitted first
+//! (validated, references checked, defaults filled), so that bad input is a 4xx and stores
+//! nothing; then stored; then handed to the controller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use dispatch_core::{BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object};
+use dispatch_runtime::{ImageBuild, handler, source};
+
+use super::{BUILTIN_BASE_IMAGES, builtin_base_image, check_namespace};
+use crate::controller::{Key, base_check};
+use crate::error::{ApiError, parse_json};
+use crate::routes;
+use crate::state::AppState;
+
+fn kind_of(kind: &str) -> Result<Kind, ApiError> {
+    Kind::parse(kind).ok_or_else(|| {
+        let all: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
+        ApiError::not_found(format!(
+            "unknown resource kind {kind:?}: use one of {}",
+            all.join(", ")
+        ))
+    })
+}
+
+fn not_found(ns: &str, kind: Kind, name: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "{} {name:?} not found in namespace {ns:?}",
+        kind.human()
+    ))
+}
+
+/// `?l=team=web,tier=api`: every pair must match.
+fn matches_labels(o: &Object, selector: Option<&String>) -> bool {
+    let Some(sel) = selector else { return true };
+    sel.split(',').filter(|p| !p.is_empty()).all(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        o.metadata.labels.get(k.trim()).map(String::as_str) == Some(v.trim())
+    })
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Path((ns, kind)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<Object>>, ApiError> {
+    check_namespace(&ns)?;
+    let kind = kind_of(&kind)?;
+    let nsc = ns.clone();
+    let mut items = state.db(move |s| s.list(Some(&nsc), kind)).await?;
+    if kind == Kind::BaseImage {
+        items.extend(
+            BUILTIN_BASE_IMAGES
+                .iter()
+                .filter_map(|n| builtin_base_image(&ns, n)),
+        );
+        items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    items.retain(|o| matches_labels(o, q.get("l")));
+    Ok(Json(items))
+}
+
+pub async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+) -> Result<Json<Object>, ApiError> {
+    check_namespace(&ns)?;
+    let kind = kind_of(&kind)?;
+    state
+        .get(&ns, kind, &name)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found(&ns, kind, &name))
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Path((ns, kind)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_namespace(&ns)?;
+    let kind = kind_of(&kind)?;
+    let obj: Object = parse_json(&body, "resource")?;
+    let obj = admit(&state, &ns, kind, obj).await?;
+    let stored = state.db(move |s| s.create(obj)).await?;
+    state.enqueue(Key::of(&stored));
+    Ok((StatusCode::CREATED, Json(stored)).into_response())
+}
+
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Json<Object>, ApiError> {
+    check_namespace(&ns)?;
+    let kind = kind_of(&kind)?;
+    let obj: Object = parse_json(&body, "resource")?;
+    replace(&state, &ns, kind, &name, obj).await.map(Json)
+}
+
+/// JSON merge patch (RFC 7396) of the stored object, then the same path as PUT.
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Json<Object>, ApiError> {
+    check_namespace(&ns)?;
+    let kind = kind_of(&kind)?;
+    let patch: serde_json::Value = parse_json(&body, "patch")?;
+    let current = state
+        .get(&ns, kind, &name)
+        .await?
+        .ok_or_else(|| not_found(&ns, kind, &name))?;
+    let mut doc =
+        serde_json::to_value(&current).map_err(|e| ApiError::internal("encoding an object", &e))?;
+    merge_patch(&mut doc, &patch);
+    let obj: Object = serde_json::from_value(doc)
+        .map_err(|e| ApiError::bad_request(format!("patched resource is not valid: {e}")))?;
+    replace(&state, &ns, kind, &name, obj).await.map(Json)
+}
+
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+async fn replace(
+    state: &Arc<AppState>,
+    ns: &str,
+    kind: Kind,
+    name: &str,
+    obj: Object,
+) -> Result<Object, ApiError> {
+    if obj.metadata.name != name {
+        return Err(ApiError::bad_request(format!(
+            "metadata.name {:?} does not match the name in the path {name:?}",
+            obj.metadata.name
+        )));
+    }
+    if builtin_base_image(ns, name).is_some() && kind == Kind::BaseImage {
+        return Err(builtin(name));
+    }
+    let obj = admit(state, ns, kind, obj).await?;
+    let stored = state.db(move |s| s.update(obj)).await?;
+    state.enqueue(Key::of(&stored));
+    Ok(stored)
+}
+
+fn builtin(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "BuiltIn",
+        format!(
+            "base image {name:?} is built in and cannot be changed: create a base image with another name"
+        ),
+    )
+}
+
+/// Names of the resources of `kind` in `ns` whose spec field `field` is `name`.
+async fn users(
+    state: &AppState,
+    ns: &str,
+    kind: Kind,
+    field: &'static str,
+    name: &str,
+) -> Result<Vec<String>, ApiError> {
+    let nsc = ns.to_string();
+    let all = state.db(move |s| s.list(Some(&nsc), kind)).await?;
+    Ok(all
+        .into_iter()
+        .filter(|o| o.spec.get(field).and_then(|v| v.as_str()) == Some(name))
+        .map(|o| o.metadata.name)
+        .collect())
+}
+
+fn in_use(what: Kind, name: &str, by: Kind, users: &[String]) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "InUse",
+        format!(
+            "{} {name:?} is used by {} {}: delete or change them first",
+            what.human(),
+            by.plural(),
+            users.join(", ")
+        ),
+    )
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+) -> Result<Json<Object>, ApiError> {
+    check_namespace(&ns)?;
+    let kind = kind_of(&kind)?;
+    let dependents = match kind {
+        Kind::BaseImage if builtin_base_image(&ns, &name).is_some() => return Err(builtin(&name)),
+        Kind::BaseImage => Some((Kind::Image, "baseImage")),
+        Kind::Image => Some((Kind::Function, "image")),
+        Kind::Function => Some((Kind::Endpoint, "function")),
+        Kind::Endpoint => None,
+    };
+    if let Some((by, field)) = dependents {
+        let u = users(&state, &ns, by, field, &name).await?;
+        if !u.is_empty() {
+            return Err(in_use(kind, &name, by, &u));
+        }
+    }
+    let (nsc, namec) = (ns.clone(), name.clone());
+    let deleted = state.db(move |s| s.delete(&nsc, kind, &namec)).await?;
+    match kind {
+        Kind::Function => {
+            state.set_deployed(&ns, &name, None);
+            state.backend.remove_function(&ns, &name).await;
+            state.recorder.flush().await;
+            let (nsc, namec) = (ns.clone(), name.clone());
+            state.db(move |s| s.delete_runs_of(&nsc, &namec)).await?;
+        }
+        Kind::Endpoint => state.rebuild_routes().await?,
+        _ => {}
+    }
+    state.enqueue(Key::new(&ns, kind, &name));
+    Ok(Json(deleted))
+}
+
+fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> ApiError {
+    ApiError::unknown_reference(format!(
+        "{} {name:?} not found in namespace {ns:?}: {hint}",
+        kind.human()
+    ))
+}
+
+/// Validates an object for `ns`/`kind` and fills what the server decides (defaults, the
+/// default handler). Nothing is stored here.
+async fn admit(
+    state: &AppState,
+    ns: &str,
+    kind: Kind,
+    mut obj: Object,
+) -> Result<Object, ApiError> {
+    if obj.kind != kind {
+        return Err(ApiError::bad_request(format!(
+            "kind {} does not belong under /{}: send it to /{}",
+            obj.kind,
+            kind.plural(),
+            obj.kind.plural()
+        )));
+    }
+    match &obj.metadata.namespace {
+        Some(other) if other != ns => {
+            return Err(ApiError::bad_request(format!(
+                "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
+            )));
+        }
+        _ => obj.metadata.namespace = Some(ns.to_string()),
+    }
+    obj.validate()?;
+    match kind {
+        Kind::BaseImage => {
+            if builtin_base_image(ns, obj.name()).is_some() {
+                return Err(builtin(obj.name()));
+            }
+        }
+        Kind::Image => {
+            let spec: ImageSpec = obj.typed_spec()?;
+            let base = base_image_spec(state, ns, &spec.base_image).await?;
+            state.backend.validate_image(&ImageBuild {
+                base: base_check(&base),
+                runtime_dependencies: spec.runtime_dependencies.map(|d| d.manifest),
+                system_dependencies: spec.system_dependencies.len(),
+            })?;
+        }
+        Kind::Function => {
+            let spec: FunctionSpec = obj.typed_spec()?;
+            let Some(image) = state.get(ns, Kind::Image, &spec.image).await? else {
+                return Err(unknown(
+                    Kind::Image,
+                    &spec.image,
+                    ns,
+                    "create it first (dispatch create image NAME BASE-IMAGE)",
+                ));
+            };
+            let image: ImageSpec = image.typed_spec()?;
+            let base = base_image_spec(state, ns, &image.base_image).await?;
+            let source = spec.source.clone().unwrap_or_default();
+            let blobs = state.blobs.clone();
+            let files = tokio::task::spawn_blocking(move || {
+                if !blobs.exists(&source) {
+                    return Ok(None);
+                }
+                let archive = blobs.read(&source).map_err(|e| e.to_string())?;
+                source::inspect(&archive)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| ApiError::internal("inspecting a source archive", &e))?
+            .map_err(|e| ApiError::bad_request(format!("source archive is not valid: {e}")))?;
+            let Some(files) = files else {
+                return Err(ApiError::unknown_reference(format!(
+                    "source {} was not uploaded: POST the archive to /v1/namespaces/{ns}/functions/{}/source first",
+                    spec.source.unwrap_or_default(),
+                    obj.name()
+                )));
+            };
+            let resolved = handler::resolve(base.lang(), spec.handler.as_deref(), &files)?;
+            if let Some(m) = obj.spec.as_object_mut() {
+                m.insert("handler".into(), resolved.handler.into());
+            }
+        }
+        Kind::Endpoint => {
+            let spec: EndpointSpec = obj.typed_spec()?;
+            if state
+                .get(ns, Kind::Function, &spec.function)
+                .await?
+                .is_none()
+            {
+                return Err(unknown(
+                    Kind::Function,
+                    &spec.function,
+                    ns,
+                    "create it first (dispatch create function NAME PATH --image IMAGE)",
+                ));
+            }
+            let others = state.db(|s| s.list(None, Kind::Endpoint)).await?;
+            if let Some(msg) = routes::conflict(&spec, &others, (ns, obj.name())) {
+                return Err(ApiError::new(StatusCode::CONFLICT, "RouteConflict", msg));
+            }
+        }
+    }
+    Ok(obj)
+}
+
+async fn base_image_spec(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<BaseImageSpec, ApiError> {
+    let Some(base) = state.get(ns, Kind::BaseImage, name).await? else {
+        return Err(unknown(
+            Kind::BaseImage,
+            name,
+            ns,
+            "create it first (dispatch create base-image NAME IMAGE-REF) or use the built-in python3 or nodejs",
+        ));
+    };
+    Ok(base.typed_spec()?)
+}

@@ -1,0 +1,425 @@
+//! The controller: turns stored resources into running functions (DESIGN §3 phases
+//! INITIALIZED → CREATING → READY | ERROR, with the reason).
+//!
+//! Every create, update and delete enqueues the resource's [`Key`]; so does start-up, for every
+//! stored resource (a restart redeploys everything and resumes what was CREATING). Keys are
+//! reconciled concurrently but one key never twice at once: a key that changes while it is
+//! being reconciled is reconciled again afterwards, so the last change always wins.
+//! A base image that becomes ready re-enqueues its images; an image, its functions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dispatch_core::{
+    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, Phase, Status, digest,
+};
+use dispatch_runtime::{BaseImageCheck, FunctionDeploy, ImageBuild};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::error::ApiError;
+use crate::state::{AppState, Deployed};
+
+/// Which resource to reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub namespace: String,
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(namespace: &str, kind: Kind, name: &str) -> Key {
+        Key {
+            namespace: namespace.to_string(),
+            kind,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn of(o: &Object) -> Key {
+        Key::new(o.namespace(), o.kind, o.name())
+    }
+}
+
+pub struct Controller {
+    tx: mpsc::UnboundedSender<Key>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Controller {
+    pub fn channel() -> (Controller, mpsc::UnboundedReceiver<Key>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Controller {
+                tx,
+                task: std::sync::Mutex::new(None),
+            },
+            rx,
+        )
+    }
+
+    pub fn spawn(&self, state: Arc<AppState>, rx: mpsc::UnboundedReceiver<Key>) {
+        let task = tokio::spawn(run(state, rx));
+        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    pub fn enqueue(&self, key: Key) {
+        // Fails only after stop(): nothing to reconcile then.
+        let _ = self.tx.send(key);
+    }
+
+    /// Stops reconciling (builds in progress are dropped; start-up resumes them).
+    pub fn stop(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+async fn run(state: Arc<AppState>, mut rx: mpsc::UnboundedReceiver<Key>) {
+    // Key → "changed again while running".
+    let mut running: HashMap<Key, bool> = HashMap::new();
+    let mut tasks: JoinSet<Key> = JoinSet::new();
+    loop {
+        tokio::select! {
+            key = rx.recv() => {
+                let Some(key) = key else { break };
+                if let Some(dirty) = running.get_mut(&key) {
+                    *dirty = true;
+                } else {
+                    running.insert(key.clone(), false);
+                    tasks.spawn(reconcile_key(state.clone(), key));
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok(key) = done else { continue };
+                if running.remove(&key) == Some(true) {
+                    running.insert(key.clone(), false);
+                    tasks.spawn(reconcile_key(state.clone(), key));
+                }
+            }
+        }
+    }
+}
+
+async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
+    let res = match key.kind {
+        Kind::BaseImage => reconcile_base_image(&state, &key).await,
+        Kind::Image => reconcile_image(&state, &key).await,
+        Kind::Function => reconcile_function(&state, &key).await,
+        Kind::Endpoint => reconcile_endpoint(&state, &key).await,
+    };
+    if let Err(e) = res {
+        tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {}", e.message);
+    }
+    key
+}
+
+/// Writes a status unless it is already the stored one; a deleted object is not an error.
+async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), ApiError> {
+    if o.status == status {
+        return Ok(());
+    }
+    let (ns, kind, name) = (o.namespace().to_string(), o.kind, o.name().to_string());
+
+    state
+        .db(move |s| match s.update_status(&ns, kind, &name, status) {
+            Ok(_) => Ok(()),
+            Err(dispatch_store::StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+}
+
+fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &Object) -> Status {
+    Status {
+        phase: Some(phase),
+        reason: reason.into(),
+        digest,
+        observed_generation: o.metadata.generation,
+    }
+}
+
+/// Sets the phase to CREATING (keeping the old digest) unless the object is already there.
+async fn mark_creating(state: &AppState, o: &Object, reason: &str) -> Result<(), ApiError> {
+    let s = status(Phase::Creating, reason, o.status.digest.clone(), o);
+    set_status(state, o, s).await
+}
+
+async fn dependents(
+    state: &AppState,
+    ns: &str,
+    kind: Kind,
+    refers: impl Fn(&Object) -> bool,
+) -> Result<(), ApiError> {
+    let nsc = ns.to_string();
+    for o in state.db(move |s| s.list(Some(&nsc), kind)).await? {
+        if refers(&o) {
+            state.enqueue(Key::of(&o));
+        }
+    }
+    Ok(())
+}
+
+/// The language and interpreter of a base image spec.
+pub fn base_check(spec: &BaseImageSpec) -> BaseImageCheck {
+    BaseImageCheck {
+        language: spec.lang(),
+        interpreter: spec.interpreter.clone(),
+    }
+}
+
+async fn reconcile_base_image(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    let Some(o) = state
+        .get(&key.namespace, Kind::BaseImage, &key.name)
+        .await?
+    else {
+        return Ok(());
+    };
+    let spec: BaseImageSpec = match o.typed_spec() {
+        Ok(s) => s,
+        Err(e) => return set_status(state, &o, status(Phase::Error, e.message, None, &o)).await,
+    };
+    let d = digest::sha256_parts([
+        b"baseimage".as_slice(),
+        serde_json::to_string(&o.spec)
+            .unwrap_or_default()
+            .as_bytes(),
+    ]);
+    if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
+        mark_creating(state, &o, "checking the interpreter").await?;
+    }
+    let new = match state.backend.check_base_image(&base_check(&spec)).await {
+        Ok(()) => status(Phase::Ready, "", Some(d), &o),
+        Err(e) => status(Phase::Error, e.to_string(), None, &o),
+    };
+    set_status(state, &o, new).await?;
+    let name = key.name.clone();
+    dependents(state, &key.namespace, Kind::Image, move |i| {
+        i.spec.get("baseImage").and_then(|v| v.as_str()) == Some(&name)
+    })
+    .await
+}
+
+/// An image's base image, if it exists, with its check.
+async fn image_base(
+    state: &AppState,
+    ns: &str,
+    spec: &ImageSpec,
+) -> Result<Result<(Object, BaseImageSpec), String>, ApiError> {
+    let Some(base) = state.get(ns, Kind::BaseImage, &spec.base_image).await? else {
+        return Ok(Err(format!(
+            "base image {:?} not found in namespace {ns:?}",
+            spec.base_image
+        )));
+    };
+    match base.typed_spec::<BaseImageSpec>() {
+        Ok(b) => Ok(Ok((base, b))),
+        Err(e) => Ok(Err(e.message)),
+    }
+}
+
+async fn reconcile_image(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    let Some(o) = state.get(&key.namespace, Kind::Image, &key.name).await? else {
+        return Ok(());
+    };
+    let result = build_image(state, &o).await?;
+    if let Some(new) = result {
+        set_status(state, &o, new).await?;
+    }
+    let name = key.name.clone();
+    dependents(state, &key.namespace, Kind::Function, move |f| {
+        f.spec.get("image").and_then(|v| v.as_str()) == Some(&name)
+    })
+    .await
+}
+
+/// The new status of an image, or `None` while it waits for its base image.
+async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, ApiError> {
+    let spec: ImageSpec = match o.typed_spec() {
+        Ok(s) => s,
+        Err(e) => return Ok(Some(status(Phase::Error, e.message, None, o))),
+    };
+    let (base, base_spec) = match image_base(state, o.namespace(), &spec).await? {
+        Ok(b) => b,
+        Err(reason) => return Ok(Some(status(Phase::Error, reason, None, o))),
+    };
+    match base.phase() {
+        Some(Phase::Ready) => {}
+        Some(Phase::Error) => {
+            let reason = format!(
+                "base image {:?} failed: {}",
+                base.name(),
+                base.status.reason
+            );
+            return Ok(Some(status(Phase::Error, reason, None, o)));
+        }
+        _ => {
+            let reason = format!("waiting for base image {:?}", base.name());
+            set_status(state, o, status(Phase::Initialized, reason, None, o)).await?;
+            return Ok(None);
+        }
+    }
+    let deps = spec
+        .runtime_dependencies
+        .as_ref()
+        .map(|d| d.manifest.clone());
+    let d = digest::sha256_parts([
+        b"image".as_slice(),
+        serde_json::to_string(&base.spec)
+            .unwrap_or_default()
+            .as_bytes(),
+        deps.as_deref().unwrap_or("").as_bytes(),
+    ]);
+    if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
+        mark_creating(state, o, "building").await?;
+    }
+    let build = ImageBuild {
+        base: base_check(&base_spec),
+        runtime_dependencies: deps,
+        system_dependencies: spec.system_dependencies.len(),
+    };
+    Ok(Some(match state.backend.build_image(&build).await {
+        Ok(()) => status(Phase::Ready, "", Some(d), o),
+        Err(e) => status(Phase::Error, e.to_string(), None, o),
+    }))
+}
+
+/// The function digest: the image digest, the source, the handler and every runtime setting
+/// (DESIGN §3), so that an unchanged function is never rebuilt.
+pub fn function_digest(image_digest: &str, base: &BaseImageSpec, spec: &FunctionSpec) -> String {
+    let settings = serde_json::json!({
+        "handler": spec.handler,
+        "timeout": spec.timeout,
+        "env": spec.env,
+        "concurrency": spec.concurrency,
+        "language": base.lang().as_str(),
+        "interpreter": base.interpreter,
+    });
+    digest::sha256_parts([
+        b"function".as_slice(),
+        image_digest.as_bytes(),
+        spec.source.as_deref().unwrap_or("").as_bytes(),
+        settings.to_string().as_bytes(),
+    ])
+}
+
+async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    let Some(o) = state.get(&key.namespace, Kind::Function, &key.name).await? else {
+        state.set_deployed(&key.namespace, &key.name, None);
+        state
+            .backend
+            .remove_function(&key.namespace, &key.name)
+            .await;
+        return Ok(());
+    };
+    let fail = |reason: String| status(Phase::Error, reason, None, &o);
+    let spec: FunctionSpec = match o.typed_spec() {
+        Ok(s) => s,
+        Err(e) => return set_status(state, &o, fail(e.message)).await,
+    };
+    let Some(image) = state.get(o.namespace(), Kind::Image, &spec.image).await? else {
+        let reason = format!(
+            "image {:?} not found in namespace {:?}",
+            spec.image,
+            o.namespace()
+        );
+        return set_status(state, &o, fail(reason)).await;
+    };
+    match image.phase() {
+        Some(Phase::Ready) => {}
+        Some(Phase::Error) => {
+            let reason = format!("image {:?} failed: {}", image.name(), image.status.reason);
+            return set_status(state, &o, fail(reason)).await;
+        }
+        _ => {
+            let reason = format!("waiting for image {:?}", image.name());
+            let s = status(Phase::Initialized, reason, o.status.digest.clone(), &o);
+            return set_status(state, &o, s).await;
+        }
+    }
+    let image_spec: ImageSpec = match image.typed_spec() {
+        Ok(s) => s,
+        Err(e) => return set_status(state, &o, fail(e.message)).await,
+    };
+    let (_, base_spec) = match image_base(state, o.namespace(), &image_spec).await? {
+        Ok(b) => b,
+        Err(reason) => return set_status(state, &o, fail(reason)).await,
+    };
+    let d = function_digest(
+        image.status.digest.as_deref().unwrap_or(""),
+        &base_spec,
+        &spec,
+    );
+    if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
+        mark_creating(state, &o, "building").await?;
+    }
+    let (timeout, idle_timeout) = match (spec.timeout(), spec.idle_timeout()) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => return set_status(state, &o, fail(e.message)).await,
+    };
+    let source = spec.source.clone().unwrap_or_default();
+    let blobs = state.blobs.clone();
+    let archive = match tokio::task::spawn_blocking(move || blobs.read(&source)).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            return set_status(state, &o, fail(format!("source archive unreadable: {e}"))).await;
+        }
+        Err(e) => return Err(ApiError::internal("reading a source archive", &e)),
+    };
+    let deploy = FunctionDeploy {
+        namespace: o.namespace().to_string(),
+        name: o.name().to_string(),
+        digest: d.clone(),
+        base: base_check(&base_spec),
+        archive: Arc::new(archive),
+        handler: spec.handler.clone(),
+        env: spec.env.clone(),
+        timeout,
+        max_workers: spec.max_workers(),
+        min_workers: spec.min_workers(),
+        idle_timeout,
+    };
+    match state.backend.deploy_function(deploy).await {
+        Ok(()) => {
+            state.set_deployed(
+                o.namespace(),
+                o.name(),
+                Some(Deployed {
+                    digest: d.clone(),
+                    timeout,
+                }),
+            );
+            set_status(state, &o, status(Phase::Ready, "", Some(d), &o)).await
+        }
+        Err(e) => set_status(state, &o, fail(e.to_string())).await,
+    }
+}
+
+async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    state.rebuild_routes().await?;
+    let Some(o) = state.get(&key.namespace, Kind::Endpoint, &key.name).await? else {
+        return Ok(());
+    };
+    let new = match o.typed_spec::<EndpointSpec>() {
+        Ok(spec) => match state
+            .get(o.namespace(), Kind::Function, &spec.function)
+            .await?
+        {
+            Some(_) => status(Phase::Ready, "", None, &o),
+            None => status(
+                Phase::Error,
+                format!(
+                    "function {:?} not found in namespace {:?}",
+                    spec.function,
+                    o.namespace()
+                ),
+                None,
+                &o,
+            ),
+        },
+        Err(e) => status(Phase::Error, e.message, None, &o),
+    };
+    set_status(state, &o, new).await
+}

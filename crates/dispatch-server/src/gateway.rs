@@ -1,0 +1,247 @@
+//! The gateway (default 127.0.0.1:8081): user HTTP endpoints routed to functions by host,
+//! method and path (DESIGN §4). The request becomes the payload (query for GET/DELETE, the
+//! JSON or form body, else the body as a string); the function's payload is the response.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dispatch_core::{ErrorType, MAX_PAYLOAD_BYTES, Trigger};
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+use crate::invoke::{self, Call};
+use crate::routes::Lookup;
+use crate::state::AppState;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+/// Headers never handed to functions.
+const HIDDEN_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
+fn cors_headers(h: &mut HeaderMap) {
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+}
+
+async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.host());
+    let path = parts.uri.path();
+    let routes = state.routes();
+    let m = match routes.find(host, parts.method.as_str(), path) {
+        Lookup::Found(m) => m,
+        Lookup::MethodNotAllowed(r) => {
+            let allow = r.methods.join(", ");
+            if r.cors && parts.method == Method::OPTIONS {
+                let mut resp = StatusCode::NO_CONTENT.into_response();
+                let h = resp.headers_mut();
+                cors_headers(h);
+                if let Ok(v) = HeaderValue::from_str(&allow) {
+                    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
+                }
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_HEADERS,
+                    HeaderValue::from_static("*"),
+                );
+                return resp;
+            }
+            let mut resp = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                format!(
+                    "{} {path} is not routed: this path takes {allow}",
+                    parts.method
+                ),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                resp.headers_mut().insert(header::ALLOW, v);
+            }
+            return resp;
+        }
+        Lookup::NotFound => {
+            return ApiError::not_found(format!("no endpoint routes {} {path}", parts.method))
+                .into_response();
+        }
+    };
+    let bytes = match axum::body::to_bytes(body, MAX_PAYLOAD_BYTES).await {
+        Ok(b) => b,
+        Err(_) => return invoke::payload_too_large().into_response(),
+    };
+    let payload = match payload_of(&parts.method, parts.uri.query(), &parts.headers, &bytes) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let headers: BTreeMap<&str, &str> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .collect();
+    let params: BTreeMap<&str, &str> = m
+        .params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let http = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": path,
+        "query": parts.uri.query().unwrap_or(""),
+        "headers": headers,
+        "params": params,
+        "endpoint": m.route.endpoint,
+    });
+    let call = Call {
+        namespace: m.route.namespace.clone(),
+        function: m.route.function.clone(),
+        payload,
+        http: Some(http),
+        trigger: Trigger::Endpoint,
+    };
+    let cors = m.route.cors;
+    let mut resp = match invoke::execute(&state, call).await {
+        Ok(answer) => {
+            let (status, body) = match &answer.envelope.context.error {
+                None => (StatusCode::OK, answer.envelope.payload.get().to_string()),
+                Some(e) => {
+                    let status = if e.kind == ErrorType::InputError {
+                        StatusCode::BAD_REQUEST
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    (status, serde_json::json!({"error": e}).to_string())
+                }
+            };
+            let mut resp = (status, body).into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&answer.run_id) {
+                h.insert("x-dispatch-run-id", v);
+            }
+            resp
+        }
+        Err(e) => e.into_response(),
+    };
+    if cors {
+        cors_headers(resp.headers_mut());
+    }
+    resp
+}
+
+fn is_json(content_type: &str) -> bool {
+    let ct = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    ct == "application/json" || ct.ends_with("+json")
+}
+
+/// The payload of a gateway request (DESIGN §4).
+pub fn payload_of(
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Box<RawValue>, ApiError> {
+    if *method == Method::GET || *method == Method::DELETE || *method == Method::HEAD {
+        let q: BTreeMap<String, String> = serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(format!("query string is not valid: {e}")))?;
+        return to_raw(&q);
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return to_raw(&serde_json::Map::new());
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if is_json(ct) {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("request body is not json"))?;
+        return RawValue::from_string(text.trim().to_string())
+            .map_err(|_| ApiError::bad_request("request body is not json"));
+    }
+    if ct.starts_with("application/x-www-form-urlencoded") {
+        let form: BTreeMap<String, String> = serde_urlencoded::from_bytes(body)
+            .map_err(|e| ApiError::bad_request(format!("form body is not valid: {e}")))?;
+        return to_raw(&form);
+    }
+    to_raw(&String::from_utf8_lossy(body).into_owned())
+}
+
+fn to_raw<T: serde::Serialize>(v: &T) -> Result<Box<RawValue>, ApiError> {
+    serde_json::value::to_raw_value(v).map_err(|e| ApiError::internal("encoding a payload", &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(method: Method, query: Option<&str>, ct: &str, body: &str) -> Result<String, ApiError> {
+        let mut h = HeaderMap::new();
+        if !ct.is_empty() {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+        }
+        payload_of(&method, query, &h, body.as_bytes()).map(|r| r.get().to_string())
+    }
+
+    #[test]
+    fn payload_mapping() {
+        assert_eq!(
+            p(Method::GET, Some("name=Jon&x=a%20b"), "", "").unwrap(),
+            r#"{"name":"Jon","x":"a b"}"#
+        );
+        assert_eq!(p(Method::GET, None, "", "").unwrap(), "{}");
+        assert_eq!(
+            p(Method::POST, None, "application/json", r#" {"a": 1} "#).unwrap(),
+            r#"{"a": 1}"#
+        );
+        assert_eq!(
+            p(
+                Method::POST,
+                None,
+                "application/cloudevents+json; charset=utf-8",
+                "[1]"
+            )
+            .unwrap(),
+            "[1]"
+        );
+        assert_eq!(
+            p(
+                Method::POST,
+                None,
+                "application/x-www-form-urlencoded",
+                "a=1&b=two"
+            )
+            .unwrap(),
+            r#"{"a":"1","b":"two"}"#
+        );
+        assert_eq!(
+            p(Method::POST, None, "text/plain", "hi \"there\"").unwrap(),
+            r#""hi \"there\"""#
+        );
+        assert_eq!(p(Method::PUT, None, "application/json", "").unwrap(), "{}");
+        let e = p(Method::POST, None, "application/json", "{nope").unwrap_err();
+        assert_eq!(
+            (e.status, e.message.as_str()),
+            (StatusCode::BAD_REQUEST, "request body is not json")
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! The gateway's route table: endpoints compiled into patterns matched by host, method and
+//! path. Built from the stored endpoints on every change and swapped whole (no lock is held
+//! while a request runs).
+
+use dispatch_core::{EndpointSpec, Kind, Object};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Lit(String),
+    Param(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub namespace: String,
+    pub endpoint: String,
+    pub function: String,
+    pub methods: Vec<String>,
+    pub cors: bool,
+    hosts: Vec<String>,
+    segments: Vec<Seg>,
+    /// The pattern ends with `/*` (matches any rest, including nothing).
+    prefix: bool,
+}
+
+/// A matched route with the values of its `{param}` segments.
+#[derive(Debug)]
+pub struct Match<'a> {
+    pub route: &'a Route,
+    pub params: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Found(Match<'a>),
+    /// The path matches but not the method; the route of the best path match.
+    MethodNotAllowed(&'a Route),
+    NotFound,
+}
+
+#[derive(Debug, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+fn parse_pattern(path: &str) -> (Vec<Seg>, bool) {
+    let mut segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let prefix = segs.last() == Some(&"*");
+    if prefix {
+        segs.pop();
+    }
+    let segments = segs
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(
+            |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(p) => Seg::Param(p.to_string()),
+                None => Seg::Lit(s.to_string()),
+            },
+        )
+        .collect();
+    (segments, prefix)
+}
+
+/// The shape of a path pattern with parameter names erased: two endpoints with the same shape
+/// would shadow each other.
+fn shape(path: &str) -> String {
+    let (segs, prefix) = parse_pattern(path);
+    let mut s: String = segs
+        .iter()
+        .map(|g| match g {
+            Seg::Lit(l) => format!("/{l}"),
+            Seg::Param(_) => "/{}".to_string(),
+        })
+        .collect();
+    if prefix {
+        s.push_str("/*");
+    }
+    if s.is_empty() { "/".into() } else { s }
+}
+
+/// Host header without its port, lower-cased.
+fn host_only(host: &str) -> String {
+    let h = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    h.to_ascii_lowercase()
+}
+
+impl Route {
+    fn match_path(&self, path: &str) -> Option<Vec<(String, String)>> {
+        let parts: Vec<&str> = path
+            .trim_start_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
+        if parts.len() < self.segments.len() || (!self.prefix && parts.len() != self.segments.len())
+        {
+            return None;
+        }
+        let mut params = Vec::new();
+        for (seg, part) in self.segments.iter().zip(&parts) {
+            match seg {
+                Seg::Lit(l) if l == part => {}
+                Seg::Lit(_) => return None,
+                Seg::Param(p) => params.push((p.clone(), (*part).to_string())),
+            }
+        }
+        Some(params)
+    }
+
+    fn match_host(&self, host: Option<&str>) -> bool {
+        self.hosts.is_empty() || host.is_some_and(|h| self.hosts.iter().any(|x| *x == host_only(h)))
+    }
+
+    /// Higher is more specific: host-bound, then exact (not prefix), then literal segments.
+    fn rank(&self) -> (bool, bool, usize, usize) {
+        let literals = self
+            .segments
+            .iter()
+            .filter(|s| matches!(s, Seg::Lit(_)))
+            .count();
+        (
+            !self.hosts.is_empty(),
+            !self.prefix,
+            self.segments.len(),
+            literals,
+        )
+    }
+}
+
+impl Routes {
+    /// Compiles stored endpoints; ones with an invalid spec are skipped (their status says why).
+    pub fn build(endpoints: &[Object]) -> Routes {
+        let mut routes = Vec::new();
+        for o in endpoints.iter().filter(|o| o.kind == Kind::Endpoint) {
+            let Ok(spec) = o.typed_spec::<EndpointSpec>() else {
+                continue;
+            };
+            for p in &spec.paths {
+                let (segments, prefix) = parse_pattern(p);
+                routes.push(Route {
+                    namespace: o.namespace().to_string(),
+                    endpoint: o.name().to_string(),
+                    function: spec.function.clone(),
+                    methods: spec.methods.clone(),
+                    cors: spec.cors,
+                    hosts: spec.hosts.clone(),
+                    segments,
+                    prefix,
+                });
+            }
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.rank()));
+        Routes { routes }
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The most specific route for a request (routes are kept sorted by specificity).
+    pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Lookup<'_> {
+        let mut path_only: Option<&Route> = None;
+        for r in &self.routes {
+            if !r.match_host(host) {
+                continue;
+            }
+            let Some(params) = r.match_path(path) else {
+                continue;
+            };
+            if r.methods.iter().any(|m| m == method) {
+                return Lookup::Found(Match { route: r, params });
+            }
+            path_only.get_or_insert(r);
+        }
+        match path_only {
+            Some(r) => Lookup::MethodNotAllowed(r),
+            None => Lookup::NotFound,
+        }
+    }
+}
+
+/// Whether `spec` would take a request another endpoint already takes: same path shape, a
+/// common method, overlapping hosts (no hosts = every host). Returns a message naming it.
+pub fn conflict(spec: &EndpointSpec, others: &[Object], me: (&str, &str)) -> Option<String> {
+    for o in others {
+        if (o.namespace(), o.name()) == me {
+            continue;
+        }
+        let Ok(other) = o.typed_spec::<EndpointSpec>() else {
+            continue;
+        };
+        let hosts_overlap = spec.hosts.is_empty()
+            || other.hosts.is_empty()
+            || spec.hosts.iter().any(|h| other.hosts.contains(h));
+        if !hosts_overlap {
+            continue;
+        }
+        for p in &spec.paths {
+            let Some(q) = other.paths.iter().find(|q| shape(q) == shape(p)) else {
+                continue;
+            };
+            let common: Vec<&String> = spec
+                .methods
+                .iter()
+                .filter(|m| other.methods.contains(m))
+                .collect();
+            if let Some(m) = common.first() {
+                return Some(format!(
+                    "{m} {p} is already routed by endpoint {:?} in namespace {:?} (path {q}): choose another path, method or host",
+                    o.name(),
+                    o.namespace()
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(name: &str, methods: &[&str], paths: &[&str], hosts: &[&str]) -> Object {
+        let mut o = Object::new(
+            Kind::Endpoint,
+            "default",
+            name,
+            serde_json::json!({"function": name, "methods": methods, "paths": paths, "hosts": hosts}),
+        );
+        o.validate().unwrap();
+        o
+    }
+
+    fn found<'a>(r: &'a Routes, host: Option<&str>, m: &str, p: &str) -> Option<&'a str> {
+        match r.find(host, m, p) {
+            Lookup::Found(x) => Some(&x.route.endpoint),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn exact_params_prefix_and_precedence() {
+        let r = Routes::build(&[
+            ep("hello", &["GET", "POST"], &["/hello"], &[]),
+            ep("user", &["GET"], &["/users/{id}"], &[]),
+            ep("me", &["GET"], &["/users/me"], &[]),
+            ep("api", &["GET"], &["/api/*"], &[]),
+            ep("hosted", &["GET"], &["/hello"], &["example.com"]),
+        ]);
+        assert_eq!(found(&r, None, "GET", "/hello"), Some("hello"));
+        assert_eq!(
+            found(&r, Some("example.com:8081"), "GET", "/hello"),
+            Some("hosted")
+        );
+        assert_eq!(
+            found(&r, Some("example.com"), "POST", "/hello"),
+            Some("hello")
+        );
+        assert_eq!(found(&r, None, "GET", "/users/me"), Some("me"));
+        assert_eq!(found(&r, None, "GET", "/users/42"), Some("user"));
+        match r.find(None, "GET", "/users/42") {
+            Lookup::Found(m) => assert_eq!(m.params, vec![("id".to_string(), "42".to_string())]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(found(&r, None, "GET", "/api"), Some("api"));
+        assert_eq!(found(&r, None, "GET", "/api/a/b"), Some("api"));
+        assert!(matches!(
+            r.find(None, "DELETE", "/hello"),
+            Lookup::MethodNotAllowed(_)
+        ));
+        assert!(matches!(r.find(None, "GET", "/nope"), Lookup::NotFound));
+        assert!(matches!(
+            r.find(None, "GET", "/users/1/x"),
+            Lookup::NotFound
+        ));
+    }
+
+    #[test]
+    fn conflicts_need_same_shape_method_and_host() {
+        let existing = [ep("a", &["GET"], &["/u/{id}"], &[])];
+        let spec = |o: Object| o.typed_spec::<EndpointSpec>().unwrap();
+        let c = conflict(
+            &spec(ep("b", &["GET", "POST"], &["/u/{name}"], &[])),
+            &existing,
+            ("default", "b"),
+        );
+        assert!(c.unwrap().contains("endpoint \"a\""));
+        assert!(
+            conflict(
+                &spec(ep("b", &["POST"], &["/u/{name}"], &[])),
+                &existing,
+                ("default", "b")
+            )
+            .is_none()
+        );
+        assert!(
+            conflict(
+                &spec(ep("b", &["GET"], &["/v/{id}"], &[])),
+                &existing,
+                ("default", "b")
+            )
+            .is_none()
+        );
+        // Updating itself is not a conflict.
+        assert!(
+            conflict(
+                &spec(ep("a", &["GET"], &["/u/{id}"], &[])),
+                &existing,
+                ("default", "a")
+            )
+            .is_none()
+        );
+        let hosted = [ep("h", &["GET"], &["/x"], &["a.com"])];
+        assert!(
+            conflict(
+                &spec(ep("b", &["GET"], &["/x"], &["b.com"])),
+                &hosted,
+                ("default", "b")
+            )
+            .is_none()
+        );
+        assert!(
+            conflict(
+                &spec(ep("b", &["GET"], &["/x"], &[])),
+                &hosted,
+                ("default", "b")
+            )
+            .is_some()
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! Test support: a real server (SQLite in a tempdir, real workers) on 127.0.0.1:0, a client
+//! for it, and helpers that poll with a deadline instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dispatch_client::{Client, Target, pack};
+use dispatch_core::{Kind, Object, Phase};
+use dispatch_runtime::{Backend, LocalBackend};
+use dispatch_server::Server;
+use dispatch_store::{BlobStore, SqliteStore, Store};
+
+pub const HELLO_PY: &str = include_str!("../../../../examples/python3/hello.py");
+pub const HELLO_JS: &str = include_str!("../../../../examples/nodejs/hello.js");
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub server: Option<Server>,
+    pub client: Client,
+    pub gateway: String,
+}
+
+pub async fn start() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    start_in(dir).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir) -> TestServer {
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+    let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+    let backend: Arc<dyn Backend> = LocalBackend::new(dir.path()).unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::serve(store, blobs, backend, api, gw).await;
+    let client = Client::new(&Target {
+        server: format!("http://{}", server.api_addr),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })
+    .unwrap();
+    let gateway = format!("http://{}", server.gateway_addr);
+    TestServer {
+        dir,
+        server: Some(server),
+        client,
+        gateway,
+    }
+}
+
+impl TestServer {
+    /// Stops the server and hands back its data dir (for restart tests).
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.server.take() {
+            s.stop().await.unwrap();
+        }
+        self.dir
+    }
+
+    pub fn api(&self) -> String {
+        self.client.server().to_string()
+    }
+}
+
+/// A tar.gz of one file.
+pub fn archive_of(name: &str, body: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    std::fs::write(&p, body).unwrap();
+    pack::pack_path(&p).unwrap()
+}
+
+pub fn object(kind: Kind, name: &str, spec: serde_json::Value) -> Object {
+    Object::new(kind, "default", name, spec)
+}
+
+/// Uploads `file` and creates function `name` on `image`; returns the stored object.
+pub async fn create_function(
+    c: &Client,
+    name: &str,
+    image: &str,
+    file: &str,
+    body: &str,
+    extra: serde_json::Value,
+) -> Result<Object, dispatch_client::ClientError> {
+    let digest = c
+        .upload_source("default", name, archive_of(file, body))
+        .await?;
+    let mut spec = serde_json::json!({"image": image, "source": digest});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    c.create(&object(Kind::Function, name, spec)).await
+}
+
+/// Polls until the resource leaves INITIALIZED/CREATING (30 s deadline); returns it.
+pub async fn settled(c: &Client, kind: Kind, name: &str) -> Object {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = c.get(kind, name).await.unwrap();
+        if matches!(o.phase(), Some(Phase::Ready | Phase::Error)) {
+            return o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kind} {name} did not settle: {:?}",
+            o.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Image `py` on the built-in python3 base and `js` on nodejs, both READY.
+pub async fn images(c: &Client) {
+    for (name, base) in [("py", "python3"), ("js", "nodejs")] {
+        c.create(&object(
+            Kind::Image,
+            name,
+            serde_json::json!({"baseImage": base}),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            settled(c, Kind::Image, name).await.phase(),
+            Some(Phase::Ready)
+        );
+    }
+}
