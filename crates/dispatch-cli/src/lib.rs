@@ -1,1 +1,182 @@
-//! placeholder
+//! The `dispatch` command line: one file per command under [`commands`], each a clap struct
+//! with `async fn run(self, ctx)`. [`run`] resolves where the server is (flags, env, the
+//! config file's context) and hands the command a [`Ctx`].
+//!
+//! Failures are `anyhow` errors; `main` prints them as one `error: …` line (plus the cause
+//! chain and a hint) and exits 1, like Dispatch's CLI.
+
+pub mod commands;
+pub mod config;
+pub mod output;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use dispatch_client::{Client, Target};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dispatch",
+    version,
+    about = "Dispatch: functions and jobs, embedded on one machine or on Kubernetes",
+    long_about = "Dispatch runs your handlers (Python, Node or any executable) as functions: \
+create a base image and an image, create a function from a file or folder, then exec it or \
+expose it as an HTTP endpoint.\n\nStart here: `dispatch quickstart` (an embedded server with \
+the examples deployed), or `dispatch server` in one terminal and the commands below in another.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// API server URL (default: the config file's current context, else http://127.0.0.1:8080)
+    #[arg(long, global = true, env = "DISPATCH_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// API token (sent as a Bearer token)
+    #[arg(long, global = true, env = "DISPATCH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Namespace (Dispatch's organization); default: the context's, else "default"
+    #[arg(long, short = 'n', global = true, env = "DISPATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Context of the config file to use (default: its `current`)
+    #[arg(long, global = true, env = "DISPATCH_CONTEXT")]
+    pub context: Option<String>,
+    /// Log more (-v info, -vv debug); RUST_LOG overrides
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Server(commands::server::Server),
+    Quickstart(commands::quickstart::Quickstart),
+    Create(commands::create::Create),
+    Apply(commands::apply::Apply),
+    Get(commands::get::Get),
+    Update(commands::update::Update),
+    Delete(commands::delete::Delete),
+    Exec(commands::exec::Exec),
+    Logs(commands::logs::Logs),
+    Version(commands::version::Version),
+    Completion(commands::completion::Completion),
+}
+
+/// What a command needs: the resolved target and a client for it.
+pub struct Ctx {
+    pub target: Target,
+    pub client: Client,
+}
+
+impl Ctx {
+    /// Resolves the server, token and namespace: flags and env first, then the config file.
+    pub fn resolve(g: &Global) -> Result<Ctx> {
+        let cfg = match config::default_path() {
+            Some(p) => config::load(&p)?,
+            None => config::Config::default(),
+        };
+        let ctx = cfg
+            .context(g.context.as_deref())?
+            .cloned()
+            .unwrap_or_default();
+        let server = g
+            .server
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| ctx.server_url())
+            .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
+        let target = Target {
+            server,
+            token: g
+                .token
+                .clone()
+                .filter(|t| !t.is_empty())
+                .or(ctx.token.filter(|t| !t.is_empty())),
+            namespace: g
+                .namespace
+                .clone()
+                .or(ctx.namespace)
+                .unwrap_or_else(|| dispatch_core::DEFAULT_NAMESPACE.to_string()),
+            insecure: ctx.insecure,
+        };
+        dispatch_core::names::validate_name("namespace", &target.namespace)?;
+        let client = Client::new(&target)?;
+        Ok(Ctx { target, client })
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    use Command::*;
+    // Commands that need no server connection.
+    match cli.command {
+        Server(c) => return c.run().await,
+        Quickstart(c) => return c.run().await,
+        Completion(c) => return c.run(),
+        _ => {}
+    }
+    let ctx = Ctx::resolve(&cli.global)?;
+    match cli.command {
+        Create(c) => c.run(&ctx).await,
+        Apply(c) => c.run(&ctx).await,
+        Get(c) => c.run(&ctx).await,
+        Update(c) => c.run(&ctx).await,
+        Delete(c) => c.run(&ctx).await,
+        Exec(c) => c.run(&ctx).await,
+        Logs(c) => c.run(&ctx).await,
+        Version(c) => c.run(&ctx).await,
+        Server(_) | Quickstart(_) | Completion(_) => unreachable!("handled above"),
+    }
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let default = match (&cli.command, cli.global.verbose) {
+        (_, 2..) => "debug",
+        (_, 1) => "info",
+        (Command::Server(_) | Command::Quickstart(_), _) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints `error: <message>` with the cause chain, and a hint when one helps.
+pub fn print_error(err: &anyhow::Error) {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    eprintln!("error: {line}");
+    if let Some(hint) = hint(err) {
+        eprintln!("hint: {hint}");
+    }
+}
+
+fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    let ce = err.downcast_ref::<dispatch_client::ClientError>()?;
+    match ce.code()? {
+        "AlreadyExists" => {
+            Some("use `dispatch apply -f` or `dispatch update` to change an existing resource")
+        }
+        "UnknownReference" => {
+            Some("`dispatch get images` / `dispatch get base-images` list what exists")
+        }
+        "FunctionNotReady" => {
+            Some("`dispatch get function NAME -o json` shows the build status and reason")
+        }
+        _ => None,
+    }
+}

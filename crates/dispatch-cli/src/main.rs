@@ -1,1 +1,29 @@
-fn main() {}
+//! The `dispatch` binary: parse the command line, run it, map failure to exit code 1.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // One rustls crypto provider, installed before anything builds a TLS client (DESIGN §11).
+    dispatch_client::install_crypto_provider();
+    let cli = dispatch_cli::Cli::parse();
+    dispatch_cli::init_tracing(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch_cli::run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            dispatch_cli::print_error(&err);
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -222,7 +222,11 @@ impl Client {
     }
 
     pub async fn get(&self, kind: Kind, name: &str) -> Result<Object> {
-        let url = self.ns_url(&self.namespace, &format!("{}/{name}", kind.plural()));
+        self.get_in(&self.namespace.clone(), kind, name).await
+    }
+
+    pub async fn get_in(&self, ns: &str, kind: Kind, name: &str) -> Result<Object> {
+        let url = self.ns_url(ns, &format!("{}/{name}", kind.plural()));
         self.json(self.request(Method::GET, &url), &url).await
     }
 

@@ -1,0 +1,53 @@
+//! `dispatch apply -f FILE|-`: create what is missing, update what changed, leave the rest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+
+use super::{prepare, read_manifest, said};
+use crate::Ctx;
+
+/// Create or update every resource of a YAML/JSON manifest (multi-document)
+#[derive(Debug, clap::Args)]
+pub struct Apply {
+    /// Manifest file (`-` reads stdin); a Function's spec.sourcePath is packed and uploaded
+    #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
+    pub file: PathBuf,
+}
+
+impl Apply {
+    pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
+        let c = &ctx.client;
+        let (docs, base) = read_manifest(&self.file)?;
+        for d in &docs {
+            let at = || {
+                format!(
+                    "document {} ({} {})",
+                    d.index,
+                    d.object.kind.human(),
+                    d.object.name()
+                )
+            };
+            let o = prepare(c, d, &base).await.with_context(at)?;
+            let ns = o.namespace().to_string();
+            let existing = match c.get_in(&ns, o.kind, o.name()).await {
+                Ok(e) => Some(e),
+                Err(e) if e.code() == Some("NotFound") => None,
+                Err(e) => return Err(e).with_context(at),
+            };
+            match existing {
+                None => said(&c.create(&o).await.with_context(at)?, "created"),
+                Some(e) => {
+                    let mut next = o.clone();
+                    next.metadata.resource_version = e.metadata.resource_version.clone();
+                    let updated = c.update(&next).await.with_context(at)?;
+                    let changed = updated.metadata.generation != e.metadata.generation
+                        || updated.metadata.labels != e.metadata.labels;
+                    said(&updated, if changed { "configured" } else { "unchanged" });
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,209 @@
+//! `dispatch create …`: base images, images, functions (packing a file or folder), endpoints,
+//! or every document of a manifest (`-f`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use dispatch_core::{Kind, Object};
+use serde_json::json;
+
+use super::{ensure_ready, parse_env, prepare, read_manifest, said, upload, wait_settled};
+use crate::Ctx;
+
+/// Create resources (base-image, image, function, endpoint) or everything in a manifest
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Create {
+    /// Create every resource of a YAML/JSON manifest (multi-document; `-` reads stdin)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub what: Option<What>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum What {
+    /// A language runtime: `dispatch create base-image python3-base python:3.11-slim`
+    #[command(name = "base-image", visible_aliases = ["baseimage"])]
+    BaseImage {
+        name: String,
+        /// OCI image reference (used by the Kubernetes backend; its name hints the language)
+        image_ref: String,
+        /// Language, when the reference does not name python3 or nodejs
+        #[arg(long, value_parser = ["python3", "nodejs", "exec"])]
+        language: Option<String>,
+        /// Embedded mode: interpreter path or name on PATH (default python3 / node)
+        #[arg(long)]
+        interpreter: Option<String>,
+        /// Wait until it is READY (exit 1 on ERROR)
+        #[arg(long)]
+        wait: bool,
+    },
+    /// An image: a base image plus dependencies: `dispatch create image python3 python3-base`
+    Image {
+        name: String,
+        base_image: String,
+        /// Wait until it is READY (exit 1 on ERROR)
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A function from a file or folder: `dispatch create function hello ./hello.py --image python3`
+    Function {
+        name: String,
+        /// Source file or folder (packed as tar.gz and uploaded)
+        path: PathBuf,
+        /// Image to run on
+        #[arg(long)]
+        image: String,
+        /// module.function (Python), file.export (Node), program path (exec); default: from the source
+        #[arg(long)]
+        handler: Option<String>,
+        /// Per-call timeout, e.g. 500ms, 30s, 2m (default 30s)
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Environment variable for the handler (repeatable): --env KEY=VALUE
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Most concurrent calls (workers) (default 4)
+        #[arg(long)]
+        max_workers: Option<u32>,
+        /// Workers kept warm even when idle (default 0: scale to zero)
+        #[arg(long)]
+        min_workers: Option<u32>,
+        /// Idle time before a worker is stopped, e.g. 5m
+        #[arg(long)]
+        idle_timeout: Option<String>,
+        /// Wait until it is READY (exit 1 on ERROR)
+        #[arg(long)]
+        wait: bool,
+    },
+    /// An HTTP endpoint on the gateway: `dispatch create endpoint get-hello hello --method GET --path /hello`
+    Endpoint {
+        name: String,
+        function: String,
+        /// HTTP method (repeatable; default GET)
+        #[arg(long = "method")]
+        methods: Vec<String>,
+        /// Path: /hello, /users/{id}, /api/* (repeatable; at least one)
+        #[arg(long = "path", required = true)]
+        paths: Vec<String>,
+        /// Host to match (repeatable; default any)
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Answer CORS preflights and allow any origin
+        #[arg(long)]
+        cors: bool,
+    },
+}
+
+/// How long `--wait` waits.
+pub const WAIT: Duration = Duration::from_secs(600);
+
+impl Create {
+    pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
+        let c = &ctx.client;
+        let ns = c.namespace().to_string();
+        let what = match self.what {
+            None => {
+                let Some(file) = self.file else {
+                    bail!(
+                        "say what to create (base-image, image, function, endpoint) or pass -f FILE; see `dispatch create --help`"
+                    );
+                };
+                let (docs, base) = read_manifest(&file)?;
+                for d in &docs {
+                    let o = prepare(c, d, &base).await?;
+                    let created = c.create(&o).await.with_context(|| {
+                        format!("document {} ({} {})", d.index, o.kind.human(), o.name())
+                    })?;
+                    said(&created, "created");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(w) => w,
+        };
+        let (object, wait) = match what {
+            What::BaseImage {
+                name,
+                image_ref,
+                language,
+                interpreter,
+                wait,
+            } => {
+                let mut spec = json!({"image": image_ref});
+                if let Some(l) = language {
+                    spec["language"] = l.into();
+                }
+                if let Some(i) = interpreter {
+                    spec["interpreter"] = i.into();
+                }
+                (Object::new(Kind::BaseImage, &ns, &name, spec), wait)
+            }
+            What::Image {
+                name,
+                base_image,
+                wait,
+            } => (
+                Object::new(Kind::Image, &ns, &name, json!({"baseImage": base_image})),
+                wait,
+            ),
+            What::Function {
+                name,
+                path,
+                image,
+                handler,
+                timeout,
+                env,
+                max_workers,
+                min_workers,
+                idle_timeout,
+                wait,
+            } => {
+                dispatch_core::names::validate_name("function", &name)?;
+                let env = parse_env(&env)?;
+                let source = upload(c, &ns, &name, &path).await?;
+                let mut spec = json!({"image": image, "source": source, "env": env});
+                if let Some(h) = handler {
+                    spec["handler"] = h.into();
+                }
+                if let Some(t) = timeout {
+                    spec["timeout"] = t.into();
+                }
+                let mut conc = serde_json::Map::new();
+                if let Some(m) = max_workers {
+                    conc.insert("maxWorkers".into(), m.into());
+                }
+                if let Some(m) = min_workers {
+                    conc.insert("minWorkers".into(), m.into());
+                }
+                if let Some(i) = idle_timeout {
+                    conc.insert("idleTimeout".into(), i.into());
+                }
+                if !conc.is_empty() {
+                    spec["concurrency"] = conc.into();
+                }
+                (Object::new(Kind::Function, &ns, &name, spec), wait)
+            }
+            What::Endpoint {
+                name,
+                function,
+                methods,
+                paths,
+                hosts,
+                cors,
+            } => {
+                let spec = json!({"function": function, "methods": methods, "paths": paths, "hosts": hosts, "cors": cors});
+                (Object::new(Kind::Endpoint, &ns, &name, spec), false)
+            }
+        };
+        let created = c.create(&object).await?;
+        said(&created, "created");
+        if wait {
+            let o = wait_settled(c, created.kind, created.name(), WAIT).await?;
+            ensure_ready(&o)?;
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

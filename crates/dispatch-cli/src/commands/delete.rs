@@ -1,0 +1,67 @@
+//! `dispatch delete KIND NAME…` or `dispatch delete -f FILE` (documents in reverse order, so
+//! that endpoints go before their functions and functions before their images).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{Target, parse_target, read_manifest, said};
+use crate::Ctx;
+
+/// Delete resources by name, or every resource of a manifest
+#[derive(Debug, clap::Args)]
+pub struct Delete {
+    /// base-image, image, function or endpoint
+    #[arg(required_unless_present = "file")]
+    pub kind: Option<String>,
+    /// Names to delete
+    pub names: Vec<String>,
+    /// Delete what a manifest declares (`-` reads stdin)
+    #[arg(short = 'f', long = "file", conflicts_with = "kind")]
+    pub file: Option<PathBuf>,
+    /// With -f: skip resources that do not exist
+    #[arg(long)]
+    pub ignore_not_found: bool,
+}
+
+impl Delete {
+    pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
+        let c = &ctx.client;
+        if let Some(file) = self.file {
+            let (docs, _) = read_manifest(&file)?;
+            for d in docs.iter().rev() {
+                let o = &d.object;
+                let ns = o.metadata.namespace.as_deref().unwrap_or(c.namespace());
+                match c.delete_in(ns, o.kind, o.name()).await {
+                    Ok(gone) => said(&gone, "deleted"),
+                    Err(e) if self.ignore_not_found && e.code() == Some("NotFound") => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("document {} ({} {})", d.index, o.kind.human(), o.name())
+                        });
+                    }
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        let kind = match parse_target(self.kind.as_deref().unwrap_or_default())? {
+            Target::Resource(k) => k,
+            Target::Runs => bail!(
+                "runs are deleted with their function (cancelling runs comes with async runs)"
+            ),
+        };
+        if self.names.is_empty() {
+            bail!(
+                "name the {} to delete: dispatch delete {} NAME",
+                kind.human(),
+                kind.cli_name()
+            );
+        }
+        for name in &self.names {
+            let gone = c.delete(kind, name).await?;
+            said(&gone, "deleted");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,58 @@
+//! `dispatch exec FUNCTION [--input JSON]`: run a function and print its envelope. Reads the
+//! input from stdin when `--input` is not given and stdin is not a terminal
+//! (`dispatch exec hello <<< '{"name": "user"}'`). Exits 1 when `context.error` is set.
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use serde_json::value::RawValue;
+
+use crate::Ctx;
+use crate::output::{Format, print_structured};
+
+/// Run a function synchronously and print {"context":{"logs","error"},"payload"}
+#[derive(Debug, clap::Args)]
+pub struct Exec {
+    pub function: String,
+    /// Payload as JSON; default: read from stdin (or null when stdin is a terminal)
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Output format of the envelope
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Json)]
+    pub output: Format,
+}
+
+impl Exec {
+    pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
+        let text = match self.input {
+            Some(t) => t,
+            None if std::io::stdin().is_terminal() => String::new(),
+            None => {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("failed to read the input from stdin")?;
+                s
+            }
+        };
+        let text = if text.trim().is_empty() {
+            "null".to_string()
+        } else {
+            text.trim().to_string()
+        };
+        let input = RawValue::from_string(text).map_err(|e| {
+            anyhow::anyhow!("input is not valid JSON ({e}): pass a JSON value, e.g. --input '{{\"name\": \"user\"}}'")
+        })?;
+        let r = ctx.client.exec(&self.function, &input).await?;
+        match self.output {
+            Format::Table | Format::Json => print_structured(&r.envelope, Format::Json)?,
+            Format::Yaml => print_structured(&serde_json::to_value(&r.envelope)?, Format::Yaml)?,
+        }
+        Ok(if r.envelope.context.error.is_some() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+}

@@ -1,0 +1,79 @@
+//! `dispatch get KIND [NAME]`: tables like Dispatch's, or `-o json|yaml`.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use dispatch_client::RunQuery;
+
+use super::{Target, parse_target};
+use crate::Ctx;
+use crate::output::{Format, objects_table, print_structured, runs_table};
+
+/// Show resources or runs: base-image(s), image(s), function(s), endpoint(s), run(s)
+#[derive(Debug, clap::Args)]
+pub struct Get {
+    /// base-image(s), image(s), function(s), endpoint(s), run(s)
+    pub kind: String,
+    /// One resource (or run id); all when omitted
+    pub name: Option<String>,
+    /// Output format
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// Runs: only this function's
+    #[arg(long)]
+    pub function: Option<String>,
+    /// Runs: only this status (queued, running, succeeded, failed, timeout, cancelled, dead)
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Runs: at most this many, newest first (default 100)
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl Get {
+    pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
+        let c = &ctx.client;
+        match parse_target(&self.kind)? {
+            Target::Resource(kind) => match self.name {
+                Some(name) => {
+                    let o = c.get(kind, &name).await?;
+                    match self.output {
+                        Format::Table => {
+                            print!("{}", objects_table(kind, std::slice::from_ref(&o)))
+                        }
+                        f => print_structured(&o, f)?,
+                    }
+                }
+                None => {
+                    let items = c.list(kind).await?;
+                    match self.output {
+                        Format::Table => print!("{}", objects_table(kind, &items)),
+                        f => print_structured(&items, f)?,
+                    }
+                }
+            },
+            Target::Runs => match self.name {
+                Some(id) => {
+                    let r = c.get_run(&id).await?;
+                    match self.output {
+                        Format::Table => print!("{}", runs_table(std::slice::from_ref(&r))),
+                        f => print_structured(&r, f)?,
+                    }
+                }
+                None => {
+                    let q = RunQuery {
+                        function: self.function,
+                        status: self.status,
+                        limit: self.limit,
+                    };
+                    let runs = c.list_runs(&q).await?;
+                    match self.output {
+                        Format::Table => print!("{}", runs_table(&runs)),
+                        f => print_structured(&runs, f)?,
+                    }
+                }
+            },
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

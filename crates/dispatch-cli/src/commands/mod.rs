@@ -1,0 +1,166 @@
+//! One file per command. Shared here: kind names, waiting for a build to settle, and turning
+//! manifest documents into objects the API takes (packing `spec.sourcePath`).
+
+pub mod apply;
+pub mod completion;
+pub mod create;
+pub mod delete;
+pub mod exec;
+pub mod get;
+pub mod logs;
+pub mod quickstart;
+pub mod server;
+pub mod update;
+pub mod version;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use dispatch_client::{Client, pack};
+use dispatch_core::manifest::{Document, parse_manifest};
+use dispatch_core::{Kind, Object, Phase};
+
+/// What `get`/`delete` take: a resource kind, or runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Resource(Kind),
+    Runs,
+}
+
+pub fn parse_target(s: &str) -> Result<Target> {
+    if matches!(s.to_ascii_lowercase().as_str(), "run" | "runs") {
+        return Ok(Target::Runs);
+    }
+    Kind::parse(s).map(Target::Resource).with_context(|| {
+        format!(
+            "unknown kind {s:?}: use base-image(s), image(s), function(s), endpoint(s) or run(s)"
+        )
+    })
+}
+
+/// Polls until `kind/name` is READY or ERROR (or `timeout` passes); shows the phase on a TTY.
+pub async fn wait_settled(
+    client: &Client,
+    kind: Kind,
+    name: &str,
+    timeout: Duration,
+) -> Result<Object> {
+    let deadline = Instant::now() + timeout;
+    let tty = std::io::stderr().is_terminal();
+    let mut last = String::new();
+    loop {
+        let o = client.get(kind, name).await?;
+        let phase = o.phase().unwrap_or(Phase::Initialized);
+        if tty {
+            let line = format!("{} {name}: {phase} {}", kind.human(), o.status.reason);
+            if line != last {
+                eprint!("\r\x1b[2K{line}");
+                let _ = std::io::stderr().flush();
+                last = line;
+            }
+        }
+        if matches!(phase, Phase::Ready | Phase::Error) {
+            if tty {
+                eprintln!();
+            }
+            return Ok(o);
+        }
+        if Instant::now() >= deadline {
+            if tty {
+                eprintln!();
+            }
+            bail!(
+                "{} {name} is still {phase} after {timeout:?}: check `dispatch get {} {name} -o json`",
+                kind.human(),
+                kind.cli_name()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Fails with the reason when a waited-for resource ended in ERROR.
+pub fn ensure_ready(o: &Object) -> Result<()> {
+    if o.phase() == Some(Phase::Error) {
+        bail!(
+            "{} {} failed: {}",
+            o.kind.human(),
+            o.name(),
+            o.status.reason
+        );
+    }
+    Ok(())
+}
+
+/// Reads a manifest from a file or `-` (stdin); relative `sourcePath`s resolve against the
+/// file's folder (the current one for stdin).
+pub fn read_manifest(file: &Path) -> Result<(Vec<Document>, PathBuf)> {
+    let (text, base) = if file == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("failed to read the manifest from stdin")?;
+        (s, std::env::current_dir().unwrap_or_default())
+    } else {
+        let s = std::fs::read_to_string(file)
+            .with_context(|| format!("failed to read {}", file.display()))?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        (s, base)
+    };
+    let docs = parse_manifest(&text).with_context(|| format!("{}", file.display()))?;
+    Ok((docs, base))
+}
+
+/// Packs and uploads `path` as the source of function `name` in `ns`; returns its digest.
+pub async fn upload(client: &Client, ns: &str, name: &str, path: &Path) -> Result<String> {
+    let p = path.to_path_buf();
+    let archive = tokio::task::spawn_blocking(move || pack::pack_path(&p))
+        .await?
+        .with_context(|| format!("failed to pack the function source {}", path.display()))?;
+    Ok(client.upload_source(ns, name, archive).await?)
+}
+
+/// A manifest document as the API takes it: namespace filled, a Function's client-side
+/// `spec.sourcePath` packed, uploaded and replaced by `spec.source`.
+pub async fn prepare(client: &Client, doc: &Document, base: &Path) -> Result<Object> {
+    let mut o = doc.object.clone();
+    if o.metadata.namespace.is_none() {
+        o.metadata.namespace = Some(client.namespace().to_string());
+    }
+    if o.kind == Kind::Function {
+        let source_path = o
+            .spec
+            .as_object_mut()
+            .and_then(|m| m.remove("sourcePath"))
+            .and_then(|v| v.as_str().map(str::to_string));
+        if let Some(sp) = source_path {
+            let path = base.join(&sp);
+            let digest = upload(client, o.namespace(), o.name(), &path)
+                .await
+                .with_context(|| format!("document {} (function {})", doc.index, o.name()))?;
+            if let Some(m) = o.spec.as_object_mut() {
+                m.insert("source".into(), digest.into());
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// `K=V` pairs of `--env`.
+pub fn parse_env(pairs: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {p:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// Prints `kind/name verb`, like kubectl.
+pub fn said(o: &Object, verb: &str) {
+    println!("{}/{} {verb}", o.kind.cli_name(), o.name());
+}

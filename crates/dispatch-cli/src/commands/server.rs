@@ -1,0 +1,67 @@
+//! `dispatch server`: the embedded server (API + gateway + controller) until Ctrl-C/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+
+/// Run the embedded server: SQLite and builds in the data dir, functions as local workers
+#[derive(Debug, clap::Args)]
+pub struct Server {
+    /// Where state lives (SQLite database, source blobs, builds); default ~/.dispatch
+    #[arg(long, env = "DISPATCH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the control-plane API
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub api_addr: SocketAddr,
+    /// Address of the gateway serving endpoints
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
+    pub gateway_addr: SocketAddr,
+}
+
+impl Server {
+    pub async fn run(self) -> Result<ExitCode> {
+        if !self.api_addr.ip().is_loopback() || !self.gateway_addr.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to listen on a non-loopback address without authentication (DESIGN §9): \
+                 bind 127.0.0.1, or put an authenticating proxy in front and bind it to loopback"
+            );
+        }
+        let data_dir = match self.data_dir {
+            Some(d) => d,
+            None => crate::config::home()
+                .context("HOME is not set: pass --data-dir")?
+                .join(".dispatch"),
+        };
+        let config = dispatch_server::Config {
+            data_dir,
+            api_addr: self.api_addr,
+            gateway_addr: self.gateway_addr,
+        };
+        eprintln!(
+            "dispatch server: api http://{} gateway http://{} data {}",
+            config.api_addr,
+            config.gateway_addr,
+            config.data_dir.display()
+        );
+        dispatch_server::run(&config, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,99 @@
+//! `dispatch update function NAME PATH`: new source (and settings) for an existing function.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use dispatch_core::Kind;
+
+use super::{ensure_ready, parse_env, said, upload, wait_settled};
+use crate::Ctx;
+
+/// Change an existing resource (today: a function's source and settings)
+#[derive(Debug, clap::Args)]
+pub struct Update {
+    #[command(subcommand)]
+    pub what: UpdateWhat,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum UpdateWhat {
+    /// New source (file or folder) and settings: a new digest, traffic moves when it is READY
+    Function {
+        name: String,
+        /// Source file or folder; omitted = keep the current source
+        path: Option<PathBuf>,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        handler: Option<String>,
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Replaces the whole environment when given (repeatable KEY=VALUE)
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Wait until the new build is READY (exit 1 on ERROR)
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+impl Update {
+    pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
+        let c = &ctx.client;
+        let UpdateWhat::Function {
+            name,
+            path,
+            image,
+            handler,
+            timeout,
+            env,
+            wait,
+        } = self.what;
+        let mut o = c.get(Kind::Function, &name).await?;
+        let Some(spec) = o.spec.as_object_mut() else {
+            bail!("function {name} has no spec");
+        };
+        if let Some(p) = &path {
+            let digest = upload(c, c.namespace(), &name, p).await?;
+            spec.insert("source".into(), digest.into());
+        }
+        if let Some(i) = image {
+            spec.insert("image".into(), i.into());
+        }
+        if let Some(h) = handler {
+            spec.insert("handler".into(), h.into());
+        }
+        if let Some(t) = timeout {
+            spec.insert("timeout".into(), t.into());
+        }
+        if !env.is_empty() {
+            spec.insert("env".into(), serde_json::to_value(parse_env(&env)?)?);
+        }
+        let before = o.metadata.generation;
+        let updated = c.update(&o).await?;
+        said(
+            &updated,
+            if updated.metadata.generation == before {
+                "unchanged"
+            } else {
+                "updated"
+            },
+        );
+        if wait {
+            // The controller may not have seen the new generation yet.
+            let deadline = std::time::Instant::now() + super::create::WAIT;
+            loop {
+                let cur = wait_settled(c, Kind::Function, &name, super::create::WAIT).await?;
+                if cur.status.observed_generation >= updated.metadata.generation
+                    || std::time::Instant::now() > deadline
+                {
+                    ensure_ready(&cur)?;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,215 @@
+//! How the CLI prints: tables like Dispatch's (`NAME | IMAGE | STATUS | CREATED DATE`) or
+//! `-o json|yaml` (an object for one resource, an array for a list).
+
+use std::io::Write;
+
+use anyhow::{Context as _, Result};
+use dispatch_core::{Kind, Object, Run};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Prints `value` as pretty JSON or YAML.
+pub fn print_structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
+    let text = match format {
+        Format::Yaml => serde_saphyr::to_string(value).context("failed to encode YAML")?,
+        _ => serde_json::to_string_pretty(value).context("failed to encode JSON")? + "\n",
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// A table in Dispatch's layout: centred headers, ` | ` between columns, a dashed rule.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let n = headers.len();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate().take(n) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let s: Vec<String> = cells.into_iter().map(|c| format!(" {c} ")).collect();
+        s.join("|").trim_end().to_string() + "\n"
+    };
+    let mut out = line(
+        headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let pad = widths[i] - h.chars().count();
+                format!("{}{h}{}", " ".repeat(pad / 2), " ".repeat(pad - pad / 2))
+            })
+            .collect(),
+    );
+    let total: usize = widths.iter().map(|w| w + 2).sum::<usize>() + n.saturating_sub(1);
+    out.push_str(&"-".repeat(total));
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(
+            (0..n)
+                .map(|i| {
+                    let c = r.get(i).map(String::as_str).unwrap_or("");
+                    format!("{c:<w$}", w = widths[i])
+                })
+                .collect(),
+        ));
+    }
+    out
+}
+
+/// `Tue Sep 25 16:51:35 PDT 2018` in the local time zone (Dispatch's CREATED DATE).
+pub fn date(ts: Option<jiff::Timestamp>) -> String {
+    match ts {
+        Some(t) => t
+            .to_zoned(jiff::tz::TimeZone::system())
+            .strftime("%a %b %e %H:%M:%S %Z %Y")
+            .to_string(),
+        None => "-".into(),
+    }
+}
+
+fn s(v: &serde_json::Value, key: &str) -> String {
+    match v.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(serde_json::Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn phase(o: &Object) -> String {
+    o.phase()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "INITIALIZED".into())
+}
+
+/// The table of resources of one kind.
+pub fn objects_table(kind: Kind, items: &[Object]) -> String {
+    let created = |o: &Object| date(o.metadata.created_at);
+    match kind {
+        Kind::BaseImage => table(
+            &["NAME", "IMAGE", "LANGUAGE", "STATUS", "CREATED DATE"],
+            &items
+                .iter()
+                .map(|o| {
+                    vec![
+                        o.name().into(),
+                        s(&o.spec, "image"),
+                        s(&o.spec, "language"),
+                        phase(o),
+                        created(o),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Kind::Image => table(
+            &["NAME", "BASEIMAGE", "STATUS", "CREATED DATE"],
+            &items
+                .iter()
+                .map(|o| {
+                    vec![
+                        o.name().into(),
+                        s(&o.spec, "baseImage"),
+                        phase(o),
+                        created(o),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Kind::Function => table(
+            &["NAME", "IMAGE", "STATUS", "CREATED DATE"],
+            &items
+                .iter()
+                .map(|o| vec![o.name().into(), s(&o.spec, "image"), phase(o), created(o)])
+                .collect::<Vec<_>>(),
+        ),
+        Kind::Endpoint => table(
+            &[
+                "NAME",
+                "FUNCTION",
+                "METHODS",
+                "PATHS",
+                "HOSTS",
+                "STATUS",
+                "CREATED DATE",
+            ],
+            &items
+                .iter()
+                .map(|o| {
+                    let hosts = s(&o.spec, "hosts");
+                    vec![
+                        o.name().into(),
+                        s(&o.spec, "function"),
+                        s(&o.spec, "methods"),
+                        s(&o.spec, "paths"),
+                        if hosts.is_empty() { "*".into() } else { hosts },
+                        phase(o),
+                        created(o),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub fn runs_table(runs: &[Run]) -> String {
+    table(
+        &[
+            "ID",
+            "FUNCTION",
+            "STATUS",
+            "TRIGGER",
+            "COLD",
+            "DURATION",
+            "CREATED DATE",
+        ],
+        &runs
+            .iter()
+            .map(|r| {
+                let trigger = serde_json::to_value(r.trigger)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                vec![
+                    r.id.clone(),
+                    r.function.clone(),
+                    r.status.to_string(),
+                    trigger,
+                    if r.cold { "yes".into() } else { "no".into() },
+                    format!(
+                        "{}ms",
+                        r.timings.queued_ms + r.timings.cold_start_ms + r.timings.exec_ms
+                    ),
+                    date(Some(r.created_at)),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_layout_matches_dispatch() {
+        let t = table(&["NAME", "STATUS"], &[vec!["hello".into(), "READY".into()]]);
+        assert_eq!(t, "  NAME  | STATUS\n----------------\n hello | READY\n");
+    }
+}
