@@ -210,6 +210,6 @@ mod tests {
     #[test]
     fn table_layout_matches_dispatch() {
         let t = table(&["NAME", "STATUS"], &[vec!["hello".into(), "READY".into()]]);
-        assert_eq!(t, "  NAME  | STATUS\n----------------\n hello | READY\n");
+        assert_eq!(t, " NAME  | STATUS\n----------------\n hello | READY\n");
     }
 }

@@ -1,0 +1,512 @@
+//! The real `dispatch` binary against a real `dispatch server` on random loopback ports.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+struct ServerProc {
+    child: Child,
+    dir: tempfile::TempDir,
+    api: u16,
+    gateway: u16,
+}
+
+impl ServerProc {
+    fn start() -> ServerProc {
+        let dir = tempfile::tempdir().unwrap();
+        let (api, gateway) = (free_port(), free_port());
+        let child = Command::cargo_bin("dispatch")
+            .unwrap()
+            .args(["server", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--api-addr",
+                &format!("127.0.0.1:{api}"),
+                "--gateway-addr",
+                &format!("127.0.0.1:{gateway}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = ServerProc {
+            child,
+            dir,
+            api,
+            gateway,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(api, "/readyz").map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "server not ready within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// The CLI pointed at this server, with an empty config file.
+    fn cli(&self) -> Command {
+        let mut c = Command::cargo_bin("dispatch").unwrap();
+        c.env("DISPATCH_SERVER", format!("http://127.0.0.1:{}", self.api))
+            .env("DISPATCH_CONFIG", self.dir.path().join("config.json"))
+            .env_remove("DISPATCH_TOKEN")
+            .env_remove("DISPATCH_NAMESPACE");
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "dispatch {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "dispatch {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.starts_with("error: "), "{err}");
+        err
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn exec(&self, function: &str, stdin: &str) -> (bool, Value) {
+        let mut child = self
+            .cli()
+            .args(["exec", function])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), v)
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn seed_quickstart_flow_and_graceful_shutdown() {
+    let s = ServerProc::start();
+    let hello = examples().join("python3/hello.py");
+    assert!(
+        s.ok(&[
+            "create",
+            "base-image",
+            "python3-base",
+            "dispatchframework/python3-base:0.0.13-knative"
+        ])
+        .contains("base-image/python3-base created")
+    );
+    s.ok(&["create", "image", "python3", "python3-base", "--wait"]);
+    // The seed's argument order.
+    s.ok(&[
+        "create",
+        "function",
+        "--image",
+        "python3",
+        "hello",
+        hello.to_str().unwrap(),
+        "--wait",
+    ]);
+    let table = s.ok(&["get", "functions"]);
+    assert!(
+        table.lines().next().unwrap().contains("NAME") && table.contains("CREATED DATE"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("hello") && l.contains("READY")),
+        "{table}"
+    );
+    assert!(
+        s.ok(&["get", "function", "hello", "-o", "yaml"])
+            .contains("phase: READY")
+    );
+
+    let (ok, env) = s.exec("hello", r#"{"name": "user"}"#);
+    assert!(ok);
+    assert_eq!(env["payload"]["myField"], "Hello, user from Nowhere");
+    assert_eq!(
+        env["context"]["logs"]["stdout"][0],
+        "messages to stdout show up in logs"
+    );
+    assert_eq!(env["context"]["error"], Value::Null);
+    let (_, env) = s.exec("hello", "");
+    assert_eq!(
+        env["payload"]["myField"], "Hello, Noone from Nowhere",
+        "empty stdin = null payload"
+    );
+
+    let runs = s.json(&["get", "runs", "--function", "hello", "-o", "json"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2);
+    let id = runs[1]["id"].as_str().unwrap().to_string();
+    let run = s.json(&["get", "run", &id, "-o", "json"]);
+    assert_eq!(
+        (run["status"].as_str(), run["input"]["name"].as_str()),
+        (Some("SUCCEEDED"), Some("user"))
+    );
+    assert!(run["cold"].is_boolean() && run["timings"]["execMs"].is_u64());
+    assert_eq!(
+        s.ok(&["logs", "run", &id]),
+        "messages to stdout show up in logs\n"
+    );
+    assert!(s.ok(&["get", "runs"]).contains("SUCCEEDED"));
+
+    // New source → new digest.
+    let before = s.json(&["get", "function", "hello", "-o", "json"])["status"]["digest"].clone();
+    let v2 = s.dir.path().join("hello.py");
+    std::fs::write(
+        &v2,
+        std::fs::read_to_string(&hello)
+            .unwrap()
+            .replace("Hello,", "Hi,"),
+    )
+    .unwrap();
+    assert!(
+        s.ok(&[
+            "update",
+            "function",
+            "hello",
+            v2.to_str().unwrap(),
+            "--wait"
+        ])
+        .contains("function/hello updated")
+    );
+    let after = s.json(&["get", "function", "hello", "-o", "json"]);
+    assert_ne!(after["status"]["digest"], before);
+    assert_eq!(
+        s.exec("hello", r#"{"name": "v2"}"#).1["payload"]["myField"],
+        "Hi, v2 from Nowhere"
+    );
+
+    s.ok(&[
+        "create",
+        "endpoint",
+        "get-hello",
+        "hello",
+        "--method",
+        "GET",
+        "--method",
+        "POST",
+        "--path",
+        "/hello",
+    ]);
+    let (code, body) = http_get(s.gateway, "/hello?name=Jon").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("Hi, Jon from Nowhere"), "{body}");
+    assert!(
+        s.fails(&["delete", "function", "hello"])
+            .contains("used by endpoints get-hello")
+    );
+    assert!(
+        s.fails(&["delete", "image", "python3"])
+            .contains("used by functions hello")
+    );
+
+    // A warm worker is running; SIGTERM stops the server and every worker.
+    let marker = s
+        .dir
+        .path()
+        .join("data")
+        .join("runtimes")
+        .display()
+        .to_string();
+    assert!(
+        !processes_mentioning(&marker).is_empty(),
+        "a warm worker should be running"
+    );
+    let status = s.terminate();
+    assert!(status.success(), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "workers left running: {:?}",
+            processes_mentioning(&marker)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn apply_and_delete_manifests() {
+    let s = ServerProc::start();
+    let seed = examples().join("seed.yaml");
+    let seed = seed.to_str().unwrap();
+    let out = s.ok(&["apply", "-f", seed]);
+    assert_eq!(
+        out,
+        "image/python3 created\nfunction/hello created\nendpoint/get-hello created\n"
+    );
+    let out = s.ok(&["apply", "-f", seed]);
+    assert_eq!(
+        out,
+        "image/python3 unchanged\nfunction/hello unchanged\nendpoint/get-hello unchanged\n"
+    );
+    assert!(s.fails(&["create", "-f", seed]).contains("already exists"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.json(&["get", "function", "hello", "-o", "json"])["status"]["phase"] != "READY" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        s.exec("hello", r#"{"name":"m"}"#).1["payload"]["myField"],
+        "Hello, m from Nowhere"
+    );
+    let out = s.ok(&["delete", "-f", seed]);
+    assert_eq!(
+        out,
+        "endpoint/get-hello deleted\nfunction/hello deleted\nimage/python3 deleted\n"
+    );
+    assert_eq!(
+        s.json(&["get", "functions", "-o", "json"]),
+        serde_json::json!([])
+    );
+
+    // JSON manifests from stdin work too; a bad document stops with its position.
+    let mut child = s
+        .cli()
+        .args(["create", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"[{"apiVersion":"dispatch.dev/v1","kind":"Image","metadata":{"name":"img"},"spec":{"baseImage":"nodejs"}},{"apiVersion":"dispatch.dev/v1","kind":"Image","metadata":{"name":"Bad"},"spec":{"baseImage":"nodejs"}}]"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "image/img created\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("document 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn errors_are_one_line_and_exit_1() {
+    let s = ServerProc::start();
+    let hello = examples().join("python3/hello.py");
+    let hello = hello.to_str().unwrap();
+    assert!(
+        s.fails(&["create", "function", "hello", hello, "--image", "nope"])
+            .contains("image \"nope\" not found")
+    );
+    assert!(
+        s.fails(&["create", "function", "Hello", hello, "--image", "python3"])
+            .contains("function name \"Hello\" is not valid: use 1-63 lower-case")
+    );
+    assert!(
+        s.fails(&[
+            "create",
+            "function",
+            "hello",
+            "/no/such/file.py",
+            "--image",
+            "python3"
+        ])
+        .contains("/no/such/file.py")
+    );
+    assert!(
+        s.fails(&["create", "base-image", "b", "example.com/custom:1"])
+            .contains("--language")
+    );
+    assert!(
+        s.fails(&["get", "widgets"])
+            .contains("unknown kind \"widgets\"")
+    );
+    assert!(
+        s.fails(&["get", "function", "ghost"])
+            .contains("function \"ghost\" not found")
+    );
+    assert!(
+        s.fails(&["exec", "hello", "--input", "{nope"])
+            .contains("input is not valid JSON")
+    );
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let bad = s.dir.path().join("bad.py");
+    std::fs::write(
+        &bad,
+        "def handle(context, payload):\n    raise RuntimeError('boom')\n",
+    )
+    .unwrap();
+    assert!(
+        s.fails(&[
+            "create",
+            "function",
+            "bad",
+            bad.to_str().unwrap(),
+            "--image",
+            "py",
+            "--handler",
+            "nothere.handle"
+        ])
+        .contains("no module nothere")
+    );
+    s.ok(&[
+        "create",
+        "function",
+        "bad",
+        bad.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+    let (ok, env) = s.exec("bad", "{}");
+    assert!(!ok, "exec exits non-zero when context.error is set");
+    assert_eq!(env["context"]["error"]["type"], "FunctionError");
+    assert_eq!(
+        s.json(&["get", "functions", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "failed creates stored nothing"
+    );
+
+    // Unreachable server.
+    let port = free_port();
+    let out = s
+        .cli()
+        .args(["get", "functions"])
+        .env("DISPATCH_SERVER", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the dispatch server"));
+}
+
+#[test]
+fn config_contexts_version_and_completion() {
+    let s = ServerProc::start();
+    let cfg = s.dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"current":"local","contexts":{{"local":{{"host":"127.0.0.1","port":{},"scheme":"http","insecure":false,"namespace":"team-a","token":""}}}}}}"#, s.api),
+    )
+    .unwrap();
+    let out = s
+        .cli()
+        .env_remove("DISPATCH_SERVER")
+        .args(["create", "image", "py", "python3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It went to the context's namespace.
+    assert_eq!(
+        s.json(&["get", "images", "-n", "team-a", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.json(&["get", "images", "-n", "default", "-o", "json"]),
+        serde_json::json!([])
+    );
+    std::fs::write(&cfg, "{broken").unwrap();
+    assert!(s.fails(&["get", "images"]).contains("config file"));
+    std::fs::remove_file(&cfg).unwrap();
+    assert!(s.ok(&["version"]).contains("embedded backend"));
+    for shell in ["bash", "zsh", "fish"] {
+        assert!(s.ok(&["completion", shell]).contains("dispatch"));
+    }
+}
