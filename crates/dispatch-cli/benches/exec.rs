@@ -66,11 +66,21 @@ where
 
 fn main() {
     dispatch_client::install_crypto_provider();
-    let n: usize = std::env::var("DISPATCH_BENCH_N").ok().and_then(|s| s.parse().ok()).unwrap_or(3000);
+    let n: usize = std::env::var("DISPATCH_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
     // The server gets its own runtime (2 threads, like the CI machine); the load generator
     // runs on a separate single thread so that it does not steal the server's workers.
-    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (server, local) = server_rt.block_on(async {
         let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
@@ -83,23 +93,52 @@ fn main() {
     });
     let api = format!("http://{}", server.api_addr);
     let gateway = format!("http://{}", server.gateway_addr);
-    let client = Client::new(&Target { server: api.clone(), token: None, namespace: "default".into(), insecure: false }).unwrap();
+    let client = Client::new(&Target {
+        server: api.clone(),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })
+    .unwrap();
 
     client_rt.block_on(async {
-        client.create(&Object::new(Kind::Image, "default", "py", json!({"baseImage": "python3"}))).await.unwrap();
+        client
+            .create(&Object::new(
+                Kind::Image,
+                "default",
+                "py",
+                json!({"baseImage": "python3"}),
+            ))
+            .await
+            .unwrap();
         let file = dir.path().join("hello.py");
         std::fs::write(&file, HELLO_PY).unwrap();
-        let source = client.upload_source("default", "hello", pack::pack_path(&file).unwrap()).await.unwrap();
-        client
-            .create(&Object::new(Kind::Function, "default", "hello", json!({"image": "py", "source": source})))
+        let source = client
+            .upload_source("default", "hello", pack::pack_path(&file).unwrap())
             .await
             .unwrap();
         client
-            .create(&Object::new(Kind::Endpoint, "default", "hello", json!({"function": "hello", "methods": ["GET"], "paths": ["/hello"]})))
+            .create(&Object::new(
+                Kind::Function,
+                "default",
+                "hello",
+                json!({"image": "py", "source": source}),
+            ))
+            .await
+            .unwrap();
+        client
+            .create(&Object::new(
+                Kind::Endpoint,
+                "default",
+                "hello",
+                json!({"function": "hello", "methods": ["GET"], "paths": ["/hello"]}),
+            ))
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while client.get(Kind::Function, "hello").await.unwrap().phase() != Some(dispatch_core::Phase::Ready) {
+        while client.get(Kind::Function, "hello").await.unwrap().phase()
+            != Some(dispatch_core::Phase::Ready)
+        {
             assert!(Instant::now() < deadline, "hello never became READY");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -107,15 +146,32 @@ fn main() {
 
     println!("warm sync exec of examples/python3/hello.py, {n} calls each, loopback\n");
     // 1. The floor: one worker of the same build, called directly over its socket pair.
-    let spec = server_rt.block_on(async { local.pool("default", "hello").unwrap().config().worker.clone() });
+    let spec = server_rt.block_on(async {
+        local
+            .pool("default", "hello")
+            .unwrap()
+            .config()
+            .worker
+            .clone()
+    });
     let bare = client_rt.block_on(async {
         let mut w = Worker::start(&spec, Duration::from_secs(10)).await.unwrap();
-        let ctx = RawValue::from_string(r#"{"function":"hello","namespace":"default","secrets":{}}"#.into()).unwrap();
+        let ctx = RawValue::from_string(
+            r#"{"function":"hello","namespace":"default","secrets":{}}"#.into(),
+        )
+        .unwrap();
         let payload = RawValue::from_string(r#"{"name":"bench"}"#.into()).unwrap();
         let mut v = Vec::with_capacity(n);
         for i in 0..n + n / 10 {
             let t = Instant::now();
-            w.call(&ctx, &payload, Duration::from_secs(5), Duration::from_secs(5)).await.unwrap();
+            w.call(
+                &ctx,
+                &payload,
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
             if i >= n / 10 {
                 v.push(t.elapsed()); // the first tenth warms up
             }
@@ -163,9 +219,17 @@ fn main() {
         }
     });
     let el = t.elapsed();
-    println!("{:<28} {:>7.0} req/s ({total} calls, 8 concurrent callers, maxWorkers 4)", "API concurrent", total as f64 / el.as_secs_f64());
+    println!(
+        "{:<28} {:>7.0} req/s ({total} calls, 8 concurrent callers, maxWorkers 4)",
+        "API concurrent",
+        total as f64 / el.as_secs_f64()
+    );
 
     let over = |s: &Stats| (s.p50.as_secs_f64() - bare.p50.as_secs_f64()) * 1e6;
-    println!("\nplatform overhead at p50: API {:+.1} µs, gateway {:+.1} µs (target ≤ 150 µs)", over(&via_api), over(&via_gw));
+    println!(
+        "\nplatform overhead at p50: API {:+.1} µs, gateway {:+.1} µs (target ≤ 150 µs)",
+        over(&via_api),
+        over(&via_gw)
+    );
     server_rt.block_on(server.stop()).unwrap();
 }

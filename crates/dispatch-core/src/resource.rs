@@ -337,6 +337,13 @@ impl BaseImageSpec {
                 obj.metadata.name, self.image
             )));
         }
+        if self.language == Some(Language::Exec) && self.interpreter.is_some() {
+            return Err(ValidationError::new(format!(
+                "base image {:?}: exec base images run the handler itself (an executable), so \
+                 spec.interpreter is not used: remove it, or use python3 / nodejs",
+                obj.metadata.name
+            )));
+        }
         Ok(self)
     }
 

@@ -569,3 +569,77 @@ async fn update_changes_digest_and_restart_redeploys() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_language_runs_any_executable() {
+    let t = start().await;
+    let c = &t.client;
+    let err = c
+        .create(&object(
+            Kind::BaseImage,
+            "shell",
+            json!({"image": "debian:12-slim", "language": "exec", "interpreter": "sh"}),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("spec.interpreter is not used"),
+        "{err}"
+    );
+    c.create(&object(
+        Kind::BaseImage,
+        "shell",
+        json!({"image": "debian:12-slim", "language": "exec"}),
+    ))
+    .await
+    .unwrap();
+    let b = settled(c, Kind::BaseImage, "shell").await;
+    assert_eq!(b.phase(), Some(Phase::Ready), "{:?}", b.status);
+    c.create(&object(Kind::Image, "sh", json!({"baseImage": "shell"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Image, "sh").await.phase(),
+        Some(Phase::Ready)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("wrap.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'to stderr' >&2\nprintf '{\"wrapped\":%s}' \"$(cat)\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let digest = c
+        .upload_source(
+            "default",
+            "wrap",
+            dispatch_client::pack::pack_path(&script).unwrap(),
+        )
+        .await
+        .unwrap();
+    let f = c
+        .create(&object(
+            Kind::Function,
+            "wrap",
+            json!({"image": "sh", "source": digest}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(f.spec["handler"], "wrap.sh");
+    assert_eq!(
+        settled(c, Kind::Function, "wrap").await.phase(),
+        Some(Phase::Ready)
+    );
+    let r = c.exec("wrap", &raw(json!({"a": 1}))).await.unwrap();
+    assert!(
+        r.envelope.context.error.is_none(),
+        "{:?}",
+        r.envelope.context.error
+    );
+    let v: serde_json::Value = serde_json::from_str(r.envelope.payload.get()).unwrap();
+    assert_eq!(v, json!({"wrapped": {"a": 1}}));
+    assert_eq!(r.envelope.context.logs.stderr, ["to stderr"]);
+    t.stop().await;
+}
