@@ -63,6 +63,7 @@ pub enum Command {
     Delete(commands::delete::Delete),
     Exec(commands::exec::Exec),
     Logs(commands::logs::Logs),
+    Gc(commands::gc::Gc),
     Version(commands::version::Version),
     Completion(commands::completion::Completion),
 }
@@ -128,6 +129,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Delete(c) => c.run(&ctx).await,
         Exec(c) => c.run(&ctx).await,
         Logs(c) => c.run(&ctx).await,
+        Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
         Server(_) | Quickstart(_) | Completion(_) => unreachable!("handled above"),
     }

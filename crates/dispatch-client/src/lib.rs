@@ -302,6 +302,26 @@ impl Client {
         Ok(ExecResult { run_id, envelope })
     }
 
+    /// The log of an image's dependency build.
+    pub async fn image_log(&self, name: &str) -> Result<String> {
+        let url = self.ns_url(&self.namespace, &format!("images/{name}/logs"));
+        let resp = self.send(self.request(Method::GET, &url), &url).await?;
+        resp.text()
+            .await
+            .map_err(|source| ClientError::Http { url, source })
+    }
+
+    /// Garbage collection: removes unreferenced builds and blobs untouched for `grace`
+    /// (e.g. "1h"; the server's default when `None`).
+    pub async fn gc(&self, grace: Option<&str>) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/gc", self.base);
+        let mut rb = self.request(Method::POST, &url);
+        if let Some(g) = grace {
+            rb = rb.query(&[("grace", g)]);
+        }
+        self.json(rb, &url).await
+    }
+
     pub async fn list_runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
         let url = self.ns_url(&self.namespace, "runs");
         let mut params: Vec<(&str, String)> = Vec::new();

@@ -359,6 +359,55 @@ pub struct RuntimeDependencies {
     /// Text of requirements.txt (Python) or package.json (Node).
     #[serde(default)]
     pub manifest: String,
+    /// Package index: pip's `--index-url` / npm's `--registry` (default: the server's
+    /// environment, e.g. `PIP_INDEX_URL`, `npm_config_registry`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_url: Option<String>,
+}
+
+impl RuntimeDependencies {
+    /// The manifest in normal form for `language`, `None` when it declares nothing: what the
+    /// image digest covers, so that comments, blank lines, whitespace and JSON key order do
+    /// not cause a rebuild. requirements.txt: trimmed lines without comments; package.json:
+    /// re-encoded with sorted keys.
+    pub fn normalized(&self, language: Language) -> Result<Option<String>, ValidationError> {
+        let text = self.manifest.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        match language {
+            Language::Python3 => {
+                if text.starts_with('{') {
+                    return Err(ValidationError::new(
+                        "python3 images take a requirements.txt (one requirement per line), not a package.json",
+                    ));
+                }
+                let lines: Vec<&str> = text
+                    .lines()
+                    .map(|l| match l.find(" #") {
+                        Some(i) => l[..i].trim(),
+                        None => l.trim(),
+                    })
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .collect();
+                Ok((!lines.is_empty()).then(|| lines.join("\n") + "\n"))
+            }
+            Language::Nodejs => {
+                let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                    ValidationError::new(format!(
+                        "nodejs images take a package.json; this one is not valid JSON: {e}"
+                    ))
+                })?;
+                if !v.is_object() {
+                    return Err(ValidationError::new("package.json must be a JSON object"));
+                }
+                Ok(Some(v.to_string()))
+            }
+            Language::Exec => Err(ValidationError::new(
+                "exec images have no runtime dependencies to install: package what the executable needs with it",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -588,6 +637,46 @@ fn validate_path(p: &str) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dependency_manifests_normalize() {
+        let deps = |m: &str| RuntimeDependencies {
+            manifest: m.into(),
+            index_url: None,
+        };
+        let a = deps("# deps\nsix==1.16.0  # small\n\n  requests>=2\n")
+            .normalized(Language::Python3)
+            .unwrap();
+        assert_eq!(a.as_deref(), Some("six==1.16.0\nrequests>=2\n"));
+        assert_eq!(
+            deps(" \n# only comments\n")
+                .normalized(Language::Python3)
+                .unwrap(),
+            None
+        );
+        let j1 = deps(r#"{"name":"x","dependencies":{"is-number":"7.0.0"}}"#)
+            .normalized(Language::Nodejs)
+            .unwrap();
+        let j2 = deps("{\n  \"dependencies\": {\"is-number\": \"7.0.0\"},\n  \"name\": \"x\"\n}")
+            .normalized(Language::Nodejs)
+            .unwrap();
+        assert_eq!(j1, j2);
+        assert!(
+            deps("six")
+                .normalized(Language::Nodejs)
+                .unwrap_err()
+                .message
+                .contains("package.json")
+        );
+        assert!(
+            deps("{}")
+                .normalized(Language::Python3)
+                .unwrap_err()
+                .message
+                .contains("requirements.txt")
+        );
+        assert!(deps("six").normalized(Language::Exec).is_err());
+    }
     use serde_json::json;
 
     #[test]

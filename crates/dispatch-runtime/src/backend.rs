@@ -2,7 +2,7 @@
 //! [`LocalBackend`]: functions run as local worker processes, builds are directories under
 //! the data dir.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use dispatch_core::{Language, ValidationError};
 use serde_json::value::RawValue;
 
+use crate::build::{ImageBuilder, Progress};
 use crate::handler;
 use crate::pool::{CallOutcome, Pool, PoolConfig, PoolError};
 use crate::source::{self, SourceError};
@@ -31,8 +32,26 @@ pub struct BaseImageCheck {
 #[derive(Debug, Clone)]
 pub struct ImageBuild {
     pub base: BaseImageCheck,
+    /// The dependency manifest in normal form (requirements.txt / package.json), if any.
     pub runtime_dependencies: Option<String>,
+    /// pip `--index-url` / npm `--registry`.
+    pub index_url: Option<String>,
     pub system_dependencies: usize,
+}
+
+/// What garbage collection must keep: digests still referenced by resources.
+#[derive(Debug, Clone, Default)]
+pub struct GcKeep {
+    pub images: HashSet<String>,
+    pub functions: HashSet<String>,
+}
+
+/// One thing garbage collection removed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Removed {
+    pub what: &'static str,
+    pub digest: String,
+    pub bytes: u64,
 }
 
 /// One function build to deploy.
@@ -44,6 +63,8 @@ pub struct FunctionDeploy {
     pub digest: String,
     pub base: BaseImageCheck,
     pub archive: Arc<Vec<u8>>,
+    /// Digest of the image's dependency build (venv / node_modules), when it has one.
+    pub image_build: Option<String>,
     pub handler: Option<String>,
     pub env: std::collections::BTreeMap<String, String>,
     pub timeout: Duration,
@@ -68,6 +89,10 @@ pub enum BuildError {
     Load(#[from] StartError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{step} failed: {detail}")]
+    Step { step: String, detail: String },
+    #[error("{0}")]
+    Io(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +118,20 @@ pub trait Backend: Send + Sync + 'static {
         base: &'a BaseImageCheck,
     ) -> BoxFuture<'a, Result<(), BuildError>>;
 
-    /// Builds an image (its dependencies on top of its base).
-    fn build_image<'a>(&'a self, build: &'a ImageBuild) -> BoxFuture<'a, Result<(), BuildError>>;
+    /// Builds image `digest` (its dependencies on top of its base), or reuses the build of
+    /// the same digest; reports steps through `progress`.
+    fn build_image<'a>(
+        &'a self,
+        digest: &'a str,
+        build: &'a ImageBuild,
+        progress: Progress,
+    ) -> BoxFuture<'a, Result<(), BuildError>>;
+
+    /// The log of the last build of image `digest`, if there was one.
+    fn build_log<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Option<String>>;
+
+    /// Removes builds not in `keep` and not in use, untouched for at least `grace`.
+    fn gc<'a>(&'a self, keep: &'a GcKeep, grace: Duration) -> BoxFuture<'a, Vec<Removed>>;
 
     /// Builds a function and switches its traffic to the new build once it is ready.
     fn deploy_function(&self, deploy: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>>;
@@ -125,6 +162,7 @@ type Pools = HashMap<String, HashMap<String, Arc<Pool>>>;
 pub struct LocalBackend {
     runtimes_dir: PathBuf,
     functions_dir: PathBuf,
+    images: ImageBuilder,
     pools: RwLock<Pools>,
     max_queue: usize,
 }
@@ -134,8 +172,11 @@ impl LocalBackend {
     pub fn new(data_dir: &Path) -> std::io::Result<Arc<Self>> {
         let runtimes_dir = data_dir.join("runtimes");
         let functions_dir = data_dir.join("builds").join("functions");
+        let images_dir = data_dir.join("builds").join("images");
         std::fs::create_dir_all(&runtimes_dir)?;
         std::fs::create_dir_all(&functions_dir)?;
+        std::fs::create_dir_all(&images_dir)?;
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         for (file, text) in [
             ("bootstrap.py", PYTHON_BOOTSTRAP),
             ("bootstrap.js", NODE_BOOTSTRAP),
@@ -148,6 +189,7 @@ impl LocalBackend {
         Ok(Arc::new(LocalBackend {
             runtimes_dir,
             functions_dir,
+            images: ImageBuilder::new(images_dir, parallel),
             pools: RwLock::new(HashMap::new()),
             max_queue: 256,
         }))
@@ -184,6 +226,11 @@ impl LocalBackend {
             .collect()
     }
 
+    /// Dependency installs run so far (reused builds are not counted).
+    pub fn dependency_installs(&self) -> u64 {
+        self.images.installs()
+    }
+
     /// The pool serving a function now, if deployed.
     pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<Pool>> {
         self.pools_read().get(namespace)?.get(name).cloned()
@@ -207,16 +254,39 @@ impl LocalBackend {
         args: Vec<String>,
     ) -> Result<WorkerSpec, BuildError> {
         let label = format!("{}/{}", d.namespace, d.name);
+        let mut env = d.env.clone();
+        let deps = match &d.image_build {
+            Some(digest) if self.images.is_complete(digest) => Some(self.images.path(digest)),
+            Some(digest) => {
+                return Err(BuildError::Unsupported(format!(
+                    "the dependency build {digest} of this function's image is missing: rebuild the image"
+                )));
+            }
+            None => None,
+        };
         let (program, prefix_args) = match d.base.language {
             Language::Python3 => (
-                Self::interpreter(&d.base)?.unwrap_or_default(),
+                match &deps {
+                    // The image's virtual environment has the dependencies.
+                    Some(dir) => dir.join("venv").join("bin").join("python"),
+                    None => Self::interpreter(&d.base)?.unwrap_or_default(),
+                },
                 vec![
                     "-u".into(),
                     self.runtimes_dir.join("bootstrap.py").display().to_string(),
                 ],
             ),
             Language::Nodejs => (
-                Self::interpreter(&d.base)?.unwrap_or_default(),
+                {
+                    if let Some(dir) = &deps {
+                        // CommonJS `require` also searches NODE_PATH.
+                        env.insert(
+                            "NODE_PATH".into(),
+                            dir.join("node_modules").display().to_string(),
+                        );
+                    }
+                    Self::interpreter(&d.base)?.unwrap_or_default()
+                },
                 vec![self.runtimes_dir.join("bootstrap.js").display().to_string()],
             ),
             Language::Exec => (dir.join(&args[0]), Vec::new()),
@@ -231,10 +301,76 @@ impl LocalBackend {
             prefix_args,
             dir,
             handler_args,
-            env: d.env.clone(),
+            env,
             label,
         })
     }
+}
+
+/// Removes entries of `dir` (`<hex>` folders and their `<hex>.log`) whose hex is neither
+/// kept nor busy and which were not modified within `grace`.
+fn sweep(
+    dir: &Path,
+    what: &'static str,
+    keep: &HashSet<String>,
+    busy: &HashSet<String>,
+    grace: Duration,
+) -> Vec<Removed> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    let now = std::time::SystemTime::now();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let hex = name.strip_suffix(".log").unwrap_or(&name).to_string();
+        if hex.len() != 64
+            || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+            || keep.contains(&hex)
+            || busy.contains(&hex)
+        {
+            continue;
+        }
+        let recent = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_none_or(|age| age < grace);
+        if recent {
+            continue;
+        }
+        let path = e.path();
+        let bytes = dir_size(&path);
+        let res = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match res {
+            Ok(()) if !name.ends_with(".log") => removed.push(Removed {
+                what,
+                digest: format!("sha256:{hex}"),
+                bytes,
+            }),
+            Ok(()) => {}
+            Err(err) => tracing::warn!("gc: failed to remove {}: {err}", path.display()),
+        }
+    }
+    removed
+}
+
+/// Bytes under `path` (a file or a tree; symlinks not followed).
+pub fn dir_size(path: &Path) -> u64 {
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !m.is_dir() {
+        return m.len();
+    }
+    std::fs::read_dir(path)
+        .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+        .unwrap_or(0)
 }
 
 /// Looks `name` up on PATH (or takes it as a path when it has a `/`).
@@ -258,15 +394,6 @@ impl Backend for LocalBackend {
         if build.system_dependencies > 0 {
             return Err(ValidationError::new(
                 "system dependencies need the kubernetes backend (dispatch server --backend kubernetes); the embedded backend runs functions on this host's packages",
-            ));
-        }
-        if build
-            .runtime_dependencies
-            .as_deref()
-            .is_some_and(|m| !m.trim().is_empty())
-        {
-            return Err(ValidationError::new(
-                "runtime dependencies (requirements.txt / package.json) are not built by this server version yet: create the image without them",
             ));
         }
         Ok(())
@@ -303,11 +430,62 @@ impl Backend for LocalBackend {
         })
     }
 
-    fn build_image<'a>(&'a self, build: &'a ImageBuild) -> BoxFuture<'a, Result<(), BuildError>> {
+    fn build_image<'a>(
+        &'a self,
+        digest: &'a str,
+        build: &'a ImageBuild,
+        progress: Progress,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
         Box::pin(async move {
             self.validate_image(build)
                 .map_err(|e| BuildError::Unsupported(e.message))?;
-            self.check_base_image(&build.base).await
+            progress("checking the interpreter");
+            self.check_base_image(&build.base).await?;
+            let Some(manifest) = &build.runtime_dependencies else {
+                return Ok(());
+            };
+            let interpreter = Self::interpreter(&build.base)?;
+            self.images
+                .build(digest, build, manifest, interpreter.as_deref(), &progress)
+                .await
+        })
+    }
+
+    fn build_log<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move { self.images.log(digest) })
+    }
+
+    fn gc<'a>(&'a self, keep: &'a GcKeep, grace: Duration) -> BoxFuture<'a, Vec<Removed>> {
+        Box::pin(async move {
+            let live: HashSet<String> = self
+                .all_pools()
+                .iter()
+                .map(|p| dispatch_core::digest::hex_part(p.digest()).to_string())
+                .collect();
+            let hexes = |set: &HashSet<String>| -> HashSet<String> {
+                set.iter()
+                    .map(|d| dispatch_core::digest::hex_part(d).to_string())
+                    .collect()
+            };
+            let keep_images = hexes(&keep.images);
+            let mut keep_functions = hexes(&keep.functions);
+            keep_functions.extend(live);
+            let images_dir = self.images.dir().to_path_buf();
+            let functions_dir = self.functions_dir.clone();
+            let busy: HashSet<String> = self.images.building();
+            tokio::task::spawn_blocking(move || {
+                let mut removed = sweep(&images_dir, "image-build", &keep_images, &busy, grace);
+                removed.extend(sweep(
+                    &functions_dir,
+                    "function-build",
+                    &keep_functions,
+                    &HashSet::new(),
+                    grace,
+                ));
+                removed
+            })
+            .await
+            .unwrap_or_default()
         })
     }
 

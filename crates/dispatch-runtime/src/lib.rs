@@ -7,6 +7,7 @@
 //! worker) and [`worker`] (one process and its protocol).
 
 pub mod backend;
+pub mod build;
 pub mod handler;
 pub mod pool;
 pub mod protocol;
@@ -14,6 +15,8 @@ pub mod source;
 pub mod worker;
 
 pub use backend::{
-    Backend, BaseImageCheck, BuildError, FunctionDeploy, ImageBuild, InvokeError, LocalBackend,
+    Backend, BaseImageCheck, BuildError, FunctionDeploy, GcKeep, ImageBuild, InvokeError,
+    LocalBackend, Removed,
 };
+pub use build::Progress;
 pub use pool::{CallOutcome, Pool, PoolError};

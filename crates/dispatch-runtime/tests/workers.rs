@@ -55,6 +55,7 @@ fn deploy(
             interpreter: None,
         },
         archive: Arc::new(archive),
+        image_build: None,
         handler: handler.map(str::to_string),
         env: BTreeMap::new(),
         timeout: Duration::from_secs(10),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use dispatch_core::{
     BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, Phase, Status, digest,
 };
-use dispatch_runtime::{BaseImageCheck, FunctionDeploy, ImageBuild};
+use dispatch_runtime::{BaseImageCheck, FunctionDeploy, ImageBuild, Progress};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -261,29 +261,75 @@ async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, Api
             return Ok(None);
         }
     }
-    let deps = spec
+    let (d, build) = match image_plan(&spec, &base, &base_spec) {
+        Ok(p) => p,
+        Err(e) => return Ok(Some(status(Phase::Error, e.message, None, o))),
+    };
+    let unchanged = o.phase() == Some(Phase::Ready) && o.status.digest.as_deref() == Some(&d);
+    if !unchanged {
+        set_status(
+            state,
+            o,
+            status(Phase::Creating, "building", Some(d.clone()), o),
+        )
+        .await?;
+    }
+    // Steps reported by the build become the CREATING reason (what `--wait` shows). They are
+    // applied here, in order, and never after the final status.
+    let (tx, mut steps) = mpsc::unbounded_channel::<String>();
+    let progress: Progress = Arc::new(move |step: &str| {
+        let _ = tx.send(step.to_string());
+    });
+    let build_fut = state.backend.build_image(&d, &build, progress);
+    tokio::pin!(build_fut);
+    let result = loop {
+        tokio::select! {
+            r = &mut build_fut => break r,
+            Some(step) = steps.recv() => {
+                if !unchanged {
+                    set_status(state, o, status(Phase::Creating, step, Some(d.clone()), o)).await?;
+                }
+            }
+        }
+    };
+    Ok(Some(match result {
+        Ok(()) => status(Phase::Ready, "", Some(d.clone()), o),
+        // The digest stays, so that `dispatch logs image` finds the failed build's log.
+        Err(e) => status(Phase::Error, e.to_string(), Some(d.clone()), o),
+    }))
+}
+
+/// An image's digest (base image spec + normalized dependency manifest + index, DESIGN §3)
+/// and what to build; an invalid manifest for the base's language is an error.
+pub fn image_plan(
+    spec: &ImageSpec,
+    base: &Object,
+    base_spec: &BaseImageSpec,
+) -> Result<(String, ImageBuild), dispatch_core::ValidationError> {
+    let deps = match &spec.runtime_dependencies {
+        Some(r) => r.normalized(base_spec.lang())?,
+        None => None,
+    };
+    let index_url = spec
         .runtime_dependencies
         .as_ref()
-        .map(|d| d.manifest.clone());
+        .and_then(|r| r.index_url.clone())
+        .filter(|u| !u.trim().is_empty());
     let d = digest::sha256_parts([
         b"image".as_slice(),
         serde_json::to_string(&base.spec)
             .unwrap_or_default()
             .as_bytes(),
         deps.as_deref().unwrap_or("").as_bytes(),
+        index_url.as_deref().unwrap_or("").as_bytes(),
     ]);
-    if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
-        mark_creating(state, o, "building").await?;
-    }
     let build = ImageBuild {
-        base: base_check(&base_spec),
+        base: base_check(base_spec),
         runtime_dependencies: deps,
+        index_url,
         system_dependencies: spec.system_dependencies.len(),
     };
-    Ok(Some(match state.backend.build_image(&build).await {
-        Ok(()) => status(Phase::Ready, "", Some(d), o),
-        Err(e) => status(Phase::Error, e.to_string(), None, o),
-    }))
+    Ok((d, build))
 }
 
 /// The function digest: the image digest, the source, the handler and every runtime setting
@@ -347,6 +393,10 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         Ok(b) => b,
         Err(reason) => return set_status(state, &o, fail(reason)).await,
     };
+    let image_has_deps = image_spec
+        .runtime_dependencies
+        .as_ref()
+        .is_some_and(|r| matches!(r.normalized(base_spec.lang()), Ok(Some(_))));
     let d = function_digest(
         image.status.digest.as_deref().unwrap_or(""),
         &base_spec,
@@ -374,6 +424,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         digest: d.clone(),
         base: base_check(&base_spec),
         archive: Arc::new(archive),
+        image_build: image_has_deps.then(|| image.status.digest.clone().unwrap_or_default()),
         handler: spec.handler.clone(),
         env: spec.env.clone(),
         timeout,

@@ -10,6 +10,7 @@ pub mod api;
 pub mod controller;
 mod error;
 pub mod gateway;
+pub mod gc;
 pub mod invoke;
 pub mod recorder;
 pub mod routes;
@@ -83,6 +84,7 @@ pub struct Server {
     pub gateway_addr: SocketAddr,
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
+    gc_task: tokio::task::JoinHandle<()>,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
     gateway: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -124,6 +126,7 @@ impl Server {
         gateway: TcpListener,
     ) -> Server {
         let state = AppState::start(store, blobs, backend).await;
+        let gc_task = gc::spawn_periodic(state.clone());
         let (shutdown, rx) = watch::channel(false);
         let api_addr = api
             .local_addr()
@@ -139,6 +142,7 @@ impl Server {
             gateway_addr,
             state,
             shutdown,
+            gc_task,
             api: api_task,
             gateway: gw_task,
         }
@@ -148,6 +152,7 @@ impl Server {
     /// controller, kill every worker, flush run records.
     pub async fn stop(self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
+        self.gc_task.abort();
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let api = self.api.await;
             let gw = self.gateway.await;

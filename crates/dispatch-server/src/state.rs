@@ -137,6 +137,16 @@ impl AppState {
             .cloned()
     }
 
+    /// Digests of every function build serving calls now.
+    pub fn deployed_digests(&self) -> Vec<String> {
+        self.deployed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|m| m.values().map(|d| d.digest.clone()))
+            .collect()
+    }
+
     pub fn set_deployed(&self, ns: &str, name: &str, d: Option<Deployed>) {
         let mut map = self.deployed.write().unwrap_or_else(|p| p.into_inner());
         match d {

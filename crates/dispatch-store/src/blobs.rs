@@ -9,6 +9,13 @@ use dispatch_core::digest;
 use crate::{Result, StoreError};
 
 #[derive(Debug, Clone)]
+pub struct BlobInfo {
+    pub digest: String,
+    pub bytes: u64,
+    pub modified: std::time::SystemTime,
+}
+
+#[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
 }
@@ -25,6 +32,13 @@ impl BlobStore {
         let d = digest::sha256(bytes);
         let path = self.path(&d);
         if path.exists() {
+            // Refresh its age: garbage collection spares blobs touched within its grace
+            // period, so a re-upload is safe until the function that names it is created.
+            let touched = std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            touched.map_err(|source| io("touch", &path, source))?;
             return Ok(d);
         }
         let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)
@@ -44,6 +58,35 @@ impl BlobStore {
 
     pub fn exists(&self, digest: &str) -> bool {
         digest::is_sha256(digest) && self.path(digest).is_file()
+    }
+
+    /// Every blob: digest, size, last modified.
+    pub fn list(&self) -> Result<Vec<BlobInfo>> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.dir).map_err(|source| io("list", &self.dir, source))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                continue; // temporary files of writes in progress
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            out.push(BlobInfo {
+                digest: format!("sha256:{name}"),
+                bytes: meta.len(),
+                modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes a blob (missing is fine).
+    pub fn remove(&self, digest: &str) -> Result<()> {
+        let p = self.path(digest);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(io("remove", &p, source)),
+        }
     }
 
     pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
@@ -76,5 +119,13 @@ mod tests {
         assert!(blobs.exists(&d1));
         assert!(!blobs.exists(&digest::sha256(b"other")));
         assert!(!blobs.exists("../../etc/passwd"));
+        let listed = blobs.list().unwrap();
+        assert_eq!(
+            (listed.len(), listed[0].digest.as_str(), listed[0].bytes),
+            (1, d1.as_str(), 5)
+        );
+        blobs.remove(&d1).unwrap();
+        blobs.remove(&d1).unwrap();
+        assert!(!blobs.exists(&d1));
     }
 }

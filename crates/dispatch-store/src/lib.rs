@@ -12,7 +12,7 @@ mod sqlite;
 
 use dispatch_core::{Kind, Object, Run, RunStatus, Status};
 
-pub use blobs::BlobStore;
+pub use blobs::{BlobInfo, BlobStore};
 pub use error::StoreError;
 pub use sqlite::SqliteStore;
 

@@ -9,7 +9,9 @@ use anyhow::{Context as _, Result, bail};
 use dispatch_core::{Kind, Object};
 use serde_json::json;
 
-use super::{ensure_ready, parse_env, prepare, read_manifest, said, upload, wait_settled};
+use super::{
+    WaitArgs, ensure_ready, parse_env, prepare, read_manifest, said, upload, wait_settled,
+};
 use crate::Ctx;
 
 /// Create resources (base-image, image, function, endpoint) or everything in a manifest
@@ -37,17 +39,24 @@ pub enum What {
         /// Embedded mode: interpreter path or name on PATH (default python3 / node)
         #[arg(long)]
         interpreter: Option<String>,
-        /// Wait until it is READY (exit 1 on ERROR)
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// An image: a base image plus dependencies: `dispatch create image python3 python3-base`
     Image {
         name: String,
         base_image: String,
-        /// Wait until it is READY (exit 1 on ERROR)
-        #[arg(long)]
-        wait: bool,
+        /// requirements.txt (python3) or package.json (nodejs) to install into the image
+        #[arg(long, value_name = "FILE")]
+        runtime_deps: Option<PathBuf>,
+        /// System packages (Kubernetes backend only; refused by the embedded server)
+        #[arg(long = "system-deps", value_name = "PACKAGE")]
+        system_deps: Vec<String>,
+        /// Package index for the dependencies: pip --index-url / npm --registry
+        #[arg(long, value_name = "URL")]
+        index_url: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// A function from a file or folder: `dispatch create function hello ./hello.py --image python3`
     Function {
@@ -75,9 +84,8 @@ pub enum What {
         /// Idle time before a worker is stopped, e.g. 5m
         #[arg(long)]
         idle_timeout: Option<String>,
-        /// Wait until it is READY (exit 1 on ERROR)
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// An HTTP endpoint on the gateway: `dispatch create endpoint get-hello hello --method GET --path /hello`
     Endpoint {
@@ -139,16 +147,37 @@ impl Create {
                 if let Some(i) = interpreter {
                     spec["interpreter"] = i.into();
                 }
-                (Object::new(Kind::BaseImage, &ns, &name, spec), wait)
+                (
+                    Object::new(Kind::BaseImage, &ns, &name, spec),
+                    wait.resolve(),
+                )
             }
             What::Image {
                 name,
                 base_image,
+                runtime_deps,
+                system_deps,
+                index_url,
                 wait,
-            } => (
-                Object::new(Kind::Image, &ns, &name, json!({"baseImage": base_image})),
-                wait,
-            ),
+            } => {
+                let mut spec = json!({"baseImage": base_image});
+                if let Some(file) = runtime_deps {
+                    let manifest = std::fs::read_to_string(&file).with_context(|| {
+                        format!("failed to read --runtime-deps {}", file.display())
+                    })?;
+                    spec["runtimeDependencies"] = json!({"manifest": manifest});
+                    if let Some(url) = index_url {
+                        spec["runtimeDependencies"]["indexUrl"] = url.into();
+                    }
+                } else if index_url.is_some() {
+                    bail!("--index-url needs --runtime-deps FILE");
+                }
+                if !system_deps.is_empty() {
+                    let list: Vec<_> = system_deps.iter().map(|n| json!({"name": n})).collect();
+                    spec["systemDependencies"] = list.into();
+                }
+                (Object::new(Kind::Image, &ns, &name, spec), wait.resolve())
+            }
             What::Function {
                 name,
                 path,
@@ -184,7 +213,10 @@ impl Create {
                 if !conc.is_empty() {
                     spec["concurrency"] = conc.into();
                 }
-                (Object::new(Kind::Function, &ns, &name, spec), wait)
+                (
+                    Object::new(Kind::Function, &ns, &name, spec),
+                    wait.resolve(),
+                )
             }
             What::Endpoint {
                 name,

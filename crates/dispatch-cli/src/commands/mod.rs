@@ -6,6 +6,7 @@ pub mod completion;
 pub mod create;
 pub mod delete;
 pub mod exec;
+pub mod gc;
 pub mod get;
 pub mod logs;
 pub mod quickstart;
@@ -40,6 +41,24 @@ pub fn parse_target(s: &str) -> Result<Target> {
     })
 }
 
+/// `--wait` / `--no-wait`: wait for a build to settle. Default: wait when stderr is a
+/// terminal (interactive use), not in scripts.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct WaitArgs {
+    /// Wait until it is READY, showing progress (exit 1 on ERROR); default when interactive
+    #[arg(long, conflicts_with = "no_wait")]
+    pub wait: bool,
+    /// Return at once; watch with `dispatch get KIND NAME`
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+impl WaitArgs {
+    pub fn resolve(self) -> bool {
+        self.wait || (!self.no_wait && std::io::stderr().is_terminal())
+    }
+}
+
 /// Polls until `kind/name` is READY or ERROR (or `timeout` passes); shows the phase on a TTY.
 pub async fn wait_settled(
     client: &Client,
@@ -49,17 +68,30 @@ pub async fn wait_settled(
 ) -> Result<Object> {
     let deadline = Instant::now() + timeout;
     let tty = std::io::stderr().is_terminal();
-    let mut last = String::new();
+    const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let started = Instant::now();
+    let mut tick = 0usize;
     loop {
         let o = client.get(kind, name).await?;
         let phase = o.phase().unwrap_or(Phase::Initialized);
         if tty {
-            let line = format!("{} {name}: {phase} {}", kind.human(), o.status.reason);
-            if line != last {
-                eprint!("\r\x1b[2K{line}");
-                let _ = std::io::stderr().flush();
-                last = line;
-            }
+            tick += 1;
+            let step = if o.status.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", o.status.reason)
+            };
+            let spin = if matches!(phase, Phase::Ready | Phase::Error) {
+                ' '
+            } else {
+                SPINNER[tick % SPINNER.len()]
+            };
+            eprint!(
+                "\r\x1b[2K{spin} {} {name} {phase}{step} ({:.0}s)",
+                kind.human(),
+                started.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
         }
         if matches!(phase, Phase::Ready | Phase::Error) {
             if tty {

@@ -32,9 +32,8 @@ pub enum UpdateWhat {
         /// Replaces the whole environment when given (repeatable KEY=VALUE)
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        /// Wait until the new build is READY (exit 1 on ERROR)
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: super::WaitArgs,
     },
 }
 
@@ -80,7 +79,7 @@ impl Update {
                 "updated"
             },
         );
-        if wait {
+        if wait.resolve() {
             // The controller may not have seen the new generation yet.
             let deadline = std::time::Instant::now() + super::create::WAIT;
             loop {

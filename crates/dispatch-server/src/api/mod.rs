@@ -27,6 +27,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/v1/version", get(version))
+        .route("/v1/gc", post(gc))
+        .route(
+            &format!("{ns}/images/{{name}}/logs"),
+            get(resources::image_log),
+        )
         .route(&format!("{ns}/runs"), get(runs::list))
         .route(&format!("{ns}/runs/{{id}}"), get(runs::get_one))
         .route(&format!("{ns}/runs/{{id}}/logs"), get(runs::logs))
@@ -61,6 +66,24 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting")
     }
+}
+
+#[derive(serde::Deserialize)]
+struct GcQuery {
+    /// Keep anything touched within this long (default 1h): `?grace=0s` collects everything
+    /// unreferenced.
+    grace: Option<String>,
+}
+
+async fn gc(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Query(q): axum::extract::Query<GcQuery>,
+) -> Result<axum::Json<crate::gc::GcReport>, ApiError> {
+    let grace = match q.grace {
+        Some(g) => dispatch_core::duration::parse_duration(&g)?,
+        None => crate::gc::DEFAULT_GRACE,
+    };
+    crate::gc::collect(&state, grace).await.map(axum::Json)
 }
 
 async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {

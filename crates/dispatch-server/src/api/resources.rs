@@ -11,10 +11,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use dispatch_core::{BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object};
-use dispatch_runtime::{ImageBuild, handler, source};
+use dispatch_runtime::{handler, source};
 
 use super::{BUILTIN_BASE_IMAGES, builtin_base_image, check_namespace};
-use crate::controller::{Key, base_check};
+use crate::controller::{Key, image_plan};
 use crate::error::{ApiError, parse_json};
 use crate::routes;
 use crate::state::AppState;
@@ -77,6 +77,39 @@ pub async fn get_one(
         .await?
         .map(Json)
         .ok_or_else(|| not_found(&ns, kind, &name))
+}
+
+/// The log of an image's dependency build (`dispatch logs image NAME`), as text.
+pub async fn image_log(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_namespace(&ns)?;
+    let image = state
+        .get(&ns, Kind::Image, &name)
+        .await?
+        .ok_or_else(|| not_found(&ns, Kind::Image, &name))?;
+    let log = match &image.status.digest {
+        Some(d) => state.backend.build_log(d).await,
+        None => None,
+    };
+    let Some(log) = log else {
+        return Err(ApiError::not_found(format!(
+            "image {name:?} has no build log: it has no dependencies to install, or its build has not started ({})",
+            image
+                .phase()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "INITIALIZED".into())
+        )));
+    };
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        log,
+    )
+        .into_response())
 }
 
 pub async fn create(
@@ -283,12 +316,9 @@ async fn admit(
         }
         Kind::Image => {
             let spec: ImageSpec = obj.typed_spec()?;
-            let base = base_image_spec(state, ns, &spec.base_image).await?;
-            state.backend.validate_image(&ImageBuild {
-                base: base_check(&base),
-                runtime_dependencies: spec.runtime_dependencies.map(|d| d.manifest),
-                system_dependencies: spec.system_dependencies.len(),
-            })?;
+            let (base, base_spec) = base_image(state, ns, &spec.base_image).await?;
+            let (_, build) = image_plan(&spec, &base, &base_spec)?;
+            state.backend.validate_image(&build)?;
         }
         Kind::Function => {
             let spec: FunctionSpec = obj.typed_spec()?;
@@ -356,6 +386,14 @@ async fn base_image_spec(
     ns: &str,
     name: &str,
 ) -> Result<BaseImageSpec, ApiError> {
+    Ok(base_image(state, ns, name).await?.1)
+}
+
+async fn base_image(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<(Object, BaseImageSpec), ApiError> {
     let Some(base) = state.get(ns, Kind::BaseImage, name).await? else {
         return Err(unknown(
             Kind::BaseImage,
@@ -364,5 +402,6 @@ async fn base_image_spec(
             "create it first (dispatch create base-image NAME IMAGE-REF) or use the built-in python3 or nodejs",
         ));
     };
-    Ok(base.typed_spec()?)
+    let spec = base.typed_spec()?;
+    Ok((base, spec))
 }

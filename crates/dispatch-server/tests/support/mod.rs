@@ -17,6 +17,7 @@ pub const HELLO_JS: &str = include_str!("../../../../examples/nodejs/hello.js");
 
 pub struct TestServer {
     pub dir: tempfile::TempDir,
+    pub local: Arc<LocalBackend>,
     pub server: Option<Server>,
     pub client: Client,
     pub gateway: String,
@@ -31,7 +32,8 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestServer {
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
-    let backend: Arc<dyn Backend> = LocalBackend::new(dir.path()).unwrap();
+    let local = LocalBackend::new(dir.path()).unwrap();
+    let backend: Arc<dyn Backend> = local.clone();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = Server::serve(store, blobs, backend, api, gw).await;
@@ -45,6 +47,7 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestServer {
     let gateway = format!("http://{}", server.gateway_addr);
     TestServer {
         dir,
+        local,
         server: Some(server),
         client,
         gateway,

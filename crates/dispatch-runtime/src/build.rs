@@ -1,0 +1,316 @@
+//! Image builds on this host (DESIGN §3: base image + dependencies, content-addressed).
+//!
+//! An image with runtime dependencies is built once per digest into
+//! `builds/images/<hex>/`: Python gets a virtual environment (`venv/`, `pip install
+//! --no-input -r requirements.txt`), Node a `node_modules/` (`npm install --omit=dev`). A
+//! build is trusted only when its `.complete` marker exists, and the marker is written last:
+//! a build that failed or was cut short (crash, restart) is removed and redone, never used.
+//! Builds of one digest are serialized (the second waits, then reuses the first's result);
+//! builds of different digests run in parallel up to a limit. pip and npm run with the
+//! server's environment (`PIP_INDEX_URL`, proxies, `npm_config_registry`, …) so that
+//! mirrors and offline indexes work.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dispatch_core::Language;
+use dispatch_core::digest::hex_part;
+use tokio::sync::Semaphore;
+
+use crate::backend::{BuildError, ImageBuild};
+
+/// Reports the step a build is at ("installing dependencies with pip").
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A dependency install that runs longer than this is stopped.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Lines of pip/npm output kept in an ERROR reason.
+const REASON_LINES: usize = 8;
+
+pub const COMPLETE_MARKER: &str = ".complete";
+
+pub struct ImageBuilder {
+    dir: PathBuf,
+    /// Digest → lock held while that digest builds. A std mutex: held only to get the entry.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    slots: Semaphore,
+    installs: AtomicU64,
+}
+
+impl ImageBuilder {
+    pub fn new(dir: PathBuf, max_parallel: usize) -> ImageBuilder {
+        ImageBuilder {
+            dir,
+            locks: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(max_parallel.max(1)),
+            installs: AtomicU64::new(0),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the build of `digest` lives.
+    pub fn path(&self, digest: &str) -> PathBuf {
+        self.dir.join(hex_part(digest))
+    }
+
+    pub fn log_path(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{}.log", hex_part(digest)))
+    }
+
+    pub fn is_complete(&self, digest: &str) -> bool {
+        self.path(digest).join(COMPLETE_MARKER).is_file()
+    }
+
+    /// Digests (hex) whose build holds its lock now.
+    pub fn building(&self) -> std::collections::HashSet<String> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, l)| l.try_lock().is_err())
+            .map(|(d, _)| hex_part(d).to_string())
+            .collect()
+    }
+
+    /// How many dependency installs ran (not reused); for tests and metrics.
+    pub fn installs(&self) -> u64 {
+        self.installs.load(Ordering::Relaxed)
+    }
+
+    fn lock_for(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Builds `digest` unless a complete build exists. `interpreter` is the base image's
+    /// (Python: the one that creates the venv).
+    pub async fn build(
+        &self,
+        digest: &str,
+        build: &ImageBuild,
+        manifest: &str,
+        interpreter: Option<&Path>,
+        progress: &Progress,
+    ) -> Result<(), BuildError> {
+        let lock = self.lock_for(digest);
+        let _held = lock.lock().await;
+        if self.is_complete(digest) {
+            progress("reusing the existing build");
+            return Ok(());
+        }
+        let _slot = match self.slots.try_acquire() {
+            Ok(s) => s,
+            Err(_) => {
+                progress("waiting for a build slot");
+                self.slots
+                    .acquire()
+                    .await
+                    .map_err(|_| BuildError::Unsupported("the build queue was closed".into()))?
+            }
+        };
+        let dir = self.path(digest);
+        let log_path = self.log_path(digest);
+        let res = self
+            .install(&dir, &log_path, build, manifest, interpreter, progress)
+            .await;
+        if res.is_err() {
+            // Never leave a half-built tree behind (the marker is absent anyway).
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        res
+    }
+
+    async fn install(
+        &self,
+        dir: &Path,
+        log_path: &Path,
+        build: &ImageBuild,
+        manifest: &str,
+        interpreter: Option<&Path>,
+        progress: &Progress,
+    ) -> Result<(), BuildError> {
+        let io = |what: &str, e: std::io::Error| {
+            BuildError::Io(format!("{what} {}: {e}", dir.display()))
+        };
+        if dir.exists() {
+            progress("removing an unfinished build");
+            tokio::fs::remove_dir_all(dir)
+                .await
+                .map_err(|e| io("failed to remove", e))?;
+        }
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| io("failed to create", e))?;
+        let mut log = Log::new(log_path);
+        self.installs.fetch_add(1, Ordering::Relaxed);
+        match build.base.language {
+            Language::Python3 => {
+                let python = interpreter.ok_or_else(|| BuildError::InterpreterMissing {
+                    name: "python3".into(),
+                })?;
+                tokio::fs::write(dir.join("requirements.txt"), manifest)
+                    .await
+                    .map_err(|e| io("failed to write requirements.txt in", e))?;
+                progress("creating the virtual environment");
+                let venv = dir.join("venv");
+                run_step(
+                    &mut log,
+                    "venv",
+                    tokio::process::Command::new(python)
+                        .arg("-m")
+                        .arg("venv")
+                        .arg(&venv),
+                    dir,
+                )
+                .await?;
+                progress("installing dependencies with pip");
+                let mut pip = tokio::process::Command::new(venv.join("bin").join("python"));
+                pip.args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-input",
+                    "--disable-pip-version-check",
+                    "-r",
+                    "requirements.txt",
+                ]);
+                if let Some(url) = &build.index_url {
+                    pip.args(["--index-url", url]);
+                }
+                run_step(&mut log, "pip install", &mut pip, dir).await?;
+            }
+            Language::Nodejs => {
+                tokio::fs::write(dir.join("package.json"), manifest)
+                    .await
+                    .map_err(|e| io("failed to write package.json in", e))?;
+                progress("installing dependencies with npm");
+                let npm = crate::backend::find_program("npm")
+                    .ok_or_else(|| BuildError::InterpreterMissing { name: "npm".into() })?;
+                let mut cmd = tokio::process::Command::new(npm);
+                cmd.args([
+                    "install",
+                    "--omit=dev",
+                    "--no-audit",
+                    "--no-fund",
+                    "--no-package-lock",
+                ]);
+                if let Some(url) = &build.index_url {
+                    cmd.args(["--registry", url]);
+                }
+                run_step(&mut log, "npm install", &mut cmd, dir).await?;
+            }
+            Language::Exec => {
+                return Err(BuildError::Unsupported(
+                    "exec images have no runtime dependencies to install".into(),
+                ));
+            }
+        }
+        log.flush();
+        tokio::fs::write(dir.join(COMPLETE_MARKER), b"")
+            .await
+            .map_err(|e| io("failed to mark complete", e))?;
+        progress("dependencies installed");
+        Ok(())
+    }
+
+    /// The log of the last build of `digest`.
+    pub fn log(&self, digest: &str) -> Option<String> {
+        std::fs::read_to_string(self.log_path(digest)).ok()
+    }
+}
+
+/// A build log: every step's command and output, written to `<hex>.log`.
+struct Log {
+    path: PathBuf,
+    text: String,
+}
+
+impl Log {
+    fn new(path: &Path) -> Log {
+        Log {
+            path: path.to_path_buf(),
+            text: String::new(),
+        }
+    }
+
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        if !s.ends_with('\n') {
+            self.text.push('\n');
+        }
+        self.flush();
+    }
+
+    fn flush(&self) {
+        if let Err(e) = std::fs::write(&self.path, &self.text) {
+            tracing::warn!("failed to write build log {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Runs one build step with the server's environment, logging its output; a failure carries
+/// the tool's last error lines.
+async fn run_step(
+    log: &mut Log,
+    what: &str,
+    cmd: &mut tokio::process::Command,
+    dir: &Path,
+) -> Result<(), BuildError> {
+    log.push(&format!("$ {what}"));
+    cmd.current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(BUILD_TIMEOUT, cmd.output()).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            log.push(&format!("failed to start: {e}"));
+            return Err(BuildError::Step {
+                step: what.to_string(),
+                detail: format!("failed to start: {e}"),
+            });
+        }
+        Err(_) => {
+            log.push("timed out");
+            return Err(BuildError::Step {
+                step: what.to_string(),
+                detail: format!("did not finish within {BUILD_TIMEOUT:?}"),
+            });
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    log.push(&stdout);
+    log.push(&stderr);
+    if out.status.success() {
+        return Ok(());
+    }
+    // pip and npm put the useful part on stderr ("ERROR: Could not find a version …").
+    let source = if stderr.trim().is_empty() {
+        &stdout
+    } else {
+        &stderr
+    };
+    let lines: Vec<&str> = source
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("npm warn"))
+        .collect();
+    let tail = lines[lines.len().saturating_sub(REASON_LINES)..].join("\n");
+    Err(BuildError::Step {
+        step: what.to_string(),
+        detail: format!("exited with {}: {tail}", out.status),
+    })
+}

@@ -1,0 +1,92 @@
+//! Garbage collection (`POST /v1/gc`, `dispatch gc`, and hourly): removes source blobs, image
+//! builds and function builds that no resource references any more. Never one in use: what
+//! resources name (spec.source, status.digest), what serves calls now, what is building now,
+//! and anything touched within the grace period (a source uploaded for a function that is
+//! about to be created) are kept.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dispatch_core::Kind;
+use dispatch_runtime::{GcKeep, Removed};
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Grace of the periodic collection.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+const PERIOD: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcReport {
+    pub removed: Vec<Removed>,
+    pub freed_bytes: u64,
+}
+
+pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, ApiError> {
+    let (functions, images) = state
+        .db(|s| Ok((s.list(None, Kind::Function)?, s.list(None, Kind::Image)?)))
+        .await?;
+    let mut keep = GcKeep::default();
+    let mut sources = HashSet::new();
+    for f in &functions {
+        if let Some(src) = f.spec.get("source").and_then(|v| v.as_str()) {
+            sources.insert(src.to_string());
+        }
+        if let Some(d) = &f.status.digest {
+            keep.functions.insert(d.clone());
+        }
+    }
+    keep.functions.extend(state.deployed_digests());
+    for i in &images {
+        if let Some(d) = &i.status.digest {
+            keep.images.insert(d.clone());
+        }
+    }
+    let mut removed = state.backend.gc(&keep, grace).await;
+    let blobs = state.blobs.clone();
+    let blob_removed = tokio::task::spawn_blocking(move || {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for b in blobs.list()? {
+            let old = now.duration_since(b.modified).is_ok_and(|age| age >= grace);
+            if old && !sources.contains(&b.digest) {
+                blobs.remove(&b.digest)?;
+                out.push(Removed {
+                    what: "source-blob",
+                    digest: b.digest,
+                    bytes: b.bytes,
+                });
+            }
+        }
+        Ok::<_, dispatch_store::StoreError>(out)
+    })
+    .await
+    .map_err(|e| ApiError::internal("collecting garbage", &e))??;
+    removed.extend(blob_removed);
+    let freed_bytes = removed.iter().map(|r| r.bytes).sum();
+    if !removed.is_empty() {
+        tracing::info!(count = removed.len(), freed_bytes, "garbage collected");
+    }
+    Ok(GcReport {
+        removed,
+        freed_bytes,
+    })
+}
+
+/// Collects every hour with the default grace, until aborted.
+pub fn spawn_periodic(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PERIOD);
+        tick.tick().await; // not at start-up: the controller is redeploying
+        loop {
+            tick.tick().await;
+            if let Err(e) = collect(&state, DEFAULT_GRACE).await {
+                tracing::warn!("garbage collection failed: {}", e.message);
+            }
+        }
+    })
+}
