@@ -510,3 +510,114 @@ fn config_contexts_version_and_completion() {
         assert!(s.ok(&["completion", shell]).contains("dispatch"));
     }
 }
+
+#[test]
+fn images_with_dependencies_logs_and_gc() {
+    let s = ServerProc::start();
+    let deps = examples().join("python3-deps");
+    let manifest = deps.join("deps.yaml");
+    let out = s.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert_eq!(
+        out,
+        "image/python3-six created\nfunction/uses-six created\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let f = s.json(&["get", "function", "uses-six", "-o", "json"]);
+        if f["status"]["phase"] == "READY" {
+            break;
+        }
+        assert_ne!(f["status"]["phase"], "ERROR", "{f}");
+        assert!(Instant::now() < deadline, "{f}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = s.ok(&["exec", "uses-six", "--input", r#"{"text": "hi"}"#]);
+    let env: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        env["payload"],
+        serde_json::json!({"six": "1.16.0", "text": "hi"})
+    );
+    assert!(s.ok(&["logs", "image", "python3-six"]).contains("six"));
+    assert_eq!(
+        s.ok(&["apply", "-f", manifest.to_str().unwrap()]),
+        "image/python3-six unchanged\nfunction/uses-six unchanged\n"
+    );
+
+    // Same inputs from the flag: same digest, READY at once from the existing build.
+    let req = deps.join("requirements.txt");
+    s.ok(&[
+        "create",
+        "image",
+        "again",
+        "python3",
+        "--runtime-deps",
+        req.to_str().unwrap(),
+        "--wait",
+    ]);
+    let a = s.json(&["get", "image", "python3-six", "-o", "json"]);
+    let b = s.json(&["get", "image", "again", "-o", "json"]);
+    assert_eq!(a["status"]["digest"], b["status"]["digest"]);
+
+    let bad = s.dir.path().join("requirements.txt");
+    std::fs::write(&bad, "no-such-package-dispatch-test-0x3c==0.1\n").unwrap();
+    let err = s.fails(&[
+        "create",
+        "image",
+        "bad",
+        "python3",
+        "--runtime-deps",
+        bad.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert!(
+        err.contains("pip install failed") && err.contains("no-such-package-dispatch-test-0x3c"),
+        "{err}"
+    );
+    assert!(
+        s.fails(&[
+            "create",
+            "image",
+            "sys",
+            "python3",
+            "--system-deps",
+            "libpq"
+        ])
+        .contains("kubernetes backend")
+    );
+    assert!(
+        s.fails(&[
+            "create",
+            "image",
+            "x",
+            "python3",
+            "--index-url",
+            "http://mirror"
+        ])
+        .contains("--runtime-deps")
+    );
+
+    let f = s.json(&["get", "function", "uses-six", "-o", "json"]);
+    s.ok(&["delete", "-f", manifest.to_str().unwrap()]);
+    let report = s.json(&["gc", "--grace", "0s", "-o", "json"]);
+    let removed: Vec<(&str, &str)> = report["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["what"].as_str().unwrap(), r["digest"].as_str().unwrap()))
+        .collect();
+    assert!(
+        removed.contains(&("source-blob", f["spec"]["source"].as_str().unwrap())),
+        "{removed:?}"
+    );
+    assert!(
+        removed.contains(&("function-build", f["status"]["digest"].as_str().unwrap())),
+        "{removed:?}"
+    );
+    assert!(
+        !removed
+            .iter()
+            .any(|(w, d)| *w == "image-build" && *d == b["status"]["digest"].as_str().unwrap()),
+        "image `again` still uses it"
+    );
+    assert!(s.ok(&["gc", "--grace", "0s"]).contains("0 removed"));
+}

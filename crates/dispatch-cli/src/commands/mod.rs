@@ -155,11 +155,29 @@ pub async fn upload(client: &Client, ns: &str, name: &str, path: &Path) -> Resul
 }
 
 /// A manifest document as the API takes it: namespace filled, a Function's client-side
-/// `spec.sourcePath` packed, uploaded and replaced by `spec.source`.
+/// `spec.sourcePath` packed, uploaded and replaced by `spec.source`, an Image's
+/// `spec.runtimeDependencies.manifestPath` read into `manifest`.
 pub async fn prepare(client: &Client, doc: &Document, base: &Path) -> Result<Object> {
     let mut o = doc.object.clone();
     if o.metadata.namespace.is_none() {
         o.metadata.namespace = Some(client.namespace().to_string());
+    }
+    if o.kind == Kind::Image {
+        // Client-side `spec.runtimeDependencies.manifestPath`: the file's text becomes `manifest`.
+        let deps = o
+            .spec
+            .get_mut("runtimeDependencies")
+            .and_then(|d| d.as_object_mut());
+        if let Some(deps) = deps {
+            if let Some(p) = deps.remove("manifestPath") {
+                let rel = p.as_str().unwrap_or_default();
+                let path = base.join(rel);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!("document {} (image {}): failed to read runtimeDependencies.manifestPath {}", doc.index, o.metadata.name, path.display())
+                })?;
+                deps.insert("manifest".into(), text.into());
+            }
+        }
     }
     if o.kind == Kind::Function {
         let source_path = o
