@@ -164,19 +164,22 @@ pub async fn prepare(client: &Client, doc: &Document, base: &Path) -> Result<Obj
     }
     if o.kind == Kind::Image {
         // Client-side `spec.runtimeDependencies.manifestPath`: the file's text becomes `manifest`.
-        let deps = o
+        let path = o
             .spec
             .get_mut("runtimeDependencies")
-            .and_then(|d| d.as_object_mut());
-        if let Some(deps) = deps {
-            if let Some(p) = deps.remove("manifestPath") {
-                let rel = p.as_str().unwrap_or_default();
-                let path = base.join(rel);
-                let text = std::fs::read_to_string(&path).with_context(|| {
-                    format!("document {} (image {}): failed to read runtimeDependencies.manifestPath {}", doc.index, o.metadata.name, path.display())
-                })?;
-                deps.insert("manifest".into(), text.into());
-            }
+            .and_then(|d| d.as_object_mut())
+            .and_then(|d| d.remove("manifestPath"))
+            .map(|p| base.join(p.as_str().unwrap_or_default()));
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "document {} (image {}): failed to read runtimeDependencies.manifestPath {}",
+                    doc.index,
+                    o.metadata.name,
+                    path.display()
+                )
+            })?;
+            o.spec["runtimeDependencies"]["manifest"] = text.into();
         }
     }
     if o.kind == Kind::Function {
