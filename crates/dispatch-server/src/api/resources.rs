@@ -122,7 +122,7 @@ pub async fn create(
     let obj: Object = parse_json(&body, "resource")?;
     let obj = admit(&state, &ns, kind, obj).await?;
     let stored = state.db(move |s| s.create(obj)).await?;
-    state.enqueue(Key::of(&stored));
+    stored_changed(&state, &stored).await?;
     Ok((StatusCode::CREATED, Json(stored)).into_response())
 }
 
@@ -196,8 +196,18 @@ async fn replace(
     }
     let obj = admit(state, ns, kind, obj).await?;
     let stored = state.db(move |s| s.update(obj)).await?;
-    state.enqueue(Key::of(&stored));
+    stored_changed(state, &stored).await?;
     Ok(stored)
+}
+
+/// After a write: endpoints route at once (the response means the route is live), and the
+/// controller reconciles the resource.
+async fn stored_changed(state: &AppState, stored: &Object) -> Result<(), ApiError> {
+    if stored.kind == Kind::Endpoint {
+        state.rebuild_routes().await?;
+    }
+    state.enqueue(Key::of(stored));
+    Ok(())
 }
 
 fn builtin(name: &str) -> ApiError {
