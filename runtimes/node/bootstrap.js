@@ -18,6 +18,16 @@ const path = require('path');
 const [functionDir, moduleFile, exportName] = process.argv.slice(2);
 const sock = new net.Socket({ fd: 0, readable: true, writable: true });
 
+// Die with the server: a server killed with SIGKILL cannot kill its workers, and a run it
+// accepted is retried after a restart, so a worker that outlived it would run that call twice
+// at once. When this process is re-parented, it kills its own process group.
+const parentPid = process.ppid;
+setInterval(() => {
+  if (process.ppid !== parentPid) {
+    try { process.kill(-process.pid, 'SIGKILL'); } catch (_) { process.exit(1); }
+  }
+}, 100).unref();
+
 function send(obj) {
   const body = Buffer.from(JSON.stringify(obj), 'utf8');
   const head = Buffer.alloc(4);

@@ -113,8 +113,28 @@ async def _await(awaitable):
     return await awaitable
 
 
+def watch_parent():
+    """Dies with the server: a server killed with SIGKILL cannot kill its workers, and a run
+    it accepted is retried after a restart, so a worker that outlived it would run that call
+    twice at once. When this process is re-parented, it kills its own process group."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(0.1)
+            if os.getppid() != parent:
+                os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=loop, name="dispatch-watch-parent", daemon=True).start()
+
+
 def main():
     function_dir, handler = sys.argv[1], sys.argv[2]
+    watch_parent()
     # The protocol socket arrives as fd 0; keep it on a private fd and give the handler an
     # empty stdin so that a stray input() cannot read protocol bytes.
     sock = socket.socket(fileno=os.dup(0))

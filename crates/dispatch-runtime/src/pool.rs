@@ -49,6 +49,20 @@ pub enum PoolError {
     },
 }
 
+/// A worker taken out of the pool for one call; dropping it unreturned discards the worker.
+struct Checkout<'a> {
+    pool: &'a Pool,
+    worker: Option<Worker>,
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            self.pool.discard(w);
+        }
+    }
+}
+
 pub struct Pool {
     cfg: PoolConfig,
     digest: String,
@@ -169,7 +183,7 @@ impl Pool {
         }
 
         let reused = self.idle().pop();
-        let (mut worker, cold) = match reused {
+        let (worker, cold) = match reused {
             Some(w) => (w, false),
             None => {
                 let t1 = Instant::now();
@@ -187,17 +201,29 @@ impl Pool {
         };
         let t2 = Instant::now();
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let result = worker
+        // If this future is dropped mid-call (a cancelled run), the checkout discards the
+        // worker: its process group is killed and the next call starts a fresh one.
+        let mut checkout = Checkout {
+            pool: self,
+            worker: None,
+        };
+        let result = checkout
+            .worker
+            .insert(worker)
             .call(context, payload, remaining, self.cfg.timeout)
             .await;
         timings.exec_ms = ms(t2.elapsed());
-        let envelope = match result {
-            Ok(env) => {
-                self.put_idle(worker);
+        let worker = checkout.worker.take();
+        let envelope = match (result, worker) {
+            (Ok(env), Some(w)) => {
+                self.put_idle(w);
                 env
             }
-            Err(err) => {
-                self.discard(worker);
+            (Ok(env), None) => env,
+            (Err(err), w) => {
+                if let Some(w) = w {
+                    self.discard(w);
+                }
                 Envelope::error(err, Logs::default())
             }
         };
