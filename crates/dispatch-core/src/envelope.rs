@@ -74,6 +74,32 @@ pub struct Logs {
     pub stderr: Vec<String>,
 }
 
+/// Marker line that ends logs cut at their cap.
+pub const TRUNCATED_MARKER: &str = "[dispatch: logs truncated]";
+
+impl Logs {
+    /// Keeps at most `max_bytes` of lines (stdout first, then stderr); when lines are cut,
+    /// the stream that was cut ends with [`TRUNCATED_MARKER`].
+    pub fn cap(&mut self, max_bytes: usize) {
+        let mut budget = max_bytes;
+        for stream in [&mut self.stdout, &mut self.stderr] {
+            let mut keep = 0;
+            for line in stream.iter() {
+                if line.len() > budget {
+                    break;
+                }
+                budget -= line.len();
+                keep += 1;
+            }
+            if keep < stream.len() {
+                stream.truncate(keep);
+                stream.push(TRUNCATED_MARKER.to_string());
+                budget = 0;
+            }
+        }
+    }
+}
+
 /// Dispatch's own function servers answer `"stderr": null` when nothing was written.
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
@@ -132,6 +158,28 @@ fn unreachable_null() -> Box<RawValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_are_capped_with_a_marker() {
+        let mut l = Logs {
+            stdout: vec!["aaaa".into(), "bbbb".into()],
+            stderr: vec!["cc".into()],
+        };
+        l.cap(100);
+        assert_eq!(l.stdout.len(), 2);
+        l.cap(6);
+        assert_eq!(l.stdout, ["aaaa", TRUNCATED_MARKER]);
+        assert_eq!(l.stderr, [TRUNCATED_MARKER], "stderr lost its line too");
+        let mut l = Logs {
+            stdout: vec!["a".into()],
+            stderr: vec!["bbbbbbbbbb".into()],
+        };
+        l.cap(4);
+        assert_eq!(
+            (l.stdout.len(), l.stderr.as_slice()),
+            (1, [TRUNCATED_MARKER.to_string()].as_slice())
+        );
+    }
 
     #[test]
     fn envelope_has_dispatch_shape() {

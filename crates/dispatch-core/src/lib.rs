@@ -19,9 +19,9 @@ pub use envelope::{Envelope, ErrorObject, ErrorType, Logs};
 pub use error::ValidationError;
 pub use resource::{
     API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata,
-    Object, Phase, Status,
+    Object, Phase, Retry, RetryPolicy, Status,
 };
-pub use run::{Run, RunStatus, Timings, Trigger};
+pub use run::{AttemptError, Callback, CallbackState, Run, RunStatus, Timings, Trigger};
 
 /// The namespace used when none is given (Dispatch's default organization).
 pub const DEFAULT_NAMESPACE: &str = "default";

@@ -463,6 +463,106 @@ pub struct FunctionSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub concurrency: Concurrency,
+    /// Retries of async runs (DESIGN §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Where the final record of every async run is POSTed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
+/// Backoff between attempts: `initial` doubles per attempt up to `max`, with jitter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<String>,
+}
+
+/// How an async run is retried after a FunctionError, SystemError or timeout (never after
+/// an InputError: the same input fails the same way).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// A run older than this is not started again (default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// A retry policy with every default applied and every duration parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub max_attempts: u32,
+    pub initial: Duration,
+    pub max: Duration,
+    pub max_age: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            initial: DEFAULT_BACKOFF_INITIAL,
+            max: DEFAULT_BACKOFF_MAX,
+            max_age: DEFAULT_MAX_AGE,
+        }
+    }
+}
+
+impl Retry {
+    /// The delay before attempt `next` (2, 3, …): `initial · 2^(next-2)` capped at `max`,
+    /// then "equal jitter" (half fixed, half drawn from `jitter` in [0, 1)) so that runs that
+    /// failed together do not all come back at the same instant.
+    pub fn delay(&self, next: u32, jitter: f64) -> Duration {
+        let exp = next.saturating_sub(2).min(30);
+        let base = self.initial.saturating_mul(1u32 << exp).min(self.max);
+        let half = base / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+}
+
+impl RetryPolicy {
+    pub fn resolve(&self) -> Result<Retry, ValidationError> {
+        let d = Retry::default();
+        let dur = |what: &str, v: &Option<String>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) => {
+                parse_duration(s).map_err(|e| ValidationError::new(format!("retry.{what}: {e}")))
+            }
+        };
+        let backoff = self.backoff.clone().unwrap_or_default();
+        let r = Retry {
+            max_attempts: self.max_attempts.unwrap_or(d.max_attempts),
+            initial: dur("backoff.initial", &backoff.initial, d.initial)?,
+            max: dur("backoff.max", &backoff.max, d.max)?,
+            max_age: dur("maxAge", &self.max_age, d.max_age)?,
+        };
+        if r.max_attempts == 0 || r.max_attempts > MAX_ATTEMPTS_LIMIT {
+            return Err(ValidationError::new(format!(
+                "retry.maxAttempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
+                r.max_attempts
+            )));
+        }
+        if r.max < r.initial {
+            return Err(ValidationError::new(
+                "retry.backoff.max is shorter than retry.backoff.initial",
+            ));
+        }
+        Ok(r)
+    }
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -492,6 +592,14 @@ impl FunctionSpec {
         }
         self.timeout()?;
         self.idle_timeout()?;
+        self.retry()?;
+        if let Some(url) = &self.callback_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ValidationError::new(format!(
+                    "callbackUrl {url:?} must be an http:// or https:// URL"
+                )));
+            }
+        }
         let (min, max) = (self.min_workers(), self.max_workers());
         if max == 0 || max > MAX_WORKERS_LIMIT {
             return Err(ValidationError::new(format!(
@@ -527,6 +635,14 @@ impl FunctionSpec {
             return Err(ValidationError::new("spec.timeout must be longer than 0s"));
         }
         Ok(t)
+    }
+
+    /// The retry policy with defaults (3 attempts, 1s doubling to 5m, 24h max age).
+    pub fn retry(&self) -> Result<Retry, ValidationError> {
+        match &self.retry {
+            None => Ok(Retry::default()),
+            Some(r) => r.resolve(),
+        }
     }
 
     pub fn idle_timeout(&self) -> Result<Duration, ValidationError> {

@@ -43,6 +43,11 @@ impl RunStatus {
         }
     }
 
+    /// A final state: nothing will change this run again (but a redrive of a DEAD one).
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+
     /// Case-insensitive (`--status dead`).
     pub fn parse(s: &str) -> Option<RunStatus> {
         RunStatus::ALL
@@ -106,4 +111,77 @@ pub struct Run {
     /// Digest of the function build that ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Accepted for later (`?wait=false`): queued, retried, dead-lettered, cancellable.
+    #[serde(default, rename = "async", skip_serializing_if = "std::ops::Not::not")]
+    pub is_async: bool,
+    /// The error of every failed attempt, oldest first (a DEAD run keeps them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempt_errors: Vec<AttemptError>,
+    /// When a QUEUED run may start (after a retry's backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Timestamp>,
+    /// Delivery of the final record to a callback URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+}
+
+impl Run {
+    /// A QUEUED run with no attempt yet; callers set what they know.
+    pub fn new(
+        id: String,
+        namespace: &str,
+        function: &str,
+        trigger: Trigger,
+        input: Box<RawValue>,
+        created_at: Timestamp,
+    ) -> Run {
+        Run {
+            id,
+            namespace: namespace.to_string(),
+            function: function.to_string(),
+            status: RunStatus::Queued,
+            trigger,
+            input,
+            output: None,
+            logs: Logs::default(),
+            error: None,
+            attempts: 0,
+            cold: false,
+            timings: Timings::default(),
+            created_at,
+            started_at: None,
+            finished_at: None,
+            digest: None,
+            is_async: false,
+            attempt_errors: Vec::new(),
+            next_attempt_at: None,
+            callback: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptError {
+    pub attempt: u32,
+    pub error: ErrorObject,
+    pub at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CallbackState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Callback {
+    pub url: String,
+    pub state: CallbackState,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }

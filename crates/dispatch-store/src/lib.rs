@@ -63,6 +63,25 @@ pub trait Store: Send + Sync + 'static {
 
     fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>>;
 
+    /// QUEUED and RUNNING runs of every namespace, oldest first (the queue at start-up).
+    fn active_runs(&self) -> Result<Vec<Run>>;
+
+    /// Finished runs whose callback is still to be delivered.
+    fn pending_callbacks(&self) -> Result<Vec<Run>>;
+
+    /// Deletes finished runs of `namespace` (of one function / one status); never active ones.
+    fn purge_runs(
+        &self,
+        namespace: &str,
+        function: Option<&str>,
+        status: Option<RunStatus>,
+    ) -> Result<u64>;
+
+    /// Retention: deletes runs finished before `finished_before`, and finished runs beyond the
+    /// newest `keep_per_function` of each function.
+    fn prune_runs(&self, finished_before: jiff::Timestamp, keep_per_function: usize)
+    -> Result<u64>;
+
     /// Deletes every run of a function (deleting a function deletes its runs).
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64>;
 }

@@ -7,15 +7,16 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use dispatch_core::{Kind, Object, Run, Status};
+use dispatch_core::{CallbackState, Kind, Object, Run, RunStatus, Status};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
 use crate::{Result, RunFilter, Store, StoreError};
 
-const MIGRATIONS: &[M<'static>] = &[M::up(
-    "CREATE TABLE resources (
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(
+        "CREATE TABLE resources (
         namespace TEXT NOT NULL,
         kind TEXT NOT NULL,
         name TEXT NOT NULL,
@@ -32,7 +33,17 @@ const MIGRATIONS: &[M<'static>] = &[M::up(
     );
     CREATE INDEX runs_by_function ON runs (namespace, function, id);
     CREATE INDEX runs_by_status ON runs (namespace, status, id);",
-)];
+    ),
+    // Async runs (DESIGN §6): the queue is the runs table. Finished time for retention, a
+    // flag for callbacks still to deliver, a partial index over the active runs.
+    M::up(
+        "ALTER TABLE runs ADD COLUMN finished_ms INTEGER;
+    ALTER TABLE runs ADD COLUMN callback_pending INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX runs_active ON runs (id) WHERE status IN ('QUEUED', 'RUNNING');
+    CREATE INDEX runs_callbacks ON runs (id) WHERE callback_pending = 1;
+    CREATE INDEX runs_finished ON runs (finished_ms) WHERE finished_ms IS NOT NULL;",
+    ),
+];
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -61,6 +72,19 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
+    }
+
+    fn runs_where(&self, condition: &str) -> Result<Vec<Run>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT body FROM runs WHERE {condition} ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -229,8 +253,9 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO runs (id, namespace, function, status, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO runs
+                   (id, namespace, function, status, body, finished_ms, callback_pending)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for run in runs {
                 stmt.execute(params![
@@ -238,7 +263,13 @@ impl Store for SqliteStore {
                     run.namespace,
                     run.function,
                     run.status.as_str(),
-                    serde_json::to_string(run)?
+                    serde_json::to_string(run)?,
+                    run.finished_at
+                        .filter(|_| run.status.is_final())
+                        .map(|t| t.as_millisecond()),
+                    run.callback
+                        .as_ref()
+                        .is_some_and(|c| c.state == CallbackState::Pending)
                 ])?;
             }
         }
@@ -283,6 +314,48 @@ impl Store for SqliteStore {
             out.push(serde_json::from_str(&body?)?);
         }
         Ok(out)
+    }
+
+    fn active_runs(&self) -> Result<Vec<Run>> {
+        self.runs_where("status IN ('QUEUED', 'RUNNING')")
+    }
+
+    fn pending_callbacks(&self) -> Result<Vec<Run>> {
+        self.runs_where("callback_pending = 1")
+    }
+
+    fn purge_runs(
+        &self,
+        namespace: &str,
+        function: Option<&str>,
+        status: Option<RunStatus>,
+    ) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM runs WHERE namespace = ?1 AND status NOT IN ('QUEUED', 'RUNNING')
+               AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3)",
+            params![namespace, function, status.map(|s| s.as_str())],
+        )?;
+        Ok(n as u64)
+    }
+
+    fn prune_runs(&self, finished_before: Timestamp, keep_per_function: usize) -> Result<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let old = tx.execute(
+            "DELETE FROM runs WHERE finished_ms IS NOT NULL AND finished_ms < ?1",
+            params![finished_before.as_millisecond()],
+        )?;
+        // Beyond the newest `keep_per_function` finished runs of each function.
+        let capped = tx.execute(
+            "DELETE FROM runs WHERE id IN (
+               SELECT id FROM (
+                 SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, function ORDER BY id DESC) AS n
+                 FROM runs WHERE finished_ms IS NOT NULL)
+               WHERE n > ?1)",
+            params![keep_per_function as i64],
+        )?;
+        tx.commit()?;
+        Ok((old + capped) as u64)
     }
 
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {

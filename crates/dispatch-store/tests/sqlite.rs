@@ -1,7 +1,7 @@
 //! The SQLite store on a real file in a temporary directory.
 
 use dispatch_core::envelope::null_raw;
-use dispatch_core::{Kind, Logs, Object, Phase, Run, RunStatus, Status, Timings, Trigger};
+use dispatch_core::{Kind, Object, Phase, Run, RunStatus, Status, Trigger};
 use dispatch_store::{RunFilter, SqliteStore, Store, StoreError};
 use serde_json::json;
 
@@ -21,24 +21,63 @@ fn image(name: &str) -> Object {
 }
 
 fn run(id: &str, function: &str, status: RunStatus) -> Run {
-    Run {
-        id: id.into(),
-        namespace: "default".into(),
-        function: function.into(),
-        status,
-        trigger: Trigger::Exec,
-        input: null_raw(),
-        output: None,
-        logs: Logs::default(),
-        error: None,
-        attempts: 1,
-        cold: false,
-        timings: Timings::default(),
-        created_at: jiff::Timestamp::now(),
-        started_at: None,
-        finished_at: None,
-        digest: None,
+    let mut r = Run::new(
+        id.into(),
+        "default",
+        function,
+        Trigger::Exec,
+        null_raw(),
+        jiff::Timestamp::now(),
+    );
+    r.status = status;
+    r.attempts = 1;
+    if status.is_final() {
+        r.finished_at = Some(jiff::Timestamp::now());
     }
+    r
+}
+
+#[test]
+fn active_runs_callbacks_purge_and_retention() {
+    let (_d, s) = store();
+    let mut cb = run("01D", "hello", RunStatus::Succeeded);
+    cb.callback = Some(dispatch_core::Callback {
+        url: "http://x".into(),
+        state: dispatch_core::CallbackState::Pending,
+        attempts: 0,
+        last_error: None,
+    });
+    let mut old = run("01E", "old", RunStatus::Dead);
+    old.finished_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 30));
+    s.put_runs(&[
+        run("01A", "hello", RunStatus::Queued),
+        run("01B", "hello", RunStatus::Running),
+        run("01C", "hello", RunStatus::Succeeded),
+        cb,
+        old,
+    ])
+    .unwrap();
+    let ids = |v: Vec<Run>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.active_runs().unwrap()), ["01A", "01B"]);
+    assert_eq!(ids(s.pending_callbacks().unwrap()), ["01D"]);
+    // Retention: older than a week goes; then at most 1 finished run per function stays.
+    let week_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 7);
+    assert_eq!(s.prune_runs(week_ago, 1000).unwrap(), 1);
+    assert_eq!(
+        s.prune_runs(week_ago, 1).unwrap(),
+        1,
+        "01C is beyond the newest finished run of hello"
+    );
+    assert!(s.get_run("default", "01C").unwrap().is_none());
+    assert!(s.get_run("default", "01D").unwrap().is_some());
+    // Purge removes finished runs only.
+    assert_eq!(s.purge_runs("default", Some("hello"), None).unwrap(), 1);
+    assert_eq!(ids(s.active_runs().unwrap()), ["01A", "01B"]);
+    assert_eq!(
+        s.purge_runs("default", None, Some(RunStatus::Queued))
+            .unwrap(),
+        0
+    );
 }
 
 #[test]
