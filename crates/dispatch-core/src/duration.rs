@@ -1,11 +1,11 @@
 //! Human durations in specs and flags: `500ms`, `30s`, `5m`, `1h`, `1h30m` (Go's notation,
-//! as Dispatch and Kubernetes users write them).
+//! as Dispatch and Kubernetes users write them), plus `7d` for retention periods.
 
 use std::time::Duration;
 
 use crate::ValidationError;
 
-/// Parses `500ms`, `30s`, `5m`, `2h`, or a sum like `1m30s`. A bare number is seconds.
+/// Parses `500ms`, `30s`, `5m`, `2h`, `7d`, or a sum like `1m30s`. A bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, ValidationError> {
     let bad = || {
         ValidationError::new(format!(
@@ -40,6 +40,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValidationError> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
+            "d" => 86400.0,
             _ => return Err(bad()),
         };
         total += Duration::try_from_secs_f64(value * scale).map_err(|_| bad())?;

@@ -120,6 +120,9 @@ pub struct Run {
     /// When a QUEUED run may start (after a retry's backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<Timestamp>,
+    /// When a DEAD run was re-queued (`dispatch runs redrive`): its age counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redriven_at: Option<Timestamp>,
     /// Delivery of the final record to a callback URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
@@ -155,6 +158,7 @@ impl Run {
             is_async: false,
             attempt_errors: Vec::new(),
             next_attempt_at: None,
+            redriven_at: None,
             callback: None,
         }
     }

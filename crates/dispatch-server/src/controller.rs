@@ -440,6 +440,9 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
                 Some(Deployed {
                     digest: d.clone(),
                     timeout,
+                    max_workers: spec.max_workers(),
+                    retry: spec.retry().unwrap_or_default(),
+                    callback_url: spec.callback_url.clone(),
                 }),
             );
             set_status(state, &o, status(Phase::Ready, "", Some(d), &o)).await

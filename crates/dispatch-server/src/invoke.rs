@@ -1,17 +1,17 @@
-//! One synchronous function call, shared by the API (`POST …/runs`) and the gateway:
-//! look up the deployment, build the context, call the backend, hand the run record to the
-//! recorder (off the hot path), answer the envelope.
+//! One function call, shared by the API (`POST …/runs`), the gateway and the async queue:
+//! build the context, call the backend. [`execute`] is the synchronous path: it also hands
+//! the run record to the recorder (off the hot path) and answers the envelope.
 
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use dispatch_core::{Envelope, Kind, MAX_PAYLOAD_BYTES, Phase, Run, RunStatus, Trigger};
-use dispatch_runtime::InvokeError;
+use dispatch_runtime::{CallOutcome, InvokeError};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Deployed};
 
 pub struct Call {
     pub namespace: String,
@@ -38,10 +38,74 @@ struct Context<'a> {
     secrets: serde_json::Map<String, serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_context: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<u32>,
 }
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Calls a deployed function once: the context (deadline from its timeout), the backend.
+pub async fn call_backend(
+    state: &AppState,
+    deployed: &Deployed,
+    run: &Run,
+    http: Option<&serde_json::Value>,
+) -> Result<CallOutcome, InvokeError> {
+    let now = jiff::Timestamp::now();
+    let deadline = now
+        .checked_add(jiff::SignedDuration::from_millis(ms(deployed.timeout)))
+        .unwrap_or(now);
+    let ctx = Context {
+        function: &run.function,
+        namespace: &run.namespace,
+        run_id: &run.id,
+        deadline: deadline.to_string(),
+        secrets: serde_json::Map::new(),
+        http_context: http,
+        attempt: run.is_async.then_some(run.attempts),
+    };
+    // Serializing a struct of strings and a JSON value cannot fail.
+    let ctx = serde_json::value::to_raw_value(&ctx)
+        .unwrap_or_else(|_| dispatch_core::envelope::null_raw());
+    state
+        .backend
+        .invoke(
+            &run.namespace,
+            &run.function,
+            &ctx,
+            &run.input,
+            Instant::now() + deployed.timeout,
+        )
+        .await
+}
+
+/// The final status of one attempt's envelope.
+pub fn status_of(env: &Envelope) -> RunStatus {
+    match &env.context.error {
+        None => RunStatus::Succeeded,
+        Some(e) if e.message.starts_with("function timed out") => RunStatus::Timeout,
+        Some(_) => RunStatus::Failed,
+    }
+}
+
+/// Copies an attempt's outcome into its run record (logs capped).
+pub fn apply_outcome(
+    run: &mut Run,
+    outcome: &CallOutcome,
+    deployed: &Deployed,
+    max_log_bytes: usize,
+) {
+    let env = &outcome.envelope;
+    run.status = status_of(env);
+    run.output = env.context.error.is_none().then(|| env.payload.clone());
+    run.logs = env.context.logs.clone();
+    run.logs.cap(max_log_bytes);
+    run.error = env.context.error.clone();
+    run.cold = outcome.cold;
+    run.timings = outcome.timings;
+    run.digest = Some(deployed.digest.clone());
 }
 
 pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
@@ -51,78 +115,40 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
     let Some(deployed) = state.deployed(&call.namespace, &call.function) else {
         return Err(not_ready(state, &call.namespace, &call.function).await);
     };
-    let run_id = ulid::Ulid::new().to_string();
     let created = jiff::Timestamp::now();
-    let deadline = created
-        .checked_add(jiff::SignedDuration::from_millis(ms(deployed.timeout)))
-        .unwrap_or(created);
-    let ctx = Context {
-        function: &call.function,
-        namespace: &call.namespace,
-        run_id: &run_id,
-        deadline: deadline.to_string(),
-        secrets: serde_json::Map::new(),
-        http_context: call.http.as_ref(),
-    };
-    let ctx = serde_json::value::to_raw_value(&ctx)
-        .map_err(|e| ApiError::internal("encoding the call context", &e))?;
-    let started = Instant::now();
-    let outcome = state
-        .backend
-        .invoke(
-            &call.namespace,
-            &call.function,
-            &ctx,
-            &call.payload,
-            started + deployed.timeout,
-        )
-        .await;
-    let outcome = match outcome {
+    let mut run = Run::new(
+        ulid::Ulid::new().to_string(),
+        &call.namespace,
+        &call.function,
+        call.trigger,
+        call.payload,
+        created,
+    );
+    run.attempts = 1;
+    let outcome = match call_backend(state, &deployed, &run, call.http.as_ref()).await {
         Ok(o) => o,
         Err(InvokeError::NotDeployed { .. }) => {
-            return Err(not_ready(state, &call.namespace, &call.function).await);
+            return Err(not_ready(state, &run.namespace, &run.function).await);
         }
-        Err(InvokeError::Busy(e)) => {
-            return Err(
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Busy", e.to_string())
-                    .with_retry_after(1),
-            );
-        }
+        Err(InvokeError::Busy(e)) => return Err(busy(e.to_string())),
     };
-    let finished = jiff::Timestamp::now();
-    let env = outcome.envelope;
-    let status = match &env.context.error {
-        None => RunStatus::Succeeded,
-        Some(e) if e.message.starts_with("function timed out") => RunStatus::Timeout,
-        Some(_) => RunStatus::Failed,
-    };
-    let run = Run {
-        id: run_id.clone(),
-        namespace: call.namespace,
-        function: call.function,
-        status,
-        trigger: call.trigger,
-        input: call.payload,
-        output: env.context.error.is_none().then(|| env.payload.clone()),
-        logs: env.context.logs.clone(),
-        error: env.context.error.clone(),
-        attempts: 1,
-        cold: outcome.cold,
-        timings: outcome.timings,
-        created_at: created,
-        started_at: created
-            .checked_add(jiff::SignedDuration::from_millis(
-                i64::try_from(outcome.timings.queued_ms).unwrap_or(0),
-            ))
-            .ok(),
-        finished_at: Some(finished),
-        digest: Some(deployed.digest.clone()),
-    };
+    apply_outcome(&mut run, &outcome, &deployed, state.config.max_log_bytes);
+    run.started_at = created
+        .checked_add(jiff::SignedDuration::from_millis(
+            i64::try_from(outcome.timings.queued_ms).unwrap_or(0),
+        ))
+        .ok();
+    run.finished_at = Some(jiff::Timestamp::now());
+    let run_id = run.id.clone();
     state.recorder.record(run).await;
     Ok(Answer {
         run_id,
-        envelope: env,
+        envelope: outcome.envelope,
     })
+}
+
+pub fn busy(message: String) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Busy", message).with_retry_after(1)
 }
 
 pub fn payload_too_large() -> ApiError {
@@ -133,7 +159,7 @@ pub fn payload_too_large() -> ApiError {
 }
 
 /// Why a function cannot take calls: unknown (404), failed (409) or still building (503).
-async fn not_ready(state: &AppState, ns: &str, name: &str) -> ApiError {
+pub async fn not_ready(state: &AppState, ns: &str, name: &str) -> ApiError {
     match state.get(ns, Kind::Function, name).await {
         Err(e) => e,
         Ok(None) => ApiError::not_found(format!("function {name:?} not found in namespace {ns:?}")),

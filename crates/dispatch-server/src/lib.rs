@@ -7,12 +7,16 @@
 //! [`controller`] (phases INITIALIZED → CREATING → READY | ERROR).
 
 pub mod api;
+pub mod callbacks;
+pub mod clock;
 pub mod controller;
 mod error;
 pub mod gateway;
 pub mod gc;
 pub mod invoke;
+pub mod queue;
 pub mod recorder;
+pub mod retention;
 pub mod routes;
 pub mod state;
 
@@ -28,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use error::ApiError;
-pub use state::AppState;
+pub use state::{AppState, Options};
 
 /// How long in-flight calls may take to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +43,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub api_addr: SocketAddr,
     pub gateway_addr: SocketAddr,
+    pub options: Options,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +119,7 @@ impl Server {
         let backend: Arc<dyn Backend> = local;
         let api = bind("api", config.api_addr).await?;
         let gateway = bind("gateway", config.gateway_addr).await?;
-        Ok(Self::serve(store, blobs, backend, api, gateway).await)
+        Ok(Self::serve_with(store, blobs, backend, api, gateway, config.options.clone()).await)
     }
 
     /// Serves on listeners the caller bound, with the given parts (tests inject their own).
@@ -125,7 +130,18 @@ impl Server {
         api: TcpListener,
         gateway: TcpListener,
     ) -> Server {
-        let state = AppState::start(store, blobs, backend).await;
+        Self::serve_with(store, blobs, backend, api, gateway, Options::default()).await
+    }
+
+    pub async fn serve_with(
+        store: Arc<dyn Store>,
+        blobs: BlobStore,
+        backend: Arc<dyn Backend>,
+        api: TcpListener,
+        gateway: TcpListener,
+        options: Options,
+    ) -> Server {
+        let state = AppState::start_with(store, blobs, backend, options).await;
         let gc_task = gc::spawn_periodic(state.clone());
         let (shutdown, rx) = watch::channel(false);
         let api_addr = api

@@ -15,6 +15,8 @@ const BATCH: usize = 512;
 
 enum Msg {
     Run(Box<Run>),
+    /// Acknowledged once committed: `true` when the write succeeded.
+    Durable(Box<Run>, oneshot::Sender<bool>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -37,6 +39,21 @@ impl Recorder {
         }
     }
 
+    /// Stores a record and returns once it is committed (async runs: nothing accepted is
+    /// lost). Concurrent callers share one transaction (group commit).
+    pub async fn record_durable(&self, run: Run) -> bool {
+        let (done, wait) = oneshot::channel();
+        if self
+            .tx
+            .send(Msg::Durable(Box::new(run), done))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        wait.await.unwrap_or(false)
+    }
+
     /// Waits until every record queued before this call is stored.
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
@@ -49,27 +66,37 @@ impl Recorder {
 async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Msg>) {
     let mut runs: Vec<Run> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<bool>> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Run(r) => runs.push(*r),
+                Msg::Durable(r, ack) => {
+                    runs.push(*r);
+                    acks.push(ack);
+                }
                 Msg::Flush(w) => waiters.push(w),
             }
             if runs.len() < BATCH {
                 next = rx.try_recv().ok();
             }
         }
+        let mut ok = true;
         if !runs.is_empty() {
             let batch = std::mem::take(&mut runs);
             let store = store.clone();
             let n = batch.len();
             let res = tokio::task::spawn_blocking(move || store.put_runs(&batch)).await;
+            ok = matches!(res, Ok(Ok(())));
             match res {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!("failed to store {n} run records: {e}"),
                 Err(e) => tracing::error!("failed to store {n} run records: {e}"),
             }
+        }
+        for a in acks.drain(..) {
+            let _ = a.send(ok);
         }
         for w in waiters.drain(..) {
             let _ = w.send(());

@@ -10,8 +10,10 @@ use dispatch_core::{Kind, Object};
 use dispatch_runtime::Backend;
 use dispatch_store::{BlobStore, Store, StoreError};
 
+use crate::clock::Clock;
 use crate::controller::{Controller, Key};
 use crate::error::ApiError;
+use crate::queue::Queue;
 use crate::recorder::Recorder;
 use crate::routes::Routes;
 
@@ -20,16 +22,52 @@ use crate::routes::Routes;
 pub struct Deployed {
     pub digest: String,
     pub timeout: Duration,
+    /// concurrency.maxWorkers: the async queue starts at most this many runs at once.
+    pub max_workers: u32,
+    pub retry: dispatch_core::Retry,
+    pub callback_url: Option<String>,
 }
 
 /// Namespace → function → deployment. Nested so that lookups borrow `&str`.
 type DeployedMap = HashMap<String, HashMap<String, Arc<Deployed>>>;
+
+/// Limits and retention (flags of `dispatch server`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Logs kept per run record (stdout + stderr); the rest is cut with a marker.
+    pub max_log_bytes: usize,
+    /// Finished runs older than this are deleted.
+    pub run_retention: Duration,
+    /// Finished runs kept per function at most (newest first).
+    pub runs_per_function: usize,
+    /// Async runs waiting per namespace before new ones get 429.
+    pub max_queue_depth: usize,
+    /// Async runs running at once, all functions together.
+    pub max_running: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_log_bytes: 1024 * 1024,
+            run_retention: Duration::from_secs(7 * 24 * 3600),
+            runs_per_function: 10_000,
+            max_queue_depth: 10_000,
+            max_running: 64,
+        }
+    }
+}
 
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub blobs: BlobStore,
     pub backend: Arc<dyn Backend>,
     pub recorder: Recorder,
+    pub queue: Queue,
+    pub config: Options,
+    /// Outgoing HTTP (callbacks).
+    pub http: reqwest::Client,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
     routes: RwLock<Arc<Routes>>,
@@ -45,19 +83,38 @@ impl AppState {
         blobs: BlobStore,
         backend: Arc<dyn Backend>,
     ) -> Arc<Self> {
+        Self::start_with(store, blobs, backend, Options::default()).await
+    }
+
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        blobs: BlobStore,
+        backend: Arc<dyn Backend>,
+        config: Options,
+    ) -> Arc<Self> {
         let recorder = Recorder::start(store.clone());
-        let (controller, queue) = Controller::channel();
+        let (controller, keys) = Controller::channel();
+        // One provider (ring) for every TLS client of the process (DESIGN §11).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
         let state = Arc::new(AppState {
             store,
             blobs,
             backend,
             recorder,
+            queue: Queue::new(Clock::new(), config.max_queue_depth, config.max_running),
+            config,
+            http,
+            tasks: std::sync::Mutex::new(Vec::new()),
             controller,
             routes: RwLock::new(Arc::new(Routes::default())),
             deployed: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
         });
-        state.controller.spawn(state.clone(), queue);
+        state.controller.spawn(state.clone(), keys);
         if let Err(e) = state.rebuild_routes().await {
             tracing::error!("failed to load endpoints: {}", e.message);
         }
@@ -77,6 +134,13 @@ impl AppState {
             Ok(Err(e)) => tracing::error!("failed to list stored resources: {e}"),
             Err(e) => tracing::error!("failed to list stored resources: {e}"),
         }
+        crate::queue::recover(&state).await;
+        crate::callbacks::resume(&state).await;
+        let tasks = vec![
+            Queue::spawn(state.clone()),
+            crate::retention::spawn(state.clone()),
+        ];
+        *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         state.ready.store(true, Ordering::Release);
         state
     }
@@ -165,6 +229,14 @@ impl AppState {
 
     /// Stops the controller, kills every worker and flushes run records.
     pub async fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
         self.controller.stop();
         self.backend.shutdown().await;
         self.recorder.flush().await;

@@ -267,9 +267,11 @@ impl Store for SqliteStore {
                     run.finished_at
                         .filter(|_| run.status.is_final())
                         .map(|t| t.as_millisecond()),
-                    run.callback
-                        .as_ref()
-                        .is_some_and(|c| c.state == CallbackState::Pending)
+                    run.status.is_final()
+                        && run
+                            .callback
+                            .as_ref()
+                            .is_some_and(|c| c.state == CallbackState::Pending)
                 ])?;
             }
         }

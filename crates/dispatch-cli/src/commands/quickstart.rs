@@ -51,6 +51,7 @@ impl Quickstart {
             data_dir: data_dir.clone(),
             api_addr: self.api_addr,
             gateway_addr: self.gateway_addr,
+            options: dispatch_server::Options::default(),
         };
         let server = dispatch_server::Server::start(&config).await?;
         let api = format!("http://{}", server.api_addr);

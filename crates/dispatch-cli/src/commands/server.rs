@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
@@ -18,6 +19,37 @@ pub struct Server {
     /// Address of the gateway serving endpoints
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     pub gateway_addr: SocketAddr,
+    /// Finished runs are deleted after this long (e.g. 7d, 12h)
+    #[arg(long, default_value = "7d", value_parser = duration)]
+    pub run_retention: Duration,
+    /// Finished runs kept per function at most (newest first)
+    #[arg(long, default_value_t = 10_000)]
+    pub runs_per_function: usize,
+    /// Logs kept per run record, in bytes (the rest is cut with a "truncated" marker)
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_run_log_bytes: usize,
+    /// Async runs waiting per namespace before new ones get 429
+    #[arg(long, default_value_t = 10_000)]
+    pub max_queue_depth: usize,
+    /// Async runs running at once (all functions)
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    dispatch_core::duration::parse_duration(s).map_err(|e| e.message)
+}
+
+impl Server {
+    pub fn options(&self) -> dispatch_server::Options {
+        dispatch_server::Options {
+            max_log_bytes: self.max_run_log_bytes,
+            run_retention: self.run_retention,
+            runs_per_function: self.runs_per_function.max(1),
+            max_queue_depth: self.max_queue_depth.max(1),
+            max_running: self.max_running.max(1),
+        }
+    }
 }
 
 impl Server {
@@ -28,6 +60,7 @@ impl Server {
                  bind 127.0.0.1, or put an authenticating proxy in front and bind it to loopback"
             );
         }
+        let options = self.options();
         let data_dir = match self.data_dir {
             Some(d) => d,
             None => crate::config::home()
@@ -38,6 +71,7 @@ impl Server {
             data_dir,
             api_addr: self.api_addr,
             gateway_addr: self.gateway_addr,
+            options,
         };
         eprintln!(
             "dispatch server: api http://{} gateway http://{} data {}",

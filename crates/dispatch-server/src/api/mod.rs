@@ -32,8 +32,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             &format!("{ns}/images/{{name}}/logs"),
             get(resources::image_log),
         )
-        .route(&format!("{ns}/runs"), get(runs::list))
-        .route(&format!("{ns}/runs/{{id}}"), get(runs::get_one))
+        .route(&format!("{ns}/runs"), get(runs::list).delete(runs::purge))
+        .route(&format!("{ns}/runs/redrive"), post(runs::redrive_all))
+        .route(
+            &format!("{ns}/runs/{{id}}"),
+            get(runs::get_one).delete(runs::cancel),
+        )
+        .route(
+            &format!("{ns}/runs/{{id}}/redrive"),
+            post(runs::redrive_one),
+        )
         .route(&format!("{ns}/runs/{{id}}/logs"), get(runs::logs))
         .route(
             &format!("{ns}/functions/{{name}}/source"),

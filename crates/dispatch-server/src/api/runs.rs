@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use super::{MAX_EXEC_BODY, MAX_SOURCE_BYTES, check_namespace};
 use crate::error::{ApiError, body_rejection, parse_json};
 use crate::invoke::{self, Call};
+use crate::queue;
 use crate::state::AppState;
 
 /// Stores a function's source archive (tar.gz) after checking it unpacks safely; answers its
@@ -50,10 +51,13 @@ pub async fn upload_source(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ExecBody {
     #[serde(default)]
     input: Option<Box<RawValue>>,
+    /// Async runs: where to POST the final run record (overrides spec.callbackUrl).
+    #[serde(default)]
+    callback_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -71,20 +75,35 @@ pub async fn exec(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
-    if q.wait == Some(false) {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "NotImplemented",
-            "async runs (?wait=false) are not available in this server version: call without it",
-        ));
-    }
     let body = body.map_err(|r| body_rejection(r, MAX_EXEC_BODY))?;
-    let payload = if body.iter().all(u8::is_ascii_whitespace) {
-        dispatch_core::envelope::null_raw()
+    let (payload, callback_url) = if body.iter().all(u8::is_ascii_whitespace) {
+        (dispatch_core::envelope::null_raw(), None)
     } else {
         let b: ExecBody = parse_json(&body, "exec request (expected {\"input\": …})")?;
-        b.input.unwrap_or_else(dispatch_core::envelope::null_raw)
+        (
+            b.input.unwrap_or_else(dispatch_core::envelope::null_raw),
+            b.callback_url,
+        )
     };
+    if let Some(url) = &callback_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ApiError::bad_request(format!(
+                "callbackUrl {url:?} must be an http:// or https:// URL"
+            )));
+        }
+    }
+    if q.wait == Some(false) {
+        if payload.get().len() > dispatch_core::MAX_PAYLOAD_BYTES {
+            return Err(invoke::payload_too_large());
+        }
+        let run = queue::enqueue(&state, &ns, &name, payload, Trigger::Exec, callback_url).await?;
+        return Ok(accepted(&run));
+    }
+    if callback_url.is_some() {
+        return Err(ApiError::bad_request(
+            "callbackUrl is for async runs: add ?wait=false",
+        ));
+    }
     let call = Call {
         namespace: ns,
         function: name,
@@ -107,15 +126,90 @@ pub async fn exec(
     Ok(resp)
 }
 
-pub async fn list(
+/// 202 with the run's id and where to watch it.
+pub fn accepted(run: &Run) -> Response {
+    let body = serde_json::json!({
+        "id": run.id,
+        "namespace": run.namespace,
+        "function": run.function,
+        "status": run.status,
+    });
+    let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("/v1/namespaces/{}/runs/{}", run.namespace, run.id))
+    {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&run.id) {
+        h.insert("x-dispatch-run-id", v);
+    }
+    resp
+}
+
+/// `DELETE …/runs/{id}`: cancel.
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Json<Run>, ApiError> {
+    check_namespace(&ns)?;
+    queue::cancel(&state, &ns, &id).await.map(Json)
+}
+
+/// `POST …/runs/{id}/redrive`: re-queue a DEAD run.
+pub async fn redrive_one(
+    State(state): State<Arc<AppState>>,
+    Path((ns, id)): Path<(String, String)>,
+) -> Result<Json<Run>, ApiError> {
+    let run = find_run(&state, ns, id).await?;
+    queue::redrive(&state, run).await.map(Json)
+}
+
+/// `POST …/runs/redrive?function=F`: re-queue every DEAD run (of a function).
+pub async fn redrive_all(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<Run>>, ApiError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     check_namespace(&ns)?;
-    let status = match q.get("status") {
-        None => None,
-        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+    let filter = RunFilter {
+        function: q.get("function").cloned(),
+        status: Some(RunStatus::Dead),
+        limit: Some(100_000),
+    };
+    let dead = state.db(move |s| s.list_runs(&ns, &filter)).await?;
+    let mut ids = Vec::new();
+    for run in dead {
+        ids.push(queue::redrive(&state, run).await?.id);
+    }
+    Ok(Json(serde_json::json!({"redriven": ids.len(), "ids": ids})))
+}
+
+/// `DELETE …/runs?function=&status=`: delete finished runs (never queued or running ones).
+pub async fn purge(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_namespace(&ns)?;
+    let status = parse_status(q.get("status"))?;
+    if status.is_some_and(|s| !s.is_final()) {
+        return Err(ApiError::bad_request(
+            "only finished runs are purged: cancel queued or running runs first",
+        ));
+    }
+    let function = q.get("function").cloned();
+    state.recorder.flush().await;
+    let n = state
+        .db(move |s| s.purge_runs(&ns, function.as_deref(), status))
+        .await?;
+    Ok(Json(serde_json::json!({"deleted": n})))
+}
+
+fn parse_status(s: Option<&String>) -> Result<Option<RunStatus>, ApiError> {
+    match s {
+        None => Ok(None),
+        Some(s) => RunStatus::parse(s).map(Some).ok_or_else(|| {
             let all: Vec<String> = RunStatus::ALL
                 .iter()
                 .map(|s| s.as_str().to_ascii_lowercase())
@@ -124,8 +218,17 @@ pub async fn list(
                 "unknown run status {s:?}: use one of {}",
                 all.join(", ")
             ))
-        })?),
-    };
+        }),
+    }
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<Run>>, ApiError> {
+    check_namespace(&ns)?;
+    let status = parse_status(q.get("status"))?;
     let limit = match q.get("limit") {
         None => None,
         Some(l) => Some(

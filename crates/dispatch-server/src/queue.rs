@@ -1,0 +1,664 @@
+//! Async runs (DESIGN §6): the queue is the runs table; this is its scheduler.
+//!
+//! - **Durable first**: a run is committed (group commit through the recorder) before the
+//!   202 that accepts it; every state change after that is committed before the next step.
+//! - **Fair**: ready runs wait per function; the dispatcher starts them round-robin across
+//!   functions, at most `maxWorkers` at once per function and `max_running` in all, so a hot
+//!   function cannot starve the others.
+//! - **At least once**: at start-up QUEUED runs are loaded and RUNNING ones (their server
+//!   died mid-attempt, and so did their workers: see the bootstraps' parent watchdog) count
+//!   a failed attempt and are retried per policy.
+//! - **Retries**: FunctionError, SystemError and timeouts are retried with exponential backoff
+//!   and jitter up to `retry.maxAttempts` and `retry.maxAge`; then DEAD, every attempt's error
+//!   kept. InputError fails at once (FAILED).
+//! - **Cancel**: a waiting run is removed; a running one is aborted (its worker is discarded
+//!   and its process group killed).
+//!
+//! Time comes from [`Clock`], so tests drive backoff and max age with paused tokio time.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::Hasher;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use dispatch_core::{
+    AttemptError, Callback, CallbackState, ErrorObject, ErrorType, FunctionSpec, Kind, Retry, Run,
+    RunStatus, Trigger,
+};
+use dispatch_runtime::InvokeError;
+use serde_json::value::RawValue;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::invoke::{apply_outcome, call_backend};
+use crate::state::AppState;
+
+/// Namespace and function.
+type FnKey = (String, String);
+
+/// How long a run waits before it is looked at again when its function cannot take it now
+/// (not READY yet, or its workers are all busy).
+const NOT_READY_DELAY: Duration = Duration::from_secs(1);
+const BUSY_DELAY: Duration = Duration::from_millis(200);
+
+struct RunningRun {
+    key: FnKey,
+    abort: AbortHandle,
+}
+
+#[derive(Default)]
+struct Sched {
+    /// Ready runs per function, oldest first.
+    ready: HashMap<FnKey, VecDeque<String>>,
+    /// Functions with ready runs, in round-robin order.
+    rr: VecDeque<FnKey>,
+    /// Runs waiting for their time (backoff): (due, id).
+    delayed: BinaryHeap<Reverse<(i64, String)>>,
+    /// Every waiting run (ready or delayed). A run missing here was cancelled or started;
+    /// queues drop such ids lazily.
+    waiting: HashMap<String, FnKey>,
+    running: HashMap<String, RunningRun>,
+    running_per_fn: HashMap<FnKey, u32>,
+    /// Waiting runs per namespace (the depth limit).
+    depth: HashMap<String, usize>,
+}
+
+impl Sched {
+    fn make_ready(&mut self, id: String, key: FnKey) {
+        let q = self.ready.entry(key.clone()).or_default();
+        if q.is_empty() {
+            self.rr.push_back(key);
+        }
+        q.push_back(id);
+    }
+
+    fn promote_due(&mut self, now_ms: i64) {
+        while let Some(Reverse((due, _))) = self.delayed.peek() {
+            if *due > now_ms {
+                break;
+            }
+            let Some(Reverse((_, id))) = self.delayed.pop() else {
+                break;
+            };
+            if let Some(key) = self.waiting.get(&id).cloned() {
+                self.make_ready(id, key);
+            }
+        }
+    }
+
+    /// The next waiting run of `key`, skipping ids that were cancelled.
+    fn pop_ready(&mut self, key: &FnKey) -> Option<String> {
+        let q = self.ready.get_mut(key)?;
+        while let Some(id) = q.pop_front() {
+            if self.waiting.get(&id) == Some(key) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn unwait(&mut self, id: &str) -> Option<FnKey> {
+        let key = self.waiting.remove(id)?;
+        if let Some(d) = self.depth.get_mut(&key.0) {
+            *d = d.saturating_sub(1);
+        }
+        Some(key)
+    }
+
+    fn end_running(&mut self, id: &str) -> Option<RunningRun> {
+        let r = self.running.remove(id)?;
+        if let Some(n) = self.running_per_fn.get_mut(&r.key) {
+            *n = n.saturating_sub(1);
+        }
+        Some(r)
+    }
+}
+
+/// What [`Queue::cancel`] found.
+pub enum Cancelled {
+    /// It was waiting: it will not run.
+    Waiting,
+    /// It was running: its attempt is aborted.
+    Running,
+    /// Not in the queue (finished, or not an async run).
+    NotActive,
+}
+
+pub struct Queue {
+    pub clock: Clock,
+    sched: Mutex<Sched>,
+    wake: Notify,
+    max_depth: usize,
+    max_running: usize,
+}
+
+impl Queue {
+    pub fn new(clock: Clock, max_depth: usize, max_running: usize) -> Queue {
+        Queue {
+            clock,
+            sched: Mutex::new(Sched::default()),
+            wake: Notify::new(),
+            max_depth,
+            max_running: max_running.max(1),
+        }
+    }
+
+    // A std mutex: every section is a few map operations, never held across an await.
+    fn sched(&self) -> std::sync::MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a QUEUED run (ready now, or at its `nextAttemptAt`).
+    pub fn push(&self, run: &Run) {
+        let key = (run.namespace.clone(), run.function.clone());
+        let now = self.clock.now().as_millisecond();
+        {
+            let mut s = self.sched();
+            if s.waiting.insert(run.id.clone(), key.clone()).is_none() {
+                *s.depth.entry(run.namespace.clone()).or_default() += 1;
+            }
+            match run.next_attempt_at.map(|t| t.as_millisecond()) {
+                Some(due) if due > now => s.delayed.push(Reverse((due, run.id.clone()))),
+                _ => s.make_ready(run.id.clone(), key),
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Refuses a new run when `namespace` already has `max_depth` waiting.
+    pub fn check_depth(&self, namespace: &str) -> Result<(), ApiError> {
+        let depth = self.sched().depth.get(namespace).copied().unwrap_or(0);
+        if depth >= self.max_depth {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "QueueFull",
+                format!(
+                    "namespace {namespace:?} has {depth} async runs waiting (the limit): retry later"
+                ),
+            )
+            .with_retry_after(5));
+        }
+        Ok(())
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.sched().waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.sched().running.len()
+    }
+
+    /// Removes a run from the queue or aborts its attempt.
+    pub fn cancel(&self, id: &str) -> Cancelled {
+        let mut s = self.sched();
+        if s.unwait(id).is_some() {
+            return Cancelled::Waiting;
+        }
+        match s.end_running(id) {
+            Some(r) => {
+                r.abort.abort();
+                drop(s);
+                self.wake.notify_one();
+                Cancelled::Running
+            }
+            None => Cancelled::NotActive,
+        }
+    }
+
+    /// Ends a run's attempt; `false` when it was cancelled meanwhile (the canceller owns the
+    /// record then).
+    fn finish(&self, id: &str) -> bool {
+        let ended = self.sched().end_running(id).is_some();
+        self.wake.notify_one();
+        ended
+    }
+
+    /// Starts what may start now: one run per function per round, round-robin.
+    fn start_ready(&self, state: &Arc<AppState>) {
+        let now = self.clock.now().as_millisecond();
+        let mut s = self.sched();
+        s.promote_due(now);
+        loop {
+            let mut started = false;
+            for _ in 0..s.rr.len() {
+                if s.running.len() >= self.max_running {
+                    return;
+                }
+                let Some(key) = s.rr.pop_front() else { break };
+                let limit = state
+                    .deployed(&key.0, &key.1)
+                    .map(|d| d.max_workers.max(1))
+                    .unwrap_or(1);
+                let busy = s.running_per_fn.get(&key).copied().unwrap_or(0);
+                if busy < limit {
+                    if let Some(id) = s.pop_ready(&key) {
+                        s.unwait(&id);
+                        *s.running_per_fn.entry(key.clone()).or_default() += 1;
+                        // Spawned under the lock, so that a cancel always finds the handle.
+                        let task = tokio::spawn(run_one(state.clone(), key.0.clone(), id.clone()));
+                        let abort = task.abort_handle();
+                        s.running.insert(
+                            id,
+                            RunningRun {
+                                key: key.clone(),
+                                abort,
+                            },
+                        );
+                        started = true;
+                    }
+                }
+                if s.ready.get(&key).is_some_and(|q| !q.is_empty()) {
+                    s.rr.push_back(key);
+                } else {
+                    s.ready.remove(&key);
+                }
+            }
+            if !started {
+                return;
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<i64> {
+        self.sched().delayed.peek().map(|Reverse((due, _))| *due)
+    }
+
+    /// The dispatcher: starts runs whenever something changes or a backoff ends.
+    pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let q = &state.queue;
+            loop {
+                q.start_ready(&state);
+                let due = q.next_due().map(|ms| {
+                    let t = jiff::Timestamp::from_millisecond(ms).unwrap_or_else(|_| q.clock.now());
+                    q.clock.instant_at(t)
+                });
+                match due {
+                    Some(at) => {
+                        tokio::select! {
+                            _ = q.wake.notified() => {}
+                            _ = tokio::time::sleep_until(at) => {}
+                        }
+                    }
+                    None => q.wake.notified().await,
+                }
+            }
+        })
+    }
+}
+
+/// A number in [0, 1) fixed by the run and the attempt: jitter that needs no RNG and is the
+/// same if a decision is replayed.
+fn jitter(id: &str, attempt: u32) -> f64 {
+    // SipHash with fixed keys: the same on every run of every server.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    h.write(id.as_bytes());
+    h.write_u32(attempt);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn millis(d: Duration) -> jiff::SignedDuration {
+    jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX)
+}
+
+/// Records a failed attempt and decides: QUEUED again after a backoff (true), or DEAD.
+pub fn after_failure(run: &mut Run, retry: &Retry, clock: &Clock, err: ErrorObject) -> bool {
+    let now = clock.now();
+    run.attempt_errors.push(AttemptError {
+        attempt: run.attempts,
+        error: err.clone(),
+        at: now,
+    });
+    run.error = Some(err);
+    run.output = None;
+    let delay = retry.delay(run.attempts + 1, jitter(&run.id, run.attempts));
+    let origin = run.redriven_at.unwrap_or(run.created_at);
+    let age_then = clock.age(origin) + delay;
+    if run.attempts < retry.max_attempts && age_then <= retry.max_age {
+        run.status = RunStatus::Queued;
+        run.next_attempt_at = now.checked_add(millis(delay)).ok();
+        true
+    } else {
+        run.status = RunStatus::Dead;
+        run.finished_at = Some(now);
+        run.next_attempt_at = None;
+        false
+    }
+}
+
+/// The retry policy of a function from the store (for runs whose function is not deployed).
+async fn stored_retry(state: &AppState, ns: &str, name: &str) -> Result<Option<Retry>, ApiError> {
+    let Some(f) = state.get(ns, Kind::Function, name).await? else {
+        return Ok(None);
+    };
+    let spec: FunctionSpec = f.typed_spec()?;
+    Ok(Some(spec.retry().unwrap_or_default()))
+}
+
+/// A run as stored (async runs' records are committed, never only in the recorder).
+async fn get_run(state: &AppState, ns: &str, id: &str) -> Option<Run> {
+    let (ns, id) = (ns.to_string(), id.to_string());
+    match state.db(move |s| s.get_run(&ns, &id)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("failed to read a run: {}", e.message);
+            None
+        }
+    }
+}
+
+/// Writes a run (committed before returning).
+async fn save(state: &AppState, run: &Run) -> bool {
+    let ok = state.recorder.record_durable(run.clone()).await;
+    if !ok {
+        tracing::error!(run = %run.id, "failed to store an async run's state");
+    }
+    ok
+}
+
+/// Puts a run back in the queue for later without counting an attempt.
+async fn requeue_later(state: &AppState, mut run: Run, after: Duration) {
+    run.status = RunStatus::Queued;
+    run.next_attempt_at = state.queue.clock.now().checked_add(millis(after)).ok();
+    if save(state, &run).await {
+        state.queue.push(&run);
+    }
+}
+
+/// Ends a run for good: committed, then its callback (if any) goes out.
+async fn finalize(state: &Arc<AppState>, mut run: Run) {
+    if run.finished_at.is_none() {
+        run.finished_at = Some(state.queue.clock.now());
+    }
+    if let Some(cb) = &mut run.callback {
+        cb.state = CallbackState::Pending;
+    }
+    if save(state, &run).await && run.callback.is_some() {
+        crate::callbacks::spawn_delivery(state.clone(), run);
+    }
+}
+
+/// One attempt of one async run.
+async fn run_one(state: Arc<AppState>, ns: String, id: String) {
+    // If this task panics, its slot is still freed.
+    struct Slot<'a>(&'a Queue, &'a str, bool);
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            if self.2 {
+                self.0.finish(self.1);
+            }
+        }
+    }
+    let q = &state.queue;
+    let mut slot = Slot(q, &id, true);
+    let mut run = match get_run(&state, &ns, &id).await {
+        Some(r) if r.status == RunStatus::Queued => r,
+        _ => return, // deleted with its function, or cancelled
+    };
+    let Some(deployed) = state.deployed(&run.namespace, &run.function) else {
+        slot.2 = false;
+        if !q.finish(&id) {
+            return;
+        }
+        return not_deployed(&state, run).await;
+    };
+    let origin = run.redriven_at.unwrap_or(run.created_at);
+    if q.clock.age(origin) > deployed.retry.max_age {
+        slot.2 = false;
+        if q.finish(&id) {
+            expire(&state, run, &deployed.retry).await;
+        }
+        return;
+    }
+    run.attempts += 1;
+    run.status = RunStatus::Running;
+    run.started_at = Some(q.clock.now());
+    run.next_attempt_at = None;
+    run.digest = Some(deployed.digest.clone());
+    if !save(&state, &run).await {
+        slot.2 = false;
+        if q.finish(&id) {
+            run.attempts -= 1;
+            requeue_later(&state, run, NOT_READY_DELAY).await;
+        }
+        return;
+    }
+    let outcome = call_backend(&state, &deployed, &run, None).await;
+    // Claim the end of the attempt; a cancel that came first owns the record.
+    slot.2 = false;
+    if !q.finish(&id) {
+        return;
+    }
+    match outcome {
+        Err(InvokeError::Busy(_)) => {
+            run.attempts -= 1;
+            requeue_later(&state, run, BUSY_DELAY).await;
+        }
+        Err(InvokeError::NotDeployed { .. }) => {
+            run.attempts -= 1;
+            not_deployed(&state, run).await;
+        }
+        Ok(outcome) => {
+            apply_outcome(&mut run, &outcome, &deployed, state.config.max_log_bytes);
+            match outcome.envelope.context.error {
+                None => {
+                    run.next_attempt_at = None;
+                    finalize(&state, run).await;
+                }
+                Some(e) if e.kind == ErrorType::InputError => {
+                    run.attempt_errors.push(AttemptError {
+                        attempt: run.attempts,
+                        error: e,
+                        at: q.clock.now(),
+                    });
+                    finalize(&state, run).await;
+                }
+                Some(e) => {
+                    let status = run.status;
+                    if after_failure(&mut run, &deployed.retry, &q.clock, e) {
+                        if save(&state, &run).await {
+                            q.push(&run);
+                        }
+                    } else {
+                        tracing::info!(run = %run.id, function = %run.function, last = %status, "async run is DEAD after {} attempts", run.attempts);
+                        finalize(&state, run).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The function cannot take the run now: wait for it (it may be building) until the run's
+/// max age; a deleted function's runs are gone with it.
+async fn not_deployed(state: &Arc<AppState>, run: Run) {
+    match stored_retry(state, &run.namespace, &run.function).await {
+        Ok(None) => {}
+        Ok(Some(retry)) => {
+            let origin = run.redriven_at.unwrap_or(run.created_at);
+            if state.queue.clock.age(origin) > retry.max_age {
+                expire(state, run, &retry).await;
+            } else {
+                requeue_later(state, run, NOT_READY_DELAY).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!("async run {}: {}", run.id, e.message);
+            requeue_later(state, run, NOT_READY_DELAY).await;
+        }
+    }
+}
+
+async fn expire(state: &Arc<AppState>, mut run: Run, retry: &Retry) {
+    let err = ErrorObject::system(format!(
+        "the run did not complete within retry.maxAge ({})",
+        dispatch_core::duration::format_duration(retry.max_age)
+    ));
+    run.attempt_errors.push(AttemptError {
+        attempt: run.attempts,
+        error: err.clone(),
+        at: state.queue.clock.now(),
+    });
+    run.error = Some(err);
+    run.status = RunStatus::Dead;
+    finalize(state, run).await;
+}
+
+/// Accepts an async run: committed before this returns (the 202).
+pub async fn enqueue(
+    state: &Arc<AppState>,
+    ns: &str,
+    function: &str,
+    payload: Box<RawValue>,
+    trigger: Trigger,
+    callback_url: Option<String>,
+) -> Result<Run, ApiError> {
+    let spec_callback = match state.deployed(ns, function) {
+        Some(d) => d.callback_url.clone(),
+        None => {
+            let Some(f) = state.get(ns, Kind::Function, function).await? else {
+                return Err(ApiError::not_found(format!(
+                    "function {function:?} not found in namespace {ns:?}"
+                )));
+            };
+            f.typed_spec::<FunctionSpec>()?.callback_url
+        }
+    };
+    state.queue.check_depth(ns)?;
+    let mut run = Run::new(
+        ulid::Ulid::new().to_string(),
+        ns,
+        function,
+        trigger,
+        payload,
+        state.queue.clock.now(),
+    );
+    run.is_async = true;
+    run.callback = callback_url.or(spec_callback).map(|url| Callback {
+        url,
+        state: CallbackState::Pending,
+        attempts: 0,
+        last_error: None,
+    });
+    if !state.recorder.record_durable(run.clone()).await {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal",
+            "failed to store the run: see the server log",
+        ));
+    }
+    state.queue.push(&run);
+    Ok(run)
+}
+
+/// Cancels a run: a waiting one will not run, a running one's attempt is killed.
+pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, ApiError> {
+    let Some(mut run) = get_run(state, ns, id).await else {
+        return Err(ApiError::not_found(format!(
+            "run {id:?} not found in namespace {ns:?}"
+        )));
+    };
+    match state.queue.cancel(id) {
+        Cancelled::Waiting | Cancelled::Running => {
+            // The record may have moved on (RUNNING) since it was read.
+            if let Some(latest) = get_run(state, ns, id).await {
+                run = latest;
+            }
+            run.status = RunStatus::Cancelled;
+            run.next_attempt_at = None;
+            run.finished_at = Some(state.queue.clock.now());
+            run.error = Some(ErrorObject::system("cancelled"));
+            finalize(state, run.clone()).await;
+            Ok(run)
+        }
+        Cancelled::NotActive if run.status.is_final() => Err(ApiError::conflict(format!(
+            "run {id:?} already finished ({}): nothing to cancel",
+            run.status
+        ))),
+        Cancelled::NotActive => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "NotCancellable",
+            format!(
+                "run {id:?} is {} and not in the queue (a sync run, or one finishing now): it cannot be cancelled",
+                run.status
+            ),
+        )),
+    }
+}
+
+/// Re-queues a DEAD run: attempts start again, earlier errors are kept.
+pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, ApiError> {
+    if run.status != RunStatus::Dead {
+        return Err(ApiError::conflict(format!(
+            "run {:?} is {}, not DEAD: only dead runs are redriven",
+            run.id, run.status
+        )));
+    }
+    run.status = RunStatus::Queued;
+    run.attempts = 0;
+    run.error = None;
+    run.finished_at = None;
+    run.next_attempt_at = None;
+    run.redriven_at = Some(state.queue.clock.now());
+    if let Some(cb) = &mut run.callback {
+        cb.state = CallbackState::Pending;
+        cb.attempts = 0;
+        cb.last_error = None;
+    }
+    if !save(state, &run).await {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal",
+            "failed to store the run",
+        ));
+    }
+    state.queue.push(&run);
+    Ok(run)
+}
+
+/// Start-up: QUEUED runs go back in the queue; RUNNING ones were interrupted by the stop
+/// of the previous server, which counts as a failed attempt (retried per policy).
+pub async fn recover(state: &Arc<AppState>) {
+    let active = match state.db(|s| s.active_runs()).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("failed to load the queue: {}", e.message);
+            return;
+        }
+    };
+    let (mut queued, mut retried, mut dead) = (0, 0, 0);
+    for mut run in active {
+        if run.status == RunStatus::Queued {
+            state.queue.push(&run);
+            queued += 1;
+            continue;
+        }
+        let retry = match stored_retry(state, &run.namespace, &run.function).await {
+            Ok(Some(r)) => r,
+            Ok(None) => continue, // its function is gone
+            Err(_) => Retry::default(),
+        };
+        let err = ErrorObject::system(format!(
+            "the server stopped while attempt {} was running",
+            run.attempts
+        ));
+        if after_failure(&mut run, &retry, &state.queue.clock, err) {
+            if save(state, &run).await {
+                state.queue.push(&run);
+            }
+            retried += 1;
+        } else {
+            finalize(state, run).await;
+            dead += 1;
+        }
+    }
+    if queued + retried + dead > 0 {
+        tracing::info!(queued, retried, dead, "async runs recovered");
+    }
+}
