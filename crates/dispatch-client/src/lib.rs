@@ -322,6 +322,68 @@ impl Client {
         self.json(rb, &url).await
     }
 
+    /// Accepts an async run (`?wait=false`): the 202's `{"id", "status", …}`.
+    pub async fn exec_async(
+        &self,
+        function: &str,
+        input: &RawValue,
+        callback_url: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{function}/runs"));
+        let mut body = format!("{{\"input\":{}", input.get());
+        if let Some(cb) = callback_url {
+            body.push_str(",\"callbackUrl\":");
+            body.push_str(&serde_json::to_string(cb).unwrap_or_default());
+        }
+        body.push('}');
+        let rb = self
+            .request(Method::POST, &url)
+            .query(&[("wait", "false")])
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.json(rb, &url).await
+    }
+
+    /// Cancels a queued or running async run.
+    pub async fn cancel_run(&self, id: &str) -> Result<Run> {
+        let url = self.ns_url(&self.namespace, &format!("runs/{id}"));
+        self.json(self.request(Method::DELETE, &url), &url).await
+    }
+
+    /// Re-queues a DEAD run.
+    pub async fn redrive_run(&self, id: &str) -> Result<Run> {
+        let url = self.ns_url(&self.namespace, &format!("runs/{id}/redrive"));
+        self.json(self.request(Method::POST, &url), &url).await
+    }
+
+    /// Re-queues every DEAD run (of one function).
+    pub async fn redrive_all(&self, function: Option<&str>) -> Result<serde_json::Value> {
+        let url = self.ns_url(&self.namespace, "runs/redrive");
+        let mut rb = self.request(Method::POST, &url);
+        if let Some(f) = function {
+            rb = rb.query(&[("function", f)]);
+        }
+        self.json(rb, &url).await
+    }
+
+    /// Deletes finished runs (of one function / status).
+    pub async fn purge_runs(
+        &self,
+        function: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let url = self.ns_url(&self.namespace, "runs");
+        let mut params = Vec::new();
+        if let Some(f) = function {
+            params.push(("function", f));
+        }
+        if let Some(s) = status {
+            params.push(("status", s));
+        }
+        self.json(self.request(Method::DELETE, &url).query(&params), &url)
+            .await
+    }
+
     pub async fn list_runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
         let url = self.ns_url(&self.namespace, "runs");
         let mut params: Vec<(&str, String)> = Vec::new();

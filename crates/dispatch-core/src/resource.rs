@@ -593,12 +593,12 @@ impl FunctionSpec {
         self.timeout()?;
         self.idle_timeout()?;
         self.retry()?;
-        if let Some(url) = &self.callback_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ValidationError::new(format!(
-                    "callbackUrl {url:?} must be an http:// or https:// URL"
-                )));
-            }
+        if let Some(url) = &self.callback_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ValidationError::new(format!(
+                "callbackUrl {url:?} must be an http:// or https:// URL"
+            )));
         }
         let (min, max) = (self.min_workers(), self.max_workers());
         if max == 0 || max > MAX_WORKERS_LIMIT {

@@ -63,7 +63,9 @@ struct Sched {
     waiting: HashMap<String, FnKey>,
     running: HashMap<String, RunningRun>,
     running_per_fn: HashMap<FnKey, u32>,
-    /// Waiting runs per namespace (the depth limit).
+    /// Accepted runs not final yet (waiting, running, or between the two), and their count
+    /// per namespace: the depth limit.
+    active: HashMap<String, String>,
     depth: HashMap<String, usize>,
 }
 
@@ -102,11 +104,15 @@ impl Sched {
     }
 
     fn unwait(&mut self, id: &str) -> Option<FnKey> {
-        let key = self.waiting.remove(id)?;
-        if let Some(d) = self.depth.get_mut(&key.0) {
+        self.waiting.remove(id)
+    }
+
+    fn retire(&mut self, id: &str) {
+        if let Some(ns) = self.active.remove(id)
+            && let Some(d) = self.depth.get_mut(&ns)
+        {
             *d = d.saturating_sub(1);
         }
-        Some(key)
     }
 
     fn end_running(&mut self, id: &str) -> Option<RunningRun> {
@@ -158,7 +164,11 @@ impl Queue {
         let now = self.clock.now().as_millisecond();
         {
             let mut s = self.sched();
-            if s.waiting.insert(run.id.clone(), key.clone()).is_none() {
+            s.waiting.insert(run.id.clone(), key.clone());
+            if s.active
+                .insert(run.id.clone(), run.namespace.clone())
+                .is_none()
+            {
                 *s.depth.entry(run.namespace.clone()).or_default() += 1;
             }
             match run.next_attempt_at.map(|t| t.as_millisecond()) {
@@ -177,12 +187,17 @@ impl Queue {
                 StatusCode::TOO_MANY_REQUESTS,
                 "QueueFull",
                 format!(
-                    "namespace {namespace:?} has {depth} async runs waiting (the limit): retry later"
+                    "namespace {namespace:?} has {depth} async runs queued or running (the limit): retry later"
                 ),
             )
             .with_retry_after(5));
         }
         Ok(())
+    }
+
+    /// A run reached a final state (or was deleted): it no longer counts against the depth.
+    pub fn retire(&self, id: &str) {
+        self.sched().retire(id);
     }
 
     pub fn waiting(&self) -> usize {
@@ -210,6 +225,38 @@ impl Queue {
         }
     }
 
+    /// Drops every run of a deleted function: waiting ones leave the queue, running ones
+    /// are aborted. Their records are deleted with the function.
+    pub fn forget_function(&self, ns: &str, function: &str) {
+        let key = (ns.to_string(), function.to_string());
+        let mut s = self.sched();
+        let ids: Vec<String> = s
+            .waiting
+            .iter()
+            .filter(|(_, k)| **k == key)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            s.unwait(&id);
+            s.retire(&id);
+        }
+        s.ready.remove(&key);
+        let running: Vec<String> = s
+            .running
+            .iter()
+            .filter(|(_, r)| r.key == key)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in running {
+            if let Some(r) = s.end_running(&id) {
+                r.abort.abort();
+            }
+            s.retire(&id);
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
     /// Ends a run's attempt; `false` when it was cancelled meanwhile (the canceller owns the
     /// record then).
     fn finish(&self, id: &str) -> bool {
@@ -235,22 +282,22 @@ impl Queue {
                     .map(|d| d.max_workers.max(1))
                     .unwrap_or(1);
                 let busy = s.running_per_fn.get(&key).copied().unwrap_or(0);
-                if busy < limit {
-                    if let Some(id) = s.pop_ready(&key) {
-                        s.unwait(&id);
-                        *s.running_per_fn.entry(key.clone()).or_default() += 1;
-                        // Spawned under the lock, so that a cancel always finds the handle.
-                        let task = tokio::spawn(run_one(state.clone(), key.0.clone(), id.clone()));
-                        let abort = task.abort_handle();
-                        s.running.insert(
-                            id,
-                            RunningRun {
-                                key: key.clone(),
-                                abort,
-                            },
-                        );
-                        started = true;
-                    }
+                if busy < limit
+                    && let Some(id) = s.pop_ready(&key)
+                {
+                    s.unwait(&id);
+                    *s.running_per_fn.entry(key.clone()).or_default() += 1;
+                    // Spawned under the lock, so that a cancel always finds the handle.
+                    let task = tokio::spawn(run_one(state.clone(), key.0.clone(), id.clone()));
+                    let abort = task.abort_handle();
+                    s.running.insert(
+                        id,
+                        RunningRun {
+                            key: key.clone(),
+                            abort,
+                        },
+                    );
+                    started = true;
                 }
                 if s.ready.get(&key).is_some_and(|q| !q.is_empty()) {
                     s.rr.push_back(key);
@@ -373,6 +420,7 @@ async fn requeue_later(state: &AppState, mut run: Run, after: Duration) {
 
 /// Ends a run for good: committed, then its callback (if any) goes out.
 async fn finalize(state: &Arc<AppState>, mut run: Run) {
+    state.queue.retire(&run.id);
     if run.finished_at.is_none() {
         run.finished_at = Some(state.queue.clock.now());
     }
@@ -399,7 +447,11 @@ async fn run_one(state: Arc<AppState>, ns: String, id: String) {
     let mut slot = Slot(q, &id, true);
     let mut run = match get_run(&state, &ns, &id).await {
         Some(r) if r.status == RunStatus::Queued => r,
-        _ => return, // deleted with its function, or cancelled
+        _ => {
+            // Deleted with its function, or cancelled.
+            q.retire(&id);
+            return;
+        }
     };
     let Some(deployed) = state.deployed(&run.namespace, &run.function) else {
         slot.2 = false;

@@ -48,7 +48,7 @@ impl Delete {
         let kind = match parse_target(self.kind.as_deref().unwrap_or_default())? {
             Target::Resource(k) => k,
             Target::Runs => bail!(
-                "runs are deleted with their function (cancelling runs comes with async runs)"
+                "runs are not deleted one by one: `dispatch cancel run ID` stops one, `dispatch runs purge` deletes finished ones"
             ),
         };
         if self.names.is_empty() {

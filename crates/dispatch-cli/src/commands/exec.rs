@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use crate::Ctx;
 use crate::output::{Format, print_structured};
 
-/// Run a function synchronously and print {"context":{"logs","error"},"payload"}
+/// Run a function and print {"context":{"logs","error"},"payload"} (or queue it: --async)
 #[derive(Debug, clap::Args)]
 pub struct Exec {
     pub function: String,
@@ -21,6 +21,16 @@ pub struct Exec {
     /// Output format of the envelope
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Json)]
     pub output: Format,
+    /// Queue the run and return at once with its id (durable; retried per the function's
+    /// retry policy); watch it with `dispatch get run ID` / `dispatch logs run ID --follow`
+    #[arg(long = "async", conflicts_with = "wait")]
+    pub is_async: bool,
+    /// Run now and wait for the result (the default)
+    #[arg(long)]
+    pub wait: bool,
+    /// With --async: POST the final run record to this URL
+    #[arg(long, requires = "is_async", value_name = "URL")]
+    pub callback_url: Option<String>,
 }
 
 impl Exec {
@@ -44,6 +54,17 @@ impl Exec {
         let input = RawValue::from_string(text).map_err(|e| {
             anyhow::anyhow!("input is not valid JSON ({e}): pass a JSON value, e.g. --input '{{\"name\": \"user\"}}'")
         })?;
+        if self.is_async {
+            let accepted = ctx
+                .client
+                .exec_async(&self.function, &input, self.callback_url.as_deref())
+                .await?;
+            match self.output {
+                Format::Yaml => print_structured(&accepted, Format::Yaml)?,
+                _ => print_structured(&accepted, Format::Json)?,
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let r = ctx.client.exec(&self.function, &input).await?;
         match self.output {
             Format::Table | Format::Json => print_structured(&r.envelope, Format::Json)?,

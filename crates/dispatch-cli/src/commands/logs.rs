@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::{Result, bail};
 use dispatch_core::Kind;
 
@@ -16,11 +18,16 @@ pub struct Logs {
     pub kind: String,
     /// Run id (from `dispatch get runs`) or image name
     pub id: String,
+    /// Runs: follow the run until it ends, showing each status change (logs are captured
+    /// per attempt, so they print when an attempt ends)
+    #[arg(short = 'f', long)]
+    pub follow: bool,
 }
 
 impl Logs {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         match parse_target(&self.kind)? {
+            Target::Runs if self.follow => return follow(ctx, &self.id).await,
             Target::Runs => {
                 let logs = ctx.client.run_logs(&self.id).await?;
                 for l in &logs.stdout {
@@ -36,5 +43,40 @@ impl Logs {
             ),
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Polls a run until it is final: status changes on stderr, each attempt's logs as it ends.
+async fn follow(ctx: &Ctx, id: &str) -> Result<ExitCode> {
+    let mut last = (None, 0u32);
+    let mut printed_errors = 0usize;
+    loop {
+        let run = ctx.client.get_run(id).await?;
+        if (Some(run.status), run.attempts) != last {
+            eprintln!("run {id}: {} (attempt {})", run.status, run.attempts);
+            last = (Some(run.status), run.attempts);
+        }
+        for e in run.attempt_errors.iter().skip(printed_errors) {
+            eprintln!(
+                "attempt {} failed: {}: {}",
+                e.attempt, e.error.kind, e.error.message
+            );
+        }
+        printed_errors = run.attempt_errors.len();
+        if run.status.is_final() {
+            for l in &run.logs.stdout {
+                println!("{l}");
+            }
+            for l in &run.logs.stderr {
+                eprintln!("{l}");
+            }
+            let ok = run.status == dispatch_core::RunStatus::Succeeded;
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

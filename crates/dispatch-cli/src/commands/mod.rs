@@ -2,6 +2,7 @@
 //! manifest documents into objects the API takes (packing `spec.sourcePath`).
 
 pub mod apply;
+pub mod cancel;
 pub mod completion;
 pub mod create;
 pub mod delete;
@@ -10,6 +11,7 @@ pub mod gc;
 pub mod get;
 pub mod logs;
 pub mod quickstart;
+pub mod runs;
 pub mod server;
 pub mod update;
 pub mod version;

@@ -274,6 +274,7 @@ pub async fn delete(
     match kind {
         Kind::Function => {
             state.set_deployed(&ns, &name, None);
+            state.queue.forget_function(&ns, &name);
             state.backend.remove_function(&ns, &name).await;
             state.recorder.flush().await;
             let (nsc, namec) = (ns.clone(), name.clone());

@@ -85,12 +85,12 @@ pub async fn exec(
             b.callback_url,
         )
     };
-    if let Some(url) = &callback_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ApiError::bad_request(format!(
-                "callbackUrl {url:?} must be an http:// or https:// URL"
-            )));
-        }
+    if let Some(url) = &callback_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "callbackUrl {url:?} must be an http:// or https:// URL"
+        )));
     }
     if q.wait == Some(false) {
         if payload.get().len() > dispatch_core::MAX_PAYLOAD_BYTES {

@@ -29,6 +29,10 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_in(dir: tempfile::TempDir) -> TestServer {
+    start_with(dir, dispatch_server::Options::default()).await
+}
+
+pub async fn start_with(dir: tempfile::TempDir, options: dispatch_server::Options) -> TestServer {
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
@@ -36,7 +40,7 @@ pub async fn start_in(dir: tempfile::TempDir) -> TestServer {
     let backend: Arc<dyn Backend> = local.clone();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::serve(store, blobs, backend, api, gw).await;
+    let server = Server::serve_with(store, blobs, backend, api, gw, options).await;
     let client = Client::new(&Target {
         server: format!("http://{}", server.api_addr),
         token: None,
