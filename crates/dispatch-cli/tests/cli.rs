@@ -1,176 +1,13 @@
 //! The real `dispatch` binary against a real `dispatch server` on random loopback ports.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::io::Write;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
-}
-
-struct ServerProc {
-    child: Child,
-    dir: tempfile::TempDir,
-    api: u16,
-    gateway: u16,
-}
-
-impl ServerProc {
-    fn start() -> ServerProc {
-        let dir = tempfile::tempdir().unwrap();
-        let (api, gateway) = (free_port(), free_port());
-        let child = Command::cargo_bin("dispatch")
-            .unwrap()
-            .args(["server", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args([
-                "--api-addr",
-                &format!("127.0.0.1:{api}"),
-                "--gateway-addr",
-                &format!("127.0.0.1:{gateway}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let s = ServerProc {
-            child,
-            dir,
-            api,
-            gateway,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(api, "/readyz").map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "server not ready within 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    /// The CLI pointed at this server, with an empty config file.
-    fn cli(&self) -> Command {
-        let mut c = Command::cargo_bin("dispatch").unwrap();
-        c.env("DISPATCH_SERVER", format!("http://127.0.0.1:{}", self.api))
-            .env("DISPATCH_CONFIG", self.dir.path().join("config.json"))
-            .env_remove("DISPATCH_TOKEN")
-            .env_remove("DISPATCH_NAMESPACE");
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "dispatch {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.cli().args(args).stdin(Stdio::null()).output().unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "dispatch {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert!(err.starts_with("error: "), "{err}");
-        err
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-
-    fn exec(&self, function: &str, stdin: &str) -> (bool, Value) {
-        let mut child = self
-            .cli()
-            .args(["exec", function])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let v = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.success(), v)
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(cmd);
-            }
-        }
-    }
-    found
-}
+use support::*;
 
 #[test]
 fn seed_quickstart_flow_and_graceful_shutdown() {
@@ -620,4 +457,109 @@ fn images_with_dependencies_logs_and_gc() {
         "image `again` still uses it"
     );
     assert!(s.ok(&["gc", "--grace", "0s"]).contains("0 removed"));
+}
+
+#[test]
+fn async_runs_from_the_cli() {
+    let s = ServerProc::start();
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let code = s.dir.path().join("job.py");
+    std::fs::write(
+        &code,
+        "import time\ndef handle(context, payload):\n    time.sleep(payload.get('sleep', 0))\n    print('working on', payload.get('name'))\n    if payload.get('fail'):\n        raise RuntimeError('always fails')\n    return {'done': payload.get('name')}\n",
+    )
+    .unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "job",
+        code.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+
+    let accepted: Value =
+        serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"name": "a"}"#]))
+            .unwrap();
+    assert_eq!(accepted["status"], "QUEUED");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    // --follow waits for the end and prints the logs.
+    assert_eq!(s.ok(&["logs", "run", &id, "--follow"]), "working on a\n");
+    let run = s.json(&["get", "run", &id, "-o", "json"]);
+    assert_eq!(
+        (run["status"].as_str(), run["async"].as_bool()),
+        (Some("SUCCEEDED"), Some(true))
+    );
+    assert_eq!(run["output"]["done"], "a");
+
+    // Default retry policy: 3 attempts, then DEAD; visible with --status dead.
+    let dead: Value =
+        serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"fail": true}"#]))
+            .unwrap();
+    let dead_id = dead["id"].as_str().unwrap().to_string();
+    let out = s
+        .cli()
+        .args(["logs", "run", &dead_id, "--follow"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("attempt 3 failed: FunctionError: always fails")
+    );
+    let table = s.ok(&["get", "runs", "--status", "dead"]);
+    assert!(
+        table.contains(&dead_id) && table.contains("DEAD"),
+        "{table}"
+    );
+    assert!(s.ok(&["runs", "redrive", &dead_id]).contains("queued"));
+    let out = s
+        .cli()
+        .args(["logs", "run", &dead_id, "-f"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        s.json(&["get", "run", &dead_id, "-o", "json"])["attemptErrors"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
+
+    // Cancel a running run.
+    let long: Value =
+        serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"sleep": 30}"#]))
+            .unwrap();
+    let long_id = long["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.json(&["get", "run", &long_id, "-o", "json"])["status"] != "RUNNING" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        s.ok(&["cancel", "run", &long_id]),
+        format!("run/{long_id} cancelled\n")
+    );
+    assert!(
+        s.fails(&["cancel", "run", &long_id])
+            .contains("already finished")
+    );
+    assert!(
+        s.ok(&["runs", "purge", "--status", "dead"])
+            .contains("1 runs deleted")
+    );
+    assert!(
+        s.fails(&["runs", "purge", "--status", "queued"])
+            .contains("only finished runs")
+    );
+    // Usage errors come from clap: exit 2 with the flag named.
+    let out = s
+        .cli()
+        .args(["exec", "job", "--callback-url", "http://x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--async"));
 }

@@ -755,6 +755,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retry_delays_double_cap_and_jitter() {
+        let r = Retry {
+            max_attempts: 5,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(4),
+            max_age: DEFAULT_MAX_AGE,
+        };
+        assert_eq!(r.delay(2, 0.0), Duration::from_millis(500));
+        assert_eq!(r.delay(2, 0.999), Duration::from_micros(999_500));
+        assert_eq!(r.delay(3, 0.0), Duration::from_secs(1));
+        assert_eq!(
+            r.delay(5, 0.0),
+            Duration::from_secs(2),
+            "capped at max, then halved"
+        );
+        assert_eq!(r.delay(60, 1.0), Duration::from_secs(4));
+        let bad = RetryPolicy {
+            max_attempts: Some(0),
+            ..Default::default()
+        };
+        assert!(bad.resolve().unwrap_err().message.contains("maxAttempts"));
+        let inverted = RetryPolicy {
+            backoff: Some(Backoff {
+                initial: Some("10s".into()),
+                max: Some("1s".into()),
+            }),
+            ..Default::default()
+        };
+        assert!(inverted.resolve().is_err());
+    }
+
+    #[test]
     fn dependency_manifests_normalize() {
         let deps = |m: &str| RuntimeDependencies {
             manifest: m.into(),

@@ -1,0 +1,197 @@
+//! Test support: the real `dispatch server` on random loopback ports, the CLI pointed at it.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use serde_json::Value;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+pub struct ServerProc {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub api: u16,
+    pub gateway: u16,
+}
+
+impl ServerProc {
+    pub fn start() -> ServerProc {
+        Self::start_in(tempfile::tempdir().unwrap())
+    }
+
+    /// A server on the data dir `dir/data` (a restart reuses it).
+    pub fn start_in(dir: tempfile::TempDir) -> ServerProc {
+        let (api, gateway) = (free_port(), free_port());
+        let child = Command::cargo_bin("dispatch")
+            .unwrap()
+            .args(["server", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--api-addr",
+                &format!("127.0.0.1:{api}"),
+                "--gateway-addr",
+                &format!("127.0.0.1:{gateway}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = ServerProc {
+            child,
+            dir,
+            api,
+            gateway,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(api, "/readyz").map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "server not ready within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// The CLI pointed at this server, with an empty config file.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::cargo_bin("dispatch").unwrap();
+        c.env("DISPATCH_SERVER", format!("http://127.0.0.1:{}", self.api))
+            .env("DISPATCH_CONFIG", self.dir.path().join("config.json"))
+            .env_remove("DISPATCH_TOKEN")
+            .env_remove("DISPATCH_NAMESPACE");
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "dispatch {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).stdin(Stdio::null()).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "dispatch {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.starts_with("error: "), "{err}");
+        err
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    pub fn exec(&self, function: &str, stdin: &str) -> (bool, Value) {
+        let mut child = self
+            .cli()
+            .args(["exec", function])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("not json: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), v)
+    }
+
+    /// SIGKILL (no shutdown at all), then hands back the data dir for a restart.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// A typed client for this server (needs a tokio runtime).
+    pub fn client(&self) -> dispatch_client::Client {
+        dispatch_client::Client::new(&dispatch_client::Target {
+            server: format!("http://127.0.0.1:{}", self.api),
+            token: None,
+            namespace: "default".into(),
+            insecure: false,
+        })
+        .unwrap()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,237 @@
+//! The async queue's timing with paused tokio time and a fake backend (no processes, no
+//! sleeps): exponential backoff with jitter between attempts, DEAD after maxAttempts, and
+//! maxAge both for failing runs and for runs whose function never becomes ready.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dispatch_core::envelope::null_raw;
+use dispatch_core::{Envelope, ErrorObject, Kind, Logs, Object, Run, RunStatus, Trigger};
+use dispatch_runtime::backend::{
+    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
+    InvokeError, Removed,
+};
+use dispatch_runtime::{CallOutcome, Progress};
+use dispatch_server::controller::Key;
+use dispatch_server::{AppState, Options, queue};
+use dispatch_store::{BlobStore, SqliteStore, Store};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+/// Deploys anything (or nothing, when `deploy_fails`); every call fails with a FunctionError
+/// and is timed.
+#[derive(Default)]
+struct FakeBackend {
+    deploy_fails: bool,
+    calls: Mutex<Vec<Instant>>,
+}
+
+impl Backend for FakeBackend {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn validate_image(&self, _: &ImageBuild) -> Result<(), dispatch_core::ValidationError> {
+        Ok(())
+    }
+    fn check_base_image<'a>(
+        &'a self,
+        _: &'a BaseImageCheck,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn build_image<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a ImageBuild,
+        _: Progress,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn build_log<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+    fn gc<'a>(&'a self, _: &'a GcKeep, _: Duration) -> BoxFuture<'a, Vec<Removed>> {
+        Box::pin(async { Vec::new() })
+    }
+    fn deploy_function(&self, _: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
+        let fails = self.deploy_fails;
+        Box::pin(async move {
+            if fails {
+                Err(BuildError::Unsupported("this fake never deploys".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn invoke<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a RawValue,
+        _: &'a RawValue,
+        _: std::time::Instant,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        self.calls.lock().unwrap().push(Instant::now());
+        Box::pin(async {
+            Ok(CallOutcome {
+                envelope: Envelope::error(ErrorObject::function("boom"), Logs::default()),
+                cold: false,
+                timings: Default::default(),
+            })
+        })
+    }
+    fn remove_function<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+struct Fx {
+    _dir: tempfile::TempDir,
+    state: Arc<AppState>,
+    backend: Arc<FakeBackend>,
+}
+
+/// A server state with function `f` (built-in python3 base, image `py`) and `retry`.
+async fn fx(backend: FakeBackend, retry: serde_json::Value) -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+    let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+    let source = blobs.put(b"not unpacked by the fake backend").unwrap();
+    let backend = Arc::new(backend);
+    let state =
+        AppState::start_with(store.clone(), blobs, backend.clone(), Options::default()).await;
+    let mut image = Object::new(
+        Kind::Image,
+        "default",
+        "py",
+        json!({"baseImage": "python3"}),
+    );
+    image.validate().unwrap();
+    let mut f = Object::new(
+        Kind::Function,
+        "default",
+        "f",
+        json!({"image": "py", "source": source, "handler": "f.handle", "retry": retry}),
+    );
+    f.validate().unwrap();
+    store.create(image).unwrap();
+    store.create(f).unwrap();
+    state.enqueue(Key::new("default", Kind::Image, "py"));
+    Fx {
+        _dir: dir,
+        state,
+        backend,
+    }
+}
+
+async fn wait_deployed(state: &AppState) {
+    for _ in 0..1000 {
+        if state.deployed("default", "f").is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("function f was never deployed");
+}
+
+async fn final_run(state: &AppState, id: &str) -> Run {
+    for _ in 0..100_000 {
+        let (ns, i) = ("default".to_string(), id.to_string());
+        let r = state
+            .db(move |s| s.get_run(&ns, &i))
+            .await
+            .unwrap()
+            .unwrap();
+        if r.status.is_final() {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {id} never finished");
+}
+
+fn secs(d: jiff::SignedDuration) -> f64 {
+    d.as_secs_f64()
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_with_jitter_then_dead() {
+    let retry =
+        json!({"maxAttempts": 4, "backoff": {"initial": "10s", "max": "30s"}, "maxAge": "1h"});
+    let f = fx(FakeBackend::default(), retry).await;
+    wait_deployed(&f.state).await;
+    let run = queue::enqueue(&f.state, "default", "f", null_raw(), Trigger::Exec, None)
+        .await
+        .unwrap();
+    let run = final_run(&f.state, &run.id).await;
+    assert_eq!((run.status, run.attempts), (RunStatus::Dead, 4));
+    assert_eq!(run.attempt_errors.len(), 4);
+    assert!(run.attempt_errors.iter().all(|e| e.error.message == "boom"));
+    // Attempt k+1 starts after initial·2^(k-1) capped at max, jittered into [half, full].
+    let calls = f.backend.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 4);
+    for (k, pair) in calls.windows(2).enumerate() {
+        let base = (10.0 * f64::from(1u32 << k)).min(30.0);
+        let gap = (pair[1] - pair[0]).as_secs_f64();
+        assert!(
+            gap >= base / 2.0 && gap <= base + 0.5,
+            "gap {k}: {gap}s, expected within [{}, {base}]",
+            base / 2.0
+        );
+    }
+    // The records' timestamps follow the same clock.
+    let gap = secs(
+        run.attempt_errors[3]
+            .at
+            .duration_since(run.attempt_errors[2].at),
+    );
+    assert!((15.0..=30.5).contains(&gap), "{gap}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_age_stops_retries() {
+    let retry =
+        json!({"maxAttempts": 10, "backoff": {"initial": "20s", "max": "20s"}, "maxAge": "30s"});
+    let f = fx(FakeBackend::default(), retry).await;
+    wait_deployed(&f.state).await;
+    let run = queue::enqueue(&f.state, "default", "f", null_raw(), Trigger::Exec, None)
+        .await
+        .unwrap();
+    let run = final_run(&f.state, &run.id).await;
+    assert_eq!(run.status, RunStatus::Dead);
+    assert!((2..=3).contains(&run.attempts), "{} attempts", run.attempts);
+    let last = run.attempt_errors.last().unwrap().at;
+    assert!(
+        secs(last.duration_since(run.created_at)) <= 30.5,
+        "no attempt starts past maxAge"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_waits_for_its_function_until_max_age() {
+    let retry = json!({"maxAge": "5s"});
+    let f = fx(
+        FakeBackend {
+            deploy_fails: true,
+            ..Default::default()
+        },
+        retry,
+    )
+    .await;
+    let run = queue::enqueue(&f.state, "default", "f", null_raw(), Trigger::Exec, None)
+        .await
+        .unwrap();
+    let run = final_run(&f.state, &run.id).await;
+    assert_eq!((run.status, run.attempts), (RunStatus::Dead, 0));
+    assert!(run.error.unwrap().message.contains("retry.maxAge (5s)"));
+    let waited = secs(run.finished_at.unwrap().duration_since(run.created_at));
+    assert!((5.0..7.0).contains(&waited), "waited {waited}s");
+    assert!(
+        f.backend.calls.lock().unwrap().is_empty(),
+        "a function that is not deployed is never called"
+    );
+}
