@@ -50,6 +50,12 @@ struct RunningRun {
     abort: AbortHandle,
 }
 
+struct Waiting {
+    key: FnKey,
+    /// When the run's age starts (created, or redriven), in ms: for maxAge.
+    origin_ms: i64,
+}
+
 #[derive(Default)]
 struct Sched {
     /// Ready runs per function, oldest first.
@@ -60,7 +66,7 @@ struct Sched {
     delayed: BinaryHeap<Reverse<(i64, String)>>,
     /// Every waiting run (ready or delayed). A run missing here was cancelled or started;
     /// queues drop such ids lazily.
-    waiting: HashMap<String, FnKey>,
+    waiting: HashMap<String, Waiting>,
     running: HashMap<String, RunningRun>,
     running_per_fn: HashMap<FnKey, u32>,
     /// Accepted runs not final yet (waiting, running, or between the two), and their count
@@ -86,7 +92,7 @@ impl Sched {
             let Some(Reverse((_, id))) = self.delayed.pop() else {
                 break;
             };
-            if let Some(key) = self.waiting.get(&id).cloned() {
+            if let Some(key) = self.waiting.get(&id).map(|w| w.key.clone()) {
                 self.make_ready(id, key);
             }
         }
@@ -96,7 +102,7 @@ impl Sched {
     fn pop_ready(&mut self, key: &FnKey) -> Option<String> {
         let q = self.ready.get_mut(key)?;
         while let Some(id) = q.pop_front() {
-            if self.waiting.get(&id) == Some(key) {
+            if self.waiting.get(&id).is_some_and(|w| w.key == *key) {
                 return Some(id);
             }
         }
@@ -104,7 +110,7 @@ impl Sched {
     }
 
     fn unwait(&mut self, id: &str) -> Option<FnKey> {
-        self.waiting.remove(id)
+        self.waiting.remove(id).map(|w| w.key)
     }
 
     fn retire(&mut self, id: &str) {
@@ -113,6 +119,16 @@ impl Sched {
         {
             *d = d.saturating_sub(1);
         }
+    }
+
+    /// Moves a waiting run to running and spawns its attempt. Spawned under the lock, so
+    /// that a cancel always finds the abort handle.
+    fn start(&mut self, state: &Arc<AppState>, key: FnKey, id: String) {
+        self.unwait(&id);
+        *self.running_per_fn.entry(key.clone()).or_default() += 1;
+        let task = tokio::spawn(run_one(state.clone(), key.0.clone(), id.clone()));
+        let abort = task.abort_handle();
+        self.running.insert(id, RunningRun { key, abort });
     }
 
     fn end_running(&mut self, id: &str) -> Option<RunningRun> {
@@ -164,7 +180,14 @@ impl Queue {
         let now = self.clock.now().as_millisecond();
         {
             let mut s = self.sched();
-            s.waiting.insert(run.id.clone(), key.clone());
+            let origin_ms = run.redriven_at.unwrap_or(run.created_at).as_millisecond();
+            s.waiting.insert(
+                run.id.clone(),
+                Waiting {
+                    key: key.clone(),
+                    origin_ms,
+                },
+            );
             if s.active
                 .insert(run.id.clone(), run.namespace.clone())
                 .is_none()
@@ -233,7 +256,7 @@ impl Queue {
         let ids: Vec<String> = s
             .waiting
             .iter()
-            .filter(|(_, k)| **k == key)
+            .filter(|(_, w)| w.key == key)
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -277,26 +300,15 @@ impl Queue {
                     return;
                 }
                 let Some(key) = s.rr.pop_front() else { break };
-                let limit = state
-                    .deployed(&key.0, &key.1)
-                    .map(|d| d.max_workers.max(1))
-                    .unwrap_or(1);
+                // Runs of a function that is not deployed (building, failed) stay parked: no
+                // store traffic while they wait. A deploy wakes the queue; the expiry sweep
+                // ends those that outlive their maxAge.
+                let limit = state.deployed(&key.0, &key.1).map(|d| d.max_workers.max(1));
                 let busy = s.running_per_fn.get(&key).copied().unwrap_or(0);
-                if busy < limit
+                if limit.is_some_and(|l| busy < l)
                     && let Some(id) = s.pop_ready(&key)
                 {
-                    s.unwait(&id);
-                    *s.running_per_fn.entry(key.clone()).or_default() += 1;
-                    // Spawned under the lock, so that a cancel always finds the handle.
-                    let task = tokio::spawn(run_one(state.clone(), key.0.clone(), id.clone()));
-                    let abort = task.abort_handle();
-                    s.running.insert(
-                        id,
-                        RunningRun {
-                            key: key.clone(),
-                            abort,
-                        },
-                    );
+                    s.start(state, key.clone(), id);
                     started = true;
                 }
                 if s.ready.get(&key).is_some_and(|q| !q.is_empty()) {
@@ -309,6 +321,69 @@ impl Queue {
                 return;
             }
         }
+    }
+
+    /// Wakes the dispatcher (a function was deployed: its parked runs may start).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Parked runs of functions that are not deployed: (function, [(id, origin ms)]).
+    fn parked(&self, state: &AppState) -> Vec<(FnKey, Vec<(String, i64)>)> {
+        let s = self.sched();
+        let mut by_fn: HashMap<FnKey, Vec<(String, i64)>> = HashMap::new();
+        for (id, w) in &s.waiting {
+            if state.deployed(&w.key.0, &w.key.1).is_none() {
+                by_fn
+                    .entry(w.key.clone())
+                    .or_default()
+                    .push((id.clone(), w.origin_ms));
+            }
+        }
+        by_fn.into_iter().collect()
+    }
+
+    /// Starts the given parked runs now (their attempt finds the function not deployed and
+    /// ends them, or runs them if it just was).
+    fn force_start(&self, state: &Arc<AppState>, key: &FnKey, ids: Vec<String>) {
+        let mut s = self.sched();
+        for id in ids {
+            if s.waiting.contains_key(&id) {
+                s.start(state, key.clone(), id);
+            }
+        }
+    }
+
+    /// Every second: parked runs older than their function's maxAge are ended (DEAD).
+    pub fn spawn_expiry(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(NOT_READY_DELAY);
+            loop {
+                tick.tick().await;
+                let q = &state.queue;
+                for (key, runs) in q.parked(&state) {
+                    let retry = match stored_retry(&state, &key.0, &key.1).await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            // The function is gone; its runs went with it.
+                            q.forget_function(&key.0, &key.1);
+                            continue;
+                        }
+                        Err(_) => continue,
+                    };
+                    let now = q.clock.now().as_millisecond();
+                    let max_age = i64::try_from(retry.max_age.as_millis()).unwrap_or(i64::MAX);
+                    let expired: Vec<String> = runs
+                        .into_iter()
+                        .filter(|(_, origin)| now.saturating_sub(*origin) > max_age)
+                        .map(|(id, _)| id)
+                        .collect();
+                    if !expired.is_empty() {
+                        q.force_start(&state, &key, expired);
+                    }
+                }
+            }
+        })
     }
 
     fn next_due(&self) -> Option<i64> {

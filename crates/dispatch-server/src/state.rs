@@ -138,6 +138,7 @@ impl AppState {
         crate::callbacks::resume(&state).await;
         let tasks = vec![
             Queue::spawn(state.clone()),
+            Queue::spawn_expiry(state.clone()),
             crate::retention::spawn(state.clone()),
         ];
         *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
@@ -218,6 +219,9 @@ impl AppState {
                 map.entry(ns.to_string())
                     .or_default()
                     .insert(name.to_string(), Arc::new(d));
+                drop(map);
+                // Parked async runs of this function may start now.
+                self.queue.wake();
             }
             None => {
                 if let Some(m) = map.get_mut(ns) {

@@ -47,13 +47,46 @@ const MIGRATIONS: &[M<'static>] = &[
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// Dropped with the store: stops the checkpointer thread.
+    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// WAL pages after which a commit checkpoints inline (a safety net: normally the
+/// checkpointer thread keeps the WAL far below this).
+const INLINE_CHECKPOINT_PAGES: i64 = 20_000;
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Moves WAL checkpoints off the commit path: SQLite's default checkpoints inside the commit
+/// that crosses 1000 pages, which took the p99 of a durable enqueue from ~1 ms to ~5 ms. A
+/// second connection runs a PASSIVE checkpoint (it never blocks writers) twice a second.
+fn spawn_checkpointer(path: &Path) -> Option<std::sync::mpsc::Sender<()>> {
+    let conn = Connection::open(path).ok()?;
+    conn.busy_timeout(std::time::Duration::from_secs(1)).ok()?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!("wal checkpoint failed: {e}");
+                }
+            }
+        });
+    spawned.ok().map(|_| stop)
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, in WAL mode, and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let mut store = Self::init(conn)?;
+        store
+            .conn()
+            .pragma_update(None, "wal_autocheckpoint", INLINE_CHECKPOINT_PAGES)?;
+        store._checkpointer = spawn_checkpointer(path);
+        Ok(store)
     }
 
     /// An in-memory database (tests and benchmarks that need no file).
@@ -71,6 +104,7 @@ impl SqliteStore {
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            _checkpointer: None,
         })
     }
 

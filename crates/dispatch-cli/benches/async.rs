@@ -1,0 +1,150 @@
+//! Durable async enqueue (`POST …/runs?wait=false`: committed before the 202) and end-to-end
+//! async throughput of the hello function.
+//!
+//! `cargo bench -p dispatch-cli --bench async` (DISPATCH_BENCH_N: enqueues, default 10000).
+//! Enqueues go to a function that cannot run (its runs park), so the number is the queue's
+//! own cost; 8 concurrent callers over loopback HTTP (DISPATCH_BENCH_CALLERS). Target (issue 5): ≥ 5,000 enqueues/s,
+//! p99 ≤ 5 ms on 2 cores.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dispatch_client::{Client, RunQuery, Target, pack};
+use dispatch_core::{Kind, Object, Phase};
+use dispatch_runtime::LocalBackend;
+use dispatch_server::{Options, Server};
+use dispatch_store::{BlobStore, SqliteStore};
+use serde_json::json;
+use serde_json::value::RawValue;
+
+const HELLO_PY: &str = include_str!("../../../examples/python3/hello.py");
+
+fn pct(v: &mut [Duration], q: f64) -> f64 {
+    v.sort();
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
+}
+
+async fn function(c: &Client, dir: &std::path::Path, name: &str, image: &str) {
+    let file = dir.join("hello.py");
+    std::fs::write(&file, HELLO_PY).unwrap();
+    let source = c
+        .upload_source("default", name, pack::pack_path(&file).unwrap())
+        .await
+        .unwrap();
+    c.create(&Object::new(
+        Kind::Function,
+        "default",
+        name,
+        json!({"image": image, "source": source}),
+    ))
+    .await
+    .unwrap();
+}
+
+async fn settled(c: &Client, name: &str) -> Phase {
+    loop {
+        let p = c.get(Kind::Function, name).await.unwrap().phase();
+        if matches!(p, Some(Phase::Ready | Phase::Error)) {
+            return p.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn main() {
+    dispatch_client::install_crypto_provider();
+    let n: usize = std::env::var("DISPATCH_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        max_queue_depth: 10_000_000,
+        ..Options::default()
+    };
+    let server = server_rt.block_on(async {
+        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let local = LocalBackend::new(dir.path()).unwrap();
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Server::serve_with(store, blobs, local, api, gw, options).await
+    });
+    let c = Client::new(&Target {
+        server: format!("http://{}", server.api_addr),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })
+    .unwrap();
+
+    client_rt.block_on(async {
+        c.create(&Object::new(Kind::Image, "default", "py", json!({"baseImage": "python3"}))).await.unwrap();
+        c.create(&Object::new(Kind::BaseImage, "default", "nowhere", json!({"image": "x", "language": "python3", "interpreter": "/nonexistent/python3"})))
+            .await
+            .unwrap();
+        c.create(&Object::new(Kind::Image, "default", "parked", json!({"baseImage": "nowhere"}))).await.unwrap();
+        function(&c, dir.path(), "hello", "py").await;
+        function(&c, dir.path(), "parked", "parked").await;
+        assert_eq!(settled(&c, "hello").await, Phase::Ready);
+        assert_eq!(settled(&c, "parked").await, Phase::Error);
+
+        // 1. Durable enqueue, 16 concurrent callers.
+        let callers: usize = std::env::var("DISPATCH_BENCH_CALLERS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..callers {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let input = RawValue::from_string(r#"{"name":"bench"}"#.into()).unwrap();
+                let mut lat = Vec::with_capacity(n / callers);
+                for _ in 0..n / callers {
+                    let t = Instant::now();
+                    c.exec_async("parked", &input, None).await.unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        let el = t.elapsed();
+        println!(
+            "durable enqueue ({} runs, {callers} concurrent callers): {:.0} enqueues/s  p50 {:.2} ms  p99 {:.2} ms  (target >= 5000/s, p99 <= 5 ms)",
+            lat.len(),
+            lat.len() as f64 / el.as_secs_f64(),
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.99)
+        );
+
+        // 2. End to end: enqueue and run the hello function (maxWorkers 4).
+        let m = (n / 5).max(100);
+        let t = Instant::now();
+        let input = RawValue::from_string(r#"{"name":"bench"}"#.into()).unwrap();
+        for _ in 0..m {
+            c.exec_async("hello", &input, None).await.unwrap();
+        }
+        loop {
+            let q = RunQuery { function: Some("hello".into()), status: Some("succeeded".into()), limit: Some(m) };
+            if c.list_runs(&q).await.unwrap().len() >= m {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let el = t.elapsed();
+        println!("end-to-end async hello ({m} runs, enqueue to all SUCCEEDED): {:.0} runs/s", m as f64 / el.as_secs_f64());
+    });
+    server_rt.block_on(server.stop()).unwrap();
+}
