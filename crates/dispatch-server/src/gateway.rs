@@ -84,6 +84,31 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let blocking = parts
+        .headers
+        .get("x-dispatch-blocking")
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| !v.eq_ignore_ascii_case("false"));
+    if !blocking {
+        // An async run (DESIGN §4): 202 with its id once it is durably queued.
+        let mut resp = match crate::queue::enqueue(
+            &state,
+            &m.route.namespace,
+            &m.route.function,
+            payload,
+            Trigger::Endpoint,
+            None,
+        )
+        .await
+        {
+            Ok(run) => crate::api::accepted(&run),
+            Err(e) => e.into_response(),
+        };
+        if m.route.cors {
+            cors_headers(resp.headers_mut());
+        }
+        return resp;
+    }
     let headers: BTreeMap<&str, &str> = parts
         .headers
         .iter()

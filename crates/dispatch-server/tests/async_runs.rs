@@ -451,3 +451,61 @@ async fn queue_depth_limit_and_log_cap() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_async_calls_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = dispatch_server::Options {
+        runs_per_function: 2,
+        ..Default::default()
+    };
+    let t = start_with(dir, options).await;
+    let c = &t.client;
+    images(c).await;
+    create_function(c, "hello", "py", "hello.py", HELLO_PY, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "hello").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::Endpoint,
+        "hello",
+        json!({"function": "hello", "methods": ["POST"], "paths": ["/hello"]}),
+    ))
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/hello", t.gateway))
+        .header("x-dispatch-blocking", "false")
+        .json(&json!({"name": "later"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let run = final_run(c, &id).await;
+    assert_eq!(
+        (run.status, run.trigger),
+        (RunStatus::Succeeded, dispatch_core::Trigger::Endpoint)
+    );
+    assert_eq!(
+        run.output.unwrap().get(),
+        r#"{"myField":"Hello, later from Nowhere"}"#
+    );
+
+    // Retention keeps the newest `runs_per_function` finished runs of each function.
+    for _ in 0..3 {
+        c.exec("hello", &raw(json!({}))).await.unwrap();
+    }
+    let state = &t.server.as_ref().unwrap().state;
+    assert_eq!(dispatch_server::retention::prune(state).await.unwrap(), 2);
+    let left = c.list_runs(&Default::default()).await.unwrap();
+    assert_eq!(left.len(), 2);
+    t.stop().await;
+}

@@ -4,6 +4,8 @@
 mod resources;
 mod runs;
 
+pub use runs::accepted;
+
 use std::sync::Arc;
 
 use axum::Router;
