@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use anyhow::{Context as _, Result};
-use dispatch_core::{Kind, Object, Run};
+use dispatch_core::{JobExecution, Kind, Object, Run};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -139,6 +139,33 @@ pub fn objects_table(kind: Kind, items: &[Object]) -> String {
                 .map(|o| vec![o.name().into(), s(&o.spec, "image"), phase(o), created(o)])
                 .collect::<Vec<_>>(),
         ),
+        Kind::JobTemplate => table(
+            &["NAME", "IMAGES", "MAX ACTIVE", "STATUS", "CREATED DATE"],
+            &items
+                .iter()
+                .map(|o| {
+                    let spec = o.typed_spec::<dispatch_core::JobTemplateSpec>().ok();
+                    let images = o
+                        .spec
+                        .pointer("/jobTemplate/spec/template/spec/containers")
+                        .and_then(|c| c.as_array())
+                        .map(|cs| {
+                            cs.iter()
+                                .filter_map(|c| c.get("image").and_then(|i| i.as_str()))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    vec![
+                        o.name().into(),
+                        images,
+                        spec.map(|s| s.max_active().to_string()).unwrap_or_default(),
+                        phase(o),
+                        created(o),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
         Kind::Endpoint => table(
             &[
                 "NAME",
@@ -166,6 +193,34 @@ pub fn objects_table(kind: Kind, items: &[Object]) -> String {
                 .collect::<Vec<_>>(),
         ),
     }
+}
+
+pub fn jobs_table(jobs: &[JobExecution]) -> String {
+    table(
+        &[
+            "UUID",
+            "TEMPLATE",
+            "PHASE",
+            "ATTEMPTS",
+            "EXIT",
+            "CREATED DATE",
+        ],
+        &jobs
+            .iter()
+            .map(|j| {
+                vec![
+                    j.uuid.clone(),
+                    j.name.clone(),
+                    j.phase.to_string(),
+                    j.attempts.to_string(),
+                    j.exit_code
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    date(Some(j.created_at)),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )
 }
 
 pub fn runs_table(runs: &[Run]) -> String {

@@ -563,3 +563,85 @@ fn async_runs_from_the_cli() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--async"));
 }
+
+#[test]
+fn job_templates_from_the_cli() {
+    let s = ServerProc::start();
+    let sample = examples().join("jobs/jobtemplate-sample.yaml");
+    assert_eq!(
+        s.ok(&["apply", "-f", sample.to_str().unwrap()]),
+        "jobtemplate/jobtemplate-sample created\n"
+    );
+    let table = s.ok(&["get", "jobtemplates"]);
+    assert!(
+        table.contains("jobtemplate-sample") && table.contains("alpine:latest"),
+        "{table}"
+    );
+
+    // --wait follows the logs and exits with the job's code.
+    let out = s
+        .cli()
+        .args([
+            "execute",
+            "jobtemplate-sample",
+            "--payload",
+            "my test payload",
+            "--wait",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "my test payload\n");
+    let started: Value =
+        serde_json::from_str(&s.ok(&["execute", "jobtemplate-sample", "-p", "again"])).unwrap();
+    let uuid = started["uuid"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.json(&["get", "jobexecution", &uuid, "-o", "json"])["phase"] != "Completed" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        s.ok(&["get", "jobexecution", &uuid, "-o", "yaml"])
+            .contains("phase: Completed")
+    );
+    assert_eq!(s.ok(&["logs", "jobexecution", &uuid]), "again\n");
+    let list = s.ok(&["get", "jobexecutions", "--template", "jobtemplate-sample"]);
+    assert_eq!(
+        list.lines().count(),
+        4,
+        "header, rule, two executions: {list}"
+    );
+
+    let tpl = s.dir.path().join("jobs.yaml");
+    std::fs::write(
+        &tpl,
+        "apiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {name: exit-7}\nspec:\n  jobTemplate:\n    spec:\n      backoffLimit: 0\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [sh, -c, 'echo failing >&2; exit 7']}\n---\napiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {name: sleeper}\nspec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [sleep, '30']}\n",
+    )
+    .unwrap();
+    s.ok(&["apply", "-f", tpl.to_str().unwrap()]);
+    let out = s
+        .cli()
+        .args(["execute", "exit-7", "--wait"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failing"));
+    let started: Value = serde_json::from_str(&s.ok(&["execute", "sleeper"])).unwrap();
+    let uuid = started["uuid"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.ok(&["cancel", "jobexecution", &uuid]),
+        format!("jobexecution/{uuid} cancelled\n")
+    );
+    assert!(
+        s.fails(&["execute", "nope"])
+            .contains("job template \"nope\" not found")
+    );
+    assert!(
+        s.ok(&["delete", "jobtemplate", "sleeper"])
+            .contains("deleted")
+    );
+}

@@ -8,7 +8,7 @@ pub mod pack;
 
 use std::time::Duration;
 
-use dispatch_core::{Envelope, Kind, Logs, Object, Run};
+use dispatch_core::{Envelope, JobExecution, Kind, Logs, Object, Run};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -382,6 +382,39 @@ impl Client {
         }
         self.json(self.request(Method::DELETE, &url).query(&params), &url)
             .await
+    }
+
+    /// `PUT /execute/{ns}/{template}` with `payload` as the body: `{"uuid", "name",
+    /// "namespace", "status"}`.
+    pub async fn execute(&self, template: &str, payload: Vec<u8>) -> Result<serde_json::Value> {
+        let url = format!("{}/execute/{}/{template}", self.base, self.namespace);
+        self.json(self.request(Method::PUT, &url).body(payload), &url)
+            .await
+    }
+
+    pub async fn list_jobs(&self, template: Option<&str>) -> Result<Vec<JobExecution>> {
+        let url = self.ns_url(&self.namespace, "jobexecutions");
+        let mut rb = self.request(Method::GET, &url);
+        if let Some(t) = template {
+            rb = rb.query(&[("template", t)]);
+        }
+        self.json(rb, &url).await
+    }
+
+    pub async fn get_job(&self, uuid: &str) -> Result<JobExecution> {
+        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}"));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// The logs so far (while it runs) or all of them.
+    pub async fn job_logs(&self, uuid: &str) -> Result<Logs> {
+        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}/logs"));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    pub async fn cancel_job(&self, uuid: &str) -> Result<JobExecution> {
+        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}"));
+        self.json(self.request(Method::DELETE, &url), &url).await
     }
 
     pub async fn list_runs(&self, q: &RunQuery) -> Result<Vec<Run>> {

@@ -10,6 +10,7 @@ pub mod digest;
 pub mod duration;
 pub mod envelope;
 pub mod error;
+pub mod jobs;
 pub mod manifest;
 pub mod names;
 pub mod resource;
@@ -17,6 +18,7 @@ pub mod run;
 
 pub use envelope::{Envelope, ErrorObject, ErrorType, Logs};
 pub use error::ValidationError;
+pub use jobs::{JobExecution, JobPhase, JobTemplateSpec};
 pub use resource::{
     API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata,
     Object, Phase, Retry, RetryPolicy, Status,

@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::ValidationError;
 use crate::resource::{API_VERSION, Kind, Object};
 
-/// apiVersion of dispatcher's JobTemplate, accepted as is once job templates land.
+/// apiVersion of dispatcher's JobTemplate, accepted as is.
 pub const DISPATCHER_API_VERSION: &str = "dispatcher.ivan.vc/v1alpha1";
 
 /// One document of a manifest: the object plus the raw document, so that the CLI can read
@@ -62,12 +62,12 @@ fn document_to_object(doc: Value, index: usize) -> Result<Object, ValidationErro
     if kind_str.is_empty() {
         return Err(at("has no kind".into()));
     }
-    if api_version == DISPATCHER_API_VERSION {
+    if api_version == DISPATCHER_API_VERSION && kind_str != "JobTemplate" {
         return Err(at(format!(
-            "kind {kind_str} of {DISPATCHER_API_VERSION} is not supported by this server yet"
+            "kind {kind_str} of {DISPATCHER_API_VERSION} is not supported: only JobTemplate is (a JobExecution is started with PUT /execute/{{namespace}}/{{name}})"
         )));
     }
-    if api_version != API_VERSION {
+    if api_version != API_VERSION && api_version != DISPATCHER_API_VERSION {
         return Err(at(format!(
             "apiVersion {api_version:?} is not supported: use {API_VERSION}"
         )));

@@ -26,10 +26,17 @@ pub enum Kind {
     Image,
     Function,
     Endpoint,
+    JobTemplate,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::BaseImage, Kind::Image, Kind::Function, Kind::Endpoint];
+    pub const ALL: [Kind; 5] = [
+        Kind::BaseImage,
+        Kind::Image,
+        Kind::Function,
+        Kind::Endpoint,
+        Kind::JobTemplate,
+    ];
 
     /// The plural lower-case form used in API paths (`/v1/namespaces/{ns}/functions`).
     pub fn plural(self) -> &'static str {
@@ -38,6 +45,7 @@ impl Kind {
             Kind::Image => "images",
             Kind::Function => "functions",
             Kind::Endpoint => "endpoints",
+            Kind::JobTemplate => "jobtemplates",
         }
     }
 
@@ -48,6 +56,7 @@ impl Kind {
             Kind::Image => "image",
             Kind::Function => "function",
             Kind::Endpoint => "endpoint",
+            Kind::JobTemplate => "jobtemplate",
         }
     }
 
@@ -58,6 +67,7 @@ impl Kind {
             Kind::Image => "image",
             Kind::Function => "function",
             Kind::Endpoint => "endpoint",
+            Kind::JobTemplate => "job template",
         }
     }
 
@@ -67,6 +77,7 @@ impl Kind {
             Kind::Image => "Image",
             Kind::Function => "Function",
             Kind::Endpoint => "Endpoint",
+            Kind::JobTemplate => "JobTemplate",
         }
     }
 
@@ -221,7 +232,9 @@ impl Object {
     /// Validates the name, apiVersion and spec, and writes the spec back in normal form
     /// (defaults filled, methods upper-cased, language inferred): what the API stores.
     pub fn validate(&mut self) -> Result<(), ValidationError> {
-        if self.api_version != API_VERSION {
+        let dispatcher = self.kind == Kind::JobTemplate
+            && self.api_version == crate::manifest::DISPATCHER_API_VERSION;
+        if self.api_version != API_VERSION && !dispatcher {
             return Err(ValidationError::new(format!(
                 "apiVersion {:?} is not supported for kind {}: use {API_VERSION}",
                 self.api_version, self.kind
@@ -236,6 +249,12 @@ impl Object {
             Kind::Image => normal(self.typed_spec::<ImageSpec>()?.normalize()?),
             Kind::Function => normal(self.typed_spec::<FunctionSpec>()?.normalize()?),
             Kind::Endpoint => normal(self.typed_spec::<EndpointSpec>()?.normalize()?),
+            Kind::JobTemplate => {
+                let spec: crate::jobs::JobTemplateSpec = self.typed_spec()?;
+                spec.validate()?;
+                // Kept verbatim: the Kubernetes backend creates Jobs from it as written.
+                self.spec.clone()
+            }
         };
         self.spec = spec;
         Ok(())

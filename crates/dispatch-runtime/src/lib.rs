@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod build;
 pub mod handler;
+pub mod jobrun;
 pub mod pool;
 pub mod protocol;
 pub mod source;

@@ -109,6 +109,7 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
         Kind::Image => reconcile_image(&state, &key).await,
         Kind::Function => reconcile_function(&state, &key).await,
         Kind::Endpoint => reconcile_endpoint(&state, &key).await,
+        Kind::JobTemplate => reconcile_job_template(&state, &key).await,
     };
     if let Err(e) = res {
         tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {}", e.message);
@@ -473,6 +474,24 @@ async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ApiError>
                 &o,
             ),
         },
+        Err(e) => status(Phase::Error, e.message, None, &o),
+    };
+    set_status(state, &o, new).await
+}
+
+/// Job templates need no build: valid (checked when stored) means READY.
+async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    let Some(o) = state
+        .get(&key.namespace, Kind::JobTemplate, &key.name)
+        .await?
+    else {
+        return Ok(());
+    };
+    let new = match o
+        .typed_spec::<dispatch_core::JobTemplateSpec>()
+        .and_then(|s| s.validate())
+    {
+        Ok(()) => status(Phase::Ready, "", None, &o),
         Err(e) => status(Phase::Error, e.message, None, &o),
     };
     set_status(state, &o, new).await

@@ -18,7 +18,10 @@ use crate::routes::Lookup;
 use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new().fallback(handle).with_state(state)
+    Router::new()
+        .merge(crate::api::execute_routes())
+        .fallback(handle)
+        .with_state(state)
 }
 
 /// Headers never handed to functions.

@@ -14,6 +14,7 @@ mod error;
 pub mod gateway;
 pub mod gc;
 pub mod invoke;
+pub mod jobs;
 pub mod queue;
 pub mod recorder;
 pub mod retention;
@@ -119,7 +120,9 @@ impl Server {
         let backend: Arc<dyn Backend> = local;
         let api = bind("api", config.api_addr).await?;
         let gateway = bind("gateway", config.gateway_addr).await?;
-        Ok(Self::serve_with(store, blobs, backend, api, gateway, config.options.clone()).await)
+        let mut options = config.options.clone();
+        options.jobs_dir = dir.join("jobs");
+        Ok(Self::serve_with(store, blobs, backend, api, gateway, options).await)
     }
 
     /// Serves on listeners the caller bound, with the given parts (tests inject their own).

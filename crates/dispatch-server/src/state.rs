@@ -44,6 +44,8 @@ pub struct Options {
     pub max_queue_depth: usize,
     /// Async runs running at once, all functions together.
     pub max_running: usize,
+    /// Scratch folders of job executions (`<data dir>/jobs`).
+    pub jobs_dir: std::path::PathBuf,
 }
 
 impl Default for Options {
@@ -54,6 +56,7 @@ impl Default for Options {
             runs_per_function: 10_000,
             max_queue_depth: 10_000,
             max_running: 64,
+            jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
         }
     }
 }
@@ -64,6 +67,7 @@ pub struct AppState {
     pub backend: Arc<dyn Backend>,
     pub recorder: Recorder,
     pub queue: Queue,
+    pub jobs: crate::jobs::Jobs,
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
@@ -106,6 +110,7 @@ impl AppState {
             backend,
             recorder,
             queue: Queue::new(Clock::new(), config.max_queue_depth, config.max_running),
+            jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),
             config,
             http,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -136,6 +141,7 @@ impl AppState {
         }
         crate::queue::recover(&state).await;
         crate::callbacks::resume(&state).await;
+        crate::jobs::recover(&state).await;
         let tasks = vec![
             Queue::spawn(state.clone()),
             Queue::spawn_expiry(state.clone()),
@@ -242,6 +248,7 @@ impl AppState {
             t.abort();
         }
         self.controller.stop();
+        crate::jobs::stop_all(self);
         self.backend.shutdown().await;
         self.recorder.flush().await;
     }

@@ -10,7 +10,7 @@ mod blobs;
 mod error;
 mod sqlite;
 
-use dispatch_core::{Kind, Object, Run, RunStatus, Status};
+use dispatch_core::{JobExecution, Kind, Object, Run, RunStatus, Status};
 
 pub use blobs::{BlobInfo, BlobStore};
 pub use error::StoreError;
@@ -81,6 +81,28 @@ pub trait Store: Send + Sync + 'static {
     /// newest `keep_per_function` of each function.
     fn prune_runs(&self, finished_before: jiff::Timestamp, keep_per_function: usize)
     -> Result<u64>;
+
+    /// Inserts or replaces a job execution.
+    fn put_job(&self, job: &JobExecution) -> Result<()>;
+
+    fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>>;
+
+    /// Newest first, of one template or all.
+    fn list_jobs(
+        &self,
+        namespace: &str,
+        template: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobExecution>>;
+
+    /// Waiting and Active executions of every namespace, oldest first (start-up).
+    fn active_jobs(&self) -> Result<Vec<JobExecution>>;
+
+    /// Deletes every execution of a template (deleting a template deletes its executions).
+    fn delete_jobs(&self, namespace: &str, template: &str) -> Result<u64>;
+
+    /// Deletes executions whose `ttlSecondsAfterFinished` has passed.
+    fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64>;
 
     /// Deletes every run of a function (deleting a function deletes its runs).
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64>;

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use dispatch_core::{CallbackState, Kind, Object, Run, RunStatus, Status};
+use dispatch_core::{CallbackState, JobExecution, Kind, Object, Run, RunStatus, Status};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
@@ -42,6 +42,20 @@ const MIGRATIONS: &[M<'static>] = &[
     CREATE INDEX runs_active ON runs (id) WHERE status IN ('QUEUED', 'RUNNING');
     CREATE INDEX runs_callbacks ON runs (id) WHERE callback_pending = 1;
     CREATE INDEX runs_finished ON runs (finished_ms) WHERE finished_ms IS NOT NULL;",
+    ),
+    // Job executions (DESIGN §7).
+    M::up(
+        "CREATE TABLE job_executions (
+        uuid TEXT PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        expires_ms INTEGER,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX jobs_by_template ON job_executions (namespace, name, uuid);
+    CREATE INDEX jobs_active ON job_executions (uuid) WHERE phase IN ('Waiting', 'Active');
+    CREATE INDEX jobs_expiring ON job_executions (expires_ms) WHERE expires_ms IS NOT NULL;",
     ),
 ];
 
@@ -392,6 +406,87 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok((old + capped) as u64)
+    }
+
+    fn put_job(&self, job: &JobExecution) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO job_executions (uuid, namespace, name, phase, expires_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                job.uuid,
+                job.namespace,
+                job.name,
+                job.phase.as_str(),
+                job.expires_at.map(|t| t.as_millisecond()),
+                serde_json::to_string(job)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>> {
+        let body: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT body FROM job_executions WHERE namespace = ?1 AND uuid = ?2",
+                params![namespace, uuid],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match body {
+            Some(b) => Some(serde_json::from_str(&b)?),
+            None => None,
+        })
+    }
+
+    fn list_jobs(
+        &self,
+        namespace: &str,
+        template: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobExecution>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM job_executions WHERE namespace = ?1 AND (?2 IS NULL OR name = ?2)
+             ORDER BY uuid DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![namespace, template, limit as i64], |r| {
+            r.get::<_, String>(0)
+        })?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn active_jobs(&self) -> Result<Vec<JobExecution>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM job_executions WHERE phase IN ('Waiting', 'Active') ORDER BY uuid",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_jobs(&self, namespace: &str, template: &str) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM job_executions WHERE namespace = ?1 AND name = ?2",
+            params![namespace, template],
+        )?;
+        Ok(n as u64)
+    }
+
+    fn prune_jobs(&self, now: Timestamp) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM job_executions WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
+            params![now.as_millisecond()],
+        )?;
+        Ok(n as u64)
     }
 
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {

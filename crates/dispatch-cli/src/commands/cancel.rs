@@ -7,25 +7,37 @@ use anyhow::{Result, bail};
 use super::{Target, parse_target};
 use crate::Ctx;
 
-/// Cancel an async run: a queued one will not run, a running one is killed
+/// Cancel an async run or a job execution: a waiting one will not run, a running one is killed
 #[derive(Debug, clap::Args)]
 pub struct Cancel {
-    /// run
+    /// run or jobexecution
     pub kind: String,
     pub id: String,
 }
 
 impl Cancel {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
-        if parse_target(&self.kind)? != Target::Runs {
-            bail!("only runs are cancelled: dispatch cancel run ID");
+        match parse_target(&self.kind)? {
+            Target::Runs => {
+                let run = ctx.client.cancel_run(&self.id).await?;
+                println!(
+                    "run/{} {}",
+                    run.id,
+                    run.status.as_str().to_ascii_lowercase()
+                );
+            }
+            Target::JobExecutions => {
+                let job = ctx.client.cancel_job(&self.id).await?;
+                println!(
+                    "jobexecution/{} {}",
+                    job.uuid,
+                    job.phase.as_str().to_ascii_lowercase()
+                );
+            }
+            Target::Resource(_) => bail!(
+                "runs and job executions are cancelled: dispatch cancel run ID | jobexecution UUID"
+            ),
         }
-        let run = ctx.client.cancel_run(&self.id).await?;
-        println!(
-            "run/{} {}",
-            run.id,
-            run.status.as_str().to_ascii_lowercase()
-        );
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -47,8 +47,8 @@ impl Delete {
         }
         let kind = match parse_target(self.kind.as_deref().unwrap_or_default())? {
             Target::Resource(k) => k,
-            Target::Runs => bail!(
-                "runs are not deleted one by one: `dispatch cancel run ID` stops one, `dispatch runs purge` deletes finished ones"
+            Target::Runs | Target::JobExecutions => bail!(
+                "runs and job executions are not deleted one by one: `dispatch cancel run ID | jobexecution UUID` stops one; runs: `dispatch runs purge`; executions go with their template or their ttlSecondsAfterFinished"
             ),
         };
         if self.names.is_empty() {

@@ -7,12 +7,12 @@ use dispatch_client::RunQuery;
 
 use super::{Target, parse_target};
 use crate::Ctx;
-use crate::output::{Format, objects_table, print_structured, runs_table};
+use crate::output::{Format, jobs_table, objects_table, print_structured, runs_table};
 
-/// Show resources or runs: base-image(s), image(s), function(s), endpoint(s), run(s)
+/// Show resources, runs or job executions
 #[derive(Debug, clap::Args)]
 pub struct Get {
-    /// base-image(s), image(s), function(s), endpoint(s), run(s)
+    /// base-image(s), image(s), function(s), endpoint(s), jobtemplate(s), run(s), jobexecution(s)
     pub kind: String,
     /// One resource (or run id); all when omitted
     pub name: Option<String>,
@@ -25,6 +25,9 @@ pub struct Get {
     /// Runs: only this status (queued, running, succeeded, failed, timeout, cancelled, dead)
     #[arg(long)]
     pub status: Option<String>,
+    /// Job executions: only this template's
+    #[arg(long)]
+    pub template: Option<String>,
     /// Runs: at most this many, newest first (default 100)
     #[arg(long)]
     pub limit: Option<usize>,
@@ -49,6 +52,22 @@ impl Get {
                     match self.output {
                         Format::Table => print!("{}", objects_table(kind, &items)),
                         f => print_structured(&items, f)?,
+                    }
+                }
+            },
+            Target::JobExecutions => match self.name {
+                Some(uuid) => {
+                    let j = c.get_job(&uuid).await?;
+                    match self.output {
+                        Format::Table => print!("{}", jobs_table(std::slice::from_ref(&j))),
+                        f => print_structured(&j, f)?,
+                    }
+                }
+                None => {
+                    let jobs = c.list_jobs(self.template.as_deref()).await?;
+                    match self.output {
+                        Format::Table => print!("{}", jobs_table(&jobs)),
+                        f => print_structured(&jobs, f)?,
                     }
                 }
             },

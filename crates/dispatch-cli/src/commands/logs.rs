@@ -14,7 +14,7 @@ use crate::Ctx;
 /// Print the logs of a run (stdout, then stderr) or of an image build
 #[derive(Debug, clap::Args)]
 pub struct Logs {
-    /// run or image
+    /// run, jobexecution or image
     pub kind: String,
     /// Run id (from `dispatch get runs`) or image name
     pub id: String,
@@ -37,9 +37,21 @@ impl Logs {
                     eprintln!("{l}");
                 }
             }
+            Target::JobExecutions if self.follow => {
+                return super::execute::follow(&ctx.client, &self.id).await;
+            }
+            Target::JobExecutions => {
+                let logs = ctx.client.job_logs(&self.id).await?;
+                for l in &logs.stdout {
+                    println!("{l}");
+                }
+                for l in &logs.stderr {
+                    eprintln!("{l}");
+                }
+            }
             Target::Resource(Kind::Image) => print!("{}", ctx.client.image_log(&self.id).await?),
             Target::Resource(_) => bail!(
-                "logs are kept for runs and image builds: dispatch logs run ID | dispatch logs image NAME"
+                "logs are kept for runs, job executions and image builds: dispatch logs run ID | jobexecution UUID | image NAME"
             ),
         }
         Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ pub mod completion;
 pub mod create;
 pub mod delete;
 pub mod exec;
+pub mod execute;
 pub mod gc;
 pub mod get;
 pub mod logs;
@@ -30,15 +31,24 @@ use dispatch_core::{Kind, Object, Phase};
 pub enum Target {
     Resource(Kind),
     Runs,
+    JobExecutions,
 }
 
 pub fn parse_target(s: &str) -> Result<Target> {
-    if matches!(s.to_ascii_lowercase().as_str(), "run" | "runs") {
+    let norm: String = s
+        .chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if matches!(norm.as_str(), "run" | "runs") {
         return Ok(Target::Runs);
+    }
+    if matches!(norm.as_str(), "jobexecution" | "jobexecutions") {
+        return Ok(Target::JobExecutions);
     }
     Kind::parse(s).map(Target::Resource).with_context(|| {
         format!(
-            "unknown kind {s:?}: use base-image(s), image(s), function(s), endpoint(s) or run(s)"
+            "unknown kind {s:?}: use base-image(s), image(s), function(s), endpoint(s), jobtemplate(s), run(s) or jobexecution(s)"
         )
     })
 }

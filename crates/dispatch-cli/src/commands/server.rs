@@ -48,6 +48,7 @@ impl Server {
             runs_per_function: self.runs_per_function.max(1),
             max_queue_depth: self.max_queue_depth.max(1),
             max_running: self.max_running.max(1),
+            ..Default::default()
         }
     }
 }

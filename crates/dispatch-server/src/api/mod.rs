@@ -1,6 +1,7 @@
 //! The control-plane API (default 127.0.0.1:8080, DESIGN §4): health, version, resource CRUD
 //! under `/v1/namespaces/{ns}/{kind}`, source upload, sync exec and run records.
 
+pub mod jobs;
 mod resources;
 mod runs;
 
@@ -30,6 +31,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/version", get(version))
         .route("/v1/gc", post(gc))
+        .merge(execute_routes())
+        .route(&format!("{ns}/jobexecutions"), get(jobs::list))
+        .route(
+            &format!("{ns}/jobexecutions/{{uuid}}"),
+            get(jobs::get_one).delete(jobs::cancel),
+        )
+        .route(
+            &format!("{ns}/jobexecutions/{{uuid}}/logs"),
+            get(jobs::logs),
+        )
         .route(
             &format!("{ns}/images/{{name}}/logs"),
             get(resources::image_log),
@@ -68,6 +79,24 @@ pub fn router(state: Arc<AppState>) -> Router {
             ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
         })
         .with_state(state)
+}
+
+/// dispatcher's `PUT|POST /execute/{ns}/{name}` and `/execute/{name}`, on both ports.
+pub fn execute_routes() -> Router<Arc<AppState>> {
+    let limit = DefaultBodyLimit::max(jobs::MAX_JOB_PAYLOAD);
+    Router::new()
+        .route(
+            "/execute/{ns}/{name}",
+            axum::routing::put(jobs::execute)
+                .post(jobs::execute)
+                .layer(limit),
+        )
+        .route(
+            "/execute/{name}",
+            axum::routing::put(jobs::execute_default)
+                .post(jobs::execute_default)
+                .layer(limit),
+        )
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {

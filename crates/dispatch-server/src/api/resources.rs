@@ -261,7 +261,7 @@ pub async fn delete(
         Kind::BaseImage => Some((Kind::Image, "baseImage")),
         Kind::Image => Some((Kind::Function, "image")),
         Kind::Function => Some((Kind::Endpoint, "function")),
-        Kind::Endpoint => None,
+        Kind::Endpoint | Kind::JobTemplate => None,
     };
     if let Some((by, field)) = dependents {
         let u = users(&state, &ns, by, field, &name).await?;
@@ -281,6 +281,7 @@ pub async fn delete(
             state.db(move |s| s.delete_runs_of(&nsc, &namec)).await?;
         }
         Kind::Endpoint => state.rebuild_routes().await?,
+        Kind::JobTemplate => crate::jobs::forget_template(&state, &ns, &name).await?,
         _ => {}
     }
     state.enqueue(Key::new(&ns, kind, &name));
@@ -320,6 +321,8 @@ async fn admit(
     }
     obj.validate()?;
     match kind {
+        // Validated by `Object::validate` (shape and every template parses).
+        Kind::JobTemplate => {}
         Kind::BaseImage => {
             if builtin_base_image(ns, obj.name()).is_some() {
                 return Err(builtin(obj.name()));

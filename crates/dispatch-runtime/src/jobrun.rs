@@ -1,0 +1,206 @@
+//! The embedded job runner (DESIGN §7): one "pod" attempt runs each container's
+//! `command` + `args` as a local process (its own process group, a clean environment plus the
+//! rendered `env`), all containers at once, stdout/stderr captured line by line into a shared
+//! buffer that readers can see while the job runs. Dropping the attempt (cancel) or passing
+//! the deadline kills every process group, grandchildren included.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use dispatch_core::Logs;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+/// One container of a pod, rendered.
+#[derive(Debug, Clone)]
+pub struct ContainerRun {
+    pub name: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: PathBuf,
+}
+
+/// How one pod attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodOutcome {
+    /// Every container exited 0.
+    Succeeded,
+    /// A container failed: its name and exit code (128 + signal when killed by one).
+    Failed {
+        container: String,
+        exit_code: i32,
+    },
+    /// A container could not start.
+    StartFailed {
+        container: String,
+        error: String,
+    },
+    DeadlineExceeded,
+}
+
+/// Logs shared between the runner and readers (`dispatch logs jobexecution --follow`).
+pub type LiveLogs = Arc<Mutex<Logs>>;
+
+/// Kills a process group when dropped.
+struct GroupGuard(Option<Pid>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            let _ = killpg(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+fn push_line(logs: &LiveLogs, stderr: bool, line: String, max_bytes: usize) {
+    let mut l = logs.lock().unwrap_or_else(|p| p.into_inner());
+    let used: usize = l
+        .stdout
+        .iter()
+        .chain(l.stderr.iter())
+        .map(String::len)
+        .sum();
+    if used > max_bytes {
+        return;
+    }
+    let stream = if stderr { &mut l.stderr } else { &mut l.stdout };
+    if used + line.len() > max_bytes {
+        stream.push(dispatch_core::envelope::TRUNCATED_MARKER.to_string());
+        return;
+    }
+    stream.push(line);
+}
+
+/// Runs one attempt of a pod until every container exits, or until `deadline`.
+pub async fn run_pod(
+    containers: &[ContainerRun],
+    deadline: Option<Instant>,
+    logs: &LiveLogs,
+    max_log_bytes: usize,
+) -> PodOutcome {
+    let prefix = containers.len() > 1;
+    let mut guards = Vec::new();
+    let mut waits = Vec::new();
+    for c in containers {
+        let Some((program, rest)) = c.command.split_first() else {
+            return PodOutcome::StartFailed {
+                container: c.name.clone(),
+                error: "no command".into(),
+            };
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(rest)
+            .args(&c.args)
+            .current_dir(&c.working_dir)
+            .env_clear()
+            .envs(
+                ["PATH", "HOME", "LANG"]
+                    .iter()
+                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+            )
+            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(ch) => ch,
+            Err(e) => {
+                return PodOutcome::StartFailed {
+                    container: c.name.clone(),
+                    error: format!("failed to start {program}: {e}"),
+                };
+            }
+        };
+        guards.push(GroupGuard(
+            child
+                .id()
+                .and_then(|p| i32::try_from(p).ok())
+                .map(Pid::from_raw),
+        ));
+        let tag = if prefix {
+            format!("[{}] ", c.name)
+        } else {
+            String::new()
+        };
+        let readers: Vec<_> = [
+            child.stdout.take().map(|o| {
+                (
+                    false,
+                    Box::new(o) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                )
+            }),
+            child.stderr.take().map(|e| {
+                (
+                    true,
+                    Box::new(e) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(is_err, r)| {
+            let logs = logs.clone();
+            let tag = tag.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    push_line(&logs, is_err, format!("{tag}{line}"), max_log_bytes);
+                }
+            })
+        })
+        .collect();
+        let name = c.name.clone();
+        waits.push(async move {
+            let status = child.wait().await;
+            for r in readers {
+                let _ = r.await; // the rest of the output
+            }
+            (name, status)
+        });
+    }
+    let all = wait_all(waits);
+    let results = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, all).await {
+            Ok(r) => r,
+            Err(_) => return PodOutcome::DeadlineExceeded, // guards kill the groups
+        },
+        None => all.await,
+    };
+    for (name, status) in results {
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                let code = s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(9));
+                return PodOutcome::Failed {
+                    container: name,
+                    exit_code: code,
+                };
+            }
+            Err(e) => {
+                return PodOutcome::StartFailed {
+                    container: name,
+                    error: e.to_string(),
+                };
+            }
+        }
+    }
+    PodOutcome::Succeeded
+}
+
+/// Awaits each container in turn: they run independently (output is read by spawned tasks), and
+/// a pod ends when all of them have exited, as in Kubernetes.
+async fn wait_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::with_capacity(futs.len());
+    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    for h in handles {
+        set.push(h.await);
+    }
+    set
+}

@@ -1,0 +1,517 @@
+//! Job executions (DESIGN §7, dispatcher's `PUT /execute/{ns}/{name}`): render the template
+//! with the body as `.Payload`, record a JobExecution (Waiting), start it when its template
+//! has fewer than `maxActive` running (else it waits, oldest first), run each attempt with
+//! [`dispatch_runtime::jobrun::run_pod`], retry up to `backoffLimit`, kill at
+//! `activeDeadlineSeconds`, record phase, exit code and logs at every change (readers see
+//! changes at once, not on a poll interval), delete after `ttlSecondsAfterFinished`.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use dispatch_core::jobs::{self, JobTemplateSpec, JobView, RenderData};
+use dispatch_core::{JobExecution, JobPhase, Kind, Logs};
+use dispatch_runtime::jobrun::{ContainerRun, LiveLogs, PodOutcome, run_pod};
+use tokio::task::AbortHandle;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+type TplKey = (String, String);
+
+struct Active {
+    key: TplKey,
+    abort: AbortHandle,
+    logs: LiveLogs,
+}
+
+#[derive(Default)]
+struct Sched {
+    waiting: HashMap<TplKey, VecDeque<String>>,
+    active_per_tpl: HashMap<TplKey, u32>,
+    active: HashMap<String, Active>,
+}
+
+pub struct Jobs {
+    sched: Mutex<Sched>,
+    /// Scratch folders of executions without a workingDir: `data/jobs/<uuid>`.
+    dir: PathBuf,
+}
+
+/// What `cancel` found.
+enum Found {
+    Waiting,
+    Active(LiveLogs),
+    No,
+}
+
+impl Jobs {
+    pub fn new(dir: PathBuf) -> Jobs {
+        Jobs {
+            sched: Mutex::new(Sched::default()),
+            dir,
+        }
+    }
+
+    // A std mutex: map operations only, never held across an await.
+    fn sched(&self) -> std::sync::MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Live logs of an active execution.
+    pub fn live_logs(&self, uuid: &str) -> Option<Logs> {
+        let s = self.sched();
+        let a = s.active.get(uuid)?;
+        let l = a.logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(l)
+    }
+
+    fn take(&self, uuid: &str) -> Found {
+        let mut s = self.sched();
+        for q in s.waiting.values_mut() {
+            if let Some(i) = q.iter().position(|u| u == uuid) {
+                q.remove(i);
+                return Found::Waiting;
+            }
+        }
+        match s.active.remove(uuid) {
+            Some(a) => {
+                a.abort.abort();
+                if let Some(n) = s.active_per_tpl.get_mut(&a.key) {
+                    *n = n.saturating_sub(1);
+                }
+                Found::Active(a.logs)
+            }
+            None => Found::No,
+        }
+    }
+
+    /// Ends an active execution's slot; `false` if it was cancelled meanwhile.
+    fn release(&self, uuid: &str) -> bool {
+        let mut s = self.sched();
+        match s.active.remove(uuid) {
+            Some(a) => {
+                if let Some(n) = s.active_per_tpl.get_mut(&a.key) {
+                    *n = n.saturating_sub(1);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn template_key(job: &JobExecution) -> TplKey {
+    (job.namespace.clone(), job.name.clone())
+}
+
+fn now(state: &AppState) -> jiff::Timestamp {
+    state.queue.clock.now()
+}
+
+async fn save(state: &AppState, job: &JobExecution) -> Result<(), ApiError> {
+    let j = job.clone();
+    state.db(move |s| s.put_job(&j)).await
+}
+
+/// The template and its runner view for an execution.
+async fn template_of(state: &AppState, ns: &str, name: &str) -> Result<JobTemplateSpec, ApiError> {
+    let Some(t) = state.get(ns, Kind::JobTemplate, name).await? else {
+        return Err(ApiError::not_found(format!(
+            "job template {name:?} not found in namespace {ns:?}"
+        )));
+    };
+    Ok(t.typed_spec()?)
+}
+
+/// `PUT /execute/{ns}/{name}`: renders, records (Waiting) and starts or queues an execution.
+pub async fn execute(
+    state: &Arc<AppState>,
+    ns: &str,
+    name: &str,
+    payload: String,
+) -> Result<JobExecution, ApiError> {
+    let spec = template_of(state, ns, name).await?;
+    let created = now(state);
+    let uuid = jobs::new_uuid();
+    let data = RenderData {
+        payload: payload.clone(),
+        name: name.to_string(),
+        namespace: ns.to_string(),
+        uuid: uuid.clone(),
+        created,
+    };
+    let rendered = jobs::render(&spec.job_template, &data).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "RenderError",
+            format!("job template {name:?} did not render: {}", e.message),
+        )
+    })?;
+    let view = spec.job_view(&rendered).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "RenderError",
+            format!(
+                "job template {name:?} rendered an invalid job: {}",
+                e.message
+            ),
+        )
+    })?;
+    let job = JobExecution {
+        uuid,
+        name: name.to_string(),
+        namespace: ns.to_string(),
+        phase: JobPhase::Waiting,
+        reason: String::new(),
+        payload,
+        images: view
+            .template
+            .spec
+            .containers
+            .iter()
+            .filter_map(|c| c.image.clone())
+            .collect(),
+        rendered,
+        attempts: 0,
+        exit_code: None,
+        logs: Logs::default(),
+        created_at: created,
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    };
+    save(state, &job).await?;
+    Ok(admit(state, job, spec.max_active()).await)
+}
+
+/// Starts `job` if its template has room, else queues it; returns the record as it stands.
+async fn admit(state: &Arc<AppState>, mut job: JobExecution, max_active: u32) -> JobExecution {
+    let key = template_key(&job);
+    let start = {
+        let mut s = state.jobs.sched();
+        let n = s.active_per_tpl.get(&key).copied().unwrap_or(0);
+        if n < max_active && s.waiting.get(&key).is_none_or(|q| q.is_empty()) {
+            true
+        } else {
+            s.waiting
+                .entry(key)
+                .or_default()
+                .push_back(job.uuid.clone());
+            false
+        }
+    };
+    if start {
+        job.phase = JobPhase::Active;
+        spawn(state, job.clone());
+    }
+    job
+}
+
+/// Claims a slot and runs the execution in its own task.
+fn spawn(state: &Arc<AppState>, job: JobExecution) {
+    let key = template_key(&job);
+    let logs: LiveLogs = Arc::new(Mutex::new(Logs::default()));
+    let mut s = state.jobs.sched();
+    *s.active_per_tpl.entry(key.clone()).or_default() += 1;
+    // Spawned under the lock, so that a cancel always finds the handle.
+    let task = tokio::spawn(run(state.clone(), job.clone(), logs.clone()));
+    s.active.insert(
+        job.uuid,
+        Active {
+            key,
+            abort: task.abort_handle(),
+            logs,
+        },
+    );
+}
+
+/// Starts the oldest waiting execution of a template, if it has room now.
+async fn next(state: &Arc<AppState>, key: &TplKey) {
+    let Ok(spec) = template_of(state, &key.0, &key.1).await else {
+        return;
+    };
+    loop {
+        let uuid = {
+            let mut s = state.jobs.sched();
+            let n = s.active_per_tpl.get(key).copied().unwrap_or(0);
+            if n >= spec.max_active() {
+                return;
+            }
+            match s.waiting.get_mut(key).and_then(|q| q.pop_front()) {
+                Some(u) => u,
+                None => return,
+            }
+        };
+        let (ns, u) = (key.0.clone(), uuid.clone());
+        if let Ok(Some(job)) = state.db(move |s| s.get_job(&ns, &u)).await
+            && job.phase == JobPhase::Waiting
+        {
+            spawn(state, job);
+        }
+    }
+}
+
+fn containers(
+    state: &AppState,
+    job: &JobExecution,
+    view: &JobView,
+) -> std::io::Result<Vec<ContainerRun>> {
+    let scratch = state.jobs.dir.join(&job.uuid);
+    let mut out = Vec::new();
+    for c in &view.template.spec.containers {
+        let working_dir = match &c.working_dir {
+            Some(d) => PathBuf::from(d),
+            None => {
+                std::fs::create_dir_all(&scratch)?;
+                scratch.clone()
+            }
+        };
+        out.push(ContainerRun {
+            name: c.name.clone(),
+            command: c.command.clone(),
+            args: c.args.clone(),
+            env: c
+                .env
+                .iter()
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .collect(),
+            working_dir,
+        });
+    }
+    Ok(out)
+}
+
+/// One execution: attempts until success, `backoffLimit` or the deadline.
+async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
+    let spec_view =
+        serde_json::from_value::<JobTemplateSpec>(serde_json::json!({"jobTemplate": job.rendered}))
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.job_view(&job.rendered).map_err(|e| e.message));
+    let view = match spec_view {
+        Ok(v) => v,
+        Err(e) => {
+            job.phase = JobPhase::Invalid;
+            job.reason = e;
+            return finish(&state, job, &logs, None).await;
+        }
+    };
+    let backoff_limit = view.backoff_limit.unwrap_or(jobs::DEFAULT_BACKOFF_LIMIT);
+    let deadline = view
+        .active_deadline_seconds
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let runs = match containers(&state, &job, &view) {
+        Ok(c) => c,
+        Err(e) => {
+            job.phase = JobPhase::Failed;
+            job.reason = format!("failed to prepare the working directory: {e}");
+            return finish(&state, job, &logs, view.ttl_seconds_after_finished).await;
+        }
+    };
+    job.started_at.get_or_insert(now(&state));
+    loop {
+        job.attempts += 1;
+        job.phase = JobPhase::Active;
+        if let Err(e) = save(&state, &job).await {
+            tracing::error!("job {}: {}", job.uuid, e.message);
+        }
+        let outcome = run_pod(&runs, deadline, &logs, state.config.max_log_bytes).await;
+        match outcome {
+            PodOutcome::Succeeded => {
+                job.phase = JobPhase::Completed;
+                job.exit_code = Some(0);
+                job.reason.clear();
+                break;
+            }
+            PodOutcome::DeadlineExceeded => {
+                job.phase = JobPhase::Failed;
+                job.reason = format!(
+                    "DeadlineExceeded: the job ran longer than activeDeadlineSeconds ({}s) and was killed",
+                    view.active_deadline_seconds.unwrap_or(0)
+                );
+                break;
+            }
+            PodOutcome::StartFailed { container, error } => {
+                job.phase = JobPhase::Failed;
+                job.reason = format!("container {container}: {error}");
+                break;
+            }
+            PodOutcome::Failed {
+                container,
+                exit_code,
+            } => {
+                job.exit_code = Some(exit_code);
+                if job.attempts > backoff_limit {
+                    job.phase = JobPhase::Failed;
+                    job.reason = format!(
+                        "BackoffLimitExceeded: container {container} exited with {exit_code} on attempt {} (backoffLimit {backoff_limit})",
+                        job.attempts
+                    );
+                    break;
+                }
+                job.reason = format!(
+                    "attempt {} failed: container {container} exited with {exit_code}; retrying",
+                    job.attempts
+                );
+                push_note(&logs, &job.reason);
+            }
+        }
+    }
+    finish(&state, job, &logs, view.ttl_seconds_after_finished).await;
+}
+
+fn push_note(logs: &LiveLogs, note: &str) {
+    logs.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .stderr
+        .push(format!("[dispatch] {note}"));
+}
+
+/// Records the end of an execution, frees its slot, starts the next waiting one.
+async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, ttl: Option<u64>) {
+    if !state.jobs.release(&job.uuid) {
+        return; // cancelled: the canceller records it
+    }
+    let done = now(state);
+    job.finished_at = Some(done);
+    job.logs = logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    job.expires_at = ttl.and_then(|s| {
+        done.checked_add(jiff::SignedDuration::from_secs(s as i64))
+            .ok()
+    });
+    if let Err(e) = save(state, &job).await {
+        tracing::error!("job {}: {}", job.uuid, e.message);
+    }
+    let _ = std::fs::remove_dir_all(state.jobs.dir.join(&job.uuid));
+    if let Some(secs) = ttl {
+        let st = state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            let _ = st.db(|s| s.prune_jobs(jiff::Timestamp::now())).await;
+        });
+    }
+    next(state, &template_key(&job)).await;
+}
+
+/// `DELETE …/jobexecutions/{uuid}`: a waiting one will not run; an active one is killed.
+pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobExecution, ApiError> {
+    let (n, u) = (ns.to_string(), uuid.to_string());
+    let Some(mut job) = state.db(move |s| s.get_job(&n, &u)).await? else {
+        return Err(ApiError::not_found(format!(
+            "job execution {uuid:?} not found in namespace {ns:?}"
+        )));
+    };
+    if job.phase.is_final() {
+        return Err(ApiError::conflict(format!(
+            "job execution {uuid:?} already ended ({}): nothing to cancel",
+            job.phase
+        )));
+    }
+    let found = state.jobs.take(uuid);
+    match found {
+        Found::No => {
+            return Err(ApiError::conflict(format!(
+                "job execution {uuid:?} is ending now: nothing to cancel"
+            )));
+        }
+        Found::Waiting => {}
+        Found::Active(logs) => {
+            job.logs = logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            // Re-read: the attempt count may have moved on.
+            let (n, u) = (ns.to_string(), uuid.to_string());
+            if let Ok(Some(latest)) = state.db(move |s| s.get_job(&n, &u)).await {
+                job.attempts = latest.attempts;
+                job.started_at = latest.started_at;
+            }
+        }
+    }
+    job.phase = JobPhase::Cancelled;
+    job.reason = "cancelled".into();
+    job.finished_at = Some(now(state));
+    save(state, &job).await?;
+    let _ = std::fs::remove_dir_all(state.jobs.dir.join(&job.uuid));
+    next(state, &template_key(&job)).await;
+    Ok(job)
+}
+
+/// Server stop: every active execution's processes are killed; the records stay Active and
+/// the next start re-runs them (per `backoffLimit`).
+pub fn stop_all(state: &AppState) {
+    let mut s = state.jobs.sched();
+    for (_, a) in s.active.drain() {
+        a.abort.abort();
+    }
+    s.active_per_tpl.clear();
+    s.waiting.clear();
+}
+
+/// Deleting a template stops its executions and deletes their records.
+pub async fn forget_template(state: &Arc<AppState>, ns: &str, name: &str) -> Result<(), ApiError> {
+    let key = (ns.to_string(), name.to_string());
+    {
+        let mut s = state.jobs.sched();
+        s.waiting.remove(&key);
+        let ids: Vec<String> = s
+            .active
+            .iter()
+            .filter(|(_, a)| a.key == key)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in ids {
+            if let Some(a) = s.active.remove(&u) {
+                a.abort.abort();
+            }
+        }
+        s.active_per_tpl.remove(&key);
+    }
+    state.db(move |s| s.delete_jobs(&key.0, &key.1)).await?;
+    Ok(())
+}
+
+/// Start-up: Waiting executions run again in order; Active ones were cut by the stop and are
+/// re-run if `backoffLimit` allows, else Failed.
+pub async fn recover(state: &Arc<AppState>) {
+    let _ = state.db(|s| s.prune_jobs(jiff::Timestamp::now())).await;
+    let jobs = match state.db(|s| s.active_jobs()).await {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!("failed to load job executions: {}", e.message);
+            return;
+        }
+    };
+    for mut job in jobs {
+        let spec = match template_of(state, &job.namespace, &job.name).await {
+            Ok(s) => s,
+            Err(_) => {
+                job.phase = JobPhase::Invalid;
+                job.reason = "its job template no longer exists".into();
+                job.finished_at = Some(now(state));
+                let _ = save(state, &job).await;
+                continue;
+            }
+        };
+        if job.phase == JobPhase::Active {
+            let limit = spec
+                .job_view(&job.rendered)
+                .ok()
+                .and_then(|v| v.backoff_limit)
+                .unwrap_or(jobs::DEFAULT_BACKOFF_LIMIT);
+            if job.attempts > limit {
+                job.phase = JobPhase::Failed;
+                job.reason = "the server restarted while the job ran (backoffLimit reached)".into();
+                job.finished_at = Some(now(state));
+                let _ = save(state, &job).await;
+                continue;
+            }
+            job.phase = JobPhase::Waiting;
+            job.reason = format!(
+                "the server restarted during attempt {}; running it again",
+                job.attempts
+            );
+            let _ = save(state, &job).await;
+        }
+        admit(state, job, spec.max_active()).await;
+    }
+}

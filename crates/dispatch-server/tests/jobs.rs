@@ -1,0 +1,368 @@
+//! Job templates and executions end to end: dispatcher's sample accepted verbatim, `PUT
+//! /execute` on both ports, payloads byte for byte, render errors, backoff, deadline, cancel,
+//! maxActive, restart, ttl.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use dispatch_core::manifest::parse_manifest;
+use dispatch_core::{JobExecution, JobPhase, Kind, Phase};
+use serde_json::json;
+use support::*;
+
+const SAMPLE: &str = include_str!("../../../examples/jobs/jobtemplate-sample.yaml");
+
+fn template(
+    name: &str,
+    command: serde_json::Value,
+    extra_job: serde_json::Value,
+    max_active: Option<u32>,
+) -> dispatch_core::Object {
+    let mut job = json!({"template": {"spec": {"containers": [{"name": "main", "image": "alpine:3", "command": command,
+        "env": [{"name": "PAYLOAD", "value": "{{ .Payload }}"}]}], "restartPolicy": "Never"}}, "backoffLimit": 0});
+    if let (Some(j), Some(e)) = (job.as_object_mut(), extra_job.as_object()) {
+        for (k, v) in e {
+            j.insert(k.clone(), v.clone());
+        }
+    }
+    let mut spec = json!({"jobTemplate": {"spec": job}});
+    if let Some(m) = max_active {
+        spec["maxActive"] = m.into();
+    }
+    object(Kind::JobTemplate, name, spec)
+}
+
+async fn put(url: &str, body: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .put(url)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn started(t: &TestServer, name: &str, body: &str) -> String {
+    let r = put(&format!("{}/execute/default/{name}", t.gateway), body).await;
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["uuid"].as_str().unwrap().to_string()
+}
+
+async fn job(t: &TestServer, uuid: &str) -> JobExecution {
+    let r = reqwest::get(format!(
+        "{}/v1/namespaces/default/jobexecutions/{uuid}",
+        t.api()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200, "{uuid}");
+    r.json().await.unwrap()
+}
+
+async fn ended(t: &TestServer, uuid: &str) -> JobExecution {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(t, uuid).await;
+        if j.phase.is_final() {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "{uuid} still {}", j.phase);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_sample_runs_and_payloads_pass_through() {
+    let t = start().await;
+    let c = &t.client;
+    // dispatcher's own manifest, verbatim.
+    let doc = parse_manifest(SAMPLE).unwrap().remove(0).object;
+    assert_eq!(doc.api_version, "dispatcher.ivan.vc/v1alpha1");
+    c.create(&doc).await.unwrap();
+    let tpl = settled(c, Kind::JobTemplate, "jobtemplate-sample").await;
+    assert_eq!(tpl.phase(), Some(Phase::Ready));
+
+    let r = put(
+        &format!("{}/execute/default/jobtemplate-sample", t.gateway),
+        "my test payload",
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["name"].as_str(), v["namespace"].as_str()),
+        (Some("jobtemplate-sample"), Some("default"))
+    );
+    assert!(location.ends_with(v["uuid"].as_str().unwrap()));
+    let j = ended(&t, v["uuid"].as_str().unwrap()).await;
+    assert_eq!(
+        (j.phase, j.exit_code, j.attempts),
+        (JobPhase::Completed, Some(0), 1)
+    );
+    assert_eq!(j.logs.stdout, ["my test payload"]);
+    assert_eq!(j.images, ["alpine:latest"]);
+
+    // The API port and the default-namespace form, POST too.
+    let r = reqwest::Client::new()
+        .post(format!("{}/execute/jobtemplate-sample", t.api()))
+        .body("via api")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        ended(&t, v["uuid"].as_str().unwrap()).await.logs.stdout,
+        ["via api"]
+    );
+
+    // A hostile payload arrives byte for byte and injects nothing.
+    c.create(&template(
+        "printer",
+        json!([
+            "sh",
+            "-c",
+            "printf '%s' \"$PAYLOAD\"; echo; echo \"$EXTRA\""
+        ]),
+        json!({}),
+        None,
+    ))
+    .await
+    .unwrap();
+    let nasty = "quotes ' \" and {{ .UUID }} }}\nnewline: yes\n- name: EXTRA\n  value: injected\n{\"env\": [1]} $(id) `id` \\n";
+    let uuid = started(&t, "printer", nasty).await;
+    let j = ended(&t, &uuid).await;
+    assert_eq!(j.phase, JobPhase::Completed);
+    assert_eq!(
+        j.logs.stdout.join("\n"),
+        format!("{nasty}\n"),
+        "payload, then an empty EXTRA"
+    );
+    assert_eq!(
+        j.rendered["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Errors: unknown template, render error, body too large, non-UTF-8.
+    assert_eq!(
+        put(&format!("{}/execute/default/nope", t.gateway), "x")
+            .await
+            .status(),
+        404
+    );
+    c.create(&template(
+        "broken",
+        json!(["echo", "{{ .Missing }}"]),
+        json!({}),
+        None,
+    ))
+    .await
+    .unwrap();
+    let r = put(&format!("{}/execute/default/broken", t.gateway), "x").await;
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("containers[0].command[1]"),
+        "{e}"
+    );
+    let big = "x".repeat(6 * 1024 * 1024 + 1);
+    assert_eq!(
+        put(&format!("{}/execute/default/printer", t.gateway), &big)
+            .await
+            .status(),
+        413
+    );
+    let r = reqwest::Client::new()
+        .put(format!("{}/execute/default/printer", t.gateway))
+        .body(vec![0xff, 0xfe])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Invalid templates are refused at create with the field path.
+    let err = c
+        .create(&template(
+            "bad",
+            json!(["echo", "{{ .Payload"]),
+            json!({}),
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("containers[0].command[1]"),
+        "{err}"
+    );
+    let err = c
+        .create(&template(
+            "par",
+            json!(["true"]),
+            json!({"parallelism": 3}),
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("parallelism"), "{err}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_deadline_cancel_and_max_active() {
+    let t = start().await;
+    let c = &t.client;
+    c.create(&template(
+        "fails",
+        json!(["sh", "-c", "echo try; exit 3"]),
+        json!({"backoffLimit": 2}),
+        None,
+    ))
+    .await
+    .unwrap();
+    let j = ended(&t, &started(&t, "fails", "").await).await;
+    assert_eq!(
+        (j.phase, j.attempts, j.exit_code),
+        (JobPhase::Failed, 3, Some(3))
+    );
+    assert!(j.reason.starts_with("BackoffLimitExceeded"), "{}", j.reason);
+    assert_eq!(j.logs.stdout, ["try", "try", "try"]);
+
+    c.create(&template(
+        "slow",
+        json!(["sh", "-c", "sleep 30"]),
+        json!({"activeDeadlineSeconds": 1}),
+        None,
+    ))
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let j = ended(&t, &started(&t, "slow", "").await).await;
+    assert_eq!(j.phase, JobPhase::Failed);
+    assert!(j.reason.starts_with("DeadlineExceeded"), "{}", j.reason);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+
+    c.create(&template(
+        "one-at-a-time",
+        json!(["sh", "-c", "echo start; sleep 30"]),
+        json!({}),
+        Some(1),
+    ))
+    .await
+    .unwrap();
+    let first = started(&t, "one-at-a-time", "1").await;
+    let r = put(&format!("{}/execute/default/one-at-a-time", t.gateway), "2").await;
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "Waiting", "maxActive 1 holds the second back");
+    let second = v["uuid"].as_str().unwrap().to_string();
+    // Logs are visible while it runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job(&t, &first).await.logs.stdout.is_empty() {
+        assert!(Instant::now() < deadline, "no live logs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http = reqwest::Client::new();
+    let cancel = |uuid: String| {
+        let http = http.clone();
+        let api = t.api();
+        async move {
+            http.delete(format!("{api}/v1/namespaces/default/jobexecutions/{uuid}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(cancel(first.clone()).await.status(), 200);
+    let j = job(&t, &first).await;
+    assert_eq!(j.phase, JobPhase::Cancelled);
+    assert_eq!(j.logs.stdout, ["start"]);
+    // The waiting one starts as soon as the slot is free; cancel it too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job(&t, &second).await.phase != JobPhase::Active {
+        assert!(Instant::now() < deadline, "second never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancel(second.clone()).await.status(), 200);
+    assert_eq!(cancel(second.clone()).await.status(), 409);
+    let list: Vec<JobExecution> = reqwest::get(format!(
+        "{}/v1/namespaces/default/jobexecutions?template=one-at-a-time",
+        t.api()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|j| j.phase == JobPhase::Cancelled));
+    // Deleting the template deletes its executions.
+    c.delete(Kind::JobTemplate, "one-at-a-time").await.unwrap();
+    let r = reqwest::get(format!(
+        "{}/v1/namespaces/default/jobexecutions/{first}",
+        t.api()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reruns_active_and_runs_waiting_then_ttl_cleans_up() {
+    let t = start().await;
+    let c = &t.client;
+    c.create(&template(
+        "steady",
+        json!(["sh", "-c", "sleep 1; echo \"done $PAYLOAD\""]),
+        json!({"ttlSecondsAfterFinished": 1, "backoffLimit": 1}),
+        Some(1),
+    ))
+    .await
+    .unwrap();
+    let a = started(&t, "steady", "a").await;
+    let b = started(&t, "steady", "b").await;
+    assert_eq!(job(&t, &b).await.phase, JobPhase::Waiting);
+    let dir = t.stop().await;
+    let t = start_in(dir).await;
+    let ja = ended(&t, &a).await;
+    assert_eq!(
+        (ja.phase, ja.attempts),
+        (JobPhase::Completed, 2),
+        "the cut attempt ran again"
+    );
+    assert!(
+        ja.reason.is_empty() || ja.reason.contains("restart"),
+        "{}",
+        ja.reason
+    );
+    let jb = ended(&t, &b).await;
+    assert_eq!(
+        (jb.phase, jb.logs.stdout.as_slice()),
+        (JobPhase::Completed, ["done b".to_string()].as_slice())
+    );
+    // ttlSecondsAfterFinished: 1 → the records go away.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = reqwest::get(format!(
+            "{}/v1/namespaces/default/jobexecutions/{b}",
+            t.api()
+        ))
+        .await
+        .unwrap();
+        if r.status() == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "execution not cleaned up after its ttl"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.stop().await;
+}
