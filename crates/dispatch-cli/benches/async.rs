@@ -70,6 +70,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
         max_queue_depth: 10_000_000,
+        auth: false,
         ..Options::default()
     };
     let server = server_rt.block_on(async {

@@ -58,7 +58,18 @@ fn main() {
         let local = LocalBackend::new(dir.path()).unwrap();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Server::serve(store, blobs, local, api, gw).await
+        Server::serve_with(
+            store,
+            blobs,
+            local,
+            api,
+            gw,
+            dispatch_server::Options {
+                auth: false,
+                ..Default::default()
+            },
+        )
+        .await
     });
     let api = format!("http://{}", server.api_addr);
     let c = Client::new(&Target {

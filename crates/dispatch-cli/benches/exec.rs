@@ -88,7 +88,18 @@ fn main() {
         let local = LocalBackend::new(dir.path()).unwrap();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Server::serve(store, blobs, local.clone(), api, gw).await;
+        let server = Server::serve_with(
+            store,
+            blobs,
+            local.clone(),
+            api,
+            gw,
+            dispatch_server::Options {
+                auth: false,
+                ..Default::default()
+            },
+        )
+        .await;
         (server, local)
     });
     let api = format!("http://{}", server.api_addr);

@@ -48,6 +48,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
         jobs_dir: dir.path().join("jobs"),
+        auth: false,
         ..Options::default()
     };
     let server = server_rt.block_on(async {

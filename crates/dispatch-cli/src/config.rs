@@ -68,6 +68,28 @@ pub fn load(path: &Path) -> Result<Config> {
     }
 }
 
+/// Writes the config (0600: it holds tokens), creating its folder.
+pub fn save(path: &Path, cfg: &Config) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(cfg)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("failed to write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(())
+}
+
 impl Config {
     /// The named context, or the current one.
     pub fn context(&self, name: Option<&str>) -> Result<Option<&Context>> {

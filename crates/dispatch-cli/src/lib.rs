@@ -69,6 +69,7 @@ pub enum Command {
     Gc(commands::gc::Gc),
     Version(commands::version::Version),
     Completion(commands::completion::Completion),
+    Login(commands::login::Login),
 }
 
 /// What a command needs: the resolved target and a client for it.
@@ -121,6 +122,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Server(c) => return c.run().await,
         Quickstart(c) => return c.run().await,
         Completion(c) => return c.run(),
+        Login(c) => return c.run().await,
         _ => {}
     }
     let ctx = Ctx::resolve(&cli.global)?;
@@ -137,7 +139,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Runs(c) => c.run(&ctx).await,
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
-        Server(_) | Quickstart(_) | Completion(_) => unreachable!("handled above"),
+        Server(_) | Quickstart(_) | Completion(_) | Login(_) => unreachable!("handled above"),
     }
 }
 

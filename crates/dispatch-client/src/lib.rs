@@ -216,6 +216,48 @@ impl Client {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    /// Who the token is: `{name, role, namespace}`.
+    pub async fn whoami(&self) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/whoami", self.base);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Creates an API token; the answer holds the token itself (shown once).
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: &str,
+        namespace: &str,
+        expires: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/tokens", self.base);
+        let mut body = serde_json::json!({"name": name, "role": role, "namespace": namespace});
+        if let Some(e) = expires {
+            body["expires"] = e.into();
+        }
+        self.json(self.request(Method::POST, &url).json(&body), &url)
+            .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<serde_json::Value>> {
+        let url = format!("{}/v1/tokens", self.base);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    pub async fn delete_token(&self, name: &str) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/tokens/{name}", self.base);
+        self.json(self.request(Method::DELETE, &url), &url).await
+    }
+
+    pub async fn audit(&self, limit: usize) -> Result<Vec<serde_json::Value>> {
+        let url = format!("{}/v1/audit", self.base);
+        self.json(
+            self.request(Method::GET, &url).query(&[("limit", limit)]),
+            &url,
+        )
+        .await
+    }
+
     pub async fn list(&self, kind: Kind) -> Result<Vec<Object>> {
         let url = self.ns_url(&self.namespace, kind.plural());
         self.json(self.request(Method::GET, &url), &url).await

@@ -6,6 +6,7 @@
 //! Start with [`resource`] (the [`Object`] every store row and API body is), then
 //! [`envelope`] (what a function call answers) and [`run`] (what a call leaves behind).
 
+pub mod auth;
 pub mod digest;
 pub mod duration;
 pub mod envelope;

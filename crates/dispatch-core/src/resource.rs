@@ -696,9 +696,18 @@ pub struct EndpointSpec {
     pub hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cors: bool,
+    /// `public` (default) or `token`: callers need an API token with the developer role in
+    /// the endpoint's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
 }
 
 impl EndpointSpec {
+    /// Whether callers need a token.
+    pub fn needs_token(&self) -> bool {
+        self.auth.as_deref() == Some("token")
+    }
+
     fn normalize(mut self) -> Result<Self, ValidationError> {
         validate_name("function", &self.function)?;
         if self.methods.is_empty() {
@@ -719,6 +728,14 @@ impl EndpointSpec {
             return Err(ValidationError::new(
                 "endpoint needs at least one path (--path /hello)",
             ));
+        }
+        if let Some(a) = &self.auth
+            && a != "public"
+            && a != "token"
+        {
+            return Err(ValidationError::new(format!(
+                "auth {a:?} is not valid: use public or token"
+            )));
         }
         for p in &self.paths {
             validate_path(p)?;

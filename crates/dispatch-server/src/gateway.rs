@@ -21,6 +21,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(crate::api::execute_routes())
         .fallback(handle)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::gateway_guard,
+        ))
         .with_state(state)
 }
 
@@ -79,6 +83,15 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
                 .into_response();
         }
     };
+    if m.route.token {
+        let need = crate::auth::Need::RoleIn(
+            dispatch_core::auth::Role::Developer,
+            m.route.namespace.clone(),
+        );
+        if let Err(e) = crate::auth::authorize(&state, &parts.headers, &need) {
+            return e.into_response();
+        }
+    }
     let bytes = match axum::body::to_bytes(body, MAX_PAYLOAD_BYTES).await {
         Ok(b) => b,
         Err(_) => return invoke::payload_too_large().into_response(),

@@ -7,6 +7,7 @@
 //! [`controller`] (phases INITIALIZED → CREATING → READY | ERROR).
 
 pub mod api;
+pub mod auth;
 pub mod callbacks;
 pub mod clock;
 pub mod controller;
@@ -76,6 +77,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to create the first admin token: {detail}")]
+    AdminToken { detail: String },
     #[error("the {what} listener failed")]
     Serve {
         what: &'static str,
@@ -86,6 +89,8 @@ pub enum ServerError {
 
 /// A running server. Dropping it does not stop it: call [`Server::stop`].
 pub struct Server {
+    /// Where the first admin token was written, when this start created it.
+    pub admin_token_file: Option<PathBuf>,
     pub api_addr: SocketAddr,
     pub gateway_addr: SocketAddr,
     pub state: Arc<AppState>,
@@ -122,7 +127,15 @@ impl Server {
         let gateway = bind("gateway", config.gateway_addr).await?;
         let mut options = config.options.clone();
         options.jobs_dir = dir.join("jobs");
-        Ok(Self::serve_with(store, blobs, backend, api, gateway, options).await)
+        // Before serving: /readyz must not answer before the token file exists.
+        let admin_token_file = if options.auth {
+            first_admin_token(store.as_ref(), dir)?
+        } else {
+            None
+        };
+        let mut server = Self::serve_with(store, blobs, backend, api, gateway, options).await;
+        server.admin_token_file = admin_token_file;
+        Ok(server)
     }
 
     /// Serves on listeners the caller bound, with the given parts (tests inject their own).
@@ -157,6 +170,7 @@ impl Server {
         let gw_task = tokio::spawn(serve_one(gateway, gateway::router(state.clone()), rx));
         tracing::info!(%api_addr, %gateway_addr, backend = state.backend.name(), "dispatch server ready");
         Server {
+            admin_token_file: None,
             api_addr,
             gateway_addr,
             state,
@@ -199,6 +213,49 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
     shutdown.await;
     tracing::info!("shutting down: draining in-flight calls");
     server.stop().await
+}
+
+/// First start with auth on (no token exists yet): an admin token for every namespace,
+/// written to `DATA_DIR/admin-token` (0600) for the operator and the acceptance scripts.
+fn first_admin_token(
+    store: &dyn Store,
+    dir: &std::path::Path,
+) -> Result<Option<PathBuf>, ServerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token_err = |detail: String| ServerError::AdminToken { detail };
+    if !store
+        .list_tokens()
+        .map_err(|e| token_err(e.to_string()))?
+        .is_empty()
+    {
+        return Ok(None);
+    }
+    let secret = auth::generate_token().map_err(|e| token_err(e.message))?;
+    let record = dispatch_core::auth::ApiToken {
+        name: "admin".into(),
+        role: dispatch_core::auth::Role::Admin,
+        namespace: dispatch_core::auth::ALL_NAMESPACES.into(),
+        hash: dispatch_core::auth::token_hash(&secret),
+        created_at: jiff::Timestamp::now(),
+        expires_at: None,
+    };
+    let path = dir.join("admin-token");
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(|source| ServerError::DataDir {
+            path: path.display().to_string(),
+            source,
+        })?;
+    store
+        .put_token(&record)
+        .map_err(|e| token_err(e.to_string()))?;
+    Ok(Some(path))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {

@@ -17,6 +17,8 @@ pub struct Route {
     pub function: String,
     pub methods: Vec<String>,
     pub cors: bool,
+    /// Callers need a developer token of the namespace (`auth: token`).
+    pub token: bool,
     hosts: Vec<String>,
     segments: Vec<Seg>,
     /// The pattern ends with `/*` (matches any rest, including nothing).
@@ -147,6 +149,7 @@ impl Routes {
                     function: spec.function.clone(),
                     methods: spec.methods.clone(),
                     cors: spec.cors,
+                    token: spec.needs_token(),
                     hosts: spec.hosts.clone(),
                     segments,
                     prefix,

@@ -46,6 +46,8 @@ pub struct Options {
     pub max_running: usize,
     /// Scratch folders of job executions (`<data dir>/jobs`).
     pub jobs_dir: std::path::PathBuf,
+    /// Require API tokens (off only with `--insecure-no-auth`).
+    pub auth: bool,
 }
 
 impl Default for Options {
@@ -57,6 +59,7 @@ impl Default for Options {
             max_queue_depth: 10_000,
             max_running: 64,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
+            auth: true,
         }
     }
 }
@@ -68,6 +71,7 @@ pub struct AppState {
     pub recorder: Recorder,
     pub queue: Queue,
     pub jobs: crate::jobs::Jobs,
+    pub tokens: crate::auth::Tokens,
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
@@ -111,6 +115,7 @@ impl AppState {
             recorder,
             queue: Queue::new(Clock::new(), config.max_queue_depth, config.max_running),
             jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),
+            tokens: crate::auth::Tokens::default(),
             config,
             http,
             tasks: std::sync::Mutex::new(Vec::new()),
@@ -139,6 +144,10 @@ impl AppState {
             Ok(Err(e)) => tracing::error!("failed to list stored resources: {e}"),
             Err(e) => tracing::error!("failed to list stored resources: {e}"),
         }
+        match state.db(|s| s.list_tokens()).await {
+            Ok(all) => state.tokens.replace_all(all),
+            Err(e) => tracing::error!("failed to load API tokens: {}", e.message),
+        }
         crate::queue::recover(&state).await;
         crate::callbacks::resume(&state).await;
         crate::jobs::recover(&state).await;
@@ -150,6 +159,43 @@ impl AppState {
         *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         state.ready.store(true, Ordering::Release);
         state
+    }
+
+    /// Creates an API token; returns the token (shown once) and its record.
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: dispatch_core::auth::Role,
+        namespace: &str,
+        expires: Option<Duration>,
+    ) -> Result<(String, dispatch_core::auth::ApiToken), ApiError> {
+        dispatch_core::names::validate_name("token", name)?;
+        if namespace != dispatch_core::auth::ALL_NAMESPACES {
+            dispatch_core::names::validate_name("namespace", namespace)?;
+        }
+        let secret = crate::auth::generate_token()?;
+        let now = self.queue.clock.now();
+        let record = dispatch_core::auth::ApiToken {
+            name: name.to_string(),
+            role,
+            namespace: namespace.to_string(),
+            hash: dispatch_core::auth::token_hash(&secret),
+            created_at: now,
+            expires_at: expires.and_then(|d| {
+                now.checked_add(jiff::SignedDuration::try_from(d).ok()?)
+                    .ok()
+            }),
+        };
+        let r = record.clone();
+        if !self.db(move |s| s.put_token(&r)).await? {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("token {name:?} already exists: delete it first or pick another name"),
+            ));
+        }
+        self.tokens.insert(record.clone());
+        Ok((secret, record))
     }
 
     /// Runs a blocking store call on the blocking pool.

@@ -366,7 +366,7 @@ async fn queue_depth_limit_and_log_cap() {
     let options = dispatch_server::Options {
         max_queue_depth: 2,
         max_log_bytes: 64,
-        ..Default::default()
+        ..no_auth()
     };
     let t = start_with(dir, options).await;
     let c = &t.client;
@@ -457,7 +457,7 @@ async fn gateway_async_calls_and_retention() {
     let dir = tempfile::tempdir().unwrap();
     let options = dispatch_server::Options {
         runs_per_function: 2,
-        ..Default::default()
+        ..no_auth()
     };
     let t = start_with(dir, options).await;
     let c = &t.client;

@@ -33,10 +33,14 @@ async fn call(
 #[tokio::test]
 async fn errors_have_one_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::start(
+    let state = AppState::start_with(
         Arc::new(SqliteStore::in_memory().unwrap()),
         BlobStore::open(dir.path().join("blobs")).unwrap(),
         LocalBackend::new(dir.path()).unwrap(),
+        dispatch_server::Options {
+            auth: false,
+            ..Default::default()
+        },
     )
     .await;
     let app = api::router(state.clone());

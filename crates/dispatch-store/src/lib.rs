@@ -10,6 +10,7 @@ mod blobs;
 mod error;
 mod sqlite;
 
+use dispatch_core::auth::{ApiToken, AuditEntry};
 use dispatch_core::{JobExecution, Kind, Object, Run, RunStatus, Status};
 
 pub use blobs::{BlobInfo, BlobStore};
@@ -103,6 +104,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes executions whose `ttlSecondsAfterFinished` has passed.
     fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64>;
+
+    /// Stores a new token; `false` when the name is taken.
+    fn put_token(&self, token: &ApiToken) -> Result<bool>;
+
+    fn list_tokens(&self) -> Result<Vec<ApiToken>>;
+
+    /// `false` when there was no such token.
+    fn delete_token(&self, name: &str) -> Result<bool>;
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
+
+    /// Newest first.
+    fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>>;
 
     /// Deletes every run of a function (deleting a function deletes its runs).
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64>;

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use dispatch_core::auth::{ApiToken, AuditEntry};
 use dispatch_core::{CallbackState, JobExecution, Kind, Object, Run, RunStatus, Status};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -56,6 +57,19 @@ const MIGRATIONS: &[M<'static>] = &[
     CREATE INDEX jobs_by_template ON job_executions (namespace, name, uuid);
     CREATE INDEX jobs_active ON job_executions (uuid) WHERE phase IN ('Waiting', 'Active');
     CREATE INDEX jobs_expiring ON job_executions (expires_ms) WHERE expires_ms IS NOT NULL;",
+    ),
+    // API tokens (hashes only) and the audit log (DESIGN §9).
+    M::up(
+        "CREATE TABLE tokens (
+        name TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        body TEXT NOT NULL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );",
     ),
 ];
 
@@ -487,6 +501,56 @@ impl Store for SqliteStore {
             params![now.as_millisecond()],
         )?;
         Ok(n as u64)
+    }
+
+    fn put_token(&self, token: &ApiToken) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO tokens (name, hash, body) VALUES (?1, ?2, ?3)",
+            params![token.name, token.hash, serde_json::to_string(token)?],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT body FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn delete_token(&self, name: &str) -> Result<bool> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM tokens WHERE name = ?1", params![name])?;
+        Ok(n == 1)
+    }
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT INTO audit (at_ms, body) VALUES (?1, ?2)")?;
+            for e in entries {
+                stmt.execute(params![e.at.as_millisecond(), serde_json::to_string(e)?])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT body FROM audit ORDER BY id DESC LIMIT ?1")?;
+        let rows = stmt.query_map(params![limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
     }
 
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {

@@ -87,6 +87,19 @@ pub enum What {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// An API token (printed once): `dispatch create token ci --role developer --namespace team-a`
+    Token {
+        name: String,
+        /// admin, developer or viewer
+        #[arg(long, value_parser = ["admin", "developer", "viewer"])]
+        role: String,
+        /// The namespace it may use, or * for all
+        #[arg(long = "token-namespace", visible_alias = "for-namespace")]
+        token_namespace: Option<String>,
+        /// Lifetime, e.g. 30d or 12h (default: never expires)
+        #[arg(long)]
+        expires: Option<String>,
+    },
     /// An HTTP endpoint on the gateway: `dispatch create endpoint get-hello hello --method GET --path /hello`
     Endpoint {
         name: String,
@@ -217,6 +230,26 @@ impl Create {
                     Object::new(Kind::Function, &ns, &name, spec),
                     wait.resolve(),
                 )
+            }
+            What::Token {
+                name,
+                role,
+                token_namespace,
+                expires,
+            } => {
+                let ns = token_namespace.unwrap_or_else(|| ns.clone());
+                let t = c
+                    .create_token(&name, &role, &ns, expires.as_deref())
+                    .await?;
+                println!("{}", t["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "token/{name} created ({role}, namespace {ns}{}): it is shown only now; use it with --token or DISPATCH_TOKEN",
+                    t["expiresAt"]
+                        .as_str()
+                        .map(|e| format!(", expires {e}"))
+                        .unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
             }
             What::Endpoint {
                 name,

@@ -47,7 +47,17 @@ impl Delete {
         }
         let kind = match parse_target(self.kind.as_deref().unwrap_or_default())? {
             Target::Resource(k) => k,
-            Target::Runs | Target::JobExecutions => bail!(
+            Target::Tokens => {
+                if self.names.is_empty() {
+                    bail!("name the token to delete: dispatch delete token NAME");
+                }
+                for n in &self.names {
+                    c.delete_token(n).await?;
+                    println!("token/{n} deleted");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Target::Runs | Target::JobExecutions | Target::Audit => bail!(
                 "runs and job executions are not deleted one by one: `dispatch cancel run ID | jobexecution UUID` stops one; runs: `dispatch runs purge`; executions go with their template or their ttlSecondsAfterFinished"
             ),
         };

@@ -7,7 +7,7 @@ use dispatch_client::RunQuery;
 
 use super::{Target, parse_target};
 use crate::Ctx;
-use crate::output::{Format, jobs_table, objects_table, print_structured, runs_table};
+use crate::output::{Format, jobs_table, objects_table, print_structured, runs_table, table};
 
 /// Show resources, runs or job executions
 #[derive(Debug, clap::Args)]
@@ -55,6 +55,54 @@ impl Get {
                     }
                 }
             },
+            Target::Tokens => {
+                let tokens = c.list_tokens().await?;
+                match self.output {
+                    Format::Table => print!(
+                        "{}",
+                        table(
+                            &["NAME", "ROLE", "NAMESPACE", "EXPIRES", "CREATED DATE"],
+                            &tokens
+                                .iter()
+                                .map(|t| {
+                                    let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+                                    let exp = t["expiresAt"]
+                                        .as_str()
+                                        .map(str::to_string)
+                                        .unwrap_or_else(|| "never".into());
+                                    vec![s("name"), s("role"), s("namespace"), exp, s("createdAt")]
+                                })
+                                .collect::<Vec<_>>()
+                        )
+                    ),
+                    f => print_structured(&tokens, f)?,
+                }
+            }
+            Target::Audit => {
+                let entries = c.audit(self.limit.unwrap_or(100)).await?;
+                match self.output {
+                    Format::Table => print!(
+                        "{}",
+                        table(
+                            &["AT", "WHO", "METHOD", "PATH", "STATUS"],
+                            &entries
+                                .iter()
+                                .map(|e| {
+                                    let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
+                                    vec![
+                                        s("at"),
+                                        s("who"),
+                                        s("method"),
+                                        s("path"),
+                                        e["status"].to_string(),
+                                    ]
+                                })
+                                .collect::<Vec<_>>()
+                        )
+                    ),
+                    f => print_structured(&entries, f)?,
+                }
+            }
             Target::JobExecutions => match self.name {
                 Some(uuid) => {
                     let j = c.get_job(&uuid).await?;

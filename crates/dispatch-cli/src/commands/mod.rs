@@ -10,6 +10,7 @@ pub mod exec;
 pub mod execute;
 pub mod gc;
 pub mod get;
+pub mod login;
 pub mod logs;
 pub mod quickstart;
 pub mod runs;
@@ -32,6 +33,8 @@ pub enum Target {
     Resource(Kind),
     Runs,
     JobExecutions,
+    Tokens,
+    Audit,
 }
 
 pub fn parse_target(s: &str) -> Result<Target> {
@@ -45,6 +48,12 @@ pub fn parse_target(s: &str) -> Result<Target> {
     }
     if matches!(norm.as_str(), "jobexecution" | "jobexecutions") {
         return Ok(Target::JobExecutions);
+    }
+    if matches!(norm.as_str(), "token" | "tokens") {
+        return Ok(Target::Tokens);
+    }
+    if norm == "audit" {
+        return Ok(Target::Audit);
     }
     Kind::parse(s).map(Target::Resource).with_context(|| {
         format!(

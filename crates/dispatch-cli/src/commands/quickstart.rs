@@ -56,9 +56,14 @@ impl Quickstart {
         let server = dispatch_server::Server::start(&config).await?;
         let api = format!("http://{}", server.api_addr);
         let gateway = format!("http://{}", server.gateway_addr);
+        // The admin token of this data dir (written on its first start).
+        let token_file = data_dir.join("admin-token");
+        let token = std::fs::read_to_string(&token_file)
+            .ok()
+            .map(|t| t.trim().to_string());
         let client = Client::new(&Target {
             server: api.clone(),
-            token: None,
+            token: token.clone(),
             namespace: "default".into(),
             insecure: false,
         })?;
@@ -69,6 +74,9 @@ impl Quickstart {
         }
         println!("\nTry it from another terminal:");
         println!("  export DISPATCH_SERVER={api}");
+        if token.is_some() {
+            println!("  export DISPATCH_TOKEN=$(cat {})", token_file.display());
+        }
         println!("  dispatch get functions");
         println!("  dispatch exec hello <<< '{{\"name\": \"user\"}}'");
         println!("  curl '{gateway}/hello?name=Jon'");

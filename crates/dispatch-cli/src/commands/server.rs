@@ -34,6 +34,9 @@ pub struct Server {
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Serve without tokens: every caller is admin (loopback only)
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -48,6 +51,7 @@ impl Server {
             runs_per_function: self.runs_per_function.max(1),
             max_queue_depth: self.max_queue_depth.max(1),
             max_running: self.max_running.max(1),
+            auth: !self.insecure_no_auth,
             ..Default::default()
         }
     }
@@ -55,10 +59,16 @@ impl Server {
 
 impl Server {
     pub async fn run(self) -> Result<ExitCode> {
-        if !self.api_addr.ip().is_loopback() || !self.gateway_addr.ip().is_loopback() {
+        let loopback = self.api_addr.ip().is_loopback() && self.gateway_addr.ip().is_loopback();
+        if self.insecure_no_auth && !loopback {
             anyhow::bail!(
-                "refusing to listen on a non-loopback address without authentication (DESIGN §9): \
-                 bind 127.0.0.1, or put an authenticating proxy in front and bind it to loopback"
+                "refusing --insecure-no-auth on a non-loopback address (DESIGN §9): anyone who can \
+                 reach it could run anything; drop the flag (tokens) or bind 127.0.0.1"
+            );
+        }
+        if !loopback {
+            tracing::warn!(
+                "listening beyond loopback without TLS: tokens cross the network in clear; put a TLS proxy in front"
             );
         }
         let options = self.options();
@@ -80,7 +90,21 @@ impl Server {
             config.gateway_addr,
             config.data_dir.display()
         );
-        dispatch_server::run(&config, shutdown_signal()).await?;
+        let server = dispatch_server::Server::start(&config).await?;
+        if let Some(file) = &server.admin_token_file {
+            eprintln!(
+                "first start: an admin token was written to {} (mode 0600); use it with\n  export DISPATCH_TOKEN=$(cat {})\n  or: dispatch login --server http://{} --token $(cat {})",
+                file.display(),
+                file.display(),
+                config.api_addr,
+                file.display()
+            );
+        } else if !config.options.auth {
+            eprintln!("authentication is OFF (--insecure-no-auth): every caller is admin");
+        }
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining in-flight calls");
+        server.stop().await?;
         Ok(ExitCode::SUCCESS)
     }
 }

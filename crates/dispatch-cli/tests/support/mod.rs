@@ -46,6 +46,8 @@ pub struct ServerProc {
     pub dir: tempfile::TempDir,
     pub api: u16,
     pub gateway: u16,
+    /// The admin token the server wrote on its first start.
+    pub token: String,
 }
 
 impl ServerProc {
@@ -70,17 +72,23 @@ impl ServerProc {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let s = ServerProc {
+        let mut s = ServerProc {
             child,
             dir,
             api,
             gateway,
+            token: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while http_get(api, "/readyz").map(|r| r.0) != Some(200) {
             assert!(Instant::now() < deadline, "server not ready within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Written before the server is ready (first start), kept on a restart.
+        s.token = std::fs::read_to_string(s.dir.path().join("data").join("admin-token"))
+            .expect("the server writes DATA_DIR/admin-token on first start")
+            .trim()
+            .to_string();
         s
     }
 
@@ -89,7 +97,7 @@ impl ServerProc {
         let mut c = Command::cargo_bin("dispatch").unwrap();
         c.env("DISPATCH_SERVER", format!("http://127.0.0.1:{}", self.api))
             .env("DISPATCH_CONFIG", self.dir.path().join("config.json"))
-            .env_remove("DISPATCH_TOKEN")
+            .env("DISPATCH_TOKEN", &self.token)
             .env_remove("DISPATCH_NAMESPACE");
         c
     }
@@ -153,7 +161,7 @@ impl ServerProc {
     pub fn client(&self) -> dispatch_client::Client {
         dispatch_client::Client::new(&dispatch_client::Target {
             server: format!("http://127.0.0.1:{}", self.api),
-            token: None,
+            token: Some(self.token.clone()),
             namespace: "default".into(),
             insecure: false,
         })

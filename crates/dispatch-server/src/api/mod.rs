@@ -4,6 +4,7 @@
 pub mod jobs;
 mod resources;
 mod runs;
+mod tokens;
 
 pub use runs::accepted;
 
@@ -31,6 +32,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/version", get(version))
         .route("/v1/gc", post(gc))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{name}", axum::routing::delete(tokens::delete))
+        .route("/v1/whoami", get(tokens::whoami))
+        .route("/v1/audit", get(tokens::audit))
         .merge(execute_routes())
         .route(&format!("{ns}/jobexecutions"), get(jobs::list))
         .route(
@@ -78,6 +83,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::api_guard,
+        ))
         .with_state(state)
 }
 

@@ -29,7 +29,15 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_in(dir: tempfile::TempDir) -> TestServer {
-    start_with(dir, dispatch_server::Options::default()).await
+    start_with(dir, no_auth()).await
+}
+
+/// Options for tests that are not about auth: no tokens needed.
+pub fn no_auth() -> dispatch_server::Options {
+    dispatch_server::Options {
+        auth: false,
+        ..Default::default()
+    }
 }
 
 pub async fn start_with(dir: tempfile::TempDir, options: dispatch_server::Options) -> TestServer {
