@@ -166,6 +166,13 @@ pub fn objects_table(kind: Kind, items: &[Object]) -> String {
                 })
                 .collect::<Vec<_>>(),
         ),
+        Kind::Secret => table(
+            &["NAME", "KEYS", "CREATED DATE"],
+            &items
+                .iter()
+                .map(|o| vec![o.name().into(), s(&o.spec, "keys"), created(o)])
+                .collect::<Vec<_>>(),
+        ),
         Kind::Endpoint => table(
             &[
                 "NAME",

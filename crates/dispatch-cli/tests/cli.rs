@@ -650,37 +650,84 @@ fn job_templates_from_the_cli() {
 fn tokens_login_and_audit_from_the_cli() {
     let s = ServerProc::start();
     // Without a token the server refuses, and says how to get one.
-    let out = s.cli().env_remove("DISPATCH_TOKEN").args(["get", "images"]).output().unwrap();
+    let out = s
+        .cli()
+        .env_remove("DISPATCH_TOKEN")
+        .args(["get", "images"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin-token"));
 
-    let dev = s.ok(&["create", "token", "ci", "--role", "developer"]).trim().to_string();
+    let dev = s
+        .ok(&["create", "token", "ci", "--role", "developer"])
+        .trim()
+        .to_string();
     assert!(dev.starts_with("dsp_"));
     // login stores a context; later commands need neither --server nor --token.
     let out = s
         .cli()
         .env_remove("DISPATCH_TOKEN")
-        .args(["login", "--server", &format!("http://127.0.0.1:{}", s.api), "--token", &dev, "--context-name", "ci"])
+        .args([
+            "login",
+            "--server",
+            &format!("http://127.0.0.1:{}", s.api),
+            "--token",
+            &dev,
+            "--context-name",
+            "ci",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("as ci (developer, namespace default)"));
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(s.dir.path().join("config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.dir.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["current"], "ci");
     assert_eq!(cfg["contexts"]["ci"]["token"], dev.as_str());
-    let as_dev = |args: &[&str]| s.cli().env_remove("DISPATCH_TOKEN").env_remove("DISPATCH_SERVER").args(args).output().unwrap();
-    assert!(as_dev(&["create", "image", "py", "python3"]).status.success());
-    let out = as_dev(&["create", "token", "sneaky", "--role", "admin", "--token-namespace", "*"]);
+    let as_dev = |args: &[&str]| {
+        s.cli()
+            .env_remove("DISPATCH_TOKEN")
+            .env_remove("DISPATCH_SERVER")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        as_dev(&["create", "image", "py", "python3"])
+            .status
+            .success()
+    );
+    let out = as_dev(&[
+        "create",
+        "token",
+        "sneaky",
+        "--role",
+        "admin",
+        "--token-namespace",
+        "*",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an admin of every namespace"));
     let out = as_dev(&["get", "images", "-n", "other"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("namespace \"other\" not found"));
 
     let table = s.ok(&["get", "tokens"]);
-    assert!(table.contains("admin") && table.contains("ci") && table.contains("developer"), "{table}");
+    assert!(
+        table.contains("admin") && table.contains("ci") && table.contains("developer"),
+        "{table}"
+    );
     assert!(!table.contains(&dev), "tokens are never shown again");
     let audit = s.ok(&["get", "audit"]);
-    assert!(audit.contains("/v1/namespaces/default/images") && audit.contains("ci"), "{audit}");
+    assert!(
+        audit.contains("/v1/namespaces/default/images") && audit.contains("ci"),
+        "{audit}"
+    );
     assert_eq!(s.ok(&["delete", "token", "ci"]), "token/ci deleted\n");
     assert_eq!(as_dev(&["get", "images"]).status.code(), Some(1));
 }

@@ -267,6 +267,16 @@ impl Client {
         self.get_in(&self.namespace.clone(), kind, name).await
     }
 
+    /// A secret with its values (admin tokens only).
+    pub async fn get_revealed(&self, kind: Kind, name: &str) -> Result<Object> {
+        let url = self.ns_url(&self.namespace, &format!("{}/{name}", kind.plural()));
+        self.json(
+            self.request(Method::GET, &url).query(&[("reveal", "true")]),
+            &url,
+        )
+        .await
+    }
+
     pub async fn get_in(&self, ns: &str, kind: Kind, name: &str) -> Result<Object> {
         let url = self.ns_url(ns, &format!("{}/{name}", kind.plural()));
         self.json(self.request(Method::GET, &url), &url).await

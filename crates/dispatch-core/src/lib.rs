@@ -22,7 +22,7 @@ pub use error::ValidationError;
 pub use jobs::{JobExecution, JobPhase, JobTemplateSpec};
 pub use resource::{
     API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata,
-    Object, Phase, Retry, RetryPolicy, Status,
+    Object, Phase, Retry, RetryPolicy, SealedSecret, SecretSpec, Status,
 };
 pub use run::{AttemptError, Callback, CallbackState, Run, RunStatus, Timings, Trigger};
 

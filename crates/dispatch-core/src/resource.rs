@@ -27,15 +27,17 @@ pub enum Kind {
     Function,
     Endpoint,
     JobTemplate,
+    Secret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::BaseImage,
         Kind::Image,
         Kind::Function,
         Kind::Endpoint,
         Kind::JobTemplate,
+        Kind::Secret,
     ];
 
     /// The plural lower-case form used in API paths (`/v1/namespaces/{ns}/functions`).
@@ -46,6 +48,7 @@ impl Kind {
             Kind::Function => "functions",
             Kind::Endpoint => "endpoints",
             Kind::JobTemplate => "jobtemplates",
+            Kind::Secret => "secrets",
         }
     }
 
@@ -57,6 +60,7 @@ impl Kind {
             Kind::Function => "function",
             Kind::Endpoint => "endpoint",
             Kind::JobTemplate => "jobtemplate",
+            Kind::Secret => "secret",
         }
     }
 
@@ -68,6 +72,7 @@ impl Kind {
             Kind::Function => "function",
             Kind::Endpoint => "endpoint",
             Kind::JobTemplate => "job template",
+            Kind::Secret => "secret",
         }
     }
 
@@ -78,6 +83,7 @@ impl Kind {
             Kind::Function => "Function",
             Kind::Endpoint => "Endpoint",
             Kind::JobTemplate => "JobTemplate",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -249,6 +255,7 @@ impl Object {
             Kind::Image => normal(self.typed_spec::<ImageSpec>()?.normalize()?),
             Kind::Function => normal(self.typed_spec::<FunctionSpec>()?.normalize()?),
             Kind::Endpoint => normal(self.typed_spec::<EndpointSpec>()?.normalize()?),
+            Kind::Secret => normal(self.typed_spec::<SecretSpec>()?.normalize()?),
             Kind::JobTemplate => {
                 let spec: crate::jobs::JobTemplateSpec = self.typed_spec()?;
                 spec.validate()?;
@@ -488,6 +495,50 @@ pub struct FunctionSpec {
     /// Where the final record of every async run is POSTed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Secrets (names, same namespace) merged into `context.secrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+}
+
+/// A secret as written by users: string values. The server stores it sealed
+/// ([`SealedSecret`]) and shows only the keys unless asked to reveal.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretSpec {
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+}
+
+impl SecretSpec {
+    fn normalize(self) -> Result<Self, ValidationError> {
+        if self.data.is_empty() {
+            return Err(ValidationError::new(
+                "a secret needs at least one key in spec.data",
+            ));
+        }
+        for k in self.data.keys() {
+            let ok = !k.is_empty()
+                && k.len() <= 253
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(ValidationError::new(format!(
+                    "secret key {k:?} is not valid: use letters, digits, '-', '_' and '.'"
+                )));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// How a secret is stored: its keys in clear, its data as AEAD ciphertext.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SealedSecret {
+    pub keys: Vec<String>,
+    /// base64 of nonce (12 bytes) + ciphertext of the JSON `data`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealed: String,
 }
 
 /// Backoff between attempts: `initial` doubles per attempt up to `max`, with jitter.
@@ -629,6 +680,9 @@ impl FunctionSpec {
             return Err(ValidationError::new(format!(
                 "concurrency.minWorkers ({min}) is larger than maxWorkers ({max})"
             )));
+        }
+        for name in &self.secrets {
+            validate_name("secret", name)?;
         }
         for key in self.env.keys() {
             let ok = !key.is_empty()

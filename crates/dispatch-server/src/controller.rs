@@ -110,6 +110,7 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
         Kind::Function => reconcile_function(&state, &key).await,
         Kind::Endpoint => reconcile_endpoint(&state, &key).await,
         Kind::JobTemplate => reconcile_job_template(&state, &key).await,
+        Kind::Secret => reconcile_secret(&state, &key).await,
     };
     if let Err(e) = res {
         tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {}", e.message);
@@ -410,6 +411,24 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => return set_status(state, &o, fail(e.message)).await,
     };
+    // Secrets: every one must exist and open; a missing one is an ERROR, never an empty value.
+    let mut secrets = serde_json::Map::new();
+    for name in &spec.secrets {
+        let Some(sec) = state.get(o.namespace(), Kind::Secret, name).await? else {
+            let reason = format!(
+                "secret {name:?} not found in namespace {:?}: create it (dispatch create secret {name} …)",
+                o.namespace()
+            );
+            return set_status(state, &o, fail(reason)).await;
+        };
+        match state.secrets.open_object(&sec) {
+            Ok(data) => secrets.extend(
+                data.into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v))),
+            ),
+            Err(e) => return set_status(state, &o, fail(e.to_string())).await,
+        }
+    }
     let source = spec.source.clone().unwrap_or_default();
     let blobs = state.blobs.clone();
     let archive = match tokio::task::spawn_blocking(move || blobs.read(&source)).await {
@@ -439,6 +458,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
                 o.namespace(),
                 o.name(),
                 Some(Deployed {
+                    secrets: Arc::new(secrets),
                     digest: d.clone(),
                     timeout,
                     max_workers: spec.max_workers(),
@@ -495,4 +515,19 @@ async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), ApiEr
         Err(e) => status(Phase::Error, e.message, None, &o),
     };
     set_status(state, &o, new).await
+}
+
+/// Secrets need no build; a change re-reads them into the functions that use them.
+async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    if let Some(o) = state.get(&key.namespace, Kind::Secret, &key.name).await? {
+        set_status(state, &o, status(Phase::Ready, "", None, &o)).await?;
+    }
+    let name = key.name.clone();
+    dependents(state, &key.namespace, Kind::Function, move |f| {
+        f.spec
+            .get("secrets")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&name)))
+    })
+    .await
 }

@@ -35,7 +35,7 @@ struct Context<'a> {
     namespace: &'a str,
     run_id: &'a str,
     deadline: String,
-    secrets: serde_json::Map<String, serde_json::Value>,
+    secrets: &'a serde_json::Map<String, serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http_context: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,7 +62,7 @@ pub async fn call_backend(
         namespace: &run.namespace,
         run_id: &run.id,
         deadline: deadline.to_string(),
-        secrets: serde_json::Map::new(),
+        secrets: &deployed.secrets,
         http_context: http,
         attempt: run.is_async.then_some(run.attempts),
     };
@@ -90,7 +90,41 @@ pub fn status_of(env: &Envelope) -> RunStatus {
     }
 }
 
-/// Copies an attempt's outcome into its run record (logs capped).
+/// The secret values of a deployment (what redaction looks for).
+fn secret_values(deployed: &Deployed) -> Vec<String> {
+    deployed
+        .secrets
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Removes secret values from what a call printed and from its error.
+pub fn redact_envelope(env: &mut Envelope, deployed: &Deployed) {
+    if deployed.secrets.is_empty() {
+        return;
+    }
+    let values = secret_values(deployed);
+    let r = |s: &str| crate::secrets::redact(s, &values);
+    for l in env
+        .context
+        .logs
+        .stdout
+        .iter_mut()
+        .chain(env.context.logs.stderr.iter_mut())
+    {
+        *l = r(l);
+    }
+    if let Some(e) = &mut env.context.error {
+        e.message = r(&e.message);
+        for l in &mut e.stacktrace {
+            *l = r(l);
+        }
+    }
+}
+
+/// Copies an attempt's outcome into its run record (logs capped, secret values redacted
+/// from logs, error and output).
 pub fn apply_outcome(
     run: &mut Run,
     outcome: &CallOutcome,
@@ -106,6 +140,30 @@ pub fn apply_outcome(
     run.cold = outcome.cold;
     run.timings = outcome.timings;
     run.digest = Some(deployed.digest.clone());
+    if !deployed.secrets.is_empty() {
+        let values = secret_values(deployed);
+        let mut env = Envelope {
+            context: dispatch_core::envelope::EnvelopeContext {
+                logs: std::mem::take(&mut run.logs),
+                error: run.error.take(),
+            },
+            payload: dispatch_core::envelope::null_raw(),
+        };
+        redact_envelope(&mut env, deployed);
+        run.logs = env.context.logs;
+        run.error = env.context.error;
+        if let Some(out) = &run.output {
+            let text = crate::secrets::redact(out.get(), &values);
+            if text != out.get() {
+                run.output = Some(
+                    serde_json::value::RawValue::from_string(text.clone()).unwrap_or_else(|_| {
+                        serde_json::value::to_raw_value(&text)
+                            .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
+                    }),
+                );
+            }
+        }
+    }
 }
 
 pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
@@ -133,6 +191,8 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
         Err(InvokeError::Busy(e)) => return Err(busy(e.to_string())),
     };
     apply_outcome(&mut run, &outcome, &deployed, state.config.max_log_bytes);
+    let mut envelope = outcome.envelope;
+    redact_envelope(&mut envelope, &deployed);
     run.started_at = created
         .checked_add(jiff::SignedDuration::from_millis(
             i64::try_from(outcome.timings.queued_ms).unwrap_or(0),
@@ -141,10 +201,7 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
     run.finished_at = Some(jiff::Timestamp::now());
     let run_id = run.id.clone();
     state.recorder.record(run).await;
-    Ok(Answer {
-        run_id,
-        envelope: outcome.envelope,
-    })
+    Ok(Answer { run_id, envelope })
 }
 
 pub fn busy(message: String) -> ApiError {

@@ -20,6 +20,7 @@ pub mod queue;
 pub mod recorder;
 pub mod retention;
 pub mod routes;
+pub mod secrets;
 pub mod state;
 
 use std::future::Future;
@@ -77,6 +78,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to load the key that seals secrets")]
+    SecretKey(#[source] secrets::SecretError),
     #[error("failed to create the first admin token: {detail}")]
     AdminToken { detail: String },
     #[error("the {what} listener failed")]
@@ -127,6 +130,9 @@ impl Server {
         let gateway = bind("gateway", config.gateway_addr).await?;
         let mut options = config.options.clone();
         options.jobs_dir = dir.join("jobs");
+        let key_file = dir.join("secret.key");
+        secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
+        options.secret_key_file = Some(key_file);
         // Before serving: /readyz must not answer before the token file exists.
         let admin_token_file = if options.auth {
             first_admin_token(store.as_ref(), dir)?

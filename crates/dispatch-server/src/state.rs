@@ -21,6 +21,9 @@ use crate::routes::Routes;
 #[derive(Debug, Clone)]
 pub struct Deployed {
     pub digest: String,
+    /// Merged data of the function's secrets (`context.secrets`); values are redacted from
+    /// logs, errors and run records.
+    pub secrets: Arc<serde_json::Map<String, serde_json::Value>>,
     pub timeout: Duration,
     /// concurrency.maxWorkers: the async queue starts at most this many runs at once.
     pub max_workers: u32,
@@ -48,6 +51,8 @@ pub struct Options {
     pub jobs_dir: std::path::PathBuf,
     /// Require API tokens (off only with `--insecure-no-auth`).
     pub auth: bool,
+    /// The key that seals secrets (`<data dir>/secret.key`); none = a key in memory only.
+    pub secret_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -60,6 +65,7 @@ impl Default for Options {
             max_running: 64,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
             auth: true,
+            secret_key_file: None,
         }
     }
 }
@@ -72,6 +78,7 @@ pub struct AppState {
     pub queue: Queue,
     pub jobs: crate::jobs::Jobs,
     pub tokens: crate::auth::Tokens,
+    pub secrets: crate::secrets::SecretBox,
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
@@ -116,6 +123,13 @@ impl AppState {
             queue: Queue::new(Clock::new(), config.max_queue_depth, config.max_running),
             jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),
             tokens: crate::auth::Tokens::default(),
+            // Server::start checked the key file already; an unreadable one fails there.
+            secrets: crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
+                .or_else(|e| {
+                    tracing::error!("{e}: secrets use a key in memory until this is fixed");
+                    crate::secrets::SecretBox::load_or_create(None)
+                })
+                .expect("an in-memory key needs only the OS random source"),
             config,
             http,
             tasks: std::sync::Mutex::new(Vec::new()),

@@ -75,6 +75,9 @@ pub enum What {
         /// Environment variable for the handler (repeatable): --env KEY=VALUE
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Secret whose keys the handler gets in context.secrets (repeatable)
+        #[arg(long = "secret", value_name = "NAME")]
+        secrets: Vec<String>,
         /// Most concurrent calls (workers) (default 4)
         #[arg(long)]
         max_workers: Option<u32>,
@@ -86,6 +89,16 @@ pub enum What {
         idle_timeout: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// A secret from a JSON object file or literals: `dispatch create secret db --from-literal password=…`
+    Secret {
+        name: String,
+        /// A JSON file of string values: {"user": "app", "password": "…"}
+        #[arg(required_unless_present = "from_literal")]
+        file: Option<PathBuf>,
+        /// KEY=VALUE (repeatable)
+        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+        from_literal: Vec<String>,
     },
     /// An API token (printed once): `dispatch create token ci --role developer --namespace team-a`
     Token {
@@ -198,6 +211,7 @@ impl Create {
                 handler,
                 timeout,
                 env,
+                secrets,
                 max_workers,
                 min_workers,
                 idle_timeout,
@@ -207,6 +221,9 @@ impl Create {
                 let env = parse_env(&env)?;
                 let source = upload(c, &ns, &name, &path).await?;
                 let mut spec = json!({"image": image, "source": source, "env": env});
+                if !secrets.is_empty() {
+                    spec["secrets"] = json!(secrets);
+                }
                 if let Some(h) = handler {
                     spec["handler"] = h.into();
                 }
@@ -229,6 +246,17 @@ impl Create {
                 (
                     Object::new(Kind::Function, &ns, &name, spec),
                     wait.resolve(),
+                )
+            }
+            What::Secret {
+                name,
+                file,
+                from_literal,
+            } => {
+                let data = secret_data(file.as_deref(), &from_literal)?;
+                (
+                    Object::new(Kind::Secret, &ns, &name, json!({"data": data})),
+                    false,
                 )
             }
             What::Token {
@@ -271,4 +299,29 @@ impl Create {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Secret data from a JSON file of strings and/or KEY=VALUE literals.
+pub fn secret_data(
+    file: Option<&std::path::Path>,
+    literals: &[String],
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut data = std::collections::BTreeMap::new();
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("failed to read {}", f.display()))?;
+        let map: std::collections::BTreeMap<String, String> = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a JSON object of string values", f.display()))?;
+        data.extend(map);
+    }
+    for l in literals {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--from-literal {l:?} is not KEY=VALUE"))?;
+        data.insert(k.to_string(), v.to_string());
+    }
+    if data.is_empty() {
+        bail!("a secret needs at least one value: a JSON file or --from-literal KEY=VALUE");
+    }
+    Ok(data)
 }

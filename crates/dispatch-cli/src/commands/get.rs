@@ -25,6 +25,9 @@ pub struct Get {
     /// Runs: only this status (queued, running, succeeded, failed, timeout, cancelled, dead)
     #[arg(long)]
     pub status: Option<String>,
+    /// Secrets: show the values too (admin tokens only)
+    #[arg(long)]
+    pub reveal: bool,
     /// Job executions: only this template's
     #[arg(long)]
     pub template: Option<String>,
@@ -39,7 +42,14 @@ impl Get {
         match parse_target(&self.kind)? {
             Target::Resource(kind) => match self.name {
                 Some(name) => {
-                    let o = c.get(kind, &name).await?;
+                    let o = if self.reveal {
+                        if kind != dispatch_core::Kind::Secret {
+                            anyhow::bail!("--reveal is for secrets");
+                        }
+                        c.get_revealed(kind, &name).await?
+                    } else {
+                        c.get(kind, &name).await?
+                    };
                     match self.output {
                         Format::Table => {
                             print!("{}", objects_table(kind, std::slice::from_ref(&o)))

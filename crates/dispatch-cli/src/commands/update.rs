@@ -18,6 +18,15 @@ pub struct Update {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum UpdateWhat {
+    /// Replace a secret's data (functions using it get the new values)
+    Secret {
+        name: String,
+        /// A JSON file of string values
+        #[arg(required_unless_present = "from_literal")]
+        file: Option<PathBuf>,
+        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+        from_literal: Vec<String>,
+    },
     /// New source (file or folder) and settings: a new digest, traffic moves when it is READY
     Function {
         name: String,
@@ -40,6 +49,19 @@ pub enum UpdateWhat {
 impl Update {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
+        if let UpdateWhat::Secret {
+            name,
+            file,
+            from_literal,
+        } = &self.what
+        {
+            let data = super::create::secret_data(file.as_deref(), from_literal)?;
+            let mut o = c.get(Kind::Secret, name).await?;
+            o.spec = serde_json::json!({"data": data});
+            let updated = c.update(&o).await?;
+            said(&updated, "updated");
+            return Ok(ExitCode::SUCCESS);
+        }
         let UpdateWhat::Function {
             name,
             path,
@@ -48,7 +70,10 @@ impl Update {
             timeout,
             env,
             wait,
-        } = self.what;
+        } = self.what
+        else {
+            unreachable!("secrets are handled above");
+        };
         let mut o = c.get(Kind::Function, &name).await?;
         let Some(spec) = o.spec.as_object_mut() else {
             bail!("function {name} has no spec");

@@ -14,10 +14,13 @@ use dispatch_core::{BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, 
 use dispatch_runtime::{handler, source};
 
 use super::{BUILTIN_BASE_IMAGES, builtin_base_image, check_namespace};
+use crate::auth::Principal;
 use crate::controller::{Key, image_plan};
 use crate::error::{ApiError, parse_json};
 use crate::routes;
 use crate::state::AppState;
+use axum::Extension;
+use dispatch_core::auth::Role;
 
 fn kind_of(kind: &str) -> Result<Kind, ApiError> {
     Kind::parse(kind).ok_or_else(|| {
@@ -63,20 +66,62 @@ pub async fn list(
         items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
     items.retain(|o| matches_labels(o, q.get("l")));
+    for o in &mut items {
+        hide_secret(o);
+    }
     Ok(Json(items))
 }
 
+/// A secret as shown: its keys, never its ciphertext.
+fn hide_secret(o: &mut Object) {
+    if o.kind == Kind::Secret
+        && let Some(m) = o.spec.as_object_mut()
+    {
+        m.remove("sealed");
+    }
+}
+
+/// One resource. Secrets show their keys; `?reveal=true` (admins) adds the values.
 pub async fn get_one(
     State(state): State<Arc<AppState>>,
+    Extension(who): Extension<Principal>,
     Path((ns, kind, name)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Object>, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
-    state
+    let mut o = state
         .get(&ns, kind, &name)
         .await?
-        .map(Json)
-        .ok_or_else(|| not_found(&ns, kind, &name))
+        .ok_or_else(|| not_found(&ns, kind, &name))?;
+    if kind == Kind::Secret && q.get("reveal").is_some_and(|v| v == "true") {
+        if who.role < Role::Admin {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "revealing secret values needs an admin token; {:?} is {}",
+                    who.name, who.role
+                ),
+            ));
+        }
+        let data = open_secret(&state, &o)?;
+        o.spec = serde_json::json!({"keys": data.keys().collect::<Vec<_>>(), "data": data});
+        return Ok(Json(o));
+    }
+    hide_secret(&mut o);
+    Ok(Json(o))
+}
+
+/// The data of a stored secret.
+pub fn open_secret(
+    state: &AppState,
+    o: &Object,
+) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    state
+        .secrets
+        .open_object(o)
+        .map_err(|e| ApiError::internal("opening a secret", &e))
 }
 
 /// The log of an image's dependency build (`dispatch logs image NAME`), as text.
@@ -145,6 +190,11 @@ pub async fn patch(
 ) -> Result<Json<Object>, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
+    if kind == Kind::Secret {
+        return Err(ApiError::bad_request(
+            "secrets are replaced whole: PUT the secret with all its data (dispatch update secret)",
+        ));
+    }
     let patch: serde_json::Value = parse_json(&body, "patch")?;
     let current = state
         .get(&ns, kind, &name)
@@ -262,6 +312,26 @@ pub async fn delete(
         Kind::Image => Some((Kind::Function, "image")),
         Kind::Function => Some((Kind::Endpoint, "function")),
         Kind::Endpoint | Kind::JobTemplate => None,
+        Kind::Secret => {
+            let nsc = ns.clone();
+            let functions = state
+                .db(move |s| s.list(Some(&nsc), Kind::Function))
+                .await?;
+            let users: Vec<String> = functions
+                .into_iter()
+                .filter(|f| {
+                    f.spec
+                        .get("secrets")
+                        .and_then(|v| v.as_array())
+                        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(name.as_str())))
+                })
+                .map(|f| f.metadata.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(in_use(kind, &name, Kind::Function, &users));
+            }
+            None
+        }
     };
     if let Some((by, field)) = dependents {
         let u = users(&state, &ns, by, field, &name).await?;
@@ -323,6 +393,16 @@ async fn admit(
     match kind {
         // Validated by `Object::validate` (shape and every template parses).
         Kind::JobTemplate => {}
+        // Stored sealed: the store never sees a value.
+        Kind::Secret => {
+            let spec: dispatch_core::SecretSpec = obj.typed_spec()?;
+            let sealed = state
+                .secrets
+                .seal(ns, obj.name(), &spec.data)
+                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
+            obj.spec = serde_json::to_value(sealed)
+                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
+        }
         Kind::BaseImage => {
             if builtin_base_image(ns, obj.name()).is_some() {
                 return Err(builtin(obj.name()));

@@ -40,7 +40,14 @@ pub fn no_auth() -> dispatch_server::Options {
     }
 }
 
-pub async fn start_with(dir: tempfile::TempDir, options: dispatch_server::Options) -> TestServer {
+pub async fn start_with(
+    dir: tempfile::TempDir,
+    mut options: dispatch_server::Options,
+) -> TestServer {
+    options
+        .secret_key_file
+        .get_or_insert_with(|| dir.path().join("secret.key"));
+    options.jobs_dir = dir.path().join("jobs");
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
