@@ -316,6 +316,7 @@ fn config_contexts_version_and_completion() {
         format!(r#"{{"current":"local","contexts":{{"local":{{"host":"127.0.0.1","port":{},"scheme":"http","insecure":false,"namespace":"team-a","token":""}}}}}}"#, s.api),
     )
     .unwrap();
+    s.ok(&["create", "namespace", "team-a"]);
     let out = s
         .cli()
         .env_remove("DISPATCH_SERVER")
@@ -730,4 +731,80 @@ fn tokens_login_and_audit_from_the_cli() {
     );
     assert_eq!(s.ok(&["delete", "token", "ci"]), "token/ci deleted\n");
     assert_eq!(as_dev(&["get", "images"]).status.code(), Some(1));
+}
+
+#[test]
+fn namespaces_and_secrets_from_the_cli() {
+    let s = ServerProc::start();
+    assert_eq!(
+        s.ok(&["create", "namespace", "team-b"]),
+        "namespace/team-b created\n"
+    );
+    let table = s.ok(&["get", "namespaces"]);
+    assert!(
+        table.contains("default") && table.contains("team-b"),
+        "{table}"
+    );
+    assert!(
+        s.fails(&["create", "image", "py", "python3", "-n", "nowhere"])
+            .contains("create it first (dispatch create namespace nowhere)")
+    );
+
+    let file = s.dir.path().join("db.json");
+    std::fs::write(&file, r#"{"user": "app"}"#).unwrap();
+    s.ok(&[
+        "create",
+        "secret",
+        "db",
+        file.to_str().unwrap(),
+        "--from-literal",
+        "password=s3cr3t-value-9",
+        "-n",
+        "team-b",
+    ]);
+    let table = s.ok(&["get", "secrets", "-n", "team-b"]);
+    assert!(
+        table.contains("password,user") && !table.contains("s3cr3t"),
+        "{table}"
+    );
+    assert!(
+        !s.ok(&["get", "secret", "db", "-n", "team-b", "-o", "yaml"])
+            .contains("s3cr3t")
+    );
+    let revealed = s.json(&[
+        "get", "secret", "db", "--reveal", "-n", "team-b", "-o", "json",
+    ]);
+    assert_eq!(revealed["spec"]["data"]["password"], "s3cr3t-value-9");
+    s.ok(&[
+        "update",
+        "secret",
+        "db",
+        "--from-literal",
+        "password=rotated-value",
+        "-n",
+        "team-b",
+    ]);
+    assert_eq!(
+        s.json(&[
+            "get", "secret", "db", "--reveal", "-n", "team-b", "-o", "json"
+        ])["spec"]["data"]["password"],
+        "rotated-value"
+    );
+
+    assert!(
+        s.fails(&["delete", "namespace", "team-b"])
+            .contains("is not empty (1 resources: secret/db)")
+    );
+    assert_eq!(
+        s.ok(&["delete", "namespace", "team-b", "--cascade"]),
+        "namespace/team-b deleted (1 resources)\n"
+    );
+    assert!(
+        s.fails(&["get", "namespace", "team-b"])
+            .contains("namespace \"team-b\" not found")
+    );
+    assert!(
+        s.fails(&["delete", "namespace", "default"])
+            .contains("cannot be deleted")
+    );
 }

@@ -216,6 +216,35 @@ impl Client {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    pub async fn create_namespace(&self, name: &str) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/namespaces", self.base);
+        self.json(
+            self.request(Method::POST, &url)
+                .json(&serde_json::json!({"name": name})),
+            &url,
+        )
+        .await
+    }
+
+    pub async fn list_namespaces(&self) -> Result<Vec<serde_json::Value>> {
+        let url = format!("{}/v1/namespaces", self.base);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    pub async fn get_namespace(&self, name: &str) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/namespaces/{name}", self.base);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Deletes a namespace; with `cascade`, everything in it.
+    pub async fn delete_namespace(&self, name: &str, cascade: bool) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/namespaces/{name}", self.base);
+        let rb = self
+            .request(Method::DELETE, &url)
+            .query(&[("cascade", cascade.to_string())]);
+        self.json(rb, &url).await
+    }
+
     /// Who the token is: `{name, role, namespace}`.
     pub async fn whoami(&self) -> Result<serde_json::Value> {
         let url = format!("{}/v1/whoami", self.base);

@@ -79,6 +79,8 @@ pub struct AppState {
     pub jobs: crate::jobs::Jobs,
     pub tokens: crate::auth::Tokens,
     pub secrets: crate::secrets::SecretBox,
+    /// Namespace → created; `default` is always there (no row).
+    namespaces: RwLock<std::collections::BTreeMap<String, Option<jiff::Timestamp>>>,
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
@@ -123,6 +125,7 @@ impl AppState {
             queue: Queue::new(Clock::new(), config.max_queue_depth, config.max_running),
             jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),
             tokens: crate::auth::Tokens::default(),
+            namespaces: RwLock::new(std::collections::BTreeMap::new()),
             // Server::start checked the key file already; an unreadable one fails there.
             secrets: crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
                 .or_else(|e| {
@@ -158,6 +161,9 @@ impl AppState {
             Ok(Err(e)) => tracing::error!("failed to list stored resources: {e}"),
             Err(e) => tracing::error!("failed to list stored resources: {e}"),
         }
+        if let Err(e) = state.load_namespaces().await {
+            tracing::error!("failed to load namespaces: {}", e.message);
+        }
         match state.db(|s| s.list_tokens()).await {
             Ok(all) => state.tokens.replace_all(all),
             Err(e) => tracing::error!("failed to load API tokens: {}", e.message),
@@ -173,6 +179,96 @@ impl AppState {
         *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         state.ready.store(true, Ordering::Release);
         state
+    }
+
+    /// Namespaces from the store, plus any that stored resources use (data from before
+    /// namespaces were rows).
+    async fn load_namespaces(&self) -> Result<(), ApiError> {
+        let now = self.queue.clock.now();
+        let rows = self
+            .db(move |s| {
+                let mut used = std::collections::BTreeSet::new();
+                for kind in Kind::ALL {
+                    for o in s.list(None, kind)? {
+                        used.insert(o.namespace().to_string());
+                    }
+                }
+                for ns in used {
+                    if ns != dispatch_core::DEFAULT_NAMESPACE {
+                        s.put_namespace(&ns, now)?;
+                    }
+                }
+                s.list_namespaces()
+            })
+            .await?;
+        let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(dispatch_core::DEFAULT_NAMESPACE.to_string(), None);
+        for (n, c) in rows {
+            map.insert(n, Some(c));
+        }
+        Ok(())
+    }
+
+    /// Every namespace and when it was created (`default`: none).
+    pub fn namespaces(&self) -> Vec<(String, Option<jiff::Timestamp>)> {
+        let mut all: Vec<_> = self
+            .namespaces
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        if !all
+            .iter()
+            .any(|(n, _)| n == dispatch_core::DEFAULT_NAMESPACE)
+        {
+            all.insert(0, (dispatch_core::DEFAULT_NAMESPACE.to_string(), None));
+        }
+        all
+    }
+
+    /// 404 unless the namespace exists.
+    pub fn require_namespace(&self, ns: &str) -> Result<(), ApiError> {
+        let known = ns == dispatch_core::DEFAULT_NAMESPACE
+            || self
+                .namespaces
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(ns);
+        if known {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!(
+                "namespace {ns:?} not found: create it first (dispatch create namespace {ns})"
+            )))
+        }
+    }
+
+    /// `false` when it exists.
+    pub async fn create_namespace(&self, name: &str) -> Result<bool, ApiError> {
+        if name == dispatch_core::DEFAULT_NAMESPACE {
+            return Ok(false);
+        }
+        let now = self.queue.clock.now();
+        let n = name.to_string();
+        let created = self.db(move |s| s.put_namespace(&n, now)).await?;
+        if created {
+            self.namespaces
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), Some(now));
+        }
+        Ok(created)
+    }
+
+    pub async fn delete_namespace(&self, name: &str) -> Result<(), ApiError> {
+        let n = name.to_string();
+        self.db(move |s| s.delete_namespace(&n)).await?;
+        self.namespaces
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(())
     }
 
     /// Creates an API token; returns the token (shown once) and its record.

@@ -57,6 +57,9 @@ async fn roles_verbs_and_namespaces() {
     )
     .await;
     let app = api::router(state.clone());
+    for ns in ["a", "b"] {
+        assert!(state.create_namespace(ns).await.unwrap());
+    }
     let mut tokens = std::collections::HashMap::new();
     for (name, role, ns) in [
         ("root", Role::Admin, "*"),
@@ -248,6 +251,56 @@ async fn roles_verbs_and_namespaces() {
             t("root"),
             "GET",
             "/v1/whoami".into(),
+            json!(null),
+            StatusCode::OK,
+        ),
+        // namespaces: created by cluster admins, deleted by their admins, invisible to others
+        (
+            t("a-admin"),
+            "POST",
+            "/v1/namespaces".into(),
+            json!({"name": "c"}),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t("root"),
+            "POST",
+            "/v1/namespaces".into(),
+            json!({"name": "c"}),
+            StatusCode::CREATED,
+        ),
+        (
+            t("root"),
+            "POST",
+            "/v1/namespaces".into(),
+            json!({"name": "c"}),
+            StatusCode::CONFLICT,
+        ),
+        (
+            t("a-dev"),
+            "GET",
+            "/v1/namespaces/c".into(),
+            json!(null),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            t("a-dev"),
+            "DELETE",
+            "/v1/namespaces/a".into(),
+            json!(null),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t("root"),
+            "POST",
+            "/v1/namespaces/zz/images".into(),
+            image("zz", "img"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            t("root"),
+            "DELETE",
+            "/v1/namespaces/c".into(),
             json!(null),
             StatusCode::OK,
         ),

@@ -105,6 +105,14 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes executions whose `ttlSecondsAfterFinished` has passed.
     fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64>;
 
+    /// Registers a namespace; `false` when it exists.
+    fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool>;
+
+    fn list_namespaces(&self) -> Result<Vec<(String, jiff::Timestamp)>>;
+
+    /// Deletes a namespace with every resource, run and job execution in it.
+    fn delete_namespace(&self, name: &str) -> Result<bool>;
+
     /// Stores a new token; `false` when the name is taken.
     fn put_token(&self, token: &ApiToken) -> Result<bool>;
 

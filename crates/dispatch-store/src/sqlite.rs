@@ -71,6 +71,13 @@ const MIGRATIONS: &[M<'static>] = &[
         body TEXT NOT NULL
     );",
     ),
+    // Namespaces (Dispatch's organizations): `default` exists without a row.
+    M::up(
+        "CREATE TABLE namespaces (
+        name TEXT PRIMARY KEY,
+        created_ms INTEGER NOT NULL
+    );",
+    ),
 ];
 
 pub struct SqliteStore {
@@ -501,6 +508,45 @@ impl Store for SqliteStore {
             params![now.as_millisecond()],
         )?;
         Ok(n as u64)
+    }
+
+    fn put_namespace(&self, name: &str, created: Timestamp) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO namespaces (name, created_ms) VALUES (?1, ?2)",
+            params![name, created.as_millisecond()],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn list_namespaces(&self) -> Result<Vec<(String, Timestamp)>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT name, created_ms FROM namespaces ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, ms) = row?;
+            out.push((
+                name,
+                Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn delete_namespace(&self, name: &str) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // Everything in it goes too (the server refuses unless --cascade or empty).
+        tx.execute("DELETE FROM resources WHERE namespace = ?1", params![name])?;
+        tx.execute("DELETE FROM runs WHERE namespace = ?1", params![name])?;
+        tx.execute(
+            "DELETE FROM job_executions WHERE namespace = ?1",
+            params![name],
+        )?;
+        let n = tx.execute("DELETE FROM namespaces WHERE name = ?1", params![name])?;
+        tx.commit()?;
+        Ok(n == 1)
     }
 
     fn put_token(&self, token: &ApiToken) -> Result<bool> {

@@ -100,6 +100,8 @@ pub enum What {
         #[arg(long = "from-literal", value_name = "KEY=VALUE")]
         from_literal: Vec<String>,
     },
+    /// A namespace (Dispatch's organization): `dispatch create namespace team-a`
+    Namespace { name: String },
     /// An API token (printed once): `dispatch create token ci --role developer --namespace team-a`
     Token {
         name: String,
@@ -247,6 +249,11 @@ impl Create {
                     Object::new(Kind::Function, &ns, &name, spec),
                     wait.resolve(),
                 )
+            }
+            What::Namespace { name } => {
+                c.create_namespace(&name).await?;
+                println!("namespace/{name} created");
+                return Ok(ExitCode::SUCCESS);
             }
             What::Secret {
                 name,

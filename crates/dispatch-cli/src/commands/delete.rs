@@ -23,6 +23,9 @@ pub struct Delete {
     /// With -f: skip resources that do not exist
     #[arg(long)]
     pub ignore_not_found: bool,
+    /// Namespaces: delete everything in it too
+    #[arg(long)]
+    pub cascade: bool,
 }
 
 impl Delete {
@@ -47,6 +50,21 @@ impl Delete {
         }
         let kind = match parse_target(self.kind.as_deref().unwrap_or_default())? {
             Target::Resource(k) => k,
+            Target::Namespaces => {
+                if self.names.is_empty() {
+                    bail!(
+                        "name the namespace to delete: dispatch delete namespace NAME [--cascade]"
+                    );
+                }
+                for n in &self.names {
+                    let r = c.delete_namespace(n, self.cascade).await?;
+                    println!(
+                        "namespace/{n} deleted ({} resources)",
+                        r["resources"].as_u64().unwrap_or(0)
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             Target::Tokens => {
                 if self.names.is_empty() {
                     bail!("name the token to delete: dispatch delete token NAME");

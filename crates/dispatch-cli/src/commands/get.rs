@@ -65,6 +65,34 @@ impl Get {
                     }
                 }
             },
+            Target::Namespaces => {
+                let items = match &self.name {
+                    Some(n) => vec![c.get_namespace(n).await?],
+                    None => c.list_namespaces().await?,
+                };
+                match self.output {
+                    Format::Table => print!(
+                        "{}",
+                        table(
+                            &["NAME", "CREATED DATE"],
+                            &items
+                                .iter()
+                                .map(|n| {
+                                    let created = n["metadata"]["createdAt"]
+                                        .as_str()
+                                        .and_then(|t| t.parse().ok());
+                                    vec![
+                                        n["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                                        crate::output::date(created),
+                                    ]
+                                })
+                                .collect::<Vec<_>>()
+                        )
+                    ),
+                    f if self.name.is_some() => print_structured(&items[0], f)?,
+                    f => print_structured(&items, f)?,
+                }
+            }
             Target::Tokens => {
                 let tokens = c.list_tokens().await?;
                 match self.output {

@@ -35,6 +35,7 @@ pub enum Target {
     JobExecutions,
     Tokens,
     Audit,
+    Namespaces,
 }
 
 pub fn parse_target(s: &str) -> Result<Target> {
@@ -51,6 +52,9 @@ pub fn parse_target(s: &str) -> Result<Target> {
     }
     if matches!(norm.as_str(), "token" | "tokens") {
         return Ok(Target::Tokens);
+    }
+    if matches!(norm.as_str(), "namespace" | "namespaces" | "ns") {
+        return Ok(Target::Namespaces);
     }
     if norm == "audit" {
         return Ok(Target::Audit);

@@ -2,6 +2,7 @@
 //! under `/v1/namespaces/{ns}/{kind}`, source upload, sync exec and run records.
 
 pub mod jobs;
+mod namespaces;
 mod resources;
 mod runs;
 mod tokens;
@@ -32,6 +33,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/version", get(version))
         .route("/v1/gc", post(gc))
+        .route(
+            "/v1/namespaces",
+            get(namespaces::list).post(namespaces::create),
+        )
+        .route(
+            "/v1/namespaces/{ns}",
+            get(namespaces::get_one).delete(namespaces::delete),
+        )
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::delete))
         .route("/v1/whoami", get(tokens::whoami))

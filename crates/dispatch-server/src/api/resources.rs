@@ -389,6 +389,7 @@ async fn admit(
         }
         _ => obj.metadata.namespace = Some(ns.to_string()),
     }
+    state.require_namespace(ns)?;
     obj.validate()?;
     match kind {
         // Validated by `Object::validate` (shape and every template parses).

@@ -29,6 +29,7 @@ pub async fn upload_source(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
+    state.require_namespace(&ns)?;
     validate_name("function", &name)?;
     let body = body.map_err(|r| body_rejection(r, MAX_SOURCE_BYTES))?;
     let blobs = state.blobs.clone();
