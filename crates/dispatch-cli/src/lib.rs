@@ -47,6 +47,9 @@ pub struct Global {
     /// Context of the config file to use (default: its `current`)
     #[arg(long, global = true, env = "DISPATCH_CONTEXT")]
     pub context: Option<String>,
+    /// Accept any TLS certificate (self-signed servers); a context's `insecure` does the same
+    #[arg(long, global = true, env = "DISPATCH_INSECURE")]
+    pub insecure: bool,
     /// Log more (-v info, -vv debug); RUST_LOG overrides
     #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -107,7 +110,7 @@ impl Ctx {
                 .clone()
                 .or(ctx.namespace)
                 .unwrap_or_else(|| dispatch_core::DEFAULT_NAMESPACE.to_string()),
-            insecure: ctx.insecure,
+            insecure: g.insecure || ctx.insecure,
         };
         dispatch_core::names::validate_name("namespace", &target.namespace)?;
         let client = Client::new(&target)?;

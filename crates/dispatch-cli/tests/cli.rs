@@ -808,3 +808,82 @@ fn namespaces_and_secrets_from_the_cli() {
             .contains("cannot be deleted")
     );
 }
+
+#[test]
+fn tls_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is needed to make a test certificate (.ci/run installs it)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let (api, gw) = (free_port(), free_port());
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(["server", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--api-addr",
+            &format!("127.0.0.1:{api}"),
+            "--gateway-addr",
+            &format!("127.0.0.1:{gw}"),
+            "--tls-cert",
+        ])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cli = |extra: &[&str]| {
+        let token =
+            std::fs::read_to_string(dir.path().join("data/admin-token")).unwrap_or_default();
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .env("DISPATCH_SERVER", format!("https://127.0.0.1:{api}"))
+            .env("DISPATCH_TOKEN", token.trim())
+            .env("DISPATCH_CONFIG", dir.path().join("config.json"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cli(&["--insecure", "get", "namespaces"]).status.success() {
+        assert!(Instant::now() < deadline, "TLS server not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A self-signed certificate is refused unless --insecure (or a context's insecure: true).
+    let out = cli(&["get", "namespaces"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain HTTP does not get an answer from a TLS port.
+    assert!(http_get(api, "/healthz").is_none_or(|(code, _)| code != 200));
+    let _ = child.kill();
+    let _ = child.wait();
+}

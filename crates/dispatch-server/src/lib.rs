@@ -22,6 +22,7 @@ pub mod retention;
 pub mod routes;
 pub mod secrets;
 pub mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -172,8 +173,24 @@ impl Server {
         let gateway_addr = gateway
             .local_addr()
             .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
-        let api_task = tokio::spawn(serve_one(api, api::router(state.clone()), rx.clone()));
-        let gw_task = tokio::spawn(serve_one(gateway, gateway::router(state.clone()), rx));
+        let (api_task, gw_task) = match state.config.tls.clone() {
+            Some(cfg) => (
+                tokio::spawn(serve_one(
+                    tls::TlsListener::new(api, cfg.clone()),
+                    api::router(state.clone()),
+                    rx.clone(),
+                )),
+                tokio::spawn(serve_one(
+                    tls::TlsListener::new(gateway, cfg),
+                    gateway::router(state.clone()),
+                    rx,
+                )),
+            ),
+            None => (
+                tokio::spawn(serve_one(api, api::router(state.clone()), rx.clone())),
+                tokio::spawn(serve_one(gateway, gateway::router(state.clone()), rx)),
+            ),
+        };
         tracing::info!(%api_addr, %gateway_addr, backend = state.backend.name(), "dispatch server ready");
         Server {
             admin_token_file: None,
@@ -270,11 +287,15 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
         .map_err(|source| ServerError::Bind { what, addr, source })
 }
 
-async fn serve_one(
-    listener: TcpListener,
+async fn serve_one<L>(
+    listener: L,
     router: axum::Router,
     mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

@@ -53,6 +53,8 @@ pub struct Options {
     pub auth: bool,
     /// The key that seals secrets (`<data dir>/secret.key`); none = a key in memory only.
     pub secret_key_file: Option<std::path::PathBuf>,
+    /// Serve both listeners over TLS (`--tls-cert`, `--tls-key`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
             auth: true,
             secret_key_file: None,
+            tls: None,
         }
     }
 }

@@ -37,6 +37,12 @@ pub struct Server {
     /// Serve without tokens: every caller is admin (loopback only)
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// TLS certificate chain (PEM) for both listeners; with --tls-key
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -66,12 +72,15 @@ impl Server {
                  reach it could run anything; drop the flag (tokens) or bind 127.0.0.1"
             );
         }
-        if !loopback {
+        if !loopback && self.tls_cert.is_none() {
             tracing::warn!(
                 "listening beyond loopback without TLS: tokens cross the network in clear; put a TLS proxy in front"
             );
         }
-        let options = self.options();
+        let mut options = self.options();
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            options.tls = Some(dispatch_server::tls::load(cert, key)?);
+        }
         let data_dir = match self.data_dir {
             Some(d) => d,
             None => crate::config::home()
@@ -84,8 +93,13 @@ impl Server {
             gateway_addr: self.gateway_addr,
             options,
         };
+        let scheme = if config.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         eprintln!(
-            "dispatch server: api http://{} gateway http://{} data {}",
+            "dispatch server: api {scheme}://{} gateway {scheme}://{} data {}",
             config.api_addr,
             config.gateway_addr,
             config.data_dir.display()
