@@ -166,6 +166,61 @@ pub fn objects_table(kind: Kind, items: &[Object]) -> String {
                 })
                 .collect::<Vec<_>>(),
         ),
+        Kind::Subscription => table(
+            &[
+                "NAME",
+                "EVENT TYPE",
+                "SOURCE",
+                "FUNCTION",
+                "STATUS",
+                "CREATED DATE",
+            ],
+            &items
+                .iter()
+                .map(|o| {
+                    let src = s(&o.spec, "source");
+                    vec![
+                        o.name().into(),
+                        s(&o.spec, "eventType"),
+                        if src.is_empty() { "*".into() } else { src },
+                        s(&o.spec, "function"),
+                        phase(o),
+                        created(o),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Kind::EventDriver => table(
+            &[
+                "NAME",
+                "TYPE",
+                "SCHEDULE/PATH",
+                "EMITS/RUNS",
+                "NEXT FIRE",
+                "STATUS",
+            ],
+            &items
+                .iter()
+                .map(|o| {
+                    let what = match (s(&o.spec, "schedule"), s(&o.spec, "path")) {
+                        (sch, _) if !sch.is_empty() => sch,
+                        (_, p) => p,
+                    };
+                    let target = match (s(&o.spec, "eventType"), s(&o.spec, "function")) {
+                        (t, _) if !t.is_empty() => format!("event {t}"),
+                        (_, f) => format!("function {f}"),
+                    };
+                    vec![
+                        o.name().into(),
+                        s(&o.spec, "type"),
+                        what,
+                        target,
+                        date(o.status.next_fire),
+                        phase(o),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
         Kind::Secret => table(
             &["NAME", "KEYS", "CREATED DATE"],
             &items

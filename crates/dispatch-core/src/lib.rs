@@ -11,6 +11,7 @@ pub mod digest;
 pub mod duration;
 pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod jobs;
 pub mod manifest;
 pub mod names;

@@ -28,16 +28,20 @@ pub enum Kind {
     Endpoint,
     JobTemplate,
     Secret,
+    Subscription,
+    EventDriver,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::BaseImage,
         Kind::Image,
         Kind::Function,
         Kind::Endpoint,
         Kind::JobTemplate,
         Kind::Secret,
+        Kind::Subscription,
+        Kind::EventDriver,
     ];
 
     /// The plural lower-case form used in API paths (`/v1/namespaces/{ns}/functions`).
@@ -49,6 +53,8 @@ impl Kind {
             Kind::Endpoint => "endpoints",
             Kind::JobTemplate => "jobtemplates",
             Kind::Secret => "secrets",
+            Kind::Subscription => "subscriptions",
+            Kind::EventDriver => "eventdrivers",
         }
     }
 
@@ -61,6 +67,8 @@ impl Kind {
             Kind::Endpoint => "endpoint",
             Kind::JobTemplate => "jobtemplate",
             Kind::Secret => "secret",
+            Kind::Subscription => "subscription",
+            Kind::EventDriver => "eventdriver",
         }
     }
 
@@ -73,6 +81,8 @@ impl Kind {
             Kind::Endpoint => "endpoint",
             Kind::JobTemplate => "job template",
             Kind::Secret => "secret",
+            Kind::Subscription => "subscription",
+            Kind::EventDriver => "event driver",
         }
     }
 
@@ -84,6 +94,8 @@ impl Kind {
             Kind::Endpoint => "Endpoint",
             Kind::JobTemplate => "JobTemplate",
             Kind::Secret => "Secret",
+            Kind::Subscription => "Subscription",
+            Kind::EventDriver => "EventDriver",
         }
     }
 
@@ -164,6 +176,9 @@ pub struct Status {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Cron event drivers: when they fire next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_fire: Option<Timestamp>,
 }
 
 impl Status {
@@ -256,6 +271,14 @@ impl Object {
             Kind::Function => normal(self.typed_spec::<FunctionSpec>()?.normalize()?),
             Kind::Endpoint => normal(self.typed_spec::<EndpointSpec>()?.normalize()?),
             Kind::Secret => normal(self.typed_spec::<SecretSpec>()?.normalize()?),
+            Kind::Subscription => normal(
+                self.typed_spec::<crate::events::SubscriptionSpec>()?
+                    .normalize()?,
+            ),
+            Kind::EventDriver => normal(
+                self.typed_spec::<crate::events::EventDriverSpec>()?
+                    .normalize()?,
+            ),
             Kind::JobTemplate => {
                 let spec: crate::jobs::JobTemplateSpec = self.typed_spec()?;
                 spec.validate()?;

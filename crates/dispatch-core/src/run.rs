@@ -123,6 +123,9 @@ pub struct Run {
     /// When a DEAD run was re-queued (`dispatch runs redrive`): its age counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redriven_at: Option<Timestamp>,
+    /// Event runs: the CloudEvent without its data (`context.event`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<serde_json::Value>,
     /// Delivery of the final record to a callback URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
@@ -159,6 +162,7 @@ impl Run {
             attempt_errors: Vec::new(),
             next_attempt_at: None,
             redriven_at: None,
+            event: None,
             callback: None,
         }
     }

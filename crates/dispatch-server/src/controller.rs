@@ -111,6 +111,7 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
         Kind::Endpoint => reconcile_endpoint(&state, &key).await,
         Kind::JobTemplate => reconcile_job_template(&state, &key).await,
         Kind::Secret => reconcile_secret(&state, &key).await,
+        Kind::Subscription | Kind::EventDriver => reconcile_event_object(&state, &key).await,
     };
     if let Err(e) = res {
         tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {}", e.message);
@@ -140,6 +141,7 @@ fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &O
         reason: reason.into(),
         digest,
         observed_generation: o.metadata.generation,
+        next_fire: o.status.next_fire,
     }
 }
 
@@ -530,4 +532,14 @@ async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ApiError> {
             .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&name)))
     })
     .await
+}
+
+/// Subscriptions and event drivers need no build: valid means READY; the event index and the
+/// cron scheduler pick them up.
+async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), ApiError> {
+    crate::events::rebuild(state).await?;
+    if let Some(o) = state.get(&key.namespace, key.kind, &key.name).await? {
+        set_status(state, &o, status(Phase::Ready, "", None, &o)).await?;
+    }
+    Ok(())
 }

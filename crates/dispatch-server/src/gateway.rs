@@ -46,6 +46,38 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         .and_then(|h| h.to_str().ok())
         .or_else(|| parts.uri.host());
     let path = parts.uri.path();
+    // Webhook drivers: any request to their path becomes an event.
+    let hook = state.event_index().webhooks.get(path).cloned();
+    if let Some((ns, name, spec)) = hook {
+        let bytes = match axum::body::to_bytes(body, MAX_PAYLOAD_BYTES).await {
+            Ok(b) => b,
+            Err(_) => return invoke::payload_too_large().into_response(),
+        };
+        let data = match payload_of(&parts.method, parts.uri.query(), &parts.headers, &bytes) {
+            Ok(p) => serde_json::from_str::<serde_json::Value>(p.get()).unwrap_or_default(),
+            Err(e) => return e.into_response(),
+        };
+        let ct = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let id = ulid::Ulid::new().to_string();
+        let now = state.queue.clock.now();
+        let fire = crate::events::Fire {
+            ns: &ns,
+            driver: &name,
+            spec: &spec,
+            id,
+            time: now,
+            data,
+            content_type: ct,
+        };
+        return match crate::events::emit_from_driver(&state, fire).await {
+            Ok(v) => (StatusCode::ACCEPTED, axum::Json(v)).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     let routes = state.routes();
     let m = match routes.find(host, parts.method.as_str(), path) {
         Lookup::Found(m) => m,

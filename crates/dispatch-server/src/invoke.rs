@@ -40,6 +40,8 @@ struct Context<'a> {
     http_context: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     attempt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a serde_json::Value>,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -65,6 +67,7 @@ pub async fn call_backend(
         secrets: &deployed.secrets,
         http_context: http,
         attempt: run.is_async.then_some(run.attempts),
+        event: run.event.as_ref(),
     };
     // Serializing a struct of strings and a JSON value cannot fail.
     let ctx = serde_json::value::to_raw_value(&ctx)

@@ -12,6 +12,7 @@ pub mod callbacks;
 pub mod clock;
 pub mod controller;
 mod error;
+pub mod events;
 pub mod gateway;
 pub mod gc;
 pub mod invoke;

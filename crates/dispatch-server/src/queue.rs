@@ -646,6 +646,19 @@ pub async fn enqueue(
     trigger: Trigger,
     callback_url: Option<String>,
 ) -> Result<Run, ApiError> {
+    enqueue_with(state, ns, function, payload, trigger, callback_url, None).await
+}
+
+/// [`enqueue`] with the event that caused the run (`context.event`).
+pub async fn enqueue_with(
+    state: &Arc<AppState>,
+    ns: &str,
+    function: &str,
+    payload: Box<RawValue>,
+    trigger: Trigger,
+    callback_url: Option<String>,
+    event: Option<serde_json::Value>,
+) -> Result<Run, ApiError> {
     let spec_callback = match state.deployed(ns, function) {
         Some(d) => d.callback_url.clone(),
         None => {
@@ -667,6 +680,7 @@ pub async fn enqueue(
         state.queue.clock.now(),
     );
     run.is_async = true;
+    run.event = event;
     run.callback = callback_url.or(spec_callback).map(|url| Callback {
         url,
         state: CallbackState::Pending,

@@ -55,6 +55,8 @@ pub struct Options {
     pub secret_key_file: Option<std::path::PathBuf>,
     /// Serve both listeners over TLS (`--tls-cert`, `--tls-key`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The clock (tests share one across a simulated restart); none = the wall clock now.
+    pub clock: Option<Clock>,
 }
 
 impl Default for Options {
@@ -69,6 +71,7 @@ impl Default for Options {
             auth: true,
             secret_key_file: None,
             tls: None,
+            clock: None,
         }
     }
 }
@@ -82,6 +85,9 @@ pub struct AppState {
     pub jobs: crate::jobs::Jobs,
     pub tokens: crate::auth::Tokens,
     pub secrets: crate::secrets::SecretBox,
+    event_index: RwLock<Arc<crate::events::EventIndex>>,
+    /// Wakes the cron scheduler (drivers changed).
+    pub cron_wake: Arc<tokio::sync::Notify>,
     /// Namespace → created; `default` is always there (no row).
     namespaces: RwLock<std::collections::BTreeMap<String, Option<jiff::Timestamp>>>,
     pub config: Options,
@@ -125,10 +131,16 @@ impl AppState {
             blobs,
             backend,
             recorder,
-            queue: Queue::new(Clock::new(), config.max_queue_depth, config.max_running),
+            queue: Queue::new(
+                config.clock.unwrap_or_default(),
+                config.max_queue_depth,
+                config.max_running,
+            ),
             jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),
             tokens: crate::auth::Tokens::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
+            event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
+            cron_wake: Arc::new(tokio::sync::Notify::new()),
             // Server::start checked the key file already; an unreadable one fails there.
             secrets: crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
                 .or_else(|e| {
@@ -174,10 +186,15 @@ impl AppState {
         crate::queue::recover(&state).await;
         crate::callbacks::resume(&state).await;
         crate::jobs::recover(&state).await;
+        if let Err(e) = crate::events::rebuild(&state).await {
+            tracing::error!("failed to load subscriptions: {}", e.message);
+        }
+        crate::events::recover(&state).await;
         let tasks = vec![
             Queue::spawn(state.clone()),
             Queue::spawn_expiry(state.clone()),
             crate::retention::spawn(state.clone()),
+            crate::events::spawn_cron(state.clone(), state.cron_wake.clone()),
         ];
         *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         state.ready.store(true, Ordering::Release);
@@ -272,6 +289,17 @@ impl AppState {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
         Ok(())
+    }
+
+    pub fn event_index(&self) -> Arc<crate::events::EventIndex> {
+        self.event_index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_event_index(&self, idx: crate::events::EventIndex) {
+        *self.event_index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(idx);
     }
 
     /// Creates an API token; returns the token (shown once) and its record.

@@ -2,92 +2,18 @@
 //! sleeps): exponential backoff with jitter between attempts, DEAD after maxAttempts, and
 //! maxAge both for failing runs and for runs whose function never becomes ready.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_core::envelope::null_raw;
-use dispatch_core::{Envelope, ErrorObject, Kind, Logs, Object, Run, RunStatus, Trigger};
-use dispatch_runtime::backend::{
-    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
-    InvokeError, Removed,
-};
-use dispatch_runtime::{CallOutcome, Progress};
+use dispatch_core::{Kind, Object, Run, RunStatus, Trigger};
+mod support;
+
 use dispatch_server::controller::Key;
 use dispatch_server::{AppState, Options, queue};
 use dispatch_store::{BlobStore, SqliteStore, Store};
 use serde_json::json;
-use serde_json::value::RawValue;
-use tokio::time::Instant;
-
-/// Deploys anything (or nothing, when `deploy_fails`); every call fails with a FunctionError
-/// and is timed.
-#[derive(Default)]
-struct FakeBackend {
-    deploy_fails: bool,
-    calls: Mutex<Vec<Instant>>,
-}
-
-impl Backend for FakeBackend {
-    fn name(&self) -> &'static str {
-        "fake"
-    }
-    fn validate_image(&self, _: &ImageBuild) -> Result<(), dispatch_core::ValidationError> {
-        Ok(())
-    }
-    fn check_base_image<'a>(
-        &'a self,
-        _: &'a BaseImageCheck,
-    ) -> BoxFuture<'a, Result<(), BuildError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn build_image<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a ImageBuild,
-        _: Progress,
-    ) -> BoxFuture<'a, Result<(), BuildError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn build_log<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<String>> {
-        Box::pin(async { None })
-    }
-    fn gc<'a>(&'a self, _: &'a GcKeep, _: Duration) -> BoxFuture<'a, Vec<Removed>> {
-        Box::pin(async { Vec::new() })
-    }
-    fn deploy_function(&self, _: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
-        let fails = self.deploy_fails;
-        Box::pin(async move {
-            if fails {
-                Err(BuildError::Unsupported("this fake never deploys".into()))
-            } else {
-                Ok(())
-            }
-        })
-    }
-    fn invoke<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a RawValue,
-        _: &'a RawValue,
-        _: std::time::Instant,
-    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
-        self.calls.lock().unwrap().push(Instant::now());
-        Box::pin(async {
-            Ok(CallOutcome {
-                envelope: Envelope::error(ErrorObject::function("boom"), Logs::default()),
-                cold: false,
-                timings: Default::default(),
-            })
-        })
-    }
-    fn remove_function<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
-}
+use support::fake::FakeBackend;
 
 struct Fx {
     _dir: tempfile::TempDir,

@@ -11,6 +11,7 @@ mod error;
 mod sqlite;
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
+use dispatch_core::events::StoredEvent;
 use dispatch_core::{JobExecution, Kind, Object, Run, RunStatus, Status};
 
 pub use blobs::{BlobInfo, BlobStore};
@@ -104,6 +105,32 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes executions whose `ttlSecondsAfterFinished` has passed.
     fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64>;
+
+    /// Stores an event; `false` when one with its namespace, source and id exists (and
+    /// `replace` is off).
+    fn put_event(&self, event: &StoredEvent, replace: bool) -> Result<bool>;
+
+    /// Newest first, of one type or all.
+    fn list_events(
+        &self,
+        namespace: &str,
+        event_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>>;
+
+    /// Deletes events past their TTL.
+    fn prune_events(&self, now: jiff::Timestamp) -> Result<u64>;
+
+    /// The last fire of a cron driver.
+    fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>>;
+
+    /// Records (or, with `None`, forgets) the last fire of a cron driver.
+    fn set_cron_last_fire(
+        &self,
+        namespace: &str,
+        name: &str,
+        at: Option<jiff::Timestamp>,
+    ) -> Result<()>;
 
     /// Registers a namespace; `false` when it exists.
     fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool>;

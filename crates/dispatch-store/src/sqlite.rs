@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
+use dispatch_core::events::StoredEvent;
 use dispatch_core::{CallbackState, JobExecution, Kind, Object, Run, RunStatus, Status};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -76,6 +77,27 @@ const MIGRATIONS: &[M<'static>] = &[
         "CREATE TABLE namespaces (
         name TEXT PRIMARY KEY,
         created_ms INTEGER NOT NULL
+    );",
+    ),
+    // Events (CloudEvents, kept for a TTL) and the last fire of each cron driver.
+    M::up(
+        "CREATE TABLE events (
+        namespace TEXT NOT NULL,
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (namespace, source, id)
+    );
+    CREATE INDEX events_by_time ON events (namespace, received_ms);
+    CREATE INDEX events_expiring ON events (expires_ms);
+    CREATE TABLE cron_state (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        last_fire_ms INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name)
     );",
     ),
 ];
@@ -508,6 +530,84 @@ impl Store for SqliteStore {
             params![now.as_millisecond()],
         )?;
         Ok(n as u64)
+    }
+
+    fn put_event(&self, e: &StoredEvent, replace: bool) -> Result<bool> {
+        let sql = if replace {
+            "INSERT OR REPLACE INTO events (namespace, source, id, type, received_ms, expires_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        } else {
+            "INSERT OR IGNORE INTO events (namespace, source, id, type, received_ms, expires_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        };
+        let n = self.conn().execute(
+            sql,
+            params![
+                e.namespace,
+                e.event.source,
+                e.event.id,
+                e.event.kind,
+                e.received_at.as_millisecond(),
+                e.expires_at.as_millisecond(),
+                serde_json::to_string(e)?
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn list_events(
+        &self,
+        namespace: &str,
+        event_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT body FROM events WHERE namespace = ?1 AND (?2 IS NULL OR type = ?2)
+             ORDER BY received_ms DESC, id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![namespace, event_type, limit as i64], |r| {
+            r.get::<_, String>(0)
+        })?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(serde_json::from_str(&body?)?);
+        }
+        Ok(out)
+    }
+
+    fn prune_events(&self, now: Timestamp) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM events WHERE expires_ms <= ?1",
+            params![now.as_millisecond()],
+        )?;
+        Ok(n as u64)
+    }
+
+    fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<Timestamp>> {
+        let ms: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT last_fire_ms FROM cron_state WHERE namespace = ?1 AND name = ?2",
+                params![namespace, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(ms.and_then(|m| Timestamp::from_millisecond(m).ok()))
+    }
+
+    fn set_cron_last_fire(&self, namespace: &str, name: &str, at: Option<Timestamp>) -> Result<()> {
+        match at {
+            Some(t) => self.conn().execute(
+                "INSERT OR REPLACE INTO cron_state (namespace, name, last_fire_ms) VALUES (?1, ?2, ?3)",
+                params![namespace, name, t.as_millisecond()],
+            )?,
+            None => self.conn().execute(
+                "DELETE FROM cron_state WHERE namespace = ?1 AND name = ?2",
+                params![namespace, name],
+            )?,
+        };
+        Ok(())
     }
 
     fn put_namespace(&self, name: &str, created: Timestamp) -> Result<bool> {

@@ -1,6 +1,7 @@
 //! The control-plane API (default 127.0.0.1:8080, DESIGN §4): health, version, resource CRUD
 //! under `/v1/namespaces/{ns}/{kind}`, source upload, sync exec and run records.
 
+mod events;
 pub mod jobs;
 mod namespaces;
 mod resources;
@@ -58,6 +59,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             &format!("{ns}/images/{{name}}/logs"),
             get(resources::image_log),
+        )
+        .route(
+            &format!("{ns}/events"),
+            get(events::list)
+                .post(events::ingest)
+                .layer(DefaultBodyLimit::max(MAX_EXEC_BODY)),
         )
         .route(&format!("{ns}/runs"), get(runs::list).delete(runs::purge))
         .route(&format!("{ns}/runs/redrive"), post(runs::redrive_all))

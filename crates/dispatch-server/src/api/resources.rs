@@ -256,6 +256,9 @@ async fn stored_changed(state: &AppState, stored: &Object) -> Result<(), ApiErro
     if stored.kind == Kind::Endpoint {
         state.rebuild_routes().await?;
     }
+    if matches!(stored.kind, Kind::Subscription | Kind::EventDriver) {
+        crate::events::rebuild(state).await?;
+    }
     state.enqueue(Key::of(stored));
     Ok(())
 }
@@ -310,8 +313,17 @@ pub async fn delete(
         Kind::BaseImage if builtin_base_image(&ns, &name).is_some() => return Err(builtin(&name)),
         Kind::BaseImage => Some((Kind::Image, "baseImage")),
         Kind::Image => Some((Kind::Function, "image")),
-        Kind::Function => Some((Kind::Endpoint, "function")),
-        Kind::Endpoint | Kind::JobTemplate => None,
+        Kind::Function => {
+            // Anything that routes to it: endpoints, subscriptions, event drivers.
+            for by in [Kind::Subscription, Kind::EventDriver] {
+                let u = users(&state, &ns, by, "function", &name).await?;
+                if !u.is_empty() {
+                    return Err(in_use(kind, &name, by, &u));
+                }
+            }
+            Some((Kind::Endpoint, "function"))
+        }
+        Kind::Endpoint | Kind::JobTemplate | Kind::Subscription | Kind::EventDriver => None,
         Kind::Secret => {
             let nsc = ns.clone();
             let functions = state
@@ -352,6 +364,14 @@ pub async fn delete(
         }
         Kind::Endpoint => state.rebuild_routes().await?,
         Kind::JobTemplate => crate::jobs::forget_template(&state, &ns, &name).await?,
+        Kind::Subscription => crate::events::rebuild(&state).await?,
+        Kind::EventDriver => {
+            let (n, m) = (ns.clone(), name.clone());
+            state
+                .db(move |s| s.set_cron_last_fire(&n, &m, None))
+                .await?;
+            crate::events::rebuild(&state).await?;
+        }
         _ => {}
     }
     state.enqueue(Key::new(&ns, kind, &name));
@@ -451,6 +471,46 @@ async fn admit(
             let resolved = handler::resolve(base.lang(), spec.handler.as_deref(), &files)?;
             if let Some(m) = obj.spec.as_object_mut() {
                 m.insert("handler".into(), resolved.handler.into());
+            }
+        }
+        Kind::Subscription => {
+            let spec: dispatch_core::events::SubscriptionSpec = obj.typed_spec()?;
+            if state
+                .get(ns, Kind::Function, &spec.function)
+                .await?
+                .is_none()
+            {
+                return Err(unknown(
+                    Kind::Function,
+                    &spec.function,
+                    ns,
+                    "create it first (dispatch create function NAME PATH --image IMAGE)",
+                ));
+            }
+        }
+        Kind::EventDriver => {
+            let spec: dispatch_core::events::EventDriverSpec = obj.typed_spec()?;
+            if let Some(f) = &spec.function
+                && state.get(ns, Kind::Function, f).await?.is_none()
+            {
+                return Err(unknown(
+                    Kind::Function,
+                    f,
+                    ns,
+                    "create it first (dispatch create function NAME PATH --image IMAGE)",
+                ));
+            }
+            if let Some(p) = &spec.path
+                && let Some((ons, oname, _)) = state.event_index().webhooks.get(p)
+                && (ons.as_str(), oname.as_str()) != (ns, obj.name())
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "RouteConflict",
+                    format!(
+                        "webhook path {p} is taken by event driver {oname:?} in namespace {ons:?}"
+                    ),
+                ));
             }
         }
         Kind::Endpoint => {

@@ -1,0 +1,107 @@
+//! `POST /v1/namespaces/{ns}/events`: CloudEvents 1.0 in structured
+//! (`application/cloudevents+json`), batch (`application/cloudevents-batch+json`) or binary
+//! (`ce-*` headers) mode; `GET …/events[?type=&limit=]`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dispatch_core::events::{CloudEvent, StoredEvent};
+
+use super::check_namespace;
+use crate::error::{ApiError, body_rejection, parse_json};
+use crate::state::AppState;
+
+/// A CloudEvent from binary mode: attributes in `ce-*` headers, the body is the data.
+fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, ApiError> {
+    let mut attrs = serde_json::Map::new();
+    for (k, v) in headers {
+        if let Some(name) = k.as_str().strip_prefix("ce-") {
+            let v = v
+                .to_str()
+                .map_err(|_| ApiError::bad_request(format!("header ce-{name} is not text")))?;
+            attrs.insert(name.to_string(), v.into());
+        }
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !body.is_empty() {
+        let data = if ct.is_some_and(|c| c.split(';').next().unwrap_or("").trim().ends_with("json"))
+        {
+            serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("event data is not valid JSON: {e}")))?
+        } else {
+            serde_json::Value::String(String::from_utf8_lossy(body).into_owned())
+        };
+        attrs.insert("data".into(), data);
+    }
+    if let Some(c) = ct {
+        attrs.insert("datacontenttype".into(), c.into());
+    }
+    serde_json::from_value(serde_json::Value::Object(attrs))
+        .map_err(|e| ApiError::bad_request(format!("not a CloudEvent: {e}")))
+}
+
+pub async fn ingest(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_namespace(&ns)?;
+    state.require_namespace(&ns)?;
+    let body = body.map_err(|r| body_rejection(r, dispatch_core::MAX_PAYLOAD_BYTES))?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if ct == "application/cloudevents-batch+json" {
+        let events: Vec<CloudEvent> = parse_json(&body, "CloudEvents batch")?;
+        let mut out = Vec::new();
+        for e in events {
+            out.push(crate::events::ingest(&state, &ns, e).await?);
+        }
+        return Ok((StatusCode::ACCEPTED, Json(out)).into_response());
+    }
+    let event = if ct == "application/cloudevents+json" {
+        parse_json(&body, "CloudEvent")?
+    } else if headers.contains_key("ce-specversion") || headers.contains_key("ce-id") {
+        binary(&headers, &body)?
+    } else {
+        return Err(ApiError::bad_request(
+            "send a CloudEvent: structured (Content-Type: application/cloudevents+json) or binary (ce-specversion, ce-id, ce-source and ce-type headers)",
+        ));
+    };
+    let r = crate::events::ingest(&state, &ns, event).await?;
+    Ok((StatusCode::ACCEPTED, Json(r)).into_response())
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<StoredEvent>>, ApiError> {
+    check_namespace(&ns)?;
+    let t = q.get("type").cloned();
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100usize)
+        .min(10_000);
+    Ok(Json(
+        state
+            .db(move |s| s.list_events(&ns, t.as_deref(), limit))
+            .await?,
+    ))
+}

@@ -1,0 +1,374 @@
+//! Events (DESIGN §6): CloudEvents in, stored for a TTL, matched against subscriptions; each
+//! match enqueues one async run (`payload = data`, `context.event` = the attributes), with
+//! the queue's retries and dead letters. Webhook drivers turn gateway requests into events;
+//! cron drivers ([`spawn_cron`]) fire on schedule, also with zero warm workers.
+//!
+//! An event is stored as pending before its runs are enqueued and marked delivered after; a
+//! restart delivers pending ones again (at least once; `context.event.id` de-duplicates). An
+//! event whose source and id were seen already is not delivered twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_core::events::{
+    CloudEvent, Delivery, EventDriverSpec, MissedRuns, Schedule, StoredEvent, SubscriptionSpec,
+};
+use dispatch_core::{Kind, Object, Trigger};
+use tokio::sync::Notify;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How long events are kept.
+pub const EVENT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Subscriptions and webhook drivers, rebuilt whole on every change.
+#[derive(Default)]
+pub struct EventIndex {
+    /// (namespace, subscription name, spec)
+    pub subscriptions: Vec<(String, String, SubscriptionSpec)>,
+    /// gateway path → (namespace, driver name, spec)
+    pub webhooks: HashMap<String, (String, String, EventDriverSpec)>,
+}
+
+/// Reloads the index from the store and wakes the cron scheduler.
+pub async fn rebuild(state: &AppState) -> Result<(), ApiError> {
+    let (subs, drivers) = state
+        .db(|s| {
+            Ok((
+                s.list(None, Kind::Subscription)?,
+                s.list(None, Kind::EventDriver)?,
+            ))
+        })
+        .await?;
+    let mut idx = EventIndex::default();
+    for o in subs {
+        if let Ok(spec) = o.typed_spec::<SubscriptionSpec>() {
+            idx.subscriptions
+                .push((o.namespace().to_string(), o.name().to_string(), spec));
+        }
+    }
+    for o in drivers {
+        if let Ok(spec) = o.typed_spec::<EventDriverSpec>()
+            && spec.kind == "webhook"
+            && let Some(p) = spec.path.clone()
+        {
+            idx.webhooks
+                .insert(p, (o.namespace().to_string(), o.name().to_string(), spec));
+        }
+    }
+    state.set_event_index(idx);
+    state.cron_wake.notify_one();
+    Ok(())
+}
+
+/// What an ingest did.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ingested {
+    pub id: String,
+    pub source: String,
+    /// Seen before (same source and id): not delivered again.
+    pub duplicate: bool,
+    pub matched: Vec<Delivery>,
+}
+
+/// Stores an event and enqueues a run per matching subscription.
+pub async fn ingest(
+    state: &Arc<AppState>,
+    ns: &str,
+    event: CloudEvent,
+) -> Result<Ingested, ApiError> {
+    event.validate()?;
+    let now = state.queue.clock.now();
+    let ttl = jiff::SignedDuration::try_from(EVENT_TTL).unwrap_or(jiff::SignedDuration::MAX);
+    let mut stored = StoredEvent {
+        namespace: ns.to_string(),
+        event,
+        received_at: now,
+        matched: Vec::new(),
+        expires_at: now.checked_add(ttl).unwrap_or(now),
+        pending: true,
+    };
+    let s = stored.clone();
+    if !state.db(move |st| st.put_event(&s, false)).await? {
+        return Ok(Ingested {
+            id: stored.event.id,
+            source: stored.event.source,
+            duplicate: true,
+            matched: Vec::new(),
+        });
+    }
+    deliver(state, &mut stored).await?;
+    Ok(Ingested {
+        id: stored.event.id,
+        source: stored.event.source,
+        duplicate: false,
+        matched: stored.matched,
+    })
+}
+
+async fn deliver(state: &Arc<AppState>, stored: &mut StoredEvent) -> Result<(), ApiError> {
+    let subs: Vec<(String, SubscriptionSpec)> = state
+        .event_index()
+        .subscriptions
+        .iter()
+        .filter(|(n, _, spec)| *n == stored.namespace && spec.matches(&stored.event))
+        .map(|(_, name, spec)| (name.clone(), spec.clone()))
+        .collect();
+    let attrs = stored.event.attributes();
+    let payload = payload_of(&stored.event);
+    for (name, spec) in subs {
+        let run = crate::queue::enqueue_with(
+            state,
+            &stored.namespace,
+            &spec.function,
+            payload.clone(),
+            Trigger::Event,
+            None,
+            Some(attrs.clone()),
+        )
+        .await;
+        stored.matched.push(Delivery {
+            subscription: name,
+            function: spec.function.clone(),
+            run_id: run.as_ref().ok().map(|r| r.id.clone()),
+            error: run.err().map(|e| e.message),
+        });
+    }
+    stored.pending = false;
+    let s = stored.clone();
+    state.db(move |st| st.put_event(&s, true)).await?;
+    Ok(())
+}
+
+fn payload_of(e: &CloudEvent) -> Box<serde_json::value::RawValue> {
+    let v = e.data.clone().unwrap_or(serde_json::Value::Null);
+    serde_json::value::to_raw_value(&v).unwrap_or_else(|_| dispatch_core::envelope::null_raw())
+}
+
+/// Start-up: events stored but not handed to their subscriptions (a stop in between) are
+/// delivered now.
+pub async fn recover(state: &Arc<AppState>) {
+    for (ns, _) in state.namespaces() {
+        let n = ns.clone();
+        let Ok(events) = state.db(move |s| s.list_events(&n, None, 100_000)).await else {
+            continue;
+        };
+        for mut e in events.into_iter().filter(|e| e.pending) {
+            if let Err(err) = deliver(state, &mut e).await {
+                tracing::warn!("redelivering event {}: {}", e.event.id, err.message);
+            }
+        }
+    }
+    let _ = state.db(|s| s.prune_events(jiff::Timestamp::now())).await;
+}
+
+/// One event a driver produces.
+pub struct Fire<'a> {
+    pub ns: &'a str,
+    pub driver: &'a str,
+    pub spec: &'a EventDriverSpec,
+    /// Event id (cron: fixed by driver and fire time, so a replay is a duplicate).
+    pub id: String,
+    pub time: jiff::Timestamp,
+    pub data: serde_json::Value,
+    pub content_type: Option<String>,
+}
+
+/// A cron or webhook driver's event (or direct run).
+pub async fn emit_from_driver(
+    state: &Arc<AppState>,
+    fire: Fire<'_>,
+) -> Result<serde_json::Value, ApiError> {
+    let Fire {
+        ns,
+        driver,
+        spec,
+        id,
+        time,
+        data,
+        content_type,
+    } = fire;
+    let event = CloudEvent {
+        specversion: "1.0".into(),
+        id,
+        source: format!("dispatch/{}/{ns}/{driver}", spec.kind),
+        kind: spec
+            .event_type
+            .clone()
+            .unwrap_or_else(|| format!("dispatch.{}", spec.kind)),
+        subject: None,
+        time: Some(time.to_string()),
+        datacontenttype: content_type.or(Some("application/json".into())),
+        dataschema: None,
+        data: Some(data),
+        extensions: Default::default(),
+    };
+    match &spec.function {
+        Some(f) => {
+            let run = crate::queue::enqueue_with(
+                state,
+                ns,
+                f,
+                payload_of(&event),
+                if spec.kind == "cron" {
+                    Trigger::Cron
+                } else {
+                    Trigger::Event
+                },
+                None,
+                Some(event.attributes()),
+            )
+            .await?;
+            Ok(serde_json::json!({"id": event.id, "runs": [run.id]}))
+        }
+        None => {
+            let r = ingest(state, ns, event).await?;
+            Ok(serde_json::to_value(r).unwrap_or_default())
+        }
+    }
+}
+
+/// A cron driver as the scheduler sees it.
+struct CronDriver {
+    ns: String,
+    name: String,
+    spec: EventDriverSpec,
+    schedule: Schedule,
+    object: Object,
+}
+
+async fn cron_drivers(state: &AppState) -> Vec<CronDriver> {
+    let Ok(all) = state.db(|s| s.list(None, Kind::EventDriver)).await else {
+        return Vec::new();
+    };
+    all.into_iter()
+        .filter_map(|o| {
+            let spec: EventDriverSpec = o.typed_spec().ok()?;
+            if spec.kind != "cron" {
+                return None;
+            }
+            let schedule = Schedule::parse(
+                spec.schedule.as_deref()?,
+                spec.timezone.as_deref().unwrap_or("UTC"),
+            )
+            .ok()?;
+            Some(CronDriver {
+                ns: o.namespace().to_string(),
+                name: o.name().to_string(),
+                spec,
+                schedule,
+                object: o,
+            })
+        })
+        .collect()
+}
+
+async fn fire(state: &Arc<AppState>, d: &CronDriver, at: jiff::Timestamp) {
+    // The id is fixed by driver and fire time: a fire replayed after a crash is a duplicate.
+    let id = format!("{}/{}/{}", d.ns, d.name, at.as_millisecond());
+    let data = serde_json::json!({"scheduled": at.to_string(), "driver": d.name});
+    let fire = Fire {
+        ns: &d.ns,
+        driver: &d.name,
+        spec: &d.spec,
+        id,
+        time: at,
+        data,
+        content_type: None,
+    };
+    if let Err(e) = emit_from_driver(state, fire).await {
+        tracing::warn!(driver = %d.name, "cron fire failed: {}", e.message);
+    }
+}
+
+/// The cron scheduler: one task holds every cron driver's next fire. Fires are recorded, so
+/// a restart applies `missedRuns` to the ones missed while it was down.
+pub fn spawn_cron(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let clock = state.queue.clock;
+        loop {
+            let drivers = cron_drivers(&state).await;
+            let now = clock.now();
+            let mut next_wake: Option<jiff::Timestamp> = None;
+            for d in &drivers {
+                let (ns, name) = (d.ns.clone(), d.name.clone());
+                let last = state
+                    .db(move |s| s.cron_last_fire(&ns, &name))
+                    .await
+                    .ok()
+                    .flatten();
+                let last = match last {
+                    Some(l) => l,
+                    None => {
+                        // A new driver starts from now: nothing before its creation is missed.
+                        let (ns, name) = (d.ns.clone(), d.name.clone());
+                        let _ = state
+                            .db(move |s| s.set_cron_last_fire(&ns, &name, Some(now)))
+                            .await;
+                        now
+                    }
+                };
+                // Fires due since the last one (missed ones after a stop, or just due).
+                let mut due = Vec::new();
+                let mut t = last;
+                while let Some(n) = d.schedule.next_after(t) {
+                    if n > now || due.len() > dispatch_core::events::MAX_CATCH_UP {
+                        break;
+                    }
+                    due.push(n);
+                    t = n;
+                }
+                let catching_up = due.len() > 1
+                    || due
+                        .first()
+                        .is_some_and(|f| now.duration_since(*f).as_secs() > 2);
+                let to_fire: Vec<jiff::Timestamp> = match (catching_up, d.spec.missed_runs) {
+                    (false, _) => due.clone(),
+                    (true, MissedRuns::Skip) => Vec::new(),
+                    (true, MissedRuns::Once) => due.last().copied().into_iter().collect(),
+                    (true, MissedRuns::All) => due
+                        .iter()
+                        .copied()
+                        .take(dispatch_core::events::MAX_CATCH_UP)
+                        .collect(),
+                };
+                for at in &to_fire {
+                    fire(&state, d, *at).await;
+                }
+                if let Some(latest) = due.last().copied() {
+                    let (ns, name) = (d.ns.clone(), d.name.clone());
+                    let _ = state
+                        .db(move |s| s.set_cron_last_fire(&ns, &name, Some(latest)))
+                        .await;
+                }
+                let next = d
+                    .schedule
+                    .next_after(due.last().copied().unwrap_or(last).max(now));
+                if d.object.status.next_fire != next {
+                    let mut st = d.object.status.clone();
+                    st.next_fire = next;
+                    st.phase = Some(dispatch_core::Phase::Ready);
+                    let (ns, name) = (d.ns.clone(), d.name.clone());
+                    let _ = state
+                        .db(move |s| s.update_status(&ns, Kind::EventDriver, &name, st))
+                        .await;
+                }
+                if let Some(n) = next {
+                    next_wake = Some(next_wake.map_or(n, |w| w.min(n)));
+                }
+            }
+            match next_wake {
+                Some(at) => {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep_until(clock.instant_at(at)) => {}
+                    }
+                }
+                None => wake.notified().await,
+            }
+        }
+    })
+}

@@ -1,0 +1,252 @@
+//! Events end to end (real workers): structured, binary and batch CloudEvents, subscriptions
+//! by exact type and prefix, `context.event`, unmatched and duplicate events, webhooks.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use dispatch_core::{Kind, Phase, Run, RunStatus};
+use serde_json::json;
+use support::*;
+
+const ECHO: &str = r#"
+def handle(context, payload):
+    e = context["event"]
+    print(e["type"], e["id"], e["source"])
+    return {"payload": payload, "type": e["type"], "subject": e.get("subject")}
+"#;
+
+async fn final_run(c: &dispatch_client::Client, id: &str) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c.get_run(id).await.unwrap();
+        if r.status.is_final() {
+            return r;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_reach_subscribed_functions() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    create_function(c, "echo", "py", "echo.py", ECHO, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "echo").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::Subscription,
+        "orders",
+        json!({"eventType": "order.*", "function": "echo"}),
+    ))
+    .await
+    .unwrap();
+    c.create(&object(
+        Kind::Subscription,
+        "exact",
+        json!({"eventType": "order.created", "function": "echo", "source": "/shop"}),
+    ))
+    .await
+    .unwrap();
+    let err = c
+        .create(&object(
+            Kind::Subscription,
+            "ghost",
+            json!({"eventType": "x", "function": "nope"}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().unwrap().as_u16(), 422);
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/namespaces/default/events", t.api());
+    // Structured: two subscriptions match (prefix, and exact with the same source).
+    let r = http
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(json!({"specversion": "1.0", "id": "e1", "source": "/shop", "type": "order.created", "subject": "o-17", "data": {"total": 42}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["matched"].as_array().unwrap().len(), 2, "{v}");
+    for d in v["matched"].as_array().unwrap() {
+        let run = final_run(c, d["runId"].as_str().unwrap()).await;
+        assert_eq!(run.status, RunStatus::Succeeded);
+        let out: serde_json::Value = serde_json::from_str(run.output.unwrap().get()).unwrap();
+        assert_eq!(
+            out,
+            json!({"payload": {"total": 42}, "type": "order.created", "subject": "o-17"})
+        );
+        assert_eq!(run.logs.stdout, ["order.created e1 /shop"]);
+        assert_eq!(run.trigger, dispatch_core::Trigger::Event);
+    }
+    // The same source and id again: stored once, delivered once.
+    let r = http
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(
+            json!({"specversion": "1.0", "id": "e1", "source": "/shop", "type": "order.created"})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            v["duplicate"].as_bool(),
+            v["matched"].as_array().unwrap().len()
+        ),
+        (Some(true), 0)
+    );
+
+    // Binary mode: attributes in ce-* headers, the body is the data.
+    let r = http
+        .post(&url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "e2")
+        .header("ce-source", "/other")
+        .header("ce-type", "order.paid")
+        .header("content-type", "text/plain")
+        .body("paid in full")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["matched"].as_array().unwrap().len(),
+        1,
+        "only the prefix subscription: {v}"
+    );
+    let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
+    assert!(run.output.unwrap().get().contains("\"paid in full\""));
+
+    // Unmatched: stored, reported with no deliveries; missing attributes: 400 naming them.
+    let r = http
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(
+            json!({"specversion": "1.0", "id": "e3", "source": "/x", "type": "user.signup"})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["matched"], json!([]));
+    let r = http
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(json!({"specversion": "1.0", "id": "e4", "type": "t"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"source\" is required"),
+        "{e}"
+    );
+    let r = http.post(&url).body("not an event").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    let listed: Vec<serde_json::Value> = http
+        .get(format!("{url}?type=user.signup"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let all: Vec<serde_json::Value> = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(all.len(), 3);
+    // A function with subscriptions cannot be deleted.
+    let err = c.delete(Kind::Function, "echo").await.unwrap_err();
+    assert!(err.to_string().contains("used by subscriptions"), "{err}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_drivers_turn_requests_into_events() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    create_function(c, "echo", "py", "echo.py", ECHO, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "echo").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::Subscription,
+        "hooks",
+        json!({"eventType": "github.push", "function": "echo"}),
+    ))
+    .await
+    .unwrap();
+    c.create(&object(
+        Kind::EventDriver,
+        "github",
+        json!({"type": "webhook", "path": "/hooks/github", "eventType": "github.push"}),
+    ))
+    .await
+    .unwrap();
+    let err = c
+        .create(&object(
+            Kind::EventDriver,
+            "other",
+            json!({"type": "webhook", "path": "/hooks/github", "eventType": "x"}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status().unwrap().as_u16(), 409);
+    let r = reqwest::Client::new()
+        .post(format!("{}/hooks/github", t.gateway))
+        .json(&json!({"ref": "refs/heads/main"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
+    let out: serde_json::Value = serde_json::from_str(run.output.unwrap().get()).unwrap();
+    assert_eq!(out["payload"], json!({"ref": "refs/heads/main"}));
+    assert_eq!(out["type"], "github.push");
+    // Bad drivers: unknown type, bad cron, brokers not here yet.
+    for (spec, expect) in [
+        (
+            json!({"type": "carrier-pigeon", "eventType": "x"}),
+            "not known",
+        ),
+        (
+            json!({"type": "cron", "schedule": "61 * * * *", "eventType": "x"}),
+            "field 1 (minute)",
+        ),
+        (
+            json!({"type": "cron", "schedule": "* * * * *"}),
+            "exactly one",
+        ),
+    ] {
+        let e = c
+            .create(&object(Kind::EventDriver, "bad", spec))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status().unwrap().as_u16(), 400);
+        assert!(e.to_string().contains(expect), "{e}");
+    }
+    t.stop().await;
+}

@@ -1,0 +1,84 @@
+//! A fake [`Backend`]: deploys anything (or nothing), answers every call with a FunctionError,
+//! and times the calls. For tests that drive the queue and the scheduler with paused time.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dispatch_core::{Envelope, ErrorObject, Logs};
+use dispatch_runtime::backend::{
+    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
+    InvokeError, Removed,
+};
+use dispatch_runtime::{CallOutcome, Progress};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+/// Deploys anything (or nothing, when `deploy_fails`); every call fails with a FunctionError
+/// and is timed.
+#[derive(Default)]
+pub struct FakeBackend {
+    pub deploy_fails: bool,
+    pub calls: Mutex<Vec<Instant>>,
+}
+
+impl Backend for FakeBackend {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+    fn validate_image(&self, _: &ImageBuild) -> Result<(), dispatch_core::ValidationError> {
+        Ok(())
+    }
+    fn check_base_image<'a>(
+        &'a self,
+        _: &'a BaseImageCheck,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn build_image<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a ImageBuild,
+        _: Progress,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn build_log<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+    fn gc<'a>(&'a self, _: &'a GcKeep, _: Duration) -> BoxFuture<'a, Vec<Removed>> {
+        Box::pin(async { Vec::new() })
+    }
+    fn deploy_function(&self, _: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
+        let fails = self.deploy_fails;
+        Box::pin(async move {
+            if fails {
+                Err(BuildError::Unsupported("this fake never deploys".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+    fn invoke<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a RawValue,
+        _: &'a RawValue,
+        _: std::time::Instant,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        self.calls.lock().unwrap().push(Instant::now());
+        Box::pin(async {
+            Ok(CallOutcome {
+                envelope: Envelope::error(ErrorObject::function("boom"), Logs::default()),
+                cold: false,
+                timings: Default::default(),
+            })
+        })
+    }
+    fn remove_function<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
