@@ -887,3 +887,118 @@ fn tls_listeners() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn events_subscriptions_and_drivers_from_the_cli() {
+    let s = ServerProc::start();
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let code = s.dir.path().join("on_event.py");
+    std::fs::write(&code, "def handle(context, payload):\n    return {'type': context['event']['type'], 'data': payload}\n").unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "on-event",
+        code.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+    assert!(
+        s.ok(&[
+            "create",
+            "subscription",
+            "orders",
+            "--event-type",
+            "order.*",
+            "--function",
+            "on-event"
+        ])
+        .contains("created")
+    );
+    let r: Value = serde_json::from_str(&s.ok(&[
+        "emit",
+        "order.created",
+        "--data",
+        r#"{"total": 3}"#,
+        "--subject",
+        "o-1",
+    ]))
+    .unwrap();
+    let run_id = r["matched"][0]["runId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let run = s.json(&["get", "run", &run_id, "-o", "json"]);
+        if run["status"] == "SUCCEEDED" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "{run}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        run["output"],
+        serde_json::json!({"type": "order.created", "data": {"total": 3}})
+    );
+    s.ok(&["emit", "user.signup"]);
+    let table = s.ok(&["get", "events"]);
+    assert!(
+        table.contains("order.created")
+            && table.contains("user.signup")
+            && table.contains("unmatched"),
+        "{table}"
+    );
+    assert_eq!(
+        s.json(&["get", "events", "--type", "user.signup", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A cron driver runs the function on its own.
+    assert!(
+        s.fails(&[
+            "create",
+            "eventdriver",
+            "bad",
+            "--type",
+            "cron",
+            "--schedule",
+            "* 99 * * *",
+            "--function",
+            "on-event"
+        ])
+        .contains("field 2 (hour)")
+    );
+    s.ok(&[
+        "create",
+        "eventdriver",
+        "tick",
+        "--type",
+        "cron",
+        "--schedule",
+        "@every 1s",
+        "--function",
+        "on-event",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let runs = s.json(&["get", "runs", "--function", "on-event", "-o", "json"]);
+        if runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["trigger"] == "cron" && r["status"] == "SUCCEEDED")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no cron run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = s.ok(&["get", "eventdrivers"]);
+    assert!(
+        table.contains("NEXT FIRE") && table.contains("@every 1s") && table.contains("READY"),
+        "{table}"
+    );
+    s.ok(&["delete", "eventdriver", "tick"]);
+    s.ok(&["delete", "subscription", "orders"]);
+}

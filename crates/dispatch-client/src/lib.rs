@@ -216,6 +216,34 @@ impl Client {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    /// Sends a CloudEvent (structured mode).
+    pub async fn emit(&self, event: &serde_json::Value) -> Result<serde_json::Value> {
+        let url = self.ns_url(&self.namespace, "events");
+        let rb = self
+            .request(Method::POST, &url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/cloudevents+json",
+            )
+            .body(event.to_string());
+        self.json(rb, &url).await
+    }
+
+    pub async fn list_events(
+        &self,
+        event_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>> {
+        let url = self.ns_url(&self.namespace, "events");
+        let mut rb = self
+            .request(Method::GET, &url)
+            .query(&[("limit", limit.to_string())]);
+        if let Some(t) = event_type {
+            rb = rb.query(&[("type", t)]);
+        }
+        self.json(rb, &url).await
+    }
+
     pub async fn create_namespace(&self, name: &str) -> Result<serde_json::Value> {
         let url = format!("{}/v1/namespaces", self.base);
         self.json(

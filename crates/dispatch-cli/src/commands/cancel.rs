@@ -34,7 +34,11 @@ impl Cancel {
                     job.phase.as_str().to_ascii_lowercase()
                 );
             }
-            Target::Resource(_) | Target::Tokens | Target::Audit | Target::Namespaces => bail!(
+            Target::Resource(_)
+            | Target::Tokens
+            | Target::Audit
+            | Target::Namespaces
+            | Target::Events => bail!(
                 "runs and job executions are cancelled: dispatch cancel run ID | jobexecution UUID"
             ),
         }

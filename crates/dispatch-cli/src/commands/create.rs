@@ -100,6 +100,41 @@ pub enum What {
         #[arg(long = "from-literal", value_name = "KEY=VALUE")]
         from_literal: Vec<String>,
     },
+    /// A subscription: events of a type (or prefix `order.*`) run a function
+    Subscription {
+        name: String,
+        #[arg(long)]
+        event_type: String,
+        #[arg(long)]
+        function: String,
+        /// Only events from this source
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// An event driver: `--type cron --schedule "*/5 * * * *"` or `--type webhook --path /hooks/x`
+    Eventdriver {
+        name: String,
+        #[arg(long = "type", value_parser = ["cron", "webhook", "nats", "mqtt"])]
+        kind: String,
+        /// cron: 5 fields, 6 with seconds, @hourly…, or "@every 30s"
+        #[arg(long)]
+        schedule: Option<String>,
+        /// cron: IANA time zone (default UTC)
+        #[arg(long)]
+        timezone: Option<String>,
+        /// webhook: gateway path
+        #[arg(long)]
+        path: Option<String>,
+        /// The event type it emits…
+        #[arg(long, conflicts_with = "function")]
+        event_type: Option<String>,
+        /// …or the function it runs
+        #[arg(long)]
+        function: Option<String>,
+        /// cron: fires missed while the server was down: skip, once, all
+        #[arg(long, value_parser = ["skip", "once", "all"])]
+        missed_runs: Option<String>,
+    },
     /// A namespace (Dispatch's organization): `dispatch create namespace team-a`
     Namespace { name: String },
     /// An API token (printed once): `dispatch create token ci --role developer --namespace team-a`
@@ -249,6 +284,43 @@ impl Create {
                     Object::new(Kind::Function, &ns, &name, spec),
                     wait.resolve(),
                 )
+            }
+            What::Subscription {
+                name,
+                event_type,
+                function,
+                source,
+            } => {
+                let mut spec = json!({"eventType": event_type, "function": function});
+                if let Some(s) = source {
+                    spec["source"] = s.into();
+                }
+                (Object::new(Kind::Subscription, &ns, &name, spec), false)
+            }
+            What::Eventdriver {
+                name,
+                kind,
+                schedule,
+                timezone,
+                path,
+                event_type,
+                function,
+                missed_runs,
+            } => {
+                let mut spec = json!({"type": kind});
+                for (k, v) in [
+                    ("schedule", schedule),
+                    ("timezone", timezone),
+                    ("path", path),
+                    ("eventType", event_type),
+                    ("function", function),
+                    ("missedRuns", missed_runs),
+                ] {
+                    if let Some(v) = v {
+                        spec[k] = v.into();
+                    }
+                }
+                (Object::new(Kind::EventDriver, &ns, &name, spec), false)
             }
             What::Namespace { name } => {
                 c.create_namespace(&name).await?;

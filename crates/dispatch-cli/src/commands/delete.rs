@@ -75,7 +75,7 @@ impl Delete {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            Target::Runs | Target::JobExecutions | Target::Audit => bail!(
+            Target::Runs | Target::JobExecutions | Target::Audit | Target::Events => bail!(
                 "runs and job executions are not deleted one by one: `dispatch cancel run ID | jobexecution UUID` stops one; runs: `dispatch runs purge`; executions go with their template or their ttlSecondsAfterFinished"
             ),
         };

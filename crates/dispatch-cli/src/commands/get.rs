@@ -25,6 +25,9 @@ pub struct Get {
     /// Runs: only this status (queued, running, succeeded, failed, timeout, cancelled, dead)
     #[arg(long)]
     pub status: Option<String>,
+    /// Events: only this type
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
     /// Secrets: show the values too (admin tokens only)
     #[arg(long)]
     pub reveal: bool,
@@ -65,6 +68,40 @@ impl Get {
                     }
                 }
             },
+            Target::Events => {
+                let events = c
+                    .list_events(self.event_type.as_deref(), self.limit.unwrap_or(100))
+                    .await?;
+                match self.output {
+                    Format::Table => print!(
+                        "{}",
+                        table(
+                            &["ID", "TYPE", "SOURCE", "MATCHED", "RECEIVED"],
+                            &events
+                                .iter()
+                                .map(|e| {
+                                    let s = |v: &serde_json::Value| {
+                                        v.as_str().unwrap_or("").to_string()
+                                    };
+                                    let matched = e["matched"].as_array().map_or(0, |a| a.len());
+                                    vec![
+                                        s(&e["event"]["id"]),
+                                        s(&e["event"]["type"]),
+                                        s(&e["event"]["source"]),
+                                        if matched == 0 {
+                                            "unmatched".into()
+                                        } else {
+                                            matched.to_string()
+                                        },
+                                        s(&e["receivedAt"]),
+                                    ]
+                                })
+                                .collect::<Vec<_>>()
+                        )
+                    ),
+                    f => print_structured(&events, f)?,
+                }
+            }
             Target::Namespaces => {
                 let items = match &self.name {
                     Some(n) => vec![c.get_namespace(n).await?],

@@ -50,7 +50,11 @@ impl Logs {
                 }
             }
             Target::Resource(Kind::Image) => print!("{}", ctx.client.image_log(&self.id).await?),
-            Target::Resource(_) | Target::Tokens | Target::Audit | Target::Namespaces => bail!(
+            Target::Resource(_)
+            | Target::Tokens
+            | Target::Audit
+            | Target::Namespaces
+            | Target::Events => bail!(
                 "logs are kept for runs, job executions and image builds: dispatch logs run ID | jobexecution UUID | image NAME"
             ),
         }

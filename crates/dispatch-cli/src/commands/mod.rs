@@ -6,6 +6,7 @@ pub mod cancel;
 pub mod completion;
 pub mod create;
 pub mod delete;
+pub mod emit;
 pub mod exec;
 pub mod execute;
 pub mod gc;
@@ -36,6 +37,7 @@ pub enum Target {
     Tokens,
     Audit,
     Namespaces,
+    Events,
 }
 
 pub fn parse_target(s: &str) -> Result<Target> {
@@ -55,6 +57,9 @@ pub fn parse_target(s: &str) -> Result<Target> {
     }
     if matches!(norm.as_str(), "namespace" | "namespaces" | "ns") {
         return Ok(Target::Namespaces);
+    }
+    if matches!(norm.as_str(), "event" | "events") {
+        return Ok(Target::Events);
     }
     if norm == "audit" {
         return Ok(Target::Audit);
