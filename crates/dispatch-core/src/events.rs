@@ -196,9 +196,12 @@ fn is_skip(m: &MissedRuns) -> bool {
 
 impl EventDriverSpec {
     pub(crate) fn normalize(self) -> Result<Self, ValidationError> {
+        let broker = matches!(self.kind.as_str(), "nats" | "mqtt");
         match (&self.event_type, &self.function) {
             (Some(t), None) => validate_type_pattern(t, "eventType")?,
             (None, Some(f)) => validate_name("function", f)?,
+            // Brokers: the subject (NATS) or topic (MQTT) is the event type.
+            (None, None) if broker => {}
             _ => {
                 return Err(ValidationError::new(
                     "an event driver emits events (eventType) or runs a function (function): give exactly one",
@@ -233,10 +236,24 @@ impl EventDriverSpec {
                 }
             }
             "nats" | "mqtt" => {
-                return Err(ValidationError::new(format!(
-                    "{} drivers are not available in this server version yet: use cron or webhook",
-                    self.kind
-                )));
+                let (scheme, what) = if self.kind == "nats" {
+                    ("nats://", "subject")
+                } else {
+                    ("mqtt://", "topic")
+                };
+                let url = self.config.get("url").map(String::as_str).unwrap_or("");
+                if !url.starts_with(scheme) {
+                    return Err(ValidationError::new(format!(
+                        "a {} driver needs config.url = {scheme}host:port (--config url={scheme}127.0.0.1:…)",
+                        self.kind
+                    )));
+                }
+                if self.config.get(what).is_none_or(|s| s.trim().is_empty()) {
+                    return Err(ValidationError::new(format!(
+                        "a {} driver needs config.{what} (the {what} to subscribe to)",
+                        self.kind
+                    )));
+                }
             }
             other => {
                 return Err(ValidationError::new(format!(

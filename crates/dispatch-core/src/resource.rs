@@ -130,6 +130,8 @@ pub enum Phase {
     Error,
     Updating,
     Deleting,
+    /// Broker event drivers: subscribed to their broker.
+    Connected,
 }
 
 impl fmt::Display for Phase {
@@ -141,6 +143,7 @@ impl fmt::Display for Phase {
             Phase::Error => "ERROR",
             Phase::Updating => "UPDATING",
             Phase::Deleting => "DELETING",
+            Phase::Connected => "CONNECTED",
         })
     }
 }

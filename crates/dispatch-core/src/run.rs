@@ -193,3 +193,14 @@ pub struct Callback {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
+
+/// A new run id: a ULID, monotonic within this process (ids generated in the same
+/// millisecond still sort in creation order, so "newest first" is exact).
+pub fn new_run_id() -> String {
+    static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+    let mut g = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(ulid::Generator::new)
+        .generate()
+        .unwrap_or_else(|_| ulid::Ulid::new())
+        .to_string()
+}

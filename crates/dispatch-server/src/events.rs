@@ -60,6 +60,7 @@ pub async fn rebuild(state: &AppState) -> Result<(), ApiError> {
     }
     state.set_event_index(idx);
     state.cron_wake.notify_one();
+    state.broker_wake.notify_one();
     Ok(())
 }
 

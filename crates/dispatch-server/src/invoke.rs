@@ -178,7 +178,7 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
     };
     let created = jiff::Timestamp::now();
     let mut run = Run::new(
-        ulid::Ulid::new().to_string(),
+        dispatch_core::run::new_run_id(),
         &call.namespace,
         &call.function,
         call.trigger,

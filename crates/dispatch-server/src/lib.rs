@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod brokers;
 pub mod callbacks;
 pub mod clock;
 pub mod controller;

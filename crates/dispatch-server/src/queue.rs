@@ -672,7 +672,7 @@ pub async fn enqueue_with(
     };
     state.queue.check_depth(ns)?;
     let mut run = Run::new(
-        ulid::Ulid::new().to_string(),
+        dispatch_core::run::new_run_id(),
         ns,
         function,
         trigger,

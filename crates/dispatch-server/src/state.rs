@@ -88,6 +88,8 @@ pub struct AppState {
     event_index: RwLock<Arc<crate::events::EventIndex>>,
     /// Wakes the cron scheduler (drivers changed).
     pub cron_wake: Arc<tokio::sync::Notify>,
+    /// Wakes the broker driver supervisor (drivers changed).
+    pub broker_wake: Arc<tokio::sync::Notify>,
     /// Namespace → created; `default` is always there (no row).
     namespaces: RwLock<std::collections::BTreeMap<String, Option<jiff::Timestamp>>>,
     pub config: Options,
@@ -141,6 +143,7 @@ impl AppState {
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
             cron_wake: Arc::new(tokio::sync::Notify::new()),
+            broker_wake: Arc::new(tokio::sync::Notify::new()),
             // Server::start checked the key file already; an unreadable one fails there.
             secrets: crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
                 .or_else(|e| {
@@ -195,6 +198,7 @@ impl AppState {
             Queue::spawn_expiry(state.clone()),
             crate::retention::spawn(state.clone()),
             crate::events::spawn_cron(state.clone(), state.cron_wake.clone()),
+            crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
         ];
         *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         state.ready.store(true, Ordering::Release);

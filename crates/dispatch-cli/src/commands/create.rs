@@ -134,6 +134,9 @@ pub enum What {
         /// cron: fires missed while the server was down: skip, once, all
         #[arg(long, value_parser = ["skip", "once", "all"])]
         missed_runs: Option<String>,
+        /// Broker settings (repeatable): url=nats://127.0.0.1:4222 subject=orders.> | url=mqtt://… topic=sensors/#
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
     },
     /// A namespace (Dispatch's organization): `dispatch create namespace team-a`
     Namespace { name: String },
@@ -306,6 +309,7 @@ impl Create {
                 event_type,
                 function,
                 missed_runs,
+                config,
             } => {
                 let mut spec = json!({"type": kind});
                 for (k, v) in [
@@ -319,6 +323,12 @@ impl Create {
                     if let Some(v) = v {
                         spec[k] = v.into();
                     }
+                }
+                if !config.is_empty() {
+                    spec["config"] = serde_json::to_value(
+                        parse_env(&config)
+                            .map_err(|_| anyhow::anyhow!("--config takes KEY=VALUE"))?,
+                    )?;
                 }
                 (Object::new(Kind::EventDriver, &ns, &name, spec), false)
             }

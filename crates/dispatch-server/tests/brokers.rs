@@ -1,0 +1,281 @@
+//! NATS and MQTT drivers against real brokers (`nats-server`, `mosquitto` from Debian; .ci/run
+//! installs them): messages become events or runs, in order; status CONNECTED/ERROR; the
+//! driver reconnects after the broker comes back.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dispatch_core::{Kind, Phase, RunStatus};
+use serde_json::json;
+use support::*;
+
+fn broker_bin(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed (apt-get install {name}; .ci/run does)"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nats(port: u16) -> Broker {
+    Broker(
+        Command::new(broker_bin("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn mosquitto(port: u16) -> Broker {
+    Broker(
+        Command::new(broker_bin("mosquitto"))
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn driver_phase(
+    c: &dispatch_client::Client,
+    name: &str,
+    phase: Phase,
+) -> dispatch_core::Object {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = c.get(Kind::EventDriver, name).await.unwrap();
+        if o.phase() == Some(phase) {
+            return o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "driver {name} never {phase}: {:?}",
+            o.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Succeeded runs of `function`, oldest first (waits for `n`).
+async fn runs(c: &dispatch_client::Client, function: &str, n: usize) -> Vec<dispatch_core::Run> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = dispatch_client::RunQuery {
+            function: Some(function.into()),
+            limit: Some(1000),
+            ..Default::default()
+        };
+        let mut all: Vec<_> = c
+            .list_runs(&q)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.status == RunStatus::Succeeded)
+            .collect();
+        if all.len() >= n {
+            all.reverse();
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} runs of {function}",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const ECHO: &str = "def handle(context, payload):\n    return {'payload': payload, 'type': context['event']['type']}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_subjects_become_events_and_runs_in_order() {
+    let port = free_port();
+    let broker = nats(port);
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    create_function(c, "echo", "py", "echo.py", ECHO, json!({}))
+        .await
+        .unwrap();
+    create_function(
+        c,
+        "ordered",
+        "py",
+        "ordered.py",
+        ECHO,
+        json!({"concurrency": {"maxWorkers": 1}}),
+    )
+    .await
+    .unwrap();
+    for f in ["echo", "ordered"] {
+        assert_eq!(
+            settled(c, Kind::Function, f).await.phase(),
+            Some(Phase::Ready)
+        );
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    c.create(&object(
+        Kind::Subscription,
+        "orders",
+        json!({"eventType": "orders.*", "function": "echo"}),
+    ))
+    .await
+    .unwrap();
+    c.create(&object(
+        Kind::EventDriver,
+        "bus",
+        json!({"type": "nats", "config": {"url": url, "subject": "orders.>"}}),
+    ))
+    .await
+    .unwrap();
+    c.create(&object(
+        Kind::EventDriver,
+        "seq",
+        json!({"type": "nats", "function": "ordered", "config": {"url": url, "subject": "seq"}}),
+    ))
+    .await
+    .unwrap();
+    driver_phase(c, "bus", Phase::Connected).await;
+    driver_phase(c, "seq", Phase::Connected).await;
+
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    client
+        .publish("orders.created", r#"{"n": 1}"#.into())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        client
+            .publish("seq", format!(r#"{{"i": {i}}}"#).into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let r = runs(c, "echo", 1).await;
+    let out: serde_json::Value = serde_json::from_str(r[0].output.as_ref().unwrap().get()).unwrap();
+    assert_eq!(
+        out,
+        json!({"payload": {"n": 1}, "type": "orders.created"}),
+        "the subject is the event type"
+    );
+    // Runs are enqueued in the broker's order.
+    let seq = runs(c, "ordered", 5).await;
+    let order: Vec<i64> = seq
+        .iter()
+        .map(|r| {
+            serde_json::from_str::<serde_json::Value>(r.input.get()).unwrap()["i"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(order, [0, 1, 2, 3, 4]);
+
+    // The broker goes away: ERROR with the reason; it comes back: CONNECTED, messages flow.
+    drop(broker);
+    let o = driver_phase(c, "bus", Phase::Error).await;
+    assert!(!o.status.reason.is_empty());
+    let _broker = nats(port);
+    driver_phase(c, "bus", Phase::Connected).await;
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        client
+            .publish("orders.again", r#"{"n": 2}"#.into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let q = dispatch_client::RunQuery {
+            function: Some("echo".into()),
+            ..Default::default()
+        };
+        if c.list_runs(&q)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.input.get().contains("2"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no run after the reconnect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_topics_become_runs() {
+    let port = free_port();
+    let _broker = mosquitto(port);
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    create_function(c, "sensor", "py", "sensor.py", ECHO, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "sensor").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::EventDriver,
+        "sensors",
+        json!({"type": "mqtt", "function": "sensor", "config": {"url": format!("mqtt://127.0.0.1:{port}"), "topic": "sensors/#"}}),
+    ))
+    .await
+    .unwrap();
+    driver_phase(c, "sensors", Phase::Connected).await;
+    let mut opts = rumqttc::MqttOptions::new("dispatch-test-publisher", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+        .publish(
+            "sensors/kitchen/temp",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"celsius": 21.5}"#,
+        )
+        .await
+        .unwrap();
+    let r = runs(c, "sensor", 1).await;
+    let out: serde_json::Value = serde_json::from_str(r[0].output.as_ref().unwrap().get()).unwrap();
+    assert_eq!(out["payload"], json!({"celsius": 21.5}));
+    assert_eq!(
+        out["type"], "sensors.kitchen.temp",
+        "the topic is the event type, slashes as dots"
+    );
+    // Bad configuration is refused at create.
+    let e = c
+        .create(&object(
+            Kind::EventDriver,
+            "bad",
+            json!({"type": "mqtt", "config": {"url": "http://x", "topic": "a"}}),
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("mqtt://"), "{e}");
+    t.stop().await;
+}
