@@ -74,6 +74,7 @@ pub enum Command {
     Version(commands::version::Version),
     Completion(commands::completion::Completion),
     Login(commands::login::Login),
+    Runner(commands::runner::Runner),
 }
 
 /// What a command needs: the resolved target and a client for it.
@@ -127,6 +128,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Quickstart(c) => return c.run().await,
         Completion(c) => return c.run(),
         Login(c) => return c.run().await,
+        Runner(c) => return c.run().await,
         _ => {}
     }
     let ctx = Ctx::resolve(&cli.global)?;
@@ -144,7 +146,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Runs(c) => c.run(&ctx).await,
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
-        Server(_) | Quickstart(_) | Completion(_) | Login(_) => unreachable!("handled above"),
+        Server(_) | Quickstart(_) | Completion(_) | Login(_) | Runner(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -373,6 +373,63 @@ pub fn dir_size(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The files of an unpacked source folder, as an archive would list them.
+fn list_files(dir: &Path) -> std::io::Result<Vec<source::SourceFile>> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<source::SourceFile>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p)?;
+            if meta.is_dir() {
+                walk(root, &p, out)?;
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                out.push(source::SourceFile {
+                    path: rel.display().to_string(),
+                    executable: meta.permissions().mode() & 0o111 != 0,
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+impl LocalBackend {
+    /// A pool serving a function from an unpacked source folder, its handler checked and
+    /// loaded by a first worker (`dispatch runner` in a function's container image).
+    pub async fn pool_for_dir(
+        &self,
+        d: &FunctionDeploy,
+        dir: PathBuf,
+    ) -> Result<Arc<Pool>, BuildError> {
+        let files = list_files(&dir)
+            .map_err(|e| BuildError::Io(format!("cannot read {}: {e}", dir.display())))?;
+        let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
+        let spec = self.worker_spec(d, dir, resolved.args)?;
+        let pool = Arc::new(Pool::new(
+            PoolConfig {
+                language: d.base.language,
+                worker: spec,
+                timeout: d.timeout,
+                max_workers: d.max_workers,
+                min_workers: d.min_workers,
+                idle_timeout: d.idle_timeout,
+                max_queue: self.max_queue,
+            },
+            d.digest.clone(),
+        ));
+        if d.base.language != Language::Exec {
+            let w = pool.start_worker().await?;
+            pool.put_idle(w);
+        }
+        Ok(pool)
+    }
+}
+
 /// Looks `name` up on PATH (or takes it as a path when it has a `/`).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     if name.contains('/') {

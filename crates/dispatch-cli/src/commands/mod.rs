@@ -14,6 +14,7 @@ pub mod get;
 pub mod login;
 pub mod logs;
 pub mod quickstart;
+pub mod runner;
 pub mod runs;
 pub mod server;
 pub mod update;

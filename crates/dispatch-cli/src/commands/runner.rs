@@ -1,0 +1,146 @@
+//! `dispatch runner`: the function server inside a function's container (DESIGN §8): Dispatch's
+//! function-server contract on `$PORT` — `POST /` with `{"context", "payload"}` answers the
+//! envelope, `GET /healthz` answers 200 once the handler is loaded — driving the same language
+//! bootstrap through the same worker protocol and warm pool as the embedded server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use dispatch_core::{Language, ValidationError};
+use dispatch_runtime::Pool;
+use dispatch_runtime::backend::{BaseImageCheck, FunctionDeploy, LocalBackend};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Serve one function over HTTP (the entrypoint of function images on Kubernetes)
+#[derive(Debug, clap::Args)]
+pub struct Runner {
+    /// The function's source folder
+    #[arg(long, env = "DISPATCH_FUNCTION_DIR", default_value = "/function")]
+    pub function_dir: PathBuf,
+    /// python3, nodejs or exec
+    #[arg(long, env = "DISPATCH_LANGUAGE", value_parser = ["python3", "nodejs", "exec"])]
+    pub language: String,
+    /// module.function (Python), file.export (Node), program (exec); default: from the source
+    #[arg(long, env = "DISPATCH_HANDLER")]
+    pub handler: Option<String>,
+    /// Interpreter (default python3 / node on PATH)
+    #[arg(long, env = "DISPATCH_INTERPRETER")]
+    pub interpreter: Option<String>,
+    /// Port to listen on (all interfaces)
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Per-call timeout
+    #[arg(long, env = "DISPATCH_TIMEOUT", default_value = "30s")]
+    pub timeout: String,
+    /// Concurrent calls (workers)
+    #[arg(long, env = "DISPATCH_MAX_WORKERS", default_value_t = 4)]
+    pub max_workers: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Call {
+    #[serde(default)]
+    context: Option<Box<RawValue>>,
+    #[serde(default)]
+    payload: Option<Box<RawValue>>,
+}
+
+impl Runner {
+    pub async fn run(self) -> Result<ExitCode> {
+        let language = Language::parse(&self.language).context("unknown language")?;
+        let timeout = dispatch_core::duration::parse_duration(&self.timeout)
+            .map_err(|e: ValidationError| anyhow::anyhow!("--timeout: {}", e.message))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("dispatch-runner-")
+            .tempdir()?;
+        let backend = LocalBackend::new(scratch.path())?;
+        let deploy = FunctionDeploy {
+            namespace: "runner".into(),
+            name: "function".into(),
+            digest: "runner".into(),
+            base: BaseImageCheck {
+                language,
+                interpreter: self.interpreter.clone(),
+            },
+            archive: Arc::new(Vec::new()),
+            image_build: None,
+            handler: self.handler.clone(),
+            env: std::env::vars()
+                .filter(|(k, _)| !k.starts_with("DISPATCH_"))
+                .collect(),
+            timeout,
+            max_workers: self.max_workers.max(1),
+            min_workers: 1,
+            idle_timeout: Duration::from_secs(3600),
+        };
+        let pool = backend
+            .pool_for_dir(&deploy, self.function_dir.clone())
+            .await
+            .with_context(|| {
+                format!(
+                    "the function in {} does not load",
+                    self.function_dir.display()
+                )
+            })?;
+        let app = router(pool, timeout);
+        let addr = SocketAddr::from(([0, 0, 0, 0], self.port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "dispatch runner: serving {} on {addr}",
+            self.function_dir.display()
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(super::server::shutdown_signal())
+            .await?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/",
+            post(move |body: axum::body::Bytes| {
+                let pool = pool.clone();
+                async move {
+                    let call: Call = match serde_json::from_slice(&body) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let env = dispatch_core::Envelope::error(
+                                dispatch_core::ErrorObject::input(format!(
+                                    "request is not {{\"context\", \"payload\"}} JSON: {e}"
+                                )),
+                                Default::default(),
+                            );
+                            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(env));
+                        }
+                    };
+                    let ctx = call.context.unwrap_or_else(|| {
+                        RawValue::from_string("{}".into())
+                            .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
+                    });
+                    let payload = call
+                        .payload
+                        .unwrap_or_else(dispatch_core::envelope::null_raw);
+                    let env = match pool.call(&ctx, &payload, Instant::now() + timeout).await {
+                        Ok(out) => out.envelope,
+                        Err(busy) => dispatch_core::Envelope::error(
+                            dispatch_core::ErrorObject::system(busy.to_string()),
+                            Default::default(),
+                        ),
+                    };
+                    (axum::http::StatusCode::OK, axum::Json(env))
+                }
+            }),
+        )
+}

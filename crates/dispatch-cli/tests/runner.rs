@@ -1,0 +1,115 @@
+//! `dispatch runner`: the function-server contract (POST / → envelope, GET /healthz) on a port,
+//! for Python, Node and a handler that does not load.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::*;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn runner(dir: &std::path::Path, language: &str, port: u16) -> Proc {
+    Proc(
+        Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args([
+                "runner",
+                "--language",
+                language,
+                "--port",
+                &port.to_string(),
+                "--function-dir",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn ready(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/healthz").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "runner not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn post(port: u16, body: Value) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        dispatch_client::install_crypto_provider();
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    })
+}
+
+#[test]
+fn serves_python_and_node_functions() {
+    for (lang, dir) in [("python3", "python3"), ("nodejs", "nodejs")] {
+        let port = free_port();
+        let _r = runner(&examples().join(dir), lang, port);
+        ready(port);
+        let (code, env) = post(
+            port,
+            json!({"context": {"runId": "x"}, "payload": {"name": "pod"}}),
+        );
+        assert_eq!(code, 200);
+        assert_eq!(
+            env["payload"]["myField"], "Hello, pod from Nowhere",
+            "{lang}: {env}"
+        );
+        assert_eq!(
+            env["context"]["logs"]["stdout"][0],
+            "messages to stdout show up in logs"
+        );
+        let (code, env) = post(port, json!({"nope": 1}));
+        assert_eq!(
+            (code, env["context"]["error"]["type"].as_str()),
+            (400, Some("InputError")),
+            "{env}"
+        );
+    }
+}
+
+#[test]
+fn a_handler_that_does_not_load_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.py"), "import no_such_module_q\n").unwrap();
+    let out = Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args([
+            "runner",
+            "--language",
+            "python3",
+            "--port",
+            &free_port().to_string(),
+            "--function-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not load") && err.contains("no_such_module_q"),
+        "{err}"
+    );
+}
