@@ -113,3 +113,21 @@ fn a_handler_that_does_not_load_fails_fast() {
         "{err}"
     );
 }
+
+#[test]
+fn prints_crds_for_every_kind() {
+    let out = Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(["k8s", "crds"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.matches("kind: CustomResourceDefinition").count(),
+        dispatch_core::Kind::ALL.len()
+    );
+    assert!(
+        text.contains("name: functions.dispatch.dev")
+            && text.contains("name: jobtemplates.dispatch.dev")
+    );
+}

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod execute;
 pub mod gc;
 pub mod get;
+pub mod k8s;
 pub mod login;
 pub mod logs;
 pub mod quickstart;

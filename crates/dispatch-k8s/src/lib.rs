@@ -1,0 +1,302 @@
+//! The Kubernetes shapes of Dispatch (DESIGN §8), as typed `k8s-openapi` objects so that every
+//! generated object is valid by construction: CRDs for every kind ([`crds`]), a function's
+//! `apps/v1` Deployment and Service or Knative Service ([`function_objects`],
+//! [`knative_service`]), and a job execution's `batch/v1` Job ([`job`]).
+//!
+//! This crate renders; applying the objects to a cluster (the controller, the
+//! `--backend kubernetes` server, image builds) is not built yet.
+
+use std::collections::BTreeMap;
+
+use dispatch_core::{FunctionSpec, JobExecution, Kind, Language};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Service,
+    ServicePort, ServiceSpec,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, CustomResourceDefinitionNames, CustomResourceDefinitionSpec,
+    CustomResourceDefinitionVersion, CustomResourceSubresourceStatus, CustomResourceSubresources,
+    CustomResourceValidation, JSONSchemaProps,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// The API group of Dispatch's CRDs (`dispatch.dev/v1`).
+pub const GROUP: &str = "dispatch.dev";
+/// The port `dispatch runner` listens on in function pods.
+pub const RUNNER_PORT: i32 = 8080;
+
+fn labels(ns: &str, function: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/managed-by".into(), "dispatch".into()),
+        ("dispatch.dev/namespace".into(), ns.into()),
+        ("dispatch.dev/function".into(), function.into()),
+    ])
+}
+
+/// One CRD per kind: namespaced, `dispatch.dev/v1`, a status subresource, and a structural
+/// schema whose `spec` and `status` keep their fields (the server validates specs with the
+/// same code in both modes).
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    let open = || JSONSchemaProps {
+        type_: Some("object".into()),
+        x_kubernetes_preserve_unknown_fields: Some(true),
+        ..Default::default()
+    };
+    Kind::ALL
+        .iter()
+        .map(|k| {
+            let plural = k.plural().to_string();
+            let schema = JSONSchemaProps {
+                type_: Some("object".into()),
+                properties: Some(BTreeMap::from([
+                    ("spec".to_string(), open()),
+                    ("status".to_string(), open()),
+                ])),
+                ..Default::default()
+            };
+            CustomResourceDefinition {
+                metadata: ObjectMeta {
+                    name: Some(format!("{plural}.{GROUP}")),
+                    ..Default::default()
+                },
+                spec: CustomResourceDefinitionSpec {
+                    group: GROUP.into(),
+                    names: CustomResourceDefinitionNames {
+                        kind: k.as_str().into(),
+                        plural: plural.clone(),
+                        singular: Some(k.as_str().to_ascii_lowercase()),
+                        categories: Some(vec!["dispatch".into()]),
+                        ..Default::default()
+                    },
+                    scope: "Namespaced".into(),
+                    versions: vec![CustomResourceDefinitionVersion {
+                        name: "v1".into(),
+                        served: true,
+                        storage: true,
+                        schema: Some(CustomResourceValidation {
+                            open_api_v3_schema: Some(schema),
+                        }),
+                        subresources: Some(CustomResourceSubresources {
+                            status: Some(CustomResourceSubresourceStatus(
+                                serde_json::Value::Object(Default::default()),
+                            )),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                status: None,
+            }
+        })
+        .collect()
+}
+
+/// What a function needs to run on Kubernetes.
+pub struct FunctionImage<'a> {
+    /// Pullable reference of the built image (`registry/ns/fn@sha256:…`).
+    pub reference: &'a str,
+    pub language: Language,
+    /// The resolved handler.
+    pub handler: &'a str,
+    /// Function digest (annotated, so a rebuild rolls the Deployment).
+    pub digest: &'a str,
+}
+
+/// A function's Deployment (`dispatch runner` as the entrypoint, readiness from /healthz)
+/// and its Service.
+pub fn function_objects(
+    ns: &str,
+    name: &str,
+    spec: &FunctionSpec,
+    image: &FunctionImage,
+) -> (Deployment, Service) {
+    let labels = labels(ns, name);
+    let timeout = spec.timeout().map(|t| t.as_secs()).unwrap_or(30);
+    let mut env = vec![
+        EnvVar {
+            name: "DISPATCH_LANGUAGE".into(),
+            value: Some(image.language.as_str().into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "DISPATCH_HANDLER".into(),
+            value: Some(image.handler.into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "DISPATCH_TIMEOUT".into(),
+            value: Some(format!("{timeout}s")),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "DISPATCH_MAX_WORKERS".into(),
+            value: Some(spec.max_workers().to_string()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "PORT".into(),
+            value: Some(RUNNER_PORT.to_string()),
+            ..Default::default()
+        },
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| EnvVar {
+        name: k.clone(),
+        value: Some(v.clone()),
+        ..Default::default()
+    }));
+    let container = Container {
+        name: "function".into(),
+        image: Some(image.reference.into()),
+        command: Some(vec!["/dispatch".into(), "runner".into()]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            container_port: RUNNER_PORT,
+            name: Some("http".into()),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(RUNNER_PORT),
+                ..Default::default()
+            }),
+            period_seconds: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let meta = ObjectMeta {
+        name: Some(format!("fn-{name}")),
+        namespace: Some(ns.into()),
+        labels: Some(labels.clone()),
+        annotations: Some(BTreeMap::from([(
+            "dispatch.dev/digest".into(),
+            image.digest.into(),
+        )])),
+        ..Default::default()
+    };
+    let deployment = Deployment {
+        metadata: meta.clone(),
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.min_workers().max(1) as i32),
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels.clone()),
+                    annotations: Some(BTreeMap::from([(
+                        "dispatch.dev/digest".into(),
+                        image.digest.into(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let service = Service {
+        metadata: ObjectMeta {
+            annotations: None,
+            ..meta
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(labels),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                target_port: Some(IntOrString::Int(RUNNER_PORT)),
+                name: Some("http".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    (deployment, service)
+}
+
+/// The Knative `serving.knative.dev/v1` Service of a function (`--knative`): scale bounds
+/// from the concurrency settings, `containerConcurrency`, `timeoutSeconds`.
+pub fn knative_service(
+    ns: &str,
+    name: &str,
+    spec: &FunctionSpec,
+    image: &FunctionImage,
+) -> serde_json::Value {
+    let (deployment, _) = function_objects(ns, name, spec, image);
+    let container = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.into_iter().next())
+        .map(|c| serde_json::to_value(c).unwrap_or_default())
+        .unwrap_or_default();
+    serde_json::json!({
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": format!("fn-{name}"), "namespace": ns, "labels": labels(ns, name)},
+        "spec": {"template": {
+            "metadata": {"annotations": {
+                "autoscaling.knative.dev/min-scale": spec.min_workers().to_string(),
+                "autoscaling.knative.dev/max-scale": spec.max_workers().to_string(),
+                "autoscaling.knative.dev/target": "1",
+                "dispatch.dev/digest": image.digest,
+            }},
+            "spec": {
+                "containerConcurrency": 1,
+                "timeoutSeconds": spec.timeout().map(|t| t.as_secs()).unwrap_or(30),
+                "containers": [container],
+            },
+        }},
+    })
+}
+
+/// A job execution's `batch/v1` Job: the rendered template's spec, labelled with the
+/// execution's uuid and owned by its JobTemplate (deleting the template deletes the Jobs).
+pub fn job(exec: &JobExecution, template_uid: &str) -> Result<Job, serde_json::Error> {
+    let spec: JobSpec =
+        serde_json::from_value(exec.rendered.get("spec").cloned().unwrap_or_default())?;
+    let mut labels: BTreeMap<String, String> = exec
+        .rendered
+        .pointer("/metadata/labels")
+        .and_then(|l| serde_json::from_value(l.clone()).ok())
+        .unwrap_or_default();
+    labels.insert("app.kubernetes.io/managed-by".into(), "dispatch".into());
+    labels.insert("dispatch.dev/jobtemplate".into(), exec.name.clone());
+    labels.insert("dispatch.dev/execution".into(), exec.uuid.clone());
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(format!(
+                "{}-{}",
+                exec.name,
+                exec.uuid
+                    .chars()
+                    .filter(|c| *c != '-')
+                    .take(8)
+                    .collect::<String>()
+            )),
+            namespace: Some(exec.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![OwnerReference {
+                api_version: format!("{GROUP}/v1"),
+                kind: "JobTemplate".into(),
+                name: exec.name.clone(),
+                uid: template_uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}

@@ -1,0 +1,130 @@
+//! Every generated object reads back as its k8s-openapi type, and matches its golden file
+//! (`UPDATE_GOLDEN=1 cargo test -p dispatch-k8s` rewrites them after a deliberate change).
+
+use dispatch_core::jobs::{RenderData, render};
+use dispatch_core::{FunctionSpec, JobExecution, JobPhase, JobTemplateSpec, Language, Logs};
+use dispatch_k8s::{FunctionImage, crds, function_objects, job, knative_service};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+fn golden(name: &str, value: &serde_json::Value) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    let text = serde_saphyr::to_string(value).unwrap();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "no golden file {}: run with UPDATE_GOLDEN=1",
+            path.display()
+        )
+    });
+    assert_eq!(text, want, "{name} changed: review, then UPDATE_GOLDEN=1");
+}
+
+/// Serializes, reads back as `T`, and compares: the object is valid for its type.
+fn round_trip<T: serde::Serialize + DeserializeOwned>(v: &T) -> serde_json::Value {
+    let json = serde_json::to_value(v).unwrap();
+    let back: T = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(serde_json::to_value(back).unwrap(), json);
+    json
+}
+
+fn hello() -> FunctionSpec {
+    serde_json::from_value(json!({"image": "python3", "handler": "hello.handle", "source": format!("sha256:{}", "a".repeat(64)),
+        "timeout": "10s", "env": {"GREETING": "hi"}, "concurrency": {"maxWorkers": 3, "minWorkers": 1}}))
+    .unwrap()
+}
+
+fn image() -> FunctionImage<'static> {
+    FunctionImage {
+        reference: "registry.local:5000/default/hello@sha256:0123",
+        language: Language::Python3,
+        handler: "hello.handle",
+        digest: "sha256:abcd",
+    }
+}
+
+#[test]
+fn crds_for_every_kind() {
+    let all = crds();
+    assert_eq!(all.len(), dispatch_core::Kind::ALL.len());
+    let json: Vec<serde_json::Value> = all
+        .iter()
+        .map(round_trip::<CustomResourceDefinition>)
+        .collect();
+    assert_eq!(json[2]["metadata"]["name"], "functions.dispatch.dev");
+    golden("crd-function.yaml", &json[2]);
+}
+
+#[test]
+fn function_deployment_and_service() {
+    let (d, s) = function_objects("default", "hello", &hello(), &image());
+    let d = round_trip::<Deployment>(&d);
+    let s = round_trip::<Service>(&s);
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["command"],
+        json!(["/dispatch", "runner"])
+    );
+    golden("function-deployment.yaml", &d);
+    golden("function-service.yaml", &s);
+    let k = knative_service("default", "hello", &hello(), &image());
+    assert_eq!(
+        k["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"],
+        "3"
+    );
+    assert_eq!(k["spec"]["template"]["spec"]["timeoutSeconds"], 10);
+    golden("function-knative.yaml", &k);
+}
+
+#[test]
+fn job_from_a_rendered_template() {
+    let sample = include_str!("../../../examples/jobs/jobtemplate-sample.yaml");
+    let doc = dispatch_core::manifest::parse_manifest(sample)
+        .unwrap()
+        .remove(0)
+        .object;
+    let spec: JobTemplateSpec = doc.typed_spec().unwrap();
+    let data = RenderData {
+        payload: "my test payload".into(),
+        name: "jobtemplate-sample".into(),
+        namespace: "default".into(),
+        uuid: "0193c1f2-8e4b-7a00-8000-123456789abc".into(),
+        created: "2026-11-23T10:00:00Z".parse().unwrap(),
+    };
+    let rendered = render(&spec.job_template, &data).unwrap();
+    let exec = JobExecution {
+        uuid: data.uuid.clone(),
+        name: data.name.clone(),
+        namespace: "default".into(),
+        phase: JobPhase::Waiting,
+        reason: String::new(),
+        payload: data.payload.clone(),
+        rendered,
+        images: vec![],
+        attempts: 0,
+        exit_code: None,
+        logs: Logs::default(),
+        created_at: data.created,
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    };
+    let j = round_trip::<Job>(&job(&exec, "uid-1").unwrap());
+    assert_eq!(
+        j["metadata"]["labels"]["dispatch.dev/execution"],
+        data.uuid.as_str()
+    );
+    assert_eq!(
+        j["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"],
+        "my test payload"
+    );
+    golden("job-sample.yaml", &j);
+}
