@@ -502,6 +502,14 @@ async fn endpoints_with_token_auth() {
         rb.send()
     };
     assert_eq!(get("/open", None).await.unwrap().status(), 200);
+    assert_eq!(
+        get("/open", Some("an-app-token-not-ours"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "public endpoints ignore Authorization"
+    );
     assert_eq!(get("/closed", None).await.unwrap().status(), 401);
     assert_eq!(get("/closed", Some(&dev)).await.unwrap().status(), 200);
     assert_eq!(get("/closed", Some(&viewer)).await.unwrap().status(), 403);
