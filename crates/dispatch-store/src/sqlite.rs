@@ -644,6 +644,8 @@ impl Store for SqliteStore {
             "DELETE FROM job_executions WHERE namespace = ?1",
             params![name],
         )?;
+        tx.execute("DELETE FROM events WHERE namespace = ?1", params![name])?;
+        tx.execute("DELETE FROM cron_state WHERE namespace = ?1", params![name])?;
         let n = tx.execute("DELETE FROM namespaces WHERE name = ?1", params![name])?;
         tx.commit()?;
         Ok(n == 1)
