@@ -120,6 +120,15 @@ impl AppState {
         backend: Arc<dyn Backend>,
         config: Options,
     ) -> Arc<Self> {
+        let secrets = crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
+            .or_else(|e| {
+                tracing::error!("{e}: secrets use a key in memory until this is fixed");
+                crate::secrets::SecretBox::load_or_create(None)
+            })
+            .unwrap_or_else(|e| {
+                // No randomness at all: fail loudly rather than seal with a fixed key.
+                panic!("cannot create a key to seal secrets: {e}")
+            });
         let recorder = Recorder::start(store.clone());
         let (controller, keys) = Controller::channel();
         // One provider (ring) for every TLS client of the process (DESIGN §11).
@@ -144,13 +153,9 @@ impl AppState {
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
             cron_wake: Arc::new(tokio::sync::Notify::new()),
             broker_wake: Arc::new(tokio::sync::Notify::new()),
-            // Server::start checked the key file already; an unreadable one fails there.
-            secrets: crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
-                .or_else(|e| {
-                    tracing::error!("{e}: secrets use a key in memory until this is fixed");
-                    crate::secrets::SecretBox::load_or_create(None)
-                })
-                .expect("an in-memory key needs only the OS random source"),
+            // Server::start checked the key file already (an unreadable one fails there);
+            // here a failure can only be the OS random source, for an in-memory key.
+            secrets,
             config,
             http,
             tasks: std::sync::Mutex::new(Vec::new()),

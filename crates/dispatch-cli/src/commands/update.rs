@@ -49,30 +49,28 @@ pub enum UpdateWhat {
 impl Update {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
-        if let UpdateWhat::Secret {
-            name,
-            file,
-            from_literal,
-        } = &self.what
-        {
-            let data = super::create::secret_data(file.as_deref(), from_literal)?;
-            let mut o = c.get(Kind::Secret, name).await?;
-            o.spec = serde_json::json!({"data": data});
-            let updated = c.update(&o).await?;
-            said(&updated, "updated");
-            return Ok(ExitCode::SUCCESS);
-        }
-        let UpdateWhat::Function {
-            name,
-            path,
-            image,
-            handler,
-            timeout,
-            env,
-            wait,
-        } = self.what
-        else {
-            unreachable!("secrets are handled above");
+        let (name, path, image, handler, timeout, env, wait) = match self.what {
+            UpdateWhat::Secret {
+                name,
+                file,
+                from_literal,
+            } => {
+                let data = super::create::secret_data(file.as_deref(), &from_literal)?;
+                let mut o = c.get(Kind::Secret, &name).await?;
+                o.spec = serde_json::json!({"data": data});
+                let updated = c.update(&o).await?;
+                said(&updated, "updated");
+                return Ok(ExitCode::SUCCESS);
+            }
+            UpdateWhat::Function {
+                name,
+                path,
+                image,
+                handler,
+                timeout,
+                env,
+                wait,
+            } => (name, path, image, handler, timeout, env, wait),
         };
         let mut o = c.get(Kind::Function, &name).await?;
         let Some(spec) = o.spec.as_object_mut() else {
