@@ -251,10 +251,8 @@ async fn timeouts_kill_the_process_group_and_the_next_call_gets_a_new_worker() {
     assert_eq!(err.message, "function timed out after 500ms");
     // The worker and its grandchild are gone (same process group).
     wait_until(|| !pid_alive(pid)).await;
-    assert!(
-        !pgroup_has_members(pid),
-        "the sleep grandchild must be killed too"
-    );
+    // SIGKILL reaches every member of the group; each dies when next scheduled.
+    wait_until(|| !pgroup_has_members(pid)).await;
     let (env, cold) = call(&f.backend, "slow", r#""fast""#).await;
     assert_eq!(env["payload"], "ok");
     assert!(cold);
