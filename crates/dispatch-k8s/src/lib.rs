@@ -3,8 +3,10 @@
 //! `apps/v1` Deployment and Service or Knative Service ([`function_objects`],
 //! [`knative_service`]), and a job execution's `batch/v1` Job ([`job`]).
 //!
-//! This crate renders; applying the objects to a cluster (the controller, the
-//! `--backend kubernetes` server, image builds) is not built yet.
+//! It also applies them with kube (server-side apply of a function's Deployment and Service,
+//! Jobs for executions, deletes), tested against kube's tower-test mock API server. The
+//! controller that drives these from CRDs, the `--backend kubernetes` server and image builds
+//! are not built yet.
 
 use std::collections::BTreeMap;
 
@@ -299,4 +301,81 @@ pub fn job(exec: &JobExecution, template_uid: &str) -> Result<Job, serde_json::E
         spec: Some(spec),
         status: None,
     })
+}
+
+/// The field manager of Dispatch's server-side applies.
+pub const FIELD_MANAGER: &str = "dispatch";
+
+/// Applies a function's Deployment and Service (server-side apply: creates or updates, and a
+/// rebuild's new digest annotation rolls the pods).
+pub async fn apply_function(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    spec: &FunctionSpec,
+    image: &FunctionImage<'_>,
+) -> Result<(), kube::Error> {
+    use kube::api::{Api, Patch, PatchParams};
+    let (deployment, service) = function_objects(ns, name, spec, image);
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let object_name = format!("fn-{name}");
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .patch(&object_name, &pp, &Patch::Apply(&deployment))
+        .await?;
+    Api::<Service>::namespaced(client.clone(), ns)
+        .patch(&object_name, &pp, &Patch::Apply(&service))
+        .await?;
+    Ok(())
+}
+
+/// Deletes a function's Deployment and Service (absent ones are fine).
+pub async fn delete_function(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    use kube::api::{Api, DeleteParams};
+    let object_name = format!("fn-{name}");
+    fn gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+        match r {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    gone(
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .delete(&object_name, &DeleteParams::background())
+            .await,
+    )?;
+    gone(
+        Api::<Service>::namespaced(client.clone(), ns)
+            .delete(&object_name, &DeleteParams::background())
+            .await,
+    )
+}
+
+/// Starts a job execution as a `batch/v1` Job; cancelling deletes it with its pods.
+pub async fn start_job(
+    client: &kube::Client,
+    exec: &JobExecution,
+    template_uid: &str,
+) -> Result<Job, kube::Error> {
+    use kube::api::{Api, PostParams};
+    let job = job(exec, template_uid).map_err(kube::Error::SerdeError)?;
+    Api::<Job>::namespaced(client.clone(), &exec.namespace)
+        .create(&PostParams::default(), &job)
+        .await
+}
+
+pub async fn cancel_job(
+    client: &kube::Client,
+    ns: &str,
+    job_name: &str,
+) -> Result<(), kube::Error> {
+    use kube::api::{Api, DeleteParams};
+    Api::<Job>::namespaced(client.clone(), ns)
+        .delete(job_name, &DeleteParams::background())
+        .await
+        .map(|_| ())
 }

@@ -1,0 +1,188 @@
+//! The Kubernetes calls against kube's tower-test mock API server: the requests (method, path,
+//! field manager, body) are what a real API server would get.
+
+use dispatch_core::{FunctionSpec, Language};
+use dispatch_k8s::{FunctionImage, apply_function, delete_function, function_objects};
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::json;
+use tower_test::mock;
+
+type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+fn spec() -> FunctionSpec {
+    serde_json::from_value(json!({"image": "python3", "handler": "hello.handle", "source": format!("sha256:{}", "a".repeat(64))})).unwrap()
+}
+
+fn image() -> FunctionImage<'static> {
+    FunctionImage {
+        reference: "registry.local:5000/default/hello@sha256:0123",
+        language: Language::Python3,
+        handler: "hello.handle",
+        digest: "sha256:abcd",
+    }
+}
+
+/// Answers the next request with `status` and `body`, returning what was asked.
+async fn answer(
+    handle: &mut Handle,
+    status: u16,
+    body: serde_json::Value,
+) -> (Method, String, serde_json::Value) {
+    let (req, send) = handle
+        .next_request()
+        .await
+        .expect("the client made no request");
+    let method = req.method().clone();
+    let uri = req.uri().to_string();
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let sent = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let resp = Response::builder()
+        .status(status)
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap();
+    send.send_response(resp);
+    (method, uri, sent)
+}
+
+#[tokio::test]
+async fn apply_and_delete_a_function() {
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (want_d, want_s) = function_objects("default", "hello", &spec(), &image());
+    let want_d = serde_json::to_value(want_d).unwrap();
+    let want_s = serde_json::to_value(want_s).unwrap();
+    let server = tokio::spawn(async move {
+        let (m, uri, body) = answer(&mut handle, 200, want_d.clone()).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with("/apis/apps/v1/namespaces/default/deployments/fn-hello?"),
+            "{uri}"
+        );
+        assert!(
+            uri.contains("fieldManager=dispatch") && uri.contains("force=true"),
+            "{uri}"
+        );
+        assert_eq!(body, want_d, "server-side apply sends the whole object");
+        let (m, uri, body) = answer(&mut handle, 200, want_s.clone()).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with("/api/v1/namespaces/default/services/fn-hello?"),
+            "{uri}"
+        );
+        assert_eq!(body, want_s);
+        // Delete: the Deployment is there, the Service already gone (404 is fine).
+        let (m, uri, _) = answer(
+            &mut handle,
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+        .await;
+        assert_eq!(
+            (
+                m,
+                uri.starts_with("/apis/apps/v1/namespaces/default/deployments/fn-hello")
+            ),
+            (Method::DELETE, true)
+        );
+        let (m, _, _) = answer(
+            &mut handle,
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        )
+        .await;
+        assert_eq!(m, Method::DELETE);
+    });
+    apply_function(&client, "default", "hello", &spec(), &image())
+        .await
+        .unwrap();
+    delete_function(&client, "default", "hello").await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn api_errors_surface() {
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let server = tokio::spawn(async move {
+        answer(
+            &mut handle,
+            403,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                   "message": "deployments.apps is forbidden"}),
+        )
+        .await;
+    });
+    let err = apply_function(&client, "default", "hello", &spec(), &image())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn job_executions_start_and_cancel_as_jobs() {
+    use dispatch_core::{JobExecution, JobPhase, Logs};
+    let rendered = json!({"spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "alpine:3", "command": ["echo", "hi"]}]}}}});
+    let exec = JobExecution {
+        uuid: "0193c1f2-8e4b-7a00-8000-123456789abc".into(),
+        name: "sample".into(),
+        namespace: "default".into(),
+        phase: JobPhase::Waiting,
+        reason: String::new(),
+        payload: "hi".into(),
+        rendered,
+        images: vec![],
+        attempts: 0,
+        exit_code: None,
+        logs: Logs::default(),
+        created_at: "2026-11-23T10:00:00Z".parse().unwrap(),
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    };
+    let want = serde_json::to_value(dispatch_k8s::job(&exec, "uid-1").unwrap()).unwrap();
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let w = want.clone();
+    let server = tokio::spawn(async move {
+        let (m, uri, body) = answer(&mut handle, 201, w.clone()).await;
+        assert_eq!(
+            (
+                m,
+                uri.starts_with("/apis/batch/v1/namespaces/default/jobs?")
+            ),
+            (Method::POST, true),
+            "{uri}"
+        );
+        assert_eq!(body, w);
+        let (m, uri, body) = answer(
+            &mut handle,
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+        .await;
+        assert_eq!(m, Method::DELETE);
+        assert!(
+            uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+            "{uri}"
+        );
+        assert_eq!(
+            body["propagationPolicy"], "Background",
+            "cancel deletes the pods too"
+        );
+    });
+    let job = dispatch_k8s::start_job(&client, &exec, "uid-1")
+        .await
+        .unwrap();
+    assert_eq!(job.metadata.name.as_deref(), Some("sample-0193c1f2"));
+    dispatch_k8s::cancel_job(&client, "default", "sample-0193c1f2")
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
