@@ -4,7 +4,6 @@ mod support;
 
 use std::io::Write;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::*;
@@ -143,15 +142,9 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
     );
     let status = s.terminate();
     assert!(status.success(), "{status:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_mentioning(&marker).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "workers left running: {:?}",
-            processes_mentioning(&marker)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("every worker to exit", || {
+        processes_mentioning(&marker).is_empty().then_some(())
+    });
 }
 
 #[test]
@@ -170,11 +163,10 @@ fn apply_and_delete_manifests() {
         "image/python3 unchanged\nfunction/hello unchanged\nendpoint/get-hello unchanged\n"
     );
     assert!(s.fails(&["create", "-f", seed]).contains("already exists"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.json(&["get", "function", "hello", "-o", "json"])["status"]["phase"] != "READY" {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("hello to be READY", || {
+        (s.json(&["get", "function", "hello", "-o", "json"])["status"]["phase"] == "READY")
+            .then_some(())
+    });
     assert_eq!(
         s.exec("hello", r#"{"name":"m"}"#).1["payload"]["myField"],
         "Hello, m from Nowhere"
@@ -359,16 +351,11 @@ fn images_with_dependencies_logs_and_gc() {
         out,
         "image/python3-six created\nfunction/uses-six created\n"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    eventually("uses-six to be READY", || {
         let f = s.json(&["get", "function", "uses-six", "-o", "json"]);
-        if f["status"]["phase"] == "READY" {
-            break;
-        }
         assert_ne!(f["status"]["phase"], "ERROR", "{f}");
-        assert!(Instant::now() < deadline, "{f}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (f["status"]["phase"] == "READY").then_some(())
+    });
     let out = s.ok(&["exec", "uses-six", "--input", r#"{"text": "hi"}"#]);
     let env: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -534,11 +521,9 @@ fn async_runs_from_the_cli() {
         serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"sleep": 30}"#]))
             .unwrap();
     let long_id = long["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.json(&["get", "run", &long_id, "-o", "json"])["status"] != "RUNNING" {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("the long run to be RUNNING", || {
+        (s.json(&["get", "run", &long_id, "-o", "json"])["status"] == "RUNNING").then_some(())
+    });
     assert_eq!(
         s.ok(&["cancel", "run", &long_id]),
         format!("run/{long_id} cancelled\n")
@@ -600,11 +585,11 @@ fn job_templates_from_the_cli() {
     let started: Value =
         serde_json::from_str(&s.ok(&["execute", "jobtemplate-sample", "-p", "again"])).unwrap();
     let uuid = started["uuid"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.json(&["get", "jobexecution", &uuid, "-o", "json"])["phase"] != "Completed" {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // --follow blocks until the execution ends and exits with its code.
+    assert_eq!(
+        s.ok(&["logs", "jobexecution", &uuid, "--follow"]),
+        "again\n"
+    );
     assert!(
         s.ok(&["get", "jobexecution", &uuid, "-o", "yaml"])
             .contains("phase: Completed")
@@ -867,11 +852,12 @@ fn tls_listeners() {
             .output()
             .unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cli(&["--insecure", "get", "namespaces"]).status.success() {
-        assert!(Instant::now() < deadline, "TLS server not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("the TLS server to answer", || {
+        cli(&["--insecure", "get", "namespaces"])
+            .status
+            .success()
+            .then_some(())
+    });
     // A self-signed certificate is refused unless --insecure (or a context's insecure: true).
     let out = cli(&["get", "namespaces"]);
     assert_eq!(out.status.code(), Some(1));
@@ -925,15 +911,10 @@ fn events_subscriptions_and_drivers_from_the_cli() {
     ]))
     .unwrap();
     let run_id = r["matched"][0]["runId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let run = loop {
-        let run = s.json(&["get", "run", &run_id, "-o", "json"]);
-        if run["status"] == "SUCCEEDED" {
-            break run;
-        }
-        assert!(Instant::now() < deadline, "{run}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // --follow blocks until the run is final (exit 0: SUCCEEDED).
+    s.ok(&["logs", "run", &run_id, "--follow"]);
+    let run = s.json(&["get", "run", &run_id, "-o", "json"]);
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
     assert_eq!(
         run["output"],
         serde_json::json!({"type": "order.created", "data": {"total": 3}})
@@ -980,20 +961,14 @@ fn events_subscriptions_and_drivers_from_the_cli() {
         "--function",
         "on-event",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually("a cron run", || {
         let runs = s.json(&["get", "runs", "--function", "on-event", "-o", "json"]);
-        if runs
-            .as_array()
+        runs.as_array()
             .unwrap()
             .iter()
             .any(|r| r["trigger"] == "cron" && r["status"] == "SUCCEEDED")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no cron run");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .then_some(())
+    });
     let table = s.ok(&["get", "eventdrivers"]);
     assert!(
         table.contains("NEXT FIRE") && table.contains("@every 1s") && table.contains("READY"),

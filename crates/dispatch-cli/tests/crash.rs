@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use dispatch_core::RunStatus;
 use support::*;
@@ -59,11 +58,10 @@ spec:
     )
     .unwrap();
     s.ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.json(&["get", "function", "tick", "-o", "json"])["status"]["phase"] != "READY" {
-        assert!(Instant::now() < deadline, "tick not READY");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("tick to be READY", || {
+        (s.json(&["get", "function", "tick", "-o", "json"])["status"]["phase"] == "READY")
+            .then_some(())
+    });
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -81,11 +79,7 @@ spec:
     });
 
     // Kill the server in the middle of the backlog.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ends(&log) < 40 {
-        assert!(Instant::now() < deadline, "runs did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    eventually("40 runs to complete", || (ends(&log) >= 40).then_some(()));
     let dir = s.kill9();
     let done_before = ends(&log);
     assert!(
@@ -100,25 +94,14 @@ spec:
 
     let s = ServerProc::start_in(dir);
     let client = s.client();
-    let runs = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let q = dispatch_client::RunQuery {
-                function: Some("tick".into()),
-                limit: Some(1000),
-                ..Default::default()
-            };
-            let runs = client.list_runs(&q).await.unwrap();
-            if runs.len() == 200 && runs.iter().all(|r| r.status.is_final()) {
-                return runs;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "runs did not all finish: {} listed",
-                runs.len()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    let q = dispatch_client::RunQuery {
+        function: Some("tick".into()),
+        limit: Some(1000),
+        ..Default::default()
+    };
+    let runs = eventually("all 200 runs to finish", || {
+        let runs = rt.block_on(client.list_runs(&q)).unwrap();
+        (runs.len() == 200 && runs.iter().all(|r| r.status.is_final())).then_some(runs)
     });
     let by_id: HashMap<&str, &dispatch_core::Run> =
         runs.iter().map(|r| (r.id.as_str(), r)).collect();

@@ -4,7 +4,6 @@
 mod support;
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::*;
@@ -38,11 +37,9 @@ fn runner(dir: &std::path::Path, language: &str, port: u16) -> Proc {
 }
 
 fn ready(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(port, "/healthz").map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "runner not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("the runner to be ready", || {
+        (http_get(port, "/healthz")?.0 == 200).then_some(())
+    });
 }
 
 fn post(port: u16, body: Value) -> (u16, Value) {

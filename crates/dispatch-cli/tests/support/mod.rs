@@ -11,6 +11,19 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
 
+/// Polls `probe` until it gives a value, failing with `what` after 60 s. The only wait in
+/// these tests: a deadline-bounded poll, never a fixed delay standing in for readiness.
+pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20)); // the poll interval
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -79,11 +92,9 @@ impl ServerProc {
             gateway,
             token: String::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(api, "/readyz").map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "server not ready within 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually("the server to be ready", || {
+            (http_get(api, "/readyz")?.0 == 200).then_some(())
+        });
         // Written before the server is ready (first start), kept on a restart.
         s.token = std::fs::read_to_string(s.dir.path().join("data").join("admin-token"))
             .expect("the server writes DATA_DIR/admin-token on first start")
@@ -172,14 +183,9 @@ impl ServerProc {
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually("the server to stop on SIGTERM", || {
+            self.child.try_wait().unwrap()
+        })
     }
 }
 
