@@ -9,10 +9,6 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use support::*;
 
-fn raw(v: serde_json::Value) -> Box<RawValue> {
-    serde_json::value::to_raw_value(&v).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_version_and_builtins() {
     let t = start().await;

@@ -8,40 +8,14 @@ use std::time::{Duration, Instant};
 
 use dispatch_core::{ErrorType, Kind, Phase, Run, RunStatus};
 use serde_json::json;
-use serde_json::value::RawValue;
 use support::*;
 
-fn raw(v: serde_json::Value) -> Box<RawValue> {
-    serde_json::value::to_raw_value(&v).unwrap()
-}
-
-/// Polls a run until it is final (60 s deadline).
-async fn final_run(c: &dispatch_client::Client, id: &str) -> Run {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = c.get_run(id).await.unwrap();
-        if r.status.is_final() {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "run {id} still {}", r.status);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn until_status(c: &dispatch_client::Client, id: &str, status: RunStatus) -> Run {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(&format!("run {id} to be {status}"), || async {
         let r = c.get_run(id).await.unwrap();
-        if r.status == status {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "run {id} is {}, never {status}",
-            r.status
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (r.status == status).then_some(r)
+    })
+    .await
 }
 
 fn id_of(accepted: &serde_json::Value) -> String {

@@ -65,25 +65,16 @@ async fn driver_phase(
     name: &str,
     phase: Phase,
 ) -> dispatch_core::Object {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(&format!("driver {name} to be {phase}"), || async {
         let o = c.get(Kind::EventDriver, name).await.unwrap();
-        if o.phase() == Some(phase) {
-            return o;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "driver {name} never {phase}: {:?}",
-            o.status
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (o.phase() == Some(phase)).then_some(o)
+    })
+    .await
 }
 
 /// Succeeded runs of `function`, oldest first (waits for `n`).
 async fn runs(c: &dispatch_client::Client, function: &str, n: usize) -> Vec<dispatch_core::Run> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(&format!("{n} runs of {function}"), || async {
         let q = dispatch_client::RunQuery {
             function: Some(function.into()),
             limit: Some(1000),
@@ -96,17 +87,10 @@ async fn runs(c: &dispatch_client::Client, function: &str, n: usize) -> Vec<disp
             .into_iter()
             .filter(|r| r.status == RunStatus::Succeeded)
             .collect();
-        if all.len() >= n {
-            all.reverse();
-            return all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} runs of {function}",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        all.reverse();
+        (all.len() >= n).then_some(all)
+    })
+    .await
 }
 
 const ECHO: &str = "def handle(context, payload):\n    return {'payload': payload, 'type': context['event']['type']}\n";

@@ -3,9 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
-use dispatch_core::{Kind, Phase, Run, RunStatus};
+use dispatch_core::{Kind, Phase, RunStatus};
 use serde_json::json;
 use support::*;
 
@@ -15,18 +13,6 @@ def handle(context, payload):
     print(e["type"], e["id"], e["source"])
     return {"payload": payload, "type": e["type"], "subject": e.get("subject")}
 "#;
-
-async fn final_run(c: &dispatch_client::Client, id: &str) -> Run {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c.get_run(id).await.unwrap();
-        if r.status.is_final() {
-            return r;
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloudevents_reach_subscribed_functions() {

@@ -7,15 +7,10 @@ use std::time::{Duration, Instant};
 
 use dispatch_core::{Kind, Phase};
 use serde_json::json;
-use serde_json::value::RawValue;
 use support::*;
 
 const REQUIREMENTS: &str = include_str!("../../../examples/python3-deps/requirements.txt");
 const USES_SIX: &str = include_str!("../../../examples/python3-deps/uses_six.py");
-
-fn raw(v: serde_json::Value) -> Box<RawValue> {
-    serde_json::value::to_raw_value(&v).unwrap()
-}
 
 fn deps_image(name: &str, base: &str, manifest: &str) -> dispatch_core::Object {
     object(

@@ -61,15 +61,11 @@ async fn job(t: &TestServer, uuid: &str) -> JobExecution {
 }
 
 async fn ended(t: &TestServer, uuid: &str) -> JobExecution {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(&format!("job {uuid} to end"), || async {
         let j = job(t, uuid).await;
-        if j.phase.is_final() {
-            return j;
-        }
-        assert!(Instant::now() < deadline, "{uuid} still {}", j.phase);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        j.phase.is_final().then_some(j)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

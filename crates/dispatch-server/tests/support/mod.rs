@@ -122,21 +122,51 @@ pub async fn create_function(
     c.create(&object(Kind::Function, name, spec)).await
 }
 
-/// Polls until the resource leaves INITIALIZED/CREATING (30 s deadline); returns it.
-pub async fn settled(c: &Client, kind: Kind, name: &str) -> Object {
-    let deadline = Instant::now() + Duration::from_secs(30);
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A JSON value as a raw payload.
+pub fn raw(v: serde_json::Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(&v).unwrap()
+}
+
+/// Polls `probe` until it gives a value, failing with `what` after 60 s (the pause is the
+/// poll interval; tests never wait a fixed time for readiness).
+pub async fn eventually<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let o = c.get(kind, name).await.unwrap();
-        if matches!(o.phase(), Some(Phase::Ready | Phase::Error)) {
-            return o;
+        if let Some(v) = probe().await {
+            return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{kind} {name} did not settle: {:?}",
-            o.status
-        );
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A run once it is final.
+pub async fn final_run(c: &Client, id: &str) -> dispatch_core::Run {
+    eventually(&format!("run {id} to finish"), || async {
+        let r = c.get_run(id).await.unwrap();
+        r.status.is_final().then_some(r)
+    })
+    .await
+}
+
+/// Polls until the resource leaves INITIALIZED/CREATING (30 s deadline); returns it.
+pub async fn settled(c: &Client, kind: Kind, name: &str) -> Object {
+    eventually(&format!("{kind} {name} to settle"), || async {
+        let o = c.get(kind, name).await.unwrap();
+        matches!(o.phase(), Some(Phase::Ready | Phase::Error)).then_some(o)
+    })
+    .await
 }
 
 /// Image `py` on the built-in python3 base and `js` on nodejs, both READY.
