@@ -166,11 +166,37 @@ impl SqliteStore {
     }
 
     fn runs_where(&self, condition: &str) -> Result<Vec<Run>> {
+        self.bodies(
+            &format!("SELECT body FROM runs WHERE {condition} ORDER BY id"),
+            [],
+        )
+    }
+
+    /// Runs a `SELECT body …` of at most one row and decodes its JSON body.
+    fn body<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<T>> {
+        let body: Option<String> = self
+            .conn()
+            .query_row(sql, params, |r| r.get(0))
+            .optional()?;
+        Ok(match body {
+            Some(b) => Some(serde_json::from_str(&b)?),
+            None => None,
+        })
+    }
+
+    /// Runs a `SELECT body …` and decodes every row's JSON body.
+    fn bodies<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<T>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT body FROM runs WHERE {condition} ORDER BY id"
-        ))?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params, |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for body in rows {
             out.push(serde_json::from_str(&body?)?);
@@ -238,17 +264,11 @@ impl Store for SqliteStore {
     }
 
     fn list(&self, namespace: Option<&str>, kind: Kind) -> Result<Vec<Object>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.bodies(
             "SELECT body FROM resources WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2)
              ORDER BY namespace, name",
-        )?;
-        let rows = stmt.query_map(params![kind.as_str(), namespace], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+            params![kind.as_str(), namespace],
+        )
     }
 
     fn create(&self, mut object: Object) -> Result<Object> {
@@ -371,42 +391,25 @@ impl Store for SqliteStore {
     }
 
     fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
-        let body: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT body FROM runs WHERE namespace = ?1 AND id = ?2",
-                params![namespace, id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(match body {
-            Some(b) => Some(serde_json::from_str(&b)?),
-            None => None,
-        })
+        self.body(
+            "SELECT body FROM runs WHERE namespace = ?1 AND id = ?2",
+            params![namespace, id],
+        )
     }
 
     fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        let limit = filter.limit.unwrap_or(100) as i64;
+        self.bodies(
             "SELECT body FROM runs WHERE namespace = ?1
                AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3)
              ORDER BY id DESC LIMIT ?4",
-        )?;
-        let limit = filter.limit.unwrap_or(100) as i64;
-        let rows = stmt.query_map(
             params![
                 namespace,
                 filter.function,
                 filter.status.map(|s| s.as_str()),
                 limit
             ],
-            |r| r.get::<_, String>(0),
-        )?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+        )
     }
 
     fn active_runs(&self) -> Result<Vec<Run>> {
@@ -468,18 +471,10 @@ impl Store for SqliteStore {
     }
 
     fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>> {
-        let body: Option<String> = self
-            .conn()
-            .query_row(
-                "SELECT body FROM job_executions WHERE namespace = ?1 AND uuid = ?2",
-                params![namespace, uuid],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(match body {
-            Some(b) => Some(serde_json::from_str(&b)?),
-            None => None,
-        })
+        self.body(
+            "SELECT body FROM job_executions WHERE namespace = ?1 AND uuid = ?2",
+            params![namespace, uuid],
+        )
     }
 
     fn list_jobs(
@@ -488,32 +483,18 @@ impl Store for SqliteStore {
         template: Option<&str>,
         limit: usize,
     ) -> Result<Vec<JobExecution>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.bodies(
             "SELECT body FROM job_executions WHERE namespace = ?1 AND (?2 IS NULL OR name = ?2)
              ORDER BY uuid DESC LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![namespace, template, limit as i64], |r| {
-            r.get::<_, String>(0)
-        })?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+            params![namespace, template, limit as i64],
+        )
     }
 
     fn active_jobs(&self) -> Result<Vec<JobExecution>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.bodies(
             "SELECT body FROM job_executions WHERE phase IN ('Waiting', 'Active') ORDER BY uuid",
-        )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+            [],
+        )
     }
 
     fn delete_jobs(&self, namespace: &str, template: &str) -> Result<u64> {
@@ -561,19 +542,11 @@ impl Store for SqliteStore {
         event_type: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
+        self.bodies(
             "SELECT body FROM events WHERE namespace = ?1 AND (?2 IS NULL OR type = ?2)
              ORDER BY received_ms DESC, id DESC LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![namespace, event_type, limit as i64], |r| {
-            r.get::<_, String>(0)
-        })?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+            params![namespace, event_type, limit as i64],
+        )
     }
 
     fn prune_events(&self, now: Timestamp) -> Result<u64> {
@@ -660,14 +633,7 @@ impl Store for SqliteStore {
     }
 
     fn list_tokens(&self) -> Result<Vec<ApiToken>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT body FROM tokens ORDER BY name")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+        self.bodies("SELECT body FROM tokens ORDER BY name", [])
     }
 
     fn delete_token(&self, name: &str) -> Result<bool> {
@@ -691,14 +657,10 @@ impl Store for SqliteStore {
     }
 
     fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare_cached("SELECT body FROM audit ORDER BY id DESC LIMIT ?1")?;
-        let rows = stmt.query_map(params![limit as i64], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for body in rows {
-            out.push(serde_json::from_str(&body?)?);
-        }
-        Ok(out)
+        self.bodies(
+            "SELECT body FROM audit ORDER BY id DESC LIMIT ?1",
+            params![limit as i64],
+        )
     }
 
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {
