@@ -6,23 +6,19 @@
 //! own cost; 8 concurrent callers over loopback HTTP (DISPATCH_BENCH_CALLERS). Target (issue 5): ≥ 5,000 enqueues/s,
 //! p99 ≤ 5 ms on 2 cores.
 
-use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant};
 
-use dispatch_client::{Client, RunQuery, Target, pack};
+use dispatch_client::{Client, RunQuery, pack};
 use dispatch_core::{Kind, Object, Phase};
-use dispatch_runtime::LocalBackend;
-use dispatch_server::{Options, Server};
-use dispatch_store::{BlobStore, SqliteStore};
+use dispatch_server::Options;
 use serde_json::json;
 use serde_json::value::RawValue;
 
 const HELLO_PY: &str = include_str!("../../../examples/python3/hello.py");
 
-fn pct(v: &mut [Duration], q: f64) -> f64 {
-    v.sort();
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
-}
+use support::pct_ms as pct;
 
 async fn function(c: &Client, dir: &std::path::Path, name: &str, image: &str) {
     let file = dir.join("hello.py");
@@ -52,42 +48,18 @@ async fn settled(c: &Client, name: &str) -> Phase {
 }
 
 fn main() {
-    dispatch_client::install_crypto_provider();
-    let n: usize = std::env::var("DISPATCH_BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
+    let n = support::iterations(10_000);
+    let support::Bench {
+        server_rt,
+        client_rt,
+        dir,
+        server,
+        client: c,
+        ..
+    } = support::start(Options {
         max_queue_depth: 10_000_000,
-        auth: false,
         ..Options::default()
-    };
-    let server = server_rt.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
-        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
-        let local = LocalBackend::new(dir.path()).unwrap();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Server::serve_with(store, blobs, local, api, gw, options).await
     });
-    let c = Client::new(&Target {
-        server: format!("http://{}", server.api_addr),
-        token: None,
-        namespace: "default".into(),
-        insecure: false,
-    })
-    .unwrap();
 
     client_rt.block_on(async {
         c.create(&Object::new(Kind::Image, "default", "py", json!({"baseImage": "python3"}))).await.unwrap();

@@ -5,22 +5,17 @@
 //! `cargo bench -p dispatch-cli --bench build` (DISPATCH_BENCH_N: functions, default 40).
 //! Needs PyPI once, for the image's dependency (six). Target (issue 4): ≤ 300 ms p50 to READY.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dispatch_client::{Client, Target, pack};
+use dispatch_client::{Client, pack};
 use dispatch_core::{Kind, Object, Phase};
-use dispatch_runtime::LocalBackend;
-use dispatch_server::Server;
-use dispatch_store::{BlobStore, SqliteStore};
 use serde_json::json;
 
-fn pct(v: &mut [Duration], q: f64) -> f64 {
-    v.sort();
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
-}
+use support::pct_ms as pct;
 
 async fn ready(c: &Client, kind: Kind, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -37,48 +32,16 @@ async fn ready(c: &Client, kind: Kind, name: &str) {
 }
 
 fn main() {
-    dispatch_client::install_crypto_provider();
-    let n: usize = std::env::var("DISPATCH_BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let server = server_rt.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
-        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
-        let local = LocalBackend::new(dir.path()).unwrap();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Server::serve_with(
-            store,
-            blobs,
-            local,
-            api,
-            gw,
-            dispatch_server::Options {
-                auth: false,
-                ..Default::default()
-            },
-        )
-        .await
-    });
-    let api = format!("http://{}", server.api_addr);
-    let c = Client::new(&Target {
-        server: api.clone(),
-        token: None,
-        namespace: "default".into(),
-        insecure: false,
-    })
-    .unwrap();
+    let n = support::iterations(40);
+    let support::Bench {
+        server_rt,
+        client_rt,
+        dir,
+        server,
+        client: c,
+        ..
+    } = support::start(Default::default());
+    let api = c.server().to_string();
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python3-deps");
     let requirements = std::fs::read_to_string(examples.join("requirements.txt")).unwrap();
 

@@ -3,59 +3,32 @@
 //! `cargo bench -p dispatch-cli --bench events` (DISPATCH_BENCH_N, default 300).
 //! Target (issue 7): ingest → run start p50 ≤ 5 ms.
 
-use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dispatch_client::{Client, Target, pack};
+use dispatch_client::pack;
 use dispatch_core::{Kind, Object, Phase};
-use dispatch_runtime::LocalBackend;
-use dispatch_server::{Options, Server};
-use dispatch_store::{BlobStore, SqliteStore};
+use dispatch_server::Options;
 use serde_json::json;
 
 const HELLO_PY: &str = include_str!("../../../examples/python3/hello.py");
 
-fn pct(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
-}
+use support::pct;
 
 fn main() {
-    dispatch_client::install_crypto_provider();
-    let n: usize = std::env::var("DISPATCH_BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        auth: false,
+    let n = support::iterations(300);
+    let support::Bench {
+        server_rt,
+        client_rt,
+        dir,
+        server,
+        client: c,
+        ..
+    } = support::start(Options {
         max_queue_depth: 10_000_000,
         ..Options::default()
-    };
-    let server = server_rt.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
-        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
-        let local = LocalBackend::new(dir.path()).unwrap();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Server::serve_with(store, blobs, local, api, gw, options).await
     });
-    let c = Client::new(&Target {
-        server: format!("http://{}", server.api_addr),
-        token: None,
-        namespace: "default".into(),
-        insecure: false,
-    })
-    .unwrap();
     client_rt.block_on(async {
         c.create(&Object::new(Kind::Image, "default", "py", json!({"baseImage": "python3"}))).await.unwrap();
         let file = dir.path().join("hello.py");

@@ -6,15 +6,13 @@
 //! 3000). Prints p50/p99/mean and req/s, and the platform's p50 overhead over the bare call
 //! (DESIGN §10 target: ≤ 150 µs).
 
-use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant};
 
-use dispatch_client::{Client, Target, pack};
+use dispatch_client::pack;
 use dispatch_core::{Kind, Object};
-use dispatch_runtime::LocalBackend;
 use dispatch_runtime::worker::Worker;
-use dispatch_server::Server;
-use dispatch_store::{BlobStore, SqliteStore};
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -65,52 +63,16 @@ where
 }
 
 fn main() {
-    dispatch_client::install_crypto_provider();
-    let n: usize = std::env::var("DISPATCH_BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3000);
-    // The server gets its own runtime (2 threads, like the CI machine); the load generator
-    // runs on a separate single thread so that it does not steal the server's workers.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (server, local) = server_rt.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
-        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
-        let local = LocalBackend::new(dir.path()).unwrap();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Server::serve_with(
-            store,
-            blobs,
-            local.clone(),
-            api,
-            gw,
-            dispatch_server::Options {
-                auth: false,
-                ..Default::default()
-            },
-        )
-        .await;
-        (server, local)
-    });
-    let api = format!("http://{}", server.api_addr);
+    let n = support::iterations(3000);
+    let support::Bench {
+        server_rt,
+        client_rt,
+        dir,
+        server,
+        client,
+        local,
+    } = support::start(Default::default());
     let gateway = format!("http://{}", server.gateway_addr);
-    let client = Client::new(&Target {
-        server: api.clone(),
-        token: None,
-        namespace: "default".into(),
-        insecure: false,
-    })
-    .unwrap();
 
     client_rt.block_on(async {
         client

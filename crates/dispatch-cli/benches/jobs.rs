@@ -4,20 +4,16 @@
 //! `cargo bench -p dispatch-cli --bench jobs` (DISPATCH_BENCH_N, default 200).
 //! Target (issue 6): PUT → process running ≤ 20 ms p50.
 
-use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dispatch_client::{Client, Target};
+use dispatch_client::Client;
 use dispatch_core::{JobPhase, Kind, Object};
-use dispatch_runtime::LocalBackend;
-use dispatch_server::{Options, Server};
-use dispatch_store::{BlobStore, SqliteStore};
+use dispatch_server::Options;
 use serde_json::json;
 
-fn pct(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
-}
+use support::pct;
 
 async fn ended(c: &Client, uuid: &str) -> dispatch_core::JobExecution {
     loop {
@@ -31,41 +27,14 @@ async fn ended(c: &Client, uuid: &str) -> dispatch_core::JobExecution {
 }
 
 fn main() {
-    dispatch_client::install_crypto_provider();
-    let n: usize = std::env::var("DISPATCH_BENCH_N")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        jobs_dir: dir.path().join("jobs"),
-        auth: false,
-        ..Options::default()
-    };
-    let server = server_rt.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
-        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
-        let local = LocalBackend::new(dir.path()).unwrap();
-        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Server::serve_with(store, blobs, local, api, gw, options).await
-    });
-    let c = Client::new(&Target {
-        server: format!("http://{}", server.api_addr),
-        token: None,
-        namespace: "default".into(),
-        insecure: false,
-    })
-    .unwrap();
+    let n = support::iterations(200);
+    let support::Bench {
+        server_rt,
+        client_rt,
+        server,
+        client: c,
+        ..
+    } = support::start(Options::default());
     let job = |cmd: serde_json::Value| {
         json!({"jobTemplate": {"spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
             "containers": [{"name": "main", "image": "busybox", "command": cmd}]}}}}, "maxActive": 50})

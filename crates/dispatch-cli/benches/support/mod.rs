@@ -1,0 +1,88 @@
+//! What every benchmark shares: an in-process server on its own 2-thread runtime (like the CI
+//! machine) with a separate single-threaded load generator, and percentiles.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use dispatch_client::{Client, Target};
+use dispatch_runtime::LocalBackend;
+use dispatch_server::{Options, Server};
+use dispatch_store::{BlobStore, SqliteStore};
+use tokio::runtime::Runtime;
+
+pub struct Bench {
+    pub server_rt: Runtime,
+    pub client_rt: Runtime,
+    pub dir: tempfile::TempDir,
+    pub server: Server,
+    pub client: Client,
+    pub local: Arc<LocalBackend>,
+}
+
+/// `DISPATCH_BENCH_N`, else `default`.
+pub fn iterations(default: usize) -> usize {
+    std::env::var("DISPATCH_BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A server with `options` (auth off: benchmarks measure the platform, not token checks) on
+/// loopback, SQLite in a temporary dir, real local workers.
+pub fn start(options: Options) -> Bench {
+    dispatch_client::install_crypto_provider();
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        auth: false,
+        jobs_dir: dir.path().join("jobs"),
+        ..options
+    };
+    let (server, local) = server_rt.block_on(async {
+        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let local = LocalBackend::new(dir.path()).unwrap();
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (
+            Server::serve_with(store, blobs, local.clone(), api, gw, options).await,
+            local,
+        )
+    });
+    let client = Client::new(&Target {
+        server: format!("http://{}", server.api_addr),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })
+    .unwrap();
+    Bench {
+        server_rt,
+        client_rt,
+        dir,
+        server,
+        client,
+        local,
+    }
+}
+
+/// The `q` quantile (0..1) of `v`, which it sorts.
+pub fn pct(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
+}
+
+/// The `q` quantile of durations, in milliseconds.
+pub fn pct_ms(v: &mut [std::time::Duration], q: f64) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    pct(&mut ms, q)
+}
