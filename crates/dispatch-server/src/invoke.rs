@@ -103,7 +103,7 @@ fn secret_values(deployed: &Deployed) -> Vec<String> {
 }
 
 /// Removes secret values from what a call printed and from its error.
-pub fn redact_envelope(env: &mut Envelope, deployed: &Deployed) {
+fn redact_envelope(env: &mut Envelope, deployed: &Deployed) {
     if deployed.secrets.is_empty() {
         return;
     }
@@ -126,14 +126,17 @@ pub fn redact_envelope(env: &mut Envelope, deployed: &Deployed) {
     }
 }
 
-/// Copies an attempt's outcome into its run record (logs capped, secret values redacted
-/// from logs, error and output).
+/// Redacts secret values from an attempt's envelope (logs, error) in place, then copies the
+/// outcome into its run record (logs capped, output redacted too). Redacting the envelope
+/// first means every later reader — the caller's response, retry bookkeeping — sees only the
+/// redacted text, and the work is done once.
 pub fn apply_outcome(
     run: &mut Run,
-    outcome: &CallOutcome,
+    outcome: &mut CallOutcome,
     deployed: &Deployed,
     max_log_bytes: usize,
 ) {
+    redact_envelope(&mut outcome.envelope, deployed);
     let env = &outcome.envelope;
     run.status = status_of(env);
     run.output = env.context.error.is_none().then(|| env.payload.clone());
@@ -143,28 +146,18 @@ pub fn apply_outcome(
     run.cold = outcome.cold;
     run.timings = outcome.timings;
     run.digest = Some(deployed.digest.clone());
-    if !deployed.secrets.is_empty() {
-        let values = secret_values(deployed);
-        let mut env = Envelope {
-            context: dispatch_core::envelope::EnvelopeContext {
-                logs: std::mem::take(&mut run.logs),
-                error: run.error.take(),
-            },
-            payload: dispatch_core::envelope::null_raw(),
-        };
-        redact_envelope(&mut env, deployed);
-        run.logs = env.context.logs;
-        run.error = env.context.error;
-        if let Some(out) = &run.output {
-            let text = crate::secrets::redact(out.get(), &values);
-            if text != out.get() {
-                run.output = Some(
-                    serde_json::value::RawValue::from_string(text.clone()).unwrap_or_else(|_| {
-                        serde_json::value::to_raw_value(&text)
-                            .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
-                    }),
-                );
-            }
+    if let Some(out) = &run.output
+        && !deployed.secrets.is_empty()
+    {
+        let text = crate::secrets::redact(out.get(), &secret_values(deployed));
+        if text != out.get() {
+            // Redaction can break JSON (a value inside a number); then keep it as a string.
+            run.output = Some(
+                serde_json::value::RawValue::from_string(text.clone()).unwrap_or_else(|_| {
+                    serde_json::value::to_raw_value(&text)
+                        .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
+                }),
+            );
         }
     }
 }
@@ -193,9 +186,14 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
         }
         Err(InvokeError::Busy(e)) => return Err(busy(e.to_string())),
     };
-    apply_outcome(&mut run, &outcome, &deployed, state.config.max_log_bytes);
-    let mut envelope = outcome.envelope;
-    redact_envelope(&mut envelope, &deployed);
+    let mut outcome = outcome;
+    apply_outcome(
+        &mut run,
+        &mut outcome,
+        &deployed,
+        state.config.max_log_bytes,
+    );
+    let envelope = outcome.envelope;
     run.started_at = created
         .checked_add(jiff::SignedDuration::from_millis(
             i64::try_from(outcome.timings.queued_ms).unwrap_or(0),

@@ -571,8 +571,13 @@ async fn run_one(state: Arc<AppState>, ns: String, id: String) {
             run.attempts -= 1;
             not_deployed(&state, run).await;
         }
-        Ok(outcome) => {
-            apply_outcome(&mut run, &outcome, &deployed, state.config.max_log_bytes);
+        Ok(mut outcome) => {
+            apply_outcome(
+                &mut run,
+                &mut outcome,
+                &deployed,
+                state.config.max_log_bytes,
+            );
             match outcome.envelope.context.error {
                 None => {
                     run.next_attempt_at = None;
