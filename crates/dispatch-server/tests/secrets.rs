@@ -128,11 +128,18 @@ async fn secrets_are_sealed_injected_and_redacted() {
     );
     // Async attempts keep their errors: redacted too.
     let a = c
-        .exec_async("db-client", &RawValue::from_string(r#"{"fail": true}"#.into()).unwrap(), None)
+        .exec_async(
+            "db-client",
+            &RawValue::from_string(r#"{"fail": true}"#.into()).unwrap(),
+            None,
+        )
         .await
         .unwrap();
     let dead = final_run(c, a["id"].as_str().unwrap()).await;
-    assert_eq!(dead.attempt_errors[0].error.message, "login refused for [redacted]");
+    assert_eq!(
+        dead.attempt_errors[0].error.message,
+        "login refused for [redacted]"
+    );
     let runs = serde_json::to_string(&c.list_runs(&Default::default()).await.unwrap()).unwrap();
     assert!(!runs.contains(PASSWORD), "no run record holds the value");
 
