@@ -1,12 +1,17 @@
 // Dispatch's Node worker bootstrap (no npm dependencies; embedded in the dispatch binary).
 //
-// Usage: node bootstrap.js FUNCTION_DIR MODULE_FILE [EXPORT]
+// Usage: node bootstrap.js FUNCTION_DIR MODULE_FILE [EXPORT]    (one worker)
+//        node bootstrap.js --generic DIR                         (a spare: see below)
 //
 // Speaks the worker protocol on fd 0, a Unix socket (DESIGN.md section 5): frames of a 4-byte
 // big-endian length followed by JSON. The first frame says whether the handler loaded:
 // {"ready": true} or {"ready": false, "error": {...}}. Then each request {"id", "context",
 // "payload"} is answered with {"id", "context": {"logs": {"stdout", "stderr"}, "error"},
 // "payload"}; what the handler writes to stdout/stderr during the call is captured.
+//
+// A generic worker (--generic) is started before any function needs it: it says
+// {"ready": true, "generic": true}, waits for one {"load": {"dir", "module", "export", "env"}}
+// frame, takes that environment and directory, loads the function and then says hello as above.
 //
 // Errors: an error whose name is "InputError" (or that has `inputError: true`) is the
 // caller's fault -> InputError; anything else thrown -> FunctionError.
@@ -15,7 +20,8 @@
 const net = require('net');
 const path = require('path');
 
-const [functionDir, moduleFile, exportName] = process.argv.slice(2);
+const generic = process.argv[2] === '--generic';
+let [functionDir, moduleFile, exportName] = generic ? [] : process.argv.slice(2);
 const sock = new net.Socket({ fd: 0, readable: true, writable: true });
 
 // Die with the server: a server killed with SIGKILL cannot kill its workers, and a run it
@@ -105,33 +111,59 @@ async function handle(fn, req) {
   }
 }
 
-let fn;
-try {
-  process.chdir(functionDir);
-  fn = loadHandler();
-} catch (err) {
-  const e = errorObject('FunctionError', err);
-  e.message = `cannot load handler ${moduleFile}${exportName ? ' ' + exportName : ''}: ${e.message}`;
-  send(e && { ready: false, error: e });
-  sock.end();
-  process.exitCode = 1;
-  return;
+let fn = null;
+
+// Loads the handler and says hello; false (after saying why) when it does not load.
+function start() {
+  const started = process.hrtime.bigint();
+  try {
+    process.chdir(functionDir);
+    fn = loadHandler();
+  } catch (err) {
+    const e = errorObject('FunctionError', err);
+    e.message = `cannot load handler ${moduleFile}${exportName ? ' ' + exportName : ''}: ${e.message}`;
+    send({ ready: false, error: e });
+    sock.end();
+    process.exitCode = 1;
+    return false;
+  }
+  send({ ready: true, importMs: Number(process.hrtime.bigint() - started) / 1e6 });
+  return true;
 }
-send({ ready: true });
+
+// A generic worker becomes the function of its first frame.
+function specialize(load) {
+  if (!load || typeof load.dir !== 'string' || typeof load.module !== 'string') {
+    process.exit(2);
+  }
+  functionDir = load.dir;
+  moduleFile = load.module;
+  exportName = load.export || undefined;
+  for (const k of Object.keys(process.env)) delete process.env[k];
+  Object.assign(process.env, load.env || {});
+  process.argv = [process.argv[0], process.argv[1], functionDir, moduleFile].concat(exportName ? [exportName] : []);
+  return start();
+}
+
+let alive = generic ? (send({ ready: true, generic: true }), true) : start();
 
 // Frame reader: requests are handled one at a time, in order.
 let buf = Buffer.alloc(0);
 let chain = Promise.resolve();
 sock.on('data', (chunk) => {
   buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
-  while (buf.length >= 4) {
+  while (alive && buf.length >= 4) {
     const len = buf.readUInt32BE(0);
     if (buf.length < 4 + len) break;
     const body = buf.subarray(4, 4 + len);
     buf = buf.subarray(4 + len);
-    const req = JSON.parse(body.toString('utf8'));
-    chain = chain.then(() => handle(fn, req));
+    const msg = JSON.parse(body.toString('utf8'));
+    if (!fn) {
+      alive = specialize(msg.load);
+      continue;
+    }
+    chain = chain.then(() => handle(fn, msg));
   }
 });
-sock.on('end', () => process.exit(0));
-sock.on('error', () => process.exit(0));
+sock.on('end', () => process.exit(process.exitCode || 0));
+sock.on('error', () => process.exit(process.exitCode || 0));

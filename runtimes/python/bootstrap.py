@@ -1,6 +1,7 @@
 """Dispatch's Python worker bootstrap (stdlib only; embedded in the dispatch binary).
 
-Usage: python3 bootstrap.py FUNCTION_DIR MODULE.FUNCTION
+Usage: python3 bootstrap.py FUNCTION_DIR MODULE.FUNCTION     (one worker)
+       python3 bootstrap.py --zygote [PRELOAD_JSON | "auto"]    (forks workers; see zygote())
 
 Speaks the worker protocol on fd 0, a Unix socket (DESIGN.md section 5): frames of a
 4-byte big-endian length followed by JSON. The first frame it sends says whether the
@@ -22,6 +23,7 @@ import os
 import socket
 import struct
 import sys
+import time
 import traceback
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -113,37 +115,33 @@ async def _await(awaitable):
     return await awaitable
 
 
-def watch_parent():
+def watch_socket(sock):
     """Dies with the server: a server killed with SIGKILL cannot kill its workers, and a run
     it accepted is retried after a restart, so a worker that outlived it would run that call
-    twice at once. When this process is re-parented, it kills its own process group."""
+    twice at once. The server holds the other end of the protocol socket; when it goes away
+    (or drops this worker), the socket hangs up and this process kills its own process group,
+    even in the middle of a call. A thread blocked in poll() costs nothing while it waits."""
+    import select
     import signal
     import threading
-    import time
-
-    parent = os.getppid()
 
     def loop():
+        p = select.poll()
+        p.register(sock.fileno(), 0)  # POLLHUP/POLLERR are always reported
         while True:
-            time.sleep(0.1)
-            if os.getppid() != parent:
-                os.killpg(0, signal.SIGKILL)
+            for _, ev in p.poll():
+                if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    os.killpg(0, signal.SIGKILL)
 
-    threading.Thread(target=loop, name="dispatch-watch-parent", daemon=True).start()
+    threading.Thread(target=loop, name="dispatch-watch-socket", daemon=True).start()
 
 
-def main():
-    function_dir, handler = sys.argv[1], sys.argv[2]
-    watch_parent()
-    # The protocol socket arrives as fd 0; keep it on a private fd and give the handler an
-    # empty stdin so that a stray input() cannot read protocol bytes.
-    sock = socket.socket(fileno=os.dup(0))
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-
+def serve(sock, function_dir, handler):
+    """Loads the handler and answers requests on `sock` until the host closes it."""
+    watch_socket(sock)
     os.chdir(function_dir)
     sys.path.insert(0, function_dir)
+    started = time.perf_counter()
     try:
         fn = load_handler(handler)
     except BaseException as exc:
@@ -151,7 +149,7 @@ def main():
         err["message"] = "cannot load handler %s: %s: %s" % (handler, type(exc).__name__, exc)
         send_frame(sock, {"ready": False, "error": err})
         return 1
-    send_frame(sock, {"ready": True})
+    send_frame(sock, {"ready": True, "importMs": (time.perf_counter() - started) * 1000.0})
 
     while True:
         req = recv_frame(sock)
@@ -169,6 +167,142 @@ def main():
                 "stacktrace": [],
             }
             send_frame(sock, resp)
+
+
+def take_protocol_socket():
+    """The protocol socket arrives as fd 0; keep it on a private fd and give the handler an
+    empty stdin so that a stray input() cannot read protocol bytes."""
+    sock = socket.socket(fileno=os.dup(0))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return sock
+
+
+def preload_modules(names):
+    """Imports what every worker forked from this zygote should find already loaded.
+    `names` is a list of module names, or "auto": the top-level modules installed in this
+    interpreter's virtual environment (an image's dependencies). Failures are reported,
+    not fatal: the handler's own import will show the real error."""
+    if names == "auto":
+        names = []
+        if sys.prefix != sys.base_prefix:  # a venv: its site-packages are the image's
+            import site
+
+            skip = {"pip", "setuptools", "pkg_resources", "wheel", "_distutils_hack"}
+            for sp in site.getsitepackages():
+                try:
+                    entries = sorted(os.listdir(sp))
+                except OSError:
+                    continue
+                for e in entries:
+                    mod = e
+                    if e.endswith(".py"):
+                        mod = e[:-3]
+                    elif ".cpython-" in e or e.endswith(".abi3.so"):
+                        mod = e.split(".", 1)[0]
+                    elif not os.path.isfile(os.path.join(sp, e, "__init__.py")):
+                        continue
+                    if mod.isidentifier() and not mod.startswith("_") and mod not in skip:
+                        names.append(mod)
+    loaded, failed = [], []
+    for name in names:
+        try:
+            importlib.import_module(name)
+            loaded.append(name)
+        except BaseException as exc:  # a module that does not import is skipped
+            failed.append("%s: %s: %s" % (name, type(exc).__name__, exc))
+    return loaded, failed
+
+
+def recv_request_with_fds(ctl):
+    """One zygote request: a frame whose first bytes carry the worker's fds (SCM_RIGHTS)."""
+    data, fds, _, _ = socket.recv_fds(ctl, 65536, 3)
+    if not data:
+        return None, fds
+    while len(data) < 4:
+        more = ctl.recv(4 - len(data))
+        if not more:
+            return None, fds
+        data += more
+    (length,) = struct.unpack(">I", data[:4])
+    body = data[4:]
+    if len(body) < length:
+        rest = recv_exact(ctl, length - len(body))
+        if rest is None:
+            return None, fds
+        body += rest
+    return json.loads(body), fds
+
+
+def zygote(preload):
+    """A process that has imported the bootstrap (and the image's modules) and forks a new
+    worker for each request. Request frames on fd 0 carry three fds: the worker's protocol
+    socket, its stdout and its stderr; and {"dir", "handler", "env"}. The answer is {"pid"}.
+    The child becomes its own process group, takes the declared environment instead of the
+    zygote's, imports the handler and serves like a spawned worker."""
+    import gc
+    import signal
+
+    ctl = take_protocol_socket()
+    loaded, failed = preload_modules(preload)
+    # Children are reaped by the kernel; they are killed by the host through their group.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    # Objects that exist now are never collected: the collector does not write to (and so
+    # does not un-share) the pages every forked worker shares with this process.
+    gc.collect()
+    gc.freeze()
+    send_frame(ctl, {"ready": True, "preloaded": loaded, "failed": failed})
+    while True:
+        req, fds = recv_request_with_fds(ctl)
+        if req is None:
+            return 0
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            send_frame(ctl, {"error": "expected 3 fds, got %d" % len(fds)})
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                ctl.close()
+                sock_fd, out_fd, err_fd = fds
+                os.set_inheritable(sock_fd, False)  # not for the handler's subprocesses
+                os.dup2(out_fd, 1)
+                os.dup2(err_fd, 2)
+                os.close(out_fd)
+                os.close(err_fd)
+                os.environ.clear()
+                os.environ.update(req.get("env") or {})
+                extra = os.environ.get("PYTHONPATH")
+                if extra:
+                    sys.path[1:1] = [p for p in extra.split(os.pathsep) if p]
+                sys.argv = [sys.argv[0], req["dir"], req["handler"]]
+                code = serve(socket.socket(fileno=sock_fd), req["dir"], req["handler"])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code or 0)
+        try:
+            os.setpgid(pid, pid)  # also here: the host may kill the group before the child runs
+        except OSError:
+            pass
+        for fd in fds:
+            os.close(fd)
+        send_frame(ctl, {"pid": pid})
+
+
+def main():
+    if sys.argv[1] == "--zygote":
+        preload = json.loads(sys.argv[2]) if len(sys.argv) > 2 else "auto"
+        return zygote(preload)
+    function_dir, handler = sys.argv[1], sys.argv[2]
+    return serve(take_protocol_socket(), function_dir, handler)
 
 
 if __name__ == "__main__":

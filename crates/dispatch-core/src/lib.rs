@@ -25,7 +25,9 @@ pub use resource::{
     API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata,
     Object, Phase, Retry, RetryPolicy, SealedSecret, SecretSpec, Status,
 };
-pub use run::{AttemptError, Callback, CallbackState, Run, RunStatus, Timings, Trigger};
+pub use run::{
+    AttemptError, Callback, CallbackState, ColdStart, Run, RunStatus, StartMethod, Timings, Trigger,
+};
 
 /// The namespace used when none is given (Dispatch's default organization).
 pub const DEFAULT_NAMESPACE: &str = "default";

@@ -470,11 +470,32 @@ pub struct ImageSpec {
     pub runtime_dependencies: Option<RuntimeDependencies>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub system_dependencies: Vec<serde_json::Value>,
+    /// Python: modules the image's zygote imports once, before it forks workers, so that a
+    /// cold start does not import them again. Unset: every top-level module the image's
+    /// dependencies installed; `[]`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preload: Option<Vec<String>>,
 }
 
 impl ImageSpec {
     fn normalize(self) -> Result<Self, ValidationError> {
         validate_name("base image", &self.base_image)?;
+        if let Some(list) = &self.preload {
+            for (i, m) in list.iter().enumerate() {
+                let ok = !m.is_empty()
+                    && m.split('.').all(|part| {
+                        let mut c = part.chars();
+                        c.next()
+                            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+                            && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+                    });
+                if !ok {
+                    return Err(ValidationError::new(format!(
+                        "spec.preload[{i}]: {m:?} is not a Python module name (like numpy or os.path)"
+                    )));
+                }
+            }
+        }
         Ok(self)
     }
 }

@@ -84,6 +84,45 @@ pub struct Timings {
     pub exec_ms: u64,
 }
 
+/// How a cold worker came to be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMethod {
+    /// A new interpreter process (exec-language handlers, or when no zygote can serve).
+    #[default]
+    Spawn,
+    /// Forked from the image's zygote (Python).
+    Fork,
+    /// A pre-spawned generic worker of the image, given the function (Node).
+    Specialize,
+}
+
+impl StartMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMethod::Spawn => "spawn",
+            StartMethod::Fork => "fork",
+            StartMethod::Specialize => "specialize",
+        }
+    }
+}
+
+/// Where a cold start's time went, in fractional milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ColdStart {
+    pub method: StartMethod,
+    /// Until the new process could load the handler: spawn + interpreter start, a fork, or
+    /// taking a pre-spawned worker.
+    pub spawn_ms: f64,
+    /// Loading the handler (its imports), as the worker measured it.
+    pub import_ms: f64,
+    /// The first call on the new worker.
+    pub first_call_ms: f64,
+    /// All of it: from asking for a worker to the first answer.
+    pub total_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Run {
@@ -101,6 +140,9 @@ pub struct Run {
     pub error: Option<ErrorObject>,
     pub attempts: u32,
     pub cold: bool,
+    /// The cold start this run paid for, split into its steps (absent when warm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start: Option<ColdStart>,
     #[serde(default)]
     pub timings: Timings,
     pub created_at: Timestamp,
@@ -153,6 +195,7 @@ impl Run {
             error: None,
             attempts: 0,
             cold: false,
+            cold_start: None,
             timings: Timings::default(),
             created_at,
             started_at: None,

@@ -2,11 +2,13 @@
 //! [`LocalBackend`]: functions run as local worker processes, builds are directories under
 //! the data dir.
 
+use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dispatch_core::{Language, ValidationError};
@@ -14,9 +16,14 @@ use serde_json::value::RawValue;
 
 use crate::build::{ImageBuilder, Progress};
 use crate::handler;
-use crate::pool::{CallOutcome, Pool, PoolConfig, PoolError};
+use crate::pool::{CallOutcome, Launcher, Pool, PoolConfig, PoolError};
 use crate::source::{self, SourceError};
 use crate::worker::{StartError, WorkerSpec};
+use crate::zygote::{Spares, Zygote};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -71,6 +78,9 @@ pub struct FunctionDeploy {
     pub max_workers: u32,
     pub min_workers: u32,
     pub idle_timeout: Duration,
+    /// Python modules the image's zygote imports before it forks workers (`None`: the
+    /// image's installed dependencies).
+    pub preload: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,12 +169,23 @@ const NODE_BOOTSTRAP: &str = include_str!("../../../runtimes/node/bootstrap.js")
 /// Namespace → function name → pool. Nested maps so that a lookup borrows `&str` keys.
 type Pools = HashMap<String, HashMap<String, Arc<Pool>>>;
 
+/// A zygote serves one interpreter (an image's venv) with one preload list.
+type ZygoteKey = (PathBuf, Option<Vec<String>>);
+/// Spares serve one interpreter with one NODE_PATH (an image's node_modules).
+type SparesKey = (PathBuf, Option<String>);
+
 pub struct LocalBackend {
     runtimes_dir: PathBuf,
     functions_dir: PathBuf,
     images: ImageBuilder,
     pools: RwLock<Pools>,
     max_queue: usize,
+    /// Python zygotes by (interpreter, preload list).
+    zygotes: Mutex<HashMap<ZygoteKey, Arc<Zygote>>>,
+    /// Node spares by (interpreter, NODE_PATH).
+    spares: Mutex<HashMap<SparesKey, Arc<Spares>>>,
+    /// Zygotes and spares on (the default) or off (every cold start spawns).
+    fast_start: AtomicBool,
 }
 
 impl LocalBackend {
@@ -192,7 +213,91 @@ impl LocalBackend {
             images: ImageBuilder::new(images_dir, parallel),
             pools: RwLock::new(HashMap::new()),
             max_queue: 256,
+            zygotes: Mutex::new(HashMap::new()),
+            spares: Mutex::new(HashMap::new()),
+            fast_start: AtomicBool::new(true),
         }))
+    }
+
+    /// Turns zygotes (Python) and spare generic workers (Node) on or off for pools created
+    /// from now on; off, every cold start spawns a new interpreter (benchmarks compare both).
+    pub fn set_fast_start(&self, on: bool) {
+        self.fast_start.store(on, Ordering::Relaxed);
+    }
+
+    /// The zygotes started so far (tests and benchmarks).
+    pub fn zygotes(&self) -> Vec<Arc<Zygote>> {
+        lock(&self.zygotes).values().cloned().collect()
+    }
+
+    /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
+    /// (Node), or a spawn.
+    fn launcher(&self, d: &FunctionDeploy, spec: &WorkerSpec) -> Launcher {
+        if !self.fast_start.load(Ordering::Relaxed) {
+            return Launcher::Spawn;
+        }
+        match d.base.language {
+            // Interpreter settings in the declared environment (PYTHONHASHSEED, …) act at
+            // interpreter start, which a fork skips: such functions get their own process.
+            Language::Python3
+                if !d
+                    .env
+                    .keys()
+                    .any(|k| k.starts_with("PYTHON") && k != "PYTHONPATH") =>
+            {
+                let key = (spec.program.clone(), d.preload.clone());
+                let z = lock(&self.zygotes)
+                    .entry(key)
+                    .or_insert_with(|| {
+                        Arc::new(Zygote::new(
+                            spec.program.clone(),
+                            self.runtimes_dir.join("bootstrap.py"),
+                            d.preload.clone(),
+                            format!("zygote {}", spec.program.display()),
+                        ))
+                    })
+                    .clone();
+                Launcher::Zygote(z)
+            }
+            Language::Nodejs => {
+                let node_path = spec.env.get("NODE_PATH").cloned();
+                let key = (spec.program.clone(), node_path.clone());
+                let s = lock(&self.spares)
+                    .entry(key)
+                    .or_insert_with(|| {
+                        Arc::new(Spares::new(
+                            spec.program.clone(),
+                            self.runtimes_dir.join("bootstrap.js"),
+                            node_path
+                                .map(|p| BTreeMap::from([("NODE_PATH".to_string(), p)]))
+                                .unwrap_or_default(),
+                            1,
+                            format!("spare {}", spec.program.display()),
+                        ))
+                    })
+                    .clone();
+                Launcher::Spares(s)
+            }
+            _ => Launcher::Spawn,
+        }
+    }
+
+    /// A pool for `d`, its workers per `spec`; its first worker is started (and so the
+    /// handler proved to load) by the caller.
+    fn new_pool(&self, d: &FunctionDeploy, spec: WorkerSpec) -> Arc<Pool> {
+        Arc::new(Pool::new(
+            PoolConfig {
+                language: d.base.language,
+                launcher: self.launcher(d, &spec),
+                worker: spec,
+                timeout: d.timeout,
+                max_workers: d.max_workers,
+                min_workers: d.min_workers,
+                idle_timeout: d.idle_timeout,
+                max_queue: self.max_queue,
+            },
+            d.digest.clone(),
+        ))
     }
 
     /// Reaps idle workers every second until the returned task is aborted.
@@ -410,18 +515,7 @@ impl LocalBackend {
             .map_err(|e| BuildError::Io(format!("cannot read {}: {e}", dir.display())))?;
         let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
         let spec = self.worker_spec(d, dir, resolved.args)?;
-        let pool = Arc::new(Pool::new(
-            PoolConfig {
-                language: d.base.language,
-                worker: spec,
-                timeout: d.timeout,
-                max_workers: d.max_workers,
-                min_workers: d.min_workers,
-                idle_timeout: d.idle_timeout,
-                max_queue: self.max_queue,
-            },
-            d.digest.clone(),
-        ));
+        let pool = self.new_pool(d, spec);
         if d.base.language != Language::Exec {
             let w = pool.start_worker().await?;
             pool.put_idle(w);
@@ -570,18 +664,7 @@ impl Backend for LocalBackend {
             .map_err(|e| BuildError::Unsupported(format!("unpack task failed: {e}")))??;
             let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
             let spec = self.worker_spec(&d, dir, resolved.args)?;
-            let pool = Arc::new(Pool::new(
-                PoolConfig {
-                    language: d.base.language,
-                    worker: spec,
-                    timeout: d.timeout,
-                    max_workers: d.max_workers,
-                    min_workers: d.min_workers,
-                    idle_timeout: d.idle_timeout,
-                    max_queue: self.max_queue,
-                },
-                d.digest.clone(),
-            ));
+            let pool = self.new_pool(&d, spec);
             if d.base.language != Language::Exec {
                 // Validation: the handler must import and be callable. The worker that proved
                 // it stays as the first warm worker.
@@ -643,6 +726,13 @@ impl Backend for LocalBackend {
                 .collect();
             for p in all {
                 p.close();
+            }
+            let zygotes: Vec<Arc<Zygote>> = lock(&self.zygotes).drain().map(|(_, z)| z).collect();
+            for z in zygotes {
+                z.stop().await;
+            }
+            for (_, s) in lock(&self.spares).drain() {
+                s.stop();
             }
         })
     }

@@ -14,6 +14,7 @@ pub mod pool;
 pub mod protocol;
 pub mod source;
 pub mod worker;
+pub mod zygote;
 
 pub use backend::{
     Backend, BaseImageCheck, BuildError, FunctionDeploy, GcKeep, ImageBuild, InvokeError,

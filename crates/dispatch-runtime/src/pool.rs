@@ -7,20 +7,44 @@
 //! A closed pool (its function was rebuilt or deleted) lets in-flight calls finish and kills
 //! each worker as it comes back: traffic moves to the new pool without failed calls.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dispatch_core::{Envelope, ErrorObject, Language, Logs, Timings};
+use dispatch_core::{ColdStart, Envelope, ErrorObject, Language, Logs, Timings};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
 use crate::worker::{StartError, Worker, WorkerSpec, run_exec};
+use crate::zygote::{ForkError, Spares, Zygote};
+
+/// How a pool gets a new worker.
+#[derive(Clone, Default)]
+pub enum Launcher {
+    /// A new interpreter process.
+    #[default]
+    Spawn,
+    /// A fork of the image's zygote (Python); a zygote that cannot start means a spawn.
+    Zygote(Arc<Zygote>),
+    /// A pre-spawned generic worker of the image, given the function (Node).
+    Spares(Arc<Spares>),
+}
+
+impl std::fmt::Debug for Launcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Launcher::Spawn => "Spawn",
+            Launcher::Zygote(_) => "Zygote",
+            Launcher::Spares(_) => "Spares",
+        })
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub language: Language,
     pub worker: WorkerSpec,
+    pub launcher: Launcher,
     pub timeout: Duration,
     pub max_workers: u32,
     pub min_workers: u32,
@@ -34,6 +58,8 @@ pub struct PoolConfig {
 pub struct CallOutcome {
     pub envelope: Envelope,
     pub cold: bool,
+    /// The split of the cold start this call paid for.
+    pub cold_start: Option<ColdStart>,
     pub timings: Timings,
 }
 
@@ -106,7 +132,19 @@ impl Pool {
         // Interpreters start in well under a second; a handler that imports something heavy
         // gets the function's own timeout, but never less than 10 s.
         let ready_within = self.cfg.timeout.max(Duration::from_secs(10));
-        let w = Worker::start(&self.cfg.worker, ready_within).await?;
+        let spec = &self.cfg.worker;
+        let w = match &self.cfg.launcher {
+            Launcher::Spawn => Worker::start(spec, ready_within).await?,
+            Launcher::Spares(s) => s.take(spec, ready_within).await?,
+            Launcher::Zygote(z) => match z.fork(spec, ready_within).await {
+                Ok(w) => w,
+                Err(ForkError::Worker(e)) => return Err(e),
+                Err(ForkError::Zygote(e)) => {
+                    tracing::warn!(function = %spec.label, "zygote unavailable, spawning: {e}");
+                    Worker::start(spec, ready_within).await?
+                }
+            },
+        };
         self.live.fetch_add(1, Ordering::Relaxed);
         Ok(w)
     }
@@ -178,6 +216,7 @@ impl Pool {
             return Ok(CallOutcome {
                 envelope,
                 cold: true,
+                cold_start: None,
                 timings,
             });
         }
@@ -207,12 +246,18 @@ impl Pool {
             pool: self,
             worker: None,
         };
+        let mut cold_start = cold.then_some(worker.cold_start);
         let result = checkout
             .worker
             .insert(worker)
             .call(context, payload, remaining, self.cfg.timeout)
             .await;
-        timings.exec_ms = ms(t2.elapsed());
+        let took = t2.elapsed();
+        timings.exec_ms = ms(took);
+        if let Some(c) = cold_start.as_mut() {
+            c.first_call_ms = took.as_secs_f64() * 1e3;
+            c.total_ms += c.first_call_ms;
+        }
         let worker = checkout.worker.take();
         let envelope = match (result, worker) {
             (Ok(env), Some(w)) => {
@@ -231,6 +276,7 @@ impl Pool {
         Ok(CallOutcome {
             envelope,
             cold,
+            cold_start,
             timings,
         })
     }
@@ -239,6 +285,7 @@ impl Pool {
         CallOutcome {
             envelope: Envelope::error(err, Logs::default()),
             cold,
+            cold_start: None,
             timings,
         }
     }

@@ -23,10 +23,14 @@ pub struct Request<'a> {
 
 /// Worker → host, once at start-up.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Hello {
     pub ready: bool,
     #[serde(default)]
     pub error: Option<ErrorObject>,
+    /// How long loading the handler took, as the worker measured it.
+    #[serde(default)]
+    pub import_ms: Option<f64>,
 }
 
 /// Worker → host, once per request.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dispatch_core::envelope::{EnvelopeContext, null_raw};
-use dispatch_core::{Envelope, ErrorObject, Logs};
+use dispatch_core::{ColdStart, Envelope, ErrorObject, Logs, StartMethod};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::value::RawValue;
@@ -43,7 +43,27 @@ pub struct WorkerSpec {
     pub label: String,
 }
 
+/// The environment every worker process starts from (nothing else of the server's leaks in):
+/// PATH, LANG and the interpreters' settings; HOME is the function directory.
+pub fn base_environment(home: &std::path::Path) -> BTreeMap<String, String> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    BTreeMap::from([
+        ("PATH".to_string(), path),
+        ("HOME".to_string(), home.display().to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+        ("PYTHONDONTWRITEBYTECODE".to_string(), "1".to_string()),
+    ])
+}
+
 impl WorkerSpec {
+    /// The whole environment of a worker of this spec: the base plus the declared variables.
+    pub fn environment(&self) -> BTreeMap<String, String> {
+        let mut env = base_environment(&self.dir);
+        env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+
     fn command(&self, with_dir_arg: bool) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.prefix_args);
@@ -53,15 +73,7 @@ impl WorkerSpec {
         cmd.args(&self.handler_args)
             .current_dir(&self.dir)
             .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
-            )
-            .env("HOME", &self.dir)
-            .env("LANG", "C.UTF-8")
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .envs(&self.env)
+            .envs(self.environment())
             .process_group(0)
             .kill_on_drop(true);
         cmd
@@ -104,21 +116,29 @@ impl StartError {
     }
 }
 
-type Tail = Arc<Mutex<VecDeque<String>>>;
+pub(crate) type Tail = Arc<Mutex<VecDeque<String>>>;
 
 pub struct Worker {
-    child: Child,
+    /// The process, when this host spawned it (a forked worker is the zygote's child).
+    child: Option<Child>,
     pid: Option<Pid>,
     sock: UnixStream,
     next_id: u64,
     tail: Tail,
     /// When the worker was last handed back idle (for the reaper).
     pub last_used: Instant,
+    /// How the worker started and how long that took (`first_call_ms` is the pool's to fill).
+    pub cold_start: ColdStart,
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 impl Worker {
     /// Starts a protocol worker and waits for its hello frame.
     pub async fn start(spec: &WorkerSpec, ready_within: Duration) -> Result<Worker, StartError> {
+        let t0 = Instant::now();
         let (host, child_end) =
             std::os::unix::net::UnixStream::pair().map_err(|source| StartError::Spawn {
                 program: "a socket pair".into(),
@@ -145,14 +165,51 @@ impl Worker {
         if let Some(err) = child.stderr.take() {
             drain(err, tail.clone(), spec.label.clone());
         }
-        let mut w = Worker {
-            child,
+        let w = Worker {
+            child: Some(child),
             pid,
             sock,
             next_id: 0,
             tail,
             last_used: Instant::now(),
+            cold_start: ColdStart::default(),
         };
+        w.handshake(ready_within, t0).await
+    }
+
+    /// A worker forked by a zygote: its pid, its protocol socket and its output pipes.
+    pub(crate) fn forked(
+        pid: i32,
+        sock: UnixStream,
+        outputs: [tokio::net::unix::pipe::Receiver; 2],
+        label: &str,
+    ) -> Worker {
+        let tail: Tail = Arc::default();
+        for r in outputs {
+            drain(r, tail.clone(), label.to_string());
+        }
+        Worker {
+            child: None,
+            pid: Some(Pid::from_raw(pid)),
+            sock,
+            next_id: 0,
+            tail,
+            last_used: Instant::now(),
+            cold_start: ColdStart {
+                method: StartMethod::Fork,
+                ..ColdStart::default()
+            },
+        }
+    }
+
+    /// Waits for the hello frame of a worker started at `t0`: ready, or why its handler did
+    /// not load. Records the split of the start (the worker reports its import time).
+    pub(crate) async fn handshake(
+        mut self,
+        ready_within: Duration,
+        t0: Instant,
+    ) -> Result<Worker, StartError> {
+        let w = &mut self;
         let hello =
             match tokio::time::timeout(ready_within, protocol::read_frame(&mut w.sock)).await {
                 Err(_) => return Err(StartError::Timeout(ready_within)),
@@ -166,7 +223,17 @@ impl Worker {
                 ErrorObject::function("handler failed to load")
             })));
         }
-        Ok(w)
+        let total = ms_f(t0.elapsed());
+        let import = hello.import_ms.unwrap_or(0.0).clamp(0.0, total);
+        self.cold_start.import_ms = import;
+        self.cold_start.spawn_ms = total - import;
+        self.cold_start.total_ms = total;
+        Ok(self)
+    }
+
+    /// Sends a frame that is not a call (a generic worker's `load`).
+    pub(crate) async fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        protocol::write_frame(&mut self.sock, frame).await
     }
 
     /// Sends one call and waits at most `timeout` for the answer (`configured` is the
@@ -237,18 +304,23 @@ impl Worker {
         if let Some(pid) = self.pid.take() {
             let _ = killpg(pid, Signal::SIGKILL);
         }
-        let _ = self.child.start_kill();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
     }
 
     /// After the worker closed its socket: give it a moment to exit, so that the exit status
     /// and its last output can go into the error message.
     async fn wait_tail(&mut self) -> Vec<String> {
-        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        let status = match self.child.as_mut() {
+            Some(c) => Some(tokio::time::timeout(Duration::from_secs(2), c.wait()).await),
+            None => None, // a forked worker: its zygote reaps it
+        };
         self.kill();
         // Let the drain tasks read what is left in the pipes.
         tokio::task::yield_now().await;
         let mut tail: Vec<String> = lock(&self.tail).iter().cloned().collect();
-        if let Ok(Ok(st)) = status {
+        if let Some(Ok(Ok(st))) = status {
             tail.push(format!("(exit {st})"));
         }
         tail

@@ -64,6 +64,7 @@ fn deploy(name: &str, lang: Language, file: &str, body: &str, image_build: &str)
         max_workers: 1,
         min_workers: 0,
         idle_timeout: Duration::from_secs(60),
+        preload: None,
     }
 }
 

@@ -62,6 +62,7 @@ fn deploy(
         max_workers: 2,
         min_workers: 0,
         idle_timeout: Duration::from_secs(300),
+        preload: None,
     }
 }
 
@@ -469,4 +470,222 @@ async fn wait_until(cond: impl Fn() -> bool) {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+fn ppid_of(pid: i32) -> i32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = s.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Kills every idle worker of a function (scale to zero).
+fn scale_to_zero(b: &LocalBackend, name: &str) {
+    let pool = b.pool("default", name).unwrap();
+    pool.reap(Instant::now() + Duration::from_secs(24 * 3600));
+    assert_eq!(pool.live_workers(), 0);
+}
+
+async fn cold_call(b: &LocalBackend, name: &str) -> dispatch_runtime::pool::CallOutcome {
+    let ctx = raw(r#"{"secrets":{}}"#);
+    b.invoke(
+        "default",
+        name,
+        &ctx,
+        &raw("null"),
+        Instant::now() + Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn python_workers_are_forked_from_the_zygote_with_a_fresh_environment() {
+    let f = fx();
+    let src = "import os, sys, random\ndef handle(ctx, p):\n    return {'env': dict(os.environ), 'cwd': os.getcwd(), 'pid': os.getpid(), 'pgid': os.getpgid(0), 'r': random.random(), 'stdin': sys.stdin.read()}\n";
+    let mut d = deploy("zy", Language::Python3, &[("zy.py", src, 0o644)], None);
+    d.env.insert("GREETING".into(), "hi".into());
+    f.backend.deploy_function(d).await.unwrap();
+    scale_to_zero(&f.backend, "zy");
+
+    let out = cold_call(&f.backend, "zy").await;
+    assert!(out.cold);
+    let cs = out.cold_start.expect("a cold call records its cold start");
+    assert_eq!(cs.method, dispatch_core::StartMethod::Fork);
+    assert!(
+        cs.total_ms >= cs.spawn_ms + cs.import_ms && cs.first_call_ms > 0.0,
+        "{cs:?}"
+    );
+    let v = serde_json::to_value(&out.envelope).unwrap();
+    let p = &v["payload"];
+    let pid = p["pid"].as_i64().unwrap() as i32;
+    // Its parent is the zygote; it leads its own process group; only the declared variables.
+    let zygote = f.backend.zygotes()[0].pid().await.unwrap();
+    assert_eq!(ppid_of(pid), zygote);
+    assert_eq!(p["pgid"], p["pid"]);
+    let env = p["env"].as_object().unwrap();
+    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "GREETING",
+            "HOME",
+            "LANG",
+            "PATH",
+            "PYTHONDONTWRITEBYTECODE",
+            "PYTHONUNBUFFERED"
+        ]
+    );
+    assert!(
+        p["cwd"]
+            .as_str()
+            .unwrap()
+            .ends_with(p["env"]["HOME"].as_str().unwrap())
+    );
+    assert_eq!(p["stdin"], "", "stdin is empty, not the protocol socket");
+
+    // A second fork is another process with its own random state.
+    let r1 = p["r"].clone();
+    scale_to_zero(&f.backend, "zy");
+    wait_until(|| !pgroup_has_members(pid)).await;
+    let out = cold_call(&f.backend, "zy").await;
+    let v = serde_json::to_value(&out.envelope).unwrap();
+    assert_ne!(v["payload"]["pid"].as_i64().unwrap() as i32, pid);
+    assert_ne!(v["payload"]["r"], r1, "random is reseeded after fork");
+}
+
+#[tokio::test]
+async fn a_dead_zygote_is_restarted_and_its_workers_live_on() {
+    let f = fx();
+    let src = "import os\ndef handle(ctx, p):\n    return os.getpid()\n";
+    f.backend
+        .deploy_function(deploy(
+            "zd",
+            Language::Python3,
+            &[("zd.py", src, 0o644)],
+            None,
+        ))
+        .await
+        .unwrap();
+    let z = f.backend.zygotes()[0].clone();
+    assert_eq!(z.starts(), 1);
+    let warm_pid = f.backend.pool("default", "zd").unwrap().idle_pids()[0];
+    let zpid = z.pid().await.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(zpid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(|| !pid_alive(zpid)).await;
+    // The warm worker does not depend on its zygote.
+    let out = cold_call(&f.backend, "zd").await;
+    assert!(!out.cold);
+    assert_eq!(out.envelope.payload.get(), warm_pid.to_string());
+    // The next cold start starts a new zygote.
+    scale_to_zero(&f.backend, "zd");
+    let out = cold_call(&f.backend, "zd").await;
+    assert_eq!(
+        out.cold_start.map(|c| c.method),
+        Some(dispatch_core::StartMethod::Fork)
+    );
+    assert_eq!(z.starts(), 2);
+}
+
+#[tokio::test]
+async fn a_forked_worker_dies_when_the_host_drops_it_even_mid_call() {
+    let f = fx();
+    let src = "import time, os\ndef handle(ctx, p):\n    time.sleep(30)\n";
+    let mut d = deploy("zs", Language::Python3, &[("zs.py", src, 0o644)], None);
+    d.timeout = Duration::from_millis(300);
+    f.backend.deploy_function(d).await.unwrap();
+    let pid = f.backend.pool("default", "zs").unwrap().idle_pids()[0];
+    // The server passes the function's timeout as the call's deadline.
+    let out = f
+        .backend
+        .invoke(
+            "default",
+            "zs",
+            &raw("{}"),
+            &raw("null"),
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.envelope.context.error.unwrap().kind,
+        ErrorType::SystemError
+    );
+    wait_until(|| !pid_alive(pid)).await;
+}
+
+#[tokio::test]
+async fn interpreter_settings_in_the_environment_mean_a_spawned_worker() {
+    let f = fx();
+    let src = "import os, sys\ndef handle(ctx, p):\n    return [os.environ['PYTHONHASHSEED'], sys.flags.hash_randomization]\n";
+    let mut d = deploy(
+        "seeded",
+        Language::Python3,
+        &[("seeded.py", src, 0o644)],
+        None,
+    );
+    d.env.insert("PYTHONHASHSEED".into(), "0".into());
+    f.backend.deploy_function(d).await.unwrap();
+    scale_to_zero(&f.backend, "seeded");
+    let out = cold_call(&f.backend, "seeded").await;
+    assert_eq!(
+        out.cold_start.map(|c| c.method),
+        Some(dispatch_core::StartMethod::Spawn)
+    );
+    assert_eq!(out.envelope.payload.get(), r#"["0",0]"#);
+}
+
+#[tokio::test]
+async fn node_cold_starts_specialise_a_spare_generic_worker() {
+    let f = fx();
+    let src = "module.exports = async () => ({ env: process.env, cwd: process.cwd(), pid: process.pid });\n";
+    let mut d = deploy("sp", Language::Nodejs, &[("sp.js", src, 0o644)], None);
+    d.env.insert("GREETING".into(), "hi".into());
+    f.backend.deploy_function(d).await.unwrap();
+    scale_to_zero(&f.backend, "sp");
+    // The deploy took a generic worker and started a spare in its place.
+    let pool = f.backend.pool("default", "sp").unwrap();
+    let spares = match &pool.config().launcher {
+        dispatch_runtime::pool::Launcher::Spares(s) => s.clone(),
+        other => panic!("node pools use spares, not {other:?}"),
+    };
+    wait_until(|| spares.ready() == 1).await;
+    let out = cold_call(&f.backend, "sp").await;
+    let cs = out.cold_start.unwrap();
+    assert_eq!(cs.method, dispatch_core::StartMethod::Specialize);
+    let v = serde_json::to_value(&out.envelope).unwrap();
+    let p = &v["payload"];
+    let env = p["env"].as_object().unwrap();
+    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "GREETING",
+            "HOME",
+            "LANG",
+            "PATH",
+            "PYTHONDONTWRITEBYTECODE",
+            "PYTHONUNBUFFERED"
+        ]
+    );
+    assert_eq!(p["cwd"], p["env"]["HOME"]);
+    // A failing handler in a spare still fails with its reason.
+    let bad = deploy(
+        "bad",
+        Language::Nodejs,
+        &[("bad.js", "throw new Error('nope')", 0o644)],
+        None,
+    );
+    let err = f
+        .backend
+        .deploy_function(bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope"), "{err}");
 }

@@ -337,9 +337,15 @@ pub fn image_plan(
 }
 
 /// The function digest: the image digest, the source, the handler and every runtime setting
-/// (DESIGN §3), so that an unchanged function is never rebuilt.
-pub fn function_digest(image_digest: &str, base: &BaseImageSpec, spec: &FunctionSpec) -> String {
-    let settings = serde_json::json!({
+/// (DESIGN §3), so that an unchanged function is never rebuilt. The image's zygote preload
+/// list counts too (when set), so that changing it moves functions to a new zygote.
+pub fn function_digest(
+    image_digest: &str,
+    base: &BaseImageSpec,
+    image: &ImageSpec,
+    spec: &FunctionSpec,
+) -> String {
+    let mut settings = serde_json::json!({
         "handler": spec.handler,
         "timeout": spec.timeout,
         "env": spec.env,
@@ -347,6 +353,9 @@ pub fn function_digest(image_digest: &str, base: &BaseImageSpec, spec: &Function
         "language": base.lang().as_str(),
         "interpreter": base.interpreter,
     });
+    if let Some(p) = &image.preload {
+        settings["preload"] = serde_json::json!(p);
+    }
     digest::sha256_parts([
         b"function".as_slice(),
         image_digest.as_bytes(),
@@ -404,6 +413,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
     let d = function_digest(
         image.status.digest.as_deref().unwrap_or(""),
         &base_spec,
+        &image_spec,
         &spec,
     );
     if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
@@ -453,6 +463,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         max_workers: spec.max_workers(),
         min_workers: spec.min_workers(),
         idle_timeout,
+        preload: image_spec.preload.clone(),
     };
     match state.backend.deploy_function(deploy).await {
         Ok(()) => {

@@ -134,8 +134,9 @@ pub fn apply_outcome(
     run: &mut Run,
     outcome: &mut CallOutcome,
     deployed: &Deployed,
-    max_log_bytes: usize,
+    state: &AppState,
 ) {
+    let max_log_bytes = state.config.max_log_bytes;
     redact_envelope(&mut outcome.envelope, deployed);
     let env = &outcome.envelope;
     run.status = status_of(env);
@@ -144,6 +145,8 @@ pub fn apply_outcome(
     run.logs.cap(max_log_bytes);
     run.error = env.context.error.clone();
     run.cold = outcome.cold;
+    run.cold_start = outcome.cold_start;
+    state.metrics.record(run.status, run.cold_start.as_ref());
     run.timings = outcome.timings;
     run.digest = Some(deployed.digest.clone());
     if let Some(out) = &run.output
@@ -187,12 +190,7 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
         Err(InvokeError::Busy(e)) => return Err(busy(e.to_string())),
     };
     let mut outcome = outcome;
-    apply_outcome(
-        &mut run,
-        &mut outcome,
-        &deployed,
-        state.config.max_log_bytes,
-    );
+    apply_outcome(&mut run, &mut outcome, &deployed, state);
     let envelope = outcome.envelope;
     run.started_at = created
         .checked_add(jiff::SignedDuration::from_millis(

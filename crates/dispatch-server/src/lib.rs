@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod gc;
 pub mod invoke;
 pub mod jobs;
+pub mod metrics;
 pub mod queue;
 pub mod recorder;
 pub mod retention;

@@ -572,12 +572,7 @@ async fn run_one(state: Arc<AppState>, ns: String, id: String) {
             not_deployed(&state, run).await;
         }
         Ok(mut outcome) => {
-            apply_outcome(
-                &mut run,
-                &mut outcome,
-                &deployed,
-                state.config.max_log_bytes,
-            );
+            apply_outcome(&mut run, &mut outcome, &deployed, &state);
             match outcome.envelope.context.error {
                 None => {
                     run.next_attempt_at = None;

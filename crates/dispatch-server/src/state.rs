@@ -101,6 +101,8 @@ pub struct AppState {
     routes: RwLock<Arc<Routes>>,
     deployed: RwLock<DeployedMap>,
     ready: AtomicBool,
+    /// Cold starts and finished calls (`GET /metrics`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl AppState {
@@ -163,6 +165,7 @@ impl AppState {
             routes: RwLock::new(Arc::new(Routes::default())),
             deployed: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
+            metrics: Default::default(),
         });
         state.controller.spawn(state.clone(), keys);
         if let Err(e) = state.rebuild_routes().await {

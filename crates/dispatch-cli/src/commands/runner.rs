@@ -78,6 +78,7 @@ impl Runner {
             max_workers: self.max_workers.max(1),
             min_workers: 1,
             idle_timeout: Duration::from_secs(3600),
+            preload: None,
         };
         let pool = backend
             .pool_for_dir(&deploy, self.function_dir.clone())

@@ -32,6 +32,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/version", get(version))
         .route("/v1/gc", post(gc))
         .route(
@@ -122,6 +123,17 @@ pub fn execute_routes() -> Router<Arc<AppState>> {
                 .post(jobs::execute_default)
                 .layer(limit),
         )
+}
+
+/// Prometheus metrics (any token with a role may read them).
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {

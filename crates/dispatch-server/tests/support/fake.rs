@@ -71,6 +71,7 @@ impl Backend for FakeBackend {
             Ok(CallOutcome {
                 envelope: Envelope::error(ErrorObject::function("boom"), Logs::default()),
                 cold: false,
+                cold_start: None,
                 timings: Default::default(),
             })
         })
