@@ -186,6 +186,8 @@ pub struct LocalBackend {
     spares: Mutex<HashMap<SparesKey, Arc<Spares>>>,
     /// Zygotes and spares on (the default) or off (every cold start spawns).
     fast_start: AtomicBool,
+    /// Function digests whose handler was seen to load.
+    validated: Mutex<HashSet<String>>,
 }
 
 impl LocalBackend {
@@ -216,6 +218,7 @@ impl LocalBackend {
             zygotes: Mutex::new(HashMap::new()),
             spares: Mutex::new(HashMap::new()),
             fast_start: AtomicBool::new(true),
+            validated: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -665,11 +668,13 @@ impl Backend for LocalBackend {
             let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
             let spec = self.worker_spec(&d, dir, resolved.args)?;
             let pool = self.new_pool(&d, spec);
-            if d.base.language != Language::Exec {
+            if d.base.language != Language::Exec && !lock(&self.validated).contains(&d.digest) {
                 // Validation: the handler must import and be callable. The worker that proved
-                // it stays as the first warm worker.
+                // it stays as the first warm worker. A build of the same digest (the same
+                // code, image and settings under another name) loaded already: no need.
                 let w = pool.start_worker().await?;
                 pool.put_idle(w);
+                lock(&self.validated).insert(d.digest.clone());
             }
             let old = self
                 .pools_write()

@@ -486,8 +486,9 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
 }
 
 async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ApiError> {
-    state.rebuild_routes().await?;
-    let Some(o) = state.get(&key.namespace, Kind::Endpoint, &key.name).await? else {
+    let o = state.get(&key.namespace, Kind::Endpoint, &key.name).await?;
+    state.set_route(&key.namespace, &key.name, o.as_ref());
+    let Some(o) = o else {
         return Ok(());
     };
     let new = match o.typed_spec::<EndpointSpec>() {

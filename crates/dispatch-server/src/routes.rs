@@ -1,6 +1,14 @@
 //! The gateway's route table: endpoints compiled into patterns matched by host, method and
-//! path. Built from the stored endpoints on every change and swapped whole (no lock is held
-//! while a request runs).
+//! path. Changed one endpoint at a time (routes are shared `Arc`s, so a change costs a sort
+//! and a re-index, not a reload of every endpoint) and swapped whole (no lock is held while a
+//! request runs).
+//!
+//! Lookup does not scan the table: routes are indexed by their first literal segment, so a
+//! request only looks at the routes of its first path segment plus the few whose first
+//! segment is a parameter (or that match every path), in precedence order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use dispatch_core::{EndpointSpec, Kind, Object};
 
@@ -23,6 +31,8 @@ pub struct Route {
     segments: Vec<Seg>,
     /// The pattern ends with `/*` (matches any rest, including nothing).
     prefix: bool,
+    /// The pattern as written.
+    path: String,
 }
 
 /// A matched route with the values of its `{param}` segments.
@@ -40,9 +50,16 @@ pub enum Lookup<'a> {
     NotFound,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Routes {
-    routes: Vec<Route>,
+    /// Most specific first.
+    routes: Vec<Arc<Route>>,
+    /// First literal segment → indices into `routes`, ascending.
+    by_first: HashMap<String, Vec<usize>>,
+    /// Routes whose first segment is not a literal (a parameter, or no segment at all).
+    wild: Vec<usize>,
+    /// Path shape → indices (conflict checks).
+    by_shape: HashMap<String, Vec<usize>>,
 }
 
 fn parse_pattern(path: &str) -> (Vec<Seg>, bool) {
@@ -133,31 +150,81 @@ impl Route {
     }
 }
 
+/// The routes of one endpoint (none when its spec is invalid: its status says why).
+fn compile(o: &Object) -> Vec<Arc<Route>> {
+    let Ok(spec) = o.typed_spec::<EndpointSpec>() else {
+        return Vec::new();
+    };
+    spec.paths
+        .iter()
+        .map(|p| {
+            let (segments, prefix) = parse_pattern(p);
+            Arc::new(Route {
+                namespace: o.namespace().to_string(),
+                endpoint: o.name().to_string(),
+                function: spec.function.clone(),
+                methods: spec.methods.clone(),
+                cors: spec.cors,
+                token: spec.needs_token(),
+                hosts: spec.hosts.clone(),
+                segments,
+                prefix,
+                path: p.clone(),
+            })
+        })
+        .collect()
+}
+
 impl Routes {
     /// Compiles stored endpoints; ones with an invalid spec are skipped (their status says why).
     pub fn build(endpoints: &[Object]) -> Routes {
-        let mut routes = Vec::new();
-        for o in endpoints.iter().filter(|o| o.kind == Kind::Endpoint) {
-            let Ok(spec) = o.typed_spec::<EndpointSpec>() else {
-                continue;
-            };
-            for p in &spec.paths {
-                let (segments, prefix) = parse_pattern(p);
-                routes.push(Route {
-                    namespace: o.namespace().to_string(),
-                    endpoint: o.name().to_string(),
-                    function: spec.function.clone(),
-                    methods: spec.methods.clone(),
-                    cors: spec.cors,
-                    token: spec.needs_token(),
-                    hosts: spec.hosts.clone(),
-                    segments,
-                    prefix,
-                });
-            }
+        let routes = endpoints
+            .iter()
+            .filter(|o| o.kind == Kind::Endpoint)
+            .flat_map(compile)
+            .collect();
+        Self::index(routes)
+    }
+
+    /// This table with endpoint `namespace/name` replaced by `endpoint` (removed when `None`).
+    pub fn with_endpoint(&self, namespace: &str, name: &str, endpoint: Option<&Object>) -> Routes {
+        let mut routes: Vec<Arc<Route>> = self
+            .routes
+            .iter()
+            .filter(|r| (r.namespace.as_str(), r.endpoint.as_str()) != (namespace, name))
+            .cloned()
+            .collect();
+        if let Some(o) = endpoint.filter(|o| o.kind == Kind::Endpoint) {
+            routes.extend(compile(o));
         }
-        routes.sort_by_key(|r| std::cmp::Reverse(r.rank()));
-        Routes { routes }
+        Self::index(routes)
+    }
+
+    fn index(mut routes: Vec<Arc<Route>>) -> Routes {
+        // Precedence, then a stable order so that equal ranks never flip between rebuilds.
+        routes.sort_by(|a, b| {
+            b.rank()
+                .cmp(&a.rank())
+                .then_with(|| a.namespace.cmp(&b.namespace))
+                .then_with(|| a.endpoint.cmp(&b.endpoint))
+                .then_with(|| a.path.cmp(&b.path))
+        });
+        let mut by_first: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut wild = Vec::new();
+        let mut by_shape: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            match r.segments.first() {
+                Some(Seg::Lit(l)) => by_first.entry(l.clone()).or_default().push(i),
+                _ => wild.push(i),
+            }
+            by_shape.entry(shape(&r.path)).or_default().push(i);
+        }
+        Routes {
+            routes,
+            by_first,
+            wild,
+            by_shape,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -170,8 +237,12 @@ impl Routes {
 
     /// The most specific route for a request (routes are kept sorted by specificity).
     pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Lookup<'_> {
+        let first = path.split('/').find(|s| !s.is_empty());
+        let literal = first
+            .and_then(|f| self.by_first.get(f))
+            .map_or(&[][..], Vec::as_slice);
         let mut path_only: Option<&Route> = None;
-        for r in &self.routes {
+        for r in merged(literal, &self.wild).map(|i| &*self.routes[i]) {
             if !r.match_host(host) {
                 continue;
             }
@@ -190,46 +261,107 @@ impl Routes {
     }
 }
 
-/// Whether `spec` would take a request another endpoint already takes: same path shape, a
-/// common method, overlapping hosts (no hosts = every host). Returns a message naming it.
-pub fn conflict(spec: &EndpointSpec, others: &[Object], me: (&str, &str)) -> Option<String> {
-    for o in others {
-        if (o.namespace(), o.name()) == me {
-            continue;
+/// Two ascending index lists merged into one ascending sequence.
+fn merged<'a>(a: &'a [usize], b: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+    let (mut i, mut j) = (0, 0);
+    std::iter::from_fn(move || match (a.get(i), b.get(j)) {
+        (Some(x), Some(y)) if x < y => {
+            i += 1;
+            Some(*x)
         }
-        let Ok(other) = o.typed_spec::<EndpointSpec>() else {
-            continue;
-        };
-        let hosts_overlap = spec.hosts.is_empty()
-            || other.hosts.is_empty()
-            || spec.hosts.iter().any(|h| other.hosts.contains(h));
-        if !hosts_overlap {
-            continue;
+        (_, Some(y)) => {
+            j += 1;
+            Some(*y)
         }
+        (Some(x), None) => {
+            i += 1;
+            Some(*x)
+        }
+        (None, None) => None,
+    })
+}
+
+impl Routes {
+    /// Whether `spec` would take a request another endpoint already takes: same path shape, a
+    /// common method, overlapping hosts (no hosts = every host). Returns a message naming it.
+    pub fn conflict(&self, spec: &EndpointSpec, me: (&str, &str)) -> Option<String> {
         for p in &spec.paths {
-            let Some(q) = other.paths.iter().find(|q| shape(q) == shape(p)) else {
+            let Some(same) = self.by_shape.get(&shape(p)) else {
                 continue;
             };
-            let common: Vec<&String> = spec
-                .methods
-                .iter()
-                .filter(|m| other.methods.contains(m))
-                .collect();
-            if let Some(m) = common.first() {
-                return Some(format!(
-                    "{m} {p} is already routed by endpoint {:?} in namespace {:?} (path {q}): choose another path, method or host",
-                    o.name(),
-                    o.namespace()
-                ));
+            for other in same.iter().map(|i| &self.routes[*i]) {
+                if (other.namespace.as_str(), other.endpoint.as_str()) == me {
+                    continue;
+                }
+                let hosts_overlap = spec.hosts.is_empty()
+                    || other.hosts.is_empty()
+                    || spec.hosts.iter().any(|h| other.hosts.contains(h));
+                if !hosts_overlap {
+                    continue;
+                }
+                if let Some(m) = spec.methods.iter().find(|m| other.methods.contains(m)) {
+                    return Some(format!(
+                        "{m} {p} is already routed by endpoint {:?} in namespace {:?} (path {}): choose another path, method or host",
+                        other.endpoint, other.namespace, other.path
+                    ));
+                }
             }
         }
+        None
     }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn conflict(spec: &EndpointSpec, others: &[Object], me: (&str, &str)) -> Option<String> {
+        Routes::build(others).conflict(spec, me)
+    }
+
+    #[test]
+    fn literal_and_parameter_first_segments_keep_their_precedence() {
+        let r = Routes::build(&[
+            ep("any", &["GET"], &["/{name}"], &[]),
+            ep("hello", &["GET"], &["/hello"], &[]),
+            ep("all", &["GET"], &["/*"], &[]),
+            ep("deep", &["GET"], &["/{a}/b"], &[]),
+        ]);
+        assert_eq!(found(&r, None, "GET", "/hello"), Some("hello"));
+        assert_eq!(found(&r, None, "GET", "/other"), Some("any"));
+        assert_eq!(found(&r, None, "GET", "/hello/b"), Some("deep"));
+        assert_eq!(found(&r, None, "GET", "/x/y/z"), Some("all"));
+        assert_eq!(found(&r, None, "GET", "/"), Some("all"));
+    }
+
+    #[test]
+    fn one_endpoint_changes_without_touching_the_others() {
+        let many: Vec<Object> = (0..1000)
+            .map(|i| ep(&format!("f{i}"), &["GET"], &[&format!("/f{i}")], &[]))
+            .collect();
+        let r = Routes::build(&many);
+        assert_eq!(found(&r, None, "GET", "/f999"), Some("f999"));
+        let moved = ep("f5", &["GET"], &["/moved"], &[]);
+        let r2 = r.with_endpoint("default", "f5", Some(&moved));
+        assert_eq!(found(&r2, None, "GET", "/moved"), Some("f5"));
+        assert_eq!(found(&r2, None, "GET", "/f5"), None);
+        assert_eq!(
+            found(&r, None, "GET", "/f5"),
+            Some("f5"),
+            "the old table is unchanged"
+        );
+        let r3 = r2.with_endpoint("default", "f5", None);
+        assert_eq!(r3.len(), 999);
+        assert_eq!(found(&r3, None, "GET", "/moved"), None);
+        assert!(
+            r3.conflict(&moved.typed_spec().unwrap(), ("default", "x"))
+                .is_none()
+        );
+        assert!(
+            r2.conflict(&moved.typed_spec().unwrap(), ("default", "x"))
+                .is_some()
+        );
+    }
 
     fn ep(name: &str, methods: &[&str], paths: &[&str], hosts: &[&str]) -> Object {
         let mut o = Object::new(

@@ -99,6 +99,7 @@ pub struct AppState {
     controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
     routes: RwLock<Arc<Routes>>,
+    routes_edit: std::sync::Mutex<()>,
     deployed: RwLock<DeployedMap>,
     ready: AtomicBool,
     /// Cold starts and finished calls (`GET /metrics`).
@@ -163,6 +164,7 @@ impl AppState {
             tasks: std::sync::Mutex::new(Vec::new()),
             controller,
             routes: RwLock::new(Arc::new(Routes::default())),
+            routes_edit: std::sync::Mutex::new(()),
             deployed: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             metrics: Default::default(),
@@ -390,10 +392,19 @@ impl AppState {
             .clone()
     }
 
+    /// Replaces (or with `None` removes) one endpoint's routes in the gateway's table.
+    pub fn set_route(&self, namespace: &str, name: &str, endpoint: Option<&Object>) {
+        // Writers take turns; readers keep using the old table until the swap.
+        let _edit = self.routes_edit.lock().unwrap_or_else(|p| p.into_inner());
+        let next = Arc::new(self.routes().with_endpoint(namespace, name, endpoint));
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = next;
+    }
+
     /// Reloads the gateway's route table from the stored endpoints.
     pub async fn rebuild_routes(&self) -> Result<(), ApiError> {
         let endpoints = self.db(|s| s.list(None, Kind::Endpoint)).await?;
         let table = Arc::new(Routes::build(&endpoints));
+        let _edit = self.routes_edit.lock().unwrap_or_else(|p| p.into_inner());
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
         Ok(())
     }

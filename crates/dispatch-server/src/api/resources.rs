@@ -17,7 +17,6 @@ use super::{BUILTIN_BASE_IMAGES, builtin_base_image, check_namespace};
 use crate::auth::Principal;
 use crate::controller::{Key, image_plan};
 use crate::error::{ApiError, parse_json};
-use crate::routes;
 use crate::state::AppState;
 use axum::Extension;
 use dispatch_core::auth::Role;
@@ -254,7 +253,7 @@ async fn replace(
 /// controller reconciles the resource.
 async fn stored_changed(state: &AppState, stored: &Object) -> Result<(), ApiError> {
     if stored.kind == Kind::Endpoint {
-        state.rebuild_routes().await?;
+        state.set_route(stored.namespace(), stored.name(), Some(stored));
     }
     if matches!(stored.kind, Kind::Subscription | Kind::EventDriver) {
         crate::events::rebuild(state).await?;
@@ -362,7 +361,7 @@ pub async fn delete(
             let (nsc, namec) = (ns.clone(), name.clone());
             state.db(move |s| s.delete_runs_of(&nsc, &namec)).await?;
         }
-        Kind::Endpoint => state.rebuild_routes().await?,
+        Kind::Endpoint => state.set_route(&ns, &name, None),
         Kind::JobTemplate => crate::jobs::forget_template(&state, &ns, &name).await?,
         Kind::Subscription => crate::events::rebuild(&state).await?,
         Kind::EventDriver => {
@@ -527,8 +526,7 @@ async fn admit(
                     "create it first (dispatch create function NAME PATH --image IMAGE)",
                 ));
             }
-            let others = state.db(|s| s.list(None, Kind::Endpoint)).await?;
-            if let Some(msg) = routes::conflict(&spec, &others, (ns, obj.name())) {
+            if let Some(msg) = state.routes().conflict(&spec, (ns, obj.name())) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "RouteConflict", msg));
             }
         }
