@@ -75,6 +75,7 @@ pub enum Command {
     Completion(commands::completion::Completion),
     Login(commands::login::Login),
     Runner(commands::runner::Runner),
+    Bench(commands::bench::Bench),
     K8s(commands::k8s::K8s),
 }
 
@@ -130,6 +131,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Completion(c) => return c.run(),
         Login(c) => return c.run().await,
         Runner(c) => return c.run().await,
+        Bench(c) => return c.run().await,
         K8s(c) => return c.run(),
         _ => {}
     }
@@ -148,7 +150,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Runs(c) => c.run(&ctx).await,
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
-        Server(_) | Quickstart(_) | Completion(_) | Login(_) | Runner(_) | K8s(_) => {
+        Server(_) | Quickstart(_) | Completion(_) | Login(_) | Runner(_) | K8s(_) | Bench(_) => {
             unreachable!("handled above")
         }
     }

@@ -78,8 +78,8 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             Err(e) => e.into_response(),
         };
     }
-    let routes = state.routes();
-    let m = match routes.find(host, parts.method.as_str(), path) {
+    let lookup = state.routes().find(host, parts.method.as_str(), path);
+    let m = match lookup {
         Lookup::Found(m) => m,
         Lookup::MethodNotAllowed(r) => {
             let allow = r.methods.join(", ");

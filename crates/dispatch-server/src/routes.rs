@@ -33,33 +33,51 @@ pub struct Route {
     prefix: bool,
     /// The pattern as written.
     path: String,
+    /// The pattern's shape (parameter names erased).
+    shape: String,
+}
+
+impl Route {
+    /// Precedence order: most specific first, then a stable order so that equal ranks never
+    /// flip between changes.
+    fn order(&self, other: &Route) -> std::cmp::Ordering {
+        other
+            .rank()
+            .cmp(&self.rank())
+            .then_with(|| self.namespace.cmp(&other.namespace))
+            .then_with(|| self.endpoint.cmp(&other.endpoint))
+            .then_with(|| self.path.cmp(&other.path))
+    }
 }
 
 /// A matched route with the values of its `{param}` segments.
 #[derive(Debug)]
-pub struct Match<'a> {
-    pub route: &'a Route,
+pub struct Match {
+    pub route: Arc<Route>,
     pub params: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
-pub enum Lookup<'a> {
-    Found(Match<'a>),
+pub enum Lookup {
+    Found(Match),
     /// The path matches but not the method; the route of the best path match.
-    MethodNotAllowed(&'a Route),
+    MethodNotAllowed(Arc<Route>),
     NotFound,
 }
 
-#[derive(Debug, Default, Clone)]
+/// The table, changed in place one endpoint at a time (under the state's lock; a lookup holds
+/// the read side for well under a microsecond and takes `Arc`s out).
+#[derive(Debug, Default)]
 pub struct Routes {
-    /// Most specific first.
-    routes: Vec<Arc<Route>>,
-    /// First literal segment → indices into `routes`, ascending.
-    by_first: HashMap<String, Vec<usize>>,
+    /// First literal segment → its routes, most specific first.
+    by_first: HashMap<String, Vec<Arc<Route>>>,
     /// Routes whose first segment is not a literal (a parameter, or no segment at all).
-    wild: Vec<usize>,
-    /// Path shape → indices (conflict checks).
-    by_shape: HashMap<String, Vec<usize>>,
+    wild: Vec<Arc<Route>>,
+    /// Path shape → routes (conflict checks).
+    by_shape: HashMap<String, Vec<Arc<Route>>>,
+    /// Endpoint (namespace, name) → its routes.
+    by_endpoint: HashMap<(String, String), Vec<Arc<Route>>>,
+    len: usize,
 }
 
 fn parse_pattern(path: &str) -> (Vec<Seg>, bool) {
@@ -170,79 +188,89 @@ fn compile(o: &Object) -> Vec<Arc<Route>> {
                 segments,
                 prefix,
                 path: p.clone(),
+                shape: shape(p),
             })
         })
         .collect()
 }
 
+/// Inserts `r` into a list kept in precedence order.
+fn insert_sorted(list: &mut Vec<Arc<Route>>, r: Arc<Route>) {
+    let at = list.partition_point(|x| x.order(&r).is_lt());
+    list.insert(at, r);
+}
+
+/// Removes `r` (by identity) from the list under `key`, dropping the key when it empties.
+fn remove_from(map: &mut HashMap<String, Vec<Arc<Route>>>, key: &str, r: &Arc<Route>) {
+    if let Some(list) = map.get_mut(key) {
+        list.retain(|x| !Arc::ptr_eq(x, r));
+        if list.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
 impl Routes {
     /// Compiles stored endpoints; ones with an invalid spec are skipped (their status says why).
     pub fn build(endpoints: &[Object]) -> Routes {
-        let routes = endpoints
-            .iter()
-            .filter(|o| o.kind == Kind::Endpoint)
-            .flat_map(compile)
-            .collect();
-        Self::index(routes)
-    }
-
-    /// This table with endpoint `namespace/name` replaced by `endpoint` (removed when `None`).
-    pub fn with_endpoint(&self, namespace: &str, name: &str, endpoint: Option<&Object>) -> Routes {
-        let mut routes: Vec<Arc<Route>> = self
-            .routes
-            .iter()
-            .filter(|r| (r.namespace.as_str(), r.endpoint.as_str()) != (namespace, name))
-            .cloned()
-            .collect();
-        if let Some(o) = endpoint.filter(|o| o.kind == Kind::Endpoint) {
-            routes.extend(compile(o));
+        let mut table = Routes::default();
+        for o in endpoints.iter().filter(|o| o.kind == Kind::Endpoint) {
+            table.set_endpoint(o.namespace(), o.name(), Some(o));
         }
-        Self::index(routes)
+        table
     }
 
-    fn index(mut routes: Vec<Arc<Route>>) -> Routes {
-        // Precedence, then a stable order so that equal ranks never flip between rebuilds.
-        routes.sort_by(|a, b| {
-            b.rank()
-                .cmp(&a.rank())
-                .then_with(|| a.namespace.cmp(&b.namespace))
-                .then_with(|| a.endpoint.cmp(&b.endpoint))
-                .then_with(|| a.path.cmp(&b.path))
-        });
-        let mut by_first: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut wild = Vec::new();
-        let mut by_shape: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, r) in routes.iter().enumerate() {
+    /// Replaces endpoint `namespace/name` by `endpoint` (removes it when `None`). Costs the
+    /// endpoint's own routes, whatever the size of the table.
+    pub fn set_endpoint(&mut self, namespace: &str, name: &str, endpoint: Option<&Object>) {
+        let key = (namespace.to_string(), name.to_string());
+        for r in self.by_endpoint.remove(&key).unwrap_or_default() {
             match r.segments.first() {
-                Some(Seg::Lit(l)) => by_first.entry(l.clone()).or_default().push(i),
-                _ => wild.push(i),
+                Some(Seg::Lit(l)) => remove_from(&mut self.by_first, l, &r),
+                _ => self.wild.retain(|x| !Arc::ptr_eq(x, &r)),
             }
-            by_shape.entry(shape(&r.path)).or_default().push(i);
+            remove_from(&mut self.by_shape, &r.shape, &r);
+            self.len -= 1;
         }
-        Routes {
-            routes,
-            by_first,
-            wild,
-            by_shape,
+        let Some(o) = endpoint.filter(|o| o.kind == Kind::Endpoint) else {
+            return;
+        };
+        let routes = compile(o);
+        if routes.is_empty() {
+            return;
         }
+        for r in &routes {
+            match r.segments.first() {
+                Some(Seg::Lit(l)) => {
+                    insert_sorted(self.by_first.entry(l.clone()).or_default(), r.clone())
+                }
+                _ => insert_sorted(&mut self.wild, r.clone()),
+            }
+            self.by_shape
+                .entry(r.shape.clone())
+                .or_default()
+                .push(r.clone());
+            self.len += 1;
+        }
+        self.by_endpoint.insert(key, routes);
     }
 
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len == 0
     }
 
     /// The most specific route for a request (routes are kept sorted by specificity).
-    pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Lookup<'_> {
+    pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Lookup {
         let first = path.split('/').find(|s| !s.is_empty());
         let literal = first
             .and_then(|f| self.by_first.get(f))
             .map_or(&[][..], Vec::as_slice);
-        let mut path_only: Option<&Route> = None;
-        for r in merged(literal, &self.wild).map(|i| &*self.routes[i]) {
+        let mut path_only: Option<&Arc<Route>> = None;
+        for r in merged(literal, &self.wild) {
             if !r.match_host(host) {
                 continue;
             }
@@ -250,32 +278,38 @@ impl Routes {
                 continue;
             };
             if r.methods.iter().any(|m| m == method) {
-                return Lookup::Found(Match { route: r, params });
+                return Lookup::Found(Match {
+                    route: r.clone(),
+                    params,
+                });
             }
             path_only.get_or_insert(r);
         }
         match path_only {
-            Some(r) => Lookup::MethodNotAllowed(r),
+            Some(r) => Lookup::MethodNotAllowed(r.clone()),
             None => Lookup::NotFound,
         }
     }
 }
 
-/// Two ascending index lists merged into one ascending sequence.
-fn merged<'a>(a: &'a [usize], b: &'a [usize]) -> impl Iterator<Item = usize> + 'a {
+/// Two lists in precedence order merged into one sequence in precedence order.
+fn merged<'a>(
+    a: &'a [Arc<Route>],
+    b: &'a [Arc<Route>],
+) -> impl Iterator<Item = &'a Arc<Route>> + 'a {
     let (mut i, mut j) = (0, 0);
     std::iter::from_fn(move || match (a.get(i), b.get(j)) {
-        (Some(x), Some(y)) if x < y => {
+        (Some(x), Some(y)) if x.order(y).is_lt() => {
             i += 1;
-            Some(*x)
+            Some(x)
         }
         (_, Some(y)) => {
             j += 1;
-            Some(*y)
+            Some(y)
         }
         (Some(x), None) => {
             i += 1;
-            Some(*x)
+            Some(x)
         }
         (None, None) => None,
     })
@@ -289,7 +323,7 @@ impl Routes {
             let Some(same) = self.by_shape.get(&shape(p)) else {
                 continue;
             };
-            for other in same.iter().map(|i| &self.routes[*i]) {
+            for other in same {
                 if (other.namespace.as_str(), other.endpoint.as_str()) == me {
                     continue;
                 }
@@ -319,50 +353,6 @@ mod tests {
         Routes::build(others).conflict(spec, me)
     }
 
-    #[test]
-    fn literal_and_parameter_first_segments_keep_their_precedence() {
-        let r = Routes::build(&[
-            ep("any", &["GET"], &["/{name}"], &[]),
-            ep("hello", &["GET"], &["/hello"], &[]),
-            ep("all", &["GET"], &["/*"], &[]),
-            ep("deep", &["GET"], &["/{a}/b"], &[]),
-        ]);
-        assert_eq!(found(&r, None, "GET", "/hello"), Some("hello"));
-        assert_eq!(found(&r, None, "GET", "/other"), Some("any"));
-        assert_eq!(found(&r, None, "GET", "/hello/b"), Some("deep"));
-        assert_eq!(found(&r, None, "GET", "/x/y/z"), Some("all"));
-        assert_eq!(found(&r, None, "GET", "/"), Some("all"));
-    }
-
-    #[test]
-    fn one_endpoint_changes_without_touching_the_others() {
-        let many: Vec<Object> = (0..1000)
-            .map(|i| ep(&format!("f{i}"), &["GET"], &[&format!("/f{i}")], &[]))
-            .collect();
-        let r = Routes::build(&many);
-        assert_eq!(found(&r, None, "GET", "/f999"), Some("f999"));
-        let moved = ep("f5", &["GET"], &["/moved"], &[]);
-        let r2 = r.with_endpoint("default", "f5", Some(&moved));
-        assert_eq!(found(&r2, None, "GET", "/moved"), Some("f5"));
-        assert_eq!(found(&r2, None, "GET", "/f5"), None);
-        assert_eq!(
-            found(&r, None, "GET", "/f5"),
-            Some("f5"),
-            "the old table is unchanged"
-        );
-        let r3 = r2.with_endpoint("default", "f5", None);
-        assert_eq!(r3.len(), 999);
-        assert_eq!(found(&r3, None, "GET", "/moved"), None);
-        assert!(
-            r3.conflict(&moved.typed_spec().unwrap(), ("default", "x"))
-                .is_none()
-        );
-        assert!(
-            r2.conflict(&moved.typed_spec().unwrap(), ("default", "x"))
-                .is_some()
-        );
-    }
-
     fn ep(name: &str, methods: &[&str], paths: &[&str], hosts: &[&str]) -> Object {
         let mut o = Object::new(
             Kind::Endpoint,
@@ -374,11 +364,47 @@ mod tests {
         o
     }
 
-    fn found<'a>(r: &'a Routes, host: Option<&str>, m: &str, p: &str) -> Option<&'a str> {
+    fn found(r: &Routes, host: Option<&str>, m: &str, p: &str) -> Option<String> {
         match r.find(host, m, p) {
-            Lookup::Found(x) => Some(&x.route.endpoint),
+            Lookup::Found(x) => Some(x.route.endpoint.clone()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn literal_and_parameter_first_segments_keep_their_precedence() {
+        let r = Routes::build(&[
+            ep("any", &["GET"], &["/{name}"], &[]),
+            ep("hello", &["GET"], &["/hello"], &[]),
+            ep("all", &["GET"], &["/*"], &[]),
+            ep("deep", &["GET"], &["/{a}/b"], &[]),
+        ]);
+        assert_eq!(found(&r, None, "GET", "/hello").as_deref(), Some("hello"));
+        assert_eq!(found(&r, None, "GET", "/other").as_deref(), Some("any"));
+        assert_eq!(found(&r, None, "GET", "/hello/b").as_deref(), Some("deep"));
+        assert_eq!(found(&r, None, "GET", "/x/y/z").as_deref(), Some("all"));
+        assert_eq!(found(&r, None, "GET", "/").as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn one_endpoint_changes_without_touching_the_others() {
+        let many: Vec<Object> = (0..1000)
+            .map(|i| ep(&format!("f{i}"), &["GET"], &[&format!("/f{i}")], &[]))
+            .collect();
+        let mut r = Routes::build(&many);
+        assert_eq!(found(&r, None, "GET", "/f999").as_deref(), Some("f999"));
+        let moved = ep("f5", &["GET"], &["/moved"], &[]);
+        r.set_endpoint("default", "f5", Some(&moved));
+        assert_eq!(found(&r, None, "GET", "/moved").as_deref(), Some("f5"));
+        assert_eq!(found(&r, None, "GET", "/f5"), None);
+        assert_eq!(r.len(), 1000);
+        let spec: EndpointSpec = moved.typed_spec().unwrap();
+        assert!(r.conflict(&spec, ("default", "x")).is_some());
+        r.set_endpoint("default", "f5", None);
+        assert_eq!(r.len(), 999);
+        assert_eq!(found(&r, None, "GET", "/moved"), None);
+        assert!(r.conflict(&spec, ("default", "x")).is_none());
+        assert_eq!(r.by_first.len(), 999, "emptied buckets are dropped");
     }
 
     #[test]
@@ -390,23 +416,23 @@ mod tests {
             ep("api", &["GET"], &["/api/*"], &[]),
             ep("hosted", &["GET"], &["/hello"], &["example.com"]),
         ]);
-        assert_eq!(found(&r, None, "GET", "/hello"), Some("hello"));
+        assert_eq!(found(&r, None, "GET", "/hello").as_deref(), Some("hello"));
         assert_eq!(
-            found(&r, Some("example.com:8081"), "GET", "/hello"),
+            found(&r, Some("example.com:8081"), "GET", "/hello").as_deref(),
             Some("hosted")
         );
         assert_eq!(
-            found(&r, Some("example.com"), "POST", "/hello"),
+            found(&r, Some("example.com"), "POST", "/hello").as_deref(),
             Some("hello")
         );
-        assert_eq!(found(&r, None, "GET", "/users/me"), Some("me"));
-        assert_eq!(found(&r, None, "GET", "/users/42"), Some("user"));
+        assert_eq!(found(&r, None, "GET", "/users/me").as_deref(), Some("me"));
+        assert_eq!(found(&r, None, "GET", "/users/42").as_deref(), Some("user"));
         match r.find(None, "GET", "/users/42") {
             Lookup::Found(m) => assert_eq!(m.params, vec![("id".to_string(), "42".to_string())]),
             other => panic!("{other:?}"),
         }
-        assert_eq!(found(&r, None, "GET", "/api"), Some("api"));
-        assert_eq!(found(&r, None, "GET", "/api/a/b"), Some("api"));
+        assert_eq!(found(&r, None, "GET", "/api").as_deref(), Some("api"));
+        assert_eq!(found(&r, None, "GET", "/api/a/b").as_deref(), Some("api"));
         assert!(matches!(
             r.find(None, "DELETE", "/hello"),
             Lookup::MethodNotAllowed(_)

@@ -98,8 +98,7 @@ pub struct AppState {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
-    routes: RwLock<Arc<Routes>>,
-    routes_edit: std::sync::Mutex<()>,
+    routes: RwLock<Routes>,
     deployed: RwLock<DeployedMap>,
     ready: AtomicBool,
     /// Cold starts and finished calls (`GET /metrics`).
@@ -163,8 +162,7 @@ impl AppState {
             http,
             tasks: std::sync::Mutex::new(Vec::new()),
             controller,
-            routes: RwLock::new(Arc::new(Routes::default())),
-            routes_edit: std::sync::Mutex::new(()),
+            routes: RwLock::new(Routes::default()),
             deployed: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             metrics: Default::default(),
@@ -385,26 +383,23 @@ impl AppState {
         self.ready.load(Ordering::Acquire)
     }
 
-    pub fn routes(&self) -> Arc<Routes> {
-        self.routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The gateway's route table (held for a lookup or a check; never across an await).
+    pub fn routes(&self) -> std::sync::RwLockReadGuard<'_, Routes> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces (or with `None` removes) one endpoint's routes in the gateway's table.
     pub fn set_route(&self, namespace: &str, name: &str, endpoint: Option<&Object>) {
-        // Writers take turns; readers keep using the old table until the swap.
-        let _edit = self.routes_edit.lock().unwrap_or_else(|p| p.into_inner());
-        let next = Arc::new(self.routes().with_endpoint(namespace, name, endpoint));
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_endpoint(namespace, name, endpoint);
     }
 
     /// Reloads the gateway's route table from the stored endpoints.
     pub async fn rebuild_routes(&self) -> Result<(), ApiError> {
         let endpoints = self.db(|s| s.list(None, Kind::Endpoint)).await?;
-        let table = Arc::new(Routes::build(&endpoints));
-        let _edit = self.routes_edit.lock().unwrap_or_else(|p| p.into_inner());
+        let table = Routes::build(&endpoints);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
         Ok(())
     }

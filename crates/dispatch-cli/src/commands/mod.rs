@@ -2,6 +2,7 @@
 //! manifest documents into objects the API takes (packing `spec.sourcePath`).
 
 pub mod apply;
+pub mod bench;
 pub mod cancel;
 pub mod completion;
 pub mod create;

@@ -1,0 +1,782 @@
+//! `dispatch bench`: how fast Dispatch is on this machine, measured end to end.
+//!
+//! Starts an embedded server in this process (SQLite in a temporary dir, real Python and
+//! Node workers, auth off) on free loopback ports, deploys the hello examples and measures:
+//! the bare worker round trip (the floor); warm calls through the gateway and the API at each
+//! concurrency (req/s, p50, p99); cold starts after scale to zero, per start method (fork from
+//! the zygote, spawn, a Node spare), end to end and split into steps; the idle warm worker's
+//! USS; and, with many registered functions, listing them, routing among them and the
+//! server's RSS per function.
+//!
+//! The load generator is this process too: keep-alive HTTP/1.1 connections (hyper), one per
+//! concurrent caller, on one thread of its own. The server runs on the command's runtime.
+//! Numbers come out as a table or as JSON (`-o json`).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use dispatch_client::{Client, Target};
+use dispatch_core::{Kind, Object, Phase};
+use dispatch_runtime::LocalBackend;
+use dispatch_runtime::pool::{Launcher, Pool};
+use dispatch_runtime::worker::Worker;
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+const HELLO_PY: &str = include_str!("../../../../examples/python3/hello.py");
+const HELLO_JS: &str = include_str!("../../../../examples/nodejs/hello.js");
+
+/// Measure warm throughput and latency, cold starts, worker memory and scale on this machine
+#[derive(Debug, clap::Args)]
+#[command(
+    long_about = "Starts an embedded server on free loopback ports (temporary data dir, auth \
+off), deploys the hello examples and measures: the bare worker round trip; warm calls via the \
+gateway and the API at each concurrency (req/s, p50, p99); cold starts after scale to zero per \
+start method (fork from the Python zygote, a plain spawn, a Node spare), end to end and split \
+into steps; idle warm worker USS; and with --functions N registered functions: list time, \
+route lookup and server RSS per function. The load generator runs in this process on one \
+thread, with one keep-alive connection per concurrent caller."
+)]
+pub struct Bench {
+    /// How long each warm load runs (after a warm-up of a fifth of it)
+    #[arg(long, default_value = "5s")]
+    pub duration: String,
+    /// Concurrent callers of the warm loads (comma-separated)
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub concurrency: Vec<usize>,
+    /// Cold starts measured per start method
+    #[arg(long, default_value_t = 100)]
+    pub cold_samples: usize,
+    /// Functions (and endpoints) registered for the scale test; 0 skips it
+    #[arg(long, default_value_t = 10_000)]
+    pub functions: usize,
+    /// Small and fast (a smoke test): 1s loads, 10 cold samples, 200 functions
+    #[arg(long)]
+    pub quick: bool,
+    /// Output format: table or json
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub bare_worker: Latency,
+    pub warm: Vec<Load>,
+    /// p50 of the sequential (c=1) loads minus the bare worker's p50, in µs.
+    pub overhead_p50_us: Overhead,
+    pub cold_start: Vec<Cold>,
+    pub idle_worker_uss_kib: Vec<Uss>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Scale>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub python: String,
+    pub node: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub calls: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub rps: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Load {
+    pub via: &'static str,
+    pub concurrency: usize,
+    pub requests: usize,
+    pub errors: usize,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Overhead {
+    pub gateway: Option<f64>,
+    pub api: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Cold {
+    pub method: &'static str,
+    pub language: &'static str,
+    pub samples: usize,
+    /// What the caller saw: the whole call after scale to zero.
+    pub e2e_p50_ms: f64,
+    pub e2e_p99_ms: f64,
+    /// The server's record of the cold start (coldStart.totalMs) and its steps, p50.
+    pub total_p50_ms: f64,
+    pub total_p99_ms: f64,
+    pub spawn_p50_ms: f64,
+    pub import_p50_ms: f64,
+    pub first_call_p50_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Uss {
+    pub worker: &'static str,
+    pub uss_kib: u64,
+    pub rss_kib: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Scale {
+    pub functions: usize,
+    pub register_seconds: f64,
+    pub list_ms: f64,
+    /// One route lookup in the gateway's table, with one endpoint and with all of them.
+    pub route_lookup_ns_one: f64,
+    pub route_lookup_ns_all: f64,
+    /// A warm gateway call to the last function registered, p50.
+    pub gateway_p50_us_last: f64,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub rss_per_function_bytes: f64,
+}
+
+struct Setup {
+    client: Client,
+    local: Arc<LocalBackend>,
+    server: dispatch_server::Server,
+    api: SocketAddr,
+    gateway: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Bench {
+    pub async fn run(mut self) -> Result<ExitCode> {
+        if self.quick {
+            self.duration = "1s".into();
+            self.cold_samples = self.cold_samples.min(10);
+            self.functions = self.functions.min(200);
+        }
+        let duration = dispatch_core::duration::parse_duration(&self.duration)
+            .map_err(|e| anyhow::anyhow!("--duration: {}", e.message))?;
+        if self.concurrency.iter().any(|c| *c == 0 || *c > 1024) {
+            bail!("--concurrency: each level must be between 1 and 1024");
+        }
+        let json = self.output == "json";
+        let say = |s: &str| {
+            if !json {
+                eprintln!("{s}");
+            }
+        };
+        say("starting an embedded server and deploying hello (python3, nodejs)…");
+        let s = setup().await?;
+        let report = self.measure(&s, duration, &say).await;
+        s.server.stop().await?;
+        let report = report?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_table(&report);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn measure(
+        &self,
+        s: &Setup,
+        duration: Duration,
+        say: &dyn Fn(&str),
+    ) -> Result<Report> {
+        say("bare worker round trip…");
+        let calls = if self.quick { 500 } else { 5000 };
+        let bare = bare_worker(&*pool(&s.local, "hello")?, calls).await?;
+
+        let mut warm = Vec::new();
+        let gw_req = Request::get(s.gateway, "/hello?name=bench");
+        let api_req = Request::post(
+            s.api,
+            "/v1/namespaces/default/functions/hello/runs",
+            r#"{"input":{"name":"bench"}}"#,
+        );
+        for (via, req) in [("gateway", &gw_req), ("api", &api_req)] {
+            for &c in &self.concurrency {
+                say(&format!("warm load via {via}, {c} concurrent callers…"));
+                warm.push(load(via, req.clone(), c, duration).await?);
+            }
+        }
+        let seq = |via: &str| {
+            warm.iter()
+                .find(|l| l.via == via && l.concurrency == 1)
+                .map(|l| l.p50_us - bare.p50_us)
+        };
+        let overhead = Overhead {
+            gateway: seq("gateway"),
+            api: seq("api"),
+        };
+
+        let mut cold = Vec::new();
+        for (function, method, language) in [
+            ("hello", "fork", "python3"),
+            ("hello-spawn", "spawn", "python3"),
+            ("hello-js", "specialize", "nodejs"),
+        ] {
+            say(&format!("{} cold starts of {function} ({method})…", self.cold_samples));
+            cold.push(cold_starts(s, function, method, language, self.cold_samples).await?);
+        }
+
+        say("idle worker memory…");
+        let mut uss = Vec::new();
+        for (function, worker) in [
+            ("hello", "python3 (forked from the zygote)"),
+            ("hello-spawn", "python3 (spawned)"),
+            ("hello-js", "nodejs (specialized spare)"),
+        ] {
+            uss.push(idle_uss(s, function, worker).await?);
+        }
+
+        let scale = if self.functions > 0 {
+            say(&format!("registering {} functions and endpoints…", self.functions));
+            Some(scale(s, self.functions).await?)
+        } else {
+            None
+        };
+        Ok(Report {
+            machine: Machine {
+                cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                python: version_of("python3").await,
+                node: version_of("node").await,
+            },
+            bare_worker: bare,
+            warm,
+            overhead_p50_us: overhead,
+            cold_start: cold,
+            idle_worker_uss_kib: uss,
+            scale,
+        })
+    }
+}
+
+async fn version_of(program: &str) -> String {
+    match tokio::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(o) => String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout })
+            .trim()
+            .to_string(),
+        Err(e) => format!("not found ({e})"),
+    }
+}
+
+async fn setup() -> Result<Setup> {
+    let dir = tempfile::Builder::new().prefix("dispatch-bench-").tempdir()?;
+    let store = Arc::new(dispatch_store::SqliteStore::open(&dir.path().join("dispatch.db"))?);
+    let blobs = dispatch_store::BlobStore::open(dir.path().join("blobs"))?;
+    let local = LocalBackend::new(dir.path())?;
+    let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gw_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let options = dispatch_server::Options {
+        auth: false,
+        jobs_dir: dir.path().join("jobs"),
+        ..Default::default()
+    };
+    let server =
+        dispatch_server::Server::serve_with(store, blobs, local.clone(), api_l, gw_l, options)
+            .await;
+    let client = Client::new(&Target {
+        server: format!("http://{}", server.api_addr),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })?;
+    let ns = "default";
+    for (image, base) in [("py", "python3"), ("js", "nodejs")] {
+        client
+            .create(&Object::new(Kind::Image, ns, image, json!({"baseImage": base})))
+            .await?;
+    }
+    let py = dir.path().join("hello.py");
+    std::fs::write(&py, HELLO_PY)?;
+    let js = dir.path().join("hello.js");
+    std::fs::write(&js, HELLO_JS)?;
+    let py_src = super::upload(&client, ns, "hello", &py).await?;
+    let js_src = super::upload(&client, ns, "hello-js", &js).await?;
+    let function = |name: &str, image: &str, src: &str, env: serde_json::Value| {
+        Object::new(
+            Kind::Function,
+            ns,
+            name,
+            json!({"image": image, "source": src, "env": env}),
+        )
+    };
+    client.create(&function("hello", "py", &py_src, json!({}))).await?;
+    wait_ready(&client, "hello").await?;
+    // The same function with zygotes off: its pool spawns every worker.
+    local.set_fast_start(false);
+    client
+        .create(&function("hello-spawn", "py", &py_src, json!({"BENCH": "spawn"})))
+        .await?;
+    wait_ready(&client, "hello-spawn").await?;
+    local.set_fast_start(true);
+    client.create(&function("hello-js", "js", &js_src, json!({}))).await?;
+    wait_ready(&client, "hello-js").await?;
+    client
+        .create(&Object::new(
+            Kind::Endpoint,
+            ns,
+            "hello",
+            json!({"function": "hello", "methods": ["GET"], "paths": ["/hello"]}),
+        ))
+        .await?;
+    Ok(Setup {
+        api: server.api_addr,
+        gateway: server.gateway_addr,
+        client,
+        local,
+        server,
+        _dir: dir,
+    })
+}
+
+async fn wait_ready(client: &Client, name: &str) -> Result<()> {
+    let o = super::wait_settled(client, Kind::Function, name, Duration::from_secs(120)).await?;
+    if o.phase() != Some(Phase::Ready) {
+        bail!(
+            "function {name} did not become READY: {}",
+            o.status.reason
+        );
+    }
+    Ok(())
+}
+
+fn pool(local: &LocalBackend, name: &str) -> Result<Arc<Pool>> {
+    local
+        .pool("default", name)
+        .with_context(|| format!("function {name} is not deployed"))
+}
+
+/// The floor: one worker of hello's build, called directly over its socket, sequentially.
+async fn bare_worker(pool: &Pool, calls: usize) -> Result<Latency> {
+    let spec = pool.config().worker.clone();
+    let mut w = Worker::start(&spec, Duration::from_secs(10)).await?;
+    let ctx = RawValue::from_string(r#"{"function":"hello","namespace":"default"}"#.into())?;
+    let payload = RawValue::from_string(r#"{"name":"bench"}"#.into())?;
+    let mut v = Vec::with_capacity(calls);
+    let t = Instant::now();
+    for i in 0..calls + calls / 10 {
+        let t0 = Instant::now();
+        w.call(&ctx, &payload, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .map_err(|e| anyhow::anyhow!("bare call failed: {}", e.message))?;
+        if i >= calls / 10 {
+            v.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let el = t.elapsed().as_secs_f64();
+    Ok(Latency {
+        calls,
+        p50_us: pct(&mut v, 0.50),
+        p99_us: pct(&mut v, 0.99),
+        rps: (calls + calls / 10) as f64 / el,
+    })
+}
+
+#[derive(Clone)]
+struct Request {
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: String,
+    body: Bytes,
+}
+
+impl Request {
+    fn get(addr: SocketAddr, path: &str) -> Request {
+        Request {
+            addr,
+            method: hyper::Method::GET,
+            path: path.into(),
+            body: Bytes::new(),
+        }
+    }
+
+    fn post(addr: SocketAddr, path: &str, body: &'static str) -> Request {
+        Request {
+            addr,
+            method: hyper::Method::POST,
+            path: path.into(),
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    fn build(&self) -> hyper::Request<Full<Bytes>> {
+        let mut b = hyper::Request::builder()
+            .method(self.method.clone())
+            .uri(&self.path)
+            .header(hyper::header::HOST, self.addr.to_string());
+        if !self.body.is_empty() {
+            b = b.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        b.body(Full::new(self.body.clone()))
+            .expect("a request of constant parts")
+    }
+}
+
+/// `concurrency` keep-alive connections sending `req` back to back for `duration` (after a
+/// warm-up), on a thread and runtime of their own.
+async fn load(
+    via: &'static str,
+    req: Request,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Load> {
+    let warmup = duration / 5;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-load".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let out = match rt {
+                Ok(rt) => rt.block_on(async {
+                    let _ = run_load(&req, concurrency, warmup).await?;
+                    run_load(&req, concurrency, duration).await
+                }),
+                Err(e) => Err(e.into()),
+            };
+            let _ = tx.send(out);
+        })?;
+    let (mut lat, errors, el) = rx.await.context("the load thread died")??;
+    let requests = lat.len();
+    if requests == 0 {
+        bail!("no request via {via} succeeded ({errors} errors)");
+    }
+    Ok(Load {
+        via,
+        concurrency,
+        requests,
+        errors,
+        rps: requests as f64 / el,
+        p50_us: pct(&mut lat, 0.50),
+        p99_us: pct(&mut lat, 0.99),
+    })
+}
+
+/// Latencies (µs) of successful requests, the error count and the elapsed seconds.
+async fn run_load(
+    req: &Request,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<(Vec<f64>, usize, f64)> {
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let req = req.clone();
+        tasks.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(req.addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await?;
+            tokio::spawn(conn);
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0usize;
+            while Instant::now() < end {
+                let t = Instant::now();
+                send.ready().await?;
+                let resp = send.send_request(req.build()).await?;
+                let ok = resp.status().is_success();
+                resp.into_body().collect().await?;
+                if ok {
+                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                } else {
+                    errors += 1;
+                }
+            }
+            anyhow::Ok((lat, errors))
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (lat, e) = r??;
+        all.extend(lat);
+        errors += e;
+    }
+    Ok((all, errors, start.elapsed().as_secs_f64()))
+}
+
+/// Scale `function` to zero, call it, and read the run's cold-start record; `samples` times.
+async fn cold_starts(
+    s: &Setup,
+    function: &str,
+    method: &'static str,
+    language: &'static str,
+    samples: usize,
+) -> Result<Cold> {
+    let p = pool(&s.local, function)?;
+    let input = RawValue::from_string(r#"{"name":"cold"}"#.into())?;
+    let (mut e2e, mut total, mut spawn, mut import, mut first) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..samples.max(1) {
+        p.reap(Instant::now() + Duration::from_secs(365 * 24 * 3600));
+        if let Launcher::Spares(spares) = &p.config().launcher {
+            // Steady state: a spare is waiting (started after the previous sample).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while spares.ready() == 0 {
+                if Instant::now() > deadline {
+                    bail!("no spare node worker became ready within 30s");
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        let t = Instant::now();
+        let r = s.client.exec(function, &input).await?;
+        let took = t.elapsed().as_secs_f64() * 1e3;
+        if let Some(err) = r.envelope.context.error {
+            bail!("cold call of {function} failed: {}", err.message);
+        }
+        let id = r.run_id.context("the API did not name the run")?;
+        let run = s.client.get_run(&id).await?;
+        let Some(c) = run.cold_start else {
+            bail!("run {id} of {function} after scale to zero was not cold");
+        };
+        if c.method.as_str() != method {
+            bail!("{function} started a worker by {}, not {method}", c.method.as_str());
+        }
+        e2e.push(took);
+        total.push(c.total_ms);
+        spawn.push(c.spawn_ms);
+        import.push(c.import_ms);
+        first.push(c.first_call_ms);
+    }
+    Ok(Cold {
+        method,
+        language,
+        samples: e2e.len(),
+        e2e_p50_ms: pct(&mut e2e, 0.5),
+        e2e_p99_ms: pct(&mut e2e, 0.99),
+        total_p50_ms: pct(&mut total, 0.5),
+        total_p99_ms: pct(&mut total, 0.99),
+        spawn_p50_ms: pct(&mut spawn, 0.5),
+        import_p50_ms: pct(&mut import, 0.5),
+        first_call_p50_ms: pct(&mut first, 0.5),
+    })
+}
+
+/// One idle warm worker of `function`: its unique set size (private pages) and RSS.
+async fn idle_uss(s: &Setup, function: &str, worker: &'static str) -> Result<Uss> {
+    let input = RawValue::from_string("null".into())?;
+    s.client.exec(function, &input).await?;
+    let p = pool(&s.local, function)?;
+    let pid = *p
+        .idle_pids()
+        .last()
+        .context("no idle worker after a call")?;
+    let (uss_kib, rss_kib) = memory_of(pid)?;
+    Ok(Uss {
+        worker,
+        uss_kib,
+        rss_kib,
+    })
+}
+
+/// (USS, RSS) in KiB from /proc/PID/smaps_rollup.
+fn memory_of(pid: i32) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("reading /proc/{pid}/smaps_rollup"))?;
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("Private_Clean:") + field("Private_Dirty:"), field("Rss:")))
+}
+
+fn rss_self_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Registers `n` functions (the hello code, so one build) with an endpoint each.
+async fn scale(s: &Setup, n: usize) -> Result<Scale> {
+    let state = &s.server.state;
+    let lookup_ns = |path: &str| {
+        let routes = state.routes();
+        let iters = 100_000;
+        let t = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(routes.find(None, "GET", std::hint::black_box(path)));
+        }
+        t.elapsed().as_secs_f64() * 1e9 / iters as f64
+    };
+    let one = lookup_ns("/hello");
+    let src = s
+        .client
+        .get(Kind::Function, "hello")
+        .await?
+        .spec
+        .get("source")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .context("hello has no source")?;
+    // Memory is measured after the allocator has seen a warm-up of the same work.
+    let rss_before = rss_self_kib();
+    let t = Instant::now();
+    let workers = 8;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let client = s.client.clone();
+        let src = src.clone();
+        tasks.spawn(async move {
+            for i in (w..n).step_by(workers) {
+                let name = format!("f{i}");
+                client
+                    .create(&Object::new(
+                        Kind::Function,
+                        "default",
+                        &name,
+                        json!({"image": "py", "source": src}),
+                    ))
+                    .await?;
+                client
+                    .create(&Object::new(
+                        Kind::Endpoint,
+                        "default",
+                        &name,
+                        json!({"function": name, "methods": ["GET"], "paths": [format!("/{name}")]}),
+                    ))
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let last = format!("f{}", n - 1);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (0..n).any(|i| s.local.pool("default", &format!("f{i}")).is_none()) {
+        if Instant::now() > deadline {
+            bail!("the {n} functions were not all deployed within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let register_seconds = t.elapsed().as_secs_f64();
+    let rss_after = rss_self_kib();
+    let mut lists = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let all = s.client.list(Kind::Function).await?;
+        lists.push(t.elapsed().as_secs_f64() * 1e3);
+        if all.len() < n {
+            bail!("listed {} functions, expected at least {n}", all.len());
+        }
+    }
+    let all = lookup_ns(&format!("/{last}"));
+    let gw = load(
+        "gateway",
+        Request::get(s.gateway, &format!("/{last}?name=bench")),
+        1,
+        Duration::from_millis(500),
+    )
+    .await?;
+    Ok(Scale {
+        functions: n,
+        register_seconds,
+        list_ms: pct(&mut lists, 0.5),
+        route_lookup_ns_one: one,
+        route_lookup_ns_all: all,
+        gateway_p50_us_last: gw.p50_us,
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        rss_per_function_bytes: (rss_after.saturating_sub(rss_before) * 1024) as f64 / n as f64,
+    })
+}
+
+/// The `q` quantile (0..1) of `v`, which it sorts.
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "dispatch bench — {} cpus, {}, node {}\n",
+        r.machine.cpus, r.machine.python, r.machine.node
+    );
+    println!(
+        "bare worker round trip       p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.0} req/s  ({} sequential calls)",
+        r.bare_worker.p50_us, r.bare_worker.p99_us, r.bare_worker.rps, r.bare_worker.calls
+    );
+    println!("\nwarm hello                   req/s        p50 µs     p99 µs   requests  errors");
+    for l in &r.warm {
+        println!(
+            "  {:<8} c={:<4}          {:>9.0}  {:>10.1} {:>10.1} {:>10} {:>7}",
+            l.via, l.concurrency, l.rps, l.p50_us, l.p99_us, l.requests, l.errors
+        );
+    }
+    let fmt = |o: Option<f64>| o.map_or("-".to_string(), |v| format!("{v:+.1} µs"));
+    println!(
+        "  overhead over the bare worker at p50 (c=1): gateway {}, api {}",
+        fmt(r.overhead_p50_us.gateway),
+        fmt(r.overhead_p50_us.api)
+    );
+    println!(
+        "\ncold start after scale to zero   caller p50/p99 ms   server total p50/p99 ms   spawn|fork / import / first call p50 ms"
+    );
+    for c in &r.cold_start {
+        println!(
+            "  {:<8} {:<11} n={:<4} {:>7.2} / {:<7.2}      {:>7.2} / {:<7.2}          {:.2} / {:.2} / {:.2}",
+            c.language,
+            c.method,
+            c.samples,
+            c.e2e_p50_ms,
+            c.e2e_p99_ms,
+            c.total_p50_ms,
+            c.total_p99_ms,
+            c.spawn_p50_ms,
+            c.import_p50_ms,
+            c.first_call_p50_ms
+        );
+    }
+    println!("\nidle warm worker                         USS KiB    RSS KiB");
+    for u in &r.idle_worker_uss_kib {
+        println!("  {:<36} {:>9} {:>10}", u.worker, u.uss_kib, u.rss_kib);
+    }
+    if let Some(s) = &r.scale {
+        println!(
+            "\n{} functions + endpoints: registered in {:.1} s; list {:.1} ms; route lookup {:.0} ns (1 route) → {:.0} ns (all); gateway p50 to the last {:.1} µs",
+            s.functions,
+            s.register_seconds,
+            s.list_ms,
+            s.route_lookup_ns_one,
+            s.route_lookup_ns_all,
+            s.gateway_p50_us_last
+        );
+        println!(
+            "  server RSS {} KiB → {} KiB: {:.0} bytes per function",
+            s.rss_before_kib, s.rss_after_kib, s.rss_per_function_bytes
+        );
+    }
+}
