@@ -120,20 +120,25 @@ def watch_socket(sock):
     it accepted is retried after a restart, so a worker that outlived it would run that call
     twice at once. The server holds the other end of the protocol socket; when it goes away
     (or drops this worker), the socket hangs up and this process kills its own process group,
-    even in the middle of a call. A thread blocked in poll() costs nothing while it waits."""
+    even in the middle of a call. The kernel tells by SIGIO (O_ASYNC on the socket), so no
+    thread is needed: a thread would cost a forked worker its stack and a malloc arena."""
+    import fcntl
     import select
     import signal
-    import threading
 
-    def loop():
-        p = select.poll()
-        p.register(sock.fileno(), 0)  # POLLHUP/POLLERR are always reported
-        while True:
-            for _, ev in p.poll():
-                if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    os.killpg(0, signal.SIGKILL)
+    fd = sock.fileno()
+    probe = select.poll()
+    probe.register(fd, 0)  # POLLHUP/POLLERR are always reported
 
-    threading.Thread(target=loop, name="dispatch-watch-socket", daemon=True).start()
+    def on_io(signum, frame):
+        for _, ev in probe.poll(0):
+            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGIO, on_io)
+    fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    on_io(signal.SIGIO, None)  # it may have hung up already
 
 
 def serve(sock, function_dir, handler):
@@ -215,6 +220,29 @@ def preload_modules(names):
     return loaded, failed
 
 
+def warm_up():
+    """Runs what every worker runs first (a call through the capture path, JSON both ways, an
+    import from a new directory, the watchdog's modules) so that the objects and caches it
+    creates live in the zygote, shared by every fork, instead of being made again in each."""
+    import fcntl  # noqa: F401  (the watchdog's)
+    import select  # noqa: F401
+    import signal  # noqa: F401
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "dispatch_warm_up.py"), "w") as f:
+            f.write("def handle(context, payload):\n    print(payload)\n    return payload\n")
+        sys.path.insert(0, d)
+        try:
+            fn = load_handler("dispatch_warm_up.handle")
+            resp = call(fn, {"function": "warm-up"}, {"name": "x", "n": [1, 2.5, None]})
+            json.loads(json.dumps(resp, separators=(",", ":")))
+        finally:
+            sys.path.remove(d)
+            sys.modules.pop("dispatch_warm_up", None)
+            sys.path_importer_cache.pop(d, None)
+
+
 def recv_request_with_fds(ctl):
     """One zygote request: a frame whose first bytes carry the worker's fds (SCM_RIGHTS)."""
     data, fds, _, _ = socket.recv_fds(ctl, 65536, 3)
@@ -246,6 +274,7 @@ def zygote(preload):
 
     ctl = take_protocol_socket()
     loaded, failed = preload_modules(preload)
+    warm_up()
     # Children are reaped by the kernel; they are killed by the host through their group.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     # Objects that exist now are never collected: the collector does not write to (and so

@@ -187,12 +187,7 @@ impl Bench {
         Ok(ExitCode::SUCCESS)
     }
 
-    async fn measure(
-        &self,
-        s: &Setup,
-        duration: Duration,
-        say: &dyn Fn(&str),
-    ) -> Result<Report> {
+    async fn measure(&self, s: &Setup, duration: Duration, say: &dyn Fn(&str)) -> Result<Report> {
         say("bare worker round trip…");
         let calls = if self.quick { 500 } else { 5000 };
         let bare = bare_worker(&*pool(&s.local, "hello")?, calls).await?;
@@ -226,7 +221,10 @@ impl Bench {
             ("hello-spawn", "spawn", "python3"),
             ("hello-js", "specialize", "nodejs"),
         ] {
-            say(&format!("{} cold starts of {function} ({method})…", self.cold_samples));
+            say(&format!(
+                "{} cold starts of {function} ({method})…",
+                self.cold_samples
+            ));
             cold.push(cold_starts(s, function, method, language, self.cold_samples).await?);
         }
 
@@ -241,7 +239,10 @@ impl Bench {
         }
 
         let scale = if self.functions > 0 {
-            say(&format!("registering {} functions and endpoints…", self.functions));
+            say(&format!(
+                "registering {} functions and endpoints…",
+                self.functions
+            ));
             Some(scale(s, self.functions).await?)
         } else {
             None
@@ -268,16 +269,24 @@ async fn version_of(program: &str) -> String {
         .output()
         .await
     {
-        Ok(o) => String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout })
-            .trim()
-            .to_string(),
+        Ok(o) => String::from_utf8_lossy(if o.stdout.is_empty() {
+            &o.stderr
+        } else {
+            &o.stdout
+        })
+        .trim()
+        .to_string(),
         Err(e) => format!("not found ({e})"),
     }
 }
 
 async fn setup() -> Result<Setup> {
-    let dir = tempfile::Builder::new().prefix("dispatch-bench-").tempdir()?;
-    let store = Arc::new(dispatch_store::SqliteStore::open(&dir.path().join("dispatch.db"))?);
+    let dir = tempfile::Builder::new()
+        .prefix("dispatch-bench-")
+        .tempdir()?;
+    let store = Arc::new(dispatch_store::SqliteStore::open(
+        &dir.path().join("dispatch.db"),
+    )?);
     let blobs = dispatch_store::BlobStore::open(dir.path().join("blobs"))?;
     let local = LocalBackend::new(dir.path())?;
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -299,7 +308,12 @@ async fn setup() -> Result<Setup> {
     let ns = "default";
     for (image, base) in [("py", "python3"), ("js", "nodejs")] {
         client
-            .create(&Object::new(Kind::Image, ns, image, json!({"baseImage": base})))
+            .create(&Object::new(
+                Kind::Image,
+                ns,
+                image,
+                json!({"baseImage": base}),
+            ))
             .await?;
     }
     let py = dir.path().join("hello.py");
@@ -316,16 +330,25 @@ async fn setup() -> Result<Setup> {
             json!({"image": image, "source": src, "env": env}),
         )
     };
-    client.create(&function("hello", "py", &py_src, json!({}))).await?;
+    client
+        .create(&function("hello", "py", &py_src, json!({})))
+        .await?;
     wait_ready(&client, "hello").await?;
     // The same function with zygotes off: its pool spawns every worker.
     local.set_fast_start(false);
     client
-        .create(&function("hello-spawn", "py", &py_src, json!({"BENCH": "spawn"})))
+        .create(&function(
+            "hello-spawn",
+            "py",
+            &py_src,
+            json!({"BENCH": "spawn"}),
+        ))
         .await?;
     wait_ready(&client, "hello-spawn").await?;
     local.set_fast_start(true);
-    client.create(&function("hello-js", "js", &js_src, json!({}))).await?;
+    client
+        .create(&function("hello-js", "js", &js_src, json!({})))
+        .await?;
     wait_ready(&client, "hello-js").await?;
     client
         .create(&Object::new(
@@ -348,10 +371,7 @@ async fn setup() -> Result<Setup> {
 async fn wait_ready(client: &Client, name: &str) -> Result<()> {
     let o = super::wait_settled(client, Kind::Function, name, Duration::from_secs(120)).await?;
     if o.phase() != Some(Phase::Ready) {
-        bail!(
-            "function {name} did not become READY: {}",
-            o.status.reason
-        );
+        bail!("function {name} did not become READY: {}", o.status.reason);
     }
     Ok(())
 }
@@ -372,9 +392,14 @@ async fn bare_worker(pool: &Pool, calls: usize) -> Result<Latency> {
     let t = Instant::now();
     for i in 0..calls + calls / 10 {
         let t0 = Instant::now();
-        w.call(&ctx, &payload, Duration::from_secs(5), Duration::from_secs(5))
-            .await
-            .map_err(|e| anyhow::anyhow!("bare call failed: {}", e.message))?;
+        w.call(
+            &ctx,
+            &payload,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("bare call failed: {}", e.message))?;
         if i >= calls / 10 {
             v.push(t0.elapsed().as_secs_f64() * 1e6);
         }
@@ -484,8 +509,7 @@ async fn run_load(
             let stream = tokio::net::TcpStream::connect(req.addr).await?;
             stream.set_nodelay(true)?;
             let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await?;
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let mut lat = Vec::with_capacity(4096);
             let mut errors = 0usize;
@@ -550,7 +574,10 @@ async fn cold_starts(
             bail!("run {id} of {function} after scale to zero was not cold");
         };
         if c.method.as_str() != method {
-            bail!("{function} started a worker by {}, not {method}", c.method.as_str());
+            bail!(
+                "{function} started a worker by {}, not {method}",
+                c.method.as_str()
+            );
         }
         e2e.push(took);
         total.push(c.total_ms);
@@ -600,7 +627,10 @@ fn memory_of(pid: i32) -> Result<(u64, u64)> {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
-    Ok((field("Private_Clean:") + field("Private_Dirty:"), field("Rss:")))
+    Ok((
+        field("Private_Clean:") + field("Private_Dirty:"),
+        field("Rss:"),
+    ))
 }
 
 fn rss_self_kib() -> u64 {
