@@ -118,6 +118,19 @@ impl StartError {
 
 pub(crate) type Tail = Arc<Mutex<VecDeque<String>>>;
 
+/// A protocol socket pair: the host's end (async) and the end a worker gets as an fd.
+pub(crate) fn socket_pair() -> Result<(UnixStream, std::os::unix::net::UnixStream), StartError> {
+    let pair = || -> std::io::Result<_> {
+        let (host, child) = std::os::unix::net::UnixStream::pair()?;
+        host.set_nonblocking(true)?;
+        Ok((UnixStream::from_std(host)?, child))
+    };
+    pair().map_err(|source| StartError::Spawn {
+        program: "a socket pair".into(),
+        source,
+    })
+}
+
 pub struct Worker {
     /// The process, when this host spawned it (a forked worker is the zygote's child).
     child: Option<Child>,
@@ -139,17 +152,11 @@ impl Worker {
     /// Starts a protocol worker and waits for its hello frame.
     pub async fn start(spec: &WorkerSpec, ready_within: Duration) -> Result<Worker, StartError> {
         let t0 = Instant::now();
-        let (host, child_end) =
-            std::os::unix::net::UnixStream::pair().map_err(|source| StartError::Spawn {
-                program: "a socket pair".into(),
-                source,
-            })?;
+        let (sock, child_end) = socket_pair()?;
         let spawn_err = |source| StartError::Spawn {
             program: spec.program.display().to_string(),
             source,
         };
-        host.set_nonblocking(true).map_err(spawn_err)?;
-        let sock = UnixStream::from_std(host).map_err(spawn_err)?;
         let mut child = spec
             .command(true)
             .stdin(Stdio::from(OwnedFd::from(child_end)))

@@ -27,7 +27,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol;
-use crate::worker::{StartError, Worker, WorkerSpec, base_environment};
+use crate::worker::{StartError, Worker, WorkerSpec, base_environment, socket_pair};
 
 /// How long a zygote may take to import its preload list, and to answer a fork.
 const ZYGOTE_READY: Duration = Duration::from_secs(60);
@@ -102,17 +102,11 @@ impl Zygote {
     }
 
     async fn start(&self) -> Result<Running, StartError> {
-        let (host, child_end) =
-            std::os::unix::net::UnixStream::pair().map_err(|source| StartError::Spawn {
-                program: "a socket pair".into(),
-                source,
-            })?;
+        let (mut sock, child_end) = socket_pair()?;
         let spawn_err = |source| StartError::Spawn {
             program: self.program.display().to_string(),
             source,
         };
-        host.set_nonblocking(true).map_err(spawn_err)?;
-        let mut sock = UnixStream::from_std(host).map_err(spawn_err)?;
         let preload = match &self.preload {
             None => "\"auto\"".to_string(),
             Some(list) => serde_json::to_string(list).unwrap_or_else(|_| "[]".into()),
@@ -204,9 +198,8 @@ impl Zygote {
                 }
             }
         };
-        let mut w = Worker::forked(pid, sock, outputs, &spec.label);
-        w.cold_start.method = dispatch_core::StartMethod::Fork;
-        w.handshake(ready_within, t0)
+        Worker::forked(pid, sock, outputs, &spec.label)
+            .handshake(ready_within, t0)
             .await
             .map_err(ForkError::Worker)
     }
@@ -224,7 +217,7 @@ type Forked = (i32, UnixStream, [tokio::net::unix::pipe::Receiver; 2]);
 /// One fork request on a running zygote.
 async fn request(z: &mut Running, spec: &WorkerSpec) -> Result<Forked, StartError> {
     let io_err = |e: std::io::Error| StartError::Protocol(e.to_string());
-    let (host, child_end) = std::os::unix::net::UnixStream::pair().map_err(io_err)?;
+    let (sock, child_end) = socket_pair()?;
     let (out_r, out_w) = std::io::pipe().map_err(io_err)?;
     let (err_r, err_w) = std::io::pipe().map_err(io_err)?;
     let handler = spec.handler_args.first().cloned().unwrap_or_default();
@@ -273,8 +266,6 @@ async fn request(z: &mut Running, spec: &WorkerSpec) -> Result<Forked, StartErro
             ));
         }
     };
-    host.set_nonblocking(true).map_err(io_err)?;
-    let sock = UnixStream::from_std(host).map_err(io_err)?;
     let recv = |r: std::io::PipeReader| {
         tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(r)).map_err(io_err)
     };

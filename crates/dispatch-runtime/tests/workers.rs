@@ -472,6 +472,18 @@ async fn wait_until(cond: impl Fn() -> bool) {
     }
 }
 
+/// The sorted names of `payload.env` (a handler's whole environment).
+fn env_keys(payload: &serde_json::Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = payload["env"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    keys
+}
+
 fn ppid_of(pid: i32) -> i32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let rest = s.rsplit_once(')').unwrap().1;
@@ -522,11 +534,8 @@ async fn python_workers_are_forked_from_the_zygote_with_a_fresh_environment() {
     let zygote = f.backend.zygotes()[0].pid().await.unwrap();
     assert_eq!(ppid_of(pid), zygote);
     assert_eq!(p["pgid"], p["pid"]);
-    let env = p["env"].as_object().unwrap();
-    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        env_keys(p),
         [
             "GREETING",
             "HOME",
@@ -659,11 +668,8 @@ async fn node_cold_starts_specialise_a_spare_generic_worker() {
     assert_eq!(cs.method, dispatch_core::StartMethod::Specialize);
     let v = serde_json::to_value(&out.envelope).unwrap();
     let p = &v["payload"];
-    let env = p["env"].as_object().unwrap();
-    let mut keys: Vec<&str> = env.keys().map(String::as_str).collect();
-    keys.sort();
     assert_eq!(
-        keys,
+        env_keys(p),
         [
             "GREETING",
             "HOME",

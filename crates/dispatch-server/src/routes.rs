@@ -77,7 +77,6 @@ pub struct Routes {
     by_shape: HashMap<String, Vec<Arc<Route>>>,
     /// Endpoint (namespace, name) → its routes.
     by_endpoint: HashMap<(String, String), Vec<Arc<Route>>>,
-    len: usize,
 }
 
 fn parse_pattern(path: &str) -> (Vec<Seg>, bool) {
@@ -230,7 +229,6 @@ impl Routes {
                 _ => self.wild.retain(|x| !Arc::ptr_eq(x, &r)),
             }
             remove_from(&mut self.by_shape, &r.shape, &r);
-            self.len -= 1;
         }
         let Some(o) = endpoint.filter(|o| o.kind == Kind::Endpoint) else {
             return;
@@ -250,17 +248,16 @@ impl Routes {
                 .entry(r.shape.clone())
                 .or_default()
                 .push(r.clone());
-            self.len += 1;
         }
         self.by_endpoint.insert(key, routes);
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.by_endpoint.values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.by_endpoint.is_empty()
     }
 
     /// The most specific route for a request (routes are kept sorted by specificity).

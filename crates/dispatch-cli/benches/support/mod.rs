@@ -75,11 +75,7 @@ pub fn start(options: Options) -> Bench {
     }
 }
 
-/// The `q` quantile (0..1) of `v`, which it sorts.
-pub fn pct(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * q) as usize).min(v.len() - 1)]
-}
+pub use dispatch_cli::commands::bench::pct;
 
 /// The `q` quantile of durations, in milliseconds.
 pub fn pct_ms(v: &mut [std::time::Duration], q: f64) -> f64 {
