@@ -308,7 +308,7 @@ pub fn runs_table(runs: &[Run]) -> String {
                     r.function.clone(),
                     r.status.to_string(),
                     trigger,
-                    if r.cold { "yes".into() } else { "no".into() },
+                    cold_cell(r),
                     format!(
                         "{}ms",
                         r.timings.queued_ms + r.timings.cold_start_ms + r.timings.exec_ms
@@ -320,6 +320,16 @@ pub fn runs_table(runs: &[Run]) -> String {
     )
 }
 
+/// "no" for a warm run; for a cold one how its worker started and what that cost
+/// ("fork 3.1ms"), or "yes" when the record has no split (older records).
+fn cold_cell(r: &Run) -> String {
+    match (r.cold, r.cold_start) {
+        (false, _) => "no".into(),
+        (true, Some(c)) => format!("{} {:.1}ms", c.method.as_str(), c.total_ms),
+        (true, None) => "yes".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +338,25 @@ mod tests {
     fn table_layout_matches_dispatch() {
         let t = table(&["NAME", "STATUS"], &[vec!["hello".into(), "READY".into()]]);
         assert_eq!(t, " NAME  | STATUS\n----------------\n hello | READY\n");
+    }
+
+    #[test]
+    fn cold_column_names_the_start_method() {
+        let mut r: Run = serde_json::from_value(serde_json::json!({
+            "id": "r1", "namespace": "default", "function": "hello", "status": "SUCCEEDED",
+            "trigger": "exec", "input": null, "attempts": 1, "cold": false,
+            "createdAt": "2026-11-23T08:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(cold_cell(&r), "no");
+        r.cold = true;
+        assert_eq!(cold_cell(&r), "yes");
+        r.cold_start = Some(dispatch_core::ColdStart {
+            method: dispatch_core::StartMethod::Fork,
+            total_ms: 3.14,
+            ..Default::default()
+        });
+        assert_eq!(cold_cell(&r), "fork 3.1ms");
+        assert!(runs_table(&[r]).contains("fork 3.1ms"));
     }
 }

@@ -977,3 +977,84 @@ fn events_subscriptions_and_drivers_from_the_cli() {
     s.ok(&["delete", "eventdriver", "tick"]);
     s.ok(&["delete", "subscription", "orders"]);
 }
+
+/// `dispatch bench` end to end on its own embedded server: every measure present and sane.
+/// The bench itself fails when a run after scale to zero is not cold, or was started another
+/// way than the one measured (the run record's `coldStart`, read back through the API).
+#[test]
+fn bench_quick_reports_every_measure() {
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args([
+            "bench",
+            "--quick",
+            "--cold-samples",
+            "3",
+            "--functions",
+            "40",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dispatch bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("-o json prints one JSON document");
+    assert!(r["bare_worker"]["calls"].as_u64().unwrap() > 0);
+    let warm = r["warm"].as_array().unwrap();
+    let mut seen: Vec<(String, u64)> = warm
+        .iter()
+        .map(|l| {
+            assert!(l["requests"].as_u64().unwrap() > 0, "{l}");
+            assert_eq!(l["errors"], 0, "{l}");
+            assert!(l["p50_us"].as_f64().unwrap() <= l["p99_us"].as_f64().unwrap());
+            (
+                l["via"].as_str().unwrap().to_string(),
+                l["concurrency"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("api", 1), ("api", 32), ("gateway", 1), ("gateway", 32)].map(|(v, c)| (v.to_string(), c))
+    );
+    assert!(r["overhead_p50_us"]["gateway"].is_f64());
+    let methods: Vec<&str> = r["cold_start"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert_eq!(c["samples"], 3, "{c}");
+            let total = c["total_p50_ms"].as_f64().unwrap();
+            assert!(
+                total > 0.0 && total <= c["e2e_p50_ms"].as_f64().unwrap() + 1.0,
+                "{c}"
+            );
+            assert!(c["import_p50_ms"].as_f64().unwrap() > 0.0, "{c}");
+            c["method"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(methods, ["fork", "spawn", "specialize"]);
+    for u in r["idle_worker_uss_kib"].as_array().unwrap() {
+        let (uss, rss) = (
+            u["uss_kib"].as_u64().unwrap(),
+            u["rss_kib"].as_u64().unwrap(),
+        );
+        assert!(uss > 0 && uss < rss, "{u}");
+    }
+    assert_eq!(r["scale"]["functions"], 40);
+    assert!(r["scale"]["rss_after_kib"].as_u64().unwrap() > 0);
+    assert!(r["scale"]["route_lookup_ns_all"].as_f64().unwrap() > 0.0);
+
+    // Bad input: one line, exit 1, nothing measured.
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(["bench", "--concurrency", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--concurrency"), "{err}");
+}

@@ -90,7 +90,51 @@ async fn python_and_node_functions_exec_and_leave_run_records() {
         assert_eq!(run.logs.stdout, ["messages to stdout show up in logs"]);
         assert!(run.finished_at.is_some());
         assert_eq!(c.run_logs(&id).await.unwrap().stdout, run.logs.stdout);
+        assert!(
+            !run.cold,
+            "the worker that validated the deploy serves warm"
+        );
+
+        // Scale to zero; the next call pays a cold start, recorded with its steps.
+        let pool = t.local.pool("default", name).unwrap();
+        pool.reap(std::time::Instant::now() + std::time::Duration::from_secs(3600));
+        let id = c.exec(name, &raw(json!({}))).await.unwrap().run_id.unwrap();
+        let run = c.get_run(&id).await.unwrap();
+        let cold = run.cold_start.expect("a run after scale to zero is cold");
+        assert!(run.cold);
+        let method = if name == "hello" {
+            "fork"
+        } else {
+            "specialize"
+        };
+        assert_eq!(cold.method.as_str(), method);
+        assert!(cold.spawn_ms > 0.0 && cold.import_ms > 0.0 && cold.first_call_ms > 0.0);
+        assert!(cold.spawn_ms + cold.import_ms + cold.first_call_ms <= cold.total_ms + 0.01);
+        // timings.coldStartMs: starting the worker; coldStart.totalMs adds the first call.
+        assert!(run.timings.cold_start_ms as f64 <= cold.total_ms + 1.0);
     }
+    // The histogram saw both cold starts, nothing else; warm calls are counted.
+    let text = reqwest::get(format!("{}/metrics", t.api()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+    };
+    for (method, n) in [("fork", 1.0), ("specialize", 1.0), ("spawn", 0.0)] {
+        for step in ["total", "spawn", "import", "first_call"] {
+            let s =
+                format!("dispatch_cold_start_seconds_count{{method=\"{method}\",step=\"{step}\"}}");
+            assert_eq!(metric(&s), n, "{s}");
+        }
+    }
+    assert!(metric("dispatch_cold_start_seconds_sum{method=\"fork\",step=\"total\"}") > 0.0);
+    assert_eq!(metric("dispatch_runs_total{status=\"SUCCEEDED\"}"), 4.0);
+    assert_eq!(metric("dispatch_warm_calls_total"), 2.0);
     let runs = c
         .list_runs(&dispatch_client::RunQuery {
             function: Some("hello".into()),
@@ -98,7 +142,8 @@ async fn python_and_node_functions_exec_and_leave_run_records() {
         })
         .await
         .unwrap();
-    assert_eq!(runs.len(), 1);
+    assert_eq!(runs.len(), 2);
+    assert!(runs[0].cold && !runs[1].cold, "newest first");
     let err = c
         .list_runs(&dispatch_client::RunQuery {
             status: Some("bogus".into()),
