@@ -513,7 +513,8 @@ async fn cold_call(b: &LocalBackend, name: &str) -> dispatch_runtime::pool::Call
 #[tokio::test]
 async fn python_workers_are_forked_from_the_zygote_with_a_fresh_environment() {
     let f = fx();
-    let src = "import os, sys, random\ndef handle(ctx, p):\n    return {'env': dict(os.environ), 'cwd': os.getcwd(), 'pid': os.getpid(), 'pgid': os.getpgid(0), 'r': random.random(), 'stdin': sys.stdin.read()}\n";
+    // `cenv`: what a subprocess inherits (the C environment, not only os.environ).
+    let src = "import os, sys, random, subprocess\ndef handle(ctx, p):\n    cenv = dict(l.split('=', 1) for l in subprocess.check_output(['env']).decode().splitlines())\n    return {'env': dict(os.environ), 'cenv': cenv, 'cwd': os.getcwd(), 'pid': os.getpid(), 'pgid': os.getpgid(0), 'r': random.random(), 'stdin': sys.stdin.read()}\n";
     let mut d = deploy("zy", Language::Python3, &[("zy.py", src, 0o644)], None);
     d.env.insert("GREETING".into(), "hi".into());
     f.backend.deploy_function(d).await.unwrap();
@@ -551,6 +552,8 @@ async fn python_workers_are_forked_from_the_zygote_with_a_fresh_environment() {
             .unwrap()
             .ends_with(p["env"]["HOME"].as_str().unwrap())
     );
+    assert_eq!(p["env"]["GREETING"], "hi");
+    assert_eq!(p["cenv"], p["env"], "subprocesses see the same environment");
     assert_eq!(p["stdin"], "", "stdin is empty, not the protocol socket");
 
     // A second fork is another process with its own random state.
