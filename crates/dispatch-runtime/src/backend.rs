@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -174,12 +174,16 @@ type ZygoteKey = (PathBuf, Option<Vec<String>>);
 /// Spares serve one interpreter with one NODE_PATH (an image's node_modules).
 type SparesKey = (PathBuf, Option<String>);
 
+/// Calls of one function that may wait for a busy function's workers, by default.
+pub const DEFAULT_MAX_WAITING_CALLS: usize = 256;
+
 pub struct LocalBackend {
     runtimes_dir: PathBuf,
     functions_dir: PathBuf,
     images: ImageBuilder,
     pools: RwLock<Pools>,
-    max_queue: usize,
+    /// Calls of one function that may wait for a worker (per pool created from now on).
+    max_queue: AtomicUsize,
     /// Python zygotes by (interpreter, preload list).
     zygotes: Mutex<HashMap<ZygoteKey, Arc<Zygote>>>,
     /// Node spares by (interpreter, NODE_PATH).
@@ -214,12 +218,18 @@ impl LocalBackend {
             functions_dir,
             images: ImageBuilder::new(images_dir, parallel),
             pools: RwLock::new(HashMap::new()),
-            max_queue: 256,
+            max_queue: AtomicUsize::new(DEFAULT_MAX_WAITING_CALLS),
             zygotes: Mutex::new(HashMap::new()),
             spares: Mutex::new(HashMap::new()),
             fast_start: AtomicBool::new(true),
             validated: Mutex::new(HashSet::new()),
         }))
+    }
+
+    /// Calls of one function allowed to wait for a worker when all its workers are busy;
+    /// past it a call is refused ([`PoolError::Busy`], HTTP 429). Pools created from now on.
+    pub fn set_max_waiting_calls(&self, n: usize) {
+        self.max_queue.store(n, Ordering::Relaxed);
     }
 
     /// Turns zygotes (Python) and spare generic workers (Node) on or off for pools created
@@ -297,7 +307,7 @@ impl LocalBackend {
                 max_workers: d.max_workers,
                 min_workers: d.min_workers,
                 idle_timeout: d.idle_timeout,
-                max_queue: self.max_queue,
+                max_queue: self.max_queue.load(Ordering::Relaxed),
             },
             d.digest.clone(),
         ))

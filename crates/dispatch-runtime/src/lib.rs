@@ -17,8 +17,8 @@ pub mod worker;
 pub mod zygote;
 
 pub use backend::{
-    Backend, BaseImageCheck, BuildError, FunctionDeploy, GcKeep, ImageBuild, InvokeError,
-    LocalBackend, Removed,
+    Backend, BaseImageCheck, BuildError, DEFAULT_MAX_WAITING_CALLS, FunctionDeploy, GcKeep,
+    ImageBuild, InvokeError, LocalBackend, Removed,
 };
 pub use build::Progress;
 pub use pool::{CallOutcome, Pool, PoolError};

@@ -336,6 +336,11 @@ impl Pool {
         }
     }
 
+    /// Calls waiting for a worker now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     /// Workers alive (idle or busy).
     pub fn live_workers(&self) -> usize {
         self.live.load(Ordering::Relaxed)

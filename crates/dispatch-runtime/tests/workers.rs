@@ -386,6 +386,50 @@ async fn concurrency_is_bounded_by_max_workers() {
     assert_eq!(f.backend.pool("default", "conc").unwrap().live_workers(), 2);
 }
 
+/// maxWorkers busy and the bounded queue full: the next call is refused at once (429 above),
+/// not queued without limit.
+#[tokio::test]
+async fn calls_past_the_waiting_bound_are_refused() {
+    let f = fx();
+    f.backend.set_max_waiting_calls(1);
+    // Blocks until killed: the calls below never finish on their own.
+    let src = "import select\ndef handle(ctx, p):\n    select.select([], [], [])\n";
+    let mut d = deploy("busy", Language::Python3, &[("busy.py", src, 0o644)], None);
+    d.max_workers = 1;
+    f.backend.deploy_function(d).await.unwrap();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let b = f.backend.clone();
+            tokio::spawn(async move { call(&b, "busy", "1").await })
+        })
+        .collect();
+    let pool = f.backend.pool("default", "busy").unwrap();
+    // One runs, one waits: the queue (of one) is full.
+    wait_until(|| pool.waiting() == 1).await;
+    let ctx = raw(r#"{"secrets":{}}"#);
+    let err = f
+        .backend
+        .invoke(
+            "default",
+            "busy",
+            &ctx,
+            &raw("1"),
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "busy: 1 calls running and 1 waiting; retry later or raise concurrency.maxWorkers"
+        ),
+        "{err}"
+    );
+    assert_eq!(pool.waiting(), 1, "the refused call did not join the queue");
+    for h in held {
+        h.abort();
+    }
+}
+
 #[tokio::test]
 async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
     let f = fx();

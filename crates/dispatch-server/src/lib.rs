@@ -129,6 +129,7 @@ impl Server {
             source,
         })?;
         local.spawn_reaper();
+        local.set_max_waiting_calls(config.options.max_waiting_calls);
         let backend: Arc<dyn Backend> = local;
         let api = bind("api", config.api_addr).await?;
         let gateway = bind("gateway", config.gateway_addr).await?;

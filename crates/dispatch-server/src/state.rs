@@ -47,6 +47,10 @@ pub struct Options {
     pub max_queue_depth: usize,
     /// Async runs running at once, all functions together.
     pub max_running: usize,
+    /// Synchronous calls of one function allowed to wait for a worker when all of its
+    /// `maxWorkers` are busy; past it a call is refused with 429. Applied by `Server::serve`
+    /// to the embedded backend it creates (with `serve_with`, set it on the backend).
+    pub max_waiting_calls: usize,
     /// Scratch folders of job executions (`<data dir>/jobs`).
     pub jobs_dir: std::path::PathBuf,
     /// Require API tokens (off only with `--insecure-no-auth`).
@@ -67,6 +71,7 @@ impl Default for Options {
             runs_per_function: 10_000,
             max_queue_depth: 10_000,
             max_running: 64,
+            max_waiting_calls: dispatch_runtime::DEFAULT_MAX_WAITING_CALLS,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
             auth: true,
             secret_key_file: None,

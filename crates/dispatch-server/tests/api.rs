@@ -684,3 +684,87 @@ async fn exec_language_runs_any_executable() {
     assert_eq!(r.envelope.context.logs.stderr, ["to stderr"]);
     t.stop().await;
 }
+
+/// A function whose workers are all busy and whose waiting line is full answers 429 with
+/// Retry-After on the API and the gateway, and records nothing for the refused calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_function_answers_429_with_retry_after() {
+    let t = start().await;
+    t.local.set_max_waiting_calls(1);
+    let c = &t.client;
+    images(c).await;
+    let src = "import select\ndef handle(ctx, p):\n    select.select([], [], [])\n";
+    create_function(
+        c,
+        "stuck",
+        "py",
+        "stuck.py",
+        src,
+        json!({"concurrency": {"maxWorkers": 1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "stuck").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::Endpoint,
+        "stuck",
+        json!({"function": "stuck", "paths": ["/stuck"]}),
+    ))
+    .await
+    .unwrap();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.exec("stuck", &raw(json!(1))).await })
+        })
+        .collect();
+    let pool = t.local.pool("default", "stuck").unwrap();
+    eventually("a call waiting", || async {
+        (pool.waiting() == 1).then_some(())
+    })
+    .await;
+
+    let http = reqwest::Client::new();
+    let api = http
+        .post(format!(
+            "{}/v1/namespaces/default/functions/stuck/runs",
+            t.api()
+        ))
+        .json(&json!({"input": 1}))
+        .send()
+        .await
+        .unwrap();
+    let gw = eventually("the gateway route", || async {
+        let r = http
+            .get(format!("{}/stuck", t.gateway))
+            .send()
+            .await
+            .unwrap();
+        (r.status() != 404).then_some(r)
+    })
+    .await;
+    for r in [api, gw] {
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body.to_string().contains("raise concurrency.maxWorkers"),
+            "{body}"
+        );
+    }
+    let runs = c
+        .list_runs(&dispatch_client::RunQuery {
+            function: Some("stuck".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(runs.is_empty(), "refused calls leave no run: {runs:?}");
+    for h in held {
+        h.abort();
+    }
+    t.stop().await;
+}

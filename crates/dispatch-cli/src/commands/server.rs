@@ -34,6 +34,10 @@ pub struct Server {
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Synchronous calls of one function that may wait when all its maxWorkers are busy;
+    /// past it a call gets 429 with Retry-After
+    #[arg(long, default_value_t = dispatch_runtime::DEFAULT_MAX_WAITING_CALLS)]
+    pub max_waiting_calls: usize,
     /// Serve without tokens: every caller is admin (loopback only)
     #[arg(long)]
     pub insecure_no_auth: bool,
@@ -57,6 +61,7 @@ impl Server {
             runs_per_function: self.runs_per_function.max(1),
             max_queue_depth: self.max_queue_depth.max(1),
             max_running: self.max_running.max(1),
+            max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,
             ..Default::default()
         }
