@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(cold_cell(&r), "yes");
         r.cold_start = Some(dispatch_core::ColdStart {
             method: dispatch_core::StartMethod::Fork,
-            total_ms: 3.14,
+            total_ms: 3.06,
             ..Default::default()
         });
         assert_eq!(cold_cell(&r), "fork 3.1ms");
