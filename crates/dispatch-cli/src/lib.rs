@@ -132,7 +132,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Login(c) => return c.run().await,
         Runner(c) => return c.run().await,
         Bench(c) => return c.run().await,
-        K8s(c) => return c.run(),
+        K8s(c) => return c.run().await,
         _ => {}
     }
     let ctx = Ctx::resolve(&cli.global)?;

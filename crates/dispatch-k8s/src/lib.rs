@@ -8,6 +8,9 @@
 //! controller that drives these from CRDs, the `--backend kubernetes` server and image builds
 //! are not built yet.
 
+pub mod image;
+pub mod oci;
+
 use std::collections::BTreeMap;
 
 use dispatch_core::{FunctionSpec, JobExecution, Kind, Language};

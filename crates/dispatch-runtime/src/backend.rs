@@ -166,6 +166,16 @@ pub trait Backend: Send + Sync + 'static {
 const PYTHON_BOOTSTRAP: &str = include_str!("../../../runtimes/python/bootstrap.py");
 const NODE_BOOTSTRAP: &str = include_str!("../../../runtimes/node/bootstrap.js");
 
+/// The bootstrap a language's workers run: its file name in a runtimes folder and its text
+/// (none for exec handlers, which speak the protocol themselves).
+pub fn bootstrap(language: Language) -> Option<(&'static str, &'static str)> {
+    match language {
+        Language::Python3 => Some(("bootstrap.py", PYTHON_BOOTSTRAP)),
+        Language::Nodejs => Some(("bootstrap.js", NODE_BOOTSTRAP)),
+        Language::Exec => None,
+    }
+}
+
 /// Namespace → function name → pool. Nested maps so that a lookup borrows `&str` keys.
 type Pools = HashMap<String, HashMap<String, Arc<Pool>>>;
 
@@ -198,21 +208,27 @@ impl LocalBackend {
     /// Writes the bootstraps under `data_dir/runtimes` and prepares `data_dir/builds`.
     pub fn new(data_dir: &Path) -> std::io::Result<Arc<Self>> {
         let runtimes_dir = data_dir.join("runtimes");
-        let functions_dir = data_dir.join("builds").join("functions");
-        let images_dir = data_dir.join("builds").join("images");
         std::fs::create_dir_all(&runtimes_dir)?;
-        std::fs::create_dir_all(&functions_dir)?;
-        std::fs::create_dir_all(&images_dir)?;
-        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
-        for (file, text) in [
-            ("bootstrap.py", PYTHON_BOOTSTRAP),
-            ("bootstrap.js", NODE_BOOTSTRAP),
-        ] {
+        for (file, text) in [Language::Python3, Language::Nodejs]
+            .into_iter()
+            .filter_map(bootstrap)
+        {
             let path = runtimes_dir.join(file);
             if std::fs::read_to_string(&path).ok().as_deref() != Some(text) {
                 std::fs::write(&path, text)?;
             }
         }
+        Self::with_runtimes_dir(data_dir, runtimes_dir)
+    }
+
+    /// Like [`LocalBackend::new`], with the bootstraps read from `runtimes_dir` as they are
+    /// (a function image's `/dispatch/runtimes`, which may be read-only).
+    pub fn with_runtimes_dir(data_dir: &Path, runtimes_dir: PathBuf) -> std::io::Result<Arc<Self>> {
+        let functions_dir = data_dir.join("builds").join("functions");
+        let images_dir = data_dir.join("builds").join("images");
+        std::fs::create_dir_all(&functions_dir)?;
+        std::fs::create_dir_all(&images_dir)?;
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Arc::new(LocalBackend {
             runtimes_dir,
             functions_dir,

@@ -268,40 +268,69 @@ async fn run_step(
     dir: &Path,
 ) -> Result<(), BuildError> {
     log.push(&format!("$ {what}"));
+    let (printed, result) = match run_tool(what, cmd, dir).await {
+        Ok(o) => (o, Ok(())),
+        Err((o, e)) => (o, Err(e)),
+    };
+    log.push(&printed.stdout);
+    log.push(&printed.stderr);
+    if let Err(BuildError::Step { detail, .. }) = &result
+        && printed.stdout.is_empty()
+        && printed.stderr.is_empty()
+    {
+        log.push(detail);
+    }
+    result
+}
+
+/// What a tool printed.
+#[derive(Debug, Default)]
+pub struct ToolOutput {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a build tool (pip, npm) in `dir` with a time limit. A failure is a
+/// [`BuildError::Step`] naming the step with the tool's last error lines (pip and npm put the
+/// useful part on stderr), next to everything it printed.
+pub async fn run_tool(
+    what: &str,
+    cmd: &mut tokio::process::Command,
+    dir: &Path,
+) -> Result<ToolOutput, (ToolOutput, BuildError)> {
     cmd.current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    let fail = |printed: ToolOutput, detail: String| {
+        let e = BuildError::Step {
+            step: what.to_string(),
+            detail,
+        };
+        Err((printed, e))
+    };
     let out = match tokio::time::timeout(BUILD_TIMEOUT, cmd.output()).await {
         Ok(Ok(o)) => o,
-        Ok(Err(e)) => {
-            log.push(&format!("failed to start: {e}"));
-            return Err(BuildError::Step {
-                step: what.to_string(),
-                detail: format!("failed to start: {e}"),
-            });
-        }
+        Ok(Err(e)) => return fail(ToolOutput::default(), format!("failed to start: {e}")),
         Err(_) => {
-            log.push("timed out");
-            return Err(BuildError::Step {
-                step: what.to_string(),
-                detail: format!("did not finish within {BUILD_TIMEOUT:?}"),
-            });
+            return fail(
+                ToolOutput::default(),
+                format!("did not finish within {BUILD_TIMEOUT:?}"),
+            );
         }
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    log.push(&stdout);
-    log.push(&stderr);
+    let printed = ToolOutput {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
     if out.status.success() {
-        return Ok(());
+        return Ok(printed);
     }
-    // pip and npm put the useful part on stderr ("ERROR: Could not find a version …").
-    let source = if stderr.trim().is_empty() {
-        &stdout
+    let source = if printed.stderr.trim().is_empty() {
+        &printed.stdout
     } else {
-        &stderr
+        &printed.stderr
     };
     let lines: Vec<&str> = source
         .lines()
@@ -309,8 +338,6 @@ async fn run_step(
         .filter(|l| !l.is_empty() && !l.starts_with("npm warn"))
         .collect();
     let tail = lines[lines.len().saturating_sub(REASON_LINES)..].join("\n");
-    Err(BuildError::Step {
-        step: what.to_string(),
-        detail: format!("exited with {}: {tail}", out.status),
-    })
+    let detail = format!("exited with {}: {tail}", out.status);
+    fail(printed, detail)
 }

@@ -1,11 +1,17 @@
-//! `dispatch k8s crds`: the CustomResourceDefinitions of every Dispatch kind, as YAML for
-//! `kubectl apply -f -`.
+//! `dispatch k8s`: Kubernetes helpers. `crds` prints the CustomResourceDefinitions of every
+//! Dispatch kind; `image` builds a function's OCI image without a Docker daemon and pushes it
+//! to a registry (what the Kubernetes backend does for every function).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
+use dispatch_core::Language;
+use dispatch_k8s::image::FunctionImage;
+use dispatch_k8s::oci::{Registry, RegistryOptions};
 
-/// Kubernetes helpers (the Kubernetes backend itself is not built yet)
+/// Kubernetes helpers: CRDs, function images
 #[derive(Debug, clap::Args)]
 pub struct K8s {
     #[command(subcommand)]
@@ -16,10 +22,56 @@ pub struct K8s {
 pub enum K8sWhat {
     /// Print the CRDs of every kind (multi-document YAML)
     Crds,
+    /// Build a function's image on a base image and push it to a registry (no Docker daemon)
+    Image(Box<ImageArgs>),
+}
+
+/// Layers added to the base: this `dispatch` binary as the runner (entrypoint `dispatch
+/// runner`), the language bootstrap, the dependencies installed for the image's platform, and
+/// the source under /function. The tag is the content digest; blobs and the manifest are
+/// pushed only when the registry lacks them. Credentials come from a Docker config
+/// (--docker-config, else $DOCKER_CONFIG/config.json or ~/.docker/config.json).
+#[derive(Debug, clap::Args)]
+#[command(long_about = None)]
+pub struct ImageArgs {
+    /// Function name (the image is <repository>/<name>:<digest hex>)
+    pub name: String,
+    /// A source file or folder
+    pub path: PathBuf,
+    /// The language runtime image to build on (e.g. python:3.11-slim, node:20-slim)
+    #[arg(long)]
+    pub base: String,
+    /// Where to push: registry host and path (e.g. registry.example.com/dispatch)
+    #[arg(long)]
+    pub repository: String,
+    /// python3, nodejs or exec; default: from the file's extension
+    #[arg(long, value_parser = ["python3", "nodejs", "exec"])]
+    pub language: Option<String>,
+    /// module.function (Python), file.export (Node), program (exec); default: from the source
+    #[arg(long)]
+    pub handler: Option<String>,
+    /// requirements.txt (Python) or package.json (Node) to install into the image
+    #[arg(long, value_name = "FILE")]
+    pub dependencies: Option<PathBuf>,
+    /// The base's Python X.Y (default: its PYTHON_VERSION variable)
+    #[arg(long)]
+    pub python_version: Option<String>,
+    /// Package index for pip (--index-url) or npm (--registry)
+    #[arg(long, env = "PIP_INDEX_URL")]
+    pub index_url: Option<String>,
+    /// A registry (host:port) reached over plain HTTP; repeatable
+    #[arg(long, value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Docker config with registry credentials ({"auths": {...}})
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Output format: text or json
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
 }
 
 impl K8s {
-    pub fn run(self) -> Result<ExitCode> {
+    pub async fn run(self) -> Result<ExitCode> {
         match self.what {
             K8sWhat::Crds => {
                 let mut out = String::new();
@@ -29,7 +81,110 @@ impl K8s {
                 }
                 print!("{out}");
             }
+            K8sWhat::Image(args) => args.run().await?,
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl ImageArgs {
+    fn language(&self) -> Result<Language> {
+        if let Some(l) = &self.language {
+            return Language::parse(l).context("unknown language");
+        }
+        match self.path.extension().and_then(|e| e.to_str()) {
+            Some("py") => Ok(Language::Python3),
+            Some("js") => Ok(Language::Nodejs),
+            _ => bail!(
+                "cannot tell the language of {}: give --language python3, nodejs or exec",
+                self.path.display()
+            ),
+        }
+    }
+
+    fn registry_options(&self) -> Result<RegistryOptions> {
+        let mut options = RegistryOptions {
+            insecure: self.insecure_registry.clone(),
+            ..Default::default()
+        };
+        let file = match &self.docker_config {
+            Some(f) => Some(f.clone()),
+            None => std::env::var_os("DOCKER_CONFIG")
+                .map(|d| PathBuf::from(d).join("config.json"))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+                })
+                .filter(|f| f.is_file()),
+        };
+        if let Some(f) = file {
+            let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+            options
+                .add_docker_config(&bytes)
+                .with_context(|| format!("{}", f.display()))?;
+        }
+        Ok(options)
+    }
+
+    async fn run(self) -> Result<()> {
+        dispatch_client::install_crypto_provider();
+        let language = self.language()?;
+        dispatch_core::names::validate_name("function", &self.name)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let archive = dispatch_client::pack::pack_path(&self.path)
+            .with_context(|| format!("packing {}", self.path.display()))?;
+        let dependencies = match &self.dependencies {
+            Some(f) => Some(
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            ),
+            None => None,
+        };
+        let runner = std::env::current_exe().context("finding this dispatch binary")?;
+        let digest = dispatch_core::digest::sha256_parts([
+            archive.as_slice(),
+            language.as_str().as_bytes(),
+            self.handler.as_deref().unwrap_or("").as_bytes(),
+            dependencies.as_deref().unwrap_or("").as_bytes(),
+            self.base.as_bytes(),
+            env!("CARGO_PKG_VERSION").as_bytes(),
+        ]);
+        let registry = Registry::new(self.registry_options()?);
+        let f = FunctionImage {
+            name: self.name.clone(),
+            language,
+            handler: self.handler.clone(),
+            archive: Arc::new(archive),
+            base: self.base.clone(),
+            repository: self.repository.clone(),
+            digest,
+            dependencies,
+            python_version: self.python_version.clone(),
+            index_url: self.index_url.clone(),
+            runner,
+        };
+        let json = self.output == "json";
+        let progress = |s: &str| {
+            if !json {
+                eprintln!("{s}…");
+            }
+        };
+        let pushed = dispatch_k8s::image::build(&registry, &f, &progress).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&pushed)?);
+        } else {
+            println!("{}", pushed.reference);
+            eprintln!(
+                "{} blobs pushed ({} bytes), {} mounted, {} already there; manifest {}",
+                pushed.blobs_pushed,
+                pushed.bytes_pushed,
+                pushed.blobs_mounted,
+                pushed.blobs_present,
+                if pushed.manifest_pushed {
+                    "pushed"
+                } else {
+                    "unchanged"
+                }
+            );
+        }
+        Ok(())
     }
 }

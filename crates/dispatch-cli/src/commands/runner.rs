@@ -37,6 +37,10 @@ pub struct Runner {
     /// Per-call timeout
     #[arg(long, env = "DISPATCH_TIMEOUT", default_value = "30s")]
     pub timeout: String,
+    /// Folder holding the language bootstraps (a function image's /dispatch/runtimes); default:
+    /// the ones built into this binary
+    #[arg(long, env = "DISPATCH_RUNTIMES_DIR")]
+    pub runtimes_dir: Option<PathBuf>,
     /// Concurrent calls (workers)
     #[arg(long, env = "DISPATCH_MAX_WORKERS", default_value_t = 4)]
     pub max_workers: u32,
@@ -59,7 +63,10 @@ impl Runner {
         let scratch = tempfile::Builder::new()
             .prefix("dispatch-runner-")
             .tempdir()?;
-        let backend = LocalBackend::new(scratch.path())?;
+        let backend = match &self.runtimes_dir {
+            Some(dir) => LocalBackend::with_runtimes_dir(scratch.path(), dir.clone())?,
+            None => LocalBackend::new(scratch.path())?,
+        };
         let deploy = FunctionDeploy {
             namespace: "runner".into(),
             name: "function".into(),

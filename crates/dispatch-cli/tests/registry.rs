@@ -1,0 +1,413 @@
+//! Function images pushed to a real registry: the CNCF registry (Debian's `docker-registry`)
+//! on a loopback port, `dispatch k8s image` as a user runs it, `skopeo inspect` reading the
+//! result back, and the image's layers unpacked and served by `dispatch runner` from them.
+
+mod support;
+
+use std::io::Read as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use dispatch_k8s::oci::{LayerBuilder, Registry, RegistryOptions};
+use serde_json::{Value, json};
+use support::*;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn program(name: &str) -> String {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p.display().to_string();
+        }
+    }
+    panic!("{name} is not installed (Debian package; .ci/run installs it)");
+}
+
+/// The CNCF registry on a free port, storing in `dir`.
+fn registry(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(program("docker-registry"))
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    eventually("the registry to answer /v2/", || {
+        (http_get(port, "/v2/")?.0 == 200).then_some(())
+    });
+    (p, format!("127.0.0.1:{port}"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    dispatch_client::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A small base image of our own in the registry: one layer, a Python-image-like config.
+fn push_base(host: &str) -> String {
+    let mut b = LayerBuilder::new();
+    b.file("/etc/os-release", 0o644, &b"ID=test\n"[..]).unwrap();
+    let layer = b.finish("base").unwrap();
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "PYTHON_VERSION=3.11.7"], "Cmd": ["python3"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        "history": [{"created_by": "test base"}]
+    });
+    let reference = format!("{host}/base/python:3.11");
+    let reg = Registry::new(RegistryOptions {
+        insecure: vec![host.to_string()],
+        ..Default::default()
+    });
+    rt().block_on(reg.push_scratch(&reference, &[layer], &config))
+        .unwrap();
+    reference
+}
+
+fn dispatch_image(args: &[&str]) -> std::process::Output {
+    Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(["k8s", "image"])
+        .args(args)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
+fn pushed(args: &[&str]) -> Value {
+    let out = dispatch_image(args);
+    assert!(
+        out.status.success(),
+        "dispatch k8s image failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn skopeo(args: &[&str]) -> Value {
+    let out = Command::new(program("skopeo"))
+        .args(["inspect", "--tls-verify=false"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo inspect {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Files of a layer blob: path → bytes.
+fn layer_files(host: &str, repo: &str, digest: &str) -> Vec<(String, Vec<u8>)> {
+    let url = format!("http://{host}/v2/{repo}/blobs/{digest}");
+    let gz = rt().block_on(async { reqwest::get(&url).await.unwrap().bytes().await.unwrap() });
+    let mut a = tar::Archive::new(flate2::read::GzDecoder::new(&gz[..]));
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            (e.path().unwrap().display().to_string(), data)
+        })
+        .collect()
+}
+
+#[test]
+fn function_images_are_built_pushed_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry(dir.path());
+    let base = push_base(&host);
+
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(
+        src.join("hello.py"),
+        "import six\n\ndef handle(context, payload):\n    return {'six': six.__name__, 'hi': payload}\n",
+    )
+    .unwrap();
+    let reqs = dir.path().join("requirements.txt");
+    std::fs::write(&reqs, "six==1.16.0\n").unwrap();
+    let repository = format!("{host}/dispatch");
+    let args = [
+        "hello",
+        src.to_str().unwrap(),
+        "--language",
+        "python3",
+        "--base",
+        &base,
+        "--repository",
+        &repository,
+        "--dependencies",
+        reqs.to_str().unwrap(),
+        "--insecure-registry",
+        &host,
+        "-o",
+        "json",
+    ];
+    let first = pushed(&args);
+    let reference = first["reference"].as_str().unwrap();
+    assert!(
+        reference.starts_with(&format!("{host}/dispatch/hello@sha256:")),
+        "{first}"
+    );
+    // runner, bootstrap, dependencies, source, config (the base layer was mounted).
+    assert_eq!(first["blobsPushed"], 5, "{first}");
+    assert_eq!(first["blobsMounted"], 1, "{first}");
+    assert_eq!(first["manifestPushed"], true);
+
+    // skopeo reads it back, by digest.
+    let inspected = skopeo(&[&format!("docker://{reference}")]);
+    assert_eq!(inspected["Digest"], first["digest"]);
+    let layers: Vec<&str> = inspected["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(layers.len(), 5, "base + runner + bootstrap + deps + source");
+    let config = skopeo(&["--config", &format!("docker://{reference}")]);
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        json!(["/dispatch/bin/dispatch", "runner"])
+    );
+    let env: Vec<&str> = config["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    for want in [
+        "PYTHON_VERSION=3.11.7",
+        "DISPATCH_LANGUAGE=python3",
+        "DISPATCH_HANDLER=hello.handle",
+        "PYTHONPATH=/dispatch/deps/python",
+        "PORT=8080",
+    ] {
+        assert!(env.contains(&want), "{want} not in {env:?}");
+    }
+
+    // The layers hold the runner (this very binary), the bootstrap, six and the source.
+    let files: Vec<Vec<(String, Vec<u8>)>> = layers[1..]
+        .iter()
+        .map(|d| layer_files(&host, "dispatch/hello", d))
+        .collect();
+    let find = |path: &str| {
+        files
+            .iter()
+            .flatten()
+            .find(|(p, _)| p == path)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_else(|| panic!("{path} is in no layer"))
+    };
+    assert_eq!(
+        find("dispatch/bin/dispatch"),
+        std::fs::read(assert_cmd::cargo::cargo_bin("dispatch")).unwrap()
+    );
+    assert!(
+        String::from_utf8(find("dispatch/runtimes/bootstrap.py"))
+            .unwrap()
+            .contains("def serve(")
+    );
+    assert!(!find("dispatch/deps/python/six.py").is_empty());
+    assert!(
+        String::from_utf8(find("function/hello.py"))
+            .unwrap()
+            .contains("import six")
+    );
+
+    // Unchanged: nothing is pushed, same digest.
+    let again = pushed(&args);
+    assert_eq!(again["digest"], first["digest"]);
+    assert_eq!(again["blobsPushed"], 0, "{again}");
+    assert_eq!(again["manifestPushed"], false);
+
+    // The unpacked layers are a working function: dispatch runner serves it with the image's
+    // bootstrap and dependencies.
+    let root = unpack(&files, &dir.path().join("rootfs"));
+    let answer = serve(&root, &config, json!({"payload": "there"}));
+    assert_eq!(answer["payload"], json!({"six": "six", "hi": "there"}));
+
+    // A changed source pushes its layer, the config and the manifest; nothing else.
+    std::fs::write(
+        src.join("hello.py"),
+        "def handle(context, payload):\n    return 2\n",
+    )
+    .unwrap();
+    let changed = pushed(&args);
+    assert_ne!(changed["digest"], first["digest"]);
+    assert_eq!(changed["blobsPushed"], 2, "{changed}");
+    assert_eq!(changed["manifestPushed"], true);
+}
+
+/// Writes the layers' files under `root` (later layers win).
+fn unpack(layers: &[Vec<(String, Vec<u8>)>], root: &Path) -> std::path::PathBuf {
+    for layer in layers {
+        for (path, data) in layer {
+            let p = root.join(path);
+            if path.ends_with('/') {
+                std::fs::create_dir_all(&p).unwrap();
+            } else {
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, data).unwrap();
+            }
+        }
+    }
+    root.to_path_buf()
+}
+
+/// Runs `dispatch runner` on an unpacked image with the environment its config declares
+/// (image paths moved under `root`; the host's PATH, a free PORT) and makes one call.
+fn serve(root: &Path, config: &Value, call: Value) -> Value {
+    let port = free_port();
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("dispatch"));
+    cmd.arg("runner")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for e in config["config"]["Env"].as_array().unwrap() {
+        let (k, v) = e.as_str().unwrap().split_once('=').unwrap();
+        match (k, v) {
+            ("PATH", _) => {}
+            ("PORT", _) => {
+                cmd.env(k, port.to_string());
+            }
+            (_, v) if v.starts_with("/dispatch") || v.starts_with("/function") => {
+                cmd.env(k, root.join(&v[1..]));
+            }
+            _ => {
+                cmd.env(k, v);
+            }
+        }
+    }
+    let _runner = Proc(cmd.spawn().unwrap());
+    eventually("the runner to be ready", || {
+        (http_get(port, "/healthz")?.0 == 200).then_some(())
+    });
+    rt().block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/"))
+            .json(&call)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
+#[test]
+fn node_function_images_carry_pure_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry(dir.path());
+    let base = push_base(&host);
+    let src = dir.path().join("check.js");
+    std::fs::write(
+        &src,
+        "const isNumber = require('is-number');\nmodule.exports = async (context, payload) => ({ n: isNumber(payload) });\n",
+    )
+    .unwrap();
+    let pkg = dir.path().join("package.json");
+    std::fs::write(
+        &pkg,
+        r#"{"name": "check", "version": "1.0.0", "dependencies": {"is-number": "7.0.0"}}"#,
+    )
+    .unwrap();
+    let repository = format!("{host}/dispatch");
+    let first = pushed(&[
+        "check",
+        src.to_str().unwrap(),
+        "--base",
+        &base,
+        "--repository",
+        &repository,
+        "--dependencies",
+        pkg.to_str().unwrap(),
+        "--insecure-registry",
+        &host,
+        "-o",
+        "json",
+    ]);
+    let reference = first["reference"].as_str().unwrap();
+    let inspected = skopeo(&[&format!("docker://{reference}")]);
+    let files: Vec<_> = inspected["Layers"].as_array().unwrap()[1..]
+        .iter()
+        .map(|d| layer_files(&host, "dispatch/check", d.as_str().unwrap()))
+        .collect();
+    let paths: Vec<&str> = files.iter().flatten().map(|(p, _)| p.as_str()).collect();
+    for want in [
+        "dispatch/runtimes/bootstrap.js",
+        "dispatch/deps/node_modules/is-number/index.js",
+        "function/check.js",
+    ] {
+        assert!(paths.contains(&want), "{want} not in {paths:?}");
+    }
+    let config = skopeo(&["--config", &format!("docker://{reference}")]);
+    assert!(
+        config["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("NODE_PATH=/dispatch/deps/node_modules")),
+        "{config}"
+    );
+    let root = unpack(&files, &dir.path().join("rootfs"));
+    let answer = serve(&root, &config, json!({"payload": 7}));
+    assert_eq!(answer["payload"], json!({"n": true}), "{answer}");
+}
+
+#[test]
+fn image_errors_say_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry(dir.path());
+    let base = push_base(&host);
+    let hello = examples().join("python3/hello.py");
+    let repository = format!("{host}/dispatch");
+    let fails = |extra: &[&str]| {
+        let mut args = vec![hello.to_str().unwrap(), "--repository", &repository];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--insecure-registry", &host]);
+        let mut all = vec!["hello"];
+        all.extend(args);
+        let out = dispatch_image(&all);
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let missing = format!("{host}/base/none:1");
+    let err = fails(&["--base", &missing]);
+    assert!(
+        err.contains("base/none") && err.contains("reading the manifest"),
+        "{err}"
+    );
+    let err = fails(&["--base", &base, "--handler", "nope.handle"]);
+    assert!(err.contains("nope"), "{err}");
+    // Nothing was pushed for the failed builds.
+    let tags = http_get(
+        host.rsplit_once(':').unwrap().1.parse().unwrap(),
+        "/v2/dispatch/hello/tags/list",
+    )
+    .unwrap();
+    assert_eq!(tags.0, 404, "{tags:?}");
+}
