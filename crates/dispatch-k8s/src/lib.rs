@@ -4,9 +4,11 @@
 //! [`knative_service`]), and a job execution's `batch/v1` Job ([`job`]).
 //!
 //! It also applies them with kube (server-side apply of a function's Deployment and Service,
-//! Jobs for executions, deletes), tested against kube's tower-test mock API server. The
-//! controller that drives these from CRDs, the `--backend kubernetes` server and image builds
-//! are not built yet.
+//! Jobs for executions, deletes), tested against kube's tower-test mock API server; builds
+//! function images without a daemon ([`oci`], [`image`]); and [`backend::KubernetesBackend`]
+//! puts these together behind the server's `Backend` seam (`dispatch server --backend
+//! kubernetes`). Not built yet: resources stored as custom resources, Job status by watch,
+//! the cron Lease.
 
 pub mod image;
 pub mod oci;
@@ -156,7 +158,7 @@ pub fn function_objects(
     let container = Container {
         name: "function".into(),
         image: Some(image.reference.into()),
-        command: Some(vec!["/dispatch".into(), "runner".into()]),
+        command: Some(vec![image::RUNNER_PATH.into(), "runner".into()]),
         env: Some(env),
         ports: Some(vec![ContainerPort {
             container_port: RUNNER_PORT,

@@ -71,7 +71,7 @@ fn function_deployment_and_service() {
     assert_eq!(d["spec"]["replicas"], 1);
     assert_eq!(
         d["spec"]["template"]["spec"]["containers"][0]["command"],
-        json!(["/dispatch", "runner"])
+        json!(["/dispatch/bin/dispatch", "runner"])
     );
     golden("function-deployment.yaml", &d);
     golden("function-service.yaml", &s);

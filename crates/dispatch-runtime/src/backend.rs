@@ -30,6 +30,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What a base image needs to run functions on this backend.
 #[derive(Debug, Clone)]
 pub struct BaseImageCheck {
+    /// The base image's OCI reference (the Kubernetes backend builds on it; the embedded one
+    /// runs a local interpreter instead).
+    pub image: String,
     pub language: Language,
     /// Interpreter name or path (embedded mode); `None` = the language's default.
     pub interpreter: Option<String>,
@@ -72,6 +75,10 @@ pub struct FunctionDeploy {
     pub archive: Arc<Vec<u8>>,
     /// Digest of the image's dependency build (venv / node_modules), when it has one.
     pub image_build: Option<String>,
+    /// The image's dependency manifest in normal form and its package index (the Kubernetes
+    /// backend installs them into the function's image).
+    pub dependencies: Option<String>,
+    pub index_url: Option<String>,
     pub handler: Option<String>,
     pub env: std::collections::BTreeMap<String, String>,
     pub timeout: Duration,

@@ -27,6 +27,7 @@ fn archive(name: &str, body: &str) -> Vec<u8> {
 fn image(lang: Language, manifest: &str) -> ImageBuild {
     ImageBuild {
         base: BaseImageCheck {
+            image: String::new(),
             language: lang,
             interpreter: None,
         },
@@ -53,11 +54,14 @@ fn deploy(name: &str, lang: Language, file: &str, body: &str, image_build: &str)
         name: name.into(),
         digest: dispatch_core::digest::sha256_parts([archive.as_slice(), image_build.as_bytes()]),
         base: BaseImageCheck {
+            image: String::new(),
             language: lang,
             interpreter: None,
         },
         archive: Arc::new(archive),
         image_build: Some(image_build.to_string()),
+        dependencies: None,
+        index_url: None,
         handler: None,
         env: BTreeMap::new(),
         timeout: Duration::from_secs(10),

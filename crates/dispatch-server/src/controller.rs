@@ -169,6 +169,7 @@ async fn dependents(
 /// The language and interpreter of a base image spec.
 pub fn base_check(spec: &BaseImageSpec) -> BaseImageCheck {
     BaseImageCheck {
+        image: spec.image.clone(),
         language: spec.lang(),
         interpreter: spec.interpreter.clone(),
     }
@@ -402,14 +403,15 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         Ok(s) => s,
         Err(e) => return set_status(state, &o, fail(e.message)).await,
     };
-    let (_, base_spec) = match image_base(state, o.namespace(), &image_spec).await? {
+    let (base_obj, base_spec) = match image_base(state, o.namespace(), &image_spec).await? {
         Ok(b) => b,
         Err(reason) => return set_status(state, &o, fail(reason)).await,
     };
-    let image_has_deps = image_spec
-        .runtime_dependencies
-        .as_ref()
-        .is_some_and(|r| matches!(r.normalized(base_spec.lang()), Ok(Some(_))));
+    let build = match image_plan(&image_spec, &base_obj, &base_spec) {
+        Ok((_, build)) => build,
+        Err(e) => return set_status(state, &o, fail(e.message)).await,
+    };
+    let image_has_deps = build.runtime_dependencies.is_some();
     let d = function_digest(
         image.status.digest.as_deref().unwrap_or(""),
         &base_spec,
@@ -457,6 +459,8 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         base: base_check(&base_spec),
         archive: Arc::new(archive),
         image_build: image_has_deps.then(|| image.status.digest.clone().unwrap_or_default()),
+        dependencies: build.runtime_dependencies,
+        index_url: build.index_url,
         handler: spec.handler.clone(),
         env: spec.env.clone(),
         timeout,

@@ -72,11 +72,14 @@ impl Runner {
             name: "function".into(),
             digest: "runner".into(),
             base: BaseImageCheck {
+                image: String::new(),
                 language,
                 interpreter: self.interpreter.clone(),
             },
             archive: Arc::new(Vec::new()),
             image_build: None,
+            dependencies: None,
+            index_url: None,
             handler: self.handler.clone(),
             env: std::env::vars()
                 .filter(|(k, _)| !k.starts_with("DISPATCH_"))
