@@ -14,7 +14,7 @@
 //! only: nothing is compiled), npm with `--ignore-scripts` (pure JavaScript packages; a package
 //! that needs a native build is refused with its name).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -22,7 +22,9 @@ use dispatch_core::Language;
 use dispatch_runtime::backend::{BuildError, bootstrap, find_program};
 use dispatch_runtime::build::run_tool;
 
-use crate::oci::{ConfigChanges, ImagePlan, Layer, LayerBuilder, OciError, Pushed, Registry};
+use crate::oci::{
+    BaseImage, ConfigChanges, ImagePlan, Layer, LayerBuilder, OciError, Pushed, Registry,
+};
 
 pub const RUNNER_PATH: &str = "/dispatch/bin/dispatch";
 pub const RUNTIMES_DIR: &str = "/dispatch/runtimes";
@@ -72,12 +74,20 @@ pub fn target(repository: &str, name: &str, digest: &str) -> String {
     format!("{}/{name}:{hex}", repository.trim_end_matches('/'))
 }
 
+/// A function image in the registry.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub pushed: Pushed,
+    /// The handler as resolved against the source (the default filled in).
+    pub handler: String,
+}
+
 /// Builds the function's image and pushes what the registry lacks.
 pub async fn build(
     registry: &Registry,
     f: &FunctionImage,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Pushed, ImageError> {
+) -> Result<Built, ImageError> {
     progress(&format!("reading base image {}", f.base));
     let base = registry.base(&f.base).await?;
 
@@ -112,43 +122,16 @@ pub async fn build(
         ),
         ("PORT".to_string(), PORT.to_string()),
     ];
-    let deps = f.dependencies.as_deref().filter(|d| !d.trim().is_empty());
-    if let Some(manifest) = deps {
-        let (layer, var) = match f.language {
-            Language::Python3 => {
-                let arch = base.config["architecture"].as_str().unwrap_or("amd64");
-                let version = match &f.python_version {
-                    Some(v) => v.clone(),
-                    None => base
-                        .env("PYTHON_VERSION")
-                        .map(str::to_string)
-                        .ok_or_else(|| {
-                            ImageError::Invalid(format!(
-                                "cannot tell the Python version of base image {}: it sets no \
-                             PYTHON_VERSION; give it (e.g. --python-version 3.11)",
-                                f.base
-                            ))
-                        })?,
-                };
-                progress("installing dependencies with pip for the image's platform");
-                (
-                    pip_layer(manifest, &version, arch, f.index_url.as_deref()).await?,
-                    ("PYTHONPATH", PYTHON_DEPS_DIR),
-                )
-            }
-            Language::Nodejs => {
-                progress("installing dependencies with npm");
-                (
-                    npm_layer(manifest, f.index_url.as_deref()).await?,
-                    ("NODE_PATH", NODE_DEPS_DIR),
-                )
-            }
-            Language::Exec => {
-                return Err(ImageError::Invalid(
-                    "exec functions have no dependencies to install".into(),
-                ));
-            }
-        };
+    if let Some((layer, var)) = dependencies_layer(
+        &base,
+        f.language,
+        f.dependencies.as_deref(),
+        f.python_version.as_deref(),
+        f.index_url.as_deref(),
+        progress,
+    )
+    .await?
+    {
         layers.push(layer);
         env.push((var.0.to_string(), var.1.to_string()));
     }
@@ -173,7 +156,84 @@ pub async fn build(
         },
     };
     progress(&format!("pushing {}", plan.target));
-    Ok(registry.push(&plan).await?)
+    Ok(Built {
+        pushed: registry.push(&plan).await?,
+        handler: handler.handler,
+    })
+}
+
+/// The layer of an image's dependencies installed for `base`'s platform, and the variable
+/// that points the language at it; `None` without dependencies. Installs are kept for the
+/// life of the process by what determines them (language, manifest, Python version, platform,
+/// index): an image's functions share one install.
+pub async fn dependencies_layer(
+    base: &BaseImage,
+    language: Language,
+    manifest: Option<&str>,
+    python_version: Option<&str>,
+    index_url: Option<&str>,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Option<(Layer, (&'static str, &'static str))>, ImageError> {
+    type Key = (&'static str, String, String, String, Option<String>);
+    static INSTALLS: OnceLock<Mutex<HashMap<Key, Layer>>> = OnceLock::new();
+    let Some(manifest) = manifest.filter(|d| !d.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let arch = base.config["architecture"]
+        .as_str()
+        .unwrap_or("amd64")
+        .to_string();
+    let version = match language {
+        Language::Python3 => match python_version {
+            Some(v) => v.to_string(),
+            None => base
+                .env("PYTHON_VERSION")
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    ImageError::Invalid(format!(
+                        "cannot tell the Python version of base image {}: it sets no \
+                         PYTHON_VERSION; give it (e.g. --python-version 3.11)",
+                        base.reference
+                    ))
+                })?,
+        },
+        _ => String::new(),
+    };
+    let var = match language {
+        Language::Python3 => ("PYTHONPATH", PYTHON_DEPS_DIR),
+        Language::Nodejs => ("NODE_PATH", NODE_DEPS_DIR),
+        Language::Exec => {
+            return Err(ImageError::Invalid(
+                "exec functions have no dependencies to install".into(),
+            ));
+        }
+    };
+    let key = (
+        language.as_str(),
+        manifest.to_string(),
+        version.clone(),
+        arch.clone(),
+        index_url.map(str::to_string),
+    );
+    let installs = INSTALLS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(layer) = installs.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(Some((layer.clone(), var)));
+    }
+    let layer = match language {
+        Language::Python3 => {
+            progress("installing dependencies with pip for the image's platform");
+            pip_layer(manifest, &version, &arch, index_url).await?
+        }
+        _ => {
+            progress("installing dependencies with npm");
+            npm_layer(manifest, index_url).await?
+        }
+    };
+    installs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, layer.clone());
+    Ok(Some((layer, var)))
 }
 
 fn io(what: &'static str) -> impl Fn(std::io::Error) -> ImageError {

@@ -102,6 +102,26 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         .collect()
 }
 
+/// How a function runs: its environment and concurrency (from its spec, or a deploy).
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub env: BTreeMap<String, String>,
+    pub timeout: std::time::Duration,
+    pub max_workers: u32,
+    pub min_workers: u32,
+}
+
+impl Workload {
+    pub fn of(spec: &FunctionSpec) -> Workload {
+        Workload {
+            env: spec.env.clone(),
+            timeout: spec.timeout().unwrap_or(std::time::Duration::from_secs(30)),
+            max_workers: spec.max_workers(),
+            min_workers: spec.min_workers(),
+        }
+    }
+}
+
 /// What a function needs to run on Kubernetes.
 pub struct FunctionImage<'a> {
     /// Pullable reference of the built image (`registry/ns/fn@sha256:…`).
@@ -118,11 +138,11 @@ pub struct FunctionImage<'a> {
 pub fn function_objects(
     ns: &str,
     name: &str,
-    spec: &FunctionSpec,
+    spec: &Workload,
     image: &FunctionImage,
 ) -> (Deployment, Service) {
     let labels = labels(ns, name);
-    let timeout = spec.timeout().map(|t| t.as_secs()).unwrap_or(30);
+    let timeout = spec.timeout.as_secs().max(1);
     let mut env = vec![
         EnvVar {
             name: "DISPATCH_LANGUAGE".into(),
@@ -141,7 +161,7 @@ pub fn function_objects(
         },
         EnvVar {
             name: "DISPATCH_MAX_WORKERS".into(),
-            value: Some(spec.max_workers().to_string()),
+            value: Some(spec.max_workers.to_string()),
             ..Default::default()
         },
         EnvVar {
@@ -189,7 +209,7 @@ pub fn function_objects(
     let deployment = Deployment {
         metadata: meta.clone(),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.min_workers().max(1) as i32),
+            replicas: Some(spec.min_workers.max(1) as i32),
             selector: LabelSelector {
                 match_labels: Some(labels.clone()),
                 ..Default::default()
@@ -237,7 +257,7 @@ pub fn function_objects(
 pub fn knative_service(
     ns: &str,
     name: &str,
-    spec: &FunctionSpec,
+    spec: &Workload,
     image: &FunctionImage,
 ) -> serde_json::Value {
     let (deployment, _) = function_objects(ns, name, spec, image);
@@ -253,14 +273,14 @@ pub fn knative_service(
         "metadata": {"name": format!("fn-{name}"), "namespace": ns, "labels": labels(ns, name)},
         "spec": {"template": {
             "metadata": {"annotations": {
-                "autoscaling.knative.dev/min-scale": spec.min_workers().to_string(),
-                "autoscaling.knative.dev/max-scale": spec.max_workers().to_string(),
+                "autoscaling.knative.dev/min-scale": spec.min_workers.to_string(),
+                "autoscaling.knative.dev/max-scale": spec.max_workers.to_string(),
                 "autoscaling.knative.dev/target": "1",
                 "dispatch.dev/digest": image.digest,
             }},
             "spec": {
                 "containerConcurrency": 1,
-                "timeoutSeconds": spec.timeout().map(|t| t.as_secs()).unwrap_or(30),
+                "timeoutSeconds": spec.timeout.as_secs().max(1),
                 "containers": [container],
             },
         }},
@@ -317,7 +337,7 @@ pub async fn apply_function(
     client: &kube::Client,
     ns: &str,
     name: &str,
-    spec: &FunctionSpec,
+    spec: &Workload,
     image: &FunctionImage<'_>,
 ) -> Result<(), kube::Error> {
     use kube::api::{Api, Patch, PatchParams};

@@ -2,7 +2,7 @@
 //! field manager, body) are what a real API server would get.
 
 use dispatch_core::{FunctionSpec, Language};
-use dispatch_k8s::{FunctionImage, apply_function, delete_function, function_objects};
+use dispatch_k8s::{FunctionImage, Workload, apply_function, delete_function, function_objects};
 use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::json;
@@ -53,7 +53,7 @@ async fn answer(
 async fn apply_and_delete_a_function() {
     let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
-    let (want_d, want_s) = function_objects("default", "hello", &spec(), &image());
+    let (want_d, want_s) = function_objects("default", "hello", &Workload::of(&spec()), &image());
     let want_d = serde_json::to_value(want_d).unwrap();
     let want_s = serde_json::to_value(want_s).unwrap();
     let server = tokio::spawn(async move {
@@ -97,9 +97,15 @@ async fn apply_and_delete_a_function() {
         .await;
         assert_eq!(m, Method::DELETE);
     });
-    apply_function(&client, "default", "hello", &spec(), &image())
-        .await
-        .unwrap();
+    apply_function(
+        &client,
+        "default",
+        "hello",
+        &Workload::of(&spec()),
+        &image(),
+    )
+    .await
+    .unwrap();
     delete_function(&client, "default", "hello").await.unwrap();
     server.await.unwrap();
 }
@@ -117,9 +123,15 @@ async fn api_errors_surface() {
         )
         .await;
     });
-    let err = apply_function(&client, "default", "hello", &spec(), &image())
-        .await
-        .unwrap_err();
+    let err = apply_function(
+        &client,
+        "default",
+        "hello",
+        &Workload::of(&spec()),
+        &image(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("forbidden"), "{err}");
     server.await.unwrap();
 }

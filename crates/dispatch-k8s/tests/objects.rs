@@ -3,7 +3,7 @@
 
 use dispatch_core::jobs::{RenderData, render};
 use dispatch_core::{FunctionSpec, JobExecution, JobPhase, JobTemplateSpec, Language, Logs};
-use dispatch_k8s::{FunctionImage, crds, function_objects, job, knative_service};
+use dispatch_k8s::{FunctionImage, Workload, crds, function_objects, job, knative_service};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
@@ -65,7 +65,7 @@ fn crds_for_every_kind() {
 
 #[test]
 fn function_deployment_and_service() {
-    let (d, s) = function_objects("default", "hello", &hello(), &image());
+    let (d, s) = function_objects("default", "hello", &Workload::of(&hello()), &image());
     let d = round_trip::<Deployment>(&d);
     let s = round_trip::<Service>(&s);
     assert_eq!(d["spec"]["replicas"], 1);
@@ -75,7 +75,7 @@ fn function_deployment_and_service() {
     );
     golden("function-deployment.yaml", &d);
     golden("function-service.yaml", &s);
-    let k = knative_service("default", "hello", &hello(), &image());
+    let k = knative_service("default", "hello", &Workload::of(&hello()), &image());
     assert_eq!(
         k["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"],
         "3"

@@ -167,7 +167,9 @@ impl ImageArgs {
                 eprintln!("{s}…");
             }
         };
-        let pushed = dispatch_k8s::image::build(&registry, &f, &progress).await?;
+        let pushed = dispatch_k8s::image::build(&registry, &f, &progress)
+            .await?
+            .pushed;
         if json {
             println!("{}", serde_json::to_string_pretty(&pushed)?);
         } else {
