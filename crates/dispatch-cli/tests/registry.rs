@@ -411,3 +411,162 @@ fn image_errors_say_what_to_fix() {
     .unwrap();
     assert_eq!(tags.0, 404, "{tags:?}");
 }
+
+type MockHandle =
+    tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+
+/// Answers the next API request with `status` and `body` (null: what was sent, as an apply
+/// answers); returns method, path and body sent.
+async fn api_answer(h: &mut MockHandle, status: u16, body: Value) -> (String, String, Value) {
+    let (req, send) = h.next_request().await.expect("a request to the API server");
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let body = if body.is_null() { sent.clone() } else { body };
+    send.send_response(
+        http::Response::builder()
+            .status(status)
+            .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+    (method, uri, sent)
+}
+
+/// The Kubernetes backend end to end, with the cluster's API server mocked (kube's
+/// tower-test) and everything else real: the image is pushed to the registry and pullable,
+/// the Deployment names it, the deploy waits for the rollout, calls reach the function's
+/// "Service" (a dispatch runner on a local port), removal deletes both objects.
+#[test]
+fn kubernetes_backend_deploys_calls_and_removes() {
+    use dispatch_k8s::backend::{KubernetesBackend, KubernetesOptions};
+    use dispatch_runtime::backend::{Backend, BaseImageCheck, FunctionDeploy};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry(dir.path());
+    let base = push_base(&host);
+    // The function's Service: a runner serving the same source.
+    let port = free_port();
+    let _service = Proc(
+        Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args([
+                "runner",
+                "--language",
+                "python3",
+                "--port",
+                &port.to_string(),
+            ])
+            .arg("--function-dir")
+            .arg(examples().join("python3"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("the function's runner", || {
+        (http_get(port, "/healthz")?.0 == 200).then_some(())
+    });
+
+    rt().block_on(async {
+        let (svc, mut api) = tower_test::mock::pair();
+        let client = kube::Client::new(svc, "default");
+        let mut options = KubernetesOptions::new(
+            format!("{host}/dispatch"),
+            assert_cmd::cargo::cargo_bin("dispatch"),
+        );
+        options.registry = RegistryOptions {
+            insecure: vec![host.clone()],
+            ..Default::default()
+        };
+        options.poll_interval = Duration::from_millis(10);
+        options.function_url = Arc::new(move |_, _| format!("http://127.0.0.1:{port}"));
+        let backend = KubernetesBackend::new(client, options);
+
+        let base_check = BaseImageCheck {
+            image: base.clone(),
+            language: dispatch_core::Language::Python3,
+            interpreter: None,
+        };
+        backend.check_base_image(&base_check).await.unwrap();
+        let missing = BaseImageCheck {
+            image: format!("{host}/base/none:1"),
+            ..base_check.clone()
+        };
+        let err = backend.check_base_image(&missing).await.unwrap_err();
+        assert!(err.to_string().contains("base/none"), "{err}");
+
+        let archive = dispatch_client::pack::pack_path(&examples().join("python3/hello.py")).unwrap();
+        let deploy = FunctionDeploy {
+            namespace: "default".into(),
+            name: "hello".into(),
+            digest: dispatch_core::digest::sha256_parts([archive.as_slice()]),
+            base: base_check,
+            archive: Arc::new(archive),
+            image_build: None,
+            dependencies: None,
+            index_url: None,
+            handler: None,
+            env: [("GREETING".to_string(), "hi".to_string())].into(),
+            timeout: Duration::from_secs(10),
+            max_workers: 3,
+            min_workers: 1,
+            idle_timeout: Duration::from_secs(300),
+            preload: None,
+        };
+        let cluster = tokio::spawn(async move {
+            let (m, uri, deployment) = api_answer(&mut api, 200, Value::Null).await;
+            assert_eq!(m, "PATCH");
+            assert!(uri.starts_with("/apis/apps/v1/namespaces/default/deployments/fn-hello?"), "{uri}");
+            let (m, uri, _) = api_answer(&mut api, 200, Value::Null).await;
+            assert!(m == "PATCH" && uri.starts_with("/api/v1/namespaces/default/services/fn-hello?"), "{uri}");
+            // Rolling out, then rolled out.
+            let mut d = deployment.clone();
+            d["metadata"]["generation"] = json!(2);
+            d["status"] = json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1});
+            let (m, uri, _) = api_answer(&mut api, 200, d.clone()).await;
+            assert!(m == "GET" && uri.starts_with("/apis/apps/v1/namespaces/default/deployments/fn-hello"), "{uri}");
+            d["status"] = json!({"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1});
+            api_answer(&mut api, 200, d).await;
+            // Removal.
+            let (m, uri, _) = api_answer(&mut api, 200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})).await;
+            assert!(m == "DELETE" && uri.contains("/deployments/fn-hello"), "{uri}");
+            let (m, uri, _) = api_answer(&mut api, 404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})).await;
+            assert!(m == "DELETE" && uri.contains("/services/fn-hello"), "{uri}");
+            deployment
+        });
+        let t = Instant::now();
+        backend.deploy_function(deploy.clone()).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(60));
+
+        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
+        let payload = serde_json::value::to_raw_value(&json!({"name": "k8s"})).unwrap();
+        let out = backend
+            .invoke("default", "hello", &ctx, &payload, Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+        let env = serde_json::to_value(&out.envelope).unwrap();
+        assert_eq!(env["payload"]["myField"], "Hello, k8s from Nowhere", "{env}");
+        let err = backend
+            .invoke("default", "ghost", &ctx, &payload, Instant::now() + Duration::from_secs(10))
+            .await
+            .expect_err("an undeployed function");
+        assert!(err.to_string().contains("ghost"), "{err}");
+
+        // The same build again: nothing to do (no request reaches the API server).
+        backend.deploy_function(deploy).await.unwrap();
+        backend.remove_function("default", "hello").await;
+        let deployment = cluster.await.unwrap();
+
+        // The Deployment runs the pushed image, pullable by digest.
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let image = container["image"].as_str().unwrap().to_string();
+        assert!(image.starts_with(&format!("{host}/dispatch/default-hello@sha256:")), "{image}");
+        assert!(container["env"].as_array().unwrap().contains(&json!({"name": "GREETING", "value": "hi"})));
+        assert_eq!(container["env"][1], json!({"name": "DISPATCH_HANDLER", "value": "hello.handle"}));
+        tokio::task::spawn_blocking(move || skopeo(&[&format!("docker://{image}")]))
+            .await
+            .unwrap();
+    });
+}

@@ -10,6 +10,7 @@
 //! kubernetes`). Not built yet: resources stored as custom resources, Job status by watch,
 //! the cron Lease.
 
+pub mod backend;
 pub mod image;
 pub mod oci;
 
@@ -378,6 +379,52 @@ pub async fn delete_function(
             .delete(&object_name, &DeleteParams::background())
             .await,
     )
+}
+
+fn knative_api(client: &kube::Client, ns: &str) -> kube::Api<kube::api::DynamicObject> {
+    let gvk = kube::api::GroupVersionKind::gvk("serving.knative.dev", "v1", "Service");
+    let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, "services");
+    kube::Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+/// Applies a function's Knative Service (server-side apply; Knative rolls out the new
+/// revision and routes to it once it is ready).
+pub async fn apply_knative(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    spec: &Workload,
+    image: &FunctionImage<'_>,
+) -> Result<(), kube::Error> {
+    use kube::api::{Patch, PatchParams};
+    let service = knative_service(ns, name, spec, image);
+    knative_api(client, ns)
+        .patch(
+            &format!("fn-{name}"),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&service),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Deletes a function's Knative Service (an absent one is fine).
+pub async fn delete_knative(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    match knative_api(client, ns)
+        .delete(
+            &format!("fn-{name}"),
+            &kube::api::DeleteParams::background(),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Starts a job execution as a `batch/v1` Job; cancelling deletes it with its pods.

@@ -112,6 +112,15 @@ impl Server {
     /// serves. Returns once the server accepts connections (`/readyz` answers 200 as soon as
     /// every stored resource has been handed to the controller).
     pub async fn start(config: &Config) -> Result<Server, ServerError> {
+        Self::start_with_backend(config, None).await
+    }
+
+    /// Like [`Server::start`], with functions run by `backend` instead of local workers (the
+    /// Kubernetes backend); the store, the blobs and the jobs stay in the data dir.
+    pub async fn start_with_backend(
+        config: &Config,
+        backend: Option<Arc<dyn Backend>>,
+    ) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
             path: dir.display().to_string(),
@@ -124,13 +133,18 @@ impl Server {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("dispatch.db")).map_err(store_err)?);
         let blobs = BlobStore::open(dir.join("blobs")).map_err(store_err)?;
-        let local = LocalBackend::new(dir).map_err(|source| ServerError::Runtime {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        local.spawn_reaper();
-        local.set_max_waiting_calls(config.options.max_waiting_calls);
-        let backend: Arc<dyn Backend> = local;
+        let backend: Arc<dyn Backend> = match backend {
+            Some(b) => b,
+            None => {
+                let local = LocalBackend::new(dir).map_err(|source| ServerError::Runtime {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+                local.spawn_reaper();
+                local.set_max_waiting_calls(config.options.max_waiting_calls);
+                local
+            }
+        };
         let api = bind("api", config.api_addr).await?;
         let gateway = bind("gateway", config.gateway_addr).await?;
         let mut options = config.options.clone();

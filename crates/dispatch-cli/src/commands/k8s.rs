@@ -87,6 +87,34 @@ impl K8s {
     }
 }
 
+/// Registry access for image pushes: plain-HTTP registries, and credentials from a Docker
+/// config (`file`, else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json` if present).
+pub fn registry_options(
+    insecure: &[String],
+    file: Option<&std::path::Path>,
+) -> Result<RegistryOptions> {
+    let mut options = RegistryOptions {
+        insecure: insecure.to_vec(),
+        ..Default::default()
+    };
+    let file = match file {
+        Some(f) => Some(f.to_path_buf()),
+        None => std::env::var_os("DOCKER_CONFIG")
+            .map(|d| PathBuf::from(d).join("config.json"))
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+            })
+            .filter(|f| f.is_file()),
+    };
+    if let Some(f) = file {
+        let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+        options
+            .add_docker_config(&bytes)
+            .with_context(|| format!("{}", f.display()))?;
+    }
+    Ok(options)
+}
+
 impl ImageArgs {
     fn language(&self) -> Result<Language> {
         if let Some(l) = &self.language {
@@ -100,29 +128,6 @@ impl ImageArgs {
                 self.path.display()
             ),
         }
-    }
-
-    fn registry_options(&self) -> Result<RegistryOptions> {
-        let mut options = RegistryOptions {
-            insecure: self.insecure_registry.clone(),
-            ..Default::default()
-        };
-        let file = match &self.docker_config {
-            Some(f) => Some(f.clone()),
-            None => std::env::var_os("DOCKER_CONFIG")
-                .map(|d| PathBuf::from(d).join("config.json"))
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
-                })
-                .filter(|f| f.is_file()),
-        };
-        if let Some(f) = file {
-            let bytes = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-            options
-                .add_docker_config(&bytes)
-                .with_context(|| format!("{}", f.display()))?;
-        }
-        Ok(options)
     }
 
     async fn run(self) -> Result<()> {
@@ -147,7 +152,10 @@ impl ImageArgs {
             self.base.as_bytes(),
             env!("CARGO_PKG_VERSION").as_bytes(),
         ]);
-        let registry = Registry::new(self.registry_options()?);
+        let registry = Registry::new(registry_options(
+            &self.insecure_registry,
+            self.docker_config.as_deref(),
+        )?);
         let f = FunctionImage {
             name: self.name.clone(),
             language,

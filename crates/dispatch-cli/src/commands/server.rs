@@ -47,6 +47,28 @@ pub struct Server {
     /// TLS private key (PEM)
     #[arg(long, requires = "tls_cert", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Where functions run: embedded (local worker processes) or kubernetes (a Deployment
+    /// and Service per function in the cluster of the in-cluster config or kubeconfig, images
+    /// built without a daemon and pushed to --registry)
+    #[arg(long, default_value = "embedded", value_parser = ["embedded", "kubernetes"])]
+    pub backend: String,
+    /// Kubernetes: where function images are pushed (registry host and path)
+    #[arg(
+        long,
+        value_name = "REPOSITORY",
+        required_if_eq("backend", "kubernetes")
+    )]
+    pub registry: Option<String>,
+    /// Kubernetes: a registry (host:port) reached over plain HTTP; repeatable
+    #[arg(long, value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Kubernetes: Docker config with registry credentials (default $DOCKER_CONFIG/config.json
+    /// or ~/.docker/config.json)
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Kubernetes: run functions as Knative Services (scale to zero) instead of Deployments
+    #[arg(long)]
+    pub knative: bool,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -69,6 +91,29 @@ impl Server {
 }
 
 impl Server {
+    /// The Kubernetes backend when asked for (none: the embedded one).
+    async fn backend(&self) -> Result<Option<std::sync::Arc<dyn dispatch_runtime::Backend>>> {
+        if self.backend != "kubernetes" {
+            if self.registry.is_some() || self.knative {
+                anyhow::bail!("--registry and --knative need --backend kubernetes");
+            }
+            return Ok(None);
+        }
+        let mut options = dispatch_k8s::backend::KubernetesOptions::new(
+            self.registry.clone().unwrap_or_default(),
+            std::env::current_exe().context("finding this dispatch binary")?,
+        );
+        options.registry =
+            super::k8s::registry_options(&self.insecure_registry, self.docker_config.as_deref())?;
+        options.knative = self.knative;
+        let backend = dispatch_k8s::backend::KubernetesBackend::connect(options)
+            .await
+            .context(
+                "connecting to Kubernetes (in-cluster service account, else KUBECONFIG or ~/.kube/config)",
+            )?;
+        Ok(Some(backend))
+    }
+
     pub async fn run(self) -> Result<ExitCode> {
         let loopback = self.api_addr.ip().is_loopback() && self.gateway_addr.ip().is_loopback();
         if self.insecure_no_auth && !loopback {
@@ -86,6 +131,7 @@ impl Server {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             options.tls = Some(dispatch_server::tls::load(cert, key)?);
         }
+        let backend = self.backend().await?;
         let data_dir = match self.data_dir {
             Some(d) => d,
             None => crate::config::home()
@@ -109,7 +155,7 @@ impl Server {
             config.gateway_addr,
             config.data_dir.display()
         );
-        let server = dispatch_server::Server::start(&config).await?;
+        let server = dispatch_server::Server::start_with_backend(&config, backend).await?;
         if let Some(file) = &server.admin_token_file {
             eprintln!(
                 "first start: an admin token was written to {} (mode 0600); use it with\n  export DISPATCH_TOKEN=$(cat {})\n  or: dispatch login --server http://{} --token $(cat {})",

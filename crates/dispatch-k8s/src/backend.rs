@@ -1,0 +1,406 @@
+//! [`KubernetesBackend`]: the server's `Backend` seam on Kubernetes (DESIGN §8). A function
+//! deploy builds its image without a daemon and pushes it ([`crate::image`]), applies its
+//! Deployment and Service (or Knative Service) by server-side apply, and waits until the new
+//! pods are available; calls go to the function's Service, where `dispatch runner` answers
+//! with the envelope. The API, the store and the controller are the embedded server's.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dispatch_core::{Envelope, ErrorObject, Language, Timings, ValidationError};
+use dispatch_runtime::backend::{
+    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
+    InvokeError, Removed,
+};
+use dispatch_runtime::build::Progress;
+use dispatch_runtime::pool::CallOutcome;
+use k8s_openapi::api::apps::v1::Deployment;
+use serde_json::value::RawValue;
+
+use crate::image::{self, FunctionImage as ImageInput, ImageError};
+use crate::oci::{Registry, RegistryOptions};
+use crate::{FunctionImage, Workload};
+
+/// (namespace, function) → the base URL of its runner.
+pub type FunctionUrl = Arc<dyn Fn(&str, &str) -> String + Send + Sync>;
+
+/// How functions reach the cluster and its registry.
+#[derive(Clone)]
+pub struct KubernetesOptions {
+    /// Where function images are pushed: `registry/path` (the image is
+    /// `<repository>/<namespace>-<function>:<digest hex>`).
+    pub repository: String,
+    pub registry: RegistryOptions,
+    /// Knative `serving.knative.dev/v1` Services instead of Deployments and Services.
+    pub knative: bool,
+    /// The `dispatch` binary put in function images as their runner.
+    pub runner: PathBuf,
+    /// How long a deploy waits for the new pods to be available.
+    pub ready_timeout: Duration,
+    /// How often a deploy looks at the rollout.
+    pub poll_interval: Duration,
+    /// The URL of a function's runner: by default its Service in cluster DNS,
+    /// `http://fn-<name>.<namespace>.svc` (Knative: `http://fn-<name>.<namespace>.svc`
+    /// too, its cluster-local address).
+    pub function_url: FunctionUrl,
+}
+
+impl KubernetesOptions {
+    pub fn new(repository: impl Into<String>, runner: PathBuf) -> KubernetesOptions {
+        KubernetesOptions {
+            repository: repository.into(),
+            registry: RegistryOptions::default(),
+            knative: false,
+            runner,
+            ready_timeout: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            function_url: Arc::new(|ns, name| format!("http://fn-{name}.{ns}.svc")),
+        }
+    }
+}
+
+pub struct KubernetesBackend {
+    client: kube::Client,
+    registry: Registry,
+    options: KubernetesOptions,
+    http: reqwest::Client,
+    /// (namespace, function) → digest serving.
+    deployed: Mutex<HashMap<(String, String), String>>,
+    /// The last failure of an image's build, by image digest.
+    logs: Mutex<HashMap<String, String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn build_error(e: ImageError) -> BuildError {
+    match e {
+        ImageError::Build(b) => b,
+        other => BuildError::Unsupported(other.to_string()),
+    }
+}
+
+fn system_error(message: String) -> Envelope {
+    Envelope::error(ErrorObject::system(message), Default::default())
+}
+
+fn kube_error(what: &str, e: kube::Error) -> BuildError {
+    BuildError::Step {
+        step: what.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+impl KubernetesBackend {
+    pub fn new(client: kube::Client, options: KubernetesOptions) -> Arc<KubernetesBackend> {
+        let registry = Registry::new(options.registry.clone());
+        Arc::new(KubernetesBackend {
+            client,
+            registry,
+            options,
+            http: reqwest::Client::new(),
+            deployed: Mutex::new(HashMap::new()),
+            logs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Connects with the in-cluster service account, else KUBECONFIG or ~/.kube/config.
+    pub async fn connect(
+        options: KubernetesOptions,
+    ) -> Result<Arc<KubernetesBackend>, kube::Error> {
+        Ok(Self::new(kube::Client::try_default().await?, options))
+    }
+
+    /// Waits until the function's Deployment has rolled out: the controller saw the latest
+    /// spec and every replica is updated and available.
+    async fn wait_ready(&self, ns: &str, name: &str) -> Result<(), BuildError> {
+        use kube::api::Api;
+        let api = Api::<Deployment>::namespaced(self.client.clone(), ns);
+        let object = format!("fn-{name}");
+        let deadline = Instant::now() + self.options.ready_timeout;
+        loop {
+            let d = api
+                .get(&object)
+                .await
+                .map_err(|e| kube_error("reading the Deployment", e))?;
+            if rolled_out(&d) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let why = d
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|c| c.status != "True")
+                    .filter_map(|c| c.message)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(BuildError::Step {
+                    step: "rollout".into(),
+                    detail: format!(
+                        "deployment {object} in {ns} was not available within {:?}{}",
+                        self.options.ready_timeout,
+                        if why.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {why}")
+                        }
+                    ),
+                });
+            }
+            tokio::time::sleep(self.options.poll_interval).await;
+        }
+    }
+}
+
+/// Whether a Deployment's latest generation is fully rolled out and serving.
+pub fn rolled_out(d: &Deployment) -> bool {
+    let Some(s) = &d.status else {
+        return false;
+    };
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    s.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
+        && s.updated_replicas.unwrap_or(0) >= want
+        && s.available_replicas.unwrap_or(0) >= want
+        && s.replicas.unwrap_or(0) <= s.updated_replicas.unwrap_or(0)
+}
+
+impl Backend for KubernetesBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn validate_image(&self, build: &ImageBuild) -> Result<(), ValidationError> {
+        if build.system_dependencies > 0 {
+            return Err(ValidationError::new(
+                "system dependencies need a package manager run inside the image, which the \
+                 Kubernetes backend's daemonless builds do not do yet: put them in the base \
+                 image",
+            ));
+        }
+        if build.base.language == Language::Exec && build.runtime_dependencies.is_some() {
+            return Err(ValidationError::new(
+                "exec images have no runtime dependencies to install",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_base_image<'a>(
+        &'a self,
+        base: &'a BaseImageCheck,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
+        Box::pin(async move {
+            self.registry
+                .base(&base.image)
+                .await
+                .map(|_| ())
+                .map_err(|e| BuildError::Unsupported(e.to_string()))
+        })
+    }
+
+    fn build_image<'a>(
+        &'a self,
+        digest: &'a str,
+        build: &'a ImageBuild,
+        progress: Progress,
+    ) -> BoxFuture<'a, Result<(), BuildError>> {
+        Box::pin(async move {
+            // What can fail for the whole image fails here: the base must be readable and
+            // the dependencies must install for its platform. Functions reuse the install.
+            let result = async {
+                progress(&format!("reading base image {}", build.base.image));
+                let base = self.registry.base(&build.base.image).await?;
+                image::dependencies_layer(
+                    &base,
+                    build.base.language,
+                    build.runtime_dependencies.as_deref(),
+                    None,
+                    build.index_url.as_deref(),
+                    &|s: &str| progress(s),
+                )
+                .await?;
+                Ok::<(), ImageError>(())
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    lock(&self.logs).remove(digest);
+                    progress("dependencies installed for the image's platform");
+                    Ok(())
+                }
+                Err(e) => {
+                    lock(&self.logs).insert(digest.to_string(), e.to_string());
+                    Err(build_error(e))
+                }
+            }
+        })
+    }
+
+    fn build_log<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move { lock(&self.logs).get(digest).cloned() })
+    }
+
+    fn gc<'a>(&'a self, _keep: &'a GcKeep, _grace: Duration) -> BoxFuture<'a, Vec<Removed>> {
+        // Images live in the registry; its own garbage collection removes unreferenced blobs.
+        Box::pin(async { Vec::new() })
+    }
+
+    fn deploy_function(&self, d: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
+        Box::pin(async move {
+            let key = (d.namespace.clone(), d.name.clone());
+            if lock(&self.deployed).get(&key) == Some(&d.digest) {
+                return Ok(()); // already serving this build
+            }
+            let input = ImageInput {
+                name: format!("{}-{}", d.namespace, d.name),
+                language: d.base.language,
+                handler: d.handler.clone(),
+                archive: d.archive.clone(),
+                base: d.base.image.clone(),
+                repository: self.options.repository.clone(),
+                digest: d.digest.clone(),
+                dependencies: d.dependencies.clone(),
+                python_version: None,
+                index_url: d.index_url.clone(),
+                runner: self.options.runner.clone(),
+            };
+            let quiet = |_: &str| {};
+            let built = image::build(&self.registry, &input, &quiet)
+                .await
+                .map_err(build_error)?;
+            let workload = Workload {
+                env: d.env.clone(),
+                timeout: d.timeout,
+                max_workers: d.max_workers,
+                min_workers: d.min_workers,
+            };
+            let runnable = FunctionImage {
+                reference: &built.pushed.reference,
+                language: d.base.language,
+                handler: &built.handler,
+                digest: &d.digest,
+            };
+            if self.options.knative {
+                crate::apply_knative(&self.client, &d.namespace, &d.name, &workload, &runnable)
+                    .await
+                    .map_err(|e| kube_error("applying the Knative Service", e))?;
+            } else {
+                crate::apply_function(&self.client, &d.namespace, &d.name, &workload, &runnable)
+                    .await
+                    .map_err(|e| kube_error("applying the Deployment and Service", e))?;
+                self.wait_ready(&d.namespace, &d.name).await?;
+            }
+            lock(&self.deployed).insert(key, d.digest.clone());
+            Ok(())
+        })
+    }
+
+    fn invoke<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        Box::pin(async move {
+            if !lock(&self.deployed).contains_key(&(namespace.to_string(), name.to_string())) {
+                return Err(InvokeError::NotDeployed {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                });
+            }
+            let url = (self.options.function_url)(namespace, name);
+            let body = format!(
+                r#"{{"context":{},"payload":{}}}"#,
+                context.get(),
+                payload.get()
+            );
+            let t0 = Instant::now();
+            let sent = self
+                .http
+                .post(format!("{}/", url.trim_end_matches('/')))
+                .header("content-type", "application/json")
+                .body(body)
+                .timeout(deadline.saturating_duration_since(t0))
+                .send()
+                .await;
+            let envelope = match sent {
+                Ok(r) => match r.bytes().await {
+                    Ok(b) => serde_json::from_slice::<Envelope>(&b).unwrap_or_else(|e| {
+                        system_error(format!(
+                            "function {name} answered something that is not an envelope: {e}"
+                        ))
+                    }),
+                    Err(e) => system_error(format!("reading the answer of function {name}: {e}")),
+                },
+                Err(e) if e.is_timeout() => {
+                    system_error(format!("function {name} did not answer within its timeout"))
+                }
+                Err(e) => system_error(format!("function {name} is not reachable at {url}: {e}")),
+            };
+            Ok(CallOutcome {
+                envelope,
+                cold: false,
+                cold_start: None,
+                timings: Timings {
+                    exec_ms: t0.elapsed().as_millis() as u64,
+                    ..Default::default()
+                },
+            })
+        })
+    }
+
+    fn remove_function<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            lock(&self.deployed).remove(&(namespace.to_string(), name.to_string()));
+            let r = if self.options.knative {
+                crate::delete_knative(&self.client, namespace, name).await
+            } else {
+                crate::delete_function(&self.client, namespace, name).await
+            };
+            if let Err(e) = r {
+                tracing::warn!(function = name, namespace, "removing from Kubernetes: {e}");
+            }
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        // Functions keep running in the cluster: they belong to it, not to this process.
+        Box::pin(async {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(generation: i64, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "fn-hello", "generation": generation},
+            "spec": {"replicas": 2, "selector": {}, "template": {}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rollout_is_done_when_the_latest_generation_is_available() {
+        let done = serde_json::json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2});
+        assert!(rolled_out(&deployment(3, done.clone())));
+        assert!(!rolled_out(&deployment(4, done)), "spec not seen yet");
+        for pending in [
+            serde_json::json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 2, "availableReplicas": 2}),
+            serde_json::json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 1}),
+            serde_json::json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2}),
+        ] {
+            assert!(!rolled_out(&deployment(3, pending.clone())), "{pending}");
+        }
+        assert!(!rolled_out(&deployment(1, serde_json::Value::Null)));
+    }
+}
