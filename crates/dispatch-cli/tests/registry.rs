@@ -279,10 +279,14 @@ fn unpack(layers: &[Vec<(String, Vec<u8>)>], root: &Path) -> std::path::PathBuf 
     root.to_path_buf()
 }
 
-/// Runs `dispatch runner` on an unpacked image with the environment its config declares
-/// (image paths moved under `root`; the host's PATH, a free PORT) and makes one call.
-fn serve(root: &Path, config: &Value, call: Value) -> Value {
-    let port = free_port();
+/// Starts `dispatch runner` on an unpacked image with the environment its config declares
+/// (image paths moved under `root`; the host's PATH; PORT = `port`).
+fn start_runner(
+    root: &Path,
+    config: &Value,
+    port: u16,
+    container_env: &[(String, String)],
+) -> Proc {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("dispatch"));
     cmd.arg("runner")
         .stdout(Stdio::null())
@@ -302,7 +306,15 @@ fn serve(root: &Path, config: &Value, call: Value) -> Value {
             }
         }
     }
-    let _runner = Proc(cmd.spawn().unwrap());
+    // The pod's own variables (the Deployment's container env) come on top, as in a pod.
+    cmd.envs(container_env.iter().filter(|(k, _)| k != "PORT").cloned());
+    Proc(cmd.spawn().unwrap())
+}
+
+/// Runs the unpacked image and makes one call.
+fn serve(root: &Path, config: &Value, call: Value) -> Value {
+    let port = free_port();
+    let _runner = start_runner(root, config, port, &[]);
     eventually("the runner to be ready", || {
         (http_get(port, "/healthz")?.0 == 200).then_some(())
     });
@@ -568,5 +580,302 @@ fn kubernetes_backend_deploys_calls_and_removes() {
         tokio::task::spawn_blocking(move || skopeo(&[&format!("docker://{image}")]))
             .await
             .unwrap();
+    });
+}
+
+/// A stand-in for a cluster behind kube's mock API server: applied Deployments are "run" by
+/// pulling their image from the registry, unpacking its layers and starting its entrypoint
+/// (`dispatch runner`) with the image's environment on a free port; GETs report them rolled
+/// out; deletes stop them. Functions are reached at their runner's port.
+struct FakeCluster {
+    ports: Arc<Mutex<HashMap<String, u16>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+impl FakeCluster {
+    fn start(mut api: MockHandle, host: String, root: std::path::PathBuf) -> FakeCluster {
+        let ports: Arc<Mutex<HashMap<String, u16>>> = Arc::default();
+        let ports2 = ports.clone();
+        let task = tokio::spawn(async move {
+            let mut running: HashMap<String, Proc> = HashMap::new();
+            let mut applied: HashMap<String, Value> = HashMap::new();
+            while let Some((req, send)) = api.next_request().await {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_string();
+                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let name = path.rsplit('/').next().unwrap().to_string();
+                let (status, body) = match (method.as_str(), path.contains("/deployments/")) {
+                    ("PATCH", true) => {
+                        let image = sent["spec"]["template"]["spec"]["containers"][0]["image"]
+                            .as_str()
+                            .unwrap()
+                            .to_string();
+                        let env: Vec<(String, String)> =
+                            sent["spec"]["template"]["spec"]["containers"][0]["env"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .map(|e| {
+                                    let v = e["value"].as_str().unwrap_or_default();
+                                    (e["name"].as_str().unwrap().to_string(), v.to_string())
+                                })
+                                .collect();
+                        let (host, image) = (host.clone(), image.clone());
+                        let dir = root.join(&name).join(image.rsplit(':').next().unwrap());
+                        let (proc, port) = tokio::task::spawn_blocking(move || {
+                            run_image(&host, &image, &dir, &env)
+                        })
+                        .await
+                        .unwrap();
+                        running.insert(name.clone(), proc);
+                        ports2.lock().unwrap().insert(name.clone(), port);
+                        let mut d = sent.clone();
+                        d["metadata"]["generation"] = json!(1);
+                        d["status"] = json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1});
+                        applied.insert(name.clone(), d.clone());
+                        (200, d)
+                    }
+                    ("GET", true) => match applied.get(&name) {
+                        Some(d) => (200, d.clone()),
+                        None => (
+                            404,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found"}),
+                        ),
+                    },
+                    ("DELETE", is_deployment) => {
+                        if is_deployment {
+                            running.remove(&name);
+                            applied.remove(&name);
+                            ports2.lock().unwrap().remove(&name);
+                        }
+                        (
+                            200,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                        )
+                    }
+                    _ => (200, sent),
+                };
+                send.send_response(
+                    http::Response::builder()
+                        .status(status)
+                        .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+        FakeCluster { ports, _task: task }
+    }
+
+    fn function_url(&self) -> dispatch_k8s::backend::FunctionUrl {
+        let ports = self.ports.clone();
+        Arc::new(move |_, name| {
+            let port = ports
+                .lock()
+                .unwrap()
+                .get(&format!("fn-{name}"))
+                .copied()
+                .unwrap_or(1);
+            format!("http://127.0.0.1:{port}")
+        })
+    }
+}
+
+/// Pulls `image` (by digest) from the registry at `host`, unpacks it under `dir` and starts
+/// its runner on a free port.
+fn run_image(host: &str, image: &str, dir: &Path, env: &[(String, String)]) -> (Proc, u16) {
+    let (repo, digest) = image
+        .strip_prefix(&format!("{host}/"))
+        .unwrap()
+        .split_once('@')
+        .unwrap();
+    let manifest: Value = rt().block_on(async {
+        reqwest::Client::new()
+            .get(format!("http://{host}/v2/{repo}/manifests/{digest}"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let layers: Vec<_> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| layer_files(host, repo, l["digest"].as_str().unwrap()))
+        .collect();
+    let root = unpack(&layers, dir);
+    let config = skopeo(&["--config", &format!("docker://{image}")]);
+    let port = free_port();
+    let proc = start_runner(&root, &config, port, env);
+    eventually("the function's runner", || {
+        (http_get(port, "/healthz")?.0 == 200).then_some(())
+    });
+    (proc, port)
+}
+
+/// The API scenario both backends pass: a base image, an image with a dependency, a function
+/// on it, a call through the API and one through an endpoint, then deletion.
+async fn hello_scenario(c: &dispatch_client::Client, gateway: &str, base_image: &str) {
+    use dispatch_core::{Kind, Object, Phase};
+    let object = |kind, name: &str, spec: Value| Object::new(kind, "default", name, spec);
+    let settled = |kind, name: &'static str| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let o = c.get(kind, name).await.unwrap();
+            if matches!(o.phase(), Some(Phase::Ready | Phase::Error)) {
+                return o;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind} {name} did not settle"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
+        }
+    };
+    c.create(&object(
+        Kind::BaseImage,
+        "pybase",
+        json!({"image": base_image, "language": "python3"}),
+    ))
+    .await
+    .unwrap();
+    c.create(&object(
+        Kind::Image,
+        "py",
+        json!({"baseImage": "pybase", "runtimeDependencies": {"manifest": "six==1.16.0\n"}}),
+    ))
+    .await
+    .unwrap();
+    let img = settled(Kind::Image, "py").await;
+    assert_eq!(img.phase(), Some(Phase::Ready), "{:?}", img.status);
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("hello.py"),
+        "import os, six\n\ndef handle(context, payload):\n    return {'hi': payload, 'six': six.__name__, 'greeting': os.environ.get('GREETING')}\n",
+    )
+    .unwrap();
+    let digest = c
+        .upload_source(
+            "default",
+            "hello",
+            dispatch_client::pack::pack_path(&src.path().join("hello.py")).unwrap(),
+        )
+        .await
+        .unwrap();
+    c.create(&object(
+        Kind::Function,
+        "hello",
+        json!({"image": "py", "source": digest, "env": {"GREETING": "hi"}}),
+    ))
+    .await
+    .unwrap();
+    let f = settled(Kind::Function, "hello").await;
+    assert_eq!(f.phase(), Some(Phase::Ready), "{:?}", f.status);
+    let r = c
+        .exec(
+            "hello",
+            &serde_json::value::to_raw_value(&json!("there")).unwrap(),
+        )
+        .await
+        .unwrap();
+    let payload: Value = serde_json::from_str(r.envelope.payload.get()).unwrap();
+    assert_eq!(
+        payload,
+        json!({"hi": "there", "six": "six", "greeting": "hi"})
+    );
+    let run = c.get_run(&r.run_id.unwrap()).await.unwrap();
+    assert_eq!(run.status, dispatch_core::RunStatus::Succeeded);
+    c.create(&object(
+        Kind::Endpoint,
+        "hello",
+        json!({"function": "hello", "methods": ["POST"], "paths": ["/hello"]}),
+    ))
+    .await
+    .unwrap();
+    let answer: Value = reqwest::Client::new()
+        .post(format!("{gateway}/hello"))
+        .json(&json!("gateway"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["hi"], "gateway", "{answer}");
+    c.delete(Kind::Endpoint, "hello").await.unwrap();
+    c.delete(Kind::Function, "hello").await.unwrap();
+}
+
+async fn scenario_server(
+    backend: Arc<dyn dispatch_runtime::Backend>,
+    dir: &Path,
+) -> (dispatch_server::Server, dispatch_client::Client, String) {
+    let store = Arc::new(dispatch_store::SqliteStore::open(&dir.join("dispatch.db")).unwrap());
+    let blobs = dispatch_store::BlobStore::open(dir.join("blobs")).unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = dispatch_server::Options {
+        auth: false,
+        jobs_dir: dir.join("jobs"),
+        ..Default::default()
+    };
+    let server = dispatch_server::Server::serve_with(store, blobs, backend, api, gw, options).await;
+    let client = dispatch_client::Client::new(&dispatch_client::Target {
+        server: format!("http://{}", server.api_addr),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })
+    .unwrap();
+    let gateway = format!("http://{}", server.gateway_addr);
+    (server, client, gateway)
+}
+
+#[test]
+fn api_scenario_on_the_embedded_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let backend = dispatch_runtime::LocalBackend::new(dir.path()).unwrap();
+        let (server, c, gw) = scenario_server(backend, dir.path()).await;
+        hello_scenario(&c, &gw, "python:3.11-slim").await;
+        server.stop().await.unwrap();
+    });
+}
+
+#[test]
+fn api_scenario_on_the_kubernetes_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, host) = registry(dir.path());
+    let base = push_base(&host);
+    rt().block_on(async {
+        let (svc, api) = tower_test::mock::pair();
+        let cluster = FakeCluster::start(api, host.clone(), dir.path().join("nodes"));
+        let mut options = dispatch_k8s::backend::KubernetesOptions::new(
+            format!("{host}/dispatch"),
+            assert_cmd::cargo::cargo_bin("dispatch"),
+        );
+        options.registry = RegistryOptions {
+            insecure: vec![host.clone()],
+            ..Default::default()
+        };
+        options.poll_interval = std::time::Duration::from_millis(10);
+        options.function_url = cluster.function_url();
+        let backend = dispatch_k8s::backend::KubernetesBackend::new(
+            kube::Client::new(svc, "default"),
+            options,
+        );
+        let (server, c, gw) = scenario_server(backend, dir.path()).await;
+        hello_scenario(&c, &gw, &base).await;
+        assert!(
+            cluster.ports.lock().unwrap().is_empty(),
+            "deleting the function stopped its pods"
+        );
+        server.stop().await.unwrap();
     });
 }
