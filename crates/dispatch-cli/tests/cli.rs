@@ -1058,3 +1058,46 @@ fn bench_quick_reports_every_measure() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--concurrency"), "{err}");
 }
+
+/// deploy/kubernetes/dispatch.yaml is what `dispatch k8s manifests` prints for the command in
+/// its header: the committed install file cannot drift from the code.
+#[test]
+fn committed_install_manifests_match_the_generator() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/kubernetes/dispatch.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    let command = committed
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# Made by: dispatch "))
+        .expect("a header naming the command");
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(command.split_whitespace())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        committed,
+        "regenerate: dispatch {command} > deploy/kubernetes/dispatch.yaml"
+    );
+    // A bad namespace is refused.
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args([
+            "k8s",
+            "manifests",
+            "--image",
+            "i",
+            "--registry",
+            "r",
+            "--namespace",
+            "Bad_NS",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

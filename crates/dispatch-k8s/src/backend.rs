@@ -37,6 +37,9 @@ pub struct KubernetesOptions {
     pub knative: bool,
     /// The `dispatch` binary put in function images as their runner.
     pub runner: PathBuf,
+    /// The dockerconfigjson Secret function pods pull their image with (it must exist in
+    /// each function's namespace); none: the registry needs no credentials to pull.
+    pub pull_secret: Option<String>,
     /// How long a deploy waits for the new pods to be available.
     pub ready_timeout: Duration,
     /// How often a deploy looks at the rollout.
@@ -53,6 +56,7 @@ impl KubernetesOptions {
             repository: repository.into(),
             registry: RegistryOptions::default(),
             knative: false,
+            pull_secret: None,
             runner,
             ready_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
@@ -284,6 +288,7 @@ impl Backend for KubernetesBackend {
                 language: d.base.language,
                 handler: &built.handler,
                 digest: &d.digest,
+                pull_secret: self.options.pull_secret.as_deref(),
             };
             if self.options.knative {
                 crate::apply_knative(&self.client, &d.namespace, &d.name, &workload, &runnable)

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod image;
+pub mod install;
 pub mod oci;
 
 use std::collections::BTreeMap;
@@ -132,6 +133,8 @@ pub struct FunctionImage<'a> {
     pub handler: &'a str,
     /// Function digest (annotated, so a rebuild rolls the Deployment).
     pub digest: &'a str,
+    /// A `kubernetes.io/dockerconfigjson` Secret in the function's namespace to pull with.
+    pub pull_secret: Option<&'a str>,
 }
 
 /// A function's Deployment (`dispatch runner` as the entrypoint, readiness from /healthz)
@@ -226,6 +229,9 @@ pub fn function_objects(
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    image_pull_secrets: image.pull_secret.map(|s| {
+                        vec![k8s_openapi::api::core::v1::LocalObjectReference { name: s.into() }]
+                    }),
                     ..Default::default()
                 }),
             },
@@ -268,7 +274,7 @@ pub fn knative_service(
         .and_then(|p| p.containers.into_iter().next())
         .map(|c| serde_json::to_value(c).unwrap_or_default())
         .unwrap_or_default();
-    serde_json::json!({
+    let mut service = serde_json::json!({
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
         "metadata": {"name": format!("fn-{name}"), "namespace": ns, "labels": labels(ns, name)},
@@ -285,7 +291,12 @@ pub fn knative_service(
                 "containers": [container],
             },
         }},
-    })
+    });
+    if let Some(secret) = image.pull_secret {
+        service["spec"]["template"]["spec"]["imagePullSecrets"] =
+            serde_json::json!([{"name": secret}]);
+    }
+    service
 }
 
 /// A job execution's `batch/v1` Job: the rendered template's spec, labelled with the

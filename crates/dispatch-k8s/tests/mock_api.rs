@@ -20,6 +20,7 @@ fn image() -> FunctionImage<'static> {
         language: Language::Python3,
         handler: "hello.handle",
         digest: "sha256:abcd",
+        pull_secret: None,
     }
 }
 

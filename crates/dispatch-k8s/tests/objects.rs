@@ -48,6 +48,7 @@ fn image() -> FunctionImage<'static> {
         language: Language::Python3,
         handler: "hello.handle",
         digest: "sha256:abcd",
+        pull_secret: None,
     }
 }
 
@@ -82,6 +83,23 @@ fn function_deployment_and_service() {
     );
     assert_eq!(k["spec"]["template"]["spec"]["timeoutSeconds"], 10);
     golden("function-knative.yaml", &k);
+
+    // A private registry: pods pull with the named Secret.
+    let private = FunctionImage {
+        pull_secret: Some("regcred"),
+        ..image()
+    };
+    let (d, _) = function_objects("default", "hello", &Workload::of(&hello()), &private);
+    let d = round_trip::<Deployment>(&d);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
+    let k = knative_service("default", "hello", &Workload::of(&hello()), &private);
+    assert_eq!(
+        k["spec"]["template"]["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
 }
 
 #[test]
@@ -127,4 +145,99 @@ fn job_from_a_rendered_template() {
         "my test payload"
     );
     golden("job-sample.yaml", &j);
+}
+
+#[test]
+fn install_objects_are_valid_and_least_privilege() {
+    use dispatch_k8s::install::{Install, objects};
+    use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let mut install = Install::new("reg.example/dispatch/server:1", "reg.example/fns");
+    install.insecure_registries = vec!["reg.local:5000".into()];
+    let all = objects(&install);
+    let mut kinds = Vec::new();
+    for o in &all {
+        let kind = o["kind"].as_str().unwrap();
+        match kind {
+            "Namespace" => drop(round_trip::<Namespace>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "CustomResourceDefinition" => drop(round_trip::<CustomResourceDefinition>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "ServiceAccount" => drop(round_trip::<ServiceAccount>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "ClusterRole" => drop(round_trip::<ClusterRole>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "ClusterRoleBinding" => drop(round_trip::<ClusterRoleBinding>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "PersistentVolumeClaim" => drop(round_trip::<PersistentVolumeClaim>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "Deployment" => drop(round_trip::<Deployment>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "Service" => drop(round_trip::<Service>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            other => panic!("unexpected kind {other}"),
+        }
+        if kinds.last() != Some(&kind) {
+            kinds.push(kind);
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            "Namespace",
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service"
+        ]
+    );
+    // RBAC: named resources and verbs only, no wildcards, no secrets, nothing cluster-wide
+    // beyond function objects.
+    let role = all.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2, "deployments and services: {rules:?}");
+    for r in rules {
+        for field in ["apiGroups", "resources", "verbs"] {
+            for v in r[field].as_array().unwrap() {
+                assert_ne!(v, "*", "{r}");
+            }
+        }
+        assert_eq!(r["verbs"], json!(["get", "patch", "delete"]));
+    }
+    install.knative = true;
+    let role = dispatch_k8s::install::cluster_role(&install);
+    assert_eq!(
+        role.rules.unwrap()[2].api_groups.as_deref(),
+        Some(&["serving.knative.dev".to_string()][..])
+    );
+    // The server: one replica, never two at once, the Kubernetes backend, its registry.
+    let d = all.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert_eq!(d["spec"]["strategy"]["type"], "Recreate");
+    let args = d["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for pair in [
+        ["--backend", "kubernetes"],
+        ["--registry", "reg.example/fns"],
+        ["--insecure-registry", "reg.local:5000"],
+        ["--data-dir", "/data"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
 }

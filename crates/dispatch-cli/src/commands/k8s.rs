@@ -24,6 +24,39 @@ pub enum K8sWhat {
     Crds,
     /// Build a function's image on a base image and push it to a registry (no Docker daemon)
     Image(Box<ImageArgs>),
+    /// Print what installs Dispatch on a cluster: namespace, CRDs, RBAC, volume, server, Services
+    Manifests(ManifestArgs),
+}
+
+/// Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its
+/// namespace, the CRDs, a service account with a ClusterRole limited to function Deployments
+/// and Services (Knative Services with --knative), a PersistentVolumeClaim for the SQL store,
+/// the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API
+/// (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson
+/// Secret named by --registry-secret in the same namespace (optional).
+#[derive(Debug, clap::Args)]
+pub struct ManifestArgs {
+    /// The server's image (the dispatch binary with python3/pip and node/npm)
+    #[arg(long)]
+    pub image: String,
+    /// Where function images are pushed (registry host and path)
+    #[arg(long)]
+    pub registry: String,
+    /// The server's namespace
+    #[arg(long, default_value = "dispatch")]
+    pub namespace: String,
+    /// A registry (host:port) reached over plain HTTP; repeatable
+    #[arg(long, value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// The dockerconfigjson Secret with push credentials
+    #[arg(long, default_value = "dispatch-registry")]
+    pub registry_secret: String,
+    /// Run functions as Knative Services
+    #[arg(long)]
+    pub knative: bool,
+    /// Size of the SQL store's volume
+    #[arg(long, default_value = "1Gi")]
+    pub storage: String,
 }
 
 /// Layers added to the base: this `dispatch` binary as the runner (entrypoint `dispatch
@@ -82,6 +115,39 @@ impl K8s {
                 print!("{out}");
             }
             K8sWhat::Image(args) => args.run().await?,
+            K8sWhat::Manifests(m) => {
+                dispatch_core::names::validate_name("namespace", &m.namespace)
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                let install = dispatch_k8s::install::Install {
+                    namespace: m.namespace.clone(),
+                    image: m.image.clone(),
+                    registry: m.registry.clone(),
+                    insecure_registries: m.insecure_registry.clone(),
+                    registry_secret: m.registry_secret.clone(),
+                    knative: m.knative,
+                    storage: m.storage.clone(),
+                };
+                let mut command = format!(
+                    "dispatch k8s manifests --image {} --registry {}",
+                    m.image, m.registry
+                );
+                if m.namespace != "dispatch" {
+                    command.push_str(&format!(" --namespace {}", m.namespace));
+                }
+                for r in &m.insecure_registry {
+                    command.push_str(&format!(" --insecure-registry {r}"));
+                }
+                if m.knative {
+                    command.push_str(" --knative");
+                }
+                print!(
+                    "{}",
+                    dispatch_k8s::install::yaml(
+                        &install,
+                        &format!("Made by: {command}\nApply: kubectl apply -f <this file>")
+                    )
+                );
+            }
         }
         Ok(ExitCode::SUCCESS)
     }

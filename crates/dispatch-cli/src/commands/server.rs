@@ -69,6 +69,10 @@ pub struct Server {
     /// Kubernetes: run functions as Knative Services (scale to zero) instead of Deployments
     #[arg(long)]
     pub knative: bool,
+    /// Kubernetes: the dockerconfigjson Secret function pods pull with (in each function's
+    /// namespace)
+    #[arg(long, value_name = "SECRET")]
+    pub pull_secret: Option<String>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -94,8 +98,8 @@ impl Server {
     /// The Kubernetes backend when asked for (none: the embedded one).
     async fn backend(&self) -> Result<Option<std::sync::Arc<dyn dispatch_runtime::Backend>>> {
         if self.backend != "kubernetes" {
-            if self.registry.is_some() || self.knative {
-                anyhow::bail!("--registry and --knative need --backend kubernetes");
+            if self.registry.is_some() || self.knative || self.pull_secret.is_some() {
+                anyhow::bail!("--registry, --knative and --pull-secret need --backend kubernetes");
             }
             return Ok(None);
         }
@@ -106,6 +110,7 @@ impl Server {
         options.registry =
             super::k8s::registry_options(&self.insecure_registry, self.docker_config.as_deref())?;
         options.knative = self.knative;
+        options.pull_secret = self.pull_secret.clone();
         let backend = dispatch_k8s::backend::KubernetesBackend::connect(options)
             .await
             .context(

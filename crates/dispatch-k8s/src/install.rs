@@ -1,0 +1,309 @@
+//! What installs Dispatch on a cluster (`dispatch k8s manifests`, `deploy/kubernetes/`): its
+//! namespace, the CRDs, a service account with least-privilege RBAC, a volume claim for the
+//! SQL store, the server Deployment (`dispatch server --backend kubernetes`) and Services for
+//! the API and the gateway. Every object is a typed k8s-openapi value.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, HTTPGetAction, KeyToPath, Namespace, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// Choices of an installation.
+#[derive(Debug, Clone)]
+pub struct Install {
+    /// The namespace of the server itself.
+    pub namespace: String,
+    /// The server's image: the `dispatch` binary with python3/pip and node/npm (function
+    /// images are built by the server, their dependencies installed by those tools).
+    pub image: String,
+    /// Where function images are pushed.
+    pub registry: String,
+    /// Registries reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret (in `namespace`) with push credentials;
+    /// optional: the server starts without it.
+    pub registry_secret: String,
+    /// Functions as Knative Services.
+    pub knative: bool,
+    /// Size of the SQL store's volume.
+    pub storage: String,
+}
+
+impl Install {
+    pub fn new(image: &str, registry: &str) -> Install {
+        Install {
+            namespace: "dispatch".into(),
+            image: image.into(),
+            registry: registry.into(),
+            insecure_registries: Vec::new(),
+            registry_secret: "dispatch-registry".into(),
+            knative: false,
+            storage: "1Gi".into(),
+        }
+    }
+}
+
+const NAME: &str = "dispatch-server";
+pub const API_PORT: i32 = 8080;
+pub const GATEWAY_PORT: i32 = 8081;
+
+fn meta(name: &str, ns: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: ns.map(str::to_string),
+        labels: Some(app_labels()),
+        ..Default::default()
+    }
+}
+
+fn app_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "dispatch".into()),
+        ("app.kubernetes.io/component".into(), "server".into()),
+    ])
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    PolicyRule {
+        api_groups: Some(s(groups)),
+        resources: Some(s(resources)),
+        verbs: s(verbs),
+        ..Default::default()
+    }
+}
+
+/// What the server does in the cluster, and nothing more: function Deployments and Services
+/// (or Knative Services) are applied, read (rollout) and deleted, in the namespaces of
+/// Dispatch's namespaces (hence a ClusterRole).
+pub fn cluster_role(i: &Install) -> ClusterRole {
+    let verbs = ["get", "patch", "delete"];
+    let mut rules = vec![
+        rule(&["apps"], &["deployments"], &verbs),
+        rule(&[""], &["services"], &verbs),
+    ];
+    if i.knative {
+        rules.push(rule(&["serving.knative.dev"], &["services"], &verbs));
+    }
+    ClusterRole {
+        metadata: meta(NAME, None),
+        rules: Some(rules),
+        ..Default::default()
+    }
+}
+
+/// Every object, in the order `kubectl apply` needs them.
+pub fn objects(i: &Install) -> Vec<serde_json::Value> {
+    let ns = Some(i.namespace.as_str());
+    let selector = app_labels();
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    let mut push = |v: serde_json::Result<serde_json::Value>| out.push(v.expect("serializable"));
+    push(serde_json::to_value(Namespace {
+        metadata: meta(&i.namespace, None),
+        ..Default::default()
+    }));
+    for crd in crate::crds() {
+        push(serde_json::to_value(crd));
+    }
+    push(serde_json::to_value(ServiceAccount {
+        metadata: meta(NAME, ns),
+        ..Default::default()
+    }));
+    push(serde_json::to_value(cluster_role(i)));
+    push(serde_json::to_value(ClusterRoleBinding {
+        metadata: meta(NAME, None),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: NAME.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: NAME.into(),
+            namespace: Some(i.namespace.clone()),
+            ..Default::default()
+        }]),
+    }));
+    push(serde_json::to_value(PersistentVolumeClaim {
+        metadata: meta("dispatch-data", ns),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".into(),
+                    Quantity(i.storage.clone()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }));
+    let mut args: Vec<String> = [
+        "server",
+        "--backend",
+        "kubernetes",
+        "--data-dir",
+        "/data",
+        "--api-addr",
+        "0.0.0.0:8080",
+        "--gateway-addr",
+        "0.0.0.0:8081",
+        "--registry",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(i.registry.clone());
+    for r in &i.insecure_registries {
+        args.extend(["--insecure-registry".to_string(), r.clone()]);
+    }
+    if i.knative {
+        args.push("--knative".into());
+    }
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(API_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "server".into(),
+        image: Some(i.image.clone()),
+        command: Some(vec!["dispatch".into()]),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            // The registry Secret's .dockerconfigjson, mounted as config.json.
+            name: "DOCKER_CONFIG".into(),
+            value: Some("/etc/dispatch/registry".into()),
+            ..Default::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("api".into()),
+                container_port: API_PORT,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("gateway".into()),
+                container_port: GATEWAY_PORT,
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz")),
+        liveness_probe: Some(probe("/healthz")),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: "/data".into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "registry".into(),
+                mount_path: "/etc/dispatch/registry".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    };
+    push(serde_json::to_value(Deployment {
+        metadata: meta(NAME, ns),
+        spec: Some(DeploymentSpec {
+            // One writer of the SQLite store: never two servers at once, even while rolling.
+            replicas: Some(1),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(selector.clone()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(NAME.into()),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "data".into(),
+                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                claim_name: "dispatch-data".into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "registry".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(i.registry_secret.clone()),
+                                optional: Some(true),
+                                items: Some(vec![KeyToPath {
+                                    key: ".dockerconfigjson".into(),
+                                    path: "config.json".into(),
+                                    ..Default::default()
+                                }]),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }));
+    for (name, port) in [
+        ("dispatch-api", API_PORT),
+        ("dispatch-gateway", GATEWAY_PORT),
+    ] {
+        push(serde_json::to_value(Service {
+            metadata: meta(name, ns),
+            spec: Some(ServiceSpec {
+                selector: Some(selector.clone()),
+                ports: Some(vec![ServicePort {
+                    port,
+                    target_port: Some(IntOrString::Int(port)),
+                    name: Some("http".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        }));
+    }
+    out
+}
+
+/// The objects as one multi-document YAML stream, with a header saying how it was made.
+pub fn yaml(i: &Install, header: &str) -> String {
+    let mut out = String::new();
+    for line in header.lines() {
+        out.push_str("# ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    for o in objects(i) {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&o).expect("YAML"));
+    }
+    out
+}
