@@ -602,12 +602,50 @@ impl FakeCluster {
         let task = tokio::spawn(async move {
             let mut running: HashMap<String, Proc> = HashMap::new();
             let mut applied: HashMap<String, Value> = HashMap::new();
+            let mut jobs: HashMap<String, Value> = HashMap::new();
             while let Some((req, send)) = api.next_request().await {
                 let method = req.method().to_string();
                 let path = req.uri().path().to_string();
                 let bytes = req.into_body().collect_bytes().await.unwrap();
                 let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let name = path.rsplit('/').next().unwrap().to_string();
+                // Jobs complete at once; their one pod printed a line.
+                if path.contains("/jobs") || path.contains("/pods") {
+                    let body = match method.as_str() {
+                        "POST" => {
+                            let name = sent["metadata"]["name"].as_str().unwrap().to_string();
+                            jobs.insert(name.clone(), sent.clone());
+                            sent.clone()
+                        }
+                        _ if path.ends_with("/log") => {
+                            send.send_response(
+                                http::Response::builder()
+                                    .status(200)
+                                    .body(kube::client::Body::from(
+                                        b"ran in the cluster\n".to_vec(),
+                                    ))
+                                    .unwrap(),
+                            );
+                            continue;
+                        }
+                        _ if path.contains("/pods") => {
+                            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+                            {"metadata": {"name": "job-pod"}, "spec": {"containers": [{"name": "main"}]}}]})
+                        }
+                        _ => {
+                            let mut j = jobs.get(&name).cloned().unwrap_or(Value::Null);
+                            j["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+                            j
+                        }
+                    };
+                    send.send_response(
+                        http::Response::builder()
+                            .status(200)
+                            .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
                 let (status, body) = match (method.as_str(), path.contains("/deployments/")) {
                     ("PATCH", true) => {
                         let image = sent["spec"]["template"]["spec"]["containers"][0]["image"]
@@ -876,6 +914,30 @@ fn api_scenario_on_the_kubernetes_backend() {
             cluster.ports.lock().unwrap().is_empty(),
             "deleting the function stopped its pods"
         );
+
+        // A job execution runs as a Job in the cluster, not as a local process.
+        c.create(&dispatch_core::Object::new(
+            dispatch_core::Kind::JobTemplate,
+            "default",
+            "sample",
+            json!({"jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "alpine:3", "command": ["sh", "-c", "exit 7"]}]}}}}}),
+        ))
+        .await
+        .unwrap();
+        let started = c.execute("sample", b"payload".to_vec()).await.unwrap();
+        let uuid = started["uuid"].as_str().unwrap().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let job = loop {
+            let j = c.get_job(&uuid).await.unwrap();
+            if j.phase.is_final() {
+                break j;
+            }
+            assert!(std::time::Instant::now() < deadline, "job did not finish: {j:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
+        };
+        assert_eq!(job.phase, dispatch_core::JobPhase::Completed, "{job:?}");
+        assert_eq!(job.logs.stdout, ["ran in the cluster"], "a local sh would have exited 7");
         server.stop().await.unwrap();
     });
 }

@@ -9,14 +9,18 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dispatch_core::{Envelope, ErrorObject, Language, Timings, ValidationError};
+use dispatch_core::{
+    Envelope, ErrorObject, JobExecution, JobPhase, Language, Timings, ValidationError,
+};
 use dispatch_runtime::backend::{
     Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
-    InvokeError, Removed,
+    InvokeError, JobEnd, Removed,
 };
 use dispatch_runtime::build::Progress;
+use dispatch_runtime::jobrun::LiveLogs;
 use dispatch_runtime::pool::CallOutcome;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use serde_json::value::RawValue;
 
 use crate::image::{self, FunctionImage as ImageInput, ImageError};
@@ -378,6 +382,214 @@ impl Backend for KubernetesBackend {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         // Functions keep running in the cluster: they belong to it, not to this process.
         Box::pin(async {})
+    }
+
+    fn run_job<'a>(
+        &'a self,
+        job: &'a JobExecution,
+        logs: LiveLogs,
+    ) -> Option<BoxFuture<'a, JobEnd>> {
+        Some(Box::pin(self.job_to_end(job, logs)))
+    }
+}
+
+/// Deletes a Job (and its pods) when dropped armed: a cancelled execution stops in the cluster.
+struct DeleteOnDrop {
+    api: kube::Api<Job>,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (api, name) = (self.api.clone(), std::mem::take(&mut self.name));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = api
+                    .delete(&name, &kube::api::DeleteParams::background())
+                    .await
+                {
+                    tracing::warn!(job = %name, "deleting a cancelled Job: {e}");
+                }
+            });
+        }
+    }
+}
+
+fn job_failed(reason: String) -> JobEnd {
+    JobEnd {
+        phase: JobPhase::Failed,
+        exit_code: None,
+        reason,
+        attempts: 0,
+    }
+}
+
+/// A finished Job's phase, reason and attempts; `None` while it runs.
+pub fn job_end(j: &Job) -> Option<JobEnd> {
+    let status = j.status.as_ref()?;
+    let attempts = (status.succeeded.unwrap_or(0) + status.failed.unwrap_or(0)).max(0) as u32;
+    for c in status.conditions.iter().flatten() {
+        if c.status != "True" {
+            continue;
+        }
+        match c.type_.as_str() {
+            "Complete" => {
+                return Some(JobEnd {
+                    phase: JobPhase::Completed,
+                    exit_code: Some(0),
+                    reason: String::new(),
+                    attempts,
+                });
+            }
+            "Failed" => {
+                let reason = c.reason.clone().unwrap_or_else(|| "Failed".into());
+                let message = c.message.clone().unwrap_or_default();
+                return Some(JobEnd {
+                    phase: JobPhase::Failed,
+                    exit_code: None,
+                    reason: if message.is_empty() {
+                        reason
+                    } else {
+                        format!("{reason}: {message}")
+                    },
+                    attempts,
+                });
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Log bytes read per container of a finished job.
+const JOB_LOG_BYTES: i64 = 1024 * 1024;
+
+impl KubernetesBackend {
+    /// Creates the execution's Job (or follows it, when a restarted server finds it there),
+    /// polls it to its end, then reads its last pod's exit code and logs.
+    async fn job_to_end(&self, exec: &JobExecution, logs: LiveLogs) -> JobEnd {
+        use kube::api::{Api, PostParams};
+        let object = match crate::job(exec, None) {
+            Ok(j) => j,
+            Err(e) => {
+                return JobEnd {
+                    phase: JobPhase::Invalid,
+                    exit_code: None,
+                    reason: format!("the rendered jobTemplate is not a batch/v1 Job spec: {e}"),
+                    attempts: 0,
+                };
+            }
+        };
+        let name = object.metadata.name.clone().unwrap_or_default();
+        let api = Api::<Job>::namespaced(self.client.clone(), &exec.namespace);
+        match api.create(&PostParams::default(), &object).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {} // there already: follow it
+            Err(e) => return job_failed(format!("creating Job {name}: {e}")),
+        }
+        let mut guard = DeleteOnDrop {
+            api: api.clone(),
+            name: name.clone(),
+            armed: true,
+        };
+        let mut end = loop {
+            match api.get(&name).await {
+                Ok(j) => {
+                    if let Some(end) = job_end(&j) {
+                        break end;
+                    }
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    guard.armed = false;
+                    return job_failed(format!("Job {name} was deleted outside Dispatch"));
+                }
+                Err(e) => tracing::warn!(job = %name, "reading the Job: {e}"),
+            }
+            tokio::time::sleep(self.options.poll_interval).await;
+        };
+        guard.armed = false;
+        match self.last_pod(&exec.namespace, &name).await {
+            Ok(Some((pod, containers, exit))) => {
+                if end.phase == JobPhase::Failed {
+                    end.exit_code = exit;
+                }
+                self.pod_logs(&exec.namespace, &pod, &containers, &logs)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job = %name, "reading the Job's pods: {e}"),
+        }
+        end
+    }
+
+    /// The newest pod of Job `job`: its name, containers, and the first non-zero exit code.
+    async fn last_pod(
+        &self,
+        ns: &str,
+        job: &str,
+    ) -> Result<Option<(String, Vec<String>, Option<i32>)>, kube::Error> {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, ListParams};
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns)
+            .list(&ListParams::default().labels(&format!("job-name={job}")))
+            .await?;
+        let Some(pod) = pods.items.into_iter().max_by(|a, b| {
+            a.metadata
+                .creation_timestamp
+                .cmp(&b.metadata.creation_timestamp)
+        }) else {
+            return Ok(None);
+        };
+        let containers = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default();
+        let exit = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
+            .find(|code| *code != 0);
+        Ok(Some((
+            pod.metadata.name.unwrap_or_default(),
+            containers,
+            exit,
+        )))
+    }
+
+    /// Appends each container's log (stdout and stderr, as Kubernetes keeps them together)
+    /// to `logs.stdout`, prefixed with the container's name when there are several.
+    async fn pod_logs(&self, ns: &str, pod: &str, containers: &[String], logs: &LiveLogs) {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, LogParams};
+        let api = Api::<Pod>::namespaced(self.client.clone(), ns);
+        for c in containers {
+            let params = LogParams {
+                container: Some(c.clone()),
+                limit_bytes: Some(JOB_LOG_BYTES),
+                ..Default::default()
+            };
+            match api.logs(pod, &params).await {
+                Ok(text) => {
+                    let mut l = logs.lock().unwrap_or_else(|p| p.into_inner());
+                    for line in text.lines() {
+                        l.stdout.push(if containers.len() > 1 {
+                            format!("[{c}] {line}")
+                        } else {
+                            line.to_string()
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(pod, container = %c, "reading logs: {e}"),
+            }
+        }
     }
 }
 

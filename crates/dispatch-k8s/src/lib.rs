@@ -7,8 +7,8 @@
 //! Jobs for executions, deletes), tested against kube's tower-test mock API server; builds
 //! function images without a daemon ([`oci`], [`image`]); and [`backend::KubernetesBackend`]
 //! puts these together behind the server's `Backend` seam (`dispatch server --backend
-//! kubernetes`). Not built yet: resources stored as custom resources, Job status by watch,
-//! the cron Lease.
+//! kubernetes`), which also runs job executions as Jobs. Not built yet: resources stored as
+//! custom resources, the cron Lease.
 
 pub mod backend;
 pub mod image;
@@ -300,8 +300,9 @@ pub fn knative_service(
 }
 
 /// A job execution's `batch/v1` Job: the rendered template's spec, labelled with the
-/// execution's uuid and owned by its JobTemplate (deleting the template deletes the Jobs).
-pub fn job(exec: &JobExecution, template_uid: &str) -> Result<Job, serde_json::Error> {
+/// execution's uuid and, when its JobTemplate is a custom resource (`template_uid`), owned
+/// by it (deleting the template deletes the Jobs).
+pub fn job(exec: &JobExecution, template_uid: Option<&str>) -> Result<Job, serde_json::Error> {
     let spec: JobSpec =
         serde_json::from_value(exec.rendered.get("spec").cloned().unwrap_or_default())?;
     let mut labels: BTreeMap<String, String> = exec
@@ -325,14 +326,16 @@ pub fn job(exec: &JobExecution, template_uid: &str) -> Result<Job, serde_json::E
             )),
             namespace: Some(exec.namespace.clone()),
             labels: Some(labels),
-            owner_references: Some(vec![OwnerReference {
-                api_version: format!("{GROUP}/v1"),
-                kind: "JobTemplate".into(),
-                name: exec.name.clone(),
-                uid: template_uid.into(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }]),
+            owner_references: template_uid.map(|uid| {
+                vec![OwnerReference {
+                    api_version: format!("{GROUP}/v1"),
+                    kind: "JobTemplate".into(),
+                    name: exec.name.clone(),
+                    uid: uid.into(),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                }]
+            }),
             ..Default::default()
         },
         spec: Some(spec),
@@ -442,7 +445,7 @@ pub async fn delete_knative(
 pub async fn start_job(
     client: &kube::Client,
     exec: &JobExecution,
-    template_uid: &str,
+    template_uid: Option<&str>,
 ) -> Result<Job, kube::Error> {
     use kube::api::{Api, PostParams};
     let job = job(exec, template_uid).map_err(kube::Error::SerdeError)?;

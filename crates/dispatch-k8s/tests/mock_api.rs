@@ -137,12 +137,11 @@ async fn api_errors_surface() {
     server.await.unwrap();
 }
 
-#[tokio::test]
-async fn job_executions_start_and_cancel_as_jobs() {
+fn execution() -> dispatch_core::JobExecution {
     use dispatch_core::{JobExecution, JobPhase, Logs};
     let rendered = json!({"spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
         "containers": [{"name": "main", "image": "alpine:3", "command": ["echo", "hi"]}]}}}});
-    let exec = JobExecution {
+    JobExecution {
         uuid: "0193c1f2-8e4b-7a00-8000-123456789abc".into(),
         name: "sample".into(),
         namespace: "default".into(),
@@ -158,8 +157,13 @@ async fn job_executions_start_and_cancel_as_jobs() {
         started_at: None,
         finished_at: None,
         expires_at: None,
-    };
-    let want = serde_json::to_value(dispatch_k8s::job(&exec, "uid-1").unwrap()).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn job_executions_start_and_cancel_as_jobs() {
+    let exec = execution();
+    let want = serde_json::to_value(dispatch_k8s::job(&exec, Some("uid-1")).unwrap()).unwrap();
     let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
     let w = want.clone();
@@ -190,7 +194,7 @@ async fn job_executions_start_and_cancel_as_jobs() {
             "cancel deletes the pods too"
         );
     });
-    let job = dispatch_k8s::start_job(&client, &exec, "uid-1")
+    let job = dispatch_k8s::start_job(&client, &exec, Some("uid-1"))
         .await
         .unwrap();
     assert_eq!(job.metadata.name.as_deref(), Some("sample-0193c1f2"));
@@ -198,4 +202,147 @@ async fn job_executions_start_and_cancel_as_jobs() {
         .await
         .unwrap();
     server.await.unwrap();
+}
+
+fn k8s_backend(client: kube::Client) -> std::sync::Arc<dispatch_k8s::backend::KubernetesBackend> {
+    let mut options = dispatch_k8s::backend::KubernetesOptions::new(
+        "registry.local:5000/fns",
+        std::path::PathBuf::from("/nonexistent/dispatch"),
+    );
+    options.poll_interval = std::time::Duration::from_millis(1);
+    dispatch_k8s::backend::KubernetesBackend::new(client, options)
+}
+
+fn job_status(status: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "sample-0193c1f2", "namespace": "default"}, "status": status})
+}
+
+fn pod_list(exit_code: i32) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+        {"metadata": {"name": "sample-0193c1f2-old", "creationTimestamp": "2026-11-23T10:00:00Z"},
+         "spec": {"containers": [{"name": "main"}]}},
+        {"metadata": {"name": "sample-0193c1f2-abcde", "creationTimestamp": "2026-11-23T10:00:05Z"},
+         "spec": {"containers": [{"name": "main"}]},
+         "status": {"containerStatuses": [{"name": "main", "image": "alpine:3", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": exit_code}}}]}}
+    ]})
+}
+
+/// Answers the next request with plain text (pod logs).
+async fn answer_text(handle: &mut Handle, text: &str) -> String {
+    let (req, send) = handle.next_request().await.expect("a request");
+    let uri = req.uri().to_string();
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(text.as_bytes().to_vec()))
+            .unwrap(),
+    );
+    uri
+}
+
+/// A job execution on the Kubernetes backend: a Job is created, polled to its end (which the
+/// Job reaches by itself: retries and deadline are Kubernetes'), then the newest pod gives
+/// the exit code and the logs.
+#[tokio::test]
+async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
+    use dispatch_core::JobPhase;
+    use dispatch_runtime::backend::Backend;
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let backend = k8s_backend(kube::Client::new(svc, "default"));
+    let exec = execution();
+    let cluster = tokio::spawn(async move {
+        // Completed.
+        let (m, uri, body) = answer(&mut handle, 201, job_status(json!({}))).await;
+        assert!(
+            m == Method::POST && uri.starts_with("/apis/batch/v1/namespaces/default/jobs?"),
+            "{uri}"
+        );
+        assert!(
+            body["metadata"].get("ownerReferences").is_none(),
+            "no owner: templates are not custom resources yet"
+        );
+        let (m, uri, _) = answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
+        assert!(
+            m == Method::GET
+                && uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+            "{uri}"
+        );
+        answer(
+            &mut handle,
+            200,
+            job_status(
+                json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}),
+            ),
+        )
+        .await;
+        let (_, uri, _) = answer(&mut handle, 200, pod_list(0)).await;
+        assert!(
+            uri.starts_with("/api/v1/namespaces/default/pods?")
+                && uri.contains("labelSelector=job-name%3Dsample-0193c1f2"),
+            "{uri}"
+        );
+        let uri = answer_text(&mut handle, "hi\nthere\n").await;
+        assert!(
+            uri.starts_with("/api/v1/namespaces/default/pods/sample-0193c1f2-abcde/log?")
+                && uri.contains("container=main"),
+            "{uri}"
+        );
+
+        // Failed after retries; a restarted server finds its Job there already (409).
+        answer(&mut handle, 409, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"})).await;
+        answer(&mut handle, 200, job_status(json!({"failed": 3, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}))).await;
+        answer(&mut handle, 200, pod_list(3)).await;
+        answer_text(&mut handle, "boom\n").await;
+
+        // Cancelled: dropping the run deletes the Job with its pods.
+        answer(&mut handle, 201, job_status(json!({}))).await;
+        answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
+        // Polls go on until the run is dropped; then the delete comes.
+        loop {
+            let (m, uri, body) = answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
+            if m == Method::DELETE {
+                assert!(
+                    uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+                    "{uri}"
+                );
+                assert_eq!(body["propagationPolicy"], "Background");
+                break;
+            }
+        }
+    });
+
+    let logs = dispatch_runtime::jobrun::LiveLogs::default();
+    let end = backend.run_job(&exec, logs.clone()).unwrap().await;
+    assert_eq!(
+        (end.phase, end.exit_code, end.attempts),
+        (JobPhase::Completed, Some(0), 1),
+        "{end:?}"
+    );
+    assert_eq!(logs.lock().unwrap().stdout, ["hi", "there"]);
+
+    let logs = dispatch_runtime::jobrun::LiveLogs::default();
+    let end = backend.run_job(&exec, logs.clone()).unwrap().await;
+    assert_eq!(
+        (end.phase, end.exit_code, end.attempts),
+        (JobPhase::Failed, Some(3), 3),
+        "{end:?}"
+    );
+    assert!(
+        end.reason.starts_with("BackoffLimitExceeded: "),
+        "{}",
+        end.reason
+    );
+    assert_eq!(logs.lock().unwrap().stdout, ["boom"]);
+
+    let running = backend.run_job(&exec, Default::default()).unwrap();
+    let mut running = Box::pin(running);
+    // Let it create the Job and poll a few times, then cancel.
+    for _ in 0..3 {
+        assert!(futures_util::poll!(running.as_mut()).is_pending());
+        tokio::task::yield_now().await;
+    }
+    drop(running);
+    cluster.await.unwrap();
 }

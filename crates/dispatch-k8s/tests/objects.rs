@@ -135,7 +135,7 @@ fn job_from_a_rendered_template() {
         finished_at: None,
         expires_at: None,
     };
-    let j = round_trip::<Job>(&job(&exec, "uid-1").unwrap());
+    let j = round_trip::<Job>(&job(&exec, Some("uid-1")).unwrap());
     assert_eq!(
         j["metadata"]["labels"]["dispatch.dev/execution"],
         data.uuid.as_str()

@@ -168,6 +168,28 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Stops every worker.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+
+    /// Runs a job execution to its end with this backend's own job machinery (Kubernetes:
+    /// a `batch/v1` Job, which does its retries and deadline itself), filling `logs`; `None`
+    /// when the server runs jobs as local processes (embedded). Dropping the future stops the
+    /// job (cancel).
+    fn run_job<'a>(
+        &'a self,
+        _job: &'a dispatch_core::JobExecution,
+        _logs: crate::jobrun::LiveLogs,
+    ) -> Option<BoxFuture<'a, JobEnd>> {
+        None
+    }
+}
+
+/// How a job execution ended on a backend that runs jobs itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEnd {
+    pub phase: dispatch_core::JobPhase,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+    /// Pod attempts (1 + retries).
+    pub attempts: u32,
 }
 
 const PYTHON_BOOTSTRAP: &str = include_str!("../../../runtimes/python/bootstrap.py");

@@ -302,6 +302,22 @@ async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
     let deadline = view
         .active_deadline_seconds
         .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let exec = job.clone();
+    if let Some(running) = state.backend.run_job(&exec, logs.clone()) {
+        // The backend's jobs do their own retries and deadline (Kubernetes Jobs).
+        job.started_at.get_or_insert(now(&state));
+        job.attempts += 1;
+        job.phase = JobPhase::Active;
+        if let Err(e) = save(&state, &job).await {
+            tracing::error!("job {}: {}", job.uuid, e.message);
+        }
+        let end = running.await;
+        job.phase = end.phase;
+        job.exit_code = end.exit_code;
+        job.reason = end.reason;
+        job.attempts = job.attempts.max(end.attempts);
+        return finish(&state, job, &logs, view.ttl_seconds_after_finished).await;
+    }
     let runs = match containers(&state, &job, &view) {
         Ok(c) => c,
         Err(e) => {
