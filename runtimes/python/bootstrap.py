@@ -127,12 +127,20 @@ def watch_socket(sock):
     import signal
 
     fd = sock.fileno()
-    probe = select.poll()
-    probe.register(fd, 0)  # POLLHUP/POLLERR are always reported
+    gone = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
     def on_io(signum, frame):
-        for _, ev in probe.poll(0):
-            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+        # Signals nest: this handler can run again while it runs, so it keeps no state
+        # (a shared poll object refuses concurrent use) and never raises into the call it
+        # interrupted.
+        try:
+            probe = select.poll()
+            probe.register(fd, 0)  # POLLHUP/POLLERR are always reported
+            events = probe.poll(0)
+        except Exception:
+            return  # looked at again on the next signal
+        for _, ev in events:
+            if ev & gone:
                 os.killpg(0, signal.SIGKILL)
 
     signal.signal(signal.SIGIO, on_io)

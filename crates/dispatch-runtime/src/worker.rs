@@ -276,7 +276,13 @@ impl Worker {
                     dispatch_core::duration::format_duration(configured)
                 )));
             }
-            Ok(Err(e)) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            // A reset is a worker that went away with our request unread: it exited.
+            Ok(Err(e))
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 self.kill();
                 return Err(ErrorObject::system(format!("worker protocol error: {e}")));
             }

@@ -745,3 +745,50 @@ async fn node_cold_starts_specialise_a_spare_generic_worker() {
         .to_string();
     assert!(err.contains("nope"), "{err}");
 }
+
+/// The socket watch runs in a SIGIO handler; signals arrive whenever they like, also while
+/// the handler itself runs. A storm of them during calls must not break a worker (it once
+/// did: the nested handler hit "concurrent poll() invocation" and the worker died mid-call,
+/// about once in 100,000 calls under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_storms_do_not_break_a_worker() {
+    let f = fx();
+    f.backend
+        .deploy_function(deploy(
+            "storm",
+            Language::Python3,
+            &[("storm.py", "def handle(c, p):\n    return p\n", 0o644)],
+            None,
+        ))
+        .await
+        .unwrap();
+    let pid = f.backend.pool("default", "storm").unwrap().idle_pids()[0];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            // Bounded: a Python process flooded without end spends all its time in handlers.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGIO,
+                );
+                sent += 1;
+            }
+            sent
+        })
+    };
+    for i in 0..300 {
+        let (env, _) = call(&f.backend, "storm", &i.to_string()).await;
+        assert!(env["context"]["error"].is_null(), "call {i}: {env}");
+        assert_eq!(env["payload"], i);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(storm.join().unwrap() > 1000, "the storm sent signals");
+    assert_eq!(
+        f.backend.pool("default", "storm").unwrap().idle_pids(),
+        [pid],
+        "the same worker served every call"
+    );
+}
