@@ -574,7 +574,7 @@ fn kubernetes_backend_deploys_calls_and_removes() {
         // The Deployment runs the pushed image, pullable by digest.
         let container = &deployment["spec"]["template"]["spec"]["containers"][0];
         let image = container["image"].as_str().unwrap().to_string();
-        assert!(image.starts_with(&format!("{host}/dispatch/default-hello@sha256:")), "{image}");
+        assert!(image.starts_with(&format!("{host}/dispatch/default/hello@sha256:")), "{image}");
         assert!(container["env"].as_array().unwrap().contains(&json!({"name": "GREETING", "value": "hi"})));
         assert_eq!(container["env"][1], json!({"name": "DISPATCH_HANDLER", "value": "hello.handle"}));
         tokio::task::spawn_blocking(move || skopeo(&[&format!("docker://{image}")]))

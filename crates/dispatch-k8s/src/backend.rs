@@ -34,7 +34,7 @@ pub type FunctionUrl = Arc<dyn Fn(&str, &str) -> String + Send + Sync>;
 #[derive(Clone)]
 pub struct KubernetesOptions {
     /// Where function images are pushed: `registry/path` (the image is
-    /// `<repository>/<namespace>-<function>:<digest hex>`).
+    /// `<repository>/<namespace>/<function>:<digest hex>`).
     pub repository: String,
     pub registry: RegistryOptions,
     /// Knative `serving.knative.dev/v1` Services instead of Deployments and Services.
@@ -265,7 +265,8 @@ impl Backend for KubernetesBackend {
                 return Ok(()); // already serving this build
             }
             let input = ImageInput {
-                name: format!("{}-{}", d.namespace, d.name),
+                // `<repository>/<namespace>/<function>`: one repository per function.
+                name: format!("{}/{}", d.namespace, d.name),
                 language: d.base.language,
                 handler: d.handler.clone(),
                 archive: d.archive.clone(),

@@ -328,8 +328,9 @@ async fn npm_layer(package_json: &str, index_url: Option<&str>) -> Result<Layer,
     std::fs::write(dir.path().join("package.json"), package_json)
         .map_err(io("writing package.json"))?;
     let mut cmd = tokio::process::Command::new(npm);
-    cmd.args(["install", "--omit=dev", "--ignore-scripts"])
-        .args(["--no-audit", "--no-fund", "--no-package-lock"]);
+    // No install scripts: nothing is built for this machine instead of the image's.
+    cmd.args(dispatch_runtime::build::NPM_INSTALL)
+        .arg("--ignore-scripts");
     if let Some(url) = index_url {
         cmd.args(["--registry", url]);
     }

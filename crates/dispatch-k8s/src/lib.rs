@@ -368,6 +368,15 @@ pub async fn apply_function(
     Ok(())
 }
 
+/// A delete's result where "not found" is success: what is gone is gone.
+fn gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Deletes a function's Deployment and Service (absent ones are fine).
 pub async fn delete_function(
     client: &kube::Client,
@@ -376,13 +385,6 @@ pub async fn delete_function(
 ) -> Result<(), kube::Error> {
     use kube::api::{Api, DeleteParams};
     let object_name = format!("fn-{name}");
-    fn gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
-        match r {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
     gone(
         Api::<Deployment>::namespaced(client.clone(), ns)
             .delete(&object_name, &DeleteParams::background())
@@ -428,17 +430,14 @@ pub async fn delete_knative(
     ns: &str,
     name: &str,
 ) -> Result<(), kube::Error> {
-    match knative_api(client, ns)
-        .delete(
-            &format!("fn-{name}"),
-            &kube::api::DeleteParams::background(),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e),
-    }
+    gone(
+        knative_api(client, ns)
+            .delete(
+                &format!("fn-{name}"),
+                &kube::api::DeleteParams::background(),
+            )
+            .await,
+    )
 }
 
 /// Starts a job execution as a `batch/v1` Job; cancelling deletes it with its pods.

@@ -33,6 +33,15 @@ const REASON_LINES: usize = 8;
 
 pub const COMPLETE_MARKER: &str = ".complete";
 
+/// `npm` arguments that install a package.json's runtime dependencies, nothing else.
+pub const NPM_INSTALL: [&str; 5] = [
+    "install",
+    "--omit=dev",
+    "--no-audit",
+    "--no-fund",
+    "--no-package-lock",
+];
+
 pub struct ImageBuilder {
     dir: PathBuf,
     /// Digest → lock held while that digest builds. A std mutex: held only to get the entry.
@@ -198,13 +207,7 @@ impl ImageBuilder {
                 let npm = crate::backend::find_program("npm")
                     .ok_or_else(|| BuildError::InterpreterMissing { name: "npm".into() })?;
                 let mut cmd = tokio::process::Command::new(npm);
-                cmd.args([
-                    "install",
-                    "--omit=dev",
-                    "--no-audit",
-                    "--no-fund",
-                    "--no-package-lock",
-                ]);
+                cmd.args(NPM_INSTALL);
                 if let Some(url) = &build.index_url {
                     cmd.args(["--registry", url]);
                 }

@@ -98,6 +98,9 @@ pub struct Load {
     pub concurrency: usize,
     pub requests: usize,
     pub errors: usize,
+    /// The statuses of the failed requests, with their counts.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub error_statuses: std::collections::BTreeMap<u16, usize>,
     pub rps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
@@ -478,7 +481,8 @@ async fn load(
             };
             let _ = tx.send(out);
         })?;
-    let (mut lat, errors, el) = rx.await.context("the load thread died")??;
+    let (mut lat, error_statuses, el) = rx.await.context("the load thread died")??;
+    let errors = error_statuses.values().sum();
     let requests = lat.len();
     if requests == 0 {
         bail!("no request via {via} succeeded ({errors} errors)");
@@ -488,18 +492,19 @@ async fn load(
         concurrency,
         requests,
         errors,
+        error_statuses,
         rps: requests as f64 / el,
         p50_us: pct(&mut lat, 0.50),
         p99_us: pct(&mut lat, 0.99),
     })
 }
 
-/// Latencies (µs) of successful requests, the error count and the elapsed seconds.
+/// Latencies (µs) of successful requests, the failed ones by status and the elapsed seconds.
 async fn run_load(
     req: &Request,
     concurrency: usize,
     duration: Duration,
-) -> Result<(Vec<f64>, usize, f64)> {
+) -> Result<(Vec<f64>, std::collections::BTreeMap<u16, usize>, f64)> {
     let start = Instant::now();
     let end = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -512,28 +517,33 @@ async fn run_load(
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let mut lat = Vec::with_capacity(4096);
-            let mut errors = 0usize;
+            let mut errors = std::collections::BTreeMap::<u16, usize>::new();
             while Instant::now() < end {
                 let t = Instant::now();
                 send.ready().await?;
                 let resp = send.send_request(req.build()).await?;
-                let ok = resp.status().is_success();
-                resp.into_body().collect().await?;
-                if ok {
+                let status = resp.status();
+                let body = resp.into_body().collect().await?.to_bytes();
+                if status.is_success() {
                     lat.push(t.elapsed().as_secs_f64() * 1e6);
                 } else {
-                    errors += 1;
+                    if errors.is_empty() {
+                        tracing::warn!(%status, body = %String::from_utf8_lossy(&body), "a failed request");
+                    }
+                    *errors.entry(status.as_u16()).or_default() += 1;
                 }
             }
             anyhow::Ok((lat, errors))
         });
     }
     let mut all = Vec::new();
-    let mut errors = 0;
+    let mut errors = std::collections::BTreeMap::new();
     while let Some(r) = tasks.join_next().await {
         let (lat, e) = r??;
         all.extend(lat);
-        errors += e;
+        for (status, n) in e {
+            *errors.entry(status).or_default() += n;
+        }
     }
     Ok((all, errors, start.elapsed().as_secs_f64()))
 }
