@@ -82,14 +82,20 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
     }
 }
 
-/// What the server does in the cluster, and nothing more: function Deployments and Services
-/// (or Knative Services) are applied, read (rollout) and deleted, in the namespaces of
+/// What the server does in the cluster, and nothing more: function Deployments, Services and
+/// autoscalers (or Knative Services) are applied, read (rollout) and deleted; Jobs are
+/// created, read and deleted, their pods listed and their logs read; in the namespaces of
 /// Dispatch's namespaces (hence a ClusterRole).
 pub fn cluster_role(i: &Install) -> ClusterRole {
     let verbs = ["get", "patch", "delete"];
     let mut rules = vec![
         rule(&["apps"], &["deployments"], &verbs),
         rule(&[""], &["services"], &verbs),
+        rule(&["autoscaling"], &["horizontalpodautoscalers"], &verbs),
+        // Job executions: a Job per execution, followed to its end, its last pod's logs.
+        rule(&["batch"], &["jobs"], &["create", "get", "delete"]),
+        rule(&[""], &["pods"], &["list"]),
+        rule(&[""], &["pods/log"], &["get"]),
     ];
     if i.knative {
         rules.push(rule(&["serving.knative.dev"], &["services"], &verbs));

@@ -19,6 +19,10 @@ use std::collections::BTreeMap;
 
 use dispatch_core::{FunctionSpec, JobExecution, Kind, Language};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, HTTPGetAction, PodSpec, PodTemplateSpec, Probe, Service,
@@ -29,6 +33,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinitionVersion, CustomResourceSubresourceStatus, CustomResourceSubresources,
     CustomResourceValidation, JSONSchemaProps,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -124,6 +129,65 @@ impl Workload {
     }
 }
 
+/// Workers (concurrent calls) one function pod runs at most; more concurrency is more pods.
+pub const WORKERS_PER_POD: u32 = 4;
+
+impl Workload {
+    /// Workers in each pod: `maxWorkers`, up to [`WORKERS_PER_POD`].
+    pub fn workers_per_pod(&self) -> u32 {
+        self.max_workers.clamp(1, WORKERS_PER_POD)
+    }
+
+    /// Pods at least and at most: enough for `minWorkers` (at least one) and for
+    /// `maxWorkers`, [`Workload::workers_per_pod`] each.
+    pub fn replicas(&self) -> (u32, u32) {
+        let per = self.workers_per_pod();
+        let min = self.min_workers.div_ceil(per).max(1);
+        (min, self.max_workers.div_ceil(per).max(min))
+    }
+}
+
+/// The `autoscaling/v2` HorizontalPodAutoscaler of a function whose concurrency spans more
+/// than one pod count: between the [`Workload::replicas`] bounds, on the pods' average CPU
+/// (an absolute value, so that pods need no CPU request). `None` when the count is fixed.
+pub fn function_hpa(ns: &str, name: &str, spec: &Workload) -> Option<HorizontalPodAutoscaler> {
+    let (min, max) = spec.replicas();
+    (max > min).then(|| HorizontalPodAutoscaler {
+        metadata: ObjectMeta {
+            name: Some(format!("fn-{name}")),
+            namespace: Some(ns.into()),
+            labels: Some(labels(ns, name)),
+            ..Default::default()
+        },
+        spec: Some(HorizontalPodAutoscalerSpec {
+            scale_target_ref: CrossVersionObjectReference {
+                api_version: Some("apps/v1".into()),
+                kind: "Deployment".into(),
+                name: format!("fn-{name}"),
+            },
+            min_replicas: Some(min as i32),
+            max_replicas: max as i32,
+            metrics: Some(vec![MetricSpec {
+                type_: "Resource".into(),
+                resource: Some(ResourceMetricSource {
+                    name: "cpu".into(),
+                    target: MetricTarget {
+                        type_: "AverageValue".into(),
+                        average_value: Some(Quantity(HPA_CPU_PER_POD.into())),
+                        ..Default::default()
+                    },
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The average CPU per pod above which the autoscaler adds pods.
+pub const HPA_CPU_PER_POD: &str = "500m";
+
 /// What a function needs to run on Kubernetes.
 pub struct FunctionImage<'a> {
     /// Pullable reference of the built image (`registry/ns/fn@sha256:…`).
@@ -165,7 +229,7 @@ pub fn function_objects(
         },
         EnvVar {
             name: "DISPATCH_MAX_WORKERS".into(),
-            value: Some(spec.max_workers.to_string()),
+            value: Some(spec.workers_per_pod().to_string()),
             ..Default::default()
         },
         EnvVar {
@@ -213,7 +277,11 @@ pub fn function_objects(
     let deployment = Deployment {
         metadata: meta.clone(),
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.min_workers.max(1) as i32),
+            // With an autoscaler the replica count is its to set (not in this apply).
+            replicas: match spec.replicas() {
+                (min, max) if min == max => Some(min as i32),
+                _ => None,
+            },
             selector: LabelSelector {
                 match_labels: Some(labels.clone()),
                 ..Default::default()
@@ -365,6 +433,17 @@ pub async fn apply_function(
     Api::<Service>::namespaced(client.clone(), ns)
         .patch(&object_name, &pp, &Patch::Apply(&service))
         .await?;
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns);
+    match function_hpa(ns, name, spec) {
+        Some(hpa) => {
+            hpas.patch(&object_name, &pp, &Patch::Apply(&hpa)).await?;
+        }
+        // A fixed pod count now: an autoscaler from before must go.
+        None => gone(
+            hpas.delete(&object_name, &kube::api::DeleteParams::background())
+                .await,
+        )?,
+    }
     Ok(())
 }
 
@@ -392,6 +471,11 @@ pub async fn delete_function(
     )?;
     gone(
         Api::<Service>::namespaced(client.clone(), ns)
+            .delete(&object_name, &DeleteParams::background())
+            .await,
+    )?;
+    gone(
+        Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
             .delete(&object_name, &DeleteParams::background())
             .await,
     )

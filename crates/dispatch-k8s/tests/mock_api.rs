@@ -24,6 +24,10 @@ fn image() -> FunctionImage<'static> {
     }
 }
 
+fn not_found() -> serde_json::Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
 /// Answers the next request with `status` and `body`, returning what was asked.
 async fn answer(
     handle: &mut Handle,
@@ -76,6 +80,15 @@ async fn apply_and_delete_a_function() {
             "{uri}"
         );
         assert_eq!(body, want_s);
+        // A fixed pod count (maxWorkers 3 fits one pod): no autoscaler, one from before goes.
+        let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+        assert!(
+            m == Method::DELETE
+                && uri.starts_with(
+                    "/apis/autoscaling/v2/namespaces/default/horizontalpodautoscalers/fn-hello"
+                ),
+            "{uri}"
+        );
         // Delete: the Deployment is there, the Service already gone (404 is fine).
         let (m, uri, _) = answer(
             &mut handle,
@@ -90,13 +103,13 @@ async fn apply_and_delete_a_function() {
             ),
             (Method::DELETE, true)
         );
-        let (m, _, _) = answer(
-            &mut handle,
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-        )
-        .await;
+        let (m, _, _) = answer(&mut handle, 404, not_found()).await;
         assert_eq!(m, Method::DELETE);
+        let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+        assert!(
+            m == Method::DELETE && uri.contains("/horizontalpodautoscalers/fn-hello"),
+            "{uri}"
+        );
     });
     apply_function(
         &client,

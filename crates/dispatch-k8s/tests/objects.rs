@@ -206,20 +206,46 @@ fn install_objects_are_valid_and_least_privilege() {
     // beyond function objects.
     let role = all.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
     let rules = role["rules"].as_array().unwrap();
-    assert_eq!(rules.len(), 2, "deployments and services: {rules:?}");
-    for r in rules {
-        for field in ["apiGroups", "resources", "verbs"] {
-            for v in r[field].as_array().unwrap() {
-                assert_ne!(v, "*", "{r}");
-            }
-        }
-        assert_eq!(r["verbs"], json!(["get", "patch", "delete"]));
-    }
+    let granted: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            let list = |field: &str| {
+                let items: Vec<&str> = r[field]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap())
+                    .collect();
+                assert!(!items.contains(&"*"), "no wildcards: {r}");
+                items.join(",")
+            };
+            format!(
+                "{}/{}: {}",
+                list("apiGroups"),
+                list("resources"),
+                list("verbs")
+            )
+        })
+        .collect();
+    assert_eq!(
+        granted,
+        [
+            "apps/deployments: get,patch,delete",
+            "/services: get,patch,delete",
+            "autoscaling/horizontalpodautoscalers: get,patch,delete",
+            "batch/jobs: create,get,delete",
+            "/pods: list",
+            "/pods/log: get",
+        ]
+    );
     install.knative = true;
     let role = dispatch_k8s::install::cluster_role(&install);
-    assert_eq!(
-        role.rules.unwrap()[2].api_groups.as_deref(),
-        Some(&["serving.knative.dev".to_string()][..])
+    assert!(
+        role.rules
+            .unwrap()
+            .iter()
+            .any(|r| r.api_groups.as_deref() == Some(&["serving.knative.dev".to_string()][..])),
+        "--knative may manage Knative Services"
     );
     // The server: one replica, never two at once, the Kubernetes backend, its registry.
     let d = all.iter().find(|o| o["kind"] == "Deployment").unwrap();
@@ -240,4 +266,48 @@ fn install_objects_are_valid_and_least_privilege() {
     ] {
         assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
     }
+}
+
+#[test]
+fn concurrency_beyond_one_pod_gets_an_autoscaler() {
+    use dispatch_k8s::function_hpa;
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    let w = |min, max| Workload {
+        env: Default::default(),
+        timeout: std::time::Duration::from_secs(10),
+        max_workers: max,
+        min_workers: min,
+    };
+    // (minWorkers, maxWorkers) → workers per pod, (min pods, max pods).
+    for ((min, max), per, pods) in [
+        ((0, 1), 1, (1, 1)),
+        ((1, 3), 3, (1, 1)),
+        ((0, 4), 4, (1, 1)),
+        ((2, 20), 4, (1, 5)),
+        ((9, 20), 4, (3, 5)),
+        ((20, 20), 4, (5, 5)),
+    ] {
+        assert_eq!(w(min, max).workers_per_pod(), per, "{min}..{max}");
+        assert_eq!(w(min, max).replicas(), pods, "{min}..{max}");
+    }
+    assert!(function_hpa("default", "hello", &w(1, 3)).is_none());
+    let hpa = function_hpa("default", "hello", &w(2, 20)).unwrap();
+    let hpa = round_trip::<HorizontalPodAutoscaler>(&hpa);
+    assert_eq!(hpa["spec"]["minReplicas"], 1);
+    assert_eq!(hpa["spec"]["maxReplicas"], 5);
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "fn-hello");
+    golden("function-hpa.yaml", &hpa);
+    let (d, _) = function_objects("default", "hello", &w(2, 20), &image());
+    let d = round_trip::<Deployment>(&d);
+    assert!(
+        d["spec"].get("replicas").is_none(),
+        "the autoscaler sets the count; an apply must not fight it"
+    );
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .contains(&json!({"name": "DISPATCH_MAX_WORKERS", "value": "4"})),
+        "{env}"
+    );
 }
