@@ -764,7 +764,13 @@ fn run_image(host: &str, image: &str, dir: &Path, env: &[(String, String)]) -> (
 
 /// The API scenario both backends pass: a base image, an image with a dependency, a function
 /// on it, a call through the API and one through an endpoint, then deletion.
-async fn hello_scenario(c: &dispatch_client::Client, gateway: &str, base_image: &str) {
+/// `image`: where the function's image must be (Kubernetes), `None`: no image (embedded).
+async fn hello_scenario(
+    c: &dispatch_client::Client,
+    gateway: &str,
+    base_image: &str,
+    image: Option<&str>,
+) {
     use dispatch_core::{Kind, Object, Phase};
     let object = |kind, name: &str, spec: Value| Object::new(kind, "default", name, spec);
     let settled = |kind, name: &'static str| async move {
@@ -820,6 +826,17 @@ async fn hello_scenario(c: &dispatch_client::Client, gateway: &str, base_image: 
     .unwrap();
     let f = settled(Kind::Function, "hello").await;
     assert_eq!(f.phase(), Some(Phase::Ready), "{:?}", f.status);
+    match image {
+        Some(prefix) => assert!(
+            f.status
+                .image
+                .as_deref()
+                .is_some_and(|i| i.starts_with(prefix)),
+            "status.image {:?} is not under {prefix}",
+            f.status.image
+        ),
+        None => assert_eq!(f.status.image, None),
+    }
     let r = c
         .exec(
             "hello",
@@ -886,7 +903,7 @@ fn api_scenario_on_the_embedded_backend() {
     rt().block_on(async {
         let backend = dispatch_runtime::LocalBackend::new(dir.path()).unwrap();
         let (server, c, gw) = scenario_server(backend, dir.path()).await;
-        hello_scenario(&c, &gw, "python:3.11-slim").await;
+        hello_scenario(&c, &gw, "python:3.11-slim", None).await;
         server.stop().await.unwrap();
     });
 }
@@ -914,7 +931,8 @@ fn api_scenario_on_the_kubernetes_backend() {
             options,
         );
         let (server, c, gw) = scenario_server(backend, dir.path()).await;
-        hello_scenario(&c, &gw, &base).await;
+        let image = format!("{host}/dispatch/default/hello@sha256:");
+        hello_scenario(&c, &gw, &base, Some(&image)).await;
         assert!(
             cluster.ports.lock().unwrap().is_empty(),
             "deleting the function stopped its pods"

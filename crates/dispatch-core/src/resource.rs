@@ -179,6 +179,10 @@ pub struct Status {
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Functions on the Kubernetes backend: the pullable image they run
+    /// (`registry/…@sha256:…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Cron event drivers: when they fire next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_fire: Option<Timestamp>,

@@ -74,8 +74,8 @@ pub struct KubernetesBackend {
     registry: Registry,
     options: KubernetesOptions,
     http: reqwest::Client,
-    /// (namespace, function) → digest serving.
-    deployed: Mutex<HashMap<(String, String), String>>,
+    /// (namespace, function) → the digest serving and its image.
+    deployed: Mutex<HashMap<(String, String), (String, String)>>,
     /// The last failure of an image's build, by image digest.
     logs: Mutex<HashMap<String, String>>,
 }
@@ -258,11 +258,16 @@ impl Backend for KubernetesBackend {
         Box::pin(async { Vec::new() })
     }
 
-    fn deploy_function(&self, d: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
+    fn deploy_function(
+        &self,
+        d: FunctionDeploy,
+    ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
         Box::pin(async move {
             let key = (d.namespace.clone(), d.name.clone());
-            if lock(&self.deployed).get(&key) == Some(&d.digest) {
-                return Ok(()); // already serving this build
+            if let Some((digest, image)) = lock(&self.deployed).get(&key)
+                && *digest == d.digest
+            {
+                return Ok(Some(image.clone())); // already serving this build
             }
             let input = ImageInput {
                 // `<repository>/<namespace>/<function>`: one repository per function.
@@ -305,8 +310,8 @@ impl Backend for KubernetesBackend {
                     .map_err(|e| kube_error("applying the Deployment and Service", e))?;
                 self.wait_ready(&d.namespace, &d.name).await?;
             }
-            lock(&self.deployed).insert(key, d.digest.clone());
-            Ok(())
+            lock(&self.deployed).insert(key, (d.digest.clone(), built.pushed.reference.clone()));
+            Ok(Some(built.pushed.reference))
         })
     }
 

@@ -359,3 +359,43 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
     drop(running);
     cluster.await.unwrap();
 }
+
+/// `--knative`: the function is one Knative Service, applied and deleted like the rest.
+#[tokio::test]
+async fn knative_services_are_applied_and_deleted() {
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let want = dispatch_k8s::knative_service("default", "hello", &Workload::of(&spec()), &image());
+    let w = want.clone();
+    let server = tokio::spawn(async move {
+        let (m, uri, body) = answer(&mut handle, 200, w.clone()).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with("/apis/serving.knative.dev/v1/namespaces/default/services/fn-hello?")
+                && uri.contains("fieldManager=dispatch"),
+            "{uri}"
+        );
+        assert_eq!(body, w);
+        let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+        assert!(
+            m == Method::DELETE
+                && uri.starts_with(
+                    "/apis/serving.knative.dev/v1/namespaces/default/services/fn-hello"
+                ),
+            "{uri}"
+        );
+    });
+    dispatch_k8s::apply_knative(
+        &client,
+        "default",
+        "hello",
+        &Workload::of(&spec()),
+        &image(),
+    )
+    .await
+    .unwrap();
+    dispatch_k8s::delete_knative(&client, "default", "hello")
+        .await
+        .expect("an absent Knative Service is already deleted");
+    server.await.unwrap();
+}

@@ -150,8 +150,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes builds not in `keep` and not in use, untouched for at least `grace`.
     fn gc<'a>(&'a self, keep: &'a GcKeep, grace: Duration) -> BoxFuture<'a, Vec<Removed>>;
 
-    /// Builds a function and switches its traffic to the new build once it is ready.
-    fn deploy_function(&self, deploy: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>>;
+    /// Builds a function and switches its traffic to the new build once it is ready; returns
+    /// the image it runs when the backend built one (Kubernetes), `None` for local workers.
+    fn deploy_function(
+        &self,
+        deploy: FunctionDeploy,
+    ) -> BoxFuture<'_, Result<Option<String>, BuildError>>;
 
     /// Runs one call of a deployed function.
     fn invoke<'a>(
@@ -698,12 +702,15 @@ impl Backend for LocalBackend {
         })
     }
 
-    fn deploy_function(&self, d: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
+    fn deploy_function(
+        &self,
+        d: FunctionDeploy,
+    ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
         Box::pin(async move {
             if let Some(current) = self.pool(&d.namespace, &d.name)
                 && current.digest() == d.digest
             {
-                return Ok(()); // already serving this build
+                return Ok(None); // already serving this build
             }
             let dir = self
                 .functions_dir
@@ -742,7 +749,7 @@ impl Backend for LocalBackend {
             if let Err(e) = pool.warm().await {
                 tracing::warn!(function = %d.name, "failed to start minWorkers: {e}");
             }
-            Ok(())
+            Ok(None)
         })
     }
 

@@ -141,6 +141,7 @@ fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &O
         reason: reason.into(),
         digest,
         observed_generation: o.metadata.generation,
+        image: o.status.image.clone(),
         next_fire: o.status.next_fire,
     }
 }
@@ -470,7 +471,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         preload: image_spec.preload.clone(),
     };
     match state.backend.deploy_function(deploy).await {
-        Ok(()) => {
+        Ok(image) => {
             state.set_deployed(
                 o.namespace(),
                 o.name(),
@@ -483,7 +484,9 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
                     callback_url: spec.callback_url.clone(),
                 }),
             );
-            set_status(state, &o, status(Phase::Ready, "", Some(d), &o)).await
+            let mut ready = status(Phase::Ready, "", Some(d), &o);
+            ready.image = image;
+            set_status(state, &o, ready).await
         }
         Err(e) => set_status(state, &o, fail(e.to_string())).await,
     }

@@ -48,13 +48,16 @@ impl Backend for FakeBackend {
     fn gc<'a>(&'a self, _: &'a GcKeep, _: Duration) -> BoxFuture<'a, Vec<Removed>> {
         Box::pin(async { Vec::new() })
     }
-    fn deploy_function(&self, _: FunctionDeploy) -> BoxFuture<'_, Result<(), BuildError>> {
+    fn deploy_function(
+        &self,
+        _: FunctionDeploy,
+    ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
         let fails = self.deploy_fails;
         Box::pin(async move {
             if fails {
                 Err(BuildError::Unsupported("this fake never deploys".into()))
             } else {
-                Ok(())
+                Ok(None)
             }
         })
     }
