@@ -48,6 +48,9 @@ pub struct KubernetesOptions {
     pub ready_timeout: Duration,
     /// How often a deploy looks at the rollout.
     pub poll_interval: Duration,
+    /// Leader election among the servers of this installation (who runs the cron
+    /// scheduler); `None`: this server leads.
+    pub lease: Option<crate::lease::LeaseConfig>,
     /// The URL of a function's runner: by default its Service in cluster DNS,
     /// `http://fn-<name>.<namespace>.svc` (Knative: `http://fn-<name>.<namespace>.svc`
     /// too, its cluster-local address).
@@ -64,6 +67,7 @@ impl KubernetesOptions {
             runner,
             ready_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
+            lease: None,
             function_url: Arc::new(|ns, name| format!("http://fn-{name}.{ns}.svc")),
         }
     }
@@ -78,6 +82,7 @@ pub struct KubernetesBackend {
     deployed: Mutex<HashMap<(String, String), (String, String)>>,
     /// The last failure of an image's build, by image digest.
     logs: Mutex<HashMap<String, String>>,
+    leader: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,7 +110,12 @@ fn kube_error(what: &str, e: kube::Error) -> BuildError {
 impl KubernetesBackend {
     pub fn new(client: kube::Client, options: KubernetesOptions) -> Arc<KubernetesBackend> {
         let registry = Registry::new(options.registry.clone());
+        let leader = options
+            .lease
+            .clone()
+            .map(|cfg| crate::lease::spawn(client.clone(), cfg));
         Arc::new(KubernetesBackend {
+            leader,
             client,
             registry,
             options,
@@ -396,6 +406,10 @@ impl Backend for KubernetesBackend {
         logs: LiveLogs,
     ) -> Option<BoxFuture<'a, JobEnd>> {
         Some(Box::pin(self.job_to_end(job, logs)))
+    }
+
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.leader.clone()
     }
 }
 

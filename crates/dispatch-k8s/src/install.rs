@@ -7,12 +7,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, KeyToPath, Namespace, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Namespace,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -70,6 +73,21 @@ fn app_labels() -> BTreeMap<String, String> {
         ("app.kubernetes.io/name".into(), "dispatch".into()),
         ("app.kubernetes.io/component".into(), "server".into()),
     ])
+}
+
+/// A variable from the pod's own fields (the downward API).
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -139,6 +157,29 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
             ..Default::default()
         }]),
     }));
+    // The scheduler's Lease, in the server's own namespace only.
+    push(serde_json::to_value(Role {
+        metadata: meta(NAME, ns),
+        rules: Some(vec![rule(
+            &["coordination.k8s.io"],
+            &["leases"],
+            &["get", "create", "update"],
+        )]),
+    }));
+    push(serde_json::to_value(RoleBinding {
+        metadata: meta(NAME, ns),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: NAME.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: NAME.into(),
+            namespace: Some(i.namespace.clone()),
+            ..Default::default()
+        }]),
+    }));
     push(serde_json::to_value(PersistentVolumeClaim {
         metadata: meta("dispatch-data", ns),
         spec: Some(PersistentVolumeClaimSpec {
@@ -190,12 +231,17 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
         image: Some(i.image.clone()),
         command: Some(vec!["dispatch".into()]),
         args: Some(args),
-        env: Some(vec![EnvVar {
-            // The registry Secret's .dockerconfigjson, mounted as config.json.
-            name: "DOCKER_CONFIG".into(),
-            value: Some("/etc/dispatch/registry".into()),
-            ..Default::default()
-        }]),
+        env: Some(vec![
+            EnvVar {
+                // The registry Secret's .dockerconfigjson, mounted as config.json.
+                name: "DOCKER_CONFIG".into(),
+                value: Some("/etc/dispatch/registry".into()),
+                ..Default::default()
+            },
+            // Who holds the scheduler's Lease, and where it lives.
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
         ports: Some(vec![
             ContainerPort {
                 name: Some("api".into()),

@@ -7,12 +7,14 @@
 //! Jobs for executions, deletes), tested against kube's tower-test mock API server; builds
 //! function images without a daemon ([`oci`], [`image`]); and [`backend::KubernetesBackend`]
 //! puts these together behind the server's `Backend` seam (`dispatch server --backend
-//! kubernetes`), which also runs job executions as Jobs. Not built yet: resources stored as
-//! custom resources, the cron Lease.
+//! kubernetes`), which also runs job executions as Jobs and elects the cron scheduler's
+//! server by Lease ([`lease`]); [`install`] renders what installs it. Not built yet:
+//! resources stored as custom resources.
 
 pub mod backend;
 pub mod image;
 pub mod install;
+pub mod lease;
 pub mod oci;
 
 use std::collections::BTreeMap;

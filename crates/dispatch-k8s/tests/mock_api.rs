@@ -399,3 +399,96 @@ async fn knative_services_are_applied_and_deleted() {
         .expect("an absent Knative Service is already deleted");
     server.await.unwrap();
 }
+
+fn lease(holder: &str, renewed: &str, transitions: i32) -> serde_json::Value {
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "dispatch-scheduler", "namespace": "dispatch", "resourceVersion": "41"},
+        "spec": {"holderIdentity": holder, "renewTime": renewed, "acquireTime": renewed,
+                 "leaseDurationSeconds": 15, "leaseTransitions": transitions}})
+}
+
+/// The cron scheduler's Lease: taken when free or expired, renewed when ours, left alone when
+/// another server holds it; a lost race (409) is just "not the leader".
+#[tokio::test]
+async fn the_scheduler_lease_is_taken_renewed_and_respected() {
+    use dispatch_k8s::lease::{LeaseConfig, step};
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let cfg = LeaseConfig::new("dispatch", "server-a");
+    let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+    let path = "/apis/coordination.k8s.io/v1/namespaces/dispatch/leases";
+    let cluster = tokio::spawn(async move {
+        // 1. No Lease yet: created with us as holder.
+        let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+        assert!(
+            m == Method::GET && uri.starts_with(&format!("{path}/dispatch-scheduler")),
+            "{uri}"
+        );
+        let (m, uri, body) = answer(
+            &mut handle,
+            201,
+            lease("server-a", "2026-11-23T10:00:00Z", 0),
+        )
+        .await;
+        assert!(m == Method::POST && uri.starts_with(path), "{uri}");
+        assert_eq!(body["spec"]["holderIdentity"], "server-a");
+        assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        // 2. Ours: renewed, with the resourceVersion read (compare-and-swap).
+        answer(
+            &mut handle,
+            200,
+            lease("server-a", "2026-11-23T09:59:58Z", 0),
+        )
+        .await;
+        let (m, _, body) = answer(
+            &mut handle,
+            200,
+            lease("server-a", "2026-11-23T10:00:00Z", 0),
+        )
+        .await;
+        assert_eq!(m, Method::PUT);
+        assert_eq!(body["metadata"]["resourceVersion"], "41");
+        assert_eq!(body["spec"]["renewTime"], "2026-11-23T10:00:00.000000Z");
+        assert_eq!(body["spec"]["leaseTransitions"], 0);
+        // 3. Another server renewed 5 s ago: left alone (no write).
+        answer(
+            &mut handle,
+            200,
+            lease("server-b", "2026-11-23T09:59:55Z", 3),
+        )
+        .await;
+        // 4. Another server stopped renewing 60 s ago: taken over.
+        answer(
+            &mut handle,
+            200,
+            lease("server-b", "2026-11-23T09:59:00Z", 3),
+        )
+        .await;
+        let (m, _, body) = answer(
+            &mut handle,
+            200,
+            lease("server-a", "2026-11-23T10:00:00Z", 4),
+        )
+        .await;
+        assert_eq!(m, Method::PUT);
+        assert_eq!(body["spec"]["holderIdentity"], "server-a");
+        assert_eq!(body["spec"]["leaseTransitions"], 4);
+        // 5. Expired, but another server took it first: 409, not the leader.
+        answer(
+            &mut handle,
+            200,
+            lease("server-b", "2026-11-23T09:59:00Z", 3),
+        )
+        .await;
+        answer(&mut handle, 409, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"})).await;
+    });
+    assert!(step(&client, &cfg, now).await.unwrap(), "1: created");
+    assert!(step(&client, &cfg, now).await.unwrap(), "2: renewed");
+    assert!(
+        !step(&client, &cfg, now).await.unwrap(),
+        "3: held by another"
+    );
+    assert!(step(&client, &cfg, now).await.unwrap(), "4: taken over");
+    assert!(!step(&client, &cfg, now).await.unwrap(), "5: lost the race");
+    cluster.await.unwrap();
+}

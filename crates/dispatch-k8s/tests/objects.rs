@@ -151,7 +151,7 @@ fn job_from_a_rendered_template() {
 fn install_objects_are_valid_and_least_privilege() {
     use dispatch_k8s::install::{Install, objects};
     use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ServiceAccount};
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     let mut install = Install::new("reg.example/dispatch/server:1", "reg.example/fns");
     install.insecure_registries = vec!["reg.local:5000".into()];
     let all = objects(&install);
@@ -172,6 +172,12 @@ fn install_objects_are_valid_and_least_privilege() {
                 &serde_json::from_value(o.clone()).unwrap(),
             )),
             "ClusterRoleBinding" => drop(round_trip::<ClusterRoleBinding>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "Role" => drop(round_trip::<Role>(
+                &serde_json::from_value(o.clone()).unwrap(),
+            )),
+            "RoleBinding" => drop(round_trip::<RoleBinding>(
                 &serde_json::from_value(o.clone()).unwrap(),
             )),
             "PersistentVolumeClaim" => drop(round_trip::<PersistentVolumeClaim>(
@@ -197,6 +203,8 @@ fn install_objects_are_valid_and_least_privilege() {
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "PersistentVolumeClaim",
             "Deployment",
             "Service"
@@ -237,6 +245,13 @@ fn install_objects_are_valid_and_least_privilege() {
             "/pods: list",
             "/pods/log: get",
         ]
+    );
+    // The scheduler's Lease: in the server's namespace only, nothing else.
+    let role = all.iter().find(|o| o["kind"] == "Role").unwrap();
+    assert_eq!(role["metadata"]["namespace"], "dispatch");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}])
     );
     install.knative = true;
     let role = dispatch_k8s::install::cluster_role(&install);

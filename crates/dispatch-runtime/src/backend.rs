@@ -184,6 +184,12 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Option<BoxFuture<'a, JobEnd>> {
         None
     }
+
+    /// Whether this server leads its installation now, for work only one server may do (the
+    /// cron scheduler); `None`: it is the only one (embedded).
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// How a job execution ended on a backend that runs jobs itself.

@@ -290,7 +290,14 @@ async fn fire(state: &Arc<AppState>, d: &CronDriver, at: jiff::Timestamp) {
 pub fn spawn_cron(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let clock = state.queue.clock;
+        // With several servers, only the leader fires (a Kubernetes Lease).
+        let mut leader = state.backend.leadership();
         loop {
+            if let Some(rx) = leader.as_mut()
+                && rx.wait_for(|leads| *leads).await.is_err()
+            {
+                return; // the election stopped: so does the scheduler
+            }
             let drivers = cron_drivers(&state).await;
             let now = clock.now();
             let mut next_wake: Option<jiff::Timestamp> = None;
@@ -361,14 +368,28 @@ pub fn spawn_cron(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task::JoinH
                     next_wake = Some(next_wake.map_or(n, |w| w.min(n)));
                 }
             }
+            let lost = async {
+                match leader.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|leads| !*leads).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             match next_wake {
                 Some(at) => {
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep_until(clock.instant_at(at)) => {}
+                        _ = lost => {}
                     }
                 }
-                None => wake.notified().await,
+                None => {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = lost => {}
+                    }
+                }
             }
         }
     })

@@ -35,7 +35,11 @@ impl World {
     }
 
     async fn start(&self) -> (Arc<AppState>, Arc<FakeBackend>) {
-        let backend = Arc::new(FakeBackend::default());
+        self.start_with(FakeBackend::default()).await
+    }
+
+    async fn start_with(&self, backend: FakeBackend) -> (Arc<AppState>, Arc<FakeBackend>) {
+        let backend = Arc::new(backend);
         let opts = Options {
             auth: false,
             clock: Some(self.clock),
@@ -153,4 +157,31 @@ async fn missed_runs_once() {
 #[tokio::test(start_paused = true)]
 async fn missed_runs_all() {
     assert_eq!(downtime_with("all").await, 5);
+}
+
+/// With several servers only the Lease holder fires: none while this one follows, fires
+/// once it leads, none again once it loses the Lease.
+#[tokio::test(start_paused = true)]
+async fn only_the_leader_fires() {
+    let w = World::new();
+    w.seed("@every 10s", "skip");
+    let (lead, leads) = tokio::sync::watch::channel(false);
+    let (state, backend) = w
+        .start_with(FakeBackend {
+            leader: Some(leads),
+            ..Default::default()
+        })
+        .await;
+    deployed(&state).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(calls(&backend), 0, "a follower does not fire");
+    lead.send_replace(true);
+    until_calls(&backend, 2).await;
+    lead.send_replace(false);
+    // Let a fire already under way finish, then nothing more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = calls(&backend);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(calls(&backend), n, "no fire after losing the lease");
+    state.stop().await;
 }

@@ -73,6 +73,10 @@ pub struct Server {
     /// namespace)
     #[arg(long, value_name = "SECRET")]
     pub pull_secret: Option<String>,
+    /// Kubernetes: the namespace of the Lease electing the server that runs the cron
+    /// scheduler (this server's; holder: $POD_NAME, else the host name)
+    #[arg(long, env = "POD_NAMESPACE", default_value = "dispatch")]
+    pub lease_namespace: String,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -111,6 +115,16 @@ impl Server {
             super::k8s::registry_options(&self.insecure_registry, self.docker_config.as_deref())?;
         options.knative = self.knative;
         options.pull_secret = self.pull_secret.clone();
+        let holder = std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("dispatch-{}", std::process::id()));
+        options.lease = Some(dispatch_k8s::lease::LeaseConfig::new(
+            &self.lease_namespace,
+            &holder,
+        ));
         let backend = dispatch_k8s::backend::KubernetesBackend::connect(options)
             .await
             .context(

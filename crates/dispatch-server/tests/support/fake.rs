@@ -19,6 +19,8 @@ use tokio::time::Instant;
 pub struct FakeBackend {
     pub deploy_fails: bool,
     pub calls: Mutex<Vec<Instant>>,
+    /// Leadership as a Kubernetes Lease would report it; `None`: always the leader.
+    pub leader: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Backend for FakeBackend {
@@ -81,6 +83,9 @@ impl Backend for FakeBackend {
     }
     fn remove_function<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async {})
+    }
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.leader.clone()
     }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
