@@ -292,24 +292,18 @@ async fn pip_layer(
         .map_err(io("writing requirements.txt"))?;
     let target = dir.path().join("site");
     let mut pip = tokio::process::Command::new(python);
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--disable-pip-version-check",
-    ])
-    .args([
-        "--no-compile",
-        "--only-binary=:all:",
-        "--implementation",
-        "cp",
-    ])
-    .args(["--platform", manylinux(arch)?])
-    .args(["--python-version", &format!("{major}.{minor}")])
-    .arg("--target")
-    .arg(&target)
-    .args(["-r", "requirements.txt"]);
+    pip.args(dispatch_runtime::build::PIP_INSTALL)
+        .args([
+            "--no-compile",
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+        ])
+        .args(["--platform", manylinux(arch)?])
+        .args(["--python-version", &format!("{major}.{minor}")])
+        .arg("--target")
+        .arg(&target)
+        .args(["-r", "requirements.txt"]);
     if let Some(url) = index_url {
         pip.args(["--index-url", url]);
     }

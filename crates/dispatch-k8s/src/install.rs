@@ -75,6 +75,24 @@ fn app_labels() -> BTreeMap<String, String> {
     ])
 }
 
+/// What binds role `kind` (`Role` or `ClusterRole`) named like the server to its service
+/// account in `namespace`.
+fn binding(kind: &str, namespace: &str) -> (RoleRef, Option<Vec<Subject>>) {
+    (
+        RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: kind.into(),
+            name: NAME.into(),
+        },
+        Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: NAME.into(),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        }]),
+    )
+}
+
 /// A variable from the pod's own fields (the downward API).
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
@@ -143,19 +161,11 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
         ..Default::default()
     }));
     push(serde_json::to_value(cluster_role(i)));
+    let (role_ref, subjects) = binding("ClusterRole", &i.namespace);
     push(serde_json::to_value(ClusterRoleBinding {
         metadata: meta(NAME, None),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: NAME.into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: NAME.into(),
-            namespace: Some(i.namespace.clone()),
-            ..Default::default()
-        }]),
+        role_ref,
+        subjects,
     }));
     // The scheduler's Lease, in the server's own namespace only.
     push(serde_json::to_value(Role {
@@ -166,19 +176,11 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
             &["get", "create", "update"],
         )]),
     }));
+    let (role_ref, subjects) = binding("Role", &i.namespace);
     push(serde_json::to_value(RoleBinding {
         metadata: meta(NAME, ns),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: NAME.into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: NAME.into(),
-            namespace: Some(i.namespace.clone()),
-            ..Default::default()
-        }]),
+        role_ref,
+        subjects,
     }));
     push(serde_json::to_value(PersistentVolumeClaim {
         metadata: meta("dispatch-data", ns),

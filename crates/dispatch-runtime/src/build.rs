@@ -33,6 +33,15 @@ const REASON_LINES: usize = 8;
 
 pub const COMPLETE_MARKER: &str = ".complete";
 
+/// `python` arguments that run pip's install quietly (no prompts, no version nagging).
+pub const PIP_INSTALL: [&str; 5] = [
+    "-m",
+    "pip",
+    "install",
+    "--no-input",
+    "--disable-pip-version-check",
+];
+
 /// `npm` arguments that install a package.json's runtime dependencies, nothing else.
 pub const NPM_INSTALL: [&str; 5] = [
     "install",
@@ -185,15 +194,7 @@ impl ImageBuilder {
                 .await?;
                 progress("installing dependencies with pip");
                 let mut pip = tokio::process::Command::new(venv.join("bin").join("python"));
-                pip.args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--no-input",
-                    "--disable-pip-version-check",
-                    "-r",
-                    "requirements.txt",
-                ]);
+                pip.args(PIP_INSTALL).args(["-r", "requirements.txt"]);
                 if let Some(url) = &build.index_url {
                     pip.args(["--index-url", url]);
                 }
