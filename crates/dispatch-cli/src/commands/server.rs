@@ -102,8 +102,16 @@ impl Server {
     /// The Kubernetes backend when asked for (none: the embedded one).
     async fn backend(&self) -> Result<Option<std::sync::Arc<dyn dispatch_runtime::Backend>>> {
         if self.backend != "kubernetes" {
-            if self.registry.is_some() || self.knative || self.pull_secret.is_some() {
-                anyhow::bail!("--registry, --knative and --pull-secret need --backend kubernetes");
+            if self.registry.is_some()
+                || self.knative
+                || self.pull_secret.is_some()
+                || !self.insecure_registry.is_empty()
+                || self.docker_config.is_some()
+            {
+                anyhow::bail!(
+                    "--registry, --insecure-registry, --docker-config, --knative and \
+                     --pull-secret need --backend kubernetes"
+                );
             }
             return Ok(None);
         }
