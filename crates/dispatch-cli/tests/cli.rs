@@ -1085,6 +1085,18 @@ fn committed_install_manifests_match_the_generator() {
         committed,
         "regenerate: dispatch {command} > deploy/kubernetes/dispatch.yaml"
     );
+    // Kubernetes flags without the Kubernetes backend are refused, not ignored.
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(["server", "--knative", "--data-dir"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("need --backend kubernetes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A bad namespace is refused.
     let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
         .args([
