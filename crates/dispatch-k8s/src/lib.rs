@@ -31,9 +31,9 @@ use k8s_openapi::api::core::v1::{
     ServicePort, ServiceSpec,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, CustomResourceDefinitionNames, CustomResourceDefinitionSpec,
-    CustomResourceDefinitionVersion, CustomResourceSubresourceStatus, CustomResourceSubresources,
-    CustomResourceValidation, JSONSchemaProps,
+    CustomResourceColumnDefinition, CustomResourceDefinition, CustomResourceDefinitionNames,
+    CustomResourceDefinitionSpec, CustomResourceDefinitionVersion, CustomResourceSubresourceStatus,
+    CustomResourceSubresources, CustomResourceValidation, JSONSchemaProps,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -50,6 +50,16 @@ fn labels(ns: &str, function: &str) -> BTreeMap<String, String> {
         ("dispatch.dev/namespace".into(), ns.into()),
         ("dispatch.dev/function".into(), function.into()),
     ])
+}
+
+fn column(name: &str, type_: &str, path: &str, priority: i32) -> CustomResourceColumnDefinition {
+    CustomResourceColumnDefinition {
+        name: name.into(),
+        type_: type_.into(),
+        json_path: path.into(),
+        priority: (priority > 0).then_some(priority),
+        ..Default::default()
+    }
 }
 
 /// One CRD per kind: namespaced, `dispatch.dev/v1`, a status subresource, and a structural
@@ -92,6 +102,12 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
                         name: "v1".into(),
                         served: true,
                         storage: true,
+                        // `kubectl get functions` shows what `dispatch get functions` does.
+                        additional_printer_columns: Some(vec![
+                            column("Phase", "string", ".status.phase", 0),
+                            column("Reason", "string", ".status.reason", 1),
+                            column("Age", "date", ".metadata.creationTimestamp", 0),
+                        ]),
                         schema: Some(CustomResourceValidation {
                             open_api_v3_schema: Some(schema),
                         }),

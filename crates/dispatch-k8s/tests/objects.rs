@@ -326,3 +326,24 @@ fn concurrency_beyond_one_pod_gets_an_autoscaler() {
         "{env}"
     );
 }
+
+#[test]
+fn kubectl_get_shows_phase_reason_and_age() {
+    for crd in crds() {
+        let json = round_trip::<CustomResourceDefinition>(&crd);
+        let cols: Vec<(&str, &str)> = json["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap(), c["jsonPath"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                ("Phase", ".status.phase"),
+                ("Reason", ".status.reason"),
+                ("Age", ".metadata.creationTimestamp")
+            ]
+        );
+    }
+}
