@@ -40,7 +40,7 @@ off), deploys the hello examples and measures: the bare worker round trip; warm 
 gateway and the API at each concurrency (req/s, p50, p99); cold starts after scale to zero per \
 start method (fork from the Python zygote, a plain spawn, a Node spare), end to end and split \
 into steps; idle warm worker USS; and with --functions N registered functions: list time, \
-route lookup and server RSS per function. The load generator runs in this process on one \
+route lookup and the RSS growth per function of a dispatch server process of its own. The load generator runs in this process on one \
 thread, with one keep-alive connection per concurrent caller."
 )]
 pub struct Bench {
@@ -145,6 +145,8 @@ pub struct Scale {
     pub route_lookup_ns_all: f64,
     /// A warm gateway call to the last function registered, p50.
     pub gateway_p50_us_last: f64,
+    /// RSS of a `dispatch server` process of its own before and after the same functions
+    /// are registered there (READY), and the growth per function.
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub rss_per_function_bytes: f64,
@@ -643,8 +645,9 @@ fn memory_of(pid: i32) -> Result<(u64, u64)> {
     ))
 }
 
-fn rss_self_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// VmRSS of process `pid`, in KiB (0 when unreadable).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|t| {
             t.lines()
@@ -678,15 +681,58 @@ async fn scale(s: &Setup, n: usize) -> Result<Scale> {
         .map(str::to_string)
         .context("hello has no source")?;
     // Memory is measured after the allocator has seen a warm-up of the same work.
-    let rss_before = rss_self_kib();
     let t = Instant::now();
+    register(&s.client, 0..n, &src).await?;
+    let last = format!("f{}", n - 1);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (0..n).any(|i| s.local.pool("default", &format!("f{i}")).is_none()) {
+        if Instant::now() > deadline {
+            bail!("the {n} functions were not all deployed within 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let register_seconds = t.elapsed().as_secs_f64();
+    let mut lists = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let all = s.client.list(Kind::Function).await?;
+        lists.push(t.elapsed().as_secs_f64() * 1e3);
+        if all.len() < n {
+            bail!("listed {} functions, expected at least {n}", all.len());
+        }
+    }
+    let all = lookup_ns(&format!("/{last}"));
+    let gw = load(
+        "gateway",
+        Request::get(s.gateway, &format!("/{last}?name=bench")),
+        1,
+        Duration::from_millis(500),
+    )
+    .await?;
+    let (rss_before, rss_after) = server_rss(n).await?;
+    Ok(Scale {
+        functions: n,
+        register_seconds,
+        list_ms: pct(&mut lists, 0.5),
+        route_lookup_ns_one: one,
+        route_lookup_ns_all: all,
+        gateway_p50_us_last: gw.p50_us,
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        rss_per_function_bytes: (rss_after.saturating_sub(rss_before) * 1024) as f64 / n as f64,
+    })
+}
+
+/// Creates functions `f{i}` for `i` in `range` (all of source `src` on image `py`) with an
+/// endpoint each, from 8 concurrent callers.
+async fn register(client: &Client, range: std::ops::Range<usize>, src: &str) -> Result<()> {
     let workers = 8;
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..workers {
-        let client = s.client.clone();
-        let src = src.clone();
+        let client = client.clone();
+        let src = src.to_string();
         tasks.spawn(async move {
-            for i in (w..n).step_by(workers) {
+            for i in (range.start + w..range.end).step_by(workers) {
                 let name = format!("f{i}");
                 client
                     .create(&Object::new(
@@ -711,44 +757,87 @@ async fn scale(s: &Setup, n: usize) -> Result<Scale> {
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    let last = format!("f{}", n - 1);
+    Ok(())
+}
+
+/// The server's RSS (KiB) before and after registering `n` functions with endpoints, on a
+/// `dispatch server` process of its own: this process also runs the client and the load
+/// generator, whose memory is not the server's.
+async fn server_rss(n: usize) -> Result<(u64, u64)> {
+    let dir = tempfile::Builder::new()
+        .prefix("dispatch-bench-rss-")
+        .tempdir()?;
+    let free = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (api, gw) = (free()?, free()?);
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["server", "--insecure-no-auth", "--data-dir"])
+        .arg(dir.path())
+        .args(["--api-addr", &format!("127.0.0.1:{api}")])
+        .args(["--gateway-addr", &format!("127.0.0.1:{gw}")])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a dispatch server for the memory measure")?;
+    let pid = child.id().context("the server has no pid")?;
+    let client = Client::new(&dispatch_client::Target {
+        server: format!("http://127.0.0.1:{api}"),
+        token: None,
+        namespace: "default".into(),
+        insecure: false,
+    })?;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while (0..n).any(|i| s.local.pool("default", &format!("f{i}")).is_none()) {
+    let wait = |what: String| {
         if Instant::now() > deadline {
-            bail!("the {n} functions were not all deployed within 10 minutes");
+            bail!("{what} within 10 minutes");
         }
+        Ok(())
+    };
+    while !client.ready().await {
+        wait("the server was not ready".into())?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client
+        .create(&Object::new(
+            Kind::Image,
+            "default",
+            "py",
+            json!({"baseImage": "python3"}),
+        ))
+        .await?;
+    let src_dir = tempfile::tempdir()?;
+    let py = src_dir.path().join("hello.py");
+    std::fs::write(&py, HELLO_PY)?;
+    let src = super::upload(&client, "default", "hello", &py).await?;
+    // One function first, so that the image, the zygote and the allocator are warm.
+    register(&client, 0..1, &src).await?;
+    let ready = |client: Client, want: usize| async move {
+        let all = client.list(Kind::Function).await?;
+        anyhow::Ok(
+            all.iter()
+                .filter(|f| f.phase() == Some(dispatch_core::Phase::Ready))
+                .count()
+                >= want,
+        )
+    };
+    while !ready(client.clone(), 1).await? {
+        wait("the first function was not READY".into())?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let register_seconds = t.elapsed().as_secs_f64();
-    let rss_after = rss_self_kib();
-    let mut lists = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let all = s.client.list(Kind::Function).await?;
-        lists.push(t.elapsed().as_secs_f64() * 1e3);
-        if all.len() < n {
-            bail!("listed {} functions, expected at least {n}", all.len());
-        }
+    let before = rss_kib(pid);
+    register(&client, 1..n + 1, &src).await?;
+    while !ready(client.clone(), n + 1).await? {
+        wait(format!("the {n} functions were not all READY"))?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let all = lookup_ns(&format!("/{last}"));
-    let gw = load(
-        "gateway",
-        Request::get(s.gateway, &format!("/{last}?name=bench")),
-        1,
-        Duration::from_millis(500),
-    )
-    .await?;
-    Ok(Scale {
-        functions: n,
-        register_seconds,
-        list_ms: pct(&mut lists, 0.5),
-        route_lookup_ns_one: one,
-        route_lookup_ns_all: all,
-        gateway_p50_us_last: gw.p50_us,
-        rss_before_kib: rss_before,
-        rss_after_kib: rss_after,
-        rss_per_function_bytes: (rss_after.saturating_sub(rss_before) * 1024) as f64 / n as f64,
-    })
+    let after = rss_kib(pid);
+    let _ = child.kill().await;
+    Ok((before, after))
 }
 
 /// The `q` quantile (0..1) of `v`, which it sorts (0 when empty). The cargo benches use it too.
