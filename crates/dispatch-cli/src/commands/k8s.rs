@@ -28,13 +28,10 @@ pub enum K8sWhat {
     Manifests(ManifestArgs),
 }
 
-/// Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its
-/// namespace, the CRDs, a service account with a ClusterRole limited to function Deployments
-/// and Services (Knative Services with --knative), a PersistentVolumeClaim for the SQL store,
-/// the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API
-/// (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson
-/// Secret named by --registry-secret in the same namespace (optional).
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its namespace, the CRDs, a service account with a ClusterRole limited to what the server does (function Deployments, Services, autoscalers or Knative Services; Jobs, their pods and logs) and a Role for the scheduler's Lease, a PersistentVolumeClaim for the SQL store, the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson Secret named by --registry-secret in the same namespace (optional)."
+)]
 pub struct ManifestArgs {
     /// The server's image (the dispatch binary with python3/pip and node/npm)
     #[arg(long)]
@@ -59,13 +56,10 @@ pub struct ManifestArgs {
     pub storage: String,
 }
 
-/// Layers added to the base: this `dispatch` binary as the runner (entrypoint `dispatch
-/// runner`), the language bootstrap, the dependencies installed for the image's platform, and
-/// the source under /function. The tag is the content digest; blobs and the manifest are
-/// pushed only when the registry lacks them. Credentials come from a Docker config
-/// (--docker-config, else $DOCKER_CONFIG/config.json or ~/.docker/config.json).
 #[derive(Debug, clap::Args)]
-#[command(long_about = None)]
+#[command(
+    after_help = "Layers added to the base: this `dispatch` binary as the runner (entrypoint `dispatch runner`), the language bootstrap, the dependencies installed for the image's platform, and the source under /function. The tag is the content digest; blobs and the manifest are pushed only when the registry lacks them. Credentials come from a Docker config (--docker-config, else $DOCKER_CONFIG/config.json or ~/.docker/config.json)."
+)]
 pub struct ImageArgs {
     /// Function name (the image is <repository>/<name>:<digest hex>)
     pub name: String,
