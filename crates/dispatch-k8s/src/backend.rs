@@ -490,9 +490,10 @@ const JOB_LOG_BYTES: i64 = 1024 * 1024;
 
 impl KubernetesBackend {
     /// Creates the execution's Job (or follows it, when a restarted server finds it there),
-    /// polls it to its end, then reads its last pod's exit code and logs.
+    /// watches it to its end, then reads its last pod's exit code and logs.
     async fn job_to_end(&self, exec: &JobExecution, logs: LiveLogs) -> JobEnd {
-        use kube::api::{Api, PostParams};
+        use futures_util::StreamExt as _;
+        use kube::api::{Api, PostParams, WatchEvent, WatchParams};
         let object = match crate::job(exec, None) {
             Ok(j) => j,
             Err(e) => {
@@ -516,20 +517,59 @@ impl KubernetesBackend {
             name: name.clone(),
             armed: true,
         };
-        let mut end = loop {
-            match api.get(&name).await {
-                Ok(j) => {
-                    if let Some(end) = job_end(&j) {
-                        break end;
-                    }
-                }
+        // The Job as it is, then its changes by watch from that version, until it ends; a
+        // watch that closes (server timeout, 410 Gone) starts over from a fresh read.
+        let mut end = 'follow: loop {
+            let current = match api.get(&name).await {
+                Ok(j) => j,
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     guard.armed = false;
                     return job_failed(format!("Job {name} was deleted outside Dispatch"));
                 }
-                Err(e) => tracing::warn!(job = %name, "reading the Job: {e}"),
+                Err(e) => {
+                    tracing::warn!(job = %name, "reading the Job: {e}");
+                    tokio::time::sleep(self.options.poll_interval).await;
+                    continue;
+                }
+            };
+            if let Some(end) = job_end(&current) {
+                break end;
             }
-            tokio::time::sleep(self.options.poll_interval).await;
+            let version = current.metadata.resource_version.unwrap_or_default();
+            let params = WatchParams::default()
+                .fields(&format!("metadata.name={name}"))
+                .timeout(290);
+            let events = match api.watch(&params, &version).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(job = %name, "watching the Job: {e}");
+                    tokio::time::sleep(self.options.poll_interval).await;
+                    continue;
+                }
+            };
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(WatchEvent::Added(j) | WatchEvent::Modified(j)) => {
+                        if let Some(end) = job_end(&j) {
+                            break 'follow end;
+                        }
+                    }
+                    Ok(WatchEvent::Deleted(_)) => {
+                        guard.armed = false;
+                        return job_failed(format!("Job {name} was deleted outside Dispatch"));
+                    }
+                    Ok(WatchEvent::Bookmark(_)) => {}
+                    Ok(WatchEvent::Error(e)) => {
+                        tracing::debug!(job = %name, "watch ended: {}", e.message);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %name, "watching the Job: {e}");
+                        break;
+                    }
+                }
+            }
         };
         guard.armed = false;
         match self.last_pod(&exec.namespace, &name).await {

@@ -129,7 +129,7 @@ pub fn cluster_role(i: &Install) -> ClusterRole {
         rule(&[""], &["services"], &verbs),
         rule(&["autoscaling"], &["horizontalpodautoscalers"], &verbs),
         // Job executions: a Job per execution, followed to its end, its last pod's logs.
-        rule(&["batch"], &["jobs"], &["create", "get", "delete"]),
+        rule(&["batch"], &["jobs"], &["create", "get", "watch", "delete"]),
         rule(&[""], &["pods"], &["list"]),
         rule(&[""], &["pods/log"], &["get"]),
     ];

@@ -227,7 +227,7 @@ fn k8s_backend(client: kube::Client) -> std::sync::Arc<dispatch_k8s::backend::Ku
 }
 
 fn job_status(status: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "sample-0193c1f2", "namespace": "default"}, "status": status})
+    json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "sample-0193c1f2", "namespace": "default", "resourceVersion": "7"}, "status": status})
 }
 
 fn pod_list(exit_code: i32) -> serde_json::Value {
@@ -281,14 +281,31 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
                 && uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
             "{uri}"
         );
-        answer(
-            &mut handle,
-            200,
-            job_status(
+        // Then a watch from that version: one change while it runs, then its end.
+        let (req, send) = handle.next_request().await.expect("a watch");
+        let uri = req.uri().to_string();
+        assert!(
+            uri.starts_with("/apis/batch/v1/namespaces/default/jobs?")
+                && uri.contains("watch=true")
+                && uri.contains("fieldSelector=metadata.name%3Dsample-0193c1f2")
+                && uri.contains("resourceVersion=7"),
+            "{uri}"
+        );
+        let events = [
+            json!({"type": "MODIFIED", "object": job_status(json!({"active": 1}))}),
+            json!({"type": "MODIFIED", "object": job_status(
                 json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}),
-            ),
-        )
-        .await;
+            )}),
+        ]
+        .iter()
+        .map(|e| format!("{e}\n"))
+        .collect::<String>();
+        send.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(events.into_bytes()))
+                .unwrap(),
+        );
         let (_, uri, _) = answer(&mut handle, 200, pod_list(0)).await;
         assert!(
             uri.starts_with("/api/v1/namespaces/default/pods?")
@@ -309,21 +326,36 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         answer(&mut handle, 200, pod_list(3)).await;
         answer_text(&mut handle, "boom\n").await;
 
-        // Cancelled: dropping the run deletes the Job with its pods.
+        // Cancelled: dropping the run (while it watches) deletes the Job with its pods.
         answer(&mut handle, 201, job_status(json!({}))).await;
         answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
-        // Polls go on until the run is dropped; then the delete comes.
-        loop {
-            let (m, uri, body) = answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
-            if m == Method::DELETE {
-                assert!(
-                    uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
-                    "{uri}"
-                );
-                assert_eq!(body["propagationPolicy"], "Background");
-                break;
-            }
-        }
+        let (watch, open_watch) = handle.next_request().await.expect("a watch");
+        assert!(watch.uri().to_string().contains("watch=true"));
+        let (delete, done) = handle.next_request().await.expect("the delete");
+        drop(open_watch); // the watch never answered: the run was dropped while it waited
+        assert_eq!(delete.method(), Method::DELETE);
+        assert!(
+            delete
+                .uri()
+                .to_string()
+                .starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+            "{}",
+            delete.uri()
+        );
+        let body: serde_json::Value =
+            serde_json::from_slice(&delete.into_body().collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(body["propagationPolicy"], "Background");
+        done.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(
+                    serde_json::to_vec(
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                    )
+                    .unwrap(),
+                ))
+                .unwrap(),
+        );
     });
 
     let logs = dispatch_runtime::jobrun::LiveLogs::default();
@@ -351,8 +383,8 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
 
     let running = backend.run_job(&exec, Default::default()).unwrap();
     let mut running = Box::pin(running);
-    // Let it create the Job and poll a few times, then cancel.
-    for _ in 0..3 {
+    // Let it create the Job and start watching, then cancel.
+    for _ in 0..20 {
         assert!(futures_util::poll!(running.as_mut()).is_pending());
         tokio::task::yield_now().await;
     }

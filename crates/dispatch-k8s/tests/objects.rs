@@ -241,7 +241,7 @@ fn install_objects_are_valid_and_least_privilege() {
             "apps/deployments: get,patch,delete",
             "/services: get,patch,delete",
             "autoscaling/horizontalpodautoscalers: get,patch,delete",
-            "batch/jobs: create,get,delete",
+            "batch/jobs: create,get,watch,delete",
             "/pods: list",
             "/pods/log: get",
         ]
