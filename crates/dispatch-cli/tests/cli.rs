@@ -454,7 +454,7 @@ fn async_runs_from_the_cli() {
     let code = s.dir.path().join("job.py");
     std::fs::write(
         &code,
-        "import time\ndef handle(context, payload):\n    time.sleep(payload.get('sleep', 0))\n    print('working on', payload.get('name'))\n    if payload.get('fail'):\n        raise RuntimeError('always fails')\n    return {'done': payload.get('name')}\n",
+        "import select\ndef handle(context, payload):\n    if payload.get('hang'):\n        select.select([], [], [])  # until cancelled\n    print('working on', payload.get('name'))\n    if payload.get('fail'):\n        raise RuntimeError('always fails')\n    return {'done': payload.get('name')}\n",
     )
     .unwrap();
     s.ok(&[
@@ -518,7 +518,7 @@ fn async_runs_from_the_cli() {
 
     // Cancel a running run.
     let long: Value =
-        serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"sleep": 30}"#]))
+        serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"hang": true}"#]))
             .unwrap();
     let long_id = long["id"].as_str().unwrap().to_string();
     eventually("the long run to be RUNNING", || {
@@ -605,7 +605,7 @@ fn job_templates_from_the_cli() {
     let tpl = s.dir.path().join("jobs.yaml");
     std::fs::write(
         &tpl,
-        "apiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {name: exit-7}\nspec:\n  jobTemplate:\n    spec:\n      backoffLimit: 0\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [sh, -c, 'echo failing >&2; exit 7']}\n---\napiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {name: sleeper}\nspec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [sleep, '30']}\n",
+        "apiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {name: exit-7}\nspec:\n  jobTemplate:\n    spec:\n      backoffLimit: 0\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [sh, -c, 'echo failing >&2; exit 7']}\n---\napiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {name: blocker}\nspec:\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: main, image: busybox, command: [tail, -f, /dev/null]}\n",
     )
     .unwrap();
     s.ok(&["apply", "-f", tpl.to_str().unwrap()]);
@@ -616,7 +616,7 @@ fn job_templates_from_the_cli() {
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&out.stderr).contains("failing"));
-    let started: Value = serde_json::from_str(&s.ok(&["execute", "sleeper"])).unwrap();
+    let started: Value = serde_json::from_str(&s.ok(&["execute", "blocker"])).unwrap();
     let uuid = started["uuid"].as_str().unwrap().to_string();
     assert_eq!(
         s.ok(&["cancel", "jobexecution", &uuid]),
@@ -627,7 +627,7 @@ fn job_templates_from_the_cli() {
             .contains("job template \"nope\" not found")
     );
     assert!(
-        s.ok(&["delete", "jobtemplate", "sleeper"])
+        s.ok(&["delete", "jobtemplate", "blocker"])
             .contains("deleted")
     );
 }

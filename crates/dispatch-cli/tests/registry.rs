@@ -774,18 +774,12 @@ async fn hello_scenario(
     use dispatch_core::{Kind, Object, Phase};
     let object = |kind, name: &str, spec: Value| Object::new(kind, "default", name, spec);
     let settled = |kind, name: &'static str| async move {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
+        let what = format!("{kind} {name} to settle");
+        eventually_async(&what, move || async move {
             let o = c.get(kind, name).await.unwrap();
-            if matches!(o.phase(), Some(Phase::Ready | Phase::Error)) {
-                return o;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{kind} {name} did not settle"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
-        }
+            matches!(o.phase(), Some(Phase::Ready | Phase::Error)).then_some(o)
+        })
+        .await
     };
     c.create(&object(
         Kind::BaseImage,
@@ -950,15 +944,11 @@ fn api_scenario_on_the_kubernetes_backend() {
         .unwrap();
         let started = c.execute("sample", b"payload".to_vec()).await.unwrap();
         let uuid = started["uuid"].as_str().unwrap().to_string();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let job = loop {
+        let job = eventually_async("the job execution to end", || async {
             let j = c.get_job(&uuid).await.unwrap();
-            if j.phase.is_final() {
-                break j;
-            }
-            assert!(std::time::Instant::now() < deadline, "job did not finish: {j:?}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval
-        };
+            j.phase.is_final().then_some(j)
+        })
+        .await;
         assert_eq!(job.phase, dispatch_core::JobPhase::Completed, "{job:?}");
         assert_eq!(job.logs.stdout, ["ran in the cluster"], "a local sh would have exited 7");
         server.stop().await.unwrap();
