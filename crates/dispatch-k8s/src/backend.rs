@@ -23,7 +23,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use serde_json::value::RawValue;
 
-use crate::image::{self, FunctionImage as ImageInput, ImageError};
+use crate::image::{self, ImageError, ImageRequest};
 use crate::oci::{Registry, RegistryOptions};
 use crate::{FunctionImage, Workload};
 
@@ -279,7 +279,7 @@ impl Backend for KubernetesBackend {
             {
                 return Ok(Some(image.clone())); // already serving this build
             }
-            let input = ImageInput {
+            let input = ImageRequest {
                 // `<repository>/<namespace>/<function>`: one repository per function.
                 name: format!("{}/{}", d.namespace, d.name),
                 language: d.base.language,

@@ -45,7 +45,7 @@ pub enum ImageError {
 }
 
 /// A function to turn into an image.
-pub struct FunctionImage {
+pub struct ImageRequest {
     pub name: String,
     pub language: Language,
     /// As in the function's spec (`None`: the default for the source).
@@ -85,7 +85,7 @@ pub struct Built {
 /// Builds the function's image and pushes what the registry lacks.
 pub async fn build(
     registry: &Registry,
-    f: &FunctionImage,
+    f: &ImageRequest,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Built, ImageError> {
     progress(&format!("reading base image {}", f.base));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 use dispatch_core::Language;
-use dispatch_k8s::image::FunctionImage;
+use dispatch_k8s::image::ImageRequest;
 use dispatch_k8s::oci::{Registry, RegistryOptions};
 
 /// Kubernetes helpers: CRDs, function images
@@ -216,7 +216,7 @@ impl ImageArgs {
             &self.insecure_registry,
             self.docker_config.as_deref(),
         )?);
-        let f = FunctionImage {
+        let f = ImageRequest {
             name: self.name.clone(),
             language,
             handler: self.handler.clone(),
