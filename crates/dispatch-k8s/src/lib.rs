@@ -16,6 +16,9 @@ pub mod image;
 pub mod install;
 pub mod lease;
 pub mod oci;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::collections::BTreeMap;
 

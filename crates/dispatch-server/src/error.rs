@@ -102,6 +102,12 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
             }
             StoreError::Conflict { .. } => Self::conflict(e.to_string()),
+            StoreError::Invalid { .. } => Self::bad_request(e.to_string()),
+            StoreError::Remote { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                e.to_string(),
+            ),
             _ => Self::internal("accessing the store", &e),
         }
     }

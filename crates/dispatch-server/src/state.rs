@@ -173,6 +173,12 @@ impl AppState {
             metrics: Default::default(),
         });
         state.controller.spawn(state.clone(), keys);
+        // Before the first list, so that nothing changed after it is missed (handled once
+        // start-up is done).
+        let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+        state.store.on_external_change(Box::new(move |c| {
+            let _ = changes_tx.send(c);
+        }));
         if let Err(e) = state.rebuild_routes().await {
             tracing::error!("failed to load endpoints: {}", e.message);
         }
@@ -207,6 +213,7 @@ impl AppState {
         }
         crate::events::recover(&state).await;
         let tasks = vec![
+            tokio::spawn(external_changes(state.clone(), changes)),
             Queue::spawn(state.clone()),
             Queue::spawn_expiry(state.clone()),
             crate::retention::spawn(state.clone()),
@@ -461,5 +468,21 @@ impl AppState {
         crate::jobs::stop_all(self);
         self.backend.shutdown().await;
         self.recorder.flush().await;
+    }
+}
+
+/// Resources changed outside this server (the store's watch), one at a time, in order.
+async fn external_changes(
+    state: Arc<AppState>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<dispatch_store::Changed>,
+) {
+    while let Some(change) = changes.recv().await {
+        let what = format!("{} {:?}", change.kind.human(), change.name);
+        if let Err(e) = crate::api::resources::changed_elsewhere(&state, change).await {
+            tracing::error!(
+                "failed to take in a change to {what} made outside this server: {}",
+                e.message
+            );
+        }
     }
 }

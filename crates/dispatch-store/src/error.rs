@@ -24,6 +24,17 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    /// The object was refused by where resources are kept (a Kubernetes API server's
+    /// validation): the message says what.
+    #[error("{kind} {name:?} was refused: {detail}")]
+    Invalid {
+        kind: &'static str,
+        name: String,
+        detail: String,
+    },
+    /// Where resources are kept (a Kubernetes API server) could not be reached or failed.
+    #[error("failed to {action}: {detail}")]
+    Remote { action: String, detail: String },
     #[error("sqlite error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("failed to migrate the database schema")]

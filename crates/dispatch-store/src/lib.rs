@@ -29,8 +29,27 @@ pub struct RunFilter {
     pub limit: Option<usize>,
 }
 
+/// A resource changed by someone else than this process (`kubectl`, another server): what
+/// [`Store::on_external_change`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// It is gone (otherwise it was created or changed: read it again).
+    pub deleted: bool,
+}
+
+/// What a store calls with each [`Changed`].
+pub type OnChange = Box<dyn Fn(Changed) + Send + Sync>;
+
 /// Resources and run records. Every method is a short blocking call.
 pub trait Store: Send + Sync + 'static {
+    /// Registers what to call when a resource is changed from outside this process. A store
+    /// that alone holds its resources (SQLite) never calls it; one that keeps them elsewhere
+    /// (custom resources on Kubernetes) does, from its watch.
+    fn on_external_change(&self, _f: OnChange) {}
+
     /// One resource, or `None`.
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>>;
 

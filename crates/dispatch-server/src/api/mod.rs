@@ -4,7 +4,7 @@
 mod events;
 pub mod jobs;
 mod namespaces;
-mod resources;
+pub(crate) mod resources;
 mod runs;
 mod tokens;
 

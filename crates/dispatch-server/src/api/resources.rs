@@ -352,29 +352,62 @@ pub async fn delete(
     }
     let (nsc, namec) = (ns.clone(), name.clone());
     let deleted = state.db(move |s| s.delete(&nsc, kind, &namec)).await?;
+    forget(&state, &ns, kind, &name).await?;
+    Ok(Json(deleted))
+}
+
+/// After a delete (through the API, or seen by the store's watch): a function stops serving
+/// and its runs go, an endpoint stops routing, a template's executions go, subscriptions and
+/// drivers stop; the controller has the last word.
+pub(crate) async fn forget(
+    state: &Arc<AppState>,
+    ns: &str,
+    kind: Kind,
+    name: &str,
+) -> Result<(), ApiError> {
     match kind {
         Kind::Function => {
-            state.set_deployed(&ns, &name, None);
-            state.queue.forget_function(&ns, &name);
-            state.backend.remove_function(&ns, &name).await;
+            state.set_deployed(ns, name, None);
+            state.queue.forget_function(ns, name);
+            state.backend.remove_function(ns, name).await;
             state.recorder.flush().await;
-            let (nsc, namec) = (ns.clone(), name.clone());
+            let (nsc, namec) = (ns.to_string(), name.to_string());
             state.db(move |s| s.delete_runs_of(&nsc, &namec)).await?;
         }
-        Kind::Endpoint => state.set_route(&ns, &name, None),
-        Kind::JobTemplate => crate::jobs::forget_template(&state, &ns, &name).await?,
-        Kind::Subscription => crate::events::rebuild(&state).await?,
+        Kind::Endpoint => state.set_route(ns, name, None),
+        Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
+        Kind::Subscription => crate::events::rebuild(state).await?,
         Kind::EventDriver => {
-            let (n, m) = (ns.clone(), name.clone());
+            let (n, m) = (ns.to_string(), name.to_string());
             state
                 .db(move |s| s.set_cron_last_fire(&n, &m, None))
                 .await?;
-            crate::events::rebuild(&state).await?;
+            crate::events::rebuild(state).await?;
         }
         _ => {}
     }
-    state.enqueue(Key::new(&ns, kind, &name));
-    Ok(Json(deleted))
+    state.enqueue(Key::new(ns, kind, name));
+    Ok(())
+}
+
+/// A change the store saw that did not come through this server's API (`kubectl apply` or
+/// `delete` of a custom resource, another server): handled as the API would after its write.
+pub(crate) async fn changed_elsewhere(
+    state: &Arc<AppState>,
+    change: dispatch_store::Changed,
+) -> Result<(), ApiError> {
+    let (ns, kind, name) = (&change.namespace, change.kind, &change.name);
+    tracing::info!(%kind, namespace = %ns, name = %name, deleted = change.deleted, "resource changed outside this server");
+    if change.deleted {
+        return forget(state, ns, kind, name).await;
+    }
+    let Some(stored) = state.get(ns, kind, name).await? else {
+        return Ok(());
+    };
+    if state.require_namespace(ns).is_err() {
+        state.create_namespace(ns).await?;
+    }
+    stored_changed(state, &stored).await
 }
 
 fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> ApiError {

@@ -1,0 +1,737 @@
+//! Resources as custom resources (DESIGN §8): [`CrStore`] keeps base images, images,
+//! functions, endpoints, secrets, job templates, subscriptions and event drivers as
+//! `dispatch.dev/v1` objects in the cluster, one per Dispatch resource, in the Kubernetes
+//! namespace of the same name; run records, job executions, events, tokens and the audit log
+//! stay in the SQL store it wraps (they are many, short-lived and queried by time).
+//!
+//! Reads come from a cache that one watch per kind keeps (kube-runtime's watcher: list, then
+//! watch from that version, relist when the watch expires); writes go to the API server and
+//! are applied to the cache from its answer, so a read right after a write sees it. A change
+//! the watch brings that this process did not make (`kubectl apply`, `kubectl delete`, a
+//! second server) is reported to [`Store::on_external_change`]; the server reconciles it as
+//! if it came through its API.
+//!
+//! [`Store`]'s methods are blocking: the resource methods wait for the API server on the
+//! runtime the store was started on, so call them off the async threads (the server does,
+//! on the blocking pool).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dispatch_core::auth::{ApiToken, AuditEntry};
+use dispatch_core::events::StoredEvent;
+use dispatch_core::{JobExecution, Kind, Metadata, Object, Run, RunStatus, Status};
+use dispatch_store::{Changed, OnChange, Result, RunFilter, Store, StoreError};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
+use kube::core::{ApiResource, GroupVersionKind, TypeMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+
+use crate::GROUP;
+
+/// The annotation that keeps a resource's `metadata.updatedAt` (Kubernetes has only the
+/// creation time).
+pub const UPDATED_AT: &str = "dispatch.dev/updated-at";
+
+/// How long [`CrStore::start`] waits for the first list of every kind.
+const FIRST_SYNC: Duration = Duration::from_secs(60);
+
+/// A conflicting write (409) is retried this many times when the caller did not ask for a
+/// version (another writer changed the object in between).
+const RETRIES: usize = 5;
+
+/// The API resource of a kind (`dispatch.dev/v1`, its plural).
+pub fn api_resource(kind: Kind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(GROUP, "v1", kind.as_str()),
+        kind.plural(),
+    )
+}
+
+/// The custom resource of a Dispatch resource: metadata (name, namespace, labels, version;
+/// `updatedAt` as an annotation), spec and status.
+pub fn to_custom_resource(o: &Object) -> DynamicObject {
+    let mut annotations = BTreeMap::new();
+    if let Some(at) = o.metadata.updated_at {
+        annotations.insert(UPDATED_AT.to_string(), at.to_string());
+    }
+    DynamicObject {
+        types: Some(TypeMeta {
+            api_version: format!("{GROUP}/v1"),
+            kind: o.kind.as_str().to_string(),
+        }),
+        metadata: ObjectMeta {
+            name: Some(o.metadata.name.clone()),
+            namespace: o.metadata.namespace.clone(),
+            labels: (!o.metadata.labels.is_empty()).then(|| o.metadata.labels.clone()),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            resource_version: o.metadata.resource_version.clone(),
+            ..Default::default()
+        },
+        data: serde_json::json!({
+            "spec": o.spec,
+            "status": o.status,
+        }),
+    }
+}
+
+/// The Dispatch resource of a custom resource. A status the server cannot read (written by
+/// hand) reads as no status: the controller writes it again.
+pub fn from_custom_resource(kind: Kind, cr: &DynamicObject) -> Object {
+    let m = &cr.metadata;
+    let created = m.creation_timestamp.as_ref().map(|t| t.0);
+    let updated = m
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(UPDATED_AT))
+        .and_then(|v| v.parse().ok())
+        .or(created);
+    Object {
+        api_version: dispatch_core::API_VERSION.to_string(),
+        kind,
+        metadata: Metadata {
+            name: m.name.clone().unwrap_or_default(),
+            namespace: m.namespace.clone(),
+            labels: m.labels.clone().unwrap_or_default(),
+            uid: m.uid.clone(),
+            generation: m.generation,
+            created_at: created,
+            updated_at: updated,
+            resource_version: m.resource_version.clone(),
+        },
+        spec: cr
+            .data
+            .get("spec")
+            .filter(|s| s.is_object())
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({})),
+        status: cr
+            .data
+            .get("status")
+            .and_then(|s| serde_json::from_value::<Status>(s.clone()).ok())
+            .unwrap_or_default(),
+    }
+}
+
+/// Versions are opaque to clients, but every API server numbers them; an unreadable one
+/// counts as newer.
+fn version(o: &Object) -> Option<u64> {
+    o.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+fn older(a: Option<u64>, than: Option<u64>) -> bool {
+    matches!((a, than), (Some(a), Some(b)) if a < b)
+}
+
+type Key = (String, String);
+
+/// What the watches and this process's own writes know of the cluster's resources.
+#[derive(Default)]
+struct Cache {
+    objects: RwLock<HashMap<Kind, BTreeMap<Key, Object>>>,
+    /// Objects this process deleted, with their last version, until the watch reports the
+    /// delete: an older event still on its way must not bring them back.
+    deleted: Mutex<HashMap<(Kind, String, String), Option<u64>>>,
+    listener: RwLock<Option<OnChange>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cache {
+    /// Stores `o` unless the cache has it at the same or a newer version; `true` when it
+    /// changed.
+    fn apply(&self, o: Object) -> bool {
+        let key = (o.namespace().to_string(), o.name().to_string());
+        let v = version(&o);
+        if let Some(gone) = lock(&self.deleted).get(&(o.kind, key.0.clone(), key.1.clone())) {
+            if !older(*gone, v) {
+                return false;
+            }
+        }
+        let mut all = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        let of_kind = all.entry(o.kind).or_default();
+        match of_kind.get(&key) {
+            Some(have) if have.metadata.resource_version == o.metadata.resource_version => false,
+            Some(have) if older(v, version(have)) => false,
+            _ => {
+                of_kind.insert(key, o);
+                true
+            }
+        }
+    }
+
+    /// Removes an object; `true` when the cache had it.
+    fn remove(&self, kind: Kind, ns: &str, name: &str) -> bool {
+        let mut all = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        all.get_mut(&kind)
+            .and_then(|m| m.remove(&(ns.to_string(), name.to_string())))
+            .is_some()
+    }
+
+    fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<Object> {
+        let all = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        all.get(&kind)?
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn list(&self, kind: Kind, ns: Option<&str>) -> Vec<Object> {
+        let all = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Object> = all
+            .get(&kind)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|o| ns.is_none_or(|ns| o.namespace() == ns))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| {
+            a.name()
+                .cmp(b.name())
+                .then(a.namespace().cmp(b.namespace()))
+        });
+        out
+    }
+
+    fn tell(&self, kind: Kind, ns: &str, name: &str, deleted: bool) {
+        if let Some(f) = &*self.listener.read().unwrap_or_else(|p| p.into_inner()) {
+            f(Changed {
+                kind,
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                deleted,
+            });
+        }
+    }
+
+    /// One event of a kind's watch; changes this process did not make are told.
+    fn watched(&self, kind: Kind, cr: &DynamicObject, deleted: bool) {
+        let o = from_custom_resource(kind, cr);
+        let (ns, name) = (o.namespace().to_string(), o.name().to_string());
+        if deleted {
+            let ours = lock(&self.deleted)
+                .remove(&(kind, ns.clone(), name.clone()))
+                .is_some();
+            if self.remove(kind, &ns, &name) && !ours {
+                self.tell(kind, &ns, &name, true);
+            }
+        } else if self.apply(o) {
+            self.tell(kind, &ns, &name, false);
+        }
+    }
+
+    /// A full list of a kind (the watch started over): what is not in it is gone.
+    fn relisted(&self, kind: Kind, listed: Vec<DynamicObject>) {
+        let now: BTreeMap<Key, Object> = listed
+            .iter()
+            .map(|cr| from_custom_resource(kind, cr))
+            .map(|o| ((o.namespace().to_string(), o.name().to_string()), o))
+            .collect();
+        let before: Vec<Key> = {
+            let all = self.objects.read().unwrap_or_else(|p| p.into_inner());
+            all.get(&kind)
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        for (ns, name) in before {
+            if !now.contains_key(&(ns.clone(), name.clone())) && self.remove(kind, &ns, &name) {
+                self.tell(kind, &ns, &name, true);
+            }
+        }
+        lock(&self.deleted)
+            .retain(|(k, ns, name), _| *k != kind || now.contains_key(&(ns.clone(), name.clone())));
+        for ((ns, name), o) in now {
+            if self.apply(o) {
+                self.tell(kind, &ns, &name, false);
+            }
+        }
+    }
+}
+
+/// Resources as custom resources, everything else in `sql`. See the module docs.
+pub struct CrStore {
+    sql: Arc<dyn Store>,
+    client: kube::Client,
+    rt: tokio::runtime::Handle,
+    cache: Arc<Cache>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for CrStore {
+    fn drop(&mut self) {
+        self.watches.iter().for_each(|w| w.abort());
+    }
+}
+
+fn remote(action: impl Into<String>, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Remote {
+        action: action.into(),
+        detail: e.to_string(),
+    }
+}
+
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+impl CrStore {
+    /// Checks that every kind's CRD is served and readable, starts one watch per kind and
+    /// returns once each has listed what exists.
+    pub async fn start(client: kube::Client, sql: Arc<dyn Store>) -> Result<CrStore> {
+        let cache = Arc::new(Cache::default());
+        let mut watches = Vec::new();
+        let mut synced = Vec::new();
+        for kind in Kind::ALL {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(kind));
+            let probe = kube::api::ListParams::default().limit(1);
+            if let Err(e) = api.list(&probe).await {
+                let hint = match api_code(&e) {
+                    Some(404) => {
+                        ": are Dispatch's CRDs installed? (`dispatch k8s manifests | kubectl apply -f -`)"
+                    }
+                    Some(403) => {
+                        ": the server's ServiceAccount may not list them (see `dispatch k8s manifests`)"
+                    }
+                    _ => "",
+                };
+                return Err(remote(
+                    format!("list {} in the cluster", kind.plural()),
+                    format!("{e}{hint}"),
+                ));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            synced.push((kind, rx));
+            watches.push(tokio::spawn(watch(kind, api, cache.clone(), tx)));
+        }
+        for (kind, rx) in synced {
+            match tokio::time::timeout(FIRST_SYNC, rx).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    watches.iter().for_each(|w| w.abort());
+                    return Err(remote(
+                        format!("watch {} in the cluster", kind.plural()),
+                        format!("no complete list within {} s", FIRST_SYNC.as_secs()),
+                    ));
+                }
+            }
+        }
+        Ok(CrStore {
+            sql,
+            client,
+            rt: tokio::runtime::Handle::current(),
+            cache,
+            watches,
+        })
+    }
+
+    fn api(&self, ns: &str, kind: Kind) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), ns, &api_resource(kind))
+    }
+
+    fn wait<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The object as the API server has it now.
+    fn fetch(&self, ns: &str, kind: Kind, name: &str) -> Result<DynamicObject> {
+        match self.wait(self.api(ns, kind).get_opt(name)) {
+            Ok(Some(cr)) => Ok(cr),
+            Ok(None) => Err(not_found(kind, ns, name)),
+            Err(e) => Err(remote(format!("read {} {name:?}", kind.human()), e)),
+        }
+    }
+
+    /// Stores the API server's answer to one of our writes.
+    fn written(&self, kind: Kind, cr: &DynamicObject) -> Object {
+        let o = from_custom_resource(kind, cr);
+        self.cache.apply(o.clone());
+        o
+    }
+}
+
+fn not_found(kind: Kind, ns: &str, name: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    }
+}
+
+fn refused(kind: Kind, name: &str, action: &str, e: kube::Error) -> StoreError {
+    match (api_code(&e), &e) {
+        (Some(400 | 422), kube::Error::Api(s)) => StoreError::Invalid {
+            kind: kind.human(),
+            name: name.to_string(),
+            detail: s.message.clone(),
+        },
+        _ => remote(format!("{action} {} {name:?}", kind.human()), e),
+    }
+}
+
+/// One kind's watch, for as long as the store lives: errors are logged and retried with
+/// backoff (the watcher relists when its version expired).
+async fn watch(
+    kind: Kind,
+    api: Api<DynamicObject>,
+    cache: Arc<Cache>,
+    synced: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut synced = Some(synced);
+    let mut listing: Vec<DynamicObject> = Vec::new();
+    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    futures_util::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => listing.clear(),
+            Ok(Event::InitApply(cr)) => listing.push(cr),
+            Ok(Event::InitDone) => {
+                cache.relisted(kind, std::mem::take(&mut listing));
+                if let Some(tx) = synced.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Event::Apply(cr)) => cache.watched(kind, &cr, false),
+            Ok(Event::Delete(cr)) => cache.watched(kind, &cr, true),
+            Err(e) => {
+                tracing::warn!(kind = %kind, "watching {} failed (retrying): {e}", kind.plural())
+            }
+        }
+    }
+}
+
+impl Store for CrStore {
+    fn on_external_change(&self, f: OnChange) {
+        *self
+            .cache
+            .listener
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
+        Ok(self.cache.get(kind, namespace, name))
+    }
+
+    fn list(&self, namespace: Option<&str>, kind: Kind) -> Result<Vec<Object>> {
+        Ok(self.cache.list(kind, namespace))
+    }
+
+    fn create(&self, mut object: Object) -> Result<Object> {
+        let (ns, kind, name) = (
+            object.namespace().to_string(),
+            object.kind,
+            object.name().to_string(),
+        );
+        object.metadata.resource_version = None;
+        object.metadata.updated_at = Some(jiff::Timestamp::now());
+        let status = std::mem::take(&mut object.status);
+        let created = match self.wait(
+            self.api(&ns, kind)
+                .create(&PostParams::default(), &to_custom_resource(&object)),
+        ) {
+            Ok(cr) => cr,
+            Err(e) if api_code(&e) == Some(409) => {
+                return Err(StoreError::AlreadyExists {
+                    kind,
+                    namespace: ns,
+                    name,
+                });
+            }
+            Err(e) => return Err(refused(kind, &name, "create", e)),
+        };
+        let created = self.written(kind, &created);
+        // The status subresource ignores a status sent with the object.
+        if status != Status::default() {
+            return self.update_status(&ns, kind, &name, status);
+        }
+        Ok(created)
+    }
+
+    fn update(&self, object: Object) -> Result<Object> {
+        let (ns, kind, name) = (
+            object.namespace().to_string(),
+            object.kind,
+            object.name().to_string(),
+        );
+        let asked = object.metadata.resource_version.clone();
+        for _ in 0..RETRIES {
+            let mut cr = self.fetch(&ns, kind, &name)?;
+            let now = cr.metadata.resource_version.clone().unwrap_or_default();
+            if let Some(asked) = &asked {
+                if *asked != now {
+                    return Err(StoreError::Conflict {
+                        kind,
+                        name,
+                        expected: asked.clone(),
+                        actual: now,
+                    });
+                }
+            }
+            cr.metadata.labels =
+                (!object.metadata.labels.is_empty()).then(|| object.metadata.labels.clone());
+            cr.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(UPDATED_AT.into(), jiff::Timestamp::now().to_string());
+            cr.data["spec"] = object.spec.clone();
+            match self.wait(
+                self.api(&ns, kind)
+                    .replace(&name, &PostParams::default(), &cr),
+            ) {
+                Ok(cr) => return Ok(self.written(kind, &cr)),
+                Err(e) if api_code(&e) == Some(409) && asked.is_none() => continue,
+                Err(e) if api_code(&e) == Some(409) => {
+                    let actual = self
+                        .fetch(&ns, kind, &name)
+                        .ok()
+                        .and_then(|c| c.metadata.resource_version)
+                        .unwrap_or_default();
+                    return Err(StoreError::Conflict {
+                        kind,
+                        name,
+                        expected: asked.unwrap_or_default(),
+                        actual,
+                    });
+                }
+                Err(e) if api_code(&e) == Some(404) => return Err(not_found(kind, &ns, &name)),
+                Err(e) => return Err(refused(kind, &name, "update", e)),
+            }
+        }
+        Err(remote(
+            format!("update {} {name:?}", kind.human()),
+            "it kept changing under this write: try again",
+        ))
+    }
+
+    fn update_status(
+        &self,
+        namespace: &str,
+        kind: Kind,
+        name: &str,
+        status: Status,
+    ) -> Result<Object> {
+        let status = serde_json::to_value(&status)?;
+        // The cached object first (its version is usually current); the API's on a conflict.
+        let mut current = self
+            .cache
+            .get(kind, namespace, name)
+            .map(|o| to_custom_resource(&o));
+        for _ in 0..RETRIES {
+            let mut cr = match current.take() {
+                Some(cr) => cr,
+                None => self.fetch(namespace, kind, name)?,
+            };
+            cr.data["status"] = status.clone();
+            let api = self.api(namespace, kind);
+            match self.wait(api.replace_status(name, &PostParams::default(), &cr)) {
+                Ok(cr) => return Ok(self.written(kind, &cr)),
+                Err(e) if api_code(&e) == Some(409) => continue,
+                Err(e) if api_code(&e) == Some(404) => {
+                    return Err(not_found(kind, namespace, name));
+                }
+                Err(e) => return Err(refused(kind, name, "write the status of", e)),
+            }
+        }
+        Err(remote(
+            format!("write the status of {} {name:?}", kind.human()),
+            "it kept changing under this write: try again",
+        ))
+    }
+
+    fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object> {
+        let api = self.api(namespace, kind);
+        let gone = match self.wait(api.delete(name, &DeleteParams::background())) {
+            Ok(either) => either.left(),
+            Err(e) if api_code(&e) == Some(404) => {
+                self.cache.remove(kind, namespace, name);
+                return Err(not_found(kind, namespace, name));
+            }
+            Err(e) => return Err(refused(kind, name, "delete", e)),
+        };
+        let cached = self.cache.get(kind, namespace, name);
+        let last = gone
+            .map(|cr| from_custom_resource(kind, &cr))
+            .or(cached)
+            .unwrap_or_else(|| Object::new(kind, namespace, name, serde_json::json!({})));
+        lock(&self.cache.deleted).insert(
+            (kind, namespace.to_string(), name.to_string()),
+            version(&last),
+        );
+        self.cache.remove(kind, namespace, name);
+        Ok(last)
+    }
+
+    fn put_runs(&self, runs: &[Run]) -> Result<()> {
+        self.sql.put_runs(runs)
+    }
+
+    fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
+        self.sql.get_run(namespace, id)
+    }
+
+    fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>> {
+        self.sql.list_runs(namespace, filter)
+    }
+
+    fn active_runs(&self) -> Result<Vec<Run>> {
+        self.sql.active_runs()
+    }
+
+    fn pending_callbacks(&self) -> Result<Vec<Run>> {
+        self.sql.pending_callbacks()
+    }
+
+    fn purge_runs(
+        &self,
+        namespace: &str,
+        function: Option<&str>,
+        status: Option<RunStatus>,
+    ) -> Result<u64> {
+        self.sql.purge_runs(namespace, function, status)
+    }
+
+    fn prune_runs(
+        &self,
+        finished_before: jiff::Timestamp,
+        keep_per_function: usize,
+    ) -> Result<u64> {
+        self.sql.prune_runs(finished_before, keep_per_function)
+    }
+
+    fn put_job(&self, job: &JobExecution) -> Result<()> {
+        self.sql.put_job(job)
+    }
+
+    fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>> {
+        self.sql.get_job(namespace, uuid)
+    }
+
+    fn list_jobs(
+        &self,
+        namespace: &str,
+        template: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobExecution>> {
+        self.sql.list_jobs(namespace, template, limit)
+    }
+
+    fn active_jobs(&self) -> Result<Vec<JobExecution>> {
+        self.sql.active_jobs()
+    }
+
+    fn delete_jobs(&self, namespace: &str, template: &str) -> Result<u64> {
+        self.sql.delete_jobs(namespace, template)
+    }
+
+    fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64> {
+        self.sql.prune_jobs(now)
+    }
+
+    fn put_event(&self, event: &StoredEvent, replace: bool) -> Result<bool> {
+        self.sql.put_event(event, replace)
+    }
+
+    fn list_events(
+        &self,
+        namespace: &str,
+        event_type: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        self.sql.list_events(namespace, event_type, limit)
+    }
+
+    fn prune_events(&self, now: jiff::Timestamp) -> Result<u64> {
+        self.sql.prune_events(now)
+    }
+
+    fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>> {
+        self.sql.cron_last_fire(namespace, name)
+    }
+
+    fn set_cron_last_fire(
+        &self,
+        namespace: &str,
+        name: &str,
+        at: Option<jiff::Timestamp>,
+    ) -> Result<()> {
+        self.sql.set_cron_last_fire(namespace, name, at)
+    }
+
+    /// Also creates the Kubernetes namespace of that name when it is missing (resources of
+    /// a Dispatch namespace live in it).
+    fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "dispatch".to_string(),
+                )])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match self.wait(api.create(&PostParams::default(), &ns)) {
+            Ok(_) => {}
+            Err(e) if api_code(&e) == Some(409) => {}
+            Err(e) => {
+                return Err(remote(
+                    format!("create the Kubernetes namespace {name:?}"),
+                    format!("{e} (create it with `kubectl create namespace {name}`)"),
+                ));
+            }
+        }
+        self.sql.put_namespace(name, created)
+    }
+
+    fn list_namespaces(&self) -> Result<Vec<(String, jiff::Timestamp)>> {
+        self.sql.list_namespaces()
+    }
+
+    /// Deletes the namespace's custom resources (the Kubernetes namespace stays: it may hold
+    /// more than Dispatch's).
+    fn delete_namespace(&self, name: &str) -> Result<bool> {
+        for kind in Kind::ALL {
+            for o in self.cache.list(kind, Some(name)) {
+                match self.delete(name, kind, o.name()) {
+                    Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.sql.delete_namespace(name)
+    }
+
+    fn put_token(&self, token: &ApiToken) -> Result<bool> {
+        self.sql.put_token(token)
+    }
+
+    fn list_tokens(&self) -> Result<Vec<ApiToken>> {
+        self.sql.list_tokens()
+    }
+
+    fn delete_token(&self, name: &str) -> Result<bool> {
+        self.sql.delete_token(name)
+    }
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        self.sql.append_audit(entries)
+    }
+
+    fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.sql.list_audit(limit)
+    }
+
+    fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {
+        self.sql.delete_runs_of(namespace, function)
+    }
+}

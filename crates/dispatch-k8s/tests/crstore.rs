@@ -1,0 +1,327 @@
+//! Resources as custom resources: `CrStore` against the in-memory API server of
+//! `dispatch_k8s::testing` (watches stream; versions, conflicts and the status subresource
+//! behave as an API server's), with run records in a real SQLite file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatch_core::{Kind, Object, Phase, Status};
+use dispatch_k8s::store::CrStore;
+use dispatch_k8s::testing::FakeApi;
+use dispatch_store::{Changed, SqliteStore, Store, StoreError};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+async fn start(api: &FakeApi, dir: &std::path::Path) -> Arc<CrStore> {
+    let sql = Arc::new(SqliteStore::open(&dir.join("dispatch.db")).unwrap());
+    Arc::new(CrStore::start(api.client(), sql).await.unwrap())
+}
+
+/// Runs blocking store calls where the server runs them: on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<CrStore>,
+    f: impl FnOnce(&CrStore) -> T + Send + 'static,
+) -> T {
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || f(&s)).await.unwrap()
+}
+
+fn listen(store: &CrStore) -> mpsc::UnboundedReceiver<Changed> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    store.on_external_change(Box::new(move |c| {
+        let _ = tx.send(c);
+    }));
+    rx
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Changed>) -> Changed {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a change within 30 s")
+        .expect("the store is alive")
+}
+
+fn function(name: &str, code: &str) -> Object {
+    let mut o = Object::new(
+        Kind::Function,
+        "default",
+        name,
+        json!({"image": "python", "source": {"inline": code}}),
+    );
+    o.metadata.labels.insert("team".into(), "a".into());
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_are_custom_resources_read_from_the_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let store = start(&api, dir.path()).await;
+
+    let mut hello = function("hello", "v1");
+    hello.status = Status::phase(Phase::Initialized);
+    let created = blocking(&store, move |s| s.create(hello)).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    assert!(created.metadata.uid.is_some() && created.metadata.created_at.is_some());
+    assert_eq!(
+        created.status.phase,
+        Some(Phase::Initialized),
+        "{created:?}"
+    );
+
+    // What kubectl sees: a dispatch.dev/v1 Function with the spec, labels and status.
+    let cr = api.object("functions", "default", "hello").unwrap();
+    assert_eq!(cr["apiVersion"], "dispatch.dev/v1");
+    assert_eq!(cr["kind"], "Function");
+    assert_eq!(cr["spec"]["source"]["inline"], "v1");
+    assert_eq!(cr["metadata"]["labels"]["team"], "a");
+    assert_eq!(cr["status"]["phase"], "INITIALIZED");
+    assert!(cr["metadata"]["annotations"]["dispatch.dev/updated-at"].is_string());
+    serde_json::from_value::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(
+        cr["metadata"].clone(),
+    )
+    .unwrap();
+
+    // Reads come from the cache: no request reaches the API server.
+    let before = api.requests().len();
+    let got = blocking(&store, |s| s.get("default", Kind::Function, "hello"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, created);
+    let listed = blocking(&store, |s| s.list(Some("default"), Kind::Function))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        blocking(&store, |s| s.list(Some("other"), Kind::Function))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(api.requests().len(), before, "{:?}", api.requests());
+
+    let again = blocking(&store, |s| s.create(function("hello", "v1"))).await;
+    assert!(
+        matches!(again, Err(StoreError::AlreadyExists { .. })),
+        "{again:?}"
+    );
+
+    // A changed spec bumps the generation and keeps the status; a stale version conflicts.
+    let mut v2 = created.clone();
+    v2.spec["source"]["inline"] = json!("v2");
+    let updated = blocking(&store, move |s| s.update(v2)).await.unwrap();
+    assert_eq!(updated.metadata.generation, Some(2));
+    assert_eq!(updated.status.phase, Some(Phase::Initialized));
+    assert_ne!(
+        updated.metadata.resource_version,
+        created.metadata.resource_version
+    );
+    let stale = created.clone();
+    let conflict = blocking(&store, move |s| s.update(stale)).await;
+    match conflict {
+        Err(StoreError::Conflict {
+            expected, actual, ..
+        }) => {
+            assert_eq!(Some(expected), created.metadata.resource_version);
+            assert_eq!(Some(actual), updated.metadata.resource_version);
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    // Without a version, an update replaces whatever is there.
+    let mut blind = function("hello", "v3");
+    blind.metadata.labels.clear();
+    let v3 = blocking(&store, move |s| s.update(blind)).await.unwrap();
+    assert_eq!(v3.metadata.generation, Some(3));
+    assert!(v3.metadata.labels.is_empty());
+
+    // The status goes through the status subresource: the spec stays.
+    let ready = Status {
+        phase: Some(Phase::Ready),
+        digest: Some("abc".into()),
+        observed_generation: Some(3),
+        ..Status::default()
+    };
+    let r = ready.clone();
+    let after = blocking(&store, move |s| {
+        s.update_status("default", Kind::Function, "hello", r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after.status, ready);
+    assert_eq!(after.metadata.generation, Some(3));
+    assert_eq!(
+        api.object("functions", "default", "hello").unwrap()["spec"]["source"]["inline"],
+        "v3"
+    );
+    let missing = blocking(&store, |s| {
+        s.update_status("default", Kind::Function, "nope", Status::default())
+    })
+    .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+
+    // Delete answers the object; it is gone from the cache at once.
+    let deleted = blocking(&store, |s| s.delete("default", Kind::Function, "hello"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, ready);
+    assert!(
+        blocking(&store, |s| s.get("default", Kind::Function, "hello"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(api.object("functions", "default", "hello").is_none());
+    let twice = blocking(&store, |s| s.delete("default", Kind::Function, "hello")).await;
+    assert!(
+        matches!(twice, Err(StoreError::NotFound { .. })),
+        "{twice:?}"
+    );
+
+    // A Dispatch namespace is a Kubernetes namespace; runs stay in SQL.
+    let now = jiff::Timestamp::now();
+    assert!(
+        blocking(&store, move |s| s.put_namespace("team-a", now))
+            .await
+            .unwrap()
+    );
+    assert_eq!(api.namespaces(), ["team-a"]);
+    let names: Vec<String> = blocking(&store, |s| s.list_namespaces())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["team-a"]);
+    let mut other = function("elsewhere", "x");
+    other.metadata.namespace = Some("team-a".into());
+    blocking(&store, move |s| s.create(other)).await.unwrap();
+    assert!(
+        blocking(&store, |s| s.delete_namespace("team-a"))
+            .await
+            .unwrap()
+    );
+    assert!(api.object("functions", "team-a", "elsewhere").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_elsewhere_are_watched_and_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    // One object exists before the store starts: the first list has it.
+    api.apply(json!({"apiVersion": "dispatch.dev/v1", "kind": "Endpoint",
+        "metadata": {"name": "old", "namespace": "default"},
+        "spec": {"function": "hello", "paths": ["/old"]}}));
+    let store = start(&api, dir.path()).await;
+    let mut changes = listen(&store);
+    let old = blocking(&store, |s| s.get("default", Kind::Endpoint, "old"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.spec["paths"], json!(["/old"]));
+
+    // This process's own writes are not told back to it...
+    blocking(&store, |s| s.create(function("mine", "x")))
+        .await
+        .unwrap();
+    blocking(&store, |s| {
+        s.update_status(
+            "default",
+            Kind::Function,
+            "mine",
+            Status::phase(Phase::Ready),
+        )
+    })
+    .await
+    .unwrap();
+
+    // ...what kubectl does is: a new object, a changed one, a deleted one, in order.
+    api.apply(json!({"apiVersion": "dispatch.dev/v1", "kind": "Function",
+        "metadata": {"name": "theirs", "namespace": "default"},
+        "spec": {"image": "python", "source": {"inline": "1"}}}));
+    let c = next(&mut changes).await;
+    assert_eq!(
+        c,
+        Changed {
+            kind: Kind::Function,
+            namespace: "default".into(),
+            name: "theirs".into(),
+            deleted: false
+        },
+        "the own writes came first on the watch and were not told"
+    );
+    let theirs = blocking(&store, |s| s.get("default", Kind::Function, "theirs"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.spec["source"]["inline"], "1");
+
+    api.apply(json!({"apiVersion": "dispatch.dev/v1", "kind": "Endpoint",
+        "metadata": {"name": "old", "namespace": "default"},
+        "spec": {"function": "hello", "paths": ["/new"]}}));
+    let c = next(&mut changes).await;
+    assert_eq!(
+        (c.kind, c.name.as_str(), c.deleted),
+        (Kind::Endpoint, "old", false)
+    );
+    let old = blocking(&store, |s| s.get("default", Kind::Endpoint, "old"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.spec["paths"], json!(["/new"]));
+    assert_eq!(old.metadata.generation, Some(2));
+
+    assert!(api.remove("functions", "default", "theirs"));
+    let c = next(&mut changes).await;
+    assert_eq!(
+        (c.kind, c.name.as_str(), c.deleted),
+        (Kind::Function, "theirs", true)
+    );
+    assert!(
+        blocking(&store, |s| s.get("default", Kind::Function, "theirs"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // An own delete is not told either; the next external change proves the watch passed it.
+    blocking(&store, |s| s.delete("default", Kind::Function, "mine"))
+        .await
+        .unwrap();
+    api.remove("endpoints", "default", "old");
+    let c = next(&mut changes).await;
+    assert_eq!(
+        (c.kind, c.name.as_str(), c.deleted),
+        (Kind::Endpoint, "old", true)
+    );
+    assert!(changes.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn start_says_when_the_crds_are_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+    let svc = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "reason": "NotFound", "message": "the server could not find the requested resource", "code": 404});
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder()
+                .status(404)
+                .body(kube::client::Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        )
+    });
+    let err = CrStore::start(kube::Client::new(svc, "default"), sql)
+        .await
+        .err()
+        .expect("no CRDs, no store")
+        .to_string();
+    assert!(err.contains("list baseimages in the cluster"), "{err}");
+    assert!(
+        err.contains("dispatch k8s manifests | kubectl apply -f -"),
+        "{err}"
+    );
+}
