@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use dispatch_k8s::oci::{LayerBuilder, Registry, RegistryOptions};
+use dispatch_k8s::testing::FakeApi;
 use serde_json::{Value, json};
 use support::*;
 
@@ -770,6 +771,7 @@ async fn hello_scenario(
     gateway: &str,
     base_image: &str,
     image: Option<&str>,
+    kubectl: Option<&FakeApi>,
 ) {
     use dispatch_core::{Kind, Object, Phase};
     let object = |kind, name: &str, spec: Value| Object::new(kind, "default", name, spec);
@@ -862,15 +864,107 @@ async fn hello_scenario(
         .await
         .unwrap();
     assert_eq!(answer["hi"], "gateway", "{answer}");
+    if let Some(api) = kubectl {
+        with_kubectl(c, gateway, api, &f).await;
+    }
     c.delete(Kind::Endpoint, "hello").await.unwrap();
     c.delete(Kind::Function, "hello").await.unwrap();
+}
+
+/// A server on `backend`; with `resources`, its resources are custom resources there.
+/// Resources are custom resources: what the API made is in the cluster, and what kubectl
+/// does there is what the server does (route, stop routing, redeploy with a new env).
+async fn with_kubectl(
+    c: &dispatch_client::Client,
+    gateway: &str,
+    api: &FakeApi,
+    f: &dispatch_core::Object,
+) {
+    let cr = api.object("functions", "default", "hello").unwrap();
+    assert_eq!(cr["kind"], "Function");
+    assert_eq!(cr["status"]["phase"], "READY", "{cr}");
+    assert_eq!(cr["status"]["image"].as_str(), f.status.image.as_deref());
+    assert_eq!(api.object("endpoints", "default", "hello").unwrap()["spec"]["paths"], json!(["/hello"]));
+
+    let post = |path: &'static str| async move {
+        reqwest::Client::new()
+            .post(format!("{gateway}{path}"))
+            .json(&json!("kubectl"))
+            .send()
+            .await
+            .unwrap()
+    };
+    api.apply(json!({"apiVersion": "dispatch.dev/v1", "kind": "Endpoint",
+        "metadata": {"name": "applied", "namespace": "default"},
+        "spec": {"function": "hello", "methods": ["POST"], "paths": ["/applied"]}}));
+    let answer: Value = eventually_async("the applied endpoint to route", || async {
+        let r = post("/applied").await;
+        (r.status() == 200).then_some(r)
+    })
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(answer["hi"], "kubectl");
+    assert!(api.remove("endpoints", "default", "applied"));
+    eventually_async("the deleted endpoint to stop routing", || async {
+        (post("/applied").await.status() == 404).then_some(())
+    })
+    .await;
+
+    // kubectl edit: a new env reaches the function's pods.
+    let mut edited = api.object("functions", "default", "hello").unwrap();
+    edited["spec"]["env"]["GREETING"] = json!("edited");
+    api.apply(edited);
+    eventually_async("the edited function to answer", || async {
+        let r = c
+            .exec("hello", &serde_json::value::to_raw_value(&json!("x")).unwrap())
+            .await
+            .ok()?;
+        let payload: Value = serde_json::from_str(r.envelope.payload.get()).ok()?;
+        (payload["greeting"] == "edited").then_some(())
+    })
+    .await;
+}
+
+/// One kube client for two fakes: custom resources (and namespaces) to `crs`, the rest to
+/// the mock API server behind `cluster`.
+fn one_client(
+    crs: FakeApi,
+    cluster: tower_test::mock::Mock<http::Request<kube::client::Body>, http::Response<kube::client::Body>>,
+) -> kube::Client {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let (crs, cluster) = (crs.clone(), cluster.clone());
+        async move {
+            if FakeApi::serves(req.uri().path()) {
+                return Ok(crs.serve(req).await.expect("served"));
+            }
+            let resp = cluster.oneshot(req).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(resp.map(|b| {
+                b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                    .boxed_unsync()
+            }))
+        }
+    });
+    kube::Client::new(svc, "default")
 }
 
 async fn scenario_server(
     backend: Arc<dyn dispatch_runtime::Backend>,
     dir: &Path,
+    resources: Option<kube::Client>,
 ) -> (dispatch_server::Server, dispatch_client::Client, String) {
-    let store = Arc::new(dispatch_store::SqliteStore::open(&dir.join("dispatch.db")).unwrap());
+    let sql = Arc::new(dispatch_store::SqliteStore::open(&dir.join("dispatch.db")).unwrap());
+    let store: Arc<dyn dispatch_store::Store> = match resources {
+        Some(client) => Arc::new(
+            dispatch_k8s::store::CrStore::start(client, sql)
+                .await
+                .unwrap(),
+        ),
+        None => sql,
+    };
     let blobs = dispatch_store::BlobStore::open(dir.join("blobs")).unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -896,8 +990,8 @@ fn api_scenario_on_the_embedded_backend() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let backend = dispatch_runtime::LocalBackend::new(dir.path()).unwrap();
-        let (server, c, gw) = scenario_server(backend, dir.path()).await;
-        hello_scenario(&c, &gw, "python:3.11-slim", None).await;
+        let (server, c, gw) = scenario_server(backend, dir.path(), None).await;
+        hello_scenario(&c, &gw, "python:3.11-slim", None, None).await;
         server.stop().await.unwrap();
     });
 }
@@ -910,6 +1004,10 @@ fn api_scenario_on_the_kubernetes_backend() {
     rt().block_on(async {
         let (svc, api) = tower_test::mock::pair();
         let cluster = FakeCluster::start(api, host.clone(), dir.path().join("nodes"));
+        // Custom resources go to an API server fake that keeps them and streams watches;
+        // everything else to the cluster above.
+        let crs = FakeApi::new();
+        let client = one_client(crs.clone(), svc);
         let mut options = dispatch_k8s::backend::KubernetesOptions::new(
             format!("{host}/dispatch"),
             assert_cmd::cargo::cargo_bin("dispatch"),
@@ -920,13 +1018,15 @@ fn api_scenario_on_the_kubernetes_backend() {
         };
         options.poll_interval = std::time::Duration::from_millis(10);
         options.function_url = cluster.function_url();
-        let backend = dispatch_k8s::backend::KubernetesBackend::new(
-            kube::Client::new(svc, "default"),
-            options,
-        );
-        let (server, c, gw) = scenario_server(backend, dir.path()).await;
+        options.job_owners = true;
+        let backend = dispatch_k8s::backend::KubernetesBackend::new(client.clone(), options);
+        let (server, c, gw) = scenario_server(backend, dir.path(), Some(client)).await;
         let image = format!("{host}/dispatch/default/hello@sha256:");
-        hello_scenario(&c, &gw, &base, Some(&image)).await;
+        hello_scenario(&c, &gw, &base, Some(&image), Some(&crs)).await;
+        for (plural, name) in [("functions", "hello"), ("endpoints", "hello"), ("images", "py")] {
+            let left = crs.object(plural, "default", name);
+            assert_eq!(left.is_some(), plural == "images", "{plural}/{name}: {left:?}");
+        }
         assert!(
             cluster.ports.lock().unwrap().is_empty(),
             "deleting the function stopped its pods"

@@ -55,6 +55,9 @@ pub struct KubernetesOptions {
     /// `http://fn-<name>.<namespace>.svc` (Knative: `http://fn-<name>.<namespace>.svc`
     /// too, its cluster-local address).
     pub function_url: FunctionUrl,
+    /// Job templates are custom resources ([`crate::store::CrStore`]): each Job is owned by
+    /// its template's, so that deleting the template (even with kubectl) deletes its Jobs.
+    pub job_owners: bool,
 }
 
 impl KubernetesOptions {
@@ -69,6 +72,7 @@ impl KubernetesOptions {
             poll_interval: Duration::from_secs(1),
             lease: None,
             function_url: Arc::new(|ns, name| format!("http://fn-{name}.{ns}.svc")),
+            job_owners: false,
         }
     }
 }
@@ -489,12 +493,34 @@ pub fn job_end(j: &Job) -> Option<JobEnd> {
 const JOB_LOG_BYTES: i64 = 1024 * 1024;
 
 impl KubernetesBackend {
+    /// The uid of the execution's JobTemplate custom resource (none when it cannot be read:
+    /// the Job is then created without an owner).
+    async fn template_uid(&self, exec: &JobExecution) -> Option<String> {
+        let api: kube::api::Api<kube::api::DynamicObject> = kube::api::Api::namespaced_with(
+            self.client.clone(),
+            &exec.namespace,
+            &crate::store::api_resource(dispatch_core::Kind::JobTemplate),
+        );
+        match api.get(&exec.name).await {
+            Ok(t) => t.metadata.uid,
+            Err(e) => {
+                tracing::warn!(template = %exec.name, "reading the JobTemplate for the Job's owner: {e}");
+                None
+            }
+        }
+    }
+
     /// Creates the execution's Job (or follows it, when a restarted server finds it there),
     /// watches it to its end, then reads its last pod's exit code and logs.
     async fn job_to_end(&self, exec: &JobExecution, logs: LiveLogs) -> JobEnd {
         use futures_util::StreamExt as _;
         use kube::api::{Api, PostParams, WatchEvent, WatchParams};
-        let object = match crate::job(exec, None) {
+        let owner = if self.options.job_owners {
+            self.template_uid(exec).await
+        } else {
+            None
+        };
+        let object = match crate::job(exec, owner.as_deref()) {
             Ok(j) => j,
             Err(e) => {
                 return JobEnd {

@@ -273,7 +273,7 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         );
         assert!(
             body["metadata"].get("ownerReferences").is_none(),
-            "no owner: templates are not custom resources yet"
+            "no owner: templates are not custom resources here (job_owners off)"
         );
         let (m, uri, _) = answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
         assert!(
@@ -393,6 +393,48 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
 }
 
 /// `--knative`: the function is one Knative Service, applied and deleted like the rest.
+/// With templates as custom resources, a Job is owned by its template's: the backend reads
+/// the template's uid first.
+#[tokio::test]
+async fn jobs_are_owned_by_their_template_resource() {
+    use dispatch_runtime::backend::Backend;
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut options = dispatch_k8s::backend::KubernetesOptions::new(
+        "registry.local:5000/fns",
+        std::path::PathBuf::from("/nonexistent/dispatch"),
+    );
+    options.job_owners = true;
+    let backend = dispatch_k8s::backend::KubernetesBackend::new(
+        kube::Client::new(svc, "default"),
+        options,
+    );
+    let exec = execution();
+    let cluster = tokio::spawn(async move {
+        let (m, uri, _) = answer(&mut handle, 200, json!({"apiVersion": "dispatch.dev/v1", "kind": "JobTemplate",
+            "metadata": {"name": "sample", "namespace": "default", "uid": "tmpl-uid-7"}, "spec": {}})).await;
+        assert_eq!(m, Method::GET);
+        assert!(
+            uri.starts_with("/apis/dispatch.dev/v1/namespaces/default/jobtemplates/sample"),
+            "{uri}"
+        );
+        let done = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+        let (m, _, body) = answer(&mut handle, 201, job_status(done.clone())).await;
+        assert_eq!(m, Method::POST);
+        assert_eq!(
+            body["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "dispatch.dev/v1", "kind": "JobTemplate", "name": "sample",
+                "uid": "tmpl-uid-7", "controller": true, "blockOwnerDeletion": true}])
+        );
+        answer(&mut handle, 200, job_status(done)).await;
+        answer(&mut handle, 200, pod_list(0)).await;
+        answer_text(&mut handle, "owned\n").await;
+    });
+    let logs = dispatch_runtime::jobrun::LiveLogs::default();
+    let end = backend.run_job(&exec, logs).unwrap().await;
+    assert_eq!(end.phase, dispatch_core::JobPhase::Completed, "{end:?}");
+    cluster.await.unwrap();
+}
+
 #[tokio::test]
 async fn knative_services_are_applied_and_deleted() {
     let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();

@@ -94,6 +94,26 @@ pub enum ServerError {
     },
 }
 
+/// Wraps the SQL store of the data dir into the store the server uses (resources kept
+/// elsewhere, runs in SQL).
+pub type ResourceStore = Box<
+    dyn FnOnce(
+            Arc<dyn Store>,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            Result<Arc<dyn Store>, dispatch_store::StoreError>,
+        > + Send,
+>;
+
+/// What [`Server::start_with`] uses instead of the embedded parts.
+#[derive(Default)]
+pub struct Parts {
+    /// Runs functions (none: local worker processes).
+    pub backend: Option<Arc<dyn Backend>>,
+    /// Keeps resources (none: the SQL store itself).
+    pub resources: Option<ResourceStore>,
+}
+
 /// A running server. Dropping it does not stop it: call [`Server::stop`].
 pub struct Server {
     /// Where the first admin token was written, when this start created it.
@@ -112,15 +132,13 @@ impl Server {
     /// serves. Returns once the server accepts connections (`/readyz` answers 200 as soon as
     /// every stored resource has been handed to the controller).
     pub async fn start(config: &Config) -> Result<Server, ServerError> {
-        Self::start_with_backend(config, None).await
+        Self::start_with(config, Parts::default()).await
     }
 
-    /// Like [`Server::start`], with functions run by `backend` instead of local workers (the
-    /// Kubernetes backend); the store, the blobs and the jobs stay in the data dir.
-    pub async fn start_with_backend(
-        config: &Config,
-        backend: Option<Arc<dyn Backend>>,
-    ) -> Result<Server, ServerError> {
+    /// Like [`Server::start`], with the given parts in place of the embedded ones (the
+    /// Kubernetes mode: functions run by its backend, resources kept as custom resources);
+    /// the SQL store, the blobs and the jobs stay in the data dir.
+    pub async fn start_with(config: &Config, parts: Parts) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
             path: dir.display().to_string(),
@@ -130,10 +148,13 @@ impl Server {
             path: dir.display().to_string(),
             source,
         };
-        let store: Arc<dyn Store> =
+        let mut store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("dispatch.db")).map_err(store_err)?);
+        if let Some(resources) = parts.resources {
+            store = resources(store).await.map_err(store_err)?;
+        }
         let blobs = BlobStore::open(dir.join("blobs")).map_err(store_err)?;
-        let backend: Arc<dyn Backend> = match backend {
+        let backend: Arc<dyn Backend> = match parts.backend {
             Some(b) => b,
             None => {
                 let local = LocalBackend::new(dir).map_err(|source| ServerError::Runtime {

@@ -99,8 +99,9 @@ impl Server {
 }
 
 impl Server {
-    /// The Kubernetes backend when asked for (none: the embedded one).
-    async fn backend(&self) -> Result<Option<std::sync::Arc<dyn dispatch_runtime::Backend>>> {
+    /// The Kubernetes backend and custom-resource store when asked for (none: the embedded
+    /// parts).
+    async fn parts(&self) -> Result<dispatch_server::Parts> {
         if self.backend != "kubernetes" {
             if self.registry.is_some()
                 || self.knative
@@ -113,8 +114,11 @@ impl Server {
                      --pull-secret need --backend kubernetes"
                 );
             }
-            return Ok(None);
+            return Ok(dispatch_server::Parts::default());
         }
+        let client = kube::Client::try_default().await.context(
+            "connecting to Kubernetes (in-cluster service account, else KUBECONFIG or ~/.kube/config)",
+        )?;
         let mut options = dispatch_k8s::backend::KubernetesOptions::new(
             self.registry.clone().unwrap_or_default(),
             std::env::current_exe().context("finding this dispatch binary")?,
@@ -133,12 +137,18 @@ impl Server {
             &self.lease_namespace,
             &holder,
         ));
-        let backend = dispatch_k8s::backend::KubernetesBackend::connect(options)
-            .await
-            .context(
-                "connecting to Kubernetes (in-cluster service account, else KUBECONFIG or ~/.kube/config)",
-            )?;
-        Ok(Some(backend))
+        options.job_owners = true;
+        let backend = dispatch_k8s::backend::KubernetesBackend::new(client.clone(), options);
+        let resources: dispatch_server::ResourceStore = Box::new(move |sql| {
+            Box::pin(async move {
+                let store = dispatch_k8s::store::CrStore::start(client, sql).await?;
+                Ok(std::sync::Arc::new(store) as std::sync::Arc<dyn dispatch_store::Store>)
+            })
+        });
+        Ok(dispatch_server::Parts {
+            backend: Some(backend),
+            resources: Some(resources),
+        })
     }
 
     pub async fn run(self) -> Result<ExitCode> {
@@ -158,7 +168,7 @@ impl Server {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             options.tls = Some(dispatch_server::tls::load(cert, key)?);
         }
-        let backend = self.backend().await?;
+        let parts = self.parts().await?;
         let data_dir = match self.data_dir {
             Some(d) => d,
             None => crate::config::home()
@@ -182,7 +192,7 @@ impl Server {
             config.gateway_addr,
             config.data_dir.display()
         );
-        let server = dispatch_server::Server::start_with_backend(&config, backend).await?;
+        let server = dispatch_server::Server::start_with(&config, parts).await?;
         if let Some(file) = &server.admin_token_file {
             eprintln!(
                 "first start: an admin token was written to {} (mode 0600); use it with\n  export DISPATCH_TOKEN=$(cat {})\n  or: dispatch login --server http://{} --token $(cat {})",
