@@ -884,7 +884,10 @@ async fn with_kubectl(
     assert_eq!(cr["kind"], "Function");
     assert_eq!(cr["status"]["phase"], "READY", "{cr}");
     assert_eq!(cr["status"]["image"].as_str(), f.status.image.as_deref());
-    assert_eq!(api.object("endpoints", "default", "hello").unwrap()["spec"]["paths"], json!(["/hello"]));
+    assert_eq!(
+        api.object("endpoints", "default", "hello").unwrap()["spec"]["paths"],
+        json!(["/hello"])
+    );
 
     let post = |path: &'static str| async move {
         reqwest::Client::new()
@@ -918,7 +921,10 @@ async fn with_kubectl(
     api.apply(edited);
     eventually_async("the edited function to answer", || async {
         let r = c
-            .exec("hello", &serde_json::value::to_raw_value(&json!("x")).unwrap())
+            .exec(
+                "hello",
+                &serde_json::value::to_raw_value(&json!("x")).unwrap(),
+            )
             .await
             .ok()?;
         let payload: Value = serde_json::from_str(r.envelope.payload.get()).ok()?;
@@ -931,7 +937,10 @@ async fn with_kubectl(
 /// the mock API server behind `cluster`.
 fn one_client(
     crs: FakeApi,
-    cluster: tower_test::mock::Mock<http::Request<kube::client::Body>, http::Response<kube::client::Body>>,
+    cluster: tower_test::mock::Mock<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >,
 ) -> kube::Client {
     use http_body_util::BodyExt as _;
     use tower::ServiceExt as _;

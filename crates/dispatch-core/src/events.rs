@@ -124,6 +124,7 @@ fn validate_type_pattern(t: &str, field: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubscriptionSpec {
@@ -147,6 +148,7 @@ impl SubscriptionSpec {
 }
 
 /// What to do with cron fires missed while the server was down.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MissedRuns {
@@ -162,6 +164,7 @@ pub enum MissedRuns {
 /// Most missed fires replayed by `missedRuns: all`.
 pub const MAX_CATCH_UP: usize = 1000;
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventDriverSpec {

@@ -19,6 +19,7 @@ use crate::error::ValidationError;
 use crate::names::validate_name;
 
 /// `spec` of a JobTemplate (dispatcher's shape, plus `maxActive`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobTemplateSpec {

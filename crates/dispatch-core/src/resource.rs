@@ -121,6 +121,7 @@ impl fmt::Display for Kind {
 }
 
 /// Dispatch's lifecycle states.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Phase {
@@ -168,6 +169,7 @@ pub struct Metadata {
     pub resource_version: Option<String>,
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
@@ -185,6 +187,7 @@ pub struct Status {
     pub image: Option<String>,
     /// Cron event drivers: when they fire next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub next_fire: Option<Timestamp>,
 }
 
@@ -303,6 +306,7 @@ fn normal(spec: impl Serialize) -> serde_json::Value {
 }
 
 /// The language a base image runs.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Language {
@@ -363,6 +367,7 @@ impl fmt::Display for Language {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BaseImageSpec {
@@ -409,6 +414,7 @@ impl BaseImageSpec {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuntimeDependencies {
@@ -466,6 +472,7 @@ impl RuntimeDependencies {
     }
 }
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
@@ -505,6 +512,7 @@ impl ImageSpec {
 }
 
 /// Worker scaling of a function (DESIGN §5).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Concurrency {
@@ -524,6 +532,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Upper bound on `maxWorkers`, so that one spec cannot fork-bomb the host.
 pub const MAX_WORKERS_LIMIT: u32 = 256;
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FunctionSpec {
@@ -583,6 +592,7 @@ impl SecretSpec {
 }
 
 /// How a secret is stored: its keys in clear, its data as AEAD ciphertext.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SealedSecret {
@@ -593,6 +603,7 @@ pub struct SealedSecret {
 }
 
 /// Backoff between attempts: `initial` doubles per attempt up to `max`, with jitter.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
@@ -604,6 +615,7 @@ pub struct Backoff {
 
 /// How an async run is retried after a FunctionError, SystemError or timeout (never after
 /// an InputError: the same input fails the same way).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryPolicy {
@@ -789,6 +801,7 @@ impl FunctionSpec {
 /// HTTP methods an endpoint may route.
 pub const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
 
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointSpec {

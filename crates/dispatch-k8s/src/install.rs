@@ -3,6 +3,7 @@
 //! SQL store, the server Deployment (`dispatch server --backend kubernetes`) and Services for
 //! the API and the gateway. Every object is a typed k8s-openapi value.
 
+use dispatch_core::Kind;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
@@ -118,13 +119,25 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
     }
 }
 
-/// What the server does in the cluster, and nothing more: function Deployments, Services and
-/// autoscalers (or Knative Services) are applied, read (rollout) and deleted; Jobs are
-/// created, read and deleted, their pods listed and their logs read; in the namespaces of
-/// Dispatch's namespaces (hence a ClusterRole).
+/// What the server does in the cluster, and nothing more: Dispatch's custom resources are
+/// watched and written (their status too); a Dispatch namespace's Kubernetes namespace is
+/// created when missing; function Deployments, Services and autoscalers (or Knative
+/// Services) are applied, read (rollout) and deleted; Jobs are created, read and deleted,
+/// their pods listed and their logs read; in the namespaces of Dispatch's namespaces (hence
+/// a ClusterRole).
 pub fn cluster_role(i: &Install) -> ClusterRole {
     let verbs = ["get", "patch", "delete"];
+    let plurals: Vec<&str> = Kind::ALL.iter().map(|k| k.plural()).collect();
+    let statuses: Vec<String> = plurals.iter().map(|p| format!("{p}/status")).collect();
+    let statuses: Vec<&str> = statuses.iter().map(String::as_str).collect();
     let mut rules = vec![
+        rule(
+            &[crate::GROUP],
+            &plurals,
+            &["get", "list", "watch", "create", "update", "delete"],
+        ),
+        rule(&[crate::GROUP], &statuses, &["update"]),
+        rule(&[""], &["namespaces"], &["create"]),
         rule(&["apps"], &["deployments"], &verbs),
         rule(&[""], &["services"], &verbs),
         rule(&["autoscaling"], &["horizontalpodautoscalers"], &verbs),

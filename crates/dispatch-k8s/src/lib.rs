@@ -65,15 +65,87 @@ fn column(name: &str, type_: &str, path: &str, priority: i32) -> CustomResourceC
     }
 }
 
+/// The OpenAPI v3 schema of `T` as a CRD takes it: inlined and structural (schemars with
+/// kube's rewriters, as kube's `CustomResource` derive does), doc comments as descriptions
+/// (`kubectl explain`), and fields that hold any JSON (a Job spec to template, system
+/// dependencies) kept whole with `x-kubernetes-preserve-unknown-fields`.
+pub fn schema_of<T: schemars::JsonSchema>() -> JSONSchemaProps {
+    let generator = schemars::generate::SchemaSettings::openapi3()
+        .with(|s| {
+            s.inline_subschemas = true;
+            s.meta_schema = None;
+        })
+        .with_transform(schemars::transform::AddNullable::default())
+        .with_transform(kube_core::schema::StructuralSchemaRewriter)
+        .with_transform(kube_core::schema::OptionalEnum)
+        .into_generator();
+    let mut v =
+        serde_json::to_value(generator.into_root_schema_for::<T>()).expect("a schema is JSON");
+    if let Some(root) = v.as_object_mut() {
+        root.remove("title");
+    }
+    keep_any_json(&mut v);
+    serde_json::from_value(v).expect("schemars' OpenAPI schema is a JSONSchemaProps")
+}
+
+/// Marks "anything" subschemas (`true`, or only a description) the way Kubernetes takes
+/// them: `x-kubernetes-preserve-unknown-fields`.
+fn keep_any_json(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    const SHAPES: [&str; 8] = [
+        "type",
+        "properties",
+        "items",
+        "additionalProperties",
+        "enum",
+        "anyOf",
+        "oneOf",
+        "allOf",
+    ];
+    fn mark(s: &mut Value) {
+        if *s == Value::Bool(true) {
+            *s = Value::Object(Default::default());
+        }
+        if let Some(o) = s.as_object_mut() {
+            if !SHAPES.iter().any(|k| o.contains_key(*k)) {
+                o.insert("x-kubernetes-preserve-unknown-fields".into(), true.into());
+            }
+        }
+        keep_any_json(s);
+    }
+    let Some(o) = v.as_object_mut() else { return };
+    if let Some(Value::Object(props)) = o.get_mut("properties") {
+        props.values_mut().for_each(mark);
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(s) = o.get_mut(key) {
+            mark(s);
+        }
+    }
+}
+
+/// The schema of a kind's `spec` as stored (a secret's is sealed: its keys and ciphertext).
+pub fn spec_schema(kind: Kind) -> JSONSchemaProps {
+    use dispatch_core::events::{EventDriverSpec, SubscriptionSpec};
+    use dispatch_core::jobs::JobTemplateSpec;
+    use dispatch_core::{BaseImageSpec, EndpointSpec, ImageSpec, SealedSecret};
+    match kind {
+        Kind::BaseImage => schema_of::<BaseImageSpec>(),
+        Kind::Image => schema_of::<ImageSpec>(),
+        Kind::Function => schema_of::<FunctionSpec>(),
+        Kind::Endpoint => schema_of::<EndpointSpec>(),
+        Kind::Secret => schema_of::<SealedSecret>(),
+        Kind::JobTemplate => schema_of::<JobTemplateSpec>(),
+        Kind::Subscription => schema_of::<SubscriptionSpec>(),
+        Kind::EventDriver => schema_of::<EventDriverSpec>(),
+    }
+}
+
 /// One CRD per kind: namespaced, `dispatch.dev/v1`, a status subresource, and a structural
-/// schema whose `spec` and `status` keep their fields (the server validates specs with the
-/// same code in both modes).
+/// schema generated from the core types: the kind's spec and the common status, so that the
+/// API server refuses a malformed object (`kubectl apply` of a Function without an image, a
+/// base image of an unknown language) and prunes unknown fields.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    let open = || JSONSchemaProps {
-        type_: Some("object".into()),
-        x_kubernetes_preserve_unknown_fields: Some(true),
-        ..Default::default()
-    };
     Kind::ALL
         .iter()
         .map(|k| {
@@ -81,8 +153,8 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
             let schema = JSONSchemaProps {
                 type_: Some("object".into()),
                 properties: Some(BTreeMap::from([
-                    ("spec".to_string(), open()),
-                    ("status".to_string(), open()),
+                    ("spec".to_string(), spec_schema(*k)),
+                    ("status".to_string(), schema_of::<dispatch_core::Status>()),
                 ])),
                 ..Default::default()
             };

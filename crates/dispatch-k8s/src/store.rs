@@ -136,7 +136,28 @@ struct Cache {
     /// Objects this process deleted, with their last version, until the watch reports the
     /// delete: an older event still on its way must not bring them back.
     deleted: Mutex<HashMap<(Kind, String, String), Option<u64>>>,
+    /// Objects this process is writing now: their watch events may come before the write's
+    /// answer, and are not told.
+    writing: Mutex<HashMap<(Kind, String, String), usize>>,
     listener: RwLock<Option<OnChange>>,
+}
+
+/// Marks an object as being written by this process while it lives.
+struct Writing<'a> {
+    cache: &'a Cache,
+    key: (Kind, String, String),
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut w = lock(&self.cache.writing);
+        if let Some(n) = w.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                w.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -144,6 +165,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Cache {
+    fn writing(&self, kind: Kind, ns: &str, name: &str) -> Writing<'_> {
+        let key = (kind, ns.to_string(), name.to_string());
+        *lock(&self.writing).entry(key.clone()).or_default() += 1;
+        Writing { cache: self, key }
+    }
+
+    fn ours(&self, kind: Kind, ns: &str, name: &str) -> bool {
+        lock(&self.writing).contains_key(&(kind, ns.to_string(), name.to_string()))
+    }
+
     /// Stores `o` unless the cache has it at the same or a newer version; `true` when it
     /// changed.
     fn apply(&self, o: Object) -> bool {
@@ -217,10 +248,10 @@ impl Cache {
             let ours = lock(&self.deleted)
                 .remove(&(kind, ns.clone(), name.clone()))
                 .is_some();
-            if self.remove(kind, &ns, &name) && !ours {
+            if self.remove(kind, &ns, &name) && !ours && !self.ours(kind, &ns, &name) {
                 self.tell(kind, &ns, &name, true);
             }
-        } else if self.apply(o) {
+        } else if self.apply(o) && !self.ours(kind, &ns, &name) {
             self.tell(kind, &ns, &name, false);
         }
     }
@@ -433,6 +464,7 @@ impl Store for CrStore {
         object.metadata.resource_version = None;
         object.metadata.updated_at = Some(jiff::Timestamp::now());
         let status = std::mem::take(&mut object.status);
+        let _writing = self.cache.writing(kind, &ns, &name);
         let created = match self.wait(
             self.api(&ns, kind)
                 .create(&PostParams::default(), &to_custom_resource(&object)),
@@ -462,6 +494,7 @@ impl Store for CrStore {
             object.name().to_string(),
         );
         let asked = object.metadata.resource_version.clone();
+        let _writing = self.cache.writing(kind, &ns, &name);
         for _ in 0..RETRIES {
             let mut cr = self.fetch(&ns, kind, &name)?;
             let now = cr.metadata.resource_version.clone().unwrap_or_default();
@@ -519,6 +552,7 @@ impl Store for CrStore {
         status: Status,
     ) -> Result<Object> {
         let status = serde_json::to_value(&status)?;
+        let _writing = self.cache.writing(kind, namespace, name);
         // The cached object first (its version is usually current); the API's on a conflict.
         let mut current = self
             .cache
@@ -548,6 +582,7 @@ impl Store for CrStore {
 
     fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object> {
         let api = self.api(namespace, kind);
+        let _writing = self.cache.writing(kind, namespace, name);
         let gone = match self.wait(api.delete(name, &DeleteParams::background())) {
             Ok(either) => either.left(),
             Err(e) if api_code(&e) == Some(404) => {
@@ -561,11 +596,15 @@ impl Store for CrStore {
             .map(|cr| from_custom_resource(kind, &cr))
             .or(cached)
             .unwrap_or_else(|| Object::new(kind, namespace, name, serde_json::json!({})));
-        lock(&self.cache.deleted).insert(
-            (kind, namespace.to_string(), name.to_string()),
-            version(&last),
-        );
-        self.cache.remove(kind, namespace, name);
+        // Unless the watch already saw the delete (then every older event too), older events
+        // still on their way must not bring it back.
+        if self.cache.get(kind, namespace, name).is_some() {
+            lock(&self.cache.deleted).insert(
+                (kind, namespace.to_string(), name.to_string()),
+                version(&last),
+            );
+            self.cache.remove(kind, namespace, name);
+        }
         Ok(last)
     }
 

@@ -404,10 +404,8 @@ async fn jobs_are_owned_by_their_template_resource() {
         std::path::PathBuf::from("/nonexistent/dispatch"),
     );
     options.job_owners = true;
-    let backend = dispatch_k8s::backend::KubernetesBackend::new(
-        kube::Client::new(svc, "default"),
-        options,
-    );
+    let backend =
+        dispatch_k8s::backend::KubernetesBackend::new(kube::Client::new(svc, "default"), options);
     let exec = execution();
     let cluster = tokio::spawn(async move {
         let (m, uri, _) = answer(&mut handle, 200, json!({"apiVersion": "dispatch.dev/v1", "kind": "JobTemplate",

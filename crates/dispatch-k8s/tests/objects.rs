@@ -211,7 +211,7 @@ fn install_objects_are_valid_and_least_privilege() {
         ]
     );
     // RBAC: named resources and verbs only, no wildcards, no secrets, nothing cluster-wide
-    // beyond function objects.
+    // beyond Dispatch's resources, function objects and creating namespaces.
     let role = all.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
     let rules = role["rules"].as_array().unwrap();
     let granted: Vec<String> = rules
@@ -238,6 +238,9 @@ fn install_objects_are_valid_and_least_privilege() {
     assert_eq!(
         granted,
         [
+            "dispatch.dev/baseimages,images,functions,endpoints,jobtemplates,secrets,subscriptions,eventdrivers: get,list,watch,create,update,delete",
+            "dispatch.dev/baseimages/status,images/status,functions/status,endpoints/status,jobtemplates/status,secrets/status,subscriptions/status,eventdrivers/status: update",
+            "/namespaces: create",
             "apps/deployments: get,patch,delete",
             "/services: get,patch,delete",
             "autoscaling/horizontalpodautoscalers: get,patch,delete",
@@ -346,4 +349,254 @@ fn kubectl_get_shows_phase_reason_and_age() {
             ]
         );
     }
+}
+
+/// The rules Kubernetes sets for CRD schemas ("structural"), a little stricter: every node
+/// has a type unless it keeps any JSON; no `$ref`, no `anyOf`/`oneOf`/`allOf`/`not`; never
+/// `properties` with `additionalProperties`, nor `additionalProperties: false`.
+fn structural(path: &str, s: &serde_json::Value, errors: &mut Vec<String>) {
+    let o = s.as_object().unwrap();
+    if o.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true)) {
+        return;
+    }
+    if !o.get("type").is_some_and(|t| t.is_string()) {
+        errors.push(format!("{path}: no type"));
+    }
+    for k in ["$ref", "anyOf", "oneOf", "allOf", "not"] {
+        if o.contains_key(k) {
+            errors.push(format!("{path}: {k}"));
+        }
+    }
+    if o.contains_key("properties") && o.contains_key("additionalProperties") {
+        errors.push(format!("{path}: properties and additionalProperties"));
+    }
+    if o.get("additionalProperties") == Some(&json!(false)) {
+        errors.push(format!("{path}: additionalProperties: false"));
+    }
+    for (k, v) in o
+        .get("properties")
+        .and_then(|p| p.as_object())
+        .into_iter()
+        .flatten()
+    {
+        structural(&format!("{path}.{k}"), v, errors);
+    }
+    for k in ["items", "additionalProperties"] {
+        if let Some(v) = o.get(k).filter(|v| v.is_object()) {
+            structural(&format!("{path}[{k}]"), v, errors);
+        }
+    }
+}
+
+/// What an API server would do with `value` under `schema`: the fields it would prune and the
+/// values of the wrong type, as paths.
+fn refused(path: &str, v: &serde_json::Value, s: &serde_json::Value, errors: &mut Vec<String>) {
+    if s.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true)) {
+        return;
+    }
+    if v.is_null() {
+        if s.get("nullable") != Some(&json!(true)) {
+            errors.push(format!("{path}: null"));
+        }
+        return;
+    }
+    let ok = match s["type"].as_str().unwrap() {
+        "object" => {
+            let o = v.as_object();
+            for (k, x) in o.into_iter().flatten() {
+                match (
+                    s.pointer(&format!("/properties/{k}")),
+                    s.get("additionalProperties"),
+                ) {
+                    (Some(p), _) | (None, Some(p)) => refused(&format!("{path}.{k}"), x, p, errors),
+                    (None, None) => errors.push(format!("{path}.{k}: pruned")),
+                }
+            }
+            for r in s["required"].as_array().into_iter().flatten() {
+                let r = r.as_str().unwrap();
+                if o.is_some_and(|o| !o.contains_key(r)) {
+                    errors.push(format!("{path}.{r}: required"));
+                }
+            }
+            o.is_some()
+        }
+        "array" => {
+            for (i, x) in v.as_array().into_iter().flatten().enumerate() {
+                refused(&format!("{path}[{i}]"), x, &s["items"], errors);
+            }
+            v.is_array()
+        }
+        "string" => {
+            let allowed = s["enum"].as_array().is_none_or(|e| e.contains(v));
+            v.is_string() && allowed
+        }
+        "integer" => v.is_i64() || v.is_u64(),
+        "boolean" => v.is_boolean(),
+        other => panic!("{path}: type {other}"),
+    };
+    if !ok {
+        errors.push(format!("{path}: {v} does not fit {}", s["type"]));
+    }
+}
+
+fn schema(kind: dispatch_core::Kind) -> serde_json::Value {
+    let crd = crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == kind.as_str())
+        .unwrap();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .clone()
+            .unwrap()
+            .open_api_v3_schema,
+    )
+    .unwrap()
+}
+
+/// The CRDs' schemas are generated from the core types and structural: Kubernetes accepts
+/// them, and validates and prunes with them.
+#[test]
+fn crd_schemas_are_structural_and_typed() {
+    for kind in dispatch_core::Kind::ALL {
+        let s = schema(kind);
+        let mut errors = Vec::new();
+        structural(kind.as_str(), &s, &mut errors);
+        assert!(errors.is_empty(), "{kind}: {errors:#?}");
+        assert_eq!(
+            s["properties"]["status"]["properties"]["phase"]["type"],
+            "string"
+        );
+    }
+    let function = schema(dispatch_core::Kind::Function);
+    assert_eq!(function["properties"]["spec"]["required"], json!(["image"]));
+    assert_eq!(
+        function["properties"]["spec"]["properties"]["concurrency"]["properties"]["maxWorkers"]["type"],
+        "integer"
+    );
+    let base = schema(dispatch_core::Kind::BaseImage);
+    assert_eq!(
+        base["properties"]["spec"]["properties"]["language"]["enum"],
+        json!(["python3", "nodejs", "exec", null]),
+        "optional: null (nullable) or one of the languages"
+    );
+    // A secret is stored sealed: its keys and ciphertext, never `data`.
+    let secret = schema(dispatch_core::Kind::Secret);
+    let fields: Vec<&String> = secret["properties"]["spec"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    assert_eq!(fields, ["keys", "sealed"]);
+    // A job template's Job is kept whole (it is templated: any field may hold `{{ }}`).
+    let job = schema(dispatch_core::Kind::JobTemplate);
+    assert_eq!(
+        job["properties"]["spec"]["properties"]["jobTemplate"]["x-kubernetes-preserve-unknown-fields"],
+        true
+    );
+
+    // The checker finds what it must.
+    let mut errors = Vec::new();
+    refused(
+        "spec",
+        &json!({"imag": "typo", "concurrency": {"maxWorkers": "four"}}),
+        &function["properties"]["spec"],
+        &mut errors,
+    );
+    assert_eq!(
+        errors,
+        [
+            "spec.concurrency.maxWorkers: \"four\" does not fit \"integer\"",
+            "spec.imag: pruned",
+            "spec.image: required"
+        ]
+    );
+}
+
+/// Every field the server stores survives the API server's pruning and validation: a spec of
+/// each kind with every field set, in the normal form the API stores.
+#[test]
+fn stored_specs_fit_their_crds() {
+    use dispatch_core::{Kind, Object};
+    let specs = [
+        (
+            Kind::BaseImage,
+            json!({"image": "python:3.11-slim", "interpreter": "python3.11"}),
+        ),
+        (
+            Kind::Image,
+            json!({"baseImage": "py", "runtimeDependencies": {"manifest": "six\n", "indexUrl": "https://pypi.example/simple"},
+            "systemDependencies": [{"name": "libxml2"}], "preload": ["six", "os.path"]}),
+        ),
+        (
+            Kind::Function,
+            json!({"image": "py", "handler": "hello.handle", "source": format!("sha256:{}", "a".repeat(64)),
+            "timeout": "10s", "env": {"A": "1"}, "concurrency": {"maxWorkers": 8, "minWorkers": 1, "idleTimeout": "1m"},
+            "retry": {"maxAttempts": 5, "backoff": {"initial": "1s", "max": "1m"}, "maxAge": "1h"},
+            "callbackUrl": "https://example.com/cb", "secrets": ["db"]}),
+        ),
+        (
+            Kind::Endpoint,
+            json!({"function": "hello", "methods": ["get", "post"], "paths": ["/hello"], "hosts": ["example.com"],
+            "cors": true, "auth": "token"}),
+        ),
+        (
+            Kind::Subscription,
+            json!({"eventType": "order.*", "source": "shop", "function": "hello"}),
+        ),
+        (
+            Kind::EventDriver,
+            json!({"type": "cron", "function": "hello", "schedule": "*/5 * * * *", "timezone": "Europe/Paris",
+            "missedRuns": "once", "config": {"x": "y"}}),
+        ),
+        (
+            Kind::JobTemplate,
+            json!({"jobTemplate": {"spec": {"backoffLimit": 2, "template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "main", "image": "alpine:3", "command": ["echo", "{{ .UUID }}"]}]}}}},
+            "maxActive": 2}),
+        ),
+    ];
+    for (kind, spec) in specs {
+        let mut o = Object::new(kind, "default", "sample", spec);
+        o.validate().unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let mut errors = Vec::new();
+        refused(
+            "spec",
+            &o.spec,
+            &schema(kind)["properties"]["spec"],
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{kind} {}: {errors:#?}", o.spec);
+    }
+    let sealed = serde_json::to_value(dispatch_core::SealedSecret {
+        keys: vec!["password".into()],
+        sealed: "bm9uY2U=".into(),
+    })
+    .unwrap();
+    let mut errors = Vec::new();
+    refused(
+        "spec",
+        &sealed,
+        &schema(Kind::Secret)["properties"]["spec"],
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    // And the status the controller writes.
+    let status = serde_json::to_value(dispatch_core::Status {
+        phase: Some(dispatch_core::Phase::Ready),
+        reason: "ok".into(),
+        digest: Some("sha256:x".into()),
+        observed_generation: Some(3),
+        image: Some("r/x@sha256:y".into()),
+        next_fire: Some("2026-11-23T10:00:00Z".parse().unwrap()),
+    })
+    .unwrap();
+    let mut errors = Vec::new();
+    refused(
+        "status",
+        &status,
+        &schema(Kind::Function)["properties"]["status"],
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
 }
