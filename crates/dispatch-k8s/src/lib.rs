@@ -8,8 +8,8 @@
 //! function images without a daemon ([`oci`], [`image`]); and [`backend::KubernetesBackend`]
 //! puts these together behind the server's `Backend` seam (`dispatch server --backend
 //! kubernetes`), which also runs job executions as Jobs and elects the cron scheduler's
-//! server by Lease ([`lease`]); [`install`] renders what installs it. Not built yet:
-//! resources stored as custom resources.
+//! server by Lease ([`lease`]); [`store::CrStore`] keeps resources as custom resources;
+//! [`install`] renders what installs it.
 
 pub mod backend;
 pub mod image;

@@ -21,6 +21,9 @@ pub struct K8s {
 #[derive(Debug, clap::Subcommand)]
 pub enum K8sWhat {
     /// Print the CRDs of every kind (multi-document YAML)
+    #[command(
+        after_help = "One dispatch.dev/v1 CRD per kind (namespaced, status subresource), with a structural schema generated from the types the API validates with: the API server refuses a malformed resource and `kubectl explain function.spec` documents the fields. The Kubernetes backend keeps every resource as one of these."
+    )]
     Crds,
     /// Build a function's image on a base image and push it to a registry (no Docker daemon)
     Image(Box<ImageArgs>),
@@ -30,7 +33,7 @@ pub enum K8sWhat {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its namespace, the CRDs, a service account with a ClusterRole limited to what the server does (function Deployments, Services, autoscalers or Knative Services; Jobs, their pods and logs) and a Role for the scheduler's Lease, a PersistentVolumeClaim for the SQL store, the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson Secret named by --registry-secret in the same namespace (optional)."
+    after_help = "Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its namespace, the CRDs, a service account with a ClusterRole limited to what the server does (Dispatch's custom resources and their status, which hold every resource; creating namespaces; function Deployments, Services, autoscalers or Knative Services; Jobs, their pods and logs) and a Role for the scheduler's Lease, a PersistentVolumeClaim for the SQL store (run records, job executions, events, tokens), the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson Secret named by --registry-secret in the same namespace (optional)."
 )]
 pub struct ManifestArgs {
     /// The server's image (the dispatch binary with python3/pip and node/npm)
