@@ -1,5 +1,5 @@
-//! Every generated object reads back as its k8s-openapi type, and matches its golden file
-//! (`UPDATE_GOLDEN=1 cargo test -p dispatch-k8s` rewrites them after a deliberate change).
+//! Every generated object reads back as its k8s-openapi type, and matches its snapshot
+//! (insta; see `golden`).
 
 use dispatch_core::jobs::{RenderData, render};
 use dispatch_core::{FunctionSpec, JobExecution, JobPhase, JobTemplateSpec, Language, Logs};
@@ -11,24 +11,13 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+/// A snapshot (insta, YAML) of a generated object: `tests/snapshots/objects__<name>.snap`.
+/// After a deliberate change: `cargo insta review`, or `INSTA_UPDATE=always cargo test -p
+/// dispatch-k8s` and read the diff.
 fn golden(name: &str, value: &serde_json::Value) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    let text = serde_saphyr::to_string(value).unwrap();
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "no golden file {}: run with UPDATE_GOLDEN=1",
-            path.display()
-        )
-    });
-    assert_eq!(text, want, "{name} changed: review, then UPDATE_GOLDEN=1");
+    insta::assert_yaml_snapshot!(name, value);
 }
 
-/// Serializes, reads back as `T`, and compares: the object is valid for its type.
 fn round_trip<T: serde::Serialize + DeserializeOwned>(v: &T) -> serde_json::Value {
     let json = serde_json::to_value(v).unwrap();
     let back: T = serde_json::from_value(json.clone()).unwrap();
@@ -61,7 +50,8 @@ fn crds_for_every_kind() {
         .map(round_trip::<CustomResourceDefinition>)
         .collect();
     assert_eq!(json[2]["metadata"]["name"], "functions.dispatch.dev");
-    golden("crd-function.yaml", &json[2]);
+    golden("crd-function", &json[2]);
+    golden("crds", &serde_json::Value::Array(json.clone()));
 }
 
 #[test]
@@ -74,15 +64,15 @@ fn function_deployment_and_service() {
         d["spec"]["template"]["spec"]["containers"][0]["command"],
         json!(["/dispatch/bin/dispatch", "runner"])
     );
-    golden("function-deployment.yaml", &d);
-    golden("function-service.yaml", &s);
+    golden("function-deployment", &d);
+    golden("function-service", &s);
     let k = knative_service("default", "hello", &Workload::of(&hello()), &image());
     assert_eq!(
         k["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"],
         "3"
     );
     assert_eq!(k["spec"]["template"]["spec"]["timeoutSeconds"], 10);
-    golden("function-knative.yaml", &k);
+    golden("function-knative", &k);
 
     // A private registry: pods pull with the named Secret.
     let private = FunctionImage {
@@ -144,7 +134,7 @@ fn job_from_a_rendered_template() {
         j["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"],
         "my test payload"
     );
-    golden("job-sample.yaml", &j);
+    golden("job-sample", &j);
 }
 
 #[test]
@@ -155,6 +145,7 @@ fn install_objects_are_valid_and_least_privilege() {
     let mut install = Install::new("reg.example/dispatch/server:1", "reg.example/fns");
     install.insecure_registries = vec!["reg.local:5000".into()];
     let all = objects(&install);
+    golden("install", &serde_json::Value::Array(all.clone()));
     let mut kinds = Vec::new();
     for o in &all {
         let kind = o["kind"].as_str().unwrap();
@@ -314,7 +305,7 @@ fn concurrency_beyond_one_pod_gets_an_autoscaler() {
     assert_eq!(hpa["spec"]["minReplicas"], 1);
     assert_eq!(hpa["spec"]["maxReplicas"], 5);
     assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "fn-hello");
-    golden("function-hpa.yaml", &hpa);
+    golden("function-hpa", &hpa);
     let (d, _) = function_objects("default", "hello", &w(2, 20), &image());
     let d = round_trip::<Deployment>(&d);
     assert!(
