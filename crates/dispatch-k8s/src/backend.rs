@@ -58,6 +58,8 @@ pub struct KubernetesOptions {
     /// Job templates are custom resources ([`crate::store::CrStore`]): each Job is owned by
     /// its template's, so that deleting the template (even with kubectl) deletes its Jobs.
     pub job_owners: bool,
+    /// Job logs are followed while the Job runs (otherwise read once at its end).
+    pub live_logs: bool,
 }
 
 impl KubernetesOptions {
@@ -73,6 +75,7 @@ impl KubernetesOptions {
             lease: None,
             function_url: Arc::new(|ns, name| format!("http://fn-{name}.{ns}.svc")),
             job_owners: false,
+            live_logs: true,
         }
     }
 }
@@ -489,6 +492,42 @@ pub fn job_end(j: &Job) -> Option<JobEnd> {
     None
 }
 
+/// Appends one container's log lines to `logs.stdout` as they come, until the container ends.
+async fn follow_container(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    pod: &str,
+    container: &str,
+    prefix: bool,
+    logs: &LiveLogs,
+) {
+    use futures_util::{AsyncBufReadExt as _, StreamExt as _};
+    let params = kube::api::LogParams {
+        container: Some(container.to_string()),
+        follow: true,
+        limit_bytes: Some(JOB_LOG_BYTES),
+        ..Default::default()
+    };
+    let reader = match pods.log_stream(pod, &params).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(pod, container, "following logs: {e}");
+            return;
+        }
+    };
+    let mut lines = std::pin::pin!(reader.lines());
+    while let Some(Ok(line)) = lines.next().await {
+        let line = if prefix {
+            format!("[{container}] {line}")
+        } else {
+            line
+        };
+        logs.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stdout
+            .push(line);
+    }
+}
+
 /// Log bytes read per container of a finished job.
 const JOB_LOG_BYTES: i64 = 1024 * 1024;
 
@@ -513,8 +552,7 @@ impl KubernetesBackend {
     /// Creates the execution's Job (or follows it, when a restarted server finds it there),
     /// watches it to its end, then reads its last pod's exit code and logs.
     async fn job_to_end(&self, exec: &JobExecution, logs: LiveLogs) -> JobEnd {
-        use futures_util::StreamExt as _;
-        use kube::api::{Api, PostParams, WatchEvent, WatchParams};
+        use kube::api::{Api, PostParams};
         let owner = if self.options.job_owners {
             self.template_uid(exec).await
         } else {
@@ -543,10 +581,46 @@ impl KubernetesBackend {
             name: name.clone(),
             armed: true,
         };
-        // The Job as it is, then its changes by watch from that version, until it ends; a
-        // watch that closes (server timeout, 410 Gone) starts over from a fresh read.
-        let mut end = 'follow: loop {
-            let current = match api.get(&name).await {
+        let follow = self.follow_job(&api, &name, &mut guard);
+        let mut end = if self.options.live_logs {
+            let live = self.live_logs(&exec.namespace, &name, &logs);
+            tokio::select! {
+                end = follow => end,
+                never = live => match never {},
+            }
+        } else {
+            follow.await
+        };
+        guard.armed = false;
+        match self.last_pod(&exec.namespace, &name).await {
+            Ok(Some((pod, containers, exit))) => {
+                if end.phase == JobPhase::Failed {
+                    end.exit_code = exit;
+                }
+                // The last pod's whole log replaces what was followed (a follow may have
+                // missed lines across reconnects).
+                *logs.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+                self.pod_logs(&exec.namespace, &pod, &containers, &logs)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job = %name, "reading the Job's pods: {e}"),
+        }
+        end
+    }
+
+    /// Follows Job `name` to its end: the Job as it is, then its changes by watch from that
+    /// version; a watch that closes (server timeout, 410 Gone) starts over from a fresh read.
+    async fn follow_job(
+        &self,
+        api: &kube::Api<Job>,
+        name: &str,
+        guard: &mut DeleteOnDrop,
+    ) -> JobEnd {
+        use futures_util::StreamExt as _;
+        use kube::api::{WatchEvent, WatchParams};
+        loop {
+            let current = match api.get(name).await {
                 Ok(j) => j,
                 Err(kube::Error::Api(e)) if e.code == 404 => {
                     guard.armed = false;
@@ -559,7 +633,7 @@ impl KubernetesBackend {
                 }
             };
             if let Some(end) = job_end(&current) {
-                break end;
+                return end;
             }
             let version = current.metadata.resource_version.unwrap_or_default();
             let params = WatchParams::default()
@@ -578,7 +652,7 @@ impl KubernetesBackend {
                 match event {
                     Ok(WatchEvent::Added(j) | WatchEvent::Modified(j)) => {
                         if let Some(end) = job_end(&j) {
-                            break 'follow end;
+                            return end;
                         }
                     }
                     Ok(WatchEvent::Deleted(_)) => {
@@ -596,20 +670,54 @@ impl KubernetesBackend {
                     }
                 }
             }
-        };
-        guard.armed = false;
-        match self.last_pod(&exec.namespace, &name).await {
-            Ok(Some((pod, containers, exit))) => {
-                if end.phase == JobPhase::Failed {
-                    end.exit_code = exit;
-                }
-                self.pod_logs(&exec.namespace, &pod, &containers, &logs)
-                    .await;
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(job = %name, "reading the Job's pods: {e}"),
         }
-        end
+    }
+
+    /// Streams the logs of Job `job`'s pods into `logs` while it runs (`dispatch logs
+    /// jobexecution --follow`): each new pod (an attempt) from its start, every container,
+    /// line by line; a new attempt's lines replace the previous one's. Runs until dropped.
+    async fn live_logs(&self, ns: &str, job: &str, logs: &LiveLogs) -> std::convert::Infallible {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, ListParams};
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns);
+        let mut followed = std::collections::HashSet::new();
+        loop {
+            let listed = pods
+                .list(&ListParams::default().labels(&format!("job-name={job}")))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            let next = listed
+                .into_iter()
+                .filter(|p| {
+                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                    matches!(phase, Some("Running" | "Succeeded" | "Failed"))
+                        && !followed.contains(p.metadata.name.as_deref().unwrap_or_default())
+                })
+                .max_by(|a, b| {
+                    a.metadata
+                        .creation_timestamp
+                        .cmp(&b.metadata.creation_timestamp)
+                });
+            let Some(pod) = next else {
+                tokio::time::sleep(self.options.poll_interval).await;
+                continue;
+            };
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            followed.insert(name.clone());
+            *logs.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+            let containers: Vec<String> = pod
+                .spec
+                .map(|s| s.containers.into_iter().map(|c| c.name).collect())
+                .unwrap_or_default();
+            let prefix = containers.len() > 1;
+            futures_util::future::join_all(
+                containers
+                    .iter()
+                    .map(|c| follow_container(&pods, &name, c, prefix, logs)),
+            )
+            .await;
+        }
     }
 
     /// The newest pod of Job `job`: its name, containers, and the first non-zero exit code.

@@ -223,6 +223,8 @@ fn k8s_backend(client: kube::Client) -> std::sync::Arc<dispatch_k8s::backend::Ku
         std::path::PathBuf::from("/nonexistent/dispatch"),
     );
     options.poll_interval = std::time::Duration::from_millis(1);
+    // The requests here are scripted in order: no log follower alongside.
+    options.live_logs = false;
     dispatch_k8s::backend::KubernetesBackend::new(client, options)
 }
 
@@ -404,6 +406,7 @@ async fn jobs_are_owned_by_their_template_resource() {
         std::path::PathBuf::from("/nonexistent/dispatch"),
     );
     options.job_owners = true;
+    options.live_logs = false;
     let backend =
         dispatch_k8s::backend::KubernetesBackend::new(kube::Client::new(svc, "default"), options);
     let exec = execution();
