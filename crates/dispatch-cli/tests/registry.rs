@@ -899,7 +899,7 @@ async fn with_kubectl(
     };
     api.apply(json!({"apiVersion": "dispatch.dev/v1", "kind": "Endpoint",
         "metadata": {"name": "applied", "namespace": "default"},
-        "spec": {"function": "hello", "methods": ["POST"], "paths": ["/applied"]}}));
+        "spec": {"function": "hello", "methods": ["post"], "paths": ["/applied"]}}));
     let answer: Value = eventually_async("the applied endpoint to route", || async {
         let r = post("/applied").await;
         (r.status() == 200).then_some(r)
@@ -909,7 +909,29 @@ async fn with_kubectl(
     .await
     .unwrap();
     assert_eq!(answer["hi"], "kubectl");
+    // Filled in as the API would have: methods in capitals.
+    let applied = api.object("endpoints", "default", "applied").unwrap();
+    assert_eq!(applied["spec"]["methods"], json!(["POST"]), "{applied}");
     assert!(api.remove("endpoints", "default", "applied"));
+    // What the API would refuse is marked ERROR with the reason, and does not route.
+    api.apply(json!({"apiVersion": "dispatch.dev/v1", "kind": "Endpoint",
+        "metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"function": "hello", "methods": ["POST"], "paths": ["no-slash"]}}));
+    let broken = eventually_async("the broken endpoint to be marked", || async {
+        let o = c.get(dispatch_core::Kind::Endpoint, "broken").await.ok()?;
+        (o.phase() == Some(dispatch_core::Phase::Error)).then_some(o)
+    })
+    .await;
+    assert!(
+        broken.status.reason.contains("must start with '/'"),
+        "{:?}",
+        broken.status
+    );
+    assert_eq!(
+        api.object("endpoints", "default", "broken").unwrap()["status"]["phase"],
+        "ERROR"
+    );
+    assert!(api.remove("endpoints", "default", "broken"));
     eventually_async("the deleted endpoint to stop routing", || async {
         (post("/applied").await.status() == 404).then_some(())
     })

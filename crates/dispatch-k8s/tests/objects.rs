@@ -591,3 +591,34 @@ fn stored_specs_fit_their_crds() {
     );
     assert!(errors.is_empty(), "{errors:#?}");
 }
+
+/// A resource as the Kubernetes backend stores it: a `dispatch.dev/v1` custom resource whose
+/// metadata, spec and status read back as the same Dispatch object.
+#[test]
+fn resources_as_custom_resources() {
+    use dispatch_core::{Kind, Object, Phase, Status};
+    use dispatch_k8s::store::{from_custom_resource, to_custom_resource};
+    let mut o = Object::new(
+        Kind::Function,
+        "team-a",
+        "hello",
+        json!({"image": "py", "source": "sha256:abcd", "env": {"GREETING": "hi"}}),
+    );
+    o.metadata.labels.insert("app".into(), "demo".into());
+    o.metadata.updated_at = Some("2026-11-23T10:00:00Z".parse().unwrap());
+    o.metadata.resource_version = Some("42".into());
+    o.status = Status {
+        phase: Some(Phase::Ready),
+        digest: Some("sha256:feed".into()),
+        observed_generation: Some(1),
+        image: Some("reg.example/fns/team-a/hello@sha256:feed".into()),
+        ..Status::default()
+    };
+    let cr = serde_json::to_value(to_custom_resource(&o)).unwrap();
+    golden("custom-resource-function", &cr);
+    let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
+        serde_json::from_value(cr["metadata"].clone()).unwrap();
+    assert_eq!(meta.namespace.as_deref(), Some("team-a"));
+    let back = from_custom_resource(Kind::Function, &serde_json::from_value(cr).unwrap());
+    assert_eq!(back, o);
+}

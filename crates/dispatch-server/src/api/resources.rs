@@ -401,11 +401,42 @@ pub(crate) async fn changed_elsewhere(
     if change.deleted {
         return forget(state, ns, kind, name).await;
     }
-    let Some(stored) = state.get(ns, kind, name).await? else {
+    let Some(mut stored) = state.get(ns, kind, name).await? else {
         return Ok(());
     };
     if state.require_namespace(ns).is_err() {
         state.create_namespace(ns).await?;
+    }
+    // What the API would have checked and filled in (a secret is sealed: only the API can
+    // write one).
+    if kind != Kind::Secret {
+        let mut normal = stored.clone();
+        match normal.validate() {
+            Ok(()) if normal.spec != stored.spec => {
+                match state.db(move |s| s.update(normal)).await {
+                    Ok(o) => stored = o,
+                    // Changed again meanwhile: that change comes next.
+                    Err(e) if e.status == StatusCode::CONFLICT => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if kind == Kind::Endpoint {
+                    state.set_route(ns, name, None);
+                }
+                let status = dispatch_core::Status {
+                    phase: Some(dispatch_core::Phase::Error),
+                    reason: format!("{} (this spec did not come through the API)", e.message),
+                    ..stored.status.clone()
+                };
+                let (n, m) = (ns.to_string(), name.to_string());
+                state
+                    .db(move |s| s.update_status(&n, kind, &m, status))
+                    .await?;
+                return Ok(());
+            }
+        }
     }
     stored_changed(state, &stored).await
 }
