@@ -106,10 +106,10 @@ fn keep_any_json(v: &mut serde_json::Value) {
         if *s == Value::Bool(true) {
             *s = Value::Object(Default::default());
         }
-        if let Some(o) = s.as_object_mut() {
-            if !SHAPES.iter().any(|k| o.contains_key(*k)) {
-                o.insert("x-kubernetes-preserve-unknown-fields".into(), true.into());
-            }
+        if let Some(o) = s.as_object_mut()
+            && !SHAPES.iter().any(|k| o.contains_key(*k))
+        {
+            o.insert("x-kubernetes-preserve-unknown-fields".into(), true.into());
         }
         keep_any_json(s);
     }

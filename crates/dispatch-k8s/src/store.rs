@@ -180,10 +180,10 @@ impl Cache {
     fn apply(&self, o: Object) -> bool {
         let key = (o.namespace().to_string(), o.name().to_string());
         let v = version(&o);
-        if let Some(gone) = lock(&self.deleted).get(&(o.kind, key.0.clone(), key.1.clone())) {
-            if !older(*gone, v) {
-                return false;
-            }
+        if let Some(gone) = lock(&self.deleted).get(&(o.kind, key.0.clone(), key.1.clone()))
+            && !older(*gone, v)
+        {
+            return false;
         }
         let mut all = self.objects.write().unwrap_or_else(|p| p.into_inner());
         let of_kind = all.entry(o.kind).or_default();
@@ -498,15 +498,15 @@ impl Store for CrStore {
         for _ in 0..RETRIES {
             let mut cr = self.fetch(&ns, kind, &name)?;
             let now = cr.metadata.resource_version.clone().unwrap_or_default();
-            if let Some(asked) = &asked {
-                if *asked != now {
-                    return Err(StoreError::Conflict {
-                        kind,
-                        name,
-                        expected: asked.clone(),
-                        actual: now,
-                    });
-                }
+            if let Some(asked) = &asked
+                && *asked != now
+            {
+                return Err(StoreError::Conflict {
+                    kind,
+                    name,
+                    expected: asked.clone(),
+                    actual: now,
+                });
             }
             cr.metadata.labels =
                 (!object.metadata.labels.is_empty()).then(|| object.metadata.labels.clone());
