@@ -3,6 +3,9 @@
 //! each line in the execution's live logs as the pod prints it; at the end the pod's whole
 //! log is what the execution keeps.
 
+mod support;
+use support::execution;
+
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -154,26 +157,4 @@ async fn job_logs_are_followed_while_the_job_runs() {
         ["one", "two", "three"],
         "the pod's whole log, read at the end"
     );
-}
-
-fn execution() -> dispatch_core::JobExecution {
-    use dispatch_core::{JobExecution, JobPhase, Logs};
-    JobExecution {
-        uuid: "0193c1f2-8e4b-7a00-8000-123456789abc".into(),
-        name: "sample".into(),
-        namespace: "default".into(),
-        phase: JobPhase::Waiting,
-        reason: String::new(),
-        payload: "hi".into(),
-        rendered: json!({"spec": {"template": {"spec": {"restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "alpine:3", "command": ["echo", "hi"]}]}}}}),
-        images: vec![],
-        attempts: 0,
-        exit_code: None,
-        logs: Logs::default(),
-        created_at: "2026-11-23T10:00:00Z".parse().unwrap(),
-        started_at: None,
-        finished_at: None,
-        expires_at: None,
-    }
 }

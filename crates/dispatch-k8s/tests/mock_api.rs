@@ -1,6 +1,9 @@
 //! The Kubernetes calls against kube's tower-test mock API server: the requests (method, path,
 //! field manager, body) are what a real API server would get.
 
+mod support;
+use support::execution;
+
 use dispatch_core::{FunctionSpec, Language};
 use dispatch_k8s::{FunctionImage, Workload, apply_function, delete_function, function_objects};
 use http::{Method, Request, Response};
@@ -148,29 +151,6 @@ async fn api_errors_surface() {
     .unwrap_err();
     assert!(err.to_string().contains("forbidden"), "{err}");
     server.await.unwrap();
-}
-
-fn execution() -> dispatch_core::JobExecution {
-    use dispatch_core::{JobExecution, JobPhase, Logs};
-    let rendered = json!({"spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
-        "containers": [{"name": "main", "image": "alpine:3", "command": ["echo", "hi"]}]}}}});
-    JobExecution {
-        uuid: "0193c1f2-8e4b-7a00-8000-123456789abc".into(),
-        name: "sample".into(),
-        namespace: "default".into(),
-        phase: JobPhase::Waiting,
-        reason: String::new(),
-        payload: "hi".into(),
-        rendered,
-        images: vec![],
-        attempts: 0,
-        exit_code: None,
-        logs: Logs::default(),
-        created_at: "2026-11-23T10:00:00Z".parse().unwrap(),
-        started_at: None,
-        finished_at: None,
-        expires_at: None,
-    }
 }
 
 #[tokio::test]

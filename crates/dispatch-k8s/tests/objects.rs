@@ -430,6 +430,18 @@ fn refused(path: &str, v: &serde_json::Value, s: &serde_json::Value, errors: &mu
     }
 }
 
+/// What `refused` finds in `value` under the `field` ("spec" or "status") of `kind`'s CRD.
+fn misfits(kind: dispatch_core::Kind, field: &str, value: &serde_json::Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    refused(
+        field,
+        value,
+        &schema(kind)["properties"][field],
+        &mut errors,
+    );
+    errors
+}
+
 fn schema(kind: dispatch_core::Kind) -> serde_json::Value {
     let crd = crds()
         .into_iter()
@@ -487,15 +499,9 @@ fn crd_schemas_are_structural_and_typed() {
     );
 
     // The checker finds what it must.
-    let mut errors = Vec::new();
-    refused(
-        "spec",
-        &json!({"imag": "typo", "concurrency": {"maxWorkers": "four"}}),
-        &function["properties"]["spec"],
-        &mut errors,
-    );
+    let bad = json!({"imag": "typo", "concurrency": {"maxWorkers": "four"}});
     assert_eq!(
-        errors,
+        misfits(dispatch_core::Kind::Function, "spec", &bad),
         [
             "spec.concurrency.maxWorkers: \"four\" does not fit \"integer\"",
             "spec.imag: pruned",
@@ -550,13 +556,7 @@ fn stored_specs_fit_their_crds() {
     for (kind, spec) in specs {
         let mut o = Object::new(kind, "default", "sample", spec);
         o.validate().unwrap_or_else(|e| panic!("{kind}: {e}"));
-        let mut errors = Vec::new();
-        refused(
-            "spec",
-            &o.spec,
-            &schema(kind)["properties"]["spec"],
-            &mut errors,
-        );
+        let errors = misfits(kind, "spec", &o.spec);
         assert!(errors.is_empty(), "{kind} {}: {errors:#?}", o.spec);
     }
     let sealed = serde_json::to_value(dispatch_core::SealedSecret {
@@ -564,13 +564,7 @@ fn stored_specs_fit_their_crds() {
         sealed: "bm9uY2U=".into(),
     })
     .unwrap();
-    let mut errors = Vec::new();
-    refused(
-        "spec",
-        &sealed,
-        &schema(Kind::Secret)["properties"]["spec"],
-        &mut errors,
-    );
+    let errors = misfits(Kind::Secret, "spec", &sealed);
     assert!(errors.is_empty(), "{errors:#?}");
     // And the status the controller writes.
     let status = serde_json::to_value(dispatch_core::Status {
@@ -582,13 +576,7 @@ fn stored_specs_fit_their_crds() {
         next_fire: Some("2026-11-23T10:00:00Z".parse().unwrap()),
     })
     .unwrap();
-    let mut errors = Vec::new();
-    refused(
-        "status",
-        &status,
-        &schema(Kind::Function)["properties"]["status"],
-        &mut errors,
-    );
+    let errors = misfits(Kind::Function, "status", &status);
     assert!(errors.is_empty(), "{errors:#?}");
 }
 
