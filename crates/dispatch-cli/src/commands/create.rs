@@ -49,7 +49,7 @@ pub enum What {
         /// requirements.txt (python3) or package.json (nodejs) to install into the image
         #[arg(long, value_name = "FILE")]
         runtime_deps: Option<PathBuf>,
-        /// System packages (Kubernetes backend only; refused by the embedded server)
+        /// System packages: refused by both backends for now (install them in the base image)
         #[arg(long = "system-deps", value_name = "PACKAGE")]
         system_deps: Vec<String>,
         /// Package index for the dependencies: pip --index-url / npm --registry
