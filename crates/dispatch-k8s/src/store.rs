@@ -367,8 +367,10 @@ impl CrStore {
         Api::namespaced_with(self.client.clone(), ns, &api_resource(kind))
     }
 
+    /// Waits for an API call on the store's runtime: from the blocking pool (where the server
+    /// calls the store), or from a worker thread of a multi-threaded runtime.
     fn wait<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
+        tokio::task::block_in_place(|| self.rt.block_on(f))
     }
 
     /// The object as the API server has it now.
