@@ -205,6 +205,10 @@ async fn resources_are_custom_resources_read_from_the_watch() {
             .unwrap()
     );
     assert!(api.object("functions", "team-a", "elsewhere").is_none());
+
+    // Called on a runtime worker thread too (not only from the blocking pool).
+    let direct = store.create(function("direct", "x")).unwrap();
+    assert_eq!(direct.metadata.generation, Some(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
