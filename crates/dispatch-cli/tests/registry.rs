@@ -1027,6 +1027,67 @@ fn api_scenario_on_the_embedded_backend() {
     });
 }
 
+/// Resources kept as custom resources outlive the server: a restarted server (same volume
+/// for its SQL and blobs, nothing of the resources in it) reads them back from its watch and
+/// serves the function again.
+#[test]
+fn resources_in_the_cluster_outlive_the_server() {
+    use dispatch_core::{Kind, Object, Phase};
+    let crs = FakeApi::new();
+    let dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(
+        src.path().join("hello.py"),
+        "def handle(context, payload):\n    return {'hi': payload}\n",
+    )
+    .unwrap();
+    for round in 0..2 {
+        rt().block_on(async {
+            let backend = dispatch_runtime::LocalBackend::new(dir.path()).unwrap();
+            let (server, c, _) = scenario_server(backend, dir.path(), Some(crs.client())).await;
+            if round == 0 {
+                let spec = json!({"image": "python:3.11-slim", "language": "python3"});
+                c.create(&Object::new(Kind::BaseImage, "default", "pybase", spec))
+                    .await
+                    .unwrap();
+                let spec = json!({"baseImage": "pybase"});
+                c.create(&Object::new(Kind::Image, "default", "py", spec))
+                    .await
+                    .unwrap();
+                let archive =
+                    dispatch_client::pack::pack_path(&src.path().join("hello.py")).unwrap();
+                let digest = c.upload_source("default", "hello", archive).await.unwrap();
+                let spec = json!({"image": "py", "source": digest});
+                c.create(&Object::new(Kind::Function, "default", "hello", spec))
+                    .await
+                    .unwrap();
+            } else {
+                let sql =
+                    dispatch_store::SqliteStore::open(&dir.path().join("dispatch.db")).unwrap();
+                use dispatch_store::Store as _;
+                assert!(
+                    sql.list(None, Kind::Function).unwrap().is_empty(),
+                    "not in SQL"
+                );
+            }
+            let answer = eventually_async("the function to answer", || async {
+                let raw = serde_json::value::to_raw_value(&json!("again")).unwrap();
+                let r = c.exec("hello", &raw).await.ok()?;
+                serde_json::from_str::<Value>(r.envelope.payload.get()).ok()
+            })
+            .await;
+            assert_eq!(answer, json!({"hi": "again"}), "round {round}");
+            let f = c.get(Kind::Function, "hello").await.unwrap();
+            assert_eq!(f.phase(), Some(Phase::Ready));
+            assert_eq!(
+                crs.object("functions", "default", "hello").unwrap()["status"]["phase"],
+                "READY"
+            );
+            server.stop().await.unwrap();
+        });
+    }
+}
+
 #[test]
 fn api_scenario_on_the_kubernetes_backend() {
     let dir = tempfile::tempdir().unwrap();
