@@ -38,6 +38,12 @@ struct State {
     log: Vec<Logged>,
     namespaces: BTreeSet<String>,
     requests: Vec<String>,
+    /// Watches hear nothing while set (a network partition).
+    cut: bool,
+    /// Watches started before the last `partition` end with it.
+    epoch: u64,
+    /// Versions before this one are gone (a watch from one gets 410 Gone).
+    compacted: u64,
 }
 
 /// See the module docs. Clones share one state.
@@ -312,14 +318,48 @@ impl FakeApi {
 
     /// A watch: every event after `from`, then each new one as it happens, until the client
     /// hangs up.
+    /// Cuts every watch off while `changes` runs, then ends them and forgets the versions
+    /// they had reached (etcd compaction): a watcher must list again (410 Gone) to learn what
+    /// changed meanwhile.
+    pub fn partition(&self, changes: impl FnOnce(&FakeApi)) {
+        self.lock().cut = true;
+        changes(self);
+        let mut st = self.lock();
+        st.cut = false;
+        st.epoch += 1;
+        st.compacted = st.version;
+        self.tick.send_replace(st.version);
+    }
+
     fn watch(&self, plural: String, ns: Option<String>, from: u64) -> http::Response<Body> {
         let me = self.clone();
         let rx = self.tick.subscribe();
+        let (epoch, compacted) = {
+            let st = self.lock();
+            (st.epoch, st.compacted)
+        };
+        if from < compacted {
+            let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from} ({compacted})")}});
+            return whole(200, &gone);
+        }
         let events = futures_util::stream::unfold((from, rx), move |(mut seen, mut rx)| {
             let me = me.clone();
             let (plural, ns) = (plural.clone(), ns.clone());
             async move {
                 loop {
+                    let (ended, cut) = {
+                        let st = me.lock();
+                        (st.epoch != epoch, st.cut)
+                    };
+                    if ended {
+                        return None;
+                    }
+                    if cut {
+                        rx.changed().await.ok()?;
+                        continue;
+                    }
                     let mut lines = Vec::new();
                     {
                         let st = me.lock();

@@ -329,3 +329,70 @@ async fn start_says_when_the_crds_are_missing() {
         "{err}"
     );
 }
+
+/// A watch that was cut off and whose version expired (410 Gone) lists again: what changed in
+/// the gap is told — a new object, a changed one, a deleted one — and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_after_a_gap_tells_what_changed_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::new();
+    let endpoint = |name: &str, path: &str| {
+        json!({"apiVersion": "dispatch.dev/v1", "kind": "Endpoint",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"function": "hello", "paths": [path]}})
+    };
+    api.apply(endpoint("kept", "/kept"));
+    api.apply(endpoint("changed", "/before"));
+    api.apply(endpoint("gone", "/gone"));
+    let store = start(&api, dir.path()).await;
+    let mut changes = listen(&store);
+    let lists = || {
+        api.requests()
+            .iter()
+            .filter(|r| {
+                r.starts_with("GET /apis/dispatch.dev/v1/endpoints?") && !r.contains("watch=")
+            })
+            .count()
+    };
+    let listed_before = lists();
+
+    api.partition(|api| {
+        api.apply(endpoint("new", "/new"));
+        api.apply(endpoint("changed", "/after"));
+        assert!(api.remove("endpoints", "default", "gone"));
+    });
+    let mut told = Vec::new();
+    for _ in 0..3 {
+        let c = next(&mut changes).await;
+        told.push((c.name, c.deleted));
+    }
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            ("changed".to_string(), false),
+            ("gone".to_string(), true),
+            ("new".to_string(), false)
+        ]
+    );
+    let paths = |name: &'static str| {
+        let s = store.clone();
+        async move {
+            blocking(&s, move |s| s.get("default", Kind::Endpoint, name))
+                .await
+                .unwrap()
+                .map(|o| o.spec["paths"].clone())
+        }
+    };
+    assert_eq!(paths("changed").await, Some(json!(["/after"])));
+    assert_eq!(paths("gone").await, None);
+    assert_eq!(paths("kept").await, Some(json!(["/kept"])));
+    assert!(
+        lists() > listed_before,
+        "listed again: {:?}",
+        api.requests()
+    );
+    // Nothing more: "kept" did not change.
+    api.apply(endpoint("after", "/x"));
+    assert_eq!(next(&mut changes).await.name, "after");
+}
