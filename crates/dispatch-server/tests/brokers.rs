@@ -38,26 +38,38 @@ impl Drop for Broker {
     }
 }
 
-fn nats(port: u16) -> Broker {
-    Broker(
-        Command::new(broker_bin("nats-server"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+/// Starts a broker on `port` and returns once it accepts connections (a driver created
+/// before would start its reconnect backoff, which under load outlasts a test's deadline).
+fn broker(program: &str, args: &[&str], port: u16) -> Broker {
+    let mut b = Broker(
+        Command::new(broker_bin(program))
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    )
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = b.0.try_wait() {
+            panic!("{program} exited ({status}) before listening on {port}: is the port taken?");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{program} is not listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(10)); // the poll interval
+    }
+    b
+}
+
+fn nats(port: u16) -> Broker {
+    let p = port.to_string();
+    broker("nats-server", &["-a", "127.0.0.1", "-p", &p], port)
 }
 
 fn mosquitto(port: u16) -> Broker {
-    Broker(
-        Command::new(broker_bin("mosquitto"))
-            .args(["-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    broker("mosquitto", &["-p", &port.to_string()], port)
 }
 
 async fn driver_phase(
@@ -65,11 +77,23 @@ async fn driver_phase(
     name: &str,
     phase: Phase,
 ) -> dispatch_core::Object {
-    eventually(&format!("driver {name} to be {phase}"), || async {
-        let o = c.get(Kind::EventDriver, name).await.unwrap();
-        (o.phase() == Some(phase)).then_some(o)
+    let last = std::sync::Mutex::new(None);
+    let what = format!("driver {name} to be {phase}");
+    let found = tokio::time::timeout(
+        Duration::from_secs(60),
+        eventually(&what, || async {
+            let o = c.get(Kind::EventDriver, name).await.unwrap();
+            *last.lock().unwrap() = Some(o.status.clone());
+            (o.phase() == Some(phase)).then_some(o)
+        }),
+    )
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "timed out waiting for {what}: last {:?}",
+            last.lock().unwrap()
+        )
     })
-    .await
 }
 
 /// Succeeded runs of `function`, oldest first (waits for `n`).
