@@ -85,7 +85,26 @@ pub fn schema_of<T: schemars::JsonSchema>() -> JSONSchemaProps {
         root.remove("title");
     }
     keep_any_json(&mut v);
+    without_design_refs(&mut v);
     serde_json::from_value(v).expect("schemars' OpenAPI schema is a JSONSchemaProps")
+}
+
+/// Drops " (DESIGN §n)" from descriptions: doc comments point maintainers at the design,
+/// `kubectl explain` readers do not have it.
+fn without_design_refs(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if let Some(serde_json::Value::String(d)) = o.get_mut("description") {
+                while let Some(start) = d.find(" (DESIGN §") {
+                    let end = d[start..].find(')').map_or(d.len(), |e| start + e + 1);
+                    d.replace_range(start..end, "");
+                }
+            }
+            o.values_mut().for_each(without_design_refs);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(without_design_refs),
+        _ => {}
+    }
 }
 
 /// Marks "anything" subschemas (`true`, or only a description) the way Kubernetes takes

@@ -470,6 +470,11 @@ fn crd_schemas_are_structural_and_typed() {
             s["properties"]["status"]["properties"]["phase"]["type"],
             "string"
         );
+        let text = s.to_string();
+        assert!(
+            !text.contains("DESIGN"),
+            "{kind}: design references are for maintainers"
+        );
     }
     let function = schema(dispatch_core::Kind::Function);
     assert_eq!(function["properties"]["spec"]["required"], json!(["image"]));
