@@ -232,7 +232,8 @@ async fn a_handler_that_does_not_load_fails_the_build_with_the_reason() {
 #[tokio::test]
 async fn timeouts_kill_the_process_group_and_the_next_call_gets_a_new_worker() {
     let f = fx();
-    let src = "import subprocess, time\ndef handle(ctx, p):\n    if p == 'sleep':\n        subprocess.Popen(['sleep', '300'])\n        time.sleep(300)\n    return 'ok'\n";
+    // "block": a grandchild that never exits, and a handler that waits until it is killed.
+    let src = "import select, subprocess\ndef handle(ctx, p):\n    if p == 'block':\n        subprocess.Popen(['tail', '-f', '/dev/null'])\n        select.select([], [], [])\n    return 'ok'\n";
     let mut d = deploy("slow", Language::Python3, &[("slow.py", src, 0o644)], None);
     d.timeout = Duration::from_millis(500);
     f.backend.deploy_function(d).await.unwrap();
@@ -245,7 +246,7 @@ async fn timeouts_kill_the_process_group_and_the_next_call_gets_a_new_worker() {
             "default",
             "slow",
             &ctx,
-            &raw(r#""sleep""#),
+            &raw(r#""block""#),
             Instant::now() + Duration::from_millis(500),
         )
         .await
@@ -358,7 +359,8 @@ async fn workers_get_only_the_declared_environment() {
 #[tokio::test]
 async fn concurrency_is_bounded_by_max_workers() {
     let f = fx();
-    let src = "import time, os\ndef handle(ctx, p):\n    time.sleep(0.2)\n    return os.getpid()\n";
+    // Each call holds its worker for 0.2 s (a select timeout), so that the six overlap.
+    let src = "import select, os\ndef handle(ctx, p):\n    select.select([], [], [], 0.2)\n    return os.getpid()\n";
     f.backend
         .deploy_function(deploy(
             "conc",
@@ -511,12 +513,15 @@ fn pgroup_has_members(pgid: i32) -> bool {
 
 /// Polls `cond` until it holds, failing after 10 s.
 async fn wait_until(cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "condition not met within 10 s");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let met = tokio::time::timeout(Duration::from_secs(10), async {
+        while !cond() {
+            tick.tick().await;
+        }
+    })
+    .await;
+    assert!(met.is_ok(), "condition not met within 10 s");
 }
 
 /// The sorted names of `payload.env` (a handler's whole environment).
@@ -653,7 +658,7 @@ async fn a_dead_zygote_is_restarted_and_its_workers_live_on() {
 #[tokio::test]
 async fn a_forked_worker_dies_when_the_host_drops_it_even_mid_call() {
     let f = fx();
-    let src = "import time, os\ndef handle(ctx, p):\n    time.sleep(30)\n";
+    let src = "import select\ndef handle(ctx, p):\n    select.select([], [], [])\n";
     let mut d = deploy("zs", Language::Python3, &[("zs.py", src, 0o644)], None);
     d.timeout = Duration::from_millis(300);
     f.backend.deploy_function(d).await.unwrap();

@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use dispatch_core::{ErrorType, Kind, Phase, RunStatus};
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -209,7 +207,7 @@ async fn function_errors_map_to_types_and_statuses() {
     assert!(err.to_string().contains("failed to build"), "{err}");
 
     // Timeouts are enforced and recorded.
-    let slow = "import time\ndef handle(c, p):\n    time.sleep(30)\n";
+    let slow = "import select\ndef handle(c, p):\n    select.select([], [], [])\n";
     create_function(
         c,
         "slow",
@@ -569,15 +567,11 @@ async fn update_changes_digest_and_restart_redeploys() {
         .unwrap()
         .into();
     c.update(&f).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
+    let after = eventually("a new digest", || async {
         let o = c.get(Kind::Function, "hello").await.unwrap();
-        if o.phase() == Some(Phase::Ready) && o.status.digest != before.status.digest {
-            break o;
-        }
-        assert!(Instant::now() < deadline, "no new digest: {:?}", o.status);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (o.phase() == Some(Phase::Ready) && o.status.digest != before.status.digest).then_some(o)
+    })
+    .await;
     assert_eq!(after.metadata.generation, Some(2));
     let r = c.exec("hello", &raw(json!({"name": "x"}))).await.unwrap();
     assert!(r.envelope.payload.get().contains("Hi, x"));
@@ -585,20 +579,17 @@ async fn update_changes_digest_and_restart_redeploys() {
     // Restart on the same data dir: the function comes back READY and serves.
     let dir = t.stop().await;
     let t = start_in(dir).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let r = eventually("the function to be redeployed", || async {
         match t.client.exec("hello", &raw(json!({"name": "y"}))).await {
-            Ok(r) => {
-                assert!(r.envelope.payload.get().contains("Hi, y"));
-                break;
-            }
+            Ok(r) => Some(r),
             Err(e) => {
                 assert_eq!(e.status().map(|s| s.as_u16()), Some(503), "{e}");
-                assert!(Instant::now() < deadline, "not redeployed: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                None
             }
         }
-    }
+    })
+    .await;
+    assert!(r.envelope.payload.get().contains("Hi, y"));
     assert_eq!(
         t.client
             .get(Kind::Function, "hello")

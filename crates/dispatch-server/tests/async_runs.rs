@@ -155,7 +155,8 @@ async fn cancel_queued_and_running_runs() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    let slow = "import time\ndef handle(context, payload):\n    time.sleep(payload.get('sleep', 0))\n    return 'done'\n";
+    // Busy for payload.block seconds (a select timeout), then done.
+    let slow = "import select\ndef handle(context, payload):\n    select.select([], [], [], payload.get('block', 0))\n    return 'done'\n";
     create_function(
         c,
         "slow",
@@ -171,7 +172,7 @@ async fn cancel_queued_and_running_runs() {
         Some(Phase::Ready)
     );
     let running = id_of(
-        &c.exec_async("slow", &raw(json!({"sleep": 30})), None)
+        &c.exec_async("slow", &raw(json!({"block": 30})), None)
             .await
             .unwrap(),
     );
@@ -215,7 +216,7 @@ async fn a_hot_function_does_not_starve_others() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    let nap = "import time\ndef handle(context, payload):\n    time.sleep(0.02)\n    return 1\n";
+    let nap = "import select\ndef handle(context, payload):\n    select.select([], [], [], 0.02)\n    return 1\n";
     create_function(
         c,
         "hot",
@@ -310,17 +311,12 @@ async fn callbacks_are_retried_until_delivered() {
             .unwrap(),
     );
     assert_eq!(final_run(c, &id).await.status, RunStatus::Succeeded);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c.get_run(&id).await.unwrap();
-        let cb = r.callback.clone().unwrap();
-        if cb.state == dispatch_core::CallbackState::Delivered {
-            assert_eq!(cb.attempts, 2);
-            break;
-        }
-        assert!(Instant::now() < deadline, "callback not delivered: {cb:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let cb = eventually("the callback to be delivered", || async {
+        let cb = c.get_run(&id).await.unwrap().callback.unwrap();
+        (cb.state == dispatch_core::CallbackState::Delivered).then_some(cb)
+    })
+    .await;
+    assert_eq!(cb.attempts, 2);
     let bodies = got.lock().unwrap().clone();
     assert_eq!(bodies.len(), 2);
     assert_eq!(bodies[1]["id"], id.as_str());

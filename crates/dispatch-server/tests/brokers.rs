@@ -6,7 +6,7 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatch_core::{Kind, Phase, RunStatus};
 use serde_json::json;
@@ -40,7 +40,7 @@ impl Drop for Broker {
 
 /// Starts a broker on `port` and returns once it accepts connections (a driver created
 /// before would start its reconnect backoff, which under load outlasts a test's deadline).
-fn broker(program: &str, args: &[&str], port: u16) -> Broker {
+async fn broker(program: &str, args: &[&str], port: u16) -> Broker {
     let mut b = Broker(
         Command::new(broker_bin(program))
             .args(args)
@@ -49,27 +49,25 @@ fn broker(program: &str, args: &[&str], port: u16) -> Broker {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let what = format!("{program} to listen on {port}");
+    eventually(&what, || {
         if let Ok(Some(status)) = b.0.try_wait() {
             panic!("{program} exited ({status}) before listening on {port}: is the port taken?");
         }
-        assert!(
-            Instant::now() < deadline,
-            "{program} is not listening on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(10)); // the poll interval
-    }
+        let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        std::future::ready(up.then_some(()))
+    })
+    .await;
     b
 }
 
-fn nats(port: u16) -> Broker {
+async fn nats(port: u16) -> Broker {
     let p = port.to_string();
-    broker("nats-server", &["-a", "127.0.0.1", "-p", &p], port)
+    broker("nats-server", &["-a", "127.0.0.1", "-p", &p], port).await
 }
 
-fn mosquitto(port: u16) -> Broker {
-    broker("mosquitto", &["-p", &port.to_string()], port)
+async fn mosquitto(port: u16) -> Broker {
+    broker("mosquitto", &["-p", &port.to_string()], port).await
 }
 
 async fn driver_phase(
@@ -122,7 +120,7 @@ const ECHO: &str = "def handle(context, payload):\n    return {'payload': payloa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_subjects_become_events_and_runs_in_order() {
     let port = free_port();
-    let broker = nats(port);
+    let broker = nats(port).await;
     let t = start().await;
     let c = &t.client;
     images(c).await;
@@ -205,38 +203,40 @@ async fn nats_subjects_become_events_and_runs_in_order() {
     drop(broker);
     let o = driver_phase(c, "bus", Phase::Error).await;
     assert!(!o.status.reason.is_empty());
-    let _broker = nats(port);
+    let _broker = nats(port).await;
     driver_phase(c, "bus", Phase::Connected).await;
     let client = async_nats::connect(url.as_str()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        client
-            .publish("orders.again", r#"{"n": 2}"#.into())
-            .await
-            .unwrap();
-        client.flush().await.unwrap();
+    // Published again every 10th poll (200 ms) until a run shows: the subscription may
+    // still be on its way when CONNECTED is written.
+    let polls = std::sync::atomic::AtomicU32::new(0);
+    eventually("a run after the reconnect", || async {
+        if polls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(10)
+        {
+            client
+                .publish("orders.again", r#"{"n": 2}"#.into())
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+        }
         let q = dispatch_client::RunQuery {
             function: Some("echo".into()),
             ..Default::default()
         };
-        if c.list_runs(&q)
-            .await
-            .unwrap()
-            .iter()
+        let runs = c.list_runs(&q).await.unwrap();
+        runs.iter()
             .any(|r| r.input.get().contains("2"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no run after the reconnect");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .then_some(())
+    })
+    .await;
     t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_topics_become_runs() {
     let port = free_port();
-    let _broker = mosquitto(port);
+    let _broker = mosquitto(port).await;
     let t = start().await;
     let c = &t.client;
     images(c).await;

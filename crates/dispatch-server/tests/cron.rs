@@ -14,6 +14,7 @@ use dispatch_server::{AppState, Options};
 use dispatch_store::{BlobStore, SqliteStore, Store};
 use serde_json::json;
 use support::fake::FakeBackend;
+use support::{eventually_within, let_pass};
 
 struct World {
     _dir: tempfile::TempDir,
@@ -80,13 +81,11 @@ impl World {
 
 async fn deployed(state: &AppState) {
     state.enqueue(Key::new("default", Kind::Image, "py"));
-    for _ in 0..1000 {
-        if state.deployed("default", "tick").is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("tick not deployed");
+    let (every, limit) = (Duration::from_millis(10), Duration::from_secs(10));
+    eventually_within("tick to be deployed", every, limit, || async {
+        state.deployed("default", "tick").map(|_| ())
+    })
+    .await;
 }
 
 fn calls(b: &FakeBackend) -> usize {
@@ -95,13 +94,11 @@ fn calls(b: &FakeBackend) -> usize {
 
 /// Lets the runtime run until `b` has `n` calls (or a virtual hour passes).
 async fn until_calls(b: &FakeBackend, n: usize) {
-    for _ in 0..36_000 {
-        if calls(b) >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{} calls, expected {n}", calls(b));
+    let (every, limit) = (Duration::from_millis(100), Duration::from_secs(3600));
+    eventually_within(&format!("{n} calls"), every, limit, || async {
+        (calls(b) >= n).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -136,9 +133,7 @@ async fn downtime_with(missed: &str) -> usize {
     let (state, backend) = w.start().await;
     deployed(&state).await;
     // Let start-up catch up, without reaching the next regular fire (40 s away).
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let_pass(Duration::from_secs(10)).await;
     let n = calls(&backend);
     state.stop().await;
     n
@@ -173,15 +168,15 @@ async fn only_the_leader_fires() {
         })
         .await;
     deployed(&state).await;
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    let_pass(Duration::from_secs(60)).await;
     assert_eq!(calls(&backend), 0, "a follower does not fire");
     lead.send_replace(true);
     until_calls(&backend, 2).await;
     lead.send_replace(false);
     // Let a fire already under way finish, then nothing more.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let_pass(Duration::from_secs(1)).await;
     let n = calls(&backend);
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    let_pass(Duration::from_secs(60)).await;
     assert_eq!(calls(&backend), n, "no fire after losing the lease");
     state.stop().await;
 }

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatch_core::{Kind, Phase};
 use serde_json::json;
@@ -132,19 +132,12 @@ async fn a_bad_package_is_an_error_with_pips_reason_and_a_fix_rebuilds() {
     let mut fixed = c.get(Kind::Image, "bad").await.unwrap();
     fixed.spec = json!({"baseImage": "python3", "runtimeDependencies": {"manifest": REQUIREMENTS}});
     c.update(&fixed).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    let (every, limit) = (Duration::from_millis(50), Duration::from_secs(120));
+    eventually_within("the function to be rebuilt", every, limit, || async {
         let f = c.get(Kind::Function, "f").await.unwrap();
-        if f.phase() == Some(Phase::Ready) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "function not rebuilt: {:?}",
-            f.status
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (f.phase() == Some(Phase::Ready)).then_some(())
+    })
+    .await;
     assert!(
         c.exec("f", &raw(json!({"name": "x"})))
             .await

@@ -232,7 +232,7 @@ async fn backoff_deadline_cancel_and_max_active() {
 
     c.create(&template(
         "slow",
-        json!(["sh", "-c", "sleep 30"]),
+        json!(["tail", "-f", "/dev/null"]),
         json!({"activeDeadlineSeconds": 1}),
         None,
     ))
@@ -246,7 +246,7 @@ async fn backoff_deadline_cancel_and_max_active() {
 
     c.create(&template(
         "one-at-a-time",
-        json!(["sh", "-c", "echo start; sleep 30"]),
+        json!(["sh", "-c", "echo start; exec tail -f /dev/null"]),
         json!({}),
         Some(1),
     ))
@@ -258,11 +258,10 @@ async fn backoff_deadline_cancel_and_max_active() {
     assert_eq!(v["status"], "Waiting", "maxActive 1 holds the second back");
     let second = v["uuid"].as_str().unwrap().to_string();
     // Logs are visible while it runs.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job(&t, &first).await.logs.stdout.is_empty() {
-        assert!(Instant::now() < deadline, "no live logs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("live logs", || async {
+        (!job(&t, &first).await.logs.stdout.is_empty()).then_some(())
+    })
+    .await;
     let http = reqwest::Client::new();
     let cancel = |uuid: String| {
         let http = http.clone();
@@ -279,11 +278,10 @@ async fn backoff_deadline_cancel_and_max_active() {
     assert_eq!(j.phase, JobPhase::Cancelled);
     assert_eq!(j.logs.stdout, ["start"]);
     // The waiting one starts as soon as the slot is free; cancel it too.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job(&t, &second).await.phase != JobPhase::Active {
-        assert!(Instant::now() < deadline, "second never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the second to start", || async {
+        (job(&t, &second).await.phase == JobPhase::Active).then_some(())
+    })
+    .await;
     assert_eq!(cancel(second.clone()).await.status(), 200);
     assert_eq!(cancel(second.clone()).await.status(), 409);
     let list: Vec<JobExecution> = reqwest::get(format!(
@@ -315,7 +313,11 @@ async fn restart_reruns_active_and_runs_waiting_then_ttl_cleans_up() {
     let c = &t.client;
     c.create(&template(
         "steady",
-        json!(["sh", "-c", "sleep 1; echo \"done $PAYLOAD\""]),
+        json!([
+            "sh",
+            "-c",
+            "timeout 1 tail -f /dev/null; echo \"done $PAYLOAD\""
+        ]),
         json!({"ttlSecondsAfterFinished": 1, "backoffLimit": 1}),
         Some(1),
     ))
@@ -343,22 +345,10 @@ async fn restart_reruns_active_and_runs_waiting_then_ttl_cleans_up() {
         (JobPhase::Completed, ["done b".to_string()].as_slice())
     );
     // ttlSecondsAfterFinished: 1 → the records go away.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = reqwest::get(format!(
-            "{}/v1/namespaces/default/jobexecutions/{b}",
-            t.api()
-        ))
-        .await
-        .unwrap();
-        if r.status() == 404 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "execution not cleaned up after its ttl"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("the execution to be cleaned up after its ttl", || async {
+        let url = format!("{}/v1/namespaces/default/jobexecutions/{b}", t.api());
+        (reqwest::get(url).await.unwrap().status() == 404).then_some(())
+    })
+    .await;
     t.stop().await;
 }

@@ -13,6 +13,7 @@ use dispatch_server::controller::Key;
 use dispatch_server::{AppState, Options, queue};
 use dispatch_store::{BlobStore, SqliteStore, Store};
 use serde_json::json;
+use support::eventually_within;
 use support::fake::FakeBackend;
 
 struct Fx {
@@ -55,29 +56,25 @@ async fn fx(backend: FakeBackend, retry: serde_json::Value) -> Fx {
 }
 
 async fn wait_deployed(state: &AppState) {
-    for _ in 0..1000 {
-        if state.deployed("default", "f").is_some() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("function f was never deployed");
+    let (every, limit) = (Duration::from_millis(10), Duration::from_secs(10));
+    eventually_within("function f to be deployed", every, limit, || async {
+        state.deployed("default", "f").map(|_| ())
+    })
+    .await;
 }
 
 async fn final_run(state: &AppState, id: &str) -> Run {
-    for _ in 0..100_000 {
+    let (every, limit) = (Duration::from_millis(100), Duration::from_secs(10_000));
+    eventually_within(&format!("run {id} to finish"), every, limit, || async {
         let (ns, i) = ("default".to_string(), id.to_string());
         let r = state
             .db(move |s| s.get_run(&ns, &i))
             .await
             .unwrap()
             .unwrap();
-        if r.status.is_final() {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("run {id} never finished");
+        r.status.is_final().then_some(r)
+    })
+    .await
 }
 
 fn secs(d: jiff::SignedDuration) -> f64 {

@@ -75,14 +75,11 @@ async fn secrets_are_sealed_injected_and_redacted() {
     .await
     .unwrap();
     // Creating the secret rebuilds its functions.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while c.get(Kind::Function, "db-client").await.unwrap().phase() != Some(Phase::Ready) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "function did not recover"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the function to recover", || async {
+        let f = c.get(Kind::Function, "db-client").await.unwrap();
+        (f.phase() == Some(Phase::Ready)).then_some(())
+    })
+    .await;
 
     // Shown as keys; values only when revealed.
     let shown = c.get(Kind::Secret, "db").await.unwrap();
@@ -159,23 +156,17 @@ async fn secrets_are_sealed_injected_and_redacted() {
     let mut s = c.get(Kind::Secret, "db").await.unwrap();
     s.spec = json!({"data": {"user": "app", "password": "rotated-password-2"}});
     c.update(&s).await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    eventually("the function to see the new value", || async {
         let r = c
             .exec("db-client", &RawValue::from_string("{}".into()).unwrap())
             .await
             .unwrap();
-        if r.envelope.context.logs.stdout.get(1).map(String::as_str) == Some("length 18") {
-            let rev = c.get_revealed(Kind::Secret, "db").await.unwrap();
-            assert_eq!(rev.spec["data"]["password"], "rotated-password-2");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the function never saw the new value"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        let seen = r.envelope.context.logs.stdout.get(1).map(String::as_str) == Some("length 18");
+        seen.then_some(())
+    })
+    .await;
+    let rev = c.get_revealed(Kind::Secret, "db").await.unwrap();
+    assert_eq!(rev.spec["data"]["password"], "rotated-password-2");
     // Bad input: empty data, bad keys, PATCH.
     let e = c
         .create(&object(Kind::Secret, "empty", json!({"data": {}})))

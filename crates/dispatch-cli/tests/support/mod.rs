@@ -6,38 +6,59 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
 use serde_json::Value;
 
 /// Polls `probe` until it gives a value, failing with `what` after 60 s. The only wait in
-/// these tests: a deadline-bounded poll, never a fixed delay standing in for readiness.
+/// these tests: a deadline-bounded poll (every 20 ms), never a fixed delay standing in for
+/// readiness. For sync tests: the probe runs on the caller's thread (it may block on a
+/// runtime of its own); the ticks come from a small runtime of this function's.
 pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut tick = timer.block_on(async { poll_interval() });
+    let deadline = std::time::Instant::now() + POLL_LIMIT;
     loop {
+        timer.block_on(tick.tick());
         if let Some(v) = probe() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20)); // the poll interval
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
     }
 }
 
+const POLL_LIMIT: Duration = Duration::from_secs(60);
+
+fn poll_interval() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// [`eventually`] for async probes, when the server under test runs on the caller's runtime
-/// (a blocking wait would stall it): the same 60 s deadline and 20 ms poll interval.
+/// (a blocking wait would stall it).
 pub async fn eventually_async<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
 where
     F: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
+    let mut tick = poll_interval();
+    let polled = tokio::time::timeout(POLL_LIMIT, async {
+        loop {
+            tick.tick().await;
+            if let Some(v) = probe().await {
+                return v;
+            }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await; // the poll interval
-    }
+    })
+    .await;
+    polled.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 pub fn free_port() -> u16 {

@@ -6,7 +6,7 @@
 pub mod fake;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatch_client::{Client, Target, pack};
 use dispatch_core::{Kind, Object, Phase};
@@ -137,18 +137,47 @@ pub fn raw(v: serde_json::Value) -> Box<serde_json::value::RawValue> {
 
 /// Polls `probe` until it gives a value, failing with `what` after 60 s (the pause is the
 /// poll interval; tests never wait a fixed time for readiness).
-pub async fn eventually<T, F>(what: &str, mut probe: impl FnMut() -> F) -> T
+pub async fn eventually<T, F>(what: &str, probe: impl FnMut() -> F) -> T
 where
     F: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
+    eventually_within(
+        what,
+        Duration::from_millis(20),
+        Duration::from_secs(60),
+        probe,
+    )
+    .await
+}
+
+/// [`eventually`] with its own poll interval and deadline; in a paused-time test both are
+/// virtual (the clock moves on only while every task waits).
+pub async fn eventually_within<T, F>(
+    what: &str,
+    every: Duration,
+    limit: Duration,
+    mut probe: impl FnMut() -> F,
+) -> T
+where
+    F: std::future::Future<Output = Option<T>>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let polled = tokio::time::timeout(limit, async {
+        loop {
+            tick.tick().await;
+            if let Some(v) = probe().await {
+                return v;
+            }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    polled.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Paused-time tests: lets `d` of virtual time go by while the server's tasks run.
+pub async fn let_pass(d: Duration) {
+    let _ = tokio::time::timeout(d, std::future::pending::<()>()).await;
 }
 
 /// A run once it is final.
