@@ -1,4 +1,4 @@
-//! Cron drivers with paused time and a fake backend (no sleeps, no processes): fires on
+//! Cron drivers with paused time and a fake backend (no fixed waits, no processes): fires on
 //! schedule with zero warm workers, and missed fires after a simulated restart follow
 //! `missedRuns`.
 

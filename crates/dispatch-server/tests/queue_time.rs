@@ -1,5 +1,5 @@
 //! The async queue's timing with paused tokio time and a fake backend (no processes, no
-//! sleeps): exponential backoff with jitter between attempts, DEAD after maxAttempts, and
+//! fixed waits): exponential backoff with jitter between attempts, DEAD after maxAttempts, and
 //! maxAge both for failing runs and for runs whose function never becomes ready.
 
 use std::sync::Arc;

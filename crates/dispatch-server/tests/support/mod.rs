@@ -1,5 +1,5 @@
 //! Test support: a real server (SQLite in a tempdir, real workers) on 127.0.0.1:0, a client
-//! for it, and helpers that poll with a deadline instead of sleeping.
+//! for it, and helpers that poll with a deadline instead of waiting a fixed time.
 
 #![allow(dead_code)]
 
