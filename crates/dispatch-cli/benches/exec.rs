@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use dispatch_client::pack;
 use dispatch_core::{Kind, Object};
-use dispatch_runtime::worker::Worker;
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -108,52 +107,22 @@ fn main() {
             ))
             .await
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while client.get(Kind::Function, "hello").await.unwrap().phase()
-            != Some(dispatch_core::Phase::Ready)
-        {
-            assert!(Instant::now() < deadline, "hello never became READY");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        dispatch_cli::commands::bench::wait_ready(&client, "hello")
+            .await
+            .unwrap();
     });
 
     println!("warm sync exec of examples/python3/hello.py, {n} calls each, loopback\n");
-    // 1. The floor: one worker of the same build, called directly over its socket pair.
-    let spec = server_rt.block_on(async {
-        local
-            .pool("default", "hello")
-            .unwrap()
-            .config()
-            .worker
-            .clone()
-    });
-    let bare = client_rt.block_on(async {
-        let mut w = Worker::start(&spec, Duration::from_secs(10)).await.unwrap();
-        let ctx = RawValue::from_string(
-            r#"{"function":"hello","namespace":"default","secrets":{}}"#.into(),
-        )
+    // 1. The floor: one worker of the same build, called directly over its socket pair
+    // (what `dispatch bench` measures as its floor).
+    let pool = local.pool("default", "hello").unwrap();
+    let bare = client_rt
+        .block_on(dispatch_cli::commands::bench::bare_worker(&pool, n))
         .unwrap();
-        let payload = RawValue::from_string(r#"{"name":"bench"}"#.into()).unwrap();
-        let mut v = Vec::with_capacity(n);
-        for i in 0..n + n / 10 {
-            let t = Instant::now();
-            w.call(
-                &ctx,
-                &payload,
-                Duration::from_secs(5),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-            if i >= n / 10 {
-                v.push(t.elapsed()); // the first tenth warms up
-            }
-        }
-        let s = stats(v);
-        drop(w);
-        s
-    });
-    report("bare worker round trip", &bare);
+    println!(
+        "{:<28} p50 {:>7.1} µs   p99 {:>7.1} µs   {:>18.0} req/s (sequential)",
+        "bare worker round trip", bare.p50_us, bare.p99_us, bare.rps
+    );
 
     // 2. Through the API: HTTP + routing + pool + run record.
     let input = RawValue::from_string(r#"{"name":"bench"}"#.into()).unwrap();
@@ -198,7 +167,7 @@ fn main() {
         total as f64 / el.as_secs_f64()
     );
 
-    let over = |s: &Stats| (s.p50.as_secs_f64() - bare.p50.as_secs_f64()) * 1e6;
+    let over = |s: &Stats| s.p50.as_secs_f64() * 1e6 - bare.p50_us;
     println!(
         "\nplatform overhead at p50: API {:+.1} µs, gateway {:+.1} µs (target ≤ 150 µs)",
         over(&via_api),

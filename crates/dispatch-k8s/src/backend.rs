@@ -535,10 +535,10 @@ impl KubernetesBackend {
     /// The uid of the execution's JobTemplate custom resource (none when it cannot be read:
     /// the Job is then created without an owner).
     async fn template_uid(&self, exec: &JobExecution) -> Option<String> {
-        let api: kube::api::Api<kube::api::DynamicObject> = kube::api::Api::namespaced_with(
-            self.client.clone(),
+        let api = crate::store::resource_api(
+            &self.client,
             &exec.namespace,
-            &crate::store::api_resource(dispatch_core::Kind::JobTemplate),
+            dispatch_core::Kind::JobTemplate,
         );
         match api.get(&exec.name).await {
             Ok(t) => t.metadata.uid,

@@ -52,6 +52,11 @@ pub fn api_resource(kind: Kind) -> ApiResource {
     )
 }
 
+/// The API of one kind's custom resources in `ns`.
+pub fn resource_api(client: &kube::Client, ns: &str, kind: Kind) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &api_resource(kind))
+}
+
 /// The custom resource of a Dispatch resource: metadata (name, namespace, labels, version;
 /// `updatedAt` as an annotation), spec and status.
 pub fn to_custom_resource(o: &Object) -> DynamicObject {
@@ -364,7 +369,7 @@ impl CrStore {
     }
 
     fn api(&self, ns: &str, kind: Kind) -> Api<DynamicObject> {
-        Api::namespaced_with(self.client.clone(), ns, &api_resource(kind))
+        resource_api(&self.client, ns, kind)
     }
 
     /// Waits for an API call on the store's runtime: from the blocking pool (where the server

@@ -373,7 +373,8 @@ async fn setup() -> Result<Setup> {
     })
 }
 
-async fn wait_ready(client: &Client, name: &str) -> Result<()> {
+/// Waits (up to 2 min) for function `name` to settle; an error unless it is READY.
+pub async fn wait_ready(client: &Client, name: &str) -> Result<()> {
     let o = super::wait_settled(client, Kind::Function, name, Duration::from_secs(120)).await?;
     if o.phase() != Some(Phase::Ready) {
         bail!("function {name} did not become READY: {}", o.status.reason);
@@ -387,8 +388,9 @@ fn pool(local: &LocalBackend, name: &str) -> Result<Arc<Pool>> {
         .with_context(|| format!("function {name} is not deployed"))
 }
 
-/// The floor: one worker of hello's build, called directly over its socket, sequentially.
-async fn bare_worker(pool: &Pool, calls: usize) -> Result<Latency> {
+/// The floor: one worker of hello's build, called directly over its socket, sequentially
+/// (also the floor of `cargo bench --bench exec`).
+pub async fn bare_worker(pool: &Pool, calls: usize) -> Result<Latency> {
     let spec = pool.config().worker.clone();
     let mut w = Worker::start(&spec, Duration::from_secs(10)).await?;
     let ctx = RawValue::from_string(r#"{"function":"hello","namespace":"default"}"#.into())?;
