@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // The sandbox launcher (DESIGN §9) must stay single-threaded: it runs before anything else.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new("sandbox")) {
+        dispatch_runtime::sandbox::launch::main(args.collect());
+    }
     // One rustls crypto provider, installed before anything builds a TLS client (DESIGN §11).
     dispatch_client::install_crypto_provider();
     let cli = dispatch_cli::Cli::parse();

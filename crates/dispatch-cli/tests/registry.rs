@@ -527,6 +527,8 @@ fn kubernetes_backend_deploys_calls_and_removes() {
             min_workers: 1,
             idle_timeout: Duration::from_secs(300),
             preload: None,
+            limits: Default::default(),
+            network: true,
         };
         let cluster = tokio::spawn(async move {
             let (m, uri, deployment) = api_answer(&mut api, 200, Value::Null).await;

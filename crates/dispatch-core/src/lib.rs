@@ -15,6 +15,7 @@ pub mod events;
 pub mod jobs;
 pub mod manifest;
 pub mod names;
+pub mod quantity;
 pub mod resource;
 pub mod run;
 

@@ -558,6 +558,121 @@ pub struct FunctionSpec {
     /// Secrets (names, same namespace) merged into `context.secrets`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// Limits of each worker process (its memory, processes, CPU, `/tmp`, answer size).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub resources: Resources,
+    /// `none`: the function runs without any network (an empty network namespace; on
+    /// Kubernetes a NetworkPolicy that denies all traffic). Absent: network allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkMode>,
+}
+
+/// Network access of a function.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Network allowed (the default).
+    Default,
+    /// No network at all.
+    None,
+}
+
+/// Limits of each worker of a function (DESIGN §9), in Kubernetes quantities.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    /// Memory of one worker, e.g. `256Mi` (the default); over it the worker is killed and
+    /// the call answers a SystemError that says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU of one worker, e.g. `500m` or `1`; default: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Processes and threads of one worker (default 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    /// Size of the worker's private `/tmp`, e.g. `64Mi` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp: Option<String>,
+    /// Largest answer (payload and logs) a call may return, e.g. `16Mi` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<String>,
+}
+
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+pub const DEFAULT_PIDS: u32 = 128;
+pub const DEFAULT_TMP: u64 = 64 << 20;
+pub const DEFAULT_MAX_OUTPUT: u64 = 16 << 20;
+
+/// Resources in numbers, defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory: u64,
+    pub cpu_millis: Option<u64>,
+    pub pids: u32,
+    pub tmp: u64,
+    pub max_output_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: DEFAULT_MEMORY,
+            cpu_millis: None,
+            pids: DEFAULT_PIDS,
+            tmp: DEFAULT_TMP,
+            max_output_bytes: DEFAULT_MAX_OUTPUT,
+        }
+    }
+}
+
+impl Resources {
+    /// The limits these resources ask for, or what is wrong with them.
+    pub fn limits(&self) -> Result<Limits, ValidationError> {
+        let bytes = |field: &str, v: &Option<String>, default: u64, min: u64| {
+            let n = match v {
+                None => return Ok(default),
+                Some(s) => crate::quantity::parse_bytes(s)
+                    .map_err(|e| ValidationError::new(format!("spec.resources.{field}: {e}")))?,
+            };
+            if n < min {
+                return Err(ValidationError::new(format!(
+                    "spec.resources.{field} must be at least {min} bytes, got {n}"
+                )));
+            }
+            Ok(n)
+        };
+        let cpu_millis = match &self.cpu {
+            None => None,
+            Some(s) => Some(
+                crate::quantity::parse_cpu_millis(s)
+                    .map_err(|e| ValidationError::new(format!("spec.resources.cpu: {e}")))?,
+            ),
+        };
+        if cpu_millis == Some(0) {
+            return Err(ValidationError::new("spec.resources.cpu must be above 0"));
+        }
+        let pids = self.pids.unwrap_or(DEFAULT_PIDS);
+        if !(4..=65536).contains(&pids) {
+            return Err(ValidationError::new(format!(
+                "spec.resources.pids must be between 4 and 65536, got {pids}"
+            )));
+        }
+        Ok(Limits {
+            memory: bytes("memory", &self.memory, DEFAULT_MEMORY, 16 << 20)?,
+            cpu_millis,
+            pids,
+            tmp: bytes("tmp", &self.tmp, DEFAULT_TMP, 1 << 20)?,
+            max_output_bytes: bytes(
+                "maxOutputBytes",
+                &self.max_output_bytes,
+                DEFAULT_MAX_OUTPUT,
+                1024,
+            )?,
+        })
+    }
 }
 
 /// A secret as written by users: string values. The server stores it sealed
@@ -726,6 +841,7 @@ impl FunctionSpec {
         self.timeout()?;
         self.idle_timeout()?;
         self.retry()?;
+        self.resources.limits()?;
         if let Some(url) = &self.callback_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {

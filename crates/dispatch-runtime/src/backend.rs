@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 use crate::build::{ImageBuilder, Progress};
 use crate::handler;
 use crate::pool::{CallOutcome, Launcher, Pool, PoolConfig, PoolError};
+use crate::sandbox::Sandboxes;
 use crate::source::{self, SourceError};
 use crate::worker::{StartError, WorkerSpec};
 use crate::zygote::{Spares, Zygote};
@@ -88,6 +89,10 @@ pub struct FunctionDeploy {
     /// Python modules the image's zygote imports before it forks workers (`None`: the
     /// image's installed dependencies).
     pub preload: Option<Vec<String>>,
+    /// Limits of each worker (`spec.resources`).
+    pub limits: dispatch_core::resource::Limits,
+    /// Network allowed (`spec.network` other than `none`).
+    pub network: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +246,10 @@ pub struct LocalBackend {
     fast_start: AtomicBool,
     /// Function digests whose handler was seen to load.
     validated: Mutex<HashSet<String>>,
+    /// Sandboxes for every process of user code (DESIGN §9); `None`: `--isolation none`.
+    sandboxes: RwLock<Option<Arc<Sandboxes>>>,
+    /// Sandboxed Python zygotes, one per function (each sees only its function's code).
+    function_zygotes: Mutex<HashMap<(String, String), Arc<Zygote>>>,
 }
 
 impl LocalBackend {
@@ -278,6 +287,8 @@ impl LocalBackend {
             spares: Mutex::new(HashMap::new()),
             fast_start: AtomicBool::new(true),
             validated: Mutex::new(HashSet::new()),
+            sandboxes: RwLock::new(None),
+            function_zygotes: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -295,7 +306,24 @@ impl LocalBackend {
 
     /// The zygotes started so far (tests and benchmarks).
     pub fn zygotes(&self) -> Vec<Arc<Zygote>> {
-        lock(&self.zygotes).values().cloned().collect()
+        let mut all: Vec<Arc<Zygote>> = lock(&self.zygotes).values().cloned().collect();
+        all.extend(lock(&self.function_zygotes).values().cloned());
+        all
+    }
+
+    /// Runs every process of user code from now on in sandboxes of `s` (`None`: on the host,
+    /// as the server). Functions deployed before keep how they were started.
+    pub fn set_sandboxes(&self, s: Option<Arc<Sandboxes>>) {
+        self.images.set_sandboxes(s.clone());
+        *self.sandboxes.write().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// The sandboxes in use, if any.
+    pub fn sandboxes(&self) -> Option<Arc<Sandboxes>> {
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
@@ -303,6 +331,26 @@ impl LocalBackend {
     fn launcher(&self, d: &FunctionDeploy, spec: &WorkerSpec) -> Launcher {
         if !self.fast_start.load(Ordering::Relaxed) {
             return Launcher::Spawn;
+        }
+        if let Some(jail) = &spec.jail {
+            // One sandbox per function: its zygote sees only that function's code. Node has no
+            // fork: each worker is a sandbox of its own.
+            if d.base.language != Language::Python3
+                || d.env.keys().any(|k| k.starts_with("PYTHON") && k != "PYTHONPATH")
+            {
+                return Launcher::Spawn;
+            }
+            let z = Arc::new(
+                Zygote::new(
+                    spec.program.clone(),
+                    self.runtimes_dir.join("bootstrap.py"),
+                    d.preload.clone(),
+                    format!("zygote {}/{}", d.namespace, d.name),
+                )
+                .in_jail(Some(jail.clone())),
+            );
+            lock(&self.function_zygotes).insert((d.namespace.clone(), d.name.clone()), z.clone());
+            return Launcher::Zygote(z);
         }
         match d.base.language {
             // Interpreter settings in the declared environment (PYTHONHASHSEED, …) act at
@@ -469,6 +517,24 @@ impl LocalBackend {
         } else {
             args
         };
+        let jail = self.sandboxes().map(|s| {
+            // What the function's processes see: its own code, the bootstraps, its image's
+            // dependencies; nothing else of the data dir.
+            let mut ro = vec![dir.clone(), self.runtimes_dir.clone()];
+            ro.extend(deps.clone());
+            Arc::new(s.jail(
+                &d.namespace,
+                ro,
+                Vec::new(),
+                crate::sandbox::Limits {
+                    memory: d.limits.memory,
+                    pids: u64::from(d.limits.pids),
+                    cpu_millis: d.limits.cpu_millis,
+                    tmp: d.limits.tmp,
+                },
+                d.network,
+            ))
+        });
         Ok(WorkerSpec {
             program,
             prefix_args,
@@ -476,6 +542,8 @@ impl LocalBackend {
             handler_args,
             env,
             label,
+            jail,
+            max_output_bytes: usize::try_from(d.limits.max_output_bytes).unwrap_or(usize::MAX),
         })
     }
 }
@@ -787,6 +855,7 @@ impl Backend for LocalBackend {
             if let Some(p) = removed {
                 p.close();
             }
+            lock(&self.function_zygotes).remove(&(namespace.to_string(), name.to_string()));
         })
     }
 
@@ -800,7 +869,9 @@ impl Backend for LocalBackend {
             for p in all {
                 p.close();
             }
-            let zygotes: Vec<Arc<Zygote>> = lock(&self.zygotes).drain().map(|(_, z)| z).collect();
+            let mut zygotes: Vec<Arc<Zygote>> =
+                lock(&self.zygotes).drain().map(|(_, z)| z).collect();
+            zygotes.extend(lock(&self.function_zygotes).drain().map(|(_, z)| z));
             for z in zygotes {
                 z.stop().await;
             }

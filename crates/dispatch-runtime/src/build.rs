@@ -57,7 +57,13 @@ pub struct ImageBuilder {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     slots: Semaphore,
     installs: AtomicU64,
+    /// Builds run sandboxed (DESIGN §9: network kept, only their own folder writable).
+    sandboxes: std::sync::RwLock<Option<Arc<crate::sandbox::Sandboxes>>>,
 }
+
+/// The identity image builds run as (one for all: a build runs no tenant's code, only the
+/// packages its manifest names).
+const BUILDS_IDENTITY: &str = "@image-builds";
 
 impl ImageBuilder {
     pub fn new(dir: PathBuf, max_parallel: usize) -> ImageBuilder {
@@ -66,7 +72,32 @@ impl ImageBuilder {
             locks: Mutex::new(HashMap::new()),
             slots: Semaphore::new(max_parallel.max(1)),
             installs: AtomicU64::new(0),
+            sandboxes: std::sync::RwLock::new(None),
         }
+    }
+
+    pub fn set_sandboxes(&self, s: Option<Arc<crate::sandbox::Sandboxes>>) {
+        *self.sandboxes.write().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// The sandbox of a build into `dir` (writable), if builds are sandboxed.
+    fn jail(&self, dir: &Path) -> Result<Option<crate::sandbox::Jail>, BuildError> {
+        let s = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(s) = s else { return Ok(None) };
+        let jail = s.jail(
+            BUILDS_IDENTITY,
+            Vec::new(),
+            vec![(dir.to_path_buf(), dir.to_path_buf())],
+            crate::sandbox::Limits::build(),
+            true,
+        );
+        jail.hand_over(dir)
+            .map_err(|e| BuildError::Io(format!("cannot hand {} to the build: {e}", dir.display())))?;
+        Ok(Some(jail))
     }
 
     pub fn dir(&self) -> &Path {
@@ -182,22 +213,25 @@ impl ImageBuilder {
                     .map_err(|e| io("failed to write requirements.txt in", e))?;
                 progress("creating the virtual environment");
                 let venv = dir.join("venv");
-                run_step(
-                    &mut log,
-                    "venv",
-                    tokio::process::Command::new(python)
-                        .arg("-m")
-                        .arg("venv")
-                        .arg(&venv),
-                    dir,
-                )
-                .await?;
+                let jail = self.jail(dir)?;
+                let step = |program: &Path, args: Vec<String>| {
+                    let (mut cmd, cg) = crate::worker::sandboxed(jail.as_ref(), program, &args, dir)
+                        .map_err(|e| BuildError::Io(format!("cannot start a build step: {e}")))?;
+                    if jail.is_some() {
+                        cmd.env("HOME", "/tmp");
+                    }
+                    Ok::<_, BuildError>((cmd, cg))
+                };
+                let (mut cmd, _cg) =
+                    step(python, vec!["-m".into(), "venv".into(), venv.display().to_string()])?;
+                run_step(&mut log, "venv", &mut cmd, dir).await?;
                 progress("installing dependencies with pip");
-                let mut pip = tokio::process::Command::new(venv.join("bin").join("python"));
-                pip.args(PIP_INSTALL).args(["-r", "requirements.txt"]);
+                let mut args: Vec<String> = PIP_INSTALL.iter().map(|s| s.to_string()).collect();
+                args.extend(["-r".into(), "requirements.txt".into()]);
                 if let Some(url) = &build.index_url {
-                    pip.args(["--index-url", url]);
+                    args.extend(["--index-url".into(), url.clone()]);
                 }
+                let (mut pip, _cg) = step(&venv.join("bin").join("python"), args)?;
                 run_step(&mut log, "pip install", &mut pip, dir).await?;
             }
             Language::Nodejs => {
@@ -207,10 +241,15 @@ impl ImageBuilder {
                 progress("installing dependencies with npm");
                 let npm = crate::backend::find_program("npm")
                     .ok_or_else(|| BuildError::InterpreterMissing { name: "npm".into() })?;
-                let mut cmd = tokio::process::Command::new(npm);
-                cmd.args(NPM_INSTALL);
+                let mut args: Vec<String> = NPM_INSTALL.iter().map(|s| s.to_string()).collect();
                 if let Some(url) = &build.index_url {
-                    cmd.args(["--registry", url]);
+                    args.extend(["--registry".into(), url.clone()]);
+                }
+                let jail = self.jail(dir)?;
+                let (mut cmd, _cg) = crate::worker::sandboxed(jail.as_ref(), &npm, &args, dir)
+                    .map_err(|e| BuildError::Io(format!("cannot start npm: {e}")))?;
+                if jail.is_some() {
+                    cmd.env("HOME", "/tmp").env("npm_config_cache", "/tmp/.npm");
                 }
                 run_step(&mut log, "npm install", &mut cmd, dir).await?;
             }

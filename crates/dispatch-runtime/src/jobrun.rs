@@ -21,6 +21,8 @@ pub struct ContainerRun {
     pub command: Vec<String>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The sandbox the container's command runs in (DESIGN §9); `None`: on the host.
+    pub jail: Option<std::sync::Arc<crate::sandbox::Jail>>,
     pub working_dir: PathBuf,
 }
 
@@ -92,10 +94,27 @@ pub async fn run_pod(
                 error: "no command".into(),
             };
         };
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(rest)
-            .args(&c.args)
-            .current_dir(&c.working_dir)
+        let args: Vec<String> = rest.iter().chain(&c.args).cloned().collect();
+        let (mut cmd, cgroup) = match crate::worker::sandboxed(
+            c.jail.as_deref(),
+            std::path::Path::new(program),
+            &args,
+            &c.working_dir,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                return PodOutcome::StartFailed {
+                    container: c.name.clone(),
+                    error: format!("failed to prepare the sandbox of {program}: {e}"),
+                };
+            }
+        };
+        let host_dir = match &c.jail {
+            // The launcher starts on the host; the working dir is the sandbox's.
+            Some(_) => std::path::Path::new("/"),
+            None => c.working_dir.as_path(),
+        };
+        cmd.current_dir(host_dir)
             .env_clear()
             .envs(
                 ["PATH", "HOME", "LANG"]
@@ -156,10 +175,16 @@ pub async fn run_pod(
         })
         .collect();
         let name = c.name.clone();
+        let logs = logs.clone();
         waits.push(async move {
             let status = child.wait().await;
             for r in readers {
                 let _ = r.await; // the rest of the output
+            }
+            if let Some(cg) = cgroup.as_ref().filter(|cg| cg.oom_killed()) {
+                let said = crate::worker::death_message(Some(cg), String::new())
+                    .replace("the worker", "the container");
+                push_line(&logs, true, format!("dispatch: {said}"), max_log_bytes);
             }
             (name, status)
         });

@@ -12,6 +12,7 @@ pub mod handler;
 pub mod jobrun;
 pub mod pool;
 pub mod protocol;
+pub mod sandbox;
 pub mod source;
 pub mod worker;
 pub mod zygote;

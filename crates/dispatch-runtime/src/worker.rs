@@ -22,6 +22,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{self, Hello, Request, Response};
+use crate::sandbox::Cgroup;
 
 /// Lines of process-level output kept for crash messages.
 const TAIL_LINES: usize = 20;
@@ -41,6 +42,10 @@ pub struct WorkerSpec {
     pub env: BTreeMap<String, String>,
     /// `namespace/name`, for logs.
     pub label: String,
+    /// The sandbox its processes start in (DESIGN §9); `None`: on the host, as the server.
+    pub jail: Option<Arc<crate::sandbox::Jail>>,
+    /// Largest answer frame accepted from a worker of this spec.
+    pub max_output_bytes: usize,
 }
 
 /// The environment every worker process starts from (nothing else of the server's leaks in):
@@ -64,19 +69,60 @@ impl WorkerSpec {
         env
     }
 
-    fn command(&self, with_dir_arg: bool) -> Command {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.prefix_args);
+    /// The command that starts a process of this spec (in its sandbox, when it has one), and
+    /// the cgroup that holds its limits.
+    fn command(&self, with_dir_arg: bool) -> std::io::Result<(Command, Option<Cgroup>)> {
+        let mut args = self.prefix_args.clone();
         if with_dir_arg {
-            cmd.arg(&self.dir);
+            args.push(self.dir.display().to_string());
         }
-        cmd.args(&self.handler_args)
-            .current_dir(&self.dir)
+        args.extend(self.handler_args.iter().cloned());
+        let (mut cmd, cg) = sandboxed(self.jail.as_deref(), &self.program, &args, &self.dir)?;
+        cmd.current_dir(&self.dir)
             .env_clear()
             .envs(self.environment())
             .process_group(0)
             .kill_on_drop(true);
-        cmd
+        Ok((cmd, cg))
+    }
+}
+
+/// `program args` run in `cwd`: in a new sandbox of `jail`, or directly without one.
+pub fn sandboxed(
+    jail: Option<&crate::sandbox::Jail>,
+    program: &std::path::Path,
+    args: &[String],
+    cwd: &std::path::Path,
+) -> std::io::Result<(Command, Option<Cgroup>)> {
+    match jail {
+        Some(j) => j.command(program, args, cwd),
+        None => {
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            Ok((cmd, None))
+        }
+    }
+}
+
+/// The message of a worker that died: over its memory limit when its cgroup says so.
+pub(crate) fn death_message(cg: Option<&Cgroup>, otherwise: String) -> String {
+    match cg {
+        Some(cg) if cg.oom_killed() => format!(
+            "the worker was killed: it went over its memory limit of {} (spec.resources.memory)",
+            crate::sandbox::cgroup::human_bytes(cg.memory_limit)
+        ),
+        _ => otherwise,
+    }
+}
+
+impl WorkerSpec {
+    /// A spec's answer limit, the protocol's when unset.
+    fn max_output(&self) -> usize {
+        if self.max_output_bytes == 0 {
+            protocol::MAX_FRAME_BYTES
+        } else {
+            self.max_output_bytes.min(protocol::MAX_FRAME_BYTES)
+        }
     }
 }
 
@@ -142,6 +188,10 @@ pub struct Worker {
     pub last_used: Instant,
     /// How the worker started and how long that took (`first_call_ms` is the pool's to fill).
     pub cold_start: ColdStart,
+    /// The cgroup that holds its limits (sandboxed workers).
+    pub(crate) cgroup: Option<Cgroup>,
+    /// Largest answer accepted.
+    max_output: usize,
 }
 
 fn ms_f(d: Duration) -> f64 {
@@ -157,8 +207,8 @@ impl Worker {
             program: spec.program.display().to_string(),
             source,
         };
-        let mut child = spec
-            .command(true)
+        let (mut cmd, cgroup) = spec.command(true).map_err(spawn_err)?;
+        let mut child = cmd
             .stdin(Stdio::from(OwnedFd::from(child_end)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -180,6 +230,8 @@ impl Worker {
             tail,
             last_used: Instant::now(),
             cold_start: ColdStart::default(),
+            cgroup,
+            max_output: spec.max_output(),
         };
         w.handshake(ready_within, t0).await
     }
@@ -189,8 +241,10 @@ impl Worker {
         pid: i32,
         sock: UnixStream,
         outputs: [tokio::net::unix::pipe::Receiver; 2],
-        label: &str,
+        spec: &WorkerSpec,
+        cgroup: Option<Cgroup>,
     ) -> Worker {
+        let label = &spec.label;
         let tail: Tail = Arc::default();
         for r in outputs {
             drain(r, tail.clone(), label.to_string());
@@ -206,6 +260,8 @@ impl Worker {
                 method: StartMethod::Fork,
                 ..ColdStart::default()
             },
+            cgroup,
+            max_output: spec.max_output(),
         }
     }
 
@@ -288,13 +344,21 @@ impl Worker {
             }
             Ok(Err(_)) | Ok(Ok(None)) => {
                 let tail = self.wait_tail().await;
-                return Err(ErrorObject::system(format!(
-                    "worker process exited unexpectedly{}",
-                    tail_suffix(&tail)
+                return Err(ErrorObject::system(death_message(
+                    self.cgroup.as_ref(),
+                    format!("worker process exited unexpectedly{}", tail_suffix(&tail)),
                 )));
             }
             Ok(Ok(Some(frame))) => frame,
         };
+        if answer.len() > self.max_output {
+            self.kill();
+            return Err(ErrorObject::system(format!(
+                "the answer ({}) is larger than the function's limit of {} (spec.resources.maxOutputBytes)",
+                crate::sandbox::cgroup::human_bytes(answer.len() as u64),
+                crate::sandbox::cgroup::human_bytes(self.max_output as u64)
+            )));
+        }
         let resp: Response = serde_json::from_slice(&answer).map_err(|e| {
             self.kill();
             ErrorObject::system(format!("worker sent a malformed answer: {e}"))
@@ -381,7 +445,16 @@ pub async fn run_exec(
     timeout: Duration,
 ) -> Envelope {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut cmd = spec.command(false);
+    let (mut cmd, cgroup) = match spec.command(false) {
+        Ok(c) => c,
+        Err(e) => {
+            return Envelope::error(
+                ErrorObject::system(format!("failed to start {}: {e}", spec.program.display())),
+                Logs::default(),
+            );
+        }
+    };
+    let max_output = spec.max_output().min(EXEC_MAX_OUTPUT);
     cmd.env("DISPATCH_CONTEXT", context.get())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -411,7 +484,7 @@ pub async fn run_exec(
         let read_out = async {
             let mut v = Vec::new();
             if let Some(s) = stdout.as_mut() {
-                let _ = s.take(EXEC_MAX_OUTPUT as u64 + 1).read_to_end(&mut v).await;
+                let _ = s.take(max_output as u64 + 1).read_to_end(&mut v).await;
             }
             v
         };
@@ -451,10 +524,13 @@ pub async fn run_exec(
     match status {
         Ok(st) if st.success() => {}
         Ok(st) => {
-            return Envelope::error(
-                ErrorObject::function(format!("handler exited with {st}")),
-                logs,
-            );
+            let killed = cgroup.as_ref().is_some_and(Cgroup::oom_killed);
+            let e = if killed {
+                ErrorObject::system(death_message(cgroup.as_ref(), String::new()))
+            } else {
+                ErrorObject::function(format!("handler exited with {st}"))
+            };
+            return Envelope::error(e, logs);
         }
         Err(e) => {
             return Envelope::error(
@@ -463,9 +539,12 @@ pub async fn run_exec(
             );
         }
     }
-    if out.len() > EXEC_MAX_OUTPUT {
+    if out.len() > max_output {
         return Envelope::error(
-            ErrorObject::function("handler printed more than 16 MiB"),
+            ErrorObject::function(format!(
+                "handler printed more than {} (spec.resources.maxOutputBytes)",
+                crate::sandbox::cgroup::human_bytes(max_output as u64)
+            )),
             logs,
         );
     }

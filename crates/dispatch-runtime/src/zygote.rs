@@ -17,6 +17,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -24,10 +25,11 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::protocol;
-use crate::worker::{StartError, Worker, WorkerSpec, base_environment, socket_pair};
+use crate::sandbox::Jail;
+use crate::worker::{StartError, Worker, WorkerSpec, base_environment, sandboxed, socket_pair};
 
 /// How long a zygote may take to import its preload list, and to answer a fork.
 const ZYGOTE_READY: Duration = Duration::from_secs(60);
@@ -66,6 +68,8 @@ struct ForkAnswer {
 struct Running {
     child: Child,
     sock: UnixStream,
+    /// The sandbox's cgroup (the launcher and the zygote; workers get their own).
+    _cgroup: Option<crate::sandbox::Cgroup>,
 }
 
 pub struct Zygote {
@@ -75,6 +79,8 @@ pub struct Zygote {
     label: String,
     running: tokio::sync::Mutex<Option<Running>>,
     starts: AtomicU64,
+    /// The sandbox the zygote and its workers live in (one function's code, DESIGN §9).
+    jail: Option<Arc<Jail>>,
 }
 
 impl Zygote {
@@ -87,7 +93,14 @@ impl Zygote {
             label,
             running: tokio::sync::Mutex::new(None),
             starts: AtomicU64::new(0),
+            jail: None,
         }
+    }
+
+    /// The zygote (and so every worker it forks) runs in a sandbox of `jail`.
+    pub fn in_jail(mut self, jail: Option<Arc<Jail>>) -> Self {
+        self.jail = jail;
+        self
     }
 
     /// How many times the zygote process was started (tests: restarts after a death).
@@ -112,11 +125,15 @@ impl Zygote {
             Some(list) => serde_json::to_string(list).unwrap_or_else(|_| "[]".into()),
         };
         let home = self.bootstrap.parent().unwrap_or(std::path::Path::new("/"));
-        let mut child = Command::new(&self.program)
-            .arg("-u")
-            .arg(&self.bootstrap)
-            .arg("--zygote")
-            .arg(preload)
+        let args = [
+            "-u".to_string(),
+            self.bootstrap.display().to_string(),
+            "--zygote".into(),
+            preload,
+        ];
+        let (mut cmd, cgroup) =
+            sandboxed(self.jail.as_deref(), &self.program, &args, home).map_err(spawn_err)?;
+        let mut child = cmd
             .current_dir(home)
             .env_clear()
             .envs(base_environment(home))
@@ -163,7 +180,11 @@ impl Zygote {
                 let _ = tokio::io::copy(&mut e, &mut tokio::io::sink()).await;
             });
         }
-        Ok(Running { child, sock })
+        Ok(Running {
+            child,
+            sock,
+            _cgroup: cgroup,
+        })
     }
 
     /// Forks a worker of `spec` and waits until its handler is loaded.
@@ -173,7 +194,7 @@ impl Zygote {
         ready_within: Duration,
     ) -> Result<Worker, ForkError> {
         let t0 = Instant::now();
-        let (pid, sock, outputs) = {
+        let (pid, sock, outputs, cgroup) = {
             let mut guard = self.running.lock().await;
             let mut attempt = 0;
             loop {
@@ -187,7 +208,10 @@ impl Zygote {
                 }
                 let running = guard.as_mut().expect("started above");
                 match request(running, spec).await {
-                    Ok(forked) => break forked,
+                    Ok((pid, sock, outputs)) => match self.host_side(running, pid) {
+                        Ok((pid, cg)) => break (pid, sock, outputs, cg),
+                        Err(e) => return Err(ForkError::Worker(e)),
+                    },
                     Err(e) => {
                         // A dead or confused zygote: start a new one, once.
                         *guard = None;
@@ -198,13 +222,32 @@ impl Zygote {
                 }
             }
         };
-        Worker::forked(pid, sock, outputs, &spec.label)
+        Worker::forked(pid, sock, outputs, spec, cgroup)
             .handshake(ready_within, t0)
             .await
             .map_err(ForkError::Worker)
     }
 
-    /// Stops the zygote (its workers live on until their pools drop them).
+    /// A forked worker as the server sees it: its host pid (a sandboxed zygote answers with
+    /// the pid of its own PID namespace) and the cgroup that holds its limits.
+    fn host_side(
+        &self,
+        running: &Running,
+        pid: i32,
+    ) -> Result<(i32, Option<crate::sandbox::Cgroup>), StartError> {
+        let Some(jail) = &self.jail else {
+            return Ok((pid, None));
+        };
+        let lost = |what: String| StartError::Protocol(format!("sandboxed fork: {what}"));
+        let launcher = running.child.id().ok_or_else(|| lost("the zygote has exited".into()))?;
+        let host = crate::sandbox::host_pid(launcher, pid)
+            .ok_or_else(|| lost(format!("no process {pid} in the zygote's sandbox")))?;
+        let cg = jail.adopt(host).map_err(|e| lost(format!("cgroup: {e}")))?;
+        Ok((host, cg))
+    }
+
+    /// Stops the zygote (with a sandbox, its workers end with it: they share its PID
+    /// namespace; without one they live on until their pools drop them).
     pub async fn stop(&self) {
         if let Some(mut r) = self.running.lock().await.take() {
             let _ = r.child.start_kill();
@@ -304,6 +347,8 @@ impl Spares {
                 handler_args: Vec::new(),
                 env,
                 label,
+                jail: None,
+                max_output_bytes: 0,
             },
             keep,
             idle: std::sync::Mutex::new(Vec::new()),

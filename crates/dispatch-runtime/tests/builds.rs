@@ -69,6 +69,8 @@ fn deploy(name: &str, lang: Language, file: &str, body: &str, image_build: &str)
         min_workers: 0,
         idle_timeout: Duration::from_secs(60),
         preload: None,
+        limits: Default::default(),
+        network: true,
     }
 }
 

@@ -66,6 +66,8 @@ fn deploy(
         min_workers: 0,
         idle_timeout: Duration::from_secs(300),
         preload: None,
+        limits: Default::default(),
+        network: true,
     }
 }
 

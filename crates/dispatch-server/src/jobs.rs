@@ -269,6 +269,23 @@ fn containers(
                 scratch.clone()
             }
         };
+        // Sandboxed (DESIGN §9), the command sees the system directories and its scratch
+        // folder, mounted at its working directory; nothing else of the host.
+        let jail = match &state.config.sandboxes {
+            Some(s) => {
+                std::fs::create_dir_all(&scratch)?;
+                let jail = s.jail(
+                    &job.namespace,
+                    Vec::new(),
+                    vec![(scratch.clone(), working_dir.clone())],
+                    dispatch_runtime::sandbox::Limits::job(),
+                    true,
+                );
+                jail.hand_over(&scratch)?;
+                Some(Arc::new(jail))
+            }
+            None => None,
+        };
         out.push(ContainerRun {
             name: c.name.clone(),
             command: c.command.clone(),
@@ -279,6 +296,7 @@ fn containers(
                 .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
                 .collect(),
             working_dir,
+            jail,
         });
     }
     Ok(out)

@@ -163,6 +163,7 @@ impl Server {
                 })?;
                 local.spawn_reaper();
                 local.set_max_waiting_calls(config.options.max_waiting_calls);
+                local.set_sandboxes(config.options.sandboxes.clone());
                 local
             }
         };

@@ -61,6 +61,9 @@ pub struct Options {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The clock (tests share one across a simulated restart); none = the wall clock now.
     pub clock: Option<Clock>,
+    /// Sandboxes for job commands (and, set on the embedded backend, functions and builds);
+    /// none: `--isolation none`, user code runs as the server (DESIGN §9).
+    pub sandboxes: Option<Arc<dispatch_runtime::sandbox::Sandboxes>>,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             secret_key_file: None,
             tls: None,
             clock: None,
+            sandboxes: None,
         }
     }
 }

@@ -88,6 +88,8 @@ pub enum What {
         #[arg(long)]
         idle_timeout: Option<String>,
         #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
         wait: WaitArgs,
     },
     /// A secret from a JSON object file or literals: `dispatch create secret db --from-literal password=…`
@@ -255,6 +257,7 @@ impl Create {
                 max_workers,
                 min_workers,
                 idle_timeout,
+                limits,
                 wait,
             } => {
                 dispatch_core::names::validate_name("function", &name)?;
@@ -282,6 +285,9 @@ impl Create {
                 }
                 if !conc.is_empty() {
                     spec["concurrency"] = conc.into();
+                }
+                if let Some(spec) = spec.as_object_mut() {
+                    limits.apply(spec);
                 }
                 (
                     Object::new(Kind::Function, &ns, &name, spec),
@@ -413,4 +419,59 @@ pub fn secret_data(
         bail!("a secret needs at least one value: a JSON file or --from-literal KEY=VALUE");
     }
     Ok(data)
+}
+
+/// A function's sandbox limits and network (`spec.resources`, `spec.network`; DESIGN §9).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LimitArgs {
+    /// Memory of each worker, e.g. 256Mi (the default) or 1Gi; over it the worker is killed
+    /// and the call answers a SystemError that says so
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU of each worker: cores (1, 0.5) or millicores (500m); default: no cap
+    #[arg(long, value_name = "CPU")]
+    pub cpu: Option<String>,
+    /// Processes and threads of each worker (default 128): a fork bomb stops there
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u32>,
+    /// Size of each worker's private /tmp, e.g. 64Mi (the default)
+    #[arg(long, value_name = "SIZE")]
+    pub tmp: Option<String>,
+    /// Largest answer a call may return, e.g. 16Mi (the default)
+    #[arg(long, value_name = "SIZE")]
+    pub max_output: Option<String>,
+    /// `none`: no network at all (an empty network namespace; on Kubernetes a NetworkPolicy
+    /// denying all traffic); `default`: network allowed
+    #[arg(long, value_name = "default|none", value_parser = ["default", "none"])]
+    pub network: Option<String>,
+}
+
+impl LimitArgs {
+    /// Writes the given flags into a function spec (others are kept).
+    pub fn apply(&self, spec: &mut serde_json::Map<String, serde_json::Value>) {
+        let res = spec
+            .entry("resources")
+            .or_insert_with(|| json!({}));
+        if let Some(r) = res.as_object_mut() {
+            for (key, v) in [
+                ("memory", &self.memory),
+                ("cpu", &self.cpu),
+                ("tmp", &self.tmp),
+                ("maxOutputBytes", &self.max_output),
+            ] {
+                if let Some(v) = v {
+                    r.insert(key.into(), v.clone().into());
+                }
+            }
+            if let Some(p) = self.pids {
+                r.insert("pids".into(), p.into());
+            }
+        }
+        if res.as_object().is_some_and(|r| r.is_empty()) {
+            spec.remove("resources");
+        }
+        if let Some(n) = &self.network {
+            spec.insert("network".into(), n.clone().into());
+        }
+    }
 }

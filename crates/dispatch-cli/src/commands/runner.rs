@@ -89,6 +89,9 @@ impl Runner {
             min_workers: 1,
             idle_timeout: Duration::from_secs(3600),
             preload: None,
+            // The pod is the sandbox here (restricted securityContext, limits from the spec).
+            limits: Default::default(),
+            network: true,
         };
         let pool = backend
             .pool_for_dir(&deploy, self.function_dir.clone())

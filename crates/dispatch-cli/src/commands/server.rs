@@ -41,6 +41,19 @@ pub struct Server {
     /// Serve without tokens: every caller is admin (loopback only)
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// How user code runs (embedded backend): `sandbox` (the default) gives every function
+    /// worker, zygote, exec handler, job command and image build its own mount, PID, IPC and
+    /// UTS namespaces with a minimal read-only root, an unprivileged identity (a uid per
+    /// namespace), no capabilities, no_new_privs, Landlock, a seccomp deny list and cgroup
+    /// limits from spec.resources. `none` runs user code as the server itself, with its files
+    /// and identity: development only, refused on a non-loopback address
+    #[arg(long, default_value = "sandbox", value_name = "sandbox|none", value_parser = isolation)]
+    pub isolation: dispatch_runtime::sandbox::Isolation,
+    /// Sandbox layers to run without when this kernel or host lacks them (comma-separated:
+    /// landlock, seccomp, cgroups). The server refuses to start when a layer is missing and
+    /// not named here: it never lowers isolation on its own
+    #[arg(long, value_name = "LAYERS", value_parser = lowered, default_value = "")]
+    pub sandbox_without: dispatch_runtime::sandbox::Lowered,
     /// TLS certificate chain (PEM) for both listeners; with --tls-key
     #[arg(long, requires = "tls_key", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -159,6 +172,14 @@ impl Server {
                  reach it could run anything; drop the flag (tokens) or bind 127.0.0.1"
             );
         }
+        let no_isolation = self.isolation == dispatch_runtime::sandbox::Isolation::None;
+        if no_isolation && !loopback {
+            anyhow::bail!(
+                "refusing --isolation none on a non-loopback address (DESIGN §9): every caller's \
+                 code would run as this server, with its files and tokens; drop the flag or bind \
+                 127.0.0.1"
+            );
+        }
         if !loopback && self.tls_cert.is_none() {
             tracing::warn!(
                 "listening beyond loopback without TLS: tokens cross the network in clear; put a TLS proxy in front"
@@ -175,6 +196,9 @@ impl Server {
                 .context("HOME is not set: pass --data-dir")?
                 .join(".dispatch"),
         };
+        if parts.backend.is_none() {
+            options.sandboxes = sandboxes(self.isolation, self.sandbox_without, &data_dir).await?;
+        }
         let config = dispatch_server::Config {
             data_dir,
             api_addr: self.api_addr,
@@ -209,6 +233,42 @@ impl Server {
         server.stop().await?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// The sandboxes of an embedded server, proven to start (DESIGN §9); says at start which
+/// isolation the server uses, and fails closed when a layer is missing.
+async fn sandboxes(
+    isolation: dispatch_runtime::sandbox::Isolation,
+    lowered: dispatch_runtime::sandbox::Lowered,
+    data_dir: &std::path::Path,
+) -> Result<Option<std::sync::Arc<dispatch_runtime::sandbox::Sandboxes>>> {
+    use dispatch_runtime::sandbox::{Isolation, Sandboxes};
+    if isolation == Isolation::None {
+        tracing::warn!(
+            "isolation none: functions, job commands and builds run as this server, with its identity, its data dir and every tenant's tokens and secrets within reach; use it for development on a trusted machine only"
+        );
+        eprintln!("isolation: none (user code runs unsandboxed, as the server)");
+        return Ok(None);
+    }
+    let launcher = std::env::current_exe().context("cannot find this binary to launch sandboxes")?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let s = Sandboxes::new(launcher, data_dir, lowered)
+        .map_err(|e| anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without"))?;
+    let s = std::sync::Arc::new(s);
+    s.check()
+        .await
+        .map_err(|e| anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without"))?;
+    eprintln!("{}", s.describe());
+    Ok(Some(s))
+}
+
+fn isolation(s: &str) -> Result<dispatch_runtime::sandbox::Isolation, String> {
+    s.parse()
+}
+
+fn lowered(s: &str) -> Result<dispatch_runtime::sandbox::Lowered, String> {
+    s.parse()
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -42,6 +42,8 @@ pub enum UpdateWhat {
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
         #[command(flatten)]
+        limits: super::create::LimitArgs,
+        #[command(flatten)]
         wait: super::WaitArgs,
     },
 }
@@ -49,7 +51,7 @@ pub enum UpdateWhat {
 impl Update {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
-        let (name, path, image, handler, timeout, env, wait) = match self.what {
+        let (name, path, image, handler, timeout, env, limits, wait) = match self.what {
             UpdateWhat::Secret {
                 name,
                 file,
@@ -69,8 +71,9 @@ impl Update {
                 handler,
                 timeout,
                 env,
+                limits,
                 wait,
-            } => (name, path, image, handler, timeout, env, wait),
+            } => (name, path, image, handler, timeout, env, limits, wait),
         };
         let mut o = c.get(Kind::Function, &name).await?;
         let Some(spec) = o.spec.as_object_mut() else {
@@ -92,6 +95,7 @@ impl Update {
         if !env.is_empty() {
             spec.insert("env".into(), serde_json::to_value(parse_env(&env)?)?);
         }
+        limits.apply(spec);
         let before = o.metadata.generation;
         let updated = c.update(&o).await?;
         said(
