@@ -242,8 +242,12 @@ impl Zygote {
         let launcher = running.child.id().ok_or_else(|| lost("the zygote has exited".into()))?;
         let host = crate::sandbox::host_pid(launcher, pid)
             .ok_or_else(|| lost(format!("no process {pid} in the zygote's sandbox")))?;
-        let cg = jail.adopt(host).map_err(|e| lost(format!("cgroup: {e}")))?;
-        Ok((host, cg))
+        match jail.adopt(host) {
+            Ok(cg) => Ok((host, cg)),
+            // It exited already (its handler did not load, say): the handshake tells why.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok((host, None)),
+            Err(e) => Err(lost(format!("cgroup: {e}"))),
+        }
     }
 
     /// Stops the zygote (with a sandbox, its workers end with it: they share its PID

@@ -225,7 +225,7 @@ impl Cgroup {
     /// Moves process `pid` (and its threads) in.
     pub fn add(&self, pid: i32) -> std::io::Result<()> {
         for f in self.procs() {
-            write(&f, &pid.to_string())?;
+            std::fs::write(&f, pid.to_string())?;
         }
         Ok(())
     }
