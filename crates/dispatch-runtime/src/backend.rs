@@ -250,6 +250,8 @@ pub struct LocalBackend {
     sandboxes: RwLock<Option<Arc<Sandboxes>>>,
     /// Sandboxed Python zygotes, one per function (each sees only its function's code).
     function_zygotes: Mutex<HashMap<(String, String), Arc<Zygote>>>,
+    /// Sandboxed Node spares, one set per function.
+    function_spares: Mutex<HashMap<(String, String), Arc<Spares>>>,
 }
 
 impl LocalBackend {
@@ -289,6 +291,7 @@ impl LocalBackend {
             validated: Mutex::new(HashSet::new()),
             sandboxes: RwLock::new(None),
             function_zygotes: Mutex::new(HashMap::new()),
+            function_spares: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -333,8 +336,29 @@ impl LocalBackend {
             return Launcher::Spawn;
         }
         if let Some(jail) = &spec.jail {
-            // One sandbox per function: its zygote sees only that function's code. Node has no
-            // fork: each worker is a sandbox of its own.
+            // One sandbox per function: its zygote (or its spare Node worker) sees only that
+            // function's code.
+            if d.base.language == Language::Nodejs {
+                let node_path = spec.env.get("NODE_PATH").cloned();
+                let s = Arc::new(
+                    Spares::new(
+                        spec.program.clone(),
+                        self.runtimes_dir.join("bootstrap.js"),
+                        node_path
+                            .map(|p| BTreeMap::from([("NODE_PATH".to_string(), p)]))
+                            .unwrap_or_default(),
+                        1,
+                        format!("spare {}/{}", d.namespace, d.name),
+                    )
+                    .in_jail(Some(jail.clone())),
+                );
+                let old = lock(&self.function_spares)
+                    .insert((d.namespace.clone(), d.name.clone()), s.clone());
+                if let Some(old) = old {
+                    old.stop();
+                }
+                return Launcher::Spares(s);
+            }
             if d.base.language != Language::Python3
                 || d.env.keys().any(|k| k.starts_with("PYTHON") && k != "PYTHONPATH")
             {
@@ -855,7 +879,11 @@ impl Backend for LocalBackend {
             if let Some(p) = removed {
                 p.close();
             }
-            lock(&self.function_zygotes).remove(&(namespace.to_string(), name.to_string()));
+            let key = (namespace.to_string(), name.to_string());
+            lock(&self.function_zygotes).remove(&key);
+            if let Some(s) = lock(&self.function_spares).remove(&key) {
+                s.stop();
+            }
         })
     }
 
@@ -876,6 +904,9 @@ impl Backend for LocalBackend {
                 z.stop().await;
             }
             for (_, s) in lock(&self.spares).drain() {
+                s.stop();
+            }
+            for (_, s) in lock(&self.function_spares).drain() {
                 s.stop();
             }
         })

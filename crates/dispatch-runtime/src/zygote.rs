@@ -360,6 +360,13 @@ impl Spares {
         }
     }
 
+    /// Generic workers start in sandboxes of `jail` (one function's: its code is the only
+    /// one they can load).
+    pub fn in_jail(mut self, jail: Option<Arc<Jail>>) -> Self {
+        self.spec.jail = jail;
+        self
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }

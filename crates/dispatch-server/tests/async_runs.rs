@@ -42,7 +42,8 @@ async fn async_runs_succeed_retry_die_and_redrive() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    let state = tempfile::tempdir().unwrap();
+    // Attempts are counted in the function's own /tmp (shared by its workers): a sandboxed
+    // function cannot write to the host (DESIGN §9).
     let retry = json!({"maxAttempts": 3, "backoff": {"initial": "100ms", "max": "200ms"}});
     create_function(
         c,
@@ -50,7 +51,7 @@ async fn async_runs_succeed_retry_die_and_redrive() {
         "py",
         "flaky.py",
         FLAKY,
-        json!({"retry": retry, "env": {"STATE_DIR": state.path()}}),
+        json!({"retry": retry, "env": {"STATE_DIR": "/tmp"}}),
     )
     .await
     .unwrap();

@@ -188,7 +188,6 @@ pub struct Sandboxes {
     cgroups: Option<cgroup::Roots>,
     as_root: bool,
     uids: Mutex<HashMap<String, u32>>,
-    seq: AtomicU64,
 }
 
 impl Sandboxes {
@@ -267,7 +266,6 @@ impl Sandboxes {
             cgroups,
             as_root,
             uids: Mutex::new(HashMap::new()),
-            seq: AtomicU64::new(0),
         })
     }
 
@@ -457,7 +455,9 @@ impl Jail {
         let Some(roots) = &self.boxes.cgroups else {
             return Ok(None);
         };
-        let n = self.boxes.seq.fetch_add(1, Ordering::Relaxed);
+        // One counter per process: every `Sandboxes` of it shares the `dispatch-<pid>` folder.
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
         Cgroup::create(roots, &format!("{what}-{n}"), &self.limits).map(Some)
     }
 

@@ -54,6 +54,9 @@ pub async fn start_with(
         Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
     let local = LocalBackend::new(dir.path()).unwrap();
+    let sandboxes = sandboxes(dir.path()).await;
+    local.set_sandboxes(sandboxes.clone());
+    options.sandboxes = sandboxes;
     let backend: Arc<dyn Backend> = local.clone();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -73,6 +76,37 @@ pub async fn start_with(
         client,
         gateway,
     }
+}
+
+/// The sandboxes every test server runs user code in, as `dispatch server` does by default
+/// (DESIGN §9): launched by the `dispatch` binary that `cargo test --workspace` builds
+/// (`DISPATCH_SANDBOX_LAUNCHER` names another). Without that binary the suite runs
+/// unsandboxed with a warning, except in CI, where that is an error.
+pub async fn sandboxes(data_dir: &std::path::Path) -> Option<Arc<dispatch_runtime::sandbox::Sandboxes>> {
+    let launcher = std::env::var_os("DISPATCH_SANDBOX_LAUNCHER")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            Some(exe.parent()?.parent()?.join("dispatch"))
+        })?;
+    if !launcher.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no sandbox launcher at {}: build it first (cargo build --bin dispatch)",
+            launcher.display()
+        );
+        eprintln!(
+            "warning: no sandbox launcher at {}: this suite runs unsandboxed (cargo build --bin dispatch)",
+            launcher.display()
+        );
+        return None;
+    }
+    let s = Arc::new(
+        dispatch_runtime::sandbox::Sandboxes::new(launcher, data_dir, Default::default())
+            .expect("the sandbox runs on this machine"),
+    );
+    s.check().await.expect("a test sandbox starts");
+    Some(s)
 }
 
 impl TestServer {
