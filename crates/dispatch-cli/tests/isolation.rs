@@ -63,9 +63,7 @@ impl Tenants {
         // Where the victim's source was unpacked, to aim at it.
         let victim_source = walk(&data.join("builds").join("functions"))
             .into_iter()
-            .find(|p| {
-                std::fs::read_to_string(p).is_ok_and(|t| t.contains("team-a-source-marker"))
-            })
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("team-a-source-marker")))
             .expect("the victim's source is unpacked under builds/functions");
         Tenants {
             s,
@@ -223,14 +221,19 @@ def handle(context, t):
 #[test]
 fn a_python_handler_of_another_namespace_reaches_nothing() {
     let t = Tenants::new();
-    t.function("attack", "attack.py", PY_ATTACKS, "py", &["--handler", "attack.handle"]);
+    t.function(
+        "attack",
+        "attack.py",
+        PY_ATTACKS,
+        "py",
+        &["--handler", "attack.handle"],
+    );
     // The victim's worker: its host pid.
-    let victim_pid = t
-        .s
-        .cli()
-        .args(["exec", "victim", "-n", "team-a", "--input", "1"])
-        .output()
-        .unwrap();
+    let victim_pid =
+        t.s.cli()
+            .args(["exec", "victim", "-n", "team-a", "--input", "1"])
+            .output()
+            .unwrap();
     assert!(victim_pid.status.success());
     let mut targets = t.targets();
     let victims: Vec<i32> = support::processes_mentioning("victim")
@@ -242,7 +245,10 @@ fn a_python_handler_of_another_namespace_reaches_nothing() {
     assert!(answer["context"]["error"].is_null(), "{answer}");
     let got = &answer["payload"]["got"];
     assert_eq!(got, &serde_json::json!([]), "the handler reached: {got}");
-    assert_ne!(answer["payload"]["uid"], 0, "user code must not run as root");
+    assert_ne!(
+        answer["payload"]["uid"], 0,
+        "user code must not run as root"
+    );
     t.victim_serves();
     // The files are still there for the server, and the server still serves.
     assert!(t.data.join("admin-token").exists());
@@ -274,9 +280,23 @@ module.exports = async (context, t) => {
         t.victim_source.display(),
         t.s.child.id()
     );
-    t.ok(&["create", "base-image", "shell", "debian:12-slim", "--language", "exec", "--wait"]);
+    t.ok(&[
+        "create",
+        "base-image",
+        "shell",
+        "debian:12-slim",
+        "--language",
+        "exec",
+        "--wait",
+    ]);
     t.ok(&["create", "image", "sh", "shell", "--wait"]);
-    t.function("attack-sh", "attack.sh", &sh, "sh", &["--handler", "attack.sh"]);
+    t.function(
+        "attack-sh",
+        "attack.sh",
+        &sh,
+        "sh",
+        &["--handler", "attack.sh"],
+    );
     let answer = t.call("attack-sh", &Value::Null);
     assert_eq!(answer["payload"], "clean", "{answer}");
     t.victim_serves();
@@ -389,7 +409,10 @@ def handle(context, what):
     let err = &mem["context"]["error"];
     assert_eq!(err["type"], "SystemError", "{mem}");
     assert!(
-        err["message"].as_str().unwrap_or("").contains("memory limit of 96Mi"),
+        err["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("memory limit of 96Mi"),
         "{mem}"
     );
     // The next call gets a fresh worker.
@@ -403,7 +426,10 @@ def handle(context, what):
 
     let net = t.call("limited", &"net".into());
     let said = net["payload"].as_str().unwrap_or("");
-    assert!(said.starts_with("refused"), "network none has no network: {net}");
+    assert!(
+        said.starts_with("refused"),
+        "network none has no network: {net}"
+    );
     t.victim_serves();
 }
 

@@ -16,7 +16,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         ("T", 1_000_000_000_000),
         ("", 1),
     ];
-    let bad = || format!("{s:?} is not a size: write a number of bytes or one with Ki, Mi, Gi (e.g. 256Mi)");
+    let bad = || {
+        format!("{s:?} is not a size: write a number of bytes or one with Ki, Mi, Gi (e.g. 256Mi)")
+    };
     for (suffix, mult) in units {
         if let Some(n) = t.strip_suffix(suffix)
             && !n.is_empty()

@@ -309,6 +309,8 @@ impl Backend for KubernetesBackend {
                 timeout: d.timeout,
                 max_workers: d.max_workers,
                 min_workers: d.min_workers,
+                limits: d.limits,
+                network: d.network,
             };
             let runnable = FunctionImage {
                 reference: &built.pushed.reference,

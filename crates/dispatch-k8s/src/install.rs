@@ -141,6 +141,8 @@ pub fn cluster_role(i: &Install) -> ClusterRole {
         rule(&["apps"], &["deployments"], &verbs),
         rule(&[""], &["services"], &verbs),
         rule(&["autoscaling"], &["horizontalpodautoscalers"], &verbs),
+        // spec.network: none is a NetworkPolicy denying the function's pods all egress.
+        rule(&["networking.k8s.io"], &["networkpolicies"], &verbs),
         // Job executions: a Job per execution, followed to its end, its last pod's logs.
         rule(&["batch"], &["jobs"], &["create", "get", "watch", "delete"]),
         rule(&[""], &["pods"], &["list"]),

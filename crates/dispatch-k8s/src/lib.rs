@@ -16,6 +16,7 @@ pub mod image;
 pub mod install;
 pub mod lease;
 pub mod oci;
+pub mod security;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -228,6 +229,10 @@ pub struct Workload {
     pub timeout: std::time::Duration,
     pub max_workers: u32,
     pub min_workers: u32,
+    /// Limits of each worker (`spec.resources`): the pod's requests and limits.
+    pub limits: dispatch_core::resource::Limits,
+    /// `false` (`spec.network: none`): a NetworkPolicy denies the pods all egress.
+    pub network: bool,
 }
 
 impl Workload {
@@ -237,6 +242,8 @@ impl Workload {
             timeout: spec.timeout().unwrap_or(std::time::Duration::from_secs(30)),
             max_workers: spec.max_workers(),
             min_workers: spec.min_workers(),
+            limits: spec.resources.limits().unwrap_or_default(),
+            network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
         }
     }
 }
@@ -407,12 +414,27 @@ pub fn function_objects(
                     )])),
                     ..Default::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    image_pull_secrets: image.pull_secret.map(|s| {
-                        vec![k8s_openapi::api::core::v1::LocalObjectReference { name: s.into() }]
-                    }),
-                    ..Default::default()
+                spec: Some({
+                    let mut pod = PodSpec {
+                        containers: vec![container],
+                        image_pull_secrets: image.pull_secret.map(|s| {
+                            vec![k8s_openapi::api::core::v1::LocalObjectReference {
+                                name: s.into(),
+                            }]
+                        }),
+                        ..Default::default()
+                    };
+                    // Restricted, with room for every worker of the pod (DESIGN §9).
+                    security::restrict_pod(
+                        &mut pod,
+                        spec.limits.tmp,
+                        &security::resources(
+                            &spec.limits,
+                            spec.workers_per_pod(),
+                            security::RUNNER_MEMORY,
+                        ),
+                    );
+                    pod
                 }),
             },
             ..Default::default()
@@ -448,10 +470,13 @@ pub fn knative_service(
     image: &FunctionImage,
 ) -> serde_json::Value {
     let (deployment, _) = function_objects(ns, name, spec, image);
-    let container = deployment
+    let pod = deployment
         .spec
         .and_then(|s| s.template.spec)
-        .and_then(|p| p.containers.into_iter().next())
+        .unwrap_or_default();
+    let container = pod
+        .containers
+        .first()
         .map(|c| serde_json::to_value(c).unwrap_or_default())
         .unwrap_or_default();
     let mut service = serde_json::json!({
@@ -459,7 +484,7 @@ pub fn knative_service(
         "kind": "Service",
         "metadata": {"name": format!("fn-{name}"), "namespace": ns, "labels": labels(ns, name)},
         "spec": {"template": {
-            "metadata": {"annotations": {
+            "metadata": {"labels": labels(ns, name), "annotations": {
                 "autoscaling.knative.dev/min-scale": spec.min_workers.to_string(),
                 "autoscaling.knative.dev/max-scale": spec.max_workers.to_string(),
                 "autoscaling.knative.dev/target": "1",
@@ -469,6 +494,9 @@ pub fn knative_service(
                 "containerConcurrency": 1,
                 "timeoutSeconds": spec.timeout.as_secs().max(1),
                 "containers": [container],
+                "securityContext": pod.security_context,
+                "automountServiceAccountToken": false,
+                "volumes": pod.volumes,
             },
         }},
     });
@@ -483,8 +511,17 @@ pub fn knative_service(
 /// execution's uuid and, when its JobTemplate is a custom resource (`template_uid`), owned
 /// by it (deleting the template deletes the Jobs).
 pub fn job(exec: &JobExecution, template_uid: Option<&str>) -> Result<Job, serde_json::Error> {
-    let spec: JobSpec =
+    let mut spec: JobSpec =
         serde_json::from_value(exec.rendered.get("spec").cloned().unwrap_or_default())?;
+    // Job pods are restricted too (DESIGN §9); containers without limits get a job's defaults.
+    if let Some(pod) = spec.template.spec.as_mut() {
+        let limits = dispatch_core::resource::Limits {
+            memory: 1 << 30,
+            tmp: 256 << 20,
+            ..Default::default()
+        };
+        security::restrict_pod(pod, limits.tmp, &security::resources(&limits, 1, 0));
+    }
     let mut labels: BTreeMap<String, String> = exec
         .rendered
         .pointer("/metadata/labels")
@@ -545,6 +582,7 @@ pub async fn apply_function(
     Api::<Service>::namespaced(client.clone(), ns)
         .patch(&object_name, &pp, &Patch::Apply(&service))
         .await?;
+    apply_network_policy(client, ns, name, spec, &pp).await?;
     let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns);
     match function_hpa(ns, name, spec) {
         Some(hpa) => {
@@ -557,6 +595,28 @@ pub async fn apply_function(
         )?,
     }
     Ok(())
+}
+
+/// The egress-denying NetworkPolicy of a function with `spec.network: none`, or none (an
+/// earlier one deleted).
+async fn apply_network_policy(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    spec: &Workload,
+    pp: &kube::api::PatchParams,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{Api, Patch};
+    let api = Api::<NetworkPolicy>::namespaced(client.clone(), ns);
+    if spec.network {
+        delete_network_policy(client, ns, name).await
+    } else {
+        let policy = security::deny_egress(ns, name, labels(ns, name));
+        api.patch(&format!("fn-{name}"), pp, &Patch::Apply(&policy))
+            .await?;
+        Ok(())
+    }
 }
 
 /// A delete's result where "not found" is success: what is gone is gone.
@@ -590,7 +650,8 @@ pub async fn delete_function(
         Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
             .delete(&object_name, &DeleteParams::background())
             .await,
-    )
+    )?;
+    delete_network_policy(client, ns, name).await
 }
 
 fn knative_api(client: &kube::Client, ns: &str) -> kube::Api<kube::api::DynamicObject> {
@@ -610,14 +671,11 @@ pub async fn apply_knative(
 ) -> Result<(), kube::Error> {
     use kube::api::{Patch, PatchParams};
     let service = knative_service(ns, name, spec, image);
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
     knative_api(client, ns)
-        .patch(
-            &format!("fn-{name}"),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&service),
-        )
+        .patch(&format!("fn-{name}"), &pp, &Patch::Apply(&service))
         .await?;
-    Ok(())
+    apply_network_policy(client, ns, name, spec, &pp).await
 }
 
 /// Deletes a function's Knative Service (an absent one is fine).
@@ -628,6 +686,24 @@ pub async fn delete_knative(
 ) -> Result<(), kube::Error> {
     gone(
         knative_api(client, ns)
+            .delete(
+                &format!("fn-{name}"),
+                &kube::api::DeleteParams::background(),
+            )
+            .await,
+    )?;
+    delete_network_policy(client, ns, name).await
+}
+
+/// Deletes a function's NetworkPolicy (an absent one is fine).
+async fn delete_network_policy(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    gone(
+        kube::Api::<NetworkPolicy>::namespaced(client.clone(), ns)
             .delete(
                 &format!("fn-{name}"),
                 &kube::api::DeleteParams::background(),

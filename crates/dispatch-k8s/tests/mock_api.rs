@@ -83,6 +83,15 @@ async fn apply_and_delete_a_function() {
             "{uri}"
         );
         assert_eq!(body, want_s);
+        // Network allowed: a NetworkPolicy from before (spec.network: none) goes.
+        let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+        assert!(
+            m == Method::DELETE
+                && uri.starts_with(
+                    "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/fn-hello"
+                ),
+            "{uri}"
+        );
         // A fixed pod count (maxWorkers 3 fits one pod): no autoscaler, one from before goes.
         let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
         assert!(
@@ -111,6 +120,11 @@ async fn apply_and_delete_a_function() {
         let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
         assert!(
             m == Method::DELETE && uri.contains("/horizontalpodautoscalers/fn-hello"),
+            "{uri}"
+        );
+        let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+        assert!(
+            m == Method::DELETE && uri.contains("/networkpolicies/fn-hello"),
             "{uri}"
         );
     });
@@ -420,7 +434,22 @@ async fn jobs_are_owned_by_their_template_resource() {
 async fn knative_services_are_applied_and_deleted() {
     let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "default");
-    let want = dispatch_k8s::knative_service("default", "hello", &Workload::of(&spec()), &image());
+    // spec.network: none → a NetworkPolicy denying egress to the function's pods.
+    let mut isolated = spec();
+    isolated.network = Some(dispatch_core::resource::NetworkMode::None);
+    let workload = Workload::of(&isolated);
+    let want = dispatch_k8s::knative_service("default", "hello", &workload, &image());
+    let policy = serde_json::to_value(dispatch_k8s::security::deny_egress(
+        "default",
+        "hello",
+        want["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect(),
+    ))
+    .unwrap();
     let w = want.clone();
     let server = tokio::spawn(async move {
         let (m, uri, body) = answer(&mut handle, 200, w.clone()).await;
@@ -431,6 +460,15 @@ async fn knative_services_are_applied_and_deleted() {
             "{uri}"
         );
         assert_eq!(body, w);
+        let (m, uri, body) = answer(&mut handle, 200, policy.clone()).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with(
+                "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/fn-hello?"
+            ),
+            "{uri}"
+        );
+        assert_eq!(body, policy);
         let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
         assert!(
             m == Method::DELETE
@@ -439,16 +477,20 @@ async fn knative_services_are_applied_and_deleted() {
                 ),
             "{uri}"
         );
+        let (m, uri, _) = answer(
+            &mut handle,
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+        .await;
+        assert!(
+            m == Method::DELETE && uri.contains("/networkpolicies/fn-hello"),
+            "{uri}"
+        );
     });
-    dispatch_k8s::apply_knative(
-        &client,
-        "default",
-        "hello",
-        &Workload::of(&spec()),
-        &image(),
-    )
-    .await
-    .unwrap();
+    dispatch_k8s::apply_knative(&client, "default", "hello", &workload, &image())
+        .await
+        .unwrap();
     dispatch_k8s::delete_knative(&client, "default", "hello")
         .await
         .expect("an absent Knative Service is already deleted");

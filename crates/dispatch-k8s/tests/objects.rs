@@ -235,6 +235,7 @@ fn install_objects_are_valid_and_least_privilege() {
             "apps/deployments: get,patch,delete",
             "/services: get,patch,delete",
             "autoscaling/horizontalpodautoscalers: get,patch,delete",
+            "networking.k8s.io/networkpolicies: get,patch,delete",
             "batch/jobs: create,get,watch,delete",
             "/pods: list",
             "/pods/log: get",
@@ -286,6 +287,8 @@ fn concurrency_beyond_one_pod_gets_an_autoscaler() {
         timeout: std::time::Duration::from_secs(10),
         max_workers: max,
         min_workers: min,
+        limits: Default::default(),
+        network: true,
     };
     // (minWorkers, maxWorkers) → workers per pod, (min pods, max pods).
     for ((min, max), per, pods) in [
@@ -614,4 +617,131 @@ fn resources_as_custom_resources() {
     assert_eq!(meta.namespace.as_deref(), Some("team-a"));
     let back = from_custom_resource(Kind::Function, &serde_json::from_value(cr).unwrap());
     assert_eq!(back, o);
+}
+
+/// Every pod this crate makes runs restricted (DESIGN §9): the Pod Security Standard, plus
+/// a read-only root with an emptyDir /tmp and no service-account token.
+fn assert_sandboxed(what: &str, pod: &k8s_openapi::api::core::v1::PodSpec) {
+    let v = dispatch_k8s::security::restricted_violations(pod);
+    assert!(v.is_empty(), "{what} breaks PSS restricted: {v:?}");
+    assert_eq!(pod.automount_service_account_token, Some(false), "{what}");
+    for c in &pod.containers {
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true), "{what}");
+        assert_ne!(sc.run_as_user, Some(0), "{what}");
+        let mounts = c.volume_mounts.clone().unwrap_or_default();
+        let tmp = mounts
+            .iter()
+            .find(|m| m.mount_path == "/tmp")
+            .expect("a /tmp");
+        let vol = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == tmp.name)
+            .unwrap();
+        assert!(vol.empty_dir.is_some(), "{what}: /tmp is an emptyDir");
+        let limits = c.resources.clone().unwrap().limits.unwrap();
+        assert!(limits.contains_key("memory"), "{what}: a memory limit");
+    }
+}
+
+#[test]
+fn function_and_job_pods_are_restricted_with_limits_from_the_spec() {
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let mut spec = hello();
+    spec.resources.memory = Some("128Mi".into());
+    spec.resources.cpu = Some("250m".into());
+    spec.resources.tmp = Some("32Mi".into());
+    spec.network = Some(dispatch_core::resource::NetworkMode::None);
+    let w = Workload::of(&spec);
+    let (d, _) = function_objects("default", "hello", &w, &image());
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_sandboxed("function pod", &pod);
+    let res = pod.containers[0].resources.clone().unwrap();
+    let limits = res.limits.unwrap();
+    // maxWorkers 3 → 3 workers in the pod, 128Mi each, plus the runner's 64Mi.
+    assert_eq!(limits["memory"].0, ((3 * 128 + 64) << 20).to_string());
+    assert_eq!(limits["cpu"].0, "750m");
+    let tmp = pod.volumes.unwrap()[0]
+        .empty_dir
+        .clone()
+        .unwrap()
+        .size_limit
+        .unwrap();
+    assert_eq!(tmp.0, (32 << 20).to_string());
+
+    let k = knative_service("default", "hello", &w, &image());
+    let kpod: PodSpec = serde_json::from_value(k["spec"]["template"]["spec"].clone()).unwrap();
+    assert_sandboxed("knative pod", &kpod);
+    assert_eq!(
+        k["spec"]["template"]["metadata"]["labels"]["dispatch.dev/function"],
+        "hello"
+    );
+
+    let policy = round_trip::<NetworkPolicy>(&dispatch_k8s::security::deny_egress(
+        "default",
+        "hello",
+        [("dispatch.dev/function".to_string(), "hello".to_string())].into(),
+    ));
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Egress"]));
+    assert_eq!(policy["spec"]["egress"], json!([]));
+    golden("function-networkpolicy", &policy);
+
+    // A job template that asks for root and privileges gets neither.
+    let mut exec = sample_execution();
+    exec.rendered["spec"]["template"]["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 0, "privileged": true, "allowPrivilegeEscalation": true,
+               "capabilities": {"add": ["SYS_ADMIN"]}});
+    exec.rendered["spec"]["template"]["spec"]["hostPID"] = json!(true);
+    let j: k8s_openapi::api::batch::v1::Job = job(&exec, None).unwrap();
+    let jpod = j.spec.unwrap().template.spec.unwrap();
+    assert_sandboxed("job pod", &jpod);
+    // The checker itself finds what it must.
+    let mut bad = jpod.clone();
+    bad.host_pid = Some(true);
+    bad.containers[0].security_context = None;
+    let v = dispatch_k8s::security::restricted_violations(&bad);
+    assert_eq!(
+        v,
+        [
+            "host namespaces",
+            "my-container: allowPrivilegeEscalation must be false",
+            "my-container: capabilities must drop ALL"
+        ]
+    );
+}
+
+fn sample_execution() -> JobExecution {
+    let sample = include_str!("../../../examples/jobs/jobtemplate-sample.yaml");
+    let doc = dispatch_core::manifest::parse_manifest(sample)
+        .unwrap()
+        .remove(0)
+        .object;
+    let spec: JobTemplateSpec = doc.typed_spec().unwrap();
+    let data = RenderData {
+        payload: "p".into(),
+        name: "jobtemplate-sample".into(),
+        namespace: "default".into(),
+        uuid: "0193c1f2-8e4b-7a00-8000-123456789abc".into(),
+        created: "2026-11-23T10:00:00Z".parse().unwrap(),
+    };
+    let rendered = render(&spec.job_template, &data).unwrap();
+    JobExecution {
+        uuid: data.uuid.clone(),
+        name: data.name.clone(),
+        namespace: "default".into(),
+        phase: JobPhase::Waiting,
+        reason: String::new(),
+        payload: data.payload.clone(),
+        rendered,
+        images: vec![],
+        attempts: 0,
+        exit_code: None,
+        logs: Logs::default(),
+        created_at: data.created,
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    }
 }

@@ -360,7 +360,9 @@ impl LocalBackend {
                 return Launcher::Spares(s);
             }
             if d.base.language != Language::Python3
-                || d.env.keys().any(|k| k.starts_with("PYTHON") && k != "PYTHONPATH")
+                || d.env
+                    .keys()
+                    .any(|k| k.starts_with("PYTHON") && k != "PYTHONPATH")
             {
                 return Launcher::Spawn;
             }

@@ -95,8 +95,9 @@ impl ImageBuilder {
             crate::sandbox::Limits::build(),
             true,
         );
-        jail.hand_over(dir)
-            .map_err(|e| BuildError::Io(format!("cannot hand {} to the build: {e}", dir.display())))?;
+        jail.hand_over(dir).map_err(|e| {
+            BuildError::Io(format!("cannot hand {} to the build: {e}", dir.display()))
+        })?;
         Ok(Some(jail))
     }
 
@@ -215,15 +216,19 @@ impl ImageBuilder {
                 let venv = dir.join("venv");
                 let jail = self.jail(dir)?;
                 let step = |program: &Path, args: Vec<String>| {
-                    let (mut cmd, cg) = crate::worker::sandboxed(jail.as_ref(), program, &args, dir)
-                        .map_err(|e| BuildError::Io(format!("cannot start a build step: {e}")))?;
+                    let (mut cmd, cg) =
+                        crate::worker::sandboxed(jail.as_ref(), program, &args, dir).map_err(
+                            |e| BuildError::Io(format!("cannot start a build step: {e}")),
+                        )?;
                     if jail.is_some() {
                         cmd.env("HOME", "/tmp");
                     }
                     Ok::<_, BuildError>((cmd, cg))
                 };
-                let (mut cmd, _cg) =
-                    step(python, vec!["-m".into(), "venv".into(), venv.display().to_string()])?;
+                let (mut cmd, _cg) = step(
+                    python,
+                    vec!["-m".into(), "venv".into(), venv.display().to_string()],
+                )?;
                 run_step(&mut log, "venv", &mut cmd, dir).await?;
                 progress("installing dependencies with pip");
                 let mut args: Vec<String> = PIP_INSTALL.iter().map(|s| s.to_string()).collect();

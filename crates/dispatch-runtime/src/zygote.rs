@@ -239,7 +239,10 @@ impl Zygote {
             return Ok((pid, None));
         };
         let lost = |what: String| StartError::Protocol(format!("sandboxed fork: {what}"));
-        let launcher = running.child.id().ok_or_else(|| lost("the zygote has exited".into()))?;
+        let launcher = running
+            .child
+            .id()
+            .ok_or_else(|| lost("the zygote has exited".into()))?;
         let host = crate::sandbox::host_pid(launcher, pid)
             .ok_or_else(|| lost(format!("no process {pid} in the zygote's sandbox")))?;
         match jail.adopt(host) {

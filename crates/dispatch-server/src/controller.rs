@@ -469,7 +469,10 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         min_workers: spec.min_workers(),
         idle_timeout,
         preload: image_spec.preload.clone(),
-        limits: spec.resources.limits().map_err(|e| ApiError::bad_request(e.message))?,
+        limits: spec
+            .resources
+            .limits()
+            .map_err(|e| ApiError::bad_request(e.message))?,
         network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
     };
     match state.backend.deploy_function(deploy).await {

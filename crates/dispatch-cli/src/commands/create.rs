@@ -449,9 +449,7 @@ pub struct LimitArgs {
 impl LimitArgs {
     /// Writes the given flags into a function spec (others are kept).
     pub fn apply(&self, spec: &mut serde_json::Map<String, serde_json::Value>) {
-        let res = spec
-            .entry("resources")
-            .or_insert_with(|| json!({}));
+        let res = spec.entry("resources").or_insert_with(|| json!({}));
         if let Some(r) = res.as_object_mut() {
             for (key, v) in [
                 ("memory", &self.memory),

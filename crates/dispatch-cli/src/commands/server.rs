@@ -250,15 +250,17 @@ async fn sandboxes(
         eprintln!("isolation: none (user code runs unsandboxed, as the server)");
         return Ok(None);
     }
-    let launcher = std::env::current_exe().context("cannot find this binary to launch sandboxes")?;
+    let launcher =
+        std::env::current_exe().context("cannot find this binary to launch sandboxes")?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let s = Sandboxes::new(launcher, data_dir, lowered)
-        .map_err(|e| anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without"))?;
+    let s = Sandboxes::new(launcher, data_dir, lowered).map_err(|e| {
+        anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without")
+    })?;
     let s = std::sync::Arc::new(s);
-    s.check()
-        .await
-        .map_err(|e| anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without"))?;
+    s.check().await.map_err(|e| {
+        anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without")
+    })?;
     eprintln!("{}", s.describe());
     Ok(Some(s))
 }

@@ -99,8 +99,8 @@ impl Roots {
                     "cgroups: neither the v1 memory and pids controllers nor a cgroup v2 tree is mounted",
                 )?;
                 let own = join(m, &own_path(None).unwrap_or_default());
-                let have = std::fs::read_to_string(own.join("cgroup.controllers"))
-                    .unwrap_or_default();
+                let have =
+                    std::fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default();
                 for c in ["memory", "pids"] {
                     if !have.split_whitespace().any(|x| x == c) {
                         return Err(format!(
@@ -116,7 +116,10 @@ impl Roots {
         };
         for d in roots.dirs() {
             std::fs::create_dir_all(&d).map_err(|e| {
-                format!("cgroups: cannot create {}: {e} (is the hierarchy writable?)", d.display())
+                format!(
+                    "cgroups: cannot create {}: {e} (is the hierarchy writable?)",
+                    d.display()
+                )
             })?;
         }
         if let Roots::V2 { dir } = &roots {

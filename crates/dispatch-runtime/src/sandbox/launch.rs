@@ -53,7 +53,9 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) 
 
 fn run(args: Vec<std::ffi::OsString>) -> Res<i32> {
     let mut it = args.into_iter();
-    let plan = it.next().ok_or("usage: dispatch sandbox PLAN -- PROGRAM [ARGS…]")?;
+    let plan = it
+        .next()
+        .ok_or("usage: dispatch sandbox PLAN -- PROGRAM [ARGS…]")?;
     let plan: Plan = ctx(serde_json::from_slice(plan.as_bytes()), || {
         "the sandbox plan is not valid".into()
     })?;

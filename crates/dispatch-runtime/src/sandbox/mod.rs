@@ -209,7 +209,9 @@ impl Sandboxes {
             None
         } else {
             Some(cgroup::Roots::detect().map_err(|e| {
-                format!("{e} (lower the layer with --sandbox-without cgroups to run without limits)")
+                format!(
+                    "{e} (lower the layer with --sandbox-without cgroups to run without limits)"
+                )
             })?)
         };
         if !lowered.landlock {
@@ -290,7 +292,13 @@ impl Sandboxes {
 
     /// Starts `true` in a default sandbox: the proof that every layer works here.
     pub async fn check(self: &Arc<Self>) -> Result<(), String> {
-        let jail = self.jail("dispatch-check", Vec::new(), Vec::new(), Limits::default(), true);
+        let jail = self.jail(
+            "dispatch-check",
+            Vec::new(),
+            Vec::new(),
+            Limits::default(),
+            true,
+        );
         let (mut cmd, _cg) = jail
             .command(Path::new("true"), &[], Path::new("/"))
             .map_err(|e| format!("cannot prepare a sandbox: {e}"))?;
@@ -303,10 +311,7 @@ impl Sandboxes {
             return Ok(());
         }
         let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        Err(format!(
-            "a test sandbox failed ({}): {said}",
-            out.status
-        ))
+        Err(format!("a test sandbox failed ({}): {said}", out.status))
     }
 
     /// PATH inside every sandbox.

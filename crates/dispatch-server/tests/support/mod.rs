@@ -82,7 +82,9 @@ pub async fn start_with(
 /// (DESIGN §9): launched by the `dispatch` binary that `cargo test --workspace` builds
 /// (`DISPATCH_SANDBOX_LAUNCHER` names another). Without that binary the suite runs
 /// unsandboxed with a warning, except in CI, where that is an error.
-pub async fn sandboxes(data_dir: &std::path::Path) -> Option<Arc<dispatch_runtime::sandbox::Sandboxes>> {
+pub async fn sandboxes(
+    data_dir: &std::path::Path,
+) -> Option<Arc<dispatch_runtime::sandbox::Sandboxes>> {
     let launcher = std::env::var_os("DISPATCH_SANDBOX_LAUNCHER")
         .map(std::path::PathBuf::from)
         .or_else(|| {
