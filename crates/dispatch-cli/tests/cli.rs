@@ -996,12 +996,26 @@ fn bench_quick_reports_every_measure() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "dispatch bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("-o json prints one JSON document");
+    // Both isolations side by side, the default: one report each, the scale test once.
+    let both: Value = serde_json::from_slice(&out.stdout).expect("-o json prints one JSON document");
+    let both = both.as_array().expect("two reports, one per isolation");
+    assert_eq!(both.len(), 2);
+    assert_eq!(both[0]["isolation"], "none");
+    assert!(both[0].get("scale").is_none(), "the scale test runs once");
+    assert_eq!(both[1]["isolation"], "sandbox");
+    for r in both {
+        bench_report_is_sane(r);
+    }
+    let r = &both[1];
+    assert_eq!(r["scale"]["functions"], 40);
+    assert!(r["scale"]["rss_after_kib"].as_u64().unwrap() > 0);
+    assert!(r["scale"]["route_lookup_ns_all"].as_f64().unwrap() > 0.0);
+
+    bench_refuses_bad_input();
+}
+
+/// Every measure of one `dispatch bench` report present and sane.
+fn bench_report_is_sane(r: &Value) {
     assert!(r["bare_worker"]["calls"].as_u64().unwrap() > 0);
     let warm = r["warm"].as_array().unwrap();
     let mut seen: Vec<(String, u64)> = warm
@@ -1045,11 +1059,9 @@ fn bench_quick_reports_every_measure() {
         );
         assert!(uss > 0 && uss < rss, "{u}");
     }
-    assert_eq!(r["scale"]["functions"], 40);
-    assert!(r["scale"]["rss_after_kib"].as_u64().unwrap() > 0);
-    assert!(r["scale"]["route_lookup_ns_all"].as_f64().unwrap() > 0.0);
+}
 
-    // Bad input: one line, exit 1, nothing measured.
+fn bench_refuses_bad_input() {
     let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
         .args(["bench", "--concurrency", "0"])
         .output()

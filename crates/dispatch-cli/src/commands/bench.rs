@@ -59,6 +59,10 @@ pub struct Bench {
     /// Small and fast (a smoke test): 1s loads, 10 cold samples, 200 functions
     #[arg(long)]
     pub quick: bool,
+    /// Which isolation to measure: sandbox (the server's default), none, or both side by
+    /// side (the scale test runs once, sandboxed)
+    #[arg(long, default_value = "both", value_parser = ["sandbox", "none", "both"])]
+    pub isolation: String,
     /// Output format: table or json
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
@@ -66,6 +70,8 @@ pub struct Bench {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// `sandbox` or `none` (DESIGN §9).
+    pub isolation: &'static str,
     pub machine: Machine,
     pub bare_worker: Latency,
     pub warm: Vec<Load>,
@@ -179,20 +185,44 @@ impl Bench {
                 eprintln!("{s}");
             }
         };
-        say("starting an embedded server and deploying hello (python3, nodejs)…");
-        let s = setup().await?;
-        let report = self.measure(&s, duration, &say).await;
-        s.server.stop().await?;
-        let report = report?;
+        let modes: &[&'static str] = match self.isolation.as_str() {
+            "both" => &["none", "sandbox"],
+            "none" => &["none"],
+            _ => &["sandbox"],
+        };
+        let mut reports = Vec::new();
+        for (i, &isolation) in modes.iter().enumerate() {
+            say(&format!(
+                "starting an embedded server (isolation {isolation}) and deploying hello (python3, nodejs)…"
+            ));
+            let s = setup(isolation == "sandbox").await?;
+            let last = i + 1 == modes.len();
+            let report = self.measure(&s, duration, &say, last, isolation).await;
+            s.server.stop().await?;
+            reports.push(report?);
+        }
         if json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            match reports.as_slice() {
+                [one] => println!("{}", serde_json::to_string_pretty(one)?),
+                all => println!("{}", serde_json::to_string_pretty(all)?),
+            }
         } else {
-            print_table(&report);
+            for r in &reports {
+                print_table(r);
+                println!();
+            }
         }
         Ok(ExitCode::SUCCESS)
     }
 
-    async fn measure(&self, s: &Setup, duration: Duration, say: &dyn Fn(&str)) -> Result<Report> {
+    async fn measure(
+        &self,
+        s: &Setup,
+        duration: Duration,
+        say: &dyn Fn(&str),
+        with_scale: bool,
+        isolation: &'static str,
+    ) -> Result<Report> {
         say("bare worker round trip…");
         let calls = if self.quick { 500 } else { 5000 };
         let bare = bare_worker(&*pool(&s.local, "hello")?, calls).await?;
@@ -243,7 +273,7 @@ impl Bench {
             uss.push(idle_uss(s, function, worker).await?);
         }
 
-        let scale = if self.functions > 0 {
+        let scale = if self.functions > 0 && with_scale {
             say(&format!(
                 "registering {} functions and endpoints…",
                 self.functions
@@ -253,6 +283,7 @@ impl Bench {
             None
         };
         Ok(Report {
+            isolation,
             machine: Machine {
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 python: version_of("python3").await,
@@ -285,7 +316,7 @@ async fn version_of(program: &str) -> String {
     }
 }
 
-async fn setup() -> Result<Setup> {
+async fn setup(sandboxed: bool) -> Result<Setup> {
     let dir = tempfile::Builder::new()
         .prefix("dispatch-bench-")
         .tempdir()?;
@@ -294,11 +325,28 @@ async fn setup() -> Result<Setup> {
     )?);
     let blobs = dispatch_store::BlobStore::open(dir.path().join("blobs"))?;
     let local = LocalBackend::new(dir.path())?;
+    let sandboxes = if sandboxed {
+        let s = dispatch_runtime::sandbox::Sandboxes::new(
+            std::env::current_exe()?,
+            dir.path(),
+            Default::default(),
+        )
+        .map_err(|e| anyhow::anyhow!("the sandbox cannot run here: {e}"))?;
+        let s = Arc::new(s);
+        s.check()
+            .await
+            .map_err(|e| anyhow::anyhow!("the sandbox cannot run here: {e}"))?;
+        Some(s)
+    } else {
+        None
+    };
+    local.set_sandboxes(sandboxes.clone());
     let api_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gw_l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let options = dispatch_server::Options {
         auth: false,
         jobs_dir: dir.path().join("jobs"),
+        sandboxes,
         ..Default::default()
     };
     let server =
@@ -853,8 +901,8 @@ pub fn pct(v: &mut [f64], q: f64) -> f64 {
 
 fn print_table(r: &Report) {
     println!(
-        "dispatch bench — {} cpus, {}, node {}\n",
-        r.machine.cpus, r.machine.python, r.machine.node
+        "dispatch bench — isolation {} — {} cpus, {}, node {}\n",
+        r.isolation, r.machine.cpus, r.machine.python, r.machine.node
     );
     println!(
         "bare worker round trip       p50 {:>8.1} µs  p99 {:>8.1} µs  {:>8.0} req/s  ({} sequential calls)",
