@@ -997,7 +997,8 @@ fn bench_quick_reports_every_measure() {
         .output()
         .unwrap();
     // Both isolations side by side, the default: one report each, the scale test once.
-    let both: Value = serde_json::from_slice(&out.stdout).expect("-o json prints one JSON document");
+    let both: Value =
+        serde_json::from_slice(&out.stdout).expect("-o json prints one JSON document");
     let both = both.as_array().expect("two reports, one per isolation");
     assert_eq!(both.len(), 2);
     assert_eq!(both[0]["isolation"], "none");

@@ -16,7 +16,50 @@ struct Tenants {
     dev: String,
     data: std::path::PathBuf,
     victim_source: std::path::PathBuf,
+    /// Host pids of team-a's sandboxed processes (its zygote and worker).
+    victim_pids: Vec<i32>,
     src: tempfile::TempDir,
+}
+
+/// The parent of `pid`.
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid …: comm may hold spaces, so read after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Host pids of the processes of server `server` running as a namespace's sandbox uid.
+fn sandboxed_pids(server: u32) -> Vec<i32> {
+    let descends = |mut p: i32| {
+        while p > 1 {
+            if p == server as i32 {
+                return true;
+            }
+            p = ppid(p).unwrap_or(0);
+        }
+        false
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok());
+        if uid.is_some_and(|u| u >= dispatch_runtime::sandbox::UID_BASE) && descends(pid) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 const VICTIM: &str = r#"SECRET_OF_TEAM_A = 'team-a-source-marker'
@@ -60,6 +103,14 @@ impl Tenants {
             .trim()
             .to_string();
         let data = s.dir.path().join("data");
+        // Only team-a has run user code so far: every sandboxed process is its.
+        let called = s.ok(&["exec", "victim", "-n", "team-a", "--input", "1"]);
+        assert!(called.contains("payload"), "{called}");
+        let victim_pids = sandboxed_pids(s.child.id());
+        assert!(
+            !victim_pids.is_empty(),
+            "team-a's worker runs as a sandbox uid"
+        );
         // Where the victim's source was unpacked, to aim at it.
         let victim_source = walk(&data.join("builds").join("functions"))
             .into_iter()
@@ -70,6 +121,7 @@ impl Tenants {
             dev,
             data,
             victim_source,
+            victim_pids,
             src,
         }
     }
@@ -159,6 +211,7 @@ impl Tenants {
                 "/etc/shadow",
             ],
             "server": self.s.child.id(),
+            "victims": self.victim_pids,
         })
     }
 }
@@ -191,9 +244,7 @@ def handle(context, t):
             got.append("read " + f)
         except Exception:
             pass
-    for pid in [t["server"], t.get("victim", 0)]:
-        if not pid:
-            continue
+    for pid in [t["server"]] + t["victims"]:
         try:
             os.kill(pid, signal.SIGKILL)
             got.append("killed %d" % pid)
@@ -250,7 +301,12 @@ fn a_python_handler_of_another_namespace_reaches_nothing() {
         "user code must not run as root"
     );
     t.victim_serves();
-    // The files are still there for the server, and the server still serves.
+    for pid in &t.victim_pids {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "team-a's process {pid} was killed"
+        );
+    }
     assert!(t.data.join("admin-token").exists());
 }
 

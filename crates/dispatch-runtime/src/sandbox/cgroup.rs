@@ -115,6 +115,9 @@ impl Roots {
             }
         };
         for d in roots.dirs() {
+            if let Some(parent) = d.parent() {
+                remove_stale(parent);
+            }
             std::fs::create_dir_all(&d).map_err(|e| {
                 format!(
                     "cgroups: cannot create {}: {e} (is the hierarchy writable?)",
@@ -259,6 +262,31 @@ impl Drop for Cgroup {
                 LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()).push(d);
             }
         }
+    }
+}
+
+/// Removes the folders of servers that are gone (`dispatch-<pid>` with no such process) and
+/// the empty cgroups left in them.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("dispatch-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        if let Ok(children) = std::fs::read_dir(e.path()) {
+            for c in children.flatten() {
+                if c.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(c.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(e.path());
     }
 }
 
