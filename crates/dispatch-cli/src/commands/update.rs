@@ -42,7 +42,7 @@ pub enum UpdateWhat {
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
         #[command(flatten)]
-        limits: super::create::LimitArgs,
+        limits: Box<super::create::LimitArgs>,
         #[command(flatten)]
         wait: super::WaitArgs,
     },

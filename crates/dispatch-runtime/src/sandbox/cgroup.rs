@@ -299,7 +299,7 @@ fn retry_leftovers() {
 /// `268435456` → `256Mi`.
 pub fn human_bytes(n: u64) -> String {
     for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{}{unit}", n / size);
         }
     }
