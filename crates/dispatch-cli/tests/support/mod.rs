@@ -107,10 +107,17 @@ impl ServerProc {
 
     /// A server on the data dir `dir/data` (a restart reuses it).
     pub fn start_in(dir: tempfile::TempDir) -> ServerProc {
+        Self::start_with(dir, &[])
+    }
+
+    /// Like [`ServerProc::start_in`], with more `dispatch server` flags.
+    pub fn start_with(dir: tempfile::TempDir, flags: &[&str]) -> ServerProc {
         let (api, gateway) = (free_port(), free_port());
         let child = Command::cargo_bin("dispatch")
             .unwrap()
-            .args(["server", "--data-dir"])
+            .arg("server")
+            .args(flags)
+            .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args([
                 "--api-addr",
