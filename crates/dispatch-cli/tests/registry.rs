@@ -536,6 +536,9 @@ fn kubernetes_backend_deploys_calls_and_removes() {
             assert!(uri.starts_with("/apis/apps/v1/namespaces/default/deployments/fn-hello?"), "{uri}");
             let (m, uri, _) = api_answer(&mut api, 200, Value::Null).await;
             assert!(m == "PATCH" && uri.starts_with("/api/v1/namespaces/default/services/fn-hello?"), "{uri}");
+            // Network allowed: no NetworkPolicy (one from before is deleted).
+            let (m, uri, _) = api_answer(&mut api, 404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})).await;
+            assert!(m == "DELETE" && uri.contains("/networkpolicies/fn-hello"), "{uri}");
             // maxWorkers 3 fits one pod: no autoscaler (one from before is deleted).
             let (m, uri, _) = api_answer(&mut api, 404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})).await;
             assert!(m == "DELETE" && uri.contains("/horizontalpodautoscalers/fn-hello"), "{uri}");
@@ -554,6 +557,8 @@ fn kubernetes_backend_deploys_calls_and_removes() {
             assert!(m == "DELETE" && uri.contains("/services/fn-hello"), "{uri}");
             let (m, uri, _) = api_answer(&mut api, 404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})).await;
             assert!(m == "DELETE" && uri.contains("/horizontalpodautoscalers/fn-hello"), "{uri}");
+            let (m, uri, _) = api_answer(&mut api, 404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "gone"})).await;
+            assert!(m == "DELETE" && uri.contains("/networkpolicies/fn-hello"), "{uri}");
             deployment
         });
         let t = Instant::now();
