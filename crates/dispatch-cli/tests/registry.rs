@@ -1084,12 +1084,13 @@ fn resources_in_the_cluster_outlive_the_server() {
             })
             .await;
             assert_eq!(answer, json!({"hi": "again"}), "round {round}");
-            let f = c.get(Kind::Function, "hello").await.unwrap();
-            assert_eq!(f.phase(), Some(Phase::Ready));
-            assert_eq!(
-                crs.object("functions", "default", "hello").unwrap()["status"]["phase"],
-                "READY"
-            );
+            // The controller writes READY just after the deploy that made the call possible.
+            eventually_async("the function's status to read READY", || async {
+                let f = c.get(Kind::Function, "hello").await.ok()?;
+                let cr = crs.object("functions", "default", "hello")?;
+                (f.phase() == Some(Phase::Ready) && cr["status"]["phase"] == "READY").then_some(())
+            })
+            .await;
             server.stop().await.unwrap();
         });
     }

@@ -198,8 +198,14 @@ fn is_skip(m: &MissedRuns) -> bool {
 }
 
 impl EventDriverSpec {
+    /// A driver that keeps a connection to a broker (NATS, MQTT); its connection sets its
+    /// phase (CONNECTED/ERROR).
+    pub fn is_broker(&self) -> bool {
+        matches!(self.kind.as_str(), "nats" | "mqtt")
+    }
+
     pub(crate) fn normalize(self) -> Result<Self, ValidationError> {
-        let broker = matches!(self.kind.as_str(), "nats" | "mqtt");
+        let broker = self.is_broker();
         match (&self.event_type, &self.function) {
             (Some(t), None) => validate_type_pattern(t, "eventType")?,
             (None, Some(f)) => validate_name("function", f)?,

@@ -235,7 +235,7 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
                         .into_iter()
                         .filter_map(|o| {
                             let spec: EventDriverSpec = o.typed_spec().ok()?;
-                            matches!(spec.kind.as_str(), "nats" | "mqtt")
+                            spec.is_broker()
                                 .then(|| ((o.namespace().to_string(), o.name().to_string()), spec))
                         })
                         .collect(),

@@ -563,7 +563,20 @@ async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ApiError> {
 async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), ApiError> {
     crate::events::rebuild(state).await?;
     if let Some(o) = state.get(&key.namespace, key.kind, &key.name).await? {
-        set_status(state, &o, status(Phase::Ready, "", None, &o)).await?;
+        let broker = o.kind == Kind::EventDriver
+            && o.typed_spec::<dispatch_core::events::EventDriverSpec>()
+                .is_ok_and(|s| s.is_broker());
+        let st = if broker {
+            // Its connection task owns the phase (CONNECTED/ERROR, brokers.rs): only the
+            // generation is observed here, or a READY would hide the connection's state.
+            Status {
+                observed_generation: o.metadata.generation,
+                ..o.status.clone()
+            }
+        } else {
+            status(Phase::Ready, "", None, &o)
+        };
+        set_status(state, &o, st).await?;
     }
     Ok(())
 }

@@ -255,6 +255,25 @@ async fn mqtt_topics_become_runs() {
     .await
     .unwrap();
     driver_phase(c, "sensors", Phase::Connected).await;
+    // A change that leaves the spec alone (a label) is reconciled again: the status the
+    // connection wrote stays, now for the new generation (it once turned READY for good).
+    let mut o = c.get(Kind::EventDriver, "sensors").await.unwrap();
+    o.metadata.labels.insert("room".into(), "kitchen".into());
+    let generation = c.update(&o).await.unwrap().metadata.generation;
+    eventually(
+        "the relabelled driver to be observed, still CONNECTED",
+        || async {
+            let o = c.get(Kind::EventDriver, "sensors").await.unwrap();
+            assert_ne!(
+                o.phase(),
+                Some(Phase::Ready),
+                "a broker driver is CONNECTED or ERROR"
+            );
+            (o.status.observed_generation == generation && o.phase() == Some(Phase::Connected))
+                .then_some(())
+        },
+    )
+    .await;
     let mut opts = rumqttc::MqttOptions::new("dispatch-test-publisher", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
