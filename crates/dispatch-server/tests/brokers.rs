@@ -21,12 +21,22 @@ fn broker_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not installed (apt-get install {name}; .ci/run does)"))
 }
 
+/// A port no other test of this binary was given (the kernel may hand a just-closed port
+/// out again, and a driver would then talk to the other test's broker).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 struct Broker(Child);
@@ -55,6 +65,9 @@ async fn broker(program: &str, args: &[&str], port: u16) -> Broker {
             panic!("{program} exited ({status}) before listening on {port}: is the port taken?");
         }
         let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if up && let Ok(Some(status)) = b.0.try_wait() {
+            panic!("{program} exited ({status}) and something else listens on {port}");
+        }
         std::future::ready(up.then_some(()))
     })
     .await;
@@ -77,8 +90,9 @@ async fn driver_phase(
 ) -> dispatch_core::Object {
     let last = std::sync::Mutex::new(None);
     let what = format!("driver {name} to be {phase}");
+    // Shorter than `eventually`'s own deadline, so a failure shows the last status seen.
     let found = tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(45),
         eventually(&what, || async {
             let o = c.get(Kind::EventDriver, name).await.unwrap();
             *last.lock().unwrap() = Some(o.status.clone());
