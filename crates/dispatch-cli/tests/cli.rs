@@ -5,6 +5,7 @@ mod support;
 use std::io::Write;
 use std::process::Stdio;
 
+use assert_cmd::cargo::CommandCargoExt as _;
 use serde_json::Value;
 use support::*;
 
@@ -145,6 +146,50 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
     eventually("every worker to exit", || {
         processes_mentioning(&marker).is_empty().then_some(())
     });
+}
+
+/// The data dir and its secrets are the server's alone (README "Security"): 0700, the
+/// database, its WAL and the key files 0600; a data dir others can write is refused.
+#[test]
+fn the_data_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let s = ServerProc::start();
+    // A write, so that the WAL exists.
+    s.ok(&["create", "namespace", "team-x"]);
+    let data = s.dir.path().join("data");
+    assert_eq!(mode(&data), 0o700, "{}", data.display());
+    for f in [
+        "dispatch.db",
+        "dispatch.db-wal",
+        "dispatch.db-shm",
+        "admin-token",
+        "secret.key",
+    ] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+    drop(s);
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (api, gw) = (free_port(), free_port());
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
+        .args(["server", "--data-dir"])
+        .arg(&open)
+        .args(["--api-addr", &format!("127.0.0.1:{api}")])
+        .args(["--gateway-addr", &format!("127.0.0.1:{gw}")])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writable by other users") && err.contains("chmod 700"),
+        "{err}"
+    );
+    assert!(!open.join("dispatch.db").exists(), "nothing was created");
 }
 
 #[test]
@@ -983,7 +1028,8 @@ fn events_subscriptions_and_drivers_from_the_cli() {
 /// way than the one measured (the run record's `coldStart`, read back through the API).
 #[test]
 fn bench_quick_reports_every_measure() {
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
         .args([
             "bench",
             "--quick",
@@ -1063,7 +1109,8 @@ fn bench_report_is_sane(r: &Value) {
 }
 
 fn bench_refuses_bad_input() {
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
         .args(["bench", "--concurrency", "0"])
         .output()
         .unwrap();
@@ -1084,7 +1131,8 @@ fn committed_install_manifests_match_the_generator() {
         .next()
         .and_then(|l| l.strip_prefix("# Made by: dispatch "))
         .expect("a header naming the command");
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
         .args(command.split_whitespace())
         .output()
         .unwrap();
@@ -1099,7 +1147,8 @@ fn committed_install_manifests_match_the_generator() {
         "regenerate: dispatch {command} > deploy/kubernetes/dispatch.yaml"
     );
     // Kubernetes flags without the Kubernetes backend are refused, not ignored.
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
         .args(["server", "--knative", "--data-dir"])
         .arg(tempfile::tempdir().unwrap().path())
         .output()
@@ -1111,7 +1160,8 @@ fn committed_install_manifests_match_the_generator() {
         String::from_utf8_lossy(&out.stderr)
     );
     // A bad namespace is refused.
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
         .args([
             "k8s",
             "manifests",

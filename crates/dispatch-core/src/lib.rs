@@ -35,3 +35,56 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// Largest payload accepted for a call, in bytes (DESIGN §5: default max 6 MiB → 413).
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
+
+/// Deepest nesting of arrays and objects accepted in a JSON payload or request body: deeper
+/// documents are refused with 400 before any worker parses them (a runtime's own parser may
+/// fail on them in ways that are not the caller's business).
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Whether `json` nests arrays/objects deeper than `max` (a scan that skips strings; it does
+/// not validate: the parser does that after).
+pub fn json_too_deep(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!json_too_deep(deep(64).as_bytes(), 64));
+        assert!(json_too_deep(deep(65).as_bytes(), 64));
+        assert!(json_too_deep(b"{\"a\":{\"b\":[[1]]}}", 3));
+        assert!(!json_too_deep(b"{\"a\":{\"b\":[[1]]}}", 4));
+        // Brackets in strings, escaped quotes included, do not count.
+        let s = format!("{{\"s\": \"\\\"{}\"}}", "[".repeat(500));
+        assert!(!json_too_deep(s.as_bytes(), 2), "{s}");
+        // Siblings do not add up.
+        assert!(!json_too_deep(b"[[1],[2],[3],[4]]", 2));
+    }
+}

@@ -130,6 +130,7 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(
     body: &'a [u8],
     what: &str,
 ) -> Result<T, ApiError> {
+    check_depth(body, what)?;
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -139,6 +140,21 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(
     })
 }
 
+/// Refuses JSON nested deeper than [`dispatch_core::MAX_JSON_DEPTH`] (400 `InputError`).
+pub fn check_depth(json: &[u8], what: &str) -> Result<(), ApiError> {
+    let max = dispatch_core::MAX_JSON_DEPTH;
+    if dispatch_core::json_too_deep(json, max) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InputError",
+            format!(
+                "{what} nests arrays or objects deeper than {max} levels, the limit: flatten it"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Maps a body extraction failure (too large, unreadable) to our error shape.
 pub fn body_rejection(r: axum::extract::rejection::BytesRejection, limit: usize) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -146,6 +162,8 @@ pub fn body_rejection(r: axum::extract::rejection::BytesRejection, limit: usize)
             "request body is larger than the limit of {} MiB",
             limit / (1024 * 1024)
         ))
+    } else if crate::serve::body_timed_out(&r) {
+        crate::serve::body_timeout_error()
     } else {
         ApiError::new(r.status(), "BadRequest", r.body_text())
     }

@@ -49,9 +49,9 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     // Webhook drivers: any request to their path becomes an event.
     let hook = state.event_index().webhooks.get(path).cloned();
     if let Some((ns, name, spec)) = hook {
-        let bytes = match axum::body::to_bytes(body, MAX_PAYLOAD_BYTES).await {
+        let bytes = match read_body(body).await {
             Ok(b) => b,
-            Err(_) => return invoke::payload_too_large().into_response(),
+            Err(e) => return e.into_response(),
         };
         let data = match payload_of(&parts.method, parts.uri.query(), &parts.headers, &bytes) {
             Ok(p) => serde_json::from_str::<serde_json::Value>(p.get()).unwrap_or_default(),
@@ -124,9 +124,9 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             return e.into_response();
         }
     }
-    let bytes = match axum::body::to_bytes(body, MAX_PAYLOAD_BYTES).await {
+    let bytes = match read_body(body).await {
         Ok(b) => b,
-        Err(_) => return invoke::payload_too_large().into_response(),
+        Err(e) => return e.into_response(),
     };
     let payload = match payload_of(&parts.method, parts.uri.query(), &parts.headers, &bytes) {
         Ok(p) => p,
@@ -194,7 +194,10 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
                     } else {
                         StatusCode::INTERNAL_SERVER_ERROR
                     };
-                    (status, serde_json::json!({"error": e}).to_string())
+                    let timed_out =
+                        invoke::status_of(&answer.envelope) == dispatch_core::RunStatus::Timeout;
+                    let public = public_error(e, &answer.run_id, timed_out);
+                    (status, serde_json::json!({ "error": public }).to_string())
                 }
             };
             let mut resp = (status, body).into_response();
@@ -214,6 +217,43 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         cors_headers(resp.headers_mut());
     }
     resp
+}
+
+/// The error object a gateway caller sees (DESIGN §9: no platform internals): the handler's
+/// own message for InputError/FunctionError, a plain sentence for SystemError, never a
+/// stack trace (it names files of the platform); the run record keeps all of it for token
+/// holders, and `runId` says which.
+fn public_error(
+    e: &dispatch_core::ErrorObject,
+    run_id: &str,
+    timed_out: bool,
+) -> serde_json::Value {
+    let message = match e.kind {
+        ErrorType::SystemError if timed_out => "the function timed out".to_string(),
+        ErrorType::SystemError => "the function could not run (a platform error, not the \
+             function's): its run record has the details"
+            .to_string(),
+        _ => e.message.clone(),
+    };
+    serde_json::json!({
+        "type": e.kind,
+        "message": message,
+        "stacktrace": [],
+        "runId": run_id,
+    })
+}
+
+/// The whole request body: 413 past the payload limit, 408 when it stops arriving.
+async fn read_body(body: axum::body::Body) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_PAYLOAD_BYTES)
+        .await
+        .map_err(|e| {
+            if crate::serve::body_timed_out(&e) {
+                crate::serve::body_timeout_error()
+            } else {
+                invoke::payload_too_large()
+            }
+        })
 }
 
 fn is_json(content_type: &str) -> bool {
@@ -248,6 +288,7 @@ pub fn payload_of(
     if is_json(ct) {
         let text = std::str::from_utf8(body)
             .map_err(|_| ApiError::bad_request("request body is not json"))?;
+        crate::error::check_depth(body, "the JSON body")?;
         return RawValue::from_string(text.trim().to_string())
             .map_err(|_| ApiError::bad_request("request body is not json"));
     }

@@ -24,6 +24,7 @@ pub mod recorder;
 pub mod retention;
 pub mod routes;
 pub mod secrets;
+pub mod serve;
 pub mod state;
 pub mod tls;
 
@@ -61,6 +62,11 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the data dir {path} is writable by other users (mode {mode:o}): they could change \
+         its database or a function's code; run `chmod 700 {path}` (or pick another --data-dir)"
+    )]
+    DataDirOpen { path: String, mode: u32 },
     #[error("failed to open the store in {path}")]
     Store {
         path: String,
@@ -140,10 +146,7 @@ impl Server {
     /// the SQL store, the blobs and the jobs stay in the data dir.
     pub async fn start_with(config: &Config, parts: Parts) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        private_data_dir(dir)?;
         let store_err = |source| ServerError::Store {
             path: dir.display().to_string(),
             source,
@@ -213,25 +216,39 @@ impl Server {
         let gateway_addr = gateway
             .local_addr()
             .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
-        let (api_task, gw_task) = match state.config.tls.clone() {
-            Some(cfg) => (
-                tokio::spawn(serve_one(
-                    tls::TlsListener::new(api, cfg.clone()),
-                    api::router(state.clone()),
-                    rx.clone(),
-                )),
-                tokio::spawn(serve_one(
-                    tls::TlsListener::new(gateway, cfg),
-                    gateway::router(state.clone()),
-                    rx,
-                )),
-            ),
-            None => (
-                tokio::spawn(serve_one(api, api::router(state.clone()), rx.clone())),
-                tokio::spawn(serve_one(gateway, gateway::router(state.clone()), rx)),
-            ),
-        };
+        let limits = state.config.edge.clone();
+        let (open_files, hard) = serve::raise_open_files_limit();
+        let (gw_cap, api_cap) = limits.caps(open_files);
+        let tls = state.config.tls.clone();
+        let metrics = &state.metrics;
+        let api_task = tokio::spawn(serve::serve(
+            api,
+            tls.clone(),
+            api::router(state.clone()),
+            serve::Edge::Api,
+            api_cap,
+            limits.clone(),
+            metrics.edge(serve::Edge::Api),
+            rx.clone(),
+        ));
+        let gw_task = tokio::spawn(serve::serve(
+            gateway,
+            tls,
+            gateway::router(state.clone()),
+            serve::Edge::Gateway,
+            gw_cap,
+            limits,
+            metrics.edge(serve::Edge::Gateway),
+            rx,
+        ));
         tracing::info!(%api_addr, %gateway_addr, backend = state.backend.name(), "dispatch server ready");
+        tracing::info!(
+            open_files,
+            open_files_hard = hard,
+            gateway_connections = gw_cap,
+            api_connections = api_cap,
+            "connection caps (open-files limit raised to its hard limit)"
+        );
         Server {
             admin_token_file: None,
             api_addr,
@@ -321,24 +338,41 @@ fn first_admin_token(
     Ok(Some(path))
 }
 
+/// The data dir holds every tenant's code, runs, tokens and the key of their secrets: created
+/// 0700; refused when other users can write to it (they could swap the database or a
+/// function's build), a warning when they can read it (PostgreSQL's rule for its data dir).
+pub fn private_data_dir(dir: &std::path::Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| ServerError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(ServerError::DataDirOpen {
+            path: dir.display().to_string(),
+            mode,
+        });
+    }
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            "other users can read the data dir {} (mode {mode:o}): run `chmod 700 {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { what, addr, source })
-}
-
-async fn serve_one<L>(
-    listener: L,
-    router: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
 }

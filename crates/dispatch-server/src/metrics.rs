@@ -7,6 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dispatch_core::{ColdStart, RunStatus, StartMethod};
 
+use crate::serve::{Edge, EdgeCounters};
+
+const EDGES: [Edge; 2] = [Edge::Api, Edge::Gateway];
+
+/// One counter of a listener's [`EdgeCounters`].
+type EdgeField = fn(&EdgeCounters) -> &AtomicU64;
+
 /// Upper bounds of the histogram buckets, in seconds (+Inf is implied).
 const BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -58,9 +65,16 @@ pub struct Metrics {
     cold: [[Histogram; STEPS.len()]; METHODS.len()],
     runs: [AtomicU64; STATUSES.len()],
     warm: AtomicU64,
+    /// Connections of the API and the gateway listeners.
+    edges: [std::sync::Arc<EdgeCounters>; 2],
 }
 
 impl Metrics {
+    /// The connection counters of one listener (shared with its accept loop).
+    pub fn edge(&self, edge: Edge) -> std::sync::Arc<EdgeCounters> {
+        self.edges[EDGES.iter().position(|e| *e == edge).unwrap_or(0)].clone()
+    }
+
     /// Records one finished call: its cold start (if any) and its status.
     pub fn record(&self, status: RunStatus, cold: Option<&ColdStart>) {
         if let Some(i) = STATUSES.iter().position(|s| *s == status) {
@@ -110,6 +124,39 @@ impl Metrics {
             "dispatch_warm_calls_total {}",
             self.warm.load(Ordering::Relaxed)
         );
+        let families: [(&str, &str, &str, EdgeField); 4] = [
+            (
+                "dispatch_connections_open",
+                "gauge",
+                "Open connections, by listener.",
+                |c| &c.open,
+            ),
+            (
+                "dispatch_connections_max",
+                "gauge",
+                "The cap on open connections, by listener.",
+                |c| &c.cap,
+            ),
+            (
+                "dispatch_connections_accepted_total",
+                "counter",
+                "Connections served, by listener.",
+                |c| &c.accepted,
+            ),
+            (
+                "dispatch_connections_refused_total",
+                "counter",
+                "Connections refused at the cap (answered 503 and closed), by listener.",
+                |c| &c.refused,
+            ),
+        ];
+        for (name, kind, help, field) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (e, c) in EDGES.iter().zip(&self.edges) {
+                let v = field(c).load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{listener=\"{}\"}} {v}", e.as_str());
+            }
+        }
         out
     }
 }

@@ -64,6 +64,8 @@ pub struct Options {
     /// Sandboxes for job commands (and, set on the embedded backend, functions and builds);
     /// none: `--isolation none`, user code runs as the server (DESIGN §9).
     pub sandboxes: Option<Arc<dispatch_runtime::sandbox::Sandboxes>>,
+    /// Connection caps and timeouts of both listeners.
+    pub edge: crate::serve::EdgeLimits,
 }
 
 impl Default for Options {
@@ -81,6 +83,7 @@ impl Default for Options {
             tls: None,
             clock: None,
             sandboxes: None,
+            edge: Default::default(),
         }
     }
 }

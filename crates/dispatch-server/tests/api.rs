@@ -393,7 +393,7 @@ async fn gateway_routes_endpoints_and_maps_payloads() {
     create_function(c, "hello", "py", "hello.py", HELLO_PY, json!({}))
         .await
         .unwrap();
-    let echo = "def handle(context, payload):\n    if payload == 'raise':\n        raise ValueError('nope')\n    return {'payload': payload, 'http': context['httpContext']}\n";
+    let echo = "import os\ndef handle(context, payload):\n    if payload == 'raise':\n        raise ValueError('nope')\n    if payload == 'crash':\n        print('worker at', os.getcwd(), flush=True)\n        os._exit(3)\n    return {'payload': payload, 'http': context['httpContext']}\n";
     create_function(c, "echo", "py", "echo.py", echo, json!({}))
         .await
         .unwrap();
@@ -515,6 +515,39 @@ async fn gateway_routes_endpoints_and_maps_payloads() {
         (v["error"]["type"].as_str(), v["error"]["message"].as_str()),
         (Some("InputError"), Some("nope"))
     );
+    // JSON nested past the limit: 400 before any worker parses it (it once crashed one).
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    let r = http
+        .post(format!("{g}/echo/1"))
+        .header("content-type", "application/json")
+        .body(deep)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "InputError", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("deeper than 64 levels"), "{msg}");
+    // A platform failure tells the caller what failed and which run, nothing of the
+    // platform (paths, the bootstrap's traceback); the run record keeps the details.
+    let r = http
+        .post(format!("{g}/echo/1"))
+        .header("content-type", "text/plain")
+        .body("crash")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let e = &v["error"];
+    assert_eq!(e["type"], "SystemError", "{v}");
+    assert_eq!(e["stacktrace"], json!([]), "{v}");
+    let text = v.to_string();
+    assert!(!text.contains('/') && !text.contains("python"), "{text}");
+    let run = c.get_run(e["runId"].as_str().unwrap()).await.unwrap();
+    let kept = run.error.unwrap().message;
+    assert!(kept.contains("exited"), "the run keeps the details: {kept}");
     // CORS preflight.
     let r = http
         .request(reqwest::Method::OPTIONS, format!("{g}/echo/1"))

@@ -137,6 +137,7 @@ fn spawn_checkpointer(path: &Path) -> Option<std::sync::mpsc::Sender<()>> {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, in WAL mode, and migrates it.
     pub fn open(path: &Path) -> Result<Self> {
+        private_files(path)?;
         let conn = Connection::open(path)?;
         let mut store = Self::init(conn)?;
         store
@@ -670,4 +671,32 @@ impl Store for SqliteStore {
         )?;
         Ok(n as u64)
     }
+}
+
+/// The database holds every run's input and output: it is created 0600 (SQLite gives its
+/// `-wal` and `-shm` files the database's mode), and files left looser by older versions are
+/// narrowed.
+fn private_files(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| StoreError::Io {
+        action: "make private",
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if let Ok(meta) = std::fs::metadata(&file)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+    }
+    Ok(())
 }

@@ -38,6 +38,22 @@ pub struct Server {
     /// past it a call gets 429 with Retry-After
     #[arg(long, default_value_t = dispatch_runtime::DEFAULT_MAX_WAITING_CALLS)]
     pub max_waiting_calls: usize,
+    /// Open gateway connections at most; past it a new one is answered 503 and closed
+    /// (default: 40 % of the open-files limit, at most 16384; the limit is raised to its hard
+    /// value at start)
+    #[arg(long, value_name = "N")]
+    pub max_gateway_connections: Option<usize>,
+    /// Open API connections at most, a share of its own that a gateway flood cannot take
+    /// (default: 10 % of the open-files limit, at most 1024)
+    #[arg(long, value_name = "N")]
+    pub max_api_connections: Option<usize>,
+    /// A request's headers must arrive within this, and a keep-alive connection idle this
+    /// long after its last answer is closed (both listeners)
+    #[arg(long, default_value = "10s", value_parser = duration, value_name = "DURATION")]
+    pub header_timeout: Duration,
+    /// A request body that sends nothing for this long is cut with 408 (both listeners)
+    #[arg(long, default_value = "10s", value_parser = duration, value_name = "DURATION")]
+    pub body_timeout: Duration,
     /// Serve without tokens: every caller is admin (loopback only)
     #[arg(long)]
     pub insecure_no_auth: bool,
@@ -106,6 +122,12 @@ impl Server {
             max_running: self.max_running.max(1),
             max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,
+            edge: dispatch_server::serve::EdgeLimits {
+                gateway_connections: self.max_gateway_connections.map(|n| n.max(1)),
+                api_connections: self.max_api_connections.map(|n| n.max(1)),
+                header_timeout: self.header_timeout,
+                body_timeout: self.body_timeout,
+            },
             ..Default::default()
         }
     }
@@ -172,6 +194,12 @@ impl Server {
                  reach it could run anything; drop the flag (tokens) or bind 127.0.0.1"
             );
         }
+        if self.header_timeout.is_zero() || self.body_timeout.is_zero() {
+            anyhow::bail!(
+                "--header-timeout and --body-timeout must be longer than 0 (e.g. 10s): a zero \
+                 timeout would cut every request"
+            );
+        }
         let no_isolation = self.isolation == dispatch_runtime::sandbox::Isolation::None;
         if no_isolation && !loopback {
             anyhow::bail!(
@@ -196,6 +224,8 @@ impl Server {
                 .context("HOME is not set: pass --data-dir")?
                 .join(".dispatch"),
         };
+        // Before anything is made inside it (the sandbox root is).
+        dispatch_server::private_data_dir(&data_dir)?;
         if parts.backend.is_none() {
             options.sandboxes = sandboxes(self.isolation, self.sandbox_without, &data_dir).await?;
         }

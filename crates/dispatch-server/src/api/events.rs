@@ -34,8 +34,7 @@ fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, ApiError> {
     if !body.is_empty() {
         let data = if ct.is_some_and(|c| c.split(';').next().unwrap_or("").trim().ends_with("json"))
         {
-            serde_json::from_slice(body)
-                .map_err(|e| ApiError::bad_request(format!("event data is not valid JSON: {e}")))?
+            crate::error::parse_json(body, "event data")?
         } else {
             serde_json::Value::String(String::from_utf8_lossy(body).into_owned())
         };
