@@ -511,6 +511,16 @@ fn async_runs_from_the_cli() {
         "py",
         "--wait",
     ]);
+    // Its own bound on queued runs, shown with what the queue holds and refused.
+    s.ok(&["update", "function", "job", "--max-queued", "50"]);
+    let shown = s.ok(&["get", "function", "job"]);
+    assert!(
+        shown.contains("async queue: 0 of 50 (maxQueued)"),
+        "{shown}"
+    );
+    assert!(shown.contains("refused with 429"), "{shown}");
+    let e = s.fails(&["update", "function", "job", "--max-queued", "0"]);
+    assert!(e.contains("spec.maxQueued must be between 1"), "{e}");
 
     let accepted: Value =
         serde_json::from_str(&s.ok(&["exec", "job", "--async", "--input", r#"{"name": "a"}"#]))

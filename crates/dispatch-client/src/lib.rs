@@ -542,6 +542,12 @@ impl Client {
             .await
     }
 
+    /// A function's async runs accepted and not final, its bound, and its 429s since start.
+    pub async fn function_queue(&self, name: &str) -> Result<dispatch_core::run::FunctionQueue> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{name}/queue"));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
     pub async fn get_run(&self, id: &str) -> Result<Run> {
         let url = self.ns_url(&self.namespace, &format!("runs/{id}"));
         self.json(self.request(Method::GET, &url), &url).await

@@ -31,6 +31,19 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Err(bad())
 }
 
+/// `268435456` → `256Mi`.
+pub fn human_bytes(n: u64) -> String {
+    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    if n >= 1 << 20 {
+        return format!("{:.1}Mi", n as f64 / (1u64 << 20) as f64);
+    }
+    format!("{n} bytes")
+}
+
 /// Thousandths of a core of a CPU quantity such as `500m`, `1`, `1.5`.
 pub fn parse_cpu_millis(s: &str) -> Result<u64, String> {
     let t = s.trim();

@@ -565,7 +565,14 @@ pub struct FunctionSpec {
     /// Kubernetes a NetworkPolicy that denies all traffic). Absent: network allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkMode>,
+    /// Async runs of this function accepted and not final at most; past it an async call
+    /// gets 429 (absent: the server's `--max-queued-per-function`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<u32>,
 }
+
+/// Upper bound on `spec.maxQueued` (the namespace's own bound applies on top).
+pub const MAX_QUEUED_LIMIT: u32 = 1_000_000;
 
 /// Network access of a function.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -847,6 +854,13 @@ impl FunctionSpec {
         {
             return Err(ValidationError::new(format!(
                 "callbackUrl {url:?} must be an http:// or https:// URL"
+            )));
+        }
+        if let Some(q) = self.max_queued
+            && (q == 0 || q > MAX_QUEUED_LIMIT)
+        {
+            return Err(ValidationError::new(format!(
+                "spec.maxQueued must be between 1 and {MAX_QUEUED_LIMIT}, got {q}"
             )));
         }
         let (min, max) = (self.min_workers(), self.max_workers());

@@ -247,3 +247,39 @@ pub fn new_run_id() -> String {
         .unwrap_or_else(|_| ulid::Ulid::new())
         .to_string()
 }
+
+/// Async calls of one function refused by each admission bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refused {
+    pub function_full: u64,
+    pub namespace_full: u64,
+    pub namespace_bytes_full: u64,
+    /// Sync calls refused: every worker busy and the function's wait bound full
+    /// (`--max-waiting-calls`).
+    pub workers_busy: u64,
+}
+
+impl Refused {
+    /// (metric label, count) of each bound.
+    pub fn by_bound(&self) -> [(&'static str, u64); 4] {
+        [
+            ("function", self.function_full),
+            ("namespace", self.namespace_full),
+            ("namespace_bytes", self.namespace_bytes_full),
+            ("workers_busy", self.workers_busy),
+        ]
+    }
+}
+
+/// What the queue holds of one function now, and what it refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FunctionQueue {
+    /// Async runs accepted and not final (waiting or running).
+    pub queued: usize,
+    pub running: u32,
+    /// Its bound (`spec.maxQueued`, else the server's `--max-queued-per-function`).
+    pub max_queued: usize,
+    pub refused: Refused,
+}

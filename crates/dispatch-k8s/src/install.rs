@@ -216,8 +216,10 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
         "server",
         "--backend",
         "kubernetes",
+        // A folder of its own on the volume: a volume's root is often group-writable
+        // (fsGroup, provisioners), which the server refuses for its data dir.
         "--data-dir",
-        "/data",
+        "/data/dispatch",
         "--api-addr",
         "0.0.0.0:8080",
         "--gateway-addr",

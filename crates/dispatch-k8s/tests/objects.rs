@@ -272,7 +272,7 @@ fn install_objects_are_valid_and_least_privilege() {
         ["--backend", "kubernetes"],
         ["--registry", "reg.example/fns"],
         ["--insecure-registry", "reg.local:5000"],
-        ["--data-dir", "/data"],
+        ["--data-dir", "/data/dispatch"],
     ] {
         assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
     }

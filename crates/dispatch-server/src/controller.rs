@@ -487,6 +487,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
                     max_workers: spec.max_workers(),
                     retry: spec.retry().unwrap_or_default(),
                     callback_url: spec.callback_url.clone(),
+                    max_queued: spec.max_queued.map(|n| n as usize),
                 }),
             );
             let mut ready = status(Phase::Ready, "", Some(d), &o);

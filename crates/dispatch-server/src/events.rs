@@ -82,6 +82,15 @@ pub async fn ingest(
     event: CloudEvent,
 ) -> Result<Ingested, ApiError> {
     event.validate()?;
+    // Its data becomes each matching run's payload: refused here, not after the 202.
+    let size = payload_of(&event).get().len();
+    if size > state.config.max_async_payload {
+        return Err(ApiError::too_large(format!(
+            "event data is {} and runs of events take at most {} (--max-async-payload)",
+            dispatch_core::quantity::human_bytes(size as u64),
+            dispatch_core::quantity::human_bytes(state.config.max_async_payload as u64)
+        )));
+    }
     let now = state.queue.clock.now();
     let ttl = jiff::SignedDuration::try_from(EVENT_TTL).unwrap_or(jiff::SignedDuration::MAX);
     let mut stored = StoredEvent {

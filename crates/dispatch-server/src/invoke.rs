@@ -187,7 +187,10 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
         Err(InvokeError::NotDeployed { .. }) => {
             return Err(not_ready(state, &run.namespace, &run.function).await);
         }
-        Err(InvokeError::Busy(e)) => return Err(busy(e.to_string())),
+        Err(InvokeError::Busy(e)) => {
+            state.queue.count_busy(&run.namespace, &run.function);
+            return Err(busy(e.to_string()));
+        }
     };
     let mut outcome = outcome;
     apply_outcome(&mut run, &mut outcome, &deployed, state);

@@ -32,6 +32,8 @@ use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+pub use dispatch_core::run::{FunctionQueue, Refused};
+
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::invoke::{apply_outcome, call_backend};
@@ -69,10 +71,31 @@ struct Sched {
     waiting: HashMap<String, Waiting>,
     running: HashMap<String, RunningRun>,
     running_per_fn: HashMap<FnKey, u32>,
-    /// Accepted runs not final yet (waiting, running, or between the two), and their count
-    /// per namespace: the depth limit.
-    active: HashMap<String, String>,
+    /// Accepted runs not final yet (waiting, running, or between the two, admitted ones
+    /// still being stored included), with their count and payload bytes per namespace and
+    /// their count per function: the admission bounds.
+    active: HashMap<String, Active>,
     depth: HashMap<String, usize>,
+    bytes: HashMap<String, u64>,
+    fn_depth: HashMap<FnKey, usize>,
+    /// Async calls refused (429) per function since start, by bound.
+    refused: HashMap<FnKey, Refused>,
+}
+
+struct Active {
+    key: FnKey,
+    bytes: u64,
+}
+
+/// The admission bounds of the queue (flags of `dispatch server`).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Runs accepted and not final per namespace.
+    pub per_namespace: usize,
+    /// Payload bytes of those runs per namespace.
+    pub bytes_per_namespace: u64,
+    /// Runs accepted and not final per function, unless its spec says `maxQueued`.
+    pub per_function: usize,
 }
 
 impl Sched {
@@ -113,11 +136,38 @@ impl Sched {
         self.waiting.remove(id).map(|w| w.key)
     }
 
+    /// Counts a run as accepted (once).
+    fn activate(&mut self, id: &str, key: &FnKey, bytes: u64) {
+        if self.active.contains_key(id) {
+            return;
+        }
+        self.active.insert(
+            id.to_string(),
+            Active {
+                key: key.clone(),
+                bytes,
+            },
+        );
+        *self.depth.entry(key.0.clone()).or_default() += 1;
+        *self.bytes.entry(key.0.clone()).or_default() += bytes;
+        *self.fn_depth.entry(key.clone()).or_default() += 1;
+    }
+
     fn retire(&mut self, id: &str) {
-        if let Some(ns) = self.active.remove(id)
-            && let Some(d) = self.depth.get_mut(&ns)
-        {
+        let Some(a) = self.active.remove(id) else {
+            return;
+        };
+        if let Some(d) = self.depth.get_mut(&a.key.0) {
             *d = d.saturating_sub(1);
+        }
+        if let Some(b) = self.bytes.get_mut(&a.key.0) {
+            *b = b.saturating_sub(a.bytes);
+        }
+        if let Some(d) = self.fn_depth.get_mut(&a.key) {
+            *d = d.saturating_sub(1);
+            if *d == 0 {
+                self.fn_depth.remove(&a.key);
+            }
         }
     }
 
@@ -154,17 +204,17 @@ pub struct Queue {
     pub clock: Clock,
     sched: Mutex<Sched>,
     wake: Notify,
-    max_depth: usize,
+    bounds: Bounds,
     max_running: usize,
 }
 
 impl Queue {
-    pub fn new(clock: Clock, max_depth: usize, max_running: usize) -> Queue {
+    pub fn new(clock: Clock, bounds: Bounds, max_running: usize) -> Queue {
         Queue {
             clock,
             sched: Mutex::new(Sched::default()),
             wake: Notify::new(),
-            max_depth,
+            bounds,
             max_running: max_running.max(1),
         }
     }
@@ -188,12 +238,7 @@ impl Queue {
                     origin_ms,
                 },
             );
-            if s.active
-                .insert(run.id.clone(), run.namespace.clone())
-                .is_none()
-            {
-                *s.depth.entry(run.namespace.clone()).or_default() += 1;
-            }
+            s.activate(&run.id, &key, run.input.get().len() as u64);
             match run.next_attempt_at.map(|t| t.as_millisecond()) {
                 Some(due) if due > now => s.delayed.push(Reverse((due, run.id.clone()))),
                 _ => s.make_ready(run.id.clone(), key),
@@ -202,20 +247,102 @@ impl Queue {
         self.wake.notify_one();
     }
 
-    /// Refuses a new run when `namespace` already has `max_depth` waiting.
-    pub fn check_depth(&self, namespace: &str) -> Result<(), ApiError> {
-        let depth = self.sched().depth.get(namespace).copied().unwrap_or(0);
-        if depth >= self.max_depth {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "QueueFull",
+    /// Admits a new run of `key` with a payload of `bytes`, or refuses it (429) when its
+    /// function, its namespace or the namespace's payload bytes are at their bound. Checked
+    /// and counted under one lock, so concurrent callers never overshoot; the run counts
+    /// from here (a failed store must [`Queue::retire`] it).
+    pub fn admit(
+        &self,
+        id: &str,
+        key: &FnKey,
+        bytes: u64,
+        max_queued: Option<usize>,
+    ) -> Result<(), ApiError> {
+        let b = self.bounds;
+        let per_function = max_queued.unwrap_or(b.per_function);
+        let mut s = self.sched();
+        let (ns, function) = (&key.0, &key.1);
+        let depth = s.depth.get(ns).copied().unwrap_or(0);
+        let held = s.bytes.get(ns).copied().unwrap_or(0);
+        let fn_depth = s.fn_depth.get(key).copied().unwrap_or(0);
+        let refusal = if fn_depth >= per_function {
+            Some((
                 format!(
-                    "namespace {namespace:?} has {depth} async runs queued or running (the limit): retry later"
+                    "function {function:?} has {fn_depth} async runs queued or running, its limit \
+                     (spec.maxQueued, or the server's --max-queued-per-function): retry later"
                 ),
-            )
-            .with_retry_after(5));
+                0,
+            ))
+        } else if depth >= b.per_namespace {
+            Some((
+                format!(
+                    "namespace {ns:?} has {depth} async runs queued or running, its limit \
+                     (--max-queue-depth): retry later"
+                ),
+                1,
+            ))
+        } else if held + bytes > b.bytes_per_namespace {
+            Some((
+                format!(
+                    "namespace {ns:?} holds {} of async payloads waiting, and this one ({}) would \
+                     pass its limit of {} (--max-queued-bytes): retry later",
+                    human(held),
+                    human(bytes),
+                    human(b.bytes_per_namespace)
+                ),
+                2,
+            ))
+        } else {
+            None
+        };
+        if let Some((message, bound)) = refusal {
+            let r = s.refused.entry(key.clone()).or_default();
+            match bound {
+                0 => r.function_full += 1,
+                1 => r.namespace_full += 1,
+                _ => r.namespace_bytes_full += 1,
+            }
+            return Err(
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "QueueFull", message)
+                    .with_retry_after(5),
+            );
         }
+        s.activate(id, key, bytes);
         Ok(())
+    }
+
+    /// Counts a sync call refused because the function's workers and wait bound were full.
+    pub fn count_busy(&self, ns: &str, function: &str) {
+        let key = (ns.to_string(), function.to_string());
+        self.sched().refused.entry(key).or_default().workers_busy += 1;
+    }
+
+    /// What the queue holds of one function now, and what it refused since start.
+    pub fn function_queue(&self, key: &FnKey, max_queued: Option<usize>) -> FunctionQueue {
+        let s = self.sched();
+        FunctionQueue {
+            queued: s.fn_depth.get(key).copied().unwrap_or(0),
+            running: s.running_per_fn.get(key).copied().unwrap_or(0),
+            max_queued: max_queued.unwrap_or(self.bounds.per_function),
+            refused: s.refused.get(key).copied().unwrap_or_default(),
+        }
+    }
+
+    /// Queued runs and refusals of every function that has either (`/metrics`).
+    pub fn per_function(&self) -> Vec<(FnKey, usize, Refused)> {
+        let s = self.sched();
+        let mut keys: Vec<&FnKey> = s.fn_depth.keys().chain(s.refused.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .map(|k| {
+                (
+                    k.clone(),
+                    s.fn_depth.get(k).copied().unwrap_or(0),
+                    s.refused.get(k).copied().unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// A run reached a final state (or was deleted): it no longer counts against the depth.
@@ -659,26 +786,33 @@ pub async fn enqueue_with(
     callback_url: Option<String>,
     event: Option<serde_json::Value>,
 ) -> Result<Run, ApiError> {
-    let spec_callback = match state.deployed(ns, function) {
-        Some(d) => d.callback_url.clone(),
+    let (spec_callback, max_queued) = match state.deployed(ns, function) {
+        Some(d) => (d.callback_url.clone(), d.max_queued),
         None => {
             let Some(f) = state.get(ns, Kind::Function, function).await? else {
                 return Err(ApiError::not_found(format!(
                     "function {function:?} not found in namespace {ns:?}"
                 )));
             };
-            f.typed_spec::<FunctionSpec>()?.callback_url
+            let spec = f.typed_spec::<FunctionSpec>()?;
+            (spec.callback_url, spec.max_queued.map(|n| n as usize))
         }
     };
-    state.queue.check_depth(ns)?;
-    let mut run = Run::new(
-        dispatch_core::run::new_run_id(),
-        ns,
-        function,
-        trigger,
-        payload,
-        state.queue.clock.now(),
-    );
+    let max_payload = state.config.max_async_payload;
+    if payload.get().len() > max_payload {
+        return Err(ApiError::too_large(format!(
+            "async payloads are limited to {} (--max-async-payload) and this one is {}: call \
+             synchronously, or store the data elsewhere and pass a reference",
+            human(max_payload as u64),
+            human(payload.get().len() as u64)
+        )));
+    }
+    let id = dispatch_core::run::new_run_id();
+    let key = (ns.to_string(), function.to_string());
+    state
+        .queue
+        .admit(&id, &key, payload.get().len() as u64, max_queued)?;
+    let mut run = Run::new(id, ns, function, trigger, payload, state.queue.clock.now());
     run.is_async = true;
     run.event = event;
     run.callback = callback_url.or(spec_callback).map(|url| Callback {
@@ -688,6 +822,7 @@ pub async fn enqueue_with(
         last_error: None,
     });
     if !state.recorder.record_durable(run.clone()).await {
+        state.queue.retire(&run.id);
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal",
@@ -696,6 +831,10 @@ pub async fn enqueue_with(
     }
     state.queue.push(&run);
     Ok(run)
+}
+
+fn human(bytes: u64) -> String {
+    dispatch_core::quantity::human_bytes(bytes)
 }
 
 /// Cancels a run: a waiting one will not run, a running one's attempt is killed.

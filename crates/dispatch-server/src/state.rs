@@ -29,6 +29,8 @@ pub struct Deployed {
     pub max_workers: u32,
     pub retry: dispatch_core::Retry,
     pub callback_url: Option<String>,
+    /// spec.maxQueued (none: the server's bound).
+    pub max_queued: Option<usize>,
 }
 
 /// Namespace → function → deployment. Nested so that lookups borrow `&str`.
@@ -45,6 +47,12 @@ pub struct Options {
     pub runs_per_function: usize,
     /// Async runs waiting per namespace before new ones get 429.
     pub max_queue_depth: usize,
+    /// Async runs waiting per function (unless its spec.maxQueued says) before 429.
+    pub max_queued_per_function: usize,
+    /// Payload bytes of the async runs waiting per namespace before 429.
+    pub max_queued_bytes: u64,
+    /// Largest payload of an async run (below the sync limit: it is stored until it runs).
+    pub max_async_payload: usize,
     /// Async runs running at once, all functions together.
     pub max_running: usize,
     /// Synchronous calls of one function allowed to wait for a worker when all of its
@@ -75,6 +83,9 @@ impl Default for Options {
             run_retention: Duration::from_secs(7 * 24 * 3600),
             runs_per_function: 10_000,
             max_queue_depth: 10_000,
+            max_queued_per_function: 1_000,
+            max_queued_bytes: 256 << 20,
+            max_async_payload: 1 << 20,
             max_running: 64,
             max_waiting_calls: dispatch_runtime::DEFAULT_MAX_WAITING_CALLS,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
@@ -158,7 +169,11 @@ impl AppState {
             recorder,
             queue: Queue::new(
                 config.clock.unwrap_or_default(),
-                config.max_queue_depth,
+                crate::queue::Bounds {
+                    per_namespace: config.max_queue_depth,
+                    bytes_per_namespace: config.max_queued_bytes,
+                    per_function: config.max_queued_per_function,
+                },
                 config.max_running,
             ),
             jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),

@@ -331,6 +331,111 @@ async fn callbacks_are_retried_until_delivered() {
     t.stop().await;
 }
 
+/// Admission is bounded per function (`spec.maxQueued`, no overshoot under concurrency), in
+/// payload bytes per namespace and per payload; refusals store nothing and are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_is_bounded_per_function_and_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = dispatch_server::Options {
+        max_queue_depth: 100,
+        max_queued_bytes: 100 * 1024,
+        max_async_payload: 40 * 1024,
+        ..no_auth()
+    };
+    let t = start_with(dir, options).await;
+    let c = &t.client;
+    // Functions that cannot become READY: their runs wait, so the bounds fill.
+    c.create(&object(
+        Kind::BaseImage,
+        "broken",
+        json!({"image": "python:3", "language": "python3", "interpreter": "/nonexistent/python3"}),
+    ))
+    .await
+    .unwrap();
+    c.create(&object(
+        Kind::Image,
+        "broken",
+        json!({"baseImage": "broken"}),
+    ))
+    .await
+    .unwrap();
+    let e = create_function(
+        c,
+        "zero",
+        "broken",
+        "hello.py",
+        HELLO_PY,
+        json!({"maxQueued": 0}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("spec.maxQueued must be between 1"),
+        "{e}"
+    );
+    for (name, extra) in [("a", json!({"maxQueued": 5})), ("b", json!({}))] {
+        create_function(c, name, "broken", "hello.py", HELLO_PY, extra)
+            .await
+            .unwrap();
+        settled(c, Kind::Function, name).await;
+    }
+    // 30 callers at once against a bound of 5: exactly 5 accepted.
+    let one = raw(json!(1));
+    let calls = (0..30).map(|_| c.exec_async("a", &one, None));
+    let results = futures_util::future::join_all(calls).await;
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(accepted, 5, "no overshoot");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.status().unwrap().as_u16(), 429);
+        assert!(r.to_string().contains("spec.maxQueued"), "{r}");
+    }
+    let q = dispatch_client::RunQuery {
+        function: Some("a".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.list_runs(&q).await.unwrap().len(),
+        5,
+        "refused calls stored nothing"
+    );
+    // Function b still has room: the bound is a's alone. Its payloads meet the byte bounds.
+    let big = raw(json!("x".repeat(41 * 1024)));
+    let e = c.exec_async("b", &big, None).await.unwrap_err();
+    assert_eq!(e.status().unwrap().as_u16(), 413);
+    assert!(e.to_string().contains("--max-async-payload"), "{e}");
+    let chunk = raw(json!("x".repeat(30 * 1024)));
+    for _ in 0..3 {
+        c.exec_async("b", &chunk, None).await.unwrap();
+    }
+    let e = c.exec_async("b", &chunk, None).await.unwrap_err();
+    assert_eq!(e.status().unwrap().as_u16(), 429);
+    assert!(e.to_string().contains("--max-queued-bytes"), "{e}");
+    // Seen: the function's queue and its refusals, in the API and in /metrics.
+    let fq = c.function_queue("a").await.unwrap();
+    assert_eq!(
+        (fq.queued, fq.max_queued, fq.refused.function_full),
+        (5, 5, 25)
+    );
+    let metrics = reqwest::get(format!("{}/metrics", t.api()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "dispatch_function_queued{namespace=\"default\",function=\"a\"} 5",
+        "dispatch_function_refused_total{namespace=\"default\",function=\"a\",bound=\"function\"} 25",
+        "dispatch_function_refused_total{namespace=\"default\",function=\"b\",bound=\"namespace_bytes\"} 1",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    // A cancelled run gives its slot and its bytes back.
+    let runs = c.list_runs(&q).await.unwrap();
+    c.cancel_run(&runs[0].id).await.unwrap();
+    c.exec_async("a", &raw(json!(1)), None).await.unwrap();
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_limit_and_log_cap() {
     let dir = tempfile::tempdir().unwrap();

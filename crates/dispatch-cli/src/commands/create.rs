@@ -421,7 +421,8 @@ pub fn secret_data(
     Ok(data)
 }
 
-/// A function's sandbox limits and network (`spec.resources`, `spec.network`; DESIGN §9).
+/// A function's sandbox limits, network and queue bound (`spec.resources`, `spec.network`,
+/// `spec.maxQueued`; DESIGN §9).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct LimitArgs {
     /// Memory of each worker, e.g. 256Mi (the default) or 1Gi; over it the worker is killed
@@ -444,6 +445,11 @@ pub struct LimitArgs {
     /// denying all traffic); `default`: network allowed
     #[arg(long, value_name = "default|none", value_parser = ["default", "none"])]
     pub network: Option<String>,
+    /// Async runs of this function accepted and not final at most (spec.maxQueued); past it
+    /// an async call gets 429 and nothing is stored (default: the server's
+    /// --max-queued-per-function, 1000)
+    #[arg(long, value_name = "N")]
+    pub max_queued: Option<u32>,
 }
 
 impl LimitArgs {
@@ -470,6 +476,9 @@ impl LimitArgs {
         }
         if let Some(n) = &self.network {
             spec.insert("network".into(), n.clone().into());
+        }
+        if let Some(n) = self.max_queued {
+            spec.insert("maxQueued".into(), n.into());
         }
     }
 }

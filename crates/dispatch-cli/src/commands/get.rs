@@ -55,7 +55,10 @@ impl Get {
                     };
                     match self.output {
                         Format::Table => {
-                            print!("{}", objects_table(kind, std::slice::from_ref(&o)))
+                            print!("{}", objects_table(kind, std::slice::from_ref(&o)));
+                            if kind == dispatch_core::Kind::Function {
+                                print_queue(&c.function_queue(&name).await?);
+                            }
                         }
                         f => print_structured(&o, f)?,
                     }
@@ -218,4 +221,18 @@ impl Get {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Under one function's table: its async queue against its bound and the 429s since start.
+fn print_queue(q: &dispatch_core::run::FunctionQueue) {
+    let r = &q.refused;
+    println!(
+        "\nasync queue: {} of {} (maxQueued), {} running",
+        q.queued, q.max_queued, q.running
+    );
+    println!(
+        "refused with 429 since the server started: {} at maxQueued, {} at the namespace's \
+         depth, {} at its queued bytes, {} sync calls with every worker busy",
+        r.function_full, r.namespace_full, r.namespace_bytes_full, r.workers_busy
+    );
 }

@@ -31,6 +31,18 @@ pub struct Server {
     /// Async runs waiting per namespace before new ones get 429
     #[arg(long, default_value_t = 10_000)]
     pub max_queue_depth: usize,
+    /// Async runs waiting or running per function before new ones get 429 (a function's
+    /// spec.maxQueued overrides it), so one hot endpoint cannot take its namespace's queue
+    #[arg(long, default_value_t = 1_000, value_name = "N")]
+    pub max_queued_per_function: usize,
+    /// Payload bytes of the async runs waiting or running per namespace before new ones get
+    /// 429 (e.g. 256Mi)
+    #[arg(long, default_value = "256Mi", value_parser = bytes, value_name = "SIZE")]
+    pub max_queued_bytes: u64,
+    /// Largest payload of an async call or event (it is stored until it runs; sync calls
+    /// take up to 6Mi); past it 413
+    #[arg(long, default_value = "1Mi", value_parser = bytes, value_name = "SIZE")]
+    pub max_async_payload: u64,
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
@@ -108,6 +120,10 @@ pub struct Server {
     pub lease_namespace: String,
 }
 
+fn bytes(s: &str) -> Result<u64, String> {
+    dispatch_core::quantity::parse_bytes(s)
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     dispatch_core::duration::parse_duration(s).map_err(|e| e.message)
 }
@@ -119,6 +135,11 @@ impl Server {
             run_retention: self.run_retention,
             runs_per_function: self.runs_per_function.max(1),
             max_queue_depth: self.max_queue_depth.max(1),
+            max_queued_per_function: self.max_queued_per_function.max(1),
+            max_queued_bytes: self.max_queued_bytes.max(1),
+            max_async_payload: usize::try_from(self.max_async_payload)
+                .unwrap_or(usize::MAX)
+                .clamp(1, dispatch_core::MAX_PAYLOAD_BYTES),
             max_running: self.max_running.max(1),
             max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,

@@ -296,15 +296,4 @@ fn retry_leftovers() {
     l.retain(|d| std::fs::remove_dir(d).is_err() && d.exists());
 }
 
-/// `268435456` → `256Mi`.
-pub fn human_bytes(n: u64) -> String {
-    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-        if n >= size && n.is_multiple_of(size) {
-            return format!("{}{unit}", n / size);
-        }
-    }
-    if n >= 1 << 20 {
-        return format!("{:.1}Mi", n as f64 / (1u64 << 20) as f64);
-    }
-    format!("{n} bytes")
-}
+pub use dispatch_core::quantity::human_bytes;

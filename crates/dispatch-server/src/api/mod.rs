@@ -83,6 +83,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(runs::upload_source).layer(DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
         )
         .route(
+            &format!("{ns}/functions/{{name}}/queue"),
+            get(runs::function_queue),
+        )
+        .route(
             &format!("{ns}/functions/{{name}}/runs"),
             post(runs::exec).layer(DefaultBodyLimit::max(MAX_EXEC_BODY)),
         )
@@ -132,8 +136,37 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.render() + &function_metrics(&state),
     )
+}
+
+/// Queued async runs and 429s per function (the queue keeps them).
+fn function_metrics(state: &AppState) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "# HELP dispatch_function_queued Async runs accepted and not final, by function.\n\
+         # TYPE dispatch_function_queued gauge\n",
+    );
+    let rows = state.queue.per_function();
+    for ((ns, f), queued, _) in &rows {
+        let _ = writeln!(
+            out,
+            "dispatch_function_queued{{namespace=\"{ns}\",function=\"{f}\"}} {queued}"
+        );
+    }
+    out.push_str(
+        "# HELP dispatch_function_refused_total Calls answered 429, by function and the bound \
+         that was full.\n# TYPE dispatch_function_refused_total counter\n",
+    );
+    for ((ns, f), _, refused) in &rows {
+        for (bound, n) in refused.by_bound() {
+            let _ = writeln!(
+                out,
+                "dispatch_function_refused_total{{namespace=\"{ns}\",function=\"{f}\",bound=\"{bound}\"}} {n}"
+            );
+        }
+    }
+    out
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {

@@ -9,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use dispatch_core::{Logs, Run, RunStatus, Trigger, names::validate_name};
+use dispatch_core::{Kind, Logs, Run, RunStatus, Trigger, names::validate_name};
 use dispatch_runtime::source;
 use dispatch_store::RunFilter;
 use serde::Deserialize;
@@ -65,6 +65,25 @@ struct ExecBody {
 pub struct ExecQuery {
     #[serde(default)]
     wait: Option<bool>,
+}
+
+/// `GET …/functions/{name}/queue`: its async runs accepted and not final, its bound, and the
+/// calls refused with 429 since the server started (by bound).
+pub async fn function_queue(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<queue::FunctionQueue>, ApiError> {
+    check_namespace(&ns)?;
+    let Some(f) = state.get(&ns, Kind::Function, &name).await? else {
+        return Err(ApiError::not_found(format!(
+            "function {name:?} not found in namespace {ns:?}"
+        )));
+    };
+    let max = f
+        .typed_spec::<dispatch_core::FunctionSpec>()?
+        .max_queued
+        .map(|n| n as usize);
+    Ok(Json(state.queue.function_queue(&(ns, name), max)))
 }
 
 /// `POST …/functions/{name}/runs` with `{"input": …}`: runs the function and answers its
