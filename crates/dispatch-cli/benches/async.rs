@@ -58,6 +58,8 @@ fn main() {
         ..
     } = support::start(Options {
         max_queue_depth: 10_000_000,
+        max_queued_per_function: 10_000_000,
+        max_queued_bytes: u64::MAX,
         ..Options::default()
     });
 
