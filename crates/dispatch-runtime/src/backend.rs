@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use dispatch_core::{Language, ValidationError};
 use serde_json::value::RawValue;
 
+use crate::budget::{BudgetUse, DEFAULT_MAX_WORKERS_TOTAL, WorkerBudget, default_memory_budget};
 use crate::build::{ImageBuilder, Progress};
 use crate::handler;
 use crate::pool::{CallOutcome, Launcher, Pool, PoolConfig, PoolError};
@@ -130,6 +131,11 @@ pub enum InvokeError {
 pub trait Backend: Send + Sync + 'static {
     /// `embedded` or `kubernetes`.
     fn name(&self) -> &'static str;
+
+    /// What the server-wide worker budget holds (none: the backend has no such budget).
+    fn worker_budget(&self) -> Option<BudgetUse> {
+        None
+    }
 
     /// Refuses image specs this backend cannot build (a 400 at create time).
     fn validate_image(&self, build: &ImageBuild) -> Result<(), ValidationError>;
@@ -252,6 +258,8 @@ pub struct LocalBackend {
     function_zygotes: Mutex<HashMap<(String, String), Arc<Zygote>>>,
     /// Sandboxed Node spares, one set per function.
     function_spares: Mutex<HashMap<(String, String), Arc<Spares>>>,
+    /// How many workers, and how much of their memory, all functions may hold at once.
+    budget: RwLock<Arc<WorkerBudget>>,
 }
 
 impl LocalBackend {
@@ -292,7 +300,30 @@ impl LocalBackend {
             sandboxes: RwLock::new(None),
             function_zygotes: Mutex::new(HashMap::new()),
             function_spares: Mutex::new(HashMap::new()),
+            budget: RwLock::new(WorkerBudget::new(
+                DEFAULT_MAX_WORKERS_TOTAL,
+                default_memory_budget(),
+            )),
         }))
+    }
+
+    /// The worker budget of pools created from now on (`--max-workers-total`,
+    /// `--worker-memory-budget`; set at start, before any function is deployed).
+    pub fn set_worker_budget(&self, max_workers: usize, max_memory: u64) {
+        *self.budget.write().unwrap_or_else(|p| p.into_inner()) =
+            WorkerBudget::new(max_workers, max_memory);
+    }
+
+    /// Idle workers of every function now.
+    pub fn idle_workers(&self) -> usize {
+        self.all_pools().iter().map(|p| p.idle_count()).sum()
+    }
+
+    fn budget(&self) -> Arc<WorkerBudget> {
+        self.budget
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Calls of one function allowed to wait for a worker when all its workers are busy;
@@ -427,7 +458,8 @@ impl LocalBackend {
     /// A pool for `d`, its workers per `spec`; its first worker is started (and so the
     /// handler proved to load) by the caller.
     fn new_pool(&self, d: &FunctionDeploy, spec: WorkerSpec) -> Arc<Pool> {
-        Arc::new(Pool::new(
+        let budget = self.budget();
+        let pool = Arc::new(Pool::new(
             PoolConfig {
                 language: d.base.language,
                 launcher: self.launcher(d, &spec),
@@ -437,9 +469,12 @@ impl LocalBackend {
                 min_workers: d.min_workers,
                 idle_timeout: d.idle_timeout,
                 max_queue: self.max_queue.load(Ordering::Relaxed),
+                budget: Some(budget.clone()),
             },
             d.digest.clone(),
-        ))
+        ));
+        budget.register(&pool);
+        pool
     }
 
     /// Reaps idle workers every second until the returned task is aborted.
@@ -701,6 +736,10 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 impl Backend for LocalBackend {
     fn name(&self) -> &'static str {
         "embedded"
+    }
+
+    fn worker_budget(&self) -> Option<BudgetUse> {
+        Some(self.budget().usage())
     }
 
     fn validate_image(&self, build: &ImageBuild) -> Result<(), ValidationError> {

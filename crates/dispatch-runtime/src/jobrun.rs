@@ -128,7 +128,10 @@ pub async fn run_pod(
             .process_group(0)
             .kill_on_drop(true);
         let mut child = match cmd.spawn() {
-            Ok(ch) => ch,
+            Ok(ch) => {
+                crate::worker::expendable(ch.id());
+                ch
+            }
             Err(e) => {
                 return PodOutcome::StartFailed {
                     container: c.name.clone(),

@@ -7,6 +7,7 @@
 //! worker) and [`worker`] (one process and its protocol).
 
 pub mod backend;
+pub mod budget;
 pub mod build;
 pub mod handler;
 pub mod jobrun;

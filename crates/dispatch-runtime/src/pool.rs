@@ -15,6 +15,7 @@ use dispatch_core::{ColdStart, Envelope, ErrorObject, Language, Logs, Timings};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
+use crate::budget::{BudgetFull, WorkerBudget};
 use crate::worker::{StartError, Worker, WorkerSpec, run_exec};
 use crate::zygote::{ForkError, Spares, Zygote};
 
@@ -51,6 +52,8 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Calls allowed to wait for a worker beyond the running ones.
     pub max_queue: usize,
+    /// The server-wide worker budget every cold start reserves from (none: unbounded).
+    pub budget: Option<Arc<WorkerBudget>>,
 }
 
 /// The result of one call through a pool.
@@ -73,6 +76,9 @@ pub enum PoolError {
         running: u32,
         waiting: usize,
     },
+    /// The server-wide worker budget is full and nothing idle could be evicted.
+    #[error(transparent)]
+    OverBudget(#[from] BudgetFull),
 }
 
 /// A worker taken out of the pool for one call; dropping it unreturned discards the worker.
@@ -127,11 +133,49 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts a worker of this pool (a cold start).
+    /// What one worker of this pool counts against the worker budget: its memory limit.
+    fn cost(&self) -> u64 {
+        self.cfg
+            .worker
+            .jail
+            .as_ref()
+            .map_or(dispatch_core::resource::DEFAULT_MEMORY, |j| j.limits.memory)
+    }
+
+    /// Starts a worker of this pool (a cold start), once the worker budget has room.
     pub async fn start_worker(&self) -> Result<Worker, StartError> {
         // Interpreters start in well under a second; a handler that imports something heavy
         // gets the function's own timeout, but never less than 10 s.
         let ready_within = self.cfg.timeout.max(Duration::from_secs(10));
+        self.start_worker_by(Instant::now() + ready_within, ready_within)
+            .await
+    }
+
+    /// [`Pool::start_worker`], waiting for room in the budget until `deadline` at most.
+    async fn start_worker_by(
+        &self,
+        deadline: Instant,
+        ready_within: Duration,
+    ) -> Result<Worker, StartError> {
+        if let Some(b) = &self.cfg.budget {
+            b.reserve(self.cost(), deadline).await?;
+        }
+        let started = self.launch(ready_within).await;
+        match started {
+            Ok(w) => {
+                self.live.fetch_add(1, Ordering::Relaxed);
+                Ok(w)
+            }
+            Err(e) => {
+                if let Some(b) = &self.cfg.budget {
+                    b.release(self.cost());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(&self, ready_within: Duration) -> Result<Worker, StartError> {
         let spec = &self.cfg.worker;
         let w = match &self.cfg.launcher {
             Launcher::Spawn => Worker::start(spec, ready_within).await?,
@@ -145,7 +189,6 @@ impl Pool {
                 }
             },
         };
-        self.live.fetch_add(1, Ordering::Relaxed);
         Ok(w)
     }
 
@@ -162,6 +205,35 @@ impl Pool {
     fn discard(&self, w: Worker) {
         self.live.fetch_sub(1, Ordering::Relaxed);
         drop(w); // kills its process group
+        if let Some(b) = &self.cfg.budget {
+            b.release(self.cost());
+        }
+    }
+
+    /// When the least recently used idle worker that may be evicted was last used (none:
+    /// nothing idle beyond `minWorkers`).
+    pub fn oldest_evictable(&self) -> Option<Instant> {
+        let idle = self.idle();
+        (self.live.load(Ordering::Relaxed) > self.cfg.min_workers as usize)
+            .then(|| idle.first().map(|w| w.last_used))
+            .flatten()
+    }
+
+    /// Stops the least recently used idle worker (beyond `minWorkers`) to make room for
+    /// another function's; false when there is none.
+    pub fn evict_oldest_idle(&self) -> bool {
+        let victim = {
+            let mut idle = self.idle();
+            (self.live.load(Ordering::Relaxed) > self.cfg.min_workers as usize && !idle.is_empty())
+                .then(|| idle.remove(0))
+        };
+        match victim {
+            Some(w) => {
+                self.discard(w);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Runs one call. Function and system errors come back inside the envelope; only
@@ -226,11 +298,13 @@ impl Pool {
             Some(w) => (w, false),
             None => {
                 let t1 = Instant::now();
-                match self.start_worker().await {
+                let ready_within = self.cfg.timeout.max(Duration::from_secs(10));
+                match self.start_worker_by(deadline, ready_within).await {
                     Ok(w) => {
                         timings.cold_start_ms = ms(t1.elapsed());
                         (w, true)
                     }
+                    Err(StartError::OverBudget(e)) => return Err(PoolError::OverBudget(e)),
                     Err(e) => {
                         timings.cold_start_ms = ms(t1.elapsed());
                         return Ok(self.failed(e.to_error_object(), true, timings));
@@ -344,6 +418,11 @@ impl Pool {
     /// Workers alive (idle or busy).
     pub fn live_workers(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    /// Idle workers now.
+    pub fn idle_count(&self) -> usize {
+        self.idle().len()
     }
 
     /// Process ids of idle workers (tests check that they are gone after close).

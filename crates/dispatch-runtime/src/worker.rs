@@ -48,6 +48,19 @@ pub struct WorkerSpec {
     pub max_output_bytes: usize,
 }
 
+/// How much more likely than the server a process of user code is to be picked by the
+/// kernel's OOM killer (the server lowers its own score at start: `serve.rs`).
+pub const WORKER_OOM_SCORE_ADJ: &str = "500";
+
+/// Makes a process of user code the OOM killer's first choice over the server (its
+/// children inherit it; the sandbox launcher also sets it on itself before it forks).
+/// Raising one's own or a child's score needs no privilege; a failure changes nothing else.
+pub fn expendable(pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), WORKER_OOM_SCORE_ADJ);
+    }
+}
+
 /// The environment every worker process starts from (nothing else of the server's leaks in):
 /// PATH, LANG and the interpreters' settings; HOME is the function directory.
 pub fn base_environment(home: &std::path::Path) -> BTreeMap<String, String> {
@@ -142,6 +155,9 @@ pub enum StartError {
     Timeout(Duration),
     #[error("worker spoke an unknown protocol: {0}")]
     Protocol(String),
+    /// No room in the server's worker budget before the call's deadline.
+    #[error(transparent)]
+    OverBudget(#[from] crate::budget::BudgetFull),
 }
 
 fn tail_suffix(tail: &[String]) -> String {
@@ -214,6 +230,7 @@ impl Worker {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
+        expendable(child.id());
         let pid = child.id().map(|p| Pid::from_raw(p as i32));
         let tail: Tail = Arc::default();
         if let Some(out) = child.stdout.take() {
@@ -460,7 +477,10 @@ pub async fn run_exec(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
-        Ok(c) => c,
+        Ok(c) => {
+            expendable(c.id());
+            c
+        }
         Err(e) => {
             return Envelope::error(
                 ErrorObject::system(format!("failed to start {}: {e}", spec.program.display())),

@@ -144,6 +144,7 @@ impl Zygote {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
+        crate::worker::expendable(child.id());
         self.starts.fetch_add(1, Ordering::Relaxed);
         let stderr = child.stderr.take();
         let hello = tokio::time::timeout(ZYGOTE_READY, protocol::read_frame(&mut sock)).await;

@@ -167,6 +167,13 @@ impl Server {
                 local.spawn_reaper();
                 local.set_max_waiting_calls(config.options.max_waiting_calls);
                 local.set_sandboxes(config.options.sandboxes.clone());
+                local.set_worker_budget(
+                    config.options.max_workers_total,
+                    config
+                        .options
+                        .worker_memory_budget
+                        .unwrap_or_else(dispatch_runtime::budget::default_memory_budget),
+                );
                 local
             }
         };
@@ -218,6 +225,7 @@ impl Server {
             .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
         let limits = state.config.edge.clone();
         let (open_files, hard) = serve::raise_open_files_limit();
+        let oom_protected = serve::protect_from_oom_killer();
         let (gw_cap, api_cap) = limits.caps(open_files);
         let tls = state.config.tls.clone();
         let metrics = &state.metrics;
@@ -247,7 +255,9 @@ impl Server {
             open_files_hard = hard,
             gateway_connections = gw_cap,
             api_connections = api_cap,
-            "connection caps (open-files limit raised to its hard limit)"
+            oom_protected,
+            "connection caps (open-files limit raised to its hard limit); oom_protected: the \
+             server's OOM score is below its workers'"
         );
         Server {
             admin_token_file: None,

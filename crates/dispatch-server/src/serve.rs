@@ -105,6 +105,13 @@ pub fn raise_open_files_limit() -> (u64, u64) {
     (soft, hard)
 }
 
+/// The server's own OOM score: below the workers' (`dispatch_runtime::worker::expendable`),
+/// so that the kernel picks user code first when memory runs out. Lowering needs
+/// CAP_SYS_RESOURCE (root); returns whether it took.
+pub fn protect_from_oom_killer() -> bool {
+    std::fs::write("/proc/self/oom_score_adj", "-500").is_ok()
+}
+
 /// What a refused plain-HTTP connection reads before it is closed (our error shape).
 static REFUSED: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     let body = serde_json::json!({"error": {

@@ -74,6 +74,10 @@ pub struct Options {
     pub sandboxes: Option<Arc<dispatch_runtime::sandbox::Sandboxes>>,
     /// Connection caps and timeouts of both listeners.
     pub edge: crate::serve::EdgeLimits,
+    /// Function workers alive at once, all functions together (embedded backend).
+    pub max_workers_total: usize,
+    /// Memory of those workers together, counted at their limits (none: 3/4 of the RAM).
+    pub worker_memory_budget: Option<u64>,
 }
 
 impl Default for Options {
@@ -95,6 +99,8 @@ impl Default for Options {
             clock: None,
             sandboxes: None,
             edge: Default::default(),
+            max_workers_total: dispatch_runtime::budget::DEFAULT_MAX_WORKERS_TOTAL,
+            worker_memory_budget: None,
         }
     }
 }

@@ -43,6 +43,15 @@ pub struct Server {
     /// take up to 6Mi); past it 413
     #[arg(long, default_value = "1Mi", value_parser = bytes, value_name = "SIZE")]
     pub max_async_payload: u64,
+    /// Function workers alive at once, all functions together; past it the least recently
+    /// used idle worker of another function is stopped, and when none is idle a cold start
+    /// waits within its call's timeout, then gets 429
+    #[arg(long, default_value_t = dispatch_runtime::budget::DEFAULT_MAX_WORKERS_TOTAL, value_name = "N")]
+    pub max_workers_total: usize,
+    /// Memory all function workers may hold together, each counted at its memory limit
+    /// (spec.resources.memory, 256Mi by default), e.g. 8Gi (default: 3/4 of this machine's RAM)
+    #[arg(long, value_parser = bytes, value_name = "SIZE")]
+    pub worker_memory_budget: Option<u64>,
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
@@ -143,6 +152,8 @@ impl Server {
             max_running: self.max_running.max(1),
             max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,
+            max_workers_total: self.max_workers_total.max(1),
+            worker_memory_budget: self.worker_memory_budget,
             edge: dispatch_server::serve::EdgeLimits {
                 gateway_connections: self.max_gateway_connections.map(|n| n.max(1)),
                 api_connections: self.max_api_connections.map(|n| n.max(1)),

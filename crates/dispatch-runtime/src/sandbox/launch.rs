@@ -67,6 +67,11 @@ fn run(args: Vec<std::ffi::OsString>) -> Res<i32> {
         return Err("no program to run".into());
     }
 
+    // Before any fork: the workload inherits it (the server protects itself at start).
+    let _ = std::fs::write(
+        "/proc/self/oom_score_adj",
+        crate::worker::WORKER_OOM_SCORE_ADJ,
+    );
     for procs in &plan.cgroups {
         let me = std::process::id().to_string();
         ctx(std::fs::write(procs, me), || {

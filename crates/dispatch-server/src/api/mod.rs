@@ -136,8 +136,58 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render() + &function_metrics(&state),
+        state.metrics.render() + &function_metrics(&state) + &budget_metrics(&state),
     )
+}
+
+/// The worker budget of the embedded backend: use, cap, evictions, refusals.
+fn budget_metrics(state: &AppState) -> String {
+    let Some(b) = state.backend.worker_budget() else {
+        return String::new();
+    };
+    let rows: [(&str, &str, &str, u64); 6] = [
+        (
+            "dispatch_workers",
+            "gauge",
+            "Function workers alive (all functions).",
+            b.workers as u64,
+        ),
+        (
+            "dispatch_workers_max",
+            "gauge",
+            "The worker budget: workers alive at most (--max-workers-total).",
+            b.max_workers as u64,
+        ),
+        (
+            "dispatch_worker_memory_bytes",
+            "gauge",
+            "Memory of the workers alive, counted at their limits.",
+            b.memory,
+        ),
+        (
+            "dispatch_worker_memory_budget_bytes",
+            "gauge",
+            "The worker budget in memory (--worker-memory-budget).",
+            b.max_memory,
+        ),
+        (
+            "dispatch_worker_evictions_total",
+            "counter",
+            "Idle workers stopped to make room for another function's.",
+            b.evictions,
+        ),
+        (
+            "dispatch_worker_budget_refusals_total",
+            "counter",
+            "Cold starts refused (429): the budget was full and no worker idle.",
+            b.refusals,
+        ),
+    ];
+    rows.iter()
+        .map(|(name, kind, help, v)| {
+            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
+        })
+        .collect()
 }
 
 /// Queued async runs and 429s per function (the queue keeps them).
