@@ -12,6 +12,8 @@ pub mod duration;
 pub mod envelope;
 pub mod error;
 pub mod events;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 pub mod jobs;
 pub mod manifest;
 pub mod names;
@@ -70,6 +72,40 @@ pub fn json_too_deep(json: &[u8], max: usize) -> bool {
     false
 }
 
+/// Whether `json` holds something a quick validation lets through but a full parse may refuse:
+/// a number with an exponent or 309 digits in a row (beyond a 64-bit float's range, read as
+/// infinity by runtimes), or a `\u` escape (a lone surrogate). Such a document is parsed in
+/// full; any other is taken as validated.
+pub fn json_needs_full_parse(json: &[u8]) -> bool {
+    let (mut in_string, mut escaped, mut digits) = (false, false, 0usize);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, b'u') => return true,
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'e' | b'E' if digits > 0 => return true,
+            b'0'..=b'9' | b'.' => {
+                digits += 1;
+                if digits >= 309 {
+                    return true;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        digits = 0;
+    }
+    false
+}
+
 #[cfg(test)]
 mod depth_tests {
     use super::*;
@@ -86,5 +122,19 @@ mod depth_tests {
         assert!(!json_too_deep(s.as_bytes(), 2), "{s}");
         // Siblings do not add up.
         assert!(!json_too_deep(b"[[1],[2],[3],[4]]", 2));
+    }
+
+    #[test]
+    fn what_needs_a_full_parse_is_spotted() {
+        assert!(json_needs_full_parse(b"[1e400]"));
+        assert!(json_needs_full_parse(b"[1.5E3]"));
+        assert!(json_needs_full_parse(
+            format!("[{}]", "9".repeat(400)).as_bytes()
+        ));
+        assert!(json_needs_full_parse(b"[\"\\ud800\"]"));
+        assert!(!json_needs_full_parse(
+            b"{\"exp\": \"1e400\", \"n\": -12.5}"
+        ));
+        assert!(!json_needs_full_parse(b"[true, false, null, \"\\n\"]"));
     }
 }

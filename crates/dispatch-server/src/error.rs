@@ -130,7 +130,7 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(
     body: &'a [u8],
     what: &str,
 ) -> Result<T, ApiError> {
-    check_depth(body, what)?;
+    check_json(body, what)?;
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -140,17 +140,26 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(
     })
 }
 
-/// Refuses JSON nested deeper than [`dispatch_core::MAX_JSON_DEPTH`] (400 `InputError`).
-pub fn check_depth(json: &[u8], what: &str) -> Result<(), ApiError> {
+/// Refuses JSON that a runtime could not take back whole (400 `InputError`): nested deeper
+/// than [`dispatch_core::MAX_JSON_DEPTH`], numbers beyond a 64-bit float's range (runtimes
+/// read them as infinity), lone surrogates. Cheap scans; a full parse only when one of the
+/// last two may be there. Syntax errors are left to the caller's own parse.
+pub fn check_json(json: &[u8], what: &str) -> Result<(), ApiError> {
     let max = dispatch_core::MAX_JSON_DEPTH;
+    let refuse = |why: String| ApiError::new(StatusCode::BAD_REQUEST, "InputError", why);
     if dispatch_core::json_too_deep(json, max) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "InputError",
-            format!(
-                "{what} nests arrays or objects deeper than {max} levels, the limit: flatten it"
-            ),
-        ));
+        return Err(refuse(format!(
+            "{what} nests arrays or objects deeper than {max} levels, the limit: flatten it"
+        )));
+    }
+    if dispatch_core::json_needs_full_parse(json)
+        && serde_json::from_slice::<&serde_json::value::RawValue>(json).is_ok()
+        && let Err(e) = serde_json::from_slice::<serde_json::Value>(json)
+    {
+        return Err(refuse(format!(
+            "{what} holds a value runtimes cannot take back whole ({e}): send numbers beyond \
+             a 64-bit float and lone surrogates as strings"
+        )));
     }
     Ok(())
 }

@@ -287,9 +287,10 @@ pub fn payload_of(
         .unwrap_or("");
     if is_json(ct) {
         let text = std::str::from_utf8(body)
-            .map_err(|_| ApiError::bad_request("request body is not json"))?;
-        crate::error::check_depth(body, "the JSON body")?;
-        return RawValue::from_string(text.trim().to_string())
+            .map_err(|_| ApiError::bad_request("request body is not json"))?
+            .trim();
+        crate::error::check_json(text.as_bytes(), "the JSON body")?;
+        return RawValue::from_string(text.to_string())
             .map_err(|_| ApiError::bad_request("request body is not json"));
     }
     if ct.starts_with("application/x-www-form-urlencoded") {
@@ -314,6 +315,29 @@ mod tests {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
         }
         payload_of(&method, query, &h, body.as_bytes()).map(|r| r.get().to_string())
+    }
+
+    /// Found by `fuzz_gateway_payload_mapping`: JSON that passes a quick validation but that
+    /// runtimes cannot take back whole (and the server's own parse turned into null).
+    #[test]
+    fn json_runtimes_cannot_take_back_is_a_400() {
+        for body in ["[1e400]", "{\"n\": -2E+999}", "\"\\ud800\" \u{c}"] {
+            let e = p(Method::POST, None, "application/json", body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert!(
+                e.message.contains("cannot take back whole"),
+                "{body}: {}",
+                e.message
+            );
+        }
+        // In range, and escapes that pair up, pass through untouched.
+        let ok = p(
+            Method::POST,
+            None,
+            "application/json",
+            "[1.5e300, \"\\ud83d\\ude00\"]",
+        );
+        assert_eq!(ok.unwrap(), "[1.5e300, \"\\ud83d\\ude00\"]");
     }
 
     #[test]
