@@ -619,6 +619,10 @@ impl Store for CrStore {
         self.sql.put_runs(runs)
     }
 
+    fn reclaim(&self) -> u64 {
+        self.sql.reclaim()
+    }
+
     fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
         self.sql.get_run(namespace, id)
     }

@@ -108,6 +108,12 @@ impl From<StoreError> for ApiError {
                 "Unavailable",
                 e.to_string(),
             ),
+            _ if e.is_disk_full() => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "InsufficientStorage",
+                "the server's disk is full: retry later; an operator frees space (dispatch runs \
+                 purge, dispatch gc)",
+            ),
             _ => Self::internal("accessing the store", &e),
         }
     }

@@ -134,6 +134,9 @@ pub async fn execute(
     payload: String,
 ) -> Result<JobExecution, ApiError> {
     let spec = template_of(state, ns, name).await?;
+    state
+        .disk_admits("job executions", payload.len() as u64)
+        .await?;
     let created = now(state);
     let uuid = jobs::new_uuid();
     let data = RenderData {

@@ -12,6 +12,7 @@ pub mod brokers;
 pub mod callbacks;
 pub mod clock;
 pub mod controller;
+pub mod disk;
 mod error;
 pub mod events;
 pub mod gateway;
@@ -181,6 +182,7 @@ impl Server {
         let gateway = bind("gateway", config.gateway_addr).await?;
         let mut options = config.options.clone();
         options.jobs_dir = dir.join("jobs");
+        options.data_dir = Some(dir.clone());
         let key_file = dir.join("secret.key");
         secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
         options.secret_key_file = Some(key_file);

@@ -603,13 +603,34 @@ async fn get_run(state: &AppState, ns: &str, id: &str) -> Option<Run> {
 }
 
 /// Writes a run (committed before returning).
+/// Stores an accepted run's new state. A refusal of the store (a full or failing disk) is
+/// retried, with backoff up to 5 s, until it succeeds: dropping the state would leave the
+/// run in no queue, with a stale record, until the next start. Gives up (false) only when
+/// the recorder is gone (the server is stopping; the next start recovers the run from its
+/// last stored state).
 async fn save(state: &AppState, run: &Run) -> bool {
-    let ok = state.recorder.record_durable(run.clone()).await;
-    if !ok {
-        tracing::error!(run = %run.id, "failed to store an async run's state");
+    let mut wait = Duration::from_millis(100);
+    let mut failures = 0u32;
+    loop {
+        if state.recorder.record_durable(run.clone()).await {
+            if failures > 0 {
+                tracing::info!(run = %run.id, "stored the async run's state after {failures} failed tries");
+            }
+            return true;
+        }
+        if state.recorder.is_closed() {
+            return false;
+        }
+        if failures == 0 || wait == MAX_SAVE_BACKOFF && failures.is_multiple_of(12) {
+            tracing::error!(run = %run.id, status = %run.status, "failed to store an async run's state: retrying until it is stored");
+        }
+        failures += 1;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_SAVE_BACKOFF);
     }
-    ok
 }
+
+const MAX_SAVE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Puts a run back in the queue for later without counting an attempt.
 async fn requeue_later(state: &AppState, mut run: Run, after: Duration) {
@@ -807,6 +828,9 @@ pub async fn enqueue_with(
             human(payload.get().len() as u64)
         )));
     }
+    state
+        .disk_admits("async runs", payload.get().len() as u64)
+        .await?;
     let id = dispatch_core::run::new_run_id();
     let key = (ns.to_string(), function.to_string());
     state
@@ -823,6 +847,8 @@ pub async fn enqueue_with(
     });
     if !state.recorder.record_durable(run.clone()).await {
         state.queue.retire(&run.id);
+        // Refused for want of space: say so (507), not "internal".
+        state.disk_admits("async runs", 0).await?;
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal",

@@ -54,6 +54,11 @@ impl Recorder {
         wait.await.unwrap_or(false)
     }
 
+    /// Whether the writer has stopped (the server is stopping).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Waits until every record queued before this call is stored.
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();

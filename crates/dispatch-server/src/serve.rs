@@ -15,6 +15,7 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tower_http::timeout::RequestBodyTimeout;
@@ -237,11 +238,43 @@ pub fn body_timeout_error() -> crate::ApiError {
     )
 }
 
+/// Refused connections lingering at once (each at most [`LINGER`]), so that the caller reads
+/// the 503 rather than a reset; past this many a refused connection is closed at once.
+const MAX_LINGERING: usize = 256;
+const LINGER: Duration = Duration::from_millis(500);
+static LINGERING: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING)));
+
 fn refuse(stream: TcpStream, tls: bool, edge: Edge, cap: usize, counters: &EdgeCounters) {
     counters.refused.fetch_add(1, Ordering::Relaxed);
     if !tls {
-        // A fresh socket's send buffer is empty: one non-blocking write, never a wait.
-        let _ = stream.try_write(&REFUSED);
+        match LINGERING.clone().try_acquire_owned() {
+            // Answer after the caller's request has arrived: a client that reads only once it
+            // has written (hyper) takes an earlier answer for a protocol error; and closing
+            // with the request unread would reset the connection, which can discard the 503
+            // before it is read. So: read what comes, answer, end our side, drop the rest —
+            // for at most LINGER each, a bounded number at once.
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let mut sink = [0u8; 1024];
+                    let answer = async {
+                        let _ = tokio::time::timeout(LINGER, stream.read(&mut sink)).await;
+                        stream.write_all(&REFUSED).await?;
+                        stream.shutdown().await?;
+                        while stream.read(&mut sink).await? > 0 {}
+                        io::Result::Ok(())
+                    };
+                    let _ = tokio::time::timeout(LINGER * 2, answer).await;
+                    drop(permit);
+                });
+            }
+            // Too many lingering: a fresh socket's send buffer is empty, so one non-blocking
+            // write, never a wait, then closed.
+            Err(_) => {
+                let _ = stream.try_write(&REFUSED);
+            }
+        }
     }
     warn_limited(counters, || {
         tracing::warn!(

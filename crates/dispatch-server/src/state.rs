@@ -78,6 +78,12 @@ pub struct Options {
     pub max_workers_total: usize,
     /// Memory of those workers together, counted at their limits (none: 3/4 of the RAM).
     pub worker_memory_budget: Option<u64>,
+    /// The data dir, whose free space is watched (none: not watched; `Server::start` sets it).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Free space kept in reserve for work already accepted (`--min-free-disk`; none: 5 % of
+    /// the file system, at most 1 GiB): below it new async runs, events, jobs and uploads
+    /// get 507.
+    pub min_free_disk: Option<u64>,
 }
 
 impl Default for Options {
@@ -101,6 +107,8 @@ impl Default for Options {
             edge: Default::default(),
             max_workers_total: dispatch_runtime::budget::DEFAULT_MAX_WORKERS_TOTAL,
             worker_memory_budget: None,
+            data_dir: None,
+            min_free_disk: None,
         }
     }
 }
@@ -132,9 +140,28 @@ pub struct AppState {
     ready: AtomicBool,
     /// Cold starts and finished calls (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// The data dir's free space (none without a data dir).
+    pub disk: Option<crate::disk::DiskGuard>,
 }
 
 impl AppState {
+    /// Ok unless writing `incoming` bytes would take the data dir's disk below its reserve
+    /// (then a 507 naming `what`); the store's own free pages count when the disk is short.
+    pub async fn disk_admits(&self, what: &str, incoming: u64) -> Result<(), ApiError> {
+        let Some(d) = &self.disk else {
+            return Ok(());
+        };
+        if d.fits(incoming, || 0).is_ok() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let reusable = tokio::task::spawn_blocking(move || store.reclaim())
+            .await
+            .unwrap_or(0);
+        d.fits(incoming, || reusable)
+            .map_err(|short| d.refuse(what, short))
+    }
+
     /// Builds the state, starts the recorder and the controller, loads the route table and
     /// hands every stored resource to the controller (so that a restart redeploys).
     pub async fn start(
@@ -183,6 +210,10 @@ impl AppState {
                 config.max_running,
             ),
             jobs: crate::jobs::Jobs::new(config.jobs_dir.clone()),
+            disk: config
+                .data_dir
+                .as_ref()
+                .map(|d| crate::disk::DiskGuard::new(d, config.min_free_disk)),
             tokens: crate::auth::Tokens::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),

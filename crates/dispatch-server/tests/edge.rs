@@ -83,6 +83,12 @@ async fn a_connection_flood_on_the_gateway_never_starves_the_api() {
     let answer = read_to_close(&mut extra).await;
     assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
     assert!(answer.contains("retry-after: 1"), "{answer}");
+    // A client that reads only once it has sent its request (hyper, under reqwest) reads the
+    // 503 too: an answer before the request would be a protocol error to it.
+    let refused = reqwest::get(format!("{}/hello", t.gateway)).await;
+    let refused = refused.expect("a refused hyper client reads an answer, not an error");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
     // The API has its own share: it answers while the gateway is full.
     let ready = reqwest::get(format!("{}/readyz", t.api())).await.unwrap();
     assert_eq!(ready.status(), 200);

@@ -1,5 +1,8 @@
 //! Content-addressed blobs on disk: `DIR/sha256/<hex>`. Written to a temporary file in the
-//! same directory, then renamed, so a reader never sees half a blob.
+//! same directory, then renamed, so a reader never sees half a blob. Read back only after
+//! their bytes are checked against their name: a blob altered on disk (a bad sector, a
+//! hand edit) is an error that says so, never someone's code run as another's; storing the
+//! same bytes again repairs it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,7 +34,7 @@ impl BlobStore {
     pub fn put(&self, bytes: &[u8]) -> Result<String> {
         let d = digest::sha256(bytes);
         let path = self.path(&d);
-        if path.exists() {
+        if path.exists() && std::fs::read(&path).is_ok_and(|b| digest::sha256(&b) == d) {
             // Refresh its age: garbage collection spares blobs touched within its grace
             // period, so a re-upload is safe until the function that names it is created.
             let touched = std::fs::File::options()
@@ -89,9 +92,16 @@ impl BlobStore {
         }
     }
 
+    /// The bytes of `digest`, checked against it ([`StoreError::CorruptBlob`] if they differ).
     pub fn read(&self, digest: &str) -> Result<Vec<u8>> {
         let p = self.path(digest);
-        std::fs::read(&p).map_err(|source| io("read", &p, source))
+        let bytes = std::fs::read(&p).map_err(|source| io("read", &p, source))?;
+        if digest::sha256(&bytes) != digest {
+            return Err(StoreError::CorruptBlob {
+                digest: digest.to_string(),
+            });
+        }
+        Ok(bytes)
     }
 }
 
@@ -118,6 +128,13 @@ mod tests {
         assert_eq!(blobs.read(&d1).unwrap(), b"hello");
         assert!(blobs.exists(&d1));
         assert!(!blobs.exists(&digest::sha256(b"other")));
+        // Altered on disk: reading says so; storing the same bytes again repairs it.
+        std::fs::write(blobs.path(&d1), b"hellO").unwrap();
+        let e = blobs.read(&d1).unwrap_err();
+        assert!(matches!(e, StoreError::CorruptBlob { .. }), "{e}");
+        assert!(e.to_string().contains("upload"), "{e}");
+        assert_eq!(blobs.put(b"hello").unwrap(), d1);
+        assert_eq!(blobs.read(&d1).unwrap(), b"hello");
         assert!(!blobs.exists("../../etc/passwd"));
         let listed = blobs.list().unwrap();
         assert_eq!(

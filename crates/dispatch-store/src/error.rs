@@ -41,6 +41,12 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("stored record is not valid json")]
     Corrupt(#[from] serde_json::Error),
+    /// A blob's bytes no longer match its digest (altered on disk).
+    #[error(
+        "the stored blob {digest} is corrupt (its bytes no longer match its digest): upload the \
+         same source again to repair it"
+    )]
+    CorruptBlob { digest: String },
     #[error("failed to {action} {path}")]
     Io {
         action: &'static str,
@@ -48,4 +54,45 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Whether the write failed for want of space (SQLite's SQLITE_FULL, or ENOSPC/EDQUOT).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        let full = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ));
+        assert!(full.is_disk_full());
+        let enospc = StoreError::Io {
+            action: "write",
+            path: "x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert!(enospc.is_disk_full());
+        let busy = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        ));
+        assert!(!busy.is_disk_full());
+    }
 }

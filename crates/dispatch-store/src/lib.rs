@@ -50,6 +50,14 @@ pub trait Store: Send + Sync + 'static {
     /// (custom resources on Kubernetes) does, from its watch.
     fn on_external_change(&self, _f: OnChange) {}
 
+    /// Asked when the disk is short: gives space back to the disk where it can (SQLite:
+    /// truncates its write-ahead log after a checkpoint) and answers the bytes it has free
+    /// inside its files and will reuse before it grows them (SQLite's free pages, e.g. after
+    /// a purge). 0 if unknown.
+    fn reclaim(&self) -> u64 {
+        0
+    }
+
     /// One resource, or `None`.
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>>;
 

@@ -106,6 +106,8 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Dropped with the store: stops the checkpointer thread.
     _checkpointer: Option<std::sync::mpsc::Sender<()>>,
+    /// When [`Store::reclaim`] last truncated the write-ahead log.
+    truncated: Mutex<Option<std::time::Instant>>,
 }
 
 /// WAL pages after which a commit checkpoints inline (a safety net: normally the
@@ -157,12 +159,16 @@ impl SqliteStore {
         // (only an OS crash can lose the last commits), the usual WAL trade-off.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A WAL that grew in a burst is cut back to this after a checkpoint, so the disk
+        // space comes back (a full disk otherwise stays full: issue 28's fault matrix).
+        conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             _checkpointer: None,
+            truncated: Mutex::new(None),
         })
     }
 
@@ -260,6 +266,24 @@ fn rv_of(obj: &Object) -> i64 {
 }
 
 impl Store for SqliteStore {
+    fn reclaim(&self) -> u64 {
+        let conn = self.conn();
+        // At most once a second: a flood of refused calls must not checkpoint each time.
+        let mut last = self.truncated.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+            *last = Some(std::time::Instant::now());
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!("truncating the write-ahead log to free disk space: {e}");
+            }
+        }
+        let pragma = |name: &str| {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+                .max(0) as u64
+        };
+        pragma("freelist_count") * pragma("page_size")
+    }
+
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
         read_row(&self.conn(), namespace, kind, name)
     }

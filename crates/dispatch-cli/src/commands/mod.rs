@@ -126,7 +126,13 @@ pub async fn wait_settled(
             );
             let _ = std::io::stderr().flush();
         }
-        if matches!(phase, Phase::Ready | Phase::Error) {
+        // Settled for the spec as it is now: a phase from before the last change (the
+        // controller has not seen it yet) does not count.
+        let current = match (o.metadata.generation, o.status.observed_generation) {
+            (Some(g), Some(seen)) => seen >= g,
+            _ => true,
+        };
+        if current && matches!(phase, Phase::Ready | Phase::Error) {
             if tty {
                 eprintln!();
             }

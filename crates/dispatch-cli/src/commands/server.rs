@@ -52,6 +52,11 @@ pub struct Server {
     /// (spec.resources.memory, 256Mi by default), e.g. 8Gi (default: 3/4 of this machine's RAM)
     #[arg(long, value_parser = bytes, value_name = "SIZE")]
     pub worker_memory_budget: Option<u64>,
+    /// Free space of the data dir's disk kept for work already accepted: below it new async
+    /// runs, events, job executions and uploads get 507 InsufficientStorage, e.g. 2Gi
+    /// (default: 5 % of the file system, at most 1Gi; 0 turns it off)
+    #[arg(long, value_parser = bytes, value_name = "SIZE")]
+    pub min_free_disk: Option<u64>,
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
@@ -154,6 +159,7 @@ impl Server {
             auth: !self.insecure_no_auth,
             max_workers_total: self.max_workers_total.max(1),
             worker_memory_budget: self.worker_memory_budget,
+            min_free_disk: self.min_free_disk,
             edge: dispatch_server::serve::EdgeLimits {
                 gateway_connections: self.max_gateway_connections.map(|n| n.max(1)),
                 api_connections: self.max_api_connections.map(|n| n.max(1)),

@@ -136,7 +136,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render() + &function_metrics(&state) + &budget_metrics(&state),
+        state.metrics.render()
+            + &function_metrics(&state)
+            + &budget_metrics(&state)
+            + &disk_metrics(&state),
     )
 }
 
@@ -181,6 +184,41 @@ fn budget_metrics(state: &AppState) -> String {
             "counter",
             "Cold starts refused (429): the budget was full and no worker idle.",
             b.refusals,
+        ),
+    ];
+    rows.iter()
+        .map(|(name, kind, help, v)| {
+            format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
+        })
+        .collect()
+}
+
+/// The data dir's free space, its reserve and the 507s given below it.
+fn disk_metrics(state: &AppState) -> String {
+    let Some(d) = &state.disk else {
+        return String::new();
+    };
+    let Some(s) = d.space() else {
+        return String::new();
+    };
+    let rows = [
+        (
+            "dispatch_data_dir_available_bytes",
+            "gauge",
+            "Free space of the data dir's file system.",
+            s.available,
+        ),
+        (
+            "dispatch_data_dir_reserve_bytes",
+            "gauge",
+            "Free space kept for accepted work (--min-free-disk): below it new work gets 507.",
+            s.reserve,
+        ),
+        (
+            "dispatch_disk_refusals_total",
+            "counter",
+            "Async runs, events, jobs and uploads refused with 507 (disk below its reserve).",
+            d.refusals(),
         ),
     ];
     rows.iter()

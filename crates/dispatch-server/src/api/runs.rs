@@ -32,6 +32,7 @@ pub async fn upload_source(
     state.require_namespace(&ns)?;
     validate_name("function", &name)?;
     let body = body.map_err(|r| body_rejection(r, MAX_SOURCE_BYTES))?;
+    state.disk_admits("uploads", body.len() as u64).await?;
     let blobs = state.blobs.clone();
     let (digest, files) = tokio::task::spawn_blocking(move || {
         let files = source::inspect(&body)
