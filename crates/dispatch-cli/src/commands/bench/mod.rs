@@ -12,6 +12,12 @@
 //! concurrent caller, on one thread of its own. The server runs on the command's runtime.
 //! Numbers come out as a table or as JSON (`-o json`).
 
+mod accepted;
+mod burst;
+mod faults;
+mod process;
+mod soak;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,8 +35,8 @@ use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-const HELLO_PY: &str = include_str!("../../../../examples/python3/hello.py");
-const HELLO_JS: &str = include_str!("../../../../examples/nodejs/hello.js");
+const HELLO_PY: &str = include_str!("../../../../../examples/python3/hello.py");
+const HELLO_JS: &str = include_str!("../../../../../examples/nodejs/hello.js");
 
 /// Measure warm throughput and latency, cold starts, worker memory and scale on this machine
 #[derive(Debug, clap::Args)]
@@ -43,7 +49,10 @@ into steps; idle warm worker USS; and with --functions N registered functions: l
 route lookup and the RSS growth per function of a dispatch server process of its own. The load generator runs in this process on one \
 thread, with one keep-alive connection per concurrent caller."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Bench {
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
     /// How long each warm load runs (after a warm-up of a fifth of it)
     #[arg(long, default_value = "5s")]
     pub duration: String,
@@ -66,6 +75,14 @@ pub struct Bench {
     /// Output format: table or json
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
+}
+
+/// Long runs against a `dispatch server` process of its own
+#[derive(Debug, clap::Subcommand)]
+pub enum Mode {
+    Soak(soak::Soak),
+    Burst(burst::Burst),
+    Faults(faults::Faults),
 }
 
 #[derive(Debug, Serialize)]
@@ -169,6 +186,12 @@ struct Setup {
 
 impl Bench {
     pub async fn run(mut self) -> Result<ExitCode> {
+        match self.mode.take() {
+            Some(Mode::Soak(s)) => return s.run().await,
+            Some(Mode::Burst(b)) => return b.run().await,
+            Some(Mode::Faults(f)) => return f.run().await,
+            None => {}
+        }
         if self.quick {
             self.duration = "1s".into();
             self.cold_samples = self.cold_samples.min(10);
