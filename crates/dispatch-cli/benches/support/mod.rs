@@ -45,6 +45,8 @@ pub fn start(options: Options) -> Bench {
     let options = Options {
         auth: false,
         jobs_dir: dir.path().join("jobs"),
+        // As `dispatch server`: admissions check the data dir's free space.
+        data_dir: options.data_dir.clone().or(Some(dir.path().to_path_buf())),
         ..options
     };
     let (server, local) = server_rt.block_on(async {
