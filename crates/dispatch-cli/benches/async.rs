@@ -112,7 +112,7 @@ fn main() {
             c.exec_async("hello", &input, None).await.unwrap();
         }
         loop {
-            let q = RunQuery { function: Some("hello".into()), status: Some("succeeded".into()), limit: Some(m) };
+            let q = RunQuery { function: Some("hello".into()), status: Some("succeeded".into()), limit: Some(m), ..Default::default() };
             if c.list_runs(&q).await.unwrap().len() >= m {
                 break;
             }

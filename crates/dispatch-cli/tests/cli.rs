@@ -606,6 +606,99 @@ fn async_runs_from_the_cli() {
 }
 
 #[test]
+fn run_history_pages_and_policies_from_the_cli() {
+    let s = ServerProc::start();
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let code = s.dir.path().join("h.py");
+    std::fs::write(&code, "def handle(context, payload):\n    return payload\n").unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "h",
+        code.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+    for i in 0..7 {
+        s.ok(&["exec", "h", "--input", &format!("{{\"i\": {i}}}")]);
+    }
+    let page = |after: Option<&str>| -> Vec<String> {
+        let mut args = vec![
+            "get",
+            "runs",
+            "--function",
+            "h",
+            "--limit",
+            "3",
+            "-o",
+            "json",
+        ];
+        if let Some(a) = after {
+            args.extend(["--after", a]);
+        }
+        s.json(&args)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut seen = page(None);
+    let mut after = seen.last().cloned();
+    while let Some(a) = after {
+        let p = page(Some(&a));
+        after = p.last().cloned();
+        seen.extend(p);
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((seen.len(), unique.len()), (7, 7), "{seen:?}");
+    let table = s.ok(&["get", "runs", "--function", "h", "--limit", "3"]);
+    let rows = table
+        .lines()
+        .filter(|l| unique.iter().any(|id| l.contains(id.as_str())));
+    assert_eq!(rows.count(), 3, "3 runs: {table}");
+    let window = |flag: &str| s.json(&["get", "runs", flag, "1h", "-o", "json"]);
+    assert_eq!(window("--since").as_array().unwrap().len(), 7);
+    assert_eq!(window("--until").as_array().unwrap().len(), 0);
+    let e = s.fails(&["get", "runs", "--after", "nope"]);
+    assert!(e.contains("is not a run id"), "{e}");
+    let e = s.fails(&["get", "runs", "--since", "yesterday-ish"]);
+    assert!(e.contains("neither a time"), "{e}");
+    // A policy: successes no longer recorded, failures are.
+    s.ok(&["update", "function", "h", "--history", "errors"]);
+    s.ok(&["exec", "h", "--input", "{}"]);
+    assert_eq!(
+        s.json(&["get", "runs", "--function", "h", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        7
+    );
+    let e = s.fails(&["update", "function", "h", "--history-sample-rate", "0.5"]);
+    assert!(e.contains("history: sample"), "{e}");
+    s.ok(&[
+        "update",
+        "function",
+        "h",
+        "--history",
+        "sample",
+        "--history-sample-rate",
+        "0.5",
+    ]);
+    let f = s.json(&["get", "function", "h", "-o", "json"]);
+    assert_eq!(
+        (
+            f["spec"]["history"].as_str(),
+            f["spec"]["historySampleRate"].as_f64()
+        ),
+        (Some("sample"), Some(0.5))
+    );
+}
+
+#[test]
 fn job_templates_from_the_cli() {
     let s = ServerProc::start();
     let sample = examples().join("jobs/jobtemplate-sample.yaml");

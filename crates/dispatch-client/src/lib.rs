@@ -93,6 +93,11 @@ pub struct RunQuery {
     pub function: Option<String>,
     pub status: Option<String>,
     pub limit: Option<usize>,
+    /// The next page: runs older than this run id (the last of the previous page).
+    pub after: Option<String>,
+    /// A time window: RFC 3339 times or durations ago (`15m`, `2h`).
+    pub since: Option<String>,
+    pub until: Option<String>,
 }
 
 #[derive(Clone)]
@@ -537,6 +542,15 @@ impl Client {
         }
         if let Some(l) = q.limit {
             params.push(("limit", l.to_string()));
+        }
+        for (name, v) in [
+            ("after", &q.after),
+            ("since", &q.since),
+            ("until", &q.until),
+        ] {
+            if let Some(v) = v {
+                params.push((name, v.clone()));
+            }
         }
         self.json(self.request(Method::GET, &url).query(&params), &url)
             .await

@@ -25,8 +25,8 @@ pub use envelope::{Envelope, ErrorObject, ErrorType, Logs};
 pub use error::ValidationError;
 pub use jobs::{JobExecution, JobPhase, JobTemplateSpec};
 pub use resource::{
-    API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Metadata,
-    Object, Phase, Retry, RetryPolicy, SealedSecret, SecretSpec, Status,
+    API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, History, HistoryPolicy, ImageSpec,
+    Kind, Language, Metadata, Object, Phase, Retry, RetryPolicy, SealedSecret, SecretSpec, Status,
 };
 pub use run::{
     AttemptError, Callback, CallbackState, ColdStart, Run, RunStatus, StartMethod, Timings, Trigger,

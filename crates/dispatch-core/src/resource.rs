@@ -569,6 +569,87 @@ pub struct FunctionSpec {
     /// gets 429 (absent: the server's `--max-queued-per-function`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<u32>,
+    /// What a synchronous call leaves in the run history (`all` when absent). Async, event,
+    /// cron and job runs are always recorded: they are the durable record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<History>,
+    /// `history: sample`: the share of successful sync calls recorded, 0 < rate ≤ 1
+    /// (default 0.01); failed calls are always recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_sample_rate: Option<f64>,
+}
+
+/// `spec.history` of a function: which synchronous calls are recorded as runs. Counts,
+/// latency and cold starts reach `/metrics` whatever it says.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum History {
+    /// Every call (until retention prunes it).
+    #[default]
+    All,
+    /// Calls that failed (any error), none that succeeded.
+    Errors,
+    /// Failed calls, and `historySampleRate` of the successful ones.
+    Sample,
+    /// No sync call at all.
+    None,
+}
+
+/// `historySampleRate` when `history: sample` does not say.
+pub const DEFAULT_HISTORY_SAMPLE_RATE: f64 = 0.01;
+
+/// A function's `history` and `historySampleRate`, resolved (what a deployment keeps).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistoryPolicy {
+    pub history: History,
+    pub sample_rate: f64,
+}
+
+impl Default for HistoryPolicy {
+    fn default() -> Self {
+        HistoryPolicy {
+            history: History::All,
+            sample_rate: DEFAULT_HISTORY_SAMPLE_RATE,
+        }
+    }
+}
+
+impl HistoryPolicy {
+    /// Whether a sync run ending `failed` (an error of any kind) with run id `id` (a ULID,
+    /// whose random part decides a sample) is recorded.
+    pub fn records(&self, failed: bool, id: &str) -> bool {
+        match self.history {
+            History::All => true,
+            History::None => false,
+            History::Errors => failed,
+            History::Sample => {
+                failed || {
+                    // Ids made in the same millisecond differ by one (a monotonic ULID
+                    // generator): mixed (splitmix64) so that a burst is sampled evenly.
+                    let v = ulid::Ulid::from_string(id)
+                        .map(u128::from)
+                        .unwrap_or_default();
+                    let mut x = (v as u64) ^ ((v >> 64) as u64);
+                    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    x ^= x >> 31;
+                    ((x >> 11) as f64 / (1u64 << 53) as f64) < self.sample_rate
+                }
+            }
+        }
+    }
+}
+
+impl FunctionSpec {
+    pub fn history_policy(&self) -> HistoryPolicy {
+        HistoryPolicy {
+            history: self.history.unwrap_or_default(),
+            sample_rate: self
+                .history_sample_rate
+                .unwrap_or(DEFAULT_HISTORY_SAMPLE_RATE),
+        }
+    }
 }
 
 /// Upper bound on `spec.maxQueued` (the namespace's own bound applies on top).
@@ -856,6 +937,19 @@ impl FunctionSpec {
                 "callbackUrl {url:?} must be an http:// or https:// URL"
             )));
         }
+        if let Some(r) = self.history_sample_rate {
+            if self.history != Some(History::Sample) {
+                return Err(ValidationError::new(
+                    "spec.historySampleRate is for history: sample (set both, or neither)",
+                ));
+            }
+            if !(r > 0.0 && r <= 1.0) {
+                return Err(ValidationError::new(format!(
+                    "spec.historySampleRate must be above 0 and at most 1 (0.01 keeps one call \
+                     in a hundred), got {r}"
+                )));
+            }
+        }
         if let Some(q) = self.max_queued
             && (q == 0 || q > MAX_QUEUED_LIMIT)
         {
@@ -1037,6 +1131,65 @@ fn validate_path(p: &str) -> Result<(), ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_policies_keep_what_they_say() {
+        let spec = |v: serde_json::Value| -> FunctionSpec {
+            let mut base =
+                serde_json::json!({"image": "py", "source": format!("sha256:{}", "0".repeat(64))});
+            base.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+            serde_json::from_value(base).unwrap()
+        };
+        let ids: Vec<String> = (0..20_000).map(|_| crate::run::new_run_id()).collect();
+        let kept = |s: &FunctionSpec, failed: bool| {
+            let p = s.history_policy();
+            ids.iter().filter(|id| p.records(failed, id)).count()
+        };
+        let all = spec(serde_json::json!({}));
+        assert_eq!((kept(&all, false), kept(&all, true)), (20_000, 20_000));
+        let errors = spec(serde_json::json!({"history": "errors"}));
+        assert_eq!((kept(&errors, false), kept(&errors, true)), (0, 20_000));
+        let none = spec(serde_json::json!({"history": "none"}));
+        assert_eq!((kept(&none, false), kept(&none, true)), (0, 0));
+        let tenth = spec(serde_json::json!({"history": "sample", "historySampleRate": 0.1}));
+        let n = kept(&tenth, false);
+        assert!((1_600..2_400).contains(&n), "about a tenth of 20000: {n}");
+        assert_eq!(kept(&tenth, true), 20_000, "failures are always kept");
+        let default_rate = spec(serde_json::json!({"history": "sample"}));
+        assert!(kept(&default_rate, false) < 400);
+        // The same id decides the same way every time (a retry of a read sees the same).
+        let p = tenth.history_policy();
+        assert!(
+            ids.iter()
+                .all(|id| p.records(false, id) == p.records(false, id))
+        );
+        // Bad specs say what is wrong.
+        for (bad, says) in [
+            (
+                serde_json::json!({"historySampleRate": 0.5}),
+                "history: sample",
+            ),
+            (
+                serde_json::json!({"history": "sample", "historySampleRate": 0}),
+                "above 0",
+            ),
+            (
+                serde_json::json!({"history": "sample", "historySampleRate": 2}),
+                "at most 1",
+            ),
+        ] {
+            let e = spec(bad).normalize().unwrap_err();
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+        assert!(
+            serde_json::from_value::<FunctionSpec>(
+                serde_json::json!({"image": "py", "history": "some"})
+            )
+            .is_err()
+        );
+    }
 
     #[test]
     fn retry_delays_double_cap_and_jitter() {

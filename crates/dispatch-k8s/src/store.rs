@@ -648,12 +648,16 @@ impl Store for CrStore {
         self.sql.purge_runs(namespace, function, status)
     }
 
-    fn prune_runs(
-        &self,
-        finished_before: jiff::Timestamp,
-        keep_per_function: usize,
-    ) -> Result<u64> {
-        self.sql.prune_runs(finished_before, keep_per_function)
+    fn prune_runs(&self, rules: &dispatch_store::Retention, batch: usize) -> Result<u64> {
+        self.sql.prune_runs(rules, batch)
+    }
+
+    fn run_usage(&self) -> Result<Vec<dispatch_store::RunUsage>> {
+        self.sql.run_usage()
+    }
+
+    fn compact(&self, max_pages: u64) -> Result<u64> {
+        self.sql.compact(max_pages)
     }
 
     fn put_job(&self, job: &JobExecution) -> Result<()> {

@@ -488,6 +488,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
                     retry: spec.retry().unwrap_or_default(),
                     callback_url: spec.callback_url.clone(),
                     max_queued: spec.max_queued.map(|n| n as usize),
+                    history: spec.history_policy(),
                 }),
             );
             let mut ready = status(Phase::Ready, "", Some(d), &o);

@@ -202,7 +202,10 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
         .ok();
     run.finished_at = Some(jiff::Timestamp::now());
     let run_id = run.id.clone();
-    state.recorder.record(run).await;
+    // spec.history: metrics counted the call already (apply_outcome); the record is optional.
+    if deployed.history.records(run.error.is_some(), &run.id) {
+        state.recorder.record(run).await;
+    }
     Ok(Answer { run_id, envelope })
 }
 

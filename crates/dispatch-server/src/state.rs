@@ -31,10 +31,15 @@ pub struct Deployed {
     pub callback_url: Option<String>,
     /// spec.maxQueued (none: the server's bound).
     pub max_queued: Option<usize>,
+    /// spec.history: which sync calls leave a run record.
+    pub history: dispatch_core::HistoryPolicy,
 }
 
 /// Namespace → function → deployment. Nested so that lookups borrow `&str`.
 type DeployedMap = HashMap<String, HashMap<String, Arc<Deployed>>>;
+
+/// `--run-history-budget`: run records kept per namespace, in bytes.
+pub const DEFAULT_RUN_HISTORY_BUDGET: u64 = 1 << 30;
 
 /// Limits and retention (flags of `dispatch server`).
 #[derive(Debug, Clone)]
@@ -45,6 +50,12 @@ pub struct Options {
     pub run_retention: Duration,
     /// Finished runs kept per function at most (newest first).
     pub runs_per_function: usize,
+    /// Bytes of run records kept per namespace at most (oldest finished ones go first);
+    /// none: no byte bound.
+    pub run_history_budget: Option<u64>,
+    /// How often retention looks for runs to prune when it has caught up (tests that drive
+    /// `retention::step` themselves set it long).
+    pub retention_interval: Duration,
     /// Async runs waiting per namespace before new ones get 429.
     pub max_queue_depth: usize,
     /// Async runs waiting per function (unless its spec.maxQueued says) before 429.
@@ -92,6 +103,8 @@ impl Default for Options {
             max_log_bytes: 1024 * 1024,
             run_retention: Duration::from_secs(7 * 24 * 3600),
             runs_per_function: 10_000,
+            run_history_budget: Some(DEFAULT_RUN_HISTORY_BUDGET),
+            retention_interval: Duration::from_secs(1),
             max_queue_depth: 10_000,
             max_queued_per_function: 1_000,
             max_queued_bytes: 256 << 20,

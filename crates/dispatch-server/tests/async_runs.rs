@@ -254,6 +254,7 @@ async fn a_hot_function_does_not_starve_others() {
             function: Some("hot".into()),
             status: Some("queued".into()),
             limit: Some(1000),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -580,7 +581,8 @@ async fn gateway_async_calls_and_retention() {
         c.exec("hello", &raw(json!({}))).await.unwrap();
     }
     let state = &t.server.as_ref().unwrap().state;
-    assert_eq!(dispatch_server::retention::prune(state).await.unwrap(), 2);
+    // (The background pass may have taken them first: it runs every second.)
+    assert!(dispatch_server::retention::prune(state).await.unwrap() <= 2);
     let left = c.list_runs(&Default::default()).await.unwrap();
     assert_eq!(left.len(), 2);
     t.stop().await;

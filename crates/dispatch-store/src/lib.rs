@@ -27,6 +27,34 @@ pub struct RunFilter {
     pub status: Option<RunStatus>,
     /// At most this many (default 100).
     pub limit: Option<usize>,
+    /// Keyset pagination: only runs older than this run id (the last id of the previous page).
+    pub after: Option<String>,
+    /// Only runs created at or after / before this time (run ids are time-ordered ULIDs, so
+    /// a window is a range of ids).
+    pub since: Option<jiff::Timestamp>,
+    pub until: Option<jiff::Timestamp>,
+}
+
+/// What run retention keeps (`dispatch server --run-retention`, `--runs-per-function`,
+/// `--run-history-budget`). Active (QUEUED, RUNNING) runs are never pruned.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Finished runs that finished before this go.
+    pub finished_before: jiff::Timestamp,
+    /// Finished runs beyond the newest this many of their function go.
+    pub keep_per_function: usize,
+    /// Run records of one namespace beyond this many bytes (their stored size): the oldest
+    /// finished ones go.
+    pub max_bytes_per_namespace: Option<u64>,
+}
+
+/// What the run records of one namespace take.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunUsage {
+    pub namespace: String,
+    pub runs: u64,
+    pub finished: u64,
+    pub bytes: u64,
 }
 
 /// A resource changed by someone else than this process (`kubectl`, another server): what
@@ -106,10 +134,23 @@ pub trait Store: Send + Sync + 'static {
         status: Option<RunStatus>,
     ) -> Result<u64>;
 
-    /// Retention: deletes runs finished before `finished_before`, and finished runs beyond the
-    /// newest `keep_per_function` of each function.
-    fn prune_runs(&self, finished_before: jiff::Timestamp, keep_per_function: usize)
-    -> Result<u64>;
+    /// One step of retention, one short transaction: deletes at most `batch` finished runs
+    /// that `rules` no longer keep (oldest first). Fewer than `batch` deleted: nothing more
+    /// to do for now. The caller repeats it, yielding in between, so that no prune holds the
+    /// database for long (issue 26).
+    fn prune_runs(&self, rules: &Retention, batch: usize) -> Result<u64>;
+
+    /// What run records take, per namespace.
+    fn run_usage(&self) -> Result<Vec<RunUsage>> {
+        Ok(Vec::new())
+    }
+
+    /// After large deletes: gives freed space back to the file system (SQLite: truncates the
+    /// write-ahead log, incremental vacuum of at most `max_pages` free pages). Returns the
+    /// pages released.
+    fn compact(&self, _max_pages: u64) -> Result<u64> {
+        Ok(0)
+    }
 
     /// Inserts or replaces a job execution.
     fn put_job(&self, job: &JobExecution) -> Result<()>;

@@ -14,7 +14,7 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
-use crate::{Result, RunFilter, Store, StoreError};
+use crate::{Result, Retention, RunFilter, RunUsage, Store, StoreError};
 
 const MIGRATIONS: &[M<'static>] = &[
     M::up(
@@ -100,7 +100,50 @@ const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (namespace, name)
     );",
     ),
+    // Run history in a budget (issue 26): each record's stored size, a running count and
+    // size per function kept by triggers (retention reads it instead of scanning the runs),
+    // and indexes so that every listing (namespace; function; status; function and status)
+    // reads its newest rows in order instead of sorting the namespace.
+    M::up(
+        "ALTER TABLE runs ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET bytes = length(body);
+    CREATE INDEX runs_by_function_status ON runs (namespace, function, status, id);
+    CREATE INDEX runs_by_namespace ON runs (namespace, id);
+    CREATE TABLE run_usage (
+        namespace TEXT NOT NULL,
+        function TEXT NOT NULL,
+        runs INTEGER NOT NULL,
+        finished INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        PRIMARY KEY (namespace, function)
+    ) WITHOUT ROWID;
+    INSERT INTO run_usage
+        SELECT namespace, function, COUNT(*), SUM(finished_ms IS NOT NULL), SUM(bytes)
+        FROM runs GROUP BY namespace, function;
+    CREATE TRIGGER runs_usage_insert AFTER INSERT ON runs BEGIN
+        INSERT INTO run_usage VALUES
+            (new.namespace, new.function, 1, new.finished_ms IS NOT NULL, new.bytes)
+        ON CONFLICT (namespace, function) DO UPDATE SET runs = runs + 1,
+            finished = finished + excluded.finished, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER runs_usage_update AFTER UPDATE ON runs BEGIN
+        UPDATE run_usage SET
+            finished = finished + (new.finished_ms IS NOT NULL) - (old.finished_ms IS NOT NULL),
+            bytes = bytes + new.bytes - old.bytes
+        WHERE namespace = new.namespace AND function = new.function;
+    END;
+    CREATE TRIGGER runs_usage_delete AFTER DELETE ON runs BEGIN
+        UPDATE run_usage SET runs = runs - 1,
+            finished = finished - (old.finished_ms IS NOT NULL), bytes = bytes - old.bytes
+        WHERE namespace = old.namespace AND function = old.function;
+        DELETE FROM run_usage WHERE namespace = old.namespace AND function = old.function
+            AND runs <= 0;
+    END;",
+    ),
 ];
+
+/// Rows deleted per transaction by purges and function deletes (retention has its own batch).
+const DELETE_BATCH: i64 = 1000;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -155,6 +198,22 @@ impl SqliteStore {
     }
 
     fn init(mut conn: Connection) -> Result<Self> {
+        // Pages freed by deletes go back to the file system on `compact` (issue 26). Set
+        // before the first table exists; an older database is converted once by a VACUUM.
+        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        if auto_vacuum != 2 {
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            if pages > 0 {
+                let t = std::time::Instant::now();
+                conn.execute_batch("VACUUM")?;
+                tracing::info!(
+                    pages,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "database switched to incremental vacuum (once)"
+                );
+            }
+        }
         // WAL lets readers run beside the writer; NORMAL is durable across process crashes
         // (only an OS crash can lose the last commits), the usual WAL trade-off.
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -389,17 +448,23 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR REPLACE INTO runs
-                   (id, namespace, function, status, body, finished_ms, callback_pending)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                // An upsert, not REPLACE: the usage triggers see an UPDATE with the old row.
+                "INSERT INTO runs
+                   (id, namespace, function, status, body, finished_ms, callback_pending, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body,
+                   finished_ms = excluded.finished_ms,
+                   callback_pending = excluded.callback_pending, bytes = excluded.bytes",
             )?;
             for run in runs {
+                let body = serde_json::to_string(run)?;
+                let bytes = body.len() as i64;
                 stmt.execute(params![
                     run.id,
                     run.namespace,
                     run.function,
                     run.status.as_str(),
-                    serde_json::to_string(run)?,
+                    body,
                     run.finished_at
                         .filter(|_| run.status.is_final())
                         .map(|t| t.as_millisecond()),
@@ -407,7 +472,8 @@ impl Store for SqliteStore {
                         && run
                             .callback
                             .as_ref()
-                            .is_some_and(|c| c.state == CallbackState::Pending)
+                            .is_some_and(|c| c.state == CallbackState::Pending),
+                    bytes
                 ])?;
             }
         }
@@ -423,18 +489,8 @@ impl Store for SqliteStore {
     }
 
     fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>> {
-        let limit = filter.limit.unwrap_or(100) as i64;
-        self.bodies(
-            "SELECT body FROM runs WHERE namespace = ?1
-               AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3)
-             ORDER BY id DESC LIMIT ?4",
-            params![
-                namespace,
-                filter.function,
-                filter.status.map(|s| s.as_str()),
-                limit
-            ],
-        )
+        let (sql, args) = list_runs_sql(namespace, filter);
+        self.bodies(&sql, rusqlite::params_from_iter(args))
     }
 
     fn active_runs(&self) -> Result<Vec<Run>> {
@@ -451,32 +507,128 @@ impl Store for SqliteStore {
         function: Option<&str>,
         status: Option<RunStatus>,
     ) -> Result<u64> {
-        let n = self.conn().execute(
-            "DELETE FROM runs WHERE namespace = ?1 AND status NOT IN ('QUEUED', 'RUNNING')
-               AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3)",
-            params![namespace, function, status.map(|s| s.as_str())],
-        )?;
-        Ok(n as u64)
+        self.delete_in_batches(
+            "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE namespace = ?1
+               AND status NOT IN ('QUEUED', 'RUNNING')
+               AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3) LIMIT ?4)",
+            params![
+                namespace,
+                function,
+                status.map(|s| s.as_str()),
+                DELETE_BATCH
+            ],
+        )
     }
 
-    fn prune_runs(&self, finished_before: Timestamp, keep_per_function: usize) -> Result<u64> {
+    fn prune_runs(&self, rules: &Retention, batch: usize) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let old = tx.execute(
-            "DELETE FROM runs WHERE finished_ms IS NOT NULL AND finished_ms < ?1",
-            params![finished_before.as_millisecond()],
-        )?;
-        // Beyond the newest `keep_per_function` finished runs of each function.
-        let capped = tx.execute(
+        let mut left = batch as i64;
+        // Age: the partial index on finished_ms finds them.
+        left -= tx.execute(
             "DELETE FROM runs WHERE id IN (
-               SELECT id FROM (
-                 SELECT id, ROW_NUMBER() OVER (PARTITION BY namespace, function ORDER BY id DESC) AS n
-                 FROM runs WHERE finished_ms IS NOT NULL)
-               WHERE n > ?1)",
-            params![keep_per_function as i64],
-        )?;
+               SELECT id FROM runs WHERE finished_ms IS NOT NULL AND finished_ms < ?1 LIMIT ?2)",
+            params![rules.finished_before.as_millisecond(), left],
+        )? as i64;
+        // Count per function: run_usage says which functions are over (no scan of the runs).
+        while left > 0 {
+            let over: Option<(String, String, i64)> = tx
+                .query_row(
+                    "SELECT namespace, function, finished - ?1 FROM run_usage
+                     WHERE finished > ?1 LIMIT 1",
+                    params![rules.keep_per_function as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((ns, function, excess)) = over else {
+                break;
+            };
+            let n = tx.execute(
+                "DELETE FROM runs WHERE id IN (
+                   SELECT id FROM runs WHERE namespace = ?1 AND function = ?2
+                     AND finished_ms IS NOT NULL ORDER BY id LIMIT ?3)",
+                params![ns, function, excess.min(left)],
+            )? as i64;
+            if n == 0 {
+                break;
+            }
+            left -= n;
+        }
+        // Bytes per namespace: the oldest finished records until the namespace is under.
+        if let Some(max) = rules.max_bytes_per_namespace {
+            while left > 0 {
+                let over: Option<(String, i64)> = tx
+                    .query_row(
+                        "SELECT namespace, SUM(bytes) - ?1 FROM run_usage GROUP BY namespace
+                         HAVING SUM(bytes) > ?1 LIMIT 1",
+                        params![max as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((ns, mut excess)) = over else {
+                    break;
+                };
+                let oldest: Vec<(String, i64)> = {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT id, bytes FROM runs WHERE namespace = ?1
+                           AND finished_ms IS NOT NULL ORDER BY id LIMIT ?2",
+                    )?;
+                    stmt.query_map(params![ns, left], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<_>>()?
+                };
+                if oldest.is_empty() {
+                    break;
+                }
+                let mut stmt = tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?;
+                for (id, bytes) in oldest {
+                    if excess <= 0 {
+                        break;
+                    }
+                    stmt.execute(params![id])?;
+                    excess -= bytes;
+                    left -= 1;
+                }
+            }
+        }
         tx.commit()?;
-        Ok((old + capped) as u64)
+        Ok((batch as i64 - left) as u64)
+    }
+
+    fn run_usage(&self) -> Result<Vec<RunUsage>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT namespace, SUM(runs), SUM(finished), SUM(bytes) FROM run_usage
+             GROUP BY namespace ORDER BY namespace",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(RunUsage {
+                namespace: r.get(0)?,
+                runs: r.get::<_, i64>(1)?.max(0) as u64,
+                finished: r.get::<_, i64>(2)?.max(0) as u64,
+                bytes: r.get::<_, i64>(3)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn compact(&self, max_pages: u64) -> Result<u64> {
+        let conn = self.conn();
+        let free = |c: &Connection| -> rusqlite::Result<i64> {
+            c.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        };
+        let before = free(&conn)?;
+        conn.query_row(
+            &format!(
+                "PRAGMA incremental_vacuum({})",
+                max_pages.min(i64::MAX as u64)
+            ),
+            [],
+            |_| Ok(()),
+        )
+        .optional()?;
+        let released = (before - free(&conn)?).max(0) as u64;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(released)
     }
 
     fn put_job(&self, job: &JobExecution) -> Result<()> {
@@ -689,12 +841,78 @@ impl Store for SqliteStore {
     }
 
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {
-        let n = self.conn().execute(
-            "DELETE FROM runs WHERE namespace = ?1 AND function = ?2",
-            params![namespace, function],
-        )?;
-        Ok(n as u64)
+        self.delete_in_batches(
+            "DELETE FROM runs WHERE id IN (SELECT id FROM runs
+               WHERE namespace = ?1 AND function = ?2 LIMIT ?3)",
+            params![namespace, function, DELETE_BATCH],
+        )
     }
+}
+
+impl SqliteStore {
+    /// Runs a `DELETE … LIMIT batch` until it deletes nothing, one transaction each, so that
+    /// writers (the recorder, an enqueue) get the database between batches.
+    fn delete_in_batches(&self, sql: &str, params: impl rusqlite::Params + Clone) -> Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = self.conn().execute(sql, params.clone())?;
+            total += n as u64;
+            if (n as i64) < DELETE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The query of `list_runs`: newest first, with only the filters given (an `?x IS NULL OR`
+/// pattern would keep SQLite from using the indexes). `after` and a time window bound the
+/// ids: run ids are ULIDs, ordered by creation time.
+fn list_runs_sql(namespace: &str, filter: &RunFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut sql = String::from("SELECT body FROM runs WHERE namespace = ?1");
+    let mut args = vec![Value::Text(namespace.to_string())];
+    let mut and = |cond: &str, v: Value| {
+        args.push(v);
+        sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+    };
+    if let Some(f) = &filter.function {
+        and("function =", Value::Text(f.clone()));
+    }
+    if let Some(st) = filter.status {
+        and("status =", Value::Text(st.as_str().to_string()));
+    }
+    let upper = match (&filter.after, filter.until.map(id_at)) {
+        (Some(a), Some(u)) => Some(a.clone().min(u)),
+        (a, u) => a.clone().or(u),
+    };
+    if let Some(u) = upper {
+        and("id <", Value::Text(u));
+    }
+    if let Some(l) = filter.since.map(id_at) {
+        and("id >=", Value::Text(l));
+    }
+    args.push(Value::Integer(filter.limit.unwrap_or(100) as i64));
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+    (sql, args)
+}
+
+impl SqliteStore {
+    /// SQLite's plan for `list_runs` with `filter` (`EXPLAIN QUERY PLAN`, one line per step):
+    /// the tests check that listing never scans the runs table.
+    pub fn list_runs_plan(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<String>> {
+        let (sql, args) = list_runs_sql(namespace, filter);
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// The smallest run id (a ULID) created at `t`: ids of runs created at or after `t` compare
+/// greater or equal.
+fn id_at(t: Timestamp) -> String {
+    let ms = t.as_millisecond().max(0) as u64;
+    ulid::Ulid::from_parts(ms, 0).to_string()
 }
 
 /// The database holds every run's input and output: it is created 0600 (SQLite gives its

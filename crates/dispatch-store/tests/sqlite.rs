@@ -2,7 +2,7 @@
 
 use dispatch_core::envelope::null_raw;
 use dispatch_core::{Kind, Object, Phase, Run, RunStatus, Status, Trigger};
-use dispatch_store::{RunFilter, SqliteStore, Store, StoreError};
+use dispatch_store::{Retention, RunFilter, SqliteStore, Store, StoreError};
 use serde_json::json;
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
@@ -62,9 +62,14 @@ fn active_runs_callbacks_purge_and_retention() {
     assert_eq!(ids(s.pending_callbacks().unwrap()), ["01D"]);
     // Retention: older than a week goes; then at most 1 finished run per function stays.
     let week_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 7);
-    assert_eq!(s.prune_runs(week_ago, 1000).unwrap(), 1);
+    let rules = |keep| Retention {
+        finished_before: week_ago,
+        keep_per_function: keep,
+        max_bytes_per_namespace: None,
+    };
+    assert_eq!(s.prune_runs(&rules(1000), 100).unwrap(), 1);
     assert_eq!(
-        s.prune_runs(week_ago, 1).unwrap(),
+        s.prune_runs(&rules(1), 100).unwrap(),
         1,
         "01C is beyond the newest finished run of hello"
     );
@@ -172,5 +177,265 @@ fn runs_filter_by_function_and_status_newest_first() {
     assert_eq!(
         s.list_runs("default", &RunFilter::default()).unwrap().len(),
         1
+    );
+}
+
+/// A run of `function` created `ms` milliseconds after the epoch of the test, finished.
+fn run_at(ms: u64, seq: u16, function: &str, status: RunStatus, pad: usize) -> Run {
+    let id = ulid::Ulid::from_parts(1_700_000_000_000 + ms, seq as u128).to_string();
+    let mut r = run(&id, function, status);
+    r.input = serde_json::value::to_raw_value(&"x".repeat(pad)).unwrap();
+    r
+}
+
+fn usage(s: &SqliteStore) -> (u64, u64, u64) {
+    let u = s.run_usage().unwrap();
+    let d = u
+        .iter()
+        .find(|u| u.namespace == "default")
+        .cloned()
+        .unwrap_or_default();
+    (d.runs, d.finished, d.bytes)
+}
+
+#[test]
+fn usage_is_kept_by_every_write_and_delete() {
+    let (_d, s) = store();
+    let mut a = run_at(1, 0, "f", RunStatus::Queued, 10);
+    a.finished_at = None;
+    s.put_runs(&[a.clone(), run_at(2, 0, "f", RunStatus::Succeeded, 10)])
+        .unwrap();
+    let (runs, finished, bytes) = usage(&s);
+    assert_eq!((runs, finished), (2, 1));
+    let stored = |r: &Run| serde_json::to_string(r).unwrap().len() as u64;
+    assert_eq!(
+        bytes,
+        stored(&a) + stored(&run_at(2, 0, "f", RunStatus::Succeeded, 10))
+    );
+    // The queued run finishes with a bigger output: an update, not a second row.
+    a.status = RunStatus::Succeeded;
+    a.finished_at = Some(jiff::Timestamp::now());
+    a.output = Some(serde_json::value::to_raw_value(&"y".repeat(100)).unwrap());
+    s.put_runs(&[a.clone()]).unwrap();
+    let (runs, finished, bytes) = usage(&s);
+    assert_eq!((runs, finished), (2, 2));
+    assert_eq!(
+        bytes,
+        stored(&a) + stored(&run_at(2, 0, "f", RunStatus::Succeeded, 10))
+    );
+    assert_eq!(s.purge_runs("default", Some("f"), None).unwrap(), 2);
+    assert_eq!(usage(&s), (0, 0, 0));
+}
+
+#[test]
+fn retention_deletes_in_batches_by_age_count_and_bytes() {
+    let (_d, s) = store();
+    // 50 finished runs of `a` (1 KiB inputs), 10 of `b`, 1 queued of `a`.
+    let mut all: Vec<Run> = (0..50)
+        .map(|i| run_at(10 + i, 0, "a", RunStatus::Succeeded, 1024))
+        .collect();
+    all.extend((0..10).map(|i| run_at(100 + i, 0, "b", RunStatus::Failed, 1024)));
+    let mut queued = run_at(5, 0, "a", RunStatus::Queued, 1024);
+    queued.finished_at = None;
+    all.push(queued.clone());
+    s.put_runs(&all).unwrap();
+    let long_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 365);
+    // Count: `a` keeps its newest 20 finished; no step deletes more than its batch.
+    let rules = Retention {
+        finished_before: long_ago,
+        keep_per_function: 20,
+        max_bytes_per_namespace: None,
+    };
+    assert_eq!(s.prune_runs(&rules, 7).unwrap(), 7);
+    let mut total = 7;
+    loop {
+        let n = s.prune_runs(&rules, 7).unwrap();
+        assert!(n <= 7);
+        total += n;
+        if n < 7 {
+            break;
+        }
+    }
+    assert_eq!(total, 30);
+    let kept = s
+        .list_runs(
+            "default",
+            &RunFilter {
+                function: Some("a".into()),
+                limit: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(kept.len(), 21, "20 finished + the queued one");
+    assert_eq!(kept[0].id, all[49].id, "the newest are kept");
+    assert!(
+        kept.iter().any(|r| r.id == queued.id),
+        "active runs are never pruned"
+    );
+    // Bytes: a budget of ~10 records' worth leaves the newest finished that fit.
+    let one = serde_json::to_string(&all[0]).unwrap().len() as u64;
+    let rules = Retention {
+        max_bytes_per_namespace: Some(one * 10),
+        ..rules
+    };
+    while s.prune_runs(&rules, 5).unwrap() == 5 {}
+    let (runs, _, bytes) = usage(&s);
+    assert!(bytes <= one * 10, "{bytes} > {}", one * 10);
+    assert!(bytes > one * 8, "no more than needed went: {bytes}");
+    assert!(s.get_run("default", &queued.id).unwrap().is_some());
+    assert!(
+        s.get_run("default", &all[59].id).unwrap().is_some(),
+        "the newest stays"
+    );
+    assert_eq!(
+        runs as usize,
+        s.list_runs(
+            "default",
+            &RunFilter {
+                limit: Some(1000),
+                ..Default::default()
+            }
+        )
+        .unwrap()
+        .len()
+    );
+    // Age.
+    let rules = Retention {
+        finished_before: jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+        keep_per_function: 1000,
+        max_bytes_per_namespace: None,
+    };
+    while s.prune_runs(&rules, 3).unwrap() == 3 {}
+    assert_eq!(usage(&s).0, 1, "only the queued run is left");
+    // Freed pages go back to the file system.
+    s.compact(u64::MAX).unwrap();
+}
+
+#[test]
+fn pagination_returns_every_run_once_and_windows_by_time() {
+    let (_d, s) = store();
+    let statuses = [RunStatus::Succeeded, RunStatus::Failed];
+    let mut all = Vec::new();
+    for i in 0..95u64 {
+        // Several runs per millisecond, two functions, two statuses.
+        let f = if i % 3 == 0 { "x" } else { "y" };
+        all.push(run_at(
+            i / 4,
+            (i % 4) as u16,
+            f,
+            statuses[(i % 2) as usize],
+            1,
+        ));
+    }
+    s.put_runs(&all).unwrap();
+    let page = |after: Option<String>, f: &RunFilter| {
+        s.list_runs(
+            "default",
+            &RunFilter {
+                after,
+                limit: Some(10),
+                ..f.clone()
+            },
+        )
+        .unwrap()
+    };
+    for filter in [
+        RunFilter::default(),
+        RunFilter {
+            function: Some("y".into()),
+            ..Default::default()
+        },
+        RunFilter {
+            function: Some("x".into()),
+            status: Some(RunStatus::Failed),
+            ..Default::default()
+        },
+    ] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let p = page(after.clone(), &filter);
+            if p.is_empty() {
+                break;
+            }
+            after = p.last().map(|r| r.id.clone());
+            seen.extend(p.into_iter().map(|r| r.id));
+        }
+        let mut want: Vec<String> = all
+            .iter()
+            .filter(|r| filter.function.as_ref().is_none_or(|f| &r.function == f))
+            .filter(|r| filter.status.is_none_or(|st| r.status == st))
+            .map(|r| r.id.clone())
+            .collect();
+        want.sort();
+        want.reverse();
+        assert_eq!(seen, want, "{filter:?}");
+    }
+    // A window of time: runs created in [5 ms, 10 ms).
+    let t = |ms: u64| jiff::Timestamp::from_millisecond((1_700_000_000_000 + ms) as i64).unwrap();
+    let w = s
+        .list_runs(
+            "default",
+            &RunFilter {
+                since: Some(t(5)),
+                until: Some(t(10)),
+                limit: Some(1000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(w.len(), 20);
+}
+
+#[test]
+fn listing_runs_uses_an_index_for_each_filter() {
+    let (_d, s) = store();
+    for filter in [
+        RunFilter {
+            function: Some("f".into()),
+            ..Default::default()
+        },
+        RunFilter {
+            status: Some(RunStatus::Failed),
+            ..Default::default()
+        },
+        RunFilter {
+            function: Some("f".into()),
+            status: Some(RunStatus::Failed),
+            after: Some("01K".into()),
+            ..Default::default()
+        },
+    ] {
+        let plan = s.list_runs_plan("default", &filter).unwrap().join("; ");
+        assert!(
+            plan.contains("USING INDEX") || plan.contains("USING COVERING INDEX"),
+            "{filter:?}: {plan}"
+        );
+        assert!(
+            !plan.contains("TEMP B-TREE"),
+            "{filter:?} sorts in memory: {plan}"
+        );
+    }
+    let plan = s
+        .list_runs_plan(
+            "default",
+            &RunFilter {
+                function: Some("f".into()),
+                status: Some(RunStatus::Failed),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .join("; ");
+    assert!(plan.contains("runs_by_function_status"), "{plan}");
+    // All runs of a namespace.
+    let plan = s
+        .list_runs_plan("default", &RunFilter::default())
+        .unwrap()
+        .join("; ");
+    assert!(
+        plan.contains("runs_by_namespace") && !plan.contains("TEMP B-TREE"),
+        "{plan}"
     );
 }

@@ -37,6 +37,16 @@ pub struct Get {
     /// Runs: at most this many, newest first (default 100)
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Runs: the next page — runs older than this run id (the last one shown); with -o json
+    /// or yaml the last id is the last element's "id"
+    #[arg(long, value_name = "RUN_ID")]
+    pub after: Option<String>,
+    /// Runs: created at or after this time (2026-12-05T10:00:00Z) or this long ago (15m, 2h, 7d)
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Runs: created before this time or this long ago
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
 }
 
 impl Get {
@@ -206,14 +216,25 @@ impl Get {
                     }
                 }
                 None => {
+                    let limit = self.limit.unwrap_or(100);
                     let q = RunQuery {
                         function: self.function,
                         status: self.status,
-                        limit: self.limit,
+                        limit: Some(limit),
+                        after: self.after,
+                        since: self.since,
+                        until: self.until,
                     };
                     let runs = c.list_runs(&q).await?;
                     match self.output {
-                        Format::Table => print!("{}", runs_table(&runs)),
+                        Format::Table => {
+                            print!("{}", runs_table(&runs));
+                            if runs.len() == limit
+                                && let Some(last) = runs.last()
+                            {
+                                eprintln!("(more: dispatch get runs --after {} …)", last.id);
+                            }
+                        }
                         f => print_structured(&runs, f)?,
                     }
                 }

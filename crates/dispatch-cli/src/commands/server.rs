@@ -25,6 +25,10 @@ pub struct Server {
     /// Finished runs kept per function at most (newest first)
     #[arg(long, default_value_t = 10_000)]
     pub runs_per_function: usize,
+    /// Run records (inputs, outputs, logs as stored) kept per namespace at most; past it the
+    /// oldest finished runs are pruned, a batch at a time, e.g. 4Gi (0: no byte bound)
+    #[arg(long, default_value = "1Gi", value_parser = bytes, value_name = "SIZE")]
+    pub run_history_budget: u64,
     /// Logs kept per run record, in bytes (the rest is cut with a "truncated" marker)
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_run_log_bytes: usize,
@@ -148,6 +152,7 @@ impl Server {
             max_log_bytes: self.max_run_log_bytes,
             run_retention: self.run_retention,
             runs_per_function: self.runs_per_function.max(1),
+            run_history_budget: (self.run_history_budget > 0).then_some(self.run_history_budget),
             max_queue_depth: self.max_queue_depth.max(1),
             max_queued_per_function: self.max_queued_per_function.max(1),
             max_queued_bytes: self.max_queued_bytes.max(1),

@@ -197,6 +197,7 @@ pub async fn redrive_all(
         function: q.get("function").cloned(),
         status: Some(RunStatus::Dead),
         limit: Some(100_000),
+        ..Default::default()
     };
     let dead = state.db(move |s| s.list_runs(&ns, &filter)).await?;
     let mut ids = Vec::new();
@@ -261,13 +262,41 @@ pub async fn list(
                 })?,
         ),
     };
+    let after = match q.get("after") {
+        Some(a) if ulid::Ulid::from_string(a).is_err() => {
+            return Err(ApiError::bad_request(format!(
+                "after {a:?} is not a run id: pass the id of the last run of the previous page"
+            )));
+        }
+        a => a.cloned(),
+    };
     let filter = RunFilter {
         function: q.get("function").cloned(),
         status,
         limit,
+        after,
+        since: q.get("since").map(|t| parse_time("since", t)).transpose()?,
+        until: q.get("until").map(|t| parse_time("until", t)).transpose()?,
     };
     state.recorder.flush().await;
     Ok(Json(state.db(move |s| s.list_runs(&ns, &filter)).await?))
+}
+
+/// A time of `?since=` / `?until=`: RFC 3339 (`2026-12-05T10:00:00Z`) or a duration ago
+/// (`90s`, `15m`, `2h`, `7d`).
+fn parse_time(name: &str, s: &str) -> Result<jiff::Timestamp, ApiError> {
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return Ok(t);
+    }
+    dispatch_core::duration::parse_duration(s)
+        .ok()
+        .and_then(|d| jiff::SignedDuration::try_from(d).ok())
+        .and_then(|d| jiff::Timestamp::now().checked_sub(d).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{name} {s:?} is neither a time (2026-12-05T10:00:00Z) nor a duration ago (15m, 2h, 7d)"
+            ))
+        })
 }
 
 async fn find_run(state: &AppState, ns: String, id: String) -> Result<Run, ApiError> {

@@ -1,0 +1,227 @@
+//! Run history in a budget (issue 26): the recording policies keep exactly what they say,
+//! a byte budget holds under a burst, and an enqueue issued while a prune is in progress is
+//! committed before that prune finishes (a prune is many short steps, not one statement).
+
+mod support;
+
+use std::time::Duration;
+
+use dispatch_core::{Kind, Phase, Run, RunStatus, Trigger};
+use serde_json::json;
+use support::*;
+
+const MAYBE_FAIL: &str = r#"
+def handle(context, payload):
+    if payload.get("fail"):
+        raise ValueError("asked to fail")
+    return {"echo": payload.get("pad", "")[:8]}
+"#;
+
+fn quiet() -> dispatch_server::Options {
+    dispatch_server::Options {
+        // These tests drive retention themselves.
+        retention_interval: Duration::from_secs(3600),
+        ..no_auth()
+    }
+}
+
+async fn deploy(c: &dispatch_client::Client, name: &str, spec: serde_json::Value) {
+    create_function(c, name, "py", "h.py", MAYBE_FAIL, spec)
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, name).await.phase(),
+        Some(Phase::Ready)
+    );
+}
+
+async fn runs_of(c: &dispatch_client::Client, f: &str) -> Vec<Run> {
+    c.list_runs(&dispatch_client::RunQuery {
+        function: Some(f.into()),
+        limit: Some(10_000),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_policies_keep_exactly_what_they_say() {
+    let t = start_with(tempfile::tempdir().unwrap(), quiet()).await;
+    let c = &t.client;
+    images(c).await;
+    deploy(c, "every", json!({})).await;
+    deploy(c, "errs", json!({"history": "errors"})).await;
+    deploy(c, "quiet", json!({"history": "none"})).await;
+    deploy(
+        c,
+        "some",
+        json!({"history": "sample", "historySampleRate": 0.5}),
+    )
+    .await;
+    for f in ["every", "errs", "quiet", "some"] {
+        for i in 0..40 {
+            let _ = c.exec(f, &raw(json!({"i": i}))).await.unwrap();
+        }
+        for _ in 0..3 {
+            let r = c.exec(f, &raw(json!({"fail": true}))).await.unwrap();
+            assert!(r.envelope.context.error.is_some());
+        }
+        // Async runs are always recorded, whatever the policy.
+        let a = c.exec_async(f, &raw(json!({})), None).await.unwrap();
+        final_run(c, a["id"].as_str().unwrap()).await;
+    }
+    let count = |runs: &[Run], ok: bool| {
+        runs.iter()
+            .filter(|r| !r.is_async && (r.status == RunStatus::Succeeded) == ok)
+            .count()
+    };
+    let every = runs_of(c, "every").await;
+    assert_eq!((count(&every, true), count(&every, false)), (40, 3));
+    let errs = runs_of(c, "errs").await;
+    assert_eq!((count(&errs, true), count(&errs, false)), (0, 3));
+    let quiet = runs_of(c, "quiet").await;
+    assert_eq!((count(&quiet, true), count(&quiet, false)), (0, 0));
+    let some = runs_of(c, "some").await;
+    assert_eq!(count(&some, false), 3, "failures are always kept");
+    assert!(
+        (5..=35).contains(&count(&some, true)),
+        "about half of 40: {}",
+        count(&some, true)
+    );
+    for runs in [&every, &errs, &quiet, &some] {
+        assert_eq!(runs.iter().filter(|r| r.is_async).count(), 1);
+    }
+    // Every call is counted in /metrics whatever the policy: 4 × (40 + 3 + 1).
+    let m = reqwest::get(format!("{}/metrics", t.api()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let total: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("dispatch_runs_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, 176.0, "{m}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_holds_under_a_burst() {
+    let budget = 96 * 1024;
+    let t = start_with(
+        tempfile::tempdir().unwrap(),
+        dispatch_server::Options {
+            run_history_budget: Some(budget),
+            ..quiet()
+        },
+    )
+    .await;
+    let c = &t.client;
+    images(c).await;
+    deploy(c, "burst", json!({})).await;
+    let pad = "x".repeat(1000);
+    let mut last = String::new();
+    for _ in 0..300 {
+        last = c
+            .exec("burst", &raw(json!({"pad": pad})))
+            .await
+            .unwrap()
+            .run_id
+            .unwrap();
+    }
+    let state = &t.server.as_ref().unwrap().state;
+    let usage = || async {
+        state
+            .db(|s| s.run_usage())
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|u| u.namespace == "default")
+            .unwrap_or_default()
+    };
+    state.recorder.flush().await;
+    assert!(
+        usage().await.bytes > 3 * budget,
+        "the burst is over the budget"
+    );
+    let pruned = dispatch_server::retention::prune(state).await.unwrap();
+    let u = usage().await;
+    assert!(u.bytes <= budget, "{} bytes kept, budget {budget}", u.bytes);
+    assert!(
+        u.bytes > budget / 2,
+        "no more went than needed: {}",
+        u.bytes
+    );
+    assert_eq!(pruned + u.runs, 300);
+    // The newest are the ones kept, and listing agrees with the usage count.
+    assert_eq!(c.get_run(&last).await.unwrap().id, last);
+    assert_eq!(runs_of(c, "burst").await.len() as u64, u.runs);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_during_a_prune_commits_before_the_prune_ends() {
+    let t = start_with(
+        tempfile::tempdir().unwrap(),
+        dispatch_server::Options {
+            runs_per_function: 10,
+            ..quiet()
+        },
+    )
+    .await;
+    let c = &t.client;
+    images(c).await;
+    deploy(c, "work", json!({})).await;
+    // 5000 finished runs of another function, stored directly.
+    let state = &t.server.as_ref().unwrap().state;
+    let old: Vec<Run> = (0..5000)
+        .map(|_| {
+            let mut r = Run::new(
+                dispatch_core::run::new_run_id(),
+                "default",
+                "old",
+                Trigger::Exec,
+                raw(json!({})),
+                jiff::Timestamp::now(),
+            );
+            r.status = RunStatus::Succeeded;
+            r.finished_at = Some(jiff::Timestamp::now());
+            r
+        })
+        .collect();
+    state.db(move |s| s.put_runs(&old)).await.unwrap();
+    // The prune is steps of at most BATCH rows; between two of them an enqueue commits.
+    let batch = dispatch_server::retention::BATCH as u64;
+    let first = dispatch_server::retention::step(state, dispatch_server::retention::BATCH)
+        .await
+        .unwrap();
+    assert_eq!(first, batch, "one step deletes one batch, no more");
+    let accepted = c.exec_async("work", &raw(json!({})), None).await.unwrap();
+    let id = accepted["id"].as_str().unwrap();
+    let committed = state
+        .db({
+            let id = id.to_string();
+            move |s| s.get_run("default", &id)
+        })
+        .await
+        .unwrap();
+    assert!(committed.is_some(), "the 202 came after the commit");
+    let mut rest = 0;
+    loop {
+        let n = dispatch_server::retention::step(state, dispatch_server::retention::BATCH)
+            .await
+            .unwrap();
+        assert!(n <= batch);
+        rest += n;
+        if n < batch {
+            break;
+        }
+    }
+    assert!(rest > 0, "the prune was still going after the enqueue");
+    assert_eq!(first + rest, 4990, "all but the newest 10 of `old`");
+    assert_eq!(final_run(c, id).await.status, RunStatus::Succeeded);
+    t.stop().await;
+}
