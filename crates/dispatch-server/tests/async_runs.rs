@@ -582,6 +582,7 @@ async fn gateway_async_calls_and_retention() {
     }
     let state = &t.server.as_ref().unwrap().state;
     // (The background pass may have taken them first: it runs every second.)
+    state.recorder.flush().await;
     assert!(dispatch_server::retention::prune(state).await.unwrap() <= 2);
     let left = c.list_runs(&Default::default()).await.unwrap();
     assert_eq!(left.len(), 2);

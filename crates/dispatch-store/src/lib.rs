@@ -39,8 +39,8 @@ pub struct RunFilter {
 /// `--run-history-budget`). Active (QUEUED, RUNNING) runs are never pruned.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
-    /// Finished runs that finished before this go.
-    pub finished_before: jiff::Timestamp,
+    /// Finished runs created before this go.
+    pub created_before: jiff::Timestamp,
     /// Finished runs beyond the newest this many of their function go.
     pub keep_per_function: usize,
     /// Run records of one namespace beyond this many bytes (their stored size): the oldest
@@ -145,9 +145,8 @@ pub trait Store: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
-    /// After large deletes: gives freed space back to the file system (SQLite: truncates the
-    /// write-ahead log, incremental vacuum of at most `max_pages` free pages). Returns the
-    /// pages released.
+    /// After large deletes: gives freed space back to the file system (SQLite: incremental
+    /// vacuum of at most `max_pages` free pages). Returns the pages released.
     fn compact(&self, _max_pages: u64) -> Result<u64> {
         Ok(0)
     }

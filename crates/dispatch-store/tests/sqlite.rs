@@ -40,44 +40,48 @@ fn run(id: &str, function: &str, status: RunStatus) -> Run {
 #[test]
 fn active_runs_callbacks_purge_and_retention() {
     let (_d, s) = store();
-    let mut cb = run("01D", "hello", RunStatus::Succeeded);
+    // Run ids are ULIDs: their time is the run's creation time (what age retention reads).
+    let now = jiff::Timestamp::now().as_millisecond() as u64;
+    let id =
+        |days_ago: u64, n: u128| ulid::Ulid::from_parts(now - days_ago * 86_400_000, n).to_string();
+    let (a, b, c, d, e) = (id(0, 1), id(0, 2), id(0, 3), id(0, 4), id(30, 5));
+    let mut cb = run(&d, "hello", RunStatus::Succeeded);
     cb.callback = Some(dispatch_core::Callback {
         url: "http://x".into(),
         state: dispatch_core::CallbackState::Pending,
         attempts: 0,
         last_error: None,
     });
-    let mut old = run("01E", "old", RunStatus::Dead);
-    old.finished_at = Some(jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 30));
     s.put_runs(&[
-        run("01A", "hello", RunStatus::Queued),
-        run("01B", "hello", RunStatus::Running),
-        run("01C", "hello", RunStatus::Succeeded),
+        run(&a, "hello", RunStatus::Queued),
+        run(&b, "hello", RunStatus::Running),
+        run(&c, "hello", RunStatus::Succeeded),
         cb,
-        old,
+        run(&e, "old", RunStatus::Dead),
     ])
     .unwrap();
     let ids = |v: Vec<Run>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
-    assert_eq!(ids(s.active_runs().unwrap()), ["01A", "01B"]);
-    assert_eq!(ids(s.pending_callbacks().unwrap()), ["01D"]);
-    // Retention: older than a week goes; then at most 1 finished run per function stays.
+    assert_eq!(ids(s.active_runs().unwrap()), [a.clone(), b.clone()]);
+    assert_eq!(ids(s.pending_callbacks().unwrap()), [d.clone()]);
+    // Retention: created over a week ago goes; then at most 1 finished run per function stays.
     let week_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 7);
     let rules = |keep| Retention {
-        finished_before: week_ago,
+        created_before: week_ago,
         keep_per_function: keep,
         max_bytes_per_namespace: None,
     };
     assert_eq!(s.prune_runs(&rules(1000), 100).unwrap(), 1);
+    assert!(s.get_run("default", &e).unwrap().is_none());
     assert_eq!(
         s.prune_runs(&rules(1), 100).unwrap(),
         1,
-        "01C is beyond the newest finished run of hello"
+        "c is beyond the newest finished run of hello"
     );
-    assert!(s.get_run("default", "01C").unwrap().is_none());
-    assert!(s.get_run("default", "01D").unwrap().is_some());
+    assert!(s.get_run("default", &c).unwrap().is_none());
+    assert!(s.get_run("default", &d).unwrap().is_some());
     // Purge removes finished runs only.
     assert_eq!(s.purge_runs("default", Some("hello"), None).unwrap(), 1);
-    assert_eq!(ids(s.active_runs().unwrap()), ["01A", "01B"]);
+    assert_eq!(ids(s.active_runs().unwrap()), [a, b]);
     assert_eq!(
         s.purge_runs("default", None, Some(RunStatus::Queued))
             .unwrap(),
@@ -239,10 +243,11 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
     queued.finished_at = None;
     all.push(queued.clone());
     s.put_runs(&all).unwrap();
-    let long_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 365);
+    // Before the runs' ids (2023): age keeps them all.
+    let long_ago = jiff::Timestamp::from_millisecond(1_600_000_000_000).unwrap();
     // Count: `a` keeps its newest 20 finished; no step deletes more than its batch.
     let rules = Retention {
-        finished_before: long_ago,
+        created_before: long_ago,
         keep_per_function: 20,
         max_bytes_per_namespace: None,
     };
@@ -302,7 +307,7 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
     );
     // Age.
     let rules = Retention {
-        finished_before: jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+        created_before: jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
         keep_per_function: 1000,
         max_bytes_per_namespace: None,
     };

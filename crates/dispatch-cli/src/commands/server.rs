@@ -19,7 +19,7 @@ pub struct Server {
     /// Address of the gateway serving endpoints
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     pub gateway_addr: SocketAddr,
-    /// Finished runs are deleted after this long (e.g. 7d, 12h)
+    /// Finished runs are deleted this long after they were created (e.g. 7d, 12h)
     #[arg(long, default_value = "7d", value_parser = duration)]
     pub run_retention: Duration,
     /// Finished runs kept per function at most (newest first)

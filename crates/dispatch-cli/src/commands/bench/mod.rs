@@ -15,6 +15,7 @@
 mod accepted;
 mod burst;
 mod faults;
+mod history;
 mod process;
 mod soak;
 
@@ -83,6 +84,7 @@ pub enum Mode {
     Soak(soak::Soak),
     Burst(burst::Burst),
     Faults(faults::Faults),
+    History(history::History),
 }
 
 #[derive(Debug, Serialize)]
@@ -190,6 +192,7 @@ impl Bench {
             Some(Mode::Soak(s)) => return s.run().await,
             Some(Mode::Burst(b)) => return b.run().await,
             Some(Mode::Faults(f)) => return f.run().await,
+            Some(Mode::History(h)) => return h.run().await,
             None => {}
         }
         if self.quick {
