@@ -62,7 +62,7 @@ fn active_runs_callbacks_purge_and_retention() {
     .unwrap();
     let ids = |v: Vec<Run>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(s.active_runs().unwrap()), [a.clone(), b.clone()]);
-    assert_eq!(ids(s.pending_callbacks().unwrap()), [d.clone()]);
+    assert_eq!(ids(s.pending_callbacks().unwrap()), std::slice::from_ref(&d));
     // Retention: created over a week ago goes; then at most 1 finished run per function stays.
     let week_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24 * 7);
     let rules = |keep| Retention {
