@@ -101,7 +101,8 @@ const MIGRATIONS: &[M<'static>] = &[
     );",
     ),
     // Run history in a budget (issue 26): each record's stored size, a running count and
-    // size per function kept by triggers (retention reads it instead of scanning the runs),
+    // size per function (retention reads it instead of scanning the runs; kept by the
+    // writes and deletes of this file, a batch at a time — a trigger cost 5 µs a row),
     // and indexes so that every listing (namespace; function; status; function and status)
     // reads its newest rows in order instead of sorting the namespace. Age is read from the
     // id (a ULID: creation time), so the index on finish times goes — each index is a write
@@ -122,26 +123,7 @@ const MIGRATIONS: &[M<'static>] = &[
     ) WITHOUT ROWID;
     INSERT INTO run_usage
         SELECT namespace, function, COUNT(*), SUM(finished_ms IS NOT NULL), SUM(bytes)
-        FROM runs GROUP BY namespace, function;
-    CREATE TRIGGER runs_usage_insert AFTER INSERT ON runs BEGIN
-        INSERT INTO run_usage VALUES
-            (new.namespace, new.function, 1, new.finished_ms IS NOT NULL, new.bytes)
-        ON CONFLICT (namespace, function) DO UPDATE SET runs = runs + 1,
-            finished = finished + excluded.finished, bytes = bytes + excluded.bytes;
-    END;
-    CREATE TRIGGER runs_usage_update AFTER UPDATE ON runs BEGIN
-        UPDATE run_usage SET
-            finished = finished + (new.finished_ms IS NOT NULL) - (old.finished_ms IS NOT NULL),
-            bytes = bytes + new.bytes - old.bytes
-        WHERE namespace = new.namespace AND function = new.function;
-    END;
-    CREATE TRIGGER runs_usage_delete AFTER DELETE ON runs BEGIN
-        UPDATE run_usage SET runs = runs - 1,
-            finished = finished - (old.finished_ms IS NOT NULL), bytes = bytes - old.bytes
-        WHERE namespace = old.namespace AND function = old.function;
-        DELETE FROM run_usage WHERE namespace = old.namespace AND function = old.function
-            AND runs <= 0;
-    END;",
+        FROM runs GROUP BY namespace, function;",
     ),
 ];
 
@@ -449,9 +431,12 @@ impl Store for SqliteStore {
     fn put_runs(&self, runs: &[Run]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let mut usage = Usage::default();
         {
+            // The row a write replaces (an async run's next state), for the usage counts.
+            let mut old =
+                tx.prepare_cached("SELECT bytes, finished_ms IS NOT NULL FROM runs WHERE id = ?1")?;
             let mut stmt = tx.prepare_cached(
-                // An upsert, not REPLACE: the usage triggers see an UPDATE with the old row.
                 "INSERT INTO runs
                    (id, namespace, function, status, body, finished_ms, callback_pending, bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -462,6 +447,20 @@ impl Store for SqliteStore {
             for run in runs {
                 let body = serde_json::to_string(run)?;
                 let bytes = body.len() as i64;
+                let finished = run.status.is_final() && run.finished_at.is_some();
+                // Only an async run is written again (its next state); a sync run's record
+                // is written once, so the look-up is skipped on the hot path.
+                let before: Option<(i64, bool)> = if run.is_async {
+                    old.query_row(params![run.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?
+                } else {
+                    None
+                };
+                let (runs_d, fin_d, bytes_d) = match before {
+                    None => (1, finished as i64, bytes),
+                    Some((b, f)) => (0, finished as i64 - f as i64, bytes - b),
+                };
+                usage.add(&run.namespace, &run.function, runs_d, fin_d, bytes_d);
                 stmt.execute(params![
                     run.id,
                     run.namespace,
@@ -480,6 +479,7 @@ impl Store for SqliteStore {
                 ])?;
             }
         }
+        usage.apply(&tx)?;
         tx.commit()?;
         Ok(())
     }
@@ -527,12 +527,15 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let mut left = batch as i64;
+        let mut usage = Usage::default();
         // Age: ids are ULIDs, so "created before" is a range of the primary key.
-        left -= tx.execute(
+        left -= usage.delete(
+            &tx,
             "DELETE FROM runs WHERE id IN (
                SELECT id FROM runs WHERE id < ?1 AND finished_ms IS NOT NULL LIMIT ?2)",
             params![id_at(rules.created_before), left],
         )? as i64;
+        usage.apply(&tx)?;
         // Count per function: run_usage says which functions are over (no scan of the runs).
         while left > 0 {
             let over: Option<(String, String, i64)> = tx
@@ -546,12 +549,14 @@ impl Store for SqliteStore {
             let Some((ns, function, excess)) = over else {
                 break;
             };
-            let n = tx.execute(
+            let n = usage.delete(
+                &tx,
                 "DELETE FROM runs WHERE id IN (
                    SELECT id FROM runs WHERE namespace = ?1 AND function = ?2
                      AND finished_ms IS NOT NULL ORDER BY id LIMIT ?3)",
                 params![ns, function, excess.min(left)],
             )? as i64;
+            usage.apply(&tx)?;
             if n == 0 {
                 break;
             }
@@ -582,15 +587,15 @@ impl Store for SqliteStore {
                 if oldest.is_empty() {
                     break;
                 }
-                let mut stmt = tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?;
                 for (id, bytes) in oldest {
                     if excess <= 0 {
                         break;
                     }
-                    stmt.execute(params![id])?;
+                    usage.delete(&tx, "DELETE FROM runs WHERE id = ?1", params![id])?;
                     excess -= bytes;
                     left -= 1;
                 }
+                usage.apply(&tx)?;
             }
         }
         tx.commit()?;
@@ -859,12 +864,64 @@ impl SqliteStore {
     fn delete_in_batches(&self, sql: &str, params: impl rusqlite::Params + Clone) -> Result<u64> {
         let mut total = 0u64;
         loop {
-            let n = self.conn().execute(sql, params.clone())?;
-            total += n as u64;
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let mut usage = Usage::default();
+            let n = usage.delete(&tx, sql, params.clone())?;
+            usage.apply(&tx)?;
+            tx.commit()?;
+            total += n;
             if (n as i64) < DELETE_BATCH {
                 return Ok(total);
             }
         }
+    }
+}
+
+/// Changes to `run_usage` gathered over a transaction's writes and deletes, applied once per
+/// function at its end.
+#[derive(Default)]
+struct Usage(std::collections::HashMap<(String, String), (i64, i64, i64)>);
+
+impl Usage {
+    fn add(&mut self, namespace: &str, function: &str, runs: i64, finished: i64, bytes: i64) {
+        let e = self
+            .0
+            .entry((namespace.to_string(), function.to_string()))
+            .or_default();
+        e.0 += runs;
+        e.1 += finished;
+        e.2 += bytes;
+    }
+
+    /// Runs `sql` (a DELETE on runs) with a RETURNING clause that tells what went; returns
+    /// how many rows.
+    fn delete(&mut self, tx: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<u64> {
+        let mut stmt = tx.prepare_cached(&format!(
+            "{sql} RETURNING namespace, function, bytes, finished_ms IS NOT NULL"
+        ))?;
+        let mut rows = stmt.query(params)?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let (ns, f): (String, String) = (r.get(0)?, r.get(1)?);
+            let (bytes, finished): (i64, bool) = (r.get(2)?, r.get(3)?);
+            self.add(&ns, &f, -1, -(finished as i64), -bytes);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn apply(&mut self, tx: &Connection) -> Result<()> {
+        let mut up = tx.prepare_cached(
+            "INSERT INTO run_usage VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (namespace, function) DO UPDATE SET runs = runs + excluded.runs,
+               finished = finished + excluded.finished, bytes = bytes + excluded.bytes",
+        )?;
+        for ((ns, f), (runs, finished, bytes)) in self.0.drain() {
+            up.execute(params![ns, f, runs, finished, bytes])?;
+        }
+        tx.execute("DELETE FROM run_usage WHERE runs <= 0", [])?;
+        Ok(())
     }
 }
 
