@@ -602,8 +602,7 @@ async fn get_run(state: &AppState, ns: &str, id: &str) -> Option<Run> {
     }
 }
 
-/// Writes a run (committed before returning).
-/// Stores an accepted run's new state. A refusal of the store (a full or failing disk) is
+/// Stores an accepted run's new state (committed before returning). A refusal of the store (a full or failing disk) is
 /// retried, with backoff up to 5 s, until it succeeds: dropping the state would leave the
 /// run in no queue, with a stale record, until the next start. Gives up (false) only when
 /// the recorder is gone (the server is stopping; the next start recovers the run from its

@@ -625,15 +625,15 @@ impl Store for SqliteStore {
             c.query_row("PRAGMA freelist_count", [], |r| r.get(0))
         };
         let before = free(&conn)?;
-        conn.query_row(
-            &format!(
-                "PRAGMA incremental_vacuum({})",
-                max_pages.min(i64::MAX as u64)
-            ),
-            [],
-            |_| Ok(()),
-        )
-        .optional()?;
+        // Each step of this pragma frees one page: step it to the end.
+        let mut stmt = conn.prepare(&format!(
+            "PRAGMA incremental_vacuum({})",
+            max_pages.min(i64::MAX as u64)
+        ))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        drop(rows);
+        drop(stmt);
         // The WAL is not truncated here (a TRUNCATE checkpoint copies the whole WAL while
         // writers wait): the checkpointer thread's PASSIVE checkpoints reset it and
         // journal_size_limit cuts it back.
