@@ -43,13 +43,32 @@ pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
 /// fail on them in ways that are not the caller's business).
 pub const MAX_JSON_DEPTH: usize = 64;
 
-/// Whether `json` nests arrays/objects deeper than `max` (a scan that skips strings; it does
-/// not validate: the parser does that after).
-pub fn json_too_deep(json: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+/// What one pass over a JSON document found (see [`scan_json`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JsonScan {
+    /// Arrays/objects nest deeper than the limit given (the scan stopped there).
+    pub too_deep: bool,
+    /// Something a quick validation lets through but a full parse may refuse: a number with
+    /// an exponent or 309 digits in a row (beyond a 64-bit float's range, read as infinity by
+    /// runtimes), or a `\u` escape (a lone surrogate). Such a document is parsed in full.
+    pub needs_full_parse: bool,
+}
+
+/// One pass over `json` that skips strings: its nesting against `max`, and whether it needs
+/// a full parse. It does not validate: the parser does that after.
+pub fn scan_json(json: &[u8], max: usize) -> JsonScan {
+    let mut scan = JsonScan {
+        too_deep: false,
+        needs_full_parse: false,
+    };
+    let (mut depth, mut in_string, mut escaped, mut digits) = (0usize, false, false, 0usize);
     for &b in json {
         if in_string {
             match (escaped, b) {
+                (true, b'u') => {
+                    scan.needs_full_parse = true;
+                    escaped = false;
+                }
                 (true, _) => escaped = false,
                 (false, b'\\') => escaped = true,
                 (false, b'"') => in_string = false,
@@ -62,40 +81,16 @@ pub fn json_too_deep(json: &[u8], max: usize) -> bool {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
-                    return true;
+                    scan.too_deep = true;
+                    return scan;
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
-}
-
-/// Whether `json` holds something a quick validation lets through but a full parse may refuse:
-/// a number with an exponent or 309 digits in a row (beyond a 64-bit float's range, read as
-/// infinity by runtimes), or a `\u` escape (a lone surrogate). Such a document is parsed in
-/// full; any other is taken as validated.
-pub fn json_needs_full_parse(json: &[u8]) -> bool {
-    let (mut in_string, mut escaped, mut digits) = (false, false, 0usize);
-    for &b in json {
-        if in_string {
-            match (escaped, b) {
-                (true, b'u') => return true,
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'e' | b'E' if digits > 0 => return true,
+            b'e' | b'E' if digits > 0 => scan.needs_full_parse = true,
             b'0'..=b'9' | b'.' => {
                 digits += 1;
                 if digits >= 309 {
-                    return true;
+                    scan.needs_full_parse = true;
                 }
                 continue;
             }
@@ -103,7 +98,17 @@ pub fn json_needs_full_parse(json: &[u8]) -> bool {
         }
         digits = 0;
     }
-    false
+    scan
+}
+
+/// Whether `json` nests arrays/objects deeper than `max` ([`scan_json`]).
+pub fn json_too_deep(json: &[u8], max: usize) -> bool {
+    scan_json(json, max).too_deep
+}
+
+/// Whether `json` needs a full parse ([`JsonScan::needs_full_parse`]).
+pub fn json_needs_full_parse(json: &[u8]) -> bool {
+    scan_json(json, usize::MAX).needs_full_parse
 }
 
 #[cfg(test)]

@@ -23,8 +23,7 @@ pub struct DiskGuard {
     dir: PathBuf,
     reserve: Option<u64>,
     refusals: AtomicU64,
-    /// Seconds since the Unix epoch of the last warning (one every 10 s at most).
-    last_warn: AtomicU64,
+    warnings: crate::serve::LogThrottle,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +40,7 @@ impl DiskGuard {
             dir: dir.into(),
             reserve,
             refusals: AtomicU64::new(0),
-            last_warn: AtomicU64::new(0),
+            warnings: Default::default(),
         }
     }
 
@@ -76,23 +75,14 @@ impl DiskGuard {
     /// A 507 that says the disk is short (without the path: gateway callers are anonymous).
     pub fn refuse(&self, what: &str, s: Space) -> ApiError {
         let refused = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_warn.load(Ordering::Relaxed);
-        if now >= last + 10
-            && self
-                .last_warn
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        self.warnings.run(|| {
             tracing::warn!(
                 available = s.available,
                 reserve = s.reserve,
                 refused,
                 "refused {what}: the data dir's disk is below its reserve (--min-free-disk)"
-            );
-        }
+            )
+        });
         ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             "InsufficientStorage",

@@ -148,17 +148,18 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(
 
 /// Refuses JSON that a runtime could not take back whole (400 `InputError`): nested deeper
 /// than [`dispatch_core::MAX_JSON_DEPTH`], numbers beyond a 64-bit float's range (runtimes
-/// read them as infinity), lone surrogates. Cheap scans; a full parse only when one of the
+/// read them as infinity), lone surrogates. One cheap scan; a full parse only when one of the
 /// last two may be there. Syntax errors are left to the caller's own parse.
 pub fn check_json(json: &[u8], what: &str) -> Result<(), ApiError> {
     let max = dispatch_core::MAX_JSON_DEPTH;
     let refuse = |why: String| ApiError::new(StatusCode::BAD_REQUEST, "InputError", why);
-    if dispatch_core::json_too_deep(json, max) {
+    let scan = dispatch_core::scan_json(json, max);
+    if scan.too_deep {
         return Err(refuse(format!(
             "{what} nests arrays or objects deeper than {max} levels, the limit: flatten it"
         )));
     }
-    if dispatch_core::json_needs_full_parse(json)
+    if scan.needs_full_parse
         && serde_json::from_slice::<&serde_json::value::RawValue>(json).is_ok()
         && let Err(e) = serde_json::from_slice::<serde_json::Value>(json)
     {

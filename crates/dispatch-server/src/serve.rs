@@ -87,8 +87,8 @@ pub struct EdgeCounters {
     pub open: AtomicU64,
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
-    /// Seconds since the Unix epoch of the last "refusing connections" warning.
-    last_warn: AtomicU64,
+    /// The "refusing connections" warnings.
+    last_warn: LogThrottle,
     /// The cap in force (0 until the listener starts).
     pub cap: AtomicU64,
 }
@@ -288,17 +288,31 @@ fn refuse(stream: TcpStream, tls: bool, edge: Edge, cap: usize, counters: &EdgeC
 }
 
 fn warn_limited(counters: &EdgeCounters, warn: impl FnOnce()) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let last = counters.last_warn.load(Ordering::Relaxed);
-    if now >= last + WARN_EVERY.as_secs()
-        && counters
-            .last_warn
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        warn();
+    counters.last_warn.run(warn);
+}
+
+/// A log line at most once per [`WARN_EVERY`], whoever asks (refused connections, a disk
+/// below its reserve): a flood of refusals must not become a flood of log lines.
+#[derive(Default)]
+pub struct LogThrottle {
+    /// Seconds since the Unix epoch of the last line.
+    last: AtomicU64,
+}
+
+impl LogThrottle {
+    pub fn run(&self, log: impl FnOnce()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if now >= last + WARN_EVERY.as_secs()
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log();
+        }
     }
 }
 

@@ -182,6 +182,15 @@ fn one_worker(server: u32) -> Option<u32> {
     (ws.len() == 1).then(|| ws[0])
 }
 
+/// The status of a GET of `url` (599: no answer).
+async fn status_of(url: &str) -> u16 {
+    reqwest::Client::new()
+        .get(url)
+        .send()
+        .await
+        .map_or(599, |r| r.status().as_u16())
+}
+
 fn kill9(pid: u32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -447,12 +456,7 @@ async fn disk_full(iso: &[&str]) -> Result<Row> {
         }
     }
     let ready = s.client.ready().await;
-    let sync = reqwest::Client::new()
-        .get(format!("http://{}/slow", s.gateway))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(599);
+    let sync = status_of(&format!("http://{}/slow", s.gateway)).await;
     let accepted_n = work.len();
     let o = accepted::settle(&s.client, work, Duration::from_secs(120)).await;
     // Room again: the finished runs' records are purged.
@@ -550,14 +554,7 @@ async fn corrupt_blob(iso: &[&str]) -> Result<Row> {
     std::fs::write(&blob, &bytes)?;
     let call = |s: &ServerProcess| {
         let url = format!("http://{}/hello", s.gateway);
-        async move {
-            reqwest::Client::new()
-                .get(url)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(599)
-        }
+        async move { status_of(&url).await }
     };
     // A restart reads every function's source again.
     s.restart().await?;
@@ -783,12 +780,7 @@ async fn idle_flood(iso: &[&str]) -> Result<Row> {
             Err(_) => {}
         }
     }
-    let after = reqwest::Client::new()
-        .get(format!("http://{gw}/hello"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(599);
+    let after = status_of(&format!("http://{gw}/hello")).await;
     Ok(Row {
         fault: "idle-flood",
         // Refused at once: a 503, or — when the refused connections lingering to deliver

@@ -721,19 +721,6 @@ fn memory_of(pid: i32) -> Result<(u64, u64)> {
     ))
 }
 
-/// VmRSS of process `pid`, in KiB (0 when unreadable).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Registers `n` functions (the hello code, so one build) with an endpoint each.
 async fn scale(s: &Setup, n: usize) -> Result<Scale> {
     let state = &s.server.state;
@@ -843,30 +830,8 @@ async fn server_rss(n: usize) -> Result<(u64, u64)> {
     let dir = tempfile::Builder::new()
         .prefix("dispatch-bench-rss-")
         .tempdir()?;
-    let free = || -> Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    };
-    let (api, gw) = (free()?, free()?);
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["server", "--insecure-no-auth", "--data-dir"])
-        .arg(dir.path())
-        .args(["--api-addr", &format!("127.0.0.1:{api}")])
-        .args(["--gateway-addr", &format!("127.0.0.1:{gw}")])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting a dispatch server for the memory measure")?;
-    let pid = child.id().context("the server has no pid")?;
-    let client = Client::new(&dispatch_client::Target {
-        server: format!("http://127.0.0.1:{api}"),
-        token: None,
-        namespace: "default".into(),
-        insecure: false,
-    })?;
+    let server = process::ServerProcess::start(dir.path(), &[]).await?;
+    let client = server.client.clone();
     let deadline = Instant::now() + Duration::from_secs(600);
     let wait = |what: String| {
         if Instant::now() > deadline {
@@ -874,10 +839,6 @@ async fn server_rss(n: usize) -> Result<(u64, u64)> {
         }
         Ok(())
     };
-    while !client.ready().await {
-        wait("the server was not ready".into())?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     client
         .create(&Object::new(
             Kind::Image,
@@ -905,15 +866,13 @@ async fn server_rss(n: usize) -> Result<(u64, u64)> {
         wait("the first function was not READY".into())?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let before = rss_kib(pid);
+    let before = server.sample().rss_kib;
     register(&client, 1..n + 1, &src).await?;
     while !ready(client.clone(), n + 1).await? {
         wait(format!("the {n} functions were not all READY"))?;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let after = rss_kib(pid);
-    let _ = child.kill().await;
-    Ok((before, after))
+    Ok((before, server.sample().rss_kib))
 }
 
 /// The `q` quantile (0..1) of `v`, which it sorts (0 when empty). The cargo benches use it too.
