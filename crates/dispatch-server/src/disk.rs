@@ -5,8 +5,9 @@
 //! fault matrix: a full disk once lost an accepted run and failed every write after).
 //!
 //! The free space is read with `statvfs` on each admission (a microsecond); when it is
-//! short, the store's own free pages (a purge frees pages SQLite reuses, not disk space)
-//! count too, so that `dispatch runs purge` makes room again.
+//! short, the store's own free pages (retention frees pages SQLite reuses before it gives
+//! them back) count too. `dispatch runs purge` gives the space back to the file system
+//! before it answers, a MiB at a time so that it needs little room itself.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

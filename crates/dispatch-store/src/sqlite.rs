@@ -129,6 +129,8 @@ const MIGRATIONS: &[M<'static>] = &[
 
 /// Rows deleted per transaction by purges and function deletes (retention has its own batch).
 const DELETE_BATCH: i64 = 1000;
+/// Pages a purge releases between two truncations of the WAL.
+const PURGE_COMPACT_PAGES: u64 = 256;
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -313,12 +315,13 @@ impl Store for SqliteStore {
     fn reclaim(&self) -> u64 {
         let conn = self.conn();
         // At most once a second: a flood of refused calls must not checkpoint each time.
-        let mut last = self.truncated.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
-            *last = Some(std::time::Instant::now());
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::warn!("truncating the write-ahead log to free disk space: {e}");
-            }
+        let due = self
+            .truncated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if due {
+            self.truncate_wal(&conn);
         }
         let pragma = |name: &str| {
             conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
@@ -510,7 +513,7 @@ impl Store for SqliteStore {
         function: Option<&str>,
         status: Option<RunStatus>,
     ) -> Result<u64> {
-        self.delete_in_batches(
+        let n = self.delete_in_batches(
             "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE namespace = ?1
                AND status NOT IN ('QUEUED', 'RUNNING')
                AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3) LIMIT ?4)",
@@ -520,7 +523,22 @@ impl Store for SqliteStore {
                 status.map(|s| s.as_str()),
                 DELETE_BATCH
             ],
-        )
+        )?;
+        // A purge is how an operator makes room on a short disk: the space goes back to the
+        // file system now, not at the next background compaction. Releasing pages moves
+        // pages, and a moved page is written to the WAL first: a MiB at a time, the WAL
+        // truncated after each, so that the purge itself needs little room. Rare and
+        // explicit, so the TRUNCATE checkpoints' waits are paid here.
+        if n > 0 {
+            loop {
+                self.truncate_wal(&self.conn());
+                if self.compact(PURGE_COMPACT_PAGES)? < PURGE_COMPACT_PAGES {
+                    break;
+                }
+            }
+            self.truncate_wal(&self.conn());
+        }
+        Ok(n)
     }
 
     fn prune_runs(&self, rules: &Retention, batch: usize) -> Result<u64> {
@@ -861,6 +879,15 @@ impl Store for SqliteStore {
 impl SqliteStore {
     /// Runs a `DELETE … LIMIT batch` until it deletes nothing, one transaction each, so that
     /// writers (the recorder, an enqueue) get the database between batches.
+    /// Checkpoints the whole write-ahead log into the database and truncates it to zero
+    /// bytes (writers wait while it copies); a failure is logged, the WAL stays as it was.
+    fn truncate_wal(&self, conn: &Connection) {
+        *self.truncated.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::warn!("truncating the write-ahead log to free disk space: {e}");
+        }
+    }
+
     fn delete_in_batches(&self, sql: &str, params: impl rusqlite::Params + Clone) -> Result<u64> {
         let mut total = 0u64;
         loop {

@@ -481,7 +481,7 @@ async fn disk_full(iso: &[&str]) -> Result<Row> {
         ),
         o.lost,
     );
-    if o.failed > 0 || after.is_err() {
+    if o.failed > 0 || purged.is_err() || after.is_err() {
         row.result = "failed";
     }
     Ok(row)
