@@ -234,9 +234,12 @@ impl Client {
         self.json(rb, &url).await
     }
 
+    /// Stored events, newest first; `undelivered`: only those with a pending or dead
+    /// delivery.
     pub async fn list_events(
         &self,
         event_type: Option<&str>,
+        undelivered: bool,
         limit: usize,
     ) -> Result<Vec<serde_json::Value>> {
         let url = self.ns_url(&self.namespace, "events");
@@ -246,7 +249,48 @@ impl Client {
         if let Some(t) = event_type {
             rb = rb.query(&[("type", t)]);
         }
+        if undelivered {
+            rb = rb.query(&[("undelivered", "true")]);
+        }
         self.json(rb, &url).await
+    }
+
+    /// Dead deliveries of one event (by id; `source` when two sources used the id) become
+    /// pending again: `{"redelivered": N}`.
+    pub async fn redeliver_event(
+        &self,
+        id: &str,
+        source: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        // Event ids may hold any character (a cron fire's has slashes): one path segment.
+        let events = self.ns_url(&self.namespace, "events");
+        let mut u =
+            reqwest::Url::parse(&events).map_err(|_| ClientError::BadUrl(self.base.clone()))?;
+        u.path_segments_mut()
+            .map_err(|_| ClientError::BadUrl(self.base.clone()))?
+            .push(id)
+            .push("redeliver");
+        let url = u.to_string();
+        let mut rb = self.request(Method::POST, &url);
+        if let Some(s) = source {
+            rb = rb.query(&[("source", s)]);
+        }
+        self.json(rb, &url).await
+    }
+
+    /// Every dead delivery of a subscription becomes pending again.
+    pub async fn redeliver_subscription(&self, name: &str) -> Result<serde_json::Value> {
+        let url = self.ns_url(&self.namespace, &format!("subscriptions/{name}/redeliver"));
+        self.json(self.request(Method::POST, &url), &url).await
+    }
+
+    /// A subscription's deliveries: pending, dead, queued and retried since start.
+    pub async fn subscription_deliveries(
+        &self,
+        name: &str,
+    ) -> Result<dispatch_core::events::DeliveryStats> {
+        let url = self.ns_url(&self.namespace, &format!("subscriptions/{name}/deliveries"));
+        self.json(self.request(Method::GET, &url), &url).await
     }
 
     pub async fn create_namespace(&self, name: &str) -> Result<serde_json::Value> {

@@ -77,31 +77,103 @@ impl CloudEvent {
     }
 }
 
-/// An event as stored: the event, when it arrived, and which subscriptions it matched.
+/// An event as stored: the event, when it arrived, and which subscriptions it matched —
+/// each with its delivery: a queued run, or waiting for room in its function's queue, or
+/// dead (DESIGN §6: an accepted event is delivered or lands somewhere visible).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredEvent {
     pub namespace: String,
     pub event: CloudEvent,
     pub received_at: Timestamp,
-    /// Subscriptions it matched, with the run each enqueued.
+    /// Subscriptions it matched (and a driver's own function), each with its delivery.
     #[serde(default)]
     pub matched: Vec<Delivery>,
     pub expires_at: Timestamp,
-    /// Stored but not yet handed to its subscriptions (a restart finishes the job).
+    /// Stored but not yet handed to its subscriptions: only events stored by a server from
+    /// before deliveries were stored with their event (start-up hands them over).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
 }
 
+impl StoredEvent {
+    /// Whether any delivery is not queued (pending or dead).
+    pub fn undelivered(&self) -> bool {
+        self.matched
+            .iter()
+            .any(|d| d.state != DeliveryState::Queued)
+    }
+}
+
+/// One matched subscription's delivery of an event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Delivery {
+    /// The subscription (`driver/NAME` for a driver that names its function itself).
     pub subscription: String,
     pub function: String,
+    #[serde(default)]
+    pub state: DeliveryState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// Why it is not queued yet (the last refusal), or why it died.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Tries to queue its run that were refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Where a delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Its run is queued (`runId`): from here the queue's retries and dead letters apply.
+    #[default]
+    Queued,
+    /// Its function's queue had no room: retried with back-off, in arrival order per
+    /// subscription, until it is queued or the event's TTL ends.
+    Pending,
+    /// Not queued before the event's TTL ended: kept and listed until redelivered (or its
+    /// retention ends).
+    Dead,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Queued => "QUEUED",
+            DeliveryState::Pending => "PENDING",
+            DeliveryState::Dead => "DEAD",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryState> {
+        Some(match s {
+            "QUEUED" => DeliveryState::Queued,
+            "PENDING" => DeliveryState::Pending,
+            "DEAD" => DeliveryState::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// A subscription's deliveries (`GET …/subscriptions/{name}/deliveries`): pending and dead
+/// now, and queued and retried since the server started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryStats {
+    pub pending: u64,
+    pub dead: u64,
+    pub queued: u64,
+    pub retried: u64,
+    /// Age of the oldest pending delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_seconds: Option<f64>,
 }
 
 /// `eventType` exact (`order.created`) or a prefix (`order.*`, `*`).

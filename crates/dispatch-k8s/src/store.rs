@@ -22,7 +22,10 @@ use std::time::Duration;
 use dispatch_core::auth::{ApiToken, AuditEntry};
 use dispatch_core::events::StoredEvent;
 use dispatch_core::{JobExecution, Kind, Metadata, Object, Run, RunStatus, Status};
-use dispatch_store::{Changed, OnChange, Result, RunFilter, Store, StoreError};
+use dispatch_store::{
+    Changed, DeliveryCount, DeliveryRecord, OnChange, Redeliver, Result, RunFilter, Store,
+    StoreError,
+};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -689,21 +692,53 @@ impl Store for CrStore {
         self.sql.prune_jobs(now)
     }
 
-    fn put_event(&self, event: &StoredEvent, replace: bool) -> Result<bool> {
-        self.sql.put_event(event, replace)
+    fn ingest_event(&self, event: &StoredEvent, runs: &[Run], replace: bool) -> Result<bool> {
+        self.sql.ingest_event(event, runs, replace)
     }
 
     fn list_events(
         &self,
         namespace: &str,
         event_type: Option<&str>,
+        undelivered: bool,
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
-        self.sql.list_events(namespace, event_type, limit)
+        self.sql
+            .list_events(namespace, event_type, undelivered, limit)
     }
 
     fn prune_events(&self, now: jiff::Timestamp) -> Result<u64> {
         self.sql.prune_events(now)
+    }
+
+    fn pending_deliveries(
+        &self,
+        namespace: &str,
+        subscription: &str,
+        limit: usize,
+    ) -> Result<Vec<(DeliveryRecord, Option<StoredEvent>)>> {
+        self.sql.pending_deliveries(namespace, subscription, limit)
+    }
+
+    fn deliver(&self, delivery: &DeliveryRecord, run: &Run) -> Result<()> {
+        self.sql.deliver(delivery, run)
+    }
+
+    fn update_delivery(&self, delivery: &DeliveryRecord) -> Result<()> {
+        self.sql.update_delivery(delivery)
+    }
+
+    fn redeliver(
+        &self,
+        namespace: &str,
+        which: &Redeliver,
+        expires_at: jiff::Timestamp,
+    ) -> Result<Vec<DeliveryRecord>> {
+        self.sql.redeliver(namespace, which, expires_at)
+    }
+
+    fn delivery_counts(&self) -> Result<Vec<DeliveryCount>> {
+        self.sql.delivery_counts()
     }
 
     fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>> {

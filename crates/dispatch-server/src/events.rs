@@ -3,25 +3,24 @@
 //! the queue's retries and dead letters. Webhook drivers turn gateway requests into events;
 //! cron drivers ([`spawn_cron`]) fire on schedule, also with zero warm workers.
 //!
-//! An event is stored as pending before its runs are enqueued and marked delivered after; a
-//! restart delivers pending ones again (at least once; `context.event.id` de-duplicates). An
-//! event whose source and id were seen already is not delivered twice.
+//! An event is accepted only once it is stored together with one delivery per matching
+//! subscription, in one transaction: a queued run, or a pending delivery that
+//! [`crate::deliveries`] queues when its function's queue has room (accepted means
+//! delivered, or dead and listed; never a subset of its subscriptions). An event whose
+//! source and id were seen already is not delivered twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use dispatch_core::events::{
-    CloudEvent, Delivery, EventDriverSpec, MissedRuns, Schedule, StoredEvent, SubscriptionSpec,
+    CloudEvent, Delivery, DeliveryState, EventDriverSpec, MissedRuns, Schedule, StoredEvent,
+    SubscriptionSpec,
 };
-use dispatch_core::{Kind, Object, Trigger};
+use dispatch_core::{Kind, Object};
 use tokio::sync::Notify;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-
-/// How long events are kept.
-pub const EVENT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Subscriptions and webhook drivers, rebuilt whole on every change.
 #[derive(Default)]
@@ -75,15 +74,37 @@ pub struct Ingested {
     pub matched: Vec<Delivery>,
 }
 
-/// Stores an event and enqueues a run per matching subscription.
+/// Stores an event with a delivery per matching subscription.
 pub async fn ingest(
     state: &Arc<AppState>,
     ns: &str,
     event: CloudEvent,
 ) -> Result<Ingested, ApiError> {
+    let targets: Vec<(String, String)> = state
+        .event_index()
+        .subscriptions
+        .iter()
+        .filter(|(n, _, spec)| n == ns && spec.matches(&event))
+        .map(|(_, name, spec)| (name.clone(), spec.function.clone()))
+        .collect();
+    accept(state, ns, event, targets).await
+}
+
+/// Accepts an event for `targets` (subscription, function): stored with one delivery per
+/// target in one transaction — a run queued now, or a pending delivery when the function's
+/// queue has no room or the subscription has deliveries waiting already (arrival order).
+/// Refused before anything is stored: a bad event (400), data over `--max-async-payload`
+/// (413), a short disk (507), or a namespace at `--max-pending-deliveries` (429).
+async fn accept(
+    state: &Arc<AppState>,
+    ns: &str,
+    event: CloudEvent,
+    targets: Vec<(String, String)>,
+) -> Result<Ingested, ApiError> {
     event.validate()?;
     // Its data becomes each matching run's payload: refused here, not after the 202.
-    let size = payload_of(&event).get().len();
+    let payload = payload_of(&event);
+    let size = payload.get().len();
     if size > state.config.max_async_payload {
         return Err(ApiError::too_large(format!(
             "event data is {} and runs of events take at most {} (--max-async-payload)",
@@ -91,88 +112,145 @@ pub async fn ingest(
             dispatch_core::quantity::human_bytes(state.config.max_async_payload as u64)
         )));
     }
+    state
+        .disk_admits("events", (size * (1 + targets.len())) as u64)
+        .await?;
+    state
+        .deliveries
+        .admit_event(ns, state.config.max_pending_deliveries)?;
     let now = state.queue.clock.now();
-    let ttl = jiff::SignedDuration::try_from(EVENT_TTL).unwrap_or(jiff::SignedDuration::MAX);
-    let mut stored = StoredEvent {
+    let ttl =
+        jiff::SignedDuration::try_from(state.config.event_ttl).unwrap_or(jiff::SignedDuration::MAX);
+    let attrs = event.attributes();
+    let mut runs = Vec::new();
+    let mut matched = Vec::new();
+    for (subscription, function) in targets {
+        let mut d = Delivery {
+            subscription,
+            function,
+            state: DeliveryState::Pending,
+            run_id: None,
+            error: None,
+            attempts: 0,
+        };
+        if state.deliveries.has_pending(ns, &d.subscription) {
+            d.error = Some("earlier deliveries of its subscription wait".into());
+        } else {
+            match crate::queue::admit(
+                state,
+                ns,
+                &d.function,
+                payload.clone(),
+                crate::deliveries::trigger_of(&event.source),
+                None,
+                Some(attrs.clone()),
+            )
+            .await
+            {
+                Ok(run) => {
+                    d.state = DeliveryState::Queued;
+                    d.run_id = Some(run.id.clone());
+                    runs.push(run);
+                }
+                Err(e) => {
+                    d.attempts = 1;
+                    d.error = Some(e.message);
+                }
+            }
+        }
+        if d.state == DeliveryState::Pending {
+            let why = d.error.as_deref().unwrap_or_default();
+            state.deliveries.pend(ns, &d.subscription, now, why);
+        }
+        matched.push(d);
+    }
+    let stored = StoredEvent {
         namespace: ns.to_string(),
         event,
         received_at: now,
-        matched: Vec::new(),
+        matched,
         expires_at: now.checked_add(ttl).unwrap_or(now),
-        pending: true,
+        pending: false,
     };
-    let s = stored.clone();
-    if !state.db(move |st| st.put_event(&s, false)).await? {
-        return Ok(Ingested {
+    let (e, r) = (stored.clone(), runs.clone());
+    let result = state.db(move |s| s.ingest_event(&e, &r, false)).await;
+    let stored_ok = matches!(result, Ok(true));
+    for d in &stored.matched {
+        match (d.state, stored_ok) {
+            (DeliveryState::Pending, false) => state.deliveries.unpend(ns, &d.subscription),
+            (DeliveryState::Queued, true) => state.deliveries.count_queued(ns, &d.subscription),
+            _ => {}
+        }
+    }
+    for run in &runs {
+        if stored_ok {
+            state.queue.push(run);
+        } else {
+            state.queue.retire(&run.id);
+        }
+    }
+    if stored_ok && stored.undelivered() {
+        state.deliveries.wake();
+    }
+    match result {
+        Ok(true) => Ok(Ingested {
+            id: stored.event.id,
+            source: stored.event.source,
+            duplicate: false,
+            matched: stored.matched,
+        }),
+        Ok(false) => Ok(Ingested {
             id: stored.event.id,
             source: stored.event.source,
             duplicate: true,
             matched: Vec::new(),
-        });
+        }),
+        Err(e) => {
+            // Refused for want of space: say so (507).
+            state.disk_admits("events", 0).await?;
+            Err(e)
+        }
     }
-    deliver(state, &mut stored).await?;
-    Ok(Ingested {
-        id: stored.event.id,
-        source: stored.event.source,
-        duplicate: false,
-        matched: stored.matched,
-    })
 }
 
-async fn deliver(state: &Arc<AppState>, stored: &mut StoredEvent) -> Result<(), ApiError> {
-    let subs: Vec<(String, SubscriptionSpec)> = state
-        .event_index()
-        .subscriptions
-        .iter()
-        .filter(|(n, _, spec)| *n == stored.namespace && spec.matches(&stored.event))
-        .map(|(_, name, spec)| (name.clone(), spec.clone()))
-        .collect();
-    let attrs = stored.event.attributes();
-    let payload = payload_of(&stored.event);
-    for (name, spec) in subs {
-        let run = crate::queue::enqueue_with(
-            state,
-            &stored.namespace,
-            &spec.function,
-            payload.clone(),
-            Trigger::Event,
-            None,
-            Some(attrs.clone()),
-        )
-        .await;
-        stored.matched.push(Delivery {
-            subscription: name,
-            function: spec.function.clone(),
-            run_id: run.as_ref().ok().map(|r| r.id.clone()),
-            error: run.err().map(|e| e.message),
-        });
-    }
-    stored.pending = false;
-    let s = stored.clone();
-    state.db(move |st| st.put_event(&s, true)).await?;
-    Ok(())
-}
-
-fn payload_of(e: &CloudEvent) -> Box<serde_json::value::RawValue> {
+pub(crate) fn payload_of(e: &CloudEvent) -> Box<serde_json::value::RawValue> {
     let v = e.data.clone().unwrap_or(serde_json::Value::Null);
     serde_json::value::to_raw_value(&v).unwrap_or_else(|_| dispatch_core::envelope::null_raw())
 }
 
-/// Start-up: events stored but not handed to their subscriptions (a stop in between) are
-/// delivered now.
+/// Start-up: events a server from before stored deliveries with their events left
+/// undelivered get their deliveries now (all pending: the deliverer queues them).
 pub async fn recover(state: &Arc<AppState>) {
     for (ns, _) in state.namespaces() {
         let n = ns.clone();
-        let Ok(events) = state.db(move |s| s.list_events(&n, None, 100_000)).await else {
+        let Ok(events) = state
+            .db(move |s| s.list_events(&n, None, false, 100_000))
+            .await
+        else {
             continue;
         };
         for mut e in events.into_iter().filter(|e| e.pending) {
-            if let Err(err) = deliver(state, &mut e).await {
-                tracing::warn!("redelivering event {}: {}", e.event.id, err.message);
+            e.pending = false;
+            e.matched = state
+                .event_index()
+                .subscriptions
+                .iter()
+                .filter(|(n, _, spec)| *n == e.namespace && spec.matches(&e.event))
+                .map(|(_, name, spec)| Delivery {
+                    subscription: name.clone(),
+                    function: spec.function.clone(),
+                    state: DeliveryState::Pending,
+                    run_id: None,
+                    error: None,
+                    attempts: 0,
+                })
+                .collect();
+            let id = e.event.id.clone();
+            if let Err(err) = state.db(move |s| s.ingest_event(&e, &[], true)).await {
+                tracing::warn!("redelivering event {id}: {}", err.message);
             }
         }
     }
-    let _ = state.db(|s| s.prune_events(jiff::Timestamp::now())).await;
 }
 
 /// One event a driver produces.
@@ -216,29 +294,20 @@ pub async fn emit_from_driver(
         data: Some(data),
         extensions: Default::default(),
     };
-    match &spec.function {
+    let r = match &spec.function {
+        // The driver names its function: one delivery, as if by a subscription of its own.
         Some(f) => {
-            let run = crate::queue::enqueue_with(
+            accept(
                 state,
                 ns,
-                f,
-                payload_of(&event),
-                if spec.kind == "cron" {
-                    Trigger::Cron
-                } else {
-                    Trigger::Event
-                },
-                None,
-                Some(event.attributes()),
+                event,
+                vec![(format!("driver/{driver}"), f.clone())],
             )
-            .await?;
-            Ok(serde_json::json!({"id": event.id, "runs": [run.id]}))
+            .await?
         }
-        None => {
-            let r = ingest(state, ns, event).await?;
-            Ok(serde_json::to_value(r).unwrap_or_default())
-        }
-    }
+        None => ingest(state, ns, event).await?,
+    };
+    Ok(serde_json::to_value(r).unwrap_or_default())
 }
 
 /// A cron driver as the scheduler sees it.

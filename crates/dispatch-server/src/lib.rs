@@ -12,6 +12,7 @@ pub mod brokers;
 pub mod callbacks;
 pub mod clock;
 pub mod controller;
+pub mod deliveries;
 pub mod disk;
 mod error;
 pub mod events;

@@ -204,6 +204,9 @@ pub struct Queue {
     pub clock: Clock,
     sched: Mutex<Sched>,
     wake: Notify,
+    /// Notified when a run stops counting against the bounds (event deliveries that wait
+    /// for room try again).
+    pub room: Notify,
     bounds: Bounds,
     max_running: usize,
 }
@@ -214,6 +217,7 @@ impl Queue {
             clock,
             sched: Mutex::new(Sched::default()),
             wake: Notify::new(),
+            room: Notify::new(),
             bounds,
             max_running: max_running.max(1),
         }
@@ -348,6 +352,7 @@ impl Queue {
     /// A run reached a final state (or was deleted): it no longer counts against the depth.
     pub fn retire(&self, id: &str) {
         self.sched().retire(id);
+        self.room.notify_one();
     }
 
     pub fn waiting(&self) -> usize {
@@ -806,6 +811,33 @@ pub async fn enqueue_with(
     callback_url: Option<String>,
     event: Option<serde_json::Value>,
 ) -> Result<Run, ApiError> {
+    let run = admit(state, ns, function, payload, trigger, callback_url, event).await?;
+    if !state.recorder.record_durable(run.clone()).await {
+        state.queue.retire(&run.id);
+        // Refused for want of space: say so (507), not "internal".
+        state.disk_admits("async runs", 0).await?;
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal",
+            "failed to store the run: see the server log",
+        ));
+    }
+    state.queue.push(&run);
+    Ok(run)
+}
+
+/// A new async run admitted to the queue's bounds (it counts from here) and not stored yet:
+/// the caller stores it and then [`Queue::push`]es it, or [`Queue::retire`]s it. Refused
+/// with 404 (no such function), 413 (payload), 507 (disk) or 429 (`QueueFull`).
+pub async fn admit(
+    state: &Arc<AppState>,
+    ns: &str,
+    function: &str,
+    payload: Box<RawValue>,
+    trigger: Trigger,
+    callback_url: Option<String>,
+    event: Option<serde_json::Value>,
+) -> Result<Run, ApiError> {
     let (spec_callback, max_queued) = match state.deployed(ns, function) {
         Some(d) => (d.callback_url.clone(), d.max_queued),
         None => {
@@ -844,17 +876,6 @@ pub async fn enqueue_with(
         attempts: 0,
         last_error: None,
     });
-    if !state.recorder.record_durable(run.clone()).await {
-        state.queue.retire(&run.id);
-        // Refused for want of space: say so (507), not "internal".
-        state.disk_admits("async runs", 0).await?;
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal",
-            "failed to store the run: see the server log",
-        ));
-    }
-    state.queue.push(&run);
     Ok(run)
 }
 

@@ -95,6 +95,15 @@ pub struct Options {
     /// the file system, at most 1 GiB): below it new async runs, events, jobs and uploads
     /// get 507.
     pub min_free_disk: Option<u64>,
+    /// How long an event is kept, and how long its pending deliveries are retried before
+    /// they are dead (`--event-ttl`).
+    pub event_ttl: Duration,
+    /// Pending event deliveries per namespace past which new events get 429
+    /// (`--max-pending-deliveries`).
+    pub max_pending_deliveries: usize,
+    /// How long a dead delivery (and its event) is kept for a redelivery
+    /// (`--dead-delivery-retention`).
+    pub dead_delivery_retention: Duration,
 }
 
 impl Default for Options {
@@ -122,6 +131,9 @@ impl Default for Options {
             worker_memory_budget: None,
             data_dir: None,
             min_free_disk: None,
+            event_ttl: Duration::from_secs(24 * 3600),
+            max_pending_deliveries: 10_000,
+            dead_delivery_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -155,6 +167,8 @@ pub struct AppState {
     pub metrics: crate::metrics::Metrics,
     /// The data dir's free space (none without a data dir).
     pub disk: Option<crate::disk::DiskGuard>,
+    /// Event deliveries waiting for room in their function's queue.
+    pub deliveries: crate::deliveries::Deliveries,
 }
 
 impl AppState {
@@ -243,6 +257,7 @@ impl AppState {
             deployed: RwLock::new(HashMap::new()),
             ready: AtomicBool::new(false),
             metrics: Default::default(),
+            deliveries: Default::default(),
         });
         state.controller.spawn(state.clone(), keys);
         // Before the first list, so that nothing changed after it is missed (handled once
@@ -291,6 +306,7 @@ impl AppState {
             crate::retention::spawn(state.clone()),
             crate::events::spawn_cron(state.clone(), state.cron_wake.clone()),
             crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
+            crate::deliveries::spawn(state.clone()),
         ];
         *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         state.ready.store(true, Ordering::Release);

@@ -11,7 +11,7 @@ mod error;
 mod sqlite;
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
-use dispatch_core::events::StoredEvent;
+use dispatch_core::events::{DeliveryState, StoredEvent};
 use dispatch_core::{JobExecution, Kind, Object, Run, RunStatus, Status};
 
 pub use blobs::{BlobInfo, BlobStore};
@@ -55,6 +55,57 @@ pub struct RunUsage {
     pub runs: u64,
     pub finished: u64,
     pub bytes: u64,
+}
+
+/// A delivery that is not queued: waiting for room in its function's queue, or dead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    /// Arrival order.
+    pub seq: i64,
+    pub namespace: String,
+    pub subscription: String,
+    pub function: String,
+    pub source: String,
+    pub event_id: String,
+    /// Its place in its event's `matched`.
+    pub index: usize,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub received_at: jiff::Timestamp,
+    /// Pending: when its event's TTL ends; dead: when it is forgotten.
+    pub expires_at: jiff::Timestamp,
+    pub last_error: Option<String>,
+}
+
+impl DeliveryRecord {
+    /// As its event's record shows it.
+    pub fn delivery(&self) -> dispatch_core::events::Delivery {
+        dispatch_core::events::Delivery {
+            subscription: self.subscription.clone(),
+            function: self.function.clone(),
+            state: self.state,
+            run_id: None,
+            error: self.last_error.clone(),
+            attempts: self.attempts,
+        }
+    }
+}
+
+/// Which dead deliveries to redeliver.
+#[derive(Debug, Clone)]
+pub enum Redeliver {
+    Subscription(String),
+    Event { id: String, source: Option<String> },
+}
+
+/// Deliveries of one subscription in one state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryCount {
+    pub namespace: String,
+    pub subscription: String,
+    pub state: DeliveryState,
+    pub count: u64,
+    pub oldest: jiff::Timestamp,
 }
 
 /// A resource changed by someone else than this process (`kubectl`, another server): what
@@ -173,20 +224,53 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes executions whose `ttlSecondsAfterFinished` has passed.
     fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64>;
 
-    /// Stores an event; `false` when one with its namespace, source and id exists (and
-    /// `replace` is off).
-    fn put_event(&self, event: &StoredEvent, replace: bool) -> Result<bool>;
+    /// Stores an event with the runs its queued deliveries start and a pending delivery for
+    /// each of its `matched` that is pending, in one transaction (all or nothing: an event
+    /// is never stored with a subset of its deliveries). `false`, with nothing stored, when
+    /// an event with its namespace, source and id exists (and `replace` is off).
+    fn ingest_event(&self, event: &StoredEvent, runs: &[Run], replace: bool) -> Result<bool>;
 
-    /// Newest first, of one type or all.
+    /// Newest first, of one type or all; `undelivered`: only events with a pending or dead
+    /// delivery.
     fn list_events(
         &self,
         namespace: &str,
         event_type: Option<&str>,
+        undelivered: bool,
         limit: usize,
     ) -> Result<Vec<StoredEvent>>;
 
-    /// Deletes events past their TTL.
+    /// Deletes events past their TTL (not those with a pending or dead delivery) and dead
+    /// deliveries past their retention.
     fn prune_events(&self, now: jiff::Timestamp) -> Result<u64>;
+
+    /// Pending deliveries of one subscription, oldest first, each with its event (none: the
+    /// event is gone).
+    fn pending_deliveries(
+        &self,
+        namespace: &str,
+        subscription: &str,
+        limit: usize,
+    ) -> Result<Vec<(DeliveryRecord, Option<StoredEvent>)>>;
+
+    /// A pending delivery's run is queued: the run stored, the delivery gone from the
+    /// pending ones and its event's record updated, in one transaction.
+    fn deliver(&self, delivery: &DeliveryRecord, run: &Run) -> Result<()>;
+
+    /// Writes a pending delivery's new state (a refused try, or dead) to it and its event.
+    fn update_delivery(&self, delivery: &DeliveryRecord) -> Result<()>;
+
+    /// Dead deliveries of a subscription, or of one event (by id, and source when given),
+    /// become pending again with the TTL `expires_at`; returns them.
+    fn redeliver(
+        &self,
+        namespace: &str,
+        which: &Redeliver,
+        expires_at: jiff::Timestamp,
+    ) -> Result<Vec<DeliveryRecord>>;
+
+    /// Pending and dead deliveries per subscription (start-up: the deliverer's counts).
+    fn delivery_counts(&self) -> Result<Vec<DeliveryCount>>;
 
     /// The last fire of a cron driver.
     fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>>;

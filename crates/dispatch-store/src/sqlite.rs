@@ -8,13 +8,16 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
-use dispatch_core::events::StoredEvent;
+use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
 use dispatch_core::{CallbackState, JobExecution, Kind, Object, Run, RunStatus, Status};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
-use crate::{Result, Retention, RunFilter, RunUsage, Store, StoreError};
+use crate::{
+    DeliveryCount, DeliveryRecord, Redeliver, Result, Retention, RunFilter, RunUsage, Store,
+    StoreError,
+};
 
 const MIGRATIONS: &[M<'static>] = &[
     M::up(
@@ -124,6 +127,28 @@ const MIGRATIONS: &[M<'static>] = &[
     INSERT INTO run_usage
         SELECT namespace, function, COUNT(*), SUM(finished_ms IS NOT NULL), SUM(bytes)
         FROM runs GROUP BY namespace, function;",
+    ),
+    // Event deliveries that are not queued (issue 27): pending (their function's queue was
+    // full) or dead (their event's TTL ended first). A queued delivery is only in its
+    // event's body (`matched`, with its run id); these rows are the deliverer's work list,
+    // in arrival order per subscription.
+    M::up(
+        "CREATE TABLE deliveries (
+        seq INTEGER PRIMARY KEY,
+        namespace TEXT NOT NULL,
+        subscription TEXT NOT NULL,
+        function TEXT NOT NULL,
+        source TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        received_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        last_error TEXT
+    );
+    CREATE INDEX deliveries_by_subscription ON deliveries (namespace, subscription, state, seq);
+    CREATE INDEX deliveries_by_event ON deliveries (namespace, source, event_id);",
     ),
 ];
 
@@ -434,55 +459,7 @@ impl Store for SqliteStore {
     fn put_runs(&self, runs: &[Run]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let mut usage = Usage::default();
-        {
-            // The row a write replaces (an async run's next state), for the usage counts.
-            let mut old =
-                tx.prepare_cached("SELECT bytes, finished_ms IS NOT NULL FROM runs WHERE id = ?1")?;
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO runs
-                   (id, namespace, function, status, body, finished_ms, callback_pending, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body,
-                   finished_ms = excluded.finished_ms,
-                   callback_pending = excluded.callback_pending, bytes = excluded.bytes",
-            )?;
-            for run in runs {
-                let body = serde_json::to_string(run)?;
-                let bytes = body.len() as i64;
-                let finished = run.status.is_final() && run.finished_at.is_some();
-                // Only an async run is written again (its next state); a sync run's record
-                // is written once, so the look-up is skipped on the hot path.
-                let before: Option<(i64, bool)> = if run.is_async {
-                    old.query_row(params![run.id], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?
-                } else {
-                    None
-                };
-                let (runs_d, fin_d, bytes_d) = match before {
-                    None => (1, finished as i64, bytes),
-                    Some((b, f)) => (0, finished as i64 - f as i64, bytes - b),
-                };
-                usage.add(&run.namespace, &run.function, runs_d, fin_d, bytes_d);
-                stmt.execute(params![
-                    run.id,
-                    run.namespace,
-                    run.function,
-                    run.status.as_str(),
-                    body,
-                    run.finished_at
-                        .filter(|_| run.status.is_final())
-                        .map(|t| t.as_millisecond()),
-                    run.status.is_final()
-                        && run
-                            .callback
-                            .as_ref()
-                            .is_some_and(|c| c.state == CallbackState::Pending),
-                    bytes
-                ])?;
-            }
-        }
-        usage.apply(&tx)?;
+        write_runs(&tx, runs)?;
         tx.commit()?;
         Ok(())
     }
@@ -717,7 +694,9 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    fn put_event(&self, e: &StoredEvent, replace: bool) -> Result<bool> {
+    fn ingest_event(&self, e: &StoredEvent, runs: &[Run], replace: bool) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         let sql = if replace {
             "INSERT OR REPLACE INTO events (namespace, source, id, type, received_ms, expires_ms, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
@@ -725,40 +704,237 @@ impl Store for SqliteStore {
             "INSERT OR IGNORE INTO events (namespace, source, id, type, received_ms, expires_ms, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
         };
-        let n = self.conn().execute(
-            sql,
-            params![
-                e.namespace,
-                e.event.source,
-                e.event.id,
-                e.event.kind,
-                e.received_at.as_millisecond(),
-                e.expires_at.as_millisecond(),
-                serde_json::to_string(e)?
-            ],
-        )?;
-        Ok(n == 1)
+        let n = tx.prepare_cached(sql)?.execute(params![
+            e.namespace,
+            e.event.source,
+            e.event.id,
+            e.event.kind,
+            e.received_at.as_millisecond(),
+            e.expires_at.as_millisecond(),
+            serde_json::to_string(e)?
+        ])?;
+        if n == 0 {
+            return Ok(false); // a duplicate: nothing stored (the transaction rolls back)
+        }
+        write_runs(&tx, runs)?;
+        {
+            let mut pending = tx.prepare_cached(
+                "INSERT INTO deliveries (namespace, subscription, function, source, event_id, idx,
+                   state, attempts, received_ms, expires_ms, last_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for (i, d) in e.matched.iter().enumerate() {
+                if d.state == DeliveryState::Queued {
+                    continue;
+                }
+                pending.execute(params![
+                    e.namespace,
+                    d.subscription,
+                    d.function,
+                    e.event.source,
+                    e.event.id,
+                    i as i64,
+                    d.state.as_str(),
+                    d.attempts,
+                    e.received_at.as_millisecond(),
+                    e.expires_at.as_millisecond(),
+                    d.error
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(true)
     }
 
     fn list_events(
         &self,
         namespace: &str,
         event_type: Option<&str>,
+        undelivered: bool,
         limit: usize,
     ) -> Result<Vec<StoredEvent>> {
         self.bodies(
             "SELECT body FROM events WHERE namespace = ?1 AND (?2 IS NULL OR type = ?2)
-             ORDER BY received_ms DESC, id DESC LIMIT ?3",
-            params![namespace, event_type, limit as i64],
+               AND (NOT ?3 OR EXISTS (SELECT 1 FROM deliveries d WHERE d.namespace = ?1
+                 AND d.source = events.source AND d.event_id = events.id))
+             ORDER BY received_ms DESC, id DESC LIMIT ?4",
+            params![namespace, event_type, undelivered, limit as i64],
         )
     }
 
     fn prune_events(&self, now: Timestamp) -> Result<u64> {
-        let n = self.conn().execute(
-            "DELETE FROM events WHERE expires_ms <= ?1",
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM deliveries WHERE state = 'DEAD' AND expires_ms <= ?1",
             params![now.as_millisecond()],
         )?;
+        let n = tx.execute(
+            "DELETE FROM events WHERE expires_ms <= ?1 AND NOT EXISTS (SELECT 1 FROM deliveries d
+               WHERE d.namespace = events.namespace AND d.source = events.source
+                 AND d.event_id = events.id)",
+            params![now.as_millisecond()],
+        )?;
+        tx.commit()?;
         Ok(n as u64)
+    }
+
+    fn pending_deliveries(
+        &self,
+        namespace: &str,
+        subscription: &str,
+        limit: usize,
+    ) -> Result<Vec<(DeliveryRecord, Option<StoredEvent>)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.seq, d.namespace, d.subscription, d.function, d.source, d.event_id, d.idx,
+               d.state, d.attempts, d.received_ms, d.expires_ms, d.last_error, e.body
+             FROM deliveries d LEFT JOIN events e ON e.namespace = d.namespace
+               AND e.source = d.source AND e.id = d.event_id
+             WHERE d.namespace = ?1 AND d.subscription = ?2 AND d.state = 'PENDING'
+             ORDER BY d.seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![namespace, subscription, limit as i64], |r| {
+            let record = DeliveryRecord {
+                seq: r.get(0)?,
+                namespace: r.get(1)?,
+                subscription: r.get(2)?,
+                function: r.get(3)?,
+                source: r.get(4)?,
+                event_id: r.get(5)?,
+                index: r.get::<_, i64>(6)? as usize,
+                state: DeliveryState::parse(&r.get::<_, String>(7)?)
+                    .unwrap_or(DeliveryState::Pending),
+                attempts: r.get(8)?,
+                received_at: ms_to_ts(r.get(9)?),
+                expires_at: ms_to_ts(r.get(10)?),
+                last_error: r.get(11)?,
+            };
+            Ok((record, r.get::<_, Option<String>>(12)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (record, body) = row?;
+            let event = match body {
+                Some(b) => Some(serde_json::from_str(&b)?),
+                None => None,
+            };
+            out.push((record, event));
+        }
+        Ok(out)
+    }
+
+    fn deliver(&self, d: &DeliveryRecord, run: &Run) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        write_runs(&tx, std::slice::from_ref(run))?;
+        tx.execute("DELETE FROM deliveries WHERE seq = ?1", params![d.seq])?;
+        set_matched(
+            &tx,
+            d,
+            &Delivery {
+                subscription: d.subscription.clone(),
+                function: d.function.clone(),
+                state: DeliveryState::Queued,
+                run_id: Some(run.id.clone()),
+                error: None,
+                attempts: d.attempts,
+            },
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn update_delivery(&self, d: &DeliveryRecord) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE deliveries SET state = ?2, attempts = ?3, expires_ms = ?4, last_error = ?5
+             WHERE seq = ?1",
+            params![
+                d.seq,
+                d.state.as_str(),
+                d.attempts,
+                d.expires_at.as_millisecond(),
+                d.last_error
+            ],
+        )?;
+        set_matched(&tx, d, &d.delivery())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn redeliver(
+        &self,
+        namespace: &str,
+        which: &Redeliver,
+        expires_at: Timestamp,
+    ) -> Result<Vec<DeliveryRecord>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let (subscription, id, source) = match which {
+            Redeliver::Subscription(s) => (Some(s.as_str()), None, None),
+            Redeliver::Event { id, source } => (None, Some(id.as_str()), source.as_deref()),
+        };
+        let dead: Vec<DeliveryRecord> = {
+            let mut stmt = tx.prepare(
+                "UPDATE deliveries SET state = 'PENDING', attempts = 0, expires_ms = ?5,
+                   last_error = NULL
+                 WHERE namespace = ?1 AND state = 'DEAD' AND (?2 IS NULL OR subscription = ?2)
+                   AND (?3 IS NULL OR event_id = ?3) AND (?4 IS NULL OR source = ?4)
+                 RETURNING seq, subscription, function, source, event_id, idx, received_ms",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    namespace,
+                    subscription,
+                    id,
+                    source,
+                    expires_at.as_millisecond()
+                ],
+                |r| {
+                    Ok(DeliveryRecord {
+                        seq: r.get(0)?,
+                        namespace: namespace.to_string(),
+                        subscription: r.get(1)?,
+                        function: r.get(2)?,
+                        source: r.get(3)?,
+                        event_id: r.get(4)?,
+                        index: r.get::<_, i64>(5)? as usize,
+                        state: DeliveryState::Pending,
+                        attempts: 0,
+                        received_at: ms_to_ts(r.get(6)?),
+                        expires_at,
+                        last_error: None,
+                    })
+                },
+            )?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for d in &dead {
+            set_matched(&tx, d, &d.delivery())?;
+        }
+        tx.commit()?;
+        Ok(dead)
+    }
+
+    fn delivery_counts(&self) -> Result<Vec<DeliveryCount>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT namespace, subscription, state, COUNT(*), MIN(received_ms) FROM deliveries
+             GROUP BY namespace, subscription, state",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(DeliveryCount {
+                namespace: r.get(0)?,
+                subscription: r.get(1)?,
+                state: DeliveryState::parse(&r.get::<_, String>(2)?)
+                    .unwrap_or(DeliveryState::Pending),
+                count: r.get::<_, i64>(3)? as u64,
+                oldest: ms_to_ts(r.get(4)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<Timestamp>> {
@@ -803,10 +979,7 @@ impl Store for SqliteStore {
         let mut out = Vec::new();
         for row in rows {
             let (name, ms) = row?;
-            out.push((
-                name,
-                Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH),
-            ));
+            out.push((name, ms_to_ts(ms)));
         }
         Ok(out)
     }
@@ -822,6 +995,7 @@ impl Store for SqliteStore {
             params![name],
         )?;
         tx.execute("DELETE FROM events WHERE namespace = ?1", params![name])?;
+        tx.execute("DELETE FROM deliveries WHERE namespace = ?1", params![name])?;
         tx.execute("DELETE FROM cron_state WHERE namespace = ?1", params![name])?;
         let n = tx.execute("DELETE FROM namespaces WHERE name = ?1", params![name])?;
         tx.commit()?;
@@ -903,6 +1077,84 @@ impl SqliteStore {
             }
         }
     }
+}
+
+/// Writes one delivery into its event's `matched` (at the delivery's place).
+fn set_matched(
+    tx: &rusqlite::Transaction<'_>,
+    d: &DeliveryRecord,
+    delivery: &Delivery,
+) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE events SET body = json_set(body, '$.matched[' || ?4 || ']', json(?5))
+         WHERE namespace = ?1 AND source = ?2 AND id = ?3",
+    )?
+    .execute(params![
+        d.namespace,
+        d.source,
+        d.event_id,
+        d.index as i64,
+        serde_json::to_string(delivery)?
+    ])?;
+    Ok(())
+}
+
+fn ms_to_ts(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Inserts or replaces run records, keeping `run_usage` (the caller commits).
+fn write_runs(tx: &rusqlite::Transaction<'_>, runs: &[Run]) -> Result<()> {
+    let mut usage = Usage::default();
+    {
+        // The row a write replaces (an async run's next state), for the usage counts.
+        let mut old =
+            tx.prepare_cached("SELECT bytes, finished_ms IS NOT NULL FROM runs WHERE id = ?1")?;
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO runs
+               (id, namespace, function, status, body, finished_ms, callback_pending, bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body,
+               finished_ms = excluded.finished_ms,
+               callback_pending = excluded.callback_pending, bytes = excluded.bytes",
+        )?;
+        for run in runs {
+            let body = serde_json::to_string(run)?;
+            let bytes = body.len() as i64;
+            let finished = run.status.is_final() && run.finished_at.is_some();
+            // Only an async run is written again (its next state); a sync run's record
+            // is written once, so the look-up is skipped on the hot path.
+            let before: Option<(i64, bool)> = if run.is_async {
+                old.query_row(params![run.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+            } else {
+                None
+            };
+            let (runs_d, fin_d, bytes_d) = match before {
+                None => (1, finished as i64, bytes),
+                Some((b, f)) => (0, finished as i64 - f as i64, bytes - b),
+            };
+            usage.add(&run.namespace, &run.function, runs_d, fin_d, bytes_d);
+            stmt.execute(params![
+                run.id,
+                run.namespace,
+                run.function,
+                run.status.as_str(),
+                body,
+                run.finished_at
+                    .filter(|_| run.status.is_final())
+                    .map(|t| t.as_millisecond()),
+                run.status.is_final()
+                    && run
+                        .callback
+                        .as_ref()
+                        .is_some_and(|c| c.state == CallbackState::Pending),
+                bytes
+            ])?;
+        }
+    }
+    usage.apply(tx)?;
+    Ok(())
 }
 
 /// Changes to `run_usage` gathered over a transaction's writes and deletes, applied once per

@@ -1,8 +1,9 @@
 //! The SQLite store on a real file in a temporary directory.
 
 use dispatch_core::envelope::null_raw;
+use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
 use dispatch_core::{Kind, Object, Phase, Run, RunStatus, Status, Trigger};
-use dispatch_store::{Retention, RunFilter, SqliteStore, Store, StoreError};
+use dispatch_store::{Redeliver, Retention, RunFilter, SqliteStore, Store, StoreError};
 use serde_json::json;
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
@@ -475,4 +476,136 @@ fn purging_runs_gives_their_space_back_to_the_file_system() {
         after < 2 << 20,
         "purged 40 runs of 256 KiB: {full} bytes on disk before, {after} after"
     );
+}
+
+fn event_with(id: &str, matched: Vec<dispatch_core::events::Delivery>) -> StoredEvent {
+    let now = jiff::Timestamp::now();
+    StoredEvent {
+        namespace: "default".into(),
+        event: serde_json::from_value(json!({
+            "specversion": "1.0", "id": id, "source": "/shop", "type": "order.created"
+        }))
+        .unwrap(),
+        received_at: now,
+        matched,
+        expires_at: now + jiff::SignedDuration::from_hours(1),
+        pending: false,
+    }
+}
+
+fn delivery(sub: &str, state: DeliveryState, run_id: Option<&str>) -> Delivery {
+    Delivery {
+        subscription: sub.into(),
+        function: format!("f-{sub}"),
+        state,
+        run_id: run_id.map(str::to_string),
+        error: None,
+        attempts: 0,
+    }
+}
+
+/// An event, its queued runs and its pending deliveries are stored together or not at all;
+/// a pending delivery is queued later (its run stored, its event updated), dies, and is
+/// redelivered; events with a pending or dead delivery outlive their TTL.
+#[test]
+fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
+    let (_d, s) = store();
+    let r1 = run(&ulid::Ulid::new().to_string(), "f-a", RunStatus::Queued);
+    let e = event_with(
+        "e1",
+        vec![
+            delivery("a", DeliveryState::Queued, Some(&r1.id)),
+            delivery("b", DeliveryState::Pending, None),
+            delivery("c", DeliveryState::Pending, None),
+        ],
+    );
+    assert!(
+        s.ingest_event(&e, std::slice::from_ref(&r1), false)
+            .unwrap()
+    );
+    assert!(s.get_run("default", &r1.id).unwrap().is_some());
+    // A duplicate stores nothing: not its runs either.
+    let r2 = run(&ulid::Ulid::new().to_string(), "f-a", RunStatus::Queued);
+    assert!(
+        !s.ingest_event(&e, std::slice::from_ref(&r2), false)
+            .unwrap()
+    );
+    assert!(s.get_run("default", &r2.id).unwrap().is_none());
+    let counts = s.delivery_counts().unwrap();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(
+        counts
+            .iter()
+            .all(|c| c.count == 1 && c.state == DeliveryState::Pending)
+    );
+    let undelivered = s.list_events("default", None, true, 10).unwrap();
+    assert_eq!(undelivered.len(), 1);
+    let b = s.pending_deliveries("default", "b", 10).unwrap();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].1.as_ref().unwrap().event.id, "e1", "with its event");
+    let b: Vec<_> = b.into_iter().map(|(d, _)| d).collect();
+    assert_eq!((b[0].index, b[0].function.as_str()), (1, "f-b"));
+    // b is queued later.
+    let rb = run(&ulid::Ulid::new().to_string(), "f-b", RunStatus::Queued);
+    s.deliver(&b[0], &rb).unwrap();
+    assert!(s.pending_deliveries("default", "b", 10).unwrap().is_empty());
+    assert!(s.get_run("default", &rb.id).unwrap().is_some());
+    let stored = &s.list_events("default", None, false, 10).unwrap()[0];
+    assert_eq!(stored.matched[1].state, DeliveryState::Queued);
+    assert_eq!(stored.matched[1].run_id.as_deref(), Some(rb.id.as_str()));
+    // c dies: kept, listed, and outlives the event's TTL until its own retention ends.
+    let mut c = s
+        .pending_deliveries("default", "c", 10)
+        .unwrap()
+        .remove(0)
+        .0;
+    c.state = DeliveryState::Dead;
+    c.attempts = 7;
+    c.last_error = Some("queue full".into());
+    c.expires_at = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    s.update_delivery(&c).unwrap();
+    let stored = &s.list_events("default", None, true, 10).unwrap()[0];
+    assert_eq!(stored.matched[2].state, DeliveryState::Dead);
+    assert_eq!(stored.matched[2].attempts, 7);
+    assert_eq!(stored.matched[0], e.matched[0], "the others are untouched");
+    let past_ttl = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(2);
+    assert_eq!(
+        s.prune_events(past_ttl).unwrap(),
+        0,
+        "a dead delivery keeps it"
+    );
+    // Redelivered: pending again, with a new TTL.
+    assert_eq!(
+        s.redeliver(
+            "default",
+            &Redeliver::Event {
+                id: "e1".into(),
+                source: None
+            },
+            past_ttl
+        )
+        .unwrap()
+        .len(),
+        1
+    );
+    let c: Vec<_> = s
+        .pending_deliveries("default", "c", 10)
+        .unwrap()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!((c.len(), c[0].attempts), (1, 0));
+    assert_eq!(
+        s.list_events("default", None, false, 10).unwrap()[0].matched[2].state,
+        DeliveryState::Pending
+    );
+    // Queued: the event is delivered and goes at its TTL.
+    s.deliver(
+        &c[0],
+        &run(&ulid::Ulid::new().to_string(), "f-c", RunStatus::Queued),
+    )
+    .unwrap();
+    assert!(s.list_events("default", None, true, 10).unwrap().is_empty());
+    assert_eq!(s.prune_events(past_ttl).unwrap(), 1);
+    assert!(s.delivery_counts().unwrap().is_empty());
 }

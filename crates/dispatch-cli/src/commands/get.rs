@@ -28,6 +28,10 @@ pub struct Get {
     /// Events: only this type
     #[arg(long = "type")]
     pub event_type: Option<String>,
+    /// Events: only those with a delivery not queued (pending: waiting for room in its
+    /// function's queue; dead: its TTL ended first — `dispatch redeliver` sends it again)
+    #[arg(long)]
+    pub undelivered: bool,
     /// Secrets: show the values too (admin tokens only)
     #[arg(long)]
     pub reveal: bool,
@@ -69,6 +73,9 @@ impl Get {
                             if kind == dispatch_core::Kind::Function {
                                 print_queue(&c.function_queue(&name).await?);
                             }
+                            if kind == dispatch_core::Kind::Subscription {
+                                print_deliveries(&c.subscription_deliveries(&name).await?);
+                            }
                         }
                         f => print_structured(&o, f)?,
                     }
@@ -83,29 +90,28 @@ impl Get {
             },
             Target::Events => {
                 let events = c
-                    .list_events(self.event_type.as_deref(), self.limit.unwrap_or(100))
+                    .list_events(
+                        self.event_type.as_deref(),
+                        self.undelivered,
+                        self.limit.unwrap_or(100),
+                    )
                     .await?;
                 match self.output {
                     Format::Table => print!(
                         "{}",
                         table(
-                            &["ID", "TYPE", "SOURCE", "MATCHED", "RECEIVED"],
+                            &["ID", "TYPE", "SOURCE", "DELIVERIES", "RECEIVED"],
                             &events
                                 .iter()
                                 .map(|e| {
                                     let s = |v: &serde_json::Value| {
                                         v.as_str().unwrap_or("").to_string()
                                     };
-                                    let matched = e["matched"].as_array().map_or(0, |a| a.len());
                                     vec![
                                         s(&e["event"]["id"]),
                                         s(&e["event"]["type"]),
                                         s(&e["event"]["source"]),
-                                        if matched == 0 {
-                                            "unmatched".into()
-                                        } else {
-                                            matched.to_string()
-                                        },
+                                        deliveries_cell(&e["matched"]),
                                         s(&e["receivedAt"]),
                                     ]
                                 })
@@ -256,4 +262,38 @@ fn print_queue(q: &dispatch_core::run::FunctionQueue) {
          depth, {} at its queued bytes, {} sync calls with every worker busy",
         r.function_full, r.namespace_full, r.namespace_bytes_full, r.workers_busy
     );
+}
+
+fn print_deliveries(d: &dispatch_core::events::DeliveryStats) {
+    println!(
+        "\ndeliveries: {} pending{}, {} dead (dispatch redeliver subscription NAME)",
+        d.pending,
+        d.oldest_pending_seconds
+            .map(|s| format!(" (oldest {s:.0}s)"))
+            .unwrap_or_default(),
+        d.dead
+    );
+    println!(
+        "since the server started: {} queued, {} tries refused by a full queue",
+        d.queued, d.retried
+    );
+}
+
+/// An event's deliveries in a cell: "2 queued, 1 pending", or "unmatched".
+fn deliveries_cell(matched: &serde_json::Value) -> String {
+    let all = matched.as_array().map(Vec::as_slice).unwrap_or_default();
+    if all.is_empty() {
+        return "unmatched".into();
+    }
+    ["queued", "pending", "dead"]
+        .iter()
+        .filter_map(|state| {
+            let n = all
+                .iter()
+                .filter(|d| d["state"].as_str().unwrap_or("queued") == *state)
+                .count();
+            (n > 0).then(|| format!("{n} {state}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

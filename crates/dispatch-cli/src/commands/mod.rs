@@ -16,6 +16,7 @@ pub mod k8s;
 pub mod login;
 pub mod logs;
 pub mod quickstart;
+pub mod redeliver;
 pub mod runner;
 pub mod runs;
 pub mod server;

@@ -61,6 +61,18 @@ pub struct Server {
     /// (default: 5 % of the file system, at most 1Gi; 0 turns it off)
     #[arg(long, value_parser = bytes, value_name = "SIZE")]
     pub min_free_disk: Option<u64>,
+    /// How long an event is kept; an event delivery waiting for room in its function's
+    /// queue is retried this long, then it is dead (listed by `dispatch get events
+    /// --undelivered`, redelivered by `dispatch redeliver`), e.g. 24h
+    #[arg(long, default_value = "24h", value_parser = duration, value_name = "DURATION")]
+    pub event_ttl: Duration,
+    /// Event deliveries waiting for room in their functions' queues per namespace; past it
+    /// new events get 429 with Retry-After and nothing is stored
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub max_pending_deliveries: usize,
+    /// How long a dead event delivery (and its event) is kept for a redelivery, e.g. 7d
+    #[arg(long, default_value = "7d", value_parser = duration, value_name = "DURATION")]
+    pub dead_delivery_retention: Duration,
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
@@ -165,6 +177,9 @@ impl Server {
             max_workers_total: self.max_workers_total.max(1),
             worker_memory_budget: self.worker_memory_budget,
             min_free_disk: self.min_free_disk,
+            event_ttl: self.event_ttl,
+            max_pending_deliveries: self.max_pending_deliveries.max(1),
+            dead_delivery_retention: self.dead_delivery_retention,
             edge: dispatch_server::serve::EdgeLimits {
                 gateway_connections: self.max_gateway_connections.map(|n| n.max(1)),
                 api_connections: self.max_api_connections.map(|n| n.max(1)),

@@ -1,6 +1,7 @@
 //! `POST /v1/namespaces/{ns}/events`: CloudEvents 1.0 in structured
 //! (`application/cloudevents+json`), batch (`application/cloudevents-batch+json`) or binary
-//! (`ce-*` headers) mode; `GET …/events[?type=&limit=]`.
+//! (`ce-*` headers) mode; `GET …/events[?type=&undelivered=true&limit=]`; redelivery of dead
+//! deliveries per event or subscription, and a subscription's delivery counts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use dispatch_core::events::{CloudEvent, StoredEvent};
+use dispatch_core::Kind;
+use dispatch_core::events::{CloudEvent, DeliveryStats, StoredEvent};
+use dispatch_store::Redeliver;
 
 use super::check_namespace;
 use crate::error::{ApiError, body_rejection, parse_json};
@@ -93,14 +96,74 @@ pub async fn list(
 ) -> Result<Json<Vec<StoredEvent>>, ApiError> {
     check_namespace(&ns)?;
     let t = q.get("type").cloned();
-    let limit = q
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(100usize)
-        .min(10_000);
+    let limit = match q.get("limit") {
+        Some(l) => l.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("limit {l:?} is not a number: use ?limit=100"))
+        })?,
+        None => 100,
+    }
+    .min(10_000);
+    let undelivered = match q.get("undelivered").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") | Some("") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "undelivered={v:?}: use true or false"
+            )));
+        }
+    };
     Ok(Json(
         state
-            .db(move |s| s.list_events(&ns, t.as_deref(), limit))
+            .db(move |s| s.list_events(&ns, t.as_deref(), undelivered, limit))
             .await?,
     ))
+}
+
+/// `POST …/events/{id}/redeliver[?source=S]`: the event's dead deliveries become pending
+/// again (a new TTL); 404 when it has none.
+pub async fn redeliver_event(
+    State(state): State<Arc<AppState>>,
+    Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_namespace(&ns)?;
+    let which = Redeliver::Event {
+        id: id.clone(),
+        source: q.get("source").cloned(),
+    };
+    let n = crate::deliveries::redeliver(&state, &ns, which).await?;
+    if n == 0 {
+        return Err(ApiError::not_found(format!(
+            "event {id:?} has no dead deliveries in namespace {ns:?} (see dispatch get events \
+             --undelivered)"
+        )));
+    }
+    Ok(Json(serde_json::json!({ "redelivered": n })))
+}
+
+/// `POST …/subscriptions/{name}/redeliver`: every dead delivery of the subscription becomes
+/// pending again.
+pub async fn redeliver_subscription(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_namespace(&ns)?;
+    let n = crate::deliveries::redeliver(&state, &ns, Redeliver::Subscription(name)).await?;
+    Ok(Json(serde_json::json!({ "redelivered": n })))
+}
+
+/// `GET …/subscriptions/{name}/deliveries`: pending and dead now, queued and retried since
+/// the server started, the oldest pending one's age.
+pub async fn subscription_deliveries(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<DeliveryStats>, ApiError> {
+    check_namespace(&ns)?;
+    if state.get(&ns, Kind::Subscription, &name).await?.is_none() {
+        return Err(ApiError::not_found(format!(
+            "subscription {name:?} not found in namespace {ns:?}"
+        )));
+    }
+    let now = state.queue.clock.now();
+    Ok(Json(state.deliveries.stats(&ns, &name, now)))
 }

@@ -67,6 +67,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .post(events::ingest)
                 .layer(DefaultBodyLimit::max(MAX_EXEC_BODY)),
         )
+        .route(
+            &format!("{ns}/events/{{id}}/redeliver"),
+            post(events::redeliver_event),
+        )
+        .route(
+            &format!("{ns}/subscriptions/{{name}}/redeliver"),
+            post(events::redeliver_subscription),
+        )
+        .route(
+            &format!("{ns}/subscriptions/{{name}}/deliveries"),
+            get(events::subscription_deliveries),
+        )
         .route(&format!("{ns}/runs"), get(runs::list).delete(runs::purge))
         .route(&format!("{ns}/runs/redrive"), post(runs::redrive_all))
         .route(
@@ -139,7 +151,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.metrics.render()
             + &function_metrics(&state)
             + &budget_metrics(&state)
-            + &disk_metrics(&state),
+            + &disk_metrics(&state)
+            + &state.deliveries.render_metrics(state.queue.clock.now()),
     )
 }
 

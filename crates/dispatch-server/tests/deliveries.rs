@@ -1,0 +1,315 @@
+//! Accepted means delivered (issue 27), with real workers: a function whose queue is full
+//! makes event deliveries wait (pending, in order) instead of dropping them; past the
+//! namespace's high-water mark producers get 429 and nothing is stored; pending deliveries
+//! survive a restart; a delivery whose TTL ends first is dead, listed and redelivered; an
+//! event matching ten subscriptions yields ten runs, never a subset.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use dispatch_core::events::DeliveryState;
+use dispatch_core::{Kind, Phase, RunStatus};
+use dispatch_server::Options;
+use serde_json::json;
+use support::*;
+
+/// Sleeps `payload.sleep` seconds (default 0) and returns the event's id.
+const SLOW: &str = r#"
+import time
+def handle(context, payload):
+    time.sleep((payload or {}).get("sleep", 0))
+    return context["event"]["id"]
+"#;
+
+async fn slow_function(c: &dispatch_client::Client, name: &str, max_queued: u32) {
+    create_function(
+        c,
+        name,
+        "py",
+        "slow.py",
+        SLOW,
+        json!({"maxQueued": max_queued, "concurrency": {"maxWorkers": 1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, name).await.phase(),
+        Some(Phase::Ready)
+    );
+}
+
+async fn subscribe(c: &dispatch_client::Client, name: &str, function: &str) {
+    c.create(&object(
+        Kind::Subscription,
+        name,
+        json!({"eventType": "order.*", "function": function}),
+    ))
+    .await
+    .unwrap();
+}
+
+/// Posts one structured event; its status and body.
+async fn post(t: &TestServer, id: &str, data: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/namespaces/default/events", t.api()))
+        .header("content-type", "application/cloudevents+json")
+        .body(
+            json!({"specversion": "1.0", "id": id, "source": "/shop",
+                   "type": "order.created", "data": data})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").is_some();
+    let mut v: serde_json::Value = r.json().await.unwrap();
+    if status == 429 {
+        assert!(retry_after, "a 429 says when to retry: {v}");
+        v["retryAfter"] = json!(true);
+    }
+    (status, v)
+}
+
+async fn metrics(t: &TestServer) -> String {
+    reqwest::get(format!("{}/metrics", t.api()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Event id → the runs of `function` it started, once `expected` runs exist and all are
+/// final.
+async fn runs_by_event(
+    c: &dispatch_client::Client,
+    function: &str,
+    expected: usize,
+) -> HashMap<String, Vec<dispatch_core::Run>> {
+    let runs = eventually(&format!("{expected} final runs of {function}"), || async {
+        let runs = c
+            .list_runs(&dispatch_client::RunQuery {
+                function: Some(function.into()),
+                limit: Some(10_000),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        (runs.len() >= expected && runs.iter().all(|r| r.status.is_final())).then_some(runs)
+    })
+    .await;
+    let mut by: HashMap<String, Vec<dispatch_core::Run>> = HashMap::new();
+    for r in runs {
+        let id = r.event.as_ref().unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        by.entry(id).or_default().push(r);
+    }
+    by
+}
+
+/// A queue of 2 and a slow function: events past it wait as pending deliveries and are
+/// queued as room frees, in arrival order; past 8 pending the producer gets 429 and nothing
+/// is stored. Every 202 ends in exactly one run; no 429 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_event_is_delivered_and_the_rest_get_429() {
+    let t = start_with(
+        tempfile::tempdir().unwrap(),
+        Options {
+            max_pending_deliveries: 8,
+            ..no_auth()
+        },
+    )
+    .await;
+    let c = &t.client;
+    images(c).await;
+    slow_function(c, "slow", 2).await;
+    subscribe(c, "orders", "slow").await;
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    for i in 0..30 {
+        let id = format!("e{i:02}");
+        let (status, v) = post(&t, &id, json!({"sleep": 0.05})).await;
+        match status {
+            202 => accepted.push((id, v)),
+            429 => refused.push((id, v)),
+            s => panic!("event {id}: {s} {v}"),
+        }
+    }
+    assert!(
+        accepted.len() >= 10 && !refused.is_empty(),
+        "2 queued + 8 pending at least, then 429: {} accepted, {} refused",
+        accepted.len(),
+        refused.len()
+    );
+    let pending: Vec<_> = accepted
+        .iter()
+        .filter(|(_, v)| v["matched"][0]["state"] == "pending")
+        .collect();
+    assert!(!pending.is_empty(), "some deliveries waited");
+    let e = &refused[0].1["error"];
+    assert_eq!(e["code"], "DeliveriesPending", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-pending-deliveries"),
+        "{e}"
+    );
+    let stats = c.subscription_deliveries("orders").await.unwrap();
+    assert!(stats.pending > 0 || stats.queued > 0, "{stats:?}");
+    let metrics = metrics(&t).await;
+    assert!(
+        metrics.contains("dispatch_events_refused_total{namespace=\"default\"}"),
+        "{metrics}"
+    );
+
+    // Every accepted event ends in one run; no refused one is stored or run.
+    let by = runs_by_event(c, "slow", accepted.len()).await;
+    assert_eq!(by.len(), accepted.len());
+    for (id, _) in &accepted {
+        let runs = &by[id];
+        assert_eq!(runs.len(), 1, "event {id}: {runs:?}");
+        assert_eq!(runs[0].status, RunStatus::Succeeded, "{:?}", runs[0]);
+    }
+    for (id, _) in &refused {
+        assert!(!by.contains_key(id), "refused event {id} ran");
+    }
+    // Queued in arrival order: the runs' ids (ULIDs: creation order) follow the events'.
+    let mut order: Vec<(String, String)> = by
+        .iter()
+        .map(|(e, runs)| (runs[0].id.clone(), e.clone()))
+        .collect();
+    order.sort();
+    let events: Vec<String> = order.into_iter().map(|(_, e)| e).collect();
+    let mut sorted = events.clone();
+    sorted.sort();
+    assert_eq!(events, sorted, "runs queued in the events' order");
+    let all = c.list_events(None, false, 1000).await.unwrap();
+    assert_eq!(all.len(), accepted.len(), "refused events are not stored");
+    assert!(c.list_events(None, true, 1000).await.unwrap().is_empty());
+    let stats = c.subscription_deliveries("orders").await.unwrap();
+    assert_eq!((stats.pending, stats.dead), (0, 0), "{stats:?}");
+    assert_eq!(stats.queued, accepted.len() as u64);
+    t.stop().await;
+}
+
+/// Pending deliveries are stored: a restart queues them. An event matching ten subscriptions
+/// is stored with ten deliveries (some queued, some pending) and yields ten runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_deliveries_survive_a_restart_and_fan_out_is_whole() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    slow_function(c, "fan", 3).await;
+    for i in 0..10 {
+        subscribe(c, &format!("s{i}"), "fan").await;
+    }
+    let (status, v) = post(&t, "wide", json!({"sleep": 0.2})).await;
+    assert_eq!(status, 202, "{v}");
+    let states: Vec<&str> = v["matched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.len(), 10);
+    assert_eq!(
+        states.iter().filter(|s| **s == "queued").count(),
+        3,
+        "maxQueued 3: {states:?}"
+    );
+    // Stopped at once: most deliveries are still pending.
+    let dir = t.stop().await;
+    let t = start_in(dir).await;
+    let c = &t.client;
+    let by = runs_by_event(c, "fan", 10).await;
+    let runs = &by["wide"];
+    assert_eq!(runs.len(), 10, "one run per subscription: {runs:?}");
+    let e = &c.list_events(None, false, 10).await.unwrap()[0];
+    let subs: BTreeMap<&str, &str> = e["matched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["subscription"].as_str().unwrap(),
+                d["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(subs.len(), 10);
+    assert!(subs.values().all(|s| *s == "queued"), "{subs:?}");
+    t.stop().await;
+}
+
+/// A delivery whose TTL ends while its function's queue is full is dead: listed with the
+/// reason, counted, and pending again on `redeliver` (by event and by subscription).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_deliveries_are_listed_and_redelivered() {
+    let t = start_with(
+        tempfile::tempdir().unwrap(),
+        Options {
+            event_ttl: Duration::from_millis(300),
+            ..no_auth()
+        },
+    )
+    .await;
+    let c = &t.client;
+    images(c).await;
+    slow_function(c, "gate", 1).await;
+    subscribe(c, "orders", "gate").await;
+    // The first takes the queue's one place and holds it; the next two wait, then die.
+    let (_, first) = post(&t, "hold", json!({"sleep": 60})).await;
+    let hold = first["matched"][0]["runId"].as_str().unwrap().to_string();
+    for id in ["late-1", "late-2"] {
+        let (status, v) = post(&t, id, json!({})).await;
+        assert_eq!(
+            (status, v["matched"][0]["state"].as_str()),
+            (202, Some("pending"))
+        );
+    }
+    let dead = eventually("two dead deliveries", || async {
+        let s = c.subscription_deliveries("orders").await.unwrap();
+        (s.dead == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(dead.pending, 0);
+    let undelivered = c.list_events(None, true, 10).await.unwrap();
+    assert_eq!(undelivered.len(), 2);
+    for e in &undelivered {
+        let d: dispatch_core::events::Delivery =
+            serde_json::from_value(e["matched"][0].clone()).unwrap();
+        assert_eq!(d.state, DeliveryState::Dead);
+        assert!(
+            d.error.as_deref().unwrap().contains("TTL"),
+            "the reason is kept: {d:?}"
+        );
+    }
+    let metrics = metrics(&t).await;
+    assert!(
+        metrics.contains(
+            "dispatch_event_deliveries_dead{namespace=\"default\",subscription=\"orders\"} 2"
+        ),
+        "{metrics}"
+    );
+    // Room again; one event redelivered, then the rest of the subscription.
+    c.cancel_run(&hold).await.unwrap();
+    let err = c.redeliver_event("no-such", None).await.unwrap_err();
+    assert_eq!(err.status().unwrap().as_u16(), 404);
+    let r = c.redeliver_event("late-1", Some("/shop")).await.unwrap();
+    assert_eq!(r["redelivered"], 1);
+    let by = runs_by_event(c, "gate", 2).await;
+    assert_eq!(by["late-1"][0].status, RunStatus::Succeeded);
+    let r = c.redeliver_subscription("orders").await.unwrap();
+    assert_eq!(r["redelivered"], 1);
+    let by = runs_by_event(c, "gate", 3).await;
+    assert_eq!(by["late-2"][0].status, RunStatus::Succeeded);
+    assert!(c.list_events(None, true, 10).await.unwrap().is_empty());
+    let s = c.subscription_deliveries("orders").await.unwrap();
+    assert_eq!((s.pending, s.dead, s.queued), (0, 0, 3), "{s:?}");
+    t.stop().await;
+}
