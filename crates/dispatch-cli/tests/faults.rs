@@ -110,6 +110,7 @@ fn bench_modes_refuse_bad_input() {
         &["bench", "soak", "--sample", "10ms"],
         &["bench", "burst", "--budget", "0"],
         &["bench", "faults", "--only", "meteor-strike"],
+        &["bench", "events", "--concurrency", "0"],
     ] {
         let out = std::process::Command::cargo_bin("dispatch")
             .unwrap()
@@ -123,8 +124,47 @@ fn bench_modes_refuse_bad_input() {
                 || err.contains("--rate")
                 || err.contains("--sample")
                 || err.contains("--budget")
-                || err.contains("meteor-strike"),
+                || err.contains("meteor-strike")
+                || err.contains("--concurrency"),
             "{args:?}: {err}"
         );
+    }
+}
+
+/// `dispatch bench events`: ingest, delivery and a 3× overload; every accepted event is
+/// delivered and every answer is a 202 or a 429.
+#[test]
+fn the_events_bench_delivers_every_accepted_event() {
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
+        .args([
+            "bench",
+            "events",
+            "--duration",
+            "1s",
+            "--pending-limit",
+            "50",
+            "--isolation",
+            "none",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let phases = r["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "{r}");
+    for p in phases {
+        assert!(p["accepted"].as_u64().unwrap() > 0, "{p}");
+        assert_eq!(p["undelivered"], 0, "{p}");
+        for status in p["statuses"].as_object().unwrap().keys() {
+            assert!(status == "202" || status == "429", "{p}");
+        }
     }
 }

@@ -720,8 +720,8 @@ impl Store for CrStore {
         self.sql.pending_deliveries(namespace, subscription, limit)
     }
 
-    fn deliver(&self, delivery: &DeliveryRecord, run: &Run) -> Result<()> {
-        self.sql.deliver(delivery, run)
+    fn deliver(&self, deliveries: &[(DeliveryRecord, Run)]) -> Result<()> {
+        self.sql.deliver(deliveries)
     }
 
     fn update_delivery(&self, delivery: &DeliveryRecord) -> Result<()> {

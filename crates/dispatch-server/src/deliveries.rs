@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_core::Trigger;
-use dispatch_core::events::{DeliveryState, DeliveryStats, StoredEvent};
+use dispatch_core::events::{DeliveryState, DeliveryStats};
 use dispatch_store::{DeliveryRecord, Redeliver};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -37,7 +37,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 type SubKey = (String, String);
 
 /// A metric: name, type, help, and its value in a subscription's stats.
-type MetricRow = (&'static str, &'static str, &'static str, fn(&DeliveryStats) -> f64);
+type MetricRow = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&DeliveryStats) -> f64,
+);
 
 #[derive(Default)]
 struct Sub {
@@ -292,101 +297,53 @@ pub fn trigger_of(source: &str) -> Trigger {
     }
 }
 
-/// What one try of a subscription's head did.
-enum Tried {
-    /// Queued (or dead, or dropped): go on with the next.
-    Next,
-    /// Refused: wait.
-    Wait,
-}
-
-async fn try_one(
-    state: &Arc<AppState>,
-    key: &SubKey,
-    mut d: DeliveryRecord,
-    event: Option<StoredEvent>,
-) -> Tried {
+/// Marks a delivery dead (its TTL ended, or its event is gone), kept for a redelivery.
+async fn bury(state: &Arc<AppState>, key: &SubKey, mut d: DeliveryRecord) -> bool {
     let now = state.queue.clock.now();
     let retention = jiff::SignedDuration::try_from(state.config.dead_delivery_retention)
         .unwrap_or(jiff::SignedDuration::MAX);
-    let Some(event) = event.filter(|_| d.expires_at > now) else {
-        // The TTL ended first (or its event is gone): dead, kept for a redelivery.
-        d.state = DeliveryState::Dead;
-        d.last_error = Some(format!(
-            "not queued before the event's TTL ended (--event-ttl){}",
-            d.last_error
-                .as_deref()
-                .map(|e| format!("; last refusal: {e}"))
-                .unwrap_or_default()
-        ));
-        d.expires_at = now.checked_add(retention).unwrap_or(now);
-        if state.db(move |s| s.update_delivery(&d)).await.is_err() {
-            return Tried::Wait;
-        }
-        state.deliveries.with_sub(key, |s, ns| {
-            s.pending = s.pending.saturating_sub(1);
-            s.dead += 1;
-            if let Some(n) = ns.get_mut(&key.0) {
-                *n = n.saturating_sub(1);
-            }
-        });
-        return Tried::Next;
-    };
-    let admitted = crate::queue::admit(
-        state,
-        &d.namespace,
-        &d.function,
-        crate::events::payload_of(&event.event),
-        trigger_of(&d.source),
-        None,
-        Some(event.event.attributes()),
-    )
-    .await;
-    match admitted {
-        Ok(run) => {
-            let (rec, r) = (d.clone(), run.clone());
-            if let Err(e) = state.db(move |s| s.deliver(&rec, &r)).await {
-                state.queue.retire(&run.id);
-                tracing::warn!("queueing a pending event delivery: {}", e.message);
-                return Tried::Wait;
-            }
-            state.queue.push(&run);
-            state.deliveries.with_sub(key, |s, ns| {
-                s.pending = s.pending.saturating_sub(1);
-                s.queued += 1;
-                s.backoff = Duration::ZERO;
-                s.next_try = None;
-                s.read = BATCH;
-                if s.pending == 0 {
-                    s.oldest_pending = None;
-                }
-                if let Some(n) = ns.get_mut(&key.0) {
-                    *n = n.saturating_sub(1);
-                }
-            });
-            Tried::Next
-        }
-        Err(e) => {
-            d.attempts += 1;
-            let changed = d.last_error.as_deref() != Some(e.message.as_str());
-            d.last_error = Some(e.message);
-            // Written when the reason changes and then at attempts 2, 4, 8, …: a full queue
-            // is tried often, and each try must not be a write.
-            if changed || d.attempts.is_power_of_two() {
-                let _ = state.db(move |s| s.update_delivery(&d)).await;
-            }
-            state.deliveries.with_sub(key, |s, _| {
-                s.retried += 1;
-                s.backoff = (s.backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
-                s.next_try = Some(Instant::now() + s.backoff);
-                s.read = 1;
-            });
-            Tried::Wait
-        }
+    d.state = DeliveryState::Dead;
+    d.last_error = Some(format!(
+        "not queued before the event's TTL ended (--event-ttl){}",
+        d.last_error
+            .as_deref()
+            .map(|e| format!("; last refusal: {e}"))
+            .unwrap_or_default()
+    ));
+    d.expires_at = now.checked_add(retention).unwrap_or(now);
+    if state.db(move |s| s.update_delivery(&d)).await.is_err() {
+        return false;
     }
+    state.deliveries.with_sub(key, |s, ns| {
+        s.pending = s.pending.saturating_sub(1);
+        s.dead += 1;
+        if let Some(n) = ns.get_mut(&key.0) {
+            *n = n.saturating_sub(1);
+        }
+    });
+    true
 }
 
-/// Tries the pending deliveries of one subscription, oldest first, until one is refused.
+/// A refused try: counted, written now and then, and the subscription backs off.
+async fn refused(state: &Arc<AppState>, key: &SubKey, mut d: DeliveryRecord, why: String) {
+    d.attempts += 1;
+    let changed = d.last_error.as_deref() != Some(why.as_str());
+    d.last_error = Some(why);
+    // Written when the reason changes and then at attempts 2, 4, 8, …: a full queue is
+    // tried often, and each try must not be a write.
+    if changed || d.attempts.is_power_of_two() {
+        let _ = state.db(move |s| s.update_delivery(&d)).await;
+    }
+    state.deliveries.with_sub(key, |s, _| {
+        s.retried += 1;
+        s.backoff = (s.backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+        s.next_try = Some(Instant::now() + s.backoff);
+        s.read = 1;
+    });
+}
+
+/// Tries the pending deliveries of one subscription, oldest first, until one is refused;
+/// the admitted ones are stored in one transaction.
 async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
     let (ns, sub) = key.clone();
     let rows = match state
@@ -417,11 +374,68 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
     state
         .deliveries
         .with_sub(&key, |s, _| s.oldest_pending = Some(head));
+    let now = state.queue.clock.now();
+    let mut batch: Vec<(DeliveryRecord, dispatch_core::Run)> = Vec::new();
+    let mut was_refused = false;
     for (d, event) in rows {
-        if let Tried::Wait = try_one(state, &key, d, event).await {
-            return;
+        let Some(event) = event.filter(|_| d.expires_at > now) else {
+            if !bury(state, &key, d).await {
+                break;
+            }
+            continue;
+        };
+        let admitted = crate::queue::admit(
+            state,
+            &d.namespace,
+            &d.function,
+            crate::events::payload_of(&event.event),
+            trigger_of(&d.source),
+            None,
+            Some(event.event.attributes()),
+        )
+        .await;
+        match admitted {
+            Ok(run) => batch.push((d, run)),
+            Err(e) => {
+                refused(state, &key, d, e.message).await;
+                was_refused = true;
+                break;
+            }
         }
     }
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    let stored = batch.clone();
+    if let Err(e) = state.db(move |s| s.deliver(&stored)).await {
+        for (_, run) in &batch {
+            state.queue.retire(&run.id);
+        }
+        tracing::warn!("queueing pending event deliveries: {}", e.message);
+        state.deliveries.with_sub(&key, |s, _| {
+            s.next_try = Some(Instant::now() + BACKOFF_MAX);
+        });
+        return;
+    }
+    for (_, run) in &batch {
+        state.queue.push(run);
+    }
+    state.deliveries.with_sub(&key, |s, ns| {
+        s.pending = s.pending.saturating_sub(n);
+        s.queued += n;
+        if !was_refused {
+            s.backoff = Duration::ZERO;
+            s.next_try = None;
+            s.read = BATCH;
+        }
+        if s.pending == 0 {
+            s.oldest_pending = None;
+        }
+        if let Some(p) = ns.get_mut(&key.0) {
+            *p = p.saturating_sub(n);
+        }
+    });
 }
 
 /// The deliverer: one task; wakes on new pending deliveries, on room in the queue, at the

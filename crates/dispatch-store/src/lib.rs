@@ -253,9 +253,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(DeliveryRecord, Option<StoredEvent>)>>;
 
-    /// A pending delivery's run is queued: the run stored, the delivery gone from the
-    /// pending ones and its event's record updated, in one transaction.
-    fn deliver(&self, delivery: &DeliveryRecord, run: &Run) -> Result<()>;
+    /// Pending deliveries' runs are queued: the runs stored, the deliveries gone from the
+    /// pending ones and their events' records updated, in one transaction.
+    fn deliver(&self, deliveries: &[(DeliveryRecord, Run)]) -> Result<()>;
 
     /// Writes a pending delivery's new state (a refused try, or dead) to it and its event.
     fn update_delivery(&self, delivery: &DeliveryRecord) -> Result<()>;

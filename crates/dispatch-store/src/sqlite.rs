@@ -824,23 +824,27 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn deliver(&self, d: &DeliveryRecord, run: &Run) -> Result<()> {
+    fn deliver(&self, deliveries: &[(DeliveryRecord, Run)]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        write_runs(&tx, std::slice::from_ref(run))?;
-        tx.execute("DELETE FROM deliveries WHERE seq = ?1", params![d.seq])?;
-        set_matched(
-            &tx,
-            d,
-            &Delivery {
-                subscription: d.subscription.clone(),
-                function: d.function.clone(),
-                state: DeliveryState::Queued,
-                run_id: Some(run.id.clone()),
-                error: None,
-                attempts: d.attempts,
-            },
-        )?;
+        let runs: Vec<Run> = deliveries.iter().map(|(_, r)| r.clone()).collect();
+        write_runs(&tx, &runs)?;
+        for (d, run) in deliveries {
+            tx.prepare_cached("DELETE FROM deliveries WHERE seq = ?1")?
+                .execute(params![d.seq])?;
+            set_matched(
+                &tx,
+                d,
+                &Delivery {
+                    subscription: d.subscription.clone(),
+                    function: d.function.clone(),
+                    state: DeliveryState::Queued,
+                    run_id: Some(run.id.clone()),
+                    error: None,
+                    attempts: d.attempts,
+                },
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -547,7 +547,7 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
     assert_eq!((b[0].index, b[0].function.as_str()), (1, "f-b"));
     // b is queued later.
     let rb = run(&ulid::Ulid::new().to_string(), "f-b", RunStatus::Queued);
-    s.deliver(&b[0], &rb).unwrap();
+    s.deliver(&[(b[0].clone(), rb.clone())]).unwrap();
     assert!(s.pending_deliveries("default", "b", 10).unwrap().is_empty());
     assert!(s.get_run("default", &rb.id).unwrap().is_some());
     let stored = &s.list_events("default", None, false, 10).unwrap()[0];
@@ -600,11 +600,8 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
         DeliveryState::Pending
     );
     // Queued: the event is delivered and goes at its TTL.
-    s.deliver(
-        &c[0],
-        &run(&ulid::Ulid::new().to_string(), "f-c", RunStatus::Queued),
-    )
-    .unwrap();
+    let rc = run(&ulid::Ulid::new().to_string(), "f-c", RunStatus::Queued);
+    s.deliver(&[(c[0].clone(), rc)]).unwrap();
     assert!(s.list_events("default", None, true, 10).unwrap().is_empty());
     assert_eq!(s.prune_events(past_ttl).unwrap(), 1);
     assert!(s.delivery_counts().unwrap().is_empty());

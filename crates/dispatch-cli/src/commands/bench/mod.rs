@@ -14,6 +14,7 @@
 
 mod accepted;
 mod burst;
+mod events;
 mod faults;
 mod history;
 mod process;
@@ -85,6 +86,7 @@ pub enum Mode {
     Burst(burst::Burst),
     Faults(faults::Faults),
     History(history::History),
+    Events(events::Events),
 }
 
 #[derive(Debug, Serialize)]
@@ -193,6 +195,7 @@ impl Bench {
             Some(Mode::Burst(b)) => return b.run().await,
             Some(Mode::Faults(f)) => return f.run().await,
             Some(Mode::History(h)) => return h.run().await,
+            Some(Mode::Events(e)) => return e.run().await,
             None => {}
         }
         if self.quick {
