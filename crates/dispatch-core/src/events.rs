@@ -240,7 +240,7 @@ pub const MAX_CATCH_UP: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventDriverSpec {
-    /// cron | webhook | nats | mqtt
+    /// cron | webhook | nats | mqtt | kafka
     #[serde(rename = "type")]
     pub kind: String,
     /// The event type it emits (subscriptions pick it up)…
@@ -260,7 +260,8 @@ pub struct EventDriverSpec {
     /// webhook: the gateway path that turns requests into events (`/hooks/github`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// Driver-specific settings (brokers: url, subject/topic).
+    /// Driver-specific settings. nats: url, subject, and stream (+ durable) for a JetStream
+    /// durable consumer; mqtt: url, topic; kafka: brokers, topic, group, offset.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
 }
@@ -270,10 +271,10 @@ fn is_skip(m: &MissedRuns) -> bool {
 }
 
 impl EventDriverSpec {
-    /// A driver that keeps a connection to a broker (NATS, MQTT); its connection sets its
-    /// phase (CONNECTED/ERROR).
+    /// A driver that keeps a connection to a broker (NATS, MQTT, Kafka); its connection
+    /// sets its phase (CONNECTED/ERROR).
     pub fn is_broker(&self) -> bool {
-        matches!(self.kind.as_str(), "nats" | "mqtt")
+        matches!(self.kind.as_str(), "nats" | "mqtt" | "kafka")
     }
 
     pub(crate) fn normalize(self) -> Result<Self, ValidationError> {
@@ -336,9 +337,36 @@ impl EventDriverSpec {
                     )));
                 }
             }
+            "kafka" => {
+                let brokers = self.config.get("brokers").map(String::as_str).unwrap_or("");
+                if brokers.is_empty()
+                    || brokers.split(',').any(|b| {
+                        b.trim()
+                            .rsplit_once(':')
+                            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                    })
+                {
+                    return Err(ValidationError::new(
+                        "a kafka driver needs config.brokers = host:port[,host:port…] (--config brokers=127.0.0.1:9092)",
+                    ));
+                }
+                if self.config.get("topic").is_none_or(|s| s.trim().is_empty()) {
+                    return Err(ValidationError::new(
+                        "a kafka driver needs config.topic (the topic to consume)",
+                    ));
+                }
+                if let Some(o) = self.config.get("offset")
+                    && o != "earliest"
+                    && o != "latest"
+                {
+                    return Err(ValidationError::new(format!(
+                        "config.offset {o:?}: where a new consumer starts is earliest or latest"
+                    )));
+                }
+            }
             other => {
                 return Err(ValidationError::new(format!(
-                    "event driver type {other:?} is not known: use cron or webhook"
+                    "event driver type {other:?} is not known: use cron, webhook, nats, mqtt or kafka"
                 )));
             }
         }

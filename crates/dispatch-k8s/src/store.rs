@@ -741,6 +741,24 @@ impl Store for CrStore {
         self.sql.delivery_counts()
     }
 
+    fn driver_cursor(&self, namespace: &str, driver: &str, key: &str) -> Result<Option<i64>> {
+        self.sql.driver_cursor(namespace, driver, key)
+    }
+
+    fn set_driver_cursor(
+        &self,
+        namespace: &str,
+        driver: &str,
+        key: &str,
+        value: i64,
+    ) -> Result<()> {
+        self.sql.set_driver_cursor(namespace, driver, key, value)
+    }
+
+    fn forget_driver(&self, namespace: &str, driver: &str) -> Result<()> {
+        self.sql.forget_driver(namespace, driver)
+    }
+
     fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>> {
         self.sql.cron_last_fire(namespace, name)
     }

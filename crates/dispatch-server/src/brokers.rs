@@ -1,8 +1,13 @@
-//! Broker event drivers (DESIGN §6): a NATS subject or an MQTT topic filter whose messages
-//! become events (type = the subject / topic, or the driver's `eventType`) or runs of the
-//! driver's function. Each driver is a task that connects, subscribes, reconnects with
-//! back-off, and reports CONNECTED or ERROR (with the reason) in its status. Messages are
-//! handled one at a time, so runs are enqueued in the broker's order.
+//! Broker event drivers (DESIGN §6): a NATS subject, an MQTT topic filter or a Kafka topic
+//! whose messages become events (type = the subject / topic, or the driver's `eventType`) or
+//! runs of the driver's function. Each driver is a task that connects, subscribes,
+//! reconnects with back-off, and reports CONNECTED or ERROR (with the reason) in its status.
+//! Messages are handled one at a time, so runs are enqueued in the broker's order.
+//!
+//! At least once (issue 27): a JetStream durable consumer, an MQTT QoS 1 persistent session
+//! and a Kafka partition consumer acknowledge (ack, PUBACK, stored offset) only after the
+//! message's event is stored with its deliveries, and pause under back-pressure instead of
+//! dropping. Core NATS (no `stream`) is at most once, as NATS itself is.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+use crate::error::ApiError;
 use crate::events::Fire;
 use crate::state::AppState;
 
@@ -53,7 +59,7 @@ async fn set_state(state: &AppState, ns: &str, name: &str, phase: Phase, reason:
         .await;
 }
 
-/// One message → an event (or a run).
+/// One message → an event (or a run), with `id` as its event id (none: a fresh one).
 async fn handle(
     state: &Arc<AppState>,
     ns: &str,
@@ -61,7 +67,8 @@ async fn handle(
     spec: &EventDriverSpec,
     channel: &str,
     payload: &[u8],
-) {
+    id: Option<String>,
+) -> Result<(), ApiError> {
     let data = serde_json::from_slice::<serde_json::Value>(payload).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
     });
@@ -74,13 +81,49 @@ async fn handle(
         ns,
         driver: name,
         spec: &spec,
-        id: ulid::Ulid::new().to_string(),
+        id: id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
         time: state.queue.clock.now(),
         data,
         content_type: None,
     };
-    if let Err(e) = crate::events::emit_from_driver(state, fire).await {
-        tracing::warn!(driver = %name, "message from {channel} not delivered: {}", e.message);
+    crate::events::emit_from_driver(state, fire)
+        .await
+        .map(|_| ())
+}
+
+/// A refusal that passes (back-pressure, a short disk, a store hiccup): the message is
+/// offered again; any other (too large, say) never passes.
+fn passes(e: &ApiError) -> bool {
+    matches!(e.status.as_u16(), 429 | 503 | 507) || e.status.is_server_error()
+}
+
+/// Offers a message until it is accepted (stored with its deliveries): back-pressure pauses
+/// the consumer here, with back-off. `false`: refused for good (logged; the broker may move
+/// on). At-least-once consumers acknowledge only after this returns.
+async fn offer(
+    state: &Arc<AppState>,
+    driver: (&str, &str),
+    spec: &EventDriverSpec,
+    channel: &str,
+    payload: &[u8],
+    id: Option<String>,
+) -> bool {
+    let (ns, name) = driver;
+    let id = id.unwrap_or_else(|| ulid::Ulid::new().to_string());
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        match handle(state, ns, name, spec, channel, payload, Some(id.clone())).await {
+            Ok(()) => return true,
+            Err(e) if passes(&e) => {
+                tracing::debug!(driver = %name, "message from {channel} waits: {}", e.message);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => {
+                tracing::warn!(driver = %name, "message from {channel} refused: {}", e.message);
+                return false;
+            }
+        }
     }
 }
 
@@ -128,6 +171,16 @@ async fn run_nats(state: Arc<AppState>, ns: String, name: String, spec: EventDri
                 continue;
             }
         };
+        if let Some(stream) = spec.config.get("stream") {
+            let reason = match run_jetstream(&state, (&ns, &name), &spec, client, stream).await {
+                Ok(()) => "the JetStream consumer ended; consuming again".to_string(),
+                Err(e) => e,
+            };
+            set_state(&state, &ns, &name, Phase::Error, reason).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            continue;
+        }
         let mut sub = match client.subscribe(subject.clone()).await {
             Ok(s) => s,
             Err(e) => {
@@ -146,13 +199,14 @@ async fn run_nats(state: Arc<AppState>, ns: String, name: String, spec: EventDri
         set_state(&state, &ns, &name, Phase::Connected, String::new()).await;
         backoff = BACKOFF_FIRST;
         while let Some(msg) = sub.next().await {
-            handle(
+            // Core NATS is at most once: a message refused for good is gone (log only).
+            offer(
                 &state,
-                &ns,
-                &name,
+                (&ns, &name),
                 &spec,
                 msg.subject.as_str(),
                 &msg.payload,
+                None,
             )
             .await;
         }
@@ -168,6 +222,91 @@ async fn run_nats(state: Arc<AppState>, ns: String, name: String, spec: EventDri
     }
 }
 
+/// A JetStream durable pull consumer (`config.stream`, `config.durable`, default
+/// `dispatch-NS-NAME`): one message in flight (max_ack_pending 1, so runs are queued in the
+/// stream's order), acknowledged only once its event is stored with its deliveries; under
+/// back-pressure it is nak'd with a delay (redelivered then, nothing overtakes it). The
+/// event id is `STREAM-SEQUENCE`, so a message redelivered after a crash between the commit
+/// and the ack is a duplicate that is not delivered twice.
+async fn run_jetstream(
+    state: &Arc<AppState>,
+    driver: (&str, &str),
+    spec: &EventDriverSpec,
+    client: async_nats::Client,
+    stream: &str,
+) -> Result<(), String> {
+    use async_nats::jetstream::{self, AckKind, consumer};
+    let (ns, name) = driver;
+    let subject = spec.config.get("subject").cloned().unwrap_or_default();
+    let durable = spec
+        .config
+        .get("durable")
+        .cloned()
+        .unwrap_or_else(|| format!("dispatch-{ns}-{name}"));
+    let js = jetstream::new(client);
+    let st = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| format!("JetStream stream {stream:?}: {e}"))?;
+    let consumer: consumer::PullConsumer = st
+        .get_or_create_consumer(
+            &durable,
+            consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: subject.clone(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("JetStream consumer {durable:?} on {stream:?}: {e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("consuming {durable:?}: {e}"))?;
+    set_state(state, ns, name, Phase::Connected, String::new()).await;
+    let mut backoff = BACKOFF_FIRST;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| format!("JetStream consumer {durable:?}: {e}"))?;
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let id = format!("{stream}-{seq}");
+        match handle(
+            state,
+            ns,
+            name,
+            spec,
+            m.subject.as_str(),
+            &m.payload,
+            Some(id),
+        )
+        .await
+        {
+            Ok(()) => {
+                backoff = BACKOFF_FIRST;
+                m.ack()
+                    .await
+                    .map_err(|e| format!("acknowledging {stream} #{seq}: {e}"))?;
+            }
+            Err(e) if passes(&e) => {
+                tracing::debug!(driver = %name, "JetStream message {seq} waits: {}", e.message);
+                m.ack_with(AckKind::Nak(Some(backoff)))
+                    .await
+                    .map_err(|e| format!("nak of {stream} #{seq}: {e}"))?;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => {
+                tracing::warn!(driver = %name, "JetStream message {seq} refused: {}", e.message);
+                m.ack_with(AckKind::Term)
+                    .await
+                    .map_err(|e| format!("terminating {stream} #{seq}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn run_mqtt(state: Arc<AppState>, ns: String, name: String, spec: EventDriverSpec) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let url = spec.config.get("url").cloned().unwrap_or_default();
@@ -177,18 +316,26 @@ async fn run_mqtt(state: Arc<AppState>, ns: String, name: String, spec: EventDri
         Some((h, p)) => (h.to_string(), p.parse().unwrap_or(1883)),
         None => (hostport.to_string(), 1883),
     };
+    // QoS 1 in a persistent session: the client id is the driver's (the same after a
+    // restart), the broker keeps the subscription and every message not acknowledged, and
+    // the PUBACK goes only once the message's event is stored (manual acks).
     let mut opts = MqttOptions::new(
-        format!("dispatch-{ns}-{name}-{}", std::process::id()),
+        spec.config
+            .get("clientId")
+            .cloned()
+            .unwrap_or_else(|| format!("dispatch-{ns}-{name}")),
         host,
         port,
     );
-    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(false);
+    opts.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut backoff = BACKOFF_FIRST;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                // A clean session forgets subscriptions: subscribe on every connect.
+                // Subscribed on every connect (a session the broker lost has none).
                 if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
                     set_state(
                         &state,
@@ -205,7 +352,12 @@ async fn run_mqtt(state: Arc<AppState>, ns: String, name: String, spec: EventDri
                 backoff = BACKOFF_FIRST;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                handle(&state, &ns, &name, &spec, &p.topic, &p.payload).await;
+                // Back-pressure waits here (the broker holds the rest of the session's
+                // messages meanwhile); refused for good, the message is acknowledged too.
+                offer(&state, (&ns, &name), &spec, &p.topic, &p.payload, None).await;
+                if let Err(e) = client.ack(&p).await {
+                    tracing::warn!(driver = %name, "acknowledging an MQTT message: {e}");
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -220,6 +372,126 @@ async fn run_mqtt(state: Arc<AppState>, ns: String, name: String, spec: EventDri
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
+        }
+    }
+}
+
+/// A Kafka topic, every partition (`config.brokers`, `config.topic`, `config.group`
+/// naming the cursor, default `dispatch-NS-NAME`; `config.offset` where a new one starts:
+/// earliest, the default, or latest). Offsets are kept in our store, advanced only after
+/// the records' events are stored with their deliveries; the event id is
+/// `TOPIC-PARTITION-OFFSET`, so a record read again after a crash between the two writes is
+/// a duplicate that is not delivered twice. Under back-pressure a partition's consumption
+/// pauses (the record is offered again with back-off).
+async fn run_kafka(state: Arc<AppState>, ns: String, name: String, spec: EventDriverSpec) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let reason = match consume_kafka(&state, (&ns, &name), &spec).await {
+            Ok(()) => "the Kafka consumer ended; consuming again".to_string(),
+            Err(e) => e,
+        };
+        set_state(&state, &ns, &name, Phase::Error, reason).await;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn consume_kafka(
+    state: &Arc<AppState>,
+    driver: (&str, &str),
+    spec: &EventDriverSpec,
+) -> Result<(), String> {
+    use rskafka::client::ClientBuilder;
+    use rskafka::client::partition::UnknownTopicHandling;
+    let (ns, name) = driver;
+    let brokers: Vec<String> = spec
+        .config
+        .get("brokers")
+        .map(|b| b.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
+    let topic = spec.config.get("topic").cloned().unwrap_or_default();
+    let client = ClientBuilder::new(brokers.clone())
+        .build()
+        .await
+        .map_err(|e| format!("cannot connect to Kafka at {}: {e}", brokers.join(",")))?;
+    let partitions = client
+        .list_topics()
+        .await
+        .map_err(|e| format!("listing Kafka topics: {e}"))?
+        .into_iter()
+        .find(|t| t.name == topic)
+        .map(|t| t.partitions)
+        .ok_or_else(|| format!("Kafka topic {topic:?} does not exist"))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in partitions {
+        let pc = client
+            .partition_client(topic.clone(), p, UnknownTopicHandling::Retry)
+            .await
+            .map_err(|e| format!("Kafka partition {topic}/{p}: {e}"))?;
+        let (state, spec) = (state.clone(), spec.clone());
+        let (ns, name) = (ns.to_string(), name.to_string());
+        tasks.spawn(async move { consume_partition(&state, (&ns, &name), &spec, pc).await });
+    }
+    set_state(state, ns, name, Phase::Connected, String::new()).await;
+    // The first partition that fails ends them all (the caller reconnects).
+    match tasks.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(format!("a Kafka partition consumer stopped: {e}")),
+        None => Ok(()),
+    }
+}
+
+async fn consume_partition(
+    state: &Arc<AppState>,
+    driver: (&str, &str),
+    spec: &EventDriverSpec,
+    pc: rskafka::client::partition::PartitionClient,
+) -> Result<(), String> {
+    use rskafka::client::partition::OffsetAt;
+    let (ns, name) = driver;
+    let (topic, partition) = (pc.topic().to_string(), pc.partition());
+    let group = spec
+        .config
+        .get("group")
+        .cloned()
+        .unwrap_or_else(|| format!("dispatch-{ns}-{name}"));
+    let key = format!("{group}/{topic}/{partition}");
+    let (n, d, k) = (ns.to_string(), name.to_string(), key.clone());
+    let stored = state
+        .db(move |s| s.driver_cursor(&n, &d, &k))
+        .await
+        .map_err(|e| e.message)?;
+    let mut offset = match stored {
+        Some(o) => o,
+        None => {
+            let at = match spec.config.get("offset").map(String::as_str) {
+                Some("latest") => OffsetAt::Latest,
+                _ => OffsetAt::Earliest,
+            };
+            pc.get_offset(at)
+                .await
+                .map_err(|e| format!("offset of {topic}/{partition}: {e}"))?
+        }
+    };
+    loop {
+        let (records, _high) = pc
+            .fetch_records(offset, 1..4 * 1024 * 1024, 500)
+            .await
+            .map_err(|e| format!("fetching {topic}/{partition} at {offset}: {e}"))?;
+        let before = offset;
+        // A fetch may start inside a batch: records before the offset are skipped.
+        for r in records.into_iter().filter(|r| r.offset >= before) {
+            let payload = r.record.value.unwrap_or_default();
+            let id = format!("{topic}-{partition}-{}", r.offset);
+            offer(state, driver, spec, &topic, &payload, Some(id)).await;
+            offset = r.offset + 1;
+        }
+        if offset != before {
+            let (n, d, k) = (ns.to_string(), name.to_string(), key.clone());
+            state
+                .db(move |s| s.set_driver_cursor(&n, &d, &k, offset))
+                .await
+                .map_err(|e| format!("storing the offset of {topic}/{partition}: {}", e.message))?;
         }
     }
 }
@@ -255,10 +527,10 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
                         continue;
                     }
                     let (ns, name) = k.clone();
-                    let task = if spec.kind == "nats" {
-                        tokio::spawn(run_nats(state.clone(), ns, name, spec.clone()))
-                    } else {
-                        tokio::spawn(run_mqtt(state.clone(), ns, name, spec.clone()))
+                    let task = match spec.kind.as_str() {
+                        "nats" => tokio::spawn(run_nats(state.clone(), ns, name, spec.clone())),
+                        "kafka" => tokio::spawn(run_kafka(state.clone(), ns, name, spec.clone())),
+                        _ => tokio::spawn(run_mqtt(state.clone(), ns, name, spec.clone())),
                     };
                     r.insert(k, (spec, task.abort_handle()));
                 }

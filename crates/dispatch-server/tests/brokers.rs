@@ -320,3 +320,158 @@ async fn mqtt_topics_become_runs() {
     assert!(e.to_string().contains("mqtt://"), "{e}");
     t.stop().await;
 }
+
+/// The Kafka-protocol broker `tansu` (cargo install tansu --features dynostore; .ci/run
+/// builds it once into a cache): `$TANSU`, PATH, or the cache folder .ci/run uses.
+pub fn tansu_bin() -> PathBuf {
+    let cached = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/dispatch-tools/tansu/bin/tansu"));
+    std::env::var_os("TANSU")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("tansu")),
+        )
+        .chain(cached)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "tansu is not installed (cargo install tansu --features dynostore; .ci/run does)"
+            )
+        })
+}
+
+async fn tansu(port: u16, topic: &str) -> Broker {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let b = Broker(
+        Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    eventually("tansu to listen", || {
+        std::future::ready(
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(()),
+        )
+    })
+    .await;
+    let status = Command::new(tansu_bin())
+        .args([
+            "topic",
+            "create",
+            topic,
+            "--broker",
+            &url,
+            "--partitions",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "tansu topic create {topic}");
+    b
+}
+
+/// Produces `values` on partition 0 of `topic`, one record per batch (tansu 0.6 cannot
+/// resume inside a batch).
+async fn produce(port: u16, topic: &str, values: impl IntoIterator<Item = String>) {
+    let client = rskafka::client::ClientBuilder::new(vec![format!("127.0.0.1:{port}")])
+        .build()
+        .await
+        .unwrap();
+    let pc = client
+        .partition_client(
+            topic,
+            0,
+            rskafka::client::partition::UnknownTopicHandling::Retry,
+        )
+        .await
+        .unwrap();
+    for v in values {
+        let record = rskafka::record::Record {
+            key: None,
+            value: Some(v.into_bytes()),
+            headers: Default::default(),
+            timestamp: chrono::Utc::now(),
+        };
+        pc.produce(vec![record], Default::default()).await.unwrap();
+    }
+}
+
+/// A Kafka topic's records become runs in offset order; after a restart the driver resumes
+/// at its stored offset (no record twice: the event id is topic-partition-offset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_records_become_runs_in_order_and_resume_at_the_stored_offset() {
+    let port = free_port();
+    let _broker = tansu(port, "orders").await;
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    create_function(
+        c,
+        "ordered",
+        "py",
+        "ordered.py",
+        ECHO,
+        json!({"concurrency": {"maxWorkers": 1}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "ordered").await.phase(),
+        Some(Phase::Ready)
+    );
+    produce(port, "orders", (0..3).map(|i| format!(r#"{{"i": {i}}}"#))).await;
+    c.create(&object(
+        Kind::EventDriver,
+        "kafka",
+        json!({"type": "kafka", "function": "ordered",
+               "config": {"brokers": format!("127.0.0.1:{port}"), "topic": "orders"}}),
+    ))
+    .await
+    .unwrap();
+    driver_phase(c, "kafka", Phase::Connected).await;
+    produce(port, "orders", (3..6).map(|i| format!(r#"{{"i": {i}}}"#))).await;
+    let order = |runs: Vec<dispatch_core::Run>| -> Vec<i64> {
+        runs.iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(r.input.get()).unwrap()["i"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    // From the earliest offset (records before the driver existed too), in order.
+    assert_eq!(order(runs(c, "ordered", 6).await), [0, 1, 2, 3, 4, 5]);
+    let dir = t.stop().await;
+    let t = start_in(dir).await;
+    let c = &t.client;
+    driver_phase(c, "kafka", Phase::Connected).await;
+    produce(port, "orders", [r#"{"i": 6}"#.to_string()]).await;
+    let all = order(runs(c, "ordered", 7).await);
+    assert_eq!(all, [0, 1, 2, 3, 4, 5, 6], "resumed at the stored offset");
+    // Bad configuration is refused at create.
+    let e = c
+        .create(&object(
+            Kind::EventDriver,
+            "bad",
+            json!({"type": "kafka", "config": {"brokers": "nowhere", "topic": "t"}}),
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("host:port"), "{e}");
+    t.stop().await;
+}

@@ -272,6 +272,15 @@ pub trait Store: Send + Sync + 'static {
     /// Pending and dead deliveries per subscription (start-up: the deliverer's counts).
     fn delivery_counts(&self) -> Result<Vec<DeliveryCount>>;
 
+    /// Where a broker driver is in its source (`key`: a Kafka topic and partition).
+    fn driver_cursor(&self, namespace: &str, driver: &str, key: &str) -> Result<Option<i64>>;
+
+    fn set_driver_cursor(&self, namespace: &str, driver: &str, key: &str, value: i64)
+    -> Result<()>;
+
+    /// Forgets a deleted driver's state: its last cron fire and its cursors.
+    fn forget_driver(&self, namespace: &str, driver: &str) -> Result<()>;
+
     /// The last fire of a cron driver.
     fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>>;
 

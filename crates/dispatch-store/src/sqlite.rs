@@ -150,6 +150,16 @@ const MIGRATIONS: &[M<'static>] = &[
     CREATE INDEX deliveries_by_subscription ON deliveries (namespace, subscription, state, seq);
     CREATE INDEX deliveries_by_event ON deliveries (namespace, source, event_id);",
     ),
+    // Where a broker driver is in its source (a Kafka partition's next offset).
+    M::up(
+        "CREATE TABLE driver_cursors (
+        namespace TEXT NOT NULL,
+        driver TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (namespace, driver, key)
+    ) WITHOUT ROWID;",
+    ),
 ];
 
 /// Rows deleted per transaction by purges and function deletes (retention has its own batch).
@@ -941,6 +951,48 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    fn driver_cursor(&self, namespace: &str, driver: &str, key: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM driver_cursors WHERE namespace = ?1 AND driver = ?2 AND key = ?3",
+                params![namespace, driver, key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn set_driver_cursor(
+        &self,
+        namespace: &str,
+        driver: &str,
+        key: &str,
+        value: i64,
+    ) -> Result<()> {
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO driver_cursors (namespace, driver, key, value) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (namespace, driver, key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![namespace, driver, key, value])?;
+        Ok(())
+    }
+
+    fn forget_driver(&self, namespace: &str, driver: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM cron_state WHERE namespace = ?1 AND name = ?2",
+            params![namespace, driver],
+        )?;
+        tx.execute(
+            "DELETE FROM driver_cursors WHERE namespace = ?1 AND driver = ?2",
+            params![namespace, driver],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<Timestamp>> {
         let ms: Option<i64> = self
             .conn()
@@ -1000,6 +1052,10 @@ impl Store for SqliteStore {
         )?;
         tx.execute("DELETE FROM events WHERE namespace = ?1", params![name])?;
         tx.execute("DELETE FROM deliveries WHERE namespace = ?1", params![name])?;
+        tx.execute(
+            "DELETE FROM driver_cursors WHERE namespace = ?1",
+            params![name],
+        )?;
         tx.execute("DELETE FROM cron_state WHERE namespace = ?1", params![name])?;
         let n = tx.execute("DELETE FROM namespaces WHERE name = ?1", params![name])?;
         tx.commit()?;

@@ -113,10 +113,11 @@ pub enum What {
         #[arg(long)]
         source: Option<String>,
     },
-    /// An event driver: `--type cron --schedule "*/5 * * * *"` or `--type webhook --path /hooks/x`
+    /// An event driver: `--type cron --schedule "*/5 * * * *"`, `--type webhook --path /hooks/x`,
+    /// or a broker: `--type nats|mqtt|kafka --config KEY=VALUE…`
     Eventdriver {
         name: String,
-        #[arg(long = "type", value_parser = ["cron", "webhook", "nats", "mqtt"])]
+        #[arg(long = "type", value_parser = ["cron", "webhook", "nats", "mqtt", "kafka"])]
         kind: String,
         /// cron: 5 fields, 6 with seconds, @hourly…, or "@every 30s"
         #[arg(long)]
@@ -136,7 +137,10 @@ pub enum What {
         /// cron: fires missed while the server was down: skip, once, all
         #[arg(long, value_parser = ["skip", "once", "all"])]
         missed_runs: Option<String>,
-        /// Broker settings (repeatable): url=nats://127.0.0.1:4222 subject=orders.> | url=mqtt://… topic=sensors/#
+        /// Broker settings (repeatable). nats: url=nats://127.0.0.1:4222 subject=orders.> and,
+        /// for at-least-once, stream=ORDERS [durable=NAME]; mqtt (QoS 1, persistent session):
+        /// url=mqtt://127.0.0.1:1883 topic=sensors/#; kafka: brokers=127.0.0.1:9092 topic=T
+        /// [group=G] [offset=earliest|latest]
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
     },

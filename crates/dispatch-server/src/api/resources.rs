@@ -379,9 +379,7 @@ pub(crate) async fn forget(
         Kind::Subscription => crate::events::rebuild(state).await?,
         Kind::EventDriver => {
             let (n, m) = (ns.to_string(), name.to_string());
-            state
-                .db(move |s| s.set_cron_last_fire(&n, &m, None))
-                .await?;
+            state.db(move |s| s.forget_driver(&n, &m)).await?;
             crate::events::rebuild(state).await?;
         }
         _ => {}
