@@ -255,7 +255,9 @@ async fn run_jetstream(
                 durable_name: Some(durable.clone()),
                 filter_subject: subject.clone(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                // A message unacknowledged this long (its server died) comes again; the
+                // ingest it waits for takes milliseconds (back-pressure is a nak).
+                ack_wait: Duration::from_secs(5),
                 max_ack_pending: 1,
                 ..Default::default()
             },
@@ -332,7 +334,27 @@ async fn run_mqtt(state: Arc<AppState>, ns: String, name: String, spec: EventDri
     opts.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
     let mut backoff = BACKOFF_FIRST;
+    // Messages read and not yet offered, and the message whose PUBACK is on its way out:
+    // the next one is offered only once that PUBACK is written, so that at a crash at most
+    // one stored message is unacknowledged (the broker sends it again: a duplicate run).
+    // The client reads packets in batches, and acknowledgements it has not written yet
+    // would otherwise pile up behind them.
+    let mut backlog: std::collections::VecDeque<rumqttc::Publish> = Default::default();
+    let mut acking: Option<u16> = None;
     loop {
+        if acking.is_none()
+            && let Some(p) = backlog.pop_front()
+        {
+            // Back-pressure waits here (the broker holds the session's other messages).
+            offer(&state, (&ns, &name), &spec, &p.topic, &p.payload, None).await;
+            if p.qos != QoS::AtMostOnce {
+                match client.try_ack(&p) {
+                    Ok(()) => acking = Some(p.pkid),
+                    Err(e) => tracing::warn!(driver = %name, "acknowledging an MQTT message: {e}"),
+                }
+            }
+            continue;
+        }
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 // Subscribed on every connect (a session the broker lost has none).
@@ -351,16 +373,15 @@ async fn run_mqtt(state: Arc<AppState>, ns: String, name: String, spec: EventDri
                 set_state(&state, &ns, &name, Phase::Connected, String::new()).await;
                 backoff = BACKOFF_FIRST;
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                // Back-pressure waits here (the broker holds the rest of the session's
-                // messages meanwhile); refused for good, the message is acknowledged too.
-                offer(&state, (&ns, &name), &spec, &p.topic, &p.payload, None).await;
-                if let Err(e) = client.ack(&p).await {
-                    tracing::warn!(driver = %name, "acknowledging an MQTT message: {e}");
-                }
+            Ok(Event::Incoming(Packet::Publish(p))) => backlog.push_back(p),
+            Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(pkid))) if acking == Some(pkid) => {
+                acking = None;
             }
             Ok(_) => {}
             Err(e) => {
+                // What was read and not acknowledged comes again with the session.
+                backlog.clear();
+                acking = None;
                 set_state(
                     &state,
                     &ns,

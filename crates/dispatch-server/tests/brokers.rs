@@ -1,87 +1,19 @@
-//! NATS and MQTT drivers against real brokers (`nats-server`, `mosquitto` from Debian; .ci/run
-//! installs them): messages become events or runs, in order; status CONNECTED/ERROR; the
-//! driver reconnects after the broker comes back.
+//! NATS, MQTT and Kafka drivers against real brokers (`nats-server`, `mosquitto` from Debian,
+//! `tansu` from crates.io; .ci/run installs them): messages become events or runs, in order;
+//! status CONNECTED/ERROR; the driver reconnects after the broker comes back; a JetStream
+//! consumer and a Kafka partition resume where they were after a restart.
 
+#[path = "support/brokers.rs"]
+mod brokers;
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use brokers::{free_port, mosquitto, nats, produce, tansu};
 
 use dispatch_core::{Kind, Phase, RunStatus};
 use serde_json::json;
 use support::*;
-
-fn broker_bin(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} is not installed (apt-get install {name}; .ci/run does)"))
-}
-
-/// A port no other test of this binary was given (the kernel may hand a just-closed port
-/// out again, and a driver would then talk to the other test's broker).
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap();
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a broker on `port` and returns once it accepts connections (a driver created
-/// before would start its reconnect backoff, which under load outlasts a test's deadline).
-async fn broker(program: &str, args: &[&str], port: u16) -> Broker {
-    let mut b = Broker(
-        Command::new(broker_bin(program))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let what = format!("{program} to listen on {port}");
-    eventually(&what, || {
-        if let Ok(Some(status)) = b.0.try_wait() {
-            panic!("{program} exited ({status}) before listening on {port}: is the port taken?");
-        }
-        let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-        if up && let Ok(Some(status)) = b.0.try_wait() {
-            panic!("{program} exited ({status}) and something else listens on {port}");
-        }
-        std::future::ready(up.then_some(()))
-    })
-    .await;
-    b
-}
-
-async fn nats(port: u16) -> Broker {
-    let p = port.to_string();
-    broker("nats-server", &["-a", "127.0.0.1", "-p", &p], port).await
-}
-
-async fn mosquitto(port: u16) -> Broker {
-    broker("mosquitto", &["-p", &port.to_string()], port).await
-}
 
 async fn driver_phase(
     c: &dispatch_client::Client,
@@ -134,7 +66,7 @@ const ECHO: &str = "def handle(context, payload):\n    return {'payload': payloa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_subjects_become_events_and_runs_in_order() {
     let port = free_port();
-    let broker = nats(port).await;
+    let broker = nats(port, None).await;
     let t = start().await;
     let c = &t.client;
     images(c).await;
@@ -217,7 +149,7 @@ async fn nats_subjects_become_events_and_runs_in_order() {
     drop(broker);
     let o = driver_phase(c, "bus", Phase::Error).await;
     assert!(!o.status.reason.is_empty());
-    let _broker = nats(port).await;
+    let _broker = nats(port, None).await;
     driver_phase(c, "bus", Phase::Connected).await;
     let client = async_nats::connect(url.as_str()).await.unwrap();
     // Published again every 10th poll (200 ms) until a run shows: the subscription may
@@ -321,96 +253,6 @@ async fn mqtt_topics_become_runs() {
     t.stop().await;
 }
 
-/// The Kafka-protocol broker `tansu` (cargo install tansu --features dynostore; .ci/run
-/// builds it once into a cache): `$TANSU`, PATH, or the cache folder .ci/run uses.
-pub fn tansu_bin() -> PathBuf {
-    let cached = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/dispatch-tools/tansu/bin/tansu"));
-    std::env::var_os("TANSU")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-                .map(|d| d.join("tansu")),
-        )
-        .chain(cached)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "tansu is not installed (cargo install tansu --features dynostore; .ci/run does)"
-            )
-        })
-}
-
-async fn tansu(port: u16, topic: &str) -> Broker {
-    let url = format!("tcp://127.0.0.1:{port}");
-    let b = Broker(
-        Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    eventually("tansu to listen", || {
-        std::future::ready(
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .is_ok()
-                .then_some(()),
-        )
-    })
-    .await;
-    let status = Command::new(tansu_bin())
-        .args([
-            "topic",
-            "create",
-            topic,
-            "--broker",
-            &url,
-            "--partitions",
-            "1",
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "tansu topic create {topic}");
-    b
-}
-
-/// Produces `values` on partition 0 of `topic`, one record per batch (tansu 0.6 cannot
-/// resume inside a batch).
-async fn produce(port: u16, topic: &str, values: impl IntoIterator<Item = String>) {
-    let client = rskafka::client::ClientBuilder::new(vec![format!("127.0.0.1:{port}")])
-        .build()
-        .await
-        .unwrap();
-    let pc = client
-        .partition_client(
-            topic,
-            0,
-            rskafka::client::partition::UnknownTopicHandling::Retry,
-        )
-        .await
-        .unwrap();
-    for v in values {
-        let record = rskafka::record::Record {
-            key: None,
-            value: Some(v.into_bytes()),
-            headers: Default::default(),
-            timestamp: chrono::Utc::now(),
-        };
-        pc.produce(vec![record], Default::default()).await.unwrap();
-    }
-}
-
 /// A Kafka topic's records become runs in offset order; after a restart the driver resumes
 /// at its stored offset (no record twice: the event id is topic-partition-offset).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,5 +315,95 @@ async fn kafka_records_become_runs_in_order_and_resume_at_the_stored_offset() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("host:port"), "{e}");
+    t.stop().await;
+}
+
+/// A JetStream durable consumer: messages become runs in stream order, including those
+/// published while the server was stopped (the consumer resumes where its acks left it), and
+/// a function whose queue is full holds the stream back instead of losing messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_messages_are_delivered_at_least_once_in_order() {
+    let port = free_port();
+    let store = tempfile::tempdir().unwrap();
+    let _broker = nats(port, Some(store.path())).await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["js.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = |from: i64, to: i64| {
+        let js = js.clone();
+        async move {
+            for i in from..to {
+                js.publish("js.order", format!(r#"{{"i": {i}}}"#).into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    // One queued run at a time: the rest of the stream waits in the broker (nak, delay).
+    create_function(
+        c,
+        "ordered",
+        "py",
+        "ordered.py",
+        ECHO,
+        json!({"concurrency": {"maxWorkers": 1}, "maxQueued": 1}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "ordered").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::EventDriver,
+        "js",
+        json!({"type": "nats", "function": "ordered",
+               "config": {"url": url, "subject": "js.>", "stream": "ORDERS"}}),
+    ))
+    .await
+    .unwrap();
+    driver_phase(c, "js", Phase::Connected).await;
+    publish(0, 8).await;
+    let order = |runs: Vec<dispatch_core::Run>| -> Vec<i64> {
+        runs.iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(r.input.get()).unwrap()["i"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        order(runs(c, "ordered", 8).await),
+        (0..8).collect::<Vec<_>>()
+    );
+    let events = c.list_events(None, false, 100).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"]["id"].as_str() == Some("ORDERS-1")),
+        "the event id is the stream sequence"
+    );
+    let dir = t.stop().await;
+    publish(8, 11).await; // while no server consumes
+    let t = start_in(dir).await;
+    let c = &t.client;
+    driver_phase(c, "js", Phase::Connected).await;
+    assert_eq!(
+        order(runs(c, "ordered", 11).await),
+        (0..11).collect::<Vec<_>>(),
+        "resumed after the last ack: nothing lost, nothing twice"
+    );
     t.stop().await;
 }

@@ -1,0 +1,176 @@
+//! Real brokers for driver tests, started on free ports and stopped on drop: `nats-server`
+//! (JetStream on request), `mosquitto`, and the Kafka-protocol broker `tansu`; a Kafka
+//! producer. Shared by the server's driver tests and the CLI's `kill -9` tests (included by
+//! path), so it polls on its own instead of using either crate's support module.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A broker program: PATH, or Debian's sbin folders.
+pub fn broker_bin(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed (apt-get install {name}; .ci/run does)"))
+}
+
+/// The Kafka-protocol broker `tansu` (cargo install tansu --features dynostore; .ci/run
+/// builds it once into a cache): `$TANSU`, PATH, or that cache folder.
+pub fn tansu_bin() -> PathBuf {
+    let cached = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/dispatch-tools/tansu/bin/tansu"));
+    std::env::var_os("TANSU")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("tansu")),
+        )
+        .chain(cached)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "tansu is not installed (cargo install tansu --features dynostore; .ci/run does)"
+            )
+        })
+}
+
+/// A port no other caller in this process was given (the kernel may hand a just-closed port
+/// out again, and a driver would then talk to another test's broker).
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+pub struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program` and returns once it accepts connections on `port` (a driver created
+/// before would start its reconnect backoff, which under load outlasts a test's deadline).
+pub async fn broker(program: &Path, args: &[&str], port: u16) -> Broker {
+    let name = program.display().to_string();
+    let mut b = Broker(
+        Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        if let Ok(Some(status)) = b.0.try_wait() {
+            panic!("{name} exited ({status}) before listening on {port}: is the port taken?");
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if let Ok(Some(status)) = b.0.try_wait() {
+                panic!("{name} exited ({status}) and something else listens on {port}");
+            }
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not listen on {port} in 30 s"
+        );
+    }
+}
+
+/// nats-server on `port`; with `jetstream`, JetStream on with its store in that folder.
+pub async fn nats(port: u16, jetstream: Option<&Path>) -> Broker {
+    let p = port.to_string();
+    let mut args = vec!["-a", "127.0.0.1", "-p", &p];
+    let store;
+    if let Some(dir) = jetstream {
+        store = dir.display().to_string();
+        args.extend(["-js", "-sd", &store]);
+    }
+    broker(&broker_bin("nats-server"), &args, port).await
+}
+
+pub async fn mosquitto(port: u16) -> Broker {
+    broker(&broker_bin("mosquitto"), &["-p", &port.to_string()], port).await
+}
+
+/// tansu (memory storage) on `port` with `topic` (one partition) created.
+pub async fn tansu(port: u16, topic: &str) -> Broker {
+    let url = format!("tcp://127.0.0.1:{port}");
+    let b = broker(
+        &tansu_bin(),
+        &[
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        port,
+    )
+    .await;
+    let status = Command::new(tansu_bin())
+        .args([
+            "topic",
+            "create",
+            topic,
+            "--broker",
+            &url,
+            "--partitions",
+            "1",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "tansu topic create {topic}");
+    b
+}
+
+/// Produces `values` on partition 0 of `topic`, one record per batch (tansu 0.6 cannot
+/// resume inside a batch).
+pub async fn produce(port: u16, topic: &str, values: impl IntoIterator<Item = String>) {
+    let client = rskafka::client::ClientBuilder::new(vec![format!("127.0.0.1:{port}")])
+        .build()
+        .await
+        .unwrap();
+    let pc = client
+        .partition_client(
+            topic,
+            0,
+            rskafka::client::partition::UnknownTopicHandling::Retry,
+        )
+        .await
+        .unwrap();
+    for v in values {
+        let record = rskafka::record::Record {
+            key: None,
+            value: Some(v.into_bytes()),
+            headers: Default::default(),
+            timestamp: chrono::Utc::now(),
+        };
+        pc.produce(vec![record], Default::default()).await.unwrap();
+    }
+}
