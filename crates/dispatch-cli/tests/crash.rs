@@ -169,3 +169,111 @@ spec:
         "{done_before} done before the kill, {interrupted} interrupted and retried, 200 SUCCEEDED"
     );
 }
+
+/// An event matching ten subscriptions is stored with its ten deliveries in one transaction:
+/// `kill -9` while events are posted, a restart, and every event that was stored (each one
+/// answered 202 among them) has exactly ten runs — never a subset, never one twice.
+#[test]
+fn sigkill_during_fan_out_stores_all_ten_deliveries_or_none() {
+    let s = ServerProc::start();
+    let work = s.dir.path().to_path_buf();
+    std::fs::write(
+        work.join("fan.py"),
+        "def handle(context, payload):\n    return payload\n",
+    )
+    .unwrap();
+    let mut manifest = String::from(
+        "apiVersion: dispatch.dev/v1\nkind: Image\nmetadata: {name: py}\nspec: {baseImage: python3}\n---\n\
+         apiVersion: dispatch.dev/v1\nkind: Function\nmetadata: {name: fan}\nspec: {image: py, sourcePath: fan.py}\n",
+    );
+    for i in 0..10 {
+        manifest.push_str(&format!(
+            "---\napiVersion: dispatch.dev/v1\nkind: Subscription\nmetadata: {{name: s{i}}}\n\
+             spec: {{eventType: order.created, function: fan}}\n"
+        ));
+    }
+    std::fs::write(work.join("fan.yaml"), manifest).unwrap();
+    s.ok(&["apply", "-f", work.join("fan.yaml").to_str().unwrap()]);
+    eventually("fan to be READY", || {
+        (s.json(&["get", "function", "fan", "-o", "json"])["status"]["phase"] == "READY")
+            .then_some(())
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    // Four producers post until the server is gone.
+    let producers: Vec<_> = (0..4)
+        .map(|p| {
+            let (client, accepted) = (s.client(), accepted.clone());
+            rt.spawn(async move {
+                for i in 0.. {
+                    let id = format!("p{p}-{i}");
+                    let event = serde_json::json!({"specversion": "1.0", "id": id,
+                        "source": "/shop", "type": "order.created", "data": {"id": id}});
+                    match client.emit(&event).await {
+                        Ok(_) => accepted.lock().unwrap().push(id),
+                        Err(e) if e.status().is_some() => panic!("event {id}: {e}"),
+                        Err(_) => return, // the server is gone
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually("60 events accepted", || {
+        (accepted.lock().unwrap().len() >= 60).then_some(())
+    });
+    let dir = s.kill9();
+    for p in producers {
+        rt.block_on(p).unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    let s = ServerProc::start_in(dir);
+    let client = s.client();
+    let stored: Vec<String> = rt
+        .block_on(client.list_events(None, false, 10_000))
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let n = e["matched"].as_array().unwrap().len();
+            let id = e["event"]["id"].as_str().unwrap().to_string();
+            assert_eq!(n, 10, "event {id} was stored with {n} deliveries");
+            id
+        })
+        .collect();
+    for id in &accepted {
+        assert!(stored.contains(id), "accepted event {id} was lost");
+    }
+    let q = dispatch_client::RunQuery {
+        function: Some("fan".into()),
+        limit: Some(10_000),
+        ..Default::default()
+    };
+    let expected = stored.len() * 10;
+    let runs = eventually("ten finished runs per stored event", || {
+        let runs = rt.block_on(client.list_runs(&q)).unwrap();
+        (runs.len() >= expected && runs.iter().all(|r| r.status.is_final())).then_some(runs)
+    });
+    let mut per_event: HashMap<String, usize> = HashMap::new();
+    for r in &runs {
+        assert_eq!(r.status, RunStatus::Succeeded, "{:?}", r.error);
+        let id = r.event.as_ref().unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        *per_event.entry(id).or_default() += 1;
+    }
+    assert_eq!(per_event.len(), stored.len());
+    assert!(
+        per_event.values().all(|n| *n == 10),
+        "ten runs per event: {per_event:?}"
+    );
+    eprintln!(
+        "{} events accepted before the kill, {} stored, {} runs",
+        accepted.len(),
+        stored.len(),
+        runs.len()
+    );
+}
