@@ -692,8 +692,8 @@ impl Store for CrStore {
         self.sql.prune_jobs(now)
     }
 
-    fn ingest_event(&self, event: &StoredEvent, runs: &[Run], replace: bool) -> Result<bool> {
-        self.sql.ingest_event(event, runs, replace)
+    fn ingest_events(&self, batch: &[(StoredEvent, Vec<Run>)], replace: bool) -> Result<Vec<bool>> {
+        self.sql.ingest_events(batch, replace)
     }
 
     fn list_events(

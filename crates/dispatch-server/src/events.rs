@@ -172,8 +172,7 @@ async fn accept(
         expires_at: now.checked_add(ttl).unwrap_or(now),
         pending: false,
     };
-    let (e, r) = (stored.clone(), runs.clone());
-    let result = state.db(move |s| s.ingest_event(&e, &r, false)).await;
+    let result = state.events.store(stored.clone(), runs.clone()).await;
     let stored_ok = matches!(result, Ok(true));
     for d in &stored.matched {
         match (d.state, stored_ok) {
@@ -213,6 +212,84 @@ async fn accept(
     }
 }
 
+/// Group commit of ingests: events arriving together are stored in one transaction (each
+/// still all or nothing), so that producers at thousands of events a second do not each pay
+/// a commit and a turn at the single writer.
+pub struct EventWriter {
+    tx: tokio::sync::mpsc::Sender<Ingest>,
+}
+
+type Ingest = (
+    (StoredEvent, Vec<dispatch_core::Run>),
+    tokio::sync::oneshot::Sender<Result<bool, ApiError>>,
+);
+
+/// Most events per transaction.
+const INGEST_BATCH: usize = 64;
+
+impl EventWriter {
+    pub fn start(store: Arc<dyn dispatch_store::Store>) -> EventWriter {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Ingest>(1024);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < INGEST_BATCH {
+                    match rx.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let (writes, acks): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                let store = store.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || store.ingest_events(&writes, false)).await;
+                match result {
+                    Ok(Ok(stored)) => {
+                        for (ack, ok) in acks.into_iter().zip(stored) {
+                            let _ = ack.send(Ok(ok));
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        let e = ApiError::from(e);
+                        for ack in acks {
+                            let _ = ack.send(Err(e.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        let e = ApiError::internal("storing events", &e);
+                        for ack in acks {
+                            let _ = ack.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        EventWriter { tx }
+    }
+
+    /// Stores an event with its runs and pending deliveries; `false`: a duplicate, nothing
+    /// stored.
+    pub async fn store(
+        &self,
+        event: StoredEvent,
+        runs: Vec<dispatch_core::Run>,
+    ) -> Result<bool, ApiError> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let stopped = || {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "the server is stopping: retry",
+            )
+        };
+        self.tx
+            .send(((event, runs), ack))
+            .await
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
+    }
+}
+
 pub(crate) fn payload_of(e: &CloudEvent) -> Box<serde_json::value::RawValue> {
     let v = e.data.clone().unwrap_or(serde_json::Value::Null);
     serde_json::value::to_raw_value(&v).unwrap_or_else(|_| dispatch_core::envelope::null_raw())
@@ -246,7 +323,10 @@ pub async fn recover(state: &Arc<AppState>) {
                 })
                 .collect();
             let id = e.event.id.clone();
-            if let Err(err) = state.db(move |s| s.ingest_event(&e, &[], true)).await {
+            if let Err(err) = state
+                .db(move |s| s.ingest_events(&[(e, Vec::new())], true))
+                .await
+            {
                 tracing::warn!("redelivering event {id}: {}", err.message);
             }
         }

@@ -169,6 +169,8 @@ pub struct AppState {
     pub disk: Option<crate::disk::DiskGuard>,
     /// Event deliveries waiting for room in their function's queue.
     pub deliveries: crate::deliveries::Deliveries,
+    /// Stores accepted events (group commit).
+    pub events: crate::events::EventWriter,
 }
 
 impl AppState {
@@ -222,6 +224,7 @@ impl AppState {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
+        let events = crate::events::EventWriter::start(store.clone());
         let state = Arc::new(AppState {
             store,
             blobs,
@@ -258,6 +261,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             metrics: Default::default(),
             deliveries: Default::default(),
+            events,
         });
         state.controller.spawn(state.clone(), keys);
         // Before the first list, so that nothing changed after it is missed (handled once

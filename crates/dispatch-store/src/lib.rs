@@ -224,11 +224,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes executions whose `ttlSecondsAfterFinished` has passed.
     fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64>;
 
-    /// Stores an event with the runs its queued deliveries start and a pending delivery for
-    /// each of its `matched` that is pending, in one transaction (all or nothing: an event
-    /// is never stored with a subset of its deliveries). `false`, with nothing stored, when
-    /// an event with its namespace, source and id exists (and `replace` is off).
-    fn ingest_event(&self, event: &StoredEvent, runs: &[Run], replace: bool) -> Result<bool>;
+    /// Stores events, each with the runs its queued deliveries start and a pending delivery
+    /// for each of its `matched` that is pending, in one transaction (all or nothing: an
+    /// event is never stored with a subset of its deliveries; concurrent ingests share the
+    /// commit). Per event `false`, with nothing of it stored, when an event with its
+    /// namespace, source and id exists (and `replace` is off).
+    fn ingest_events(&self, batch: &[(StoredEvent, Vec<Run>)], replace: bool) -> Result<Vec<bool>>;
 
     /// Newest first, of one type or all; `undelivered`: only events with a pending or dead
     /// delivery.

@@ -704,7 +704,7 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    fn ingest_event(&self, e: &StoredEvent, runs: &[Run], replace: bool) -> Result<bool> {
+    fn ingest_events(&self, batch: &[(StoredEvent, Vec<Run>)], replace: bool) -> Result<Vec<bool>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let sql = if replace {
@@ -714,46 +714,54 @@ impl Store for SqliteStore {
             "INSERT OR IGNORE INTO events (namespace, source, id, type, received_ms, expires_ms, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
         };
-        let n = tx.prepare_cached(sql)?.execute(params![
-            e.namespace,
-            e.event.source,
-            e.event.id,
-            e.event.kind,
-            e.received_at.as_millisecond(),
-            e.expires_at.as_millisecond(),
-            serde_json::to_string(e)?
-        ])?;
-        if n == 0 {
-            return Ok(false); // a duplicate: nothing stored (the transaction rolls back)
-        }
-        write_runs(&tx, runs)?;
+        let mut stored = Vec::with_capacity(batch.len());
+        let mut runs: Vec<Run> = Vec::new();
         {
+            let mut insert = tx.prepare_cached(sql)?;
             let mut pending = tx.prepare_cached(
                 "INSERT INTO deliveries (namespace, subscription, function, source, event_id, idx,
                    state, attempts, received_ms, expires_ms, last_error)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
-            for (i, d) in e.matched.iter().enumerate() {
-                if d.state == DeliveryState::Queued {
-                    continue;
-                }
-                pending.execute(params![
+            for (e, event_runs) in batch {
+                let n = insert.execute(params![
                     e.namespace,
-                    d.subscription,
-                    d.function,
                     e.event.source,
                     e.event.id,
-                    i as i64,
-                    d.state.as_str(),
-                    d.attempts,
+                    e.event.kind,
                     e.received_at.as_millisecond(),
                     e.expires_at.as_millisecond(),
-                    d.error
+                    serde_json::to_string(e)?
                 ])?;
+                // A duplicate (source and id seen): nothing of it is stored.
+                stored.push(n == 1);
+                if n == 0 {
+                    continue;
+                }
+                runs.extend(event_runs.iter().cloned());
+                for (i, d) in e.matched.iter().enumerate() {
+                    if d.state == DeliveryState::Queued {
+                        continue;
+                    }
+                    pending.execute(params![
+                        e.namespace,
+                        d.subscription,
+                        d.function,
+                        e.event.source,
+                        e.event.id,
+                        i as i64,
+                        d.state.as_str(),
+                        d.attempts,
+                        e.received_at.as_millisecond(),
+                        e.expires_at.as_millisecond(),
+                        d.error
+                    ])?;
+                }
             }
         }
+        write_runs(&tx, &runs)?;
         tx.commit()?;
-        Ok(true)
+        Ok(stored)
     }
 
     fn list_events(

@@ -504,6 +504,14 @@ fn delivery(sub: &str, state: DeliveryState, run_id: Option<&str>) -> Delivery {
     }
 }
 
+fn find(s: &SqliteStore, id: &str) -> StoredEvent {
+    s.list_events("default", None, false, 10)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event.id == id)
+        .unwrap()
+}
+
 /// An event, its queued runs and its pending deliveries are stored together or not at all;
 /// a pending delivery is queued later (its run stored, its event updated), dies, and is
 /// redelivered; events with a pending or dead delivery outlive their TTL.
@@ -519,16 +527,20 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
             delivery("c", DeliveryState::Pending, None),
         ],
     );
-    assert!(
-        s.ingest_event(&e, std::slice::from_ref(&r1), false)
-            .unwrap()
+    assert_eq!(
+        s.ingest_events(&[(e.clone(), vec![r1.clone()])], false)
+            .unwrap(),
+        [true]
     );
     assert!(s.get_run("default", &r1.id).unwrap().is_some());
     // A duplicate stores nothing: not its runs either.
     let r2 = run(&ulid::Ulid::new().to_string(), "f-a", RunStatus::Queued);
-    assert!(
-        !s.ingest_event(&e, std::slice::from_ref(&r2), false)
-            .unwrap()
+    let other = event_with("e2", vec![]);
+    assert_eq!(
+        s.ingest_events(&[(e.clone(), vec![r2.clone()]), (other, vec![])], false)
+            .unwrap(),
+        [false, true],
+        "in one batch, the duplicate alone is dropped"
     );
     assert!(s.get_run("default", &r2.id).unwrap().is_none());
     let counts = s.delivery_counts().unwrap();
@@ -550,7 +562,7 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
     s.deliver(&[(b[0].clone(), rb.clone())]).unwrap();
     assert!(s.pending_deliveries("default", "b", 10).unwrap().is_empty());
     assert!(s.get_run("default", &rb.id).unwrap().is_some());
-    let stored = &s.list_events("default", None, false, 10).unwrap()[0];
+    let stored = &find(&s, "e1");
     assert_eq!(stored.matched[1].state, DeliveryState::Queued);
     assert_eq!(stored.matched[1].run_id.as_deref(), Some(rb.id.as_str()));
     // c dies: kept, listed, and outlives the event's TTL until its own retention ends.
@@ -571,9 +583,10 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
     let past_ttl = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(2);
     assert_eq!(
         s.prune_events(past_ttl).unwrap(),
-        0,
-        "a dead delivery keeps it"
+        1,
+        "e2 goes; a dead delivery keeps e1"
     );
+    assert_eq!(find(&s, "e1").event.id, "e1");
     // Redelivered: pending again, with a new TTL.
     assert_eq!(
         s.redeliver(
@@ -595,10 +608,7 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
         .map(|(d, _)| d)
         .collect();
     assert_eq!((c.len(), c[0].attempts), (1, 0));
-    assert_eq!(
-        s.list_events("default", None, false, 10).unwrap()[0].matched[2].state,
-        DeliveryState::Pending
-    );
+    assert_eq!(find(&s, "e1").matched[2].state, DeliveryState::Pending);
     // Queued: the event is delivered and goes at its TTL.
     let rc = run(&ulid::Ulid::new().to_string(), "f-c", RunStatus::Queued);
     s.deliver(&[(c[0].clone(), rc)]).unwrap();
