@@ -313,3 +313,73 @@ async fn dead_deliveries_are_listed_and_redelivered() {
     assert_eq!((s.pending, s.dead, s.queued), (0, 0, 3), "{s:?}");
     t.stop().await;
 }
+
+/// A batch (`application/cloudevents-batch+json`) with a bad event stores none of it; one
+/// refused part-way by back-pressure says which events were accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_refused_whole_for_bad_input_and_says_where_back_pressure_cut_it() {
+    let t = start_with(
+        tempfile::tempdir().unwrap(),
+        Options {
+            max_pending_deliveries: 1,
+            ..no_auth()
+        },
+    )
+    .await;
+    let c = &t.client;
+    images(c).await;
+    slow_function(c, "batch", 1).await;
+    subscribe(c, "orders", "batch").await;
+    let post_batch = |events: serde_json::Value| {
+        let url = format!("{}/v1/namespaces/default/events", t.api());
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/cloudevents-batch+json")
+                .body(events.to_string())
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let event = |id: &str, data: serde_json::Value| json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "order.created", "data": data});
+    let (status, v) = post_batch(json!([
+        event("ok-1", json!({})),
+        {"specversion": "1.0", "id": "bad", "type": "order.created"}
+    ]))
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("event 1") && msg.contains("nothing was stored"),
+        "{msg}"
+    );
+    assert!(c.list_events(None, false, 10).await.unwrap().is_empty());
+    // One queued (it holds the queue's place), one pending (the high-water mark), then 429.
+    let (status, v) = post_batch(json!([
+        event("b0", json!({"sleep": 60})),
+        event("b1", json!({})),
+        event("b2", json!({})),
+        event("b3", json!({})),
+    ]))
+    .await;
+    assert_eq!(status, 429, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("events 0..2 of the batch were accepted (ids b0, b1)"),
+        "{msg}"
+    );
+    let stored: Vec<String> = c
+        .list_events(None, false, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    t.stop().await;
+}

@@ -70,9 +70,34 @@ pub async fn ingest(
         .to_ascii_lowercase();
     if ct == "application/cloudevents-batch+json" {
         let events: Vec<CloudEvent> = parse_json(&body, "CloudEvents batch")?;
+        // Bad input refuses the whole batch before any event is stored.
+        for (i, e) in events.iter().enumerate() {
+            e.validate().map_err(|err| {
+                ApiError::bad_request(format!(
+                    "event {i} of the batch: {}: nothing was stored",
+                    err.message
+                ))
+            })?;
+        }
         let mut out = Vec::new();
-        for e in events {
-            out.push(crate::events::ingest(&state, &ns, e).await?);
+        for (i, e) in events.into_iter().enumerate() {
+            match crate::events::ingest(&state, &ns, e).await {
+                Ok(r) => out.push(r),
+                // Refused part-way (back-pressure, disk): say which were stored, so that the
+                // producer resends from the first refused one.
+                Err(mut err) if i > 0 => {
+                    err.message = format!(
+                        "events 0..{i} of the batch were accepted (ids {}); event {i} and the rest                          were not: {}",
+                        out.iter()
+                            .map(|r| r.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        err.message
+                    );
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            }
         }
         return Ok((StatusCode::ACCEPTED, Json(out)).into_response());
     }
