@@ -255,7 +255,7 @@ impl Worker {
 
     /// A worker forked by a zygote: its pid, its protocol socket and its output pipes.
     pub(crate) fn forked(
-        pid: i32,
+        pid: Option<i32>,
         sock: UnixStream,
         outputs: [tokio::net::unix::pipe::Receiver; 2],
         spec: &WorkerSpec,
@@ -268,7 +268,7 @@ impl Worker {
         }
         Worker {
             child: None,
-            pid: Some(Pid::from_raw(pid)),
+            pid: pid.map(Pid::from_raw),
             sock,
             next_id: 0,
             tail,

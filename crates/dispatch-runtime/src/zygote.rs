@@ -231,25 +231,31 @@ impl Zygote {
 
     /// A forked worker as the server sees it: its host pid (a sandboxed zygote answers with
     /// the pid of its own PID namespace) and the cgroup that holds its limits.
+    /// None for the pid: the worker has exited and been reaped already (its handler did not
+    /// load, say); the handshake then tells why.
     fn host_side(
         &self,
         running: &Running,
         pid: i32,
-    ) -> Result<(i32, Option<crate::sandbox::Cgroup>), StartError> {
+    ) -> Result<(Option<i32>, Option<crate::sandbox::Cgroup>), StartError> {
         let Some(jail) = &self.jail else {
-            return Ok((pid, None));
+            return Ok((Some(pid), None));
         };
         let lost = |what: String| StartError::Protocol(format!("sandboxed fork: {what}"));
         let launcher = running
             .child
             .id()
             .ok_or_else(|| lost("the zygote has exited".into()))?;
-        let host = crate::sandbox::host_pid(launcher, pid)
-            .ok_or_else(|| lost(format!("no process {pid} in the zygote's sandbox")))?;
+        // Not among the zygote's children: it exited and was reaped between the fork and
+        // this look-up (a handler whose import fails does, in a few milliseconds). Its pid
+        // in the sandbox must not be used on the host (pid 2 there is another process).
+        let Some(host) = crate::sandbox::host_pid(launcher, pid) else {
+            return Ok((None, None));
+        };
         match jail.adopt(host) {
-            Ok(cg) => Ok((host, cg)),
+            Ok(cg) => Ok((Some(host), cg)),
             // It exited already (its handler did not load, say): the handshake tells why.
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok((host, None)),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok((Some(host), None)),
             Err(e) => Err(lost(format!("cgroup: {e}"))),
         }
     }
