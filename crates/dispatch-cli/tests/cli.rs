@@ -878,6 +878,59 @@ fn namespaces_and_secrets_from_the_cli() {
         table.contains("default") && table.contains("team-b"),
         "{table}"
     );
+    // A namespace's own run-history budget: set, shown, refused when bad, cleared.
+    assert!(
+        s.fails(&[
+            "create",
+            "namespace",
+            "team-c",
+            "--run-history-budget",
+            "huge"
+        ])
+        .contains("spec.runHistoryBudget is not valid")
+    );
+    s.fails(&["get", "namespace", "team-c"]);
+    s.ok(&[
+        "create",
+        "namespace",
+        "team-c",
+        "--run-history-budget",
+        "4Mi",
+    ]);
+    let table = s.ok(&["get", "namespace", "team-c"]);
+    assert!(
+        table.contains("RUN HISTORY")
+            && table.contains("0 runs, 0 bytes")
+            && table.contains("4Mi (own)"),
+        "{table}"
+    );
+    let shown = s.json(&["get", "namespace", "team-c", "-o", "json"]);
+    assert_eq!(shown["spec"]["runHistoryBudget"], "4Mi");
+    assert!(
+        s.ok(&[
+            "update",
+            "namespace",
+            "team-c",
+            "--run-history-budget",
+            "default"
+        ])
+        .contains("from the server")
+    );
+    assert!(
+        s.fails(&[
+            "update",
+            "namespace",
+            "team-c",
+            "--run-history-budget",
+            "10"
+        ])
+        .contains("below the least budget of 1Mi")
+    );
+    assert!(
+        s.json(&["get", "namespace", "team-c", "-o", "json"])["spec"]
+            .get("runHistoryBudget")
+            .is_none()
+    );
     assert!(
         s.fails(&["create", "image", "py", "python3", "-n", "nowhere"])
             .contains("create it first (dispatch create namespace nowhere)")

@@ -293,11 +293,31 @@ impl Client {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
-    pub async fn create_namespace(&self, name: &str) -> Result<serde_json::Value> {
+    /// Creates a namespace; `spec` may hold `runHistoryBudget` (a size).
+    pub async fn create_namespace(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<serde_json::Value> {
         let url = format!("{}/v1/namespaces", self.base);
         self.json(
             self.request(Method::POST, &url)
-                .json(&serde_json::json!({"name": name})),
+                .json(&serde_json::json!({"name": name, "spec": spec})),
+            &url,
+        )
+        .await
+    }
+
+    /// Changes a namespace's settings (`{"runHistoryBudget": "2Gi" | null}`; cluster admin).
+    pub async fn patch_namespace(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/namespaces/{name}", self.base);
+        self.json(
+            self.request(Method::PATCH, &url)
+                .json(&serde_json::json!({"spec": spec})),
             &url,
         )
         .await

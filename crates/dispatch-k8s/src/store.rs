@@ -800,8 +800,17 @@ impl Store for CrStore {
         self.sql.put_namespace(name, created)
     }
 
-    fn list_namespaces(&self) -> Result<Vec<(String, jiff::Timestamp)>> {
+    fn list_namespaces(&self) -> Result<Vec<dispatch_store::NamespaceRecord>> {
         self.sql.list_namespaces()
+    }
+
+    fn set_run_history_budget(
+        &self,
+        name: &str,
+        budget: Option<u64>,
+        created: jiff::Timestamp,
+    ) -> Result<()> {
+        self.sql.set_run_history_budget(name, budget, created)
     }
 
     /// Deletes the namespace's custom resources (the Kubernetes namespace stays: it may hold

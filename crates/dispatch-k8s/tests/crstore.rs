@@ -193,7 +193,7 @@ async fn resources_are_custom_resources_read_from_the_watch() {
         .await
         .unwrap()
         .into_iter()
-        .map(|(n, _)| n)
+        .map(|n| n.name)
         .collect();
     assert_eq!(names, ["team-a"]);
     let mut other = function("elsewhere", "x");

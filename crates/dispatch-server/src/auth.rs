@@ -139,6 +139,8 @@ pub fn api_need(method: &Method, path: &str) -> Need {
         ["v1", "namespaces"] if read => Need::Role(Role::Viewer),
         ["v1", "namespaces"] => Need::ClusterAdmin,
         ["v1", "namespaces", ns] if read => Need::RoleIn(Role::Viewer, ns.to_string()),
+        // A namespace's settings are limits that protect the server from it: not its own.
+        ["v1", "namespaces", _] if *method == Method::PATCH => Need::ClusterAdmin,
         ["v1", "namespaces", ns] => Need::RoleIn(Role::Admin, ns.to_string()),
         // Secret names and keys are readable; values and changes are for admins (the handler
         // checks `?reveal=true`).

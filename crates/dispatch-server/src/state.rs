@@ -138,6 +138,15 @@ impl Default for Options {
     }
 }
 
+/// What the server keeps of a namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    /// `None` for `default`, which exists without being created.
+    pub created: Option<jiff::Timestamp>,
+    /// Its own budget for run records (bytes); `None`: `--run-history-budget`.
+    pub run_history_budget: Option<u64>,
+}
+
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub blobs: BlobStore,
@@ -152,8 +161,8 @@ pub struct AppState {
     pub cron_wake: Arc<tokio::sync::Notify>,
     /// Wakes the broker driver supervisor (drivers changed).
     pub broker_wake: Arc<tokio::sync::Notify>,
-    /// Namespace → created; `default` is always there (no row).
-    namespaces: RwLock<std::collections::BTreeMap<String, Option<jiff::Timestamp>>>,
+    /// Namespace → when it was created and its own settings; `default` is always there.
+    namespaces: RwLock<std::collections::BTreeMap<String, NamespaceInfo>>,
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
@@ -338,29 +347,75 @@ impl AppState {
             })
             .await?;
         let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
-        map.insert(dispatch_core::DEFAULT_NAMESPACE.to_string(), None);
-        for (n, c) in rows {
-            map.insert(n, Some(c));
+        map.insert(
+            dispatch_core::DEFAULT_NAMESPACE.to_string(),
+            NamespaceInfo::default(),
+        );
+        for r in rows {
+            // `default` has a row only once it has settings: it has no creation time.
+            let created = (r.name != dispatch_core::DEFAULT_NAMESPACE).then_some(r.created);
+            map.insert(
+                r.name,
+                NamespaceInfo {
+                    created,
+                    run_history_budget: r.run_history_budget,
+                },
+            );
         }
         Ok(())
     }
 
-    /// Every namespace and when it was created (`default`: none).
-    pub fn namespaces(&self) -> Vec<(String, Option<jiff::Timestamp>)> {
+    /// Every namespace, when it was created (`default`: never) and its own settings.
+    pub fn namespaces(&self) -> Vec<(String, NamespaceInfo)> {
         let mut all: Vec<_> = self
             .namespaces
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if !all
             .iter()
             .any(|(n, _)| n == dispatch_core::DEFAULT_NAMESPACE)
         {
-            all.insert(0, (dispatch_core::DEFAULT_NAMESPACE.to_string(), None));
+            all.insert(
+                0,
+                (
+                    dispatch_core::DEFAULT_NAMESPACE.to_string(),
+                    NamespaceInfo::default(),
+                ),
+            );
         }
         all
+    }
+
+    /// One namespace's entry (404 unless it exists).
+    pub fn namespace(&self, ns: &str) -> Result<NamespaceInfo, ApiError> {
+        self.require_namespace(ns)?;
+        Ok(self
+            .namespaces
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(ns)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Sets (`None`: clears) a namespace's own run-history budget.
+    pub async fn set_run_history_budget(
+        &self,
+        ns: &str,
+        budget: Option<u64>,
+    ) -> Result<NamespaceInfo, ApiError> {
+        self.require_namespace(ns)?;
+        let now = self.queue.clock.now();
+        let n = ns.to_string();
+        self.db(move |s| s.set_run_history_budget(&n, budget, now))
+            .await?;
+        let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(ns.to_string()).or_default();
+        entry.run_history_budget = budget;
+        Ok(entry.clone())
     }
 
     /// 404 unless the namespace exists.
@@ -392,7 +447,13 @@ impl AppState {
             self.namespaces
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(name.to_string(), Some(now));
+                .insert(
+                    name.to_string(),
+                    NamespaceInfo {
+                        created: Some(now),
+                        run_history_budget: None,
+                    },
+                );
         }
         Ok(created)
     }

@@ -290,6 +290,21 @@ async fn roles_verbs_and_namespaces() {
             json!(null),
             StatusCode::FORBIDDEN,
         ),
+        // A namespace's budget protects the server: its own admin cannot raise it.
+        (
+            t("a-admin"),
+            "PATCH",
+            "/v1/namespaces/a".into(),
+            json!({"spec": {"runHistoryBudget": "100Gi"}}),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t("root"),
+            "PATCH",
+            "/v1/namespaces/a".into(),
+            json!({"spec": {"runHistoryBudget": "8Mi"}}),
+            StatusCode::OK,
+        ),
         (
             t("root"),
             "POST",

@@ -225,3 +225,118 @@ async fn an_enqueue_during_a_prune_commits_before_the_prune_ends() {
     assert_eq!(final_run(c, id).await.status, RunStatus::Succeeded);
     t.stop().await;
 }
+
+/// A namespace's own budget (`spec.runHistoryBudget`, set by a cluster admin) replaces the
+/// server's for its run records only; bad budgets are refused before anything is stored; a
+/// budget cleared falls back to the server's; budgets survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_budget_overrides_the_servers() {
+    let options = || dispatch_server::Options {
+        run_history_budget: None,
+        ..quiet()
+    };
+    let t = start_with(tempfile::tempdir().unwrap(), options()).await;
+    let c = &t.client;
+    for (spec, why) in [
+        (json!({"runHistoryBudget": "lots"}), "is not valid"),
+        (
+            json!({"runHistoryBudget": "1Ki"}),
+            "below the least budget of 1Mi",
+        ),
+        (json!({"runHistoryBudget": true}), "not a size"),
+        (json!({"runHistoryBudgt": "2Mi"}), "unknown field"),
+    ] {
+        let e = c.create_namespace("team-a", spec).await.unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    assert!(
+        c.get_namespace("team-a").await.is_err(),
+        "a refused namespace is not created"
+    );
+    let created = c
+        .create_namespace("team-a", json!({"runHistoryBudget": "1Mi"}))
+        .await
+        .unwrap();
+    assert_eq!(created["spec"]["runHistoryBudget"], "1Mi");
+    let a = dispatch_client::Client::new(&dispatch_client::Target {
+        server: t.api(),
+        token: None,
+        namespace: "team-a".into(),
+        insecure: false,
+    })
+    .unwrap();
+    for cl in [c, &a] {
+        images(cl).await;
+        deploy(cl, "f", json!({})).await;
+    }
+    let pad = "x".repeat(20_000);
+    for _ in 0..120 {
+        for cl in [c, &a] {
+            cl.exec("f", &raw(json!({"pad": pad}))).await.unwrap();
+        }
+    }
+    let state = &t.server.as_ref().unwrap().state;
+    let usage = |ns: &'static str| async move {
+        state
+            .db(|s| s.run_usage())
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|u| u.namespace == ns)
+            .unwrap_or_default()
+    };
+    state.recorder.flush().await;
+    let mib = 1 << 20;
+    assert!(usage("team-a").await.bytes > 2 * mib, "the burst is over");
+    dispatch_server::retention::prune(state).await.unwrap();
+    let (ta, def) = (usage("team-a").await, usage("default").await);
+    assert!(ta.bytes <= mib && ta.bytes > mib / 2, "team-a keeps {ta:?}");
+    assert_eq!(def.runs, 120, "default has no budget: {def:?}");
+    let shown = c.get_namespace("team-a").await.unwrap();
+    let h = &shown["status"]["runHistory"];
+    assert_eq!(h["bytes"], ta.bytes);
+    assert_eq!(h["budget"], mib);
+    assert_eq!(h["budgetFrom"], "namespace");
+
+    // `default` gets a budget of its own; team-a's is cleared (the server has none).
+    let d = c
+        .patch_namespace("default", json!({"runHistoryBudget": "1Mi"}))
+        .await
+        .unwrap();
+    assert_eq!(d["status"]["runHistory"]["budgetFrom"], "namespace");
+    let cleared = c
+        .patch_namespace("team-a", json!({"runHistoryBudget": null}))
+        .await
+        .unwrap();
+    assert!(cleared["status"]["runHistory"]["budget"].is_null());
+    assert_eq!(cleared["status"]["runHistory"]["budgetFrom"], "server");
+    let e = c
+        .patch_namespace("nowhere", json!({"runHistoryBudget": "2Mi"}))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    for _ in 0..60 {
+        a.exec("f", &raw(json!({"pad": pad}))).await.unwrap();
+    }
+    state.recorder.flush().await;
+    dispatch_server::retention::prune(state).await.unwrap();
+    assert!(usage("default").await.bytes <= mib);
+    assert!(
+        usage("team-a").await.bytes > 2 * mib,
+        "a cleared budget no longer prunes"
+    );
+
+    // Budgets are stored: a restart keeps them.
+    let dir = t.stop().await;
+    let t = start_with(dir, options()).await;
+    let d = t.client.get_namespace("default").await.unwrap();
+    assert_eq!(d["spec"]["runHistoryBudget"], "1Mi");
+    let ta = t.client.get_namespace("team-a").await.unwrap();
+    assert!(ta["spec"].get("runHistoryBudget").is_none(), "{ta}");
+    assert!(ta["metadata"]["createdAt"].is_string());
+    assert!(
+        d["metadata"]["createdAt"].is_null(),
+        "default is never created"
+    );
+    t.stop().await;
+}

@@ -44,8 +44,18 @@ pub struct Retention {
     /// Finished runs beyond the newest this many of their function go.
     pub keep_per_function: usize,
     /// Run records of one namespace beyond this many bytes (their stored size): the oldest
-    /// finished ones go.
+    /// finished ones go. A namespace's own budget ([`Store::set_run_history_budget`]) comes
+    /// first.
     pub max_bytes_per_namespace: Option<u64>,
+}
+
+/// A registered namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceRecord {
+    pub name: String,
+    pub created: jiff::Timestamp,
+    /// Its own budget for run records, in bytes (`None`: the server's `--run-history-budget`).
+    pub run_history_budget: Option<u64>,
 }
 
 /// What the run records of one namespace take.
@@ -296,7 +306,16 @@ pub trait Store: Send + Sync + 'static {
     /// Registers a namespace; `false` when it exists.
     fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool>;
 
-    fn list_namespaces(&self) -> Result<Vec<(String, jiff::Timestamp)>>;
+    fn list_namespaces(&self) -> Result<Vec<NamespaceRecord>>;
+
+    /// Sets (or, with `None`, clears: the server's default applies) a namespace's own budget
+    /// for run records, registering the namespace (as of `created`) if it has no row yet.
+    fn set_run_history_budget(
+        &self,
+        name: &str,
+        budget: Option<u64>,
+        created: jiff::Timestamp,
+    ) -> Result<()>;
 
     /// Deletes a namespace with every resource, run and job execution in it.
     fn delete_namespace(&self, name: &str) -> Result<bool>;

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
 use crate::{
-    DeliveryCount, DeliveryRecord, Redeliver, Result, Retention, RunFilter, RunUsage, Store,
-    StoreError,
+    DeliveryCount, DeliveryRecord, NamespaceRecord, Redeliver, Result, Retention, RunFilter,
+    RunUsage, Store, StoreError,
 };
 
 const MIGRATIONS: &[M<'static>] = &[
@@ -160,6 +160,8 @@ const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (namespace, driver, key)
     ) WITHOUT ROWID;",
     ),
+    // A namespace's own run-history budget (bytes; NULL: the server's --run-history-budget).
+    M::up("ALTER TABLE namespaces ADD COLUMN run_history_budget INTEGER;"),
 ];
 
 /// Rows deleted per transaction by purges and function deletes (retention has its own batch).
@@ -568,13 +570,19 @@ impl Store for SqliteStore {
             left -= n;
         }
         // Bytes per namespace: the oldest finished records until the namespace is under.
-        if let Some(max) = rules.max_bytes_per_namespace {
+        // A namespace's own budget (namespaces.run_history_budget) before the server's.
+        {
+            let max = rules
+                .max_bytes_per_namespace
+                .map(|m| m.min(i64::MAX as u64) as i64);
             while left > 0 {
                 let over: Option<(String, i64)> = tx
                     .query_row(
-                        "SELECT namespace, SUM(bytes) - ?1 FROM run_usage GROUP BY namespace
-                         HAVING SUM(bytes) > ?1 LIMIT 1",
-                        params![max as i64],
+                        "SELECT u.namespace, SUM(u.bytes) - COALESCE(n.run_history_budget, ?1)
+                         FROM run_usage u LEFT JOIN namespaces n ON n.name = u.namespace
+                         GROUP BY u.namespace
+                         HAVING SUM(u.bytes) > COALESCE(n.run_history_budget, ?1) LIMIT 1",
+                        params![max],
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
@@ -1035,17 +1043,37 @@ impl Store for SqliteStore {
         Ok(n == 1)
     }
 
-    fn list_namespaces(&self) -> Result<Vec<(String, Timestamp)>> {
+    fn list_namespaces(&self) -> Result<Vec<NamespaceRecord>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT name, created_ms FROM namespaces ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (name, ms) = row?;
-            out.push((name, ms_to_ts(ms)));
-        }
-        Ok(out)
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, created_ms, run_history_budget FROM namespaces ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(NamespaceRecord {
+                name: r.get(0)?,
+                created: ms_to_ts(r.get(1)?),
+                run_history_budget: r.get::<_, Option<i64>>(2)?.map(|b| b.max(0) as u64),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn set_run_history_budget(
+        &self,
+        name: &str,
+        budget: Option<u64>,
+        created: Timestamp,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO namespaces (name, created_ms, run_history_budget) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET run_history_budget = excluded.run_history_budget",
+            params![
+                name,
+                created.as_millisecond(),
+                budget.map(|b| b.min(i64::MAX as u64) as i64)
+            ],
+        )?;
+        Ok(())
     }
 
     fn delete_namespace(&self, name: &str) -> Result<bool> {

@@ -145,7 +145,13 @@ pub enum What {
         config: Vec<String>,
     },
     /// A namespace (Dispatch's organization): `dispatch create namespace team-a`
-    Namespace { name: String },
+    Namespace {
+        name: String,
+        /// Its own budget for run records (e.g. 256Mi), instead of the server's
+        /// --run-history-budget: past it the oldest finished records go (cluster admin)
+        #[arg(long, value_name = "SIZE")]
+        run_history_budget: Option<String>,
+    },
     /// An API token (printed once): `dispatch create token ci --role developer --namespace team-a`
     Token {
         name: String,
@@ -342,8 +348,15 @@ impl Create {
                 }
                 (Object::new(Kind::EventDriver, &ns, &name, spec), false)
             }
-            What::Namespace { name } => {
-                c.create_namespace(&name).await?;
+            What::Namespace {
+                name,
+                run_history_budget,
+            } => {
+                let spec = match run_history_budget {
+                    Some(b) => serde_json::json!({"runHistoryBudget": b}),
+                    None => serde_json::json!({}),
+                };
+                c.create_namespace(&name, spec).await?;
                 println!("namespace/{name} created");
                 return Ok(ExitCode::SUCCESS);
             }

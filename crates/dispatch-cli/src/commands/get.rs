@@ -130,15 +130,32 @@ impl Get {
                     Format::Table => print!(
                         "{}",
                         table(
-                            &["NAME", "CREATED DATE"],
+                            &["NAME", "RUN HISTORY", "BUDGET", "CREATED DATE"],
                             &items
                                 .iter()
                                 .map(|n| {
                                     let created = n["metadata"]["createdAt"]
                                         .as_str()
                                         .and_then(|t| t.parse().ok());
+                                    let h = &n["status"]["runHistory"];
+                                    let size = |v: &serde_json::Value| {
+                                        v.as_u64().map_or_else(
+                                            || "none".to_string(),
+                                            dispatch_core::quantity::human_bytes,
+                                        )
+                                    };
+                                    let from = match h["budgetFrom"].as_str() {
+                                        Some("namespace") => " (own)",
+                                        _ => "",
+                                    };
                                     vec![
                                         n["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                                        format!(
+                                            "{} runs, {}",
+                                            h["runs"].as_u64().unwrap_or(0),
+                                            size(&h["bytes"])
+                                        ),
+                                        format!("{}{from}", size(&h["budget"])),
                                         crate::output::date(created),
                                     ]
                                 })

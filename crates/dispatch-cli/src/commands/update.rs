@@ -1,4 +1,5 @@
-//! `dispatch update function NAME PATH`: new source (and settings) for an existing function.
+//! `dispatch update function NAME PATH`: new source (and settings) for an existing function;
+//! `dispatch update secret`, `dispatch update namespace NAME --run-history-budget SIZE`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,8 @@ use dispatch_core::Kind;
 use super::{ensure_ready, parse_env, said, upload, wait_settled};
 use crate::Ctx;
 
-/// Change an existing resource (today: a function's source and settings)
+/// Change an existing resource: a function's source and settings, a secret's data, a
+/// namespace's settings
 #[derive(Debug, clap::Args)]
 pub struct Update {
     #[command(subcommand)]
@@ -26,6 +28,15 @@ pub enum UpdateWhat {
         file: Option<PathBuf>,
         #[arg(long = "from-literal", value_name = "KEY=VALUE")]
         from_literal: Vec<String>,
+    },
+    /// A namespace's settings (cluster admin):
+    /// `dispatch update namespace team-a --run-history-budget 2Gi`
+    Namespace {
+        name: String,
+        /// Its own budget for run records (e.g. 2Gi); `default`: the server's
+        /// --run-history-budget again. Retention applies it within a second
+        #[arg(long, value_name = "SIZE|default")]
+        run_history_budget: String,
     },
     /// New source (file or folder) and settings: a new digest, traffic moves when it is READY
     Function {
@@ -62,6 +73,26 @@ impl Update {
                 o.spec = serde_json::json!({"data": data});
                 let updated = c.update(&o).await?;
                 said(&updated, "updated");
+                return Ok(ExitCode::SUCCESS);
+            }
+            UpdateWhat::Namespace {
+                name,
+                run_history_budget,
+            } => {
+                let budget = match run_history_budget.as_str() {
+                    "default" => serde_json::Value::Null,
+                    b => b.into(),
+                };
+                let ns = c
+                    .patch_namespace(&name, serde_json::json!({"runHistoryBudget": budget}))
+                    .await?;
+                let h = &ns["status"]["runHistory"];
+                println!(
+                    "namespace/{name} updated (run history {} of {}, from the {})",
+                    human(h["bytes"].as_u64()),
+                    human(h["budget"].as_u64()),
+                    h["budgetFrom"].as_str().unwrap_or("server")
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             UpdateWhat::Function {
@@ -122,4 +153,12 @@ impl Update {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// A size for people; `None`: no budget.
+fn human(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "no budget".to_string(),
+        dispatch_core::quantity::human_bytes,
+    )
 }

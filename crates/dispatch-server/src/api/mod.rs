@@ -41,7 +41,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route(
             "/v1/namespaces/{ns}",
-            get(namespaces::get_one).delete(namespaces::delete),
+            get(namespaces::get_one)
+                .patch(namespaces::patch)
+                .delete(namespaces::delete),
         )
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/v1/tokens/{name}", axum::routing::delete(tokens::delete))

@@ -1,5 +1,8 @@
 //! Namespaces (Dispatch's organizations): `GET|POST /v1/namespaces`,
-//! `GET|DELETE /v1/namespaces/{ns}` (`?cascade=true` deletes what is in it).
+//! `GET|PATCH|DELETE /v1/namespaces/{ns}` (`?cascade=true` deletes what is in it). A
+//! namespace's `spec.runHistoryBudget` overrides the server's `--run-history-budget` for its
+//! run records (set by a cluster admin: it is a limit that protects the server); its status
+//! shows what its run records take against the budget in force.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,34 +18,105 @@ use serde::Deserialize;
 use super::check_namespace;
 use crate::auth::Principal;
 use crate::error::{ApiError, parse_json};
-use crate::state::AppState;
+use crate::state::{AppState, NamespaceInfo};
 
-fn view(name: &str, created: Option<jiff::Timestamp>) -> serde_json::Value {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NamespaceSpec {
+    /// A size (`256Mi`, or a number of bytes); `null` clears it (the server's default).
+    #[serde(default)]
+    run_history_budget: Option<serde_json::Value>,
+}
+
+/// The budget of a spec: `Ok(None)` when absent or null.
+fn budget_of(spec: &NamespaceSpec) -> Result<Option<u64>, ApiError> {
+    let bad = |why: String| {
+        ApiError::bad_request(format!(
+            "spec.runHistoryBudget {why}: write a size such as \"256Mi\" or \"2Gi\" (null: the server's --run-history-budget)"
+        ))
+    };
+    let bytes = match &spec.run_history_budget {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => dispatch_core::quantity::parse_bytes(s)
+            .map_err(|e| bad(format!("is not valid ({e})")))?,
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| bad(format!("{n} is not a number of bytes")))?,
+        Some(other) => return Err(bad(format!("is {other}, not a size"))),
+    };
+    if bytes < MIN_BUDGET {
+        return Err(bad(format!(
+            "is {}, below the least budget of {}",
+            dispatch_core::quantity::human_bytes(bytes),
+            dispatch_core::quantity::human_bytes(MIN_BUDGET)
+        )));
+    }
+    Ok(Some(bytes))
+}
+
+/// A budget smaller than one large run record would prune every record at once.
+const MIN_BUDGET: u64 = 1 << 20;
+
+fn view(
+    state: &AppState,
+    name: &str,
+    info: &NamespaceInfo,
+    usage: Option<&dispatch_store::RunUsage>,
+) -> serde_json::Value {
+    let mut spec = serde_json::Map::new();
+    if let Some(b) = info.run_history_budget {
+        spec.insert(
+            "runHistoryBudget".into(),
+            dispatch_core::quantity::human_bytes(b).into(),
+        );
+    }
+    let budget = info.run_history_budget.or(state.config.run_history_budget);
     serde_json::json!({"apiVersion": dispatch_core::API_VERSION, "kind": "Namespace",
-        "metadata": {"name": name, "createdAt": created}})
+    "metadata": {"name": name, "createdAt": info.created},
+    "spec": spec,
+    "status": {"runHistory": {
+        "runs": usage.map_or(0, |u| u.runs),
+        "bytes": usage.map_or(0, |u| u.bytes),
+        "budget": budget,
+        "budgetFrom": if info.run_history_budget.is_some() { "namespace" } else { "server" },
+    }}})
+}
+
+/// What every namespace's run records take.
+async fn usage(state: &AppState) -> Result<Vec<dispatch_store::RunUsage>, ApiError> {
+    state.db(|s| s.run_usage()).await
 }
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Extension(who): Extension<Principal>,
-) -> Json<Vec<serde_json::Value>> {
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
     let all = state.namespaces();
-    Json(
+    let used = usage(&state).await?;
+    Ok(Json(
         all.into_iter()
             .filter(|(n, _)| who.covers(n))
-            .map(|(n, c)| view(&n, c))
+            .map(|(n, info)| view(&state, &n, &info, used.iter().find(|u| u.namespace == n)))
             .collect(),
-    )
+    ))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NewNamespace {
     name: String,
+    #[serde(default)]
+    spec: NamespaceSpec,
 }
 
 pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: NewNamespace = parse_json(&body, "namespace (expected {\"name\": …})")?;
+    let req: NewNamespace = parse_json(
+        &body,
+        "namespace (expected {\"name\": …, \"spec\": {\"runHistoryBudget\": \"256Mi\"}})",
+    )?;
     check_namespace(&req.name)?;
+    // Checked before anything is stored: bad input leaves no namespace behind.
+    let budget = budget_of(&req.spec)?;
     if !state.create_namespace(&req.name).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -50,11 +124,45 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
             format!("namespace {:?} already exists", req.name),
         ));
     }
+    let info = match budget {
+        Some(b) => state.set_run_history_budget(&req.name, Some(b)).await?,
+        None => state.namespace(&req.name)?,
+    };
     Ok((
         StatusCode::CREATED,
-        Json(view(&req.name, Some(state.queue.clock.now()))),
+        Json(view(&state, &req.name, &info, None)),
     )
         .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespacePatch {
+    spec: NamespaceSpec,
+}
+
+/// `PATCH /v1/namespaces/{ns}` `{"spec": {"runHistoryBudget": "2Gi" | null}}`.
+pub async fn patch(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_namespace(&ns)?;
+    state.require_namespace(&ns)?;
+    let req: NamespacePatch = parse_json(
+        &body,
+        "namespace change (expected {\"spec\": {\"runHistoryBudget\": \"256Mi\" or null}})",
+    )?;
+    let budget = budget_of(&req.spec)?;
+    let info = state.set_run_history_budget(&ns, budget).await?;
+    // The new budget is applied by the next retention pass (within a second).
+    let used = usage(&state).await?;
+    Ok(Json(view(
+        &state,
+        &ns,
+        &info,
+        used.iter().find(|u| u.namespace == ns),
+    )))
 }
 
 pub async fn get_one(
@@ -62,13 +170,14 @@ pub async fn get_one(
     Path(ns): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_namespace(&ns)?;
-    state.require_namespace(&ns)?;
-    let created = state
-        .namespaces()
-        .into_iter()
-        .find(|(n, _)| *n == ns)
-        .and_then(|(_, c)| c);
-    Ok(Json(view(&ns, created)))
+    let info = state.namespace(&ns)?;
+    let used = usage(&state).await?;
+    Ok(Json(view(
+        &state,
+        &ns,
+        &info,
+        used.iter().find(|u| u.namespace == ns),
+    )))
 }
 
 pub async fn delete(

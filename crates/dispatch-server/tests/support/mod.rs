@@ -147,7 +147,7 @@ pub async fn create_function(
     extra: serde_json::Value,
 ) -> Result<Object, dispatch_client::ClientError> {
     let digest = c
-        .upload_source("default", name, archive_of(file, body))
+        .upload_source(c.namespace(), name, archive_of(file, body))
         .await?;
     let mut spec = serde_json::json!({"image": image, "source": digest});
     if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
@@ -155,7 +155,8 @@ pub async fn create_function(
             s.insert(k.clone(), v.clone());
         }
     }
-    c.create(&object(Kind::Function, name, spec)).await
+    c.create(&Object::new(Kind::Function, c.namespace(), name, spec))
+        .await
 }
 
 pub fn free_port() -> u16 {
@@ -234,11 +235,13 @@ pub async fn settled(c: &Client, kind: Kind, name: &str) -> Object {
     .await
 }
 
-/// Image `py` on the built-in python3 base and `js` on nodejs, both READY.
+/// Image `py` on the built-in python3 base and `js` on nodejs, both READY, in the client's
+/// namespace.
 pub async fn images(c: &Client) {
     for (name, base) in [("py", "python3"), ("js", "nodejs")] {
-        c.create(&object(
+        c.create(&Object::new(
             Kind::Image,
+            c.namespace(),
             name,
             serde_json::json!({"baseImage": base}),
         ))
