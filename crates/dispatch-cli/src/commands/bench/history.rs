@@ -46,6 +46,10 @@ pub struct History {
     /// Isolation of the server's workers
     #[arg(long, default_value = "sandbox", value_parser = ["sandbox", "none"])]
     pub isolation: String,
+    /// A further flag for the server process, repeatable (e.g. --server-flag=--runs-per-function=100000000
+    /// to see what pruning by count costs)
+    #[arg(long = "server-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    pub server_flags: Vec<String>,
     /// Output format: table or json
     #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
     pub output: String,
@@ -103,16 +107,14 @@ impl History {
             .prefix("dispatch-history-")
             .tempdir()?;
         let budget_flag = budget.to_string();
-        let s = ServerProcess::start(
-            dir.path(),
-            &[
-                "--isolation",
-                &self.isolation,
-                "--run-history-budget",
-                &budget_flag,
-            ],
-        )
-        .await?;
+        let mut flags = vec![
+            "--isolation",
+            &self.isolation,
+            "--run-history-budget",
+            &budget_flag,
+        ];
+        flags.extend(self.server_flags.iter().map(String::as_str));
+        let s = ServerProcess::start(dir.path(), &flags).await?;
         s.deploy_hello("py", "hello", json!({})).await?;
         s.deploy_hello("py", "quiet", json!({"history": "none"}))
             .await?;
