@@ -290,8 +290,13 @@ impl EventWriter {
     }
 }
 
+/// What the function gets: the event's data, or its `data_base64` (binary data) as a string.
 pub(crate) fn payload_of(e: &CloudEvent) -> Box<serde_json::value::RawValue> {
-    let v = e.data.clone().unwrap_or(serde_json::Value::Null);
+    let v = e
+        .data
+        .clone()
+        .or_else(|| e.extensions.get("data_base64").cloned())
+        .unwrap_or(serde_json::Value::Null);
     serde_json::value::to_raw_value(&v).unwrap_or_else(|_| dispatch_core::envelope::null_raw())
 }
 

@@ -115,6 +115,46 @@ async fn cloudevents_reach_subscribed_functions() {
     );
     let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
     assert!(run.output.unwrap().get().contains("\"paid in full\""));
+    // Binary mode without a content type (the official SDKs send JSON data so): JSON when
+    // it parses, as CloudEvents' JSON format reads an absent datacontenttype; text that is
+    // not JSON stays a string; bytes that are not text arrive base64-encoded.
+    let cases: [(&str, Vec<u8>, Option<&str>, serde_json::Value); 3] = [
+        (
+            "e2-json",
+            br#"{"total": 7}"#.to_vec(),
+            None,
+            json!({"total": 7}),
+        ),
+        (
+            "e2-text",
+            b"paid, thanks".to_vec(),
+            None,
+            json!("paid, thanks"),
+        ),
+        (
+            "e2-bytes",
+            vec![0xff, 0x00, 0xfe],
+            Some("application/octet-stream"),
+            json!("/wD+"),
+        ),
+    ];
+    for (id, body, ct, want) in cases {
+        let mut rb = http
+            .post(&url)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-source", "/other")
+            .header("ce-type", "order.paid");
+        if let Some(ct) = ct {
+            rb = rb.header("content-type", ct);
+        }
+        let r = rb.body(body).send().await.unwrap();
+        assert_eq!(r.status(), 202, "{id}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
+        let out: serde_json::Value = serde_json::from_str(run.output.unwrap().get()).unwrap();
+        assert_eq!(out["payload"], want, "{id}");
+    }
 
     // Unmatched: stored, reported with no deliveries; missing attributes: 400 naming them.
     let r = http
@@ -158,7 +198,7 @@ async fn cloudevents_reach_subscribed_functions() {
         .unwrap();
     assert_eq!(listed.len(), 1);
     let all: Vec<serde_json::Value> = http.get(&url).send().await.unwrap().json().await.unwrap();
-    assert_eq!(all.len(), 3);
+    assert_eq!(all.len(), 6);
     // A function with subscriptions cannot be deleted.
     let err = c.delete(Kind::Function, "echo").await.unwrap_err();
     assert!(err.to_string().contains("used by subscriptions"), "{err}");

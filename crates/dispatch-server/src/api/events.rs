@@ -20,7 +20,9 @@ use super::check_namespace;
 use crate::error::{ApiError, body_rejection, parse_json};
 use crate::state::AppState;
 
-/// A CloudEvent from binary mode: attributes in `ce-*` headers, the body is the data.
+/// A CloudEvent from binary mode: attributes in `ce-*` headers, the body is the data: JSON
+/// for a JSON content type, or none when it parses; text as a string; other bytes as
+/// `data_base64`.
 fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, ApiError> {
     let mut attrs = serde_json::Map::new();
     for (k, v) in headers {
@@ -35,13 +37,35 @@ fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     if !body.is_empty() {
-        let data = if ct.is_some_and(|c| c.split(';').next().unwrap_or("").trim().ends_with("json"))
-        {
-            crate::error::parse_json(body, "event data")?
-        } else {
-            serde_json::Value::String(String::from_utf8_lossy(body).into_owned())
+        let media = ct.map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+        let json = match media.as_deref() {
+            Some(m) if m.ends_with("json") => Some(parse_json(body, "event data")?),
+            // No content type: JSON, as CloudEvents' JSON format reads an absent
+            // datacontenttype (the official SDKs send JSON data so), when the body parses.
+            None => parse_json::<serde_json::Value>(body, "event data").ok(),
+            Some(_) => None,
         };
-        attrs.insert("data".into(), data);
+        match (json, std::str::from_utf8(body)) {
+            (Some(v), _) => {
+                attrs.insert("data".into(), v);
+            }
+            (None, Ok(text)) => {
+                attrs.insert("data".into(), text.into());
+            }
+            // Bytes that are not text are kept as they came, base64-encoded as the JSON
+            // format carries binary data (and handed to the function so).
+            (None, Err(_)) => {
+                use base64::Engine as _;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(body);
+                attrs.insert("data_base64".into(), encoded.into());
+            }
+        }
     }
     if let Some(c) = ct {
         attrs.insert("datacontenttype".into(), c.into());
