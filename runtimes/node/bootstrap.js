@@ -96,6 +96,8 @@ async function handle(fn, req) {
     error = errorObject(input ? 'InputError' : 'FunctionError', err);
   }
   const logs = { stdout: lines(capture.stdout), stderr: lines(capture.stderr) };
+  // As Dispatch's function servers do: whoever reads the logs sees the stack trace too.
+  if (error) logs.stderr.push(...error.stacktrace);
   capture = null;
   const resp = { id: req.id, context: { logs, error }, payload };
   try {

@@ -108,6 +108,9 @@ def call(fn, context, payload):
     finally:
         sys.stdout, sys.stderr = saved
     logs = {"stdout": lines_of(out), "stderr": lines_of(err)}
+    if error is not None:
+        # As Dispatch's function servers do: whoever reads the logs sees the traceback too.
+        logs["stderr"].extend(error["stacktrace"])
     return {"context": {"logs": logs, "error": error}, "payload": result}
 
 

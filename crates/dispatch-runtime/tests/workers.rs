@@ -181,9 +181,38 @@ async fn python_errors_map_to_input_and_function_errors() {
             .any(|l| l.as_str().unwrap().contains("bootstrap.py")),
         "{trace:?}"
     );
+    // As Dispatch's function servers do (their tests assert the two equal): the traceback
+    // is in the logs too.
+    assert_eq!(
+        env["context"]["logs"]["stderr"], env["context"]["error"]["stacktrace"],
+        "{env}"
+    );
     let (env, _) = call(&f.backend, "errs", "1").await;
     assert_eq!(env["payload"], serde_json::json!({}));
     assert_eq!(env["context"]["logs"]["stderr"][0], "to stderr");
+}
+
+#[tokio::test]
+async fn node_errors_put_their_stack_in_the_logs_too() {
+    let f = fx();
+    let src =
+        "module.exports = async (ctx, p) => { console.error('before'); throw new Error('boom'); };";
+    f.backend
+        .deploy_function(deploy(
+            "nerrs",
+            Language::Nodejs,
+            &[("nerrs.js", src, 0o644)],
+            None,
+        ))
+        .await
+        .unwrap();
+    let (env, _) = call(&f.backend, "nerrs", "{}").await;
+    assert_eq!(env["context"]["error"]["message"], "boom");
+    let stack = env["context"]["error"]["stacktrace"].as_array().unwrap();
+    assert!(stack[0].as_str().unwrap().contains("Error: boom"), "{env}");
+    let mut want = vec![serde_json::json!("before")];
+    want.extend(stack.iter().cloned());
+    assert_eq!(env["context"]["logs"]["stderr"], serde_json::json!(want));
 }
 
 #[tokio::test]
