@@ -36,6 +36,13 @@ pub fn resolve(
     };
     match language {
         Language::Python3 => {
+            // Dispatch's path forms: `./hello.py`, `hello.py`, `./lib/util.py` name the
+            // module's file; its `handle` is the function.
+            let path = handler.trim_start_matches("./");
+            let handler = match path.strip_suffix(".py") {
+                Some(stem) if has(path) => format!("{}.handle", stem.replace('/', ".")),
+                _ => handler,
+            };
             let Some((module, func)) = handler.rsplit_once('.') else {
                 return Err(ValidationError::new(format!(
                     "handler {handler:?} must look like module.function (for example hello.handle)"
@@ -74,13 +81,15 @@ pub fn resolve(
                 .into_iter()
                 .find(|c| has(c))
             };
-            if let Some(file) = js(&handler) {
+            // Dispatch's e2e suite writes `--handler ./hello.js`: a path to the module file.
+            let path = handler.trim_start_matches("./");
+            if let Some(file) = js(path) {
                 return Ok(ResolvedHandler {
                     args: vec![file],
                     handler,
                 });
             }
-            if let Some((module, export)) = handler.rsplit_once('.')
+            if let Some((module, export)) = path.rsplit_once('.')
                 && let Some(file) = js(module)
             {
                 return Ok(ResolvedHandler {
@@ -89,8 +98,8 @@ pub fn resolve(
                 });
             }
             Err(ValidationError::new(format!(
-                "handler {handler:?}: the source has no such module (write file or file.export, \
-                 for example hello or hello.handle); files: {}",
+                "handler {handler:?}: the source has no such module (write file, ./file.js or \
+                 file.export, for example hello or hello.handle); files: {}",
                 listing()
             )))
         }
@@ -174,6 +183,19 @@ mod tests {
         let err = resolve(Language::Python3, Some("nothere.handle"), &f).unwrap_err();
         assert!(err.message.contains("no module nothere"), "{err}");
         assert!(resolve(Language::Python3, Some("hello"), &f).is_err());
+        // Dispatch's path forms name the module's file; its `handle` is the function.
+        for (given, stored) in [
+            ("./hello.py", "hello.handle"),
+            ("hello.py", "hello.handle"),
+            ("./lib/util.py", "lib.util.handle"),
+        ] {
+            let r = resolve(Language::Python3, Some(given), &f).unwrap();
+            assert_eq!(
+                (r.handler.as_str(), r.args.as_slice()),
+                (stored, &[stored.to_string()][..])
+            );
+        }
+        assert!(resolve(Language::Python3, Some("./nothere.py"), &f).is_err());
     }
 
     #[test]
@@ -194,6 +216,21 @@ mod tests {
             ["lib/index.js"]
         );
         assert!(resolve(Language::Nodejs, Some("nope.handle"), &f).is_err());
+        // Dispatch's forms: a path to the module file, with or without ./ and .js.
+        for (given, args) in [
+            ("./hello.js", &["hello.js"][..]),
+            ("hello.js", &["hello.js"][..]),
+            ("./hello", &["hello.js"][..]),
+            ("./hello.handle", &["hello.js", "handle"][..]),
+            ("./lib", &["lib/index.js"][..]),
+        ] {
+            assert_eq!(
+                resolve(Language::Nodejs, Some(given), &f).unwrap().args,
+                args,
+                "{given}"
+            );
+        }
+        assert!(resolve(Language::Nodejs, Some("./nope.js"), &f).is_err());
     }
 
     #[test]
