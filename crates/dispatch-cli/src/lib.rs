@@ -129,13 +129,18 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Server(c) => return c.run().await,
         Quickstart(c) => return c.run().await,
-        Completion(c) => return c.run(),
+        Completion(c) => {
+            output::quiet_on_closed_stdout();
+            return c.run();
+        }
         Login(c) => return c.run().await,
         Runner(c) => return c.run().await,
         Bench(c) => return c.run().await,
         K8s(c) => return c.run().await,
         _ => {}
     }
+    // Client commands only: a server must not end because its stdout went away.
+    output::quiet_on_closed_stdout();
     let ctx = Ctx::resolve(&cli.global)?;
     match cli.command {
         Create(c) => c.run(&ctx).await,

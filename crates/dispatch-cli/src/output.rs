@@ -21,9 +21,36 @@ pub fn print_structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
         Format::Yaml => serde_saphyr::to_string(value).context("failed to encode YAML")?,
         _ => serde_json::to_string_pretty(value).context("failed to encode JSON")? + "\n",
     };
+    write_stdout(text.as_bytes())
+}
+
+/// Writes to stdout; a reader that closed the pipe early (`| head -1`) is not an error.
+pub fn write_stdout(bytes: &[u8]) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    Ok(())
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Output cut short by its reader (`dispatch get runs | head`) ends the command quietly, as
+/// Unix tools do, instead of panicking in `println!`: a panic hook that recognises the
+/// standard library's "failed printing to stdout: Broken pipe" and exits 0. Every other
+/// panic goes to the default hook.
+pub fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
 
 /// A table in Dispatch's layout: centred headers, ` | ` between columns, a dashed rule.

@@ -1332,3 +1332,29 @@ fn committed_install_manifests_match_the_generator() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Output cut short by its reader (`dispatch completion zsh | head -1`) ends the command
+/// quietly with 0: it panicked on the closed pipe.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::Read as _;
+    for args in [&["completion", "zsh"][..], &["completion", "bash"][..]] {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The script is larger than a pipe's buffer: the writer is still writing when the
+        // reader goes, as `head -1` does.
+        let mut first = [0u8; 16];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked"),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+    }
+}

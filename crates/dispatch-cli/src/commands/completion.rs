@@ -21,7 +21,9 @@ impl Completion {
             _ => Shell::Bash,
         };
         let mut cmd = crate::Cli::command();
-        clap_complete::generate(shell, &mut cmd, "dispatch", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "dispatch", &mut script);
+        crate::output::write_stdout(&script)?;
         Ok(ExitCode::SUCCESS)
     }
 }
