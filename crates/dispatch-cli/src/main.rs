@@ -12,7 +12,19 @@ fn main() -> ExitCode {
     }
     // One rustls crypto provider, installed before anything builds a TLS client (DESIGN §11).
     dispatch_client::install_crypto_provider();
-    let cli = dispatch_cli::Cli::parse();
+    // Every failure exits 1, usage errors too (clap's own code is 2); --help and --version
+    // print to stdout and exit 0.
+    let cli = match dispatch_cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     dispatch_cli::init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

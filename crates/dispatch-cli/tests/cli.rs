@@ -595,13 +595,13 @@ fn async_runs_from_the_cli() {
         s.fails(&["runs", "purge", "--status", "queued"])
             .contains("only finished runs")
     );
-    // Usage errors come from clap: exit 2 with the flag named.
+    // Usage errors come from clap: exit 1 (as every failure) with the flag named.
     let out = s
         .cli()
         .args(["exec", "job", "--callback-url", "http://x"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--async"));
 }
 
@@ -1356,5 +1356,30 @@ fn a_closed_pipe_ends_output_quietly() {
             "{args:?}: {:?} {stderr}",
             out.status
         );
+    }
+}
+
+/// Every failure exits 1, usage errors too (clap's own code is 2); help and version exit 0.
+#[test]
+fn usage_errors_exit_1_and_help_exits_0() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["get"][..],
+        &["--no-such-flag"][..],
+        &["create", "token"][..],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    }
+    for args in [&["--help"][..], &["get", "--help"][..], &["--version"][..]] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty());
     }
 }
