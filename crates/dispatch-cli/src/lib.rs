@@ -73,6 +73,7 @@ pub enum Command {
     Runs(commands::runs::Runs),
     Gc(commands::gc::Gc),
     Version(commands::version::Version),
+    Whoami(commands::whoami::Whoami),
     Completion(commands::completion::Completion),
     Login(commands::login::Login),
     Runner(commands::runner::Runner),
@@ -157,6 +158,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Runs(c) => c.run(&ctx).await,
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
+        Whoami(c) => c.run(&ctx).await,
         Server(_) | Quickstart(_) | Completion(_) | Login(_) | Runner(_) | K8s(_) | Bench(_) => {
             unreachable!("handled above")
         }

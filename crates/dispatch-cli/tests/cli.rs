@@ -832,6 +832,22 @@ fn tokens_login_and_audit_from_the_cli() {
             .output()
             .unwrap()
     };
+    // whoami: the context's token as the server sees it.
+    let me = as_dev(&["whoami"]);
+    let text = String::from_utf8_lossy(&me.stdout);
+    assert!(
+        text.starts_with("ci (developer, namespace default) at http://127.0.0.1:"),
+        "{text}"
+    );
+    let me: Value = serde_json::from_slice(&as_dev(&["whoami", "-o", "json"]).stdout).unwrap();
+    assert_eq!(
+        (
+            me["name"].as_str(),
+            me["role"].as_str(),
+            me["allNamespaces"].as_bool()
+        ),
+        (Some("ci"), Some("developer"), Some(false))
+    );
     assert!(
         as_dev(&["create", "image", "py", "python3"])
             .status

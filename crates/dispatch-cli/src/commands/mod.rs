@@ -22,6 +22,7 @@ pub mod runs;
 pub mod server;
 pub mod update;
 pub mod version;
+pub mod whoami;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
