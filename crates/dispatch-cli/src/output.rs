@@ -15,6 +15,61 @@ pub enum Format {
     Yaml,
 }
 
+/// What `create`, `apply` and `version` print: by default a line for people
+/// (`function/hello created`); `-o json|yaml` the objects as the server answered them (one
+/// object for one, an array for several); `-o name` `kind/name` lines for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Done {
+    Json,
+    Yaml,
+    Name,
+}
+
+/// Collects what a command did and prints it in the chosen form: lines as they happen, or
+/// the structured forms once at the end ([`Report::finish`]).
+pub struct Report {
+    format: Option<Done>,
+    items: Vec<serde_json::Value>,
+}
+
+impl Report {
+    pub fn new(format: Option<Done>) -> Report {
+        Report {
+            format,
+            items: Vec::new(),
+        }
+    }
+
+    /// One thing done: `kind/name verb` for people, `kind/name` for `-o name`, `value` for
+    /// the structured forms.
+    pub fn done(&mut self, kind: &str, name: &str, verb: &str, value: serde_json::Value) {
+        match self.format {
+            None => println!("{kind}/{name} {verb}"),
+            Some(Done::Name) => println!("{kind}/{name}"),
+            Some(_) => self.items.push(value),
+        }
+    }
+
+    /// Prints the structured forms (nothing for the line forms).
+    pub fn finish(mut self) -> Result<()> {
+        let format = match self.format {
+            Some(Done::Json) => Format::Json,
+            Some(Done::Yaml) => Format::Yaml,
+            _ => return Ok(()),
+        };
+        if self.items.len() == 1 {
+            print_structured(&self.items.remove(0), format)
+        } else {
+            print_structured(&self.items, format)
+        }
+    }
+
+    /// Whether the command prints for people (so it may add lines of its own).
+    pub fn for_people(&self) -> bool {
+        self.format.is_none()
+    }
+}
+
 /// Prints `value` as pretty JSON or YAML.
 pub fn print_structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
     let text = match format {

@@ -207,6 +207,37 @@ fn apply_and_delete_manifests() {
         out,
         "image/python3 unchanged\nfunction/hello unchanged\nendpoint/get-hello unchanged\n"
     );
+    // -o name and -o json for scripts: kind/name lines; the objects as stored.
+    assert_eq!(
+        s.ok(&["apply", "-f", seed, "-o", "name"]),
+        "image/python3\nfunction/hello\nendpoint/get-hello\n"
+    );
+    let applied = s.json(&["apply", "-f", seed, "-o", "json"]);
+    let kinds: Vec<&str> = applied
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Image", "Function", "Endpoint"]);
+    let created = s.json(&[
+        "create",
+        "endpoint",
+        "other",
+        "hello",
+        "--path",
+        "/other",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(created["metadata"]["name"], "other", "one object for one");
+    assert_eq!(
+        s.ok(&["delete", "endpoint", "other"]),
+        "endpoint/other deleted\n"
+    );
+    let v = s.json(&["version", "-o", "json"]);
+    assert_eq!(v["client"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["server"]["backend"].is_string(), "{v}");
     assert!(s.fails(&["create", "-f", seed]).contains("already exists"));
     eventually("hello to be READY", || {
         (s.json(&["get", "function", "hello", "-o", "json"])["status"]["phase"] == "READY")
@@ -798,6 +829,12 @@ fn tokens_login_and_audit_from_the_cli() {
         .trim()
         .to_string();
     assert!(dev.starts_with("dsp_"));
+    // Scripts get the secret without scraping text.
+    let t = s.json(&[
+        "create", "token", "ci-json", "--role", "viewer", "-o", "json",
+    ]);
+    assert!(t["token"].as_str().unwrap().starts_with("dsp_"), "{t}");
+    assert_eq!(t["role"], "viewer");
     // login stores a context; later commands need neither --server nor --token.
     let out = s
         .cli()

@@ -14,12 +14,17 @@ pub struct Apply {
     /// Manifest file (`-` reads stdin); a Function's spec.sourcePath is packed and uploaded
     #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
     pub file: PathBuf,
+    /// Print what was applied as json or yaml, or name (kind/name lines); default: a line
+    /// per resource (created, configured or unchanged)
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<crate::output::Done>,
 }
 
 impl Apply {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
         let (docs, base) = read_manifest(&self.file)?;
+        let mut report = crate::output::Report::new(self.output);
         for d in &docs {
             let at = || {
                 format!(
@@ -31,23 +36,44 @@ impl Apply {
             };
             let o = prepare(c, d, &base).await.with_context(at)?;
             let ns = o.namespace().to_string();
-            let existing = match c.get_in(&ns, o.kind, o.name()).await {
-                Ok(e) => Some(e),
-                Err(e) if e.code() == Some("NotFound") => None,
-                Err(e) => return Err(e).with_context(at),
-            };
-            match existing {
-                None => said(&c.create(&o).await.with_context(at)?, "created"),
-                Some(e) => {
-                    let mut next = o.clone();
-                    next.metadata.resource_version = e.metadata.resource_version.clone();
-                    let updated = c.update(&next).await.with_context(at)?;
-                    let changed = updated.metadata.generation != e.metadata.generation
-                        || updated.metadata.labels != e.metadata.labels;
-                    said(&updated, if changed { "configured" } else { "unchanged" });
+            // A write of the server's own (the controller recording a build's status) between
+            // the read and the update is a conflict that is not the user's: read and apply
+            // again, a few times.
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let existing = match c.get_in(&ns, o.kind, o.name()).await {
+                    Ok(e) => Some(e),
+                    Err(e) if e.code() == Some("NotFound") => None,
+                    Err(e) => return Err(e).with_context(at),
+                };
+                match existing {
+                    None => {
+                        said(
+                            &mut report,
+                            &c.create(&o).await.with_context(at)?,
+                            "created",
+                        );
+                        break;
+                    }
+                    Some(e) => {
+                        let mut next = o.clone();
+                        next.metadata.resource_version = e.metadata.resource_version.clone();
+                        let updated = match c.update(&next).await {
+                            Ok(u) => u,
+                            Err(err) if err.code() == Some("Conflict") && attempts < 5 => continue,
+                            Err(err) => return Err(err).with_context(at),
+                        };
+                        let changed = updated.metadata.generation != e.metadata.generation
+                            || updated.metadata.labels != e.metadata.labels;
+                        let verb = if changed { "configured" } else { "unchanged" };
+                        said(&mut report, &updated, verb);
+                        break;
+                    }
                 }
             }
         }
+        report.finish()?;
         Ok(ExitCode::SUCCESS)
     }
 }

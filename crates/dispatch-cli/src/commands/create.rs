@@ -21,6 +21,10 @@ pub struct Create {
     /// Create every resource of a YAML/JSON manifest (multi-document; `-` reads stdin)
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     pub file: Option<PathBuf>,
+    /// Print what was created as json or yaml (as the server stored it; a token with its
+    /// secret), or name (kind/name lines); default: a line for people
+    #[arg(short = 'o', long, value_enum, global = true)]
+    pub output: Option<crate::output::Done>,
     #[command(subcommand)]
     pub what: Option<What>,
 }
@@ -191,6 +195,7 @@ impl Create {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
         let ns = c.namespace().to_string();
+        let mut report = crate::output::Report::new(self.output);
         let what = match self.what {
             None => {
                 let Some(file) = self.file else {
@@ -204,8 +209,9 @@ impl Create {
                     let created = c.create(&o).await.with_context(|| {
                         format!("document {} ({} {})", d.index, o.kind.human(), o.name())
                     })?;
-                    said(&created, "created");
+                    said(&mut report, &created, "created");
                 }
+                report.finish()?;
                 return Ok(ExitCode::SUCCESS);
             }
             Some(w) => w,
@@ -356,8 +362,9 @@ impl Create {
                     Some(b) => serde_json::json!({"runHistoryBudget": b}),
                     None => serde_json::json!({}),
                 };
-                c.create_namespace(&name, spec).await?;
-                println!("namespace/{name} created");
+                let created = c.create_namespace(&name, spec).await?;
+                report.done("namespace", &name, "created", created);
+                report.finish()?;
                 return Ok(ExitCode::SUCCESS);
             }
             What::Secret {
@@ -381,6 +388,11 @@ impl Create {
                 let t = c
                     .create_token(&name, &role, &ns, expires.as_deref())
                     .await?;
+                if !report.for_people() {
+                    report.done("token", &name, "created", t);
+                    report.finish()?;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 println!("{}", t["token"].as_str().unwrap_or_default());
                 eprintln!(
                     "token/{name} created ({role}, namespace {ns}{}): it is shown only now; use it with --token or DISPATCH_TOKEN",
@@ -404,11 +416,20 @@ impl Create {
             }
         };
         let created = c.create(&object).await?;
-        said(&created, "created");
         if wait {
+            if report.for_people() {
+                said(&mut report, &created, "created");
+            }
             let o = wait_settled(c, created.kind, created.name(), WAIT).await?;
             ensure_ready(&o)?;
+            // The structured forms show the object as it settled.
+            if !report.for_people() {
+                said(&mut report, &o, "created");
+            }
+        } else {
+            said(&mut report, &created, "created");
         }
+        report.finish()?;
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -37,7 +37,7 @@ impl Delete {
                 let o = &d.object;
                 let ns = o.metadata.namespace.as_deref().unwrap_or(c.namespace());
                 match c.delete_in(ns, o.kind, o.name()).await {
-                    Ok(gone) => said(&gone, "deleted"),
+                    Ok(gone) => said(&mut crate::output::Report::new(None), &gone, "deleted"),
                     Err(e) if self.ignore_not_found && e.code() == Some("NotFound") => {}
                     Err(e) => {
                         return Err(e).with_context(|| {
@@ -88,7 +88,7 @@ impl Delete {
         }
         for name in &self.names {
             let gone = c.delete(kind, name).await?;
-            said(&gone, "deleted");
+            said(&mut crate::output::Report::new(None), &gone, "deleted");
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -254,7 +254,12 @@ pub fn parse_env(pairs: &[String]) -> Result<std::collections::BTreeMap<String, 
         .collect()
 }
 
-/// Prints `kind/name verb`, like kubectl.
-pub fn said(o: &Object, verb: &str) {
-    println!("{}/{} {verb}", o.kind.cli_name(), o.name());
+/// Reports `kind/name verb`, like kubectl (or the object, or its name: `-o`).
+pub fn said(report: &mut crate::output::Report, o: &Object, verb: &str) {
+    report.done(
+        o.kind.cli_name(),
+        o.name(),
+        verb,
+        serde_json::to_value(o).unwrap_or_default(),
+    );
 }

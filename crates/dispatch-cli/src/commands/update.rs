@@ -72,7 +72,7 @@ impl Update {
                 let mut o = c.get(Kind::Secret, &name).await?;
                 o.spec = serde_json::json!({"data": data});
                 let updated = c.update(&o).await?;
-                said(&updated, "updated");
+                said(&mut crate::output::Report::new(None), &updated, "updated");
                 return Ok(ExitCode::SUCCESS);
             }
             UpdateWhat::Namespace {
@@ -130,6 +130,7 @@ impl Update {
         let before = o.metadata.generation;
         let updated = c.update(&o).await?;
         said(
+            &mut crate::output::Report::new(None),
             &updated,
             if updated.metadata.generation == before {
                 "unchanged"
