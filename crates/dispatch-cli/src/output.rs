@@ -185,21 +185,34 @@ fn phase(o: &Object) -> String {
 pub fn objects_table(kind: Kind, items: &[Object]) -> String {
     let created = |o: &Object| date(o.metadata.created_at);
     match kind {
-        Kind::BaseImage => table(
-            &["NAME", "IMAGE", "LANGUAGE", "STATUS", "CREATED DATE"],
-            &items
-                .iter()
-                .map(|o| {
-                    vec![
-                        o.name().into(),
-                        s(&o.spec, "image"),
-                        s(&o.spec, "language"),
-                        phase(o),
-                        created(o),
-                    ]
-                })
-                .collect::<Vec<_>>(),
-        ),
+        Kind::BaseImage => {
+            // The embedded backend says in the status that it runs the host's interpreter
+            // (the image is for Kubernetes): a NOTE column when any base image has one.
+            let noted = items.iter().any(|o| !o.status.reason.is_empty());
+            let mut headers = vec!["NAME", "IMAGE", "LANGUAGE", "STATUS", "CREATED DATE"];
+            if noted {
+                headers.push("NOTE");
+            }
+            table(
+                &headers,
+                &items
+                    .iter()
+                    .map(|o| {
+                        let mut row = vec![
+                            o.name().into(),
+                            s(&o.spec, "image"),
+                            s(&o.spec, "language"),
+                            phase(o),
+                            created(o),
+                        ];
+                        if noted {
+                            row.push(o.status.reason.clone());
+                        }
+                        row
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }
         Kind::Image => table(
             &["NAME", "BASEIMAGE", "STATUS", "CREATED DATE"],
             &items

@@ -23,6 +23,25 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
         .contains("base-image/python3-base created")
     );
     s.ok(&["create", "image", "python3", "python3-base", "--wait"]);
+    // The embedded backend says that it runs the host's interpreter, not the image: at create
+    // time and in the base image's status (a NOTE column).
+    let out = s
+        .cli()
+        .args(["create", "base-image", "node-base", "node:20-slim"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "note: this server's embedded backend runs base images on the host's interpreter"
+        ),
+        "{out:?}"
+    );
+    let table = s.ok(&["get", "base-images"]);
+    assert!(
+        table.contains("NOTE")
+            && table.contains("the embedded backend runs this host's python3; the image dispatchframework/python3-base:0.0.13-knative is used by the Kubernetes backend"),
+        "{table}"
+    );
     // The seed's argument order.
     s.ok(&[
         "create",
@@ -221,14 +240,7 @@ fn apply_and_delete_manifests() {
         .collect();
     assert_eq!(kinds, ["Image", "Function", "Endpoint"]);
     let created = s.json(&[
-        "create",
-        "endpoint",
-        "other",
-        "hello",
-        "--path",
-        "/other",
-        "-o",
-        "json",
+        "create", "endpoint", "other", "hello", "--path", "/other", "-o", "json",
     ]);
     assert_eq!(created["metadata"]["name"], "other", "one object for one");
     assert_eq!(

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dispatch_core::{
-    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, Phase, Status, digest,
+    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Object, Phase, Status,
+    digest,
 };
 use dispatch_runtime::{BaseImageCheck, FunctionDeploy, ImageBuild, Progress};
 use tokio::sync::mpsc;
@@ -196,8 +197,25 @@ async fn reconcile_base_image(state: &AppState, key: &Key) -> Result<(), ApiErro
     if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
         mark_creating(state, &o, "checking the interpreter").await?;
     }
+    // The embedded backend runs the host's interpreter: the reference is kept for the
+    // Kubernetes backend, and the status says so instead of ignoring it silently.
+    let note = match (state.backend.name(), spec.lang()) {
+        ("embedded", Language::Exec) => format!(
+            "the embedded backend runs handlers on this host; the image {} is used by the Kubernetes backend",
+            spec.image
+        ),
+        ("embedded", lang) => format!(
+            "the embedded backend runs this host's {}; the image {} is used by the Kubernetes backend",
+            spec.interpreter
+                .as_deref()
+                .or(lang.default_interpreter())
+                .unwrap_or("interpreter"),
+            spec.image
+        ),
+        _ => String::new(),
+    };
     let new = match state.backend.check_base_image(&base_check(&spec)).await {
-        Ok(()) => status(Phase::Ready, "", Some(d), &o),
+        Ok(()) => status(Phase::Ready, note, Some(d), &o),
         Err(e) => status(Phase::Error, e.to_string(), None, &o),
     };
     set_status(state, &o, new).await?;

@@ -416,6 +416,17 @@ impl Create {
             }
         };
         let created = c.create(&object).await?;
+        if created.kind == Kind::BaseImage
+            && let Ok(v) = c.version().await
+            && v["backend"] == "embedded"
+        {
+            // Said at once, not only in the status: the reference is not used here.
+            eprintln!(
+                "note: this server's embedded backend runs base images on the host's interpreter \
+                 (--interpreter); {} is used by the Kubernetes backend",
+                created.spec["image"].as_str().unwrap_or("the image")
+            );
+        }
         if wait {
             if report.for_people() {
                 said(&mut report, &created, "created");
