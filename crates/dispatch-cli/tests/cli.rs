@@ -22,7 +22,19 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
         ])
         .contains("base-image/python3-base created")
     );
-    s.ok(&["create", "image", "python3", "python3-base", "--wait"]);
+    // Without a terminal (CI logs) --wait prints a line per step and one for the outcome.
+    let out = s
+        .cli()
+        .args(["create", "image", "python3", "python3-base", "--wait"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let last = log.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("image python3 READY ("),
+        "the outcome is the last line: {log}"
+    );
     // The embedded backend says that it runs the host's interpreter, not the image: at create
     // time and in the base image's status (a NOTE column).
     let out = s

@@ -94,7 +94,8 @@ impl WaitArgs {
     }
 }
 
-/// Polls until `kind/name` is READY or ERROR (or `timeout` passes); shows the phase on a TTY.
+/// Polls until `kind/name` is READY or ERROR (or `timeout` passes); shows the phase on a TTY
+/// (one line, redrawn), and otherwise (CI logs) a line per step and one for the outcome.
 pub async fn wait_settled(
     client: &Client,
     kind: Kind,
@@ -106,9 +107,24 @@ pub async fn wait_settled(
     const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let started = Instant::now();
     let mut tick = 0usize;
+    let mut last: Option<(Phase, String)> = None;
     loop {
         let o = client.get(kind, name).await?;
         let phase = o.phase().unwrap_or(Phase::Initialized);
+        let now = (phase, o.status.reason.clone());
+        if !tty && last.as_ref() != Some(&now) {
+            let step = if now.1.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", now.1)
+            };
+            eprintln!(
+                "{} {name} {phase}{step} ({:.0}s)",
+                kind.human(),
+                started.elapsed().as_secs_f64()
+            );
+            last = Some(now);
+        }
         if tty {
             tick += 1;
             let step = if o.status.reason.is_empty() {

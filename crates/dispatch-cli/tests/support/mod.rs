@@ -176,8 +176,17 @@ impl ServerProc {
             String::from_utf8_lossy(&out.stdout)
         );
         let err = String::from_utf8(out.stderr).unwrap();
-        assert!(err.starts_with("error: "), "{err}");
-        err
+        // Progress lines of --wait (without a terminal) may come first: the error from its
+        // `error: ` line on.
+        let at = if err.starts_with("error: ") {
+            Some(0)
+        } else {
+            err.find("\nerror: ").map(|i| i + 1)
+        };
+        let Some(at) = at else {
+            panic!("no `error: ` line: {err}");
+        };
+        err[at..].to_string()
     }
 
     pub fn json(&self, args: &[&str]) -> Value {
