@@ -74,6 +74,7 @@ pub enum Command {
     Gc(commands::gc::Gc),
     Version(commands::version::Version),
     Whoami(commands::whoami::Whoami),
+    Config(commands::config::Config),
     Completion(commands::completion::Completion),
     Login(commands::login::Login),
     Runner(commands::runner::Runner),
@@ -134,6 +135,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             output::quiet_on_closed_stdout();
             return c.run();
         }
+        Config(c) => {
+            output::quiet_on_closed_stdout();
+            return c.run();
+        }
         Login(c) => return c.run().await,
         Runner(c) => return c.run().await,
         Bench(c) => return c.run().await,
@@ -159,7 +164,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
         Whoami(c) => c.run(&ctx).await,
-        Server(_) | Quickstart(_) | Completion(_) | Login(_) | Runner(_) | K8s(_) | Bench(_) => {
+        Server(_) | Quickstart(_) | Completion(_) | Config(_) | Login(_) | Runner(_) | K8s(_)
+        | Bench(_) => {
             unreachable!("handled above")
         }
     }

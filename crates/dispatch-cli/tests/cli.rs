@@ -885,6 +885,20 @@ fn tokens_login_and_audit_from_the_cli() {
             .unwrap();
     assert_eq!(cfg["current"], "ci");
     assert_eq!(cfg["contexts"]["ci"]["token"], dev.as_str());
+    // kubectl-style config: the contexts (never their tokens), the current one, switching.
+    let contexts = s.json(&["config", "get-contexts", "-o", "json"]);
+    assert_eq!(contexts[0]["name"], "ci");
+    assert_eq!(contexts[0]["current"], true);
+    assert_eq!(contexts[0]["token"], true, "whether one is set, not the token");
+    assert!(!contexts.to_string().contains(&dev));
+    let table = s.ok(&["config", "get-contexts"]);
+    assert!(table.contains("CURRENT") && table.contains("ci"), "{table}");
+    assert_eq!(s.ok(&["config", "current-context"]), "ci\n");
+    assert!(
+        s.fails(&["config", "use-context", "elsewhere"])
+            .contains("context \"elsewhere\" is not in")
+    );
+    assert_eq!(s.ok(&["config", "use-context", "ci"]), "switched to context ci\n");
     let as_dev = |args: &[&str]| {
         s.cli()
             .env_remove("DISPATCH_TOKEN")

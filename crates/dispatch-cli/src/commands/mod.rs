@@ -5,6 +5,7 @@ pub mod apply;
 pub mod bench;
 pub mod cancel;
 pub mod completion;
+pub mod config;
 pub mod create;
 pub mod delete;
 pub mod emit;
