@@ -889,7 +889,10 @@ fn tokens_login_and_audit_from_the_cli() {
     let contexts = s.json(&["config", "get-contexts", "-o", "json"]);
     assert_eq!(contexts[0]["name"], "ci");
     assert_eq!(contexts[0]["current"], true);
-    assert_eq!(contexts[0]["token"], true, "whether one is set, not the token");
+    assert_eq!(
+        contexts[0]["token"], true,
+        "whether one is set, not the token"
+    );
     assert!(!contexts.to_string().contains(&dev));
     let table = s.ok(&["config", "get-contexts"]);
     assert!(table.contains("CURRENT") && table.contains("ci"), "{table}");
@@ -898,7 +901,10 @@ fn tokens_login_and_audit_from_the_cli() {
         s.fails(&["config", "use-context", "elsewhere"])
             .contains("context \"elsewhere\" is not in")
     );
-    assert_eq!(s.ok(&["config", "use-context", "ci"]), "switched to context ci\n");
+    assert_eq!(
+        s.ok(&["config", "use-context", "ci"]),
+        "switched to context ci\n"
+    );
     let as_dev = |args: &[&str]| {
         s.cli()
             .env_remove("DISPATCH_TOKEN")
@@ -1473,4 +1479,31 @@ fn usage_errors_exit_1_and_help_exits_0() {
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(!out.stdout.is_empty());
     }
+}
+
+/// `apply` of a manifest whose function source changed says `configured` (it redeploys with
+/// a new digest), and `unchanged` only when nothing stored changed.
+#[test]
+fn apply_reports_a_changed_source_as_configured() {
+    let s = ServerProc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("h.py");
+    std::fs::write(&src, "def handle(c, p):\n    return 1\n").unwrap();
+    let manifest = dir.path().join("m.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: dispatch.dev/v1\nkind: Function\nmetadata: {name: h}\nspec: {image: python3, sourcePath: h.py}\n",
+    )
+    .unwrap();
+    let m = manifest.to_str().unwrap();
+    s.ok(&["create", "image", "python3", "python3", "--wait"]);
+    assert_eq!(s.ok(&["apply", "-f", m]), "function/h created\n");
+    assert_eq!(s.ok(&["apply", "-f", m]), "function/h unchanged\n");
+    std::fs::write(&src, "def handle(c, p):\n    return 2\n").unwrap();
+    assert_eq!(s.ok(&["apply", "-f", m]), "function/h configured\n");
+    eventually("the new source to answer", || {
+        let out = s.cli().args(["exec", "h"]).output().unwrap();
+        let env: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (env["payload"] == 2).then_some(())
+    });
 }
