@@ -13,6 +13,37 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// `kind/name` lines (resources; `run/ID`, `jobexecution/UUID`, `event/ID`), for scripts
+    Name,
+}
+
+/// Tables without their header and rule (`--no-headers`), for scripts.
+static NO_HEADERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_no_headers(on: bool) {
+    NO_HEADERS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `kind/name` of one printed value: a resource (`function/hello`), a run (`run/ID`), a job
+/// execution (`jobexecution/UUID`), an event (`event/ID`), else its `name`.
+fn name_of(v: &serde_json::Value) -> Option<String> {
+    let str_at = |p: &str| v.pointer(p).and_then(|x| x.as_str());
+    if let (Some(kind), Some(name)) = (str_at("/kind"), str_at("/metadata/name")) {
+        let kind = serde_json::from_value::<Kind>(kind.into())
+            .map(|k| k.cli_name().to_string())
+            .unwrap_or_else(|_| kind.to_ascii_lowercase());
+        return Some(format!("{kind}/{name}"));
+    }
+    if let Some(uuid) = str_at("/uuid") {
+        return Some(format!("jobexecution/{uuid}"));
+    }
+    if let (Some(id), Some(_)) = (str_at("/id"), str_at("/function")) {
+        return Some(format!("run/{id}"));
+    }
+    if let (Some(id), Some(_)) = (str_at("/id"), str_at("/type")) {
+        return Some(format!("event/{id}"));
+    }
+    str_at("/name").map(str::to_string)
 }
 
 /// What `create`, `apply` and `version` print: by default a line for people
@@ -70,8 +101,26 @@ impl Report {
     }
 }
 
-/// Prints `value` as pretty JSON or YAML.
+/// Prints `value` as pretty JSON or YAML, or (`-o name`) its items' `kind/name`.
 pub fn print_structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
+    if format == Format::Name {
+        let v = serde_json::to_value(value).context("failed to encode")?;
+        let items = match v {
+            serde_json::Value::Array(a) => a,
+            one => vec![one],
+        };
+        let mut text = String::new();
+        for item in &items {
+            let Some(name) = name_of(item) else {
+                anyhow::bail!(
+                    "-o name is for resources, runs, job executions and events: use -o json"
+                );
+            };
+            text.push_str(&name);
+            text.push('\n');
+        }
+        return write_stdout(text.as_bytes());
+    }
     let text = match format {
         Format::Yaml => serde_saphyr::to_string(value).context("failed to encode YAML")?,
         _ => serde_json::to_string_pretty(value).context("failed to encode JSON")? + "\n",
@@ -121,7 +170,21 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         let s: Vec<String> = cells.into_iter().map(|c| format!(" {c} ")).collect();
         s.join("|").trim_end().to_string() + "\n"
     };
-    let mut out = line(
+    let mut out = String::new();
+    if NO_HEADERS.load(std::sync::atomic::Ordering::Relaxed) {
+        for r in rows {
+            out.push_str(&line(
+                (0..n)
+                    .map(|i| {
+                        let c = r.get(i).map(String::as_str).unwrap_or("");
+                        format!("{c:<w$}", w = widths[i])
+                    })
+                    .collect(),
+            ));
+        }
+        return out;
+    }
+    out += &line(
         headers
             .iter()
             .enumerate()

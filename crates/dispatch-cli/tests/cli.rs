@@ -93,6 +93,11 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
         env["payload"]["myField"], "Hello, Noone from Nowhere",
         "empty stdin = null payload"
     );
+    let names = s.ok(&["get", "runs", "--function", "hello", "-o", "name"]);
+    assert!(
+        names.lines().count() >= 2 && names.lines().all(|l| l.starts_with("run/")),
+        "{names}"
+    );
 
     let runs = s.json(&["get", "runs", "--function", "hello", "-o", "json"]);
     assert_eq!(runs.as_array().unwrap().len(), 2);
@@ -258,6 +263,33 @@ fn apply_and_delete_manifests() {
     assert_eq!(
         s.ok(&["delete", "endpoint", "other"]),
         "endpoint/other deleted\n"
+    );
+    // kubectl habits: -o name, --no-headers, -l (the API filters by labels).
+    assert_eq!(
+        s.ok(&["get", "functions", "-o", "name"]),
+        "function/hello\n"
+    );
+    let bare = s.ok(&["get", "functions", "--no-headers"]);
+    assert!(
+        bare.starts_with(" hello") && !bare.contains("NAME"),
+        "{bare}"
+    );
+    assert!(
+        s.fails(&["get", "functions", "-l", "team"])
+            .contains("is not key=value")
+    );
+    assert_eq!(
+        s.ok(&["get", "functions", "-l", "nobody=here", "-o", "name"]),
+        ""
+    );
+    let mut ep = s.json(&["get", "endpoint", "get-hello", "-o", "json"]);
+    ep["metadata"]["labels"] = serde_json::json!({"team": "web"});
+    let labelled = s.dir.path().join("labelled.json");
+    std::fs::write(&labelled, ep.to_string()).unwrap();
+    s.ok(&["apply", "-f", labelled.to_str().unwrap()]);
+    assert_eq!(
+        s.ok(&["get", "endpoints", "-l", "team=web", "-o", "name"]),
+        "endpoint/get-hello\n"
     );
     let v = s.json(&["version", "-o", "json"]);
     assert_eq!(v["client"]["version"], env!("CARGO_PKG_VERSION"));

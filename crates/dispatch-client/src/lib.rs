@@ -385,8 +385,17 @@ impl Client {
     }
 
     pub async fn list(&self, kind: Kind) -> Result<Vec<Object>> {
+        self.list_selected(kind, None).await
+    }
+
+    /// The resources of a kind with these labels (`team=web,tier=api`: all must match).
+    pub async fn list_selected(&self, kind: Kind, selector: Option<&str>) -> Result<Vec<Object>> {
         let url = self.ns_url(&self.namespace, kind.plural());
-        self.json(self.request(Method::GET, &url), &url).await
+        let mut rb = self.request(Method::GET, &url);
+        if let Some(sel) = selector {
+            rb = rb.query(&[("l", sel)]);
+        }
+        self.json(rb, &url).await
     }
 
     pub async fn get(&self, kind: Kind, name: &str) -> Result<Object> {

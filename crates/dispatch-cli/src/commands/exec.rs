@@ -61,6 +61,13 @@ impl Exec {
                 .await?;
             match self.output {
                 Format::Yaml => print_structured(&accepted, Format::Yaml)?,
+                Format::Name => {
+                    let v = serde_json::to_value(&accepted)?;
+                    println!(
+                        "run/{}",
+                        v["runId"].as_str().or(v["id"].as_str()).unwrap_or("-")
+                    );
+                }
                 _ => print_structured(&accepted, Format::Json)?,
             }
             return Ok(ExitCode::SUCCESS);
@@ -68,6 +75,8 @@ impl Exec {
         let r = ctx.client.exec(&self.function, &input).await?;
         match self.output {
             Format::Table | Format::Json => print_structured(&r.envelope, Format::Json)?,
+            // The run happened: its id is what names it.
+            Format::Name => println!("run/{}", r.run_id.as_deref().unwrap_or("-")),
             Format::Yaml => print_structured(&serde_json::to_value(&r.envelope)?, Format::Yaml)?,
         }
         Ok(if r.envelope.context.error.is_some() {

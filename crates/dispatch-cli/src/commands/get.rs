@@ -16,9 +16,15 @@ pub struct Get {
     pub kind: String,
     /// One resource (or run id); all when omitted
     pub name: Option<String>,
-    /// Output format
+    /// Output format: table, json, yaml, or name (kind/name lines)
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     pub output: Format,
+    /// Tables without their header and rule (for scripts)
+    #[arg(long)]
+    pub no_headers: bool,
+    /// Resources: only those with these labels (key=value, comma-separated: all must match)
+    #[arg(short = 'l', long = "selector", value_name = "KEY=VALUE[,…]")]
+    pub selector: Option<String>,
     /// Runs: only this function's
     #[arg(long)]
     pub function: Option<String>,
@@ -56,7 +62,24 @@ pub struct Get {
 impl Get {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
-        match parse_target(&self.kind)? {
+        crate::output::set_no_headers(self.no_headers);
+        let target = parse_target(&self.kind)?;
+        if let Some(sel) = &self.selector {
+            if !matches!(target, Target::Resource(_)) || self.name.is_some() {
+                anyhow::bail!(
+                    "-l/--selector filters a list of resources (functions, images, …): drop it here"
+                );
+            }
+            if let Some(bad) = sel
+                .split(',')
+                .find(|p| p.split_once('=').is_none_or(|(k, _)| k.trim().is_empty()))
+            {
+                anyhow::bail!(
+                    "-l {sel:?}: {bad:?} is not key=value (write -l team=web or -l team=web,tier=api)"
+                );
+            }
+        }
+        match target {
             Target::Resource(kind) => match self.name {
                 Some(name) => {
                     let o = if self.reveal {
@@ -81,7 +104,7 @@ impl Get {
                     }
                 }
                 None => {
-                    let items = c.list(kind).await?;
+                    let items = c.list_selected(kind, self.selector.as_deref()).await?;
                     match self.output {
                         Format::Table => print!("{}", objects_table(kind, &items)),
                         f => print_structured(&items, f)?,
