@@ -991,6 +991,18 @@ fn tokens_login_and_audit_from_the_cli() {
         audit.contains("/v1/namespaces/default/images") && audit.contains("ci"),
         "{audit}"
     );
+    // One date format across tables: no RFC 3339 (with nanoseconds) in tokens and audit.
+    let year = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .year()
+        .to_string();
+    for t in [&table, &audit] {
+        let row = t.lines().nth(2).unwrap_or("");
+        assert!(
+            row.contains(&year) && !row.contains(&format!("{year}-")),
+            "{t}"
+        );
+    }
     assert_eq!(s.ok(&["delete", "token", "ci"]), "token/ci deleted\n");
     assert_eq!(as_dev(&["get", "images"]).status.code(), Some(1));
 }

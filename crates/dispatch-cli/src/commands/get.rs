@@ -200,11 +200,13 @@ impl Get {
                                 .iter()
                                 .map(|t| {
                                     let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
-                                    let exp = t["expiresAt"]
-                                        .as_str()
-                                        .map(str::to_string)
-                                        .unwrap_or_else(|| "never".into());
-                                    vec![s("name"), s("role"), s("namespace"), exp, s("createdAt")]
+                                    // One date format across tables (was RFC 3339 with ns).
+                                    let exp = match t["expiresAt"].as_str() {
+                                        Some(e) => date_of(e),
+                                        None => "never".into(),
+                                    };
+                                    let created = date_of(t["createdAt"].as_str().unwrap_or(""));
+                                    vec![s("name"), s("role"), s("namespace"), exp, created]
                                 })
                                 .collect::<Vec<_>>()
                         )
@@ -224,7 +226,7 @@ impl Get {
                                 .map(|e| {
                                     let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
                                     vec![
-                                        s("at"),
+                                        date_of(e["at"].as_str().unwrap_or("")),
                                         s("who"),
                                         s("method"),
                                         s("path"),
@@ -336,4 +338,14 @@ fn deliveries_cell(matched: &serde_json::Value) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// An RFC 3339 time from the API in the tables' one format (`Sat Dec  5 09:04:14 UTC 2026`);
+/// as it came when it does not parse.
+fn date_of(rfc3339: &str) -> String {
+    match rfc3339.parse::<jiff::Timestamp>() {
+        Ok(t) => crate::output::date(Some(t)),
+        Err(_) if rfc3339.is_empty() => "-".into(),
+        Err(_) => rfc3339.to_string(),
+    }
 }
