@@ -125,6 +125,35 @@ impl Ctx {
     }
 }
 
+/// The command line, with the client's global flags (`--server`, `--token`, `-n`,
+/// `--context`, `--insecure`) out of the help of the commands that do not talk to a server
+/// as a client (`server`, `runner`, `completion`, `bench`, `k8s`, `quickstart`): each gets
+/// hidden flags of the same ids, which clap then does not propagate the global ones over.
+/// They are still accepted there, and mean nothing.
+pub fn parse() -> Result<Cli, clap::Error> {
+    use clap::{Arg, ArgAction, CommandFactory as _, FromArgMatches as _};
+    let mut cmd = Cli::command();
+    for sub in [
+        "server",
+        "runner",
+        "completion",
+        "bench",
+        "k8s",
+        "quickstart",
+    ] {
+        cmd = cmd.mut_subcommand(sub, |c| {
+            let hidden = |id: &'static str| Arg::new(id).long(id).hide(true);
+            c.arg(hidden("server").num_args(1))
+                .arg(hidden("token").num_args(1))
+                .arg(hidden("namespace").short('n').num_args(1))
+                .arg(hidden("context").num_args(1))
+                .arg(hidden("insecure").action(ArgAction::SetTrue))
+        });
+    }
+    let matches = cmd.try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     use Command::*;
     // Commands that need no server connection.

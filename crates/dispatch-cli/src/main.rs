@@ -2,8 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     // The sandbox launcher (DESIGN §9) must stay single-threaded: it runs before anything else.
     let mut args = std::env::args_os().skip(1);
@@ -14,7 +12,7 @@ fn main() -> ExitCode {
     dispatch_client::install_crypto_provider();
     // Every failure exits 1, usage errors too (clap's own code is 2); --help and --version
     // print to stdout and exit 0.
-    let cli = match dispatch_cli::Cli::try_parse() {
+    let cli = match dispatch_cli::parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

@@ -1523,6 +1523,14 @@ fn usage_errors_exit_1_and_help_exits_0() {
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(!out.stdout.is_empty());
     }
+    // The server's help has the server's flags, not the client's (--server, --token, -n).
+    let help = String::from_utf8(run(&["server", "--help"]).stdout).unwrap();
+    assert!(
+        help.contains("--data-dir") && !help.contains("--token"),
+        "{help}"
+    );
+    let help = String::from_utf8(run(&["get", "--help"]).stdout).unwrap();
+    assert!(help.contains("--token"), "{help}");
 }
 
 /// `apply` of a manifest whose function source changed says `configured` (it redeploys with
