@@ -196,13 +196,19 @@ fn validate_type_pattern(t: &str, field: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Turns the CloudEvents that match it into async runs of a function (payload: the event's
+/// data; `context.event`: its attributes), each event delivered once per subscription.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubscriptionSpec {
+    /// The event type it matches: exact (`order.created`) or a prefix ending in `*`
+    /// (`order.*`).
     pub event_type: String,
+    /// Only events of this source (absent: any source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The function (same namespace) it runs.
     pub function: String,
 }
 
@@ -236,6 +242,8 @@ pub enum MissedRuns {
 /// Most missed fires replayed by `missedRuns: all`.
 pub const MAX_CATCH_UP: usize = 1000;
 
+/// Produces events (or runs of one function): on a schedule (cron), from HTTP requests
+/// (webhook) or from a broker (nats, mqtt, kafka; at least once).
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

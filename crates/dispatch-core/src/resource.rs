@@ -169,16 +169,23 @@ pub struct Metadata {
     pub resource_version: Option<String>,
 }
 
+/// What the controller last made of the resource (written by the server, not by users).
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
+    /// Why the phase is what it is: the build step under way, the error that ended a build
+    /// in ERROR, or a note on a READY resource.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Content address (`sha256:…`) of the build or settings the phase is about: the same
+    /// inputs give the same digest and reuse one build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The `metadata.generation` the controller last acted on: the status describes the
+    /// current spec when the two are equal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// Functions on the Kubernetes backend: the pullable image they run
@@ -367,6 +374,8 @@ impl fmt::Display for Language {
     }
 }
 
+/// A language runtime that images build on: an OCI image reference (what the Kubernetes
+/// backend runs) and its language; the embedded backend runs the host's interpreter.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -472,13 +481,19 @@ impl RuntimeDependencies {
     }
 }
 
+/// An image: a base image plus language dependencies, built once per digest (the SHA-256
+/// of the base image and the normalized manifest).
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
+    /// The base image (same namespace, or a built-in one: python3, nodejs) it builds on.
     pub base_image: String,
+    /// Language dependencies installed into the image: a requirements.txt (python3) or
+    /// package.json (nodejs) manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_dependencies: Option<RuntimeDependencies>,
+    /// System packages: refused by both backends for now (install them in the base image).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub system_dependencies: Vec<serde_json::Value>,
     /// Python: modules the image's zygote imports once, before it forks workers, so that a
@@ -516,10 +531,14 @@ impl ImageSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Concurrency {
+    /// Most worker processes of the function at once (default 4, at most 256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_workers: Option<u32>,
+    /// Workers kept warm when idle (default 0: scale to zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_workers: Option<u32>,
+    /// How long a worker beyond `minWorkers` stays idle before it is stopped (a duration
+    /// such as 5m, the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
 }
@@ -532,10 +551,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Upper bound on `maxWorkers`, so that one spec cannot fork-bomb the host.
 pub const MAX_WORKERS_LIMIT: u32 = 256;
 
+/// A function: a handler in an uploaded source archive, run on an image, called
+/// synchronously, asynchronously (durable runs), from endpoints and from events.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FunctionSpec {
+    /// The image (same namespace, or a built-in base image: python3, nodejs) it runs on.
     pub image: String,
     /// `module.function` (Python), `file.export` or `file` (Node), a path (exec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -543,8 +565,11 @@ pub struct FunctionSpec {
     /// Digest of the uploaded source archive (`sha256:…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Most time one call may take (a duration such as 30s, the default); past it the call
+    /// ends with a timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Environment variables of its workers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "is_default")]
@@ -799,6 +824,7 @@ impl SecretSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SealedSecret {
+    /// The secret's keys (its values are only in `sealed`).
     pub keys: Vec<String>,
     /// base64 of nonce (12 bytes) + ciphertext of the JSON `data`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -810,8 +836,10 @@ pub struct SealedSecret {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
+    /// The wait before the second attempt (a duration; default 1s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial: Option<String>,
+    /// The longest wait between attempts (a duration; default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<String>,
 }
@@ -1025,17 +1053,25 @@ impl FunctionSpec {
 /// HTTP methods an endpoint may route.
 pub const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
 
+/// An HTTP route on the gateway to a function: the request becomes the payload (query
+/// parameters, a JSON or form body) and the answer the response.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointSpec {
+    /// The function (same namespace) it calls.
     pub function: String,
+    /// HTTP methods it routes (GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS; default GET).
     #[serde(default)]
     pub methods: Vec<String>,
+    /// Paths it routes, at least one: `/hello`, `{name}` segments as parameters, a trailing
+    /// `/*` for a prefix.
     #[serde(default)]
     pub paths: Vec<String>,
+    /// Host names it routes (absent: any host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// Answer CORS preflights and allow any origin.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cors: bool,
     /// `public` (default) or `token`: callers need an API token with the developer role in

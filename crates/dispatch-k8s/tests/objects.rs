@@ -54,6 +54,39 @@ fn crds_for_every_kind() {
     golden("crds", &serde_json::Value::Array(json.clone()));
 }
 
+/// Every field of every CRD has a description (what `kubectl explain` and `dispatch
+/// explain` show): 58 of 121 had none.
+#[test]
+fn every_crd_field_is_described() {
+    fn walk(path: &str, node: &serde_json::Value, missing: &mut Vec<String>) {
+        if let Some(props) = node["properties"].as_object() {
+            for (k, v) in props {
+                let p = format!("{path}.{k}");
+                if v["description"].as_str().is_none_or(str::is_empty) {
+                    missing.push(p.clone());
+                }
+                walk(&p, v, missing);
+                walk(&format!("{p}[]"), &v["items"], missing);
+                walk(&format!("{p}{{}}"), &v["additionalProperties"], missing);
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for crd in crds() {
+        let v = round_trip::<CustomResourceDefinition>(&crd);
+        let schema = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        walk(
+            v["spec"]["names"]["kind"].as_str().unwrap(),
+            schema,
+            &mut missing,
+        );
+    }
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
+}
+
 #[test]
 fn function_deployment_and_service() {
     let (d, s) = function_objects("default", "hello", &Workload::of(&hello()), &image());
