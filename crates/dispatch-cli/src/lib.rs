@@ -75,6 +75,7 @@ pub enum Command {
     Version(commands::version::Version),
     Whoami(commands::whoami::Whoami),
     Config(commands::config::Config),
+    Explain(commands::explain::Explain),
     Completion(commands::completion::Completion),
     Login(commands::login::Login),
     Runner(commands::runner::Runner),
@@ -168,6 +169,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             output::quiet_on_closed_stdout();
             return c.run();
         }
+        Explain(c) => {
+            output::quiet_on_closed_stdout();
+            return c.run();
+        }
         Login(c) => return c.run().await,
         Runner(c) => return c.run().await,
         Bench(c) => return c.run().await,
@@ -193,8 +198,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
         Whoami(c) => c.run(&ctx).await,
-        Server(_) | Quickstart(_) | Completion(_) | Config(_) | Login(_) | Runner(_) | K8s(_)
-        | Bench(_) => {
+        Server(_) | Quickstart(_) | Completion(_) | Config(_) | Explain(_) | Login(_)
+        | Runner(_) | K8s(_) | Bench(_) => {
             unreachable!("handled above")
         }
     }

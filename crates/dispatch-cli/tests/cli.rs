@@ -1559,3 +1559,34 @@ fn apply_reports_a_changed_source_as_configured() {
         (env["payload"] == 2).then_some(())
     });
 }
+
+/// `dispatch explain` reads the CRDs' schemas: a kind, a field path, an unknown field.
+#[test]
+fn explain_shows_what_fields_mean() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["explain", "functions.spec.concurrency"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("FIELD:    spec.concurrency <object>")
+            && text.contains("maxWorkers\t<integer>")
+            && text.contains("default 0: scale to zero"),
+        "{text}"
+    );
+    let text = String::from_utf8(run(&["explain", "function.spec"]).stdout).unwrap();
+    assert!(text.contains("image\t<string> -required-"), "{text}");
+    let schema: Value =
+        serde_json::from_slice(&run(&["explain", "endpoint.spec.paths", "-o", "json"]).stdout)
+            .unwrap();
+    assert_eq!(schema["type"], "array");
+    let out = run(&["explain", "function.spec.nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no field \"nope\" (fields: "));
+    let out = run(&["explain", "widget"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind \"widget\""));
+}

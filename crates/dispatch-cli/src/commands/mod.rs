@@ -11,6 +11,7 @@ pub mod delete;
 pub mod emit;
 pub mod exec;
 pub mod execute;
+pub mod explain;
 pub mod gc;
 pub mod get;
 pub mod k8s;
