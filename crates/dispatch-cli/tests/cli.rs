@@ -164,6 +164,28 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
         s.fails(&["delete", "image", "python3"])
             .contains("used by functions hello")
     );
+    // describe: status, spec and what is around the function.
+    let d = s.ok(&["describe", "function", "hello"]);
+    for want in [
+        "Name:               hello",
+        "Phase:              READY",
+        "\n  image: python3\n",
+        "Endpoints:          get-hello",
+        "Subscriptions:      <none>",
+        "async queue: 0 of",
+        "Recent runs:\n  ",
+        "SUCCEEDED",
+    ] {
+        assert!(d.contains(want), "{want:?} in {d}");
+    }
+    assert!(
+        s.ok(&["describe", "image", "python3"])
+            .contains("Functions:          hello")
+    );
+    assert!(
+        s.fails(&["describe", "widget", "x"])
+            .contains("unknown kind \"widget\"")
+    );
 
     // A warm worker is running; SIGTERM stops the server and every worker.
     let marker = s

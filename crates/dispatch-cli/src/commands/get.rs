@@ -293,7 +293,7 @@ impl Get {
 }
 
 /// Under one function's table: its async queue against its bound and the 429s since start.
-fn print_queue(q: &dispatch_core::run::FunctionQueue) {
+pub(crate) fn print_queue(q: &dispatch_core::run::FunctionQueue) {
     let r = &q.refused;
     println!(
         "\nasync queue: {} of {} (maxQueued), {} running",
@@ -306,7 +306,7 @@ fn print_queue(q: &dispatch_core::run::FunctionQueue) {
     );
 }
 
-fn print_deliveries(d: &dispatch_core::events::DeliveryStats) {
+pub(crate) fn print_deliveries(d: &dispatch_core::events::DeliveryStats) {
     println!(
         "\ndeliveries: {} pending{}, {} dead (dispatch redeliver subscription NAME)",
         d.pending,

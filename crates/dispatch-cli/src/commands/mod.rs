@@ -8,6 +8,7 @@ pub mod completion;
 pub mod config;
 pub mod create;
 pub mod delete;
+pub mod describe;
 pub mod emit;
 pub mod exec;
 pub mod execute;
