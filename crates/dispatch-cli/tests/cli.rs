@@ -1612,3 +1612,56 @@ fn explain_shows_what_fields_mean() {
     let out = run(&["explain", "widget"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind \"widget\""));
 }
+
+/// `get KIND --watch`: the list, then a row for each resource that appears or changes, and a
+/// line for one that goes.
+#[test]
+fn get_watch_follows_changes() {
+    use std::io::BufRead as _;
+    let s = ServerProc::start();
+    let mut child = s
+        .cli()
+        .args(["get", "endpoints", "--watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(what) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {what:?} within 60 s"),
+            }
+        }
+    };
+    wait_for("NAME");
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let f = s.dir.path().join("w.py");
+    std::fs::write(&f, "def handle(c, p):\n    return 1\n").unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "--image",
+        "py",
+        "w",
+        f.to_str().unwrap(),
+    ]);
+    s.ok(&["create", "endpoint", "watched", "w", "--path", "/w"]);
+    let row = wait_for("watched");
+    assert!(!row.contains("NAME"), "a row, not a new table: {row}");
+    s.ok(&["delete", "endpoint", "watched"]);
+    wait_for("endpoint/watched deleted");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -22,6 +22,10 @@ pub struct Get {
     /// Tables without their header and rule (for scripts)
     #[arg(long)]
     pub no_headers: bool,
+    /// Resources: keep watching — after the list, a line (or object) for each resource that
+    /// changes, appears or goes, until interrupted (polls every second)
+    #[arg(short = 'w', long)]
+    pub watch: bool,
     /// Resources: only those with these labels (key=value, comma-separated: all must match)
     #[arg(short = 'l', long = "selector", value_name = "KEY=VALUE[,…]")]
     pub selector: Option<String>,
@@ -78,6 +82,22 @@ impl Get {
                     "-l {sel:?}: {bad:?} is not key=value (write -l team=web or -l team=web,tier=api)"
                 );
             }
+        }
+        if self.watch {
+            let Target::Resource(kind) = target else {
+                anyhow::bail!(
+                    "--watch follows resources (functions, images, …), not {}",
+                    self.kind
+                );
+            };
+            return watch(
+                c,
+                kind,
+                self.name.as_deref(),
+                self.selector.as_deref(),
+                self.output,
+            )
+            .await;
         }
         match target {
             Target::Resource(kind) => match self.name {
@@ -347,5 +367,63 @@ fn date_of(rfc3339: &str) -> String {
         Ok(t) => crate::output::date(Some(t)),
         Err(_) if rfc3339.is_empty() => "-".into(),
         Err(_) => rfc3339.to_string(),
+    }
+}
+
+/// `get KIND [NAME] --watch`: the list, then each resource that changes, appears or goes
+/// (polled every second; the API has no watch stream), until interrupted.
+async fn watch(
+    c: &dispatch_client::Client,
+    kind: dispatch_core::Kind,
+    name: Option<&str>,
+    selector: Option<&str>,
+    output: Format,
+) -> Result<ExitCode> {
+    use std::collections::BTreeMap;
+    let list = || async {
+        let mut items = c.list_selected(kind, selector).await?;
+        if let Some(n) = name {
+            items.retain(|o| o.name() == n);
+        }
+        anyhow::Ok(items)
+    };
+    let show = |items: &[dispatch_core::Object]| -> Result<()> {
+        match output {
+            Format::Table => {
+                crate::output::write_stdout(objects_table(kind, items).as_bytes())?;
+            }
+            f => {
+                for o in items {
+                    print_structured(o, f)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let key = |o: &dispatch_core::Object| serde_json::to_string(o).unwrap_or_default();
+    let first = list().await?;
+    show(&first)?;
+    // After the first table, rows only.
+    crate::output::set_no_headers(true);
+    let mut seen: BTreeMap<String, String> = first
+        .iter()
+        .map(|o| (o.name().to_string(), key(o)))
+        .collect();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = list().await?;
+        let changed: Vec<dispatch_core::Object> = now
+            .iter()
+            .filter(|o| seen.get(o.name()) != Some(&key(o)))
+            .cloned()
+            .collect();
+        if !changed.is_empty() {
+            show(&changed)?;
+        }
+        let names: std::collections::BTreeSet<&str> = now.iter().map(|o| o.name()).collect();
+        for gone in seen.keys().filter(|n| !names.contains(n.as_str())) {
+            println!("{}/{gone} deleted", kind.cli_name());
+        }
+        seen = now.iter().map(|o| (o.name().to_string(), key(o))).collect();
     }
 }
