@@ -61,6 +61,7 @@ pub enum Command {
     Quickstart(commands::quickstart::Quickstart),
     Create(commands::create::Create),
     Apply(commands::apply::Apply),
+    Diff(commands::diff::Diff),
     Get(commands::get::Get),
     Describe(commands::describe::Describe),
     Update(commands::update::Update),
@@ -186,6 +187,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Create(c) => c.run(&ctx).await,
         Apply(c) => c.run(&ctx).await,
+        Diff(c) => c.run(&ctx).await,
         Get(c) => c.run(&ctx).await,
         Describe(c) => c.run(&ctx).await,
         Update(c) => c.run(&ctx).await,

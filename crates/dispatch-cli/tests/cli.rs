@@ -1571,9 +1571,37 @@ fn apply_reports_a_changed_source_as_configured() {
     .unwrap();
     let m = manifest.to_str().unwrap();
     s.ok(&["create", "image", "python3", "python3", "--wait"]);
+    // A dry run stores nothing.
+    assert_eq!(
+        s.ok(&["apply", "-f", m, "--dry-run"]),
+        "function/h created (dry run)\n"
+    );
+    s.fails(&["get", "function", "h"]);
     assert_eq!(s.ok(&["apply", "-f", m]), "function/h created\n");
     assert_eq!(s.ok(&["apply", "-f", m]), "function/h unchanged\n");
+    assert_eq!(s.ok(&["diff", "-f", m]), "", "no change, no diff, exit 0");
     std::fs::write(&src, "def handle(c, p):\n    return 2\n").unwrap();
+    let stored = s.json(&["get", "function", "h", "-o", "json"])["spec"]["source"].clone();
+    assert_eq!(
+        s.ok(&["apply", "-f", m, "--dry-run"]),
+        "function/h configured (dry run)\n"
+    );
+    // diff: exit 1 and the changed line, against the server's normalized form.
+    let out = s.cli().args(["diff", "-f", m]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let diff = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        diff.contains("--- function/h (stored)")
+            && diff.contains(&format!("-  source: {}", stored.as_str().unwrap()))
+            && diff.contains("+  source: sha256:")
+            && !diff.contains("-  handler"),
+        "{diff}"
+    );
+    assert_eq!(
+        s.json(&["get", "function", "h", "-o", "json"])["spec"]["source"],
+        stored,
+        "dry runs changed nothing"
+    );
     assert_eq!(s.ok(&["apply", "-f", m]), "function/h configured\n");
     eventually("the new source to answer", || {
         let out = s.cli().args(["exec", "h"]).output().unwrap();

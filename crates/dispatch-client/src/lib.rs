@@ -434,6 +434,26 @@ impl Client {
             .await
     }
 
+    /// What `create` would store (validated, normalized), without storing it.
+    pub async fn create_dry_run(&self, o: &Object) -> Result<Object> {
+        let url = self.ns_url(self.ns_of(o), o.kind.plural());
+        let rb = self
+            .request(Method::POST, &url)
+            .query(&[("dryRun", "true")])
+            .json(o);
+        self.json(rb, &url).await
+    }
+
+    /// What `update` would store (validated, normalized), without storing it.
+    pub async fn update_dry_run(&self, o: &Object) -> Result<Object> {
+        let url = self.ns_url(self.ns_of(o), &format!("{}/{}", o.kind.plural(), o.name()));
+        let rb = self
+            .request(Method::PUT, &url)
+            .query(&[("dryRun", "true")])
+            .json(o);
+        self.json(rb, &url).await
+    }
+
     pub async fn delete(&self, kind: Kind, name: &str) -> Result<Object> {
         self.delete_in(&self.namespace.clone(), kind, name).await
     }

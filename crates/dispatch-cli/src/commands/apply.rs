@@ -18,13 +18,25 @@ pub struct Apply {
     /// per resource (created, configured or unchanged)
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<crate::output::Done>,
+    /// Say what would be created, configured or left unchanged, and store no resource (the
+    /// server validates and normalizes each one; a function's source is uploaded as a blob)
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl Apply {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
-        let (docs, base) = read_manifest(&self.file)?;
         let mut report = crate::output::Report::new(self.output);
+        if self.dry_run {
+            for p in super::diff::plan(ctx, &self.file).await? {
+                let verb = format!("{} (dry run)", p.verb);
+                said(&mut report, &p.object, &verb);
+            }
+            report.finish()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let (docs, base) = read_manifest(&self.file)?;
         for d in &docs {
             let at = || {
                 format!(

@@ -9,6 +9,7 @@ pub mod config;
 pub mod create;
 pub mod delete;
 pub mod describe;
+pub mod diff;
 pub mod emit;
 pub mod exec;
 pub mod execute;

@@ -156,15 +156,26 @@ pub async fn image_log(
         .into_response())
 }
 
+/// `?dryRun=true` on a create or an update: validated and normalized as it would be
+/// stored, answered, and not stored (`dispatch diff`, `apply --dry-run`).
+fn dry_run(q: &HashMap<String, String>) -> bool {
+    q.get("dryRun").is_some_and(|v| v == "true" || v == "All")
+}
+
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Path((ns, kind)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
     let obj: Object = parse_json(&body, "resource")?;
-    let obj = admit(&state, &ns, kind, obj).await?;
+    let mut obj = admit(&state, &ns, kind, obj).await?;
+    if dry_run(&q) {
+        hide_secret(&mut obj);
+        return Ok((StatusCode::CREATED, Json(obj)).into_response());
+    }
     let stored = state.db(move |s| s.create(obj)).await?;
     stored_changed(&state, &stored).await?;
     Ok((StatusCode::CREATED, Json(stored)).into_response())
@@ -173,11 +184,27 @@ pub async fn create(
 pub async fn update(
     State(state): State<Arc<AppState>>,
     Path((ns, kind, name)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Json<Object>, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
     let obj: Object = parse_json(&body, "resource")?;
+    if dry_run(&q) {
+        if obj.metadata.name != name {
+            return Err(ApiError::bad_request(format!(
+                "metadata.name {:?} does not match the name in the path {name:?}",
+                obj.metadata.name
+            )));
+        }
+        state
+            .get(&ns, kind, &name)
+            .await?
+            .ok_or_else(|| not_found(&ns, kind, &name))?;
+        let mut obj = admit(&state, &ns, kind, obj).await?;
+        hide_secret(&mut obj);
+        return Ok(Json(obj));
+    }
     replace(&state, &ns, kind, &name, obj).await.map(Json)
 }
 
