@@ -111,7 +111,8 @@ pub async fn ingest(
                 // producer resends from the first refused one.
                 Err(mut err) if i > 0 => {
                     err.message = format!(
-                        "events 0..{i} of the batch were accepted (ids {}); event {i} and the rest                          were not: {}",
+                        "events 0..{i} of the batch were accepted (ids {}); event {i} and the rest \
+                         were not: {}",
                         out.iter()
                             .map(|r| r.id.as_str())
                             .collect::<Vec<_>>()
