@@ -149,3 +149,111 @@ fn python_functions_as_dispatch_e2e_runs_them() {
         (env["payload"]["myField"] == "Goodbye, Noone from Nowhere").then_some(())
     });
 }
+
+/// Dispatch's `e2e/tests/apis.bats` ("APIs" are our endpoints): "Test APIs with HTTP(S)",
+/// "Test APIs with Kong Plugins" (methods, blocking and non-blocking calls, no payload, a
+/// non-JSON payload, GET parameters), "Test APIs with CORS".
+#[test]
+fn endpoints_as_dispatch_e2e_calls_them() {
+    let s = ServerProc::start();
+    batch_load_images(&s);
+    let dir = examples().join("nodejs");
+    s.ok(&[
+        "create",
+        "function",
+        "--image=nodejs",
+        "func-nodejs",
+        dir.to_str().unwrap(),
+        "--handler=./hello.js",
+    ]);
+    ready(&s, "func-nodejs");
+    let g = s.gateway;
+    let json = &[("Content-Type", "application/json")][..];
+    let field = |r: Option<(u16, String, String)>| {
+        let (code, _, body) = r.expect("an answer");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["myField"].clone()
+    };
+
+    s.ok(&[
+        "create",
+        "endpoint",
+        "api-test-http",
+        "func-nodejs",
+        "-m",
+        "POST",
+        "-p",
+        "/http",
+    ]);
+    let body = r#"{"name": "VMware", "place": "HTTP"}"#;
+    assert_eq!(
+        field(http(g, "POST", "/http", json, body)),
+        "Hello, VMware from HTTP"
+    );
+
+    s.ok(&[
+        "create",
+        "endpoint",
+        "api-test",
+        "func-nodejs",
+        "-m",
+        "GET",
+        "-m",
+        "DELETE",
+        "-m",
+        "POST",
+        "-m",
+        "PUT",
+        "-p",
+        "/hello",
+    ]);
+    let body = r#"{"name": "VMware", "place": "Palo Alto"}"#;
+    assert_eq!(
+        field(http(g, "PUT", "/hello", json, body)),
+        "Hello, VMware from Palo Alto"
+    );
+    // Non-blocking: upstream answers a run CREATING; ours 202 with the run's id.
+    let headers = &[
+        ("Content-Type", "application/json"),
+        ("X-Dispatch-Blocking", "false"),
+    ][..];
+    let (code, _, body) = http(g, "PUT", "/hello", headers, body).unwrap();
+    assert_eq!(code, 202, "{body}");
+    assert!(body.contains("runId") || body.contains("\"id\""), "{body}");
+    assert_eq!(
+        field(http(g, "PUT", "/hello", &[], "")),
+        "Hello, Noone from Nowhere"
+    );
+    // curl -d sends a form: not JSON, no name or place in it.
+    let form = &[("Content-Type", "application/x-www-form-urlencoded")][..];
+    assert_eq!(
+        field(http(g, "PUT", "/hello", form, "not a json payload")),
+        "Hello, Noone from Nowhere"
+    );
+    assert_eq!(
+        field(http(g, "GET", "/hello?name=vmware&place=PaloAlto", &[], "")),
+        "Hello, vmware from PaloAlto"
+    );
+    assert_eq!(
+        field(http(g, "GET", "/hello", &[], "")),
+        "Hello, Noone from Nowhere"
+    );
+
+    s.ok(&[
+        "create",
+        "endpoint",
+        "api-test-cors",
+        "func-nodejs",
+        "-m",
+        "POST",
+        "-m",
+        "PUT",
+        "-p",
+        "/cors",
+        "--cors",
+    ]);
+    let body = r#"{"name": "VMware", "place": "Palo Alto"}"#;
+    let (code, head, _) = http(g, "PUT", "/cors", json, body).unwrap();
+    assert_eq!(code, 200);
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+}

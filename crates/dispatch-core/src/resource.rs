@@ -100,7 +100,7 @@ impl Kind {
     }
 
     /// Parses any spelling users write: `Function`, `function`, `functions`, `base-image`,
-    /// `base-images`, `baseimage`, `baseimages`.
+    /// `base-images`, `baseimage`, `baseimages`; `api`/`apis` (Dispatch's word) for endpoints.
     pub fn parse(s: &str) -> Option<Kind> {
         let norm: String = s
             .chars()
@@ -108,6 +108,10 @@ impl Kind {
             .collect::<String>()
             .to_ascii_lowercase();
         let singular = norm.strip_suffix('s').unwrap_or(&norm);
+        // Dispatch called endpoints APIs.
+        if singular == "api" {
+            return Some(Kind::Endpoint);
+        }
         Kind::ALL
             .into_iter()
             .find(|k| k.as_str().to_ascii_lowercase() == singular)
@@ -1308,6 +1312,7 @@ mod tests {
         assert_eq!(Kind::parse("functions"), Some(Kind::Function));
         assert_eq!(Kind::parse("Endpoint"), Some(Kind::Endpoint));
         assert_eq!(Kind::parse("gadget"), None);
+        assert_eq!(Kind::parse("apis"), Some(Kind::Endpoint), "Dispatch's word");
     }
 
     #[test]

@@ -170,14 +170,16 @@ pub enum What {
         expires: Option<String>,
     },
     /// An HTTP endpoint on the gateway: `dispatch create endpoint get-hello hello --method GET --path /hello`
+    /// (`create api … -m POST -p /hello -a public`, Dispatch's spelling, works too)
+    #[command(visible_alias = "api")]
     Endpoint {
         name: String,
         function: String,
         /// HTTP method (repeatable; default GET)
-        #[arg(long = "method")]
+        #[arg(short = 'm', long = "method")]
         methods: Vec<String>,
         /// Path: /hello, /users/{id}, /api/* (repeatable; at least one)
-        #[arg(long = "path", required = true)]
+        #[arg(short = 'p', long = "path", required = true)]
         paths: Vec<String>,
         /// Host to match (repeatable; default any)
         #[arg(long = "host")]
@@ -185,6 +187,10 @@ pub enum What {
         /// Answer CORS preflights and allow any origin
         #[arg(long)]
         cors: bool,
+        /// Who may call it: public (default) or token (an API token with the developer role
+        /// in the endpoint's namespace)
+        #[arg(short = 'a', long, value_parser = ["public", "token"])]
+        auth: Option<String>,
     },
 }
 
@@ -410,8 +416,12 @@ impl Create {
                 paths,
                 hosts,
                 cors,
+                auth,
             } => {
-                let spec = json!({"function": function, "methods": methods, "paths": paths, "hosts": hosts, "cors": cors});
+                let mut spec = json!({"function": function, "methods": methods, "paths": paths, "hosts": hosts, "cors": cors});
+                if let Some(a) = auth {
+                    spec["auth"] = a.into();
+                }
                 (Object::new(Kind::Endpoint, &ns, &name, spec), false)
             }
         };
