@@ -103,12 +103,16 @@ async function handle(fn, req) {
   try {
     send(resp);
   } catch (err) {
+    // The error without its frames (they are the bootstrap's, not the handler's), in the
+    // logs too, as for any other error.
+    const trace = [`${err.name}: ${err.message}`];
     resp.payload = null;
     resp.context.error = {
       type: 'FunctionError',
       message: `handler returned a value that is not JSON: ${err.message}`,
-      stacktrace: [],
+      stacktrace: trace,
     };
+    resp.context.logs.stderr.push(...trace);
     send(resp);
   }
 }

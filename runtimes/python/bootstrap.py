@@ -176,12 +176,16 @@ def serve(sock, function_dir, handler):
         try:
             send_frame(sock, resp)
         except (TypeError, ValueError) as exc:
+            # The exception without its frames (they are the bootstrap's, not the handler's),
+            # in the logs too, as for any other error.
+            trace = [line.rstrip("\n") for line in traceback.format_exception_only(type(exc), exc)]
             resp["payload"] = None
             resp["context"]["error"] = {
                 "type": "FunctionError",
                 "message": "handler returned a value that is not JSON: %s" % exc,
-                "stacktrace": [],
+                "stacktrace": trace,
             }
+            resp["context"]["logs"]["stderr"].extend(trace)
             send_frame(sock, resp)
 
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use dispatch_core::{ErrorType, Language};
 use dispatch_runtime::backend::{Backend, BaseImageCheck, FunctionDeploy, LocalBackend};
 use flate2::{Compression, write::GzEncoder};
+use serde_json::json;
 use serde_json::value::RawValue;
 
 fn archive(files: &[(&str, &str, u32)]) -> Vec<u8> {
@@ -827,4 +828,101 @@ async fn signal_storms_do_not_break_a_worker() {
         [pid],
         "the same worker served every call"
     );
+}
+
+/// The cases of dispatchframework/python3-base-image's `tests/test_main.py` (its function
+/// server's unit tests), written against our Python worker from what each asserts.
+#[tokio::test]
+async fn python3_base_image_cases() {
+    let f = fx();
+    let src = r#"
+import sys
+
+def hello(ctx, payload):
+    name, place = "Noone", "Nowhere"
+    if payload:
+        name = payload.get("name", name)
+        place = payload.get("place", place)
+    return "Hello, %s from %s" % (name, place)
+
+def fail(ctx, payload):
+    raise ZeroDivisionError("oh no!")
+
+def logger(ctx, payload):
+    print("stdout")
+    print("stderr", file=sys.stderr)
+    print("stdout2")
+    print("stderr2", file=sys.stderr)
+
+def lower(ctx, payload):
+    if type(payload) is not str:
+        raise TypeError("payload is not of type str")
+    return payload.lower()
+
+def bad_payload(ctx, payload):
+    return b"bytes"
+"#;
+    for h in ["hello", "fail", "logger", "lower", "bad_payload"] {
+        f.backend
+            .deploy_function(deploy(
+                &format!("t-{}", h.replace('_', "-")),
+                Language::Python3,
+                &[("cases.py", src, 0o644)],
+                Some(&format!("cases.{h}")),
+            ))
+            .await
+            .unwrap();
+    }
+    let logs = |env: &serde_json::Value, k: &str| env["context"]["logs"][k].clone();
+    // test_process_msg_valid
+    let (env, _) = call(
+        &f.backend,
+        "t-hello",
+        r#"{"name": "Jon", "place": "Winterfell"}"#,
+    )
+    .await;
+    assert_eq!(env["payload"], "Hello, Jon from Winterfell");
+    assert_eq!(
+        (logs(&env, "stdout"), logs(&env, "stderr")),
+        (json!([]), json!([]))
+    );
+    assert!(env["context"]["error"].is_null());
+    // test_process_msg_function_error
+    let (env, _) = call(&f.backend, "t-fail", "null").await;
+    let err = &env["context"]["error"];
+    assert!(env["payload"].is_null());
+    assert_eq!(
+        (err["type"].as_str(), err["message"].as_str()),
+        (Some("FunctionError"), Some("oh no!"))
+    );
+    assert_eq!(err["stacktrace"], logs(&env, "stderr"));
+    assert_eq!(logs(&env, "stdout"), json!([]));
+    // test_process_msg_input_error
+    let (env, _) = call(&f.backend, "t-lower", "1").await;
+    let err = &env["context"]["error"];
+    assert_eq!(
+        (err["type"].as_str(), err["message"].as_str()),
+        (Some("InputError"), Some("payload is not of type str"))
+    );
+    assert_eq!(err["stacktrace"], logs(&env, "stderr"));
+    // test_process_msg_logs
+    let (env, _) = call(&f.backend, "t-logger", "null").await;
+    assert!(env["payload"].is_null() && env["context"]["error"].is_null());
+    assert_eq!(logs(&env, "stderr"), json!(["stderr", "stderr2"]));
+    assert_eq!(logs(&env, "stdout"), json!(["stdout", "stdout2"]));
+    // test_process_msg_non_serializable_json
+    let (env, _) = call(&f.backend, "t-bad-payload", "null").await;
+    let err = &env["context"]["error"];
+    assert!(env["payload"].is_null());
+    assert_eq!(err["type"], "FunctionError");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("not JSON serializable"),
+        "{err}"
+    );
+    assert!(!err["stacktrace"].as_array().unwrap().is_empty(), "{err}");
+    assert!(!logs(&env, "stderr").as_array().unwrap().is_empty());
+    assert_eq!(logs(&env, "stdout"), json!([]));
 }
