@@ -13,8 +13,10 @@
 // {"ready": true, "generic": true}, waits for one {"load": {"dir", "module", "export", "env"}}
 // frame, takes that environment and directory, loads the function and then says hello as above.
 //
-// Errors: an error whose name is "InputError" (or that has `inputError: true`) is the
-// caller's fault -> InputError; anything else thrown -> FunctionError.
+// Errors: a TypeError (as Dispatch's nodejs function server maps it, and as Python's
+// ValueError/TypeError are), an error whose name is "InputError" or that has
+// `inputError: true` is the caller's fault -> InputError; anything else thrown ->
+// FunctionError.
 'use strict';
 
 const net = require('net');
@@ -92,7 +94,8 @@ async function handle(fn, req) {
     const result = await fn(req.context || {}, req.payload === undefined ? null : req.payload);
     payload = result === undefined ? null : result;
   } catch (err) {
-    const input = err && (err.name === 'InputError' || err.inputError === true);
+    const input =
+      err && (err instanceof TypeError || err.name === 'InputError' || err.inputError === true);
     error = errorObject(input ? 'InputError' : 'FunctionError', err);
   }
   const logs = { stdout: lines(capture.stdout), stderr: lines(capture.stderr) };

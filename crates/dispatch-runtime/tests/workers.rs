@@ -926,3 +926,95 @@ def bad_payload(ctx, payload):
     assert!(!logs(&env, "stderr").as_array().unwrap().is_empty());
     assert_eq!(logs(&env, "stdout"), json!([]));
 }
+
+/// The cases of dispatchframework/nodejs-base-image's `server-spec.js` ("function wrap"),
+/// written against our Node worker from what each asserts.
+#[tokio::test]
+async fn nodejs_base_image_cases() {
+    let f = fx();
+    let cases = [
+        (
+            "n-hello",
+            "module.exports = (context, params) => { let name = params.name || 'Noone'; \
+             let place = params.place || 'Nowhere'; return {myField: 'Hello, ' + name + ' from ' + place}; };",
+        ),
+        (
+            "n-fail",
+            "module.exports = (context, params) => { let a = undefinedVariable; };",
+        ),
+        (
+            "n-lower",
+            "module.exports = (context, params) => { if (typeof params !== 'string') { \
+             throw new TypeError('payload is not of type string'); } return params.toLowerCase(); };",
+        ),
+        (
+            "n-logger",
+            "module.exports = (context, params) => { console.log('log'); console.info('info'); \
+             console.warn('warn'); console.error('error'); console.log('log2'); \
+             console.info('info2'); console.warn('warn2'); console.error('error2'); };",
+        ),
+    ];
+    for (name, src) in cases {
+        let file = format!("{name}.js");
+        f.backend
+            .deploy_function(deploy(name, Language::Nodejs, &[(&file, src, 0o644)], None))
+            .await
+            .unwrap();
+    }
+    let logs = |env: &serde_json::Value, k: &str| env["context"]["logs"][k].clone();
+    // should return valid response with hello function
+    let (env, _) = call(
+        &f.backend,
+        "n-hello",
+        r#"{"name": "Jon", "place": "Winterfell"}"#,
+    )
+    .await;
+    assert!(env["context"]["error"].is_null());
+    assert_eq!(
+        (logs(&env, "stdout"), logs(&env, "stderr")),
+        (json!([]), json!([]))
+    );
+    assert_eq!(
+        env["payload"],
+        json!({"myField": "Hello, Jon from Winterfell"})
+    );
+    // should return a FunctionError with fail function
+    let (env, _) = call(&f.backend, "n-fail", "null").await;
+    let err = &env["context"]["error"];
+    assert_eq!(err["type"], "FunctionError");
+    assert_eq!(err["message"], "undefinedVariable is not defined");
+    assert_eq!(err["stacktrace"], logs(&env, "stderr"));
+    assert!(
+        logs(&env, "stderr")[0]
+            .as_str()
+            .unwrap()
+            .starts_with("ReferenceError: undefinedVariable is not defined")
+    );
+    assert_eq!(logs(&env, "stdout"), json!([]));
+    assert!(env["payload"].is_null());
+    // should return an InputError with lower function on invalid input
+    let (env, _) = call(&f.backend, "n-lower", "1").await;
+    let err = &env["context"]["error"];
+    assert_eq!(err["type"], "InputError", "{env}");
+    assert_eq!(err["message"], "payload is not of type string");
+    assert_eq!(err["stacktrace"], logs(&env, "stderr"));
+    assert!(
+        logs(&env, "stderr")[0]
+            .as_str()
+            .unwrap()
+            .starts_with("TypeError: payload is not of type string")
+    );
+    assert!(env["payload"].is_null());
+    // should return correct logs with logger function
+    let (env, _) = call(&f.backend, "n-logger", "null").await;
+    assert!(env["context"]["error"].is_null());
+    assert_eq!(
+        logs(&env, "stdout"),
+        json!(["log", "info", "log2", "info2"])
+    );
+    assert_eq!(
+        logs(&env, "stderr"),
+        json!(["warn", "error", "warn2", "error2"])
+    );
+    assert!(env["payload"].is_null());
+}
