@@ -15,6 +15,8 @@ pub enum Format {
     Yaml,
     /// `kind/name` lines (resources; `run/ID`, `jobexecution/UUID`, `event/ID`), for scripts
     Name,
+    /// Resources: the table with AGE, REASON, DIGEST and LABELS too
+    Wide,
 }
 
 /// Tables without their header and rule (`--no-headers`), for scripts.
@@ -103,6 +105,9 @@ impl Report {
 
 /// Prints `value` as pretty JSON or YAML, or (`-o name`) its items' `kind/name`.
 pub fn print_structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
+    if format == Format::Wide {
+        anyhow::bail!("-o wide is for tables of resources (dispatch get functions -o wide)");
+    }
     if format == Format::Name {
         let v = serde_json::to_value(value).context("failed to encode")?;
         let items = match v {
@@ -246,6 +251,57 @@ fn phase(o: &Object) -> String {
 
 /// The table of resources of one kind.
 pub fn objects_table(kind: Kind, items: &[Object]) -> String {
+    objects_table_wide(kind, items, false)
+}
+
+/// How long ago: `45s`, `12m`, `3h`, `5d` (kubectl's AGE).
+pub fn age(ts: Option<jiff::Timestamp>) -> String {
+    let Some(t) = ts else {
+        return "-".into();
+    };
+    let secs = jiff::Timestamp::now().duration_since(t).as_secs().max(0);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+/// [`objects_table`], and with `wide` (`-o wide`) four more columns for every kind: AGE,
+/// REASON, DIGEST (short) and LABELS.
+pub fn objects_table_wide(kind: Kind, items: &[Object], wide: bool) -> String {
+    // Every branch below lists `items` in order, a row each: the wide cells go on the end.
+    let table = |headers: &[&str], rows: &[Vec<String>]| -> String {
+        if !wide {
+            return table(headers, rows);
+        }
+        let mut h = headers.to_vec();
+        h.extend(["AGE", "REASON", "DIGEST", "LABELS"]);
+        let rows: Vec<Vec<String>> = rows
+            .iter()
+            .zip(items)
+            .map(|(r, o)| {
+                let mut r = r.clone();
+                let digest = o.status.digest.as_deref().unwrap_or("-");
+                let digest = digest.strip_prefix("sha256:").unwrap_or(digest);
+                let labels: Vec<String> = o
+                    .metadata
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                r.extend([
+                    age(o.metadata.created_at),
+                    o.status.reason.clone(),
+                    digest.chars().take(12).collect(),
+                    labels.join(","),
+                ]);
+                r
+            })
+            .collect();
+        table(&h, &rows)
+    };
     let created = |o: &Object| date(o.metadata.created_at);
     match kind {
         Kind::BaseImage => {

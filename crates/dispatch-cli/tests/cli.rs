@@ -291,6 +291,16 @@ fn apply_and_delete_manifests() {
         s.ok(&["get", "functions", "-o", "name"]),
         "function/hello\n"
     );
+    let wide = s.ok(&["get", "functions", "-o", "wide"]);
+    let header = wide.lines().next().unwrap_or("");
+    assert!(
+        header.contains("CREATED DATE") && header.contains("AGE") && header.contains("LABELS"),
+        "{wide}"
+    );
+    assert!(
+        s.fails(&["get", "runs", "-o", "wide"])
+            .contains("-o wide is for tables of resources")
+    );
     let bare = s.ok(&["get", "functions", "--no-headers"]);
     assert!(
         bare.starts_with(" hello") && !bare.contains("NAME"),

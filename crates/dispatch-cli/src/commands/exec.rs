@@ -74,7 +74,9 @@ impl Exec {
         }
         let r = ctx.client.exec(&self.function, &input).await?;
         match self.output {
-            Format::Table | Format::Json => print_structured(&r.envelope, Format::Json)?,
+            Format::Table | Format::Json | Format::Wide => {
+                print_structured(&r.envelope, Format::Json)?
+            }
             // The run happened: its id is what names it.
             Format::Name => println!("run/{}", r.run_id.as_deref().unwrap_or("-")),
             Format::Yaml => print_structured(&serde_json::to_value(&r.envelope)?, Format::Yaml)?,

@@ -111,6 +111,10 @@ impl Get {
                         c.get(kind, &name).await?
                     };
                     match self.output {
+                        Format::Wide => print!(
+                            "{}",
+                            crate::output::objects_table_wide(kind, std::slice::from_ref(&o), true)
+                        ),
                         Format::Table => {
                             print!("{}", objects_table(kind, std::slice::from_ref(&o)));
                             if kind == dispatch_core::Kind::Function {
@@ -127,6 +131,9 @@ impl Get {
                     let items = c.list_selected(kind, self.selector.as_deref()).await?;
                     match self.output {
                         Format::Table => print!("{}", objects_table(kind, &items)),
+                        Format::Wide => {
+                            print!("{}", crate::output::objects_table_wide(kind, &items, true))
+                        }
                         f => print_structured(&items, f)?,
                     }
                 }
