@@ -304,6 +304,12 @@ async fn a_namespace_budget_overrides_the_servers() {
         .await
         .unwrap();
     assert_eq!(d["status"]["runHistory"]["budgetFrom"], "namespace");
+    // A size without a round unit is shown exactly, not rounded.
+    let odd = c
+        .patch_namespace("team-a", json!({"runHistoryBudget": 1_500_000}))
+        .await
+        .unwrap();
+    assert_eq!(odd["spec"]["runHistoryBudget"], "1500000");
     let cleared = c
         .patch_namespace("team-a", json!({"runHistoryBudget": null}))
         .await

@@ -65,10 +65,14 @@ fn view(
 ) -> serde_json::Value {
     let mut spec = serde_json::Map::new();
     if let Some(b) = info.run_history_budget {
-        spec.insert(
-            "runHistoryBudget".into(),
-            dispatch_core::quantity::human_bytes(b).into(),
-        );
+        // Exact: `256Mi`, or the number of bytes when no unit says it without rounding.
+        let size = dispatch_core::quantity::human_bytes(b);
+        let exact = if size.contains('.') || size.ends_with(" bytes") {
+            b.to_string()
+        } else {
+            size
+        };
+        spec.insert("runHistoryBudget".into(), exact.into());
     }
     let budget = info.run_history_budget.or(state.config.run_history_budget);
     serde_json::json!({"apiVersion": dispatch_core::API_VERSION, "kind": "Namespace",
