@@ -15,13 +15,51 @@ use dispatch_server::Options;
 use serde_json::json;
 use support::*;
 
-/// Sleeps `payload.sleep` seconds (default 0) and returns the event's id.
+/// Waits at the test's [`Gate`] when the payload names one (`{"gate": PORT}`), then returns
+/// the event's id: the function's pace is the test's, not a clock's.
 const SLOW: &str = r#"
-import time
+import socket
 def handle(context, payload):
-    time.sleep((payload or {}).get("sleep", 0))
+    gate = (payload or {}).get("gate")
+    if gate:
+        with socket.create_connection(("127.0.0.1", gate)) as s:
+            s.recv(1)
     return context["event"]["id"]
 "#;
+
+/// A gate functions wait at: a listener that holds every connection until [`Gate::open`],
+/// and closes them (and any later one) from then on.
+struct Gate {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    async fn closed() -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let _ = rx.wait_for(|open| *open).await;
+                    drop(conn);
+                });
+            }
+        });
+        Gate { port, open }
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// The payload that makes a run wait here.
+    fn payload(&self) -> serde_json::Value {
+        json!({"gate": self.port})
+    }
+}
 
 async fn slow_function(c: &dispatch_client::Client, name: &str, max_queued: u32) {
     create_function(
@@ -129,10 +167,12 @@ async fn every_accepted_event_is_delivered_and_the_rest_get_429() {
     images(c).await;
     slow_function(c, "slow", 2).await;
     subscribe(c, "orders", "slow").await;
+    // Runs wait at a closed gate, so the queue stays full while events arrive.
+    let gate = Gate::closed().await;
     let (mut accepted, mut refused) = (Vec::new(), Vec::new());
     for i in 0..30 {
         let id = format!("e{i:02}");
-        let (status, v) = post(&t, &id, json!({"sleep": 0.05})).await;
+        let (status, v) = post(&t, &id, gate.payload()).await;
         match status {
             202 => accepted.push((id, v)),
             429 => refused.push((id, v)),
@@ -168,6 +208,7 @@ async fn every_accepted_event_is_delivered_and_the_rest_get_429() {
     );
 
     // Every accepted event ends in one run; no refused one is stored or run.
+    gate.open();
     let by = runs_by_event(c, "slow", accepted.len()).await;
     assert_eq!(by.len(), accepted.len());
     for (id, _) in &accepted {
@@ -208,7 +249,8 @@ async fn pending_deliveries_survive_a_restart_and_fan_out_is_whole() {
     for i in 0..10 {
         subscribe(c, &format!("s{i}"), "fan").await;
     }
-    let (status, v) = post(&t, "wide", json!({"sleep": 0.2})).await;
+    let gate = Gate::closed().await;
+    let (status, v) = post(&t, "wide", gate.payload()).await;
     assert_eq!(status, 202, "{v}");
     let states: Vec<&str> = v["matched"]
         .as_array()
@@ -222,8 +264,9 @@ async fn pending_deliveries_survive_a_restart_and_fan_out_is_whole() {
         3,
         "maxQueued 3: {states:?}"
     );
-    // Stopped at once: most deliveries are still pending.
+    // Stopped while the runs wait at the gate: most deliveries are still pending.
     let dir = t.stop().await;
+    gate.open();
     let t = start_in(dir).await;
     let c = &t.client;
     let by = runs_by_event(c, "fan", 10).await;
@@ -262,8 +305,10 @@ async fn dead_deliveries_are_listed_and_redelivered() {
     images(c).await;
     slow_function(c, "gate", 1).await;
     subscribe(c, "orders", "gate").await;
-    // The first takes the queue's one place and holds it; the next two wait, then die.
-    let (_, first) = post(&t, "hold", json!({"sleep": 60})).await;
+    // The first takes the queue's one place and holds it (a gate never opened: the cancel
+    // below ends it); the next two wait, then die.
+    let gate = Gate::closed().await;
+    let (_, first) = post(&t, "hold", gate.payload()).await;
     let hold = first["matched"][0]["runId"].as_str().unwrap().to_string();
     for id in ["late-1", "late-2"] {
         let (status, v) = post(&t, id, json!({})).await;
@@ -360,8 +405,9 @@ async fn a_batch_is_refused_whole_for_bad_input_and_says_where_back_pressure_cut
     );
     assert!(c.list_events(None, false, 10).await.unwrap().is_empty());
     // One queued (it holds the queue's place), one pending (the high-water mark), then 429.
+    let gate = Gate::closed().await;
     let (status, v) = post_batch(json!([
-        event("b0", json!({"sleep": 60})),
+        event("b0", gate.payload()),
         event("b1", json!({})),
         event("b2", json!({})),
         event("b3", json!({})),
