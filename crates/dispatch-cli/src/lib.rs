@@ -159,30 +159,27 @@ pub fn parse() -> Result<Cli, clap::Error> {
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     use Command::*;
+    // Client commands end quietly when their reader goes (`| head`); a server, or a command
+    // that runs one, must not end because its stdout went away.
+    if !matches!(
+        cli.command,
+        Server(_) | Quickstart(_) | Runner(_) | Bench(_) | K8s(_)
+    ) {
+        output::quiet_on_closed_stdout();
+    }
     // Commands that need no server connection.
     match cli.command {
         Server(c) => return c.run().await,
         Quickstart(c) => return c.run().await,
-        Completion(c) => {
-            output::quiet_on_closed_stdout();
-            return c.run();
-        }
-        Config(c) => {
-            output::quiet_on_closed_stdout();
-            return c.run();
-        }
-        Explain(c) => {
-            output::quiet_on_closed_stdout();
-            return c.run();
-        }
+        Completion(c) => return c.run(),
+        Config(c) => return c.run(),
+        Explain(c) => return c.run(),
         Login(c) => return c.run().await,
         Runner(c) => return c.run().await,
         Bench(c) => return c.run().await,
         K8s(c) => return c.run().await,
         _ => {}
     }
-    // Client commands only: a server must not end because its stdout went away.
-    output::quiet_on_closed_stdout();
     let ctx = Ctx::resolve(&cli.global)?;
     match cli.command {
         Create(c) => c.run(&ctx).await,

@@ -176,32 +176,22 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         s.join("|").trim_end().to_string() + "\n"
     };
     let mut out = String::new();
-    if NO_HEADERS.load(std::sync::atomic::Ordering::Relaxed) {
-        for r in rows {
-            out.push_str(&line(
-                (0..n)
-                    .map(|i| {
-                        let c = r.get(i).map(String::as_str).unwrap_or("");
-                        format!("{c:<w$}", w = widths[i])
-                    })
-                    .collect(),
-            ));
-        }
-        return out;
+    let headed = !NO_HEADERS.load(std::sync::atomic::Ordering::Relaxed);
+    if headed {
+        out += &line(
+            headers
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let pad = widths[i] - h.chars().count();
+                    format!("{}{h}{}", " ".repeat(pad / 2), " ".repeat(pad - pad / 2))
+                })
+                .collect(),
+        );
+        let total: usize = widths.iter().map(|w| w + 2).sum::<usize>() + n.saturating_sub(1);
+        out.push_str(&"-".repeat(total));
+        out.push('\n');
     }
-    out += &line(
-        headers
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let pad = widths[i] - h.chars().count();
-                format!("{}{h}{}", " ".repeat(pad / 2), " ".repeat(pad - pad / 2))
-            })
-            .collect(),
-    );
-    let total: usize = widths.iter().map(|w| w + 2).sum::<usize>() + n.saturating_sub(1);
-    out.push_str(&"-".repeat(total));
-    out.push('\n');
     for r in rows {
         out.push_str(&line(
             (0..n)
@@ -243,7 +233,17 @@ fn s(v: &serde_json::Value, key: &str) -> String {
     }
 }
 
-fn phase(o: &Object) -> String {
+/// `key=value` of each label.
+pub fn labels(o: &Object) -> Vec<String> {
+    o.metadata
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect()
+}
+
+/// The phase, INITIALIZED before the controller has set one.
+pub fn phase(o: &Object) -> String {
     o.phase()
         .map(|p| p.to_string())
         .unwrap_or_else(|| "INITIALIZED".into())
@@ -285,17 +285,11 @@ pub fn objects_table_wide(kind: Kind, items: &[Object], wide: bool) -> String {
                 let mut r = r.clone();
                 let digest = o.status.digest.as_deref().unwrap_or("-");
                 let digest = digest.strip_prefix("sha256:").unwrap_or(digest);
-                let labels: Vec<String> = o
-                    .metadata
-                    .labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
                 r.extend([
                     age(o.metadata.created_at),
                     o.status.reason.clone(),
                     digest.chars().take(12).collect(),
-                    labels.join(","),
+                    labels(o).join(","),
                 ]);
                 r
             })

@@ -417,6 +417,15 @@ impl Client {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    /// The stored object, or `None` when there is none (404 NotFound).
+    pub async fn get_optional(&self, ns: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
+        match self.get_in(ns, kind, name).await {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.code() == Some("NotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The object's namespace, or the client's when it has none.
     fn ns_of<'a>(&'a self, o: &'a Object) -> &'a str {
         o.metadata.namespace.as_deref().unwrap_or(&self.namespace)

@@ -17,6 +17,18 @@ pub struct Document {
     pub index: usize,
 }
 
+impl Document {
+    /// Where a message about it points: `document 2 (function hello)`.
+    pub fn label(&self) -> String {
+        format!(
+            "document {} ({} {})",
+            self.index,
+            self.object.kind.human(),
+            self.object.name()
+        )
+    }
+}
+
 /// Parses a YAML (multi-document, `---`) or JSON (one object, or an array of objects)
 /// manifest. Empty documents are skipped. Every document must have `apiVersion`, `kind`
 /// and `metadata.name`; specs are checked later by [`Object::validate`].

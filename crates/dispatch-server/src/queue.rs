@@ -816,14 +816,19 @@ pub async fn enqueue_with(
         state.queue.retire(&run.id);
         // Refused for want of space: say so (507), not "internal".
         state.disk_admits("async runs", 0).await?;
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal",
-            "failed to store the run: see the server log",
-        ));
+        return Err(run_not_stored());
     }
     state.queue.push(&run);
     Ok(run)
+}
+
+/// A run the store refused (the reason is in the server log).
+fn run_not_stored() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal",
+        "failed to store the run: see the server log",
+    )
 }
 
 /// A new async run admitted to the queue's bounds (it counts from here) and not stored yet:
@@ -938,11 +943,7 @@ pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, ApiErro
         cb.last_error = None;
     }
     if !save(state, &run).await {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal",
-            "failed to store the run",
-        ));
+        return Err(run_not_stored());
     }
     state.queue.push(&run);
     Ok(run)

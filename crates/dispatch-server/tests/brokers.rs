@@ -186,13 +186,7 @@ async fn mqtt_topics_become_runs() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    create_function(c, "sensor", "py", "sensor.py", ECHO, json!({}))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "sensor").await.phase(),
-        Some(Phase::Ready)
-    );
+    ready_function(c, "sensor", ECHO, json!({})).await;
     c.create(&object(
         Kind::EventDriver,
         "sensors",
@@ -262,20 +256,13 @@ async fn kafka_records_become_runs_in_order_and_resume_at_the_stored_offset() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    create_function(
+    ready_function(
         c,
         "ordered",
-        "py",
-        "ordered.py",
         ECHO,
         json!({"concurrency": {"maxWorkers": 1}}),
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "ordered").await.phase(),
-        Some(Phase::Ready)
-    );
+    .await;
     produce(port, "orders", (0..3).map(|i| format!(r#"{{"i": {i}}}"#))).await;
     c.create(&object(
         Kind::EventDriver,
@@ -351,20 +338,13 @@ async fn jetstream_messages_are_delivered_at_least_once_in_order() {
     let c = &t.client;
     images(c).await;
     // One queued run at a time: the rest of the stream waits in the broker (nak, delay).
-    create_function(
+    ready_function(
         c,
         "ordered",
-        "py",
-        "ordered.py",
         ECHO,
         json!({"concurrency": {"maxWorkers": 1}, "maxQueued": 1}),
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "ordered").await.phase(),
-        Some(Phase::Ready)
-    );
+    .await;
     c.create(&object(
         Kind::EventDriver,
         "js",

@@ -13,7 +13,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use dispatch_core::{Kind, Phase, RunStatus};
+use dispatch_core::{Kind, RunStatus};
 use serde_json::{Value, json};
 use support::*;
 
@@ -89,13 +89,7 @@ async fn events_from_the_official_python_sdk() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    create_function(c, "echo", "py", "echo.py", ECHO, json!({}))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "echo").await.phase(),
-        Some(Phase::Ready)
-    );
+    ready_function(c, "echo", ECHO, json!({})).await;
     c.create(&object(
         Kind::Subscription,
         "sdk",

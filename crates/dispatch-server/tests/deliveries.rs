@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use dispatch_core::events::DeliveryState;
-use dispatch_core::{Kind, Phase, RunStatus};
+use dispatch_core::{Kind, RunStatus};
 use dispatch_server::Options;
 use serde_json::json;
 use support::*;
@@ -62,20 +62,8 @@ impl Gate {
 }
 
 async fn slow_function(c: &dispatch_client::Client, name: &str, max_queued: u32) {
-    create_function(
-        c,
-        name,
-        "py",
-        "slow.py",
-        SLOW,
-        json!({"maxQueued": max_queued, "concurrency": {"maxWorkers": 1}}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, name).await.phase(),
-        Some(Phase::Ready)
-    );
+    let spec = json!({"maxQueued": max_queued, "concurrency": {"maxWorkers": 1}});
+    ready_function(c, name, SLOW, spec).await;
 }
 
 async fn subscribe(c: &dispatch_client::Client, name: &str, function: &str) {

@@ -3,7 +3,7 @@
 
 mod support;
 
-use dispatch_core::{Kind, Phase, RunStatus};
+use dispatch_core::{Kind, RunStatus};
 use serde_json::json;
 use support::*;
 
@@ -19,13 +19,7 @@ async fn cloudevents_reach_subscribed_functions() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    create_function(c, "echo", "py", "echo.py", ECHO, json!({}))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "echo").await.phase(),
-        Some(Phase::Ready)
-    );
+    ready_function(c, "echo", ECHO, json!({})).await;
     c.create(&object(
         Kind::Subscription,
         "orders",
@@ -210,13 +204,7 @@ async fn webhook_drivers_turn_requests_into_events() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    create_function(c, "echo", "py", "echo.py", ECHO, json!({}))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "echo").await.phase(),
-        Some(Phase::Ready)
-    );
+    ready_function(c, "echo", ECHO, json!({})).await;
     c.create(&object(
         Kind::Subscription,
         "hooks",

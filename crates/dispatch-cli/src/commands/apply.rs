@@ -38,14 +38,7 @@ impl Apply {
         }
         let (docs, base) = read_manifest(&self.file)?;
         for d in &docs {
-            let at = || {
-                format!(
-                    "document {} ({} {})",
-                    d.index,
-                    d.object.kind.human(),
-                    d.object.name()
-                )
-            };
+            let at = || d.label();
             let o = prepare(c, d, &base).await.with_context(at)?;
             let ns = o.namespace().to_string();
             // A write of the server's own (the controller recording a build's status) between
@@ -54,11 +47,10 @@ impl Apply {
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                let existing = match c.get_in(&ns, o.kind, o.name()).await {
-                    Ok(e) => Some(e),
-                    Err(e) if e.code() == Some("NotFound") => None,
-                    Err(e) => return Err(e).with_context(at),
-                };
+                let existing = c
+                    .get_optional(&ns, o.kind, o.name())
+                    .await
+                    .with_context(at)?;
                 match existing {
                     None => {
                         said(

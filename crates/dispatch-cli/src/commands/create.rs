@@ -212,9 +212,7 @@ impl Create {
                 let (docs, base) = read_manifest(&file)?;
                 for d in &docs {
                     let o = prepare(c, d, &base).await?;
-                    let created = c.create(&o).await.with_context(|| {
-                        format!("document {} ({} {})", d.index, o.kind.human(), o.name())
-                    })?;
+                    let created = c.create(&o).await.with_context(|| d.label())?;
                     said(&mut report, &created, "created");
                 }
                 report.finish()?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Target, parse_target, read_manifest, said};
+use super::{Target, parse_target, read_manifest, say};
 use crate::Ctx;
 
 /// Delete resources by name, or every resource of a manifest
@@ -37,12 +37,10 @@ impl Delete {
                 let o = &d.object;
                 let ns = o.metadata.namespace.as_deref().unwrap_or(c.namespace());
                 match c.delete_in(ns, o.kind, o.name()).await {
-                    Ok(gone) => said(&mut crate::output::Report::new(None), &gone, "deleted"),
+                    Ok(gone) => say(&gone, "deleted"),
                     Err(e) if self.ignore_not_found && e.code() == Some("NotFound") => {}
                     Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("document {} ({} {})", d.index, o.kind.human(), o.name())
-                        });
+                        return Err(e).with_context(|| d.label());
                     }
                 }
             }
@@ -88,7 +86,7 @@ impl Delete {
         }
         for name in &self.names {
             let gone = c.delete(kind, name).await?;
-            said(&mut crate::output::Report::new(None), &gone, "deleted");
+            say(&gone, "deleted");
         }
         Ok(ExitCode::SUCCESS)
     }

@@ -65,20 +65,9 @@ impl Describe {
         line("Name", o.name());
         line("Namespace", o.namespace());
         line("Kind", kind.as_str());
-        let labels: Vec<String> = o
-            .metadata
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        line("Labels", list_or_none(&labels));
+        line("Labels", list_or_none(&crate::output::labels(&o)));
         line("Created", crate::output::date(o.metadata.created_at));
-        line(
-            "Phase",
-            o.phase()
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "INITIALIZED".into()),
-        );
+        line("Phase", crate::output::phase(&o));
         if !o.status.reason.is_empty() {
             line("Reason", &o.status.reason);
         }

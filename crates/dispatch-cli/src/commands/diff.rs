@@ -59,20 +59,12 @@ pub async fn plan(ctx: &Ctx, file: &std::path::Path) -> Result<Vec<Planned>> {
     let (docs, base) = read_manifest(file)?;
     let mut out = Vec::new();
     for d in &docs {
-        let at = || {
-            format!(
-                "document {} ({} {})",
-                d.index,
-                d.object.kind.human(),
-                d.object.name()
-            )
-        };
+        let at = || d.label();
         let o = prepare(c, d, &base).await.with_context(at)?;
-        let existing = match c.get_in(o.namespace(), o.kind, o.name()).await {
-            Ok(e) => Some(e),
-            Err(e) if e.code() == Some("NotFound") => None,
-            Err(e) => return Err(e).with_context(at),
-        };
+        let existing = c
+            .get_optional(o.namespace(), o.kind, o.name())
+            .await
+            .with_context(at)?;
         let (would, verb) = match &existing {
             None => (c.create_dry_run(&o).await.with_context(at)?, "created"),
             Some(e) => {

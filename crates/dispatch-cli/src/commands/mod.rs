@@ -274,6 +274,11 @@ pub fn parse_env(pairs: &[String]) -> Result<std::collections::BTreeMap<String, 
         .collect()
 }
 
+/// Prints `kind/name verb`, like kubectl.
+pub fn say(o: &Object, verb: &str) {
+    said(&mut crate::output::Report::new(None), o, verb);
+}
+
 /// Reports `kind/name verb`, like kubectl (or the object, or its name: `-o`).
 pub fn said(report: &mut crate::output::Report, o: &Object, verb: &str) {
     report.done(

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use dispatch_core::Kind;
 
-use super::{ensure_ready, parse_env, said, upload, wait_settled};
+use super::{ensure_ready, parse_env, say, upload, wait_settled};
 use crate::Ctx;
 
 /// Change an existing resource: a function's source and settings, a secret's data, a
@@ -72,7 +72,7 @@ impl Update {
                 let mut o = c.get(Kind::Secret, &name).await?;
                 o.spec = serde_json::json!({"data": data});
                 let updated = c.update(&o).await?;
-                said(&mut crate::output::Report::new(None), &updated, "updated");
+                say(&updated, "updated");
                 return Ok(ExitCode::SUCCESS);
             }
             UpdateWhat::Namespace {
@@ -129,8 +129,7 @@ impl Update {
         limits.apply(spec);
         let before = o.metadata.generation;
         let updated = c.update(&o).await?;
-        said(
-            &mut crate::output::Report::new(None),
+        say(
             &updated,
             if updated.metadata.generation == before {
                 "unchanged"

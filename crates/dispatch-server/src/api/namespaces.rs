@@ -160,11 +160,20 @@ pub async fn patch(
     let budget = budget_of(&req.spec)?;
     let info = state.set_run_history_budget(&ns, budget).await?;
     // The new budget is applied by the next retention pass (within a second).
-    let used = usage(&state).await?;
+    shown(&state, &ns, &info).await
+}
+
+/// One namespace as the API shows it, with what its run records take now.
+async fn shown(
+    state: &AppState,
+    ns: &str,
+    info: &NamespaceInfo,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let used = usage(state).await?;
     Ok(Json(view(
-        &state,
-        &ns,
-        &info,
+        state,
+        ns,
+        info,
         used.iter().find(|u| u.namespace == ns),
     )))
 }
@@ -175,13 +184,7 @@ pub async fn get_one(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_namespace(&ns)?;
     let info = state.namespace(&ns)?;
-    let used = usage(&state).await?;
-    Ok(Json(view(
-        &state,
-        &ns,
-        &info,
-        used.iter().find(|u| u.namespace == ns),
-    )))
+    shown(&state, &ns, &info).await
 }
 
 pub async fn delete(

@@ -190,22 +190,9 @@ pub async fn update(
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
     let obj: Object = parse_json(&body, "resource")?;
-    if dry_run(&q) {
-        if obj.metadata.name != name {
-            return Err(ApiError::bad_request(format!(
-                "metadata.name {:?} does not match the name in the path {name:?}",
-                obj.metadata.name
-            )));
-        }
-        state
-            .get(&ns, kind, &name)
-            .await?
-            .ok_or_else(|| not_found(&ns, kind, &name))?;
-        let mut obj = admit(&state, &ns, kind, obj).await?;
-        hide_secret(&mut obj);
-        return Ok(Json(obj));
-    }
-    replace(&state, &ns, kind, &name, obj).await.map(Json)
+    replace(&state, &ns, kind, &name, obj, dry_run(&q))
+        .await
+        .map(Json)
 }
 
 /// JSON merge patch (RFC 7396) of the stored object, then the same path as PUT.
@@ -231,7 +218,9 @@ pub async fn patch(
     merge_patch(&mut doc, &patch);
     let obj: Object = serde_json::from_value(doc)
         .map_err(|e| ApiError::bad_request(format!("patched resource is not valid: {e}")))?;
-    replace(&state, &ns, kind, &name, obj).await.map(Json)
+    replace(&state, &ns, kind, &name, obj, false)
+        .await
+        .map(Json)
 }
 
 fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
@@ -254,12 +243,15 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
     }
 }
 
+/// Replaces a stored resource; a `dry_run` checks and normalizes it the same way, and
+/// answers what would be stored without storing it.
 async fn replace(
     state: &Arc<AppState>,
     ns: &str,
     kind: Kind,
     name: &str,
     obj: Object,
+    dry_run: bool,
 ) -> Result<Object, ApiError> {
     if obj.metadata.name != name {
         return Err(ApiError::bad_request(format!(
@@ -270,7 +262,15 @@ async fn replace(
     if builtin_base_image(ns, name).is_some() && kind == Kind::BaseImage {
         return Err(builtin(name));
     }
-    let obj = admit(state, ns, kind, obj).await?;
+    let mut obj = admit(state, ns, kind, obj).await?;
+    if dry_run {
+        state
+            .get(ns, kind, name)
+            .await?
+            .ok_or_else(|| not_found(ns, kind, name))?;
+        hide_secret(&mut obj);
+        return Ok(obj);
+    }
     let stored = state.db(move |s| s.update(obj)).await?;
     stored_changed(state, &stored).await?;
     Ok(stored)

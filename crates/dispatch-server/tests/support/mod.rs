@@ -235,6 +235,17 @@ pub async fn settled(c: &Client, kind: Kind, name: &str) -> Object {
     .await
 }
 
+/// Python function `name` (its source `NAME.py`) on image `py`, READY.
+pub async fn ready_function(c: &Client, name: &str, body: &str, extra: serde_json::Value) {
+    create_function(c, name, "py", &format!("{name}.py"), body, extra)
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, name).await.phase(),
+        Some(Phase::Ready)
+    );
+}
+
 /// Image `py` on the built-in python3 base and `js` on nodejs, both READY, in the client's
 /// namespace.
 pub async fn images(c: &Client) {
