@@ -90,13 +90,7 @@ async fn nats_subjects_become_events_and_runs_in_order() {
         );
     }
     let url = format!("nats://127.0.0.1:{port}");
-    c.create(&object(
-        Kind::Subscription,
-        "orders",
-        json!({"eventType": "orders.*", "function": "echo"}),
-    ))
-    .await
-    .unwrap();
+    subscribe(c, "orders", "orders.*", "echo").await;
     c.create(&object(
         Kind::EventDriver,
         "bus",
@@ -235,15 +229,12 @@ async fn mqtt_topics_become_runs() {
         "the topic is the event type, slashes as dots"
     );
     // Bad configuration is refused at create.
-    let e = c
-        .create(&object(
-            Kind::EventDriver,
-            "bad",
-            json!({"type": "mqtt", "config": {"url": "http://x", "topic": "a"}}),
-        ))
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("mqtt://"), "{e}");
+    refused_driver(
+        c,
+        json!({"type": "mqtt", "config": {"url": "http://x", "topic": "a"}}),
+        "mqtt://",
+    )
+    .await;
     t.stop().await;
 }
 
@@ -293,15 +284,12 @@ async fn kafka_records_become_runs_in_order_and_resume_at_the_stored_offset() {
     let all = order(runs(c, "ordered", 7).await);
     assert_eq!(all, [0, 1, 2, 3, 4, 5, 6], "resumed at the stored offset");
     // Bad configuration is refused at create.
-    let e = c
-        .create(&object(
-            Kind::EventDriver,
-            "bad",
-            json!({"type": "kafka", "config": {"brokers": "nowhere", "topic": "t"}}),
-        ))
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("host:port"), "{e}");
+    refused_driver(
+        c,
+        json!({"type": "kafka", "config": {"brokers": "nowhere", "topic": "t"}}),
+        "host:port",
+    )
+    .await;
     t.stop().await;
 }
 
@@ -386,4 +374,13 @@ async fn jetstream_messages_are_delivered_at_least_once_in_order() {
         "resumed after the last ack: nothing lost, nothing twice"
     );
     t.stop().await;
+}
+
+/// A driver with bad configuration is refused at create, saying `says`.
+async fn refused_driver(c: &dispatch_client::Client, spec: serde_json::Value, says: &str) {
+    let e = c
+        .create(&object(Kind::EventDriver, "bad", spec))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains(says), "{e}");
 }

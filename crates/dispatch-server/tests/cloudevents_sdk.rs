@@ -13,7 +13,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use dispatch_core::{Kind, RunStatus};
+use dispatch_core::RunStatus;
 use serde_json::{Value, json};
 use support::*;
 
@@ -90,13 +90,7 @@ async fn events_from_the_official_python_sdk() {
     let c = &t.client;
     images(c).await;
     ready_function(c, "echo", ECHO, json!({})).await;
-    c.create(&object(
-        Kind::Subscription,
-        "sdk",
-        json!({"eventType": "sdk.*", "function": "echo"}),
-    ))
-    .await
-    .unwrap();
+    subscribe(c, "sdk", "sdk.*", "echo").await;
     let url = format!("{}/v1/namespaces/default/events", t.api());
     let out = tokio::process::Command::new("python3")
         .args(["-c", SENDER, &url])

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use dispatch_core::events::DeliveryState;
-use dispatch_core::{Kind, RunStatus};
+use dispatch_core::RunStatus;
 use dispatch_server::Options;
 use serde_json::json;
 use support::*;
@@ -64,16 +64,6 @@ impl Gate {
 async fn slow_function(c: &dispatch_client::Client, name: &str, max_queued: u32) {
     let spec = json!({"maxQueued": max_queued, "concurrency": {"maxWorkers": 1}});
     ready_function(c, name, SLOW, spec).await;
-}
-
-async fn subscribe(c: &dispatch_client::Client, name: &str, function: &str) {
-    c.create(&object(
-        Kind::Subscription,
-        name,
-        json!({"eventType": "order.*", "function": function}),
-    ))
-    .await
-    .unwrap();
 }
 
 /// Posts one structured event; its status and body.
@@ -154,7 +144,7 @@ async fn every_accepted_event_is_delivered_and_the_rest_get_429() {
     let c = &t.client;
     images(c).await;
     slow_function(c, "slow", 2).await;
-    subscribe(c, "orders", "slow").await;
+    subscribe(c, "orders", "order.*", "slow").await;
     // Runs wait at a closed gate, so the queue stays full while events arrive.
     let gate = Gate::closed().await;
     let (mut accepted, mut refused) = (Vec::new(), Vec::new());
@@ -235,7 +225,7 @@ async fn pending_deliveries_survive_a_restart_and_fan_out_is_whole() {
     images(c).await;
     slow_function(c, "fan", 3).await;
     for i in 0..10 {
-        subscribe(c, &format!("s{i}"), "fan").await;
+        subscribe(c, &format!("s{i}"), "order.*", "fan").await;
     }
     let gate = Gate::closed().await;
     let (status, v) = post(&t, "wide", gate.payload()).await;
@@ -292,7 +282,7 @@ async fn dead_deliveries_are_listed_and_redelivered() {
     let c = &t.client;
     images(c).await;
     slow_function(c, "gate", 1).await;
-    subscribe(c, "orders", "gate").await;
+    subscribe(c, "orders", "order.*", "gate").await;
     // The first takes the queue's one place and holds it (a gate never opened: the cancel
     // below ends it); the next two wait, then die.
     let gate = Gate::closed().await;
@@ -362,7 +352,7 @@ async fn a_batch_is_refused_whole_for_bad_input_and_says_where_back_pressure_cut
     let c = &t.client;
     images(c).await;
     slow_function(c, "batch", 1).await;
-    subscribe(c, "orders", "batch").await;
+    subscribe(c, "orders", "order.*", "batch").await;
     let post_batch = |events: serde_json::Value| {
         let url = format!("{}/v1/namespaces/default/events", t.api());
         async move {

@@ -20,13 +20,7 @@ async fn cloudevents_reach_subscribed_functions() {
     let c = &t.client;
     images(c).await;
     ready_function(c, "echo", ECHO, json!({})).await;
-    c.create(&object(
-        Kind::Subscription,
-        "orders",
-        json!({"eventType": "order.*", "function": "echo"}),
-    ))
-    .await
-    .unwrap();
+    subscribe(c, "orders", "order.*", "echo").await;
     c.create(&object(
         Kind::Subscription,
         "exact",
@@ -205,13 +199,7 @@ async fn webhook_drivers_turn_requests_into_events() {
     let c = &t.client;
     images(c).await;
     ready_function(c, "echo", ECHO, json!({})).await;
-    c.create(&object(
-        Kind::Subscription,
-        "hooks",
-        json!({"eventType": "github.push", "function": "echo"}),
-    ))
-    .await
-    .unwrap();
+    subscribe(c, "hooks", "github.push", "echo").await;
     c.create(&object(
         Kind::EventDriver,
         "github",

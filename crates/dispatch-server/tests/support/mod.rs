@@ -235,6 +235,18 @@ pub async fn settled(c: &Client, kind: Kind, name: &str) -> Object {
     .await
 }
 
+/// Subscription `name`: events of `event_type` (exact, or a prefix ending in `*`) run
+/// `function`.
+pub async fn subscribe(c: &Client, name: &str, event_type: &str, function: &str) {
+    c.create(&object(
+        Kind::Subscription,
+        name,
+        serde_json::json!({"eventType": event_type, "function": function}),
+    ))
+    .await
+    .unwrap();
+}
+
 /// Python function `name` (its source `NAME.py`) on image `py`, READY.
 pub async fn ready_function(c: &Client, name: &str, body: &str, extra: serde_json::Value) {
     create_function(c, name, "py", &format!("{name}.py"), body, extra)
