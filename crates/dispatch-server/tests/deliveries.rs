@@ -9,8 +9,8 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use dispatch_core::events::DeliveryState;
 use dispatch_core::RunStatus;
+use dispatch_core::events::DeliveryState;
 use dispatch_server::Options;
 use serde_json::json;
 use support::*;
