@@ -221,6 +221,8 @@ fn the_data_dir_is_private() {
         "dispatch.db",
         "dispatch.db-wal",
         "dispatch.db-shm",
+        "history.db",
+        "history.db-wal",
         "admin-token",
         "secret.key",
     ] {

@@ -205,6 +205,7 @@ impl Tenants {
                 self.data.join("admin-token"),
                 self.data.join("secret.key"),
                 self.data.join("dispatch.db"),
+                self.data.join("history.db"),
                 self.victim_source,
                 format!("/proc/{}/environ", self.s.child.id()),
                 "/root/.bashrc",

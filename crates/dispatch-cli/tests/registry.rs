@@ -994,15 +994,14 @@ async fn scenario_server(
     dir: &Path,
     resources: Option<kube::Client>,
 ) -> (dispatch_server::Server, dispatch_client::Client, String) {
-    let sql = Arc::new(dispatch_store::SqliteStore::open(&dir.join("dispatch.db")).unwrap());
-    let store: Arc<dyn dispatch_store::Store> = match resources {
-        Some(client) => Arc::new(
-            dispatch_k8s::store::CrStore::start(client, sql)
+    let mut stores = dispatch_server::Stores::open(dir).unwrap();
+    if let Some(client) = resources {
+        stores.resources = Arc::new(
+            dispatch_k8s::store::CrStore::start(client, stores.resources)
                 .await
                 .unwrap(),
-        ),
-        None => sql,
-    };
+        );
+    }
     let blobs = dispatch_store::BlobStore::open(dir.join("blobs")).unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1011,7 +1010,16 @@ async fn scenario_server(
         jobs_dir: dir.join("jobs"),
         ..Default::default()
     };
-    let server = dispatch_server::Server::serve_with(store, blobs, backend, api, gw, options).await;
+    let server = dispatch_server::Server::builder()
+        .stores(stores)
+        .blobs(blobs)
+        .backend(backend)
+        .api_listener(api)
+        .gateway_listener(gw)
+        .options(options)
+        .start()
+        .await
+        .unwrap();
     let client = dispatch_client::Client::new(&dispatch_client::Target {
         server: format!("http://{}", server.api_addr),
         token: None,
@@ -1071,7 +1079,7 @@ fn resources_in_the_cluster_outlive_the_server() {
             } else {
                 let sql =
                     dispatch_store::SqliteStore::open(&dir.path().join("dispatch.db")).unwrap();
-                use dispatch_store::Store as _;
+                use dispatch_store::ResourceStore as _;
                 assert!(
                     sql.list(None, Kind::Function).unwrap().is_empty(),
                     "not in SQL"

@@ -1,17 +1,19 @@
 //! Resources as custom resources (DESIGN §8): [`CrStore`] keeps base images, images,
 //! functions, endpoints, secrets, job templates, subscriptions and event drivers as
 //! `dispatch.dev/v1` objects in the cluster, one per Dispatch resource, in the Kubernetes
-//! namespace of the same name; run records, job executions, events, tokens and the audit log
-//! stay in the SQL store it wraps (they are many, short-lived and queried by time).
+//! namespace of the same name. It is only a [`ResourceStore`]: run records, job executions,
+//! events, tokens and the audit log stay in the server's SQL [`dispatch_store::RecordStore`]
+//! (they are many, short-lived and queried by time); namespaces' rows stay in the SQL store
+//! it is given.
 //!
 //! Reads come from a cache that one watch per kind keeps (kube-runtime's watcher: list, then
 //! watch from that version, relist when the watch expires); writes go to the API server and
 //! are applied to the cache from its answer, so a read right after a write sees it. A change
 //! the watch brings that this process did not make (`kubectl apply`, `kubectl delete`, a
-//! second server) is reported to [`Store::on_external_change`]; the server reconciles it as
+//! second server) is reported to [`ResourceStore::on_external_change`]; the server reconciles it as
 //! if it came through its API.
 //!
-//! [`Store`]'s methods are blocking: the resource methods wait for the API server on the
+//! [`ResourceStore`]'s methods are blocking: the resource methods wait for the API server on the
 //! runtime the store was started on, so call them off the async threads (the server does,
 //! on the blocking pool).
 
@@ -19,13 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use dispatch_core::auth::{ApiToken, AuditEntry};
-use dispatch_core::events::StoredEvent;
-use dispatch_core::{JobExecution, Kind, Metadata, Object, Run, RunStatus, Status};
-use dispatch_store::{
-    Changed, DeliveryCount, DeliveryRecord, OnChange, Redeliver, Result, RunFilter, Store,
-    StoreError,
-};
+use dispatch_core::{Kind, Metadata, Object, Status};
+use dispatch_store::{Changed, OnChange, ResourceStore, Result, StoreError};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -294,7 +291,8 @@ impl Cache {
 
 /// Resources as custom resources, everything else in `sql`. See the module docs.
 pub struct CrStore {
-    sql: Arc<dyn Store>,
+    /// Namespaces' rows (the server's SQL store).
+    sql: Arc<dyn ResourceStore>,
     client: kube::Client,
     rt: tokio::runtime::Handle,
     cache: Arc<Cache>,
@@ -324,7 +322,7 @@ fn api_code(e: &kube::Error) -> Option<u16> {
 impl CrStore {
     /// Checks that every kind's CRD is served and readable, starts one watch per kind and
     /// returns once each has listed what exists.
-    pub async fn start(client: kube::Client, sql: Arc<dyn Store>) -> Result<CrStore> {
+    pub async fn start(client: kube::Client, sql: Arc<dyn ResourceStore>) -> Result<CrStore> {
         let cache = Arc::new(Cache::default());
         let mut watches = Vec::new();
         let mut synced = Vec::new();
@@ -448,7 +446,7 @@ async fn watch(
     }
 }
 
-impl Store for CrStore {
+impl ResourceStore for CrStore {
     fn on_external_change(&self, f: OnChange) {
         *self
             .cache
@@ -618,160 +616,6 @@ impl Store for CrStore {
         Ok(last)
     }
 
-    fn put_runs(&self, runs: &[Run]) -> Result<()> {
-        self.sql.put_runs(runs)
-    }
-
-    fn reclaim(&self) -> u64 {
-        self.sql.reclaim()
-    }
-
-    fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
-        self.sql.get_run(namespace, id)
-    }
-
-    fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>> {
-        self.sql.list_runs(namespace, filter)
-    }
-
-    fn active_runs(&self) -> Result<Vec<Run>> {
-        self.sql.active_runs()
-    }
-
-    fn pending_callbacks(&self) -> Result<Vec<Run>> {
-        self.sql.pending_callbacks()
-    }
-
-    fn purge_runs(
-        &self,
-        namespace: &str,
-        function: Option<&str>,
-        status: Option<RunStatus>,
-    ) -> Result<u64> {
-        self.sql.purge_runs(namespace, function, status)
-    }
-
-    fn prune_runs(&self, rules: &dispatch_store::Retention, batch: usize) -> Result<u64> {
-        self.sql.prune_runs(rules, batch)
-    }
-
-    fn run_usage(&self) -> Result<Vec<dispatch_store::RunUsage>> {
-        self.sql.run_usage()
-    }
-
-    fn compact(&self, max_pages: u64) -> Result<u64> {
-        self.sql.compact(max_pages)
-    }
-
-    fn put_job(&self, job: &JobExecution) -> Result<()> {
-        self.sql.put_job(job)
-    }
-
-    fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>> {
-        self.sql.get_job(namespace, uuid)
-    }
-
-    fn list_jobs(
-        &self,
-        namespace: &str,
-        template: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<JobExecution>> {
-        self.sql.list_jobs(namespace, template, limit)
-    }
-
-    fn active_jobs(&self) -> Result<Vec<JobExecution>> {
-        self.sql.active_jobs()
-    }
-
-    fn delete_jobs(&self, namespace: &str, template: &str) -> Result<u64> {
-        self.sql.delete_jobs(namespace, template)
-    }
-
-    fn prune_jobs(&self, now: jiff::Timestamp) -> Result<u64> {
-        self.sql.prune_jobs(now)
-    }
-
-    fn ingest_events(&self, batch: &[(StoredEvent, Vec<Run>)], replace: bool) -> Result<Vec<bool>> {
-        self.sql.ingest_events(batch, replace)
-    }
-
-    fn list_events(
-        &self,
-        namespace: &str,
-        event_type: Option<&str>,
-        undelivered: bool,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>> {
-        self.sql
-            .list_events(namespace, event_type, undelivered, limit)
-    }
-
-    fn prune_events(&self, now: jiff::Timestamp) -> Result<u64> {
-        self.sql.prune_events(now)
-    }
-
-    fn pending_deliveries(
-        &self,
-        namespace: &str,
-        subscription: &str,
-        limit: usize,
-    ) -> Result<Vec<(DeliveryRecord, Option<StoredEvent>)>> {
-        self.sql.pending_deliveries(namespace, subscription, limit)
-    }
-
-    fn deliver(&self, deliveries: &[(DeliveryRecord, Run)]) -> Result<()> {
-        self.sql.deliver(deliveries)
-    }
-
-    fn update_delivery(&self, delivery: &DeliveryRecord) -> Result<()> {
-        self.sql.update_delivery(delivery)
-    }
-
-    fn redeliver(
-        &self,
-        namespace: &str,
-        which: &Redeliver,
-        expires_at: jiff::Timestamp,
-    ) -> Result<Vec<DeliveryRecord>> {
-        self.sql.redeliver(namespace, which, expires_at)
-    }
-
-    fn delivery_counts(&self) -> Result<Vec<DeliveryCount>> {
-        self.sql.delivery_counts()
-    }
-
-    fn driver_cursor(&self, namespace: &str, driver: &str, key: &str) -> Result<Option<i64>> {
-        self.sql.driver_cursor(namespace, driver, key)
-    }
-
-    fn set_driver_cursor(
-        &self,
-        namespace: &str,
-        driver: &str,
-        key: &str,
-        value: i64,
-    ) -> Result<()> {
-        self.sql.set_driver_cursor(namespace, driver, key, value)
-    }
-
-    fn forget_driver(&self, namespace: &str, driver: &str) -> Result<()> {
-        self.sql.forget_driver(namespace, driver)
-    }
-
-    fn cron_last_fire(&self, namespace: &str, name: &str) -> Result<Option<jiff::Timestamp>> {
-        self.sql.cron_last_fire(namespace, name)
-    }
-
-    fn set_cron_last_fire(
-        &self,
-        namespace: &str,
-        name: &str,
-        at: Option<jiff::Timestamp>,
-    ) -> Result<()> {
-        self.sql.set_cron_last_fire(namespace, name, at)
-    }
-
     /// Also creates the Kubernetes namespace of that name when it is missing (resources of
     /// a Dispatch namespace live in it).
     fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool> {
@@ -825,29 +669,5 @@ impl Store for CrStore {
             }
         }
         self.sql.delete_namespace(name)
-    }
-
-    fn put_token(&self, token: &ApiToken) -> Result<bool> {
-        self.sql.put_token(token)
-    }
-
-    fn list_tokens(&self) -> Result<Vec<ApiToken>> {
-        self.sql.list_tokens()
-    }
-
-    fn delete_token(&self, name: &str) -> Result<bool> {
-        self.sql.delete_token(name)
-    }
-
-    fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
-        self.sql.append_audit(entries)
-    }
-
-    fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>> {
-        self.sql.list_audit(limit)
-    }
-
-    fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {
-        self.sql.delete_runs_of(namespace, function)
     }
 }

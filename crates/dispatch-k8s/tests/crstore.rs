@@ -8,7 +8,7 @@ use std::time::Duration;
 use dispatch_core::{Kind, Object, Phase, Status};
 use dispatch_k8s::store::CrStore;
 use dispatch_k8s::testing::FakeApi;
-use dispatch_store::{Changed, SqliteStore, Store, StoreError};
+use dispatch_store::{Changed, ResourceStore, SqliteStore, StoreError};
 use serde_json::json;
 use tokio::sync::mpsc;
 

@@ -55,7 +55,7 @@ async fn set_state(state: &AppState, ns: &str, name: &str, phase: Phase, reason:
         ..o.status
     };
     let _ = state
-        .db(move |s| s.update_status(&n, Kind::EventDriver, &m, st))
+        .res(move |s| s.update_status(&n, Kind::EventDriver, &m, st))
         .await;
 }
 
@@ -557,7 +557,7 @@ fn mqtt_key(p: &rumqttc::Publish) -> i64 {
 /// stored before the message is offered. Numbering starts at the clock (`now`, µs), so a
 /// driver deleted and created again never reuses an id of its earlier self.
 fn mqtt_sequence(
-    s: &dyn dispatch_store::Store,
+    s: &dyn dispatch_store::RecordStore,
     driver: (&str, &str),
     key: i64,
     dup: bool,
@@ -583,7 +583,7 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
         let mut running = Running::default();
         loop {
             let wanted: HashMap<(String, String), EventDriverSpec> =
-                match state.db(|s| s.list(None, Kind::EventDriver)).await {
+                match state.res(|s| s.list(None, Kind::EventDriver)).await {
                     Ok(all) => all
                         .into_iter()
                         .filter_map(|o| {
@@ -624,7 +624,7 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dispatch_store::{SqliteStore, Store};
+    use dispatch_store::{RecordStore, SqliteStore};
 
     fn publish(pkid: u16, payload: &str, dup: bool) -> rumqttc::Publish {
         let mut p = rumqttc::Publish::new(

@@ -128,7 +128,7 @@ async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), 
     let (ns, kind, name) = (o.namespace().to_string(), o.kind, o.name().to_string());
 
     state
-        .db(move |s| match s.update_status(&ns, kind, &name, status) {
+        .res(move |s| match s.update_status(&ns, kind, &name, status) {
             Ok(_) => Ok(()),
             Err(dispatch_store::StoreError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
@@ -160,7 +160,7 @@ async fn dependents(
     refers: impl Fn(&Object) -> bool,
 ) -> Result<(), ApiError> {
     let nsc = ns.to_string();
-    for o in state.db(move |s| s.list(Some(&nsc), kind)).await? {
+    for o in state.res(move |s| s.list(Some(&nsc), kind)).await? {
         if refers(&o) {
             state.enqueue(Key::of(&o));
         }

@@ -34,7 +34,7 @@ pub struct EventIndex {
 /// Reloads the index from the store and wakes the cron scheduler.
 pub async fn rebuild(state: &AppState) -> Result<(), ApiError> {
     let (subs, drivers) = state
-        .db(|s| {
+        .res(|s| {
             Ok((
                 s.list(None, Kind::Subscription)?,
                 s.list(None, Kind::EventDriver)?,
@@ -228,7 +228,7 @@ type Ingest = (
 const INGEST_BATCH: usize = 64;
 
 impl EventWriter {
-    pub fn start(store: Arc<dyn dispatch_store::Store>) -> EventWriter {
+    pub fn start(store: Arc<dyn dispatch_store::RecordStore>) -> EventWriter {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Ingest>(1024);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -405,7 +405,7 @@ struct CronDriver {
 }
 
 async fn cron_drivers(state: &AppState) -> Vec<CronDriver> {
-    let Ok(all) = state.db(|s| s.list(None, Kind::EventDriver)).await else {
+    let Ok(all) = state.res(|s| s.list(None, Kind::EventDriver)).await else {
         return Vec::new();
     };
     all.into_iter()
@@ -524,7 +524,7 @@ pub fn spawn_cron(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task::JoinH
                     st.phase = Some(dispatch_core::Phase::Ready);
                     let (ns, name) = (d.ns.clone(), d.name.clone());
                     let _ = state
-                        .db(move |s| s.update_status(&ns, Kind::EventDriver, &name, st))
+                        .res(move |s| s.update_status(&ns, Kind::EventDriver, &name, st))
                         .await;
                 }
                 if let Some(n) = next {

@@ -28,7 +28,7 @@ pub struct GcReport {
 
 pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, ApiError> {
     let (functions, images) = state
-        .db(|s| Ok((s.list(None, Kind::Function)?, s.list(None, Kind::Image)?)))
+        .res(|s| Ok((s.list(None, Kind::Function)?, s.list(None, Kind::Image)?)))
         .await?;
     let mut keep = GcKeep::default();
     let mut sources = HashSet::new();

@@ -2,13 +2,14 @@
 //! endpoints to functions, the controller that builds resources into running functions, and
 //! the recorder that writes run records off the hot path.
 //!
-//! Start reading at [`Server::start`] (how the pieces are wired), then [`api`] (the routes of
+//! Start reading at [`ServerBuilder`] (how the pieces are wired), then [`api`] (the routes of
 //! DESIGN §4), [`invoke`] (one function call, shared by the API and the gateway) and
 //! [`controller`] (phases INITIALIZED → CREATING → READY | ERROR).
 
 pub mod api;
 pub mod auth;
 pub mod brokers;
+mod builder;
 pub mod callbacks;
 pub mod clock;
 pub mod controller;
@@ -18,9 +19,11 @@ mod error;
 pub mod events;
 pub mod gateway;
 pub mod gc;
+mod history;
 pub mod invoke;
 pub mod jobs;
 pub mod metrics;
+mod options;
 pub mod queue;
 pub mod recorder;
 pub mod retention;
@@ -36,13 +39,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatch_runtime::{Backend, LocalBackend};
-use dispatch_store::{BlobStore, SqliteStore, Store};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+pub use builder::{ResourcesFactory, ServerBuilder};
 pub use error::ApiError;
-pub use state::{AppState, Options};
+pub use state::{AppState, Options, Stores};
 
 /// How long in-flight calls may take to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,32 +95,14 @@ pub enum ServerError {
     SecretKey(#[source] secrets::SecretError),
     #[error("failed to create the first admin token: {detail}")]
     AdminToken { detail: String },
+    #[error("cannot start the server: {detail}")]
+    Incomplete { detail: String },
     #[error("the {what} listener failed")]
     Serve {
         what: &'static str,
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Wraps the SQL store of the data dir into the store the server uses (resources kept
-/// elsewhere, runs in SQL).
-pub type ResourceStore = Box<
-    dyn FnOnce(
-            Arc<dyn Store>,
-        ) -> futures_util::future::BoxFuture<
-            'static,
-            Result<Arc<dyn Store>, dispatch_store::StoreError>,
-        > + Send,
->;
-
-/// What [`Server::start_with`] uses instead of the embedded parts.
-#[derive(Default)]
-pub struct Parts {
-    /// Runs functions (none: local worker processes).
-    pub backend: Option<Arc<dyn Backend>>,
-    /// Keeps resources (none: the SQL store itself).
-    pub resources: Option<ResourceStore>,
 }
 
 /// A running server. Dropping it does not stop it: call [`Server::stop`].
@@ -136,142 +119,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the store in `config.data_dir`, binds both listeners, starts the controller and
-    /// serves. Returns once the server accepts connections (`/readyz` answers 200 as soon as
-    /// every stored resource has been handed to the controller).
-    pub async fn start(config: &Config) -> Result<Server, ServerError> {
-        Self::start_with(config, Parts::default()).await
-    }
-
-    /// Like [`Server::start`], with the given parts in place of the embedded ones (the
-    /// Kubernetes mode: functions run by its backend, resources kept as custom resources);
-    /// the SQL store, the blobs and the jobs stay in the data dir.
-    pub async fn start_with(config: &Config, parts: Parts) -> Result<Server, ServerError> {
-        let dir = &config.data_dir;
-        private_data_dir(dir)?;
-        let store_err = |source| ServerError::Store {
-            path: dir.display().to_string(),
-            source,
-        };
-        let mut store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.join("dispatch.db")).map_err(store_err)?);
-        if let Some(resources) = parts.resources {
-            store = resources(store).await.map_err(store_err)?;
-        }
-        let blobs = BlobStore::open(dir.join("blobs")).map_err(store_err)?;
-        let backend: Arc<dyn Backend> = match parts.backend {
-            Some(b) => b,
-            None => {
-                let local = LocalBackend::new(dir).map_err(|source| ServerError::Runtime {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-                local.spawn_reaper();
-                local.set_max_waiting_calls(config.options.max_waiting_calls);
-                local.set_sandboxes(config.options.sandboxes.clone());
-                local.set_worker_budget(
-                    config.options.max_workers_total,
-                    config
-                        .options
-                        .worker_memory_budget
-                        .unwrap_or_else(dispatch_runtime::budget::default_memory_budget),
-                );
-                local
-            }
-        };
-        let api = bind("api", config.api_addr).await?;
-        let gateway = bind("gateway", config.gateway_addr).await?;
-        let mut options = config.options.clone();
-        options.jobs_dir = dir.join("jobs");
-        options.data_dir = Some(dir.clone());
-        let key_file = dir.join("secret.key");
-        secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
-        options.secret_key_file = Some(key_file);
-        // Before serving: /readyz must not answer before the token file exists.
-        let admin_token_file = if options.auth {
-            first_admin_token(store.as_ref(), dir)?
-        } else {
-            None
-        };
-        let mut server = Self::serve_with(store, blobs, backend, api, gateway, options).await;
-        server.admin_token_file = admin_token_file;
-        Ok(server)
-    }
-
-    /// Serves on listeners the caller bound, with the given parts (tests inject their own).
-    pub async fn serve(
-        store: Arc<dyn Store>,
-        blobs: BlobStore,
-        backend: Arc<dyn Backend>,
-        api: TcpListener,
-        gateway: TcpListener,
-    ) -> Server {
-        Self::serve_with(store, blobs, backend, api, gateway, Options::default()).await
-    }
-
-    pub async fn serve_with(
-        store: Arc<dyn Store>,
-        blobs: BlobStore,
-        backend: Arc<dyn Backend>,
-        api: TcpListener,
-        gateway: TcpListener,
-        options: Options,
-    ) -> Server {
-        let state = AppState::start_with(store, blobs, backend, options).await;
-        let gc_task = gc::spawn_periodic(state.clone());
-        let (shutdown, rx) = watch::channel(false);
-        let api_addr = api
-            .local_addr()
-            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
-        let gateway_addr = gateway
-            .local_addr()
-            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
-        let limits = state.config.edge.clone();
-        let (open_files, hard) = serve::raise_open_files_limit();
-        let oom_protected = serve::protect_from_oom_killer();
-        let (gw_cap, api_cap) = limits.caps(open_files);
-        let tls = state.config.tls.clone();
-        let metrics = &state.metrics;
-        let api_task = tokio::spawn(serve::serve(
-            api,
-            tls.clone(),
-            api::router(state.clone()),
-            serve::Edge::Api,
-            api_cap,
-            limits.clone(),
-            metrics.edge(serve::Edge::Api),
-            rx.clone(),
-        ));
-        let gw_task = tokio::spawn(serve::serve(
-            gateway,
-            tls,
-            gateway::router(state.clone()),
-            serve::Edge::Gateway,
-            gw_cap,
-            limits,
-            metrics.edge(serve::Edge::Gateway),
-            rx,
-        ));
-        tracing::info!(%api_addr, %gateway_addr, backend = state.backend.name(), "dispatch server ready");
-        tracing::info!(
-            open_files,
-            open_files_hard = hard,
-            gateway_connections = gw_cap,
-            api_connections = api_cap,
-            oom_protected,
-            "connection caps (open-files limit raised to its hard limit); oom_protected: the \
-             server's OOM score is below its workers'"
-        );
-        Server {
-            admin_token_file: None,
-            api_addr,
-            gateway_addr,
-            state,
-            shutdown,
-            gc_task,
-            api: api_task,
-            gateway: gw_task,
-        }
+    /// How a server starts: see [`ServerBuilder`].
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
     }
 
     /// Graceful shutdown: stop accepting, let in-flight calls finish (bounded), stop the
@@ -302,7 +152,13 @@ impl Server {
 
 /// Runs a server until `shutdown` completes, then stops it gracefully.
 pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-    let server = Server::start(config).await?;
+    let server = Server::builder()
+        .data_dir(&config.data_dir)
+        .api_addr(config.api_addr)
+        .gateway_addr(config.gateway_addr)
+        .options(config.options.clone())
+        .start()
+        .await?;
     shutdown.await;
     tracing::info!("shutting down: draining in-flight calls");
     server.stop().await
@@ -311,7 +167,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<
 /// First start with auth on (no token exists yet): an admin token for every namespace,
 /// written to `DATA_DIR/admin-token` (0600) for the operator and the acceptance scripts.
 fn first_admin_token(
-    store: &dyn Store,
+    store: &dyn dispatch_store::RecordStore,
     dir: &std::path::Path,
 ) -> Result<Option<PathBuf>, ServerError> {
     use std::io::Write;
@@ -382,10 +238,4 @@ pub fn private_data_dir(dir: &std::path::Path) -> Result<(), ServerError> {
         );
     }
     Ok(())
-}
-
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { what, addr, source })
 }

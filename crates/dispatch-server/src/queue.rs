@@ -890,7 +890,8 @@ fn human(bytes: u64) -> String {
 
 /// Cancels a run: a waiting one will not run, a running one's attempt is killed.
 pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, ApiError> {
-    let Some(mut run) = get_run(state, ns, id).await else {
+    // A sync call's record sits in the history store: found there, it is refused below.
+    let Some(mut run) = state.get_run(ns, id).await? else {
         return Err(ApiError::not_found(format!(
             "run {id:?} not found in namespace {ns:?}"
         )));

@@ -38,13 +38,38 @@ pub fn rules(state: &AppState) -> Retention {
             .unwrap_or(jiff::Timestamp::MIN),
         keep_per_function: state.config.runs_per_function,
         max_bytes_per_namespace: state.config.run_history_budget,
+        budgets: state
+            .namespaces()
+            .into_iter()
+            .filter_map(|(ns, info)| Some((ns, info.run_history_budget?)))
+            .collect(),
+        kept: Default::default(),
     }
 }
 
-/// One step: at most `batch` runs deleted, in one transaction.
+/// One step: at most `batch` runs deleted in each store that holds run records (durable
+/// runs, then sync calls' history), one transaction each. The bounds are shared: the
+/// history gets what the durable runs leave of a namespace's byte budget and of a
+/// function's count. The age applies to each store alike.
 pub async fn step(state: &AppState, batch: usize) -> Result<u64, crate::ApiError> {
     let rules = rules(state);
-    state.db(move |s| s.prune_runs(&rules, batch)).await
+    let stores = state.stores.run_stores();
+    let shared = stores.len() > 1;
+    let pruned = tokio::task::spawn_blocking(move || {
+        let mut used = Vec::new();
+        let mut deleted = 0;
+        for s in stores {
+            deleted += s.prune_runs(&rules.less(&used), batch)?;
+            if shared {
+                used.extend(s.function_usage()?);
+            }
+        }
+        Ok::<_, dispatch_store::StoreError>(deleted)
+    });
+    match pruned.await {
+        Ok(r) => r.map_err(crate::ApiError::from),
+        Err(e) => Err(crate::ApiError::internal("pruning run records", &e)),
+    }
 }
 
 /// Prunes until nothing is over the rules (in steps), then compacts if much went; returns
@@ -73,7 +98,11 @@ pub async fn prune(state: &AppState) -> Result<u64, crate::ApiError> {
 pub async fn compact(state: &AppState) -> Result<u64, crate::ApiError> {
     let mut released = 0;
     loop {
-        let n = state.db(|s| s.compact(COMPACT_PAGES)).await?;
+        let n: u64 = state
+            .each_run_store(|s| s.compact(COMPACT_PAGES))
+            .await?
+            .into_iter()
+            .sum();
         released += n;
         if n < COMPACT_PAGES {
             return Ok(released);

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use dispatch_core::{Kind, Object};
 use dispatch_runtime::Backend;
-use dispatch_store::{BlobStore, Store, StoreError};
+use dispatch_store::{BlobStore, RecordStore, ResourceStore, Store, StoreError};
 
-use crate::clock::Clock;
 use crate::controller::{Controller, Key};
 use crate::error::ApiError;
 use crate::queue::Queue;
@@ -38,105 +37,7 @@ pub struct Deployed {
 /// Namespace → function → deployment. Nested so that lookups borrow `&str`.
 type DeployedMap = HashMap<String, HashMap<String, Arc<Deployed>>>;
 
-/// `--run-history-budget`: run records kept per namespace, in bytes.
-pub const DEFAULT_RUN_HISTORY_BUDGET: u64 = 1 << 30;
-
-/// Limits and retention (flags of `dispatch server`).
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// Logs kept per run record (stdout + stderr); the rest is cut with a marker.
-    pub max_log_bytes: usize,
-    /// Finished runs older than this are deleted.
-    pub run_retention: Duration,
-    /// Finished runs kept per function at most (newest first).
-    pub runs_per_function: usize,
-    /// Bytes of run records kept per namespace at most (oldest finished ones go first);
-    /// none: no byte bound.
-    pub run_history_budget: Option<u64>,
-    /// How often retention looks for runs to prune when it has caught up (tests that drive
-    /// `retention::step` themselves set it long).
-    pub retention_interval: Duration,
-    /// Async runs waiting per namespace before new ones get 429.
-    pub max_queue_depth: usize,
-    /// Async runs waiting per function (unless its spec.maxQueued says) before 429.
-    pub max_queued_per_function: usize,
-    /// Payload bytes of the async runs waiting per namespace before 429.
-    pub max_queued_bytes: u64,
-    /// Largest payload of an async run (below the sync limit: it is stored until it runs).
-    pub max_async_payload: usize,
-    /// Async runs running at once, all functions together.
-    pub max_running: usize,
-    /// Synchronous calls of one function allowed to wait for a worker when all of its
-    /// `maxWorkers` are busy; past it a call is refused with 429. Applied by `Server::serve`
-    /// to the embedded backend it creates (with `serve_with`, set it on the backend).
-    pub max_waiting_calls: usize,
-    /// Scratch folders of job executions (`<data dir>/jobs`).
-    pub jobs_dir: std::path::PathBuf,
-    /// Require API tokens (off only with `--insecure-no-auth`).
-    pub auth: bool,
-    /// The key that seals secrets (`<data dir>/secret.key`); none = a key in memory only.
-    pub secret_key_file: Option<std::path::PathBuf>,
-    /// Serve both listeners over TLS (`--tls-cert`, `--tls-key`).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// The clock (tests share one across a simulated restart); none = the wall clock now.
-    pub clock: Option<Clock>,
-    /// Sandboxes for job commands (and, set on the embedded backend, functions and builds);
-    /// none: `--isolation none`, user code runs as the server (DESIGN §9).
-    pub sandboxes: Option<Arc<dispatch_runtime::sandbox::Sandboxes>>,
-    /// Connection caps and timeouts of both listeners.
-    pub edge: crate::serve::EdgeLimits,
-    /// Function workers alive at once, all functions together (embedded backend).
-    pub max_workers_total: usize,
-    /// Memory of those workers together, counted at their limits (none: 3/4 of the RAM).
-    pub worker_memory_budget: Option<u64>,
-    /// The data dir, whose free space is watched (none: not watched; `Server::start` sets it).
-    pub data_dir: Option<std::path::PathBuf>,
-    /// Free space kept in reserve for work already accepted (`--min-free-disk`; none: 5 % of
-    /// the file system, at most 1 GiB): below it new async runs, events, jobs and uploads
-    /// get 507.
-    pub min_free_disk: Option<u64>,
-    /// How long an event is kept, and how long its pending deliveries are retried before
-    /// they are dead (`--event-ttl`).
-    pub event_ttl: Duration,
-    /// Pending event deliveries per namespace past which new events get 429
-    /// (`--max-pending-deliveries`).
-    pub max_pending_deliveries: usize,
-    /// How long a dead delivery (and its event) is kept for a redelivery
-    /// (`--dead-delivery-retention`).
-    pub dead_delivery_retention: Duration,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            max_log_bytes: 1024 * 1024,
-            run_retention: Duration::from_secs(7 * 24 * 3600),
-            runs_per_function: 10_000,
-            run_history_budget: Some(DEFAULT_RUN_HISTORY_BUDGET),
-            retention_interval: Duration::from_secs(1),
-            max_queue_depth: 10_000,
-            max_queued_per_function: 1_000,
-            max_queued_bytes: 256 << 20,
-            max_async_payload: 1 << 20,
-            max_running: 64,
-            max_waiting_calls: dispatch_runtime::DEFAULT_MAX_WAITING_CALLS,
-            jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
-            auth: true,
-            secret_key_file: None,
-            tls: None,
-            clock: None,
-            sandboxes: None,
-            edge: Default::default(),
-            max_workers_total: dispatch_runtime::budget::DEFAULT_MAX_WORKERS_TOTAL,
-            worker_memory_budget: None,
-            data_dir: None,
-            min_free_disk: None,
-            event_ttl: Duration::from_secs(24 * 3600),
-            max_pending_deliveries: 10_000,
-            dead_delivery_retention: Duration::from_secs(7 * 24 * 3600),
-        }
-    }
-}
+pub use crate::options::{DEFAULT_RUN_HISTORY_BUDGET, Options};
 
 /// What the server keeps of a namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,8 +48,42 @@ pub struct NamespaceInfo {
     pub run_history_budget: Option<u64>,
 }
 
+/// Where the server keeps what it keeps (dispatch-store's two seams).
+#[derive(Clone)]
+pub struct Stores {
+    pub resources: Arc<dyn ResourceStore>,
+    pub records: Arc<dyn RecordStore>,
+    /// Sync calls' run records (issue 26: a file of their own, so that durable writes never
+    /// share a write-ahead log with them); the same as `records` when one store holds both.
+    pub history: Arc<dyn RecordStore>,
+}
+
+impl Stores {
+    /// One store for everything (tests, benchmarks: an in-memory SQLite).
+    pub fn single<S: Store>(store: Arc<S>) -> Stores {
+        Stores {
+            resources: store.clone(),
+            records: store.clone(),
+            history: store,
+        }
+    }
+
+    /// The stores that hold run records: `records`, then `history` when it is another one.
+    pub fn run_stores(&self) -> Vec<Arc<dyn RecordStore>> {
+        let mut all = vec![self.records.clone()];
+        if !self.history_is_records() {
+            all.push(self.history.clone());
+        }
+        all
+    }
+
+    fn history_is_records(&self) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.records), Arc::as_ptr(&self.history))
+    }
+}
+
 pub struct AppState {
-    pub store: Arc<dyn Store>,
+    pub stores: Stores,
     pub blobs: BlobStore,
     pub backend: Arc<dyn Backend>,
     pub recorder: Recorder,
@@ -166,12 +101,12 @@ pub struct AppState {
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
-    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    controller: Controller,
+    pub(crate) tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub(crate) controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
     routes: RwLock<Routes>,
     deployed: RwLock<DeployedMap>,
-    ready: AtomicBool,
+    pub(crate) ready: AtomicBool,
     /// Cold starts and finished calls (`GET /metrics`).
     pub metrics: crate::metrics::Metrics,
     /// The data dir's free space (none without a data dir).
@@ -192,30 +127,23 @@ impl AppState {
         if d.fits(incoming, || 0).is_ok() {
             return Ok(());
         }
-        let store = self.store.clone();
-        let reusable = tokio::task::spawn_blocking(move || store.reclaim())
-            .await
-            .unwrap_or(0);
+        let stores = self.stores.run_stores();
+        let reusable =
+            tokio::task::spawn_blocking(move || stores.iter().map(|s| s.reclaim()).sum())
+                .await
+                .unwrap_or(0);
         d.fits(incoming, || reusable)
             .map_err(|short| d.refuse(what, short))
     }
 
-    /// Builds the state, starts the recorder and the controller, loads the route table and
-    /// hands every stored resource to the controller (so that a restart redeploys).
-    pub async fn start(
-        store: Arc<dyn Store>,
-        blobs: BlobStore,
-        backend: Arc<dyn Backend>,
-    ) -> Arc<Self> {
-        Self::start_with(store, blobs, backend, Options::default()).await
-    }
-
-    pub async fn start_with(
-        store: Arc<dyn Store>,
+    /// Builds the state and starts its writers (recorder, event writer); the controller's
+    /// queue comes back for `builder::launch`, which wires the rest.
+    pub(crate) fn new(
+        stores: Stores,
         blobs: BlobStore,
         backend: Arc<dyn Backend>,
         config: Options,
-    ) -> Arc<Self> {
+    ) -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<Key>) {
         let secrets = crate::secrets::SecretBox::load_or_create(config.secret_key_file.as_deref())
             .or_else(|e| {
                 tracing::error!("{e}: secrets use a key in memory until this is fixed");
@@ -225,7 +153,7 @@ impl AppState {
                 // No randomness at all: fail loudly rather than seal with a fixed key.
                 panic!("cannot create a key to seal secrets: {e}")
             });
-        let recorder = Recorder::start(store.clone());
+        let recorder = Recorder::start(stores.records.clone(), stores.history.clone());
         let (controller, keys) = Controller::channel();
         // One provider (ring) for every TLS client of the process (DESIGN §11).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -233,9 +161,9 @@ impl AppState {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();
-        let events = crate::events::EventWriter::start(store.clone());
+        let events = crate::events::EventWriter::start(stores.records.clone());
         let state = Arc::new(AppState {
-            store,
+            stores,
             blobs,
             backend,
             recorder,
@@ -272,66 +200,15 @@ impl AppState {
             deliveries: Default::default(),
             events,
         });
-        state.controller.spawn(state.clone(), keys);
-        // Before the first list, so that nothing changed after it is missed (handled once
-        // start-up is done).
-        let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
-        state.store.on_external_change(Box::new(move |c| {
-            let _ = changes_tx.send(c);
-        }));
-        if let Err(e) = state.rebuild_routes().await {
-            tracing::error!("failed to load endpoints: {}", e.message);
-        }
-        let store = state.store.clone();
-        let all = tokio::task::spawn_blocking(move || {
-            let mut keys = Vec::new();
-            for kind in Kind::ALL {
-                for o in store.list(None, kind)? {
-                    keys.push(Key::of(&o));
-                }
-            }
-            Ok::<_, StoreError>(keys)
-        })
-        .await;
-        match all {
-            Ok(Ok(keys)) => keys.into_iter().for_each(|k| state.enqueue(k)),
-            Ok(Err(e)) => tracing::error!("failed to list stored resources: {e}"),
-            Err(e) => tracing::error!("failed to list stored resources: {e}"),
-        }
-        if let Err(e) = state.load_namespaces().await {
-            tracing::error!("failed to load namespaces: {}", e.message);
-        }
-        match state.db(|s| s.list_tokens()).await {
-            Ok(all) => state.tokens.replace_all(all),
-            Err(e) => tracing::error!("failed to load API tokens: {}", e.message),
-        }
-        crate::queue::recover(&state).await;
-        crate::callbacks::resume(&state).await;
-        crate::jobs::recover(&state).await;
-        if let Err(e) = crate::events::rebuild(&state).await {
-            tracing::error!("failed to load subscriptions: {}", e.message);
-        }
-        crate::events::recover(&state).await;
-        let tasks = vec![
-            tokio::spawn(external_changes(state.clone(), changes)),
-            Queue::spawn(state.clone()),
-            Queue::spawn_expiry(state.clone()),
-            crate::retention::spawn(state.clone()),
-            crate::events::spawn_cron(state.clone(), state.cron_wake.clone()),
-            crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
-            crate::deliveries::spawn(state.clone()),
-        ];
-        *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
-        state.ready.store(true, Ordering::Release);
-        state
+        (state, keys)
     }
 
     /// Namespaces from the store, plus any that stored resources use (data from before
     /// namespaces were rows).
-    async fn load_namespaces(&self) -> Result<(), ApiError> {
+    pub(crate) async fn load_namespaces(&self) -> Result<(), ApiError> {
         let now = self.queue.clock.now();
         let rows = self
-            .db(move |s| {
+            .res(move |s| {
                 let mut used = std::collections::BTreeSet::new();
                 for kind in Kind::ALL {
                     for o in s.list(None, kind)? {
@@ -410,7 +287,7 @@ impl AppState {
         self.require_namespace(ns)?;
         let now = self.queue.clock.now();
         let n = ns.to_string();
-        self.db(move |s| s.set_run_history_budget(&n, budget, now))
+        self.res(move |s| s.set_run_history_budget(&n, budget, now))
             .await?;
         let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
         let entry = map.entry(ns.to_string()).or_default();
@@ -442,7 +319,7 @@ impl AppState {
         }
         let now = self.queue.clock.now();
         let n = name.to_string();
-        let created = self.db(move |s| s.put_namespace(&n, now)).await?;
+        let created = self.res(move |s| s.put_namespace(&n, now)).await?;
         if created {
             self.namespaces
                 .write()
@@ -459,8 +336,12 @@ impl AppState {
     }
 
     pub async fn delete_namespace(&self, name: &str) -> Result<(), ApiError> {
+        // Records first: a failure leaves the namespace there to delete again.
         let n = name.to_string();
-        self.db(move |s| s.delete_namespace(&n)).await?;
+        self.each_run_store(move |s| s.delete_records_of(&n))
+            .await?;
+        let n = name.to_string();
+        self.res(move |s| s.delete_namespace(&n)).await?;
         self.namespaces
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -516,14 +397,39 @@ impl AppState {
         Ok((secret, record))
     }
 
-    /// Runs a blocking store call on the blocking pool.
+    /// Runs a blocking call of the record store on the blocking pool.
     pub async fn db<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&dyn RecordStore) -> Result<T, StoreError> + Send + 'static,
     {
-        let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        blocking(self.stores.records.clone(), f).await
+    }
+
+    /// Runs a blocking call of the resource store on the blocking pool.
+    pub async fn res<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn ResourceStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        blocking(self.stores.resources.clone(), f).await
+    }
+
+    /// Runs a blocking call on every store that holds run records (see
+    /// [`Stores::run_stores`]), one after the other; the answers in that order.
+    pub async fn each_run_store<T, F>(&self, f: F) -> Result<Vec<T>, ApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&dyn RecordStore) -> Result<T, StoreError> + Send + Sync + 'static,
+    {
+        let stores = self.stores.run_stores();
+        let all = tokio::task::spawn_blocking(move || {
+            stores
+                .iter()
+                .map(|s| f(s.as_ref()))
+                .collect::<Result<Vec<T>, StoreError>>()
+        });
+        match all.await {
             Ok(r) => r.map_err(ApiError::from),
             Err(e) => Err(ApiError::internal("running a store call", &e)),
         }
@@ -537,7 +443,7 @@ impl AppState {
             return Ok(Some(b));
         }
         let (ns, name) = (ns.to_string(), name.to_string());
-        self.db(move |s| s.get(&ns, kind, &name)).await
+        self.res(move |s| s.get(&ns, kind, &name)).await
     }
 
     pub fn enqueue(&self, key: Key) {
@@ -563,7 +469,7 @@ impl AppState {
 
     /// Reloads the gateway's route table from the stored endpoints.
     pub async fn rebuild_routes(&self) -> Result<(), ApiError> {
-        let endpoints = self.db(|s| s.list(None, Kind::Endpoint)).await?;
+        let endpoints = self.res(|s| s.list(None, Kind::Endpoint)).await?;
         let table = Routes::build(&endpoints);
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
         Ok(())
@@ -624,18 +530,15 @@ impl AppState {
     }
 }
 
-/// Resources changed outside this server (the store's watch), one at a time, in order.
-async fn external_changes(
-    state: Arc<AppState>,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<dispatch_store::Changed>,
-) {
-    while let Some(change) = changes.recv().await {
-        let what = format!("{} {:?}", change.kind.human(), change.name);
-        if let Err(e) = crate::api::resources::changed_elsewhere(&state, change).await {
-            tracing::error!(
-                "failed to take in a change to {what} made outside this server: {}",
-                e.message
-            );
-        }
+/// Runs `f` on `store` on the blocking pool.
+async fn blocking<S, T, F>(store: Arc<S>, f: F) -> Result<T, ApiError>
+where
+    S: ?Sized + Send + Sync + 'static,
+    T: Send + 'static,
+    F: FnOnce(&S) -> Result<T, StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal("running a store call", &e)),
     }
 }

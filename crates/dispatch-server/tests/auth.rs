@@ -11,7 +11,7 @@ use axum::http::{Request, StatusCode};
 use dispatch_core::Kind;
 use dispatch_core::auth::Role;
 use dispatch_runtime::LocalBackend;
-use dispatch_server::{AppState, Options, api};
+use dispatch_server::{Options, api};
 use dispatch_store::{BlobStore, SqliteStore};
 use http_body_util::BodyExt;
 use serde_json::json;
@@ -49,13 +49,16 @@ fn image(ns: &str, name: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_verbs_and_namespaces() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::start_with(
-        Arc::new(SqliteStore::in_memory().unwrap()),
-        BlobStore::open(dir.path().join("blobs")).unwrap(),
-        LocalBackend::new(dir.path()).unwrap(),
-        Options::default(),
-    )
-    .await;
+    let state = dispatch_server::Server::builder()
+        .stores(dispatch_server::Stores::single(Arc::new(
+            SqliteStore::in_memory().unwrap(),
+        )))
+        .blobs(BlobStore::open(dir.path().join("blobs")).unwrap())
+        .backend(LocalBackend::new(dir.path()).unwrap())
+        .options(Options::default())
+        .state()
+        .await
+        .unwrap();
     let app = api::router(state.clone());
     for ns in ["a", "b"] {
         assert!(state.create_namespace(ns).await.unwrap());
@@ -403,13 +406,16 @@ async fn roles_verbs_and_namespaces() {
 #[tokio::test(start_paused = true)]
 async fn tokens_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::start_with(
-        Arc::new(SqliteStore::in_memory().unwrap()),
-        BlobStore::open(dir.path().join("blobs")).unwrap(),
-        LocalBackend::new(dir.path()).unwrap(),
-        Options::default(),
-    )
-    .await;
+    let state = dispatch_server::Server::builder()
+        .stores(dispatch_server::Stores::single(Arc::new(
+            SqliteStore::in_memory().unwrap(),
+        )))
+        .blobs(BlobStore::open(dir.path().join("blobs")).unwrap())
+        .backend(LocalBackend::new(dir.path()).unwrap())
+        .options(Options::default())
+        .state()
+        .await
+        .unwrap();
     let app = api::router(state.clone());
     let (t, rec) = state
         .create_token("short", Role::Viewer, "a", Some(Duration::from_secs(3600)))

@@ -11,14 +11,14 @@ use dispatch_core::{Kind, Object};
 use dispatch_server::clock::Clock;
 use dispatch_server::controller::Key;
 use dispatch_server::{AppState, Options};
-use dispatch_store::{BlobStore, SqliteStore, Store};
+use dispatch_store::{BlobStore, ResourceStore, SqliteStore};
 use serde_json::json;
 use support::fake::FakeBackend;
 use support::{eventually_within, let_pass};
 
 struct World {
     _dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
+    store: Arc<SqliteStore>,
     blobs: BlobStore,
     clock: Clock,
 }
@@ -46,13 +46,14 @@ impl World {
             clock: Some(self.clock),
             ..Options::default()
         };
-        let state = AppState::start_with(
-            self.store.clone(),
-            self.blobs.clone(),
-            backend.clone(),
-            opts,
-        )
-        .await;
+        let state = dispatch_server::Server::builder()
+            .stores(dispatch_server::Stores::single(self.store.clone()))
+            .blobs(self.blobs.clone())
+            .backend(backend.clone())
+            .options(opts)
+            .state()
+            .await
+            .unwrap();
         (state, backend)
     }
 

@@ -1,6 +1,9 @@
 //! Run history in a budget (issue 26): the recording policies keep exactly what they say,
 //! a byte budget holds under a burst, and an enqueue issued while a prune is in progress is
 //! committed before that prune finishes (a prune is many short steps, not one statement).
+//! Sync calls' records live in a file of their own (`history.db`), and every reader of
+//! runs — get, list and its pages, cancel, purge, deleting a function or a namespace — sees
+//! both files as one.
 
 mod support;
 
@@ -135,7 +138,7 @@ async fn the_byte_budget_holds_under_a_burst() {
     let state = &t.server.as_ref().unwrap().state;
     let usage = || async {
         state
-            .db(|s| s.run_usage())
+            .run_usage()
             .await
             .unwrap()
             .into_iter()
@@ -278,7 +281,7 @@ async fn a_namespace_budget_overrides_the_servers() {
     let state = &t.server.as_ref().unwrap().state;
     let usage = |ns: &'static str| async move {
         state
-            .db(|s| s.run_usage())
+            .run_usage()
             .await
             .unwrap()
             .into_iter()
@@ -343,6 +346,123 @@ async fn a_namespace_budget_overrides_the_servers() {
     assert!(
         d["metadata"]["createdAt"].is_null(),
         "default is never created"
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_history_has_its_own_file_and_readers_see_one_set() {
+    let t = start_with(tempfile::tempdir().unwrap(), quiet()).await;
+    let c = &t.client;
+    assert!(t.dir.path().join("history.db").is_file());
+    images(c).await;
+    deploy(c, "f", json!({})).await;
+    // Sync and async runs interleaved, so a merged list must order across both files.
+    for i in 0..6 {
+        if i % 2 == 0 {
+            let a = c
+                .exec_async("f", &raw(json!({"i": i})), None)
+                .await
+                .unwrap();
+            final_run(c, a["id"].as_str().unwrap()).await;
+        } else {
+            c.exec("f", &raw(json!({"i": i}))).await.unwrap();
+        }
+    }
+    let state = &t.server.as_ref().unwrap().state;
+    state.recorder.flush().await;
+    let stored = |history: bool| {
+        let store = if history {
+            state.stores.history.clone()
+        } else {
+            state.stores.records.clone()
+        };
+        let all = store
+            .list_runs("default", &dispatch_store::RunFilter::default())
+            .unwrap();
+        assert!(all.iter().all(|r| r.is_async != history), "{all:?}");
+        all.len()
+    };
+    assert_eq!(
+        (stored(false), stored(true)),
+        (3, 3),
+        "async in dispatch.db, sync in history.db"
+    );
+
+    // One list, newest first, across both files; pages of two walk it without a gap.
+    let all = runs_of(c, "f").await;
+    let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(all.len(), 6);
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    let asyncs: Vec<bool> = all.iter().rev().map(|r| r.is_async).collect();
+    assert_eq!(
+        asyncs,
+        [true, false, true, false, true, false],
+        "creation order"
+    );
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = c
+            .list_runs(&dispatch_client::RunQuery {
+                function: Some("f".into()),
+                limit: Some(2),
+                after: after.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        paged.extend(page.iter().map(|r| r.id.clone()));
+    }
+    assert_eq!(paged, ids);
+
+    // A sync run is found by id, and cancelling it says why not.
+    let sync_id = all.iter().find(|r| !r.is_async).unwrap().id.clone();
+    assert_eq!(c.get_run(&sync_id).await.unwrap().id, sync_id);
+    let e = c.cancel_run(&sync_id).await.unwrap_err();
+    assert!(e.to_string().contains("already finished"), "{e}");
+
+    // Usage counts both files; a purge reaches both.
+    let usage = state.run_usage().await.unwrap();
+    assert_eq!(usage.iter().map(|u| u.runs).sum::<u64>(), 6);
+    let purged = c.purge_runs(Some("f"), Some("succeeded")).await.unwrap();
+    assert_eq!(purged["deleted"], 6);
+    assert!(runs_of(c, "f").await.is_empty());
+
+    // Deleting a function, then a namespace, deletes their runs in both files.
+    c.exec("f", &raw(json!({}))).await.unwrap();
+    let a = c.exec_async("f", &raw(json!({})), None).await.unwrap();
+    final_run(c, a["id"].as_str().unwrap()).await;
+    c.delete(Kind::Function, "f").await.unwrap();
+    state.recorder.flush().await;
+    assert_eq!((stored(false), stored(true)), (0, 0));
+    c.create_namespace("team-b", json!({})).await.unwrap();
+    let b = dispatch_client::Client::new(&dispatch_client::Target {
+        server: t.api(),
+        token: None,
+        namespace: "team-b".into(),
+        insecure: false,
+    })
+    .unwrap();
+    images(&b).await;
+    deploy(&b, "g", json!({})).await;
+    b.exec("g", &raw(json!({}))).await.unwrap();
+    state.recorder.flush().await;
+    let in_b = || {
+        state
+            .stores
+            .history
+            .list_runs("team-b", &Default::default())
+            .unwrap()
+    };
+    assert_eq!(in_b().len(), 1);
+    c.delete_namespace("team-b", true).await.unwrap();
+    assert!(
+        in_b().is_empty(),
+        "a deleted namespace's history goes with it"
     );
     t.stop().await;
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use dispatch_runtime::LocalBackend;
-use dispatch_server::{AppState, api};
+use dispatch_server::api;
 use dispatch_store::{BlobStore, SqliteStore};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -33,16 +33,19 @@ async fn call(
 #[tokio::test]
 async fn errors_have_one_shape() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::start_with(
-        Arc::new(SqliteStore::in_memory().unwrap()),
-        BlobStore::open(dir.path().join("blobs")).unwrap(),
-        LocalBackend::new(dir.path()).unwrap(),
-        dispatch_server::Options {
+    let state = dispatch_server::Server::builder()
+        .stores(dispatch_server::Stores::single(Arc::new(
+            SqliteStore::in_memory().unwrap(),
+        )))
+        .blobs(BlobStore::open(dir.path().join("blobs")).unwrap())
+        .backend(LocalBackend::new(dir.path()).unwrap())
+        .options(dispatch_server::Options {
             auth: false,
             ..Default::default()
-        },
-    )
-    .await;
+        })
+        .state()
+        .await
+        .unwrap();
     let app = api::router(state.clone());
     let cases = [
         (

@@ -11,7 +11,7 @@ mod support;
 
 use dispatch_server::controller::Key;
 use dispatch_server::{AppState, Options, queue};
-use dispatch_store::{BlobStore, SqliteStore, Store};
+use dispatch_store::{BlobStore, ResourceStore, SqliteStore};
 use serde_json::json;
 use support::eventually_within;
 use support::fake::FakeBackend;
@@ -25,12 +25,18 @@ struct Fx {
 /// A server state with function `f` (built-in python3 base, image `py`) and `retry`.
 async fn fx(backend: FakeBackend, retry: serde_json::Value) -> Fx {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+    let store = Arc::new(SqliteStore::in_memory().unwrap());
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
     let source = blobs.put(b"not unpacked by the fake backend").unwrap();
     let backend = Arc::new(backend);
-    let state =
-        AppState::start_with(store.clone(), blobs, backend.clone(), Options::default()).await;
+    let state = dispatch_server::Server::builder()
+        .stores(dispatch_server::Stores::single(store.clone()))
+        .blobs(blobs)
+        .backend(backend.clone())
+        .options(Options::default())
+        .state()
+        .await
+        .unwrap();
     let mut image = Object::new(
         Kind::Image,
         "default",

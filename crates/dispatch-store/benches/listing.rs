@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use dispatch_core::{Run, RunStatus, Trigger};
-use dispatch_store::{RunFilter, SqliteStore, Store};
+use dispatch_store::{RecordStore, RunFilter, SqliteStore};
 
 fn pct(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -1,10 +1,14 @@
-//! Persistence for the embedded mode: the [`Store`] trait (resources and run records) with its
-//! SQLite implementation [`SqliteStore`] (WAL, migrations), and the on-disk content-addressed
-//! [`BlobStore`] for source archives.
+//! Persistence: two seams, [`ResourceStore`] (resources and namespaces) and [`RecordStore`]
+//! (runs, the queue, job executions, events, drivers' state, tokens, audit), both implemented
+//! by [`SqliteStore`] (WAL, migrations), and the on-disk content-addressed [`BlobStore`] for
+//! source archives. On Kubernetes the resources are custom resources (`dispatch-k8s`'s
+//! `CrStore` implements only [`ResourceStore`]); the records stay in SQL. The server keeps
+//! sync calls' history in a [`RecordStore`] of its own (a second SQLite file), so that durable
+//! writes never share a write-ahead log with 10k history records a second (issue 26).
 //!
-//! [`Store`] is synchronous on purpose: SQLite calls block, so the server runs them on the
+//! Both traits are synchronous on purpose: SQLite calls block, so the server runs them on the
 //! blocking pool (`spawn_blocking`), never on an async worker thread. A trait object
-//! (`Arc<dyn Store>`) is the seam where a fake or a second SQL backend plugs in.
+//! (`Arc<dyn RecordStore>`) is the seam where a fake or a second SQL backend plugs in.
 
 mod blobs;
 mod error;
@@ -37,16 +41,66 @@ pub struct RunFilter {
 
 /// What run retention keeps (`dispatch server --run-retention`, `--runs-per-function`,
 /// `--run-history-budget`). Active (QUEUED, RUNNING) runs are never pruned.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Retention {
     /// Finished runs created before this go.
     pub created_before: jiff::Timestamp,
     /// Finished runs beyond the newest this many of their function go.
     pub keep_per_function: usize,
     /// Run records of one namespace beyond this many bytes (their stored size): the oldest
-    /// finished ones go. A namespace's own budget ([`Store::set_run_history_budget`]) comes
-    /// first.
+    /// finished ones go. A namespace in `budgets` has that budget instead.
     pub max_bytes_per_namespace: Option<u64>,
+    /// Namespaces' own budgets in bytes ([`ResourceStore::set_run_history_budget`]), or what
+    /// is left of them for this store when other stores hold part of a namespace's records.
+    pub budgets: std::collections::BTreeMap<String, u64>,
+    /// Functions (namespace, name) that keep fewer than `keep_per_function` here: what other
+    /// stores' finished runs of the function leave of it (see [`Retention::less`]).
+    pub kept: std::collections::BTreeMap<(String, String), usize>,
+}
+
+impl Retention {
+    /// The byte budget of `namespace` (`None`: unbounded).
+    pub fn budget_of(&self, namespace: &str) -> Option<u64> {
+        self.budgets
+            .get(namespace)
+            .copied()
+            .or(self.max_bytes_per_namespace)
+    }
+
+    /// How many finished runs of a function are kept.
+    pub fn keep_of(&self, namespace: &str, function: &str) -> usize {
+        self.kept
+            .get(&(namespace.to_string(), function.to_string()))
+            .copied()
+            .unwrap_or(self.keep_per_function)
+    }
+
+    /// The rules for a store that shares the bounds with stores that hold `used` (after
+    /// their own prune): what is left of each namespace's budget and each function's count.
+    pub fn less(&self, used: &[FunctionUsage]) -> Retention {
+        let mut left = self.clone();
+        for u in used {
+            if let Some(budget) = left.budget_of(&u.namespace) {
+                left.budgets
+                    .insert(u.namespace.clone(), budget.saturating_sub(u.bytes));
+            }
+            let keep = left.keep_of(&u.namespace, &u.function);
+            left.kept.insert(
+                (u.namespace.clone(), u.function.clone()),
+                keep.saturating_sub(u.finished as usize),
+            );
+        }
+        left
+    }
+}
+
+/// What one function's run records take in a store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FunctionUsage {
+    pub namespace: String,
+    pub function: String,
+    pub finished: u64,
+    pub bytes: u64,
 }
 
 /// A registered namespace.
@@ -132,20 +186,13 @@ pub struct Changed {
 /// What a store calls with each [`Changed`].
 pub type OnChange = Box<dyn Fn(Changed) + Send + Sync>;
 
-/// Resources and run records. Every method is a short blocking call.
-pub trait Store: Send + Sync + 'static {
+/// Resources and the namespaces they live in: SQLite in the embedded mode, custom resources on
+/// Kubernetes (DESIGN §8). Every method is a short blocking call.
+pub trait ResourceStore: Send + Sync + 'static {
     /// Registers what to call when a resource is changed from outside this process. A store
     /// that alone holds its resources (SQLite) never calls it; one that keeps them elsewhere
     /// (custom resources on Kubernetes) does, from its watch.
     fn on_external_change(&self, _f: OnChange) {}
-
-    /// Asked when the disk is short: gives space back to the disk where it can (SQLite:
-    /// truncates its write-ahead log after a checkpoint) and answers the bytes it has free
-    /// inside its files and will reuse before it grows them (SQLite's free pages, e.g. after
-    /// a purge). 0 if unknown.
-    fn reclaim(&self) -> u64 {
-        0
-    }
 
     /// One resource, or `None`.
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>>;
@@ -173,6 +220,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes a resource and returns it.
     fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object>;
+
+    /// Registers a namespace; `false` when it exists.
+    fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool>;
+
+    fn list_namespaces(&self) -> Result<Vec<NamespaceRecord>>;
+
+    /// Sets (or, with `None`, clears: the server's default applies) a namespace's own budget
+    /// for run records, registering the namespace (as of `created`) if it has no row yet.
+    fn set_run_history_budget(
+        &self,
+        name: &str,
+        budget: Option<u64>,
+        created: jiff::Timestamp,
+    ) -> Result<()>;
+
+    /// Deletes a namespace with every resource in it (its records: [`RecordStore::delete_records_of`]).
+    fn delete_namespace(&self, name: &str) -> Result<bool>;
+}
+
+/// Run records, the async queue, job executions, events and their deliveries, drivers' state,
+/// tokens and the audit log: the records a server writes, always in SQL. Every method is a
+/// short blocking call.
+pub trait RecordStore: Send + Sync + 'static {
+    /// Asked when the disk is short: gives space back to the disk where it can (SQLite:
+    /// truncates its write-ahead log after a checkpoint) and answers the bytes it has free
+    /// inside its files and will reuse before it grows them (SQLite's free pages, e.g. after
+    /// a purge). 0 if unknown.
+    fn reclaim(&self) -> u64 {
+        0
+    }
 
     /// Inserts or replaces run records, in one transaction.
     fn put_runs(&self, runs: &[Run]) -> Result<()>;
@@ -203,6 +280,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// What run records take, per namespace.
     fn run_usage(&self) -> Result<Vec<RunUsage>> {
+        Ok(Vec::new())
+    }
+
+    /// What run records take, per function.
+    fn function_usage(&self) -> Result<Vec<FunctionUsage>> {
         Ok(Vec::new())
     }
 
@@ -303,23 +385,6 @@ pub trait Store: Send + Sync + 'static {
         at: Option<jiff::Timestamp>,
     ) -> Result<()>;
 
-    /// Registers a namespace; `false` when it exists.
-    fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> Result<bool>;
-
-    fn list_namespaces(&self) -> Result<Vec<NamespaceRecord>>;
-
-    /// Sets (or, with `None`, clears: the server's default applies) a namespace's own budget
-    /// for run records, registering the namespace (as of `created`) if it has no row yet.
-    fn set_run_history_budget(
-        &self,
-        name: &str,
-        budget: Option<u64>,
-        created: jiff::Timestamp,
-    ) -> Result<()>;
-
-    /// Deletes a namespace with every resource, run and job execution in it.
-    fn delete_namespace(&self, name: &str) -> Result<bool>;
-
     /// Stores a new token; `false` when the name is taken.
     fn put_token(&self, token: &ApiToken) -> Result<bool>;
 
@@ -335,4 +400,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes every run of a function (deleting a function deletes its runs).
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64>;
+
+    /// Deletes every record of a namespace: runs, job executions, events and deliveries,
+    /// drivers' cursors and cron state (a deleted namespace's).
+    fn delete_records_of(&self, namespace: &str) -> Result<()>;
 }
+
+/// Both halves in one (SQLite keeps them in one file).
+pub trait Store: ResourceStore + RecordStore {}
+
+impl<T: ResourceStore + RecordStore> Store for T {}

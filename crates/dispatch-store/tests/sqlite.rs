@@ -3,7 +3,10 @@
 use dispatch_core::envelope::null_raw;
 use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
 use dispatch_core::{Kind, Object, Phase, Run, RunStatus, Status, Trigger};
-use dispatch_store::{Redeliver, Retention, RunFilter, SqliteStore, Store, StoreError};
+use dispatch_store::{
+    FunctionUsage, RecordStore, Redeliver, ResourceStore, Retention, RunFilter, SqliteStore,
+    StoreError,
+};
 use serde_json::json;
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
@@ -73,6 +76,8 @@ fn active_runs_callbacks_purge_and_retention() {
         created_before: week_ago,
         keep_per_function: keep,
         max_bytes_per_namespace: None,
+        budgets: Default::default(),
+        kept: Default::default(),
     };
     assert_eq!(s.prune_runs(&rules(1000), 100).unwrap(), 1);
     assert!(s.get_run("default", &e).unwrap().is_none());
@@ -250,6 +255,8 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
         created_before: long_ago,
         keep_per_function: 20,
         max_bytes_per_namespace: None,
+        budgets: Default::default(),
+        kept: Default::default(),
     };
     assert_eq!(s.prune_runs(&rules, 7).unwrap(), 7);
     let mut total = 7;
@@ -278,11 +285,48 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
         kept.iter().any(|r| r.id == queued.id),
         "active runs are never pruned"
     );
+    // Shared bounds: another store holds 15 finished runs of `a` and 4 KiB of the namespace's
+    // records, so `a` keeps 5 here; `b` (10 finished) stays within its 20.
+    let per_fn = |f: &str| {
+        s.function_usage()
+            .unwrap()
+            .into_iter()
+            .find(|u| u.function == f)
+            .unwrap()
+    };
+    assert_eq!((per_fn("a").finished, per_fn("b").finished), (20, 10));
+    let elsewhere = [FunctionUsage {
+        namespace: "default".into(),
+        function: "a".into(),
+        finished: 15,
+        bytes: 4096,
+    }];
+    let shared = rules.less(&elsewhere);
+    assert_eq!(
+        (
+            shared.keep_of("default", "a"),
+            shared.keep_of("default", "b")
+        ),
+        (5, 20)
+    );
+    assert_eq!(
+        Retention {
+            max_bytes_per_namespace: Some(10_000),
+            ..rules.clone()
+        }
+        .less(&elsewhere)
+        .budget_of("default"),
+        Some(10_000 - 4096)
+    );
+    while s.prune_runs(&shared, 7).unwrap() == 7 {}
+    assert_eq!((per_fn("a").finished, per_fn("b").finished), (5, 10));
+    assert_eq!(kept[0].id, all[49].id, "the newest of `a` is still there");
+    assert!(s.get_run("default", &all[49].id).unwrap().is_some());
     // Bytes: a budget of ~10 records' worth leaves the newest finished that fit.
     let one = serde_json::to_string(&all[0]).unwrap().len() as u64;
     let rules = Retention {
         max_bytes_per_namespace: Some(one * 10),
-        ..rules
+        ..rules.clone()
     };
     while s.prune_runs(&rules, 5).unwrap() == 5 {}
     let (runs, _, bytes) = usage(&s);
@@ -305,11 +349,27 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
         .unwrap()
         .len()
     );
+    // A namespace's own budget comes before the server's.
+    let own = Retention {
+        budgets: [("default".to_string(), one * 5)].into(),
+        kept: Default::default(),
+        ..rules.clone()
+    };
+    while s.prune_runs(&own, 5).unwrap() == 5 {}
+    let (_, _, bytes) = usage(&s);
+    assert!(
+        bytes <= one * 5,
+        "the namespace's own budget: {bytes} > {}",
+        one * 5
+    );
+    assert!(bytes > one * 3, "no more than needed went: {bytes}");
     // Age.
     let rules = Retention {
         created_before: jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
         keep_per_function: 1000,
         max_bytes_per_namespace: None,
+        budgets: Default::default(),
+        kept: Default::default(),
     };
     while s.prune_runs(&rules, 3).unwrap() == 3 {}
     assert_eq!(usage(&s).0, 1, "only the queued run is left");

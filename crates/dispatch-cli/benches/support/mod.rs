@@ -8,7 +8,7 @@ use std::sync::Arc;
 use dispatch_client::{Client, Target};
 use dispatch_runtime::LocalBackend;
 use dispatch_server::{Options, Server};
-use dispatch_store::{BlobStore, SqliteStore};
+use dispatch_store::BlobStore;
 use tokio::runtime::Runtime;
 
 pub struct Bench {
@@ -50,13 +50,22 @@ pub fn start(options: Options) -> Bench {
         ..options
     };
     let (server, local) = server_rt.block_on(async {
-        let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+        let stores = dispatch_server::Stores::open(dir.path()).unwrap();
         let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
         let local = LocalBackend::new(dir.path()).unwrap();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         (
-            Server::serve_with(store, blobs, local.clone(), api, gw, options).await,
+            Server::builder()
+                .stores(stores)
+                .blobs(blobs)
+                .backend(local.clone())
+                .api_listener(api)
+                .gateway_listener(gw)
+                .options(options)
+                .start()
+                .await
+                .unwrap(),
             local,
         )
     });

@@ -47,13 +47,12 @@ impl Quickstart {
                 tmp.path().to_path_buf()
             }
         };
-        let config = dispatch_server::Config {
-            data_dir: data_dir.clone(),
-            api_addr: self.api_addr,
-            gateway_addr: self.gateway_addr,
-            options: dispatch_server::Options::default(),
-        };
-        let server = dispatch_server::Server::start(&config).await?;
+        let server = dispatch_server::Server::builder()
+            .data_dir(&data_dir)
+            .api_addr(self.api_addr)
+            .gateway_addr(self.gateway_addr)
+            .start()
+            .await?;
         let api = format!("http://{}", server.api_addr);
         let gateway = format!("http://{}", server.gateway_addr);
         // The admin token of this data dir (written on its first start).

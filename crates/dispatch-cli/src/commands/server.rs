@@ -191,10 +191,17 @@ impl Server {
     }
 }
 
+/// What the Kubernetes mode puts in place of the embedded parts.
+#[derive(Default)]
+struct Parts {
+    backend: Option<std::sync::Arc<dyn dispatch_runtime::Backend>>,
+    resources: Option<dispatch_server::ResourcesFactory>,
+}
+
 impl Server {
     /// The Kubernetes backend and custom-resource store when asked for (none: the embedded
     /// parts).
-    async fn parts(&self) -> Result<dispatch_server::Parts> {
+    async fn parts(&self) -> Result<Parts> {
         if self.backend != "kubernetes" {
             if self.registry.is_some()
                 || self.knative
@@ -207,7 +214,7 @@ impl Server {
                      --pull-secret need --backend kubernetes"
                 );
             }
-            return Ok(dispatch_server::Parts::default());
+            return Ok(Parts::default());
         }
         let client = kube::Client::try_default().await.context(
             "connecting to Kubernetes (in-cluster service account, else KUBECONFIG or ~/.kube/config)",
@@ -232,13 +239,13 @@ impl Server {
         ));
         options.job_owners = true;
         let backend = dispatch_k8s::backend::KubernetesBackend::new(client.clone(), options);
-        let resources: dispatch_server::ResourceStore = Box::new(move |sql| {
+        let resources: dispatch_server::ResourcesFactory = Box::new(move |sql| {
             Box::pin(async move {
                 let store = dispatch_k8s::store::CrStore::start(client, sql).await?;
-                Ok(std::sync::Arc::new(store) as std::sync::Arc<dyn dispatch_store::Store>)
+                Ok(std::sync::Arc::new(store) as std::sync::Arc<dyn dispatch_store::ResourceStore>)
             })
         });
-        Ok(dispatch_server::Parts {
+        Ok(Parts {
             backend: Some(backend),
             resources: Some(resources),
         })
@@ -304,7 +311,18 @@ impl Server {
             config.gateway_addr,
             config.data_dir.display()
         );
-        let server = dispatch_server::Server::start_with(&config, parts).await?;
+        let mut builder = dispatch_server::Server::builder()
+            .data_dir(&config.data_dir)
+            .api_addr(config.api_addr)
+            .gateway_addr(config.gateway_addr)
+            .options(config.options.clone());
+        if let Some(b) = parts.backend {
+            builder = builder.backend(b);
+        }
+        if let Some(r) = parts.resources {
+            builder = builder.resources(r);
+        }
+        let server = builder.start().await?;
         if let Some(file) = &server.admin_token_file {
             eprintln!(
                 "first start: an admin token was written to {} (mode 0600); use it with\n  export DISPATCH_TOKEN=$(cat {})\n  or: dispatch login --server http://{} --token $(cat {})",

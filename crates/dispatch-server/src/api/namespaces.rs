@@ -88,7 +88,7 @@ fn view(
 
 /// What every namespace's run records take.
 async fn usage(state: &AppState) -> Result<Vec<dispatch_store::RunUsage>, ApiError> {
-    state.db(|s| s.run_usage()).await
+    state.run_usage().await
 }
 
 pub async fn list(
@@ -202,7 +202,7 @@ pub async fn delete(
     let cascade = q.get("cascade").is_some_and(|v| v == "true");
     let nsc = ns.clone();
     let contents = state
-        .db(move |s| {
+        .res(move |s| {
             let mut found = Vec::new();
             for kind in Kind::ALL {
                 for o in s.list(Some(&nsc), kind)? {

@@ -55,7 +55,7 @@ pub async fn list(
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
     let nsc = ns.clone();
-    let mut items = state.db(move |s| s.list(Some(&nsc), kind)).await?;
+    let mut items = state.res(move |s| s.list(Some(&nsc), kind)).await?;
     if kind == Kind::BaseImage {
         items.extend(
             BUILTIN_BASE_IMAGES
@@ -176,7 +176,7 @@ pub async fn create(
         hide_secret(&mut obj);
         return Ok((StatusCode::CREATED, Json(obj)).into_response());
     }
-    let stored = state.db(move |s| s.create(obj)).await?;
+    let stored = state.res(move |s| s.create(obj)).await?;
     stored_changed(&state, &stored).await?;
     Ok((StatusCode::CREATED, Json(stored)).into_response())
 }
@@ -271,7 +271,7 @@ async fn replace(
         hide_secret(&mut obj);
         return Ok(obj);
     }
-    let stored = state.db(move |s| s.update(obj)).await?;
+    let stored = state.res(move |s| s.update(obj)).await?;
     stored_changed(state, &stored).await?;
     Ok(stored)
 }
@@ -308,7 +308,7 @@ async fn users(
     name: &str,
 ) -> Result<Vec<String>, ApiError> {
     let nsc = ns.to_string();
-    let all = state.db(move |s| s.list(Some(&nsc), kind)).await?;
+    let all = state.res(move |s| s.list(Some(&nsc), kind)).await?;
     Ok(all
         .into_iter()
         .filter(|o| o.spec.get(field).and_then(|v| v.as_str()) == Some(name))
@@ -353,7 +353,7 @@ pub async fn delete(
         Kind::Secret => {
             let nsc = ns.clone();
             let functions = state
-                .db(move |s| s.list(Some(&nsc), Kind::Function))
+                .res(move |s| s.list(Some(&nsc), Kind::Function))
                 .await?;
             let users: Vec<String> = functions
                 .into_iter()
@@ -378,7 +378,7 @@ pub async fn delete(
         }
     }
     let (nsc, namec) = (ns.clone(), name.clone());
-    let deleted = state.db(move |s| s.delete(&nsc, kind, &namec)).await?;
+    let deleted = state.res(move |s| s.delete(&nsc, kind, &namec)).await?;
     forget(&state, &ns, kind, &name).await?;
     Ok(Json(deleted))
 }
@@ -398,8 +398,7 @@ pub(crate) async fn forget(
             state.queue.forget_function(ns, name);
             state.backend.remove_function(ns, name).await;
             state.recorder.flush().await;
-            let (nsc, namec) = (ns.to_string(), name.to_string());
-            state.db(move |s| s.delete_runs_of(&nsc, &namec)).await?;
+            state.delete_runs_of(ns, name).await?;
         }
         Kind::Endpoint => state.set_route(ns, name, None),
         Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
@@ -438,7 +437,7 @@ pub(crate) async fn changed_elsewhere(
         let mut normal = stored.clone();
         match normal.validate() {
             Ok(()) if normal.spec != stored.spec => {
-                match state.db(move |s| s.update(normal)).await {
+                match state.res(move |s| s.update(normal)).await {
                     Ok(o) => stored = o,
                     // Changed again meanwhile: that change comes next.
                     Err(e) if e.status == StatusCode::CONFLICT => return Ok(()),
@@ -457,7 +456,7 @@ pub(crate) async fn changed_elsewhere(
                 };
                 let (n, m) = (ns.to_string(), name.to_string());
                 state
-                    .db(move |s| s.update_status(&n, kind, &m, status))
+                    .res(move |s| s.update_status(&n, kind, &m, status))
                     .await?;
                 return Ok(());
             }

@@ -199,7 +199,7 @@ pub async fn redrive_all(
         limit: Some(100_000),
         ..Default::default()
     };
-    let dead = state.db(move |s| s.list_runs(&ns, &filter)).await?;
+    let dead = state.list_runs(&ns, filter).await?;
     let mut ids = Vec::new();
     for run in dead {
         ids.push(queue::redrive(&state, run).await?.id);
@@ -222,9 +222,7 @@ pub async fn purge(
     }
     let function = q.get("function").cloned();
     state.recorder.flush().await;
-    let n = state
-        .db(move |s| s.purge_runs(&ns, function.as_deref(), status))
-        .await?;
+    let n = state.purge_runs(&ns, function, status).await?;
     Ok(Json(serde_json::json!({"deleted": n})))
 }
 
@@ -279,7 +277,7 @@ pub async fn list(
         until: q.get("until").map(|t| parse_time("until", t)).transpose()?,
     };
     state.recorder.flush().await;
-    Ok(Json(state.db(move |s| s.list_runs(&ns, &filter)).await?))
+    Ok(Json(state.list_runs(&ns, filter).await?))
 }
 
 /// A time of `?since=` / `?until=`: RFC 3339 (`2026-12-05T10:00:00Z`) or a duration ago
@@ -301,13 +299,13 @@ fn parse_time(name: &str, s: &str) -> Result<jiff::Timestamp, ApiError> {
 
 async fn find_run(state: &AppState, ns: String, id: String) -> Result<Run, ApiError> {
     check_namespace(&ns)?;
-    let lookup = |ns: String, id: String| state.db(move |s| s.get_run(&ns, &id));
-    if let Some(r) = lookup(ns.clone(), id.clone()).await? {
+    if let Some(r) = state.get_run(&ns, &id).await? {
         return Ok(r);
     }
     // It may still be on its way to the store.
     state.recorder.flush().await;
-    lookup(ns.clone(), id.clone())
+    state
+        .get_run(&ns, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("run {id:?} not found in namespace {ns:?}")))
 }

@@ -12,7 +12,7 @@ use dispatch_client::{Client, Target, pack};
 use dispatch_core::{Kind, Object, Phase};
 use dispatch_runtime::{Backend, LocalBackend};
 use dispatch_server::Server;
-use dispatch_store::{BlobStore, SqliteStore, Store};
+use dispatch_store::BlobStore;
 
 pub const HELLO_PY: &str = include_str!("../../../../examples/python3/hello.py");
 pub const HELLO_JS: &str = include_str!("../../../../examples/nodejs/hello.js");
@@ -50,8 +50,7 @@ pub async fn start_with(
         .secret_key_file
         .get_or_insert_with(|| dir.path().join("secret.key"));
     options.jobs_dir = dir.path().join("jobs");
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+    let stores = dispatch_server::Stores::open(dir.path()).unwrap();
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
     let local = LocalBackend::new(dir.path()).unwrap();
     let sandboxes = sandboxes(dir.path()).await;
@@ -60,7 +59,16 @@ pub async fn start_with(
     let backend: Arc<dyn Backend> = local.clone();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = Server::serve_with(store, blobs, backend, api, gw, options).await;
+    let server = Server::builder()
+        .stores(stores)
+        .blobs(blobs)
+        .backend(backend)
+        .api_listener(api)
+        .gateway_listener(gw)
+        .options(options)
+        .start()
+        .await
+        .unwrap();
     let client = Client::new(&Target {
         server: format!("http://{}", server.api_addr),
         token: None,

@@ -349,9 +349,7 @@ async fn setup(sandboxed: bool) -> Result<Setup> {
     let dir = tempfile::Builder::new()
         .prefix("dispatch-bench-")
         .tempdir()?;
-    let store = Arc::new(dispatch_store::SqliteStore::open(
-        &dir.path().join("dispatch.db"),
-    )?);
+    let stores = dispatch_server::Stores::open(dir.path())?;
     let blobs = dispatch_store::BlobStore::open(dir.path().join("blobs"))?;
     let local = LocalBackend::new(dir.path())?;
     let sandboxes = if sandboxed {
@@ -378,9 +376,15 @@ async fn setup(sandboxed: bool) -> Result<Setup> {
         sandboxes,
         ..Default::default()
     };
-    let server =
-        dispatch_server::Server::serve_with(store, blobs, local.clone(), api_l, gw_l, options)
-            .await;
+    let server = dispatch_server::Server::builder()
+        .stores(stores)
+        .blobs(blobs)
+        .backend(local.clone())
+        .api_listener(api_l)
+        .gateway_listener(gw_l)
+        .options(options)
+        .start()
+        .await?;
     let client = Client::new(&Target {
         server: format!("http://{}", server.api_addr),
         token: None,

@@ -157,12 +157,18 @@ impl ServerProcess {
             .and_then(|v| v.parse().ok())
     }
 
-    /// Bytes of the SQLite database (with its WAL) and of the whole data dir.
+    /// Bytes of the SQLite databases (records and history, with their WALs) and of the
+    /// whole data dir.
     pub fn disk(&self) -> (u64, u64) {
-        let db = ["dispatch.db", "dispatch.db-wal"]
-            .iter()
-            .map(|f| std::fs::metadata(self.data_dir.join(f)).map_or(0, |m| m.len()))
-            .sum();
+        let db = [
+            "dispatch.db",
+            "dispatch.db-wal",
+            "history.db",
+            "history.db-wal",
+        ]
+        .iter()
+        .map(|f| std::fs::metadata(self.data_dir.join(f)).map_or(0, |m| m.len()))
+        .sum();
         (db, dir_bytes(&self.data_dir))
     }
 

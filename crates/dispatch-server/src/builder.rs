@@ -1,0 +1,366 @@
+//! The composition root: [`ServerBuilder`] opens (or takes) the stores, the blobs and the
+//! backend, builds the [`AppState`], wires start-up (controller, recoveries, background tasks)
+//! and serves the API and the gateway. Every way of starting a server — `dispatch server`,
+//! the Kubernetes mode, quickstart, benchmarks, tests — goes through it.
+//!
+//! Start-up order: stores → state (recorder, event writer) → controller → external-change
+//! feed → route table → every stored resource handed to the controller → namespaces → tokens
+//! → recoveries (queue, callbacks, jobs, events) → background tasks → ready → listeners.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dispatch_core::Kind;
+use dispatch_runtime::{Backend, LocalBackend};
+use dispatch_store::{BlobStore, RecordStore, ResourceStore, SqliteStore, StoreError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::controller::Key;
+use crate::queue::Queue;
+use crate::state::{AppState, Options, Stores};
+use crate::{Server, ServerError, api, gateway, gc, secrets, serve};
+
+/// Wraps the SQL store of the data dir into the store of resources the server uses (the
+/// Kubernetes mode: custom resources; the SQL store keeps namespaces' rows).
+pub type ResourcesFactory = Box<
+    dyn FnOnce(
+            Arc<dyn ResourceStore>,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            Result<Arc<dyn ResourceStore>, StoreError>,
+        > + Send,
+>;
+
+enum Listen {
+    Addr(SocketAddr),
+    Bound(TcpListener),
+}
+
+/// How a server starts. With a data dir, whatever is not given is the embedded default:
+/// `dispatch.db` (resources and records) and `history.db` (sync calls' history) in it, its
+/// `blobs/`, local worker processes, its `secret.key`, `jobs/` and, with auth on, a first
+/// admin token. Without one, stores, blobs and a backend must be given.
+pub struct ServerBuilder {
+    data_dir: Option<PathBuf>,
+    api: Listen,
+    gateway: Listen,
+    options: Options,
+    stores: Option<Stores>,
+    resources: Option<ResourcesFactory>,
+    blobs: Option<BlobStore>,
+    backend: Option<Arc<dyn Backend>>,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        ServerBuilder {
+            data_dir: None,
+            api: Listen::Addr(([127, 0, 0, 1], 0).into()),
+            gateway: Listen::Addr(([127, 0, 0, 1], 0).into()),
+            options: Options::default(),
+            stores: None,
+            resources: None,
+            blobs: None,
+            backend: None,
+        }
+    }
+}
+
+impl Stores {
+    /// The embedded stores of a data dir: `dispatch.db` and `history.db`.
+    pub fn open(dir: &std::path::Path) -> Result<Stores, StoreError> {
+        let main = Arc::new(SqliteStore::open(&dir.join("dispatch.db"))?);
+        let history: Arc<dyn RecordStore> = Arc::new(SqliteStore::open(&dir.join("history.db"))?);
+        Ok(Stores {
+            resources: main.clone(),
+            records: main,
+            history,
+        })
+    }
+}
+
+impl ServerBuilder {
+    /// Where the embedded parts live (see the type's docs).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Listen for the API on this address (default 127.0.0.1, a free port).
+    pub fn api_addr(mut self, addr: SocketAddr) -> Self {
+        self.api = Listen::Addr(addr);
+        self
+    }
+
+    pub fn gateway_addr(mut self, addr: SocketAddr) -> Self {
+        self.gateway = Listen::Addr(addr);
+        self
+    }
+
+    /// Serve the API on a listener the caller bound.
+    pub fn api_listener(mut self, l: TcpListener) -> Self {
+        self.api = Listen::Bound(l);
+        self
+    }
+
+    pub fn gateway_listener(mut self, l: TcpListener) -> Self {
+        self.gateway = Listen::Bound(l);
+        self
+    }
+
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn stores(mut self, stores: Stores) -> Self {
+        self.stores = Some(stores);
+        self
+    }
+
+    /// Keep resources elsewhere (see [`ResourcesFactory`]).
+    pub fn resources(mut self, f: ResourcesFactory) -> Self {
+        self.resources = Some(f);
+        self
+    }
+
+    pub fn blobs(mut self, blobs: BlobStore) -> Self {
+        self.blobs = Some(blobs);
+        self
+    }
+
+    /// Run functions with this backend (default: local worker processes).
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Opens what is missing, binds both listeners, wires start-up and serves. Returns once
+    /// the server accepts connections (`/readyz` answers 200 once every stored resource has
+    /// been handed to the controller).
+    pub async fn start(mut self) -> Result<Server, ServerError> {
+        let api = std::mem::replace(&mut self.api, Listen::Addr(([127, 0, 0, 1], 0).into()));
+        let gateway =
+            std::mem::replace(&mut self.gateway, Listen::Addr(([127, 0, 0, 1], 0).into()));
+        let admin_token_file = self.prepare().await?;
+        let api = listen("api", api).await?;
+        let gateway = listen("gateway", gateway).await?;
+        let mut server = serve_state(self.build().await?, api, gateway);
+        server.admin_token_file = admin_token_file;
+        Ok(server)
+    }
+
+    /// The state, started (controller, recoveries, background tasks) but not served: for
+    /// tests that drive the routers or the state themselves.
+    pub async fn state(mut self) -> Result<Arc<AppState>, ServerError> {
+        self.prepare().await?;
+        self.build().await
+    }
+
+    /// Opens the embedded parts of the data dir that were not given; the first admin token
+    /// (before serving: /readyz must not answer before its file exists).
+    async fn prepare(&mut self) -> Result<Option<PathBuf>, ServerError> {
+        let Some(dir) = self.data_dir.clone() else {
+            return Ok(None);
+        };
+        crate::private_data_dir(&dir)?;
+        let store_err = |source| ServerError::Store {
+            path: dir.display().to_string(),
+            source,
+        };
+        if self.stores.is_none() {
+            let mut stores = Stores::open(&dir).map_err(store_err)?;
+            if let Some(resources) = self.resources.take() {
+                stores.resources = resources(stores.resources).await.map_err(store_err)?;
+            }
+            self.stores = Some(stores);
+        }
+        if self.blobs.is_none() {
+            self.blobs = Some(BlobStore::open(dir.join("blobs")).map_err(store_err)?);
+        }
+        if self.backend.is_none() {
+            let o = &self.options;
+            let local = LocalBackend::new(&dir).map_err(|source| ServerError::Runtime {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            local.spawn_reaper();
+            local.set_max_waiting_calls(o.max_waiting_calls);
+            local.set_sandboxes(o.sandboxes.clone());
+            local.set_worker_budget(
+                o.max_workers_total,
+                o.worker_memory_budget
+                    .unwrap_or_else(dispatch_runtime::budget::default_memory_budget),
+            );
+            self.backend = Some(local);
+        }
+        let o = &mut self.options;
+        o.jobs_dir = dir.join("jobs");
+        o.data_dir = Some(dir.clone());
+        let key_file = dir.join("secret.key");
+        secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
+        o.secret_key_file = Some(key_file);
+        match (&self.stores, o.auth) {
+            (Some(s), true) => crate::first_admin_token(s.records.as_ref(), &dir),
+            _ => Ok(None),
+        }
+    }
+
+    async fn build(self) -> Result<Arc<AppState>, ServerError> {
+        let missing = |what: &str| ServerError::Incomplete {
+            detail: format!("no {what}: give one, or a data dir"),
+        };
+        let stores = self.stores.ok_or_else(|| missing("stores"))?;
+        let blobs = self.blobs.ok_or_else(|| missing("blob store"))?;
+        let backend = self.backend.ok_or_else(|| missing("backend"))?;
+        let (state, keys) = AppState::new(stores, blobs, backend, self.options);
+        launch(&state, keys).await;
+        Ok(state)
+    }
+}
+
+async fn listen(what: &'static str, l: Listen) -> Result<TcpListener, ServerError> {
+    match l {
+        Listen::Bound(l) => Ok(l),
+        Listen::Addr(addr) => TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { what, addr, source }),
+    }
+}
+
+/// Start-up: the controller, the feed of external changes, the route table, every stored
+/// resource handed to the controller (so that a restart redeploys), namespaces, tokens, the
+/// recoveries, then the background tasks; ready at the end.
+async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceiver<Key>) {
+    state.controller.spawn(state.clone(), keys);
+    // Before the first list, so that nothing changed after it is missed (handled once
+    // start-up is done).
+    let (changes_tx, changes) = tokio::sync::mpsc::unbounded_channel();
+    state
+        .stores
+        .resources
+        .on_external_change(Box::new(move |c| {
+            let _ = changes_tx.send(c);
+        }));
+    if let Err(e) = state.rebuild_routes().await {
+        tracing::error!("failed to load endpoints: {}", e.message);
+    }
+    let store = state.stores.resources.clone();
+    let all = tokio::task::spawn_blocking(move || {
+        let mut keys = Vec::new();
+        for kind in Kind::ALL {
+            for o in store.list(None, kind)? {
+                keys.push(Key::of(&o));
+            }
+        }
+        Ok::<_, StoreError>(keys)
+    })
+    .await;
+    match all {
+        Ok(Ok(keys)) => keys.into_iter().for_each(|k| state.enqueue(k)),
+        Ok(Err(e)) => tracing::error!("failed to list stored resources: {e}"),
+        Err(e) => tracing::error!("failed to list stored resources: {e}"),
+    }
+    if let Err(e) = state.load_namespaces().await {
+        tracing::error!("failed to load namespaces: {}", e.message);
+    }
+    match state.db(|s| s.list_tokens()).await {
+        Ok(all) => state.tokens.replace_all(all),
+        Err(e) => tracing::error!("failed to load API tokens: {}", e.message),
+    }
+    crate::queue::recover(state).await;
+    crate::callbacks::resume(state).await;
+    crate::jobs::recover(state).await;
+    if let Err(e) = crate::events::rebuild(state).await {
+        tracing::error!("failed to load subscriptions: {}", e.message);
+    }
+    crate::events::recover(state).await;
+    let tasks = vec![
+        tokio::spawn(external_changes(state.clone(), changes)),
+        Queue::spawn(state.clone()),
+        Queue::spawn_expiry(state.clone()),
+        crate::retention::spawn(state.clone()),
+        crate::events::spawn_cron(state.clone(), state.cron_wake.clone()),
+        crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
+        crate::deliveries::spawn(state.clone()),
+    ];
+    *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+    state.ready.store(true, Ordering::Release);
+}
+
+/// Serves a started state on the two listeners.
+fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> Server {
+    let gc_task = gc::spawn_periodic(state.clone());
+    let (shutdown, rx) = watch::channel(false);
+    let api_addr = api
+        .local_addr()
+        .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+    let gateway_addr = gateway
+        .local_addr()
+        .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+    let limits = state.config.edge.clone();
+    let (open_files, hard) = serve::raise_open_files_limit();
+    let oom_protected = serve::protect_from_oom_killer();
+    let (gw_cap, api_cap) = limits.caps(open_files);
+    let tls = state.config.tls.clone();
+    let metrics = &state.metrics;
+    let api_task = tokio::spawn(serve::serve(
+        api,
+        tls.clone(),
+        api::router(state.clone()),
+        serve::Edge::Api,
+        api_cap,
+        limits.clone(),
+        metrics.edge(serve::Edge::Api),
+        rx.clone(),
+    ));
+    let gw_task = tokio::spawn(serve::serve(
+        gateway,
+        tls,
+        gateway::router(state.clone()),
+        serve::Edge::Gateway,
+        gw_cap,
+        limits,
+        metrics.edge(serve::Edge::Gateway),
+        rx,
+    ));
+    tracing::info!(%api_addr, %gateway_addr, backend = state.backend.name(), "dispatch server ready");
+    tracing::info!(
+        open_files,
+        open_files_hard = hard,
+        gateway_connections = gw_cap,
+        api_connections = api_cap,
+        oom_protected,
+        "connection caps (open-files limit raised to its hard limit); oom_protected: the \
+             server's OOM score is below its workers'"
+    );
+    Server {
+        admin_token_file: None,
+        api_addr,
+        gateway_addr,
+        state,
+        shutdown,
+        gc_task,
+        api: api_task,
+        gateway: gw_task,
+    }
+}
+
+/// Resources changed outside this server (the store's watch), one at a time, in order.
+async fn external_changes(
+    state: Arc<AppState>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<dispatch_store::Changed>,
+) {
+    while let Some(change) = changes.recv().await {
+        let what = format!("{} {:?}", change.kind.human(), change.name);
+        if let Err(e) = crate::api::resources::changed_elsewhere(&state, change).await {
+            tracing::error!(
+                "failed to take in a change to {what} made outside this server: {}",
+                e.message
+            );
+        }
+    }
+}
