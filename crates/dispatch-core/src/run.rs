@@ -168,6 +168,10 @@ pub struct Run {
     /// Event runs: the CloudEvent without its data (`context.event`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<serde_json::Value>,
+    /// Async gateway runs: the request as the gateway saw it (`context.httpContext`; the
+    /// `authorization`, `cookie` and `proxy-authorization` headers are never in it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_context: Option<serde_json::Value>,
     /// Delivery of the final record to a callback URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
@@ -206,6 +210,7 @@ impl Run {
             next_attempt_at: None,
             redriven_at: None,
             event: None,
+            http_context: None,
             callback: None,
         }
     }

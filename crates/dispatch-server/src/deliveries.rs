@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::ApiError;
+use crate::invoke::Invocation;
 use crate::state::AppState;
 
 /// The first wait after a refused try, doubled per refusal up to [`BACKOFF_MAX`]; room in
@@ -384,16 +385,14 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
             }
             continue;
         };
-        let admitted = crate::queue::admit(
-            state,
+        let inv = Invocation::new(
             &d.namespace,
             &d.function,
             crate::events::payload_of(&event.event),
             trigger_of(&d.source),
-            None,
-            Some(event.event.attributes()),
         )
-        .await;
+        .event(event.event.attributes());
+        let admitted = crate::queue::admit(state, inv).await;
         match admitted {
             Ok(run) => batch.push((d, run)),
             Err(e) => {

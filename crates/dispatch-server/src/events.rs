@@ -20,6 +20,7 @@ use dispatch_core::{Kind, Object};
 use tokio::sync::Notify;
 
 use crate::error::ApiError;
+use crate::invoke::Invocation;
 use crate::state::AppState;
 
 /// Subscriptions and webhook drivers, rebuilt whole on every change.
@@ -136,17 +137,10 @@ async fn accept(
         if state.deliveries.has_pending(ns, &d.subscription) {
             d.error = Some("earlier deliveries of its subscription wait".into());
         } else {
-            match crate::queue::admit(
-                state,
-                ns,
-                &d.function,
-                payload.clone(),
-                crate::deliveries::trigger_of(&event.source),
-                None,
-                Some(attrs.clone()),
-            )
-            .await
-            {
+            let trigger = crate::deliveries::trigger_of(&event.source);
+            let inv =
+                Invocation::new(ns, &d.function, payload.clone(), trigger).event(attrs.clone());
+            match crate::queue::admit(state, inv).await {
                 Ok(run) => {
                     d.state = DeliveryState::Queued;
                     d.run_id = Some(run.id.clone());

@@ -13,7 +13,7 @@ use dispatch_core::{ErrorType, MAX_PAYLOAD_BYTES, Trigger};
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
-use crate::invoke::{self, Call};
+use crate::invoke::{self, Invocation};
 use crate::routes::Lookup;
 use crate::state::AppState;
 
@@ -137,26 +137,6 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         .get("x-dispatch-blocking")
         .and_then(|v| v.to_str().ok())
         .is_none_or(|v| !v.eq_ignore_ascii_case("false"));
-    if !blocking {
-        // An async run (DESIGN §4): 202 with its id once it is durably queued.
-        let mut resp = match crate::queue::enqueue(
-            &state,
-            &m.route.namespace,
-            &m.route.function,
-            payload,
-            Trigger::Endpoint,
-            None,
-        )
-        .await
-        {
-            Ok(run) => crate::api::accepted(&run),
-            Err(e) => e.into_response(),
-        };
-        if m.route.cors {
-            cors_headers(resp.headers_mut());
-        }
-        return resp;
-    }
     let headers: BTreeMap<&str, &str> = parts
         .headers
         .iter()
@@ -176,13 +156,25 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         "params": params,
         "endpoint": m.route.endpoint,
     });
-    let call = Call {
-        namespace: m.route.namespace.clone(),
-        function: m.route.function.clone(),
+    let call = Invocation::new(
+        &m.route.namespace,
+        &m.route.function,
         payload,
-        http: Some(http),
-        trigger: Trigger::Endpoint,
-    };
+        Trigger::Endpoint,
+    )
+    .http(http);
+    if !blocking {
+        // An async run (DESIGN §4): 202 with its id once it is durably queued; the handler
+        // gets the same httpContext when it runs.
+        let mut resp = match crate::queue::enqueue(&state, call).await {
+            Ok(run) => crate::api::accepted(&run),
+            Err(e) => e.into_response(),
+        };
+        if m.route.cors {
+            cors_headers(resp.headers_mut());
+        }
+        return resp;
+    }
     let cors = m.route.cors;
     let mut resp = match invoke::execute(&state, call).await {
         Ok(answer) => {

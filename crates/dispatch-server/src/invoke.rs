@@ -1,6 +1,8 @@
-//! One function call, shared by the API (`POST …/runs`), the gateway and the async queue:
-//! build the context, call the backend. [`execute`] is the synchronous path: it also hands
-//! the run record to the recorder (off the hot path) and answers the envelope.
+//! One function call, shared by the API (`POST …/runs`), the gateway, events, cron and the
+//! async queue: an [`Invocation`] says what to call with what; [`execute`] runs it now (the
+//! synchronous path: it also hands the run record to the recorder, off the hot path, and
+//! answers the envelope), `queue::enqueue` accepts it for later. Either way the handler gets
+//! the same context, built by [`call_backend`].
 
 use std::time::{Duration, Instant};
 
@@ -13,13 +15,47 @@ use serde_json::value::RawValue;
 use crate::error::ApiError;
 use crate::state::{AppState, Deployed};
 
-pub struct Call {
+/// One call of a function, whoever asks for it and whenever it runs.
+pub struct Invocation {
     pub namespace: String,
     pub function: String,
     pub payload: Box<RawValue>,
+    pub trigger: Trigger,
     /// The gateway's request description (`context.httpContext`).
     pub http: Option<serde_json::Value>,
-    pub trigger: Trigger,
+    /// The CloudEvent without its data (`context.event`).
+    pub event: Option<serde_json::Value>,
+    /// Async only: where the final record is POSTed (before the function's `callbackUrl`).
+    pub callback: Option<String>,
+}
+
+impl Invocation {
+    pub fn new(namespace: &str, function: &str, payload: Box<RawValue>, trigger: Trigger) -> Self {
+        Invocation {
+            namespace: namespace.to_string(),
+            function: function.to_string(),
+            payload,
+            trigger,
+            http: None,
+            event: None,
+            callback: None,
+        }
+    }
+
+    pub fn http(mut self, http: serde_json::Value) -> Self {
+        self.http = Some(http);
+        self
+    }
+
+    pub fn event(mut self, event: serde_json::Value) -> Self {
+        self.event = Some(event);
+        self
+    }
+
+    pub fn callback(mut self, url: Option<String>) -> Self {
+        self.callback = url;
+        self
+    }
 }
 
 pub struct Answer {
@@ -165,7 +201,9 @@ pub fn apply_outcome(
     }
 }
 
-pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
+/// Runs an invocation now. Its sync record keeps no `httpContext` (history stays small); the
+/// handler gets it all the same.
+pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, ApiError> {
     if call.payload.get().len() > MAX_PAYLOAD_BYTES {
         return Err(payload_too_large());
     }
@@ -182,6 +220,7 @@ pub async fn execute(state: &AppState, call: Call) -> Result<Answer, ApiError> {
         created,
     );
     run.attempts = 1;
+    run.event = call.event;
     let outcome = match call_backend(state, &deployed, &run, call.http.as_ref()).await {
         Ok(o) => o,
         Err(InvokeError::NotDeployed { .. }) => {

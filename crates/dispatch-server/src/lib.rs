@@ -43,6 +43,7 @@ use tokio::sync::watch;
 
 pub use builder::{ResourcesFactory, ServerBuilder};
 pub use error::ApiError;
+pub use invoke::Invocation;
 pub use state::{AppState, Options, Stores};
 
 /// How long in-flight calls may take to finish after a shutdown signal.

@@ -25,10 +25,9 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use dispatch_core::{
     AttemptError, Callback, CallbackState, ErrorObject, ErrorType, FunctionSpec, Kind, Retry, Run,
-    RunStatus, Trigger,
+    RunStatus,
 };
 use dispatch_runtime::InvokeError;
-use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
@@ -36,7 +35,7 @@ pub use dispatch_core::run::{FunctionQueue, Refused};
 
 use crate::clock::Clock;
 use crate::error::ApiError;
-use crate::invoke::{apply_outcome, call_backend};
+use crate::invoke::{Invocation, apply_outcome, call_backend};
 use crate::state::AppState;
 
 /// Namespace and function.
@@ -708,7 +707,7 @@ async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         }
         return;
     }
-    let outcome = call_backend(&state, &deployed, &run, None).await;
+    let outcome = call_backend(&state, &deployed, &run, run.http_context.as_ref()).await;
     // Claim the end of the attempt; a cancel that came first owns the record.
     slot.2 = false;
     if !q.finish(&id) {
@@ -789,29 +788,10 @@ async fn expire(state: &Arc<AppState>, mut run: Run, retry: &Retry) {
     finalize(state, run).await;
 }
 
-/// Accepts an async run: committed before this returns (the 202).
-pub async fn enqueue(
-    state: &Arc<AppState>,
-    ns: &str,
-    function: &str,
-    payload: Box<RawValue>,
-    trigger: Trigger,
-    callback_url: Option<String>,
-) -> Result<Run, ApiError> {
-    enqueue_with(state, ns, function, payload, trigger, callback_url, None).await
-}
-
-/// [`enqueue`] with the event that caused the run (`context.event`).
-pub async fn enqueue_with(
-    state: &Arc<AppState>,
-    ns: &str,
-    function: &str,
-    payload: Box<RawValue>,
-    trigger: Trigger,
-    callback_url: Option<String>,
-    event: Option<serde_json::Value>,
-) -> Result<Run, ApiError> {
-    let run = admit(state, ns, function, payload, trigger, callback_url, event).await?;
+/// Accepts an invocation for later: admitted to the queue's bounds, stored durably, then
+/// pushed to the scheduler. Refused as [`admit`] says, or when the store refuses it.
+pub async fn enqueue(state: &Arc<AppState>, inv: Invocation) -> Result<Run, ApiError> {
+    let run = admit(state, inv).await?;
     if !state.recorder.record_durable(run.clone()).await {
         state.queue.retire(&run.id);
         // Refused for want of space: say so (507), not "internal".
@@ -834,15 +814,17 @@ fn run_not_stored() -> ApiError {
 /// A new async run admitted to the queue's bounds (it counts from here) and not stored yet:
 /// the caller stores it and then [`Queue::push`]es it, or [`Queue::retire`]s it. Refused
 /// with 404 (no such function), 413 (payload), 507 (disk) or 429 (`QueueFull`).
-pub async fn admit(
-    state: &Arc<AppState>,
-    ns: &str,
-    function: &str,
-    payload: Box<RawValue>,
-    trigger: Trigger,
-    callback_url: Option<String>,
-    event: Option<serde_json::Value>,
-) -> Result<Run, ApiError> {
+pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, ApiError> {
+    let Invocation {
+        namespace,
+        function,
+        payload,
+        trigger,
+        http,
+        event,
+        callback: callback_url,
+    } = inv;
+    let (ns, function) = (namespace.as_str(), function.as_str());
     let (spec_callback, max_queued) = match state.deployed(ns, function) {
         Some(d) => (d.callback_url.clone(), d.max_queued),
         None => {
@@ -875,6 +857,7 @@ pub async fn admit(
     let mut run = Run::new(id, ns, function, trigger, payload, state.queue.clock.now());
     run.is_async = true;
     run.event = event;
+    run.http_context = http;
     run.callback = callback_url.or(spec_callback).map(|url| Callback {
         url,
         state: CallbackState::Pending,

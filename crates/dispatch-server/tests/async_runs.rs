@@ -589,3 +589,61 @@ async fn gateway_async_calls_and_retention() {
     assert_eq!(left.len(), 2);
     t.stop().await;
 }
+
+/// DESIGN §4: a gateway run gets `context.httpContext` whether it runs now or later; an
+/// async one keeps it in its record (without the credential headers) until it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_gateway_runs_carry_the_http_context() {
+    const ECHO_HTTP: &str = r#"
+def handle(context, payload):
+    return context.get("httpContext")
+"#;
+    let t = start_with(tempfile::tempdir().unwrap(), no_auth()).await;
+    let c = &t.client;
+    images(c).await;
+    create_function(c, "echo", "py", "echo.py", ECHO_HTTP, json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "echo").await.phase(),
+        Some(Phase::Ready)
+    );
+    c.create(&object(
+        Kind::Endpoint,
+        "echo",
+        json!({"function": "echo", "methods": ["POST"], "paths": ["/orders/{id}"]}),
+    ))
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let post = |blocking: bool| {
+        http.post(format!("{}/orders/42?expand=items", t.gateway))
+            .header("x-dispatch-blocking", if blocking { "true" } else { "false" })
+            .header("x-request-id", "req-7")
+            .header("authorization", "Bearer secret-of-the-caller")
+            .json(&json!({"n": 1}))
+            .send()
+    };
+    let sync: serde_json::Value = post(true).await.unwrap().json().await.unwrap();
+    let r = post(false).await.unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.headers()["x-dispatch-run-id"].to_str().unwrap().to_string();
+    let run = final_run(c, &id).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{:?}", run.error);
+    let later: serde_json::Value = serde_json::from_str(run.output.unwrap().get()).unwrap();
+    for ctx in [&sync, &later] {
+        assert_eq!(ctx["method"], "POST", "{ctx}");
+        assert_eq!(ctx["path"], "/orders/42");
+        assert_eq!(ctx["query"], "expand=items");
+        assert_eq!(ctx["params"]["id"], "42");
+        assert_eq!(ctx["endpoint"], "echo");
+        assert_eq!(ctx["headers"]["x-request-id"], "req-7");
+        assert!(ctx["headers"].get("authorization").is_none(), "{ctx}");
+    }
+    assert_eq!(later["headers"]["x-dispatch-blocking"], "false");
+    // The record keeps what the handler got, and no credentials.
+    let stored = serde_json::to_string(&c.get_run(&id).await.unwrap()).unwrap();
+    assert!(stored.contains("\"httpContext\""), "{stored}");
+    assert!(!stored.contains("secret-of-the-caller"), "{stored}");
+    t.stop().await;
+}

@@ -10,7 +10,7 @@ use dispatch_core::{Kind, Object, Run, RunStatus, Trigger};
 mod support;
 
 use dispatch_server::controller::Key;
-use dispatch_server::{AppState, Options, queue};
+use dispatch_server::{AppState, Invocation, Options, queue};
 use dispatch_store::{BlobStore, ResourceStore, SqliteStore};
 use serde_json::json;
 use support::eventually_within;
@@ -93,7 +93,7 @@ async fn backoff_doubles_with_jitter_then_dead() {
         json!({"maxAttempts": 4, "backoff": {"initial": "10s", "max": "30s"}, "maxAge": "1h"});
     let f = fx(FakeBackend::default(), retry).await;
     wait_deployed(&f.state).await;
-    let run = queue::enqueue(&f.state, "default", "f", null_raw(), Trigger::Exec, None)
+    let run = queue::enqueue(&f.state, Invocation::new("default", "f", null_raw(), Trigger::Exec))
         .await
         .unwrap();
     let run = final_run(&f.state, &run.id).await;
@@ -127,7 +127,7 @@ async fn max_age_stops_retries() {
         json!({"maxAttempts": 10, "backoff": {"initial": "20s", "max": "20s"}, "maxAge": "30s"});
     let f = fx(FakeBackend::default(), retry).await;
     wait_deployed(&f.state).await;
-    let run = queue::enqueue(&f.state, "default", "f", null_raw(), Trigger::Exec, None)
+    let run = queue::enqueue(&f.state, Invocation::new("default", "f", null_raw(), Trigger::Exec))
         .await
         .unwrap();
     let run = final_run(&f.state, &run.id).await;
@@ -151,7 +151,7 @@ async fn a_run_waits_for_its_function_until_max_age() {
         retry,
     )
     .await;
-    let run = queue::enqueue(&f.state, "default", "f", null_raw(), Trigger::Exec, None)
+    let run = queue::enqueue(&f.state, Invocation::new("default", "f", null_raw(), Trigger::Exec))
         .await
         .unwrap();
     let run = final_run(&f.state, &run.id).await;

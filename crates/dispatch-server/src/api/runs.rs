@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 
 use super::{MAX_EXEC_BODY, MAX_SOURCE_BYTES, check_namespace};
 use crate::error::{ApiError, body_rejection, parse_json};
-use crate::invoke::{self, Call};
+use crate::invoke::{self, Invocation};
 use crate::queue;
 use crate::state::AppState;
 
@@ -117,7 +117,8 @@ pub async fn exec(
         if payload.get().len() > dispatch_core::MAX_PAYLOAD_BYTES {
             return Err(invoke::payload_too_large());
         }
-        let run = queue::enqueue(&state, &ns, &name, payload, Trigger::Exec, callback_url).await?;
+        let inv = Invocation::new(&ns, &name, payload, Trigger::Exec).callback(callback_url);
+        let run = queue::enqueue(&state, inv).await?;
         return Ok(accepted(&run));
     }
     if callback_url.is_some() {
@@ -125,14 +126,8 @@ pub async fn exec(
             "callbackUrl is for async runs: add ?wait=false",
         ));
     }
-    let call = Call {
-        namespace: ns,
-        function: name,
-        payload,
-        http: None,
-        trigger: Trigger::Exec,
-    };
-    let answer = invoke::execute(&state, call).await?;
+    let answer =
+        invoke::execute(&state, Invocation::new(&ns, &name, payload, Trigger::Exec)).await?;
     let body = serde_json::to_string(&answer.envelope)
         .map_err(|e| ApiError::internal("encoding an envelope", &e))?;
     let mut resp = (StatusCode::OK, body).into_response();
