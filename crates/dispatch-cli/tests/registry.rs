@@ -573,6 +573,14 @@ fn kubernetes_backend_deploys_calls_and_removes() {
             .unwrap();
         let env = serde_json::to_value(&out.envelope).unwrap();
         assert_eq!(env["payload"]["myField"], "Hello, k8s from Nowhere", "{env}");
+        assert!(!out.timed_out);
+        // No answer by the deadline: a typed timeout (the run's TIMEOUT status), not a
+        // message to parse.
+        let late = backend
+            .invoke("default", "hello", &ctx, &payload, Instant::now())
+            .await
+            .unwrap();
+        assert!(late.timed_out, "{:?}", late.envelope.context.error);
         let err = backend
             .invoke("default", "ghost", &ctx, &payload, Instant::now() + Duration::from_secs(10))
             .await

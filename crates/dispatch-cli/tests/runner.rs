@@ -43,6 +43,11 @@ fn ready(port: u16) {
 }
 
 fn post(port: u16, body: Value) -> (u16, Value) {
+    let (code, _, env) = post_with_headers(port, body);
+    (code, env)
+}
+
+fn post_with_headers(port: u16, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -55,7 +60,8 @@ fn post(port: u16, body: Value) -> (u16, Value) {
             .send()
             .await
             .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
+        let (code, headers) = (r.status().as_u16(), r.headers().clone());
+        (code, headers, r.json().await.unwrap())
     })
 }
 
@@ -85,6 +91,41 @@ fn serves_python_and_node_functions() {
             "{env}"
         );
     }
+}
+
+/// A call that runs out of time says so in a header as well as in words: the Kubernetes
+/// backend gives the run its TIMEOUT status from the header, never from the message.
+#[test]
+fn a_timed_out_call_says_so_in_a_header() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("slow.py"),
+        "import time\n\ndef handle(context, payload):\n    time.sleep(payload.get('s', 0))\n    return 'done'\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let _r = Proc(
+        Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args(["runner", "--language", "python3", "--timeout", "500ms"])
+            .args(["--port", &port.to_string(), "--function-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    ready(port);
+    let header = dispatch_runtime::pool::TIMED_OUT_HEADER;
+    let (code, headers, env) = post_with_headers(port, json!({"payload": {"s": 0}}));
+    assert_eq!((code, env["payload"].as_str()), (200, Some("done")), "{env}");
+    assert!(headers.get(header).is_none());
+    let (code, headers, env) = post_with_headers(port, json!({"payload": {"s": 5}}));
+    assert_eq!(code, 200);
+    assert_eq!(
+        env["context"]["error"]["message"], "function timed out after 500ms",
+        "{env}"
+    );
+    assert_eq!(headers.get(header).map(|v| v.as_bytes()), Some(&b"true"[..]));
 }
 
 #[test]

@@ -364,16 +364,25 @@ impl Backend for KubernetesBackend {
                 .timeout(deadline.saturating_duration_since(t0))
                 .send()
                 .await;
+            let mut timed_out = false;
             let envelope = match sent {
-                Ok(r) => match r.bytes().await {
-                    Ok(b) => serde_json::from_slice::<Envelope>(&b).unwrap_or_else(|e| {
-                        system_error(format!(
-                            "function {name} answered something that is not an envelope: {e}"
-                        ))
-                    }),
-                    Err(e) => system_error(format!("reading the answer of function {name}: {e}")),
-                },
+                Ok(r) => {
+                    timed_out = r
+                        .headers()
+                        .contains_key(dispatch_runtime::pool::TIMED_OUT_HEADER);
+                    match r.bytes().await {
+                        Ok(b) => serde_json::from_slice::<Envelope>(&b).unwrap_or_else(|e| {
+                            system_error(format!(
+                                "function {name} answered something that is not an envelope: {e}"
+                            ))
+                        }),
+                        Err(e) => {
+                            system_error(format!("reading the answer of function {name}: {e}"))
+                        }
+                    }
+                }
                 Err(e) if e.is_timeout() => {
+                    timed_out = true;
                     system_error(format!("function {name} did not answer within its timeout"))
                 }
                 Err(e) => system_error(format!("function {name} is not reachable at {url}: {e}")),
@@ -386,6 +395,7 @@ impl Backend for KubernetesBackend {
                     exec_ms: t0.elapsed().as_millis() as u64,
                     ..Default::default()
                 },
+                timed_out,
             })
         })
     }

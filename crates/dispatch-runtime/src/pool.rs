@@ -57,6 +57,10 @@ pub struct PoolConfig {
 }
 
 /// The result of one call through a pool.
+/// The header with which `dispatch runner` (a function's pod) tells the server that the
+/// call ran out of time: the envelope alone says it only in words.
+pub const TIMED_OUT_HEADER: &str = "x-dispatch-timed-out";
+
 #[derive(Debug)]
 pub struct CallOutcome {
     pub envelope: Envelope,
@@ -64,6 +68,8 @@ pub struct CallOutcome {
     /// The split of the cold start this call paid for.
     pub cold_start: Option<ColdStart>,
     pub timings: Timings,
+    /// The function ran out of time (the envelope carries the SystemError saying so).
+    pub timed_out: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -282,14 +288,19 @@ impl Pool {
 
         if self.cfg.language == Language::Exec {
             let t1 = Instant::now();
-            let envelope = run_exec(&self.cfg.worker, context, payload, remaining).await;
+            let result = run_exec(&self.cfg.worker, context, payload, remaining).await;
             timings.exec_ms = ms(t1.elapsed());
             drop(permit);
+            let (envelope, timed_out) = match result {
+                Ok(env) => (env, false),
+                Err(f) => (Envelope::error(f.error, Logs::default()), f.timed_out),
+            };
             return Ok(CallOutcome {
                 envelope,
                 cold: true,
                 cold_start: None,
                 timings,
+                timed_out,
             });
         }
 
@@ -333,17 +344,17 @@ impl Pool {
             c.total_ms += c.first_call_ms;
         }
         let worker = checkout.worker.take();
-        let envelope = match (result, worker) {
+        let (envelope, timed_out) = match (result, worker) {
             (Ok(env), Some(w)) => {
                 self.put_idle(w);
-                env
+                (env, false)
             }
-            (Ok(env), None) => env,
-            (Err(err), w) => {
+            (Ok(env), None) => (env, false),
+            (Err(f), w) => {
                 if let Some(w) = w {
                     self.discard(w);
                 }
-                Envelope::error(err, Logs::default())
+                (Envelope::error(f.error, Logs::default()), f.timed_out)
             }
         };
         drop(permit);
@@ -352,6 +363,7 @@ impl Pool {
             cold,
             cold_start,
             timings,
+            timed_out,
         })
     }
 
@@ -361,6 +373,7 @@ impl Pool {
             cold,
             cold_start: None,
             timings,
+            timed_out: false,
         }
     }
 

@@ -328,7 +328,7 @@ impl Worker {
         payload: &RawValue,
         timeout: Duration,
         configured: Duration,
-    ) -> Result<Envelope, ErrorObject> {
+    ) -> Result<Envelope, CallFailure> {
         self.next_id += 1;
         let id = self.next_id;
         let frame = serde_json::to_vec(&Request {
@@ -344,10 +344,7 @@ impl Worker {
         let answer = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => {
                 self.kill();
-                return Err(ErrorObject::system(format!(
-                    "function timed out after {}",
-                    dispatch_core::duration::format_duration(configured)
-                )));
+                return Err(CallFailure::timeout(configured));
             }
             // A reset is a worker that went away with our request unread: it exited.
             Ok(Err(e))
@@ -357,14 +354,15 @@ impl Worker {
                 ) =>
             {
                 self.kill();
-                return Err(ErrorObject::system(format!("worker protocol error: {e}")));
+                return Err(ErrorObject::system(format!("worker protocol error: {e}")).into());
             }
             Ok(Err(_)) | Ok(Ok(None)) => {
                 let tail = self.wait_tail().await;
                 return Err(ErrorObject::system(death_message(
                     self.cgroup.as_ref(),
                     format!("worker process exited unexpectedly{}", tail_suffix(&tail)),
-                )));
+                ))
+                .into());
             }
             Ok(Ok(Some(frame))) => frame,
         };
@@ -374,7 +372,8 @@ impl Worker {
                 "the answer ({}) is larger than the function's limit of {} (spec.resources.maxOutputBytes)",
                 crate::sandbox::cgroup::human_bytes(answer.len() as u64),
                 crate::sandbox::cgroup::human_bytes(self.max_output as u64)
-            )));
+            ))
+            .into());
         }
         let resp: Response = serde_json::from_slice(&answer).map_err(|e| {
             self.kill();
@@ -385,7 +384,8 @@ impl Worker {
             return Err(ErrorObject::system(format!(
                 "worker answered request {} to request {id}",
                 resp.id
-            )));
+            ))
+            .into());
         }
         Ok(Envelope {
             context: resp.context,
@@ -450,25 +450,57 @@ fn drain(r: impl AsyncRead + Unpin + Send + 'static, tail: Tail, label: String) 
     });
 }
 
+/// A call that ended without the function's own answer: a SystemError for the envelope, and
+/// whether the function ran out of time (a run's TIMEOUT status comes from this, never from
+/// the message).
+#[derive(Debug)]
+pub struct CallFailure {
+    pub error: ErrorObject,
+    pub timed_out: bool,
+}
+
+impl CallFailure {
+    /// The function used all of `limit` (its configured timeout).
+    pub fn timeout(limit: Duration) -> CallFailure {
+        CallFailure {
+            error: ErrorObject::system(format!(
+                "function timed out after {}",
+                dispatch_core::duration::format_duration(limit)
+            )),
+            timed_out: true,
+        }
+    }
+}
+
+impl From<ErrorObject> for CallFailure {
+    fn from(error: ErrorObject) -> Self {
+        CallFailure {
+            error,
+            timed_out: false,
+        }
+    }
+}
+
 /// Largest stdout an exec handler may print (its result).
 const EXEC_MAX_OUTPUT: usize = 16 * 1024 * 1024;
 
 /// Runs an exec handler once: payload JSON on stdin, result JSON on stdout, stderr lines as
-/// logs; `DISPATCH_CONTEXT` holds the context JSON. Non-zero exit → FunctionError.
+/// logs; `DISPATCH_CONTEXT` holds the context JSON. Non-zero exit → FunctionError. `Err`
+/// only when it ran out of time (its process group is killed).
 pub async fn run_exec(
     spec: &WorkerSpec,
     context: &RawValue,
     payload: &RawValue,
     timeout: Duration,
-) -> Envelope {
+) -> Result<Envelope, CallFailure> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut cmd, cgroup) = match spec.command(false) {
         Ok(c) => c,
         Err(e) => {
-            return Envelope::error(
+            return Ok(Envelope::error(
                 ErrorObject::system(format!("failed to start {}: {e}", spec.program.display())),
                 Logs::default(),
-            );
+            ));
         }
     };
     let max_output = spec.max_output().min(EXEC_MAX_OUTPUT);
@@ -482,10 +514,10 @@ pub async fn run_exec(
             c
         }
         Err(e) => {
-            return Envelope::error(
+            return Ok(Envelope::error(
                 ErrorObject::system(format!("failed to start {}: {e}", spec.program.display())),
                 Logs::default(),
-            );
+            ));
         }
     };
     let pid = child.id().map(|p| Pid::from_raw(p as i32));
@@ -525,13 +557,7 @@ pub async fn run_exec(
             if let Some(pid) = pid {
                 let _ = killpg(pid, Signal::SIGKILL);
             }
-            return Envelope::error(
-                ErrorObject::system(format!(
-                    "function timed out after {}",
-                    dispatch_core::duration::format_duration(timeout)
-                )),
-                Logs::default(),
-            );
+            return Err(CallFailure::timeout(timeout));
         }
     };
     let logs = Logs {
@@ -550,23 +576,23 @@ pub async fn run_exec(
             } else {
                 ErrorObject::function(format!("handler exited with {st}"))
             };
-            return Envelope::error(e, logs);
+            return Ok(Envelope::error(e, logs));
         }
         Err(e) => {
-            return Envelope::error(
+            return Ok(Envelope::error(
                 ErrorObject::system(format!("failed to wait for handler: {e}")),
                 logs,
-            );
+            ));
         }
     }
     if out.len() > max_output {
-        return Envelope::error(
+        return Ok(Envelope::error(
             ErrorObject::function(format!(
                 "handler printed more than {} (spec.resources.maxOutputBytes)",
                 crate::sandbox::cgroup::human_bytes(max_output as u64)
             )),
             logs,
-        );
+        ));
     }
     let text = String::from_utf8_lossy(&out);
     let trimmed = text.trim();
@@ -575,7 +601,7 @@ pub async fn run_exec(
     } else {
         RawValue::from_string(trimmed.to_string())
     };
-    match raw {
+    Ok(match raw {
         Ok(payload) => Envelope {
             context: EnvelopeContext { logs, error: None },
             payload,
@@ -587,5 +613,5 @@ pub async fn run_exec(
                 ..logs
             },
         ),
-    }
+    })
 }

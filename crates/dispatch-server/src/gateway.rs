@@ -186,8 +186,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
                     } else {
                         StatusCode::INTERNAL_SERVER_ERROR
                     };
-                    let timed_out =
-                        invoke::status_of(&answer.envelope) == dispatch_core::RunStatus::Timeout;
+                    let timed_out = answer.status == dispatch_core::RunStatus::Timeout;
                     let public = public_error(e, &answer.run_id, timed_out);
                     (status, serde_json::json!({ "error": public }).to_string())
                 }

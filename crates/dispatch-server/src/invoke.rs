@@ -61,6 +61,7 @@ impl Invocation {
 pub struct Answer {
     pub run_id: String,
     pub envelope: Envelope,
+    pub status: RunStatus,
 }
 
 /// The context every handler receives (DESIGN §4 names).
@@ -120,11 +121,11 @@ pub async fn call_backend(
         .await
 }
 
-/// The final status of one attempt's envelope.
-pub fn status_of(env: &Envelope) -> RunStatus {
-    match &env.context.error {
+/// The final status of one attempt: the backend says whether it ran out of time.
+pub fn status_of(outcome: &CallOutcome) -> RunStatus {
+    match &outcome.envelope.context.error {
         None => RunStatus::Succeeded,
-        Some(e) if e.message.starts_with("function timed out") => RunStatus::Timeout,
+        Some(_) if outcome.timed_out => RunStatus::Timeout,
         Some(_) => RunStatus::Failed,
     }
 }
@@ -174,8 +175,8 @@ pub fn apply_outcome(
 ) {
     let max_log_bytes = state.config.max_log_bytes;
     redact_envelope(&mut outcome.envelope, deployed);
+    run.status = status_of(outcome);
     let env = &outcome.envelope;
-    run.status = status_of(env);
     run.output = env.context.error.is_none().then(|| env.payload.clone());
     run.logs = env.context.logs.clone();
     run.logs.cap(max_log_bytes);
@@ -240,12 +241,16 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, ApiEr
         ))
         .ok();
     run.finished_at = Some(jiff::Timestamp::now());
-    let run_id = run.id.clone();
+    let (run_id, status) = (run.id.clone(), run.status);
     // spec.history: metrics counted the call already (apply_outcome); the record is optional.
     if deployed.history.records(run.error.is_some(), &run.id) {
         state.recorder.record(run).await;
     }
-    Ok(Answer { run_id, envelope })
+    Ok(Answer {
+        run_id,
+        envelope,
+        status,
+    })
 }
 
 pub fn busy(message: String) -> ApiError {

@@ -618,7 +618,10 @@ def handle(context, payload):
     let http = reqwest::Client::new();
     let post = |blocking: bool| {
         http.post(format!("{}/orders/42?expand=items", t.gateway))
-            .header("x-dispatch-blocking", if blocking { "true" } else { "false" })
+            .header(
+                "x-dispatch-blocking",
+                if blocking { "true" } else { "false" },
+            )
             .header("x-request-id", "req-7")
             .header("authorization", "Bearer secret-of-the-caller")
             .json(&json!({"n": 1}))
@@ -627,7 +630,10 @@ def handle(context, payload):
     let sync: serde_json::Value = post(true).await.unwrap().json().await.unwrap();
     let r = post(false).await.unwrap();
     assert_eq!(r.status(), 202);
-    let id = r.headers()["x-dispatch-run-id"].to_str().unwrap().to_string();
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let run = final_run(c, &id).await;
     assert_eq!(run.status, RunStatus::Succeeded, "{:?}", run.error);
     let later: serde_json::Value = serde_json::from_str(run.output.unwrap().get()).unwrap();

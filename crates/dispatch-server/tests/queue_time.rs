@@ -93,9 +93,12 @@ async fn backoff_doubles_with_jitter_then_dead() {
         json!({"maxAttempts": 4, "backoff": {"initial": "10s", "max": "30s"}, "maxAge": "1h"});
     let f = fx(FakeBackend::default(), retry).await;
     wait_deployed(&f.state).await;
-    let run = queue::enqueue(&f.state, Invocation::new("default", "f", null_raw(), Trigger::Exec))
-        .await
-        .unwrap();
+    let run = queue::enqueue(
+        &f.state,
+        Invocation::new("default", "f", null_raw(), Trigger::Exec),
+    )
+    .await
+    .unwrap();
     let run = final_run(&f.state, &run.id).await;
     assert_eq!((run.status, run.attempts), (RunStatus::Dead, 4));
     assert_eq!(run.attempt_errors.len(), 4);
@@ -127,9 +130,12 @@ async fn max_age_stops_retries() {
         json!({"maxAttempts": 10, "backoff": {"initial": "20s", "max": "20s"}, "maxAge": "30s"});
     let f = fx(FakeBackend::default(), retry).await;
     wait_deployed(&f.state).await;
-    let run = queue::enqueue(&f.state, Invocation::new("default", "f", null_raw(), Trigger::Exec))
-        .await
-        .unwrap();
+    let run = queue::enqueue(
+        &f.state,
+        Invocation::new("default", "f", null_raw(), Trigger::Exec),
+    )
+    .await
+    .unwrap();
     let run = final_run(&f.state, &run.id).await;
     assert_eq!(run.status, RunStatus::Dead);
     assert!((2..=3).contains(&run.attempts), "{} attempts", run.attempts);
@@ -151,9 +157,12 @@ async fn a_run_waits_for_its_function_until_max_age() {
         retry,
     )
     .await;
-    let run = queue::enqueue(&f.state, Invocation::new("default", "f", null_raw(), Trigger::Exec))
-        .await
-        .unwrap();
+    let run = queue::enqueue(
+        &f.state,
+        Invocation::new("default", "f", null_raw(), Trigger::Exec),
+    )
+    .await
+    .unwrap();
     let run = final_run(&f.state, &run.id).await;
     assert_eq!((run.status, run.attempts), (RunStatus::Dead, 0));
     assert!(run.error.unwrap().message.contains("retry.maxAge (5s)"));

@@ -119,6 +119,7 @@ impl Runner {
 }
 
 fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
+    use axum::response::IntoResponse;
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -136,7 +137,8 @@ fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
                                 )),
                                 Default::default(),
                             );
-                            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(env));
+                            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(env))
+                                .into_response();
                         }
                     };
                     let ctx = call.context.unwrap_or_else(|| {
@@ -146,14 +148,25 @@ fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
                     let payload = call
                         .payload
                         .unwrap_or_else(dispatch_core::envelope::null_raw);
-                    let env = match pool.call(&ctx, &payload, Instant::now() + timeout).await {
-                        Ok(out) => out.envelope,
-                        Err(busy) => dispatch_core::Envelope::error(
-                            dispatch_core::ErrorObject::system(busy.to_string()),
-                            Default::default(),
-                        ),
-                    };
-                    (axum::http::StatusCode::OK, axum::Json(env))
+                    let (env, timed_out) =
+                        match pool.call(&ctx, &payload, Instant::now() + timeout).await {
+                            Ok(out) => (out.envelope, out.timed_out),
+                            Err(busy) => (
+                                dispatch_core::Envelope::error(
+                                    dispatch_core::ErrorObject::system(busy.to_string()),
+                                    Default::default(),
+                                ),
+                                false,
+                            ),
+                        };
+                    let mut resp = (axum::http::StatusCode::OK, axum::Json(env)).into_response();
+                    if timed_out {
+                        resp.headers_mut().insert(
+                            dispatch_runtime::pool::TIMED_OUT_HEADER,
+                            axum::http::HeaderValue::from_static("true"),
+                        );
+                    }
+                    resp
                 }
             }),
         )

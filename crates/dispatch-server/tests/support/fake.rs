@@ -78,6 +78,7 @@ impl Backend for FakeBackend {
                 cold: false,
                 cold_start: None,
                 timings: Default::default(),
+                timed_out: false,
             })
         })
     }

@@ -487,7 +487,7 @@ pub async fn bare_worker(pool: &Pool, calls: usize) -> Result<Latency> {
             Duration::from_secs(5),
         )
         .await
-        .map_err(|e| anyhow::anyhow!("bare call failed: {}", e.message))?;
+        .map_err(|e| anyhow::anyhow!("bare call failed: {}", e.error.message))?;
         if i >= calls / 10 {
             v.push(t0.elapsed().as_secs_f64() * 1e6);
         }
