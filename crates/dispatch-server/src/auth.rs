@@ -93,22 +93,9 @@ pub fn generate_token() -> Result<String, ApiError> {
             format!("no randomness for a token: {e}"),
         )
     })?;
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::from(TOKEN_PREFIX);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 6 {
-            bits -= 6;
-            out.push(A[((acc >> bits) & 63) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(A[((acc << (6 - bits)) & 63) as usize] as char);
-    }
-    Ok(out)
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    Ok(format!("{TOKEN_PREFIX}{encoded}"))
 }
 
 /// What a request needs.
