@@ -117,7 +117,11 @@ fn a_timed_out_call_says_so_in_a_header() {
     ready(port);
     let header = dispatch_runtime::pool::TIMED_OUT_HEADER;
     let (code, headers, env) = post_with_headers(port, json!({"payload": {"s": 0}}));
-    assert_eq!((code, env["payload"].as_str()), (200, Some("done")), "{env}");
+    assert_eq!(
+        (code, env["payload"].as_str()),
+        (200, Some("done")),
+        "{env}"
+    );
     assert!(headers.get(header).is_none());
     let (code, headers, env) = post_with_headers(port, json!({"payload": {"s": 5}}));
     assert_eq!(code, 200);
@@ -125,7 +129,10 @@ fn a_timed_out_call_says_so_in_a_header() {
         env["context"]["error"]["message"], "function timed out after 500ms",
         "{env}"
     );
-    assert_eq!(headers.get(header).map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(
+        headers.get(header).map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
 }
 
 #[test]

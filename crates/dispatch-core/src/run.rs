@@ -245,8 +245,8 @@ pub struct Callback {
 /// A new run id: a ULID, monotonic within this process (ids generated in the same
 /// millisecond still sort in creation order, so "newest first" is exact).
 pub fn new_run_id() -> String {
-    static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
-    let mut g = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+    static GENERATOR: parking_lot::Mutex<Option<ulid::Generator>> = parking_lot::Mutex::new(None);
+    let mut g = GENERATOR.lock();
     g.get_or_insert_with(ulid::Generator::new)
         .generate()
         .unwrap_or_else(|_| ulid::Ulid::new())

@@ -4,9 +4,10 @@
 //! pods are available; calls go to the function's Service, where `dispatch runner` answers
 //! with the envelope. The API, the store and the controller are the embedded server's.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispatch_core::{
@@ -90,10 +91,6 @@ pub struct KubernetesBackend {
     /// The last failure of an image's build, by image digest.
     logs: Mutex<HashMap<String, String>>,
     leader: Option<tokio::sync::watch::Receiver<bool>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn build_error(e: ImageError) -> BuildError {
@@ -254,12 +251,12 @@ impl Backend for KubernetesBackend {
             .await;
             match result {
                 Ok(()) => {
-                    lock(&self.logs).remove(digest);
+                    self.logs.lock().remove(digest);
                     progress("dependencies installed for the image's platform");
                     Ok(())
                 }
                 Err(e) => {
-                    lock(&self.logs).insert(digest.to_string(), e.to_string());
+                    self.logs.lock().insert(digest.to_string(), e.to_string());
                     Err(build_error(e))
                 }
             }
@@ -267,7 +264,7 @@ impl Backend for KubernetesBackend {
     }
 
     fn build_log<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Option<String>> {
-        Box::pin(async move { lock(&self.logs).get(digest).cloned() })
+        Box::pin(async move { self.logs.lock().get(digest).cloned() })
     }
 
     fn gc<'a>(&'a self, _keep: &'a GcKeep, _grace: Duration) -> BoxFuture<'a, Vec<Removed>> {
@@ -281,7 +278,7 @@ impl Backend for KubernetesBackend {
     ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
         Box::pin(async move {
             let key = (d.namespace.clone(), d.name.clone());
-            if let Some((digest, image)) = lock(&self.deployed).get(&key)
+            if let Some((digest, image)) = self.deployed.lock().get(&key)
                 && *digest == d.digest
             {
                 return Ok(Some(image.clone())); // already serving this build
@@ -329,7 +326,9 @@ impl Backend for KubernetesBackend {
                     .map_err(|e| kube_error("applying the Deployment and Service", e))?;
                 self.wait_ready(&d.namespace, &d.name).await?;
             }
-            lock(&self.deployed).insert(key, (d.digest.clone(), built.pushed.reference.clone()));
+            self.deployed
+                .lock()
+                .insert(key, (d.digest.clone(), built.pushed.reference.clone()));
             Ok(Some(built.pushed.reference))
         })
     }
@@ -343,7 +342,11 @@ impl Backend for KubernetesBackend {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
         Box::pin(async move {
-            if !lock(&self.deployed).contains_key(&(namespace.to_string(), name.to_string())) {
+            if !self
+                .deployed
+                .lock()
+                .contains_key(&(namespace.to_string(), name.to_string()))
+            {
                 return Err(InvokeError::NotDeployed {
                     namespace: namespace.into(),
                     name: name.into(),
@@ -402,7 +405,9 @@ impl Backend for KubernetesBackend {
 
     fn remove_function<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            lock(&self.deployed).remove(&(namespace.to_string(), name.to_string()));
+            self.deployed
+                .lock()
+                .remove(&(namespace.to_string(), name.to_string()));
             let r = if self.options.knative {
                 crate::delete_knative(&self.client, namespace, name).await
             } else {
@@ -533,10 +538,7 @@ async fn follow_container(
         } else {
             line
         };
-        logs.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stdout
-            .push(line);
+        logs.lock().stdout.push(line);
     }
 }
 
@@ -611,7 +613,7 @@ impl KubernetesBackend {
                 }
                 // The last pod's whole log replaces what was followed (a follow may have
                 // missed lines across reconnects).
-                *logs.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+                *logs.lock() = Default::default();
                 self.pod_logs(&exec.namespace, &pod, &containers, &logs)
                     .await;
             }
@@ -717,7 +719,7 @@ impl KubernetesBackend {
             };
             let name = pod.metadata.name.clone().unwrap_or_default();
             followed.insert(name.clone());
-            *logs.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+            *logs.lock() = Default::default();
             let containers: Vec<String> = pod
                 .spec
                 .map(|s| s.containers.into_iter().map(|c| c.name).collect())
@@ -784,7 +786,7 @@ impl KubernetesBackend {
             };
             match api.logs(pod, &params).await {
                 Ok(text) => {
-                    let mut l = logs.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut l = logs.lock();
                     for line in text.lines() {
                         l.stdout.push(if containers.len() > 1 {
                             format!("[{c}] {line}")

@@ -14,9 +14,10 @@
 //! only: nothing is compiled), npm with `--ignore-scripts` (pure JavaScript packages; a package
 //! that needs a native build is refused with its name).
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use dispatch_core::Language;
 use dispatch_runtime::backend::{BuildError, bootstrap, find_program};
@@ -216,7 +217,7 @@ pub async fn dependencies_layer(
         index_url.map(str::to_string),
     );
     let installs = INSTALLS.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(layer) = installs.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    if let Some(layer) = installs.lock().get(&key) {
         return Ok(Some((layer.clone(), var)));
     }
     let layer = match language {
@@ -229,10 +230,7 @@ pub async fn dependencies_layer(
             npm_layer(manifest, index_url).await?
         }
     };
-    installs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, layer.clone());
+    installs.lock().insert(key, layer.clone());
     Ok(Some((layer, var)))
 }
 
@@ -248,7 +246,7 @@ fn runner_layer(runner: &Path) -> Result<Layer, ImageError> {
         .map_err(|e| ImageError::Invalid(format!("the runner {}: {e}", runner.display())))?;
     let key = (runner.to_path_buf(), meta.len(), meta.modified().ok());
     let cache = CACHE.get_or_init(|| Mutex::new(None));
-    if let Some((k, layer)) = &*cache.lock().unwrap_or_else(|p| p.into_inner())
+    if let Some((k, layer)) = &*cache.lock()
         && *k == key
     {
         return Ok(layer.clone());
@@ -257,7 +255,7 @@ fn runner_layer(runner: &Path) -> Result<Layer, ImageError> {
     let mut b = LayerBuilder::new();
     b.file(RUNNER_PATH, 0o755, data)?;
     let layer = b.finish("dispatch runner")?;
-    *cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, layer.clone()));
+    *cache.lock() = Some((key, layer.clone()));
     Ok(layer)
 }
 

@@ -17,8 +17,9 @@
 //! runtime the store was started on, so call them off the async threads (the server does,
 //! on the blocking pool).
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_core::{Kind, Metadata, Object, Status};
@@ -155,7 +156,7 @@ struct Writing<'a> {
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        let mut w = lock(&self.cache.writing);
+        let mut w = self.cache.writing.lock();
         if let Some(n) = w.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -165,19 +166,17 @@ impl Drop for Writing<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Cache {
     fn writing(&self, kind: Kind, ns: &str, name: &str) -> Writing<'_> {
         let key = (kind, ns.to_string(), name.to_string());
-        *lock(&self.writing).entry(key.clone()).or_default() += 1;
+        *self.writing.lock().entry(key.clone()).or_default() += 1;
         Writing { cache: self, key }
     }
 
     fn ours(&self, kind: Kind, ns: &str, name: &str) -> bool {
-        lock(&self.writing).contains_key(&(kind, ns.to_string(), name.to_string()))
+        self.writing
+            .lock()
+            .contains_key(&(kind, ns.to_string(), name.to_string()))
     }
 
     /// Stores `o` unless the cache has it at the same or a newer version; `true` when it
@@ -185,12 +184,15 @@ impl Cache {
     fn apply(&self, o: Object) -> bool {
         let key = (o.namespace().to_string(), o.name().to_string());
         let v = version(&o);
-        if let Some(gone) = lock(&self.deleted).get(&(o.kind, key.0.clone(), key.1.clone()))
+        if let Some(gone) = self
+            .deleted
+            .lock()
+            .get(&(o.kind, key.0.clone(), key.1.clone()))
             && !older(*gone, v)
         {
             return false;
         }
-        let mut all = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.objects.write();
         let of_kind = all.entry(o.kind).or_default();
         match of_kind.get(&key) {
             Some(have) if have.metadata.resource_version == o.metadata.resource_version => false,
@@ -204,21 +206,21 @@ impl Cache {
 
     /// Removes an object; `true` when the cache had it.
     fn remove(&self, kind: Kind, ns: &str, name: &str) -> bool {
-        let mut all = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        let mut all = self.objects.write();
         all.get_mut(&kind)
             .and_then(|m| m.remove(&(ns.to_string(), name.to_string())))
             .is_some()
     }
 
     fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<Object> {
-        let all = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let all = self.objects.read();
         all.get(&kind)?
             .get(&(ns.to_string(), name.to_string()))
             .cloned()
     }
 
     fn list(&self, kind: Kind, ns: Option<&str>) -> Vec<Object> {
-        let all = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let all = self.objects.read();
         let mut out: Vec<Object> = all
             .get(&kind)
             .into_iter()
@@ -235,7 +237,7 @@ impl Cache {
     }
 
     fn tell(&self, kind: Kind, ns: &str, name: &str, deleted: bool) {
-        if let Some(f) = &*self.listener.read().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(f) = &*self.listener.read() {
             f(Changed {
                 kind,
                 namespace: ns.to_string(),
@@ -250,7 +252,9 @@ impl Cache {
         let o = from_custom_resource(kind, cr);
         let (ns, name) = (o.namespace().to_string(), o.name().to_string());
         if deleted {
-            let ours = lock(&self.deleted)
+            let ours = self
+                .deleted
+                .lock()
                 .remove(&(kind, ns.clone(), name.clone()))
                 .is_some();
             if self.remove(kind, &ns, &name) && !ours && !self.ours(kind, &ns, &name) {
@@ -269,7 +273,7 @@ impl Cache {
             .map(|o| ((o.namespace().to_string(), o.name().to_string()), o))
             .collect();
         let before: Vec<Key> = {
-            let all = self.objects.read().unwrap_or_else(|p| p.into_inner());
+            let all = self.objects.read();
             all.get(&kind)
                 .map(|m| m.keys().cloned().collect())
                 .unwrap_or_default()
@@ -279,7 +283,8 @@ impl Cache {
                 self.tell(kind, &ns, &name, true);
             }
         }
-        lock(&self.deleted)
+        self.deleted
+            .lock()
             .retain(|(k, ns, name), _| *k != kind || now.contains_key(&(ns.clone(), name.clone())));
         for ((ns, name), o) in now {
             if self.apply(o) {
@@ -448,11 +453,7 @@ async fn watch(
 
 impl ResourceStore for CrStore {
     fn on_external_change(&self, f: OnChange) {
-        *self
-            .cache
-            .listener
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(f);
+        *self.cache.listener.write() = Some(f);
     }
 
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
@@ -607,7 +608,7 @@ impl ResourceStore for CrStore {
         // Unless the watch already saw the delete (then every older event too), older events
         // still on their way must not bring it back.
         if self.cache.get(kind, namespace, name).is_some() {
-            lock(&self.cache.deleted).insert(
+            self.cache.deleted.lock().insert(
                 (kind, namespace.to_string(), name.to_string()),
                 version(&last),
             );

@@ -8,9 +8,10 @@
 //! `metadata.generation` bumped by a changed spec, and watches from a version that replay
 //! every later event. It is not a cluster: nothing runs.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dispatch_core::Kind;
@@ -132,8 +133,8 @@ impl FakeApi {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// A kube client whose every request this fake answers (404 for what it does not serve).

@@ -134,7 +134,7 @@ async fn job_logs_are_followed_while_the_job_runs() {
         let exec = execution();
         b.run_job(&exec, l).unwrap().await
     });
-    let stdout = || logs.lock().unwrap().stdout.clone();
+    let stdout = || logs.lock().stdout.clone();
 
     log_tx.send("one\n".into()).unwrap();
     until("the first line", || stdout() == ["one"]).await;

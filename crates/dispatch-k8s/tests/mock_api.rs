@@ -361,7 +361,7 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         (JobPhase::Completed, Some(0), 1),
         "{end:?}"
     );
-    assert_eq!(logs.lock().unwrap().stdout, ["hi", "there"]);
+    assert_eq!(logs.lock().stdout, ["hi", "there"]);
 
     let logs = dispatch_runtime::jobrun::LiveLogs::default();
     let end = backend.run_job(&exec, logs.clone()).unwrap().await;
@@ -375,7 +375,7 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         "{}",
         end.reason
     );
-    assert_eq!(logs.lock().unwrap().stdout, ["boom"]);
+    assert_eq!(logs.lock().stdout, ["boom"]);
 
     let running = backend.run_job(&exec, Default::default()).unwrap();
     let mut running = Box::pin(running);

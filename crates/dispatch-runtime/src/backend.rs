@@ -2,13 +2,14 @@
 //! [`LocalBackend`]: functions run as local worker processes, builds are directories under
 //! the data dir.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dispatch_core::{Language, ValidationError};
@@ -22,10 +23,6 @@ use crate::sandbox::Sandboxes;
 use crate::source::{self, SourceError};
 use crate::worker::{StartError, WorkerSpec};
 use crate::zygote::{Spares, Zygote};
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -310,8 +307,7 @@ impl LocalBackend {
     /// The worker budget of pools created from now on (`--max-workers-total`,
     /// `--worker-memory-budget`; set at start, before any function is deployed).
     pub fn set_worker_budget(&self, max_workers: usize, max_memory: u64) {
-        *self.budget.write().unwrap_or_else(|p| p.into_inner()) =
-            WorkerBudget::new(max_workers, max_memory);
+        *self.budget.write() = WorkerBudget::new(max_workers, max_memory);
     }
 
     /// Idle workers of every function now.
@@ -320,10 +316,7 @@ impl LocalBackend {
     }
 
     fn budget(&self) -> Arc<WorkerBudget> {
-        self.budget
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.budget.read().clone()
     }
 
     /// Calls of one function allowed to wait for a worker when all its workers are busy;
@@ -340,8 +333,8 @@ impl LocalBackend {
 
     /// The zygotes started so far (tests and benchmarks).
     pub fn zygotes(&self) -> Vec<Arc<Zygote>> {
-        let mut all: Vec<Arc<Zygote>> = lock(&self.zygotes).values().cloned().collect();
-        all.extend(lock(&self.function_zygotes).values().cloned());
+        let mut all: Vec<Arc<Zygote>> = self.zygotes.lock().values().cloned().collect();
+        all.extend(self.function_zygotes.lock().values().cloned());
         all
     }
 
@@ -349,15 +342,12 @@ impl LocalBackend {
     /// as the server). Functions deployed before keep how they were started.
     pub fn set_sandboxes(&self, s: Option<Arc<Sandboxes>>) {
         self.images.set_sandboxes(s.clone());
-        *self.sandboxes.write().unwrap_or_else(|p| p.into_inner()) = s;
+        *self.sandboxes.write() = s;
     }
 
     /// The sandboxes in use, if any.
     pub fn sandboxes(&self) -> Option<Arc<Sandboxes>> {
-        self.sandboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.sandboxes.read().clone()
     }
 
     /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
@@ -383,7 +373,9 @@ impl LocalBackend {
                     )
                     .in_jail(Some(jail.clone())),
                 );
-                let old = lock(&self.function_spares)
+                let old = self
+                    .function_spares
+                    .lock()
                     .insert((d.namespace.clone(), d.name.clone()), s.clone());
                 if let Some(old) = old {
                     old.stop();
@@ -406,7 +398,9 @@ impl LocalBackend {
                 )
                 .in_jail(Some(jail.clone())),
             );
-            lock(&self.function_zygotes).insert((d.namespace.clone(), d.name.clone()), z.clone());
+            self.function_zygotes
+                .lock()
+                .insert((d.namespace.clone(), d.name.clone()), z.clone());
             return Launcher::Zygote(z);
         }
         match d.base.language {
@@ -419,7 +413,9 @@ impl LocalBackend {
                     .any(|k| k.starts_with("PYTHON") && k != "PYTHONPATH") =>
             {
                 let key = (spec.program.clone(), d.preload.clone());
-                let z = lock(&self.zygotes)
+                let z = self
+                    .zygotes
+                    .lock()
                     .entry(key)
                     .or_insert_with(|| {
                         Arc::new(Zygote::new(
@@ -435,7 +431,9 @@ impl LocalBackend {
             Language::Nodejs => {
                 let node_path = spec.env.get("NODE_PATH").cloned();
                 let key = (spec.program.clone(), node_path.clone());
-                let s = lock(&self.spares)
+                let s = self
+                    .spares
+                    .lock()
                     .entry(key)
                     .or_insert_with(|| {
                         Arc::new(Spares::new(
@@ -493,12 +491,12 @@ impl LocalBackend {
         })
     }
 
-    fn pools_read(&self) -> std::sync::RwLockReadGuard<'_, Pools> {
-        self.pools.read().unwrap_or_else(|p| p.into_inner())
+    fn pools_read(&self) -> parking_lot::RwLockReadGuard<'_, Pools> {
+        self.pools.read()
     }
 
-    fn pools_write(&self) -> std::sync::RwLockWriteGuard<'_, Pools> {
-        self.pools.write().unwrap_or_else(|p| p.into_inner())
+    fn pools_write(&self) -> parking_lot::RwLockWriteGuard<'_, Pools> {
+        self.pools.write()
     }
 
     fn all_pools(&self) -> Vec<Arc<Pool>> {
@@ -869,13 +867,13 @@ impl Backend for LocalBackend {
             let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
             let spec = self.worker_spec(&d, dir, resolved.args)?;
             let pool = self.new_pool(&d, spec);
-            if d.base.language != Language::Exec && !lock(&self.validated).contains(&d.digest) {
+            if d.base.language != Language::Exec && !self.validated.lock().contains(&d.digest) {
                 // Validation: the handler must import and be callable. The worker that proved
                 // it stays as the first warm worker. A build of the same digest (the same
                 // code, image and settings under another name) loaded already: no need.
                 let w = pool.start_worker().await?;
                 pool.put_idle(w);
-                lock(&self.validated).insert(d.digest.clone());
+                self.validated.lock().insert(d.digest.clone());
             }
             let old = self
                 .pools_write()
@@ -921,8 +919,8 @@ impl Backend for LocalBackend {
                 p.close();
             }
             let key = (namespace.to_string(), name.to_string());
-            lock(&self.function_zygotes).remove(&key);
-            if let Some(s) = lock(&self.function_spares).remove(&key) {
+            self.function_zygotes.lock().remove(&key);
+            if let Some(s) = self.function_spares.lock().remove(&key) {
                 s.stop();
             }
         })
@@ -939,15 +937,15 @@ impl Backend for LocalBackend {
                 p.close();
             }
             let mut zygotes: Vec<Arc<Zygote>> =
-                lock(&self.zygotes).drain().map(|(_, z)| z).collect();
-            zygotes.extend(lock(&self.function_zygotes).drain().map(|(_, z)| z));
+                self.zygotes.lock().drain().map(|(_, z)| z).collect();
+            zygotes.extend(self.function_zygotes.lock().drain().map(|(_, z)| z));
             for z in zygotes {
                 z.stop().await;
             }
-            for (_, s) in lock(&self.spares).drain() {
+            for (_, s) in self.spares.lock().drain() {
                 s.stop();
             }
-            for (_, s) in lock(&self.function_spares).drain() {
+            for (_, s) in self.function_spares.lock().drain() {
                 s.stop();
             }
         })

@@ -5,8 +5,9 @@
 //! when none is idle the start waits for one to free up until its deadline, and is then
 //! refused (HTTP 429 with Retry-After) — the machine never runs out of memory for workers.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -95,13 +96,13 @@ impl WorkerBudget {
         })
     }
 
-    fn used(&self) -> std::sync::MutexGuard<'_, Used> {
-        self.used.lock().unwrap_or_else(|p| p.into_inner())
+    fn used(&self) -> parking_lot::MutexGuard<'_, Used> {
+        self.used.lock()
     }
 
     /// A pool whose idle workers may be evicted to make room.
     pub fn register(&self, pool: &Arc<Pool>) {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pools = self.pools.lock();
         pools.retain(|w| w.strong_count() > 0);
         pools.push(Arc::downgrade(pool));
     }
@@ -170,7 +171,7 @@ impl WorkerBudget {
     /// Stops the idle worker unused the longest, of any pool; false when none is idle.
     fn evict_lru(&self) -> bool {
         let pools: Vec<Arc<Pool>> = {
-            let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pools = self.pools.lock();
             pools.retain(|w| w.strong_count() > 0);
             pools.iter().filter_map(Weak::upgrade).collect()
         };

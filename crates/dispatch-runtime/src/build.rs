@@ -10,11 +10,12 @@
 //! server's environment (`PIP_INDEX_URL`, proxies, `npm_config_registry`, …) so that
 //! mirrors and offline indexes work.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_core::Language;
@@ -58,7 +59,7 @@ pub struct ImageBuilder {
     slots: Semaphore,
     installs: AtomicU64,
     /// Builds run sandboxed (DESIGN §9: network kept, only their own folder writable).
-    sandboxes: std::sync::RwLock<Option<Arc<crate::sandbox::Sandboxes>>>,
+    sandboxes: parking_lot::RwLock<Option<Arc<crate::sandbox::Sandboxes>>>,
 }
 
 /// The identity image builds run as (one for all: a build runs no tenant's code, only the
@@ -72,21 +73,17 @@ impl ImageBuilder {
             locks: Mutex::new(HashMap::new()),
             slots: Semaphore::new(max_parallel.max(1)),
             installs: AtomicU64::new(0),
-            sandboxes: std::sync::RwLock::new(None),
+            sandboxes: parking_lot::RwLock::new(None),
         }
     }
 
     pub fn set_sandboxes(&self, s: Option<Arc<crate::sandbox::Sandboxes>>) {
-        *self.sandboxes.write().unwrap_or_else(|p| p.into_inner()) = s;
+        *self.sandboxes.write() = s;
     }
 
     /// The sandbox of a build into `dir` (writable), if builds are sandboxed.
     fn jail(&self, dir: &Path) -> Result<Option<crate::sandbox::Jail>, BuildError> {
-        let s = self
-            .sandboxes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let s = self.sandboxes.read().clone();
         let Some(s) = s else { return Ok(None) };
         let jail = s.jail(
             BUILDS_IDENTITY,
@@ -122,7 +119,6 @@ impl ImageBuilder {
     pub fn building(&self) -> std::collections::HashSet<String> {
         self.locks
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|(_, l)| l.try_lock().is_err())
             .map(|(d, _)| hex_part(d).to_string())
@@ -137,7 +133,6 @@ impl ImageBuilder {
     fn lock_for(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(digest.to_string())
             .or_default()
             .clone()

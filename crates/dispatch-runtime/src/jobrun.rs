@@ -4,9 +4,10 @@
 //! buffer that readers can see while the job runs. Dropping the attempt (cancel) or passing
 //! the deadline kills every process group, grandchildren included.
 
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use dispatch_core::Logs;
 use nix::sys::signal::{Signal, killpg};
@@ -59,7 +60,7 @@ impl Drop for GroupGuard {
 }
 
 fn push_line(logs: &LiveLogs, stderr: bool, line: String, max_bytes: usize) {
-    let mut l = logs.lock().unwrap_or_else(|p| p.into_inner());
+    let mut l = logs.lock();
     let used: usize = l
         .stdout
         .iter()

@@ -7,8 +7,9 @@
 //! A closed pool (its function was rebuilt or deleted) lets in-flight calls finish and kills
 //! each worker as it comes back: traffic moves to the new pool without failed calls.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dispatch_core::{ColdStart, Envelope, ErrorObject, Language, Logs, Timings};
@@ -134,9 +135,9 @@ impl Pool {
         &self.cfg
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+    fn idle(&self) -> parking_lot::MutexGuard<'_, Vec<Worker>> {
         // Only Vec push/pop happen under this lock; a poisoned lock holds a valid Vec.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.idle.lock()
     }
 
     /// What one worker of this pool counts against the worker budget: its memory limit.

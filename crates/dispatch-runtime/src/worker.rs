@@ -5,11 +5,12 @@
 //! environment, cwd = the function directory. Its process-level stdout/stderr (output outside
 //! calls) are drained into a short tail used in crash messages.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispatch_core::envelope::{EnvelopeContext, null_raw};
@@ -413,7 +414,7 @@ impl Worker {
         self.kill();
         // Let the drain tasks read what is left in the pipes.
         tokio::task::yield_now().await;
-        let mut tail: Vec<String> = lock(&self.tail).iter().cloned().collect();
+        let mut tail: Vec<String> = self.tail.lock().iter().cloned().collect();
         if let Some(Ok(Ok(st))) = status {
             tail.push(format!("(exit {st})"));
         }
@@ -432,16 +433,12 @@ impl Drop for Worker {
     }
 }
 
-fn lock(t: &Tail) -> std::sync::MutexGuard<'_, VecDeque<String>> {
-    t.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn drain(r: impl AsyncRead + Unpin + Send + 'static, tail: Tail, label: String) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(r).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             tracing::debug!(worker = %label, "{line}");
-            let mut t = lock(&tail);
+            let mut t = tail.lock();
             if t.len() == TAIL_LINES {
                 t.pop_front();
             }

@@ -335,7 +335,7 @@ async fn request(z: &mut Running, spec: &WorkerSpec) -> Result<Forked, StartErro
 pub struct Spares {
     spec: WorkerSpec,
     keep: usize,
-    idle: std::sync::Mutex<Vec<Worker>>,
+    idle: parking_lot::Mutex<Vec<Worker>>,
     refilling: std::sync::atomic::AtomicBool,
 }
 
@@ -365,7 +365,7 @@ impl Spares {
                 max_output_bytes: 0,
             },
             keep,
-            idle: std::sync::Mutex::new(Vec::new()),
+            idle: parking_lot::Mutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -377,8 +377,8 @@ impl Spares {
         self
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    fn idle(&self) -> parking_lot::MutexGuard<'_, Vec<Worker>> {
+        self.idle.lock()
     }
 
     /// Generic workers ready now.

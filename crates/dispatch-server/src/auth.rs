@@ -5,8 +5,9 @@
 //! A token scoped to namespace A that asks for namespace B gets 404, not 403: it must not learn
 //! which namespaces exist. Mutating calls are written to the audit log.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -50,36 +51,23 @@ pub struct Tokens {
 impl Tokens {
     pub fn replace_all(&self, all: Vec<ApiToken>) {
         let map = all.into_iter().map(|t| (t.hash.clone(), t)).collect();
-        *self.by_hash.write().unwrap_or_else(|p| p.into_inner()) = map;
+        *self.by_hash.write() = map;
     }
 
     pub fn insert(&self, t: ApiToken) {
-        self.by_hash
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(t.hash.clone(), t);
+        self.by_hash.write().insert(t.hash.clone(), t);
     }
 
     pub fn remove(&self, name: &str) {
-        self.by_hash
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, t| t.name != name);
+        self.by_hash.write().retain(|_, t| t.name != name);
     }
 
     fn find(&self, hash: &str) -> Option<ApiToken> {
-        self.by_hash
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(hash)
-            .cloned()
+        self.by_hash.read().get(hash).cloned()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        self.by_hash.read().is_empty()
     }
 }
 

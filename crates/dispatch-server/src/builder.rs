@@ -287,7 +287,7 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
         crate::deliveries::spawn(state.clone()),
     ];
-    *state.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+    *state.tasks.lock() = tasks;
     state.ready.store(true, Ordering::Release);
 }
 

@@ -45,7 +45,7 @@ impl Key {
 
 pub struct Controller {
     tx: mpsc::UnboundedSender<Key>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Controller {
@@ -54,7 +54,7 @@ impl Controller {
         (
             Controller {
                 tx,
-                task: std::sync::Mutex::new(None),
+                task: parking_lot::Mutex::new(None),
             },
             rx,
         )
@@ -62,7 +62,7 @@ impl Controller {
 
     pub fn spawn(&self, state: Arc<AppState>, rx: mpsc::UnboundedReceiver<Key>) {
         let task = tokio::spawn(run(state, rx));
-        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *self.task.lock() = Some(task);
     }
 
     pub fn enqueue(&self, key: Key) {
@@ -72,7 +72,7 @@ impl Controller {
 
     /// Stops reconciling (builds in progress are dropped; start-up resumes them).
     pub fn stop(&self) {
-        if let Some(t) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = self.task.lock().take() {
             t.abort();
         }
     }

@@ -9,9 +9,10 @@
 //! It also keeps the counts that ingest's high-water mark (`--max-pending-deliveries`: 429,
 //! nothing stored), `GET …/subscriptions/{name}/deliveries` and `/metrics` read.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_core::Trigger;
@@ -75,8 +76,8 @@ pub struct Deliveries {
 }
 
 impl Deliveries {
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn inner(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// Ok while the namespace's pending deliveries are below `max`; else counts a refusal

@@ -5,9 +5,10 @@
 //! `activeDeadlineSeconds`, record phase, exit code and logs at every change (readers see
 //! changes at once, not on a poll interval), delete after `ttlSecondsAfterFinished`.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -56,15 +57,15 @@ impl Jobs {
     }
 
     // A std mutex: map operations only, never held across an await.
-    fn sched(&self) -> std::sync::MutexGuard<'_, Sched> {
-        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    fn sched(&self) -> parking_lot::MutexGuard<'_, Sched> {
+        self.sched.lock()
     }
 
     /// Live logs of an active execution.
     pub fn live_logs(&self, uuid: &str) -> Option<Logs> {
         let s = self.sched();
         let a = s.active.get(uuid)?;
-        let l = a.logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let l = a.logs.lock().clone();
         Some(l)
     }
 
@@ -400,10 +401,7 @@ async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
 }
 
 fn push_note(logs: &LiveLogs, note: &str) {
-    logs.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .stderr
-        .push(format!("[dispatch] {note}"));
+    logs.lock().stderr.push(format!("[dispatch] {note}"));
 }
 
 /// Records the end of an execution, frees its slot, starts the next waiting one.
@@ -413,7 +411,7 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
     }
     let done = now(state);
     job.finished_at = Some(done);
-    job.logs = logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    job.logs = logs.lock().clone();
     job.expires_at = ttl.and_then(|s| {
         done.checked_add(jiff::SignedDuration::from_secs(s as i64))
             .ok()
@@ -455,7 +453,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobEx
         }
         Found::Waiting => {}
         Found::Active(logs) => {
-            job.logs = logs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            job.logs = logs.lock().clone();
             // Re-read: the attempt count may have moved on.
             let (n, u) = (ns.to_string(), uuid.to_string());
             if let Ok(Some(latest)) = state.db(move |s| s.get_job(&n, &u)).await {

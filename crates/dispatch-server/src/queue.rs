@@ -16,10 +16,11 @@
 //!
 //! Time comes from [`Clock`], so tests drive backoff and max age with paused tokio time.
 
+use parking_lot::Mutex;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::Hasher;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -223,8 +224,8 @@ impl Queue {
     }
 
     // A std mutex: every section is a few map operations, never held across an await.
-    fn sched(&self) -> std::sync::MutexGuard<'_, Sched> {
-        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    fn sched(&self) -> parking_lot::MutexGuard<'_, Sched> {
+        self.sched.lock()
     }
 
     /// Adds a QUEUED run (ready now, or at its `nextAttemptAt`).

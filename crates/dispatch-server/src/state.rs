@@ -1,9 +1,10 @@
 //! What every handler shares: the store, the blob store, the backend, the controller's queue,
 //! the gateway's route table, the run recorder, and what is deployed now.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dispatch_core::{Kind, Object};
@@ -101,7 +102,7 @@ pub struct AppState {
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
-    pub(crate) tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub(crate) tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(crate) controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
     routes: RwLock<Routes>,
@@ -191,7 +192,7 @@ impl AppState {
             secrets,
             config,
             http,
-            tasks: std::sync::Mutex::new(Vec::new()),
+            tasks: parking_lot::Mutex::new(Vec::new()),
             controller,
             routes: RwLock::new(Routes::default()),
             deployed: RwLock::new(HashMap::new()),
@@ -223,7 +224,7 @@ impl AppState {
                 s.list_namespaces()
             })
             .await?;
-        let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.namespaces.write();
         map.insert(
             dispatch_core::DEFAULT_NAMESPACE.to_string(),
             NamespaceInfo::default(),
@@ -247,7 +248,6 @@ impl AppState {
         let mut all: Vec<_> = self
             .namespaces
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -269,13 +269,7 @@ impl AppState {
     /// One namespace's entry (404 unless it exists).
     pub fn namespace(&self, ns: &str) -> Result<NamespaceInfo, ApiError> {
         self.require_namespace(ns)?;
-        Ok(self
-            .namespaces
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(ns)
-            .cloned()
-            .unwrap_or_default())
+        Ok(self.namespaces.read().get(ns).cloned().unwrap_or_default())
     }
 
     /// Sets (`None`: clears) a namespace's own run-history budget.
@@ -289,7 +283,7 @@ impl AppState {
         let n = ns.to_string();
         self.res(move |s| s.set_run_history_budget(&n, budget, now))
             .await?;
-        let mut map = self.namespaces.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.namespaces.write();
         let entry = map.entry(ns.to_string()).or_default();
         entry.run_history_budget = budget;
         Ok(entry.clone())
@@ -297,12 +291,8 @@ impl AppState {
 
     /// 404 unless the namespace exists.
     pub fn require_namespace(&self, ns: &str) -> Result<(), ApiError> {
-        let known = ns == dispatch_core::DEFAULT_NAMESPACE
-            || self
-                .namespaces
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(ns);
+        let known =
+            ns == dispatch_core::DEFAULT_NAMESPACE || self.namespaces.read().contains_key(ns);
         if known {
             Ok(())
         } else {
@@ -321,16 +311,13 @@ impl AppState {
         let n = name.to_string();
         let created = self.res(move |s| s.put_namespace(&n, now)).await?;
         if created {
-            self.namespaces
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    name.to_string(),
-                    NamespaceInfo {
-                        created: Some(now),
-                        run_history_budget: None,
-                    },
-                );
+            self.namespaces.write().insert(
+                name.to_string(),
+                NamespaceInfo {
+                    created: Some(now),
+                    run_history_budget: None,
+                },
+            );
         }
         Ok(created)
     }
@@ -342,22 +329,16 @@ impl AppState {
             .await?;
         let n = name.to_string();
         self.res(move |s| s.delete_namespace(&n)).await?;
-        self.namespaces
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.namespaces.write().remove(name);
         Ok(())
     }
 
     pub fn event_index(&self) -> Arc<crate::events::EventIndex> {
-        self.event_index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.event_index.read().clone()
     }
 
     pub fn set_event_index(&self, idx: crate::events::EventIndex) {
-        *self.event_index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(idx);
+        *self.event_index.write() = Arc::new(idx);
     }
 
     /// Creates an API token; returns the token (shown once) and its record.
@@ -455,47 +436,38 @@ impl AppState {
     }
 
     /// The gateway's route table (held for a lookup or a check; never across an await).
-    pub fn routes(&self) -> std::sync::RwLockReadGuard<'_, Routes> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner())
+    pub fn routes(&self) -> parking_lot::RwLockReadGuard<'_, Routes> {
+        self.routes.read()
     }
 
     /// Replaces (or with `None` removes) one endpoint's routes in the gateway's table.
     pub fn set_route(&self, namespace: &str, name: &str, endpoint: Option<&Object>) {
-        self.routes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_endpoint(namespace, name, endpoint);
+        self.routes.write().set_endpoint(namespace, name, endpoint);
     }
 
     /// Reloads the gateway's route table from the stored endpoints.
     pub async fn rebuild_routes(&self) -> Result<(), ApiError> {
         let endpoints = self.res(|s| s.list(None, Kind::Endpoint)).await?;
         let table = Routes::build(&endpoints);
-        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
+        *self.routes.write() = table;
         Ok(())
     }
 
     pub fn deployed(&self, ns: &str, name: &str) -> Option<Arc<Deployed>> {
-        self.deployed
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(ns)?
-            .get(name)
-            .cloned()
+        self.deployed.read().get(ns)?.get(name).cloned()
     }
 
     /// Digests of every function build serving calls now.
     pub fn deployed_digests(&self) -> Vec<String> {
         self.deployed
             .read()
-            .unwrap_or_else(|p| p.into_inner())
             .values()
             .flat_map(|m| m.values().map(|d| d.digest.clone()))
             .collect()
     }
 
     pub fn set_deployed(&self, ns: &str, name: &str, d: Option<Deployed>) {
-        let mut map = self.deployed.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.deployed.write();
         match d {
             Some(d) => {
                 map.entry(ns.to_string())
@@ -515,12 +487,7 @@ impl AppState {
 
     /// Stops the controller, kills every worker and flushes run records.
     pub async fn stop(&self) {
-        for t in self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
+        for t in self.tasks.lock().drain(..) {
             t.abort();
         }
         self.controller.stop();

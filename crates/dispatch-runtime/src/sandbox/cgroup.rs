@@ -5,8 +5,8 @@
 //! workload below that. v1 and v2 are detected from `/proc/self/mountinfo` and
 //! `/proc/self/cgroup`; a hybrid host (v1 controllers, an empty v2 tree) uses v1.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use super::Limits;
 
@@ -259,7 +259,7 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         for d in self.dirs.drain(..) {
             if std::fs::remove_dir(&d).is_err() && d.exists() {
-                LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()).push(d);
+                LEFTOVERS.lock().push(d);
             }
         }
     }
@@ -292,7 +292,7 @@ fn remove_stale(parent: &Path) {
 
 /// Removes cgroups whose last process has exited since they were dropped.
 fn retry_leftovers() {
-    let mut l = LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut l = LEFTOVERS.lock();
     l.retain(|d| std::fs::remove_dir(d).is_err() && d.exists());
 }
 

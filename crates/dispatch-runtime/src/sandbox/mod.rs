@@ -18,10 +18,11 @@ pub mod cgroup;
 pub mod launch;
 pub mod walls;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -341,7 +342,7 @@ impl Sandboxes {
         if !self.as_root {
             return Identity::UserNamespace;
         }
-        let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+        let mut uids = self.uids.lock();
         let next = UID_BASE + uids.len() as u32;
         let uid = *uids.entry(ns.to_string()).or_insert(next);
         Identity::Uid { uid, gid: uid }

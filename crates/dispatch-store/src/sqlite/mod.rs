@@ -1,7 +1,7 @@
 //! [`ResourceStore`] and [`RecordStore`] on one SQLite file in WAL mode (`migrations`: its
 //! schema; `resources`, `records`, `runs`: the two traits' halves).
 //!
-//! One connection behind a `std::sync::Mutex`: every call is a short, blocking statement (the
+//! One connection behind a `parking_lot::Mutex`: every call is a short, blocking statement (the
 //! server runs them on the blocking pool), and SQLite serializes writers anyway. No lock is
 //! held across an `.await` because nothing here is async.
 
@@ -11,8 +11,8 @@ mod records;
 mod resources;
 mod runs;
 
+use parking_lot::{Mutex, MutexGuard};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
 
 use dispatch_core::Run;
 use jiff::Timestamp;
@@ -156,7 +156,7 @@ impl SqliteStore {
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (statements are
         // atomic), so a poisoned lock is still safe to use.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 }
 impl SqliteStore {
@@ -165,7 +165,7 @@ impl SqliteStore {
     /// Checkpoints the whole write-ahead log into the database and truncates it to zero
     /// bytes (writers wait while it copies); a failure is logged, the WAL stays as it was.
     pub(crate) fn truncate_wal(&self, conn: &Connection) {
-        *self.truncated.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        *self.truncated.lock() = Some(std::time::Instant::now());
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
             tracing::warn!("truncating the write-ahead log to free disk space: {e}");
         }

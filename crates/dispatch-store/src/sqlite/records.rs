@@ -24,7 +24,6 @@ impl RecordStore for SqliteStore {
         let due = self
             .truncated
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
         if due {
             self.truncate_wal(&conn);
