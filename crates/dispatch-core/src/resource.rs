@@ -19,7 +19,8 @@ use crate::names::validate_name;
 /// The apiVersion of every Dispatch resource.
 pub const API_VERSION: &str = "dispatch.dev/v1";
 
-/// Resource kinds this server knows. Later kinds (Secret, Subscription, …) are added here.
+/// Every kind of resource (DESIGN §3): what the API, the CLI, manifests and the Kubernetes
+/// CRDs (one per kind) name. A new kind goes here, in [`Kind::ALL`] and in its spec type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     BaseImage,

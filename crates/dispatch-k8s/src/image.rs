@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use dispatch_core::Language;
-use dispatch_runtime::backend::{BuildError, bootstrap, find_program};
+use dispatch_runtime::backend::BuildError;
 use dispatch_runtime::build::run_tool;
+use dispatch_runtime::local::{bootstrap, find_program};
 
 use crate::oci::{
     BaseImage, ConfigChanges, ImagePlan, Layer, LayerBuilder, OciError, Pushed, Registry,

@@ -239,7 +239,7 @@ impl ImageBuilder {
                     .await
                     .map_err(|e| io("failed to write package.json in", e))?;
                 progress("installing dependencies with npm");
-                let npm = crate::backend::find_program("npm")
+                let npm = crate::local::find_program("npm")
                     .ok_or_else(|| BuildError::InterpreterMissing { name: "npm".into() })?;
                 let mut args: Vec<String> = NPM_INSTALL.iter().map(|s| s.to_string()).collect();
                 if let Some(url) = &build.index_url {

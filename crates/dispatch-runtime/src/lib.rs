@@ -11,6 +11,7 @@ pub mod budget;
 pub mod build;
 pub mod handler;
 pub mod jobrun;
+pub mod local;
 pub mod pool;
 pub mod protocol;
 pub mod sandbox;
@@ -19,8 +20,8 @@ pub mod worker;
 pub mod zygote;
 
 pub use backend::{
-    Backend, BaseImageCheck, BuildError, DEFAULT_MAX_WAITING_CALLS, FunctionDeploy, GcKeep,
-    ImageBuild, InvokeError, LocalBackend, Removed,
+    Backend, BaseImageCheck, BuildError, FunctionDeploy, GcKeep, ImageBuild, InvokeError, Removed,
 };
 pub use build::Progress;
+pub use local::{DEFAULT_MAX_WAITING_CALLS, LocalBackend};
 pub use pool::{CallOutcome, Pool, PoolError};

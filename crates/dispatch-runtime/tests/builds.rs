@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dispatch_core::Language;
-use dispatch_runtime::backend::{
-    Backend, BaseImageCheck, FunctionDeploy, GcKeep, ImageBuild, LocalBackend,
-};
+use dispatch_runtime::LocalBackend;
+use dispatch_runtime::backend::{Backend, BaseImageCheck, FunctionDeploy, GcKeep, ImageBuild};
 use dispatch_runtime::{BuildError, Progress};
 use flate2::{Compression, write::GzEncoder};
 use serde_json::value::RawValue;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dispatch_core::{ErrorType, Language};
-use dispatch_runtime::backend::{Backend, BaseImageCheck, FunctionDeploy, LocalBackend};
+use dispatch_runtime::LocalBackend;
+use dispatch_runtime::backend::{Backend, BaseImageCheck, FunctionDeploy};
 use flate2::{Compression, write::GzEncoder};
 use serde_json::json;
 use serde_json::value::RawValue;

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use dispatch_core::{Language, ValidationError};
+use dispatch_runtime::LocalBackend;
 use dispatch_runtime::Pool;
-use dispatch_runtime::backend::{BaseImageCheck, FunctionDeploy, LocalBackend};
+use dispatch_runtime::backend::{BaseImageCheck, FunctionDeploy};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
