@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod manifest;
 pub mod names;
 pub mod quantity;
+pub mod references;
 pub mod resource;
 pub mod run;
 

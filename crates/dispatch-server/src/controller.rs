@@ -157,11 +157,12 @@ async fn dependents(
     state: &AppState,
     ns: &str,
     kind: Kind,
-    refers: impl Fn(&Object) -> bool,
+    of: Kind,
+    name: &str,
 ) -> Result<(), ApiError> {
     let nsc = ns.to_string();
     for o in state.res(move |s| s.list(Some(&nsc), kind)).await? {
-        if refers(&o) {
+        if o.refers_to(of, name) {
             state.enqueue(Key::of(&o));
         }
     }
@@ -219,10 +220,13 @@ async fn reconcile_base_image(state: &AppState, key: &Key) -> Result<(), ApiErro
         Err(e) => status(Phase::Error, e.to_string(), None, &o),
     };
     set_status(state, &o, new).await?;
-    let name = key.name.clone();
-    dependents(state, &key.namespace, Kind::Image, move |i| {
-        i.spec.get("baseImage").and_then(|v| v.as_str()) == Some(&name)
-    })
+    dependents(
+        state,
+        &key.namespace,
+        Kind::Image,
+        Kind::BaseImage,
+        &key.name,
+    )
     .await
 }
 
@@ -252,10 +256,13 @@ async fn reconcile_image(state: &AppState, key: &Key) -> Result<(), ApiError> {
     if let Some(new) = result {
         set_status(state, &o, new).await?;
     }
-    let name = key.name.clone();
-    dependents(state, &key.namespace, Kind::Function, move |f| {
-        f.spec.get("image").and_then(|v| v.as_str()) == Some(&name)
-    })
+    dependents(
+        state,
+        &key.namespace,
+        Kind::Function,
+        Kind::Image,
+        &key.name,
+    )
     .await
 }
 
@@ -568,13 +575,13 @@ async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ApiError> {
     if let Some(o) = state.get(&key.namespace, Kind::Secret, &key.name).await? {
         set_status(state, &o, status(Phase::Ready, "", None, &o)).await?;
     }
-    let name = key.name.clone();
-    dependents(state, &key.namespace, Kind::Function, move |f| {
-        f.spec
-            .get("secrets")
-            .and_then(|v| v.as_array())
-            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(&name)))
-    })
+    dependents(
+        state,
+        &key.namespace,
+        Kind::Function,
+        Kind::Secret,
+        &key.name,
+    )
     .await
 }
 

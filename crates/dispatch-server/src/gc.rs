@@ -33,8 +33,12 @@ pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, ApiE
     let mut keep = GcKeep::default();
     let mut sources = HashSet::new();
     for f in &functions {
-        if let Some(src) = f.spec.get("source").and_then(|v| v.as_str()) {
-            sources.insert(src.to_string());
+        if let Some(src) = f
+            .typed_spec::<dispatch_core::FunctionSpec>()
+            .ok()
+            .and_then(|s| s.source)
+        {
+            sources.insert(src);
         }
         if let Some(d) = &f.status.digest {
             keep.functions.insert(d.clone());

@@ -300,18 +300,19 @@ fn builtin(name: &str) -> ApiError {
 }
 
 /// Names of the resources of `kind` in `ns` whose spec field `field` is `name`.
+/// The `kind` resources of a namespace that name `of` `name`.
 async fn users(
     state: &AppState,
     ns: &str,
     kind: Kind,
-    field: &'static str,
+    of: Kind,
     name: &str,
 ) -> Result<Vec<String>, ApiError> {
     let nsc = ns.to_string();
     let all = state.res(move |s| s.list(Some(&nsc), kind)).await?;
     Ok(all
         .into_iter()
-        .filter(|o| o.spec.get(field).and_then(|v| v.as_str()) == Some(name))
+        .filter(|o| o.refers_to(of, name))
         .map(|o| o.metadata.name)
         .collect())
 }
@@ -335,46 +336,14 @@ pub async fn delete(
 ) -> Result<Json<Object>, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
-    let dependents = match kind {
-        Kind::BaseImage if builtin_base_image(&ns, &name).is_some() => return Err(builtin(&name)),
-        Kind::BaseImage => Some((Kind::Image, "baseImage")),
-        Kind::Image => Some((Kind::Function, "image")),
-        Kind::Function => {
-            // Anything that routes to it: endpoints, subscriptions, event drivers.
-            for by in [Kind::Subscription, Kind::EventDriver] {
-                let u = users(&state, &ns, by, "function", &name).await?;
-                if !u.is_empty() {
-                    return Err(in_use(kind, &name, by, &u));
-                }
-            }
-            Some((Kind::Endpoint, "function"))
-        }
-        Kind::Endpoint | Kind::JobTemplate | Kind::Subscription | Kind::EventDriver => None,
-        Kind::Secret => {
-            let nsc = ns.clone();
-            let functions = state
-                .res(move |s| s.list(Some(&nsc), Kind::Function))
-                .await?;
-            let users: Vec<String> = functions
-                .into_iter()
-                .filter(|f| {
-                    f.spec
-                        .get("secrets")
-                        .and_then(|v| v.as_array())
-                        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(name.as_str())))
-                })
-                .map(|f| f.metadata.name)
-                .collect();
-            if !users.is_empty() {
-                return Err(in_use(kind, &name, Kind::Function, &users));
-            }
-            None
-        }
-    };
-    if let Some((by, field)) = dependents {
-        let u = users(&state, &ns, by, field, &name).await?;
+    if kind == Kind::BaseImage && builtin_base_image(&ns, &name).is_some() {
+        return Err(builtin(&name));
+    }
+    // Anything that still names it (a function: endpoints, subscriptions, event drivers).
+    for by in kind.referrers() {
+        let u = users(&state, &ns, *by, kind, &name).await?;
         if !u.is_empty() {
-            return Err(in_use(kind, &name, by, &u));
+            return Err(in_use(kind, &name, *by, &u));
         }
     }
     let (nsc, namec) = (ns.clone(), name.clone());
