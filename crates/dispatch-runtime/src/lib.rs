@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod budget;
 pub mod build;
+pub mod exec;
 pub mod handler;
 pub mod jobrun;
 pub mod local;

@@ -17,7 +17,8 @@ use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
 use crate::budget::{BudgetFull, WorkerBudget};
-use crate::worker::{StartError, Worker, WorkerSpec, run_exec};
+use crate::exec::run_exec;
+use crate::worker::{StartError, Worker, WorkerSpec};
 use crate::zygote::{ForkError, Spares, Zygote};
 
 /// How a pool gets a new worker.
