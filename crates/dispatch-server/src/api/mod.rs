@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use dispatch_core::{API_VERSION, BaseImageSpec, Kind, Language, Object, Phase, Status};
+use dispatch_core::API_VERSION;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -306,28 +306,6 @@ async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     }))
 }
 
-/// Names of the base images every namespace has.
-pub const BUILTIN_BASE_IMAGES: [&str; 2] = ["python3", "nodejs"];
-
-/// The built-in base image `name` of namespace `ns` (`python3`, `nodejs`), if it is one.
-pub fn builtin_base_image(ns: &str, name: &str) -> Option<Object> {
-    let (image, language) = match name {
-        "python3" => ("python:3-slim", Language::Python3),
-        "nodejs" => ("node:20-slim", Language::Nodejs),
-        _ => return None,
-    };
-    let spec = BaseImageSpec {
-        image: image.into(),
-        language: Some(language),
-        interpreter: None,
-    };
-    let mut o = Object::new(Kind::BaseImage, ns, name, spec);
-    o.metadata
-        .labels
-        .insert("dispatch.dev/builtin".into(), "true".into());
-    o.status = Status::phase(Phase::Ready);
-    Some(o)
-}
 
 pub(crate) fn check_namespace(ns: &str) -> Result<(), ApiError> {
     dispatch_core::names::validate_name("namespace", ns).map_err(ApiError::from)

@@ -10,12 +10,12 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use dispatch_core::{BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object};
-use dispatch_runtime::{handler, source};
+use dispatch_core::{Kind, Object};
 
-use super::{BUILTIN_BASE_IMAGES, builtin_base_image, check_namespace};
+use super::check_namespace;
+use crate::admission::{BUILTIN_BASE_IMAGES, admit, builtin, builtin_base_image};
 use crate::auth::Principal;
-use crate::controller::{Key, image_plan};
+use crate::controller::Key;
 use crate::error::{ApiError, parse_json};
 use crate::state::AppState;
 use axum::Extension;
@@ -289,16 +289,6 @@ async fn stored_changed(state: &AppState, stored: &Object) -> Result<(), ApiErro
     Ok(())
 }
 
-fn builtin(name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "BuiltIn",
-        format!(
-            "base image {name:?} is built in and cannot be changed: create a base image with another name"
-        ),
-    )
-}
-
 /// Names of the resources of `kind` in `ns` whose spec field `field` is `name`.
 /// The `kind` resources of a namespace that name `of` `name`.
 async fn users(
@@ -432,186 +422,4 @@ pub(crate) async fn changed_elsewhere(
         }
     }
     stored_changed(state, &stored).await
-}
-
-fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> ApiError {
-    ApiError::unknown_reference(format!(
-        "{} {name:?} not found in namespace {ns:?}: {hint}",
-        kind.human()
-    ))
-}
-
-/// Validates an object for `ns`/`kind` and fills what the server decides (defaults, the
-/// default handler). Nothing is stored here.
-async fn admit(
-    state: &AppState,
-    ns: &str,
-    kind: Kind,
-    mut obj: Object,
-) -> Result<Object, ApiError> {
-    if obj.kind != kind {
-        return Err(ApiError::bad_request(format!(
-            "kind {} does not belong under /{}: send it to /{}",
-            obj.kind,
-            kind.plural(),
-            obj.kind.plural()
-        )));
-    }
-    match &obj.metadata.namespace {
-        Some(other) if other != ns => {
-            return Err(ApiError::bad_request(format!(
-                "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
-            )));
-        }
-        _ => obj.metadata.namespace = Some(ns.to_string()),
-    }
-    state.require_namespace(ns)?;
-    obj.validate()?;
-    match kind {
-        // Validated by `Object::validate` (shape and every template parses).
-        Kind::JobTemplate => {}
-        // Stored sealed: the store never sees a value.
-        Kind::Secret => {
-            let spec: dispatch_core::SecretSpec = obj.typed_spec()?;
-            let sealed = state
-                .secrets
-                .seal(ns, obj.name(), &spec.data)
-                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
-            obj.spec = serde_json::to_value(sealed)
-                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
-        }
-        Kind::BaseImage => {
-            if builtin_base_image(ns, obj.name()).is_some() {
-                return Err(builtin(obj.name()));
-            }
-        }
-        Kind::Image => {
-            let spec: ImageSpec = obj.typed_spec()?;
-            let (base, base_spec) = base_image(state, ns, &spec.base_image).await?;
-            let (_, build) = image_plan(&spec, &base, &base_spec)?;
-            state.backend.validate_image(&build)?;
-        }
-        Kind::Function => {
-            let spec: FunctionSpec = obj.typed_spec()?;
-            let Some(image) = state.get(ns, Kind::Image, &spec.image).await? else {
-                return Err(unknown(
-                    Kind::Image,
-                    &spec.image,
-                    ns,
-                    "create it first (dispatch create image NAME BASE-IMAGE)",
-                ));
-            };
-            let image: ImageSpec = image.typed_spec()?;
-            let base = base_image_spec(state, ns, &image.base_image).await?;
-            let source = spec.source.clone().unwrap_or_default();
-            let blobs = state.blobs.clone();
-            let files = tokio::task::spawn_blocking(move || {
-                if !blobs.exists(&source) {
-                    return Ok(None);
-                }
-                let archive = blobs.read(&source).map_err(|e| e.to_string())?;
-                source::inspect(&archive)
-                    .map(Some)
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| ApiError::internal("inspecting a source archive", &e))?
-            .map_err(|e| ApiError::bad_request(format!("source archive is not valid: {e}")))?;
-            let Some(files) = files else {
-                return Err(ApiError::unknown_reference(format!(
-                    "source {} was not uploaded: POST the archive to /v1/namespaces/{ns}/functions/{}/source first",
-                    spec.source.unwrap_or_default(),
-                    obj.name()
-                )));
-            };
-            let resolved = handler::resolve(base.lang(), spec.handler.as_deref(), &files)?;
-            if let Some(m) = obj.spec.as_object_mut() {
-                m.insert("handler".into(), resolved.handler.into());
-            }
-        }
-        Kind::Subscription => {
-            let spec: dispatch_core::events::SubscriptionSpec = obj.typed_spec()?;
-            if state
-                .get(ns, Kind::Function, &spec.function)
-                .await?
-                .is_none()
-            {
-                return Err(unknown(
-                    Kind::Function,
-                    &spec.function,
-                    ns,
-                    "create it first (dispatch create function NAME PATH --image IMAGE)",
-                ));
-            }
-        }
-        Kind::EventDriver => {
-            let spec: dispatch_core::events::EventDriverSpec = obj.typed_spec()?;
-            if let Some(f) = &spec.function
-                && state.get(ns, Kind::Function, f).await?.is_none()
-            {
-                return Err(unknown(
-                    Kind::Function,
-                    f,
-                    ns,
-                    "create it first (dispatch create function NAME PATH --image IMAGE)",
-                ));
-            }
-            if let Some(p) = &spec.path
-                && let Some((ons, oname, _)) = state.event_index().webhooks.get(p)
-                && (ons.as_str(), oname.as_str()) != (ns, obj.name())
-            {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "RouteConflict",
-                    format!(
-                        "webhook path {p} is taken by event driver {oname:?} in namespace {ons:?}"
-                    ),
-                ));
-            }
-        }
-        Kind::Endpoint => {
-            let spec: EndpointSpec = obj.typed_spec()?;
-            if state
-                .get(ns, Kind::Function, &spec.function)
-                .await?
-                .is_none()
-            {
-                return Err(unknown(
-                    Kind::Function,
-                    &spec.function,
-                    ns,
-                    "create it first (dispatch create function NAME PATH --image IMAGE)",
-                ));
-            }
-            if let Some(msg) = state.routes().conflict(&spec, (ns, obj.name())) {
-                return Err(ApiError::new(StatusCode::CONFLICT, "RouteConflict", msg));
-            }
-        }
-    }
-    Ok(obj)
-}
-
-async fn base_image_spec(
-    state: &AppState,
-    ns: &str,
-    name: &str,
-) -> Result<BaseImageSpec, ApiError> {
-    Ok(base_image(state, ns, name).await?.1)
-}
-
-async fn base_image(
-    state: &AppState,
-    ns: &str,
-    name: &str,
-) -> Result<(Object, BaseImageSpec), ApiError> {
-    let Some(base) = state.get(ns, Kind::BaseImage, name).await? else {
-        return Err(unknown(
-            Kind::BaseImage,
-            name,
-            ns,
-            "create it first (dispatch create base-image NAME IMAGE-REF) or use the built-in python3 or nodejs",
-        ));
-    };
-    let spec = base.typed_spec()?;
-    Ok((base, spec))
 }

@@ -1,0 +1,231 @@
+//! Admission: what a resource must satisfy before it is stored — its spec valid and in
+//! normal form, the resources it names there (an image's base image, a function's image and
+//! its secrets, an endpoint's function), a function's handler found in its source, the
+//! defaults the server decides filled in. Nothing is stored here. The built-in base images
+//! (`python3`, `nodejs`) every namespace has are defined here too.
+
+use axum::http::StatusCode;
+use dispatch_core::{
+    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Object, Phase, Status,
+};
+use dispatch_runtime::{handler, source};
+
+use crate::controller::image_plan;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Names of the base images every namespace has.
+pub const BUILTIN_BASE_IMAGES: [&str; 2] = ["python3", "nodejs"];
+
+/// The built-in base image `name` of namespace `ns` (`python3`, `nodejs`), if it is one.
+pub fn builtin_base_image(ns: &str, name: &str) -> Option<Object> {
+    let (image, language) = match name {
+        "python3" => ("python:3-slim", Language::Python3),
+        "nodejs" => ("node:20-slim", Language::Nodejs),
+        _ => return None,
+    };
+    let spec = BaseImageSpec {
+        image: image.into(),
+        language: Some(language),
+        interpreter: None,
+    };
+    let mut o = Object::new(Kind::BaseImage, ns, name, spec);
+    o.metadata
+        .labels
+        .insert("dispatch.dev/builtin".into(), "true".into());
+    o.status = Status::phase(Phase::Ready);
+    Some(o)
+}
+
+fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> ApiError {
+    ApiError::unknown_reference(format!(
+        "{} {name:?} not found in namespace {ns:?}: {hint}",
+        kind.human()
+    ))
+}
+
+/// Validates an object for `ns`/`kind` and fills what the server decides (defaults, the
+/// default handler). Nothing is stored here.
+pub(crate) async fn admit(
+    state: &AppState,
+    ns: &str,
+    kind: Kind,
+    mut obj: Object,
+) -> Result<Object, ApiError> {
+    if obj.kind != kind {
+        return Err(ApiError::bad_request(format!(
+            "kind {} does not belong under /{}: send it to /{}",
+            obj.kind,
+            kind.plural(),
+            obj.kind.plural()
+        )));
+    }
+    match &obj.metadata.namespace {
+        Some(other) if other != ns => {
+            return Err(ApiError::bad_request(format!(
+                "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
+            )));
+        }
+        _ => obj.metadata.namespace = Some(ns.to_string()),
+    }
+    state.require_namespace(ns)?;
+    obj.validate()?;
+    match kind {
+        // Validated by `Object::validate` (shape and every template parses).
+        Kind::JobTemplate => {}
+        // Stored sealed: the store never sees a value.
+        Kind::Secret => {
+            let spec: dispatch_core::SecretSpec = obj.typed_spec()?;
+            let sealed = state
+                .secrets
+                .seal(ns, obj.name(), &spec.data)
+                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
+            obj.spec = serde_json::to_value(sealed)
+                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
+        }
+        Kind::BaseImage => {
+            if builtin_base_image(ns, obj.name()).is_some() {
+                return Err(builtin(obj.name()));
+            }
+        }
+        Kind::Image => {
+            let spec: ImageSpec = obj.typed_spec()?;
+            let (base, base_spec) = base_image(state, ns, &spec.base_image).await?;
+            let (_, build) = image_plan(&spec, &base, &base_spec)?;
+            state.backend.validate_image(&build)?;
+        }
+        Kind::Function => {
+            let spec: FunctionSpec = obj.typed_spec()?;
+            let Some(image) = state.get(ns, Kind::Image, &spec.image).await? else {
+                return Err(unknown(
+                    Kind::Image,
+                    &spec.image,
+                    ns,
+                    "create it first (dispatch create image NAME BASE-IMAGE)",
+                ));
+            };
+            let image: ImageSpec = image.typed_spec()?;
+            let base = base_image_spec(state, ns, &image.base_image).await?;
+            let source = spec.source.clone().unwrap_or_default();
+            let blobs = state.blobs.clone();
+            let files = tokio::task::spawn_blocking(move || {
+                if !blobs.exists(&source) {
+                    return Ok(None);
+                }
+                let archive = blobs.read(&source).map_err(|e| e.to_string())?;
+                source::inspect(&archive)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| ApiError::internal("inspecting a source archive", &e))?
+            .map_err(|e| ApiError::bad_request(format!("source archive is not valid: {e}")))?;
+            let Some(files) = files else {
+                return Err(ApiError::unknown_reference(format!(
+                    "source {} was not uploaded: POST the archive to /v1/namespaces/{ns}/functions/{}/source first",
+                    spec.source.unwrap_or_default(),
+                    obj.name()
+                )));
+            };
+            let resolved = handler::resolve(base.lang(), spec.handler.as_deref(), &files)?;
+            if let Some(m) = obj.spec.as_object_mut() {
+                m.insert("handler".into(), resolved.handler.into());
+            }
+        }
+        Kind::Subscription => {
+            let spec: dispatch_core::events::SubscriptionSpec = obj.typed_spec()?;
+            if state
+                .get(ns, Kind::Function, &spec.function)
+                .await?
+                .is_none()
+            {
+                return Err(unknown(
+                    Kind::Function,
+                    &spec.function,
+                    ns,
+                    "create it first (dispatch create function NAME PATH --image IMAGE)",
+                ));
+            }
+        }
+        Kind::EventDriver => {
+            let spec: dispatch_core::events::EventDriverSpec = obj.typed_spec()?;
+            if let Some(f) = &spec.function
+                && state.get(ns, Kind::Function, f).await?.is_none()
+            {
+                return Err(unknown(
+                    Kind::Function,
+                    f,
+                    ns,
+                    "create it first (dispatch create function NAME PATH --image IMAGE)",
+                ));
+            }
+            if let Some(p) = &spec.path
+                && let Some((ons, oname, _)) = state.event_index().webhooks.get(p)
+                && (ons.as_str(), oname.as_str()) != (ns, obj.name())
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "RouteConflict",
+                    format!(
+                        "webhook path {p} is taken by event driver {oname:?} in namespace {ons:?}"
+                    ),
+                ));
+            }
+        }
+        Kind::Endpoint => {
+            let spec: EndpointSpec = obj.typed_spec()?;
+            if state
+                .get(ns, Kind::Function, &spec.function)
+                .await?
+                .is_none()
+            {
+                return Err(unknown(
+                    Kind::Function,
+                    &spec.function,
+                    ns,
+                    "create it first (dispatch create function NAME PATH --image IMAGE)",
+                ));
+            }
+            if let Some(msg) = state.routes().conflict(&spec, (ns, obj.name())) {
+                return Err(ApiError::new(StatusCode::CONFLICT, "RouteConflict", msg));
+            }
+        }
+    }
+    Ok(obj)
+}
+
+async fn base_image_spec(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<BaseImageSpec, ApiError> {
+    Ok(base_image(state, ns, name).await?.1)
+}
+
+async fn base_image(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<(Object, BaseImageSpec), ApiError> {
+    let Some(base) = state.get(ns, Kind::BaseImage, name).await? else {
+        return Err(unknown(
+            Kind::BaseImage,
+            name,
+            ns,
+            "create it first (dispatch create base-image NAME IMAGE-REF) or use the built-in python3 or nodejs",
+        ));
+    };
+    let spec = base.typed_spec()?;
+    Ok((base, spec))
+}
+
+/// Refused: a built-in base image cannot be changed or deleted.
+pub(crate) fn builtin(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "BuiltIn",
+        format!(
+            "base image {name:?} is built in and cannot be changed: create a base image with another name"
+        ),
+    )
+}
