@@ -306,7 +306,6 @@ async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     }))
 }
 
-
 pub(crate) fn check_namespace(ns: &str) -> Result<(), ApiError> {
     dispatch_core::names::validate_name("namespace", ns).map_err(ApiError::from)
 }
