@@ -5,10 +5,11 @@
 //! "message"}}`), or says plainly that the server could not be reached and how to point at it.
 
 pub mod pack;
+mod runs;
 
 use std::time::Duration;
 
-use dispatch_core::{Envelope, JobExecution, Kind, Logs, Object, Run};
+use dispatch_core::{Envelope, Kind, Object};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -536,141 +537,5 @@ impl Client {
             rb = rb.query(&[("grace", g)]);
         }
         self.json(rb, &url).await
-    }
-
-    /// Accepts an async run (`?wait=false`): the 202's `{"id", "status", …}`.
-    pub async fn exec_async(
-        &self,
-        function: &str,
-        input: &RawValue,
-        callback_url: Option<&str>,
-    ) -> Result<serde_json::Value> {
-        let url = self.ns_url(&self.namespace, &format!("functions/{function}/runs"));
-        let mut body = format!("{{\"input\":{}", input.get());
-        if let Some(cb) = callback_url {
-            body.push_str(",\"callbackUrl\":");
-            body.push_str(&serde_json::to_string(cb).unwrap_or_default());
-        }
-        body.push('}');
-        let rb = self
-            .request(Method::POST, &url)
-            .query(&[("wait", "false")])
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        self.json(rb, &url).await
-    }
-
-    /// Cancels a queued or running async run.
-    pub async fn cancel_run(&self, id: &str) -> Result<Run> {
-        let url = self.ns_url(&self.namespace, &format!("runs/{id}"));
-        self.json(self.request(Method::DELETE, &url), &url).await
-    }
-
-    /// Re-queues a DEAD run.
-    pub async fn redrive_run(&self, id: &str) -> Result<Run> {
-        let url = self.ns_url(&self.namespace, &format!("runs/{id}/redrive"));
-        self.json(self.request(Method::POST, &url), &url).await
-    }
-
-    /// Re-queues every DEAD run (of one function).
-    pub async fn redrive_all(&self, function: Option<&str>) -> Result<serde_json::Value> {
-        let url = self.ns_url(&self.namespace, "runs/redrive");
-        let mut rb = self.request(Method::POST, &url);
-        if let Some(f) = function {
-            rb = rb.query(&[("function", f)]);
-        }
-        self.json(rb, &url).await
-    }
-
-    /// Deletes finished runs (of one function / status).
-    pub async fn purge_runs(
-        &self,
-        function: Option<&str>,
-        status: Option<&str>,
-    ) -> Result<serde_json::Value> {
-        let url = self.ns_url(&self.namespace, "runs");
-        let mut params = Vec::new();
-        if let Some(f) = function {
-            params.push(("function", f));
-        }
-        if let Some(s) = status {
-            params.push(("status", s));
-        }
-        self.json(self.request(Method::DELETE, &url).query(&params), &url)
-            .await
-    }
-
-    /// `PUT /execute/{ns}/{template}` with `payload` as the body: `{"uuid", "name",
-    /// "namespace", "status"}`.
-    pub async fn execute(&self, template: &str, payload: Vec<u8>) -> Result<serde_json::Value> {
-        let url = format!("{}/execute/{}/{template}", self.base, self.namespace);
-        self.json(self.request(Method::PUT, &url).body(payload), &url)
-            .await
-    }
-
-    pub async fn list_jobs(&self, template: Option<&str>) -> Result<Vec<JobExecution>> {
-        let url = self.ns_url(&self.namespace, "jobexecutions");
-        let mut rb = self.request(Method::GET, &url);
-        if let Some(t) = template {
-            rb = rb.query(&[("template", t)]);
-        }
-        self.json(rb, &url).await
-    }
-
-    pub async fn get_job(&self, uuid: &str) -> Result<JobExecution> {
-        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}"));
-        self.json(self.request(Method::GET, &url), &url).await
-    }
-
-    /// The logs so far (while it runs) or all of them.
-    pub async fn job_logs(&self, uuid: &str) -> Result<Logs> {
-        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}/logs"));
-        self.json(self.request(Method::GET, &url), &url).await
-    }
-
-    pub async fn cancel_job(&self, uuid: &str) -> Result<JobExecution> {
-        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}"));
-        self.json(self.request(Method::DELETE, &url), &url).await
-    }
-
-    pub async fn list_runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
-        let url = self.ns_url(&self.namespace, "runs");
-        let mut params: Vec<(&str, String)> = Vec::new();
-        if let Some(f) = &q.function {
-            params.push(("function", f.clone()));
-        }
-        if let Some(s) = &q.status {
-            params.push(("status", s.clone()));
-        }
-        if let Some(l) = q.limit {
-            params.push(("limit", l.to_string()));
-        }
-        for (name, v) in [
-            ("after", &q.after),
-            ("since", &q.since),
-            ("until", &q.until),
-        ] {
-            if let Some(v) = v {
-                params.push((name, v.clone()));
-            }
-        }
-        self.json(self.request(Method::GET, &url).query(&params), &url)
-            .await
-    }
-
-    /// A function's async runs accepted and not final, its bound, and its 429s since start.
-    pub async fn function_queue(&self, name: &str) -> Result<dispatch_core::run::FunctionQueue> {
-        let url = self.ns_url(&self.namespace, &format!("functions/{name}/queue"));
-        self.json(self.request(Method::GET, &url), &url).await
-    }
-
-    pub async fn get_run(&self, id: &str) -> Result<Run> {
-        let url = self.ns_url(&self.namespace, &format!("runs/{id}"));
-        self.json(self.request(Method::GET, &url), &url).await
-    }
-
-    pub async fn run_logs(&self, id: &str) -> Result<Logs> {
-        let url = self.ns_url(&self.namespace, &format!("runs/{id}/logs"));
-        self.json(self.request(Method::GET, &url), &url).await
     }
 }
