@@ -233,7 +233,7 @@ fn the_data_dir_is_private() {
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let (api, gw) = (free_port(), free_port());
+    let (api, gw) = free_ports();
     let out = std::process::Command::cargo_bin("dispatch")
         .unwrap()
         .args(["server", "--data-dir"])
@@ -1199,7 +1199,7 @@ fn tls_listeners() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-    let (api, gw) = (free_port(), free_port());
+    let (api, gw) = free_ports();
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
         .args(["server", "--data-dir"])
         .arg(dir.path().join("data"))

@@ -540,21 +540,7 @@ async fn gateway_async_calls_and_retention() {
     };
     let t = start_with(dir, options).await;
     let c = &t.client;
-    images(c).await;
-    create_function(c, "hello", "py", "hello.py", HELLO_PY, json!({}))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "hello").await.phase(),
-        Some(Phase::Ready)
-    );
-    c.create(&object(
-        Kind::Endpoint,
-        "hello",
-        json!({"function": "hello", "methods": ["POST"], "paths": ["/hello"]}),
-    ))
-    .await
-    .unwrap();
+    routed(c, "hello", HELLO_PY, "/hello").await;
     let http = reqwest::Client::new();
     let r = http
         .post(format!("{}/hello", t.gateway))
@@ -600,21 +586,7 @@ def handle(context, payload):
 "#;
     let t = start_with(tempfile::tempdir().unwrap(), no_auth()).await;
     let c = &t.client;
-    images(c).await;
-    create_function(c, "echo", "py", "echo.py", ECHO_HTTP, json!({}))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Function, "echo").await.phase(),
-        Some(Phase::Ready)
-    );
-    c.create(&object(
-        Kind::Endpoint,
-        "echo",
-        json!({"function": "echo", "methods": ["POST"], "paths": ["/orders/{id}"]}),
-    ))
-    .await
-    .unwrap();
+    routed(c, "echo", ECHO_HTTP, "/orders/{id}").await;
     let http = reqwest::Client::new();
     let post = |blocking: bool| {
         http.post(format!("{}/orders/42?expand=items", t.gateway))
@@ -652,4 +624,17 @@ def handle(context, payload):
     assert!(stored.contains("\"httpContext\""), "{stored}");
     assert!(!stored.contains("secret-of-the-caller"), "{stored}");
     t.stop().await;
+}
+
+/// Images, Python function `name` READY, and an endpoint `name` that routes POST `path` to it.
+async fn routed(c: &dispatch_client::Client, name: &str, body: &str, path: &str) {
+    images(c).await;
+    ready_function(c, name, body, json!({})).await;
+    c.create(&object(
+        Kind::Endpoint,
+        name,
+        json!({"function": name, "methods": ["POST"], "paths": [path]}),
+    ))
+    .await
+    .unwrap();
 }

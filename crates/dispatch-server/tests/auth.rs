@@ -49,16 +49,7 @@ fn image(ns: &str, name: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_verbs_and_namespaces() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dispatch_server::Server::builder()
-        .stores(dispatch_server::Stores::single(Arc::new(
-            SqliteStore::in_memory().unwrap(),
-        )))
-        .blobs(BlobStore::open(dir.path().join("blobs")).unwrap())
-        .backend(LocalBackend::new(dir.path()).unwrap())
-        .options(Options::default())
-        .state()
-        .await
-        .unwrap();
+    let state = state_in(dir.path()).await;
     let app = api::router(state.clone());
     for ns in ["a", "b"] {
         assert!(state.create_namespace(ns).await.unwrap());
@@ -406,16 +397,7 @@ async fn roles_verbs_and_namespaces() {
 #[tokio::test(start_paused = true)]
 async fn tokens_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dispatch_server::Server::builder()
-        .stores(dispatch_server::Stores::single(Arc::new(
-            SqliteStore::in_memory().unwrap(),
-        )))
-        .blobs(BlobStore::open(dir.path().join("blobs")).unwrap())
-        .backend(LocalBackend::new(dir.path()).unwrap())
-        .options(Options::default())
-        .state()
-        .await
-        .unwrap();
+    let state = state_in(dir.path()).await;
     let app = api::router(state.clone());
     let (t, rec) = state
         .create_token("short", Role::Viewer, "a", Some(Duration::from_secs(3600)))
@@ -538,4 +520,18 @@ async fn endpoints_with_token_auth() {
         .unwrap_err();
     assert_eq!(bad.status().unwrap().as_u16(), 400);
     t.stop().await;
+}
+
+/// A server's state on an in-memory store and local workers in `dir`, not listening.
+async fn state_in(dir: &std::path::Path) -> Arc<dispatch_server::AppState> {
+    dispatch_server::Server::builder()
+        .stores(dispatch_server::Stores::single(Arc::new(
+            SqliteStore::in_memory().unwrap(),
+        )))
+        .blobs(BlobStore::open(dir.join("blobs")).unwrap())
+        .backend(LocalBackend::new(dir).unwrap())
+        .options(Options::default())
+        .state()
+        .await
+        .unwrap()
 }

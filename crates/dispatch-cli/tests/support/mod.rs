@@ -69,6 +69,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Two distinct free ports (an API and a gateway): both are bound before either is let go,
+/// so they cannot be the same port.
+pub fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
 pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
@@ -125,7 +136,7 @@ impl ServerProc {
 
     /// Like [`ServerProc::start_in`], with more `dispatch server` flags.
     pub fn start_with(dir: tempfile::TempDir, flags: &[&str]) -> ServerProc {
-        let (api, gateway) = (free_port(), free_port());
+        let (api, gateway) = free_ports();
         let child = Command::cargo_bin("dispatch")
             .unwrap()
             .arg("server")

@@ -37,8 +37,13 @@ pub struct ProcSample {
     pub threads: u64,
 }
 
-pub fn free_addr() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// Two free loopback addresses, distinct: both are bound before either is let go (two
+/// addresses taken one after the other could be the same port, and the server would then
+/// refuse to start: "address already in use").
+pub fn free_addrs() -> Result<(SocketAddr, SocketAddr)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?, b.local_addr()?))
 }
 
 impl ServerProcess {
@@ -58,7 +63,7 @@ impl ServerProcess {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let (api, gateway) = (free_addr()?, free_addr()?);
+        let (api, gateway) = free_addrs()?;
         let mut args: Vec<String> = vec!["server".into(), "--insecure-no-auth".into()];
         args.extend(["--data-dir".into(), data_dir.display().to_string()]);
         args.extend(["--api-addr".into(), api.to_string()]);
