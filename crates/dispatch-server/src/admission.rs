@@ -1,41 +1,17 @@
 //! Admission: what a resource must satisfy before it is stored — its spec valid and in
 //! normal form, the resources it names there (an image's base image, a function's image and
 //! its secrets, an endpoint's function), a function's handler found in its source, the
-//! defaults the server decides filled in. Nothing is stored here. The built-in base images
-//! (`python3`, `nodejs`) every namespace has are defined here too.
+//! defaults the server decides filled in. Nothing is stored here.
 
 use axum::http::StatusCode;
-use dispatch_core::{
-    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Language, Object, Phase, Status,
-};
+use dispatch_core::{BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object};
 use dispatch_runtime::{handler, source};
 
 use crate::controller::image_plan;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Names of the base images every namespace has.
-pub const BUILTIN_BASE_IMAGES: [&str; 2] = ["python3", "nodejs"];
-
-/// The built-in base image `name` of namespace `ns` (`python3`, `nodejs`), if it is one.
-pub fn builtin_base_image(ns: &str, name: &str) -> Option<Object> {
-    let (image, language) = match name {
-        "python3" => ("python:3-slim", Language::Python3),
-        "nodejs" => ("node:20-slim", Language::Nodejs),
-        _ => return None,
-    };
-    let spec = BaseImageSpec {
-        image: image.into(),
-        language: Some(language),
-        interpreter: None,
-    };
-    let mut o = Object::new(Kind::BaseImage, ns, name, spec);
-    o.metadata
-        .labels
-        .insert("dispatch.dev/builtin".into(), "true".into());
-    o.status = Status::phase(Phase::Ready);
-    Some(o)
-}
+pub use crate::builtins::{BUILTIN_BASE_IMAGES, builtin_base_image};
 
 fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> ApiError {
     ApiError::unknown_reference(format!(

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod brokers;
 mod builder;
+mod builtins;
 pub mod callbacks;
 pub mod clock;
 pub mod controller;

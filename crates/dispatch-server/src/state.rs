@@ -419,7 +419,7 @@ impl AppState {
     /// One stored resource (built-in base images included).
     pub async fn get(&self, ns: &str, kind: Kind, name: &str) -> Result<Option<Object>, ApiError> {
         if kind == Kind::BaseImage
-            && let Some(b) = crate::admission::builtin_base_image(ns, name)
+            && let Some(b) = crate::builtins::builtin_base_image(ns, name)
         {
             return Ok(Some(b));
         }

@@ -384,3 +384,28 @@ async fn refused_driver(c: &dispatch_client::Client, spec: serde_json::Value, sa
         .unwrap_err();
     assert!(e.to_string().contains(says), "{e}");
 }
+
+/// A Kafka driver whose broker is not there says so (ERROR with the reason) instead of
+/// waiting with no status: rskafka's own retries are bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_driver_without_its_broker_says_error() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "ordered", ECHO, json!({})).await;
+    c.create(&object(
+        Kind::EventDriver,
+        "nowhere",
+        json!({"type": "kafka", "function": "ordered",
+               "config": {"brokers": format!("127.0.0.1:{}", free_port()), "topic": "orders"}}),
+    ))
+    .await
+    .unwrap();
+    let o = driver_phase(c, "nowhere", Phase::Error).await;
+    assert!(
+        o.status.reason.contains("cannot connect to Kafka"),
+        "{}",
+        o.status.reason
+    );
+    t.stop().await;
+}

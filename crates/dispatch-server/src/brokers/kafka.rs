@@ -2,6 +2,7 @@
 //! store (`driver_cursors`) and written after the message's event is stored.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dispatch_core::Phase;
 use dispatch_core::events::EventDriverSpec;
@@ -16,6 +17,12 @@ use crate::state::AppState;
 /// `TOPIC-PARTITION-OFFSET`, so a record read again after a crash between the two writes is
 /// a duplicate that is not delivered twice. Under back-pressure a partition's consumption
 /// pauses (the record is offered again with back-off).
+/// How long rskafka retries one request (connecting included) before the driver reports
+/// ERROR and reconnects with its own back-off. rskafka's default retries forever with waits
+/// that triple up to 500 s: a broker that was slow to answer at first left the driver with no
+/// status for minutes.
+const KAFKA_RETRY_DEADLINE: Duration = Duration::from_secs(5);
+
 pub(super) async fn run_kafka(
     state: Arc<AppState>,
     ns: String,
@@ -49,6 +56,12 @@ async fn consume_kafka(
         .unwrap_or_default();
     let topic = spec.config.get("topic").cloned().unwrap_or_default();
     let client = ClientBuilder::new(brokers.clone())
+        .backoff_config(rskafka::BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+            deadline: Some(KAFKA_RETRY_DEADLINE),
+        })
         .build()
         .await
         .map_err(|e| format!("cannot connect to Kafka at {}: {e}", brokers.join(",")))?;
