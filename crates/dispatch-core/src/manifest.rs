@@ -5,8 +5,7 @@ use serde_json::Value;
 use crate::ValidationError;
 use crate::resource::{API_VERSION, Kind, Object};
 
-/// apiVersion of dispatcher's JobTemplate, accepted as is.
-pub const DISPATCHER_API_VERSION: &str = "dispatcher.ivan.vc/v1alpha1";
+pub use crate::resource::DISPATCHER_API_VERSION;
 
 /// One document of a manifest: the object plus the raw document, so that the CLI can read
 /// client-side fields (`spec.sourcePath`) before it sends the object.

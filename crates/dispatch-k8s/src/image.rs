@@ -22,7 +22,8 @@ use std::sync::{Arc, OnceLock};
 use dispatch_core::Language;
 use dispatch_runtime::backend::BuildError;
 use dispatch_runtime::build::run_tool;
-use dispatch_runtime::local::{bootstrap, find_program};
+use dispatch_runtime::host::find_program;
+use dispatch_runtime::local::bootstrap;
 
 use crate::oci::{
     BaseImage, ConfigChanges, ImagePlan, Layer, LayerBuilder, OciError, Pushed, Registry,

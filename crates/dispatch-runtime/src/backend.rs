@@ -1,7 +1,7 @@
 //! The [`Backend`] seam (embedded | kubernetes): what the server asks of whatever runs
 //! functions and builds — check base images, build images, deploy, invoke, remove, collect
 //! garbage, run jobs — and the types it speaks in. The embedded implementation is
-//! [`crate::local::LocalBackend`]; the Kubernetes one is `dispatch_k8s::backend`.
+//! `LocalBackend` (module `local`); the Kubernetes one is `dispatch_k8s::backend`.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,10 +13,12 @@ use dispatch_core::{Language, ValidationError};
 use serde_json::value::RawValue;
 
 use crate::budget::BudgetUse;
-use crate::build::Progress;
 use crate::pool::{CallOutcome, PoolError};
 use crate::source::SourceError;
 use crate::worker::StartError;
+
+/// Reports the step a build is at ("installing dependencies with pip").
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -24,8 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::backend::{BuildError, ImageBuild};
 
-/// Reports the step a build is at ("installing dependencies with pip").
-pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+pub use crate::backend::Progress;
 
 /// A dependency install that runs longer than this is stopped.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -239,7 +238,7 @@ impl ImageBuilder {
                     .await
                     .map_err(|e| io("failed to write package.json in", e))?;
                 progress("installing dependencies with npm");
-                let npm = crate::local::find_program("npm")
+                let npm = crate::host::find_program("npm")
                     .ok_or_else(|| BuildError::InterpreterMissing { name: "npm".into() })?;
                 let mut args: Vec<String> = NPM_INSTALL.iter().map(|s| s.to_string()).collect();
                 if let Some(url) = &build.index_url {

@@ -11,6 +11,7 @@ pub mod budget;
 pub mod build;
 pub mod exec;
 pub mod handler;
+pub mod host;
 pub mod jobrun;
 pub mod local;
 pub mod pool;

@@ -17,6 +17,9 @@ use crate::names::validate_name;
 /// The apiVersion of every Dispatch resource.
 pub const API_VERSION: &str = "dispatch.dev/v1";
 
+/// apiVersion of dispatcher's JobTemplate, accepted as is.
+pub const DISPATCHER_API_VERSION: &str = "dispatcher.ivan.vc/v1alpha1";
+
 /// Every kind of resource (DESIGN §3): what the API, the CLI, manifests and the Kubernetes
 /// CRDs (one per kind) name. A new kind goes here, in [`Kind::ALL`] and in its spec type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -273,8 +276,8 @@ impl Object {
     /// Validates the name, apiVersion and spec, and writes the spec back in normal form
     /// (defaults filled, methods upper-cased, language inferred): what the API stores.
     pub fn validate(&mut self) -> Result<(), ValidationError> {
-        let dispatcher = self.kind == Kind::JobTemplate
-            && self.api_version == crate::manifest::DISPATCHER_API_VERSION;
+        let dispatcher =
+            self.kind == Kind::JobTemplate && self.api_version == DISPATCHER_API_VERSION;
         if self.api_version != API_VERSION && !dispatcher {
             return Err(ValidationError::new(format!(
                 "apiVersion {:?} is not supported for kind {}: use {API_VERSION}",

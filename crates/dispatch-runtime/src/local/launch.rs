@@ -114,7 +114,7 @@ impl LocalBackend {
             (None, Some(d)) => d.to_string(),
             (None, None) => return Ok(None),
         };
-        find_program(&name)
+        crate::host::find_program(&name)
             .map(Some)
             .ok_or(BuildError::InterpreterMissing { name })
     }

@@ -344,18 +344,6 @@ impl LocalBackend {
     }
 }
 
-/// Looks `name` up on PATH (or takes it as a path when it has a `/`).
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        let p = PathBuf::from(name);
-        return p.is_file().then_some(p);
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 impl Backend for LocalBackend {
     fn name(&self) -> &'static str {
         "embedded"

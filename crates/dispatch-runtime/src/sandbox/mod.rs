@@ -404,7 +404,7 @@ fn landlock_abi() -> i32 {
 /// say), shown read-only in every sandbox.
 fn toolchains() -> Vec<PathBuf> {
     let mut out = Vec::new();
-    if let Some(py) = crate::local::find_program("python3")
+    if let Some(py) = crate::host::find_program("python3")
         && let Ok(o) = std::process::Command::new(py)
             .args(["-c", "import sys; print(sys.base_prefix)"])
             .output()
@@ -415,7 +415,7 @@ fn toolchains() -> Vec<PathBuf> {
             out.push(p);
         }
     }
-    if let Some(node) = crate::local::find_program("node")
+    if let Some(node) = crate::host::find_program("node")
         && let Ok(real) = std::fs::canonicalize(node)
         && let Some(prefix) = real.parent().and_then(Path::parent)
     {
