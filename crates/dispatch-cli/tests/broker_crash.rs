@@ -5,11 +5,11 @@
 //! stores before offering it, given again to the broker's redelivery of that message), so the
 //! message stored but not yet acknowledged at the kill is dropped as a duplicate.
 
-#[path = "../../dispatch-server/tests/support/brokers.rs"]
-mod brokers;
 mod support;
 
 use std::collections::BTreeMap;
+
+use dispatch_testkit::brokers;
 use std::time::Duration;
 
 use support::*;

@@ -3,13 +3,11 @@
 //! status CONNECTED/ERROR; the driver reconnects after the broker comes back; a JetStream
 //! consumer and a Kafka partition resume where they were after a restart.
 
-#[path = "support/brokers.rs"]
-mod brokers;
 mod support;
 
 use std::time::Duration;
 
-use brokers::{free_port, mosquitto, nats, produce, tansu};
+use dispatch_testkit::brokers::{mosquitto, nats, produce, tansu};
 
 use dispatch_core::{Kind, Phase, RunStatus};
 use serde_json::json;

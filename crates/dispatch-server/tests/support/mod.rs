@@ -167,13 +167,9 @@ pub async fn create_function(
         .await
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+// Not every test binary takes ports.
+#[allow(unused_imports)]
+pub use dispatch_testkit::free_port;
 
 /// A JSON value as a raw payload.
 pub fn raw(v: serde_json::Value) -> Box<serde_json::value::RawValue> {

@@ -1,13 +1,12 @@
 //! Real brokers for driver tests, started on free ports and stopped on drop: `nats-server`
 //! (JetStream on request), `mosquitto`, and the Kafka-protocol broker `tansu`; a Kafka
-//! producer. Shared by the server's driver tests and the CLI's `kill -9` tests (included by
-//! path), so it polls on its own instead of using either crate's support module.
-
-#![allow(dead_code)]
+//! producer. Used by the server's driver tests and the CLI's `kill -9` tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use crate::free_port;
 
 /// A broker program: PATH, or Debian's sbin folders.
 pub fn broker_bin(name: &str) -> PathBuf {
@@ -38,24 +37,6 @@ pub fn tansu_bin() -> PathBuf {
                 "tansu is not installed (cargo install tansu --features dynostore; .ci/run does)"
             )
         })
-}
-
-/// A port no other caller in this process was given (the kernel may hand a just-closed port
-/// out again, and a driver would then talk to another test's broker).
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap();
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
 }
 
 pub struct Broker(Child);
