@@ -291,7 +291,7 @@ fn warn_limited(counters: &EdgeCounters, warn: impl FnOnce()) {
     counters.last_warn.run(warn);
 }
 
-/// A log line at most once per [`WARN_EVERY`], whoever asks (refused connections, a disk
+/// A log line at most once per `WARN_EVERY`, whoever asks (refused connections, a disk
 /// below its reserve): a flood of refusals must not become a flood of log lines.
 #[derive(Default)]
 pub struct LogThrottle {

@@ -173,7 +173,7 @@ pub struct DeliveryCount {
 }
 
 /// A resource changed by someone else than this process (`kubectl`, another server): what
-/// [`Store::on_external_change`] reports.
+/// [`ResourceStore::on_external_change`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changed {
     pub kind: Kind,

@@ -138,7 +138,7 @@ impl LocalBackend {
     }
 
     /// Calls of one function allowed to wait for a worker when all its workers are busy;
-    /// past it a call is refused ([`PoolError::Busy`], HTTP 429). Pools created from now on.
+    /// past it a call is refused ([`crate::pool::PoolError::Busy`], HTTP 429). Pools created from now on.
     pub fn set_max_waiting_calls(&self, n: usize) {
         self.max_queue.store(n, Ordering::Relaxed);
     }

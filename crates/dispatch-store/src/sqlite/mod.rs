@@ -1,4 +1,4 @@
-//! [`ResourceStore`] and [`RecordStore`] on one SQLite file in WAL mode (`migrations`: its
+//! [`crate::ResourceStore`] and [`crate::RecordStore`] on one SQLite file in WAL mode (`migrations`: its
 //! schema; `resources`, `records`, `runs`: the two traits' halves).
 //!
 //! One connection behind a `parking_lot::Mutex`: every call is a short, blocking statement (the
@@ -21,8 +21,6 @@ use rusqlite::{Connection, OptionalExtension};
 use runs::Usage;
 use rusqlite_migration::Migrations;
 
-#[allow(unused_imports)]
-use crate::{RecordStore, ResourceStore};
 use crate::{Result, StoreError};
 
 use migrations::MIGRATIONS;

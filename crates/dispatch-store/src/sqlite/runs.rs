@@ -6,8 +6,6 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
-#[allow(unused_imports)] // for the doc links
-use crate::RecordStore;
 use crate::{Result, Retention, RunFilter};
 
 /// What run records take per namespace (from `run_usage`, no scan of the runs).
@@ -36,7 +34,7 @@ pub(super) fn count(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
     Ok(r.get::<_, i64>(i)?.max(0) as u64)
 }
 
-/// One step of retention inside `tx` (the caller commits): see [`RecordStore::prune_runs`].
+/// One step of retention inside `tx` (the caller commits): see [`crate::RecordStore::prune_runs`].
 pub(super) fn prune(
     tx: &rusqlite::Transaction<'_>,
     rules: &Retention,
