@@ -100,7 +100,8 @@ fn a_timed_out_call_says_so_in_a_header() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("slow.py"),
-        "import time\n\ndef handle(context, payload):\n    time.sleep(payload.get('s', 0))\n    return 'done'\n",
+        // A slow call blocks on nothing ever becoming ready (no sleep).
+        "import select\n\ndef handle(context, payload):\n    if payload.get('block'):\n        select.select([], [], [])\n    return 'done'\n",
     )
     .unwrap();
     let port = free_port();
@@ -116,14 +117,14 @@ fn a_timed_out_call_says_so_in_a_header() {
     );
     ready(port);
     let header = dispatch_runtime::pool::TIMED_OUT_HEADER;
-    let (code, headers, env) = post_with_headers(port, json!({"payload": {"s": 0}}));
+    let (code, headers, env) = post_with_headers(port, json!({"payload": {"block": false}}));
     assert_eq!(
         (code, env["payload"].as_str()),
         (200, Some("done")),
         "{env}"
     );
     assert!(headers.get(header).is_none());
-    let (code, headers, env) = post_with_headers(port, json!({"payload": {"s": 5}}));
+    let (code, headers, env) = post_with_headers(port, json!({"payload": {"block": true}}));
     assert_eq!(code, 200);
     assert_eq!(
         env["context"]["error"]["message"], "function timed out after 500ms",

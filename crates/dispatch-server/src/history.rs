@@ -14,8 +14,7 @@ impl AppState {
     /// One run by id, from whichever store holds it.
     pub async fn get_run(&self, ns: &str, id: &str) -> Result<Option<Run>, ApiError> {
         let (ns, id) = (ns.to_string(), id.to_string());
-        let found = self.each_run_store(move |s| s.get_run(&ns, &id)).await?;
-        Ok(found.into_iter().flatten().next())
+        self.first_in_run_stores(move |s| s.get_run(&ns, &id)).await
     }
 
     /// Runs of a namespace, newest first, at most the filter's limit (default 100), from
@@ -76,9 +75,7 @@ fn add_up(rows: impl Iterator<Item = RunUsage>) -> Vec<RunUsage> {
     for u in rows {
         let sum = by_ns.entry(u.namespace.clone()).or_insert(RunUsage {
             namespace: u.namespace.clone(),
-            runs: 0,
-            finished: 0,
-            bytes: 0,
+            ..RunUsage::default()
         });
         sum.runs += u.runs;
         sum.finished += u.finished;

@@ -403,17 +403,28 @@ impl AppState {
         T: Send + 'static,
         F: Fn(&dyn RecordStore) -> Result<T, StoreError> + Send + Sync + 'static,
     {
-        let stores = self.stores.run_stores();
-        let all = tokio::task::spawn_blocking(move || {
-            stores
-                .iter()
-                .map(|s| f(s.as_ref()))
-                .collect::<Result<Vec<T>, StoreError>>()
-        });
-        match all.await {
-            Ok(r) => r.map_err(ApiError::from),
-            Err(e) => Err(ApiError::internal("running a store call", &e)),
-        }
+        blocking(Arc::new(self.stores.run_stores()), move |all| {
+            all.iter().map(|s| f(s.as_ref())).collect()
+        })
+        .await
+    }
+
+    /// The first answer of `f` that is something, asking the run stores in order (the
+    /// later ones are not asked once one answers).
+    pub async fn first_in_run_stores<T, F>(&self, f: F) -> Result<Option<T>, ApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&dyn RecordStore) -> Result<Option<T>, StoreError> + Send + Sync + 'static,
+    {
+        blocking(Arc::new(self.stores.run_stores()), move |all| {
+            for s in all.iter() {
+                if let Some(found) = f(s.as_ref())? {
+                    return Ok(Some(found));
+                }
+            }
+            Ok(None)
+        })
+        .await
     }
 
     /// One stored resource (built-in base images included).
