@@ -199,7 +199,7 @@ fn validate_type_pattern(t: &str, field: &str) -> Result<(), ValidationError> {
 /// Turns the CloudEvents that match it into async runs of a function (payload: the event's
 /// data; `context.event`: its attributes), each event delivered once per subscription.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SubscriptionSpec {
     /// The event type it matches: exact (`order.created`) or a prefix ending in `*`
@@ -245,7 +245,7 @@ pub const MAX_CATCH_UP: usize = 1000;
 /// Produces events (or runs of one function): on a schedule (cron), from HTTP requests
 /// (webhook) or from a broker (nats, mqtt, kafka; at least once).
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventDriverSpec {
     /// cron | webhook | nats | mqtt | kafka

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use dispatch_core::{Kind, Object};
+use dispatch_core::events::{EventDriverSpec, SubscriptionSpec};
+use dispatch_core::resource::{Concurrency, RuntimeDependencies};
+use dispatch_core::{
+    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, SecretSpec,
+};
 use serde_json::json;
 
 use super::{
@@ -228,17 +232,12 @@ impl Create {
                 interpreter,
                 wait,
             } => {
-                let mut spec = json!({"image": image_ref});
-                if let Some(l) = language {
-                    spec["language"] = l.into();
-                }
-                if let Some(i) = interpreter {
-                    spec["interpreter"] = i.into();
-                }
-                (
-                    Object::new(Kind::BaseImage, &ns, &name, spec),
-                    wait.resolve(),
-                )
+                let spec = BaseImageSpec {
+                    image: image_ref,
+                    language: language.map(|l| parse_enum("--language", &l)).transpose()?,
+                    interpreter,
+                };
+                (object(Kind::BaseImage, &ns, &name, &spec)?, wait.resolve())
             }
             What::Image {
                 name,
@@ -248,23 +247,23 @@ impl Create {
                 index_url,
                 wait,
             } => {
-                let mut spec = json!({"baseImage": base_image});
+                let mut spec = ImageSpec {
+                    base_image,
+                    system_dependencies: system_deps.iter().map(|n| json!({"name": n})).collect(),
+                    ..Default::default()
+                };
                 if let Some(file) = runtime_deps {
                     let manifest = std::fs::read_to_string(&file).with_context(|| {
                         format!("failed to read --runtime-deps {}", file.display())
                     })?;
-                    spec["runtimeDependencies"] = json!({"manifest": manifest});
-                    if let Some(url) = index_url {
-                        spec["runtimeDependencies"]["indexUrl"] = url.into();
-                    }
+                    spec.runtime_dependencies = Some(RuntimeDependencies {
+                        manifest,
+                        index_url,
+                    });
                 } else if index_url.is_some() {
                     bail!("--index-url needs --runtime-deps FILE");
                 }
-                if !system_deps.is_empty() {
-                    let list: Vec<_> = system_deps.iter().map(|n| json!({"name": n})).collect();
-                    spec["systemDependencies"] = list.into();
-                }
-                (Object::new(Kind::Image, &ns, &name, spec), wait.resolve())
+                (object(Kind::Image, &ns, &name, &spec)?, wait.resolve())
             }
             What::Function {
                 name,
@@ -283,36 +282,22 @@ impl Create {
                 dispatch_core::names::validate_name("function", &name)?;
                 let env = parse_env(&env)?;
                 let source = upload(c, &ns, &name, &path).await?;
-                let mut spec = json!({"image": image, "source": source, "env": env});
-                if !secrets.is_empty() {
-                    spec["secrets"] = json!(secrets);
-                }
-                if let Some(h) = handler {
-                    spec["handler"] = h.into();
-                }
-                if let Some(t) = timeout {
-                    spec["timeout"] = t.into();
-                }
-                let mut conc = serde_json::Map::new();
-                if let Some(m) = max_workers {
-                    conc.insert("maxWorkers".into(), m.into());
-                }
-                if let Some(m) = min_workers {
-                    conc.insert("minWorkers".into(), m.into());
-                }
-                if let Some(i) = idle_timeout {
-                    conc.insert("idleTimeout".into(), i.into());
-                }
-                if !conc.is_empty() {
-                    spec["concurrency"] = conc.into();
-                }
-                if let Some(spec) = spec.as_object_mut() {
-                    limits.apply(spec);
-                }
-                (
-                    Object::new(Kind::Function, &ns, &name, spec),
-                    wait.resolve(),
-                )
+                let mut spec = FunctionSpec {
+                    image,
+                    source: Some(source),
+                    env,
+                    secrets,
+                    handler,
+                    timeout,
+                    concurrency: Concurrency {
+                        max_workers,
+                        min_workers,
+                        idle_timeout,
+                    },
+                    ..Default::default()
+                };
+                limits.apply(&mut spec)?;
+                (object(Kind::Function, &ns, &name, &spec)?, wait.resolve())
             }
             What::Subscription {
                 name,
@@ -320,11 +305,12 @@ impl Create {
                 function,
                 source,
             } => {
-                let mut spec = json!({"eventType": event_type, "function": function});
-                if let Some(s) = source {
-                    spec["source"] = s.into();
-                }
-                (Object::new(Kind::Subscription, &ns, &name, spec), false)
+                let spec = SubscriptionSpec {
+                    event_type,
+                    source,
+                    function,
+                };
+                (object(Kind::Subscription, &ns, &name, &spec)?, false)
             }
             What::Eventdriver {
                 name,
@@ -337,26 +323,21 @@ impl Create {
                 missed_runs,
                 config,
             } => {
-                let mut spec = json!({"type": kind});
-                for (k, v) in [
-                    ("schedule", schedule),
-                    ("timezone", timezone),
-                    ("path", path),
-                    ("eventType", event_type),
-                    ("function", function),
-                    ("missedRuns", missed_runs),
-                ] {
-                    if let Some(v) = v {
-                        spec[k] = v.into();
-                    }
-                }
-                if !config.is_empty() {
-                    spec["config"] = serde_json::to_value(
-                        parse_env(&config)
-                            .map_err(|_| anyhow::anyhow!("--config takes KEY=VALUE"))?,
-                    )?;
-                }
-                (Object::new(Kind::EventDriver, &ns, &name, spec), false)
+                let spec = EventDriverSpec {
+                    kind,
+                    schedule,
+                    timezone,
+                    path,
+                    event_type,
+                    function,
+                    missed_runs: missed_runs
+                        .map(|m| parse_enum("--missed-runs", &m))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    config: parse_env(&config)
+                        .map_err(|_| anyhow::anyhow!("--config takes KEY=VALUE"))?,
+                };
+                (object(Kind::EventDriver, &ns, &name, &spec)?, false)
             }
             What::Namespace {
                 name,
@@ -378,7 +359,7 @@ impl Create {
             } => {
                 let data = secret_data(file.as_deref(), &from_literal)?;
                 (
-                    Object::new(Kind::Secret, &ns, &name, json!({"data": data})),
+                    object(Kind::Secret, &ns, &name, &SecretSpec { data })?,
                     false,
                 )
             }
@@ -416,11 +397,15 @@ impl Create {
                 cors,
                 auth,
             } => {
-                let mut spec = json!({"function": function, "methods": methods, "paths": paths, "hosts": hosts, "cors": cors});
-                if let Some(a) = auth {
-                    spec["auth"] = a.into();
-                }
-                (Object::new(Kind::Endpoint, &ns, &name, spec), false)
+                let spec = EndpointSpec {
+                    function,
+                    methods,
+                    paths,
+                    hosts,
+                    cors,
+                    auth,
+                };
+                (object(Kind::Endpoint, &ns, &name, &spec)?, false)
             }
         };
         let created = c.create(&object).await?;
@@ -451,6 +436,17 @@ impl Create {
         report.finish()?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// An object whose spec is the core's typed spec (what the server parses it back into).
+fn object<T: serde::Serialize>(kind: Kind, ns: &str, name: &str, spec: &T) -> Result<Object> {
+    Ok(Object::new(kind, ns, name, serde_json::to_value(spec)?))
+}
+
+/// A flag's value as one of the core's enums (spelled as in a manifest).
+fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.to_string()))
+        .map_err(|e| anyhow::anyhow!("{flag} {value:?} is not valid: {e}"))
 }
 
 /// Secret data from a JSON file of strings and/or KEY=VALUE literals.
@@ -520,40 +516,36 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     /// Writes the given flags into a function spec (others are kept).
-    pub fn apply(&self, spec: &mut serde_json::Map<String, serde_json::Value>) {
-        let res = spec.entry("resources").or_insert_with(|| json!({}));
-        if let Some(r) = res.as_object_mut() {
-            for (key, v) in [
-                ("memory", &self.memory),
-                ("cpu", &self.cpu),
-                ("tmp", &self.tmp),
-                ("maxOutputBytes", &self.max_output),
-            ] {
-                if let Some(v) = v {
-                    r.insert(key.into(), v.clone().into());
-                }
-            }
-            if let Some(p) = self.pids {
-                r.insert("pids".into(), p.into());
+    pub fn apply(&self, spec: &mut FunctionSpec) -> Result<()> {
+        let r = &mut spec.resources;
+        for (field, v) in [
+            (&mut r.memory, &self.memory),
+            (&mut r.cpu, &self.cpu),
+            (&mut r.tmp, &self.tmp),
+            (&mut r.max_output_bytes, &self.max_output),
+        ] {
+            if let Some(v) = v {
+                *field = Some(v.clone());
             }
         }
-        if res.as_object().is_some_and(|r| r.is_empty()) {
-            spec.remove("resources");
+        if let Some(p) = self.pids {
+            r.pids = Some(p);
         }
         if let Some(n) = &self.network {
-            spec.insert("network".into(), n.clone().into());
+            spec.network = Some(parse_enum("--network", n)?);
         }
         if let Some(n) = self.max_queued {
-            spec.insert("maxQueued".into(), n.into());
+            spec.max_queued = Some(n);
         }
         if let Some(h) = &self.history {
-            spec.insert("history".into(), h.clone().into());
+            spec.history = Some(parse_enum("--history", h)?);
             if h != "sample" {
-                spec.remove("historySampleRate");
+                spec.history_sample_rate = None;
             }
         }
         if let Some(r) = self.history_sample_rate {
-            spec.insert("historySampleRate".into(), r.into());
+            spec.history_sample_rate = Some(r);
         }
+        Ok(())
     }
 }

@@ -28,7 +28,7 @@ pub mod update;
 pub mod version;
 pub mod whoami;
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -108,46 +108,34 @@ pub async fn wait_settled(
 ) -> Result<Object> {
     let deadline = Instant::now() + timeout;
     let tty = std::io::stderr().is_terminal();
-    const SPINNER: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    // On a terminal one line, redrawn (indicatif hides itself when stderr is not one).
+    let spinner =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    spinner.enable_steady_tick(Duration::from_millis(100));
     let started = Instant::now();
-    let mut tick = 0usize;
     let mut last: Option<(Phase, String)> = None;
-    loop {
-        let o = client.get(kind, name).await?;
+    let result = loop {
+        let o = match client.get(kind, name).await {
+            Ok(o) => o,
+            Err(e) => break Err(e.into()),
+        };
         let phase = o.phase().unwrap_or(Phase::Initialized);
+        let step = if o.status.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", o.status.reason)
+        };
+        let line = format!(
+            "{} {name} {phase}{step} ({:.0}s)",
+            kind.human(),
+            started.elapsed().as_secs_f64()
+        );
         let now = (phase, o.status.reason.clone());
         if !tty && last.as_ref() != Some(&now) {
-            let step = if now.1.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", now.1)
-            };
-            eprintln!(
-                "{} {name} {phase}{step} ({:.0}s)",
-                kind.human(),
-                started.elapsed().as_secs_f64()
-            );
+            eprintln!("{line}");
             last = Some(now);
         }
-        if tty {
-            tick += 1;
-            let step = if o.status.reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", o.status.reason)
-            };
-            let spin = if matches!(phase, Phase::Ready | Phase::Error) {
-                ' '
-            } else {
-                SPINNER[tick % SPINNER.len()]
-            };
-            eprint!(
-                "\r\x1b[2K{spin} {} {name} {phase}{step} ({:.0}s)",
-                kind.human(),
-                started.elapsed().as_secs_f64()
-            );
-            let _ = std::io::stderr().flush();
-        }
+        spinner.set_message(line);
         // Settled for the spec as it is now: a phase from before the last change (the
         // controller has not seen it yet) does not count.
         let current = match (o.metadata.generation, o.status.observed_generation) {
@@ -155,23 +143,22 @@ pub async fn wait_settled(
             _ => true,
         };
         if current && matches!(phase, Phase::Ready | Phase::Error) {
-            if tty {
-                eprintln!();
-            }
-            return Ok(o);
+            break Ok(o);
         }
         if Instant::now() >= deadline {
-            if tty {
-                eprintln!();
-            }
-            bail!(
+            break Err(anyhow::anyhow!(
                 "{} {name} is still {phase} after {timeout:?}: check `dispatch get {} {name} -o json`",
                 kind.human(),
                 kind.cli_name()
-            );
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    // The last state stays on the terminal, without the spinner.
+    spinner
+        .set_style(indicatif::ProgressStyle::with_template("  {msg}").expect("a valid template"));
+    spinner.finish();
+    result
 }
 
 /// Fails with the reason when a waited-for resource ended in ERROR.

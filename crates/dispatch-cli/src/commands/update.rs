@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use dispatch_core::Kind;
 
 use super::{ensure_ready, parse_env, say, upload, wait_settled};
@@ -70,7 +70,7 @@ impl Update {
             } => {
                 let data = super::create::secret_data(file.as_deref(), &from_literal)?;
                 let mut o = c.get(Kind::Secret, &name).await?;
-                o.spec = serde_json::json!({"data": data});
+                o.spec = serde_json::to_value(dispatch_core::SecretSpec { data })?;
                 let updated = c.update(&o).await?;
                 say(&updated, "updated");
                 return Ok(ExitCode::SUCCESS);
@@ -107,26 +107,24 @@ impl Update {
             } => (name, path, image, handler, timeout, env, limits, wait),
         };
         let mut o = c.get(Kind::Function, &name).await?;
-        let Some(spec) = o.spec.as_object_mut() else {
-            bail!("function {name} has no spec");
-        };
+        let mut spec: dispatch_core::FunctionSpec = o.typed_spec()?;
         if let Some(p) = &path {
-            let digest = upload(c, c.namespace(), &name, p).await?;
-            spec.insert("source".into(), digest.into());
+            spec.source = Some(upload(c, c.namespace(), &name, p).await?);
         }
         if let Some(i) = image {
-            spec.insert("image".into(), i.into());
+            spec.image = i;
         }
         if let Some(h) = handler {
-            spec.insert("handler".into(), h.into());
+            spec.handler = Some(h);
         }
         if let Some(t) = timeout {
-            spec.insert("timeout".into(), t.into());
+            spec.timeout = Some(t);
         }
         if !env.is_empty() {
-            spec.insert("env".into(), serde_json::to_value(parse_env(&env)?)?);
+            spec.env = parse_env(&env)?;
         }
-        limits.apply(spec);
+        limits.apply(&mut spec)?;
+        o.spec = serde_json::to_value(&spec)?;
         let before = o.metadata.generation;
         let updated = c.update(&o).await?;
         say(

@@ -38,7 +38,7 @@ pub const MAX_WORKERS_LIMIT: u32 = 256;
 /// A function: a handler in an uploaded source archive, run on an image, called
 /// synchronously, asynchronously (durable runs), from endpoints and from events.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FunctionSpec {
     /// The image (same namespace, or a built-in base image: python3, nodejs) it runs on.

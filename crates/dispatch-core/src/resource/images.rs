@@ -73,7 +73,7 @@ impl fmt::Display for Language {
 /// A language runtime that images build on: an OCI image reference (what the Kubernetes
 /// backend runs) and its language; the embedded backend runs the host's interpreter.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BaseImageSpec {
     /// OCI reference (used as is by the Kubernetes backend).
@@ -180,7 +180,7 @@ impl RuntimeDependencies {
 /// An image: a base image plus language dependencies, built once per digest (the SHA-256
 /// of the base image and the normalized manifest).
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
     /// The base image (same namespace, or a built-in one: python3, nodejs) it builds on.
