@@ -22,6 +22,35 @@ pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A deployed function as [`Backend::deploy_function`] hands it back: the server keeps it
+/// with the deployment and calls it directly, without the backend looking the function up
+/// again. A handle outlives a redeploy or removal harmlessly: the build it points at finishes
+/// what it was given (embedded: a closed pool still serves, starting workers it then stops).
+pub trait DeployedFunction: Send + Sync {
+    /// Runs one call.
+    fn invoke<'a>(
+        &'a self,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>>;
+
+    /// The image it runs when the backend built one (Kubernetes); `None` for local workers.
+    fn image(&self) -> Option<&str> {
+        None
+    }
+}
+
+pub type FunctionHandle = Arc<dyn DeployedFunction>;
+
+impl std::fmt::Debug for dyn DeployedFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployedFunction")
+            .field("image", &self.image())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a base image needs to run functions on this backend.
 #[derive(Debug, Clone)]
 pub struct BaseImageCheck {
@@ -155,13 +184,17 @@ pub trait Backend: Send + Sync + 'static {
     fn gc<'a>(&'a self, keep: &'a GcKeep, grace: Duration) -> BoxFuture<'a, Vec<Removed>>;
 
     /// Builds a function and switches its traffic to the new build once it is ready; returns
-    /// the image it runs when the backend built one (Kubernetes), `None` for local workers.
+    /// the handle its calls go to.
     fn deploy_function(
         &self,
         deploy: FunctionDeploy,
-    ) -> BoxFuture<'_, Result<Option<String>, BuildError>>;
+    ) -> BoxFuture<'_, Result<FunctionHandle, BuildError>>;
 
-    /// Runs one call of a deployed function.
+    /// The function deployed now under this name, for callers that hold no handle.
+    fn function(&self, namespace: &str, name: &str) -> Option<FunctionHandle>;
+
+    /// Runs one call of the function deployed now under this name (a lookup, then
+    /// [`DeployedFunction::invoke`]).
     fn invoke<'a>(
         &'a self,
         namespace: &'a str,
@@ -169,7 +202,17 @@ pub trait Backend: Send + Sync + 'static {
         context: &'a RawValue,
         payload: &'a RawValue,
         deadline: Instant,
-    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>>;
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        Box::pin(async move {
+            let f = self
+                .function(namespace, name)
+                .ok_or_else(|| InvokeError::NotDeployed {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                })?;
+            f.invoke(context, payload, deadline).await
+        })
+    }
 
     /// Stops a function's workers (deleted function).
     fn remove_function<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()>;

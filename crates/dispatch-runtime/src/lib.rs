@@ -22,7 +22,8 @@ pub mod worker;
 pub mod zygote;
 
 pub use backend::{
-    Backend, BaseImageCheck, BuildError, FunctionDeploy, GcKeep, ImageBuild, InvokeError, Removed,
+    Backend, BaseImageCheck, BuildError, DeployedFunction, FunctionDeploy, FunctionHandle, GcKeep,
+    ImageBuild, InvokeError, Removed,
 };
 pub use build::Progress;
 pub use local::{DEFAULT_MAX_WAITING_CALLS, LocalBackend};

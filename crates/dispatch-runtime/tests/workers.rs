@@ -471,7 +471,8 @@ async fn calls_past_the_waiting_bound_are_refused() {
 #[tokio::test]
 async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
     let f = fx();
-    f.backend
+    let old = f
+        .backend
         .deploy_function(deploy(
             "v",
             Language::Python3,
@@ -481,7 +482,8 @@ async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
         .await
         .unwrap();
     let old_pid = f.backend.pool("default", "v").unwrap().idle_pids()[0];
-    f.backend
+    let new = f
+        .backend
         .deploy_function(deploy(
             "v",
             Language::Python3,
@@ -493,8 +495,25 @@ async fn a_rebuild_switches_traffic_and_stops_the_old_workers() {
     let (env, _) = call(&f.backend, "v", "1").await;
     assert_eq!(env["payload"], 2);
     wait_until(|| !pid_alive(old_pid)).await;
+    // The handles a deploy returns call their own build, with no lookup by name: the new one
+    // answers 2; a caller still holding the old one is served by the old build (its closed
+    // pool starts a worker for the call and stops it after), not failed.
+    let by_handle = |h: dispatch_runtime::FunctionHandle| async move {
+        let out = h
+            .invoke(
+                &raw("{}"),
+                &raw("1"),
+                Instant::now() + Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        serde_json::to_value(&out.envelope).unwrap()["payload"].clone()
+    };
+    assert_eq!(by_handle(new.clone()).await, 2);
+    assert_eq!(by_handle(old.clone()).await, 1);
     f.backend.remove_function("default", "v").await;
     assert!(f.backend.pool("default", "v").is_none());
+    assert!(f.backend.function("default", "v").is_none());
 }
 
 #[tokio::test]

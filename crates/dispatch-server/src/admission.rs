@@ -3,18 +3,43 @@
 //! its secrets, an endpoint's function), a function's handler found in its source, the
 //! defaults the server decides filled in. Nothing is stored here.
 
-use axum::http::StatusCode;
-use dispatch_core::{BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object};
+use dispatch_core::{
+    BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, ValidationError,
+};
 use dispatch_runtime::{handler, source};
 
 use crate::controller::image_plan;
-use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, StateError};
 
 pub use crate::builtins::{BUILTIN_BASE_IMAGES, builtin_base_image};
 
-fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> ApiError {
-    ApiError::unknown_reference(format!(
+/// Why a resource is not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The request does not fit its path (another kind, another namespace).
+    #[error("{0}")]
+    Misplaced(String),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// A source archive that cannot be read as one.
+    #[error("source archive is not valid: {0}")]
+    Archive(String),
+    /// It names a resource that does not exist.
+    #[error("{0}")]
+    UnknownReference(String),
+    /// Its path or route is another resource's.
+    #[error("{0}")]
+    RouteConflict(String),
+    #[error(
+        "base image {0:?} is built in and cannot be changed: create a base image with another name"
+    )]
+    BuiltIn(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+fn unknown(kind: Kind, name: &str, ns: &str, hint: &str) -> AdmitError {
+    AdmitError::UnknownReference(format!(
         "{} {name:?} not found in namespace {ns:?}: {hint}",
         kind.human()
     ))
@@ -27,9 +52,9 @@ pub(crate) async fn admit(
     ns: &str,
     kind: Kind,
     mut obj: Object,
-) -> Result<Object, ApiError> {
+) -> Result<Object, AdmitError> {
     if obj.kind != kind {
-        return Err(ApiError::bad_request(format!(
+        return Err(AdmitError::Misplaced(format!(
             "kind {} does not belong under /{}: send it to /{}",
             obj.kind,
             kind.plural(),
@@ -38,7 +63,7 @@ pub(crate) async fn admit(
     }
     match &obj.metadata.namespace {
         Some(other) if other != ns => {
-            return Err(ApiError::bad_request(format!(
+            return Err(AdmitError::Misplaced(format!(
                 "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
             )));
         }
@@ -46,6 +71,17 @@ pub(crate) async fn admit(
     }
     state.require_namespace(ns)?;
     obj.validate()?;
+    // An endpoint, a subscription or an event driver names a function that must exist.
+    for (k, name) in obj.references() {
+        if k == Kind::Function && state.get(ns, k, &name).await?.is_none() {
+            return Err(unknown(
+                k,
+                &name,
+                ns,
+                "create it first (dispatch create function NAME PATH --image IMAGE)",
+            ));
+        }
+    }
     match kind {
         // Validated by `Object::validate` (shape and every template parses).
         Kind::JobTemplate => {}
@@ -55,9 +91,9 @@ pub(crate) async fn admit(
             let sealed = state
                 .secrets
                 .seal(ns, obj.name(), &spec.data)
-                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
+                .map_err(|e| StateError::internal("sealing a secret", e))?;
             obj.spec = serde_json::to_value(sealed)
-                .map_err(|e| ApiError::internal("sealing a secret", &e))?;
+                .map_err(|e| StateError::internal("sealing a secret", e))?;
         }
         Kind::BaseImage => {
             if builtin_base_image(ns, obj.name()).is_some() {
@@ -94,10 +130,10 @@ pub(crate) async fn admit(
                     .map_err(|e| e.to_string())
             })
             .await
-            .map_err(|e| ApiError::internal("inspecting a source archive", &e))?
-            .map_err(|e| ApiError::bad_request(format!("source archive is not valid: {e}")))?;
+            .map_err(|e| StateError::internal("inspecting a source archive", e))?
+            .map_err(AdmitError::Archive)?;
             let Some(files) = files else {
-                return Err(ApiError::unknown_reference(format!(
+                return Err(AdmitError::UnknownReference(format!(
                     "source {} was not uploaded: POST the archive to /v1/namespaces/{ns}/functions/{}/source first",
                     spec.source.unwrap_or_default(),
                     obj.name()
@@ -108,62 +144,22 @@ pub(crate) async fn admit(
                 m.insert("handler".into(), resolved.handler.into());
             }
         }
-        Kind::Subscription => {
-            let spec: dispatch_core::events::SubscriptionSpec = obj.typed_spec()?;
-            if state
-                .get(ns, Kind::Function, &spec.function)
-                .await?
-                .is_none()
-            {
-                return Err(unknown(
-                    Kind::Function,
-                    &spec.function,
-                    ns,
-                    "create it first (dispatch create function NAME PATH --image IMAGE)",
-                ));
-            }
-        }
+        Kind::Subscription => {}
         Kind::EventDriver => {
             let spec: dispatch_core::events::EventDriverSpec = obj.typed_spec()?;
-            if let Some(f) = &spec.function
-                && state.get(ns, Kind::Function, f).await?.is_none()
-            {
-                return Err(unknown(
-                    Kind::Function,
-                    f,
-                    ns,
-                    "create it first (dispatch create function NAME PATH --image IMAGE)",
-                ));
-            }
             if let Some(p) = &spec.path
                 && let Some((ons, oname, _)) = state.event_index().webhooks.get(p)
                 && (ons.as_str(), oname.as_str()) != (ns, obj.name())
             {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "RouteConflict",
-                    format!(
-                        "webhook path {p} is taken by event driver {oname:?} in namespace {ons:?}"
-                    ),
-                ));
+                return Err(AdmitError::RouteConflict(format!(
+                    "webhook path {p} is taken by event driver {oname:?} in namespace {ons:?}"
+                )));
             }
         }
         Kind::Endpoint => {
             let spec: EndpointSpec = obj.typed_spec()?;
-            if state
-                .get(ns, Kind::Function, &spec.function)
-                .await?
-                .is_none()
-            {
-                return Err(unknown(
-                    Kind::Function,
-                    &spec.function,
-                    ns,
-                    "create it first (dispatch create function NAME PATH --image IMAGE)",
-                ));
-            }
             if let Some(msg) = state.routes().conflict(&spec, (ns, obj.name())) {
-                return Err(ApiError::new(StatusCode::CONFLICT, "RouteConflict", msg));
+                return Err(AdmitError::RouteConflict(msg));
             }
         }
     }
@@ -174,7 +170,7 @@ async fn base_image_spec(
     state: &AppState,
     ns: &str,
     name: &str,
-) -> Result<BaseImageSpec, ApiError> {
+) -> Result<BaseImageSpec, AdmitError> {
     Ok(base_image(state, ns, name).await?.1)
 }
 
@@ -182,7 +178,7 @@ async fn base_image(
     state: &AppState,
     ns: &str,
     name: &str,
-) -> Result<(Object, BaseImageSpec), ApiError> {
+) -> Result<(Object, BaseImageSpec), AdmitError> {
     let Some(base) = state.get(ns, Kind::BaseImage, name).await? else {
         return Err(unknown(
             Kind::BaseImage,
@@ -196,12 +192,6 @@ async fn base_image(
 }
 
 /// Refused: a built-in base image cannot be changed or deleted.
-pub(crate) fn builtin(name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "BuiltIn",
-        format!(
-            "base image {name:?} is built in and cannot be changed: create a base image with another name"
-        ),
-    )
+pub(crate) fn builtin(name: &str) -> AdmitError {
+    AdmitError::BuiltIn(name.to_string())
 }

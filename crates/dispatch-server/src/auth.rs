@@ -72,15 +72,9 @@ impl Tokens {
 }
 
 /// A new random token: `dsp_` + 43 base64url characters (256 bits from the OS).
-pub fn generate_token() -> Result<String, ApiError> {
+pub fn generate_token() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Internal",
-            format!("no randomness for a token: {e}"),
-        )
-    })?;
+    getrandom::getrandom(&mut bytes)?;
     use base64::Engine as _;
     let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     Ok(format!("{TOKEN_PREFIX}{encoded}"))
@@ -264,7 +258,7 @@ fn audit(state: &Arc<AppState>, who: String, method: &Method, path: String, stat
     // Off the request path; an audit write failure is logged, never fails the call.
     tokio::spawn(async move {
         if let Err(e) = st.db(move |s| s.append_audit(&[entry])).await {
-            tracing::warn!("audit log write failed: {}", e.message);
+            tracing::warn!("audit log write failed: {e}");
         }
     });
 }

@@ -246,7 +246,7 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
             let _ = changes_tx.send(c);
         }));
     if let Err(e) = state.rebuild_routes().await {
-        tracing::error!("failed to load endpoints: {}", e.message);
+        tracing::error!("failed to load endpoints: {e}");
     }
     let store = state.stores.resources.clone();
     let all = tokio::task::spawn_blocking(move || {
@@ -265,17 +265,17 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         Err(e) => tracing::error!("failed to list stored resources: {e}"),
     }
     if let Err(e) = state.load_namespaces().await {
-        tracing::error!("failed to load namespaces: {}", e.message);
+        tracing::error!("failed to load namespaces: {e}");
     }
     match state.db(|s| s.list_tokens()).await {
         Ok(all) => state.tokens.replace_all(all),
-        Err(e) => tracing::error!("failed to load API tokens: {}", e.message),
+        Err(e) => tracing::error!("failed to load API tokens: {e}"),
     }
     crate::queue::recover(state).await;
     crate::callbacks::resume(state).await;
     crate::jobs::recover(state).await;
     if let Err(e) = crate::events::rebuild(state).await {
-        tracing::error!("failed to load subscriptions: {}", e.message);
+        tracing::error!("failed to load subscriptions: {e}");
     }
     crate::events::recover(state).await;
     let tasks = vec![

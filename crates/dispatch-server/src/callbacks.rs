@@ -70,6 +70,6 @@ pub async fn resume(state: &Arc<AppState>) {
                 spawn_delivery(state.clone(), r);
             }
         }
-        Err(e) => tracing::error!("failed to load pending callbacks: {}", e.message),
+        Err(e) => tracing::error!("failed to load pending callbacks: {e}"),
     }
 }

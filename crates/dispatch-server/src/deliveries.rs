@@ -21,9 +21,10 @@ use dispatch_store::{DeliveryRecord, Redeliver};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::error::ApiError;
+use crate::events::EventError;
 use crate::invoke::Invocation;
 use crate::state::AppState;
+use crate::state::StateError;
 
 /// The first wait after a refused try, doubled per refusal up to [`BACKOFF_MAX`]; room in
 /// the queue (a run finished) ends a wait early.
@@ -82,23 +83,17 @@ impl Deliveries {
 
     /// Ok while the namespace's pending deliveries are below `max`; else counts a refusal
     /// and answers the 429 the producer gets (nothing is stored).
-    pub fn admit_event(&self, ns: &str, max: usize) -> Result<(), ApiError> {
+    pub fn admit_event(&self, ns: &str, max: usize) -> Result<(), EventError> {
         let mut i = self.inner();
         let pending = i.pending_ns.get(ns).copied().unwrap_or(0);
         if pending < max as u64 {
             return Ok(());
         }
         *i.refused_ns.entry(ns.to_string()).or_default() += 1;
-        Err(ApiError::new(
-            axum::http::StatusCode::TOO_MANY_REQUESTS,
-            "DeliveriesPending",
-            format!(
-                "namespace {ns:?} has {pending} event deliveries waiting for room in their \
-                 functions' queues, its limit (--max-pending-deliveries): nothing was stored; \
-                 retry later"
-            ),
-        )
-        .with_retry_after(5))
+        Err(EventError::DeliveriesPending {
+            namespace: ns.to_string(),
+            pending,
+        })
     }
 
     /// Whether a delivery of this subscription waits (a new one must wait behind it).
@@ -354,7 +349,7 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
     {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!("reading pending event deliveries: {}", e.message);
+            tracing::warn!("reading pending event deliveries: {}", e);
             state.deliveries.with_sub(&key, |s, _| {
                 s.next_try = Some(Instant::now() + BACKOFF_MAX);
             });
@@ -397,7 +392,7 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
         match admitted {
             Ok(run) => batch.push((d, run)),
             Err(e) => {
-                refused(state, &key, d, e.message).await;
+                refused(state, &key, d, e.to_string()).await;
                 was_refused = true;
                 break;
             }
@@ -412,7 +407,7 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
         for (_, run) in &batch {
             state.queue.retire(&run.id);
         }
-        tracing::warn!("queueing pending event deliveries: {}", e.message);
+        tracing::warn!("queueing pending event deliveries: {}", e);
         state.deliveries.with_sub(&key, |s, _| {
             s.next_try = Some(Instant::now() + BACKOFF_MAX);
         });
@@ -444,7 +439,7 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         match state.db(|s| s.delivery_counts()).await {
             Ok(c) => state.deliveries.load(c),
-            Err(e) => tracing::error!("loading pending event deliveries: {}", e.message),
+            Err(e) => tracing::error!("loading pending event deliveries: {}", e),
         }
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -468,7 +463,7 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
                 _ = prune.tick() => {
                     let now = state.queue.clock.now();
                     if let Err(e) = state.db(move |s| s.prune_events(now)).await {
-                        tracing::warn!("pruning events: {}", e.message);
+                        tracing::warn!("pruning events: {}", e);
                     }
                     room = false;
                 }
@@ -478,7 +473,7 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
 }
 
 /// Dead deliveries back to pending (a subscription's, or one event's), with a new TTL.
-pub async fn redeliver(state: &AppState, ns: &str, which: Redeliver) -> Result<u64, ApiError> {
+pub async fn redeliver(state: &AppState, ns: &str, which: Redeliver) -> Result<u64, StateError> {
     let now = state.queue.clock.now();
     let ttl =
         jiff::SignedDuration::try_from(state.config.event_ttl).unwrap_or(jiff::SignedDuration::MAX);

@@ -12,9 +12,21 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::http::StatusCode;
-
-use crate::error::ApiError;
+/// New work refused for want of disk space (507 at the edge). The message names no path:
+/// gateway callers are anonymous.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server is short of disk space ({} free, {} kept in reserve for work already \
+     accepted) and accepts no new {what}: retry later; an operator frees space \
+     (dispatch runs purge, dispatch gc) or lowers --min-free-disk",
+    dispatch_core::quantity::human_bytes(*available),
+    dispatch_core::quantity::human_bytes(*reserve)
+)]
+pub struct DiskFull {
+    pub what: String,
+    pub available: u64,
+    pub reserve: u64,
+}
 
 /// Default reserve: this share of the file system, at most [`MAX_DEFAULT_RESERVE`].
 const DEFAULT_SHARE: u64 = 20;
@@ -73,8 +85,8 @@ impl DiskGuard {
         }
     }
 
-    /// A 507 that says the disk is short (without the path: gateway callers are anonymous).
-    pub fn refuse(&self, what: &str, s: Space) -> ApiError {
+    /// Counts a refusal for want of space and says why (the edge answers 507).
+    pub fn refuse(&self, what: &str, s: Space) -> DiskFull {
         let refused = self.refusals.fetch_add(1, Ordering::Relaxed) + 1;
         self.warnings.run(|| {
             tracing::warn!(
@@ -84,17 +96,11 @@ impl DiskGuard {
                 "refused {what}: the data dir's disk is below its reserve (--min-free-disk)"
             )
         });
-        ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "InsufficientStorage",
-            format!(
-                "the server is short of disk space ({} free, {} kept in reserve for work already \
-                 accepted) and accepts no new {what}: retry later; an operator frees space \
-                 (dispatch runs purge, dispatch gc) or lowers --min-free-disk",
-                dispatch_core::quantity::human_bytes(s.available),
-                dispatch_core::quantity::human_bytes(s.reserve)
-            ),
-        )
+        DiskFull {
+            what: what.to_string(),
+            available: s.available,
+            reserve: s.reserve,
+        }
     }
 
     pub fn refusals(&self) -> u64 {
@@ -119,9 +125,9 @@ mod tests {
         let full = DiskGuard::new(dir.path(), Some(u64::MAX));
         let short = full.fits(0, || 0).unwrap_err();
         let e = full.refuse("async runs", short);
-        assert_eq!(e.status, StatusCode::INSUFFICIENT_STORAGE);
-        assert!(e.message.contains("--min-free-disk"), "{}", e.message);
-        assert!(!e.message.contains(&dir.path().display().to_string()));
+        let message = e.to_string();
+        assert!(message.contains("--min-free-disk"), "{message}");
+        assert!(!message.contains(&dir.path().display().to_string()));
         assert_eq!(full.refusals(), 1);
         // The default reserve: 5 % of the file system, at most 1 GiB.
         let d = DiskGuard::new(dir.path(), None).space().unwrap();

@@ -1,12 +1,24 @@
-//! The one error shape of the API: `{"error":{"code":"NotFound","message":"…"}}`.
+//! The HTTP edge's errors: the one error shape of the API
+//! (`{"error":{"code":"NotFound","message":"…"}}`) and the one place that decides which status
+//! and code each domain error gets (the domain modules' own `thiserror` errors know nothing of
+//! HTTP: [`StateError`], [`AdmitError`], [`QueueError`], [`CallError`], [`JobError`],
+//! [`EventError`]).
 //!
-//! Client errors keep their message; internal errors are logged with their full cause chain
-//! and answered with a generic 500 (axum's `examples/error-handling`).
+//! Client errors keep their message; internal errors are answered with a generic 500 and
+//! logged with their full cause chain when the answer is made (axum's
+//! `examples/error-handling`), never when the error is.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dispatch_core::ValidationError;
 use dispatch_store::StoreError;
+
+use crate::admission::AdmitError;
+use crate::events::EventError;
+use crate::invoke::CallError;
+use crate::jobs::JobError;
+use crate::queue::QueueError;
+use crate::state::StateError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -16,6 +28,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for 429/503.
     pub retry_after: Option<u32>,
+    /// An internal failure's cause chain: logged when answered, never sent.
+    detail: Option<String>,
 }
 
 impl ApiError {
@@ -25,6 +39,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            detail: None,
         }
     }
 
@@ -53,7 +68,7 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", message)
     }
 
-    /// An internal failure: logged with its chain, answered without details.
+    /// An internal failure: answered without details; its chain is logged when answered.
     pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
         let mut chain = err.to_string();
         let mut source = err.source();
@@ -62,12 +77,13 @@ impl ApiError {
             chain.push_str(&s.to_string());
             source = s.source();
         }
-        tracing::error!("{context}: {chain}");
-        Self::new(
+        let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal",
             format!("internal error while {context}: see the server log"),
-        )
+        );
+        e.detail = Some(format!("{context}: {chain}"));
+        e
     }
 
     pub fn with_retry_after(mut self, secs: u32) -> Self {
@@ -90,37 +106,176 @@ impl std::fmt::Display for ApiError {
 
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "Invalid", e.message)
+        invalid(&e)
     }
+}
+
+fn invalid(e: &ValidationError) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "Invalid", e.message.clone())
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::NotFound { .. } => Self::not_found(e.to_string()),
-            StoreError::AlreadyExists { .. } => {
-                Self::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
+        store(&e)
+    }
+}
+
+fn store(e: &StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
+        StoreError::AlreadyExists { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
+        }
+        StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+        StoreError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+        StoreError::Remote { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            e.to_string(),
+        ),
+        _ if e.is_disk_full() => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "InsufficientStorage",
+            "the server's disk is full: retry later; an operator frees space (dispatch runs \
+             purge, dispatch gc)",
+        ),
+        _ => ApiError::internal("accessing the store", e),
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        state(&e)
+    }
+}
+
+fn state(e: &StateError) -> ApiError {
+    match e {
+        StateError::Store(e) => store(e),
+        StateError::Invalid(e) => invalid(e),
+        StateError::NamespaceNotFound(_) => ApiError::not_found(e.to_string()),
+        StateError::TokenExists(_) => {
+            ApiError::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
+        }
+        StateError::DiskFull(_) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "InsufficientStorage",
+            e.to_string(),
+        ),
+        StateError::Internal { context, source } => ApiError::internal(context, source.as_ref()),
+    }
+}
+
+impl From<AdmitError> for ApiError {
+    fn from(e: AdmitError) -> Self {
+        match e {
+            AdmitError::Invalid(e) => invalid(&e),
+            AdmitError::State(e) => state(&e),
+            AdmitError::Misplaced(_) | AdmitError::Archive(_) => {
+                ApiError::bad_request(e.to_string())
             }
-            StoreError::Conflict { .. } => Self::conflict(e.to_string()),
-            StoreError::Invalid { .. } => Self::bad_request(e.to_string()),
-            StoreError::Remote { .. } => Self::new(
+            AdmitError::UnknownReference(_) => ApiError::unknown_reference(e.to_string()),
+            AdmitError::RouteConflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "RouteConflict", e.to_string())
+            }
+            AdmitError::BuiltIn(_) => ApiError::new(StatusCode::CONFLICT, "BuiltIn", e.to_string()),
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Invalid(e) => invalid(&e),
+            QueueError::State(e) => state(&e),
+            QueueError::Full(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "QueueFull", e.to_string())
+                    .with_retry_after(5)
+            }
+            QueueError::FunctionNotFound { .. } | QueueError::RunNotFound { .. } => {
+                ApiError::not_found(e.to_string())
+            }
+            QueueError::PayloadTooLarge { .. } => ApiError::too_large(e.to_string()),
+            QueueError::Finished { .. } | QueueError::NotDead { .. } => {
+                ApiError::conflict(e.to_string())
+            }
+            QueueError::NotCancellable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "NotCancellable", e.to_string())
+            }
+            // Logged where the store refused it.
+            QueueError::NotStored => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::State(e) => state(&e),
+            CallError::Busy(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Busy", e.to_string())
+                    .with_retry_after(1)
+            }
+            CallError::PayloadTooLarge => ApiError::too_large(e.to_string()),
+            CallError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            CallError::BuildFailed { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "FunctionNotReady", e.to_string())
+            }
+            CallError::NotReady { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "FunctionNotReady",
+                e.to_string(),
+            )
+            .with_retry_after(1),
+        }
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Invalid(e) => invalid(&e),
+            JobError::State(e) => state(&e),
+            JobError::TemplateNotFound { .. } | JobError::NotFound { .. } => {
+                ApiError::not_found(e.to_string())
+            }
+            JobError::Render { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "RenderError", e.to_string())
+            }
+            JobError::Ended { .. } | JobError::Ending(_) => ApiError::conflict(e.to_string()),
+        }
+    }
+}
+
+impl From<EventError> for ApiError {
+    fn from(e: EventError) -> Self {
+        match e {
+            EventError::Invalid(e) => invalid(&e),
+            EventError::State(e) => state(&e),
+            EventError::Batch(e) => state(&e),
+            EventError::TooLarge { .. } => ApiError::too_large(e.to_string()),
+            EventError::DeliveriesPending { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "DeliveriesPending",
+                e.to_string(),
+            )
+            .with_retry_after(5),
+            EventError::Stopping => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Unavailable",
                 e.to_string(),
             ),
-            _ if e.is_disk_full() => Self::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "InsufficientStorage",
-                "the server's disk is full: retry later; an operator frees space (dispatch runs \
-                 purge, dispatch gc)",
-            ),
-            _ => Self::internal("accessing the store", &e),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let Some(detail) = &self.detail {
+            tracing::error!("{detail}");
+        }
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {

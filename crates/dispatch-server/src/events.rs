@@ -19,7 +19,47 @@ use dispatch_core::events::{
 use dispatch_core::{Kind, Object};
 use tokio::sync::Notify;
 
-use crate::error::ApiError;
+use crate::state::StateError;
+
+/// Why an event is not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error(transparent)]
+    Invalid(#[from] dispatch_core::ValidationError),
+    #[error(
+        "event data is {} and runs of events take at most {} (--max-async-payload)",
+        dispatch_core::quantity::human_bytes(*size),
+        dispatch_core::quantity::human_bytes(*limit)
+    )]
+    TooLarge { size: u64, limit: u64 },
+    /// The namespace's deliveries waiting for room are at `--max-pending-deliveries`.
+    #[error(
+        "namespace {namespace:?} has {pending} event deliveries waiting for room in their \
+         functions' queues, its limit (--max-pending-deliveries): nothing was stored; retry \
+         later"
+    )]
+    DeliveriesPending { namespace: String, pending: u64 },
+    #[error("the server is stopping: retry")]
+    Stopping,
+    /// The store refused a batch of events this one was in.
+    #[error(transparent)]
+    Batch(Arc<StateError>),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl EventError {
+    /// Whether the same event may be accepted later (back-pressure, a short disk, a store
+    /// failure), as opposed to never (invalid, too large).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EventError::Invalid(_) | EventError::TooLarge { .. } => false,
+            EventError::DeliveriesPending { .. } | EventError::Stopping => true,
+            EventError::Batch(e) => e.is_transient(),
+            EventError::State(e) => e.is_transient(),
+        }
+    }
+}
 use crate::invoke::Invocation;
 use crate::state::AppState;
 
@@ -33,7 +73,7 @@ pub struct EventIndex {
 }
 
 /// Reloads the index from the store and wakes the cron scheduler.
-pub async fn rebuild(state: &AppState) -> Result<(), ApiError> {
+pub async fn rebuild(state: &AppState) -> Result<(), StateError> {
     let (subs, drivers) = state
         .res(|s| {
             Ok((
@@ -80,7 +120,7 @@ pub async fn ingest(
     state: &Arc<AppState>,
     ns: &str,
     event: CloudEvent,
-) -> Result<Ingested, ApiError> {
+) -> Result<Ingested, EventError> {
     let targets: Vec<(String, String)> = state
         .event_index()
         .subscriptions
@@ -101,17 +141,16 @@ async fn accept(
     ns: &str,
     event: CloudEvent,
     targets: Vec<(String, String)>,
-) -> Result<Ingested, ApiError> {
+) -> Result<Ingested, EventError> {
     event.validate()?;
     // Its data becomes each matching run's payload: refused here, not after the 202.
     let payload = payload_of(&event);
     let size = payload.get().len();
     if size > state.config.max_async_payload {
-        return Err(ApiError::too_large(format!(
-            "event data is {} and runs of events take at most {} (--max-async-payload)",
-            dispatch_core::quantity::human_bytes(size as u64),
-            dispatch_core::quantity::human_bytes(state.config.max_async_payload as u64)
-        )));
+        return Err(EventError::TooLarge {
+            size: size as u64,
+            limit: state.config.max_async_payload as u64,
+        });
     }
     state
         .disk_admits("events", (size * (1 + targets.len())) as u64)
@@ -148,7 +187,7 @@ async fn accept(
                 }
                 Err(e) => {
                     d.attempts = 1;
-                    d.error = Some(e.message);
+                    d.error = Some(e.to_string());
                 }
             }
         }
@@ -215,7 +254,7 @@ pub struct EventWriter {
 
 type Ingest = (
     (StoredEvent, Vec<dispatch_core::Run>),
-    tokio::sync::oneshot::Sender<Result<bool, ApiError>>,
+    tokio::sync::oneshot::Sender<Result<bool, Arc<StateError>>>,
 );
 
 /// Most events per transaction.
@@ -244,13 +283,13 @@ impl EventWriter {
                         }
                     }
                     Ok(Err(e)) => {
-                        let e = ApiError::from(e);
+                        let e = Arc::new(StateError::from(e));
                         for ack in acks {
                             let _ = ack.send(Err(e.clone()));
                         }
                     }
                     Err(e) => {
-                        let e = ApiError::internal("storing events", &e);
+                        let e = Arc::new(StateError::internal("storing events", e));
                         for ack in acks {
                             let _ = ack.send(Err(e.clone()));
                         }
@@ -267,20 +306,15 @@ impl EventWriter {
         &self,
         event: StoredEvent,
         runs: Vec<dispatch_core::Run>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, EventError> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        let stopped = || {
-            ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
-                "the server is stopping: retry",
-            )
-        };
         self.tx
             .send(((event, runs), ack))
             .await
-            .map_err(|_| stopped())?;
-        done.await.map_err(|_| stopped())?
+            .map_err(|_| EventError::Stopping)?;
+        done.await
+            .map_err(|_| EventError::Stopping)?
+            .map_err(EventError::Batch)
     }
 }
 
@@ -326,7 +360,7 @@ pub async fn recover(state: &Arc<AppState>) {
                 .db(move |s| s.ingest_events(&[(e, Vec::new())], true))
                 .await
             {
-                tracing::warn!("redelivering event {id}: {}", err.message);
+                tracing::warn!("redelivering event {id}: {err}");
             }
         }
     }
@@ -348,7 +382,7 @@ pub struct Fire<'a> {
 pub async fn emit_from_driver(
     state: &Arc<AppState>,
     fire: Fire<'_>,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<serde_json::Value, EventError> {
     let Fire {
         ns,
         driver,
@@ -438,7 +472,7 @@ async fn fire(state: &Arc<AppState>, d: &CronDriver, at: jiff::Timestamp) {
         content_type: None,
     };
     if let Err(e) = emit_from_driver(state, fire).await {
-        tracing::warn!(driver = %d.name, "cron fire failed: {}", e.message);
+        tracing::warn!(driver = %d.name, "cron fire failed: {}", e);
     }
 }
 

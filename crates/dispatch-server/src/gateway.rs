@@ -75,7 +75,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         };
         return match crate::events::emit_from_driver(&state, fire).await {
             Ok(v) => (StatusCode::ACCEPTED, axum::Json(v)).into_response(),
-            Err(e) => e.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
         };
     }
     let lookup = state.routes().find(host, parts.method.as_str(), path);
@@ -168,7 +168,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         // gets the same httpContext when it runs.
         let mut resp = match crate::queue::enqueue(&state, call).await {
             Ok(run) => crate::api::accepted(&run),
-            Err(e) => e.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
         };
         if m.route.cors {
             cors_headers(resp.headers_mut());
@@ -202,7 +202,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             }
             resp
         }
-        Err(e) => e.into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     };
     if cors {
         cors_headers(resp.headers_mut());
@@ -242,7 +242,7 @@ async fn read_body(body: axum::body::Body) -> Result<bytes::Bytes, ApiError> {
             if crate::serve::body_timed_out(&e) {
                 crate::serve::body_timeout_error()
             } else {
-                invoke::payload_too_large()
+                invoke::CallError::PayloadTooLarge.into()
             }
         })
 }

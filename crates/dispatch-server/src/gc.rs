@@ -12,8 +12,8 @@ use dispatch_core::Kind;
 use dispatch_runtime::{GcKeep, Removed};
 use serde::Serialize;
 
-use crate::error::ApiError;
 use crate::state::AppState;
+use crate::state::StateError;
 
 /// Grace of the periodic collection.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
@@ -26,7 +26,7 @@ pub struct GcReport {
     pub freed_bytes: u64,
 }
 
-pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, ApiError> {
+pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, StateError> {
     let (functions, images) = state
         .res(|s| Ok((s.list(None, Kind::Function)?, s.list(None, Kind::Image)?)))
         .await?;
@@ -69,7 +69,7 @@ pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, ApiE
         Ok::<_, dispatch_store::StoreError>(out)
     })
     .await
-    .map_err(|e| ApiError::internal("collecting garbage", &e))??;
+    .map_err(|e| StateError::internal("collecting garbage", e))??;
     removed.extend(blob_removed);
     let freed_bytes = removed.iter().map(|r| r.bytes).sum();
     if !removed.is_empty() {
@@ -89,7 +89,7 @@ pub fn spawn_periodic(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             if let Err(e) = collect(&state, DEFAULT_GRACE).await {
-                tracing::warn!("garbage collection failed: {}", e.message);
+                tracing::warn!("garbage collection failed: {e}");
             }
         }
     })

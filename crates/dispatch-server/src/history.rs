@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use dispatch_core::Run;
 use dispatch_store::{RunFilter, RunUsage};
 
-use crate::{ApiError, AppState};
+use crate::AppState;
+use crate::state::StateError;
 
 impl AppState {
     /// One run by id, from whichever store holds it.
-    pub async fn get_run(&self, ns: &str, id: &str) -> Result<Option<Run>, ApiError> {
+    pub async fn get_run(&self, ns: &str, id: &str) -> Result<Option<Run>, StateError> {
         let (ns, id) = (ns.to_string(), id.to_string());
         self.first_in_run_stores(move |s| s.get_run(&ns, &id)).await
     }
@@ -20,7 +21,7 @@ impl AppState {
     /// Runs of a namespace, newest first, at most the filter's limit (default 100), from
     /// every store that holds runs. Keyset pages (`after`) work across them because each
     /// store applies the same bound to the same ids.
-    pub async fn list_runs(&self, ns: &str, filter: RunFilter) -> Result<Vec<Run>, ApiError> {
+    pub async fn list_runs(&self, ns: &str, filter: RunFilter) -> Result<Vec<Run>, StateError> {
         let limit = filter.limit.unwrap_or(100);
         let ns = ns.to_string();
         let lists = self
@@ -30,7 +31,7 @@ impl AppState {
     }
 
     /// What every namespace's run records take, all stores added up.
-    pub async fn run_usage(&self) -> Result<Vec<RunUsage>, ApiError> {
+    pub async fn run_usage(&self) -> Result<Vec<RunUsage>, StateError> {
         let all = self.each_run_store(|s| s.run_usage()).await?;
         Ok(add_up(all.into_iter().flatten()))
     }
@@ -41,7 +42,7 @@ impl AppState {
         ns: &str,
         function: Option<String>,
         status: Option<dispatch_core::RunStatus>,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<u64, StateError> {
         let ns = ns.to_string();
         let counts = self
             .each_run_store(move |s| s.purge_runs(&ns, function.as_deref(), status))
@@ -50,7 +51,7 @@ impl AppState {
     }
 
     /// Deletes every run of a function from every store; the count.
-    pub async fn delete_runs_of(&self, ns: &str, function: &str) -> Result<u64, ApiError> {
+    pub async fn delete_runs_of(&self, ns: &str, function: &str) -> Result<u64, StateError> {
         let (ns, function) = (ns.to_string(), function.to_string());
         let counts = self
             .each_run_store(move |s| s.delete_runs_of(&ns, &function))

@@ -2,18 +2,45 @@
 //! async queue: an [`Invocation`] says what to call with what; [`execute`] runs it now (the
 //! synchronous path: it also hands the run record to the recorder, off the hot path, and
 //! answers the envelope), `queue::enqueue` accepts it for later. Either way the handler gets
-//! the same context, built by [`call_backend`].
+//! the same context, built by [`call_deployed`].
 
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use dispatch_core::{Envelope, Kind, MAX_PAYLOAD_BYTES, Phase, Run, RunStatus, Trigger};
 use dispatch_runtime::{CallOutcome, InvokeError};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::error::ApiError;
-use crate::state::{AppState, Deployed};
+use crate::state::{AppState, Deployed, StateError};
+
+/// Why a function is not called now.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Its workers and their wait bound are all taken; retry in a moment.
+    #[error("{0}")]
+    Busy(String),
+    #[error(
+        "payload is larger than the limit of {} MiB",
+        MAX_PAYLOAD_BYTES / (1024 * 1024)
+    )]
+    PayloadTooLarge,
+    #[error("function {function:?} not found in namespace {namespace:?}")]
+    NotFound { namespace: String, function: String },
+    #[error("function {function:?} failed to build: {reason}")]
+    BuildFailed { function: String, reason: String },
+    /// Still building (or deploying): retry when it is READY.
+    #[error(
+        "function {function:?} is not ready yet ({phase}{why}): retry when `dispatch get \
+         function {function}` shows READY"
+    )]
+    NotReady {
+        function: String,
+        phase: String,
+        why: String,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 /// One call of a function, whoever asks for it and whenever it runs.
 pub struct Invocation {
@@ -85,9 +112,9 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Calls a deployed function once: the context (deadline from its timeout), the backend.
-pub async fn call_backend(
-    state: &AppState,
+/// Calls a deployed function once: builds the context (deadline from its timeout) and hands
+/// it to the deployment's handle (no lookup by name).
+pub async fn call_deployed(
     deployed: &Deployed,
     run: &Run,
     http: Option<&serde_json::Value>,
@@ -109,15 +136,9 @@ pub async fn call_backend(
     // Serializing a struct of strings and a JSON value cannot fail.
     let ctx = serde_json::value::to_raw_value(&ctx)
         .unwrap_or_else(|_| dispatch_core::envelope::null_raw());
-    state
-        .backend
-        .invoke(
-            &run.namespace,
-            &run.function,
-            &ctx,
-            &run.input,
-            Instant::now() + deployed.timeout,
-        )
+    deployed
+        .handle
+        .invoke(&ctx, &run.input, Instant::now() + deployed.timeout)
         .await
 }
 
@@ -204,9 +225,9 @@ pub fn apply_outcome(
 
 /// Runs an invocation now. Its sync record keeps no `httpContext` (history stays small); the
 /// handler gets it all the same.
-pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, ApiError> {
+pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, CallError> {
     if call.payload.get().len() > MAX_PAYLOAD_BYTES {
-        return Err(payload_too_large());
+        return Err(CallError::PayloadTooLarge);
     }
     let Some(deployed) = state.deployed(&call.namespace, &call.function) else {
         return Err(not_ready(state, &call.namespace, &call.function).await);
@@ -222,14 +243,14 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, ApiEr
     );
     run.attempts = 1;
     run.event = call.event;
-    let outcome = match call_backend(state, &deployed, &run, call.http.as_ref()).await {
+    let outcome = match call_deployed(&deployed, &run, call.http.as_ref()).await {
         Ok(o) => o,
         Err(InvokeError::NotDeployed { .. }) => {
             return Err(not_ready(state, &run.namespace, &run.function).await);
         }
         Err(InvokeError::Busy(e)) => {
             state.queue.count_busy(&run.namespace, &run.function);
-            return Err(busy(e.to_string()));
+            return Err(CallError::Busy(e.to_string()));
         }
     };
     let mut outcome = outcome;
@@ -253,27 +274,18 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, ApiEr
     })
 }
 
-pub fn busy(message: String) -> ApiError {
-    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "Busy", message).with_retry_after(1)
-}
-
-pub fn payload_too_large() -> ApiError {
-    ApiError::too_large(format!(
-        "payload is larger than the limit of {} MiB",
-        MAX_PAYLOAD_BYTES / (1024 * 1024)
-    ))
-}
-
 /// Why a function cannot take calls: unknown (404), failed (409) or still building (503).
-pub async fn not_ready(state: &AppState, ns: &str, name: &str) -> ApiError {
+pub async fn not_ready(state: &AppState, ns: &str, name: &str) -> CallError {
     match state.get(ns, Kind::Function, name).await {
-        Err(e) => e,
-        Ok(None) => ApiError::not_found(format!("function {name:?} not found in namespace {ns:?}")),
-        Ok(Some(f)) if f.phase() == Some(Phase::Error) => ApiError::new(
-            StatusCode::CONFLICT,
-            "FunctionNotReady",
-            format!("function {name:?} failed to build: {}", f.status.reason),
-        ),
+        Err(e) => e.into(),
+        Ok(None) => CallError::NotFound {
+            namespace: ns.to_string(),
+            function: name.to_string(),
+        },
+        Ok(Some(f)) if f.phase() == Some(Phase::Error) => CallError::BuildFailed {
+            function: name.to_string(),
+            reason: f.status.reason.clone(),
+        },
         Ok(Some(f)) => {
             let phase = f
                 .phase()
@@ -284,12 +296,11 @@ pub async fn not_ready(state: &AppState, ns: &str, name: &str) -> ApiError {
             } else {
                 format!(", {}", f.status.reason)
             };
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "FunctionNotReady",
-                format!("function {name:?} is not ready yet ({phase}{why}): retry when `dispatch get function {name}` shows READY"),
-            )
-            .with_retry_after(1)
+            CallError::NotReady {
+                function: name.to_string(),
+                phase,
+                why,
+            }
         }
     }
 }

@@ -11,14 +11,32 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use dispatch_core::jobs::{self, JobTemplateSpec, JobView, RenderData};
 use dispatch_core::{JobExecution, JobPhase, Kind, Logs};
 use dispatch_runtime::jobrun::{ContainerRun, LiveLogs, PodOutcome, run_pod};
 use tokio::task::AbortHandle;
 
-use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, StateError};
+
+/// Why a job execution is not started or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("job template {name:?} not found in namespace {namespace:?}")]
+    TemplateNotFound { namespace: String, name: String },
+    /// The template does not render with this payload, or renders an invalid job.
+    #[error("job template {name:?} {why}")]
+    Render { name: String, why: String },
+    #[error("job execution {uuid:?} not found in namespace {namespace:?}")]
+    NotFound { namespace: String, uuid: String },
+    #[error("job execution {uuid:?} already ended ({phase}): nothing to cancel")]
+    Ended { uuid: String, phase: JobPhase },
+    #[error("job execution {0:?} is ending now: nothing to cancel")]
+    Ending(String),
+    #[error(transparent)]
+    Invalid(#[from] dispatch_core::ValidationError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 type TplKey = (String, String);
 
@@ -112,17 +130,18 @@ fn now(state: &AppState) -> jiff::Timestamp {
     state.queue.clock.now()
 }
 
-async fn save(state: &AppState, job: &JobExecution) -> Result<(), ApiError> {
+async fn save(state: &AppState, job: &JobExecution) -> Result<(), StateError> {
     let j = job.clone();
     state.db(move |s| s.put_job(&j)).await
 }
 
 /// The template and its runner view for an execution.
-async fn template_of(state: &AppState, ns: &str, name: &str) -> Result<JobTemplateSpec, ApiError> {
+async fn template_of(state: &AppState, ns: &str, name: &str) -> Result<JobTemplateSpec, JobError> {
     let Some(t) = state.get(ns, Kind::JobTemplate, name).await? else {
-        return Err(ApiError::not_found(format!(
-            "job template {name:?} not found in namespace {ns:?}"
-        )));
+        return Err(JobError::TemplateNotFound {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        });
     };
     Ok(t.typed_spec()?)
 }
@@ -133,7 +152,7 @@ pub async fn execute(
     ns: &str,
     name: &str,
     payload: String,
-) -> Result<JobExecution, ApiError> {
+) -> Result<JobExecution, JobError> {
     let spec = template_of(state, ns, name).await?;
     state
         .disk_admits("job executions", payload.len() as u64)
@@ -147,23 +166,15 @@ pub async fn execute(
         uuid: uuid.clone(),
         created,
     };
-    let rendered = jobs::render(&spec.job_template, &data).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "RenderError",
-            format!("job template {name:?} did not render: {}", e.message),
-        )
-    })?;
-    let view = spec.job_view(&rendered).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "RenderError",
-            format!(
-                "job template {name:?} rendered an invalid job: {}",
-                e.message
-            ),
-        )
-    })?;
+    let render_error = |why: String| JobError::Render {
+        name: name.to_string(),
+        why,
+    };
+    let rendered = jobs::render(&spec.job_template, &data)
+        .map_err(|e| render_error(format!("did not render: {e}")))?;
+    let view = spec
+        .job_view(&rendered)
+        .map_err(|e| render_error(format!("rendered an invalid job: {e}")))?;
     let job = JobExecution {
         uuid,
         name: name.to_string(),
@@ -331,7 +342,7 @@ async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
         job.attempts += 1;
         job.phase = JobPhase::Active;
         if let Err(e) = save(&state, &job).await {
-            tracing::error!("job {}: {}", job.uuid, e.message);
+            tracing::error!("job {}: {e}", job.uuid);
         }
         let end = running.await;
         job.phase = end.phase;
@@ -353,7 +364,7 @@ async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
         job.attempts += 1;
         job.phase = JobPhase::Active;
         if let Err(e) = save(&state, &job).await {
-            tracing::error!("job {}: {}", job.uuid, e.message);
+            tracing::error!("job {}: {e}", job.uuid);
         }
         let outcome = run_pod(&runs, deadline, &logs, state.config.max_log_bytes).await;
         match outcome {
@@ -417,7 +428,7 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
             .ok()
     });
     if let Err(e) = save(state, &job).await {
-        tracing::error!("job {}: {}", job.uuid, e.message);
+        tracing::error!("job {}: {e}", job.uuid);
     }
     let _ = std::fs::remove_dir_all(state.jobs.dir.join(&job.uuid));
     if let Some(secs) = ttl {
@@ -431,25 +442,24 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
 }
 
 /// `DELETE …/jobexecutions/{uuid}`: a waiting one will not run; an active one is killed.
-pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobExecution, ApiError> {
+pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobExecution, JobError> {
     let (n, u) = (ns.to_string(), uuid.to_string());
     let Some(mut job) = state.db(move |s| s.get_job(&n, &u)).await? else {
-        return Err(ApiError::not_found(format!(
-            "job execution {uuid:?} not found in namespace {ns:?}"
-        )));
+        return Err(JobError::NotFound {
+            namespace: ns.to_string(),
+            uuid: uuid.to_string(),
+        });
     };
     if job.phase.is_final() {
-        return Err(ApiError::conflict(format!(
-            "job execution {uuid:?} already ended ({}): nothing to cancel",
-            job.phase
-        )));
+        return Err(JobError::Ended {
+            uuid: uuid.to_string(),
+            phase: job.phase,
+        });
     }
     let found = state.jobs.take(uuid);
     match found {
         Found::No => {
-            return Err(ApiError::conflict(format!(
-                "job execution {uuid:?} is ending now: nothing to cancel"
-            )));
+            return Err(JobError::Ending(uuid.to_string()));
         }
         Found::Waiting => {}
         Found::Active(logs) => {
@@ -483,7 +493,7 @@ pub fn stop_all(state: &AppState) {
 }
 
 /// Deleting a template stops its executions and deletes their records.
-pub async fn forget_template(state: &Arc<AppState>, ns: &str, name: &str) -> Result<(), ApiError> {
+pub async fn forget_template(state: &Arc<AppState>, ns: &str, name: &str) -> Result<(), JobError> {
     let key = (ns.to_string(), name.to_string());
     {
         let mut s = state.jobs.sched();
@@ -512,7 +522,7 @@ pub async fn recover(state: &Arc<AppState>) {
     let jobs = match state.db(|s| s.active_jobs()).await {
         Ok(j) => j,
         Err(e) => {
-            tracing::error!("failed to load job executions: {}", e.message);
+            tracing::error!("failed to load job executions: {e}");
             return;
         }
     };

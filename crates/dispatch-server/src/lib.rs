@@ -183,7 +183,7 @@ fn first_admin_token(
     {
         return Ok(None);
     }
-    let secret = auth::generate_token().map_err(|e| token_err(e.message))?;
+    let secret = auth::generate_token().map_err(|e| token_err(e.to_string()))?;
     let record = dispatch_core::auth::ApiToken {
         name: "admin".into(),
         role: dispatch_core::auth::Role::Admin,

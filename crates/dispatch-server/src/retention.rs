@@ -51,7 +51,7 @@ pub fn rules(state: &AppState) -> Retention {
 /// runs, then sync calls' history), one transaction each. The bounds are shared: the
 /// history gets what the durable runs leave of a namespace's byte budget and of a
 /// function's count. The age applies to each store alike.
-pub async fn step(state: &AppState, batch: usize) -> Result<u64, crate::ApiError> {
+pub async fn step(state: &AppState, batch: usize) -> Result<u64, crate::state::StateError> {
     let rules = rules(state);
     let stores = state.stores.run_stores();
     let shared = stores.len() > 1;
@@ -67,15 +67,15 @@ pub async fn step(state: &AppState, batch: usize) -> Result<u64, crate::ApiError
         Ok::<_, dispatch_store::StoreError>(deleted)
     });
     match pruned.await {
-        Ok(r) => r.map_err(crate::ApiError::from),
-        Err(e) => Err(crate::ApiError::internal("pruning run records", &e)),
+        Ok(r) => r.map_err(crate::state::StateError::from),
+        Err(e) => Err(crate::state::StateError::internal("pruning run records", e)),
     }
 }
 
 /// Prunes until nothing is over the rules (in steps), then compacts if much went; returns
 /// the runs deleted. Records still on their way to the store are not waited for (a caller
 /// that needs them counted flushes the recorder first).
-pub async fn prune(state: &AppState) -> Result<u64, crate::ApiError> {
+pub async fn prune(state: &AppState) -> Result<u64, crate::state::StateError> {
     let mut total = 0;
     loop {
         let n = step(state, BATCH).await?;
@@ -95,7 +95,7 @@ pub async fn prune(state: &AppState) -> Result<u64, crate::ApiError> {
 }
 
 /// Gives free pages back to the file system, a step at a time.
-pub async fn compact(state: &AppState) -> Result<u64, crate::ApiError> {
+pub async fn compact(state: &AppState) -> Result<u64, crate::state::StateError> {
     let mut released = 0;
     loop {
         let n: u64 = state
@@ -117,7 +117,7 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             // First the interval: a test that drives the steps itself sets it long.
             tokio::time::sleep(state.config.retention_interval).await;
             if let Err(e) = prune(&state).await {
-                tracing::warn!("run retention failed: {}", e.message);
+                tracing::warn!("run retention failed: {e}");
             }
         }
     })

@@ -12,14 +12,68 @@ use dispatch_runtime::Backend;
 use dispatch_store::{BlobStore, RecordStore, ResourceStore, Store, StoreError};
 
 use crate::controller::{Controller, Key};
-use crate::error::ApiError;
 use crate::queue::Queue;
 use crate::recorder::Recorder;
 use crate::routes::Routes;
 
+/// What the shared state's calls fail with: the store's errors, and the few of its own. The
+/// HTTP edge ([`crate::error`]) decides what status each is.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Invalid(#[from] dispatch_core::ValidationError),
+    #[error("namespace {0:?} not found: create it first (dispatch create namespace {0})")]
+    NamespaceNotFound(String),
+    #[error("token {0:?} already exists: delete it first or pick another name")]
+    TokenExists(String),
+    /// The data dir's disk is below its reserve (the message names no path).
+    #[error(transparent)]
+    DiskFull(#[from] crate::disk::DiskFull),
+    /// A failure of the server itself; `context` says what it was doing.
+    #[error("{context}: {source}")]
+    Internal {
+        context: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StateError {
+    /// Whether the same request may succeed later unchanged: the store or the disk failed,
+    /// not the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StateError::Store(e) => !matches!(
+                e,
+                StoreError::NotFound { .. }
+                    | StoreError::AlreadyExists { .. }
+                    | StoreError::Conflict { .. }
+                    | StoreError::Invalid { .. }
+            ),
+            StateError::DiskFull(_) | StateError::Internal { .. } => true,
+            StateError::Invalid(_)
+            | StateError::NamespaceNotFound(_)
+            | StateError::TokenExists(_) => false,
+        }
+    }
+
+    pub fn internal(
+        context: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StateError::Internal {
+            context,
+            source: source.into(),
+        }
+    }
+}
+
 /// A function that serves calls now (the controller deployed it).
 #[derive(Debug, Clone)]
 pub struct Deployed {
+    /// What the backend's deploy handed back: calls go straight to it.
+    pub handle: dispatch_runtime::FunctionHandle,
     pub digest: String,
     /// Merged data of the function's secrets (`context.secrets`); values are redacted from
     /// logs, errors and run records.
@@ -121,7 +175,7 @@ pub struct AppState {
 impl AppState {
     /// Ok unless writing `incoming` bytes would take the data dir's disk below its reserve
     /// (then a 507 naming `what`); the store's own free pages count when the disk is short.
-    pub async fn disk_admits(&self, what: &str, incoming: u64) -> Result<(), ApiError> {
+    pub async fn disk_admits(&self, what: &str, incoming: u64) -> Result<(), StateError> {
         let Some(d) = &self.disk else {
             return Ok(());
         };
@@ -134,7 +188,7 @@ impl AppState {
                 .await
                 .unwrap_or(0);
         d.fits(incoming, || reusable)
-            .map_err(|short| d.refuse(what, short))
+            .map_err(|short| d.refuse(what, short).into())
     }
 
     /// Builds the state and starts its writers (recorder, event writer); the controller's
@@ -206,7 +260,7 @@ impl AppState {
 
     /// Namespaces from the store, plus any that stored resources use (data from before
     /// namespaces were rows).
-    pub(crate) async fn load_namespaces(&self) -> Result<(), ApiError> {
+    pub(crate) async fn load_namespaces(&self) -> Result<(), StateError> {
         let now = self.queue.clock.now();
         let rows = self
             .res(move |s| {
@@ -267,7 +321,7 @@ impl AppState {
     }
 
     /// One namespace's entry (404 unless it exists).
-    pub fn namespace(&self, ns: &str) -> Result<NamespaceInfo, ApiError> {
+    pub fn namespace(&self, ns: &str) -> Result<NamespaceInfo, StateError> {
         self.require_namespace(ns)?;
         Ok(self.namespaces.read().get(ns).cloned().unwrap_or_default())
     }
@@ -277,7 +331,7 @@ impl AppState {
         &self,
         ns: &str,
         budget: Option<u64>,
-    ) -> Result<NamespaceInfo, ApiError> {
+    ) -> Result<NamespaceInfo, StateError> {
         self.require_namespace(ns)?;
         let now = self.queue.clock.now();
         let n = ns.to_string();
@@ -290,20 +344,18 @@ impl AppState {
     }
 
     /// 404 unless the namespace exists.
-    pub fn require_namespace(&self, ns: &str) -> Result<(), ApiError> {
+    pub fn require_namespace(&self, ns: &str) -> Result<(), StateError> {
         let known =
             ns == dispatch_core::DEFAULT_NAMESPACE || self.namespaces.read().contains_key(ns);
         if known {
             Ok(())
         } else {
-            Err(ApiError::not_found(format!(
-                "namespace {ns:?} not found: create it first (dispatch create namespace {ns})"
-            )))
+            Err(StateError::NamespaceNotFound(ns.to_string()))
         }
     }
 
     /// `false` when it exists.
-    pub async fn create_namespace(&self, name: &str) -> Result<bool, ApiError> {
+    pub async fn create_namespace(&self, name: &str) -> Result<bool, StateError> {
         if name == dispatch_core::DEFAULT_NAMESPACE {
             return Ok(false);
         }
@@ -322,7 +374,7 @@ impl AppState {
         Ok(created)
     }
 
-    pub async fn delete_namespace(&self, name: &str) -> Result<(), ApiError> {
+    pub async fn delete_namespace(&self, name: &str) -> Result<(), StateError> {
         // Records first: a failure leaves the namespace there to delete again.
         let n = name.to_string();
         self.each_run_store(move |s| s.delete_records_of(&n))
@@ -348,12 +400,13 @@ impl AppState {
         role: dispatch_core::auth::Role,
         namespace: &str,
         expires: Option<Duration>,
-    ) -> Result<(String, dispatch_core::auth::ApiToken), ApiError> {
+    ) -> Result<(String, dispatch_core::auth::ApiToken), StateError> {
         dispatch_core::names::validate_name("token", name)?;
         if namespace != dispatch_core::auth::ALL_NAMESPACES {
             dispatch_core::names::validate_name("namespace", namespace)?;
         }
-        let secret = crate::auth::generate_token()?;
+        let secret = crate::auth::generate_token()
+            .map_err(|e| StateError::internal("drawing a token's randomness", e))?;
         let now = self.queue.clock.now();
         let record = dispatch_core::auth::ApiToken {
             name: name.to_string(),
@@ -368,18 +421,14 @@ impl AppState {
         };
         let r = record.clone();
         if !self.db(move |s| s.put_token(&r)).await? {
-            return Err(ApiError::new(
-                axum::http::StatusCode::CONFLICT,
-                "AlreadyExists",
-                format!("token {name:?} already exists: delete it first or pick another name"),
-            ));
+            return Err(StateError::TokenExists(name.to_string()));
         }
         self.tokens.insert(record.clone());
         Ok((secret, record))
     }
 
     /// Runs a blocking call of the record store on the blocking pool.
-    pub async fn db<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub async fn db<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn RecordStore) -> Result<T, StoreError> + Send + 'static,
@@ -388,7 +437,7 @@ impl AppState {
     }
 
     /// Runs a blocking call of the resource store on the blocking pool.
-    pub async fn res<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub async fn res<T, F>(&self, f: F) -> Result<T, StateError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn ResourceStore) -> Result<T, StoreError> + Send + 'static,
@@ -398,7 +447,7 @@ impl AppState {
 
     /// Runs a blocking call on every store that holds run records (see
     /// [`Stores::run_stores`]), one after the other; the answers in that order.
-    pub async fn each_run_store<T, F>(&self, f: F) -> Result<Vec<T>, ApiError>
+    pub async fn each_run_store<T, F>(&self, f: F) -> Result<Vec<T>, StateError>
     where
         T: Send + 'static,
         F: Fn(&dyn RecordStore) -> Result<T, StoreError> + Send + Sync + 'static,
@@ -411,7 +460,7 @@ impl AppState {
 
     /// The first answer of `f` that is something, asking the run stores in order (the
     /// later ones are not asked once one answers).
-    pub async fn first_in_run_stores<T, F>(&self, f: F) -> Result<Option<T>, ApiError>
+    pub async fn first_in_run_stores<T, F>(&self, f: F) -> Result<Option<T>, StateError>
     where
         T: Send + 'static,
         F: Fn(&dyn RecordStore) -> Result<Option<T>, StoreError> + Send + Sync + 'static,
@@ -428,7 +477,12 @@ impl AppState {
     }
 
     /// One stored resource (built-in base images included).
-    pub async fn get(&self, ns: &str, kind: Kind, name: &str) -> Result<Option<Object>, ApiError> {
+    pub async fn get(
+        &self,
+        ns: &str,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<Object>, StateError> {
         if kind == Kind::BaseImage
             && let Some(b) = crate::builtins::builtin_base_image(ns, name)
         {
@@ -457,7 +511,7 @@ impl AppState {
     }
 
     /// Reloads the gateway's route table from the stored endpoints.
-    pub async fn rebuild_routes(&self) -> Result<(), ApiError> {
+    pub async fn rebuild_routes(&self) -> Result<(), StateError> {
         let endpoints = self.res(|s| s.list(None, Kind::Endpoint)).await?;
         let table = Routes::build(&endpoints);
         *self.routes.write() = table;
@@ -509,14 +563,14 @@ impl AppState {
 }
 
 /// Runs `f` on `store` on the blocking pool.
-async fn blocking<S, T, F>(store: Arc<S>, f: F) -> Result<T, ApiError>
+async fn blocking<S, T, F>(store: Arc<S>, f: F) -> Result<T, StateError>
 where
     S: ?Sized + Send + Sync + 'static,
     T: Send + 'static,
     F: FnOnce(&S) -> Result<T, StoreError> + Send + 'static,
 {
     match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::internal("running a store call", &e)),
+        Ok(r) => r.map_err(StateError::from),
+        Err(e) => Err(StateError::internal("running a store call", e)),
     }
 }

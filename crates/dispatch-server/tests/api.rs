@@ -46,6 +46,40 @@ async fn health_version_and_builtins() {
     t.stop().await;
 }
 
+/// Every list reads one query shape: a bad `?limit=` is the same 400 on each (job executions
+/// once ignored it, events took 0 and capped 20000 silently), a good one is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_list_refuses_a_bad_limit_alike() {
+    let t = start().await;
+    let http = reqwest::Client::new();
+    for list in ["runs", "events", "jobexecutions"] {
+        for bad in ["abc", "0", "20000"] {
+            let r = http
+                .get(format!(
+                    "{}/v1/namespaces/default/{list}?limit={bad}",
+                    t.api()
+                ))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{list}?limit={bad}");
+            let body: serde_json::Value = r.json().await.unwrap();
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("from 1 to 10000"),
+                "{list}?limit={bad}: {message}"
+            );
+        }
+        let r = http
+            .get(format!("{}/v1/namespaces/default/{list}?limit=5", t.api()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{list}?limit=5");
+    }
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_and_node_functions_exec_and_leave_run_records() {
     let t = start().await;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use dispatch_core::{Envelope, ErrorObject, JobExecution, Language, Timings, ValidationError};
 use dispatch_runtime::backend::{
-    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
-    InvokeError, JobEnd, Removed,
+    Backend, BaseImageCheck, BoxFuture, BuildError, DeployedFunction, FunctionDeploy,
+    FunctionHandle, GcKeep, ImageBuild, InvokeError, JobEnd, Removed,
 };
 use dispatch_runtime::build::Progress;
 use dispatch_runtime::jobrun::LiveLogs;
@@ -91,6 +91,90 @@ pub struct KubernetesBackend {
     /// The last failure of an image's build, by image digest.
     logs: Mutex<HashMap<String, String>>,
     leader: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// A function deployed as a Kubernetes Service: calls are POSTed to it.
+struct RemoteFunction {
+    http: reqwest::Client,
+    name: String,
+    /// The Service's URL (`KubernetesOptions::function_url`).
+    url: String,
+    image: String,
+}
+
+impl KubernetesBackend {
+    fn handle(&self, namespace: &str, name: &str, image: String) -> FunctionHandle {
+        Arc::new(RemoteFunction {
+            http: self.http.clone(),
+            name: name.to_string(),
+            url: (self.options.function_url)(namespace, name),
+            image,
+        })
+    }
+}
+
+impl DeployedFunction for RemoteFunction {
+    fn image(&self) -> Option<&str> {
+        Some(&self.image)
+    }
+
+    fn invoke<'a>(
+        &'a self,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        let (name, url) = (&self.name, &self.url);
+        Box::pin(async move {
+            let body = format!(
+                r#"{{"context":{},"payload":{}}}"#,
+                context.get(),
+                payload.get()
+            );
+            let t0 = Instant::now();
+            let sent = self
+                .http
+                .post(format!("{}/", url.trim_end_matches('/')))
+                .header("content-type", "application/json")
+                .body(body)
+                .timeout(deadline.saturating_duration_since(t0))
+                .send()
+                .await;
+            let mut timed_out = false;
+            let envelope = match sent {
+                Ok(r) => {
+                    timed_out = r
+                        .headers()
+                        .contains_key(dispatch_runtime::pool::TIMED_OUT_HEADER);
+                    match r.bytes().await {
+                        Ok(b) => serde_json::from_slice::<Envelope>(&b).unwrap_or_else(|e| {
+                            system_error(format!(
+                                "function {name} answered something that is not an envelope: {e}"
+                            ))
+                        }),
+                        Err(e) => {
+                            system_error(format!("reading the answer of function {name}: {e}"))
+                        }
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    timed_out = true;
+                    system_error(format!("function {name} did not answer within its timeout"))
+                }
+                Err(e) => system_error(format!("function {name} is not reachable at {url}: {e}")),
+            };
+            Ok(CallOutcome {
+                envelope,
+                cold: false,
+                cold_start: None,
+                timings: Timings {
+                    exec_ms: t0.elapsed().as_millis() as u64,
+                    ..Default::default()
+                },
+                timed_out,
+            })
+        })
+    }
 }
 
 fn build_error(e: ImageError) -> BuildError {
@@ -275,13 +359,18 @@ impl Backend for KubernetesBackend {
     fn deploy_function(
         &self,
         d: FunctionDeploy,
-    ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
+    ) -> BoxFuture<'_, Result<FunctionHandle, BuildError>> {
         Box::pin(async move {
             let key = (d.namespace.clone(), d.name.clone());
-            if let Some((digest, image)) = self.deployed.lock().get(&key)
-                && *digest == d.digest
-            {
-                return Ok(Some(image.clone())); // already serving this build
+            let serving = self
+                .deployed
+                .lock()
+                .get(&key)
+                .filter(|(digest, _)| *digest == d.digest)
+                .map(|(_, image)| image.clone());
+            if let Some(image) = serving {
+                // Already serving this build.
+                return Ok(self.handle(&d.namespace, &d.name, image));
             }
             let input = ImageRequest {
                 // `<repository>/<namespace>/<function>`: one repository per function.
@@ -329,78 +418,14 @@ impl Backend for KubernetesBackend {
             self.deployed
                 .lock()
                 .insert(key, (d.digest.clone(), built.pushed.reference.clone()));
-            Ok(Some(built.pushed.reference))
+            Ok(self.handle(&d.namespace, &d.name, built.pushed.reference))
         })
     }
 
-    fn invoke<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        context: &'a RawValue,
-        payload: &'a RawValue,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
-        Box::pin(async move {
-            if !self
-                .deployed
-                .lock()
-                .contains_key(&(namespace.to_string(), name.to_string()))
-            {
-                return Err(InvokeError::NotDeployed {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                });
-            }
-            let url = (self.options.function_url)(namespace, name);
-            let body = format!(
-                r#"{{"context":{},"payload":{}}}"#,
-                context.get(),
-                payload.get()
-            );
-            let t0 = Instant::now();
-            let sent = self
-                .http
-                .post(format!("{}/", url.trim_end_matches('/')))
-                .header("content-type", "application/json")
-                .body(body)
-                .timeout(deadline.saturating_duration_since(t0))
-                .send()
-                .await;
-            let mut timed_out = false;
-            let envelope = match sent {
-                Ok(r) => {
-                    timed_out = r
-                        .headers()
-                        .contains_key(dispatch_runtime::pool::TIMED_OUT_HEADER);
-                    match r.bytes().await {
-                        Ok(b) => serde_json::from_slice::<Envelope>(&b).unwrap_or_else(|e| {
-                            system_error(format!(
-                                "function {name} answered something that is not an envelope: {e}"
-                            ))
-                        }),
-                        Err(e) => {
-                            system_error(format!("reading the answer of function {name}: {e}"))
-                        }
-                    }
-                }
-                Err(e) if e.is_timeout() => {
-                    timed_out = true;
-                    system_error(format!("function {name} did not answer within its timeout"))
-                }
-                Err(e) => system_error(format!("function {name} is not reachable at {url}: {e}")),
-            };
-            Ok(CallOutcome {
-                envelope,
-                cold: false,
-                cold_start: None,
-                timings: Timings {
-                    exec_ms: t0.elapsed().as_millis() as u64,
-                    ..Default::default()
-                },
-                timed_out,
-            })
-        })
+    fn function(&self, namespace: &str, name: &str) -> Option<FunctionHandle> {
+        let key = (namespace.to_string(), name.to_string());
+        let image = self.deployed.lock().get(&key)?.1.clone();
+        Some(self.handle(namespace, name, image))
     }
 
     fn remove_function<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()> {

@@ -14,8 +14,8 @@ use dispatch_core::{Language, ValidationError};
 use serde_json::value::RawValue;
 
 use crate::backend::{
-    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
-    InvokeError, Removed,
+    Backend, BaseImageCheck, BoxFuture, BuildError, DeployedFunction, FunctionDeploy,
+    FunctionHandle, GcKeep, ImageBuild, InvokeError, Removed,
 };
 use crate::budget::{BudgetUse, DEFAULT_MAX_WORKERS_TOTAL, WorkerBudget, default_memory_budget};
 use crate::build::{ImageBuilder, Progress};
@@ -229,6 +229,18 @@ impl LocalBackend {
     /// The pool serving a function now, if deployed.
     pub fn pool(&self, namespace: &str, name: &str) -> Option<Arc<Pool>> {
         self.pools_read().get(namespace)?.get(name).cloned()
+    }
+}
+
+/// A pool is the handle of the build it serves.
+impl DeployedFunction for Pool {
+    fn invoke<'a>(
+        &'a self,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        Box::pin(async move { Ok(self.call(context, payload, deadline).await?) })
     }
 }
 
@@ -455,12 +467,12 @@ impl Backend for LocalBackend {
     fn deploy_function(
         &self,
         d: FunctionDeploy,
-    ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
+    ) -> BoxFuture<'_, Result<FunctionHandle, BuildError>> {
         Box::pin(async move {
             if let Some(current) = self.pool(&d.namespace, &d.name)
                 && current.digest() == d.digest
             {
-                return Ok(None); // already serving this build
+                return Ok(current as FunctionHandle); // already serving this build
             }
             let dir = self
                 .functions_dir
@@ -499,27 +511,12 @@ impl Backend for LocalBackend {
             if let Err(e) = pool.warm().await {
                 tracing::warn!(function = %d.name, "failed to start minWorkers: {e}");
             }
-            Ok(None)
+            Ok(pool as FunctionHandle)
         })
     }
 
-    fn invoke<'a>(
-        &'a self,
-        namespace: &'a str,
-        name: &'a str,
-        context: &'a RawValue,
-        payload: &'a RawValue,
-        deadline: Instant,
-    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
-        Box::pin(async move {
-            let pool = self
-                .pool(namespace, name)
-                .ok_or_else(|| InvokeError::NotDeployed {
-                    namespace: namespace.to_string(),
-                    name: name.to_string(),
-                })?;
-            Ok(pool.call(context, payload, deadline).await?)
-        })
+    fn function(&self, namespace: &str, name: &str) -> Option<FunctionHandle> {
+        self.pool(namespace, name).map(|p| p as FunctionHandle)
     }
 
     fn remove_function<'a>(&'a self, namespace: &'a str, name: &'a str) -> BoxFuture<'a, ()> {

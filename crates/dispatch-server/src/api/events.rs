@@ -16,7 +16,7 @@ use dispatch_core::Kind;
 use dispatch_core::events::{CloudEvent, DeliveryStats, StoredEvent};
 use dispatch_store::Redeliver;
 
-use super::check_namespace;
+use super::{ListQuery, check_namespace};
 use crate::error::{ApiError, body_rejection, parse_json};
 use crate::state::AppState;
 
@@ -109,7 +109,8 @@ pub async fn ingest(
                 Ok(r) => out.push(r),
                 // Refused part-way (back-pressure, disk): say which were stored, so that the
                 // producer resends from the first refused one.
-                Err(mut err) if i > 0 => {
+                Err(err) if i > 0 => {
+                    let mut err = ApiError::from(err);
                     err.message = format!(
                         "events 0..{i} of the batch were accepted (ids {}); event {i} and the rest \
                          were not: {}",
@@ -121,7 +122,7 @@ pub async fn ingest(
                     );
                     return Err(err);
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(err.into()),
             }
         }
         return Ok((StatusCode::ACCEPTED, Json(out)).into_response());
@@ -142,26 +143,12 @@ pub async fn ingest(
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<StoredEvent>>, ApiError> {
     check_namespace(&ns)?;
-    let t = q.get("type").cloned();
-    let limit = match q.get("limit") {
-        Some(l) => l.parse::<usize>().map_err(|_| {
-            ApiError::bad_request(format!("limit {l:?} is not a number: use ?limit=100"))
-        })?,
-        None => 100,
-    }
-    .min(10_000);
-    let undelivered = match q.get("undelivered").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") | Some("") => true,
-        Some(v) => {
-            return Err(ApiError::bad_request(format!(
-                "undelivered={v:?}: use true or false"
-            )));
-        }
-    };
+    let limit = q.limit()?.unwrap_or(100);
+    let undelivered = ListQuery::flag("undelivered", q.undelivered.as_deref())?;
+    let t = q.event_type;
     Ok(Json(
         state
             .db(move |s| s.list_events(&ns, t.as_deref(), undelivered, limit))

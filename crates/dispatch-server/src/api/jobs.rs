@@ -2,7 +2,6 @@
 //! `/execute/{name}` for the default namespace), on the API and the gateway; and
 //! `/v1/namespaces/{ns}/jobexecutions[/{uuid}[/logs]]` (DELETE = cancel).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -13,7 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dispatch_core::{JobExecution, Logs};
 
-use super::check_namespace;
+use super::{ListQuery, check_namespace};
 use crate::error::{ApiError, body_rejection};
 use crate::state::AppState;
 
@@ -72,15 +71,11 @@ async fn run(
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<JobExecution>>, ApiError> {
     check_namespace(&ns)?;
-    let template = q.get("template").cloned();
-    let limit = q
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(100usize)
-        .min(10_000);
+    let limit = q.limit()?.unwrap_or(100);
+    let template = q.template;
     Ok(Json(
         state
             .db(move |s| s.list_jobs(&ns, template.as_deref(), limit))
@@ -125,5 +120,5 @@ pub async fn cancel(
     Path((ns, uuid)): Path<(String, String)>,
 ) -> Result<Json<JobExecution>, ApiError> {
     check_namespace(&ns)?;
-    crate::jobs::cancel(&state, &ns, &uuid).await.map(Json)
+    Ok(Json(crate::jobs::cancel(&state, &ns, &uuid).await?))
 }

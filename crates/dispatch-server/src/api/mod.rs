@@ -280,6 +280,63 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     }
 }
 
+/// The query string of the list handlers, parsed once (`?limit=&l=&function=…`); each list
+/// reads the filters it takes and ignores the rest. `limit` and flags are checked here, so
+/// every list refuses a bad one alike (400, our error shape).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ListQuery {
+    /// At most this many items, 1 to [`MAX_LIST_LIMIT`].
+    pub limit: Option<String>,
+    /// Label selector: `l=team=web,tier=api` (every pair must match).
+    pub l: Option<String>,
+    /// Events: of this type.
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    /// Events: only those with deliveries not done (`true`, `false`, or bare).
+    pub undelivered: Option<String>,
+    /// Job executions: of this template.
+    pub template: Option<String>,
+    /// Runs: of this function; in this status.
+    pub function: Option<String>,
+    pub status: Option<String>,
+    /// Runs: after this run id (the last of the previous page); in this time range.
+    pub after: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+}
+
+/// The largest `?limit=` a list takes.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+impl ListQuery {
+    /// `?limit=` (none: `None`), refused unless a number from 1 to [`MAX_LIST_LIMIT`].
+    pub fn limit(&self) -> Result<Option<usize>, ApiError> {
+        let Some(l) = &self.limit else {
+            return Ok(None);
+        };
+        l.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "limit {l:?} is not a number from 1 to {MAX_LIST_LIMIT}: use ?limit=100"
+                ))
+            })
+    }
+
+    /// A flag such as `?undelivered`: absent or `false` is false; bare or `true` is true.
+    pub fn flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+        match value {
+            None | Some("false") => Ok(false),
+            Some("true") | Some("") => Ok(true),
+            Some(v) => Err(ApiError::bad_request(format!(
+                "{name}={v:?}: use true or false"
+            ))),
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct GcQuery {
     /// Keep anything touched within this long (default 1h): `?grace=0s` collects everything
@@ -295,7 +352,7 @@ async fn gc(
         Some(g) => dispatch_core::duration::parse_duration(&g)?,
         None => crate::gc::DEFAULT_GRACE,
     };
-    crate::gc::collect(&state, grace).await.map(axum::Json)
+    Ok(axum::Json(crate::gc::collect(&state, grace).await?))
 }
 
 async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {

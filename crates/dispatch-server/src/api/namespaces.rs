@@ -88,7 +88,7 @@ fn view(
 
 /// What every namespace's run records take.
 async fn usage(state: &AppState) -> Result<Vec<dispatch_store::RunUsage>, ApiError> {
-    state.run_usage().await
+    Ok(state.run_usage().await?)
 }
 
 pub async fn list(

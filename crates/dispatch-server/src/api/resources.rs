@@ -39,7 +39,7 @@ fn not_found(ns: &str, kind: Kind, name: &str) -> ApiError {
 }
 
 /// `?l=team=web,tier=api`: every pair must match.
-fn matches_labels(o: &Object, selector: Option<&String>) -> bool {
+fn matches_labels(o: &Object, selector: Option<&str>) -> bool {
     let Some(sel) = selector else { return true };
     sel.split(',').filter(|p| !p.is_empty()).all(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -50,7 +50,7 @@ fn matches_labels(o: &Object, selector: Option<&String>) -> bool {
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Path((ns, kind)): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<super::ListQuery>,
 ) -> Result<Json<Vec<Object>>, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
@@ -64,7 +64,7 @@ pub async fn list(
         );
         items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
-    items.retain(|o| matches_labels(o, q.get("l")));
+    items.retain(|o| matches_labels(o, q.l.as_deref()));
     for o in &mut items {
         hide_secret(o);
     }
@@ -260,7 +260,7 @@ async fn replace(
         )));
     }
     if builtin_base_image(ns, name).is_some() && kind == Kind::BaseImage {
-        return Err(builtin(name));
+        return Err(builtin(name).into());
     }
     let mut obj = admit(state, ns, kind, obj).await?;
     if dry_run {
@@ -327,7 +327,7 @@ pub async fn delete(
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
     if kind == Kind::BaseImage && builtin_base_image(&ns, &name).is_some() {
-        return Err(builtin(&name));
+        return Err(builtin(&name).into());
     }
     // Anything that still names it (a function: endpoints, subscriptions, event drivers).
     for by in kind.referrers() {
@@ -399,8 +399,10 @@ pub(crate) async fn changed_elsewhere(
                 match state.res(move |s| s.update(normal)).await {
                     Ok(o) => stored = o,
                     // Changed again meanwhile: that change comes next.
-                    Err(e) if e.status == StatusCode::CONFLICT => return Ok(()),
-                    Err(e) => return Err(e),
+                    Err(crate::state::StateError::Store(
+                        dispatch_store::StoreError::Conflict { .. },
+                    )) => return Ok(()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             Ok(()) => {}

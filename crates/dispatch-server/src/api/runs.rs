@@ -1,6 +1,5 @@
 //! Source upload, sync exec and run records.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -15,7 +14,7 @@ use dispatch_store::RunFilter;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{MAX_EXEC_BODY, MAX_SOURCE_BYTES, check_namespace};
+use super::{ListQuery, MAX_EXEC_BODY, MAX_SOURCE_BYTES, check_namespace};
 use crate::error::{ApiError, body_rejection, parse_json};
 use crate::invoke::{self, Invocation};
 use crate::queue;
@@ -115,7 +114,7 @@ pub async fn exec(
     }
     if q.wait == Some(false) {
         if payload.get().len() > dispatch_core::MAX_PAYLOAD_BYTES {
-            return Err(invoke::payload_too_large());
+            return Err(invoke::CallError::PayloadTooLarge.into());
         }
         let inv = Invocation::new(&ns, &name, payload, Trigger::Exec).callback(callback_url);
         let run = queue::enqueue(&state, inv).await?;
@@ -169,7 +168,7 @@ pub async fn cancel(
     Path((ns, id)): Path<(String, String)>,
 ) -> Result<Json<Run>, ApiError> {
     check_namespace(&ns)?;
-    queue::cancel(&state, &ns, &id).await.map(Json)
+    Ok(Json(queue::cancel(&state, &ns, &id).await?))
 }
 
 /// `POST …/runs/{id}/redrive`: re-queue a DEAD run.
@@ -178,18 +177,18 @@ pub async fn redrive_one(
     Path((ns, id)): Path<(String, String)>,
 ) -> Result<Json<Run>, ApiError> {
     let run = find_run(&state, ns, id).await?;
-    queue::redrive(&state, run).await.map(Json)
+    Ok(Json(queue::redrive(&state, run).await?))
 }
 
 /// `POST …/runs/redrive?function=F`: re-queue every DEAD run (of a function).
 pub async fn redrive_all(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_namespace(&ns)?;
     let filter = RunFilter {
-        function: q.get("function").cloned(),
+        function: q.function,
         status: Some(RunStatus::Dead),
         limit: Some(100_000),
         ..Default::default()
@@ -206,22 +205,22 @@ pub async fn redrive_all(
 pub async fn purge(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_namespace(&ns)?;
-    let status = parse_status(q.get("status"))?;
+    let status = parse_status(q.status.as_deref())?;
     if status.is_some_and(|s| !s.is_final()) {
         return Err(ApiError::bad_request(
             "only finished runs are purged: cancel queued or running runs first",
         ));
     }
-    let function = q.get("function").cloned();
+    let function = q.function;
     state.recorder.flush().await;
     let n = state.purge_runs(&ns, function, status).await?;
     Ok(Json(serde_json::json!({"deleted": n})))
 }
 
-fn parse_status(s: Option<&String>) -> Result<Option<RunStatus>, ApiError> {
+fn parse_status(s: Option<&str>) -> Result<Option<RunStatus>, ApiError> {
     match s {
         None => Ok(None),
         Some(s) => RunStatus::parse(s).map(Some).ok_or_else(|| {
@@ -240,36 +239,33 @@ fn parse_status(s: Option<&String>) -> Result<Option<RunStatus>, ApiError> {
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<Run>>, ApiError> {
     check_namespace(&ns)?;
-    let status = parse_status(q.get("status"))?;
-    let limit = match q.get("limit") {
-        None => None,
-        Some(l) => Some(
-            l.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=10_000).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!("limit {l:?} is not a number from 1 to 10000"))
-                })?,
-        ),
-    };
-    let after = match q.get("after") {
-        Some(a) if ulid::Ulid::from_string(a).is_err() => {
-            return Err(ApiError::bad_request(format!(
-                "after {a:?} is not a run id: pass the id of the last run of the previous page"
-            )));
-        }
-        a => a.cloned(),
-    };
+    let status = parse_status(q.status.as_deref())?;
+    let limit = q.limit()?;
+    if let Some(a) = &q.after
+        && ulid::Ulid::from_string(a).is_err()
+    {
+        return Err(ApiError::bad_request(format!(
+            "after {a:?} is not a run id: pass the id of the last run of the previous page"
+        )));
+    }
     let filter = RunFilter {
-        function: q.get("function").cloned(),
+        since: q
+            .since
+            .as_deref()
+            .map(|t| parse_time("since", t))
+            .transpose()?,
+        until: q
+            .until
+            .as_deref()
+            .map(|t| parse_time("until", t))
+            .transpose()?,
+        function: q.function,
         status,
         limit,
-        after,
-        since: q.get("since").map(|t| parse_time("since", t)).transpose()?,
-        until: q.get("until").map(|t| parse_time("until", t)).transpose()?,
+        after: q.after,
     };
     state.recorder.flush().await;
     Ok(Json(state.list_runs(&ns, filter).await?))

@@ -111,7 +111,7 @@ async fn consume_partition(
     let stored = state
         .db(move |s| s.driver_cursor(&n, &d, &k))
         .await
-        .map_err(|e| e.message)?;
+        .map_err(|e| e.to_string())?;
     let mut offset = match stored {
         Some(o) => o,
         None => {
@@ -142,7 +142,7 @@ async fn consume_partition(
             state
                 .db(move |s| s.set_driver_cursor(&n, &d, &k, offset))
                 .await
-                .map_err(|e| format!("storing the offset of {topic}/{partition}: {}", e.message))?;
+                .map_err(|e| format!("storing the offset of {topic}/{partition}: {e}"))?;
         }
     }
 }

@@ -18,7 +18,7 @@ use dispatch_core::{Kind, Phase, Status};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::error::ApiError;
+use crate::events::EventError;
 use crate::events::Fire;
 use crate::state::AppState;
 
@@ -75,7 +75,7 @@ async fn handle(
     channel: &str,
     payload: &[u8],
     id: Option<String>,
-) -> Result<(), ApiError> {
+) -> Result<(), EventError> {
     let data = serde_json::from_slice::<serde_json::Value>(payload).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
     });
@@ -100,8 +100,8 @@ async fn handle(
 
 /// A refusal that passes (back-pressure, a short disk, a store hiccup): the message is
 /// offered again; any other (too large, say) never passes.
-fn passes(e: &ApiError) -> bool {
-    matches!(e.status.as_u16(), 429 | 503 | 507) || e.status.is_server_error()
+fn passes(e: &EventError) -> bool {
+    e.is_transient()
 }
 
 /// Offers a message until it is accepted (stored with its deliveries): back-pressure pauses
@@ -122,12 +122,12 @@ async fn offer(
         match handle(state, ns, name, spec, channel, payload, Some(id.clone())).await {
             Ok(()) => return true,
             Err(e) if passes(&e) => {
-                tracing::debug!(driver = %name, "message from {channel} waits: {}", e.message);
+                tracing::debug!(driver = %name, "message from {channel} waits: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             Err(e) => {
-                tracing::warn!(driver = %name, "message from {channel} refused: {}", e.message);
+                tracing::warn!(driver = %name, "message from {channel} refused: {e}");
                 return false;
             }
         }

@@ -181,14 +181,14 @@ async fn run_jetstream(
                     .map_err(|e| format!("acknowledging {stream} #{seq}: {e}"))?;
             }
             Err(e) if passes(&e) => {
-                tracing::debug!(driver = %name, "JetStream message {seq} waits: {}", e.message);
+                tracing::debug!(driver = %name, "JetStream message {seq} waits: {}", e);
                 m.ack_with(AckKind::Nak(Some(backoff)))
                     .await
                     .map_err(|e| format!("nak of {stream} #{seq}: {e}"))?;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             Err(e) => {
-                tracing::warn!(driver = %name, "JetStream message {seq} refused: {}", e.message);
+                tracing::warn!(driver = %name, "JetStream message {seq} refused: {}", e);
                 m.ack_with(AckKind::Term)
                     .await
                     .map_err(|e| format!("terminating {stream} #{seq}: {e}"))?;

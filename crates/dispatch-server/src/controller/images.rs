@@ -12,8 +12,8 @@ use dispatch_core::{
 };
 use dispatch_runtime::{BaseImageCheck, ImageBuild, Progress};
 
+use super::ReconcileError;
 use super::{Key, dependents, mark_creating, set_status, status};
-use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The language and interpreter of a base image spec.
@@ -25,7 +25,10 @@ pub fn base_check(spec: &BaseImageSpec) -> BaseImageCheck {
     }
 }
 
-pub(super) async fn reconcile_base_image(state: &AppState, key: &Key) -> Result<(), ApiError> {
+pub(super) async fn reconcile_base_image(
+    state: &AppState,
+    key: &Key,
+) -> Result<(), ReconcileError> {
     let Some(o) = state
         .get(&key.namespace, Kind::BaseImage, &key.name)
         .await?
@@ -82,7 +85,7 @@ pub(super) async fn image_base(
     state: &AppState,
     ns: &str,
     spec: &ImageSpec,
-) -> Result<Result<(Object, BaseImageSpec), String>, ApiError> {
+) -> Result<Result<(Object, BaseImageSpec), String>, ReconcileError> {
     let Some(base) = state.get(ns, Kind::BaseImage, &spec.base_image).await? else {
         return Ok(Err(format!(
             "base image {:?} not found in namespace {ns:?}",
@@ -95,7 +98,7 @@ pub(super) async fn image_base(
     }
 }
 
-pub(super) async fn reconcile_image(state: &AppState, key: &Key) -> Result<(), ApiError> {
+pub(super) async fn reconcile_image(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     let Some(o) = state.get(&key.namespace, Kind::Image, &key.name).await? else {
         return Ok(());
     };
@@ -114,7 +117,7 @@ pub(super) async fn reconcile_image(state: &AppState, key: &Key) -> Result<(), A
 }
 
 /// The new status of an image, or `None` while it waits for its base image.
-async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, ApiError> {
+async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, ReconcileError> {
     let spec: ImageSpec = match o.typed_spec() {
         Ok(s) => s,
         Err(e) => return Ok(Some(status(Phase::Error, e.message, None, o))),

@@ -15,7 +15,17 @@ use dispatch_runtime::FunctionDeploy;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::error::ApiError;
+use crate::state::StateError;
+
+/// Why a reconcile did not finish (it is retried with back-off). What is wrong with the
+/// object itself goes into its status instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Invalid(#[from] dispatch_core::ValidationError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 use crate::state::{AppState, Deployed};
 
 mod images;
@@ -116,13 +126,13 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
         Kind::Subscription | Kind::EventDriver => reconcile_event_object(&state, &key).await,
     };
     if let Err(e) = res {
-        tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {}", e.message);
+        tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {e}");
     }
     key
 }
 
 /// Writes a status unless it is already the stored one; a deleted object is not an error.
-async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), ApiError> {
+async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), ReconcileError> {
     if o.status == status {
         return Ok(());
     }
@@ -134,7 +144,8 @@ async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), 
             Err(dispatch_store::StoreError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         })
-        .await
+        .await?;
+    Ok(())
 }
 
 fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &Object) -> Status {
@@ -149,7 +160,7 @@ fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &O
 }
 
 /// Sets the phase to CREATING (keeping the old digest) unless the object is already there.
-async fn mark_creating(state: &AppState, o: &Object, reason: &str) -> Result<(), ApiError> {
+async fn mark_creating(state: &AppState, o: &Object, reason: &str) -> Result<(), ReconcileError> {
     let s = status(Phase::Creating, reason, o.status.digest.clone(), o);
     set_status(state, o, s).await
 }
@@ -160,7 +171,7 @@ async fn dependents(
     kind: Kind,
     of: Kind,
     name: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), ReconcileError> {
     let nsc = ns.to_string();
     for o in state.res(move |s| s.list(Some(&nsc), kind)).await? {
         if o.refers_to(of, name) {
@@ -170,7 +181,7 @@ async fn dependents(
     Ok(())
 }
 
-async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError> {
+async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     let Some(o) = state.get(&key.namespace, Kind::Function, &key.name).await? else {
         state.set_deployed(&key.namespace, &key.name, None);
         state
@@ -255,7 +266,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         Ok(Err(e)) => {
             return set_status(state, &o, fail(format!("source archive unreadable: {e}"))).await;
         }
-        Err(e) => return Err(ApiError::internal("reading a source archive", &e)),
+        Err(e) => return Err(StateError::internal("reading a source archive", e).into()),
     };
     let deploy = FunctionDeploy {
         namespace: o.namespace().to_string(),
@@ -273,18 +284,17 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
         min_workers: spec.min_workers(),
         idle_timeout,
         preload: image_spec.preload.clone(),
-        limits: spec
-            .resources
-            .limits()
-            .map_err(|e| ApiError::bad_request(e.message))?,
+        limits: spec.resources.limits()?,
         network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
     };
     match state.backend.deploy_function(deploy).await {
-        Ok(image) => {
+        Ok(handle) => {
+            let image = handle.image().map(str::to_string);
             state.set_deployed(
                 o.namespace(),
                 o.name(),
                 Some(Deployed {
+                    handle,
                     secrets: Arc::new(secrets),
                     digest: d.clone(),
                     timeout,
@@ -303,7 +313,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ApiError>
     }
 }
 
-async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ApiError> {
+async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     let o = state.get(&key.namespace, Kind::Endpoint, &key.name).await?;
     state.set_route(&key.namespace, &key.name, o.as_ref());
     let Some(o) = o else {
@@ -332,7 +342,7 @@ async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ApiError>
 }
 
 /// Job templates need no build: valid (checked when stored) means READY.
-async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), ApiError> {
+async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     let Some(o) = state
         .get(&key.namespace, Kind::JobTemplate, &key.name)
         .await?
@@ -350,7 +360,7 @@ async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), ApiEr
 }
 
 /// Secrets need no build; a change re-reads them into the functions that use them.
-async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ApiError> {
+async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     if let Some(o) = state.get(&key.namespace, Kind::Secret, &key.name).await? {
         set_status(state, &o, status(Phase::Ready, "", None, &o)).await?;
     }
@@ -366,7 +376,7 @@ async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ApiError> {
 
 /// Subscriptions and event drivers need no build: valid means READY; the event index and the
 /// cron scheduler pick them up.
-async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), ApiError> {
+async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     crate::events::rebuild(state).await?;
     if let Some(o) = state.get(&key.namespace, key.kind, &key.name).await? {
         let broker = o.kind == Kind::EventDriver

@@ -21,19 +21,52 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use dispatch_core::Run;
+use dispatch_core::{Run, RunStatus};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 pub use dispatch_core::run::{FunctionQueue, Refused};
 pub use runs::{admit, after_failure, cancel, enqueue, recover, redrive};
 
+/// Why the queue refuses a run or a change to one.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// A bound is reached (function, namespace, bytes); retry later.
+    #[error("{0}")]
+    Full(String),
+    #[error("function {function:?} not found in namespace {namespace:?}")]
+    FunctionNotFound { namespace: String, function: String },
+    #[error(
+        "async payloads are limited to {} (--max-async-payload) and this one is {}: call \
+         synchronously, or store the data elsewhere and pass a reference",
+        runs::human(*limit),
+        runs::human(*size)
+    )]
+    PayloadTooLarge { limit: u64, size: u64 },
+    #[error("run {id:?} not found in namespace {namespace:?}")]
+    RunNotFound { namespace: String, id: String },
+    #[error("run {id:?} already finished ({status}): nothing to cancel")]
+    Finished { id: String, status: RunStatus },
+    #[error(
+        "run {id:?} is {status} and not in the queue (a sync run, or one finishing now): it \
+         cannot be cancelled"
+    )]
+    NotCancellable { id: String, status: RunStatus },
+    #[error("run {id:?} is {status}, not DEAD: only dead runs are redriven")]
+    NotDead { id: String, status: RunStatus },
+    /// The store refused the run (the reason is in the server log).
+    #[error("failed to store the run: see the server log")]
+    NotStored,
+    #[error(transparent)]
+    Invalid(#[from] dispatch_core::ValidationError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+}
+
 mod runs;
 use runs::{NOT_READY_DELAY, human, run_one, stored_retry};
 
 use crate::clock::Clock;
-use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Namespace and function.
@@ -253,7 +286,7 @@ impl Queue {
         key: &FnKey,
         bytes: u64,
         max_queued: Option<usize>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), QueueError> {
         let b = self.bounds;
         let per_function = max_queued.unwrap_or(b.per_function);
         let mut s = self.sched();
@@ -298,10 +331,7 @@ impl Queue {
                 1 => r.namespace_full += 1,
                 _ => r.namespace_bytes_full += 1,
             }
-            return Err(
-                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "QueueFull", message)
-                    .with_retry_after(5),
-            );
+            return Err(QueueError::Full(message));
         }
         s.activate(id, key, bytes);
         Ok(())

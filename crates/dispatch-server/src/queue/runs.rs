@@ -8,17 +8,15 @@ use std::hash::Hasher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use dispatch_core::{
     AttemptError, Callback, CallbackState, ErrorObject, ErrorType, FunctionSpec, Kind, Retry, Run,
     RunStatus,
 };
 use dispatch_runtime::InvokeError;
 
-use super::{Cancelled, Queue};
+use super::{Cancelled, Queue, QueueError};
 use crate::clock::Clock;
-use crate::error::ApiError;
-use crate::invoke::{Invocation, apply_outcome, call_backend};
+use crate::invoke::{Invocation, apply_outcome, call_deployed};
 use crate::state::AppState;
 
 /// How long a run waits before it is looked at again when its function cannot take it now
@@ -71,7 +69,7 @@ pub(super) async fn stored_retry(
     state: &AppState,
     ns: &str,
     name: &str,
-) -> Result<Option<Retry>, ApiError> {
+) -> Result<Option<Retry>, QueueError> {
     let Some(f) = state.get(ns, Kind::Function, name).await? else {
         return Ok(None);
     };
@@ -85,7 +83,7 @@ async fn get_run(state: &AppState, ns: &str, id: &str) -> Option<Run> {
     match state.db(move |s| s.get_run(&ns, &id)).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!("failed to read a run: {}", e.message);
+            tracing::error!("failed to read a run: {e}");
             None
         }
     }
@@ -192,7 +190,7 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         }
         return;
     }
-    let outcome = call_backend(&state, &deployed, &run, run.http_context.as_ref()).await;
+    let outcome = call_deployed(&deployed, &run, run.http_context.as_ref()).await;
     // Claim the end of the attempt; a cancel that came first owns the record.
     slot.2 = false;
     if !q.finish(&id) {
@@ -252,7 +250,7 @@ async fn not_deployed(state: &Arc<AppState>, run: Run) {
             }
         }
         Err(e) => {
-            tracing::warn!("async run {}: {}", run.id, e.message);
+            tracing::warn!("async run {}: {e}", run.id);
             requeue_later(state, run, NOT_READY_DELAY).await;
         }
     }
@@ -275,31 +273,22 @@ async fn expire(state: &Arc<AppState>, mut run: Run, retry: &Retry) {
 
 /// Accepts an invocation for later: admitted to the queue's bounds, stored durably, then
 /// pushed to the scheduler. Refused as [`admit`] says, or when the store refuses it.
-pub async fn enqueue(state: &Arc<AppState>, inv: Invocation) -> Result<Run, ApiError> {
+pub async fn enqueue(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueError> {
     let run = admit(state, inv).await?;
     if !state.recorder.record_durable(run.clone()).await {
         state.queue.retire(&run.id);
         // Refused for want of space: say so (507), not "internal".
         state.disk_admits("async runs", 0).await?;
-        return Err(run_not_stored());
+        return Err(QueueError::NotStored);
     }
     state.queue.push(&run);
     Ok(run)
 }
 
-/// A run the store refused (the reason is in the server log).
-fn run_not_stored() -> ApiError {
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "Internal",
-        "failed to store the run: see the server log",
-    )
-}
-
 /// A new async run admitted to the queue's bounds (it counts from here) and not stored yet:
 /// the caller stores it and then [`Queue::push`]es it, or [`Queue::retire`]s it. Refused
 /// with 404 (no such function), 413 (payload), 507 (disk) or 429 (`QueueFull`).
-pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, ApiError> {
+pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueError> {
     let Invocation {
         namespace,
         function,
@@ -314,9 +303,10 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, ApiErr
         Some(d) => (d.callback_url.clone(), d.max_queued),
         None => {
             let Some(f) = state.get(ns, Kind::Function, function).await? else {
-                return Err(ApiError::not_found(format!(
-                    "function {function:?} not found in namespace {ns:?}"
-                )));
+                return Err(QueueError::FunctionNotFound {
+                    namespace: ns.to_string(),
+                    function: function.to_string(),
+                });
             };
             let spec = f.typed_spec::<FunctionSpec>()?;
             (spec.callback_url, spec.max_queued.map(|n| n as usize))
@@ -324,12 +314,10 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, ApiErr
     };
     let max_payload = state.config.max_async_payload;
     if payload.get().len() > max_payload {
-        return Err(ApiError::too_large(format!(
-            "async payloads are limited to {} (--max-async-payload) and this one is {}: call \
-             synchronously, or store the data elsewhere and pass a reference",
-            human(max_payload as u64),
-            human(payload.get().len() as u64)
-        )));
+        return Err(QueueError::PayloadTooLarge {
+            limit: max_payload as u64,
+            size: payload.get().len() as u64,
+        });
     }
     state
         .disk_admits("async runs", payload.get().len() as u64)
@@ -357,12 +345,13 @@ pub(super) fn human(bytes: u64) -> String {
 }
 
 /// Cancels a run: a waiting one will not run, a running one's attempt is killed.
-pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, ApiError> {
+pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, QueueError> {
     // A sync call's record sits in the history store: found there, it is refused below.
     let Some(mut run) = state.get_run(ns, id).await? else {
-        return Err(ApiError::not_found(format!(
-            "run {id:?} not found in namespace {ns:?}"
-        )));
+        return Err(QueueError::RunNotFound {
+            namespace: ns.to_string(),
+            id: id.to_string(),
+        });
     };
     match state.queue.cancel(id) {
         Cancelled::Waiting | Cancelled::Running => {
@@ -377,28 +366,24 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, Ap
             finalize(state, run.clone()).await;
             Ok(run)
         }
-        Cancelled::NotActive if run.status.is_final() => Err(ApiError::conflict(format!(
-            "run {id:?} already finished ({}): nothing to cancel",
-            run.status
-        ))),
-        Cancelled::NotActive => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "NotCancellable",
-            format!(
-                "run {id:?} is {} and not in the queue (a sync run, or one finishing now): it cannot be cancelled",
-                run.status
-            ),
-        )),
+        Cancelled::NotActive if run.status.is_final() => Err(QueueError::Finished {
+            id: id.to_string(),
+            status: run.status,
+        }),
+        Cancelled::NotActive => Err(QueueError::NotCancellable {
+            id: id.to_string(),
+            status: run.status,
+        }),
     }
 }
 
 /// Re-queues a DEAD run: attempts start again, earlier errors are kept.
-pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, ApiError> {
+pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, QueueError> {
     if run.status != RunStatus::Dead {
-        return Err(ApiError::conflict(format!(
-            "run {:?} is {}, not DEAD: only dead runs are redriven",
-            run.id, run.status
-        )));
+        return Err(QueueError::NotDead {
+            id: run.id,
+            status: run.status,
+        });
     }
     run.status = RunStatus::Queued;
     run.attempts = 0;
@@ -412,7 +397,7 @@ pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, ApiErro
         cb.last_error = None;
     }
     if !save(state, &run).await {
-        return Err(run_not_stored());
+        return Err(QueueError::NotStored);
     }
     state.queue.push(&run);
     Ok(run)
@@ -424,7 +409,7 @@ pub async fn recover(state: &Arc<AppState>) {
     let active = match state.db(|s| s.active_runs()).await {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!("failed to load the queue: {}", e.message);
+            tracing::error!("failed to load the queue: {e}");
             return;
         }
     };

@@ -1,13 +1,13 @@
 //! A fake [`Backend`]: deploys anything (or nothing), answers every call with a FunctionError,
 //! and times the calls. For tests that drive the queue and the scheduler with paused time.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatch_core::{Envelope, ErrorObject, Logs};
 use dispatch_runtime::backend::{
-    Backend, BaseImageCheck, BoxFuture, BuildError, FunctionDeploy, GcKeep, ImageBuild,
-    InvokeError, Removed,
+    Backend, BaseImageCheck, BoxFuture, BuildError, DeployedFunction, FunctionDeploy,
+    FunctionHandle, GcKeep, ImageBuild, InvokeError, Removed,
 };
 use dispatch_runtime::{CallOutcome, Progress};
 use serde_json::value::RawValue;
@@ -18,7 +18,7 @@ use tokio::time::Instant;
 #[derive(Default)]
 pub struct FakeBackend {
     pub deploy_fails: bool,
-    pub calls: Mutex<Vec<Instant>>,
+    pub calls: Arc<Mutex<Vec<Instant>>>,
     /// Leadership as a Kubernetes Lease would report it; `None`: always the leader.
     pub leader: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -53,20 +53,40 @@ impl Backend for FakeBackend {
     fn deploy_function(
         &self,
         _: FunctionDeploy,
-    ) -> BoxFuture<'_, Result<Option<String>, BuildError>> {
+    ) -> BoxFuture<'_, Result<FunctionHandle, BuildError>> {
         let fails = self.deploy_fails;
+        let handle = self.function("", "");
         Box::pin(async move {
-            if fails {
-                Err(BuildError::Unsupported("this fake never deploys".into()))
-            } else {
-                Ok(None)
+            match handle {
+                Some(h) if !fails => Ok(h),
+                _ => Err(BuildError::Unsupported("this fake never deploys".into())),
             }
         })
     }
+    fn function(&self, _: &str, _: &str) -> Option<FunctionHandle> {
+        Some(Arc::new(FakeFunction {
+            calls: self.calls.clone(),
+        }))
+    }
+    fn remove_function<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.leader.clone()
+    }
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Every deployed function of the fake: fails each call, timed.
+struct FakeFunction {
+    calls: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl DeployedFunction for FakeFunction {
     fn invoke<'a>(
         &'a self,
-        _: &'a str,
-        _: &'a str,
         _: &'a RawValue,
         _: &'a RawValue,
         _: std::time::Instant,
@@ -81,14 +101,5 @@ impl Backend for FakeBackend {
                 timed_out: false,
             })
         })
-    }
-    fn remove_function<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async {})
-    }
-    fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
-        self.leader.clone()
-    }
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
     }
 }
