@@ -1,4 +1,4 @@
-//! Function images for Kubernetes (issue 9 §3): the function's base image (a language runtime
+//! Function images for Kubernetes: the function's base image (a language runtime
 //! from any registry) plus four layers, pushed to the cluster's registry under the function's
 //! content digest:
 //!

@@ -1,4 +1,4 @@
-//! Leader election with a `coordination.k8s.io/v1` Lease (issue 9 §7): of the servers of
+//! Leader election with a `coordination.k8s.io/v1` Lease: of the servers of
 //! one installation, only the holder of the Lease runs the cron scheduler, so that a fire
 //! happens once however many servers run. A server takes the Lease when it is free or its
 //! holder stopped renewing it for `duration`, renews it every `renew_every`, and stops

@@ -356,11 +356,8 @@ async fn external_changes(
 ) {
     while let Some(change) = changes.recv().await {
         let what = format!("{} {:?}", change.kind.human(), change.name);
-        if let Err(e) = crate::api::resources::changed_elsewhere(&state, change).await {
-            tracing::error!(
-                "failed to take in a change to {what} made outside this server: {}",
-                e.message
-            );
+        if let Err(e) = crate::resources::changed_elsewhere(&state, change).await {
+            tracing::error!("failed to take in a change to {what} made outside this server: {e}");
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Event deliveries that wait (DESIGN §6, issue 27). An event is accepted (202) only once it
+//! Event deliveries that wait (DESIGN §6). An event is accepted (202) only once it
 //! is stored with one delivery per matching subscription, in one transaction: a queued run,
 //! or a pending delivery when its function's queue has no room (or a delivery of the same
 //! subscription already waits: arrival order). This module moves the pending ones along:

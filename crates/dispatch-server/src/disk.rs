@@ -1,8 +1,9 @@
 //! The data dir's free space: below a reserve (`--min-free-disk`, default 5 % of its file
 //! system, at most 1 GiB) new work is refused with 507 `InsufficientStorage`, so that the
 //! space left goes to finishing what was already accepted — an accepted run's later states
-//! (RUNNING, SUCCEEDED) need room too, and losing them would lose the run (issue 28's
-//! fault matrix: a full disk once lost an accepted run and failed every write after).
+//! (RUNNING, SUCCEEDED) need room too, and losing them would lose the run (in the fault matrix
+//! of `dispatch bench faults` a full disk once lost an accepted run and failed every write
+//! after).
 //!
 //! The free space is read with `statvfs` on each admission (a microsecond); when it is
 //! short, the store's own free pages (retention frees pages SQLite reuses before it gives

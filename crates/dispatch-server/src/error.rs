@@ -18,6 +18,7 @@ use crate::events::EventError;
 use crate::invoke::CallError;
 use crate::jobs::JobError;
 use crate::queue::QueueError;
+use crate::resources::ResourceError;
 use crate::state::StateError;
 
 #[derive(Debug, Clone)]
@@ -245,6 +246,18 @@ impl From<JobError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "RenderError", e.to_string())
             }
             JobError::Ended { .. } | JobError::Ending(_) => ApiError::conflict(e.to_string()),
+        }
+    }
+}
+
+impl From<ResourceError> for ApiError {
+    fn from(e: ResourceError) -> Self {
+        match e {
+            ResourceError::Job(e) => e.into(),
+            ResourceError::State(e) => state(&e),
+            ResourceError::InUse { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "InUse", e.to_string())
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod metrics;
 mod options;
 pub mod queue;
 pub mod recorder;
+mod resources;
 pub mod retention;
 pub mod routes;
 pub mod secrets;

@@ -5,7 +5,7 @@
 //! Durable writes (an async run's states, which its caller or the queue waits for) and
 //! flushes come on a channel of their own that the writer serves first: under a sustained
 //! load of sync calls they never wait behind thousands of queued sync records, only behind
-//! the one transaction in flight (issue 26: an enqueue's p99 was ~100 ms at 15k calls/s).
+//! the one transaction in flight (an enqueue's p99 was ~100 ms at 15k calls/s).
 //!
 //! Two writers: sync calls' records go to the history store, async runs' to the record
 //! store, each with its own task (and, with a history file of its own, its own connection,

@@ -1,4 +1,4 @@
-//! Run retention (issue 26): finished runs go when they were created longer ago than
+//! Run retention: finished runs go when they were created longer ago than
 //! `--run-retention` (default 7 days), beyond the newest `--runs-per-function` of their function, or beyond
 //! `--run-history-budget` bytes of run records in their namespace (oldest first). QUEUED and
 //! RUNNING runs are never touched.

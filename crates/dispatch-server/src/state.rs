@@ -108,7 +108,7 @@ pub struct NamespaceInfo {
 pub struct Stores {
     pub resources: Arc<dyn ResourceStore>,
     pub records: Arc<dyn RecordStore>,
-    /// Sync calls' run records (issue 26: a file of their own, so that durable writes never
+    /// Sync calls' run records (a file of their own, so that durable writes never
     /// share a write-ahead log with them); the same as `records` when one store holds both.
     pub history: Arc<dyn RecordStore>,
 }

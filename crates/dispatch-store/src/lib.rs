@@ -4,7 +4,7 @@
 //! source archives. On Kubernetes the resources are custom resources (`dispatch-k8s`'s
 //! `CrStore` implements only [`ResourceStore`]); the records stay in SQL. The server keeps
 //! sync calls' history in a [`RecordStore`] of its own (a second SQLite file), so that durable
-//! writes never share a write-ahead log with 10k history records a second (issue 26).
+//! writes never share a write-ahead log with 10k history records a second.
 //!
 //! Both traits are synchronous on purpose: SQLite calls block, so the server runs them on the
 //! blocking pool (`spawn_blocking`), never on an async worker thread. A trait object
@@ -275,7 +275,7 @@ pub trait RecordStore: Send + Sync + 'static {
     /// One step of retention, one short transaction: deletes at most `batch` finished runs
     /// that `rules` no longer keep (oldest first). Fewer than `batch` deleted: nothing more
     /// to do for now. The caller repeats it, yielding in between, so that no prune holds the
-    /// database for long (issue 26).
+    /// database for long.
     fn prune_runs(&self, rules: &Retention, batch: usize) -> Result<u64>;
 
     /// What run records take, per namespace.

@@ -1,4 +1,4 @@
-//! Daemonless OCI images (DESIGN §8, issue 9): layers are built in memory as reproducible
+//! Daemonless OCI images (DESIGN §8): layers are built in memory as reproducible
 //! tar.gz (sorted entries, mtime 0, root-owned), a base image's manifest and config are read
 //! from its registry, the new layers are appended, and blobs, config and manifest are pushed,
 //! each only when the target registry does not have it already. No Docker daemon, no

@@ -15,8 +15,8 @@ use dispatch_core::{Kind, Object};
 use super::check_namespace;
 use crate::admission::{BUILTIN_BASE_IMAGES, admit, builtin, builtin_base_image};
 use crate::auth::Principal;
-use crate::controller::Key;
 use crate::error::{ApiError, parse_json};
+use crate::resources::{check_unused, forget, stored_changed};
 use crate::state::AppState;
 use axum::Extension;
 use dispatch_core::auth::Role;
@@ -276,50 +276,6 @@ async fn replace(
     Ok(stored)
 }
 
-/// After a write: endpoints route at once (the response means the route is live), and the
-/// controller reconciles the resource.
-async fn stored_changed(state: &AppState, stored: &Object) -> Result<(), ApiError> {
-    if stored.kind == Kind::Endpoint {
-        state.set_route(stored.namespace(), stored.name(), Some(stored));
-    }
-    if matches!(stored.kind, Kind::Subscription | Kind::EventDriver) {
-        crate::events::rebuild(state).await?;
-    }
-    state.enqueue(Key::of(stored));
-    Ok(())
-}
-
-/// Names of the resources of `kind` in `ns` whose spec field `field` is `name`.
-/// The `kind` resources of a namespace that name `of` `name`.
-async fn users(
-    state: &AppState,
-    ns: &str,
-    kind: Kind,
-    of: Kind,
-    name: &str,
-) -> Result<Vec<String>, ApiError> {
-    let nsc = ns.to_string();
-    let all = state.res(move |s| s.list(Some(&nsc), kind)).await?;
-    Ok(all
-        .into_iter()
-        .filter(|o| o.refers_to(of, name))
-        .map(|o| o.metadata.name)
-        .collect())
-}
-
-fn in_use(what: Kind, name: &str, by: Kind, users: &[String]) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "InUse",
-        format!(
-            "{} {name:?} is used by {} {}: delete or change them first",
-            what.human(),
-            by.plural(),
-            users.join(", ")
-        ),
-    )
-}
-
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     Path((ns, kind, name)): Path<(String, String, String)>,
@@ -330,98 +286,9 @@ pub async fn delete(
         return Err(builtin(&name).into());
     }
     // Anything that still names it (a function: endpoints, subscriptions, event drivers).
-    for by in kind.referrers() {
-        let u = users(&state, &ns, *by, kind, &name).await?;
-        if !u.is_empty() {
-            return Err(in_use(kind, &name, *by, &u));
-        }
-    }
+    check_unused(&state, &ns, kind, &name).await?;
     let (nsc, namec) = (ns.clone(), name.clone());
     let deleted = state.res(move |s| s.delete(&nsc, kind, &namec)).await?;
     forget(&state, &ns, kind, &name).await?;
     Ok(Json(deleted))
-}
-
-/// After a delete (through the API, or seen by the store's watch): a function stops serving
-/// and its runs go, an endpoint stops routing, a template's executions go, subscriptions and
-/// drivers stop; the controller has the last word.
-pub(crate) async fn forget(
-    state: &Arc<AppState>,
-    ns: &str,
-    kind: Kind,
-    name: &str,
-) -> Result<(), ApiError> {
-    match kind {
-        Kind::Function => {
-            state.set_deployed(ns, name, None);
-            state.queue.forget_function(ns, name);
-            state.backend.remove_function(ns, name).await;
-            state.recorder.flush().await;
-            state.delete_runs_of(ns, name).await?;
-        }
-        Kind::Endpoint => state.set_route(ns, name, None),
-        Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
-        Kind::Subscription => crate::events::rebuild(state).await?,
-        Kind::EventDriver => {
-            let (n, m) = (ns.to_string(), name.to_string());
-            state.db(move |s| s.forget_driver(&n, &m)).await?;
-            crate::events::rebuild(state).await?;
-        }
-        _ => {}
-    }
-    state.enqueue(Key::new(ns, kind, name));
-    Ok(())
-}
-
-/// A change the store saw that did not come through this server's API (`kubectl apply` or
-/// `delete` of a custom resource, another server): handled as the API would after its write.
-pub(crate) async fn changed_elsewhere(
-    state: &Arc<AppState>,
-    change: dispatch_store::Changed,
-) -> Result<(), ApiError> {
-    let (ns, kind, name) = (&change.namespace, change.kind, &change.name);
-    tracing::info!(%kind, namespace = %ns, name = %name, deleted = change.deleted, "resource changed outside this server");
-    if change.deleted {
-        return forget(state, ns, kind, name).await;
-    }
-    let Some(mut stored) = state.get(ns, kind, name).await? else {
-        return Ok(());
-    };
-    if state.require_namespace(ns).is_err() {
-        state.create_namespace(ns).await?;
-    }
-    // What the API would have checked and filled in (a secret is sealed: only the API can
-    // write one).
-    if kind != Kind::Secret {
-        let mut normal = stored.clone();
-        match normal.validate() {
-            Ok(()) if normal.spec != stored.spec => {
-                match state.res(move |s| s.update(normal)).await {
-                    Ok(o) => stored = o,
-                    // Changed again meanwhile: that change comes next.
-                    Err(crate::state::StateError::Store(
-                        dispatch_store::StoreError::Conflict { .. },
-                    )) => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(()) => {}
-            Err(e) => {
-                if kind == Kind::Endpoint {
-                    state.set_route(ns, name, None);
-                }
-                let status = dispatch_core::Status {
-                    phase: Some(dispatch_core::Phase::Error),
-                    reason: format!("{} (this spec did not come through the API)", e.message),
-                    ..stored.status.clone()
-                };
-                let (n, m) = (ns.to_string(), name.to_string());
-                state
-                    .res(move |s| s.update_status(&n, kind, &m, status))
-                    .await?;
-                return Ok(());
-            }
-        }
-    }
-    stored_changed(state, &stored).await
 }

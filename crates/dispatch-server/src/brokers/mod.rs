@@ -4,7 +4,7 @@
 //! reconnects with back-off, and reports CONNECTED or ERROR (with the reason) in its status.
 //! Messages are handled one at a time, so runs are enqueued in the broker's order.
 //!
-//! At least once (issue 27): a JetStream durable consumer, an MQTT QoS 1 persistent session
+//! At least once: a JetStream durable consumer, an MQTT QoS 1 persistent session
 //! and a Kafka partition consumer acknowledge (ack, PUBACK, stored offset) only after the
 //! message's event is stored with its deliveries, and pause under back-pressure instead of
 //! dropping. Core NATS (no `stream`) is at most once, as NATS itself is.

@@ -86,7 +86,7 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         PRIMARY KEY (namespace, name)
     );",
     ),
-    // Run history in a budget (issue 26): each record's stored size, a running count and
+    // Run history in a budget: each record's stored size, a running count and
     // size per function (retention reads it instead of scanning the runs; kept by the
     // writes and deletes of this file, a batch at a time — a trigger cost 5 µs a row),
     // and indexes so that every listing (namespace; function; status; function and status)
@@ -111,7 +111,7 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
         SELECT namespace, function, COUNT(*), SUM(finished_ms IS NOT NULL), SUM(bytes)
         FROM runs GROUP BY namespace, function;",
     ),
-    // Event deliveries that are not queued (issue 27): pending (their function's queue was
+    // Event deliveries that are not queued: pending (their function's queue was
     // full) or dead (their event's TTL ended first). A queued delivery is only in its
     // event's body (`matched`, with its run id); these rows are the deliverer's work list,
     // in arrival order per subscription.

@@ -79,7 +79,7 @@ impl SqliteStore {
     }
 
     fn init(mut conn: Connection) -> Result<Self> {
-        // Pages freed by deletes go back to the file system on `compact` (issue 26). Set
+        // Pages freed by deletes go back to the file system on `compact`. Set
         // before the first table exists; an older database is converted once by a VACUUM.
         let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         if auto_vacuum != 2 {
@@ -100,7 +100,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // A WAL that grew in a burst is cut back to this after a checkpoint, so the disk
-        // space comes back (a full disk otherwise stays full: issue 28's fault matrix).
+        // space comes back (a full disk otherwise stays full: the fault matrix of `dispatch bench faults`).
         conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;

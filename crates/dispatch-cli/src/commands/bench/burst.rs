@@ -1,5 +1,5 @@
 //! `dispatch bench burst`: more functions than the worker budget holds, called at once
-//! (issue 28): every call is answered — 200, or a clean 429 naming the bound — the budget is
+//! (a fault-matrix row): every call is answered — 200, or a clean 429 naming the bound — the budget is
 //! never exceeded, idle workers are evicted to make room, and the server stays up.
 
 use std::collections::BTreeMap;

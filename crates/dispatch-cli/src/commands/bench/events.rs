@@ -1,4 +1,4 @@
-//! `dispatch bench events` (issue 27): CloudEvents ingest speed, end-to-end delivery, and
+//! `dispatch bench events`: CloudEvents ingest speed, end-to-end delivery, and
 //! what a producer sees at 3× the rate the function keeps up with — 429s with Retry-After,
 //! and not one accepted event undelivered.
 

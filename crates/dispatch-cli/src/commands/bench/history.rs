@@ -1,4 +1,4 @@
-//! `dispatch bench history` (issue 26): sustained sync calls that each leave a run record,
+//! `dispatch bench history`: sustained sync calls that each leave a run record,
 //! with a trickle of async calls, against a `dispatch server` process with a small history
 //! budget — so that retention works all the time. Reports what a caller sees while it does
 //! (gateway req/s against a function with `history: none`, async enqueue p50/p99/max) and

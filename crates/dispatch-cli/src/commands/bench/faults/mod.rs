@@ -1,4 +1,4 @@
-//! `dispatch bench faults`: the fault matrix (issue 28). Each row starts a `dispatch server`
+//! `dispatch bench faults`: the fault matrix. Each row starts a `dispatch server`
 //! process of its own, puts work in flight, injects one fault — a worker, a zygote or the
 //! server killed with SIGKILL, a full disk, a read-only data dir, a corrupted blob, an
 //! idle-connection flood, an async flood, a burst past the worker budget — and records what

@@ -1,0 +1,159 @@
+//! What follows a change to a stored resource, whoever made it (this server's API, `kubectl`,
+//! another server): an endpoint routes, subscriptions and drivers are re-indexed, the
+//! controller reconciles; a delete stops what served the resource. And what a delete must
+//! not break: a resource still named by another is refused.
+
+use std::sync::Arc;
+
+use dispatch_core::{Kind, Object};
+
+use crate::controller::Key;
+use crate::jobs::JobError;
+use crate::state::{AppState, StateError};
+
+/// Why a change to a resource is refused or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// Other resources still name it.
+    #[error(
+        "{} {name:?} is used by {} {}: delete or change them first",
+        what.human(),
+        by.plural(),
+        users.join(", ")
+    )]
+    InUse {
+        what: Kind,
+        name: String,
+        by: Kind,
+        users: Vec<String>,
+    },
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// After a write: endpoints route at once (the response means the route is live), and the
+/// controller reconciles the resource.
+pub async fn stored_changed(state: &AppState, stored: &Object) -> Result<(), StateError> {
+    if stored.kind == Kind::Endpoint {
+        state.set_route(stored.namespace(), stored.name(), Some(stored));
+    }
+    if matches!(stored.kind, Kind::Subscription | Kind::EventDriver) {
+        crate::events::rebuild(state).await?;
+    }
+    state.enqueue(Key::of(stored));
+    Ok(())
+}
+
+/// Refused while a resource of another kind still names `kind` `name` (a function: its
+/// endpoints, subscriptions and event drivers).
+pub async fn check_unused(
+    state: &AppState,
+    ns: &str,
+    kind: Kind,
+    name: &str,
+) -> Result<(), ResourceError> {
+    for by in kind.referrers() {
+        let (nsc, by) = (ns.to_string(), *by);
+        let all = state.res(move |s| s.list(Some(&nsc), by)).await?;
+        let users: Vec<String> = all
+            .into_iter()
+            .filter(|o| o.refers_to(kind, name))
+            .map(|o| o.metadata.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ResourceError::InUse {
+                what: kind,
+                name: name.to_string(),
+                by,
+                users,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// After a delete (through the API, or seen by the store's watch): a function stops serving
+/// and its runs go, an endpoint stops routing, a template's executions go, subscriptions and
+/// drivers stop; the controller has the last word.
+pub async fn forget(
+    state: &Arc<AppState>,
+    ns: &str,
+    kind: Kind,
+    name: &str,
+) -> Result<(), ResourceError> {
+    match kind {
+        Kind::Function => {
+            state.set_deployed(ns, name, None);
+            state.queue.forget_function(ns, name);
+            state.backend.remove_function(ns, name).await;
+            state.recorder.flush().await;
+            state.delete_runs_of(ns, name).await?;
+        }
+        Kind::Endpoint => state.set_route(ns, name, None),
+        Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
+        Kind::Subscription => crate::events::rebuild(state).await?,
+        Kind::EventDriver => {
+            let (n, m) = (ns.to_string(), name.to_string());
+            state.db(move |s| s.forget_driver(&n, &m)).await?;
+            crate::events::rebuild(state).await?;
+        }
+        _ => {}
+    }
+    state.enqueue(Key::new(ns, kind, name));
+    Ok(())
+}
+
+/// A change the store saw that did not come through this server's API (`kubectl apply` or
+/// `delete` of a custom resource, another server): handled as the API would after its write.
+pub async fn changed_elsewhere(
+    state: &Arc<AppState>,
+    change: dispatch_store::Changed,
+) -> Result<(), ResourceError> {
+    let (ns, kind, name) = (&change.namespace, change.kind, &change.name);
+    tracing::info!(%kind, namespace = %ns, name = %name, deleted = change.deleted, "resource changed outside this server");
+    if change.deleted {
+        return forget(state, ns, kind, name).await;
+    }
+    let Some(mut stored) = state.get(ns, kind, name).await? else {
+        return Ok(());
+    };
+    if state.require_namespace(ns).is_err() {
+        state.create_namespace(ns).await?;
+    }
+    // What the API would have checked and filled in (a secret is sealed: only the API can
+    // write one).
+    if kind != Kind::Secret {
+        let mut normal = stored.clone();
+        match normal.validate() {
+            Ok(()) if normal.spec != stored.spec => {
+                match state.res(move |s| s.update(normal)).await {
+                    Ok(o) => stored = o,
+                    // Changed again meanwhile: that change comes next.
+                    Err(StateError::Store(dispatch_store::StoreError::Conflict { .. })) => {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if kind == Kind::Endpoint {
+                    state.set_route(ns, name, None);
+                }
+                let status = dispatch_core::Status {
+                    phase: Some(dispatch_core::Phase::Error),
+                    reason: format!("{} (this spec did not come through the API)", e.message),
+                    ..stored.status.clone()
+                };
+                let (n, m) = (ns.to_string(), name.to_string());
+                state
+                    .res(move |s| s.update_status(&n, kind, &m, status))
+                    .await?;
+                return Ok(());
+            }
+        }
+    }
+    Ok(stored_changed(state, &stored).await?)
+}
