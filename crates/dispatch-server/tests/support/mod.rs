@@ -57,8 +57,15 @@ pub async fn start_with(
     local.set_sandboxes(sandboxes.clone());
     options.sandboxes = sandboxes;
     let backend: Arc<dyn Backend> = local.clone();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Ports handed out by `free_port`, not by the kernel: a port just picked for another
+    // test's broker must not become this server's listener.
+    let (api, gw) = dispatch_testkit::free_ports();
+    let api = tokio::net::TcpListener::bind(("127.0.0.1", api))
+        .await
+        .unwrap();
+    let gw = tokio::net::TcpListener::bind(("127.0.0.1", gw))
+        .await
+        .unwrap();
     let server = Server::builder()
         .stores(stores)
         .blobs(blobs)
