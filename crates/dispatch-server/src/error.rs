@@ -258,6 +258,9 @@ impl From<ResourceError> for ApiError {
             ResourceError::InUse { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "InUse", e.to_string())
             }
+            ResourceError::NotEmpty { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "NotEmpty", e.to_string())
+            }
         }
     }
 }

@@ -27,6 +27,19 @@ pub enum ResourceError {
         by: Kind,
         users: Vec<String>,
     },
+    /// A namespace that still holds resources, deleted without cascade.
+    #[error(
+        "namespace {namespace:?} is not empty ({count} resources: {}{}): delete them, or pass \
+         --cascade",
+        first.join(", "),
+        if *count > first.len() { ", …" } else { "" }
+    )]
+    NotEmpty {
+        namespace: String,
+        count: usize,
+        /// The first ten, as `kind/name`.
+        first: Vec<String>,
+    },
     #[error(transparent)]
     Job(#[from] JobError),
     #[error(transparent)]
@@ -156,4 +169,53 @@ pub async fn changed_elsewhere(
         }
     }
     Ok(stored_changed(state, &stored).await?)
+}
+
+/// Deletes a namespace (refused while it holds resources, unless `cascade`): what runs there
+/// stops before its resources and records go. Answers how many resources went with it.
+pub async fn delete_namespace(
+    state: &Arc<AppState>,
+    ns: &str,
+    cascade: bool,
+) -> Result<usize, ResourceError> {
+    state.require_namespace(ns)?;
+    let nsc = ns.to_string();
+    let contents = state
+        .res(move |s| {
+            let mut found = Vec::new();
+            for kind in Kind::ALL {
+                for o in s.list(Some(&nsc), kind)? {
+                    found.push((kind, o.metadata.name));
+                }
+            }
+            Ok(found)
+        })
+        .await?;
+    if !contents.is_empty() && !cascade {
+        return Err(ResourceError::NotEmpty {
+            namespace: ns.to_string(),
+            count: contents.len(),
+            first: contents
+                .iter()
+                .take(10)
+                .map(|(k, n)| format!("{}/{n}", k.cli_name()))
+                .collect(),
+        });
+    }
+    // Stop what runs there before the records go.
+    for (kind, name) in &contents {
+        match kind {
+            Kind::Function => {
+                state.set_deployed(ns, name, None);
+                state.queue.forget_function(ns, name);
+                state.backend.remove_function(ns, name).await;
+            }
+            Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
+            _ => {}
+        }
+    }
+    state.recorder.flush().await;
+    state.delete_namespace(ns).await?;
+    state.rebuild_routes().await?;
+    Ok(contents.len())
 }

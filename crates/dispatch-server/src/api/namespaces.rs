@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use dispatch_core::{DEFAULT_NAMESPACE, Kind};
+use dispatch_core::DEFAULT_NAMESPACE;
 use serde::Deserialize;
 
 use super::check_namespace;
@@ -198,53 +198,9 @@ pub async fn delete(
             "the default namespace cannot be deleted",
         ));
     }
-    state.require_namespace(&ns)?;
     let cascade = q.get("cascade").is_some_and(|v| v == "true");
-    let nsc = ns.clone();
-    let contents = state
-        .res(move |s| {
-            let mut found = Vec::new();
-            for kind in Kind::ALL {
-                for o in s.list(Some(&nsc), kind)? {
-                    found.push((kind, o.metadata.name));
-                }
-            }
-            Ok(found)
-        })
-        .await?;
-    if !contents.is_empty() && !cascade {
-        let names: Vec<String> = contents
-            .iter()
-            .take(10)
-            .map(|(k, n)| format!("{}/{n}", k.cli_name()))
-            .collect();
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "NotEmpty",
-            format!(
-                "namespace {ns:?} is not empty ({} resources: {}{}): delete them, or pass --cascade",
-                contents.len(),
-                names.join(", "),
-                if contents.len() > 10 { ", …" } else { "" }
-            ),
-        ));
-    }
-    // Stop what runs there before the records go.
-    for (kind, name) in &contents {
-        match kind {
-            Kind::Function => {
-                state.set_deployed(&ns, name, None);
-                state.queue.forget_function(&ns, name);
-                state.backend.remove_function(&ns, name).await;
-            }
-            Kind::JobTemplate => crate::jobs::forget_template(&state, &ns, name).await?,
-            _ => {}
-        }
-    }
-    state.recorder.flush().await;
-    state.delete_namespace(&ns).await?;
-    state.rebuild_routes().await?;
+    let removed = crate::resources::delete_namespace(&state, &ns, cascade).await?;
     Ok(Json(
-        serde_json::json!({"deleted": ns, "resources": contents.len()}),
+        serde_json::json!({"deleted": ns, "resources": removed}),
     ))
 }
