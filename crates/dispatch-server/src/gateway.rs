@@ -191,16 +191,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
                     (status, serde_json::json!({ "error": public }).to_string())
                 }
             };
-            let mut resp = (status, body).into_response();
-            let h = resp.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&answer.run_id) {
-                h.insert("x-dispatch-run-id", v);
-            }
-            resp
+            crate::api::json_answer(status, body, &answer.run_id)
         }
         Err(e) => ApiError::from(e).into_response(),
     };

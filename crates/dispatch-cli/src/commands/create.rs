@@ -74,15 +74,8 @@ pub enum What {
         /// Image to run on
         #[arg(long)]
         image: String,
-        /// module.function (Python), file.export (Node), program path (exec); default: from the source
-        #[arg(long)]
-        handler: Option<String>,
-        /// Per-call timeout, e.g. 500ms, 30s, 2m (default 30s)
-        #[arg(long)]
-        timeout: Option<String>,
-        /// Environment variable for the handler (repeatable): --env KEY=VALUE
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
+        #[command(flatten)]
+        handler: HandlerArgs,
         /// Secret whose keys the handler gets in context.secrets (repeatable)
         #[arg(long = "secret", value_name = "NAME")]
         secrets: Vec<String>,
@@ -103,12 +96,8 @@ pub enum What {
     /// A secret from a JSON object file or literals: `dispatch create secret db --from-literal password=…`
     Secret {
         name: String,
-        /// A JSON file of string values: {"user": "app", "password": "…"}
-        #[arg(required_unless_present = "from_literal")]
-        file: Option<PathBuf>,
-        /// KEY=VALUE (repeatable)
-        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
-        from_literal: Vec<String>,
+        #[command(flatten)]
+        data: SecretArgs,
     },
     /// A subscription: events of a type (or prefix `order.*`) run a function
     Subscription {
@@ -270,8 +259,6 @@ impl Create {
                 path,
                 image,
                 handler,
-                timeout,
-                env,
                 secrets,
                 max_workers,
                 min_workers,
@@ -280,15 +267,11 @@ impl Create {
                 wait,
             } => {
                 dispatch_core::names::validate_name("function", &name)?;
-                let env = parse_env(&env)?;
                 let source = upload(c, &ns, &name, &path).await?;
                 let mut spec = FunctionSpec {
                     image,
                     source: Some(source),
-                    env,
                     secrets,
-                    handler,
-                    timeout,
                     concurrency: Concurrency {
                         max_workers,
                         min_workers,
@@ -296,6 +279,7 @@ impl Create {
                     },
                     ..Default::default()
                 };
+                handler.apply(&mut spec)?;
                 limits.apply(&mut spec)?;
                 (object(Kind::Function, &ns, &name, &spec)?, wait.resolve())
             }
@@ -352,12 +336,8 @@ impl Create {
                 report.finish()?;
                 return Ok(ExitCode::SUCCESS);
             }
-            What::Secret {
-                name,
-                file,
-                from_literal,
-            } => {
-                let data = secret_data(file.as_deref(), &from_literal)?;
+            What::Secret { name, data } => {
+                let data = data.data()?;
                 (
                     object(Kind::Secret, &ns, &name, &SecretSpec { data })?,
                     false,
@@ -449,8 +429,25 @@ fn parse_enum<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result
         .map_err(|e| anyhow::anyhow!("{flag} {value:?} is not valid: {e}"))
 }
 
-/// Secret data from a JSON file of strings and/or KEY=VALUE literals.
-pub fn secret_data(
+/// A secret's values, from a file and/or the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecretArgs {
+    /// A JSON file of string values: {"user": "app", "password": "…"}
+    #[arg(required_unless_present = "from_literal")]
+    pub file: Option<PathBuf>,
+    /// KEY=VALUE (repeatable)
+    #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+    pub from_literal: Vec<String>,
+}
+
+impl SecretArgs {
+    /// Secret data from the JSON file of strings and/or the KEY=VALUE literals.
+    pub fn data(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        secret_data(self.file.as_deref(), &self.from_literal)
+    }
+}
+
+fn secret_data(
     file: Option<&std::path::Path>,
     literals: &[String],
 ) -> Result<std::collections::BTreeMap<String, String>> {
@@ -472,6 +469,37 @@ pub fn secret_data(
         bail!("a secret needs at least one value: a JSON file or --from-literal KEY=VALUE");
     }
     Ok(data)
+}
+
+/// How a function's handler is called: which, for how long, with what environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HandlerArgs {
+    /// module.function (Python), file.export (Node), program path (exec); default: from the source
+    #[arg(long)]
+    pub handler: Option<String>,
+    /// Per-call timeout, e.g. 500ms, 30s, 2m (default 30s)
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// Environment variable for the handler (repeatable): --env KEY=VALUE; on update, the
+    /// ones given replace the whole environment
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+}
+
+impl HandlerArgs {
+    /// Writes the given flags into a function spec (others are kept).
+    pub fn apply(&self, spec: &mut FunctionSpec) -> Result<()> {
+        if let Some(h) = &self.handler {
+            spec.handler = Some(h.clone());
+        }
+        if let Some(t) = &self.timeout {
+            spec.timeout = Some(t.clone());
+        }
+        if !self.env.is_empty() {
+            spec.env = parse_env(&self.env)?;
+        }
+        Ok(())
+    }
 }
 
 /// A function's sandbox limits, network and queue bound (`spec.resources`, `spec.network`,

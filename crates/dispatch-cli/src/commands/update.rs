@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use dispatch_core::Kind;
 
-use super::{ensure_ready, parse_env, say, upload, wait_settled};
+use super::{ensure_ready, say, upload, wait_settled};
 use crate::Ctx;
 
 /// Change an existing resource: a function's source and settings, a secret's data, a
@@ -23,11 +23,8 @@ pub enum UpdateWhat {
     /// Replace a secret's data (functions using it get the new values)
     Secret {
         name: String,
-        /// A JSON file of string values
-        #[arg(required_unless_present = "from_literal")]
-        file: Option<PathBuf>,
-        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
-        from_literal: Vec<String>,
+        #[command(flatten)]
+        data: super::create::SecretArgs,
     },
     /// A namespace's settings (cluster admin):
     /// `dispatch update namespace team-a --run-history-budget 2Gi`
@@ -45,13 +42,8 @@ pub enum UpdateWhat {
         path: Option<PathBuf>,
         #[arg(long)]
         image: Option<String>,
-        #[arg(long)]
-        handler: Option<String>,
-        #[arg(long)]
-        timeout: Option<String>,
-        /// Replaces the whole environment when given (repeatable KEY=VALUE)
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
+        #[command(flatten)]
+        handler: super::create::HandlerArgs,
         #[command(flatten)]
         limits: Box<super::create::LimitArgs>,
         #[command(flatten)]
@@ -62,13 +54,9 @@ pub enum UpdateWhat {
 impl Update {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
-        let (name, path, image, handler, timeout, env, limits, wait) = match self.what {
-            UpdateWhat::Secret {
-                name,
-                file,
-                from_literal,
-            } => {
-                let data = super::create::secret_data(file.as_deref(), &from_literal)?;
+        let (name, path, image, handler, limits, wait) = match self.what {
+            UpdateWhat::Secret { name, data } => {
+                let data = data.data()?;
                 let mut o = c.get(Kind::Secret, &name).await?;
                 o.spec = serde_json::to_value(dispatch_core::SecretSpec { data })?;
                 let updated = c.update(&o).await?;
@@ -100,11 +88,9 @@ impl Update {
                 path,
                 image,
                 handler,
-                timeout,
-                env,
                 limits,
                 wait,
-            } => (name, path, image, handler, timeout, env, limits, wait),
+            } => (name, path, image, handler, limits, wait),
         };
         let mut o = c.get(Kind::Function, &name).await?;
         let mut spec: dispatch_core::FunctionSpec = o.typed_spec()?;
@@ -114,15 +100,7 @@ impl Update {
         if let Some(i) = image {
             spec.image = i;
         }
-        if let Some(h) = handler {
-            spec.handler = Some(h);
-        }
-        if let Some(t) = timeout {
-            spec.timeout = Some(t);
-        }
-        if !env.is_empty() {
-            spec.env = parse_env(&env)?;
-        }
+        handler.apply(&mut spec)?;
         limits.apply(&mut spec)?;
         o.spec = serde_json::to_value(&spec)?;
         let before = o.metadata.generation;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dispatch_core::API_VERSION;
 
@@ -361,6 +361,20 @@ async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "apiVersion": API_VERSION,
         "backend": state.backend.name(),
     }))
+}
+
+/// A call's answer: a JSON body and the id of its run (`X-Dispatch-Run-Id`).
+pub(crate) fn json_answer(status: StatusCode, body: String, run_id: &str) -> Response {
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(run_id) {
+        h.insert("x-dispatch-run-id", v);
+    }
+    resp
 }
 
 pub(crate) fn check_namespace(ns: &str) -> Result<(), ApiError> {

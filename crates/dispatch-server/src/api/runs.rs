@@ -14,7 +14,7 @@ use dispatch_store::RunFilter;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{ListQuery, MAX_EXEC_BODY, MAX_SOURCE_BYTES, check_namespace};
+use super::{ListQuery, MAX_EXEC_BODY, MAX_SOURCE_BYTES, check_namespace, json_answer};
 use crate::error::{ApiError, body_rejection, parse_json};
 use crate::invoke::{self, Invocation};
 use crate::queue;
@@ -129,16 +129,7 @@ pub async fn exec(
         invoke::execute(&state, Invocation::new(&ns, &name, payload, Trigger::Exec)).await?;
     let body = serde_json::to_string(&answer.envelope)
         .map_err(|e| ApiError::internal("encoding an envelope", &e))?;
-    let mut resp = (StatusCode::OK, body).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&answer.run_id) {
-        h.insert("x-dispatch-run-id", v);
-    }
-    Ok(resp)
+    Ok(json_answer(StatusCode::OK, body, &answer.run_id))
 }
 
 /// 202 with the run's id and where to watch it.

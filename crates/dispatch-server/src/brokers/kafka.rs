@@ -7,7 +7,7 @@ use std::time::Duration;
 use dispatch_core::Phase;
 use dispatch_core::events::EventDriverSpec;
 
-use super::{BACKOFF_FIRST, BACKOFF_MAX, offer, set_state};
+use super::{Backoff, failed, offer, set_state};
 use crate::state::AppState;
 
 /// A Kafka topic, every partition (`config.brokers`, `config.topic`, `config.group`
@@ -29,15 +29,13 @@ pub(super) async fn run_kafka(
     name: String,
     spec: EventDriverSpec,
 ) {
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new();
     loop {
         let reason = match consume_kafka(&state, (&ns, &name), &spec).await {
             Ok(()) => "the Kafka consumer ended; consuming again".to_string(),
             Err(e) => e,
         };
-        set_state(&state, &ns, &name, Phase::Error, reason).await;
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        failed(&state, (&ns, &name), reason, &mut backoff).await;
     }
 }
 

@@ -33,6 +33,37 @@ use nats::run_nats;
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// Waits between tries: doubling from [`BACKOFF_FIRST`] up to [`BACKOFF_MAX`], back to the
+/// first after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(BACKOFF_FIRST)
+    }
+
+    /// The wait now (the next one is twice as long).
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        now
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next()).await;
+    }
+
+    fn reset(&mut self) {
+        self.0 = BACKOFF_FIRST;
+    }
+}
+
+/// A try failed: the driver shows ERROR with the reason, and waits its back-off.
+async fn failed(state: &AppState, driver: (&str, &str), reason: String, backoff: &mut Backoff) {
+    set_state(state, driver.0, driver.1, Phase::Error, reason).await;
+    backoff.wait().await;
+}
+
 /// Running driver tasks: (namespace, name) → (spec it runs, its task). Dropped with the
 /// supervisor (server stop): every driver task stops with it.
 #[derive(Default)]
@@ -117,14 +148,13 @@ async fn offer(
 ) -> bool {
     let (ns, name) = driver;
     let id = id.unwrap_or_else(|| ulid::Ulid::new().to_string());
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new();
     loop {
         match handle(state, ns, name, spec, channel, payload, Some(id.clone())).await {
             Ok(()) => return true,
             Err(e) if passes(&e) => {
                 tracing::debug!(driver = %name, "message from {channel} waits: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff.wait().await;
             }
             Err(e) => {
                 tracing::warn!(driver = %name, "message from {channel} refused: {e}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dispatch_core::Phase;
 use dispatch_core::events::EventDriverSpec;
 
-use super::{BACKOFF_FIRST, BACKOFF_MAX, offer, set_state};
+use super::{Backoff, failed, offer, set_state};
 use crate::state::AppState;
 
 pub(super) async fn run_mqtt(
@@ -40,7 +40,7 @@ pub(super) async fn run_mqtt(
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new();
     // Messages read and not yet offered, and the message whose PUBACK is on its way out:
     // the next one is offered only once that PUBACK is written, so that at a crash at most
     // one stored message is unacknowledged (the broker sends it again: a duplicate run).
@@ -79,7 +79,7 @@ pub(super) async fn run_mqtt(
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 set_state(&state, &ns, &name, Phase::Connected, String::new()).await;
-                backoff = BACKOFF_FIRST;
+                backoff.reset();
             }
             Ok(Event::Incoming(Packet::Publish(p))) => backlog.push_back(p),
             Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(pkid))) if acking == Some(pkid) => {
@@ -90,16 +90,8 @@ pub(super) async fn run_mqtt(
                 // What was read and not acknowledged comes again with the session.
                 backlog.clear();
                 acking = None;
-                set_state(
-                    &state,
-                    &ns,
-                    &name,
-                    Phase::Error,
-                    format!("MQTT connection to {url}: {e}"),
-                )
-                .await;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let reason = format!("MQTT connection to {url}: {e}");
+                failed(&state, (&ns, &name), reason, &mut backoff).await;
             }
         }
     }

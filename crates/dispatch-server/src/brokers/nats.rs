@@ -8,7 +8,7 @@ use dispatch_core::Phase;
 use dispatch_core::events::EventDriverSpec;
 use futures_util::StreamExt;
 
-use super::{BACKOFF_FIRST, BACKOFF_MAX, handle, offer, passes, set_state};
+use super::{Backoff, failed, handle, offer, passes, set_state};
 use crate::state::AppState;
 
 pub(super) async fn run_nats(
@@ -19,7 +19,7 @@ pub(super) async fn run_nats(
 ) {
     let url = spec.config.get("url").cloned().unwrap_or_default();
     let subject = spec.config.get("subject").cloned().unwrap_or_default();
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new();
     loop {
         let st = state.clone();
         let (cns, cname) = (ns.clone(), name.clone());
@@ -47,16 +47,8 @@ pub(super) async fn run_nats(
         let client = match opts.connect(url.as_str()).await {
             Ok(c) => c,
             Err(e) => {
-                set_state(
-                    &state,
-                    &ns,
-                    &name,
-                    Phase::Error,
-                    format!("cannot connect to {url}: {e}"),
-                )
-                .await;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                let reason = format!("cannot connect to {url}: {e}");
+                failed(&state, (&ns, &name), reason, &mut backoff).await;
                 continue;
             }
         };
@@ -65,28 +57,19 @@ pub(super) async fn run_nats(
                 Ok(()) => "the JetStream consumer ended; consuming again".to_string(),
                 Err(e) => e,
             };
-            set_state(&state, &ns, &name, Phase::Error, reason).await;
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            failed(&state, (&ns, &name), reason, &mut backoff).await;
             continue;
         }
         let mut sub = match client.subscribe(subject.clone()).await {
             Ok(s) => s,
             Err(e) => {
-                set_state(
-                    &state,
-                    &ns,
-                    &name,
-                    Phase::Error,
-                    format!("cannot subscribe to {subject}: {e}"),
-                )
-                .await;
-                tokio::time::sleep(backoff).await;
+                let reason = format!("cannot subscribe to {subject}: {e}");
+                failed(&state, (&ns, &name), reason, &mut backoff).await;
                 continue;
             }
         };
         set_state(&state, &ns, &name, Phase::Connected, String::new()).await;
-        backoff = BACKOFF_FIRST;
+        backoff.reset();
         while let Some(msg) = sub.next().await {
             // Core NATS is at most once: a message refused for good is gone (log only).
             offer(
@@ -99,15 +82,8 @@ pub(super) async fn run_nats(
             )
             .await;
         }
-        set_state(
-            &state,
-            &ns,
-            &name,
-            Phase::Error,
-            "the subscription ended; resubscribing".into(),
-        )
-        .await;
-        tokio::time::sleep(backoff).await;
+        let reason = "the subscription ended; resubscribing".to_string();
+        failed(&state, (&ns, &name), reason, &mut backoff).await;
     }
 }
 
@@ -158,7 +134,7 @@ async fn run_jetstream(
         .await
         .map_err(|e| format!("consuming {durable:?}: {e}"))?;
     set_state(state, ns, name, Phase::Connected, String::new()).await;
-    let mut backoff = BACKOFF_FIRST;
+    let mut backoff = Backoff::new();
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| format!("JetStream consumer {durable:?}: {e}"))?;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
@@ -175,17 +151,16 @@ async fn run_jetstream(
         .await
         {
             Ok(()) => {
-                backoff = BACKOFF_FIRST;
+                backoff.reset();
                 m.ack()
                     .await
                     .map_err(|e| format!("acknowledging {stream} #{seq}: {e}"))?;
             }
             Err(e) if passes(&e) => {
                 tracing::debug!(driver = %name, "JetStream message {seq} waits: {}", e);
-                m.ack_with(AckKind::Nak(Some(backoff)))
+                m.ack_with(AckKind::Nak(Some(backoff.next())))
                     .await
                     .map_err(|e| format!("nak of {stream} #{seq}: {e}"))?;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             Err(e) => {
                 tracing::warn!(driver = %name, "JetStream message {seq} refused: {}", e);
