@@ -5,18 +5,17 @@
 //! A token scoped to namespace A that asks for namespace B gets 404, not 403: it must not learn
 //! which namespaces exist. Mutating calls are written to the audit log.
 
-use parking_lot::RwLock;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use dispatch_core::auth::{ALL_NAMESPACES, ApiToken, AuditEntry, Role, TOKEN_PREFIX, token_hash};
+use dispatch_core::auth::{ALL_NAMESPACES, AuditEntry, Role, token_hash};
 
 use crate::error::ApiError;
 use crate::state::AppState;
+pub use crate::tokens::{Tokens, generate_token};
 
 /// Who is calling (put in the request's extensions by the middleware).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,44 +39,6 @@ impl Principal {
     pub fn covers(&self, ns: &str) -> bool {
         self.namespace == ALL_NAMESPACES || self.namespace == ns
     }
-}
-
-/// Tokens by hash, loaded at start and kept in step with the store.
-#[derive(Default)]
-pub struct Tokens {
-    by_hash: RwLock<HashMap<String, ApiToken>>,
-}
-
-impl Tokens {
-    pub fn replace_all(&self, all: Vec<ApiToken>) {
-        let map = all.into_iter().map(|t| (t.hash.clone(), t)).collect();
-        *self.by_hash.write() = map;
-    }
-
-    pub fn insert(&self, t: ApiToken) {
-        self.by_hash.write().insert(t.hash.clone(), t);
-    }
-
-    pub fn remove(&self, name: &str) {
-        self.by_hash.write().retain(|_, t| t.name != name);
-    }
-
-    fn find(&self, hash: &str) -> Option<ApiToken> {
-        self.by_hash.read().get(hash).cloned()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_hash.read().is_empty()
-    }
-}
-
-/// A new random token: `dsp_` + 43 base64url characters (256 bits from the OS).
-pub fn generate_token() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes)?;
-    use base64::Engine as _;
-    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    Ok(format!("{TOKEN_PREFIX}{encoded}"))
 }
 
 /// What a request needs.

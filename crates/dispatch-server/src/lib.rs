@@ -35,6 +35,7 @@ pub mod secrets;
 pub mod serve;
 pub mod state;
 pub mod tls;
+mod tokens;
 
 use std::future::Future;
 use std::net::SocketAddr;

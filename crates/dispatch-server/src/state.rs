@@ -17,7 +17,7 @@ use crate::recorder::Recorder;
 use crate::routes::Routes;
 
 /// What the shared state's calls fail with: the store's errors, and the few of its own. The
-/// HTTP edge ([`crate::error`]) decides what status each is.
+/// HTTP edge (`error.rs`) decides what status each is.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
@@ -144,7 +144,7 @@ pub struct AppState {
     pub recorder: Recorder,
     pub queue: Queue,
     pub jobs: crate::jobs::Jobs,
-    pub tokens: crate::auth::Tokens,
+    pub tokens: crate::tokens::Tokens,
     pub secrets: crate::secrets::SecretBox,
     event_index: RwLock<Arc<crate::events::EventIndex>>,
     /// Wakes the cron scheduler (drivers changed).
@@ -236,7 +236,7 @@ impl AppState {
                 .data_dir
                 .as_ref()
                 .map(|d| crate::disk::DiskGuard::new(d, config.min_free_disk)),
-            tokens: crate::auth::Tokens::default(),
+            tokens: crate::tokens::Tokens::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
             cron_wake: Arc::new(tokio::sync::Notify::new()),
@@ -405,7 +405,7 @@ impl AppState {
         if namespace != dispatch_core::auth::ALL_NAMESPACES {
             dispatch_core::names::validate_name("namespace", namespace)?;
         }
-        let secret = crate::auth::generate_token()
+        let secret = crate::tokens::generate_token()
             .map_err(|e| StateError::internal("drawing a token's randomness", e))?;
         let now = self.queue.clock.now();
         let record = dispatch_core::auth::ApiToken {
