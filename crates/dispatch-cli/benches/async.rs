@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p dispatch-cli --bench async` (DISPATCH_BENCH_N: enqueues, default 10000).
 //! Enqueues go to a function that cannot run (its runs park), so the number is the queue's
-//! own cost; 8 concurrent callers over loopback HTTP (DISPATCH_BENCH_CALLERS). Target (issue 5): ≥ 5,000 enqueues/s,
+//! own cost; 8 concurrent callers over loopback HTTP (DISPATCH_BENCH_CALLERS). Target: ≥ 5,000 enqueues/s,
 //! p99 ≤ 5 ms on 2 cores.
 
 mod support;

@@ -3,7 +3,7 @@
 //! the cost of a no-op `dispatch apply` (the real binary, and the API calls it makes).
 //!
 //! `cargo bench -p dispatch-cli --bench build` (DISPATCH_BENCH_N: functions, default 40).
-//! Needs PyPI once, for the image's dependency (six). Target (issue 4): ≤ 300 ms p50 to READY.
+//! Needs PyPI once, for the image's dependency (six). Target: ≤ 300 ms p50 to READY.
 
 mod support;
 

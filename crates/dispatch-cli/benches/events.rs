@@ -1,7 +1,7 @@
 //! Event ingest → run start latency (a subscribed hello function) and events per second.
 //!
 //! `cargo bench -p dispatch-cli --bench events` (DISPATCH_BENCH_N, default 300).
-//! Target (issue 7): ingest → run start p50 ≤ 5 ms.
+//! Target: ingest → run start p50 ≤ 5 ms.
 
 mod support;
 

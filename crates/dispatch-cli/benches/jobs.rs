@@ -2,7 +2,7 @@
 //! prints the wall-clock time it started, `date +%s%N`), and executions per second.
 //!
 //! `cargo bench -p dispatch-cli --bench jobs` (DISPATCH_BENCH_N, default 200).
-//! Target (issue 6): PUT → process running ≤ 20 ms p50.
+//! Target: PUT → process running ≤ 20 ms p50.
 
 mod support;
 

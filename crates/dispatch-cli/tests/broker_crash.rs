@@ -1,4 +1,4 @@
-//! At-least-once broker drivers across `kill -9` (issue 27): a stream of messages, the
+//! At-least-once broker drivers across `kill -9`: a stream of messages, the
 //! server killed in the middle of it (more messages arrive while it is down), a restart on
 //! the same data dir — and every message ends in exactly one run: each message has a stable
 //! event id (JetStream: the stream sequence; Kafka: the offset; MQTT: a number the driver

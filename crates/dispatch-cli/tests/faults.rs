@@ -1,4 +1,4 @@
-//! `dispatch bench soak`, `burst` and `faults` (issue 28), scaled to seconds: each starts
+//! `dispatch bench soak`, `burst` and `faults`, scaled to seconds: each starts
 //! real `dispatch server` processes of its own. The soak samples the server and follows
 //! every accepted run and job to its end; the fault matrix injects its faults (SIGKILL of a
 //! worker, a zygote and the server, a full tmpfs, a corrupted blob, a stepped wall clock,

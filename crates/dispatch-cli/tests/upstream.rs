@@ -1,4 +1,4 @@
-//! Dispatch's e2e suite (`e2e/tests/functions.bats` of vmware/dispatch), ported (issue 19):
+//! Dispatch's e2e suite (`e2e/tests/functions.bats` of vmware/dispatch), ported:
 //! each case written from what the upstream test asserts, with our spelling where the CLI
 //! differs on purpose (the table in tests/README.md maps case → test). Cases for runtimes we do
 //! not ship (PowerShell, Java) and for input/output schemas (not a Dispatch feature we kept)

@@ -1,4 +1,4 @@
-//! CloudEvents conformance with the official Python SDK (PyPI `cloudevents` 1.x, issue 19):
+//! CloudEvents conformance with the official Python SDK (PyPI `cloudevents` 1.x):
 //! events made by the SDK's own `to_binary` / `to_structured`, and a batch of its structured
 //! events (`application/cloudevents-batch+json`), are posted to a real server; the function
 //! they reach sees their data as the SDK meant it (JSON as JSON — the SDK sends binary-mode

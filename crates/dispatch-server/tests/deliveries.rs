@@ -1,4 +1,4 @@
-//! Accepted means delivered (issue 27), with real workers: a function whose queue is full
+//! Accepted means delivered, with real workers: a function whose queue is full
 //! makes event deliveries wait (pending, in order) instead of dropping them; past the
 //! namespace's high-water mark producers get 429 and nothing is stored; pending deliveries
 //! survive a restart; a delivery whose TTL ends first is dead, listed and redelivered; an

@@ -1,4 +1,4 @@
-//! Run history in a budget (issue 26): the recording policies keep exactly what they say,
+//! Run history in a budget: the recording policies keep exactly what they say,
 //! a byte budget holds under a burst, and an enqueue issued while a prune is in progress is
 //! committed before that prune finishes (a prune is many short steps, not one statement).
 //! Sync calls' records live in a file of their own (`history.db`), and every reader of

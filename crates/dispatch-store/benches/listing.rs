@@ -1,4 +1,4 @@
-//! Listing run history with millions of rows (issue 26): the newest 100 failed runs of one
+//! Listing run history with millions of rows: the newest 100 failed runs of one
 //! function, the newest 100 of a namespace, and a page further on with `after`, on a SQLite
 //! file holding DISPATCH_BENCH_RUNS runs (default 3,000,000: 20 functions, 1 % failed).
 //!
