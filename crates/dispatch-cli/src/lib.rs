@@ -7,6 +7,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod jsonpath;
 pub mod output;
 
 use std::process::ExitCode;

@@ -17,6 +17,29 @@ pub enum Format {
     Name,
     /// Resources: the table with AGE, REASON, DIGEST and LABELS too
     Wide,
+    /// `-o jsonpath=TEMPLATE` (`dispatch get` only; the template is [`set_jsonpath`]'s)
+    #[value(skip)]
+    JsonPath,
+}
+
+/// The template of `-o jsonpath=…` (one per process: the CLI prints once).
+static JSONPATH: std::sync::OnceLock<crate::jsonpath::Template> = std::sync::OnceLock::new();
+
+/// `-o` of `dispatch get`: a [`Format`] name, or `jsonpath=TEMPLATE` (kubectl's form).
+pub fn parse_get_format(s: &str) -> std::result::Result<Format, String> {
+    if let Some(template) = s.strip_prefix("jsonpath=") {
+        let t = crate::jsonpath::Template::parse(template).map_err(|e| e.to_string())?;
+        let _ = JSONPATH.set(t);
+        return Ok(Format::JsonPath);
+    }
+    if s == "jsonpath" {
+        return Err("jsonpath needs a template: -o jsonpath='{.items[*].metadata.name}'".into());
+    }
+    <Format as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+        format!(
+            "{s:?} is not an output format: use table, wide, json, yaml, name or jsonpath=TEMPLATE"
+        )
+    })
 }
 
 /// Tables without their header and rule (`--no-headers`), for scripts.
@@ -107,6 +130,18 @@ impl Report {
 pub fn print_structured<T: Serialize>(value: &T, format: Format) -> Result<()> {
     if format == Format::Wide {
         anyhow::bail!("-o wide is for tables of resources (dispatch get functions -o wide)");
+    }
+    if format == Format::JsonPath {
+        let v = match serde_json::to_value(value).context("failed to encode")? {
+            serde_json::Value::Array(items) => {
+                serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+            }
+            one => one,
+        };
+        let Some(template) = JSONPATH.get() else {
+            anyhow::bail!("-o jsonpath needs a template: -o jsonpath='{{.metadata.name}}'");
+        };
+        return write_stdout(template.render(&v)?.as_bytes());
     }
     if format == Format::Name {
         let v = serde_json::to_value(value).context("failed to encode")?;

@@ -293,6 +293,33 @@ fn apply_and_delete_manifests() {
         s.ok(&["get", "functions", "-o", "name"]),
         "function/hello\n"
     );
+    // -o jsonpath=TEMPLATE as kubectl reads it: a list is {"kind":"List","items":[…]}.
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "functions",
+            "-o",
+            "jsonpath={.items[*].metadata.name}"
+        ]),
+        "hello"
+    );
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "functions",
+            "-o",
+            r#"jsonpath={range .items[*]}{.metadata.name}={.kind}{"\n"}{end}"#,
+        ]),
+        "hello=Function\n"
+    );
+    assert_eq!(
+        s.ok(&["get", "function", "hello", "-o", "jsonpath={.spec.image}"]),
+        "python3"
+    );
+    assert!(
+        s.fails(&["get", "functions", "-o", "jsonpath={range .items[*]}"])
+            .contains("has no {end}")
+    );
     let wide = s.ok(&["get", "functions", "-o", "wide"]);
     let header = wide.lines().next().unwrap_or("");
     assert!(

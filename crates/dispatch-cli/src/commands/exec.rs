@@ -74,7 +74,7 @@ impl Exec {
         }
         let r = ctx.client.exec(&self.function, &input).await?;
         match self.output {
-            Format::Table | Format::Json | Format::Wide => {
+            Format::Table | Format::Json | Format::Wide | Format::JsonPath => {
                 print_structured(&r.envelope, Format::Json)?
             }
             // The run happened: its id is what names it.

@@ -16,8 +16,12 @@ pub struct Get {
     pub kind: String,
     /// One resource (or run id); all when omitted
     pub name: Option<String>,
-    /// Output format: table, json, yaml, or name (kind/name lines)
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    /// Output format: table, wide, json, yaml, name (kind/name lines), or jsonpath=TEMPLATE as
+    /// kubectl reads it: `-o jsonpath='{.items[*].metadata.name}'`, or
+    /// `'{range .items[*]}{.metadata.name}{"\t"}{.status.phase}{"\n"}{end}'` (a list is
+    /// `{"kind":"List","items":[…]}`; one resource is the object itself)
+    #[arg(short = 'o', long = "output", value_name = "FORMAT", default_value = "table",
+          value_parser = crate::output::parse_get_format)]
     pub output: Format,
     /// Tables without their header and rule (for scripts)
     #[arg(long)]
