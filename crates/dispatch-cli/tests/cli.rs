@@ -101,13 +101,25 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
 
     let runs = s.json(&["get", "runs", "--function", "hello", "-o", "json"]);
     assert_eq!(runs.as_array().unwrap().len(), 2);
-    let id = runs[1]["id"].as_str().unwrap().to_string();
+    let id = runs[1]["metadata"]["name"].as_str().unwrap().to_string();
+    // A run prints as resources do: apiVersion, kind, metadata, spec (what was asked),
+    // status (what happened).
     let run = s.json(&["get", "run", &id, "-o", "json"]);
     assert_eq!(
-        (run["status"].as_str(), run["input"]["name"].as_str()),
-        (Some("SUCCEEDED"), Some("user"))
+        (
+            run["kind"].as_str(),
+            run["metadata"]["name"].as_str(),
+            run["status"]["phase"].as_str(),
+            run["spec"]["input"]["name"].as_str()
+        ),
+        (
+            Some("Run"),
+            Some(id.as_str()),
+            Some("SUCCEEDED"),
+            Some("user")
+        )
     );
-    assert!(run["cold"].is_boolean() && run["timings"]["execMs"].is_u64());
+    assert!(run["status"]["cold"].is_boolean() && run["status"]["timings"]["execMs"].is_u64());
     assert_eq!(
         s.ok(&["logs", "run", &id]),
         "messages to stdout show up in logs\n"
@@ -679,10 +691,13 @@ fn async_runs_from_the_cli() {
     assert_eq!(s.ok(&["logs", "run", &id, "--follow"]), "working on a\n");
     let run = s.json(&["get", "run", &id, "-o", "json"]);
     assert_eq!(
-        (run["status"].as_str(), run["async"].as_bool()),
+        (
+            run["status"]["phase"].as_str(),
+            run["spec"]["async"].as_bool()
+        ),
         (Some("SUCCEEDED"), Some(true))
     );
-    assert_eq!(run["output"]["done"], "a");
+    assert_eq!(run["status"]["output"]["done"], "a");
 
     // Default retry policy: 3 attempts, then DEAD; visible with --status dead.
     let dead: Value =
@@ -712,7 +727,7 @@ fn async_runs_from_the_cli() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        s.json(&["get", "run", &dead_id, "-o", "json"])["attemptErrors"]
+        s.json(&["get", "run", &dead_id, "-o", "json"])["status"]["attemptErrors"]
             .as_array()
             .unwrap()
             .len(),
@@ -725,7 +740,8 @@ fn async_runs_from_the_cli() {
             .unwrap();
     let long_id = long["id"].as_str().unwrap().to_string();
     eventually("the long run to be RUNNING", || {
-        (s.json(&["get", "run", &long_id, "-o", "json"])["status"] == "RUNNING").then_some(())
+        (s.json(&["get", "run", &long_id, "-o", "json"])["status"]["phase"] == "RUNNING")
+            .then_some(())
     });
     assert_eq!(
         s.ok(&["cancel", "run", &long_id]),
@@ -789,7 +805,7 @@ fn run_history_pages_and_policies_from_the_cli() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r["id"].as_str().unwrap().to_string())
+            .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
             .collect()
     };
     let mut seen = page(None);
@@ -886,9 +902,12 @@ fn job_templates_from_the_cli() {
         s.ok(&["logs", "jobexecution", &uuid, "--follow"]),
         "again\n"
     );
+    let job = s.ok(&["get", "jobexecution", &uuid, "-o", "yaml"]);
     assert!(
-        s.ok(&["get", "jobexecution", &uuid, "-o", "yaml"])
-            .contains("phase: Completed")
+        job.contains("kind: JobExecution")
+            && job.contains("jobTemplateName: jobtemplate-sample")
+            && job.contains("phase: Completed"),
+        "{job}"
     );
     assert_eq!(s.ok(&["logs", "jobexecution", &uuid]), "again\n");
     let list = s.ok(&["get", "jobexecutions", "--template", "jobtemplate-sample"]);
@@ -1317,9 +1336,9 @@ fn events_subscriptions_and_drivers_from_the_cli() {
     // --follow blocks until the run is final (exit 0: SUCCEEDED).
     s.ok(&["logs", "run", &run_id, "--follow"]);
     let run = s.json(&["get", "run", &run_id, "-o", "json"]);
-    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(run["status"]["phase"], "SUCCEEDED", "{run}");
     assert_eq!(
-        run["output"],
+        run["status"]["output"],
         serde_json::json!({"type": "order.created", "data": {"total": 3}})
     );
     s.ok(&["emit", "user.signup"]);
@@ -1369,7 +1388,7 @@ fn events_subscriptions_and_drivers_from_the_cli() {
         runs.as_array()
             .unwrap()
             .iter()
-            .any(|r| r["trigger"] == "cron" && r["status"] == "SUCCEEDED")
+            .any(|r| r["spec"]["trigger"] == "cron" && r["status"]["phase"] == "SUCCEEDED")
             .then_some(())
     });
     let table = s.ok(&["get", "eventdrivers"]);

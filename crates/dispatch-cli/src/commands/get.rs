@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use dispatch_client::RunQuery;
+use dispatch_core::{JobExecution, Run};
 
 use super::{Target, parse_target};
 use crate::Ctx;
@@ -275,14 +276,14 @@ impl Get {
                     let j = c.get_job(&uuid).await?;
                     match self.output {
                         Format::Table => print!("{}", jobs_table(std::slice::from_ref(&j))),
-                        f => print_structured(&j, f)?,
+                        f => print_structured(&j.to_resource(), f)?,
                     }
                 }
                 None => {
                     let jobs = c.list_jobs(self.template.as_deref()).await?;
                     match self.output {
                         Format::Table => print!("{}", jobs_table(&jobs)),
-                        f => print_structured(&jobs, f)?,
+                        f => print_structured(&resources(&jobs, JobExecution::to_resource), f)?,
                     }
                 }
             },
@@ -291,7 +292,7 @@ impl Get {
                     let r = c.get_run(&id).await?;
                     match self.output {
                         Format::Table => print!("{}", runs_table(std::slice::from_ref(&r))),
-                        f => print_structured(&r, f)?,
+                        f => print_structured(&r.to_resource(), f)?,
                     }
                 }
                 None => {
@@ -314,7 +315,7 @@ impl Get {
                                 eprintln!("(more: dispatch get runs --after {} …)", last.id);
                             }
                         }
-                        f => print_structured(&runs, f)?,
+                        f => print_structured(&resources(&runs, Run::to_resource), f)?,
                     }
                 }
             },
@@ -437,4 +438,9 @@ async fn watch(
         }
         seen = now.iter().map(|o| (o.name().to_string(), key(o))).collect();
     }
+}
+
+/// Records (runs, job executions) in the shape resources print in (`views.rs` of the core).
+fn resources<T>(records: &[T], view: fn(&T) -> serde_json::Value) -> Vec<serde_json::Value> {
+    records.iter().map(view).collect()
 }
