@@ -392,7 +392,7 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
         match admitted {
             Ok(run) => batch.push((d, run)),
             Err(e) => {
-                refused(state, &key, d, e.to_string()).await;
+                refused(state, &key, d, e.recorded()).await;
                 was_refused = true;
                 break;
             }

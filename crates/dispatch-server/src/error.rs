@@ -71,13 +71,7 @@ impl ApiError {
 
     /// An internal failure: answered without details; its chain is logged when answered.
     pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
-        let mut chain = err.to_string();
-        let mut source = err.source();
-        while let Some(s) = source {
-            chain.push_str(": ");
-            chain.push_str(&s.to_string());
-            source = s.source();
-        }
+        let chain = crate::state::chain(err);
         let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal",

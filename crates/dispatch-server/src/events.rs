@@ -187,7 +187,7 @@ async fn accept(
                 }
                 Err(e) => {
                     d.attempts = 1;
-                    d.error = Some(e.to_string());
+                    d.error = Some(e.recorded());
                 }
             }
         }

@@ -34,6 +34,7 @@ pub mod routes;
 pub mod secrets;
 pub mod serve;
 pub mod state;
+mod state_error;
 pub mod tls;
 mod tokens;
 

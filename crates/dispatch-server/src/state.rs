@@ -16,58 +16,7 @@ use crate::queue::Queue;
 use crate::recorder::Recorder;
 use crate::routes::Routes;
 
-/// What the shared state's calls fail with: the store's errors, and the few of its own. The
-/// HTTP edge (`error.rs`) decides what status each is.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Invalid(#[from] dispatch_core::ValidationError),
-    #[error("namespace {0:?} not found: create it first (dispatch create namespace {0})")]
-    NamespaceNotFound(String),
-    #[error("token {0:?} already exists: delete it first or pick another name")]
-    TokenExists(String),
-    /// The data dir's disk is below its reserve (the message names no path).
-    #[error(transparent)]
-    DiskFull(#[from] crate::disk::DiskFull),
-    /// A failure of the server itself; `context` says what it was doing.
-    #[error("{context}: {source}")]
-    Internal {
-        context: &'static str,
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
-
-impl StateError {
-    /// Whether the same request may succeed later unchanged: the store or the disk failed,
-    /// not the request.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            StateError::Store(e) => !matches!(
-                e,
-                StoreError::NotFound { .. }
-                    | StoreError::AlreadyExists { .. }
-                    | StoreError::Conflict { .. }
-                    | StoreError::Invalid { .. }
-            ),
-            StateError::DiskFull(_) | StateError::Internal { .. } => true,
-            StateError::Invalid(_)
-            | StateError::NamespaceNotFound(_)
-            | StateError::TokenExists(_) => false,
-        }
-    }
-
-    pub fn internal(
-        context: &'static str,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        StateError::Internal {
-            context,
-            source: source.into(),
-        }
-    }
-}
+pub use crate::state_error::{StateError, chain};
 
 /// A function that serves calls now (the controller deployed it).
 #[derive(Debug, Clone)]

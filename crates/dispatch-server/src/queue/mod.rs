@@ -63,6 +63,20 @@ pub enum QueueError {
     State(#[from] crate::state::StateError),
 }
 
+impl QueueError {
+    /// What a record users read (an event delivery) says of this refusal: the server's own
+    /// failures go to its log, not into the record.
+    pub fn recorded(&self) -> String {
+        match self {
+            QueueError::State(s) if s.is_transient() => {
+                tracing::warn!("queueing a run: {s}");
+                "the server could not queue it now: it is tried again".to_string()
+            }
+            e => e.to_string(),
+        }
+    }
+}
+
 mod runs;
 use runs::{NOT_READY_DELAY, human, run_one, stored_retry};
 
