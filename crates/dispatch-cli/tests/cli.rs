@@ -917,6 +917,55 @@ fn job_templates_from_the_cli() {
         "header, rule, two executions: {list}"
     );
 
+    // A JobExecution resource, as dispatcher documents it: apply starts it under its name;
+    // applied again it is unchanged; another payload under that name is refused.
+    let execution = s.dir.path().join("execution.yaml");
+    let write_execution = |payload: &str| {
+        std::fs::write(
+            &execution,
+            format!(
+                "apiVersion: dispatcher.ivan.vc/v1alpha1\nkind: JobExecution\nmetadata: {{name: nightly}}\nspec: {{jobTemplateName: jobtemplate-sample, payload: {payload}}}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_execution("from-apply");
+    let path = execution.to_str().unwrap();
+    assert_eq!(
+        s.ok(&["apply", "-f", path, "--dry-run"]),
+        "jobexecution/nightly created (dry run)\n"
+    );
+    assert_eq!(
+        s.ok(&["apply", "-f", path]),
+        "jobexecution/nightly created\n"
+    );
+    assert_eq!(
+        s.ok(&["logs", "jobexecution", "nightly", "--follow"]),
+        "from-apply\n"
+    );
+    let job = s.json(&["get", "jobexecution", "nightly", "-o", "json"]);
+    assert_eq!(
+        (
+            job["metadata"]["name"].as_str(),
+            job["spec"]["payload"].as_str(),
+            job["status"]["phase"].as_str()
+        ),
+        (Some("nightly"), Some("from-apply"), Some("Completed"))
+    );
+    assert_eq!(
+        s.ok(&["apply", "-f", path]),
+        "jobexecution/nightly unchanged\n"
+    );
+    write_execution("changed");
+    assert!(
+        s.fails(&["apply", "-f", path])
+            .contains("an execution does not change")
+    );
+    assert!(
+        s.fails(&["create", "-f", path])
+            .contains("is started by `dispatch apply -f`")
+    );
+
     let tpl = s.dir.path().join("jobs.yaml");
     std::fs::write(
         &tpl,

@@ -92,6 +92,28 @@ impl Client {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    /// The execution of that name (or UUID) in `ns`, if there is one.
+    pub async fn get_job_in(&self, ns: &str, name: &str) -> Result<Option<JobExecution>> {
+        let url = self.ns_url(ns, &format!("jobexecutions/{name}"));
+        match self.json(self.request(Method::GET, &url), &url).await {
+            Ok(j) => Ok(Some(j)),
+            Err(e) if e.code() == Some("NotFound") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts an execution from a `JobExecution` resource (dispatcher's shape); answers it
+    /// as a resource.
+    pub async fn create_job_execution(
+        &self,
+        ns: &str,
+        resource: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let url = self.ns_url(ns, "jobexecutions");
+        self.json(self.request(Method::POST, &url).json(resource), &url)
+            .await
+    }
+
     /// The logs so far (while it runs) or all of them.
     pub async fn job_logs(&self, uuid: &str) -> Result<Logs> {
         let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}/logs"));

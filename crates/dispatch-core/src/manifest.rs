@@ -28,10 +28,45 @@ impl Document {
     }
 }
 
+/// A dispatcher `JobExecution` document: start job template `template` with `payload`, as an
+/// execution named `name` (what `dispatch apply -f` does with one; dispatcher's
+/// `spec.jobTemplateName` and `spec.payload`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecutionDoc {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub template: String,
+    /// `spec.payload` as text (a YAML mapping or list is written as its JSON).
+    pub payload: String,
+    pub index: usize,
+}
+
+/// One document of a manifest: a resource, or a job execution to start.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    Resource(Box<Document>),
+    Execution(ExecutionDoc),
+}
+
 /// Parses a YAML (multi-document, `---`) or JSON (one object, or an array of objects)
-/// manifest. Empty documents are skipped. Every document must have `apiVersion`, `kind`
-/// and `metadata.name`; specs are checked later by [`Object::validate`].
+/// manifest into resources only: a `JobExecution` is refused here (`dispatch apply -f`
+/// starts one; see [`parse_entries`]).
 pub fn parse_manifest(text: &str) -> Result<Vec<Document>, ValidationError> {
+    parse_entries(text)?
+        .into_iter()
+        .map(|e| match e {
+            Entry::Resource(d) => Ok(*d),
+            Entry::Execution(x) => Err(ValidationError::new(format!(
+                "document {}: a JobExecution is started by `dispatch apply -f` (or PUT \
+                 /execute/{{namespace}}/{{name}}), not by this command",
+                x.index
+            ))),
+        })
+        .collect()
+}
+
+/// Parses a manifest (as [`parse_manifest`]) into resources and job executions, in order.
+pub fn parse_entries(text: &str) -> Result<Vec<Entry>, ValidationError> {
     let trimmed = text.trim_start();
     let docs: Vec<Value> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
         match serde_json::from_str::<Value>(trimmed)
@@ -50,15 +85,61 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Document>, ValidationError> {
         if doc.is_null() {
             continue;
         }
-        out.push(Document {
+        if doc.get("kind").and_then(Value::as_str) == Some("JobExecution") {
+            out.push(Entry::Execution(execution_doc(&doc, index)?));
+            continue;
+        }
+        out.push(Entry::Resource(Box::new(Document {
             object: document_to_object(doc, index)?,
             index,
-        });
+        })));
     }
     if out.is_empty() {
         return Err(ValidationError::new("manifest has no documents"));
     }
     Ok(out)
+}
+
+fn execution_doc(doc: &Value, index: usize) -> Result<ExecutionDoc, ValidationError> {
+    let mut x = ExecutionDoc::from_value(doc)
+        .map_err(|e| ValidationError::new(format!("document {index}: {}", e.message)))?;
+    x.index = index;
+    Ok(x)
+}
+
+impl ExecutionDoc {
+    /// Reads a `JobExecution` resource (dispatcher's apiVersion, or ours): `metadata.name`,
+    /// `spec.jobTemplateName`, `spec.payload`.
+    pub fn from_value(doc: &Value) -> Result<ExecutionDoc, ValidationError> {
+        let at = ValidationError::new;
+        let api_version = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        if api_version != DISPATCHER_API_VERSION && api_version != API_VERSION {
+            return Err(at(format!(
+                "apiVersion {api_version:?} of a JobExecution is not supported: use \
+                 {DISPATCHER_API_VERSION}"
+            )));
+        }
+        let str_at = |p: &str| doc.pointer(p).and_then(Value::as_str).map(str::to_string);
+        let name = str_at("/metadata/name").unwrap_or_default();
+        crate::names::validate_name("job execution", &name)?;
+        let Some(template) = str_at("/spec/jobTemplateName").filter(|t| !t.is_empty()) else {
+            return Err(at(format!(
+                "JobExecution {name:?} has no spec.jobTemplateName: name the job template to run"
+            )));
+        };
+        let payload = match doc.pointer("/spec/payload") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        };
+        Ok(ExecutionDoc {
+            name,
+            namespace: str_at("/metadata/namespace"),
+            template,
+            payload,
+            index: 1,
+        })
+    }
 }
 
 fn document_to_object(doc: Value, index: usize) -> Result<Object, ValidationError> {
@@ -75,7 +156,8 @@ fn document_to_object(doc: Value, index: usize) -> Result<Object, ValidationErro
     }
     if api_version == DISPATCHER_API_VERSION && kind_str != "JobTemplate" {
         return Err(at(format!(
-            "kind {kind_str} of {DISPATCHER_API_VERSION} is not supported: only JobTemplate is (a JobExecution is started with PUT /execute/{{namespace}}/{{name}})"
+            "kind {kind_str} of {DISPATCHER_API_VERSION} is not supported: only JobTemplate and \
+             JobExecution are"
         )));
     }
     if api_version != API_VERSION && api_version != DISPATCHER_API_VERSION {
@@ -143,5 +225,34 @@ mod tests {
         let err =
             parse_manifest("apiVersion: dispatch.dev/v1\nkind: Image\nmetadata: {}\n").unwrap_err();
         assert!(err.message.contains("metadata.name"), "{err}");
+    }
+
+    #[test]
+    fn a_dispatcher_job_execution_is_an_entry_of_its_own() {
+        let text = "apiVersion: dispatcher.ivan.vc/v1alpha1\nkind: JobTemplate\nmetadata: {name: t}\nspec:\n  jobTemplate: {spec: {template: {spec: {containers: [{name: c, image: alpine, command: [echo]}], restartPolicy: Never}}}}\n---\napiVersion: dispatcher.ivan.vc/v1alpha1\nkind: JobExecution\nmetadata: {name: run-1}\nspec: {jobTemplateName: t, payload: {n: 1}}\n";
+        let entries = parse_entries(text).unwrap();
+        assert!(matches!(&entries[0], Entry::Resource(d) if d.object.kind == Kind::JobTemplate));
+        let Entry::Execution(x) = &entries[1] else {
+            panic!("{entries:?}");
+        };
+        assert_eq!(
+            (
+                x.name.as_str(),
+                x.template.as_str(),
+                x.payload.as_str(),
+                x.index
+            ),
+            ("run-1", "t", r#"{"n":1}"#, 2)
+        );
+        // Commands that take resources only say which command starts one.
+        let e = parse_manifest(text).unwrap_err().message;
+        assert!(
+            e.contains("document 2") && e.contains("dispatch apply -f"),
+            "{e}"
+        );
+        let e = parse_entries("apiVersion: dispatcher.ivan.vc/v1alpha1\nkind: JobExecution\nmetadata: {name: x}\nspec: {}\n")
+            .unwrap_err()
+            .message;
+        assert!(e.contains("spec.jobTemplateName"), "{e}");
     }
 }

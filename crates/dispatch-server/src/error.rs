@@ -240,6 +240,9 @@ impl From<JobError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "RenderError", e.to_string())
             }
             JobError::Ended { .. } | JobError::Ending(_) => ApiError::conflict(e.to_string()),
+            JobError::Exists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
+            }
         }
     }
 }

@@ -32,6 +32,12 @@ pub enum JobError {
     Ended { uuid: String, phase: JobPhase },
     #[error("job execution {0:?} is ending now: nothing to cancel")]
     Ending(String),
+    /// An execution of this name exists (executions do not change).
+    #[error(
+        "job execution {0:?} already exists: an execution does not change; start another \
+         under a new name"
+    )]
+    Exists(String),
     #[error(transparent)]
     Invalid(#[from] dispatch_core::ValidationError),
     #[error(transparent)]
@@ -153,12 +159,33 @@ pub async fn execute(
     name: &str,
     payload: String,
 ) -> Result<JobExecution, JobError> {
+    execute_as(state, ns, name, payload, None).await
+}
+
+/// [`execute`], the execution named `id` when given (a `JobExecution` resource's
+/// `metadata.name`; refused when that name exists), else a fresh UUID.
+pub async fn execute_as(
+    state: &Arc<AppState>,
+    ns: &str,
+    name: &str,
+    payload: String,
+    id: Option<&str>,
+) -> Result<JobExecution, JobError> {
     let spec = template_of(state, ns, name).await?;
     state
         .disk_admits("job executions", payload.len() as u64)
         .await?;
     let created = now(state);
-    let uuid = jobs::new_uuid();
+    let uuid = match id {
+        Some(id) => {
+            let (n, u) = (ns.to_string(), id.to_string());
+            if state.db(move |s| s.get_job(&n, &u)).await?.is_some() {
+                return Err(JobError::Exists(id.to_string()));
+            }
+            id.to_string()
+        }
+        None => jobs::new_uuid(),
+    };
     let data = RenderData {
         payload: payload.clone(),
         name: name.to_string(),

@@ -210,6 +210,82 @@ async fn dispatcher_sample_runs_and_payloads_pass_through() {
     t.stop().await;
 }
 
+/// A `JobExecution` resource POSTed (dispatcher's shape) starts its template under its own
+/// name: 201 with the execution as a resource; the name again is 409; a bad one is 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_execution_resource_starts_under_its_name() {
+    let t = start().await;
+    let c = &t.client;
+    c.create(&template(
+        "echo",
+        json!(["sh", "-c", "echo \"$PAYLOAD\""]),
+        json!({}),
+        None,
+    ))
+    .await
+    .unwrap();
+    settled(c, Kind::JobTemplate, "echo").await;
+    let url = format!("{}/v1/namespaces/default/jobexecutions", t.api());
+    let post = |body: serde_json::Value| {
+        let url = url.clone();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let resource = json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+        "metadata": {"name": "first"}, "spec": {"jobTemplateName": "echo", "payload": "hi"}});
+    let r = post(resource.clone()).await;
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            v["kind"].as_str(),
+            v["metadata"]["name"].as_str(),
+            v["spec"]["jobTemplateName"].as_str()
+        ),
+        (Some("JobExecution"), Some("first"), Some("echo"))
+    );
+    let j = ended(&t, "first").await;
+    assert_eq!(
+        (j.phase, j.logs.stdout.join("")),
+        (JobPhase::Completed, "hi".into())
+    );
+    let again = post(resource).await;
+    assert_eq!(again.status(), 409);
+    for (bad, says) in [
+        (
+            json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "x"}, "spec": {}}),
+            "spec.jobTemplateName",
+        ),
+        (
+            json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "Bad Name"}, "spec": {"jobTemplateName": "echo"}}),
+            "job execution",
+        ),
+        (
+            json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "y", "namespace": "other"}, "spec": {"jobTemplateName": "echo"}}),
+            "does not match",
+        ),
+    ] {
+        let r = post(bad).await;
+        assert_eq!(r.status(), 400);
+        let body: serde_json::Value = r.json().await.unwrap();
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains(says), "{message}");
+    }
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backoff_deadline_cancel_and_max_active() {
     let t = start().await;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 
-use super::{prepare, read_manifest, said};
+use dispatch_core::manifest::{Entry, ExecutionDoc};
+
+use super::{prepare, read_entries, said};
 use crate::Ctx;
 
 /// Create or update every resource of a YAML/JSON manifest (multi-document)
@@ -28,56 +30,114 @@ impl Apply {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
         let mut report = crate::output::Report::new(self.output);
+        let (entries, base) = read_entries(&self.file)?;
         if self.dry_run {
-            for p in super::diff::plan(ctx, &self.file).await? {
+            let docs = entries.iter().filter_map(|e| match e {
+                Entry::Resource(d) => Some(d.as_ref()),
+                Entry::Execution(_) => None,
+            });
+            for p in super::diff::plan_documents(ctx, docs, &base).await? {
                 let verb = format!("{} (dry run)", p.verb);
                 said(&mut report, &p.object, &verb);
             }
-            report.finish()?;
-            return Ok(ExitCode::SUCCESS);
         }
-        let (docs, base) = read_manifest(&self.file)?;
-        for d in &docs {
-            let at = || d.label();
-            let o = prepare(c, d, &base).await.with_context(at)?;
-            let ns = o.namespace().to_string();
-            // A write of the server's own (the controller recording a build's status) between
-            // the read and the update is a conflict that is not the user's: read and apply
-            // again, a few times.
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let existing = c
-                    .get_optional(&ns, o.kind, o.name())
-                    .await
-                    .with_context(at)?;
-                match existing {
-                    None => {
-                        said(
-                            &mut report,
-                            &c.create(&o).await.with_context(at)?,
-                            "created",
-                        );
-                        break;
-                    }
-                    Some(e) => {
-                        let mut next = o.clone();
-                        next.metadata.resource_version = e.metadata.resource_version.clone();
-                        let updated = match c.update(&next).await {
-                            Ok(u) => u,
-                            Err(err) if err.code() == Some("Conflict") && attempts < 5 => continue,
-                            Err(err) => return Err(err).with_context(at),
-                        };
-                        let changed = updated.metadata.generation != e.metadata.generation
-                            || updated.metadata.labels != e.metadata.labels;
-                        let verb = if changed { "configured" } else { "unchanged" };
-                        said(&mut report, &updated, verb);
-                        break;
-                    }
-                }
+        for entry in &entries {
+            match entry {
+                Entry::Execution(x) => execution(c, &mut report, x, self.dry_run).await?,
+                Entry::Resource(_) if self.dry_run => {}
+                Entry::Resource(d) => resource(c, &mut report, d, &base).await?,
             }
         }
         report.finish()?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Creates or updates one resource of the manifest.
+async fn resource(
+    c: &dispatch_client::Client,
+    report: &mut crate::output::Report,
+    d: &dispatch_core::manifest::Document,
+    base: &std::path::Path,
+) -> Result<()> {
+    let at = || d.label();
+    let o = prepare(c, d, base).await.with_context(at)?;
+    let ns = o.namespace().to_string();
+    // A write of the server's own (the controller recording a build's status) between the
+    // read and the update is a conflict that is not the user's: read and apply again, a few
+    // times.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let existing = c
+            .get_optional(&ns, o.kind, o.name())
+            .await
+            .with_context(at)?;
+        let Some(e) = existing else {
+            said(report, &c.create(&o).await.with_context(at)?, "created");
+            return Ok(());
+        };
+        let mut next = o.clone();
+        next.metadata.resource_version = e.metadata.resource_version.clone();
+        let updated = match c.update(&next).await {
+            Ok(u) => u,
+            Err(err) if err.code() == Some("Conflict") && attempts < 5 => continue,
+            Err(err) => return Err(err).with_context(at),
+        };
+        let changed = updated.metadata.generation != e.metadata.generation
+            || updated.metadata.labels != e.metadata.labels;
+        let verb = if changed { "configured" } else { "unchanged" };
+        said(report, &updated, verb);
+        return Ok(());
+    }
+}
+
+/// Starts a `JobExecution` of the manifest unless one of its name exists: `unchanged` when
+/// that one ran the same template with the same payload, an error otherwise (an execution
+/// does not change).
+async fn execution(
+    c: &dispatch_client::Client,
+    report: &mut crate::output::Report,
+    x: &ExecutionDoc,
+    dry_run: bool,
+) -> Result<()> {
+    let at = || format!("document {} (job execution {})", x.index, x.name);
+    let ns = x
+        .namespace
+        .clone()
+        .unwrap_or_else(|| c.namespace().to_string());
+    if let Some(j) = c.get_job_in(&ns, &x.name).await.with_context(at)? {
+        if j.name != x.template || j.payload != x.payload {
+            anyhow::bail!(
+                "{}: job execution {:?} exists and ran job template {:?} with another payload: \
+                 an execution does not change; apply it under a new name",
+                at(),
+                x.name,
+                j.name
+            );
+        }
+        let verb = if dry_run {
+            "unchanged (dry run)"
+        } else {
+            "unchanged"
+        };
+        report.done("jobexecution", &x.name, verb, j.to_resource());
+        return Ok(());
+    }
+    let resource = serde_json::json!({
+        "apiVersion": dispatch_core::manifest::DISPATCHER_API_VERSION,
+        "kind": "JobExecution",
+        "metadata": {"name": x.name, "namespace": ns},
+        "spec": {"jobTemplateName": x.template, "payload": x.payload},
+    });
+    if dry_run {
+        report.done("jobexecution", &x.name, "created (dry run)", resource);
+        return Ok(());
+    }
+    let created = c
+        .create_job_execution(&ns, &resource)
+        .await
+        .with_context(at)?;
+    report.done("jobexecution", &x.name, "created", created);
+    Ok(())
 }

@@ -55,12 +55,21 @@ fn comparable(o: Option<&Object>) -> String {
 
 /// Plans every document of a manifest against the server (dry runs).
 pub async fn plan(ctx: &Ctx, file: &std::path::Path) -> Result<Vec<Planned>> {
-    let c = &ctx.client;
     let (docs, base) = read_manifest(file)?;
+    plan_documents(ctx, docs.iter(), &base).await
+}
+
+/// Plans these documents (`base`: where their relative paths start).
+pub async fn plan_documents(
+    ctx: &Ctx,
+    docs: impl Iterator<Item = &dispatch_core::manifest::Document>,
+    base: &std::path::Path,
+) -> Result<Vec<Planned>> {
+    let c = &ctx.client;
     let mut out = Vec::new();
-    for d in &docs {
+    for d in docs {
         let at = || d.label();
-        let o = prepare(c, d, &base).await.with_context(at)?;
+        let o = prepare(c, d, base).await.with_context(at)?;
         let existing = c
             .get_optional(o.namespace(), o.kind, o.name())
             .await

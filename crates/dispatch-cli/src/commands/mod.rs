@@ -177,20 +177,34 @@ pub fn ensure_ready(o: &Object) -> Result<()> {
 /// Reads a manifest from a file or `-` (stdin); relative `sourcePath`s resolve against the
 /// file's folder (the current one for stdin).
 pub fn read_manifest(file: &Path) -> Result<(Vec<Document>, PathBuf)> {
-    let (text, base) = if file == Path::new("-") {
+    let (text, base) = manifest_text(file)?;
+    let docs = parse_manifest(&text).with_context(|| format!("{}", file.display()))?;
+    Ok((docs, base))
+}
+
+/// [`read_manifest`] with job executions too (`dispatch apply -f`), in file order.
+pub fn read_entries(file: &Path) -> Result<(Vec<dispatch_core::manifest::Entry>, PathBuf)> {
+    let (text, base) = manifest_text(file)?;
+    let entries = dispatch_core::manifest::parse_entries(&text)
+        .with_context(|| format!("{}", file.display()))?;
+    Ok((entries, base))
+}
+
+/// A manifest's text and the folder its relative paths start from (`-`: stdin, the
+/// current folder).
+fn manifest_text(file: &Path) -> Result<(String, PathBuf)> {
+    if file == Path::new("-") {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
             .context("failed to read the manifest from stdin")?;
-        (s, std::env::current_dir().unwrap_or_default())
+        Ok((s, std::env::current_dir().unwrap_or_default()))
     } else {
         let s = std::fs::read_to_string(file)
             .with_context(|| format!("failed to read {}", file.display()))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        (s, base)
-    };
-    let docs = parse_manifest(&text).with_context(|| format!("{}", file.display()))?;
-    Ok((docs, base))
+        Ok((s, base))
+    }
 }
 
 /// Packs and uploads `path` as the source of function `name` in `ns`; returns its digest.

@@ -68,6 +68,27 @@ async fn run(
     Ok(resp)
 }
 
+/// `POST …/jobexecutions`: a `JobExecution` resource (dispatcher's: `metadata.name`,
+/// `spec.jobTemplateName`, `spec.payload`) starts its template as an execution of that name;
+/// 201 with the execution as a resource, 409 when the name exists.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_namespace(&ns)?;
+    let body = body.map_err(|r| body_rejection(r, MAX_JOB_PAYLOAD))?;
+    let doc: serde_json::Value = crate::error::parse_json(&body, "the job execution")?;
+    let x = dispatch_core::manifest::ExecutionDoc::from_value(&doc)?;
+    if let Some(other) = x.namespace.as_deref().filter(|o| *o != ns) {
+        return Err(ApiError::bad_request(format!(
+            "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
+        )));
+    }
+    let job = crate::jobs::execute_as(&state, &ns, &x.template, x.payload, Some(&x.name)).await?;
+    Ok((StatusCode::CREATED, Json(job.to_resource())).into_response())
+}
+
 pub async fn list(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,

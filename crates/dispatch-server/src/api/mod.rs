@@ -50,7 +50,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/whoami", get(tokens::whoami))
         .route("/v1/audit", get(tokens::audit))
         .merge(execute_routes())
-        .route(&format!("{ns}/jobexecutions"), get(jobs::list))
+        .route(
+            &format!("{ns}/jobexecutions"),
+            get(jobs::list).post(jobs::create),
+        )
         .route(
             &format!("{ns}/jobexecutions/{{uuid}}"),
             get(jobs::get_one).delete(jobs::cancel),
