@@ -80,6 +80,8 @@ pub enum Command {
     Config(commands::config::Config),
     Explain(commands::explain::Explain),
     Completion(commands::completion::Completion),
+    #[command(name = "__complete-names", hide = true)]
+    CompleteNames(commands::completion::CompleteNames),
     Login(commands::login::Login),
     Runner(commands::runner::Runner),
     Bench(commands::bench::Bench),
@@ -173,6 +175,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Server(c) => return c.run().await,
         Quickstart(c) => return c.run().await,
         Completion(c) => return c.run(),
+        CompleteNames(c) => return c.run(&cli.global).await,
         Config(c) => return c.run(),
         Explain(c) => return c.run(),
         Login(c) => return c.run().await,
@@ -200,8 +203,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
         Whoami(c) => c.run(&ctx).await,
-        Server(_) | Quickstart(_) | Completion(_) | Config(_) | Explain(_) | Login(_)
-        | Runner(_) | K8s(_) | Bench(_) => {
+        Server(_) | Quickstart(_) | Completion(_) | CompleteNames(_) | Config(_) | Explain(_)
+        | Login(_) | Runner(_) | K8s(_) | Bench(_) => {
             unreachable!("handled above")
         }
     }

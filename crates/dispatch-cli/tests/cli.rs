@@ -542,8 +542,49 @@ fn config_contexts_version_and_completion() {
     std::fs::remove_file(&cfg).unwrap();
     assert!(s.ok(&["version"]).contains("embedded backend"));
     for shell in ["bash", "zsh", "fish"] {
-        assert!(s.ok(&["completion", shell]).contains("dispatch"));
+        let script = s.ok(&["completion", shell]);
+        assert!(script.contains("__complete-names"), "{shell}: {script}");
     }
+    // Names come from the server where a command takes KIND NAME.
+    s.ok(&["create", "image", "py", "python3"]);
+    assert_eq!(s.ok(&["__complete-names", "images"]), "py\n");
+    assert_eq!(s.ok(&["__complete-names", "audit"]), "");
+    // Without a server to ask: nothing, and no error a shell would print.
+    let out = s
+        .cli()
+        .env("DISPATCH_SERVER", "http://127.0.0.1:9")
+        .args(["__complete-names", "images"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && out.stdout.is_empty());
+    // bash, driven as it completes `dispatch get image p<TAB>`.
+    let dir = assert_cmd::cargo::cargo_bin("dispatch");
+    let path = format!(
+        "{}:{}",
+        dir.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = s.dir.path().join("completion.bash");
+    std::fs::write(&script, s.ok(&["completion", "bash"])).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {}; COMP_WORDS=(dispatch get image p); COMP_CWORD=3; _dispatch_with_names; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        ))
+        .env("PATH", path)
+        .env("DISPATCH_SERVER", format!("http://127.0.0.1:{}", s.api))
+        .env("DISPATCH_CONFIG", s.dir.path().join("config.json"))
+        .env("DISPATCH_TOKEN", &s.token)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "py\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
