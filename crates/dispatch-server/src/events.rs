@@ -72,8 +72,12 @@ pub struct EventIndex {
     pub webhooks: HashMap<String, (String, String, EventDriverSpec)>,
 }
 
-/// Reloads the index from the store and wakes the cron scheduler.
+/// Reloads the index from the store and wakes the cron scheduler. Rebuilds run one at a
+/// time: the API's (after a write) and the controller's (after its reconcile) once raced, and
+/// an index read before a new subscription replaced one read after it (an event then missed
+/// that subscription).
 pub async fn rebuild(state: &AppState) -> Result<(), StateError> {
+    let _one_at_a_time = state.event_index_rebuild.lock().await;
     let (subs, drivers) = state
         .res(|s| {
             Ok((

@@ -96,6 +96,9 @@ pub struct AppState {
     pub tokens: crate::tokens::Tokens,
     pub secrets: crate::secrets::SecretBox,
     event_index: RwLock<Arc<crate::events::EventIndex>>,
+    /// Held by an index rebuild from its read of the store to its swap, so that a rebuild
+    /// that read earlier never replaces the index of one that read later.
+    pub(crate) event_index_rebuild: tokio::sync::Mutex<()>,
     /// Wakes the cron scheduler (drivers changed).
     pub cron_wake: Arc<tokio::sync::Notify>,
     /// Wakes the broker driver supervisor (drivers changed).
@@ -188,6 +191,7 @@ impl AppState {
             tokens: crate::tokens::Tokens::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
+            event_index_rebuild: tokio::sync::Mutex::new(()),
             cron_wake: Arc::new(tokio::sync::Notify::new()),
             broker_wake: Arc::new(tokio::sync::Notify::new()),
             // Server::start checked the key file already (an unreadable one fails there);
