@@ -145,12 +145,22 @@ fn kill9_mid_stream(kind: Kind) {
     )
     .unwrap();
     s.ok(&["apply", "-f", manifest.to_str().unwrap()]);
-    eventually("sink READY and the driver CONNECTED", || {
-        (s.json(&["get", "function", "sink", "-o", "json"])["status"]["phase"] == "READY"
-            && s.json(&["get", "eventdriver", "bus", "-o", "json"])["status"]["phase"]
-                == "CONNECTED")
-            .then_some(())
-    });
+    // A timeout says what was seen last (it once timed out in a loaded full run, silently).
+    let seen = std::cell::RefCell::new(String::new());
+    let ready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        eventually("sink READY and the driver CONNECTED", || {
+            let f = s.json(&["get", "function", "sink", "-o", "json"])["status"].clone();
+            let d = s.json(&["get", "eventdriver", "bus", "-o", "json"])["status"].clone();
+            *seen.borrow_mut() = format!("function {f}, driver {d}");
+            (f["phase"] == "READY" && d["phase"] == "CONNECTED").then_some(())
+        })
+    }));
+    if ready.is_err() {
+        panic!(
+            "timed out waiting for sink READY and the driver CONNECTED: last {}",
+            seen.borrow()
+        );
+    }
     // The stream; the server is killed once a sixth of it has run.
     let producer = rt.spawn(publish(kind, port, 0, MESSAGES));
     eventually("50 runs before the kill", || {
