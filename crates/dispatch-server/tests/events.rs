@@ -252,3 +252,158 @@ async fn webhook_drivers_turn_requests_into_events() {
     }
     t.stop().await;
 }
+
+/// A resource store whose first listing of subscriptions, once armed, reads and then waits
+/// to be released: the index rebuild that made it holds a snapshot while others run.
+struct Gate {
+    inner: std::sync::Arc<dyn dispatch_store::ResourceStore>,
+    armed: std::sync::atomic::AtomicBool,
+    entered: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+struct Gated(std::sync::Arc<Gate>);
+
+impl dispatch_store::ResourceStore for Gated {
+    fn get(
+        &self,
+        ns: &str,
+        kind: Kind,
+        name: &str,
+    ) -> dispatch_store::Result<Option<dispatch_core::Object>> {
+        self.0.inner.get(ns, kind, name)
+    }
+    fn list(
+        &self,
+        ns: Option<&str>,
+        kind: Kind,
+    ) -> dispatch_store::Result<Vec<dispatch_core::Object>> {
+        let out = self.0.inner.list(ns, kind);
+        let gated = ns.is_none() && kind == Kind::Subscription;
+        if gated
+            && self
+                .0
+                .armed
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            if let Some(tx) = self.0.entered.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            let _ = self.0.release.lock().unwrap().recv();
+        }
+        out
+    }
+    fn create(&self, o: dispatch_core::Object) -> dispatch_store::Result<dispatch_core::Object> {
+        self.0.inner.create(o)
+    }
+    fn update(&self, o: dispatch_core::Object) -> dispatch_store::Result<dispatch_core::Object> {
+        self.0.inner.update(o)
+    }
+    fn update_status(
+        &self,
+        ns: &str,
+        kind: Kind,
+        name: &str,
+        status: dispatch_core::Status,
+    ) -> dispatch_store::Result<dispatch_core::Object> {
+        self.0.inner.update_status(ns, kind, name, status)
+    }
+    fn delete(
+        &self,
+        ns: &str,
+        kind: Kind,
+        name: &str,
+    ) -> dispatch_store::Result<dispatch_core::Object> {
+        self.0.inner.delete(ns, kind, name)
+    }
+    fn put_namespace(&self, name: &str, created: jiff::Timestamp) -> dispatch_store::Result<bool> {
+        self.0.inner.put_namespace(name, created)
+    }
+    fn list_namespaces(&self) -> dispatch_store::Result<Vec<dispatch_store::NamespaceRecord>> {
+        self.0.inner.list_namespaces()
+    }
+    fn set_run_history_budget(
+        &self,
+        name: &str,
+        budget: Option<u64>,
+        created: jiff::Timestamp,
+    ) -> dispatch_store::Result<()> {
+        self.0.inner.set_run_history_budget(name, budget, created)
+    }
+    fn delete_namespace(&self, name: &str) -> dispatch_store::Result<bool> {
+        self.0.inner.delete_namespace(name)
+    }
+}
+
+/// Index rebuilds do not overtake each other: one that read the store before a new
+/// subscription never replaces the index of one that read after it (the API's rebuild after a
+/// write and the controller's after its reconcile once did, and an event missed a
+/// subscription). The first rebuild is held between its read and its swap while the second
+/// runs; the index must end up with both subscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_rebuild_that_read_earlier_never_replaces_a_later_one() {
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let gate = std::sync::Arc::new(std::sync::OnceLock::<std::sync::Arc<Gate>>::new());
+    let g = gate.clone();
+    let t = start_wrapped(tempfile::tempdir().unwrap(), no_auth(), move |stores| {
+        let inner = std::sync::Arc::new(Gate {
+            inner: stores.resources.clone(),
+            armed: false.into(),
+            entered: std::sync::Mutex::new(Some(entered_tx)),
+            release: std::sync::Mutex::new(release_rx),
+        });
+        let _ = g.set(inner.clone());
+        dispatch_server::Stores {
+            resources: std::sync::Arc::new(Gated(inner)),
+            ..stores
+        }
+    })
+    .await;
+    let gate = gate.get().unwrap().clone();
+    let state = t.server.as_ref().unwrap().state.clone();
+    eventually("the server to be ready", || async {
+        state.is_ready().then_some(())
+    })
+    .await;
+    // Stored directly (no API write, so no rebuild of the server's own in between).
+    let sub = |name: &str| {
+        let mut o = object(
+            Kind::Subscription,
+            name,
+            json!({"eventType": "order.*", "function": "f"}),
+        );
+        o.metadata.namespace = Some("default".into());
+        o
+    };
+    gate.inner.create(sub("first")).unwrap();
+    gate.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let st = state.clone();
+    let early = tokio::spawn(async move { dispatch_server::events::rebuild(&st).await });
+    tokio::task::spawn_blocking(move || {
+        entered_rx.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .expect("the first rebuild reads the store");
+    gate.inner.create(sub("second")).unwrap();
+    let st = state.clone();
+    let mut late = tokio::spawn(async move { dispatch_server::events::rebuild(&st).await });
+    // Without the lock the late rebuild finishes here, and the early one then overwrites it;
+    // with it, the late one waits (this bound only decides how long to give it).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut late).await;
+    release_tx.send(()).unwrap();
+    early.await.unwrap().unwrap();
+    if !late.is_finished() {
+        late.await.unwrap().unwrap();
+    }
+    let mut names: Vec<String> = state
+        .event_index()
+        .subscriptions
+        .iter()
+        .map(|(_, n, _)| n.clone())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["first", "second"]);
+    t.stop().await;
+}

@@ -42,15 +42,21 @@ pub fn no_auth() -> dispatch_server::Options {
     }
 }
 
-pub async fn start_with(
+pub async fn start_with(dir: tempfile::TempDir, options: dispatch_server::Options) -> TestServer {
+    start_wrapped(dir, options, |s| s).await
+}
+
+/// [`start_with`], its stores first passed through `wrap` (a test's own wrapper).
+pub async fn start_wrapped(
     dir: tempfile::TempDir,
     mut options: dispatch_server::Options,
+    wrap: impl FnOnce(dispatch_server::Stores) -> dispatch_server::Stores,
 ) -> TestServer {
     options
         .secret_key_file
         .get_or_insert_with(|| dir.path().join("secret.key"));
     options.jobs_dir = dir.path().join("jobs");
-    let stores = dispatch_server::Stores::open(dir.path()).unwrap();
+    let stores = wrap(dispatch_server::Stores::open(dir.path()).unwrap());
     let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
     let local = LocalBackend::new(dir.path()).unwrap();
     let sandboxes = sandboxes(dir.path()).await;
