@@ -140,6 +140,16 @@ impl ExecutionDoc {
             index: 1,
         })
     }
+
+    /// The `JobExecution` resource that [`ExecutionDoc::from_value`] reads, in namespace `ns`.
+    pub fn to_resource(&self, ns: &str) -> Value {
+        serde_json::json!({
+            "apiVersion": DISPATCHER_API_VERSION,
+            "kind": "JobExecution",
+            "metadata": {"name": self.name, "namespace": ns},
+            "spec": {"jobTemplateName": self.template, "payload": self.payload},
+        })
+    }
 }
 
 fn document_to_object(doc: Value, index: usize) -> Result<Object, ValidationError> {
@@ -243,6 +253,13 @@ mod tests {
                 x.index
             ),
             ("run-1", "t", r#"{"n":1}"#, 2)
+        );
+        // What apply sends is what the server reads back.
+        let mut sent = ExecutionDoc::from_value(&x.to_resource("team")).unwrap();
+        assert_eq!(sent.namespace.take().as_deref(), Some("team"));
+        assert_eq!(
+            (sent.name, sent.template, sent.payload),
+            (x.name.clone(), x.template.clone(), x.payload.clone())
         );
         // Commands that take resources only say which command starts one.
         let e = parse_manifest(text).unwrap_err().message;

@@ -153,18 +153,9 @@ async fn template_of(state: &AppState, ns: &str, name: &str) -> Result<JobTempla
 }
 
 /// `PUT /execute/{ns}/{name}`: renders, records (Waiting) and starts or queues an execution.
+/// The execution is named `id` when given (a `JobExecution` resource's `metadata.name`;
+/// refused when that name exists), else a fresh UUID.
 pub async fn execute(
-    state: &Arc<AppState>,
-    ns: &str,
-    name: &str,
-    payload: String,
-) -> Result<JobExecution, JobError> {
-    execute_as(state, ns, name, payload, None).await
-}
-
-/// [`execute`], the execution named `id` when given (a `JobExecution` resource's
-/// `metadata.name`; refused when that name exists), else a fresh UUID.
-pub async fn execute_as(
     state: &Arc<AppState>,
     ns: &str,
     name: &str,

@@ -98,9 +98,7 @@ pub async fn forget(
 ) -> Result<(), ResourceError> {
     match kind {
         Kind::Function => {
-            state.set_deployed(ns, name, None);
-            state.queue.forget_function(ns, name);
-            state.backend.remove_function(ns, name).await;
+            stop_function(state, ns, name).await;
             state.recorder.flush().await;
             state.delete_runs_of(ns, name).await?;
         }
@@ -116,6 +114,14 @@ pub async fn forget(
     }
     state.enqueue(Key::new(ns, kind, name));
     Ok(())
+}
+
+/// A deleted function serves no more calls: out of the deployments, its queued runs
+/// forgotten by the scheduler, its workers stopped.
+async fn stop_function(state: &AppState, ns: &str, name: &str) {
+    state.set_deployed(ns, name, None);
+    state.queue.forget_function(ns, name);
+    state.backend.remove_function(ns, name).await;
 }
 
 /// A change the store saw that did not come through this server's API (`kubectl apply` or
@@ -205,11 +211,7 @@ pub async fn delete_namespace(
     // Stop what runs there before the records go.
     for (kind, name) in &contents {
         match kind {
-            Kind::Function => {
-                state.set_deployed(ns, name, None);
-                state.queue.forget_function(ns, name);
-                state.backend.remove_function(ns, name).await;
-            }
+            Kind::Function => stop_function(state, ns, name).await,
             Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
             _ => {}
         }

@@ -124,12 +124,7 @@ async fn execution(
         report.done("jobexecution", &x.name, verb, j.to_resource());
         return Ok(());
     }
-    let resource = serde_json::json!({
-        "apiVersion": dispatch_core::manifest::DISPATCHER_API_VERSION,
-        "kind": "JobExecution",
-        "metadata": {"name": x.name, "namespace": ns},
-        "spec": {"jobTemplateName": x.template, "payload": x.payload},
-    });
+    let resource = x.to_resource(&ns);
     if dry_run {
         report.done("jobexecution", &x.name, "created (dry run)", resource);
         return Ok(());

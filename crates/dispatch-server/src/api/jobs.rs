@@ -51,7 +51,7 @@ async fn run(
     let payload = String::from_utf8(body.to_vec()).map_err(|_| {
         ApiError::bad_request("the payload must be UTF-8 text (it becomes {{ .Payload }})")
     })?;
-    let job = crate::jobs::execute(&state, &ns, &name, payload).await?;
+    let job = crate::jobs::execute(&state, &ns, &name, payload, None).await?;
     let body = serde_json::json!({
         "uuid": job.uuid,
         "name": job.name,
@@ -85,7 +85,7 @@ pub async fn create(
             "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
         )));
     }
-    let job = crate::jobs::execute_as(&state, &ns, &x.template, x.payload, Some(&x.name)).await?;
+    let job = crate::jobs::execute(&state, &ns, &x.template, x.payload, Some(&x.name)).await?;
     Ok((StatusCode::CREATED, Json(job.to_resource())).into_response())
 }
 
