@@ -248,20 +248,19 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
     if let Err(e) = state.rebuild_routes().await {
         tracing::error!("failed to load endpoints: {e}");
     }
-    let store = state.stores.resources.clone();
-    let all = tokio::task::spawn_blocking(move || {
-        let mut keys = Vec::new();
-        for kind in Kind::ALL {
-            for o in store.list(None, kind)? {
-                keys.push(Key::of(&o));
+    let all = state
+        .res(|s| {
+            let mut keys = Vec::new();
+            for kind in Kind::ALL {
+                for o in s.list(None, kind)? {
+                    keys.push(Key::of(&o));
+                }
             }
-        }
-        Ok::<_, StoreError>(keys)
-    })
-    .await;
+            Ok(keys)
+        })
+        .await;
     match all {
-        Ok(Ok(keys)) => keys.into_iter().for_each(|k| state.enqueue(k)),
-        Ok(Err(e)) => tracing::error!("failed to list stored resources: {e}"),
+        Ok(keys) => keys.into_iter().for_each(|k| state.enqueue(k)),
         Err(e) => tracing::error!("failed to list stored resources: {e}"),
     }
     if let Err(e) = state.load_namespaces().await {

@@ -53,23 +53,20 @@ pub fn rules(state: &AppState) -> Retention {
 /// function's count. The age applies to each store alike.
 pub async fn step(state: &AppState, batch: usize) -> Result<u64, crate::state::StateError> {
     let rules = rules(state);
-    let stores = state.stores.run_stores();
-    let shared = stores.len() > 1;
-    let pruned = tokio::task::spawn_blocking(move || {
-        let mut used = Vec::new();
-        let mut deleted = 0;
-        for s in stores {
-            deleted += s.prune_runs(&rules.less(&used), batch)?;
-            if shared {
-                used.extend(s.function_usage()?);
+    state
+        .with_run_stores(move |stores| {
+            let shared = stores.len() > 1;
+            let mut used = Vec::new();
+            let mut deleted = 0;
+            for s in stores {
+                deleted += s.prune_runs(&rules.less(&used), batch)?;
+                if shared {
+                    used.extend(s.function_usage()?);
+                }
             }
-        }
-        Ok::<_, dispatch_store::StoreError>(deleted)
-    });
-    match pruned.await {
-        Ok(r) => r.map_err(crate::state::StateError::from),
-        Err(e) => Err(crate::state::StateError::internal("pruning run records", e)),
-    }
+            Ok(deleted)
+        })
+        .await
 }
 
 /// Prunes until nothing is over the rules (in steps), then compacts if much went; returns

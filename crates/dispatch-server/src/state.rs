@@ -134,11 +134,10 @@ impl AppState {
         if d.fits(incoming, || 0).is_ok() {
             return Ok(());
         }
-        let stores = self.stores.run_stores();
-        let reusable =
-            tokio::task::spawn_blocking(move || stores.iter().map(|s| s.reclaim()).sum())
-                .await
-                .unwrap_or(0);
+        let reusable = self
+            .with_run_stores(|all| Ok(all.iter().map(|s| s.reclaim()).sum()))
+            .await
+            .unwrap_or(0);
         d.fits(incoming, || reusable)
             .map_err(|short| d.refuse(what, short).into())
     }
@@ -405,8 +404,18 @@ impl AppState {
         T: Send + 'static,
         F: Fn(&dyn RecordStore) -> Result<T, StoreError> + Send + Sync + 'static,
     {
+        self.with_run_stores(move |all| all.iter().map(|s| f(s.as_ref())).collect())
+            .await
+    }
+
+    /// Runs a blocking call that is given every store holding run records, in order.
+    pub async fn with_run_stores<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&[Arc<dyn RecordStore>]) -> Result<T, StoreError> + Send + 'static,
+    {
         blocking(Arc::new(self.stores.run_stores()), move |all| {
-            all.iter().map(|s| f(s.as_ref())).collect()
+            f(all.as_slice())
         })
         .await
     }
@@ -418,8 +427,8 @@ impl AppState {
         T: Send + 'static,
         F: Fn(&dyn RecordStore) -> Result<Option<T>, StoreError> + Send + Sync + 'static,
     {
-        blocking(Arc::new(self.stores.run_stores()), move |all| {
-            for s in all.iter() {
+        self.with_run_stores(move |all| {
+            for s in all {
                 if let Some(found) = f(s.as_ref())? {
                     return Ok(Some(found));
                 }
