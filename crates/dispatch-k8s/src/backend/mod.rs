@@ -97,7 +97,8 @@ pub struct KubernetesBackend {
 struct RemoteFunction {
     http: reqwest::Client,
     name: String,
-    /// The Service's URL (`KubernetesOptions::function_url`).
+    /// Where calls are POSTed: the Service's URL (`KubernetesOptions::function_url`) with
+    /// one trailing `/`, made once per deploy rather than per call.
     url: String,
     image: String,
 }
@@ -107,7 +108,10 @@ impl KubernetesBackend {
         Arc::new(RemoteFunction {
             http: self.http.clone(),
             name: name.to_string(),
-            url: (self.options.function_url)(namespace, name),
+            url: format!(
+                "{}/",
+                (self.options.function_url)(namespace, name).trim_end_matches('/')
+            ),
             image,
         })
     }
@@ -126,18 +130,31 @@ impl DeployedFunction for RemoteFunction {
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
         let (name, url) = (&self.name, &self.url);
         Box::pin(async move {
+            let t0 = Instant::now();
+            let left = deadline.saturating_duration_since(t0);
+            let timeout =
+                || system_error(format!("function {name} did not answer within its timeout"));
+            if left.is_zero() {
+                // No time left: not sent (the function would run for a caller that has gone).
+                return Ok(CallOutcome {
+                    envelope: timeout(),
+                    cold: false,
+                    cold_start: None,
+                    timings: Timings::default(),
+                    timed_out: true,
+                });
+            }
             let body = format!(
                 r#"{{"context":{},"payload":{}}}"#,
                 context.get(),
                 payload.get()
             );
-            let t0 = Instant::now();
             let sent = self
                 .http
-                .post(format!("{}/", url.trim_end_matches('/')))
+                .post(url)
                 .header("content-type", "application/json")
                 .body(body)
-                .timeout(deadline.saturating_duration_since(t0))
+                .timeout(left)
                 .send()
                 .await;
             let mut timed_out = false;
@@ -159,7 +176,7 @@ impl DeployedFunction for RemoteFunction {
                 }
                 Err(e) if e.is_timeout() => {
                     timed_out = true;
-                    system_error(format!("function {name} did not answer within its timeout"))
+                    timeout()
                 }
                 Err(e) => system_error(format!("function {name} is not reachable at {url}: {e}")),
             };
