@@ -200,11 +200,24 @@ pub(super) async fn corrupt_blob(iso: &[&str]) -> Result<Row> {
         let url = format!("http://{}/hello", s.gateway);
         async move { status_of(&url).await }
     };
-    // A restart reads every function's source again.
+    // A restart reads every function's source again. Until the controller has reached this
+    // function its stored status is the one from before the restart (READY), so the check
+    // polls, with a deadline, for the status the redeploy writes.
     s.restart().await?;
-    let settled =
-        crate::commands::wait_settled(&s.client, Kind::Function, "hello", Duration::from_secs(60))
-            .await?;
+    let t = Instant::now();
+    let settled = loop {
+        let o = crate::commands::wait_settled(
+            &s.client,
+            Kind::Function,
+            "hello",
+            Duration::from_secs(60),
+        )
+        .await?;
+        if o.phase() == Some(dispatch_core::Phase::Error) || t.elapsed() > Duration::from_secs(30) {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let phase = settled.phase().map(|p| p.to_string()).unwrap_or_default();
     let after_restart = call(&s).await;
     // A change that names the same source.
