@@ -305,6 +305,18 @@ pub fn knative_service(
     service
 }
 
+/// The Job of an execution: its template's name (cut to fit) and ten hex digits of the
+/// SHA-256 of the execution's id — the same for the same execution (a restarted server finds
+/// its Job), different for two executions even when their ids share a prefix (UUIDs made in
+/// the same minute do; so may names given in a manifest), and 63 characters at most (the
+/// `job-name` label of its pods).
+pub fn job_name(exec: &JobExecution) -> String {
+    let digest = dispatch_core::digest::sha256(exec.uuid.as_bytes());
+    let suffix = &dispatch_core::digest::hex_part(&digest)[..10];
+    let prefix: String = exec.name.chars().take(63 - 1 - suffix.len()).collect();
+    format!("{}-{suffix}", prefix.trim_end_matches('-'))
+}
+
 /// A job execution's `batch/v1` Job: the rendered template's spec, labelled with the
 /// execution's uuid and, when its JobTemplate is a custom resource (`template_uid`), owned
 /// by it (deleting the template deletes the Jobs).
@@ -330,15 +342,7 @@ pub fn job(exec: &JobExecution, template_uid: Option<&str>) -> Result<Job, serde
     labels.insert("dispatch.dev/execution".into(), exec.uuid.clone());
     Ok(Job {
         metadata: ObjectMeta {
-            name: Some(format!(
-                "{}-{}",
-                exec.name,
-                exec.uuid
-                    .chars()
-                    .filter(|c| *c != '-')
-                    .take(8)
-                    .collect::<String>()
-            )),
+            name: Some(job_name(exec)),
             namespace: Some(exec.namespace.clone()),
             labels: Some(labels),
             owner_references: template_uid.map(|uid| {

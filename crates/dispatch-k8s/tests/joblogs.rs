@@ -37,7 +37,7 @@ fn streamed(rx: mpsc::UnboundedReceiver<String>) -> http::Response<Body> {
 
 fn job(status: Value) -> Value {
     json!({"apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": "sample-0193c1f2", "namespace": "default", "resourceVersion": "7"},
+        "metadata": {"name": "sample-758df7ad31", "namespace": "default", "resourceVersion": "7"},
         "status": status})
 }
 
@@ -62,7 +62,7 @@ impl Cluster {
                 Some(rx) => streamed(rx),
                 None => whole(&json!("")),
             },
-            ("GET", "/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2") => {
+            ("GET", "/apis/batch/v1/namespaces/default/jobs/sample-758df7ad31") => {
                 whole(&job(if done {
                     complete()
                 } else {
@@ -73,12 +73,12 @@ impl Cluster {
                 let phase = if done { "Succeeded" } else { "Running" };
                 whole(
                     &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
-                    {"metadata": {"name": "sample-0193c1f2-abcde", "creationTimestamp": "2026-11-23T10:00:05Z"},
+                    {"metadata": {"name": "sample-758df7ad31-abcde", "creationTimestamp": "2026-11-23T10:00:05Z"},
                      "spec": {"containers": [{"name": "main"}]},
                      "status": {"phase": phase}}]}),
                 )
             }
-            ("GET", "/api/v1/namespaces/default/pods/sample-0193c1f2-abcde/log") => {
+            ("GET", "/api/v1/namespaces/default/pods/sample-758df7ad31-abcde/log") => {
                 if query.contains("follow=true") {
                     match take(&self.log) {
                         Some(rx) => streamed(rx),

@@ -193,7 +193,7 @@ async fn job_executions_start_and_cancel_as_jobs() {
         .await;
         assert_eq!(m, Method::DELETE);
         assert!(
-            uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+            uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-758df7ad31"),
             "{uri}"
         );
         assert_eq!(
@@ -204,8 +204,8 @@ async fn job_executions_start_and_cancel_as_jobs() {
     let job = dispatch_k8s::start_job(&client, &exec, Some("uid-1"))
         .await
         .unwrap();
-    assert_eq!(job.metadata.name.as_deref(), Some("sample-0193c1f2"));
-    dispatch_k8s::cancel_job(&client, "default", "sample-0193c1f2")
+    assert_eq!(job.metadata.name.as_deref(), Some("sample-758df7ad31"));
+    dispatch_k8s::cancel_job(&client, "default", "sample-758df7ad31")
         .await
         .unwrap();
     server.await.unwrap();
@@ -223,14 +223,14 @@ fn k8s_backend(client: kube::Client) -> std::sync::Arc<dispatch_k8s::backend::Ku
 }
 
 fn job_status(status: serde_json::Value) -> serde_json::Value {
-    json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "sample-0193c1f2", "namespace": "default", "resourceVersion": "7"}, "status": status})
+    json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "sample-758df7ad31", "namespace": "default", "resourceVersion": "7"}, "status": status})
 }
 
 fn pod_list(exit_code: i32) -> serde_json::Value {
     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
-        {"metadata": {"name": "sample-0193c1f2-old", "creationTimestamp": "2026-11-23T10:00:00Z"},
+        {"metadata": {"name": "sample-758df7ad31-old", "creationTimestamp": "2026-11-23T10:00:00Z"},
          "spec": {"containers": [{"name": "main"}]}},
-        {"metadata": {"name": "sample-0193c1f2-abcde", "creationTimestamp": "2026-11-23T10:00:05Z"},
+        {"metadata": {"name": "sample-758df7ad31-abcde", "creationTimestamp": "2026-11-23T10:00:05Z"},
          "spec": {"containers": [{"name": "main"}]},
          "status": {"containerStatuses": [{"name": "main", "image": "alpine:3", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"terminated": {"exitCode": exit_code}}}]}}
@@ -274,7 +274,7 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         let (m, uri, _) = answer(&mut handle, 200, job_status(json!({"active": 1}))).await;
         assert!(
             m == Method::GET
-                && uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+                && uri.starts_with("/apis/batch/v1/namespaces/default/jobs/sample-758df7ad31"),
             "{uri}"
         );
         // Then a watch from that version: one change while it runs, then its end.
@@ -283,7 +283,7 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         assert!(
             uri.starts_with("/apis/batch/v1/namespaces/default/jobs?")
                 && uri.contains("watch=true")
-                && uri.contains("fieldSelector=metadata.name%3Dsample-0193c1f2")
+                && uri.contains("fieldSelector=metadata.name%3Dsample-758df7ad31")
                 && uri.contains("resourceVersion=7"),
             "{uri}"
         );
@@ -305,12 +305,12 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
         let (_, uri, _) = answer(&mut handle, 200, pod_list(0)).await;
         assert!(
             uri.starts_with("/api/v1/namespaces/default/pods?")
-                && uri.contains("labelSelector=job-name%3Dsample-0193c1f2"),
+                && uri.contains("labelSelector=job-name%3Dsample-758df7ad31"),
             "{uri}"
         );
         let uri = answer_text(&mut handle, "hi\nthere\n").await;
         assert!(
-            uri.starts_with("/api/v1/namespaces/default/pods/sample-0193c1f2-abcde/log?")
+            uri.starts_with("/api/v1/namespaces/default/pods/sample-758df7ad31-abcde/log?")
                 && uri.contains("container=main"),
             "{uri}"
         );
@@ -334,7 +334,7 @@ async fn the_kubernetes_backend_runs_job_executions_as_jobs() {
             delete
                 .uri()
                 .to_string()
-                .starts_with("/apis/batch/v1/namespaces/default/jobs/sample-0193c1f2"),
+                .starts_with("/apis/batch/v1/namespaces/default/jobs/sample-758df7ad31"),
             "{}",
             delete.uri()
         );

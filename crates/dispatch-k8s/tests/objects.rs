@@ -778,3 +778,35 @@ fn sample_execution() -> JobExecution {
         expires_at: None,
     }
 }
+
+#[test]
+fn every_execution_gets_its_own_job_name() {
+    let base = sample_execution();
+    let name_of = |uuid: &str, template: &str| {
+        let mut e = base.clone();
+        e.uuid = uuid.into();
+        e.name = template.into();
+        job(&e, None).unwrap().metadata.name.unwrap()
+    };
+    // Two generated UUIDs a second apart share their first 8 hex digits (the timestamp's
+    // top bits), and named executions may share a prefix: each still gets its own Job (a
+    // restarted server would otherwise follow another execution's Job and report its end).
+    let a = name_of("0193c1f2-8e4b-7a00-8000-123456789abc", "jobtemplate-sample");
+    let b = name_of("0193c1f2-9a01-7c00-8000-fedcba987654", "jobtemplate-sample");
+    let c = name_of("nightly-1", "jobtemplate-sample");
+    let d = name_of("nightly-12", "jobtemplate-sample");
+    let names = std::collections::BTreeSet::from([&a, &b, &c, &d]);
+    assert_eq!(names.len(), 4, "{a} {b} {c} {d}");
+    // The same execution always gets the same name (a restart finds its Job).
+    assert_eq!(
+        a,
+        name_of("0193c1f2-8e4b-7a00-8000-123456789abc", "jobtemplate-sample")
+    );
+    // A long template name still makes a valid Job name (its pods' job-name label is 63 at most).
+    let long = name_of("nightly-1", &"t".repeat(63));
+    assert!(long.len() <= 63, "{long}");
+    assert!(
+        dispatch_core::names::validate_name("job", &long).is_ok(),
+        "{long}"
+    );
+}
