@@ -46,6 +46,14 @@ pub enum JobError {
 
 type TplKey = (String, String);
 
+/// An execution in the scheduler: its namespace and id (ids may be names given in a
+/// manifest, unique only within a namespace).
+type ExecKey = (String, String);
+
+fn exec_key(job: &JobExecution) -> ExecKey {
+    (job.namespace.clone(), job.uuid.clone())
+}
+
 struct Active {
     key: TplKey,
     abort: AbortHandle,
@@ -54,14 +62,15 @@ struct Active {
 
 #[derive(Default)]
 struct Sched {
+    /// Per template, the ids of its waiting executions, oldest first.
     waiting: HashMap<TplKey, VecDeque<String>>,
     active_per_tpl: HashMap<TplKey, u32>,
-    active: HashMap<String, Active>,
+    active: HashMap<ExecKey, Active>,
 }
 
 pub struct Jobs {
     sched: Mutex<Sched>,
-    /// Scratch folders of executions without a workingDir: `data/jobs/<uuid>`.
+    /// Scratch folders of executions without a workingDir: `data/jobs/<namespace>/<id>`.
     dir: PathBuf,
 }
 
@@ -85,23 +94,28 @@ impl Jobs {
         self.sched.lock()
     }
 
+    /// An execution's scratch folder (made when it runs without a workingDir).
+    fn scratch(&self, job: &JobExecution) -> PathBuf {
+        self.dir.join(&job.namespace).join(&job.uuid)
+    }
+
     /// Live logs of an active execution.
-    pub fn live_logs(&self, uuid: &str) -> Option<Logs> {
+    pub fn live_logs(&self, ns: &str, uuid: &str) -> Option<Logs> {
         let s = self.sched();
-        let a = s.active.get(uuid)?;
+        let a = s.active.get(&(ns.to_string(), uuid.to_string()))?;
         let l = a.logs.lock().clone();
         Some(l)
     }
 
-    fn take(&self, uuid: &str) -> Found {
+    fn take(&self, job: &JobExecution) -> Found {
         let mut s = self.sched();
-        for q in s.waiting.values_mut() {
-            if let Some(i) = q.iter().position(|u| u == uuid) {
-                q.remove(i);
-                return Found::Waiting;
-            }
+        if let Some(q) = s.waiting.get_mut(&template_key(job))
+            && let Some(i) = q.iter().position(|u| *u == job.uuid)
+        {
+            q.remove(i);
+            return Found::Waiting;
         }
-        match s.active.remove(uuid) {
+        match s.active.remove(&exec_key(job)) {
             Some(a) => {
                 a.abort.abort();
                 if let Some(n) = s.active_per_tpl.get_mut(&a.key) {
@@ -114,9 +128,9 @@ impl Jobs {
     }
 
     /// Ends an active execution's slot; `false` if it was cancelled meanwhile.
-    fn release(&self, uuid: &str) -> bool {
+    fn release(&self, job: &JobExecution) -> bool {
         let mut s = self.sched();
-        match s.active.remove(uuid) {
+        match s.active.remove(&exec_key(job)) {
             Some(a) => {
                 if let Some(n) = s.active_per_tpl.get_mut(&a.key) {
                     *n = n.saturating_sub(1);
@@ -167,16 +181,7 @@ pub async fn execute(
         .disk_admits("job executions", payload.len() as u64)
         .await?;
     let created = now(state);
-    let uuid = match id {
-        Some(id) => {
-            let (n, u) = (ns.to_string(), id.to_string());
-            if state.db(move |s| s.get_job(&n, &u)).await?.is_some() {
-                return Err(JobError::Exists(id.to_string()));
-            }
-            id.to_string()
-        }
-        None => jobs::new_uuid(),
-    };
+    let uuid = id.map_or_else(jobs::new_uuid, str::to_string);
     let data = RenderData {
         payload: payload.clone(),
         name: name.to_string(),
@@ -216,7 +221,10 @@ pub async fn execute(
         finished_at: None,
         expires_at: None,
     };
-    save(state, &job).await?;
+    let j = job.clone();
+    if !state.db(move |s| s.insert_job(&j)).await? {
+        return Err(JobError::Exists(job.uuid));
+    }
     Ok(admit(state, job, spec.max_active()).await)
 }
 
@@ -252,7 +260,7 @@ fn spawn(state: &Arc<AppState>, job: JobExecution) {
     // Spawned under the lock, so that a cancel always finds the handle.
     let task = tokio::spawn(run(state.clone(), job.clone(), logs.clone()));
     s.active.insert(
-        job.uuid,
+        exec_key(&job),
         Active {
             key,
             abort: task.abort_handle(),
@@ -292,7 +300,7 @@ fn containers(
     job: &JobExecution,
     view: &JobView,
 ) -> std::io::Result<Vec<ContainerRun>> {
-    let scratch = state.jobs.dir.join(&job.uuid);
+    let scratch = state.jobs.scratch(job);
     let mut out = Vec::new();
     for c in &view.template.spec.containers {
         let working_dir = match &c.working_dir {
@@ -435,7 +443,7 @@ fn push_note(logs: &LiveLogs, note: &str) {
 
 /// Records the end of an execution, frees its slot, starts the next waiting one.
 async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, ttl: Option<u64>) {
-    if !state.jobs.release(&job.uuid) {
+    if !state.jobs.release(&job) {
         return; // cancelled: the canceller records it
     }
     let done = now(state);
@@ -448,7 +456,7 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
     if let Err(e) = save(state, &job).await {
         tracing::error!("job {}: {e}", job.uuid);
     }
-    let _ = std::fs::remove_dir_all(state.jobs.dir.join(&job.uuid));
+    let _ = std::fs::remove_dir_all(state.jobs.scratch(&job));
     if let Some(secs) = ttl {
         let st = state.clone();
         tokio::spawn(async move {
@@ -474,7 +482,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobEx
             phase: job.phase,
         });
     }
-    let found = state.jobs.take(uuid);
+    let found = state.jobs.take(&job);
     match found {
         Found::No => {
             return Err(JobError::Ending(uuid.to_string()));
@@ -494,7 +502,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobEx
     job.reason = "cancelled".into();
     job.finished_at = Some(now(state));
     save(state, &job).await?;
-    let _ = std::fs::remove_dir_all(state.jobs.dir.join(&job.uuid));
+    let _ = std::fs::remove_dir_all(state.jobs.scratch(&job));
     next(state, &template_key(&job)).await;
     Ok(job)
 }
@@ -516,11 +524,11 @@ pub async fn forget_template(state: &Arc<AppState>, ns: &str, name: &str) -> Res
     {
         let mut s = state.jobs.sched();
         s.waiting.remove(&key);
-        let ids: Vec<String> = s
+        let ids: Vec<ExecKey> = s
             .active
             .iter()
             .filter(|(_, a)| a.key == key)
-            .map(|(u, _)| u.clone())
+            .map(|(k, _)| k.clone())
             .collect();
         for u in ids {
             if let Some(a) = s.active.remove(&u) {

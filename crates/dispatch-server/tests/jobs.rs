@@ -257,6 +257,81 @@ async fn a_job_execution_resource_starts_under_its_name() {
     );
     let again = post(resource).await;
     assert_eq!(again.status(), 409);
+    // Names are per namespace, as in Kubernetes: another tenant's "first" is its own
+    // execution and leaves this one as it was.
+    c.create_namespace("other", json!({})).await.unwrap();
+    let mut theirs = template(
+        "echo",
+        json!(["sh", "-c", "echo \"$PAYLOAD\""]),
+        json!({}),
+        None,
+    );
+    theirs.metadata.namespace = Some("other".into());
+    c.create(&theirs).await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/namespaces/other/jobexecutions", t.api()))
+        .json(&json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "first"}, "spec": {"jobTemplateName": "echo", "payload": "theirs"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let ours = job(&t, "first").await;
+    assert_eq!(
+        (ours.namespace.as_str(), ours.payload.as_str()),
+        ("default", "hi")
+    );
+    // While an execution runs, its live logs are its namespace's only: the same name asked
+    // in another namespace is not found.
+    c.create(&template(
+        "slow",
+        json!(["sh", "-c", "echo \"$PAYLOAD\"; sleep 60"]),
+        json!({}),
+        None,
+    ))
+    .await
+    .unwrap();
+    let r = post(
+        json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+        "metadata": {"name": "live"}, "spec": {"jobTemplateName": "slow", "payload": "ours only"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let logs_of = |ns: &str| format!("{}/v1/namespaces/{ns}/jobexecutions/live/logs", t.api());
+    eventually("the live logs", || async {
+        let r = reqwest::get(logs_of("default")).await.unwrap();
+        let l: serde_json::Value = r.json().await.unwrap();
+        (l["stdout"][0] == "ours only").then_some(())
+    })
+    .await;
+    let r = reqwest::get(logs_of("other")).await.unwrap();
+    assert_eq!(r.status(), 404, "{}", r.text().await.unwrap());
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "{}/v1/namespaces/other/jobexecutions/live",
+            t.api()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(job(&t, "live").await.phase, JobPhase::Active);
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "{}/v1/namespaces/default/jobexecutions/live",
+            t.api()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Two requests for one new name at once: one execution, the other 409.
+    let twin = json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+        "metadata": {"name": "twin"}, "spec": {"jobTemplateName": "echo", "payload": "x"}});
+    let (a, b) = tokio::join!(post(twin.clone()), post(twin));
+    let mut codes = [a.status().as_u16(), b.status().as_u16()];
+    codes.sort();
+    assert_eq!(codes, [201, 409]);
     for (bad, says) in [
         (
             json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",

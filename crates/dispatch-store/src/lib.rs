@@ -297,6 +297,10 @@ pub trait RecordStore: Send + Sync + 'static {
     /// Inserts or replaces a job execution.
     fn put_job(&self, job: &JobExecution) -> Result<()>;
 
+    /// Records a new job execution unless its namespace has one of that id; `false` then
+    /// (nothing written). One statement: two requests for one name make one execution.
+    fn insert_job(&self, job: &JobExecution) -> Result<bool>;
+
     fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>>;
 
     /// Newest first, of one template or all.

@@ -119,7 +119,7 @@ pub async fn get_one(
     Path((ns, uuid)): Path<(String, String)>,
 ) -> Result<Json<JobExecution>, ApiError> {
     let mut job = find(&state, ns, uuid).await?;
-    if let Some(live) = state.jobs.live_logs(&job.uuid) {
+    if let Some(live) = state.jobs.live_logs(&job.namespace, &job.uuid) {
         job.logs = live;
     }
     Ok(Json(job))
@@ -130,7 +130,7 @@ pub async fn logs(
     State(state): State<Arc<AppState>>,
     Path((ns, uuid)): Path<(String, String)>,
 ) -> Result<Json<Logs>, ApiError> {
-    if let Some(live) = state.jobs.live_logs(&uuid) {
+    if let Some(live) = state.jobs.live_logs(&ns, &uuid) {
         return Ok(Json(live));
     }
     Ok(Json(find(&state, ns, uuid).await?.logs))

@@ -145,4 +145,91 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
     ),
     // A namespace's own run-history budget (bytes; NULL: the server's --run-history-budget).
     M::up("ALTER TABLE namespaces ADD COLUMN run_history_budget INTEGER;"),
+    // A job execution is keyed by its namespace and id: an id may be a name given in a
+    // manifest, and two namespaces may give the same one (keyed by id alone, one tenant's
+    // execution replaced another's).
+    M::up(
+        "CREATE TABLE job_executions_ns (
+        namespace TEXT NOT NULL,
+        uuid TEXT NOT NULL,
+        name TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        expires_ms INTEGER,
+        body TEXT NOT NULL,
+        PRIMARY KEY (namespace, uuid)
+    );
+    INSERT INTO job_executions_ns (namespace, uuid, name, phase, expires_ms, body)
+        SELECT namespace, uuid, name, phase, expires_ms, body FROM job_executions;
+    DROP TABLE job_executions;
+    ALTER TABLE job_executions_ns RENAME TO job_executions;
+    CREATE INDEX jobs_by_template ON job_executions (namespace, name, uuid);
+    CREATE INDEX jobs_active ON job_executions (uuid) WHERE phase IN ('Waiting', 'Active');
+    CREATE INDEX jobs_expiring ON job_executions (expires_ms) WHERE expires_ms IS NOT NULL;",
+    ),
 ];
+
+#[cfg(test)]
+mod tests {
+    use dispatch_core::{JobExecution, JobPhase, Logs};
+    use rusqlite_migration::Migrations;
+
+    use super::MIGRATIONS;
+    use crate::{RecordStore, SqliteStore};
+
+    fn execution(ns: &str, id: &str, payload: &str) -> JobExecution {
+        JobExecution {
+            uuid: id.into(),
+            name: "echo".into(),
+            namespace: ns.into(),
+            phase: JobPhase::Completed,
+            reason: String::new(),
+            payload: payload.into(),
+            rendered: serde_json::Value::Null,
+            images: vec![],
+            attempts: 1,
+            exit_code: Some(0),
+            logs: Logs::default(),
+            created_at: jiff::Timestamp::UNIX_EPOCH,
+            started_at: None,
+            finished_at: None,
+            expires_at: None,
+        }
+    }
+
+    /// A file made before job executions were keyed by namespace keeps its executions, and
+    /// from then on one id may be used once per namespace.
+    #[test]
+    fn job_executions_are_keyed_by_namespace_after_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dispatch.db");
+        {
+            let mut conn = rusqlite::Connection::open(&file).unwrap();
+            Migrations::from_slice(&MIGRATIONS[..MIGRATIONS.len() - 1])
+                .to_latest(&mut conn)
+                .unwrap();
+            let old = execution("team-a", "nightly", "a");
+            conn.execute(
+                "INSERT INTO job_executions (uuid, namespace, name, phase, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![old.uuid, old.namespace, old.name, old.phase.as_str(),
+                    serde_json::to_string(&old).unwrap()],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&file).unwrap();
+        assert_eq!(
+            s.get_job("team-a", "nightly").unwrap().map(|j| j.payload),
+            Some("a".to_string())
+        );
+        assert!(s.insert_job(&execution("team-b", "nightly", "b")).unwrap());
+        assert!(
+            !s.insert_job(&execution("team-a", "nightly", "again"))
+                .unwrap()
+        );
+        s.put_job(&execution("team-b", "nightly", "b2")).unwrap();
+        let payload = |ns| s.get_job(ns, "nightly").unwrap().unwrap().payload;
+        assert_eq!(
+            (payload("team-a"), payload("team-b")),
+            ("a".into(), "b2".into())
+        );
+    }
+}

@@ -150,19 +150,16 @@ impl RecordStore for SqliteStore {
     }
 
     fn put_job(&self, job: &JobExecution) -> Result<()> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO job_executions (uuid, namespace, name, phase, expires_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                job.uuid,
-                job.namespace,
-                job.name,
-                job.phase.as_str(),
-                job.expires_at.map(|t| t.as_millisecond()),
-                serde_json::to_string(job)?
-            ],
+        self.write_job(
+            job,
+            "DO UPDATE SET name = excluded.name, phase = excluded.phase, \
+             expires_ms = excluded.expires_ms, body = excluded.body",
         )?;
         Ok(())
+    }
+
+    fn insert_job(&self, job: &JobExecution) -> Result<bool> {
+        Ok(self.write_job(job, "DO NOTHING")? == 1)
     }
 
     fn get_job(&self, namespace: &str, uuid: &str) -> Result<Option<JobExecution>> {
@@ -504,5 +501,26 @@ impl RecordStore for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Writes a job execution; `on_conflict` says what happens when its namespace has one of
+    /// that id. The number of rows written.
+    fn write_job(&self, job: &JobExecution, on_conflict: &str) -> Result<usize> {
+        Ok(self.conn().execute(
+            &format!(
+                "INSERT INTO job_executions (uuid, namespace, name, phase, expires_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (namespace, uuid) {on_conflict}"
+            ),
+            params![
+                job.uuid,
+                job.namespace,
+                job.name,
+                job.phase.as_str(),
+                job.expires_at.map(|t| t.as_millisecond()),
+                serde_json::to_string(job)?
+            ],
+        )?)
     }
 }
