@@ -1787,6 +1787,13 @@ fn explain_shows_what_fields_mean() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no field \"nope\" (fields: "));
     let out = run(&["explain", "widget"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind \"widget\""));
+    // dispatcher's JobExecution, from its CRD.
+    let text = String::from_utf8(run(&["explain", "jobexecution.spec"]).stdout).unwrap();
+    assert!(
+        text.contains("VERSION:  dispatcher.ivan.vc/v1alpha1")
+            && text.contains("jobTemplateName\t<string> -required-"),
+        "{text}"
+    );
 }
 
 /// `get KIND --watch`: the list, then a row for each resource that appears or changes, and a

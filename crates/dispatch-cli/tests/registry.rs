@@ -1135,6 +1135,7 @@ fn api_scenario_on_the_kubernetes_backend() {
         options.poll_interval = std::time::Duration::from_millis(10);
         options.function_url = cluster.function_url();
         options.job_owners = true;
+        options.executions = true;
         let backend = dispatch_k8s::backend::KubernetesBackend::new(client.clone(), options);
         let (server, c, gw) = scenario_server(backend, dir.path(), Some(client)).await;
         let image = format!("{host}/dispatch/default/hello@sha256:");
@@ -1167,6 +1168,57 @@ fn api_scenario_on_the_kubernetes_backend() {
         .await;
         assert_eq!(job.phase, dispatch_core::JobPhase::Completed, "{job:?}");
         assert_eq!(job.logs.stdout, ["ran in the cluster"], "a local sh would have exited 7");
+
+        // dispatcher's JobExecution made with kubectl: the execution starts under its name,
+        // and its status says how it went, with the Job it ran as.
+        crs.apply(json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "by-kubectl", "namespace": "default"},
+            "spec": {"jobTemplateName": "sample", "payload": "from kubectl"}}));
+        let cr = eventually_async("the JobExecution to read Completed", || async {
+            let cr = crs.object("jobexecutions", "default", "by-kubectl")?;
+            (cr["status"]["phase"] == "Completed").then_some(cr)
+        })
+        .await;
+        let job = c.get_job("by-kubectl").await.unwrap();
+        assert_eq!((job.phase, job.payload.as_str()), (dispatch_core::JobPhase::Completed, "from kubectl"));
+        assert_eq!(cr["status"]["job"]["name"], dispatch_k8s::job_name(&job), "{cr}");
+        assert_eq!(cr["status"]["conditions"][0]["type"], "Complete", "{cr}");
+        assert_eq!(cr["status"]["attempts"], 1, "{cr}");
+        // One made before its template: Invalid, saying so, until the template exists.
+        crs.apply(json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "early", "namespace": "default"},
+            "spec": {"jobTemplateName": "later", "payload": {"n": 1}}}));
+        let cr = eventually_async("the early JobExecution to read Invalid", || async {
+            let cr = crs.object("jobexecutions", "default", "early")?;
+            (cr["status"]["phase"] == "Invalid").then_some(cr)
+        })
+        .await;
+        let reason = cr["status"]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("\"later\" not found"), "{reason}");
+        c.create(&dispatch_core::Object::new(
+            dispatch_core::Kind::JobTemplate,
+            "default",
+            "later",
+            json!({"jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "alpine:3", "command": ["echo", "{{ .Payload }}"]}]}}}}}),
+        ))
+        .await
+        .unwrap();
+        eventually_async("the early JobExecution to complete", || async {
+            let cr = crs.object("jobexecutions", "default", "early")?;
+            (cr["status"]["phase"] == "Completed").then_some(())
+        })
+        .await;
+        assert_eq!(c.get_job("early").await.unwrap().payload, r#"{"n":1}"#);
+        // One without a template name is marked Invalid with the reason.
+        crs.apply(json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": "nameless", "namespace": "default"}, "spec": {}}));
+        eventually_async("the nameless JobExecution to read Invalid", || async {
+            let cr = crs.object("jobexecutions", "default", "nameless")?;
+            let reason = cr["status"]["reason"].as_str()?.to_string();
+            (cr["status"]["phase"] == "Invalid" && reason.contains("spec.jobTemplateName")).then_some(())
+        })
+        .await;
         server.stop().await.unwrap();
     });
 }

@@ -178,3 +178,121 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         })
         .collect()
 }
+
+/// The API group and version of dispatcher's `JobExecution` (its documented way to start a
+/// job with kubectl).
+pub const EXECUTION_GROUP: &str = "dispatcher.ivan.vc";
+pub const EXECUTION_VERSION: &str = "v1alpha1";
+
+/// dispatcher's `JobExecution` custom resource, `dispatcher.ivan.vc/v1alpha1`: `kubectl apply`
+/// one and the server starts its job template's execution under its name, once, and writes
+/// the execution's phase back into its status (dispatcher's `Waiting`, `Active`, `Completed`,
+/// `Invalid`, and `Failed`, `Cancelled`), with the Job it runs as and `Complete`/`Failed`
+/// conditions (`kubectl wait --for=condition=Complete`). Deleting it stops the execution.
+pub fn job_execution_crd() -> CustomResourceDefinition {
+    let text = |d: &str| serde_json::json!({"type": "string", "description": d});
+    let time =
+        |d: &str| serde_json::json!({"type": "string", "format": "date-time", "description": d});
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "description": "The execution to start: a job template of this namespace and its payload.",
+                "required": ["jobTemplateName"],
+                "properties": {
+                    "jobTemplateName": text("The JobTemplate to execute, in this namespace."),
+                    "payload": {
+                        "description": "What the template renders as {{ .Payload }}: text, or any value (passed as its JSON).",
+                        "x-kubernetes-preserve-unknown-fields": true
+                    },
+                    "uuid": text("Set by dispatcher's HTTP API; not used (the execution is named by metadata.name)."),
+                    "timestamp": time("Set by dispatcher's HTTP API; not used (see metadata.creationTimestamp)."),
+                }
+            },
+            "status": {
+                "type": "object",
+                "description": "The execution as the Dispatch server last recorded it.",
+                "properties": {
+                    "phase": {
+                        "type": "string",
+                        "enum": dispatch_core::JobPhase::ALL.map(|p| p.as_str()),
+                        "description": "Waiting (for a slot of the template's maxActive), Active (its Job runs), Completed, Failed, Cancelled, or Invalid (its template is missing — it starts when the template is created — or does not render with this payload)."
+                    },
+                    "reason": text("Why the phase is what it is: the failure, the retry under way, what is missing."),
+                    "attempts": {"type": "integer", "description": "Pod attempts started (1 + retries)."},
+                    "exitCode": {"type": "integer", "description": "The exit code of the last attempt's container, once it ended."},
+                    "startTime": time("When its Job was created."),
+                    "completionTime": time("When it ended."),
+                    "job": {
+                        "type": "object",
+                        "description": "The batch/v1 Job it runs as.",
+                        "properties": {
+                            "apiVersion": text("batch/v1."),
+                            "kind": text("Job."),
+                            "namespace": text("The Job's namespace (this one)."),
+                            "name": text("The Job's name."),
+                        }
+                    },
+                    "conditions": {
+                        "type": "array",
+                        "description": "Complete or Failed once it ended, as a Job reports them.",
+                        "items": {
+                            "type": "object",
+                            "description": "One condition.",
+                            "properties": {
+                                "type": text("Complete or Failed."),
+                                "status": text("True."),
+                                "reason": text("The phase it ended in."),
+                                "message": text("Why, when it failed."),
+                                "lastTransitionTime": time("When it ended."),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    CustomResourceDefinition {
+        metadata: ObjectMeta {
+            name: Some(format!("jobexecutions.{EXECUTION_GROUP}")),
+            ..Default::default()
+        },
+        spec: CustomResourceDefinitionSpec {
+            group: EXECUTION_GROUP.into(),
+            names: CustomResourceDefinitionNames {
+                kind: "JobExecution".into(),
+                plural: "jobexecutions".into(),
+                singular: Some("jobexecution".into()),
+                categories: Some(vec!["dispatch".into()]),
+                ..Default::default()
+            },
+            scope: "Namespaced".into(),
+            versions: vec![CustomResourceDefinitionVersion {
+                name: EXECUTION_VERSION.into(),
+                served: true,
+                storage: true,
+                additional_printer_columns: Some(vec![
+                    column("Template", "string", ".spec.jobTemplateName", 0),
+                    column("Phase", "string", ".status.phase", 0),
+                    column("Reason", "string", ".status.reason", 1),
+                    column("Age", "date", ".metadata.creationTimestamp", 0),
+                ]),
+                schema: Some(CustomResourceValidation {
+                    open_api_v3_schema: Some(
+                        serde_json::from_value(schema).expect("a JSONSchemaProps"),
+                    ),
+                }),
+                subresources: Some(CustomResourceSubresources {
+                    status: Some(CustomResourceSubresourceStatus(serde_json::Value::Object(
+                        Default::default(),
+                    ))),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        status: None,
+    }
+}

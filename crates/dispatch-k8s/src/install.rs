@@ -120,7 +120,8 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 }
 
 /// What the server does in the cluster, and nothing more: Dispatch's custom resources are
-/// watched and written (their status too); a Dispatch namespace's Kubernetes namespace is
+/// watched and written (their status too), dispatcher's JobExecutions watched (their status
+/// written); a Dispatch namespace's Kubernetes namespace is
 /// created when missing; function Deployments, Services and autoscalers (or Knative
 /// Services) are applied, read (rollout) and deleted; Jobs are created, read and deleted,
 /// their pods listed and their logs read; in the namespaces of Dispatch's namespaces (hence
@@ -137,6 +138,17 @@ pub fn cluster_role(i: &Install) -> ClusterRole {
             &["get", "list", "watch", "create", "update", "delete"],
         ),
         rule(&[crate::GROUP], &statuses, &["update"]),
+        // dispatcher's JobExecutions made with kubectl: followed, their status written.
+        rule(
+            &[crate::EXECUTION_GROUP],
+            &["jobexecutions"],
+            &["get", "list", "watch"],
+        ),
+        rule(
+            &[crate::EXECUTION_GROUP],
+            &["jobexecutions/status"],
+            &["patch"],
+        ),
         rule(&[""], &["namespaces"], &["create"]),
         rule(&["apps"], &["deployments"], &verbs),
         rule(&[""], &["services"], &verbs),
@@ -171,6 +183,7 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
     for crd in crate::crds() {
         push(serde_json::to_value(crd));
     }
+    push(serde_json::to_value(crate::job_execution_crd()));
     push(serde_json::to_value(ServiceAccount {
         metadata: meta(NAME, ns),
         ..Default::default()

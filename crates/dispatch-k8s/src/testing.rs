@@ -1,6 +1,8 @@
 //! For tests only (feature `testing`): an in-memory stand-in for the part of a Kubernetes API
 //! server that [`crate::store::CrStore`] talks to — `dispatch.dev/v1` custom resources
-//! (create, get, list, replace, status, delete, and watches that stream) and namespaces.
+//! (create, get, list, replace, status, delete, and watches that stream) and namespaces —
+//! and dispatcher's `dispatcher.ivan.vc/v1alpha1` JobExecutions (the same, and merge patches
+//! of their status).
 //!
 //! It keeps what an API server guarantees and the store relies on: one resource version
 //! counter for every write, `409 AlreadyExists` / `409 Conflict` / `404 NotFound`, the status
@@ -85,6 +87,39 @@ fn kind_of(plural: &str) -> Option<Kind> {
     Kind::ALL.into_iter().find(|k| k.plural() == plural)
 }
 
+/// dispatcher's JobExecutions, the one kind served outside `dispatch.dev/v1`.
+const EXECUTIONS: &str = "jobexecutions";
+
+/// `apiVersion` and `kind` of a plural this fake serves.
+fn type_of(plural: &str) -> Option<(String, &'static str)> {
+    if plural == EXECUTIONS {
+        return Some((
+            format!("{}/{}", crate::EXECUTION_GROUP, crate::EXECUTION_VERSION),
+            "JobExecution",
+        ));
+    }
+    kind_of(plural).map(|k| (format!("{}/v1", crate::GROUP), k.as_str()))
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("an object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 /// The parts of a request path this fake serves.
 enum Target {
     Namespaces,
@@ -96,7 +131,18 @@ fn target(path: &str) -> Option<Target> {
     if path == "/api/v1/namespaces" {
         return Some(Target::Namespaces);
     }
-    let rest = path.strip_prefix(&format!("/apis/{}/v1/", crate::GROUP))?;
+    let executions = format!(
+        "/apis/{}/{}/",
+        crate::EXECUTION_GROUP,
+        crate::EXECUTION_VERSION
+    );
+    let rest = match path.strip_prefix(&executions) {
+        Some(rest) if rest.ends_with(EXECUTIONS) || rest.contains(&format!("/{EXECUTIONS}/")) => {
+            rest
+        }
+        Some(_) => return None,
+        None => path.strip_prefix(&format!("/apis/{}/v1/", crate::GROUP))?,
+    };
     let parts: Vec<&str> = rest.split('/').collect();
     let s = |x: &str| x.to_string();
     match parts.as_slice() {
@@ -177,8 +223,14 @@ impl FakeApi {
     /// Stores an object as `kubectl apply` would (create, or replace labels, annotations
     /// and spec), and returns it as stored.
     pub fn apply(&self, object: Value) -> Value {
-        let kind = object["kind"].as_str().and_then(Kind::parse);
-        let plural = kind.map(|k| k.plural()).unwrap_or_default().to_string();
+        let plural = match object["kind"].as_str() {
+            Some("JobExecution") => EXECUTIONS.to_string(),
+            k => k
+                .and_then(Kind::parse)
+                .map(|k| k.plural())
+                .unwrap_or_default()
+                .to_string(),
+        };
         let ns = object["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")
@@ -312,8 +364,8 @@ impl FakeApi {
             .filter(|((p, n, _), _)| p == plural && ns.is_none_or(|ns| n == ns))
             .map(|(_, v)| v.clone())
             .collect();
-        let kind = kind_of(plural).map(|k| k.as_str()).unwrap_or("Unknown");
-        json!({"apiVersion": format!("{}/v1", crate::GROUP), "kind": format!("{kind}List"),
+        let (api_version, kind) = type_of(plural).unwrap_or_else(|| (String::new(), "Unknown"));
+        json!({"apiVersion": api_version, "kind": format!("{kind}List"),
             "metadata": {"resourceVersion": st.version.to_string()}, "items": items})
     }
 
@@ -429,7 +481,7 @@ impl FakeApi {
                 }
             }
             Target::Resources(plural, ns, name, status) => {
-                if kind_of(&plural).is_none() {
+                if type_of(&plural).is_none() {
                     return Some(failure(404, "NotFound", format!("no resource {plural}")));
                 }
                 let ns_or_default = ns.clone().unwrap_or_else(|| "default".into());
@@ -452,6 +504,20 @@ impl FakeApi {
                         answer(self.replace(&plural, &ns_or_default, &name, sent, status))
                     }
                     ("DELETE", Some(name)) => answer(self.delete(&plural, &ns_or_default, &name)),
+                    ("PATCH", Some(name)) => {
+                        let Some(mut next) = self.object(&plural, &ns_or_default, &name) else {
+                            return Some(failure(
+                                404,
+                                "NotFound",
+                                format!("{plural} {name:?} not found"),
+                            ));
+                        };
+                        merge(&mut next, &sent);
+                        if let Some(m) = next["metadata"].as_object_mut() {
+                            m.remove("resourceVersion");
+                        }
+                        answer(self.replace(&plural, &ns_or_default, &name, next, status))
+                    }
                     _ => failure(405, "MethodNotAllowed", format!("{method} is not served")),
                 }
             }

@@ -396,3 +396,117 @@ async fn a_relist_after_a_gap_tells_what_changed_in_it() {
     api.apply(endpoint("after", "/x"));
     assert_eq!(next(&mut changes).await.name, "after");
 }
+
+/// dispatcher's JobExecutions: each object is handed to the server once seen (with the phase
+/// its status has), the server's report is merged into its status (only when it changes),
+/// and a deleted one — also one deleted while the watch was cut off — is reported gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_execution_objects_are_followed_and_their_status_written() {
+    use dispatch_runtime::Backend as _;
+    use dispatch_runtime::backend::ExecutionRequest;
+    let api = FakeApi::new();
+    let mut options = dispatch_k8s::backend::KubernetesOptions::new("reg.local/fns", "/x".into());
+    options.executions = true;
+    let backend = dispatch_k8s::backend::KubernetesBackend::new(api.client(), options);
+    let mut requests = backend.execution_requests().unwrap();
+    let mut next_request = async || {
+        tokio::time::timeout(Duration::from_secs(30), requests.recv())
+            .await
+            .expect("a request within 30 s")
+            .expect("the watch is alive")
+    };
+    let cr = |name: &str| {
+        json!({"apiVersion": "dispatcher.ivan.vc/v1alpha1", "kind": "JobExecution",
+            "metadata": {"name": name, "namespace": "team"},
+            "spec": {"jobTemplateName": "echo", "payload": "hi"}})
+    };
+    api.apply(cr("one"));
+    let ExecutionRequest::Start { doc, phase } = next_request().await else {
+        panic!("a start")
+    };
+    assert_eq!(
+        (
+            doc.name.as_str(),
+            doc.namespace.as_deref(),
+            doc.template.as_str(),
+            doc.payload.as_str(),
+            phase
+        ),
+        ("one", Some("team"), "echo", "hi", None)
+    );
+    // The server reports the execution: its status is written, and the watch brings the
+    // object back with it (handed over again, with its phase).
+    let mut job = dispatch_core::JobExecution {
+        uuid: "one".into(),
+        name: "echo".into(),
+        namespace: "team".into(),
+        phase: dispatch_core::JobPhase::Active,
+        reason: String::new(),
+        payload: "hi".into(),
+        rendered: json!(null),
+        images: vec![],
+        attempts: 1,
+        exit_code: None,
+        logs: Default::default(),
+        created_at: jiff::Timestamp::UNIX_EPOCH,
+        started_at: Some(jiff::Timestamp::UNIX_EPOCH),
+        finished_at: None,
+        expires_at: None,
+    };
+    backend.execution_changed(&job);
+    let ExecutionRequest::Start { phase, .. } = next_request().await else {
+        panic!("a start")
+    };
+    assert_eq!(phase.as_deref(), Some("Active"));
+    let status = &api.object("jobexecutions", "team", "one").unwrap()["status"];
+    assert_eq!(
+        status["job"]["name"],
+        dispatch_k8s::job_name(&job),
+        "{status}"
+    );
+    job.phase = dispatch_core::JobPhase::Completed;
+    job.exit_code = Some(0);
+    job.finished_at = Some(jiff::Timestamp::UNIX_EPOCH);
+    backend.execution_changed(&job);
+    // The same report again writes nothing.
+    backend.execution_changed(&job);
+    let ExecutionRequest::Start { phase, .. } = next_request().await else {
+        panic!("a start")
+    };
+    assert_eq!(phase.as_deref(), Some("Completed"));
+    let status = api.object("jobexecutions", "team", "one").unwrap()["status"].clone();
+    assert_eq!(status["conditions"][0]["type"], "Complete", "{status}");
+    assert_eq!(status["reason"], "", "{status}");
+    let patches = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PATCH") && r.contains("/jobexecutions/one/status"))
+        .count();
+    assert_eq!(patches, 2, "{:?}", api.requests());
+    // An execution the API started (no object) writes nothing.
+    job.uuid = "no-object".into();
+    backend.execution_changed(&job);
+
+    assert!(api.remove("jobexecutions", "team", "one"));
+    assert_eq!(
+        next_request().await,
+        ExecutionRequest::Deleted {
+            namespace: "team".into(),
+            name: "one".into()
+        }
+    );
+    // Deleted while the watch was cut off: the relist finds it gone.
+    api.apply(cr("two"));
+    assert!(
+        matches!(next_request().await, ExecutionRequest::Start { doc, .. } if doc.name == "two")
+    );
+    api.partition(|api| assert!(api.remove("jobexecutions", "team", "two")));
+    assert_eq!(
+        next_request().await,
+        ExecutionRequest::Deleted {
+            namespace: "team".into(),
+            name: "two".into()
+        }
+    );
+    assert!(!api.requests().iter().any(|r| r.contains("no-object")));
+}

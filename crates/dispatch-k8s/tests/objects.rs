@@ -54,6 +54,32 @@ fn crds_for_every_kind() {
     golden("crds", &serde_json::Value::Array(json.clone()));
 }
 
+/// dispatcher's JobExecution CRD: valid, structural, every field described, dispatcher's
+/// phases, and the template's name in `kubectl get jobexecutions`.
+#[test]
+fn the_job_execution_crd() {
+    let v = round_trip::<CustomResourceDefinition>(&dispatch_k8s::job_execution_crd());
+    assert_eq!(v["metadata"]["name"], "jobexecutions.dispatcher.ivan.vc");
+    let version = &v["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    let schema = &version["schema"]["openAPIV3Schema"];
+    let mut errors = Vec::new();
+    structural("JobExecution", schema, &mut errors);
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(
+        schema["properties"]["spec"]["required"],
+        json!(["jobTemplateName"])
+    );
+    let phases = &schema["properties"]["status"]["properties"]["phase"]["enum"];
+    for p in ["Waiting", "Active", "Completed", "Invalid"] {
+        assert!(phases.as_array().unwrap().contains(&json!(p)), "{phases}");
+    }
+    assert_eq!(
+        version["additionalPrinterColumns"][0]["jsonPath"],
+        ".spec.jobTemplateName"
+    );
+}
+
 /// Every field of every CRD has a description (what `kubectl explain` and `dispatch
 /// explain` show): 58 of 121 had none.
 #[test]
@@ -72,7 +98,10 @@ fn every_crd_field_is_described() {
         }
     }
     let mut missing = Vec::new();
-    for crd in crds() {
+    for crd in crds()
+        .into_iter()
+        .chain([dispatch_k8s::job_execution_crd()])
+    {
         let v = round_trip::<CustomResourceDefinition>(&crd);
         let schema = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
         walk(
@@ -264,6 +293,8 @@ fn install_objects_are_valid_and_least_privilege() {
         [
             "dispatch.dev/baseimages,images,functions,endpoints,jobtemplates,secrets,subscriptions,eventdrivers: get,list,watch,create,update,delete",
             "dispatch.dev/baseimages/status,images/status,functions/status,endpoints/status,jobtemplates/status,secrets/status,subscriptions/status,eventdrivers/status: update",
+            "dispatcher.ivan.vc/jobexecutions: get,list,watch",
+            "dispatcher.ivan.vc/jobexecutions/status: patch",
             "/namespaces: create",
             "apps/deployments: get,patch,delete",
             "/services: get,patch,delete",

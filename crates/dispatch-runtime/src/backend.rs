@@ -237,6 +237,32 @@ pub trait Backend: Send + Sync + 'static {
     fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
     }
+
+    /// Job executions asked for as objects of the backend's own API (Kubernetes: dispatcher's
+    /// `JobExecution` custom resources, created with `kubectl apply`): starts following them
+    /// and hands each to the server, which starts it under its name. `None`: the backend has
+    /// no such objects (embedded; the API's `POST …/jobexecutions` is the way there).
+    fn execution_requests(&self) -> Option<tokio::sync::mpsc::Receiver<ExecutionRequest>> {
+        None
+    }
+
+    /// An execution's record changed: the backend writes its status back to the object it
+    /// was asked by, if it was asked by one (nothing otherwise). Must not block.
+    fn execution_changed(&self, _job: &dispatch_core::JobExecution) {}
+}
+
+/// A job execution asked for through [`Backend::execution_requests`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecutionRequest {
+    /// Start this execution unless its namespace has one of this name. `phase` is the one its
+    /// object reports: an object the server took before (any phase but `Invalid`, which waits
+    /// for its template) is not started again when its record is gone (expired or deleted).
+    Start {
+        doc: dispatch_core::manifest::ExecutionDoc,
+        phase: Option<String>,
+    },
+    /// The object was deleted: the execution stops if it still runs (its record stays).
+    Deleted { namespace: String, name: String },
 }
 
 /// How a job execution ended on a backend that runs jobs itself.

@@ -277,7 +277,7 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         tracing::error!("failed to load subscriptions: {e}");
     }
     crate::events::recover(state).await;
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(external_changes(state.clone(), changes)),
         Queue::spawn(state.clone()),
         Queue::spawn_expiry(state.clone()),
@@ -286,6 +286,13 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
         crate::deliveries::spawn(state.clone()),
     ];
+    // Job executions asked for as the backend's own objects (`JobExecution` custom resources).
+    if let Some(requests) = state.backend.execution_requests() {
+        tasks.push(tokio::spawn(crate::jobs::serve_requests(
+            state.clone(),
+            requests,
+        )));
+    }
     *state.tasks.lock() = tasks;
     state.ready.store(true, Ordering::Release);
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_core::jobs::{self, JobTemplateSpec, JobView, RenderData};
+use dispatch_core::manifest::ExecutionDoc;
 use dispatch_core::{JobExecution, JobPhase, Kind, Logs};
+use dispatch_runtime::backend::ExecutionRequest;
 use dispatch_runtime::jobrun::{ContainerRun, LiveLogs, PodOutcome, run_pod};
 use tokio::task::AbortHandle;
 
@@ -70,6 +72,9 @@ struct Sched {
 
 pub struct Jobs {
     sched: Mutex<Sched>,
+    /// Executions asked for by the backend's objects whose template does not exist yet, per
+    /// template: they start when it is created (dispatcher's `Invalid`, retried).
+    awaiting: Mutex<HashMap<TplKey, Vec<ExecutionDoc>>>,
     /// Scratch folders of executions without a workingDir: `data/jobs/<namespace>/<id>`.
     dir: PathBuf,
 }
@@ -85,6 +90,7 @@ impl Jobs {
     pub fn new(dir: PathBuf) -> Jobs {
         Jobs {
             sched: Mutex::new(Sched::default()),
+            awaiting: Mutex::default(),
             dir,
         }
     }
@@ -150,9 +156,13 @@ fn now(state: &AppState) -> jiff::Timestamp {
     state.queue.clock.now()
 }
 
+/// Records a change of an execution, and has the backend write it back to the object that
+/// asked for it (a `JobExecution` custom resource), if one did.
 async fn save(state: &AppState, job: &JobExecution) -> Result<(), StateError> {
     let j = job.clone();
-    state.db(move |s| s.put_job(&j)).await
+    state.db(move |s| s.put_job(&j)).await?;
+    state.backend.execution_changed(job);
+    Ok(())
 }
 
 /// The template and its runner view for an execution.
@@ -225,7 +235,9 @@ pub async fn execute(
     if !state.db(move |s| s.insert_job(&j)).await? {
         return Err(JobError::Exists(job.uuid));
     }
-    Ok(admit(state, job, spec.max_active()).await)
+    let job = admit(state, job, spec.max_active()).await;
+    state.backend.execution_changed(&job);
+    Ok(job)
 }
 
 /// Starts `job` if its template has room, else queues it; returns the record as it stands.
@@ -584,5 +596,146 @@ pub async fn recover(state: &Arc<AppState>) {
             let _ = save(state, &job).await;
         }
         admit(state, job, spec.max_active()).await;
+    }
+}
+
+/// At most this many executions wait for their templates (beyond: `Invalid` at once).
+pub const MAX_AWAITING: usize = 10_000;
+
+/// Executions asked for by the backend's objects (Kubernetes: `JobExecution` custom
+/// resources), in the order they come: each starts under its object's name, once. An object
+/// seen again (a relist, its own status change) has its record's status written back; one the
+/// server took before whose record is gone (expired) is not run again; a deleted one's
+/// execution stops.
+pub async fn serve_requests(
+    state: Arc<AppState>,
+    mut requests: tokio::sync::mpsc::Receiver<ExecutionRequest>,
+) {
+    while let Some(request) = requests.recv().await {
+        match request {
+            ExecutionRequest::Start { doc, phase } => {
+                let ns = doc.namespace.clone().unwrap_or_default();
+                let (n, u) = (ns.clone(), doc.name.clone());
+                match state.db(move |s| s.get_job(&n, &u)).await {
+                    Ok(Some(job)) => state.backend.execution_changed(&job),
+                    Ok(None)
+                        if phase
+                            .as_deref()
+                            .is_some_and(|p| !p.is_empty() && p != "Invalid") => {}
+                    Ok(None) => start_requested(&state, doc).await,
+                    Err(e) => {
+                        tracing::error!(execution = %doc.name, namespace = %ns, "reading a job execution: {e}")
+                    }
+                }
+            }
+            ExecutionRequest::Deleted { namespace, name } => {
+                for docs in state.jobs.awaiting.lock().values_mut() {
+                    docs.retain(|d| {
+                        !(d.name == name && d.namespace.as_deref() == Some(&namespace))
+                    });
+                }
+                match cancel(&state, &namespace, &name).await {
+                    Ok(_)
+                    | Err(
+                        JobError::NotFound { .. } | JobError::Ended { .. } | JobError::Ending(_),
+                    ) => {}
+                    Err(e) => {
+                        tracing::error!(execution = %name, %namespace, "stopping a job execution whose object was deleted: {e}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Starts an execution an object asked for; one whose template is missing waits for it.
+async fn start_requested(state: &Arc<AppState>, doc: ExecutionDoc) {
+    let ns = doc.namespace.clone().unwrap_or_default();
+    let invalid = |reason: String| JobExecution {
+        uuid: doc.name.clone(),
+        name: doc.template.clone(),
+        namespace: ns.clone(),
+        phase: JobPhase::Invalid,
+        reason,
+        payload: doc.payload.clone(),
+        rendered: serde_json::Value::Null,
+        images: Vec::new(),
+        attempts: 0,
+        exit_code: None,
+        logs: Logs::default(),
+        created_at: now(state),
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    };
+    let key = (ns.clone(), doc.template.clone());
+    let mut waited = false;
+    loop {
+        let e = match execute(
+            state,
+            &ns,
+            &doc.template,
+            doc.payload.clone(),
+            Some(&doc.name),
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        match e {
+            JobError::Exists(_) => {
+                let (n, u) = (ns.clone(), doc.name.clone());
+                if let Ok(Some(job)) = state.db(move |s| s.get_job(&n, &u)).await {
+                    state.backend.execution_changed(&job);
+                }
+            }
+            JobError::TemplateNotFound { .. } if !waited => {
+                let queued = {
+                    let mut awaiting = state.jobs.awaiting.lock();
+                    let room = awaiting.values().map(Vec::len).sum::<usize>() < MAX_AWAITING;
+                    if room {
+                        awaiting.entry(key.clone()).or_default().push(doc.clone());
+                    }
+                    room
+                };
+                // The template may have been made (and reconciled) between the two steps.
+                if queued
+                    && state
+                        .get(&ns, Kind::JobTemplate, &doc.template)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some()
+                {
+                    if let Some(docs) = state.jobs.awaiting.lock().get_mut(&key) {
+                        docs.retain(|d| d.name != doc.name);
+                    }
+                    waited = true;
+                    continue;
+                }
+                let reason = if queued {
+                    format!("{e}: it starts when the template is created")
+                } else {
+                    format!("{e} (and {MAX_AWAITING} executions wait for their templates already)")
+                };
+                state.backend.execution_changed(&invalid(reason));
+            }
+            e => state.backend.execution_changed(&invalid(e.to_string())),
+        }
+        return;
+    }
+}
+
+/// A job template became ready: executions asked for before it existed start now.
+pub async fn template_ready(state: &Arc<AppState>, ns: &str, name: &str) {
+    let docs = state
+        .jobs
+        .awaiting
+        .lock()
+        .remove(&(ns.to_string(), name.to_string()))
+        .unwrap_or_default();
+    for doc in docs {
+        start_requested(state, doc).await;
     }
 }

@@ -503,3 +503,132 @@ async fn restart_reruns_active_and_runs_waiting_then_ttl_cleans_up() {
     .await;
     t.stop().await;
 }
+
+/// Job executions asked for as a backend's objects (on Kubernetes, `JobExecution` custom
+/// resources made with kubectl): each starts once under its object's name, its changes are
+/// written back, one asked before its template exists waits for it (dispatcher's `Invalid`),
+/// a relist does not run one again, and deleting the object stops its execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_asked_for_by_backend_objects() {
+    use dispatch_core::manifest::ExecutionDoc;
+    use dispatch_runtime::backend::ExecutionRequest;
+    use dispatch_store::{RecordStore as _, ResourceStore as _, SqliteStore};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("dispatch.db")).unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let backend = Arc::new(support::fake::FakeBackend {
+        requests: Mutex::new(Some(rx)),
+        ..Default::default()
+    });
+    let state = dispatch_server::Server::builder()
+        .stores(dispatch_server::Stores::single(store.clone()))
+        .blobs(dispatch_store::BlobStore::open(dir.path().join("blobs")).unwrap())
+        .backend(backend.clone())
+        .options(dispatch_server::Options {
+            auth: false,
+            jobs_dir: dir.path().join("jobs"),
+            ..Default::default()
+        })
+        .state()
+        .await
+        .unwrap();
+    let start = |name: &str, template: &str, phase: Option<&str>| ExecutionRequest::Start {
+        doc: ExecutionDoc {
+            name: name.into(),
+            namespace: Some("default".into()),
+            template: template.into(),
+            payload: format!("payload of {name}"),
+            index: 1,
+        },
+        phase: phase.map(str::to_string),
+    };
+    let reported = || backend.reported.lock().unwrap().clone();
+    let last = |name: &str, phase: JobPhase| {
+        let found = reported()
+            .into_iter()
+            .rev()
+            .find(|j| j.uuid == name)
+            .filter(|j| j.phase == phase);
+        async move { found }
+    };
+    let add_template = |name: &str, command: &str| {
+        let o = template(name, json!(["sh", "-c", command]), json!({}), None);
+        store.create(o).unwrap();
+        state.enqueue(dispatch_server::controller::Key::new(
+            "default",
+            Kind::JobTemplate,
+            name,
+        ));
+    };
+
+    tx.send(start("nightly", "echo", None)).await.unwrap();
+    let invalid = eventually("nightly to be Invalid", || {
+        last("nightly", JobPhase::Invalid)
+    })
+    .await;
+    assert!(
+        invalid.reason.contains("not found")
+            && invalid
+                .reason
+                .contains("starts when the template is created"),
+        "{}",
+        invalid.reason
+    );
+    add_template("echo", "echo \"$PAYLOAD\"");
+    let done = eventually("nightly to complete", || {
+        last("nightly", JobPhase::Completed)
+    })
+    .await;
+    assert_eq!(done.logs.stdout, ["payload of nightly"]);
+    assert!(
+        reported()
+            .iter()
+            .any(|j| j.uuid == "nightly" && j.phase == JobPhase::Active),
+        "every change is written back"
+    );
+
+    // Seen again (a relist, or its own status change): its record is written back, not run.
+    let before = reported().len();
+    tx.send(start("nightly", "echo", Some("Completed")))
+        .await
+        .unwrap();
+    // Taken before, its record gone (expired): not run again. The marker after it shows the
+    // request was handled.
+    tx.send(start("expired", "echo", Some("Completed")))
+        .await
+        .unwrap();
+    tx.send(start("marker", "echo", None)).await.unwrap();
+    eventually("the marker to complete", || {
+        last("marker", JobPhase::Completed)
+    })
+    .await;
+    let again: Vec<JobExecution> = reported()[before..]
+        .iter()
+        .filter(|j| j.uuid == "nightly")
+        .cloned()
+        .collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].phase, again[0].attempts),
+        (JobPhase::Completed, 1)
+    );
+    assert!(store.get_job("default", "expired").unwrap().is_none());
+    assert!(!reported().iter().any(|j| j.uuid == "expired"));
+
+    // Deleted while it runs: stopped.
+    add_template("sleepy", "sleep 60");
+    tx.send(start("long", "sleepy", None)).await.unwrap();
+    eventually("long to run", || last("long", JobPhase::Active)).await;
+    tx.send(ExecutionRequest::Deleted {
+        namespace: "default".into(),
+        name: "long".into(),
+    })
+    .await
+    .unwrap();
+    eventually("long to be cancelled", || last("long", JobPhase::Cancelled)).await;
+    assert_eq!(
+        store.get_job("default", "long").unwrap().unwrap().phase,
+        JobPhase::Cancelled
+    );
+}

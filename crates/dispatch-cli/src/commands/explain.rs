@@ -16,7 +16,8 @@ use crate::output::{Format, print_structured};
 the schemas the Kubernetes CRDs are made of (so the same text as kubectl explain). KIND is any \
 spelling (function, functions, base-image); a dotted path goes into the fields (arrays and maps \
 are entered on their own).\n\nExamples:\n  dispatch explain function\n  dispatch explain \
-function.spec.concurrency\n  dispatch explain endpoint.spec.paths -o json"
+function.spec.concurrency\n  dispatch explain endpoint.spec.paths -o json\n  dispatch \
+explain jobexecution.status"
 )]
 pub struct Explain {
     /// KIND or KIND.field.path (e.g. function.spec.retry.backoff)
@@ -62,17 +63,30 @@ impl Explain {
     pub fn run(self) -> Result<ExitCode> {
         let mut parts = self.path.split('.');
         let kind_name = parts.next().unwrap_or_default();
-        let Some(kind) = Kind::parse(kind_name) else {
-            let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.cli_name()).collect();
-            bail!(
-                "unknown kind {kind_name:?}: explain one of {}",
-                kinds.join(", ")
-            );
+        // dispatcher's JobExecution has a CRD too (its own group).
+        let (kind, version, crd) = if matches!(
+            kind_name.to_ascii_lowercase().as_str(),
+            "jobexecution" | "jobexecutions" | "job-execution" | "job-executions"
+        ) {
+            (
+                "JobExecution",
+                dispatch_core::resource::DISPATCHER_API_VERSION,
+                dispatch_k8s::job_execution_crd(),
+            )
+        } else {
+            let Some(kind) = Kind::parse(kind_name) else {
+                let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.cli_name()).collect();
+                bail!(
+                    "unknown kind {kind_name:?}: explain one of {}, jobexecution",
+                    kinds.join(", ")
+                );
+            };
+            let crd = dispatch_k8s::crds()
+                .into_iter()
+                .find(|c| c.spec.names.kind == kind.as_str())
+                .expect("a CRD per kind");
+            (kind.as_str(), dispatch_core::API_VERSION, crd)
         };
-        let crd = dispatch_k8s::crds()
-            .into_iter()
-            .find(|c| c.spec.names.kind == kind.as_str())
-            .expect("a CRD per kind");
         let root = serde_json::to_value(
             crd.spec.versions[0]
                 .schema
@@ -91,9 +105,9 @@ impl Explain {
                 bail!(
                     "{} has no field {part:?}{}",
                     if field.is_empty() {
-                        kind.as_str().to_string()
+                        kind.to_string()
                     } else {
-                        format!("{}.{}", kind.as_str(), field.join("."))
+                        format!("{kind}.{}", field.join("."))
                     },
                     if have.is_empty() {
                         String::new()
@@ -109,11 +123,7 @@ impl Explain {
             print_structured(node, self.output)?;
             return Ok(ExitCode::SUCCESS);
         }
-        let mut out = format!(
-            "KIND:     {}\nVERSION:  {}\n",
-            kind.as_str(),
-            dispatch_core::API_VERSION
-        );
+        let mut out = format!("KIND:     {kind}\nVERSION:  {version}\n");
         if !field.is_empty() {
             out += &format!("FIELD:    {} <{}>\n", field.join("."), type_of(node));
         }

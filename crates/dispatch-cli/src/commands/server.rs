@@ -238,6 +238,7 @@ impl Server {
             &holder,
         ));
         options.job_owners = true;
+        options.executions = true;
         let backend = dispatch_k8s::backend::KubernetesBackend::new(client.clone(), options);
         let resources: dispatch_server::ResourcesFactory = Box::new(move |sql| {
             Box::pin(async move {

@@ -25,7 +25,10 @@ use crate::image::{self, ImageError, ImageRequest};
 use crate::oci::{Registry, RegistryOptions};
 use crate::{FunctionImage, Workload};
 
+mod executions;
 mod jobs;
+
+pub use executions::{execution_resource, execution_status};
 pub use jobs::job_end;
 
 /// (namespace, function) → the base URL of its runner.
@@ -61,6 +64,9 @@ pub struct KubernetesOptions {
     pub job_owners: bool,
     /// Job logs are followed while the Job runs (otherwise read once at its end).
     pub live_logs: bool,
+    /// dispatcher's `JobExecution` custom resources are followed: each starts an execution
+    /// under its name, and gets its status written back (needs their CRD).
+    pub executions: bool,
 }
 
 impl KubernetesOptions {
@@ -77,6 +83,7 @@ impl KubernetesOptions {
             function_url: Arc::new(|ns, name| format!("http://fn-{name}.{ns}.svc")),
             job_owners: false,
             live_logs: true,
+            executions: false,
         }
     }
 }
@@ -91,6 +98,7 @@ pub struct KubernetesBackend {
     /// The last failure of an image's build, by image digest.
     logs: Mutex<HashMap<String, String>>,
     leader: Option<tokio::sync::watch::Receiver<bool>>,
+    executions: Arc<executions::Executions>,
 }
 
 /// A function deployed as a Kubernetes Service: calls are POSTed to it.
@@ -227,6 +235,7 @@ impl KubernetesBackend {
             http: reqwest::Client::new(),
             deployed: Mutex::new(HashMap::new()),
             logs: Mutex::new(HashMap::new()),
+            executions: Arc::default(),
         })
     }
 
@@ -476,6 +485,19 @@ impl Backend for KubernetesBackend {
 
     fn leadership(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         self.leader.clone()
+    }
+
+    fn execution_requests(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Receiver<dispatch_runtime::backend::ExecutionRequest>> {
+        self.options.executions.then(|| {
+            self.executions
+                .start(self.client.clone(), self.leader.clone())
+        })
+    }
+
+    fn execution_changed(&self, job: &JobExecution) {
+        self.executions.changed(job);
     }
 }
 

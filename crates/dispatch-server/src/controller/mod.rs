@@ -341,8 +341,9 @@ async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), Reconcile
     set_status(state, &o, new).await
 }
 
-/// Job templates need no build: valid (checked when stored) means READY.
-async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
+/// Job templates need no build: valid (checked when stored) means READY; executions that
+/// waited for the template start then.
+async fn reconcile_job_template(state: &Arc<AppState>, key: &Key) -> Result<(), ReconcileError> {
     let Some(o) = state
         .get(&key.namespace, Kind::JobTemplate, &key.name)
         .await?
@@ -356,7 +357,12 @@ async fn reconcile_job_template(state: &AppState, key: &Key) -> Result<(), Recon
         Ok(()) => status(Phase::Ready, "", None, &o),
         Err(e) => status(Phase::Error, e.message, None, &o),
     };
-    set_status(state, &o, new).await
+    let ready = new.phase == Some(Phase::Ready);
+    set_status(state, &o, new).await?;
+    if ready {
+        crate::jobs::template_ready(state, &key.namespace, &key.name).await;
+    }
+    Ok(())
 }
 
 /// Secrets need no build; a change re-reads them into the functions that use them.

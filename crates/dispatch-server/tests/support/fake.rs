@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use dispatch_core::{Envelope, ErrorObject, Logs};
 use dispatch_runtime::backend::{
-    Backend, BaseImageCheck, BoxFuture, BuildError, DeployedFunction, FunctionDeploy,
-    FunctionHandle, GcKeep, ImageBuild, InvokeError, Removed,
+    Backend, BaseImageCheck, BoxFuture, BuildError, DeployedFunction, ExecutionRequest,
+    FunctionDeploy, FunctionHandle, GcKeep, ImageBuild, InvokeError, Removed,
 };
 use dispatch_runtime::{CallOutcome, Progress};
 use serde_json::value::RawValue;
@@ -21,6 +21,11 @@ pub struct FakeBackend {
     pub calls: Arc<Mutex<Vec<Instant>>>,
     /// Leadership as a Kubernetes Lease would report it; `None`: always the leader.
     pub leader: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Job executions asked for as the backend's objects would be (the test holds the
+    /// sender); taken when the server starts.
+    pub requests: Mutex<Option<tokio::sync::mpsc::Receiver<ExecutionRequest>>>,
+    /// Every execution change the server reported, in order.
+    pub reported: Arc<Mutex<Vec<dispatch_core::JobExecution>>>,
 }
 
 impl Backend for FakeBackend {
@@ -76,6 +81,12 @@ impl Backend for FakeBackend {
     }
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+    fn execution_requests(&self) -> Option<tokio::sync::mpsc::Receiver<ExecutionRequest>> {
+        self.requests.lock().unwrap().take()
+    }
+    fn execution_changed(&self, job: &dispatch_core::JobExecution) {
+        self.reported.lock().unwrap().push(job.clone());
     }
 }
 
