@@ -997,7 +997,19 @@ fn job_templates_from_the_cli() {
         s.ok(&["apply", "-f", path]),
         "jobexecution/nightly unchanged\n"
     );
+    assert_eq!(
+        s.ok(&["diff", "-f", path]),
+        "",
+        "the same execution: no diff"
+    );
     write_execution("changed");
+    let diff = s.cli().args(["diff", "-f", path]).output().unwrap();
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert_eq!(diff.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("-  payload: from-apply") && text.contains("+  payload: changed"),
+        "{text}"
+    );
     assert!(
         s.fails(&["apply", "-f", path])
             .contains("an execution does not change")
@@ -1005,6 +1017,11 @@ fn job_templates_from_the_cli() {
     assert!(
         s.fails(&["create", "-f", path])
             .contains("is started by `dispatch apply -f`")
+    );
+    // delete -f of an ended one: nothing to stop, its record stays.
+    assert_eq!(
+        s.ok(&["delete", "-f", path]),
+        "jobexecution/nightly ended already (its record stays)\n"
     );
 
     let tpl = s.dir.path().join("jobs.yaml");
@@ -1031,10 +1048,29 @@ fn job_templates_from_the_cli() {
         s.fails(&["execute", "nope"])
             .contains("job template \"nope\" not found")
     );
+    // delete -f of a running one stops it, as deleting its custom resource does.
+    let blocked = s.dir.path().join("blocked.yaml");
+    std::fs::write(
+        &blocked,
+        "apiVersion: dispatcher.ivan.vc/v1alpha1\nkind: JobExecution\nmetadata: {name: blocked}\nspec: {jobTemplateName: blocker}\n",
+    )
+    .unwrap();
+    let blocked = blocked.to_str().unwrap();
+    s.ok(&["apply", "-f", blocked]);
+    assert_eq!(
+        s.ok(&["delete", "-f", blocked]),
+        "jobexecution/blocked cancelled\n"
+    );
+    assert!(
+        s.ok(&["get", "jobexecution", "blocked", "-o", "yaml"])
+            .contains("phase: Cancelled")
+    );
     assert!(
         s.ok(&["delete", "jobtemplate", "blocker"])
             .contains("deleted")
     );
+    assert!(s.fails(&["delete", "-f", blocked]).contains("not found"));
+    assert_eq!(s.ok(&["delete", "-f", blocked, "--ignore-not-found"]), "");
 }
 
 #[test]

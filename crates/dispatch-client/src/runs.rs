@@ -121,7 +121,12 @@ impl Client {
     }
 
     pub async fn cancel_job(&self, uuid: &str) -> Result<JobExecution> {
-        let url = self.ns_url(&self.namespace, &format!("jobexecutions/{uuid}"));
+        self.cancel_job_in(&self.namespace, uuid).await
+    }
+
+    /// Cancels the execution of that name (or UUID) in `ns`.
+    pub async fn cancel_job_in(&self, ns: &str, uuid: &str) -> Result<JobExecution> {
+        let url = self.ns_url(ns, &format!("jobexecutions/{uuid}"));
         self.json(self.request(Method::DELETE, &url), &url).await
     }
 

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Target, parse_target, read_manifest, say};
+use dispatch_core::manifest::Entry;
+
+use super::{Target, parse_target, read_entries, say};
 use crate::Ctx;
 
 /// Delete resources by name, or every resource of a manifest
@@ -32,15 +34,37 @@ impl Delete {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
         if let Some(file) = self.file {
-            let (docs, _) = read_manifest(&file)?;
-            for d in docs.iter().rev() {
-                let o = &d.object;
-                let ns = o.metadata.namespace.as_deref().unwrap_or(c.namespace());
-                match c.delete_in(ns, o.kind, o.name()).await {
-                    Ok(gone) => say(&gone, "deleted"),
+            let (entries, _) = read_entries(&file)?;
+            for entry in entries.iter().rev() {
+                let x = match entry {
+                    Entry::Resource(d) => {
+                        let o = &d.object;
+                        let ns = o.metadata.namespace.as_deref().unwrap_or(c.namespace());
+                        match c.delete_in(ns, o.kind, o.name()).await {
+                            Ok(gone) => say(&gone, "deleted"),
+                            Err(e) if self.ignore_not_found && e.code() == Some("NotFound") => {}
+                            Err(e) => {
+                                return Err(e).with_context(|| d.label());
+                            }
+                        }
+                        continue;
+                    }
+                    Entry::Execution(x) => x,
+                };
+                // A job execution is a record: deleting its document stops it if it still
+                // runs (as deleting its custom resource does); the record goes with its
+                // template.
+                let ns = x.namespace.as_deref().unwrap_or(c.namespace());
+                match c.cancel_job_in(ns, &x.name).await {
+                    Ok(_) => println!("jobexecution/{} cancelled", x.name),
+                    Err(e) if e.code() == Some("Conflict") => {
+                        println!("jobexecution/{} ended already (its record stays)", x.name)
+                    }
                     Err(e) if self.ignore_not_found && e.code() == Some("NotFound") => {}
                     Err(e) => {
-                        return Err(e).with_context(|| d.label());
+                        return Err(e).with_context(|| {
+                            format!("document {} (JobExecution {:?})", x.index, x.name)
+                        });
                     }
                 }
             }

@@ -2,7 +2,8 @@
 //! change, from the server's own validation and normalization (`?dryRun=true`: no resource
 //! is stored; a function's source is uploaded, as a content-addressed blob that `dispatch gc`
 //! removes when nothing names it, so that its handler is checked too), as a unified diff of
-//! each resource's labels and spec.
+//! each resource's labels and spec (a `JobExecution` document: its template and payload
+//! against the execution of its name).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,9 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 use dispatch_core::{Kind, Object};
 
-use super::{prepare, read_manifest};
+use dispatch_core::manifest::Entry;
+
+use super::{prepare, read_entries};
 use crate::Ctx;
 
 /// Show what `apply -f FILE` would change, without changing anything (exit 1 when it would)
@@ -18,7 +21,8 @@ use crate::Ctx;
 #[command(
     long_about = "Compares every resource of a manifest with what the server stores, \
 after the server's own validation and normalization (a dry run: no resource is stored; a \
-function's source archive is uploaded, and gc removes it when nothing names it), and prints a unified diff of each resource's labels and spec. Exits 0 when applying \
+function's source archive is uploaded, and gc removes it when nothing names it), and prints a unified diff of each resource's labels and spec (a `JobExecution` document: its template and payload against the
+//! execution of its name). Exits 0 when applying \
 would change nothing, 1 when it would (like diff(1) and kubectl diff), and with an error when \
 the manifest is not valid.\n\nExample: dispatch diff -f examples/seed.yaml"
 )]
@@ -53,10 +57,55 @@ fn comparable(o: Option<&Object>) -> String {
     serde_saphyr::to_string(&v).unwrap_or_default()
 }
 
-/// Plans every document of a manifest against the server (dry runs).
-pub async fn plan(ctx: &Ctx, file: &std::path::Path) -> Result<Vec<Planned>> {
-    let (docs, base) = read_manifest(file)?;
-    plan_documents(ctx, docs.iter(), &base).await
+/// Plans every document of a manifest against the server (dry runs). A `JobExecution`
+/// document compares its template and payload with the execution of its name: one that does
+/// not exist would be started, one that differs cannot be applied (an execution does not
+/// change).
+pub async fn plan(ctx: &Ctx, file: &std::path::Path) -> Result<Vec<String>> {
+    let (entries, base) = read_entries(file)?;
+    let mut diffs = Vec::new();
+    for entry in &entries {
+        match entry {
+            Entry::Resource(d) => {
+                for p in plan_documents(ctx, std::iter::once(d.as_ref()), &base).await? {
+                    diffs.push(p.diff);
+                }
+            }
+            Entry::Execution(x) => {
+                let c = &ctx.client;
+                let ns = x.namespace.as_deref().unwrap_or(c.namespace());
+                let stored = c
+                    .get_job_in(ns, &x.name)
+                    .await
+                    .with_context(|| format!("document {} (JobExecution {:?})", x.index, x.name))?;
+                let spec = |template: &str, payload: &str| {
+                    let v = serde_json::json!({"spec": {"jobTemplateName": template, "payload": payload}});
+                    serde_saphyr::to_string(&v).unwrap_or_default()
+                };
+                let before = stored
+                    .map(|j| spec(&j.name, &j.payload))
+                    .unwrap_or_default();
+                diffs.push(unified(
+                    &format!("jobexecution/{}", x.name),
+                    &before,
+                    &spec(&x.template, &x.payload),
+                ));
+            }
+        }
+    }
+    Ok(diffs)
+}
+
+/// The unified diff of one object's `before` and `after` text (empty when they are equal).
+fn unified(label: &str, before: &str, after: &str) -> String {
+    if before == after {
+        return String::new();
+    }
+    similar::TextDiff::from_lines(before, after)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("{label} (stored)"), &format!("{label} (manifest)"))
+        .to_string()
 }
 
 /// Plans these documents (`base`: where their relative paths start).
@@ -87,16 +136,8 @@ pub async fn plan_documents(
         };
         let (before, after) = (comparable(existing.as_ref()), comparable(Some(&would)));
         let label = format!("{}/{}", o.kind.cli_name(), o.name());
-        let (verb, diff) = if before == after {
-            ("unchanged", String::new())
-        } else {
-            let diff = similar::TextDiff::from_lines(&before, &after)
-                .unified_diff()
-                .context_radius(3)
-                .header(&format!("{label} (stored)"), &format!("{label} (manifest)"))
-                .to_string();
-            (verb, diff)
-        };
+        let diff = unified(&label, &before, &after);
+        let verb = if diff.is_empty() { "unchanged" } else { verb };
         out.push(Planned {
             object: would,
             verb,
@@ -108,12 +149,11 @@ pub async fn plan_documents(
 
 impl Diff {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
-        let planned = plan(ctx, &self.file).await?;
         let mut changes = false;
-        for p in &planned {
-            if !p.diff.is_empty() {
+        for diff in plan(ctx, &self.file).await? {
+            if !diff.is_empty() {
                 changes = true;
-                print!("{}", p.diff);
+                print!("{diff}");
             }
         }
         Ok(if changes {
