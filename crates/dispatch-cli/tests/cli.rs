@@ -958,6 +958,28 @@ fn job_templates_from_the_cli() {
         "header, rule, two executions: {list}"
     );
 
+    // dispatcher's samples folder, as `kubectl apply -f config/samples/` takes it: the
+    // template (unchanged), then the execution sample, which runs once.
+    let samples = examples().join("jobs");
+    let samples = samples.to_str().unwrap();
+    assert_eq!(
+        s.ok(&["apply", "-f", samples]),
+        "jobtemplate/jobtemplate-sample unchanged\njobexecution/jobexecution-sample created\n"
+    );
+    assert_eq!(
+        s.ok(&["logs", "jobexecution", "jobexecution-sample", "--follow"]),
+        "test-payload\n"
+    );
+    assert_eq!(
+        s.ok(&["apply", "-f", samples]),
+        "jobtemplate/jobtemplate-sample unchanged\njobexecution/jobexecution-sample unchanged\n"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    assert!(
+        s.fails(&["apply", "-f", empty.path().to_str().unwrap()])
+            .contains("holds no .yaml, .yml or .json file")
+    );
+
     // A JobExecution resource, as dispatcher documents it: apply starts it under its name;
     // applied again it is unchanged; another payload under that name is refused.
     let execution = s.dir.path().join("execution.yaml");

@@ -1,4 +1,5 @@
-//! `dispatch apply -f FILE|-`: create what is missing, update what changed, leave the rest.
+//! `dispatch apply -f FILE|DIR|-`: create what is missing, update what changed, leave the
+//! rest; then start the job executions (dispatcher's `JobExecution` documents) not started.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,8 @@ use crate::Ctx;
 /// Create or update every resource of a YAML/JSON manifest (multi-document)
 #[derive(Debug, clap::Args)]
 pub struct Apply {
-    /// Manifest file (`-` reads stdin); a Function's spec.sourcePath is packed and uploaded
+    /// Manifest file, or a folder of them (`-` reads stdin); a Function's spec.sourcePath is
+    /// packed and uploaded
     #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
     pub file: PathBuf,
     /// Print what was applied as json or yaml, or name (kind/name lines); default: a line
@@ -41,11 +43,18 @@ impl Apply {
                 said(&mut report, &p.object, &verb);
             }
         }
+        // Resources first, then job executions: an execution runs a template, which may be
+        // in the same manifest (or folder) after it.
+        if !self.dry_run {
+            for entry in &entries {
+                if let Entry::Resource(d) = entry {
+                    resource(c, &mut report, d, &base).await?;
+                }
+            }
+        }
         for entry in &entries {
-            match entry {
-                Entry::Execution(x) => execution(c, &mut report, x, self.dry_run).await?,
-                Entry::Resource(_) if self.dry_run => {}
-                Entry::Resource(d) => resource(c, &mut report, d, &base).await?,
+            if let Entry::Execution(x) = entry {
+                execution(c, &mut report, x, self.dry_run).await?;
             }
         }
         report.finish()?;

@@ -19,7 +19,7 @@ pub struct Delete {
     pub kind: Option<String>,
     /// Names to delete
     pub names: Vec<String>,
-    /// Delete what a manifest declares (`-` reads stdin)
+    /// Delete what a manifest (or a folder of them) declares (`-` reads stdin)
     #[arg(short = 'f', long = "file", conflicts_with = "kind")]
     pub file: Option<PathBuf>,
     /// With -f: skip resources that do not exist
@@ -35,7 +35,11 @@ impl Delete {
         let c = &ctx.client;
         if let Some(file) = self.file {
             let (entries, _) = read_entries(&file)?;
-            for entry in entries.iter().rev() {
+            // Job executions first (their templates may come before them), then resources in
+            // reverse order.
+            let executions = entries.iter().filter(|e| matches!(e, Entry::Execution(_)));
+            let resources = entries.iter().filter(|e| matches!(e, Entry::Resource(_)));
+            for entry in executions.chain(resources.rev()) {
                 let x = match entry {
                     Entry::Resource(d) => {
                         let o = &d.object;

@@ -27,7 +27,7 @@ would change nothing, 1 when it would (like diff(1) and kubectl diff), and with 
 the manifest is not valid.\n\nExample: dispatch diff -f examples/seed.yaml"
 )]
 pub struct Diff {
-    /// Manifest file (`-` reads stdin)
+    /// Manifest file, or a folder of them (`-` reads stdin)
     #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
     pub file: PathBuf,
 }

@@ -174,37 +174,69 @@ pub fn ensure_ready(o: &Object) -> Result<()> {
     Ok(())
 }
 
-/// Reads a manifest from a file or `-` (stdin); relative `sourcePath`s resolve against the
-/// file's folder (the current one for stdin).
+/// Reads a manifest from a file, a folder (its `.yaml`, `.yml` and `.json` files in name
+/// order, as `kubectl apply -f DIR`) or `-` (stdin); relative `sourcePath`s resolve against
+/// the file's folder (the folder itself; the current one for stdin).
 pub fn read_manifest(file: &Path) -> Result<(Vec<Document>, PathBuf)> {
-    let (text, base) = manifest_text(file)?;
-    let docs = parse_manifest(&text).with_context(|| format!("{}", file.display()))?;
+    let (texts, base) = manifest_texts(file)?;
+    let mut docs = Vec::new();
+    for (name, text) in texts {
+        docs.extend(parse_manifest(&text).with_context(|| name)?);
+    }
     Ok((docs, base))
 }
 
 /// [`read_manifest`] with job executions too (`dispatch apply -f`), in file order.
 pub fn read_entries(file: &Path) -> Result<(Vec<dispatch_core::manifest::Entry>, PathBuf)> {
-    let (text, base) = manifest_text(file)?;
-    let entries = dispatch_core::manifest::parse_entries(&text)
-        .with_context(|| format!("{}", file.display()))?;
+    let (texts, base) = manifest_texts(file)?;
+    let mut entries = Vec::new();
+    for (name, text) in texts {
+        entries.extend(dispatch_core::manifest::parse_entries(&text).with_context(|| name)?);
+    }
     Ok((entries, base))
 }
 
-/// A manifest's text and the folder its relative paths start from (`-`: stdin, the
-/// current folder).
-fn manifest_text(file: &Path) -> Result<(String, PathBuf)> {
+/// The manifest files' names and texts, and the folder relative paths start from.
+fn manifest_texts(file: &Path) -> Result<(Vec<(String, String)>, PathBuf)> {
     if file == Path::new("-") {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
             .context("failed to read the manifest from stdin")?;
-        Ok((s, std::env::current_dir().unwrap_or_default()))
-    } else {
-        let s = std::fs::read_to_string(file)
-            .with_context(|| format!("failed to read {}", file.display()))?;
-        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        Ok((s, base))
+        return Ok((
+            vec![("stdin".into(), s)],
+            std::env::current_dir().unwrap_or_default(),
+        ));
     }
+    let read = |f: &Path| {
+        std::fs::read_to_string(f).with_context(|| format!("failed to read {}", f.display()))
+    };
+    if file.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(file)
+            .with_context(|| format!("failed to read the folder {}", file.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .and_then(|x| x.to_str())
+                        .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            anyhow::bail!(
+                "{} has no manifest: it holds no .yaml, .yml or .json file",
+                file.display()
+            );
+        }
+        let texts = files
+            .iter()
+            .map(|f| Ok((f.display().to_string(), read(f)?)))
+            .collect::<Result<Vec<_>>>()?;
+        return Ok((texts, file.to_path_buf()));
+    }
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((vec![(file.display().to_string(), read(file)?)], base))
 }
 
 /// Packs and uploads `path` as the source of function `name` in `ns`; returns its digest.
