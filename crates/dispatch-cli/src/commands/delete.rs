@@ -14,8 +14,7 @@ use crate::Ctx;
 /// Delete resources by name, or every resource of a manifest
 #[derive(Debug, clap::Args)]
 pub struct Delete {
-    /// base-image, image, function or endpoint
-    #[arg(required_unless_present = "file")]
+    #[arg(required_unless_present = "file", help = super::DELETE_KINDS)]
     pub kind: Option<String>,
     /// Names to delete
     pub names: Vec<String>,

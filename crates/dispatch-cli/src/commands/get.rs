@@ -13,7 +13,7 @@ use crate::output::{Format, jobs_table, objects_table, print_structured, runs_ta
 /// Show resources, runs or job executions
 #[derive(Debug, clap::Args)]
 pub struct Get {
-    /// base-image(s), image(s), function(s), endpoint(s), jobtemplate(s), run(s), jobexecution(s)
+    #[arg(help = super::GET_KINDS)]
     pub kind: String,
     /// One resource (or run id); all when omitted
     pub name: Option<String>,

@@ -49,6 +49,15 @@ pub enum Target {
     Events,
 }
 
+/// The kinds `get` takes, as its help and errors name them (a test keeps them whole).
+pub const GET_KINDS: &str = "base-image, image, function, endpoint (api), secret, jobtemplate, \
+subscription, eventdriver, run, jobexecution, event, token, namespace or audit (singular or \
+plural)";
+
+/// The kinds `delete KIND NAME` takes.
+pub const DELETE_KINDS: &str = "base-image, image, function, endpoint (api), secret, \
+jobtemplate, subscription, eventdriver, token or namespace (singular or plural)";
+
 pub fn parse_target(s: &str) -> Result<Target> {
     let norm: String = s
         .chars()
@@ -73,11 +82,9 @@ pub fn parse_target(s: &str) -> Result<Target> {
     if norm == "audit" {
         return Ok(Target::Audit);
     }
-    Kind::parse(s).map(Target::Resource).with_context(|| {
-        format!(
-            "unknown kind {s:?}: use base-image(s), image(s), function(s), endpoint(s), jobtemplate(s), run(s) or jobexecution(s)"
-        )
-    })
+    Kind::parse(s)
+        .map(Target::Resource)
+        .with_context(|| format!("unknown kind {s:?}: use {GET_KINDS}"))
 }
 
 /// `--wait` / `--no-wait`: wait for a build to settle. Default: wait when stderr is a
@@ -320,4 +327,39 @@ pub fn said(report: &mut crate::output::Report, o: &Object, verb: &str) {
         verb,
         serde_json::to_value(o).unwrap_or_default(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every help that lists kinds names every kind it takes (they named fewer).
+    #[test]
+    fn kind_lists_name_every_kind() {
+        for kind in Kind::ALL {
+            for (what, list) in [("get", GET_KINDS), ("delete", DELETE_KINDS)] {
+                assert!(list.contains(kind.cli_name()), "{what}: {kind}");
+            }
+        }
+        for word in [
+            "run",
+            "jobexecution",
+            "event",
+            "token",
+            "namespace",
+            "audit",
+        ] {
+            assert!(GET_KINDS.contains(word), "{word}");
+            parse_target(word).unwrap();
+        }
+        for word in ["token", "namespace"] {
+            assert!(DELETE_KINDS.contains(word), "{word}");
+        }
+        assert!(
+            parse_target("widget")
+                .unwrap_err()
+                .to_string()
+                .contains("eventdriver")
+        );
+    }
 }
