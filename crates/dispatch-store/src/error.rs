@@ -37,6 +37,11 @@ pub enum StoreError {
     Remote { action: String, detail: String },
     #[error("sqlite error")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgresql error")]
+    Postgres(#[from] postgres::Error),
+    /// No connection to PostgreSQL could be had from the pool in time.
+    #[error("no connection to the database")]
+    Pool(#[from] r2d2::Error),
     #[error("failed to migrate the database schema")]
     Migration(#[from] rusqlite_migration::Error),
     #[error("stored record is not valid json")]
@@ -63,6 +68,7 @@ impl StoreError {
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
                 f.code == rusqlite::ErrorCode::DiskFull
             }
+            StoreError::Postgres(e) => e.code() == Some(&postgres::error::SqlState::DISK_FULL),
             StoreError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded

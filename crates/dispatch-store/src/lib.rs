@@ -12,6 +12,7 @@
 
 mod blobs;
 mod error;
+mod pg;
 mod sqlite;
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
@@ -20,6 +21,7 @@ use dispatch_core::{JobExecution, Kind, Object, Run, RunStatus, Status};
 
 pub use blobs::{BlobInfo, BlobStore};
 pub use error::StoreError;
+pub use pg::{PgOptions, PgStore};
 pub use sqlite::SqliteStore;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,7 +1,9 @@
 //! Test support shared by the workspace's tests (a dev-dependency only): ports that no other
-//! caller in the process was given, and real brokers ([`brokers`]) started on them.
+//! caller in the process was given, real brokers ([`brokers`]) and a real PostgreSQL
+//! ([`postgres`]) started on them.
 
 pub mod brokers;
+pub mod postgres;
 
 use std::net::TcpListener;
 use std::sync::Mutex;

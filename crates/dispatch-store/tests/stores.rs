@@ -1,11 +1,14 @@
-//! The SQLite store on a real file in a temporary directory.
+//! The store contract, on both stores: SQLite on a real file in a temporary directory, and
+//! a real PostgreSQL (`dispatch_testkit::postgres`, one server for the run, a database per
+//! check). What only one of them has (SQLite's query plans, page compaction, reopening a
+//! file) is tested on it alone.
 
 use dispatch_core::envelope::null_raw;
 use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
 use dispatch_core::{Kind, Object, Phase, Run, RunStatus, Status, Trigger};
 use dispatch_store::{
-    FunctionUsage, RecordStore, Redeliver, ResourceStore, Retention, RunFilter, SqliteStore,
-    StoreError,
+    FunctionUsage, PgOptions, PgStore, RecordStore, Redeliver, ResourceStore, Retention, RunFilter,
+    SqliteStore, Store, StoreError,
 };
 use serde_json::json;
 
@@ -41,9 +44,7 @@ fn run(id: &str, function: &str, status: RunStatus) -> Run {
     r
 }
 
-#[test]
-fn active_runs_callbacks_purge_and_retention() {
-    let (_d, s) = store();
+fn active_runs_callbacks_purge_and_retention<S: Store>(s: &S) {
     // Run ids are ULIDs: their time is the run's creation time (what age retention reads).
     let now = jiff::Timestamp::now().as_millisecond() as u64;
     let id =
@@ -98,9 +99,7 @@ fn active_runs_callbacks_purge_and_retention() {
     );
 }
 
-#[test]
-fn create_sets_metadata_and_rejects_duplicates() {
-    let (_d, s) = store();
+fn create_sets_metadata_and_rejects_duplicates<S: Store>(s: &S) {
     let created = s.create(image("python3")).unwrap();
     assert_eq!(created.metadata.generation, Some(1));
     assert_eq!(created.metadata.resource_version.as_deref(), Some("1"));
@@ -113,9 +112,7 @@ fn create_sets_metadata_and_rejects_duplicates() {
     );
 }
 
-#[test]
-fn update_bumps_generation_only_on_spec_change_and_checks_versions() {
-    let (_d, s) = store();
+fn update_bumps_generation_only_on_spec_change_and_checks_versions<S: Store>(s: &S) {
     let created = s.create(image("a")).unwrap();
     let same = s.update(created.clone()).unwrap();
     assert_eq!(same.metadata.generation, Some(1));
@@ -149,9 +146,7 @@ fn status_updates_keep_spec_and_survive_reopen() {
     assert_eq!(s.list(None, Kind::Function).unwrap().len(), 0);
 }
 
-#[test]
-fn delete_returns_the_object_and_then_not_found() {
-    let (_d, s) = store();
+fn delete_returns_the_object_and_then_not_found<S: Store>(s: &S) {
     s.create(image("a")).unwrap();
     assert_eq!(s.delete("default", Kind::Image, "a").unwrap().name(), "a");
     assert!(matches!(
@@ -160,9 +155,7 @@ fn delete_returns_the_object_and_then_not_found() {
     ));
 }
 
-#[test]
-fn runs_filter_by_function_and_status_newest_first() {
-    let (_d, s) = store();
+fn runs_filter_by_function_and_status_newest_first<S: Store>(s: &S) {
     s.put_runs(&[
         run("01A", "hello", RunStatus::Succeeded),
         run("01B", "hello", RunStatus::Failed),
@@ -201,7 +194,7 @@ fn run_at(ms: u64, seq: u16, function: &str, status: RunStatus, pad: usize) -> R
     r
 }
 
-fn usage(s: &SqliteStore) -> (u64, u64, u64) {
+fn usage(s: &impl RecordStore) -> (u64, u64, u64) {
     let u = s.run_usage().unwrap();
     let d = u
         .iter()
@@ -211,16 +204,14 @@ fn usage(s: &SqliteStore) -> (u64, u64, u64) {
     (d.runs, d.finished, d.bytes)
 }
 
-#[test]
-fn usage_is_kept_by_every_write_and_delete() {
-    let (_d, s) = store();
+fn usage_is_kept_by_every_write_and_delete<S: Store>(s: &S) {
     // An async run: the only kind whose record is written again (its next states).
     let mut a = run_at(1, 0, "f", RunStatus::Queued, 10);
     a.finished_at = None;
     a.is_async = true;
     let b = run_at(2, 0, "f", RunStatus::Succeeded, 10);
     s.put_runs(&[a.clone(), b.clone()]).unwrap();
-    let (runs, finished, bytes) = usage(&s);
+    let (runs, finished, bytes) = usage(s);
     assert_eq!((runs, finished), (2, 1));
     let stored = |r: &Run| serde_json::to_string(r).unwrap().len() as u64;
     assert_eq!(bytes, stored(&a) + stored(&b));
@@ -229,16 +220,14 @@ fn usage_is_kept_by_every_write_and_delete() {
     a.finished_at = Some(jiff::Timestamp::now());
     a.output = Some(serde_json::value::to_raw_value(&"y".repeat(100)).unwrap());
     s.put_runs(&[a.clone()]).unwrap();
-    let (runs, finished, bytes) = usage(&s);
+    let (runs, finished, bytes) = usage(s);
     assert_eq!((runs, finished), (2, 2));
     assert_eq!(bytes, stored(&a) + stored(&b));
     assert_eq!(s.purge_runs("default", Some("f"), None).unwrap(), 2);
-    assert_eq!(usage(&s), (0, 0, 0));
+    assert_eq!(usage(s), (0, 0, 0));
 }
 
-#[test]
-fn retention_deletes_in_batches_by_age_count_and_bytes() {
-    let (_d, s) = store();
+fn retention_deletes_in_batches_by_age_count_and_bytes<S: Store>(s: &S) {
     // 50 finished runs of `a` (1 KiB inputs), 10 of `b`, 1 queued of `a`.
     let mut all: Vec<Run> = (0..50)
         .map(|i| run_at(10 + i, 0, "a", RunStatus::Succeeded, 1024))
@@ -329,7 +318,7 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
         ..rules.clone()
     };
     while s.prune_runs(&rules, 5).unwrap() == 5 {}
-    let (runs, _, bytes) = usage(&s);
+    let (runs, _, bytes) = usage(s);
     assert!(bytes <= one * 10, "{bytes} > {}", one * 10);
     assert!(bytes > one * 8, "no more than needed went: {bytes}");
     assert!(s.get_run("default", &queued.id).unwrap().is_some());
@@ -356,7 +345,7 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
         ..rules.clone()
     };
     while s.prune_runs(&own, 5).unwrap() == 5 {}
-    let (_, _, bytes) = usage(&s);
+    let (_, _, bytes) = usage(s);
     assert!(
         bytes <= one * 5,
         "the namespace's own budget: {bytes} > {}",
@@ -372,17 +361,22 @@ fn retention_deletes_in_batches_by_age_count_and_bytes() {
         kept: Default::default(),
     };
     while s.prune_runs(&rules, 3).unwrap() == 3 {}
-    assert_eq!(usage(&s).0, 1, "only the queued run is left");
-    // Freed pages go back to the file system, at most as many as asked each time.
+    assert_eq!(usage(s).0, 1, "only the queued run is left");
+}
+
+/// SQLite: after the retention above, freed pages go back to the file system, at most as
+/// many as asked each time (PostgreSQL's autovacuum does this itself).
+#[test]
+fn pruned_pages_go_back_to_the_file_system() {
+    let (_d, s) = store();
+    retention_deletes_in_batches_by_age_count_and_bytes(&s);
     assert_eq!(s.compact(2).unwrap(), 2);
     let released = s.compact(u64::MAX).unwrap();
     assert!(released > 10, "the pruned runs' pages: {released}");
     assert_eq!(s.compact(u64::MAX).unwrap(), 0);
 }
 
-#[test]
-fn pagination_returns_every_run_once_and_windows_by_time() {
-    let (_d, s) = store();
+fn pagination_returns_every_run_once_and_windows_by_time<S: Store>(s: &S) {
     let statuses = [RunStatus::Succeeded, RunStatus::Failed];
     let mut all = Vec::new();
     for i in 0..95u64 {
@@ -564,7 +558,7 @@ fn delivery(sub: &str, state: DeliveryState, run_id: Option<&str>) -> Delivery {
     }
 }
 
-fn find(s: &SqliteStore, id: &str) -> StoredEvent {
+fn find(s: &impl RecordStore, id: &str) -> StoredEvent {
     s.list_events("default", None, false, 10)
         .unwrap()
         .into_iter()
@@ -575,9 +569,7 @@ fn find(s: &SqliteStore, id: &str) -> StoredEvent {
 /// An event, its queued runs and its pending deliveries are stored together or not at all;
 /// a pending delivery is queued later (its run stored, its event updated), dies, and is
 /// redelivered; events with a pending or dead delivery outlive their TTL.
-#[test]
-fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
-    let (_d, s) = store();
+fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction<S: Store>(s: &S) {
     let r1 = run(&ulid::Ulid::new().to_string(), "f-a", RunStatus::Queued);
     let e = event_with(
         "e1",
@@ -622,7 +614,7 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
     s.deliver(&[(b[0].clone(), rb.clone())]).unwrap();
     assert!(s.pending_deliveries("default", "b", 10).unwrap().is_empty());
     assert!(s.get_run("default", &rb.id).unwrap().is_some());
-    let stored = &find(&s, "e1");
+    let stored = &find(s, "e1");
     assert_eq!(stored.matched[1].state, DeliveryState::Queued);
     assert_eq!(stored.matched[1].run_id.as_deref(), Some(rb.id.as_str()));
     // c dies: kept, listed, and outlives the event's TTL until its own retention ends.
@@ -646,7 +638,7 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
         1,
         "e2 goes; a dead delivery keeps e1"
     );
-    assert_eq!(find(&s, "e1").event.id, "e1");
+    assert_eq!(find(s, "e1").event.id, "e1");
     // Redelivered: pending again, with a new TTL.
     assert_eq!(
         s.redeliver(
@@ -668,11 +660,229 @@ fn events_are_stored_with_their_deliveries_and_runs_in_one_transaction() {
         .map(|(d, _)| d)
         .collect();
     assert_eq!((c.len(), c[0].attempts), (1, 0));
-    assert_eq!(find(&s, "e1").matched[2].state, DeliveryState::Pending);
+    assert_eq!(find(s, "e1").matched[2].state, DeliveryState::Pending);
     // Queued: the event is delivered and goes at its TTL.
     let rc = run(&ulid::Ulid::new().to_string(), "f-c", RunStatus::Queued);
     s.deliver(&[(c[0].clone(), rc)]).unwrap();
     assert!(s.list_events("default", None, true, 10).unwrap().is_empty());
     assert_eq!(s.prune_events(past_ttl).unwrap(), 1);
     assert!(s.delivery_counts().unwrap().is_empty());
+}
+
+/// Job executions (keyed by namespace and id), tokens, the audit log, cron state, drivers'
+/// cursors, namespaces and their budgets, and deleting a namespace's records.
+fn records_of_every_kind<S: Store>(s: &S) {
+    use dispatch_core::auth::{ApiToken, AuditEntry, Role};
+    use dispatch_core::{JobExecution, JobPhase};
+    let t0 = jiff::Timestamp::from_second(1_700_000_000).unwrap();
+    let job = |ns: &str, id: &str, payload: &str| JobExecution {
+        uuid: id.into(),
+        name: "echo".into(),
+        namespace: ns.into(),
+        phase: JobPhase::Waiting,
+        reason: String::new(),
+        payload: payload.into(),
+        rendered: serde_json::Value::Null,
+        images: vec![],
+        attempts: 0,
+        exit_code: None,
+        logs: Default::default(),
+        created_at: t0,
+        started_at: None,
+        finished_at: None,
+        expires_at: None,
+    };
+    assert!(s.insert_job(&job("a", "nightly", "1")).unwrap());
+    assert!(
+        s.insert_job(&job("b", "nightly", "2")).unwrap(),
+        "names are per namespace"
+    );
+    assert!(!s.insert_job(&job("a", "nightly", "3")).unwrap());
+    let mut done = job("a", "nightly", "1");
+    done.phase = JobPhase::Completed;
+    done.expires_at = Some(t0);
+    s.put_job(&done).unwrap();
+    assert_eq!(s.get_job("b", "nightly").unwrap().unwrap().payload, "2");
+    assert_eq!(s.active_jobs().unwrap().len(), 1);
+    assert_eq!(s.list_jobs("a", Some("echo"), 10).unwrap().len(), 1);
+    assert_eq!(s.prune_jobs(t0).unwrap(), 1);
+    assert!(s.get_job("a", "nightly").unwrap().is_none());
+    assert_eq!(s.delete_jobs("b", "echo").unwrap(), 1);
+
+    let token = |name: &str, hash: &str| ApiToken {
+        name: name.into(),
+        role: Role::Admin,
+        namespace: "*".into(),
+        hash: hash.into(),
+        created_at: t0,
+        expires_at: None,
+    };
+    assert!(s.put_token(&token("ci", "sha256:1")).unwrap());
+    assert!(
+        !s.put_token(&token("ci", "sha256:2")).unwrap(),
+        "the name is taken"
+    );
+    assert!(
+        !s.put_token(&token("other", "sha256:1")).unwrap(),
+        "the hash is taken"
+    );
+    assert_eq!(s.list_tokens().unwrap().len(), 1);
+    assert!(s.delete_token("ci").unwrap());
+    assert!(!s.delete_token("ci").unwrap());
+
+    let entry = |path: &str| AuditEntry {
+        at: t0,
+        who: "-".into(),
+        method: "POST".into(),
+        path: path.into(),
+        status: 201,
+    };
+    s.append_audit(&[entry("/1"), entry("/2")]).unwrap();
+    s.append_audit(&[entry("/3")]).unwrap();
+    let paths: Vec<String> = s
+        .list_audit(2)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(paths, ["/3", "/2"], "newest first");
+
+    assert_eq!(s.cron_last_fire("a", "tick").unwrap(), None);
+    s.set_cron_last_fire("a", "tick", Some(t0)).unwrap();
+    s.set_cron_last_fire("a", "tick", Some(t0 + jiff::SignedDuration::from_secs(60)))
+        .unwrap();
+    assert_eq!(
+        s.cron_last_fire("a", "tick").unwrap(),
+        Some(t0 + jiff::SignedDuration::from_secs(60))
+    );
+    s.set_driver_cursor("a", "kafka", "t/0", 41).unwrap();
+    s.set_driver_cursor("a", "kafka", "t/0", 42).unwrap();
+    assert_eq!(s.driver_cursor("a", "kafka", "t/0").unwrap(), Some(42));
+    s.forget_driver("a", "tick").unwrap();
+    assert_eq!(s.cron_last_fire("a", "tick").unwrap(), None);
+    assert_eq!(s.driver_cursor("a", "kafka", "t/0").unwrap(), Some(42));
+    s.delete_records_of("a").unwrap();
+    assert_eq!(s.driver_cursor("a", "kafka", "t/0").unwrap(), None);
+
+    assert!(s.put_namespace("team", t0).unwrap());
+    assert!(!s.put_namespace("team", t0).unwrap());
+    s.set_run_history_budget("team", Some(1 << 20), t0).unwrap();
+    s.set_run_history_budget("new", None, t0).unwrap();
+    let ns = s.list_namespaces().unwrap();
+    assert_eq!(
+        ns.iter()
+            .map(|n| (n.name.as_str(), n.run_history_budget))
+            .collect::<Vec<_>>(),
+        [("new", None), ("team", Some(1 << 20))]
+    );
+    s.create(Object::new(
+        Kind::Image,
+        "team",
+        "py",
+        json!({"baseImage": "python3"}),
+    ))
+    .unwrap();
+    assert!(s.delete_namespace("team").unwrap());
+    assert!(s.list(Some("team"), Kind::Image).unwrap().is_empty());
+    assert!(!s.delete_namespace("team").unwrap());
+}
+
+/// Each check of the contract, run on SQLite (a test each) and on PostgreSQL (one test: one
+/// server, a fresh database per check).
+macro_rules! contract {
+    ($($check:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[test]
+                fn $check() {
+                    let (_d, s) = super::store();
+                    super::$check(&s);
+                }
+            )*
+        }
+
+        #[test]
+        fn the_contract_on_postgres() {
+            let pg = dispatch_testkit::postgres::Postgres::start();
+            $(
+                let url = pg.create_database(stringify!($check));
+                let s = PgStore::connect(&PgOptions::new(url)).unwrap();
+                $check(&s);
+            )*
+        }
+    };
+}
+
+contract!(
+    active_runs_callbacks_purge_and_retention,
+    create_sets_metadata_and_rejects_duplicates,
+    update_bumps_generation_only_on_spec_change_and_checks_versions,
+    delete_returns_the_object_and_then_not_found,
+    runs_filter_by_function_and_status_newest_first,
+    usage_is_kept_by_every_write_and_delete,
+    retention_deletes_in_batches_by_age_count_and_bytes,
+    pagination_returns_every_run_once_and_windows_by_time,
+    events_are_stored_with_their_deliveries_and_runs_in_one_transaction,
+    records_of_every_kind,
+);
+
+/// PostgreSQL: servers starting together on one database migrate it once; what is stored is
+/// there for the next connection; a database migrated by a newer server, a wrong URL and a
+/// server that does not answer are refused with what is wrong.
+#[test]
+fn postgres_migrates_once_and_says_what_is_wrong() {
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("shared");
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || PgStore::connect(&PgOptions::new(url)).map(|_| ()))
+        })
+        .collect();
+    for s in starts {
+        s.join().unwrap().unwrap();
+    }
+    {
+        let s = PgStore::connect(&PgOptions::new(&url)).unwrap();
+        s.create(image("a")).unwrap();
+        let mut st = Status::phase(Phase::Ready);
+        st.digest = Some("sha256:x".into());
+        s.update_status("default", Kind::Image, "a", st).unwrap();
+    }
+    let s = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let got = s.get("default", Kind::Image, "a").unwrap().unwrap();
+    assert_eq!(
+        (got.status.phase, got.spec),
+        (Some(Phase::Ready), json!({"baseImage": "python3"}))
+    );
+
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    c.execute("UPDATE dispatch_schema SET version = 99", &[])
+        .unwrap();
+    let e = PgStore::connect(&PgOptions::new(&url)).err().unwrap();
+    assert!(
+        e.to_string().contains("made by a newer Dispatch server"),
+        "{e}"
+    );
+
+    let e = PgStore::connect(&PgOptions::new("postgres://nope@127.0.0.1:notaport/x"))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("database URL"), "{e}");
+    let mut closed = PgOptions::new(format!(
+        "postgres://postgres@127.0.0.1:{}/x",
+        dispatch_testkit::free_port()
+    ));
+    closed.connect_timeout = std::time::Duration::from_secs(2);
+    let e = PgStore::connect(&closed).err().unwrap();
+    let chain = format!(
+        "{e}: {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    assert!(
+        chain.contains("connect") || chain.contains("refused"),
+        "{chain}"
+    );
 }

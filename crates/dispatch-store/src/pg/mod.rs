@@ -1,0 +1,152 @@
+//! [`crate::ResourceStore`] and [`crate::RecordStore`] on PostgreSQL (`dispatch server
+//! --database postgres://…`): the same tables as the SQLite store (`schema`: its
+//! migrations), the same statements where the two dialects agree, one pool of connections
+//! (`r2d2`) shared by every call.
+//!
+//! The client is the synchronous `postgres` crate: the traits are blocking, and the server
+//! calls them on the blocking pool (a client runs its own small runtime, so it must never be
+//! used, nor dropped, on an async worker thread — [`PgStore`]'s drop hands the pool to a
+//! thread of its own).
+
+mod records;
+mod resources;
+mod runs;
+mod schema;
+
+use std::time::Duration;
+
+use postgres::types::ToSql;
+use r2d2_postgres::PostgresConnectionManager;
+
+use crate::{Result, StoreError};
+
+type Pool = r2d2::Pool<PostgresConnectionManager<postgres::NoTls>>;
+type Conn = r2d2::PooledConnection<PostgresConnectionManager<postgres::NoTls>>;
+
+/// Parameters of one statement.
+pub(crate) type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// Rows deleted per transaction by purges and function deletes (retention has its own batch).
+const DELETE_BATCH: i64 = 1000;
+
+/// How a [`PgStore`] connects.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/db?…` or `host=… user=…` (libpq's forms).
+    pub url: String,
+    /// The password when it is not in the URL (read from a file or the environment).
+    pub password: Option<String>,
+    /// Connections kept open at most.
+    pub max_connections: u32,
+    /// How long a call waits for a free connection (or for a new one to be made).
+    pub connect_timeout: Duration,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> PgOptions {
+        PgOptions {
+            url: url.into(),
+            password: None,
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// See the module docs.
+pub struct PgStore {
+    /// Always `Some` until dropped (see `Drop`).
+    pool: Option<Pool>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Each client owns a runtime, which may not be dropped on an async thread.
+        if let Some(pool) = self.pool.take() {
+            let _ = std::thread::Builder::new()
+                .name("postgres-close".into())
+                .spawn(move || drop(pool));
+        }
+    }
+}
+
+impl PgStore {
+    /// Connects (a first connection at once, so that a wrong URL or password is told now)
+    /// and brings the schema up to date — safely when several servers start together (one
+    /// migrates while the others wait on a lock, then find nothing to do). Blocking: call it
+    /// off the async threads.
+    pub fn connect(options: &PgOptions) -> Result<PgStore> {
+        let mut config: postgres::Config = options.url.parse().map_err(|e| StoreError::Remote {
+            action: "read the database URL".into(),
+            detail: format!("{e}"),
+        })?;
+        if let Some(p) = &options.password {
+            config.password(p);
+        }
+        config.connect_timeout(options.connect_timeout);
+        config.application_name("dispatch");
+        // A first connection outside the pool: its error (refused, bad password, no such
+        // database) is the one to show, where the pool would only say it timed out.
+        let mut first = config.connect(postgres::NoTls)?;
+        schema::migrate(&mut first)?;
+        drop(first);
+        let manager = PostgresConnectionManager::new(config, postgres::NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(options.max_connections.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(options.connect_timeout)
+            .build(manager)?;
+        Ok(PgStore { pool: Some(pool) })
+    }
+
+    /// A connection from the pool.
+    pub(crate) fn conn(&self) -> Result<Conn> {
+        Ok(self
+            .pool
+            .as_ref()
+            .expect("the pool lives as long as the store")
+            .get()?)
+    }
+
+    /// Runs a `SELECT body …` of at most one row and decodes its JSON body.
+    pub(crate) fn body<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Option<T>> {
+        match self.conn()?.query_opt(sql, params)? {
+            Some(row) => Ok(Some(serde_json::from_str(row.get::<_, &str>(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs a `SELECT body …` and decodes every row's JSON body.
+    pub(crate) fn bodies<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> Result<Vec<T>> {
+        bodies(&mut *self.conn()?, sql, params)
+    }
+}
+
+/// [`PgStore::bodies`] on a given connection or transaction.
+pub(crate) fn bodies<T: serde::de::DeserializeOwned>(
+    c: &mut impl postgres::GenericClient,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<T>> {
+    c.query(sql, params)?
+        .iter()
+        .map(|row| Ok(serde_json::from_str(row.get::<_, &str>(0))?))
+        .collect()
+}
+
+pub(crate) fn ms_to_ts(ms: i64) -> jiff::Timestamp {
+    jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+/// A count or size column (never below zero).
+pub(crate) fn unsigned(v: i64) -> u64 {
+    v.max(0) as u64
+}

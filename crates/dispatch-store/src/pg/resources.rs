@@ -1,0 +1,220 @@
+//! [`ResourceStore`] on PostgreSQL: resources as JSON bodies with a resource version (a
+//! read-modify-write holds the row with `FOR UPDATE`, so two servers' writes to one resource
+//! take turns), and the namespaces table.
+
+use dispatch_core::{Kind, Object, Status};
+use jiff::Timestamp;
+use postgres::GenericClient;
+
+use super::{PgStore, ms_to_ts, unsigned};
+use crate::{NamespaceRecord, ResourceStore, Result, StoreError};
+
+fn read_row(
+    c: &mut impl GenericClient,
+    ns: &str,
+    kind: Kind,
+    name: &str,
+    lock: bool,
+) -> Result<Option<Object>> {
+    let sql = if lock {
+        "SELECT body FROM resources WHERE namespace = $1 AND kind = $2 AND name = $3 FOR UPDATE"
+    } else {
+        "SELECT body FROM resources WHERE namespace = $1 AND kind = $2 AND name = $3"
+    };
+    match c.query_opt(sql, &[&ns, &kind.as_str(), &name])? {
+        Some(row) => Ok(Some(serde_json::from_str(row.get::<_, &str>(0))?)),
+        None => Ok(None),
+    }
+}
+
+fn write_row(c: &mut impl GenericClient, obj: &Object, rv: i64) -> Result<()> {
+    c.execute(
+        "INSERT INTO resources (namespace, kind, name, resource_version, body)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (namespace, kind, name)
+         DO UPDATE SET resource_version = EXCLUDED.resource_version, body = EXCLUDED.body",
+        &[
+            &obj.namespace(),
+            &obj.kind.as_str(),
+            &obj.name(),
+            &rv,
+            &serde_json::to_string(obj)?,
+        ],
+    )?;
+    Ok(())
+}
+
+fn not_found(kind: Kind, ns: &str, name: &str) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    }
+}
+
+fn rv_of(obj: &Object) -> i64 {
+    obj.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl ResourceStore for PgStore {
+    fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
+        read_row(&mut *self.conn()?, namespace, kind, name, false)
+    }
+
+    fn list(&self, namespace: Option<&str>, kind: Kind) -> Result<Vec<Object>> {
+        self.bodies(
+            "SELECT body FROM resources WHERE kind = $1 AND ($2::text IS NULL OR namespace = $2)
+             ORDER BY namespace, name",
+            &[&kind.as_str(), &namespace],
+        )
+    }
+
+    fn create(&self, mut object: Object) -> Result<Object> {
+        let ns = object.namespace().to_string();
+        let now = Timestamp::now();
+        let m = &mut object.metadata;
+        m.namespace = Some(ns.clone());
+        m.uid = Some(ulid::Ulid::new().to_string().to_ascii_lowercase());
+        m.generation = Some(1);
+        m.created_at = Some(now);
+        m.updated_at = Some(now);
+        m.resource_version = Some("1".to_string());
+        // One statement: of two servers creating one name, one wins.
+        let n = self.conn()?.execute(
+            "INSERT INTO resources (namespace, kind, name, resource_version, body)
+             VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING",
+            &[
+                &ns,
+                &object.kind.as_str(),
+                &object.name(),
+                &serde_json::to_string(&object)?,
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::AlreadyExists {
+                kind: object.kind,
+                namespace: ns,
+                name: object.metadata.name.clone(),
+            });
+        }
+        Ok(object)
+    }
+
+    fn update(&self, object: Object) -> Result<Object> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let ns = object.namespace().to_string();
+        let Some(mut stored) = read_row(&mut tx, &ns, object.kind, object.name(), true)? else {
+            return Err(not_found(object.kind, &ns, object.name()));
+        };
+        let current = rv_of(&stored);
+        if let Some(expected) = &object.metadata.resource_version
+            && *expected != current.to_string()
+        {
+            return Err(StoreError::Conflict {
+                kind: object.kind,
+                name: object.metadata.name.clone(),
+                expected: expected.clone(),
+                actual: current.to_string(),
+            });
+        }
+        if stored.spec != object.spec {
+            stored.metadata.generation = Some(stored.metadata.generation.unwrap_or(0) + 1);
+        }
+        stored.spec = object.spec;
+        stored.metadata.labels = object.metadata.labels;
+        stored.metadata.updated_at = Some(Timestamp::now());
+        stored.metadata.resource_version = Some((current + 1).to_string());
+        write_row(&mut tx, &stored, current + 1)?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn update_status(
+        &self,
+        namespace: &str,
+        kind: Kind,
+        name: &str,
+        status: Status,
+    ) -> Result<Object> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let Some(mut stored) = read_row(&mut tx, namespace, kind, name, true)? else {
+            return Err(not_found(kind, namespace, name));
+        };
+        let next = rv_of(&stored) + 1;
+        stored.status = status;
+        stored.metadata.resource_version = Some(next.to_string());
+        write_row(&mut tx, &stored, next)?;
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object> {
+        let row = self.conn()?.query_opt(
+            "DELETE FROM resources WHERE namespace = $1 AND kind = $2 AND name = $3
+             RETURNING body",
+            &[&namespace, &kind.as_str(), &name],
+        )?;
+        match row {
+            Some(r) => Ok(serde_json::from_str(r.get::<_, &str>(0))?),
+            None => Err(not_found(kind, namespace, name)),
+        }
+    }
+
+    fn put_namespace(&self, name: &str, created: Timestamp) -> Result<bool> {
+        let n = self.conn()?.execute(
+            "INSERT INTO namespaces (name, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&name, &created.as_millisecond()],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn list_namespaces(&self) -> Result<Vec<NamespaceRecord>> {
+        Ok(self
+            .conn()?
+            .query(
+                "SELECT name, created_ms, run_history_budget FROM namespaces ORDER BY name",
+                &[],
+            )?
+            .iter()
+            .map(|r| NamespaceRecord {
+                name: r.get(0),
+                created: ms_to_ts(r.get(1)),
+                run_history_budget: r.get::<_, Option<i64>>(2).map(unsigned),
+            })
+            .collect())
+    }
+
+    fn set_run_history_budget(
+        &self,
+        name: &str,
+        budget: Option<u64>,
+        created: Timestamp,
+    ) -> Result<()> {
+        self.conn()?.execute(
+            "INSERT INTO namespaces (name, created_ms, run_history_budget) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET run_history_budget = EXCLUDED.run_history_budget",
+            &[
+                &name,
+                &created.as_millisecond(),
+                &budget.map(|b| b.min(i64::MAX as u64) as i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_namespace(&self, name: &str) -> Result<bool> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        // Every resource in it goes too (the server refuses unless --cascade or empty).
+        tx.execute("DELETE FROM resources WHERE namespace = $1", &[&name])?;
+        let n = tx.execute("DELETE FROM namespaces WHERE name = $1", &[&name])?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+}
