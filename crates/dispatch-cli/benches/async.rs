@@ -1,7 +1,8 @@
 //! Durable async enqueue (`POST …/runs?wait=false`: committed before the 202) and end-to-end
 //! async throughput of the hello function.
 //!
-//! `cargo bench -p dispatch-cli --bench async` (DISPATCH_BENCH_N: enqueues, default 10000).
+//! `cargo bench -p dispatch-cli --bench async` (DISPATCH_BENCH_N: enqueues, default 10000;
+//! DISPATCH_BENCH_DATABASE=postgres://… for the PostgreSQL store, an empty database).
 //! Enqueues go to a function that cannot run (its runs park), so the number is the queue's
 //! own cost; 8 concurrent callers over loopback HTTP (DISPATCH_BENCH_CALLERS). Target: ≥ 5,000 enqueues/s,
 //! p99 ≤ 5 ms on 2 cores.

@@ -1906,3 +1906,76 @@ fn get_watch_follows_changes() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `dispatch server --database postgres://…` (a real PostgreSQL): resources, runs, tokens and
+/// the audit log live in the database — no SQLite file in the data dir — and are all there
+/// after a `kill -9` and a restart; an accepted async run queued before the kill runs after it.
+#[test]
+fn a_server_on_postgres_keeps_everything_in_the_database() {
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("dispatch");
+    let flags = ["--database", url.as_str()];
+    let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let hello = examples().join("python3/hello.py");
+    s.ok(&[
+        "create",
+        "function",
+        "hello",
+        hello.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+    let (ok, out) = s.exec("hello", r#"{"name": "pg"}"#);
+    assert!(ok, "{out}");
+    let token: Value =
+        serde_json::from_str(&s.ok(&["create", "token", "ci", "--role", "viewer", "-o", "json"]))
+            .unwrap();
+    assert!(token["token"].as_str().is_some(), "{token}");
+    let accepted: Value = serde_json::from_str(&s.ok(&[
+        "exec",
+        "hello",
+        "--async",
+        "--input",
+        r#"{"name": "after"}"#,
+    ]))
+    .unwrap();
+    let id = accepted["id"].as_str().unwrap().to_string();
+    let data = s.dir.path().join("data");
+    for file in ["dispatch.db", "history.db"] {
+        assert!(
+            !data.join(file).exists(),
+            "{file}: records are in PostgreSQL"
+        );
+    }
+
+    let dir = s.kill9();
+    let s = ServerProc::start_with(dir, &flags);
+    let f = s.json(&["get", "function", "hello", "-o", "json"]);
+    assert_eq!(f["spec"]["image"], "py");
+    let run = eventually("the async run to end after the restart", || {
+        let r = s.json(&["get", "run", &id, "-o", "json"]);
+        (r["status"]["phase"] == "SUCCEEDED").then_some(r)
+    });
+    assert_eq!(
+        run["status"]["output"]["myField"],
+        "Hello, after from Nowhere"
+    );
+    let (ok, out) = s.exec("hello", r#"{"name": "again"}"#);
+    assert!(ok, "{out}");
+    let runs = s.ok(&["get", "runs", "--function", "hello"]);
+    assert!(runs.lines().count() >= 5, "header, rule, 3 runs: {runs}");
+    assert!(s.ok(&["get", "tokens"]).contains("ci"));
+    assert!(s.ok(&["get", "audit"]).contains("/v1/tokens"));
+    assert!(!pg.log().contains("ERROR:  relation"), "{}", pg.log());
+
+    let bad = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
+        .args(["server", "--database", "mysql://x", "--data-dir"])
+        .arg(s.dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("takes a PostgreSQL URL"));
+}

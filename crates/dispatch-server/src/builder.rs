@@ -49,6 +49,9 @@ pub struct ServerBuilder {
     gateway: Listen,
     options: Options,
     stores: Option<Stores>,
+    /// Records (and resources, unless a factory keeps them elsewhere) in PostgreSQL instead
+    /// of the data dir's SQLite files.
+    database: Option<dispatch_store::PgOptions>,
     resources: Option<ResourcesFactory>,
     blobs: Option<BlobStore>,
     backend: Option<Arc<dyn Backend>>,
@@ -62,6 +65,7 @@ impl Default for ServerBuilder {
             gateway: Listen::Addr(([127, 0, 0, 1], 0).into()),
             options: Options::default(),
             stores: None,
+            database: None,
             resources: None,
             blobs: None,
             backend: None,
@@ -121,6 +125,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Keep records and resources in PostgreSQL (`dispatch server --database`) instead of
+    /// the data dir's SQLite files; the data dir keeps the rest (blobs, builds, the key).
+    pub fn database(mut self, options: dispatch_store::PgOptions) -> Self {
+        self.database = Some(options);
+        self
+    }
+
     /// Keep resources elsewhere (see [`ResourcesFactory`]).
     pub fn resources(mut self, f: ResourcesFactory) -> Self {
         self.resources = Some(f);
@@ -172,7 +183,20 @@ impl ServerBuilder {
             source,
         };
         if self.stores.is_none() {
-            let mut stores = Stores::open(&dir).map_err(store_err)?;
+            let mut stores = match self.database.clone() {
+                None => Stores::open(&dir).map_err(store_err)?,
+                Some(db) => {
+                    let at = redacted(&db.url);
+                    let pg =
+                        tokio::task::spawn_blocking(move || dispatch_store::PgStore::connect(&db))
+                            .await
+                            .map_err(|e| ServerError::Incomplete {
+                                detail: format!("connecting to the database: {e}"),
+                            })?
+                            .map_err(|source| ServerError::Store { path: at, source })?;
+                    Stores::single(Arc::new(pg))
+                }
+            };
             if let Some(resources) = self.resources.take() {
                 stores.resources = resources(stores.resources).await.map_err(store_err)?;
             }
@@ -204,7 +228,17 @@ impl ServerBuilder {
         secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
         o.secret_key_file = Some(key_file);
         match (&self.stores, o.auth) {
-            (Some(s), true) => crate::first_admin_token(s.records.as_ref(), &dir),
+            // Store calls block (PostgreSQL's client must not run on an async thread).
+            (Some(s), true) => {
+                let records = s.records.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::first_admin_token(records.as_ref(), &dir)
+                })
+                .await
+                .map_err(|e| ServerError::AdminToken {
+                    detail: e.to_string(),
+                })?
+            }
             _ => Ok(None),
         }
     }
@@ -364,6 +398,69 @@ async fn external_changes(
         let what = format!("{} {:?}", change.kind.human(), change.name);
         if let Err(e) = crate::resources::changed_elsewhere(&state, change).await {
             tracing::error!("failed to take in a change to {what} made outside this server: {e}");
+        }
+    }
+}
+
+/// A database URL (or libpq's `key=value` form) as it may be shown: without its password.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url
+            .split_whitespace()
+            .map(|kv| match kv.split_once('=') {
+                Some(("password", _)) => "password=***",
+                _ => kv,
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let rest = match rest.split_once('@') {
+        Some((who, host)) => {
+            let user = who.split_once(':').map_or(who, |(u, _)| u);
+            format!("{user}@{host}")
+        }
+        None => rest.to_string(),
+    };
+    // `?password=…` among the parameters too.
+    let rest = match rest.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<&str> = query
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=***"
+                    } else {
+                        kv
+                    }
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => rest,
+    };
+    format!("{scheme}://{rest}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_urls_are_shown_without_their_password() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cret@db:5432/dispatch",
+                "postgres://app@db:5432/dispatch",
+            ),
+            (
+                "postgres://db/dispatch?user=app&password=s3cret",
+                "postgres://db/dispatch?user=app&password=***",
+            ),
+            (
+                "host=db user=app password=s3cret dbname=d",
+                "host=db user=app password=*** dbname=d",
+            ),
+            ("postgres://app@db/d", "postgres://app@db/d"),
+        ] {
+            assert_eq!(super::redacted(url), shown);
         }
     }
 }

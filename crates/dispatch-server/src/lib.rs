@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use builder::{ResourcesFactory, ServerBuilder};
+pub use builder::{ResourcesFactory, ServerBuilder, redacted};
 pub use error::ApiError;
 pub use invoke::Invocation;
 pub use state::{AppState, Options, Stores};

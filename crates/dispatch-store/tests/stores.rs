@@ -787,6 +787,29 @@ fn records_of_every_kind<S: Store>(s: &S) {
     assert!(!s.delete_namespace("team").unwrap());
 }
 
+/// Two states of one async run in one batch (the recorder may gather both): the last is
+/// stored, counted once.
+fn a_run_twice_in_one_batch_keeps_its_last_state<S: Store>(s: &S) {
+    let mut queued = run_at(1, 0, "f", RunStatus::Queued, 10);
+    queued.finished_at = None;
+    queued.is_async = true;
+    let mut done = queued.clone();
+    done.status = RunStatus::Succeeded;
+    done.finished_at = Some(jiff::Timestamp::now());
+    s.put_runs(&[queued.clone(), done.clone()]).unwrap();
+    let got = s.get_run("default", &done.id).unwrap().unwrap();
+    assert_eq!(got.status, RunStatus::Succeeded);
+    let stored = serde_json::to_string(&done).unwrap().len() as u64;
+    assert_eq!(usage(s), (1, 1, stored));
+    // And a batch that both updates it and adds another.
+    let mut again = done.clone();
+    again.output = Some(serde_json::value::to_raw_value(&"z".repeat(50)).unwrap());
+    let other = run_at(2, 0, "f", RunStatus::Failed, 5);
+    s.put_runs(&[again.clone(), other.clone()]).unwrap();
+    let size = |r: &Run| serde_json::to_string(r).unwrap().len() as u64;
+    assert_eq!(usage(s), (2, 2, size(&again) + size(&other)));
+}
+
 /// Each check of the contract, run on SQLite (a test each) and on PostgreSQL (one test: one
 /// server, a fresh database per check).
 macro_rules! contract {
@@ -824,6 +847,7 @@ contract!(
     pagination_returns_every_run_once_and_windows_by_time,
     events_are_stored_with_their_deliveries_and_runs_in_one_transaction,
     records_of_every_kind,
+    a_run_twice_in_one_batch_keeps_its_last_state,
 );
 
 /// PostgreSQL: servers starting together on one database migrate it once; what is stored is
@@ -884,5 +908,51 @@ fn postgres_migrates_once_and_says_what_is_wrong() {
     assert!(
         chain.contains("connect") || chain.contains("refused"),
         "{chain}"
+    );
+}
+
+/// `e` and its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
+}
+
+/// PostgreSQL over TLS (rustls with ring): given the server's CA the store connects, and it
+/// did use TLS (this server rejects plain connections); without the CA, `sslmode=require`
+/// checks the certificate against the system's CAs and refuses it; a CA file that holds no
+/// certificate is refused before connecting.
+#[test]
+fn postgres_over_tls_verifies_the_server() {
+    let pg = dispatch_testkit::postgres::Postgres::start_tls();
+    let url = pg.create_database("tls");
+    let mut o = PgOptions::new(&url);
+    o.ca_file = Some(pg.ca_file());
+    let s = PgStore::connect(&o).unwrap();
+    s.create(image("a")).unwrap();
+    assert!(s.get("default", Kind::Image, "a").unwrap().is_some());
+
+    let plain = PgStore::connect(&PgOptions::new(&url)).err().unwrap();
+    assert!(chain(&plain).contains("no encryption"), "{}", chain(&plain));
+    let unknown = PgStore::connect(&PgOptions::new(format!("{url}?sslmode=require")))
+        .err()
+        .unwrap();
+    assert!(
+        chain(&unknown).contains("certificate"),
+        "{}",
+        chain(&unknown)
+    );
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let mut o = PgOptions::new(&url);
+    o.ca_file = Some(empty.path().to_path_buf());
+    let e = PgStore::connect(&o).err().unwrap();
+    assert!(
+        chain(&e).contains("holds no PEM certificate"),
+        "{}",
+        chain(&e)
     );
 }

@@ -53,6 +53,17 @@ fn is_root() -> bool {
 impl Postgres {
     /// Starts one (a few seconds: initdb, then the server).
     pub fn start() -> Postgres {
+        Self::start_with(false)
+    }
+
+    /// Starts one that takes TCP connections over TLS only (`hostssl` in `pg_hba.conf`, plain
+    /// ones rejected), with a server certificate for `localhost` and `127.0.0.1` signed by a
+    /// CA of its own ([`Postgres::ca_file`]), made with `openssl`.
+    pub fn start_tls() -> Postgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let user = is_root().then_some("postgres");
         let dir = tempfile::Builder::new()
             .prefix("dispatch-pg-")
@@ -85,10 +96,21 @@ impl Postgres {
                 "--no-sync",
             ],
         );
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
             pg.port, data
         );
+        if tls {
+            pg.certificates();
+            std::fs::write(
+                Path::new(&data).join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .expect("writing pg_hba.conf");
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={data}/server.crt -c ssl_key_file={data}/server.key"
+            ));
+        }
         pg.run(
             "pg_ctl",
             &[
@@ -105,6 +127,90 @@ impl Postgres {
             ],
         );
         pg
+    }
+
+    /// The CA that signed the server's certificate (PEM), for [`Postgres::start_tls`].
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// A CA and a server certificate signed by it, into the folder (the key readable by the
+    /// server only, as PostgreSQL demands).
+    fn certificates(&self) {
+        let dir = self.dir.path();
+        let data = self.data();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=dispatch test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        std::fs::write(
+            dir.join("san.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("writing san.cnf");
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &format!("{data}/server.key"),
+            "-out",
+            "server.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            &format!("{data}/server.crt"),
+        ]);
+        let key = format!("{data}/server.key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod of the server key");
+        if let Some(u) = self.user {
+            let ok = Command::new("chown")
+                .args(["-R", &format!("{u}:{u}"), &data])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown of the certificates to {u}");
+        }
     }
 
     fn data(&self) -> String {

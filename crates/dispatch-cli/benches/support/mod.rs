@@ -29,7 +29,8 @@ pub fn iterations(default: usize) -> usize {
 }
 
 /// A server with `options` (auth off: benchmarks measure the platform, not token checks) on
-/// loopback, SQLite in a temporary dir, real local workers.
+/// loopback, SQLite in a temporary dir (or PostgreSQL: `DISPATCH_BENCH_DATABASE`), real
+/// local workers.
 pub fn start(options: Options) -> Bench {
     dispatch_client::install_crypto_provider();
     let server_rt = tokio::runtime::Builder::new_multi_thread()
@@ -50,7 +51,20 @@ pub fn start(options: Options) -> Bench {
         ..options
     };
     let (server, local) = server_rt.block_on(async {
-        let stores = dispatch_server::Stores::open(dir.path()).unwrap();
+        // DISPATCH_BENCH_DATABASE=postgres://…: records and resources in that database
+        // (an empty one: its tables are made) instead of SQLite files.
+        let stores = match std::env::var("DISPATCH_BENCH_DATABASE") {
+            Ok(url) => {
+                let pg = tokio::task::spawn_blocking(move || {
+                    dispatch_store::PgStore::connect(&dispatch_store::PgOptions::new(url))
+                })
+                .await
+                .unwrap()
+                .unwrap();
+                dispatch_server::Stores::single(std::sync::Arc::new(pg))
+            }
+            Err(_) => dispatch_server::Stores::open(dir.path()).unwrap(),
+        };
         let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
         let local = LocalBackend::new(dir.path()).unwrap();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

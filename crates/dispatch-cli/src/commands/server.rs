@@ -118,6 +118,25 @@ pub struct Server {
     /// TLS private key (PEM)
     #[arg(long, requires = "tls_cert", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Keep records (runs, the async queue, job executions, events, tokens, the audit log)
+    /// and resources in this PostgreSQL database instead of SQLite files in the data dir,
+    /// e.g. postgres://dispatch@db:5432/dispatch (libpq's key=value form works too); the
+    /// schema is created or upgraded at start. On --backend kubernetes resources stay
+    /// custom resources. The data dir keeps source blobs, builds and the secrets key
+    #[arg(long, env = "DISPATCH_DATABASE_URL", value_name = "URL")]
+    pub database: Option<String>,
+    /// A file holding the database password (instead of one in the URL); the environment
+    /// variable DISPATCH_DATABASE_PASSWORD works too
+    #[arg(long, value_name = "FILE", requires = "database")]
+    pub database_password_file: Option<PathBuf>,
+    /// Connections to the database kept open at most
+    #[arg(long, default_value_t = 16, value_name = "N", requires = "database")]
+    pub database_connections: u32,
+    /// PEM file of the CA that signed the database server's certificate: the connection is
+    /// TLS, the certificate and host name verified (without it, `?sslmode=require` in the
+    /// URL verifies against the system's CAs; otherwise plain TCP)
+    #[arg(long, value_name = "FILE", requires = "database")]
+    pub database_ca_file: Option<PathBuf>,
     /// Where functions run: embedded (local worker processes) or kubernetes (a Deployment
     /// and Service per function in the cluster of the in-cluster config or kubeconfig, images
     /// built without a daemon and pushed to --registry)
@@ -199,6 +218,35 @@ struct Parts {
 }
 
 impl Server {
+    /// `--database` and its password (a file, else DISPATCH_DATABASE_PASSWORD).
+    fn database_options(&self) -> Result<Option<dispatch_store::PgOptions>> {
+        let Some(url) = &self.database else {
+            return Ok(None);
+        };
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.contains('='))
+        {
+            anyhow::bail!(
+                "--database takes a PostgreSQL URL (postgres://user@host:5432/db) or libpq's \
+                 key=value form; without it the server keeps SQLite files in the data dir"
+            );
+        }
+        let mut o = dispatch_store::PgOptions::new(url.clone());
+        o.max_connections = self.database_connections.max(1);
+        o.ca_file = self.database_ca_file.clone();
+        o.password = match &self.database_password_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("reading the database password from {}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            None => std::env::var("DISPATCH_DATABASE_PASSWORD").ok(),
+        };
+        Ok(Some(o))
+    }
+
     /// The Kubernetes backend and custom-resource store when asked for (none: the embedded
     /// parts).
     async fn parts(&self) -> Result<Parts> {
@@ -284,6 +332,7 @@ impl Server {
             options.tls = Some(dispatch_server::tls::load(cert, key)?);
         }
         let parts = self.parts().await?;
+        let database = self.database_options()?;
         let data_dir = match self.data_dir {
             Some(d) => d,
             None => crate::config::home()
@@ -317,6 +366,13 @@ impl Server {
             .api_addr(config.api_addr)
             .gateway_addr(config.gateway_addr)
             .options(config.options.clone());
+        if let Some(db) = database {
+            eprintln!(
+                "dispatch server: records in {}",
+                dispatch_server::redacted(&db.url)
+            );
+            builder = builder.database(db);
+        }
         if let Some(b) = parts.backend {
             builder = builder.backend(b);
         }

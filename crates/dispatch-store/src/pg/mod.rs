@@ -20,8 +20,38 @@ use r2d2_postgres::PostgresConnectionManager;
 
 use crate::{Result, StoreError};
 
-type Pool = r2d2::Pool<PostgresConnectionManager<postgres::NoTls>>;
-type Conn = r2d2::PooledConnection<PostgresConnectionManager<postgres::NoTls>>;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The pool, over plain TCP or TLS.
+enum Pool {
+    Plain(r2d2::Pool<PostgresConnectionManager<postgres::NoTls>>),
+    Tls(r2d2::Pool<PostgresConnectionManager<MakeRustlsConnect>>),
+}
+
+/// A connection from the pool (a `postgres::Client` either way).
+pub(crate) enum Conn {
+    Plain(r2d2::PooledConnection<PostgresConnectionManager<postgres::NoTls>>),
+    Tls(r2d2::PooledConnection<PostgresConnectionManager<MakeRustlsConnect>>),
+}
+
+impl std::ops::Deref for Conn {
+    type Target = postgres::Client;
+    fn deref(&self) -> &postgres::Client {
+        match self {
+            Conn::Plain(c) => c,
+            Conn::Tls(c) => c,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut postgres::Client {
+        match self {
+            Conn::Plain(c) => c,
+            Conn::Tls(c) => c,
+        }
+    }
+}
 
 /// Parameters of one statement.
 pub(crate) type Params<'a> = [&'a (dyn ToSql + Sync)];
@@ -40,6 +70,10 @@ pub struct PgOptions {
     pub max_connections: u32,
     /// How long a call waits for a free connection (or for a new one to be made).
     pub connect_timeout: Duration,
+    /// PEM file of the CA that signed the server's certificate: connections are TLS, the
+    /// certificate and host name verified against it. Without it, TLS when the URL says
+    /// `sslmode=require`, verified against the system's CAs; plain TCP otherwise.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl PgOptions {
@@ -49,6 +83,7 @@ impl PgOptions {
             password: None,
             max_connections: 16,
             connect_timeout: Duration::from_secs(10),
+            ca_file: None,
         }
     }
 }
@@ -86,26 +121,44 @@ impl PgStore {
         config.connect_timeout(options.connect_timeout);
         config.application_name("dispatch");
         // A first connection outside the pool: its error (refused, bad password, no such
-        // database) is the one to show, where the pool would only say it timed out.
-        let mut first = config.connect(postgres::NoTls)?;
-        schema::migrate(&mut first)?;
-        drop(first);
-        let manager = PostgresConnectionManager::new(config, postgres::NoTls);
-        let pool = r2d2::Pool::builder()
-            .max_size(options.max_connections.max(1))
-            .min_idle(Some(1))
-            .connection_timeout(options.connect_timeout)
-            .build(manager)?;
+        // database, an untrusted certificate) is the one to show, where the pool would only
+        // say it timed out.
+        let pool = match tls_config(options, &config)? {
+            None => {
+                let mut first = config.connect(postgres::NoTls)?;
+                schema::migrate(&mut first)?;
+                drop(first);
+                Pool::Plain(
+                    pool_builder(options)
+                        .build(PostgresConnectionManager::new(config, postgres::NoTls))?,
+                )
+            }
+            Some(tls) => {
+                config.ssl_mode(postgres::config::SslMode::Require);
+                let make = MakeRustlsConnect::new(tls);
+                let mut first = config.connect(make.clone())?;
+                schema::migrate(&mut first)?;
+                drop(first);
+                Pool::Tls(
+                    pool_builder(options).build(PostgresConnectionManager::new(config, make))?,
+                )
+            }
+        };
         Ok(PgStore { pool: Some(pool) })
     }
 
     /// A connection from the pool.
     pub(crate) fn conn(&self) -> Result<Conn> {
-        Ok(self
-            .pool
-            .as_ref()
-            .expect("the pool lives as long as the store")
-            .get()?)
+        Ok(
+            match self
+                .pool
+                .as_ref()
+                .expect("the pool lives as long as the store")
+            {
+                Pool::Plain(p) => Conn::Plain(p.get()?),
+                Pool::Tls(p) => Conn::Tls(p.get()?),
+            },
+        )
     }
 
     /// Runs a `SELECT body …` of at most one row and decodes its JSON body.
@@ -149,4 +202,65 @@ pub(crate) fn ms_to_ts(ms: i64) -> jiff::Timestamp {
 /// A count or size column (never below zero).
 pub(crate) fn unsigned(v: i64) -> u64 {
     v.max(0) as u64
+}
+
+/// The pool's bounds.
+fn pool_builder<M: r2d2::ManageConnection>(options: &PgOptions) -> r2d2::Builder<M> {
+    r2d2::Pool::builder()
+        .max_size(options.max_connections.max(1))
+        .min_idle(Some(1))
+        .connection_timeout(options.connect_timeout)
+}
+
+/// The TLS settings of a connection, if it is to be TLS (see [`PgOptions::ca_file`]): rustls
+/// with ring, certificates verified against the CA file or the system's CAs.
+fn tls_config(
+    options: &PgOptions,
+    config: &postgres::Config,
+) -> Result<Option<rustls::ClientConfig>> {
+    use postgres::config::SslMode;
+    let tls_error = |detail: String| StoreError::Remote {
+        action: "set up TLS to the database".into(),
+        detail,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.ca_file {
+        Some(file) => {
+            use rustls_pki_types::pem::PemObject;
+            let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+                rustls_pki_types::CertificateDer::pem_file_iter(file)
+                    .and_then(|it| it.collect::<std::result::Result<_, _>>())
+                    .map_err(|e| tls_error(format!("reading {}: {e}", file.display())))?;
+            if certs.is_empty() {
+                return Err(tls_error(format!(
+                    "{} holds no PEM certificate",
+                    file.display()
+                )));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| tls_error(format!("{}: {e}", file.display())))?;
+            }
+        }
+        None if config.get_ssl_mode() == SslMode::Require => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(tls_error(
+                    "sslmode=require, and this system has no CA certificates: give the \
+                     CA file (--database-ca-file)"
+                        .into(),
+                ));
+            }
+        }
+        None => return Ok(None),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tls))
 }

@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use postgres::GenericClient;
 use postgres::types::ToSql;
 
-use super::runs::{USAGE_PER_FUNCTION, USAGE_PER_NAMESPACE, list_runs_sql, write_runs};
+use super::runs::{list_runs_sql, usage_per_function, usage_per_namespace, write_runs};
 use super::{DELETE_BATCH, Params, PgStore, ms_to_ts, unsigned};
 use crate::{
     DeliveryCount, DeliveryRecord, FunctionUsage, RecordStore, Redeliver, Result, Retention,
@@ -17,11 +17,10 @@ use crate::{
 
 impl RecordStore for PgStore {
     fn put_runs(&self, runs: &[Run]) -> Result<()> {
-        let mut conn = self.conn()?;
-        let mut tx = conn.transaction()?;
-        write_runs(&mut tx, runs)?;
-        tx.commit()?;
-        Ok(())
+        // No transaction around it: each of write_runs' statements is atomic (a run with
+        // its usage change), and an enqueue (new runs only) is one statement, one round trip
+        // and one commit — BEGIN and COMMIT would add two.
+        write_runs(&mut *self.conn()?, runs)
     }
 
     fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
@@ -82,7 +81,7 @@ impl RecordStore for PgStore {
     fn run_usage(&self) -> Result<Vec<RunUsage>> {
         Ok(self
             .conn()?
-            .query(USAGE_PER_NAMESPACE, &[])?
+            .query(&usage_per_namespace(), &[])?
             .iter()
             .map(|r| RunUsage {
                 namespace: r.get(0),
@@ -96,7 +95,7 @@ impl RecordStore for PgStore {
     fn function_usage(&self) -> Result<Vec<FunctionUsage>> {
         Ok(self
             .conn()?
-            .query(USAGE_PER_FUNCTION, &[])?
+            .query(&usage_per_function(), &[])?
             .iter()
             .map(|r| FunctionUsage {
                 namespace: r.get(0),
@@ -475,6 +474,7 @@ impl RecordStore for PgStore {
         for table in [
             "runs",
             "run_usage",
+            "run_usage_delta",
             "job_executions",
             "events",
             "deliveries",

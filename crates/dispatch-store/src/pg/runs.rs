@@ -5,26 +5,58 @@
 use dispatch_core::{CallbackState, Run};
 use jiff::Timestamp;
 use postgres::GenericClient;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 
 use super::Params;
 use crate::{Result, Retention, RunFilter};
 
+/// `run_usage` with the changes not folded into it yet (see [`fold_usage`]).
+const USAGE: &str = "(SELECT namespace, function, runs, finished, bytes FROM run_usage
+      UNION ALL SELECT namespace, function, runs, finished, bytes FROM run_usage_delta) u";
+
 /// What run records take per namespace (from `run_usage`, no scan of the runs).
-pub(super) const USAGE_PER_NAMESPACE: &str =
-    "SELECT namespace, SUM(runs)::bigint, SUM(finished)::bigint, SUM(bytes)::bigint
-     FROM run_usage GROUP BY namespace ORDER BY namespace";
+pub(super) fn usage_per_namespace() -> String {
+    format!(
+        "SELECT namespace, SUM(runs)::bigint AS runs, SUM(finished)::bigint, SUM(bytes)::bigint
+         FROM {USAGE} GROUP BY namespace HAVING SUM(runs) > 0 ORDER BY namespace"
+    )
+}
 
 /// What run records take per function.
-pub(super) const USAGE_PER_FUNCTION: &str =
-    "SELECT namespace, function, finished, bytes FROM run_usage
-     WHERE runs > 0 ORDER BY namespace, function";
+pub(super) fn usage_per_function() -> String {
+    format!(
+        "SELECT namespace, function, SUM(finished)::bigint, SUM(bytes)::bigint FROM {USAGE}
+         GROUP BY namespace, function HAVING SUM(runs) > 0 ORDER BY namespace, function"
+    )
+}
+
+/// Folds the changes written since the last fold into `run_usage` (inside a prune's
+/// transaction). Writers add a row to `run_usage_delta` instead of updating their function's
+/// row of `run_usage`: that row would be locked by every enqueue of the function until its
+/// commit, and concurrent enqueues would wait for each other's commits.
+pub(super) fn fold_usage(tx: &mut impl GenericClient) -> Result<()> {
+    tx.execute(
+        "WITH d AS (DELETE FROM run_usage_delta
+                    RETURNING namespace, function, runs, finished, bytes)
+         INSERT INTO run_usage (namespace, function, runs, finished, bytes)
+         SELECT namespace, function, SUM(runs)::bigint, SUM(finished)::bigint, SUM(bytes)::bigint
+         FROM d GROUP BY namespace, function
+         ON CONFLICT (namespace, function) DO UPDATE SET
+           runs = run_usage.runs + EXCLUDED.runs,
+           finished = run_usage.finished + EXCLUDED.finished,
+           bytes = run_usage.bytes + EXCLUDED.bytes",
+        &[],
+    )?;
+    tx.execute("DELETE FROM run_usage WHERE runs <= 0", &[])?;
+    Ok(())
+}
 
 /// One step of retention inside `tx` (the caller commits): see
 /// [`crate::RecordStore::prune_runs`].
 pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize) -> Result<u64> {
     let mut left = batch as i64;
     let mut usage = Usage::default();
+    fold_usage(tx)?;
     // Age: ids are ULIDs, so "created before" is a range of the primary key.
     left -= usage.delete(
         tx,
@@ -33,6 +65,7 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
         &[&id_at(rules.created_before), &left],
     )? as i64;
     usage.apply(tx)?;
+    fold_usage(tx)?;
     // Count per function: run_usage says which functions are over (no scan of the runs).
     let least = rules
         .kept
@@ -63,6 +96,7 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
             &[&ns, &function, &excess.min(left)],
         )? as i64;
         usage.apply(tx)?;
+        fold_usage(tx)?;
         if n == 0 {
             break;
         }
@@ -106,67 +140,138 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
             left -= 1;
         }
         usage.apply(tx)?;
+        fold_usage(tx)?;
     }
     Ok((batch as i64 - left) as u64)
 }
 
-/// Inserts or replaces run records, keeping `run_usage` (the caller commits).
+/// The columns of a batch of runs, as arrays for `UNNEST`.
+#[derive(Default)]
+struct Columns {
+    id: Vec<String>,
+    namespace: Vec<String>,
+    function: Vec<String>,
+    status: Vec<&'static str>,
+    body: Vec<String>,
+    finished_ms: Vec<Option<i64>>,
+    callback: Vec<bool>,
+    bytes: Vec<i64>,
+}
+
+impl Columns {
+    fn of(runs: &[Run]) -> Result<Columns> {
+        let mut c = Columns::default();
+        for run in runs {
+            let body = serde_json::to_string(run)?;
+            c.bytes.push(body.len() as i64);
+            c.body.push(body);
+            c.id.push(run.id.clone());
+            c.namespace.push(run.namespace.clone());
+            c.function.push(run.function.clone());
+            c.status.push(run.status.as_str());
+            c.finished_ms.push(
+                run.finished_at
+                    .filter(|_| run.status.is_final())
+                    .map(|t| t.as_millisecond()),
+            );
+            c.callback.push(
+                run.status.is_final()
+                    && run
+                        .callback
+                        .as_ref()
+                        .is_some_and(|cb| cb.state == CallbackState::Pending),
+            );
+        }
+        Ok(c)
+    }
+
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 8] {
+        [
+            (&self.id, Type::TEXT_ARRAY),
+            (&self.namespace, Type::TEXT_ARRAY),
+            (&self.function, Type::TEXT_ARRAY),
+            (&self.status, Type::TEXT_ARRAY),
+            (&self.body, Type::TEXT_ARRAY),
+            (&self.finished_ms, Type::INT8_ARRAY),
+            (&self.callback, Type::BOOL_ARRAY),
+            (&self.bytes, Type::INT8_ARRAY),
+        ]
+    }
+}
+
+/// Inserts or replaces run records with what they add to the usage, in as few round trips as
+/// it can (the caller makes it atomic when it is more than one statement): one statement
+/// inserts the new runs (an enqueue, a batch of sync calls' history) and their usage change;
+/// runs that exist (an async run's next state) are updated by a second one, which reads their
+/// old size in the same statement (from its snapshot: not `FOR UPDATE`, which skips rows the
+/// statement itself updates; one run is written by one writer at a time, its owner).
 pub(super) fn write_runs(tx: &mut impl GenericClient, runs: &[Run]) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
     }
-    let mut usage = Usage::default();
-    let old =
-        tx.prepare("SELECT bytes, finished_ms IS NOT NULL FROM runs WHERE id = $1 FOR UPDATE")?;
-    let insert = tx.prepare(
-        "INSERT INTO runs
-           (id, namespace, function, status, body, finished_ms, callback_pending, bytes)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, body = EXCLUDED.body,
-           finished_ms = EXCLUDED.finished_ms,
-           callback_pending = EXCLUDED.callback_pending, bytes = EXCLUDED.bytes",
-    )?;
-    for run in runs {
-        let body = serde_json::to_string(run)?;
-        let bytes = body.len() as i64;
-        let finished = run.status.is_final() && run.finished_at.is_some();
-        // Only an async run is written again (its next state); a sync run's record is
-        // written once, so the look-up is skipped on the hot path.
-        let before: Option<(i64, bool)> = if run.is_async {
-            tx.query_opt(&old, &[&run.id])?
-                .map(|r| (r.get(0), r.get(1)))
-        } else {
-            None
-        };
-        let (runs_d, fin_d, bytes_d) = match before {
-            None => (1, finished as i64, bytes),
-            Some((b, f)) => (0, finished as i64 - f as i64, bytes - b),
-        };
-        usage.add(&run.namespace, &run.function, runs_d, fin_d, bytes_d);
-        let finished_ms = run
-            .finished_at
-            .filter(|_| run.status.is_final())
-            .map(|t| t.as_millisecond());
-        let callback = run.status.is_final()
-            && run
-                .callback
-                .as_ref()
-                .is_some_and(|c| c.state == CallbackState::Pending);
-        tx.execute(
-            &insert,
-            &[
-                &run.id,
-                &run.namespace,
-                &run.function,
-                &run.status.as_str(),
-                &body,
-                &finished_ms,
-                &callback,
-                &bytes,
-            ],
-        )?;
+    // One run written twice in a batch (two states of an async run): its last state, as
+    // writing them in turn would leave.
+    let last: std::collections::HashMap<&str, usize> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let deduped: Vec<Run>;
+    let runs = if last.len() == runs.len() {
+        runs
+    } else {
+        deduped = runs
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| last[r.id.as_str()] == *i)
+            .map(|(_, r)| r.clone())
+            .collect();
+        &deduped
+    };
+    let cols = Columns::of(runs)?;
+    let inserted: std::collections::HashSet<String> = tx
+        .query_typed(
+            "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                    $5::text[], $6::int8[], $7::bool[], $8::int8[])
+                  AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
+             ins AS (INSERT INTO runs (id, namespace, function, status, body, finished_ms,
+                    callback_pending, bytes)
+                  SELECT * FROM v ON CONFLICT (id) DO NOTHING
+                  RETURNING id, namespace, function, bytes, finished_ms IS NOT NULL AS fin),
+             d AS (INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
+                  SELECT namespace, function, COUNT(*), SUM(fin::int)::bigint, SUM(bytes)::bigint
+                  FROM ins GROUP BY namespace, function)
+             SELECT id FROM ins",
+            &cols.params(),
+        )?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    if inserted.len() == runs.len() {
+        return Ok(());
     }
-    usage.apply(tx)?;
+    let rest: Vec<Run> = runs
+        .iter()
+        .filter(|r| !inserted.contains(&r.id))
+        .cloned()
+        .collect();
+    let cols = Columns::of(&rest)?;
+    tx.query_typed(
+        "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                $5::text[], $6::int8[], $7::bool[], $8::int8[])
+              AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
+         old AS (SELECT r.id, r.bytes, r.finished_ms IS NOT NULL AS fin FROM runs r
+              JOIN v ON v.id = r.id),
+         upd AS (UPDATE runs r SET status = v.status, body = v.body, finished_ms = v.finished_ms,
+                callback_pending = v.callback_pending, bytes = v.bytes
+              FROM v WHERE r.id = v.id
+              RETURNING r.id, r.namespace, r.function, r.bytes, r.finished_ms IS NOT NULL AS fin)
+         INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
+         SELECT u.namespace, u.function, 0, SUM(u.fin::int - o.fin::int)::bigint,
+           SUM(u.bytes - o.bytes)::bigint
+         FROM upd u JOIN old o ON o.id = u.id GROUP BY u.namespace, u.function",
+        &cols.params(),
+    )?;
     Ok(())
 }
 
@@ -206,22 +311,15 @@ impl Usage {
         Ok(rows.len() as u64)
     }
 
+    /// Adds what the deletes took away to `run_usage_delta` (folded by the next prune).
     pub(super) fn apply(&mut self, tx: &mut impl GenericClient) -> Result<()> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        let up = tx.prepare(
-            "INSERT INTO run_usage (namespace, function, runs, finished, bytes)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (namespace, function) DO UPDATE SET
-               runs = run_usage.runs + EXCLUDED.runs,
-               finished = run_usage.finished + EXCLUDED.finished,
-               bytes = run_usage.bytes + EXCLUDED.bytes",
-        )?;
         for ((ns, f), (runs, finished, bytes)) in self.0.drain() {
-            tx.execute(&up, &[&ns, &f, &runs, &finished, &bytes])?;
+            tx.execute(
+                "INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&ns, &f, &runs, &finished, &bytes],
+            )?;
         }
-        tx.execute("DELETE FROM run_usage WHERE runs <= 0", &[])?;
         Ok(())
     }
 }

@@ -8,7 +8,8 @@ use crate::{Result, StoreError};
 /// `pg_advisory_xact_lock` key held while migrating ("dispatch" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6469_7370_6174_6368;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE resources (
     namespace TEXT COLLATE "C" NOT NULL,
     kind TEXT COLLATE "C" NOT NULL,
@@ -109,7 +110,17 @@ CREATE TABLE driver_cursors (
     value BIGINT NOT NULL,
     PRIMARY KEY (namespace, driver, key)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE run_usage_delta (
+    namespace TEXT COLLATE "C" NOT NULL,
+    function TEXT COLLATE "C" NOT NULL,
+    runs BIGINT NOT NULL,
+    finished BIGINT NOT NULL,
+    bytes BIGINT NOT NULL
+);
+"#,
+];
 
 /// Brings the schema up to date in one transaction (see the module docs). A database
 /// migrated by a newer server is refused: this one would not know its tables.
