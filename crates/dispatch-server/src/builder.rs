@@ -279,6 +279,11 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         .on_external_change(Box::new(move |c| {
             let _ = changes_tx.send(c);
         }));
+    // Tokens and namespaces another server sharing the store changed (PostgreSQL).
+    let (shared_tx, shared) = tokio::sync::mpsc::unbounded_channel();
+    state.stores.records.on_shared_change(Box::new(move |c| {
+        let _ = shared_tx.send(c);
+    }));
     if let Err(e) = state.rebuild_routes().await {
         tracing::error!("failed to load endpoints: {e}");
     }
@@ -313,6 +318,7 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
     crate::events::recover(state).await;
     let mut tasks = vec![
         tokio::spawn(external_changes(state.clone(), changes)),
+        tokio::spawn(shared_changes(state.clone(), shared)),
         Queue::spawn(state.clone()),
         Queue::spawn_expiry(state.clone()),
         crate::retention::spawn(state.clone()),
@@ -390,6 +396,25 @@ fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> 
 }
 
 /// Resources changed outside this server (the store's watch), one at a time, in order.
+/// Reads tokens or namespaces again when another server sharing the store changed them.
+async fn shared_changes(
+    state: Arc<AppState>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<dispatch_store::Shared>,
+) {
+    while let Some(change) = changes.recv().await {
+        let res = match change {
+            dispatch_store::Shared::Tokens => state
+                .db(|s| s.list_tokens())
+                .await
+                .map(|all| state.tokens.replace_all(all)),
+            dispatch_store::Shared::Namespaces => state.reload_namespaces().await,
+        };
+        if let Err(e) = res {
+            tracing::error!("failed to read {change:?} changed by another server: {e}");
+        }
+    }
+}
+
 async fn external_changes(
     state: Arc<AppState>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<dispatch_store::Changed>,

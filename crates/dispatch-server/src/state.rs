@@ -230,7 +230,33 @@ impl AppState {
                 s.list_namespaces()
             })
             .await?;
+        self.take_namespaces(rows, None);
+        Ok(())
+    }
+
+    /// Namespaces as the store has them now, replacing this server's copy (another server
+    /// that shares the store created, changed or deleted one).
+    pub(crate) async fn reload_namespaces(&self) -> Result<(), StateError> {
+        // One this server creates while the rows are read is not in them: it stays.
+        let reading = self.queue.clock.now() - jiff::SignedDuration::from_secs(5);
+        let rows = self.res(|s| s.list_namespaces()).await?;
+        self.take_namespaces(rows, Some(reading));
+        Ok(())
+    }
+
+    /// Puts the store's namespace rows in the copy; with `replace_before`, namespaces not in
+    /// them that were created before that time go.
+    fn take_namespaces(
+        &self,
+        rows: Vec<dispatch_store::NamespaceRecord>,
+        replace_before: Option<jiff::Timestamp>,
+    ) {
         let mut map = self.namespaces.write();
+        if let Some(before) = replace_before {
+            map.retain(|name, info| {
+                rows.iter().any(|r| r.name == *name) || info.created.is_some_and(|c| c >= before)
+            });
+        }
         map.insert(
             dispatch_core::DEFAULT_NAMESPACE.to_string(),
             NamespaceInfo::default(),
@@ -246,7 +272,6 @@ impl AppState {
                 },
             );
         }
-        Ok(())
     }
 
     /// Every namespace, when it was created (`default`: never) and its own settings.

@@ -188,6 +188,17 @@ pub struct Changed {
 /// What a store calls with each [`Changed`].
 pub type OnChange = Box<dyn Fn(Changed) + Send + Sync>;
 
+/// Records a server keeps a copy of in memory, changed by another server that shares the
+/// store (PostgreSQL): what [`RecordStore::on_shared_change`] reports. The copy is read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    Tokens,
+    Namespaces,
+}
+
+/// What a store calls with each [`Shared`] change.
+pub type OnShared = Box<dyn Fn(Shared) + Send + Sync>;
+
 /// Resources and the namespaces they live in: SQLite in the embedded mode, custom resources on
 /// Kubernetes (DESIGN §8). Every method is a short blocking call.
 pub trait ResourceStore: Send + Sync + 'static {
@@ -252,6 +263,11 @@ pub trait RecordStore: Send + Sync + 'static {
     fn reclaim(&self) -> u64 {
         0
     }
+
+    /// Registers what to call when another server that shares this store changes tokens or
+    /// namespaces (PostgreSQL: LISTEN/NOTIFY). A store only this process writes (SQLite)
+    /// never calls it.
+    fn on_shared_change(&self, _f: OnShared) {}
 
     /// Inserts or replaces run records, in one transaction.
     fn put_runs(&self, runs: &[Run]) -> Result<()>;

@@ -956,3 +956,94 @@ fn postgres_over_tls_verifies_the_server() {
         chain(&e)
     );
 }
+
+/// PostgreSQL: servers on one database tell each other what they changed. Another store's
+/// writes of a resource's spec (not of its status), of tokens and of namespaces reach this
+/// one's callbacks in order; its own writes do not; after its listening connection is cut,
+/// it reports every resource changed and tokens and namespaces to read again.
+#[test]
+fn postgres_stores_tell_each_other_their_changes() {
+    use dispatch_store::{Changed, Shared};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("shared");
+    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (tx, changes) = mpsc::channel::<String>();
+    let t2 = tx.clone();
+    b.on_external_change(Box::new(move |c: Changed| {
+        let _ = tx.send(format!(
+            "{} {}/{}{}",
+            c.kind.as_str(),
+            c.namespace,
+            c.name,
+            if c.deleted { " deleted" } else { "" }
+        ));
+    }));
+    b.on_shared_change(Box::new(move |s: Shared| {
+        let _ = t2.send(format!("{s:?}"));
+    }));
+    // The listener is up once a marker written by `a` arrives: a token (dropped from the
+    // expectations below).
+    let next = || {
+        changes
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a change within 30 s")
+    };
+    let marker = |name: &str| dispatch_core::auth::ApiToken {
+        name: name.into(),
+        role: dispatch_core::auth::Role::Viewer,
+        namespace: "*".into(),
+        hash: format!("sha256:{name}"),
+        created_at: jiff::Timestamp::now(),
+        expires_at: None,
+    };
+    let mut up = false;
+    for i in 0..300 {
+        a.put_token(&marker(&format!("m{i}"))).unwrap();
+        if changes.recv_timeout(Duration::from_millis(100)).is_ok() {
+            up = true;
+            break;
+        }
+    }
+    assert!(up, "b's listener never heard a: {}", pg.log());
+    while changes.try_recv().is_ok() {}
+
+    let created = a.create(image("web")).unwrap();
+    let mut changed = created.clone();
+    changed.spec = json!({"baseImage": "nodejs"});
+    a.update(changed).unwrap();
+    a.update_status("default", Kind::Image, "web", Status::phase(Phase::Ready))
+        .unwrap();
+    b.create(image("own")).unwrap();
+    a.delete("default", Kind::Image, "web").unwrap();
+    a.put_namespace("team", jiff::Timestamp::now()).unwrap();
+    a.delete_token("m0").unwrap_or_default();
+    let got: Vec<String> = (0..5).map(|_| next()).collect();
+    assert_eq!(
+        got,
+        [
+            "Image default/web",
+            "Image default/web",
+            "Image default/web deleted",
+            "Namespaces",
+            "Tokens"
+        ],
+        "a status write and b's own create are not told"
+    );
+
+    // b's listening connection is cut: it listens again and reports everything.
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let cut = admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE query = 'LISTEN dispatch_changes'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(cut, 1, "b listens (a has no callbacks: no listener)");
+    let mut after: Vec<String> = (0..3).map(|_| next()).collect();
+    after.sort();
+    assert_eq!(after, ["Image default/own", "Namespaces", "Tokens"]);
+}

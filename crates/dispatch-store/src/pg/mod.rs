@@ -8,6 +8,7 @@
 //! used, nor dropped, on an async worker thread — [`PgStore`]'s drop hands the pool to a
 //! thread of its own).
 
+mod listen;
 mod records;
 mod resources;
 mod runs;
@@ -92,10 +93,15 @@ impl PgOptions {
 pub struct PgStore {
     /// Always `Some` until dropped (see `Drop`).
     pool: Option<Pool>,
+    /// Other servers' changes (see `listen`).
+    listener: std::sync::Arc<listen::Listener>,
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
+        self.listener
+            .stop
+            .store(true, std::sync::atomic::Ordering::Release);
         // Each client owns a runtime, which may not be dropped on an async thread.
         if let Some(pool) = self.pool.take() {
             let _ = std::thread::Builder::new()
@@ -123,14 +129,18 @@ impl PgStore {
         // A first connection outside the pool: its error (refused, bad password, no such
         // database, an untrusted certificate) is the one to show, where the pool would only
         // say it timed out.
-        let pool = match tls_config(options, &config)? {
+        let (pool, connect): (Pool, listen::Connect) = match tls_config(options, &config)? {
             None => {
                 let mut first = config.connect(postgres::NoTls)?;
                 schema::migrate(&mut first)?;
                 drop(first);
-                Pool::Plain(
-                    pool_builder(options)
-                        .build(PostgresConnectionManager::new(config, postgres::NoTls))?,
+                let c = config.clone();
+                (
+                    Pool::Plain(
+                        pool_builder(options)
+                            .build(PostgresConnectionManager::new(config, postgres::NoTls))?,
+                    ),
+                    Box::new(move || Ok(c.connect(postgres::NoTls)?)),
                 )
             }
             Some(tls) => {
@@ -139,12 +149,20 @@ impl PgStore {
                 let mut first = config.connect(make.clone())?;
                 schema::migrate(&mut first)?;
                 drop(first);
-                Pool::Tls(
-                    pool_builder(options).build(PostgresConnectionManager::new(config, make))?,
+                let (c, m) = (config.clone(), make.clone());
+                (
+                    Pool::Tls(
+                        pool_builder(options)
+                            .build(PostgresConnectionManager::new(config, make))?,
+                    ),
+                    Box::new(move || Ok(c.connect(m.clone())?)),
                 )
             }
         };
-        Ok(PgStore { pool: Some(pool) })
+        Ok(PgStore {
+            pool: Some(pool),
+            listener: listen::Listener::new(connect),
+        })
     }
 
     /// A connection from the pool.

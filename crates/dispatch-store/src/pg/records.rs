@@ -8,14 +8,19 @@ use jiff::Timestamp;
 use postgres::GenericClient;
 use postgres::types::ToSql;
 
+use super::listen;
 use super::runs::{list_runs_sql, usage_per_function, usage_per_namespace, write_runs};
 use super::{DELETE_BATCH, Params, PgStore, ms_to_ts, unsigned};
 use crate::{
-    DeliveryCount, DeliveryRecord, FunctionUsage, RecordStore, Redeliver, Result, Retention,
-    RunFilter, RunUsage,
+    DeliveryCount, DeliveryRecord, FunctionUsage, OnShared, RecordStore, Redeliver, Result,
+    Retention, RunFilter, RunUsage, Shared,
 };
 
 impl RecordStore for PgStore {
+    fn on_shared_change(&self, f: OnShared) {
+        self.listener.on_shared(f);
+    }
+
     fn put_runs(&self, runs: &[Run]) -> Result<()> {
         // No transaction around it: each of write_runs' statements is atomic (a run with
         // its usage change), and an enqueue (new runs only) is one statement, one round trip
@@ -421,11 +426,20 @@ impl RecordStore for PgStore {
     }
 
     fn put_token(&self, token: &ApiToken) -> Result<bool> {
-        let n = self.conn()?.execute(
-            "INSERT INTO tokens (name, hash, body) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&token.name, &token.hash, &serde_json::to_string(token)?],
+        let told = listen::shared(&self.listener.origin, Shared::Tokens);
+        let n = self.conn()?.query(
+            "WITH ins AS (INSERT INTO tokens (name, hash, body) VALUES ($1, $2, $3)
+               ON CONFLICT DO NOTHING RETURNING 1)
+             SELECT pg_notify($4, $5) FROM ins",
+            &[
+                &token.name,
+                &token.hash,
+                &serde_json::to_string(token)?,
+                &listen::CHANNEL,
+                &told,
+            ],
         )?;
-        Ok(n == 1)
+        Ok(n.len() == 1)
     }
 
     fn list_tokens(&self) -> Result<Vec<ApiToken>> {
@@ -433,10 +447,13 @@ impl RecordStore for PgStore {
     }
 
     fn delete_token(&self, name: &str) -> Result<bool> {
-        let n = self
-            .conn()?
-            .execute("DELETE FROM tokens WHERE name = $1", &[&name])?;
-        Ok(n == 1)
+        let told = listen::shared(&self.listener.origin, Shared::Tokens);
+        let n = self.conn()?.query(
+            "WITH del AS (DELETE FROM tokens WHERE name = $1 RETURNING 1)
+             SELECT pg_notify($2, $3) FROM del",
+            &[&name, &listen::CHANNEL, &told],
+        )?;
+        Ok(n.len() == 1)
     }
 
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {

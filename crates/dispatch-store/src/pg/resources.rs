@@ -6,8 +6,9 @@ use dispatch_core::{Kind, Object, Status};
 use jiff::Timestamp;
 use postgres::GenericClient;
 
+use super::listen::{self, notify};
 use super::{PgStore, ms_to_ts, unsigned};
-use crate::{NamespaceRecord, ResourceStore, Result, StoreError};
+use crate::{NamespaceRecord, OnChange, ResourceStore, Result, Shared, StoreError};
 
 fn read_row(
     c: &mut impl GenericClient,
@@ -61,6 +62,10 @@ fn rv_of(obj: &Object) -> i64 {
 }
 
 impl ResourceStore for PgStore {
+    fn on_external_change(&self, f: OnChange) {
+        self.listener.on_change(f);
+    }
+
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
         read_row(&mut *self.conn()?, namespace, kind, name, false)
     }
@@ -83,18 +88,28 @@ impl ResourceStore for PgStore {
         m.created_at = Some(now);
         m.updated_at = Some(now);
         m.resource_version = Some("1".to_string());
-        // One statement: of two servers creating one name, one wins.
-        let n = self.conn()?.execute(
-            "INSERT INTO resources (namespace, kind, name, resource_version, body)
-             VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING",
+        // One statement: of two servers creating one name, one wins (and tells the others).
+        let told = listen::resource(
+            &self.listener.origin,
+            object.kind,
+            &ns,
+            object.name(),
+            false,
+        );
+        let n = self.conn()?.query(
+            "WITH ins AS (INSERT INTO resources (namespace, kind, name, resource_version, body)
+               VALUES ($1, $2, $3, 1, $4) ON CONFLICT DO NOTHING RETURNING 1)
+             SELECT pg_notify($5, $6) FROM ins",
             &[
                 &ns,
                 &object.kind.as_str(),
                 &object.name(),
                 &serde_json::to_string(&object)?,
+                &listen::CHANNEL,
+                &told,
             ],
         )?;
-        if n == 0 {
+        if n.is_empty() {
             return Err(StoreError::AlreadyExists {
                 kind: object.kind,
                 namespace: ns,
@@ -130,6 +145,14 @@ impl ResourceStore for PgStore {
         stored.metadata.updated_at = Some(Timestamp::now());
         stored.metadata.resource_version = Some((current + 1).to_string());
         write_row(&mut tx, &stored, current + 1)?;
+        let told = listen::resource(
+            &self.listener.origin,
+            stored.kind,
+            &ns,
+            stored.name(),
+            false,
+        );
+        notify(&mut tx, &told)?;
         tx.commit()?;
         Ok(stored)
     }
@@ -155,10 +178,12 @@ impl ResourceStore for PgStore {
     }
 
     fn delete(&self, namespace: &str, kind: Kind, name: &str) -> Result<Object> {
+        let told = listen::resource(&self.listener.origin, kind, namespace, name, true);
         let row = self.conn()?.query_opt(
-            "DELETE FROM resources WHERE namespace = $1 AND kind = $2 AND name = $3
-             RETURNING body",
-            &[&namespace, &kind.as_str(), &name],
+            "WITH del AS (DELETE FROM resources WHERE namespace = $1 AND kind = $2 AND name = $3
+               RETURNING body)
+             SELECT body, pg_notify($4, $5) FROM del",
+            &[&namespace, &kind.as_str(), &name, &listen::CHANNEL, &told],
         )?;
         match row {
             Some(r) => Ok(serde_json::from_str(r.get::<_, &str>(0))?),
@@ -167,11 +192,14 @@ impl ResourceStore for PgStore {
     }
 
     fn put_namespace(&self, name: &str, created: Timestamp) -> Result<bool> {
-        let n = self.conn()?.execute(
-            "INSERT INTO namespaces (name, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&name, &created.as_millisecond()],
+        let told = listen::shared(&self.listener.origin, Shared::Namespaces);
+        let n = self.conn()?.query(
+            "WITH ins AS (INSERT INTO namespaces (name, created_ms) VALUES ($1, $2)
+               ON CONFLICT DO NOTHING RETURNING 1)
+             SELECT pg_notify($3, $4) FROM ins",
+            &[&name, &created.as_millisecond(), &listen::CHANNEL, &told],
         )?;
-        Ok(n == 1)
+        Ok(n.len() == 1)
     }
 
     fn list_namespaces(&self) -> Result<Vec<NamespaceRecord>> {
@@ -196,7 +224,9 @@ impl ResourceStore for PgStore {
         budget: Option<u64>,
         created: Timestamp,
     ) -> Result<()> {
-        self.conn()?.execute(
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO namespaces (name, created_ms, run_history_budget) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET run_history_budget = EXCLUDED.run_history_budget",
             &[
@@ -205,6 +235,11 @@ impl ResourceStore for PgStore {
                 &budget.map(|b| b.min(i64::MAX as u64) as i64),
             ],
         )?;
+        notify(
+            &mut tx,
+            &listen::shared(&self.listener.origin, Shared::Namespaces),
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -212,8 +247,21 @@ impl ResourceStore for PgStore {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         // Every resource in it goes too (the server refuses unless --cascade or empty).
-        tx.execute("DELETE FROM resources WHERE namespace = $1", &[&name])?;
+        let gone = tx.query(
+            "DELETE FROM resources WHERE namespace = $1 RETURNING kind, name",
+            &[&name],
+        )?;
+        for r in &gone {
+            if let Some(kind) = Kind::parse(r.get(0)) {
+                let told = listen::resource(&self.listener.origin, kind, name, r.get(1), true);
+                notify(&mut tx, &told)?;
+            }
+        }
         let n = tx.execute("DELETE FROM namespaces WHERE name = $1", &[&name])?;
+        notify(
+            &mut tx,
+            &listen::shared(&self.listener.origin, Shared::Namespaces),
+        )?;
         tx.commit()?;
         Ok(n == 1)
     }

@@ -1,0 +1,197 @@
+//! What servers sharing one database tell each other: every write of a resource's spec
+//! (create, update, delete — not a status), of a token or of a namespace sends a
+//! notification on one channel (`pg_notify`, in the writing statement or transaction: it is
+//! delivered when that commits, and only then). Each store listens on a connection of its
+//! own, in a thread of its own, and hands the others' changes to the callbacks the server
+//! registered ([`crate::ResourceStore::on_external_change`],
+//! [`crate::RecordStore::on_shared_change`]); its own writes it skips (each store has an
+//! origin id). After its connection is lost and made again, what changed meanwhile is not
+//! known: every resource is reported changed, tokens and namespaces read again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dispatch_core::Kind;
+use parking_lot::RwLock;
+use postgres::GenericClient;
+use postgres::fallible_iterator::FallibleIterator as _;
+use serde_json::{Value, json};
+
+use crate::{Changed, OnChange, OnShared, Result, Shared};
+
+/// The channel every server of a database listens on.
+pub(super) const CHANNEL: &str = "dispatch_changes";
+
+/// Opens the listener's own connection.
+pub(super) type Connect = Box<dyn Fn() -> Result<postgres::Client> + Send + Sync>;
+
+/// The callbacks, the thread's state, and how to connect.
+pub(super) struct Listener {
+    pub(super) origin: String,
+    on_change: RwLock<Option<OnChange>>,
+    on_shared: RwLock<Option<OnShared>>,
+    started: AtomicBool,
+    pub(super) stop: AtomicBool,
+    connect: Connect,
+}
+
+impl Listener {
+    pub(super) fn new(connect: Connect) -> Arc<Listener> {
+        Arc::new(Listener {
+            origin: ulid::Ulid::new().to_string(),
+            on_change: RwLock::new(None),
+            on_shared: RwLock::new(None),
+            started: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            connect,
+        })
+    }
+
+    pub(super) fn on_change(self: &Arc<Self>, f: OnChange) {
+        *self.on_change.write() = Some(f);
+        self.start();
+    }
+
+    pub(super) fn on_shared(self: &Arc<Self>, f: OnShared) {
+        *self.on_shared.write() = Some(f);
+        self.start();
+    }
+
+    fn start(self: &Arc<Self>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("postgres-listen".into())
+            .spawn(move || me.run());
+    }
+
+    /// Listens until the store is dropped; a lost connection is made again (backing off up
+    /// to 5 s), then everything is reported changed.
+    fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        while !self.stop.load(Ordering::Acquire) {
+            let mut client = match (self.connect)().and_then(|mut c| {
+                c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+                Ok(c)
+            }) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("listening for other servers' changes (retrying): {e}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            if !first {
+                self.everything_changed(&mut client);
+            }
+            first = false;
+            let mut notifications = client.notifications();
+            let mut it = notifications.timeout_iter(Duration::from_millis(500));
+            loop {
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                match it.next() {
+                    Ok(Some(n)) => self.told(n.payload()),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!("the connection for other servers' changes ended: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One notification: another server's change, handed on (ours are skipped).
+    fn told(&self, payload: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(payload) else {
+            return;
+        };
+        if v["o"].as_str() == Some(self.origin.as_str()) {
+            return;
+        }
+        match v["t"].as_str() {
+            Some("tokens") => self.shared(Shared::Tokens),
+            Some("namespaces") => self.shared(Shared::Namespaces),
+            Some("resource") => {
+                let (Some(kind), Some(ns), Some(name)) = (
+                    v["kind"].as_str().and_then(Kind::parse),
+                    v["ns"].as_str(),
+                    v["name"].as_str(),
+                ) else {
+                    return;
+                };
+                if let Some(f) = &*self.on_change.read() {
+                    f(Changed {
+                        kind,
+                        namespace: ns.to_string(),
+                        name: name.to_string(),
+                        deleted: v["deleted"].as_bool().unwrap_or(false),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn shared(&self, what: Shared) {
+        if let Some(f) = &*self.on_shared.read() {
+            f(what);
+        }
+    }
+
+    /// After a gap: every resource as changed, tokens and namespaces read again.
+    fn everything_changed(&self, client: &mut postgres::Client) {
+        self.shared(Shared::Tokens);
+        self.shared(Shared::Namespaces);
+        let Some(f) = &*self.on_change.read() else {
+            return;
+        };
+        match client.query("SELECT kind, namespace, name FROM resources", &[]) {
+            Ok(rows) => {
+                for r in rows {
+                    if let Some(kind) = Kind::parse(r.get(0)) {
+                        f(Changed {
+                            kind,
+                            namespace: r.get(1),
+                            name: r.get(2),
+                            deleted: false,
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("reading resources after a gap in other servers' changes: {e}")
+            }
+        }
+    }
+}
+
+/// The payload of a resource's change.
+pub(super) fn resource(origin: &str, kind: Kind, ns: &str, name: &str, deleted: bool) -> String {
+    json!({"o": origin, "t": "resource", "kind": kind.as_str(), "ns": ns, "name": name,
+        "deleted": deleted})
+    .to_string()
+}
+
+/// The payload of a change to tokens or namespaces.
+pub(super) fn shared(origin: &str, what: Shared) -> String {
+    let t = match what {
+        Shared::Tokens => "tokens",
+        Shared::Namespaces => "namespaces",
+    };
+    json!({"o": origin, "t": t}).to_string()
+}
+
+/// Sends a notification from `c` (delivered when its transaction commits).
+pub(super) fn notify(c: &mut impl GenericClient, payload: &str) -> Result<()> {
+    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])?;
+    Ok(())
+}
