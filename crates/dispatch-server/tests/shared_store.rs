@@ -82,16 +82,21 @@ async fn a_change_on_one_server_reaches_the_other() {
         .create_token("root", Role::Admin, "*", None)
         .await
         .unwrap();
+    let b_answers = |token: String| {
+        let api_b = api_b.clone();
+        async move {
+            status(
+                &api_b,
+                &token,
+                "GET",
+                "/v1/namespaces/default/functions",
+                json!(null),
+            )
+            .await
+        }
+    };
     eventually("b to take a's token", || async {
-        let s = status(
-            &api_b,
-            &root,
-            "GET",
-            "/v1/namespaces/default/functions",
-            json!(null),
-        )
-        .await;
-        (s == StatusCode::OK).then_some(())
+        (b_answers(root.clone()).await == StatusCode::OK).then_some(())
     })
     .await;
 
@@ -189,15 +194,7 @@ async fn a_change_on_one_server_reaches_the_other() {
         StatusCode::OK
     );
     eventually("b to drop a's deleted token", || async {
-        let s = status(
-            &api_b,
-            &root,
-            "GET",
-            "/v1/namespaces/default/functions",
-            json!(null),
-        )
-        .await;
-        (s == StatusCode::UNAUTHORIZED).then_some(())
+        (b_answers(root.clone()).await == StatusCode::UNAUTHORIZED).then_some(())
     })
     .await;
 }

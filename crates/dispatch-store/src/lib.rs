@@ -13,6 +13,7 @@
 mod blobs;
 mod error;
 mod pg;
+mod shared;
 mod sqlite;
 
 use dispatch_core::auth::{ApiToken, AuditEntry};

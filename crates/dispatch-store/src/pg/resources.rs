@@ -8,6 +8,7 @@ use postgres::GenericClient;
 
 use super::listen::{self, notify};
 use super::{PgStore, ms_to_ts, unsigned};
+use crate::shared::{created, not_found, rv_of, updated};
 use crate::{NamespaceRecord, OnChange, ResourceStore, Result, Shared, StoreError};
 
 fn read_row(
@@ -45,22 +46,6 @@ fn write_row(c: &mut impl GenericClient, obj: &Object, rv: i64) -> Result<()> {
     Ok(())
 }
 
-fn not_found(kind: Kind, ns: &str, name: &str) -> StoreError {
-    StoreError::NotFound {
-        kind,
-        namespace: ns.to_string(),
-        name: name.to_string(),
-    }
-}
-
-fn rv_of(obj: &Object) -> i64 {
-    obj.metadata
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 impl ResourceStore for PgStore {
     fn on_external_change(&self, f: OnChange) {
         self.listener.on_change(f);
@@ -80,14 +65,7 @@ impl ResourceStore for PgStore {
 
     fn create(&self, mut object: Object) -> Result<Object> {
         let ns = object.namespace().to_string();
-        let now = Timestamp::now();
-        let m = &mut object.metadata;
-        m.namespace = Some(ns.clone());
-        m.uid = Some(ulid::Ulid::new().to_string().to_ascii_lowercase());
-        m.generation = Some(1);
-        m.created_at = Some(now);
-        m.updated_at = Some(now);
-        m.resource_version = Some("1".to_string());
+        created(&mut object, &ns);
         // One statement: of two servers creating one name, one wins (and tells the others).
         let told = listen::resource(
             &self.listener.origin,
@@ -123,28 +101,11 @@ impl ResourceStore for PgStore {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         let ns = object.namespace().to_string();
-        let Some(mut stored) = read_row(&mut tx, &ns, object.kind, object.name(), true)? else {
+        let Some(stored) = read_row(&mut tx, &ns, object.kind, object.name(), true)? else {
             return Err(not_found(object.kind, &ns, object.name()));
         };
-        let current = rv_of(&stored);
-        if let Some(expected) = &object.metadata.resource_version
-            && *expected != current.to_string()
-        {
-            return Err(StoreError::Conflict {
-                kind: object.kind,
-                name: object.metadata.name.clone(),
-                expected: expected.clone(),
-                actual: current.to_string(),
-            });
-        }
-        if stored.spec != object.spec {
-            stored.metadata.generation = Some(stored.metadata.generation.unwrap_or(0) + 1);
-        }
-        stored.spec = object.spec;
-        stored.metadata.labels = object.metadata.labels;
-        stored.metadata.updated_at = Some(Timestamp::now());
-        stored.metadata.resource_version = Some((current + 1).to_string());
-        write_row(&mut tx, &stored, current + 1)?;
+        let (stored, version) = updated(stored, object)?;
+        write_row(&mut tx, &stored, version)?;
         let told = listen::resource(
             &self.listener.origin,
             stored.kind,

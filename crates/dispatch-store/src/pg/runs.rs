@@ -3,7 +3,6 @@
 //! PostgreSQL's dialect.
 
 use dispatch_core::{CallbackState, Run};
-use jiff::Timestamp;
 use postgres::GenericClient;
 use postgres::types::{ToSql, Type};
 
@@ -62,7 +61,7 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
         tx,
         "DELETE FROM runs WHERE id IN (
                SELECT id FROM runs WHERE id < $1 AND finished_ms IS NOT NULL LIMIT $2)",
-        &[&id_at(rules.created_before), &left],
+        &[&crate::shared::id_at(rules.created_before), &left],
     )? as i64;
     usage.apply(tx)?;
     fold_usage(tx)?;
@@ -342,23 +341,14 @@ pub(super) fn list_runs_sql(
     if let Some(st) = filter.status {
         and("status =", Box::new(st.as_str().to_string()));
     }
-    let upper = match (&filter.after, filter.until.map(id_at)) {
-        (Some(a), Some(u)) => Some(a.clone().min(u)),
-        (a, u) => a.clone().or(u),
-    };
+    let (upper, lower) = crate::shared::id_bounds(filter);
     if let Some(u) = upper {
         and("id <", Box::new(u));
     }
-    if let Some(l) = filter.since.map(id_at) {
+    if let Some(l) = lower {
         and("id >=", Box::new(l));
     }
     args.push(Box::new(filter.limit.unwrap_or(100) as i64));
     sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", args.len()));
     (sql, args)
-}
-
-/// The smallest run id (a ULID) created at `t`.
-fn id_at(t: Timestamp) -> String {
-    let ms = t.as_millisecond().max(0) as u64;
-    ulid::Ulid::from_parts(ms, 0).to_string()
 }

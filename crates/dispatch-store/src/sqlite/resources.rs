@@ -6,6 +6,7 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{SqliteStore, ms_to_ts};
+use crate::shared::{created, not_found, rv_of, updated};
 use crate::{NamespaceRecord, ResourceStore, Result, StoreError};
 
 fn read_row(conn: &Connection, ns: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
@@ -37,21 +38,6 @@ fn write_row(conn: &Connection, obj: &Object, rv: i64) -> Result<()> {
     )?;
     Ok(())
 }
-fn not_found(kind: Kind, ns: &str, name: &str) -> StoreError {
-    StoreError::NotFound {
-        kind,
-        namespace: ns.to_string(),
-        name: name.to_string(),
-    }
-}
-fn rv_of(obj: &Object) -> i64 {
-    obj.metadata
-        .resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 impl ResourceStore for SqliteStore {
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
         read_row(&self.conn(), namespace, kind, name)
@@ -76,14 +62,7 @@ impl ResourceStore for SqliteStore {
                 name: object.metadata.name.clone(),
             });
         }
-        let now = Timestamp::now();
-        let m = &mut object.metadata;
-        m.namespace = Some(ns);
-        m.uid = Some(ulid::Ulid::new().to_string().to_ascii_lowercase());
-        m.generation = Some(1);
-        m.created_at = Some(now);
-        m.updated_at = Some(now);
-        m.resource_version = Some("1".to_string());
+        created(&mut object, &ns);
         write_row(&tx, &object, 1)?;
         tx.commit()?;
         Ok(object)
@@ -93,28 +72,11 @@ impl ResourceStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let ns = object.namespace().to_string();
-        let Some(mut stored) = read_row(&tx, &ns, object.kind, object.name())? else {
+        let Some(stored) = read_row(&tx, &ns, object.kind, object.name())? else {
             return Err(not_found(object.kind, &ns, object.name()));
         };
-        let current = rv_of(&stored);
-        if let Some(expected) = &object.metadata.resource_version
-            && *expected != current.to_string()
-        {
-            return Err(StoreError::Conflict {
-                kind: object.kind,
-                name: object.metadata.name.clone(),
-                expected: expected.clone(),
-                actual: current.to_string(),
-            });
-        }
-        if stored.spec != object.spec {
-            stored.metadata.generation = Some(stored.metadata.generation.unwrap_or(0) + 1);
-        }
-        stored.spec = object.spec;
-        stored.metadata.labels = object.metadata.labels;
-        stored.metadata.updated_at = Some(Timestamp::now());
-        stored.metadata.resource_version = Some((current + 1).to_string());
-        write_row(&tx, &stored, current + 1)?;
+        let (stored, version) = updated(stored, object)?;
+        write_row(&tx, &stored, version)?;
         tx.commit()?;
         Ok(stored)
     }

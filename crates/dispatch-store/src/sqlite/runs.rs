@@ -2,7 +2,6 @@
 //! function), the listing query, and retention's steps.
 
 use dispatch_core::{CallbackState, Run};
-use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
@@ -47,7 +46,7 @@ pub(super) fn prune(
         tx,
         "DELETE FROM runs WHERE id IN (
                SELECT id FROM runs WHERE id < ?1 AND finished_ms IS NOT NULL LIMIT ?2)",
-        params![id_at(rules.created_before), left],
+        params![crate::shared::id_at(rules.created_before), left],
     )? as i64;
     usage.apply(tx)?;
     // Count per function: run_usage says which functions are over (no scan of the runs);
@@ -258,14 +257,11 @@ pub(super) fn list_runs_sql(
     if let Some(st) = filter.status {
         and("status =", Value::Text(st.as_str().to_string()));
     }
-    let upper = match (&filter.after, filter.until.map(id_at)) {
-        (Some(a), Some(u)) => Some(a.clone().min(u)),
-        (a, u) => a.clone().or(u),
-    };
+    let (upper, lower) = crate::shared::id_bounds(filter);
     if let Some(u) = upper {
         and("id <", Value::Text(u));
     }
-    if let Some(l) = filter.since.map(id_at) {
+    if let Some(l) = lower {
         and("id >=", Value::Text(l));
     }
     args.push(Value::Integer(filter.limit.unwrap_or(100) as i64));
@@ -282,10 +278,4 @@ impl SqliteStore {
         let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
-}
-/// The smallest run id (a ULID) created at `t`: ids of runs created at or after `t` compare
-/// greater or equal.
-fn id_at(t: Timestamp) -> String {
-    let ms = t.as_millisecond().max(0) as u64;
-    ulid::Ulid::from_parts(ms, 0).to_string()
 }
