@@ -48,6 +48,11 @@ impl Listener {
         })
     }
 
+    /// A new connection of its own kind (plain or TLS) to the database.
+    pub(super) fn connect(&self) -> Result<postgres::Client> {
+        (self.connect)()
+    }
+
     pub(super) fn on_change(self: &Arc<Self>, f: OnChange) {
         *self.on_change.write() = Some(f);
         self.start();

@@ -95,6 +95,9 @@ pub struct PgStore {
     pool: Option<Pool>,
     /// Other servers' changes (see `listen`).
     listener: std::sync::Arc<listen::Listener>,
+    /// The connection `put_runs` writes on, its statements prepared (made on first use,
+    /// again after it failed).
+    writer: parking_lot::Mutex<Option<runs::Writer>>,
 }
 
 impl Drop for PgStore {
@@ -103,10 +106,11 @@ impl Drop for PgStore {
             .stop
             .store(true, std::sync::atomic::Ordering::Release);
         // Each client owns a runtime, which may not be dropped on an async thread.
+        let writer = self.writer.lock().take();
         if let Some(pool) = self.pool.take() {
             let _ = std::thread::Builder::new()
                 .name("postgres-close".into())
-                .spawn(move || drop(pool));
+                .spawn(move || drop((pool, writer)));
         }
     }
 }
@@ -162,7 +166,24 @@ impl PgStore {
         Ok(PgStore {
             pool: Some(pool),
             listener: listen::Listener::new(connect),
+            writer: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Writes runs on the writer connection (see [`runs::Writer`]).
+    pub(crate) fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut runs::Writer) -> Result<T>,
+    ) -> Result<T> {
+        let mut w = self.writer.lock();
+        if w.is_none() {
+            *w = Some(runs::Writer::new(self.listener.connect()?)?);
+        }
+        let res = f(w.as_mut().expect("made above"));
+        if res.is_err() && w.as_ref().is_some_and(|w| w.is_closed()) {
+            *w = None;
+        }
+        res
     }
 
     /// A connection from the pool.

@@ -25,7 +25,7 @@ impl RecordStore for PgStore {
         // No transaction around it: each of write_runs' statements is atomic (a run with
         // its usage change), and an enqueue (new runs only) is one statement, one round trip
         // and one commit — BEGIN and COMMIT would add two.
-        write_runs(&mut *self.conn()?, runs)
+        self.with_writer(|w| w.put(runs))
     }
 
     fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {

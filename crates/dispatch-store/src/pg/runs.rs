@@ -144,6 +144,83 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
     Ok((batch as i64 - left) as u64)
 }
 
+/// The two statements that write runs (prepared once on the [`Writer`]'s connection: parsing
+/// and planning them took most of an enqueue's time in the database).
+const INSERT_RUNS: &str =
+    "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+        $5::text[], $6::int8[], $7::bool[], $8::int8[])
+      AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
+ ins AS (INSERT INTO runs (id, namespace, function, status, body, finished_ms,
+        callback_pending, bytes)
+      SELECT * FROM v ON CONFLICT (id) DO NOTHING
+      RETURNING id, namespace, function, bytes, finished_ms IS NOT NULL AS fin),
+ d AS (INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
+      SELECT namespace, function, COUNT(*), SUM(fin::int)::bigint, SUM(bytes)::bigint
+      FROM ins GROUP BY namespace, function)
+ SELECT id FROM ins";
+
+const UPDATE_RUNS: &str =
+    "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                $5::text[], $6::int8[], $7::bool[], $8::int8[])
+              AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
+         old AS (SELECT r.id, r.bytes, r.finished_ms IS NOT NULL AS fin FROM runs r
+              JOIN v ON v.id = r.id),
+         upd AS (UPDATE runs r SET status = v.status, body = v.body, finished_ms = v.finished_ms,
+                callback_pending = v.callback_pending, bytes = v.bytes
+              FROM v WHERE r.id = v.id
+              RETURNING r.id, r.namespace, r.function, r.bytes, r.finished_ms IS NOT NULL AS fin)
+         INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
+         SELECT u.namespace, u.function, 0, SUM(u.fin::int - o.fin::int)::bigint,
+           SUM(u.bytes - o.bytes)::bigint
+         FROM upd u JOIN old o ON o.id = u.id GROUP BY u.namespace, u.function";
+
+/// A connection of its own with [`INSERT_RUNS`] and [`UPDATE_RUNS`] prepared, for
+/// `put_runs`: an enqueue is then one round trip that plans nothing.
+pub(crate) struct Writer {
+    client: postgres::Client,
+    insert: postgres::Statement,
+    update: postgres::Statement,
+}
+
+impl Writer {
+    pub(super) fn new(mut client: postgres::Client) -> Result<Writer> {
+        let types = [
+            Type::TEXT_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::INT8_ARRAY,
+            Type::BOOL_ARRAY,
+            Type::INT8_ARRAY,
+        ];
+        let insert = client.prepare_typed(INSERT_RUNS, &types)?;
+        let update = client.prepare_typed(UPDATE_RUNS, &types)?;
+        Ok(Writer {
+            client,
+            insert,
+            update,
+        })
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// [`write_runs`] with the prepared statements, outside any transaction.
+    pub(super) fn put(&mut self, runs: &[Run]) -> Result<()> {
+        let Writer {
+            client,
+            insert,
+            update,
+        } = self;
+        write(client, runs, |c, cols, new| {
+            let st = if new { &*insert } else { &*update };
+            Ok(c.query(st, &cols.untyped())?)
+        })
+    }
+}
+
 /// The columns of a batch of runs, as arrays for `UNNEST`.
 #[derive(Default)]
 struct Columns {
@@ -184,6 +261,19 @@ impl Columns {
         Ok(c)
     }
 
+    fn untyped(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.id,
+            &self.namespace,
+            &self.function,
+            &self.status,
+            &self.body,
+            &self.finished_ms,
+            &self.callback,
+            &self.bytes,
+        ]
+    }
+
     fn params(&self) -> [(&(dyn ToSql + Sync), Type); 8] {
         [
             (&self.id, Type::TEXT_ARRAY),
@@ -205,6 +295,18 @@ impl Columns {
 /// old size in the same statement (from its snapshot: not `FOR UPDATE`, which skips rows the
 /// statement itself updates; one run is written by one writer at a time, its owner).
 pub(super) fn write_runs(tx: &mut impl GenericClient, runs: &[Run]) -> Result<()> {
+    write(tx, runs, |c, cols, new| {
+        let sql = if new { INSERT_RUNS } else { UPDATE_RUNS };
+        Ok(c.query_typed(sql, &cols.params())?)
+    })
+}
+
+/// [`write_runs`]' steps, each statement run by `run` (`true`: the insert of new runs).
+fn write<C: GenericClient>(
+    tx: &mut C,
+    runs: &[Run],
+    run: impl Fn(&mut C, &Columns, bool) -> Result<Vec<postgres::Row>>,
+) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
     }
@@ -228,21 +330,7 @@ pub(super) fn write_runs(tx: &mut impl GenericClient, runs: &[Run]) -> Result<()
         &deduped
     };
     let cols = Columns::of(runs)?;
-    let inserted: std::collections::HashSet<String> = tx
-        .query_typed(
-            "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                    $5::text[], $6::int8[], $7::bool[], $8::int8[])
-                  AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
-             ins AS (INSERT INTO runs (id, namespace, function, status, body, finished_ms,
-                    callback_pending, bytes)
-                  SELECT * FROM v ON CONFLICT (id) DO NOTHING
-                  RETURNING id, namespace, function, bytes, finished_ms IS NOT NULL AS fin),
-             d AS (INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
-                  SELECT namespace, function, COUNT(*), SUM(fin::int)::bigint, SUM(bytes)::bigint
-                  FROM ins GROUP BY namespace, function)
-             SELECT id FROM ins",
-            &cols.params(),
-        )?
+    let inserted: std::collections::HashSet<String> = run(tx, &cols, true)?
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect();
@@ -255,22 +343,7 @@ pub(super) fn write_runs(tx: &mut impl GenericClient, runs: &[Run]) -> Result<()
         .cloned()
         .collect();
     let cols = Columns::of(&rest)?;
-    tx.query_typed(
-        "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                $5::text[], $6::int8[], $7::bool[], $8::int8[])
-              AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
-         old AS (SELECT r.id, r.bytes, r.finished_ms IS NOT NULL AS fin FROM runs r
-              JOIN v ON v.id = r.id),
-         upd AS (UPDATE runs r SET status = v.status, body = v.body, finished_ms = v.finished_ms,
-                callback_pending = v.callback_pending, bytes = v.bytes
-              FROM v WHERE r.id = v.id
-              RETURNING r.id, r.namespace, r.function, r.bytes, r.finished_ms IS NOT NULL AS fin)
-         INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
-         SELECT u.namespace, u.function, 0, SUM(u.fin::int - o.fin::int)::bigint,
-           SUM(u.bytes - o.bytes)::bigint
-         FROM upd u JOIN old o ON o.id = u.id GROUP BY u.namespace, u.function",
-        &cols.params(),
-    )?;
+    run(tx, &cols, false)?;
     Ok(())
 }
 
