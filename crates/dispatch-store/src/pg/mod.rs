@@ -95,9 +95,11 @@ pub struct PgStore {
     pool: Option<Pool>,
     /// Other servers' changes (see `listen`).
     listener: std::sync::Arc<listen::Listener>,
-    /// The connection `put_runs` writes on, its statements prepared (made on first use,
-    /// again after it failed).
-    writer: parking_lot::Mutex<Option<runs::Writer>>,
+    /// The connections `put_runs` writes on, their statements prepared (made on first use,
+    /// again after one failed). Two: the recorder's batches of sync calls' history and the
+    /// durable writes of async runs come from two writer tasks, and an enqueue must not wait
+    /// behind a batch of history.
+    writers: [parking_lot::Mutex<Option<runs::Writer>>; 2],
 }
 
 impl Drop for PgStore {
@@ -106,11 +108,11 @@ impl Drop for PgStore {
             .stop
             .store(true, std::sync::atomic::Ordering::Release);
         // Each client owns a runtime, which may not be dropped on an async thread.
-        let writer = self.writer.lock().take();
+        let writers: Vec<_> = self.writers.iter().map(|w| w.lock().take()).collect();
         if let Some(pool) = self.pool.take() {
             let _ = std::thread::Builder::new()
                 .name("postgres-close".into())
-                .spawn(move || drop((pool, writer)));
+                .spawn(move || drop((pool, writers)));
         }
     }
 }
@@ -166,16 +168,21 @@ impl PgStore {
         Ok(PgStore {
             pool: Some(pool),
             listener: listen::Listener::new(connect),
-            writer: parking_lot::Mutex::new(None),
+            writers: Default::default(),
         })
     }
 
-    /// Writes runs on the writer connection (see [`runs::Writer`]).
+    /// Writes runs on a writer connection (see [`runs::Writer`]).
     pub(crate) fn with_writer<T>(
         &self,
         f: impl FnOnce(&mut runs::Writer) -> Result<T>,
     ) -> Result<T> {
-        let mut w = self.writer.lock();
+        // A free one, else wait for the first.
+        let mut w = self
+            .writers
+            .iter()
+            .find_map(|w| w.try_lock())
+            .unwrap_or_else(|| self.writers[0].lock());
         if w.is_none() {
             *w = Some(runs::Writer::new(self.listener.connect()?)?);
         }
