@@ -286,6 +286,13 @@ pub async fn not_ready(state: &AppState, ns: &str, name: &str) -> CallError {
             function: name.to_string(),
             reason: f.status.reason.clone(),
         },
+        // Stored READY, yet not deployed here: this server is deploying it (just after its
+        // start, or another server's change); the status is from before.
+        Ok(Some(f)) if f.phase() == Some(Phase::Ready) => CallError::NotReady {
+            function: name.to_string(),
+            phase: "being deployed on this server".into(),
+            why: ", its stored READY is from before".into(),
+        },
         Ok(Some(f)) => {
             let phase = f
                 .phase()
