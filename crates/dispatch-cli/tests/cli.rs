@@ -1996,3 +1996,27 @@ fn a_server_on_postgres_keeps_everything_in_the_database() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("takes a PostgreSQL URL"));
 }
+
+/// `--shutdown-delay`: on SIGTERM `/readyz` answers 503 at once while `/healthz` and the API
+/// still answer (a load balancer stops sending before the listeners close); a second signal
+/// stops the server at once, cleanly.
+#[test]
+fn shutdown_goes_unready_before_it_stops() {
+    let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &["--shutdown-delay", "60s"]);
+    let pid = s.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    eventually("/readyz to answer 503", || {
+        (http_get(s.api, "/readyz")?.0 == 503).then_some(())
+    });
+    assert_eq!(http_get(s.api, "/healthz").map(|r| r.0), Some(200));
+    assert!(s.ok(&["get", "images"]).contains("NAME"));
+    let started = std::time::Instant::now();
+    assert!(s.terminate().success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the second signal did not wait out the delay"
+    );
+}

@@ -130,6 +130,15 @@ impl Server {
         ServerBuilder::default()
     }
 
+    /// The first step of a shutdown: `/readyz` answers 503 from now on while everything else
+    /// is still served, so that a load balancer (a Kubernetes Service) stops sending new
+    /// requests before the listeners close ([`Server::stop`]).
+    pub fn stop_taking_traffic(&self) {
+        self.state
+            .ready
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// Graceful shutdown: stop accepting, let in-flight calls finish (bounded), stop the
     /// controller, kill every worker, flush run records.
     pub async fn stop(self) -> Result<(), ServerError> {

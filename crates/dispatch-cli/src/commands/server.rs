@@ -118,6 +118,12 @@ pub struct Server {
     /// TLS private key (PEM)
     #[arg(long, requires = "tls_cert", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, first answer /readyz with 503 for this long while still serving
+    /// everything, then stop: a load balancer or Kubernetes Service sees the server go unready
+    /// and stops sending it requests before its listeners close (a second signal stops at
+    /// once), e.g. 5s; 0 stops at once
+    #[arg(long, default_value = "0s", value_parser = duration, value_name = "DURATION")]
+    pub shutdown_delay: Duration,
     /// Keep records (runs, the async queue, job executions, events, tokens, the audit log)
     /// and resources in this PostgreSQL database instead of SQLite files in the data dir,
     /// e.g. postgres://dispatch@db:5432/dispatch (libpq's key=value form works too); the
@@ -392,6 +398,17 @@ impl Server {
             eprintln!("authentication is OFF (--insecure-no-auth): every caller is admin");
         }
         shutdown_signal().await;
+        if !self.shutdown_delay.is_zero() {
+            server.stop_taking_traffic();
+            tracing::info!(
+                "shutting down: /readyz answers 503; serving {:?} more before stopping",
+                self.shutdown_delay
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(self.shutdown_delay) => {}
+                _ = shutdown_signal() => {}
+            }
+        }
         tracing::info!("shutting down: draining in-flight calls");
         server.stop().await?;
         Ok(ExitCode::SUCCESS)
