@@ -158,17 +158,29 @@ impl SqliteStore {
     }
 }
 impl SqliteStore {
-    /// Runs a `DELETE … LIMIT batch` until it deletes nothing, one transaction each, so that
-    /// writers (the recorder, an enqueue) get the database between batches.
     /// Checkpoints the whole write-ahead log into the database and truncates it to zero
     /// bytes (writers wait while it copies); a failure is logged, the WAL stays as it was.
+    /// Another connection's checkpoint under way (the checkpointer thread's) makes it answer
+    /// "busy" at once, without waiting: it is tried again for up to a second.
     pub(crate) fn truncate_wal(&self, conn: &Connection) {
         *self.truncated.lock() = Some(std::time::Instant::now());
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-            tracing::warn!("truncating the write-ahead log to free disk space: {e}");
+        for _ in 0..100 {
+            match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(0) => return,
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(e) => {
+                    tracing::warn!("truncating the write-ahead log to free disk space: {e}");
+                    return;
+                }
+            }
         }
+        tracing::warn!("truncating the write-ahead log: still busy after a second; it stays");
     }
 
+    /// Runs a `DELETE … LIMIT batch` until it deletes nothing, one transaction each, so that
+    /// writers (the recorder, an enqueue) get the database between batches.
     pub(crate) fn delete_in_batches(
         &self,
         sql: &str,
