@@ -65,8 +65,8 @@ impl Explain {
         let kind_name = parts.next().unwrap_or_default();
         // dispatcher's JobExecution has a CRD too (its own group).
         let (kind, version, crd) = if matches!(
-            kind_name.to_ascii_lowercase().as_str(),
-            "jobexecution" | "jobexecutions" | "job-execution" | "job-executions"
+            super::parse_target(kind_name),
+            Ok(super::Target::JobExecutions)
         ) {
             (
                 "JobExecution",

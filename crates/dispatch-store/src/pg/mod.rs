@@ -135,34 +135,15 @@ impl PgStore {
         // A first connection outside the pool: its error (refused, bad password, no such
         // database, an untrusted certificate) is the one to show, where the pool would only
         // say it timed out.
-        let (pool, connect): (Pool, listen::Connect) = match tls_config(options, &config)? {
+        let (pool, connect) = match tls_config(options, &config)? {
             None => {
-                let mut first = config.connect(postgres::NoTls)?;
-                schema::migrate(&mut first)?;
-                drop(first);
-                let c = config.clone();
-                (
-                    Pool::Plain(
-                        pool_builder(options)
-                            .build(PostgresConnectionManager::new(config, postgres::NoTls))?,
-                    ),
-                    Box::new(move || Ok(c.connect(postgres::NoTls)?)),
-                )
+                let (pool, connect) = open(config, postgres::NoTls, options)?;
+                (Pool::Plain(pool), connect)
             }
             Some(tls) => {
                 config.ssl_mode(postgres::config::SslMode::Require);
-                let make = MakeRustlsConnect::new(tls);
-                let mut first = config.connect(make.clone())?;
-                schema::migrate(&mut first)?;
-                drop(first);
-                let (c, m) = (config.clone(), make.clone());
-                (
-                    Pool::Tls(
-                        pool_builder(options)
-                            .build(PostgresConnectionManager::new(config, make))?,
-                    ),
-                    Box::new(move || Ok(c.connect(m.clone())?)),
-                )
+                let (pool, connect) = open(config, MakeRustlsConnect::new(tls), options)?;
+                (Pool::Tls(pool), connect)
             }
         };
         Ok(PgStore {
@@ -248,6 +229,27 @@ pub(crate) fn ms_to_ts(ms: i64) -> jiff::Timestamp {
 /// A count or size column (never below zero).
 pub(crate) fn unsigned(v: i64) -> u64 {
     v.max(0) as u64
+}
+
+/// Over one kind of connection (plain or TLS): migrates on a first connection, then the
+/// pool, and how the listener connects.
+fn open<T>(
+    config: postgres::Config,
+    tls: T,
+    options: &PgOptions,
+) -> Result<(r2d2::Pool<PostgresConnectionManager<T>>, listen::Connect)>
+where
+    T: postgres::tls::MakeTlsConnect<postgres::Socket> + Clone + Send + Sync + 'static,
+    T::TlsConnect: Send,
+    T::Stream: Send,
+    <T::TlsConnect as postgres::tls::TlsConnect<postgres::Socket>>::Future: Send,
+{
+    let mut first = config.connect(tls.clone())?;
+    schema::migrate(&mut first)?;
+    drop(first);
+    let (c, t) = (config.clone(), tls.clone());
+    let pool = pool_builder(options).build(PostgresConnectionManager::new(config, tls))?;
+    Ok((pool, Box::new(move || Ok(c.connect(t.clone())?))))
 }
 
 /// The pool's bounds.

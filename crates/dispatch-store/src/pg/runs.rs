@@ -29,8 +29,8 @@ pub(super) fn usage_per_function() -> String {
     )
 }
 
-/// Folds the changes written since the last fold into `run_usage` (inside a prune's
-/// transaction). Writers add a row to `run_usage_delta` instead of updating their function's
+/// Folds the changes written since the last fold into `run_usage` (at the start of each prune
+/// step; readers add up both tables, so nothing needs it to be folded). Writers add a row to `run_usage_delta` instead of updating their function's
 /// row of `run_usage`: that row would be locked by every enqueue of the function until its
 /// commit, and concurrent enqueues would wait for each other's commits.
 pub(super) fn fold_usage(tx: &mut impl GenericClient) -> Result<()> {
@@ -64,7 +64,6 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
         &[&crate::shared::id_at(rules.created_before), &left],
     )? as i64;
     usage.apply(tx)?;
-    fold_usage(tx)?;
     // Count per function: run_usage says which functions are over (no scan of the runs).
     let least = rules
         .kept
@@ -74,7 +73,10 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
     while left > 0 {
         let over = tx
             .query(
-                "SELECT namespace, function, finished FROM run_usage WHERE finished > $1",
+                &format!(
+                    "SELECT namespace, function, SUM(finished)::bigint FROM {USAGE}
+                     GROUP BY namespace, function HAVING SUM(finished) > $1::bigint"
+                ),
                 &[&(least as i64)],
             )?
             .iter()
@@ -95,7 +97,6 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
             &[&ns, &function, &excess.min(left)],
         )? as i64;
         usage.apply(tx)?;
-        fold_usage(tx)?;
         if n == 0 {
             break;
         }
@@ -106,7 +107,7 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
     while left > 0 {
         let over = tx
             .query(
-                "SELECT namespace, SUM(bytes)::bigint FROM run_usage GROUP BY namespace",
+                &format!("SELECT namespace, SUM(bytes)::bigint FROM {USAGE} GROUP BY namespace"),
                 &[],
             )?
             .iter()
@@ -139,7 +140,6 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
             left -= 1;
         }
         usage.apply(tx)?;
-        fold_usage(tx)?;
     }
     Ok((batch as i64 - left) as u64)
 }

@@ -206,13 +206,7 @@ pub(super) async fn corrupt_blob(iso: &[&str]) -> Result<Row> {
     s.restart().await?;
     let t = Instant::now();
     let settled = loop {
-        let o = crate::commands::wait_settled(
-            &s.client,
-            Kind::Function,
-            "hello",
-            Duration::from_secs(60),
-        )
-        .await?;
+        let o = s.client.get(Kind::Function, "hello").await?;
         if o.phase() == Some(dispatch_core::Phase::Error) || t.elapsed() > Duration::from_secs(30) {
             break o;
         }
