@@ -58,7 +58,7 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Server(commands::server::Server),
+    Server(Box<commands::server::Server>),
     Quickstart(commands::quickstart::Quickstart),
     Create(commands::create::Create),
     Apply(commands::apply::Apply),

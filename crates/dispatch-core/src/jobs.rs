@@ -409,6 +409,10 @@ pub struct JobExecution {
     /// When a finished execution is deleted (`ttlSecondsAfterFinished`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Timestamp>,
+    /// The server that runs it while it is Waiting or Active, when several servers share one
+    /// store (see [`crate::Run::replica`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl JobExecution {

@@ -175,6 +175,11 @@ pub struct Run {
     /// Delivery of the final record to a callback URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
+    /// The server that owns this async run while it is active, when several servers share
+    /// one store (PostgreSQL): it alone runs and writes it, until its lease ends and another
+    /// server takes the run over. `None` with one server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl Run {
@@ -212,6 +217,7 @@ impl Run {
             event: None,
             http_context: None,
             callback: None,
+            replica: None,
         }
     }
 }

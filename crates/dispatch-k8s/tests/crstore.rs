@@ -452,6 +452,7 @@ async fn job_execution_objects_are_followed_and_their_status_written() {
         started_at: Some(jiff::Timestamp::UNIX_EPOCH),
         finished_at: None,
         expires_at: None,
+        replica: None,
     };
     backend.execution_changed(&job);
     let ExecutionRequest::Start { phase, .. } = next_request().await else {

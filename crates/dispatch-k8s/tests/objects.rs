@@ -186,6 +186,7 @@ fn job_from_a_rendered_template() {
         started_at: None,
         finished_at: None,
         expires_at: None,
+        replica: None,
     };
     let j = round_trip::<Job>(&job(&exec, Some("uid-1")).unwrap());
     assert_eq!(
@@ -807,6 +808,7 @@ fn sample_execution() -> JobExecution {
         started_at: None,
         finished_at: None,
         expires_at: None,
+        replica: None,
     }
 }
 

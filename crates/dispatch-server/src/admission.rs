@@ -119,19 +119,19 @@ pub(crate) async fn admit(
             let image: ImageSpec = image.typed_spec()?;
             let base = base_image_spec(state, ns, &image.base_image).await?;
             let source = spec.source.clone().unwrap_or_default();
-            let blobs = state.blobs.clone();
-            let files = tokio::task::spawn_blocking(move || {
-                if !blobs.exists(&source) {
-                    return Ok(None);
-                }
-                let archive = blobs.read(&source).map_err(|e| e.to_string())?;
-                source::inspect(&archive)
-                    .map(Some)
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| StateError::internal("inspecting a source archive", e))?
-            .map_err(AdmitError::Archive)?;
+            let archive = state
+                .blob(&source)
+                .await
+                .map_err(|e| AdmitError::Archive(e.to_string()))?;
+            let files = match archive {
+                None => None,
+                Some(archive) => Some(
+                    tokio::task::spawn_blocking(move || source::inspect(&archive))
+                        .await
+                        .map_err(|e| StateError::internal("inspecting a source archive", e))?
+                        .map_err(|e| AdmitError::Archive(e.to_string()))?,
+                ),
+            };
             let Some(files) = files else {
                 return Err(AdmitError::UnknownReference(format!(
                     "source {} was not uploaded: POST the archive to /v1/namespaces/{ns}/functions/{}/source first",

@@ -224,8 +224,30 @@ impl ServerBuilder {
         let o = &mut self.options;
         o.jobs_dir = dir.join("jobs");
         o.data_dir = Some(dir.clone());
-        let key_file = dir.join("secret.key");
-        secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
+        // `--secret-key-file` (servers sharing a database share one), else the data dir's.
+        let key_file = o
+            .secret_key_file
+            .clone()
+            .unwrap_or_else(|| dir.join("secret.key"));
+        let sealer =
+            secrets::SecretBox::load_or_create(Some(&key_file)).map_err(ServerError::SecretKey)?;
+        if let Some(s) = self.stores.as_ref().filter(|s| s.records.shared()) {
+            let (records, mine) = (s.records.clone(), sealer.fingerprint().to_string());
+            let agreed = tokio::task::spawn_blocking(move || records.agree("secret-key", &mine))
+                .await
+                .map_err(|e| ServerError::Incomplete {
+                    detail: format!("comparing secret keys: {e}"),
+                })?
+                .map_err(|source| ServerError::Store {
+                    path: "the database".into(),
+                    source,
+                })?;
+            if agreed != sealer.fingerprint() {
+                return Err(ServerError::SecretKeyDiffers {
+                    file: key_file.display().to_string(),
+                });
+            }
+        }
         o.secret_key_file = Some(key_file);
         match (&self.stores, o.auth) {
             // Store calls block (PostgreSQL's client must not run on an async thread).
@@ -309,9 +331,10 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         Ok(all) => state.tokens.replace_all(all),
         Err(e) => tracing::error!("failed to load API tokens: {e}"),
     }
-    crate::queue::recover(state).await;
-    crate::callbacks::resume(state).await;
-    crate::jobs::recover(state).await;
+    // With one server: every active record; on a shared store: this server joins the
+    // replicas and takes what nobody holds.
+    let taken = crate::replicas::join(state).await;
+    crate::replicas::adopt(state, taken).await;
     if let Err(e) = crate::events::rebuild(state).await {
         tracing::error!("failed to load subscriptions: {e}");
     }
@@ -326,6 +349,7 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         crate::brokers::spawn_supervisor(state.clone(), state.broker_wake.clone()),
         crate::deliveries::spawn(state.clone()),
     ];
+    tasks.extend(crate::replicas::spawn(state.clone()));
     // Job executions asked for as the backend's own objects (`JobExecution` custom resources).
     if let Some(requests) = state.backend.execution_requests() {
         tasks.push(tokio::spawn(crate::jobs::serve_requests(
@@ -408,6 +432,13 @@ async fn shared_changes(
                 .await
                 .map(|all| state.tokens.replace_all(all)),
             dispatch_store::Shared::Namespaces => state.reload_namespaces().await,
+            dispatch_store::Shared::Cancel {
+                ref namespace,
+                ref id,
+            } => {
+                crate::queue::cancel_here(&state, namespace, id).await;
+                Ok(())
+            }
         };
         if let Err(e) = res {
             tracing::error!("failed to read {change:?} changed by another server: {e}");

@@ -62,14 +62,10 @@ async fn deliver(state: Arc<AppState>, mut run: Run) {
     }
 }
 
-/// Start-up: resumes deliveries a stop interrupted.
-pub async fn resume(state: &Arc<AppState>) {
-    match state.db(|s| s.pending_callbacks()).await {
-        Ok(runs) => {
-            for r in runs {
-                spawn_delivery(state.clone(), r);
-            }
-        }
-        Err(e) => tracing::error!("failed to load pending callbacks: {e}"),
+/// Resumes deliveries a stop interrupted (this server's at start-up, or a server's whose
+/// lease ended).
+pub fn resume(state: &Arc<AppState>, runs: Vec<Run>) {
+    for r in runs {
+        spawn_delivery(state.clone(), r);
     }
 }

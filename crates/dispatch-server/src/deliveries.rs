@@ -155,6 +155,22 @@ impl Deliveries {
     }
 
     /// Counts at start-up, from the store.
+    /// Pending and dead counts as the store has them now (other servers sharing it added
+    /// some), then the deliverer looks again.
+    fn reload(&self, counts: Vec<dispatch_store::DeliveryCount>) {
+        {
+            let mut i = self.inner();
+            for s in i.subs.values_mut() {
+                s.pending = 0;
+                s.dead = 0;
+                s.oldest_pending = None;
+            }
+            i.pending_ns.clear();
+        }
+        self.load(counts);
+        self.wake.notify_one();
+    }
+
     fn load(&self, counts: Vec<dispatch_store::DeliveryCount>) {
         let mut i = self.inner();
         for c in counts {
@@ -470,6 +486,15 @@ pub fn spawn(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+/// On a store several servers share, run by the elected one: pending deliveries other
+/// servers stored (a server that stopped left its own) are counted here and delivered.
+pub async fn resync(state: &AppState) {
+    match state.db(|s| s.delivery_counts()).await {
+        Ok(c) => state.deliveries.reload(c),
+        Err(e) => tracing::warn!("reading pending event deliveries: {}", e),
+    }
 }
 
 /// Dead deliveries back to pending (a subscription's, or one event's), with a new TTL.

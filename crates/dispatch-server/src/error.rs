@@ -121,7 +121,7 @@ fn store(e: &StoreError) -> ApiError {
         StoreError::AlreadyExists { .. } => {
             ApiError::new(StatusCode::CONFLICT, "AlreadyExists", e.to_string())
         }
-        StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+        StoreError::Conflict { .. } | StoreError::Taken(_) => ApiError::conflict(e.to_string()),
         StoreError::Invalid { .. } => ApiError::bad_request(e.to_string()),
         StoreError::Remote { .. } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -197,6 +197,12 @@ impl From<QueueError> for ApiError {
             QueueError::NotCancellable { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "NotCancellable", e.to_string())
             }
+            QueueError::CancelUnconfirmed { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                e.to_string(),
+            )
+            .with_retry_after(1),
             // Logged where the store refused it.
             QueueError::NotStored => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string())

@@ -485,8 +485,9 @@ async fn fire(state: &Arc<AppState>, d: &CronDriver, at: jiff::Timestamp) {
 pub fn spawn_cron(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let clock = state.queue.clock;
-        // With several servers, only the leader fires (a Kubernetes Lease).
-        let mut leader = state.backend.leadership();
+        // With several servers, only the leader fires (a Kubernetes Lease, or the shared
+        // store's election).
+        let mut leader = crate::replicas::leadership(&state);
         loop {
             if let Some(rx) = leader.as_mut()
                 && rx.wait_for(|leads| *leads).await.is_err()

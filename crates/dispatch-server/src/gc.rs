@@ -52,9 +52,18 @@ pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, Stat
     }
     let mut removed = state.backend.gc(&keep, grace).await;
     let blobs = state.blobs.clone();
+    let store = state.stores.records.clone();
     let blob_removed = tokio::task::spawn_blocking(move || {
         let now = SystemTime::now();
         let mut out = Vec::new();
+        // The store's copies (servers sharing it), stored before the grace period.
+        let before =
+            jiff::Timestamp::now() - jiff::SignedDuration::try_from(grace).unwrap_or_default();
+        for digest in store.list_blobs(before)? {
+            if !sources.contains(&digest) {
+                store.delete_blob(&digest)?;
+            }
+        }
         for b in blobs.list()? {
             let old = now.duration_since(b.modified).is_ok_and(|age| age >= grace);
             if old && !sources.contains(&b.digest) {

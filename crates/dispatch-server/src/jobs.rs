@@ -230,6 +230,7 @@ pub async fn execute(
         started_at: None,
         finished_at: None,
         expires_at: None,
+        replica: state.replica.id(),
     };
     let j = job.clone();
     if !state.db(move |s| s.insert_job(&j)).await? {
@@ -553,17 +554,11 @@ pub async fn forget_template(state: &Arc<AppState>, ns: &str, name: &str) -> Res
     Ok(())
 }
 
-/// Start-up: Waiting executions run again in order; Active ones were cut by the stop and are
-/// re-run if `backoffLimit` allows, else Failed.
-pub async fn recover(state: &Arc<AppState>) {
+/// Executions this server took charge of (start-up, or a server whose lease ended): Waiting
+/// ones run again in order; Active ones were cut by the stop of the server that ran them and
+/// are re-run if `backoffLimit` allows, else Failed.
+pub async fn recover(state: &Arc<AppState>, jobs: Vec<JobExecution>) {
     let _ = state.db(|s| s.prune_jobs(jiff::Timestamp::now())).await;
-    let jobs = match state.db(|s| s.active_jobs()).await {
-        Ok(j) => j,
-        Err(e) => {
-            tracing::error!("failed to load job executions: {e}");
-            return;
-        }
-    };
     for mut job in jobs {
         let spec = match template_of(state, &job.namespace, &job.name).await {
             Ok(s) => s,
@@ -667,6 +662,7 @@ async fn start_requested(state: &Arc<AppState>, doc: ExecutionDoc) {
         started_at: None,
         finished_at: None,
         expires_at: None,
+        replica: state.replica.id(),
     };
     let key = (ns.clone(), doc.template.clone());
     let mut waited = false;

@@ -28,6 +28,7 @@ pub mod metrics;
 mod options;
 pub mod queue;
 pub mod recorder;
+pub mod replicas;
 mod resources;
 pub mod retention;
 pub mod routes;
@@ -99,6 +100,12 @@ pub enum ServerError {
     },
     #[error("failed to load the key that seals secrets")]
     SecretKey(#[source] secrets::SecretError),
+    #[error(
+        "the key that seals secrets ({file}) is not the one the other servers sharing this \
+         database use: give every server the same key file (--secret-key-file, e.g. from one \
+         Kubernetes Secret), or the secrets one seals the others cannot open"
+    )]
+    SecretKeyDiffers { file: String },
     #[error("failed to create the first admin token: {detail}")]
     AdminToken { detail: String },
     #[error("cannot start the server: {detail}")]

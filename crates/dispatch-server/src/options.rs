@@ -33,6 +33,9 @@ pub struct Options {
     pub max_async_payload: usize,
     /// Async runs running at once, all functions together.
     pub max_running: usize,
+    /// On a store several servers share: how long this server's lease lasts unrenewed (it
+    /// renews every quarter of it); another server takes its work over when it ends.
+    pub replica_lease: std::time::Duration,
     /// Synchronous calls of one function allowed to wait for a worker when all of its
     /// `maxWorkers` are busy; past it a call is refused with 429. Applied by `Server::serve`
     /// to the embedded backend it creates (with `serve_with`, set it on the backend).
@@ -86,6 +89,7 @@ impl Default for Options {
             max_queued_bytes: 256 << 20,
             max_async_payload: 1 << 20,
             max_running: 64,
+            replica_lease: std::time::Duration::from_secs(10),
             max_waiting_calls: dispatch_runtime::DEFAULT_MAX_WAITING_CALLS,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
             auth: true,

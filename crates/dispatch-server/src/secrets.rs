@@ -13,6 +13,9 @@ use dispatch_core::SealedSecret;
 
 pub struct SecretBox {
     cipher: ChaCha20Poly1305,
+    /// Tells keys apart without telling anything of them (servers sharing a store compare
+    /// theirs): the SHA-256 of a label and the key.
+    fingerprint: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +85,15 @@ impl SecretBox {
         };
         Ok(SecretBox {
             cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            fingerprint: dispatch_core::digest::sha256_parts([
+                b"dispatch secret key\0".as_slice(),
+                key.as_slice(),
+            ]),
         })
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn seal(

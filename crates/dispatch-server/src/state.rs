@@ -122,6 +122,8 @@ pub struct AppState {
     pub deliveries: crate::deliveries::Deliveries,
     /// Stores accepted events (group commit).
     pub events: crate::events::EventWriter,
+    /// This server among the servers sharing its store (`crate::replicas`).
+    pub replica: crate::replicas::Replica,
 }
 
 impl AppState {
@@ -206,6 +208,7 @@ impl AppState {
             metrics: Default::default(),
             deliveries: Default::default(),
             events,
+            replica: Default::default(),
         });
         (state, keys)
     }
@@ -538,6 +541,28 @@ impl AppState {
     }
 
     /// Stops the controller, kills every worker and flushes run records.
+    /// A source archive: from the blob folder, else from the store when servers share it
+    /// (uploaded to another one; kept in the folder from then on). `None`: stored nowhere.
+    pub async fn blob(&self, digest: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let blobs = self.blobs.clone();
+        let store = self.stores.records.clone();
+        let digest = digest.to_string();
+        blocking(store, move |s| {
+            if blobs.exists(&digest) {
+                return blobs.read(&digest).map(Some);
+            }
+            let Some(data) = s.get_blob(&digest)? else {
+                return Ok(None);
+            };
+            // Kept only if its bytes are what the digest says.
+            if blobs.put(&data)? != digest {
+                return Err(StoreError::CorruptBlob { digest });
+            }
+            Ok(Some(data))
+        })
+        .await
+    }
+
     pub async fn stop(&self) {
         for t in self.tasks.lock().drain(..) {
             t.abort();
@@ -546,6 +571,7 @@ impl AppState {
         crate::jobs::stop_all(self);
         self.backend.shutdown().await;
         self.recorder.flush().await;
+        crate::replicas::leave(self).await;
     }
 }
 

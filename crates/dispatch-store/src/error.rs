@@ -35,6 +35,9 @@ pub enum StoreError {
     /// Where resources are kept (a Kubernetes API server) could not be reached or failed.
     #[error("failed to {action}: {detail}")]
     Remote { action: String, detail: String },
+    /// Another server sharing the store took what this write was about first.
+    #[error("{0}")]
+    Taken(String),
     #[error("sqlite error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("postgresql error")]

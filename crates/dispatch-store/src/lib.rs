@@ -189,12 +189,30 @@ pub struct Changed {
 /// What a store calls with each [`Changed`].
 pub type OnChange = Box<dyn Fn(Changed) + Send + Sync>;
 
-/// Records a server keeps a copy of in memory, changed by another server that shares the
-/// store (PostgreSQL): what [`RecordStore::on_shared_change`] reports. The copy is read again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What another server that shares the store (PostgreSQL) tells this one: what
+/// [`RecordStore::on_shared_change`] reports. Tokens and namespaces: a copy this server keeps
+/// in memory changed, read it again. `Cancel`: a run this server may own is to be cancelled
+/// ([`RecordStore::request_cancel`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shared {
     Tokens,
     Namespaces,
+    Cancel { namespace: String, id: String },
+}
+
+/// What a server takes charge of ([`RecordStore::take_over`]): active async runs, finished
+/// runs whose callback is still to be sent, and Waiting or Active job executions.
+#[derive(Debug, Clone, Default)]
+pub struct Taken {
+    pub runs: Vec<Run>,
+    pub callbacks: Vec<Run>,
+    pub jobs: Vec<JobExecution>,
+}
+
+impl Taken {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.callbacks.is_empty() && self.jobs.is_empty()
+    }
 }
 
 /// What a store calls with each [`Shared`] change.
@@ -269,6 +287,76 @@ pub trait RecordStore: Send + Sync + 'static {
     /// namespaces (PostgreSQL: LISTEN/NOTIFY). A store only this process writes (SQLite)
     /// never calls it.
     fn on_shared_change(&self, _f: OnShared) {}
+
+    /// Whether several servers may share this store (PostgreSQL): each then holds a lease
+    /// ([`RecordStore::lease`]), owns the async runs and job executions it accepted (their
+    /// `replica`), and takes over those of servers whose lease ended.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Joins (`join`) or renews this server's lease for `ttl`, measured by the store's clock.
+    /// `false` when renewing a lease that is gone: another server took this one's work over.
+    fn lease(&self, _replica: &str, _ttl: std::time::Duration, _join: bool) -> Result<bool> {
+        Ok(true)
+    }
+
+    /// Ends this server's lease now (a clean stop): others take its work over at once.
+    fn leave(&self, _replica: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Takes charge of the work nobody else holds: with one server, every active run, pending
+    /// callback and active job execution (start-up); on a shared store, those of servers
+    /// whose lease ended and those owned by no live server, now owned by `replica` — each
+    /// taken by one server only — and, with `own`, those `replica` owns already (a server
+    /// that starts again under the id it had).
+    fn take_over(&self, _replica: &str, _own: bool) -> Result<Taken> {
+        Ok(Taken {
+            runs: self.active_runs()?,
+            callbacks: self.pending_callbacks()?,
+            jobs: self.active_jobs()?,
+        })
+    }
+
+    /// Tells the server that owns the run to cancel it (a shared store: this server does not
+    /// own it). Nothing to do with one server.
+    fn request_cancel(&self, _namespace: &str, _id: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Calls `f` with `true` while this server is the one elected among the servers sharing
+    /// the store (for work only one may do: the cron scheduler, brokers' consumers, pending
+    /// event deliveries), `false` when it stops being it. `false`: the store holds no
+    /// election (one server: it always leads).
+    fn elect(&self, _f: Box<dyn Fn(bool) + Send + Sync>) -> bool {
+        false
+    }
+
+    /// Keeps a source archive for the other servers sharing the store (they fetch it with
+    /// [`RecordStore::get_blob`]). Nothing with one server: its blob folder is the copy.
+    fn put_blob(&self, _digest: &str, _data: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
+    fn get_blob(&self, _digest: &str) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Shared archives stored before `before` (gc: the unreferenced ones go).
+    fn list_blobs(&self, _before: jiff::Timestamp) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    fn delete_blob(&self, _digest: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// A setting every server sharing the store must agree on: stores `value` under `name`
+    /// unless one is stored, and returns the stored one.
+    fn agree(&self, _name: &str, value: &str) -> Result<String> {
+        Ok(value.to_string())
+    }
 
     /// Inserts or replaces run records, in one transaction.
     fn put_runs(&self, runs: &[Run]) -> Result<()>;

@@ -691,6 +691,7 @@ fn records_of_every_kind<S: Store>(s: &S) {
         started_at: None,
         finished_at: None,
         expires_at: None,
+        replica: None,
     };
     assert!(s.insert_job(&job("a", "nightly", "1")).unwrap());
     assert!(

@@ -143,6 +143,17 @@ pub struct Server {
     /// URL verifies against the system's CAs; otherwise plain TCP)
     #[arg(long, value_name = "FILE", requires = "database")]
     pub database_ca_file: Option<PathBuf>,
+    /// With --database, several servers may share it, all active: each holds a lease this
+    /// long, renewed every quarter of it; when a server stops renewing (it died), another
+    /// takes its async runs (QUEUED ones run there, RUNNING ones count a failed attempt and
+    /// are retried per policy), pending callbacks and job executions after at most this long
+    #[arg(long, default_value = "10s", value_parser = duration, value_name = "DURATION", requires = "database")]
+    pub replica_lease: Duration,
+    /// The key that seals secrets (32 bytes; created when missing); default
+    /// DATA_DIR/secret.key. Servers sharing a database must use the same key (one refuses
+    /// to start with another): mount one file into each, e.g. from a Kubernetes Secret
+    #[arg(long, env = "DISPATCH_SECRET_KEY_FILE", value_name = "FILE")]
+    pub secret_key_file: Option<PathBuf>,
     /// Where functions run: embedded (local worker processes) or kubernetes (a Deployment
     /// and Service per function in the cluster of the in-cluster config or kubeconfig, images
     /// built without a daemon and pushed to --registry)
@@ -197,6 +208,8 @@ impl Server {
                 .unwrap_or(usize::MAX)
                 .clamp(1, dispatch_core::MAX_PAYLOAD_BYTES),
             max_running: self.max_running.max(1),
+            replica_lease: self.replica_lease.max(Duration::from_millis(400)),
+            secret_key_file: self.secret_key_file.clone(),
             max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,
             max_workers_total: self.max_workers_total.max(1),

@@ -21,5 +21,6 @@ pub fn execution() -> dispatch_core::JobExecution {
         started_at: None,
         finished_at: None,
         expires_at: None,
+        replica: None,
     }
 }

@@ -33,11 +33,16 @@ pub async fn upload_source(
     let body = body.map_err(|r| body_rejection(r, MAX_SOURCE_BYTES))?;
     state.disk_admits("uploads", body.len() as u64).await?;
     let blobs = state.blobs.clone();
+    let store = state.stores.records.clone();
     let (digest, files) = tokio::task::spawn_blocking(move || {
         let files = source::inspect(&body)
             .map_err(|e| ApiError::bad_request(format!("source archive is not valid: {e}")))?;
         let digest = blobs
             .put(&body)
+            .map_err(|e| ApiError::internal("storing a source archive", &e))?;
+        // Servers sharing the store deploy from its copy.
+        store
+            .put_blob(&digest, &body)
             .map_err(|e| ApiError::internal("storing a source archive", &e))?;
         Ok::<_, ApiError>((digest, files))
     })
@@ -134,12 +139,16 @@ pub async fn exec(
 
 /// 202 with the run's id and where to watch it.
 pub fn accepted(run: &Run) -> Response {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "id": run.id,
         "namespace": run.namespace,
         "function": run.function,
         "status": run.status,
     });
+    // The server that holds it, when several share the store.
+    if let Some(r) = &run.replica {
+        body["replica"] = r.as_str().into();
+    }
     let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
     let h = resp.headers_mut();
     if let Ok(v) =

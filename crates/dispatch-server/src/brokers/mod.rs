@@ -168,8 +168,14 @@ async fn offer(
 pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut running = Running::default();
+        // With several servers, only the leader consumes (a Kubernetes Lease, or the shared
+        // store's election): the others would deliver every message again.
+        let mut leader = crate::replicas::leadership(&state);
         loop {
-            let wanted: HashMap<(String, String), EventDriverSpec> =
+            let leads = leader.as_ref().is_none_or(|rx| *rx.borrow());
+            let wanted: HashMap<(String, String), EventDriverSpec> = if !leads {
+                HashMap::new()
+            } else {
                 match state.res(|s| s.list(None, Kind::EventDriver)).await {
                     Ok(all) => all
                         .into_iter()
@@ -180,7 +186,8 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
                         })
                         .collect(),
                     Err(_) => HashMap::new(),
-                };
+                }
+            };
             {
                 let r = &mut running.0;
                 r.retain(|k, (spec, task)| {
@@ -203,7 +210,23 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
                     r.insert(k, (spec, task.abort_handle()));
                 }
             }
-            wake.notified().await;
+            match leader.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                // The election stopped: nobody leads from here.
+                                for (_, (_, task)) in running.0.drain() {
+                                    task.abort();
+                                }
+                                return;
+                            }
+                        }
+                    }
+                }
+                None => wake.notified().await,
+            }
         }
     })
 }

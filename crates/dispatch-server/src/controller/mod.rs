@@ -260,13 +260,21 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         }
     }
     let source = spec.source.clone().unwrap_or_default();
-    let blobs = state.blobs.clone();
-    let archive = match tokio::task::spawn_blocking(move || blobs.read(&source)).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
+    let archive = match state.blob(&source).await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            return set_status(
+                state,
+                &o,
+                fail(format!(
+                    "source archive {source} is not stored: upload the source again"
+                )),
+            )
+            .await;
+        }
+        Err(e) => {
             return set_status(state, &o, fail(format!("source archive unreadable: {e}"))).await;
         }
-        Err(e) => return Err(StateError::internal("reading a source archive", e).into()),
     };
     let deploy = FunctionDeploy {
         namespace: o.namespace().to_string(),

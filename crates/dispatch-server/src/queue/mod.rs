@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 pub use dispatch_core::run::{FunctionQueue, Refused};
-pub use runs::{admit, after_failure, cancel, enqueue, recover, redrive};
+pub use runs::{admit, after_failure, cancel, cancel_here, enqueue, recover, redrive};
 
 /// Why the queue refuses a run or a change to one.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,11 @@ pub enum QueueError {
          cannot be cancelled"
     )]
     NotCancellable { id: String, status: RunStatus },
+    #[error(
+        "run {id:?} runs on another server ({replica}), which was asked to cancel it and did not \
+         confirm within 10 s: get the run to see whether it ended"
+    )]
+    CancelUnconfirmed { id: String, replica: String },
     #[error("run {id:?} is {status}, not DEAD: only dead runs are redriven")]
     NotDead { id: String, status: RunStatus },
     /// The store refused the run (the reason is in the server log).
@@ -414,6 +419,21 @@ impl Queue {
             }
             None => Cancelled::NotActive,
         }
+    }
+
+    /// Forgets every run (this server lost its lease; another server takes them over):
+    /// waiting ones leave the queue, running attempts are aborted without writing.
+    pub fn forget_all(&self) {
+        let mut s = self.sched();
+        for (_, r) in s.running.drain() {
+            r.abort.abort();
+        }
+        *s = Sched {
+            refused: std::mem::take(&mut s.refused),
+            ..Sched::default()
+        };
+        drop(s);
+        self.room.notify_waiters();
     }
 
     /// Drops every run of a deleted function: waiting ones leave the queue, running ones

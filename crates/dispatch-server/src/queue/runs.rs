@@ -155,7 +155,9 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
     let q = &state.queue;
     let mut slot = Slot(q, &id, true);
     let mut run = match get_run(&state, &ns, &id).await {
-        Some(r) if r.status == RunStatus::Queued => r,
+        // Another server's now (it took this one's work over while it could not renew its
+        // lease): not run here.
+        Some(r) if r.status == RunStatus::Queued && r.replica == state.replica.id() => r,
         _ => {
             // Deleted with its function, or cancelled.
             q.retire(&id);
@@ -329,6 +331,7 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         .admit(&id, &key, payload.get().len() as u64, max_queued)?;
     let mut run = Run::new(id, ns, function, trigger, payload, state.queue.clock.now());
     run.is_async = true;
+    run.replica = state.replica.id();
     run.event = event;
     run.http_context = http;
     run.callback = callback_url.or(spec_callback).map(|url| Callback {
@@ -344,36 +347,71 @@ pub(super) fn human(bytes: u64) -> String {
     dispatch_core::quantity::human_bytes(bytes)
 }
 
-/// Cancels a run: a waiting one will not run, a running one's attempt is killed.
+/// Cancels a run: a waiting one will not run, a running one's attempt is killed. A run
+/// another server owns (a shared store) is cancelled by that server, asked through the
+/// store; the answer waits (up to [`CANCEL_WAIT`]) for its record to say so.
 pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, QueueError> {
     // A sync call's record sits in the history store: found there, it is refused below.
-    let Some(mut run) = state.get_run(ns, id).await? else {
+    let Some(run) = state.get_run(ns, id).await? else {
         return Err(QueueError::RunNotFound {
             namespace: ns.to_string(),
             id: id.to_string(),
         });
     };
+    if let Some(cancelled) = cancel_here(state, ns, id).await {
+        return Ok(cancelled);
+    }
+    if run.status.is_final() {
+        return Err(QueueError::Finished {
+            id: id.to_string(),
+            status: run.status,
+        });
+    }
+    let Some(owner) = run
+        .replica
+        .clone()
+        .filter(|r| run.is_async && Some(r) != state.replica.id().as_ref())
+    else {
+        return Err(QueueError::NotCancellable {
+            id: id.to_string(),
+            status: run.status,
+        });
+    };
+    let (n, i) = (ns.to_string(), id.to_string());
+    state.db(move |s| s.request_cancel(&n, &i)).await?;
+    let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(latest) = get_run(state, ns, id).await
+            && latest.status.is_final()
+        {
+            return Ok(latest);
+        }
+    }
+    Err(QueueError::CancelUnconfirmed {
+        id: id.to_string(),
+        replica: owner,
+    })
+}
+
+/// How long a cancel waits for the server that owns the run to confirm it.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// Cancels a run in this server's queue (asked here, or by another server sharing the store);
+/// `None` when the queue does not hold it.
+pub async fn cancel_here(state: &Arc<AppState>, ns: &str, id: &str) -> Option<Run> {
     match state.queue.cancel(id) {
         Cancelled::Waiting | Cancelled::Running => {
             // The record may have moved on (RUNNING) since it was read.
-            if let Some(latest) = get_run(state, ns, id).await {
-                run = latest;
-            }
+            let mut run = get_run(state, ns, id).await?;
             run.status = RunStatus::Cancelled;
             run.next_attempt_at = None;
             run.finished_at = Some(state.queue.clock.now());
             run.error = Some(ErrorObject::system("cancelled"));
             finalize(state, run.clone()).await;
-            Ok(run)
+            Some(run)
         }
-        Cancelled::NotActive if run.status.is_final() => Err(QueueError::Finished {
-            id: id.to_string(),
-            status: run.status,
-        }),
-        Cancelled::NotActive => Err(QueueError::NotCancellable {
-            id: id.to_string(),
-            status: run.status,
-        }),
+        Cancelled::NotActive => None,
     }
 }
 
@@ -391,6 +429,7 @@ pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, QueueEr
     run.finished_at = None;
     run.next_attempt_at = None;
     run.redriven_at = Some(state.queue.clock.now());
+    run.replica = state.replica.id();
     if let Some(cb) = &mut run.callback {
         cb.state = CallbackState::Pending;
         cb.attempts = 0;
@@ -403,16 +442,10 @@ pub async fn redrive(state: &Arc<AppState>, mut run: Run) -> Result<Run, QueueEr
     Ok(run)
 }
 
-/// Start-up: QUEUED runs go back in the queue; RUNNING ones were interrupted by the stop
-/// of the previous server, which counts as a failed attempt (retried per policy).
-pub async fn recover(state: &Arc<AppState>) {
-    let active = match state.db(|s| s.active_runs()).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("failed to load the queue: {e}");
-            return;
-        }
-    };
+/// Runs this server took charge of (start-up, or a server whose lease ended): QUEUED ones
+/// go in the queue; RUNNING ones were interrupted by the stop of the server that ran them,
+/// which counts as a failed attempt (retried per policy).
+pub async fn recover(state: &Arc<AppState>, active: Vec<Run>) {
     let (mut queued, mut retried, mut dead) = (0, 0, 0);
     for mut run in active {
         if run.status == RunStatus::Queued {

@@ -125,6 +125,14 @@ impl Listener {
         match v["t"].as_str() {
             Some("tokens") => self.shared(Shared::Tokens),
             Some("namespaces") => self.shared(Shared::Namespaces),
+            Some("cancel") => {
+                if let (Some(ns), Some(id)) = (v["ns"].as_str(), v["id"].as_str()) {
+                    self.shared(Shared::Cancel {
+                        namespace: ns.to_string(),
+                        id: id.to_string(),
+                    });
+                }
+            }
             Some("resource") => {
                 let (Some(kind), Some(ns), Some(name)) = (
                     v["kind"].as_str().and_then(Kind::parse),
@@ -186,13 +194,16 @@ pub(super) fn resource(origin: &str, kind: Kind, ns: &str, name: &str, deleted: 
     .to_string()
 }
 
-/// The payload of a change to tokens or namespaces.
+/// The payload of a change to tokens or namespaces, or of a cancel request.
 pub(super) fn shared(origin: &str, what: Shared) -> String {
-    let t = match what {
-        Shared::Tokens => "tokens",
-        Shared::Namespaces => "namespaces",
-    };
-    json!({"o": origin, "t": t}).to_string()
+    match what {
+        Shared::Tokens => json!({"o": origin, "t": "tokens"}),
+        Shared::Namespaces => json!({"o": origin, "t": "namespaces"}),
+        Shared::Cancel { namespace, id } => {
+            json!({"o": origin, "t": "cancel", "ns": namespace, "id": id})
+        }
+    }
+    .to_string()
 }
 
 /// Sends a notification from `c` (delivered when its transaction commits).

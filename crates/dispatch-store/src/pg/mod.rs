@@ -10,6 +10,7 @@
 
 mod listen;
 mod records;
+mod replicas;
 mod resources;
 mod runs;
 mod schema;

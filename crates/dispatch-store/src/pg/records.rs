@@ -21,6 +21,51 @@ impl RecordStore for PgStore {
         self.listener.on_shared(f);
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn lease(&self, replica: &str, ttl: std::time::Duration, join: bool) -> Result<bool> {
+        self.lease_for(replica, ttl, join)
+    }
+
+    fn leave(&self, replica: &str) -> Result<()> {
+        self.leave_now(replica)
+    }
+
+    fn take_over(&self, replica: &str, own: bool) -> Result<crate::Taken> {
+        self.take(replica, own)
+    }
+
+    fn request_cancel(&self, namespace: &str, id: &str) -> Result<()> {
+        self.cancel_elsewhere(namespace, id)
+    }
+
+    fn elect(&self, f: Box<dyn Fn(bool) + Send + Sync>) -> bool {
+        self.start_election(f);
+        true
+    }
+
+    fn put_blob(&self, digest: &str, data: &[u8]) -> Result<()> {
+        self.put_blob_row(digest, data)
+    }
+
+    fn get_blob(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        self.get_blob_row(digest)
+    }
+
+    fn list_blobs(&self, before: Timestamp) -> Result<Vec<String>> {
+        self.list_blob_rows(before)
+    }
+
+    fn delete_blob(&self, digest: &str) -> Result<()> {
+        self.delete_blob_row(digest)
+    }
+
+    fn agree(&self, name: &str, value: &str) -> Result<String> {
+        self.agree_on(name, value)
+    }
+
     fn put_runs(&self, runs: &[Run]) -> Result<()> {
         // No transaction around it: each of write_runs' statements is atomic (a run with
         // its usage change), and an enqueue (new runs only) is one statement, one round trip
@@ -112,10 +157,13 @@ impl RecordStore for PgStore {
     }
 
     fn put_job(&self, job: &JobExecution) -> Result<()> {
+        // An active execution is written only by its owner (see `UPDATE_RUNS`).
         self.write_job(
             job,
             "DO UPDATE SET name = EXCLUDED.name, phase = EXCLUDED.phase, \
-             expires_ms = EXCLUDED.expires_ms, body = EXCLUDED.body",
+             expires_ms = EXCLUDED.expires_ms, body = EXCLUDED.body, owner = EXCLUDED.owner \
+             WHERE job_executions.phase NOT IN ('Waiting', 'Active') \
+               OR job_executions.owner IS NULL OR job_executions.owner = EXCLUDED.owner",
         )?;
         Ok(())
     }
@@ -251,10 +299,21 @@ impl RecordStore for PgStore {
     fn deliver(&self, deliveries: &[(DeliveryRecord, Run)]) -> Result<()> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
+        // Claimed first: another server delivering the same rows (both read them pending)
+        // finds them gone, and nothing of its batch is written.
+        let seqs: Vec<i64> = deliveries.iter().map(|(d, _)| d.seq).collect();
+        let claimed = tx.execute(
+            "DELETE FROM deliveries WHERE seq = ANY($1) AND state = 'PENDING'",
+            &[&seqs],
+        )?;
+        if claimed != seqs.len() as u64 {
+            return Err(crate::StoreError::Taken(
+                "another server delivered some of these pending deliveries: read them again".into(),
+            ));
+        }
         let runs: Vec<Run> = deliveries.iter().map(|(_, r)| r.clone()).collect();
         write_runs(&mut tx, &runs)?;
         for (d, run) in deliveries {
-            tx.execute("DELETE FROM deliveries WHERE seq = $1", &[&d.seq])?;
             set_matched(
                 &mut tx,
                 d,
@@ -514,8 +573,8 @@ impl PgStore {
     fn write_job(&self, job: &JobExecution, on_conflict: &str) -> Result<u64> {
         Ok(self.conn()?.execute(
             &format!(
-                "INSERT INTO job_executions (uuid, namespace, name, phase, expires_ms, body)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (namespace, uuid) {on_conflict}"
+                "INSERT INTO job_executions (uuid, namespace, name, phase, expires_ms, body, owner)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (namespace, uuid) {on_conflict}"
             ),
             &[
                 &job.uuid,
@@ -524,6 +583,7 @@ impl PgStore {
                 &job.phase.as_str(),
                 &job.expires_at.map(|t| t.as_millisecond()),
                 &serde_json::to_string(job)?,
+                &job.replica,
             ],
         )?)
     }

@@ -148,10 +148,10 @@ pub(super) fn prune(tx: &mut impl GenericClient, rules: &Retention, batch: usize
 /// and planning them took most of an enqueue's time in the database).
 const INSERT_RUNS: &str =
     "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-        $5::text[], $6::int8[], $7::bool[], $8::int8[])
-      AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
+        $5::text[], $6::int8[], $7::bool[], $8::int8[], $9::text[])
+      AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes, owner)),
  ins AS (INSERT INTO runs (id, namespace, function, status, body, finished_ms,
-        callback_pending, bytes)
+        callback_pending, bytes, owner)
       SELECT * FROM v ON CONFLICT (id) DO NOTHING
       RETURNING id, namespace, function, bytes, finished_ms IS NOT NULL AS fin),
  d AS (INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
@@ -159,15 +159,20 @@ const INSERT_RUNS: &str =
       FROM ins GROUP BY namespace, function)
  SELECT id FROM ins";
 
+/// An active run is written only by its owner (or when it has none): a server that lost its
+/// lease does not overwrite the state of a run another server took over. A finished run is
+/// anyone's to write (a redrive makes its server the owner).
 const UPDATE_RUNS: &str =
     "WITH v AS (SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                $5::text[], $6::int8[], $7::bool[], $8::int8[])
-              AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes)),
+                $5::text[], $6::int8[], $7::bool[], $8::int8[], $9::text[])
+              AS v(id, namespace, function, status, body, finished_ms, callback_pending, bytes,
+                owner)),
          old AS (SELECT r.id, r.bytes, r.finished_ms IS NOT NULL AS fin FROM runs r
               JOIN v ON v.id = r.id),
          upd AS (UPDATE runs r SET status = v.status, body = v.body, finished_ms = v.finished_ms,
-                callback_pending = v.callback_pending, bytes = v.bytes
-              FROM v WHERE r.id = v.id
+                callback_pending = v.callback_pending, bytes = v.bytes, owner = v.owner
+              FROM v WHERE r.id = v.id AND (r.status NOT IN ('QUEUED', 'RUNNING')
+                OR r.owner IS NULL OR r.owner = v.owner)
               RETURNING r.id, r.namespace, r.function, r.bytes, r.finished_ms IS NOT NULL AS fin)
          INSERT INTO run_usage_delta (namespace, function, runs, finished, bytes)
          SELECT u.namespace, u.function, 0, SUM(u.fin::int - o.fin::int)::bigint,
@@ -193,6 +198,7 @@ impl Writer {
             Type::INT8_ARRAY,
             Type::BOOL_ARRAY,
             Type::INT8_ARRAY,
+            Type::TEXT_ARRAY,
         ];
         let insert = client.prepare_typed(INSERT_RUNS, &types)?;
         let update = client.prepare_typed(UPDATE_RUNS, &types)?;
@@ -232,6 +238,7 @@ struct Columns {
     finished_ms: Vec<Option<i64>>,
     callback: Vec<bool>,
     bytes: Vec<i64>,
+    owner: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -242,6 +249,7 @@ impl Columns {
             c.bytes.push(body.len() as i64);
             c.body.push(body);
             c.id.push(run.id.clone());
+            c.owner.push(run.replica.clone());
             c.namespace.push(run.namespace.clone());
             c.function.push(run.function.clone());
             c.status.push(run.status.as_str());
@@ -261,7 +269,7 @@ impl Columns {
         Ok(c)
     }
 
-    fn untyped(&self) -> [&(dyn ToSql + Sync); 8] {
+    fn untyped(&self) -> [&(dyn ToSql + Sync); 9] {
         [
             &self.id,
             &self.namespace,
@@ -271,10 +279,11 @@ impl Columns {
             &self.finished_ms,
             &self.callback,
             &self.bytes,
+            &self.owner,
         ]
     }
 
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 8] {
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 9] {
         [
             (&self.id, Type::TEXT_ARRAY),
             (&self.namespace, Type::TEXT_ARRAY),
@@ -284,6 +293,7 @@ impl Columns {
             (&self.finished_ms, Type::INT8_ARRAY),
             (&self.callback, Type::BOOL_ARRAY),
             (&self.bytes, Type::INT8_ARRAY),
+            (&self.owner, Type::TEXT_ARRAY),
         ]
     }
 }

@@ -120,6 +120,27 @@ CREATE TABLE run_usage_delta (
     bytes BIGINT NOT NULL
 );
 "#,
+    // Several active servers: each holds a lease and owns what it accepted.
+    r#"
+CREATE TABLE replicas (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    lease_until TIMESTAMPTZ NOT NULL,
+    joined TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+ALTER TABLE runs ADD COLUMN owner TEXT COLLATE "C";
+CREATE INDEX runs_owned ON runs (owner) WHERE status IN ('QUEUED', 'RUNNING') OR callback_pending;
+ALTER TABLE job_executions ADD COLUMN owner TEXT COLLATE "C";
+CREATE INDEX jobs_owned ON job_executions (owner) WHERE phase IN ('Waiting', 'Active');
+CREATE TABLE blobs (
+    digest TEXT COLLATE "C" PRIMARY KEY,
+    data BYTEA NOT NULL,
+    stored TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE settings (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#,
 ];
 
 /// Brings the schema up to date in one transaction (see the module docs). A database

@@ -193,6 +193,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             expires_at: None,
+            replica: None,
         }
     }
 

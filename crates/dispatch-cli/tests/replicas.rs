@@ -1,0 +1,229 @@
+//! Three active servers on one PostgreSQL database (`--database`): each accepts async runs
+//! and runs them; `kill -9` of one mid-backlog, and the others take its runs over after its
+//! lease — every accepted run ends SUCCEEDED, none lost, none running twice at once (checked
+//! from a log the function appends to), the killed server's runs finished by the others.
+
+mod support;
+
+use std::collections::HashMap;
+
+use dispatch_core::RunStatus;
+use support::*;
+
+const TICK: &str = r#"
+import os, select
+
+def handle(context, payload):
+    fd = os.open(os.environ["LOG_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, ("start %s %d\n" % (context["runId"], os.getpid())).encode())
+    select.select([], [], [], 0.05)  # 50 ms of work, so that the kill lands mid-run
+    os.write(fd, ("end %s %d\n" % (context["runId"], os.getpid())).encode())
+    os.close(fd)
+    return {"ok": True}
+"#;
+
+const RUNS: usize = 1000;
+
+fn ends(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("end "))
+        .count()
+}
+
+/// Another server on the same database: its data dir holds the first server's admin token
+/// (tokens are shared; only a first start writes the file).
+fn another(flags: &[&str], token: &str) -> ServerProc {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(data.join("admin-token"), token).unwrap();
+    std::fs::set_permissions(
+        data.join("admin-token"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    ServerProc::start_with(dir, flags)
+}
+
+#[test]
+fn three_servers_share_the_queue_and_take_over_a_killed_one() {
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("replicas");
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("secret.key");
+    let log = shared.path().join("tick.log");
+    // Unsandboxed, so that the handler can write the host file that proves no run ran twice
+    // at once (as in crash.rs).
+    let flags = [
+        "--database",
+        url.as_str(),
+        "--replica-lease",
+        "2s",
+        "--secret-key-file",
+        key.to_str().unwrap(),
+        "--isolation",
+        "none",
+    ];
+    let a = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
+    let b = another(&flags, &a.token);
+    let c = another(&flags, &a.token);
+
+    // Created through one server: its source archive reaches the others through the store.
+    std::fs::write(shared.path().join("tick.py"), TICK).unwrap();
+    let manifest = shared.path().join("tick.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"apiVersion: dispatch.dev/v1
+kind: Image
+metadata: {{name: py}}
+spec: {{baseImage: python3}}
+---
+apiVersion: dispatch.dev/v1
+kind: Function
+metadata: {{name: tick}}
+spec:
+  image: py
+  sourcePath: tick.py
+  concurrency: {{maxWorkers: 2}}
+  env: {{LOG_FILE: "{}"}}
+  retry: {{maxAttempts: 5, backoff: {{initial: 100ms, max: 1s}}}}
+"#,
+            log.display()
+        ),
+    )
+    .unwrap();
+    a.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    for s in [&a, &b, &c] {
+        eventually("tick to answer on every server", || {
+            let out = s
+                .cli()
+                .args(["exec", "tick", "--input", "{}"])
+                .output()
+                .unwrap();
+            out.status.success().then_some(())
+        });
+    }
+    std::fs::write(&log, "").unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let clients = [a.client(), b.client(), c.client()];
+    let input = serde_json::value::to_raw_value(&serde_json::json!({})).unwrap();
+    // Accepted round-robin: (id, the server that owns it).
+    let accepted: Vec<(String, String)> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..RUNS {
+            let r = clients[i % 3]
+                .exec_async("tick", &input, None)
+                .await
+                .unwrap();
+            let owner = r["replica"].as_str().expect("a run names its server");
+            ids.push((r["id"].as_str().unwrap().to_string(), owner.to_string()));
+        }
+        ids
+    });
+    let owner_of = |i: usize| accepted[i].1.clone();
+    let killed = owner_of(2);
+    assert!(
+        owner_of(0) != owner_of(1) && owner_of(1) != killed && owner_of(0) != killed,
+        "three servers, three ids"
+    );
+
+    eventually("50 runs to complete", || (ends(&log) >= 50).then_some(()));
+    let _ = c.kill9();
+    let done_before = ends(&log);
+    assert!(
+        done_before < RUNS,
+        "the kill came too late to test anything ({done_before} done)"
+    );
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"restart\n"))
+        .unwrap();
+
+    let q = dispatch_client::RunQuery {
+        function: Some("tick".into()),
+        limit: Some(5000),
+        ..Default::default()
+    };
+    let runs = eventually("every accepted run to finish", || {
+        let runs = rt.block_on(clients[0].list_runs(&q)).unwrap();
+        let asyncs: Vec<_> = runs.into_iter().filter(|r| r.is_async).collect();
+        (asyncs.len() == RUNS && asyncs.iter().all(|r| r.status.is_final())).then_some(asyncs)
+    });
+    let by_id: HashMap<&str, &dispatch_core::Run> =
+        runs.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut taken = 0;
+    for (id, owner) in &accepted {
+        let r = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("accepted run {id} was lost"));
+        assert_eq!(
+            r.status,
+            RunStatus::Succeeded,
+            "{id}: {:?}",
+            r.attempt_errors
+        );
+        // What the killed server had not finished, another one did (and owns now).
+        if *owner == killed && r.replica.as_deref() != Some(killed.as_str()) {
+            taken += 1;
+        }
+    }
+    assert!(taken > 0, "none of the killed server's runs was taken over");
+
+    // No run ran twice at once (crash.rs's check): an attempt cut by the kill may still write
+    // its end after the marker, but only if no new attempt of that run had started by then.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut open: HashMap<String, String> = HashMap::new();
+    let mut orphans: HashMap<String, (String, bool)> = HashMap::new();
+    let mut ended: HashMap<String, usize> = HashMap::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        match parts.as_slice() {
+            ["restart"] => {
+                orphans.extend(open.drain().map(|(id, pid)| (id, (pid, false))));
+            }
+            ["start", id, pid] => {
+                if let Some(other) = open.insert(id.to_string(), pid.to_string()) {
+                    panic!("run {id} started in worker {pid} while still running in {other}");
+                }
+                if let Some(o) = orphans.get_mut(*id) {
+                    o.1 = true;
+                }
+            }
+            ["end", id, pid] => {
+                if open.get(*id).map(String::as_str) == Some(*pid) {
+                    open.remove(*id);
+                } else {
+                    match orphans.remove(*id) {
+                        Some((opid, false)) if opid == *pid => {}
+                        other => panic!(
+                            "run {id} ended in worker {pid} while another attempt ran ({other:?})"
+                        ),
+                    }
+                }
+                *ended.entry(id.to_string()).or_default() += 1;
+            }
+            other => panic!("unexpected log line {other:?}"),
+        }
+    }
+    for (id, _) in &accepted {
+        assert!(
+            ended.contains_key(id),
+            "run {id} never completed an attempt"
+        );
+    }
+    let interrupted = runs.iter().filter(|r| !r.attempt_errors.is_empty()).count();
+    eprintln!(
+        "{done_before} done before the kill, {taken} of the killed server's runs finished by \
+         the others, {interrupted} interrupted and retried, {RUNS} SUCCEEDED"
+    );
+}
