@@ -227,3 +227,66 @@ spec:
          the others, {interrupted} interrupted and retried, {RUNS} SUCCEEDED"
     );
 }
+
+/// A run is cancelled through any server (the one that runs it does it, told through the
+/// store), and a server whose secret key differs from the others' refuses to start.
+#[test]
+fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("cancel");
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("secret.key");
+    let flags = [
+        "--database",
+        url.as_str(),
+        "--secret-key-file",
+        key.to_str().unwrap(),
+    ];
+    let a = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
+    let b = another(&flags, &a.token);
+    let hang = shared.path().join("hang.py");
+    std::fs::write(
+        &hang,
+        "import select\ndef handle(context, payload):\n    select.select([], [], [])\n",
+    )
+    .unwrap();
+    a.ok(&["create", "image", "py", "python3", "--wait"]);
+    a.ok(&[
+        "create",
+        "function",
+        "hang",
+        hang.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+    let accepted: serde_json::Value =
+        serde_json::from_str(&a.ok(&["exec", "hang", "--async", "--input", "{}"])).unwrap();
+    let id = accepted["id"].as_str().unwrap().to_string();
+    eventually("the run to be RUNNING on its server", || {
+        (b.json(&["get", "run", &id, "-o", "json"])["status"]["phase"] == "RUNNING").then_some(())
+    });
+    assert_eq!(
+        b.ok(&["cancel", "run", &id]),
+        format!("run/{id} cancelled\n")
+    );
+    let run = a.json(&["get", "run", &id, "-o", "json"]);
+    assert_eq!(run["status"]["phase"], "CANCELLED", "{run}");
+
+    let other_key = shared.path().join("other.key");
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+        .args(["server", "--database", &url, "--secret-key-file"])
+        .arg(&other_key)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--api-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is not the one the other servers sharing this database use"),
+        "{err}"
+    );
+}

@@ -1,19 +1,24 @@
 //! What installs Dispatch on a cluster (`dispatch k8s manifests`, `deploy/kubernetes/`): its
 //! namespace, the CRDs, a service account with least-privilege RBAC, a volume claim for the
 //! SQL store, the server Deployment (`dispatch server --backend kubernetes`) and Services for
-//! the API and the gateway. Every object is a typed k8s-openapi value.
+//! the API and the gateway. With a database Secret ([`Install::database_secret`]): no volume,
+//! several active replicas on PostgreSQL, rolled one at a time behind their readiness, and a
+//! PodDisruptionBudget. Every object is a typed k8s-openapi value.
 
 use dispatch_core::Kind;
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, Namespace,
     ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, SecretKeySelector,
+    SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
@@ -38,8 +43,15 @@ pub struct Install {
     pub registry_secret: String,
     /// Functions as Knative Services.
     pub knative: bool,
-    /// Size of the SQL store's volume.
+    /// Size of the SQL store's volume (SQLite; not with a database).
     pub storage: String,
+    /// A Secret (in `namespace`) with the PostgreSQL database: key `url` (required),
+    /// `password` (optional) and `secret-key` (the 32-byte key that seals secrets, the same
+    /// for every replica). With it, records live in that database and the server runs as
+    /// `replicas` active replicas; without it, one replica on a SQLite volume.
+    pub database_secret: Option<String>,
+    /// Server replicas (with a database only).
+    pub replicas: i32,
 }
 
 impl Install {
@@ -52,6 +64,8 @@ impl Install {
             registry_secret: "dispatch-registry".into(),
             knative: false,
             storage: "1Gi".into(),
+            database_secret: None,
+            replicas: 1,
         }
     }
 }
@@ -59,6 +73,9 @@ impl Install {
 const NAME: &str = "dispatch-server";
 pub const API_PORT: i32 = 8080;
 pub const GATEWAY_PORT: i32 = 8081;
+/// How long a stopping replica answers /readyz with 503 while it still serves, so that the
+/// Services stop sending it requests before its listeners close (`--shutdown-delay`).
+const SHUTDOWN_DELAY_SECONDS: i64 = 5;
 
 fn meta(name: &str, ns: Option<&str>) -> ObjectMeta {
     ObjectMeta {
@@ -210,21 +227,24 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
         role_ref,
         subjects,
     }));
-    push(serde_json::to_value(PersistentVolumeClaim {
-        metadata: meta("dispatch-data", ns),
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".into(),
-                    Quantity(i.storage.clone()),
-                )])),
+    let db = i.database_secret.as_deref();
+    if db.is_none() {
+        push(serde_json::to_value(PersistentVolumeClaim {
+            metadata: meta("dispatch-data", ns),
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".into(),
+                        Quantity(i.storage.clone()),
+                    )])),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
-            ..Default::default()
-        }),
-        status: None,
-    }));
+            status: None,
+        }));
+    }
     let mut args: Vec<String> = [
         "server",
         "--backend",
@@ -249,31 +269,79 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
     if i.knative {
         args.push("--knative".into());
     }
+    if db.is_some() {
+        // The URL and password come from the Secret through the environment.
+        args.extend(
+            [
+                "--secret-key-file",
+                "/etc/dispatch/secret-key/key",
+                "--shutdown-delay",
+            ]
+            .map(String::from),
+        );
+        args.push(format!("{SHUTDOWN_DELAY_SECONDS}s"));
+    }
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::Int(API_PORT),
             ..Default::default()
         }),
-        period_seconds: Some(5),
+        period_seconds: Some(if db.is_some() { 1 } else { 5 }),
         ..Default::default()
     };
+    let secret_env = |name: &str, key: &str, optional: bool| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: db.unwrap_or_default().into(),
+                key: key.into(),
+                optional: optional.then_some(true),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut env = vec![
+        EnvVar {
+            // The registry Secret's .dockerconfigjson, mounted as config.json.
+            name: "DOCKER_CONFIG".into(),
+            value: Some("/etc/dispatch/registry".into()),
+            ..Default::default()
+        },
+        // Who holds the scheduler's Lease, and where it lives.
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "registry".into(),
+            mount_path: "/etc/dispatch/registry".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    if db.is_some() {
+        env.push(secret_env("DISPATCH_DATABASE_URL", "url", false));
+        env.push(secret_env("DISPATCH_DATABASE_PASSWORD", "password", true));
+        mounts.push(VolumeMount {
+            name: "secret-key".into(),
+            mount_path: "/etc/dispatch/secret-key".into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: "server".into(),
         image: Some(i.image.clone()),
         command: Some(vec!["dispatch".into()]),
         args: Some(args),
-        env: Some(vec![
-            EnvVar {
-                // The registry Secret's .dockerconfigjson, mounted as config.json.
-                name: "DOCKER_CONFIG".into(),
-                value: Some("/etc/dispatch/registry".into()),
-                ..Default::default()
-            },
-            // Who holds the scheduler's Lease, and where it lives.
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(env),
         ports: Some(vec![
             ContainerPort {
                 name: Some("api".into()),
@@ -288,30 +356,85 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
         ]),
         readiness_probe: Some(probe("/readyz")),
         liveness_probe: Some(probe("/healthz")),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".into(),
-                mount_path: "/data".into(),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "registry".into(),
-                mount_path: "/etc/dispatch/registry".into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         ..Default::default()
+    };
+    let data = match db {
+        // The data dir keeps builds and a copy of source archives: the database has the rest.
+        Some(_) => Volume {
+            name: "data".into(),
+            empty_dir: Some(Default::default()),
+            ..Default::default()
+        },
+        None => Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: "dispatch-data".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    let mut volumes = vec![
+        data,
+        Volume {
+            name: "registry".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(i.registry_secret.clone()),
+                optional: Some(true),
+                items: Some(vec![KeyToPath {
+                    key: ".dockerconfigjson".into(),
+                    path: "config.json".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    if let Some(secret) = db {
+        volumes.push(Volume {
+            name: "secret-key".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                items: Some(vec![KeyToPath {
+                    key: "secret-key".into(),
+                    path: "key".into(),
+                    ..Default::default()
+                }]),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let (replicas, strategy) = match db {
+        // Active replicas on one database: one replaced at a time, a new one ready before an
+        // old one stops (and that one unready before its listeners close).
+        Some(_) => (
+            i.replicas.max(1),
+            DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            },
+        ),
+        // One writer of the SQLite store: never two servers at once, even while rolling.
+        None => (
+            1,
+            DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            },
+        ),
     };
     push(serde_json::to_value(Deployment {
         metadata: meta(NAME, ns),
         spec: Some(DeploymentSpec {
-            // One writer of the SQLite store: never two servers at once, even while rolling.
-            replicas: Some(1),
-            strategy: Some(DeploymentStrategy {
-                type_: Some("Recreate".into()),
-                ..Default::default()
-            }),
+            replicas: Some(replicas),
+            strategy: Some(strategy),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()
@@ -324,30 +447,9 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
                 spec: Some(PodSpec {
                     service_account_name: Some(NAME.into()),
                     containers: vec![container],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "data".into(),
-                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                                claim_name: "dispatch-data".into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "registry".into(),
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(i.registry_secret.clone()),
-                                optional: Some(true),
-                                items: Some(vec![KeyToPath {
-                                    key: ".dockerconfigjson".into(),
-                                    path: "config.json".into(),
-                                    ..Default::default()
-                                }]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
+                    volumes: Some(volumes),
+                    // The shutdown delay, then in-flight calls drain (30 s at most).
+                    termination_grace_period_seconds: db.map(|_| SHUTDOWN_DELAY_SECONDS + 35),
                     ..Default::default()
                 }),
             },
@@ -355,6 +457,21 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
         }),
         status: None,
     }));
+    if db.is_some() && replicas > 1 {
+        // A node drain takes one replica at a time.
+        push(serde_json::to_value(PodDisruptionBudget {
+            metadata: meta(NAME, ns),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(selector.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: None,
+        }));
+    }
     for (name, port) in [
         ("dispatch-api", API_PORT),
         ("dispatch-gateway", GATEWAY_PORT),

@@ -343,6 +343,77 @@ fn install_objects_are_valid_and_least_privilege() {
     }
 }
 
+/// `--database-secret NAME --replicas 3`: active replicas on PostgreSQL, no volume, rolled
+/// one at a time behind their readiness, a PodDisruptionBudget, every object valid.
+#[test]
+fn an_ha_install_runs_replicas_on_a_database_without_a_volume() {
+    use dispatch_k8s::install::{Install, objects};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let mut install = Install::new("reg.example/dispatch/server:1", "reg.example/fns");
+    install.database_secret = Some("dispatch-db".into());
+    install.replicas = 3;
+    let all = objects(&install);
+    assert!(
+        !all.iter().any(|o| o["kind"] == "PersistentVolumeClaim"),
+        "no volume"
+    );
+    let d = all.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let d = round_trip::<Deployment>(&serde_json::from_value(d.clone()).unwrap());
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["emptyDir"], json!({}));
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for pair in [
+        ["--secret-key-file", "/etc/dispatch/secret-key/key"],
+        ["--shutdown-delay", "5s"],
+        ["--backend", "kubernetes"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
+    }
+    assert!(
+        !args.contains(&"--database"),
+        "the URL comes from the Secret, not the command line"
+    );
+    let env = c["env"].as_array().unwrap();
+    let from_secret = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["valueFrom"]["secretKeyRef"].clone())
+            .unwrap_or_else(|| panic!("{name} in {env:?}"))
+    };
+    assert_eq!(
+        from_secret("DISPATCH_DATABASE_URL"),
+        json!({"name": "dispatch-db", "key": "url"})
+    );
+    assert_eq!(
+        from_secret("DISPATCH_DATABASE_PASSWORD"),
+        json!({"name": "dispatch-db", "key": "password", "optional": true})
+    );
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_i64().unwrap() > 5,
+        "longer than the shutdown delay"
+    );
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let pdb = all
+        .iter()
+        .find(|o| o["kind"] == "PodDisruptionBudget")
+        .expect("a PodDisruptionBudget");
+    let pdb = round_trip::<PodDisruptionBudget>(&serde_json::from_value(pdb.clone()).unwrap());
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        d["spec"]["selector"]["matchLabels"]
+    );
+}
+
 #[test]
 fn concurrency_beyond_one_pod_gets_an_autoscaler() {
     use dispatch_k8s::function_hpa;

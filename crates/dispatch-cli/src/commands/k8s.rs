@@ -33,7 +33,7 @@ pub enum K8sWhat {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its namespace, the CRDs, a service account with a ClusterRole limited to what the server does (Dispatch's custom resources and their status, which hold every resource; creating namespaces; function Deployments, Services, autoscalers or Knative Services; Jobs, their pods and logs) and a Role for the scheduler's Lease, a PersistentVolumeClaim for the SQL store (run records, job executions, events, tokens), the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson Secret named by --registry-secret in the same namespace (optional)."
+    after_help = "Everything `kubectl apply -f -` needs to run `dispatch server --backend kubernetes`: its namespace, the CRDs, a service account with a ClusterRole limited to what the server does (Dispatch's custom resources and their status, which hold every resource; creating namespaces; function Deployments, Services, autoscalers or Knative Services; Jobs, their pods and logs) and a Role for the scheduler's Lease, a PersistentVolumeClaim for the SQL store (run records, job executions, events, tokens), the server Deployment (one replica, Recreate: one SQLite writer) and Services for the API (8080) and the gateway (8081). Registry credentials: a kubernetes.io/dockerconfigjson Secret named by --registry-secret in the same namespace (optional).\n\nHigh availability: with --database-secret NAME --replicas 3 the records live in PostgreSQL (e.g. a managed one) and there is no volume: three active replicas behind the Services, each serving the API and the gateway and running async runs, rolled one at a time (RollingUpdate, maxUnavailable 0; a stopping replica answers /readyz 503 for 5 s before its listeners close), a PodDisruptionBudget of one, and a replica that dies has its runs taken over by the others within 10 s. Make the Secret first:\n  kubectl -n dispatch create secret generic dispatch-db --from-literal=url='postgres://dispatch@db.example:5432/dispatch?sslmode=require' --from-literal=password=... --from-file=secret-key=<(head -c 32 /dev/urandom)"
 )]
 pub struct ManifestArgs {
     /// The server's image (the dispatch binary with python3/pip and node/npm)
@@ -54,9 +54,18 @@ pub struct ManifestArgs {
     /// Run functions as Knative Services
     #[arg(long)]
     pub knative: bool,
-    /// Size of the SQL store's volume
-    #[arg(long, default_value = "1Gi")]
+    /// Size of the SQL store's volume (SQLite; not with --database-secret)
+    #[arg(long, default_value = "1Gi", conflicts_with = "database_secret")]
     pub storage: String,
+    /// Keep records in PostgreSQL, from this Secret in the namespace: key `url` (a
+    /// postgres:// URL), optional `password`, and `secret-key` (32 random bytes sealing
+    /// secrets, shared by every replica). Then the server runs --replicas active replicas
+    /// with no volume, rolled one at a time, with a PodDisruptionBudget
+    #[arg(long, value_name = "SECRET")]
+    pub database_secret: Option<String>,
+    /// Server replicas, all active (with --database-secret)
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "database_secret", value_parser = clap::value_parser!(i32).range(1..=100))]
+    pub replicas: i32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,6 +132,8 @@ impl K8s {
                     registry_secret: m.registry_secret.clone(),
                     knative: m.knative,
                     storage: m.storage.clone(),
+                    database_secret: m.database_secret.clone(),
+                    replicas: m.replicas,
                 };
                 let mut command = format!(
                     "dispatch k8s manifests --image {} --registry {}",
@@ -136,6 +147,12 @@ impl K8s {
                 }
                 if m.knative {
                     command.push_str(" --knative");
+                }
+                if let Some(db) = &m.database_secret {
+                    command.push_str(&format!(
+                        " --database-secret {db} --replicas {}",
+                        m.replicas
+                    ));
                 }
                 print!(
                     "{}",

@@ -128,7 +128,9 @@ pub struct Server {
     /// and resources in this PostgreSQL database instead of SQLite files in the data dir,
     /// e.g. postgres://dispatch@db:5432/dispatch (libpq's key=value form works too); the
     /// schema is created or upgraded at start. On --backend kubernetes resources stay
-    /// custom resources. The data dir keeps source blobs, builds and the secrets key
+    /// custom resources. Several servers may share one database, all active (see
+    /// --replica-lease and --secret-key-file); source archives are kept in it too. The data
+    /// dir keeps builds, a copy of the archives and, by default, the secrets key
     #[arg(long, env = "DISPATCH_DATABASE_URL", value_name = "URL")]
     pub database: Option<String>,
     /// A file holding the database password (instead of one in the URL); the environment
