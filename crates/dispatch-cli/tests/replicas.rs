@@ -24,6 +24,14 @@ def handle(context, payload):
 
 const RUNS: usize = 1000;
 
+/// These tests each run two or three servers with real workers: one at a time, so that they
+/// do not starve each other of this machine's two cores.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ends(log: &std::path::Path) -> usize {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -51,6 +59,7 @@ fn another(flags: &[&str], token: &str) -> ServerProc {
 
 #[test]
 fn three_servers_share_the_queue_and_take_over_a_killed_one() {
+    let _one = one_at_a_time();
     let pg = dispatch_testkit::postgres::Postgres::start();
     let url = pg.create_database("replicas");
     let shared = tempfile::tempdir().unwrap();
@@ -232,6 +241,7 @@ spec:
 /// store), and a server whose secret key differs from the others' refuses to start.
 #[test]
 fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
+    let _one = one_at_a_time();
     let pg = dispatch_testkit::postgres::Postgres::start();
     let url = pg.create_database("cancel");
     let shared = tempfile::tempdir().unwrap();
@@ -288,5 +298,179 @@ fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
     assert!(
         err.contains("is not the one the other servers sharing this database use"),
         "{err}"
+    );
+}
+
+/// A rolling restart of all three servers under load: each in turn gets SIGTERM (it answers
+/// /readyz with 503 for its `--shutdown-delay` while still serving, then stops) and starts
+/// again on its data dir, while sync calls go through a balancer that sends them only to
+/// servers whose /readyz says 200 (as a Kubernetes Service does) and async runs are accepted
+/// throughout. No sync call fails, and every accepted async run ends SUCCEEDED.
+#[test]
+fn a_rolling_restart_of_three_servers_fails_no_request() {
+    let _one = one_at_a_time();
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("rolling");
+    let shared = tempfile::tempdir().unwrap();
+    let key = shared.path().join("secret.key");
+    let flags = [
+        "--database",
+        url.as_str(),
+        "--replica-lease",
+        "2s",
+        "--secret-key-file",
+        key.to_str().unwrap(),
+        "--shutdown-delay",
+        "1s",
+    ];
+    let a = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
+    let token = a.token.clone();
+    let b = another(&flags, &token);
+    let c = another(&flags, &token);
+    let hello = examples().join("python3/hello.py");
+    a.ok(&["create", "image", "py", "python3", "--wait"]);
+    a.ok(&[
+        "create",
+        "function",
+        "hello",
+        hello.to_str().unwrap(),
+        "--image",
+        "py",
+        "--wait",
+    ]);
+    let mut servers = vec![a, b, c];
+    for s in &servers {
+        eventually("hello to answer on every server", || {
+            let out = s
+                .cli()
+                .args(["exec", "hello", "--input", "{}"])
+                .output()
+                .unwrap();
+            out.status.success().then_some(())
+        });
+    }
+
+    // The balancer: the API ports of the servers whose /readyz answered 200 last (polled
+    // every 50 ms, as a readiness probe would).
+    let ports: Arc<Mutex<Vec<u16>>> = Arc::new(Mutex::new(servers.iter().map(|s| s.api).collect()));
+    let ready: Arc<Mutex<Vec<u16>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (ports, ready, stop) = (ports.clone(), ready.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let now: Vec<u16> = ports
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .into_iter()
+                    .filter(|p| http_get(*p, "/readyz").is_some_and(|r| r.0 == 200))
+                    .collect();
+                *ready.lock().unwrap() = now;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
+    let (ok, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let load = {
+        let (ready, stop, ok, failed, accepted) = (
+            ready.clone(),
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            accepted.clone(),
+        );
+        let auth = format!("Bearer {token}");
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(port) = ({
+                    let r = ready.lock().unwrap();
+                    (!r.is_empty()).then(|| r[i % r.len()])
+                }) else {
+                    // Nothing ready: the balancer has nowhere to send it yet.
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                };
+                i += 1;
+                let sync = i % 4 != 0;
+                let path = format!(
+                    "/v1/namespaces/default/functions/hello/runs{}",
+                    if sync { "" } else { "?wait=false" }
+                );
+                let res = http(
+                    port,
+                    "POST",
+                    &path,
+                    &[
+                        ("authorization", auth.as_str()),
+                        ("content-type", "application/json"),
+                    ],
+                    r#"{"input": {"name": "roll"}}"#,
+                );
+                match res {
+                    Some((200, _, _)) if sync => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some((202, _, body)) if !sync => {
+                        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                        accepted
+                            .lock()
+                            .unwrap()
+                            .push(v["id"].as_str().unwrap().to_string());
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failed
+                        .lock()
+                        .unwrap()
+                        .push(format!("{port} {path}: {other:?}")),
+                }
+            }
+        })
+    };
+    eventually("load to flow", || {
+        (ok.load(Ordering::Relaxed) > 20).then_some(())
+    });
+    for i in 0..3 {
+        let s = servers.remove(0);
+        let old = s.api;
+        let dir = s.stop_gracefully();
+        let s = ServerProc::start_with(dir, &flags);
+        {
+            let mut p = ports.lock().unwrap();
+            p.retain(|x| *x != old);
+            p.push(s.api);
+        }
+        servers.push(s);
+        let before = ok.load(Ordering::Relaxed);
+        eventually("calls to flow after a restart", || {
+            (ok.load(Ordering::Relaxed) > before + 20).then_some(())
+        });
+        eprintln!("server {i} restarted");
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    prober.join().unwrap();
+    let failed = failed.lock().unwrap().clone();
+    assert!(failed.is_empty(), "{} failed: {failed:#?}", failed.len());
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(!accepted.is_empty());
+    let s = &servers[0];
+    for id in &accepted {
+        eventually("every accepted async run to succeed", || {
+            let r = s.json(&["get", "run", id, "-o", "json"]);
+            (r["status"]["phase"] == "SUCCEEDED").then_some(())
+        });
+    }
+    eprintln!(
+        "{} calls answered during the rolling restart, {} async runs SUCCEEDED",
+        ok.load(Ordering::Relaxed),
+        accepted.len()
     );
 }

@@ -321,7 +321,14 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
         })
         .await;
     match all {
-        Ok(keys) => keys.into_iter().for_each(|k| state.enqueue(k)),
+        Ok(keys) => {
+            state.warming.lock().extend(
+                keys.iter()
+                    .filter(|k| k.kind == Kind::Function)
+                    .map(|k| (k.namespace.clone(), k.name.clone())),
+            );
+            keys.into_iter().for_each(|k| state.enqueue(k))
+        }
         Err(e) => tracing::error!("failed to list stored resources: {e}"),
     }
     if let Err(e) = state.load_namespaces().await {
@@ -436,7 +443,8 @@ async fn shared_changes(
                 ref namespace,
                 ref id,
             } => {
-                crate::queue::cancel_here(&state, namespace, id).await;
+                let done = crate::queue::cancel_here(&state, namespace, id).await;
+                tracing::info!(run = %id, cancelled = done.is_some(), "another server asked to cancel a run");
                 Ok(())
             }
         };

@@ -200,6 +200,15 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
             {
                 adopt(&state, taken).await;
             }
+            // Cancels asked by other servers whose notification did not arrive.
+            let i = id.clone();
+            if let Ok(asked) = state.db(move |s| s.cancel_requests(&i)).await {
+                for (ns, run) in asked {
+                    if crate::queue::cancel_here(&state, &ns, &run).await.is_some() {
+                        tracing::info!(%run, "cancelled a run another server asked to cancel");
+                    }
+                }
+            }
             if leadership(&state).is_some_and(|rx| *rx.borrow()) {
                 crate::deliveries::resync(&state).await;
             }

@@ -124,6 +124,10 @@ pub struct AppState {
     pub events: crate::events::EventWriter,
     /// This server among the servers sharing its store (`crate::replicas`).
     pub replica: crate::replicas::Replica,
+    /// Functions stored at start whose first reconcile has not ended yet: the server is not
+    /// ready (`/readyz`) until it has tried to deploy them all, so that a load balancer does
+    /// not send calls to a server that would answer "being deployed" (a rolling restart).
+    pub(crate) warming: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl AppState {
@@ -209,6 +213,7 @@ impl AppState {
             deliveries: Default::default(),
             events,
             replica: Default::default(),
+            warming: Default::default(),
         });
         (state, keys)
     }
@@ -486,8 +491,9 @@ impl AppState {
         self.controller.enqueue(key);
     }
 
+    /// Started, every function stored at start tried once, and not stopping.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.warming.lock().is_empty()
     }
 
     /// The gateway's route table (held for a lookup or a check; never across an await).

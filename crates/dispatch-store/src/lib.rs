@@ -320,9 +320,15 @@ pub trait RecordStore: Send + Sync + 'static {
     }
 
     /// Tells the server that owns the run to cancel it (a shared store: this server does not
-    /// own it). Nothing to do with one server.
+    /// own it): recorded on the run, and notified. Nothing to do with one server.
     fn request_cancel(&self, _namespace: &str, _id: &str) -> Result<()> {
         Ok(())
+    }
+
+    /// Active runs `replica` owns that another server asked to cancel: (namespace, id). What
+    /// a lost notification left undone is found here.
+    fn cancel_requests(&self, _replica: &str) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
     }
 
     /// Calls `f` with `true` while this server is the one elected among the servers sharing

@@ -181,6 +181,18 @@ fn a_server_whose_lease_ended_is_taken_over_once_and_fenced() {
         b.get_job("default", "j1").unwrap().unwrap().phase,
         JobPhase::Active
     );
+    // A cancel asked through another server is found by the owner (even without the
+    // notification), until the run is final.
+    c.request_cancel("default", "01B").unwrap();
+    assert_eq!(
+        b.cancel_requests(taker).unwrap(),
+        [("default".to_string(), "01B".to_string())]
+    );
+    assert!(b.cancel_requests("a").unwrap().is_empty());
+    let mut cancelled = run("01B", RunStatus::Cancelled, Some(taker));
+    cancelled.attempts = 1;
+    b.put_runs(&[cancelled]).unwrap();
+    assert!(b.cancel_requests(taker).unwrap().is_empty());
     // The owner writes; a finished run can be written by anyone (a redrive takes it).
     b.put_runs(&[run("01A", RunStatus::Dead, Some(taker))])
         .unwrap();

@@ -100,6 +100,17 @@ pub fn http(
     Some((code, head.to_ascii_lowercase(), body.to_string()))
 }
 
+/// Where a server's log goes: nowhere, or with `DISPATCH_TEST_LOGS=DIR` to `DIR/<api port>.log`
+/// (to read what a failing test's servers did).
+fn server_log(api: u16) -> Stdio {
+    match std::env::var_os("DISPATCH_TEST_LOGS") {
+        Some(dir) => std::fs::File::create(Path::new(&dir).join(format!("{api}.log")))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+        None => Stdio::null(),
+    }
+}
+
 pub struct ServerProc {
     pub child: Child,
     pub dir: tempfile::TempDir,
@@ -135,7 +146,7 @@ impl ServerProc {
                 &format!("127.0.0.1:{gateway}"),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(server_log(api))
             .spawn()
             .unwrap();
         let mut s = ServerProc {
@@ -242,6 +253,18 @@ impl ServerProc {
     }
 
     /// SIGTERM, then wait for a clean exit.
+    /// SIGTERM, then waits for the server to stop (its shutdown delay, its drain) and hands
+    /// back its folder for a restart.
+    pub fn stop_gracefully(mut self) -> tempfile::TempDir {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = eventually("the server to stop on SIGTERM", || {
+            self.child.try_wait().unwrap()
+        });
+        assert!(status.success(), "the server stopped with {status}");
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();

@@ -128,6 +128,12 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
     if let Err(e) = res {
         tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {e}");
     }
+    if key.kind == Kind::Function {
+        state
+            .warming
+            .lock()
+            .remove(&(key.namespace.clone(), key.name.clone()));
+    }
     key
 }
 
@@ -257,6 +263,16 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
                     .map(|(k, v)| (k, serde_json::Value::String(v))),
             ),
             Err(e) => return set_status(state, &o, fail(e.to_string())).await,
+        }
+    }
+    // On a store other servers share, the image may be READY because another server built
+    // it: this server's workers need the build here too (a complete one is reused at once).
+    if image_has_deps && state.stores.records.shared() {
+        let digest = image.status.digest.clone().unwrap_or_default();
+        let progress: dispatch_runtime::Progress = Arc::new(|_: &str| {});
+        if let Err(e) = state.backend.build_image(&digest, &build, progress).await {
+            let reason = format!("image {:?} failed on this server: {e}", image.name());
+            return set_status(state, &o, fail(reason)).await;
         }
     }
     let source = spec.source.clone().unwrap_or_default();

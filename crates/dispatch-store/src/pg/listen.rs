@@ -116,6 +116,7 @@ impl Listener {
 
     /// One notification: another server's change, handed on (ours are skipped).
     fn told(&self, payload: &str) {
+        tracing::debug!(payload, "a notification from the database");
         let Ok(v) = serde_json::from_str::<Value>(payload) else {
             return;
         };

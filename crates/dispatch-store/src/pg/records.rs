@@ -41,6 +41,10 @@ impl RecordStore for PgStore {
         self.cancel_elsewhere(namespace, id)
     }
 
+    fn cancel_requests(&self, replica: &str) -> Result<Vec<(String, String)>> {
+        self.cancels_for(replica)
+    }
+
     fn elect(&self, f: Box<dyn Fn(bool) + Send + Sync>) -> bool {
         self.start_election(f);
         true

@@ -104,6 +104,11 @@ impl PgStore {
     }
 
     pub(super) fn cancel_elsewhere(&self, namespace: &str, id: &str) -> Result<()> {
+        let mut c = self.conn()?;
+        c.execute(
+            "UPDATE runs SET cancel_requested = TRUE WHERE namespace = $1 AND id = $2",
+            &[&namespace, &id],
+        )?;
         let told = listen::shared(
             &self.listener.origin,
             Shared::Cancel {
@@ -111,7 +116,20 @@ impl PgStore {
                 id: id.to_string(),
             },
         );
-        listen::notify(&mut *self.conn()?, &told)
+        listen::notify(&mut *c, &told)
+    }
+
+    pub(super) fn cancels_for(&self, replica: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .conn()?
+            .query(
+                "SELECT namespace, id FROM runs WHERE owner = $1 AND cancel_requested
+                   AND status IN ('QUEUED', 'RUNNING')",
+                &[&replica],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
     }
 
     pub(super) fn put_blob_row(&self, digest: &str, data: &[u8]) -> Result<()> {

@@ -128,6 +128,7 @@ CREATE TABLE replicas (
     joined TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 ALTER TABLE runs ADD COLUMN owner TEXT COLLATE "C";
+ALTER TABLE runs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE INDEX runs_owned ON runs (owner) WHERE status IN ('QUEUED', 'RUNNING') OR callback_pending;
 ALTER TABLE job_executions ADD COLUMN owner TEXT COLLATE "C";
 CREATE INDEX jobs_owned ON job_executions (owner) WHERE phase IN ('Waiting', 'Active');
