@@ -399,7 +399,7 @@ fn a_rolling_restart_of_three_servers_fails_no_request() {
                     continue;
                 };
                 i += 1;
-                let sync = i % 4 != 0;
+                let sync = !i.is_multiple_of(4);
                 let path = format!(
                     "/v1/namespaces/default/functions/hello/runs{}",
                     if sync { "" } else { "?wait=false" }
