@@ -328,3 +328,64 @@ fn source_archives_and_settings_are_shared() {
     assert_eq!(a.agree("key", "one").unwrap(), "one");
     assert_eq!(b.agree("key", "two").unwrap(), "one", "the first one stays");
 }
+
+/// `get` answers from memory while the store listens: what another server writes (a spec, a
+/// status, a delete) reaches it through the notifications, and this server's own writes at
+/// once.
+#[test]
+fn cached_resources_follow_every_servers_writes() {
+    use dispatch_core::{Kind, Object, Phase, Status};
+    use dispatch_store::ResourceStore;
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("cache");
+    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    // The listener runs once a callback is registered (the server always registers one).
+    a.on_external_change(Box::new(|_| {}));
+    let image = || {
+        Object::new(
+            Kind::Image,
+            "default",
+            "py",
+            serde_json::json!({"baseImage": "python3"}),
+        )
+    };
+    // A's listener is up once it hears a write of B's.
+    b.create(image()).unwrap();
+    eventually("A to see B's image", || {
+        a.get("default", Kind::Image, "py").unwrap()
+    });
+    let phase = |s: &PgStore| {
+        s.get("default", Kind::Image, "py")
+            .unwrap()
+            .and_then(|o| o.phase())
+    };
+    for p in [Phase::Creating, Phase::Ready, Phase::Error] {
+        let st = Status {
+            phase: Some(p),
+            ..Default::default()
+        };
+        b.update_status("default", Kind::Image, "py", st).unwrap();
+        eventually("A to see B's status", || {
+            (phase(&a) == Some(p)).then_some(())
+        });
+        assert_eq!(phase(&b), Some(p), "a server reads its own write at once");
+    }
+    let st = Status {
+        phase: Some(Phase::Ready),
+        ..Default::default()
+    };
+    a.update_status("default", Kind::Image, "py", st).unwrap();
+    assert_eq!(phase(&a), Some(Phase::Ready));
+    b.delete("default", Kind::Image, "py").unwrap();
+    eventually("A to see the delete", || {
+        a.get("default", Kind::Image, "py")
+            .unwrap()
+            .is_none()
+            .then_some(())
+    });
+    b.create(image()).unwrap();
+    eventually("A to see it again", || {
+        a.get("default", Kind::Image, "py").unwrap()
+    });
+}

@@ -34,6 +34,80 @@ pub(super) struct Listener {
     started: AtomicBool,
     pub(super) stop: AtomicBool,
     connect: Connect,
+    /// Resources as `get` read them, while the listener hears every change (see [`Cache`]).
+    pub(super) cache: Cache,
+}
+
+/// Resources by (namespace, kind, name) as last read, `None` for absent ones: a `get` that
+/// finds its key answers without the database. Only while the listening connection is up
+/// (`live`): every write of a resource — this server's, and others' through their
+/// notifications (specs and statuses) — drops its entry; a lost connection drops them all.
+/// A read that raced with a drop does not fill the cache (`generation`).
+#[derive(Default)]
+pub(super) struct Cache {
+    entries:
+        RwLock<std::collections::HashMap<(String, Kind, String), Option<dispatch_core::Object>>>,
+    generation: std::sync::atomic::AtomicU64,
+    live: AtomicBool,
+}
+
+/// At most this many resources are kept (a bound on memory; past it the cache starts over).
+const CACHE_MAX: usize = 100_000;
+
+impl Cache {
+    pub(super) fn get(
+        &self,
+        key: &(String, Kind, String),
+    ) -> Option<Option<dispatch_core::Object>> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        self.entries.read().get(key).cloned()
+    }
+
+    /// The generation to pass to [`Cache::fill`] (read before the database is).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub(super) fn fill(
+        &self,
+        key: (String, Kind, String),
+        value: Option<dispatch_core::Object>,
+        generation: u64,
+    ) {
+        if !self.live.load(Ordering::Acquire) {
+            return;
+        }
+        let mut e = self.entries.write();
+        // Checked under the lock that drops take too: no drop came between the read and now.
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if e.len() >= CACHE_MAX {
+            e.clear();
+        }
+        e.insert(key, value);
+    }
+
+    pub(super) fn drop_key(&self, ns: &str, kind: Kind, name: &str) {
+        let mut e = self.entries.write();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        e.remove(&(ns.to_string(), kind, name.to_string()));
+    }
+
+    pub(super) fn drop_namespace(&self, ns: &str) {
+        let mut e = self.entries.write();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        e.retain(|k, _| k.0 != ns);
+    }
+
+    fn set_live(&self, live: bool) {
+        let mut e = self.entries.write();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        e.clear();
+        self.live.store(live, Ordering::Release);
+    }
 }
 
 impl Listener {
@@ -45,6 +119,7 @@ impl Listener {
             started: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             connect,
+            cache: Cache::default(),
         })
     }
 
@@ -92,6 +167,8 @@ impl Listener {
                 }
             };
             backoff = Duration::from_millis(100);
+            // From here every change is heard: the cache may answer.
+            self.cache.set_live(true);
             if !first {
                 self.everything_changed(&mut client);
             }
@@ -107,6 +184,7 @@ impl Listener {
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!("the connection for other servers' changes ended: {e}");
+                        self.cache.set_live(false);
                         break;
                     }
                 }
@@ -134,7 +212,7 @@ impl Listener {
                     });
                 }
             }
-            Some("resource") => {
+            Some(t @ ("resource" | "status")) => {
                 let (Some(kind), Some(ns), Some(name)) = (
                     v["kind"].as_str().and_then(Kind::parse),
                     v["ns"].as_str(),
@@ -142,6 +220,11 @@ impl Listener {
                 ) else {
                     return;
                 };
+                self.cache.drop_key(ns, kind, name);
+                if t == "status" {
+                    // A status another server wrote: read again, nothing to reconcile.
+                    return;
+                }
                 if let Some(f) = &*self.on_change.read() {
                     f(Changed {
                         kind,
@@ -193,6 +276,11 @@ pub(super) fn resource(origin: &str, kind: Kind, ns: &str, name: &str, deleted: 
     json!({"o": origin, "t": "resource", "kind": kind.as_str(), "ns": ns, "name": name,
         "deleted": deleted})
     .to_string()
+}
+
+/// The payload of a resource's new status (it only drops other servers' cached copies).
+pub(super) fn status(origin: &str, kind: Kind, ns: &str, name: &str) -> String {
+    json!({"o": origin, "t": "status", "kind": kind.as_str(), "ns": ns, "name": name}).to_string()
 }
 
 /// The payload of a change to tokens or namespaces, or of a cancel request.

@@ -52,7 +52,15 @@ impl ResourceStore for PgStore {
     }
 
     fn get(&self, namespace: &str, kind: Kind, name: &str) -> Result<Option<Object>> {
-        read_row(&mut *self.conn()?, namespace, kind, name, false)
+        let cache = &self.listener.cache;
+        let key = (namespace.to_string(), kind, name.to_string());
+        if let Some(hit) = cache.get(&key) {
+            return Ok(hit);
+        }
+        let generation = cache.generation();
+        let read = read_row(&mut *self.conn()?, namespace, kind, name, false)?;
+        cache.fill(key, read.clone(), generation);
+        Ok(read)
     }
 
     fn list(&self, namespace: Option<&str>, kind: Kind) -> Result<Vec<Object>> {
@@ -87,6 +95,9 @@ impl ResourceStore for PgStore {
                 &told,
             ],
         )?;
+        self.listener
+            .cache
+            .drop_key(&ns, object.kind, object.name());
         if n.is_empty() {
             return Err(StoreError::AlreadyExists {
                 kind: object.kind,
@@ -115,6 +126,9 @@ impl ResourceStore for PgStore {
         );
         notify(&mut tx, &told)?;
         tx.commit()?;
+        self.listener
+            .cache
+            .drop_key(&ns, stored.kind, stored.name());
         Ok(stored)
     }
 
@@ -134,7 +148,12 @@ impl ResourceStore for PgStore {
         stored.status = status;
         stored.metadata.resource_version = Some(next.to_string());
         write_row(&mut tx, &stored, next)?;
+        notify(
+            &mut tx,
+            &listen::status(&self.listener.origin, kind, namespace, name),
+        )?;
         tx.commit()?;
+        self.listener.cache.drop_key(namespace, kind, name);
         Ok(stored)
     }
 
@@ -146,6 +165,7 @@ impl ResourceStore for PgStore {
              SELECT body, pg_notify($4, $5) FROM del",
             &[&namespace, &kind.as_str(), &name, &listen::CHANNEL, &told],
         )?;
+        self.listener.cache.drop_key(namespace, kind, name);
         match row {
             Some(r) => Ok(serde_json::from_str(r.get::<_, &str>(0))?),
             None => Err(not_found(kind, namespace, name)),
@@ -224,6 +244,7 @@ impl ResourceStore for PgStore {
             &listen::shared(&self.listener.origin, Shared::Namespaces),
         )?;
         tx.commit()?;
+        self.listener.cache.drop_namespace(name);
         Ok(n == 1)
     }
 }
