@@ -400,6 +400,7 @@ impl Server {
         if let Some(r) = parts.resources {
             builder = builder.resources(r);
         }
+        let mut signals = ShutdownSignals::new();
         let server = builder.start().await?;
         if let Some(file) = &server.admin_token_file {
             eprintln!(
@@ -412,7 +413,7 @@ impl Server {
         } else if !config.options.auth {
             eprintln!("authentication is OFF (--insecure-no-auth): every caller is admin");
         }
-        shutdown_signal().await;
+        signals.recv().await;
         if !self.shutdown_delay.is_zero() {
             server.stop_taking_traffic();
             tracing::info!(
@@ -421,7 +422,7 @@ impl Server {
             );
             tokio::select! {
                 _ = tokio::time::sleep(self.shutdown_delay) => {}
-                _ = shutdown_signal() => {}
+                _ = signals.recv() => {}
             }
         }
         tracing::info!("shutting down: draining in-flight calls");
@@ -470,16 +471,44 @@ fn lowered(s: &str) -> Result<dispatch_runtime::sandbox::Lowered, String> {
 
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    ShutdownSignals::new().recv().await
+}
+
+/// SIGTERM and SIGINT, caught from creation on: made before the server starts serving, so
+/// that a signal right after it is ready stops it gracefully rather than killing it.
+pub struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    pub fn new() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        ShutdownSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    }
+
+    /// The next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        tokio::select! {
+            _ = one(&mut self.term) => {}
+            _ = one(&mut self.int) => {}
+        }
+    }
+}
+
+impl Default for ShutdownSignals {
+    fn default() -> Self {
+        Self::new()
     }
 }
