@@ -187,6 +187,25 @@ spec:
         }
     }
     assert!(taken > 0, "none of the killed server's runs was taken over");
+    // What the survivors say of it in /metrics: one of them took work over, one leads.
+    let metric = |s: &ServerProc, name: &str| -> u64 {
+        let auth = format!("Bearer {}", s.token);
+        let (_, _, body) = http(s.api, "GET", "/metrics", &[("authorization", &auth)], "").unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in /metrics"))
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        metric(&a, "dispatch_replica_taken_over_total")
+            + metric(&b, "dispatch_replica_taken_over_total")
+            >= taken as u64
+    );
+    eventually("one of the survivors to lead", || {
+        (metric(&a, "dispatch_replica_leader") + metric(&b, "dispatch_replica_leader") == 1)
+            .then_some(())
+    });
 
     // No run ran twice at once (crash.rs's check): an attempt cut by the kill may still write
     // its end after the marker, but only if no new attempt of that run had started by then.

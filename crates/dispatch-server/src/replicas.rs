@@ -12,7 +12,9 @@
 //! advisory lock, or the Kubernetes Lease) for work only one may do: cron fires and brokers'
 //! consumers. With one server (SQLite) none of this runs: start-up takes every active record.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dispatch_store::Taken;
@@ -32,6 +34,11 @@ pub struct Replica {
     /// `DATA_DIR/replica`, locked while this process lives: the id a server started again
     /// on the same data dir takes back (with its work, at once rather than after its lease).
     file: parking_lot::Mutex<Option<std::fs::File>>,
+    /// Runs and job executions taken over from servers whose lease ended (`/metrics`).
+    taken: AtomicU64,
+    /// Lease renewals that failed, and times this server fenced itself (`/metrics`).
+    renew_failures: AtomicU64,
+    fenced: AtomicU64,
 }
 
 impl Replica {
@@ -151,6 +158,51 @@ async fn take(state: &Arc<AppState>, own: bool) -> Option<Taken> {
     }
 }
 
+/// The replica's gauges and counters for `/metrics` (nothing with one server).
+pub fn render_metrics(state: &AppState) -> String {
+    let mut out = String::new();
+    if !state.stores.records.shared() {
+        return out;
+    }
+    let r = &state.replica;
+    let leads = leadership(state).is_none_or(|rx| *rx.borrow());
+    let rows: [(&str, &str, &str, u64); 4] = [
+        (
+            "dispatch_replica_leader",
+            "gauge",
+            "1 when this server is the elected one of those sharing its database (cron, brokers).",
+            leads as u64,
+        ),
+        (
+            "dispatch_replica_taken_over_total",
+            "counter",
+            "Async runs, callbacks and job executions taken over from servers whose lease ended.",
+            r.taken.load(Ordering::Relaxed),
+        ),
+        (
+            "dispatch_replica_lease_renewal_failures_total",
+            "counter",
+            "Renewals of this server's lease that failed.",
+            r.renew_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "dispatch_replica_fenced_total",
+            "counter",
+            "Times this server dropped its work because its lease could not be kept.",
+            r.fenced.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}
+# TYPE {name} {kind}
+{name} {v}"
+        );
+    }
+    out
+}
+
 /// Runs, callbacks and job executions this server just took charge of.
 pub async fn adopt(state: &Arc<AppState>, taken: Taken) {
     crate::queue::recover(state, taken.runs).await;
@@ -185,6 +237,7 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
                     continue;
                 }
                 Err(e) => {
+                    state.replica.renew_failures.fetch_add(1, Ordering::Relaxed);
                     if renewed.elapsed() >= ttl * 3 / 4 {
                         tracing::error!(replica = %id, "the lease could not be renewed in time ({e}): stopping this server's runs before another server takes them over");
                         fence(&state).await;
@@ -198,6 +251,8 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
             if let Some(taken) = take(&state, false).await
                 && !taken.is_empty()
             {
+                let n = taken.runs.len() + taken.callbacks.len() + taken.jobs.len();
+                state.replica.taken.fetch_add(n as u64, Ordering::Relaxed);
                 adopt(&state, taken).await;
             }
             // Cancels asked by other servers whose notification did not arrive.
@@ -220,6 +275,7 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
 /// records stay as they are, for the server that takes them over), its queue and its job
 /// executions are forgotten, and it joins again under a new id.
 async fn fence(state: &Arc<AppState>) {
+    state.replica.fenced.fetch_add(1, Ordering::Relaxed);
     state.queue.forget_all();
     crate::jobs::stop_all(state);
     let id = new_id();

@@ -157,7 +157,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             + &function_metrics(&state)
             + &budget_metrics(&state)
             + &disk_metrics(&state)
-            + &state.deliveries.render_metrics(state.queue.clock.now()),
+            + &state.deliveries.render_metrics(state.queue.clock.now())
+            + &crate::replicas::render_metrics(&state),
     )
 }
 
