@@ -257,7 +257,8 @@ spec:
 }
 
 /// A run is cancelled through any server (the one that runs it does it, told through the
-/// store), and a server whose secret key differs from the others' refuses to start.
+/// store), a secret sealed by one opens on the other, and a server whose secret key differs
+/// from the others' refuses to start.
 #[test]
 fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
     let _one = one_at_a_time();
@@ -301,6 +302,10 @@ fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
     );
     let run = a.json(&["get", "run", &id, "-o", "json"]);
     assert_eq!(run["status"]["phase"], "CANCELLED", "{run}");
+    // A secret sealed by one server opens on the other (one key file).
+    a.ok(&["create", "secret", "db", "--from-literal", "password=s3cr3t-9"]);
+    let revealed = b.json(&["get", "secret", "db", "--reveal", "-o", "json"]);
+    assert_eq!(revealed["spec"]["data"]["password"], "s3cr3t-9");
 
     let other_key = shared.path().join("other.key");
     let dir = tempfile::tempdir().unwrap();
