@@ -124,41 +124,7 @@ spec:
     // No run ran twice at once. An attempt cut by the kill may still write its end after
     // the restart marker (its worker noticed the server's death within 100 ms), but only if no
     // new attempt of that run had started by then.
-    let text = std::fs::read_to_string(&log).unwrap();
-    let mut open: HashMap<String, String> = HashMap::new();
-    // Attempts in flight at the kill: id -> (pid, superseded by a new attempt).
-    let mut orphans: HashMap<String, (String, bool)> = HashMap::new();
-    let mut ended: HashMap<String, usize> = HashMap::new();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.split(' ').collect();
-        match parts.as_slice() {
-            ["restart"] => {
-                orphans.extend(open.drain().map(|(id, pid)| (id, (pid, false))));
-            }
-            ["start", id, pid] => {
-                if let Some(other) = open.insert(id.to_string(), pid.to_string()) {
-                    panic!("run {id} started in worker {pid} while still running in {other}");
-                }
-                if let Some(o) = orphans.get_mut(*id) {
-                    o.1 = true;
-                }
-            }
-            ["end", id, pid] => {
-                if open.get(*id).map(String::as_str) == Some(*pid) {
-                    open.remove(*id);
-                } else {
-                    match orphans.remove(*id) {
-                        Some((opid, false)) if opid == *pid => {}
-                        other => panic!(
-                            "run {id} ended in worker {pid} while another attempt ran ({other:?})"
-                        ),
-                    }
-                }
-                *ended.entry(id.to_string()).or_default() += 1;
-            }
-            other => panic!("unexpected log line {other:?}"),
-        }
-    }
+    let ended = attempts_never_overlap(&std::fs::read_to_string(&log).unwrap());
     for id in &accepted {
         assert!(
             ended.contains_key(id),

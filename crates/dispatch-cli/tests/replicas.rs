@@ -40,46 +40,82 @@ fn ends(log: &std::path::Path) -> usize {
         .count()
 }
 
-/// Another server on the same database: its data dir holds the first server's admin token
-/// (tokens are shared; only a first start writes the file).
-fn another(flags: &[&str], token: &str) -> ServerProc {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
-    std::fs::write(data.join("admin-token"), token).unwrap();
-    std::fs::set_permissions(
-        data.join("admin-token"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
-    ServerProc::start_with(dir, flags)
+/// Servers on one fresh database of their own, with one key file (in `shared`) and `extra`
+/// flags: the first with [`Cluster::first`], the others with [`Cluster::another`].
+struct Cluster {
+    _pg: dispatch_testkit::postgres::Postgres,
+    url: String,
+    shared: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    fn new(db: &str, extra: &[&str]) -> Cluster {
+        let pg = dispatch_testkit::postgres::Postgres::start();
+        let url = pg.create_database(db);
+        Cluster {
+            _pg: pg,
+            url,
+            shared: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    fn flags(&self) -> Vec<String> {
+        let key = self.shared.path().join("secret.key");
+        let mut f = vec![
+            "--database".to_string(),
+            self.url.clone(),
+            "--secret-key-file".into(),
+            key.display().to_string(),
+        ];
+        f.extend(self.extra.iter().cloned());
+        f
+    }
+
+    fn start(&self, dir: tempfile::TempDir) -> ServerProc {
+        let flags = self.flags();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ServerProc::start_with(dir, &flags)
+    }
+
+    /// The first server: it writes the admin token.
+    fn first(&self) -> ServerProc {
+        self.start(tempfile::tempdir().unwrap())
+    }
+
+    /// Another server: its data dir holds the first one's admin token (tokens are shared;
+    /// only a first start writes the file).
+    fn another(&self, token: &str) -> ServerProc {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(data.join("admin-token"), token).unwrap();
+        std::fs::set_permissions(
+            data.join("admin-token"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        self.start(dir)
+    }
 }
 
 #[test]
 fn three_servers_share_the_queue_and_take_over_a_killed_one() {
     let _one = one_at_a_time();
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("replicas");
-    let shared = tempfile::tempdir().unwrap();
-    let key = shared.path().join("secret.key");
-    let log = shared.path().join("tick.log");
     // Unsandboxed, so that the handler can write the host file that proves no run ran twice
     // at once (as in crash.rs).
-    let flags = [
-        "--database",
-        url.as_str(),
-        "--replica-lease",
-        "2s",
-        "--secret-key-file",
-        key.to_str().unwrap(),
-        "--isolation",
-        "none",
-    ];
-    let a = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
-    let b = another(&flags, &a.token);
-    let c = another(&flags, &a.token);
+    let cluster = Cluster::new(
+        "replicas",
+        &["--replica-lease", "2s", "--isolation", "none"],
+    );
+    let shared = &cluster.shared;
+    let log = shared.path().join("tick.log");
+    let a = cluster.first();
+    let b = cluster.another(&a.token);
+    let c = cluster.another(&a.token);
 
     // Created through one server: its source archive reaches the others through the store.
     std::fs::write(shared.path().join("tick.py"), TICK).unwrap();
@@ -207,42 +243,8 @@ spec:
             .then_some(())
     });
 
-    // No run ran twice at once (crash.rs's check): an attempt cut by the kill may still write
-    // its end after the marker, but only if no new attempt of that run had started by then.
-    let text = std::fs::read_to_string(&log).unwrap();
-    let mut open: HashMap<String, String> = HashMap::new();
-    let mut orphans: HashMap<String, (String, bool)> = HashMap::new();
-    let mut ended: HashMap<String, usize> = HashMap::new();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.split(' ').collect();
-        match parts.as_slice() {
-            ["restart"] => {
-                orphans.extend(open.drain().map(|(id, pid)| (id, (pid, false))));
-            }
-            ["start", id, pid] => {
-                if let Some(other) = open.insert(id.to_string(), pid.to_string()) {
-                    panic!("run {id} started in worker {pid} while still running in {other}");
-                }
-                if let Some(o) = orphans.get_mut(*id) {
-                    o.1 = true;
-                }
-            }
-            ["end", id, pid] => {
-                if open.get(*id).map(String::as_str) == Some(*pid) {
-                    open.remove(*id);
-                } else {
-                    match orphans.remove(*id) {
-                        Some((opid, false)) if opid == *pid => {}
-                        other => panic!(
-                            "run {id} ended in worker {pid} while another attempt ran ({other:?})"
-                        ),
-                    }
-                }
-                *ended.entry(id.to_string()).or_default() += 1;
-            }
-            other => panic!("unexpected log line {other:?}"),
-        }
-    }
+    // No run ran twice at once (the check crash.rs makes).
+    let ended = attempts_never_overlap(&std::fs::read_to_string(&log).unwrap());
     for (id, _) in &accepted {
         assert!(
             ended.contains_key(id),
@@ -262,18 +264,10 @@ spec:
 #[test]
 fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
     let _one = one_at_a_time();
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("cancel");
-    let shared = tempfile::tempdir().unwrap();
-    let key = shared.path().join("secret.key");
-    let flags = [
-        "--database",
-        url.as_str(),
-        "--secret-key-file",
-        key.to_str().unwrap(),
-    ];
-    let a = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
-    let b = another(&flags, &a.token);
+    let cluster = Cluster::new("cancel", &[]);
+    let shared = &cluster.shared;
+    let a = cluster.first();
+    let b = cluster.another(&a.token);
     let hang = shared.path().join("hang.py");
     std::fs::write(
         &hang,
@@ -303,14 +297,20 @@ fn a_run_is_cancelled_through_another_server_and_keys_must_agree() {
     let run = a.json(&["get", "run", &id, "-o", "json"]);
     assert_eq!(run["status"]["phase"], "CANCELLED", "{run}");
     // A secret sealed by one server opens on the other (one key file).
-    a.ok(&["create", "secret", "db", "--from-literal", "password=s3cr3t-9"]);
+    a.ok(&[
+        "create",
+        "secret",
+        "db",
+        "--from-literal",
+        "password=s3cr3t-9",
+    ]);
     let revealed = b.json(&["get", "secret", "db", "--reveal", "-o", "json"]);
     assert_eq!(revealed["spec"]["data"]["password"], "s3cr3t-9");
 
     let other_key = shared.path().join("other.key");
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
-        .args(["server", "--database", &url, "--secret-key-file"])
+        .args(["server", "--database", &cluster.url, "--secret-key-file"])
         .arg(&other_key)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
@@ -335,24 +335,14 @@ fn a_rolling_restart_of_three_servers_fails_no_request() {
     let _one = one_at_a_time();
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("rolling");
-    let shared = tempfile::tempdir().unwrap();
-    let key = shared.path().join("secret.key");
-    let flags = [
-        "--database",
-        url.as_str(),
-        "--replica-lease",
-        "2s",
-        "--secret-key-file",
-        key.to_str().unwrap(),
-        "--shutdown-delay",
-        "1s",
-    ];
-    let a = ServerProc::start_with(tempfile::tempdir().unwrap(), &flags);
+    let cluster = Cluster::new(
+        "rolling",
+        &["--replica-lease", "2s", "--shutdown-delay", "1s"],
+    );
+    let a = cluster.first();
     let token = a.token.clone();
-    let b = another(&flags, &token);
-    let c = another(&flags, &token);
+    let b = cluster.another(&token);
+    let c = cluster.another(&token);
     let hello = examples().join("python3/hello.py");
     a.ok(&["create", "image", "py", "python3", "--wait"]);
     a.ok(&[
@@ -465,7 +455,7 @@ fn a_rolling_restart_of_three_servers_fails_no_request() {
         let s = servers.remove(0);
         let old = s.api;
         let dir = s.stop_gracefully();
-        let s = ServerProc::start_with(dir, &flags);
+        let s = cluster.start(dir);
         {
             let mut p = ports.lock().unwrap();
             p.retain(|x| *x != old);

@@ -389,3 +389,30 @@ fn cached_resources_follow_every_servers_writes() {
         a.get("default", Kind::Image, "py").unwrap()
     });
 }
+
+/// A change made after a store is opened and before its server registers for changes (the
+/// server lists everything in between) is still reported: the store listens from its opening.
+#[test]
+fn a_change_between_opening_and_listening_is_not_missed() {
+    use dispatch_core::{Kind, Object};
+    use dispatch_store::ResourceStore;
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("early");
+    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    b.create(Object::new(
+        Kind::Image,
+        "default",
+        "early",
+        serde_json::json!({"baseImage": "python3"}),
+    ))
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.on_external_change(Box::new(move |c| {
+        let _ = tx.send(c.name);
+    }));
+    let got = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the early change");
+    assert_eq!(got, "early");
+}

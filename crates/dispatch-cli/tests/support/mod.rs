@@ -294,3 +294,47 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     }
     found
 }
+
+/// Reads the log an async test function writes (`start ID PID`, `end ID PID`, and a
+/// `restart` line the test writes after killing a server) and panics if a run ran twice at
+/// once: an attempt cut by the kill may still write its end after the marker (its worker
+/// notices the server's death within 100 ms), but only if no new attempt of that run had
+/// started by then. Returns how many attempts of each run ended.
+pub fn attempts_never_overlap(text: &str) -> std::collections::HashMap<String, usize> {
+    use std::collections::HashMap;
+    let mut open: HashMap<String, String> = HashMap::new();
+    // Attempts in flight at the kill: id -> (pid, superseded by a new attempt).
+    let mut orphans: HashMap<String, (String, bool)> = HashMap::new();
+    let mut ended: HashMap<String, usize> = HashMap::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        match parts.as_slice() {
+            ["restart"] => {
+                orphans.extend(open.drain().map(|(id, pid)| (id, (pid, false))));
+            }
+            ["start", id, pid] => {
+                if let Some(other) = open.insert(id.to_string(), pid.to_string()) {
+                    panic!("run {id} started in worker {pid} while still running in {other}");
+                }
+                if let Some(o) = orphans.get_mut(*id) {
+                    o.1 = true;
+                }
+            }
+            ["end", id, pid] => {
+                if open.get(*id).map(String::as_str) == Some(*pid) {
+                    open.remove(*id);
+                } else {
+                    match orphans.remove(*id) {
+                        Some((opid, false)) if opid == *pid => {}
+                        other => panic!(
+                            "run {id} ended in worker {pid} while another attempt ran ({other:?})"
+                        ),
+                    }
+                }
+                *ended.entry(id.to_string()).or_default() += 1;
+            }
+            other => panic!("unexpected log line {other:?}"),
+        }
+    }
+    ended
+}

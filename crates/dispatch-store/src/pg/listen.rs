@@ -36,6 +36,15 @@ pub(super) struct Listener {
     connect: Connect,
     /// Resources as `get` read them, while the listener hears every change (see [`Cache`]).
     pub(super) cache: Cache,
+    /// The listening connection made with the store ([`Listener::prepare`]).
+    prepared: parking_lot::Mutex<Option<postgres::Client>>,
+}
+
+/// A connection that listens on [`CHANNEL`].
+fn listening(connect: &Connect) -> Result<postgres::Client> {
+    let mut c = connect()?;
+    c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    Ok(c)
 }
 
 /// Resources by (namespace, kind, name) as last read, `None` for absent ones: a `get` that
@@ -120,7 +129,22 @@ impl Listener {
             stop: AtomicBool::new(false),
             connect,
             cache: Cache::default(),
+            prepared: parking_lot::Mutex::new(None),
         })
+    }
+
+    /// Opens the listening connection now (the store is being made, before the server reads
+    /// anything), for the thread to take when it starts; left to the thread if it fails.
+    pub(super) fn prepare(&self) {
+        match listening(&self.connect) {
+            Ok(c) => *self.prepared.lock() = Some(c),
+            Err(e) => tracing::warn!("listening for other servers' changes (retried): {e}"),
+        }
+    }
+
+    /// The prepared connection if the thread never took it (to close it off async threads).
+    pub(super) fn take_prepared(&self) -> Option<postgres::Client> {
+        self.prepared.lock().take()
     }
 
     /// A new connection of its own kind (plain or TLS) to the database.
@@ -152,12 +176,20 @@ impl Listener {
     /// to 5 s), then everything is reported changed.
     fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
-        let mut first = true;
+        // The connection made with the store listens from before the server's first read:
+        // nothing changed since is missed. Any other one (that one failed, or a reconnect)
+        // starts by reporting everything changed.
+        let mut gap = true;
+        let mut prepared = self.prepared.lock().take();
+        if prepared.is_some() {
+            gap = false;
+        }
         while !self.stop.load(Ordering::Acquire) {
-            let mut client = match (self.connect)().and_then(|mut c| {
-                c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
-                Ok(c)
-            }) {
+            let made = match prepared.take() {
+                Some(c) => Ok(c),
+                None => listening(&self.connect),
+            };
+            let mut client = match made {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("listening for other servers' changes (retrying): {e}");
@@ -169,10 +201,10 @@ impl Listener {
             backoff = Duration::from_millis(100);
             // From here every change is heard: the cache may answer.
             self.cache.set_live(true);
-            if !first {
+            if gap {
                 self.everything_changed(&mut client);
             }
-            first = false;
+            gap = true;
             let mut notifications = client.notifications();
             let mut it = notifications.timeout_iter(Duration::from_millis(500));
             loop {

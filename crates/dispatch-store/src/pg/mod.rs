@@ -110,10 +110,11 @@ impl Drop for PgStore {
             .store(true, std::sync::atomic::Ordering::Release);
         // Each client owns a runtime, which may not be dropped on an async thread.
         let writers: Vec<_> = self.writers.iter().map(|w| w.lock().take()).collect();
+        let listening = self.listener.take_prepared();
         if let Some(pool) = self.pool.take() {
             let _ = std::thread::Builder::new()
                 .name("postgres-close".into())
-                .spawn(move || drop((pool, writers)));
+                .spawn(move || drop((pool, writers, listening)));
         }
     }
 }
@@ -147,9 +148,11 @@ impl PgStore {
                 (Pool::Tls(pool), connect)
             }
         };
+        let listener = listen::Listener::new(connect);
+        listener.prepare();
         Ok(PgStore {
             pool: Some(pool),
-            listener: listen::Listener::new(connect),
+            listener,
             writers: Default::default(),
         })
     }
