@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use dispatch_store::Taken;
+use dispatch_store::{TakeOver, Taken};
 use parking_lot::RwLock;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -113,10 +113,8 @@ pub fn leadership(state: &AppState) -> Option<watch::Receiver<bool>> {
 /// (with one server: every active record).
 pub async fn join(state: &Arc<AppState>) -> Taken {
     let shared = state.stores.records.shared();
-    let mut own = false;
     if shared {
         let saved = state.replica.saved(state.config.data_dir.as_deref());
-        own = saved.is_some();
         let mut wait = Duration::from_millis(100);
         loop {
             let id = saved.clone().unwrap_or_else(new_id);
@@ -142,14 +140,13 @@ pub async fn join(state: &Arc<AppState>) -> Taken {
             let _ = state.replica.elected.set(rx);
         }
     }
-    take(state, own).await.unwrap_or_default()
+    take(state, TakeOver::Start).await.unwrap_or_default()
 }
 
-/// Takes over what nobody holds (with `own`, what this server's id holds from its last run);
-/// `None` when the store could not be asked.
-async fn take(state: &Arc<AppState>, own: bool) -> Option<Taken> {
+/// Takes over what `how` says nobody holds; `None` when the store could not be asked.
+async fn take(state: &Arc<AppState>, how: TakeOver) -> Option<Taken> {
     let me = state.replica.id().unwrap_or_default();
-    match state.db(move |s| s.take_over(&me, own)).await {
+    match state.db(move |s| s.take_over(&me, how)).await {
         Ok(t) => Some(t),
         Err(e) => {
             tracing::error!("taking over work nobody holds: {e}");
@@ -221,6 +218,7 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
         let mut tick = tokio::time::interval(ttl / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut renewed = Instant::now();
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
             let Some(id) = state.replica.id() else {
@@ -248,7 +246,15 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
                     continue;
                 }
             }
-            if let Some(taken) = take(&state, false).await
+            // Records of no live server arise only from a race (a server taken over while it
+            // still accepted runs): looked for once a minute, not on every renewal.
+            ticks += 1;
+            let how = if ticks.is_multiple_of(ORPHAN_SWEEP_TICKS) {
+                TakeOver::Orphans
+            } else {
+                TakeOver::Expired
+            };
+            if let Some(taken) = take(&state, how).await
                 && !taken.is_empty()
             {
                 let n = taken.runs.len() + taken.callbacks.len() + taken.jobs.len();
@@ -270,6 +276,10 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
         }
     }))
 }
+
+/// Renewals between two looks for records of no live server (24 × a quarter of the default
+/// 10 s lease: once a minute).
+const ORPHAN_SWEEP_TICKS: u64 = 24;
 
 /// This server may no longer own what it holds: its attempts stop without writing (their
 /// records stay as they are, for the server that takes them over), its queue and its job

@@ -200,6 +200,19 @@ pub enum Shared {
     Cancel { namespace: String, id: String },
 }
 
+/// Which records [`RecordStore::take_over`] takes on a shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOver {
+    /// At start-up: [`TakeOver::Orphans`], and the records this server's id holds already
+    /// (a server started again under the id it had).
+    Start,
+    /// On each renewal: the records of servers whose lease ended (a look-up by owner).
+    Expired,
+    /// Now and then: also the records of no server (written before servers had leases) or of
+    /// a server without a lease (taken over while it still ran).
+    Orphans,
+}
+
 /// What a server takes charge of ([`RecordStore::take_over`]): active async runs, finished
 /// runs whose callback is still to be sent, and Waiting or Active job executions.
 #[derive(Debug, Clone, Default)]
@@ -307,11 +320,9 @@ pub trait RecordStore: Send + Sync + 'static {
     }
 
     /// Takes charge of the work nobody else holds: with one server, every active run, pending
-    /// callback and active job execution (start-up); on a shared store, those of servers
-    /// whose lease ended and those owned by no live server, now owned by `replica` — each
-    /// taken by one server only — and, with `own`, those `replica` owns already (a server
-    /// that starts again under the id it had).
-    fn take_over(&self, _replica: &str, _own: bool) -> Result<Taken> {
+    /// callback and active job execution (start-up); on a shared store, what `how` says, now
+    /// owned by `replica` — each record taken by one server only.
+    fn take_over(&self, _replica: &str, _how: TakeOver) -> Result<Taken> {
         Ok(Taken {
             runs: self.active_runs()?,
             callbacks: self.pending_callbacks()?,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dispatch_core::envelope::null_raw;
 use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
 use dispatch_core::{CallbackState, JobExecution, JobPhase, Run, RunStatus, Trigger};
-use dispatch_store::{PgOptions, PgStore, RecordStore, SqliteStore, StoreError};
+use dispatch_store::{PgOptions, PgStore, RecordStore, SqliteStore, StoreError, TakeOver};
 
 fn run(id: &str, status: RunStatus, owner: Option<&str>) -> Run {
     let mut r = Run::new(
@@ -84,7 +84,7 @@ fn one_sqlite_server_takes_every_active_record_at_start() {
     ])
     .unwrap();
     s.put_job(&job("j1", None)).unwrap();
-    let t = s.take_over("", false).unwrap();
+    let t = s.take_over("", TakeOver::Start).unwrap();
     assert_eq!(ids(&t.runs), ["01A", "01B"]);
     assert_eq!(ids(&t.callbacks), ["01C"]);
     assert_eq!(t.jobs.len(), 1);
@@ -104,9 +104,13 @@ fn a_server_whose_lease_ended_is_taken_over_once_and_fenced() {
     assert!(a.lease("a", Duration::from_millis(300), true).unwrap());
     assert!(b.lease("b", long, true).unwrap());
     assert!(c.lease("c", long, true).unwrap());
+    assert!(
+        b.take_over("b", TakeOver::Expired).unwrap().is_empty(),
+        "a renewal looks only for servers whose lease ended"
+    );
     let (tb, tc) = std::thread::scope(|s| {
-        let tb = s.spawn(|| b.take_over("b", false).unwrap());
-        let tc = s.spawn(|| c.take_over("c", false).unwrap());
+        let tb = s.spawn(|| b.take_over("b", TakeOver::Orphans).unwrap());
+        let tc = s.spawn(|| c.take_over("c", TakeOver::Orphans).unwrap());
         (tb.join().unwrap(), tc.join().unwrap())
     });
     let mut both = [ids(&tb.runs), ids(&tc.runs)].concat();
@@ -130,12 +134,12 @@ fn a_server_whose_lease_ended_is_taken_over_once_and_fenced() {
     .unwrap();
     a.put_job(&job("j1", Some("a"))).unwrap();
     // While A's lease lasts, nobody takes its work.
-    assert!(b.take_over("b", false).unwrap().is_empty());
+    assert!(b.take_over("b", TakeOver::Expired).unwrap().is_empty());
     // A stops renewing; B and C both try: one of them takes all of it.
     let (tb, tc) = eventually("A's lease to end and its work to be taken", || {
         let (tb, tc) = std::thread::scope(|s| {
-            let tb = s.spawn(|| b.take_over("b", false).unwrap());
-            let tc = s.spawn(|| c.take_over("c", false).unwrap());
+            let tb = s.spawn(|| b.take_over("b", TakeOver::Expired).unwrap());
+            let tc = s.spawn(|| c.take_over("c", TakeOver::Expired).unwrap());
             (tb.join().unwrap(), tc.join().unwrap())
         });
         (!tb.is_empty() || !tc.is_empty()).then_some((tb, tc))
@@ -163,8 +167,8 @@ fn a_server_whose_lease_ended_is_taken_over_once_and_fenced() {
     }
     assert_eq!(t.jobs[0].replica.as_deref(), Some(taker));
     // Nothing is taken twice.
-    assert!(b.take_over("b", false).unwrap().is_empty());
-    assert!(c.take_over("c", false).unwrap().is_empty());
+    assert!(b.take_over("b", TakeOver::Expired).unwrap().is_empty());
+    assert!(c.take_over("c", TakeOver::Expired).unwrap().is_empty());
     // A wakes up: its lease is gone, and what it writes of the runs it held is refused.
     assert!(!a.lease("a", long, false).unwrap());
     a.put_runs(&[run("01A", RunStatus::Succeeded, Some("a"))])
@@ -221,16 +225,22 @@ fn a_server_started_again_under_its_id_takes_its_own_work_at_once() {
     let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
     assert!(a.lease("a", long, true).unwrap());
     assert!(
-        a.take_over("a", false).unwrap().is_empty(),
+        a.take_over("a", TakeOver::Orphans).unwrap().is_empty(),
         "its lease lasts"
     );
-    assert_eq!(ids(&a.take_over("a", true).unwrap().runs), ["01A"]);
+    assert_eq!(
+        ids(&a.take_over("a", TakeOver::Start).unwrap().runs),
+        ["01A"]
+    );
     // A clean stop ends the lease at once: another server takes the work without waiting.
     let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
     assert!(b.lease("b", long, true).unwrap());
-    assert!(b.take_over("b", false).unwrap().is_empty());
+    assert!(b.take_over("b", TakeOver::Expired).unwrap().is_empty());
     a.leave("a").unwrap();
-    assert_eq!(ids(&b.take_over("b", false).unwrap().runs), ["01A"]);
+    assert_eq!(
+        ids(&b.take_over("b", TakeOver::Expired).unwrap().runs),
+        ["01A"]
+    );
 }
 
 #[test]
@@ -415,4 +425,35 @@ fn a_change_between_opening_and_listening_is_not_missed() {
         .recv_timeout(Duration::from_secs(20))
         .expect("the early change");
     assert_eq!(got, "early");
+}
+
+/// After a quiet while (longer than the listener's half-second wait), a change is still
+/// heard: the listener once kept an elapsed timer and then neither waited nor read.
+#[test]
+fn a_change_after_a_quiet_while_is_heard() {
+    use dispatch_core::{Kind, Object};
+    use dispatch_store::ResourceStore;
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database("quiet");
+    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.on_external_change(Box::new(move |c| {
+        let _ = tx.send(c.name);
+    }));
+    for name in ["one", "two"] {
+        // The quiet while is what is tested, not a wait for readiness.
+        std::thread::sleep(Duration::from_millis(1500));
+        b.create(Object::new(
+            Kind::Image,
+            "default",
+            name,
+            serde_json::json!({"baseImage": "python3"}),
+        ))
+        .unwrap();
+        let got = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the change");
+        assert_eq!(got, name);
+    }
 }

@@ -1048,7 +1048,7 @@ fn postgres_stores_tell_each_other_their_changes() {
             &[],
         )
         .unwrap();
-    assert_eq!(cut, 1, "b listens (a has no callbacks: no listener)");
+    assert_eq!(cut, 2, "each store listens from its opening");
     let mut after: Vec<String> = (0..3).map(|_| next()).collect();
     after.sort();
     assert_eq!(after, ["Image default/own", "Namespaces", "Tokens"]);

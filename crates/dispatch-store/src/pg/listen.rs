@@ -200,18 +200,24 @@ impl Listener {
             };
             backoff = Duration::from_millis(100);
             // From here every change is heard: the cache may answer.
+            tracing::debug!(gap, "listening for other servers' changes");
             self.cache.set_live(true);
             if gap {
                 self.everything_changed(&mut client);
             }
             gap = true;
-            let mut notifications = client.notifications();
-            let mut it = notifications.timeout_iter(Duration::from_millis(500));
             loop {
                 if self.stop.load(Ordering::Acquire) {
                     return;
                 }
-                match it.next() {
+                // A new iterator for every wait: one `TimeoutIter` keeps its elapsed timer
+                // after a quiet half second, and from then on returns at once without reading
+                // the socket — the thread spun on a core and heard nothing more.
+                let mut notifications = client.notifications();
+                let next = notifications
+                    .timeout_iter(Duration::from_millis(500))
+                    .next();
+                match next {
                     Ok(Some(n)) => self.told(n.payload()),
                     Ok(None) => {}
                     Err(e) => {

@@ -33,8 +33,8 @@ impl RecordStore for PgStore {
         self.leave_now(replica)
     }
 
-    fn take_over(&self, replica: &str, own: bool) -> Result<crate::Taken> {
-        self.take(replica, own)
+    fn take_over(&self, replica: &str, how: crate::TakeOver) -> Result<crate::Taken> {
+        self.take(replica, how)
     }
 
     fn request_cancel(&self, namespace: &str, id: &str) -> Result<()> {

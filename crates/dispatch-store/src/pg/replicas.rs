@@ -15,18 +15,27 @@ use dispatch_core::{JobExecution, Run};
 
 use super::listen::{self, Listener};
 use super::{PgStore, bodies};
-use crate::{Result, Shared, Taken};
+use crate::{Result, Shared, TakeOver, Taken};
 
 /// The advisory lock the elected server holds ("dispatch" in ASCII, plus one: not the
 /// migration's).
 const ELECTION_LOCK: i64 = 0x6469_7370_6174_6369;
 
-/// Whose active records a server may take: nobody's, a server's whose lease it took, or one
-/// with no lease (a record written before servers had leases, or by a server taken over
-/// while it still ran); with `$3`, the taker's own. `$1`: the taker, `$2`: the servers taken
-/// over.
-const ORPHAN: &str = "(owner IS NULL OR owner = ANY($2) OR ($3 AND owner = $1)
-     OR NOT EXISTS (SELECT 1 FROM replicas p WHERE p.id = owner))";
+/// Whose active records a server takes (`$1`: the taker, `$2`: the servers whose lease it
+/// took): see [`TakeOver`].
+fn whose(how: TakeOver) -> &'static str {
+    match how {
+        TakeOver::Expired => "owner = ANY($2)",
+        TakeOver::Orphans => {
+            "(owner = ANY($2) OR owner IS NULL
+              OR NOT EXISTS (SELECT 1 FROM replicas p WHERE p.id = owner))"
+        }
+        TakeOver::Start => {
+            "(owner = ANY($2) OR owner IS NULL OR owner = $1
+              OR NOT EXISTS (SELECT 1 FROM replicas p WHERE p.id = owner))"
+        }
+    }
+}
 
 impl PgStore {
     pub(super) fn lease_for(&self, replica: &str, ttl: Duration, join: bool) -> Result<bool> {
@@ -51,7 +60,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) fn take(&self, replica: &str, own: bool) -> Result<Taken> {
+    pub(super) fn take(&self, replica: &str, how: TakeOver) -> Result<Taken> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         let dead: Vec<String> = tx
@@ -63,26 +72,30 @@ impl PgStore {
             .iter()
             .map(|r| r.get(0))
             .collect();
+        if dead.is_empty() && how == TakeOver::Expired {
+            return Ok(Taken::default());
+        }
         tx.execute("DELETE FROM replicas WHERE id = ANY($1)", &[&dead])?;
+        let whose = whose(how);
         let mut runs: Vec<Run> = bodies(
             &mut tx,
             &format!(
                 "UPDATE runs SET owner = $1,
                    body = jsonb_set(body::jsonb, '{{replica}}', to_jsonb($1::text))::text
-                 WHERE (status IN ('QUEUED', 'RUNNING') OR callback_pending) AND {ORPHAN}
+                 WHERE (status IN ('QUEUED', 'RUNNING') OR callback_pending) AND {whose}
                  RETURNING body"
             ),
-            &[&replica, &dead, &own],
+            &[&replica, &dead],
         )?;
         let mut jobs: Vec<JobExecution> = bodies(
             &mut tx,
             &format!(
                 "UPDATE job_executions SET owner = $1,
                    body = jsonb_set(body::jsonb, '{{replica}}', to_jsonb($1::text))::text
-                 WHERE phase IN ('Waiting', 'Active') AND {ORPHAN}
+                 WHERE phase IN ('Waiting', 'Active') AND {whose}
                  RETURNING body"
             ),
-            &[&replica, &dead, &own],
+            &[&replica, &dead],
         )?;
         tx.commit()?;
         if !dead.is_empty() {
