@@ -9,26 +9,6 @@ use std::collections::HashMap;
 use dispatch_core::RunStatus;
 use support::*;
 
-const TICK: &str = r#"
-import os, select
-
-def handle(context, payload):
-    fd = os.open(os.environ["LOG_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, ("start %s %d\n" % (context["runId"], os.getpid())).encode())
-    select.select([], [], [], 0.02)  # 20 ms of work, so that the kill lands mid-run
-    os.write(fd, ("end %s %d\n" % (context["runId"], os.getpid())).encode())
-    os.close(fd)
-    return {"ok": True}
-"#;
-
-fn ends(log: &std::path::Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("end "))
-        .count()
-}
-
 #[test]
 fn sigkill_during_200_async_runs_loses_nothing() {
     // The handler logs its start and end to a host file, which is how this test proves that
@@ -37,29 +17,7 @@ fn sigkill_during_200_async_runs_loses_nothing() {
     let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &["--isolation", "none"]);
     let work = s.dir.path().to_path_buf();
     let log = work.join("tick.log");
-    std::fs::write(work.join("tick.py"), TICK).unwrap();
-    let manifest = work.join("tick.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
-            r#"apiVersion: dispatch.dev/v1
-kind: Image
-metadata: {{name: py}}
-spec: {{baseImage: python3}}
----
-apiVersion: dispatch.dev/v1
-kind: Function
-metadata: {{name: tick}}
-spec:
-  image: py
-  sourcePath: tick.py
-  env: {{LOG_FILE: "{}"}}
-  retry: {{maxAttempts: 5, backoff: {{initial: 100ms, max: 1s}}}}
-"#,
-            log.display()
-        ),
-    )
-    .unwrap();
+    let manifest = tick_function(&work, &log, 20, "");
     s.ok(&["apply", "-f", manifest.to_str().unwrap()]);
     eventually("tick to be READY", || {
         (s.json(&["get", "function", "tick", "-o", "json"])["status"]["phase"] == "READY")
@@ -82,9 +40,11 @@ spec:
     });
 
     // Kill the server in the middle of the backlog.
-    eventually("40 runs to complete", || (ends(&log) >= 40).then_some(()));
+    eventually("40 runs to complete", || {
+        (tick_ends(&log) >= 40).then_some(())
+    });
     let dir = s.kill9();
-    let done_before = ends(&log);
+    let done_before = tick_ends(&log);
     assert!(
         done_before < 200,
         "the kill came too late to test anything ({done_before} done)"

@@ -10,18 +10,6 @@ use std::collections::HashMap;
 use dispatch_core::RunStatus;
 use support::*;
 
-const TICK: &str = r#"
-import os, select
-
-def handle(context, payload):
-    fd = os.open(os.environ["LOG_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, ("start %s %d\n" % (context["runId"], os.getpid())).encode())
-    select.select([], [], [], 0.05)  # 50 ms of work, so that the kill lands mid-run
-    os.write(fd, ("end %s %d\n" % (context["runId"], os.getpid())).encode())
-    os.close(fd)
-    return {"ok": True}
-"#;
-
 const RUNS: usize = 1000;
 
 /// These tests each run two or three servers with real workers: one at a time, so that they
@@ -30,14 +18,6 @@ static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn ends(log: &std::path::Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("end "))
-        .count()
 }
 
 /// Servers on one fresh database of their own, with one key file (in `shared`) and `extra`
@@ -118,30 +98,7 @@ fn three_servers_share_the_queue_and_take_over_a_killed_one() {
     let c = cluster.another(&a.token);
 
     // Created through one server: its source archive reaches the others through the store.
-    std::fs::write(shared.path().join("tick.py"), TICK).unwrap();
-    let manifest = shared.path().join("tick.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
-            r#"apiVersion: dispatch.dev/v1
-kind: Image
-metadata: {{name: py}}
-spec: {{baseImage: python3}}
----
-apiVersion: dispatch.dev/v1
-kind: Function
-metadata: {{name: tick}}
-spec:
-  image: py
-  sourcePath: tick.py
-  concurrency: {{maxWorkers: 2}}
-  env: {{LOG_FILE: "{}"}}
-  retry: {{maxAttempts: 5, backoff: {{initial: 100ms, max: 1s}}}}
-"#,
-            log.display()
-        ),
-    )
-    .unwrap();
+    let manifest = tick_function(shared.path(), &log, 50, "  concurrency: {maxWorkers: 2}\n");
     a.ok(&["apply", "-f", manifest.to_str().unwrap()]);
     for s in [&a, &b, &c] {
         eventually("tick to answer on every server", || {
@@ -181,9 +138,11 @@ spec:
         "three servers, three ids"
     );
 
-    eventually("50 runs to complete", || (ends(&log) >= 50).then_some(()));
+    eventually("50 runs to complete", || {
+        (tick_ends(&log) >= 50).then_some(())
+    });
     let _ = c.kill9();
-    let done_before = ends(&log);
+    let done_before = tick_ends(&log);
     assert!(
         done_before < RUNS,
         "the kill came too late to test anything ({done_before} done)"

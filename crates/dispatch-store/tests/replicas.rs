@@ -53,6 +53,16 @@ fn ids(runs: &[Run]) -> Vec<&str> {
     runs.iter().map(|r| r.id.as_str()).collect()
 }
 
+/// A PostgreSQL server of its own with database `db`, and `n` stores on it (servers).
+fn servers(db: &str, n: usize) -> (dispatch_testkit::postgres::Postgres, String, Vec<PgStore>) {
+    let pg = dispatch_testkit::postgres::Postgres::start();
+    let url = pg.create_database(db);
+    let stores = (0..n)
+        .map(|_| PgStore::connect(&PgOptions::new(&url)).unwrap())
+        .collect();
+    (pg, url, stores)
+}
+
 /// Polls `f` until it gives something, for at most 20 s.
 fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -92,11 +102,8 @@ fn one_sqlite_server_takes_every_active_record_at_start() {
 
 #[test]
 fn a_server_whose_lease_ended_is_taken_over_once_and_fenced() {
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("replicas");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let c = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("replicas", 3);
+    let [a, b, c]: [PgStore; 3] = s.try_into().ok().unwrap();
     assert!(a.shared());
     let long = Duration::from_secs(60);
     // Runs from before leases (no owner) are taken by the first server that asks, once.
@@ -214,9 +221,8 @@ fn a_server_whose_lease_ended_is_taken_over_once_and_fenced() {
 
 #[test]
 fn a_server_started_again_under_its_id_takes_its_own_work_at_once() {
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("again");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, url, mut s) = servers("again", 1);
+    let a = s.remove(0);
     let long = Duration::from_secs(60);
     assert!(a.lease("a", long, true).unwrap());
     a.put_runs(&[run("01A", RunStatus::Running, Some("a"))])
@@ -245,10 +251,8 @@ fn a_server_started_again_under_its_id_takes_its_own_work_at_once() {
 
 #[test]
 fn one_server_is_elected_and_another_when_it_goes() {
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("elect");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("elect", 2);
+    let [a, b]: [PgStore; 2] = s.try_into().ok().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<(&str, bool)>();
     let ta = tx.clone();
     assert!(a.elect(Box::new(move |l| {
@@ -275,10 +279,8 @@ fn one_server_is_elected_and_another_when_it_goes() {
 
 #[test]
 fn a_pending_delivery_is_delivered_by_one_server() {
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("deliveries");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("deliveries", 2);
+    let [a, b]: [PgStore; 2] = s.try_into().ok().unwrap();
     let now = jiff::Timestamp::now();
     let event = StoredEvent {
         namespace: "default".into(),
@@ -316,10 +318,8 @@ fn a_pending_delivery_is_delivered_by_one_server() {
 
 #[test]
 fn source_archives_and_settings_are_shared() {
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("blobs");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("blobs", 2);
+    let [a, b]: [PgStore; 2] = s.try_into().ok().unwrap();
     a.put_blob("sha256:aa", b"archive").unwrap();
     assert_eq!(
         b.get_blob("sha256:aa").unwrap().as_deref(),
@@ -346,10 +346,8 @@ fn source_archives_and_settings_are_shared() {
 fn cached_resources_follow_every_servers_writes() {
     use dispatch_core::{Kind, Object, Phase, Status};
     use dispatch_store::ResourceStore;
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("cache");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("cache", 2);
+    let [a, b]: [PgStore; 2] = s.try_into().ok().unwrap();
     // The listener runs once a callback is registered (the server always registers one).
     a.on_external_change(Box::new(|_| {}));
     let image = || {
@@ -406,10 +404,8 @@ fn cached_resources_follow_every_servers_writes() {
 fn a_change_between_opening_and_listening_is_not_missed() {
     use dispatch_core::{Kind, Object};
     use dispatch_store::ResourceStore;
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("early");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("early", 2);
+    let [a, b]: [PgStore; 2] = s.try_into().ok().unwrap();
     b.create(Object::new(
         Kind::Image,
         "default",
@@ -433,10 +429,8 @@ fn a_change_between_opening_and_listening_is_not_missed() {
 fn a_change_after_a_quiet_while_is_heard() {
     use dispatch_core::{Kind, Object};
     use dispatch_store::ResourceStore;
-    let pg = dispatch_testkit::postgres::Postgres::start();
-    let url = pg.create_database("quiet");
-    let a = PgStore::connect(&PgOptions::new(&url)).unwrap();
-    let b = PgStore::connect(&PgOptions::new(&url)).unwrap();
+    let (_pg, _url, s) = servers("quiet", 2);
+    let [a, b]: [PgStore; 2] = s.try_into().ok().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     a.on_external_change(Box::new(move |c| {
         let _ = tx.send(c.name);

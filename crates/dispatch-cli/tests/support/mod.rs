@@ -338,3 +338,57 @@ pub fn attempts_never_overlap(text: &str) -> std::collections::HashMap<String, u
     }
     ended
 }
+
+/// Writes `tick.py` — an async test function that appends `start ID PID` and `end ID PID`
+/// around `work_ms` of work to `log` (read by [`attempts_never_overlap`]) — and a manifest of
+/// it (image `py`, function `tick` with retries, plus `extra` spec lines) into `dir`; returns
+/// the manifest's path.
+pub fn tick_function(dir: &Path, log: &Path, work_ms: u32, extra: &str) -> PathBuf {
+    let code = format!(
+        r#"
+import os, select
+
+def handle(context, payload):
+    fd = os.open(os.environ["LOG_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, ("start %s %d\n" % (context["runId"], os.getpid())).encode())
+    select.select([], [], [], {work})  # work, so that a kill lands mid-run
+    os.write(fd, ("end %s %d\n" % (context["runId"], os.getpid())).encode())
+    os.close(fd)
+    return {{"ok": True}}
+"#,
+        work = f64::from(work_ms) / 1000.0
+    );
+    std::fs::write(dir.join("tick.py"), code).unwrap();
+    let manifest = dir.join("tick.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"apiVersion: dispatch.dev/v1
+kind: Image
+metadata: {{name: py}}
+spec: {{baseImage: python3}}
+---
+apiVersion: dispatch.dev/v1
+kind: Function
+metadata: {{name: tick}}
+spec:
+  image: py
+  sourcePath: tick.py
+  env: {{LOG_FILE: "{}"}}
+  retry: {{maxAttempts: 5, backoff: {{initial: 100ms, max: 1s}}}}
+{extra}"#,
+            log.display()
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+/// How many attempts ended in a [`tick_function`] log so far.
+pub fn tick_ends(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("end "))
+        .count()
+}
