@@ -443,7 +443,7 @@ async fn shared_changes(
                 ref namespace,
                 ref id,
             } => {
-                let done = crate::queue::cancel_here(&state, namespace, id).await;
+                let done = crate::queue::cancel_here(&state, namespace, id, None).await;
                 tracing::info!(run = %id, cancelled = done.is_some(), "another server asked to cancel a run");
                 Ok(())
             }

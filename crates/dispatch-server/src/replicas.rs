@@ -265,7 +265,10 @@ pub fn spawn(state: Arc<AppState>) -> Option<tokio::task::JoinHandle<()>> {
             let i = id.clone();
             if let Ok(asked) = state.db(move |s| s.cancel_requests(&i)).await {
                 for (ns, run) in asked {
-                    if crate::queue::cancel_here(&state, &ns, &run).await.is_some() {
+                    if crate::queue::cancel_here(&state, &ns, &run, None)
+                        .await
+                        .is_some()
+                    {
                         tracing::info!(%run, "cancelled a run another server asked to cancel");
                     }
                 }

@@ -358,7 +358,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, Qu
             id: id.to_string(),
         });
     };
-    if let Some(cancelled) = cancel_here(state, ns, id).await {
+    if let Some(cancelled) = cancel_here(state, ns, id, Some(run.clone())).await {
         return Ok(cancelled);
     }
     if run.status.is_final() {
@@ -398,12 +398,22 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, Qu
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 /// Cancels a run in this server's queue (asked here, or by another server sharing the store);
-/// `None` when the queue does not hold it.
-pub async fn cancel_here(state: &Arc<AppState>, ns: &str, id: &str) -> Option<Run> {
+/// `None` when the queue does not hold it. `read`: the record as the caller read it, used if
+/// it cannot be read again.
+pub async fn cancel_here(
+    state: &Arc<AppState>,
+    ns: &str,
+    id: &str,
+    read: Option<Run>,
+) -> Option<Run> {
     match state.queue.cancel(id) {
         Cancelled::Waiting | Cancelled::Running => {
             // The record may have moved on (RUNNING) since it was read.
-            let mut run = get_run(state, ns, id).await?;
+            let Some(mut run) = get_run(state, ns, id).await.or(read) else {
+                tracing::error!(run = %id, "a cancelled run could not be read: it stays as stored until the next start");
+                state.queue.retire(id);
+                return None;
+            };
             run.status = RunStatus::Cancelled;
             run.next_attempt_at = None;
             run.finished_at = Some(state.queue.clock.now());
