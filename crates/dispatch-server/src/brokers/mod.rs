@@ -78,13 +78,40 @@ impl Drop for Running {
 }
 
 /// Writes a driver's connection state (only when it changes).
+/// A store that refuses (busy under load) is tried again a few times: the state is written
+/// only when it changes, so a lost write would show the old state for as long as it holds.
 async fn set_state(state: &AppState, ns: &str, name: &str, phase: Phase, reason: String) {
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1..=STATE_TRIES {
+        match try_set_state(state, ns, name, phase, reason.clone()).await {
+            Ok(()) => return,
+            Err(e) if attempt == STATE_TRIES => {
+                tracing::warn!(driver = %name, "recording the driver's state {phase}: {e}");
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+}
+
+/// Tries of [`set_state`] (about 3 s in all).
+const STATE_TRIES: u32 = 5;
+
+async fn try_set_state(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    phase: Phase,
+    reason: String,
+) -> Result<(), crate::state::StateError> {
     let (n, m) = (ns.to_string(), name.to_string());
-    let Ok(Some(o)) = state.get(&n, Kind::EventDriver, &m).await else {
-        return;
+    let Some(o) = state.get(&n, Kind::EventDriver, &m).await? else {
+        return Ok(());
     };
     if o.status.phase == Some(phase) && o.status.reason == reason {
-        return;
+        return Ok(());
     }
     let st = Status {
         phase: Some(phase),
@@ -92,9 +119,14 @@ async fn set_state(state: &AppState, ns: &str, name: &str, phase: Phase, reason:
         observed_generation: o.metadata.generation,
         ..o.status
     };
-    let _ = state
-        .res(move |s| s.update_status(&n, Kind::EventDriver, &m, st))
-        .await;
+    state
+        .res(
+            move |s| match s.update_status(&n, Kind::EventDriver, &m, st) {
+                Ok(_) | Err(dispatch_store::StoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+        )
+        .await
 }
 
 /// One message → an event (or a run), with `id` as its event id (none: a fresh one).
@@ -173,22 +205,30 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
         let mut leader = crate::replicas::leadership(&state);
         loop {
             let leads = leader.as_ref().is_none_or(|rx| *rx.borrow());
-            let wanted: HashMap<(String, String), EventDriverSpec> = if !leads {
-                HashMap::new()
+            // `None`: the drivers could not be listed (a busy store): the running ones go on
+            // as they are and the list is tried again in a second.
+            let wanted: Option<HashMap<(String, String), EventDriverSpec>> = if !leads {
+                Some(HashMap::new())
             } else {
                 match state.res(|s| s.list(None, Kind::EventDriver)).await {
-                    Ok(all) => all
-                        .into_iter()
-                        .filter_map(|o| {
-                            let spec: EventDriverSpec = o.typed_spec().ok()?;
-                            spec.is_broker()
-                                .then(|| ((o.namespace().to_string(), o.name().to_string()), spec))
-                        })
-                        .collect(),
-                    Err(_) => HashMap::new(),
+                    Ok(all) => Some(
+                        all.into_iter()
+                            .filter_map(|o| {
+                                let spec: EventDriverSpec = o.typed_spec().ok()?;
+                                spec.is_broker().then(|| {
+                                    ((o.namespace().to_string(), o.name().to_string()), spec)
+                                })
+                            })
+                            .collect(),
+                    ),
+                    Err(e) => {
+                        tracing::warn!("listing broker drivers (tried again in a second): {e}");
+                        None
+                    }
                 }
             };
-            {
+            let retry = wanted.is_none();
+            if let Some(wanted) = wanted {
                 let r = &mut running.0;
                 r.retain(|k, (spec, task)| {
                     let keep = wanted.get(k) == Some(spec);
@@ -210,10 +250,18 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
                     r.insert(k, (spec, task.abort_handle()));
                 }
             }
+            let again = async {
+                if retry {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             match leader.as_mut() {
                 Some(rx) => {
                     tokio::select! {
                         _ = wake.notified() => {}
+                        _ = again => {}
                         changed = rx.changed() => {
                             if changed.is_err() {
                                 // The election stopped: nobody leads from here.
@@ -225,7 +273,12 @@ pub fn spawn_supervisor(state: Arc<AppState>, wake: Arc<Notify>) -> tokio::task:
                         }
                     }
                 }
-                None => wake.notified().await,
+                None => {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = again => {}
+                    }
+                }
             }
         }
     })

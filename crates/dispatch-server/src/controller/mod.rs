@@ -407,7 +407,10 @@ async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ReconcileEr
 /// Subscriptions and event drivers need no build: valid means READY; the event index and the
 /// cron scheduler pick them up.
 async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
-    crate::events::rebuild(state).await?;
+    // The status first, the index (which wakes the brokers' supervisor and the cron
+    // scheduler) after: a driver started by the rebuild writes CONNECTED, and the cron
+    // scheduler its next fire, into a status this write would otherwise replace with the one
+    // read before (a broker driver stayed without a phase when its connection was quick).
     if let Some(o) = state.get(&key.namespace, key.kind, &key.name).await? {
         let broker = o.kind == Kind::EventDriver
             && o.typed_spec::<dispatch_core::events::EventDriverSpec>()
@@ -424,5 +427,6 @@ async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), Recon
         };
         set_status(state, &o, st).await?;
     }
+    crate::events::rebuild(state).await?;
     Ok(())
 }
