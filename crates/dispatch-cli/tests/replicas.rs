@@ -328,12 +328,21 @@ fn a_rolling_restart_of_three_servers_fails_no_request() {
     // The balancer: the API ports of the servers whose /readyz answered 200 last (polled
     // every 50 ms, as a readiness probe would).
     let ports: Arc<Mutex<Vec<u16>>> = Arc::new(Mutex::new(servers.iter().map(|s| s.api).collect()));
-    let ready: Arc<Mutex<Vec<u16>>> = Arc::new(Mutex::new(Vec::new()));
+    // The ready ports, and a condition the probe signals whenever it has looked again.
+    let ready: Arc<(Mutex<Vec<u16>>, std::sync::Condvar)> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let prober = {
         let (ports, ready, stop) = (ports.clone(), ready.clone(), stop.clone());
         std::thread::spawn(move || {
+            // The probe's period comes from a timer, as a kubelet's does.
+            let timer = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let mut period = timer
+                .block_on(async { tokio::time::interval(std::time::Duration::from_millis(50)) });
             while !stop.load(Ordering::Relaxed) {
+                timer.block_on(period.tick());
                 let now: Vec<u16> = ports
                     .lock()
                     .unwrap()
@@ -341,8 +350,8 @@ fn a_rolling_restart_of_three_servers_fails_no_request() {
                     .into_iter()
                     .filter(|p| http_get(*p, "/readyz").is_some_and(|r| r.0 == 200))
                     .collect();
-                *ready.lock().unwrap() = now;
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                *ready.0.lock().unwrap() = now;
+                ready.1.notify_all();
             }
         })
     };
@@ -364,11 +373,17 @@ fn a_rolling_restart_of_three_servers_fails_no_request() {
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let Some(port) = ({
-                    let r = ready.lock().unwrap();
+                    let r = ready.0.lock().unwrap();
+                    // Nothing ready: the balancer holds the call until the probe looks again.
+                    let r = ready
+                        .1
+                        .wait_timeout_while(r, std::time::Duration::from_millis(200), |r| {
+                            r.is_empty()
+                        })
+                        .unwrap()
+                        .0;
                     (!r.is_empty()).then(|| r[i % r.len()])
                 }) else {
-                    // Nothing ready: the balancer has nowhere to send it yet.
-                    std::thread::sleep(std::time::Duration::from_millis(5));
                     continue;
                 };
                 i += 1;

@@ -3,7 +3,7 @@
 //! writes, a server started again under its own id, the election, pending deliveries claimed
 //! once, shared source archives and settings. SQLite (one server) takes everything at start.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatch_core::envelope::null_raw;
 use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
@@ -64,15 +64,8 @@ fn servers(db: &str, n: usize) -> (dispatch_testkit::postgres::Postgres, String,
 }
 
 /// Polls `f` until it gives something, for at most 20 s.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    dispatch_testkit::eventually(what, Duration::from_secs(20), f)
 }
 
 #[test]
@@ -436,8 +429,8 @@ fn a_change_after_a_quiet_while_is_heard() {
         let _ = tx.send(c.name);
     }));
     for name in ["one", "two"] {
-        // The quiet while is what is tested, not a wait for readiness.
-        std::thread::sleep(Duration::from_millis(1500));
+        // A quiet while, three times the listener's wait: nothing is told meanwhile.
+        assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
         b.create(Object::new(
             Kind::Image,
             "default",

@@ -15,23 +15,8 @@ use serde_json::Value;
 /// these tests: a deadline-bounded poll (every 20 ms), never a fixed delay standing in for
 /// readiness. For sync tests: the probe runs on the caller's thread (it may block on a
 /// runtime of its own); the ticks come from a small runtime of this function's.
-pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let timer = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let mut tick = timer.block_on(async { poll_interval() });
-    let deadline = std::time::Instant::now() + POLL_LIMIT;
-    loop {
-        timer.block_on(tick.tick());
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-    }
+pub fn eventually<T>(what: &str, probe: impl FnMut() -> Option<T>) -> T {
+    dispatch_testkit::eventually(what, POLL_LIMIT, probe)
 }
 
 const POLL_LIMIT: Duration = Duration::from_secs(60);
