@@ -47,6 +47,11 @@ impl Replica {
         self.id.read().clone()
     }
 
+    /// Whether a record owned by `owner` is this server's (no copy of the id).
+    pub fn owns(&self, owner: Option<&str>) -> bool {
+        self.id.read().as_deref() == owner
+    }
+
     fn set(&self, id: String) {
         if let Some(f) = self.file.lock().as_mut() {
             use std::io::{Seek as _, Write as _};

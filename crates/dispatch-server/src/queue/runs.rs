@@ -157,7 +157,7 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
     let mut run = match get_run(&state, &ns, &id).await {
         // Another server's now (it took this one's work over while it could not renew its
         // lease): not run here.
-        Some(r) if r.status == RunStatus::Queued && r.replica == state.replica.id() => r,
+        Some(r) if r.status == RunStatus::Queued && state.replica.owns(r.replica.as_deref()) => r,
         _ => {
             // Deleted with its function, or cancelled.
             q.retire(&id);
@@ -370,7 +370,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, id: &str) -> Result<Run, Qu
     let Some(owner) = run
         .replica
         .clone()
-        .filter(|r| run.is_async && Some(r) != state.replica.id().as_ref())
+        .filter(|r| run.is_async && !state.replica.owns(Some(r)))
     else {
         return Err(QueueError::NotCancellable {
             id: id.to_string(),
