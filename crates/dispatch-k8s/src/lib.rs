@@ -15,7 +15,8 @@ pub mod backend;
 pub mod image;
 pub mod install;
 pub mod lease;
-pub mod oci;
+/// OCI images live in the runtime crate (the container tier pulls them too).
+pub use dispatch_runtime::oci;
 pub mod security;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -14,6 +14,7 @@ pub mod handler;
 pub mod host;
 pub mod jobrun;
 pub mod local;
+pub mod oci;
 pub mod pool;
 pub mod protocol;
 pub mod sandbox;
