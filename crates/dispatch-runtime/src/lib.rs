@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod budget;
 pub mod build;
+pub mod container;
 pub mod exec;
 pub mod handler;
 pub mod host;

@@ -161,7 +161,7 @@ pub struct Registry {
     options: RegistryOptions,
 }
 
-fn parse(reference: &str) -> Result<Reference, OciError> {
+pub(crate) fn parse(reference: &str) -> Result<Reference, OciError> {
     reference
         .parse()
         .map_err(|e: oci_client::ParseError| OciError::Reference {
@@ -197,14 +197,18 @@ impl Registry {
         Registry { client, options }
     }
 
-    fn auth_for(&self, r: &Reference) -> RegistryAuth {
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn auth_for(&self, r: &Reference) -> RegistryAuth {
         match self.options.auth.get(r.resolve_registry()) {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
         }
     }
 
-    fn err(
+    pub(crate) fn err(
         r: &Reference,
         what: impl Into<String>,
     ) -> impl FnOnce(oci_client::errors::OciDistributionError) -> OciError {

@@ -70,61 +70,77 @@ pub fn landlock(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-/// System calls a function never needs and an attacker wants.
-fn denied() -> Vec<i64> {
-    let mut v = vec![
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_pivot_root,
-        libc::SYS_chroot,
-        libc::SYS_unshare,
-        libc::SYS_setns,
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_bpf,
-        libc::SYS_perf_event_open,
-        libc::SYS_userfaultfd,
-        libc::SYS_kexec_load,
-        libc::SYS_kexec_file_load,
-        libc::SYS_init_module,
-        libc::SYS_finit_module,
-        libc::SYS_delete_module,
-        libc::SYS_keyctl,
-        libc::SYS_add_key,
-        libc::SYS_request_key,
-        libc::SYS_reboot,
-        libc::SYS_swapon,
-        libc::SYS_swapoff,
-        libc::SYS_syslog,
-        libc::SYS_acct,
-        libc::SYS_settimeofday,
-        libc::SYS_clock_settime,
-        libc::SYS_clock_adjtime,
-        libc::SYS_adjtimex,
-        libc::SYS_open_by_handle_at,
-        libc::SYS_name_to_handle_at,
-        libc::SYS_quotactl,
-        libc::SYS_fsopen,
-        libc::SYS_fsconfig,
-        libc::SYS_fsmount,
-        libc::SYS_fspick,
-        libc::SYS_move_mount,
-        libc::SYS_open_tree,
-        libc::SYS_mount_setattr,
-        libc::SYS_io_uring_setup,
-        libc::SYS_io_uring_enter,
-        libc::SYS_io_uring_register,
-        libc::SYS_vhangup,
-    ];
+/// The name and number of a system call.
+macro_rules! sys {
+    ($($name:ident),* $(,)?) => {
+        [$((stringify!($name), libc::$name)),*]
+    };
+}
+
+/// System calls a function never needs and an attacker wants, by name (for OCI bundles of
+/// the container tier) and number.
+pub fn denied_calls() -> Vec<(&'static str, i64)> {
+    let strip = |(n, nr): (&'static str, i64)| (n.trim_start_matches("SYS_"), nr);
+    let mut v: Vec<(&'static str, i64)> = sys!(
+        SYS_mount,
+        SYS_umount2,
+        SYS_pivot_root,
+        SYS_chroot,
+        SYS_unshare,
+        SYS_setns,
+        SYS_ptrace,
+        SYS_process_vm_readv,
+        SYS_process_vm_writev,
+        SYS_bpf,
+        SYS_perf_event_open,
+        SYS_userfaultfd,
+        SYS_kexec_load,
+        SYS_kexec_file_load,
+        SYS_init_module,
+        SYS_finit_module,
+        SYS_delete_module,
+        SYS_keyctl,
+        SYS_add_key,
+        SYS_request_key,
+        SYS_reboot,
+        SYS_swapon,
+        SYS_swapoff,
+        SYS_syslog,
+        SYS_acct,
+        SYS_settimeofday,
+        SYS_clock_settime,
+        SYS_clock_adjtime,
+        SYS_adjtimex,
+        SYS_open_by_handle_at,
+        SYS_name_to_handle_at,
+        SYS_quotactl,
+        SYS_fsopen,
+        SYS_fsconfig,
+        SYS_fsmount,
+        SYS_fspick,
+        SYS_move_mount,
+        SYS_open_tree,
+        SYS_mount_setattr,
+        SYS_io_uring_setup,
+        SYS_io_uring_enter,
+        SYS_io_uring_register,
+        SYS_vhangup,
+    )
+    .into_iter()
+    .map(strip)
+    .collect();
     #[cfg(target_arch = "x86_64")]
-    v.extend([libc::SYS_iopl, libc::SYS_ioperm, libc::SYS_lookup_dcookie]);
+    v.extend(sys!(SYS_iopl, SYS_ioperm, SYS_lookup_dcookie).into_iter().map(strip));
     v
+}
+
+fn denied() -> Vec<i64> {
+    denied_calls().into_iter().map(|(_, nr)| nr).collect()
 }
 
 /// Namespace flags that `clone` may not carry (a new user namespace would give back
 /// capabilities inside it).
-const NAMESPACE_FLAGS: [libc::c_int; 7] = [
+pub const NAMESPACE_FLAGS: [libc::c_int; 7] = [
     libc::CLONE_NEWNS,
     libc::CLONE_NEWUTS,
     libc::CLONE_NEWIPC,

@@ -1,0 +1,16 @@
+//! The container tier (DESIGN §9): OCI images pulled from a registry into a content-addressed
+//! store ([`images`]), unpacked safely ([`unpack`]), and run with an OCI runtime from a bundle
+//! written with oci-spec ([`engine`]). Job templates run their containers' images this way.
+
+pub mod engine;
+pub mod images;
+pub mod unpack;
+
+pub use engine::{Container, Engine};
+pub use images::{ImageError, Images, PullPolicy, PulledImage, Ready};
+
+/// What the embedded server needs to run containers: the image store and the OCI runtime.
+pub struct Containers {
+    pub images: Images,
+    pub engine: Engine,
+}
