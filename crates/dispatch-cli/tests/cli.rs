@@ -905,7 +905,10 @@ fn run_history_pages_and_policies_from_the_cli() {
 
 #[test]
 fn job_templates_from_the_cli() {
-    let s = ServerProc::start();
+    // dispatcher's sample names alpine:latest: it runs that image (busybox here, from a
+    // local registry standing in for Docker Hub).
+    let hub = ImageRegistry::start();
+    let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &[&hub.mirror_flag()]);
     let sample = examples().join("jobs/jobtemplate-sample.yaml");
     assert_eq!(
         s.ok(&["apply", "-f", sample.to_str().unwrap()]),

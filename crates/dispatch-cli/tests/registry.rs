@@ -6,65 +6,12 @@ mod support;
 
 use std::io::Read as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use dispatch_k8s::oci::{LayerBuilder, Registry, RegistryOptions};
 use dispatch_k8s::testing::FakeApi;
 use serde_json::{Value, json};
 use support::*;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn program(name: &str) -> String {
-    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return p.display().to_string();
-        }
-    }
-    panic!("{name} is not installed (Debian package; .ci/run installs it)");
-}
-
-/// The CNCF registry on a free port, storing in `dir`.
-fn registry(dir: &Path) -> (Proc, String) {
-    let port = free_port();
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(program("docker-registry"))
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Proc(child);
-    eventually("the registry to answer /v2/", || {
-        (http_get(port, "/v2/")?.0 == 200).then_some(())
-    });
-    (p, format!("127.0.0.1:{port}"))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    dispatch_client::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A small base image of our own in the registry: one layer, a Python-image-like config.
 fn push_base(host: &str) -> String {

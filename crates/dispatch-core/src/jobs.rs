@@ -28,6 +28,31 @@ pub struct JobTemplateSpec {
     /// Executions of this template running at once; more wait (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_active: Option<u32>,
+    /// Where the embedded backend runs a container that names an `image`: `container` (the
+    /// default: the image, pulled and run with an OCI runtime) or `host` (its command as a
+    /// sandboxed process on this host; the image is only recorded). Kubernetes always runs
+    /// the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<JobRuntime>,
+}
+
+/// Where the embedded backend runs a job's containers (`spec.runtime`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobRuntime {
+    /// The container's image with an OCI runtime (containers without an image: as `host`).
+    #[default]
+    Container,
+    /// The command as a (sandboxed) process on this host.
+    Host,
+}
+
+impl JobRuntime {
+    /// Executions recorded before `spec.runtime` existed ran on the host.
+    fn recorded_default() -> JobRuntime {
+        JobRuntime::Host
+    }
 }
 
 pub const DEFAULT_MAX_ACTIVE: u32 = 10;
@@ -79,6 +104,41 @@ pub struct ContainerView {
     pub env: Vec<EnvVar>,
     #[serde(default)]
     pub working_dir: Option<String>,
+    /// `Always`, `IfNotPresent` or `Never` (absent: Always for `:latest`, else IfNotPresent).
+    #[serde(default)]
+    pub image_pull_policy: Option<String>,
+    #[serde(default)]
+    pub resources: ContainerResources,
+}
+
+/// A container's `resources` (its `limits` bound the container tier's cgroup).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ContainerResources {
+    #[serde(default)]
+    pub limits: BTreeMap<String, Value>,
+}
+
+impl ContainerView {
+    /// `resources.limits.memory` in bytes and `.cpu` in thousandths of a core.
+    pub fn limits(&self) -> Result<(Option<u64>, Option<u64>), String> {
+        let text = |v: &Value| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let memory = self
+            .resources
+            .limits
+            .get("memory")
+            .map(|v| crate::quantity::parse_bytes(&text(v)))
+            .transpose()?;
+        let cpu = self
+            .resources
+            .limits
+            .get("cpu")
+            .map(|v| crate::quantity::parse_cpu_millis(&text(v)))
+            .transpose()?;
+        Ok((memory, cpu))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -126,11 +186,22 @@ impl JobTemplateSpec {
             validate_name("container", &c.name).map_err(|e| {
                 ValidationError::new(format!("{at}.containers[{i}].name: {}", e.message))
             })?;
-            if c.command.is_empty() {
+            let in_image = c.image.is_some() && self.runtime.unwrap_or_default() == JobRuntime::Container;
+            if c.command.is_empty() && !in_image {
                 return Err(ValidationError::new(format!(
-                    "{at}.containers[{i}].command: the embedded runner runs command + args as a local process; give a command"
+                    "{at}.containers[{i}].command: without an image run as a container (spec.runtime: host, or no image) the embedded runner runs command + args as a local process; give a command"
                 )));
             }
+            if let Some(p) = &c.image_pull_policy
+                && !["Always", "IfNotPresent", "Never"].contains(&p.as_str())
+            {
+                return Err(ValidationError::new(format!(
+                    "{at}.containers[{i}].imagePullPolicy: Always, IfNotPresent or Never, not {p:?}"
+                )));
+            }
+            c.limits().map_err(|e| {
+                ValidationError::new(format!("{at}.containers[{i}].resources.limits: {e}"))
+            })?;
         }
         if let Some(p) = &job.template.spec.restart_policy
             && p != "Never"
@@ -391,9 +462,12 @@ pub struct JobExecution {
     /// The rendered `jobTemplate`.
     #[serde(default)]
     pub rendered: Value,
-    /// The containers' images (recorded; the embedded runner runs processes on the host).
+    /// The containers' images.
     #[serde(default)]
     pub images: Vec<String>,
+    /// Where the embedded backend runs it (the template's `spec.runtime` when it started).
+    #[serde(default = "JobRuntime::recorded_default")]
+    pub runtime: JobRuntime,
     /// Pod attempts started (1 + retries).
     #[serde(default)]
     pub attempts: u32,

@@ -445,6 +445,7 @@ async fn job_execution_objects_are_followed_and_their_status_written() {
         payload: "hi".into(),
         rendered: json!(null),
         images: vec![],
+        runtime: dispatch_core::jobs::JobRuntime::Host,
         attempts: 1,
         exit_code: None,
         logs: Default::default(),

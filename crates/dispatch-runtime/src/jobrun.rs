@@ -25,7 +25,46 @@ pub struct ContainerRun {
     /// The sandbox the container's command runs in (DESIGN §9); `None`: on the host.
     pub jail: Option<std::sync::Arc<crate::sandbox::Jail>>,
     pub working_dir: PathBuf,
+    /// Run as an OCI container instead (the container tier): `command`, `args`, `env` and
+    /// `jail` are then unused (the container's own hold them).
+    pub oci: Option<OciRun>,
 }
+
+/// A container of the container tier: its engine, its bundle's content and its image (kept
+/// from gc while it runs).
+#[derive(Clone)]
+pub struct OciRun {
+    pub engine: Arc<crate::container::Engine>,
+    pub container: crate::container::Container,
+    /// Container ids start with it (an attempt counter follows).
+    pub id: String,
+    pub image: Arc<crate::container::Ready>,
+}
+
+impl std::fmt::Debug for OciRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OciRun")
+            .field("id", &self.id)
+            .field("image", &self.image.digest)
+            .finish()
+    }
+}
+
+/// Deletes a container (kills it first) when dropped: cancel, deadline, or its end.
+struct ContainerGuard {
+    engine: Arc<crate::container::Engine>,
+    id: String,
+}
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        let (engine, id) = (self.engine.clone(), std::mem::take(&mut self.id));
+        // `runc delete` waits for the kill: not on a runtime thread.
+        std::thread::spawn(move || engine.delete(&id));
+    }
+}
+
+static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How one pod attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,45 +128,74 @@ pub async fn run_pod(
     let mut guards = Vec::new();
     let mut waits = Vec::new();
     for c in containers {
-        let Some((program, rest)) = c.command.split_first() else {
-            return PodOutcome::StartFailed {
-                container: c.name.clone(),
-                error: "no command".into(),
+        let mut container_guard = None;
+        let mut cgroup = None;
+        let mut cmd = if let Some(oci) = &c.oci {
+            let n = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = format!("{}-{n}", oci.id);
+            let cmd = match oci.engine.prepare(&id, &oci.container) {
+                Ok(cmd) => cmd,
+                Err(error) => {
+                    return PodOutcome::StartFailed {
+                        container: c.name.clone(),
+                        error,
+                    };
+                }
             };
-        };
-        let args: Vec<String> = rest.iter().chain(&c.args).cloned().collect();
-        let (mut cmd, cgroup) = match crate::worker::sandboxed(
-            c.jail.as_deref(),
-            std::path::Path::new(program),
-            &args,
-            &c.working_dir,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
+            container_guard = Some(ContainerGuard {
+                engine: oci.engine.clone(),
+                id,
+            });
+            cmd
+        } else {
+            let Some((program, rest)) = c.command.split_first() else {
                 return PodOutcome::StartFailed {
                     container: c.name.clone(),
-                    error: format!("failed to prepare the sandbox of {program}: {e}"),
+                    error: "no command".into(),
                 };
-            }
+            };
+            let args: Vec<String> = rest.iter().chain(&c.args).cloned().collect();
+            let (mut cmd, cg) = match crate::worker::sandboxed(
+                c.jail.as_deref(),
+                std::path::Path::new(program),
+                &args,
+                &c.working_dir,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    return PodOutcome::StartFailed {
+                        container: c.name.clone(),
+                        error: format!("failed to prepare the sandbox of {program}: {e}"),
+                    };
+                }
+            };
+            cgroup = cg;
+            let host_dir = match &c.jail {
+                // The launcher starts on the host; the working dir is the sandbox's.
+                Some(_) => std::path::Path::new("/"),
+                None => c.working_dir.as_path(),
+            };
+            cmd.current_dir(host_dir)
+                .env_clear()
+                .envs(
+                    ["PATH", "HOME", "LANG"]
+                        .iter()
+                        .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+                )
+                .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            cmd
         };
-        let host_dir = match &c.jail {
-            // The launcher starts on the host; the working dir is the sandbox's.
-            Some(_) => std::path::Path::new("/"),
-            None => c.working_dir.as_path(),
-        };
-        cmd.current_dir(host_dir)
-            .env_clear()
-            .envs(
-                ["PATH", "HOME", "LANG"]
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-            )
-            .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        let program = c
+            .oci
+            .as_ref()
+            .map(|o| o.engine.name.clone())
+            .or_else(|| c.command.first().cloned())
+            .unwrap_or_default();
         let mut child = match cmd.spawn() {
             Ok(ch) => {
                 crate::worker::expendable(ch.id());
@@ -180,8 +248,10 @@ pub async fn run_pod(
         .collect();
         let name = c.name.clone();
         let logs = logs.clone();
+        let memory = c.oci.as_ref().map(|o| o.container.limits.memory);
         waits.push(async move {
             let status = child.wait().await;
+            drop(container_guard);
             for r in readers {
                 let _ = r.await; // the rest of the output
             }
@@ -189,6 +259,20 @@ pub async fn run_pod(
                 let said = crate::worker::death_message(Some(cg), String::new())
                     .replace("the worker", "the container");
                 push_line(&logs, true, format!("dispatch: {said}"), max_log_bytes);
+            }
+            // runc answers 128 + the signal; the cgroup is gone with the container.
+            if let (Some(limit), Ok(s)) = (memory, &status)
+                && s.code() == Some(137)
+            {
+                push_line(
+                    &logs,
+                    true,
+                    format!(
+                        "dispatch: the container was killed (SIGKILL), most likely at its memory limit ({})",
+                        dispatch_core::quantity::human_bytes(limit)
+                    ),
+                    max_log_bytes,
+                );
             }
             (name, status)
         });

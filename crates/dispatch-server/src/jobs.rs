@@ -223,6 +223,7 @@ pub async fn execute(
             .filter_map(|c| c.image.clone())
             .collect(),
         rendered,
+        runtime: spec.runtime.unwrap_or_default(),
         attempts: 0,
         exit_code: None,
         logs: Logs::default(),
@@ -308,14 +309,97 @@ async fn next(state: &Arc<AppState>, key: &TplKey) {
     }
 }
 
+/// Pulls the images of the containers that run as OCI containers (the container tier), with
+/// the pull's progress in the execution's logs; `None` for those that run on the host.
+async fn pull_images(
+    state: &AppState,
+    job: &JobExecution,
+    view: &JobView,
+    logs: &LiveLogs,
+) -> Result<Vec<Option<Arc<dispatch_runtime::container::Ready>>>, String> {
+    let mut out = Vec::new();
+    for c in &view.template.spec.containers {
+        let image = match &c.image {
+            Some(i) if job.runtime == jobs::JobRuntime::Container => i,
+            _ => {
+                out.push(None);
+                continue;
+            }
+        };
+        let Some(containers) = &state.config.containers else {
+            return Err(format!(
+                "container {} runs image {image}, and this server has no OCI runtime: install \
+                 runc (Debian: apt-get install runc) and restart it, or set spec.runtime: host \
+                 on the template to run the command on this host",
+                c.name
+            ));
+        };
+        let policy = dispatch_runtime::container::PullPolicy::of(c.image_pull_policy.as_deref(), image)
+            .map_err(|e| format!("container {}: {e}", c.name))?;
+        let note = |line: String| push_note(logs, &line);
+        let ready = containers
+            .images
+            .ensure(image, policy, &note)
+            .await
+            .map_err(|e| format!("container {}: ErrImagePull: {e}", c.name))?;
+        out.push(Some(Arc::new(ready)));
+    }
+    Ok(out)
+}
+
 fn containers(
     state: &AppState,
     job: &JobExecution,
     view: &JobView,
+    images: Vec<Option<Arc<dispatch_runtime::container::Ready>>>,
 ) -> std::io::Result<Vec<ContainerRun>> {
     let scratch = state.jobs.scratch(job);
     let mut out = Vec::new();
-    for c in &view.template.spec.containers {
+    for (c, image) in view.template.spec.containers.iter().zip(images) {
+        let env: Vec<(String, String)> = c
+            .env
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+            .collect();
+        if let (Some(ready), Some(tier)) = (image, &state.config.containers) {
+            let (uid, gid) = match state.config.sandboxes.as_ref().map(|s| s.identity(&job.namespace)) {
+                Some(dispatch_runtime::sandbox::Identity::Uid { uid, gid }) => (uid, gid),
+                _ => (NOBODY, NOBODY),
+            };
+            let mut limits = dispatch_runtime::sandbox::Limits::job();
+            let (memory, cpu) = c.limits().map_err(std::io::Error::other)?;
+            if let Some(m) = memory {
+                limits.memory = m;
+            }
+            limits.cpu_millis = cpu.or(limits.cpu_millis);
+            out.push(ContainerRun {
+                name: c.name.clone(),
+                command: c.command.clone(),
+                args: c.args.clone(),
+                env: env.clone(),
+                working_dir: PathBuf::from(c.working_dir.clone().unwrap_or_default()),
+                jail: None,
+                oci: Some(dispatch_runtime::jobrun::OciRun {
+                    engine: tier.engine.clone(),
+                    container: dispatch_runtime::container::Container {
+                        rootfs: ready.rootfs.clone(),
+                        image: ready.config.clone(),
+                        command: c.command.clone(),
+                        args: c.args.clone(),
+                        env,
+                        working_dir: c.working_dir.clone(),
+                        uid,
+                        gid,
+                        limits,
+                        network: true,
+                        hostname: job.name.clone(),
+                    },
+                    id: format!("{}-{}", job.uuid, c.name),
+                    image: ready,
+                }),
+            });
+            continue;
+        }
         let working_dir = match &c.working_dir {
             Some(d) => PathBuf::from(d),
             None => {
@@ -344,22 +428,22 @@ fn containers(
             name: c.name.clone(),
             command: c.command.clone(),
             args: c.args.clone(),
-            env: c
-                .env
-                .iter()
-                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-                .collect(),
+            env,
             working_dir,
             jail,
+            oci: None,
         });
     }
     Ok(out)
 }
 
+/// The identity of containers when the server has no per-namespace uids (`--isolation none`).
+const NOBODY: u32 = 65534;
+
 /// One execution: attempts until success, `backoffLimit` or the deadline.
 async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
     let spec_view =
-        serde_json::from_value::<JobTemplateSpec>(serde_json::json!({"jobTemplate": job.rendered}))
+        serde_json::from_value::<JobTemplateSpec>(serde_json::json!({"jobTemplate": job.rendered, "runtime": job.runtime}))
             .map_err(|e| e.to_string())
             .and_then(|s| s.job_view(&job.rendered).map_err(|e| e.message));
     let view = match spec_view {
@@ -390,7 +474,15 @@ async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
         job.attempts = job.attempts.max(end.attempts);
         return finish(&state, job, &logs, view.ttl_seconds_after_finished).await;
     }
-    let runs = match containers(&state, &job, &view) {
+    let images = match pull_images(&state, &job, &view, &logs).await {
+        Ok(i) => i,
+        Err(e) => {
+            job.phase = JobPhase::Failed;
+            job.reason = e;
+            return finish(&state, job, &logs, view.ttl_seconds_after_finished).await;
+        }
+    };
+    let runs = match containers(&state, &job, &view, images) {
         Ok(c) => c,
         Err(e) => {
             job.phase = JobPhase::Failed;
@@ -655,6 +747,7 @@ async fn start_requested(state: &Arc<AppState>, doc: ExecutionDoc) {
         payload: doc.payload.clone(),
         rendered: serde_json::Value::Null,
         images: Vec::new(),
+        runtime: jobs::JobRuntime::default(),
         attempts: 0,
         exit_code: None,
         logs: Logs::default(),

@@ -53,6 +53,9 @@ pub struct Options {
     /// Sandboxes for job commands (and, set on the embedded backend, functions and builds);
     /// none: `--isolation none`, user code runs as the server (DESIGN §9).
     pub sandboxes: Option<Arc<dispatch_runtime::sandbox::Sandboxes>>,
+    /// The container tier (DESIGN §9): the image store and OCI runtime that job templates'
+    /// images run with; none: no OCI runtime on this server (such jobs fail saying so).
+    pub containers: Option<Arc<dispatch_runtime::container::Containers>>,
     /// Connection caps and timeouts of both listeners.
     pub edge: crate::serve::EdgeLimits,
     /// Function workers alive at once, all functions together (embedded backend).
@@ -97,6 +100,7 @@ impl Default for Options {
             tls: None,
             clock: None,
             sandboxes: None,
+            containers: None,
             edge: Default::default(),
             max_workers_total: dispatch_runtime::budget::DEFAULT_MAX_WORKERS_TOTAL,
             worker_memory_budget: None,

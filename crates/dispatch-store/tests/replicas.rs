@@ -38,6 +38,7 @@ fn job(uuid: &str, owner: Option<&str>) -> JobExecution {
         payload: "{}".into(),
         rendered: serde_json::Value::Null,
         images: vec![],
+        runtime: dispatch_core::jobs::JobRuntime::Host,
         attempts: 1,
         exit_code: None,
         logs: Default::default(),

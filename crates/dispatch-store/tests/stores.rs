@@ -684,6 +684,7 @@ fn records_of_every_kind<S: Store>(s: &S) {
         payload: payload.into(),
         rendered: serde_json::Value::Null,
         images: vec![],
+        runtime: dispatch_core::jobs::JobRuntime::Host,
         attempts: 0,
         exit_code: None,
         logs: Default::default(),

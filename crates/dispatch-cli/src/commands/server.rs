@@ -168,13 +168,23 @@ pub struct Server {
         required_if_eq("backend", "kubernetes")
     )]
     pub registry: Option<String>,
-    /// Kubernetes: a registry (host:port) reached over plain HTTP; repeatable
+    /// A registry (host:port) reached over plain HTTP, for image pushes (Kubernetes) and the
+    /// container tier's pulls; repeatable
     #[arg(long, value_name = "HOST")]
     pub insecure_registry: Vec<String>,
-    /// Kubernetes: Docker config with registry credentials (default $DOCKER_CONFIG/config.json
-    /// or ~/.docker/config.json)
+    /// Docker config with registry credentials for pushes and pulls (default
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json)
     #[arg(long, value_name = "FILE")]
     pub docker_config: Option<PathBuf>,
+    /// Container tier: a registry serving Docker Hub's repositories (`alpine:latest` is pulled
+    /// as MIRROR/library/alpine:latest); `http://HOST:PORT` for plain HTTP
+    #[arg(long, env = "DISPATCH_REGISTRY_MIRROR", value_name = "MIRROR")]
+    pub registry_mirror: Option<String>,
+    /// Container tier: the OCI runtime job containers run with (default: crun where it works,
+    /// else runc, found on PATH; without one, job templates whose containers name an image
+    /// fail unless their spec.runtime is host)
+    #[arg(long, value_name = "PATH")]
+    pub oci_runtime: Option<PathBuf>,
     /// Kubernetes: run functions as Knative Services (scale to zero) instead of Deployments
     #[arg(long)]
     pub knative: bool,
@@ -272,16 +282,8 @@ impl Server {
     /// parts).
     async fn parts(&self) -> Result<Parts> {
         if self.backend != "kubernetes" {
-            if self.registry.is_some()
-                || self.knative
-                || self.pull_secret.is_some()
-                || !self.insecure_registry.is_empty()
-                || self.docker_config.is_some()
-            {
-                anyhow::bail!(
-                    "--registry, --insecure-registry, --docker-config, --knative and \
-                     --pull-secret need --backend kubernetes"
-                );
+            if self.registry.is_some() || self.knative || self.pull_secret.is_some() {
+                anyhow::bail!("--registry, --knative and --pull-secret need --backend kubernetes");
             }
             return Ok(Parts::default());
         }
@@ -354,7 +356,7 @@ impl Server {
         }
         let parts = self.parts().await?;
         let database = self.database_options()?;
-        let data_dir = match self.data_dir {
+        let data_dir = match self.data_dir.clone() {
             Some(d) => d,
             None => crate::config::home()
                 .context("HOME is not set: pass --data-dir")?
@@ -364,6 +366,12 @@ impl Server {
         dispatch_server::private_data_dir(&data_dir)?;
         if parts.backend.is_none() {
             options.sandboxes = sandboxes(self.isolation, self.sandbox_without, &data_dir).await?;
+            options.containers = self.containers(&data_dir)?;
+        } else if self.registry_mirror.is_some() || self.oci_runtime.is_some() {
+            anyhow::bail!(
+                "--registry-mirror and --oci-runtime are for the embedded backend's container tier \
+                 (on Kubernetes the cluster pulls and runs images)"
+            );
         }
         let config = dispatch_server::Config {
             data_dir,
@@ -428,6 +436,44 @@ impl Server {
         tracing::info!("shutting down: draining in-flight calls");
         server.stop().await?;
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl Server {
+    /// The container tier of an embedded server: its image store and OCI runtime. Without a
+    /// runtime the server still starts (and says so): only job containers that name an image
+    /// need one.
+    fn containers(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<Option<std::sync::Arc<dispatch_runtime::container::Containers>>> {
+        use dispatch_runtime::container::{Containers, Engine, Images};
+        let engine = match Engine::detect(self.oci_runtime.as_deref(), data_dir) {
+            Ok(e) => e,
+            Err(e) if self.oci_runtime.is_none() => {
+                eprintln!(
+                    "containers: off ({e}); job containers that name an image fail unless the template says spec.runtime: host"
+                );
+                return Ok(None);
+            }
+            Err(e) => anyhow::bail!("--oci-runtime: {e}"),
+        };
+        // Containers of a previous run that died with it.
+        engine.reap_all();
+        let registry =
+            super::k8s::registry_options(&self.insecure_registry, self.docker_config.as_deref())?;
+        let images = Images::open(data_dir, registry, self.registry_mirror.as_deref())
+            .context("opening the image store")?;
+        eprintln!(
+            "containers: {} ({}), images in {}",
+            engine.name,
+            engine.version,
+            data_dir.join("images").display()
+        );
+        Ok(Some(std::sync::Arc::new(Containers {
+            images,
+            engine: std::sync::Arc::new(engine),
+        })))
     }
 }
 

@@ -377,3 +377,129 @@ pub fn tick_ends(log: &Path) -> usize {
         .filter(|l| l.starts_with("end "))
         .count()
 }
+
+/// A child process killed when dropped (a registry).
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A Debian program's path; fails saying it is missing.
+pub fn program(name: &str) -> String {
+    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p.display().to_string();
+        }
+    }
+    panic!("{name} is not installed (Debian package; .ci/run installs it)");
+}
+
+/// The CNCF registry on a free port, storing in `dir`.
+pub fn registry(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(program("docker-registry"))
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Proc(child);
+    eventually("the registry to answer /v2/", || {
+        (http_get(port, "/v2/")?.0 == 200).then_some(())
+    });
+    (p, format!("127.0.0.1:{port}"))
+}
+
+/// A current-thread runtime for async helpers in sync tests.
+pub fn rt() -> tokio::runtime::Runtime {
+    dispatch_client::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+
+/// A registry serving a tiny image built from Debian's static busybox as Docker Hub's
+/// `library/alpine:latest` and `library/busybox:latest` (so dispatcher's sample runs verbatim
+/// through `--registry-mirror`).
+/// Two layers: busybox and its applets, then one that whites out `/etc/removed` and adds
+/// `/etc/layer2`. Returns the registry, its folder and `host:port`.
+pub struct ImageRegistry {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub host: String,
+}
+
+impl ImageRegistry {
+    pub fn start() -> ImageRegistry {
+        use dispatch_runtime::oci::{LayerBuilder, Registry, RegistryOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let (proc, host) = registry(dir.path());
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::copy(program("busybox"), bin.join("busybox")).unwrap();
+        for applet in [
+            "sh", "echo", "cat", "env", "id", "sleep", "head", "dd", "ls", "test", "printf",
+            "touch", "wc", "pwd", "hostname", "mount", "tail", "kill",
+        ] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        let mut base = LayerBuilder::new();
+        base.tree("/bin", &bin).unwrap();
+        for d in ["/tmp", "/proc", "/dev", "/sys", "/work"] {
+            base.dir(d).unwrap();
+        }
+        base.file("/etc/removed", 0o644, &b"lower layer\n"[..]).unwrap();
+        base.file("/etc/os-release", 0o644, &b"ID=busybox-test\n"[..])
+            .unwrap();
+        let base = base.finish("busybox").unwrap();
+        let mut top = LayerBuilder::new();
+        top.file("/etc/.wh.removed", 0o644, &b""[..]).unwrap();
+        top.file("/etc/layer2", 0o644, &b"upper layer\n"[..]).unwrap();
+        let top = top.finish("whiteout").unwrap();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {
+                "Env": ["PATH=/bin", "FROM_IMAGE=yes"],
+                "Cmd": ["sh", "-c", "echo default cmd in $(pwd)"],
+                "WorkingDir": "/work"
+            },
+            "rootfs": {"type": "layers", "diff_ids": [base.diff_id, top.diff_id]},
+            "history": [{"created_by": "busybox"}, {"created_by": "whiteout"}]
+        });
+        let reg = Registry::new(RegistryOptions {
+            insecure: vec![host.clone()],
+            ..Default::default()
+        });
+        for name in ["alpine", "busybox"] {
+            rt().block_on(reg.push_scratch(
+                &format!("{host}/library/{name}:latest"),
+                &[base.clone(), top.clone()],
+                &config,
+            ))
+            .unwrap();
+        }
+        ImageRegistry { proc, dir, host }
+    }
+
+    /// The server flag that sends Docker Hub references here.
+    pub fn mirror_flag(&self) -> String {
+        format!("--registry-mirror=http://{}", self.host)
+    }
+}

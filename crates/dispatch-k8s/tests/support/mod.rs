@@ -14,6 +14,7 @@ pub fn execution() -> dispatch_core::JobExecution {
         payload: "hi".into(),
         rendered,
         images: vec![],
+        runtime: dispatch_core::jobs::JobRuntime::Host,
         attempts: 0,
         exit_code: None,
         logs: Logs::default(),

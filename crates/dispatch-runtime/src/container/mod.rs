@@ -12,5 +12,13 @@ pub use images::{ImageError, Images, PullPolicy, PulledImage, Ready};
 /// What the embedded server needs to run containers: the image store and the OCI runtime.
 pub struct Containers {
     pub images: Images,
-    pub engine: Engine,
+    pub engine: std::sync::Arc<Engine>,
+}
+
+impl std::fmt::Debug for Containers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Containers")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
 }

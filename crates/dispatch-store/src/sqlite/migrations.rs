@@ -186,6 +186,7 @@ mod tests {
             payload: payload.into(),
             rendered: serde_json::Value::Null,
             images: vec![],
+            runtime: dispatch_core::jobs::JobRuntime::Host,
             attempts: 1,
             exit_code: Some(0),
             logs: Logs::default(),
