@@ -376,6 +376,12 @@ impl Client {
         self.json(self.request(Method::DELETE, &url), &url).await
     }
 
+    /// The container tier's pulled images (cluster admins).
+    pub async fn pulled_images(&self) -> Result<Vec<serde_json::Value>> {
+        let url = format!("{}/v1/pulled-images", self.base);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
     pub async fn audit(&self, limit: usize) -> Result<Vec<serde_json::Value>> {
         let url = format!("{}/v1/audit", self.base);
         self.json(

@@ -65,7 +65,9 @@ pub fn api_need(method: &Method, path: &str) -> Need {
     match segs.as_slice() {
         ["healthz"] | ["readyz"] | ["v1", "version"] => Need::Public,
         ["v1", "whoami"] => Need::Role(Role::Viewer),
-        ["v1", "gc"] | ["v1", "tokens", ..] | ["v1", "audit"] => Need::ClusterAdmin,
+        ["v1", "gc"] | ["v1", "pulled-images"] | ["v1", "tokens", ..] | ["v1", "audit"] => {
+            Need::ClusterAdmin
+        }
         ["v1", "namespaces"] if read => Need::Role(Role::Viewer),
         ["v1", "namespaces"] => Need::ClusterAdmin,
         ["v1", "namespaces", ns] if read => Need::RoleIn(Role::Viewer, ns.to_string()),

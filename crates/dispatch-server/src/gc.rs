@@ -17,6 +17,9 @@ use crate::state::StateError;
 
 /// Grace of the periodic collection.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
+/// Pulled images unused this long go in the periodic collection (a pull costs more than a
+/// build of a source blob; `dispatch gc --grace` applies its grace to them too).
+pub const PULLED_IMAGE_GRACE: Duration = Duration::from_secs(24 * 3600);
 const PERIOD: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Serialize)]
@@ -26,9 +29,19 @@ pub struct GcReport {
     pub freed_bytes: u64,
 }
 
-pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, StateError> {
-    let (functions, images) = state
-        .res(|s| Ok((s.list(None, Kind::Function)?, s.list(None, Kind::Image)?)))
+pub async fn collect(
+    state: &AppState,
+    grace: Duration,
+    image_grace: Duration,
+) -> Result<GcReport, StateError> {
+    let (functions, images, templates) = state
+        .res(|s| {
+            Ok((
+                s.list(None, Kind::Function)?,
+                s.list(None, Kind::Image)?,
+                s.list(None, Kind::JobTemplate)?,
+            ))
+        })
         .await?;
     let mut keep = GcKeep::default();
     let mut sources = HashSet::new();
@@ -51,6 +64,33 @@ pub async fn collect(state: &AppState, grace: Duration) -> Result<GcReport, Stat
         }
     }
     let mut removed = state.backend.gc(&keep, grace).await;
+    if let Some(tier) = state.config.containers.clone() {
+        // Images that templates name as written (a rendered name is unknown until it runs).
+        let named: HashSet<String> = templates
+            .iter()
+            .filter_map(|t| t.typed_spec::<dispatch_core::jobs::JobTemplateSpec>().ok())
+            .flat_map(|t| {
+                let containers = t.job_template["spec"]["template"]["spec"]["containers"].clone();
+                containers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["image"].as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let pulled = tokio::task::spawn_blocking(move || tier.images.gc(image_grace, &named))
+            .await
+            .map_err(|e| StateError::internal("collecting pulled images", e))?;
+        match pulled {
+            Ok(p) => removed.extend(p.into_iter().map(|c| Removed {
+                what: c.what,
+                digest: c.digest,
+                bytes: c.bytes,
+            })),
+            Err(e) => tracing::warn!("collecting pulled images: {e}"),
+        }
+    }
     let blobs = state.blobs.clone();
     let store = state.stores.records.clone();
     let blob_removed = tokio::task::spawn_blocking(move || {
@@ -97,7 +137,7 @@ pub fn spawn_periodic(state: Arc<AppState>) -> tokio::task::JoinHandle<()> {
         tick.tick().await; // not at start-up: the controller is redeploying
         loop {
             tick.tick().await;
-            if let Err(e) = collect(&state, DEFAULT_GRACE).await {
+            if let Err(e) = collect(&state, DEFAULT_GRACE, PULLED_IMAGE_GRACE).await {
                 tracing::warn!("garbage collection failed: {e}");
             }
         }

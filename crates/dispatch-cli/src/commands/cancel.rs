@@ -38,6 +38,7 @@ impl Cancel {
             | Target::Tokens
             | Target::Audit
             | Target::Namespaces
+            | Target::PulledImages
             | Target::Events => bail!(
                 "runs and job executions are cancelled: dispatch cancel run ID | jobexecution UUID"
             ),

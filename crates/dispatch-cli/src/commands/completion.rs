@@ -139,6 +139,14 @@ async fn names_of(c: &dispatch_client::Client, kind: &str) -> Option<Vec<String>
             .collect(),
         Target::Tokens => field(c.list_tokens().await.ok()?, "name"),
         Target::Namespaces => field(c.list_namespaces().await.ok()?, "name"),
+        Target::PulledImages => c
+            .pulled_images()
+            .await
+            .ok()?
+            .iter()
+            .flat_map(|i| i["references"].as_array().cloned().unwrap_or_default())
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect(),
         Target::Events | Target::Audit => Vec::new(),
     })
 }

@@ -100,6 +100,9 @@ impl Delete {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            Target::PulledImages => bail!(
+                "pulled images go with `dispatch gc` (those unused for its --grace, default 1h; by itself the server collects those unused for a day)"
+            ),
             Target::Runs | Target::JobExecutions | Target::Audit | Target::Events => bail!(
                 "runs and job executions are not deleted one by one: `dispatch cancel run ID | jobexecution UUID` stops one; runs: `dispatch runs purge`; executions go with their template or their ttlSecondsAfterFinished"
             ),

@@ -246,6 +246,65 @@ impl Get {
                     f => print_structured(&tokens, f)?,
                 }
             }
+            Target::PulledImages => {
+                let images = c.pulled_images().await?;
+                let images: Vec<_> = match &self.name {
+                    // By a reference that resolved to it, or by digest (a prefix will do).
+                    Some(n) => images
+                        .into_iter()
+                        .filter(|i| {
+                            i["digest"].as_str().is_some_and(|d| d.starts_with(n.as_str()))
+                                || i["references"]
+                                    .as_array()
+                                    .is_some_and(|r| r.iter().any(|x| x == n.as_str()))
+                        })
+                        .collect(),
+                    None => images,
+                };
+                if let Some(n) = &self.name
+                    && images.is_empty()
+                {
+                    anyhow::bail!("no pulled image {n:?} (a reference as written, or a digest)");
+                }
+                match self.output {
+                    Format::Table | Format::Wide => print!(
+                        "{}",
+                        table(
+                            &["REFERENCES", "DIGEST", "SIZE", "DOWNLOADED", "LAST USED", "PULLED"],
+                            &images
+                                .iter()
+                                .map(|i| {
+                                    let refs = i["references"]
+                                        .as_array()
+                                        .map(|r| {
+                                            r.iter()
+                                                .filter_map(|x| x.as_str())
+                                                .collect::<Vec<_>>()
+                                                .join(",")
+                                        })
+                                        .unwrap_or_default();
+                                    let digest = i["digest"].as_str().unwrap_or("");
+                                    let bytes = |k: &str| {
+                                        dispatch_core::quantity::human_bytes(
+                                            i[k].as_u64().unwrap_or(0),
+                                        )
+                                    };
+                                    vec![
+                                        refs,
+                                        digest[..digest.len().min(19)].to_string(),
+                                        bytes("unpackedBytes"),
+                                        bytes("downloadBytes"),
+                                        date_of(i["lastUsed"].as_str().unwrap_or("")),
+                                        date_of(i["pulledAt"].as_str().unwrap_or("")),
+                                    ]
+                                })
+                                .collect::<Vec<_>>()
+                        )
+                    ),
+                    f if self.name.is_some() => print_structured(&images[0], f)?,
+                    f => print_structured(&images, f)?,
+                }
+            }
             Target::Audit => {
                 let entries = c.audit(self.limit.unwrap_or(100)).await?;
                 match self.output {

@@ -54,6 +54,7 @@ impl Logs {
             | Target::Tokens
             | Target::Audit
             | Target::Namespaces
+            | Target::PulledImages
             | Target::Events => bail!(
                 "logs are kept for runs, job executions and image builds: dispatch logs run ID | jobexecution UUID | image NAME"
             ),

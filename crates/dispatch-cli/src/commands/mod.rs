@@ -47,12 +47,13 @@ pub enum Target {
     Audit,
     Namespaces,
     Events,
+    PulledImages,
 }
 
 /// The kinds `get` takes, as its help and errors name them (a test keeps them whole).
 pub const GET_KINDS: &str = "base-image, image, function, endpoint (api), secret, jobtemplate, \
-subscription, eventdriver, run, jobexecution, event, token, namespace or audit (singular or \
-plural)";
+subscription, eventdriver, run, jobexecution, event, token, namespace, audit or pulled-image \
+(singular or plural)";
 
 /// The kinds `delete KIND NAME` takes.
 pub const DELETE_KINDS: &str = "base-image, image, function, endpoint (api), secret, \
@@ -81,6 +82,9 @@ pub fn parse_target(s: &str) -> Result<Target> {
     }
     if norm == "audit" {
         return Ok(Target::Audit);
+    }
+    if matches!(norm.as_str(), "pulledimage" | "pulledimages") {
+        return Ok(Target::PulledImages);
     }
     Kind::parse(s)
         .map(Target::Resource)

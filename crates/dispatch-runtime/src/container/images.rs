@@ -493,9 +493,13 @@ impl Images {
         v
     }
 
-    /// Removes images unused for `grace` (none that runs now) and the layer blobs no image
-    /// left names.
-    pub fn gc(&self, grace: std::time::Duration) -> Result<Vec<Collected>, ImageError> {
+    /// Removes images unused for `grace` (none that runs now, none that a reference in `keep`
+    /// resolved to) and the layer blobs no image left names.
+    pub fn gc(
+        &self,
+        grace: std::time::Duration,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<Vec<Collected>, ImageError> {
         let cutoff =
             Timestamp::now() - jiff::SignedDuration::try_from(grace).unwrap_or_default();
         let mut out = Vec::new();
@@ -505,6 +509,7 @@ impl Images {
             .images
             .values()
             .filter(|i| i.last_used < cutoff && !busy.contains(&i.digest))
+            .filter(|i| !i.references.iter().any(|r| keep.contains(r)))
             .map(|i| i.digest.clone())
             .collect();
         for d in old {
@@ -602,6 +607,14 @@ fn unpack_all(
         return Err(e);
     }
     std::fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    // The writable /tmp is a tmpfs that the OCI runtime gives the mode of the directory it
+    // covers: that one must exist and be sticky and world-writable, whatever the image says.
+    let tmp_dir = unpack::resolve_in(tmp, Path::new("tmp"), true)?;
+    if !tmp_dir.is_dir() {
+        let _ = std::fs::remove_file(&tmp_dir);
+        std::fs::create_dir_all(&tmp_dir)?;
+    }
+    std::fs::set_permissions(&tmp_dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
     if rootfs.exists() {
         std::fs::remove_dir_all(rootfs)?;
     }

@@ -35,6 +35,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/version", get(version))
         .route("/v1/gc", post(gc))
+        .route("/v1/pulled-images", get(pulled_images))
         .route(
             "/v1/namespaces",
             get(namespaces::list).post(namespaces::create),
@@ -356,7 +357,22 @@ async fn gc(
         Some(g) => dispatch_core::duration::parse_duration(&g)?,
         None => crate::gc::DEFAULT_GRACE,
     };
-    Ok(axum::Json(crate::gc::collect(&state, grace).await?))
+    Ok(axum::Json(crate::gc::collect(&state, grace, grace).await?))
+}
+
+/// The container tier's pulled images, newest use first (cluster admins: they are shared by
+/// every namespace).
+async fn pulled_images(
+    State(state): State<Arc<AppState>>,
+) -> axum::Json<Vec<dispatch_runtime::container::PulledImage>> {
+    axum::Json(
+        state
+            .config
+            .containers
+            .as_ref()
+            .map(|c| c.images.list())
+            .unwrap_or_default(),
+    )
 }
 
 async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
