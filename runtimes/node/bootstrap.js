@@ -24,7 +24,10 @@ const path = require('path');
 
 const generic = process.argv[2] === '--generic';
 let [functionDir, moduleFile, exportName] = generic ? [] : process.argv.slice(2);
-const sock = new net.Socket({ fd: 0, readable: true, writable: true });
+// fd $DISPATCH_PROTOCOL_FD in a container, whose runtime pipes stdio.
+const protocolFd = Number(process.env.DISPATCH_PROTOCOL_FD || 0);
+delete process.env.DISPATCH_PROTOCOL_FD;
+const sock = new net.Socket({ fd: protocolFd, readable: true, writable: true });
 
 // Die with the server: a server killed with SIGKILL cannot kill its workers, and a run it
 // accepted is retried after a restart, so a worker that outlived it would run that call twice

@@ -190,9 +190,13 @@ def serve(sock, function_dir, handler):
 
 
 def take_protocol_socket():
-    """The protocol socket arrives as fd 0; keep it on a private fd and give the handler an
-    empty stdin so that a stray input() cannot read protocol bytes."""
-    sock = socket.socket(fileno=os.dup(0))
+    """The protocol socket arrives as fd 0 (fd $DISPATCH_PROTOCOL_FD in a container, whose
+    runtime pipes stdio); keep it on a private fd and give the handler an empty stdin so that
+    a stray input() cannot read protocol bytes."""
+    fd = int(os.environ.pop("DISPATCH_PROTOCOL_FD", "0"))
+    sock = socket.socket(fileno=os.dup(fd))
+    if fd != 0:
+        os.close(fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

@@ -5,8 +5,14 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // The sandbox launcher (DESIGN §9) must stay single-threaded: it runs before anything else.
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(std::ffi::OsStr::new("sandbox")) {
-        dispatch_runtime::sandbox::launch::main(args.collect());
+    match args.next().as_deref().and_then(std::ffi::OsStr::to_str) {
+        Some("sandbox") => dispatch_runtime::sandbox::launch::main(args.collect()),
+        // A container worker's runtime, its protocol socket moved to fd 3 (DESIGN §9); as
+        // early, before any fd is opened.
+        Some(dispatch_runtime::container::engine::EXEC_STEP) => {
+            dispatch_runtime::container::engine::exec_main(args.collect())
+        }
+        _ => {}
     }
     // One rustls crypto provider, installed before anything builds a TLS client (DESIGN §11).
     dispatch_client::install_crypto_provider();

@@ -381,3 +381,55 @@ fn a_server_killed_with_a_container_running_reaps_it_on_restart() {
     });
     assert_eq!(job["status"]["attempts"], 1, "{job}");
 }
+
+#[test]
+fn a_function_with_isolation_container_runs_in_its_base_image() {
+    let hub = ImageRegistry::start();
+    let base = hub.push_python();
+    let insecure = format!("--insecure-registry={}", hub.host);
+    let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &[&insecure]);
+    s.ok(&["create", "base-image", "py", &base, "--language", "python3"]);
+    s.ok(&["create", "image", "py", "py", "--wait"]);
+    let code = s.dir.path().join("where.py");
+    std::fs::write(
+        &code,
+        "import os, sys\n\
+         def handle(context, payload):\n\
+         \x20   print('hello from the container')\n\
+         \x20   return {'uid': os.getuid(), 'os': open('/etc/os-release').read().strip(),\n\
+         \x20           'root': sorted(os.listdir('/')), 'cwd': os.getcwd(),\n\
+         \x20           'env': os.environ.get('GREETING'), 'payload': payload}\n",
+    )
+    .unwrap();
+    s.ok(&[
+        "create", "function", "--image", "py", "where", code.to_str().unwrap(), "--isolation",
+        "container", "--env", "GREETING=hi", "--wait",
+    ]);
+    let f = s.json(&["get", "function", "where", "-o", "json"]);
+    assert_eq!(f["status"]["phase"], "READY", "{f}");
+    assert_eq!(f["spec"]["isolation"], "container");
+    let (ok, out) = s.exec("where", r#"{"n": 1}"#);
+    assert!(ok, "{out}");
+    let v = &out["payload"];
+    assert_eq!(v["os"], "ID=python-test", "the base image's files: {out}");
+    assert_eq!(v["cwd"], "/function");
+    assert_eq!(v["env"], "hi");
+    assert_eq!(v["payload"]["n"], 1);
+    assert!(v["uid"].as_u64().unwrap() >= 2_000_000_000, "{out}");
+    let root: Vec<&str> = v["root"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
+    assert!(root.contains(&"function") && root.contains(&"dispatch"), "{root:?}");
+    assert!(!root.contains(&"work") && !root.contains(&"home"), "nothing of the host: {root:?}");
+    assert!(
+        out["context"]["logs"]["stdout"]
+            .as_array()
+            .unwrap()
+            .contains(&"hello from the container".into()),
+        "{out}"
+    );
+    // Its warm worker is a container; removing the function removes it.
+    assert!(!containers_left(&s).is_empty());
+    s.ok(&["delete", "function", "where"]);
+    eventually("the function's containers to go", || {
+        containers_left(&s).is_empty().then_some(())
+    });
+}

@@ -476,6 +476,7 @@ fn kubernetes_backend_deploys_calls_and_removes() {
             preload: None,
             limits: Default::default(),
             network: true,
+            container: false,
         };
         let cluster = tokio::spawn(async move {
             let (m, uri, deployment) = api_answer(&mut api, 200, Value::Null).await;

@@ -116,6 +116,8 @@ pub struct FunctionDeploy {
     pub limits: dispatch_core::resource::Limits,
     /// Network allowed (`spec.network` other than `none`).
     pub network: bool,
+    /// `spec.isolation: container`: workers run in the base image with an OCI runtime.
+    pub container: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

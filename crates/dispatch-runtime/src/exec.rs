@@ -27,7 +27,7 @@ pub async fn run_exec(
     timeout: Duration,
 ) -> Result<Envelope, CallFailure> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut cmd, cgroup) = match spec.command(false) {
+    let (mut cmd, cgroup, _container) = match spec.command(false) {
         Ok(c) => c,
         Err(e) => {
             return Ok(Envelope::error(

@@ -50,21 +50,7 @@ impl std::fmt::Debug for OciRun {
     }
 }
 
-/// Deletes a container (kills it first) when dropped: cancel, deadline, or its end.
-struct ContainerGuard {
-    engine: Arc<crate::container::Engine>,
-    id: String,
-}
 
-impl Drop for ContainerGuard {
-    fn drop(&mut self) {
-        let (engine, id) = (self.engine.clone(), std::mem::take(&mut self.id));
-        // `runc delete` waits for the kill: not on a runtime thread.
-        std::thread::spawn(move || engine.delete(&id));
-    }
-}
-
-static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How one pod attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,22 +117,18 @@ pub async fn run_pod(
         let mut container_guard = None;
         let mut cgroup = None;
         let mut cmd = if let Some(oci) = &c.oci {
-            let n = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let id = format!("{}-{n}", oci.id);
-            let cmd = match oci.engine.prepare(&id, &oci.container) {
-                Ok(cmd) => cmd,
+            match crate::container::engine::Running::prepare(&oci.engine, &oci.id, &oci.container, false) {
+                Ok((cmd, running)) => {
+                    container_guard = Some(running);
+                    cmd
+                }
                 Err(error) => {
                     return PodOutcome::StartFailed {
                         container: c.name.clone(),
                         error,
                     };
                 }
-            };
-            container_guard = Some(ContainerGuard {
-                engine: oci.engine.clone(),
-                id,
-            });
-            cmd
+            }
         } else {
             let Some((program, rest)) = c.command.split_first() else {
                 return PodOutcome::StartFailed {

@@ -47,6 +47,31 @@ pub struct WorkerSpec {
     pub jail: Option<Arc<crate::sandbox::Jail>>,
     /// Largest answer frame accepted from a worker of this spec.
     pub max_output_bytes: usize,
+    /// The container tier: each process of this spec starts in a new container of this
+    /// template instead (`jail` is then `None`).
+    pub container: Option<Arc<ContainerWorker>>,
+}
+
+/// Workers in containers (DESIGN §9, `spec.isolation: container`): the function's base image,
+/// its code and the runner shown read-only, `dispatch runner --worker` as the process (it
+/// execs the language's bootstrap, which speaks the worker protocol on stdin).
+#[derive(Clone)]
+pub struct ContainerWorker {
+    pub engine: Arc<crate::container::Engine>,
+    /// The base image (kept from gc while the function is deployed).
+    pub image: Arc<crate::container::Ready>,
+    pub template: crate::container::Container,
+    /// Container ids start with it.
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for ContainerWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerWorker")
+            .field("image", &self.image.digest)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 /// How much more likely than the server a process of user code is to be picked by the
@@ -83,9 +108,19 @@ impl WorkerSpec {
         env
     }
 
-    /// The command that starts a process of this spec (in its sandbox, when it has one), and
-    /// the cgroup that holds its limits.
-    pub(crate) fn command(&self, with_dir_arg: bool) -> std::io::Result<(Command, Option<Cgroup>)> {
+    /// The command that starts a process of this spec (in its sandbox or container, when it
+    /// has one), the cgroup that holds its limits, and its container.
+    pub(crate) fn command(
+        &self,
+        with_dir_arg: bool,
+    ) -> std::io::Result<(Command, Option<Cgroup>, Option<crate::container::engine::Running>)> {
+        if let Some(c) = &self.container {
+            let (mut cmd, running) =
+                crate::container::engine::Running::prepare(&c.engine, &c.prefix, &c.template, true)
+                    .map_err(std::io::Error::other)?;
+            cmd.env_clear().process_group(0).kill_on_drop(true);
+            return Ok((cmd, None, Some(running)));
+        }
         let mut args = self.prefix_args.clone();
         if with_dir_arg {
             args.push(self.dir.display().to_string());
@@ -97,7 +132,7 @@ impl WorkerSpec {
             .envs(self.environment())
             .process_group(0)
             .kill_on_drop(true);
-        Ok((cmd, cg))
+        Ok((cmd, cg, None))
     }
 }
 
@@ -209,6 +244,8 @@ pub struct Worker {
     pub(crate) cgroup: Option<Cgroup>,
     /// Largest answer accepted.
     max_output: usize,
+    /// Its container (the container tier): deleted when the worker goes (held for its drop).
+    _container: Option<crate::container::engine::Running>,
 }
 
 fn ms_f(d: Duration) -> f64 {
@@ -224,7 +261,7 @@ impl Worker {
             program: spec.program.display().to_string(),
             source,
         };
-        let (mut cmd, cgroup) = spec.command(true).map_err(spawn_err)?;
+        let (mut cmd, cgroup, container) = spec.command(true).map_err(spawn_err)?;
         let mut child = cmd
             .stdin(Stdio::from(OwnedFd::from(child_end)))
             .stdout(Stdio::piped())
@@ -250,6 +287,7 @@ impl Worker {
             cold_start: ColdStart::default(),
             cgroup,
             max_output: spec.max_output(),
+            _container: container,
         };
         w.handshake(ready_within, t0).await
     }
@@ -280,6 +318,7 @@ impl Worker {
             },
             cgroup,
             max_output: spec.max_output(),
+            _container: None,
         }
     }
 

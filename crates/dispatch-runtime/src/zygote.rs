@@ -363,6 +363,7 @@ impl Spares {
                 label,
                 jail: None,
                 max_output_bytes: 0,
+                container: None,
             },
             keep,
             idle: parking_lot::Mutex::new(Vec::new()),

@@ -70,6 +70,7 @@ fn deploy(name: &str, lang: Language, file: &str, body: &str, image_build: &str)
         preload: None,
         limits: Default::default(),
         network: true,
+        container: false,
     }
 }
 

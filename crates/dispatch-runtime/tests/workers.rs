@@ -70,6 +70,7 @@ fn deploy(
         preload: None,
         limits: Default::default(),
         network: true,
+        container: false,
     }
 }
 

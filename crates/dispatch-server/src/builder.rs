@@ -214,6 +214,7 @@ impl ServerBuilder {
             local.spawn_reaper();
             local.set_max_waiting_calls(o.max_waiting_calls);
             local.set_sandboxes(o.sandboxes.clone());
+            local.set_containers(o.containers.clone());
             local.set_worker_budget(
                 o.max_workers_total,
                 o.worker_memory_budget

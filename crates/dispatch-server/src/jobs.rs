@@ -393,6 +393,7 @@ fn containers(
                         limits,
                         network: true,
                         hostname: job.name.clone(),
+                        binds: Vec::new(),
                     },
                     id: format!("{}-{}", job.uuid, c.name),
                     image: ready,

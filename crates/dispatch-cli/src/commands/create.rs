@@ -526,6 +526,11 @@ pub struct LimitArgs {
     /// denying all traffic); `default`: network allowed
     #[arg(long, value_name = "default|none", value_parser = ["default", "none"])]
     pub network: Option<String>,
+    /// `container`: its workers run inside its base image (pulled from the image's registry)
+    /// with runc, started by `dispatch runner` as on Kubernetes (the server needs an OCI
+    /// runtime; see `dispatch server --help`); `sandbox`: the server's isolation
+    #[arg(long, value_name = "sandbox|container", value_parser = ["sandbox", "container"])]
+    pub isolation: Option<String>,
     /// Async runs of this function accepted and not final at most (spec.maxQueued); past it
     /// an async call gets 429 and nothing is stored (default: the server's
     /// --max-queued-per-function, 1000)
@@ -561,6 +566,9 @@ impl LimitArgs {
         }
         if let Some(n) = &self.network {
             spec.network = Some(parse_enum("--network", n)?);
+        }
+        if let Some(i) = &self.isolation {
+            spec.isolation = Some(parse_enum("--isolation", i)?);
         }
         if let Some(n) = self.max_queued {
             spec.max_queued = Some(n);

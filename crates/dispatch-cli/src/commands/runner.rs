@@ -45,6 +45,11 @@ pub struct Runner {
     /// Concurrent calls (workers)
     #[arg(long, env = "DISPATCH_MAX_WORKERS", default_value_t = 4)]
     pub max_workers: u32,
+    /// Be one worker instead of a server: exec the language's bootstrap, which speaks the
+    /// worker protocol on stdin (how the embedded server's container tier starts the workers of
+    /// `spec.isolation: container` functions in this same image layout)
+    #[arg(long)]
+    pub worker: bool,
 }
 
 #[derive(Deserialize)]
@@ -93,7 +98,21 @@ impl Runner {
             // The pod is the sandbox here (restricted securityContext, limits from the spec).
             limits: Default::default(),
             network: true,
+            container: false,
         };
+        if self.worker {
+            use std::os::unix::process::CommandExt as _;
+            let (program, args) = backend
+                .worker_command(&deploy, self.function_dir.clone())
+                .with_context(|| {
+                    format!("the function in {} does not load", self.function_dir.display())
+                })?;
+            let err = std::process::Command::new(&program)
+                .args(&args)
+                .current_dir(&self.function_dir)
+                .exec();
+            anyhow::bail!("cannot start {}: {err}", program.display());
+        }
         let pool = backend
             .pool_for_dir(&deploy, self.function_dir.clone())
             .await

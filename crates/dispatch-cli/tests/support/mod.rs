@@ -503,3 +503,94 @@ impl ImageRegistry {
         format!("--registry-mirror=http://{}", self.host)
     }
 }
+
+impl ImageRegistry {
+    /// Pushes a Python base image made of this host's Python 3 (its interpreter, standard
+    /// library and the shared libraries it and the `dispatch` runner link) as
+    /// `HOST/test/python:3`; returns that reference. ~30 MB unpacked.
+    pub fn push_python(&self) -> String {
+        use dispatch_runtime::oci::{LayerBuilder, Registry, RegistryOptions};
+        let stage = tempfile::tempdir().unwrap();
+        let root = stage.path();
+        let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
+        let version = python.file_name().unwrap().to_str().unwrap().to_string(); // python3.11
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(from, to).unwrap();
+        };
+        copy(&python, &root.join("usr/bin/python3"));
+        let stdlib = Path::new("/usr/lib").join(&version);
+        let skip = [
+            "test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "__pycache__",
+            "site-packages", "dist-packages", "turtledemo", "unittest",
+        ];
+        let mut stack = vec![stdlib.clone()];
+        let mut libs = vec![python.clone(), std::env::current_exe().unwrap()];
+        // The runner is the dispatch binary next to this test's.
+        libs.push(
+            std::path::PathBuf::from(env!("CARGO_BIN_EXE_dispatch")),
+        );
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let p = e.path();
+                if skip.contains(&name.as_str()) || name.starts_with("config-") || name.starts_with("_test") {
+                    continue;
+                }
+                let meta = std::fs::metadata(&p).unwrap();
+                let dest = root.join(p.strip_prefix("/").unwrap());
+                if meta.is_dir() {
+                    stack.push(p);
+                } else if meta.is_file() {
+                    if name.ends_with(".so") {
+                        libs.push(p.clone());
+                    }
+                    copy(&p, &dest);
+                }
+            }
+        }
+        // The shared libraries all of them link, by the paths the loader asks for.
+        for bin in &libs {
+            let out = Command::new("ldd").arg(bin).output().unwrap();
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let path = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with('/'))
+                    .map(std::path::PathBuf::from);
+                if let Some(path) = path.filter(|p| p.is_file()) {
+                    let dest = root.join(path.strip_prefix("/").unwrap());
+                    if !dest.exists() {
+                        copy(&std::fs::canonicalize(&path).unwrap(), &dest);
+                    }
+                }
+            }
+        }
+        let mut layer = LayerBuilder::new();
+        for top in ["usr", "lib", "lib64"] {
+            if root.join(top).is_dir() {
+                layer.tree(&format!("/{top}"), &root.join(top)).unwrap();
+            }
+        }
+        for d in ["/tmp", "/proc", "/dev", "/sys", "/etc"] {
+            layer.dir(d).unwrap();
+        }
+        layer
+            .file("/etc/os-release", 0o644, &b"ID=python-test\n"[..])
+            .unwrap();
+        let layer = layer.finish("python").unwrap();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": ["PATH=/usr/bin:/bin", "PYTHON_VERSION=3"], "Cmd": ["python3"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+            "history": [{"created_by": "this host's python"}]
+        });
+        let reference = format!("{}/test/python:3", self.host);
+        let reg = Registry::new(RegistryOptions {
+            insecure: vec![self.host.clone()],
+            ..Default::default()
+        });
+        rt().block_on(reg.push_scratch(&reference, &[layer], &config))
+            .unwrap();
+        reference
+    }
+}

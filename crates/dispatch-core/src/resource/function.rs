@@ -86,6 +86,23 @@ pub struct FunctionSpec {
     /// (default 0.01); failed calls are always recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_sample_rate: Option<f64>,
+    /// `container`: its workers run inside its base image (pulled from the image's registry)
+    /// with an OCI runtime, started by `dispatch runner` as on Kubernetes; absent or
+    /// `sandbox`: the server's isolation (a sandbox around a local interpreter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<FunctionIsolation>,
+}
+
+/// `spec.isolation` of a function.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FunctionIsolation {
+    /// The server's isolation for local workers.
+    #[default]
+    Sandbox,
+    /// The function's base image, run with an OCI runtime (the container tier).
+    Container,
 }
 
 /// `spec.history` of a function: which synchronous calls are recorded as runs. Counts,

@@ -138,20 +138,109 @@ impl Engine {
     }
 
     /// Writes the bundle of `id` and returns the command that runs it in the foreground (its
-    /// exit status is the container's).
-    pub fn prepare(&self, id: &str, c: &Container) -> Result<tokio::process::Command, String> {
+    /// exit status is the container's). With `protocol_fd`, the command's stdin (a worker's
+    /// protocol socket) reaches the container as fd 3 ([`PROTOCOL_FD`]): the OCI runtime pipes
+    /// stdio, so the socket goes through `--preserve-fds`, moved to fd 3 by this binary's
+    /// `container-exec` step ([`exec_main`]) just before it execs the runtime.
+    pub fn prepare(
+        &self,
+        id: &str,
+        c: &Container,
+        protocol_fd: bool,
+    ) -> Result<tokio::process::Command, String> {
         let spec = c.spec()?;
         let dir = self.bundles.join(id);
         std::fs::create_dir_all(&dir).map_err(|e| format!("bundle: {e}"))?;
         spec.save(dir.join("config.json"))
             .map_err(|e| format!("bundle: {e}"))?;
-        let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.arg("--root")
-            .arg(&self.state)
-            .args(["run", "--bundle"])
-            .arg(&dir)
-            .arg(id);
+        let mut cmd = if protocol_fd {
+            let me = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+            let mut cmd = tokio::process::Command::new(me);
+            cmd.arg(EXEC_STEP).arg(&self.program);
+            cmd
+        } else {
+            tokio::process::Command::new(&self.program)
+        };
+        cmd.arg("--root").arg(&self.state).arg("run");
+        if protocol_fd {
+            cmd.args(["--preserve-fds", "1"]);
+        }
+        cmd.arg("--bundle").arg(&dir).arg(id);
         Ok(cmd)
+    }
+}
+
+/// The fd a container worker's protocol socket has inside (`DISPATCH_PROTOCOL_FD`).
+pub const PROTOCOL_FD: i32 = 3;
+/// The first argument of `dispatch` that runs [`exec_main`].
+pub const EXEC_STEP: &str = "container-exec";
+
+/// `dispatch container-exec RUNTIME ARGS…` (hidden; run first thing in `main`, before any
+/// thread or fd exists): stdin (a protocol socket) is duplicated to fd 3 — the lowest free fd
+/// at or above 3 in a fresh process, checked — stdin becomes `/dev/null`, then the OCI runtime
+/// is executed with `--preserve-fds 1` among `ARGS`. Safe code only (`F_DUPFD`, `dup2`).
+pub fn exec_main(args: Vec<std::ffi::OsString>) -> ! {
+    use std::os::unix::process::CommandExt as _;
+    let fail = |why: String| -> ! {
+        eprintln!("dispatch container-exec: {why}");
+        std::process::exit(125);
+    };
+    let Some((program, rest)) = args.split_first() else {
+        fail("usage: dispatch container-exec RUNTIME ARGS…".into());
+    };
+    match nix::fcntl::fcntl(std::io::stdin(), nix::fcntl::FcntlArg::F_DUPFD(PROTOCOL_FD)) {
+        Ok(fd) if fd == PROTOCOL_FD => {}
+        Ok(fd) => fail(format!("fd {PROTOCOL_FD} is taken (the socket went to fd {fd})")),
+        Err(e) => fail(format!("cannot duplicate stdin: {e}")),
+    }
+    match std::fs::File::open("/dev/null") {
+        Ok(null) => {
+            if let Err(e) = nix::unistd::dup2_stdin(null) {
+                fail(format!("cannot replace stdin: {e}"));
+            }
+        }
+        Err(e) => fail(format!("cannot open /dev/null: {e}")),
+    }
+    let err = std::process::Command::new(program).args(rest).exec();
+    fail(format!("cannot run {}: {err}", program.to_string_lossy()));
+}
+
+/// A container started from a bundle: deleted (killed first) when dropped — a cancel, a
+/// deadline, a worker let go, or its end.
+pub struct Running {
+    engine: std::sync::Arc<Engine>,
+    id: String,
+}
+
+static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Running {
+    /// Writes the bundle of a new container (`prefix-N`) and returns the command that runs it
+    /// in the foreground (its exit status is the container's) and its guard.
+    pub fn prepare(
+        engine: &std::sync::Arc<Engine>,
+        prefix: &str,
+        c: &Container,
+        protocol_fd: bool,
+    ) -> Result<(tokio::process::Command, Running), String> {
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{prefix}-{n}");
+        let cmd = engine.prepare(&id, c, protocol_fd)?;
+        Ok((
+            cmd,
+            Running {
+                engine: engine.clone(),
+                id,
+            },
+        ))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let (engine, id) = (self.engine.clone(), std::mem::take(&mut self.id));
+        // `runc delete` waits for the kill: not on a runtime thread.
+        std::thread::spawn(move || engine.delete(&id));
     }
 }
 
@@ -171,6 +260,8 @@ pub struct Container {
     /// The host's network (as sandboxed job commands have); else only loopback.
     pub network: bool,
     pub hostname: String,
+    /// Host paths shown read-only inside (`(host, inside)`): a function's code and runner.
+    pub binds: Vec<(PathBuf, String)>,
 }
 
 /// Kubernetes' rule: `command` replaces the entrypoint (and drops cmd), `args` replaces cmd.
@@ -289,6 +380,17 @@ impl Container {
                 .build()
                 .map_err(e)?,
         );
+        for (host, inside) in &self.binds {
+            mounts.push(
+                MountBuilder::default()
+                    .destination(inside)
+                    .typ("bind")
+                    .source(host)
+                    .options(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into()])
+                    .build()
+                    .map_err(e)?,
+            );
+        }
         if self.network {
             // The host's name resolution, read-only (as container engines do).
             for f in ["/etc/resolv.conf", "/etc/hosts"] {
@@ -407,6 +509,7 @@ mod tests {
             limits: Limits::job(),
             network: false,
             hostname: "job".into(),
+            binds: vec![("/srv/fn".into(), "/function".into())],
         };
         let v = serde_json::to_value(c.spec().unwrap()).unwrap();
         assert_eq!(v["root"]["readonly"], true);
@@ -431,6 +534,14 @@ mod tests {
             .find(|m| m["destination"] == "/tmp")
             .unwrap();
         assert!(tmp["options"].as_array().unwrap().contains(&"size=268435456".into()));
+        let bind = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/function")
+            .unwrap();
+        assert_eq!(bind["source"], "/srv/fn");
+        assert!(bind["options"].as_array().unwrap().contains(&"ro".into()));
         let denied = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
         assert!(denied.contains(&"mount".into()) && denied.contains(&"ptrace".into()));
     }

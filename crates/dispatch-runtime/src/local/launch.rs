@@ -4,11 +4,20 @@
 
 use super::*;
 
+/// The paths of a function's Kubernetes image (crates/dispatch-k8s/src/image.rs), where the
+/// container tier shows the same files.
+pub const CONTAINER_RUNNER: &str = "/dispatch/bin/dispatch";
+pub const CONTAINER_RUNTIMES_DIR: &str = "/dispatch/runtimes";
+pub const CONTAINER_FUNCTION_DIR: &str = "/function";
+/// The identity of containers when the server has no per-namespace uids.
+pub const NOBODY: u32 = 65534;
+
 impl LocalBackend {
     /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
     /// (Node), or a spawn.
     pub(super) fn launcher(&self, d: &FunctionDeploy, spec: &WorkerSpec) -> Launcher {
-        if !self.fast_start.load(Ordering::Relaxed) {
+        // A container per worker: no zygote or spare crosses into one.
+        if !self.fast_start.load(Ordering::Relaxed) || spec.container.is_some() {
             return Launcher::Spawn;
         }
         if let Some(jail) = &spec.jail {
@@ -119,6 +128,136 @@ impl LocalBackend {
             .ok_or(BuildError::InterpreterMissing { name })
     }
 
+    /// The spec of a function's workers in containers (the container tier): its base image
+    /// pulled, its code, the bootstraps and this binary shown read-only at the paths of the
+    /// Kubernetes image, `dispatch runner --worker` as the process.
+    pub(super) async fn container_spec(
+        &self,
+        d: &FunctionDeploy,
+        dir: PathBuf,
+        handler: &str,
+    ) -> Result<WorkerSpec, BuildError> {
+        let unsupported = |m: String| Err(BuildError::Unsupported(m));
+        let Some(tier) = self.containers() else {
+            return unsupported(
+                "spec.isolation: container needs an OCI runtime on this server: install runc (Debian: apt-get install runc) and restart it, or drop spec.isolation".into(),
+            );
+        };
+        if d.base.language == Language::Exec {
+            return unsupported(
+                "exec functions do not run in containers yet: drop spec.isolation (they run in the sandbox)".into(),
+            );
+        }
+        if d.image_build.is_some() {
+            return unsupported(
+                "an image with dependencies does not run in containers on the embedded backend yet (its dependencies are installed for this host): drop spec.isolation, or use an image without dependencies".into(),
+            );
+        }
+        if d.base.image.is_empty() {
+            return unsupported("its base image names no OCI image to run".into());
+        }
+        let policy = crate::container::PullPolicy::of(None, &d.base.image)
+            .map_err(BuildError::Unsupported)?;
+        let label = format!("{}/{}", d.namespace, d.name);
+        let note = |line: String| tracing::info!(function = %label, "{line}");
+        let image = tier
+            .images
+            .ensure(&d.base.image, policy, &note)
+            .await
+            .map_err(|e| BuildError::Step {
+                step: format!("pulling base image {}", d.base.image),
+                detail: e.to_string(),
+            })?;
+        let runner = std::env::current_exe()
+            .map_err(|e| BuildError::Io(format!("cannot find this binary (the runner): {e}")))?;
+        let (uid, gid) = match self.sandboxes().map(|s| s.identity(&d.namespace)) {
+            Some(crate::sandbox::Identity::Uid { uid, gid }) => (uid, gid),
+            _ => (NOBODY, NOBODY),
+        };
+        let mut env: Vec<(String, String)> = [
+            ("LANG", "C.UTF-8"),
+            ("HOME", "/tmp"),
+            ("PYTHONUNBUFFERED", "1"),
+            ("PYTHONDONTWRITEBYTECODE", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        env.extend(d.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // What the Kubernetes image's config sets (crates/dispatch-k8s/src/image.rs).
+        env.extend([
+            ("DISPATCH_LANGUAGE".to_string(), d.base.language.to_string()),
+            ("DISPATCH_HANDLER".to_string(), handler.to_string()),
+            ("DISPATCH_FUNCTION_DIR".to_string(), CONTAINER_FUNCTION_DIR.to_string()),
+            ("DISPATCH_RUNTIMES_DIR".to_string(), CONTAINER_RUNTIMES_DIR.to_string()),
+            (
+                "DISPATCH_PROTOCOL_FD".to_string(),
+                crate::container::engine::PROTOCOL_FD.to_string(),
+            ),
+        ]);
+        if let Some(i) = &d.base.interpreter {
+            env.push(("DISPATCH_INTERPRETER".to_string(), i.clone()));
+        }
+        let template = crate::container::Container {
+            rootfs: image.rootfs.clone(),
+            image: image.config.clone(),
+            command: vec![CONTAINER_RUNNER.to_string(), "runner".into(), "--worker".into()],
+            args: Vec::new(),
+            env,
+            working_dir: Some(CONTAINER_FUNCTION_DIR.to_string()),
+            uid,
+            gid,
+            limits: crate::sandbox::Limits {
+                memory: d.limits.memory,
+                pids: u64::from(d.limits.pids),
+                cpu_millis: d.limits.cpu_millis,
+                tmp: d.limits.tmp,
+            },
+            network: d.network,
+            hostname: d.name.clone(),
+            binds: vec![
+                (runner.clone(), CONTAINER_RUNNER.to_string()),
+                (self.runtimes_dir.clone(), CONTAINER_RUNTIMES_DIR.to_string()),
+                (dir, CONTAINER_FUNCTION_DIR.to_string()),
+            ],
+        };
+        Ok(WorkerSpec {
+            program: runner,
+            prefix_args: Vec::new(),
+            dir: PathBuf::from(CONTAINER_FUNCTION_DIR),
+            handler_args: Vec::new(),
+            env: BTreeMap::new(),
+            label,
+            jail: None,
+            max_output_bytes: usize::try_from(d.limits.max_output_bytes).unwrap_or(usize::MAX),
+            container: Some(Arc::new(crate::worker::ContainerWorker {
+                engine: tier.engine.clone(),
+                image: Arc::new(image),
+                template,
+                prefix: format!("fn-{}-{}", d.namespace, d.name),
+            })),
+        })
+    }
+
+    /// The program and arguments of a worker of `d` whose code is in `dir` (`dispatch runner
+    /// --worker` execs them).
+    pub fn worker_command(
+        &self,
+        d: &FunctionDeploy,
+        dir: PathBuf,
+    ) -> Result<(PathBuf, Vec<String>), BuildError> {
+        let files = super::list_files(&dir)
+            .map_err(|e| BuildError::Io(format!("cannot read {}: {e}", dir.display())))?;
+        let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
+        let spec = self.worker_spec(d, dir, resolved.args)?;
+        let mut args = spec.prefix_args.clone();
+        if d.base.language != Language::Exec {
+            args.push(spec.dir.display().to_string());
+        }
+        args.extend(spec.handler_args.iter().cloned());
+        Ok((spec.program, args))
+    }
+
     pub(super) fn worker_spec(
         &self,
         d: &FunctionDeploy,
@@ -195,6 +334,7 @@ impl LocalBackend {
             label,
             jail,
             max_output_bytes: usize::try_from(d.limits.max_output_bytes).unwrap_or(usize::MAX),
+            container: None,
         })
     }
 }

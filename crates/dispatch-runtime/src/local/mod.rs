@@ -48,6 +48,7 @@ type ZygoteKey = (PathBuf, Option<Vec<String>>);
 type SparesKey = (PathBuf, Option<String>);
 
 mod launch;
+pub use launch::{CONTAINER_FUNCTION_DIR, CONTAINER_RUNNER, CONTAINER_RUNTIMES_DIR};
 
 /// Calls of one function that may wait for a busy function's workers, by default.
 pub const DEFAULT_MAX_WAITING_CALLS: usize = 256;
@@ -75,6 +76,8 @@ pub struct LocalBackend {
     function_spares: Mutex<HashMap<(String, String), Arc<Spares>>>,
     /// How many workers, and how much of their memory, all functions may hold at once.
     budget: RwLock<Arc<WorkerBudget>>,
+    /// The container tier (`spec.isolation: container`); `None`: no OCI runtime here.
+    containers: RwLock<Option<Arc<crate::container::Containers>>>,
 }
 
 impl LocalBackend {
@@ -119,6 +122,7 @@ impl LocalBackend {
                 DEFAULT_MAX_WORKERS_TOTAL,
                 default_memory_budget(),
             )),
+            containers: RwLock::new(None),
         }))
     }
 
@@ -161,6 +165,15 @@ impl LocalBackend {
     pub fn set_sandboxes(&self, s: Option<Arc<Sandboxes>>) {
         self.images.set_sandboxes(s.clone());
         *self.sandboxes.write() = s;
+    }
+
+    /// Runs functions with `spec.isolation: container` with `c` from now on.
+    pub fn set_containers(&self, c: Option<Arc<crate::container::Containers>>) {
+        *self.containers.write() = c;
+    }
+
+    pub(crate) fn containers(&self) -> Option<Arc<crate::container::Containers>> {
+        self.containers.read().clone()
     }
 
     /// The sandboxes in use, if any.
@@ -490,7 +503,11 @@ impl Backend for LocalBackend {
             .await
             .map_err(|e| BuildError::Unsupported(format!("unpack task failed: {e}")))??;
             let resolved = handler::resolve(d.base.language, d.handler.as_deref(), &files)?;
-            let spec = self.worker_spec(&d, dir, resolved.args)?;
+            let spec = if d.container {
+                self.container_spec(&d, dir, &resolved.handler).await?
+            } else {
+                self.worker_spec(&d, dir, resolved.args)?
+            };
             let pool = self.new_pool(&d, spec);
             if d.base.language != Language::Exec && !self.validated.lock().contains(&d.digest) {
                 // Validation: the handler must import and be callable. The worker that proved

@@ -233,6 +233,10 @@ pub fn function_digest(
     if let Some(p) = &image.preload {
         settings["preload"] = serde_json::json!(p);
     }
+    // Only when set: the digests of functions without it stay as they were.
+    if let Some(i) = spec.isolation {
+        settings["isolation"] = serde_json::json!(i);
+    }
     digest::sha256_parts([
         b"function".as_slice(),
         image_digest.as_bytes(),

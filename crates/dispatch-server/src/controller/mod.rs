@@ -310,6 +310,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         preload: image_spec.preload.clone(),
         limits: spec.resources.limits()?,
         network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
+        container: spec.isolation == Some(dispatch_core::resource::FunctionIsolation::Container),
     };
     match state.backend.deploy_function(deploy).await {
         Ok(handle) => {
