@@ -70,7 +70,12 @@ def handle(context, payload):
 
 impl Tenants {
     fn new() -> Tenants {
-        let s = ServerProc::start();
+        Self::with_flags(&[])
+    }
+
+    /// Tenants on a server started with more flags (a registry mirror for the container tier).
+    fn with_flags(flags: &[&str]) -> Tenants {
+        let s = ServerProc::start_with(tempfile::tempdir().unwrap(), flags);
         let src = tempfile::tempdir().unwrap();
         for ns in ["team-a", "team-b"] {
             s.ok(&["create", "namespace", ns]);
@@ -361,13 +366,59 @@ module.exports = async (context, t) => {
 
 #[test]
 fn a_job_template_command_reaches_nothing() {
-    let t = Tenants::new();
+    job_attack(&Tenants::new(), "host");
+}
+
+/// The same attack from inside the job's image (busybox standing in for alpine:latest).
+#[test]
+fn a_job_container_reaches_nothing() {
+    let hub = support::ImageRegistry::start();
+    let t = Tenants::with_flags(&[&hub.mirror_flag()]);
+    job_attack(&t, "container");
+}
+
+/// The Python attacks from a function with `spec.isolation: container` (its base image: this
+/// host's Python, from a local registry).
+#[test]
+fn a_python_handler_in_a_container_reaches_nothing() {
+    let hub = support::ImageRegistry::start();
+    let base = hub.push_python();
+    let t = Tenants::with_flags(&[&format!("--insecure-registry={}", hub.host)]);
+    t.s.ok(&["create", "base-image", "pyc", &base, "--language", "python3", "-n", "team-b"]);
+    t.s.ok(&["create", "image", "pyc", "pyc", "-n", "team-b", "--wait"]);
+    t.function(
+        "attack",
+        "attack.py",
+        PY_ATTACKS,
+        "pyc",
+        &["--handler", "attack.handle", "--isolation", "container"],
+    );
+    let answer = t.call("attack", &t.targets());
+    assert!(answer["context"]["error"].is_null(), "{answer}");
+    let got = &answer["payload"]["got"];
+    assert_eq!(got, &serde_json::json!([]), "the handler reached: {got}");
+    let uid = answer["payload"]["uid"].as_u64().unwrap();
+    assert!(uid >= u64::from(dispatch_runtime::sandbox::UID_BASE), "uid {uid}");
+    t.victim_serves();
+    for pid in &t.victim_pids {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "team-a's process {pid} was killed"
+        );
+    }
+    assert!(t.data.join("admin-token").exists());
+}
+
+/// A job template's command tries to read the token and the victim's source, kill the server
+/// and write a system file; `runtime` is the template's `spec.runtime`.
+fn job_attack(t: &Tenants, runtime: &str) {
     let manifest = format!(
         r#"apiVersion: dispatcher.ivan.vc/v1alpha1
 kind: JobTemplate
 metadata:
   name: attack
 spec:
+  runtime: {runtime}
   jobTemplate:
     spec:
       template:
@@ -381,7 +432,7 @@ spec:
 "#,
         token = t.data.join("admin-token").display(),
         victim = t.victim_source.display(),
-        server = t.s.child.id()
+        server = t.s.child.id(),
     );
     let f = t.src.path().join("job.yaml");
     std::fs::write(&f, manifest).unwrap();

@@ -26,7 +26,9 @@ fn template(
             j.insert(k.clone(), v.clone());
         }
     }
-    let mut spec = json!({"jobTemplate": {"spec": job}});
+    // These tests are about the runner's mechanics: commands on the host (the sandboxed
+    // process tier). The container tier runs images: crates/dispatch-cli/tests/containers.rs.
+    let mut spec = json!({"jobTemplate": {"spec": job}, "runtime": "host"});
     if let Some(m) = max_active {
         spec["maxActive"] = m.into();
     }
@@ -72,9 +74,11 @@ async fn ended(t: &TestServer, uuid: &str) -> JobExecution {
 async fn dispatcher_sample_runs_and_payloads_pass_through() {
     let t = start().await;
     let c = &t.client;
-    // dispatcher's own manifest, verbatim.
-    let doc = parse_manifest(SAMPLE).unwrap().remove(0).object;
+    // dispatcher's own manifest, with `runtime: host` (this in-process server has no OCI
+    // runtime; the CLI test job_templates_from_the_cli runs it verbatim, in its image).
+    let mut doc = parse_manifest(SAMPLE).unwrap().remove(0).object;
     assert_eq!(doc.api_version, "dispatcher.ivan.vc/v1alpha1");
+    doc.spec["runtime"] = "host".into();
     c.create(&doc).await.unwrap();
     let tpl = settled(c, Kind::JobTemplate, "jobtemplate-sample").await;
     assert_eq!(tpl.phase(), Some(Phase::Ready));
