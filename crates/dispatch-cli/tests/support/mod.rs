@@ -507,22 +507,31 @@ impl ImageRegistry {
 impl ImageRegistry {
     /// Pushes a Python base image made of this host's Python 3 (its interpreter, standard
     /// library and the shared libraries it and the `dispatch` runner link) as
-    /// `HOST/test/python:3`; returns that reference. ~30 MB unpacked.
+    /// `HOST/test/python:3`; returns that reference. ~40 MB unpacked; the standard library's
+    /// compiled modules (`__pycache__`) come along, as in real Python images.
     pub fn push_python(&self) -> String {
-        use dispatch_runtime::oci::{LayerBuilder, Registry, RegistryOptions};
+        use dispatch_runtime::oci::{Registry, RegistryOptions};
         let stage = tempfile::tempdir().unwrap();
         let root = stage.path();
         let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
         let version = python.file_name().unwrap().to_str().unwrap().to_string(); // python3.11
+        // Copies keep their mtimes (compiled modules name their source's).
         let copy = |from: &Path, to: &Path| {
             std::fs::create_dir_all(to.parent().unwrap()).unwrap();
             std::fs::copy(from, to).unwrap();
+            let mtime = std::fs::metadata(from).unwrap().modified().unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(to)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
         };
         copy(&python, &root.join("usr/bin/python3"));
         let stdlib = Path::new("/usr/lib").join(&version);
         let skip = [
-            "test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "__pycache__",
-            "site-packages", "dist-packages", "turtledemo", "unittest",
+            "test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "site-packages",
+            "dist-packages", "turtledemo", "unittest",
         ];
         let mut stack = vec![stdlib.clone()];
         let mut libs = vec![python.clone(), std::env::current_exe().unwrap()];
@@ -565,19 +574,26 @@ impl ImageRegistry {
                 }
             }
         }
-        let mut layer = LayerBuilder::new();
-        for top in ["usr", "lib", "lib64"] {
-            if root.join(top).is_dir() {
-                layer.tree(&format!("/{top}"), &root.join(top)).unwrap();
-            }
+        for d in ["tmp", "proc", "dev", "sys", "etc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        for d in ["/tmp", "/proc", "/dev", "/sys", "/etc"] {
-            layer.dir(d).unwrap();
-        }
-        layer
-            .file("/etc/os-release", 0o644, &b"ID=python-test\n"[..])
-            .unwrap();
-        let layer = layer.finish("python").unwrap();
+        std::fs::write(root.join("etc/os-release"), "ID=python-test\n").unwrap();
+        // A tar of its own (not LayerBuilder's, which zeroes mtimes): the files keep their
+        // mtimes, so that the standard library's compiled modules stay valid, as in real
+        // images.
+        let mut tar = tar::Builder::new(Vec::new());
+        tar.follow_symlinks(false);
+        tar.append_dir_all(".", root).unwrap();
+        let raw = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        let data = gz.finish().unwrap();
+        let layer = dispatch_runtime::oci::Layer {
+            digest: dispatch_runtime::oci::sha256(&data),
+            diff_id: dispatch_runtime::oci::sha256(&raw),
+            data: data.into(),
+            created_by: "python".into(),
+        };
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
             "config": {"Env": ["PATH=/usr/bin:/bin", "PYTHON_VERSION=3"], "Cmd": ["python3"]},

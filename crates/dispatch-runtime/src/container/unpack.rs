@@ -154,6 +154,7 @@ pub fn apply_layer(root: &Path, tar: impl Read, owners: bool) -> io::Result<Appl
         let kind = header.entry_type();
         let mode = header.mode()? & 0o1777;
         let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
+        let mtime = header.mtime().unwrap_or(0);
         let existing = fs::symlink_metadata(&dest).ok();
         if kind.is_dir() {
             if !existing.as_ref().is_some_and(fs::Metadata::is_dir) {
@@ -169,6 +170,8 @@ pub fn apply_layer(root: &Path, tar: impl Read, owners: bool) -> io::Result<Appl
                 let mut f = fs::File::create(&dest)?;
                 done.bytes += io::copy(&mut entry, &mut f)?;
                 f.set_permissions(fs::Permissions::from_mode(mode))?;
+                // Kept: Python's compiled modules are valid only for their source's mtime.
+                f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
             } else if kind.is_symlink() {
                 let target = entry
                     .link_name()?
@@ -346,6 +349,24 @@ mod tests {
         assert_eq!(read(&outside.join("victim")), "safe");
         assert!(!d.path().join("x").exists());
         assert!(root.join("x").exists(), "`..` through a link stops at the root");
+    }
+
+    #[test]
+    fn files_keep_their_mtimes() {
+        // Python's compiled modules are valid only for their source's mtime: an image whose
+        // files came out "now" would compile its standard library at every cold start.
+        let d = tempfile::tempdir().unwrap();
+        let mut h = header(tar::EntryType::Regular, "os.py", 1);
+        h.set_mtime(1_745_849_508);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &b"x"[..]).unwrap();
+        apply_layer(d.path(), &b.into_inner().unwrap()[..], false).unwrap();
+        let m = fs::metadata(d.path().join("os.py")).unwrap().modified().unwrap();
+        assert_eq!(
+            m.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+            1_745_849_508
+        );
     }
 
     #[test]
