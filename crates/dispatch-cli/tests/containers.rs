@@ -433,3 +433,44 @@ fn a_function_with_isolation_container_runs_in_its_base_image() {
         containers_left(&s).is_empty().then_some(())
     });
 }
+
+#[test]
+fn a_manifest_list_runs_this_platform_and_big_images_are_refused() {
+    let hub = ImageRegistry::start();
+    let multi = hub.push_index();
+    let insecure = format!("--insecure-registry={}", hub.host);
+    let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &[&insecure]);
+    let file = s.dir.path().join("t.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: dispatch.dev/v1\nkind: JobTemplate\nmetadata: {{name: multi}}\nspec:\n  jobTemplate:\n    spec:\n      backoffLimit: 0\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {{name: main, image: \"{multi}\"}}\n"
+        ),
+    )
+    .unwrap();
+    s.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let (logs, job) = run(&s, "multi", "");
+    let this = match std::env::consts::ARCH {
+        "aarch64" => "ID=linux-arm64",
+        _ => "ID=linux-amd64",
+    };
+    assert!(logs.contains(this), "{logs}");
+    assert_eq!(job["status"]["phase"], "Completed");
+
+    // A limit smaller than busybox's layer (~1 MiB compressed): alpine:latest is refused,
+    // nothing downloaded.
+    drop(s);
+    let s = ServerProc::start_with(
+        tempfile::tempdir().unwrap(),
+        &[&hub.mirror_flag(), "--max-image-size=512Ki"],
+    );
+    let file = s.dir.path().join("big.yaml");
+    std::fs::write(&file, TEMPLATES).unwrap();
+    s.ok(&["apply", "-f", file.to_str().unwrap()]);
+    let (_, job) = run(&s, "defaults", "");
+    let reason = job["status"]["reason"].as_str().unwrap();
+    assert!(reason.contains("--max-image-size"), "{reason}");
+    assert_eq!(s.json(&["get", "pulled-images", "-o", "json"]), serde_json::json!([]));
+    let blobs = std::fs::read_dir(s.dir.path().join("data/images/blobs/sha256")).unwrap();
+    assert_eq!(blobs.count(), 0, "no layer downloaded");
+}

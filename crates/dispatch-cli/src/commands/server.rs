@@ -185,6 +185,10 @@ pub struct Server {
     /// fail unless their spec.runtime is host)
     #[arg(long, value_name = "PATH")]
     pub oci_runtime: Option<PathBuf>,
+    /// Container tier: the largest image pulled (its compressed layers); a bigger one fails
+    /// the job or function that names it before anything is downloaded
+    #[arg(long, default_value = "4Gi", value_parser = bytes, value_name = "SIZE")]
+    pub max_image_size: u64,
     /// Kubernetes: run functions as Knative Services (scale to zero) instead of Deployments
     #[arg(long)]
     pub knative: bool,
@@ -463,7 +467,8 @@ impl Server {
         let registry =
             super::k8s::registry_options(&self.insecure_registry, self.docker_config.as_deref())?;
         let images = Images::open(data_dir, registry, self.registry_mirror.as_deref())
-            .context("opening the image store")?;
+            .context("opening the image store")?
+            .with_max_bytes(self.max_image_size);
         eprintln!(
             "containers: {} ({}), images in {}",
             engine.name,

@@ -610,3 +610,72 @@ impl ImageRegistry {
         reference
     }
 }
+
+impl ImageRegistry {
+    /// Pushes `HOST/multi:1`, an image index (manifest list) of two busybox images whose
+    /// `/etc/os-release` names their platform: `ID=linux-arm64` and `ID=linux-amd64`.
+    pub fn push_index(&self) -> String {
+        use dispatch_runtime::oci::{LayerBuilder, Registry, RegistryOptions};
+        let reg = Registry::new(RegistryOptions {
+            insecure: vec![self.host.clone()],
+            ..Default::default()
+        });
+        let mut entries = Vec::new();
+        for arch in ["arm64", "amd64"] {
+            let mut l = LayerBuilder::new();
+            l.file("/bin/busybox", 0o755, std::fs::read(program("busybox")).unwrap())
+                .unwrap();
+            l.file("/etc/os-release", 0o644, format!("ID=linux-{arch}\n").into_bytes())
+                .unwrap();
+            l.dir("/tmp").unwrap();
+            let layer = l.finish(arch).unwrap();
+            let config = serde_json::json!({
+                "architecture": arch, "os": "linux",
+                "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/busybox", "cat", "/etc/os-release"]},
+                "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}
+            });
+            let pushed = rt()
+                .block_on(reg.push_scratch(
+                    &format!("{}/multi:{arch}", self.host),
+                    &[layer],
+                    &config,
+                ))
+                .unwrap();
+            let url = format!("http://{}/v2/multi/manifests/{}", self.host, pushed.digest);
+            let size = rt().block_on(async {
+                reqwest::Client::new()
+                    .get(&url)
+                    .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+                    .len()
+            });
+            entries.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": pushed.digest, "size": size,
+                "platform": {"architecture": arch, "os": "linux"}
+            }));
+        }
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": entries
+        });
+        let status = rt().block_on(async {
+            reqwest::Client::new()
+                .put(format!("http://{}/v2/multi/manifests/1", self.host))
+                .header("Content-Type", "application/vnd.oci.image.index.v1+json")
+                .body(index.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        assert!(status.is_success(), "pushing the index: {status}");
+        format!("{}/multi:1", self.host)
+    }
+}

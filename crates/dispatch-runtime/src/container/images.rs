@@ -156,8 +156,13 @@ pub struct Collected {
     pub bytes: u64,
 }
 
+/// Largest image (its compressed layers) pulled by default (`--max-image-size`).
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 4 << 30;
+
 pub struct Images {
     dir: PathBuf,
+    /// Largest image pulled (compressed layers); a bigger one is refused before any download.
+    max_bytes: u64,
     registry: Registry,
     mirror: Option<String>,
     owners: bool,
@@ -234,6 +239,7 @@ impl Images {
         }
         Ok(Images {
             dir,
+            max_bytes: DEFAULT_MAX_IMAGE_BYTES,
             registry: Registry::new(options),
             mirror,
             owners: nix::unistd::geteuid().is_root(),
@@ -241,6 +247,12 @@ impl Images {
             index: Mutex::new(index),
             in_use: Arc::default(),
         })
+    }
+
+    /// Refuses images whose compressed layers exceed `bytes` (`--max-image-size`).
+    pub fn with_max_bytes(mut self, bytes: u64) -> Images {
+        self.max_bytes = bytes;
+        self
     }
 
     /// The reference pulled for `image`: Docker Hub's go to the mirror when there is one.
@@ -375,6 +387,13 @@ impl Images {
             )));
         }
         let total: i64 = manifest.layers.iter().map(|l| l.size.max(0)).sum();
+        if total as u64 > self.max_bytes {
+            return Err(invalid(format!(
+                "its layers are {} compressed, more than this server pulls (--max-image-size {})",
+                mib(total as u64),
+                mib(self.max_bytes)
+            )));
+        }
         progress(format!(
             "pulling {image} ({digest}): {} layer(s), {}",
             manifest.layers.len(),

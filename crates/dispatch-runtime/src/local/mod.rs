@@ -575,6 +575,11 @@ impl Backend for LocalBackend {
             for (_, s) in self.function_spares.lock().drain() {
                 s.stop();
             }
+            // Containers outlive the processes that ran them: delete every one of this
+            // server's (workers let go above, job containers) before it exits.
+            if let Some(c) = self.containers() {
+                let _ = tokio::task::spawn_blocking(move || c.engine.reap_all()).await;
+            }
         })
     }
 }
