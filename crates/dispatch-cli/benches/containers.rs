@@ -7,12 +7,12 @@
 //! needs runc and docker-registry, as the tests). Target: p50 ≤ 300 ms with the image
 //! unpacked (Knative: 2-4 s).
 
-#[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
-mod test_support;
 mod support;
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod test_support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::value::RawValue;
 use support::pct;
@@ -44,22 +44,42 @@ fn main() {
     s.ok(&["create", "base-image", "py", &base, "--language", "python3"]);
     s.ok(&["create", "image", "py", "py", "--wait"]);
     let code = s.dir.path().join("hello.py");
-    std::fs::write(&code, "def handle(context, payload):\n    return {'hello': payload}\n").unwrap();
+    std::fs::write(
+        &code,
+        "def handle(context, payload):\n    return {'hello': payload}\n",
+    )
+    .unwrap();
     s.ok(&[
-        "create", "function", "--image", "py", "hello", code.to_str().unwrap(), "--isolation",
-        "container", "--idle-timeout", "1s", "--wait",
+        "create",
+        "function",
+        "--image",
+        "py",
+        "hello",
+        code.to_str().unwrap(),
+        "--isolation",
+        "container",
+        "--idle-timeout",
+        "1s",
+        "--wait",
     ]);
     let c = s.client();
     let rt = test_support::rt();
     let input = RawValue::from_string(r#"{"name":"cold"}"#.into()).unwrap();
-    let (mut e2e, mut total, mut spawn, mut import) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut e2e, mut total, mut spawn, mut import) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         // Scaled to zero: no container left of the function.
-        eventually("the function to scale to zero", || (containers(&s) == 0).then_some(()));
+        eventually("the function to scale to zero", || {
+            (containers(&s) == 0).then_some(())
+        });
         let t = Instant::now();
         let r = rt.block_on(c.exec("hello", &input)).unwrap();
         e2e.push(t.elapsed().as_secs_f64() * 1e3);
-        assert!(r.envelope.context.error.is_none(), "{:?}", r.envelope.context.error);
+        assert!(
+            r.envelope.context.error.is_none(),
+            "{:?}",
+            r.envelope.context.error
+        );
         let run = rt.block_on(c.get_run(&r.run_id.unwrap())).unwrap();
         let cold = run.cold_start.expect("a call after scale to zero is cold");
         total.push(cold.total_ms);
@@ -73,7 +93,6 @@ fn main() {
         rt.block_on(c.exec("hello", &input)).unwrap();
         warm.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let _ = Duration::ZERO;
     println!(
         "container tier, python, {n} cold starts after scale to zero: caller p50 {:.1} ms p99 {:.1} ms; server total p50 {:.1} ms p99 {:.1} ms (start {:.1} + import {:.1} p50); warm call p50 {:.2} ms (target cold p50 <= 300 ms)",
         pct(&mut e2e, 0.5),

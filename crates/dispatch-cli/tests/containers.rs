@@ -219,7 +219,10 @@ fn job_templates_run_their_images_in_containers() {
     // A hostile payload reaches the container byte for byte, as data.
     let payload = "it's \"quoted\" $(touch /tmp/pwned) `id` {{ .Name }}\n\\n ünïcödé ✓";
     let (logs, _) = run(&s, "echo", payload);
-    assert!(logs.starts_with(&format!("{payload}\njobexecution ")), "{logs}");
+    assert!(
+        logs.starts_with(&format!("{payload}\njobexecution ")),
+        "{logs}"
+    );
 
     // Exit codes and backoffLimit.
     let (logs, job) = run(&s, "fails", "");
@@ -242,17 +245,29 @@ fn job_templates_run_their_images_in_containers() {
     let (_, job) = run(&s, "unreachable", "");
     assert_eq!(job["status"]["phase"], "Failed");
     let reason = job["status"]["reason"].as_str().unwrap();
-    assert!(reason.contains("ErrImagePull") && reason.contains("127.0.0.1:9"), "{reason}");
+    assert!(
+        reason.contains("ErrImagePull") && reason.contains("127.0.0.1:9"),
+        "{reason}"
+    );
 
     // One pull served every run; the pull's progress is in the first execution's logs.
     let pulled = s.json(&["get", "pulled-images", "-o", "json"]);
     let pulled = pulled.as_array().unwrap();
     assert_eq!(pulled.len(), 1, "{pulled:?}");
-    assert_eq!(pulled[0]["references"], serde_json::json!(["alpine:latest"]));
+    assert_eq!(
+        pulled[0]["references"],
+        serde_json::json!(["alpine:latest"])
+    );
     assert_eq!(pulled[0]["layers"].as_array().unwrap().len(), 2);
-    assert!(pulled[0]["unpackedBytes"].as_u64().unwrap() > 500_000, "busybox");
+    assert!(
+        pulled[0]["unpackedBytes"].as_u64().unwrap() > 500_000,
+        "busybox"
+    );
     let table = s.ok(&["get", "pulled-images"]);
-    assert!(table.contains("alpine:latest") && table.contains("1.9Mi"), "{table}");
+    assert!(
+        table.contains("alpine:latest") && table.contains("1.9Mi"),
+        "{table}"
+    );
     assert_eq!(containers_left(&s), "", "every container was deleted");
 }
 
@@ -324,8 +339,24 @@ spec:
     // gc keeps an image that a template names; once none does, it goes with its layers.
     let gc = s.json(&["gc", "--grace", "0s", "-o", "json"]);
     assert!(!gc.to_string().contains("pulled-image"), "{gc}");
-    assert_eq!(s.json(&["get", "pulled-images", "-o", "json"]).as_array().unwrap().len(), 1);
-    for t in ["defaults", "probe", "echo", "fails", "hungry", "on-host", "unreachable", "sleeper", "late"] {
+    assert_eq!(
+        s.json(&["get", "pulled-images", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    for t in [
+        "defaults",
+        "probe",
+        "echo",
+        "fails",
+        "hungry",
+        "on-host",
+        "unreachable",
+        "sleeper",
+        "late",
+    ] {
         s.ok(&["delete", "jobtemplate", t]);
     }
     let gc = s.json(&["gc", "--grace", "0s", "-o", "json"]);
@@ -335,10 +366,23 @@ spec:
         .iter()
         .filter_map(|r| r["what"].as_str())
         .collect();
-    assert_eq!(removed.iter().filter(|w| **w == "pulled-image").count(), 1, "{gc}");
-    assert_eq!(removed.iter().filter(|w| **w == "image-layer").count(), 2, "{gc}");
-    assert_eq!(s.json(&["get", "pulled-images", "-o", "json"]), serde_json::json!([]));
-    let left = std::fs::read_dir(s.dir.path().join("data/images/rootfs")).unwrap().count();
+    assert_eq!(
+        removed.iter().filter(|w| **w == "pulled-image").count(),
+        1,
+        "{gc}"
+    );
+    assert_eq!(
+        removed.iter().filter(|w| **w == "image-layer").count(),
+        2,
+        "{gc}"
+    );
+    assert_eq!(
+        s.json(&["get", "pulled-images", "-o", "json"]),
+        serde_json::json!([])
+    );
+    let left = std::fs::read_dir(s.dir.path().join("data/images/rootfs"))
+        .unwrap()
+        .count();
     assert_eq!(left, 0);
 }
 
@@ -402,8 +446,17 @@ fn a_function_with_isolation_container_runs_in_its_base_image() {
     )
     .unwrap();
     s.ok(&[
-        "create", "function", "--image", "py", "where", code.to_str().unwrap(), "--isolation",
-        "container", "--env", "GREETING=hi", "--wait",
+        "create",
+        "function",
+        "--image",
+        "py",
+        "where",
+        code.to_str().unwrap(),
+        "--isolation",
+        "container",
+        "--env",
+        "GREETING=hi",
+        "--wait",
     ]);
     let f = s.json(&["get", "function", "where", "-o", "json"]);
     assert_eq!(f["status"]["phase"], "READY", "{f}");
@@ -416,9 +469,20 @@ fn a_function_with_isolation_container_runs_in_its_base_image() {
     assert_eq!(v["env"], "hi");
     assert_eq!(v["payload"]["n"], 1);
     assert!(v["uid"].as_u64().unwrap() >= 2_000_000_000, "{out}");
-    let root: Vec<&str> = v["root"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
-    assert!(root.contains(&"function") && root.contains(&"dispatch"), "{root:?}");
-    assert!(!root.contains(&"work") && !root.contains(&"home"), "nothing of the host: {root:?}");
+    let root: Vec<&str> = v["root"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        root.contains(&"function") && root.contains(&"dispatch"),
+        "{root:?}"
+    );
+    assert!(
+        !root.contains(&"work") && !root.contains(&"home"),
+        "nothing of the host: {root:?}"
+    );
     assert!(
         out["context"]["logs"]["stdout"]
             .as_array()
@@ -470,7 +534,10 @@ fn a_manifest_list_runs_this_platform_and_big_images_are_refused() {
     let (_, job) = run(&s, "defaults", "");
     let reason = job["status"]["reason"].as_str().unwrap();
     assert!(reason.contains("--max-image-size"), "{reason}");
-    assert_eq!(s.json(&["get", "pulled-images", "-o", "json"]), serde_json::json!([]));
+    assert_eq!(
+        s.json(&["get", "pulled-images", "-o", "json"]),
+        serde_json::json!([])
+    );
     let blobs = std::fs::read_dir(s.dir.path().join("data/images/blobs/sha256")).unwrap();
     assert_eq!(blobs.count(), 0, "no layer downloaded");
 }

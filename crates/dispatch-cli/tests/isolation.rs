@@ -384,7 +384,16 @@ fn a_python_handler_in_a_container_reaches_nothing() {
     let hub = support::ImageRegistry::start();
     let base = hub.push_python();
     let t = Tenants::with_flags(&[&format!("--insecure-registry={}", hub.host)]);
-    t.s.ok(&["create", "base-image", "pyc", &base, "--language", "python3", "-n", "team-b"]);
+    t.s.ok(&[
+        "create",
+        "base-image",
+        "pyc",
+        &base,
+        "--language",
+        "python3",
+        "-n",
+        "team-b",
+    ]);
     t.s.ok(&["create", "image", "pyc", "pyc", "-n", "team-b", "--wait"]);
     t.function(
         "attack",
@@ -398,7 +407,10 @@ fn a_python_handler_in_a_container_reaches_nothing() {
     let got = &answer["payload"]["got"];
     assert_eq!(got, &serde_json::json!([]), "the handler reached: {got}");
     let uid = answer["payload"]["uid"].as_u64().unwrap();
-    assert!(uid >= u64::from(dispatch_runtime::sandbox::UID_BASE), "uid {uid}");
+    assert!(
+        uid >= u64::from(dispatch_runtime::sandbox::UID_BASE),
+        "uid {uid}"
+    );
     t.victim_serves();
     for pid in &t.victim_pids {
         assert!(

@@ -186,7 +186,8 @@ impl JobTemplateSpec {
             validate_name("container", &c.name).map_err(|e| {
                 ValidationError::new(format!("{at}.containers[{i}].name: {}", e.message))
             })?;
-            let in_image = c.image.is_some() && self.runtime.unwrap_or_default() == JobRuntime::Container;
+            let in_image =
+                c.image.is_some() && self.runtime.unwrap_or_default() == JobRuntime::Container;
             if c.command.is_empty() && !in_image {
                 return Err(ValidationError::new(format!(
                     "{at}.containers[{i}].command: without an image run as a container (spec.runtime: host, or no image) the embedded runner runs command + args as a local process; give a command"

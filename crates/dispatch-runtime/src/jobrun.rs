@@ -50,8 +50,6 @@ impl std::fmt::Debug for OciRun {
     }
 }
 
-
-
 /// How one pod attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodOutcome {
@@ -117,7 +115,12 @@ pub async fn run_pod(
         let mut container_guard = None;
         let mut cgroup = None;
         let mut cmd = if let Some(oci) = &c.oci {
-            match crate::container::engine::Running::prepare(&oci.engine, &oci.id, &oci.container, false) {
+            match crate::container::engine::Running::prepare(
+                &oci.engine,
+                &oci.id,
+                &oci.container,
+                false,
+            ) {
                 Ok((cmd, running)) => {
                     container_guard = Some(running);
                     cmd

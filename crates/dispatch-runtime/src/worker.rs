@@ -113,7 +113,11 @@ impl WorkerSpec {
     pub(crate) fn command(
         &self,
         with_dir_arg: bool,
-    ) -> std::io::Result<(Command, Option<Cgroup>, Option<crate::container::engine::Running>)> {
+    ) -> std::io::Result<(
+        Command,
+        Option<Cgroup>,
+        Option<crate::container::engine::Running>,
+    )> {
         if let Some(c) = &self.container {
             let (mut cmd, running) =
                 crate::container::engine::Running::prepare(&c.engine, &c.prefix, &c.template, true)

@@ -334,8 +334,9 @@ async fn pull_images(
                 c.name
             ));
         };
-        let policy = dispatch_runtime::container::PullPolicy::of(c.image_pull_policy.as_deref(), image)
-            .map_err(|e| format!("container {}: {e}", c.name))?;
+        let policy =
+            dispatch_runtime::container::PullPolicy::of(c.image_pull_policy.as_deref(), image)
+                .map_err(|e| format!("container {}: {e}", c.name))?;
         let note = |line: String| push_note(logs, &line);
         let ready = containers
             .images
@@ -362,7 +363,12 @@ fn containers(
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect();
         if let (Some(ready), Some(tier)) = (image, &state.config.containers) {
-            let (uid, gid) = match state.config.sandboxes.as_ref().map(|s| s.identity(&job.namespace)) {
+            let (uid, gid) = match state
+                .config
+                .sandboxes
+                .as_ref()
+                .map(|s| s.identity(&job.namespace))
+            {
                 Some(dispatch_runtime::sandbox::Identity::Uid { uid, gid }) => (uid, gid),
                 _ => (NOBODY, NOBODY),
             };
@@ -443,10 +449,11 @@ const NOBODY: u32 = 65534;
 
 /// One execution: attempts until success, `backoffLimit` or the deadline.
 async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {
-    let spec_view =
-        serde_json::from_value::<JobTemplateSpec>(serde_json::json!({"jobTemplate": job.rendered, "runtime": job.runtime}))
-            .map_err(|e| e.to_string())
-            .and_then(|s| s.job_view(&job.rendered).map_err(|e| e.message));
+    let spec_view = serde_json::from_value::<JobTemplateSpec>(
+        serde_json::json!({"jobTemplate": job.rendered, "runtime": job.runtime}),
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|s| s.job_view(&job.rendered).map_err(|e| e.message));
     let view = match spec_view {
         Ok(v) => v,
         Err(e) => {

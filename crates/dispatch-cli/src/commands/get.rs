@@ -253,7 +253,9 @@ impl Get {
                     Some(n) => images
                         .into_iter()
                         .filter(|i| {
-                            i["digest"].as_str().is_some_and(|d| d.starts_with(n.as_str()))
+                            i["digest"]
+                                .as_str()
+                                .is_some_and(|d| d.starts_with(n.as_str()))
                                 || i["references"]
                                     .as_array()
                                     .is_some_and(|r| r.iter().any(|x| x == n.as_str()))
@@ -270,7 +272,14 @@ impl Get {
                     Format::Table | Format::Wide => print!(
                         "{}",
                         table(
-                            &["REFERENCES", "DIGEST", "SIZE", "DOWNLOADED", "LAST USED", "PULLED"],
+                            &[
+                                "REFERENCES",
+                                "DIGEST",
+                                "SIZE",
+                                "DOWNLOADED",
+                                "LAST USED",
+                                "PULLED"
+                            ],
                             &images
                                 .iter()
                                 .map(|i| {

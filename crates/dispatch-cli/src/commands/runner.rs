@@ -105,7 +105,10 @@ impl Runner {
             let (program, args) = backend
                 .worker_command(&deploy, self.function_dir.clone())
                 .with_context(|| {
-                    format!("the function in {} does not load", self.function_dir.display())
+                    format!(
+                        "the function in {} does not load",
+                        self.function_dir.display()
+                    )
                 })?;
             let err = std::process::Command::new(&program)
                 .args(&args)

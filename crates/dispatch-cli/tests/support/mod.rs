@@ -434,7 +434,6 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-
 /// A registry serving a tiny image built from Debian's static busybox as Docker Hub's
 /// `library/alpine:latest` and `library/busybox:latest` (so dispatcher's sample runs verbatim
 /// through `--registry-mirror`).
@@ -465,13 +464,15 @@ impl ImageRegistry {
         for d in ["/tmp", "/proc", "/dev", "/sys", "/work"] {
             base.dir(d).unwrap();
         }
-        base.file("/etc/removed", 0o644, &b"lower layer\n"[..]).unwrap();
+        base.file("/etc/removed", 0o644, &b"lower layer\n"[..])
+            .unwrap();
         base.file("/etc/os-release", 0o644, &b"ID=busybox-test\n"[..])
             .unwrap();
         let base = base.finish("busybox").unwrap();
         let mut top = LayerBuilder::new();
         top.file("/etc/.wh.removed", 0o644, &b""[..]).unwrap();
-        top.file("/etc/layer2", 0o644, &b"upper layer\n"[..]).unwrap();
+        top.file("/etc/layer2", 0o644, &b"upper layer\n"[..])
+            .unwrap();
         let top = top.finish("whiteout").unwrap();
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
@@ -530,20 +531,29 @@ impl ImageRegistry {
         copy(&python, &root.join("usr/bin/python3"));
         let stdlib = Path::new("/usr/lib").join(&version);
         let skip = [
-            "test", "idlelib", "tkinter", "ensurepip", "lib2to3", "pydoc_data", "site-packages",
-            "dist-packages", "turtledemo", "unittest",
+            "test",
+            "idlelib",
+            "tkinter",
+            "ensurepip",
+            "lib2to3",
+            "pydoc_data",
+            "site-packages",
+            "dist-packages",
+            "turtledemo",
+            "unittest",
         ];
         let mut stack = vec![stdlib.clone()];
         let mut libs = vec![python.clone(), std::env::current_exe().unwrap()];
         // The runner is the dispatch binary next to this test's.
-        libs.push(
-            std::path::PathBuf::from(env!("CARGO_BIN_EXE_dispatch")),
-        );
+        libs.push(std::path::PathBuf::from(env!("CARGO_BIN_EXE_dispatch")));
         while let Some(dir) = stack.pop() {
             for e in std::fs::read_dir(&dir).unwrap().flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
                 let p = e.path();
-                if skip.contains(&name.as_str()) || name.starts_with("config-") || name.starts_with("_test") {
+                if skip.contains(&name.as_str())
+                    || name.starts_with("config-")
+                    || name.starts_with("_test")
+                {
                     continue;
                 }
                 let meta = std::fs::metadata(&p).unwrap();
@@ -623,10 +633,18 @@ impl ImageRegistry {
         let mut entries = Vec::new();
         for arch in ["arm64", "amd64"] {
             let mut l = LayerBuilder::new();
-            l.file("/bin/busybox", 0o755, std::fs::read(program("busybox")).unwrap())
-                .unwrap();
-            l.file("/etc/os-release", 0o644, format!("ID=linux-{arch}\n").into_bytes())
-                .unwrap();
+            l.file(
+                "/bin/busybox",
+                0o755,
+                std::fs::read(program("busybox")).unwrap(),
+            )
+            .unwrap();
+            l.file(
+                "/etc/os-release",
+                0o644,
+                format!("ID=linux-{arch}\n").into_bytes(),
+            )
+            .unwrap();
             l.dir("/tmp").unwrap();
             let layer = l.finish(arch).unwrap();
             let config = serde_json::json!({

@@ -12,8 +12,8 @@ use oci_spec::runtime::{
     Arch, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
     LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccompAction,
     LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscall,
-    LinuxSyscallBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
-    UserBuilder, get_default_mounts, get_default_namespaces,
+    LinuxSyscallBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    get_default_mounts, get_default_namespaces,
 };
 
 use super::images::ImageConfig;
@@ -40,15 +40,13 @@ fn version_of(program: &Path) -> Option<String> {
         .stdin(Stdio::null())
         .output()
         .ok()?;
-    out.status
-        .success()
-        .then(|| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    })
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -154,7 +152,8 @@ impl Engine {
         spec.save(dir.join("config.json"))
             .map_err(|e| format!("bundle: {e}"))?;
         let mut cmd = if protocol_fd {
-            let me = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+            let me =
+                std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
             let mut cmd = tokio::process::Command::new(me);
             cmd.arg(EXEC_STEP).arg(&self.program);
             cmd
@@ -190,7 +189,9 @@ pub fn exec_main(args: Vec<std::ffi::OsString>) -> ! {
     };
     match nix::fcntl::fcntl(std::io::stdin(), nix::fcntl::FcntlArg::F_DUPFD(PROTOCOL_FD)) {
         Ok(fd) if fd == PROTOCOL_FD => {}
-        Ok(fd) => fail(format!("fd {PROTOCOL_FD} is taken (the socket went to fd {fd})")),
+        Ok(fd) => fail(format!(
+            "fd {PROTOCOL_FD} is taken (the socket went to fd {fd})"
+        )),
         Err(e) => fail(format!("cannot duplicate stdin: {e}")),
     }
     match std::fs::File::open("/dev/null") {
@@ -348,7 +349,13 @@ impl Container {
         let none: HashSet<oci_spec::runtime::Capability> = HashSet::new();
         let process = ProcessBuilder::default()
             .terminal(false)
-            .user(UserBuilder::default().uid(self.uid).gid(self.gid).build().map_err(e)?)
+            .user(
+                UserBuilder::default()
+                    .uid(self.uid)
+                    .gid(self.gid)
+                    .build()
+                    .map_err(e)?,
+            )
             .args(args)
             .env(env)
             .cwd(cwd)
@@ -386,7 +393,12 @@ impl Container {
                     .destination(inside)
                     .typ("bind")
                     .source(host)
-                    .options(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into()])
+                    .options(vec![
+                        "rbind".into(),
+                        "ro".into(),
+                        "nosuid".into(),
+                        "nodev".into(),
+                    ])
                     .build()
                     .map_err(e)?,
             );
@@ -400,7 +412,12 @@ impl Container {
                             .destination(f)
                             .typ("bind")
                             .source(f)
-                            .options(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into()])
+                            .options(vec![
+                                "rbind".into(),
+                                "ro".into(),
+                                "nosuid".into(),
+                                "nodev".into(),
+                            ])
                             .build()
                             .map_err(e)?,
                     );
@@ -492,7 +509,10 @@ mod tests {
         assert_eq!(argv(&image(), &[], &[]), s(&["/entry", "default"]));
         assert_eq!(argv(&image(), &[], &s(&["x"])), s(&["/entry", "x"]));
         assert_eq!(argv(&image(), &s(&["sh"]), &[]), s(&["sh"]));
-        assert_eq!(argv(&image(), &s(&["sh"]), &s(&["-c", "x"])), s(&["sh", "-c", "x"]));
+        assert_eq!(
+            argv(&image(), &s(&["sh"]), &s(&["-c", "x"])),
+            s(&["sh", "-c", "x"])
+        );
     }
 
     #[test]
@@ -515,11 +535,17 @@ mod tests {
         assert_eq!(v["root"]["readonly"], true);
         assert_eq!(v["process"]["user"]["uid"], 2_000_000_001u32);
         assert_eq!(v["process"]["noNewPrivileges"], true);
-        assert_eq!(v["process"]["capabilities"]["bounding"], serde_json::json!([]));
+        assert_eq!(
+            v["process"]["capabilities"]["bounding"],
+            serde_json::json!([])
+        );
         assert_eq!(v["process"]["cwd"], "/work");
         let env = v["process"]["env"].as_array().unwrap();
         assert!(env.contains(&"A=spec".into()) && !env.contains(&"A=image".into()));
-        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 1024 * 1024 * 1024i64);
+        assert_eq!(
+            v["linux"]["resources"]["memory"]["limit"],
+            1024 * 1024 * 1024i64
+        );
         let ns: Vec<_> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -533,7 +559,12 @@ mod tests {
             .iter()
             .find(|m| m["destination"] == "/tmp")
             .unwrap();
-        assert!(tmp["options"].as_array().unwrap().contains(&"size=268435456".into()));
+        assert!(
+            tmp["options"]
+                .as_array()
+                .unwrap()
+                .contains(&"size=268435456".into())
+        );
         let bind = v["mounts"]
             .as_array()
             .unwrap()
@@ -542,7 +573,9 @@ mod tests {
             .unwrap();
         assert_eq!(bind["source"], "/srv/fn");
         assert!(bind["options"].as_array().unwrap().contains(&"ro".into()));
-        let denied = v["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap();
+        let denied = v["linux"]["seccomp"]["syscalls"][0]["names"]
+            .as_array()
+            .unwrap();
         assert!(denied.contains(&"mount".into()) && denied.contains(&"ptrace".into()));
     }
 }

@@ -88,7 +88,12 @@ impl ImageConfig {
         let c = &config["config"];
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         ImageConfig {
@@ -225,7 +230,9 @@ impl Images {
         });
         let index = match std::fs::read(dir.join("index.json")) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::warn!("images/index.json is unreadable ({e}); images will be pulled again");
+                tracing::warn!(
+                    "images/index.json is unreadable ({e}); images will be pulled again"
+                );
                 Index::default()
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Index::default(),
@@ -283,7 +290,10 @@ impl Images {
 
     fn save(&self, index: &Index) -> io::Result<()> {
         let tmp = self.dir.join("index.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(index).expect("index serializes"))?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(index).expect("index serializes"),
+        )?;
         std::fs::rename(tmp, self.dir.join("index.json"))
     }
 
@@ -348,7 +358,10 @@ impl Images {
         let pulled = client
             .pull_manifest_and_config(&source, &auth)
             .await
-            .map_err(Registry::err(&source, format!("reading the manifest of {image}")));
+            .map_err(Registry::err(
+                &source,
+                format!("reading the manifest of {image}"),
+            ));
         let (manifest, digest, config) = match pulled {
             Ok(p) => p,
             Err(e) => {
@@ -377,7 +390,12 @@ impl Images {
             .map_err(|e| invalid(format!("its config is not JSON: {e}")))?;
         let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         if diff_ids.len() != manifest.layers.len() {
             return Err(invalid(format!(
@@ -450,10 +468,12 @@ impl Images {
         n: usize,
         progress: &(dyn Fn(String) + Send + Sync),
     ) -> Result<(), ImageError> {
-        let path = self.blob(&layer.digest).map_err(|reason| ImageError::Invalid {
-            image: source.to_string(),
-            reason,
-        })?;
+        let path = self
+            .blob(&layer.digest)
+            .map_err(|reason| ImageError::Invalid {
+                image: source.to_string(),
+                reason,
+            })?;
         let short = &layer.digest[..layer.digest.len().min(19)];
         if path.is_file() {
             progress(format!("layer {i}/{n} {short}: kept already"));
@@ -464,7 +484,10 @@ impl Images {
             .client()
             .pull_blob_stream(source, layer)
             .await
-            .map_err(Registry::err(source, format!("reading layer {}", layer.digest)))?;
+            .map_err(Registry::err(
+                source,
+                format!("reading layer {}", layer.digest),
+            ))?;
         let size = stream.content_length.unwrap_or(layer.size.max(0) as u64);
         let tmp = path.with_extension(format!("partial-{}", std::process::id()));
         let mut file = tokio::fs::File::create(&tmp).await?;
@@ -487,7 +510,11 @@ impl Images {
             // A line per quarter of a large layer.
             if size > 4 << 20 && got - told >= size / 4 && got < size {
                 told = got;
-                progress(format!("layer {i}/{n} {short}: {} / {}", mib(got), mib(size)));
+                progress(format!(
+                    "layer {i}/{n} {short}: {} / {}",
+                    mib(got),
+                    mib(size)
+                ));
             }
         }
         file.sync_all().await?;
@@ -508,7 +535,7 @@ impl Images {
     /// Every pulled image, newest use first.
     pub fn list(&self) -> Vec<PulledImage> {
         let mut v: Vec<PulledImage> = self.index.lock().images.values().cloned().collect();
-        v.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+        v.sort_by_key(|i| std::cmp::Reverse(i.last_used));
         v
     }
 
@@ -519,8 +546,7 @@ impl Images {
         grace: std::time::Duration,
         keep: &std::collections::HashSet<String>,
     ) -> Result<Vec<Collected>, ImageError> {
-        let cutoff =
-            Timestamp::now() - jiff::SignedDuration::try_from(grace).unwrap_or_default();
+        let cutoff = Timestamp::now() - jiff::SignedDuration::try_from(grace).unwrap_or_default();
         let mut out = Vec::new();
         let mut index = self.index.lock();
         let busy: Vec<String> = self.in_use.lock().keys().cloned().collect();
@@ -545,8 +571,11 @@ impl Images {
             }
             index.references.retain(|_, v| *v != d);
         }
-        let named: std::collections::HashSet<&String> =
-            index.images.values().flat_map(|i| i.layers.iter()).collect();
+        let named: std::collections::HashSet<&String> = index
+            .images
+            .values()
+            .flat_map(|i| i.layers.iter())
+            .collect();
         for e in std::fs::read_dir(self.dir.join("blobs/sha256"))?.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let digest = format!("sha256:{name}");
@@ -586,7 +615,9 @@ fn unpack_all(
     let mut total = unpack::Applied::default();
     let result = (|| {
         for (layer, diff_id) in layers.iter().zip(diff_ids) {
-            let path = blobs.join("blobs/sha256").join(hex_of(&layer.digest).map_err(invalid)?);
+            let path = blobs
+                .join("blobs/sha256")
+                .join(hex_of(&layer.digest).map_err(invalid)?);
             let file = std::io::BufReader::new(std::fs::File::open(&path)?);
             let raw: Box<dyn Read> = match layer.media_type.as_str() {
                 IMAGE_LAYER_GZIP_MEDIA_TYPE | IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE => {
@@ -633,7 +664,10 @@ fn unpack_all(
         let _ = std::fs::remove_file(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir)?;
     }
-    std::fs::set_permissions(&tmp_dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+    std::fs::set_permissions(
+        &tmp_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )?;
     if rootfs.exists() {
         std::fs::remove_dir_all(rootfs)?;
     }

@@ -141,7 +141,10 @@ pub fn apply_layer(root: &Path, tar: impl Read, owners: bool) -> io::Result<Appl
         }
         if let Some(hidden) = name_str.strip_prefix(WHITEOUT) {
             if hidden.is_empty() || hidden == "." || hidden == ".." {
-                return Err(bad(format!("layer entry {} is not a whiteout", rel.display())));
+                return Err(bad(format!(
+                    "layer entry {} is not a whiteout",
+                    rel.display()
+                )));
             }
             remove_any(&parent.join(hidden))?;
             continue;
@@ -305,10 +308,21 @@ mod tests {
         .unwrap();
         assert_eq!(read(&root.join("etc/keep")), "k");
         assert!(!root.join("etc/gone").exists(), "whiteout removes");
-        assert!(!root.join("var/old").exists(), "opaque empties the lower layers' entries");
-        assert_eq!(read(&root.join("var/new")), "n", "opaque keeps its own layer's");
+        assert!(
+            !root.join("var/old").exists(),
+            "opaque empties the lower layers' entries"
+        );
+        assert_eq!(
+            read(&root.join("var/new")),
+            "n",
+            "opaque keeps its own layer's"
+        );
         assert_eq!(read(&root.join("usr/bin/tool")), "t2");
-        assert_eq!(read(&root.join("usr/bin/tool2")), "t1", "hard link kept the old inode");
+        assert_eq!(
+            read(&root.join("usr/bin/tool2")),
+            "t1",
+            "hard link kept the old inode"
+        );
         assert!(!root.join("etc/fifo").exists(), "no FIFO or device nodes");
         assert_eq!(second.entries, 5);
     }
@@ -323,8 +337,8 @@ mod tests {
         fs::write(outside.join("victim"), "safe").unwrap();
         let escape = outside.to_str().unwrap();
         // `..` in a name is refused outright.
-        let e = apply_layer(&root, &layer(&[E::File("../outside/x", "pwn")])[..], false)
-            .unwrap_err();
+        let e =
+            apply_layer(&root, &layer(&[E::File("../outside/x", "pwn")])[..], false).unwrap_err();
         assert!(e.to_string().contains("leaves the image's root"), "{e}");
         // A symlink to the host, then a file, a whiteout and a hard link through it: all land
         // inside the root (the link is resolved as in a chroot).
@@ -348,7 +362,10 @@ mod tests {
         assert!(hard.is_err(), "a hard link to a host file is refused");
         assert_eq!(read(&outside.join("victim")), "safe");
         assert!(!d.path().join("x").exists());
-        assert!(root.join("x").exists(), "`..` through a link stops at the root");
+        assert!(
+            root.join("x").exists(),
+            "`..` through a link stops at the root"
+        );
     }
 
     #[test]
@@ -362,7 +379,10 @@ mod tests {
         let mut b = tar::Builder::new(Vec::new());
         b.append(&h, &b"x"[..]).unwrap();
         apply_layer(d.path(), &b.into_inner().unwrap()[..], false).unwrap();
-        let m = fs::metadata(d.path().join("os.py")).unwrap().modified().unwrap();
+        let m = fs::metadata(d.path().join("os.py"))
+            .unwrap()
+            .modified()
+            .unwrap();
         assert_eq!(
             m.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
             1_745_849_508
@@ -378,7 +398,10 @@ mod tests {
         let mut b = tar::Builder::new(Vec::new());
         b.append(&h, &b"x"[..]).unwrap();
         apply_layer(d.path(), &b.into_inner().unwrap()[..], false).unwrap();
-        let mode = fs::metadata(d.path().join("su")).unwrap().permissions().mode();
+        let mode = fs::metadata(d.path().join("su"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o755);
     }
 }

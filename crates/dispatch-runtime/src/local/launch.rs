@@ -188,8 +188,14 @@ impl LocalBackend {
         env.extend([
             ("DISPATCH_LANGUAGE".to_string(), d.base.language.to_string()),
             ("DISPATCH_HANDLER".to_string(), handler.to_string()),
-            ("DISPATCH_FUNCTION_DIR".to_string(), CONTAINER_FUNCTION_DIR.to_string()),
-            ("DISPATCH_RUNTIMES_DIR".to_string(), CONTAINER_RUNTIMES_DIR.to_string()),
+            (
+                "DISPATCH_FUNCTION_DIR".to_string(),
+                CONTAINER_FUNCTION_DIR.to_string(),
+            ),
+            (
+                "DISPATCH_RUNTIMES_DIR".to_string(),
+                CONTAINER_RUNTIMES_DIR.to_string(),
+            ),
             (
                 "DISPATCH_PROTOCOL_FD".to_string(),
                 crate::container::engine::PROTOCOL_FD.to_string(),
@@ -201,7 +207,11 @@ impl LocalBackend {
         let template = crate::container::Container {
             rootfs: image.rootfs.clone(),
             image: image.config.clone(),
-            command: vec![CONTAINER_RUNNER.to_string(), "runner".into(), "--worker".into()],
+            command: vec![
+                CONTAINER_RUNNER.to_string(),
+                "runner".into(),
+                "--worker".into(),
+            ],
             args: Vec::new(),
             env,
             working_dir: Some(CONTAINER_FUNCTION_DIR.to_string()),
@@ -217,7 +227,10 @@ impl LocalBackend {
             hostname: d.name.clone(),
             binds: vec![
                 (runner.clone(), CONTAINER_RUNNER.to_string()),
-                (self.runtimes_dir.clone(), CONTAINER_RUNTIMES_DIR.to_string()),
+                (
+                    self.runtimes_dir.clone(),
+                    CONTAINER_RUNTIMES_DIR.to_string(),
+                ),
                 (dir, CONTAINER_FUNCTION_DIR.to_string()),
             ],
         };

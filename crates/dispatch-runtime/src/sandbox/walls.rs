@@ -130,7 +130,11 @@ pub fn denied_calls() -> Vec<(&'static str, i64)> {
     .map(strip)
     .collect();
     #[cfg(target_arch = "x86_64")]
-    v.extend(sys!(SYS_iopl, SYS_ioperm, SYS_lookup_dcookie).into_iter().map(strip));
+    v.extend(
+        sys!(SYS_iopl, SYS_ioperm, SYS_lookup_dcookie)
+            .into_iter()
+            .map(strip),
+    );
     v
 }
 
