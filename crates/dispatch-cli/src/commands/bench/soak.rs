@@ -302,7 +302,9 @@ async fn setup(s: &ServerProcess) -> Result<()> {
         "default",
         "noop",
         json!({"jobTemplate": {"spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "busybox", "command": ["true"]}]}}}}, "maxActive": 50}),
+            "containers": [{"name": "main", "image": "busybox", "command": ["true"]}]}}}}, "maxActive": 50,
+            // Host processes: the soak measures the server, not image pulls.
+            "runtime": "host"}),
     ))
     .await?;
     Ok(())
