@@ -426,6 +426,15 @@ fn a_server_killed_with_a_container_running_reaps_it_on_restart() {
     assert_eq!(job["status"]["attempts"], 1, "{job}");
 }
 
+/// An exec handler: the payload on stdin, the answer on stdout, logs on stderr.
+const ECHO_EXEC: &str = r#"#!/usr/bin/python3
+import json, os, sys
+payload = json.load(sys.stdin)
+print('exec log line', file=sys.stderr)
+print(json.dumps({'got': payload, 'context': 'DISPATCH_CONTEXT' in os.environ,
+                  'os': open('/etc/os-release').read().strip()}))
+"#;
+
 #[test]
 fn a_function_with_isolation_container_runs_in_its_base_image() {
     let hub = ImageRegistry::start();
@@ -490,6 +499,42 @@ fn a_function_with_isolation_container_runs_in_its_base_image() {
             .contains(&"hello from the container".into()),
         "{out}"
     );
+    // An exec handler in the same image: one container per call, the payload on its stdin,
+    // the context in DISPATCH_CONTEXT, its stderr as logs.
+    s.ok(&["create", "base-image", "pyx", &base, "--language", "exec"]);
+    s.ok(&["create", "image", "pyx", "pyx", "--wait"]);
+    let dir = s.dir.path().join("exec");
+    std::fs::create_dir(&dir).unwrap();
+    let prog = dir.join("echo.py");
+    std::fs::write(&prog, ECHO_EXEC).unwrap();
+    std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "--image",
+        "pyx",
+        "echo",
+        dir.to_str().unwrap(),
+        "--handler",
+        "echo.py",
+        "--isolation",
+        "container",
+        "--wait",
+    ]);
+    let (ok, out) = s.exec("echo", r#"{"n": 2}"#);
+    assert!(ok, "{out}");
+    assert_eq!(out["payload"]["got"]["n"], 2, "{out}");
+    assert_eq!(out["payload"]["context"], true);
+    assert_eq!(out["payload"]["os"], "ID=python-test");
+    assert!(
+        out["context"]["logs"]["stderr"]
+            .as_array()
+            .unwrap()
+            .contains(&"exec log line".into()),
+        "{out}"
+    );
+    s.ok(&["delete", "function", "echo"]);
+
     // Its warm worker is a container; removing the function removes it.
     assert!(!containers_left(&s).is_empty());
     s.ok(&["delete", "function", "where"]);

@@ -27,7 +27,17 @@ pub async fn run_exec(
     timeout: Duration,
 ) -> Result<Envelope, CallFailure> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut cmd, cgroup, _container) = match spec.command(false) {
+    // In a container the context goes into its bundle (the runtime's own environment stays
+    // outside); the payload and the answer cross its piped stdio.
+    let started = if spec.container.is_some() {
+        spec.container_command(
+            vec![("DISPATCH_CONTEXT".to_string(), context.get().to_string())],
+            false,
+        )
+    } else {
+        spec.command(false)
+    };
+    let (mut cmd, cgroup, _container) = match started {
         Ok(c) => c,
         Err(e) => {
             return Ok(Envelope::error(

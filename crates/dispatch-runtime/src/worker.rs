@@ -108,6 +108,38 @@ impl WorkerSpec {
         env
     }
 
+    /// A process of this spec in a new container, with `env` added to the container's; with
+    /// `protocol_fd` its stdin (a worker's protocol socket) reaches it as fd 3, else stdin is
+    /// piped through (an exec handler's payload).
+    pub(crate) fn container_command(
+        &self,
+        env: Vec<(String, String)>,
+        protocol_fd: bool,
+    ) -> std::io::Result<(
+        Command,
+        Option<Cgroup>,
+        Option<crate::container::engine::Running>,
+    )> {
+        let c = self
+            .container
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("not a container worker"))?;
+        let with_env;
+        let template = if env.is_empty() {
+            &c.template
+        } else {
+            let mut t = c.template.clone();
+            t.env.extend(env);
+            with_env = t;
+            &with_env
+        };
+        let (mut cmd, running) =
+            crate::container::engine::Running::prepare(&c.engine, &c.prefix, template, protocol_fd)
+                .map_err(std::io::Error::other)?;
+        cmd.env_clear().process_group(0).kill_on_drop(true);
+        Ok((cmd, None, Some(running)))
+    }
+
     /// The command that starts a process of this spec (in its sandbox or container, when it
     /// has one), the cgroup that holds its limits, and its container.
     pub(crate) fn command(
@@ -118,12 +150,10 @@ impl WorkerSpec {
         Option<Cgroup>,
         Option<crate::container::engine::Running>,
     )> {
-        if let Some(c) = &self.container {
-            let (mut cmd, running) =
-                crate::container::engine::Running::prepare(&c.engine, &c.prefix, &c.template, true)
-                    .map_err(std::io::Error::other)?;
-            cmd.env_clear().process_group(0).kill_on_drop(true);
-            return Ok((cmd, None, Some(running)));
+        if self.container.is_some() {
+            // A protocol worker's stdin is its socket (fd 3 inside); an exec handler's is its
+            // payload, piped by the runtime.
+            return self.container_command(Vec::new(), with_dir_arg);
         }
         let mut args = self.prefix_args.clone();
         if with_dir_arg {

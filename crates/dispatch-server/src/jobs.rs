@@ -363,15 +363,10 @@ fn containers(
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect();
         if let (Some(ready), Some(tier)) = (image, &state.config.containers) {
-            let (uid, gid) = match state
-                .config
-                .sandboxes
-                .as_ref()
-                .map(|s| s.identity(&job.namespace))
-            {
-                Some(dispatch_runtime::sandbox::Identity::Uid { uid, gid }) => (uid, gid),
-                _ => (NOBODY, NOBODY),
-            };
+            let (uid, gid) = dispatch_runtime::container::identity(
+                state.config.sandboxes.as_deref(),
+                &job.namespace,
+            );
             let mut limits = dispatch_runtime::sandbox::Limits::job();
             let (memory, cpu) = c.limits().map_err(std::io::Error::other)?;
             if let Some(m) = memory {
@@ -443,9 +438,6 @@ fn containers(
     }
     Ok(out)
 }
-
-/// The identity of containers when the server has no per-namespace uids (`--isolation none`).
-const NOBODY: u32 = 65534;
 
 /// One execution: attempts until success, `backoffLimit` or the deadline.
 async fn run(state: Arc<AppState>, mut job: JobExecution, logs: LiveLogs) {

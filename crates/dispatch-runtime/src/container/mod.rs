@@ -9,6 +9,18 @@ pub mod unpack;
 pub use engine::{Container, Engine};
 pub use images::{ImageError, Images, PullPolicy, PulledImage, Ready};
 
+/// The identity of containers when the server has no per-namespace uids (`--isolation none`).
+pub const NOBODY: u32 = 65534;
+
+/// The uid and gid a container of namespace `ns` runs as: the sandbox's uid for it (a root
+/// server), else nobody.
+pub fn identity(sandboxes: Option<&crate::sandbox::Sandboxes>, ns: &str) -> (u32, u32) {
+    match sandboxes.map(|s| s.identity(ns)) {
+        Some(crate::sandbox::Identity::Uid { uid, gid }) => (uid, gid),
+        _ => (NOBODY, NOBODY),
+    }
+}
+
 /// What the embedded server needs to run containers: the image store and the OCI runtime.
 pub struct Containers {
     pub images: Images,

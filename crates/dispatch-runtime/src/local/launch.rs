@@ -9,8 +9,6 @@ use super::*;
 pub const CONTAINER_RUNNER: &str = "/dispatch/bin/dispatch";
 pub const CONTAINER_RUNTIMES_DIR: &str = "/dispatch/runtimes";
 pub const CONTAINER_FUNCTION_DIR: &str = "/function";
-/// The identity of containers when the server has no per-namespace uids.
-pub const NOBODY: u32 = 65534;
 
 impl LocalBackend {
     /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
@@ -143,11 +141,6 @@ impl LocalBackend {
                 "spec.isolation: container needs an OCI runtime on this server: install runc (Debian: apt-get install runc) and restart it, or drop spec.isolation".into(),
             );
         };
-        if d.base.language == Language::Exec {
-            return unsupported(
-                "exec functions do not run in containers yet: drop spec.isolation (they run in the sandbox)".into(),
-            );
-        }
         if d.image_build.is_some() {
             return unsupported(
                 "an image with dependencies does not run in containers on the embedded backend yet (its dependencies are installed for this host): drop spec.isolation, or use an image without dependencies".into(),
@@ -170,10 +163,7 @@ impl LocalBackend {
             })?;
         let runner = std::env::current_exe()
             .map_err(|e| BuildError::Io(format!("cannot find this binary (the runner): {e}")))?;
-        let (uid, gid) = match self.sandboxes().map(|s| s.identity(&d.namespace)) {
-            Some(crate::sandbox::Identity::Uid { uid, gid }) => (uid, gid),
-            _ => (NOBODY, NOBODY),
-        };
+        let (uid, gid) = crate::container::identity(self.sandboxes().as_deref(), &d.namespace);
         let mut env: Vec<(String, String)> = [
             ("LANG", "C.UTF-8"),
             ("HOME", "/tmp"),
