@@ -535,6 +535,50 @@ fn a_function_with_isolation_container_runs_in_its_base_image() {
     );
     s.ok(&["delete", "function", "echo"]);
 
+    // An image with dependencies: installed for the base image's Python and platform (as in
+    // the Kubernetes image), shown read-only at /dispatch/deps/python.
+    let req = examples().join("python3-deps/requirements.txt");
+    s.ok(&[
+        "create",
+        "image",
+        "py-six",
+        "py",
+        "--runtime-deps",
+        req.to_str().unwrap(),
+        "--wait",
+    ]);
+    let six = s.dir.path().join("six_user.py");
+    std::fs::write(
+        &six,
+        "import six
+def handle(context, payload):
+    return {'six': six.__version__, 'at': six.__file__}
+",
+    )
+    .unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "--image",
+        "py-six",
+        "six-user",
+        six.to_str().unwrap(),
+        "--isolation",
+        "container",
+        "--wait",
+    ]);
+    let (ok, out) = s.exec("six-user", "null");
+    assert!(ok, "{out}");
+    assert_eq!(out["payload"]["six"], "1.16.0", "{out}");
+    assert!(
+        out["payload"]["at"]
+            .as_str()
+            .unwrap()
+            .starts_with("/dispatch/deps/python/"),
+        "{out}"
+    );
+    s.ok(&["delete", "function", "six-user"]);
+
     // Its warm worker is a container; removing the function removes it.
     assert!(!containers_left(&s).is_empty());
     s.ok(&["delete", "function", "where"]);

@@ -12,11 +12,12 @@
 //! [`install`] renders what installs it.
 
 pub mod backend;
-pub mod image;
 pub mod install;
 pub mod lease;
 /// OCI images live in the runtime crate (the container tier pulls them too).
 pub use dispatch_runtime::oci;
+/// Function images: in the runtime crate too (the container tier installs their dependencies).
+pub use dispatch_runtime::oci::function as image;
 pub mod security;
 pub mod store;
 #[cfg(feature = "testing")]

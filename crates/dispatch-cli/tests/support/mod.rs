@@ -516,6 +516,7 @@ impl ImageRegistry {
         let root = stage.path();
         let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
         let version = python.file_name().unwrap().to_str().unwrap().to_string(); // python3.11
+        let xy = version.trim_start_matches("python").to_string();
         // Copies keep their mtimes (compiled modules name their source's).
         let copy = |from: &Path, to: &Path| {
             std::fs::create_dir_all(to.parent().unwrap()).unwrap();
@@ -606,7 +607,7 @@ impl ImageRegistry {
         };
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
-            "config": {"Env": ["PATH=/usr/bin:/bin", "PYTHON_VERSION=3"], "Cmd": ["python3"]},
+            "config": {"Env": ["PATH=/usr/bin:/bin", format!("PYTHON_VERSION={xy}")], "Cmd": ["python3"]},
             "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
             "history": [{"created_by": "this host's python"}]
         });

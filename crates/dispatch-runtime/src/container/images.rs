@@ -532,6 +532,13 @@ impl Images {
         Ok(())
     }
 
+    /// The manifest and config of `image` (as a base to install dependencies for), read from
+    /// its registry (the mirror for Docker Hub's).
+    pub async fn base(&self, image: &str) -> Result<crate::oci::BaseImage, ImageError> {
+        let source = self.source(image)?;
+        Ok(self.registry.base(&source.whole()).await?)
+    }
+
     /// Every pulled image, newest use first.
     pub fn list(&self) -> Vec<PulledImage> {
         let mut v: Vec<PulledImage> = self.index.lock().images.values().cloned().collect();

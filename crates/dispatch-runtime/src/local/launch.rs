@@ -141,11 +141,6 @@ impl LocalBackend {
                 "spec.isolation: container needs an OCI runtime on this server: install runc (Debian: apt-get install runc) and restart it, or drop spec.isolation".into(),
             );
         };
-        if d.image_build.is_some() {
-            return unsupported(
-                "an image with dependencies does not run in containers on the embedded backend yet (its dependencies are installed for this host): drop spec.isolation, or use an image without dependencies".into(),
-            );
-        }
         if d.base.image.is_empty() {
             return unsupported("its base image names no OCI image to run".into());
         }
@@ -163,6 +158,7 @@ impl LocalBackend {
             })?;
         let runner = std::env::current_exe()
             .map_err(|e| BuildError::Io(format!("cannot find this binary (the runner): {e}")))?;
+        let deps = self.container_dependencies(d, &tier, &label).await?;
         let (uid, gid) = crate::container::identity(self.sandboxes().as_deref(), &d.namespace);
         let mut env: Vec<(String, String)> = [
             ("LANG", "C.UTF-8"),
@@ -194,6 +190,18 @@ impl LocalBackend {
         if let Some(i) = &d.base.interpreter {
             env.push(("DISPATCH_INTERPRETER".to_string(), i.clone()));
         }
+        let mut binds = vec![
+            (runner.clone(), CONTAINER_RUNNER.to_string()),
+            (
+                self.runtimes_dir.clone(),
+                CONTAINER_RUNTIMES_DIR.to_string(),
+            ),
+            (dir, CONTAINER_FUNCTION_DIR.to_string()),
+        ];
+        if let Some((host, var, inside)) = deps {
+            env.push((var.to_string(), inside.to_string()));
+            binds.push((host, inside.to_string()));
+        }
         let template = crate::container::Container {
             rootfs: image.rootfs.clone(),
             image: image.config.clone(),
@@ -215,14 +223,7 @@ impl LocalBackend {
             },
             network: d.network,
             hostname: d.name.clone(),
-            binds: vec![
-                (runner.clone(), CONTAINER_RUNNER.to_string()),
-                (
-                    self.runtimes_dir.clone(),
-                    CONTAINER_RUNTIMES_DIR.to_string(),
-                ),
-                (dir, CONTAINER_FUNCTION_DIR.to_string()),
-            ],
+            binds,
         };
         Ok(WorkerSpec {
             program: runner,
@@ -240,6 +241,83 @@ impl LocalBackend {
                 prefix: format!("fn-{}-{}", d.namespace, d.name),
             })),
         })
+    }
+
+    /// The image's dependencies installed for the function's *base image* (its Python version
+    /// and platform, as the Kubernetes image gets them: `oci::function::dependencies_layer`),
+    /// unpacked once per image under its build folder (`container-deps/`, collected with it);
+    /// the host folder, the variable and the path inside. `None` without dependencies.
+    async fn container_dependencies(
+        &self,
+        d: &FunctionDeploy,
+        tier: &crate::container::Containers,
+        label: &str,
+    ) -> Result<Option<(PathBuf, &'static str, &'static str)>, BuildError> {
+        let (Some(image), Some(manifest)) = (&d.image_build, d.dependencies.as_deref()) else {
+            return Ok(None);
+        };
+        let (var, inside) = match d.base.language {
+            Language::Python3 => ("PYTHONPATH", crate::oci::function::PYTHON_DEPS_DIR),
+            Language::Nodejs => ("NODE_PATH", crate::oci::function::NODE_DEPS_DIR),
+            Language::Exec => return Ok(None),
+        };
+        let dir = self.images.path(image).join("container-deps");
+        let host = dir.join(inside.trim_start_matches('/'));
+        if dir.join(".complete").exists() {
+            return Ok(Some((host, var, inside)));
+        }
+        let step = |what: &str| {
+            let what = what.to_string();
+            move |e: String| BuildError::Step {
+                step: what,
+                detail: e,
+            }
+        };
+        let base = tier
+            .images
+            .base(&d.base.image)
+            .await
+            .map_err(|e| step("reading the base image")(e.to_string()))?;
+        let progress = |line: &str| tracing::info!(function = %label, "{line}");
+        let layer = crate::oci::function::dependencies_layer(
+            &base,
+            d.base.language,
+            Some(manifest),
+            None,
+            d.index_url.as_deref(),
+            &progress,
+        )
+        .await
+        .map_err(|e| step("installing dependencies for the base image")(e.to_string()))?;
+        let Some((layer, _)) = layer else {
+            return Ok(None);
+        };
+        let owners = nix::unistd::geteuid().is_root();
+        let unpacked = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let tmp = dir.with_extension(format!("partial-{}", std::process::id()));
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)?;
+            }
+            std::fs::create_dir_all(&tmp)?;
+            crate::container::unpack::apply_layer(
+                &tmp,
+                flate2::read::GzDecoder::new(&layer.data[..]),
+                owners,
+            )?;
+            std::fs::write(tmp.join(".complete"), "")?;
+            if let Err(e) = std::fs::rename(&tmp, &dir) {
+                // Another deploy of this image finished first.
+                std::fs::remove_dir_all(&tmp)?;
+                if !dir.join(".complete").exists() {
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| BuildError::Io(e.to_string()))?;
+        unpacked.map_err(|e| step("unpacking the dependencies")(e.to_string()))?;
+        Ok(Some((host, var, inside)))
     }
 
     /// The program and arguments of a worker of `d` whose code is in `dir` (`dispatch runner

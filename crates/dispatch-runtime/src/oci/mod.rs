@@ -18,6 +18,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
+pub mod function;
 mod layer;
 pub use layer::{Layer, LayerBuilder};
 

@@ -1,4 +1,5 @@
-//! Function images for Kubernetes: the function's base image (a language runtime
+//! Function images (for Kubernetes; the container tier shows the same paths and installs the
+//! same dependencies layer): the function's base image (a language runtime
 //! from any registry) plus four layers, pushed to the cluster's registry under the function's
 //! content digest:
 //!
@@ -20,14 +21,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use dispatch_core::Language;
-use dispatch_runtime::backend::BuildError;
-use dispatch_runtime::build::run_tool;
-use dispatch_runtime::host::find_program;
-use dispatch_runtime::local::bootstrap;
 
-use crate::oci::{
-    BaseImage, ConfigChanges, ImagePlan, Layer, LayerBuilder, OciError, Pushed, Registry,
-};
+use super::{BaseImage, ConfigChanges, ImagePlan, Layer, LayerBuilder, OciError, Pushed, Registry};
+use crate::backend::BuildError;
+use crate::build::run_tool;
+use crate::host::find_program;
+use crate::local::bootstrap;
 
 pub const RUNNER_PATH: &str = "/dispatch/bin/dispatch";
 pub const RUNTIMES_DIR: &str = "/dispatch/runtimes";
@@ -96,9 +95,8 @@ pub async fn build(
 
     // The source first: a bad archive or handler fails before anything is installed.
     let src = tempfile::tempdir().map_err(io("a temporary folder"))?;
-    let files =
-        dispatch_runtime::source::unpack(&f.archive, src.path()).map_err(BuildError::from)?;
-    let handler = dispatch_runtime::handler::resolve(f.language, f.handler.as_deref(), &files)
+    let files = crate::source::unpack(&f.archive, src.path()).map_err(BuildError::from)?;
+    let handler = crate::handler::resolve(f.language, f.handler.as_deref(), &files)
         .map_err(BuildError::from)?;
 
     progress("adding the runner");
@@ -292,7 +290,7 @@ async fn pip_layer(
         .map_err(io("writing requirements.txt"))?;
     let target = dir.path().join("site");
     let mut pip = tokio::process::Command::new(python);
-    pip.args(dispatch_runtime::build::PIP_INSTALL)
+    pip.args(crate::build::PIP_INSTALL)
         .args([
             "--no-compile",
             "--only-binary=:all:",
@@ -323,8 +321,7 @@ async fn npm_layer(package_json: &str, index_url: Option<&str>) -> Result<Layer,
         .map_err(io("writing package.json"))?;
     let mut cmd = tokio::process::Command::new(npm);
     // No install scripts: nothing is built for this machine instead of the image's.
-    cmd.args(dispatch_runtime::build::NPM_INSTALL)
-        .arg("--ignore-scripts");
+    cmd.args(crate::build::NPM_INSTALL).arg("--ignore-scripts");
     if let Some(url) = index_url {
         cmd.args(["--registry", url]);
     }
