@@ -241,6 +241,34 @@ fn job_templates_run_their_images_in_containers() {
     assert_eq!(job["status"]["runtime"], "host");
     assert!(!logs.contains("busybox-test"), "{logs}");
 
+    // A container function on an image without glibc (the runner needs it) says so.
+    s.ok(&[
+        "create",
+        "base-image",
+        "bb",
+        "alpine:latest",
+        "--language",
+        "python3",
+    ]);
+    s.ok(&["create", "image", "bb", "bb", "--wait"]);
+    let code = s.dir.path().join("f.py");
+    std::fs::write(&code, "def handle(c, p):\n    return p\n").unwrap();
+    let err = s.fails(&[
+        "create",
+        "function",
+        "--image",
+        "bb",
+        "musl",
+        code.to_str().unwrap(),
+        "--isolation",
+        "container",
+        "--wait",
+    ]);
+    assert!(
+        err.contains("has no glibc") && err.contains("-slim"),
+        "{err}"
+    );
+
     // An image that cannot be pulled fails the execution with the reason.
     let (_, job) = run(&s, "unreachable", "");
     assert_eq!(job["status"]["phase"], "Failed");

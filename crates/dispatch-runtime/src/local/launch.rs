@@ -156,6 +156,19 @@ impl LocalBackend {
                 step: format!("pulling base image {}", d.base.image),
                 detail: e.to_string(),
             })?;
+        // The runner is this (glibc) binary: an image without glibc's loader cannot start it.
+        let loader = match std::env::consts::ARCH {
+            "aarch64" => "lib/ld-linux-aarch64.so.1",
+            _ => "lib64/ld-linux-x86-64.so.2",
+        };
+        let found = crate::container::unpack::resolve_in(&image.rootfs, Path::new(loader), true)
+            .is_ok_and(|p| p.exists());
+        if !found {
+            return unsupported(format!(
+                "base image {} has no glibc (/{loader}): the runner that starts its workers is this dispatch binary, which needs a glibc-based image (e.g. python:3-slim or node:22-slim, not an -alpine one)",
+                d.base.image
+            ));
+        }
         let runner = std::env::current_exe()
             .map_err(|e| BuildError::Io(format!("cannot find this binary (the runner): {e}")))?;
         let deps = self.container_dependencies(d, &tier, &label).await?;
