@@ -20,6 +20,33 @@ use crate::worker::StartError;
 /// Reports the step a build is at ("installing dependencies with pip").
 pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Where a function deploy reports its steps (pulling a base image, its layers), which the
+/// server makes the CREATING reason that `--wait` shows; silent by default.
+#[derive(Clone, Default)]
+pub struct Steps(Option<Progress>);
+
+impl Steps {
+    pub fn to(progress: Progress) -> Self {
+        Steps(Some(progress))
+    }
+
+    pub fn say(&self, step: &str) {
+        if let Some(p) = &self.0 {
+            p(step)
+        }
+    }
+}
+
+impl std::fmt::Debug for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Steps(reported)"
+        } else {
+            "Steps(silent)"
+        })
+    }
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A deployed function as [`Backend::deploy_function`] hands it back: the server keeps it
@@ -118,6 +145,8 @@ pub struct FunctionDeploy {
     pub network: bool,
     /// `spec.isolation: container`: workers run in the base image with an OCI runtime.
     pub container: bool,
+    /// Where the deploy's steps are reported.
+    pub steps: Steps,
 }
 
 #[derive(Debug, thiserror::Error)]

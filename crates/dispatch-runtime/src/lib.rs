@@ -25,7 +25,7 @@ pub mod zygote;
 
 pub use backend::{
     Backend, BaseImageCheck, BuildError, DeployedFunction, FunctionDeploy, FunctionHandle, GcKeep,
-    ImageBuild, InvokeError, Removed,
+    ImageBuild, InvokeError, Removed, Steps,
 };
 pub use build::Progress;
 pub use local::{DEFAULT_MAX_WAITING_CALLS, LocalBackend};

@@ -71,6 +71,7 @@ fn deploy(
         limits: Default::default(),
         network: true,
         container: false,
+        steps: Default::default(),
     }
 }
 

@@ -1,12 +1,13 @@
 //! The async queue's timing with paused tokio time and a fake backend (no processes, no
 //! fixed waits): exponential backoff with jitter between attempts, DEAD after maxAttempts, and
-//! maxAge both for failing runs and for runs whose function never becomes ready.
+//! maxAge both for failing runs and for runs whose function never becomes ready; a deploy's
+//! reported steps as the function's CREATING reason.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dispatch_core::envelope::null_raw;
-use dispatch_core::{Kind, Object, Run, RunStatus, Trigger};
+use dispatch_core::{Kind, Object, Phase, Run, RunStatus, Trigger};
 mod support;
 
 use dispatch_server::controller::Key;
@@ -172,4 +173,36 @@ async fn a_run_waits_for_its_function_until_max_age() {
         f.backend.calls.lock().unwrap().is_empty(),
         "a function that is not deployed is never called"
     );
+}
+
+/// A deploy's steps (a container function's base image pull, layer by layer) become the
+/// function's CREATING reason while it deploys — what `dispatch create function --wait` shows —
+/// and the outcome replaces them.
+#[tokio::test(start_paused = true)]
+async fn a_deploys_steps_are_its_creating_reason() {
+    let go = Arc::new(tokio::sync::Notify::new());
+    let step = "layer 2/3 sha256:abc: 12.0 MiB".to_string();
+    let f = fx(
+        FakeBackend {
+            deploy_step: Some((step.clone(), go.clone())),
+            ..Default::default()
+        },
+        json!({}),
+    )
+    .await;
+    let function = || async {
+        let o = f.state.get("default", Kind::Function, "f").await.unwrap();
+        o.map(|o| (o.phase(), o.status.reason))
+    };
+    let (every, limit) = (Duration::from_millis(10), Duration::from_secs(10));
+    eventually_within("the step as the reason", every, limit, || async {
+        (function().await == Some((Some(Phase::Creating), step.clone()))).then_some(())
+    })
+    .await;
+    go.notify_one();
+    wait_deployed(&f.state).await;
+    eventually_within("READY without the step", every, limit, || async {
+        (function().await == Some((Some(Phase::Ready), String::new()))).then_some(())
+    })
+    .await;
 }

@@ -99,6 +99,7 @@ impl Runner {
             limits: Default::default(),
             network: true,
             container: false,
+            steps: Default::default(),
         };
         if self.worker {
             use std::os::unix::process::CommandExt as _;

@@ -147,7 +147,10 @@ impl LocalBackend {
         let policy = crate::container::PullPolicy::of(None, &d.base.image)
             .map_err(BuildError::Unsupported)?;
         let label = format!("{}/{}", d.namespace, d.name);
-        let note = |line: String| tracing::info!(function = %label, "{line}");
+        let note = |line: String| {
+            tracing::info!(function = %label, "{line}");
+            d.steps.say(&line);
+        };
         let image = tier
             .images
             .ensure(&d.base.image, policy, &note)
@@ -291,7 +294,10 @@ impl LocalBackend {
             .base(&d.base.image)
             .await
             .map_err(|e| step("reading the base image")(e.to_string()))?;
-        let progress = |line: &str| tracing::info!(function = %label, "{line}");
+        let progress = |line: &str| {
+            tracing::info!(function = %label, "{line}");
+            d.steps.say(line);
+        };
         let layer = crate::oci::function::dependencies_layer(
             &base,
             d.base.language,

@@ -3,17 +3,13 @@
 //! CREATING reason) and re-queues its functions. `function_digest` is a function's digest
 //! from its image and source.
 
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-
 use dispatch_core::{
     BaseImageSpec, FunctionSpec, ImageSpec, Kind, Language, Object, Phase, Status, digest,
 };
-use dispatch_runtime::{BaseImageCheck, ImageBuild, Progress};
+use dispatch_runtime::{BaseImageCheck, ImageBuild};
 
 use super::ReconcileError;
-use super::{Key, dependents, mark_creating, set_status, status};
+use super::{Key, dependents, mark_creating, set_status, status, with_steps};
 use crate::state::AppState;
 
 /// The language and interpreter of a base image spec.
@@ -155,24 +151,10 @@ async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, Rec
         )
         .await?;
     }
-    // Steps reported by the build become the CREATING reason (what `--wait` shows). They are
-    // applied here, in order, and never after the final status.
-    let (tx, mut steps) = mpsc::unbounded_channel::<String>();
-    let progress: Progress = Arc::new(move |step: &str| {
-        let _ = tx.send(step.to_string());
-    });
-    let build_fut = state.backend.build_image(&d, &build, progress);
-    tokio::pin!(build_fut);
-    let result = loop {
-        tokio::select! {
-            r = &mut build_fut => break r,
-            Some(step) = steps.recv() => {
-                if !unchanged {
-                    set_status(state, o, status(Phase::Creating, step, Some(d.clone()), o)).await?;
-                }
-            }
-        }
-    };
+    let result = with_steps(state, o, Some(d.clone()), !unchanged, |progress| {
+        state.backend.build_image(&d, &build, progress)
+    })
+    .await?;
     Ok(Some(match result {
         Ok(()) => status(Phase::Ready, "", Some(d.clone()), o),
         // The digest stays, so that `dispatch logs image` finds the failed build's log.

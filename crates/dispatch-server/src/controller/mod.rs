@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dispatch_core::{EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, Phase, Status};
-use dispatch_runtime::FunctionDeploy;
+use dispatch_runtime::{FunctionDeploy, Progress, Steps};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -165,6 +165,37 @@ fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &O
     }
 }
 
+/// Runs `work`, making each step it reports through the [`Progress`] it is given the object's
+/// CREATING reason (what `--wait` shows) when `report`; steps are applied in order and never
+/// after `work` ends (its outcome sets the final status).
+async fn with_steps<T, F>(
+    state: &AppState,
+    o: &Object,
+    digest: Option<String>,
+    report: bool,
+    work: impl FnOnce(Progress) -> F,
+) -> Result<T, ReconcileError>
+where
+    F: std::future::Future<Output = T>,
+{
+    let (tx, mut steps) = mpsc::unbounded_channel::<String>();
+    let progress: Progress = Arc::new(move |step: &str| {
+        let _ = tx.send(step.to_string());
+    });
+    let fut = work(progress);
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            r = &mut fut => return Ok(r),
+            Some(step) = steps.recv() => {
+                if report {
+                    set_status(state, o, status(Phase::Creating, step, digest.clone(), o)).await?;
+                }
+            }
+        }
+    }
+}
+
 /// Sets the phase to CREATING (keeping the old digest) unless the object is already there.
 async fn mark_creating(state: &AppState, o: &Object, reason: &str) -> Result<(), ReconcileError> {
     let s = status(Phase::Creating, reason, o.status.digest.clone(), o);
@@ -240,7 +271,8 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         &image_spec,
         &spec,
     );
-    if o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d) {
+    let changed = o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d);
+    if changed {
         mark_creating(state, &o, "building").await?;
     }
     let (timeout, idle_timeout) = match (spec.timeout(), spec.idle_timeout()) {
@@ -311,8 +343,17 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         limits: spec.resources.limits()?,
         network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
         container: spec.isolation == Some(dispatch_core::resource::FunctionIsolation::Container),
+        steps: Steps::default(),
     };
-    match state.backend.deploy_function(deploy).await {
+    // A container function's base image pull reports its layers as the CREATING reason.
+    let deployed = with_steps(state, &o, o.status.digest.clone(), changed, |p| {
+        state.backend.deploy_function(FunctionDeploy {
+            steps: Steps::to(p),
+            ..deploy
+        })
+    })
+    .await?;
+    match deployed {
         Ok(handle) => {
             let image = handle.image().map(str::to_string);
             state.set_deployed(

@@ -26,6 +26,8 @@ pub struct FakeBackend {
     pub requests: Mutex<Option<tokio::sync::mpsc::Receiver<ExecutionRequest>>>,
     /// Every execution change the server reported, in order.
     pub reported: Arc<Mutex<Vec<dispatch_core::JobExecution>>>,
+    /// A step each deploy reports, after which it waits for the test's go-ahead.
+    pub deploy_step: Option<(String, Arc<tokio::sync::Notify>)>,
 }
 
 impl Backend for FakeBackend {
@@ -57,11 +59,16 @@ impl Backend for FakeBackend {
     }
     fn deploy_function(
         &self,
-        _: FunctionDeploy,
+        d: FunctionDeploy,
     ) -> BoxFuture<'_, Result<FunctionHandle, BuildError>> {
         let fails = self.deploy_fails;
         let handle = self.function("", "");
+        let step = self.deploy_step.clone();
         Box::pin(async move {
+            if let Some((step, go)) = step {
+                d.steps.say(&step);
+                go.notified().await;
+            }
             match handle {
                 Some(h) if !fails => Ok(h),
                 _ => Err(BuildError::Unsupported("this fake never deploys".into())),
