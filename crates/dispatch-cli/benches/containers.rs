@@ -18,16 +18,6 @@ use serde_json::value::RawValue;
 use support::pct;
 use test_support::{ImageRegistry, ServerProc, eventually};
 
-fn containers(s: &ServerProc) -> usize {
-    let out = std::process::Command::new(test_support::program("runc"))
-        .arg("--root")
-        .arg(s.dir.path().join("data/containers/state"))
-        .args(["list", "-q"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
 fn main() {
     let n = support::iterations(20);
     let hub = ImageRegistry::start();
@@ -70,7 +60,7 @@ fn main() {
     for _ in 0..n {
         // Scaled to zero: no container left of the function.
         eventually("the function to scale to zero", || {
-            (containers(&s) == 0).then_some(())
+            s.containers().is_empty().then_some(())
         });
         let t = Instant::now();
         let r = rt.block_on(c.exec("hello", &input)).unwrap();

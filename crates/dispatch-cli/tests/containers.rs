@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::process::Command;
-
 use serde_json::Value;
 use support::*;
 
@@ -156,17 +154,6 @@ fn run(s: &ServerProc, template: &str, payload: &str) -> (String, Value) {
     (logs, s.json(&["get", "jobexecution", &uuid, "-o", "json"]))
 }
 
-/// Containers runc still knows of this server.
-fn containers_left(s: &ServerProc) -> String {
-    let out = Command::new(program("runc"))
-        .arg("--root")
-        .arg(s.dir.path().join("data/containers/state"))
-        .args(["list", "-q"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn job_templates_run_their_images_in_containers() {
     let hub = ImageRegistry::start();
@@ -296,7 +283,7 @@ fn job_templates_run_their_images_in_containers() {
         table.contains("alpine:latest") && table.contains("1.9Mi"),
         "{table}"
     );
-    assert_eq!(containers_left(&s), "", "every container was deleted");
+    assert!(s.containers().is_empty(), "every container was deleted");
 }
 
 #[test]
@@ -343,12 +330,11 @@ spec:
             .contains("started")
             .then_some(())
     });
-    assert!(!containers_left(&s).is_empty());
+    assert!(!s.containers().is_empty());
     assert!(!processes_mentioning("sleep 31337").is_empty());
     s.ok(&["cancel", "jobexecution", &uuid]);
     eventually("the cancelled container to go", || {
-        (containers_left(&s).is_empty() && processes_mentioning("sleep 31337").is_empty())
-            .then_some(())
+        (s.containers().is_empty() && processes_mentioning("sleep 31337").is_empty()).then_some(())
     });
 
     let (_, job) = run(&s, "late", "");
@@ -360,8 +346,7 @@ spec:
         "{job}"
     );
     eventually("the late container to go", || {
-        (containers_left(&s).is_empty() && processes_mentioning("sleep 31338").is_empty())
-            .then_some(())
+        (s.containers().is_empty() && processes_mentioning("sleep 31338").is_empty()).then_some(())
     });
 
     // gc keeps an image that a template names; once none does, it goes with its layers.
@@ -608,10 +593,10 @@ def handle(context, payload):
     s.ok(&["delete", "function", "six-user"]);
 
     // Its warm worker is a container; removing the function removes it.
-    assert!(!containers_left(&s).is_empty());
+    assert!(!s.containers().is_empty());
     s.ok(&["delete", "function", "where"]);
     eventually("the function's containers to go", || {
-        containers_left(&s).is_empty().then_some(())
+        s.containers().is_empty().then_some(())
     });
 }
 

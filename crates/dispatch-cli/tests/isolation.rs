@@ -203,6 +203,18 @@ impl Tenants {
         );
     }
 
+    /// The victim still answers, its processes live and the server's token is there.
+    fn victim_unharmed(&self) {
+        self.victim_serves();
+        for pid in &self.victim_pids {
+            assert!(
+                std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "team-a's process {pid} was killed"
+            );
+        }
+        assert!(self.data.join("admin-token").exists());
+    }
+
     /// Paths an attacker wants, with the host pid of the server.
     fn targets(&self) -> Value {
         serde_json::json!({
@@ -306,14 +318,7 @@ fn a_python_handler_of_another_namespace_reaches_nothing() {
         answer["payload"]["uid"], 0,
         "user code must not run as root"
     );
-    t.victim_serves();
-    for pid in &t.victim_pids {
-        assert!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "team-a's process {pid} was killed"
-        );
-    }
-    assert!(t.data.join("admin-token").exists());
+    t.victim_unharmed();
 }
 
 #[test]
@@ -411,14 +416,7 @@ fn a_python_handler_in_a_container_reaches_nothing() {
         uid >= u64::from(dispatch_runtime::sandbox::UID_BASE),
         "uid {uid}"
     );
-    t.victim_serves();
-    for pid in &t.victim_pids {
-        assert!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "team-a's process {pid} was killed"
-        );
-    }
-    assert!(t.data.join("admin-token").exists());
+    t.victim_unharmed();
 }
 
 /// A job template's command tries to read the token and the victim's source, kill the server

@@ -152,6 +152,18 @@ impl ServerProc {
         s
     }
 
+    /// The ids of the containers runc still knows of for this server (container tier).
+    pub fn containers(&self) -> Vec<String> {
+        let out = Command::new(program("runc"))
+            .arg("--root")
+            .arg(self.dir.path().join("data/containers/state"))
+            .args(["list", "-q"])
+            .output()
+            .unwrap();
+        let ids = String::from_utf8_lossy(&out.stdout);
+        ids.lines().map(str::to_string).collect()
+    }
+
     /// The CLI pointed at this server, with an empty config file.
     pub fn cli(&self) -> Command {
         let mut c = Command::cargo_bin("dispatch").unwrap();

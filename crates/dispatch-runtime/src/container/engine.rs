@@ -12,8 +12,8 @@ use oci_spec::runtime::{
     Arch, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
     LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccompAction,
     LinuxSeccompArgBuilder, LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscall,
-    LinuxSyscallBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
-    get_default_mounts, get_default_namespaces,
+    LinuxSyscallBuilder, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder, get_default_mounts, get_default_namespaces,
 };
 
 use super::images::ImageConfig;
@@ -278,6 +278,20 @@ pub fn argv(image: &ImageConfig, command: &[String], args: &[String]) -> Vec<Str
     head.into_iter().chain(tail.iter().cloned()).collect()
 }
 
+/// A read-only bind mount of `host` at `inside` (no setuid, no devices).
+fn read_only_bind(host: &Path, inside: &Path) -> Result<Mount, oci_spec::OciSpecError> {
+    MountBuilder::default()
+        .destination(inside)
+        .typ("bind")
+        .source(host)
+        .options(
+            ["rbind", "ro", "nosuid", "nodev"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .build()
+}
+
 /// The sandbox's deny list as OCI seccomp rules (the same calls, the same errors).
 fn seccomp_rules() -> Result<Vec<LinuxSyscall>, String> {
     let e = |e: oci_spec::OciSpecError| e.to_string();
@@ -388,39 +402,13 @@ impl Container {
                 .map_err(e)?,
         );
         for (host, inside) in &self.binds {
-            mounts.push(
-                MountBuilder::default()
-                    .destination(inside)
-                    .typ("bind")
-                    .source(host)
-                    .options(vec![
-                        "rbind".into(),
-                        "ro".into(),
-                        "nosuid".into(),
-                        "nodev".into(),
-                    ])
-                    .build()
-                    .map_err(e)?,
-            );
+            mounts.push(read_only_bind(host, Path::new(inside)).map_err(e)?);
         }
         if self.network {
             // The host's name resolution, read-only (as container engines do).
             for f in ["/etc/resolv.conf", "/etc/hosts"] {
                 if Path::new(f).is_file() {
-                    mounts.push(
-                        MountBuilder::default()
-                            .destination(f)
-                            .typ("bind")
-                            .source(f)
-                            .options(vec![
-                                "rbind".into(),
-                                "ro".into(),
-                                "nosuid".into(),
-                                "nodev".into(),
-                            ])
-                            .build()
-                            .map_err(e)?,
-                    );
+                    mounts.push(read_only_bind(Path::new(f), Path::new(f)).map_err(e)?);
                 }
             }
         }
@@ -553,24 +541,18 @@ mod tests {
             .map(|n| n["type"].as_str().unwrap().to_string())
             .collect();
         assert!(ns.contains(&"network".to_string()) && ns.contains(&"pid".to_string()));
-        let tmp = v["mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["destination"] == "/tmp")
-            .unwrap();
+        let mount = |at: &str| {
+            let all = v["mounts"].as_array().unwrap();
+            all.iter().find(|m| m["destination"] == at).unwrap().clone()
+        };
+        let tmp = mount("/tmp");
         assert!(
             tmp["options"]
                 .as_array()
                 .unwrap()
                 .contains(&"size=268435456".into())
         );
-        let bind = v["mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["destination"] == "/function")
-            .unwrap();
+        let bind = mount("/function");
         assert_eq!(bind["source"], "/srv/fn");
         assert!(bind["options"].as_array().unwrap().contains(&"ro".into()));
         let denied = v["linux"]["seccomp"]["syscalls"][0]["names"]
