@@ -600,6 +600,59 @@ def handle(context, payload):
     });
 }
 
+/// The Node bootstrap in a container: a Node base image (this host's `node`), its handler's
+/// answer, the image's files and an unprivileged identity.
+#[test]
+fn a_node_function_runs_in_its_node_base_image() {
+    let hub = ImageRegistry::start();
+    let base = hub.push_node();
+    let insecure = format!("--insecure-registry={}", hub.host);
+    let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &[&insecure]);
+    s.ok(&["create", "base-image", "node", &base, "--language", "nodejs"]);
+    s.ok(&["create", "image", "node", "node", "--wait"]);
+    let code = s.dir.path().join("where.js");
+    std::fs::write(
+        &code,
+        "const fs = require('fs');\n\
+         module.exports = async (context, payload) => {\n\
+         \x20 console.log('hello from node');\n\
+         \x20 return {uid: process.getuid(), os: fs.readFileSync('/etc/os-release', 'utf8').trim(),\n\
+         \x20         cwd: process.cwd(), root: fs.readdirSync('/'), payload};\n\
+         };\n",
+    )
+    .unwrap();
+    s.ok(&[
+        "create",
+        "function",
+        "--image",
+        "node",
+        "where",
+        code.to_str().unwrap(),
+        "--isolation",
+        "container",
+        "--wait",
+    ]);
+    let (ok, out) = s.exec("where", r#"{"n": 2}"#);
+    assert!(ok, "{out}");
+    let v = &out["payload"];
+    assert_eq!(v["os"], "ID=node-test", "the base image's files: {out}");
+    assert_eq!(v["cwd"], "/function");
+    assert_eq!(v["payload"]["n"], 2);
+    assert!(v["uid"].as_u64().unwrap() >= 2_000_000_000, "{out}");
+    assert!(
+        !v["root"].as_array().unwrap().contains(&"work".into()),
+        "nothing of the host: {out}"
+    );
+    assert!(
+        out["context"]["logs"]["stdout"]
+            .as_array()
+            .unwrap()
+            .contains(&"hello from node".into()),
+        "{out}"
+    );
+    assert!(!s.containers().is_empty(), "its warm worker is a container");
+}
+
 #[test]
 fn a_manifest_list_runs_this_platform_and_big_images_are_refused() {
     let hub = ImageRegistry::start();

@@ -523,25 +523,12 @@ impl ImageRegistry {
     /// `HOST/test/python:3`; returns that reference. ~40 MB unpacked; the standard library's
     /// compiled modules (`__pycache__`) come along, as in real Python images.
     pub fn push_python(&self) -> String {
-        use dispatch_runtime::oci::{Registry, RegistryOptions};
         let stage = tempfile::tempdir().unwrap();
         let root = stage.path();
         let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
         let version = python.file_name().unwrap().to_str().unwrap().to_string(); // python3.11
         let xy = version.trim_start_matches("python").to_string();
-        // Copies keep their mtimes (compiled modules name their source's).
-        let copy = |from: &Path, to: &Path| {
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(from, to).unwrap();
-            let mtime = std::fs::metadata(from).unwrap().modified().unwrap();
-            std::fs::File::options()
-                .write(true)
-                .open(to)
-                .unwrap()
-                .set_modified(mtime)
-                .unwrap();
-        };
-        copy(&python, &root.join("usr/bin/python3"));
+        copy_keeping_mtime(&python, &root.join("usr/bin/python3"));
         let stdlib = Path::new("/usr/lib").join(&version);
         let skip = [
             "test",
@@ -556,9 +543,7 @@ impl ImageRegistry {
             "unittest",
         ];
         let mut stack = vec![stdlib.clone()];
-        let mut libs = vec![python.clone(), std::env::current_exe().unwrap()];
-        // The runner is the dispatch binary next to this test's.
-        libs.push(std::path::PathBuf::from(env!("CARGO_BIN_EXE_dispatch")));
+        let mut libs = vec![python.clone()];
         while let Some(dir) = stack.pop() {
             for e in std::fs::read_dir(&dir).unwrap().flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -577,12 +562,42 @@ impl ImageRegistry {
                     if name.ends_with(".so") {
                         libs.push(p.clone());
                     }
-                    copy(&p, &dest);
+                    copy_keeping_mtime(&p, &dest);
                 }
             }
         }
+        let env = ["PATH=/usr/bin:/bin".to_string(), format!("PYTHON_VERSION={xy}")];
+        self.push_host_image(root, &libs, ("python", "3"), &env, "python3")
+    }
+
+    /// Pushes a Node.js base image made of this host's `node` (and the shared libraries it
+    /// links) as `HOST/test/node:20`; returns that reference.
+    pub fn push_node(&self) -> String {
+        let stage = tempfile::tempdir().unwrap();
+        let root = stage.path();
+        let node = std::fs::canonicalize(program("node")).unwrap();
+        copy_keeping_mtime(&node, &root.join("usr/bin/node"));
+        let env = ["PATH=/usr/bin:/bin".to_string()];
+        self.push_host_image(root, &[node], ("node", "20"), &env, "node")
+    }
+
+    /// Pushes the folder `root` as a one-layer image `HOST/test/NAME:TAG`, with the shared
+    /// libraries `bins` and the `dispatch` runner link, a few empty system folders and
+    /// `/etc/os-release` saying `ID=NAME-test`.
+    fn push_host_image(
+        &self,
+        root: &Path,
+        bins: &[std::path::PathBuf],
+        (name, tag): (&str, &str),
+        env: &[String],
+        cmd: &str,
+    ) -> String {
+        use dispatch_runtime::oci::{Registry, RegistryOptions};
+        let mut bins = bins.to_vec();
+        // The runner is the dispatch binary next to this test's.
+        bins.push(std::path::PathBuf::from(env!("CARGO_BIN_EXE_dispatch")));
         // The shared libraries all of them link, by the paths the loader asks for.
-        for bin in &libs {
+        for bin in &bins {
             let out = Command::new("ldd").arg(bin).output().unwrap();
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 let path = line
@@ -592,7 +607,7 @@ impl ImageRegistry {
                 if let Some(path) = path.filter(|p| p.is_file()) {
                     let dest = root.join(path.strip_prefix("/").unwrap());
                     if !dest.exists() {
-                        copy(&std::fs::canonicalize(&path).unwrap(), &dest);
+                        copy_keeping_mtime(&std::fs::canonicalize(&path).unwrap(), &dest);
                     }
                 }
             }
@@ -600,10 +615,9 @@ impl ImageRegistry {
         for d in ["tmp", "proc", "dev", "sys", "etc"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        std::fs::write(root.join("etc/os-release"), "ID=python-test\n").unwrap();
+        std::fs::write(root.join("etc/os-release"), format!("ID={name}-test\n")).unwrap();
         // A tar of its own (not LayerBuilder's, which zeroes mtimes): the files keep their
-        // mtimes, so that the standard library's compiled modules stay valid, as in real
-        // images.
+        // mtimes, so that Python's compiled standard library stays valid, as in real images.
         let mut tar = tar::Builder::new(Vec::new());
         tar.follow_symlinks(false);
         tar.append_dir_all(".", root).unwrap();
@@ -615,15 +629,15 @@ impl ImageRegistry {
             digest: dispatch_runtime::oci::sha256(&data),
             diff_id: dispatch_runtime::oci::sha256(&raw),
             data: data.into(),
-            created_by: "python".into(),
+            created_by: name.into(),
         };
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
-            "config": {"Env": ["PATH=/usr/bin:/bin", format!("PYTHON_VERSION={xy}")], "Cmd": ["python3"]},
+            "config": {"Env": env, "Cmd": [cmd]},
             "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-            "history": [{"created_by": "this host's python"}]
+            "history": [{"created_by": format!("this host's {name}")}]
         });
-        let reference = format!("{}/test/python:3", self.host);
+        let reference = format!("{}/test/{name}:{tag}", self.host);
         let reg = Registry::new(RegistryOptions {
             insecure: vec![self.host.clone()],
             ..Default::default()
@@ -632,6 +646,19 @@ impl ImageRegistry {
             .unwrap();
         reference
     }
+}
+
+/// Copies a file keeping its mtime (Python's compiled modules name their source's).
+fn copy_keeping_mtime(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::copy(from, to).unwrap();
+    let mtime = std::fs::metadata(from).unwrap().modified().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(to)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
 }
 
 impl ImageRegistry {
