@@ -608,7 +608,14 @@ fn a_node_function_runs_in_its_node_base_image() {
     let base = hub.push_node();
     let insecure = format!("--insecure-registry={}", hub.host);
     let s = ServerProc::start_with(tempfile::tempdir().unwrap(), &[&insecure]);
-    s.ok(&["create", "base-image", "node", &base, "--language", "nodejs"]);
+    s.ok(&[
+        "create",
+        "base-image",
+        "node",
+        &base,
+        "--language",
+        "nodejs",
+    ]);
     s.ok(&["create", "image", "node", "node", "--wait"]);
     let code = s.dir.path().join("where.js");
     std::fs::write(

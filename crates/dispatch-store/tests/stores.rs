@@ -451,7 +451,7 @@ fn pagination_returns_every_run_once_and_windows_by_time<S: Store>(s: &S) {
 }
 
 #[test]
-fn listing_runs_uses_an_index_for_each_filter() {
+fn listing_and_pruning_runs_use_an_index() {
     let (_d, s) = store();
     for filter in [
         RunFilter {
@@ -500,6 +500,20 @@ fn listing_runs_uses_an_index_for_each_filter() {
         plan.contains("runs_by_namespace") && !plan.contains("TEMP B-TREE"),
         "{plan}"
     );
+    // Pruning by age, count and bytes reads an index in order (the primary key's range,
+    // runs_by_function, runs_by_namespace), never the whole table or a sort.
+    let plans = s.prune_plans().unwrap();
+    for (plan, index) in plans.iter().zip([
+        "sqlite_autoindex_runs_1",
+        "runs_by_function",
+        "runs_by_namespace",
+    ]) {
+        assert!(plan.contains(index), "{plan}");
+        assert!(
+            !plan.contains("SCAN") && !plan.contains("TEMP B-TREE"),
+            "{plan}"
+        );
+    }
 }
 
 /// `dispatch runs purge` is how an operator makes room on a full disk (the fault matrix's

@@ -566,7 +566,10 @@ impl ImageRegistry {
                 }
             }
         }
-        let env = ["PATH=/usr/bin:/bin".to_string(), format!("PYTHON_VERSION={xy}")];
+        let env = [
+            "PATH=/usr/bin:/bin".to_string(),
+            format!("PYTHON_VERSION={xy}"),
+        ];
         self.push_host_image(root, &libs, ("python", "3"), &env, "python3")
     }
 

@@ -34,6 +34,15 @@ pub(super) fn count(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
 }
 
 /// One step of retention inside `tx` (the caller commits): see [`crate::RecordStore::prune_runs`].
+/// The oldest finished runs created before ?1 (ids are ULIDs: a range of the primary key).
+const PRUNE_BY_AGE: &str = "SELECT id FROM runs WHERE id < ?1 AND finished_ms IS NOT NULL LIMIT ?2";
+/// A function's oldest finished runs.
+const PRUNE_BY_COUNT: &str = "SELECT id FROM runs WHERE namespace = ?1 AND function = ?2
+    AND finished_ms IS NOT NULL ORDER BY id LIMIT ?3";
+/// A namespace's oldest finished runs, with their sizes.
+const PRUNE_BY_BYTES: &str = "SELECT id, bytes FROM runs WHERE namespace = ?1
+    AND finished_ms IS NOT NULL ORDER BY id LIMIT ?2";
+
 pub(super) fn prune(
     tx: &rusqlite::Transaction<'_>,
     rules: &Retention,
@@ -44,8 +53,7 @@ pub(super) fn prune(
     // Age: ids are ULIDs, so "created before" is a range of the primary key.
     left -= usage.delete(
         tx,
-        "DELETE FROM runs WHERE id IN (
-               SELECT id FROM runs WHERE id < ?1 AND finished_ms IS NOT NULL LIMIT ?2)",
+        &format!("DELETE FROM runs WHERE id IN ({PRUNE_BY_AGE})"),
         params![crate::shared::id_at(rules.created_before), left],
     )? as i64;
     usage.apply(tx)?;
@@ -79,9 +87,7 @@ pub(super) fn prune(
         };
         let n = usage.delete(
             tx,
-            "DELETE FROM runs WHERE id IN (
-                   SELECT id FROM runs WHERE namespace = ?1 AND function = ?2
-                     AND finished_ms IS NOT NULL ORDER BY id LIMIT ?3)",
+            &format!("DELETE FROM runs WHERE id IN ({PRUNE_BY_COUNT})"),
             params![ns, function, excess.min(left)],
         )? as i64;
         usage.apply(tx)?;
@@ -110,10 +116,7 @@ pub(super) fn prune(
                 break;
             };
             let oldest: Vec<(String, i64)> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT id, bytes FROM runs WHERE namespace = ?1
-                           AND finished_ms IS NOT NULL ORDER BY id LIMIT ?2",
-                )?;
+                let mut stmt = tx.prepare_cached(PRUNE_BY_BYTES)?;
                 stmt.query_map(params![ns, left], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?
             };
@@ -269,6 +272,25 @@ pub(super) fn list_runs_sql(
     (sql, args)
 }
 impl SqliteStore {
+    /// SQLite's plans for the prune's three reads (by age, count, bytes), one line per step
+    /// each: the tests check that pruning never scans or sorts the runs table.
+    pub fn prune_plans(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut plans = Vec::new();
+        for (sql, args) in [
+            (PRUNE_BY_AGE, vec!["01K", "1"]),
+            (PRUNE_BY_COUNT, vec!["default", "f", "1"]),
+            (PRUNE_BY_BYTES, vec!["default", "1"]),
+        ] {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?;
+            let steps: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+            plans.push(steps.join("; "));
+        }
+        Ok(plans)
+    }
+
     /// SQLite's plan for `list_runs` with `filter` (`EXPLAIN QUERY PLAN`, one line per step):
     /// the tests check that listing never scans the runs table.
     pub fn list_runs_plan(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<String>> {
