@@ -164,8 +164,14 @@ pub struct Collected {
 /// Largest image (its compressed layers) pulled by default (`--max-image-size`).
 pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 4 << 30;
 
+/// How long a registry may send nothing before its pull fails: a stalled registry would
+/// otherwise hold every pull of the server behind it (one pull at a time).
+pub const PULL_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Images {
     dir: PathBuf,
+    /// How long a registry may send nothing ([`PULL_STALL`]).
+    stall: std::time::Duration,
     /// Largest image pulled (compressed layers); a bigger one is refused before any download.
     max_bytes: u64,
     registry: Registry,
@@ -244,8 +250,15 @@ impl Images {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+        // Partial downloads too.
+        for e in std::fs::read_dir(dir.join("blobs/sha256"))?.flatten() {
+            if e.file_name().to_string_lossy().contains(".partial-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Images {
             dir,
+            stall: PULL_STALL,
             max_bytes: DEFAULT_MAX_IMAGE_BYTES,
             registry: Registry::new(options),
             mirror,
@@ -355,13 +368,24 @@ impl Images {
         let source = self.source(image)?;
         let auth = self.registry.auth_for(&source);
         let client = self.registry.client();
-        let pulled = client
-            .pull_manifest_and_config(&source, &auth)
-            .await
-            .map_err(Registry::err(
-                &source,
-                format!("reading the manifest of {image}"),
-            ));
+        let pulled =
+            match tokio::time::timeout(self.stall, client.pull_manifest_and_config(&source, &auth))
+                .await
+            {
+                Ok(r) => r.map_err(|e| {
+                    ImageError::from(Registry::err(
+                        &source,
+                        format!("reading the manifest of {image}"),
+                    )(e))
+                }),
+                Err(_) => Err(ImageError::Invalid {
+                    image: image.to_string(),
+                    reason: format!(
+                        "its registry answered nothing for {}s while its manifest was read",
+                        self.stall.as_secs()
+                    ),
+                }),
+            };
         let (manifest, digest, config) = match pulled {
             Ok(p) => p,
             Err(e) => {
@@ -372,7 +396,7 @@ impl Images {
                     ));
                     return self.ready(&d, image);
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         hex_of(&digest).map_err(|reason| ImageError::Invalid {
@@ -493,15 +517,39 @@ impl Images {
         let mut file = tokio::fs::File::create(&tmp).await?;
         let (mut got, mut told) = (0u64, 0u64);
         let mut hash = Sha256::new();
-        while let Some(chunk) = stream.next().await {
+        // More than the manifest says (what --max-image-size was checked against) is refused
+        // as it arrives; so is a registry that stops sending.
+        let declared = u64::try_from(layer.size).ok().filter(|n| *n > 0);
+        loop {
+            let failed = |reason: String| ImageError::Invalid {
+                image: source.to_string(),
+                reason,
+            };
+            let chunk = match tokio::time::timeout(self.stall, stream.next()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(c))) => Ok(c),
+                Ok(Some(Err(e))) => Err(failed(format!("reading layer {}: {e}", layer.digest))),
+                Err(_) => Err(failed(format!(
+                    "its registry sent nothing of layer {} for {}s",
+                    layer.digest,
+                    self.stall.as_secs()
+                ))),
+            };
+            let chunk = match chunk {
+                Ok(c) if declared.is_some_and(|n| got + c.len() as u64 > n) => {
+                    Err(failed(format!(
+                        "layer {} is larger than the {} bytes its manifest says",
+                        layer.digest, layer.size
+                    )))
+                }
+                other => other,
+            };
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
+                    drop(file);
                     let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(ImageError::Invalid {
-                        image: source.to_string(),
-                        reason: format!("reading layer {}: {e}", layer.digest),
-                    });
+                    return Err(e);
                 }
             };
             hash.update(&chunk);
@@ -680,4 +728,152 @@ fn unpack_all(
     }
     std::fs::rename(tmp, rootfs)?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::oci::sha256;
+
+    /// How a hostile registry sends its one layer.
+    #[derive(Clone, Copy)]
+    enum Layer {
+        /// Ten times the size its manifest declares.
+        Bigger,
+        /// A few bytes, then nothing, the connection held open.
+        Stalls,
+    }
+
+    /// A registry on a free port serving `evil:1` (one layer of 1000 declared bytes) whose
+    /// layer arrives as `layer` says.
+    async fn hostile_registry(layer: Layer) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let blob = vec![7u8; 1000];
+        let blob_digest = sha256(&blob);
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [sha256(b"x")]}
+        })
+        .to_string();
+        let config_digest = sha256(config.as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": blob_digest, "size": blob.len()}]
+        })
+        .to_string();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let (manifest, config, blob_digest) =
+                    (manifest.clone(), config.clone(), blob_digest.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = conn.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let reply = |kind: &str, body: &[u8]| {
+                        let mut r = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nDocker-Content-Digest: {}\r\n\r\n",
+                            body.len(),
+                            sha256(body)
+                        )
+                        .into_bytes();
+                        r.extend_from_slice(body);
+                        r
+                    };
+                    if path.ends_with("/manifests/1") {
+                        let r = reply(
+                            "application/vnd.oci.image.manifest.v1+json",
+                            manifest.as_bytes(),
+                        );
+                        let _ = conn.write_all(&r).await;
+                    } else if path.ends_with(&format!("/blobs/{blob_digest}")) {
+                        match layer {
+                            Layer::Bigger => {
+                                let big = vec![7u8; 10_000];
+                                let _ = conn
+                                    .write_all(&reply("application/octet-stream", &big))
+                                    .await;
+                            }
+                            Layer::Stalls => {
+                                let _ = conn
+                                    .write_all(
+                                        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc",
+                                    )
+                                    .await;
+                                // Held open, nothing more.
+                                let _ = conn.read(&mut buf).await;
+                            }
+                        }
+                    } else if path.contains("/blobs/") {
+                        let _ = conn
+                            .write_all(&reply("application/octet-stream", config.as_bytes()))
+                            .await;
+                    } else {
+                        let _ = conn.write_all(&reply("application/json", b"{}")).await;
+                    }
+                });
+            }
+        });
+        host
+    }
+
+    async fn pull(layer: Layer) -> (String, tempfile::TempDir) {
+        let host = hostile_registry(layer).await;
+        let dir = tempfile::tempdir().unwrap();
+        let options = RegistryOptions {
+            insecure: vec![host.clone()],
+            ..Default::default()
+        };
+        let mut images = Images::open(dir.path(), options, None).unwrap();
+        images.stall = Duration::from_secs(1);
+        let err = images
+            .ensure(&format!("{host}/evil:1"), PullPolicy::Always, &|_| {})
+            .await
+            .err()
+            .expect("the pull fails");
+        (err.to_string(), dir)
+    }
+
+    fn nothing_left(dir: &Path) {
+        let blobs: Vec<_> = std::fs::read_dir(dir.join("images/blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(blobs.is_empty(), "left behind: {blobs:?}");
+    }
+
+    #[tokio::test]
+    async fn a_layer_bigger_than_its_manifest_says_is_refused_as_it_arrives() {
+        let (err, dir) = pull(Layer::Bigger).await;
+        assert!(
+            err.contains("larger than the 1000 bytes its manifest says"),
+            "{err}"
+        );
+        nothing_left(dir.path());
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_stops_sending_fails_the_pull() {
+        let (err, dir) = pull(Layer::Stalls).await;
+        assert!(err.contains("sent nothing of layer"), "{err}");
+        nothing_left(dir.path());
+    }
 }
