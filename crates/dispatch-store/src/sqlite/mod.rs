@@ -104,6 +104,9 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement of the write, prune and listing paths stays prepared (rusqlite's
+        // default keeps 16, fewer than the statements one connection uses).
+        conn.set_prepared_statement_cache_capacity(64);
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),

@@ -236,7 +236,10 @@ impl Usage {
         for ((ns, f), (runs, finished, bytes)) in self.0.drain() {
             up.execute(params![ns, f, runs, finished, bytes])?;
         }
-        tx.execute("DELETE FROM run_usage WHERE runs <= 0", [])?;
+        // Cached: this runs with every batch of records (a plain `execute` parsed it each time,
+        // ~1 % of a server's CPU under a sustained load of recorded calls).
+        tx.prepare_cached("DELETE FROM run_usage WHERE runs <= 0")?
+            .execute([])?;
         Ok(())
     }
 }
