@@ -110,7 +110,12 @@ async fn try_set_state(
     let Some(o) = state.get(&n, Kind::EventDriver, &m).await? else {
         return Ok(());
     };
-    if o.status.phase == Some(phase) && o.status.reason == reason {
+    // The generation too: the controller leaves a broker driver's status to this task, so a
+    // changed spec is observed when its new task reports.
+    if o.status.phase == Some(phase)
+        && o.status.reason == reason
+        && o.status.observed_generation == o.metadata.generation
+    {
         return Ok(());
     }
     let st = Status {

@@ -196,6 +196,19 @@ where
     }
 }
 
+/// The status the controller writes for a subscription or an event driver: READY, except for
+/// a broker driver, whose connection task alone writes its status (CONNECTED/ERROR and the
+/// generation it runs, `brokers::set_state`). The controller once wrote the generation into
+/// the status it had read; the API starts a driver before the controller runs, so a quick
+/// CONNECTED written in between was replaced by the older status and the driver showed no
+/// phase for good (the broker tests' rare "never CONNECTED").
+fn event_object_status(o: &Object) -> Option<Status> {
+    let broker = o.kind == Kind::EventDriver
+        && o.typed_spec::<dispatch_core::events::EventDriverSpec>()
+            .is_ok_and(|s| s.is_broker());
+    (!broker).then(|| status(Phase::Ready, "", None, o))
+}
+
 /// Sets the phase to CREATING (keeping the old digest) unless the object is already there.
 async fn mark_creating(state: &AppState, o: &Object, reason: &str) -> Result<(), ReconcileError> {
     let s = status(Phase::Creating, reason, o.status.digest.clone(), o);
@@ -450,25 +463,44 @@ async fn reconcile_secret(state: &AppState, key: &Key) -> Result<(), ReconcileEr
 /// cron scheduler pick them up.
 async fn reconcile_event_object(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     // The status first, the index (which wakes the brokers' supervisor and the cron
-    // scheduler) after: a driver started by the rebuild writes CONNECTED, and the cron
-    // scheduler its next fire, into a status this write would otherwise replace with the one
-    // read before (a broker driver stayed without a phase when its connection was quick).
-    if let Some(o) = state.get(&key.namespace, key.kind, &key.name).await? {
-        let broker = o.kind == Kind::EventDriver
-            && o.typed_spec::<dispatch_core::events::EventDriverSpec>()
-                .is_ok_and(|s| s.is_broker());
-        let st = if broker {
-            // Its connection task owns the phase (CONNECTED/ERROR, brokers.rs): only the
-            // generation is observed here, or a READY would hide the connection's state.
-            Status {
-                observed_generation: o.metadata.generation,
-                ..o.status.clone()
-            }
-        } else {
-            status(Phase::Ready, "", None, &o)
-        };
+    // scheduler) after: the cron scheduler writes its next fire into a status this write
+    // would otherwise replace with the one read before.
+    if let Some(o) = state.get(&key.namespace, key.kind, &key.name).await?
+        && let Some(st) = event_object_status(&o)
+    {
         set_status(state, &o, st).await?;
     }
     crate::events::rebuild(state).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use dispatch_core::{Kind, Object, Phase};
+    use serde_json::json;
+
+    use super::event_object_status;
+
+    /// The controller leaves a broker driver's status to its connection task: whatever it
+    /// writes (even the generation alone) is a read-modify-write that can undo a CONNECTED.
+    #[test]
+    fn the_controller_never_writes_a_broker_drivers_status() {
+        let mut mqtt = Object::new(
+            Kind::EventDriver,
+            "default",
+            "bus",
+            json!({"type": "mqtt", "function": "sink", "config": {"url": "mqtt://127.0.0.1:1883", "topic": "t"}}),
+        );
+        mqtt.validate().unwrap();
+        assert_eq!(event_object_status(&mqtt), None);
+        let mut cron = Object::new(
+            Kind::EventDriver,
+            "default",
+            "tick",
+            json!({"type": "cron", "schedule": "* * * * *", "function": "sink"}),
+        );
+        cron.validate().unwrap();
+        let st = event_object_status(&cron).expect("a cron driver is READY");
+        assert_eq!(st.phase, Some(Phase::Ready));
+    }
 }
