@@ -746,6 +746,8 @@ mod tests {
         Bigger,
         /// A few bytes, then nothing, the connection held open.
         Stalls,
+        /// The manifest itself never comes (the request is read, then nothing).
+        NoManifest,
     }
 
     /// A registry on a free port serving `evil:1` (one layer of 1000 declared bytes) whose
@@ -797,7 +799,9 @@ mod tests {
                         r.extend_from_slice(body);
                         r
                     };
-                    if path.ends_with("/manifests/1") {
+                    if path.ends_with("/manifests/1") && matches!(layer, Layer::NoManifest) {
+                        let _ = conn.read(&mut buf).await;
+                    } else if path.ends_with("/manifests/1") {
                         let r = reply(
                             "application/vnd.oci.image.manifest.v1+json",
                             manifest.as_bytes(),
@@ -811,7 +815,7 @@ mod tests {
                                     .write_all(&reply("application/octet-stream", &big))
                                     .await;
                             }
-                            Layer::Stalls => {
+                            Layer::Stalls | Layer::NoManifest => {
                                 let _ = conn
                                     .write_all(
                                         b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc",
@@ -874,6 +878,12 @@ mod tests {
     async fn a_registry_that_stops_sending_fails_the_pull() {
         let (err, dir) = pull(Layer::Stalls).await;
         assert!(err.contains("sent nothing of layer"), "{err}");
+        nothing_left(dir.path());
+        let (err, dir) = pull(Layer::NoManifest).await;
+        assert!(
+            err.contains("answered nothing for 1s while its manifest was read"),
+            "{err}"
+        );
         nothing_left(dir.path());
     }
 }
