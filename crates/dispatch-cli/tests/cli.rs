@@ -2023,3 +2023,105 @@ fn shutdown_goes_unready_before_it_stops() {
         "the second signal did not wait out the delay"
     );
 }
+
+/// Versions and rollback (issue 23, its first part): a version for each build with a new
+/// digest and none for a change that builds the same; `gc` keeps what versions name; a
+/// rollback serves the earlier build on the next call and makes no version; a deleted function
+/// made again starts at 1.
+#[test]
+fn versions_are_kept_and_rollback_serves_an_earlier_build() {
+    let s = ServerProc::start();
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let code = |text: &str| {
+        let p = s.dir.path().join(format!("{text}/v.py"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(
+            &p,
+            format!("def handle(context, payload):\n    return {text:?}\n"),
+        )
+        .unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let says = || {
+        let (ok, out) = s.exec("f", "null");
+        assert!(ok, "{out}");
+        out["payload"].as_str().unwrap_or_default().to_string()
+    };
+    let numbers = || -> Vec<u64> {
+        let v = s.json(&["get", "versions", "f", "-o", "json"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_u64().unwrap())
+            .collect()
+    };
+    s.ok(&[
+        "create",
+        "function",
+        "f",
+        &code("one"),
+        "--image",
+        "py",
+        "--handler",
+        "v.handle",
+        "--wait",
+    ]);
+    assert_eq!(says(), "one");
+    s.ok(&["update", "function", "f", &code("two"), "--wait"]);
+    assert_eq!(says(), "two");
+    // The same code again builds the same: no version.
+    s.ok(&["update", "function", "f", &code("two"), "--wait"]);
+    s.ok(&["update", "function", "f", &code("three"), "--wait"]);
+    assert_eq!(says(), "three");
+    assert_eq!(numbers(), [3, 2, 1]);
+    let table = s.ok(&["get", "versions", "f"]);
+    let row = |n: char| {
+        table
+            .lines()
+            .find(|l| l.trim_start().starts_with(n))
+            .unwrap_or_default()
+            .trim_end()
+            .to_string()
+    };
+    assert!(
+        table.trim_start().starts_with("VERSION")
+            && row('3').ends_with('*')
+            && !row('2').ends_with('*'),
+        "the serving version is marked: {table}"
+    );
+    // What versions name survives a gc with no grace.
+    s.ok(&["gc", "--grace", "0s"]);
+
+    let out = s.ok(&["rollback", "f", "--wait"]);
+    assert!(out.contains("rolled back to version 2"), "{out}");
+    assert_eq!(says(), "two");
+    s.ok(&["rollback", "f", "--wait"]);
+    assert_eq!(says(), "one");
+    let e = s.fails(&["rollback", "f"]);
+    assert!(e.contains("no version before 1"), "{e}");
+    s.ok(&["rollback", "f", "--to", "3", "--wait"]);
+    assert_eq!(says(), "three");
+    assert_eq!(numbers(), [3, 2, 1], "a rollback makes no version");
+    let e = s.fails(&["rollback", "f", "--to", "9"]);
+    assert!(
+        e.contains("no version 9") && e.contains("dispatch get versions f"),
+        "{e}"
+    );
+    let e = s.fails(&["get", "versions", "nope"]);
+    assert!(e.contains("not found"), "{e}");
+
+    s.ok(&["delete", "function", "f"]);
+    s.ok(&[
+        "create",
+        "function",
+        "f",
+        &code("four"),
+        "--image",
+        "py",
+        "--handler",
+        "v.handle",
+        "--wait",
+    ]);
+    assert_eq!(numbers(), [1]);
+    assert_eq!(says(), "four");
+}

@@ -376,6 +376,24 @@ impl Client {
         self.json(self.request(Method::DELETE, &url), &url).await
     }
 
+    /// A function's versions, newest first.
+    pub async fn versions(&self, function: &str) -> Result<Vec<serde_json::Value>> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{function}/versions"));
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Writes version `to` (default: the one before the version serving) back as the
+    /// function's spec: `{"version", "digest", "function"}`.
+    pub async fn rollback(&self, function: &str, to: Option<u32>) -> Result<serde_json::Value> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{function}/rollback"));
+        let body = match to {
+            Some(n) => serde_json::json!({ "to": n }),
+            None => serde_json::json!({}),
+        };
+        self.json(self.request(Method::POST, &url).json(&body), &url)
+            .await
+    }
+
     /// The container tier's pulled images (cluster admins).
     pub async fn pulled_images(&self) -> Result<Vec<serde_json::Value>> {
         let url = format!("{}/v1/pulled-images", self.base);

@@ -21,6 +21,7 @@ pub mod quantity;
 pub mod references;
 pub mod resource;
 pub mod run;
+pub mod versions;
 pub mod views;
 
 pub use envelope::{Envelope, ErrorObject, ErrorType, Logs};

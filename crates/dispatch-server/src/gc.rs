@@ -58,6 +58,26 @@ pub async fn collect(
         }
     }
     keep.functions.extend(state.deployed_digests());
+    // What a rollback returns to: every kept version's source and build.
+    let names: Vec<(String, String)> = functions
+        .iter()
+        .map(|f| (f.namespace().to_string(), f.name().to_string()))
+        .collect();
+    let versions = state
+        .db(move |s| {
+            let mut all = Vec::new();
+            for (ns, name) in &names {
+                all.extend(s.list_versions(ns, name)?);
+            }
+            Ok(all)
+        })
+        .await?;
+    for v in versions {
+        if let Some(src) = v.spec["source"].as_str() {
+            sources.insert(src.to_string());
+        }
+        keep.functions.insert(v.digest);
+    }
     for i in &images {
         if let Some(d) = &i.status.digest {
             keep.images.insert(d.clone());

@@ -101,6 +101,8 @@ pub async fn forget(
             stop_function(state, ns, name).await;
             state.recorder.flush().await;
             state.delete_runs_of(ns, name).await?;
+            let (n, m) = (ns.to_string(), name.to_string());
+            state.db(move |s| s.delete_versions_of(&n, &m)).await?;
         }
         Kind::Endpoint => state.set_route(ns, name, None),
         Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,

@@ -18,6 +18,7 @@ mod sqlite;
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
 use dispatch_core::events::{DeliveryState, StoredEvent};
+use dispatch_core::versions::FunctionVersion;
 use dispatch_core::{JobExecution, Kind, Object, Run, RunStatus, Status};
 
 pub use blobs::{BlobInfo, BlobStore};
@@ -528,6 +529,17 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Deletes every run of a function (deleting a function deletes its runs).
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64>;
+
+    /// Records `v` as its function's next version unless a version with its digest exists
+    /// (a rollback, a restart's redeploy); returns the number of the version with that digest.
+    /// Keeps the newest `keep` versions and that one; numbers are never given twice.
+    fn record_version(&self, v: &FunctionVersion, keep: usize) -> Result<u32>;
+
+    /// A function's versions, newest first.
+    fn list_versions(&self, namespace: &str, function: &str) -> Result<Vec<FunctionVersion>>;
+
+    /// Deletes a function's versions (deleting a function deletes them).
+    fn delete_versions_of(&self, namespace: &str, function: &str) -> Result<()>;
 
     /// Deletes every record of a namespace: runs, job executions, events and deliveries,
     /// drivers' cursors and cron state (a deleted namespace's).

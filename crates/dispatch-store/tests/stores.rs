@@ -826,6 +826,69 @@ fn a_run_twice_in_one_batch_keeps_its_last_state<S: Store>(s: &S) {
     assert_eq!(usage(s), (2, 2, size(&again) + size(&other)));
 }
 
+/// Function versions: numbered once per digest (the same build again keeps its number), the
+/// newest `keep` kept, numbers never given twice, per function;
+/// deleting a function's or a namespace's records deletes them.
+fn versions_are_numbered_once_per_digest_and_pruned<S: Store>(s: &S) {
+    use dispatch_core::versions::FunctionVersion;
+    let v = |function: &str, digest: &str| FunctionVersion {
+        namespace: "default".into(),
+        function: function.into(),
+        version: 0,
+        digest: digest.into(),
+        spec: json!({"image": "py", "source": digest}),
+        generation: Some(1),
+        created_at: jiff::Timestamp::now(),
+    };
+    let record = |d: &str| s.record_version(&v("hello", d), 3).unwrap();
+    assert_eq!(record("sha256:a"), 1);
+    assert_eq!(record("sha256:b"), 2);
+    assert_eq!(
+        record("sha256:a"),
+        1,
+        "a build seen before keeps its number"
+    );
+    assert_eq!(record("sha256:c"), 3);
+    assert_eq!(record("sha256:d"), 4);
+    let listed = |f: &str| -> Vec<(u32, String)> {
+        s.list_versions("default", f)
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.version, v.digest))
+            .collect()
+    };
+    let want = |pairs: &[(u32, &str)]| -> Vec<(u32, String)> {
+        pairs.iter().map(|(n, d)| (*n, d.to_string())).collect()
+    };
+    assert_eq!(
+        listed("hello"),
+        want(&[(4, "sha256:d"), (3, "sha256:c"), (2, "sha256:b")])
+    );
+    let newest = &s.list_versions("default", "hello").unwrap()[0];
+    assert_eq!(
+        (newest.spec["source"].as_str(), newest.generation),
+        (Some("sha256:d"), Some(1))
+    );
+    // Version 2 deployed again (a rollback to it): its number, nothing removed or added.
+    assert_eq!(record("sha256:b"), 2);
+    assert_eq!(listed("hello").len(), 3);
+    assert_eq!(record("sha256:e"), 5);
+    assert_eq!(
+        listed("hello"),
+        want(&[(5, "sha256:e"), (4, "sha256:d"), (3, "sha256:c")])
+    );
+    // A build whose version was removed is a new version: numbers are not given again.
+    assert_eq!(record("sha256:a"), 6);
+    // Another function's versions are its own.
+    assert_eq!(s.record_version(&v("bye", "sha256:a"), 3).unwrap(), 1);
+    s.delete_versions_of("default", "hello").unwrap();
+    assert!(listed("hello").is_empty());
+    assert_eq!(record("sha256:z"), 1, "a function made again starts at 1");
+    assert_eq!(listed("bye"), want(&[(1, "sha256:a")]));
+    s.delete_records_of("default").unwrap();
+    assert!(listed("bye").is_empty() && listed("hello").is_empty());
+}
+
 /// Each check of the contract, run on SQLite (a test each) and on PostgreSQL (one test: one
 /// server, a fresh database per check).
 macro_rules! contract {
@@ -864,6 +927,7 @@ contract!(
     events_are_stored_with_their_deliveries_and_runs_in_one_transaction,
     records_of_every_kind,
     a_run_twice_in_one_batch_keeps_its_last_state,
+    versions_are_numbered_once_per_digest_and_pruned,
 );
 
 /// PostgreSQL: servers starting together on one database migrate it once; what is stored is

@@ -39,6 +39,7 @@ impl Cancel {
             | Target::Audit
             | Target::Namespaces
             | Target::PulledImages
+            | Target::Versions
             | Target::Events => bail!(
                 "runs and job executions are cancelled: dispatch cancel run ID | jobexecution UUID"
             ),

@@ -139,6 +139,14 @@ async fn names_of(c: &dispatch_client::Client, kind: &str) -> Option<Vec<String>
             .collect(),
         Target::Tokens => field(c.list_tokens().await.ok()?, "name"),
         Target::Namespaces => field(c.list_namespaces().await.ok()?, "name"),
+        // `get versions FUNCTION` completes a function's name.
+        Target::Versions => c
+            .list(dispatch_core::Kind::Function)
+            .await
+            .ok()?
+            .into_iter()
+            .map(|o| o.metadata.name)
+            .collect(),
         Target::PulledImages => c
             .pulled_images()
             .await

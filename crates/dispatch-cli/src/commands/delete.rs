@@ -100,6 +100,9 @@ impl Delete {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            Target::Versions => bail!(
+                "a function's versions go with it, or as newer ones come (the newest 10 are kept); `dispatch rollback FUNCTION --to N` returns to one"
+            ),
             Target::PulledImages => bail!(
                 "pulled images go with `dispatch gc` (those unused for its --grace, default 1h; by itself the server collects those unused for a day)"
             ),

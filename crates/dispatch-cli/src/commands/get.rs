@@ -246,6 +246,51 @@ impl Get {
                     f => print_structured(&tokens, f)?,
                 }
             }
+            Target::Versions => {
+                let Some(function) = &self.name else {
+                    anyhow::bail!(
+                        "say whose versions: dispatch get versions FUNCTION (dispatch get functions lists them)"
+                    );
+                };
+                let versions = c.versions(function).await?;
+                let serving = c
+                    .get(dispatch_core::Kind::Function, function)
+                    .await
+                    .ok()
+                    .and_then(|f| f.status.digest);
+                match self.output {
+                    Format::Table | Format::Wide => {
+                        let short = |d: &str| -> String {
+                            d.trim_start_matches("sha256:").chars().take(12).collect()
+                        };
+                        let rows: Vec<Vec<String>> = versions
+                            .iter()
+                            .map(|v| {
+                                let digest = v["digest"].as_str().unwrap_or("");
+                                vec![
+                                    v["version"].to_string(),
+                                    short(digest),
+                                    short(v["spec"]["source"].as_str().unwrap_or("")),
+                                    date_of(v["createdAt"].as_str().unwrap_or("")),
+                                    if serving.as_deref() == Some(digest) {
+                                        "*".into()
+                                    } else {
+                                        String::new()
+                                    },
+                                ]
+                            })
+                            .collect();
+                        print!(
+                            "{}",
+                            table(
+                                &["VERSION", "DIGEST", "SOURCE", "CREATED", "SERVING"],
+                                &rows
+                            )
+                        )
+                    }
+                    f => print_structured(&versions, f)?,
+                }
+            }
             Target::PulledImages => {
                 let images = c.pulled_images().await?;
                 let images: Vec<_> = match &self.name {

@@ -55,6 +55,7 @@ impl Logs {
             | Target::Audit
             | Target::Namespaces
             | Target::PulledImages
+            | Target::Versions
             | Target::Events => bail!(
                 "logs are kept for runs, job executions and image builds: dispatch logs run ID | jobexecution UUID | image NAME"
             ),

@@ -21,6 +21,7 @@ pub mod login;
 pub mod logs;
 pub mod quickstart;
 pub mod redeliver;
+pub mod rollback;
 pub mod runner;
 pub mod runs;
 pub mod server;
@@ -48,12 +49,14 @@ pub enum Target {
     Namespaces,
     Events,
     PulledImages,
+    /// A function's versions (`get versions FUNCTION`).
+    Versions,
 }
 
 /// The kinds `get` takes, as its help and errors name them (a test keeps them whole).
 pub const GET_KINDS: &str = "base-image, image, function, endpoint (api), secret, jobtemplate, \
-subscription, eventdriver, run, jobexecution, event, token, namespace, audit or pulled-image \
-(singular or plural)";
+subscription, eventdriver, run, jobexecution, event, token, namespace, audit, pulled-image or \
+versions FUNCTION (singular or plural)";
 
 /// The kinds `delete KIND NAME` takes.
 pub const DELETE_KINDS: &str = "base-image, image, function, endpoint (api), secret, \
@@ -85,6 +88,9 @@ pub fn parse_target(s: &str) -> Result<Target> {
     }
     if matches!(norm.as_str(), "pulledimage" | "pulledimages") {
         return Ok(Target::PulledImages);
+    }
+    if matches!(norm.as_str(), "version" | "versions") {
+        return Ok(Target::Versions);
     }
     Kind::parse(s)
         .map(Target::Resource)

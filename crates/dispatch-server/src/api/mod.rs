@@ -7,6 +7,7 @@ mod namespaces;
 pub(crate) mod resources;
 mod runs;
 mod tokens;
+mod versions;
 
 pub use runs::accepted;
 
@@ -103,6 +104,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             &format!("{ns}/functions/{{name}}/queue"),
             get(runs::function_queue),
+        )
+        .route(
+            &format!("{ns}/functions/{{name}}/versions"),
+            get(versions::list),
+        )
+        .route(
+            &format!("{ns}/functions/{{name}}/rollback"),
+            post(versions::rollback),
         )
         .route(
             &format!("{ns}/functions/{{name}}/runs"),

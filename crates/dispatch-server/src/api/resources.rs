@@ -245,7 +245,7 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
 
 /// Replaces a stored resource; a `dry_run` checks and normalizes it the same way, and
 /// answers what would be stored without storing it.
-async fn replace(
+pub(super) async fn replace(
     state: &Arc<AppState>,
     ns: &str,
     kind: Kind,

@@ -384,6 +384,21 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
                     history: spec.history_policy(),
                 }),
             );
+            // A build with a new digest is the function's next version (issue 23); the same
+            // build again (a restart, a rollback) keeps its number.
+            let version = dispatch_core::versions::FunctionVersion {
+                namespace: o.namespace().to_string(),
+                function: o.name().to_string(),
+                version: 0,
+                digest: d.clone(),
+                spec: o.spec.clone(),
+                generation: o.metadata.generation,
+                created_at: jiff::Timestamp::now(),
+            };
+            let keep = dispatch_core::versions::KEEP_VERSIONS;
+            if let Err(e) = state.db(move |s| s.record_version(&version, keep)).await {
+                tracing::warn!(function = %o.name(), namespace = %o.namespace(), "recording the function's version: {e}");
+            }
             let mut ready = status(Phase::Ready, "", Some(d), &o);
             ready.image = image;
             set_status(state, &o, ready).await

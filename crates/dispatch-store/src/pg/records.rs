@@ -3,6 +3,7 @@
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
 use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
+use dispatch_core::versions::FunctionVersion;
 use dispatch_core::{JobExecution, Run, RunStatus};
 use jiff::Timestamp;
 use postgres::GenericClient;
@@ -548,6 +549,80 @@ impl RecordStore for PgStore {
         )
     }
 
+    fn record_version(&self, v: &FunctionVersion, keep: usize) -> Result<u32> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        let (ns, f) = (v.namespace.as_str(), v.function.as_str());
+        // Servers that share the database record the same build: one at a time per function.
+        let lock = format!("function-versions/{ns}/{f}");
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock])?;
+        let known = tx.query_opt(
+            "SELECT version FROM function_versions
+             WHERE namespace = $1 AND function = $2 AND digest = $3",
+            &[&ns, &f, &v.digest],
+        )?;
+        let n: i64 = match known {
+            Some(row) => row.get(0),
+            None => {
+                // Numbers are never reused: the next is one past the highest ever given.
+                let next: i64 = tx
+                    .query_one(
+                        "SELECT COALESCE(MAX(last), 0) + 1 FROM function_version_counters
+                         WHERE namespace = $1 AND function = $2",
+                        &[&ns, &f],
+                    )?
+                    .get(0);
+                let body = serde_json::to_string(&FunctionVersion {
+                    version: next as u32,
+                    ..v.clone()
+                })?;
+                tx.execute(
+                    "INSERT INTO function_versions (namespace, function, version, digest, body)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&ns, &f, &next, &v.digest, &body],
+                )?;
+                tx.execute(
+                    "INSERT INTO function_version_counters (namespace, function, last)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (namespace, function) DO UPDATE SET last = excluded.last",
+                    &[&ns, &f, &next],
+                )?;
+                next
+            }
+        };
+        // The newest `keep`, and the one this build is.
+        tx.execute(
+            "DELETE FROM function_versions WHERE namespace = $1 AND function = $2
+               AND version <> $3 AND version NOT IN (
+                 SELECT version FROM function_versions WHERE namespace = $1 AND function = $2
+                 ORDER BY version DESC LIMIT $4)",
+            &[&ns, &f, &n, &(keep as i64)],
+        )?;
+        tx.commit()?;
+        Ok(n as u32)
+    }
+
+    fn list_versions(&self, namespace: &str, function: &str) -> Result<Vec<FunctionVersion>> {
+        self.bodies(
+            "SELECT body FROM function_versions WHERE namespace = $1 AND function = $2
+             ORDER BY version DESC",
+            &[&namespace, &function],
+        )
+    }
+
+    fn delete_versions_of(&self, namespace: &str, function: &str) -> Result<()> {
+        let mut conn = self.conn()?;
+        let mut tx = conn.transaction()?;
+        for table in ["function_versions", "function_version_counters"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE namespace = $1 AND function = $2"),
+                &[&namespace, &function],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn delete_records_of(&self, namespace: &str) -> Result<()> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
@@ -560,6 +635,8 @@ impl RecordStore for PgStore {
             "deliveries",
             "driver_cursors",
             "cron_state",
+            "function_versions",
+            "function_version_counters",
         ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE namespace = $1"),

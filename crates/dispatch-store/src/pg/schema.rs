@@ -142,6 +142,25 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 );
 "#,
+    // Function versions (issue 23): one row per build that became READY with a new digest;
+    // the counter keeps numbers from being given twice once old versions are removed.
+    r#"
+CREATE TABLE function_versions (
+    namespace TEXT COLLATE "C" NOT NULL,
+    function TEXT COLLATE "C" NOT NULL,
+    version BIGINT NOT NULL,
+    digest TEXT COLLATE "C" NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (namespace, function, version)
+);
+CREATE INDEX function_versions_by_digest ON function_versions (namespace, function, digest);
+CREATE TABLE function_version_counters (
+    namespace TEXT COLLATE "C" NOT NULL,
+    function TEXT COLLATE "C" NOT NULL,
+    last BIGINT NOT NULL,
+    PRIMARY KEY (namespace, function)
+);
+"#,
 ];
 
 /// Brings the schema up to date in one transaction (see the module docs). A database

@@ -170,6 +170,25 @@ pub(super) const MIGRATIONS: &[M<'static>] = &[
     // counts and budgets go by function and namespace), yet every recorded run and every
     // pruned one updated this index: one b-tree less per sync call's record (issue 26).
     M::up("DROP INDEX IF EXISTS runs_finished;"),
+    // Function versions (issue 23): one row per build that became READY with a new digest;
+    // the counter keeps numbers from being given twice once old versions are removed.
+    M::up(
+        "CREATE TABLE function_versions (
+        namespace TEXT NOT NULL,
+        function TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (namespace, function, version)
+    ) WITHOUT ROWID;
+    CREATE INDEX function_versions_by_digest ON function_versions (namespace, function, digest);
+    CREATE TABLE function_version_counters (
+        namespace TEXT NOT NULL,
+        function TEXT NOT NULL,
+        last INTEGER NOT NULL,
+        PRIMARY KEY (namespace, function)
+    ) WITHOUT ROWID;",
+    ),
 ];
 
 #[cfg(test)]
@@ -210,8 +229,8 @@ mod tests {
         let file = dir.path().join("dispatch.db");
         {
             let mut conn = rusqlite::Connection::open(&file).unwrap();
-            // Up to the one that keys executions by namespace (the last but one).
-            Migrations::from_slice(&MIGRATIONS[..MIGRATIONS.len() - 2])
+            // Up to the one that keys executions by namespace (the third from the end).
+            Migrations::from_slice(&MIGRATIONS[..MIGRATIONS.len() - 3])
                 .to_latest(&mut conn)
                 .unwrap();
             let old = execution("team-a", "nightly", "a");

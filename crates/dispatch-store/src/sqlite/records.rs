@@ -3,6 +3,7 @@
 
 use dispatch_core::auth::{ApiToken, AuditEntry};
 use dispatch_core::events::{Delivery, DeliveryState, StoredEvent};
+use dispatch_core::versions::FunctionVersion;
 use dispatch_core::{JobExecution, Run, RunStatus};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -482,6 +483,79 @@ impl RecordStore for SqliteStore {
         )
     }
 
+    fn record_version(&self, v: &FunctionVersion, keep: usize) -> Result<u32> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let (ns, f) = (v.namespace.as_str(), v.function.as_str());
+        let known: Option<u32> = tx
+            .query_row(
+                "SELECT version FROM function_versions
+                 WHERE namespace = ?1 AND function = ?2 AND digest = ?3",
+                params![ns, f, v.digest],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let n = match known {
+            Some(n) => n,
+            None => {
+                // Numbers are never reused: the next is one past the highest ever given.
+                let next: u32 = tx.query_row(
+                    "SELECT COALESCE(MAX(last), 0) + 1 FROM function_version_counters
+                     WHERE namespace = ?1 AND function = ?2",
+                    params![ns, f],
+                    |r| r.get(0),
+                )?;
+                let body = serde_json::to_string(&FunctionVersion {
+                    version: next,
+                    ..v.clone()
+                })?;
+                tx.execute(
+                    "INSERT INTO function_versions (namespace, function, version, digest, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![ns, f, next, v.digest, body],
+                )?;
+                tx.execute(
+                    "INSERT INTO function_version_counters (namespace, function, last)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (namespace, function) DO UPDATE SET last = excluded.last",
+                    params![ns, f, next],
+                )?;
+                next
+            }
+        };
+        // The newest `keep`, and the one this build is.
+        tx.execute(
+            "DELETE FROM function_versions WHERE namespace = ?1 AND function = ?2
+               AND version <> ?3 AND version NOT IN (
+                 SELECT version FROM function_versions WHERE namespace = ?1 AND function = ?2
+                 ORDER BY version DESC LIMIT ?4)",
+            params![ns, f, n, keep as i64],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn list_versions(&self, namespace: &str, function: &str) -> Result<Vec<FunctionVersion>> {
+        self.bodies(
+            "SELECT body FROM function_versions WHERE namespace = ?1 AND function = ?2
+             ORDER BY version DESC",
+            params![namespace, function],
+        )
+    }
+
+    fn delete_versions_of(&self, namespace: &str, function: &str) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["function_versions", "function_version_counters"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE namespace = ?1 AND function = ?2"),
+                params![namespace, function],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn delete_records_of(&self, namespace: &str) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -493,6 +567,8 @@ impl RecordStore for SqliteStore {
             "deliveries",
             "driver_cursors",
             "cron_state",
+            "function_versions",
+            "function_version_counters",
         ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE namespace = ?1"),

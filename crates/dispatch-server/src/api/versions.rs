@@ -1,0 +1,91 @@
+//! Function versions (issue 23, its first part): `GET …/functions/{name}/versions` lists them,
+//! newest first; `POST …/functions/{name}/rollback` (`{"to": N}`, or nothing: the version
+//! before the one serving) writes that version's spec back, and the controller deploys it —
+//! a build the server still has (gc keeps what versions name), so it is READY at once.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use dispatch_core::versions::FunctionVersion;
+use dispatch_core::{Kind, Object};
+use serde::Deserialize;
+
+use super::check_namespace;
+use crate::error::{ApiError, parse_json};
+use crate::state::AppState;
+
+async fn function(state: &AppState, ns: &str, name: &str) -> Result<Object, ApiError> {
+    state.get(ns, Kind::Function, name).await?.ok_or_else(|| {
+        ApiError::not_found(format!("function {name:?} not found in namespace {ns:?}"))
+    })
+}
+
+async fn versions_of(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<FunctionVersion>, ApiError> {
+    let (n, m) = (ns.to_string(), name.to_string());
+    Ok(state.db(move |s| s.list_versions(&n, &m)).await?)
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Vec<FunctionVersion>>, ApiError> {
+    check_namespace(&ns)?;
+    function(&state, &ns, &name).await?;
+    Ok(Json(versions_of(&state, &ns, &name).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    to: Option<u32>,
+}
+
+pub async fn rollback(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_namespace(&ns)?;
+    let b: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        parse_json(&body, "rollback request (expected {\"to\": N}, or nothing)")?
+    };
+    let f = function(&state, &ns, &name).await?;
+    let versions = versions_of(&state, &ns, &name).await?;
+    let serving = versions
+        .iter()
+        .find(|v| f.status.digest.as_deref() == Some(v.digest.as_str()))
+        .map(|v| v.version);
+    let target = match b.to {
+        Some(n) => versions.iter().find(|v| v.version == n).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "function {name:?} has no version {n}: `dispatch get versions {name}` lists the ones kept"
+            ))
+        })?,
+        None => versions
+            .iter()
+            .find(|v| serving.is_none_or(|s| v.version < s))
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "function {name:?} has no version before {}: nothing to roll back to (`dispatch get versions {name}`)",
+                    serving.map(|s| s.to_string()).unwrap_or_else(|| "this one".into())
+                ))
+            })?,
+    };
+    let mut back = f.clone();
+    back.spec = target.spec.clone();
+    // Refused with 409 if the function changed since it was read.
+    let stored = super::resources::replace(&state, &ns, Kind::Function, &name, back, false).await?;
+    Ok(Json(serde_json::json!({
+        "version": target.version,
+        "digest": target.digest,
+        "function": stored,
+    })))
+}
