@@ -112,6 +112,43 @@ async fn roles_verbs_and_namespaces() {
             json!(null),
             StatusCode::OK,
         ),
+        // A function's versions: viewers read them (404: no such function), rolling back is
+        // a developer's change, and another namespace's token learns nothing.
+        (
+            t("a-view"),
+            "GET",
+            "/v1/namespaces/a/functions/nope/versions".into(),
+            json!(null),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            t("a-view"),
+            "POST",
+            "/v1/namespaces/a/functions/nope/rollback".into(),
+            json!({}),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t("a-dev"),
+            "POST",
+            "/v1/namespaces/a/functions/nope/rollback".into(),
+            json!({"to": 1}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            t("b-dev"),
+            "GET",
+            "/v1/namespaces/a/functions/nope/versions".into(),
+            json!(null),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            t("a-dev"),
+            "POST",
+            "/v1/namespaces/a/functions/nope/rollback".into(),
+            json!({"to": "one"}),
+            StatusCode::BAD_REQUEST,
+        ),
         // developer: creates, updates, deletes, execs in its namespace
         (
             t("a-dev"),
