@@ -128,6 +128,11 @@ impl Pool {
         }
     }
 
+    /// How its workers start.
+    pub fn launcher(&self) -> &Launcher {
+        &self.cfg.launcher
+    }
+
     pub fn digest(&self) -> &str {
         &self.digest
     }

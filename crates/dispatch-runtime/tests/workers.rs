@@ -1040,3 +1040,51 @@ async fn nodejs_base_image_cases() {
     );
     assert!(env["payload"].is_null());
 }
+
+/// The pool a deploy replaced stays warm for the rollback grace (issue 23): deploying its
+/// build again takes it back with its worker — the first call is warm, served by the same
+/// process — and once the grace ends it is closed (its idle worker gone).
+#[tokio::test]
+async fn a_rollback_within_the_grace_serves_the_replaced_build_warm() {
+    let f = fx();
+    f.backend.set_retired_grace(Duration::from_millis(300));
+    let v = |text: &str| {
+        let code = format!("def handle(context, payload):\n    return {text:?}\n");
+        deploy("f", Language::Python3, &[("f.py", &code, 0o644)], None)
+    };
+    let (one, two) = (v("one"), v("two"));
+    f.backend.deploy_function(one.clone()).await.unwrap();
+    let (env, _) = call(&f.backend, "f", "null").await;
+    assert_eq!(env["payload"], "one");
+    let first = f.backend.pool("default", "f").unwrap();
+    let pids = first.idle_pids();
+    f.backend.set_retired_grace(Duration::from_secs(60));
+    f.backend.deploy_function(two.clone()).await.unwrap();
+    assert_eq!(call(&f.backend, "f", "null").await.0["payload"], "two");
+    let retired = f.backend.retired_pool("default", "f").expect("kept warm");
+    assert!(Arc::ptr_eq(&retired, &first));
+
+    f.backend.deploy_function(one.clone()).await.unwrap();
+    let (env, cold) = call(&f.backend, "f", "null").await;
+    assert_eq!(env["payload"], "one");
+    assert!(!cold, "the replaced build's worker answered");
+    assert!(Arc::ptr_eq(
+        &f.backend.pool("default", "f").unwrap(),
+        &first
+    ));
+    assert_eq!(first.idle_pids(), pids, "the same process");
+
+    // Forward again with a short grace: the build left behind is closed when it ends.
+    f.backend.set_retired_grace(Duration::from_millis(200));
+    f.backend.deploy_function(two).await.unwrap();
+    let left = f.backend.retired_pool("default", "f").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.backend.retired_pool("default", "f").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the retired pool outlived its grace"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left.idle_count(), 0, "closed: its idle worker is gone");
+}

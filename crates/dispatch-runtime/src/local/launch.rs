@@ -13,6 +13,20 @@ pub const CONTAINER_FUNCTION_DIR: &str = "/function";
 impl LocalBackend {
     /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
     /// (Node), or a spawn.
+    /// A retired pool serving again: its function's own (sandboxed) zygote or spares are the
+    /// function's again; shared ones (by interpreter) stay where they are.
+    pub(super) fn restore_launcher(&self, key: &(String, String), pool: &crate::pool::Pool) {
+        match pool.launcher() {
+            Launcher::Zygote(z) if !self.zygotes.lock().values().any(|s| Arc::ptr_eq(s, z)) => {
+                self.function_zygotes.lock().insert(key.clone(), z.clone());
+            }
+            Launcher::Spares(sp) if !self.spares.lock().values().any(|s| Arc::ptr_eq(s, sp)) => {
+                self.function_spares.lock().insert(key.clone(), sp.clone());
+            }
+            _ => {}
+        }
+    }
+
     pub(super) fn launcher(&self, d: &FunctionDeploy, spec: &WorkerSpec) -> Launcher {
         // A container per worker: no zygote or spare crosses into one.
         if !self.fast_start.load(Ordering::Relaxed) || spec.container.is_some() {

@@ -78,7 +78,15 @@ pub struct LocalBackend {
     budget: RwLock<Arc<WorkerBudget>>,
     /// The container tier (`spec.isolation: container`); `None`: no OCI runtime here.
     containers: RwLock<Option<Arc<crate::container::Containers>>>,
+    /// Per function, the pool its newest deploy replaced, kept warm for [`RETIRED_GRACE`] so
+    /// that a rollback to that build serves at once (issue 23); closed after.
+    retired: Arc<Mutex<HashMap<(String, String), Arc<Pool>>>>,
+    /// How long a retired pool stays warm ([`RETIRED_GRACE`]; tests shorten it).
+    retired_grace: Mutex<Duration>,
 }
+
+/// How long the pool a deploy replaced stays warm for a rollback.
+pub const RETIRED_GRACE: Duration = Duration::from_secs(60);
 
 impl LocalBackend {
     /// Writes the bootstraps under `data_dir/runtimes` and prepares `data_dir/builds`.
@@ -123,6 +131,8 @@ impl LocalBackend {
                 default_memory_budget(),
             )),
             containers: RwLock::new(None),
+            retired: Arc::default(),
+            retired_grace: Mutex::new(RETIRED_GRACE),
         }))
     }
 
@@ -227,16 +237,70 @@ impl LocalBackend {
         self.pools.write()
     }
 
+    /// Serving pools and retired ones (their idle workers are reaped as any).
     fn all_pools(&self) -> Vec<Arc<Pool>> {
-        self.pools_read()
+        let mut all: Vec<Arc<Pool>> = self
+            .pools_read()
             .values()
             .flat_map(|m| m.values().cloned())
-            .collect()
+            .collect();
+        all.extend(self.retired.lock().values().cloned());
+        all
+    }
+
+    /// Keeps `old` (just replaced) warm for [`RETIRED_GRACE`], closing the pool retired
+    /// before it for this function; closed when the grace ends unless a deploy took it back.
+    fn retire(&self, key: (String, String), old: Arc<Pool>) {
+        if let Some(before) = self.retired.lock().insert(key.clone(), old.clone()) {
+            before.close();
+        }
+        let retired = Arc::downgrade(&self.retired);
+        let grace = *self.retired_grace.lock();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(retired) = retired.upgrade() else {
+                return;
+            };
+            let mut r = retired.lock();
+            if r.get(&key).is_some_and(|p| Arc::ptr_eq(p, &old)) {
+                r.remove(&key);
+                old.close();
+            }
+        });
+    }
+
+    /// Puts `pool` in as the one serving `namespace/name` and retires the one it replaces.
+    fn serve(&self, namespace: &str, name: &str, pool: Arc<Pool>) {
+        let old = self
+            .pools_write()
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(name.to_string(), pool.clone());
+        if let Some(old) = old.filter(|o| !Arc::ptr_eq(o, &pool)) {
+            self.retire((namespace.to_string(), name.to_string()), old);
+        }
     }
 
     /// Dependency installs run so far (reused builds are not counted).
     pub fn dependency_installs(&self) -> u64 {
         self.images.installs()
+    }
+
+    /// How long the pool a deploy replaced stays warm for a rollback (default
+    /// [`RETIRED_GRACE`]).
+    pub fn set_retired_grace(&self, grace: Duration) {
+        *self.retired_grace.lock() = grace;
+    }
+
+    /// The pool a function's last deploy replaced, while it is kept warm.
+    pub fn retired_pool(&self, namespace: &str, name: &str) -> Option<Arc<Pool>> {
+        self.retired
+            .lock()
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// The pool serving a function now, if deployed.
@@ -487,6 +551,21 @@ impl Backend for LocalBackend {
             {
                 return Ok(current as FunctionHandle); // already serving this build
             }
+            // The build this function served before its last deploy, still warm (a rollback):
+            // back at once, with its workers.
+            let key = (d.namespace.clone(), d.name.clone());
+            let back = {
+                let mut r = self.retired.lock();
+                match r.get(&key) {
+                    Some(p) if p.digest() == d.digest => r.remove(&key),
+                    _ => None,
+                }
+            };
+            if let Some(pool) = back {
+                self.restore_launcher(&key, &pool);
+                self.serve(&d.namespace, &d.name, pool.clone());
+                return Ok(pool as FunctionHandle);
+            }
             let dir = self
                 .functions_dir
                 .join(dispatch_core::digest::hex_part(&d.digest));
@@ -517,14 +596,7 @@ impl Backend for LocalBackend {
                 pool.put_idle(w);
                 self.validated.lock().insert(d.digest.clone());
             }
-            let old = self
-                .pools_write()
-                .entry(d.namespace.clone())
-                .or_default()
-                .insert(d.name.clone(), pool.clone());
-            if let Some(old) = old {
-                old.close();
-            }
+            self.serve(&d.namespace, &d.name, pool.clone());
             if let Err(e) = pool.warm().await {
                 tracing::warn!(function = %d.name, "failed to start minWorkers: {e}");
             }
@@ -546,6 +618,9 @@ impl Backend for LocalBackend {
                 p.close();
             }
             let key = (namespace.to_string(), name.to_string());
+            if let Some(p) = self.retired.lock().remove(&key) {
+                p.close();
+            }
             self.function_zygotes.lock().remove(&key);
             if let Some(s) = self.function_spares.lock().remove(&key) {
                 s.stop();
@@ -560,7 +635,8 @@ impl Backend for LocalBackend {
                 .drain()
                 .flat_map(|(_, m)| m.into_values())
                 .collect();
-            for p in all {
+            let retired: Vec<Arc<Pool>> = self.retired.lock().drain().map(|(_, p)| p).collect();
+            for p in all.into_iter().chain(retired) {
                 p.close();
             }
             let mut zygotes: Vec<Arc<Zygote>> =

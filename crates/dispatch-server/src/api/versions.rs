@@ -57,13 +57,47 @@ pub async fn rollback(
     } else {
         parse_json(&body, "rollback request (expected {\"to\": N}, or nothing)")?
     };
-    let f = function(&state, &ns, &name).await?;
-    let versions = versions_of(&state, &ns, &name).await?;
+    // The controller's status writes move the function's resourceVersion too: a conflict
+    // with one of them (not with another spec change) is read again and tried again.
+    let mut tries = 0;
+    let (target, stored) = loop {
+        tries += 1;
+        let f = function(&state, &ns, &name).await?;
+        let target = target_of(&f, &versions_of(&state, &ns, &name).await?, b.to, &name)?;
+        let mut back = f.clone();
+        back.spec = target.spec.clone();
+        match super::resources::replace(&state, &ns, Kind::Function, &name, back, false).await {
+            Ok(stored) => break (target, stored),
+            Err(e) if e.status == axum::http::StatusCode::CONFLICT && tries < 10 => {
+                let (n, k, m) = (ns.clone(), Kind::Function, name.clone());
+                let now = state.res(move |s| s.get(&n, k, &m)).await?;
+                if now.is_some_and(|o| o.metadata.generation != f.metadata.generation) {
+                    // Someone changed the spec meanwhile: theirs stands.
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(Json(serde_json::json!({
+        "version": target.version,
+        "digest": target.digest,
+        "function": stored,
+    })))
+}
+
+/// The version a rollback goes to: `to`, else the newest one older than the version serving.
+fn target_of(
+    f: &Object,
+    versions: &[FunctionVersion],
+    to: Option<u32>,
+    name: &str,
+) -> Result<FunctionVersion, ApiError> {
     let serving = versions
         .iter()
         .find(|v| f.status.digest.as_deref() == Some(v.digest.as_str()))
         .map(|v| v.version);
-    let target = match b.to {
+    let found = match to {
         Some(n) => versions.iter().find(|v| v.version == n).ok_or_else(|| {
             ApiError::not_found(format!(
                 "function {name:?} has no version {n}: `dispatch get versions {name}` lists the ones kept"
@@ -79,13 +113,5 @@ pub async fn rollback(
                 ))
             })?,
     };
-    let mut back = f.clone();
-    back.spec = target.spec.clone();
-    // Refused with 409 if the function changed since it was read.
-    let stored = super::resources::replace(&state, &ns, Kind::Function, &name, back, false).await?;
-    Ok(Json(serde_json::json!({
-        "version": target.version,
-        "digest": target.digest,
-        "function": stored,
-    })))
+    Ok(found.clone())
 }
