@@ -41,6 +41,8 @@ pub fn bootstrap(language: Language) -> Option<(&'static str, &'static str)> {
 
 /// Namespace → function name → pool. Nested maps so that a lookup borrows `&str` keys.
 type Pools = HashMap<String, HashMap<String, Arc<Pool>>>;
+/// Per function (namespace, name), the pool its last deploy replaced.
+type Retired = Arc<Mutex<HashMap<(String, String), Arc<Pool>>>>;
 
 /// A zygote serves one interpreter (an image's venv) with one preload list.
 type ZygoteKey = (PathBuf, Option<Vec<String>>);
@@ -80,7 +82,7 @@ pub struct LocalBackend {
     containers: RwLock<Option<Arc<crate::container::Containers>>>,
     /// Per function, the pool its newest deploy replaced, kept warm for [`RETIRED_GRACE`] so
     /// that a rollback to that build serves at once (issue 23); closed after.
-    retired: Arc<Mutex<HashMap<(String, String), Arc<Pool>>>>,
+    retired: Retired,
     /// How long a retired pool stays warm ([`RETIRED_GRACE`]; tests shorten it).
     retired_grace: Mutex<Duration>,
 }
