@@ -21,16 +21,7 @@ fn main() {
     let n = support::iterations(20);
     let s = ServerProc::start();
     s.ok(&["create", "image", "py", "python3", "--wait"]);
-    let code = |text: &str| {
-        let p = s.dir.path().join(format!("{text}/v.py"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(
-            &p,
-            format!("def handle(context, payload):\n    return {text:?}\n"),
-        )
-        .unwrap();
-        p.to_str().unwrap().to_string()
-    };
+    let code = |text: &str| s.python_returning(text);
     let handler = ["--handler", "v.handle", "--wait"];
     s.ok(&[
         &["create", "function", "f", &code("one"), "--image", "py"][..],

@@ -2032,16 +2032,7 @@ fn shutdown_goes_unready_before_it_stops() {
 fn versions_are_kept_and_rollback_serves_an_earlier_build() {
     let s = ServerProc::start();
     s.ok(&["create", "image", "py", "python3", "--wait"]);
-    let code = |text: &str| {
-        let p = s.dir.path().join(format!("{text}/v.py"));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(
-            &p,
-            format!("def handle(context, payload):\n    return {text:?}\n"),
-        )
-        .unwrap();
-        p.to_str().unwrap().to_string()
-    };
+    let code = |text: &str| s.python_returning(text);
     let says = || {
         let (ok, out) = s.exec("f", "null");
         assert!(ok, "{out}");

@@ -164,6 +164,19 @@ impl ServerProc {
         ids.lines().map(str::to_string).collect()
     }
 
+    /// A Python handler `v.py` (handler `v.handle`) returning `text`, in a folder of its
+    /// own under the test's dir; its path (each text is another build of a function).
+    pub fn python_returning(&self, text: &str) -> String {
+        let p = self.dir.path().join(format!("{text}/v.py"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(
+            &p,
+            format!("def handle(context, payload):\n    return {text:?}\n"),
+        )
+        .unwrap();
+        p.to_str().unwrap().to_string()
+    }
+
     /// The CLI pointed at this server, with an empty config file.
     pub fn cli(&self) -> Command {
         let mut c = Command::cargo_bin("dispatch").unwrap();
