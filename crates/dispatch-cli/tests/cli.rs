@@ -2086,6 +2086,18 @@ fn versions_are_kept_and_rollback_serves_an_earlier_build() {
     let out = s.ok(&["rollback", "f", "--wait"]);
     assert!(out.contains("rolled back to version 2"), "{out}");
     assert_eq!(says(), "two");
+    // The run record names the version that served it.
+    let newest = s.json(&[
+        "get",
+        "runs",
+        "--function",
+        "f",
+        "--limit",
+        "1",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(newest[0]["status"]["version"], 2, "{newest}");
     s.ok(&["rollback", "f", "--wait"]);
     assert_eq!(says(), "one");
     let e = s.fails(&["rollback", "f"]);

@@ -153,6 +153,9 @@ pub struct Run {
     /// Digest of the function build that ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// The function's version whose build served it (`dispatch get versions`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
     /// Accepted for later (`?wait=false`): queued, retried, dead-lettered, cancellable.
     #[serde(default, rename = "async", skip_serializing_if = "std::ops::Not::not")]
     pub is_async: bool,
@@ -210,6 +213,7 @@ impl Run {
             started_at: None,
             finished_at: None,
             digest: None,
+            version: None,
             is_async: false,
             attempt_errors: Vec::new(),
             next_attempt_at: None,

@@ -207,6 +207,7 @@ pub fn apply_outcome(
     state.metrics.record(run.status, run.cold_start.as_ref());
     run.timings = outcome.timings;
     run.digest = Some(deployed.digest.clone());
+    run.version = deployed.version;
     if let Some(out) = &run.output
         && !deployed.secrets.is_empty()
     {

@@ -24,6 +24,8 @@ pub struct Deployed {
     /// What the backend's deploy handed back: calls go straight to it.
     pub handle: dispatch_runtime::FunctionHandle,
     pub digest: String,
+    /// The function's version this build is (`None` if it could not be recorded).
+    pub version: Option<u32>,
     /// Merged data of the function's secrets (`context.secrets`); values are redacted from
     /// logs, errors and run records.
     pub secrets: Arc<serde_json::Map<String, serde_json::Value>>,

@@ -369,21 +369,6 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
     match deployed {
         Ok(handle) => {
             let image = handle.image().map(str::to_string);
-            state.set_deployed(
-                o.namespace(),
-                o.name(),
-                Some(Deployed {
-                    handle,
-                    secrets: Arc::new(secrets),
-                    digest: d.clone(),
-                    timeout,
-                    max_workers: spec.max_workers(),
-                    retry: spec.retry().unwrap_or_default(),
-                    callback_url: spec.callback_url.clone(),
-                    max_queued: spec.max_queued.map(|n| n as usize),
-                    history: spec.history_policy(),
-                }),
-            );
             // A build with a new digest is the function's next version (issue 23); the same
             // build again (a restart, a rollback) keeps its number.
             let version = dispatch_core::versions::FunctionVersion {
@@ -396,9 +381,30 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
                 created_at: jiff::Timestamp::now(),
             };
             let keep = dispatch_core::versions::KEEP_VERSIONS;
-            if let Err(e) = state.db(move |s| s.record_version(&version, keep)).await {
-                tracing::warn!(function = %o.name(), namespace = %o.namespace(), "recording the function's version: {e}");
-            }
+            // Recorded before traffic switches, so that every run it serves names it.
+            let version = match state.db(move |s| s.record_version(&version, keep)).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(function = %o.name(), namespace = %o.namespace(), "recording the function's version: {e}");
+                    None
+                }
+            };
+            state.set_deployed(
+                o.namespace(),
+                o.name(),
+                Some(Deployed {
+                    handle,
+                    secrets: Arc::new(secrets),
+                    digest: d.clone(),
+                    version,
+                    timeout,
+                    max_workers: spec.max_workers(),
+                    retry: spec.retry().unwrap_or_default(),
+                    callback_url: spec.callback_url.clone(),
+                    max_queued: spec.max_queued.map(|n| n as usize),
+                    history: spec.history_policy(),
+                }),
+            );
             let mut ready = status(Phase::Ready, "", Some(d), &o);
             ready.image = image;
             set_status(state, &o, ready).await

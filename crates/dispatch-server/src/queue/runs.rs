@@ -184,6 +184,7 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
     run.started_at = Some(q.clock.now());
     run.next_attempt_at = None;
     run.digest = Some(deployed.digest.clone());
+    run.version = deployed.version;
     if !save(&state, &run).await {
         slot.2 = false;
         if q.finish(&id) {
