@@ -527,6 +527,12 @@ impl Images {
             };
             let chunk = match tokio::time::timeout(self.stall, stream.next()).await {
                 Ok(None) => break,
+                Ok(Some(Ok(c))) if declared.is_some_and(|n| got + c.len() as u64 > n) => {
+                    Err(failed(format!(
+                        "layer {} is larger than the {} bytes its manifest says",
+                        layer.digest, layer.size
+                    )))
+                }
                 Ok(Some(Ok(c))) => Ok(c),
                 Ok(Some(Err(e))) => Err(failed(format!("reading layer {}: {e}", layer.digest))),
                 Err(_) => Err(failed(format!(
@@ -534,15 +540,6 @@ impl Images {
                     layer.digest,
                     self.stall.as_secs()
                 ))),
-            };
-            let chunk = match chunk {
-                Ok(c) if declared.is_some_and(|n| got + c.len() as u64 > n) => {
-                    Err(failed(format!(
-                        "layer {} is larger than the {} bytes its manifest says",
-                        layer.digest, layer.size
-                    )))
-                }
-                other => other,
             };
             let chunk = match chunk {
                 Ok(c) => c,

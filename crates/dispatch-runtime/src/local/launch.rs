@@ -10,9 +10,13 @@ pub const CONTAINER_RUNNER: &str = "/dispatch/bin/dispatch";
 pub const CONTAINER_RUNTIMES_DIR: &str = "/dispatch/runtimes";
 pub const CONTAINER_FUNCTION_DIR: &str = "/function";
 
+/// A step of `d`'s deploy (a pull, an install): in the server's log and its CREATING reason.
+fn tell(d: &FunctionDeploy, line: &str) {
+    tracing::info!(function = %format!("{}/{}", d.namespace, d.name), "{line}");
+    d.steps.say(line);
+}
+
 impl LocalBackend {
-    /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
-    /// (Node), or a spawn.
     /// A retired pool serving again: its function's own (sandboxed) zygote or spares are the
     /// function's again; shared ones (by interpreter) stay where they are.
     pub(super) fn restore_launcher(&self, key: &(String, String), pool: &crate::pool::Pool) {
@@ -27,6 +31,8 @@ impl LocalBackend {
         }
     }
 
+    /// How a pool of `d` gets new workers: a zygote's fork (Python), a spare generic worker
+    /// (Node), or a spawn.
     pub(super) fn launcher(&self, d: &FunctionDeploy, spec: &WorkerSpec) -> Launcher {
         // A container per worker: no zygote or spare crosses into one.
         if !self.fast_start.load(Ordering::Relaxed) || spec.container.is_some() {
@@ -160,11 +166,7 @@ impl LocalBackend {
         }
         let policy = crate::container::PullPolicy::of(None, &d.base.image)
             .map_err(BuildError::Unsupported)?;
-        let label = format!("{}/{}", d.namespace, d.name);
-        let note = |line: String| {
-            tracing::info!(function = %label, "{line}");
-            d.steps.say(&line);
-        };
+        let note = |line: String| tell(d, &line);
         let image = tier
             .images
             .ensure(&d.base.image, policy, &note)
@@ -188,7 +190,7 @@ impl LocalBackend {
         }
         let runner = std::env::current_exe()
             .map_err(|e| BuildError::Io(format!("cannot find this binary (the runner): {e}")))?;
-        let deps = self.container_dependencies(d, &tier, &label).await?;
+        let deps = self.container_dependencies(d, &tier).await?;
         let (uid, gid) = crate::container::identity(self.sandboxes().as_deref(), &d.namespace);
         let mut env: Vec<(String, String)> = [
             ("LANG", "C.UTF-8"),
@@ -261,7 +263,7 @@ impl LocalBackend {
             dir: PathBuf::from(CONTAINER_FUNCTION_DIR),
             handler_args: Vec::new(),
             env: BTreeMap::new(),
-            label,
+            label: format!("{}/{}", d.namespace, d.name),
             jail: None,
             max_output_bytes: usize::try_from(d.limits.max_output_bytes).unwrap_or(usize::MAX),
             container: Some(Arc::new(crate::worker::ContainerWorker {
@@ -281,7 +283,6 @@ impl LocalBackend {
         &self,
         d: &FunctionDeploy,
         tier: &crate::container::Containers,
-        label: &str,
     ) -> Result<Option<(PathBuf, &'static str, &'static str)>, BuildError> {
         let (Some(image), Some(manifest)) = (&d.image_build, d.dependencies.as_deref()) else {
             return Ok(None);
@@ -308,10 +309,7 @@ impl LocalBackend {
             .base(&d.base.image)
             .await
             .map_err(|e| step("reading the base image")(e.to_string()))?;
-        let progress = |line: &str| {
-            tracing::info!(function = %label, "{line}");
-            d.steps.say(line);
-        };
+        let progress = |line: &str| tell(d, line);
         let layer = crate::oci::function::dependencies_layer(
             &base,
             d.base.language,

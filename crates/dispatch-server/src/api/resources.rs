@@ -31,7 +31,7 @@ fn kind_of(kind: &str) -> Result<Kind, ApiError> {
     })
 }
 
-fn not_found(ns: &str, kind: Kind, name: &str) -> ApiError {
+pub(super) fn not_found(ns: &str, kind: Kind, name: &str) -> ApiError {
     ApiError::not_found(format!(
         "{} {name:?} not found in namespace {ns:?}",
         kind.human()

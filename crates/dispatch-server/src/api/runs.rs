@@ -80,9 +80,7 @@ pub async fn function_queue(
 ) -> Result<Json<queue::FunctionQueue>, ApiError> {
     check_namespace(&ns)?;
     let Some(f) = state.get(&ns, Kind::Function, &name).await? else {
-        return Err(ApiError::not_found(format!(
-            "function {name:?} not found in namespace {ns:?}"
-        )));
+        return Err(super::resources::not_found(&ns, Kind::Function, &name));
     };
     let max = f
         .typed_spec::<dispatch_core::FunctionSpec>()?

@@ -17,9 +17,8 @@ use crate::error::{ApiError, parse_json};
 use crate::state::AppState;
 
 async fn function(state: &AppState, ns: &str, name: &str) -> Result<Object, ApiError> {
-    state.get(ns, Kind::Function, name).await?.ok_or_else(|| {
-        ApiError::not_found(format!("function {name:?} not found in namespace {ns:?}"))
-    })
+    let f = state.get(ns, Kind::Function, name).await?;
+    f.ok_or_else(|| super::resources::not_found(ns, Kind::Function, name))
 }
 
 async fn versions_of(
@@ -58,23 +57,25 @@ pub async fn rollback(
         parse_json(&body, "rollback request (expected {\"to\": N}, or nothing)")?
     };
     // The controller's status writes move the function's resourceVersion too: a conflict
-    // with one of them (not with another spec change) is read again and tried again.
-    let mut tries = 0;
+    // with one of them is read again and tried again (a few times); one with another spec
+    // change (its generation moved) stands.
+    let (mut first, mut tries, mut conflict) = (None, 0, None);
     let (target, stored) = loop {
-        tries += 1;
         let f = function(&state, &ns, &name).await?;
+        let generation = *first.get_or_insert(f.metadata.generation);
+        if let Some(e) = conflict.take()
+            && (f.metadata.generation != generation || tries >= 10)
+        {
+            return Err(e);
+        }
         let target = target_of(&f, &versions_of(&state, &ns, &name).await?, b.to, &name)?;
         let mut back = f.clone();
         back.spec = target.spec.clone();
         match super::resources::replace(&state, &ns, Kind::Function, &name, back, false).await {
             Ok(stored) => break (target, stored),
-            Err(e) if e.status == axum::http::StatusCode::CONFLICT && tries < 10 => {
-                let (n, k, m) = (ns.clone(), Kind::Function, name.clone());
-                let now = state.res(move |s| s.get(&n, k, &m)).await?;
-                if now.is_some_and(|o| o.metadata.generation != f.metadata.generation) {
-                    // Someone changed the spec meanwhile: theirs stands.
-                    return Err(e);
-                }
+            Err(e) if e.status == axum::http::StatusCode::CONFLICT => {
+                tries += 1;
+                conflict = Some(e);
             }
             Err(e) => return Err(e),
         }
