@@ -278,29 +278,27 @@ impl SqliteStore {
     /// SQLite's plans for the prune's three reads (by age, count, bytes), one line per step
     /// each: the tests check that pruning never scans or sorts the runs table.
     pub fn prune_plans(&self) -> Result<Vec<String>> {
-        let conn = self.conn();
-        let mut plans = Vec::new();
-        for (sql, args) in [
+        [
             (PRUNE_BY_AGE, vec!["01K", "1"]),
             (PRUNE_BY_COUNT, vec!["default", "f", "1"]),
             (PRUNE_BY_BYTES, vec!["default", "1"]),
-        ] {
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-            let rows =
-                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?;
-            let steps: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
-            plans.push(steps.join("; "));
-        }
-        Ok(plans)
+        ]
+        .into_iter()
+        .map(|(sql, args)| Ok(self.plan(sql, rusqlite::params_from_iter(args))?.join("; ")))
+        .collect()
     }
-
     /// SQLite's plan for `list_runs` with `filter` (`EXPLAIN QUERY PLAN`, one line per step):
     /// the tests check that listing never scans the runs table.
     pub fn list_runs_plan(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<String>> {
         let (sql, args) = list_runs_sql(namespace, filter);
+        self.plan(&sql, rusqlite::params_from_iter(args))
+    }
+
+    /// `EXPLAIN QUERY PLAN` of `sql`, one line per step.
+    fn plan(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<String>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))?;
+        let rows = stmt.query_map(params, |r| r.get::<_, String>(3))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }
