@@ -303,6 +303,12 @@ pub fn age(ts: Option<jiff::Timestamp>) -> String {
     }
 }
 
+/// A digest as tables show it: its first 12 hex digits.
+pub fn short_digest(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    hex.chars().take(12).collect()
+}
+
 /// [`objects_table`], and with `wide` (`-o wide`) four more columns for every kind: AGE,
 /// REASON, DIGEST (short) and LABELS.
 pub fn objects_table_wide(kind: Kind, items: &[Object], wide: bool) -> String {
@@ -318,12 +324,10 @@ pub fn objects_table_wide(kind: Kind, items: &[Object], wide: bool) -> String {
             .zip(items)
             .map(|(r, o)| {
                 let mut r = r.clone();
-                let digest = o.status.digest.as_deref().unwrap_or("-");
-                let digest = digest.strip_prefix("sha256:").unwrap_or(digest);
                 r.extend([
                     age(o.metadata.created_at),
                     o.status.reason.clone(),
-                    digest.chars().take(12).collect(),
+                    short_digest(o.status.digest.as_deref().unwrap_or("-")),
                     labels(o).join(","),
                 ]);
                 r

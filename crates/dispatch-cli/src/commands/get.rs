@@ -8,7 +8,9 @@ use dispatch_core::{JobExecution, Run};
 
 use super::{Target, parse_target};
 use crate::Ctx;
-use crate::output::{Format, jobs_table, objects_table, print_structured, runs_table, table};
+use crate::output::{
+    Format, jobs_table, objects_table, print_structured, runs_table, short_digest, table,
+};
 
 /// Show resources, runs or job executions
 #[derive(Debug, clap::Args)]
@@ -260,17 +262,14 @@ impl Get {
                     .and_then(|f| f.status.digest);
                 match self.output {
                     Format::Table | Format::Wide => {
-                        let short = |d: &str| -> String {
-                            d.trim_start_matches("sha256:").chars().take(12).collect()
-                        };
                         let rows: Vec<Vec<String>> = versions
                             .iter()
                             .map(|v| {
                                 let digest = v["digest"].as_str().unwrap_or("");
                                 vec![
                                     v["version"].to_string(),
-                                    short(digest),
-                                    short(v["spec"]["source"].as_str().unwrap_or("")),
+                                    short_digest(digest),
+                                    short_digest(v["spec"]["source"].as_str().unwrap_or("")),
                                     date_of(v["createdAt"].as_str().unwrap_or("")),
                                     if serving.as_deref() == Some(digest) {
                                         "*".into()
