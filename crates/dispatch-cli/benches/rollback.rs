@@ -41,7 +41,7 @@ fn main() {
     for _ in 0..n {
         for (to, want, times) in [(1, "one", &mut back), (2, "two", &mut forward)] {
             let t = Instant::now();
-            rt.block_on(c.rollback("f", Some(to))).unwrap();
+            rt.block_on(c.rollback("f", Some(to), None)).unwrap();
             api.push(t.elapsed().as_secs_f64() * 1e3);
             let mut calls = 0;
             while says() != want {

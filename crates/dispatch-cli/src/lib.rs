@@ -74,6 +74,7 @@ pub enum Command {
     Cancel(commands::cancel::Cancel),
     Redeliver(commands::redeliver::Redeliver),
     Rollback(commands::rollback::Rollback),
+    Promote(commands::promote::Promote),
     Runs(commands::runs::Runs),
     Gc(commands::gc::Gc),
     Version(commands::version::Version),
@@ -201,6 +202,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Cancel(c) => c.run(&ctx).await,
         Redeliver(c) => c.run(&ctx).await,
         Rollback(c) => c.run(&ctx).await,
+        Promote(c) => c.run(&ctx).await,
         Runs(c) => c.run(&ctx).await,
         Gc(c) => c.run(&ctx).await,
         Version(c) => c.run(&ctx).await,
@@ -250,6 +252,9 @@ fn hint(err: &anyhow::Error) -> Option<&'static str> {
         "AlreadyExists" => {
             Some("use `dispatch apply -f` or `dispatch update` to change an existing resource")
         }
+        "UnknownReference" if ce.to_string().contains(" has no ") => {
+            Some("`dispatch get versions FUNCTION` / `dispatch get aliases` list what exists")
+        }
         "UnknownReference" => {
             Some("`dispatch get images` / `dispatch get base-images` list what exists")
         }
@@ -257,5 +262,16 @@ fn hint(err: &anyhow::Error) -> Option<&'static str> {
             Some("`dispatch get function NAME -o json` shows the build status and reason")
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap's own checks of every command and argument (unique ids, conflicts naming real
+    /// arguments): a clash panics only when that subcommand is parsed, so it is checked here.
+    #[test]
+    fn every_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
     }
 }

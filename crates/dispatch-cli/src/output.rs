@@ -365,6 +365,34 @@ pub fn objects_table_wide(kind: Kind, items: &[Object], wide: bool) -> String {
                     .collect::<Vec<_>>(),
             )
         }
+        Kind::Alias => table(
+            &["NAME", "FUNCTION", "ALIAS", "TRAFFIC", "STATUS", "NOTE"],
+            &items
+                .iter()
+                .map(|o| {
+                    let spec = o.typed_spec::<dispatch_core::versions::AliasSpec>().ok();
+                    let traffic = spec
+                        .as_ref()
+                        .map(|s| {
+                            s.traffic
+                                .iter()
+                                .map(|t| format!("{}={}%", t.version, t.percent))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .unwrap_or_default();
+                    let alias = o.name().split_once('.').map(|(_, a)| a).unwrap_or_default();
+                    vec![
+                        o.name().into(),
+                        s(&o.spec, "function"),
+                        alias.into(),
+                        traffic,
+                        phase(o),
+                        o.status.reason.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
         Kind::Image => table(
             &["NAME", "BASEIMAGE", "STATUS", "CREATED DATE"],
             &items

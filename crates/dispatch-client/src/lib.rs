@@ -384,12 +384,21 @@ impl Client {
 
     /// Writes version `to` (default: the one before the version serving) back as the
     /// function's spec: `{"version", "digest", "function"}`.
-    pub async fn rollback(&self, function: &str, to: Option<u32>) -> Result<serde_json::Value> {
+    /// With `alias`, that alias's traffic goes all to the version in the same call.
+    pub async fn rollback(
+        &self,
+        function: &str,
+        to: Option<u32>,
+        alias: Option<&str>,
+    ) -> Result<serde_json::Value> {
         let url = self.ns_url(&self.namespace, &format!("functions/{function}/rollback"));
-        let body = match to {
-            Some(n) => serde_json::json!({ "to": n }),
-            None => serde_json::json!({}),
-        };
+        let mut body = serde_json::json!({});
+        if let Some(n) = to {
+            body["to"] = n.into();
+        }
+        if let Some(a) = alias {
+            body["alias"] = a.into();
+        }
         self.json(self.request(Method::POST, &url).json(&body), &url)
             .await
     }

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ValidationError;
-use crate::names::validate_name;
 
 /// A CloudEvent 1.0 (structured JSON form). Extension attributes are kept as they come.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,7 +214,7 @@ pub struct SubscriptionSpec {
 impl SubscriptionSpec {
     pub(crate) fn normalize(self) -> Result<Self, ValidationError> {
         validate_type_pattern(&self.event_type, "eventType")?;
-        validate_name("function", &self.function)?;
+        crate::versions::validate_target(&self.function)?;
         Ok(self)
     }
 
@@ -289,7 +288,7 @@ impl EventDriverSpec {
         let broker = self.is_broker();
         match (&self.event_type, &self.function) {
             (Some(t), None) => validate_type_pattern(t, "eventType")?,
-            (None, Some(f)) => validate_name("function", f)?,
+            (None, Some(f)) => crate::versions::validate_target(f)?,
             // Brokers: the subject (NATS) or topic (MQTT) is the event type.
             (None, None) if broker => {}
             _ => {

@@ -5,6 +5,22 @@
 
 use crate::events::{EventDriverSpec, SubscriptionSpec};
 use crate::resource::{EndpointSpec, FunctionSpec, ImageSpec, Kind, Object};
+use crate::versions::{AliasSpec, Selector, Target};
+
+/// What a function reference (`hello`, `hello@3`, `hello@prod`) names: the function, and the
+/// alias when it names one.
+fn target_refs(target: &str) -> Vec<(Kind, String)> {
+    match Target::parse(target) {
+        Ok(t) => {
+            let alias = t.alias_object();
+            let mut refs = vec![(Kind::Function, t.function)];
+            refs.extend(alias.map(|a| (Kind::Alias, a)));
+            refs
+        }
+        // Refused where it is written; as a plain name it still keeps its function.
+        Err(_) => vec![(Kind::Function, target.to_string())],
+    }
+}
 
 impl Object {
     /// The resources (same namespace) this one names, as (kind, name). A spec that does not
@@ -24,16 +40,57 @@ impl Object {
             ),
             Kind::Endpoint => self
                 .typed_spec::<EndpointSpec>()
-                .map_or_else(|_| Vec::new(), |s| vec![(Kind::Function, s.function)]),
+                .map_or_else(|_| Vec::new(), |s| target_refs(&s.function)),
             Kind::Subscription => self
                 .typed_spec::<SubscriptionSpec>()
-                .map_or_else(|_| Vec::new(), |s| vec![(Kind::Function, s.function)]),
+                .map_or_else(|_| Vec::new(), |s| target_refs(&s.function)),
             Kind::EventDriver => self
                 .typed_spec::<EventDriverSpec>()
                 .ok()
                 .and_then(|s| s.function)
-                .map_or_else(Vec::new, |f| vec![(Kind::Function, f)]),
+                .map_or_else(Vec::new, |f| target_refs(&f)),
+            Kind::Alias => self
+                .typed_spec::<AliasSpec>()
+                .map_or_else(|_| Vec::new(), |s| vec![(Kind::Function, s.function)]),
             Kind::BaseImage | Kind::JobTemplate | Kind::Secret => Vec::new(),
+        }
+    }
+
+    /// The versions of function `function` this resource names by number (`hello@3`, an
+    /// alias's traffic): a version named so is kept past the function's retention count.
+    pub fn pinned_versions(&self, function: &str) -> Vec<u32> {
+        let target = |t: Option<String>| -> Vec<u32> {
+            match t.and_then(|t| Target::parse(&t).ok()) {
+                Some(Target {
+                    function: f,
+                    selector: Selector::Version(n),
+                }) if f == function => vec![n],
+                _ => Vec::new(),
+            }
+        };
+        match self.kind {
+            Kind::Endpoint => target(self.typed_spec::<EndpointSpec>().ok().map(|s| s.function)),
+            Kind::Subscription => {
+                target(self.typed_spec::<SubscriptionSpec>().ok().map(|s| s.function))
+            }
+            Kind::EventDriver => target(
+                self.typed_spec::<EventDriverSpec>()
+                    .ok()
+                    .and_then(|s| s.function),
+            ),
+            Kind::Alias => self
+                .typed_spec::<AliasSpec>()
+                .ok()
+                .filter(|s| s.function == function)
+                .map(|s| {
+                    let mut v: Vec<u32> = s.versions().collect();
+                    if let Some(p) = &s.promotion {
+                        v.extend(p.from.iter().map(|t| t.version));
+                    }
+                    v
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 
@@ -52,7 +109,13 @@ impl Kind {
         match self {
             Kind::BaseImage => &[Kind::Image],
             Kind::Image | Kind::Secret => &[Kind::Function],
-            Kind::Function => &[Kind::Subscription, Kind::EventDriver, Kind::Endpoint],
+            Kind::Function => &[
+                Kind::Subscription,
+                Kind::EventDriver,
+                Kind::Endpoint,
+                Kind::Alias,
+            ],
+            Kind::Alias => &[Kind::Subscription, Kind::EventDriver, Kind::Endpoint],
             Kind::Endpoint | Kind::JobTemplate | Kind::Subscription | Kind::EventDriver => &[],
         }
     }

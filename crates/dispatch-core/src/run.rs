@@ -156,6 +156,10 @@ pub struct Run {
     /// The function's version whose build served it (`dispatch get versions`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
+    /// Async runs that named a version (`hello@3`, or the one an alias chose when the run was
+    /// accepted): every attempt runs that version. Absent: the function's current build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_version: Option<u32>,
     /// Accepted for later (`?wait=false`): queued, retried, dead-lettered, cancellable.
     #[serde(default, rename = "async", skip_serializing_if = "std::ops::Not::not")]
     pub is_async: bool,
@@ -214,6 +218,7 @@ impl Run {
             finished_at: None,
             digest: None,
             version: None,
+            pinned_version: None,
             is_async: false,
             attempt_errors: Vec::new(),
             next_attempt_at: None,

@@ -1,11 +1,17 @@
-//! Function versions (issue 23, its first part): every build of a function that reached READY
-//! with a new digest is kept as an immutable, numbered version — what it was made of, and when
-//! — so that `dispatch get versions` shows what ran and `dispatch rollback` returns to it.
+//! Function versions, aliases and traffic (issue 23): every build of a function that reached
+//! READY with a new digest is kept as an immutable, numbered version — what it was made of, who
+//! made it and when — so that `dispatch get versions` shows what ran, `dispatch rollback`
+//! returns to it and `hello@3` calls it; an alias (`hello@prod`) splits calls between versions
+//! by weight, and a promotion moves the weight step by step.
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-/// Versions kept per function (older ones are removed as new ones come).
+use crate::ValidationError;
+use crate::names::validate_name;
+
+/// Versions kept per function unless `spec.keepVersions` says otherwise (older ones are
+/// removed as new ones come, unless an alias or an endpoint names them).
 pub const KEEP_VERSIONS: usize = 10;
 
 /// One build of a function, numbered from 1 in the order they first became READY.
@@ -25,4 +31,333 @@ pub struct FunctionVersion {
     pub generation: Option<i64>,
     /// When it first became READY.
     pub created_at: Timestamp,
+    /// Who wrote the spec that built it (the API token's name; absent when auth is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+}
+
+/// Most versions a function may keep (`spec.keepVersions`).
+pub const MAX_KEEP_VERSIONS: u32 = 100;
+
+/// Which build of a function a call goes to: `hello` (the one deployed now), `hello@3` (a
+/// version), `hello@prod` (an alias, which names versions with weights).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Selector {
+    Latest,
+    Version(u32),
+    Alias(String),
+}
+
+/// A function reference as endpoints, subscriptions, event drivers and callers write it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub function: String,
+    pub selector: Selector,
+}
+
+/// The alias name every function has: the build deployed now.
+pub const LATEST: &str = "latest";
+
+impl Target {
+    /// Parses `function`, `function@N` or `function@alias` (`function@latest` is `function`).
+    pub fn parse(s: &str) -> Result<Target, ValidationError> {
+        let (function, selector) = match s.split_once('@') {
+            None => (s, Selector::Latest),
+            Some((f, rest)) => {
+                let selector = if rest == LATEST {
+                    Selector::Latest
+                } else if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) {
+                    match rest.parse::<u32>() {
+                        Ok(n) if n > 0 => Selector::Version(n),
+                        _ => {
+                            return Err(ValidationError::new(format!(
+                                "{s:?} names version {rest}: versions are numbered from 1 \
+                                 (`dispatch get versions {f}`)"
+                            )));
+                        }
+                    }
+                } else {
+                    validate_name("alias", rest).map_err(|e| {
+                        ValidationError::new(format!(
+                            "{s:?}: after '@' comes a version number or an alias: {}",
+                            e.message
+                        ))
+                    })?;
+                    Selector::Alias(rest.to_string())
+                };
+                (f, selector)
+            }
+        };
+        validate_name("function", function)?;
+        Ok(Target {
+            function: function.to_string(),
+            selector,
+        })
+    }
+
+    /// The stored name of the alias this target names, if it names one.
+    pub fn alias_object(&self) -> Option<String> {
+        match &self.selector {
+            Selector::Alias(a) => Some(alias_object_name(&self.function, a)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.selector {
+            Selector::Latest => f.write_str(&self.function),
+            Selector::Version(n) => write!(f, "{}@{n}", self.function),
+            Selector::Alias(a) => write!(f, "{}@{a}", self.function),
+        }
+    }
+}
+
+/// Checks a function reference (`what` names the field), as [`Target::parse`].
+pub fn validate_target(s: &str) -> Result<(), ValidationError> {
+    Target::parse(s).map(|_| ())
+}
+
+/// The name an alias is stored under: `function.alias` (both DNS labels, so the dot is
+/// unambiguous, and the pair is a valid Kubernetes object name).
+pub fn alias_object_name(function: &str, alias: &str) -> String {
+    format!("{function}.{alias}")
+}
+
+/// The name under which a version deployed beside the function's current build is known to
+/// the backend: `function@N`, which no function name can be.
+pub fn deploy_name(function: &str, version: u32) -> String {
+    format!("{function}@{version}")
+}
+
+/// The function and version of a [`deploy_name`]; a plain function name has no version.
+pub fn split_deploy_name(name: &str) -> (&str, Option<u32>) {
+    match name.split_once('@') {
+        Some((f, v)) => (f, v.parse().ok()),
+        None => (name, None),
+    }
+}
+
+/// One version's share of an alias's calls.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficTarget {
+    pub version: u32,
+    /// Its share of calls in percent (all of an alias's add up to 100).
+    pub percent: u32,
+}
+
+/// A gradual move of an alias's traffic to one version (`dispatch promote`): `step` percent
+/// more every `every`, undone when the new version's error rate (from its run records since
+/// the promotion began) passes `maxErrorRate` percent.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Promotion {
+    /// The version traffic moves to.
+    pub to: u32,
+    /// Percent added per step (1–100, default 10).
+    #[serde(default = "default_step")]
+    pub step: u32,
+    /// Time between steps (default 1m).
+    #[serde(default = "default_every")]
+    pub every: String,
+    /// Error rate of the new version, in percent, above which the promotion stops and the
+    /// alias goes back to where it was (default 1).
+    #[serde(default = "default_max_error_rate")]
+    pub max_error_rate: f64,
+    /// Calls the new version must have answered before its error rate is judged (default 20):
+    /// one failure of the first two calls is not a 50 % error rate.
+    #[serde(default = "default_min_calls")]
+    pub min_calls: u32,
+    /// When it began (set by the server when the promotion is written).
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    /// The traffic before it began, which an aborted promotion restores (set by the server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<TrafficTarget>,
+}
+
+fn default_step() -> u32 {
+    10
+}
+fn default_every() -> String {
+    "1m".into()
+}
+fn default_max_error_rate() -> f64 {
+    1.0
+}
+fn default_min_calls() -> u32 {
+    20
+}
+
+/// A named pointer to versions of a function: `hello@prod`. Stored as `hello.prod`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AliasSpec {
+    /// The function (same namespace); taken from the name (`function.alias`) when absent.
+    #[serde(default)]
+    pub function: String,
+    /// Shorthand for all traffic to one version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Versions and their shares of calls (percent, adding up to 100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traffic: Vec<TrafficTarget>,
+    /// A promotion under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+impl AliasSpec {
+    /// Splits an alias's stored name into its function and alias parts.
+    pub fn split_name(name: &str) -> Result<(&str, &str), ValidationError> {
+        let hint = "an alias is named FUNCTION.ALIAS (`dispatch create alias hello prod` stores hello.prod)";
+        let Some((f, a)) = name.split_once('.') else {
+            return Err(ValidationError::new(format!(
+                "alias name {name:?} has no '.': {hint}"
+            )));
+        };
+        validate_name("function", f)?;
+        validate_name("alias", a)?;
+        if a == LATEST || a.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ValidationError::new(format!(
+                "alias {a:?} cannot be named so: `{f}@{a}` already means {}",
+                if a == LATEST {
+                    "the build deployed now"
+                } else {
+                    "a version"
+                }
+            )));
+        }
+        Ok((f, a))
+    }
+
+    /// Fills the function from the name, folds `version` into `traffic` and checks it.
+    pub fn normalize(mut self, name: &str) -> Result<AliasSpec, ValidationError> {
+        let (f, _) = AliasSpec::split_name(name)?;
+        if self.function.is_empty() {
+            self.function = f.to_string();
+        }
+        if self.function != f {
+            return Err(ValidationError::new(format!(
+                "alias {name:?} is named for function {f:?} but its spec.function is {:?}",
+                self.function
+            )));
+        }
+        if let Some(v) = self.version.take() {
+            if !self.traffic.is_empty() {
+                return Err(ValidationError::new(
+                    "give an alias either version or traffic, not both",
+                ));
+            }
+            self.traffic = vec![TrafficTarget {
+                version: v,
+                percent: 100,
+            }];
+        }
+        check_traffic(&self.traffic)?;
+        self.traffic.sort_by_key(|t| t.version);
+        if let Some(p) = &mut self.promotion {
+            if p.to == 0 {
+                return Err(ValidationError::new(
+                    "promotion.to names no version: versions are numbered from 1",
+                ));
+            }
+            if !(1..=100).contains(&p.step) {
+                return Err(ValidationError::new(format!(
+                    "promotion step {}% is not between 1% and 100%",
+                    p.step
+                )));
+            }
+            crate::duration::parse_duration(&p.every).map_err(|e| {
+                ValidationError::new(format!("promotion every {:?}: {e}", p.every))
+            })?;
+            if !(0.0..=100.0).contains(&p.max_error_rate) || p.max_error_rate.is_nan() {
+                return Err(ValidationError::new(format!(
+                    "promotion maxErrorRate {} is not a percentage between 0 and 100",
+                    p.max_error_rate
+                )));
+            }
+            if !p.from.is_empty() {
+                check_traffic(&p.from)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The version a hash point in `0..100` lands on (versions in ascending order, each
+    /// taking its percent of the range).
+    pub fn pick(&self, point: u32) -> Option<u32> {
+        let mut upto = 0;
+        for t in &self.traffic {
+            upto += t.percent;
+            if point < upto {
+                return Some(t.version);
+            }
+        }
+        self.traffic.last().map(|t| t.version)
+    }
+
+    /// Versions it sends calls to.
+    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.traffic
+            .iter()
+            .filter(|t| t.percent > 0)
+            .map(|t| t.version)
+            .chain(self.promotion.iter().map(|p| p.to))
+    }
+}
+
+fn check_traffic(traffic: &[TrafficTarget]) -> Result<(), ValidationError> {
+    if traffic.is_empty() {
+        return Err(ValidationError::new(
+            "an alias needs a version (--version 3) or traffic (--traffic 3=90,4=10)",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for t in traffic {
+        if t.version == 0 {
+            return Err(ValidationError::new(
+                "traffic names version 0: versions are numbered from 1",
+            ));
+        }
+        if !seen.insert(t.version) {
+            return Err(ValidationError::new(format!(
+                "traffic names version {} twice",
+                t.version
+            )));
+        }
+    }
+    let sum: u64 = traffic.iter().map(|t| u64::from(t.percent)).sum();
+    if sum != 100 {
+        return Err(ValidationError::new(format!(
+            "traffic adds up to {sum}%, not 100%: e.g. --traffic 3=90,4=10"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `--traffic 3=90,4=10`.
+pub fn parse_traffic(s: &str) -> Result<Vec<TrafficTarget>, ValidationError> {
+    s.split(',')
+        .map(|part| {
+            let (v, p) = part.trim().split_once('=').ok_or_else(|| {
+                ValidationError::new(format!(
+                    "traffic {part:?} is not VERSION=PERCENT (e.g. 3=90,4=10)"
+                ))
+            })?;
+            let version = v.trim().parse().map_err(|_| {
+                ValidationError::new(format!("traffic {part:?}: {v:?} is not a version number"))
+            })?;
+            let percent = p.trim().trim_end_matches('%').parse().map_err(|_| {
+                ValidationError::new(format!("traffic {part:?}: {p:?} is not a percentage"))
+            })?;
+            Ok(TrafficTarget { version, percent })
+        })
+        .collect()
 }

@@ -25,7 +25,7 @@ pub async fn apply_function(
     use kube::api::{Api, Patch, PatchParams};
     let (deployment, service) = function_objects(ns, name, spec, image);
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let object_name = format!("fn-{name}");
+    let object_name = object_name(name);
     Api::<Deployment>::namespaced(client.clone(), ns)
         .patch(&object_name, &pp, &Patch::Apply(&deployment))
         .await?;
@@ -63,7 +63,7 @@ async fn apply_network_policy(
         delete_network_policy(client, ns, name).await
     } else {
         let policy = security::deny_egress(ns, name, labels(ns, name));
-        api.patch(&format!("fn-{name}"), pp, &Patch::Apply(&policy))
+        api.patch(&object_name(name), pp, &Patch::Apply(&policy))
             .await?;
         Ok(())
     }
@@ -85,7 +85,7 @@ pub async fn delete_function(
     name: &str,
 ) -> Result<(), kube::Error> {
     use kube::api::{Api, DeleteParams};
-    let object_name = format!("fn-{name}");
+    let object_name = object_name(name);
     gone(
         Api::<Deployment>::namespaced(client.clone(), ns)
             .delete(&object_name, &DeleteParams::background())
@@ -123,7 +123,7 @@ pub async fn apply_knative(
     let service = knative_service(ns, name, spec, image);
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     knative_api(client, ns)
-        .patch(&format!("fn-{name}"), &pp, &Patch::Apply(&service))
+        .patch(&object_name(name), &pp, &Patch::Apply(&service))
         .await?;
     apply_network_policy(client, ns, name, spec, &pp).await
 }
@@ -137,7 +137,7 @@ pub async fn delete_knative(
     gone(
         knative_api(client, ns)
             .delete(
-                &format!("fn-{name}"),
+                &object_name(name),
                 &kube::api::DeleteParams::background(),
             )
             .await,
@@ -155,7 +155,7 @@ async fn delete_network_policy(
     gone(
         kube::Api::<NetworkPolicy>::namespaced(client.clone(), ns)
             .delete(
-                &format!("fn-{name}"),
+                &object_name(name),
                 &kube::api::DeleteParams::background(),
             )
             .await,

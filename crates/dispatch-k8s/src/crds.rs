@@ -115,6 +115,7 @@ pub fn spec_schema(kind: Kind) -> JSONSchemaProps {
         Kind::JobTemplate => schema_of::<JobTemplateSpec>(),
         Kind::Subscription => schema_of::<SubscriptionSpec>(),
         Kind::EventDriver => schema_of::<EventDriverSpec>(),
+        Kind::Alias => schema_of::<dispatch_core::versions::AliasSpec>(),
     }
 }
 

@@ -38,10 +38,33 @@ pub const GROUP: &str = "dispatch.dev";
 /// The port `dispatch runner` listens on in function pods.
 pub const RUNNER_PORT: i32 = 8080;
 
-fn labels(ns: &str, function: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
+/// The name of a function's Deployment, Service and autoscaler: `fn-hello`; a version
+/// deployed beside the current build (`hello@3`, issue 23) is `fv-hello-3`, which no
+/// function's objects can be named.
+pub fn object_name(name: &str) -> String {
+    match dispatch_core::versions::split_deploy_name(name) {
+        (f, Some(v)) => format!("fv-{f}-{v}"),
+        _ => format!("fn-{name}"),
+    }
+}
+
+/// The labels of a function's objects, which also select its pods. A version deployed beside
+/// the current build is labelled `hello.v3` (a value no function name can be, so that neither
+/// selects the other's pods) and `dispatch.dev/version`.
+fn labels(ns: &str, name: &str) -> BTreeMap<String, String> {
+    let (function, version) = dispatch_core::versions::split_deploy_name(name);
+    let mut l = BTreeMap::from([
         ("app.kubernetes.io/managed-by".into(), "dispatch".into()),
         ("dispatch.dev/namespace".into(), ns.into()),
-        ("dispatch.dev/function".into(), function.into()),
-    ])
+    ]);
+    match version {
+        Some(v) => {
+            l.insert("dispatch.dev/function".into(), format!("{function}.v{v}"));
+            l.insert("dispatch.dev/version".into(), v.to_string());
+        }
+        None => {
+            l.insert("dispatch.dev/function".into(), function.into());
+        }
+    }
+    l
 }

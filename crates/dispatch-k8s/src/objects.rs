@@ -71,7 +71,7 @@ pub fn function_hpa(ns: &str, name: &str, spec: &Workload) -> Option<HorizontalP
     let (min, max) = spec.replicas();
     (max > min).then(|| HorizontalPodAutoscaler {
         metadata: ObjectMeta {
-            name: Some(format!("fn-{name}")),
+            name: Some(object_name(name)),
             namespace: Some(ns.into()),
             labels: Some(labels(ns, name)),
             ..Default::default()
@@ -80,7 +80,7 @@ pub fn function_hpa(ns: &str, name: &str, spec: &Workload) -> Option<HorizontalP
             scale_target_ref: CrossVersionObjectReference {
                 api_version: Some("apps/v1".into()),
                 kind: "Deployment".into(),
-                name: format!("fn-{name}"),
+                name: object_name(name),
             },
             min_replicas: Some(min as i32),
             max_replicas: max as i32,
@@ -182,7 +182,7 @@ pub fn function_objects(
         ..Default::default()
     };
     let meta = ObjectMeta {
-        name: Some(format!("fn-{name}")),
+        name: Some(object_name(name)),
         namespace: Some(ns.into()),
         labels: Some(labels.clone()),
         annotations: Some(BTreeMap::from([(
@@ -280,7 +280,7 @@ pub fn knative_service(
     let mut service = serde_json::json!({
         "apiVersion": "serving.knative.dev/v1",
         "kind": "Service",
-        "metadata": {"name": format!("fn-{name}"), "namespace": ns, "labels": labels(ns, name)},
+        "metadata": {"name": object_name(name), "namespace": ns, "labels": labels(ns, name)},
         "spec": {"template": {
             "metadata": {"labels": labels(ns, name), "annotations": {
                 "autoscaling.knative.dev/min-scale": spec.min_workers.to_string(),

@@ -149,7 +149,7 @@ fn restrict_container(c: &mut Container, default_resources: &ResourceRequirement
 pub fn deny_egress(ns: &str, name: &str, labels: BTreeMap<String, String>) -> NetworkPolicy {
     NetworkPolicy {
         metadata: ObjectMeta {
-            name: Some(format!("fn-{name}")),
+            name: Some(crate::object_name(name)),
             namespace: Some(ns.into()),
             labels: Some(labels.clone()),
             ..Default::default()

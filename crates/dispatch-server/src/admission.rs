@@ -3,6 +3,7 @@
 //! its secrets, an endpoint's function), a function's handler found in its source, the
 //! defaults the server decides filled in. Nothing is stored here.
 
+use dispatch_core::versions::AliasSpec;
 use dispatch_core::{
     BaseImageSpec, EndpointSpec, FunctionSpec, ImageSpec, Kind, Object, ValidationError,
 };
@@ -72,6 +73,8 @@ pub(crate) async fn admit(
     state.require_namespace(ns)?;
     obj.validate()?;
     // An endpoint, a subscription or an event driver names a function that must exist.
+    // An endpoint, a subscription or an event driver names a function (and an alias: `hello@prod`)
+    // that must exist; `hello@3` a version the function keeps.
     for (k, name) in obj.references() {
         if k == Kind::Function && state.get(ns, k, &name).await?.is_none() {
             return Err(unknown(
@@ -80,6 +83,21 @@ pub(crate) async fn admit(
                 ns,
                 "create it first (dispatch create function NAME PATH --image IMAGE)",
             ));
+        }
+        if k == Kind::Alias && state.get(ns, k, &name).await?.is_none() {
+            let (f, a) = dispatch_core::versions::AliasSpec::split_name(&name)?;
+            return Err(AdmitError::UnknownReference(format!(
+                "function {f:?} has no alias {a:?} in namespace {ns:?}: create it first (dispatch create alias {f} {a} --version N)"
+            )));
+        }
+    }
+    if kind != Kind::Alias {
+        for (k, name) in obj.references() {
+            if k == Kind::Function {
+                for v in obj.pinned_versions(&name) {
+                    check_kept(state, ns, &name, v).await?;
+                }
+            }
         }
     }
     match kind {
@@ -156,6 +174,21 @@ pub(crate) async fn admit(
                 )));
             }
         }
+        Kind::Alias => {
+            let mut spec: AliasSpec = obj.typed_spec()?;
+            let mut named: Vec<u32> = spec.versions().collect();
+            named.extend(spec.promotion.iter().flat_map(|p| p.from.iter().map(|t| t.version)));
+            for v in named {
+                check_kept(state, ns, &spec.function, v).await?;
+            }
+            let stored = state
+                .get(ns, Kind::Alias, obj.name())
+                .await?
+                .and_then(|o| o.typed_spec::<AliasSpec>().ok());
+            crate::versions::admit_alias(&mut spec, stored.as_ref());
+            obj.spec = serde_json::to_value(spec)
+                .map_err(|e| StateError::internal("encoding an alias", e))?;
+        }
         Kind::Endpoint => {
             let spec: EndpointSpec = obj.typed_spec()?;
             if let Some(msg) = state.routes().conflict(&spec, (ns, obj.name())) {
@@ -164,6 +197,15 @@ pub(crate) async fn admit(
         }
     }
     Ok(obj)
+}
+
+/// Refuses a version the function does not keep.
+async fn check_kept(state: &AppState, ns: &str, function: &str, v: u32) -> Result<(), AdmitError> {
+    match crate::versions::check_version(state, ns, function, v).await {
+        Ok(()) => Ok(()),
+        Err(crate::versions::VersionError::State(e)) => Err(e.into()),
+        Err(e) => Err(AdmitError::UnknownReference(e.to_string())),
+    }
 }
 
 async fn base_image_spec(

@@ -182,6 +182,7 @@ impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> Self {
         match e {
             QueueError::Invalid(e) => invalid(&e),
+            QueueError::Version(e) => e.into(),
             QueueError::State(e) => state(&e),
             QueueError::Full(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "QueueFull", e.to_string())
@@ -221,6 +222,8 @@ impl From<CallError> for ApiError {
             }
             CallError::PayloadTooLarge => ApiError::too_large(e.to_string()),
             CallError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            CallError::Version(e) => e.into(),
+            CallError::Invalid(e) => invalid(&e),
             CallError::BuildFailed { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "FunctionNotReady", e.to_string())
             }
@@ -230,6 +233,21 @@ impl From<CallError> for ApiError {
                 e.to_string(),
             )
             .with_retry_after(1),
+        }
+    }
+}
+
+impl From<crate::versions::VersionError> for ApiError {
+    fn from(e: crate::versions::VersionError) -> Self {
+        use crate::versions::VersionError;
+        match e {
+            VersionError::State(e) => state(&e),
+            VersionError::NoVersion { .. } | VersionError::NoAlias { .. } => {
+                ApiError::not_found(e.to_string())
+            }
+            VersionError::Unavailable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "VersionUnavailable", e.to_string())
+            }
         }
     }
 }

@@ -163,6 +163,12 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         Trigger::Endpoint,
     )
     .http(http);
+    // Only an endpoint to an alias reads the affinity key (a plain endpoint pays nothing).
+    let call = if m.route.function.contains('@') {
+        call.affinity(crate::versions::affinity_of(&parts.headers))
+    } else {
+        call
+    };
     if !blocking {
         // An async run (DESIGN §4): 202 with its id once it is durably queued; the handler
         // gets the same httpContext when it runs.

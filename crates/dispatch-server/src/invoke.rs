@@ -38,6 +38,12 @@ pub enum CallError {
         phase: String,
         why: String,
     },
+    /// A version or an alias it names is not there, or cannot be served.
+    #[error(transparent)]
+    Version(#[from] crate::versions::VersionError),
+    /// The function reference itself is not valid (`hello@`).
+    #[error(transparent)]
+    Invalid(dispatch_core::ValidationError),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -54,6 +60,8 @@ pub struct Invocation {
     pub event: Option<serde_json::Value>,
     /// Async only: where the final record is POSTed (before the function's `callbackUrl`).
     pub callback: Option<String>,
+    /// Keeps a caller on one version of an alias (`X-Dispatch-Affinity`, a cookie).
+    pub affinity: Option<String>,
 }
 
 impl Invocation {
@@ -66,7 +74,13 @@ impl Invocation {
             http: None,
             event: None,
             callback: None,
+            affinity: None,
         }
+    }
+
+    pub fn affinity(mut self, key: Option<String>) -> Self {
+        self.affinity = key;
+        self
     }
 
     pub fn http(mut self, http: serde_json::Value) -> Self {
@@ -230,14 +244,18 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, CallE
     if call.payload.get().len() > MAX_PAYLOAD_BYTES {
         return Err(CallError::PayloadTooLarge);
     }
-    let Some(deployed) = state.deployed(&call.namespace, &call.function) else {
-        return Err(not_ready(state, &call.namespace, &call.function).await);
-    };
+    let (deployed, function) = crate::versions::resolve(
+        state,
+        &call.namespace,
+        &call.function,
+        call.affinity.as_deref(),
+    )
+    .await?;
     let created = jiff::Timestamp::now();
     let mut run = Run::new(
         dispatch_core::run::new_run_id(),
         &call.namespace,
-        &call.function,
+        &function,
         call.trigger,
         call.payload,
         created,

@@ -38,6 +38,7 @@ pub mod state;
 mod state_error;
 pub mod tls;
 mod tokens;
+pub mod versions;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -130,6 +130,8 @@ pub struct AppState {
     /// ready (`/readyz`) until it has tried to deploy them all, so that a load balancer does
     /// not send calls to a server that would answer "being deployed" (a rolling restart).
     pub(crate) warming: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
+    /// Aliases and the versions deployed beside their functions' current builds (issue 23).
+    pub(crate) versions: crate::versions::Versions,
 }
 
 impl AppState {
@@ -196,6 +198,7 @@ impl AppState {
                 .as_ref()
                 .map(|d| crate::disk::DiskGuard::new(d, config.min_free_disk)),
             tokens: crate::tokens::Tokens::default(),
+            versions: Default::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
             event_index_rebuild: tokio::sync::Mutex::new(()),
@@ -518,6 +521,15 @@ impl AppState {
 
     pub fn deployed(&self, ns: &str, name: &str) -> Option<Arc<Deployed>> {
         self.deployed.read().get(ns)?.get(name).cloned()
+    }
+
+    /// The names deployed in a namespace (functions, and versions beside them: `hello@3`).
+    pub fn deployed_names(&self, ns: &str) -> Vec<String> {
+        self.deployed
+            .read()
+            .get(ns)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Digests of every function build serving calls now.

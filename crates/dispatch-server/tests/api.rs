@@ -860,13 +860,13 @@ async fn rollbacks_back_to_back_each_succeed_and_serve_their_version() {
     // Rollbacks one after the other, each while the controller deploys the one before.
     for i in 0..40u32 {
         let to = 1 + i % 2;
-        let r = c.rollback("f", Some(to)).await.unwrap();
+        let r = c.rollback("f", Some(to), None).await.unwrap();
         assert_eq!(r["version"], to);
     }
     // Then back and forth, each waiting for its first answer only.
     for _ in 0..10 {
         for (to, want) in [(1, "one"), (2, "two")] {
-            c.rollback("f", Some(to)).await.unwrap();
+            c.rollback("f", Some(to), None).await.unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             while answer().await != want {
                 assert!(

@@ -532,8 +532,9 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Records `v` as its function's next version unless a version with its digest exists
     /// (a rollback, a restart's redeploy); returns the number of the version with that digest.
-    /// Keeps the newest `keep` versions and that one; numbers are never given twice.
-    fn record_version(&self, v: &FunctionVersion, keep: usize) -> Result<u32>;
+    /// Keeps the newest `keep` versions, that one and those in `pinned` (named by an alias
+    /// or an endpoint); numbers are never given twice.
+    fn record_version(&self, v: &FunctionVersion, keep: usize, pinned: &[u32]) -> Result<u32>;
 
     /// A function's versions, newest first.
     fn list_versions(&self, namespace: &str, function: &str) -> Result<Vec<FunctionVersion>>;

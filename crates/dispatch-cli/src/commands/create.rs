@@ -162,6 +162,27 @@ pub enum What {
         #[arg(long)]
         expires: Option<String>,
     },
+    /// A name for versions of a function, with weighted traffic:
+    /// `dispatch create alias hello prod --version 3` or `--traffic 3=90,4=10`; call it as
+    /// `hello@prod` (exec, endpoints, subscriptions, event drivers). Stored as hello.prod.
+    #[command(disable_version_flag = true)]
+    Alias {
+        function: String,
+        alias: String,
+        /// All calls to this version
+        #[arg(
+            long = "version",
+            id = "alias_version",
+            value_name = "N",
+            conflicts_with = "traffic",
+            required_unless_present = "traffic"
+        )]
+        version: Option<u32>,
+        /// Calls split by weight: VERSION=PERCENT,… adding up to 100 (a caller that sends
+        /// X-Dispatch-Affinity or the dispatch-affinity cookie stays on one version)
+        #[arg(long, value_name = "V=P,…")]
+        traffic: Option<String>,
+    },
     /// An HTTP endpoint on the gateway: `dispatch create endpoint get-hello hello --method GET --path /hello`
     /// (`create api … -m POST -p /hello -a public`, Dispatch's spelling, works too)
     #[command(visible_alias = "api")]
@@ -368,6 +389,16 @@ impl Create {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
+            What::Alias {
+                function,
+                alias,
+                version,
+                traffic,
+            } => {
+                let spec = alias_spec(&function, version, traffic.as_deref())?;
+                let name = dispatch_core::versions::alias_object_name(&function, &alias);
+                (object(Kind::Alias, &ns, &name, &spec)?, false)
+            }
             What::Endpoint {
                 name,
                 function,
@@ -416,6 +447,24 @@ impl Create {
         report.finish()?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// An alias's spec from `--version` or `--traffic` (checked by the server too).
+pub fn alias_spec(
+    function: &str,
+    version: Option<u32>,
+    traffic: Option<&str>,
+) -> Result<dispatch_core::versions::AliasSpec> {
+    let traffic = match traffic {
+        Some(t) => dispatch_core::versions::parse_traffic(t).map_err(|e| anyhow::anyhow!("--traffic: {e}"))?,
+        None => Vec::new(),
+    };
+    Ok(dispatch_core::versions::AliasSpec {
+        function: function.to_string(),
+        version,
+        traffic,
+        promotion: None,
+    })
 }
 
 /// An object whose spec is the core's typed spec (what the server parses it back into).

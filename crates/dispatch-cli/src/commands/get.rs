@@ -271,6 +271,7 @@ impl Get {
                                     short_digest(digest),
                                     short_digest(v["spec"]["source"].as_str().unwrap_or("")),
                                     date_of(v["createdAt"].as_str().unwrap_or("")),
+                                    v["createdBy"].as_str().unwrap_or("-").to_string(),
                                     if serving.as_deref() == Some(digest) {
                                         "*".into()
                                     } else {
@@ -282,7 +283,7 @@ impl Get {
                         print!(
                             "{}",
                             table(
-                                &["VERSION", "DIGEST", "SOURCE", "CREATED", "SERVING"],
+                                &["VERSION", "DIGEST", "SOURCE", "CREATED", "BY", "SERVING"],
                                 &rows
                             )
                         )

@@ -19,6 +19,7 @@ pub mod get;
 pub mod k8s;
 pub mod login;
 pub mod logs;
+pub mod promote;
 pub mod quickstart;
 pub mod redeliver;
 pub mod rollback;

@@ -35,6 +35,25 @@ pub enum UpdateWhat {
         #[arg(long, value_name = "SIZE|default")]
         run_history_budget: String,
     },
+    /// Where an alias points: `dispatch update alias hello prod --traffic 3=50,4=50` (ends a
+    /// promotion under way)
+    #[command(disable_version_flag = true)]
+    Alias {
+        function: String,
+        alias: String,
+        /// All calls to this version
+        #[arg(
+            long = "version",
+            id = "alias_version",
+            value_name = "N",
+            conflicts_with = "traffic",
+            required_unless_present = "traffic"
+        )]
+        version: Option<u32>,
+        /// Calls split by weight: VERSION=PERCENT,… adding up to 100
+        #[arg(long, value_name = "V=P,…")]
+        traffic: Option<String>,
+    },
     /// New source (file or folder) and settings: a new digest, traffic moves when it is READY
     Function {
         name: String,
@@ -59,6 +78,20 @@ impl Update {
                 let data = data.data()?;
                 let mut o = c.get(Kind::Secret, &name).await?;
                 o.spec = serde_json::to_value(dispatch_core::SecretSpec { data })?;
+                let updated = c.update(&o).await?;
+                say(&updated, "updated");
+                return Ok(ExitCode::SUCCESS);
+            }
+            UpdateWhat::Alias {
+                function,
+                alias,
+                version,
+                traffic,
+            } => {
+                let name = dispatch_core::versions::alias_object_name(&function, &alias);
+                let mut o = c.get(Kind::Alias, &name).await?;
+                let spec = super::create::alias_spec(&function, version, traffic.as_deref())?;
+                o.spec = serde_json::to_value(spec)?;
                 let updated = c.update(&o).await?;
                 say(&updated, "updated");
                 return Ok(ExitCode::SUCCESS);

@@ -3,7 +3,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ValidationError;
-use crate::names::validate_name;
 
 /// HTTP methods an endpoint may route.
 pub const HTTP_METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
@@ -42,7 +41,7 @@ impl EndpointSpec {
     }
 
     pub(super) fn normalize(mut self) -> Result<Self, ValidationError> {
-        validate_name("function", &self.function)?;
+        crate::versions::validate_target(&self.function)?;
         if self.methods.is_empty() {
             self.methods.push("GET".to_string());
         }

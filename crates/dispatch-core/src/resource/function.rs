@@ -78,6 +78,9 @@ pub struct FunctionSpec {
     /// gets 429 (absent: the server's `--max-queued-per-function`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<u32>,
+    /// Versions kept besides those an alias or an endpoint names (default 10, at most 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_versions: Option<u32>,
     /// What a synchronous call leaves in the run history (`all` when absent). Async, event,
     /// cron and job runs are always recorded: they are the durable record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -168,6 +171,12 @@ impl HistoryPolicy {
 }
 
 impl FunctionSpec {
+    /// `spec.keepVersions`, or the default.
+    pub fn keep_versions(&self) -> usize {
+        self.keep_versions
+            .map_or(crate::versions::KEEP_VERSIONS, |k| k as usize)
+    }
+
     pub fn history_policy(&self) -> HistoryPolicy {
         HistoryPolicy {
             history: self.history.unwrap_or_default(),
@@ -415,6 +424,14 @@ impl FunctionSpec {
         self.timeout()?;
         self.idle_timeout()?;
         self.retry()?;
+        if let Some(k) = self.keep_versions
+            && !(1..=crate::versions::MAX_KEEP_VERSIONS).contains(&k)
+        {
+            return Err(ValidationError::new(format!(
+                "keepVersions {k} is not between 1 and {}",
+                crate::versions::MAX_KEEP_VERSIONS
+            )));
+        }
         self.resources.limits()?;
         if let Some(url) = &self.callback_url
             && !(url.starts_with("http://") || url.starts_with("https://"))

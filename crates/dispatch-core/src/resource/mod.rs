@@ -32,10 +32,12 @@ pub enum Kind {
     Secret,
     Subscription,
     EventDriver,
+    /// A named pointer to versions of a function (`hello@prod`), stored as `hello.prod`.
+    Alias,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::BaseImage,
         Kind::Image,
         Kind::Function,
@@ -44,6 +46,7 @@ impl Kind {
         Kind::Secret,
         Kind::Subscription,
         Kind::EventDriver,
+        Kind::Alias,
     ];
 
     /// The plural lower-case form used in API paths (`/v1/namespaces/{ns}/functions`).
@@ -57,6 +60,7 @@ impl Kind {
             Kind::Secret => "secrets",
             Kind::Subscription => "subscriptions",
             Kind::EventDriver => "eventdrivers",
+            Kind::Alias => "aliases",
         }
     }
 
@@ -71,6 +75,7 @@ impl Kind {
             Kind::Secret => "secret",
             Kind::Subscription => "subscription",
             Kind::EventDriver => "eventdriver",
+            Kind::Alias => "alias",
         }
     }
 
@@ -85,6 +90,7 @@ impl Kind {
             Kind::Secret => "secret",
             Kind::Subscription => "subscription",
             Kind::EventDriver => "event driver",
+            Kind::Alias => "alias",
         }
     }
 
@@ -98,6 +104,7 @@ impl Kind {
             Kind::Secret => "Secret",
             Kind::Subscription => "Subscription",
             Kind::EventDriver => "EventDriver",
+            Kind::Alias => "Alias",
         }
     }
 
@@ -109,14 +116,14 @@ impl Kind {
             .filter(|c| *c != '-' && *c != '_')
             .collect::<String>()
             .to_ascii_lowercase();
-        let singular = norm.strip_suffix('s').unwrap_or(&norm);
         // Dispatch called endpoints APIs.
-        if singular == "api" {
+        if norm == "api" || norm == "apis" {
             return Some(Kind::Endpoint);
         }
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.as_str().to_ascii_lowercase() == singular)
+        Kind::ALL.into_iter().find(|k| {
+            let singular = k.as_str().to_ascii_lowercase();
+            norm == singular || norm == k.plural() || norm.strip_suffix('s') == Some(&singular)
+        })
     }
 }
 
@@ -173,6 +180,10 @@ pub struct Metadata {
     pub updated_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    /// Who last wrote the spec (the API token's name), set by the server; what a function's
+    /// versions say made them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_by: Option<String>,
 }
 
 /// What the controller last made of the resource (written by the server, not by users).
@@ -284,7 +295,11 @@ impl Object {
                 self.api_version, self.kind
             )));
         }
-        validate_name(self.kind.human(), &self.metadata.name)?;
+        if self.kind == Kind::Alias {
+            crate::versions::AliasSpec::split_name(&self.metadata.name)?;
+        } else {
+            validate_name(self.kind.human(), &self.metadata.name)?;
+        }
         if let Some(ns) = &self.metadata.namespace {
             validate_name("namespace", ns)?;
         }
@@ -301,6 +316,10 @@ impl Object {
             Kind::EventDriver => normal(
                 self.typed_spec::<crate::events::EventDriverSpec>()?
                     .normalize()?,
+            ),
+            Kind::Alias => normal(
+                self.typed_spec::<crate::versions::AliasSpec>()?
+                    .normalize(&self.metadata.name)?,
             ),
             Kind::JobTemplate => {
                 let spec: crate::jobs::JobTemplateSpec = self.typed_spec()?;

@@ -80,7 +80,7 @@ impl KubernetesOptions {
             ready_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
             lease: None,
-            function_url: Arc::new(|ns, name| format!("http://fn-{name}.{ns}.svc")),
+            function_url: Arc::new(|ns, name| format!("http://{}.{ns}.svc", crate::object_name(name))),
             job_owners: false,
             live_logs: true,
             executions: false,
@@ -251,7 +251,7 @@ impl KubernetesBackend {
     async fn wait_ready(&self, ns: &str, name: &str) -> Result<(), BuildError> {
         use kube::api::Api;
         let api = Api::<Deployment>::namespaced(self.client.clone(), ns);
-        let object = format!("fn-{name}");
+        let object = crate::object_name(name);
         let deadline = Instant::now() + self.options.ready_timeout;
         loop {
             let d = api

@@ -15,6 +15,9 @@ use crate::GROUP;
 /// creation time).
 pub const UPDATED_AT: &str = "dispatch.dev/updated-at";
 
+/// The annotation that keeps a resource's `metadata.updatedBy` (who last wrote its spec).
+pub const UPDATED_BY: &str = "dispatch.dev/updated-by";
+
 /// How long [`CrStore::start`] waits for the first list of every kind.
 pub(super) const FIRST_SYNC: Duration = Duration::from_secs(60);
 
@@ -41,6 +44,9 @@ pub fn to_custom_resource(o: &Object) -> DynamicObject {
     let mut annotations = BTreeMap::new();
     if let Some(at) = o.metadata.updated_at {
         annotations.insert(UPDATED_AT.to_string(), at.to_string());
+    }
+    if let Some(who) = &o.metadata.updated_by {
+        annotations.insert(UPDATED_BY.to_string(), who.clone());
     }
     DynamicObject {
         types: Some(TypeMeta {
@@ -85,6 +91,11 @@ pub fn from_custom_resource(kind: Kind, cr: &DynamicObject) -> Object {
             created_at: created,
             updated_at: updated,
             resource_version: m.resource_version.clone(),
+            updated_by: m
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(UPDATED_BY))
+                .cloned(),
         },
         spec: cr
             .data

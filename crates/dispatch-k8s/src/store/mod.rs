@@ -260,10 +260,12 @@ impl ResourceStore for CrStore {
             }
             cr.metadata.labels =
                 (!object.metadata.labels.is_empty()).then(|| object.metadata.labels.clone());
-            cr.metadata
-                .annotations
-                .get_or_insert_default()
-                .insert(UPDATED_AT.into(), jiff::Timestamp::now().to_string());
+            let annotations = cr.metadata.annotations.get_or_insert_default();
+            annotations.insert(UPDATED_AT.into(), jiff::Timestamp::now().to_string());
+            match &object.metadata.updated_by {
+                Some(who) => annotations.insert(UPDATED_BY.into(), who.clone()),
+                None => annotations.remove(UPDATED_BY),
+            };
             cr.data["spec"] = object.spec.clone();
             match self.wait(
                 self.api(&ns, kind)

@@ -162,15 +162,23 @@ fn dry_run(q: &HashMap<String, String>) -> bool {
     q.get("dryRun").is_some_and(|v| v == "true" || v == "All")
 }
 
+/// Stamps who writes an object (`metadata.updatedBy`: the token's name; nothing when auth is
+/// off): a function's versions say who made them.
+pub(super) fn written_by(obj: &mut Object, who: Option<&Principal>) {
+    obj.metadata.updated_by = who.filter(|p| p.name != "-").map(|p| p.name.clone());
+}
+
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Path((ns, kind)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
+    who: Option<Extension<Principal>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
-    let obj: Object = parse_json(&body, "resource")?;
+    let mut obj: Object = parse_json(&body, "resource")?;
+    written_by(&mut obj, who.as_deref());
     let mut obj = admit(&state, &ns, kind, obj).await?;
     if dry_run(&q) {
         hide_secret(&mut obj);
@@ -185,11 +193,13 @@ pub async fn update(
     State(state): State<Arc<AppState>>,
     Path((ns, kind, name)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
+    who: Option<Extension<Principal>>,
     body: Bytes,
 ) -> Result<Json<Object>, ApiError> {
     check_namespace(&ns)?;
     let kind = kind_of(&kind)?;
-    let obj: Object = parse_json(&body, "resource")?;
+    let mut obj: Object = parse_json(&body, "resource")?;
+    written_by(&mut obj, who.as_deref());
     replace(&state, &ns, kind, &name, obj, dry_run(&q))
         .await
         .map(Json)
@@ -199,6 +209,7 @@ pub async fn update(
 pub async fn patch(
     State(state): State<Arc<AppState>>,
     Path((ns, kind, name)): Path<(String, String, String)>,
+    who: Option<Extension<Principal>>,
     body: Bytes,
 ) -> Result<Json<Object>, ApiError> {
     check_namespace(&ns)?;
@@ -216,8 +227,9 @@ pub async fn patch(
     let mut doc =
         serde_json::to_value(&current).map_err(|e| ApiError::internal("encoding an object", &e))?;
     merge_patch(&mut doc, &patch);
-    let obj: Object = serde_json::from_value(doc)
+    let mut obj: Object = serde_json::from_value(doc)
         .map_err(|e| ApiError::bad_request(format!("patched resource is not valid: {e}")))?;
+    written_by(&mut obj, who.as_deref());
     replace(&state, &ns, kind, &name, obj, false)
         .await
         .map(Json)

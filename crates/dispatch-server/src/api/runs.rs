@@ -95,6 +95,7 @@ pub async fn exec(
     State(state): State<Arc<AppState>>,
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<ExecQuery>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
@@ -119,7 +120,9 @@ pub async fn exec(
         if payload.get().len() > dispatch_core::MAX_PAYLOAD_BYTES {
             return Err(invoke::CallError::PayloadTooLarge.into());
         }
-        let inv = Invocation::new(&ns, &name, payload, Trigger::Exec).callback(callback_url);
+        let inv = Invocation::new(&ns, &name, payload, Trigger::Exec)
+            .callback(callback_url)
+            .affinity(crate::versions::affinity_of(&headers));
         let run = queue::enqueue(&state, inv).await?;
         return Ok(accepted(&run));
     }
@@ -128,8 +131,9 @@ pub async fn exec(
             "callbackUrl is for async runs: add ?wait=false",
         ));
     }
-    let answer =
-        invoke::execute(&state, Invocation::new(&ns, &name, payload, Trigger::Exec)).await?;
+    let inv = Invocation::new(&ns, &name, payload, Trigger::Exec)
+        .affinity(crate::versions::affinity_of(&headers));
+    let answer = invoke::execute(&state, inv).await?;
     let body = serde_json::to_string(&answer.envelope)
         .map_err(|e| ApiError::internal("encoding an envelope", &e))?;
     Ok(json_answer(StatusCode::OK, body, &answer.run_id))

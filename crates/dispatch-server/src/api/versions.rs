@@ -13,6 +13,8 @@ use dispatch_core::{Kind, Object};
 use serde::Deserialize;
 
 use super::check_namespace;
+use crate::auth::Principal;
+use axum::Extension;
 use crate::error::{ApiError, parse_json};
 use crate::state::AppState;
 
@@ -43,18 +45,36 @@ pub async fn list(
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     to: Option<u32>,
+    /// Also points this alias (all of its traffic) at the version, ending its promotion.
+    alias: Option<String>,
 }
 
 pub async fn rollback(
     State(state): State<Arc<AppState>>,
     Path((ns, name)): Path<(String, String)>,
+    who: Option<Extension<Principal>>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_namespace(&ns)?;
     let b: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
         RollbackBody::default()
     } else {
-        parse_json(&body, "rollback request (expected {\"to\": N}, or nothing)")?
+        parse_json(
+            &body,
+            "rollback request (expected {\"to\": N, \"alias\": \"prod\"}, or nothing)",
+        )?
+    };
+    let alias = match &b.alias {
+        None => None,
+        Some(a) => {
+            let stored = dispatch_core::versions::alias_object_name(&name, a);
+            let found = state.get(&ns, Kind::Alias, &stored).await?;
+            Some(found.ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "function {name:?} has no alias {a:?}: `dispatch get aliases` lists them"
+                ))
+            })?)
+        }
     };
     // The controller's status writes move the function's resourceVersion too: a conflict
     // with one of them is read again and tried again (a few times); one with another spec
@@ -71,6 +91,7 @@ pub async fn rollback(
         let target = target_of(&f, &versions_of(&state, &ns, &name).await?, b.to, &name)?;
         let mut back = f.clone();
         back.spec = target.spec.clone();
+        super::resources::written_by(&mut back, who.as_deref());
         match super::resources::replace(&state, &ns, Kind::Function, &name, back, false).await {
             Ok(stored) => break (target, stored),
             Err(e) if e.status == axum::http::StatusCode::CONFLICT => {
@@ -80,10 +101,29 @@ pub async fn rollback(
             Err(e) => return Err(e),
         }
     };
+    // The alias follows in the same call: all its traffic to the version, no promotion.
+    let alias = match alias {
+        None => None,
+        Some(mut a) => {
+            let mut spec: dispatch_core::versions::AliasSpec = a.typed_spec()?;
+            spec.traffic = vec![dispatch_core::versions::TrafficTarget {
+                version: target.version,
+                percent: 100,
+            }];
+            spec.promotion = None;
+            a.spec = serde_json::to_value(spec)
+                .map_err(|e| ApiError::internal("encoding an alias", &e))?;
+            super::resources::written_by(&mut a, who.as_deref());
+            a.metadata.resource_version = None;
+            let n = a.name().to_string();
+            Some(super::resources::replace(&state, &ns, Kind::Alias, &n, a, false).await?)
+        }
+    };
     Ok(Json(serde_json::json!({
         "version": target.version,
         "digest": target.digest,
         "function": stored,
+        "alias": alias,
     })))
 }
 

@@ -124,6 +124,7 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
         Kind::JobTemplate => reconcile_job_template(&state, &key).await,
         Kind::Secret => reconcile_secret(&state, &key).await,
         Kind::Subscription | Kind::EventDriver => reconcile_event_object(&state, &key).await,
+        Kind::Alias => crate::versions::reconcile_alias(&state, &key).await,
     };
     if let Err(e) = res {
         tracing::error!(kind = %key.kind, name = %key.name, namespace = %key.namespace, "reconcile failed: {e}");
@@ -138,7 +139,7 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
 }
 
 /// Writes a status unless it is already the stored one; a deleted object is not an error.
-async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), ReconcileError> {
+pub(crate) async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), ReconcileError> {
     if o.status == status {
         return Ok(());
     }
@@ -154,7 +155,7 @@ async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), 
     Ok(())
 }
 
-fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &Object) -> Status {
+pub(crate) fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &Object) -> Status {
     Status {
         phase: Some(phase),
         reason: reason.into(),
@@ -231,51 +232,87 @@ async fn dependents(
     Ok(())
 }
 
-async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
-    let Some(o) = state.get(&key.namespace, Kind::Function, &key.name).await? else {
-        state.set_deployed(&key.namespace, &key.name, None);
-        state
-            .backend
-            .remove_function(&key.namespace, &key.name)
-            .await;
-        return Ok(());
-    };
-    let fail = |reason: String| status(Phase::Error, reason, None, &o);
+/// A function's build ready to hand to the backend: what [`plan`] makes of a function object
+/// (the function itself, or one of its versions).
+pub(crate) struct Planned {
+    pub deploy: FunctionDeploy,
+    pub digest: String,
+    pub spec: FunctionSpec,
+    pub secrets: serde_json::Map<String, serde_json::Value>,
+    pub timeout: std::time::Duration,
+}
+
+impl Planned {
+    /// What the server keeps of the build once the backend serves it.
+    pub fn deployed(self, handle: dispatch_runtime::FunctionHandle, version: Option<u32>) -> Deployed {
+        let spec = &self.spec;
+        Deployed {
+            handle,
+            secrets: Arc::new(self.secrets),
+            digest: self.digest,
+            version,
+            timeout: self.timeout,
+            max_workers: spec.max_workers(),
+            retry: spec.retry().unwrap_or_default(),
+            callback_url: spec.callback_url.clone(),
+            max_queued: spec.max_queued.map(|n| n as usize),
+            history: spec.history_policy(),
+        }
+    }
+}
+
+/// Why a function cannot be planned now.
+pub(crate) enum Unplanned {
+    /// Its image is not READY yet.
+    Waiting(String),
+    /// Something it names is missing or failed: its ERROR reason.
+    Failed(String),
+}
+
+/// Everything a function's deploy needs, read from the objects it names: image, base image,
+/// secrets, source archive. `mark` makes the function CREATING when its digest changed.
+pub(crate) async fn plan(
+    state: &AppState,
+    o: &Object,
+    mark: bool,
+) -> Result<Result<Planned, Unplanned>, ReconcileError> {
+    let fail = |reason: String| Ok(Err(Unplanned::Failed(reason)));
     let spec: FunctionSpec = match o.typed_spec() {
         Ok(s) => s,
-        Err(e) => return set_status(state, &o, fail(e.message)).await,
+        Err(e) => return fail(e.message),
     };
     let Some(image) = state.get(o.namespace(), Kind::Image, &spec.image).await? else {
-        let reason = format!(
+        return fail(format!(
             "image {:?} not found in namespace {:?}",
             spec.image,
             o.namespace()
-        );
-        return set_status(state, &o, fail(reason)).await;
+        ));
     };
     match image.phase() {
         Some(Phase::Ready) => {}
         Some(Phase::Error) => {
-            let reason = format!("image {:?} failed: {}", image.name(), image.status.reason);
-            return set_status(state, &o, fail(reason)).await;
+            return fail(format!(
+                "image {:?} failed: {}",
+                image.name(),
+                image.status.reason
+            ));
         }
         _ => {
             let reason = format!("waiting for image {:?}", image.name());
-            let s = status(Phase::Initialized, reason, o.status.digest.clone(), &o);
-            return set_status(state, &o, s).await;
+            return Ok(Err(Unplanned::Waiting(reason)));
         }
     }
     let image_spec: ImageSpec = match image.typed_spec() {
         Ok(s) => s,
-        Err(e) => return set_status(state, &o, fail(e.message)).await,
+        Err(e) => return fail(e.message),
     };
     let (base_obj, base_spec) = match image_base(state, o.namespace(), &image_spec).await? {
         Ok(b) => b,
-        Err(reason) => return set_status(state, &o, fail(reason)).await,
+        Err(reason) => return fail(reason),
     };
     let build = match image_plan(&image_spec, &base_obj, &base_spec) {
         Ok((_, build)) => build,
-        Err(e) => return set_status(state, &o, fail(e.message)).await,
+        Err(e) => return fail(e.message),
     };
     let image_has_deps = build.runtime_dependencies.is_some();
     let d = function_digest(
@@ -285,29 +322,28 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         &spec,
     );
     let changed = o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d);
-    if changed {
-        mark_creating(state, &o, "building").await?;
+    if mark && changed {
+        mark_creating(state, o, "building").await?;
     }
     let (timeout, idle_timeout) = match (spec.timeout(), spec.idle_timeout()) {
         (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => return set_status(state, &o, fail(e.message)).await,
+        (Err(e), _) | (_, Err(e)) => return fail(e.message),
     };
     // Secrets: every one must exist and open; a missing one is an ERROR, never an empty value.
     let mut secrets = serde_json::Map::new();
     for name in &spec.secrets {
         let Some(sec) = state.get(o.namespace(), Kind::Secret, name).await? else {
-            let reason = format!(
+            return fail(format!(
                 "secret {name:?} not found in namespace {:?}: create it (dispatch create secret {name} …)",
                 o.namespace()
-            );
-            return set_status(state, &o, fail(reason)).await;
+            ));
         };
         match state.secrets.open_object(&sec) {
             Ok(data) => secrets.extend(
                 data.into_iter()
                     .map(|(k, v)| (k, serde_json::Value::String(v))),
             ),
-            Err(e) => return set_status(state, &o, fail(e.to_string())).await,
+            Err(e) => return fail(e.to_string()),
         }
     }
     // On a store other servers share, the image may be READY because another server built
@@ -316,26 +352,18 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         let digest = image.status.digest.clone().unwrap_or_default();
         let progress: dispatch_runtime::Progress = Arc::new(|_: &str| {});
         if let Err(e) = state.backend.build_image(&digest, &build, progress).await {
-            let reason = format!("image {:?} failed on this server: {e}", image.name());
-            return set_status(state, &o, fail(reason)).await;
+            return fail(format!("image {:?} failed on this server: {e}", image.name()));
         }
     }
     let source = spec.source.clone().unwrap_or_default();
     let archive = match state.blob(&source).await {
         Ok(Some(a)) => a,
         Ok(None) => {
-            return set_status(
-                state,
-                &o,
-                fail(format!(
-                    "source archive {source} is not stored: upload the source again"
-                )),
-            )
-            .await;
+            return fail(format!(
+                "source archive {source} is not stored: upload the source again"
+            ));
         }
-        Err(e) => {
-            return set_status(state, &o, fail(format!("source archive unreadable: {e}"))).await;
-        }
+        Err(e) => return fail(format!("source archive unreadable: {e}")),
     };
     let deploy = FunctionDeploy {
         namespace: o.namespace().to_string(),
@@ -358,7 +386,39 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         container: spec.isolation == Some(dispatch_core::resource::FunctionIsolation::Container),
         steps: Steps::default(),
     };
+    Ok(Ok(Planned {
+        deploy,
+        digest: d,
+        spec,
+        secrets,
+        timeout,
+    }))
+}
+
+async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
+    let Some(o) = state.get(&key.namespace, Kind::Function, &key.name).await? else {
+        crate::versions::forget_function(state, &key.namespace, &key.name).await;
+        state.set_deployed(&key.namespace, &key.name, None);
+        state
+            .backend
+            .remove_function(&key.namespace, &key.name)
+            .await;
+        return Ok(());
+    };
+    let planned = match plan(state, &o, true).await? {
+        Ok(p) => p,
+        Err(Unplanned::Failed(reason)) => {
+            return set_status(state, &o, status(Phase::Error, reason, None, &o)).await;
+        }
+        Err(Unplanned::Waiting(reason)) => {
+            let s = status(Phase::Initialized, reason, o.status.digest.clone(), &o);
+            return set_status(state, &o, s).await;
+        }
+    };
+    let d = planned.digest.clone();
+    let changed = o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d);
     // A container function's base image pull reports its layers as the CREATING reason.
+    let deploy = planned.deploy.clone();
     let deployed = with_steps(state, &o, o.status.digest.clone(), changed, |p| {
         state.backend.deploy_function(FunctionDeploy {
             steps: Steps::to(p),
@@ -370,46 +430,19 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         Ok(handle) => {
             let image = handle.image().map(str::to_string);
             // A build with a new digest is the function's next version (issue 23); the same
-            // build again (a restart, a rollback) keeps its number.
-            let version = dispatch_core::versions::FunctionVersion {
-                namespace: o.namespace().to_string(),
-                function: o.name().to_string(),
-                version: 0,
-                digest: d.clone(),
-                spec: o.spec.clone(),
-                generation: o.metadata.generation,
-                created_at: jiff::Timestamp::now(),
-            };
-            let keep = dispatch_core::versions::KEEP_VERSIONS;
-            // Recorded before traffic switches, so that every run it serves names it.
-            let version = match state.db(move |s| s.record_version(&version, keep)).await {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!(function = %o.name(), namespace = %o.namespace(), "recording the function's version: {e}");
-                    None
-                }
-            };
-            state.set_deployed(
-                o.namespace(),
-                o.name(),
-                Some(Deployed {
-                    handle,
-                    secrets: Arc::new(secrets),
-                    digest: d.clone(),
-                    version,
-                    timeout,
-                    max_workers: spec.max_workers(),
-                    retry: spec.retry().unwrap_or_default(),
-                    callback_url: spec.callback_url.clone(),
-                    max_queued: spec.max_queued.map(|n| n as usize),
-                    history: spec.history_policy(),
-                }),
-            );
+            // build again (a restart, a rollback) keeps its number. Recorded before traffic
+            // switches, so that every run it serves names it.
+            let version = crate::versions::record(state, &o, &planned).await;
+            state.set_deployed(o.namespace(), o.name(), Some(planned.deployed(handle, version)));
+            if let Some(v) = version {
+                // Served as the function now: a deploy of that version beside it is not needed.
+                crate::versions::undeploy(state, o.namespace(), o.name(), v).await;
+            }
             let mut ready = status(Phase::Ready, "", Some(d), &o);
             ready.image = image;
             set_status(state, &o, ready).await
         }
-        Err(e) => set_status(state, &o, fail(e.to_string())).await,
+        Err(e) => set_status(state, &o, status(Phase::Error, e.to_string(), None, &o)).await,
     }
 }
 

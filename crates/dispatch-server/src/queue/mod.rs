@@ -64,6 +64,9 @@ pub enum QueueError {
     NotStored,
     #[error(transparent)]
     Invalid(#[from] dispatch_core::ValidationError),
+    /// A version or an alias it names is not there.
+    #[error(transparent)]
+    Version(#[from] crate::versions::VersionError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
 }

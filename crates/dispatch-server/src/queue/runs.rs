@@ -164,7 +164,28 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
             return;
         }
     };
-    let Some(deployed) = state.deployed(&run.namespace, &run.function) else {
+    let deployed = match run.pinned_version {
+        None => state.deployed(&run.namespace, &run.function),
+        Some(v) => match crate::versions::deployment(&state, &run.namespace, &run.function, v).await {
+            Ok(d) => Some(d),
+            // The version is gone (or cannot be built again): the run cannot run, ever.
+            Err(e @ (crate::versions::VersionError::NoVersion { .. }
+            | crate::versions::VersionError::Unavailable { .. })) => {
+                slot.2 = false;
+                if q.finish(&id) {
+                    run.error = Some(ErrorObject::system(e.to_string()));
+                    run.status = RunStatus::Dead;
+                    finalize(&state, run).await;
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("async run {}: {e}", run.id);
+                None
+            }
+        },
+    };
+    let Some(deployed) = deployed else {
         slot.2 = false;
         if !q.finish(&id) {
             return;
@@ -300,7 +321,19 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         http,
         event,
         callback: callback_url,
+        affinity,
     } = inv;
+    // `hello@3`, `hello@prod`: the version is chosen now and every attempt runs it.
+    let (function, pinned) = if function.contains('@') {
+        let t = dispatch_core::versions::Target::parse(&function)?;
+        let pinned = crate::versions::version_of(state, &namespace, &t, affinity.as_deref())?;
+        if let Some(v) = pinned {
+            crate::versions::check_version(state, &namespace, &t.function, v).await?;
+        }
+        (t.function, pinned)
+    } else {
+        (function, None)
+    };
     let (ns, function) = (namespace.as_str(), function.as_str());
     let (spec_callback, max_queued) = match state.deployed(ns, function) {
         Some(d) => (d.callback_url.clone(), d.max_queued),
@@ -332,6 +365,7 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         .admit(&id, &key, payload.get().len() as u64, max_queued)?;
     let mut run = Run::new(id, ns, function, trigger, payload, state.queue.clock.now());
     run.is_async = true;
+    run.pinned_version = pinned;
     run.replica = state.replica.id();
     run.event = event;
     run.http_context = http;

@@ -549,7 +549,7 @@ impl RecordStore for PgStore {
         )
     }
 
-    fn record_version(&self, v: &FunctionVersion, keep: usize) -> Result<u32> {
+    fn record_version(&self, v: &FunctionVersion, keep: usize, pinned: &[u32]) -> Result<u32> {
         let mut conn = self.conn()?;
         let mut tx = conn.transaction()?;
         let (ns, f) = (v.namespace.as_str(), v.function.as_str());
@@ -590,13 +590,15 @@ impl RecordStore for PgStore {
                 next
             }
         };
-        // The newest `keep`, and the one this build is.
+        // The newest `keep`, the one this build is and the pinned ones.
+        let pinned: Vec<i64> = pinned.iter().map(|&p| i64::from(p)).collect();
         tx.execute(
             "DELETE FROM function_versions WHERE namespace = $1 AND function = $2
                AND version <> $3 AND version NOT IN (
                  SELECT version FROM function_versions WHERE namespace = $1 AND function = $2
-                 ORDER BY version DESC LIMIT $4)",
-            &[&ns, &f, &n, &(keep as i64)],
+                 ORDER BY version DESC LIMIT $4)
+               AND version <> ALL($5)",
+            &[&ns, &f, &n, &(keep as i64), &pinned],
         )?;
         tx.commit()?;
         Ok(n as u32)

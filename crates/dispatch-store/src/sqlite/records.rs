@@ -483,7 +483,7 @@ impl RecordStore for SqliteStore {
         )
     }
 
-    fn record_version(&self, v: &FunctionVersion, keep: usize) -> Result<u32> {
+    fn record_version(&self, v: &FunctionVersion, keep: usize, pinned: &[u32]) -> Result<u32> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let (ns, f) = (v.namespace.as_str(), v.function.as_str());
@@ -523,13 +523,14 @@ impl RecordStore for SqliteStore {
                 next
             }
         };
-        // The newest `keep`, and the one this build is.
+        // The newest `keep`, the one this build is and the pinned ones.
         tx.execute(
             "DELETE FROM function_versions WHERE namespace = ?1 AND function = ?2
                AND version <> ?3 AND version NOT IN (
                  SELECT version FROM function_versions WHERE namespace = ?1 AND function = ?2
-                 ORDER BY version DESC LIMIT ?4)",
-            params![ns, f, n, keep as i64],
+                 ORDER BY version DESC LIMIT ?4)
+               AND version NOT IN (SELECT value FROM json_each(?5))",
+            params![ns, f, n, keep as i64, serde_json::to_string(pinned)?],
         )?;
         tx.commit()?;
         Ok(n)
