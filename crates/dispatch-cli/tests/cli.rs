@@ -2128,3 +2128,108 @@ fn versions_are_kept_and_rollback_serves_an_earlier_build() {
     assert_eq!(numbers(), [1]);
     assert_eq!(says(), "four");
 }
+
+/// Versions, aliases and promotion from the command line (issue 23): `exec f@N`, `create
+/// alias … --traffic`, `get aliases`, `kind: Alias` in `apply -f` (applied with the function
+/// it names, which it waits for), `promote --wait`, `rollback --alias`, and who made each
+/// version (the token's name).
+#[test]
+fn aliases_and_promotion_from_the_command_line() {
+    let s = ServerProc::start();
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let code = |text: &str| s.python_returning(text);
+    let create = |text: &str| {
+        s.ok(&[
+            "create",
+            "function",
+            "f",
+            &code(text),
+            "--image",
+            "py",
+            "--handler",
+            "v.handle",
+            "--wait",
+        ])
+    };
+    let says = |target: &str| {
+        let (ok, out) = s.exec(target, "null");
+        assert!(ok, "{target}: {out}");
+        out["payload"].as_str().unwrap_or_default().to_string()
+    };
+    create("one");
+    s.ok(&["update", "function", "f", &code("two"), "--wait"]);
+    assert_eq!(
+        (says("f@1"), says("f@2"), says("f")),
+        ("one".into(), "two".into(), "two".into())
+    );
+    let versions = s.json(&["get", "versions", "f", "-o", "json"]);
+    let whoami = s.json(&["whoami", "-o", "json"]);
+    assert_eq!(
+        versions[0]["createdBy"], whoami["name"],
+        "{versions} / {whoami}"
+    );
+    let e = s.fails(&["exec", "f@7"]);
+    assert!(e.contains("no version 7"), "{e}");
+
+    let out = s.ok(&["create", "alias", "f", "prod", "--traffic", "1=90,2=10"]);
+    assert!(out.contains("alias/f.prod created"), "{out}");
+    let table = s.ok(&["get", "aliases"]);
+    assert!(
+        table.contains("f.prod") && table.contains("1=90%,2=10%"),
+        "{table}"
+    );
+    let e = s.fails(&["create", "alias", "f", "beta", "--traffic", "1=90,2=20"]);
+    assert!(e.contains("110%"), "{e}");
+    let e = s.fails(&["create", "alias", "f", "beta"]);
+    assert!(e.contains("--version") || e.contains("--traffic"), "{e}");
+    s.ok(&["update", "alias", "f", "prod", "--version", "1"]);
+    assert_eq!(says("f@prod"), "one");
+
+    // A manifest with a function and an alias of it.
+    let dir = s.dir.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("g.py"),
+        "def handle(context, payload):\n    return 'gee'\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("m.yaml"),
+        "apiVersion: dispatch.dev/v1\nkind: Function\nmetadata:\n  name: g\nspec:\n  image: py\n  \
+         handler: g.handle\n  sourcePath: g.py\n---\napiVersion: dispatch.dev/v1\nkind: Alias\n\
+         metadata:\n  name: g.live\nspec:\n  traffic:\n  - version: 1\n    percent: 100\n",
+    )
+    .unwrap();
+    let out = s.ok(&["apply", "-f", dir.join("m.yaml").to_str().unwrap()]);
+    assert!(
+        out.contains("function/g created") && out.contains("alias/g.live created"),
+        "{out}"
+    );
+    assert_eq!(says("g@live"), "gee");
+    let out = s.ok(&["apply", "-f", dir.join("m.yaml").to_str().unwrap()]);
+    assert!(out.contains("alias/g.live unchanged"), "{out}");
+
+    // A promotion to a version that answers, followed to its end.
+    let out = s.ok(&[
+        "promote", "f", "--alias", "prod", "--to", "2", "--step", "50%", "--every", "200ms",
+        "--wait",
+    ]);
+    assert!(out.contains("promotion to 2 done"), "{out}");
+    assert_eq!(says("f@prod"), "two");
+    let e = s.fails(&[
+        "promote", "f", "--alias", "prod", "--to", "2", "--step", "0%",
+    ]);
+    assert!(e.contains("--step"), "{e}");
+
+    // Rollback moves the function and the alias in one call.
+    let out = s.ok(&["rollback", "f", "--to", "1", "--alias", "prod", "--wait"]);
+    assert!(
+        out.contains("rolled back to version 1")
+            && out.contains("alias/f.prod points to version 1"),
+        "{out}"
+    );
+    assert_eq!((says("f"), says("f@prod")), ("one".into(), "one".into()));
+    s.ok(&["delete", "alias", "f.prod"]);
+    let e = s.fails(&["exec", "f@prod"]);
+    assert!(e.contains("no alias"), "{e}");
+}

@@ -70,9 +70,11 @@ impl Object {
         };
         match self.kind {
             Kind::Endpoint => target(self.typed_spec::<EndpointSpec>().ok().map(|s| s.function)),
-            Kind::Subscription => {
-                target(self.typed_spec::<SubscriptionSpec>().ok().map(|s| s.function))
-            }
+            Kind::Subscription => target(
+                self.typed_spec::<SubscriptionSpec>()
+                    .ok()
+                    .map(|s| s.function),
+            ),
             Kind::EventDriver => target(
                 self.typed_spec::<EventDriverSpec>()
                     .ok()

@@ -144,6 +144,7 @@ pub fn split_deploy_name(name: &str) -> (&str, Option<u32>) {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficTarget {
+    /// A version of the function (`dispatch get versions FUNCTION`).
     pub version: u32,
     /// Its share of calls in percent (all of an alias's add up to 100).
     pub percent: u32,
@@ -274,9 +275,8 @@ impl AliasSpec {
                     p.step
                 )));
             }
-            crate::duration::parse_duration(&p.every).map_err(|e| {
-                ValidationError::new(format!("promotion every {:?}: {e}", p.every))
-            })?;
+            crate::duration::parse_duration(&p.every)
+                .map_err(|e| ValidationError::new(format!("promotion every {:?}: {e}", p.every)))?;
             if !(0.0..=100.0).contains(&p.max_error_rate) || p.max_error_rate.is_nan() {
                 return Err(ValidationError::new(format!(
                     "promotion maxErrorRate {} is not a percentage between 0 and 100",

@@ -136,10 +136,7 @@ pub async fn delete_knative(
 ) -> Result<(), kube::Error> {
     gone(
         knative_api(client, ns)
-            .delete(
-                &object_name(name),
-                &kube::api::DeleteParams::background(),
-            )
+            .delete(&object_name(name), &kube::api::DeleteParams::background())
             .await,
     )?;
     delete_network_policy(client, ns, name).await
@@ -154,10 +151,7 @@ async fn delete_network_policy(
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     gone(
         kube::Api::<NetworkPolicy>::namespaced(client.clone(), ns)
-            .delete(
-                &object_name(name),
-                &kube::api::DeleteParams::background(),
-            )
+            .delete(&object_name(name), &kube::api::DeleteParams::background())
             .await,
     )
 }

@@ -589,3 +589,78 @@ async fn the_scheduler_lease_is_taken_renewed_and_respected() {
     assert!(!step(&client, &cfg, now).await.unwrap(), "5: lost the race");
     cluster.await.unwrap();
 }
+
+/// A version deployed beside the function's current build (`hello@3`, issue 23) is a
+/// Deployment and a Service of its own (`fv-hello-3`), whose pods neither selects the
+/// function's, nor the function's selector them.
+#[tokio::test]
+async fn a_version_beside_the_current_build_has_objects_of_its_own() {
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (want_d, want_s) = function_objects("default", "hello@3", &Workload::of(&spec()), &image());
+    let want_d = serde_json::to_value(want_d).unwrap();
+    let want_s = serde_json::to_value(want_s).unwrap();
+    let (main_d, _) = function_objects("default", "hello", &Workload::of(&spec()), &image());
+    let main_d = serde_json::to_value(main_d).unwrap();
+    let selects = |selector: &serde_json::Value, pod: &serde_json::Value| {
+        selector["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod["metadata"]["labels"][k] == *v)
+    };
+    let pod = |d: &serde_json::Value| d["spec"]["template"].clone();
+    assert!(selects(&want_d["spec"]["selector"], &pod(&want_d)));
+    assert!(
+        !selects(&main_d["spec"]["selector"], &pod(&want_d)),
+        "{want_d}"
+    );
+    assert!(
+        !selects(&want_d["spec"]["selector"], &pod(&main_d)),
+        "{main_d}"
+    );
+    assert_eq!(
+        pod(&want_d)["metadata"]["labels"]["dispatch.dev/version"],
+        "3"
+    );
+    let server = tokio::spawn(async move {
+        let (m, uri, body) = answer(&mut handle, 200, want_d.clone()).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with("/apis/apps/v1/namespaces/default/deployments/fv-hello-3?"),
+            "{uri}"
+        );
+        assert_eq!(body, want_d);
+        let (m, uri, body) = answer(&mut handle, 200, want_s.clone()).await;
+        assert_eq!(m, Method::PATCH);
+        assert!(
+            uri.starts_with("/api/v1/namespaces/default/services/fv-hello-3?"),
+            "{uri}"
+        );
+        assert_eq!(
+            body["spec"]["selector"]["dispatch.dev/function"],
+            "hello.v3"
+        );
+        for _ in 0..2 {
+            let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+            assert!(m == Method::DELETE && uri.contains("/fv-hello-3"), "{uri}");
+        }
+        for _ in 0..4 {
+            let (m, uri, _) = answer(&mut handle, 404, not_found()).await;
+            assert!(m == Method::DELETE && uri.contains("/fv-hello-3"), "{uri}");
+        }
+    });
+    apply_function(
+        &client,
+        "default",
+        "hello@3",
+        &Workload::of(&spec()),
+        &image(),
+    )
+    .await
+    .unwrap();
+    delete_function(&client, "default", "hello@3")
+        .await
+        .unwrap();
+    server.await.unwrap();
+}

@@ -293,8 +293,8 @@ fn install_objects_are_valid_and_least_privilege() {
     assert_eq!(
         granted,
         [
-            "dispatch.dev/baseimages,images,functions,endpoints,jobtemplates,secrets,subscriptions,eventdrivers: get,list,watch,create,update,delete",
-            "dispatch.dev/baseimages/status,images/status,functions/status,endpoints/status,jobtemplates/status,secrets/status,subscriptions/status,eventdrivers/status: update",
+            "dispatch.dev/baseimages,images,functions,endpoints,jobtemplates,secrets,subscriptions,eventdrivers,aliases: get,list,watch,create,update,delete",
+            "dispatch.dev/baseimages/status,images/status,functions/status,endpoints/status,jobtemplates/status,secrets/status,subscriptions/status,eventdrivers/status,aliases/status: update",
             "dispatcher.ivan.vc/jobexecutions: get,list,watch",
             "dispatcher.ivan.vc/jobexecutions/status: patch",
             "/namespaces: create",
@@ -562,6 +562,7 @@ fn refused(path: &str, v: &serde_json::Value, s: &serde_json::Value, errors: &mu
             v.is_string() && allowed
         }
         "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
         "boolean" => v.is_boolean(),
         other => panic!("{path}: type {other}"),
     };
@@ -704,6 +705,19 @@ fn stored_specs_fit_their_crds() {
         let errors = misfits(kind, "spec", &o.spec);
         assert!(errors.is_empty(), "{kind} {}: {errors:#?}", o.spec);
     }
+    // An alias (named FUNCTION.ALIAS) with traffic and a promotion as the server stores it.
+    let mut a = Object::new(
+        Kind::Alias,
+        "default",
+        "hello.prod",
+        json!({"traffic": [{"version": 3, "percent": 90}, {"version": 4, "percent": 10}],
+        "promotion": {"to": 4, "step": 10, "every": "1m", "maxErrorRate": 1.5, "minCalls": 20,
+        "startedAt": "2026-12-07T10:00:00Z", "from": [{"version": 3, "percent": 100}]}}),
+    );
+    a.validate().unwrap();
+    assert_eq!(a.spec["function"], "hello");
+    let errors = misfits(Kind::Alias, "spec", &a.spec);
+    assert!(errors.is_empty(), "alias {}: {errors:#?}", a.spec);
     let sealed = serde_json::to_value(dispatch_core::SealedSecret {
         keys: vec!["password".into()],
         sealed: "bm9uY2U=".into(),

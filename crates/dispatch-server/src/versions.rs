@@ -69,10 +69,9 @@ impl From<ReconcileError> for VersionError {
     fn from(e: ReconcileError) -> Self {
         match e {
             ReconcileError::State(s) => VersionError::State(s),
-            ReconcileError::Invalid(v) => VersionError::State(StateError::internal(
-                "reading a version's settings",
-                v,
-            )),
+            ReconcileError::Invalid(v) => {
+                VersionError::State(StateError::internal("reading a version's settings", v))
+            }
         }
     }
 }
@@ -121,7 +120,11 @@ impl Versions {
             .filter(|s| s.function == function)
             .flat_map(|s| {
                 s.versions()
-                    .chain(s.promotion.iter().flat_map(|p| p.from.iter().map(|t| t.version)))
+                    .chain(
+                        s.promotion
+                            .iter()
+                            .flat_map(|p| p.from.iter().map(|t| t.version)),
+                    )
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -148,7 +151,13 @@ fn point(alias: &str, affinity: Option<&str>) -> u32 {
 }
 
 /// The version an alias sends this call to.
-pub fn pick(ns: &str, function: &str, alias: &str, state: &AppState, affinity: Option<&str>) -> Result<u32, VersionError> {
+pub fn pick(
+    ns: &str,
+    function: &str,
+    alias: &str,
+    state: &AppState,
+    affinity: Option<&str>,
+) -> Result<u32, VersionError> {
     let spec = state
         .versions
         .alias(ns, function, alias)
@@ -239,11 +248,13 @@ pub async fn deployment(
         .remove(&(ns.to_string(), name.clone()));
     let d = deployed?;
     state.set_deployed(ns, &name, Some(d));
-    state.deployed(ns, &name).ok_or_else(|| VersionError::Unavailable {
-        function: function.to_string(),
-        version: v,
-        reason: "removed while it was being deployed".into(),
-    })
+    state
+        .deployed(ns, &name)
+        .ok_or_else(|| VersionError::Unavailable {
+            function: function.to_string(),
+            version: v,
+            reason: "removed while it was being deployed".into(),
+        })
 }
 
 async fn deploy_version(
@@ -291,7 +302,12 @@ async fn deploy_version(
         .deploy_function(deploy)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    tracing::info!(function, namespace = ns, version = v, "deployed a version beside the current build");
+    tracing::info!(
+        function,
+        namespace = ns,
+        version = v,
+        "deployed a version beside the current build"
+    );
     Ok(planned.deployed(handle, Some(v)))
 }
 
@@ -302,12 +318,18 @@ pub async fn check_version(
     function: &str,
     v: u32,
 ) -> Result<(), VersionError> {
-    if state.deployed(ns, function).is_some_and(|d| d.version == Some(v))
+    if state
+        .deployed(ns, function)
+        .is_some_and(|d| d.version == Some(v))
         || state.deployed(ns, &deploy_name(function, v)).is_some()
     {
         return Ok(());
     }
-    if versions_of(state, ns, function).await?.iter().any(|x| x.version == v) {
+    if versions_of(state, ns, function)
+        .await?
+        .iter()
+        .any(|x| x.version == v)
+    {
         return Ok(());
     }
     Err(VersionError::NoVersion {
@@ -365,7 +387,11 @@ pub(crate) async fn record(state: &AppState, o: &Object, planned: &Planned) -> O
     let pinned = match pinned(state, ns, function).await {
         Ok(p) => p,
         Err(e) => {
-            tracing::warn!(function, namespace = ns, "reading what names the function's versions: {e}");
+            tracing::warn!(
+                function,
+                namespace = ns,
+                "reading what names the function's versions: {e}"
+            );
             return None;
         }
     };
@@ -387,7 +413,11 @@ pub(crate) async fn record(state: &AppState, o: &Object, planned: &Planned) -> O
             Some(n)
         }
         Err(e) => {
-            tracing::warn!(function, namespace = ns, "recording the function's version: {e}");
+            tracing::warn!(
+                function,
+                namespace = ns,
+                "recording the function's version: {e}"
+            );
             None
         }
     }
@@ -397,7 +427,12 @@ pub(crate) async fn record(state: &AppState, o: &Object, planned: &Planned) -> O
 /// or an event driver (`hello@3`).
 async fn pinned(state: &AppState, ns: &str, function: &str) -> Result<Vec<u32>, StateError> {
     let mut out = state.versions.named_by_aliases(ns, function);
-    for kind in [Kind::Endpoint, Kind::Subscription, Kind::EventDriver, Kind::Alias] {
+    for kind in [
+        Kind::Endpoint,
+        Kind::Subscription,
+        Kind::EventDriver,
+        Kind::Alias,
+    ] {
         let n = ns.to_string();
         for o in state.res(move |s| s.list(Some(&n), kind)).await? {
             out.extend(o.pinned_versions(function));
@@ -410,7 +445,10 @@ async fn pinned(state: &AppState, ns: &str, function: &str) -> Result<Vec<u32>, 
 
 /// An alias changed: the gateway's table follows, the versions it names are deployed (so that
 /// its first calls are warm), and its promotion runs or stops.
-pub(crate) async fn reconcile_alias(state: &Arc<AppState>, key: &Key) -> Result<(), ReconcileError> {
+pub(crate) async fn reconcile_alias(
+    state: &Arc<AppState>,
+    key: &Key,
+) -> Result<(), ReconcileError> {
     let (ns, name) = (key.namespace.as_str(), key.name.as_str());
     let Some(o) = state.get(ns, Kind::Alias, name).await? else {
         state.versions.set_alias(ns, name, None);
@@ -445,7 +483,10 @@ pub(crate) async fn reconcile_alias(state: &Arc<AppState>, key: &Key) -> Result<
         return set_status(state, &o, status(Phase::Error, failed.join("; "), None, &o)).await;
     }
     // A promotion's last word (ended or stopped) stays until the next change.
-    if spec.promotion.is_none() && o.status.reason.starts_with("promotion") && o.status.phase == Some(Phase::Ready) {
+    if spec.promotion.is_none()
+        && o.status.reason.starts_with("promotion")
+        && o.status.phase == Some(Phase::Ready)
+    {
         return Ok(());
     }
     set_status(state, &o, status(Phase::Ready, reason, None, &o)).await
@@ -483,7 +524,8 @@ fn start_promotion(state: &Arc<AppState>, ns: &str, name: &str, p: &Promotion) {
     if let Some((_, task)) = all.remove(&key) {
         task.abort();
     }
-    let every = dispatch_core::duration::parse_duration(&p.every).unwrap_or(Duration::from_secs(60));
+    let every =
+        dispatch_core::duration::parse_duration(&p.every).unwrap_or(Duration::from_secs(60));
     let st = Arc::downgrade(state);
     let (n, a) = key.clone();
     let task = tokio::spawn(async move {
@@ -588,7 +630,11 @@ pub async fn error_rate(
 /// One step of a promotion: judge the new version's error rate, then move `step` percent more
 /// to it, or (past the threshold) put the traffic back as it was. `false`: it is over.
 async fn promotion_step(state: &Arc<AppState>, ns: &str, name: &str) -> Result<bool, String> {
-    let Some(mut o) = state.get(ns, Kind::Alias, name).await.map_err(|e| e.to_string())? else {
+    let Some(mut o) = state
+        .get(ns, Kind::Alias, name)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
         return Ok(false);
     };
     let mut spec: AliasSpec = o.typed_spec().map_err(|e| e.message)?;
@@ -603,8 +649,19 @@ async fn promotion_step(state: &Arc<AppState>, ns: &str, name: &str) -> Result<b
         .map_or(0, |t| t.percent);
     let (reason, done) = match error_rate(state, ns, &spec.function, p.to, since).await {
         Err(why) => {
-            spec.traffic = if p.from.is_empty() { spec.traffic.clone() } else { p.from.clone() };
-            (format!("promotion to {} stopped: {why}; traffic back to {}", p.to, traffic_text(&spec.traffic)), true)
+            spec.traffic = if p.from.is_empty() {
+                spec.traffic.clone()
+            } else {
+                p.from.clone()
+            };
+            (
+                format!(
+                    "promotion to {} stopped: {why}; traffic back to {}",
+                    p.to,
+                    traffic_text(&spec.traffic)
+                ),
+                true,
+            )
         }
         Ok(rate) if rate.calls >= u64::from(p.min_calls) && rate.percent() > p.max_error_rate => {
             spec.traffic = p.from.clone();
@@ -708,7 +765,10 @@ pub(crate) fn admit_alias(spec: &mut AliasSpec, stored: Option<&AliasSpec>) {
     let Some(p) = &mut spec.promotion else {
         return;
     };
-    if let Some(sp) = stored.and_then(|s| s.promotion.as_ref()).filter(|sp| sp.to == p.to) {
+    if let Some(sp) = stored
+        .and_then(|s| s.promotion.as_ref())
+        .filter(|sp| sp.to == p.to)
+    {
         p.started_at = p.started_at.or(sp.started_at);
         if p.from.is_empty() {
             p.from = sp.from.clone();
@@ -734,7 +794,10 @@ mod tests {
     #[test]
     fn shifting_keeps_the_sum_and_the_others_proportions() {
         assert_eq!(shift(&t(&[(3, 100)]), 4, 10), t(&[(3, 90), (4, 10)]));
-        assert_eq!(shift(&t(&[(3, 90), (4, 10)]), 4, 20), t(&[(3, 80), (4, 20)]));
+        assert_eq!(
+            shift(&t(&[(3, 90), (4, 10)]), 4, 20),
+            t(&[(3, 80), (4, 20)])
+        );
         assert_eq!(shift(&t(&[(3, 90), (4, 10)]), 4, 100), t(&[(4, 100)]));
         assert_eq!(
             shift(&t(&[(1, 50), (2, 50)]), 3, 33),
@@ -742,13 +805,20 @@ mod tests {
         );
         for share in 0..=100 {
             let s = shift(&t(&[(1, 33), (2, 67)]), 5, share);
-            assert_eq!(s.iter().map(|x| x.percent).sum::<u32>(), 100, "{share}: {s:?}");
+            assert_eq!(
+                s.iter().map(|x| x.percent).sum::<u32>(),
+                100,
+                "{share}: {s:?}"
+            );
         }
     }
 
     #[test]
     fn a_sticky_key_lands_on_one_point_and_keys_spread() {
-        assert_eq!(point("hello.prod", Some("user-1")), point("hello.prod", Some("user-1")));
+        assert_eq!(
+            point("hello.prod", Some("user-1")),
+            point("hello.prod", Some("user-1"))
+        );
         let mut hist = [0u32; 10];
         for i in 0..10_000 {
             hist[(point("hello.prod", Some(&format!("user-{i}"))) / 10) as usize] += 1;

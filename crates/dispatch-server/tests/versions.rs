@@ -63,7 +63,10 @@ async fn first(c: &Client) {
     create_function(c, "f", "py", "f.py", &says("one"), json!({}))
         .await
         .unwrap();
-    assert_eq!(settled(c, Kind::Function, "f").await.phase(), Some(Phase::Ready));
+    assert_eq!(
+        settled(c, Kind::Function, "f").await.phase(),
+        Some(Phase::Ready)
+    );
 }
 
 fn alias(name: &str, spec: serde_json::Value) -> dispatch_core::Object {
@@ -103,10 +106,7 @@ async fn calls_go_to_the_version_they_name() {
     assert_eq!(served, [Some(3), Some(2), Some(1), Some(3), Some(3)]);
 
     // Async: the version is kept for every attempt, even after the function moves on.
-    let accepted = c
-        .exec_async("f@1", &raw(json!(null)), None)
-        .await
-        .unwrap();
+    let accepted = c.exec_async("f@1", &raw(json!(null)), None).await.unwrap();
     let id = accepted["runId"]
         .as_str()
         .or(accepted["id"].as_str())
@@ -114,24 +114,40 @@ async fn calls_go_to_the_version_they_name() {
         .to_string();
     let run = final_run(c, &id).await;
     assert_eq!(
-        (run.status, run.version, run.output.map(|o| o.get().to_string())),
+        (
+            run.status,
+            run.version,
+            run.output.map(|o| o.get().to_string())
+        ),
         (RunStatus::Succeeded, Some(1), Some("\"one\"".into()))
     );
 
     let e = answer(c, "f@9").await.unwrap_err();
-    assert!(e.contains("no version 9") && e.contains("dispatch get versions f"), "{e}");
+    assert!(
+        e.contains("no version 9") && e.contains("dispatch get versions f"),
+        "{e}"
+    );
     let e = answer(c, "f@prod").await.unwrap_err();
-    assert!(e.contains("no alias \"prod\"") && e.contains("create alias"), "{e}");
+    assert!(
+        e.contains("no alias \"prod\"") && e.contains("create alias"),
+        "{e}"
+    );
     let e = c
         .exec_async("f@9", &raw(json!(null)), None)
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no version 9"), "an async run of a missing version is refused: {e}");
+    assert!(
+        e.contains("no version 9"),
+        "an async run of a missing version is refused: {e}"
+    );
     let http = reqwest::Client::new();
     for bad in ["f@", "f@0", "f@Prod", "F@1", "f@1@2"] {
         let r = http
-            .post(format!("{}/v1/namespaces/default/functions/{bad}/runs", t.api()))
+            .post(format!(
+                "{}/v1/namespaces/default/functions/{bad}/runs",
+                t.api()
+            ))
             .json(&json!({"input": null}))
             .send()
             .await
@@ -139,18 +155,29 @@ async fn calls_go_to_the_version_they_name() {
         let status = r.status();
         let body = r.text().await.unwrap();
         assert_eq!(status, 400, "{bad}: {body}");
-        assert!(body.contains("version") || body.contains("name"), "{bad}: {body}");
+        assert!(
+            body.contains("version") || body.contains("name"),
+            "{bad}: {body}"
+        );
     }
     // An endpoint may name a version; one the function does not keep is refused.
     let e = c
-        .create(&object(Kind::Endpoint, "e9", json!({"function": "f@9", "paths": ["/e9"]})))
+        .create(&object(
+            Kind::Endpoint,
+            "e9",
+            json!({"function": "f@9", "paths": ["/e9"]}),
+        ))
         .await
         .unwrap_err()
         .to_string();
     assert!(e.contains("no version 9"), "{e}");
-    c.create(&object(Kind::Endpoint, "e1", json!({"function": "f@1", "paths": ["/e1"]})))
-        .await
-        .unwrap();
+    c.create(&object(
+        Kind::Endpoint,
+        "e1",
+        json!({"function": "f@1", "paths": ["/e1"]}),
+    ))
+    .await
+    .unwrap();
     let body = eventually("the endpoint to answer", || async {
         let r = http.get(format!("{}/e1", t.gateway)).send().await.ok()?;
         (r.status() == 200).then_some(())?;
@@ -158,6 +185,25 @@ async fn calls_go_to_the_version_they_name() {
     })
     .await;
     assert_eq!(body, "\"one\"");
+
+    // A subscription may name one too: its runs are version 1's.
+    subscribe(c, "s1", "order.created", "f@1").await;
+    c.emit(&json!({"specversion": "1.0", "id": "e-1", "source": "/shop", "type": "order.created", "data": {}}))
+        .await
+        .unwrap();
+    let run = eventually("the event's run", || async {
+        let runs = c
+            .list_runs(&dispatch_client::RunQuery {
+                function: Some("f".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        runs.into_iter()
+            .find(|r| r.trigger == dispatch_core::Trigger::Event && r.status.is_final())
+    })
+    .await;
+    assert_eq!((run.status, run.version), (RunStatus::Succeeded, Some(1)));
     t.stop().await;
 }
 
@@ -169,14 +215,21 @@ async fn an_alias_splits_traffic_by_weight_and_keys_stick() {
     let c = &t.client;
     first(c).await;
     deploy(c, "f", &says("two")).await;
-    c.create(&alias("f.prod", json!({"traffic": [{"version": 1, "percent": 90}, {"version": 2, "percent": 10}]})))
-        .await
-        .unwrap();
+    c.create(&alias(
+        "f.prod",
+        json!({"traffic": [{"version": 1, "percent": 90}, {"version": 2, "percent": 10}]}),
+    ))
+    .await
+    .unwrap();
     let a = settled(c, Kind::Alias, "f.prod").await;
     assert_eq!(a.phase(), Some(Phase::Ready), "{:?}", a.status);
-    c.create(&object(Kind::Endpoint, "e", json!({"function": "f@prod", "paths": ["/p"]})))
-        .await
-        .unwrap();
+    c.create(&object(
+        Kind::Endpoint,
+        "e",
+        json!({"function": "f@prod", "paths": ["/p"]}),
+    ))
+    .await
+    .unwrap();
     let http = reqwest::Client::new();
     let url = format!("{}/p", t.gateway);
     eventually("the endpoint to answer", || async {
@@ -192,7 +245,10 @@ async fn an_alias_splits_traffic_by_weight_and_keys_stick() {
     }
     let two = count.get("\"two\"").copied().unwrap_or(0);
     assert_eq!(count.values().sum::<u32>(), 2000);
-    assert!((140..=260).contains(&two), "10 % ± 3 % of 2,000 is 140..260: {count:?}");
+    assert!(
+        (140..=260).contains(&two),
+        "10 % ± 3 % of 2,000 is 140..260: {count:?}"
+    );
 
     // Sticky: each key always gets one version; over 40 keys both versions are seen.
     let mut seen = HashMap::new();
@@ -203,7 +259,8 @@ async fn an_alias_splits_traffic_by_weight_and_keys_stick() {
             let req = if i % 2 == 0 {
                 http.get(&url).header("X-Dispatch-Affinity", &key)
             } else {
-                http.get(&url).header("cookie", format!("theme=dark; dispatch-affinity={key}"))
+                http.get(&url)
+                    .header("cookie", format!("theme=dark; dispatch-affinity={key}"))
             };
             got.insert(req.send().await.unwrap().text().await.unwrap());
         }
@@ -213,7 +270,10 @@ async fn an_alias_splits_traffic_by_weight_and_keys_stick() {
     assert_eq!(seen.len(), 2, "40 keys land on both versions: {seen:?}");
     // The API's exec takes the same header.
     let r = http
-        .post(format!("{}/v1/namespaces/default/functions/f@prod/runs", t.api()))
+        .post(format!(
+            "{}/v1/namespaces/default/functions/f@prod/runs",
+            t.api()
+        ))
         .header("X-Dispatch-Affinity", "user-1")
         .json(&json!({"input": null}))
         .send()
@@ -231,23 +291,48 @@ async fn an_alias_splits_traffic_by_weight_and_keys_stick() {
     })
     .await;
     for _ in 0..50 {
-        assert_eq!(http.get(&url).send().await.unwrap().text().await.unwrap(), "\"two\"");
+        assert_eq!(
+            http.get(&url).send().await.unwrap().text().await.unwrap(),
+            "\"two\""
+        );
     }
     // Weights that do not add up, or name a version the function does not keep: 400 / 422.
     for (spec, want) in [
-        (json!({"traffic": [{"version": 1, "percent": 50}, {"version": 2, "percent": 60}]}), "110%"),
+        (
+            json!({"traffic": [{"version": 1, "percent": 50}, {"version": 2, "percent": 60}]}),
+            "110%",
+        ),
         (json!({"version": 7}), "no version 7"),
-        (json!({"traffic": [{"version": 1, "percent": 50}, {"version": 1, "percent": 50}]}), "twice"),
+        (
+            json!({"traffic": [{"version": 1, "percent": 50}, {"version": 1, "percent": 50}]}),
+            "twice",
+        ),
     ] {
-        let e = c.create(&alias("f.bad", spec)).await.unwrap_err().to_string();
+        let e = c
+            .create(&alias("f.bad", spec))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(want), "{want}: {e}");
     }
-    for (name, want) in [("f.latest", "cannot be named"), ("nope.x", "not found"), ("f", "FUNCTION.ALIAS")] {
-        let e = c.create(&alias(name, json!({"version": 1}))).await.unwrap_err().to_string();
+    for (name, want) in [
+        ("f.latest", "cannot be named"),
+        ("nope.x", "not found"),
+        ("f", "FUNCTION.ALIAS"),
+    ] {
+        let e = c
+            .create(&alias(name, json!({"version": 1})))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(want), "{name}: {e}");
     }
     // What names the alias keeps it (and the function) from being deleted.
-    let e = c.delete(Kind::Alias, "f.prod").await.unwrap_err().to_string();
+    let e = c
+        .delete(Kind::Alias, "f.prod")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("used by endpoints e"), "{e}");
     let e = c.delete(Kind::Function, "f").await.unwrap_err().to_string();
     assert!(e.contains("used by"), "{e}");
@@ -263,11 +348,14 @@ async fn a_promotion_rolls_back_when_the_new_version_fails() {
     first(c).await;
     let good = deploy(c, "f", &says("two")).await;
     let bad = deploy(c, "f", FAILS).await;
-    c.create(&alias("f.prod", json!({"version": 1}))).await.unwrap();
+    c.create(&alias("f.prod", json!({"version": 1})))
+        .await
+        .unwrap();
     settled(c, Kind::Alias, "f.prod").await;
     let promote = |to: u64| async move {
         let mut a = c.get(Kind::Alias, "f.prod").await.unwrap();
-        a.spec["promotion"] = json!({"to": to, "step": 20, "every": "300ms", "maxErrorRate": 5.0, "minCalls": 5});
+        a.spec["promotion"] =
+            json!({"to": to, "step": 20, "every": "300ms", "maxErrorRate": 5.0, "minCalls": 5});
         c.update(&a).await.unwrap();
     };
     promote(bad).await;
@@ -280,14 +368,26 @@ async fn a_promotion_rolls_back_when_the_new_version_fails() {
         a.spec.get("promotion").is_none().then_some(a)
     })
     .await;
-    assert_eq!(ended.spec["traffic"], json!([{"version": 1, "percent": 100}]), "{ended:?}");
+    assert_eq!(
+        ended.spec["traffic"],
+        json!([{"version": 1, "percent": 100}]),
+        "{ended:?}"
+    );
     assert!(
-        ended.status.reason.contains(&format!("promotion to {bad} stopped")) && ended.status.reason.contains("errors"),
+        ended
+            .status
+            .reason
+            .contains(&format!("promotion to {bad} stopped"))
+            && ended.status.reason.contains("errors"),
         "{:?}",
         ended.status
     );
     for _ in 0..20 {
-        assert_eq!(answer(c, "f@prod").await.unwrap(), "one", "every call back on version 1");
+        assert_eq!(
+            answer(c, "f@prod").await.unwrap(),
+            "one",
+            "every call back on version 1"
+        );
     }
 
     promote(good).await;
@@ -299,7 +399,10 @@ async fn a_promotion_rolls_back_when_the_new_version_fails() {
         a.spec.get("promotion").is_none().then_some(a)
     })
     .await;
-    assert_eq!(ended.spec["traffic"], json!([{"version": good, "percent": 100}]));
+    assert_eq!(
+        ended.spec["traffic"],
+        json!([{"version": good, "percent": 100}])
+    );
     assert!(ended.status.reason.contains("done"), "{:?}", ended.status);
     t.stop().await;
 }
@@ -311,19 +414,36 @@ async fn retention_keeps_what_aliases_and_endpoints_name() {
     let t = start().await;
     let c = &t.client;
     images(c).await;
-    create_function(c, "f", "py", "f.py", &says("one"), json!({"keepVersions": 2}))
-        .await
-        .unwrap();
+    create_function(
+        c,
+        "f",
+        "py",
+        "f.py",
+        &says("one"),
+        json!({"keepVersions": 2}),
+    )
+    .await
+    .unwrap();
     settled(c, Kind::Function, "f").await;
     deploy(c, "f", &says("two")).await;
-    c.create(&alias("f.prod", json!({"version": 1}))).await.unwrap();
-    c.create(&object(Kind::Endpoint, "e", json!({"function": "f@2", "paths": ["/two"]})))
+    c.create(&alias("f.prod", json!({"version": 1})))
         .await
         .unwrap();
+    c.create(&object(
+        Kind::Endpoint,
+        "e",
+        json!({"function": "f@2", "paths": ["/two"]}),
+    ))
+    .await
+    .unwrap();
     for (n, text) in [(3, "three"), (4, "four"), (5, "five")] {
         assert_eq!(deploy(c, "f", &says(text)).await, n);
     }
-    assert_eq!(numbers(c, "f").await, [5, 4, 2, 1], "3 went; 1 and 2 are named");
+    assert_eq!(
+        numbers(c, "f").await,
+        [5, 4, 2, 1],
+        "3 went; 1 and 2 are named"
+    );
     assert_eq!(answer(c, "f@1").await.unwrap(), "one");
     assert_eq!(answer(c, "f@prod").await.unwrap(), "one");
     let e = answer(c, "f@3").await.unwrap_err();
@@ -338,13 +458,20 @@ async fn retention_keeps_what_aliases_and_endpoints_name() {
 
     let r = c.rollback("f", Some(5), Some("prod")).await.unwrap();
     assert_eq!(r["version"], 5);
-    assert_eq!(r["alias"]["spec"]["traffic"], json!([{"version": 5, "percent": 100}]));
+    assert_eq!(
+        r["alias"]["spec"]["traffic"],
+        json!([{"version": 5, "percent": 100}])
+    );
     eventually("version 5 to serve", || async {
         (answer(c, "f").await.ok()? == "five").then_some(())
     })
     .await;
     assert_eq!(answer(c, "f@prod").await.unwrap(), "five");
-    let e = c.rollback("f", Some(5), Some("nope")).await.unwrap_err().to_string();
+    let e = c
+        .rollback("f", Some(5), Some("nope"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no alias \"nope\""), "{e}");
     t.stop().await;
 }

@@ -881,12 +881,25 @@ fn versions_are_numbered_once_per_digest_and_pruned<S: Store>(s: &S) {
     // A build whose version was removed is a new version: numbers are not given again.
     assert_eq!(record("sha256:a"), 6);
     // A version an alias or an endpoint names (pinned) stays past the count.
-    assert_eq!(s.record_version(&v("hello", "sha256:f"), 3, &[4]).unwrap(), 7);
+    assert_eq!(
+        s.record_version(&v("hello", "sha256:f"), 3, &[4]).unwrap(),
+        7
+    );
     assert_eq!(
         listed("hello"),
-        want(&[(7, "sha256:f"), (6, "sha256:a"), (5, "sha256:e"), (4, "sha256:d")])
+        want(&[
+            (7, "sha256:f"),
+            (6, "sha256:a"),
+            (5, "sha256:e"),
+            (4, "sha256:d")
+        ])
     );
-    assert_eq!(s.list_versions("default", "hello").unwrap()[0].created_by.as_deref(), Some("ci"));
+    assert_eq!(
+        s.list_versions("default", "hello").unwrap()[0]
+            .created_by
+            .as_deref(),
+        Some("ci")
+    );
     assert_eq!(record("sha256:g"), 8);
     assert_eq!(listed("hello").len(), 3, "unpinned, version 4 goes");
     // Another function's versions are its own.

@@ -72,6 +72,33 @@ async fn resource(
     let at = || d.label();
     let o = prepare(c, d, base).await.with_context(at)?;
     let ns = o.namespace().to_string();
+    // An alias names versions of its function: one applied just before (the same manifest)
+    // has its version once its build settles.
+    if o.kind == dispatch_core::Kind::Alias
+        && let Ok(spec) = o.typed_spec::<dispatch_core::versions::AliasSpec>()
+        && let Ok((function, _)) = dispatch_core::versions::AliasSpec::split_name(o.name())
+    {
+        let function = if spec.function.is_empty() {
+            function
+        } else {
+            &spec.function
+        };
+        if let Ok(Some(f)) = c
+            .get_optional(&ns, dispatch_core::Kind::Function, function)
+            .await
+            && (f.status.observed_generation != f.metadata.generation
+                || f.phase() != Some(dispatch_core::Phase::Ready))
+        {
+            super::wait_settled(
+                c,
+                dispatch_core::Kind::Function,
+                function,
+                super::create::WAIT,
+            )
+            .await
+            .with_context(at)?;
+        }
+    }
     // A write of the server's own (the controller recording a build's status) between the
     // read and the update is a conflict that is not the user's: read and apply again, a few
     // times.

@@ -456,7 +456,8 @@ pub fn alias_spec(
     traffic: Option<&str>,
 ) -> Result<dispatch_core::versions::AliasSpec> {
     let traffic = match traffic {
-        Some(t) => dispatch_core::versions::parse_traffic(t).map_err(|e| anyhow::anyhow!("--traffic: {e}"))?,
+        Some(t) => dispatch_core::versions::parse_traffic(t)
+            .map_err(|e| anyhow::anyhow!("--traffic: {e}"))?,
         None => Vec::new(),
     };
     Ok(dispatch_core::versions::AliasSpec {

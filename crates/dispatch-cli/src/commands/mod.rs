@@ -56,12 +56,13 @@ pub enum Target {
 
 /// The kinds `get` takes, as its help and errors name them (a test keeps them whole).
 pub const GET_KINDS: &str = "base-image, image, function, endpoint (api), secret, jobtemplate, \
-subscription, eventdriver, run, jobexecution, event, token, namespace, audit, pulled-image or \
-versions FUNCTION (singular or plural)";
+subscription, eventdriver, alias, run, jobexecution, event, token, namespace, audit, pulled-image \
+or versions FUNCTION (singular or plural)";
 
 /// The kinds `delete KIND NAME` takes.
 pub const DELETE_KINDS: &str = "base-image, image, function, endpoint (api), secret, \
-jobtemplate, subscription, eventdriver, token or namespace (singular or plural)";
+jobtemplate, subscription, eventdriver, alias (FUNCTION.ALIAS), token or namespace (singular or \
+plural)";
 
 pub fn parse_target(s: &str) -> Result<Target> {
     let norm: String = s

@@ -62,7 +62,10 @@ impl Promote {
         let c = &ctx.client;
         let step = percent("--step", &self.step)?;
         if step < 1.0 || step.fract() != 0.0 {
-            bail!("--step {:?} must be a whole percentage from 1% to 100%", self.step);
+            bail!(
+                "--step {:?} must be a whole percentage from 1% to 100%",
+                self.step
+            );
         }
         let max_error_rate = percent("--until-errors", &self.until_errors)?;
         dispatch_core::duration::parse_duration(&self.every)
@@ -121,7 +124,9 @@ impl Promote {
                 });
             }
             if Instant::now() > deadline {
-                bail!("the promotion of alias/{name} did not end in time: see `dispatch get alias {name}`");
+                bail!(
+                    "the promotion of alias/{name} did not end in time: see `dispatch get alias {name}`"
+                );
             }
             tokio::time::sleep(Duration::from_millis(200).min(every / 2)).await;
         }

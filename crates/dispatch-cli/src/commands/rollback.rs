@@ -37,7 +37,9 @@ pub struct Rollback {
 impl Rollback {
     pub async fn run(self, ctx: &Ctx) -> Result<ExitCode> {
         let c = &ctx.client;
-        let r = c.rollback(&self.function, self.to, self.alias.as_deref()).await?;
+        let r = c
+            .rollback(&self.function, self.to, self.alias.as_deref())
+            .await?;
         let version = r["version"].as_u64().unwrap_or(0);
         if self.wait.resolve() {
             let o = wait_settled(c, Kind::Function, &self.function, super::create::WAIT).await?;

@@ -80,7 +80,9 @@ impl KubernetesOptions {
             ready_timeout: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
             lease: None,
-            function_url: Arc::new(|ns, name| format!("http://{}.{ns}.svc", crate::object_name(name))),
+            function_url: Arc::new(|ns, name| {
+                format!("http://{}.{ns}.svc", crate::object_name(name))
+            }),
             job_owners: false,
             live_logs: true,
             executions: false,
@@ -399,8 +401,13 @@ impl Backend for KubernetesBackend {
                 return Ok(self.handle(&d.namespace, &d.name, image));
             }
             let input = ImageRequest {
-                // `<repository>/<namespace>/<function>`: one repository per function.
-                name: format!("{}/{}", d.namespace, d.name),
+                // `<repository>/<namespace>/<function>`: one repository per function, its
+                // versions (`hello@3`) in it too (their images differ by digest).
+                name: format!(
+                    "{}/{}",
+                    d.namespace,
+                    dispatch_core::versions::split_deploy_name(&d.name).0
+                ),
                 language: d.base.language,
                 handler: d.handler.clone(),
                 archive: d.archive.clone(),

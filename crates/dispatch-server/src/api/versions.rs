@@ -14,9 +14,9 @@ use serde::Deserialize;
 
 use super::check_namespace;
 use crate::auth::Principal;
-use axum::Extension;
 use crate::error::{ApiError, parse_json};
 use crate::state::AppState;
+use axum::Extension;
 
 async fn function(state: &AppState, ns: &str, name: &str) -> Result<Object, ApiError> {
     let f = state.get(ns, Kind::Function, name).await?;

@@ -139,7 +139,11 @@ async fn reconcile_key(state: Arc<AppState>, key: Key) -> Key {
 }
 
 /// Writes a status unless it is already the stored one; a deleted object is not an error.
-pub(crate) async fn set_status(state: &AppState, o: &Object, status: Status) -> Result<(), ReconcileError> {
+pub(crate) async fn set_status(
+    state: &AppState,
+    o: &Object,
+    status: Status,
+) -> Result<(), ReconcileError> {
     if o.status == status {
         return Ok(());
     }
@@ -155,7 +159,12 @@ pub(crate) async fn set_status(state: &AppState, o: &Object, status: Status) -> 
     Ok(())
 }
 
-pub(crate) fn status(phase: Phase, reason: impl Into<String>, digest: Option<String>, o: &Object) -> Status {
+pub(crate) fn status(
+    phase: Phase,
+    reason: impl Into<String>,
+    digest: Option<String>,
+    o: &Object,
+) -> Status {
     Status {
         phase: Some(phase),
         reason: reason.into(),
@@ -244,7 +253,11 @@ pub(crate) struct Planned {
 
 impl Planned {
     /// What the server keeps of the build once the backend serves it.
-    pub fn deployed(self, handle: dispatch_runtime::FunctionHandle, version: Option<u32>) -> Deployed {
+    pub fn deployed(
+        self,
+        handle: dispatch_runtime::FunctionHandle,
+        version: Option<u32>,
+    ) -> Deployed {
         let spec = &self.spec;
         Deployed {
             handle,
@@ -352,7 +365,10 @@ pub(crate) async fn plan(
         let digest = image.status.digest.clone().unwrap_or_default();
         let progress: dispatch_runtime::Progress = Arc::new(|_: &str| {});
         if let Err(e) = state.backend.build_image(&digest, &build, progress).await {
-            return fail(format!("image {:?} failed on this server: {e}", image.name()));
+            return fail(format!(
+                "image {:?} failed on this server: {e}",
+                image.name()
+            ));
         }
     }
     let source = spec.source.clone().unwrap_or_default();
@@ -433,7 +449,11 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
             // build again (a restart, a rollback) keeps its number. Recorded before traffic
             // switches, so that every run it serves names it.
             let version = crate::versions::record(state, &o, &planned).await;
-            state.set_deployed(o.namespace(), o.name(), Some(planned.deployed(handle, version)));
+            state.set_deployed(
+                o.namespace(),
+                o.name(),
+                Some(planned.deployed(handle, version)),
+            );
             if let Some(v) = version {
                 // Served as the function now: a deploy of that version beside it is not needed.
                 crate::versions::undeploy(state, o.namespace(), o.name(), v).await;

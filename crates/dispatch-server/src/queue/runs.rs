@@ -166,24 +166,28 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
     };
     let deployed = match run.pinned_version {
         None => state.deployed(&run.namespace, &run.function),
-        Some(v) => match crate::versions::deployment(&state, &run.namespace, &run.function, v).await {
-            Ok(d) => Some(d),
-            // The version is gone (or cannot be built again): the run cannot run, ever.
-            Err(e @ (crate::versions::VersionError::NoVersion { .. }
-            | crate::versions::VersionError::Unavailable { .. })) => {
-                slot.2 = false;
-                if q.finish(&id) {
-                    run.error = Some(ErrorObject::system(e.to_string()));
-                    run.status = RunStatus::Dead;
-                    finalize(&state, run).await;
+        Some(v) => {
+            match crate::versions::deployment(&state, &run.namespace, &run.function, v).await {
+                Ok(d) => Some(d),
+                // The version is gone (or cannot be built again): the run cannot run, ever.
+                Err(
+                    e @ (crate::versions::VersionError::NoVersion { .. }
+                    | crate::versions::VersionError::Unavailable { .. }),
+                ) => {
+                    slot.2 = false;
+                    if q.finish(&id) {
+                        run.error = Some(ErrorObject::system(e.to_string()));
+                        run.status = RunStatus::Dead;
+                        finalize(&state, run).await;
+                    }
+                    return;
                 }
-                return;
+                Err(e) => {
+                    tracing::warn!("async run {}: {e}", run.id);
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!("async run {}: {e}", run.id);
-                None
-            }
-        },
+        }
     };
     let Some(deployed) = deployed else {
         slot.2 = false;
