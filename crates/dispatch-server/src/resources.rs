@@ -105,6 +105,7 @@ pub async fn forget(
             state.db(move |s| s.delete_versions_of(&n, &m)).await?;
         }
         Kind::Endpoint => state.set_route(ns, name, None),
+        Kind::Alias => crate::versions::forget_alias(state, ns, name),
         Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
         Kind::Subscription => crate::events::rebuild(state).await?,
         Kind::EventDriver => {
@@ -121,6 +122,7 @@ pub async fn forget(
 /// A deleted function serves no more calls: out of the deployments, its queued runs
 /// forgotten by the scheduler, its workers stopped.
 async fn stop_function(state: &AppState, ns: &str, name: &str) {
+    crate::versions::forget_function(state, ns, name).await;
     state.set_deployed(ns, name, None);
     state.queue.forget_function(ns, name);
     state.backend.remove_function(ns, name).await;
@@ -214,6 +216,7 @@ pub async fn delete_namespace(
     for (kind, name) in &contents {
         match kind {
             Kind::Function => stop_function(state, ns, name).await,
+            Kind::Alias => crate::versions::forget_alias(state, ns, name),
             Kind::JobTemplate => crate::jobs::forget_template(state, ns, name).await?,
             _ => {}
         }

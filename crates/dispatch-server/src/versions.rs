@@ -150,32 +150,37 @@ fn point(alias: &str, affinity: Option<&str>) -> u32 {
     }
 }
 
-/// The version an alias sends this call to.
-pub fn pick(
+/// The version an alias sends this call to. The alias is read from memory; one not there yet
+/// (just after a start, before the controller reached it) is read from the store.
+pub async fn pick(
+    state: &AppState,
     ns: &str,
     function: &str,
     alias: &str,
-    state: &AppState,
     affinity: Option<&str>,
 ) -> Result<u32, VersionError> {
-    let spec = state
-        .versions
-        .alias(ns, function, alias)
-        .ok_or_else(|| VersionError::NoAlias {
-            function: function.to_string(),
-            alias: alias.to_string(),
-        })?;
     let name = dispatch_core::versions::alias_object_name(function, alias);
-    spec.pick(point(&name, affinity))
-        .ok_or_else(|| VersionError::NoAlias {
-            function: function.to_string(),
-            alias: alias.to_string(),
-        })
+    let no_alias = || VersionError::NoAlias {
+        function: function.to_string(),
+        alias: alias.to_string(),
+    };
+    let spec = match state.versions.alias(ns, function, alias) {
+        Some(s) => s,
+        None => {
+            let stored = state
+                .get(ns, Kind::Alias, &name)
+                .await?
+                .ok_or_else(no_alias)?;
+            let spec: AliasSpec = stored.typed_spec().map_err(|_| no_alias())?;
+            Arc::new(spec)
+        }
+    };
+    spec.pick(point(&name, affinity)).ok_or_else(no_alias)
 }
 
 /// The version a target names now: `None` for the current build, else its number (an alias
 /// picks one by weight, sticky with an affinity key).
-pub fn version_of(
+pub async fn version_of(
     state: &AppState,
     ns: &str,
     target: &Target,
@@ -184,7 +189,9 @@ pub fn version_of(
     match &target.selector {
         Selector::Latest => Ok(None),
         Selector::Version(n) => Ok(Some(*n)),
-        Selector::Alias(a) => pick(ns, &target.function, a, state, affinity).map(Some),
+        Selector::Alias(a) => pick(state, ns, &target.function, a, affinity)
+            .await
+            .map(Some),
     }
 }
 
@@ -203,7 +210,7 @@ pub async fn resolve(
         };
     }
     let t = Target::parse(target).map_err(CallError::Invalid)?;
-    match version_of(state, ns, &t, affinity)? {
+    match version_of(state, ns, &t, affinity).await? {
         None => match state.deployed(ns, &t.function) {
             Some(d) => Ok((d, t.function)),
             None => Err(crate::invoke::not_ready(state, ns, &t.function).await),
@@ -368,6 +375,12 @@ pub async fn forget_function(state: &AppState, ns: &str, function: &str) {
     }
 }
 
+/// A deleted alias: out of the gateway's table, its promotion stopped.
+pub fn forget_alias(state: &AppState, ns: &str, name: &str) {
+    state.versions.set_alias(ns, name, None);
+    stop_promotion(state, ns, name);
+}
+
 /// Records the build just deployed as the function's version (a new number for a new digest)
 /// and keeps the newest `spec.keepVersions` and those an alias, an endpoint, a subscription or
 /// an event driver names; versions no longer kept stop being served beside it.
@@ -451,8 +464,7 @@ pub(crate) async fn reconcile_alias(
 ) -> Result<(), ReconcileError> {
     let (ns, name) = (key.namespace.as_str(), key.name.as_str());
     let Some(o) = state.get(ns, Kind::Alias, name).await? else {
-        state.versions.set_alias(ns, name, None);
-        stop_promotion(state, ns, name);
+        forget_alias(state, ns, name);
         return Ok(());
     };
     let spec: AliasSpec = match o.typed_spec() {

@@ -475,3 +475,19 @@ async fn retention_keeps_what_aliases_and_endpoints_name() {
     assert!(e.contains("no alias \"nope\""), "{e}");
     t.stop().await;
 }
+
+/// The version a deploy replaced, called by number (an alias on it) within the grace, is
+/// served by the replaced pool: its first call is warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replaced_version_called_by_number_is_served_warm() {
+    let t = start().await;
+    let c = &t.client;
+    first(c).await;
+    assert_eq!(answer(c, "f").await.unwrap(), "one");
+    deploy(c, "f", &says("two")).await;
+    let r = c.exec("f@1", &raw(json!(null))).await.unwrap();
+    assert_eq!(r.envelope.payload.get(), "\"one\"");
+    let run = c.get_run(r.run_id.as_deref().unwrap()).await.unwrap();
+    assert_eq!((run.version, run.cold), (Some(1), false), "{run:?}");
+    t.stop().await;
+}

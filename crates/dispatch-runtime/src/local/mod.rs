@@ -556,12 +556,15 @@ impl Backend for LocalBackend {
             // The build this function served before its last deploy, still warm (a rollback):
             // back at once, with its workers.
             let key = (d.namespace.clone(), d.name.clone());
+            // A version deployed beside the function (`hello@3`) takes the function's replaced
+            // pool too when it is that build: an alias on the version before a deploy stays warm.
+            let function = dispatch_core::versions::split_deploy_name(&d.name).0;
             let back = {
                 let mut r = self.retired.lock();
-                match r.get(&key) {
-                    Some(p) if p.digest() == d.digest => r.remove(&key),
-                    _ => None,
-                }
+                [key.clone(), (d.namespace.clone(), function.to_string())]
+                    .into_iter()
+                    .find(|k| r.get(k).is_some_and(|p| p.digest() == d.digest))
+                    .and_then(|k| r.remove(&k))
             };
             if let Some(pool) = back {
                 self.restore_launcher(&key, &pool);

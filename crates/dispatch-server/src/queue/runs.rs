@@ -330,7 +330,8 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
     // `hello@3`, `hello@prod`: the version is chosen now and every attempt runs it.
     let (function, pinned) = if function.contains('@') {
         let t = dispatch_core::versions::Target::parse(&function)?;
-        let pinned = crate::versions::version_of(state, &namespace, &t, affinity.as_deref())?;
+        let pinned =
+            crate::versions::version_of(state, &namespace, &t, affinity.as_deref()).await?;
         if let Some(v) = pinned {
             crate::versions::check_version(state, &namespace, &t.function, v).await?;
         }
