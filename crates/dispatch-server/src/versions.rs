@@ -77,6 +77,9 @@ impl From<ReconcileError> for VersionError {
 }
 
 type Aliases = HashMap<String, HashMap<String, Arc<AliasSpec>>>;
+/// (namespace, name): an alias's stored name, or a version's deploy name.
+type NsName = (String, String);
+type Running = (Promotion, tokio::task::JoinHandle<()>);
 
 /// What the server keeps in memory of versions and aliases.
 #[derive(Default)]
@@ -84,9 +87,9 @@ pub struct Versions {
     /// Namespace → stored alias name (`hello.prod`) → its spec.
     aliases: RwLock<Aliases>,
     /// One deploy at a time of each version (namespace, `hello@3`).
-    deploying: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    deploying: Mutex<HashMap<NsName, Arc<tokio::sync::Mutex<()>>>>,
     /// Promotions under way: (namespace, alias) → the promotion and its task.
-    promotions: Mutex<HashMap<(String, String), (Promotion, tokio::task::JoinHandle<()>)>>,
+    promotions: Mutex<HashMap<NsName, Running>>,
 }
 
 impl Versions {

@@ -104,6 +104,7 @@ pub enum What {
         name: String,
         #[arg(long)]
         event_type: String,
+        /// The function: NAME, NAME@VERSION or NAME@ALIAS
         #[arg(long)]
         function: String,
         /// Only events from this source
@@ -188,6 +189,7 @@ pub enum What {
     #[command(visible_alias = "api")]
     Endpoint {
         name: String,
+        /// The function it calls: NAME, NAME@VERSION or NAME@ALIAS
         function: String,
         /// HTTP method (repeatable; default GET)
         #[arg(short = 'm', long = "method")]

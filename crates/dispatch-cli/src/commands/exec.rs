@@ -14,6 +14,8 @@ use crate::output::{Format, print_structured};
 /// Run a function and print {"context":{"logs","error"},"payload"} (or queue it: --async)
 #[derive(Debug, clap::Args)]
 pub struct Exec {
+    /// FUNCTION (the build deployed now), FUNCTION@N (version N: `dispatch get versions`) or
+    /// FUNCTION@ALIAS (a version the alias picks by weight)
     pub function: String,
     /// Payload as JSON; default: read from stdin (or null when stdin is a terminal)
     #[arg(long)]
