@@ -348,7 +348,8 @@ pub async fn check_version(
     })
 }
 
-async fn versions_of(
+/// A function's versions, newest first.
+pub async fn versions_of(
     state: &AppState,
     ns: &str,
     function: &str,

@@ -168,21 +168,8 @@ pub enum What {
     /// `hello@prod` (exec, endpoints, subscriptions, event drivers). Stored as hello.prod.
     #[command(disable_version_flag = true)]
     Alias {
-        function: String,
-        alias: String,
-        /// All calls to this version
-        #[arg(
-            long = "version",
-            id = "alias_version",
-            value_name = "N",
-            conflicts_with = "traffic",
-            required_unless_present = "traffic"
-        )]
-        version: Option<u32>,
-        /// Calls split by weight: VERSION=PERCENT,… adding up to 100 (a caller that sends
-        /// X-Dispatch-Affinity or the dispatch-affinity cookie stays on one version)
-        #[arg(long, value_name = "V=P,…")]
-        traffic: Option<String>,
+        #[command(flatten)]
+        target: AliasArgs,
     },
     /// An HTTP endpoint on the gateway: `dispatch create endpoint get-hello hello --method GET --path /hello`
     /// (`create api … -m POST -p /hello -a public`, Dispatch's spelling, works too)
@@ -391,16 +378,10 @@ impl Create {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            What::Alias {
-                function,
-                alias,
-                version,
-                traffic,
-            } => {
-                let spec = alias_spec(&function, version, traffic.as_deref())?;
-                let name = dispatch_core::versions::alias_object_name(&function, &alias);
-                (object(Kind::Alias, &ns, &name, &spec)?, false)
-            }
+            What::Alias { target } => (
+                object(Kind::Alias, &ns, &target.name(), &target.spec()?)?,
+                false,
+            ),
             What::Endpoint {
                 name,
                 function,
@@ -451,23 +432,46 @@ impl Create {
     }
 }
 
-/// An alias's spec from `--version` or `--traffic` (checked by the server too).
-pub fn alias_spec(
-    function: &str,
-    version: Option<u32>,
-    traffic: Option<&str>,
-) -> Result<dispatch_core::versions::AliasSpec> {
-    let traffic = match traffic {
-        Some(t) => dispatch_core::versions::parse_traffic(t)
-            .map_err(|e| anyhow::anyhow!("--traffic: {e}"))?,
-        None => Vec::new(),
-    };
-    Ok(dispatch_core::versions::AliasSpec {
-        function: function.to_string(),
-        version,
-        traffic,
-        promotion: None,
-    })
+/// An alias and where it points: `create alias` and `update alias`.
+#[derive(Debug, clap::Args)]
+pub struct AliasArgs {
+    pub function: String,
+    pub alias: String,
+    /// All calls to this version
+    #[arg(
+        long = "version",
+        id = "alias_version",
+        value_name = "N",
+        conflicts_with = "traffic",
+        required_unless_present = "traffic"
+    )]
+    pub version: Option<u32>,
+    /// Calls split by weight: VERSION=PERCENT,… adding up to 100 (a caller that sends
+    /// X-Dispatch-Affinity or the dispatch-affinity cookie stays on one version)
+    #[arg(long, value_name = "V=P,…")]
+    pub traffic: Option<String>,
+}
+
+impl AliasArgs {
+    /// The alias's stored name (`hello.prod`).
+    pub fn name(&self) -> String {
+        dispatch_core::versions::alias_object_name(&self.function, &self.alias)
+    }
+
+    /// Its spec from `--version` or `--traffic` (checked by the server too).
+    pub fn spec(&self) -> Result<dispatch_core::versions::AliasSpec> {
+        let traffic = match &self.traffic {
+            Some(t) => dispatch_core::versions::parse_traffic(t)
+                .map_err(|e| anyhow::anyhow!("--traffic: {e}"))?,
+            None => Vec::new(),
+        };
+        Ok(dispatch_core::versions::AliasSpec {
+            function: self.function.clone(),
+            version: self.version,
+            traffic,
+            promotion: None,
+        })
+    }
 }
 
 /// An object whose spec is the core's typed spec (what the server parses it back into).

@@ -39,20 +39,8 @@ pub enum UpdateWhat {
     /// promotion under way)
     #[command(disable_version_flag = true)]
     Alias {
-        function: String,
-        alias: String,
-        /// All calls to this version
-        #[arg(
-            long = "version",
-            id = "alias_version",
-            value_name = "N",
-            conflicts_with = "traffic",
-            required_unless_present = "traffic"
-        )]
-        version: Option<u32>,
-        /// Calls split by weight: VERSION=PERCENT,… adding up to 100
-        #[arg(long, value_name = "V=P,…")]
-        traffic: Option<String>,
+        #[command(flatten)]
+        target: super::create::AliasArgs,
     },
     /// New source (file or folder) and settings: a new digest, traffic moves when it is READY
     Function {
@@ -82,16 +70,9 @@ impl Update {
                 say(&updated, "updated");
                 return Ok(ExitCode::SUCCESS);
             }
-            UpdateWhat::Alias {
-                function,
-                alias,
-                version,
-                traffic,
-            } => {
-                let name = dispatch_core::versions::alias_object_name(&function, &alias);
-                let mut o = c.get(Kind::Alias, &name).await?;
-                let spec = super::create::alias_spec(&function, version, traffic.as_deref())?;
-                o.spec = serde_json::to_value(spec)?;
+            UpdateWhat::Alias { target } => {
+                let mut o = c.get(Kind::Alias, &target.name()).await?;
+                o.spec = serde_json::to_value(target.spec()?)?;
                 let updated = c.update(&o).await?;
                 say(&updated, "updated");
                 return Ok(ExitCode::SUCCESS);

@@ -28,8 +28,7 @@ async fn versions_of(
     ns: &str,
     name: &str,
 ) -> Result<Vec<FunctionVersion>, ApiError> {
-    let (n, m) = (ns.to_string(), name.to_string());
-    Ok(state.db(move |s| s.list_versions(&n, &m)).await?)
+    Ok(crate::versions::versions_of(state, ns, name).await?)
 }
 
 pub async fn list(
