@@ -2211,8 +2211,7 @@ fn aliases_and_promotion_from_the_command_line() {
 
     // A promotion to a version that answers, followed to its end.
     let out = s.ok(&[
-        "promote", "f", "--alias", "prod", "--to", "2", "--step", "50%", "--every", "200ms",
-        "--wait",
+        "promote", "f", "--alias", "prod", "--to", "2", "--step", "50%", "--every", "1s", "--wait",
     ]);
     assert!(out.contains("promotion to 2 done"), "{out}");
     assert_eq!(says("f@prod"), "two");

@@ -162,7 +162,7 @@ pub struct Promotion {
     /// Percent added per step (1–100, default 10).
     #[serde(default = "default_step")]
     pub step: u32,
-    /// Time between steps (default 1m).
+    /// Time between steps (default 1m, at least 1s).
     #[serde(default = "default_every")]
     pub every: String,
     /// Error rate of the new version, in percent, above which the promotion stops and the
@@ -275,8 +275,16 @@ impl AliasSpec {
                     p.step
                 )));
             }
-            crate::duration::parse_duration(&p.every)
+            let every = crate::duration::parse_duration(&p.every)
                 .map_err(|e| ValidationError::new(format!("promotion every {:?}: {e}", p.every)))?;
+            // Each step reads the new version's run records since the promotion began.
+            if every < std::time::Duration::from_secs(1) {
+                return Err(ValidationError::new(format!(
+                    "promotion every {:?} is shorter than 1s: each step measures the new \
+                     version's run records",
+                    p.every
+                )));
+            }
             if !(0.0..=100.0).contains(&p.max_error_rate) || p.max_error_rate.is_nan() {
                 return Err(ValidationError::new(format!(
                     "promotion maxErrorRate {} is not a percentage between 0 and 100",
@@ -360,4 +368,136 @@ pub fn parse_traffic(s: &str) -> Result<Vec<TrafficTarget>, ValidationError> {
             Ok(TrafficTarget { version, percent })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_name_a_function_a_version_or_an_alias() {
+        let t = |s: &str| Target::parse(s).map(|t| (t.function, t.selector));
+        assert_eq!(t("hello").unwrap(), ("hello".into(), Selector::Latest));
+        assert_eq!(
+            t("hello@latest").unwrap(),
+            ("hello".into(), Selector::Latest)
+        );
+        assert_eq!(
+            t("hello@3").unwrap(),
+            ("hello".into(), Selector::Version(3))
+        );
+        assert_eq!(
+            t("hello@prod").unwrap(),
+            ("hello".into(), Selector::Alias("prod".into()))
+        );
+        assert_eq!(
+            Target::parse("hello@prod").unwrap().to_string(),
+            "hello@prod"
+        );
+        for bad in [
+            "",
+            "@3",
+            "hello@",
+            "hello@0",
+            "hello@99999999999",
+            "Hello@1",
+            "hello@Prod",
+            "hello@a@b",
+            "hello@-x",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_deploy_name(&deploy_name("hello", 3)),
+            ("hello", Some(3))
+        );
+        assert_eq!(split_deploy_name("hello"), ("hello", None));
+    }
+
+    #[test]
+    fn aliases_are_checked_and_normalized() {
+        let spec = |v: serde_json::Value| serde_json::from_value::<AliasSpec>(v).unwrap();
+        let a = spec(serde_json::json!({"version": 3}))
+            .normalize("hello.prod")
+            .unwrap();
+        assert_eq!(
+            (a.function.as_str(), a.version, a.traffic.len()),
+            ("hello", None, 1)
+        );
+        assert_eq!(a.pick(99), Some(3));
+        let a = spec(serde_json::json!({"traffic": [{"version": 4, "percent": 10}, {"version": 3, "percent": 90}]}))
+            .normalize("hello.prod")
+            .unwrap();
+        assert_eq!(
+            (a.pick(0), a.pick(89), a.pick(90), a.pick(99)),
+            (Some(3), Some(3), Some(4), Some(4))
+        );
+        for (name, v, why) in [
+            ("hello", serde_json::json!({"version": 1}), "no '.'"),
+            (
+                "hello.latest",
+                serde_json::json!({"version": 1}),
+                "cannot be named",
+            ),
+            (
+                "hello.7",
+                serde_json::json!({"version": 1}),
+                "cannot be named",
+            ),
+            (
+                "hello.prod",
+                serde_json::json!({"function": "bye", "version": 1}),
+                "spec.function",
+            ),
+            ("hello.prod", serde_json::json!({}), "needs a version"),
+            ("hello.prod", serde_json::json!({"version": 0}), "version 0"),
+            (
+                "hello.prod",
+                serde_json::json!({"version": 1, "traffic": [{"version": 1, "percent": 100}]}),
+                "not both",
+            ),
+            (
+                "hello.prod",
+                serde_json::json!({"traffic": [{"version": 1, "percent": 50}]}),
+                "50%",
+            ),
+            (
+                "hello.prod",
+                serde_json::json!({"version": 1, "promotion": {"to": 2, "every": "10ms"}}),
+                "shorter than 1s",
+            ),
+            (
+                "hello.prod",
+                serde_json::json!({"version": 1, "promotion": {"to": 2, "step": 0}}),
+                "step",
+            ),
+            (
+                "hello.prod",
+                serde_json::json!({"version": 1, "promotion": {"to": 2, "maxErrorRate": 101.0}}),
+                "maxErrorRate",
+            ),
+        ] {
+            let e = spec(v).normalize(name).unwrap_err();
+            assert!(e.message.contains(why), "{name}: {e}");
+        }
+        assert_eq!(
+            parse_traffic("3=90, 4=10%").unwrap(),
+            vec![
+                TrafficTarget {
+                    version: 3,
+                    percent: 90
+                },
+                TrafficTarget {
+                    version: 4,
+                    percent: 10
+                }
+            ]
+        );
+        assert!(
+            parse_traffic("3:90")
+                .unwrap_err()
+                .message
+                .contains("VERSION=PERCENT")
+        );
+    }
 }

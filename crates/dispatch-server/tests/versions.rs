@@ -355,7 +355,7 @@ async fn a_promotion_rolls_back_when_the_new_version_fails() {
     let promote = |to: u64| async move {
         let mut a = c.get(Kind::Alias, "f.prod").await.unwrap();
         a.spec["promotion"] =
-            json!({"to": to, "step": 20, "every": "300ms", "maxErrorRate": 5.0, "minCalls": 5});
+            json!({"to": to, "step": 20, "every": "1s", "maxErrorRate": 5.0, "minCalls": 5});
         c.update(&a).await.unwrap();
     };
     promote(bad).await;

@@ -32,7 +32,7 @@ pub struct Promote {
     /// Share added per step, in percent (e.g. 10%)
     #[arg(long, default_value = "10%")]
     pub step: String,
-    /// Time between steps (e.g. 30s, 1m)
+    /// Time between steps (e.g. 30s, 1m; at least 1s)
     #[arg(long, default_value = "1m")]
     pub every: String,
     /// Error rate of the new version (percent of its calls since the promotion began) past
