@@ -90,8 +90,34 @@ def lines_of(buf):
     return text.splitlines() if text else []
 
 
-def call(fn, context, payload):
-    """Runs one call with stdout/stderr captured; returns the response minus its id."""
+def chunk_frame(item):
+    """One chunk a streaming handler yielded, as its frame's fields: text as is, bytes as
+    base64, anything else as its JSON."""
+    if isinstance(item, str):
+        return {"chunk": item}
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        import base64  # only streams of bytes pay for it
+
+        return {"chunk": base64.b64encode(bytes(item)).decode("ascii"), "binary": True}
+    return {"chunk": json.dumps(item, separators=(",", ":"))}
+
+
+def stream(result, emit):
+    """Sends each item of a generator (or async generator) as a chunk as it is yielded. The
+    host reads them at its caller's pace: a slow reader blocks the send, and so the handler."""
+    if inspect.isasyncgen(result):
+        async def drain():
+            async for item in result:
+                emit(chunk_frame(item))
+        asyncio.run(drain())
+    else:
+        for item in result:
+            emit(chunk_frame(item))
+
+
+def call(fn, context, payload, emit=None):
+    """Runs one call with stdout/stderr captured; returns the response minus its id. A handler
+    that returns a generator streams: `emit` sends each item as it comes."""
     out, err = io.StringIO(), io.StringIO()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
@@ -101,6 +127,9 @@ def call(fn, context, payload):
         result = fn(context, payload)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
+        if emit is not None and (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+            stream(result, emit)
+            result = None
     except BaseException as exc:  # the handler's failure is the caller's answer, not ours
         kind = "InputError" if is_input_error(exc) else "FunctionError"
         error = error_object(kind, exc, skip_frames=1)
@@ -171,8 +200,13 @@ def serve(sock, function_dir, handler):
         req = recv_frame(sock)
         if req is None:
             return 0
-        resp = call(fn, req.get("context") or {}, req.get("payload"))
-        resp["id"] = req.get("id")
+        rid = req.get("id")
+
+        def emit(fields, rid=rid):
+            send_frame(sock, dict({"id": rid}, **fields))
+
+        resp = call(fn, req.get("context") or {}, req.get("payload"), emit)
+        resp["id"] = rid
         try:
             send_frame(sock, resp)
         except (TypeError, ValueError) as exc:

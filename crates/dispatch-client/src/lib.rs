@@ -88,6 +88,20 @@ pub struct ExecResult {
     pub envelope: Envelope,
 }
 
+/// How a streamed exec ended.
+#[derive(Debug)]
+pub enum Streamed {
+    /// The handler did not stream: its envelope.
+    Whole(ExecResult),
+    /// Every chunk came, then the end.
+    Ended { run_id: Option<String> },
+    /// An error after the first chunk (or a stream cut short).
+    Failed {
+        run_id: Option<String>,
+        error: serde_json::Value,
+    },
+}
+
 /// Filters of `GET …/runs`.
 #[derive(Debug, Clone, Default)]
 pub struct RunQuery {
@@ -550,6 +564,83 @@ impl Client {
             detail: e.to_string(),
         })?;
         Ok(ExecResult { run_id, envelope })
+    }
+
+    /// Runs a function synchronously, its chunks handed to `on_chunk` as a streaming handler
+    /// yields them (server-sent events); a handler that does not stream answers whole.
+    pub async fn exec_stream(
+        &self,
+        function: &str,
+        input: &RawValue,
+        mut on_chunk: impl FnMut(&str),
+    ) -> Result<Streamed> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{function}/runs"));
+        let body = format!("{{\"input\":{}}}", input.get());
+        let rb = self
+            .request(Method::POST, &url)
+            .query(&[("stream", "true")])
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .body(body);
+        let mut resp = self.send(rb, &url).await?;
+        let run_id = resp
+            .headers()
+            .get("x-dispatch-run-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let sse = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let http = |source| ClientError::Http {
+            url: url.clone(),
+            source,
+        };
+        if !sse {
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(http)?;
+            let envelope = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+                status,
+                detail: e.to_string(),
+            })?;
+            return Ok(Streamed::Whole(ExecResult { run_id, envelope }));
+        }
+        let mut buf = String::new();
+        while let Some(bytes) = resp.chunk().await.map_err(http)? {
+            buf.push_str(&String::from_utf8_lossy(&bytes));
+            while let Some(at) = buf.find("\n\n") {
+                let event: String = buf.drain(..at + 2).collect();
+                let (mut kind, mut data) = ("message", Vec::new());
+                for line in event.lines() {
+                    if let Some(k) = line.strip_prefix("event: ") {
+                        kind = if k == "end" {
+                            "end"
+                        } else if k == "error" {
+                            "error"
+                        } else {
+                            "message"
+                        };
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push(d);
+                    }
+                }
+                let data = data.join("\n");
+                match kind {
+                    "end" => return Ok(Streamed::Ended { run_id }),
+                    "error" => {
+                        let error =
+                            serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data));
+                        return Ok(Streamed::Failed { run_id, error });
+                    }
+                    _ => on_chunk(&data),
+                }
+            }
+        }
+        Ok(Streamed::Failed {
+            run_id,
+            error: serde_json::json!({"message": "the stream ended without its end event"}),
+        })
     }
 
     /// The log of an image's dependency build.

@@ -32,7 +32,8 @@ pub use resource::{
     Kind, Language, Metadata, Object, Phase, Retry, RetryPolicy, SealedSecret, SecretSpec, Status,
 };
 pub use run::{
-    AttemptError, Callback, CallbackState, ColdStart, Run, RunStatus, StartMethod, Timings, Trigger,
+    AttemptError, Callback, CallbackState, ColdStart, Run, RunStatus, StartMethod, StreamStats,
+    Timings, Trigger,
 };
 
 /// The namespace used when none is given (Dispatch's default organization).

@@ -156,6 +156,9 @@ pub struct Run {
     /// The function's version whose build served it (`dispatch get versions`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
+    /// A streamed answer (the handler yielded chunks): how much, and how soon the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamStats>,
     /// Async runs that named a version (`hello@3`, or the one an alias chose when the run was
     /// accepted): every attempt runs that version. Absent: the function's current build.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +192,23 @@ pub struct Run {
     pub replica: Option<String>,
 }
 
+/// What a streamed call sent (issue 22): its output in the record is the concatenation of the
+/// chunks, up to [`STREAM_RECORD_BYTES`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStats {
+    pub chunks: u64,
+    pub bytes: u64,
+    /// From the call's start (a worker taken) to its first chunk.
+    pub first_byte_ms: f64,
+    /// The record keeps the first [`STREAM_RECORD_BYTES`] only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// How much of a streamed answer its run record keeps.
+pub const STREAM_RECORD_BYTES: usize = 64 * 1024;
+
 impl Run {
     /// A QUEUED run with no attempt yet; callers set what they know.
     pub fn new(
@@ -219,6 +239,7 @@ impl Run {
             digest: None,
             version: None,
             pinned_version: None,
+            stream: None,
             is_async: false,
             attempt_errors: Vec::new(),
             next_attempt_at: None,

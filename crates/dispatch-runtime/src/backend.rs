@@ -62,6 +62,20 @@ pub trait DeployedFunction: Send + Sync {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>>;
 
+    /// Runs one call whose handler may stream: the chunks it yields go to `sink` as they come
+    /// (a bounded channel: a slow reader slows the handler; a dropped one stops the call).
+    /// A backend that cannot stream answers whole (the default).
+    fn invoke_streaming<'a>(
+        &'a self,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+        sink: &'a crate::worker::Sink,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        let _ = sink;
+        self.invoke(context, payload, deadline)
+    }
+
     /// The image it runs when the backend built one (Kubernetes); `None` for local workers.
     fn image(&self) -> Option<&str> {
         None

@@ -72,6 +72,10 @@ pub struct CallOutcome {
     pub timings: Timings,
     /// The function ran out of time (the envelope carries the SystemError saying so).
     pub timed_out: bool,
+    /// It streamed (chunks were yielded): how much.
+    pub stream: Option<dispatch_core::StreamStats>,
+    /// The stream's reader went away and the call was stopped.
+    pub cancelled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +261,18 @@ impl Pool {
         payload: &RawValue,
         deadline: Instant,
     ) -> Result<CallOutcome, PoolError> {
+        self.call_streaming(context, payload, deadline, None).await
+    }
+
+    /// [`Pool::call`], the chunks a streaming handler yields sent to `sink` as they come
+    /// (without a sink they are the answer).
+    pub async fn call_streaming(
+        &self,
+        context: &RawValue,
+        payload: &RawValue,
+        deadline: Instant,
+        sink: Option<&crate::worker::Sink>,
+    ) -> Result<CallOutcome, PoolError> {
         let t0 = Instant::now();
         let mut timings = Timings::default();
         let permit = match self.permits.try_acquire() {
@@ -308,6 +324,8 @@ impl Pool {
                 cold_start: None,
                 timings,
                 timed_out,
+                stream: None,
+                cancelled: false,
             });
         }
 
@@ -342,7 +360,7 @@ impl Pool {
         let result = checkout
             .worker
             .insert(worker)
-            .call(context, payload, remaining, self.cfg.timeout)
+            .call(context, payload, remaining, self.cfg.timeout, sink)
             .await;
         let took = t2.elapsed();
         timings.exec_ms = ms(took);
@@ -351,17 +369,21 @@ impl Pool {
             c.total_ms += c.first_call_ms;
         }
         let worker = checkout.worker.take();
-        let (envelope, timed_out) = match (result, worker) {
-            (Ok(env), Some(w)) => {
+        let ((envelope, stream), timed_out, cancelled) = match (result, worker) {
+            (Ok(answer), Some(w)) => {
                 self.put_idle(w);
-                (env, false)
+                (answer, false, false)
             }
-            (Ok(env), None) => (env, false),
+            (Ok(answer), None) => (answer, false, false),
             (Err(f), w) => {
                 if let Some(w) = w {
                     self.discard(w);
                 }
-                (Envelope::error(f.error, Logs::default()), f.timed_out)
+                (
+                    (Envelope::error(f.error, Logs::default()), None),
+                    f.timed_out,
+                    f.cancelled,
+                )
             }
         };
         drop(permit);
@@ -371,6 +393,8 @@ impl Pool {
             cold_start,
             timings,
             timed_out,
+            stream,
+            cancelled,
         })
     }
 
@@ -381,6 +405,8 @@ impl Pool {
             cold_start: None,
             timings,
             timed_out: false,
+            stream: None,
+            cancelled: false,
         }
     }
 

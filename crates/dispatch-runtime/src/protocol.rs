@@ -33,7 +33,9 @@ pub struct Hello {
     pub import_ms: Option<f64>,
 }
 
-/// Worker → host, once per request.
+/// Worker → host: once per request, its answer; before it, when the handler streams (a Python
+/// generator), one frame per chunk it yields: `{"id": N, "chunk": "text"}` (`"binary": true`:
+/// the chunk is base64).
 #[derive(Deserialize)]
 pub struct Response {
     pub id: u64,
@@ -41,6 +43,10 @@ pub struct Response {
     pub context: EnvelopeContext,
     #[serde(default)]
     pub payload: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub chunk: Option<String>,
+    #[serde(default)]
+    pub binary: bool,
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> io::Result<()> {

@@ -23,6 +23,54 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{self, Hello, Request, Response};
+use dispatch_core::StreamStats;
+
+/// Where a streamed call's chunks go as the handler yields them (a bounded channel: a slow
+/// reader slows the handler).
+pub type Sink = tokio::sync::mpsc::Sender<bytes::Bytes>;
+
+/// How a call's exchange with its worker ended.
+enum Exchange {
+    Answer(Vec<u8>),
+    Closed,
+    /// The stream's reader went away.
+    Gone,
+    Malformed(String),
+    /// Chunks beyond the answer's limit (nobody streaming).
+    TooLarge(usize),
+}
+
+/// What a streamed call sent so far, and the part of it kept.
+#[derive(Default)]
+struct Streamed {
+    stats: StreamStats,
+    kept: Vec<u8>,
+}
+
+impl Streamed {
+    fn keep(&mut self, chunk: &[u8], cap: usize) {
+        let room = cap.saturating_sub(self.kept.len());
+        if chunk.len() > room {
+            self.stats.truncated = true;
+        }
+        self.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+}
+
+/// Whether a frame may be a chunk: `{"id":N,"chunk":…` (the bootstraps write it so; a key
+/// inside a string would be escaped). A false positive is parsed and treated as the answer.
+fn has_chunk(frame: &[u8]) -> bool {
+    let head = &frame[..frame.len().min(48)];
+    head.windows(8).any(|w| w == b"\"chunk\":")
+}
+
+fn too_large(n: usize, limit: usize) -> ErrorObject {
+    ErrorObject::system(format!(
+        "the answer ({}) is larger than the function's limit of {} (spec.resources.maxOutputBytes)",
+        crate::sandbox::cgroup::human_bytes(n as u64),
+        crate::sandbox::cgroup::human_bytes(limit as u64)
+    ))
+}
 use crate::sandbox::Cgroup;
 
 /// Lines of process-level output kept for crash messages.
@@ -402,7 +450,8 @@ impl Worker {
         payload: &RawValue,
         timeout: Duration,
         configured: Duration,
-    ) -> Result<Envelope, CallFailure> {
+        sink: Option<&Sink>,
+    ) -> Result<(Envelope, Option<StreamStats>), CallFailure> {
         self.next_id += 1;
         let id = self.next_id;
         let frame = serde_json::to_vec(&Request {
@@ -411,9 +460,59 @@ impl Worker {
             payload,
         })
         .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
+        let started = Instant::now();
+        let max_output = self.max_output;
+        let mut streamed = Streamed::default();
+        let sock = &mut self.sock;
         let exchange = async {
-            protocol::write_frame(&mut self.sock, &frame).await?;
-            protocol::read_frame(&mut self.sock).await
+            protocol::write_frame(sock, &frame).await?;
+            loop {
+                let Some(frame) = protocol::read_frame(sock).await? else {
+                    return Ok::<_, std::io::Error>(Exchange::Closed);
+                };
+                // A chunk frame says so in its first bytes; an answer is parsed once, below.
+                if !has_chunk(&frame) {
+                    return Ok(Exchange::Answer(frame));
+                }
+                let f: Response = match serde_json::from_slice(&frame) {
+                    Ok(f) => f,
+                    Err(e) => return Ok(Exchange::Malformed(e.to_string())),
+                };
+                let Some(text) = f.chunk.filter(|_| f.id == id) else {
+                    return Ok(Exchange::Answer(frame));
+                };
+                let bytes = if f.binary {
+                    use base64::Engine as _;
+                    match base64::engine::general_purpose::STANDARD.decode(text.as_bytes()) {
+                        Ok(b) => bytes::Bytes::from(b),
+                        Err(e) => return Ok(Exchange::Malformed(format!("a binary chunk: {e}"))),
+                    }
+                } else {
+                    bytes::Bytes::from(text)
+                };
+                if streamed.stats.chunks == 0 {
+                    streamed.stats.first_byte_ms = started.elapsed().as_secs_f64() * 1e3;
+                }
+                streamed.stats.chunks += 1;
+                streamed.stats.bytes += bytes.len() as u64;
+                match sink {
+                    // Whoever reads the stream sets the pace: a full channel holds this loop,
+                    // the socket fills and the handler's next yield waits (back-pressure).
+                    Some(s) => {
+                        streamed.keep(&bytes, dispatch_core::run::STREAM_RECORD_BYTES);
+                        if s.send(bytes).await.is_err() {
+                            return Ok(Exchange::Gone);
+                        }
+                    }
+                    // Nobody streams: the chunks are the answer, within the answer's limit.
+                    None => {
+                        if streamed.kept.len() + bytes.len() > max_output {
+                            return Ok(Exchange::TooLarge(streamed.kept.len() + bytes.len()));
+                        }
+                        streamed.keep(&bytes, usize::MAX);
+                    }
+                }
+            }
         };
         let answer = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => {
@@ -430,7 +529,7 @@ impl Worker {
                 self.kill();
                 return Err(ErrorObject::system(format!("worker protocol error: {e}")).into());
             }
-            Ok(Err(_)) | Ok(Ok(None)) => {
+            Ok(Err(_)) | Ok(Ok(Exchange::Closed)) => {
                 let tail = self.wait_tail().await;
                 return Err(ErrorObject::system(death_message(
                     self.cgroup.as_ref(),
@@ -438,16 +537,32 @@ impl Worker {
                 ))
                 .into());
             }
-            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(Exchange::Gone)) => {
+                // The handler is stopped where it is: nobody reads what it yields.
+                self.kill();
+                return Err(CallFailure {
+                    error: ErrorObject::system(
+                        "the caller disconnected from the stream: the call was cancelled",
+                    ),
+                    timed_out: false,
+                    cancelled: true,
+                });
+            }
+            Ok(Ok(Exchange::Malformed(e))) => {
+                self.kill();
+                return Err(
+                    ErrorObject::system(format!("worker sent a malformed chunk: {e}")).into(),
+                );
+            }
+            Ok(Ok(Exchange::TooLarge(n))) => {
+                self.kill();
+                return Err(too_large(n, max_output).into());
+            }
+            Ok(Ok(Exchange::Answer(frame))) => frame,
         };
         if answer.len() > self.max_output {
             self.kill();
-            return Err(ErrorObject::system(format!(
-                "the answer ({}) is larger than the function's limit of {} (spec.resources.maxOutputBytes)",
-                crate::sandbox::cgroup::human_bytes(answer.len() as u64),
-                crate::sandbox::cgroup::human_bytes(self.max_output as u64)
-            ))
-            .into());
+            return Err(too_large(answer.len(), self.max_output).into());
         }
         let resp: Response = serde_json::from_slice(&answer).map_err(|e| {
             self.kill();
@@ -461,10 +576,25 @@ impl Worker {
             ))
             .into());
         }
-        Ok(Envelope {
-            context: resp.context,
-            payload: resp.payload.unwrap_or_else(null_raw),
-        })
+        if streamed.stats.chunks > 0 {
+            // The answer of a streamed call is what it streamed (as text; the record's copy).
+            let text = String::from_utf8_lossy(&streamed.kept);
+            let payload = serde_json::value::to_raw_value(&text).unwrap_or_else(|_| null_raw());
+            return Ok((
+                Envelope {
+                    context: resp.context,
+                    payload,
+                },
+                Some(streamed.stats),
+            ));
+        }
+        Ok((
+            Envelope {
+                context: resp.context,
+                payload: resp.payload.unwrap_or_else(null_raw),
+            },
+            None,
+        ))
     }
 
     /// Kills the worker's whole process group (grandchildren too).
@@ -527,6 +657,8 @@ fn drain(r: impl AsyncRead + Unpin + Send + 'static, tail: Tail, label: String) 
 pub struct CallFailure {
     pub error: ErrorObject,
     pub timed_out: bool,
+    /// The caller went away from a stream (the call was stopped, not failed).
+    pub cancelled: bool,
 }
 
 impl CallFailure {
@@ -538,6 +670,7 @@ impl CallFailure {
                 dispatch_core::duration::format_duration(limit)
             )),
             timed_out: true,
+            cancelled: false,
         }
     }
 }
@@ -547,6 +680,7 @@ impl From<ErrorObject> for CallFailure {
         CallFailure {
             error,
             timed_out: false,
+            cancelled: false,
         }
     }
 }

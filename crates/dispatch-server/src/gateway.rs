@@ -182,7 +182,31 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         return resp;
     }
     let cors = m.route.cors;
-    let mut resp = match invoke::execute(&state, call).await {
+    let format = if m.route.sse || crate::stream::wants_sse(&parts.headers) {
+        crate::stream::Format::Sse
+    } else {
+        crate::stream::Format::Chunked
+    };
+    // The caller sees the handler's own message, never the platform's internals.
+    let ending: crate::stream::Ending = Box::new(|outcome| match outcome {
+        Ok(a) => a
+            .envelope
+            .context
+            .error
+            .as_ref()
+            .map(|e| public_error(e, &a.run_id, a.status == dispatch_core::RunStatus::Timeout)),
+        Err(e) => Some(serde_json::json!({"message": e.to_string()})),
+    });
+    let mut resp = crate::stream::answer(state.clone(), call, format, whole, ending).await;
+    if cors {
+        cors_headers(resp.headers_mut());
+    }
+    resp
+}
+
+/// The gateway's answer of a call that did not stream: the payload, or the error object.
+fn whole(outcome: Result<invoke::Answer, invoke::CallError>) -> Response {
+    match outcome {
         Ok(answer) => {
             let (status, body) = match &answer.envelope.context.error {
                 None => (StatusCode::OK, answer.envelope.payload.get().to_string()),
@@ -200,11 +224,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             crate::api::json_answer(status, body, &answer.run_id)
         }
         Err(e) => ApiError::from(e).into_response(),
-    };
-    if cors {
-        cors_headers(resp.headers_mut());
     }
-    resp
 }
 
 /// The error object a gateway caller sees (DESIGN §9: no platform internals): the handler's

@@ -62,6 +62,11 @@ pub struct Invocation {
     pub callback: Option<String>,
     /// Keeps a caller on one version of an alias (`X-Dispatch-Affinity`, a cookie).
     pub affinity: Option<String>,
+    /// Sync only: where a streaming handler's chunks go as it yields them.
+    pub stream: Option<dispatch_runtime::Sink>,
+    /// Sync only: the run's id, when the caller must know it before the call ends (a
+    /// streamed answer names it in its headers).
+    pub run_id: Option<String>,
 }
 
 impl Invocation {
@@ -75,7 +80,14 @@ impl Invocation {
             event: None,
             callback: None,
             affinity: None,
+            stream: None,
+            run_id: None,
         }
+    }
+
+    pub fn stream(mut self, sink: dispatch_runtime::Sink) -> Self {
+        self.stream = Some(sink);
+        self
     }
 
     pub fn affinity(mut self, key: Option<String>) -> Self {
@@ -132,6 +144,7 @@ pub async fn call_deployed(
     deployed: &Deployed,
     run: &Run,
     http: Option<&serde_json::Value>,
+    sink: Option<&dispatch_runtime::Sink>,
 ) -> Result<CallOutcome, InvokeError> {
     let now = jiff::Timestamp::now();
     let deadline = now
@@ -150,16 +163,23 @@ pub async fn call_deployed(
     // Serializing a struct of strings and a JSON value cannot fail.
     let ctx = serde_json::value::to_raw_value(&ctx)
         .unwrap_or_else(|_| dispatch_core::envelope::null_raw());
-    deployed
-        .handle
-        .invoke(&ctx, &run.input, Instant::now() + deployed.timeout)
-        .await
+    let deadline = Instant::now() + deployed.timeout;
+    match sink {
+        None => deployed.handle.invoke(&ctx, &run.input, deadline).await,
+        Some(s) => {
+            deployed
+                .handle
+                .invoke_streaming(&ctx, &run.input, deadline, s)
+                .await
+        }
+    }
 }
 
 /// The final status of one attempt: the backend says whether it ran out of time.
 pub fn status_of(outcome: &CallOutcome) -> RunStatus {
     match &outcome.envelope.context.error {
         None => RunStatus::Succeeded,
+        Some(_) if outcome.cancelled => RunStatus::Cancelled,
         Some(_) if outcome.timed_out => RunStatus::Timeout,
         Some(_) => RunStatus::Failed,
     }
@@ -220,6 +240,7 @@ pub fn apply_outcome(
     run.cold_start = outcome.cold_start;
     state.metrics.record(run.status, run.cold_start.as_ref());
     run.timings = outcome.timings;
+    run.stream = outcome.stream;
     run.digest = Some(deployed.digest.clone());
     run.version = deployed.version;
     if let Some(out) = &run.output
@@ -253,7 +274,9 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, CallE
     .await?;
     let created = jiff::Timestamp::now();
     let mut run = Run::new(
-        dispatch_core::run::new_run_id(),
+        call.run_id
+            .clone()
+            .unwrap_or_else(dispatch_core::run::new_run_id),
         &call.namespace,
         &function,
         call.trigger,
@@ -262,16 +285,17 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, CallE
     );
     run.attempts = 1;
     run.event = call.event;
-    let outcome = match call_deployed(&deployed, &run, call.http.as_ref()).await {
-        Ok(o) => o,
-        Err(InvokeError::NotDeployed { .. }) => {
-            return Err(not_ready(state, &run.namespace, &run.function).await);
-        }
-        Err(InvokeError::Busy(e)) => {
-            state.queue.count_busy(&run.namespace, &run.function);
-            return Err(CallError::Busy(e.to_string()));
-        }
-    };
+    let outcome =
+        match call_deployed(&deployed, &run, call.http.as_ref(), call.stream.as_ref()).await {
+            Ok(o) => o,
+            Err(InvokeError::NotDeployed { .. }) => {
+                return Err(not_ready(state, &run.namespace, &run.function).await);
+            }
+            Err(InvokeError::Busy(e)) => {
+                state.queue.count_busy(&run.namespace, &run.function);
+                return Err(CallError::Busy(e.to_string()));
+            }
+        };
     let mut outcome = outcome;
     apply_outcome(&mut run, &mut outcome, &deployed, state);
     let envelope = outcome.envelope;

@@ -36,6 +36,7 @@ pub mod secrets;
 pub mod serve;
 pub mod state;
 mod state_error;
+pub mod stream;
 pub mod tls;
 mod tokens;
 pub mod versions;

@@ -27,6 +27,8 @@ pub struct Route {
     pub cors: bool,
     /// Callers need a developer token of the namespace (`auth: token`).
     pub token: bool,
+    /// A streaming handler's chunks go out as server-sent events (`stream: sse`).
+    pub sse: bool,
     hosts: Vec<String>,
     segments: Vec<Seg>,
     /// The pattern ends with `/*` (matches any rest, including nothing).
@@ -183,6 +185,7 @@ fn compile(o: &Object) -> Vec<Arc<Route>> {
                 methods: spec.methods.clone(),
                 cors: spec.cors,
                 token: spec.needs_token(),
+                sse: spec.stream.as_deref() == Some("sse"),
                 hosts: spec.hosts.clone(),
                 segments,
                 prefix,

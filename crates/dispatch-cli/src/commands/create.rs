@@ -194,6 +194,10 @@ pub enum What {
         /// in the endpoint's namespace)
         #[arg(short = 'a', long, value_parser = ["public", "token"])]
         auth: Option<String>,
+        /// How a streaming handler's chunks go out: chunked (default) or sse (server-sent
+        /// events; a client sending Accept: text/event-stream gets them anyway)
+        #[arg(long, value_parser = ["chunked", "sse"])]
+        stream: Option<String>,
     },
 }
 
@@ -390,6 +394,7 @@ impl Create {
                 hosts,
                 cors,
                 auth,
+                stream,
             } => {
                 let spec = EndpointSpec {
                     function,
@@ -398,6 +403,7 @@ impl Create {
                     hosts,
                     cors,
                     auth,
+                    stream,
                 };
                 (object(Kind::Endpoint, &ns, &name, &spec)?, false)
             }

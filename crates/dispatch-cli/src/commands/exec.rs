@@ -33,6 +33,11 @@ pub struct Exec {
     /// With --async: POST the final run record to this URL
     #[arg(long, requires = "is_async", value_name = "URL")]
     pub callback_url: Option<String>,
+    /// Print a streaming handler's chunks as they come (a Python generator); an error after
+    /// the first chunk goes to stderr and exits 1. A handler that does not stream prints its
+    /// envelope as usual
+    #[arg(long, conflicts_with = "is_async")]
+    pub stream: bool,
 }
 
 impl Exec {
@@ -73,6 +78,40 @@ impl Exec {
                 _ => print_structured(&accepted, Format::Json)?,
             }
             return Ok(ExitCode::SUCCESS);
+        }
+        if self.stream {
+            use std::io::Write as _;
+            let streamed = ctx
+                .client
+                .exec_stream(&self.function, &input, |chunk| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(chunk.as_bytes());
+                    let _ = out.flush();
+                })
+                .await?;
+            match streamed {
+                dispatch_client::Streamed::Whole(r) => {
+                    print_structured(&r.envelope, Format::Json)?;
+                    return Ok(if r.envelope.context.error.is_some() {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    });
+                }
+                dispatch_client::Streamed::Ended { .. } => {
+                    println!();
+                    return Ok(ExitCode::SUCCESS);
+                }
+                dispatch_client::Streamed::Failed { run_id, error } => {
+                    println!();
+                    let what = error["error"]["message"]
+                        .as_str()
+                        .or(error["message"].as_str())
+                        .unwrap_or("the stream failed");
+                    eprintln!("error: {what} (run {})", run_id.as_deref().unwrap_or("-"));
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         let r = ctx.client.exec(&self.function, &input).await?;
         match self.output {

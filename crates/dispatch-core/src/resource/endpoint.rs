@@ -32,6 +32,11 @@ pub struct EndpointSpec {
     /// the endpoint's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<String>,
+    /// How a streaming handler's answer is sent: `chunked` (the default: chunks as they come,
+    /// chunked transfer encoding) or `sse` (server-sent events, one per chunk; a client that
+    /// sends `Accept: text/event-stream` gets them too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
 }
 
 impl EndpointSpec {
@@ -60,6 +65,14 @@ impl EndpointSpec {
             return Err(ValidationError::new(
                 "endpoint needs at least one path (--path /hello)",
             ));
+        }
+        if let Some(m) = &self.stream
+            && m != "chunked"
+            && m != "sse"
+        {
+            return Err(ValidationError::new(format!(
+                "stream {m:?} is not valid: use chunked or sse"
+            )));
         }
         if let Some(a) = &self.auth
             && a != "public"

@@ -152,6 +152,8 @@ impl DeployedFunction for RemoteFunction {
                     cold_start: None,
                     timings: Timings::default(),
                     timed_out: true,
+                    stream: None,
+                    cancelled: false,
                 });
             }
             let body = format!(
@@ -199,6 +201,8 @@ impl DeployedFunction for RemoteFunction {
                     ..Default::default()
                 },
                 timed_out,
+                stream: None,
+                cancelled: false,
             })
         })
     }

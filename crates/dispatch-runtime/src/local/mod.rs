@@ -321,6 +321,20 @@ impl DeployedFunction for Pool {
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
         Box::pin(async move { Ok(self.call(context, payload, deadline).await?) })
     }
+
+    fn invoke_streaming<'a>(
+        &'a self,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+        sink: &'a crate::worker::Sink,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        Box::pin(async move {
+            Ok(self
+                .call_streaming(context, payload, deadline, Some(sink))
+                .await?)
+        })
+    }
 }
 
 /// Removes entries of `dir` (`<hex>` folders and their `<hex>.log`) whose hex is neither

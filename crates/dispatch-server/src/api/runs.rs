@@ -70,6 +70,10 @@ struct ExecBody {
 pub struct ExecQuery {
     #[serde(default)]
     wait: Option<bool>,
+    /// Stream a streaming handler's chunks as they come (server-sent events); `Accept:
+    /// text/event-stream` says the same.
+    #[serde(default)]
+    stream: Option<bool>,
 }
 
 /// `GET …/functions/{name}/queue`: its async runs accepted and not final, its bound, and the
@@ -133,10 +137,40 @@ pub async fn exec(
     }
     let inv = Invocation::new(&ns, &name, payload, Trigger::Exec)
         .affinity(crate::versions::affinity_of(&headers));
+    if q.stream == Some(true) || crate::stream::wants_sse(&headers) {
+        // A token holder sees the whole error, as in the envelope.
+        let ending: crate::stream::Ending = Box::new(|outcome| match outcome {
+            Ok(a) => a
+                .envelope
+                .context
+                .error
+                .as_ref()
+                .map(|e| serde_json::json!({"error": e, "runId": a.run_id})),
+            Err(e) => Some(serde_json::json!({"error": {"message": e.to_string()}})),
+        });
+        let whole = |outcome: Result<invoke::Answer, invoke::CallError>| match outcome {
+            Ok(a) => envelope_answer(&a),
+            Err(e) => ApiError::from(e).into_response(),
+        };
+        return Ok(crate::stream::answer(
+            state.clone(),
+            inv,
+            crate::stream::Format::Sse,
+            whole,
+            ending,
+        )
+        .await);
+    }
     let answer = invoke::execute(&state, inv).await?;
-    let body = serde_json::to_string(&answer.envelope)
-        .map_err(|e| ApiError::internal("encoding an envelope", &e))?;
-    Ok(json_answer(StatusCode::OK, body, &answer.run_id))
+    Ok(envelope_answer(&answer))
+}
+
+/// 200 with the envelope, its run id in `X-Dispatch-Run-Id`.
+fn envelope_answer(answer: &invoke::Answer) -> Response {
+    match serde_json::to_string(&answer.envelope) {
+        Ok(body) => json_answer(StatusCode::OK, body, &answer.run_id),
+        Err(e) => ApiError::internal("encoding an envelope", &e).into_response(),
+    }
 }
 
 /// 202 with the run's id and where to watch it.

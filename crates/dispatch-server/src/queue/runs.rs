@@ -218,7 +218,7 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         }
         return;
     }
-    let outcome = call_deployed(&deployed, &run, run.http_context.as_ref()).await;
+    let outcome = call_deployed(&deployed, &run, run.http_context.as_ref(), None).await;
     // Claim the end of the attempt; a cancel that came first owns the record.
     slot.2 = false;
     if !q.finish(&id) {
@@ -326,6 +326,8 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         event,
         callback: callback_url,
         affinity,
+        stream: _,
+        run_id: _,
     } = inv;
     // `hello@3`, `hello@prod`: the version is chosen now and every attempt runs it.
     let (function, pinned) = if function.contains('@') {

@@ -117,6 +117,8 @@ impl DeployedFunction for FakeFunction {
                 cold_start: None,
                 timings: Default::default(),
                 timed_out: false,
+                stream: None,
+                cancelled: false,
             })
         })
     }

@@ -490,6 +490,7 @@ pub async fn bare_worker(pool: &Pool, calls: usize) -> Result<Latency> {
             &payload,
             Duration::from_secs(5),
             Duration::from_secs(5),
+            None,
         )
         .await
         .map_err(|e| anyhow::anyhow!("bare call failed: {}", e.error.message))?;

@@ -1,0 +1,184 @@
+//! Streamed answers (issue 22): a sync call whose handler yields chunks (a Python generator)
+//! is answered as they come — chunked transfer encoding, or server-sent events — by the
+//! gateway and by `POST …/runs?stream=true`. A handler that returns a value is answered whole,
+//! as before.
+//!
+//! The chunks travel through a bounded channel from the worker's protocol socket to the
+//! response body: a slow reader fills it, the worker's read loop waits, the socket fills and
+//! the handler's next `yield` blocks (back-pressure; nothing buffers without bound). A reader
+//! that goes away drops the channel: the worker is killed and the run recorded CANCELLED.
+//! `spec.timeout` bounds the whole call. An error after the first byte ends the stream with
+//! an `error` event (SSE) or an `x-dispatch-error` trailer (chunked), and is recorded.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http_body::Frame;
+use tokio::sync::mpsc;
+
+use crate::invoke::{self, Answer, CallError, Invocation};
+use crate::state::AppState;
+
+/// Chunks in flight between a worker and a slow reader before the handler waits.
+pub const CHANNEL_CHUNKS: usize = 16;
+
+/// How a streamed answer is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The chunks as they are, chunked transfer encoding (`text/plain`).
+    Chunked,
+    /// `text/event-stream`: one `data:` event per chunk, then `end` (or `error`).
+    Sse,
+}
+
+/// Whether the caller asked for server-sent events (`Accept: text/event-stream`).
+pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+/// What the end of a stream says: `None` for success, else the error object to show.
+pub type Ending = Box<dyn FnOnce(&Result<Answer, CallError>) -> Option<serde_json::Value> + Send>;
+
+/// Runs `call` and answers: `whole` makes the response of a call that streamed nothing; one
+/// that streams is answered as its chunks come, in `format`, ended by what `ending` says of
+/// the call's outcome.
+pub async fn answer(
+    state: Arc<AppState>,
+    call: Invocation,
+    format: Format,
+    whole: impl FnOnce(Result<Answer, CallError>) -> Response,
+    ending: Ending,
+) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let run_id = dispatch_core::run::new_run_id();
+    let mut call = call.stream(tx);
+    call.run_id = Some(run_id.clone());
+    let mut done = Box::pin(async move { invoke::execute(&state, call).await });
+    let first = tokio::select! {
+        biased;
+        first = rx.recv() => first,
+        outcome = &mut done => {
+            // It ended at once: chunks it streamed (fewer than the channel holds) are still
+            // there; none means it answered whole.
+            match rx.try_recv() {
+                Ok(first) => return streamed(first, rx, futures_util::future::ready(outcome), format, &run_id, ending),
+                Err(_) => return whole(outcome),
+            }
+        }
+    };
+    match first {
+        Some(first) => {
+            // The call goes on by itself; the body reads its chunks, then its outcome.
+            let (out_tx, out_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = out_tx.send(done.await);
+            });
+            let outcome = async move {
+                out_rx.await.unwrap_or_else(|_| {
+                    Err(CallError::State(crate::state::StateError::internal(
+                        "a streamed call",
+                        "its task ended without an outcome",
+                    )))
+                })
+            };
+            streamed(first, rx, outcome, format, &run_id, ending)
+        }
+        // The sink closed with nothing in it: the call is over (it did not stream).
+        None => whole(done.await),
+    }
+}
+
+fn streamed(
+    first: Bytes,
+    rx: mpsc::Receiver<Bytes>,
+    outcome: impl std::future::Future<Output = Result<Answer, CallError>> + Send + 'static,
+    format: Format,
+    run_id: &str,
+    ending: Ending,
+) -> Response {
+    let chunks = futures_util::stream::once(async move { first })
+        .chain(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (c, rx))
+        }))
+        .map(move |c| Ok::<_, Infallible>(Frame::data(encode(format, c))));
+    let id = run_id.to_string();
+    let end = futures_util::stream::once(async move {
+        let outcome = outcome.await;
+        match (format, ending(&outcome)) {
+            (Format::Sse, None) => Some(Frame::data(Bytes::from(format!(
+                "event: end\ndata: {}\n\n",
+                serde_json::json!({ "runId": id })
+            )))),
+            (Format::Sse, Some(e)) => Some(Frame::data(Bytes::from(format!(
+                "event: error\ndata: {e}\n\n"
+            )))),
+            (Format::Chunked, None) => None,
+            (Format::Chunked, Some(e)) => {
+                let mut t = axum::http::HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(&e.to_string()) {
+                    t.insert("x-dispatch-error", v);
+                }
+                Some(Frame::trailers(t))
+            }
+        }
+    })
+    .filter_map(|f| async move { f.map(Ok::<_, Infallible>) });
+    let body = http_body_util::StreamBody::new(chunks.chain(end));
+    let mut resp = (StatusCode::OK, axum::body::Body::new(body)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(match format {
+            Format::Sse => "text/event-stream",
+            Format::Chunked => "text/plain; charset=utf-8",
+        }),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Proxies (nginx) must not buffer it.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(run_id) {
+        h.insert("x-dispatch-run-id", v);
+    }
+    resp
+}
+
+/// One chunk as the format writes it: as is, or a `data:` line per line of it.
+fn encode(format: Format, chunk: Bytes) -> Bytes {
+    match format {
+        Format::Chunked => chunk,
+        Format::Sse => {
+            let text = String::from_utf8_lossy(&chunk);
+            let mut out = String::with_capacity(text.len() + 16);
+            for line in text.split('\n') {
+                out.push_str("data: ");
+                out.push_str(line.strip_suffix('\r').unwrap_or(line));
+                out.push('\n');
+            }
+            out.push('\n');
+            Bytes::from(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_writes_a_data_line_per_line() {
+        assert_eq!(encode(Format::Sse, Bytes::from("a")), "data: a\n\n");
+        assert_eq!(
+            encode(Format::Sse, Bytes::from("a\nb")),
+            "data: a\ndata: b\n\n"
+        );
+        assert_eq!(encode(Format::Chunked, Bytes::from("a\nb")), "a\nb");
+    }
+}

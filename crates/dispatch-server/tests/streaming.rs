@@ -1,0 +1,273 @@
+//! Streamed answers (issue 22, its first part) end to end: Python generator handlers in real
+//! sandboxed workers, called through the gateway and the API with a real HTTP client. The
+//! handlers wait on a TCP socket the test holds, so that "before the handler returns" is a
+//! fact the test controls, not a timing.
+
+mod support;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpListener;
+
+use dispatch_core::{Kind, RunStatus};
+use serde_json::json;
+use support::*;
+
+/// Yields `first`, then waits until the test sends a byte on the socket it connects to, then
+/// yields `second`.
+const GATED: &str = r#"
+import socket
+def handle(context, payload):
+    yield "first;"
+    s = socket.create_connection(("127.0.0.1", payload["port"]))
+    s.recv(1)
+    yield "second;"
+    yield {"n": 3}
+"#;
+
+/// Yields 64 KiB chunks, telling the test (one byte each) as it yields.
+const FLOOD: &str = r#"
+import socket
+def handle(context, payload):
+    s = socket.create_connection(("127.0.0.1", payload["port"]))
+    for i in range(payload["n"]):
+        yield "x" * 65536
+        s.sendall(b"+")
+"#;
+
+const FAILS_MIDWAY: &str = r#"
+def handle(context, payload):
+    yield "a"
+    raise RuntimeError("broken mid-stream")
+"#;
+
+const SLOW: &str = r#"
+import time
+def handle(context, payload):
+    yield "a"
+    time.sleep(30)
+    yield "never"
+"#;
+
+async fn endpoint(
+    c: &dispatch_client::Client,
+    name: &str,
+    function: &str,
+    extra: serde_json::Value,
+) {
+    let mut spec =
+        json!({"function": function, "paths": [format!("/{name}")], "methods": ["POST"]});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    c.create(&object(Kind::Endpoint, name, spec)).await.unwrap();
+}
+
+async fn post(t: &TestServer, path: &str, body: serde_json::Value, sse: bool) -> reqwest::Response {
+    let http = reqwest::Client::new();
+    eventually(&format!("{path} to answer"), || async {
+        let mut rb = http.post(format!("{}{path}", t.gateway)).json(&body);
+        if sse {
+            rb = rb.header("accept", "text/event-stream");
+        }
+        let r = rb.send().await.ok()?;
+        (r.status() != 404).then_some(r)
+    })
+    .await
+}
+
+async fn next_text(r: &mut reqwest::Response) -> String {
+    String::from_utf8(r.chunk().await.unwrap().unwrap_or_default().to_vec()).unwrap()
+}
+
+async fn run_of(c: &dispatch_client::Client, r: &reqwest::Response) -> dispatch_core::Run {
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    eventually("the run record", || async {
+        let run = c.get_run(&id).await.ok()?;
+        run.status.is_final().then_some(run)
+    })
+    .await
+}
+
+/// Chunks reach the client while the handler is still running; the record keeps their
+/// concatenation, their count and the time to the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_arrive_before_the_handler_returns() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "gated", GATED, json!({})).await;
+    endpoint(c, "gated", "gated", json!({})).await;
+    let gate = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
+
+    let mut r = post(&t, "/gated", json!({"port": port}), false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(
+        next_text(&mut r).await,
+        "first;",
+        "the first chunk, the handler still waiting"
+    );
+    let (mut s, _) = gate.accept().unwrap();
+    s.write_all(b"!").unwrap();
+    let mut rest = String::new();
+    while let Some(b) = r.chunk().await.unwrap() {
+        rest.push_str(std::str::from_utf8(&b).unwrap());
+    }
+    assert_eq!(rest, "second;{\"n\":3}");
+    let run = run_of(c, &r).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.output.unwrap().get(), "\"first;second;{\\\"n\\\":3}\"");
+    let stream = run.stream.unwrap();
+    assert_eq!((stream.chunks, stream.bytes), (3, 20));
+
+    // Server-sent events, asked for by the client: one event per chunk, then `end`.
+    let mut r = post(&t, "/gated", json!({"port": port}), true).await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    assert_eq!(next_text(&mut r).await, "data: first;\n\n");
+    let (mut s, _) = gate.accept().unwrap();
+    s.write_all(b"!").unwrap();
+    let mut rest = String::new();
+    while let Some(b) = r.chunk().await.unwrap() {
+        rest.push_str(std::str::from_utf8(&b).unwrap());
+    }
+    let run = run_of(c, &r).await;
+    assert_eq!(
+        rest,
+        format!(
+            "data: second;\n\ndata: {{\"n\":3}}\n\nevent: end\ndata: {{\"runId\":\"{}\"}}\n\n",
+            run.id
+        )
+    );
+    // A handler that returns a value still answers whole, as JSON.
+    ready_function(
+        c,
+        "plain",
+        "def handle(context, payload):\n    return {'ok': 1}\n",
+        json!({}),
+    )
+    .await;
+    endpoint(c, "plain", "plain", json!({"stream": "sse"})).await;
+    let r = post(&t, "/plain", json!({}), false).await;
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.text().await.unwrap(), "{\"ok\":1}");
+    t.stop().await;
+}
+
+/// A client that stops reading holds the handler back (it does not run ahead into server
+/// memory); one that disconnects cancels the call, recorded CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_holds_the_handler_and_a_gone_one_cancels_it() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "flood", FLOOD, json!({"timeout": "60s"})).await;
+    endpoint(c, "flood", "flood", json!({})).await;
+    let progress = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = progress.local_addr().unwrap().port();
+    let mut r = post(&t, "/flood", json!({"port": port, "n": 2000}), false).await;
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // Not reading: the handler's yields stop once the channel and the sockets are full.
+    let (mut s, _) = progress.accept().unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut yielded = 0usize;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => yielded += n,
+            // Two seconds without a yield: it is held.
+            Err(_) => break,
+        }
+    }
+    assert!(
+        yielded < 200,
+        "a client reading nothing let the handler yield {yielded} of 2,000 chunks (64 KiB each)"
+    );
+    // Gone: the call is stopped and recorded as cancelled.
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    drop(r);
+    let run = eventually("the cancelled run", || async {
+        let run = c.get_run(&id).await.ok()?;
+        run.status.is_final().then_some(run)
+    })
+    .await;
+    assert_eq!(run.status, RunStatus::Cancelled, "{:?}", run.error);
+    assert!(run.error.unwrap().message.contains("disconnected"));
+    t.stop().await;
+}
+
+/// An error after the first chunk ends the stream with an `error` event (SSE) or an
+/// `x-dispatch-error` trailer, and is recorded; so does running out of time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_and_timeouts_after_the_first_chunk_end_the_stream() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "midway", FAILS_MIDWAY, json!({})).await;
+    ready_function(c, "slow", SLOW, json!({"timeout": "2s"})).await;
+    endpoint(c, "midway", "midway", json!({"stream": "sse"})).await;
+    endpoint(c, "slow", "slow", json!({"stream": "sse"})).await;
+    let r = post(&t, "/midway", json!({}), false).await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = r.text().await.unwrap();
+    let (data, error) = body.split_once("event: error\ndata: ").unwrap();
+    assert_eq!(data, "data: a\n\n");
+    let error: serde_json::Value = serde_json::from_str(error.trim()).unwrap();
+    assert_eq!(error["message"], "broken mid-stream");
+    assert_eq!(
+        error["stacktrace"],
+        json!([]),
+        "no traceback on the gateway"
+    );
+    let run = final_run(c, &id).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(run.error.unwrap().message.contains("broken mid-stream"));
+
+    let r = post(&t, "/slow", json!({}), false).await;
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = r.text().await.unwrap();
+    assert!(body.starts_with("data: a\n\nevent: error\n"), "{body}");
+    assert!(body.contains("timed out"), "{body}");
+    assert_eq!(final_run(c, &id).await.status, RunStatus::Timeout);
+
+    // The API streams too (`?stream=true`), with the whole error for a token holder.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!(
+            "{}/v1/namespaces/default/functions/midway/runs?stream=true",
+            t.api()
+        ))
+        .json(&json!({"input": null}))
+        .send()
+        .await
+        .unwrap();
+    let body = r.text().await.unwrap();
+    let (_, error) = body.split_once("event: error\ndata: ").unwrap();
+    let error: serde_json::Value = serde_json::from_str(error.trim()).unwrap();
+    assert!(
+        error["error"]["stacktrace"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty()),
+        "{error}"
+    );
+    // Without asking to stream, the chunks are the answer (their concatenation).
+    let r = c.exec("midway", &raw(json!(null))).await.unwrap();
+    assert!(r.envelope.context.error.is_some());
+    t.stop().await;
+}
