@@ -89,13 +89,45 @@ function lines(text) {
   return out;
 }
 
+// One chunk a streaming handler yielded: text as is, bytes as base64, anything else as JSON.
+function chunkFrame(id, item) {
+  if (typeof item === 'string') return { id, chunk: item };
+  if (item instanceof Uint8Array) return { id, chunk: Buffer.from(item).toString('base64'), binary: true };
+  return { id, chunk: JSON.stringify(item) };
+}
+
+// Whether a handler's result streams: an async iterator (an async generator, a ReadableStream,
+// a Node stream) or a generator object — not an array or a string.
+function streams(result) {
+  if (result === null || typeof result !== 'object') return false;
+  if (typeof result[Symbol.asyncIterator] === 'function') return true;
+  return Object.prototype.toString.call(result) === '[object Generator]';
+}
+
+// Sends a frame, waiting while the socket's buffer is full: a host that reads slowly (its
+// caller does) holds the handler at its next chunk.
+function sendWaiting(obj) {
+  const body = Buffer.from(JSON.stringify(obj), 'utf8');
+  const head = Buffer.alloc(4);
+  head.writeUInt32BE(body.length, 0);
+  if (sock.write(Buffer.concat([head, body]))) return null;
+  return new Promise((resolve) => sock.once('drain', resolve));
+}
+
 async function handle(fn, req) {
   capture = { stdout: '', stderr: '' };
   let error = null;
   let payload = null;
   try {
     const result = await fn(req.context || {}, req.payload === undefined ? null : req.payload);
-    payload = result === undefined ? null : result;
+    if (streams(result)) {
+      for await (const item of result) {
+        const wait = sendWaiting(chunkFrame(req.id, item));
+        if (wait) await wait;
+      }
+    } else {
+      payload = result === undefined ? null : result;
+    }
   } catch (err) {
     const input =
       err && (err instanceof TypeError || err.name === 'InputError' || err.inputError === true);

@@ -271,3 +271,72 @@ async fn errors_and_timeouts_after_the_first_chunk_end_the_stream() {
     assert!(r.envelope.context.error.is_some());
     t.stop().await;
 }
+
+/// A Node handler streams too: an async generator's chunks arrive before it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_async_generators_stream() {
+    const NODE_GATED: &str = r#"
+const net = require('net');
+module.exports.handle = async function* (context, payload) {
+  yield 'first;';
+  await new Promise((resolve) => {
+    const s = net.connect(payload.port, '127.0.0.1');
+    s.once('data', () => { s.destroy(); resolve(); });
+  });
+  yield 'second;';
+  yield { n: 3 };
+};
+"#;
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    create_function(
+        c,
+        "ngated",
+        "js",
+        "ngated.js",
+        NODE_GATED,
+        json!({"handler": "ngated.handle"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "ngated").await.phase(),
+        Some(dispatch_core::Phase::Ready)
+    );
+    endpoint(c, "ngated", "ngated", json!({"stream": "sse"})).await;
+    let gate = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
+    let mut r = post(&t, "/ngated", json!({"port": port}), false).await;
+    assert_eq!(next_text(&mut r).await, "data: first;\n\n");
+    let (mut s, _) = gate.accept().unwrap();
+    s.write_all(b"!").unwrap();
+    let mut rest = String::new();
+    while let Some(b) = r.chunk().await.unwrap() {
+        rest.push_str(std::str::from_utf8(&b).unwrap());
+    }
+    assert!(
+        rest.starts_with("data: second;\n\ndata: {\"n\":3}\n\nevent: end\n"),
+        "{rest}"
+    );
+    let run = run_of(c, &r).await;
+    assert_eq!(
+        (run.status, run.stream.unwrap().chunks),
+        (RunStatus::Succeeded, 3)
+    );
+    // An array is an answer, not a stream.
+    create_function(
+        c,
+        "arr",
+        "js",
+        "arr.js",
+        "module.exports.handle = async () => [1, 2];\n",
+        json!({"handler": "arr.handle"}),
+    )
+    .await
+    .unwrap();
+    settled(c, Kind::Function, "arr").await;
+    let r = c.exec("arr", &raw(json!(null))).await.unwrap();
+    assert_eq!(r.envelope.payload.get(), "[1,2]");
+    t.stop().await;
+}
