@@ -2232,3 +2232,53 @@ fn aliases_and_promotion_from_the_command_line() {
     let e = s.fails(&["exec", "f@prod"]);
     assert!(e.contains("no alias"), "{e}");
 }
+
+/// `dispatch exec --stream` (issue 22): a generator's chunks printed as they come; an error
+/// after the first chunk on stderr with exit 1; a handler that returns prints its envelope.
+#[test]
+fn exec_streams_a_generators_chunks() {
+    let s = ServerProc::start();
+    s.ok(&["create", "image", "py", "python3", "--wait"]);
+    let dir = s.dir.path().join("gen");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, code) in [
+        (
+            "gen",
+            "def handle(context, payload):\n    for w in ['a', 'b', 'c']:\n        yield w\n",
+        ),
+        (
+            "bad",
+            "def handle(context, payload):\n    yield 'a'\n    raise RuntimeError('midway')\n",
+        ),
+        ("val", "def handle(context, payload):\n    return 42\n"),
+    ] {
+        let p = dir.join(format!("{name}.py"));
+        std::fs::write(&p, code).unwrap();
+        s.ok(&[
+            "create",
+            "function",
+            name,
+            p.to_str().unwrap(),
+            "--image",
+            "py",
+            "--handler",
+            &format!("{name}.handle"),
+            "--wait",
+        ]);
+    }
+    assert_eq!(s.ok(&["exec", "gen", "--stream"]), "abc\n");
+    let out = s.cli().args(["exec", "bad", "--stream"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("midway"),
+        "{out:?}"
+    );
+    let whole: serde_json::Value =
+        serde_json::from_str(&s.ok(&["exec", "val", "--stream"])).unwrap();
+    assert_eq!(whole["payload"], 42);
+    // Without --stream the chunks are the payload.
+    let (ok, env) = s.exec("gen", "null");
+    assert!(ok);
+    assert_eq!(env["payload"], "abc");
+}

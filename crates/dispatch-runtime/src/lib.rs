@@ -30,4 +30,4 @@ pub use backend::{
 pub use build::Progress;
 pub use local::{DEFAULT_MAX_WAITING_CALLS, LocalBackend};
 pub use pool::{CallOutcome, Pool, PoolError};
-pub use worker::Sink;
+pub use worker::{Opened, Sink};

@@ -25,9 +25,49 @@ use tokio::process::{Child, Command};
 use crate::protocol::{self, Hello, Request, Response};
 use dispatch_core::StreamStats;
 
-/// Where a streamed call's chunks go as the handler yields them (a bounded channel: a slow
-/// reader slows the handler).
-pub type Sink = tokio::sync::mpsc::Sender<bytes::Bytes>;
+/// Where a streamed call's chunks go as the handler yields them: a bounded channel (a slow
+/// reader slows the handler), made when the first chunk comes — most calls stream nothing,
+/// and a channel costs an aligned allocation — and handed to whoever waits on
+/// [`Sink::new`]'s receiver.
+pub struct Sink {
+    capacity: usize,
+    opener: Mutex<Option<tokio::sync::oneshot::Sender<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>,
+    tx: std::sync::OnceLock<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+}
+
+/// The receiving end of a [`Sink`]: the chunks' channel once the first chunk comes; closed
+/// (an error) when the call ended without streaming.
+pub type Opened = tokio::sync::oneshot::Receiver<tokio::sync::mpsc::Receiver<bytes::Bytes>>;
+
+impl Sink {
+    /// A sink holding at most `capacity` chunks its reader has not taken.
+    pub fn new(capacity: usize) -> (Sink, Opened) {
+        let (open, opened) = tokio::sync::oneshot::channel();
+        (
+            Sink {
+                capacity: capacity.max(1),
+                opener: Mutex::new(Some(open)),
+                tx: std::sync::OnceLock::new(),
+            },
+            opened,
+        )
+    }
+
+    /// Sends one chunk, waiting while the reader is `capacity` chunks behind; `Err` when the
+    /// reader went away.
+    pub async fn send(&self, chunk: bytes::Bytes) -> Result<(), ()> {
+        let tx = match self.tx.get() {
+            Some(tx) => tx,
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(self.capacity);
+                let open = self.opener.lock().take().ok_or(())?;
+                open.send(rx).map_err(|_| ())?;
+                self.tx.get_or_init(|| tx)
+            }
+        };
+        tx.send(chunk).await.map_err(|_| ())
+    }
+}
 
 /// How a call's exchange with its worker ended.
 enum Exchange {

@@ -57,58 +57,51 @@ pub async fn answer(
     whole: impl FnOnce(Result<Answer, CallError>) -> Response,
     ending: Ending,
 ) -> Response {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let (sink, mut opened) = dispatch_runtime::Sink::new(CHANNEL_CHUNKS);
     let run_id = dispatch_core::run::new_run_id();
-    let mut call = call.stream(tx);
+    let mut call = call.stream(sink);
     call.run_id = Some(run_id.clone());
     let mut done = Box::pin(async move { invoke::execute(&state, call).await });
-    let first = tokio::select! {
+    tokio::select! {
         biased;
-        first = rx.recv() => first,
-        outcome = &mut done => {
-            // It ended at once: chunks it streamed (fewer than the channel holds) are still
-            // there; none means it answered whole.
-            match rx.try_recv() {
-                Ok(first) => return streamed(first, rx, futures_util::future::ready(outcome), format, &run_id, ending),
-                Err(_) => return whole(outcome),
+        opened = &mut opened => match opened {
+            Ok(rx) => {
+                // The call goes on by itself; the body reads its chunks, then its outcome.
+                let (out_tx, out_rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    let _ = out_tx.send(done.await);
+                });
+                let outcome = async move {
+                    out_rx.await.unwrap_or_else(|_| {
+                        Err(CallError::State(crate::state::StateError::internal(
+                            "a streamed call",
+                            "its task ended without an outcome",
+                        )))
+                    })
+                };
+                streamed(rx, outcome, format, &run_id, ending)
             }
-        }
-    };
-    match first {
-        Some(first) => {
-            // The call goes on by itself; the body reads its chunks, then its outcome.
-            let (out_tx, out_rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
-                let _ = out_tx.send(done.await);
-            });
-            let outcome = async move {
-                out_rx.await.unwrap_or_else(|_| {
-                    Err(CallError::State(crate::state::StateError::internal(
-                        "a streamed call",
-                        "its task ended without an outcome",
-                    )))
-                })
-            };
-            streamed(first, rx, outcome, format, &run_id, ending)
-        }
-        // The sink closed with nothing in it: the call is over (it did not stream).
-        None => whole(done.await),
+            // The sink went with the call, never opened: it did not stream.
+            Err(_) => whole(done.await),
+        },
+        outcome = &mut done => match opened.try_recv() {
+            // It streamed and ended at once (its chunks wait in the channel).
+            Ok(rx) => streamed(rx, futures_util::future::ready(outcome), format, &run_id, ending),
+            Err(_) => whole(outcome),
+        },
     }
 }
 
 fn streamed(
-    first: Bytes,
     rx: mpsc::Receiver<Bytes>,
     outcome: impl std::future::Future<Output = Result<Answer, CallError>> + Send + 'static,
     format: Format,
     run_id: &str,
     ending: Ending,
 ) -> Response {
-    let chunks = futures_util::stream::once(async move { first })
-        .chain(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|c| (c, rx))
-        }))
-        .map(move |c| Ok::<_, Infallible>(Frame::data(encode(format, c))));
+    let chunks =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+            .map(move |c| Ok::<_, Infallible>(Frame::data(encode(format, c))));
     let id = run_id.to_string();
     let end = futures_util::stream::once(async move {
         let outcome = outcome.await;
