@@ -44,8 +44,16 @@ pub fn wants_sse(headers: &axum::http::HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
-/// What the end of a stream says: `None` for success, else the error object to show.
-pub type Ending = Box<dyn FnOnce(&Result<Answer, CallError>) -> Option<serde_json::Value> + Send>;
+/// What the end of a stream says of the call's outcome: `None` for success, else the error
+/// object to show.
+pub trait Ending:
+    FnOnce(&Result<Answer, CallError>) -> Option<serde_json::Value> + Send + 'static
+{
+}
+impl<F> Ending for F where
+    F: FnOnce(&Result<Answer, CallError>) -> Option<serde_json::Value> + Send + 'static
+{
+}
 
 /// Runs `call` and answers: `whole` makes the response of a call that streamed nothing; one
 /// that streams is answered as its chunks come, in `format`, ended by what `ending` says of
@@ -55,7 +63,7 @@ pub async fn answer(
     call: Invocation,
     format: Format,
     whole: impl FnOnce(Result<Answer, CallError>) -> Response,
-    ending: Ending,
+    ending: impl Ending,
 ) -> Response {
     let (sink, mut opened) = dispatch_runtime::Sink::new(CHANNEL_CHUNKS);
     let run_id = dispatch_core::run::new_run_id();
@@ -97,7 +105,7 @@ fn streamed(
     outcome: impl std::future::Future<Output = Result<Answer, CallError>> + Send + 'static,
     format: Format,
     run_id: &str,
-    ending: Ending,
+    ending: impl Ending,
 ) -> Response {
     let chunks =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
