@@ -188,15 +188,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         crate::stream::Format::Chunked
     };
     // The caller sees the handler's own message, never the platform's internals.
-    let ending = |outcome: &Result<invoke::Answer, invoke::CallError>| match outcome {
-        Ok(a) => a
-            .envelope
-            .context
-            .error
-            .as_ref()
-            .map(|e| public_error(e, &a.run_id, a.status == dispatch_core::RunStatus::Timeout)),
-        Err(e) => Some(serde_json::json!({"message": e.to_string()})),
-    };
+    let ending = crate::stream::ending(public_error);
     let mut resp = crate::stream::answer(state.clone(), call, format, whole, ending).await;
     if cors {
         cors_headers(resp.headers_mut());

@@ -55,6 +55,22 @@ impl<F> Ending for F where
 {
 }
 
+/// The ending that shows a call's error as `show` makes it of the error, its run id and
+/// whether it ran out of time; a call that could not run at all says why.
+pub fn ending(
+    show: impl FnOnce(&dispatch_core::ErrorObject, &str, bool) -> serde_json::Value + Send + 'static,
+) -> impl Ending {
+    move |outcome: &Result<Answer, CallError>| match outcome {
+        Ok(a) => a
+            .envelope
+            .context
+            .error
+            .as_ref()
+            .map(|e| show(e, &a.run_id, a.status == dispatch_core::RunStatus::Timeout)),
+        Err(e) => Some(serde_json::json!({"error": {"message": e.to_string()}})),
+    }
+}
+
 /// Runs `call` and answers: `whole` makes the response of a call that streamed nothing; one
 /// that streams is answered as its chunks come, in `format`, ended by what `ending` says of
 /// the call's outcome.

@@ -139,15 +139,8 @@ pub async fn exec(
         .affinity(crate::versions::affinity_of(&headers));
     if q.stream == Some(true) || crate::stream::wants_sse(&headers) {
         // A token holder sees the whole error, as in the envelope.
-        let ending = |outcome: &Result<invoke::Answer, invoke::CallError>| match outcome {
-            Ok(a) => a
-                .envelope
-                .context
-                .error
-                .as_ref()
-                .map(|e| serde_json::json!({"error": e, "runId": a.run_id})),
-            Err(e) => Some(serde_json::json!({"error": {"message": e.to_string()}})),
-        };
+        let ending =
+            crate::stream::ending(|e, run_id, _| serde_json::json!({"error": e, "runId": run_id}));
         let whole = |outcome: Result<invoke::Answer, invoke::CallError>| match outcome {
             Ok(a) => envelope_answer(&a),
             Err(e) => ApiError::from(e).into_response(),
