@@ -86,31 +86,50 @@ pub async fn answer(
     let mut call = call.stream(sink);
     call.run_id = Some(run_id.clone());
     let mut done = Box::pin(async move { invoke::execute(&state, call).await });
-    tokio::select! {
-        biased;
-        opened = &mut opened => match opened {
-            Ok(rx) => {
-                // The call goes on by itself; the body reads its chunks, then its outcome.
-                let (out_tx, out_rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
-                    let _ = out_tx.send(done.await);
-                });
-                let outcome = async move {
-                    out_rx.await.unwrap_or_else(|_| {
-                        Err(CallError::State(crate::state::StateError::internal(
-                            "a streamed call",
-                            "its task ended without an outcome",
-                        )))
-                    })
-                };
-                streamed(rx, outcome, format, &run_id, ending)
-            }
+    // The worker's read loop runs inside `done`: the sink opens during one of its polls, so
+    // looking right after each poll answers at once (waiting on the oneshot would be a wake of
+    // this very task, re-polled only after the scheduler's round: ~0.2 ms on the first byte).
+    enum Step {
+        Opened(mpsc::Receiver<Bytes>),
+        Done(Result<Answer, CallError>),
+    }
+    let step = std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(outcome) = done.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Step::Done(outcome));
+        }
+        match opened.try_recv() {
+            Ok(rx) => std::task::Poll::Ready(Step::Opened(rx)),
+            Err(_) => std::task::Poll::Pending,
+        }
+    })
+    .await;
+    match step {
+        Step::Opened(rx) => {
+            // The call goes on by itself; the body reads its chunks, then its outcome.
+            let (out_tx, out_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = out_tx.send(done.await);
+            });
+            let outcome = async move {
+                out_rx.await.unwrap_or_else(|_| {
+                    Err(CallError::State(crate::state::StateError::internal(
+                        "a streamed call",
+                        "its task ended without an outcome",
+                    )))
+                })
+            };
+            streamed(rx, outcome, format, &run_id, ending)
+        }
+        Step::Done(outcome) => match opened.try_recv() {
+            // It streamed and ended in one poll (its chunks wait in the channel).
+            Ok(rx) => streamed(
+                rx,
+                futures_util::future::ready(outcome),
+                format,
+                &run_id,
+                ending,
+            ),
             // The sink went with the call, never opened: it did not stream.
-            Err(_) => whole(done.await),
-        },
-        outcome = &mut done => match opened.try_recv() {
-            // It streamed and ended at once (its chunks wait in the channel).
-            Ok(rx) => streamed(rx, futures_util::future::ready(outcome), format, &run_id, ending),
             Err(_) => whole(outcome),
         },
     }

@@ -22,6 +22,7 @@ mod load;
 mod process;
 mod scale;
 mod soak;
+mod stream;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -107,6 +108,8 @@ pub struct Report {
     pub idle_worker_uss_kib: Vec<Uss>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scale: Option<Scale>,
+    /// Streamed answers: time to the first chunk and throughput.
+    pub stream: stream::Streaming,
 }
 
 #[derive(Debug, Serialize)]
@@ -307,6 +310,14 @@ impl Bench {
             uss.push(idle_uss(s, function, worker).await?);
         }
 
+        say("streamed answers: time to the first chunk, throughput of 64 KiB chunks…");
+        let streaming = stream::streaming(
+            s,
+            if self.quick { 100 } else { 500 },
+            if self.quick { 64 } else { 512 },
+        )
+        .await?;
+
         let scale = if self.functions > 0 && with_scale {
             say(&format!(
                 "registering {} functions and endpoints…",
@@ -329,6 +340,7 @@ impl Bench {
             cold_start: cold,
             idle_worker_uss_kib: uss,
             scale,
+            stream: streaming,
         })
     }
 }
@@ -556,6 +568,20 @@ fn print_table(r: &Report) {
             c.first_call_p50_ms
         );
     }
+    let st = &r.stream;
+    println!(
+        "\nstreamed answer, first chunk  bare p50/p99 {:.1} / {:.1} µs   gateway p50/p99 {:.1} / {:.1} µs   added p50 {:+.1} µs  (n={})",
+        st.ttfb_bare_p50_us,
+        st.ttfb_bare_p99_us,
+        st.ttfb_gateway_p50_us,
+        st.ttfb_gateway_p99_us,
+        st.ttfb_added_p50_us,
+        st.samples
+    );
+    println!(
+        "  64 KiB chunks through the gateway: {:.0} MiB/s ({} MiB, one client)",
+        st.throughput_mib_s, st.throughput_mib
+    );
     println!("\nidle warm worker                         USS KiB    RSS KiB");
     for u in &r.idle_worker_uss_kib {
         println!("  {:<36} {:>9} {:>10}", u.worker, u.uss_kib, u.rss_kib);
