@@ -40,11 +40,13 @@ def handle(context, payload):
     raise RuntimeError("broken mid-stream")
 "#;
 
-const SLOW: &str = r#"
-import time
+/// Yields, then waits on a socket the test never writes to: it outlasts its timeout.
+const STUCK: &str = r#"
+import socket
 def handle(context, payload):
     yield "a"
-    time.sleep(30)
+    s = socket.create_connection(("127.0.0.1", payload["port"]))
+    s.recv(1)
     yield "never"
 "#;
 
@@ -171,20 +173,31 @@ async fn a_slow_reader_holds_the_handler_and_a_gone_one_cancels_it() {
     let mut r = post(&t, "/flood", json!({"port": port, "n": 2000}), false).await;
     let first = r.chunk().await.unwrap().unwrap();
     assert!(!first.is_empty());
-    // Not reading: the handler's yields stop once the channel and the sockets are full.
+    // Not reading: the handler's yields stop once the channel and the sockets are full. Its
+    // progress is polled until it stays the same from one poll to the next (a handler running
+    // ahead into server memory would go on to all 2,000 at once).
     let (mut s, _) = progress.accept().unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
-        .unwrap();
-    let mut yielded = 0usize;
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => yielded += n,
-            // Two seconds without a yield: it is held.
-            Err(_) => break,
-        }
-    }
+    s.set_nonblocking(true).unwrap();
+    let mut seen = (0usize, usize::MAX);
+    let yielded = eventually_within(
+        "the handler to be held",
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(60),
+        || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => seen.0 += n,
+                    Err(_) => break, // nothing more now
+                }
+            }
+            let held = seen.0 > 0 && seen.0 == seen.1;
+            seen.1 = seen.0;
+            std::future::ready(held.then_some(seen.0))
+        },
+    )
+    .await;
     assert!(
         yielded < 200,
         "a client reading nothing let the handler yield {yielded} of 2,000 chunks (64 KiB each)"
@@ -213,7 +226,7 @@ async fn errors_and_timeouts_after_the_first_chunk_end_the_stream() {
     let c = &t.client;
     images(c).await;
     ready_function(c, "midway", FAILS_MIDWAY, json!({})).await;
-    ready_function(c, "slow", SLOW, json!({"timeout": "2s"})).await;
+    ready_function(c, "slow", STUCK, json!({"timeout": "2s"})).await;
     endpoint(c, "midway", "midway", json!({"stream": "sse"})).await;
     endpoint(c, "slow", "slow", json!({"stream": "sse"})).await;
     let r = post(&t, "/midway", json!({}), false).await;
@@ -236,7 +249,9 @@ async fn errors_and_timeouts_after_the_first_chunk_end_the_stream() {
     assert_eq!(run.status, RunStatus::Failed);
     assert!(run.error.unwrap().message.contains("broken mid-stream"));
 
-    let r = post(&t, "/slow", json!({}), false).await;
+    let never = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = never.local_addr().unwrap().port();
+    let r = post(&t, "/slow", json!({"port": port}), false).await;
     let id = r.headers()["x-dispatch-run-id"]
         .to_str()
         .unwrap()
