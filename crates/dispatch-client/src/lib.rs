@@ -88,6 +88,29 @@ pub struct ExecResult {
     pub envelope: Envelope,
 }
 
+/// The run id a sync run's answer names (`X-Dispatch-Run-Id`).
+fn run_id_of(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("x-dispatch-run-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// A sync run's answer read whole: its envelope and run id.
+async fn envelope_of(resp: reqwest::Response, url: &str) -> Result<ExecResult> {
+    let run_id = run_id_of(&resp);
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+        url: url.to_string(),
+        source,
+    })?;
+    let envelope = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+        status,
+        detail: e.to_string(),
+    })?;
+    Ok(ExecResult { run_id, envelope })
+}
+
 /// How a streamed exec ended.
 #[derive(Debug)]
 pub enum Streamed {
@@ -542,28 +565,19 @@ impl Client {
 
     /// Runs a function synchronously with `input` as its payload.
     pub async fn exec(&self, function: &str, input: &RawValue) -> Result<ExecResult> {
+        let (url, rb) = self.exec_request(function, input);
+        let resp = self.send(rb, &url).await?;
+        envelope_of(resp, &url).await
+    }
+
+    /// A sync run's request: its URL, and the POST of `{"input": …}`.
+    fn exec_request(&self, function: &str, input: &RawValue) -> (String, reqwest::RequestBuilder) {
         let url = self.ns_url(&self.namespace, &format!("functions/{function}/runs"));
-        let body = format!("{{\"input\":{}}}", input.get());
         let rb = self
             .request(Method::POST, &url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        let resp = self.send(rb, &url).await?;
-        let run_id = resp
-            .headers()
-            .get("x-dispatch-run-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
-            url: url.clone(),
-            source,
-        })?;
-        let envelope = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            status,
-            detail: e.to_string(),
-        })?;
-        Ok(ExecResult { run_id, envelope })
+            .body(format!("{{\"input\":{}}}", input.get()));
+        (url, rb)
     }
 
     /// Runs a function synchronously, its chunks handed to `on_chunk` as a streaming handler
@@ -574,38 +588,24 @@ impl Client {
         input: &RawValue,
         mut on_chunk: impl FnMut(&str),
     ) -> Result<Streamed> {
-        let url = self.ns_url(&self.namespace, &format!("functions/{function}/runs"));
-        let body = format!("{{\"input\":{}}}", input.get());
-        let rb = self
-            .request(Method::POST, &url)
+        let (url, rb) = self.exec_request(function, input);
+        let rb = rb
             .query(&[("stream", "true")])
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .body(body);
+            .header(reqwest::header::ACCEPT, "text/event-stream");
         let mut resp = self.send(rb, &url).await?;
-        let run_id = resp
-            .headers()
-            .get("x-dispatch-run-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let sse = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !sse {
+            return Ok(Streamed::Whole(envelope_of(resp, &url).await?));
+        }
+        let run_id = run_id_of(&resp);
         let http = |source| ClientError::Http {
             url: url.clone(),
             source,
         };
-        if !sse {
-            let status = resp.status();
-            let bytes = resp.bytes().await.map_err(http)?;
-            let envelope = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-                status,
-                detail: e.to_string(),
-            })?;
-            return Ok(Streamed::Whole(ExecResult { run_id, envelope }));
-        }
         let mut buf = String::new();
         while let Some(bytes) = resp.chunk().await.map_err(http)? {
             buf.push_str(&String::from_utf8_lossy(&bytes));

@@ -84,13 +84,7 @@ impl Object {
                 .typed_spec::<AliasSpec>()
                 .ok()
                 .filter(|s| s.function == function)
-                .map(|s| {
-                    let mut v: Vec<u32> = s.versions().collect();
-                    if let Some(p) = &s.promotion {
-                        v.extend(p.from.iter().map(|t| t.version));
-                    }
-                    v
-                })
+                .map(|s| s.named_versions())
                 .unwrap_or_default(),
             _ => Vec::new(),
         }

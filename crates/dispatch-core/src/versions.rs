@@ -311,14 +311,28 @@ impl AliasSpec {
         self.traffic.last().map(|t| t.version)
     }
 
-    /// Versions it sends calls to.
-    pub fn versions(&self) -> impl Iterator<Item = u32> + '_ {
-        self.traffic
-            .iter()
-            .filter(|t| t.percent > 0)
-            .map(|t| t.version)
-            .chain(self.promotion.iter().map(|p| p.to))
+    /// Versions it sends calls to (a promotion's target included), in order, once each.
+    pub fn versions(&self) -> Vec<u32> {
+        let live = self.traffic.iter().filter(|t| t.percent > 0);
+        sorted(
+            live.map(|t| t.version)
+                .chain(self.promotion.iter().map(|p| p.to)),
+        )
     }
+
+    /// Every version it names — those it sends calls to and those an aborted promotion would
+    /// return to —, in order, once each: what must exist, and what the function keeps.
+    pub fn named_versions(&self) -> Vec<u32> {
+        let from = self.promotion.iter().flat_map(|p| p.from.iter());
+        sorted(self.versions().into_iter().chain(from.map(|t| t.version)))
+    }
+}
+
+fn sorted(versions: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut v: Vec<u32> = versions.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn check_traffic(traffic: &[TrafficTarget]) -> Result<(), ValidationError> {

@@ -176,13 +176,7 @@ pub(crate) async fn admit(
         }
         Kind::Alias => {
             let mut spec: AliasSpec = obj.typed_spec()?;
-            let mut named: Vec<u32> = spec.versions().collect();
-            named.extend(
-                spec.promotion
-                    .iter()
-                    .flat_map(|p| p.from.iter().map(|t| t.version)),
-            );
-            for v in named {
+            for v in spec.named_versions() {
                 check_kept(state, ns, &spec.function, v).await?;
             }
             let stored = state

@@ -261,7 +261,7 @@ pub fn apply_outcome(
 
 /// Runs an invocation now. Its sync record keeps no `httpContext` (history stays small); the
 /// handler gets it all the same.
-pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, CallError> {
+pub async fn execute(state: &AppState, mut call: Invocation) -> Result<Answer, CallError> {
     if call.payload.get().len() > MAX_PAYLOAD_BYTES {
         return Err(CallError::PayloadTooLarge);
     }
@@ -275,7 +275,7 @@ pub async fn execute(state: &AppState, call: Invocation) -> Result<Answer, CallE
     let created = jiff::Timestamp::now();
     let mut run = Run::new(
         call.run_id
-            .clone()
+            .take()
             .unwrap_or_else(dispatch_core::run::new_run_id),
         &call.namespace,
         &function,
