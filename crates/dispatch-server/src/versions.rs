@@ -113,25 +113,6 @@ impl Versions {
             }
         }
     }
-
-    /// Versions of `function` that its aliases name.
-    fn named_by_aliases(&self, ns: &str, function: &str) -> Vec<u32> {
-        let all = self.aliases.read();
-        all.get(ns)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter(|s| s.function == function)
-            .flat_map(|s| {
-                s.versions()
-                    .chain(
-                        s.promotion
-                            .iter()
-                            .flat_map(|p| p.from.iter().map(|t| t.version)),
-                    )
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
 }
 
 /// The point in `0..100` a call lands on: the affinity key's hash (the same key, the same
@@ -222,23 +203,27 @@ pub async fn resolve(
     }
 }
 
-/// Version `v` of `function`, deployed: the current build when it is that version, else the
-/// deploy beside it (made now, once, from the version's recorded spec).
+/// Version `v` of `function` as served now: the current build when it is that version, else
+/// its deploy beside it, if there is one.
+fn serving(state: &AppState, ns: &str, function: &str, v: u32) -> Option<Arc<Deployed>> {
+    state
+        .deployed(ns, function)
+        .filter(|d| d.version == Some(v))
+        .or_else(|| state.deployed(ns, &deploy_name(function, v)))
+}
+
+/// Version `v` of `function`, deployed: as [`serving`], else deployed beside the current build
+/// now, once, from the version's recorded spec.
 pub async fn deployment(
     state: &AppState,
     ns: &str,
     function: &str,
     v: u32,
 ) -> Result<Arc<Deployed>, VersionError> {
-    if let Some(d) = state.deployed(ns, function)
-        && d.version == Some(v)
-    {
+    if let Some(d) = serving(state, ns, function, v) {
         return Ok(d);
     }
     let name = deploy_name(function, v);
-    if let Some(d) = state.deployed(ns, &name) {
-        return Ok(d);
-    }
     let lock = state
         .versions
         .deploying
@@ -328,11 +313,7 @@ pub async fn check_version(
     function: &str,
     v: u32,
 ) -> Result<(), VersionError> {
-    if state
-        .deployed(ns, function)
-        .is_some_and(|d| d.version == Some(v))
-        || state.deployed(ns, &deploy_name(function, v)).is_some()
-    {
+    if serving(state, ns, function, v).is_some() {
         return Ok(());
     }
     if versions_of(state, ns, function)
@@ -441,9 +422,9 @@ pub(crate) async fn record(state: &AppState, o: &Object, planned: &Planned) -> O
 }
 
 /// Versions of `function` named by number: by its aliases, or by an endpoint, a subscription
-/// or an event driver (`hello@3`).
+/// or an event driver (`hello@3`), as stored.
 async fn pinned(state: &AppState, ns: &str, function: &str) -> Result<Vec<u32>, StateError> {
-    let mut out = state.versions.named_by_aliases(ns, function);
+    let mut out = Vec::new();
     for kind in [
         Kind::Endpoint,
         Kind::Subscription,
@@ -481,9 +462,7 @@ pub(crate) async fn reconcile_alias(
         None => stop_promotion(state, ns, name),
     }
     let mut failed = Vec::new();
-    let mut versions: Vec<u32> = spec.versions().collect();
-    versions.dedup();
-    for v in versions {
+    for v in spec.versions() {
         if let Err(e) = deployment(state, ns, &spec.function, v).await {
             failed.push(e.to_string());
         }
@@ -503,7 +482,7 @@ pub(crate) async fn reconcile_alias(
         && o.status.reason.starts_with("promotion")
         && o.status.phase == Some(Phase::Ready)
     {
-        return Ok(());
+        reason = o.status.reason.clone();
     }
     set_status(state, &o, status(Phase::Ready, reason, None, &o)).await
 }
@@ -715,18 +694,28 @@ async fn promotion_step(state: &Arc<AppState>, ns: &str, name: &str) -> Result<b
     };
     if done {
         spec.promotion = None;
+        // How it ended is in the status before the promotion leaves the spec: whoever sees it
+        // gone (`promote --wait`) reads the outcome, never the reason of a step before.
+        tracing::info!(alias = name, namespace = ns, "{reason}");
+        let (n, a, st) = (
+            ns.to_string(),
+            name.to_string(),
+            status(Phase::Ready, reason, None, &o),
+        );
+        let generation = o.metadata.generation;
+        o = state
+            .res(move |s| s.update_status(&n, Kind::Alias, &a, st))
+            .await
+            .map_err(|e| e.to_string())?;
+        if o.metadata.generation != generation {
+            return Ok(true); // written meanwhile: the next step reads it again
+        }
     }
     o.spec = serde_json::to_value(&spec).map_err(|e| e.to_string())?;
     let stored = state
         .res(move |s| s.update(o))
         .await
         .map_err(|e| e.to_string())?;
-    if done {
-        tracing::info!(alias = name, namespace = ns, "{reason}");
-        set_status(state, &stored, status(Phase::Ready, reason, None, &stored))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
     crate::resources::stored_changed(state, &stored)
         .await
         .map_err(|e| e.to_string())?;
