@@ -114,12 +114,44 @@ function sendWaiting(obj) {
   return new Promise((resolve) => sock.once('drain', resolve));
 }
 
+// A WebSocket session's messages (text as strings, binary as Buffers), as an async iterator
+// that ends when the connection closes; fed by the frame reader below.
+let session = null;
+function sessionMessages(id) {
+  const queue = [];
+  let waiting = null;
+  let ended = false;
+  session = {
+    id,
+    push(frame) {
+      if (frame.end) ended = true;
+      else queue.push(frame.binary ? Buffer.from(frame.message, 'base64') : frame.message);
+      if (waiting) { const w = waiting; waiting = null; w(); }
+    },
+  };
+  return {
+    [Symbol.asyncIterator]() { return this; },
+    async next() {
+      while (!queue.length && !ended) await new Promise((resolve) => { waiting = resolve; });
+      if (queue.length) return { value: queue.shift(), done: false };
+      return { value: undefined, done: true };
+    },
+  };
+}
+
 async function handle(fn, req) {
   capture = { stdout: '', stderr: '' };
   let error = null;
   let payload = null;
+  const context = req.context || {};
+  // context.stream.write(item) sends a chunk now (await it: it waits while the reader is behind).
+  Object.defineProperty(context, 'stream', {
+    value: { write: (item) => sendWaiting(chunkFrame(req.id, item)) || Promise.resolve() },
+    enumerable: false,
+  });
+  const input = req.messages || (req.payload === undefined ? null : req.payload);
   try {
-    const result = await fn(req.context || {}, req.payload === undefined ? null : req.payload);
+    const result = await fn(context, input);
     if (streams(result)) {
       for await (const item of result) {
         const wait = sendWaiting(chunkFrame(req.id, item));
@@ -137,6 +169,7 @@ async function handle(fn, req) {
   // As Dispatch's function servers do: whoever reads the logs sees the stack trace too.
   if (error) logs.stderr.push(...error.stacktrace);
   capture = null;
+  session = null;
   const resp = { id: req.id, context: { logs, error }, payload };
   try {
     send(resp);
@@ -206,6 +239,13 @@ sock.on('data', (chunk) => {
       alive = specialize(msg.load);
       continue;
     }
+    if (!('context' in msg)) {
+      // A session's message (or its end), for the handler reading them now.
+      if (session && session.id === msg.id) session.push(msg);
+      continue;
+    }
+    // Set up now: its messages follow in this very read.
+    if (msg.session) msg.messages = sessionMessages(msg.id);
     chain = chain.then(() => handle(fn, msg));
   }
 });

@@ -102,6 +102,58 @@ def chunk_frame(item):
     return {"chunk": json.dumps(item, separators=(",", ":"))}
 
 
+class Context(dict):
+    """The call's context (a dict, as always), plus `context.stream`: write(item) sends a
+    chunk now, as a yielded item would."""
+
+    __slots__ = ("stream",)
+
+
+class Stream:
+    __slots__ = ("_emit",)
+
+    def __init__(self, emit):
+        self._emit = emit
+
+    def write(self, item):
+        self._emit(chunk_frame(item))
+
+
+class Messages:
+    """A WebSocket session's messages as they come (text as str, binary as bytes): iterate
+    it, or `async for` it. It ends when the connection closes."""
+
+    def __init__(self, sock, rid):
+        self._sock, self._rid, self._done = sock, rid, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while not self._done:
+            frame = recv_frame(self._sock)
+            if frame is None or (frame.get("id") == self._rid and frame.get("end")):
+                self._done = True
+                break
+            if frame.get("id") != self._rid or "message" not in frame:
+                continue
+            if frame.get("binary"):
+                import base64
+
+                return base64.b64decode(frame["message"])
+            return frame["message"]
+        raise StopIteration
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return self.__next__()
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
 def stream(result, emit):
     """Sends each item of a generator (or async generator) as a chunk as it is yielded. The
     host reads them at its caller's pace: a slow reader blocks the send, and so the handler."""
@@ -123,6 +175,9 @@ def call(fn, context, payload, emit=None):
     sys.stdout, sys.stderr = out, err
     error = None
     result = None
+    if emit is not None:
+        context = Context(context)
+        context.stream = Stream(emit)
     try:
         result = fn(context, payload)
         if inspect.isawaitable(result):
@@ -201,11 +256,14 @@ def serve(sock, function_dir, handler):
         if req is None:
             return 0
         rid = req.get("id")
+        if "context" not in req:
+            continue  # a session's message its handler left unread
 
         def emit(fields, rid=rid):
             send_frame(sock, dict({"id": rid}, **fields))
 
-        resp = call(fn, req.get("context") or {}, req.get("payload"), emit)
+        payload = Messages(sock, rid) if req.get("session") else req.get("payload")
+        resp = call(fn, req.get("context") or {}, payload, emit)
         resp["id"] = rid
         try:
             send_frame(sock, resp)

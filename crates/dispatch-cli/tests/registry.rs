@@ -477,6 +477,7 @@ fn kubernetes_backend_deploys_calls_and_removes() {
             limits: Default::default(),
             network: true,
             container: false,
+            stream: false,
             steps: Default::default(),
         };
         let cluster = tokio::spawn(async move {

@@ -29,7 +29,8 @@ pub use error::ValidationError;
 pub use jobs::{JobExecution, JobPhase, JobTemplateSpec};
 pub use resource::{
     API_VERSION, BaseImageSpec, EndpointSpec, FunctionSpec, History, HistoryPolicy, ImageSpec,
-    Kind, Language, Metadata, Object, Phase, Retry, RetryPolicy, SealedSecret, SecretSpec, Status,
+    Kind, Language, Metadata, Object, Phase, Protocol, Retry, RetryPolicy, SealedSecret,
+    SecretSpec, Status, WebSocketSettings,
 };
 pub use run::{
     AttemptError, Callback, CallbackState, ColdStart, Run, RunStatus, StartMethod, StreamStats,

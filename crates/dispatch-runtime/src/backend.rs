@@ -70,7 +70,7 @@ pub trait DeployedFunction: Send + Sync {
         context: &'a RawValue,
         payload: &'a RawValue,
         deadline: Instant,
-        sink: &'a crate::worker::Sink,
+        sink: &'a crate::stream::Sink,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
         let _ = sink;
         self.invoke(context, payload, deadline)
@@ -159,6 +159,8 @@ pub struct FunctionDeploy {
     pub network: bool,
     /// `spec.isolation: container`: workers run in the base image with an OCI runtime.
     pub container: bool,
+    /// exec handlers (`spec.stream`): stdout is streamed as it is written.
+    pub stream: bool,
     /// Where the deploy's steps are reported.
     pub steps: Steps,
 }

@@ -20,6 +20,7 @@ pub mod pool;
 pub mod protocol;
 pub mod sandbox;
 pub mod source;
+pub mod stream;
 pub mod worker;
 pub mod zygote;
 
@@ -30,4 +31,4 @@ pub use backend::{
 pub use build::Progress;
 pub use local::{DEFAULT_MAX_WAITING_CALLS, LocalBackend};
 pub use pool::{CallOutcome, Pool, PoolError};
-pub use worker::{Opened, Sink};
+pub use stream::{Chunk, Inbound, Opened, Sink};

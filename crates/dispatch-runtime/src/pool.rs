@@ -271,7 +271,7 @@ impl Pool {
         context: &RawValue,
         payload: &RawValue,
         deadline: Instant,
-        sink: Option<&crate::worker::Sink>,
+        sink: Option<&crate::stream::Sink>,
     ) -> Result<CallOutcome, PoolError> {
         let t0 = Instant::now();
         let mut timings = Timings::default();
@@ -311,12 +311,16 @@ impl Pool {
 
         if self.cfg.language == Language::Exec {
             let t1 = Instant::now();
-            let result = run_exec(&self.cfg.worker, context, payload, remaining).await;
+            let result = run_exec(&self.cfg.worker, context, payload, remaining, sink).await;
             timings.exec_ms = ms(t1.elapsed());
             drop(permit);
-            let (envelope, timed_out) = match result {
-                Ok(env) => (env, false),
-                Err(f) => (Envelope::error(f.error, Logs::default()), f.timed_out),
+            let ((envelope, stream), timed_out, cancelled) = match result {
+                Ok(answer) => (answer, false, false),
+                Err(f) => (
+                    (Envelope::error(f.error, Logs::default()), None),
+                    f.timed_out,
+                    f.cancelled,
+                ),
             };
             return Ok(CallOutcome {
                 envelope,
@@ -324,8 +328,8 @@ impl Pool {
                 cold_start: None,
                 timings,
                 timed_out,
-                stream: None,
-                cancelled: false,
+                stream,
+                cancelled,
             });
         }
 
@@ -371,7 +375,11 @@ impl Pool {
         let worker = checkout.worker.take();
         let ((envelope, stream), timed_out, cancelled) = match (result, worker) {
             (Ok(answer), Some(w)) => {
-                self.put_idle(w);
+                if w.spent() {
+                    self.discard(w);
+                } else {
+                    self.put_idle(w);
+                }
                 (answer, false, false)
             }
             (Ok(answer), None) => (answer, false, false),

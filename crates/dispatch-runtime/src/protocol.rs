@@ -19,6 +19,10 @@ pub struct Request<'a> {
     pub id: u64,
     pub context: &'a RawValue,
     pub payload: &'a RawValue,
+    /// A WebSocket session: the handler's payload is the stream of `{"id", "message"}`
+    /// frames that follow, ended by `{"id", "end": true}`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub session: bool,
 }
 
 /// Worker → host, once at start-up.

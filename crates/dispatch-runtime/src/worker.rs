@@ -23,51 +23,8 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{self, Hello, Request, Response};
+use crate::stream::{Chunk, Inbound, Sink, has_chunk, message_frame};
 use dispatch_core::StreamStats;
-
-/// Where a streamed call's chunks go as the handler yields them: a bounded channel (a slow
-/// reader slows the handler), made when the first chunk comes — most calls stream nothing,
-/// and a channel costs an aligned allocation — and handed to whoever waits on
-/// [`Sink::new`]'s receiver.
-pub struct Sink {
-    capacity: usize,
-    opener: Mutex<Option<tokio::sync::oneshot::Sender<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>,
-    tx: std::sync::OnceLock<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-}
-
-/// The receiving end of a [`Sink`]: the chunks' channel once the first chunk comes; closed
-/// (an error) when the call ended without streaming.
-pub type Opened = tokio::sync::oneshot::Receiver<tokio::sync::mpsc::Receiver<bytes::Bytes>>;
-
-impl Sink {
-    /// A sink holding at most `capacity` chunks its reader has not taken.
-    pub fn new(capacity: usize) -> (Sink, Opened) {
-        let (open, opened) = tokio::sync::oneshot::channel();
-        (
-            Sink {
-                capacity: capacity.max(1),
-                opener: Mutex::new(Some(open)),
-                tx: std::sync::OnceLock::new(),
-            },
-            opened,
-        )
-    }
-
-    /// Sends one chunk, waiting while the reader is `capacity` chunks behind; `Err` when the
-    /// reader went away.
-    pub async fn send(&self, chunk: bytes::Bytes) -> Result<(), ()> {
-        let tx = match self.tx.get() {
-            Some(tx) => tx,
-            None => {
-                let (tx, rx) = tokio::sync::mpsc::channel(self.capacity);
-                let open = self.opener.lock().take().ok_or(())?;
-                open.send(rx).map_err(|_| ())?;
-                self.tx.get_or_init(|| tx)
-            }
-        };
-        tx.send(chunk).await.map_err(|_| ())
-    }
-}
 
 /// How a call's exchange with its worker ended.
 enum Exchange {
@@ -78,6 +35,8 @@ enum Exchange {
     Malformed(String),
     /// Chunks beyond the answer's limit (nobody streaming).
     TooLarge(usize),
+    /// Nothing for longer than the stream's idle timeout between two chunks.
+    Idle(Duration),
 }
 
 /// What a streamed call sent so far, and the part of it kept.
@@ -97,11 +56,94 @@ impl Streamed {
     }
 }
 
-/// Whether a frame may be a chunk: `{"id":N,"chunk":…` (the bootstraps write it so; a key
-/// inside a string would be escaped). A false positive is parsed and treated as the answer.
-fn has_chunk(frame: &[u8]) -> bool {
-    let head = &frame[..frame.len().min(48)];
-    head.windows(8).any(|w| w == b"\"chunk\":")
+/// The reading side of one call: chunks (to its sink, or kept as the answer) until the
+/// answer frame.
+struct Reading<'s> {
+    id: u64,
+    started: Instant,
+    max_output: usize,
+    sink: Option<&'s Sink>,
+    idle: Option<Duration>,
+    streamed: Streamed,
+}
+
+impl Reading<'_> {
+    async fn answer<R: AsyncRead + Unpin>(&mut self, sock: &mut R) -> std::io::Result<Exchange> {
+        loop {
+            // Between chunks, the stream's idle timeout (the first chunk may take the call's).
+            let next = match self.idle.filter(|_| self.streamed.stats.chunks > 0) {
+                None => protocol::read_frame(sock).await?,
+                Some(idle) => match tokio::time::timeout(idle, protocol::read_frame(sock)).await {
+                    Ok(f) => f?,
+                    Err(_) => return Ok(Exchange::Idle(idle)),
+                },
+            };
+            let Some(frame) = next else {
+                return Ok(Exchange::Closed);
+            };
+            // A chunk frame says so in its first bytes; an answer is parsed once, by the caller.
+            if !has_chunk(&frame) {
+                return Ok(Exchange::Answer(frame));
+            }
+            let f: Response = match serde_json::from_slice(&frame) {
+                Ok(f) => f,
+                Err(e) => return Ok(Exchange::Malformed(e.to_string())),
+            };
+            let Some(text) = f.chunk.filter(|_| f.id == self.id) else {
+                return Ok(Exchange::Answer(frame));
+            };
+            let data = if f.binary {
+                use base64::Engine as _;
+                match base64::engine::general_purpose::STANDARD.decode(text.as_bytes()) {
+                    Ok(b) => bytes::Bytes::from(b),
+                    Err(e) => return Ok(Exchange::Malformed(format!("a binary chunk: {e}"))),
+                }
+            } else {
+                bytes::Bytes::from(text)
+            };
+            let streamed = &mut self.streamed;
+            if streamed.stats.chunks == 0 {
+                streamed.stats.first_byte_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            }
+            streamed.stats.chunks += 1;
+            streamed.stats.bytes += data.len() as u64;
+            match self.sink {
+                // Whoever reads the stream sets the pace: a full channel holds this loop,
+                // the socket fills and the handler's next yield waits (back-pressure).
+                Some(s) => {
+                    streamed.keep(&data, dispatch_core::run::STREAM_RECORD_BYTES);
+                    let chunk = Chunk {
+                        data,
+                        binary: f.binary,
+                    };
+                    if s.send(chunk).await.is_err() {
+                        return Ok(Exchange::Gone);
+                    }
+                }
+                // Nobody streams: the chunks are the answer, within the answer's limit.
+                None => {
+                    if streamed.kept.len() + data.len() > self.max_output {
+                        return Ok(Exchange::TooLarge(streamed.kept.len() + data.len()));
+                    }
+                    streamed.keep(&data, usize::MAX);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a session's messages to its worker as they come, then its end (the connection
+/// closed); never returns after that but with an error.
+async fn feed<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut inbox: tokio::sync::mpsc::Receiver<Inbound>,
+    id: u64,
+) -> std::io::Result<()> {
+    while let Some(m) = inbox.recv().await {
+        protocol::write_frame(wr, &message_frame(id, Some(m))).await?;
+    }
+    protocol::write_frame(wr, &message_frame(id, None)).await?;
+    std::future::pending().await
 }
 
 fn too_large(n: usize, limit: usize) -> ErrorObject {
@@ -138,6 +180,8 @@ pub struct WorkerSpec {
     /// The container tier: each process of this spec starts in a new container of this
     /// template instead (`jail` is then `None`).
     pub container: Option<Arc<ContainerWorker>>,
+    /// exec handlers (`spec.stream`): stdout is streamed as it is written.
+    pub stream_stdout: bool,
 }
 
 /// Workers in containers (DESIGN §9, `spec.isolation: container`): the function's base image,
@@ -498,66 +542,55 @@ impl Worker {
             id,
             context,
             payload,
+            session: sink.is_some_and(Sink::has_inbox),
         })
         .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
         let started = Instant::now();
-        let max_output = self.max_output;
-        let mut streamed = Streamed::default();
+        let mut read = Reading {
+            id,
+            started,
+            max_output: self.max_output,
+            sink,
+            idle: sink.and_then(Sink::idle),
+            streamed: Streamed::default(),
+        };
+        let inbox = sink.and_then(Sink::take_inbox);
+        let session = inbox.is_some();
         let sock = &mut self.sock;
         let exchange = async {
-            protocol::write_frame(sock, &frame).await?;
-            loop {
-                let Some(frame) = protocol::read_frame(sock).await? else {
-                    return Ok::<_, std::io::Error>(Exchange::Closed);
-                };
-                // A chunk frame says so in its first bytes; an answer is parsed once, below.
-                if !has_chunk(&frame) {
-                    return Ok(Exchange::Answer(frame));
-                }
-                let f: Response = match serde_json::from_slice(&frame) {
-                    Ok(f) => f,
-                    Err(e) => return Ok(Exchange::Malformed(e.to_string())),
-                };
-                let Some(text) = f.chunk.filter(|_| f.id == id) else {
-                    return Ok(Exchange::Answer(frame));
-                };
-                let bytes = if f.binary {
-                    use base64::Engine as _;
-                    match base64::engine::general_purpose::STANDARD.decode(text.as_bytes()) {
-                        Ok(b) => bytes::Bytes::from(b),
-                        Err(e) => return Ok(Exchange::Malformed(format!("a binary chunk: {e}"))),
-                    }
-                } else {
-                    bytes::Bytes::from(text)
-                };
-                if streamed.stats.chunks == 0 {
-                    streamed.stats.first_byte_ms = started.elapsed().as_secs_f64() * 1e3;
-                }
-                streamed.stats.chunks += 1;
-                streamed.stats.bytes += bytes.len() as u64;
-                match sink {
-                    // Whoever reads the stream sets the pace: a full channel holds this loop,
-                    // the socket fills and the handler's next yield waits (back-pressure).
-                    Some(s) => {
-                        streamed.keep(&bytes, dispatch_core::run::STREAM_RECORD_BYTES);
-                        if s.send(bytes).await.is_err() {
-                            return Ok(Exchange::Gone);
-                        }
-                    }
-                    // Nobody streams: the chunks are the answer, within the answer's limit.
-                    None => {
-                        if streamed.kept.len() + bytes.len() > max_output {
-                            return Ok(Exchange::TooLarge(streamed.kept.len() + bytes.len()));
-                        }
-                        streamed.keep(&bytes, usize::MAX);
-                    }
-                }
+            let Some(inbox) = inbox else {
+                protocol::write_frame(sock, &frame).await?;
+                return read.answer(sock).await;
+            };
+            // A session: its messages are written to the worker while its chunks are read.
+            let (mut rd, mut wr) = sock.split();
+            protocol::write_frame(&mut wr, &frame).await?;
+            let feed = feed(&mut wr, inbox, id);
+            tokio::pin!(feed);
+            let answer = read.answer(&mut rd);
+            tokio::pin!(answer);
+            // `feed` ends only when writing fails (the worker went away): the reading side
+            // says how.
+            tokio::select! {
+                a = &mut answer => a,
+                _ = &mut feed => answer.await,
             }
         };
         let answer = match tokio::time::timeout(timeout, exchange).await {
             Err(_) => {
                 self.kill();
                 return Err(CallFailure::timeout(configured));
+            }
+            Ok(Ok(Exchange::Idle(idle))) => {
+                self.kill();
+                return Err(CallFailure {
+                    error: ErrorObject::system(format!(
+                        "the stream sent nothing for {} (spec.idleTimeout)",
+                        dispatch_core::duration::format_duration(idle)
+                    )),
+                    timed_out: true,
+                    cancelled: false,
+                });
             }
             // A reset is a worker that went away with our request unread: it exited.
             Ok(Err(e))
@@ -596,7 +629,7 @@ impl Worker {
             }
             Ok(Ok(Exchange::TooLarge(n))) => {
                 self.kill();
-                return Err(too_large(n, max_output).into());
+                return Err(too_large(n, self.max_output).into());
             }
             Ok(Ok(Exchange::Answer(frame))) => frame,
         };
@@ -616,6 +649,12 @@ impl Worker {
             ))
             .into());
         }
+        if session {
+            // What the handler left unread of its messages is in the socket: a session's
+            // worker serves no other call.
+            self.kill();
+        }
+        let streamed = read.streamed;
         if streamed.stats.chunks > 0 {
             // The answer of a streamed call is what it streamed (as text; the record's copy).
             let text = String::from_utf8_lossy(&streamed.kept);
@@ -662,6 +701,11 @@ impl Worker {
             tail.push(format!("(exit {st})"));
         }
         tail
+    }
+
+    /// Whether it was killed during its call (a session's worker serves no other).
+    pub fn spent(&self) -> bool {
+        self.pid.is_none()
     }
 
     /// OS process id, while running.

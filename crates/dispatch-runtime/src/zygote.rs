@@ -364,6 +364,7 @@ impl Spares {
                 jail: None,
                 max_output_bytes: 0,
                 container: None,
+                stream_stdout: false,
             },
             keep,
             idle: parking_lot::Mutex::new(Vec::new()),

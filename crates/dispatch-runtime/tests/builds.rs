@@ -71,6 +71,7 @@ fn deploy(name: &str, lang: Language, file: &str, body: &str, image_build: &str)
         limits: Default::default(),
         network: true,
         container: false,
+        stream: false,
         steps: Default::default(),
     }
 }

@@ -71,6 +71,7 @@ fn deploy(
         limits: Default::default(),
         network: true,
         container: false,
+        stream: false,
         steps: Default::default(),
     }
 }

@@ -124,6 +124,11 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
             return e.into_response();
         }
     }
+    if let Some(ws) = m.route.websocket {
+        let http = http_context(&parts, &m);
+        let (ns, function) = (m.route.namespace.clone(), m.route.function.clone());
+        return crate::websocket::upgrade(state.clone(), parts, &ns, &function, ws, http).await;
+    }
     let bytes = match read_body(body).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -137,25 +142,7 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         .get("x-dispatch-blocking")
         .and_then(|v| v.to_str().ok())
         .is_none_or(|v| !v.eq_ignore_ascii_case("false"));
-    let headers: BTreeMap<&str, &str> = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
-        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-        .collect();
-    let params: BTreeMap<&str, &str> = m
-        .params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let http = serde_json::json!({
-        "method": parts.method.as_str(),
-        "path": path,
-        "query": parts.uri.query().unwrap_or(""),
-        "headers": headers,
-        "params": params,
-        "endpoint": m.route.endpoint,
-    });
+    let http = http_context(&parts, &m);
     let call = Invocation::new(
         &m.route.namespace,
         &m.route.function,
@@ -196,6 +183,29 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
     resp
 }
 
+/// `context.httpContext`: the request as the handler sees it (no credentials).
+fn http_context(parts: &axum::http::request::Parts, m: &crate::routes::Match) -> serde_json::Value {
+    let headers: BTreeMap<&str, &str> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .collect();
+    let params: BTreeMap<&str, &str> = m
+        .params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query().unwrap_or(""),
+        "headers": headers,
+        "params": params,
+        "endpoint": m.route.endpoint,
+    })
+}
+
 /// The gateway's answer of a call that did not stream: the payload, or the error object.
 fn whole(outcome: Result<invoke::Answer, invoke::CallError>) -> Response {
     match outcome {
@@ -223,7 +233,7 @@ fn whole(outcome: Result<invoke::Answer, invoke::CallError>) -> Response {
 /// own message for InputError/FunctionError, a plain sentence for SystemError, never a
 /// stack trace (it names files of the platform); the run record keeps all of it for token
 /// holders, and `runId` says which.
-fn public_error(
+pub(crate) fn public_error(
     e: &dispatch_core::ErrorObject,
     run_id: &str,
     timed_out: bool,

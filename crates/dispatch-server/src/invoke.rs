@@ -67,6 +67,11 @@ pub struct Invocation {
     /// Sync only: the run's id, when the caller must know it before the call ends (a
     /// streamed answer names it in its headers).
     pub run_id: Option<String>,
+    /// A WebSocket endpoint's connection (`context.connection`).
+    pub connection: Option<serde_json::Value>,
+    /// Sync only: how long the call may take instead of the function's timeout (a
+    /// WebSocket session lasts as long as its connection may).
+    pub timeout: Option<Duration>,
 }
 
 impl Invocation {
@@ -82,7 +87,19 @@ impl Invocation {
             affinity: None,
             stream: None,
             run_id: None,
+            connection: None,
+            timeout: None,
         }
+    }
+
+    pub fn connection(mut self, connection: serde_json::Value) -> Self {
+        self.connection = Some(connection);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
     }
 
     pub fn stream(mut self, sink: dispatch_runtime::Sink) -> Self {
@@ -132,6 +149,18 @@ struct Context<'a> {
     attempt: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     event: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection: Option<&'a serde_json::Value>,
+}
+
+/// What a call carries besides its run: the gateway's request, a WebSocket connection, a
+/// timeout of its own, where its chunks go.
+#[derive(Default, Clone, Copy)]
+pub struct Extras<'a> {
+    pub http: Option<&'a serde_json::Value>,
+    pub connection: Option<&'a serde_json::Value>,
+    pub timeout: Option<Duration>,
+    pub sink: Option<&'a dispatch_runtime::Sink>,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -143,12 +172,12 @@ fn ms(d: Duration) -> i64 {
 pub async fn call_deployed(
     deployed: &Deployed,
     run: &Run,
-    http: Option<&serde_json::Value>,
-    sink: Option<&dispatch_runtime::Sink>,
+    extras: Extras<'_>,
 ) -> Result<CallOutcome, InvokeError> {
+    let timeout = extras.timeout.unwrap_or(deployed.timeout);
     let now = jiff::Timestamp::now();
     let deadline = now
-        .checked_add(jiff::SignedDuration::from_millis(ms(deployed.timeout)))
+        .checked_add(jiff::SignedDuration::from_millis(ms(timeout)))
         .unwrap_or(now);
     let ctx = Context {
         function: &run.function,
@@ -156,17 +185,19 @@ pub async fn call_deployed(
         run_id: &run.id,
         deadline: deadline.to_string(),
         secrets: &deployed.secrets,
-        http_context: http,
+        http_context: extras.http,
         attempt: run.is_async.then_some(run.attempts),
         event: run.event.as_ref(),
+        connection: extras.connection,
     };
     // Serializing a struct of strings and a JSON value cannot fail.
     let ctx = serde_json::value::to_raw_value(&ctx)
         .unwrap_or_else(|_| dispatch_core::envelope::null_raw());
-    let deadline = Instant::now() + deployed.timeout;
-    match sink {
+    let deadline = Instant::now() + timeout;
+    match extras.sink {
         None => deployed.handle.invoke(&ctx, &run.input, deadline).await,
         Some(s) => {
+            s.set_idle_timeout(deployed.stream_idle);
             deployed
                 .handle
                 .invoke_streaming(&ctx, &run.input, deadline, s)
@@ -285,17 +316,22 @@ pub async fn execute(state: &AppState, mut call: Invocation) -> Result<Answer, C
     );
     run.attempts = 1;
     run.event = call.event;
-    let outcome =
-        match call_deployed(&deployed, &run, call.http.as_ref(), call.stream.as_ref()).await {
-            Ok(o) => o,
-            Err(InvokeError::NotDeployed { .. }) => {
-                return Err(not_ready(state, &run.namespace, &run.function).await);
-            }
-            Err(InvokeError::Busy(e)) => {
-                state.queue.count_busy(&run.namespace, &run.function);
-                return Err(CallError::Busy(e.to_string()));
-            }
-        };
+    let extras = Extras {
+        http: call.http.as_ref(),
+        connection: call.connection.as_ref(),
+        timeout: call.timeout,
+        sink: call.stream.as_ref(),
+    };
+    let outcome = match call_deployed(&deployed, &run, extras).await {
+        Ok(o) => o,
+        Err(InvokeError::NotDeployed { .. }) => {
+            return Err(not_ready(state, &run.namespace, &run.function).await);
+        }
+        Err(InvokeError::Busy(e)) => {
+            state.queue.count_busy(&run.namespace, &run.function);
+            return Err(CallError::Busy(e.to_string()));
+        }
+    };
     let mut outcome = outcome;
     apply_outcome(&mut run, &mut outcome, &deployed, state);
     let envelope = outcome.envelope;

@@ -40,6 +40,7 @@ pub mod stream;
 pub mod tls;
 mod tokens;
 pub mod versions;
+pub mod websocket;
 
 use std::future::Future;
 use std::net::SocketAddr;

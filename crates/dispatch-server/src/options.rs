@@ -77,6 +77,9 @@ pub struct Options {
     /// How long a dead delivery (and its event) is kept for a redelivery
     /// (`--dead-delivery-retention`).
     pub dead_delivery_retention: Duration,
+    /// Open WebSocket connections per namespace past which a new one gets 429
+    /// (`--max-websockets-per-namespace`).
+    pub max_websockets_per_namespace: usize,
 }
 
 impl Default for Options {
@@ -109,6 +112,7 @@ impl Default for Options {
             event_ttl: Duration::from_secs(24 * 3600),
             max_pending_deliveries: 10_000,
             dead_delivery_retention: Duration::from_secs(7 * 24 * 3600),
+            max_websockets_per_namespace: crate::websocket::DEFAULT_MAX_PER_NAMESPACE,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Route {
     pub token: bool,
     /// A streaming handler's chunks go out as server-sent events (`stream: sse`).
     pub sse: bool,
+    /// `protocol: websocket`: how its connections are held.
+    pub websocket: Option<dispatch_core::WebSocketSettings>,
     hosts: Vec<String>,
     segments: Vec<Seg>,
     /// The pattern ends with `/*` (matches any rest, including nothing).
@@ -186,6 +188,7 @@ fn compile(o: &Object) -> Vec<Arc<Route>> {
                 cors: spec.cors,
                 token: spec.needs_token(),
                 sse: spec.stream.as_deref() == Some("sse"),
+                websocket: spec.websocket(),
                 hosts: spec.hosts.clone(),
                 segments,
                 prefix,

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -145,7 +144,6 @@ pub async fn serve(
     counters.cap.store(cap as u64, Ordering::Relaxed);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let service = RequestBodyTimeout::new(router, limits.body_timeout);
-    let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -169,13 +167,19 @@ pub async fn serve(
         counters.accepted.fetch_add(1, Ordering::Relaxed);
         counters.open.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
+        let held = Arc::new(Held {
+            _slot: slot,
+            counters: counters.clone(),
+        });
         let conn = Connection {
             service: service.clone(),
             header_timeout: limits.header_timeout,
-            watcher: graceful.watcher(),
+            slot: ConnectionSlot {
+                _held: held,
+                shutdown: shutdown.clone(),
+            },
         };
         let acceptor = acceptor.clone();
-        let counters = counters.clone();
         tokio::spawn(async move {
             match acceptor {
                 None => conn.serve(stream).await,
@@ -187,19 +191,40 @@ pub async fn serve(
                     }
                 }
             }
-            counters.open.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Every connection gives its slot back when it ends (an upgraded one when its
+    // WebSocket closes, which it does on shutdown): the drain waits for all of them.
+    let _ = slots.acquire_many(cap.try_into().unwrap_or(u32::MAX)).await;
     Ok(())
+}
+
+/// One open connection's place under its listener's cap: given back (and counted closed)
+/// when the last holder drops it — the connection's task, or the WebSocket it became.
+struct Held {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    counters: Arc<EdgeCounters>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counters.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Handed to an upgrade request (a request extension): whoever takes the connection over
+/// holds its slot, and closes it when the server shuts down.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _held: Arc<Held>,
+    pub shutdown: watch::Receiver<bool>,
 }
 
 struct Connection {
     service: RequestBodyTimeout<axum::Router>,
     header_timeout: Duration,
-    watcher: Watcher,
+    slot: ConnectionSlot,
 }
 
 impl Connection {
@@ -210,8 +235,29 @@ impl Connection {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout);
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(self.service));
-        if let Err(e) = self.watcher.watch(conn).await {
+        let inner = TowerToHyperService::new(self.service);
+        let slot = self.slot.clone();
+        // Only an upgrade request (a WebSocket) gets the slot: other requests pay nothing.
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            if req.headers().contains_key(hyper::header::UPGRADE) {
+                req.extensions_mut().insert(slot.clone());
+            }
+            hyper::service::Service::call(&inner, req)
+        });
+        let mut shutdown = self.slot.shutdown.clone();
+        let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+        tokio::pin!(conn);
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        let ended = tokio::select! {
+            ended = conn.as_mut() => ended,
+            () = stop => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!("connection ended: {e}");
         }
     }

@@ -38,6 +38,8 @@ pub struct Deployed {
     pub max_queued: Option<usize>,
     /// spec.history: which sync calls leave a run record.
     pub history: dispatch_core::HistoryPolicy,
+    /// spec.idleTimeout: the longest silence between a stream's chunks.
+    pub stream_idle: Option<Duration>,
 }
 
 /// Namespace → function → deployment. Nested so that lookups borrow `&str`.
@@ -132,6 +134,8 @@ pub struct AppState {
     pub(crate) warming: parking_lot::Mutex<std::collections::HashSet<(String, String)>>,
     /// Aliases and the versions deployed beside their functions' current builds (issue 23).
     pub(crate) versions: crate::versions::Versions,
+    /// Open WebSocket connections (by namespace) and their counters.
+    pub websockets: crate::websocket::WebSockets,
 }
 
 impl AppState {
@@ -199,6 +203,7 @@ impl AppState {
                 .map(|d| crate::disk::DiskGuard::new(d, config.min_free_disk)),
             tokens: crate::tokens::Tokens::default(),
             versions: Default::default(),
+            websockets: Default::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
             event_index_rebuild: tokio::sync::Mutex::new(()),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use dispatch_runtime::Chunk;
 use futures_util::StreamExt as _;
 use http_body::Frame;
 use tokio::sync::mpsc;
@@ -90,7 +91,7 @@ pub async fn answer(
     // looking right after each poll answers at once (waiting on the oneshot would be a wake of
     // this very task, re-polled only after the scheduler's round: ~0.2 ms on the first byte).
     enum Step {
-        Opened(mpsc::Receiver<Bytes>),
+        Opened(mpsc::Receiver<Chunk>),
         Done(Result<Answer, CallError>),
     }
     let step = std::future::poll_fn(|cx| {
@@ -136,7 +137,7 @@ pub async fn answer(
 }
 
 fn streamed(
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Chunk>,
     outcome: impl std::future::Future<Output = Result<Answer, CallError>> + Send + 'static,
     format: Format,
     run_id: &str,
@@ -144,7 +145,7 @@ fn streamed(
 ) -> Response {
     let chunks =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-            .map(move |c| Ok::<_, Infallible>(Frame::data(encode(format, c))));
+            .map(move |c| Ok::<_, Infallible>(Frame::data(encode(format, c.data))));
     let id = run_id.to_string();
     let end = futures_util::stream::once(async move {
         let outcome = outcome.await;

@@ -11,8 +11,6 @@
 
 mod support;
 
-use std::path::PathBuf;
-
 use dispatch_core::RunStatus;
 use serde_json::{Value, json};
 use support::*;
@@ -56,36 +54,9 @@ out["batch"] = post({"content-type": "application/cloudevents-batch+json"}, json
 print(json.dumps(out))
 "#;
 
-/// The SDK's wheels, as a PYTHONPATH.
-fn sdk_path() -> String {
-    let dir = std::env::var_os("DISPATCH_PY_WHEELS")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/dispatch-tools/py"))
-        })
-        .expect("HOME or DISPATCH_PY_WHEELS");
-    let wheels: Vec<String> = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "whl"))
-                .map(|p| p.display().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(
-        wheels.iter().any(|w| w.contains("cloudevents-")),
-        "the CloudEvents SDK is not in {}: python3 -m pip download --only-binary=:all: -d {} \
-         cloudevents==1.11.0 (.ci/run does)",
-        dir.display(),
-        dir.display()
-    );
-    wheels.join(":")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_from_the_official_python_sdk() {
-    let pythonpath = sdk_path();
+    let pythonpath = py_wheels(&["cloudevents-"]);
     let t = start().await;
     let c = &t.client;
     images(c).await;

@@ -355,3 +355,200 @@ module.exports.handle = async function* (context, payload) {
     assert_eq!(r.envelope.payload.get(), "[1,2]");
     t.stop().await;
 }
+
+/// Writes through `context.stream` (not a generator), waiting on the test's gate between.
+const WRITES: &str = r#"
+import socket
+def handle(context, payload):
+    context.stream.write("first;")
+    s = socket.create_connection(("127.0.0.1", payload["port"]))
+    s.recv(1)
+    context.stream.write({"second": 2})
+"#;
+
+/// httpx with httpx-sse (PyPI): prints each event as a JSON line as it arrives.
+const SSE_CLIENT: &str = r#"
+import json, sys, httpx
+from httpx_sse import connect_sse
+with httpx.Client(timeout=60) as client:
+    with connect_sse(client, "POST", sys.argv[1], json={"port": int(sys.argv[2])}) as source:
+        for ev in source.iter_sse():
+            print(json.dumps({"event": ev.event, "data": ev.data}), flush=True)
+"#;
+
+/// Real clients: curl -N and httpx-sse see the first chunk while the handler still waits on
+/// the test's gate, then the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_read_the_chunks_as_they_come() {
+    use tokio::io::AsyncBufReadExt as _;
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "writes", WRITES, json!({})).await;
+    endpoint(c, "writes", "writes", json!({})).await;
+    let gate = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
+    let url = format!("{}/writes", t.gateway);
+    // Routed once (the first answer may be a 404 while the route is added).
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    let probe_port = probe.local_addr().unwrap().port();
+    let mut warm = post(&t, "/writes", json!({"port": probe_port}), false).await;
+    assert_eq!(next_text(&mut warm).await, "first;");
+    probe.accept().unwrap().0.write_all(b"!").unwrap();
+    drop(warm);
+
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["-sSN", "-H", "content-type: application/json", "-d"])
+        .arg(json!({"port": port}).to_string())
+        .arg(&url)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = curl.stdout.take().unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::io::AsyncReadExt::read(&mut out, &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(&buf[..n], b"first;", "curl -N has the first chunk");
+    gate.accept().unwrap().0.write_all(b"!").unwrap();
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut out, &mut rest)
+        .await
+        .unwrap();
+    assert_eq!(rest, b"{\"second\":2}");
+    assert!(curl.wait().await.unwrap().success());
+
+    let mut py = tokio::process::Command::new("python3")
+        .args(["-c", SSE_CLIENT, &url, &port.to_string()])
+        .env("PYTHONPATH", py_wheels(&["httpx-", "httpx_sse-"]))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(py.stdout.take().unwrap()).lines();
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(first, json!({"event": "message", "data": "first;"}));
+    gate.accept().unwrap().0.write_all(b"!").unwrap();
+    let mut events = Vec::new();
+    while let Some(l) = lines.next_line().await.unwrap() {
+        events.push(serde_json::from_str::<serde_json::Value>(&l).unwrap());
+    }
+    assert_eq!(
+        events[0],
+        json!({"event": "message", "data": "{\"second\":2}"})
+    );
+    assert_eq!(events[1]["event"], "end", "{events:?}");
+    assert!(py.wait().await.unwrap().success());
+    t.stop().await;
+}
+
+/// `spec.idleTimeout` bounds the silence between chunks; `spec.timeout` stays the whole
+/// call's bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_ends_at_its_idle_timeout() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(
+        c,
+        "quiet",
+        STUCK,
+        json!({"timeout": "10m", "idleTimeout": "1s"}),
+    )
+    .await;
+    endpoint(c, "quiet", "quiet", json!({"stream": "sse"})).await;
+    let never = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = never.local_addr().unwrap().port();
+    let r = post(&t, "/quiet", json!({"port": port}), false).await;
+    let id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = r.text().await.unwrap();
+    assert!(body.starts_with("data: a\n\nevent: error\n"), "{body}");
+    let run = final_run(c, &id).await;
+    assert_eq!(run.status, RunStatus::Timeout);
+    assert!(
+        run.error.unwrap().message.contains("spec.idleTimeout"),
+        "the record says which bound"
+    );
+    let e = c
+        .create(&object(
+            Kind::Function,
+            "bad",
+            json!({"image": "py", "source": format!("sha256:{}", "0".repeat(64)), "idleTimeout": "soon"}),
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("spec.idleTimeout"), "{e}");
+    t.stop().await;
+}
+
+/// An exec handler with `spec.stream: true`: what it writes to stdout goes out as it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_handlers_stream_their_stdout() {
+    let t = start().await;
+    let c = &t.client;
+    c.create(&object(
+        Kind::BaseImage,
+        "shell",
+        json!({"image": "debian:12-slim", "language": "exec"}),
+    ))
+    .await
+    .unwrap();
+    settled(c, Kind::BaseImage, "shell").await;
+    c.create(&object(Kind::Image, "sh", json!({"baseImage": "shell"})))
+        .await
+        .unwrap();
+    settled(c, Kind::Image, "sh").await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tick.py");
+    std::fs::write(
+        &script,
+        "#!/usr/bin/env python3\nimport json, socket, sys\np = json.load(sys.stdin)\n\
+         print('first;', end='', flush=True)\n\
+         socket.create_connection(('127.0.0.1', p['port'])).recv(1)\n\
+         print('second;', end='', flush=True)\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let digest = c
+        .upload_source(
+            "default",
+            "tick",
+            dispatch_client::pack::pack_path(&script).unwrap(),
+        )
+        .await
+        .unwrap();
+    c.create(&object(
+        Kind::Function,
+        "tick",
+        json!({"image": "sh", "source": digest, "stream": true}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Function, "tick").await.phase(),
+        Some(dispatch_core::Phase::Ready)
+    );
+    endpoint(c, "tick", "tick", json!({})).await;
+    let gate = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
+    let mut r = post(&t, "/tick", json!({"port": port}), false).await;
+    assert_eq!(next_text(&mut r).await, "first;", "before the program ends");
+    gate.accept().unwrap().0.write_all(b"!").unwrap();
+    let mut rest = String::new();
+    while let Some(b) = r.chunk().await.unwrap() {
+        rest.push_str(std::str::from_utf8(&b).unwrap());
+    }
+    assert_eq!(rest, "second;");
+    let run = run_of(c, &r).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{:?}", run.error);
+    assert_eq!(run.output.unwrap().get(), "\"first;second;\"");
+    assert_eq!(run.stream.unwrap().chunks, 2);
+    t.stop().await;
+}

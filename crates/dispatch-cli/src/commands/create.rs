@@ -198,6 +198,20 @@ pub enum What {
         /// events; a client sending Accept: text/event-stream gets them anyway)
         #[arg(long, value_parser = ["chunked", "sse"])]
         stream: Option<String>,
+        /// websocket: the gateway holds each connection and calls the function for each
+        /// message (its answer, or each chunk it yields, goes back as a message)
+        #[arg(long, value_parser = ["http", "websocket"])]
+        protocol: Option<String>,
+        /// WebSocket: one worker per connection; the handler is called once and reads the
+        /// messages as a stream (its payload), yielding what it sends back
+        #[arg(long)]
+        session: bool,
+        /// WebSocket: close a connection silent both ways this long (default 5m)
+        #[arg(long, value_name = "DURATION")]
+        idle_timeout: Option<String>,
+        /// WebSocket: close a connection open this long (default 1h)
+        #[arg(long, value_name = "DURATION")]
+        max_duration: Option<String>,
     },
 }
 
@@ -395,7 +409,16 @@ impl Create {
                 cors,
                 auth,
                 stream,
+                protocol,
+                session,
+                idle_timeout,
+                max_duration,
             } => {
+                let protocol = match protocol.as_deref() {
+                    Some("websocket") => Some(dispatch_core::Protocol::Websocket),
+                    Some(_) => Some(dispatch_core::Protocol::Http),
+                    None => None,
+                };
                 let spec = EndpointSpec {
                     function,
                     methods,
@@ -404,6 +427,10 @@ impl Create {
                     cors,
                     auth,
                     stream,
+                    protocol,
+                    session,
+                    idle_timeout,
+                    max_duration,
                 };
                 (object(Kind::Endpoint, &ns, &name, &spec)?, false)
             }
@@ -546,6 +573,14 @@ pub struct HandlerArgs {
     /// ones given replace the whole environment
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// A streaming call fails with a timeout when its handler sends nothing for this long
+    /// between two chunks, e.g. 10s (spec.idleTimeout; default: only --timeout bounds it)
+    #[arg(long, value_name = "DURATION")]
+    pub stream_idle_timeout: Option<String>,
+    /// exec handlers: stream what the program writes to stdout as it comes, instead of
+    /// answering it as JSON when it exits (spec.stream)
+    #[arg(long)]
+    pub stream: bool,
 }
 
 impl HandlerArgs {
@@ -559,6 +594,12 @@ impl HandlerArgs {
         }
         if !self.env.is_empty() {
             spec.env = parse_env(&self.env)?;
+        }
+        if let Some(t) = &self.stream_idle_timeout {
+            spec.idle_timeout = Some(t.clone());
+        }
+        if self.stream {
+            spec.stream = true;
         }
         Ok(())
     }

@@ -42,6 +42,9 @@ pub struct Runner {
     /// the ones built into this binary
     #[arg(long, env = "DISPATCH_RUNTIMES_DIR")]
     pub runtimes_dir: Option<PathBuf>,
+    /// exec handlers: stream what the program writes to stdout as it comes (`spec.stream`)
+    #[arg(long, env = "DISPATCH_STREAM")]
+    pub stream: bool,
     /// Concurrent calls (workers)
     #[arg(long, env = "DISPATCH_MAX_WORKERS", default_value_t = 4)]
     pub max_workers: u32,
@@ -99,6 +102,7 @@ impl Runner {
             limits: Default::default(),
             network: true,
             container: false,
+            stream: self.stream,
             steps: Default::default(),
         };
         if self.worker {

@@ -1,5 +1,7 @@
 //! Endpoints: HTTP routes on the gateway to a function.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ValidationError;
@@ -37,6 +39,48 @@ pub struct EndpointSpec {
     /// sends `Accept: text/event-stream` gets them too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
+    /// `http` (the default) or `websocket`: the gateway holds each connection (a `GET` with
+    /// `Upgrade: websocket`) and calls the function for each message it receives, sending
+    /// back what it answers (or yields) as messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// WebSocket only: one worker is bound to each connection for its lifetime; the handler
+    /// is called once and reads the connection's messages as a stream (`payload` iterates
+    /// them), yielding what it sends back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session: bool,
+    /// WebSocket only: a connection with no message either way for this long is closed
+    /// (a duration; default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// WebSocket only: a connection is closed after this long, whatever it does (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<String>,
+}
+
+/// `spec.protocol` of an endpoint.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Requests and answers (streamed or whole).
+    #[default]
+    Http,
+    /// WebSocket connections held by the gateway.
+    Websocket,
+}
+
+/// WebSocket endpoints: a connection silent both ways this long is closed.
+pub const DEFAULT_WS_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// WebSocket endpoints: no connection lasts longer.
+pub const DEFAULT_WS_MAX_DURATION: Duration = Duration::from_secs(3600);
+
+/// How a WebSocket endpoint holds its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebSocketSettings {
+    pub session: bool,
+    pub idle_timeout: Duration,
+    pub max_duration: Duration,
 }
 
 impl EndpointSpec {
@@ -45,11 +89,24 @@ impl EndpointSpec {
         self.auth.as_deref() == Some("token")
     }
 
+    /// How its WebSocket connections are held; `None` for an HTTP endpoint. The durations
+    /// were checked by `normalize` (a bad one falls back to its default here).
+    pub fn websocket(&self) -> Option<WebSocketSettings> {
+        (self.protocol == Some(Protocol::Websocket)).then(|| WebSocketSettings {
+            session: self.session,
+            idle_timeout: ws_duration(&self.idle_timeout, "idleTimeout", DEFAULT_WS_IDLE_TIMEOUT)
+                .unwrap_or(DEFAULT_WS_IDLE_TIMEOUT),
+            max_duration: ws_duration(&self.max_duration, "maxDuration", DEFAULT_WS_MAX_DURATION)
+                .unwrap_or(DEFAULT_WS_MAX_DURATION),
+        })
+    }
+
     pub(super) fn normalize(mut self) -> Result<Self, ValidationError> {
         crate::versions::validate_target(&self.function)?;
         if self.methods.is_empty() {
             self.methods.push("GET".to_string());
         }
+        self.check_websocket()?;
         for m in &mut self.methods {
             *m = m.to_ascii_uppercase();
             if !HTTP_METHODS.contains(&m.as_str()) {
@@ -95,6 +152,65 @@ impl EndpointSpec {
         }
         Ok(self)
     }
+}
+
+impl EndpointSpec {
+    /// WebSocket settings only on a WebSocket endpoint, which routes `GET` alone (the
+    /// upgrade request) and streams by its messages.
+    fn check_websocket(&self) -> Result<(), ValidationError> {
+        if self.protocol != Some(Protocol::Websocket) {
+            for (set, field) in [
+                (self.session, "session"),
+                (self.idle_timeout.is_some(), "idleTimeout"),
+                (self.max_duration.is_some(), "maxDuration"),
+            ] {
+                if set {
+                    return Err(ValidationError::new(format!(
+                        "{field} is a WebSocket setting: add protocol: websocket (--protocol websocket)"
+                    )));
+                }
+            }
+            return Ok(());
+        }
+        if self.methods.iter().any(|m| !m.eq_ignore_ascii_case("GET")) {
+            return Err(ValidationError::new(
+                "a WebSocket endpoint routes GET only (the upgrade request): leave methods out",
+            ));
+        }
+        if self.stream.is_some() {
+            return Err(ValidationError::new(
+                "stream is for HTTP endpoints: a WebSocket endpoint sends each chunk as a message",
+            ));
+        }
+        let idle = ws_duration(&self.idle_timeout, "idleTimeout", DEFAULT_WS_IDLE_TIMEOUT)?;
+        let max = ws_duration(&self.max_duration, "maxDuration", DEFAULT_WS_MAX_DURATION)?;
+        if idle > max {
+            return Err(ValidationError::new(format!(
+                "idleTimeout ({}) is longer than maxDuration ({})",
+                crate::duration::format_duration(idle),
+                crate::duration::format_duration(max)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn ws_duration(
+    value: &Option<String>,
+    field: &str,
+    default: Duration,
+) -> Result<Duration, ValidationError> {
+    let Some(s) = value else {
+        return Ok(default);
+    };
+    let d = crate::duration::parse_duration(s)
+        .map_err(|e| ValidationError::new(format!("{field}: {}", e.message)))?;
+    if d.is_zero() {
+        return Err(ValidationError::new(format!(
+            "{field} must be longer than 0s"
+        )));
+    }
+    Ok(d)
 }
 
 /// A route path: starts with `/`; segments are literals or `{param}`; a final `*` segment

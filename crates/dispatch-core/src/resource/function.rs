@@ -53,6 +53,15 @@ pub struct FunctionSpec {
     /// ends with a timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// A streaming call (chunks, WebSocket replies) fails with a timeout when its handler
+    /// sends nothing for this long between two chunks (a duration; absent: only `timeout`
+    /// bounds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// exec handlers: what the program writes to stdout is streamed as it comes (chunks)
+    /// instead of being its answer once it exits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
     /// Environment variables of its workers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -423,6 +432,7 @@ impl FunctionSpec {
         }
         self.timeout()?;
         self.idle_timeout()?;
+        self.stream_idle_timeout()?;
         self.retry()?;
         if let Some(k) = self.keep_versions
             && !(1..=crate::versions::MAX_KEEP_VERSIONS).contains(&k)
@@ -506,6 +516,21 @@ impl FunctionSpec {
             None => Ok(Retry::default()),
             Some(r) => r.resolve(),
         }
+    }
+
+    /// The longest silence between a stream's chunks (`spec.idleTimeout`), if bounded.
+    pub fn stream_idle_timeout(&self) -> Result<Option<Duration>, ValidationError> {
+        let Some(s) = &self.idle_timeout else {
+            return Ok(None);
+        };
+        let d = parse_duration(s)
+            .map_err(|e| ValidationError::new(format!("spec.idleTimeout: {}", e.message)))?;
+        if d.is_zero() {
+            return Err(ValidationError::new(
+                "spec.idleTimeout must be longer than 0s",
+            ));
+        }
+        Ok(Some(d))
     }
 
     pub fn idle_timeout(&self) -> Result<Duration, ValidationError> {

@@ -266,6 +266,7 @@ impl LocalBackend {
             label: format!("{}/{}", d.namespace, d.name),
             jail: None,
             max_output_bytes: usize::try_from(d.limits.max_output_bytes).unwrap_or(usize::MAX),
+            stream_stdout: d.stream,
             container: Some(Arc::new(crate::worker::ContainerWorker {
                 engine: tier.engine.clone(),
                 image: Arc::new(image),
@@ -446,6 +447,7 @@ impl LocalBackend {
             label,
             jail,
             max_output_bytes: usize::try_from(d.limits.max_output_bytes).unwrap_or(usize::MAX),
+            stream_stdout: d.stream,
             container: None,
         })
     }

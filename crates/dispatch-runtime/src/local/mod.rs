@@ -327,7 +327,7 @@ impl DeployedFunction for Pool {
         context: &'a RawValue,
         payload: &'a RawValue,
         deadline: Instant,
-        sink: &'a crate::worker::Sink,
+        sink: &'a crate::stream::Sink,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
         Box::pin(async move {
             Ok(self

@@ -156,6 +156,12 @@ pub fn execute_routes() -> Router<Arc<AppState>> {
         )
 }
 
+fn websocket_metrics(state: &AppState) -> String {
+    let mut out = String::new();
+    state.websockets.render(&mut out);
+    out
+}
+
 /// Prometheus metrics (any token with a role may read them).
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
@@ -164,6 +170,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render()
+            + &websocket_metrics(&state)
             + &function_metrics(&state)
             + &budget_metrics(&state)
             + &disk_metrics(&state)

@@ -270,6 +270,7 @@ impl Planned {
             callback_url: spec.callback_url.clone(),
             max_queued: spec.max_queued.map(|n| n as usize),
             history: spec.history_policy(),
+            stream_idle: spec.stream_idle_timeout().unwrap_or_default(),
         }
     }
 }
@@ -400,6 +401,7 @@ pub(crate) async fn plan(
         limits: spec.resources.limits()?,
         network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
         container: spec.isolation == Some(dispatch_core::resource::FunctionIsolation::Container),
+        stream: spec.stream,
         steps: Steps::default(),
     };
     Ok(Ok(Planned {

@@ -218,7 +218,15 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         }
         return;
     }
-    let outcome = call_deployed(&deployed, &run, run.http_context.as_ref(), None).await;
+    let outcome = call_deployed(
+        &deployed,
+        &run,
+        crate::invoke::Extras {
+            http: run.http_context.as_ref(),
+            ..Default::default()
+        },
+    )
+    .await;
     // Claim the end of the attempt; a cancel that came first owns the record.
     slot.2 = false;
     if !q.finish(&id) {
@@ -328,6 +336,8 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         affinity,
         stream: _,
         run_id: _,
+        connection: _,
+        timeout: _,
     } = inv;
     // `hello@3`, `hello@prod`: the version is chosen now and every attempt runs it.
     let (function, pinned) = if function.contains('@') {

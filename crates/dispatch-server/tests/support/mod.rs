@@ -293,3 +293,37 @@ pub async fn images(c: &Client) {
         );
     }
 }
+
+/// The PyPI wheels the tests' real clients import (the CloudEvents SDK, httpx, websockets),
+/// as a PYTHONPATH: `$DISPATCH_PY_WHEELS`, else `~/.cache/dispatch-tools/py` (.ci/run
+/// downloads them there). Each of `needed` must be among them.
+#[allow(dead_code)]
+pub fn py_wheels(needed: &[&str]) -> String {
+    let dir = std::env::var_os("DISPATCH_PY_WHEELS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/dispatch-tools/py"))
+        })
+        .expect("HOME or DISPATCH_PY_WHEELS");
+    let wheels: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    for n in needed {
+        assert!(
+            wheels
+                .iter()
+                .any(|w| w.rsplit('/').next().is_some_and(|f| f.starts_with(n))),
+            "the wheel {n}* is not in {}: .ci/run downloads the tests' Python clients there \
+             (python3 -m pip download --only-binary=:all: -d DIR ...)",
+            dir.display()
+        );
+    }
+    wheels.join(":")
+}
