@@ -136,6 +136,106 @@ fn a_timed_out_call_says_so_in_a_header() {
     );
 }
 
+/// The Kubernetes backend streams through the function's Service: its handle asks the
+/// runner for frames and hands each chunk on as it comes (the handler still waiting on the
+/// test's gate), then how the call ended; a caller that goes away stops the call there.
+#[test]
+fn the_kubernetes_handle_streams_through_the_runner() {
+    use std::io::Write as _;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("gated.py"),
+        "import socket\ndef handle(context, payload):\n    yield 'first;'\n    \
+         socket.create_connection(('127.0.0.1', payload['port'])).recv(1)\n    yield b'\\x00'\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let _r = Proc(
+        Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
+            .args([
+                "runner",
+                "--language",
+                "python3",
+                "--handler",
+                "gated.handle",
+            ])
+            .args(["--port", &port.to_string(), "--function-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    ready(port);
+    let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gate_port = gate.local_addr().unwrap().port();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        dispatch_client::install_crypto_provider();
+        let handle = dispatch_k8s::backend::remote_function(
+            reqwest::Client::new(),
+            "gated",
+            &format!("http://127.0.0.1:{port}"),
+            "img",
+        );
+        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
+        let payload = serde_json::value::to_raw_value(&json!({"port": gate_port})).unwrap();
+        let (sink, opened) = dispatch_runtime::Sink::new(4);
+        let call = {
+            let handle = handle.clone();
+            let (ctx, payload) = (ctx.clone(), payload.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                handle
+                    .invoke_streaming(&ctx, &payload, deadline, &sink)
+                    .await
+                    .unwrap()
+            })
+        };
+        let mut rx = opened.await.unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!((&first.data[..], first.binary), (&b"first;"[..], false));
+        let gate = tokio::task::spawn_blocking(move || {
+            gate.accept().unwrap().0.write_all(b"!").unwrap();
+            gate
+        })
+        .await
+        .unwrap();
+        let second = rx.recv().await.unwrap();
+        assert_eq!((&second.data[..], second.binary), (&b"\x00"[..], true));
+        let out = call.await.unwrap();
+        assert!(
+            out.envelope.context.error.is_none(),
+            "{:?}",
+            out.envelope.context.error
+        );
+        assert_eq!(out.stream.unwrap().chunks, 2);
+
+        // Gone after the first chunk: the call ends cancelled.
+        let (sink, opened) = dispatch_runtime::Sink::new(1);
+        let call = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            handle
+                .invoke_streaming(&ctx, &payload, deadline, &sink)
+                .await
+                .unwrap()
+        });
+        let mut rx = opened.await.unwrap();
+        rx.recv().await.unwrap();
+        drop(rx);
+        tokio::task::spawn_blocking(move || gate.accept().unwrap().0.write_all(b"!").unwrap())
+            .await
+            .unwrap();
+        let out = call.await.unwrap();
+        assert!(out.cancelled, "{:?}", out.envelope.context.error);
+    });
+}
+
 #[test]
 fn a_handler_that_does_not_load_fails_fast() {
     let dir = tempfile::tempdir().unwrap();

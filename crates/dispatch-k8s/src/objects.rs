@@ -31,6 +31,8 @@ pub struct Workload {
     pub limits: dispatch_core::resource::Limits,
     /// `false` (`spec.network: none`): a NetworkPolicy denies the pods all egress.
     pub network: bool,
+    /// exec handlers (`spec.stream`): the runner streams their stdout.
+    pub stream: bool,
 }
 
 impl Workload {
@@ -42,6 +44,7 @@ impl Workload {
             min_workers: spec.min_workers(),
             limits: spec.resources.limits().unwrap_or_default(),
             network: spec.network != Some(dispatch_core::resource::NetworkMode::None),
+            stream: spec.stream,
         }
     }
 }
@@ -155,6 +158,13 @@ pub fn function_objects(
             ..Default::default()
         },
     ];
+    if spec.stream {
+        env.push(EnvVar {
+            name: "DISPATCH_STREAM".into(),
+            value: Some("true".into()),
+            ..Default::default()
+        });
+    }
     env.extend(spec.env.iter().map(|(k, v)| EnvVar {
         name: k.clone(),
         value: Some(v.clone()),

@@ -426,6 +426,7 @@ fn concurrency_beyond_one_pod_gets_an_autoscaler() {
         min_workers: min,
         limits: Default::default(),
         network: true,
+        stream: false,
     };
     // (minWorkers, maxWorkers) → workers per pod, (min pods, max pods).
     for ((min, max), per, pods) in [

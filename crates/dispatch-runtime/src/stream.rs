@@ -120,6 +120,93 @@ pub(crate) fn message_frame(id: u64, message: Option<Inbound>) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
+/// `dispatch runner`'s streamed answers (the Kubernetes backend): a call POSTed with this
+/// header is answered with frames (4-byte big-endian length + JSON, as the worker
+/// protocol's): one per chunk as the handler yields it, then one [`RemoteEnd`].
+pub const STREAM_HEADER: &str = "x-dispatch-stream";
+/// The content type of such an answer.
+pub const FRAMES_CONTENT_TYPE: &str = "application/x-dispatch-frames";
+
+/// The last frame of a streamed answer over HTTP: how the call ended.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteEnd {
+    pub envelope: dispatch_core::Envelope,
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub cancelled: bool,
+    #[serde(default)]
+    pub stream: Option<dispatch_core::StreamStats>,
+}
+
+/// One frame: its length, then `body`.
+pub fn frame(body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// A chunk as its frame (`{"chunk", "binary"}`, bytes as base64).
+pub fn chunk_frame(c: &Chunk) -> Bytes {
+    use base64::Engine as _;
+    let v = if c.binary {
+        serde_json::json!({"chunk": base64::engine::general_purpose::STANDARD.encode(&c.data), "binary": true})
+    } else {
+        serde_json::json!({"chunk": String::from_utf8_lossy(&c.data)})
+    };
+    frame(&serde_json::to_vec(&v).unwrap_or_default())
+}
+
+/// A frame read back: a chunk, or the end.
+#[derive(Debug)]
+pub enum RemoteFrame {
+    Chunk(Chunk),
+    End(Box<RemoteEnd>),
+}
+
+/// Takes the next whole frame off the front of `buf` (`None`: not all of it yet).
+pub fn take_frame(buf: &mut bytes::BytesMut) -> Result<Option<RemoteFrame>, String> {
+    use base64::Engine as _;
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > crate::protocol::MAX_FRAME_BYTES {
+        return Err(format!("a frame of {len} bytes"));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let _ = buf.split_to(4);
+    let body = buf.split_to(len);
+    #[derive(serde::Deserialize)]
+    struct ChunkFrame {
+        chunk: String,
+        #[serde(default)]
+        binary: bool,
+    }
+    if has_chunk(&body) {
+        let c: ChunkFrame = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let data = if c.binary {
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(c.chunk.as_bytes())
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            Bytes::from(c.chunk)
+        };
+        return Ok(Some(RemoteFrame::Chunk(Chunk {
+            data,
+            binary: c.binary,
+        })));
+    }
+    let end: RemoteEnd = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    Ok(Some(RemoteFrame::End(Box::new(end))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +238,36 @@ mod tests {
             r#"{"binary":true,"id":3,"message":"AAE="}"#
         );
         assert_eq!(f(None), r#"{"end":true,"id":3}"#);
+    }
+
+    #[test]
+    fn remote_frames_round_trip_whole_or_cut() {
+        let chunk = Chunk {
+            data: Bytes::from_static(b"\xff\x00"),
+            binary: true,
+        };
+        let end = RemoteEnd {
+            envelope: dispatch_core::Envelope {
+                context: Default::default(),
+                payload: serde_json::value::to_raw_value(&"ab").unwrap(),
+            },
+            timed_out: false,
+            cancelled: false,
+            stream: None,
+        };
+        let mut all = chunk_frame(&chunk).to_vec();
+        all.extend_from_slice(&frame(&serde_json::to_vec(&end).unwrap()));
+        // Fed a byte at a time, the same two frames come out.
+        let mut buf = bytes::BytesMut::new();
+        let mut got = Vec::new();
+        for b in all {
+            buf.extend_from_slice(&[b]);
+            while let Some(f) = take_frame(&mut buf).unwrap() {
+                got.push(f);
+            }
+        }
+        assert!(matches!(&got[0], RemoteFrame::Chunk(c) if *c == chunk));
+        assert!(matches!(&got[1], RemoteFrame::End(e) if e.envelope.payload.get() == "\"ab\""));
+        assert_eq!(got.len(), 2);
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use axum::response::IntoResponse as _;
 use dispatch_core::{Language, ValidationError};
 use dispatch_runtime::LocalBackend;
 use dispatch_runtime::Pool;
@@ -147,55 +148,120 @@ impl Runner {
 }
 
 fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
-    use axum::response::IntoResponse;
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/",
-            post(move |body: axum::body::Bytes| {
-                let pool = pool.clone();
-                async move {
-                    let call: Call = match serde_json::from_slice(&body) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let env = dispatch_core::Envelope::error(
-                                dispatch_core::ErrorObject::input(format!(
-                                    "request is not {{\"context\", \"payload\"}} JSON: {e}"
-                                )),
-                                Default::default(),
-                            );
-                            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(env))
-                                .into_response();
-                        }
-                    };
-                    let ctx = call.context.unwrap_or_else(|| {
-                        RawValue::from_string("{}".into())
-                            .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
-                    });
-                    let payload = call
-                        .payload
-                        .unwrap_or_else(dispatch_core::envelope::null_raw);
-                    let (env, timed_out) =
-                        match pool.call(&ctx, &payload, Instant::now() + timeout).await {
-                            Ok(out) => (out.envelope, out.timed_out),
-                            Err(busy) => (
-                                dispatch_core::Envelope::error(
-                                    dispatch_core::ErrorObject::system(busy.to_string()),
+            post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let pool = pool.clone();
+                    async move {
+                        let call: Call = match serde_json::from_slice(&body) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                let env = dispatch_core::Envelope::error(
+                                    dispatch_core::ErrorObject::input(format!(
+                                        "request is not {{\"context\", \"payload\"}} JSON: {e}"
+                                    )),
                                     Default::default(),
-                                ),
-                                false,
-                            ),
+                                );
+                                return (axum::http::StatusCode::BAD_REQUEST, axum::Json(env))
+                                    .into_response();
+                            }
                         };
-                    let mut resp = (axum::http::StatusCode::OK, axum::Json(env)).into_response();
-                    if timed_out {
-                        resp.headers_mut().insert(
-                            dispatch_runtime::pool::TIMED_OUT_HEADER,
-                            axum::http::HeaderValue::from_static("true"),
-                        );
+                        let ctx = call.context.unwrap_or_else(|| {
+                            RawValue::from_string("{}".into())
+                                .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
+                        });
+                        let payload = call
+                            .payload
+                            .unwrap_or_else(dispatch_core::envelope::null_raw);
+                        if headers.contains_key(dispatch_runtime::stream::STREAM_HEADER) {
+                            return streamed(pool, ctx, payload, Instant::now() + timeout);
+                        }
+                        let (env, timed_out) =
+                            match pool.call(&ctx, &payload, Instant::now() + timeout).await {
+                                Ok(out) => (out.envelope, out.timed_out),
+                                Err(busy) => (
+                                    dispatch_core::Envelope::error(
+                                        dispatch_core::ErrorObject::system(busy.to_string()),
+                                        Default::default(),
+                                    ),
+                                    false,
+                                ),
+                            };
+                        let mut resp =
+                            (axum::http::StatusCode::OK, axum::Json(env)).into_response();
+                        if timed_out {
+                            resp.headers_mut().insert(
+                                dispatch_runtime::pool::TIMED_OUT_HEADER,
+                                axum::http::HeaderValue::from_static("true"),
+                            );
+                        }
+                        resp
                     }
-                    resp
-                }
-            }),
+                },
+            ),
         )
+}
+
+/// A call the server asked to stream (the Kubernetes backend): the chunks as frames as the
+/// handler yields them, then how it ended. The call runs in its own task; a server that goes
+/// away drops the body, and so the chunks' channel: the worker is stopped, as at the gateway.
+fn streamed(
+    pool: Arc<Pool>,
+    ctx: Box<RawValue>,
+    payload: Box<RawValue>,
+    deadline: Instant,
+) -> axum::response::Response {
+    use dispatch_runtime::stream::{self, RemoteEnd};
+    use futures_util::StreamExt as _;
+    let (sink, opened) = dispatch_runtime::Sink::new(16);
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let end = match pool
+            .call_streaming(&ctx, &payload, deadline, Some(&sink))
+            .await
+        {
+            Ok(out) => RemoteEnd {
+                envelope: out.envelope,
+                timed_out: out.timed_out,
+                cancelled: out.cancelled,
+                stream: out.stream,
+            },
+            Err(busy) => RemoteEnd {
+                envelope: dispatch_core::Envelope::error(
+                    dispatch_core::ErrorObject::system(busy.to_string()),
+                    Default::default(),
+                ),
+                timed_out: false,
+                cancelled: false,
+                stream: None,
+            },
+        };
+        drop(sink);
+        let _ = end_tx.send(end);
+    });
+    let chunks = futures_util::stream::once(async move { opened.await.ok() })
+        .filter_map(|rx| async move { rx })
+        .flat_map(|rx| {
+            futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|c| (stream::chunk_frame(&c), rx))
+            })
+        });
+    let end = futures_util::stream::once(async move {
+        let end = end_rx.await.ok()?;
+        Some(stream::frame(&serde_json::to_vec(&end).ok()?))
+    })
+    .filter_map(|f| async move { f });
+    let body = chunks.chain(end).map(Ok::<_, std::convert::Infallible>);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            stream::FRAMES_CONTENT_TYPE,
+        )],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }

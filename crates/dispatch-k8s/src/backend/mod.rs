@@ -113,23 +113,43 @@ struct RemoteFunction {
     image: String,
 }
 
+/// The handle a deployed function's calls go through: POSTs to a `dispatch runner` at `url`
+/// (the function's Service; public so that the runner's contract can be tested against a
+/// runner on a local port).
+pub fn remote_function(
+    http: reqwest::Client,
+    name: &str,
+    url: &str,
+    image: &str,
+) -> FunctionHandle {
+    Arc::new(RemoteFunction {
+        http,
+        name: name.to_string(),
+        url: format!("{}/", url.trim_end_matches('/')),
+        image: image.to_string(),
+    })
+}
+
 impl KubernetesBackend {
     fn handle(&self, namespace: &str, name: &str, image: String) -> FunctionHandle {
-        Arc::new(RemoteFunction {
-            http: self.http.clone(),
-            name: name.to_string(),
-            url: format!(
-                "{}/",
-                (self.options.function_url)(namespace, name).trim_end_matches('/')
-            ),
-            image,
-        })
+        let url = (self.options.function_url)(namespace, name);
+        remote_function(self.http.clone(), name, &url, &image)
     }
 }
 
 impl DeployedFunction for RemoteFunction {
     fn image(&self) -> Option<&str> {
         Some(&self.image)
+    }
+
+    fn invoke_streaming<'a>(
+        &'a self,
+        context: &'a RawValue,
+        payload: &'a RawValue,
+        deadline: Instant,
+        sink: &'a dispatch_runtime::Sink,
+    ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        Box::pin(async move { Ok(self.call_streaming(context, payload, deadline, sink).await) })
     }
 
     fn invoke<'a>(
@@ -205,6 +225,118 @@ impl DeployedFunction for RemoteFunction {
                 cancelled: false,
             })
         })
+    }
+}
+
+impl RemoteFunction {
+    /// A call whose chunks come back as frames from the runner (`dispatch runner` answers
+    /// so when asked by the stream header), each handed to `sink` as it arrives: reading the
+    /// body no faster than the sink drains holds the runner's worker (back-pressure), and a
+    /// sink whose reader went away ends the request, which stops the worker there.
+    async fn call_streaming(
+        &self,
+        context: &RawValue,
+        payload: &RawValue,
+        deadline: Instant,
+        sink: &dispatch_runtime::Sink,
+    ) -> CallOutcome {
+        use dispatch_runtime::stream::{self, RemoteFrame};
+        let (name, url) = (&self.name, &self.url);
+        let t0 = Instant::now();
+        let left = deadline.saturating_duration_since(t0);
+        let outcome = |envelope, timed_out, cancelled, stream| CallOutcome {
+            envelope,
+            cold: false,
+            cold_start: None,
+            timings: Timings {
+                exec_ms: t0.elapsed().as_millis() as u64,
+                ..Default::default()
+            },
+            timed_out,
+            stream,
+            cancelled,
+        };
+        let timeout = || system_error(format!("function {name} did not answer within its timeout"));
+        if left.is_zero() {
+            return outcome(timeout(), true, false, None);
+        }
+        let body = format!(
+            r#"{{"context":{},"payload":{}}}"#,
+            context.get(),
+            payload.get()
+        );
+        let sent = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header(stream::STREAM_HEADER, "1")
+            .body(body)
+            .timeout(left)
+            .send()
+            .await;
+        let mut r = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return outcome(timeout(), true, false, None),
+            Err(e) => {
+                return outcome(
+                    system_error(format!("function {name} is not reachable at {url}: {e}")),
+                    false,
+                    false,
+                    None,
+                );
+            }
+        };
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match stream::take_frame(&mut buf) {
+                Ok(Some(RemoteFrame::Chunk(c))) => {
+                    if sink.send(c).await.is_err() {
+                        let gone = dispatch_core::ErrorObject::system(
+                            "the caller disconnected from the stream: the call was cancelled",
+                        );
+                        return outcome(
+                            Envelope::error(gone, Default::default()),
+                            false,
+                            true,
+                            None,
+                        );
+                    }
+                    continue;
+                }
+                Ok(Some(RemoteFrame::End(end))) => {
+                    return outcome(end.envelope, end.timed_out, end.cancelled, end.stream);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return outcome(
+                        system_error(format!("function {name} sent a malformed frame: {e}")),
+                        false,
+                        false,
+                        None,
+                    );
+                }
+            }
+            match r.chunk().await {
+                Ok(Some(b)) => buf.extend_from_slice(&b),
+                Ok(None) => {
+                    return outcome(
+                        system_error(format!("function {name} ended its answer early")),
+                        false,
+                        false,
+                        None,
+                    );
+                }
+                Err(e) if e.is_timeout() => return outcome(timeout(), true, false, None),
+                Err(e) => {
+                    return outcome(
+                        system_error(format!("reading the answer of function {name}: {e}")),
+                        false,
+                        false,
+                        None,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -434,6 +566,7 @@ impl Backend for KubernetesBackend {
                 min_workers: d.min_workers,
                 limits: d.limits,
                 network: d.network,
+                stream: d.stream,
             };
             let runnable = FunctionImage {
                 reference: &built.pushed.reference,
