@@ -77,16 +77,17 @@ impl Output {
                 stats.truncated = true;
             }
             self.kept.extend_from_slice(&data[..keep]);
-            match sink {
+            let stop = match sink {
                 Some(sink) => {
-                    if sink.send(Chunk { data, binary }).await.is_err() {
-                        self.gone = true;
-                        break;
-                    }
+                    let gone = sink.send(Chunk { data, binary }).await.is_err();
+                    self.gone = gone;
+                    gone
                 }
                 // Without a reader, past the answer's limit (checked by the caller).
-                None if self.kept.len() > max_output => break,
-                None => {}
+                None => self.kept.len() > max_output,
+            };
+            if stop {
+                break;
             }
         }
         if !pending.is_empty() {

@@ -70,6 +70,11 @@ pub struct Server {
     /// new events get 429 with Retry-After and nothing is stored
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub max_pending_deliveries: usize,
+    /// Open WebSocket connections per namespace (endpoints with protocol: websocket); past it
+    /// a new connection gets 429 with Retry-After. Each also counts against
+    /// --max-gateway-connections while it is open
+    #[arg(long, default_value_t = dispatch_server::websocket::DEFAULT_MAX_PER_NAMESPACE, value_name = "N")]
+    pub max_websockets_per_namespace: usize,
     /// How long a dead event delivery (and its event) is kept for a redelivery, e.g. 7d
     #[arg(long, default_value = "7d", value_parser = duration, value_name = "DURATION")]
     pub dead_delivery_retention: Duration,
@@ -233,6 +238,7 @@ impl Server {
             min_free_disk: self.min_free_disk,
             event_ttl: self.event_ttl,
             max_pending_deliveries: self.max_pending_deliveries.max(1),
+            max_websockets_per_namespace: self.max_websockets_per_namespace,
             dead_delivery_retention: self.dead_delivery_retention,
             edge: dispatch_server::serve::EdgeLimits {
                 gateway_connections: self.max_gateway_connections.map(|n| n.max(1)),

@@ -110,6 +110,7 @@ pub struct Report {
     pub scale: Option<Scale>,
     /// Streamed answers: time to the first chunk and throughput.
     pub stream: stream::Streaming,
+    pub websockets: stream::IdleWebSockets,
 }
 
 #[derive(Debug, Serialize)]
@@ -186,6 +187,9 @@ pub struct Scale {
     pub rss_after_kib: u64,
     pub rss_per_function_bytes: f64,
 }
+
+/// Idle WebSocket connections the full benchmark holds (the 10,000).
+const IDLE_WEBSOCKETS: usize = 10_000;
 
 struct Setup {
     client: Client,
@@ -318,6 +322,10 @@ impl Bench {
         )
         .await?;
 
+        let sockets = if self.quick { 1_000 } else { IDLE_WEBSOCKETS };
+        say(&format!("{sockets} idle WebSocket connections…"));
+        let websockets = stream::idle_websockets(s, sockets).await?;
+
         let scale = if self.functions > 0 && with_scale {
             say(&format!(
                 "registering {} functions and endpoints…",
@@ -341,6 +349,7 @@ impl Bench {
             idle_worker_uss_kib: uss,
             scale,
             stream: streaming,
+            websockets,
         })
     }
 }
@@ -391,6 +400,12 @@ async fn setup(sandboxed: bool) -> Result<Setup> {
         auth: false,
         jobs_dir: dir.path().join("jobs"),
         sandboxes,
+        // Room for the idle WebSocket connections measured (they are the point there).
+        max_websockets_per_namespace: IDLE_WEBSOCKETS,
+        edge: dispatch_server::serve::EdgeLimits {
+            gateway_connections: Some(IDLE_WEBSOCKETS + 1024),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let server = dispatch_server::Server::builder()
@@ -581,6 +596,15 @@ fn print_table(r: &Report) {
     println!(
         "  64 KiB chunks through the gateway: {:.0} MiB/s ({} MiB, one client)",
         st.throughput_mib_s, st.throughput_mib
+    );
+    let ws = &r.websockets;
+    println!(
+        "  {} idle WebSocket connections: server RSS {} KiB → {} KiB, {:.0} bytes each (opened in {:.1} s)",
+        ws.connections,
+        ws.rss_before_kib,
+        ws.rss_open_kib,
+        ws.bytes_per_connection,
+        ws.open_seconds
     );
     println!("\nidle warm worker                         USS KiB    RSS KiB");
     for u in &r.idle_worker_uss_kib {

@@ -197,3 +197,104 @@ async fn through_gateway(
     );
     Ok((firsts, bytes, took))
 }
+
+/// Opens `n` WebSocket connections (raw upgrade requests, asyncio, in its own process so
+/// that only the server's side counts in this process's memory), says `ready N`, and holds
+/// them until its stdin closes.
+const WS_CLIENTS_PY: &str = r#"import asyncio, sys
+host, port, path, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+REQ = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+       % (path, host, port)).encode()
+async def one():
+    r, w = await asyncio.open_connection(host, port)
+    w.write(REQ)
+    head = await r.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise SystemExit("not upgraded: %r" % head[:300])
+    return r, w
+async def main():
+    held = []
+    while len(held) < n:
+        held += await asyncio.gather(*(one() for _ in range(min(200, n - len(held)))))
+    print("ready", len(held), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+"#;
+
+#[derive(Debug, Serialize)]
+pub struct IdleWebSockets {
+    pub connections: usize,
+    /// This process's RSS (the server; the clients are another process) before and with
+    /// them open.
+    pub rss_before_kib: u64,
+    pub rss_open_kib: u64,
+    pub bytes_per_connection: f64,
+    /// Opening them all (upgrade requests, 200 at a time).
+    pub open_seconds: f64,
+}
+
+fn own_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `n` idle WebSocket connections held by the gateway: the server's memory per connection.
+pub async fn idle_websockets(s: &Setup, n: usize) -> Result<IdleWebSockets> {
+    s.client
+        .create(&Object::new(
+            Kind::Endpoint,
+            "default",
+            "ws-idle",
+            json!({"function": "hello", "paths": ["/ws-idle"], "protocol": "websocket"}),
+        ))
+        .await?;
+    let probe = format!("http://{}/ws-idle", s.gateway);
+    let http = reqwest::Client::new();
+    let t0 = Instant::now();
+    // Routed when a plain GET is told to upgrade.
+    while http.get(&probe).send().await?.status() != 426 {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the WebSocket endpoint was not routed"
+        );
+        tokio::task::yield_now().await;
+    }
+    let before = own_rss_kib();
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", WS_CLIENTS_PY])
+        .arg(s.gateway.ip().to_string())
+        .arg(s.gateway.port().to_string())
+        .args(["/ws-idle", &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("python3 for the WebSocket clients")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        child.stdout.take().context("the clients' stdout")?,
+    ));
+    let said = lines.next_line().await?.unwrap_or_default();
+    anyhow::ensure!(
+        said == format!("ready {n}"),
+        "the WebSocket clients did not all connect ({said:?})"
+    );
+    let open_seconds = started.elapsed().as_secs_f64();
+    let open = own_rss_kib();
+    drop(child.stdin.take());
+    let _ = child.wait().await;
+    Ok(IdleWebSockets {
+        connections: n,
+        rss_before_kib: before,
+        rss_open_kib: open,
+        bytes_per_connection: (open.saturating_sub(before) * 1024) as f64 / n as f64,
+        open_seconds,
+    })
+}
