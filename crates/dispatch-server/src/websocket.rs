@@ -36,8 +36,12 @@ use crate::state::AppState;
 /// `--max-websockets-per-namespace`: open WebSocket connections one namespace may hold.
 pub const DEFAULT_MAX_PER_NAMESPACE: usize = 1000;
 
-/// Messages waiting in either direction before the other side waits.
+/// Chunks waiting to go out to a client before the handler waits.
 const CHANNEL_MESSAGES: usize = 16;
+
+/// Messages from a client waiting for their calls before the client is read no further
+/// (each may be up to the payload limit).
+const INBOUND_MESSAGES: usize = 4;
 
 /// After a session is ended by the server (idle, too long, shutting down), how long its
 /// handler has to finish before its worker is stopped.
@@ -224,6 +228,12 @@ fn close(code: u16, reason: String) -> Message {
     }))
 }
 
+/// Sends one message; a client that takes none for `within` (the endpoint's idle timeout) is
+/// treated as gone, so that it cannot hold a handler (or this task) forever.
+async fn send_within(out: &mut Out, m: Message, within: Duration) -> bool {
+    matches!(tokio::time::timeout(within, out.send(m)).await, Ok(Ok(())))
+}
+
 /// Time since the connection opened of its last message either way, in ms.
 type Activity = Arc<AtomicU64>;
 
@@ -261,7 +271,7 @@ async fn hold(
     let opened = Instant::now();
     let activity: Activity = Arc::default();
     let (mut out, mut inp) = socket.split();
-    let (in_tx, in_rx) = mpsc::channel::<Inbound>(CHANNEL_MESSAGES);
+    let (in_tx, in_rx) = mpsc::channel::<Inbound>(INBOUND_MESSAGES);
     // The reading side: messages into the channel until the client closes (which drops the
     // sender: a session's handler sees its messages end).
     let reader = {
@@ -293,9 +303,9 @@ async fn hold(
     };
     reader.abort();
     if let Some(m) = ending {
-        let _ = out.send(m).await;
+        let _ = send_within(&mut out, m, SESSION_GRACE).await;
     }
-    let _ = out.close().await;
+    let _ = tokio::time::timeout(SESSION_GRACE, out.close()).await;
 }
 
 type Out = futures_util::stream::SplitSink<WebSocket, Message>;
@@ -334,17 +344,14 @@ async fn per_message(
         .connection(serde_json::json!({"id": target.id, "index": index}))
         .affinity(target.affinity.clone());
         index += 1;
-        let r = relay(
-            state,
-            call,
-            None,
+        let link = Link {
             out,
             activity,
             opened,
-            std::future::pending(),
-        )
-        .await;
-        if !answer(state, out, r).await {
+            within: settings.idle_timeout,
+        };
+        let r = relay(state, call, None, link, std::future::pending()).await;
+        if !answer(state, out, r, settings.idle_timeout).await {
             return None;
         }
     }
@@ -383,16 +390,13 @@ async fn session(
             () = idle_for(activity, opened, settings.idle_timeout) => idle(settings),
         }
     };
-    let mut r = relay(
-        state,
-        call,
-        Some((in_rx, reader)),
+    let link = Link {
         out,
         activity,
         opened,
-        end,
-    )
-    .await;
+        within: settings.idle_timeout,
+    };
+    let mut r = relay(state, call, Some((in_rx, reader)), link, end).await;
     let ended = match &r.outcome {
         Some(Ok(a)) if a.envelope.context.error.is_none() => {
             close(1000, "the session ended".into())
@@ -400,7 +404,9 @@ async fn session(
         _ => close(1011, "the session failed: see its run record".into()),
     };
     let ending = r.ending.take().unwrap_or(ended);
-    answer(state, out, r).await.then_some(ending)
+    answer(state, out, r, settings.idle_timeout)
+        .await
+        .then_some(ending)
 }
 
 /// How a relayed call went.
@@ -419,13 +425,19 @@ struct Relayed {
 /// not read holds the handler). A session is fed from its inbox; when `end` resolves the
 /// server ends it: its reader stops (the handler's messages end) and the handler has
 /// [`SESSION_GRACE`] to return before it is stopped.
+/// The client's side of a relayed call: where its messages go and how long one may wait.
+struct Link<'a> {
+    out: &'a mut Out,
+    activity: &'a Activity,
+    opened: Instant,
+    within: Duration,
+}
+
 async fn relay(
     state: &Arc<AppState>,
     call: Invocation,
     session: Option<(mpsc::Receiver<Inbound>, &tokio::task::AbortHandle)>,
-    out: &mut Out,
-    activity: &Activity,
-    opened: Instant,
+    mut link: Link<'_>,
     end: impl std::future::Future<Output = Message>,
 ) -> Relayed {
     let (sink, mut opening) = Sink::new(CHANNEL_MESSAGES);
@@ -455,7 +467,7 @@ async fn relay(
                 chunks = rx.ok();
             }
             c = next(&mut chunks), if chunks.is_some() => match c {
-                Some(c) => r.send(state, out, c, activity, opened, &mut chunks).await,
+                Some(c) => r.send(state, &mut link, c, &mut chunks).await,
                 None => chunks = None,
             },
             m = &mut end, if r.ending.is_none() => {
@@ -473,7 +485,7 @@ async fn relay(
         chunks = opening.try_recv().ok();
     }
     while let Some(c) = next_now(&mut chunks).await {
-        r.send(state, out, c, activity, opened, &mut chunks).await;
+        r.send(state, &mut link, c, &mut chunks).await;
     }
     r
 }
@@ -483,10 +495,8 @@ impl Relayed {
     async fn send(
         &mut self,
         state: &AppState,
-        out: &mut Out,
+        link: &mut Link<'_>,
         c: Chunk,
-        activity: &Activity,
-        opened: Instant,
         chunks: &mut Option<mpsc::Receiver<Chunk>>,
     ) {
         let m = if c.binary {
@@ -494,14 +504,14 @@ impl Relayed {
         } else {
             Message::text(String::from_utf8_lossy(&c.data).into_owned())
         };
-        if out.send(m).await.is_err() {
+        if !send_within(link.out, m, link.within).await {
             self.gone = true;
             *chunks = None;
             return;
         }
         self.sent += 1;
         state.websockets.sent.fetch_add(1, Ordering::Relaxed);
-        touch(activity, opened);
+        touch(link.activity, link.opened);
     }
 }
 
@@ -520,7 +530,7 @@ async fn next_now(chunks: &mut Option<mpsc::Receiver<Chunk>>) -> Option<Chunk> {
 /// After a call: its answer as a message when it streamed nothing, and its error whatever
 /// it streamed (the public error, as the gateway's HTTP callers see it). `false` when the
 /// connection is gone.
-async fn answer(state: &AppState, out: &mut Out, r: Relayed) -> bool {
+async fn answer(state: &AppState, out: &mut Out, r: Relayed, within: Duration) -> bool {
     if r.gone {
         return false;
     }
@@ -552,7 +562,7 @@ async fn answer(state: &AppState, out: &mut Out, r: Relayed) -> bool {
     };
     match m {
         Some(m) => {
-            let ok = out.send(m).await.is_ok();
+            let ok = send_within(out, m, within).await;
             if ok {
                 state.websockets.sent.fetch_add(1, Ordering::Relaxed);
             }

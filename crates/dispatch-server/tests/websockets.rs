@@ -362,3 +362,59 @@ async fn websocket_settings_are_checked() {
     }
     t.stop().await;
 }
+
+/// A client that sends a message and then never reads cannot hold the handler streaming to
+/// it: once nothing goes out for the endpoint's idleTimeout the call is stopped (CANCELLED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_hold_a_worker() {
+    const FOREVER: &str =
+        "def handle(context, payload):\n    while True:\n        yield 'x' * 65536\n";
+    const DEAF: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect((host, port))
+s.sendall(b"GET /forever HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+assert head.startswith(b"HTTP/1.1 101"), head
+mask, body = b"\x01\x02\x03\x04", b"go"
+s.sendall(bytes([0x81, 0x80 | len(body)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(body)))
+print("sent", flush=True)
+sys.stdin.read()
+"#;
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "forever", FOREVER, json!({"timeout": "10m"})).await;
+    ws_endpoint(c, "forever", "forever", json!({"idleTimeout": "1s"})).await;
+    routed(&t, "/forever").await;
+    let addr: std::net::SocketAddr = t.gateway.trim_start_matches("http://").parse().unwrap();
+    let mut deaf = tokio::process::Command::new("python3")
+        .args(["-c", DEAF, &addr.ip().to_string(), &addr.port().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(deaf.stdout.take().unwrap()));
+    assert_eq!(out.next_line().await.unwrap().as_deref(), Some("sent"));
+    let run = eventually("the deaf client's call to be stopped", || async {
+        let runs = c
+            .list_runs(&dispatch_client::RunQuery {
+                function: Some("forever".into()),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        runs.into_iter().find(|r| r.status.is_final())
+    })
+    .await;
+    assert_eq!(run.status, RunStatus::Cancelled, "{:?}", run.error);
+    drop(deaf);
+    t.stop().await;
+}
