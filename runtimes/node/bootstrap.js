@@ -73,7 +73,15 @@ let capture = null;
 function capturer(key, real) {
   return (chunk, encoding, cb) => {
     if (!capture) return real(chunk, encoding, cb);
-    capture[key] += typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8');
+    capture[key] += text;
+    if (capture.live) {
+      // A live call: each line goes out as it is completed (the answer's logs keep them all).
+      const part = capture.parts[key] + text;
+      const lines = part.split('\n');
+      capture.parts[key] = lines.pop();
+      for (const line of lines) send({ id: capture.id, log: line, stream: key });
+    }
     if (typeof encoding === 'function') encoding();
     else if (typeof cb === 'function') cb();
     return true;
@@ -140,7 +148,7 @@ function sessionMessages(id) {
 }
 
 async function handle(fn, req) {
-  capture = { stdout: '', stderr: '' };
+  capture = { stdout: '', stderr: '', live: !!req.live, id: req.id, parts: { stdout: '', stderr: '' } };
   let error = null;
   let payload = null;
   const context = req.context || {};

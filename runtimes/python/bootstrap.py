@@ -167,10 +167,31 @@ def stream(result, emit):
             emit(chunk_frame(item))
 
 
-def call(fn, context, payload, emit=None):
+class LiveOut(io.StringIO):
+    """A captured stream that also sends each line as it is completed (`live` calls)."""
+
+    def __init__(self, emit, name):
+        super().__init__()
+        self._emit, self._name, self._part = emit, name, ""
+
+    def write(self, s):
+        n = super().write(s)
+        self._part += s
+        if "\n" in self._part:
+            *lines, self._part = self._part.split("\n")
+            for line in lines:
+                self._emit({"log": line, "stream": self._name})
+        return n
+
+
+def call(fn, context, payload, emit=None, live=False):
     """Runs one call with stdout/stderr captured; returns the response minus its id. A handler
-    that returns a generator streams: `emit` sends each item as it comes."""
-    out, err = io.StringIO(), io.StringIO()
+    that returns a generator streams: `emit` sends each item as it comes; with `live`, each
+    line printed is also sent as it is printed."""
+    if live and emit is not None:
+        out, err = LiveOut(emit, "stdout"), LiveOut(emit, "stderr")
+    else:
+        out, err = io.StringIO(), io.StringIO()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     error = None
@@ -263,7 +284,7 @@ def serve(sock, function_dir, handler):
             send_frame(sock, dict({"id": rid}, **fields))
 
         payload = Messages(sock, rid) if req.get("session") else req.get("payload")
-        resp = call(fn, req.get("context") or {}, payload, emit)
+        resp = call(fn, req.get("context") or {}, payload, emit, req.get("live", False))
         resp["id"] = rid
         try:
             send_frame(sock, resp)

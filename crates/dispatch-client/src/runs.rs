@@ -170,4 +170,40 @@ impl Client {
         let url = self.ns_url(&self.namespace, &format!("runs/{id}/logs"));
         self.json(self.request(Method::GET, &url), &url).await
     }
+
+    /// Follows the lines of the run's attempt running now, as they are printed: each goes to
+    /// `on_line(stream, line)`. Returns when the attempt ends (at once when none runs on the
+    /// server asked); `Ok(false)` when the server said this follower fell behind (the rest
+    /// is in the record).
+    pub async fn follow_run_logs(
+        &self,
+        id: &str,
+        mut on_line: impl FnMut(&str, &str),
+    ) -> Result<bool> {
+        let url = self.ns_url(&self.namespace, &format!("runs/{id}/logs"));
+        let rb = self.request(Method::GET, &url).query(&[("follow", "true")]);
+        let mut resp = self.send(rb, &url).await?;
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|source| crate::ClientError::Http {
+                url: url.clone(),
+                source,
+            })?
+        {
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
+                if v["lagged"] == true {
+                    return Ok(false);
+                }
+                if let (Some(stream), Some(text)) = (v["stream"].as_str(), v["line"].as_str()) {
+                    on_line(stream, text);
+                }
+            }
+        }
+        Ok(true)
+    }
 }

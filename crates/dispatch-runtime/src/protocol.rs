@@ -23,6 +23,10 @@ pub struct Request<'a> {
     /// frames that follow, ended by `{"id", "end": true}`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub session: bool,
+    /// Send each line the handler prints as `{"id", "log", "stream"}` as it is printed (the
+    /// answer's logs still carry them all).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
 }
 
 /// Worker → host, once at start-up.
@@ -51,6 +55,11 @@ pub struct Response {
     pub chunk: Option<String>,
     #[serde(default)]
     pub binary: bool,
+    /// A live log line (`stream` says which).
+    #[serde(default)]
+    pub log: Option<String>,
+    #[serde(default)]
+    pub stream: Option<String>,
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> io::Result<()> {

@@ -14,6 +14,17 @@ pub struct Chunk {
     pub binary: bool,
 }
 
+/// One line a handler printed, sent as it was printed (a call that asked for live logs).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+    pub line: String,
+}
+
+/// Where a call's live log lines go.
+pub type LogListener = std::sync::Arc<dyn Fn(LogLine) + Send + Sync>;
+
 /// One message of a WebSocket session, to its handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
@@ -33,6 +44,10 @@ pub struct Sink {
     inbox: Mutex<Option<mpsc::Receiver<Inbound>>>,
     /// The longest silence between two chunks (`spec.idleTimeout`), when bounded.
     idle: std::sync::OnceLock<Duration>,
+    /// Where the handler's lines go as it prints them (the worker is asked to send them).
+    logs: Option<LogListener>,
+    /// `false`: nobody reads chunks (a call that only wants live logs); they are the answer.
+    streams: bool,
 }
 
 /// The receiving end of a [`Sink`]: the chunks' channel once the first chunk comes; closed
@@ -50,9 +65,35 @@ impl Sink {
                 tx: std::sync::OnceLock::new(),
                 inbox: Mutex::new(None),
                 idle: std::sync::OnceLock::new(),
+                logs: None,
+                streams: true,
             },
             opened,
         )
+    }
+
+    /// A sink for a call nobody streams from, whose printed lines go to `logs` as they are
+    /// printed (an async run followed by `dispatch logs --follow`).
+    pub fn logs_only(logs: LogListener) -> Sink {
+        let (mut sink, _) = Sink::new(1);
+        sink.logs = Some(logs);
+        sink.streams = false;
+        sink
+    }
+
+    /// Whether its chunks are read as they come (else they are the call's answer).
+    pub fn streams(&self) -> bool {
+        self.streams
+    }
+
+    pub(crate) fn wants_logs(&self) -> bool {
+        self.logs.is_some()
+    }
+
+    pub(crate) fn log(&self, line: LogLine) {
+        if let Some(l) = &self.logs {
+            l(line)
+        }
     }
 
     /// The call is a session: its handler reads `inbox` as a stream of messages, which
@@ -103,6 +144,28 @@ impl Sink {
 pub(crate) fn has_chunk(frame: &[u8]) -> bool {
     let head = &frame[..frame.len().min(48)];
     head.windows(8).any(|w| w == b"\"chunk\":")
+}
+
+/// What a frame that is not the answer may be: a chunk or a live log line (`{"id":N,"log":…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Chunk,
+    Log,
+}
+
+/// [`has_chunk`] and the log frame's key, in one look at the frame's first bytes.
+pub(crate) fn side_frame(frame: &[u8]) -> Option<Side> {
+    let head = &frame[..frame.len().min(48)];
+    for (i, _) in head.iter().enumerate().filter(|(_, b)| **b == b'"') {
+        let rest = &head[i..];
+        if rest.starts_with(b"\"chunk\":") {
+            return Some(Side::Chunk);
+        }
+        if rest.starts_with(b"\"log\":") {
+            return Some(Side::Log);
+        }
+    }
+    None
 }
 
 /// The frame that hands a session's handler one message (or, `None`, its end).

@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{self, Hello, Request, Response};
-use crate::stream::{Chunk, Inbound, Sink, has_chunk, message_frame};
+use crate::stream::{Chunk, Inbound, LogLine, Side, Sink, message_frame, side_frame};
 use dispatch_core::StreamStats;
 
 /// How a call's exchange with its worker ended.
@@ -81,14 +81,26 @@ impl Reading<'_> {
             let Some(frame) = next else {
                 return Ok(Exchange::Closed);
             };
-            // A chunk frame says so in its first bytes; an answer is parsed once, by the caller.
-            if !has_chunk(&frame) {
+            // A chunk or a log line says so in its first bytes; an answer is parsed once, by
+            // the caller.
+            let Some(side) = side_frame(&frame) else {
                 return Ok(Exchange::Answer(frame));
-            }
+            };
             let f: Response = match serde_json::from_slice(&frame) {
                 Ok(f) => f,
                 Err(e) => return Ok(Exchange::Malformed(e.to_string())),
             };
+            if side == Side::Log {
+                if let (Some(line), Some(s)) = (f.log.filter(|_| f.id == self.id), self.sink) {
+                    let stream = if f.stream.as_deref() == Some("stderr") {
+                        "stderr"
+                    } else {
+                        "stdout"
+                    };
+                    s.log(LogLine { stream, line });
+                }
+                continue;
+            }
             let Some(text) = f.chunk.filter(|_| f.id == self.id) else {
                 return Ok(Exchange::Answer(frame));
             };
@@ -107,7 +119,7 @@ impl Reading<'_> {
             }
             streamed.stats.chunks += 1;
             streamed.stats.bytes += data.len() as u64;
-            match self.sink {
+            match self.sink.filter(|s| s.streams()) {
                 // Whoever reads the stream sets the pace: a full channel holds this loop,
                 // the socket fills and the handler's next yield waits (back-pressure).
                 Some(s) => {
@@ -543,6 +555,7 @@ impl Worker {
             context,
             payload,
             session: sink.is_some_and(Sink::has_inbox),
+            live: sink.is_some_and(Sink::wants_logs),
         })
         .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
         let started = Instant::now();

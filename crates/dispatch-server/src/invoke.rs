@@ -217,7 +217,7 @@ pub fn status_of(outcome: &CallOutcome) -> RunStatus {
 }
 
 /// The secret values of a deployment (what redaction looks for).
-fn secret_values(deployed: &Deployed) -> Vec<String> {
+pub(crate) fn secret_values(deployed: &Deployed) -> Vec<String> {
     deployed
         .secrets
         .values()

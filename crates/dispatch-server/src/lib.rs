@@ -24,6 +24,7 @@ pub mod gc;
 mod history;
 pub mod invoke;
 pub mod jobs;
+pub mod live;
 pub mod metrics;
 mod options;
 pub mod queue;

@@ -136,6 +136,8 @@ pub struct AppState {
     pub(crate) versions: crate::versions::Versions,
     /// Open WebSocket connections (by namespace) and their counters.
     pub websockets: crate::websocket::WebSockets,
+    /// Live log lines of the runs running here, for their followers.
+    pub live_logs: Arc<crate::live::LiveLogs>,
 }
 
 impl AppState {
@@ -204,6 +206,7 @@ impl AppState {
             tokens: crate::tokens::Tokens::default(),
             versions: Default::default(),
             websockets: Default::default(),
+            live_logs: Default::default(),
             namespaces: RwLock::new(std::collections::BTreeMap::new()),
             event_index: RwLock::new(Arc::new(crate::events::EventIndex::default())),
             event_index_rebuild: tokio::sync::Mutex::new(()),

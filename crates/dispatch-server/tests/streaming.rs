@@ -552,3 +552,84 @@ async fn exec_handlers_stream_their_stdout() {
     assert_eq!(run.stream.unwrap().chunks, 2);
     t.stop().await;
 }
+
+/// An async run's lines reach its follower as they are printed (Python and Node), before the
+/// handler returns; the record keeps them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_runs_lines_are_followed_as_they_are_printed() {
+    const PY: &str = r#"
+import socket
+def handle(context, payload):
+    print("one")
+    s = socket.create_connection(("127.0.0.1", payload["port"]))
+    s.recv(1)
+    print("two", end="")
+    print("")
+    return "done"
+"#;
+    const JS: &str = r#"
+const net = require('net');
+module.exports.handle = async (context, payload) => {
+  console.log('one');
+  await new Promise((resolve) => {
+    const s = net.connect(payload.port, '127.0.0.1');
+    s.once('data', () => { s.destroy(); resolve(); });
+  });
+  console.error('two');
+  return 'done';
+};
+"#;
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "talky", PY, json!({})).await;
+    create_function(
+        c,
+        "jtalky",
+        "js",
+        "jtalky.js",
+        JS,
+        json!({"handler": "jtalky.handle"}),
+    )
+    .await
+    .unwrap();
+    settled(c, Kind::Function, "jtalky").await;
+    for function in ["talky", "jtalky"] {
+        let gate = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = gate.local_addr().unwrap().port();
+        let accepted = c
+            .exec_async(function, &raw(json!({"port": port})), None)
+            .await
+            .unwrap();
+        let id = accepted["id"].as_str().unwrap().to_string();
+        // Running once the handler is waiting on the gate.
+        let (held, _) = tokio::task::spawn_blocking(move || gate.accept().unwrap())
+            .await
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let follower = {
+            let (c, id) = (c.clone(), id.clone());
+            tokio::spawn(async move {
+                c.follow_run_logs(&id, |stream, line| {
+                    let _ = tx.send((stream.to_string(), line.to_string()));
+                })
+                .await
+                .unwrap()
+            })
+        };
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            ("stdout".to_string(), "one".to_string()),
+            "{function}: the first line while the handler waits"
+        );
+        let mut held = held;
+        held.write_all(b"!").unwrap();
+        let second = rx.recv().await.unwrap();
+        assert_eq!(second.1, "two", "{function}");
+        assert!(follower.await.unwrap(), "{function}: it kept up");
+        let done = final_run(c, &id).await;
+        assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
+        assert_eq!(done.logs.stdout[0], "one");
+    }
+    t.stop().await;
+}

@@ -18,8 +18,9 @@ pub struct Logs {
     pub kind: String,
     /// Run id (from `dispatch get runs`) or image name
     pub id: String,
-    /// Runs: follow the run until it ends, showing each status change (logs are captured
-    /// per attempt, so they print when an attempt ends)
+    /// Runs: follow the run until it ends, showing each status change and, for an async,
+    /// event or cron run, each line as its handler prints it (a sync call's lines, and those
+    /// of an attempt on another server, print when the attempt ends)
     #[arg(short = 'f', long)]
     pub follow: bool,
 }
@@ -64,10 +65,13 @@ impl Logs {
     }
 }
 
-/// Polls a run until it is final: status changes on stderr, each attempt's logs as it ends.
+/// Polls a run until it is final: status changes on stderr; the lines of a running attempt as
+/// they are printed (followed on the server), the rest of each attempt's logs as it ends.
 async fn follow(ctx: &Ctx, id: &str) -> Result<ExitCode> {
     let mut last = (None, 0u32);
     let mut printed_errors = 0usize;
+    // The attempt followed live, and how many of its stdout/stderr lines it printed.
+    let mut live: Option<(u32, tokio::task::JoinHandle<(usize, usize)>)> = None;
     loop {
         let run = ctx.client.get_run(id).await?;
         if (Some(run.status), run.attempts) != last {
@@ -81,11 +85,44 @@ async fn follow(ctx: &Ctx, id: &str) -> Result<ExitCode> {
             );
         }
         printed_errors = run.attempt_errors.len();
+        let attempt = run.attempts;
+        if run.status == dispatch_core::RunStatus::Running
+            && live.as_ref().is_none_or(|(a, _)| *a != attempt)
+        {
+            let (client, id) = (ctx.client.clone(), id.to_string());
+            live = Some((
+                attempt,
+                tokio::spawn(async move {
+                    let mut n = (0, 0);
+                    let _ = client
+                        .follow_run_logs(&id, |stream, line| {
+                            if stream == "stderr" {
+                                eprintln!("{line}");
+                                n.1 += 1;
+                            } else {
+                                println!("{line}");
+                                n.0 += 1;
+                            }
+                        })
+                        .await;
+                    n
+                }),
+            ));
+        }
         if run.status.is_final() {
-            for l in &run.logs.stdout {
+            // What the attempt printed live is not printed again.
+            let (out, err) = match live.take() {
+                Some((a, h)) if a == attempt => h.await.unwrap_or_default(),
+                Some((_, h)) => {
+                    h.abort();
+                    (0, 0)
+                }
+                None => (0, 0),
+            };
+            for l in run.logs.stdout.iter().skip(out) {
                 println!("{l}");
             }
-            for l in &run.logs.stderr {
+            for l in run.logs.stderr.iter().skip(err) {
                 eprintln!("{l}");
             }
             let ok = run.status == dispatch_core::RunStatus::Succeeded;

@@ -149,6 +149,11 @@ impl DeployedFunction for RemoteFunction {
         deadline: Instant,
         sink: &'a dispatch_runtime::Sink,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
+        // A sink that only wants live lines: the runner does not send them (its chunks are
+        // the answer, whole).
+        if !sink.streams() {
+            return self.invoke(context, payload, deadline);
+        }
         Box::pin(async move { Ok(self.call_streaming(context, payload, deadline, sink).await) })
     }
 

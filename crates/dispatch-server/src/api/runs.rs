@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use dispatch_core::{Kind, Logs, Run, RunStatus, Trigger, names::validate_name};
+use dispatch_core::{Kind, Run, RunStatus, Trigger, names::validate_name};
 use dispatch_runtime::source;
 use dispatch_store::RunFilter;
 use serde::Deserialize;
@@ -337,9 +337,61 @@ pub async fn get_one(
     find_run(&state, ns, id).await.map(Json)
 }
 
+#[derive(serde::Deserialize)]
+pub struct LogsQuery {
+    /// Stream the lines of the attempt running here as they are printed (NDJSON).
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The run's logs (its last attempt's); with `?follow=true`, the lines of the attempt
+/// running on this server as they are printed, one JSON object per line
+/// (`{"stream","line"}`: the lines so far, then each new one), ending when the attempt ends —
+/// or at once when none runs here (the record has the logs then). A follower that cannot
+/// have every line (it came after the first 256, or fell behind) gets `{"lagged": true}` last
+/// and reads the rest from the record.
 pub async fn logs(
     State(state): State<Arc<AppState>>,
     Path((ns, id)): Path<(String, String)>,
-) -> Result<Json<Logs>, ApiError> {
-    find_run(&state, ns, id).await.map(|r| Json(r.logs))
+    Query(q): Query<LogsQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    let run = find_run(&state, ns, id).await?;
+    if !q.follow {
+        return Ok(Json(run.logs).into_response());
+    }
+    let nl = |mut v: Vec<u8>| {
+        v.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(v))
+    };
+    let lagged = move || nl(br#"{"lagged":true}"#.to_vec());
+    // None here: nothing to follow (the record has the logs); Some(None): it cannot have all.
+    let (so_far, next) = match state.live_logs.follow(&run.id) {
+        Err(()) => (Vec::new(), None),
+        Ok(None) => (vec![lagged()], None),
+        Ok(Some((lines, rx))) => (
+            lines
+                .iter()
+                .filter_map(|l| serde_json::to_vec(l).ok().map(nl))
+                .collect(),
+            Some(rx),
+        ),
+    };
+    let next = futures_util::stream::unfold(next, move |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Ok(l) => Some((nl(serde_json::to_vec(&l).ok()?), Some(rx))),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some((lagged(), None)),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    let body = futures_util::StreamExt::chain(futures_util::stream::iter(so_far), next);
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }

@@ -218,15 +218,22 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         }
         return;
     }
+    // Its lines go to whoever follows the run while the attempt runs (`logs --follow`).
+    let (listener, live) = state
+        .live_logs
+        .open(&run.id, crate::invoke::secret_values(&deployed));
+    let sink = dispatch_runtime::Sink::logs_only(listener);
     let outcome = call_deployed(
         &deployed,
         &run,
         crate::invoke::Extras {
             http: run.http_context.as_ref(),
+            sink: Some(&sink),
             ..Default::default()
         },
     )
     .await;
+    drop(live);
     // Claim the end of the attempt; a cancel that came first owns the record.
     slot.2 = false;
     if !q.finish(&id) {
