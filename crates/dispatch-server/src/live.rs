@@ -44,9 +44,15 @@ impl Drop for Live {
     }
 }
 
-/// What a follower gets: the lines so far and the channel of the next ones, or `None` when
-/// it cannot have them all (it reads the record at the end).
-pub type Following = Option<(Vec<LogLine>, broadcast::Receiver<LogLine>)>;
+/// What a follower gets.
+pub enum Following {
+    /// No attempt of the run is running on this server (the record has the logs).
+    NotHere,
+    /// More lines came than are kept for late followers: it reads the record at the end.
+    TooLate,
+    /// The lines so far and the channel of the next ones.
+    Lines(Vec<LogLine>, broadcast::Receiver<LogLine>),
+}
 
 impl LiveLogs {
     /// Makes `run`'s attempt followable: the listener to give its call, and the guard that
@@ -86,16 +92,18 @@ impl LiveLogs {
         )
     }
 
-    /// `Err(())` when `run` has no attempt running on this server; else what a follower gets.
-    pub fn follow(&self, run: &str) -> Result<Following, ()> {
-        let attempt = self.runs.lock().get(run).cloned().ok_or(())?;
+    /// What a follower of `run` gets now.
+    pub fn follow(&self, run: &str) -> Following {
+        let Some(attempt) = self.runs.lock().get(run).cloned() else {
+            return Following::NotHere;
+        };
         let a = attempt.lock();
         if a.overflowed {
-            return Ok(None);
+            return Following::TooLate;
         }
         // Under the attempt's lock: no line between the copy and the subscription is lost
         // or seen twice.
-        Ok(Some((a.so_far.iter().cloned().collect(), a.tx.subscribe())))
+        Following::Lines(a.so_far.iter().cloned().collect(), a.tx.subscribe())
     }
 }
 
@@ -115,14 +123,16 @@ mod tests {
         let logs = Arc::new(LiveLogs::default());
         let (listen, live) = logs.open("r1", vec!["s3cret".into()]);
         listen(line("stdout", "before anyone follows"));
-        let (so_far, mut rx) = logs.follow("r1").unwrap().unwrap();
+        let Following::Lines(so_far, mut rx) = logs.follow("r1") else {
+            panic!("the attempt runs")
+        };
         assert_eq!(so_far, vec![line("stdout", "before anyone follows")]);
         listen(line("stderr", "the key is s3cret"));
         let got = rx.recv().await.unwrap();
         assert_eq!(got.stream, "stderr");
         assert!(!got.line.contains("s3cret"), "{}", got.line);
         drop(live);
-        assert!(logs.follow("r1").is_err(), "the attempt ended");
+        assert!(matches!(logs.follow("r1"), Following::NotHere), "it ended");
     }
 
     #[test]
@@ -132,6 +142,6 @@ mod tests {
         for i in 0..=LINES {
             listen(line("stdout", &i.to_string()));
         }
-        assert!(logs.follow("r1").unwrap().is_none());
+        assert!(matches!(logs.follow("r1"), Following::TooLate));
     }
 }

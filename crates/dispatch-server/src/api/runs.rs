@@ -365,11 +365,11 @@ pub async fn logs(
         Ok::<_, std::convert::Infallible>(bytes::Bytes::from(v))
     };
     let lagged = move || nl(br#"{"lagged":true}"#.to_vec());
-    // None here: nothing to follow (the record has the logs); Some(None): it cannot have all.
+    use crate::live::Following;
     let (so_far, next) = match state.live_logs.follow(&run.id) {
-        Err(()) => (Vec::new(), None),
-        Ok(None) => (vec![lagged()], None),
-        Ok(Some((lines, rx))) => (
+        Following::NotHere => (Vec::new(), None),
+        Following::TooLate => (vec![lagged()], None),
+        Following::Lines(lines, rx) => (
             lines
                 .iter()
                 .filter_map(|l| serde_json::to_vec(l).ok().map(nl))
