@@ -115,7 +115,8 @@ impl Sink {
         self.idle.get().copied()
     }
 
-    pub(crate) fn has_inbox(&self) -> bool {
+    /// Whether the call is a WebSocket session (its handler reads messages as they come).
+    pub fn has_inbox(&self) -> bool {
         self.inbox.lock().is_some()
     }
 

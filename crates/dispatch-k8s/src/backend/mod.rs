@@ -154,6 +154,23 @@ impl DeployedFunction for RemoteFunction {
         if !sink.streams() {
             return self.invoke(context, payload, deadline);
         }
+        if sink.has_inbox() {
+            let e = dispatch_core::ErrorObject::system(
+                "WebSocket sessions (session: true) are not served by the Kubernetes backend yet: \
+                 use a per-message WebSocket endpoint, or the embedded backend",
+            );
+            return Box::pin(async move {
+                Ok(CallOutcome {
+                    envelope: Envelope::error(e, Default::default()),
+                    cold: false,
+                    cold_start: None,
+                    timings: Timings::default(),
+                    timed_out: false,
+                    stream: None,
+                    cancelled: false,
+                })
+            });
+        }
         Box::pin(async move { Ok(self.call_streaming(context, payload, deadline, sink).await) })
     }
 
