@@ -353,6 +353,21 @@ module.exports.handle = async function* (context, payload) {
     settled(c, Kind::Function, "arr").await;
     let r = c.exec("arr", &raw(json!(null))).await.unwrap();
     assert_eq!(r.envelope.payload.get(), "[1,2]");
+    // context.stream.write: chunks from a handler that returns nothing.
+    create_function(
+        c,
+        "nwrites",
+        "js",
+        "nwrites.js",
+        "module.exports.handle = async (context) => {\n  await context.stream.write('a;');\n  await context.stream.write({ b: 2 });\n};\n",
+        json!({"handler": "nwrites.handle"}),
+    )
+    .await
+    .unwrap();
+    settled(c, Kind::Function, "nwrites").await;
+    endpoint(c, "nwrites", "nwrites", json!({})).await;
+    let r = post(&t, "/nwrites", json!({}), false).await;
+    assert_eq!(r.text().await.unwrap(), "a;{\"b\":2}");
     t.stop().await;
 }
 
