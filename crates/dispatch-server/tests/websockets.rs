@@ -92,6 +92,25 @@ async fn client(t: &TestServer, path: &str, steps: Value) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The first finished run of `function` (there is one per session; waits for it).
+async fn finished_run(
+    c: &dispatch_client::Client,
+    function: &str,
+    what: &str,
+) -> dispatch_core::Run {
+    eventually(what, || async {
+        let runs = c
+            .list_runs(&dispatch_client::RunQuery {
+                function: Some(function.into()),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        runs.into_iter().find(|r| r.status.is_final())
+    })
+    .await
+}
+
 async fn ws_endpoint(c: &dispatch_client::Client, name: &str, function: &str, extra: Value) {
     let mut spec =
         json!({"function": function, "paths": [format!("/{name}")], "protocol": "websocket"});
@@ -220,17 +239,7 @@ async fn a_session_binds_one_worker_to_the_connection() {
     .await;
     assert_eq!(out["received"], json!(["echo 1: a", "echo 2: b"]));
     // The client's close ends the handler's messages: it returns, recorded once.
-    let run = eventually("the session's record", || async {
-        let runs = c
-            .list_runs(&dispatch_client::RunQuery {
-                function: Some("chat".into()),
-                ..Default::default()
-            })
-            .await
-            .ok()?;
-        runs.into_iter().find(|r| r.status.is_final())
-    })
-    .await;
+    let run = finished_run(c, "chat", "the session's record").await;
     assert_eq!(run.status, RunStatus::Succeeded, "{:?}", run.error);
     assert_eq!(run.logs.stdout, vec!["closed after 2"]);
     assert_eq!(run.stream.unwrap().chunks, 2);
@@ -315,17 +324,7 @@ async fn connections_are_bounded_per_namespace_and_by_idleness() {
         out["close"][1].as_str().unwrap().contains("idleTimeout"),
         "{out}"
     );
-    let run = eventually("the idle session's record", || async {
-        let runs = c
-            .list_runs(&dispatch_client::RunQuery {
-                function: Some("chat".into()),
-                ..Default::default()
-            })
-            .await
-            .ok()?;
-        runs.into_iter().find(|r| r.status.is_final())
-    })
-    .await;
+    let run = finished_run(c, "chat", "the idle session's record").await;
     assert_eq!(run.status, RunStatus::Succeeded, "{:?}", run.error);
     assert_eq!(run.logs.stdout, vec!["closed after 1"]);
     t.stop().await;
@@ -403,17 +402,7 @@ sys.stdin.read()
     let mut out =
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(deaf.stdout.take().unwrap()));
     assert_eq!(out.next_line().await.unwrap().as_deref(), Some("sent"));
-    let run = eventually("the deaf client's call to be stopped", || async {
-        let runs = c
-            .list_runs(&dispatch_client::RunQuery {
-                function: Some("forever".into()),
-                ..Default::default()
-            })
-            .await
-            .ok()?;
-        runs.into_iter().find(|r| r.status.is_final())
-    })
-    .await;
+    let run = finished_run(c, "forever", "the deaf client's call to be stopped").await;
     assert_eq!(run.status, RunStatus::Cancelled, "{:?}", run.error);
     drop(deaf);
     t.stop().await;

@@ -198,19 +198,7 @@ impl DeployedFunction for RemoteFunction {
                     cancelled: false,
                 });
             }
-            let body = format!(
-                r#"{{"context":{},"payload":{}}}"#,
-                context.get(),
-                payload.get()
-            );
-            let sent = self
-                .http
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .timeout(left)
-                .send()
-                .await;
+            let sent = self.request(context, payload, left).send().await;
             let mut timed_out = false;
             let envelope = match sent {
                 Ok(r) => {
@@ -251,6 +239,25 @@ impl DeployedFunction for RemoteFunction {
 }
 
 impl RemoteFunction {
+    /// A call POSTed to the runner: `{"context", "payload"}`, within `left`.
+    fn request(
+        &self,
+        context: &RawValue,
+        payload: &RawValue,
+        left: std::time::Duration,
+    ) -> reqwest::RequestBuilder {
+        let body = format!(
+            r#"{{"context":{},"payload":{}}}"#,
+            context.get(),
+            payload.get()
+        );
+        self.http
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(left)
+    }
+
     /// A call whose chunks come back as frames from the runner (`dispatch runner` answers
     /// so when asked by the stream header), each handed to `sink` as it arrives: reading the
     /// body no faster than the sink drains holds the runner's worker (back-pressure), and a
@@ -282,18 +289,9 @@ impl RemoteFunction {
         if left.is_zero() {
             return outcome(timeout(), true, false, None);
         }
-        let body = format!(
-            r#"{{"context":{},"payload":{}}}"#,
-            context.get(),
-            payload.get()
-        );
         let sent = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
+            .request(context, payload, left)
             .header(stream::STREAM_HEADER, "1")
-            .body(body)
-            .timeout(left)
             .send()
             .await;
         let mut r = match sent {
