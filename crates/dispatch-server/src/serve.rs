@@ -237,9 +237,12 @@ impl Connection {
             .header_read_timeout(self.header_timeout);
         let inner = TowerToHyperService::new(self.service);
         let slot = self.slot.clone();
-        // Only an upgrade request (a WebSocket) gets the slot: other requests pay nothing.
+        // Only an upgrade request (a WebSocket: a GET) gets the slot; other requests pay a
+        // method comparison.
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-            if req.headers().contains_key(hyper::header::UPGRADE) {
+            if req.method() == hyper::Method::GET
+                && req.headers().contains_key(hyper::header::UPGRADE)
+            {
                 req.extensions_mut().insert(slot.clone());
             }
             hyper::service::Service::call(&inner, req)
