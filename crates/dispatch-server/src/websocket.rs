@@ -350,7 +350,8 @@ async fn per_message(
             opened,
             within: settings.idle_timeout,
         };
-        let r = relay(state, call, None, link, std::future::pending()).await;
+        // Boxed: an idle connection holds a small future, not a call's whole state machine.
+        let r = Box::pin(relay(state, call, None, link, std::future::pending())).await;
         if !answer(state, out, r, settings.idle_timeout).await {
             return None;
         }
@@ -396,7 +397,7 @@ async fn session(
         opened,
         within: settings.idle_timeout,
     };
-    let mut r = relay(state, call, Some((in_rx, reader)), link, end).await;
+    let mut r = Box::pin(relay(state, call, Some((in_rx, reader)), link, end)).await;
     let ended = match &r.outcome {
         Some(Ok(a)) if a.envelope.context.error.is_none() => {
             close(1000, "the session ended".into())
