@@ -97,11 +97,22 @@ function lines(text) {
   return out;
 }
 
-// One chunk a streaming handler yielded: text as is, bytes as base64, anything else as JSON.
+// One chunk a streaming handler yielded, as a raw chunk frame (no JSON): the length, a kind
+// byte (0 text, 1 bytes), the request id as 8 bytes, the data; anything but text and bytes
+// goes as its JSON text.
 function chunkFrame(id, item) {
-  if (typeof item === 'string') return { id, chunk: item };
-  if (item instanceof Uint8Array) return { id, chunk: Buffer.from(item).toString('base64'), binary: true };
-  return { id, chunk: JSON.stringify(item) };
+  let kind = 0;
+  let data;
+  if (typeof item === 'string') data = Buffer.from(item, 'utf8');
+  else if (item instanceof Uint8Array) {
+    kind = 1;
+    data = Buffer.from(item.buffer, item.byteOffset, item.byteLength);
+  } else data = Buffer.from(JSON.stringify(item), 'utf8');
+  const head = Buffer.alloc(13);
+  head.writeUInt32BE(9 + data.length, 0);
+  head.writeUInt8(kind, 4);
+  head.writeBigUInt64BE(BigInt(id), 5);
+  return [head, data];
 }
 
 // Whether a handler's result streams: an async iterator (an async generator, a ReadableStream,
@@ -114,11 +125,12 @@ function streams(result) {
 
 // Sends a frame, waiting while the socket's buffer is full: a host that reads slowly (its
 // caller does) holds the handler at its next chunk.
-function sendWaiting(obj) {
-  const body = Buffer.from(JSON.stringify(obj), 'utf8');
-  const head = Buffer.alloc(4);
-  head.writeUInt32BE(body.length, 0);
-  if (sock.write(Buffer.concat([head, body]))) return null;
+function sendWaiting([head, data]) {
+  sock.cork();
+  sock.write(head);
+  const room = sock.write(data);
+  sock.uncork();
+  if (room) return null;
   return new Promise((resolve) => sock.once('drain', resolve));
 }
 

@@ -7,7 +7,9 @@ Speaks the worker protocol on fd 0, a Unix socket (DESIGN.md section 5): frames 
 4-byte big-endian length followed by JSON. The first frame it sends says whether the
 handler loaded: {"ready": true} or {"ready": false, "error": {...}}. Then, for each request
 {"id", "context", "payload"} it answers {"id", "context": {"logs": {"stdout", "stderr"},
-"error"}, "payload"}, capturing what the handler prints during that call.
+"error"}, "payload"}, capturing what the handler prints during that call. A handler that
+streams sends raw chunk frames before its answer: after the length, a kind byte (0 text,
+1 bytes), the request id as 8 bytes, the data (JSON frames start with "{").
 
 Error mapping follows Dispatch's Python function server: ValueError and TypeError (and an
 exception class named InputError) are the caller's fault -> InputError; anything else the
@@ -90,16 +92,29 @@ def lines_of(buf):
     return text.splitlines() if text else []
 
 
-def chunk_frame(item):
-    """One chunk a streaming handler yielded, as its frame's fields: text as is, bytes as
-    base64, anything else as its JSON."""
-    if isinstance(item, str):
-        return {"chunk": item}
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        import base64  # only streams of bytes pay for it
+RAW_TEXT, RAW_BYTES = 0, 1
 
-        return {"chunk": base64.b64encode(bytes(item)).decode("ascii"), "binary": True}
-    return {"chunk": json.dumps(item, separators=(",", ":"))}
+
+def chunk_frame(item):
+    """One chunk a streaming handler yielded, as (kind, data) for a raw chunk frame: text as
+    its UTF-8, bytes as they are, anything else as its JSON (text)."""
+    if isinstance(item, str):
+        return RAW_TEXT, item.encode("utf-8")
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return RAW_BYTES, item
+    return RAW_TEXT, json.dumps(item, separators=(",", ":")).encode("utf-8")
+
+
+def send_chunk(sock, rid, chunk):
+    """A raw chunk frame: length, kind byte, the request id (8 bytes), the data, without
+    JSON or a copy of the data (one sendmsg of both parts; the rest if it was cut short)."""
+    kind, data = chunk
+    data = memoryview(data).cast("B")
+    head = struct.pack(">IBQ", 9 + len(data), kind, rid)
+    sent = sock.sendmsg([head, data])
+    if sent < len(head) + len(data):
+        rest = (head + bytes(data))[sent:]
+        sock.sendall(rest)
 
 
 class Context(dict):
@@ -280,8 +295,11 @@ def serve(sock, function_dir, handler):
         if "context" not in req:
             continue  # a session's message its handler left unread
 
-        def emit(fields, rid=rid):
-            send_frame(sock, dict({"id": rid}, **fields))
+        def emit(frame, rid=rid):
+            if type(frame) is tuple:  # a chunk
+                send_chunk(sock, rid, frame)
+            else:
+                send_frame(sock, dict({"id": rid}, **frame))
 
         payload = Messages(sock, rid) if req.get("session") else req.get("payload")
         resp = call(fn, req.get("context") or {}, payload, emit, req.get("live", False))

@@ -41,9 +41,10 @@ pub struct Hello {
     pub import_ms: Option<f64>,
 }
 
-/// Worker → host: once per request, its answer; before it, when the handler streams (a Python
-/// generator), one frame per chunk it yields: `{"id": N, "chunk": "text"}` (`"binary": true`:
-/// the chunk is base64).
+/// Worker → host: once per request, its answer; before it, when the handler streams, one frame
+/// per chunk it yields — raw (`worker::RAW_TEXT`/`RAW_BYTES`, the id, the data: what the
+/// bootstraps send) or `{"id": N, "chunk": "text"}` (`"binary": true`: the chunk is base64) —
+/// and, for a `live` request, `{"id", "log", "stream"}` per line printed.
 #[derive(Deserialize)]
 pub struct Response {
     pub id: u64,

@@ -56,6 +56,11 @@ impl Streamed {
     }
 }
 
+/// The first byte of a raw chunk frame: text (UTF-8) or bytes (DESIGN §5's frames are JSON,
+/// which starts with `{`; a chunk skips it both ways: no encoding, no base64, no copy here).
+pub const RAW_TEXT: u8 = 0;
+pub const RAW_BYTES: u8 = 1;
+
 /// The reading side of one call: chunks (to its sink, or kept as the answer) until the
 /// answer frame.
 struct Reading<'s> {
@@ -81,6 +86,25 @@ impl Reading<'_> {
             let Some(frame) = next else {
                 return Ok(Exchange::Closed);
             };
+            // A raw chunk frame: a kind byte (0 text, 1 bytes), the call's id, the data — no
+            // JSON either side (JSON frames start with `{`).
+            if let Some(&kind @ (RAW_TEXT | RAW_BYTES)) = frame.first() {
+                let id = frame
+                    .get(1..9)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes);
+                if id != Some(self.id) {
+                    return Ok(Exchange::Malformed(format!(
+                        "a chunk of request {id:?} during request {}",
+                        self.id
+                    )));
+                }
+                let data = bytes::Bytes::from(frame).slice(9..);
+                if let Some(end) = self.chunk(data, kind == RAW_BYTES).await {
+                    return Ok(end);
+                }
+                continue;
+            }
             // A chunk or a log line says so in its first bytes; an answer is parsed once, by
             // the caller.
             let Some(side) = side_frame(&frame) else {
@@ -113,34 +137,39 @@ impl Reading<'_> {
             } else {
                 bytes::Bytes::from(text)
             };
-            let streamed = &mut self.streamed;
-            if streamed.stats.chunks == 0 {
-                streamed.stats.first_byte_ms = self.started.elapsed().as_secs_f64() * 1e3;
-            }
-            streamed.stats.chunks += 1;
-            streamed.stats.bytes += data.len() as u64;
-            match self.sink.filter(|s| s.streams()) {
-                // Whoever reads the stream sets the pace: a full channel holds this loop,
-                // the socket fills and the handler's next yield waits (back-pressure).
-                Some(s) => {
-                    streamed.keep(&data, dispatch_core::run::STREAM_RECORD_BYTES);
-                    let chunk = Chunk {
-                        data,
-                        binary: f.binary,
-                    };
-                    if s.send(chunk).await.is_err() {
-                        return Ok(Exchange::Gone);
-                    }
-                }
-                // Nobody streams: the chunks are the answer, within the answer's limit.
-                None => {
-                    if streamed.kept.len() + data.len() > self.max_output {
-                        return Ok(Exchange::TooLarge(streamed.kept.len() + data.len()));
-                    }
-                    streamed.keep(&data, usize::MAX);
-                }
+            if let Some(end) = self.chunk(data, f.binary).await {
+                return Ok(end);
             }
         }
+    }
+
+    /// One chunk: to the sink (waiting while its reader is behind), or kept as the answer.
+    /// `Some` ends the exchange (the reader went away, or the answer grew past its limit).
+    async fn chunk(&mut self, data: bytes::Bytes, binary: bool) -> Option<Exchange> {
+        let streamed = &mut self.streamed;
+        if streamed.stats.chunks == 0 {
+            streamed.stats.first_byte_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        }
+        streamed.stats.chunks += 1;
+        streamed.stats.bytes += data.len() as u64;
+        match self.sink.filter(|s| s.streams()) {
+            // Whoever reads the stream sets the pace: a full channel holds this loop, the
+            // socket fills and the handler's next yield waits (back-pressure).
+            Some(s) => {
+                streamed.keep(&data, dispatch_core::run::STREAM_RECORD_BYTES);
+                if s.send(Chunk { data, binary }).await.is_err() {
+                    return Some(Exchange::Gone);
+                }
+            }
+            // Nobody streams: the chunks are the answer, within the answer's limit.
+            None => {
+                if streamed.kept.len() + data.len() > self.max_output {
+                    return Some(Exchange::TooLarge(streamed.kept.len() + data.len()));
+                }
+                streamed.keep(&data, usize::MAX);
+            }
+        }
+        None
     }
 }
 
