@@ -41,10 +41,9 @@ pub struct Hello {
     pub import_ms: Option<f64>,
 }
 
-/// Worker → host: once per request, its answer; before it, when the handler streams, one frame
-/// per chunk it yields — raw (`worker::RAW_TEXT`/`RAW_BYTES`, the id, the data: what the
-/// bootstraps send) or `{"id": N, "chunk": "text"}` (`"binary": true`: the chunk is base64) —
-/// and, for a `live` request, `{"id", "log", "stream"}` per line printed.
+/// Worker → host: once per request, its answer; before it, when the handler streams, one raw
+/// frame per chunk it yields (`worker::RAW_TEXT`/`RAW_BYTES`, the id, the data) and, for a
+/// `live` request, `{"id", "log", "stream"}` per line printed.
 #[derive(Deserialize)]
 pub struct Response {
     pub id: u64,
@@ -52,10 +51,6 @@ pub struct Response {
     pub context: EnvelopeContext,
     #[serde(default)]
     pub payload: Option<Box<RawValue>>,
-    #[serde(default)]
-    pub chunk: Option<String>,
-    #[serde(default)]
-    pub binary: bool,
     /// A live log line (`stream` says which).
     #[serde(default)]
     pub log: Option<String>,

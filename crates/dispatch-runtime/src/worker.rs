@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{self, Hello, Request, Response};
-use crate::stream::{Chunk, Inbound, LogLine, Side, Sink, message_frame, side_frame};
+use crate::stream::{Chunk, Inbound, LogLine, Sink, is_log, message_frame};
 use dispatch_core::StreamStats;
 
 /// How a call's exchange with its worker ended.
@@ -105,40 +105,25 @@ impl Reading<'_> {
                 }
                 continue;
             }
-            // A chunk or a log line says so in its first bytes; an answer is parsed once, by
-            // the caller.
-            let Some(side) = side_frame(&frame) else {
+            // A live log line says so in its first bytes; an answer is parsed once, by the
+            // caller.
+            if !is_log(&frame) {
                 return Ok(Exchange::Answer(frame));
-            };
+            }
             let f: Response = match serde_json::from_slice(&frame) {
                 Ok(f) => f,
                 Err(e) => return Ok(Exchange::Malformed(e.to_string())),
             };
-            if side == Side::Log {
-                if let (Some(line), Some(s)) = (f.log.filter(|_| f.id == self.id), self.sink) {
-                    let stream = if f.stream.as_deref() == Some("stderr") {
-                        "stderr"
-                    } else {
-                        "stdout"
-                    };
-                    s.log(LogLine { stream, line });
-                }
-                continue;
-            }
-            let Some(text) = f.chunk.filter(|_| f.id == self.id) else {
+            let Some(line) = f.log.filter(|_| f.id == self.id) else {
                 return Ok(Exchange::Answer(frame));
             };
-            let data = if f.binary {
-                use base64::Engine as _;
-                match base64::engine::general_purpose::STANDARD.decode(text.as_bytes()) {
-                    Ok(b) => bytes::Bytes::from(b),
-                    Err(e) => return Ok(Exchange::Malformed(format!("a binary chunk: {e}"))),
-                }
-            } else {
-                bytes::Bytes::from(text)
-            };
-            if let Some(end) = self.chunk(data, f.binary).await {
-                return Ok(end);
+            if let Some(s) = self.sink {
+                let stream = if f.stream.as_deref() == Some("stderr") {
+                    "stderr"
+                } else {
+                    "stdout"
+                };
+                s.log(LogLine { stream, line });
             }
         }
     }
