@@ -470,8 +470,12 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
 
 async fn reconcile_endpoint(state: &AppState, key: &Key) -> Result<(), ReconcileError> {
     let o = state.get(&key.namespace, Kind::Endpoint, &key.name).await?;
-    state.set_route(&key.namespace, &key.name, o.as_ref());
+    // Routes are set where a change is taken in (the API's write, a change made elsewhere,
+    // the table built at start), in the order changes come. Setting them here too raced a
+    // delete: a reconcile that read the endpoint just before it was deleted put its route back
+    // after the delete removed it (seen twice in full runs: the deleted endpoint still routed).
     let Some(o) = o else {
+        state.set_route(&key.namespace, &key.name, None);
         return Ok(());
     };
     let new = match o.typed_spec::<EndpointSpec>() {
