@@ -517,10 +517,16 @@ pub fn objects_table_wide(kind: Kind, items: &[Object], wide: bool) -> String {
                 .iter()
                 .map(|o| {
                     let hosts = s(&o.spec, "hosts");
+                    // A WebSocket endpoint says so where its method (GET) is shown.
+                    let methods = match (o.spec["protocol"].as_str(), o.spec["session"].as_bool()) {
+                        (Some("websocket"), Some(true)) => "GET (websocket session)".to_string(),
+                        (Some("websocket"), _) => "GET (websocket)".to_string(),
+                        _ => s(&o.spec, "methods"),
+                    };
                     vec![
                         o.name().into(),
                         s(&o.spec, "function"),
-                        s(&o.spec, "methods"),
+                        methods,
                         s(&o.spec, "paths"),
                         if hosts.is_empty() { "*".into() } else { hosts },
                         phase(o),

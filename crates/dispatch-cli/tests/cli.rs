@@ -300,6 +300,48 @@ fn apply_and_delete_manifests() {
         s.ok(&["delete", "endpoint", "other"]),
         "endpoint/other deleted\n"
     );
+    // A WebSocket endpoint from the flags, shown as one; its settings checked by the API.
+    let ws = s.json(&[
+        "create",
+        "endpoint",
+        "chat",
+        "hello",
+        "--path",
+        "/chat",
+        "--protocol",
+        "websocket",
+        "--session",
+        "--idle-timeout",
+        "30s",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        (
+            &ws["spec"]["protocol"],
+            &ws["spec"]["session"],
+            &ws["spec"]["idleTimeout"]
+        ),
+        (
+            &serde_json::json!("websocket"),
+            &serde_json::json!(true),
+            &serde_json::json!("30s")
+        )
+    );
+    let listed = s.ok(&["get", "endpoints"]);
+    assert!(listed.contains("GET (websocket session)"), "{listed}");
+    let refused = s.fails(&[
+        "create",
+        "endpoint",
+        "late",
+        "hello",
+        "--path",
+        "/late",
+        "--max-duration",
+        "1h",
+    ]);
+    assert!(refused.contains("--protocol websocket"), "{refused}");
+    s.ok(&["delete", "endpoint", "chat"]);
     // kubectl habits: -o name, --no-headers, -l (the API filters by labels).
     assert_eq!(
         s.ok(&["get", "functions", "-o", "name"]),
