@@ -78,6 +78,25 @@ pub struct CallOutcome {
     pub cancelled: bool,
 }
 
+impl CallOutcome {
+    /// The outcome of a call that needed no cold start and took `exec`: not timed out,
+    /// streamed nothing, not cancelled (set those on it when they are so).
+    pub fn warm(envelope: Envelope, exec: Duration) -> CallOutcome {
+        CallOutcome {
+            envelope,
+            cold: false,
+            cold_start: None,
+            timings: Timings {
+                exec_ms: exec.as_millis() as u64,
+                ..Default::default()
+            },
+            timed_out: false,
+            stream: None,
+            cancelled: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error(

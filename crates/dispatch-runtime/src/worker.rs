@@ -564,11 +564,14 @@ impl Worker {
     ) -> Result<(Envelope, Option<StreamStats>), CallFailure> {
         self.next_id += 1;
         let id = self.next_id;
+        // A session's messages: taken once, here (the request says it is one).
+        let inbox = sink.and_then(Sink::take_inbox);
+        let session = inbox.is_some();
         let frame = serde_json::to_vec(&Request {
             id,
             context,
             payload,
-            session: sink.is_some_and(Sink::has_inbox),
+            session,
             live: sink.is_some_and(Sink::wants_logs),
         })
         .map_err(|e| ErrorObject::system(format!("failed to encode the request: {e}")))?;
@@ -581,8 +584,6 @@ impl Worker {
             idle: sink.and_then(Sink::idle),
             streamed: Streamed::default(),
         };
-        let inbox = sink.and_then(Sink::take_inbox);
-        let session = inbox.is_some();
         let sock = &mut self.sock;
         let exchange = async {
             let Some(inbox) = inbox else {

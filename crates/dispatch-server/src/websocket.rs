@@ -321,15 +321,10 @@ async fn per_message(
     stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Option<Message> {
     let settings = target.settings;
-    let end_at = opened + settings.max_duration;
-    let stop = shutting_down(stop);
-    tokio::pin!(stop);
     let mut index = 0u64;
     loop {
         let m = tokio::select! {
-            () = &mut stop => return Some(close(1001, "the server is shutting down".into())),
-            () = tokio::time::sleep_until(end_at.into()) => return Some(too_long(settings)),
-            () = idle_for(activity, opened, settings.idle_timeout) => return Some(idle(settings)),
+            m = server_ends(stop.clone(), settings, activity, opened) => return Some(m),
             m = in_rx.recv() => m,
         };
         let m = m?; // the client closed
@@ -383,14 +378,7 @@ async fn session(
     .connection(serde_json::json!({"id": target.id, "session": true}))
     .affinity(target.affinity.clone())
     .timeout(settings.max_duration + SESSION_GRACE);
-    let end_at = opened + settings.max_duration;
-    let end = async move {
-        tokio::select! {
-            () = shutting_down(stop) => close(1001, "the server is shutting down".into()),
-            () = tokio::time::sleep_until(end_at.into()) => too_long(settings),
-            () = idle_for(activity, opened, settings.idle_timeout) => idle(settings),
-        }
-    };
+    let end = server_ends(stop, settings, activity, opened);
     let link = Link {
         out,
         activity,
@@ -573,24 +561,26 @@ async fn answer(state: &AppState, out: &mut Out, r: Relayed, within: Duration) -
     }
 }
 
-fn too_long(s: WebSocketSettings) -> Message {
-    close(
-        1000,
-        format!(
-            "the connection lasted its maxDuration ({})",
-            dispatch_core::duration::format_duration(s.max_duration)
+/// When and why the server ends a connection: shutting down (1001), its `maxDuration` since
+/// it opened, or its `idleTimeout` without a message either way (1000, naming the setting).
+async fn server_ends(
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+    s: WebSocketSettings,
+    activity: &Activity,
+    opened: Instant,
+) -> Message {
+    let show = dispatch_core::duration::format_duration;
+    tokio::select! {
+        () = shutting_down(stop) => close(1001, "the server is shutting down".into()),
+        () = tokio::time::sleep_until((opened + s.max_duration).into()) => close(
+            1000,
+            format!("the connection lasted its maxDuration ({})", show(s.max_duration)),
         ),
-    )
-}
-
-fn idle(s: WebSocketSettings) -> Message {
-    close(
-        1000,
-        format!(
-            "no message either way for {} (idleTimeout)",
-            dispatch_core::duration::format_duration(s.idle_timeout)
+        () = idle_for(activity, opened, s.idle_timeout) => close(
+            1000,
+            format!("no message either way for {} (idleTimeout)", show(s.idle_timeout)),
         ),
-    )
+    }
 }
 
 /// A message as a call's payload: text that is JSON as that JSON, other text as a string,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dispatch_core::{Envelope, ErrorObject, JobExecution, Language, Timings, ValidationError};
+use dispatch_core::{Envelope, ErrorObject, JobExecution, Language, ValidationError};
 use dispatch_runtime::backend::{
     Backend, BaseImageCheck, BoxFuture, BuildError, DeployedFunction, FunctionDeploy,
     FunctionHandle, GcKeep, ImageBuild, InvokeError, JobEnd, Removed,
@@ -159,17 +159,8 @@ impl DeployedFunction for RemoteFunction {
                 "WebSocket sessions (session: true) are not served by the Kubernetes backend yet: \
                  use a per-message WebSocket endpoint, or the embedded backend",
             );
-            return Box::pin(async move {
-                Ok(CallOutcome {
-                    envelope: Envelope::error(e, Default::default()),
-                    cold: false,
-                    cold_start: None,
-                    timings: Timings::default(),
-                    timed_out: false,
-                    stream: None,
-                    cancelled: false,
-                })
-            });
+            let refused = CallOutcome::warm(Envelope::error(e, Default::default()), Duration::ZERO);
+            return Box::pin(async move { Ok(refused) });
         }
         Box::pin(async move { Ok(self.call_streaming(context, payload, deadline, sink).await) })
     }
@@ -189,13 +180,8 @@ impl DeployedFunction for RemoteFunction {
             if left.is_zero() {
                 // No time left: not sent (the function would run for a caller that has gone).
                 return Ok(CallOutcome {
-                    envelope: timeout(),
-                    cold: false,
-                    cold_start: None,
-                    timings: Timings::default(),
                     timed_out: true,
-                    stream: None,
-                    cancelled: false,
+                    ..CallOutcome::warm(timeout(), Duration::ZERO)
                 });
             }
             let sent = self.request(context, payload, left).send().await;
@@ -223,16 +209,8 @@ impl DeployedFunction for RemoteFunction {
                 Err(e) => system_error(format!("function {name} is not reachable at {url}: {e}")),
             };
             Ok(CallOutcome {
-                envelope,
-                cold: false,
-                cold_start: None,
-                timings: Timings {
-                    exec_ms: t0.elapsed().as_millis() as u64,
-                    ..Default::default()
-                },
                 timed_out,
-                stream: None,
-                cancelled: false,
+                ..CallOutcome::warm(envelope, t0.elapsed())
             })
         })
     }
@@ -274,16 +252,10 @@ impl RemoteFunction {
         let t0 = Instant::now();
         let left = deadline.saturating_duration_since(t0);
         let outcome = |envelope, timed_out, cancelled, stream| CallOutcome {
-            envelope,
-            cold: false,
-            cold_start: None,
-            timings: Timings {
-                exec_ms: t0.elapsed().as_millis() as u64,
-                ..Default::default()
-            },
             timed_out,
             stream,
             cancelled,
+            ..CallOutcome::warm(envelope, t0.elapsed())
         };
         let timeout = || system_error(format!("function {name} did not answer within its timeout"));
         if left.is_zero() {
