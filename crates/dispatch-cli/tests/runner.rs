@@ -18,6 +18,11 @@ impl Drop for Proc {
 }
 
 fn runner(dir: &std::path::Path, language: &str, port: u16) -> Proc {
+    runner_with(dir, language, port, &[])
+}
+
+/// `dispatch runner` serving `dir` on `port`, with `extra` flags.
+fn runner_with(dir: &std::path::Path, language: &str, port: u16, extra: &[&str]) -> Proc {
     Proc(
         Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
             .args([
@@ -26,8 +31,9 @@ fn runner(dir: &std::path::Path, language: &str, port: u16) -> Proc {
                 language,
                 "--port",
                 &port.to_string(),
-                "--function-dir",
             ])
+            .args(extra)
+            .arg("--function-dir")
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -105,16 +111,7 @@ fn a_timed_out_call_says_so_in_a_header() {
     )
     .unwrap();
     let port = free_port();
-    let _r = Proc(
-        Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
-            .args(["runner", "--language", "python3", "--timeout", "500ms"])
-            .args(["--port", &port.to_string(), "--function-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _r = runner_with(dir.path(), "python3", port, &["--timeout", "500ms"]);
     ready(port);
     let header = dispatch_runtime::pool::TIMED_OUT_HEADER;
     let (code, headers, env) = post_with_headers(port, json!({"payload": {"block": false}}));
@@ -151,22 +148,7 @@ fn the_kubernetes_handle_streams_through_the_runner() {
     )
     .unwrap();
     let port = free_port();
-    let _r = Proc(
-        Command::new(assert_cmd::cargo::cargo_bin("dispatch"))
-            .args([
-                "runner",
-                "--language",
-                "python3",
-                "--handler",
-                "gated.handle",
-            ])
-            .args(["--port", &port.to_string(), "--function-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _r = runner_with(dir.path(), "python3", port, &["--handler", "gated.handle"]);
     ready(port);
     let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let gate_port = gate.local_addr().unwrap().port();

@@ -685,22 +685,7 @@ async fn exec_language_runs_any_executable() {
         err.to_string().contains("spec.interpreter is not used"),
         "{err}"
     );
-    c.create(&object(
-        Kind::BaseImage,
-        "shell",
-        json!({"image": "debian:12-slim", "language": "exec"}),
-    ))
-    .await
-    .unwrap();
-    let b = settled(c, Kind::BaseImage, "shell").await;
-    assert_eq!(b.phase(), Some(Phase::Ready), "{:?}", b.status);
-    c.create(&object(Kind::Image, "sh", json!({"baseImage": "shell"})))
-        .await
-        .unwrap();
-    assert_eq!(
-        settled(c, Kind::Image, "sh").await.phase(),
-        Some(Phase::Ready)
-    );
+    exec_images(c).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("wrap.sh");
     std::fs::write(

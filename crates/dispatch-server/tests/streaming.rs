@@ -81,11 +81,16 @@ async fn next_text(r: &mut reqwest::Response) -> String {
     String::from_utf8(r.chunk().await.unwrap().unwrap_or_default().to_vec()).unwrap()
 }
 
-async fn run_of(c: &dispatch_client::Client, r: &reqwest::Response) -> dispatch_core::Run {
-    let id = r.headers()["x-dispatch-run-id"]
+/// The run id a streamed answer names in its headers.
+fn run_id_of(r: &reqwest::Response) -> String {
+    r.headers()["x-dispatch-run-id"]
         .to_str()
         .unwrap()
-        .to_string();
+        .to_string()
+}
+
+async fn run_of(c: &dispatch_client::Client, r: &reqwest::Response) -> dispatch_core::Run {
+    let id = run_id_of(r);
     eventually("the run record", || async {
         let run = c.get_run(&id).await.ok()?;
         run.status.is_final().then_some(run)
@@ -203,10 +208,7 @@ async fn a_slow_reader_holds_the_handler_and_a_gone_one_cancels_it() {
         "a client reading nothing let the handler yield {yielded} of 2,000 chunks (64 KiB each)"
     );
     // Gone: the call is stopped and recorded as cancelled.
-    let id = r.headers()["x-dispatch-run-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = run_id_of(&r);
     drop(r);
     let run = eventually("the cancelled run", || async {
         let run = c.get_run(&id).await.ok()?;
@@ -231,10 +233,7 @@ async fn errors_and_timeouts_after_the_first_chunk_end_the_stream() {
     endpoint(c, "slow", "slow", json!({"stream": "sse"})).await;
     let r = post(&t, "/midway", json!({}), false).await;
     assert_eq!(r.headers()["content-type"], "text/event-stream");
-    let id = r.headers()["x-dispatch-run-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = run_id_of(&r);
     let body = r.text().await.unwrap();
     let (data, error) = body.split_once("event: error\ndata: ").unwrap();
     assert_eq!(data, "data: a\n\n");
@@ -252,10 +251,7 @@ async fn errors_and_timeouts_after_the_first_chunk_end_the_stream() {
     let never = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = never.local_addr().unwrap().port();
     let r = post(&t, "/slow", json!({"port": port}), false).await;
-    let id = r.headers()["x-dispatch-run-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = run_id_of(&r);
     let body = r.text().await.unwrap();
     assert!(body.starts_with("data: a\n\nevent: error\n"), "{body}");
     assert!(body.contains("timed out"), "{body}");
@@ -477,10 +473,7 @@ async fn a_silent_stream_ends_at_its_idle_timeout() {
     let never = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = never.local_addr().unwrap().port();
     let r = post(&t, "/quiet", json!({"port": port}), false).await;
-    let id = r.headers()["x-dispatch-run-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let id = run_id_of(&r);
     let body = r.text().await.unwrap();
     assert!(body.starts_with("data: a\n\nevent: error\n"), "{body}");
     let run = final_run(c, &id).await;
@@ -507,18 +500,7 @@ async fn a_silent_stream_ends_at_its_idle_timeout() {
 async fn exec_handlers_stream_their_stdout() {
     let t = start().await;
     let c = &t.client;
-    c.create(&object(
-        Kind::BaseImage,
-        "shell",
-        json!({"image": "debian:12-slim", "language": "exec"}),
-    ))
-    .await
-    .unwrap();
-    settled(c, Kind::BaseImage, "shell").await;
-    c.create(&object(Kind::Image, "sh", json!({"baseImage": "shell"})))
-        .await
-        .unwrap();
-    settled(c, Kind::Image, "sh").await;
+    exec_images(c).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("tick.py");
     std::fs::write(

@@ -294,6 +294,31 @@ pub async fn images(c: &Client) {
     }
 }
 
+/// Base image `shell` (language exec) and image `sh` on it, both READY.
+#[allow(dead_code)]
+pub async fn exec_images(c: &Client) {
+    c.create(&object(
+        Kind::BaseImage,
+        "shell",
+        serde_json::json!({"image": "debian:12-slim", "language": "exec"}),
+    ))
+    .await
+    .unwrap();
+    let b = settled(c, Kind::BaseImage, "shell").await;
+    assert_eq!(b.phase(), Some(Phase::Ready), "{:?}", b.status);
+    c.create(&object(
+        Kind::Image,
+        "sh",
+        serde_json::json!({"baseImage": "shell"}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        settled(c, Kind::Image, "sh").await.phase(),
+        Some(Phase::Ready)
+    );
+}
+
 /// The PyPI wheels the tests' real clients import (the CloudEvents SDK, httpx, websockets),
 /// as a PYTHONPATH: `$DISPATCH_PY_WHEELS`, else `~/.cache/dispatch-tools/py` (.ci/run
 /// downloads them there). Each of `needed` must be among them.
