@@ -27,6 +27,7 @@ import struct
 import sys
 import time
 import traceback
+import types
 
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -93,6 +94,10 @@ def lines_of(buf):
 
 
 RAW_TEXT, RAW_BYTES = 0, 1
+# What a handler returns to stream (neither type can be subclassed).
+_STREAMED = (types.GeneratorType, types.AsyncGeneratorType)
+# What a handler returns as its answer, asked nothing more.
+_PLAIN = (dict, list, str, int, float, bool, type(None))
 
 
 def chunk_frame(item):
@@ -121,7 +126,11 @@ class Context(dict):
     """The call's context (a dict, as always), plus `context.stream`: write(item) sends a
     chunk now, as a yielded item would."""
 
-    __slots__ = ("stream",)
+    __slots__ = ("_emit",)
+
+    @property
+    def stream(self):
+        return Stream(self._emit)
 
 
 class Stream:
@@ -213,14 +222,16 @@ def call(fn, context, payload, emit=None, live=False):
     result = None
     if emit is not None:
         context = Context(context)
-        context.stream = Stream(emit)
+        context._emit = emit
     try:
         result = fn(context, payload)
-        if inspect.isawaitable(result):
-            result = asyncio.run(_await(result))
-        if emit is not None and (inspect.isgenerator(result) or inspect.isasyncgen(result)):
-            stream(result, emit)
-            result = None
+        # Most answers are plain values: no further question (an ABC's isinstance is slow).
+        if type(result) not in _PLAIN:
+            if inspect.isawaitable(result):
+                result = asyncio.run(_await(result))
+            if emit is not None and type(result) in _STREAMED:
+                stream(result, emit)
+                result = None
     except BaseException as exc:  # the handler's failure is the caller's answer, not ours
         kind = "InputError" if is_input_error(exc) else "FunctionError"
         error = error_object(kind, exc, skip_frames=1)
