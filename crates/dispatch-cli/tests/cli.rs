@@ -124,6 +124,21 @@ fn seed_quickstart_flow_and_graceful_shutdown() {
         s.ok(&["logs", "run", &id]),
         "messages to stdout show up in logs\n"
     );
+    // A function's last runs' lines, oldest first, each after its run id.
+    let newer = runs[0]["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        s.ok(&["logs", "function", "hello"]),
+        format!(
+            "{id}  messages to stdout show up in logs\n{newer}  messages to stdout show up in logs\n"
+        )
+    );
+    let last = s.ok(&["logs", "function", "hello", "--runs", "1", "-o", "json"]);
+    let last: Value = serde_json::from_str(last.trim()).unwrap();
+    assert_eq!(
+        last,
+        serde_json::json!({"run": newer, "stream": "stdout", "line": "messages to stdout show up in logs"})
+    );
+    assert!(s.fails(&["logs", "function", "nobody"]).contains("nobody"));
     assert!(s.ok(&["get", "runs"]).contains("SUCCEEDED"));
 
     // New source → new digest.

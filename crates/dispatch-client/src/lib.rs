@@ -6,6 +6,7 @@
 
 pub mod pack;
 mod runs;
+pub use runs::FunctionLog;
 
 use std::time::Duration;
 

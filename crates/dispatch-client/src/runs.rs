@@ -181,14 +181,58 @@ impl Client {
         mut on_line: impl FnMut(&str, &str),
     ) -> Result<bool> {
         let url = self.ns_url(&self.namespace, &format!("runs/{id}/logs"));
-        let rb = self.request(Method::GET, &url).query(&[("follow", "true")]);
-        let mut resp = self.send(rb, &url).await?;
+        let mut complete = true;
+        self.each_json_line(&url, |v| {
+            if v["lagged"] == true {
+                complete = false;
+                return false;
+            }
+            if let (Some(stream), Some(text)) = (v["stream"].as_str(), v["line"].as_str()) {
+                on_line(stream, text);
+            }
+            true
+        })
+        .await?;
+        Ok(complete)
+    }
+
+    /// Follows every call of function `name` from now on: each line it prints goes to `on`
+    /// as it is printed (with its run's id), and so does word of lines this follower missed
+    /// for falling behind. Returns when the server ends the following (it shuts down).
+    pub async fn follow_function_logs(
+        &self,
+        name: &str,
+        mut on: impl FnMut(FunctionLog<'_>),
+    ) -> Result<()> {
+        let url = self.ns_url(&self.namespace, &format!("functions/{name}/logs"));
+        self.each_json_line(&url, |v| {
+            if let Some(n) = v["lagged"].as_u64() {
+                on(FunctionLog::Lagged(n));
+            } else if let (Some(run), Some(stream), Some(line)) =
+                (v["run"].as_str(), v["stream"].as_str(), v["line"].as_str())
+            {
+                on(FunctionLog::Line { run, stream, line });
+            }
+            true
+        })
+        .await
+    }
+
+    /// GETs `url?follow=true` and hands each line of its NDJSON answer to `on` as it comes,
+    /// until the answer ends or `on` says `false`.
+    async fn each_json_line(
+        &self,
+        url: &str,
+        mut on: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Result<()> {
+        let rb = self.request(Method::GET, url).query(&[("follow", "true")]);
+        let mut resp = self.send(rb, url).await?;
         let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = resp
             .chunk()
             .await
             .map_err(|source| crate::ClientError::Http {
-                url: url.clone(),
+                url: url.to_string(),
                 source,
             })?
         {
@@ -196,14 +240,23 @@ impl Client {
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
                 let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_default();
-                if v["lagged"] == true {
-                    return Ok(false);
-                }
-                if let (Some(stream), Some(text)) = (v["stream"].as_str(), v["line"].as_str()) {
-                    on_line(stream, text);
+                if !on(&v) {
+                    return Ok(());
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
+}
+
+/// What following a function brings: a line one of its calls printed, or how many lines
+/// this follower missed for falling behind (the runs' records keep them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionLog<'a> {
+    Line {
+        run: &'a str,
+        stream: &'a str,
+        line: &'a str,
+    },
+    Lagged(u64),
 }

@@ -81,6 +81,12 @@ impl Sink {
         sink
     }
 
+    /// The handler's lines also go to `logs` as they are printed.
+    pub fn with_logs(mut self, logs: LogListener) -> Sink {
+        self.logs = Some(logs);
+        self
+    }
+
     /// Whether its chunks are read as they come (else they are the call's answer).
     pub fn streams(&self) -> bool {
         self.streams

@@ -316,11 +316,25 @@ pub async fn execute(state: &AppState, mut call: Invocation) -> Result<Answer, C
     );
     run.attempts = 1;
     run.event = call.event;
+    // Someone follows the function (`dispatch logs function NAME -f`): its lines go to them
+    // as they are printed.
+    let mut sink = call.stream.take();
+    if let Some(l) = state
+        .live_logs
+        .for_call(&run.id, (&run.namespace, &run.function), || {
+            secret_values(&deployed)
+        })
+    {
+        sink = Some(match sink {
+            Some(s) => s.with_logs(l),
+            None => dispatch_runtime::Sink::logs_only(l),
+        });
+    }
     let extras = Extras {
         http: call.http.as_ref(),
         connection: call.connection.as_ref(),
         timeout: call.timeout,
-        sink: call.stream.as_ref(),
+        sink: sink.as_ref(),
     };
     let outcome = match call_deployed(&deployed, &run, extras).await {
         Ok(o) => o,

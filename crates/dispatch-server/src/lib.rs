@@ -154,6 +154,7 @@ impl Server {
     /// controller, kill every worker, flush run records.
     pub async fn stop(self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
+        self.state.live_logs.close();
         self.gc_task.abort();
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let api = self.api.await;

@@ -630,3 +630,159 @@ module.exports.handle = async (context, payload) => {
     }
     t.stop().await;
 }
+
+/// A followed function's sync calls — through the gateway (Python) and the API (Node) — send
+/// their lines to its follower as they are printed, each with its run's id, before the handler
+/// returns; a shutdown ends the following.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_functions_sync_calls_send_their_lines_as_they_are_printed() {
+    const PY: &str = r#"
+import socket
+def handle(context, payload):
+    print("one", payload.get("tag"))
+    if payload.get("port"):
+        s = socket.create_connection(("127.0.0.1", payload["port"]))
+        s.recv(1)
+    print("two", payload.get("tag"))
+    return "done"
+"#;
+    const JS: &str = r#"
+const net = require('net');
+module.exports.handle = async (context, payload) => {
+  console.log('one', payload.tag);
+  if (payload.port) {
+    await new Promise((resolve) => {
+      const s = net.connect(payload.port, '127.0.0.1');
+      s.once('data', () => { s.destroy(); resolve(); });
+    });
+  }
+  console.error('two', payload.tag);
+  return 'done';
+};
+"#;
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "talky", PY, json!({})).await;
+    endpoint(c, "talky", "talky", json!({})).await;
+    create_function(
+        c,
+        "jtalky",
+        "js",
+        "jtalky.js",
+        JS,
+        json!({"handler": "jtalky.handle"}),
+    )
+    .await
+    .unwrap();
+    settled(c, Kind::Function, "jtalky").await;
+
+    // Asked wrongly: what to fix.
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!(
+            "{}/v1/namespaces/default/functions/talky/logs",
+            t.api()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("follow=true"));
+    let err = c
+        .follow_function_logs("nobody", |_| ())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nobody") && err.contains("not found"), "{err}");
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let followers: Vec<_> = ["talky", "jtalky"]
+        .into_iter()
+        .map(|function| {
+            let (tx, c) = (tx.clone(), c.clone());
+            tokio::spawn(async move {
+                c.follow_function_logs(function, |l| {
+                    if let dispatch_client::FunctionLog::Line { run, stream, line } = l {
+                        let _ = tx.send((run.to_string(), stream.to_string(), line.to_string()));
+                    }
+                })
+                .await
+            })
+        })
+        .collect();
+    // Followed once an untagged call's line comes (calls that start before are not).
+    let (lines, seen) = (
+        std::cell::RefCell::new(rx),
+        std::cell::Cell::new((false, false)),
+    );
+    eventually("the follower of both functions to be attached", || async {
+        post(&t, "/talky", json!({}), false).await;
+        c.exec("jtalky", &raw(json!({}))).await.unwrap();
+        while let Ok((_, _, line)) = lines.borrow_mut().try_recv() {
+            let (py, js) = seen.get();
+            seen.set((py || line == "one None", js || line == "one undefined"));
+        }
+        (seen.get() == (true, true)).then_some(())
+    })
+    .await;
+    let mut rx = lines.into_inner();
+
+    for (tag, stderr) in [("gw", "stdout"), ("api", "stderr")] {
+        let gate = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = gate.local_addr().unwrap().port();
+        let body = json!({"port": port, "tag": tag});
+        let call = if tag == "gw" {
+            let (t_gateway, body) = (t.gateway.clone(), body.clone());
+            tokio::spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(format!("{t_gateway}/talky"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                run_id_of(&r)
+            })
+        } else {
+            let c = c.clone();
+            tokio::spawn(async move { c.exec("jtalky", &raw(body)).await.unwrap().run_id.unwrap() })
+        };
+        let (mut held, _) = tokio::task::spawn_blocking(move || gate.accept().unwrap())
+            .await
+            .unwrap();
+        // The handler waits on the gate: its first line has come all the same.
+        let (run, stream, _) = loop {
+            let l = rx.recv().await.unwrap();
+            if l.2 == format!("one {tag}") {
+                break l;
+            }
+        };
+        assert_eq!(stream, "stdout", "{tag}");
+        assert!(!call.is_finished(), "{tag}: the call is still running");
+        held.write_all(b"!").unwrap();
+        let (run2, stream2, _) = loop {
+            let l = rx.recv().await.unwrap();
+            if l.2 == format!("two {tag}") {
+                break l;
+            }
+        };
+        assert_eq!((&run2, stream2.as_str()), (&run, stderr), "{tag}");
+        assert_eq!(
+            call.await.unwrap(),
+            run,
+            "{tag}: the lines' run is the call's"
+        );
+    }
+
+    // A shutdown ends the following: each follower's answer ends whole (a connection cut
+    // at the end of the drain would be an error here).
+    t.stop().await;
+    for f in followers {
+        tokio::time::timeout(std::time::Duration::from_secs(60), f)
+            .await
+            .expect("the following to end with the server (it outlived the drain)")
+            .unwrap()
+            .expect("the following ended cleanly");
+    }
+}

@@ -1,5 +1,6 @@
-//! `dispatch logs run ID` (a run's stdout, then stderr) and `dispatch logs image NAME` (the
-//! image's dependency build log).
+//! `dispatch logs run ID` (a run's stdout, then stderr), `dispatch logs function NAME` (its
+//! last runs' lines, or with `--follow` every call's lines as they are printed) and `dispatch
+//! logs image NAME` (the image's dependency build log).
 
 use std::process::ExitCode;
 
@@ -11,18 +12,40 @@ use dispatch_core::Kind;
 use super::{Target, parse_target};
 use crate::Ctx;
 
-/// Print the logs of a run (stdout, then stderr) or of an image build
+/// Print the logs of a run (stdout, then stderr), of a function's runs, or of an image build
+///
+/// Examples:
+///   dispatch logs run 01J…            # a run's lines
+///   dispatch logs run 01J… -f         # until it ends, lines live
+///   dispatch logs function hello      # its last 10 runs' lines, each after its run id
+///   dispatch logs function hello -f   # every call's lines as they are printed (Ctrl-C ends)
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct Logs {
-    /// run, jobexecution or image
+    /// run, function, jobexecution or image
     pub kind: String,
-    /// Run id (from `dispatch get runs`) or image name
+    /// Run id (from `dispatch get runs`), function name, job execution UUID or image name
     pub id: String,
     /// Runs: follow the run until it ends, showing each status change and, for an async,
-    /// event or cron run, each line as its handler prints it (a sync call's lines, and those
-    /// of an attempt on another server, print when the attempt ends)
+    /// event or cron run, each line as its handler prints it (the lines of an attempt on
+    /// another server print when it ends). Functions: print the lines of every call that
+    /// starts from now on — sync gateway and API calls, WebSocket messages, async, event and
+    /// cron runs — as they are printed, until interrupted
     #[arg(short = 'f', long)]
     pub follow: bool,
+    /// Functions, without --follow: how many of its last runs to print
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub runs: u16,
+    /// Functions: `table` prints `RUN  line` (stderr lines to stderr); `json` one object per
+    /// line ({"run","stream","line"}), for scripts
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = LineFormat::Table)]
+    pub output: LineFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LineFormat {
+    Table,
+    Json,
 }
 
 impl Logs {
@@ -51,6 +74,43 @@ impl Logs {
                 }
             }
             Target::Resource(Kind::Image) => print!("{}", ctx.client.image_log(&self.id).await?),
+            Target::Resource(Kind::Function) => {
+                let print = |run: &str, stream: &str, line: &str| {
+                    print_line(self.output, run, stream, line)
+                };
+                if self.follow {
+                    ctx.client
+                        .follow_function_logs(&self.id, |l| match l {
+                            dispatch_client::FunctionLog::Line { run, stream, line } => {
+                                print(run, stream, line)
+                            }
+                            dispatch_client::FunctionLog::Lagged(n) => eprintln!(
+                                "({n} lines missed: this terminal fell behind; the runs' \
+                                 records keep them)"
+                            ),
+                        })
+                        .await?;
+                    eprintln!("the server ended the following (it is shutting down)");
+                    return Ok(ExitCode::FAILURE);
+                }
+                // Make sure it exists: no runs of a misspelt name would print nothing.
+                ctx.client.get(Kind::Function, &self.id).await?;
+                let q = dispatch_client::RunQuery {
+                    function: Some(self.id.clone()),
+                    limit: Some(self.runs.into()),
+                    ..Default::default()
+                };
+                let mut runs = ctx.client.list_runs(&q).await?;
+                runs.reverse(); // oldest first, as they ran
+                for r in &runs {
+                    for l in &r.logs.stdout {
+                        print(&r.id, "stdout", l);
+                    }
+                    for l in &r.logs.stderr {
+                        print(&r.id, "stderr", l);
+                    }
+                }
+            }
             Target::Resource(_)
             | Target::Tokens
             | Target::Audit
@@ -58,7 +118,7 @@ impl Logs {
             | Target::PulledImages
             | Target::Versions
             | Target::Events => bail!(
-                "logs are kept for runs, job executions and image builds: dispatch logs run ID | jobexecution UUID | image NAME"
+                "logs are kept for runs, functions, job executions and image builds: dispatch logs run ID | function NAME | jobexecution UUID | image NAME"
             ),
         }
         Ok(ExitCode::SUCCESS)
@@ -133,5 +193,17 @@ async fn follow(ctx: &Ctx, id: &str) -> Result<ExitCode> {
             });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One line of a function's runs: after its run id (stderr lines to stderr), or as JSON.
+fn print_line(format: LineFormat, run: &str, stream: &str, line: &str) {
+    match format {
+        LineFormat::Json => println!(
+            "{}",
+            serde_json::json!({"run": run, "stream": stream, "line": line})
+        ),
+        LineFormat::Table if stream == "stderr" => eprintln!("{run}  {line}"),
+        LineFormat::Table => println!("{run}  {line}"),
     }
 }

@@ -102,6 +102,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(runs::upload_source).layer(DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
         )
         .route(
+            &format!("{ns}/functions/{{name}}/logs"),
+            get(runs::function_logs),
+        )
+        .route(
             &format!("{ns}/functions/{{name}}/queue"),
             get(runs::function_queue),
         )

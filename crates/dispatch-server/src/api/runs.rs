@@ -93,6 +93,45 @@ pub async fn function_queue(
     Ok(Json(state.queue.function_queue(&(ns, name), max)))
 }
 
+/// `GET …/functions/{name}/logs?follow=true`: the lines every call of the function prints
+/// from now on — sync gateway and API calls, WebSocket messages, async, event and cron runs —
+/// as they are printed, one JSON object per line (`{"run","stream","line"}`), until the
+/// caller goes away. A follower that falls more than 256 lines behind gets
+/// `{"lagged": N}` (the lines it missed; the runs' records keep them) and goes on.
+pub async fn function_logs(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    check_namespace(&ns)?;
+    if !q.follow {
+        return Err(ApiError::bad_request(format!(
+            "a function's lines are followed as they are printed: add ?follow=true \
+             (dispatch logs function {name} --follow); a run's logs are at …/runs/ID/logs"
+        )));
+    }
+    if state.get(&ns, Kind::Function, &name).await?.is_none() {
+        return Err(super::resources::not_found(&ns, Kind::Function, &name));
+    }
+    let follower = state.live_logs.follow_function(&ns, &name);
+    let lines = futures_util::stream::unfold(follower, |mut f| async move {
+        let mut v = match f.next().await? {
+            Ok(line) => serde_json::to_vec(&line).ok()?,
+            Err(missed) => serde_json::to_vec(&serde_json::json!({ "lagged": missed })).ok()?,
+        };
+        v.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(v)), f))
+    });
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/x-ndjson"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
 /// `POST …/functions/{name}/runs` with `{"input": …}`: runs the function and answers its
 /// envelope, with the run id in `X-Dispatch-Run-Id`.
 pub async fn exec(

@@ -219,9 +219,11 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         return;
     }
     // Its lines go to whoever follows the run while the attempt runs (`logs --follow`).
-    let (listener, live) = state
-        .live_logs
-        .open(&run.id, crate::invoke::secret_values(&deployed));
+    let (listener, live) = state.live_logs.open(
+        &run.id,
+        (&run.namespace, &run.function),
+        crate::invoke::secret_values(&deployed),
+    );
     let sink = dispatch_runtime::Sink::logs_only(listener);
     let outcome = call_deployed(
         &deployed,
