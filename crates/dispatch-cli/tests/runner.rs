@@ -218,6 +218,113 @@ fn the_kubernetes_handle_streams_through_the_runner() {
     });
 }
 
+/// Through the runner, the Kubernetes handle also follows a call's lines as they are printed
+/// (the handler still waiting on the test's gate) and serves a WebSocket session: messages go
+/// up the request's body as they come, what the handler yields comes back, and the end of
+/// the messages ends the call.
+#[test]
+fn the_kubernetes_handle_follows_lines_and_serves_sessions_through_the_runner() {
+    use std::io::Write as _;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("both.py"),
+        r#"import socket
+def handle(context, payload):
+    if isinstance(payload, dict):
+        print("one")
+        socket.create_connection(("127.0.0.1", payload["port"])).recv(1)
+        print("two")
+        return "done"
+    return echo(payload)
+
+def echo(messages):
+    for m in messages:
+        yield m.upper() if isinstance(m, str) else m[::-1]
+"#,
+    )
+    .unwrap();
+    let port = free_port();
+    let _r = runner_with(dir.path(), "python3", port, &["--handler", "both.handle"]);
+    ready(port);
+    let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gate_port = gate.local_addr().unwrap().port();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        use dispatch_runtime::{Inbound, Sink};
+        dispatch_client::install_crypto_provider();
+        let handle = dispatch_k8s::backend::remote_function(
+            reqwest::Client::new(),
+            "both",
+            &format!("http://127.0.0.1:{port}"),
+            "img",
+        );
+        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+
+        // Live lines.
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Sink::logs_only(std::sync::Arc::new(move |l| {
+            let _ = tx.send(l);
+        }));
+        let payload = serde_json::value::to_raw_value(&json!({"port": gate_port})).unwrap();
+        let call = {
+            let (handle, ctx) = (handle.clone(), ctx.clone());
+            tokio::spawn(async move {
+                handle
+                    .invoke_streaming(&ctx, &payload, deadline, &sink)
+                    .await
+                    .unwrap()
+            })
+        };
+        let one = lines.recv().await.unwrap();
+        assert_eq!((one.stream, one.line.as_str()), ("stdout", "one"));
+        assert!(!call.is_finished(), "the handler waits on the gate");
+        tokio::task::spawn_blocking(move || gate.accept().unwrap().0.write_all(b"!").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(lines.recv().await.unwrap().line, "two");
+        let out = call.await.unwrap();
+        assert_eq!(out.envelope.payload.get(), r#""done""#);
+        assert_eq!(out.envelope.context.logs.stdout, ["one", "two"]);
+
+        // A session.
+        let (messages, inbox) = tokio::sync::mpsc::channel(4);
+        let (sink, opened) = Sink::new(4);
+        let sink = sink.with_inbox(inbox);
+        let call = tokio::spawn(async move {
+            let payload = serde_json::value::to_raw_value(&json!(null)).unwrap();
+            handle
+                .invoke_streaming(&ctx, &payload, deadline, &sink)
+                .await
+                .unwrap()
+        });
+        messages.send(Inbound::Text("hi".into())).await.unwrap();
+        let mut rx = opened.await.unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!((&first.data[..], first.binary), (&b"HI"[..], false));
+        assert!(!call.is_finished(), "the session is open");
+        messages
+            .send(Inbound::Binary(bytes::Bytes::from_static(b"\x01\x02")))
+            .await
+            .unwrap();
+        let second = rx.recv().await.unwrap();
+        assert_eq!((&second.data[..], second.binary), (&b"\x02\x01"[..], true));
+        drop(messages);
+        let out = call.await.unwrap();
+        assert!(
+            out.envelope.context.error.is_none(),
+            "{:?}",
+            out.envelope.context.error
+        );
+        assert_eq!(out.stream.unwrap().chunks, 2);
+    });
+}
+
 #[test]
 fn a_handler_that_does_not_load_fails_fast() {
     let dir = tempfile::tempdir().unwrap();

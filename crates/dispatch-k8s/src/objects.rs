@@ -296,6 +296,9 @@ pub fn knative_service(
                 "autoscaling.knative.dev/min-scale": spec.min_workers.to_string(),
                 "autoscaling.knative.dev/max-scale": spec.max_workers.to_string(),
                 "autoscaling.knative.dev/target": "1",
+                // A WebSocket session's messages go up the request while the answer comes
+                // down: the queue-proxy must pass both at once.
+                "features.knative.dev/http-full-duplex": "Enabled",
                 "dispatch.dev/digest": image.digest,
             }},
             "spec": {

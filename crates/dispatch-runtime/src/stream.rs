@@ -92,11 +92,13 @@ impl Sink {
         self.streams
     }
 
-    pub(crate) fn wants_logs(&self) -> bool {
+    /// Whether the handler's lines go somewhere as they are printed.
+    pub fn wants_logs(&self) -> bool {
         self.logs.is_some()
     }
 
-    pub(crate) fn log(&self, line: LogLine) {
+    /// Hands on one line the handler printed.
+    pub fn log(&self, line: LogLine) {
         if let Some(l) = &self.logs {
             l(line)
         }
@@ -126,7 +128,8 @@ impl Sink {
         self.inbox.lock().is_some()
     }
 
-    pub(crate) fn take_inbox(&self) -> Option<mpsc::Receiver<Inbound>> {
+    /// A session's messages, for the one call that runs it.
+    pub fn take_inbox(&self) -> Option<mpsc::Receiver<Inbound>> {
         self.inbox.lock().take()
     }
 
@@ -182,6 +185,13 @@ pub(crate) fn message_frame(id: u64, message: Option<Inbound>) -> Vec<u8> {
 pub const STREAM_HEADER: &str = "x-dispatch-stream";
 /// The content type of such an answer.
 pub const FRAMES_CONTENT_TYPE: &str = "application/x-dispatch-frames";
+/// Asks `dispatch runner` for the handler's lines as it prints them, as `{"log","stream"}`
+/// frames among the answer's (live logs through the Kubernetes backend).
+pub const LIVE_HEADER: &str = "x-dispatch-live";
+/// A WebSocket session through `dispatch runner`: the request's body is frames too, the call
+/// (`{"context","payload"}`) first, then each message as it comes ([`message_frame`]'s
+/// shape) and the end; the answer is frames as for [`STREAM_HEADER`].
+pub const SESSION_HEADER: &str = "x-dispatch-session";
 
 /// The last frame of a streamed answer over HTTP: how the call ended.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -215,16 +225,29 @@ pub fn chunk_frame(c: &Chunk) -> Bytes {
     frame(&serde_json::to_vec(&v).unwrap_or_default())
 }
 
-/// A frame read back: a chunk, or the end.
+/// A printed line as its frame (`{"log","stream"}`).
+pub fn log_frame(l: &LogLine) -> Bytes {
+    frame(
+        &serde_json::to_vec(&serde_json::json!({"log": l.line, "stream": l.stream}))
+            .unwrap_or_default(),
+    )
+}
+
+/// A session's message (or, `None`, its end) as a frame of a request's body.
+pub fn session_frame(m: Option<Inbound>) -> Bytes {
+    frame(&message_frame(0, m))
+}
+
+/// A frame read back: a chunk, a printed line, or the end.
 #[derive(Debug)]
 pub enum RemoteFrame {
     Chunk(Chunk),
+    Log(LogLine),
     End(Box<RemoteEnd>),
 }
 
-/// Takes the next whole frame off the front of `buf` (`None`: not all of it yet).
-pub fn take_frame(buf: &mut bytes::BytesMut) -> Result<Option<RemoteFrame>, String> {
-    use base64::Engine as _;
+/// The body of the next whole frame off the front of `buf` (`None`: not all of it yet).
+pub fn take_raw_frame(buf: &mut bytes::BytesMut) -> Result<Option<bytes::BytesMut>, String> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -236,7 +259,56 @@ pub fn take_frame(buf: &mut bytes::BytesMut) -> Result<Option<RemoteFrame>, Stri
         return Ok(None);
     }
     let _ = buf.split_to(4);
-    let body = buf.split_to(len);
+    Ok(Some(buf.split_to(len)))
+}
+
+/// Takes the next session message off the front of `buf`: `Some(None)` is the end.
+pub fn take_session_frame(buf: &mut bytes::BytesMut) -> Result<Option<Option<Inbound>>, String> {
+    use base64::Engine as _;
+    let Some(body) = take_raw_frame(buf)? else {
+        return Ok(None);
+    };
+    #[derive(serde::Deserialize)]
+    struct Message {
+        message: Option<String>,
+        #[serde(default)]
+        binary: bool,
+    }
+    let m: Message = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    Ok(Some(match m.message {
+        None => None,
+        Some(b) if m.binary => Some(Inbound::Binary(Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b.as_bytes())
+                .map_err(|e| e.to_string())?,
+        ))),
+        Some(t) => Some(Inbound::Text(t)),
+    }))
+}
+
+/// Takes the next whole frame off the front of `buf` (`None`: not all of it yet).
+pub fn take_frame(buf: &mut bytes::BytesMut) -> Result<Option<RemoteFrame>, String> {
+    use base64::Engine as _;
+    let Some(body) = take_raw_frame(buf)? else {
+        return Ok(None);
+    };
+    if is_log(&body) {
+        #[derive(serde::Deserialize)]
+        struct LogFrame {
+            log: String,
+            stream: String,
+        }
+        let l: LogFrame = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let stream = if l.stream == "stderr" {
+            "stderr"
+        } else {
+            "stdout"
+        };
+        return Ok(Some(RemoteFrame::Log(LogLine {
+            stream,
+            line: l.log,
+        })));
+    }
     #[derive(serde::Deserialize)]
     struct ChunkFrame {
         chunk: String,
@@ -311,7 +383,12 @@ mod tests {
             cancelled: false,
             stream: None,
         };
+        let line = LogLine {
+            stream: "stderr",
+            line: "a \"log\": line".into(),
+        };
         let mut all = chunk_frame(&chunk).to_vec();
+        all.extend_from_slice(&log_frame(&line));
         all.extend_from_slice(&frame(&serde_json::to_vec(&end).unwrap()));
         // Fed a byte at a time, the same two frames come out.
         let mut buf = bytes::BytesMut::new();
@@ -323,7 +400,26 @@ mod tests {
             }
         }
         assert!(matches!(&got[0], RemoteFrame::Chunk(c) if *c == chunk));
-        assert!(matches!(&got[1], RemoteFrame::End(e) if e.envelope.payload.get() == "\"ab\""));
-        assert_eq!(got.len(), 2);
+        assert!(matches!(&got[1], RemoteFrame::Log(l) if *l == line));
+        assert!(matches!(&got[2], RemoteFrame::End(e) if e.envelope.payload.get() == "\"ab\""));
+        assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn session_frames_round_trip() {
+        let sent = [
+            Some(Inbound::Text("hi".into())),
+            Some(Inbound::Binary(Bytes::from_static(b"\x00\xff"))),
+            None,
+        ];
+        let mut buf = bytes::BytesMut::new();
+        for m in sent.clone() {
+            buf.extend_from_slice(&session_frame(m));
+        }
+        let mut got = Vec::new();
+        while let Some(m) = take_session_frame(&mut buf).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(got, sent);
     }
 }

@@ -147,77 +147,186 @@ impl Runner {
     }
 }
 
+/// The most a call's request may carry: the largest payload the server takes, and its context.
+const MAX_CALL_BYTES: usize = dispatch_core::MAX_PAYLOAD_BYTES + 1024 * 1024;
+
 fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/",
-            post(
-                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-                    let pool = pool.clone();
-                    async move {
-                        let call: Call = match serde_json::from_slice(&body) {
-                            Ok(c) => c,
-                            Err(e) => {
-                                let env = dispatch_core::Envelope::error(
-                                    dispatch_core::ErrorObject::input(format!(
-                                        "request is not {{\"context\", \"payload\"}} JSON: {e}"
-                                    )),
-                                    Default::default(),
-                                );
-                                return (axum::http::StatusCode::BAD_REQUEST, axum::Json(env))
-                                    .into_response();
-                            }
-                        };
-                        let ctx = call.context.unwrap_or_else(|| {
-                            RawValue::from_string("{}".into())
-                                .unwrap_or_else(|_| dispatch_core::envelope::null_raw())
-                        });
-                        let payload = call
-                            .payload
-                            .unwrap_or_else(dispatch_core::envelope::null_raw);
-                        if headers.contains_key(dispatch_runtime::stream::STREAM_HEADER) {
-                            return streamed(pool, ctx, payload, Instant::now() + timeout);
-                        }
-                        let (env, timed_out) =
-                            match pool.call(&ctx, &payload, Instant::now() + timeout).await {
-                                Ok(out) => (out.envelope, out.timed_out),
-                                Err(busy) => (
-                                    dispatch_core::Envelope::error(
-                                        dispatch_core::ErrorObject::system(busy.to_string()),
-                                        Default::default(),
-                                    ),
-                                    false,
-                                ),
-                            };
-                        let mut resp =
-                            (axum::http::StatusCode::OK, axum::Json(env)).into_response();
-                        if timed_out {
-                            resp.headers_mut().insert(
-                                dispatch_runtime::pool::TIMED_OUT_HEADER,
-                                axum::http::HeaderValue::from_static("true"),
-                            );
-                        }
-                        resp
-                    }
-                },
-            ),
+            post(move |req: axum::extract::Request| {
+                let pool = pool.clone();
+                async move { answer(pool, timeout, req).await }
+            }),
         )
 }
 
-/// A call the server asked to stream (the Kubernetes backend): the chunks as frames as the
-/// handler yields them, then how it ended. The call runs in its own task; a server that goes
-/// away drops the body, and so the chunks' channel: the worker is stopped, as at the gateway.
-fn streamed(
+/// One call: its JSON body answered with the envelope; or, asked by the Kubernetes backend's
+/// headers, answered with frames (chunks, live lines, the end) — a session's body being
+/// frames too (the call, then its messages as they come).
+async fn answer(
+    pool: Arc<Pool>,
+    timeout: Duration,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use dispatch_runtime::stream;
+    let (parts, body) = req.into_parts();
+    let has = |h: &str| parts.headers.contains_key(h);
+    let (session, streams, live) = (
+        has(stream::SESSION_HEADER),
+        has(stream::STREAM_HEADER),
+        has(stream::LIVE_HEADER),
+    );
+    let bad = |msg: String| {
+        let env = dispatch_core::Envelope::error(
+            dispatch_core::ErrorObject::input(msg),
+            Default::default(),
+        );
+        (axum::http::StatusCode::BAD_REQUEST, axum::Json(env)).into_response()
+    };
+    // A session's call is its body's first frame; the rest are its messages.
+    let (first, inbox) = if session {
+        match session_call(body).await {
+            Ok(x) => (x.0, Some(x.1)),
+            Err(e) => return bad(format!("a session's request: {e}")),
+        }
+    } else {
+        match axum::body::to_bytes(body, MAX_CALL_BYTES).await {
+            Ok(b) => (b, None),
+            Err(e) => return bad(format!("the call's body: {e}")),
+        }
+    };
+    let call: Call = match serde_json::from_slice(&first) {
+        Ok(c) => c,
+        Err(e) => {
+            return bad(format!(
+                "request is not {{\"context\", \"payload\"}} JSON: {e}"
+            ));
+        }
+    };
+    let ctx = call.context.unwrap_or_else(|| {
+        RawValue::from_string("{}".into()).unwrap_or_else(|_| dispatch_core::envelope::null_raw())
+    });
+    let payload = call
+        .payload
+        .unwrap_or_else(dispatch_core::envelope::null_raw);
+    let deadline = Instant::now() + timeout;
+    if session || streams || live {
+        return framed(
+            pool,
+            ctx,
+            payload,
+            deadline,
+            streams || session,
+            live,
+            inbox,
+        );
+    }
+    let (env, timed_out) = match pool.call(&ctx, &payload, deadline).await {
+        Ok(out) => (out.envelope, out.timed_out),
+        Err(busy) => (
+            dispatch_core::Envelope::error(
+                dispatch_core::ErrorObject::system(busy.to_string()),
+                Default::default(),
+            ),
+            false,
+        ),
+    };
+    let mut resp = (axum::http::StatusCode::OK, axum::Json(env)).into_response();
+    if timed_out {
+        resp.headers_mut().insert(
+            dispatch_runtime::pool::TIMED_OUT_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    resp
+}
+
+/// Reads a session request's first frame (the call), then hands the rest of its body on as
+/// messages, 4 at most waiting, from a task of its own: the body's end (or a malformed frame)
+/// ends the messages.
+async fn session_call(
+    body: axum::body::Body,
+) -> Result<
+    (
+        bytes::Bytes,
+        tokio::sync::mpsc::Receiver<dispatch_runtime::Inbound>,
+    ),
+    String,
+> {
+    use dispatch_runtime::stream;
+    use futures_util::StreamExt as _;
+    let mut data = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let first = loop {
+        if let Some(f) = stream::take_raw_frame(&mut buf)? {
+            break f.freeze();
+        }
+        match data.next().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("it ended before the call's frame".into()),
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            match stream::take_session_frame(&mut buf) {
+                Ok(Some(Some(m))) => {
+                    if tx.send(m).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(Some(None)) | Err(_) => return,
+                Ok(None) => {}
+            }
+            match data.next().await {
+                Some(Ok(b)) => buf.extend_from_slice(&b),
+                _ => return,
+            }
+        }
+    });
+    Ok((first, rx))
+}
+
+/// A call the server asked for frames (the Kubernetes backend): the chunks as the handler
+/// yields them (`streams`), the lines as it prints them (`live`), then how it ended. The call
+/// runs in its own task; a server that goes away drops the body, and so the chunks' channel:
+/// the worker is stopped, as at the gateway. Lines wait at most [`LIVE_LINES`] deep for a
+/// slow reader; past that they are left to the answer (which has them all).
+fn framed(
     pool: Arc<Pool>,
     ctx: Box<RawValue>,
     payload: Box<RawValue>,
     deadline: Instant,
+    streams: bool,
+    live: bool,
+    inbox: Option<tokio::sync::mpsc::Receiver<dispatch_runtime::Inbound>>,
 ) -> axum::response::Response {
     use dispatch_runtime::stream::{self, RemoteEnd};
     use futures_util::StreamExt as _;
-    let (sink, opened) = dispatch_runtime::Sink::new(16);
+    const LIVE_LINES: usize = 256;
+    let (sink, opened) = if streams {
+        dispatch_runtime::Sink::new(16)
+    } else {
+        let (_, opened) = tokio::sync::oneshot::channel();
+        (dispatch_runtime::Sink::logs_only(Arc::new(|_| ())), opened)
+    };
+    let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(if live { LIVE_LINES } else { 1 });
+    let mut sink = match inbox {
+        Some(inbox) => sink.with_inbox(inbox),
+        None => sink,
+    };
+    if live {
+        sink = sink.with_logs(Arc::new(move |l| {
+            let _ = lines_tx.try_send(stream::log_frame(&l));
+        }));
+    } else {
+        drop(lines_tx);
+    }
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let end = match pool
@@ -243,6 +352,9 @@ fn streamed(
         drop(sink);
         let _ = end_tx.send(end);
     });
+    let lines = futures_util::stream::unfold(lines_rx, |mut rx| async move {
+        rx.recv().await.map(|f| (f, rx))
+    });
     let chunks = futures_util::stream::once(async move { opened.await.ok() })
         .filter_map(|rx| async move { rx })
         .flat_map(|rx| {
@@ -255,7 +367,10 @@ fn streamed(
         Some(stream::frame(&serde_json::to_vec(&end).ok()?))
     })
     .filter_map(|f| async move { f });
-    let body = chunks.chain(end).map(Ok::<_, std::convert::Infallible>);
+    // Chunks and lines as they come, both ending with the call; then its end.
+    let body = futures_util::stream::select(chunks, lines)
+        .chain(end)
+        .map(Ok::<_, std::convert::Infallible>);
     (
         [(
             axum::http::header::CONTENT_TYPE,

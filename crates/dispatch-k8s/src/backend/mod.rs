@@ -130,6 +130,42 @@ pub fn remote_function(
     })
 }
 
+/// A session's request body to the runner: the call's frame, then each message as the
+/// connection brings it, then the end (the connection closed).
+struct SessionBody {
+    first: Option<bytes::Bytes>,
+    inbox: Option<tokio::sync::mpsc::Receiver<dispatch_runtime::Inbound>>,
+}
+
+impl http_body::Body for SessionBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use dispatch_runtime::stream::session_frame;
+        use std::task::Poll;
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(f))));
+        }
+        let Some(inbox) = self.inbox.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match inbox.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(m)) => {
+                Poll::Ready(Some(Ok(http_body::Frame::data(session_frame(Some(m))))))
+            }
+            Poll::Ready(None) => {
+                self.inbox = None;
+                Poll::Ready(Some(Ok(http_body::Frame::data(session_frame(None)))))
+            }
+        }
+    }
+}
+
 impl KubernetesBackend {
     fn handle(&self, namespace: &str, name: &str, image: String) -> FunctionHandle {
         let url = (self.options.function_url)(namespace, name);
@@ -149,19 +185,6 @@ impl DeployedFunction for RemoteFunction {
         deadline: Instant,
         sink: &'a dispatch_runtime::Sink,
     ) -> BoxFuture<'a, Result<CallOutcome, InvokeError>> {
-        // A sink that only wants live lines: the runner does not send them (its chunks are
-        // the answer, whole).
-        if !sink.streams() {
-            return self.invoke(context, payload, deadline);
-        }
-        if sink.has_inbox() {
-            let e = dispatch_core::ErrorObject::system(
-                "WebSocket sessions (session: true) are not served by the Kubernetes backend yet: \
-                 use a per-message WebSocket endpoint, or the embedded backend",
-            );
-            let refused = CallOutcome::warm(Envelope::error(e, Default::default()), Duration::ZERO);
-            return Box::pin(async move { Ok(refused) });
-        }
         Box::pin(async move { Ok(self.call_streaming(context, payload, deadline, sink).await) })
     }
 
@@ -261,11 +284,30 @@ impl RemoteFunction {
         if left.is_zero() {
             return outcome(timeout(), true, false, None);
         }
-        let sent = self
-            .request(context, payload, left)
-            .header(stream::STREAM_HEADER, "1")
-            .send()
-            .await;
+        // Chunks as frames when someone reads them, lines when someone follows them; a
+        // session's messages go up the request's body as they come (the runner answers while
+        // it is still being sent).
+        let mut rb = self.request(context, payload, left);
+        if sink.streams() {
+            rb = rb.header(stream::STREAM_HEADER, "1");
+        }
+        if sink.wants_logs() {
+            rb = rb.header(stream::LIVE_HEADER, "1");
+        }
+        if let Some(inbox) = sink.take_inbox() {
+            let call = format!(
+                r#"{{"context":{},"payload":{}}}"#,
+                context.get(),
+                payload.get()
+            );
+            rb = rb
+                .header(stream::SESSION_HEADER, "1")
+                .body(reqwest::Body::wrap(SessionBody {
+                    first: Some(stream::frame(call.as_bytes())),
+                    inbox: Some(inbox),
+                }));
+        }
+        let sent = rb.send().await;
         let mut r = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return outcome(timeout(), true, false, None),
@@ -293,6 +335,10 @@ impl RemoteFunction {
                             None,
                         );
                     }
+                    continue;
+                }
+                Ok(Some(RemoteFrame::Log(line))) => {
+                    sink.log(line);
                     continue;
                 }
                 Ok(Some(RemoteFrame::End(end))) => {
