@@ -133,6 +133,53 @@ fn a_timed_out_call_says_so_in_a_header() {
     );
 }
 
+/// A Python handler (`module.handle`, its source `py`) served by `dispatch runner`, the
+/// Kubernetes backend's handle to it, a gate its handler can wait on, and a runtime to call it
+/// from.
+struct Remote {
+    _runner: Proc,
+    _dir: tempfile::TempDir,
+    handle: dispatch_runtime::backend::FunctionHandle,
+    gate: std::net::TcpListener,
+    rt: tokio::runtime::Runtime,
+}
+
+fn remote(module: &str, py: &str) -> Remote {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(format!("{module}.py")), py).unwrap();
+    let port = free_port();
+    let handler = format!("{module}.handle");
+    let runner = runner_with(dir.path(), "python3", port, &["--handler", &handler]);
+    ready(port);
+    dispatch_client::install_crypto_provider();
+    Remote {
+        _runner: runner,
+        _dir: dir,
+        handle: dispatch_k8s::backend::remote_function(
+            reqwest::Client::new(),
+            module,
+            &format!("http://127.0.0.1:{port}"),
+            "img",
+        ),
+        gate: std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    }
+}
+
+/// A streamed call that ended without an error after `chunks` chunks.
+fn streamed_ok(out: dispatch_runtime::CallOutcome, chunks: u64) {
+    assert!(
+        out.envelope.context.error.is_none(),
+        "{:?}",
+        out.envelope.context.error
+    );
+    assert_eq!(out.stream.unwrap().chunks, chunks);
+}
+
 /// The Kubernetes backend streams through the function's Service: its handle asks the
 /// runner for frames and hands each chunk on as it comes (the handler still waiting on the
 /// test's gate), then how the call ended; a caller that goes away stops the call there.
@@ -140,31 +187,15 @@ fn a_timed_out_call_says_so_in_a_header() {
 fn the_kubernetes_handle_streams_through_the_runner() {
     use std::io::Write as _;
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("gated.py"),
+    let r = remote(
+        "gated",
         "import socket\ndef handle(context, payload):\n    yield 'first;'\n    \
          socket.create_connection(('127.0.0.1', payload['port'])).recv(1)\n    yield b'\\x00'\n",
-    )
-    .unwrap();
-    let port = free_port();
-    let _r = runner_with(dir.path(), "python3", port, &["--handler", "gated.handle"]);
-    ready(port);
-    let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    );
+    // Moved out one by one: the runner and its directory stay until the test ends.
+    let (handle, gate, rt) = (r.handle, r.gate, r.rt);
     let gate_port = gate.local_addr().unwrap().port();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(async move {
-        dispatch_client::install_crypto_provider();
-        let handle = dispatch_k8s::backend::remote_function(
-            reqwest::Client::new(),
-            "gated",
-            &format!("http://127.0.0.1:{port}"),
-            "img",
-        );
         let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
         let payload = serde_json::value::to_raw_value(&json!({"port": gate_port})).unwrap();
         let (sink, opened) = dispatch_runtime::Sink::new(4);
@@ -190,13 +221,7 @@ fn the_kubernetes_handle_streams_through_the_runner() {
         .unwrap();
         let second = rx.recv().await.unwrap();
         assert_eq!((&second.data[..], second.binary), (&b"\x00"[..], true));
-        let out = call.await.unwrap();
-        assert!(
-            out.envelope.context.error.is_none(),
-            "{:?}",
-            out.envelope.context.error
-        );
-        assert_eq!(out.stream.unwrap().chunks, 2);
+        streamed_ok(call.await.unwrap(), 2);
 
         // Gone after the first chunk: the call ends cancelled.
         let (sink, opened) = dispatch_runtime::Sink::new(1);
@@ -226,9 +251,8 @@ fn the_kubernetes_handle_streams_through_the_runner() {
 fn the_kubernetes_handle_follows_lines_and_serves_sessions_through_the_runner() {
     use std::io::Write as _;
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("both.py"),
+    let r = remote(
+        "both",
         r#"import socket
 def handle(context, payload):
     if isinstance(payload, dict):
@@ -242,27 +266,12 @@ def echo(messages):
     for m in messages:
         yield m.upper() if isinstance(m, str) else m[::-1]
 "#,
-    )
-    .unwrap();
-    let port = free_port();
-    let _r = runner_with(dir.path(), "python3", port, &["--handler", "both.handle"]);
-    ready(port);
-    let gate = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    );
+    // Moved out one by one: the runner and its directory stay until the test ends.
+    let (handle, gate, rt) = (r.handle, r.gate, r.rt);
     let gate_port = gate.local_addr().unwrap().port();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     rt.block_on(async move {
         use dispatch_runtime::{Inbound, Sink};
-        dispatch_client::install_crypto_provider();
-        let handle = dispatch_k8s::backend::remote_function(
-            reqwest::Client::new(),
-            "both",
-            &format!("http://127.0.0.1:{port}"),
-            "img",
-        );
         let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
 
@@ -315,13 +324,7 @@ def echo(messages):
         let second = rx.recv().await.unwrap();
         assert_eq!((&second.data[..], second.binary), (&b"\x02\x01"[..], true));
         drop(messages);
-        let out = call.await.unwrap();
-        assert!(
-            out.envelope.context.error.is_none(),
-            "{:?}",
-            out.envelope.context.error
-        );
-        assert_eq!(out.stream.unwrap().chunks, 2);
+        streamed_ok(call.await.unwrap(), 2);
     });
 }
 

@@ -550,52 +550,63 @@ async fn exec_handlers_stream_their_stdout() {
     t.stop().await;
 }
 
-/// An async run's lines reach its follower as they are printed (Python and Node), before the
-/// handler returns; the record keeps them all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_async_runs_lines_are_followed_as_they_are_printed() {
-    const PY: &str = r#"
+/// Print `one TAG`, wait until the test sends a byte on the socket at `port` (when the payload
+/// names one), then print `two TAG` (Python: to stdout, in two writes; Node: to stderr).
+const TALKY_PY: &str = r#"
 import socket
 def handle(context, payload):
-    print("one")
-    s = socket.create_connection(("127.0.0.1", payload["port"]))
-    s.recv(1)
-    print("two", end="")
+    print("one", payload.get("tag"))
+    if payload.get("port"):
+        s = socket.create_connection(("127.0.0.1", payload["port"]))
+        s.recv(1)
+    print("two", payload.get("tag"), end="")
     print("")
     return "done"
 "#;
-    const JS: &str = r#"
+const TALKY_JS: &str = r#"
 const net = require('net');
 module.exports.handle = async (context, payload) => {
-  console.log('one');
-  await new Promise((resolve) => {
-    const s = net.connect(payload.port, '127.0.0.1');
-    s.once('data', () => { s.destroy(); resolve(); });
-  });
-  console.error('two');
+  console.log('one', payload.tag);
+  if (payload.port) {
+    await new Promise((resolve) => {
+      const s = net.connect(payload.port, '127.0.0.1');
+      s.once('data', () => { s.destroy(); resolve(); });
+    });
+  }
+  console.error('two', payload.tag);
   return 'done';
 };
 "#;
-    let t = start().await;
-    let c = &t.client;
+
+/// The talky handlers as functions `talky` (Python) and `jtalky` (Node), ready.
+async fn talky_functions(c: &dispatch_client::Client) {
     images(c).await;
-    ready_function(c, "talky", PY, json!({})).await;
+    ready_function(c, "talky", TALKY_PY, json!({})).await;
     create_function(
         c,
         "jtalky",
         "js",
         "jtalky.js",
-        JS,
+        TALKY_JS,
         json!({"handler": "jtalky.handle"}),
     )
     .await
     .unwrap();
     settled(c, Kind::Function, "jtalky").await;
+}
+
+/// An async run's lines reach its follower as they are printed (Python and Node), before the
+/// handler returns; the record keeps them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_runs_lines_are_followed_as_they_are_printed() {
+    let t = start().await;
+    let c = &t.client;
+    talky_functions(c).await;
     for function in ["talky", "jtalky"] {
         let gate = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = gate.local_addr().unwrap().port();
         let accepted = c
-            .exec_async(function, &raw(json!({"port": port})), None)
+            .exec_async(function, &raw(json!({"port": port, "tag": "async"})), None)
             .await
             .unwrap();
         let id = accepted["id"].as_str().unwrap().to_string();
@@ -616,17 +627,17 @@ module.exports.handle = async (context, payload) => {
         };
         assert_eq!(
             rx.recv().await.unwrap(),
-            ("stdout".to_string(), "one".to_string()),
+            ("stdout".to_string(), "one async".to_string()),
             "{function}: the first line while the handler waits"
         );
         let mut held = held;
         held.write_all(b"!").unwrap();
         let second = rx.recv().await.unwrap();
-        assert_eq!(second.1, "two", "{function}");
+        assert_eq!(second.1, "two async", "{function}");
         assert!(follower.await.unwrap(), "{function}: it kept up");
         let done = final_run(c, &id).await;
         assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
-        assert_eq!(done.logs.stdout[0], "one");
+        assert_eq!(done.logs.stdout[0], "one async");
     }
     t.stop().await;
 }
@@ -636,46 +647,10 @@ module.exports.handle = async (context, payload) => {
 /// returns; a shutdown ends the following.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followed_functions_sync_calls_send_their_lines_as_they_are_printed() {
-    const PY: &str = r#"
-import socket
-def handle(context, payload):
-    print("one", payload.get("tag"))
-    if payload.get("port"):
-        s = socket.create_connection(("127.0.0.1", payload["port"]))
-        s.recv(1)
-    print("two", payload.get("tag"))
-    return "done"
-"#;
-    const JS: &str = r#"
-const net = require('net');
-module.exports.handle = async (context, payload) => {
-  console.log('one', payload.tag);
-  if (payload.port) {
-    await new Promise((resolve) => {
-      const s = net.connect(payload.port, '127.0.0.1');
-      s.once('data', () => { s.destroy(); resolve(); });
-    });
-  }
-  console.error('two', payload.tag);
-  return 'done';
-};
-"#;
     let t = start().await;
     let c = &t.client;
-    images(c).await;
-    ready_function(c, "talky", PY, json!({})).await;
+    talky_functions(c).await;
     endpoint(c, "talky", "talky", json!({})).await;
-    create_function(
-        c,
-        "jtalky",
-        "js",
-        "jtalky.js",
-        JS,
-        json!({"handler": "jtalky.handle"}),
-    )
-    .await
-    .unwrap();
-    settled(c, Kind::Function, "jtalky").await;
 
     // Asked wrongly: what to fix.
     let http = reqwest::Client::new();
