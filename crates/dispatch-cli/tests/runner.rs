@@ -144,12 +144,14 @@ struct Remote {
     rt: tokio::runtime::Runtime,
 }
 
-fn remote(module: &str, py: &str) -> Remote {
+fn remote(module: &str, py: &str, extra: &[&str]) -> Remote {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(format!("{module}.py")), py).unwrap();
     let port = free_port();
     let handler = format!("{module}.handle");
-    let runner = runner_with(dir.path(), "python3", port, &["--handler", &handler]);
+    let mut flags = vec!["--handler", &handler];
+    flags.extend_from_slice(extra);
+    let runner = runner_with(dir.path(), "python3", port, &flags);
     ready(port);
     dispatch_client::install_crypto_provider();
     Remote {
@@ -191,6 +193,7 @@ fn the_kubernetes_handle_streams_through_the_runner() {
         "gated",
         "import socket\ndef handle(context, payload):\n    yield 'first;'\n    \
          socket.create_connection(('127.0.0.1', payload['port'])).recv(1)\n    yield b'\\x00'\n",
+        &[],
     );
     // Moved out one by one: the runner and its directory stay until the test ends.
     let (handle, gate, rt) = (r.handle, r.gate, r.rt);
@@ -266,6 +269,7 @@ def echo(messages):
     for m in messages:
         yield m.upper() if isinstance(m, str) else m[::-1]
 "#,
+        &[],
     );
     // Moved out one by one: the runner and its directory stay until the test ends.
     let (handle, gate, rt) = (r.handle, r.gate, r.rt);
@@ -325,6 +329,42 @@ def echo(messages):
         assert_eq!((&second.data[..], second.binary), (&b"\x02\x01"[..], true));
         drop(messages);
         streamed_ok(call.await.unwrap(), 2);
+    });
+}
+
+/// A session through the runner lasts as long as the server says (the endpoint's
+/// maxDuration), not the function's timeout: a runner whose calls may take 1 ms still echoes
+/// a session's messages (before, the session ended at once with a timeout).
+#[test]
+fn a_session_through_the_runner_outlasts_the_functions_timeout() {
+    use std::time::{Duration, Instant};
+    let r = remote(
+        "echo",
+        "def handle(context, messages):\n    for m in messages:\n        yield m.upper()\n",
+        &["--timeout", "1ms"],
+    );
+    let handle = r.handle;
+    r.rt.block_on(async move {
+        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
+        let payload = serde_json::value::to_raw_value(&json!(null)).unwrap();
+        let (messages, inbox) = tokio::sync::mpsc::channel(4);
+        let (sink, opened) = dispatch_runtime::Sink::new(4);
+        let sink = sink.with_inbox(inbox);
+        let call = tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            handle
+                .invoke_streaming(&ctx, &payload, deadline, &sink)
+                .await
+                .unwrap()
+        });
+        messages
+            .send(dispatch_runtime::Inbound::Text("hi".into()))
+            .await
+            .unwrap();
+        let mut rx = opened.await.expect("an echo, not a timeout");
+        assert_eq!(&rx.recv().await.unwrap().data[..], b"HI");
+        drop(messages);
+        streamed_ok(call.await.unwrap(), 1);
     });
 }
 

@@ -190,7 +190,8 @@ pub const FRAMES_CONTENT_TYPE: &str = "application/x-dispatch-frames";
 pub const LIVE_HEADER: &str = "x-dispatch-live";
 /// A WebSocket session through `dispatch runner`: the request's body is frames too, the call
 /// (`{"context","payload"}`) first, then each message as it comes ([`message_frame`]'s
-/// shape) and the end; the answer is frames as for [`STREAM_HEADER`].
+/// shape) and the end; the answer is frames as for [`STREAM_HEADER`]. Its value is how long
+/// the session may last, in milliseconds (the function's timeout does not bound it).
 pub const SESSION_HEADER: &str = "x-dispatch-session";
 
 /// The last frame of a streamed answer over HTTP: how the call ended.

@@ -149,6 +149,8 @@ impl Runner {
 
 /// The most a call's request may carry: the largest payload the server takes, and its context.
 const MAX_CALL_BYTES: usize = dispatch_core::MAX_PAYLOAD_BYTES + 1024 * 1024;
+/// The longest session a runner holds, whatever it is asked.
+const MAX_SESSION: Duration = Duration::from_secs(24 * 3600);
 
 fn router(pool: Arc<Pool>, timeout: Duration) -> axum::Router {
     use axum::routing::{get, post};
@@ -212,7 +214,17 @@ async fn answer(
     let payload = call
         .payload
         .unwrap_or_else(dispatch_core::envelope::null_raw);
-    let deadline = Instant::now() + timeout;
+    // A session lasts as long as its connection may (the endpoint's maxDuration, which the
+    // server sends as the session header's milliseconds), not the function's timeout.
+    let session_ms = parts
+        .headers
+        .get(stream::SESSION_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let deadline = Instant::now()
+        + match session_ms {
+            Some(ms) => Duration::from_millis(ms).min(MAX_SESSION),
+            None => timeout,
+        };
     if session || streams || live {
         return framed(
             pool,

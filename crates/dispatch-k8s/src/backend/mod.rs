@@ -301,7 +301,7 @@ impl RemoteFunction {
                 payload.get()
             );
             rb = rb
-                .header(stream::SESSION_HEADER, "1")
+                .header(stream::SESSION_HEADER, left.as_millis().to_string())
                 .body(reqwest::Body::wrap(SessionBody {
                     first: Some(stream::frame(call.as_bytes())),
                     inbox: Some(inbox),
