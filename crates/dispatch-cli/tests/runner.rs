@@ -172,6 +172,25 @@ fn remote(module: &str, py: &str, extra: &[&str]) -> Remote {
     }
 }
 
+/// One call on `handle` in a task of its own (a minute to end): `payload` as its payload,
+/// its chunks, lines or messages through `sink`.
+fn spawn_call(
+    handle: &dispatch_runtime::backend::FunctionHandle,
+    payload: Value,
+    sink: dispatch_runtime::Sink,
+) -> tokio::task::JoinHandle<dispatch_runtime::CallOutcome> {
+    let handle = handle.clone();
+    tokio::spawn(async move {
+        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
+        let payload = serde_json::value::to_raw_value(&payload).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        handle
+            .invoke_streaming(&ctx, &payload, deadline, &sink)
+            .await
+            .unwrap()
+    })
+}
+
 /// A streamed call that ended without an error after `chunks` chunks.
 fn streamed_ok(out: dispatch_runtime::CallOutcome, chunks: u64) {
     assert!(
@@ -188,7 +207,6 @@ fn streamed_ok(out: dispatch_runtime::CallOutcome, chunks: u64) {
 #[test]
 fn the_kubernetes_handle_streams_through_the_runner() {
     use std::io::Write as _;
-    use std::time::{Duration, Instant};
     let r = remote(
         "gated",
         "import socket\ndef handle(context, payload):\n    yield 'first;'\n    \
@@ -199,20 +217,8 @@ fn the_kubernetes_handle_streams_through_the_runner() {
     let (handle, gate, rt) = (r.handle, r.gate, r.rt);
     let gate_port = gate.local_addr().unwrap().port();
     rt.block_on(async move {
-        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
-        let payload = serde_json::value::to_raw_value(&json!({"port": gate_port})).unwrap();
         let (sink, opened) = dispatch_runtime::Sink::new(4);
-        let call = {
-            let handle = handle.clone();
-            let (ctx, payload) = (ctx.clone(), payload.clone());
-            tokio::spawn(async move {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                handle
-                    .invoke_streaming(&ctx, &payload, deadline, &sink)
-                    .await
-                    .unwrap()
-            })
-        };
+        let call = spawn_call(&handle, json!({"port": gate_port}), sink);
         let mut rx = opened.await.unwrap();
         let first = rx.recv().await.unwrap();
         assert_eq!((&first.data[..], first.binary), (&b"first;"[..], false));
@@ -228,13 +234,7 @@ fn the_kubernetes_handle_streams_through_the_runner() {
 
         // Gone after the first chunk: the call ends cancelled.
         let (sink, opened) = dispatch_runtime::Sink::new(1);
-        let call = tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            handle
-                .invoke_streaming(&ctx, &payload, deadline, &sink)
-                .await
-                .unwrap()
-        });
+        let call = spawn_call(&handle, json!({"port": gate_port}), sink);
         let mut rx = opened.await.unwrap();
         rx.recv().await.unwrap();
         drop(rx);
@@ -253,7 +253,6 @@ fn the_kubernetes_handle_streams_through_the_runner() {
 #[test]
 fn the_kubernetes_handle_follows_lines_and_serves_sessions_through_the_runner() {
     use std::io::Write as _;
-    use std::time::{Duration, Instant};
     let r = remote(
         "both",
         r#"import socket
@@ -276,24 +275,12 @@ def echo(messages):
     let gate_port = gate.local_addr().unwrap().port();
     rt.block_on(async move {
         use dispatch_runtime::{Inbound, Sink};
-        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-
         // Live lines.
         let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
         let sink = Sink::logs_only(std::sync::Arc::new(move |l| {
             let _ = tx.send(l);
         }));
-        let payload = serde_json::value::to_raw_value(&json!({"port": gate_port})).unwrap();
-        let call = {
-            let (handle, ctx) = (handle.clone(), ctx.clone());
-            tokio::spawn(async move {
-                handle
-                    .invoke_streaming(&ctx, &payload, deadline, &sink)
-                    .await
-                    .unwrap()
-            })
-        };
+        let call = spawn_call(&handle, json!({"port": gate_port}), sink);
         let one = lines.recv().await.unwrap();
         assert_eq!((one.stream, one.line.as_str()), ("stdout", "one"));
         assert!(!call.is_finished(), "the handler waits on the gate");
@@ -308,14 +295,7 @@ def echo(messages):
         // A session.
         let (messages, inbox) = tokio::sync::mpsc::channel(4);
         let (sink, opened) = Sink::new(4);
-        let sink = sink.with_inbox(inbox);
-        let call = tokio::spawn(async move {
-            let payload = serde_json::value::to_raw_value(&json!(null)).unwrap();
-            handle
-                .invoke_streaming(&ctx, &payload, deadline, &sink)
-                .await
-                .unwrap()
-        });
+        let call = spawn_call(&handle, json!(null), sink.with_inbox(inbox));
         messages.send(Inbound::Text("hi".into())).await.unwrap();
         let mut rx = opened.await.unwrap();
         let first = rx.recv().await.unwrap();
@@ -337,7 +317,6 @@ def echo(messages):
 /// a session's messages (before, the session ended at once with a timeout).
 #[test]
 fn a_session_through_the_runner_outlasts_the_functions_timeout() {
-    use std::time::{Duration, Instant};
     let r = remote(
         "echo",
         "def handle(context, messages):\n    for m in messages:\n        yield m.upper()\n",
@@ -345,18 +324,9 @@ fn a_session_through_the_runner_outlasts_the_functions_timeout() {
     );
     let handle = r.handle;
     r.rt.block_on(async move {
-        let ctx = serde_json::value::to_raw_value(&json!({})).unwrap();
-        let payload = serde_json::value::to_raw_value(&json!(null)).unwrap();
         let (messages, inbox) = tokio::sync::mpsc::channel(4);
         let (sink, opened) = dispatch_runtime::Sink::new(4);
-        let sink = sink.with_inbox(inbox);
-        let call = tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            handle
-                .invoke_streaming(&ctx, &payload, deadline, &sink)
-                .await
-                .unwrap()
-        });
+        let call = spawn_call(&handle, json!(null), sink.with_inbox(inbox));
         messages
             .send(dispatch_runtime::Inbound::Text("hi".into()))
             .await

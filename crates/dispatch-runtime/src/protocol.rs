@@ -42,7 +42,7 @@ pub struct Hello {
 }
 
 /// Worker → host: once per request, its answer; before it, when the handler streams, one raw
-/// frame per chunk it yields (`worker::RAW_TEXT`/`RAW_BYTES`, the id, the data) and, for a
+/// frame per chunk it yields (`stream::RAW_TEXT`/`RAW_BYTES`, the id, the data) and, for a
 /// `live` request, `{"id", "log", "stream"}` per line printed.
 #[derive(Deserialize)]
 pub struct Response {
@@ -51,11 +51,6 @@ pub struct Response {
     pub context: EnvelopeContext,
     #[serde(default)]
     pub payload: Option<Box<RawValue>>,
-    /// A live log line (`stream` says which).
-    #[serde(default)]
-    pub log: Option<String>,
-    #[serde(default)]
-    pub stream: Option<String>,
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> io::Result<()> {

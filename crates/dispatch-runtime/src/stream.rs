@@ -123,11 +123,6 @@ impl Sink {
         self.idle.get().copied()
     }
 
-    /// Whether the call is a WebSocket session (its handler reads messages as they come).
-    pub fn has_inbox(&self) -> bool {
-        self.inbox.lock().is_some()
-    }
-
     /// A session's messages, for the one call that runs it.
     pub fn take_inbox(&self) -> Option<mpsc::Receiver<Inbound>> {
         self.inbox.lock().take()
@@ -149,11 +144,28 @@ impl Sink {
     }
 }
 
-/// Whether a frame may be a chunk: `{"id":N,"chunk":…` (the bootstraps write it so; a key
-/// inside a string would be escaped). A false positive is parsed and treated as the answer.
-pub(crate) fn has_chunk(frame: &[u8]) -> bool {
-    let head = &frame[..frame.len().min(48)];
-    head.windows(8).any(|w| w == b"\"chunk\":")
+/// The first byte of a raw chunk frame: text (UTF-8) or bytes (DESIGN §5's frames are JSON,
+/// which starts with `{`; a chunk skips it both ways: no encoding, no base64, no copy of its
+/// data on the reading side).
+pub const RAW_TEXT: u8 = 0;
+pub const RAW_BYTES: u8 = 1;
+/// A raw chunk frame's head: the kind byte and the request id (8 bytes, big-endian).
+const RAW_HEAD: usize = 9;
+
+/// A raw chunk frame's kind and request id (`None` when the frame is JSON, or too short to
+/// be a chunk); its data starts at [`RAW_HEAD`]. The worker's frames and `dispatch runner`'s
+/// are both so.
+pub(crate) fn raw_chunk(frame: &[u8]) -> Option<(bool, u64)> {
+    let kind @ (RAW_TEXT | RAW_BYTES) = *frame.first()? else {
+        return None;
+    };
+    let id = u64::from_be_bytes(frame.get(1..RAW_HEAD)?.try_into().ok()?);
+    Some((kind == RAW_BYTES, id))
+}
+
+/// A raw chunk frame's data, without a copy.
+pub(crate) fn raw_data(frame: bytes::Bytes) -> Bytes {
+    frame.slice(RAW_HEAD..)
 }
 
 /// Whether a frame may be a live log line: `{"id":N,"log":…` (the bootstraps write it so; a
@@ -162,6 +174,24 @@ pub(crate) fn has_chunk(frame: &[u8]) -> bool {
 pub(crate) fn is_log(frame: &[u8]) -> bool {
     let head = &frame[..frame.len().min(32)];
     head.windows(6).any(|w| w == b"\"log\":")
+}
+
+/// A live log line frame's request id (if it names one) and line; `None` when it has no
+/// `log` (then it is something else).
+pub(crate) fn log_of(frame: &[u8]) -> Result<Option<(Option<u64>, LogLine)>, String> {
+    #[derive(serde::Deserialize)]
+    struct LogFrame {
+        id: Option<u64>,
+        log: Option<String>,
+        stream: Option<String>,
+    }
+    let f: LogFrame = serde_json::from_slice(frame).map_err(|e| e.to_string())?;
+    let stream = if f.stream.as_deref() == Some("stderr") {
+        "stderr"
+    } else {
+        "stdout"
+    };
+    Ok(f.log.map(|line| (f.id, LogLine { stream, line })))
 }
 
 /// The frame that hands a session's handler one message (or, `None`, its end).
@@ -215,15 +245,14 @@ pub fn frame(body: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// A chunk as its frame (`{"chunk", "binary"}`, bytes as base64).
+/// A chunk as its frame: the length, then a raw chunk frame (request id 0).
 pub fn chunk_frame(c: &Chunk) -> Bytes {
-    use base64::Engine as _;
-    let v = if c.binary {
-        serde_json::json!({"chunk": base64::engine::general_purpose::STANDARD.encode(&c.data), "binary": true})
-    } else {
-        serde_json::json!({"chunk": String::from_utf8_lossy(&c.data)})
-    };
-    frame(&serde_json::to_vec(&v).unwrap_or_default())
+    let mut out = Vec::with_capacity(4 + RAW_HEAD + c.data.len());
+    out.extend_from_slice(&((RAW_HEAD + c.data.len()) as u32).to_be_bytes());
+    out.push(if c.binary { RAW_BYTES } else { RAW_TEXT });
+    out.extend_from_slice(&0u64.to_be_bytes());
+    out.extend_from_slice(&c.data);
+    Bytes::from(out)
 }
 
 /// A printed line as its frame (`{"log","stream"}`).
@@ -289,48 +318,17 @@ pub fn take_session_frame(buf: &mut bytes::BytesMut) -> Result<Option<Option<Inb
 
 /// Takes the next whole frame off the front of `buf` (`None`: not all of it yet).
 pub fn take_frame(buf: &mut bytes::BytesMut) -> Result<Option<RemoteFrame>, String> {
-    use base64::Engine as _;
     let Some(body) = take_raw_frame(buf)? else {
         return Ok(None);
     };
-    if is_log(&body) {
-        #[derive(serde::Deserialize)]
-        struct LogFrame {
-            log: String,
-            stream: String,
-        }
-        let l: LogFrame = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        let stream = if l.stream == "stderr" {
-            "stderr"
-        } else {
-            "stdout"
-        };
-        return Ok(Some(RemoteFrame::Log(LogLine {
-            stream,
-            line: l.log,
-        })));
+    if let Some((binary, _)) = raw_chunk(&body) {
+        let data = raw_data(body.freeze());
+        return Ok(Some(RemoteFrame::Chunk(Chunk { data, binary })));
     }
-    #[derive(serde::Deserialize)]
-    struct ChunkFrame {
-        chunk: String,
-        #[serde(default)]
-        binary: bool,
-    }
-    if has_chunk(&body) {
-        let c: ChunkFrame = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        let data = if c.binary {
-            Bytes::from(
-                base64::engine::general_purpose::STANDARD
-                    .decode(c.chunk.as_bytes())
-                    .map_err(|e| e.to_string())?,
-            )
-        } else {
-            Bytes::from(c.chunk)
-        };
-        return Ok(Some(RemoteFrame::Chunk(Chunk {
-            data,
-            binary: c.binary,
-        })));
+    if is_log(&body)
+        && let Some((_, line)) = log_of(&body)?
+    {
+        return Ok(Some(RemoteFrame::Log(line)));
     }
     let end: RemoteEnd = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
     Ok(Some(RemoteFrame::End(Box::new(end))))
@@ -391,7 +389,7 @@ mod tests {
         let mut all = chunk_frame(&chunk).to_vec();
         all.extend_from_slice(&log_frame(&line));
         all.extend_from_slice(&frame(&serde_json::to_vec(&end).unwrap()));
-        // Fed a byte at a time, the same two frames come out.
+        // Fed a byte at a time, the same three frames come out.
         let mut buf = bytes::BytesMut::new();
         let mut got = Vec::new();
         for b in all {

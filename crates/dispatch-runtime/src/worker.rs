@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::protocol::{self, Hello, Request, Response};
-use crate::stream::{Chunk, Inbound, LogLine, Sink, is_log, message_frame};
+use crate::stream::{Chunk, Inbound, Sink, is_log, log_of, message_frame, raw_chunk, raw_data};
 use dispatch_core::StreamStats;
 
 /// How a call's exchange with its worker ended.
@@ -56,11 +56,6 @@ impl Streamed {
     }
 }
 
-/// The first byte of a raw chunk frame: text (UTF-8) or bytes (DESIGN §5's frames are JSON,
-/// which starts with `{`; a chunk skips it both ways: no encoding, no base64, no copy here).
-pub const RAW_TEXT: u8 = 0;
-pub const RAW_BYTES: u8 = 1;
-
 /// The reading side of one call: chunks (to its sink, or kept as the answer) until the
 /// answer frame.
 struct Reading<'s> {
@@ -88,19 +83,14 @@ impl Reading<'_> {
             };
             // A raw chunk frame: a kind byte (0 text, 1 bytes), the call's id, the data — no
             // JSON either side (JSON frames start with `{`).
-            if let Some(&kind @ (RAW_TEXT | RAW_BYTES)) = frame.first() {
-                let id = frame
-                    .get(1..9)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes);
-                if id != Some(self.id) {
+            if let Some((binary, id)) = raw_chunk(&frame) {
+                if id != self.id {
                     return Ok(Exchange::Malformed(format!(
-                        "a chunk of request {id:?} during request {}",
+                        "a chunk of request {id} during request {}",
                         self.id
                     )));
                 }
-                let data = bytes::Bytes::from(frame).slice(9..);
-                if let Some(end) = self.chunk(data, kind == RAW_BYTES).await {
+                if let Some(end) = self.chunk(raw_data(frame.into()), binary).await {
                     return Ok(end);
                 }
                 continue;
@@ -110,20 +100,14 @@ impl Reading<'_> {
             if !is_log(&frame) {
                 return Ok(Exchange::Answer(frame));
             }
-            let f: Response = match serde_json::from_slice(&frame) {
-                Ok(f) => f,
-                Err(e) => return Ok(Exchange::Malformed(e.to_string())),
-            };
-            let Some(line) = f.log.filter(|_| f.id == self.id) else {
-                return Ok(Exchange::Answer(frame));
-            };
-            if let Some(s) = self.sink {
-                let stream = if f.stream.as_deref() == Some("stderr") {
-                    "stderr"
-                } else {
-                    "stdout"
-                };
-                s.log(LogLine { stream, line });
+            match log_of(&frame) {
+                Err(e) => return Ok(Exchange::Malformed(e)),
+                Ok(Some((id, line))) if id == Some(self.id) => {
+                    if let Some(s) = self.sink {
+                        s.log(line);
+                    }
+                }
+                Ok(_) => return Ok(Exchange::Answer(frame)),
             }
         }
     }

@@ -322,9 +322,12 @@ async fn per_message(
 ) -> Option<Message> {
     let settings = target.settings;
     let mut index = 0u64;
+    // One for the connection: its timers are set once, not once per message.
+    let ends = server_ends(stop, settings, activity, opened);
+    tokio::pin!(ends);
     loop {
         let m = tokio::select! {
-            m = server_ends(stop.clone(), settings, activity, opened) => return Some(m),
+            m = &mut ends => return Some(m),
             m = in_rx.recv() => m,
         };
         let m = m?; // the client closed

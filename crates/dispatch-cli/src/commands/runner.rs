@@ -321,23 +321,32 @@ fn framed(
     use dispatch_runtime::stream::{self, RemoteEnd};
     use futures_util::StreamExt as _;
     const LIVE_LINES: usize = 256;
-    let (sink, opened) = if streams {
-        dispatch_runtime::Sink::new(16)
-    } else {
-        let (_, opened) = tokio::sync::oneshot::channel();
-        (dispatch_runtime::Sink::logs_only(Arc::new(|_| ())), opened)
-    };
-    let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(if live { LIVE_LINES } else { 1 });
-    let mut sink = match inbox {
-        Some(inbox) => sink.with_inbox(inbox),
-        None => sink,
-    };
-    if live {
-        sink = sink.with_logs(Arc::new(move |l| {
+    // Without `live` the lines' sender goes with the closure never made: their stream is empty.
+    let (lines_tx, lines_rx) = tokio::sync::mpsc::channel(LIVE_LINES);
+    let logs = live.then(|| -> dispatch_runtime::stream::LogListener {
+        Arc::new(move |l| {
             let _ = lines_tx.try_send(stream::log_frame(&l));
-        }));
-    } else {
-        drop(lines_tx);
+        })
+    });
+    let (mut sink, opened) = match logs {
+        // Nobody reads chunks: they are the answer; the chunks' stream is empty.
+        Some(logs) if !streams => (
+            dispatch_runtime::Sink::logs_only(logs),
+            tokio::sync::oneshot::channel().1,
+        ),
+        logs => {
+            let (sink, opened) = dispatch_runtime::Sink::new(16);
+            (
+                match logs {
+                    Some(logs) => sink.with_logs(logs),
+                    None => sink,
+                },
+                opened,
+            )
+        }
+    };
+    if let Some(inbox) = inbox {
+        sink = sink.with_inbox(inbox);
     }
     let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
