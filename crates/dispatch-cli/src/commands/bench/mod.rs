@@ -585,13 +585,14 @@ fn print_table(r: &Report) {
     }
     let st = &r.stream;
     println!(
-        "\nstreamed answer, first chunk  bare p50/p99 {:.1} / {:.1} µs   gateway p50/p99 {:.1} / {:.1} µs   added p50 {:+.1} µs  (n={})",
+        "\nstreamed answer, first chunk  bare p50/p99 {:.1} / {:.1} µs   gateway p50/p99 {:.1} / {:.1} µs   added p50 {:+.1} µs  (n={}; a bare loopback round trip here: {:.1} µs)",
         st.ttfb_bare_p50_us,
         st.ttfb_bare_p99_us,
         st.ttfb_gateway_p50_us,
         st.ttfb_gateway_p99_us,
         st.ttfb_added_p50_us,
-        st.samples
+        st.samples,
+        st.loopback_rtt_p50_us
     );
     println!(
         "  64 KiB chunks through the gateway: {:.0} MiB/s ({} MiB, one client)",

@@ -37,6 +37,11 @@ pub struct Streaming {
     pub ttfb_gateway_p99_us: f64,
     /// What the gateway adds to the first chunk, at p50.
     pub ttfb_added_p50_us: f64,
+    /// One 1-byte TCP round trip over loopback between the same client and an echo task on
+    /// the server's runtime, each after 5 ms idle as the streamed calls' requests: the floor
+    /// under `ttfb_added` on this machine (a gateway is one such hop more than the bare
+    /// worker, whatever it does).
+    pub loopback_rtt_p50_us: f64,
     /// 64 KiB chunks read through the gateway by one client, MiB/s.
     pub throughput_mib_s: f64,
     pub throughput_mib: u64,
@@ -105,6 +110,7 @@ pub async fn streaming(s: &Setup, samples: usize, mib: u64) -> Result<Streaming>
     // Through the gateway: one keep-alive connection (hyper, nodelay) on a thread and runtime
     // of its own, as the warm loads.
     let addr = s.gateway;
+    let echo = echo_server().await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("bench-stream".into())
@@ -113,10 +119,15 @@ pub async fn streaming(s: &Setup, samples: usize, mib: u64) -> Result<Streaming>
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(through_gateway(addr, samples, mib)));
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let floor = round_trips(echo, samples).await?;
+                        Ok((floor, through_gateway(addr, samples, mib).await?))
+                    })
+                });
             let _ = tx.send(out);
         })?;
-    let (mut gateway, bytes, took) = rx.await.context("the stream thread died")??;
+    let (mut floor, (mut gateway, bytes, took)) = rx.await.context("the stream thread died")??;
 
     let (b50, b99) = (pct(&mut bare, 0.5), pct(&mut bare, 0.99));
     let (g50, g99) = (pct(&mut gateway, 0.5), pct(&mut gateway, 0.99));
@@ -127,9 +138,48 @@ pub async fn streaming(s: &Setup, samples: usize, mib: u64) -> Result<Streaming>
         ttfb_gateway_p50_us: g50,
         ttfb_gateway_p99_us: g99,
         ttfb_added_p50_us: g50 - b50,
+        loopback_rtt_p50_us: pct(&mut floor, 0.5),
         throughput_mib_s: bytes as f64 / (1024.0 * 1024.0) / took,
         throughput_mib: mib,
     })
+}
+
+/// A task on this (the server's) runtime that echoes what one connection sends.
+async fn echo_server() -> Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = conn.set_nodelay(true);
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = conn.read(&mut buf).await {
+            if conn.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(addr)
+}
+
+/// `samples` 1-byte round trips (µs) to the echo at `addr`, each after 5 ms idle (the
+/// streamed handler's pause between its chunks, which idles the machine before each request).
+async fn round_trips(addr: std::net::SocketAddr, samples: usize) -> Result<Vec<f64>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.set_nodelay(true)?;
+    let mut out = Vec::with_capacity(samples);
+    let mut byte = [0u8; 1];
+    for _ in 0..samples {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let t0 = Instant::now();
+        conn.write_all(b"x").await?;
+        conn.read_exact(&mut byte).await?;
+        out.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(out)
 }
 
 /// Times to the first chunk (µs) of `samples` streamed calls, then the bytes and seconds of one
