@@ -54,6 +54,23 @@ pub struct Global {
     /// Log more (-v info, -vv debug); RUST_LOG overrides
     #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// How this program's own log lines (stderr) are written: text, or json — one object a
+    /// line with timestamp, level, fields and message, for log collectors. Text has colours
+    /// only when stderr is a terminal.
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,7 +231,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Set once by [`init_tracing`]: the program's log lines are JSON.
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A long-running command's word to its operator (where it listens, what isolation it has):
+/// a plain line on stderr, or with `--log-format json` an info event like the others, so that
+/// every line of stderr parses.
+pub fn say(message: &str) {
+    if LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!("{message}");
+    } else {
+        eprintln!("{message}");
+    }
+}
+
 pub fn init_tracing(cli: &Cli) {
+    LOG_JSON.store(
+        cli.global.log_format == LogFormat::Json,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let default = match (&cli.command, cli.global.verbose) {
         (_, 2..) => "debug",
         (_, 1) => "info",
@@ -223,11 +258,18 @@ pub fn init_tracing(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match cli.global.log_format {
+        // The target says which log a line belongs to (`dispatch::access` for the access log).
+        LogFormat::Json => fmt.json().flatten_event(true).try_init(),
+        // Colour codes only for a terminal: in a file or a journal they are noise.
+        LogFormat::Text => fmt
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Prints `error: <message>` with the cause chain, and a hint when one helps.

@@ -279,6 +279,117 @@ fn the_data_dir_is_private() {
     assert!(!open.join("dispatch.db").exists(), "nothing was created");
 }
 
+/// `--log-format json` makes every line of the server's stderr a JSON object (the start-up
+/// words too), with no colour codes in a file; `--access-log` adds one line per request with
+/// its edge, method, route template, status, duration, run id and the client's trace id; a
+/// method a route does not take is answered with the JSON error shape and `Allow`.
+#[test]
+fn server_logs_as_json_with_an_access_log_and_405_as_json() {
+    let (s, log) = ServerProc::start_logged(&["--log-format", "json", "--access-log"]);
+    let seed = examples().join("seed.yaml");
+    s.ok(&["apply", "-f", seed.to_str().unwrap()]);
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let run_id = eventually("hello to answer through the gateway", || {
+        let (code, head, _) = http(
+            s.gateway,
+            "GET",
+            "/hello?secret=hunter2",
+            &[("traceparent", &traceparent)],
+            "",
+        )?;
+        (code == 200).then_some(())?;
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-dispatch-run-id: "))
+            .map(|v| v.trim().to_string())
+    });
+    for (port, method, path, allow) in [
+        (s.api, "PATCH", "/v1/version", "allow: get,head"),
+        (
+            s.gateway,
+            "GET",
+            "/execute/default/hello",
+            "allow: put,post",
+        ),
+    ] {
+        let bearer = format!("Bearer {}", s.token);
+        let (code, head, body) =
+            http(port, method, path, &[("authorization", &bearer)], "").unwrap();
+        assert_eq!(code, 405, "{head}\n{body}");
+        assert!(head.contains(allow), "{head}");
+        let v: Value = serde_json::from_str(&body).expect("a JSON error");
+        assert_eq!(v["error"]["code"], "MethodNotAllowed", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains(method) && m.contains(path) && m.contains("Allow"),
+            "{m}"
+        );
+    }
+    // The access lines are written as the requests end: poll the file for the last one.
+    let lines = eventually("the access lines of every request", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("/execute/{ns}/{name}").then_some(text)
+    });
+    assert!(
+        !lines.contains('\u{1b}'),
+        "no colour codes in a file: {lines}"
+    );
+    let objects: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    assert!(
+        objects.iter().any(|o| o["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("dispatch server: api"))),
+        "the start-up words are JSON events too: {lines}"
+    );
+    let access: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["target"] == "dispatch::access")
+        .collect();
+    let call = access
+        .iter()
+        // (the helper lower-cases the head it returns)
+        .find(|o| {
+            o["run_id"]
+                .as_str()
+                .is_some_and(|r| r.eq_ignore_ascii_case(&run_id))
+        })
+        .unwrap_or_else(|| panic!("no access line with run {run_id}: {lines}"));
+    assert_eq!(call["edge"], "gateway");
+    assert_eq!(call["method"], "GET");
+    assert_eq!(call["route"], "/hello", "the path without its query");
+    assert_eq!(call["status"], 200);
+    assert_eq!(call["trace_id"], trace);
+    assert!(
+        call["duration_ms"].as_f64().is_some_and(|d| d > 0.0),
+        "{call}"
+    );
+    assert!(!lines.contains("hunter2"), "queries are not logged");
+    let refused = access
+        .iter()
+        .find(|o| o["route"] == "/v1/version")
+        .expect("the API's 405");
+    assert_eq!(refused["edge"], "api");
+    assert_eq!(refused["status"], 405);
+    assert!(refused.get("trace_id").is_none(), "{refused}");
+    // The API logs its route templates, not the names in them.
+    s.ok(&["get", "function", "hello"]);
+    eventually("the API's templated route", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("\"route\":\"/v1/namespaces/{ns}/{kind}/{name}\"")
+            .then_some(())
+    });
+    // Text, the default, has no colour codes either when stderr is not a terminal.
+    let (_t, log) = ServerProc::start_logged(&[]);
+    let text = eventually("the text log's ready line", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("dispatch server ready").then_some(text)
+    });
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+}
+
 #[test]
 fn apply_and_delete_manifests() {
     let s = ServerProc::start();

@@ -385,10 +385,16 @@ fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> 
     let (gw_cap, api_cap) = limits.caps(open_files);
     let tls = state.config.tls.clone();
     let metrics = &state.metrics;
+    let (mut api_router, mut gw_router) =
+        (api::router(state.clone()), gateway::router(state.clone()));
+    if state.config.access_log {
+        api_router = crate::access::layer(api_router, serve::Edge::Api);
+        gw_router = crate::access::layer(gw_router, serve::Edge::Gateway);
+    }
     let api_task = tokio::spawn(serve::serve(
         api,
         tls.clone(),
-        api::router(state.clone()),
+        api_router,
         serve::Edge::Api,
         api_cap,
         limits.clone(),
@@ -398,7 +404,7 @@ fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> 
     let gw_task = tokio::spawn(serve::serve(
         gateway,
         tls,
-        gateway::router(state.clone()),
+        gw_router,
         serve::Edge::Gateway,
         gw_cap,
         limits,

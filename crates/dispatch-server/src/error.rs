@@ -81,6 +81,19 @@ impl ApiError {
         e
     }
 
+    /// A route that exists, asked with a method it does not take (axum adds the `Allow`
+    /// header the message points to).
+    pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!(
+                "{method} is not allowed on {}: the Allow header lists the methods it takes",
+                uri.path()
+            ),
+        )
+    }
+
     pub fn with_retry_after(mut self, secs: u32) -> Self {
         self.retry_after = Some(secs);
         self

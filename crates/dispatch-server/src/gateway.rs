@@ -21,6 +21,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(crate::api::execute_routes())
         .fallback(handle)
+        .method_not_allowed_fallback(ApiError::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::gateway_guard,

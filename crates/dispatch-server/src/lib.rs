@@ -6,6 +6,7 @@
 //! DESIGN §4), [`invoke`] (one function call, shared by the API and the gateway) and
 //! [`controller`] (phases INITIALIZED → CREATING → READY | ERROR).
 
+pub mod access;
 mod admission;
 pub mod api;
 pub mod auth;

@@ -42,6 +42,8 @@ pub struct Options {
     pub max_waiting_calls: usize,
     /// Scratch folders of job executions (`<data dir>/jobs`).
     pub jobs_dir: std::path::PathBuf,
+    /// One `dispatch::access` log line per request on both ports (`--access-log`).
+    pub access_log: bool,
     /// Require API tokens (off only with `--insecure-no-auth`).
     pub auth: bool,
     /// The key that seals secrets (`<data dir>/secret.key`); none = a key in memory only.
@@ -98,6 +100,7 @@ impl Default for Options {
             replica_lease: std::time::Duration::from_secs(10),
             max_waiting_calls: dispatch_runtime::DEFAULT_MAX_WAITING_CALLS,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
+            access_log: false,
             auth: true,
             secret_key_file: None,
             tls: None,

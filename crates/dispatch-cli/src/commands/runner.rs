@@ -136,10 +136,10 @@ impl Runner {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        eprintln!(
+        crate::say(&format!(
             "dispatch runner: serving {} on {addr}",
             self.function_dir.display()
-        );
+        ));
         axum::serve(listener, app)
             .with_graceful_shutdown(super::server::shutdown_signal())
             .await?;

@@ -81,6 +81,11 @@ pub struct Server {
     /// Async runs running at once (all functions)
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
+    /// Log one line per request on both ports (target dispatch::access): edge, method, route,
+    /// status, duration_ms to the response's head, run_id, trace_id (from the client's
+    /// traceparent). With --log-format json, one JSON object a line
+    #[arg(long, env = "DISPATCH_ACCESS_LOG")]
+    pub access_log: bool,
     /// Synchronous calls of one function that may wait when all its maxWorkers are busy;
     /// past it a call gets 429 with Retry-After
     #[arg(long, default_value_t = dispatch_runtime::DEFAULT_MAX_WAITING_CALLS)]
@@ -233,6 +238,7 @@ impl Server {
             secret_key_file: self.secret_key_file.clone(),
             max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,
+            access_log: self.access_log,
             max_workers_total: self.max_workers_total.max(1),
             worker_memory_budget: self.worker_memory_budget,
             min_free_disk: self.min_free_disk,
@@ -394,22 +400,22 @@ impl Server {
         } else {
             "http"
         };
-        eprintln!(
+        crate::say(&format!(
             "dispatch server: api {scheme}://{} gateway {scheme}://{} data {}",
             config.api_addr,
             config.gateway_addr,
             config.data_dir.display()
-        );
+        ));
         let mut builder = dispatch_server::Server::builder()
             .data_dir(&config.data_dir)
             .api_addr(config.api_addr)
             .gateway_addr(config.gateway_addr)
             .options(config.options.clone());
         if let Some(db) = database {
-            eprintln!(
+            crate::say(&format!(
                 "dispatch server: records in {}",
                 dispatch_server::redacted(&db.url)
-            );
+            ));
             builder = builder.database(db);
         }
         if let Some(b) = parts.backend {
@@ -421,15 +427,15 @@ impl Server {
         let mut signals = ShutdownSignals::new();
         let server = builder.start().await?;
         if let Some(file) = &server.admin_token_file {
-            eprintln!(
+            crate::say(&format!(
                 "first start: an admin token was written to {} (mode 0600); use it with\n  export DISPATCH_TOKEN=$(cat {})\n  or: dispatch login --server http://{} --token $(cat {})",
                 file.display(),
                 file.display(),
                 config.api_addr,
                 file.display()
-            );
+            ));
         } else if !config.options.auth {
-            eprintln!("authentication is OFF (--insecure-no-auth): every caller is admin");
+            crate::say("authentication is OFF (--insecure-no-auth): every caller is admin");
         }
         signals.recv().await;
         if !self.shutdown_delay.is_zero() {
@@ -461,9 +467,9 @@ impl Server {
         let engine = match Engine::detect(self.oci_runtime.as_deref(), data_dir) {
             Ok(e) => e,
             Err(e) if self.oci_runtime.is_none() => {
-                eprintln!(
+                crate::say(&format!(
                     "containers: off ({e}); job containers that name an image fail unless the template says spec.runtime: host"
-                );
+                ));
                 return Ok(None);
             }
             Err(e) => anyhow::bail!("--oci-runtime: {e}"),
@@ -475,12 +481,12 @@ impl Server {
         let images = Images::open(data_dir, registry, self.registry_mirror.as_deref())
             .context("opening the image store")?
             .with_max_bytes(self.max_image_size);
-        eprintln!(
+        crate::say(&format!(
             "containers: {} ({}), images in {}",
             engine.name,
             engine.version,
             data_dir.join("images").display()
-        );
+        ));
         Ok(Some(std::sync::Arc::new(Containers {
             images,
             engine: std::sync::Arc::new(engine),
@@ -500,7 +506,7 @@ async fn sandboxes(
         tracing::warn!(
             "isolation none: functions, job commands and builds run as this server, with its identity, its data dir and every tenant's tokens and secrets within reach; use it for development on a trusted machine only"
         );
-        eprintln!("isolation: none (user code runs unsandboxed, as the server)");
+        crate::say("isolation: none (user code runs unsandboxed, as the server)");
         return Ok(None);
     }
     let launcher =
@@ -514,7 +520,7 @@ async fn sandboxes(
     s.check().await.map_err(|e| {
         anyhow::anyhow!("the sandbox cannot run here: {e}; see --isolation and --sandbox-without")
     })?;
-    eprintln!("{}", s.describe());
+    crate::say(&s.describe());
     Ok(Some(s))
 }
 

@@ -117,7 +117,23 @@ impl ServerProc {
 
     /// Like [`ServerProc::start_in`], with more `dispatch server` flags.
     pub fn start_with(dir: tempfile::TempDir, flags: &[&str]) -> ServerProc {
+        Self::spawn(dir, flags, None)
+    }
+
+    /// A server whose stderr (its own log) goes to `dir/server.log`, with these flags.
+    pub fn start_logged(flags: &[&str]) -> (ServerProc, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("server.log");
+        let s = Self::spawn(dir, flags, Some(&log));
+        (s, log)
+    }
+
+    fn spawn(dir: tempfile::TempDir, flags: &[&str], log: Option<&Path>) -> ServerProc {
         let (api, gateway) = free_ports();
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => server_log(api),
+        };
         let child = Command::cargo_bin("dispatch")
             .unwrap()
             .arg("server")
@@ -131,7 +147,7 @@ impl ServerProc {
                 &format!("127.0.0.1:{gateway}"),
             ])
             .stdout(Stdio::null())
-            .stderr(server_log(api))
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut s = ServerProc {

@@ -135,6 +135,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
         })
+        .method_not_allowed_fallback(ApiError::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::api_guard,
