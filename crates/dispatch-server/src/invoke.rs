@@ -252,12 +252,14 @@ fn redact_envelope(env: &mut Envelope, deployed: &Deployed) {
 /// Redacts secret values from an attempt's envelope (logs, error) in place, then copies the
 /// outcome into its run record (logs capped, output redacted too). Redacting the envelope
 /// first means every later reader — the caller's response, retry bookkeeping — sees only the
-/// redacted text, and the work is done once.
+/// redacted text, and the work is done once. Counts the attempt, which `took` this long, in
+/// the metrics.
 pub fn apply_outcome(
     run: &mut Run,
     outcome: &mut CallOutcome,
     deployed: &Deployed,
     state: &AppState,
+    took: Duration,
 ) {
     let max_log_bytes = state.config.max_log_bytes;
     redact_envelope(&mut outcome.envelope, deployed);
@@ -270,6 +272,12 @@ pub fn apply_outcome(
     run.cold = outcome.cold;
     run.cold_start = outcome.cold_start;
     state.metrics.record(run.status, run.cold_start.as_ref());
+    deployed.metrics.record(
+        run.status,
+        env.context.error.as_ref().map(|e| e.kind),
+        outcome.cold,
+        took,
+    );
     run.timings = outcome.timings;
     run.stream = outcome.stream;
     run.digest = Some(deployed.digest.clone());
@@ -336,6 +344,7 @@ pub async fn execute(state: &AppState, mut call: Invocation) -> Result<Answer, C
         timeout: call.timeout,
         sink: sink.as_ref(),
     };
+    let started = Instant::now();
     let outcome = match call_deployed(&deployed, &run, extras).await {
         Ok(o) => o,
         Err(InvokeError::NotDeployed { .. }) => {
@@ -347,7 +356,7 @@ pub async fn execute(state: &AppState, mut call: Invocation) -> Result<Answer, C
         }
     };
     let mut outcome = outcome;
-    apply_outcome(&mut run, &mut outcome, &deployed, state);
+    apply_outcome(&mut run, &mut outcome, &deployed, state, started.elapsed());
     let envelope = outcome.envelope;
     run.started_at = created
         .checked_add(jiff::SignedDuration::from_millis(

@@ -1,11 +1,16 @@
 //! Process metrics in the Prometheus text format (`GET /metrics` on the API, viewer token):
-//! cold starts as histograms, split by how the worker started and by step, and finished runs
-//! by status. Atomic counters only: recording is a few relaxed adds on the run path.
+//! cold starts as histograms, split by how the worker started and by step, finished runs by
+//! status, and per function its calls by status, errors by type, cold starts and a duration
+//! histogram. Atomic counters only: recording is a few relaxed adds on the run path (a
+//! function's counters hang off its deployment: no look-up per call).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use dispatch_core::{ColdStart, RunStatus, StartMethod};
+use dispatch_core::{ColdStart, ErrorType, RunStatus, StartMethod};
 
 use crate::serve::{Edge, EdgeCounters};
 
@@ -14,25 +19,71 @@ const EDGES: [Edge; 2] = [Edge::Api, Edge::Gateway];
 /// One counter of a listener's [`EdgeCounters`].
 type EdgeField = fn(&EdgeCounters) -> &AtomicU64;
 
-/// Upper bounds of the histogram buckets, in seconds (+Inf is implied).
-const BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// Upper bounds of the cold starts' buckets, in seconds (the last is +Inf).
+const BUCKETS: [f64; 15] = [
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    f64::INFINITY,
 ];
 
-#[derive(Default)]
-struct Histogram {
+/// Upper bounds of calls' durations, in seconds: from a warm call's 100 µs to a long job's
+/// minutes (the last is +Inf).
+const DURATION_BUCKETS: [f64; 18] = [
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+    60.0,
+    300.0,
+    f64::INFINITY,
+];
+
+struct Histogram<const N: usize> {
+    bounds: &'static [f64; N],
     /// Observations at or below each bound (not cumulative; summed when rendered).
-    counts: [AtomicU64; BUCKETS.len() + 1],
+    counts: [AtomicU64; N],
     /// Sum of observations in nanoseconds.
     sum_ns: AtomicU64,
 }
 
-impl Histogram {
+impl<const N: usize> Histogram<N> {
+    fn new(bounds: &'static [f64; N]) -> Self {
+        Histogram {
+            bounds,
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
     fn observe(&self, seconds: f64) {
-        let i = BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|b| seconds <= *b)
-            .unwrap_or(BUCKETS.len());
+            .unwrap_or(N - 1);
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns
             .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
@@ -40,9 +91,13 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
-        for (i, c) in self.counts.iter().enumerate() {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
             cumulative += c.load(Ordering::Relaxed);
-            let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let le = if b.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                b.to_string()
+            };
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
         }
         let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
@@ -58,21 +113,111 @@ const METHODS: [StartMethod; 3] = [
 ];
 const STEPS: [&str; 4] = ["total", "spawn", "import", "first_call"];
 const STATUSES: [RunStatus; 3] = [RunStatus::Succeeded, RunStatus::Failed, RunStatus::Dead];
+/// What one call (an attempt) of a function ends as.
+const CALL_STATUSES: [RunStatus; 4] = [
+    RunStatus::Succeeded,
+    RunStatus::Failed,
+    RunStatus::Timeout,
+    RunStatus::Cancelled,
+];
+const ERROR_TYPES: [ErrorType; 3] = [
+    ErrorType::InputError,
+    ErrorType::FunctionError,
+    ErrorType::SystemError,
+];
 
-#[derive(Default)]
+/// One function's calls (every attempt: sync, async, event, cron), whatever its history
+/// policy records.
+pub struct FunctionMetrics {
+    calls: [AtomicU64; CALL_STATUSES.len()],
+    errors: [AtomicU64; ERROR_TYPES.len()],
+    cold: AtomicU64,
+    /// From the call's start on the server (waiting for a worker and a cold start included)
+    /// to its outcome.
+    duration: Histogram<{ DURATION_BUCKETS.len() }>,
+}
+
+impl std::fmt::Debug for FunctionMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FunctionMetrics")
+            .field("calls", &self.total())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for FunctionMetrics {
+    fn default() -> Self {
+        FunctionMetrics {
+            calls: Default::default(),
+            errors: Default::default(),
+            cold: AtomicU64::new(0),
+            duration: Histogram::new(&DURATION_BUCKETS),
+        }
+    }
+}
+
+impl FunctionMetrics {
+    pub fn record(&self, status: RunStatus, error: Option<ErrorType>, cold: bool, took: Duration) {
+        if let Some(i) = CALL_STATUSES.iter().position(|s| *s == status) {
+            self.calls[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(i) = error.and_then(|e| ERROR_TYPES.iter().position(|t| *t == e)) {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+        if cold {
+            self.cold.fetch_add(1, Ordering::Relaxed);
+        }
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    fn total(&self) -> u64 {
+        self.calls.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
 pub struct Metrics {
     /// [method][step]
-    cold: [[Histogram; STEPS.len()]; METHODS.len()],
+    cold: [[Histogram<{ BUCKETS.len() }>; STEPS.len()]; METHODS.len()],
     runs: [AtomicU64; STATUSES.len()],
     warm: AtomicU64,
     /// Connections of the API and the gateway listeners.
     edges: [std::sync::Arc<EdgeCounters>; 2],
+    /// (namespace, function) → its counters, shared with its deployments.
+    functions: parking_lot::RwLock<BTreeMap<(String, String), Arc<FunctionMetrics>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            cold: std::array::from_fn(|_| std::array::from_fn(|_| Histogram::new(&BUCKETS))),
+            runs: Default::default(),
+            warm: AtomicU64::new(0),
+            edges: Default::default(),
+            functions: Default::default(),
+        }
+    }
 }
 
 impl Metrics {
     /// The connection counters of one listener (shared with its accept loop).
     pub fn edge(&self, edge: Edge) -> std::sync::Arc<EdgeCounters> {
         self.edges[EDGES.iter().position(|e| *e == edge).unwrap_or(0)].clone()
+    }
+
+    /// The counters of a function (its versions share them), made on its first deploy.
+    pub fn function(&self, namespace: &str, function: &str) -> Arc<FunctionMetrics> {
+        let key = (namespace.to_string(), function.to_string());
+        if let Some(m) = self.functions.read().get(&key) {
+            return m.clone();
+        }
+        self.functions.write().entry(key).or_default().clone()
+    }
+
+    /// A function no longer served: its series go (they start from zero if it comes back).
+    pub fn forget_function(&self, namespace: &str, function: &str) {
+        self.functions
+            .write()
+            .remove(&(namespace.to_string(), function.to_string()));
     }
 
     /// Records one finished call: its cold start (if any) and its status.
@@ -157,7 +302,58 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {v}", e.as_str());
             }
         }
+        self.render_functions(&mut out);
         out
+    }
+
+    /// The per-function families; a function not called since it was deployed has no
+    /// series yet (10,000 idle functions cost the scrape nothing).
+    fn render_functions(&self, out: &mut String) {
+        let functions: Vec<_> = self
+            .functions
+            .read()
+            .iter()
+            .filter(|(_, m)| m.total() > 0)
+            .map(|((ns, f), m)| (format!("namespace=\"{ns}\",function=\"{f}\""), m.clone()))
+            .collect();
+        out.push_str(
+            "# HELP dispatch_function_calls_total Finished calls (attempts) of a function, by status.\n# TYPE dispatch_function_calls_total counter\n",
+        );
+        for (labels, m) in &functions {
+            for (s, c) in CALL_STATUSES.iter().zip(&m.calls) {
+                let v = c.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "dispatch_function_calls_total{{{labels},status=\"{s}\"}} {v}"
+                );
+            }
+        }
+        out.push_str(
+            "# HELP dispatch_function_errors_total Failed calls of a function, by error type (InputError: the caller's input; FunctionError: the handler; SystemError: the platform, a timeout included).\n# TYPE dispatch_function_errors_total counter\n",
+        );
+        for (labels, m) in &functions {
+            for (t, c) in ERROR_TYPES.iter().zip(&m.errors) {
+                let v = c.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "dispatch_function_errors_total{{{labels},type=\"{t}\"}} {v}"
+                );
+            }
+        }
+        out.push_str(
+            "# HELP dispatch_function_cold_starts_total Calls of a function that started a worker.\n# TYPE dispatch_function_cold_starts_total counter\n",
+        );
+        for (labels, m) in &functions {
+            let v = m.cold.load(Ordering::Relaxed);
+            let _ = writeln!(out, "dispatch_function_cold_starts_total{{{labels}}} {v}");
+        }
+        out.push_str(
+            "# HELP dispatch_function_duration_seconds Calls of a function from their start on the server (a wait for a worker and a cold start included) to their outcome.\n# TYPE dispatch_function_duration_seconds histogram\n",
+        );
+        for (labels, m) in &functions {
+            m.duration
+                .render(out, "dispatch_function_duration_seconds", labels);
+        }
     }
 }
 
@@ -202,5 +398,81 @@ mod tests {
         );
         assert!(line(r#"dispatch_runs_total{status="SUCCEEDED"}"#).ends_with(" 2"));
         assert!(line("dispatch_warm_calls_total").ends_with(" 1"));
+    }
+
+    #[test]
+    fn a_functions_calls_are_counted_by_status_error_and_duration() {
+        let m = Metrics::default();
+        let idle = m.function("default", "idle");
+        let f = m.function("team", "hello");
+        assert!(
+            Arc::ptr_eq(&f, &m.function("team", "hello")),
+            "its deployments share one set of counters"
+        );
+        f.record(RunStatus::Succeeded, None, true, Duration::from_micros(180));
+        f.record(RunStatus::Succeeded, None, false, Duration::from_micros(90));
+        f.record(
+            RunStatus::Timeout,
+            Some(ErrorType::SystemError),
+            false,
+            Duration::from_secs(3),
+        );
+        let text = m.render();
+        let l = r#"namespace="team",function="hello""#;
+        for (series, v) in [
+            (
+                format!(r#"dispatch_function_calls_total{{{l},status="SUCCEEDED"}}"#),
+                2,
+            ),
+            (
+                format!(r#"dispatch_function_calls_total{{{l},status="TIMEOUT"}}"#),
+                1,
+            ),
+            (
+                format!(r#"dispatch_function_calls_total{{{l},status="FAILED"}}"#),
+                0,
+            ),
+            (
+                format!(r#"dispatch_function_errors_total{{{l},type="SystemError"}}"#),
+                1,
+            ),
+            (
+                format!(r#"dispatch_function_errors_total{{{l},type="InputError"}}"#),
+                0,
+            ),
+            (format!(r#"dispatch_function_cold_starts_total{{{l}}}"#), 1),
+            (
+                format!(r#"dispatch_function_duration_seconds_bucket{{{l},le="0.0001"}}"#),
+                1,
+            ),
+            (
+                format!(r#"dispatch_function_duration_seconds_bucket{{{l},le="0.00025"}}"#),
+                2,
+            ),
+            (
+                format!(r#"dispatch_function_duration_seconds_bucket{{{l},le="2.5"}}"#),
+                2,
+            ),
+            (
+                format!(r#"dispatch_function_duration_seconds_bucket{{{l},le="10"}}"#),
+                3,
+            ),
+            (
+                format!(r#"dispatch_function_duration_seconds_count{{{l}}}"#),
+                3,
+            ),
+        ] {
+            assert!(
+                text.lines().any(|x| x == format!("{series} {v}")),
+                "no {series} {v} in\n{text}"
+            );
+        }
+        assert!(
+            !text.contains(r#"function="idle""#),
+            "uncalled: no series yet"
+        );
+        drop(idle);
+        m.forget_function("team", "hello");
+        assert!(!m.render().contains(r#"function="hello""#));
     }
 }

@@ -40,6 +40,8 @@ pub struct Deployed {
     pub history: dispatch_core::HistoryPolicy,
     /// spec.idleTimeout: the longest silence between a stream's chunks.
     pub stream_idle: Option<Duration>,
+    /// The function's counters in `/metrics` (its versions share them; set when deployed).
+    pub metrics: Arc<crate::metrics::FunctionMetrics>,
 }
 
 /// Namespace → function → deployment. Nested so that lookups borrow `&str`.
@@ -550,6 +552,15 @@ impl AppState {
     }
 
     pub fn set_deployed(&self, ns: &str, name: &str, d: Option<Deployed>) {
+        // `hello@3` is a version of hello: it counts as hello.
+        let function = name.split_once('@').map_or(name, |(f, _)| f);
+        let d = d.map(|mut d| {
+            d.metrics = self.metrics.function(ns, function);
+            d
+        });
+        if d.is_none() && function == name {
+            self.metrics.forget_function(ns, name);
+        }
         let mut map = self.deployed.write();
         match d {
             Some(d) => {

@@ -108,6 +108,58 @@ async fn history_policies_keep_exactly_what_they_say() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(total, 176.0, "{m}");
+    // And per function, by status, error type and duration (the ValueError is the caller's
+    // input), whatever its history policy keeps.
+    let value = |m: &str, series: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{m}"))
+    };
+    for f in ["every", "quiet"] {
+        let l = format!("namespace=\"default\",function=\"{f}\"");
+        let calls = |s: &str| format!("dispatch_function_calls_total{{{l},status=\"{s}\"}}");
+        assert_eq!(value(&m, &calls("SUCCEEDED")), 41.0);
+        assert_eq!(value(&m, &calls("FAILED")), 3.0);
+        assert_eq!(value(&m, &calls("TIMEOUT")), 0.0);
+        let errors = |t: &str| format!("dispatch_function_errors_total{{{l},type=\"{t}\"}}");
+        assert_eq!(value(&m, &errors("InputError")), 3.0);
+        assert_eq!(value(&m, &errors("FunctionError")), 0.0);
+        assert_eq!(
+            value(
+                &m,
+                &format!("dispatch_function_duration_seconds_count{{{l}}}")
+            ),
+            44.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                &format!("dispatch_function_duration_seconds_bucket{{{l},le=\"+Inf\"}}")
+            ),
+            44.0
+        );
+        assert!(
+            value(
+                &m,
+                &format!("dispatch_function_duration_seconds_sum{{{l}}}")
+            ) > 0.0
+        );
+        // (deploys warm a worker up: a call may find none cold)
+        assert!(value(&m, &format!("dispatch_function_cold_starts_total{{{l}}}")) >= 0.0);
+    }
+    // A deleted function's series go with it.
+    c.delete(Kind::Function, "quiet").await.unwrap();
+    let gone = eventually("the deleted function's series to go", || async {
+        let m = reqwest::get(format!("{}/metrics", t.api()))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (!m.contains("function=\"quiet\"")).then_some(m)
+    })
+    .await;
+    assert!(gone.contains("function=\"every\""), "{gone}");
     t.stop().await;
 }
 

@@ -271,6 +271,7 @@ impl Planned {
             max_queued: spec.max_queued.map(|n| n as usize),
             history: spec.history_policy(),
             stream_idle: spec.stream_idle_timeout().unwrap_or_default(),
+            metrics: Default::default(),
         }
     }
 }

@@ -225,6 +225,7 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
         crate::invoke::secret_values(&deployed),
     );
     let sink = dispatch_runtime::Sink::logs_only(listener);
+    let started = std::time::Instant::now();
     let outcome = call_deployed(
         &deployed,
         &run,
@@ -251,7 +252,7 @@ pub(super) async fn run_one(state: Arc<AppState>, ns: String, id: String) {
             not_deployed(&state, run).await;
         }
         Ok(mut outcome) => {
-            apply_outcome(&mut run, &mut outcome, &deployed, &state);
+            apply_outcome(&mut run, &mut outcome, &deployed, &state, started.elapsed());
             match outcome.envelope.context.error {
                 None => {
                     run.next_attempt_at = None;
