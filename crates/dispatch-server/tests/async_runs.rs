@@ -430,6 +430,18 @@ async fn admission_is_bounded_per_function_and_in_bytes() {
     ] {
         assert!(metrics.contains(line), "no {line} in\n{metrics}");
     }
+    // Its runs wait (the function cannot start): the oldest has waited since it was accepted.
+    let age: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "dispatch_function_oldest_queued_age_seconds{namespace=\"default\",function=\"a\"} ",
+            )?
+            .parse()
+            .ok()
+        })
+        .unwrap_or_else(|| panic!("no oldest age of a in\n{metrics}"));
+    assert!(age > 0.0 && age < 300.0, "{age}");
     // A cancelled run gives its slot and its bytes back.
     let runs = c.list_runs(&q).await.unwrap();
     c.cancel_run(&runs[0].id).await.unwrap();

@@ -277,18 +277,34 @@ fn function_metrics(state: &AppState) -> String {
          # TYPE dispatch_function_queued gauge\n",
     );
     let rows = state.queue.per_function();
-    for ((ns, f), queued, _) in &rows {
+    for r in &rows {
+        let (ns, f) = &r.key;
         let _ = writeln!(
             out,
-            "dispatch_function_queued{{namespace=\"{ns}\",function=\"{f}\"}} {queued}"
+            "dispatch_function_queued{{namespace=\"{ns}\",function=\"{f}\"}} {}",
+            r.queued
+        );
+    }
+    out.push_str(
+        "# HELP dispatch_function_oldest_queued_age_seconds How long the oldest async run of \
+         a function waiting to start has waited (since it was accepted or redriven).\n\
+         # TYPE dispatch_function_oldest_queued_age_seconds gauge\n",
+    );
+    for r in &rows {
+        let (ns, f) = &r.key;
+        let _ = writeln!(
+            out,
+            "dispatch_function_oldest_queued_age_seconds{{namespace=\"{ns}\",function=\"{f}\"}} {}",
+            r.oldest_age_seconds
         );
     }
     out.push_str(
         "# HELP dispatch_function_refused_total Calls answered 429, by function and the bound \
          that was full.\n# TYPE dispatch_function_refused_total counter\n",
     );
-    for ((ns, f), _, refused) in &rows {
-        for (bound, n) in refused.by_bound() {
+    for r in &rows {
+        let (ns, f) = &r.key;
+        for (bound, n) in r.refused.by_bound() {
             let _ = writeln!(
                 out,
                 "dispatch_function_refused_total{{namespace=\"{ns}\",function=\"{f}\",bound=\"{bound}\"}} {n}"

@@ -99,6 +99,15 @@ struct RunningRun {
     abort: AbortHandle,
 }
 
+/// One function's line in `/metrics`: accepted runs not final, 429s by bound, and the age of
+/// its oldest waiting run (0 when none waits).
+pub struct QueueLine {
+    pub key: FnKey,
+    pub queued: usize,
+    pub refused: Refused,
+    pub oldest_age_seconds: f64,
+}
+
 struct Waiting {
     key: FnKey,
     /// When the run's age starts (created, or redriven), in ms: for maxAge.
@@ -376,19 +385,26 @@ impl Queue {
         }
     }
 
-    /// Queued runs and refusals of every function that has either (`/metrics`).
-    pub fn per_function(&self) -> Vec<(FnKey, usize, Refused)> {
+    /// Queued runs and refusals of every function that has either, and how long its oldest
+    /// waiting run has waited, in seconds (`/metrics`; a walk of the waiting runs, at most
+    /// the queue's bound).
+    pub fn per_function(&self) -> Vec<QueueLine> {
+        let now = self.clock.now().as_millisecond();
         let s = self.sched();
+        let mut oldest: HashMap<&FnKey, i64> = HashMap::new();
+        for w in s.waiting.values() {
+            let o = oldest.entry(&w.key).or_insert(w.origin_ms);
+            *o = (*o).min(w.origin_ms);
+        }
         let mut keys: Vec<&FnKey> = s.fn_depth.keys().chain(s.refused.keys()).collect();
         keys.sort();
         keys.dedup();
         keys.into_iter()
-            .map(|k| {
-                (
-                    k.clone(),
-                    s.fn_depth.get(k).copied().unwrap_or(0),
-                    s.refused.get(k).copied().unwrap_or_default(),
-                )
+            .map(|k| QueueLine {
+                key: k.clone(),
+                queued: s.fn_depth.get(k).copied().unwrap_or(0),
+                refused: s.refused.get(k).copied().unwrap_or_default(),
+                oldest_age_seconds: oldest.get(k).map_or(0.0, |o| (now - o).max(0) as f64 / 1e3),
             })
             .collect()
     }
