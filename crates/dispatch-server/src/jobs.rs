@@ -87,6 +87,12 @@ enum Found {
 }
 
 impl Jobs {
+    /// Executions waiting for a slot and running now, on this server (`/metrics`).
+    pub fn counts(&self) -> (usize, usize) {
+        let s = self.sched.lock();
+        (s.waiting.values().map(VecDeque::len).sum(), s.active.len())
+    }
+
     pub fn new(dir: PathBuf) -> Jobs {
         Jobs {
             sched: Mutex::new(Sched::default()),
@@ -551,6 +557,7 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
     if !state.jobs.release(&job) {
         return; // cancelled: the canceller records it
     }
+    state.metrics.job_ended(job.phase);
     let done = now(state);
     job.finished_at = Some(done);
     job.logs = logs.lock().clone();
@@ -607,6 +614,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobEx
     job.reason = "cancelled".into();
     job.finished_at = Some(now(state));
     save(state, &job).await?;
+    state.metrics.job_ended(job.phase);
     let _ = std::fs::remove_dir_all(state.jobs.scratch(&job));
     next(state, &template_key(&job)).await;
     Ok(job)

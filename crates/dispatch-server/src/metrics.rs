@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use dispatch_core::jobs::JobPhase;
 use dispatch_core::{ColdStart, ErrorType, RunStatus, StartMethod};
 
 use crate::serve::{Edge, EdgeCounters};
@@ -182,6 +183,8 @@ pub struct Metrics {
     warm: AtomicU64,
     /// Connections of the API and the gateway listeners.
     edges: [std::sync::Arc<EdgeCounters>; 2],
+    /// Job executions that ended, by final phase (`JobPhase::ALL`'s order).
+    jobs_ended: [AtomicU64; 6],
     /// (namespace, function) → its counters, shared with its deployments.
     functions: parking_lot::RwLock<BTreeMap<(String, String), Arc<FunctionMetrics>>>,
 }
@@ -193,6 +196,7 @@ impl Default for Metrics {
             runs: Default::default(),
             warm: AtomicU64::new(0),
             edges: Default::default(),
+            jobs_ended: Default::default(),
             functions: Default::default(),
         }
     }
@@ -202,6 +206,38 @@ impl Metrics {
     /// The connection counters of one listener (shared with its accept loop).
     pub fn edge(&self, edge: Edge) -> std::sync::Arc<EdgeCounters> {
         self.edges[EDGES.iter().position(|e| *e == edge).unwrap_or(0)].clone()
+    }
+
+    /// A job execution ended in `phase` (Completed, Failed, Cancelled, Invalid).
+    pub fn job_ended(&self, phase: JobPhase) {
+        if let Some(i) = JobPhase::ALL.iter().position(|p| *p == phase) {
+            self.jobs_ended[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Job executions waiting and running on this server (gauges), and those that ended by
+    /// phase (counters).
+    pub fn render_jobs(&self, out: &mut String, waiting: usize, active: usize) {
+        out.push_str(
+            "# HELP dispatch_job_executions Job executions on this server now, by phase (Waiting: for a slot of their template's maxActive).\n# TYPE dispatch_job_executions gauge\n",
+        );
+        let _ = writeln!(
+            out,
+            "dispatch_job_executions{{phase=\"Waiting\"}} {waiting}"
+        );
+        let _ = writeln!(out, "dispatch_job_executions{{phase=\"Active\"}} {active}");
+        out.push_str(
+            "# HELP dispatch_job_executions_ended_total Job executions that ended, by final phase.\n# TYPE dispatch_job_executions_ended_total counter\n",
+        );
+        for (p, c) in JobPhase::ALL.iter().zip(&self.jobs_ended) {
+            if p.is_final() {
+                let v = c.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "dispatch_job_executions_ended_total{{phase=\"{p}\"}} {v}"
+                );
+            }
+        }
     }
 
     /// The counters of a function (its versions share them), made on its first deploy.

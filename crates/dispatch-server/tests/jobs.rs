@@ -417,6 +417,23 @@ async fn backoff_deadline_cancel_and_max_active() {
         (!job(&t, &first).await.logs.stdout.is_empty()).then_some(())
     })
     .await;
+    let metrics = || async {
+        reqwest::get(format!("{}/metrics", t.api()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let m = metrics().await;
+    for line in [
+        "dispatch_job_executions{phase=\"Waiting\"} 1",
+        "dispatch_job_executions{phase=\"Active\"} 1",
+        "dispatch_job_executions_ended_total{phase=\"Failed\"} 2",
+        "dispatch_job_executions_ended_total{phase=\"Cancelled\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line} in\n{m}");
+    }
     let http = reqwest::Client::new();
     let cancel = |uuid: String| {
         let http = http.clone();
@@ -450,6 +467,15 @@ async fn backoff_deadline_cancel_and_max_active() {
     .unwrap();
     assert_eq!(list.len(), 2);
     assert!(list.iter().all(|j| j.phase == JobPhase::Cancelled));
+    let m = metrics().await;
+    for line in [
+        "dispatch_job_executions{phase=\"Waiting\"} 0",
+        "dispatch_job_executions{phase=\"Active\"} 0",
+        "dispatch_job_executions_ended_total{phase=\"Cancelled\"} 2",
+        "dispatch_job_executions_ended_total{phase=\"Completed\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line} in\n{m}");
+    }
     // Deleting the template deletes its executions.
     c.delete(Kind::JobTemplate, "one-at-a-time").await.unwrap();
     let r = reqwest::get(format!(

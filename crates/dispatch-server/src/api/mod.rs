@@ -180,8 +180,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             + &budget_metrics(&state)
             + &disk_metrics(&state)
             + &state.deliveries.render_metrics(state.queue.clock.now())
-            + &crate::replicas::render_metrics(&state),
+            + &crate::replicas::render_metrics(&state)
+            + &job_metrics(&state),
     )
+}
+
+fn job_metrics(state: &AppState) -> String {
+    let mut out = String::new();
+    let (waiting, active) = state.jobs.counts();
+    state.metrics.render_jobs(&mut out, waiting, active);
+    out
 }
 
 /// The worker budget of the embedded backend: use, cap, evictions, refusals.
