@@ -127,6 +127,17 @@ const ERROR_TYPES: [ErrorType; 3] = [
     ErrorType::SystemError,
 ];
 
+/// What a build made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// An image: its base and dependencies.
+    Image,
+    /// A function's deploy of a new build: unpacking, installing, its first workers.
+    Function,
+}
+
+const BUILDS: [(Build, &str); 2] = [(Build::Image, "image"), (Build::Function, "function")];
+
 /// One function's calls (every attempt: sync, async, event, cron), whatever its history
 /// policy records.
 pub struct FunctionMetrics {
@@ -183,6 +194,8 @@ pub struct Metrics {
     warm: AtomicU64,
     /// Connections of the API and the gateway listeners.
     edges: [std::sync::Arc<EdgeCounters>; 2],
+    /// Builds by [`BUILDS`] and outcome (ready, error).
+    builds: [[Histogram<{ DURATION_BUCKETS.len() }>; 2]; BUILDS.len()],
     /// Job executions that ended, by final phase (`JobPhase::ALL`'s order).
     jobs_ended: [AtomicU64; 6],
     /// (namespace, function) → its counters, shared with its deployments.
@@ -196,6 +209,9 @@ impl Default for Metrics {
             runs: Default::default(),
             warm: AtomicU64::new(0),
             edges: Default::default(),
+            builds: std::array::from_fn(|_| {
+                std::array::from_fn(|_| Histogram::new(&DURATION_BUCKETS))
+            }),
             jobs_ended: Default::default(),
             functions: Default::default(),
         }
@@ -206,6 +222,12 @@ impl Metrics {
     /// The connection counters of one listener (shared with its accept loop).
     pub fn edge(&self, edge: Edge) -> std::sync::Arc<EdgeCounters> {
         self.edges[EDGES.iter().position(|e| *e == edge).unwrap_or(0)].clone()
+    }
+
+    /// A build of a new digest ended, READY (`ok`) or ERROR, after `took`.
+    pub fn build_done(&self, kind: Build, ok: bool, took: Duration) {
+        let k = BUILDS.iter().position(|(b, _)| *b == kind).unwrap_or(0);
+        self.builds[k][usize::from(!ok)].observe(took.as_secs_f64());
     }
 
     /// A job execution ended in `phase` (Completed, Failed, Cancelled, Invalid).
@@ -336,6 +358,15 @@ impl Metrics {
             for (e, c) in EDGES.iter().zip(&self.edges) {
                 let v = field(c).load(Ordering::Relaxed);
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {v}", e.as_str());
+            }
+        }
+        out.push_str(
+            "# HELP dispatch_build_duration_seconds Builds of a new digest, by what they made (an image; a function's deploy: unpacking, installing, its first workers) and how they ended.\n# TYPE dispatch_build_duration_seconds histogram\n",
+        );
+        for ((_, kind), by_outcome) in BUILDS.iter().zip(&self.builds) {
+            for (outcome, h) in ["ready", "error"].iter().zip(by_outcome) {
+                let labels = format!("kind=\"{kind}\",outcome=\"{outcome}\"");
+                h.render(&mut out, "dispatch_build_duration_seconds", &labels);
             }
         }
         self.render_functions(&mut out);

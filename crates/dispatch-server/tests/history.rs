@@ -147,6 +147,18 @@ async fn history_policies_keep_exactly_what_they_say() {
         // (deploys warm a worker up: a call may find none cold)
         assert!(value(&m, &format!("dispatch_function_cold_starts_total{{{l}}}")) >= 0.0);
     }
+    // Builds: two images and four functions' deploys, all READY.
+    let built = |kind: &str, outcome: &str| {
+        value(
+            &m,
+            &format!(
+                "dispatch_build_duration_seconds_count{{kind=\"{kind}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(built("image", "ready"), 2.0);
+    assert!(built("function", "ready") >= 4.0, "{m}");
+    assert_eq!(built("function", "error"), 0.0);
     // A deleted function's series go with it.
     c.delete(Kind::Function, "quiet").await.unwrap();
     let gone = eventually("the deleted function's series to go", || async {

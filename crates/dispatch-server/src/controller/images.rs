@@ -151,10 +151,18 @@ async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, Rec
         )
         .await?;
     }
+    let started = std::time::Instant::now();
     let result = with_steps(state, o, Some(d.clone()), !unchanged, |progress| {
         state.backend.build_image(&d, &build, progress)
     })
     .await?;
+    if !unchanged {
+        state.metrics.build_done(
+            crate::metrics::Build::Image,
+            result.is_ok(),
+            started.elapsed(),
+        );
+    }
     Ok(Some(match result {
         Ok(()) => status(Phase::Ready, "", Some(d.clone()), o),
         // The digest stays, so that `dispatch logs image` finds the failed build's log.

@@ -438,6 +438,7 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
     let changed = o.phase() != Some(Phase::Ready) || o.status.digest.as_deref() != Some(&d);
     // A container function's base image pull reports its layers as the CREATING reason.
     let deploy = planned.deploy.clone();
+    let started = std::time::Instant::now();
     let deployed = with_steps(state, &o, o.status.digest.clone(), changed, |p| {
         state.backend.deploy_function(FunctionDeploy {
             steps: Steps::to(p),
@@ -445,6 +446,13 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
         })
     })
     .await?;
+    if changed {
+        state.metrics.build_done(
+            crate::metrics::Build::Function,
+            deployed.is_ok(),
+            started.elapsed(),
+        );
+    }
     match deployed {
         Ok(handle) => {
             let image = handle.image().map(str::to_string);
