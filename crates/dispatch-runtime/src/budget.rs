@@ -35,6 +35,8 @@ pub fn default_memory_budget() -> u64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BudgetUse {
     pub workers: usize,
+    /// Of them, idle in their pools (the rest are calling, or starting).
+    pub idle: usize,
     pub memory: u64,
     pub max_workers: usize,
     pub max_memory: u64,
@@ -190,9 +192,17 @@ impl WorkerBudget {
     }
 
     pub fn usage(&self) -> BudgetUse {
+        let idle = self
+            .pools
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| p.idle_count())
+            .sum();
         let u = self.used();
         BudgetUse {
             workers: u.workers,
+            idle,
             memory: u.memory,
             max_workers: self.max_workers,
             max_memory: self.max_memory,

@@ -45,7 +45,7 @@ async fn workers_fit_the_budget_by_evicting_idle_ones_then_refusing() {
         assert!(u.workers <= 2, "{u:?}");
     }
     let u = budget(&t);
-    assert_eq!((u.workers, u.max_workers), (2, 2), "{u:?}");
+    assert_eq!((u.workers, u.max_workers, u.idle), (2, 2, 2), "{u:?}");
     // Workers are the OOM killer's first choice, not the server.
     let pid = t.local.pool("default", "a").unwrap().idle_pids()[0];
     let score = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
@@ -66,6 +66,19 @@ async fn workers_fit_the_budget_by_evicting_idle_ones_then_refusing() {
         (u.workers == 2 && t.local.idle_workers() == 0).then_some(())
     })
     .await;
+    // /metrics says so too.
+    let m = reqwest::get(format!("{}/metrics", t.api()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "dispatch_workers_by_state{state=\"idle\"} 0",
+        "dispatch_workers_by_state{state=\"busy\"} 2",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line} in\n{m}");
+    }
     let e = c.exec("a", &raw(json!({}))).await.unwrap_err();
     assert_eq!(e.status().unwrap().as_u16(), 429, "{e}");
     assert!(e.to_string().contains("--max-workers-total"), "{e}");

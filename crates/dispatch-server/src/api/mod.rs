@@ -235,11 +235,21 @@ fn budget_metrics(state: &AppState) -> String {
             b.refusals,
         ),
     ];
-    rows.iter()
+    let mut out: String = rows
+        .iter()
         .map(|(name, kind, help, v)| {
             format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n")
         })
-        .collect()
+        .collect();
+    let idle = b.idle.min(b.workers);
+    out.push_str(&format!(
+        "# HELP dispatch_workers_by_state Function workers alive, by state (busy: calling or starting).\n\
+         # TYPE dispatch_workers_by_state gauge\n\
+         dispatch_workers_by_state{{state=\"idle\"}} {idle}\n\
+         dispatch_workers_by_state{{state=\"busy\"}} {}\n",
+        b.workers - idle
+    ));
+    out
 }
 
 /// The data dir's free space, its reserve and the 507s given below it.
