@@ -472,9 +472,12 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
             status: None,
         }));
     }
-    for (name, port) in [
-        ("dispatch-api", API_PORT),
-        ("dispatch-gateway", GATEWAY_PORT),
+    // The ports are named for their listener: a ServiceMonitor's `port: api` then scrapes
+    // the API's /metrics and never the gateway, whose paths are users' (both Services select
+    // the same pods with the same labels).
+    for (name, port, port_name) in [
+        ("dispatch-api", API_PORT, "api"),
+        ("dispatch-gateway", GATEWAY_PORT, "gateway"),
     ] {
         push(serde_json::to_value(Service {
             metadata: meta(name, ns),
@@ -483,7 +486,7 @@ pub fn objects(i: &Install) -> Vec<serde_json::Value> {
                 ports: Some(vec![ServicePort {
                     port,
                     target_port: Some(IntOrString::Int(port)),
-                    name: Some("http".into()),
+                    name: Some(port_name.into()),
                     ..Default::default()
                 }]),
                 ..Default::default()

@@ -52,6 +52,9 @@ pub enum Need {
     /// An admin token for every namespace: tokens, gc, audit, new namespaces. A namespace's
     /// admin must not mint a token wider than itself.
     ClusterAdmin,
+    /// A role for every namespace: `/metrics`, whose series name every namespace's
+    /// functions (a token of one tenant must not see another's).
+    Everywhere(Role),
 }
 
 fn is_read(m: &Method) -> bool {
@@ -64,6 +67,7 @@ pub fn api_need(method: &Method, path: &str) -> Need {
     let read = is_read(method);
     match segs.as_slice() {
         ["healthz"] | ["readyz"] | ["v1", "version"] => Need::Public,
+        ["metrics"] => Need::Everywhere(Role::Viewer),
         ["v1", "whoami"] => Need::Role(Role::Viewer),
         ["v1", "gc"] | ["v1", "pulled-images"] | ["v1", "tokens", ..] | ["v1", "audit"] => {
             Need::ClusterAdmin
@@ -170,6 +174,21 @@ pub fn authorize(
             ));
         }
         Need::ClusterAdmin => {}
+        Need::Everywhere(_) if principal.namespace != ALL_NAMESPACES => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "token {:?} is for namespace {:?}; this shows every namespace's functions \
+                     and needs a token for all of them (--token-namespace '*')",
+                    principal.name, principal.namespace
+                ),
+            ));
+        }
+        Need::Everywhere(r) if principal.role < *r => {
+            return Err(forbidden(&principal, *r));
+        }
+        Need::Everywhere(_) => {}
         Need::Role(r) if principal.role < *r => {
             return Err(forbidden(&principal, *r));
         }

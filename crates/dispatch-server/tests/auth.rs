@@ -61,6 +61,7 @@ async fn roles_verbs_and_namespaces() {
         ("a-dev", Role::Developer, "a"),
         ("a-view", Role::Viewer, "a"),
         ("b-dev", Role::Developer, "b"),
+        ("scraper", Role::Viewer, "*"),
     ] {
         let (t, _) = state.create_token(name, role, ns, None).await.unwrap();
         tokens.insert(name, t);
@@ -69,6 +70,43 @@ async fn roles_verbs_and_namespaces() {
     // (token, method, uri, body, expected)
     let cases: Vec<(Option<String>, &str, String, serde_json::Value, StatusCode)> = vec![
         (None, "GET", "/healthz".into(), json!(null), StatusCode::OK),
+        // /metrics names every namespace's functions: a token for all namespaces (a viewer
+        // is enough), not one tenant's, even its admin's.
+        (
+            None,
+            "GET",
+            "/metrics".into(),
+            json!(null),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            t("a-admin"),
+            "GET",
+            "/metrics".into(),
+            json!(null),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t("a-view"),
+            "GET",
+            "/metrics".into(),
+            json!(null),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            t("scraper"),
+            "GET",
+            "/metrics".into(),
+            json!(null),
+            StatusCode::OK,
+        ),
+        (
+            t("root"),
+            "GET",
+            "/metrics".into(),
+            json!(null),
+            StatusCode::OK,
+        ),
         (
             None,
             "GET",
