@@ -25,6 +25,9 @@ use dispatch_client::{Client, Target};
 create a base image and an image, create a function from a file or folder, then exec it or \
 expose it as an HTTP endpoint.\n\nStart here: `dispatch quickstart` (an embedded server with \
 the examples deployed), or `dispatch server` in one terminal and the commands below in another.",
+    after_long_help = "The HTTP API these commands call is described by an OpenAPI 3.1 document \
+on the server: GET /v1/openapi.json on the API port (e.g. http://127.0.0.1:8080/v1/openapi.json), \
+for client generators and API testers.",
     propagate_version = true
 )]
 pub struct Cli {

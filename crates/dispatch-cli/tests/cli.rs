@@ -1922,6 +1922,9 @@ fn usage_errors_exit_1_and_help_exits_0() {
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(!out.stdout.is_empty());
     }
+    // The help points at the API's contract.
+    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    assert!(help.contains("GET /v1/openapi.json"), "{help}");
     // The server's help has the server's flags, not the client's (--server, --token, -n).
     let help = String::from_utf8(run(&["server", "--help"]).stdout).unwrap();
     assert!(

@@ -66,7 +66,7 @@ pub fn api_need(method: &Method, path: &str) -> Need {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let read = is_read(method);
     match segs.as_slice() {
-        ["healthz"] | ["readyz"] | ["v1", "version"] => Need::Public,
+        ["healthz"] | ["readyz"] | ["v1", "version"] | ["v1", "openapi.json"] => Need::Public,
         ["metrics"] => Need::Everywhere(Role::Viewer),
         ["v1", "whoami"] => Need::Role(Role::Viewer),
         ["v1", "gc"] | ["v1", "pulled-images"] | ["v1", "tokens", ..] | ["v1", "audit"] => {

@@ -19,7 +19,7 @@ use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .merge(crate::api::execute_routes())
+        .merge(crate::api::execute_routes().router)
         .fallback(handle)
         .method_not_allowed_fallback(ApiError::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -4,6 +4,7 @@
 mod events;
 pub mod jobs;
 mod namespaces;
+pub mod openapi;
 pub(crate) mod resources;
 mod runs;
 mod tokens;
@@ -17,7 +18,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use dispatch_core::API_VERSION;
 
 use crate::error::ApiError;
@@ -28,10 +29,50 @@ pub const MAX_SOURCE_BYTES: usize = 64 * 1024 * 1024;
 /// Exec bodies carry the payload plus a small wrapper.
 const MAX_EXEC_BODY: usize = dispatch_core::MAX_PAYLOAD_BYTES + 64 * 1024;
 
+/// The API's routes, and the path of each (the OpenAPI test holds the contract to them).
+#[derive(Default)]
+pub struct Routes {
+    pub router: Router<Arc<AppState>>,
+    pub paths: Vec<String>,
+}
+
+impl Routes {
+    fn route(mut self, path: &str, methods: MethodRouter<Arc<AppState>>) -> Self {
+        self.paths.push(path.to_string());
+        self.router = self.router.route(path, methods);
+        self
+    }
+
+    fn merge(mut self, other: Routes) -> Self {
+        self.paths.extend(other.paths);
+        self.router = self.router.merge(other.router);
+        self
+    }
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
+    routes()
+        .router
+        .fallback(|| async {
+            ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
+        })
+        .method_not_allowed_fallback(ApiError::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::api_guard,
+        ))
+        .with_state(state)
+}
+
+/// Every route of the API port.
+pub fn routes() -> Routes {
     let ns = "/v1/namespaces/{ns}";
-    Router::new()
+    Routes::default()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { axum::Json(openapi::document()) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/version", get(version))
@@ -132,21 +173,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .patch(resources::patch)
                 .delete(resources::delete),
         )
-        .fallback(|| async {
-            ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
-        })
-        .method_not_allowed_fallback(ApiError::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::api_guard,
-        ))
-        .with_state(state)
 }
 
 /// dispatcher's `PUT|POST /execute/{ns}/{name}` and `/execute/{name}`, on both ports.
-pub fn execute_routes() -> Router<Arc<AppState>> {
+pub fn execute_routes() -> Routes {
     let limit = DefaultBodyLimit::max(jobs::MAX_JOB_PAYLOAD);
-    Router::new()
+    Routes::default()
         .route(
             "/execute/{ns}/{name}",
             axum::routing::put(jobs::execute)

@@ -1,0 +1,128 @@
+//! The API's contract (`GET /v1/openapi.json`, OpenAPI 3.1): it lists every route the router
+//! has and no other, each with exactly the methods the router takes (an undocumented method
+//! is a 405, a documented one is not); junk requests to every operation get a 4xx, never a
+//! 5xx; and a real validator (PyPI `openapi-spec-validator`) accepts the document.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_is_every_route_and_method_and_a_valid_document() {
+    let t = start().await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let doc: Value = http
+        .get(format!("{}/v1/openapi.json", t.api()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    let routed: BTreeSet<String> = dispatch_server::api::routes().paths.into_iter().collect();
+    let documented: BTreeSet<String> = paths.keys().cloned().collect();
+    assert_eq!(
+        routed.difference(&documented).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "routes missing from the contract"
+    );
+    assert_eq!(
+        documented.difference(&routed).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "documented paths the router does not have"
+    );
+    for (path, ops) in paths {
+        // A namespace and names that do not exist: handlers refuse, nothing is changed.
+        let concrete = path
+            .replace("{ns}", "no-such-ns")
+            .replace("{kind}", "functions")
+            .replace("{name}", "x")
+            .replace("{id}", "x")
+            .replace("{uuid}", "x");
+        for method in METHODS {
+            let documented = ops.get(method.to_ascii_lowercase()).is_some();
+            let r = http
+                .request(method.parse().unwrap(), format!("{}{concrete}", t.api()))
+                .header("content-type", "application/json")
+                .body("{\"junk\":")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {concrete}: {e}"));
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            assert_eq!(
+                status == 405,
+                !documented,
+                "{method} {path}: {status} {body} (documented: {documented})"
+            );
+            assert!(
+                !body.contains("no such API route"),
+                "{method} {path} fell through to the fallback: {body}"
+            );
+            assert!(status < 500, "{method} {concrete}: {status} {body}");
+            if status >= 400 {
+                let e: Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|_| panic!("{method} {concrete}: not JSON: {body}"));
+                assert!(
+                    e["error"]["message"].is_string(),
+                    "{method} {concrete}: {e}"
+                );
+            }
+        }
+    }
+    validate_with_python(&doc);
+    t.stop().await;
+}
+
+/// Runs PyPI's `openapi-spec-validator` on the document: from the folder `.ci/run` installs
+/// it into (`$DISPATCH_PY_WHEELS/openapi-spec-validator`), else the interpreter's own.
+fn validate_with_python(doc: &Value) {
+    use std::io::Write as _;
+    let dir = std::env::var_os("DISPATCH_PY_WHEELS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/dispatch-tools/py"))
+        })
+        .map(|d| d.join("openapi-spec-validator"));
+    let mut cmd = std::process::Command::new("python3");
+    if let Some(d) = dir.filter(|d| d.is_dir()) {
+        cmd.env("PYTHONPATH", d);
+    }
+    let mut child = cmd
+        .args([
+            "-c",
+            "import json, sys\nfrom openapi_spec_validator import validate\n\
+             from openapi_spec_validator.validation import OpenAPIV31SpecValidator\n\
+             validate(json.load(sys.stdin), cls=OpenAPIV31SpecValidator)\nprint('valid')",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(doc.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("valid"),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
