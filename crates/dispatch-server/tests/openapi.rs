@@ -1,7 +1,8 @@
 //! The API's contract (`GET /v1/openapi.json`, OpenAPI 3.1): it lists every route the router
 //! has and no other, each with exactly the methods the router takes (an undocumented method
 //! is a 405, a documented one is not); junk requests to every operation get a 4xx, never a
-//! 5xx; and a real validator (PyPI `openapi-spec-validator`) accepts the document.
+//! 5xx; a real validator (PyPI `openapi-spec-validator`) accepts the document; and
+//! `schemathesis` (PyPI), generating requests from it for every operation, finds no 5xx.
 
 mod support;
 
@@ -85,22 +86,28 @@ async fn the_contract_is_every_route_and_method_and_a_valid_document() {
     t.stop().await;
 }
 
-/// Runs PyPI's `openapi-spec-validator` on the document: from the folder `.ci/run` installs
-/// it into (`$DISPATCH_PY_WHEELS/openapi-spec-validator`), else the interpreter's own.
-fn validate_with_python(doc: &Value) {
-    use std::io::Write as _;
+/// A PyPI tool `.ci/run` installs into a folder of the wheel cache
+/// (`$DISPATCH_PY_WHEELS/NAME`, else `~/.cache/dispatch-tools/py/NAME`): a `python3` that
+/// imports it from there (or, without the folder, from the interpreter's own packages).
+fn python_with(name: &str) -> std::process::Command {
     let dir = std::env::var_os("DISPATCH_PY_WHEELS")
         .map(std::path::PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME")
                 .map(|h| std::path::PathBuf::from(h).join(".cache/dispatch-tools/py"))
         })
-        .map(|d| d.join("openapi-spec-validator"));
+        .map(|d| d.join(name));
     let mut cmd = std::process::Command::new("python3");
     if let Some(d) = dir.filter(|d| d.is_dir()) {
         cmd.env("PYTHONPATH", d);
     }
-    let mut child = cmd
+    cmd
+}
+
+/// Runs PyPI's `openapi-spec-validator` on the document.
+fn validate_with_python(doc: &Value) {
+    use std::io::Write as _;
+    let mut child = python_with("openapi-spec-validator")
         .args([
             "-c",
             "import json, sys\nfrom openapi_spec_validator import validate\n\
@@ -125,4 +132,53 @@ fn validate_with_python(doc: &Value) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// schemathesis reads the served document and sends what it generates for each operation
+/// (its examples and fuzzed inputs, a fixed seed): no answer may be a server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error() {
+    let t = start().await;
+    let api = t.api();
+    let out = tokio::task::spawn_blocking(move || {
+        python_with("schemathesis")
+            .args(["-m", "schemathesis.cli", "run"])
+            .arg(format!("{api}/v1/openapi.json"))
+            .args(["--url", &api])
+            .args(["--checks", "not_a_server_error"])
+            .args([
+                "--max-examples",
+                "5",
+                "--seed",
+                "1",
+                "--request-timeout",
+                "20",
+            ])
+            .args(["--phases", "examples,fuzzing", "--no-color"])
+            .output()
+            .expect("python3 -m schemathesis")
+    })
+    .await
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every operation was sent something (none skipped for want of a serializer).
+    let count = |label: &str| -> Option<String> {
+        report.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(label)
+                .map(str::trim)
+                .map(String::from)
+        })
+    };
+    let selected = count("Selected:").and_then(|s| s.split('/').nth(1).map(String::from));
+    assert!(
+        selected.is_some() && count("Tested:") == selected,
+        "{report}"
+    );
+    t.stop().await;
 }

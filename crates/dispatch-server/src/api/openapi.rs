@@ -250,8 +250,8 @@ fn content(body: Body) -> Option<Value> {
         Text => ("text/plain", json!({"type": "string"})),
         Ndjson => ("application/x-ndjson", json!({"type": "string"})),
         Archive => (
-            "application/gzip",
-            json!({"type": "string", "contentEncoding": "base64"}),
+            "application/octet-stream",
+            json!({"type": "string", "contentMediaType": "application/gzip", "description": "A tar.gz of the source"}),
         ),
     };
     Some(json!({ mime: {"schema": schema} }))
