@@ -488,9 +488,20 @@ pub struct JobExecution {
     /// store (see [`crate::Run::replica`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// The W3C trace it runs in (the caller's `traceparent`, else a new one); its
+    /// containers get it as `TRACEPARENT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::Trace>,
 }
 
 impl JobExecution {
+    /// `TRACEPARENT` for its containers, unless a container sets it itself.
+    pub fn trace_env(&self) -> Option<(&'static str, String)> {
+        self.trace
+            .as_ref()
+            .map(|t| ("TRACEPARENT", t.traceparent()))
+    }
+
     /// dispatcher's status word: Waiting, Running, Succeeded, Failed.
     pub fn status(&self) -> &'static str {
         match self.phase {

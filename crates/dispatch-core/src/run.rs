@@ -166,6 +166,9 @@ pub struct Run {
     /// Accepted for later (`?wait=false`): queued, retried, dead-lettered, cancellable.
     #[serde(default, rename = "async", skip_serializing_if = "std::ops::Not::not")]
     pub is_async: bool,
+    /// The W3C trace it belongs to and the server's span for it (`context.trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::Trace>,
     /// The error of every failed attempt, oldest first (a DEAD run keeps them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempt_errors: Vec<AttemptError>,
@@ -241,6 +244,7 @@ impl Run {
             pinned_version: None,
             stream: None,
             is_async: false,
+            trace: None,
             attempt_errors: Vec::new(),
             next_attempt_at: None,
             redriven_at: None,

@@ -344,6 +344,19 @@ pub fn job(exec: &JobExecution, template_uid: Option<&str>) -> Result<Job, serde
             ..Default::default()
         };
         security::restrict_pod(pod, limits.tmp, &security::resources(&limits, 1, 0));
+        // The execution's W3C trace, unless a container sets TRACEPARENT itself.
+        if let Some((name, value)) = exec.trace_env() {
+            for c in &mut pod.containers {
+                let env = c.env.get_or_insert_with(Vec::new);
+                if !env.iter().any(|e| e.name == name) {
+                    env.push(k8s_openapi::api::core::v1::EnvVar {
+                        name: name.into(),
+                        value: Some(value.clone()),
+                        value_from: None,
+                    });
+                }
+            }
+        }
     }
     let mut labels: BTreeMap<String, String> = exec
         .rendered

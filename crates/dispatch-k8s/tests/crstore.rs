@@ -454,6 +454,7 @@ async fn job_execution_objects_are_followed_and_their_status_written() {
         finished_at: None,
         expires_at: None,
         replica: None,
+        trace: None,
     };
     backend.execution_changed(&job);
     let ExecutionRequest::Start { phase, .. } = next_request().await else {

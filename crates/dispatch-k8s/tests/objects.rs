@@ -188,6 +188,7 @@ fn job_from_a_rendered_template() {
         finished_at: None,
         expires_at: None,
         replica: None,
+        trace: None,
     };
     let j = round_trip::<Job>(&job(&exec, Some("uid-1")).unwrap());
     assert_eq!(
@@ -864,6 +865,50 @@ fn function_and_job_pods_are_restricted_with_limits_from_the_spec() {
     );
 }
 
+/// An execution's W3C trace reaches its Job's containers as TRACEPARENT, unless a container
+/// sets it itself.
+#[test]
+fn a_job_gets_its_executions_traceparent() {
+    let mut exec = sample_execution();
+    let none = job(&exec, None).unwrap();
+    let env_of = |j: &k8s_openapi::api::batch::v1::Job| -> Vec<(String, Option<String>)> {
+        j.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.name, e.value))
+            .collect()
+    };
+    assert!(env_of(&none).iter().all(|(n, _)| n != "TRACEPARENT"));
+    let trace = dispatch_core::trace::Trace::child_of(Some(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ));
+    exec.trace = Some(trace.clone());
+    let env = env_of(&job(&exec, None).unwrap());
+    assert!(
+        env.contains(&("TRACEPARENT".into(), Some(trace.traceparent()))),
+        "{env:?}"
+    );
+    // A container's own TRACEPARENT wins.
+    exec.rendered["spec"]["template"]["spec"]["containers"][0]["env"] =
+        json!([{"name": "TRACEPARENT", "value": "mine"}]);
+    let env = env_of(&job(&exec, None).unwrap());
+    assert_eq!(
+        env.iter()
+            .filter(|(n, _)| n == "TRACEPARENT")
+            .collect::<Vec<_>>(),
+        [&("TRACEPARENT".to_string(), Some("mine".to_string()))]
+    );
+}
+
 fn sample_execution() -> JobExecution {
     let sample = include_str!("../../../examples/jobs/jobtemplate-sample.yaml");
     let doc = dispatch_core::manifest::parse_manifest(sample)
@@ -897,6 +942,7 @@ fn sample_execution() -> JobExecution {
         finished_at: None,
         expires_at: None,
         replica: None,
+        trace: None,
     }
 }
 

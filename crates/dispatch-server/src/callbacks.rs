@@ -26,12 +26,17 @@ async fn deliver(state: Arc<AppState>, mut run: Run) {
     let mut delay = FIRST_DELAY;
     loop {
         let attempt = run.callback.as_ref().map_or(0, |c| c.attempts) + 1;
-        let result = state
+        let mut request = state
             .http
             .post(&url)
             .timeout(TIMEOUT)
             .header("content-type", "application/json")
-            .header("x-dispatch-run-id", &run.id)
+            .header("x-dispatch-run-id", &run.id);
+        // The receiver's work joins the run's trace.
+        if let Some(t) = &run.trace {
+            request = request.header("traceparent", t.traceparent());
+        }
+        let result = request
             .body(serde_json::to_vec(&run).unwrap_or_default())
             .send()
             .await;

@@ -150,7 +150,8 @@ async fn handle(State(state): State<Arc<AppState>>, req: Request) -> Response {
         payload,
         Trigger::Endpoint,
     )
-    .http(http);
+    .http(http)
+    .traced(&parts.headers);
     // Only an endpoint to an alias reads the affinity key (a plain endpoint pays nothing).
     let call = if m.route.function.contains('@') {
         call.affinity(crate::versions::affinity_of(&parts.headers))

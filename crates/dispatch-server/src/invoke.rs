@@ -72,6 +72,8 @@ pub struct Invocation {
     /// Sync only: how long the call may take instead of the function's timeout (a
     /// WebSocket session lasts as long as its connection may).
     pub timeout: Option<Duration>,
+    /// The W3C trace it joins (none: a new one is started for it).
+    pub trace: Option<dispatch_core::trace::Trace>,
 }
 
 impl Invocation {
@@ -89,7 +91,21 @@ impl Invocation {
             run_id: None,
             connection: None,
             timeout: None,
+            trace: None,
         }
+    }
+
+    /// Joins the trace of the caller's `traceparent` header (a span of the server's under
+    /// the caller's), or starts one when it has none or an invalid one.
+    pub fn traced(mut self, headers: &axum::http::HeaderMap) -> Self {
+        let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        self.trace = Some(dispatch_core::trace::Trace::child_of(tp));
+        self
+    }
+
+    pub fn trace(mut self, trace: dispatch_core::trace::Trace) -> Self {
+        self.trace = Some(trace);
+        self
     }
 
     pub fn connection(mut self, connection: serde_json::Value) -> Self {
@@ -117,7 +133,11 @@ impl Invocation {
         self
     }
 
+    /// A CloudEvent's call: in the trace its `traceparent` extension names (CloudEvents'
+    /// distributed tracing extension), else a new one; each delivery a span of its own.
     pub fn event(mut self, event: serde_json::Value) -> Self {
+        let tp = event.get("traceparent").and_then(serde_json::Value::as_str);
+        self.trace = Some(dispatch_core::trace::Trace::child_of(tp));
         self.event = Some(event);
         self
     }
@@ -151,6 +171,17 @@ struct Context<'a> {
     event: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     connection: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<TraceContext<'a>>,
+}
+
+/// `context.trace`: the W3C trace the call is in, the server's span for it its parent.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TraceContext<'a> {
+    traceparent: String,
+    trace_id: &'a str,
+    span_id: &'a str,
 }
 
 /// What a call carries besides its run: the gateway's request, a WebSocket connection, a
@@ -189,6 +220,11 @@ pub async fn call_deployed(
         attempt: run.is_async.then_some(run.attempts),
         event: run.event.as_ref(),
         connection: extras.connection,
+        trace: run.trace.as_ref().map(|t| TraceContext {
+            traceparent: t.traceparent(),
+            trace_id: &t.trace_id,
+            span_id: &t.span_id,
+        }),
     };
     // Serializing a struct of strings and a JSON value cannot fail.
     let ctx = serde_json::value::to_raw_value(&ctx)
@@ -324,6 +360,11 @@ pub async fn execute(state: &AppState, mut call: Invocation) -> Result<Answer, C
     );
     run.attempts = 1;
     run.event = call.event;
+    run.trace = Some(
+        call.trace
+            .take()
+            .unwrap_or_else(|| dispatch_core::trace::Trace::child_of(None)),
+    );
     // Someone follows the function (`dispatch logs function NAME -f`): its lines go to them
     // as they are printed.
     let mut sink = call.stream.take();

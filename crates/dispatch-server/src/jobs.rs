@@ -191,6 +191,7 @@ pub async fn execute(
     name: &str,
     payload: String,
     id: Option<&str>,
+    traceparent: Option<&str>,
 ) -> Result<JobExecution, JobError> {
     let spec = template_of(state, ns, name).await?;
     state
@@ -229,6 +230,7 @@ pub async fn execute(
             .filter_map(|c| c.image.clone())
             .collect(),
         rendered,
+        trace: Some(dispatch_core::trace::Trace::child_of(traceparent)),
         runtime: spec.runtime.unwrap_or_default(),
         attempts: 0,
         exit_code: None,
@@ -363,11 +365,16 @@ fn containers(
     let scratch = state.jobs.scratch(job);
     let mut out = Vec::new();
     for (c, image) in view.template.spec.containers.iter().zip(images) {
-        let env: Vec<(String, String)> = c
+        let mut env: Vec<(String, String)> = c
             .env
             .iter()
             .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
             .collect();
+        if let Some((k, v)) = job.trace_env()
+            && !env.iter().any(|(n, _)| n == k)
+        {
+            env.push((k.to_string(), v));
+        }
         if let (Some(ready), Some(tier)) = (image, &state.config.containers) {
             let (uid, gid) = dispatch_runtime::container::identity(
                 state.config.sandboxes.as_deref(),
@@ -764,16 +771,19 @@ async fn start_requested(state: &Arc<AppState>, doc: ExecutionDoc) {
         finished_at: None,
         expires_at: None,
         replica: state.replica.id(),
+        trace: None,
     };
     let key = (ns.clone(), doc.template.clone());
     let mut waited = false;
     loop {
+        // An object asks for it (kubectl, the backend's watch): a trace of its own.
         let e = match execute(
             state,
             &ns,
             &doc.template,
             doc.payload.clone(),
             Some(&doc.name),
+            None,
         )
         .await
         {

@@ -167,6 +167,14 @@ struct Target {
     id: String,
 }
 
+impl Target {
+    /// A call's span, in the trace of the upgrade request's `traceparent` (else a new one).
+    fn trace(&self) -> dispatch_core::trace::Trace {
+        let tp = self.http["headers"]["traceparent"].as_str();
+        dispatch_core::trace::Trace::child_of(tp)
+    }
+}
+
 /// Answers an upgrade request to a WebSocket endpoint: refused (4xx, 503) before the
 /// upgrade when the function cannot be called or the namespace is at its limit.
 pub async fn upgrade(
@@ -340,7 +348,8 @@ async fn per_message(
         )
         .http(target.http.clone())
         .connection(serde_json::json!({"id": target.id, "index": index}))
-        .affinity(target.affinity.clone());
+        .affinity(target.affinity.clone())
+        .trace(target.trace());
         index += 1;
         let link = Link {
             out,
@@ -380,6 +389,7 @@ async fn session(
     .http(target.http.clone())
     .connection(serde_json::json!({"id": target.id, "session": true}))
     .affinity(target.affinity.clone())
+    .trace(target.trace())
     .timeout(settings.max_duration + SESSION_GRACE);
     let end = server_ends(stop, settings, activity, opened);
     let link = Link {

@@ -47,6 +47,7 @@ fn job(uuid: &str, owner: Option<&str>) -> JobExecution {
         finished_at: None,
         expires_at: None,
         replica: owner.map(str::to_string),
+        trace: None,
     }
 }
 

@@ -707,6 +707,7 @@ fn records_of_every_kind<S: Store>(s: &S) {
         finished_at: None,
         expires_at: None,
         replica: None,
+        trace: None,
     };
     assert!(s.insert_job(&job("a", "nightly", "1")).unwrap());
     assert!(

@@ -23,5 +23,6 @@ pub fn execution() -> dispatch_core::JobExecution {
         finished_at: None,
         expires_at: None,
         replica: None,
+        trace: None,
     }
 }

@@ -21,29 +21,38 @@ pub const MAX_JOB_PAYLOAD: usize = dispatch_core::MAX_PAYLOAD_BYTES;
 pub async fn execute(
     State(state): State<Arc<AppState>>,
     Path((ns, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    run(state, ns, name, body).await
+    run(state, ns, name, &headers, body).await
 }
 
 pub async fn execute_default(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     run(
         state,
         dispatch_core::DEFAULT_NAMESPACE.to_string(),
         name,
+        &headers,
         body,
     )
     .await
+}
+
+/// The caller's W3C `traceparent`, for the execution to join its trace.
+fn traceparent(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok())
 }
 
 async fn run(
     state: Arc<AppState>,
     ns: String,
     name: String,
+    headers: &axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
@@ -51,7 +60,7 @@ async fn run(
     let payload = String::from_utf8(body.to_vec()).map_err(|_| {
         ApiError::bad_request("the payload must be UTF-8 text (it becomes {{ .Payload }})")
     })?;
-    let job = crate::jobs::execute(&state, &ns, &name, payload, None).await?;
+    let job = crate::jobs::execute(&state, &ns, &name, payload, None, traceparent(headers)).await?;
     let body = serde_json::json!({
         "uuid": job.uuid,
         "name": job.name,
@@ -74,6 +83,7 @@ async fn run(
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
@@ -85,7 +95,15 @@ pub async fn create(
             "metadata.namespace {other:?} does not match the namespace in the path {ns:?}"
         )));
     }
-    let job = crate::jobs::execute(&state, &ns, &x.template, x.payload, Some(&x.name)).await?;
+    let job = crate::jobs::execute(
+        &state,
+        &ns,
+        &x.template,
+        x.payload,
+        Some(&x.name),
+        traceparent(&headers),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(job.to_resource())).into_response())
 }
 

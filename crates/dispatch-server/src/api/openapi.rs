@@ -416,7 +416,8 @@ fn build() -> Value {
                 "error": {"type": ["object", "null"]},
                 "createdAt": {"type": "string", "format": "date-time"},
                 "startedAt": {"type": ["string", "null"], "format": "date-time"},
-                "finishedAt": {"type": ["string", "null"], "format": "date-time"}
+                "finishedAt": {"type": ["string", "null"], "format": "date-time"},
+                "trace": {"$ref": "#/components/schemas/Trace"}
             }
         },
         "JobExecution": {
@@ -426,8 +427,18 @@ fn build() -> Value {
                 "namespace": {"type": "string"},
                 "status": {"type": "string", "enum": ["Waiting", "Active", "Completed", "Failed", "Cancelled", "Invalid"]},
                 "reason": {"type": "string"}, "attempts": {"type": "integer"},
-                "exitCode": {"type": ["integer", "null"]}, "payload": {}
+                "exitCode": {"type": ["integer", "null"]}, "payload": {},
+                "trace": {"$ref": "#/components/schemas/Trace"}
             }
+        },
+        "Trace": {
+            "type": "object", "required": ["traceId", "spanId"],
+            "description": "The W3C trace a call runs in and the server's span for it",
+            "properties": {
+                "traceId": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+                "spanId": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                "parentId": {"type": "string", "pattern": "^[0-9a-f]{16}$", "description": "The client's span"},
+                "sampled": {"type": "boolean"}}
         },
         "Namespace": {
             "type": "object", "required": ["name"],

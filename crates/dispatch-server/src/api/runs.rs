@@ -165,7 +165,8 @@ pub async fn exec(
         }
         let inv = Invocation::new(&ns, &name, payload, Trigger::Exec)
             .callback(callback_url)
-            .affinity(crate::versions::affinity_of(&headers));
+            .affinity(crate::versions::affinity_of(&headers))
+            .traced(&headers);
         let run = queue::enqueue(&state, inv).await?;
         return Ok(accepted(&run));
     }
@@ -175,7 +176,8 @@ pub async fn exec(
         ));
     }
     let inv = Invocation::new(&ns, &name, payload, Trigger::Exec)
-        .affinity(crate::versions::affinity_of(&headers));
+        .affinity(crate::versions::affinity_of(&headers))
+        .traced(&headers);
     if q.stream == Some(true) || crate::stream::wants_sse(&headers) {
         // A token holder sees the whole error, as in the envelope.
         let ending =

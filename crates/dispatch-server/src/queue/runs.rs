@@ -348,6 +348,7 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         run_id: _,
         connection: _,
         timeout: _,
+        trace,
     } = inv;
     // `hello@3`, `hello@prod`: the version is chosen now and every attempt runs it.
     let (function, pinned) = if function.contains('@') {
@@ -392,6 +393,8 @@ pub async fn admit(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueE
         .admit(&id, &key, payload.get().len() as u64, max_queued)?;
     let mut run = Run::new(id, ns, function, trigger, payload, state.queue.clock.now());
     run.is_async = true;
+    // Every attempt and retry stays in the trace it was accepted in.
+    run.trace = Some(trace.unwrap_or_else(|| dispatch_core::trace::Trace::child_of(None)));
     run.pinned_version = pinned;
     run.replica = state.replica.id();
     run.event = event;

@@ -218,6 +218,7 @@ mod tests {
             finished_at: None,
             expires_at: None,
             replica: None,
+            trace: None,
         }
     }
 

@@ -1,0 +1,157 @@
+//! W3C trace context (`traceparent`, <https://www.w3.org/TR/trace-context/>): the trace a
+//! call belongs to — the client's when it sent a valid `traceparent`, else a new one — and
+//! the span the server made for the call inside it. The run record keeps it, the handler
+//! gets it as `context.trace`, a job as `TRACEPARENT`, a callback as its `traceparent`
+//! header; an async run's attempts and retries, and an event's deliveries, stay in it.
+
+use serde::{Deserialize, Serialize};
+
+/// A call's place in a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Trace {
+    /// 32 lower-case hex digits.
+    pub trace_id: String,
+    /// The server's span for the call: 16 lower-case hex digits.
+    pub span_id: String,
+    /// The caller's span, when it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// The caller's sampling decision (`01`); a new trace is sampled.
+    #[serde(default)]
+    pub sampled: bool,
+}
+
+/// A valid `traceparent`'s trace id, parent span id and sampled flag; `None` for anything
+/// else (a wrong length, upper case, all-zero ids, version `ff`, extra parts on version 00).
+pub fn parse(traceparent: &str) -> Option<(&str, &str, bool)> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0')
+        // Version 00 has exactly four parts; later versions may add more.
+        && (version != "00" || parts.next().is_none());
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    valid.then_some((trace, parent, sampled))
+}
+
+fn random_u128() -> u128 {
+    // A ULID's 80 random bits, twice: thread-local randomness, no extra crate.
+    (ulid::Ulid::new().random() << 48) ^ ulid::Ulid::new().random()
+}
+
+impl Trace {
+    /// The server's span for a call whose client sent `traceparent` (a child of the client's
+    /// span), or the root of a new trace when it sent none, or an invalid one.
+    pub fn child_of(traceparent: Option<&str>) -> Trace {
+        let bits = random_u128();
+        let span = format!("{:016x}", (bits as u64).max(1));
+        match traceparent.and_then(parse) {
+            Some((trace, parent, sampled)) => Trace {
+                trace_id: trace.to_string(),
+                span_id: span,
+                parent_id: Some(parent.to_string()),
+                sampled,
+            },
+            None => Trace {
+                trace_id: format!("{:032x}", (random_u128() ^ (bits >> 64)).max(1)),
+                span_id: span,
+                parent_id: None,
+                sampled: true,
+            },
+        }
+    }
+
+    /// A span of its own under this one (a delivery of an event, a job's execution).
+    pub fn child(&self) -> Trace {
+        Trace::child_of(Some(&self.traceparent()))
+    }
+
+    /// The `traceparent` that makes the server's span the parent of what comes next.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{}",
+            self.trace_id,
+            self.span_id,
+            if self.sampled { "01" } else { "00" }
+        )
+    }
+
+    /// What a handler gets as `context.trace`.
+    pub fn context(&self) -> serde_json::Value {
+        serde_json::json!({
+            "traceparent": self.traceparent(),
+            "traceId": self.trace_id,
+            "spanId": self.span_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_valid_traceparents_are_read() {
+        let t = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            parse(&format!("00-{t}-00f067aa0ba902b7-01")),
+            Some((t, "00f067aa0ba902b7", true))
+        );
+        assert_eq!(
+            parse(&format!("00-{t}-00f067aa0ba902b7-00")).map(|p| p.2),
+            Some(false)
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_call_joins_its_clients_trace_or_starts_one() {
+        let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = Trace::child_of(Some(client));
+        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_ne!(t.span_id, "00f067aa0ba902b7");
+        let tp = t.traceparent();
+        assert_eq!(parse(&tp).map(|p| p.1), Some(t.span_id.as_str()), "{tp}");
+        // A child of the server's span: same trace, the server's span as its parent.
+        let c = t.child();
+        assert_eq!(
+            (c.trace_id.as_str(), c.parent_id.as_deref()),
+            (t.trace_id.as_str(), Some(t.span_id.as_str()))
+        );
+        for bad in [None, Some("junk")] {
+            let n = Trace::child_of(bad);
+            assert!(parse(&n.traceparent()).is_some(), "{n:?}");
+            assert_eq!(n.parent_id, None);
+            assert_ne!(
+                n.trace_id,
+                Trace::child_of(bad).trace_id,
+                "new traces differ"
+            );
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! W3C trace context through the platform: a call joins the trace of the client's
+//! `traceparent` (gateway, API, sync and async, a CloudEvent's `traceparent` extension) or
+//! starts one; the handler gets it as `context.trace` — the server's span for the call as the
+//! parent —, the run record keeps it, an async run's callback carries it.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use dispatch_core::Kind;
+use dispatch_core::trace::Trace;
+use serde_json::{Value, json};
+use support::*;
+
+const ECHO_TRACE: &str = "def handle(context, payload):\n    return context.get('trace')\n";
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn traceparent() -> String {
+    format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+}
+
+/// What the handler saw agrees with the run record: the same trace and span, a traceparent
+/// naming the server's span, its parent the client's span (when it sent one).
+fn check(seen: &Value, record: &Trace, trace_id: Option<&str>) {
+    assert_eq!(seen["traceId"], record.trace_id.as_str(), "{seen}");
+    assert_eq!(seen["spanId"], record.span_id.as_str(), "{seen}");
+    assert_eq!(
+        seen["traceparent"],
+        format!("00-{}-{}-01", record.trace_id, record.span_id),
+        "{seen}"
+    );
+    assert!(
+        dispatch_core::trace::parse(seen["traceparent"].as_str().unwrap()).is_some(),
+        "{seen}"
+    );
+    match trace_id {
+        Some(t) => {
+            assert_eq!(record.trace_id, t);
+            assert_eq!(record.parent_id.as_deref(), Some(CLIENT_SPAN));
+            assert_ne!(record.span_id, CLIENT_SPAN, "the server's span is its own");
+        }
+        None => {
+            assert_ne!(record.trace_id, CLIENT_TRACE);
+            assert_eq!(record.parent_id, None);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_join_the_callers_trace_or_start_one() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "echo", ECHO_TRACE, json!({})).await;
+    c.create(&object(
+        Kind::Endpoint,
+        "echo",
+        json!({"function": "echo", "methods": ["POST"], "paths": ["/echo"]}),
+    ))
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+
+    // Through the gateway, with and without the client's traceparent.
+    for sent in [Some(traceparent()), None, Some("00-junk".to_string())] {
+        let mut rb = http.post(format!("{}/echo", t.gateway)).json(&json!({}));
+        if let Some(tp) = &sent {
+            rb = rb.header("traceparent", tp);
+        }
+        let r = eventually("the endpoint to answer", || {
+            let rb = rb.try_clone().unwrap();
+            async move { rb.send().await.ok().filter(|r| r.status() == 200) }
+        })
+        .await;
+        let run_id = r.headers()["x-dispatch-run-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let seen: Value = r.json().await.unwrap();
+        let run = c.get_run(&run_id).await.unwrap();
+        let trace = run.trace.expect("the record keeps the trace");
+        let valid = sent.as_deref() == Some(traceparent().as_str());
+        check(&seen, &trace, valid.then_some(CLIENT_TRACE));
+    }
+
+    // The API: sync, then async (accepted in the trace, run in it).
+    let exec = |wait: bool| {
+        http.post(format!(
+            "{}/v1/namespaces/default/functions/echo/runs?wait={wait}",
+            t.api()
+        ))
+        .header("traceparent", traceparent())
+        .json(&json!({"input": {}}))
+    };
+    let r = exec(true).send().await.unwrap();
+    let run_id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let envelope: Value = r.json().await.unwrap();
+    let run = c.get_run(&run_id).await.unwrap();
+    check(
+        &envelope["payload"],
+        &run.trace.unwrap(),
+        Some(CLIENT_TRACE),
+    );
+    let r = exec(false).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let accepted: Value = r.json().await.unwrap();
+    let run = final_run(c, accepted["id"].as_str().unwrap()).await;
+    let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
+    check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
+
+    // A CloudEvent with the distributed-tracing extension: its delivery is in its trace.
+    subscribe(c, "traced", "traced.event", "echo").await;
+    let r = http
+        .post(format!("{}/v1/namespaces/default/events", t.api()))
+        .header("content-type", "application/cloudevents+json")
+        .body(
+            json!({"specversion": "1.0", "id": "t1", "source": "/t", "type": "traced.event",
+                   "traceparent": traceparent(), "data": {}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
+    let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
+    check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
+    t.stop().await;
+}
+
+/// An async run's callback is POSTed with the run's traceparent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_runs_callback_carries_its_trace() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "echo", ECHO_TRACE, json!({})).await;
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/cb",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let g = g.clone();
+            async move {
+                let tp = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none");
+                g.lock().unwrap().push(tp.to_string());
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/cb", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/namespaces/default/functions/echo/runs?wait=false",
+            t.api()
+        ))
+        .header("traceparent", traceparent())
+        .json(&json!({"input": {}, "callbackUrl": url}))
+        .send()
+        .await
+        .unwrap();
+    let accepted: Value = r.json().await.unwrap();
+    let run = final_run(c, accepted["id"].as_str().unwrap()).await;
+    let trace = run.trace.unwrap();
+    let sent = eventually("the callback", || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(sent, trace.traceparent());
+    assert_eq!(trace.trace_id, CLIENT_TRACE);
+    t.stop().await;
+}
+
+/// A job execution joins the trace of the `PUT /execute` request; its commands get it as
+/// `TRACEPARENT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_in_its_callers_trace() {
+    let t = start().await;
+    let c = &t.client;
+    let job = json!({"template": {"spec": {"containers": [{"name": "main", "image": "alpine:3",
+        "command": ["sh", "-c", "echo \"$TRACEPARENT\""]}], "restartPolicy": "Never"}},
+        "backoffLimit": 0});
+    c.create(&object(
+        Kind::JobTemplate,
+        "traced",
+        json!({"jobTemplate": {"spec": job}, "runtime": "host"}),
+    ))
+    .await
+    .unwrap();
+    let r = reqwest::Client::new()
+        .put(format!("{}/execute/default/traced", t.api()))
+        .header("traceparent", traceparent())
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let uuid = r.json::<Value>().await.unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("{}/v1/namespaces/default/jobexecutions/{uuid}", t.api());
+    let done: dispatch_core::JobExecution = eventually("the job to end", || async {
+        let j: dispatch_core::JobExecution = reqwest::get(&url).await.ok()?.json().await.ok()?;
+        j.phase.is_final().then_some(j)
+    })
+    .await;
+    assert_eq!(done.phase, dispatch_core::JobPhase::Completed, "{done:?}");
+    let trace = done.trace.expect("the execution keeps its trace");
+    assert_eq!(trace.trace_id, CLIENT_TRACE);
+    assert_eq!(trace.parent_id.as_deref(), Some(CLIENT_SPAN));
+    assert_eq!(done.logs.stdout, [trace.traceparent()]);
+    t.stop().await;
+}
