@@ -277,6 +277,25 @@ fn the_data_dir_is_private() {
         "{err}"
     );
     assert!(!open.join("dispatch.db").exists(), "nothing was created");
+    // An OTLP endpoint that is not an http(s) URL is refused before anything starts.
+    let fresh = dir.path().join("fresh");
+    let out = std::process::Command::cargo_bin("dispatch")
+        .unwrap()
+        .args(["server", "--otlp-endpoint", "collector:4318", "--data-dir"])
+        .arg(&fresh)
+        .args(["--api-addr", &format!("127.0.0.1:{api}")])
+        .args(["--gateway-addr", &format!("127.0.0.1:{gw}")])
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--otlp-endpoint") && err.contains("http://otel-collector:4318"),
+        "{err}"
+    );
+    assert!(!fresh.join("dispatch.db").exists(), "nothing was created");
 }
 
 /// `--log-format json` makes every line of the server's stderr a JSON object (the start-up

@@ -372,6 +372,15 @@ async fn launch(state: &Arc<AppState>, keys: tokio::sync::mpsc::UnboundedReceive
 /// Serves a started state on the two listeners.
 fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> Server {
     let gc_task = gc::spawn_periodic(state.clone());
+    if let Some(url) = &state.config.otlp_traces_url {
+        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "dispatch".into());
+        let _ = state.otlp.set(crate::otlp::Exporter::start(
+            url.clone(),
+            state.http.clone(),
+            service,
+        ));
+        tracing::info!(%url, "spans are exported over OTLP/HTTP");
+    }
     let (shutdown, rx) = watch::channel(false);
     let api_addr = api
         .local_addr()

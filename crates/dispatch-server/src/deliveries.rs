@@ -431,6 +431,7 @@ async fn deliver_sub(state: &Arc<AppState>, key: SubKey, read: usize) {
     }
     for (_, run) in &batch {
         state.queue.push(run);
+        crate::queue::accepted_span(state, run, crate::otlp::nanos(run.created_at));
     }
     state.deliveries.with_sub(&key, |s, ns| {
         s.pending = s.pending.saturating_sub(n);

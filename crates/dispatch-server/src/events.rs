@@ -221,6 +221,7 @@ async fn accept(
     for run in &runs {
         if stored_ok {
             state.queue.push(run);
+            crate::queue::accepted_span(state, run, crate::otlp::nanos(run.created_at));
         } else {
             state.queue.retire(&run.id);
         }

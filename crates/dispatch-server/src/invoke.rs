@@ -314,6 +314,9 @@ pub fn apply_outcome(
         outcome.cold,
         took,
     );
+    if let Some(e) = state.otlp.get() {
+        crate::otlp::call_spans(e, run, &outcome.timings, run.cold_start.as_ref(), took);
+    }
     run.timings = outcome.timings;
     run.stream = outcome.stream;
     run.digest = Some(deployed.digest.clone());

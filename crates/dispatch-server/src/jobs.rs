@@ -559,6 +559,33 @@ fn push_note(logs: &LiveLogs, note: &str) {
     logs.lock().stderr.push(format!("[dispatch] {note}"));
 }
 
+/// The span of a job execution, from its start (or creation) to its end.
+fn job_span(state: &AppState, job: &JobExecution) {
+    if let (Some(e), Some(trace)) = (state.otlp.get(), &job.trace) {
+        use crate::otlp::Value;
+        let start = crate::otlp::nanos(job.started_at.unwrap_or(job.created_at));
+        let attributes = vec![
+            ("dispatch.namespace", Value::Str(job.namespace.clone())),
+            ("dispatch.jobtemplate", Value::Str(job.name.clone())),
+            ("dispatch.execution", Value::Str(job.uuid.clone())),
+            ("dispatch.phase", Value::Str(job.phase.to_string())),
+            ("dispatch.attempts", Value::Int(i64::from(job.attempts))),
+        ];
+        let failed = matches!(job.phase, JobPhase::Failed | JobPhase::Invalid);
+        let error = failed.then(|| job.reason.clone());
+        let name = format!("job {}", job.name);
+        crate::otlp::trace_span(
+            e,
+            trace,
+            name,
+            crate::otlp::Kind::Server,
+            start,
+            attributes,
+            error,
+        );
+    }
+}
+
 /// Records the end of an execution, frees its slot, starts the next waiting one.
 async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, ttl: Option<u64>) {
     if !state.jobs.release(&job) {
@@ -567,6 +594,7 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
     state.metrics.job_ended(job.phase);
     let done = now(state);
     job.finished_at = Some(done);
+    job_span(state, &job);
     job.logs = logs.lock().clone();
     job.expires_at = ttl.and_then(|s| {
         done.checked_add(jiff::SignedDuration::from_secs(s as i64))
@@ -622,6 +650,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobEx
     job.finished_at = Some(now(state));
     save(state, &job).await?;
     state.metrics.job_ended(job.phase);
+    job_span(state, &job);
     let _ = std::fs::remove_dir_all(state.jobs.scratch(&job));
     next(state, &template_key(&job)).await;
     Ok(job)

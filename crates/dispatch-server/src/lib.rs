@@ -28,6 +28,7 @@ pub mod jobs;
 pub mod live;
 pub mod metrics;
 mod options;
+pub mod otlp;
 pub mod queue;
 pub mod recorder;
 pub mod replicas;
@@ -164,6 +165,10 @@ impl Server {
         })
         .await;
         self.state.stop().await;
+        // The last calls' spans go out before the process does.
+        if let Some(e) = self.state.otlp.get() {
+            e.flush(std::time::Duration::from_secs(5)).await;
+        }
         match drained {
             Ok((api, gw)) => {
                 for (what, res) in [("api", api), ("gateway", gw)] {

@@ -44,6 +44,8 @@ pub struct Options {
     pub jobs_dir: std::path::PathBuf,
     /// One `dispatch::access` log line per request on both ports (`--access-log`).
     pub access_log: bool,
+    /// Where spans go (OTLP/HTTP protobuf, the traces URL itself); none: no spans are made.
+    pub otlp_traces_url: Option<String>,
     /// Require API tokens (off only with `--insecure-no-auth`).
     pub auth: bool,
     /// The key that seals secrets (`<data dir>/secret.key`); none = a key in memory only.
@@ -101,6 +103,7 @@ impl Default for Options {
             max_waiting_calls: dispatch_runtime::DEFAULT_MAX_WAITING_CALLS,
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
             access_log: false,
+            otlp_traces_url: None,
             auth: true,
             secret_key_file: None,
             tls: None,

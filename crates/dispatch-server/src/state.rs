@@ -114,6 +114,8 @@ pub struct AppState {
     pub config: Options,
     /// Outgoing HTTP (callbacks).
     pub http: reqwest::Client,
+    /// The span exporter, when `--otlp-endpoint` is set (started with the server).
+    pub otlp: std::sync::OnceLock<Arc<crate::otlp::Exporter>>,
     pub(crate) tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(crate) controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
@@ -219,6 +221,7 @@ impl AppState {
             secrets,
             config,
             http,
+            otlp: std::sync::OnceLock::new(),
             tasks: parking_lot::Mutex::new(Vec::new()),
             controller,
             routes: RwLock::new(Routes::default()),

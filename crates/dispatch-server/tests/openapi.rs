@@ -86,24 +86,6 @@ async fn the_contract_is_every_route_and_method_and_a_valid_document() {
     t.stop().await;
 }
 
-/// A PyPI tool `.ci/run` installs into a folder of the wheel cache
-/// (`$DISPATCH_PY_WHEELS/NAME`, else `~/.cache/dispatch-tools/py/NAME`): a `python3` that
-/// imports it from there (or, without the folder, from the interpreter's own packages).
-fn python_with(name: &str) -> std::process::Command {
-    let dir = std::env::var_os("DISPATCH_PY_WHEELS")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| std::path::PathBuf::from(h).join(".cache/dispatch-tools/py"))
-        })
-        .map(|d| d.join(name));
-    let mut cmd = std::process::Command::new("python3");
-    if let Some(d) = dir.filter(|d| d.is_dir()) {
-        cmd.env("PYTHONPATH", d);
-    }
-    cmd
-}
-
 /// Runs PyPI's `openapi-spec-validator` on the document.
 fn validate_with_python(doc: &Value) {
     use std::io::Write as _;

@@ -1,7 +1,9 @@
 //! W3C trace context through the platform: a call joins the trace of the client's
 //! `traceparent` (gateway, API, sync and async, a CloudEvent's `traceparent` extension) or
 //! starts one; the handler gets it as `context.trace` — the server's span for the call as the
-//! parent —, the run record keeps it, an async run's callback carries it.
+//! parent —, the run record keeps it, an async run's callback carries it; with an OTLP
+//! endpoint the server's spans reach a collector (decoded by the official Python
+//! `opentelemetry-proto`) with their parents.
 
 mod support;
 
@@ -220,4 +222,174 @@ async fn a_job_runs_in_its_callers_trace() {
     assert_eq!(trace.parent_id.as_deref(), Some(CLIENT_SPAN));
     assert_eq!(done.logs.stdout, [trace.traceparent()]);
     t.stop().await;
+}
+
+/// Turns the OTLP requests a collector got into one span per line (hex ids), with the
+/// official Python bindings.
+const DECODE_OTLP: &str = r#"
+import json, sys, base64
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+for line in sys.stdin:
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(base64.b64decode(line))
+    for rs in req.resource_spans:
+        service = {a.key: a.value.string_value for a in rs.resource.attributes}.get("service.name")
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                attrs = {}
+                for a in s.attributes:
+                    v = a.value
+                    attrs[a.key] = getattr(v, v.WhichOneof("value"))
+                print(json.dumps({"service": service, "scope": ss.scope.name, "name": s.name,
+                    "trace": s.trace_id.hex(), "span": s.span_id.hex(), "parent": s.parent_span_id.hex(),
+                    "kind": s.kind, "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
+                    "status": s.status.code, "attrs": attrs}))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_with_their_parents() {
+    use base64::Engine as _;
+    // The collector: keeps each request's protobuf body.
+    let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let g = g.clone();
+                async move {
+                    assert_eq!(headers["content-type"], "application/x-protobuf");
+                    g.lock().unwrap().push(body.to_vec());
+                }
+            },
+        ),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/traces", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let options = dispatch_server::Options {
+        otlp_traces_url: Some(url),
+        ..no_auth()
+    };
+    let t = start_with(tempfile::tempdir().unwrap(), options).await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "echo", ECHO_TRACE, json!({})).await;
+    let http = reqwest::Client::new();
+    let exec = |wait: bool| {
+        http.post(format!(
+            "{}/v1/namespaces/default/functions/echo/runs?wait={wait}",
+            t.api()
+        ))
+        .header("traceparent", traceparent())
+        .json(&json!({"input": {}}))
+    };
+    let r = exec(true).send().await.unwrap();
+    let sync_id = r.headers()["x-dispatch-run-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let accepted: Value = exec(false).send().await.unwrap().json().await.unwrap();
+    let async_run = final_run(c, accepted["id"].as_str().unwrap()).await;
+    let sync_run = c.get_run(&sync_id).await.unwrap();
+    let sent = eventually("the exporter to count sent spans", || async {
+        let m = reqwest::get(format!("{}/metrics", t.api()))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let n: u64 = m.lines().find_map(|l| {
+            l.strip_prefix("dispatch_trace_spans_sent_total ")?
+                .parse()
+                .ok()
+        })?;
+        (n > 0).then_some(m)
+    })
+    .await;
+    assert!(
+        sent.contains("dispatch_trace_spans_dropped_total 0"),
+        "{sent}"
+    );
+    // The stop sends what waits.
+    t.stop().await;
+
+    let lines: String = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| base64::engine::general_purpose::STANDARD.encode(b) + "\n")
+        .collect();
+    let mut child = python_with("opentelemetry-proto")
+        .args(["-c", DECODE_OTLP])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |name: &str, span: Option<&str>| -> Value {
+        spans
+            .iter()
+            .find(|s| s["name"] == name && span.is_none_or(|id| s["span"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("no span {name} {span:?} in {spans:#?}"))
+    };
+    for s in &spans {
+        assert_eq!(s["service"], "dispatch");
+        assert_eq!(s["scope"], "dispatch");
+        assert!(s["end"].as_u64() >= s["start"].as_u64(), "{s}");
+    }
+    // The sync call: the server's span, the client's span its parent; the worker call under it.
+    let st = sync_run.trace.unwrap();
+    let call = find("call echo", Some(&st.span_id));
+    assert_eq!(call["trace"], CLIENT_TRACE);
+    assert_eq!(call["parent"], CLIENT_SPAN);
+    assert_eq!(call["kind"], 2, "server");
+    assert_eq!(call["status"], 1, "ok");
+    assert_eq!(call["attrs"]["dispatch.run_id"], sync_id.as_str());
+    assert_eq!(call["attrs"]["dispatch.function"], "echo");
+    let worker = spans
+        .iter()
+        .find(|s| s["name"] == "worker call" && s["parent"] == call["span"])
+        .unwrap_or_else(|| panic!("no worker call under the call in {spans:#?}"));
+    assert_eq!(worker["trace"], CLIENT_TRACE);
+    // The async run: its acceptance in the client's trace, the attempt under it.
+    let at = async_run.trace.unwrap();
+    let accept = find("accept echo", Some(&at.span_id));
+    assert_eq!(
+        (&accept["trace"], &accept["parent"]),
+        (&json!(CLIENT_TRACE), &json!(CLIENT_SPAN))
+    );
+    let attempt = find("attempt 1 echo", None);
+    assert_eq!(attempt["parent"], accept["span"]);
+    assert_eq!(attempt["kind"], 5, "consumer");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "worker call" && s["parent"] == attempt["span"]),
+        "{spans:#?}"
+    );
+    // Builds are spans of their own traces.
+    let build = find("build function echo", None);
+    assert_eq!(build["parent"], "");
+    assert_eq!(build["attrs"]["dispatch.build"], "function");
 }

@@ -86,6 +86,12 @@ pub struct Server {
     /// traceparent). With --log-format json, one JSON object a line
     #[arg(long, env = "DISPATCH_ACCESS_LOG")]
     pub access_log: bool,
+    /// Export the server's spans (requests, queueing, cold starts, worker calls, builds, job
+    /// executions, event deliveries) over OTLP/HTTP protobuf to this collector, e.g.
+    /// http://otel-collector:4318 (/v1/traces is added; OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+    /// names the full URL instead). Service name: OTEL_SERVICE_NAME, else dispatch
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Synchronous calls of one function that may wait when all its maxWorkers are busy;
     /// past it a call gets 429 with Retry-After
     #[arg(long, default_value_t = dispatch_runtime::DEFAULT_MAX_WAITING_CALLS)]
@@ -239,6 +245,12 @@ impl Server {
             max_waiting_calls: self.max_waiting_calls,
             auth: !self.insecure_no_auth,
             access_log: self.access_log,
+            otlp_traces_url: dispatch_server::otlp::traces_url(
+                self.otlp_endpoint.as_deref(),
+                std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                    .ok()
+                    .as_deref(),
+            ),
             max_workers_total: self.max_workers_total.max(1),
             worker_memory_budget: self.worker_memory_budget,
             min_free_disk: self.min_free_disk,
@@ -395,6 +407,13 @@ impl Server {
             gateway_addr: self.gateway_addr,
             options,
         };
+        if let Some(url) = &config.options.otlp_traces_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            anyhow::bail!(
+                "--otlp-endpoint {url:?} is not an http:// or https:// URL (an OTLP/HTTP collector, e.g. http://otel-collector:4318)"
+            );
+        }
         let scheme = if config.options.tls.is_some() {
             "https"
         } else {

@@ -221,6 +221,9 @@ fn job_metrics(state: &AppState) -> String {
     let mut out = String::new();
     let (waiting, active) = state.jobs.counts();
     state.metrics.render_jobs(&mut out, waiting, active);
+    if let Some(e) = state.otlp.get() {
+        e.render_metrics(&mut out);
+    }
     out
 }
 

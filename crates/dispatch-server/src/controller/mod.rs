@@ -452,6 +452,17 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
             deployed.is_ok(),
             started.elapsed(),
         );
+        if let Some(e) = state.otlp.get() {
+            let error = deployed.as_ref().err().map(|e| e.to_string());
+            crate::otlp::build_span(
+                e,
+                "function",
+                o.namespace(),
+                o.name(),
+                started.elapsed(),
+                error,
+            );
+        }
     }
     match deployed {
         Ok(handle) => {

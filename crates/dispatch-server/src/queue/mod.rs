@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 pub use dispatch_core::run::{FunctionQueue, Refused};
+pub(crate) use runs::accepted_span;
 pub use runs::{admit, after_failure, cancel, cancel_here, enqueue, recover, redrive};
 
 /// Why the queue refuses a run or a change to one.

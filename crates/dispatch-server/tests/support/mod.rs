@@ -352,3 +352,22 @@ pub fn py_wheels(needed: &[&str]) -> String {
     }
     wheels.join(":")
 }
+
+#[allow(dead_code)]
+/// A PyPI tool `.ci/run` installs into a folder of the wheel cache
+/// (`$DISPATCH_PY_WHEELS/NAME`, else `~/.cache/dispatch-tools/py/NAME`): a `python3` that
+/// imports it from there (or, without the folder, from the interpreter's own packages).
+pub fn python_with(name: &str) -> std::process::Command {
+    let dir = std::env::var_os("DISPATCH_PY_WHEELS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/dispatch-tools/py"))
+        })
+        .map(|d| d.join(name));
+    let mut cmd = std::process::Command::new("python3");
+    if let Some(d) = dir.filter(|d| d.is_dir()) {
+        cmd.env("PYTHONPATH", d);
+    }
+    cmd
+}
