@@ -46,27 +46,37 @@ pub fn parse(traceparent: &str) -> Option<(&str, &str, bool)> {
     valid.then_some((trace, parent, sampled))
 }
 
-fn random_u128() -> u128 {
-    // A ULID's 80 random bits, twice: thread-local randomness, no extra crate.
-    (ulid::Ulid::new().random() << 48) ^ ulid::Ulid::new().random()
+/// Lower-case hex of `bytes` (a table look-up a nibble: this is on every call's path).
+fn hex_of(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// 64 random bits (a ULID's random part; thread-local randomness, no extra crate), never 0.
+fn random_span() -> String {
+    hex_of(&((ulid::Ulid::new().random() as u64).max(1)).to_be_bytes())
 }
 
 impl Trace {
     /// The server's span for a call whose client sent `traceparent` (a child of the client's
-    /// span), or the root of a new trace when it sent none, or an invalid one.
+    /// span), or the root of a new trace when it sent none, or an invalid one. A new trace id
+    /// is a ULID: 48 bits of time and 80 random ones, unique without coordination.
     pub fn child_of(traceparent: Option<&str>) -> Trace {
-        let bits = random_u128();
-        let span = format!("{:016x}", (bits as u64).max(1));
         match traceparent.and_then(parse) {
             Some((trace, parent, sampled)) => Trace {
                 trace_id: trace.to_string(),
-                span_id: span,
+                span_id: random_span(),
                 parent_id: Some(parent.to_string()),
                 sampled,
             },
             None => Trace {
-                trace_id: format!("{:032x}", (random_u128() ^ (bits >> 64)).max(1)),
-                span_id: span,
+                trace_id: hex_of(&ulid::Ulid::new().0.to_be_bytes()),
+                span_id: random_span(),
                 parent_id: None,
                 sampled: true,
             },
@@ -126,6 +136,12 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(hex_of(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex_of(&[]), "");
     }
 
     #[test]

@@ -127,6 +127,21 @@ const ERROR_TYPES: [ErrorType; 3] = [
     ErrorType::SystemError,
 ];
 
+/// One metric family: its HELP and TYPE lines, then `each` row's samples.
+pub(crate) fn family<T>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    rows: &[T],
+    mut each: impl FnMut(&mut String, &T),
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for r in rows {
+        each(out, r);
+    }
+}
+
 /// What a build made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Build {
@@ -383,44 +398,79 @@ impl Metrics {
             .filter(|(_, m)| m.total() > 0)
             .map(|((ns, f), m)| (format!("namespace=\"{ns}\",function=\"{f}\""), m.clone()))
             .collect();
-        out.push_str(
-            "# HELP dispatch_function_calls_total Finished calls (attempts) of a function, by status.\n# TYPE dispatch_function_calls_total counter\n",
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // `name{labels,key="k"} v` for each (k, v).
+        let by =
+            |out: &mut String, name: &str, labels: &str, key: &str, values: Vec<(String, u64)>| {
+                for (k, v) in values {
+                    let _ = writeln!(out, "{name}{{{labels},{key}=\"{k}\"}} {v}");
+                }
+            };
+        family(
+            out,
+            "dispatch_function_calls_total",
+            "counter",
+            "Finished calls (attempts) of a function, by status.",
+            &functions,
+            |out, (labels, m)| {
+                let v = CALL_STATUSES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .zip(m.calls.iter().map(load));
+                by(
+                    out,
+                    "dispatch_function_calls_total",
+                    labels,
+                    "status",
+                    v.collect(),
+                );
+            },
         );
-        for (labels, m) in &functions {
-            for (s, c) in CALL_STATUSES.iter().zip(&m.calls) {
-                let v = c.load(Ordering::Relaxed);
+        family(
+            out,
+            "dispatch_function_errors_total",
+            "counter",
+            "Failed calls of a function, by error type (InputError: the caller's input; FunctionError: the handler; SystemError: the platform, a timeout included).",
+            &functions,
+            |out, (labels, m)| {
+                let v = ERROR_TYPES
+                    .iter()
+                    .map(|t| t.to_string())
+                    .zip(m.errors.iter().map(load));
+                by(
+                    out,
+                    "dispatch_function_errors_total",
+                    labels,
+                    "type",
+                    v.collect(),
+                );
+            },
+        );
+        family(
+            out,
+            "dispatch_function_cold_starts_total",
+            "counter",
+            "Calls of a function that started a worker.",
+            &functions,
+            |out, (labels, m)| {
                 let _ = writeln!(
                     out,
-                    "dispatch_function_calls_total{{{labels},status=\"{s}\"}} {v}"
+                    "dispatch_function_cold_starts_total{{{labels}}} {}",
+                    load(&m.cold)
                 );
-            }
-        }
-        out.push_str(
-            "# HELP dispatch_function_errors_total Failed calls of a function, by error type (InputError: the caller's input; FunctionError: the handler; SystemError: the platform, a timeout included).\n# TYPE dispatch_function_errors_total counter\n",
+            },
         );
-        for (labels, m) in &functions {
-            for (t, c) in ERROR_TYPES.iter().zip(&m.errors) {
-                let v = c.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "dispatch_function_errors_total{{{labels},type=\"{t}\"}} {v}"
-                );
-            }
-        }
-        out.push_str(
-            "# HELP dispatch_function_cold_starts_total Calls of a function that started a worker.\n# TYPE dispatch_function_cold_starts_total counter\n",
+        family(
+            out,
+            "dispatch_function_duration_seconds",
+            "histogram",
+            "Calls of a function from their start on the server (a wait for a worker and a cold start included) to their outcome.",
+            &functions,
+            |out, (labels, m)| {
+                m.duration
+                    .render(out, "dispatch_function_duration_seconds", labels)
+            },
         );
-        for (labels, m) in &functions {
-            let v = m.cold.load(Ordering::Relaxed);
-            let _ = writeln!(out, "dispatch_function_cold_starts_total{{{labels}}} {v}");
-        }
-        out.push_str(
-            "# HELP dispatch_function_duration_seconds Calls of a function from their start on the server (a wait for a worker and a cold start included) to their outcome.\n# TYPE dispatch_function_duration_seconds histogram\n",
-        );
-        for (labels, m) in &functions {
-            m.duration
-                .render(out, "dispatch_function_duration_seconds", labels);
-        }
     }
 }
 

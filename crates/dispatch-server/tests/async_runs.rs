@@ -417,21 +417,16 @@ async fn admission_is_bounded_per_function_and_in_bytes() {
         (fq.queued, fq.max_queued, fq.refused.function_full),
         (5, 5, 25)
     );
-    let metrics = reqwest::get(format!("{}/metrics", t.api()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&t).await;
     for line in [
         "dispatch_function_queued{namespace=\"default\",function=\"a\"} 5",
         "dispatch_function_refused_total{namespace=\"default\",function=\"a\",bound=\"function\"} 25",
         "dispatch_function_refused_total{namespace=\"default\",function=\"b\",bound=\"namespace_bytes\"} 1",
     ] {
-        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+        assert!(text.contains(line), "no {line} in\n{text}");
     }
     // Its runs wait (the function cannot start): the oldest has waited since it was accepted.
-    let age: f64 = metrics
+    let age: f64 = text
         .lines()
         .find_map(|l| {
             l.strip_prefix(
@@ -440,7 +435,7 @@ async fn admission_is_bounded_per_function_and_in_bytes() {
             .parse()
             .ok()
         })
-        .unwrap_or_else(|| panic!("no oldest age of a in\n{metrics}"));
+        .unwrap_or_else(|| panic!("no oldest age of a in\n{text}"));
     assert!(age > 0.0 && age < 300.0, "{age}");
     // A cancelled run gives its slot and its bytes back.
     let runs = c.list_runs(&q).await.unwrap();

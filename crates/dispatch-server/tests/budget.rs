@@ -67,12 +67,7 @@ async fn workers_fit_the_budget_by_evicting_idle_ones_then_refusing() {
     })
     .await;
     // /metrics says so too.
-    let m = reqwest::get(format!("{}/metrics", t.api()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&t).await;
     for line in [
         "dispatch_workers_by_state{state=\"idle\"} 0",
         "dispatch_workers_by_state{state=\"busy\"} 2",
@@ -97,17 +92,12 @@ async fn workers_fit_the_budget_by_evicting_idle_ones_then_refusing() {
     }
     let r = c.exec("a", &raw(json!({}))).await.unwrap();
     assert!(r.envelope.context.error.is_none());
-    let metrics = reqwest::get(format!("{}/metrics", t.api()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&t).await;
     for line in [
         "dispatch_workers_max 2",
         "dispatch_worker_budget_refusals_total 1",
     ] {
-        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+        assert!(text.contains(line), "no {line} in\n{text}");
     }
     t.stop().await;
 }

@@ -89,15 +89,6 @@ async fn post(t: &TestServer, id: &str, data: serde_json::Value) -> (u16, serde_
     (status, v)
 }
 
-async fn metrics(t: &TestServer) -> String {
-    reqwest::get(format!("{}/metrics", t.api()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Event id → the runs of `function` it started, once `expected` runs exist and all are
 /// final.
 async fn runs_by_event(

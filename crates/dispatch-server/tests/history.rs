@@ -96,12 +96,7 @@ async fn history_policies_keep_exactly_what_they_say() {
         assert_eq!(runs.iter().filter(|r| r.is_async).count(), 1);
     }
     // Every call is counted in /metrics whatever the policy: 4 × (40 + 3 + 1).
-    let m = reqwest::get(format!("{}/metrics", t.api()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics(&t).await;
     let total: f64 = m
         .lines()
         .filter(|l| l.starts_with("dispatch_runs_total{"))

@@ -417,15 +417,7 @@ async fn backoff_deadline_cancel_and_max_active() {
         (!job(&t, &first).await.logs.stdout.is_empty()).then_some(())
     })
     .await;
-    let metrics = || async {
-        reqwest::get(format!("{}/metrics", t.api()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let m = metrics().await;
+    let m = metrics(&t).await;
     for line in [
         "dispatch_job_executions{phase=\"Waiting\"} 1",
         "dispatch_job_executions{phase=\"Active\"} 1",
@@ -467,7 +459,7 @@ async fn backoff_deadline_cancel_and_max_active() {
     .unwrap();
     assert_eq!(list.len(), 2);
     assert!(list.iter().all(|j| j.phase == JobPhase::Cancelled));
-    let m = metrics().await;
+    let m = metrics(&t).await;
     for line in [
         "dispatch_job_executions{phase=\"Waiting\"} 0",
         "dispatch_job_executions{phase=\"Active\"} 0",

@@ -88,26 +88,14 @@ async fn the_contract_is_every_route_and_method_and_a_valid_document() {
 
 /// Runs PyPI's `openapi-spec-validator` on the document.
 fn validate_with_python(doc: &Value) {
-    use std::io::Write as _;
-    let mut child = python_with("openapi-spec-validator")
-        .args([
-            "-c",
-            "import json, sys\nfrom openapi_spec_validator import validate\n\
-             from openapi_spec_validator.validation import OpenAPIV31SpecValidator\n\
-             validate(json.load(sys.stdin), cls=OpenAPIV31SpecValidator)\nprint('valid')",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(doc.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut validate = python_with("openapi-spec-validator");
+    validate.args([
+        "-c",
+        "import json, sys\nfrom openapi_spec_validator import validate\n\
+         from openapi_spec_validator.validation import OpenAPIV31SpecValidator\n\
+         validate(json.load(sys.stdin), cls=OpenAPIV31SpecValidator)\nprint('valid')",
+    ]);
+    let out = run_with_input(validate, doc.to_string().as_bytes());
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("valid"),
         "openapi-spec-validator: {}{}",

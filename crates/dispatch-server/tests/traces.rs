@@ -22,6 +22,16 @@ fn traceparent() -> String {
     format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
 }
 
+/// `POST …/functions/echo/runs?wait=WAIT` with the client's traceparent.
+fn exec_traced(http: &reqwest::Client, t: &TestServer, wait: bool) -> reqwest::RequestBuilder {
+    http.post(format!(
+        "{}/v1/namespaces/default/functions/echo/runs?wait={wait}",
+        t.api()
+    ))
+    .header("traceparent", traceparent())
+    .json(&json!({"input": {}}))
+}
+
 /// What the handler saw agrees with the run record: the same trace and span, a traceparent
 /// naming the server's span, its parent the client's span (when it sent one).
 fn check(seen: &Value, record: &Trace, trace_id: Option<&str>) {
@@ -87,14 +97,7 @@ async fn calls_join_the_callers_trace_or_start_one() {
     }
 
     // The API: sync, then async (accepted in the trace, run in it).
-    let exec = |wait: bool| {
-        http.post(format!(
-            "{}/v1/namespaces/default/functions/echo/runs?wait={wait}",
-            t.api()
-        ))
-        .header("traceparent", traceparent())
-        .json(&json!({"input": {}}))
-    };
+    let exec = |wait: bool| exec_traced(&http, &t, wait);
     let r = exec(true).send().await.unwrap();
     let run_id = r.headers()["x-dispatch-run-id"]
         .to_str()
@@ -276,14 +279,7 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
     images(c).await;
     ready_function(c, "echo", ECHO_TRACE, json!({})).await;
     let http = reqwest::Client::new();
-    let exec = |wait: bool| {
-        http.post(format!(
-            "{}/v1/namespaces/default/functions/echo/runs?wait={wait}",
-            t.api()
-        ))
-        .header("traceparent", traceparent())
-        .json(&json!({"input": {}}))
-    };
+    let exec = |wait: bool| exec_traced(&http, &t, wait);
     let r = exec(true).send().await.unwrap();
     let sync_id = r.headers()["x-dispatch-run-id"]
         .to_str()
@@ -293,12 +289,7 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
     let async_run = final_run(c, accepted["id"].as_str().unwrap()).await;
     let sync_run = c.get_run(&sync_id).await.unwrap();
     let sent = eventually("the exporter to count sent spans", || async {
-        let m = reqwest::get(format!("{}/metrics", t.api()))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = metrics(&t).await;
         let n: u64 = m.lines().find_map(|l| {
             l.strip_prefix("dispatch_trace_spans_sent_total ")?
                 .parse()
@@ -320,23 +311,9 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
         .iter()
         .map(|b| base64::engine::general_purpose::STANDARD.encode(b) + "\n")
         .collect();
-    let mut child = python_with("opentelemetry-proto")
-        .args(["-c", DECODE_OTLP])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(lines.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let mut decode = python_with("opentelemetry-proto");
+    decode.args(["-c", DECODE_OTLP]);
+    let out = run_with_input(decode, lines.as_bytes());
     assert!(
         out.status.success(),
         "{}",

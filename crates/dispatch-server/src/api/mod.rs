@@ -322,48 +322,60 @@ fn disk_metrics(state: &AppState) -> String {
         .collect()
 }
 
-/// Queued async runs and 429s per function (the queue keeps them).
+/// Queued async runs, the oldest's age and 429s per function (the queue keeps them).
 fn function_metrics(state: &AppState) -> String {
+    use crate::metrics::family;
     use std::fmt::Write as _;
-    let mut out = String::from(
-        "# HELP dispatch_function_queued Async runs accepted and not final, by function.\n\
-         # TYPE dispatch_function_queued gauge\n",
-    );
     let rows = state.queue.per_function();
-    for r in &rows {
-        let (ns, f) = &r.key;
-        let _ = writeln!(
-            out,
-            "dispatch_function_queued{{namespace=\"{ns}\",function=\"{f}\"}} {}",
-            r.queued
-        );
-    }
-    out.push_str(
-        "# HELP dispatch_function_oldest_queued_age_seconds How long the oldest async run of \
-         a function waiting to start has waited (since it was accepted or redriven).\n\
-         # TYPE dispatch_function_oldest_queued_age_seconds gauge\n",
-    );
-    for r in &rows {
-        let (ns, f) = &r.key;
-        let _ = writeln!(
-            out,
-            "dispatch_function_oldest_queued_age_seconds{{namespace=\"{ns}\",function=\"{f}\"}} {}",
-            r.oldest_age_seconds
-        );
-    }
-    out.push_str(
-        "# HELP dispatch_function_refused_total Calls answered 429, by function and the bound \
-         that was full.\n# TYPE dispatch_function_refused_total counter\n",
-    );
-    for r in &rows {
-        let (ns, f) = &r.key;
-        for (bound, n) in r.refused.by_bound() {
+    let mut out = String::new();
+    let labels =
+        |r: &crate::queue::QueueLine| format!("namespace=\"{}\",function=\"{}\"", r.key.0, r.key.1);
+    family(
+        &mut out,
+        "dispatch_function_queued",
+        "gauge",
+        "Async runs accepted and not final, by function.",
+        &rows,
+        |out, r| {
             let _ = writeln!(
                 out,
-                "dispatch_function_refused_total{{namespace=\"{ns}\",function=\"{f}\",bound=\"{bound}\"}} {n}"
+                "dispatch_function_queued{{{}}} {}",
+                labels(r),
+                r.queued
             );
-        }
-    }
+        },
+    );
+    family(
+        &mut out,
+        "dispatch_function_oldest_queued_age_seconds",
+        "gauge",
+        "How long the oldest async run of a function waiting to start has waited (since it was accepted or redriven).",
+        &rows,
+        |out, r| {
+            let age = r.oldest_age_seconds;
+            let _ = writeln!(
+                out,
+                "dispatch_function_oldest_queued_age_seconds{{{}}} {age}",
+                labels(r)
+            );
+        },
+    );
+    family(
+        &mut out,
+        "dispatch_function_refused_total",
+        "counter",
+        "Calls answered 429, by function and the bound that was full.",
+        &rows,
+        |out, r| {
+            for (bound, n) in r.refused.by_bound() {
+                let l = labels(r);
+                let _ = writeln!(
+                    out,
+                    "dispatch_function_refused_total{{{l},bound=\"{bound}\"}} {n}"
+                );
+            }
+        },
+    );
     out
 }
 

@@ -371,3 +371,28 @@ pub fn python_with(name: &str) -> std::process::Command {
     }
     cmd
 }
+
+/// The server's `/metrics` text.
+#[allow(dead_code)]
+pub async fn metrics(t: &TestServer) -> String {
+    reqwest::get(format!("{}/metrics", t.api()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Runs `cmd` with `input` on its stdin; its output.
+#[allow(dead_code)]
+pub fn run_with_input(mut cmd: std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the program");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
