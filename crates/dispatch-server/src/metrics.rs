@@ -153,6 +153,16 @@ pub enum Build {
 
 const BUILDS: [(Build, &str); 2] = [(Build::Image, "image"), (Build::Function, "function")];
 
+impl Build {
+    /// Its name in labels and spans.
+    pub fn as_str(self) -> &'static str {
+        BUILDS
+            .iter()
+            .find(|(b, _)| *b == self)
+            .map_or("", |(_, n)| n)
+    }
+}
+
 /// One function's calls (every attempt: sync, async, event, cron), whatever its history
 /// policy records.
 pub struct FunctionMetrics {

@@ -157,22 +157,14 @@ async fn build_image(state: &AppState, o: &Object) -> Result<Option<Status>, Rec
     })
     .await?;
     if !unchanged {
-        state.metrics.build_done(
+        let error = result.as_ref().err().map(|e| e.to_string());
+        super::build_ended(
+            state,
             crate::metrics::Build::Image,
-            result.is_ok(),
+            o,
+            error,
             started.elapsed(),
         );
-        if let Some(e) = state.otlp.get() {
-            let error = result.as_ref().err().map(|e| e.to_string());
-            crate::otlp::build_span(
-                e,
-                "image",
-                o.namespace(),
-                o.name(),
-                started.elapsed(),
-                error,
-            );
-        }
     }
     Ok(Some(match result {
         Ok(()) => status(Phase::Ready, "", Some(d.clone()), o),

@@ -15,6 +15,7 @@ use dispatch_runtime::{FunctionDeploy, Progress, Steps};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::metrics::Build;
 use crate::state::StateError;
 
 /// Why a reconcile did not finish (it is retried with back-off). What is wrong with the
@@ -241,6 +242,21 @@ async fn dependents(
     Ok(())
 }
 
+/// A build of a new digest ended (`error`: how it failed): its duration in `/metrics` and, with
+/// an OTLP endpoint, its span.
+pub(crate) fn build_ended(
+    state: &AppState,
+    kind: Build,
+    o: &Object,
+    error: Option<String>,
+    took: std::time::Duration,
+) {
+    state.metrics.build_done(kind, error.is_none(), took);
+    if let Some(e) = state.otlp.get() {
+        crate::otlp::build_span(e, kind.as_str(), o.namespace(), o.name(), took, error);
+    }
+}
+
 /// A function's build ready to hand to the backend: what [`plan`] makes of a function object
 /// (the function itself, or one of its versions).
 pub(crate) struct Planned {
@@ -447,22 +463,8 @@ async fn reconcile_function(state: &AppState, key: &Key) -> Result<(), Reconcile
     })
     .await?;
     if changed {
-        state.metrics.build_done(
-            crate::metrics::Build::Function,
-            deployed.is_ok(),
-            started.elapsed(),
-        );
-        if let Some(e) = state.otlp.get() {
-            let error = deployed.as_ref().err().map(|e| e.to_string());
-            crate::otlp::build_span(
-                e,
-                "function",
-                o.namespace(),
-                o.name(),
-                started.elapsed(),
-                error,
-            );
-        }
+        let error = deployed.as_ref().err().map(|e| e.to_string());
+        build_ended(state, Build::Function, &o, error, started.elapsed());
     }
     match deployed {
         Ok(handle) => {
