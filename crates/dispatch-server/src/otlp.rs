@@ -112,12 +112,16 @@ impl Exporter {
         }
     }
 
-    /// Sends what waits, within `within` (the server's stop).
+    /// Sends what waits, within `within` (the server's stop): a collector that does not
+    /// answer costs the stop at most that.
     pub async fn flush(&self, within: Duration) {
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Msg::Flush(ack)).await.is_ok() {
-            let _ = tokio::time::timeout(within, done).await;
-        }
+        let _ = tokio::time::timeout(within, async {
+            if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+                let _ = done.await;
+            }
+        })
+        .await;
     }
 
     pub fn render_metrics(&self, out: &mut String) {
@@ -157,6 +161,7 @@ async fn run(
 ) {
     let mut batch: Vec<Span> = Vec::new();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut failing = false;
     loop {
         let first = tokio::time::timeout(INTERVAL, rx.recv()).await;
         match first {
@@ -186,16 +191,21 @@ async fn run(
                 let n = batch.len() as u64;
                 if ok { &e.sent } else { &e.failed }.fetch_add(n, Ordering::Relaxed);
             }
-            if !ok {
+            // Said once when exports start failing and once when they work again (a down
+            // collector must not flood the server's log); the metric counts every span.
+            if !ok && !failing {
                 let why = match sent {
                     Ok(r) => format!("answered {}", r.status()),
                     Err(e) => e.to_string(),
                 };
                 tracing::warn!(
-                    "OTLP export of {} spans to {url} failed: {why}",
+                    "OTLP export of {} spans to {url} failed: {why} (said once until it works again)",
                     batch.len()
                 );
+            } else if ok && failing {
+                tracing::info!("OTLP export to {url} works again");
             }
+            failing = !ok;
             batch.clear();
         }
         for a in acks.drain(..) {

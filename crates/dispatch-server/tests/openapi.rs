@@ -2,7 +2,8 @@
 //! has and no other, each with exactly the methods the router takes (an undocumented method
 //! is a 405, a documented one is not); junk requests to every operation get a 4xx, never a
 //! 5xx; a real validator (PyPI `openapi-spec-validator`) accepts the document; and
-//! `schemathesis` (PyPI), generating requests from it for every operation, finds no 5xx.
+//! `schemathesis` (PyPI), generating requests from it for every operation, finds no 5xx;
+//! and real answers of the main operations match the schemas the document gives them.
 
 mod support;
 
@@ -149,6 +150,131 @@ async fn schemathesis_finds_no_server_error() {
     assert!(
         selected.is_some() && count("Tested:") == selected,
         "{report}"
+    );
+    t.stop().await;
+}
+
+/// Checks each (path, method, status, body) against the schema the document gives that
+/// answer, with the validator's own OpenAPI 3.1 schema validator.
+const CHECK_ANSWERS: &str = r#"
+import json, sys
+from openapi_schema_validator import OAS31Validator
+data = json.load(sys.stdin)
+doc = data["doc"]
+bad = []
+for path, method, status, body in data["answers"]:
+    schema = doc["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+    root = dict(schema, components=doc["components"])
+    errors = [e.message for e in OAS31Validator(root).iter_errors(body)]
+    if errors:
+        bad.append("%s %s %s: %s" % (method, path, status, errors[:3]))
+print("\n".join(bad) if bad else "all match")
+sys.exit(1 if bad else 0)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_answers_match_their_schemas() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(c, "hello", HELLO_PY, serde_json::json!({})).await;
+    c.create(&object(
+        dispatch_core::Kind::JobTemplate,
+        "echo",
+        serde_json::json!({"runtime": "host", "jobTemplate": {"spec": {"backoffLimit": 0,
+            "template": {"spec": {"restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "alpine:3", "command": ["true"]}]}}}}}),
+    ))
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let api = t.api();
+    let ns = "/v1/namespaces/{ns}";
+    let mut answers: Vec<Value> = Vec::new();
+    let mut take = async |path: &str, method: &str, url: String, body: Option<Value>| -> Value {
+        let rb = http.request(method.parse().unwrap(), format!("{api}{url}"));
+        let rb = match body {
+            Some(b) => rb.json(&b),
+            None => rb,
+        };
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        answers.push(serde_json::json!([
+            path,
+            method.to_ascii_lowercase(),
+            status,
+            v
+        ]));
+        v
+    };
+    let p = |rest: &str| format!("{ns}{rest}");
+    let d = |rest: &str| format!("/v1/namespaces/default{rest}");
+    let envelope = take(
+        &p("/functions/{name}/runs"),
+        "POST",
+        d("/functions/hello/runs"),
+        Some(serde_json::json!({"input": {"name": "Jon", "place": "Winterfell"}})),
+    )
+    .await;
+    assert!(envelope["payload"].is_object(), "{envelope}");
+    let runs = take(&p("/runs"), "GET", d("/runs"), None).await;
+    let id = runs[0]["id"].as_str().unwrap().to_string();
+    take(&p("/runs/{id}"), "GET", d(&format!("/runs/{id}")), None).await;
+    take(&p("/{kind}"), "GET", d("/functions"), None).await;
+    take(&p("/{kind}/{name}"), "GET", d("/functions/hello"), None).await;
+    take(
+        "/v1/namespaces",
+        "POST",
+        "/v1/namespaces".into(),
+        Some(serde_json::json!({"name": "team-a", "spec": {"runHistoryBudget": "64Mi"}})),
+    )
+    .await;
+    take("/v1/namespaces", "GET", "/v1/namespaces".into(), None).await;
+    take(
+        "/v1/tokens",
+        "POST",
+        "/v1/tokens".into(),
+        Some(serde_json::json!({"name": "ci", "role": "viewer", "namespace": "team-a"})),
+    )
+    .await;
+    take("/v1/tokens", "GET", "/v1/tokens".into(), None).await;
+    let accepted = take(
+        "/execute/{ns}/{name}",
+        "PUT",
+        "/execute/default/echo".into(),
+        Some(serde_json::json!("p")),
+    )
+    .await;
+    let uuid = accepted["uuid"].as_str().unwrap().to_string();
+    eventually("the job to end", || async {
+        let j: Value = reqwest::get(format!("{api}/v1/namespaces/default/jobexecutions/{uuid}"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (j["phase"] == "Completed").then_some(())
+    })
+    .await;
+    take(
+        &p("/jobexecutions/{uuid}"),
+        "GET",
+        d(&format!("/jobexecutions/{uuid}")),
+        None,
+    )
+    .await;
+    take(&p("/jobexecutions"), "GET", d("/jobexecutions"), None).await;
+    let input =
+        serde_json::json!({"doc": dispatch_server::api::openapi::document(), "answers": answers});
+    let mut check = python_with("openapi-spec-validator");
+    check.args(["-c", CHECK_ANSWERS]);
+    let out = run_with_input(check, input.to_string().as_bytes());
+    assert!(
+        out.status.success(),
+        "answers that do not match the contract:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     t.stop().await;
 }

@@ -109,7 +109,7 @@ pub const OPERATIONS: &[Operation] = &[
     op("POST", "/v1/gc", "gc", "server", "Removes builds and blobs nothing uses (older than ?grace=)", AllNamespaces("admin")).query(&["grace"]),
     op("GET", "/v1/pulled-images", "pulledImages", "server", "Container images pulled by this server", AllNamespaces("admin")),
     op("GET", "/v1/namespaces", "listNamespaces", "namespaces", "Namespaces the token covers", Viewer).ok(200, List("Namespace")),
-    op("POST", "/v1/namespaces", "createNamespace", "namespaces", "Creates a namespace", AllNamespaces("admin")).request(Schema("Namespace")).ok(201, Schema("Namespace")),
+    op("POST", "/v1/namespaces", "createNamespace", "namespaces", "Creates a namespace", AllNamespaces("admin")).request(Schema("NamespaceRequest")).ok(201, Schema("Namespace")),
     op("GET", "/v1/namespaces/{ns}", "getNamespace", "namespaces", "One namespace and its settings", Viewer).ok(200, Schema("Namespace")),
     op("PATCH", "/v1/namespaces/{ns}", "patchNamespace", "namespaces", "Changes a namespace's limits (runHistoryBudget)", AllNamespaces("admin")).request(Json).ok(200, Schema("Namespace")),
     op("DELETE", "/v1/namespaces/{ns}", "deleteNamespace", "namespaces", "Deletes an empty namespace (?cascade=true: with everything in it)", Admin).query(&["cascade"]),
@@ -118,12 +118,12 @@ pub const OPERATIONS: &[Operation] = &[
     op("DELETE", "/v1/tokens/{name}", "deleteToken", "tokens", "Revokes a token", AllNamespaces("admin")),
     op("GET", "/v1/whoami", "whoami", "tokens", "The calling token's name, role and namespace", Viewer),
     op("GET", "/v1/audit", "audit", "tokens", "Changes made through the API, newest first", AllNamespaces("admin")).query(&["limit"]),
-    op("PUT", "/execute/{ns}/{name}", "executeJob", "jobs", "Runs a job template with the body as its payload (dispatcher's API)", Developer).request(Json).ok(201, Schema("JobExecution")),
-    op("POST", "/execute/{ns}/{name}", "executeJobPost", "jobs", "As PUT", Developer).request(Json).ok(201, Schema("JobExecution")),
-    op("PUT", "/execute/{name}", "executeJobDefault", "jobs", "As PUT /execute/{ns}/{name} in the default namespace", Developer).request(Json).ok(201, Schema("JobExecution")),
-    op("POST", "/execute/{name}", "executeJobDefaultPost", "jobs", "As PUT", Developer).request(Json).ok(201, Schema("JobExecution")),
+    op("PUT", "/execute/{ns}/{name}", "executeJob", "jobs", "Runs a job template with the body as its payload (dispatcher's API)", Developer).request(Json).ok(201, Schema("JobAccepted")),
+    op("POST", "/execute/{ns}/{name}", "executeJobPost", "jobs", "As PUT", Developer).request(Json).ok(201, Schema("JobAccepted")),
+    op("PUT", "/execute/{name}", "executeJobDefault", "jobs", "As PUT /execute/{ns}/{name} in the default namespace", Developer).request(Json).ok(201, Schema("JobAccepted")),
+    op("POST", "/execute/{name}", "executeJobDefaultPost", "jobs", "As PUT", Developer).request(Json).ok(201, Schema("JobAccepted")),
     op("GET", ns!("/jobexecutions"), "listJobExecutions", "jobs", "Job executions, newest first", Viewer).query(&["template", "limit"]).ok(200, List("JobExecution")),
-    op("POST", ns!("/jobexecutions"), "createJobExecution", "jobs", "Runs a job template: {template, payload}", Developer).request(Json).ok(201, Schema("JobExecution")),
+    op("POST", ns!("/jobexecutions"), "createJobExecution", "jobs", "Runs a job template from a JobExecution resource (metadata.name, spec.jobTemplateName, spec.payload); answers it as a resource", Developer).request(Json).ok(201, Json),
     op("GET", ns!("/jobexecutions/{uuid}"), "getJobExecution", "jobs", "One job execution", Viewer).ok(200, Schema("JobExecution")),
     op("DELETE", ns!("/jobexecutions/{uuid}"), "cancelJobExecution", "jobs", "Cancels a waiting or running execution", Developer).ok(200, Schema("JobExecution")),
     op("GET", ns!("/jobexecutions/{uuid}/logs"), "jobExecutionLogs", "jobs", "Its logs (?follow=true: as printed, NDJSON)", Viewer).query(&["follow"]).ok(200, Ndjson),
@@ -420,12 +420,20 @@ fn build() -> Value {
                 "trace": {"$ref": "#/components/schemas/Trace"}
             }
         },
-        "JobExecution": {
+        "JobAccepted": {
             "type": "object", "required": ["uuid", "name", "status"],
+            "description": "dispatcher's answer to PUT /execute",
             "properties": {
                 "uuid": {"type": "string"}, "name": {"type": "string", "description": "Its template"},
                 "namespace": {"type": "string"},
-                "status": {"type": "string", "enum": ["Waiting", "Active", "Completed", "Failed", "Cancelled", "Invalid"]},
+                "status": {"type": "string", "enum": ["Waiting", "Running", "Succeeded", "Failed", "Cancelled"]}}
+        },
+        "JobExecution": {
+            "type": "object", "required": ["uuid", "name", "phase"],
+            "properties": {
+                "uuid": {"type": "string"}, "name": {"type": "string", "description": "Its template"},
+                "namespace": {"type": "string"},
+                "phase": {"type": "string", "enum": ["Waiting", "Active", "Completed", "Failed", "Cancelled", "Invalid"]},
                 "reason": {"type": "string"}, "attempts": {"type": "integer"},
                 "exitCode": {"type": ["integer", "null"]}, "payload": {},
                 "trace": {"$ref": "#/components/schemas/Trace"}
@@ -441,8 +449,26 @@ fn build() -> Value {
                 "sampled": {"type": "boolean"}}
         },
         "Namespace": {
+            "type": "object", "required": ["kind", "metadata"],
+            "description": "A namespace: its limits in spec, the run history it holds in status",
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"const": "Namespace"},
+                "metadata": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"},
+                    "createdAt": {"type": ["string", "null"], "format": "date-time"}}},
+                "spec": {"type": "object", "properties": {
+                    "runHistoryBudget": {"type": "string", "description": "Bytes of run records kept at most, e.g. 256Mi"}}},
+                "status": {"type": "object", "properties": {"runHistory": {"type": "object", "properties": {
+                    "runs": {"type": "integer"}, "bytes": {"type": "integer"},
+                    "budget": {"type": ["integer", "null"]},
+                    "budgetFrom": {"enum": ["namespace", "server"]}}}}}
+            }
+        },
+        "NamespaceRequest": {
             "type": "object", "required": ["name"],
-            "properties": {"name": {"type": "string"}, "runHistoryBudget": {"type": ["integer", "null"]}}
+            "properties": {"name": {"type": "string"}, "spec": {"type": "object", "properties": {
+                "runHistoryBudget": {"type": "string"}}}}
         },
         "TokenRequest": {
             "type": "object", "required": ["name", "role"],
