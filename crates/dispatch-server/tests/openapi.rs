@@ -111,8 +111,12 @@ fn validate_with_python(doc: &Value) {
 async fn schemathesis_finds_no_server_error() {
     let t = start().await;
     let api = t.api();
+    // It keeps a cache where it runs: a folder of the test's, not the source tree.
+    let scratch = tempfile::tempdir().unwrap();
+    let cwd = scratch.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         python_with("schemathesis")
+            .current_dir(cwd)
             .args(["-m", "schemathesis.cli", "run"])
             .arg(format!("{api}/v1/openapi.json"))
             .args(["--url", &api])
