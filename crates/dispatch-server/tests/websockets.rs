@@ -43,14 +43,15 @@ module.exports.handle = async function* (context, messages) {
 
 /// The client: runs `steps` (a JSON list) against one URL and prints what happened.
 const CLIENT: &str = r#"
-import json, sys
+import json, os, sys
 from websockets.sync.client import connect
 from websockets.exceptions import InvalidStatus, ConnectionClosed
 
 url, steps = sys.argv[1], json.loads(sys.argv[2])
+headers = json.loads(os.environ.get("WS_HEADERS", "{}"))
 out = {"received": []}
 try:
-    ws = connect(url, open_timeout=30, close_timeout=5)
+    ws = connect(url, open_timeout=30, close_timeout=5, additional_headers=headers)
 except InvalidStatus as e:
     out["status"] = e.response.status_code
     out["body"] = e.response.body.decode()
@@ -77,10 +78,16 @@ print(json.dumps(out))
 "#;
 
 async fn client(t: &TestServer, path: &str, steps: Value) -> Value {
+    client_with(t, path, steps, json!({})).await
+}
+
+/// [`client`], its upgrade request with these headers.
+async fn client_with(t: &TestServer, path: &str, steps: Value, headers: Value) -> Value {
     let url = format!("{}{path}", t.gateway.replace("http://", "ws://"));
     let out = tokio::process::Command::new("python3")
         .args(["-c", CLIENT, &url, &steps.to_string()])
         .env("PYTHONPATH", py_wheels(&["websockets-"]))
+        .env("WS_HEADERS", headers.to_string())
         .output()
         .await
         .unwrap();
@@ -405,5 +412,34 @@ sys.stdin.read()
     let run = finished_run(c, "forever", "the deaf client's call to be stopped").await;
     assert_eq!(run.status, RunStatus::Cancelled, "{:?}", run.error);
     drop(deaf);
+    t.stop().await;
+}
+
+/// A message's call runs in the trace of the upgrade request's `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_calls_join_the_upgrade_requests_trace() {
+    let t = start().await;
+    let c = &t.client;
+    images(c).await;
+    ready_function(
+        c,
+        "traced",
+        "def handle(context, payload):\n    return context['trace']['traceId']\n",
+        json!({}),
+    )
+    .await;
+    ws_endpoint(c, "traced", "traced", json!({})).await;
+    routed(&t, "/traced").await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let out = client_with(
+        &t,
+        "/traced",
+        json!([["send", "x"], ["recv"], ["close"]]),
+        json!({"traceparent": format!("00-{trace}-00f067aa0ba902b7-01")}),
+    )
+    .await;
+    assert_eq!(out["received"], json!([trace]), "{out}");
+    let run = finished_run(c, "traced", "the message's run").await;
+    assert_eq!(run.trace.map(|t| t.trace_id).as_deref(), Some(trace));
     t.stop().await;
 }
