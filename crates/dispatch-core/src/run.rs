@@ -73,6 +73,19 @@ pub enum Trigger {
     Retry,
 }
 
+impl Trigger {
+    /// Its name as the API writes it (`exec`, `endpoint`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Exec => "exec",
+            Trigger::Endpoint => "endpoint",
+            Trigger::Event => "event",
+            Trigger::Cron => "cron",
+            Trigger::Retry => "retry",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Timings {

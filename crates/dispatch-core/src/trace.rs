@@ -83,11 +83,6 @@ impl Trace {
         }
     }
 
-    /// A span of its own under this one (a delivery of an event, a job's execution).
-    pub fn child(&self) -> Trace {
-        Trace::child_of(Some(&self.traceparent()))
-    }
-
     /// The `traceparent` that makes the server's span the parent of what comes next.
     pub fn traceparent(&self) -> String {
         // Pushed, not format!ted: this is on every call's path.
@@ -100,14 +95,24 @@ impl Trace {
         out
     }
 
-    /// What a handler gets as `context.trace`.
-    pub fn context(&self) -> serde_json::Value {
-        serde_json::json!({
-            "traceparent": self.traceparent(),
-            "traceId": self.trace_id,
-            "spanId": self.span_id,
-        })
+    /// What a handler gets as `context.trace` (serialized straight into its context).
+    pub fn context(&self) -> TraceContext<'_> {
+        TraceContext {
+            traceparent: self.traceparent(),
+            trace_id: &self.trace_id,
+            span_id: &self.span_id,
+        }
     }
+}
+
+/// `context.trace`: the W3C trace a call is in, the server's span for it the parent of what
+/// the handler makes.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceContext<'a> {
+    pub traceparent: String,
+    pub trace_id: &'a str,
+    pub span_id: &'a str,
 }
 
 #[cfg(test)]
@@ -156,7 +161,7 @@ mod tests {
         let tp = t.traceparent();
         assert_eq!(parse(&tp).map(|p| p.1), Some(t.span_id.as_str()), "{tp}");
         // A child of the server's span: same trace, the server's span as its parent.
-        let c = t.child();
+        let c = Trace::child_of(Some(&t.traceparent()));
         assert_eq!(
             (c.trace_id.as_str(), c.parent_id.as_deref()),
             (t.trace_id.as_str(), Some(t.span_id.as_str()))

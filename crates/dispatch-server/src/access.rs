@@ -24,10 +24,7 @@ async fn log(State(edge): State<Edge>, req: Request, next: Next) -> Response {
         Some(m) => m.as_str().to_string(),
         None => req.uri().path().to_string(),
     };
-    let trace_id = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
+    let trace_id = crate::invoke::traceparent(req.headers())
         .and_then(dispatch_core::trace::parse)
         .map(|(trace, _, _)| trace.to_string());
     let resp = next.run(req).await;

@@ -76,6 +76,11 @@ pub struct Invocation {
     pub trace: Option<dispatch_core::trace::Trace>,
 }
 
+/// A request's W3C `traceparent` header, as sent (`trace::parse` says whether it is valid).
+pub fn traceparent(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok())
+}
+
 impl Invocation {
     pub fn new(namespace: &str, function: &str, payload: Box<RawValue>, trigger: Trigger) -> Self {
         Invocation {
@@ -98,8 +103,7 @@ impl Invocation {
     /// Joins the trace of the caller's `traceparent` header (a span of the server's under
     /// the caller's), or starts one when it has none or an invalid one.
     pub fn traced(mut self, headers: &axum::http::HeaderMap) -> Self {
-        let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
-        self.trace = Some(dispatch_core::trace::Trace::child_of(tp));
+        self.trace = Some(dispatch_core::trace::Trace::child_of(traceparent(headers)));
         self
     }
 
@@ -172,16 +176,7 @@ struct Context<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     connection: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    trace: Option<TraceContext<'a>>,
-}
-
-/// `context.trace`: the W3C trace the call is in, the server's span for it its parent.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TraceContext<'a> {
-    traceparent: String,
-    trace_id: &'a str,
-    span_id: &'a str,
+    trace: Option<dispatch_core::trace::TraceContext<'a>>,
 }
 
 /// What a call carries besides its run: the gateway's request, a WebSocket connection, a
@@ -220,11 +215,7 @@ pub async fn call_deployed(
         attempt: run.is_async.then_some(run.attempts),
         event: run.event.as_ref(),
         connection: extras.connection,
-        trace: run.trace.as_ref().map(|t| TraceContext {
-            traceparent: t.traceparent(),
-            trace_id: &t.trace_id,
-            span_id: &t.span_id,
-        }),
+        trace: run.trace.as_ref().map(dispatch_core::trace::Trace::context),
     };
     // Serializing a struct of strings and a JSON value cannot fail.
     let ctx = serde_json::value::to_raw_value(&ctx)
@@ -314,13 +305,13 @@ pub fn apply_outcome(
         outcome.cold,
         took,
     );
-    if let Some(e) = state.otlp.get() {
-        crate::otlp::call_spans(e, run, &outcome.timings, run.cold_start.as_ref(), took);
-    }
     run.timings = outcome.timings;
     run.stream = outcome.stream;
     run.digest = Some(deployed.digest.clone());
     run.version = deployed.version;
+    if let Some(e) = state.otlp.get() {
+        crate::otlp::call_spans(e, run, took);
+    }
     if let Some(out) = &run.output
         && !deployed.secrets.is_empty()
     {

@@ -559,30 +559,10 @@ fn push_note(logs: &LiveLogs, note: &str) {
     logs.lock().stderr.push(format!("[dispatch] {note}"));
 }
 
-/// The span of a job execution, from its start (or creation) to its end.
+/// The span of a job execution that ended, when spans are exported.
 fn job_span(state: &AppState, job: &JobExecution) {
-    if let (Some(e), Some(trace)) = (state.otlp.get(), &job.trace) {
-        use crate::otlp::Value;
-        let start = crate::otlp::nanos(job.started_at.unwrap_or(job.created_at));
-        let attributes = vec![
-            ("dispatch.namespace", Value::Str(job.namespace.clone())),
-            ("dispatch.jobtemplate", Value::Str(job.name.clone())),
-            ("dispatch.execution", Value::Str(job.uuid.clone())),
-            ("dispatch.phase", Value::Str(job.phase.to_string())),
-            ("dispatch.attempts", Value::Int(i64::from(job.attempts))),
-        ];
-        let failed = matches!(job.phase, JobPhase::Failed | JobPhase::Invalid);
-        let error = failed.then(|| job.reason.clone());
-        let name = format!("job {}", job.name);
-        crate::otlp::trace_span(
-            e,
-            trace,
-            name,
-            crate::otlp::Kind::Server,
-            start,
-            attributes,
-            error,
-        );
+    if let Some(e) = state.otlp.get() {
+        crate::otlp::job_span(e, job);
     }
 }
 

@@ -127,6 +127,11 @@ const ERROR_TYPES: [ErrorType; 3] = [
     ErrorType::SystemError,
 ];
 
+/// A metric family's HELP and TYPE lines.
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 /// One metric family: its HELP and TYPE lines, then `each` row's samples.
 pub(crate) fn family<T>(
     out: &mut String,
@@ -136,10 +141,27 @@ pub(crate) fn family<T>(
     rows: &[T],
     mut each: impl FnMut(&mut String, &T),
 ) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    header(out, name, kind, help);
     for r in rows {
         each(out, r);
     }
+}
+
+/// One counter family of labelled rows: `name{labels,key="k"} v` for each `(k, v)` a row's
+/// `values` gives.
+fn counters_by<T, K: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    key: &str,
+    rows: &[(String, T)],
+    values: impl Fn(&T) -> Vec<(K, u64)>,
+) {
+    family(out, name, "counter", help, rows, |out, (labels, row)| {
+        for (k, v) in values(row) {
+            let _ = writeln!(out, "{name}{{{labels},{key}=\"{k}\"}} {v}");
+        }
+    });
 }
 
 /// What a build made.
@@ -222,7 +244,7 @@ pub struct Metrics {
     /// Builds by [`BUILDS`] and outcome (ready, error).
     builds: [[Histogram<{ DURATION_BUCKETS.len() }>; 2]; BUILDS.len()],
     /// Job executions that ended, by final phase (`JobPhase::ALL`'s order).
-    jobs_ended: [AtomicU64; 6],
+    jobs_ended: [AtomicU64; JobPhase::ALL.len()],
     /// (namespace, function) → its counters, shared with its deployments.
     functions: parking_lot::RwLock<BTreeMap<(String, String), Arc<FunctionMetrics>>>,
 }
@@ -265,26 +287,23 @@ impl Metrics {
     /// Job executions waiting and running on this server (gauges), and those that ended by
     /// phase (counters).
     pub fn render_jobs(&self, out: &mut String, waiting: usize, active: usize) {
-        out.push_str(
-            "# HELP dispatch_job_executions Job executions on this server now, by phase (Waiting: for a slot of their template's maxActive).\n# TYPE dispatch_job_executions gauge\n",
-        );
-        let _ = writeln!(
-            out,
-            "dispatch_job_executions{{phase=\"Waiting\"}} {waiting}"
-        );
-        let _ = writeln!(out, "dispatch_job_executions{{phase=\"Active\"}} {active}");
-        out.push_str(
-            "# HELP dispatch_job_executions_ended_total Job executions that ended, by final phase.\n# TYPE dispatch_job_executions_ended_total counter\n",
-        );
-        for (p, c) in JobPhase::ALL.iter().zip(&self.jobs_ended) {
-            if p.is_final() {
-                let v = c.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "dispatch_job_executions_ended_total{{phase=\"{p}\"}} {v}"
-                );
-            }
-        }
+        let name = "dispatch_job_executions";
+        let help = "Job executions on this server now, by phase (Waiting: for a slot of their template's maxActive).";
+        let now = [("Waiting", waiting), ("Active", active)];
+        family(out, name, "gauge", help, &now, |out, (p, n)| {
+            let _ = writeln!(out, "{name}{{phase=\"{p}\"}} {n}");
+        });
+        let name = "dispatch_job_executions_ended_total";
+        let ended: Vec<_> = JobPhase::ALL
+            .iter()
+            .zip(&self.jobs_ended)
+            .filter(|(p, _)| p.is_final())
+            .collect();
+        let help = "Job executions that ended, by final phase.";
+        family(out, name, "counter", help, &ended, |out, (p, c)| {
+            let v = c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{phase=\"{p}\"}} {v}");
+        });
     }
 
     /// The counters of a function (its versions share them), made on its first deploy.
@@ -385,8 +404,11 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {v}", e.as_str());
             }
         }
-        out.push_str(
-            "# HELP dispatch_build_duration_seconds Builds of a new digest, by what they made (an image; a function's deploy: unpacking, installing, its first workers) and how they ended.\n# TYPE dispatch_build_duration_seconds histogram\n",
+        header(
+            &mut out,
+            "dispatch_build_duration_seconds",
+            "histogram",
+            "Builds of a new digest, by what they made (an image; a function's deploy: unpacking, installing, its first workers) and how they ended.",
         );
         for ((_, kind), by_outcome) in BUILDS.iter().zip(&self.builds) {
             for (outcome, h) in ["ready", "error"].iter().zip(by_outcome) {
@@ -409,52 +431,21 @@ impl Metrics {
             .map(|((ns, f), m)| (format!("namespace=\"{ns}\",function=\"{f}\""), m.clone()))
             .collect();
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        // `name{labels,key="k"} v` for each (k, v).
-        let by =
-            |out: &mut String, name: &str, labels: &str, key: &str, values: Vec<(String, u64)>| {
-                for (k, v) in values {
-                    let _ = writeln!(out, "{name}{{{labels},{key}=\"{k}\"}} {v}");
-                }
-            };
-        family(
+        counters_by(
             out,
             "dispatch_function_calls_total",
-            "counter",
             "Finished calls (attempts) of a function, by status.",
+            "status",
             &functions,
-            |out, (labels, m)| {
-                let v = CALL_STATUSES
-                    .iter()
-                    .map(|s| s.to_string())
-                    .zip(m.calls.iter().map(load));
-                by(
-                    out,
-                    "dispatch_function_calls_total",
-                    labels,
-                    "status",
-                    v.collect(),
-                );
-            },
+            |m| CALL_STATUSES.iter().zip(m.calls.iter().map(load)).collect(),
         );
-        family(
+        counters_by(
             out,
             "dispatch_function_errors_total",
-            "counter",
             "Failed calls of a function, by error type (InputError: the caller's input; FunctionError: the handler; SystemError: the platform, a timeout included).",
+            "type",
             &functions,
-            |out, (labels, m)| {
-                let v = ERROR_TYPES
-                    .iter()
-                    .map(|t| t.to_string())
-                    .zip(m.errors.iter().map(load));
-                by(
-                    out,
-                    "dispatch_function_errors_total",
-                    labels,
-                    "type",
-                    v.collect(),
-                );
-            },
+            |m| ERROR_TYPES.iter().zip(m.errors.iter().map(load)).collect(),
         );
         family(
             out,

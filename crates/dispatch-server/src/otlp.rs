@@ -143,11 +143,8 @@ impl Exporter {
                 &self.failed,
             ),
         ] {
-            let v = v.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
+            crate::metrics::header(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
     }
 }
@@ -219,17 +216,20 @@ pub fn now_ns() -> u64 {
     nanos(jiff::Timestamp::now())
 }
 
-/// The spans of one finished call (an attempt): the call's — the server's span of its trace
-/// for a sync call, a child of the acceptance's for an async attempt — and under it the wait
-/// for a worker, the cold start and the worker call, from the outcome's timings; `took`
-/// ended now.
-pub fn call_spans(
-    e: &Exporter,
-    run: &dispatch_core::Run,
-    timings: &dispatch_core::run::Timings,
-    cold: Option<&dispatch_core::ColdStart>,
-    took: Duration,
-) {
+/// What every span of a run says of it.
+fn run_attributes(run: &dispatch_core::Run) -> Vec<(&'static str, Value)> {
+    vec![
+        ("dispatch.namespace", Value::Str(run.namespace.clone())),
+        ("dispatch.function", Value::Str(run.function.clone())),
+        ("dispatch.run_id", Value::Str(run.id.clone())),
+    ]
+}
+
+/// The spans of one finished call (an attempt), from its run record: the call's — the
+/// server's span of its trace for a sync call, a child of the acceptance's for an async
+/// attempt — and under it the wait for a worker, the cold start and the worker call, from its
+/// timings; `took` ended now.
+pub fn call_spans(e: &Exporter, run: &dispatch_core::Run, took: Duration) {
     let Some(trace) = run.trace.as_ref().filter(|t| t.sampled) else {
         return;
     };
@@ -249,18 +249,13 @@ pub fn call_spans(
             Kind::Server,
         )
     };
-    let mut attributes = vec![
-        ("dispatch.namespace", Value::Str(run.namespace.clone())),
-        ("dispatch.function", Value::Str(run.function.clone())),
-        ("dispatch.run_id", Value::Str(run.id.clone())),
-        (
-            "dispatch.trigger",
-            Value::Str(format!("{:?}", run.trigger).to_lowercase()),
-        ),
+    let mut attributes = run_attributes(run);
+    attributes.extend([
+        ("dispatch.trigger", Value::Str(run.trigger.as_str().into())),
         ("dispatch.status", Value::Str(run.status.to_string())),
         ("dispatch.attempt", Value::Int(i64::from(run.attempts))),
-        ("dispatch.cold", Value::Bool(cold.is_some())),
-    ];
+        ("dispatch.cold", Value::Bool(run.cold_start.is_some())),
+    ]);
     if let Some(v) = run.version {
         attributes.push(("dispatch.version", Value::Int(i64::from(v))));
     }
@@ -287,11 +282,12 @@ pub fn call_spans(
         attributes,
         error: None,
     };
+    let timings = &run.timings;
     let queued_end = start + ms(timings.queued_ms);
     if timings.queued_ms > 0 {
         e.export(child("wait for a worker", start, queued_end, Vec::new()));
     }
-    if let Some(c) = cold {
+    if let Some(c) = &run.cold_start {
         let method = vec![(
             "dispatch.start_method",
             Value::Str(c.method.as_str().to_string()),
@@ -310,6 +306,43 @@ pub fn call_spans(
         end,
         Vec::new(),
     ));
+}
+
+/// The span of an async run's acceptance (stored and queued) from `start_ns`: its attempts
+/// are its children.
+pub fn accept_span(e: &Exporter, run: &dispatch_core::Run, start_ns: u64) {
+    if let Some(trace) = &run.trace {
+        let name = format!("accept {}", run.function);
+        trace_span(
+            e,
+            trace,
+            name,
+            Kind::Server,
+            start_ns,
+            run_attributes(run),
+            None,
+        );
+    }
+}
+
+/// The span of a job execution, from its start (or creation) to its end.
+pub fn job_span(e: &Exporter, job: &dispatch_core::JobExecution) {
+    use dispatch_core::JobPhase;
+    let Some(trace) = &job.trace else {
+        return;
+    };
+    let start = nanos(job.started_at.unwrap_or(job.created_at));
+    let attributes = vec![
+        ("dispatch.namespace", Value::Str(job.namespace.clone())),
+        ("dispatch.jobtemplate", Value::Str(job.name.clone())),
+        ("dispatch.execution", Value::Str(job.uuid.clone())),
+        ("dispatch.phase", Value::Str(job.phase.to_string())),
+        ("dispatch.attempts", Value::Int(i64::from(job.attempts))),
+    ];
+    let failed = matches!(job.phase, JobPhase::Failed | JobPhase::Invalid);
+    let error = failed.then(|| job.reason.clone());
+    let name = format!("job {}", job.name);
+    trace_span(e, trace, name, Kind::Server, start, attributes, error);
 }
 
 /// A span of its own trace's server span over `[start, now]`: an async run's acceptance (its

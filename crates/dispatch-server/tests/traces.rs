@@ -336,7 +336,7 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
         assert!(s["end"].as_u64() >= s["start"].as_u64(), "{s}");
     }
     // The sync call: the server's span, the client's span its parent; the worker call under it.
-    let st = sync_run.trace.unwrap();
+    let st = sync_run.trace.clone().unwrap();
     let call = find("call echo", Some(&st.span_id));
     assert_eq!(call["trace"], CLIENT_TRACE);
     assert_eq!(call["parent"], CLIENT_SPAN);
@@ -344,6 +344,11 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
     assert_eq!(call["status"], 1, "ok");
     assert_eq!(call["attrs"]["dispatch.run_id"], sync_id.as_str());
     assert_eq!(call["attrs"]["dispatch.function"], "echo");
+    assert_eq!(call["attrs"]["dispatch.trigger"], "exec");
+    assert_eq!(
+        call["attrs"]["dispatch.version"],
+        sync_run.version.expect("a recorded version")
+    );
     let worker = spans
         .iter()
         .find(|s| s["name"] == "worker call" && s["parent"] == call["span"])

@@ -43,11 +43,6 @@ pub async fn execute_default(
     .await
 }
 
-/// The caller's W3C `traceparent`, for the execution to join its trace.
-fn traceparent(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers.get("traceparent").and_then(|v| v.to_str().ok())
-}
-
 async fn run(
     state: Arc<AppState>,
     ns: String,
@@ -60,7 +55,15 @@ async fn run(
     let payload = String::from_utf8(body.to_vec()).map_err(|_| {
         ApiError::bad_request("the payload must be UTF-8 text (it becomes {{ .Payload }})")
     })?;
-    let job = crate::jobs::execute(&state, &ns, &name, payload, None, traceparent(headers)).await?;
+    let job = crate::jobs::execute(
+        &state,
+        &ns,
+        &name,
+        payload,
+        None,
+        crate::invoke::traceparent(headers),
+    )
+    .await?;
     let body = serde_json::json!({
         "uuid": job.uuid,
         "name": job.name,
@@ -101,7 +104,7 @@ pub async fn create(
         &x.template,
         x.payload,
         Some(&x.name),
-        traceparent(&headers),
+        crate::invoke::traceparent(&headers),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(job.to_resource())).into_response())

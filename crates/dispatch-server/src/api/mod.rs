@@ -213,7 +213,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             + &disk_metrics(&state)
             + &state.deliveries.render_metrics(state.queue.clock.now())
             + &crate::replicas::render_metrics(&state)
-            + &job_metrics(&state),
+            + &job_metrics(&state)
+            + &trace_metrics(&state),
     )
 }
 
@@ -221,6 +222,12 @@ fn job_metrics(state: &AppState) -> String {
     let mut out = String::new();
     let (waiting, active) = state.jobs.counts();
     state.metrics.render_jobs(&mut out, waiting, active);
+    out
+}
+
+/// The span exporter's counts, when spans are exported.
+fn trace_metrics(state: &AppState) -> String {
+    let mut out = String::new();
     if let Some(e) = state.otlp.get() {
         e.render_metrics(&mut out);
     }

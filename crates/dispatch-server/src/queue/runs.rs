@@ -317,30 +317,18 @@ async fn expire(state: &Arc<AppState>, mut run: Run, retry: &Retry) {
     finalize(state, run).await;
 }
 
-/// The span of an async run's acceptance (stored and queued): its attempts are children.
+/// The span of an async run's acceptance from `started_ns`, when spans are exported.
 pub(crate) fn accepted_span(state: &AppState, run: &Run, started_ns: u64) {
-    if let (Some(e), Some(trace)) = (state.otlp.get(), &run.trace) {
-        let attributes = vec![
-            (
-                "dispatch.namespace",
-                crate::otlp::Value::Str(run.namespace.clone()),
-            ),
-            (
-                "dispatch.function",
-                crate::otlp::Value::Str(run.function.clone()),
-            ),
-            ("dispatch.run_id", crate::otlp::Value::Str(run.id.clone())),
-        ];
-        let name = format!("accept {}", run.function);
-        let kind = crate::otlp::Kind::Server;
-        crate::otlp::trace_span(e, trace, name, kind, started_ns, attributes, None);
+    if let Some(e) = state.otlp.get() {
+        crate::otlp::accept_span(e, run, started_ns);
     }
 }
 
 /// Accepts an invocation for later: admitted to the queue's bounds, stored durably, then
 /// pushed to the scheduler. Refused as [`admit`] says, or when the store refuses it.
 pub async fn enqueue(state: &Arc<AppState>, inv: Invocation) -> Result<Run, QueueError> {
-    let started = crate::otlp::now_ns();
+    // Read only when spans are made.
+    let started = state.otlp.get().map(|_| crate::otlp::now_ns());
     let run = admit(state, inv).await?;
     if !state.recorder.record_durable(run.clone()).await {
         state.queue.retire(&run.id);
@@ -349,7 +337,9 @@ pub async fn enqueue(state: &Arc<AppState>, inv: Invocation) -> Result<Run, Queu
         return Err(QueueError::NotStored);
     }
     state.queue.push(&run);
-    accepted_span(state, &run, started);
+    if let Some(started) = started {
+        accepted_span(state, &run, started);
+    }
     Ok(run)
 }
 
