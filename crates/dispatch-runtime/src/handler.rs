@@ -169,6 +169,7 @@ mod tests {
             .map(|(p, x)| SourceFile {
                 path: p.to_string(),
                 executable: *x,
+                size: 0,
             })
             .collect()
     }

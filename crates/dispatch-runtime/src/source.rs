@@ -33,6 +33,8 @@ pub enum SourceError {
 pub struct SourceFile {
     pub path: String,
     pub executable: bool,
+    /// Its size in bytes (as the archive says).
+    pub size: u64,
 }
 
 /// Checks every entry of the archive and lists its regular files.
@@ -70,6 +72,7 @@ pub fn inspect(archive: &[u8]) -> Result<Vec<SourceFile>, SourceError> {
                 files.push(SourceFile {
                     path: p.to_string_lossy().into_owned(),
                     executable: mode & 0o111 != 0,
+                    size: header.size().unwrap_or(0),
                 });
             }
         } else if kind.is_dir()
@@ -235,11 +238,13 @@ pub(crate) mod tests {
             vec![
                 SourceFile {
                     path: "hello.py".into(),
-                    executable: false
+                    executable: false,
+                    size: 1,
                 },
                 SourceFile {
                     path: "bin/run".into(),
-                    executable: true
+                    executable: true,
+                    size: 1,
                 },
             ]
         );

@@ -67,6 +67,8 @@ pub fn api_need(method: &Method, path: &str) -> Need {
     let read = is_read(method);
     match segs.as_slice() {
         ["healthz"] | ["readyz"] | ["v1", "version"] | ["v1", "openapi.json"] => Need::Public,
+        // The console's page and script (they hold no data; it asks the API with a token).
+        [""] | ["ui", ..] => Need::Public,
         ["metrics"] => Need::Everywhere(Role::Viewer),
         ["v1", "whoami"] => Need::Role(Role::Viewer),
         ["v1", "gc"] | ["v1", "pulled-images"] | ["v1", "tokens", ..] | ["v1", "audit"] => {

@@ -388,6 +388,7 @@ fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> 
     let gateway_addr = gateway
         .local_addr()
         .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into());
+    let _ = state.gateway_addr.set(gateway_addr);
     let limits = state.config.edge.clone();
     let (open_files, hard) = serve::raise_open_files_limit();
     let oom_protected = serve::protect_from_oom_killer();

@@ -14,6 +14,7 @@ use dispatch_core::jobs::JobPhase;
 use dispatch_core::{ColdStart, ErrorType, RunStatus, StartMethod};
 
 use crate::serve::{Edge, EdgeCounters};
+use crate::stats::{FunctionHour, LastHour, NamespaceHour};
 
 const EDGES: [Edge; 2] = [Edge::Api, Edge::Gateway];
 
@@ -79,12 +80,19 @@ impl<const N: usize> Histogram<N> {
         }
     }
 
-    fn observe(&self, seconds: f64) {
-        let i = self
-            .bounds
+    /// The bucket `seconds` falls in.
+    fn bucket(&self, seconds: f64) -> usize {
+        self.bounds
             .iter()
             .position(|b| seconds <= *b)
-            .unwrap_or(N - 1);
+            .unwrap_or(N - 1)
+    }
+
+    fn observe(&self, seconds: f64) {
+        self.observe_in(self.bucket(seconds), seconds);
+    }
+
+    fn observe_in(&self, i: usize, seconds: f64) {
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns
             .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
@@ -194,6 +202,8 @@ pub struct FunctionMetrics {
     /// From the call's start on the server (waiting for a worker and a cold start included)
     /// to its outcome.
     duration: Histogram<{ DURATION_BUCKETS.len() }>,
+    /// The last hour, minute by minute (the console's charts).
+    hour: LastHour<{ DURATION_BUCKETS.len() }>,
 }
 
 impl std::fmt::Debug for FunctionMetrics {
@@ -211,12 +221,21 @@ impl Default for FunctionMetrics {
             errors: Default::default(),
             cold: AtomicU64::new(0),
             duration: Histogram::new(&DURATION_BUCKETS),
+            hour: LastHour::new(&DURATION_BUCKETS),
         }
     }
 }
 
 impl FunctionMetrics {
-    pub fn record(&self, status: RunStatus, error: Option<ErrorType>, cold: bool, took: Duration) {
+    /// One call that ended in unix minute `minute`.
+    pub fn record(
+        &self,
+        status: RunStatus,
+        error: Option<ErrorType>,
+        cold: bool,
+        took: Duration,
+        minute: u64,
+    ) {
         if let Some(i) = CALL_STATUSES.iter().position(|s| *s == status) {
             self.calls[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -226,7 +245,15 @@ impl FunctionMetrics {
         if cold {
             self.cold.fetch_add(1, Ordering::Relaxed);
         }
-        self.duration.observe(took.as_secs_f64());
+        let seconds = took.as_secs_f64();
+        let bucket = self.duration.bucket(seconds);
+        self.duration.observe_in(bucket, seconds);
+        self.hour.record(minute, error.is_some(), cold, bucket);
+    }
+
+    /// The hour up to unix minute `now`, if it was called in it.
+    pub fn hour(&self, name: &str, now: u64) -> Option<FunctionHour> {
+        self.hour.hour(name, now)
     }
 
     fn total(&self) -> u64 {
@@ -313,6 +340,31 @@ impl Metrics {
             return m.clone();
         }
         self.functions.write().entry(key).or_default().clone()
+    }
+
+    /// `GET …/stats`: the hour up to unix minute `now` of the namespace's functions (only
+    /// `function`, when given) that were called in it.
+    pub fn namespace_hour(
+        &self,
+        namespace: &str,
+        function: Option<&str>,
+        now: u64,
+    ) -> NamespaceHour {
+        let functions = self
+            .functions
+            .read()
+            .iter()
+            .filter(|((ns, f), _)| ns == namespace && function.is_none_or(|want| want == f))
+            .map(|((_, f), m)| (f.clone(), m.clone()))
+            .collect::<Vec<_>>();
+        NamespaceHour {
+            start: now.saturating_sub(crate::stats::MINUTES as u64 - 1) * 60,
+            step: 60,
+            functions: functions
+                .into_iter()
+                .filter_map(|(f, m)| m.hour(&f, now))
+                .collect(),
+        }
     }
 
     /// A function no longer served: its series go (they start from zero if it comes back).
@@ -527,13 +579,26 @@ mod tests {
             Arc::ptr_eq(&f, &m.function("team", "hello")),
             "its deployments share one set of counters"
         );
-        f.record(RunStatus::Succeeded, None, true, Duration::from_micros(180));
-        f.record(RunStatus::Succeeded, None, false, Duration::from_micros(90));
+        f.record(
+            RunStatus::Succeeded,
+            None,
+            true,
+            Duration::from_micros(180),
+            1,
+        );
+        f.record(
+            RunStatus::Succeeded,
+            None,
+            false,
+            Duration::from_micros(90),
+            1,
+        );
         f.record(
             RunStatus::Timeout,
             Some(ErrorType::SystemError),
             false,
             Duration::from_secs(3),
+            1,
         );
         let text = m.render();
         let l = r#"namespace="team",function="hello""#;

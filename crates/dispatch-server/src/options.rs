@@ -46,6 +46,12 @@ pub struct Options {
     pub access_log: bool,
     /// Where spans go (OTLP/HTTP protobuf, the traces URL itself); none: no spans are made.
     pub otlp_traces_url: Option<String>,
+    /// The gateway's address as its clients reach it (`--gateway-url`, e.g. behind an
+    /// ingress): the console's endpoint links. None: the console's host, the gateway's port.
+    pub gateway_url: Option<String>,
+    /// A trace viewer's link with `{traceId}` in it (`--trace-url`, e.g.
+    /// `http://jaeger:16686/trace/{traceId}`): the console links runs to their traces.
+    pub trace_url: Option<String>,
     /// Require API tokens (off only with `--insecure-no-auth`).
     pub auth: bool,
     /// The key that seals secrets (`<data dir>/secret.key`); none = a key in memory only.
@@ -104,6 +110,8 @@ impl Default for Options {
             jobs_dir: std::env::temp_dir().join("dispatch-jobs"),
             access_log: false,
             otlp_traces_url: None,
+            gateway_url: None,
+            trace_url: None,
             auth: true,
             secret_key_file: None,
             tls: None,

@@ -116,6 +116,8 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// The span exporter, when `--otlp-endpoint` is set (started with the server).
     pub otlp: std::sync::OnceLock<Arc<crate::otlp::Exporter>>,
+    /// The gateway's listening address (set when it binds): the console's endpoint links.
+    pub gateway_addr: std::sync::OnceLock<std::net::SocketAddr>,
     pub(crate) tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(crate) controller: Controller,
     /// Swapped whole on every endpoint change; readers clone the `Arc` (no lock across await).
@@ -222,6 +224,7 @@ impl AppState {
             config,
             http,
             otlp: std::sync::OnceLock::new(),
+            gateway_addr: std::sync::OnceLock::new(),
             tasks: parking_lot::Mutex::new(Vec::new()),
             controller,
             routes: RwLock::new(Routes::default()),

@@ -226,6 +226,15 @@ async fn real_answers_match_their_schemas() {
     let id = runs[0]["id"].as_str().unwrap().to_string();
     take(&p("/runs/{id}"), "GET", d(&format!("/runs/{id}")), None).await;
     take(&p("/{kind}"), "GET", d("/functions"), None).await;
+    // The console's figures and source list.
+    take(&p("/stats"), "GET", d("/stats"), None).await;
+    take(
+        &p("/functions/{name}/source"),
+        "GET",
+        d("/functions/hello/source"),
+        None,
+    )
+    .await;
     take(&p("/{kind}/{name}"), "GET", d("/functions/hello"), None).await;
     take(
         "/v1/namespaces",
@@ -269,6 +278,13 @@ async fn real_answers_match_their_schemas() {
     )
     .await;
     take(&p("/jobexecutions"), "GET", d("/jobexecutions"), None).await;
+    take(
+        &p("/jobexecutions/{uuid}/logs"),
+        "GET",
+        d(&format!("/jobexecutions/{uuid}/logs")),
+        None,
+    )
+    .await;
     let input =
         serde_json::json!({"doc": dispatch_server::api::openapi::document(), "answers": answers});
     let mut check = python_with("openapi-spec-validator");

@@ -84,6 +84,7 @@ impl Quickstart {
         );
         println!("  curl '{gateway}/hello-js?name=Node'");
         println!("  dispatch get runs");
+        println!("Or open the web console: {api}/ui/ (paste the token)");
         if !self.exit {
             println!("\nServing until Ctrl-C.");
             super::server::shutdown_signal().await;

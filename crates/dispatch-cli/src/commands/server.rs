@@ -92,6 +92,15 @@ pub struct Server {
     /// names the full URL instead). Service name: OTEL_SERVICE_NAME, else dispatch
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// The gateway's address as its clients reach it, e.g. https://fn.example.com behind an
+    /// ingress: the web console's endpoint links (default: the console's host name with the
+    /// gateway's port)
+    #[arg(long, env = "DISPATCH_GATEWAY_URL", value_name = "URL")]
+    pub gateway_url: Option<String>,
+    /// A trace viewer's link with {traceId} in it, e.g. http://jaeger:16686/trace/{traceId}:
+    /// the web console links each run to its trace there
+    #[arg(long, env = "DISPATCH_TRACE_URL", value_name = "URL")]
+    pub trace_url: Option<String>,
     /// Synchronous calls of one function that may wait when all its maxWorkers are busy;
     /// past it a call gets 429 with Retry-After
     #[arg(long, default_value_t = dispatch_runtime::DEFAULT_MAX_WAITING_CALLS)]
@@ -251,6 +260,8 @@ impl Server {
                     .ok()
                     .as_deref(),
             ),
+            gateway_url: self.gateway_url.clone(),
+            trace_url: self.trace_url.clone(),
             max_workers_total: self.max_workers_total.max(1),
             worker_memory_budget: self.worker_memory_budget,
             min_free_disk: self.min_free_disk,
@@ -414,16 +425,34 @@ impl Server {
                 "--otlp-endpoint {url:?} is not an http:// or https:// URL (an OTLP/HTTP collector, e.g. http://otel-collector:4318)"
             );
         }
+        for (flag, url) in [
+            ("--gateway-url", &config.options.gateway_url),
+            ("--trace-url", &config.options.trace_url),
+        ] {
+            if let Some(url) = url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                anyhow::bail!("{flag} {url:?} is not an http:// or https:// URL");
+            }
+        }
+        if let Some(url) = &config.options.trace_url
+            && !url.contains("{traceId}")
+        {
+            anyhow::bail!(
+                "--trace-url {url:?} has no {{traceId}} for the run's trace id, e.g. http://jaeger:16686/trace/{{traceId}}"
+            );
+        }
         let scheme = if config.options.tls.is_some() {
             "https"
         } else {
             "http"
         };
         crate::say(&format!(
-            "dispatch server: api {scheme}://{} gateway {scheme}://{} data {}",
+            "dispatch server: api {scheme}://{} gateway {scheme}://{} data {} console {scheme}://{}/ui/",
             config.api_addr,
             config.gateway_addr,
-            config.data_dir.display()
+            config.data_dir.display(),
+            config.api_addr
         ));
         let mut builder = dispatch_server::Server::builder()
             .data_dir(&config.data_dir)

@@ -417,6 +417,7 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<source::SourceFile>> {
                 out.push(source::SourceFile {
                     path: rel.display().to_string(),
                     executable: meta.permissions().mode() & 0o111 != 0,
+                    size: meta.len(),
                 });
             }
         }

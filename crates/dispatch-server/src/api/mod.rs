@@ -53,6 +53,7 @@ impl Routes {
 pub fn router(state: Arc<AppState>) -> Router {
     routes()
         .router
+        .merge(crate::console::router())
         .fallback(|| async {
             ApiError::not_found("no such API route: see DESIGN §4 or `dispatch --help`")
         })
@@ -127,6 +128,7 @@ pub fn routes() -> Routes {
             &format!("{ns}/subscriptions/{{name}}/deliveries"),
             get(events::subscription_deliveries),
         )
+        .route(&format!("{ns}/stats"), get(runs::stats))
         .route(&format!("{ns}/runs"), get(runs::list).delete(runs::purge))
         .route(&format!("{ns}/runs/redrive"), post(runs::redrive_all))
         .route(
@@ -140,7 +142,9 @@ pub fn routes() -> Routes {
         .route(&format!("{ns}/runs/{{id}}/logs"), get(runs::logs))
         .route(
             &format!("{ns}/functions/{{name}}/source"),
-            post(runs::upload_source).layer(DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
+            get(runs::source_files)
+                .post(runs::upload_source)
+                .layer(DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
         )
         .route(
             &format!("{ns}/functions/{{name}}/logs"),
@@ -489,6 +493,11 @@ async fn version(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "version": env!("CARGO_PKG_VERSION"),
         "apiVersion": API_VERSION,
         "backend": state.backend.name(),
+        // What the console links to: the gateway (its URL as clients reach it, else its
+        // port on the console's host) and a trace viewer.
+        "gatewayPort": state.gateway_addr.get().map(|a| a.port()),
+        "gatewayUrl": state.config.gateway_url,
+        "traceUrl": state.config.trace_url,
     }))
 }
 

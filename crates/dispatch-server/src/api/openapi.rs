@@ -126,13 +126,14 @@ pub const OPERATIONS: &[Operation] = &[
     op("POST", ns!("/jobexecutions"), "createJobExecution", "jobs", "Runs a job template from a JobExecution resource (metadata.name, spec.jobTemplateName, spec.payload); answers it as a resource", Developer).request(Json).ok(201, Json),
     op("GET", ns!("/jobexecutions/{uuid}"), "getJobExecution", "jobs", "One job execution", Viewer).ok(200, Schema("JobExecution")),
     op("DELETE", ns!("/jobexecutions/{uuid}"), "cancelJobExecution", "jobs", "Cancels a waiting or running execution", Developer).ok(200, Schema("JobExecution")),
-    op("GET", ns!("/jobexecutions/{uuid}/logs"), "jobExecutionLogs", "jobs", "Its logs (?follow=true: as printed, NDJSON)", Viewer).query(&["follow"]).ok(200, Ndjson),
+    op("GET", ns!("/jobexecutions/{uuid}/logs"), "jobExecutionLogs", "jobs", "Its logs: so far while it runs, else all of them", Viewer).ok(200, Schema("Logs")),
     op("GET", ns!("/images/{name}/logs"), "imageLogs", "resources", "An image's build log", Viewer).ok(200, Text),
     op("GET", ns!("/events"), "listEvents", "events", "Accepted CloudEvents and their deliveries", Viewer).query(&["type", "undelivered", "limit"]),
     op("POST", ns!("/events"), "emitEvent", "events", "Accepts a CloudEvent (structured or binary mode)", Developer).request(Json).ok(202, Json),
     op("POST", ns!("/events/{id}/redeliver"), "redeliverEvent", "events", "Delivers an event again to its subscriptions", Developer),
     op("POST", ns!("/subscriptions/{name}/redeliver"), "redeliverSubscription", "events", "Delivers a subscription's dead deliveries again", Developer),
     op("GET", ns!("/subscriptions/{name}/deliveries"), "subscriptionDeliveries", "events", "A subscription's pending and dead deliveries", Viewer),
+    op("GET", ns!("/stats"), "namespaceStats", "functions", "The last hour of the namespace's functions, minute by minute: calls, errors, cold starts, p50/p99 (this server's counts; the console's charts)", Viewer).query(&["function"]).ok(200, Schema("Stats")),
     op("GET", ns!("/runs"), "listRuns", "runs", "Run records, newest first (pages: ?after=)", Viewer).query(&["function", "status", "after", "since", "until", "limit", "l"]).ok(200, List("Run")),
     op("DELETE", ns!("/runs"), "purgeRuns", "runs", "Deletes finished runs (of ?function=, in ?status=)", Developer).query(&["function", "status"]),
     op("POST", ns!("/runs/redrive"), "redriveRuns", "runs", "Queues dead async runs again", Developer).query(&["function"]),
@@ -140,6 +141,7 @@ pub const OPERATIONS: &[Operation] = &[
     op("DELETE", ns!("/runs/{id}"), "cancelRun", "runs", "Cancels a queued or running async run", Developer).ok(200, Schema("Run")),
     op("POST", ns!("/runs/{id}/redrive"), "redriveRun", "runs", "Queues a dead async run again", Developer).ok(202, Schema("Run")),
     op("GET", ns!("/runs/{id}/logs"), "runLogs", "runs", "A run's logs (?follow=true: as printed, NDJSON)", Viewer).query(&["follow"]).ok(200, Ndjson),
+    op("GET", ns!("/functions/{name}/source"), "sourceFiles", "functions", "The files of the source archive spec.source names (path, size, executable)", Viewer).ok(200, Schema("SourceFiles")),
     op("POST", ns!("/functions/{name}/source"), "uploadSource", "functions", "Stores a source archive; answers its digest for spec.source", Developer).request(Archive).ok(201, Json),
     op("GET", ns!("/functions/{name}/logs"), "functionLogs", "functions", "Lines of every call of a function as printed (?follow=true, NDJSON)", Viewer).query(&["follow"]).ok(200, Ndjson),
     op("GET", ns!("/functions/{name}/queue"), "functionQueue", "functions", "A function's async queue: queued, its bound, refusals", Viewer),
@@ -477,6 +479,35 @@ fn build() -> Value {
                 "role": {"type": "string", "enum": ["admin", "developer", "viewer"]},
                 "namespace": {"type": "string", "description": "A namespace, or * for all"},
                 "expires": {"type": "string", "description": "A lifetime, e.g. 30d"}}
+        },
+        "Logs": {
+            "type": "object", "required": ["stdout", "stderr"],
+            "properties": {
+                "stdout": {"type": "array", "items": {"type": "string"}},
+                "stderr": {"type": "array", "items": {"type": "string"}}}
+        },
+        "SourceFiles": {
+            "type": "object", "required": ["digest", "files"],
+            "properties": {
+                "digest": {"type": "string"},
+                "files": {"type": "array", "items": {"type": "object", "required": ["path", "size", "executable"],
+                    "properties": {"path": {"type": "string"}, "size": {"type": "integer"}, "executable": {"type": "boolean"}}}}}
+        },
+        "Stats": {
+            "type": "object", "required": ["start", "step", "functions"],
+            "description": "60 values per column, oldest minute first; functions not called in the hour are left out",
+            "properties": {
+                "start": {"type": "integer", "description": "Unix time of the first minute"},
+                "step": {"type": "integer", "description": "Seconds per value (60)"},
+                "functions": {"type": "array", "items": {"type": "object",
+                    "required": ["name", "calls", "errors", "coldStarts", "p50Ms", "p99Ms"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "calls": {"type": "array", "items": {"type": "integer"}},
+                        "errors": {"type": "array", "items": {"type": "integer"}},
+                        "coldStarts": {"type": "array", "items": {"type": "integer"}},
+                        "p50Ms": {"type": "array", "items": {"type": ["number", "null"]}},
+                        "p99Ms": {"type": "array", "items": {"type": ["number", "null"]}}}}}}
         },
         "Token": {
             "type": "object", "required": ["name", "role", "namespace"],

@@ -56,6 +56,81 @@ pub async fn upload_source(
         .into_response())
 }
 
+/// A file of a function's source: its path in the archive, size and mode.
+#[derive(Debug, serde::Serialize)]
+pub struct SourceFileInfo {
+    path: String,
+    size: u64,
+    executable: bool,
+}
+
+/// `GET …/functions/{name}/source`: the files of the source the function's spec names
+/// (`spec.source`), as the console's function page lists them.
+pub async fn source_files(
+    State(state): State<Arc<AppState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_namespace(&ns)?;
+    let Some(f) = state.get(&ns, Kind::Function, &name).await? else {
+        return Err(super::resources::not_found(&ns, Kind::Function, &name));
+    };
+    let spec = f.typed_spec::<dispatch_core::FunctionSpec>()?;
+    let Some(digest) = spec.source else {
+        return Err(ApiError::not_found(format!(
+            "function {ns}/{name} has no source archive (spec.source is empty): it runs its image's own handler"
+        )));
+    };
+    let Some(archive) = state
+        .blob(&digest)
+        .await
+        .map_err(|e| ApiError::internal("reading a source archive", &e))?
+    else {
+        return Err(ApiError::not_found(format!(
+            "the source archive {digest} of function {ns}/{name} is not stored: upload it again (`dispatch update function {name} --source PATH`)"
+        )));
+    };
+    let files = tokio::task::spawn_blocking(move || source::inspect(&archive))
+        .await
+        .map_err(|e| ApiError::internal("reading a source archive", &e))?
+        .map_err(|e| ApiError::internal("reading a source archive", &e))?;
+    let files: Vec<SourceFileInfo> = files
+        .into_iter()
+        .map(|f| SourceFileInfo {
+            path: f.path,
+            size: f.size,
+            executable: f.executable,
+        })
+        .collect();
+    Ok(Json(serde_json::json!({"digest": digest, "files": files})))
+}
+
+#[derive(Deserialize)]
+pub struct StatsQuery {
+    /// Only this function.
+    #[serde(default)]
+    function: Option<String>,
+}
+
+/// `GET …/stats`: the last hour of the namespace's functions, minute by minute (calls,
+/// errors, cold starts, p50/p99), from this server's own counts — the console's charts.
+pub async fn stats(
+    State(state): State<Arc<AppState>>,
+    Path(ns): Path<String>,
+    Query(q): Query<StatsQuery>,
+) -> Result<Json<crate::stats::NamespaceHour>, ApiError> {
+    check_namespace(&ns)?;
+    state.require_namespace(&ns)?;
+    if let Some(f) = &q.function {
+        validate_name("function", f)?;
+    }
+    let now = state.queue.clock.now().as_second().max(0) as u64 / 60;
+    Ok(Json(state.metrics.namespace_hour(
+        &ns,
+        q.function.as_deref(),
+        now,
+    )))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ExecBody {
