@@ -1,6 +1,7 @@
 //! Exec handlers (`language: exec`): any executable, one process per call — the payload on
-//! its stdin, its result JSON on stdout, its stderr lines as logs, `DISPATCH_CONTEXT` in its
-//! environment — in the same sandbox and limits as a worker.
+//! its stdin, its result JSON on stdout, its stderr lines as logs (live, one by one, when the
+//! call is followed), `DISPATCH_CONTEXT` in its environment — in the same sandbox and limits
+//! as a worker.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -171,7 +172,11 @@ pub async fn run_exec(
         let read_out = async {
             let mut out = Output::default();
             match stdout.as_mut() {
-                Some(s) if spec.stream_stdout => out.stream(s, sink, max_output).await,
+                // A sink that only wants live lines takes no chunks: they are the answer.
+                Some(s) if spec.stream_stdout => {
+                    out.stream(s, sink.filter(|k| k.streams()), max_output)
+                        .await
+                }
                 Some(s) => {
                     let _ = s
                         .take(max_output as u64 + 1)
@@ -184,8 +189,34 @@ pub async fn run_exec(
         };
         let read_err = async {
             let mut v = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = s.take(EXEC_MAX_OUTPUT as u64).read_to_end(&mut v).await;
+            let Some(s) = stderr.as_mut() else {
+                return v;
+            };
+            let s = s.take(EXEC_MAX_OUTPUT as u64);
+            match sink.filter(|k| k.wants_logs()) {
+                // Someone follows the call: each line as it is printed.
+                Some(sink) => {
+                    use tokio::io::AsyncBufReadExt;
+                    let mut r = tokio::io::BufReader::new(s);
+                    loop {
+                        let from = v.len();
+                        match r.read_until(b'\n', &mut v).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {
+                                let line = String::from_utf8_lossy(&v[from..]);
+                                let line = line.strip_suffix('\n').unwrap_or(&line);
+                                sink.log(crate::stream::LogLine {
+                                    stream: "stderr",
+                                    line: line.to_string(),
+                                });
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let mut s = s;
+                    let _ = s.read_to_end(&mut v).await;
+                }
             }
             v
         };

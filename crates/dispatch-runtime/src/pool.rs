@@ -330,8 +330,6 @@ impl Pool {
 
         if self.cfg.language == Language::Exec {
             let t1 = Instant::now();
-            // A sink that only wants live lines takes no chunks: they are the answer.
-            let sink = sink.filter(|s| s.streams());
             let result = run_exec(&self.cfg.worker, context, payload, remaining, sink).await;
             timings.exec_ms = ms(t1.elapsed());
             drop(permit);

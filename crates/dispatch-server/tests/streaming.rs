@@ -578,8 +578,37 @@ module.exports.handle = async (context, payload) => {
 };
 "#;
 
-/// The talky handlers as functions `talky` (Python) and `jtalky` (Node), ready.
+/// An exec handler that talks on stderr (its logs; stdout is its answer).
+const TALKY_EXEC: &str = "#!/usr/bin/env python3\nimport json, socket, sys\np = json.load(sys.stdin)\n\
+print('one', p.get('tag'), file=sys.stderr, flush=True)\n\
+if p.get('port'):\n    socket.create_connection(('127.0.0.1', p['port'])).recv(1)\n\
+print('two', p.get('tag'), file=sys.stderr, flush=True)\nprint(json.dumps('done'))\n";
+
+/// The talky handlers as functions `talky` (Python), `jtalky` (Node) and `xtalky` (an
+/// executable), ready.
 async fn talky_functions(c: &dispatch_client::Client) {
+    exec_images(c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("xtalky");
+    std::fs::write(&script, TALKY_EXEC).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let digest = c
+        .upload_source(
+            "default",
+            "xtalky",
+            dispatch_client::pack::pack_path(&script).unwrap(),
+        )
+        .await
+        .unwrap();
+    c.create(&object(
+        Kind::Function,
+        "xtalky",
+        json!({"image": "sh", "source": digest}),
+    ))
+    .await
+    .unwrap();
+    settled(c, Kind::Function, "xtalky").await;
     images(c).await;
     ready_function(c, "talky", TALKY_PY, json!({})).await;
     create_function(
@@ -602,7 +631,11 @@ async fn an_async_runs_lines_are_followed_as_they_are_printed() {
     let t = start().await;
     let c = &t.client;
     talky_functions(c).await;
-    for function in ["talky", "jtalky"] {
+    for (function, stream) in [
+        ("talky", "stdout"),
+        ("jtalky", "stdout"),
+        ("xtalky", "stderr"),
+    ] {
         let gate = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = gate.local_addr().unwrap().port();
         let accepted = c
@@ -627,7 +660,7 @@ async fn an_async_runs_lines_are_followed_as_they_are_printed() {
         };
         assert_eq!(
             rx.recv().await.unwrap(),
-            ("stdout".to_string(), "one async".to_string()),
+            (stream.to_string(), "one async".to_string()),
             "{function}: the first line while the handler waits"
         );
         let mut held = held;
@@ -637,7 +670,12 @@ async fn an_async_runs_lines_are_followed_as_they_are_printed() {
         assert!(follower.await.unwrap(), "{function}: it kept up");
         let done = final_run(c, &id).await;
         assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
-        assert_eq!(done.logs.stdout[0], "one async");
+        let kept = match stream {
+            "stdout" => &done.logs.stdout,
+            _ => &done.logs.stderr,
+        };
+        assert_eq!(kept[0], "one async", "{function}");
+        assert_eq!(done.output.unwrap().get(), "\"done\"", "{function}");
     }
     t.stop().await;
 }
