@@ -397,6 +397,9 @@ fn serve_state(state: Arc<AppState>, api: TcpListener, gateway: TcpListener) -> 
     let metrics = &state.metrics;
     let (mut api_router, mut gw_router) =
         (api::router(state.clone()), gateway::router(state.clone()));
+    if let Some(e) = state.otlp.get() {
+        api_router = crate::otlp::request_layer(api_router, e.clone());
+    }
     if state.config.access_log {
         api_router = crate::access::layer(api_router, serve::Edge::Api);
         gw_router = crate::access::layer(gw_router, serve::Edge::Gateway);

@@ -270,6 +270,28 @@ pub fn call_spans(e: &Exporter, run: &dispatch_core::Run, took: Duration) {
         attributes,
         error: run.error.as_ref().map(|e| e.message.clone()),
     });
+    // An async attempt's wait in the queue: from its acceptance (a retry: from when it was
+    // due) to its start, under the acceptance.
+    if run.is_async {
+        let since = match run.next_attempt_at {
+            Some(due) if run.attempts > 1 => Some(due),
+            _ if run.attempts <= 1 => Some(run.created_at),
+            _ => None,
+        };
+        if let Some(from) = since.map(nanos).filter(|f| *f < start) {
+            e.export(Span {
+                trace_id,
+                span_id: new_span_id(),
+                parent_id: Some(span_id),
+                name: "queued".to_string(),
+                kind: Kind::Internal,
+                start_ns: from,
+                end_ns: start,
+                attributes: run_attributes(run),
+                error: None,
+            });
+        }
+    }
     let ms = |m: u64| m.saturating_mul(1_000_000);
     let child = |name: &str, from: u64, to: u64, attributes| Span {
         trace_id,
@@ -323,6 +345,65 @@ pub fn accept_span(e: &Exporter, run: &dispatch_core::Run, start_ns: u64) {
             None,
         );
     }
+}
+
+/// The server's span of an API request that is not a call (a call's span is its own):
+/// handlers that pass the trace on (an event's ingest) read it from the request.
+#[derive(Debug, Clone)]
+pub struct RequestTrace(pub dispatch_core::trace::Trace);
+
+/// Routes without a request span: probes and scrapes (noise), the console's files, and calls,
+/// whose `call`/`accept` span is the request's.
+fn spanless(route: &str) -> bool {
+    matches!(
+        route,
+        "/" | "/healthz" | "/readyz" | "/metrics" | "/ui" | "/v1/openapi.json"
+    ) || route.starts_with("/ui/")
+        || route.starts_with("/execute/")
+        || route == "/v1/namespaces/{ns}/functions/{name}/runs"
+}
+
+/// `router` (the API's) with a span per request, in the client's trace (`traceparent`) or a
+/// new one: `GET /v1/namespaces/{ns}/functions` — the route template, never the names in it.
+pub fn request_layer(router: axum::Router, e: std::sync::Arc<Exporter>) -> axum::Router {
+    router.layer(axum::middleware::from_fn_with_state(e, request_span))
+}
+
+async fn request_span(
+    axum::extract::State(e): axum::extract::State<std::sync::Arc<Exporter>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let Some(route) = route.filter(|r| !spanless(r)) else {
+        return next.run(req).await;
+    };
+    let trace = dispatch_core::trace::Trace::child_of(crate::invoke::traceparent(req.headers()));
+    req.extensions_mut().insert(RequestTrace(trace.clone()));
+    let method = req.method().to_string();
+    let start = now_ns();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let attributes = vec![
+        ("http.request.method", Value::Str(method.clone())),
+        ("http.route", Value::Str(route.clone())),
+        (
+            "http.response.status_code",
+            Value::Int(i64::from(status.as_u16())),
+        ),
+    ];
+    let error = status.is_server_error().then(|| {
+        status
+            .canonical_reason()
+            .unwrap_or("server error")
+            .to_string()
+    });
+    let name = format!("{method} {route}");
+    trace_span(&e, &trace, name, Kind::Server, start, attributes, error);
+    resp
 }
 
 /// The span of a job execution, from its start (or creation) to its end.

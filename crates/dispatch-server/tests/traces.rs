@@ -135,6 +135,23 @@ async fn calls_join_the_callers_trace_or_start_one() {
     let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
     let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
     check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
+    // Without the extension, the event joins the trace of the request that brought it.
+    let r = http
+        .post(format!("{}/v1/namespaces/default/events", t.api()))
+        .header("content-type", "application/cloudevents+json")
+        .header("traceparent", traceparent())
+        .body(
+            json!({"specversion": "1.0", "id": "t2", "source": "/t", "type": "traced.event", "data": {}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
+    let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
+    check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
     t.stop().await;
 }
 
@@ -288,6 +305,30 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
     let accepted: Value = exec(false).send().await.unwrap().json().await.unwrap();
     let async_run = final_run(c, accepted["id"].as_str().unwrap()).await;
     let sync_run = c.get_run(&sync_id).await.unwrap();
+    // A request that is not a call: a span of its own, named by its route.
+    let r = http
+        .get(format!("{}/v1/namespaces/default/functions", t.api()))
+        .header("traceparent", traceparent())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // An event brought by a traced request: its delivery's acceptance under the request's span.
+    subscribe(c, "traced", "traced.event", "echo").await;
+    let r = http
+        .post(format!("{}/v1/namespaces/default/events", t.api()))
+        .header("content-type", "application/cloudevents+json")
+        .header("traceparent", traceparent())
+        .body(
+            json!({"specversion": "1.0", "id": "t3", "source": "/t", "type": "traced.event", "data": {}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    let event_run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
     let sent = eventually("the exporter to count sent spans", || async {
         let m = metrics(&t).await;
         let n: u64 = m.lines().find_map(|l| {
@@ -370,6 +411,38 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
             .any(|s| s["name"] == "worker call" && s["parent"] == attempt["span"]),
         "{spans:#?}"
     );
+    // Its wait in the queue, under the acceptance, ending where the attempt starts.
+    let queued = spans
+        .iter()
+        .find(|s| s["name"] == "queued" && s["parent"] == accept["span"])
+        .unwrap_or_else(|| panic!("no queued span under the acceptance in {spans:#?}"));
+    assert!(
+        queued["end"].as_u64() <= attempt["start"].as_u64(),
+        "{queued} {attempt}"
+    );
+    // The list request: the client's span its parent, the route its name.
+    let list = find("GET /v1/namespaces/{ns}/{kind}", None);
+    assert_eq!(
+        (&list["trace"], &list["parent"], &list["kind"]),
+        (&json!(CLIENT_TRACE), &json!(CLIENT_SPAN), &json!(2))
+    );
+    assert_eq!(list["attrs"]["http.route"], "/v1/namespaces/{ns}/{kind}");
+    assert_eq!(list["attrs"]["http.response.status_code"], 200);
+    // The event's ingest, and its delivery's acceptance under it.
+    let ingest = find("POST /v1/namespaces/{ns}/events", None);
+    assert_eq!(ingest["trace"], CLIENT_TRACE);
+    let et = event_run.trace.unwrap();
+    assert_eq!(et.trace_id, CLIENT_TRACE);
+    let delivered = find("accept echo", Some(&et.span_id));
+    assert_eq!(delivered["parent"], ingest["span"], "{spans:#?}");
+    // Probes, scrapes and calls have no request span (a call's span is the request's).
+    for s in &spans {
+        let name = s["name"].as_str().unwrap();
+        assert!(
+            !name.contains("/metrics") && !name.contains("/healthz") && !name.ends_with("/runs"),
+            "{name}"
+        );
+    }
     // Builds are spans of their own traces.
     let build = find("build function echo", None);
     assert_eq!(build["parent"], "");

@@ -77,11 +77,29 @@ fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, ApiError> {
 pub async fn ingest(
     State(state): State<Arc<AppState>>,
     Path(ns): Path<String>,
+    request: Option<axum::Extension<crate::otlp::RequestTrace>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_namespace(&ns)?;
     state.require_namespace(&ns)?;
+    // An event without a `traceparent` extension joins the trace of the request that brought
+    // it — the server's span of the request when spans are made, else the client's
+    // `traceparent` — so that its deliveries' runs are in that trace.
+    let tp = match &request {
+        Some(axum::Extension(t)) => Some(t.0.traceparent()),
+        None => crate::invoke::traceparent(&headers)
+            .filter(|t| dispatch_core::trace::parse(t).is_some())
+            .map(str::to_string),
+    };
+    let carry = |mut e: CloudEvent| {
+        if let Some(tp) = &tp {
+            e.extensions
+                .entry("traceparent".to_string())
+                .or_insert_with(|| tp.clone().into());
+        }
+        e
+    };
     let body = body.map_err(|r| body_rejection(r, dispatch_core::MAX_PAYLOAD_BYTES))?;
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -105,7 +123,7 @@ pub async fn ingest(
         }
         let mut out = Vec::new();
         for (i, e) in events.into_iter().enumerate() {
-            match crate::events::ingest(&state, &ns, e).await {
+            match crate::events::ingest(&state, &ns, carry(e)).await {
                 Ok(r) => out.push(r),
                 // Refused part-way (back-pressure, disk): say which were stored, so that the
                 // producer resends from the first refused one.
@@ -136,7 +154,7 @@ pub async fn ingest(
             "send a CloudEvent: structured (Content-Type: application/cloudevents+json) or binary (ce-specversion, ce-id, ce-source and ce-type headers)",
         ));
     };
-    let r = crate::events::ingest(&state, &ns, event).await?;
+    let r = crate::events::ingest(&state, &ns, carry(event)).await?;
     Ok((StatusCode::ACCEPTED, Json(r)).into_response())
 }
 
