@@ -167,7 +167,7 @@
   // ---- charts ------------------------------------------------------------------------
   // `series`: columns of numbers (null: no value that minute), one line each.
   function chart(series, unit) {
-    const W = 600, H = 120, L = 40, B = 16, T = 6;
+    const W = 420, H = 120, L = 40, B = 16, T = 6;
     const vals = series.flat().filter((v) => v !== null && v !== undefined);
     const max = Math.max(1, ...vals);
     const n = Math.max(...series.map((s) => s.length), 2);

@@ -241,11 +241,9 @@ fn browser() -> Option<std::process::Command> {
     Some(cmd)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_console_in_chromium() {
-    let Some(mut python) = browser() else {
-        return;
-    };
+/// A server with the console's functions (made through the API with an admin's token) and
+/// the tokens of an admin, a developer and a viewer of `default`.
+async fn console_server() -> (TestServer, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let t = start_with(dir, dispatch_server::Options::default()).await;
     let state = &t.server.as_ref().unwrap().state;
@@ -258,7 +256,6 @@ async fn the_console_in_chromium() {
         let ns = if role == Role::Admin { "*" } else { "default" };
         tokens.push(state.create_token(name, role, ns, None).await.unwrap().0);
     }
-    // Made through the API (the admin's token), as a user would before opening the console.
     let c = Client::new(&Target {
         server: t.api(),
         token: Some(tokens[0].clone()),
@@ -277,32 +274,95 @@ async fn the_console_in_chromium() {
     ))
     .await
     .unwrap();
+    // A call before the browser comes: the charts have something to draw.
+    c.exec("hello", &raw(json!({"name": "Setup"})))
+        .await
+        .unwrap();
+    (t, tokens)
+}
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/console_drive.py");
-    let api = t.api();
-    let out = tokio::task::spawn_blocking(move || {
-        python
-            .arg(script)
-            .arg(api)
-            .args(&tokens)
-            .arg(artifacts())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+/// Runs `cmd` (a browser script) with `args`; fails with its output unless it says `ok`.
+async fn drive(mut cmd: std::process::Command, args: Vec<String>, ok: &'static str) {
+    let out = tokio::task::spawn_blocking(move || cmd.args(args).output().unwrap())
+        .await
+        .unwrap();
     let say = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     assert!(
-        out.status.success(),
+        out.status.success() && say(&out.stdout).contains(ok),
         "the console's browser test failed (screenshots in {}):\n{}\n{}",
         artifacts().display(),
         say(&out.stdout),
         say(&out.stderr)
     );
-    assert!(
-        say(&out.stdout).contains("console: ok"),
-        "{}",
-        say(&out.stdout)
-    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_chromium() {
+    let Some(mut python) = browser() else {
+        return;
+    };
+    let (t, tokens) = console_server().await;
+    python.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/console_drive.py"
+    ));
+    let mut args = vec![t.api()];
+    args.extend(tokens);
+    args.push(artifacts().display().to_string());
+    drive(python, args, "console: ok").await;
+    t.stop().await;
+}
+
+/// geckodriver (`$DISPATCH_GECKODRIVER`, else the one `.ci/run` builds into
+/// `~/.cache/dispatch-tools/geckodriver`) and Debian's Firefox, or `None` (outside CI).
+fn firefox() -> Option<(String, String)> {
+    let driver = std::env::var_os("DISPATCH_GECKODRIVER")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                std::path::PathBuf::from(h)
+                    .join(".cache/dispatch-tools/geckodriver/bin/geckodriver")
+            })
+        })
+        .filter(|p| p.is_file());
+    let browser = std::path::Path::new("/usr/bin/firefox-esr");
+    match driver {
+        Some(d) if browser.exists() => {
+            Some((d.display().to_string(), browser.display().to_string()))
+        }
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the console's Firefox test needs /usr/bin/firefox-esr (apt-get install firefox-esr) and geckodriver (cargo install geckodriver; .ci/run does both)"
+            );
+            eprintln!(
+                "warning: no firefox-esr or geckodriver here: the console's Firefox test is skipped"
+            );
+            None
+        }
+    }
+}
+
+/// The same console in Firefox, through geckodriver's WebDriver: sign in, list, charts, exec,
+/// the run's page, a narrow window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_firefox() {
+    let Some((driver, firefox)) = firefox() else {
+        return;
+    };
+    let (t, tokens) = console_server().await;
+    let mut python = std::process::Command::new("python3");
+    python.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/console_firefox.py"
+    ));
+    let args = vec![
+        t.api(),
+        tokens[1].clone(),
+        artifacts().display().to_string(),
+        driver,
+        firefox,
+    ];
+    drive(python, args, "firefox: ok").await;
     t.stop().await;
 }
