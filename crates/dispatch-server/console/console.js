@@ -469,7 +469,9 @@
         h('div', { class: 'card' }, h('h2', {}, 'Input'), h('pre', { class: 'input' }, pretty(run.input))),
         h('div', { class: 'card' }, h('h2', {}, 'Output'), h('pre', { class: 'output' }, run.output === undefined ? '—' : pretty(run.output)))),
       h('h2', {}, live ? 'Logs (live)' : 'Logs'), logs);
-    if (live) followRun(id, logs);
+    if (live) {
+      followRun(id, logs).catch((e) => logs.after(errorBox(e)));
+    }
   }
 
   // Follows a run's lines as printed; when the attempt ends (or runs elsewhere), reads the
@@ -484,7 +486,7 @@
         shown.push(l);
         pre.append(h('span', { class: l.stream === 'stderr' ? 'err' : '' }, `${l.line}\n`));
       }).catch(() => false);
-      if (!ok) return;
+      if (!ok || !main.contains(pre)) return;
       const run = await api('GET', nsPath(`/runs/${enc(id)}`));
       if (FINAL_RUN.includes(run.status)) { render(); return; }
       await new Promise((r) => later(r, got ? 50 : 500));
@@ -519,7 +521,7 @@
       ]);
       phase.replaceChildren(badge(o.status.phase));
       log.textContent = text || '(no build log yet)';
-      if (building(o.status.phase)) later(refresh, 1000);
+      if (building(o.status.phase)) later(() => refresh().catch((e) => log.after(errorBox(e))), 1000);
     };
     await refresh();
   }
@@ -543,7 +545,7 @@
 
   async function jobPage(uuid) {
     const j = await api('GET', nsPath(`/jobexecutions/${enc(uuid)}`));
-    const logs = logsPre(j.logs);
+    let logs = logsPre(j.logs);
     const live = LIVE_JOB.includes(j.phase);
     const cancel = canWrite() && live
       ? action('Cancel', async () => { await api('DELETE', nsPath(`/jobexecutions/${enc(uuid)}`)); render(); }, 'danger cancel')
@@ -561,7 +563,9 @@
         const now = await api('GET', nsPath(`/jobexecutions/${enc(uuid)}`)).catch(() => null);
         if (!now) return;
         if (!LIVE_JOB.includes(now.phase)) { render(); return; }
-        logs.replaceWith(logsPre(now.logs));
+        const fresh = logsPre(now.logs);
+        logs.replaceWith(fresh);
+        logs = fresh;
         later(poll, 1000);
       }, 1000);
     }

@@ -212,6 +212,9 @@ def handle(context, payload):
     return '<img src=x onerror="window.__pwned=1">'
 "#;
 
+const GATED_JOB: &str = "import os, socket\nprint('job one', flush=True)\n\
+socket.create_connection(('127.0.0.1', int(os.environ['PORT']))).recv(1)\nprint('job two', flush=True)\n";
+
 /// Where screenshots go: `$DISPATCH_TEST_ARTIFACTS/console`, else `target/tmp/console`.
 fn artifacts() -> std::path::PathBuf {
     std::env::var_os("DISPATCH_TEST_ARTIFACTS")
@@ -274,6 +277,26 @@ async fn console_server() -> (TestServer, Vec<String>) {
     ))
     .await
     .unwrap();
+    // A job that prints a line, waits on the port its payload names, then prints another.
+    c.create(&object(
+        Kind::JobTemplate,
+        "gated",
+        json!({"runtime": "host", "jobTemplate": {"spec": {"backoffLimit": 0,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "main",
+                "image": "alpine:3", "env": [{"name": "PORT", "value": "{{ .Payload }}"}],
+                "command": ["python3", "-c", GATED_JOB]}]}}}}}),
+    ))
+    .await
+    .unwrap();
+    // A cron driver that fires next new year, and a subscription.
+    c.create(&object(
+        Kind::EventDriver,
+        "yearly",
+        json!({"type": "cron", "schedule": "0 0 1 1 *", "function": "hello"}),
+    ))
+    .await
+    .unwrap();
+    subscribe(&c, "on-ping", "ping", "hello").await;
     // A call before the browser comes: the charts have something to draw.
     c.exec("hello", &raw(json!({"name": "Setup"})))
         .await

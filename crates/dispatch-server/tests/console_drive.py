@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import urllib.request
 
 from playwright.sync_api import expect, sync_playwright
 
@@ -137,6 +138,52 @@ def main():
         gate.close()
         shot(page, "06-run-done")
 
+        # A job execution: its lines as they grow, then Completed; another one cancelled.
+        def execute(port):
+            req = urllib.request.Request(
+                f"{API}/execute/default/gated", data=str(port).encode(), method="PUT",
+                headers={"Authorization": f"Bearer {DEV}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.load(r)["uuid"]
+
+        gate = socket.socket()
+        gate.bind(("127.0.0.1", 0))
+        gate.listen(2)
+        gate.settimeout(WAIT / 1000)
+        port = gate.getsockname()[1]
+        uuid = execute(port)
+        page.goto(f"{API}/ui/#/jobs")
+        expect(page.locator("main table").first).to_contain_text("gated")
+        page.click(f"main a:text-is('{uuid}')")
+        expect(page.locator("pre.logs")).to_contain_text("job one")
+        expect(page.locator("main h2", has_text="Logs (live)")).to_be_visible()
+        conn, _ = gate.accept()
+        shot(page, "07-job-live")
+        conn.sendall(b"!")
+        expect(page.locator("h1 .badge")).to_have_text("Completed")
+        expect(page.locator("pre.logs")).to_contain_text("job two")
+        conn.close()
+        uuid = execute(port)
+        page.goto(f"{API}/ui/#/jobs/{uuid}")
+        expect(page.locator("pre.logs")).to_contain_text("job one")
+        page.click("button.cancel")
+        expect(page.locator("h1 .badge")).to_have_text("Cancelled")
+        gate.close()
+
+        # Images with their build log, drivers with their next fire, subscriptions.
+        page.goto(f"{API}/ui/#/images")
+        row = page.locator("main table tbody tr", has_text="python3").first
+        expect(row.locator(".badge")).to_have_text("READY")
+        row.locator("a", has_text="log").click()
+        expect(page.locator("h1")).to_contain_text("Image ")
+        expect(page.locator("pre.build-log")).not_to_have_text("…")
+        page.goto(f"{API}/ui/#/drivers")
+        row = page.locator("main table tbody tr", has_text="yearly")
+        expect(row).to_contain_text("cron")
+        expect(row).to_contain_text("in ")  # its next fire, ahead
+        page.goto(f"{API}/ui/#/events")
+        expect(page.locator("main table").first.locator("tbody tr", has_text="on-ping")).to_contain_text("ping")
+
         # Text a function answers and prints stays text.
         page.goto(f"{API}/ui/#/functions/evil")
         expect(page.locator("h1")).to_contain_text("Function evil")
@@ -174,7 +221,7 @@ def main():
         expect(page.locator("#charts")).to_be_visible()
         for what in ["button.delete", "button.exec", "#exec-input"]:
             check(page.locator(what).count() == 0, f"a viewer sees no {what} on a function")
-        shot(page, "07-viewer-function")
+        shot(page, "08-viewer-function")
         # Forced: the API says no, and nothing changed.
         status = page.evaluate(
             """async () => (await fetch('/v1/namespaces/default/functions/hello', {method: 'DELETE',
@@ -199,7 +246,7 @@ def main():
         page.click("#nav a:text-is('Admin')")
         expect(page.locator("main table").first.locator("tbody tr", has_text="viewer")).to_have_count(1)
         expect(page.locator("main")).to_contain_text("Audit log")
-        shot(page, "08-admin")
+        shot(page, "09-admin")
         admin_ctx.close()
 
         # --- a phone ------------------------------------------------------------------
@@ -210,12 +257,12 @@ def main():
         expect(page.locator("main table tbody tr").filter(has_text="hello")).to_have_count(1)
         wide = page.evaluate("document.documentElement.scrollWidth")
         check(wide <= 391, f"the page fits a phone's width (tables scroll in their box): {wide}px")
-        shot(page, "09-phone-functions")
+        shot(page, "10-phone-functions")
         page.goto(f"{API}/ui/#/functions/hello")
         expect(page.locator("#charts")).to_be_visible()
         wide = page.evaluate("document.documentElement.scrollWidth")
         check(wide <= 391, f"a function's page fits a phone's width: {wide}px")
-        shot(page, "10-phone-function")
+        shot(page, "11-phone-function")
         phone.close()
 
         check(script_bytes, "the console's script was loaded")
