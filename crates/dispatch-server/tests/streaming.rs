@@ -501,33 +501,16 @@ async fn exec_handlers_stream_their_stdout() {
     let t = start().await;
     let c = &t.client;
     exec_images(c).await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("tick.py");
-    std::fs::write(
-        &script,
+    exec_function(
+        c,
+        "tick",
         "#!/usr/bin/env python3\nimport json, socket, sys\np = json.load(sys.stdin)\n\
          print('first;', end='', flush=True)\n\
          socket.create_connection(('127.0.0.1', p['port'])).recv(1)\n\
          print('second;', end='', flush=True)\n",
+        json!({"stream": true}),
     )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let digest = c
-        .upload_source(
-            "default",
-            "tick",
-            dispatch_client::pack::pack_path(&script).unwrap(),
-        )
-        .await
-        .unwrap();
-    c.create(&object(
-        Kind::Function,
-        "tick",
-        json!({"image": "sh", "source": digest, "stream": true}),
-    ))
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         settled(c, Kind::Function, "tick").await.phase(),
         Some(dispatch_core::Phase::Ready)
@@ -578,6 +561,27 @@ module.exports.handle = async (context, payload) => {
 };
 "#;
 
+/// Function `name` on image `sh`: an executable file `script` (`extra` merged into its spec).
+async fn exec_function(
+    c: &dispatch_client::Client,
+    name: &str,
+    script: &str,
+    extra: serde_json::Value,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(name);
+    std::fs::write(&file, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let source = dispatch_client::pack::pack_path(&file).unwrap();
+    let digest = c.upload_source("default", name, source).await.unwrap();
+    let mut spec = json!({"image": "sh", "source": digest});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    c.create(&object(Kind::Function, name, spec)).await.unwrap();
+}
+
 /// An exec handler that talks on stderr (its logs; stdout is its answer).
 const TALKY_EXEC: &str = "#!/usr/bin/env python3\nimport json, socket, sys\np = json.load(sys.stdin)\n\
 print('one', p.get('tag'), file=sys.stderr, flush=True)\n\
@@ -588,26 +592,7 @@ print('two', p.get('tag'), file=sys.stderr, flush=True)\nprint(json.dumps('done'
 /// executable), ready.
 async fn talky_functions(c: &dispatch_client::Client) {
     exec_images(c).await;
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("xtalky");
-    std::fs::write(&script, TALKY_EXEC).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let digest = c
-        .upload_source(
-            "default",
-            "xtalky",
-            dispatch_client::pack::pack_path(&script).unwrap(),
-        )
-        .await
-        .unwrap();
-    c.create(&object(
-        Kind::Function,
-        "xtalky",
-        json!({"image": "sh", "source": digest}),
-    ))
-    .await
-    .unwrap();
+    exec_function(c, "xtalky", TALKY_EXEC, json!({})).await;
     settled(c, Kind::Function, "xtalky").await;
     images(c).await;
     ready_function(c, "talky", TALKY_PY, json!({})).await;

@@ -32,6 +32,25 @@ fn exec_traced(http: &reqwest::Client, t: &TestServer, wait: bool) -> reqwest::R
     .json(&json!({"input": {}}))
 }
 
+/// Emits a `traced.event` CloudEvent `id` (with the client's traceparent as its extension, or
+/// as the request's header); the final run of its first delivery.
+async fn deliver(t: &TestServer, id: &str, as_extension: bool) -> dispatch_core::Run {
+    let mut event =
+        json!({"specversion": "1.0", "id": id, "source": "/t", "type": "traced.event", "data": {}});
+    let mut rb = reqwest::Client::new()
+        .post(format!("{}/v1/namespaces/default/events", t.api()))
+        .header("content-type", "application/cloudevents+json");
+    if as_extension {
+        event["traceparent"] = traceparent().into();
+    } else {
+        rb = rb.header("traceparent", traceparent());
+    }
+    let r = rb.body(event.to_string()).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    final_run(&t.client, v["matched"][0]["runId"].as_str().unwrap()).await
+}
+
 /// What the handler saw agrees with the run record: the same trace and span, a traceparent
 /// naming the server's span, its parent the client's span (when it sent one).
 fn check(seen: &Value, record: &Trace, trace_id: Option<&str>) {
@@ -117,41 +136,14 @@ async fn calls_join_the_callers_trace_or_start_one() {
     let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
     check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
 
-    // A CloudEvent with the distributed-tracing extension: its delivery is in its trace.
+    // A CloudEvent with the distributed-tracing extension: its delivery is in its trace;
+    // without it, the event joins the trace of the request that brought it.
     subscribe(c, "traced", "traced.event", "echo").await;
-    let r = http
-        .post(format!("{}/v1/namespaces/default/events", t.api()))
-        .header("content-type", "application/cloudevents+json")
-        .body(
-            json!({"specversion": "1.0", "id": "t1", "source": "/t", "type": "traced.event",
-                   "traceparent": traceparent(), "data": {}})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let v: Value = r.json().await.unwrap();
-    let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
-    let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
-    check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
-    // Without the extension, the event joins the trace of the request that brought it.
-    let r = http
-        .post(format!("{}/v1/namespaces/default/events", t.api()))
-        .header("content-type", "application/cloudevents+json")
-        .header("traceparent", traceparent())
-        .body(
-            json!({"specversion": "1.0", "id": "t2", "source": "/t", "type": "traced.event", "data": {}})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let v: Value = r.json().await.unwrap();
-    let run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
-    let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
-    check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
+    for (id, as_extension) in [("t1", true), ("t2", false)] {
+        let run = deliver(&t, id, as_extension).await;
+        let seen: Value = serde_json::from_str(run.output.as_ref().unwrap().get()).unwrap();
+        check(&seen, run.trace.as_ref().unwrap(), Some(CLIENT_TRACE));
+    }
     t.stop().await;
 }
 
@@ -315,20 +307,7 @@ async fn spans_reach_an_otlp_collector_with_their_parents() {
     assert_eq!(r.status(), 200);
     // An event brought by a traced request: its delivery's acceptance under the request's span.
     subscribe(c, "traced", "traced.event", "echo").await;
-    let r = http
-        .post(format!("{}/v1/namespaces/default/events", t.api()))
-        .header("content-type", "application/cloudevents+json")
-        .header("traceparent", traceparent())
-        .body(
-            json!({"specversion": "1.0", "id": "t3", "source": "/t", "type": "traced.event", "data": {}})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let v: Value = r.json().await.unwrap();
-    let event_run = final_run(c, v["matched"][0]["runId"].as_str().unwrap()).await;
+    let event_run = deliver(&t, "t3", false).await;
     let sent = eventually("the exporter to count sent spans", || async {
         let m = metrics(&t).await;
         let n: u64 = m.lines().find_map(|l| {
