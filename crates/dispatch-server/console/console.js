@@ -115,7 +115,7 @@
 
   // ---- API ---------------------------------------------------------------------------
   async function api(method, path, body, opts = {}) {
-    const headers = { Authorization: `Bearer ${S.token}` };
+    const headers = S.token ? { Authorization: `Bearer ${S.token}` } : {};
     if (body !== undefined) headers['Content-Type'] = 'application/json';
     const r = await fetch(path, {
       method,
@@ -130,7 +130,7 @@
     try { data = text ? JSON.parse(text) : null; } catch (_) { /* text */ }
     if (!r.ok) {
       const msg = data && data.error && data.error.message ? data.error.message : `${r.status} ${r.statusText}`;
-      if (r.status === 401) signOut(msg);
+      if (r.status === 401 && !opts.quiet) signOut(msg);
       const e = new Error(`${r.status}: ${msg}`);
       e.status = r.status;
       throw e;
@@ -663,8 +663,8 @@
     input.focus();
   }
 
-  async function signIn() {
-    const [me, version] = await Promise.all([api('GET', '/v1/whoami'), api('GET', '/v1/version')]);
+  async function signIn(quiet) {
+    const [me, version] = await Promise.all([api('GET', '/v1/whoami', undefined, { quiet }), api('GET', '/v1/version')]);
     S.me = me;
     S.version = version || {};
     S.namespaces = await api('GET', '/v1/namespaces').then((l) => l.map((n) => n.metadata.name)).catch(() => []);
@@ -715,7 +715,10 @@
 
   async function render() {
     stopAll();
-    if (!S.token) { loginPage(); return; }
+    if (!S.token && !S.me) {
+      // A server without tokens (--insecure-no-auth) answers without one: no sign-in then.
+      try { await signIn(true); } catch (_) { loginPage(); return; }
+    }
     if (!S.me) {
       try { await signIn(); } catch (e) { if (S.token) signOut(e.message); return; }
     }
@@ -728,7 +731,7 @@
     try {
       await fn(...m.slice(1).map((x) => (x === undefined ? x : decodeURIComponent(x))));
     } catch (e) {
-      if (S.token) main.replaceChildren(errorBox(e));
+      if (S.me) main.replaceChildren(errorBox(e));
     }
   }
 

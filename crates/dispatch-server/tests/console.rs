@@ -336,6 +336,24 @@ async fn the_console_in_chromium() {
     t.stop().await;
 }
 
+/// A server without tokens (`--insecure-no-auth`): the console opens without a sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_on_a_server_without_tokens() {
+    let Some(mut python) = browser() else {
+        return;
+    };
+    let t = start().await;
+    python.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/console_drive.py"
+    ));
+    let mut args = vec![t.api()];
+    args.extend(["-".to_string(), "-".to_string(), "-".to_string()]);
+    args.push(artifacts().display().to_string());
+    drive(python, args, "console: ok (no tokens)").await;
+    t.stop().await;
+}
+
 /// geckodriver (`$DISPATCH_GECKODRIVER`, else the one `.ci/run` builds into
 /// `~/.cache/dispatch-tools/geckodriver`) and Debian's Firefox, or `None` (outside CI).
 fn firefox() -> Option<(String, String)> {
