@@ -43,6 +43,11 @@ impl Clock {
         Instant::now() + Duration::try_from(ahead).unwrap_or(Duration::ZERO)
     }
 
+    /// Minutes since the Unix epoch, now: the slot of a function's last hour (`stats.rs`).
+    pub fn unix_minute(&self) -> u64 {
+        u64::try_from(self.now().as_second()).unwrap_or(0) / 60
+    }
+
     /// How long ago `t` was (zero if in the future).
     pub fn age(&self, t: Timestamp) -> Duration {
         Duration::try_from(self.now().duration_since(t)).unwrap_or(Duration::ZERO)

@@ -304,7 +304,7 @@ pub fn apply_outcome(
         env.context.error.as_ref().map(|e| e.kind),
         outcome.cold,
         took,
-        state.queue.clock.now().as_second().max(0) as u64 / 60,
+        state.queue.clock.unix_minute(),
     );
     run.timings = outcome.timings;
     run.stream = outcome.stream;

@@ -86,7 +86,7 @@ pub async fn source_files(
         .map_err(|e| ApiError::internal("reading a source archive", &e))?
     else {
         return Err(ApiError::not_found(format!(
-            "the source archive {digest} of function {ns}/{name} is not stored: upload it again (`dispatch update function {name} --source PATH`)"
+            "the source archive {digest} of function {ns}/{name} is not stored: upload it again (`dispatch update function {name} PATH`)"
         )));
     };
     let files = tokio::task::spawn_blocking(move || source::inspect(&archive))
@@ -123,7 +123,7 @@ pub async fn stats(
     if let Some(f) = &q.function {
         validate_name("function", f)?;
     }
-    let now = state.queue.clock.now().as_second().max(0) as u64 / 60;
+    let now = state.queue.clock.unix_minute();
     Ok(Json(state.metrics.namespace_hour(
         &ns,
         q.function.as_deref(),
