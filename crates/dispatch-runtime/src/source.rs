@@ -28,8 +28,9 @@ pub enum SourceError {
     },
 }
 
-/// A regular file of an archive: its normalized relative path and whether it is executable.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A regular file of an archive: its normalized relative path, whether it is executable and
+/// its size (what `GET …/functions/{name}/source` answers for each).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SourceFile {
     pub path: String,
     pub executable: bool,

@@ -56,14 +56,6 @@ pub async fn upload_source(
         .into_response())
 }
 
-/// A file of a function's source: its path in the archive, size and mode.
-#[derive(Debug, serde::Serialize)]
-pub struct SourceFileInfo {
-    path: String,
-    size: u64,
-    executable: bool,
-}
-
 /// `GET …/functions/{name}/source`: the files of the source the function's spec names
 /// (`spec.source`), as the console's function page lists them.
 pub async fn source_files(
@@ -93,14 +85,6 @@ pub async fn source_files(
         .await
         .map_err(|e| ApiError::internal("reading a source archive", &e))?
         .map_err(|e| ApiError::internal("reading a source archive", &e))?;
-    let files: Vec<SourceFileInfo> = files
-        .into_iter()
-        .map(|f| SourceFileInfo {
-            path: f.path,
-            size: f.size,
-            executable: f.executable,
-        })
-        .collect();
     Ok(Json(serde_json::json!({"digest": digest, "files": files})))
 }
 
