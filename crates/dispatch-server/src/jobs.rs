@@ -559,8 +559,10 @@ fn push_note(logs: &LiveLogs, note: &str) {
     logs.lock().stderr.push(format!("[dispatch] {note}"));
 }
 
-/// The span of a job execution that ended, when spans are exported.
-fn job_span(state: &AppState, job: &JobExecution) {
+/// An execution ended (finished or cancelled; `finished_at` set): counted, and its span
+/// when spans are exported.
+fn ended(state: &AppState, job: &JobExecution) {
+    state.metrics.job_ended(job.phase);
     if let Some(e) = state.otlp.get() {
         crate::otlp::job_span(e, job);
     }
@@ -571,10 +573,9 @@ async fn finish(state: &Arc<AppState>, mut job: JobExecution, logs: &LiveLogs, t
     if !state.jobs.release(&job) {
         return; // cancelled: the canceller records it
     }
-    state.metrics.job_ended(job.phase);
     let done = now(state);
     job.finished_at = Some(done);
-    job_span(state, &job);
+    ended(state, &job);
     job.logs = logs.lock().clone();
     job.expires_at = ttl.and_then(|s| {
         done.checked_add(jiff::SignedDuration::from_secs(s as i64))
@@ -629,8 +630,7 @@ pub async fn cancel(state: &Arc<AppState>, ns: &str, uuid: &str) -> Result<JobEx
     job.reason = "cancelled".into();
     job.finished_at = Some(now(state));
     save(state, &job).await?;
-    state.metrics.job_ended(job.phase);
-    job_span(state, &job);
+    ended(state, &job);
     let _ = std::fs::remove_dir_all(state.jobs.scratch(&job));
     next(state, &template_key(&job)).await;
     Ok(job)
