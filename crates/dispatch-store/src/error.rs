@@ -49,6 +49,9 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("stored record is not valid json")]
     Corrupt(#[from] serde_json::Error),
+    /// A chunk of sync calls' history (`run_chunks`) that does not decode.
+    #[error("stored run history is not readable: {0}")]
+    CorruptChunk(String),
     /// A blob's bytes no longer match its digest (altered on disk).
     #[error(
         "the stored blob {digest} is corrupt (its bytes no longer match its digest): upload the \

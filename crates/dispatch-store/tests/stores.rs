@@ -190,8 +190,24 @@ fn runs_filter_by_function_and_status_newest_first<S: Store>(s: &S) {
 fn run_at(ms: u64, seq: u16, function: &str, status: RunStatus, pad: usize) -> Run {
     let id = ulid::Ulid::from_parts(1_700_000_000_000 + ms, seq as u128).to_string();
     let mut r = run(&id, function, status);
-    r.input = serde_json::value::to_raw_value(&"x".repeat(pad)).unwrap();
+    r.input = serde_json::value::to_raw_value(&noise(pad, ms + seq as u64)).unwrap();
     r
+}
+
+/// `len` letters that do not compress (sync calls' history is stored compressed, and these
+/// tests measure what records take on disk).
+fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (b'a' + ((x >> 33) % 26) as u8) as char
+        })
+        .collect()
 }
 
 fn usage(s: &impl RecordStore) -> (u64, u64, u64) {
@@ -450,6 +466,155 @@ fn pagination_returns_every_run_once_and_windows_by_time<S: Store>(s: &S) {
     assert_eq!(w.len(), 20);
 }
 
+/// Sync calls' records written in batches whose ids interleave (a slow call is recorded
+/// after quicker ones that started later): SQLite keeps each batch of a function as one
+/// chunk, so chunks' id ranges overlap. Listing, look-ups, pagination, retention by count and
+/// by age, and deletes still see each run once, in id order, beside rows (failed calls).
+fn interleaved_batches_list_and_prune_in_id_order<S: Store>(s: &S) {
+    let mut all = Vec::new();
+    for batch in 0..6u64 {
+        let mut b = Vec::new();
+        for i in 0..20u64 {
+            // Batch k holds runs k, k+6, k+12, ...: every batch spans nearly all the time.
+            let n = batch + 6 * i;
+            let status = if n % 10 == 9 {
+                RunStatus::Failed
+            } else {
+                RunStatus::Succeeded
+            };
+            let f = if n % 2 == 0 { "even" } else { "odd" };
+            b.push(run_at(n, 0, f, status, 40));
+        }
+        s.put_runs(&b).unwrap();
+        all.extend(b);
+    }
+    all.sort_by(|a, b| b.id.cmp(&a.id));
+    let ids = |v: &[Run]| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    let list = |f: RunFilter| s.list_runs("default", &f).unwrap();
+    // Newest first, each once, across chunks and rows; pages of 7.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = list(RunFilter {
+            after: after.clone(),
+            limit: Some(7),
+            ..Default::default()
+        });
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| r.id.clone());
+        seen.extend(ids(&page));
+    }
+    assert_eq!(seen, ids(&all));
+    let odd: Vec<Run> = all
+        .iter()
+        .filter(|r| r.function == "odd")
+        .cloned()
+        .collect();
+    assert_eq!(
+        ids(&list(RunFilter {
+            function: Some("odd".into()),
+            limit: Some(13),
+            ..Default::default()
+        })),
+        ids(&odd[..13])
+    );
+    let ok: Vec<Run> = all
+        .iter()
+        .filter(|r| r.status == RunStatus::Succeeded)
+        .cloned()
+        .collect();
+    assert_eq!(
+        ids(&list(RunFilter {
+            status: Some(RunStatus::Succeeded),
+            limit: Some(1000),
+            ..Default::default()
+        })),
+        ids(&ok)
+    );
+    for r in &all {
+        let got = s
+            .get_run("default", &r.id)
+            .unwrap()
+            .expect("every run is found");
+        assert_eq!(
+            serde_json::to_string(&got).unwrap(),
+            serde_json::to_string(r).unwrap()
+        );
+    }
+    // Count: `odd` keeps exactly its newest 25, whichever chunks they are in; no step over
+    // its batch.
+    let rules = Retention {
+        created_before: jiff::Timestamp::from_millisecond(1_600_000_000_000).unwrap(),
+        keep_per_function: 1000,
+        max_bytes_per_namespace: None,
+        budgets: Default::default(),
+        kept: [(("default".to_string(), "odd".to_string()), 25)].into(),
+    };
+    loop {
+        let n = s.prune_runs(&rules, 4).unwrap();
+        assert!(n <= 4);
+        if n == 0 {
+            break;
+        }
+    }
+    let kept = list(RunFilter {
+        function: Some("odd".into()),
+        limit: Some(1000),
+        ..Default::default()
+    });
+    assert_eq!(ids(&kept), ids(&odd[..25]));
+    assert_eq!(
+        list(RunFilter {
+            function: Some("even".into()),
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .len(),
+        60
+    );
+    // Age: everything created before run 50's time goes, runs 50.. stay.
+    let rules = Retention {
+        created_before: jiff::Timestamp::from_millisecond(1_700_000_000_050).unwrap(),
+        ..rules
+    };
+    while s.prune_runs(&rules, 9).unwrap() > 0 {}
+    let left = list(RunFilter {
+        limit: Some(1000),
+        ..Default::default()
+    });
+    let bound = ulid::Ulid::from_parts(1_700_000_000_050, 0).to_string();
+    let want: Vec<Run> = all
+        .iter()
+        .filter(|r| r.id >= bound)
+        .filter(|r| r.function == "even" || odd[..25].iter().any(|o| o.id == r.id))
+        .cloned()
+        .collect();
+    assert_eq!(ids(&left), ids(&want));
+    let u = usage(s);
+    assert_eq!(u.0 as usize, want.len(), "usage counts what is left");
+    assert_eq!(
+        u.2,
+        want.iter()
+            .map(|r| serde_json::to_string(r).unwrap().len() as u64)
+            .sum::<u64>(),
+        "usage counts the records' bytes"
+    );
+    // A function's delete takes its chunks and rows.
+    assert_eq!(
+        s.delete_runs_of("default", "even").unwrap() as usize,
+        want.iter().filter(|r| r.function == "even").count()
+    );
+    assert!(
+        list(RunFilter {
+            function: Some("even".into()),
+            ..Default::default()
+        })
+        .is_empty()
+    );
+}
+
 #[test]
 fn listing_and_pruning_runs_use_an_index() {
     let (_d, s) = store();
@@ -500,13 +665,33 @@ fn listing_and_pruning_runs_use_an_index() {
         plan.contains("runs_by_namespace") && !plan.contains("TEMP B-TREE"),
         "{plan}"
     );
+    // Sync calls' history chunks: newest first by their largest id, of a function or of the
+    // namespace, from an index and without a sort.
+    let plan = s
+        .list_runs_plan(
+            "default",
+            &RunFilter {
+                function: Some("f".into()),
+                after: Some("01K".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .join("; ");
+    assert!(plan.contains("run_chunks_newest_of_function"), "{plan}");
+    assert!(!plan.contains("TEMP B-TREE"), "{plan}");
     // Pruning by age, count and bytes reads an index in order (the primary key's range,
-    // runs_by_function, runs_by_namespace), never the whole table or a sort.
+    // runs_by_function, runs_by_namespace, and the chunks' by their smallest id), never the
+    // whole table or a sort.
     let plans = s.prune_plans().unwrap();
+    assert_eq!(plans.len(), 6);
     for (plan, index) in plans.iter().zip([
         "sqlite_autoindex_runs_1",
         "runs_by_function",
         "runs_by_namespace",
+        "run_chunks_by_age",
+        "run_chunks_oldest_of_function",
+        "run_chunks_oldest",
     ]) {
         assert!(plan.contains(index), "{plan}");
         assert!(
@@ -948,6 +1133,7 @@ contract!(
     usage_is_kept_by_every_write_and_delete,
     retention_deletes_in_batches_by_age_count_and_bytes,
     pagination_returns_every_run_once_and_windows_by_time,
+    interleaved_batches_list_and_prune_in_id_order,
     events_are_stored_with_their_deliveries_and_runs_in_one_transaction,
     records_of_every_kind,
     a_run_twice_in_one_batch_keeps_its_last_state,

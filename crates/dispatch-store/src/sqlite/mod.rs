@@ -5,6 +5,7 @@
 //! server runs them on the blocking pool), and SQLite serializes writers anyway. No lock is
 //! held across an `.await` because nothing here is async.
 
+mod chunks;
 mod events;
 mod migrations;
 mod records;
@@ -199,6 +200,25 @@ impl SqliteStore {
             tx.commit()?;
             total += n;
             if (n as i64) < DELETE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+}
+impl SqliteStore {
+    /// Deletes a namespace's (a function's) history chunks, a few per transaction; the
+    /// records deleted.
+    pub(crate) fn delete_chunks(&self, namespace: &str, function: Option<&str>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let mut usage = Usage::default();
+            let (runs, chunks) = chunks::delete_some(&tx, namespace, function, &mut usage)?;
+            usage.apply(&tx)?;
+            tx.commit()?;
+            total += runs;
+            if (chunks as i64) < chunks::DELETE_CHUNKS {
                 return Ok(total);
             }
         }

@@ -8,6 +8,7 @@ use dispatch_core::{JobExecution, Run, RunStatus};
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::chunks;
 use super::events;
 use super::runs::{
     USAGE_PER_FUNCTION, USAGE_PER_NAMESPACE, count, list_runs_sql, usage_rows, write_runs,
@@ -46,15 +47,34 @@ impl RecordStore for SqliteStore {
     }
 
     fn get_run(&self, namespace: &str, id: &str) -> Result<Option<Run>> {
-        self.body(
+        let row = self.body(
             "SELECT body FROM runs WHERE namespace = ?1 AND id = ?2",
             params![namespace, id],
-        )
+        )?;
+        match row {
+            Some(run) => Ok(Some(run)),
+            None => chunks::get(&self.conn(), namespace, id),
+        }
     }
 
     fn list_runs(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<Run>> {
+        let conn = self.conn();
         let (sql, args) = list_runs_sql(namespace, filter);
-        self.bodies(&sql, rusqlite::params_from_iter(args))
+        let mut found: Vec<(String, Vec<u8>)> = {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            stmt.query_map(rusqlite::params_from_iter(args), |r| {
+                Ok((r.get(0)?, r.get::<_, String>(1)?.into_bytes()))
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        let from_chunks = chunks::newest(&conn, namespace, filter)?;
+        drop(conn);
+        if !from_chunks.is_empty() {
+            found.extend(from_chunks);
+            found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            found.truncate(filter.limit.unwrap_or(100));
+        }
+        found.iter().map(|(_, body)| chunks::parse(body)).collect()
     }
 
     fn active_runs(&self) -> Result<Vec<Run>> {
@@ -71,7 +91,7 @@ impl RecordStore for SqliteStore {
         function: Option<&str>,
         status: Option<RunStatus>,
     ) -> Result<u64> {
-        let n = self.delete_in_batches(
+        let mut n = self.delete_in_batches(
             "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE namespace = ?1
                AND status NOT IN ('QUEUED', 'RUNNING')
                AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR status = ?3) LIMIT ?4)",
@@ -82,6 +102,10 @@ impl RecordStore for SqliteStore {
                 DELETE_BATCH
             ],
         )?;
+        // Chunks hold succeeded calls only.
+        if status.is_none_or(|s| s == RunStatus::Succeeded) {
+            n += self.delete_chunks(namespace, function)?;
+        }
         // A purge is how an operator makes room on a short disk: the space goes back to the
         // file system now, not at the next background compaction. Releasing pages moves
         // pages, and a moved page is written to the WAL first: a MiB at a time, the WAL
@@ -476,11 +500,11 @@ impl RecordStore for SqliteStore {
     }
 
     fn delete_runs_of(&self, namespace: &str, function: &str) -> Result<u64> {
-        self.delete_in_batches(
+        Ok(self.delete_in_batches(
             "DELETE FROM runs WHERE id IN (SELECT id FROM runs
                WHERE namespace = ?1 AND function = ?2 LIMIT ?3)",
             params![namespace, function, DELETE_BATCH],
-        )
+        )? + self.delete_chunks(namespace, Some(function))?)
     }
 
     fn record_version(&self, v: &FunctionVersion, keep: usize, pinned: &[u32]) -> Result<u32> {
@@ -562,6 +586,7 @@ impl RecordStore for SqliteStore {
         let tx = conn.transaction()?;
         for table in [
             "runs",
+            "run_chunks",
             "run_usage",
             "job_executions",
             "events",

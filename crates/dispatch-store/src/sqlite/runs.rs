@@ -5,6 +5,7 @@ use dispatch_core::{CallbackState, Run};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
+use super::chunks::{self, Scope};
 use crate::{Result, Retention, RunFilter};
 
 /// What run records take per namespace (from `run_usage`, no scan of the runs).
@@ -34,28 +35,21 @@ pub(super) fn count(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
 }
 
 /// One step of retention inside `tx` (the caller commits): see [`crate::RecordStore::prune_runs`].
-/// The oldest finished runs created before ?1 (ids are ULIDs: a range of the primary key).
-const PRUNE_BY_AGE: &str = "SELECT id FROM runs WHERE id < ?1 AND finished_ms IS NOT NULL LIMIT ?2";
-/// A function's oldest finished runs.
-const PRUNE_BY_COUNT: &str = "SELECT id FROM runs WHERE namespace = ?1 AND function = ?2
-    AND finished_ms IS NOT NULL ORDER BY id LIMIT ?3";
-/// A namespace's oldest finished runs, with their sizes.
-const PRUNE_BY_BYTES: &str = "SELECT id, bytes FROM runs WHERE namespace = ?1
-    AND finished_ms IS NOT NULL ORDER BY id LIMIT ?2";
-
+/// Each rule takes the oldest finished runs it applies to across rows and chunks
+/// ([`chunks::oldest`]; ids are ULIDs, ordered by creation time), at most what is left of
+/// the batch.
 pub(super) fn prune(
     tx: &rusqlite::Transaction<'_>,
     rules: &Retention,
     batch: usize,
 ) -> Result<u64> {
-    let mut left = batch as i64;
+    let mut left = batch;
     let mut usage = Usage::default();
-    // Age: ids are ULIDs, so "created before" is a range of the primary key.
-    left -= usage.delete(
-        tx,
-        &format!("DELETE FROM runs WHERE id IN ({PRUNE_BY_AGE})"),
-        params![crate::shared::id_at(rules.created_before), left],
-    )? as i64;
+    // Age: created before the bound.
+    let bound = crate::shared::id_at(rules.created_before);
+    let old = chunks::oldest(tx, &Scope::Before(&bound), left)?;
+    let n = old.runs.len();
+    left -= old.delete(tx, n, &mut usage)? as usize;
     usage.apply(tx)?;
     // Count per function: run_usage says which functions are over (no scan of the runs);
     // only functions past the smallest count in force are read.
@@ -76,7 +70,7 @@ pub(super) fn prune(
                     (r.get(0)?, r.get(1)?, r.get(2)?);
                 let excess = finished - rules.keep_of(&ns, &function) as i64;
                 if excess > 0 {
-                    over = Some((ns, function, excess));
+                    over = Some((ns, function, excess as usize));
                     break;
                 }
             }
@@ -85,11 +79,9 @@ pub(super) fn prune(
         let Some((ns, function, excess)) = over else {
             break;
         };
-        let n = usage.delete(
-            tx,
-            &format!("DELETE FROM runs WHERE id IN ({PRUNE_BY_COUNT})"),
-            params![ns, function, excess.min(left)],
-        )? as i64;
+        let old = chunks::oldest(tx, &Scope::Function(&ns, &function), excess.min(left))?;
+        let n = old.runs.len();
+        let n = old.delete(tx, n, &mut usage)? as usize;
         usage.apply(tx)?;
         if n == 0 {
             break;
@@ -98,49 +90,47 @@ pub(super) fn prune(
     }
     // Bytes per namespace: the oldest finished records until the namespace is under its
     // budget (its own, else the server's: `Retention::budget_of`).
-    {
-        while left > 0 {
-            let over = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT namespace, SUM(bytes) FROM run_usage GROUP BY namespace",
-                )?;
-                let usage = stmt
-                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                usage.into_iter().find_map(|(ns, bytes)| {
-                    let budget = rules.budget_of(&ns)?.min(i64::MAX as u64) as i64;
-                    (bytes > budget).then(|| (ns, bytes - budget))
-                })
-            };
-            let Some((ns, mut excess)) = over else {
-                break;
-            };
-            let oldest: Vec<(String, i64)> = {
-                let mut stmt = tx.prepare_cached(PRUNE_BY_BYTES)?;
-                stmt.query_map(params![ns, left], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<_>>()?
-            };
-            if oldest.is_empty() {
+    while left > 0 {
+        let over = {
+            let mut stmt = tx
+                .prepare_cached("SELECT namespace, SUM(bytes) FROM run_usage GROUP BY namespace")?;
+            let usage = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            usage.into_iter().find_map(|(ns, bytes)| {
+                let budget = rules.budget_of(&ns)?.min(i64::MAX as u64) as i64;
+                (bytes > budget).then(|| (ns, bytes - budget))
+            })
+        };
+        let Some((ns, mut excess)) = over else {
+            break;
+        };
+        let old = chunks::oldest(tx, &Scope::Namespace(&ns), left)?;
+        let mut n = 0;
+        for v in &old.runs {
+            if excess <= 0 {
                 break;
             }
-            for (id, bytes) in oldest {
-                if excess <= 0 {
-                    break;
-                }
-                usage.delete(tx, "DELETE FROM runs WHERE id = ?1", params![id])?;
-                excess -= bytes;
-                left -= 1;
-            }
-            usage.apply(tx)?;
+            excess -= v.bytes;
+            n += 1;
         }
+        if n == 0 {
+            break;
+        }
+        left -= old.delete(tx, n, &mut usage)? as usize;
+        usage.apply(tx)?;
     }
-    Ok((batch as i64 - left) as u64)
+    Ok((batch - left) as u64)
 }
 
 /// Inserts or replaces run records, keeping `run_usage` (the caller commits).
 pub(super) fn write_runs(tx: &rusqlite::Transaction<'_>, runs: &[Run]) -> Result<()> {
     let mut usage = Usage::default();
-    {
+    let (chunked, rows): (Vec<&Run>, Vec<&Run>) = runs.iter().partition(|r| chunks::chunked(r));
+    if !chunked.is_empty() {
+        chunks::write(tx, &chunked, &mut usage)?;
+    }
+    if !rows.is_empty() {
         // The row a write replaces (an async run's next state), for the usage counts.
         let mut old =
             tx.prepare_cached("SELECT bytes, finished_ms IS NOT NULL FROM runs WHERE id = ?1")?;
@@ -152,7 +142,7 @@ pub(super) fn write_runs(tx: &rusqlite::Transaction<'_>, runs: &[Run]) -> Result
                finished_ms = excluded.finished_ms,
                callback_pending = excluded.callback_pending, bytes = excluded.bytes",
         )?;
-        for run in runs {
+        for run in rows {
             let body = serde_json::to_string(run)?;
             let bytes = body.len() as i64;
             let finished = run.status.is_final() && run.finished_at.is_some();
@@ -195,7 +185,14 @@ pub(super) fn write_runs(tx: &rusqlite::Transaction<'_>, runs: &[Run]) -> Result
 #[derive(Default)]
 pub(super) struct Usage(std::collections::HashMap<(String, String), (i64, i64, i64)>);
 impl Usage {
-    fn add(&mut self, namespace: &str, function: &str, runs: i64, finished: i64, bytes: i64) {
+    pub(super) fn add(
+        &mut self,
+        namespace: &str,
+        function: &str,
+        runs: i64,
+        finished: i64,
+        bytes: i64,
+    ) {
         let e = self
             .0
             .entry((namespace.to_string(), function.to_string()))
@@ -251,7 +248,7 @@ pub(super) fn list_runs_sql(
     filter: &RunFilter,
 ) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let mut sql = String::from("SELECT body FROM runs WHERE namespace = ?1");
+    let mut sql = String::from("SELECT id, body FROM runs WHERE namespace = ?1");
     let mut args = vec![Value::Text(namespace.to_string())];
     let mut and = |cond: &str, v: Value| {
         args.push(v);
@@ -275,23 +272,44 @@ pub(super) fn list_runs_sql(
     (sql, args)
 }
 impl SqliteStore {
-    /// SQLite's plans for the prune's three reads (by age, count, bytes), one line per step
-    /// each: the tests check that pruning never scans or sorts the runs table.
+    /// SQLite's plans for the prune's reads (by age, count, bytes: the rows', then the
+    /// chunks'), one line per step each: the tests check that pruning never scans or sorts.
     pub fn prune_plans(&self) -> Result<Vec<String>> {
         [
-            (PRUNE_BY_AGE, vec!["01K", "1"]),
-            (PRUNE_BY_COUNT, vec!["default", "f", "1"]),
-            (PRUNE_BY_BYTES, vec!["default", "1"]),
+            (chunks::ROWS_BEFORE, vec!["01K", "1"]),
+            (chunks::ROWS_OF_FUNCTION, vec!["default", "f", "1"]),
+            (chunks::ROWS_OF_NAMESPACE, vec!["default", "1"]),
+            (chunks::CHUNKS_BEFORE, vec!["01K"]),
+            (chunks::CHUNKS_OF_FUNCTION, vec!["default", "f"]),
+            (chunks::CHUNKS_OF_NAMESPACE, vec!["default"]),
         ]
         .into_iter()
         .map(|(sql, args)| Ok(self.plan(sql, rusqlite::params_from_iter(args))?.join("; ")))
         .collect()
     }
-    /// SQLite's plan for `list_runs` with `filter` (`EXPLAIN QUERY PLAN`, one line per step):
-    /// the tests check that listing never scans the runs table.
+    /// SQLite's plans for `list_runs` with `filter` (`EXPLAIN QUERY PLAN`, one line per
+    /// step): the rows' query, then the chunks'. The tests check that listing never scans.
     pub fn list_runs_plan(&self, namespace: &str, filter: &RunFilter) -> Result<Vec<String>> {
         let (sql, args) = list_runs_sql(namespace, filter);
-        self.plan(&sql, rusqlite::params_from_iter(args))
+        let mut plan = self.plan(&sql, rusqlite::params_from_iter(args))?;
+        if filter
+            .status
+            .is_none_or(|s| s == dispatch_core::RunStatus::Succeeded)
+        {
+            let (sql, args) = chunks::newest_sql(namespace, filter);
+            plan.extend(self.plan(&sql, rusqlite::params_from_iter(args))?);
+        }
+        Ok(plan)
+    }
+
+    /// The chunks of sync calls' history, oldest first: (namespace, function, records);
+    /// the tests check how the recorder batches.
+    pub fn history_chunks(&self) -> Result<Vec<(String, String, u64)>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT namespace, function, runs FROM run_chunks ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, count(r, 2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// `EXPLAIN QUERY PLAN` of `sql`, one line per step.
