@@ -69,6 +69,11 @@ pub struct HistoryReport {
     pub unrecorded: Load,
     /// Recorded req/s over unrecorded req/s.
     pub throughput_ratio: f64,
+    /// The server's CPU time (all its threads; not the workers', nor the load's) per call
+    /// of each load, warm-up included: what recording costs, steadier than req/s on a
+    /// shared machine.
+    pub recorded_server_cpu_us_per_call: f64,
+    pub unrecorded_server_cpu_us_per_call: f64,
     pub async_calls: usize,
     pub async_errors: usize,
     pub enqueue_p50_ms: f64,
@@ -141,6 +146,7 @@ impl History {
             })
         };
         let trickle = spawn_trickle(&s, self.async_rate, duration);
+        let cpu = s.cpu_seconds();
         let recorded = load(
             "gateway",
             Request::get(s.gateway, "/hello?name=history"),
@@ -148,9 +154,11 @@ impl History {
             duration,
         )
         .await?;
+        let recorded_cpu = per_call(s.cpu_seconds() - cpu, &recorded);
         let (mut enqueue, async_errors) = trickle.await??;
         say("history: none — the same load, the same async calls…");
         let trickle = spawn_trickle(&s, self.async_rate, duration);
+        let cpu = s.cpu_seconds();
         let unrecorded = load(
             "gateway",
             Request::get(s.gateway, "/quiet?name=history"),
@@ -158,6 +166,7 @@ impl History {
             duration,
         )
         .await?;
+        let unrecorded_cpu = per_call(s.cpu_seconds() - cpu, &unrecorded);
         let (mut enqueue_quiet, _) = trickle.await??;
         sampler.abort();
         let samples = std::mem::take(&mut *samples.lock().unwrap());
@@ -169,6 +178,8 @@ impl History {
         let report = HistoryReport {
             budget_bytes: budget,
             throughput_ratio: recorded.rps / unrecorded.rps.max(1e-9),
+            recorded_server_cpu_us_per_call: recorded_cpu,
+            unrecorded_server_cpu_us_per_call: unrecorded_cpu,
             recorded,
             unrecorded,
             async_calls: enqueue.len(),
@@ -188,6 +199,11 @@ impl History {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Microseconds of `cpu` seconds per request of a load, its warm-up included.
+fn per_call(cpu: f64, l: &Load) -> f64 {
+    cpu * 1e6 / (l.requests + l.warmup_requests).max(1) as f64
 }
 
 /// Async calls to hello, `rate` a second, for the load's warm-up and `duration`: their
@@ -246,6 +262,13 @@ fn print(r: &HistoryReport) {
     println!(
         "recording every call costs {:.1} % of the throughput",
         (1.0 - r.throughput_ratio) * 100.0
+    );
+    println!(
+        "server CPU per call: {:.1} µs recorded, {:.1} µs not ({:+.1} %)",
+        r.recorded_server_cpu_us_per_call,
+        r.unrecorded_server_cpu_us_per_call,
+        (r.recorded_server_cpu_us_per_call / r.unrecorded_server_cpu_us_per_call.max(1e-9) - 1.0)
+            * 100.0
     );
     println!(
         "async enqueue while retention works: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} calls, {} errors)",

@@ -68,14 +68,15 @@ pub(super) async fn load(
                 .build();
             let out = match rt {
                 Ok(rt) => rt.block_on(async {
-                    let _ = run_load(&req, concurrency, warmup).await?;
-                    run_load(&req, concurrency, duration).await
+                    let (warm, _, _) = run_load(&req, concurrency, warmup).await?;
+                    anyhow::Ok((warm.len(), run_load(&req, concurrency, duration).await?))
                 }),
                 Err(e) => Err(e.into()),
             };
             let _ = tx.send(out);
         })?;
-    let (mut lat, error_statuses, el) = rx.await.context("the load thread died")??;
+    let (warmup_requests, (mut lat, error_statuses, el)) =
+        rx.await.context("the load thread died")??;
     let errors = error_statuses.values().sum();
     let requests = lat.len();
     if requests == 0 {
@@ -90,6 +91,7 @@ pub(super) async fn load(
         rps: requests as f64 / el,
         p50_us: pct(&mut lat, 0.50),
         p99_us: pct(&mut lat, 0.99),
+        warmup_requests,
     })
 }
 

@@ -140,6 +140,9 @@ pub struct Load {
     pub rps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Requests answered during the warm-up before the measured window.
+    #[serde(skip)]
+    pub warmup_requests: usize,
 }
 
 #[derive(Debug, Serialize)]

@@ -151,6 +151,20 @@ impl ServerProcess {
         proc_sample(self.pid)
     }
 
+    /// CPU time the server has used so far, all threads, user + system, in seconds (its
+    /// workers are processes of their own and not counted).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // Clock ticks of 1/100 s (USER_HZ on Linux).
+        (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+    }
+
     /// One sample of `/metrics`: the value of the first line that starts with `series`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let text = reqwest_get(&format!("http://{}/metrics", self.api))
