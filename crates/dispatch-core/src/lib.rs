@@ -21,6 +21,7 @@ pub mod quantity;
 pub mod references;
 pub mod resource;
 pub mod run;
+mod run_json;
 pub mod trace;
 pub mod versions;
 pub mod views;
