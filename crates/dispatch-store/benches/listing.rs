@@ -94,6 +94,15 @@ fn main() {
             ..Default::default()
         },
     );
+    measure(
+        "newest 100 succeeded runs of one function",
+        &RunFilter {
+            function: Some("f7".into()),
+            status: Some(RunStatus::Succeeded),
+            limit,
+            ..Default::default()
+        },
+    );
     let middle = ulid::Ulid::from_parts(start_ms + n as u64 / 2, 0).to_string();
     measure(
         "a page of one function half-way back (--after)",
@@ -104,4 +113,20 @@ fn main() {
             ..Default::default()
         },
     );
+    // One run by id (`dispatch get run ID`): the newest, one half-way back, the oldest.
+    for (name, i) in [("newest", n - 1), ("half-way back", n / 2), ("oldest", 0)] {
+        let id = ulid::Ulid::from_parts(start_ms + i as u64, i as u128).to_string();
+        let mut ms = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            assert!(s.get_run("default", &id).unwrap().is_some());
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "{:<52}    1 run   p50 {:>7.2} ms  p99 {:>7.2} ms",
+            format!("get one run by id, the {name}"),
+            pct(&mut ms, 0.5),
+            pct(&mut ms, 0.99)
+        );
+    }
 }

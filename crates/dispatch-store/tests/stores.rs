@@ -615,6 +615,41 @@ fn interleaved_batches_list_and_prune_in_id_order<S: Store>(s: &S) {
     );
 }
 
+/// A batch whose calls started far apart (a 30-second call recorded beside quick ones): each
+/// is found by id and listed once (SQLite cuts such a batch into chunks of a short span, and
+/// looks an id up among the chunks that end shortly after it).
+fn a_batch_spread_over_time_is_found_by_id<S: Store>(s: &S) {
+    let batch: Vec<Run> = [0u64, 10, 30_000, 30_001, 90_000]
+        .iter()
+        .map(|&ms| run_at(ms, 0, "f", RunStatus::Succeeded, 8))
+        .collect();
+    s.put_runs(&batch).unwrap();
+    for r in &batch {
+        let got = s.get_run("default", &r.id).unwrap();
+        assert_eq!(got.map(|g| g.id), Some(r.id.clone()));
+    }
+    let listed = s
+        .list_runs(
+            "default",
+            &RunFilter {
+                limit: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut want: Vec<String> = batch.iter().map(|r| r.id.clone()).collect();
+    want.reverse();
+    assert_eq!(listed.into_iter().map(|r| r.id).collect::<Vec<_>>(), want);
+    assert!(
+        s.get_run(
+            "default",
+            &ulid::Ulid::from_parts(1_700_000_000_020, 0).to_string()
+        )
+        .unwrap()
+        .is_none()
+    );
+}
+
 #[test]
 fn listing_and_pruning_runs_use_an_index() {
     let (_d, s) = store();
@@ -1134,6 +1169,7 @@ contract!(
     retention_deletes_in_batches_by_age_count_and_bytes,
     pagination_returns_every_run_once_and_windows_by_time,
     interleaved_batches_list_and_prune_in_id_order,
+    a_batch_spread_over_time_is_found_by_id,
     events_are_stored_with_their_deliveries_and_runs_in_one_transaction,
     records_of_every_kind,
     a_run_twice_in_one_batch_keeps_its_last_state,

@@ -41,17 +41,50 @@ pub(super) fn write(tx: &Connection, runs: &[&Run], usage: &mut Usage) -> Result
     }
     for ((ns, function), mut group) in groups {
         group.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let mut frames = Vec::with_capacity(group.len() * 768);
-        let mut bytes = 0i64;
-        for r in &group {
-            bytes += frame(&mut frames, r.id.as_bytes(), |buf| {
-                serde_json::to_writer(buf, r).map_err(StoreError::from)
-            })? as i64;
+        // Cut where the ids' times spread over more than MAX_SPAN (a long call recorded
+        // beside quick ones): a look-up by id then reads only the chunks ending within
+        // MAX_SPAN after the id.
+        let mut rest = &group[..];
+        while !rest.is_empty() {
+            let end = id_ms(&rest[0].id).map_or(rest.len(), |start| {
+                rest.iter()
+                    .position(|r| id_ms(&r.id).is_none_or(|t| t > start + MAX_SPAN_MS))
+                    .unwrap_or(rest.len())
+            });
+            let (chunk, more) = rest.split_at(end.max(1));
+            write_chunk(tx, ns, function, chunk, usage)?;
+            rest = more;
         }
-        let (first, last) = (&group[0].id, &group[group.len() - 1].id);
-        insert(tx, ns, function, first, last, group.len(), bytes, &frames)?;
-        usage.add(ns, function, group.len() as i64, group.len() as i64, bytes);
     }
+    Ok(())
+}
+
+/// The widest a chunk's records spread in creation time (their ids).
+const MAX_SPAN_MS: u64 = 1000;
+
+/// A run id's time (ids are ULIDs; `None` for an id that is not one).
+fn id_ms(id: &str) -> Option<u64> {
+    ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms())
+}
+
+fn write_chunk(
+    tx: &Connection,
+    ns: &str,
+    function: &str,
+    runs: &[&Run],
+    usage: &mut Usage,
+) -> Result<()> {
+    let mut frames = Vec::with_capacity(runs.len() * 768);
+    let mut bytes = 0i64;
+    for r in runs {
+        bytes += frame(&mut frames, r.id.as_bytes(), |buf| {
+            r.write_json(buf);
+            Ok(())
+        })? as i64;
+    }
+    let (first, last) = (&runs[0].id, &runs[runs.len() - 1].id);
+    insert(tx, ns, function, first, last, runs.len(), bytes, &frames)?;
+    usage.add(ns, function, runs.len() as i64, runs.len() as i64, bytes);
     Ok(())
 }
 
@@ -155,12 +188,19 @@ pub(super) fn parse(body: &[u8]) -> Result<Run> {
     Ok(serde_json::from_slice(body)?)
 }
 
-/// One run by id, when a chunk holds it.
+/// One run by id, when a chunk holds it: only chunks that end at most MAX_SPAN after the
+/// id can (an id that is not a ULID: every chunk that ends after it).
 pub(super) fn get(conn: &Connection, namespace: &str, id: &str) -> Result<Option<Run>> {
+    let until = match id_ms(id) {
+        Some(ms) => ulid::Ulid::from_parts(ms + MAX_SPAN_MS + 1, 0).to_string(),
+        None => "\u{10ffff}".to_string(),
+    };
+    // `+first_id`: the range of largest ids is the one to read.
     let mut stmt = conn.prepare_cached(
-        "SELECT body FROM run_chunks WHERE namespace = ?1 AND last_id >= ?2 AND first_id <= ?2",
+        "SELECT body FROM run_chunks WHERE namespace = ?1 AND last_id >= ?2 AND last_id < ?3
+           AND +first_id <= ?2",
     )?;
-    let mut rows = stmt.query(params![namespace, id])?;
+    let mut rows = stmt.query(params![namespace, id, until])?;
     while let Some(r) = rows.next()? {
         let records = Records::read(r, 0)?;
         if let Some((_, body)) = records.iter().find(|(i, _)| *i == id) {

@@ -142,8 +142,11 @@ pub(super) fn write_runs(tx: &rusqlite::Transaction<'_>, runs: &[Run]) -> Result
                finished_ms = excluded.finished_ms,
                callback_pending = excluded.callback_pending, bytes = excluded.bytes",
         )?;
+        let mut json = Vec::new();
         for run in rows {
-            let body = serde_json::to_string(run)?;
+            json.clear();
+            run.write_json(&mut json);
+            let body = std::str::from_utf8(&json).expect("JSON is UTF-8");
             let bytes = body.len() as i64;
             let finished = run.status.is_final() && run.finished_at.is_some();
             // Only an async run is written again (its next state); a sync run's record
