@@ -640,9 +640,10 @@ pub struct LimitArgs {
     #[arg(long, value_name = "N")]
     pub max_queued: Option<u32>,
     /// Which synchronous calls leave a run record (spec.history): all (the default), errors,
-    /// sample (failures and --history-sample-rate of the rest) or none. A record costs about
-    /// 0.9 KB of disk per call plus its input, output and logs; /metrics counts every call
-    /// whatever this says; async, event, cron and job runs are always recorded
+    /// sample (failures and --history-sample-rate of the rest) or none. A record counts
+    /// about 0.5 KB plus its input, output and logs against the history budget (a
+    /// succeeded call takes about a seventh of that on disk, compressed); /metrics counts
+    /// every call whatever this says; async, event, cron and job runs are always recorded
     #[arg(long, value_name = "POLICY", value_parser = ["all", "errors", "sample", "none"])]
     pub history: Option<String>,
     /// With --history sample: the share of successful calls recorded, e.g. 0.01
