@@ -260,24 +260,14 @@ pub(super) fn newest_sql(
     namespace: &str,
     filter: &RunFilter,
 ) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let mut sql = String::from("SELECT last_id, body FROM run_chunks WHERE namespace = ?1");
-    let mut args = vec![Value::Text(namespace.to_string())];
-    let mut and = |cond: &str, v: Value| {
-        args.push(v);
-        sql.push_str(&format!(" AND {cond} ?{}", args.len()));
-    };
-    if let Some(f) = &filter.function {
-        and("function =", Value::Text(f.clone()));
-    }
-    let (upper, lower) = crate::shared::id_bounds(filter);
     // `+`: not a term for an index (the one by smallest id would be chosen, then sorted).
-    if let Some(u) = upper {
-        and("+first_id <", Value::Text(u));
-    }
-    if let Some(l) = lower {
-        and("last_id >=", Value::Text(l));
-    }
+    let (mut sql, args) = super::runs::filtered_sql(
+        "SELECT last_id, body FROM run_chunks",
+        namespace,
+        filter,
+        false,
+        ["+first_id <", "last_id >="],
+    );
     sql.push_str(" ORDER BY last_id DESC");
     (sql, args)
 }

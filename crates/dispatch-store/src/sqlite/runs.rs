@@ -250,8 +250,32 @@ pub(super) fn list_runs_sql(
     namespace: &str,
     filter: &RunFilter,
 ) -> (String, Vec<rusqlite::types::Value>) {
+    let (mut sql, mut args) = filtered_sql(
+        "SELECT id, body FROM runs",
+        namespace,
+        filter,
+        true,
+        ["id <", "id >="],
+    );
+    args.push(rusqlite::types::Value::Integer(
+        filter.limit.unwrap_or(100) as i64
+    ));
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+    (sql, args)
+}
+
+/// `select` of a namespace's runs `WHERE` the filter's function, status (`with_status`:
+/// chunks hold one status) and id bounds hold: `bounds` are the conditions that take the
+/// upper and the lower bound.
+pub(super) fn filtered_sql(
+    select: &str,
+    namespace: &str,
+    filter: &RunFilter,
+    with_status: bool,
+    bounds: [&str; 2],
+) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let mut sql = String::from("SELECT id, body FROM runs WHERE namespace = ?1");
+    let mut sql = format!("{select} WHERE namespace = ?1");
     let mut args = vec![Value::Text(namespace.to_string())];
     let mut and = |cond: &str, v: Value| {
         args.push(v);
@@ -260,18 +284,16 @@ pub(super) fn list_runs_sql(
     if let Some(f) = &filter.function {
         and("function =", Value::Text(f.clone()));
     }
-    if let Some(st) = filter.status {
+    if let Some(st) = filter.status.filter(|_| with_status) {
         and("status =", Value::Text(st.as_str().to_string()));
     }
     let (upper, lower) = crate::shared::id_bounds(filter);
     if let Some(u) = upper {
-        and("id <", Value::Text(u));
+        and(bounds[0], Value::Text(u));
     }
     if let Some(l) = lower {
-        and("id >=", Value::Text(l));
+        and(bounds[1], Value::Text(l));
     }
-    args.push(Value::Integer(filter.limit.unwrap_or(100) as i64));
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
     (sql, args)
 }
 impl SqliteStore {
