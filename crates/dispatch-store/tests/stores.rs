@@ -619,10 +619,12 @@ fn interleaved_batches_list_and_prune_in_id_order<S: Store>(s: &S) {
 /// is found by id and listed once (SQLite cuts such a batch into chunks of a short span, and
 /// looks an id up among the chunks that end shortly after it).
 fn a_batch_spread_over_time_is_found_by_id<S: Store>(s: &S) {
-    let batch: Vec<Run> = [0u64, 10, 30_000, 30_001, 90_000]
+    let mut batch: Vec<Run> = [0u64, 10, 30_000, 30_001, 90_000]
         .iter()
         .map(|&ms| run_at(ms, 0, "f", RunStatus::Succeeded, 8))
         .collect();
+    // An id that is not a ULID (no time to read from it) in the same batch, sorting first.
+    batch.insert(0, run("00-not-a-ulid", "f", RunStatus::Succeeded));
     s.put_runs(&batch).unwrap();
     for r in &batch {
         let got = s.get_run("default", &r.id).unwrap();

@@ -46,11 +46,14 @@ pub(super) fn write(tx: &Connection, runs: &[&Run], usage: &mut Usage) -> Result
         // MAX_SPAN after the id.
         let mut rest = &group[..];
         while !rest.is_empty() {
-            let end = id_ms(&rest[0].id).map_or(rest.len(), |start| {
-                rest.iter()
-                    .position(|r| id_ms(&r.id).is_none_or(|t| t > start + MAX_SPAN_MS))
-                    .unwrap_or(rest.len())
-            });
+            // Ids that are not ULIDs (no time to bound) go apart from those that are.
+            let end = match id_ms(&rest[0].id) {
+                Some(start) => rest
+                    .iter()
+                    .position(|r| id_ms(&r.id).is_none_or(|t| t > start + MAX_SPAN_MS)),
+                None => rest.iter().position(|r| id_ms(&r.id).is_some()),
+            }
+            .unwrap_or(rest.len());
             let (chunk, more) = rest.split_at(end.max(1));
             write_chunk(tx, ns, function, chunk, usage)?;
             rest = more;
@@ -115,14 +118,14 @@ fn insert(
     Ok(())
 }
 
-/// Appends one record: the id's length (2 bytes), the id, the body's length (4 bytes), the
+/// Appends one record: the id's length (4 bytes), the id, the body's length (4 bytes), the
 /// body that `body` writes. Returns the body's length.
 fn frame(
     buf: &mut Vec<u8>,
     id: &[u8],
     body: impl FnOnce(&mut Vec<u8>) -> Result<()>,
 ) -> Result<usize> {
-    buf.extend_from_slice(&(id.len() as u16).to_le_bytes());
+    buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
     buf.extend_from_slice(id);
     let at = buf.len();
     buf.extend_from_slice(&[0; 4]);
@@ -153,15 +156,15 @@ impl Records {
             *i = r.end;
             Ok(r)
         };
+        let length = |i: &mut usize| -> Result<usize> {
+            let n = take(i, 4)?;
+            Ok(u32::from_le_bytes(buf[n].try_into().expect("4 bytes")) as usize)
+        };
         while i < buf.len() {
-            let n = take(&mut i, 2)?;
-            let id = take(
-                &mut i,
-                u16::from_le_bytes([buf[n.start], buf[n.start + 1]]) as usize,
-            )?;
-            let n = take(&mut i, 4)?;
-            let len = u32::from_le_bytes(buf[n].try_into().expect("4 bytes")) as usize;
-            let body = take(&mut i, len)?;
+            let n = length(&mut i)?;
+            let id = take(&mut i, n)?;
+            let n = length(&mut i)?;
+            let body = take(&mut i, n)?;
             at.push((id, body));
         }
         Ok(Records { buf, at })
@@ -463,4 +466,55 @@ pub(super) fn delete_some(
         chunks += 1;
     }
     Ok((runs, chunks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(records: &[(&str, &str)]) -> Vec<u8> {
+        let mut frames = Vec::new();
+        for (id, body) in records {
+            frame(&mut frames, id.as_bytes(), |b| {
+                b.extend_from_slice(body.as_bytes());
+                Ok(())
+            })
+            .unwrap();
+        }
+        frames
+    }
+
+    #[test]
+    fn records_come_back_as_framed() {
+        let frames = encoded(&[("01A", "{\"a\":1}"), ("", ""), ("01B", "[]")]);
+        let r = Records::decode(&lz4_flex::compress_prepend_size(&frames)).unwrap();
+        let got: Vec<(&str, &[u8])> = r.iter().collect();
+        assert_eq!(
+            got,
+            [
+                ("01A", &b"{\"a\":1}"[..]),
+                ("", &b""[..]),
+                ("01B", &b"[]"[..])
+            ]
+        );
+    }
+
+    /// A damaged chunk is an error that says so, never a panic or a wrong record.
+    #[test]
+    fn a_damaged_chunk_is_an_error() {
+        let frames = encoded(&[("01A", "{\"a\":1}")]);
+        for cut in 1..frames.len() {
+            let e = Records::decode(&lz4_flex::compress_prepend_size(&frames[..cut]));
+            assert!(
+                matches!(e, Err(StoreError::CorruptChunk(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut blob = lz4_flex::compress_prepend_size(&frames);
+        blob.truncate(blob.len() - 2);
+        assert!(matches!(
+            Records::decode(&blob),
+            Err(StoreError::CorruptChunk(_))
+        ));
+    }
 }
