@@ -77,7 +77,8 @@ impl Stores {
     /// The embedded stores of a data dir: `dispatch.db` and `history.db`.
     pub fn open(dir: &std::path::Path) -> Result<Stores, StoreError> {
         let main = Arc::new(SqliteStore::open(&dir.join("dispatch.db"))?);
-        let history: Arc<dyn RecordStore> = Arc::new(SqliteStore::open(&dir.join("history.db"))?);
+        let history: Arc<dyn RecordStore> =
+            Arc::new(SqliteStore::open_history(&dir.join("history.db"))?);
         Ok(Stores {
             resources: main.clone(),
             records: main,
