@@ -68,9 +68,7 @@ impl Run {
         out.extend_from_slice(b",\"stderr\":");
         lines(out, &logs.stderr);
         out.push(b'}');
-        if let Some(e) = error {
-            serde_field(out, "error", e);
-        }
+        optional(out, "error", error.as_ref(), serde);
         out.extend_from_slice(b",\"attempts\":");
         number(out, *attempts);
         out.extend_from_slice(if *cold {
@@ -78,9 +76,7 @@ impl Run {
         } else {
             b",\"cold\":false"
         });
-        if let Some(c) = cold_start {
-            serde_field(out, "coldStart", c);
-        }
+        optional(out, "coldStart", cold_start.as_ref(), serde);
         out.extend_from_slice(b",\"timings\":{\"queuedMs\":");
         number(out, timings.queued_ms);
         out.extend_from_slice(b",\"coldStartMs\":");
@@ -90,29 +86,17 @@ impl Run {
         out.push(b'}');
         out.extend_from_slice(b",\"createdAt\":");
         timestamp(out, created_at);
-        if let Some(t) = started_at {
-            out.extend_from_slice(b",\"startedAt\":");
-            timestamp(out, t);
-        }
-        if let Some(t) = finished_at {
-            out.extend_from_slice(b",\"finishedAt\":");
-            timestamp(out, t);
-        }
-        if let Some(d) = digest {
-            out.extend_from_slice(b",\"digest\":");
-            string(out, d);
-        }
-        if let Some(v) = version {
-            out.extend_from_slice(b",\"version\":");
-            number(out, *v);
-        }
-        if let Some(s) = stream {
-            serde_field(out, "stream", s);
-        }
-        if let Some(v) = pinned_version {
-            out.extend_from_slice(b",\"pinnedVersion\":");
-            number(out, *v);
-        }
+        optional(out, "startedAt", started_at.as_ref(), timestamp);
+        optional(out, "finishedAt", finished_at.as_ref(), timestamp);
+        optional(out, "digest", digest.as_deref(), string);
+        optional(out, "version", version.as_ref(), |o, v: &u32| number(o, *v));
+        optional(out, "stream", stream.as_ref(), serde);
+        optional(
+            out,
+            "pinnedVersion",
+            pinned_version.as_ref(),
+            |o, v: &u32| number(o, *v),
+        );
         if *is_async {
             out.extend_from_slice(b",\"async\":true");
         }
@@ -137,39 +121,36 @@ impl Run {
                 b",\"sampled\":false}"
             });
         }
-        if !attempt_errors.is_empty() {
-            serde_field(out, "attemptErrors", attempt_errors);
-        }
-        if let Some(t) = next_attempt_at {
-            out.extend_from_slice(b",\"nextAttemptAt\":");
-            timestamp(out, t);
-        }
-        if let Some(t) = redriven_at {
-            out.extend_from_slice(b",\"redrivenAt\":");
-            timestamp(out, t);
-        }
-        if let Some(e) = event {
-            serde_field(out, "event", e);
-        }
-        if let Some(h) = http_context {
-            serde_field(out, "httpContext", h);
-        }
-        if let Some(c) = callback {
-            serde_field(out, "callback", c);
-        }
-        if let Some(r) = replica {
-            out.extend_from_slice(b",\"replica\":");
-            string(out, r);
-        }
+        let attempts_failed = (!attempt_errors.is_empty()).then_some(attempt_errors);
+        optional(out, "attemptErrors", attempts_failed, serde);
+        optional(out, "nextAttemptAt", next_attempt_at.as_ref(), timestamp);
+        optional(out, "redrivenAt", redriven_at.as_ref(), timestamp);
+        optional(out, "event", event.as_ref(), serde);
+        optional(out, "httpContext", http_context.as_ref(), serde);
+        optional(out, "callback", callback.as_ref(), serde);
+        optional(out, "replica", replica.as_deref(), string);
         out.push(b'}');
     }
 }
 
-/// `,"key":` and the value as serde writes it.
-fn serde_field(out: &mut Vec<u8>, key: &str, value: &impl Serialize) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
+/// `,"key":` and `value` as `write` writes it, when there is a value (serde's
+/// `skip_serializing_if = "Option::is_none"`).
+fn optional<T: ?Sized>(
+    out: &mut Vec<u8>,
+    key: &str,
+    value: Option<&T>,
+    write: impl FnOnce(&mut Vec<u8>, &T),
+) {
+    if let Some(v) = value {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        write(out, v);
+    }
+}
+
+/// A value as serde writes it (the rare parts of a record).
+fn serde<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     serde_json::to_writer(&mut *out, value).expect("a run's parts serialize to JSON");
 }
 
